@@ -1,0 +1,173 @@
+"""Method tables learned from grpcio-generated code.
+
+The generated ``*Stub`` classes and ``add_*Servicer_to_server`` functions are
+run once against recording objects instead of a real channel or server. That
+yields, for every method, its full path, its streaming kind and its
+(de)serializers, without parsing ``.proto`` files and without any change to
+user code. Both lanes and both clients work from these tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import enum
+import functools
+import importlib
+import inspect
+from types import ModuleType
+from typing import Any, Callable, Mapping
+
+import grpc
+
+__all__ = [
+    'Method',
+    'MethodKind',
+    'ServiceRegistration',
+    'find_add_function',
+    'record_servicer',
+    'stub_methods',
+]
+
+
+class MethodKind(enum.Enum):
+    """The four gRPC call shapes."""
+
+    UNARY_UNARY = 'unary_unary'
+    UNARY_STREAM = 'unary_stream'
+    STREAM_UNARY = 'stream_unary'
+    STREAM_STREAM = 'stream_stream'
+
+    @property
+    def request_streaming(self) -> bool:
+        return self in (MethodKind.STREAM_UNARY, MethodKind.STREAM_STREAM)
+
+    @property
+    def response_streaming(self) -> bool:
+        return self in (MethodKind.UNARY_STREAM, MethodKind.STREAM_STREAM)
+
+    @classmethod
+    def of(cls, request_streaming: bool, response_streaming: bool) -> 'MethodKind':
+        return {
+            (False, False): cls.UNARY_UNARY,
+            (False, True): cls.UNARY_STREAM,
+            (True, False): cls.STREAM_UNARY,
+            (True, True): cls.STREAM_STREAM,
+        }[(request_streaming, response_streaming)]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One RPC method as a client sees it."""
+
+    name: str
+    path: str
+    kind: MethodKind
+    request_serializer: Callable[[Any], bytes] | None
+    response_deserializer: Callable[[bytes], Any] | None
+
+
+class _RecordingChannel:
+    """Stands in for a channel while a generated stub's ``__init__`` runs."""
+
+    def __init__(self) -> None:
+        self.methods: dict[str, Method] = {}
+
+    def _recorder(self, kind: MethodKind) -> Callable[..., None]:
+        def record(path: str, request_serializer: Any = None, response_deserializer: Any = None,
+                   **_ignored: Any) -> None:
+            name = path.rsplit('/', 1)[-1]
+            self.methods[name] = Method(name, path, kind, request_serializer, response_deserializer)
+        return record
+
+    def __getattr__(self, attribute: str) -> Callable[..., None]:
+        try:
+            return self._recorder(MethodKind(attribute))
+        except ValueError:
+            raise AttributeError(attribute) from None
+
+
+@functools.lru_cache(maxsize=None)
+def stub_methods(stub_class: type) -> Mapping[str, Method]:
+    """Return ``{method name: Method}`` for a generated ``*Stub`` class.
+
+    :raises TypeError: if ``stub_class`` is not a class that builds its methods
+        from a channel as grpcio-generated stubs do.
+    """
+    if not inspect.isclass(stub_class):
+        raise TypeError(f'service_stub must be a generated *Stub class, not {stub_class!r}')
+    recorder = _RecordingChannel()
+    try:
+        stub_class(recorder)
+    except Exception as error:
+        raise TypeError(
+            f'service_stub {stub_class.__qualname__} is not a grpcio-generated stub class: {error}'
+        ) from error
+    if not recorder.methods:
+        raise TypeError(f'service_stub {stub_class.__qualname__} defines no RPC methods')
+    return dict(recorder.methods)
+
+
+@dataclass(frozen=True)
+class ServiceRegistration:
+    """What an ``add_*Servicer_to_server`` function registers for one servicer."""
+
+    name: str
+    handlers: Mapping[str, grpc.RpcMethodHandler]
+    add_to_server: Callable[[Any, Any], None]
+    servicer: Any
+
+
+class _RecordingServer:
+    """Stands in for a server while an ``add_*Servicer_to_server`` function runs."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    def add_registered_method_handlers(self, service_name: str,
+                                       method_handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
+        self.services[service_name] = dict(method_handlers)
+
+    def add_generic_rpc_handlers(self, generic_handlers: Any) -> None:
+        for handler in generic_handlers:
+            # grpc.method_handlers_generic_handler() keeps these two; older
+            # generated code registers only this way.
+            name = handler.service_name() if hasattr(handler, 'service_name') else None
+            methods = getattr(handler, '_method_handlers', None)
+            if name and methods is not None and name not in self.services:
+                self.services[name] = {path.rsplit('/', 1)[-1]: h for path, h in methods.items()}
+
+
+def record_servicer(servicer: Any, add_to_server: Callable[[Any, Any], None] | None = None
+                    ) -> list[ServiceRegistration]:
+    """Learn the services ``servicer`` provides.
+
+    :param add_to_server: the generated ``add_*Servicer_to_server`` function;
+        found from the servicer's generated base class when omitted.
+    :raises TypeError: if no add function is given or can be found, or it
+        registers nothing.
+    """
+    if add_to_server is None:
+        add_to_server = find_add_function(type(servicer))
+    recorder = _RecordingServer()
+    add_to_server(servicer, recorder)
+    if not recorder.services:
+        raise TypeError(f'{add_to_server.__qualname__} registered no service for {servicer!r}')
+    return [ServiceRegistration(name, handlers, add_to_server, servicer)
+            for name, handlers in recorder.services.items()]
+
+
+def find_add_function(servicer_class: type) -> Callable[[Any, Any], None]:
+    """Find ``add_<Base>_to_server`` beside the generated base class of a servicer.
+
+    :raises TypeError: if no class in the servicer's MRO comes from a module
+        with a matching function.
+    """
+    for base in servicer_class.__mro__:
+        module: ModuleType | None = importlib.import_module(base.__module__) \
+            if base.__module__ not in ('builtins',) else None
+        add = getattr(module, f'add_{base.__name__}_to_server', None) if module else None
+        if callable(add):
+            return add
+    raise TypeError(
+        f'{servicer_class.__qualname__} does not derive from a grpcio-generated *Servicer class; '
+        'pass its add_*Servicer_to_server function explicitly')

@@ -1,0 +1,64 @@
+"""Defaults shared by servers and clients, and the gRPC options built from them."""
+
+from __future__ import annotations
+
+__all__ = [
+    'DEFAULT_GRACE_PERIOD',
+    'DEFAULT_MAX_MESSAGE_BYTES',
+    'DEFAULT_TIMEOUT',
+    'channel_options',
+    'server_options',
+    'validate_max_message_bytes',
+    'validate_timeout',
+]
+
+#: Deadline of a call when none is given: no call may wait forever.
+DEFAULT_TIMEOUT = 5.0
+#: Largest message either side sends or accepts (gRPC's own default is 4 MiB).
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: Time in-flight calls get to finish when a server stops.
+DEFAULT_GRACE_PERIOD = 5.0
+
+# gRPC's default reconnect backoff (1 s, x1.6, up to 120 s) leaves a restarted
+# local server unreachable for seconds; on a Unix socket a connect attempt
+# costs microseconds, so retry fast and cap low.
+_RECONNECT_BACKOFF = (
+    ('grpc.initial_reconnect_backoff_ms', 100),
+    ('grpc.min_reconnect_backoff_ms', 100),
+    ('grpc.max_reconnect_backoff_ms', 500),
+)
+
+
+def validate_max_message_bytes(value: object) -> int:
+    """:raises TypeError, ValueError: unless ``value`` is a positive int below 2 GiB."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f'max_message_bytes must be an int, not {type(value).__name__}')
+    if not 0 < value < 2**31:
+        raise ValueError(f'max_message_bytes must be between 1 and {2**31 - 1}, not {value}')
+    return value
+
+
+def validate_timeout(value: object, name: str = 'timeout') -> float:
+    """:raises TypeError, ValueError: unless ``value`` is a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f'{name} must be a number of seconds, not {type(value).__name__}')
+    if not 0 < value < float('inf'):
+        raise ValueError(f'{name} must be a finite number of seconds > 0, not {value}')
+    return float(value)
+
+
+def _message_limits(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ('grpc.max_send_message_length', max_message_bytes),
+        ('grpc.max_receive_message_length', max_message_bytes),
+    ]
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[tuple[str, int], ...]:
+    """Options of every client channel."""
+    return (*_message_limits(max_message_bytes), *_RECONNECT_BACKOFF)
+
+
+def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[tuple[str, int], ...]:
+    """Options of every server."""
+    return tuple(_message_limits(max_message_bytes))
