@@ -1,0 +1,43 @@
+"""vyra_base_ipc: inter-process communication inside a VYRA module.
+
+gRPC over Unix domain sockets between the processes of one module (a web
+backend and the module's ROS 2 node, a worker and its frontend). Between
+modules, use ROS 2.
+
+Public surface::
+
+    from vyra_base_ipc import IPCServer, IPCHandler, SyncIPCHandler, ModuleService
+"""
+
+from .address import MAX_SOCKET_PATH_BYTES, default_socket_path, resolve_socket_path
+from .client import IPCHandler, SyncIPCHandler
+from .exceptions import (
+    IPCError,
+    IPCRemoteError,
+    IPCTimeoutError,
+    IPCUnavailableError,
+    SocketInUseError,
+)
+from .module_service import CommandError, ModuleService, command
+from .options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT
+from .server import IPCServer
+
+__all__ = [
+    'CommandError',
+    'DEFAULT_GRACE_PERIOD',
+    'DEFAULT_MAX_MESSAGE_BYTES',
+    'DEFAULT_TIMEOUT',
+    'IPCError',
+    'IPCHandler',
+    'IPCRemoteError',
+    'IPCServer',
+    'IPCTimeoutError',
+    'IPCUnavailableError',
+    'MAX_SOCKET_PATH_BYTES',
+    'ModuleService',
+    'SocketInUseError',
+    'SyncIPCHandler',
+    'command',
+    'default_socket_path',
+    'resolve_socket_path',
+]

@@ -1,0 +1,275 @@
+"""IPCServer: user servicers on a Unix domain socket, with health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent import futures
+import enum
+import logging
+import signal
+from typing import Any, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .address import StrPath, grpc_target, resolve_socket_path
+from .methods import ServiceRegistration, record_servicer
+from .options import (
+    DEFAULT_GRACE_PERIOD,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    server_options,
+    validate_max_message_bytes,
+)
+from .socket_file import SocketFile
+
+__all__ = ['IPCServer']
+
+_logger = logging.getLogger(__name__)
+
+
+class _State(enum.Enum):
+    NEW = 'new'
+    STARTING = 'starting'
+    SERVING = 'serving'
+    STOPPING = 'stopping'
+    STOPPED = 'stopped'
+
+
+class IPCServer:
+    """Serves gRPC servicers on a Unix domain socket inside one module.
+
+    Always serves ``grpc.health.v1.Health`` (SERVING for ``""`` and every
+    registered service while up, NOT_SERVING from the moment shutdown begins)
+    and server reflection, so ``grpcurl``, ``grpc_health_probe`` and friends
+    work against the socket.
+
+    Handlers may be ``def`` (run in a thread pool of ``max_workers`` threads)
+    or ``async def`` (run on the server's event loop), mixed freely.
+
+    All coroutine methods must be awaited on one event loop, the one
+    :meth:`start` ran on. Usable as ``async with IPCServer(...) as server:``.
+
+    :param socket_path: where to listen; resolved as described in
+        :mod:`vyra_base_ipc.address` when omitted.
+    :param module_name: module whose default socket path to use.
+    :param servicers: servicer objects, or ``(servicer, add_function)`` pairs
+        for servicers that do not derive from a generated ``*Servicer`` class.
+    :param max_message_bytes: largest message sent or accepted (both ways).
+    :param max_workers: threads for ``def`` handlers.
+    :param maximum_concurrent_rpcs: calls above this many in flight are
+        rejected at once with RESOURCE_EXHAUSTED; ``None`` for no limit.
+    :param grace_period: default grace of :meth:`stop`, in seconds.
+    :param socket_mode: permission bits of the socket file.
+    :param directory_mode: permission bits of parent directories created for it.
+    """
+
+    def __init__(
+        self,
+        socket_path: StrPath | None = None,
+        *,
+        module_name: str | None = None,
+        servicers: Iterable[Any] = (),
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_workers: int | None = None,
+        maximum_concurrent_rpcs: int | None = None,
+        grace_period: float = DEFAULT_GRACE_PERIOD,
+        socket_mode: int = 0o600,
+        directory_mode: int = 0o700,
+    ) -> None:
+        self.socket_path = resolve_socket_path(socket_path, module_name=module_name)
+        self.max_message_bytes = validate_max_message_bytes(max_message_bytes)
+        self.grace_period = grace_period
+        self._max_workers = max_workers
+        self._maximum_concurrent_rpcs = maximum_concurrent_rpcs
+        self._socket = SocketFile(self.socket_path, socket_mode=socket_mode,
+                                  directory_mode=directory_mode)
+        self._services: list[ServiceRegistration] = []
+        self._state = _State.NEW
+        self._server: grpc.aio.Server | None = None
+        self._executor: futures.ThreadPoolExecutor | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._stop_task: asyncio.Task[None] | None = None
+        self._terminated: asyncio.Event | None = None
+        for servicer in servicers:
+            if isinstance(servicer, tuple):
+                self.add_servicer(*servicer)
+            else:
+                self.add_servicer(servicer)
+
+    # -- registration ---------------------------------------------------------------
+
+    def add_servicer(self, servicer: Any,
+                     add_to_server: Callable[[Any, Any], None] | None = None) -> None:
+        """Register a servicer before :meth:`start`.
+
+        :param add_to_server: the generated ``add_*Servicer_to_server``;
+            found from the servicer's generated base class when omitted.
+        :raises TypeError: if the servicer's services cannot be determined.
+        :raises ValueError: if a service of that name is already registered.
+        :raises RuntimeError: after :meth:`start`.
+        """
+        if self._state is not _State.NEW:
+            raise RuntimeError('add_servicer() must be called before start()')
+        registrations = record_servicer(servicer, add_to_server)
+        known = set(self.service_names)
+        for registration in registrations:
+            if registration.name in known:
+                raise ValueError(f'service {registration.name} is already registered')
+        self._services.extend(registrations)
+
+    @property
+    def service_names(self) -> tuple[str, ...]:
+        """Full names of the registered user services, e.g. ``vyra.ipc.ModuleService``."""
+        return tuple(registration.name for registration in self._services)
+
+    @property
+    def services(self) -> tuple[ServiceRegistration, ...]:
+        """The registered user services with their method handlers."""
+        return tuple(self._services)
+
+    @property
+    def is_serving(self) -> bool:
+        return self._state is _State.SERVING
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the socket and start serving.
+
+        :raises SocketInUseError: a live server listens on the path already.
+        :raises OSError: the path cannot be used (a directory or other file is
+            there, the directory is not writable); the message names the path.
+        :raises RuntimeError: if called twice.
+        """
+        if self._state is not _State.NEW:
+            raise RuntimeError(f'start() called on a server that is {self._state.value}')
+        self._state = _State.STARTING
+        self._terminated = asyncio.Event()
+        try:
+            self._socket.check()
+            self._executor = futures.ThreadPoolExecutor(
+                max_workers=self._max_workers, thread_name_prefix='ipc-handler')
+            self._server = grpc.aio.server(
+                migration_thread_pool=self._executor,
+                options=server_options(self.max_message_bytes),
+                maximum_concurrent_rpcs=self._maximum_concurrent_rpcs,
+            )
+            self._add_services(self._server)
+            bound = self._server.add_insecure_port(grpc_target(self._socket.private_bind_path()))
+            if bound == 0:  # older grpcio reported failure this way
+                raise OSError(f'gRPC could not bind a socket for {self.socket_path}')
+            await self._server.start()
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            self._socket.publish()
+        except BaseException:
+            await self._abort_start()
+            raise
+        self._state = _State.SERVING
+        _logger.info('IPC server serving %s on %s', ', '.join(self.service_names) or 'no services',
+                     self.socket_path)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop serving; idempotent and safe to call concurrently.
+
+        Health turns NOT_SERVING first, new calls are refused at once,
+        in-flight calls get ``grace`` seconds (default :attr:`grace_period`)
+        before they are cancelled, then the socket file is removed if it is
+        still this server's. Returns when all of that is done.
+        """
+        if self._stop_task is None and self._state is not _State.SERVING:
+            # Never started, or start() failed and already cleaned up.
+            self._state = _State.STOPPED
+            if self._terminated is not None:
+                self._terminated.set()
+            return
+        if self._stop_task is None:
+            self._state = _State.STOPPING
+            self._stop_task = asyncio.ensure_future(
+                self._shutdown(self.grace_period if grace is None else grace))
+        await asyncio.shield(self._stop_task)
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Wait until the server has stopped.
+
+        :returns: ``True`` once the server has stopped, ``False`` if
+            ``timeout`` expired first. (Unlike ``grpc.aio.Server``, whose
+            result means "timed out".)
+        """
+        if self._terminated is None:
+            raise RuntimeError('wait_for_termination() before start()')
+        try:
+            await asyncio.wait_for(self._terminated.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def serve(self, *, stop_signals: Iterable[signal.Signals] = (signal.SIGINT, signal.SIGTERM)
+                    ) -> None:
+        """Start, serve until one of ``stop_signals`` arrives or :meth:`stop` is
+        called, then stop with the grace period. For a process's main coroutine.
+        """
+        loop = asyncio.get_running_loop()
+        installed = []
+        for stop_signal in stop_signals:
+            loop.add_signal_handler(stop_signal, self._on_signal, stop_signal)
+            installed.append(stop_signal)
+        try:
+            await self.start()
+            await self.wait_for_termination()
+        finally:
+            for stop_signal in installed:
+                loop.remove_signal_handler(stop_signal)
+            await self.stop()
+
+    async def __aenter__(self) -> 'IPCServer':
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # -- internals ------------------------------------------------------------------
+
+    def _on_signal(self, stop_signal: signal.Signals) -> None:
+        _logger.info('received %s: stopping IPC server on %s', stop_signal.name, self.socket_path)
+        asyncio.ensure_future(self.stop())
+
+    def _add_services(self, server: grpc.aio.Server) -> None:
+        for registration in self._services:
+            registration.add_to_server(registration.servicer, server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+    async def _set_health(self, status: int) -> None:
+        assert self._health is not None
+        for name in ('', *self.service_names):
+            await self._health.set(name, status)
+
+    async def _shutdown(self, grace: float) -> None:
+        assert self._server is not None and self._health is not None
+        try:
+            await self._health.enter_graceful_shutdown()
+            await self._server.stop(grace)
+        finally:
+            removed = self._socket.remove()
+            if self._executor is not None:
+                # Sync handlers cannot be interrupted; do not wait for them.
+                self._executor.shutdown(wait=False, cancel_futures=True)
+            self._state = _State.STOPPED
+            assert self._terminated is not None
+            self._terminated.set()
+            _logger.info('IPC server on %s stopped%s', self.socket_path,
+                         '' if removed else ' (socket file was not ours any more)')
+
+    async def _abort_start(self) -> None:
+        if self._server is not None:
+            await self._server.stop(None)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._socket.discard()
+        self._state = _State.STOPPED
+        assert self._terminated is not None
+        self._terminated.set()
