@@ -1,0 +1,330 @@
+"""IPCHandler and SyncIPCHandler against real server processes."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+import signal
+import socket
+import threading
+
+import grpc
+import pytest
+
+from conftest import ServerProcess
+from vyra_base_ipc import (
+    IPCError,
+    IPCHandler,
+    IPCRemoteError,
+    IPCTimeoutError,
+    IPCUnavailableError,
+    SyncIPCHandler,
+)
+from vyra_base_ipc.channel_pool import aio_pool, sync_pool
+
+
+# -- calls -------------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_unary_call_through_the_documented_api(server: ServerProcess, echo) -> None:
+    ipc = IPCHandler(socket_path=str(server.socket_path), service_stub=echo.Stub)
+    await ipc.connect()
+    response = await ipc.call_method('Echo', echo.pb.EchoRequest(text='hello'), timeout=5.0)
+    await ipc.disconnect()
+    assert response.text == 'hello'
+
+
+@pytest.mark.asyncio
+async def test_server_streaming(server: ServerProcess, echo) -> None:
+    async with IPCHandler(server.socket_path, echo.Stub) as ipc:
+        replies = [r async for r in ipc.stream_method('Count', echo.pb.CountRequest(count=5))]
+    assert [r.index for r in replies] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.asyncio
+async def test_client_streaming_from_an_async_generator(server: ServerProcess, echo) -> None:
+    async def requests():
+        for text in ('a', 'b', 'c'):
+            yield echo.pb.EchoRequest(text=text)
+    async with IPCHandler(server.socket_path, echo.Stub) as ipc:
+        reply = await ipc.call_method('Collect', requests())
+    assert (reply.text, reply.index) == ('a,b,c', 3)
+
+
+@pytest.mark.asyncio
+async def test_bidirectional_streaming(server: ServerProcess, echo) -> None:
+    requests = [echo.pb.EchoRequest(text=t) for t in ('x', 'y')]
+    async with IPCHandler(server.socket_path, echo.Stub) as ipc:
+        replies = [r async for r in ipc.stream_method('Chat', iter(requests))]
+    assert [(r.text, r.index) for r in replies] == [('X', 0), ('Y', 1)]
+
+
+def test_sync_client_every_call_shape(server: ServerProcess, echo) -> None:
+    with SyncIPCHandler(server.socket_path, echo.Stub) as ipc:
+        assert ipc.call_method('Echo', echo.pb.EchoRequest(text='u')).text == 'u'
+        assert [r.index for r in ipc.stream_method('Count', echo.pb.CountRequest(count=3))] == [0, 1, 2]
+        assert ipc.call_method('Collect', iter([echo.pb.EchoRequest(text='p')])).text == 'p'
+        chat = ipc.stream_method('Chat', iter([echo.pb.EchoRequest(text='q')]))
+        assert [r.text for r in chat] == ['Q']
+
+
+def test_sync_client_is_usable_from_many_threads(server: ServerProcess, echo) -> None:
+    with SyncIPCHandler(server.socket_path, echo.Stub) as ipc:
+        with ThreadPoolExecutor(8) as pool:
+            texts = list(pool.map(
+                lambda i: ipc.call_method('EchoSync', echo.pb.EchoRequest(text=str(i))).text, range(64)))
+    assert texts == [str(i) for i in range(64)]
+
+
+@pytest.mark.asyncio
+async def test_leaving_a_stream_early_cancels_it(server: ServerProcess, echo) -> None:
+    async with IPCHandler(server.socket_path, echo.Stub) as ipc:
+        async for reply in ipc.stream_method('Count', echo.pb.CountRequest(count=1_000_000)):
+            break
+        assert reply.index == 0
+        assert (await ipc.call_method('Echo', echo.pb.EchoRequest(text='next'))).text == 'next'
+
+
+# -- errors ------------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_missing_socket_fails_at_once_naming_the_path(socket_path: Path, echo) -> None:
+    ipc = IPCHandler(socket_path, echo.Stub, timeout=30)
+    with pytest.raises(IPCUnavailableError) as error:
+        await ipc.connect()
+    assert str(socket_path) in str(error.value)
+    assert error.value.code is grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.asyncio
+async def test_call_after_the_server_went_away_fails_at_once_naming_the_path(
+        server: ServerProcess, echo) -> None:
+    async with IPCHandler(server.socket_path, echo.Stub, timeout=30) as ipc:
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+        # UNAVAILABLE (not a timeout after 30 s): the call did not wait for its deadline.
+        with pytest.raises(IPCUnavailableError, match=str(server.socket_path)):
+            await ipc.call_method('Echo', echo.pb.EchoRequest())
+
+
+def test_sync_client_missing_socket_fails_at_once_naming_the_path(socket_path: Path, echo) -> None:
+    with pytest.raises(IPCUnavailableError, match=str(socket_path)):
+        SyncIPCHandler(socket_path, echo.Stub, timeout=30).connect()
+
+
+@pytest.mark.asyncio
+async def test_stale_socket_is_unavailable_not_a_hang(socket_path: Path, echo) -> None:
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(socket_path))
+    stale.close()
+    with pytest.raises(IPCUnavailableError, match='no server answers'):
+        await IPCHandler(socket_path, echo.Stub, timeout=30).connect()
+    assert aio_pool.open_channels() == 0
+
+
+@pytest.mark.asyncio
+async def test_deadline_expiry_is_a_timeout_error(server: ServerProcess, echo) -> None:
+    async with IPCHandler(server.socket_path, echo.Stub) as ipc:
+        with pytest.raises(IPCTimeoutError) as error:
+            await ipc.call_method('Sleep', echo.pb.SleepRequest(seconds=5), timeout=0.2)
+    assert error.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert error.value.method == '/vyra.ipc.test.EchoService/Sleep'
+
+
+@pytest.mark.asyncio
+async def test_calls_without_a_timeout_get_the_default_deadline(server: ServerProcess, echo) -> None:
+    async with IPCHandler(server.socket_path, echo.Stub, timeout=0.3) as ipc:
+        with pytest.raises(IPCTimeoutError):
+            await ipc.call_method('Sleep', echo.pb.SleepRequest(seconds=10))
+
+
+def test_sync_calls_without_a_timeout_get_the_default_deadline(server: ServerProcess, echo) -> None:
+    with SyncIPCHandler(server.socket_path, echo.Stub, timeout=0.3) as ipc:
+        with pytest.raises(IPCTimeoutError):
+            ipc.call_method('Sleep', echo.pb.SleepRequest(seconds=10))
+        with pytest.raises(IPCTimeoutError):
+            for _ in ipc.stream_method('Count', echo.pb.CountRequest(count=10**9)):
+                pass
+
+
+@pytest.mark.asyncio
+async def test_deadline_reaches_the_handler(server: ServerProcess, echo) -> None:
+    async with IPCHandler(server.socket_path, echo.Stub) as ipc:
+        reply = await ipc.call_method('Sleep', echo.pb.SleepRequest(seconds=0), timeout=30)
+    # gRPC sends the deadline rounded up to its wire units: it arrives, not to the microsecond.
+    assert 25 < reply.time_remaining < 31
+
+
+@pytest.mark.asyncio
+async def test_remote_error_keeps_status_code_and_details(server: ServerProcess, echo) -> None:
+    request = echo.pb.FailRequest(code=grpc.StatusCode.FAILED_PRECONDITION.value[0], details='arm not homed')
+    async with IPCHandler(server.socket_path, echo.Stub) as ipc:
+        with pytest.raises(IPCRemoteError) as error:
+            await ipc.call_method('Fail', request)
+        assert (await ipc.call_method('Echo', echo.pb.EchoRequest(text='ok'))).text == 'ok'
+    assert isinstance(error.value, IPCError)
+    assert error.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert error.value.details == 'arm not homed'
+    assert 'arm not homed' in str(error.value) and 'Fail' in str(error.value)
+
+
+@pytest.mark.asyncio
+async def test_error_in_a_stream_is_translated(server: ServerProcess, echo) -> None:
+    async with IPCHandler(server.socket_path, echo.Stub) as ipc:
+        with pytest.raises(IPCTimeoutError):
+            async for _ in ipc.stream_method('Count', echo.pb.CountRequest(count=10**9), timeout=0.2):
+                pass
+
+
+@pytest.mark.asyncio
+async def test_method_missing_on_the_server_is_unimplemented(server: ServerProcess) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    # A stub for a service this server has, asking a method name it lacks.
+    class WrongStub:
+        def __init__(self, channel):
+            self.Nope = channel.unary_unary('/grpc.health.v1.Health/Nope',
+                                            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                                            response_deserializer=health_pb2.HealthCheckResponse.FromString)
+    async with IPCHandler(server.socket_path, WrongStub) as ipc:
+        with pytest.raises(IPCRemoteError) as error:
+            await ipc.call_method('Nope', health_pb2.HealthCheckRequest())
+    assert error.value.code is grpc.StatusCode.UNIMPLEMENTED
+    assert health_pb2_grpc  # the real stub module is importable
+
+
+# -- misuse ------------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_unknown_method_name_lists_the_available_ones(server: ServerProcess, echo) -> None:
+    async with IPCHandler(server.socket_path, echo.Stub) as ipc:
+        with pytest.raises(ValueError, match="unknown method 'Ehco'.*available: Chat, Collect, Count, Echo"):
+            await ipc.call_method('Ehco', echo.pb.EchoRequest())
+
+
+@pytest.mark.asyncio
+async def test_streaming_method_through_call_method_says_what_to_use(server: ServerProcess, echo) -> None:
+    async with IPCHandler(server.socket_path, echo.Stub) as ipc:
+        with pytest.raises(TypeError, match='Count is a unary_stream method: call it with stream_method'):
+            await ipc.call_method('Count', echo.pb.CountRequest())
+        with pytest.raises(TypeError, match='call it with call_method'):
+            async for _ in ipc.stream_method('Echo', echo.pb.EchoRequest()):
+                pass
+
+
+@pytest.mark.parametrize('kwargs, error, message', [
+    ({'timeout': 0}, ValueError, 'timeout must be a finite number'),
+    ({'timeout': float('inf')}, ValueError, 'timeout must be a finite number'),
+    ({'timeout': '5'}, TypeError, 'timeout must be a number'),
+    ({'max_message_bytes': -1}, ValueError, 'max_message_bytes'),
+    ({'default_method': 'Nope'}, ValueError, "unknown method 'Nope'"),
+])
+def test_bad_client_arguments_are_named(socket_path: Path, echo, kwargs, error, message) -> None:
+    with pytest.raises(error, match=message):
+        IPCHandler(socket_path, echo.Stub, **kwargs)
+
+
+def test_service_stub_must_be_a_generated_stub_class(socket_path: Path, echo) -> None:
+    with pytest.raises(TypeError, match='must be a generated \\*Stub class'):
+        IPCHandler(socket_path, echo.Stub(grpc.insecure_channel('unix:/nonexistent')))
+    with pytest.raises(TypeError, match='not a grpcio-generated stub class'):
+        SyncIPCHandler(socket_path, dict)
+
+
+@pytest.mark.asyncio
+async def test_calls_without_a_stub_are_a_clear_error(server: ServerProcess) -> None:
+    async with IPCHandler(server.socket_path) as ipc:
+        with pytest.raises(ValueError, match='no service_stub was given'):
+            await ipc.call_method('Echo', None)
+
+
+@pytest.mark.asyncio
+async def test_call_before_connect_is_a_clear_error(server: ServerProcess, echo) -> None:
+    with pytest.raises(RuntimeError, match='not connected'):
+        await IPCHandler(server.socket_path, echo.Stub).call_method('Echo', echo.pb.EchoRequest())
+
+
+# -- channels ----------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_handlers_of_one_socket_share_one_channel_per_loop(server: ServerProcess, echo) -> None:
+    first, second = IPCHandler(server.socket_path, echo.Stub), IPCHandler(server.socket_path, echo.Stub)
+    await first.connect()
+    await second.connect()
+    assert aio_pool.open_channels() == 1
+    await first.disconnect()
+    assert (await second.call_method('Echo', echo.pb.EchoRequest(text='shared'))).text == 'shared'
+    await second.disconnect()
+    await second.disconnect()  # idempotent
+    assert aio_pool.open_channels() == 0
+
+
+def test_one_handler_works_across_two_event_loops(server: ServerProcess, echo) -> None:
+    ipc = IPCHandler(server.socket_path, echo.Stub)
+
+    async def first() -> str:
+        await ipc.connect()
+        return (await ipc.call_method('Echo', echo.pb.EchoRequest(text='one'))).text
+
+    async def second() -> str:
+        try:
+            return (await ipc.call_method('Echo', echo.pb.EchoRequest(text='two'))).text
+        finally:
+            await ipc.disconnect()
+            assert aio_pool.open_channels() == 0
+
+    assert asyncio.run(first()) == 'one'
+    assert asyncio.run(second()) == 'two'
+
+
+def test_sync_handlers_share_one_channel_and_release_it(server: ServerProcess, echo) -> None:
+    with SyncIPCHandler(server.socket_path, echo.Stub), SyncIPCHandler(server.socket_path, echo.Stub):
+        assert sync_pool.open_channels() == 1
+    assert sync_pool.open_channels() == 0
+
+
+def test_restarted_server_is_reachable_again_within_one_second(start_server, socket_path: Path, echo) -> None:
+    first = start_server(socket_path)
+    with SyncIPCHandler(socket_path, echo.Stub) as ipc:
+        assert ipc.call_method('Echo', echo.pb.EchoRequest(text='before')).text == 'before'
+        first.signal(signal.SIGKILL)
+        first.wait()
+        with pytest.raises(IPCUnavailableError):
+            ipc.call_method('Echo', echo.pb.EchoRequest())
+        # An outage of a few seconds: gRPC's default backoff (1 s, x1.6) would
+        # now wait seconds before its next attempt; ours is capped at 0.5 s.
+        threading.Event().wait(3.0)
+        start_server(socket_path)
+        reply = ipc.call_method('Echo', echo.pb.EchoRequest(text='after'), wait_for_ready=True, timeout=1.0)
+        assert reply.text == 'after'
+
+
+@pytest.mark.asyncio
+async def test_wait_for_ready_call_succeeds_once_the_server_is_up(start_server, socket_path: Path,
+                                                                  echo) -> None:
+    ipc = IPCHandler(socket_path, echo.Stub, wait_for_ready=True, timeout=20)
+    connecting = asyncio.create_task(ipc.connect())
+    await asyncio.sleep(0)  # connect() is now waiting for a server that is not there yet
+    await asyncio.to_thread(start_server, socket_path)
+    await connecting
+    assert (await ipc.call_method('Echo', echo.pb.EchoRequest(text='late'))).text == 'late'
+    await ipc.disconnect()
+
+
+# -- the VYRA handler shape --------------------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_handler_family_shape(server: ServerProcess, echo, socket_dir: Path) -> None:
+    ipc = IPCHandler(server.socket_path, echo.Stub, default_method='Echo')
+    assert ipc.get_protocol() == 'ipc'
+    assert ipc.is_available()
+    assert not IPCHandler(socket_dir / 'absent.sock', echo.Stub).is_available()
+    async with ipc:
+        await ipc.dispatch(echo.pb.EchoRequest(text='fed'))
+    with pytest.raises(ValueError, match='default_method'):
+        await IPCHandler(server.socket_path, echo.Stub).dispatch(echo.pb.EchoRequest())
+
+
+def test_documented_import_path_is_the_same_class() -> None:
+    from vyra_base.com.handler.ipc import IPCHandler as Documented
+    assert Documented is IPCHandler

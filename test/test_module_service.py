@@ -1,0 +1,208 @@
+"""The default ModuleService: command registry, Initialize, GetData."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+
+from conftest import ServerProcess
+from vyra_base_ipc import (
+    CommandError,
+    IPCHandler,
+    IPCRemoteError,
+    IPCServer,
+    ModuleService,
+    SyncIPCHandler,
+    command,
+)
+from vyra_base_ipc import module_service_pb2 as pb
+from vyra_base_ipc import module_service_pb2_grpc as pb_grpc
+
+NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+INTERNAL = grpc.StatusCode.INTERNAL.value[0]
+
+
+@pytest.fixture
+def module(server: ServerProcess):
+    with SyncIPCHandler(server.socket_path, pb_grpc.ModuleServiceStub, timeout=10) as client:
+        yield client
+
+
+def execute(client: SyncIPCHandler, name: str, **parameters: str) -> pb.CommandResponse:
+    return client.call_method('ExecuteCommand', pb.CommandRequest(command=name, parameters=parameters))
+
+
+def initialize(client: SyncIPCHandler, path: object) -> pb.InitResponse:
+    return client.call_method('Initialize', pb.InitRequest(config_path=str(path)))
+
+
+def test_ping_answers_pong(module: SyncIPCHandler) -> None:
+    assert (execute(module, 'ping').status_code, execute(module, 'ping').result) == (0, 'pong')
+
+
+def test_status_reports_the_module(module: SyncIPCHandler) -> None:
+    answer = execute(module, 'status')
+    status = json.loads(answer.result)
+    assert answer.status_code == 0
+    assert status['module'] == 'test_module'
+    assert status['initialized'] is False
+    assert {'ping', 'status'} <= set(status['commands'])
+
+
+def test_unknown_command_is_not_found_and_the_server_keeps_serving(module: SyncIPCHandler) -> None:
+    answer = execute(module, 'self_destruct')
+    assert answer.status_code == NOT_FOUND
+    assert "unknown command 'self_destruct'" in answer.result and 'ping' in answer.result
+    assert execute(module, 'ping').result == 'pong'
+
+
+def test_initialize_loads_yaml_and_get_data_returns_it(module: SyncIPCHandler, tmp_path: Path) -> None:
+    config = tmp_path / 'module.yaml'
+    config.write_text('speed: 0.5\njoints: [a, b]\n')
+    answer = initialize(module, config)
+    assert answer.success, answer.message
+    assert str(config) in answer.message
+    data = module.call_method('GetData', pb.DataRequest(key='config'))
+    assert data.content_type == 'application/json'
+    assert json.loads(data.result) == {'speed': 0.5, 'joints': ['a', 'b']}
+    assert json.loads(execute(module, 'status').result)['initialized'] is True
+
+
+def test_initialize_loads_json(module: SyncIPCHandler, tmp_path: Path) -> None:
+    config = tmp_path / 'module.json'
+    config.write_text(json.dumps({'mode': 'auto'}))
+    assert initialize(module, config).success
+    assert json.loads(module.call_method('GetData', pb.DataRequest(key='config')).result) == {'mode': 'auto'}
+
+
+@pytest.mark.parametrize('make_path, message', [
+    (lambda tmp: '', 'config_path is empty'),
+    (lambda tmp: 'relative/module.yaml', 'is relative'),
+    (lambda tmp: tmp / 'missing.yaml', 'does not exist'),
+    (lambda tmp: tmp, 'is a directory'),
+    (lambda tmp: _write(tmp / 'bad.yaml', b'key: [unclosed'), 'not valid YAML'),
+    (lambda tmp: _write(tmp / 'bad.json', b'{"a": '), 'not valid JSON'),
+    (lambda tmp: _write(tmp / 'list.yaml', b'- a\n- b\n'), 'must hold a mapping'),
+    (lambda tmp: _write(tmp / 'binary.yaml', b'\xff\xfe\x00'), 'not UTF-8'),
+])
+def test_initialize_failures_are_reported_not_raised(module: SyncIPCHandler, tmp_path: Path,
+                                                     make_path, message: str) -> None:
+    answer = initialize(module, make_path(tmp_path))
+    assert not answer.success
+    assert message in answer.message
+    assert execute(module, 'ping').result == 'pong'
+
+
+def _write(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+def test_get_data_unknown_key_is_not_found_naming_the_key(module: SyncIPCHandler) -> None:
+    with pytest.raises(IPCRemoteError) as error:
+        module.call_method('GetData', pb.DataRequest(key='nope'))
+    assert error.value.code is grpc.StatusCode.NOT_FOUND
+    assert "'nope'" in error.value.details and 'status' in error.value.details
+
+
+# -- subclassing, in-process ---------------------------------------------------------
+
+class ArmModule(ModuleService):
+    def __init__(self) -> None:
+        super().__init__('arm')
+        self.homed = False
+        self.applied: dict = {}
+
+    @command('home')
+    def home(self, parameters: dict[str, str]) -> str:  # def: runs in a worker thread
+        self.homed = True
+        return f"homed at speed {parameters.get('speed', '1.0')}"
+
+    @command()
+    async def move(self, parameters: dict[str, str]) -> str:
+        if not self.homed:
+            raise CommandError('home first')
+        return f"moved to {float(parameters['x']):.1f}"
+
+    @command('explode')
+    def explode(self, parameters: dict[str, str]) -> str:
+        raise RuntimeError('boom')
+
+    async def on_initialize(self, config: dict) -> None:
+        if 'fail' in config:
+            raise RuntimeError('refused')
+        self.applied = config
+
+
+@pytest.mark.asyncio
+async def test_subclass_commands_registry_and_status_codes(socket_path: Path) -> None:
+    arm = ArmModule()
+    arm.register_command('echo', lambda parameters: parameters['text'])
+    async with IPCServer(socket_path, servicers=[arm]), \
+            IPCHandler(socket_path, pb_grpc.ModuleServiceStub) as ipc:
+        async def run(name: str, **parameters: str) -> tuple[int, str]:
+            answer = await ipc.call_method('ExecuteCommand',
+                                           pb.CommandRequest(command=name, parameters=parameters))
+            return answer.status_code, answer.result
+
+        assert await run('move', x='1') == (grpc.StatusCode.FAILED_PRECONDITION.value[0], 'home first')
+        assert await run('home', speed='0.2') == (0, 'homed at speed 0.2')
+        assert await run('move', x='2.25') == (0, 'moved to 2.2')
+        code, result = await run('move', x='far')
+        assert code == INVALID_ARGUMENT and 'could not convert' in result
+        code, result = await run('move')
+        assert code == INTERNAL and "KeyError('x')" in result
+        code, result = await run('explode')
+        assert code == INTERNAL and 'boom' in result
+        assert await run('echo', text='hi') == (0, 'hi')
+        assert set(arm.commands) == {'echo', 'explode', 'home', 'move', 'ping', 'status'}
+
+
+@pytest.mark.asyncio
+async def test_failing_on_initialize_keeps_the_old_config(socket_path: Path, tmp_path: Path) -> None:
+    good, bad = tmp_path / 'good.yaml', tmp_path / 'bad.yaml'
+    good.write_text('a: 1\n')
+    bad.write_text('fail: true\n')
+    arm = ArmModule()
+    async with IPCServer(socket_path, servicers=[arm]), \
+            IPCHandler(socket_path, pb_grpc.ModuleServiceStub) as ipc:
+        assert (await ipc.call_method('Initialize', pb.InitRequest(config_path=str(good)))).success
+        answer = await ipc.call_method('Initialize', pb.InitRequest(config_path=str(bad)))
+    assert not answer.success and 'refused' in answer.message
+    assert arm.config == {'a': 1} and arm.applied == {'a': 1}
+
+
+@pytest.mark.asyncio
+async def test_registered_data_items(socket_path: Path) -> None:
+    service = ModuleService('unit')
+    service.register_data('raw', lambda: b'\x00\x01')
+    service.register_data('text', lambda: 'plain')
+
+    async def joints() -> list:
+        await asyncio.sleep(0)
+        return [1, 2]
+    service.register_data('joints', joints)
+    async with IPCServer(socket_path, servicers=[service]), \
+            IPCHandler(socket_path, pb_grpc.ModuleServiceStub) as ipc:
+        async def get(key: str) -> tuple[bytes, str]:
+            data = await ipc.call_method('GetData', pb.DataRequest(key=key))
+            return data.result, data.content_type
+        assert await get('raw') == (b'\x00\x01', 'application/octet-stream')
+        assert await get('text') == (b'plain', 'text/plain')
+        assert await get('joints') == (b'[1, 2]', 'application/json')
+
+
+@pytest.mark.parametrize('call, error', [
+    (lambda s: s.register_command('', lambda p: ''), ValueError),
+    (lambda s: s.register_command('x', 'not callable'), TypeError),
+    (lambda s: s.register_data('', lambda: b''), ValueError),
+    (lambda s: ModuleService('Bad Name'), ValueError),
+])
+def test_registry_misuse_is_a_clear_error(call, error) -> None:
+    with pytest.raises(error):
+        call(ModuleService('unit'))

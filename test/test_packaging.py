@@ -1,0 +1,100 @@
+"""The package builds the ways ROS 2 and Python users build it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+import vyra_base_ipc
+
+SOURCE = Path(__file__).resolve().parent.parent
+GENERATED = ('module_service_pb2.py', 'module_service_pb2.pyi', 'module_service_pb2_grpc.py',
+             'backend_service_pb2.py', 'backend_service_pb2.pyi', 'backend_service_pb2_grpc.py')
+
+
+def source_files() -> list[str]:
+    """Files of the source tree as a fresh clone has them (no generated code)."""
+    if shutil.which('git') is None or not (SOURCE / '.git').exists():
+        pytest.skip('not a git checkout: cannot tell source files from build products')
+    listed = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard'], cwd=SOURCE, check=True,
+                            capture_output=True, text=True).stdout.split()
+    return [name for name in listed if (SOURCE / name).is_file()]
+
+
+def copy_source(destination: Path) -> Path:
+    for name in source_files():
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(SOURCE / name, target)
+    return destination
+
+
+installed_tree_only = pytest.mark.skipif(
+    Path(vyra_base_ipc.__file__).resolve().parent.parent == SOURCE,
+    reason='imports the source tree: run through tools/test.sh (colcon test) to check the install')
+
+
+def test_generated_code_is_never_committed() -> None:
+    assert not [name for name in source_files() if '_pb2' in name]
+
+
+@installed_tree_only
+def test_installed_package_has_generated_code_stubs_and_marker() -> None:
+    package = Path(vyra_base_ipc.__file__).parent
+    for name in (*GENERATED, 'py.typed'):
+        assert (package / name).is_file(), name
+
+
+@installed_tree_only
+def test_protos_and_package_xml_are_installed_to_share() -> None:
+    from ament_index_python.packages import get_package_share_directory
+    share = Path(get_package_share_directory('vyra_base_ipc'))
+    assert (share / 'package.xml').is_file()
+    assert (share / 'protos' / 'vyra_base_ipc' / 'module_service.proto').is_file()
+    assert (share / 'protos' / 'vyra_base_ipc' / 'backend_service.proto').is_file()
+
+
+def test_wheel_has_code_protos_and_resource_marker(tmp_path: Path) -> None:
+    source = copy_source(tmp_path / 'src')
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--quiet', '--no-deps', '--no-build-isolation',
+                    '--wheel-dir', str(tmp_path / 'dist'), str(source)], check=True)
+    (wheel,) = (tmp_path / 'dist').glob('vyra_base_ipc-*.whl')
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in GENERATED:
+        assert f'vyra_base_ipc/{name}' in names
+    assert 'vyra_base/com/handler/ipc.py' in names
+    data = '.data/data/share/'
+    assert any(n.endswith(data + 'vyra_base_ipc/protos/vyra_base_ipc/module_service.proto') for n in names)
+    assert any(n.endswith(data + 'ament_index/resource_index/packages/vyra_base_ipc') for n in names)
+
+
+@pytest.mark.parametrize('symlink', [False, True], ids=['install', 'symlink-install'])
+def test_colcon_build_generates_importable_code(tmp_path: Path, symlink: bool) -> None:
+    colcon = shutil.which('colcon') or shutil.which('colcon', path=str(Path(sys.executable).parent))
+    if colcon is None:
+        pytest.skip('colcon is not installed in this environment')
+    workspace = tmp_path / 'ws'
+    copy_source(workspace / 'src' / 'vyra_base_ipc')
+    build = [colcon, 'build', '--event-handlers', 'console_direct-']
+    subprocess.run(build + (['--symlink-install'] if symlink else []), cwd=workspace, check=True,
+                   capture_output=True)
+    probe = ('import vyra_base_ipc, vyra_base_ipc.backend_service_pb2_grpc as g; '
+             'from vyra_base.com.handler.ipc import IPCHandler; '
+             'print(vyra_base_ipc.__file__); print(g.BackendServiceStub.__name__)')
+    env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'AMENT_PREFIX_PATH')}
+    out = subprocess.run(
+        ['bash', '-c', f'source install/setup.bash && {sys.executable} -c "{probe}"'],
+        cwd=workspace, env=env, check=True, capture_output=True, text=True).stdout.split()
+    assert out[1] == 'BackendServiceStub'
+    if symlink:
+        # --symlink-install runs `setup.py develop`: code is imported from the source folder.
+        assert os.path.realpath(out[0]).startswith(str(workspace / 'src'))
+    else:
+        assert out[0].startswith(str(workspace / 'install'))
+    assert (workspace / 'install' / 'vyra_base_ipc' / 'share' / 'vyra_base_ipc' / 'protos').is_dir()

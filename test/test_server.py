@@ -1,0 +1,250 @@
+"""IPCServer and its socket file, with servers in real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+import signal
+import socket
+import stat
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+import pytest
+
+from conftest import ServerProcess, wait_for
+from vyra_base_ipc import (
+    IPCHandler,
+    IPCRemoteError,
+    IPCServer,
+    ModuleService,
+    SocketInUseError,
+    SyncIPCHandler,
+)
+from vyra_base_ipc.socket_file import is_listening
+
+
+def make_stale_socket(path: Path) -> None:
+    """Leave a socket file nobody listens on, as a crashed server does."""
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    assert path.is_socket() and not is_listening(path)
+
+
+def echo_text(path: Path, echo, text: str = 'hi') -> str:
+    with SyncIPCHandler(path, echo.Stub, timeout=10) as client:
+        return client.call_method('Echo', echo.pb.EchoRequest(text=text)).text
+
+
+def test_socket_file_is_a_socket_only_its_owner_may_use(server: ServerProcess) -> None:
+    info = os.lstat(server.socket_path)
+    assert stat.S_ISSOCK(info.st_mode)
+    assert stat.S_IMODE(info.st_mode) == 0o600
+    assert info.st_uid == os.getuid()
+
+
+def test_no_private_bind_directory_is_left_after_start(server: ServerProcess) -> None:
+    assert sorted(p.name for p in server.socket_path.parent.iterdir()) == [server.socket_path.name]
+
+
+def test_missing_parent_directories_are_created_owner_only(start_server, socket_dir: Path, echo) -> None:
+    path = socket_dir / 'run' / 'module' / 'x.sock'
+    start_server(path)
+    for directory in (socket_dir / 'run', socket_dir / 'run' / 'module'):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert echo_text(path, echo) == 'hi'
+
+
+def test_stale_socket_file_is_replaced(start_server, socket_path: Path, echo) -> None:
+    make_stale_socket(socket_path)
+    stale_inode = socket_path.stat().st_ino
+    start_server(socket_path)
+    assert socket_path.stat().st_ino != stale_inode
+    assert echo_text(socket_path, echo) == 'hi'
+
+
+def test_second_server_on_live_socket_is_refused(start_server, server: ServerProcess, echo) -> None:
+    inode = server.socket_path.stat().st_ino
+    second = start_server(server.socket_path, wait=False)
+    assert second.wait() == 3
+    assert str(server.socket_path) in second.log()
+    assert 'another server is listening' in second.log()
+    assert server.socket_path.stat().st_ino == inode
+    assert echo_text(server.socket_path, echo, 'still me') == 'still me'
+
+
+def test_new_server_starts_after_the_first_was_killed(start_server, server: ServerProcess, echo) -> None:
+    server.signal(signal.SIGKILL)
+    server.wait()
+    assert server.socket_path.is_socket()  # a crash leaves the file behind
+    start_server(server.socket_path)
+    assert echo_text(server.socket_path, echo) == 'hi'
+
+
+def test_directory_at_socket_path_is_a_clear_error(start_server, socket_path: Path) -> None:
+    socket_path.mkdir()
+    process = start_server(socket_path, wait=False)
+    assert process.wait() == 3
+    assert 'is a directory' in process.log() and str(socket_path) in process.log()
+    assert socket_path.is_dir()
+
+
+def test_regular_file_at_socket_path_is_left_alone(start_server, socket_path: Path) -> None:
+    socket_path.write_text('precious')
+    process = start_server(socket_path, wait=False)
+    assert process.wait() == 3
+    assert 'not a socket' in process.log() and str(socket_path) in process.log()
+    assert socket_path.read_text() == 'precious'
+
+
+def test_parent_that_is_a_file_is_a_clear_error(start_server, socket_dir: Path) -> None:
+    (socket_dir / 'file').write_text('')
+    process = start_server(socket_dir / 'file' / 'x.sock', wait=False)
+    assert process.wait() == 3
+    assert 'parent is not a directory' in process.log()
+
+
+@pytest.mark.parametrize('stop_signal', [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_stops_gracefully_and_removes_the_socket(server: ServerProcess,
+                                                             stop_signal: int) -> None:
+    server.signal(stop_signal)
+    assert server.wait() == 0
+    assert not server.socket_path.exists()
+
+
+def test_in_flight_call_finishes_within_grace_on_sigterm(server: ServerProcess, echo) -> None:
+    async def scenario() -> None:
+        async with IPCHandler(server.socket_path, echo.Stub, timeout=10) as client:
+            call = asyncio.create_task(client.call_method('Sleep', echo.pb.SleepRequest(seconds=0.5)))
+            await client.call_method('Echo', echo.pb.EchoRequest())  # the Sleep call is in flight
+            server.signal(signal.SIGTERM)
+            reply = await call
+            assert reply.was_active
+    asyncio.run(scenario())
+    assert server.wait() == 0
+    assert not server.socket_path.exists()
+
+
+def test_socket_taken_over_by_another_server_is_not_removed(start_server, socket_dir: Path, echo) -> None:
+    path = socket_dir / 'x.sock'
+    first = start_server(path)
+    os.rename(path, socket_dir / 'moved.sock')  # an operator moved it away...
+    second = start_server(path)                 # ...and another server took the path
+    first.signal(signal.SIGTERM)
+    assert first.wait() == 0
+    assert path.is_socket()
+    assert echo_text(path, echo, 'second') == 'second'
+    second.signal(signal.SIGTERM)
+    assert second.wait() == 0
+    assert not path.exists()
+
+
+def test_health_is_serving_for_every_service(server: ServerProcess) -> None:
+    with grpc.insecure_channel(f'unix:{server.socket_path}') as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ('', 'vyra.ipc.ModuleService', 'vyra.ipc.BackendService', 'vyra.ipc.test.EchoService'):
+            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING, service
+
+
+def test_health_turns_not_serving_when_shutdown_begins(server: ServerProcess, echo) -> None:
+    with grpc.insecure_channel(f'unix:{server.socket_path}') as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=''),
+                                                           timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        sleeper = echo.Stub(channel).Sleep.future(echo.pb.SleepRequest(seconds=0.5), timeout=10)
+        wait_for(lambda: sleeper.running(), 5, 'the Sleep call to be in flight')
+        server.signal(signal.SIGTERM)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert sleeper.result().was_active
+    assert server.wait() == 0
+
+
+def test_reflection_describes_every_service(server: ServerProcess) -> None:
+    with grpc.insecure_channel(f'unix:{server.socket_path}') as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert {'vyra.ipc.ModuleService', 'vyra.ipc.BackendService', 'vyra.ipc.test.EchoService',
+                'grpc.health.v1.Health'} <= services
+        described = database.FindFileContainingSymbol('vyra.ipc.ModuleService')
+        assert [m.name for m in described.service[0].method] == ['Initialize', 'ExecuteCommand', 'GetData']
+
+
+def test_messages_up_to_16_mib_pass_both_ways_by_default(server: ServerProcess, echo) -> None:
+    payload = os.urandom(16 * 1024 * 1024 - 64)
+    with SyncIPCHandler(server.socket_path, echo.Stub, timeout=30) as client:
+        assert client.call_method('Echo', echo.pb.EchoRequest(payload=payload)).payload == payload
+
+
+def test_server_message_limit_is_configurable(start_server, socket_path: Path, echo) -> None:
+    start_server(socket_path, '--max-message-bytes', str(1024 * 1024))
+    with SyncIPCHandler(socket_path, echo.Stub, timeout=10) as client:
+        small = client.call_method('Echo', echo.pb.EchoRequest(payload=b'x' * 1000))
+        assert small.payload == b'x' * 1000
+        with pytest.raises(IPCRemoteError) as error:
+            client.call_method('Echo', echo.pb.EchoRequest(payload=b'x' * (1024 * 1024)))
+        assert error.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert client.call_method('Echo', echo.pb.EchoRequest(text='after')).text == 'after'
+
+
+def test_def_and_async_def_handlers_are_both_served(server: ServerProcess, echo) -> None:
+    with SyncIPCHandler(server.socket_path, echo.Stub, timeout=10) as client:
+        assert client.call_method('Echo', echo.pb.EchoRequest(text='async')).text == 'async'
+        assert client.call_method('EchoSync', echo.pb.EchoRequest(text='sync')).text == 'sync'
+
+
+# -- the API, on a server in this process ------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_stop_is_idempotent_and_wait_for_termination_reports_it(socket_path: Path) -> None:
+    server = IPCServer(socket_path, servicers=[ModuleService('unit')])
+    await server.start()
+    assert server.is_serving
+    assert await server.wait_for_termination(timeout=0.01) is False
+    await asyncio.gather(server.stop(0), server.stop(0))
+    await server.stop(0)
+    assert await server.wait_for_termination(timeout=0.01) is True
+    assert not socket_path.exists()
+
+
+@pytest.mark.asyncio
+async def test_server_is_an_async_context_manager(socket_path: Path) -> None:
+    async with IPCServer(socket_path, servicers=[ModuleService('unit')]) as server:
+        assert server.is_serving and is_listening(socket_path)
+    assert not server.is_serving
+    assert not socket_path.exists()
+
+
+@pytest.mark.asyncio
+async def test_live_socket_in_this_process_is_refused_with_the_path(socket_path: Path) -> None:
+    async with IPCServer(socket_path, servicers=[ModuleService('unit')]):
+        second = IPCServer(socket_path, servicers=[ModuleService('unit')])
+        with pytest.raises(SocketInUseError) as error:
+            await second.start()
+        assert error.value.filename == str(socket_path)
+        await second.stop()  # after a failed start: a no-op
+        assert is_listening(socket_path)
+    assert list(socket_path.parent.iterdir()) == []
+
+
+def test_servicer_without_generated_base_needs_its_add_function(socket_path: Path) -> None:
+    with pytest.raises(TypeError, match='does not derive from a grpcio-generated'):
+        IPCServer(socket_path, servicers=[object()])
+
+
+def test_same_service_twice_is_refused(socket_path: Path) -> None:
+    server = IPCServer(socket_path, servicers=[ModuleService('unit')])
+    with pytest.raises(ValueError, match='vyra.ipc.ModuleService is already registered'):
+        server.add_servicer(ModuleService('other'))
+
+
+@pytest.mark.asyncio
+async def test_start_twice_is_refused(socket_path: Path) -> None:
+    async with IPCServer(socket_path, servicers=[ModuleService('unit')]) as server:
+        with pytest.raises(RuntimeError, match='start\\(\\) called on a server that is serving'):
+            await server.start()
