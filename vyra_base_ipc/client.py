@@ -13,11 +13,12 @@ import os
 from typing import Any, AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from .address import StrPath, grpc_target, resolve_socket_path
 from .channel_pool import aio_pool, sync_pool
 from .exceptions import IPCError, IPCUnavailableError, error_from_status
-from .methods import Method, stub_methods
+from .methods import Method, MethodKind, stub_methods
 from .options import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TIMEOUT,
@@ -30,6 +31,18 @@ from .socket_file import is_listening
 __all__ = ['IPCHandler', 'SyncIPCHandler']
 
 Metadata = Sequence[tuple[str, str | bytes]]
+
+# connect() proves that a gRPC server answers with one health check. Any
+# answer but UNAVAILABLE or DEADLINE_EXCEEDED will do: a server without the
+# health service still says UNIMPLEMENTED.
+_PROBE = Method(
+    name='Check',
+    path='/grpc.health.v1.Health/Check',
+    kind=MethodKind.UNARY_UNARY,
+    request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+    response_deserializer=health_pb2.HealthCheckResponse.FromString,
+)
+_PROBE_REQUEST = health_pb2.HealthCheckRequest()
 
 
 class _ClientBase:
@@ -102,6 +115,21 @@ class _ClientBase:
         if not os.path.exists(self.socket_path):
             raise self._socket_missing()
 
+    def _probe_failed(self, error: grpc.RpcError, timeout: float) -> IPCUnavailableError | None:
+        """The error to raise for a failed connect() probe; None if the server answered."""
+        code = error.code()
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return IPCUnavailableError(
+                grpc.StatusCode.UNAVAILABLE,
+                f'no server answered on {str(self.socket_path)!r} within {timeout:g} s')
+        if code is grpc.StatusCode.UNAVAILABLE:
+            if not os.path.exists(self.socket_path):
+                return self._socket_missing()
+            return IPCUnavailableError(
+                code, f'no server answers on {str(self.socket_path)!r} (stale socket file?): '
+                      f'{error.details()}')
+        return None
+
     def _translate(self, error: grpc.RpcError, method: Method) -> IPCError:
         code, details = error.code(), error.details() or ''
         if code is grpc.StatusCode.UNAVAILABLE and not os.path.exists(self.socket_path):
@@ -155,20 +183,27 @@ class IPCHandler(_ClientBase):
         return self._connected
 
     async def connect(self, timeout: float | None = None) -> None:
-        """Open (or share) the channel and make sure the server answers.
+        """Open (or share) the channel and make sure a server answers (one
+        ``grpc.health.v1.Health/Check`` round trip).
 
-        Idempotent. Fails at once if the socket file does not exist; with
-        ``wait_for_ready`` it waits for the server within ``timeout`` instead.
+        Idempotent. Fails at once if the socket file does not exist or nobody
+        listens; with ``wait_for_ready`` it waits for the server within
+        ``timeout`` (default: the handler's timeout) instead.
 
         :raises IPCUnavailableError: no server could be reached in time.
         """
         deadline = self._deadline(timeout)
         if not self.wait_for_ready:
             self._check_socket()
-        channel = self._channel_here()
+        probe = self._multicallable(self._channel_here(), _PROBE)
         self._connected = True
         try:
-            await self._wait_ready(channel, deadline)
+            await probe(_PROBE_REQUEST, timeout=deadline, wait_for_ready=self.wait_for_ready)
+        except grpc.RpcError as error:
+            failure = self._probe_failed(error, deadline)
+            if failure is not None:
+                await self.disconnect()
+                raise failure from None
         except BaseException:
             await self.disconnect()
             raise
@@ -264,26 +299,6 @@ class IPCHandler(_ClientBase):
             call = self._callables[method.name] = self._multicallable(self._channel, method)
         return call
 
-    async def _wait_ready(self, channel: grpc.aio.Channel, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + timeout
-        state = channel.get_state(try_to_connect=True)
-        while state is not grpc.ChannelConnectivity.READY:
-            if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE and not self.wait_for_ready:
-                if not os.path.exists(self.socket_path):
-                    raise self._socket_missing()
-                raise IPCUnavailableError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f'no server answers on {str(self.socket_path)!r} (stale socket file?)')
-            remaining = give_up - loop.time()
-            try:
-                await asyncio.wait_for(channel.wait_for_state_change(state), remaining)
-            except asyncio.TimeoutError:
-                raise IPCUnavailableError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f'no server answered on {str(self.socket_path)!r} within {timeout:g} s') from None
-            state = channel.get_state(try_to_connect=True)
-
 
 class SyncIPCHandler(_ClientBase):
     """Blocking client with the semantics of :class:`IPCHandler`.
@@ -306,23 +321,22 @@ class SyncIPCHandler(_ClientBase):
         return self._channel is not None and self._pid == os.getpid()
 
     def connect(self, timeout: float | None = None) -> None:
-        """Open (or share) the channel and wait until the server answers.
+        """Open (or share) the channel and make sure a server answers; see
+        :meth:`IPCHandler.connect`.
 
         :raises IPCUnavailableError: no server could be reached in time.
         """
         deadline = self._deadline(timeout)
         if not self.wait_for_ready:
             self._check_socket()
-        channel = self._channel_here()
+        probe = self._multicallable(self._channel_here(), _PROBE)
         try:
-            grpc.channel_ready_future(channel).result(timeout=deadline)
-        except grpc.FutureTimeoutError:
-            self.disconnect()
-            if not os.path.exists(self.socket_path):
-                raise self._socket_missing() from None
-            raise IPCUnavailableError(
-                grpc.StatusCode.UNAVAILABLE,
-                f'no server answered on {str(self.socket_path)!r} within {deadline:g} s') from None
+            probe(_PROBE_REQUEST, timeout=deadline, wait_for_ready=self.wait_for_ready)
+        except grpc.RpcError as error:
+            failure = self._probe_failed(error, deadline)
+            if failure is not None:
+                self.disconnect()
+                raise failure from None
 
     def disconnect(self) -> None:
         """Release the channel (closed when its last user lets go). Idempotent."""
