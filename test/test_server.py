@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 import pytest
 
-from conftest import ServerProcess, wait_for
+from conftest import ServerProcess
 from vyra_base_ipc import (
     IPCHandler,
     IPCRemoteError,
@@ -157,8 +157,9 @@ def test_health_turns_not_serving_when_shutdown_begins(server: ServerProcess, ec
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=''),
                                                            timeout=10)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-        sleeper = echo.Stub(channel).Sleep.future(echo.pb.SleepRequest(seconds=0.5), timeout=10)
-        wait_for(lambda: sleeper.running(), 5, 'the Sleep call to be in flight')
+        stub = echo.Stub(channel)
+        sleeper = stub.Sleep.future(echo.pb.SleepRequest(seconds=0.5), timeout=10)
+        stub.Echo(echo.pb.EchoRequest(), timeout=5)  # answered after Sleep arrived: it is in flight
         server.signal(signal.SIGTERM)
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert sleeper.result().was_active
