@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from concurrent import futures
 import enum
+import grp
 import logging
 import signal
 from typing import Any, Callable, Iterable
@@ -60,8 +61,12 @@ class IPCServer:
     :param maximum_concurrent_rpcs: calls above this many in flight are
         rejected at once with RESOURCE_EXHAUSTED; ``None`` for no limit.
     :param grace_period: default grace of :meth:`stop`, in seconds.
-    :param socket_mode: permission bits of the socket file.
-    :param directory_mode: permission bits of parent directories created for it.
+    :param socket_group: group (name or id) that may connect too: the socket
+        file gets this group and mode 0660, directories created for it 0750.
+        Without it only this user (and root) may connect: 0600 and 0700.
+    :param socket_mode: permission bits of the socket file, overriding the above.
+    :param directory_mode: permission bits of parent directories created for
+        it, overriding the above. Existing directories are not changed.
     """
 
     def __init__(
@@ -74,16 +79,22 @@ class IPCServer:
         max_workers: int | None = None,
         maximum_concurrent_rpcs: int | None = None,
         grace_period: float = DEFAULT_GRACE_PERIOD,
-        socket_mode: int = 0o600,
-        directory_mode: int = 0o700,
+        socket_group: str | int | None = None,
+        socket_mode: int | None = None,
+        directory_mode: int | None = None,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path, module_name=module_name)
         self.max_message_bytes = validate_max_message_bytes(max_message_bytes)
         self.grace_period = grace_period
         self._max_workers = max_workers
         self._maximum_concurrent_rpcs = maximum_concurrent_rpcs
-        self._socket = SocketFile(self.socket_path, socket_mode=socket_mode,
-                                  directory_mode=directory_mode)
+        group = _group_id(socket_group)
+        self._socket = SocketFile(
+            self.socket_path,
+            socket_mode=socket_mode if socket_mode is not None else (0o600 if group is None else 0o660),
+            directory_mode=directory_mode if directory_mode is not None else (
+                0o700 if group is None else 0o750),
+            group=group)
         self._services: list[ServiceRegistration] = []
         self._state = _State.NEW
         self._server: grpc.aio.Server | None = None
@@ -273,3 +284,15 @@ class IPCServer:
         self._state = _State.STOPPED
         assert self._terminated is not None
         self._terminated.set()
+
+
+def _group_id(group: str | int | None) -> int | None:
+    """:raises ValueError: for a group name this system does not know."""
+    if group is None or (isinstance(group, int) and not isinstance(group, bool)):
+        return group
+    if not isinstance(group, str):
+        raise TypeError(f'socket_group must be a group name or id, not {type(group).__name__}')
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f'socket_group {group!r}: no such group on this system') from None

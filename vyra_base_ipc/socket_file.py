@@ -72,12 +72,16 @@ class SocketFile:
         write permission).
     :param directory_mode: permission bits of parent directories this object
         creates; existing directories are left as they are.
+    :param group: group id given to the socket file and created directories,
+        or ``None`` to keep the process's group.
     """
 
-    def __init__(self, path: Path, *, socket_mode: int = 0o600, directory_mode: int = 0o700) -> None:
+    def __init__(self, path: Path, *, socket_mode: int = 0o600, directory_mode: int = 0o700,
+                 group: int | None = None) -> None:
         self.path = path
         self.socket_mode = socket_mode
         self.directory_mode = directory_mode
+        self.group = group
         self._private_dir: Path | None = None
         self._identity: tuple[int, int] | None = None
 
@@ -116,7 +120,7 @@ class SocketFile:
         """
         assert self._private_dir is not None, 'private_bind_path() first'
         private = self._private_dir / 's'
-        os.chmod(private, self.socket_mode)
+        self._set_owner_and_mode(private, self.socket_mode)
         with _DirectoryLock(self.path.parent):
             try:
                 os.link(private, self.path)
@@ -165,7 +169,7 @@ class SocketFile:
                 os.mkdir(directory, self.directory_mode)
             except FileExistsError:
                 continue
-            os.chmod(directory, self.directory_mode)
+            self._set_owner_and_mode(directory, self.directory_mode)
         if not parent.is_dir():
             raise NotADirectoryError(
                 errno.ENOTDIR, f'cannot create socket {str(self.path)!r}: its parent is not a directory',
@@ -195,6 +199,13 @@ class SocketFile:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+
+    def _set_owner_and_mode(self, path: Path, mode: int) -> None:
+        # Group first: chown() may clear set-id bits, and the mode must not
+        # depend on the umask, so it is set explicitly afterwards.
+        if self.group is not None:
+            os.chown(path, -1, self.group)
+        os.chmod(path, mode)
 
     def _discard_private_dir(self) -> None:
         if self._private_dir is not None:
