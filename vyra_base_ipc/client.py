@@ -9,15 +9,17 @@ types that keep the gRPC status.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
-from typing import Any, AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+import time
+from typing import Any, AsyncIterator, Iterable, Iterator, Protocol, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2
 
 from .address import StrPath, grpc_target, resolve_socket_path
 from .channel_pool import aio_pool, sync_pool
-from .exceptions import IPCError, IPCUnavailableError, error_from_status
+from .exceptions import IPCError, IPCTimeoutError, IPCUnavailableError, error_from_status
 from .methods import Method, MethodKind, stub_methods
 from .options import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -31,6 +33,13 @@ from .socket_file import is_listening
 __all__ = ['IPCHandler', 'SyncIPCHandler']
 
 Metadata = Sequence[tuple[str, str | bytes]]
+
+
+class ServerContext(Protocol):
+    """What :meth:`IPCHandler.call_method` needs of a calling handler's context
+    (``grpc.ServicerContext``, ``grpc.aio.ServicerContext`` or the fast lane's)."""
+
+    def time_remaining(self) -> float | None: ...
 
 # connect() proves that a gRPC server answers with one health check. Any
 # answer but UNAVAILABLE or DEADLINE_EXCEEDED will do: a server without the
@@ -57,6 +66,7 @@ class _ClientBase:
         timeout: float = DEFAULT_TIMEOUT,
         default_method: str | None = None,
         wait_for_ready: bool = False,
+        idempotent_methods: Iterable[str] = (),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path, module_name=module_name)
@@ -67,6 +77,9 @@ class _ClientBase:
         if default_method is not None:
             self._method(default_method)
         self.default_method = default_method
+        self.idempotent_methods = frozenset(self._retryable(name) for name in
+                                            ([idempotent_methods] if isinstance(idempotent_methods, str)
+                                             else idempotent_methods))
         self._target = grpc_target(self.socket_path)
         self._options = channel_options(validate_max_message_bytes(max_message_bytes))
 
@@ -102,8 +115,45 @@ class _ClientBase:
     def _wait(self, wait_for_ready: bool | None) -> bool:
         return self.wait_for_ready if wait_for_ready is None else wait_for_ready
 
-    def _deadline(self, timeout: float | None) -> float:
-        return self.timeout if timeout is None else validate_timeout(timeout)
+    def _deadline(self, timeout: float | None, parent: ServerContext | None = None,
+                  method: Method | None = None) -> float:
+        """The call's timeout: its own (or the default), capped by the time the
+        calling handler has left."""
+        own = self.timeout if timeout is None else validate_timeout(timeout)
+        if parent is None:
+            return own
+        remaining = parent.time_remaining()
+        if remaining is None:
+            return own
+        if remaining <= 0:
+            raise IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  "the calling handler's deadline has already expired",
+                                  method=method.path if method else None)
+        return min(own, remaining)
+
+    def _retryable(self, name: str) -> str:
+        method = self._method(name)
+        if method.kind.request_streaming:
+            raise ValueError(f'{name} streams its requests: it cannot be retried, so it cannot be '
+                             'marked idempotent')
+        return name
+
+    def _retry_pause(self, method: Method, error: grpc.RpcError, give_up: float,
+                     attempt: int) -> float | None:
+        """Seconds to pause before retrying, or None if the call must not be retried.
+
+        Only methods marked idempotent are retried, and only after UNAVAILABLE:
+        such a call may have run on the server already (a crash mid-call), so
+        anything else would risk a silent duplicate. The pause grows from
+        50 ms to 0.5 s so that a server answering UNAVAILABLE itself is not
+        hammered; retries wait for the server to be ready.
+        """
+        if method.name not in self.idempotent_methods or error.code() is not grpc.StatusCode.UNAVAILABLE:
+            return None
+        pause = min(0.05 * 2 ** attempt, 0.5)
+        if time.monotonic() + pause >= give_up:
+            return None
+        return pause
 
     def _socket_missing(self, method: str | None = None) -> IPCUnavailableError:
         return IPCUnavailableError(
@@ -167,6 +217,8 @@ class IPCHandler(_ClientBase):
     :param default_method: method that :meth:`dispatch` sends to.
     :param wait_for_ready: default for calls: wait (within the deadline) for
         an unreachable server instead of failing at once.
+    :param idempotent_methods: names of methods that are safe to run twice;
+        only these are retried after UNAVAILABLE (within their deadline).
     :param max_message_bytes: largest message sent or accepted.
     """
 
@@ -221,39 +273,56 @@ class IPCHandler(_ClientBase):
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(aio_pool.release(channel), loop))
 
     async def call_method(self, method: str, request: Any, *, timeout: float | None = None,
-                          metadata: Metadata | None = None, wait_for_ready: bool | None = None) -> Any:
+                          metadata: Metadata | None = None, wait_for_ready: bool | None = None,
+                          parent: ServerContext | None = None) -> Any:
         """Call a unary-response method and return its response.
+
+        A method in ``idempotent_methods`` is retried after UNAVAILABLE
+        (waiting for the server) until its deadline; no other call is ever
+        retried, since it may have run on the server already.
 
         :param method: the method's name, e.g. ``"GetStatus"``.
         :param request: the request message, or an (async) iterable of them
             for a client-streaming method.
+        :param timeout: deadline in seconds (default: the handler's ``timeout``).
+        :param parent: the context of the handler making this call, if any:
+            the call then gets the smaller of ``timeout`` and the time that
+            handler has left.
         :raises ValueError: unknown method name.
         :raises TypeError: the method streams responses (use :meth:`stream_method`).
         :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
         """
         info = self._method(method, response_streaming=False)
         call = self._callable(info)
-        try:
-            return await call(request, timeout=self._deadline(timeout), metadata=metadata,
-                              wait_for_ready=self._wait(wait_for_ready))
-        except grpc.RpcError as error:
-            raise self._translate(error, info) from None
+        deadline = self._deadline(timeout, parent, info)
+        give_up = time.monotonic() + deadline
+        wait = self._wait(wait_for_ready)
+        for attempt in itertools.count():
+            try:
+                return await call(request, timeout=deadline, metadata=metadata, wait_for_ready=wait)
+            except grpc.RpcError as error:
+                pause = self._retry_pause(info, error, give_up, attempt)
+                if pause is None:
+                    raise self._translate(error, info) from None
+            await asyncio.sleep(pause)
+            deadline, wait = give_up - time.monotonic(), True
+        raise AssertionError('unreachable')
 
     async def stream_method(self, method: str, request: Any, *, timeout: float | None = None,
-                            metadata: Metadata | None = None,
-                            wait_for_ready: bool | None = None) -> AsyncIterator[Any]:
+                            metadata: Metadata | None = None, wait_for_ready: bool | None = None,
+                            parent: ServerContext | None = None) -> AsyncIterator[Any]:
         """Call a response-streaming method; iterate over its responses.
 
         The deadline covers the whole stream. Leaving the iteration early
-        cancels the call.
+        cancels the call. Streams are never retried.
 
         :param request: the request message, or an (async) iterable of them
             for a bidirectional method.
         :raises ValueError, TypeError, IPCError: as :meth:`call_method`.
         """
         info = self._method(method, response_streaming=True)
-        call = self._callable(info)(request, timeout=self._deadline(timeout), metadata=metadata,
-                                    wait_for_ready=self._wait(wait_for_ready))
+        call = self._callable(info)(request, timeout=self._deadline(timeout, parent, info),
+                                    metadata=metadata, wait_for_ready=self._wait(wait_for_ready))
         try:
             async for response in call:
                 yield response
@@ -345,28 +414,38 @@ class SyncIPCHandler(_ClientBase):
             sync_pool.release(channel)
 
     def call_method(self, method: str, request: Any, *, timeout: float | None = None,
-                    metadata: Metadata | None = None, wait_for_ready: bool | None = None) -> Any:
+                    metadata: Metadata | None = None, wait_for_ready: bool | None = None,
+                    parent: ServerContext | None = None) -> Any:
         """Call a unary-response method; block for at most the deadline.
 
-        :raises ValueError, TypeError, IPCError: as :meth:`IPCHandler.call_method`.
+        Parameters, retries and errors as :meth:`IPCHandler.call_method`.
         """
         info = self._method(method, response_streaming=False)
-        try:
-            return self._callable(info)(request, timeout=self._deadline(timeout), metadata=metadata,
-                                        wait_for_ready=self._wait(wait_for_ready))
-        except grpc.RpcError as error:
-            raise self._translate(error, info) from None
+        call = self._callable(info)
+        deadline = self._deadline(timeout, parent, info)
+        give_up = time.monotonic() + deadline
+        wait = self._wait(wait_for_ready)
+        for attempt in itertools.count():
+            try:
+                return call(request, timeout=deadline, metadata=metadata, wait_for_ready=wait)
+            except grpc.RpcError as error:
+                pause = self._retry_pause(info, error, give_up, attempt)
+                if pause is None:
+                    raise self._translate(error, info) from None
+            time.sleep(pause)
+            deadline, wait = give_up - time.monotonic(), True
+        raise AssertionError('unreachable')
 
     def stream_method(self, method: str, request: Any, *, timeout: float | None = None,
-                      metadata: Metadata | None = None,
-                      wait_for_ready: bool | None = None) -> Iterator[Any]:
+                      metadata: Metadata | None = None, wait_for_ready: bool | None = None,
+                      parent: ServerContext | None = None) -> Iterator[Any]:
         """Call a response-streaming method; iterate over its responses.
 
         :raises ValueError, TypeError, IPCError: as :meth:`IPCHandler.stream_method`.
         """
         info = self._method(method, response_streaming=True)
-        call = self._callable(info)(request, timeout=self._deadline(timeout), metadata=metadata,
-                                    wait_for_ready=self._wait(wait_for_ready))
+        call = self._callable(info)(request, timeout=self._deadline(timeout, parent, info),
+                                    metadata=metadata, wait_for_ready=self._wait(wait_for_ready))
         try:
             yield from call
         except grpc.RpcError as error:
