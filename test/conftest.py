@@ -112,20 +112,26 @@ class ServerProcess:
 
 @pytest.fixture
 def start_server(test_protos_dir: Path, tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """Factory: ``start_server(path, *args, wait=True)`` runs test/servers/echo_server.py.
+    """Factory: ``start_server(path, *args, wait=True, script=..., umask=..., env=...)`` runs
+    test/servers/echo_server.py (or ``script``) as a real process.
 
     Every server still running at teardown gets SIGTERM, then SIGKILL.
     """
     started: list[ServerProcess] = []
 
-    def start(socket_path: Path, *args: str, wait: bool = True,
-              script: str = 'echo_server.py') -> ServerProcess:
-        env = dict(os.environ)
-        env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(test_protos_dir), env.get('PYTHONPATH')]))
+    def start(socket_path: Path, *args: str, wait: bool = True, script: str = 'echo_server.py',
+              umask: int | None = None, env: dict[str, str] | None = None) -> ServerProcess:
+        env = {**os.environ, **(env or {})}
+        # The servers directory too: under PYTHONSAFEPATH=1 a script's own
+        # directory is not on sys.path, and servers share EchoService.
+        env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(test_protos_dir), str(SERVERS),
+                                                          env.get('PYTHONPATH')]))
         log = tmp_path / f'server-{len(started)}.log'
         with open(log, 'wb') as log_file:
-            popen = subprocess.Popen([sys.executable, str(SERVERS / script), str(socket_path), *args],
-                                     env=env, stdout=log_file, stderr=subprocess.STDOUT)
+            popen = subprocess.Popen(
+                [sys.executable, str(SERVERS / script), str(socket_path), *args],
+                env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                preexec_fn=None if umask is None else (lambda: os.umask(umask)))
         server = ServerProcess(popen, socket_path, log)
         started.append(server)
         if wait:

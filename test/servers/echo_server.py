@@ -2,7 +2,7 @@
 BackendService on one socket. Prints nothing; the tests wait for the socket.
 
 Usage: echo_server.py SOCKET_PATH [--max-message-bytes N] [--grace-period S]
-       [--max-workers N] [--maximum-concurrent-rpcs N]
+       [--max-workers N] [--maximum-concurrent-rpcs N] [--socket-group G]
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument('--grace-period', type=float, default=2.0)
     parser.add_argument('--max-workers', type=int, default=None)
     parser.add_argument('--maximum-concurrent-rpcs', type=int, default=None)
+    parser.add_argument('--socket-group', default=None)
     options = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     kwargs = {}
@@ -69,6 +70,7 @@ def main() -> None:
         grace_period=options.grace_period,
         max_workers=options.max_workers,
         maximum_concurrent_rpcs=options.maximum_concurrent_rpcs,
+        socket_group=options.socket_group,
         **kwargs,
     )
     try:

@@ -1,0 +1,126 @@
+"""Deadlines propagate through relaying handlers; only idempotent methods are
+retried (issue 4, guarantees 9 and 10)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from conftest import wait_for
+from vyra_base_ipc import IPCTimeoutError, IPCUnavailableError, SyncIPCHandler
+from vyra_base_ipc import module_service_pb2 as pb
+from vyra_base_ipc import module_service_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.fault
+
+
+@pytest.fixture
+def relay(start_server, socket_dir: Path):
+    """relay(limit) -> socket of a relay server in front of an echo server."""
+    downstream = start_server(socket_dir / 'down.sock')
+
+    def start(limit: float) -> Path:
+        path = socket_dir / f'relay{limit}.sock'
+        start_server(path, str(downstream.socket_path), str(limit), script='relay_server.py')
+        return path
+    return start
+
+
+def test_relay_passes_on_its_own_limit_when_that_is_smaller(relay, echo) -> None:
+    with SyncIPCHandler(relay(2.0), echo.Stub) as client:
+        reply = client.call_method('Sleep', echo.pb.SleepRequest(seconds=0), timeout=30)
+    assert 1.0 < reply.time_remaining <= 2.2  # what the downstream handler saw
+
+
+def test_relay_passes_on_the_remaining_time_when_that_is_smaller(relay, echo) -> None:
+    with SyncIPCHandler(relay(20.0), echo.Stub) as client:
+        reply = client.call_method('Sleep', echo.pb.SleepRequest(seconds=0), timeout=1.5)
+    assert 0.5 < reply.time_remaining <= 1.6
+
+
+def test_downstream_call_expires_with_the_callers_deadline(relay, echo) -> None:
+    with SyncIPCHandler(relay(20.0), echo.Stub) as client:
+        with pytest.raises(IPCTimeoutError):
+            client.call_method('Sleep', echo.pb.SleepRequest(seconds=10), timeout=0.5)
+
+
+class ExpiredContext:
+    def time_remaining(self) -> float:
+        return -0.1
+
+
+def test_call_under_an_expired_parent_fails_without_being_sent(server, echo) -> None:
+    with SyncIPCHandler(server.socket_path, echo.Stub) as client:
+        with pytest.raises(IPCTimeoutError, match="calling handler's deadline has already expired"):
+            client.call_method('Echo', echo.pb.EchoRequest(), parent=ExpiredContext())
+
+
+# -- no silent duplicates ------------------------------------------------------------
+
+@pytest.fixture
+def crash_log(tmp_path: Path) -> Path:
+    return tmp_path / 'executions.log'
+
+
+def executions(log: Path) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def record(client: SyncIPCHandler) -> pb.CommandResponse:
+    return client.call_method('ExecuteCommand', pb.CommandRequest(command='record'))
+
+
+def test_call_that_may_have_run_is_not_retried(start_server, socket_path: Path, crash_log: Path) -> None:
+    env = {'CRASH_LOG': str(crash_log)}
+    first = start_server(socket_path, script='crash_server.py', env=env)
+    with SyncIPCHandler(socket_path, pb_grpc.ModuleServiceStub, timeout=20, wait_for_ready=True) as client:
+        with pytest.raises(IPCUnavailableError):
+            record(client)  # ran on the server, which died before answering
+        assert first.wait() == 9
+        start_server(socket_path, script='crash_server.py', env=env)
+        assert executions(crash_log) == 1  # not retried behind our back...
+        assert record(client).result == 'recorded #2'  # ...though the server is back
+
+
+def test_idempotent_method_is_retried_once_the_server_is_back(start_server, socket_path: Path,
+                                                              crash_log: Path) -> None:
+    env = {'CRASH_LOG': str(crash_log)}
+    first = start_server(socket_path, script='crash_server.py', env=env)
+    with SyncIPCHandler(socket_path, pb_grpc.ModuleServiceStub, timeout=20,
+                        idempotent_methods=['ExecuteCommand']) as client, ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(record, client)
+        assert first.wait() == 9
+        wait_for(lambda: executions(crash_log) == 1, 10, 'the first execution to be logged')
+        start_server(socket_path, script='crash_server.py', env=env)
+        assert answer.result(timeout=30).result == 'recorded #2'
+    assert executions(crash_log) == 2
+
+
+def test_streaming_request_methods_cannot_be_marked_idempotent(socket_path: Path, echo) -> None:
+    with pytest.raises(ValueError, match='Collect streams its requests'):
+        SyncIPCHandler(socket_path, echo.Stub, idempotent_methods=['Collect'])
+
+
+def test_unknown_idempotent_method_is_named(socket_path: Path, echo) -> None:
+    with pytest.raises(ValueError, match="unknown method 'Ech'"):
+        SyncIPCHandler(socket_path, echo.Stub, idempotent_methods=['Ech'])
+
+
+def test_unavailable_from_a_handler_is_not_retried_for_other_methods(server, echo) -> None:
+    request = echo.pb.FailRequest(code=grpc.StatusCode.UNAVAILABLE.value[0], details='busy')
+    with SyncIPCHandler(server.socket_path, echo.Stub, timeout=10) as client:
+        with pytest.raises(IPCUnavailableError, match='busy'):
+            client.call_method('Fail', request)
+
+
+def test_idempotent_retries_end_with_the_last_error_at_the_deadline(server, echo) -> None:
+    # A handler that itself answers UNAVAILABLE is indistinguishable from a
+    # transport failure: an idempotent method is retried, with pauses, until
+    # its deadline, and the caller then sees that error, not a bare timeout.
+    request = echo.pb.FailRequest(code=grpc.StatusCode.UNAVAILABLE.value[0], details='busy')
+    with SyncIPCHandler(server.socket_path, echo.Stub, timeout=1.0, idempotent_methods=['Fail']) as client:
+        with pytest.raises(IPCUnavailableError, match='busy'):
+            client.call_method('Fail', request)
