@@ -1,0 +1,150 @@
+"""The overhead budget (issue 5, point 2), measured side by side: this
+package's client against the bare grpcio stub, 64 B, in one process, calls of
+the variants interleaved in short blocks so that a noisy neighbour slows all
+of them alike.
+
+Variants of each mode (``sync``: blocking stub and ``SyncIPCHandler``;
+``async``: grpc.aio stub and ``IPCHandler``):
+
+``stub/grpc``       bare stub → bare grpc.aio server: plain grpcio.
+``stub/ipc``        bare stub → IPCServer: the server's share.
+``stub+deadline/ipc`` bare stub with a deadline → IPCServer: what the
+                    deadline every IPC call carries costs by itself.
+``handler/ipc``     IPCHandler or SyncIPCHandler → IPCServer.
+
+``total`` = handler/ipc ÷ stub/grpc is the budget (≤ 1.10); ``client`` =
+handler/ipc ÷ stub/ipc and ``server`` = stub/ipc ÷ stub/grpc split it.
+
+Child: ``python -m bench.overhead SPEC`` with ``{"mode", "addresses",
+"client_options", "rounds", "block", "warmup"}``; prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import sys
+from time import perf_counter_ns
+from typing import Any
+
+from .drivers import load_driver
+from .payloads import make_payload
+from .stats import Sample, summarize
+
+__all__ = ['BUDGET', 'VARIANTS', 'main', 'measure_overhead']
+
+#: Issue 5: the package's clients may cost at most 10 % over the bare stub.
+BUDGET = 1.10
+VARIANTS = ('stub/grpc', 'stub/ipc', 'stub+deadline/ipc', 'handler/ipc')
+_PAYLOAD = 64
+
+
+def _drivers(mode: str, addresses: dict[str, Any], client_options: dict[str, Any]) -> dict[str, Any]:
+    stub = load_driver('grpc-aio' if mode == 'async' else 'grpc-sync')
+    handler = load_driver('ipc-aio' if mode == 'async' else 'ipc-sync')
+    on_ipc = {**addresses, 'grpc': addresses['ipc']}
+    return {
+        'stub/grpc': stub(addresses, {'address': 'uds'}),
+        'stub/ipc': stub(on_ipc, {'address': 'uds'}),
+        'stub+deadline/ipc': stub(on_ipc, {'address': 'uds', 'options': {'timeout': 30.0}}),
+        'handler/ipc': handler(addresses, {'options': client_options}),
+    }
+
+
+def _ratios(p50: dict[str, float]) -> dict[str, float]:
+    return {
+        'total': round(p50['handler/ipc'] / p50['stub/grpc'], 3),
+        'client': round(p50['handler/ipc'] / p50['stub/ipc'], 3),
+        'server': round(p50['stub/ipc'] / p50['stub/grpc'], 3),
+        'deadline': round(p50['stub+deadline/ipc'] / p50['stub/ipc'], 3),
+    }
+
+
+def _report(latencies: dict[str, list[int]], walls: dict[str, int]) -> dict[str, Any]:
+    variants = {name: summarize(Sample(values, walls[name]), _PAYLOAD)
+                for name, values in latencies.items()}
+    ratios = _ratios({name: row['p50_us'] for name, row in variants.items()})
+    return {'variants': variants, 'ratios': ratios, 'budget': BUDGET,
+            'within_budget': ratios['total'] <= BUDGET}
+
+
+def _order(round_index: int) -> list[str]:
+    # Rotate which variant goes first, so none always follows the same one.
+    shift = round_index % len(VARIANTS)
+    return list(VARIANTS[shift:] + VARIANTS[:shift])
+
+
+def _measure_sync(drivers: dict[str, Any], rounds: int, block: int, warmup: int) -> dict[str, Any]:
+    payload = make_payload(_PAYLOAD)
+    calls = {}
+    for name, driver in drivers.items():
+        driver.open()
+        calls[name] = driver.echo(payload)
+        for _ in range(warmup):
+            calls[name]()
+    latencies: dict[str, list[int]] = {name: [] for name in drivers}
+    walls = dict.fromkeys(drivers, 0)
+    gc.collect()
+    for round_index in range(rounds):
+        for name in _order(round_index):
+            call, record = calls[name], latencies[name].append
+            begin = perf_counter_ns()
+            for _ in range(block):
+                start = perf_counter_ns()
+                if call() != _PAYLOAD:
+                    raise RuntimeError(f'{name}: short reply')
+                record(perf_counter_ns() - start)
+            walls[name] += perf_counter_ns() - begin
+    for driver in drivers.values():
+        driver.close()
+    return _report(latencies, walls)
+
+
+async def _measure_async(drivers: dict[str, Any], rounds: int, block: int,
+                         warmup: int) -> dict[str, Any]:
+    payload = make_payload(_PAYLOAD)
+    calls = {}
+    for name, driver in drivers.items():
+        await driver.open()
+        calls[name] = driver.echo(payload)
+        for _ in range(warmup):
+            await calls[name]()
+    latencies: dict[str, list[int]] = {name: [] for name in drivers}
+    walls = dict.fromkeys(drivers, 0)
+    gc.collect()
+    for round_index in range(rounds):
+        for name in _order(round_index):
+            call, record = calls[name], latencies[name].append
+            begin = perf_counter_ns()
+            for _ in range(block):
+                start = perf_counter_ns()
+                if await call() != _PAYLOAD:
+                    raise RuntimeError(f'{name}: short reply')
+                record(perf_counter_ns() - start)
+            walls[name] += perf_counter_ns() - begin
+    for driver in drivers.values():
+        await driver.close()
+    return _report(latencies, walls)
+
+
+def measure_overhead(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure the variants of ``spec['mode']`` in this process (see the module docstring)."""
+    mode = spec['mode']
+    if mode not in ('sync', 'async'):
+        raise ValueError(f"mode must be 'sync' or 'async', not {mode!r}")
+    drivers = _drivers(mode, spec['addresses'], spec.get('client_options', {}))
+    args = (drivers, spec['rounds'], spec['block'], spec['warmup'])
+    result = asyncio.run(_measure_async(*args)) if mode == 'async' else _measure_sync(*args)
+    return {'mode': mode, 'payload_bytes': _PAYLOAD,
+            'calls_per_variant': spec['rounds'] * spec['block'], **result}
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    print(json.dumps(measure_overhead(json.loads(sys.argv[1]))), flush=True)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,154 @@
+"""The results as a table on stdout and as JSON: rows, cold start, overhead
+budget, the concurrency check, and what was skipped."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+import platform
+import sys
+from typing import Any, Iterable, TextIO
+
+from .payloads import size_label
+from .stats import ROW_COLUMNS
+
+__all__ = ['REFERENCE_TRANSPORT', 'concurrency_check', 'machine', 'print_report', 'write_json']
+
+#: Rows are compared with this transport at the same payload (the ``vs ROS 2`` column).
+REFERENCE_TRANSPORT = 'rclpy-dds'
+#: Issue 5, point 3: 64 calls in flight reach at least this many times the
+#: calls/s of sequential calls.
+CONCURRENCY_TARGET = 2.0
+
+
+def _version(distribution: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or 'unknown'
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    return {
+        'cpu': _cpu_model(),
+        'cores': os.cpu_count(),
+        'kernel': platform.release(),
+        'python': platform.python_version(),
+        'grpcio': _version('grpcio'),
+        'protobuf': _version('protobuf'),
+        'rclpy': _version('ros-rclpy'),
+        'rmw': os.environ.get('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp (default)'),
+        'fastdds': _version('ros-fastdds'),
+    }
+
+
+def concurrency_check(rows: Iterable[dict[str, Any]], transport: str,
+                      payload_bytes: int = 64) -> dict[str, Any] | None:
+    """calls/s with 64 in flight against sequential calls, for one transport."""
+    by_concurrency = {row['concurrency']: row for row in rows
+                      if row['transport'] == transport and row['payload_bytes'] == payload_bytes}
+    if 1 not in by_concurrency or 64 not in by_concurrency:
+        return None
+    sequential = by_concurrency[1]['calls_per_s']
+    result = {'transport': transport, 'payload_bytes': payload_bytes, 'target': CONCURRENCY_TARGET,
+              'calls_per_s': {str(c): row['calls_per_s'] for c, row in sorted(by_concurrency.items())},
+              'ratio_64_vs_1': round(by_concurrency[64]['calls_per_s'] / sequential, 2)}
+    result['meets_target'] = result['ratio_64_vs_1'] >= CONCURRENCY_TARGET
+    return result
+
+
+def _reference(rows: list[dict[str, Any]]) -> dict[int, float]:
+    return {row['payload_bytes']: row['p50_us'] for row in rows
+            if row['transport'] == REFERENCE_TRANSPORT and row['concurrency'] == 1}
+
+
+def _table(headers: list[str], lines: list[list[str]], out: TextIO) -> None:
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
+              for i, h in enumerate(headers)]
+    aligned = [str.ljust] + [str.rjust] * (len(headers) - 1)
+
+    def fmt(cells: list[str]) -> str:
+        columns = zip(cells, widths, aligned, strict=True)
+        return '  '.join(align(cell, width) for cell, width, align in columns)
+    print(fmt(headers), file=out)
+    print('  '.join('-' * width for width in widths), file=out)
+    for line in lines:
+        print(fmt(line), file=out)
+
+
+def _number(value: float) -> str:
+    return f'{value:,.0f}' if value >= 100 else f'{value:,.1f}'
+
+
+def print_report(results: dict[str, Any], out: TextIO = sys.stdout) -> None:
+    """The human view of ``results`` (as written by :func:`write_json`)."""
+    meta = results['meta']
+    print(f"\n# vyra_base_ipc benchmark ({meta['mode']}): {meta['machine']['cpu']}, "
+          f"{meta['machine']['cores']} cores, Python {meta['machine']['python']}, "
+          f"grpcio {meta['machine']['grpcio']}, rclpy {meta['machine']['rclpy']}", file=out)
+    rows = results['rows']
+    reference = _reference(rows)
+    lines = []
+    for row in rows:
+        ref = reference.get(row['payload_bytes']) if row['concurrency'] == 1 else None
+        lines.append([row['transport'], size_label(row['payload_bytes']), str(row['concurrency']),
+                      _number(row['p50_us']), _number(row['p99_us']), _number(row['calls_per_s']),
+                      _number(row['mib_per_s']), f"{row['p50_us'] / ref:.2f}x" if ref else ''])
+    print('\n## Round trips (latency in µs; "vs ROS 2" = p50 / rclpy-dds p50, same payload)\n',
+          file=out)
+    _table(['transport', 'payload', 'in flight', 'p50 µs', 'p99 µs', 'calls/s', 'MiB/s',
+            'vs ROS 2'], lines, out)
+
+    if results['cold_start']:
+        print('\n## Time to first successful call from a cold client (ms, median / worst)\n',
+              file=out)
+        _table(['transport', 'runs', 'process start → reply', 'client → reply', 'of it connect'],
+               [[c['transport'], str(c['runs']),
+                 f"{c['total_ms']['p50']:.0f} / {c['total_ms']['max']:.0f}",
+                 f"{c['first_reply_ms']['p50']:.1f} / {c['first_reply_ms']['max']:.1f}",
+                 f"{c['connect_ms']['p50']:.1f} / {c['connect_ms']['max']:.1f}"]
+                for c in results['cold_start']], out)
+
+    for mode, budget in results['overhead'].items():
+        variants, ratios = budget['variants'], budget['ratios']
+        print(f'\n## Overhead budget, {mode}, 64 B, interleaved '
+              f"({budget['calls_per_variant']} calls each)\n", file=out)
+        _table(['variant', 'p50 µs', 'p99 µs', 'calls/s'],
+               [[name, _number(v['p50_us']), _number(v['p99_us']), _number(v['calls_per_s'])]
+                for name, v in variants.items()], out)
+        verdict = 'within' if budget['within_budget'] else 'OVER'
+        print(f"\ntotal {ratios['total']:.2f}x ({verdict} the {budget['budget']:.2f}x budget) = "
+              f"client {ratios['client']:.2f}x * server {ratios['server']:.2f}x; "
+              f"a deadline alone costs {ratios['deadline']:.2f}x", file=out)
+
+    if results['concurrency']:
+        print('\n## Concurrency (64 B, calls/s by calls in flight)\n', file=out)
+        for check in results['concurrency']:
+            verdict = 'meets' if check['meets_target'] else 'MISSES'
+            counts = ', '.join(f'{c}: {_number(v)}' for c, v in check['calls_per_s'].items())
+            print(f"{check['transport']}: {counts}; 64 vs 1 = {check['ratio_64_vs_1']:.2f}x "
+                  f"({verdict} the {check['target']:.0f}x target)", file=out)
+
+    for skipped in results['skipped']:
+        print(f"\nskipped {skipped['transport']}: {skipped['reason']}", file=out)
+    print(f"\n{meta['note']}", file=out)
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    """Write ``results`` with the row column list alongside."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**results, 'columns': list(ROW_COLUMNS)}, indent=2) + '\n')

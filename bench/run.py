@@ -1,0 +1,268 @@
+"""``python -m bench [--quick | --smoke] [--out DIR] [--only KEYS]``: measure
+every transport on every payload, the async clients with several calls in
+flight, the cold start of each client kind, and the overhead budget; print the
+table; write ``results.json`` and ``latency.png`` into ``--out`` (default
+``bench/results/``).
+
+Each server runs in its own process for the whole run; each measured client
+in a fresh process of its own; transports one after the other, never at the
+same time. Modes differ only in call counts: ``--quick`` finishes in under a
+minute on a 2-core machine, ``--smoke`` (for the test suite) in seconds and
+measures nothing meaningful.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+import datetime
+import json
+from pathlib import Path
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+from .coldstart import COLD_START_CLIENTS, summarize_runs
+from .payloads import PAYLOAD_SIZES
+from .processes import BenchEnvironment, Servers, run_child
+from .protogen import compile_bench_protos
+from .report import concurrency_check, machine, print_report, write_json
+from .servers import ROS_SERVICE
+from .stats import ROW_COLUMNS
+from .transports import LANES, Transport, ipc_server_options, transports
+
+__all__ = ['MODES', 'Mode', 'main', 'plan_cases', 'run']
+
+DEFAULT_OUT = Path(__file__).resolve().parent / 'results'
+#: Calls in flight for the asynchronous clients.
+CONCURRENCY = (1, 8, 64)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """Call counts of one kind of run.
+
+    :param calls: timed calls per payload size, one at a time.
+    :param warmup: untimed calls before them.
+    :param concurrent_payloads: payloads also measured with 8 and 64 in flight.
+    :param concurrent_calls: timed calls of those rows.
+    :param cold_runs: fresh processes per cold-start transport.
+    :param overhead_rounds: interleaved blocks per overhead variant.
+    :param overhead_block: calls per block.
+    """
+
+    name: str
+    calls: dict[int, int]
+    warmup: dict[int, int]
+    concurrent_payloads: tuple[int, ...]
+    concurrent_calls: int
+    cold_runs: int
+    overhead_rounds: int
+    overhead_block: int
+
+
+_K, _M = 1024, 1024 * 1024
+MODES = {
+    'full': Mode('full', {64: 5000, 64 * _K: 2000, _M: 300, 10 * _M: 40},
+                 {64: 500, 64 * _K: 200, _M: 30, 10 * _M: 5}, (64, 64 * _K), 5000, 10, 40, 100),
+    'quick': Mode('quick', {64: 1000, 64 * _K: 300, _M: 40, 10 * _M: 8},
+                  {64: 200, 64 * _K: 30, _M: 5, 10 * _M: 2}, (64,), 1000, 3, 20, 50),
+    'smoke': Mode('smoke', dict.fromkeys(PAYLOAD_SIZES, 3), dict.fromkeys(PAYLOAD_SIZES, 1),
+                  (64,), 16, 1, 2, 3),
+}
+
+
+def plan_cases(transport: Transport, mode: Mode) -> list[dict[str, int]]:
+    """The rows one transport is measured for, in order."""
+    cases = [{'payload_bytes': size, 'concurrency': 1, 'calls': mode.calls[size],
+              'warmup': mode.warmup[size]} for size in PAYLOAD_SIZES]
+    if transport.asynchronous:
+        cases += [{'payload_bytes': size, 'concurrency': concurrency,
+                   'calls': mode.concurrent_calls, 'warmup': mode.warmup[size]}
+                  for size in mode.concurrent_payloads for concurrency in CONCURRENCY[1:]]
+    return cases
+
+
+def _start_servers(servers: Servers, workdir: Path, needed: set[str]) -> dict[str, Any]:
+    sockets = workdir / 'sockets'
+    sockets.mkdir(mode=0o700)
+    if 'socket' in needed:
+        servers.start('socket', 'socket', str(sockets / 'echo.sock'))
+    if 'grpc' in needed:
+        servers.start('grpc', 'grpc', str(sockets / 'grpc.sock'))
+    if 'ipc' in needed:
+        servers.start('ipc', 'ipc', str(sockets / 'bench_ipc.sock'), json.dumps(ipc_server_options()))
+    if 'rclpy' in needed:
+        servers.start('rclpy', 'rclpy', ROS_SERVICE)
+    ready = servers.wait_ready()
+    return {
+        'socket': ready.get('socket', {}).get('path'),
+        'grpc': ready.get('grpc', {}).get('path'),
+        'tcp': ready.get('grpc', {}).get('tcp'),
+        'ipc': ready.get('ipc', {}).get('path'),
+        'ros': ROS_SERVICE,
+    }
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _measure_rows(env: BenchEnvironment, measured: list[Transport], addresses: dict[str, Any],
+                  mode: Mode) -> list[dict[str, Any]]:
+    rows = []
+    for transport in measured:
+        began = time.monotonic()
+        spec = {'transport': transport.to_json(), 'addresses': addresses,
+                'cases': plan_cases(transport, mode)}
+        output = run_child(env, 'bench.worker', [json.dumps(spec)], f'worker-{transport.key}',
+                           timeout=600)
+        for result in output['results']:
+            row = {'transport': transport.key, 'label': transport.label, 'client': transport.client,
+                   'server': transport.server, 'address': transport.address, 'lane': transport.lane,
+                   **result}
+            rows.append({column: row[column] for column in ROW_COLUMNS})
+        _log(f'  {transport.key}: {time.monotonic() - began:.1f} s')
+    return rows
+
+
+def _measure_overhead(env: BenchEnvironment, addresses: dict[str, Any],
+                      mode: Mode) -> dict[str, Any]:
+    grpc_lane = next(lane for lane in LANES if lane.name == 'grpc')
+    results = {}
+    for kind in ('async', 'sync'):
+        spec = {'mode': kind, 'addresses': addresses, 'client_options': grpc_lane.client_options(),
+                'rounds': mode.overhead_rounds, 'block': mode.overhead_block,
+                'warmup': mode.overhead_block}
+        results[kind] = run_child(env, 'bench.overhead', [json.dumps(spec)], f'overhead-{kind}',
+                                  timeout=600)
+    return results
+
+
+def _measure_cold_start(env: BenchEnvironment, measured: list[Transport],
+                        addresses: dict[str, Any], mode: Mode) -> list[dict[str, Any]]:
+    import subprocess
+
+    by_key = {transport.key: transport for transport in measured}
+    summaries = []
+    for key in COLD_START_CLIENTS:
+        if key not in by_key:
+            continue
+        spec = json.dumps({'transport': by_key[key].to_json(), 'addresses': addresses})
+        spawned, marks = [], []
+        for run_index in range(mode.cold_runs):
+            log = env.log(f'cold-{key}-{run_index}')
+            with open(log, 'wb') as log_file:
+                spawned.append(time.monotonic())
+                completed = subprocess.run([sys.executable, '-m', 'bench.coldstart', spec],
+                                           cwd=env.workdir, env=env.env, stdin=subprocess.DEVNULL,
+                                           stdout=subprocess.PIPE, stderr=log_file, timeout=120)
+            if completed.returncode != 0:
+                raise RuntimeError(f'cold start of {key} failed:\n{log.read_text(errors="replace")}')
+            marks.append(json.loads(completed.stdout.decode().strip().splitlines()[-1]))
+        summaries.append(summarize_runs(key, spawned, marks))
+        _log(f'  cold start {key}: {mode.cold_runs} runs')
+    return summaries
+
+
+def _package_root() -> Path:
+    # Children import vyra_base_ipc from where this process found it (the
+    # source tree, an installed tree, or --package-root), never by accident
+    # from whatever comes first on their own path.
+    import vyra_base_ipc
+
+    return Path(vyra_base_ipc.__file__).resolve().parent.parent
+
+
+def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
+        package_root: Path | None = None) -> dict[str, Any]:
+    """Measure everything ``mode`` asks for; write ``results.json`` (and
+    ``latency.png``) into ``out``; return the results.
+
+    :param only: transport keys to measure; the overhead budget is then skipped.
+    :param package_root: measure the ``vyra_base_ipc`` found in this
+        directory; by default the one this process imports.
+    :raises ValueError: for unknown transport keys.
+    """
+    began = time.monotonic()
+    if package_root is not None:
+        sys.path.insert(0, str(package_root))  # the lanes are learned from that copy too
+    package_root = _package_root()
+    measured, skipped = transports()
+    if only:
+        unknown = only - {transport.key for transport in measured} - {s['transport'] for s in skipped}
+        if unknown:
+            raise ValueError(f'unknown transports: {", ".join(sorted(unknown))}')
+        measured = [transport for transport in measured if transport.key in only]
+        skipped = [entry for entry in skipped if entry['transport'] in only]
+    workdir = Path(tempfile.mkdtemp(prefix='vyra-bench-', dir='/tmp'))
+    try:
+        env = BenchEnvironment(workdir, compile_bench_protos(workdir / 'protos'),
+                               package_root=package_root)
+        needed = {transport.server for transport in measured}
+        overhead_wanted = only is None
+        if overhead_wanted:
+            needed |= {'grpc', 'ipc'}
+        with Servers(env) as servers:
+            addresses = _start_servers(servers, workdir, needed)
+            _log(f'servers up after {time.monotonic() - began:.1f} s; measuring:')
+            rows = _measure_rows(env, measured, addresses, mode)
+            overhead = _measure_overhead(env, addresses, mode) if overhead_wanted else {}
+            cold_start = _measure_cold_start(env, measured, addresses, mode)
+    except BaseException:
+        _log(f'logs kept in {workdir / "logs"}')
+        raise
+    shutil.rmtree(workdir, ignore_errors=True)
+
+    checks = [check for transport in measured if transport.asynchronous and transport.server == 'ipc'
+              if (check := concurrency_check(rows, transport.key)) is not None]
+    results = {
+        'meta': {
+            'mode': mode.name,
+            'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+            'machine': machine(),
+            'package': str(package_root / 'vyra_base_ipc'),
+            'seconds': round(time.monotonic() - began, 1),
+            'note': 'Other processes may share this machine: absolute numbers are noisy, '
+                    'ratios measured in the same run are what to compare.',
+        },
+        'transports': {transport.key: transport.label for transport in measured},
+        'rows': rows,
+        'cold_start': cold_start,
+        'overhead': overhead,
+        'concurrency': checks,
+        'skipped': skipped,
+    }
+    write_json(results, out / 'results.json')
+    if chart:
+        from .chart import write_chart
+        write_chart(results, out / 'latency.png')
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog='python -m bench', description=__doc__.split('\n\n')[0])
+    speed = parser.add_mutually_exclusive_group()
+    speed.add_argument('--quick', action='store_true', help='fewer calls: under a minute')
+    speed.add_argument('--smoke', action='store_true', help='a few calls per row: seconds')
+    parser.add_argument('--out', type=Path, default=DEFAULT_OUT,
+                        help='directory for results.json and latency.png (default: %(default)s)')
+    parser.add_argument('--only', default='',
+                        help='comma-separated transport keys to measure (skips the overhead budget)')
+    parser.add_argument('--no-chart', action='store_true', help='do not write latency.png')
+    parser.add_argument('--package-root', type=Path, default=None,
+                        help='import vyra_base_ipc from this directory (to measure a changed copy)')
+    options = parser.parse_args(argv)
+    mode = MODES['quick' if options.quick else 'smoke' if options.smoke else 'full']
+    only = {key.strip() for key in options.only.split(',') if key.strip()} or None
+    results = run(mode, options.out.resolve(), only, chart=not options.no_chart,
+                  package_root=options.package_root.resolve() if options.package_root else None)
+    print_report(results)
+    written = 'results.json' + ('' if options.no_chart else ' and latency.png')
+    print(f"\n{written} in {options.out} ({results['meta']['seconds']} s)")
+
+
+if __name__ == '__main__':
+    main()

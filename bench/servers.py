@@ -1,0 +1,206 @@
+"""The servers of the benchmark, each run as its own process::
+
+    python -m bench.servers socket PATH
+    python -m bench.servers grpc PATH          # also listens on 127.0.0.1:<free port>
+    python -m bench.servers ipc PATH [JSON IPCServer options]
+    python -m bench.servers rclpy SERVICE_NAME
+
+When ready, a server prints one JSON line on stdout (``{"ready": {...}}``, with
+the TCP port where there is one). It serves until its standard input closes
+(so it never outlives the benchmark) or it gets SIGTERM/SIGINT.
+
+Every server echoes: the reply carries the request's bytes, with as little
+handler work as the framework allows (gRPC handlers return the request
+message itself; the ROS 2 handler copies one string reference).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+from .framing import HEADER, recv_exact, send_frame
+
+__all__ = ['BenchEcho', 'main']
+
+#: The ROS 2 service every rclpy row calls.
+ROS_SERVICE = '/vyra_bench/echo'
+#: Message size limit of the gRPC servers and bare clients (IPCServer's default).
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def _ready(**info: Any) -> None:
+    print(json.dumps({'ready': info}), flush=True)
+
+
+# -- plain Unix socket ---------------------------------------------------------------
+
+
+def _serve_socket_connection(conn: socket.socket) -> None:
+    header = bytearray(HEADER.size)
+    body = bytearray()
+    with conn:
+        while recv_exact(conn, memoryview(header)):
+            (size,) = HEADER.unpack(header)
+            if len(body) < size:
+                body = bytearray(size)
+            view = memoryview(body)[:size]
+            if not recv_exact(conn, view):
+                return
+            send_frame(conn, header, view)
+
+
+def serve_socket(path: str) -> None:
+    """Thread per connection, blocking sockets: the cheapest echo Python does."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+
+    def accept_loop() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=_serve_socket_connection, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept_loop, daemon=True).start()
+    _ready(path=path)
+    try:
+        sys.stdin.read()  # until the benchmark closes our stdin
+    finally:
+        listener.close()
+        os.unlink(path)
+
+
+# -- gRPC ----------------------------------------------------------------------------
+
+
+def _bench_modules() -> tuple[Any, Any]:
+    from vyra_bench import bench_pb2, bench_pb2_grpc
+    return bench_pb2, bench_pb2_grpc
+
+
+def BenchEcho() -> Any:  # noqa: N802 - a class factory: the base class is generated
+    """A ``BenchServiceServicer`` whose ``Echo`` returns the request."""
+    _, bench_pb2_grpc = _bench_modules()
+
+    class Echo(bench_pb2_grpc.BenchServiceServicer):  # type: ignore[name-defined]
+        async def Echo(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC name
+            return request
+    return Echo()
+
+
+async def serve_grpc(path: str) -> None:
+    """A bare ``grpc.aio`` server on the Unix socket and on 127.0.0.1."""
+    import grpc
+
+    _, bench_pb2_grpc = _bench_modules()
+    limits = [('grpc.max_send_message_length', MAX_MESSAGE_BYTES),
+              ('grpc.max_receive_message_length', MAX_MESSAGE_BYTES)]
+    server = grpc.aio.server(options=limits)
+    bench_pb2_grpc.add_BenchServiceServicer_to_server(BenchEcho(), server)
+    server.add_insecure_port(f'unix:{path}')
+    port = server.add_insecure_port('127.0.0.1:0')
+    await server.start()
+    _ready(path=path, tcp=f'127.0.0.1:{port}')
+    try:
+        await _wait_stop()
+    finally:
+        await server.stop(None)
+
+
+async def serve_ipc(path: str, options: dict[str, Any]) -> None:
+    """This package's :class:`IPCServer` with the benchmark's echo service."""
+    from vyra_base_ipc import IPCServer
+
+    server = IPCServer(path, servicers=[BenchEcho()], grace_period=0.5, **options)
+    await server.start()
+    _ready(path=path, options=options)
+    try:
+        await _wait_stop()
+    finally:
+        await server.stop()
+
+
+async def _wait_stop() -> None:
+    """Return on SIGTERM/SIGINT or when standard input closes."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(stop_signal, stop.set)
+
+    def watch_stdin() -> None:
+        sys.stdin.read()
+        try:
+            loop.call_soon_threadsafe(stop.set)
+        except RuntimeError:  # the loop is gone already
+            pass
+
+    # A daemon thread, not the loop's executor: asyncio.run() would wait for
+    # an executor thread still blocked in read() after a signal.
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    await stop.wait()
+
+
+# -- ROS 2 ---------------------------------------------------------------------------
+
+
+def serve_rclpy(service_name: str) -> None:
+    """An rclpy node serving ``test_msgs/srv/BasicTypes`` as an echo of
+    ``string_value``; single-threaded executor, default service QoS."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+    from test_msgs.srv import BasicTypes
+
+    rclpy.init()
+    node = rclpy.create_node('vyra_bench_echo')
+
+    def echo(request: Any, response: Any) -> Any:
+        response.string_value = request.string_value
+        return response
+
+    node.create_service(BasicTypes, service_name, echo)
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+
+    def watch_stdin() -> None:
+        sys.stdin.read()
+        rclpy.try_shutdown()
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    _ready(service=service_name)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] not in ('socket', 'grpc', 'ipc', 'rclpy') or len(args) < 2:
+        sys.exit(__doc__)
+    kind, where = args[0], args[1]
+    if kind == 'socket':
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        serve_socket(where)
+    elif kind == 'grpc':
+        asyncio.run(serve_grpc(where))
+    elif kind == 'ipc':
+        asyncio.run(serve_ipc(where, json.loads(args[2]) if len(args) > 2 else {}))
+    else:
+        serve_rclpy(where)
+
+
+if __name__ == '__main__':
+    main()

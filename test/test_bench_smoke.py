@@ -1,0 +1,111 @@
+"""The benchmark suite runs end to end: one tiny ``python -m bench --smoke``
+run whose JSON holds every row, column and section. No timing is asserted:
+the numbers of a smoke run mean nothing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Rows every run must have (issue 5): the floor, bare grpcio over UDS and
+#: TCP, this package's clients on the gRPC lane, and a ROS 2 service.
+REQUIRED_TRANSPORTS = {
+    'socket-uds', 'grpc-sync-uds', 'grpc-aio-uds', 'ipc-sync-grpc', 'ipc-aio-grpc',
+    'grpc-sync-tcp', 'grpc-aio-tcp', 'rclpy-dds',
+}
+#: Lanes that are measured once the package offers them, skipped with a reason until then.
+LATER_LANE_TRANSPORTS = {'ipc-sync-ttrpc', 'ipc-aio-ttrpc'}
+PAYLOADS = {64, 64 * 1024, 1024 * 1024, 10 * 1024 * 1024}
+COLUMNS = ['transport', 'label', 'client', 'server', 'address', 'lane', 'payload_bytes',
+           'concurrency', 'calls', 'p50_us', 'p99_us', 'mean_us', 'calls_per_s', 'mib_per_s']
+COLD_START = {'socket-uds', 'grpc-aio-uds', 'ipc-sync-grpc', 'ipc-aio-grpc', 'rclpy-dds'}
+OVERHEAD_VARIANTS = {'stub/grpc', 'stub/ipc', 'stub+deadline/ipc', 'handler/ipc'}
+
+
+@pytest.fixture(scope='module')
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str]:
+    """``python -m bench --smoke`` once, measuring the vyra_base_ipc this test
+    imports; its results.json, output directory and stdout."""
+    import vyra_base_ipc
+
+    out = tmp_path_factory.mktemp('bench')
+    env = dict(os.environ)
+    # Only for `bench` itself: vyra_base_ipc is the one given as --package-root.
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [env.get('PYTHONPATH'), str(REPO)]))
+    chart = importlib.util.find_spec('matplotlib') is not None
+    command = [sys.executable, '-m', 'bench', '--smoke', '--out', str(out),
+               '--package-root', str(Path(vyra_base_ipc.__file__).resolve().parent.parent)]
+    if not chart:
+        command.append('--no-chart')
+    completed = subprocess.run(command, cwd=out, env=env, stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=100)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return json.loads((out / 'results.json').read_text()), out, completed.stdout
+
+
+@pytest.mark.ros
+def test_every_transport_has_a_row_per_payload_and_concurrency(smoke_run) -> None:
+    results, _, _ = smoke_run
+    measured = set(results['transports'])
+    assert REQUIRED_TRANSPORTS <= measured
+    skipped = {entry['transport'] for entry in results['skipped']}
+    assert LATER_LANE_TRANSPORTS <= measured | skipped
+    assert all(entry['reason'] for entry in results['skipped'])
+    rows = {(row['transport'], row['payload_bytes'], row['concurrency']) for row in results['rows']}
+    expected = {(key, size, 1) for key in measured for size in PAYLOADS}
+    expected |= {(key, 64, concurrency) for key in measured if '-aio-' in key
+                 for concurrency in (8, 64)}
+    assert expected <= rows, f'missing rows: {sorted(expected - rows)}'
+
+
+@pytest.mark.ros
+def test_every_row_has_every_column_with_sane_values(smoke_run) -> None:
+    results, _, _ = smoke_run
+    assert results['columns'] == COLUMNS
+    for row in results['rows']:
+        assert list(row) == COLUMNS
+        assert row['calls'] > 0
+        assert 0 < row['p50_us'] <= row['p99_us']
+        assert row['calls_per_s'] > 0
+
+
+@pytest.mark.ros
+def test_cold_start_overhead_and_concurrency_sections_are_complete(smoke_run) -> None:
+    results, _, _ = smoke_run
+    assert {entry['transport'] for entry in results['cold_start']} == COLD_START
+    for entry in results['cold_start']:
+        assert entry['runs'] >= 1
+        assert 0 <= entry['connect_ms']['p50'] <= entry['first_reply_ms']['p50'] \
+            <= entry['total_ms']['p50']
+    assert set(results['overhead']) == {'sync', 'async'}
+    for budget in results['overhead'].values():
+        assert set(budget['variants']) == OVERHEAD_VARIANTS
+        assert set(budget['ratios']) == {'total', 'client', 'server', 'deadline'}
+    assert 'ipc-aio-grpc' in {check['transport'] for check in results['concurrency']}
+    assert results['meta']['machine']['cores'] >= 1
+
+
+@pytest.mark.ros
+def test_table_is_printed_and_chart_written_next_to_the_json(smoke_run) -> None:
+    results, out, stdout = smoke_run
+    for key in results['transports']:
+        assert key in stdout
+    assert 'Overhead budget' in stdout
+    if importlib.util.find_spec('matplotlib') is not None:
+        assert (out / 'latency.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.ros
+def test_the_package_under_test_is_the_one_measured(smoke_run) -> None:
+    import vyra_base_ipc
+
+    results, _, _ = smoke_run
+    assert results['meta']['package'] == str(Path(vyra_base_ipc.__file__).resolve().parent)
