@@ -18,6 +18,7 @@ from .exceptions import (
     IPCUnavailableError,
     SocketInUseError,
 )
+from .fork_safety import ForkedProcessError
 from .module_service import CommandError, ModuleService, command
 from .options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT
 from .server import IPCServer
@@ -27,6 +28,7 @@ __all__ = [
     'DEFAULT_GRACE_PERIOD',
     'DEFAULT_MAX_MESSAGE_BYTES',
     'DEFAULT_TIMEOUT',
+    'ForkedProcessError',
     'IPCError',
     'IPCHandler',
     'IPCRemoteError',

@@ -3,9 +3,10 @@ and process (sync).
 
 grpc.aio channels are bound to the event loop they were created in
 (grpc/grpc#32480), so the async pool is keyed by the running loop and creates
-channels lazily inside it. Channels inherited across ``fork()`` must not be
-used in the child (grpc/grpc#22624): both pools are keyed by process id too,
-and a child simply gets fresh channels.
+channels lazily inside it. A forked child of a process that used gRPC gets
+:class:`~vyra_base_ipc.fork_safety.ForkedProcessError` instead of a channel
+(see :mod:`vyra_base_ipc.fork_safety`); entries are keyed by process id too,
+so that a child never closes its parent's channels.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Generic, TypeVar
 import weakref
 
 import grpc
+
+from .fork_safety import ensure_usable_after_fork, note_grpc_used
 
 __all__ = ['AioChannelPool', 'SyncChannelPool', 'aio_pool', 'sync_pool']
 
@@ -45,11 +48,16 @@ class AioChannelPool:
         ] = weakref.WeakKeyDictionary()
 
     def acquire(self, target: str, options: _Options) -> grpc.aio.Channel:
-        """Return the shared channel for ``target`` in the running loop, counting one more user."""
+        """Return the shared channel for ``target`` in the running loop, counting one more user.
+
+        :raises ForkedProcessError: in a forked child of a process that used gRPC.
+        """
+        ensure_usable_after_fork()
         entries = self._by_loop.setdefault(asyncio.get_running_loop(), {})
         key = (os.getpid(), target, options)
         entry = entries.get(key)
         if entry is None:
+            note_grpc_used()
             entry = entries[key] = _Entry(grpc.aio.insecure_channel(target, options=options))
         entry.users += 1
         return entry.channel
@@ -78,10 +86,16 @@ class SyncChannelPool:
         self._entries: dict[tuple[int, str, _Options], _Entry[grpc.Channel]] = {}
 
     def acquire(self, target: str, options: _Options) -> grpc.Channel:
+        """Return the shared channel for ``target``, counting one more user.
+
+        :raises ForkedProcessError: in a forked child of a process that used gRPC.
+        """
+        ensure_usable_after_fork()
         key = (os.getpid(), target, options)
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
+                note_grpc_used()
                 entry = self._entries[key] = _Entry(grpc.insecure_channel(target, options=options))
             entry.users += 1
             return entry.channel

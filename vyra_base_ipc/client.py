@@ -374,8 +374,8 @@ class SyncIPCHandler(_ClientBase):
 
     For code that is not async, chiefly rclpy callbacks: every call blocks the
     calling thread for at most its deadline. Thread-safe; all instances in a
-    process share one channel per socket. After ``fork()`` the child opens its
-    own channel on first use.
+    process share one channel per socket. In a child forked after gRPC was
+    used, calls raise :class:`~vyra_base_ipc.fork_safety.ForkedProcessError`.
     """
 
     def __init__(self, socket_path: StrPath | None = None, service_stub: type | None = None,

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .address import StrPath, grpc_target, resolve_socket_path
+from .fork_safety import ensure_usable_after_fork, note_grpc_used
 from .methods import ServiceRegistration, record_servicer
 from .options import (
     DEFAULT_GRACE_PERIOD,
@@ -152,13 +153,16 @@ class IPCServer:
         :raises OSError: the path cannot be used (a directory or other file is
             there, the directory is not writable); the message names the path.
         :raises RuntimeError: if called twice.
+        :raises ForkedProcessError: in a forked child of a process that used gRPC.
         """
+        ensure_usable_after_fork()
         if self._state is not _State.NEW:
             raise RuntimeError(f'start() called on a server that is {self._state.value}')
         self._state = _State.STARTING
         self._terminated = asyncio.Event()
         try:
             self._socket.check()
+            note_grpc_used()
             self._executor = futures.ThreadPoolExecutor(
                 max_workers=self._max_workers, thread_name_prefix='ipc-handler')
             self._server = grpc.aio.server(

@@ -1,0 +1,50 @@
+"""Refuse gRPC in a forked child of a process that used it.
+
+gRPC's fork handlers only run when no other thread is inside gRPC at the
+moment of ``fork()``; otherwise the child inherits locks held by threads that
+do not exist there, and its first call can hang forever (grpc/grpc#22624).
+Whether that happens depends on timing, so the only safe rule is
+deterministic: after a fork, a process whose parent had used gRPC through
+this package gets a clear error instead of a channel or a server.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ['ForkedProcessError', 'ensure_usable_after_fork', 'note_grpc_used']
+
+_used = False
+_inherited = False
+
+
+class ForkedProcessError(RuntimeError):
+    """Raised when IPC is used in a child forked from a process that had
+    already used gRPC. Start such processes with multiprocessing's ``spawn``
+    or ``forkserver`` method, or create clients and servers before any gRPC
+    use in the parent."""
+
+
+def note_grpc_used() -> None:
+    """Record that this process created a gRPC channel or server."""
+    global _used
+    _used = True
+
+
+def ensure_usable_after_fork() -> None:
+    """:raises ForkedProcessError: in a forked child of a process that used gRPC."""
+    if _inherited:
+        raise ForkedProcessError(
+            f'process {os.getpid()} was forked from a process that had used gRPC: gRPC cannot be '
+            'used safely after fork() (its state may hold locks of threads that do not exist here; '
+            "grpc/grpc#22624). Start this process with multiprocessing's 'spawn' or 'forkserver' "
+            'method, or create IPC clients and servers only in processes that have not forked since '
+            'using gRPC.')
+
+
+def _after_fork_in_child() -> None:
+    global _inherited
+    _inherited = _inherited or _used
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
