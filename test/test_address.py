@@ -98,3 +98,9 @@ def test_path_of_wrong_type_is_a_type_error(path: object) -> None:
 def test_environment_socket_is_validated_too() -> None:
     with pytest.raises(ValueError, match='empty'):
         resolve_socket_path(environ={'VYRA_IPC_SOCKET': ' '})
+
+
+@pytest.mark.parametrize('path', ['@demo_ipc', 'unix-abstract:demo_ipc', '\0demo_ipc'])
+def test_abstract_namespace_sockets_are_refused_with_the_reason(path: str) -> None:
+    with pytest.raises(ValueError, match='abstract-namespace socket: not supported.*any process'):
+        resolve_socket_path(path, environ={})

@@ -65,7 +65,8 @@ def validate_socket_path(socket_path: object) -> Path:
     server and its clients agree on one file whatever their working directory.
 
     :raises TypeError: if it is not a ``str`` or ``os.PathLike``.
-    :raises ValueError: if it is empty, contains a NUL byte, ends in a
+    :raises ValueError: if it is empty, names an abstract-namespace socket
+        (``@name``, ``unix-abstract:name``), contains a NUL byte, ends in a
         separator, or is longer than :data:`MAX_SOCKET_PATH_BYTES` bytes.
     """
     if not isinstance(socket_path, (str, os.PathLike)):
@@ -75,6 +76,11 @@ def validate_socket_path(socket_path: object) -> Path:
         raise TypeError(f'socket path must be text, not {type(text).__name__}')
     if not text.strip():
         raise ValueError('socket path is empty')
+    if text.startswith(('@', 'unix-abstract:')) or '\0' in text[:1]:
+        raise ValueError(
+            f'socket path {text!r} names an abstract-namespace socket: not supported, because any '
+            'process in the network namespace can connect to those (there are no file permissions; '
+            'cf. containerd CVE-2020-15257). Use a filesystem path.')
     if '\0' in text:
         raise ValueError(f'socket path {text!r} contains a NUL byte')
     if text.endswith(os.sep):
