@@ -118,6 +118,7 @@ setup(
     },
     entry_points={
         'console_scripts': [
+            'ipc_server = vyra_base_ipc.node:main',
             'demo_backend = vyra_base_ipc.demo.backend:main',
             'demo_frontend = vyra_base_ipc.demo.frontend:main',
         ],

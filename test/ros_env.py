@@ -1,0 +1,156 @@
+"""Helpers and fixtures for tests that start ROS 2 participants.
+
+Every participant is confined to this machine and to a private domain:
+``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``, a random ``ROS_DOMAIN_ID`` per
+test, and ``ROS_HOME`` in the test's temp dir. Import the fixtures you use
+into the test module (``from ros_env import ros_environ, ...``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Iterator, Sequence
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SERVERS = HERE / 'servers'
+
+#: rclpy imports rosidl_generator_py when it creates the first node; that
+#: pulls in lark, which imports the deprecated ``sre_parse`` and ``sre_constants`` (a DeprecationWarning,
+#: an error under ``filterwarnings = error``). Not ours to fix: ignore that one.
+ROS_IMPORT_WARNINGS = pytest.mark.filterwarnings(
+    "ignore:module 'sre_(parse|constants)' is deprecated:DeprecationWarning")
+
+#: Variables that would redirect a server or client to another socket.
+_IPC_ENVS = ('VYRA_IPC_SOCKET', 'VYRA_MODULE_NAME', 'MODULE_NAME')
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``condition`` until true; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f'timed out after {timeout} s waiting for {what}')
+        time.sleep(0.01)
+
+
+def private_ros_environ(ros_home: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """An environment for ROS 2 processes that keeps DDS on this machine."""
+    env = dict(os.environ if base is None else base)
+    for name in _IPC_ENVS:
+        env.pop(name, None)
+    env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+    env.pop('ROS_STATIC_PEERS', None)
+    # 100..232: clear of the usual 0 and of small IDs other setups pick;
+    # 232 is the highest ID whose ports still fit in 16 bits.
+    env['ROS_DOMAIN_ID'] = str(random.randint(100, 232))
+    env['ROS_HOME'] = str(ros_home)
+    env['ROS_LOG_DIR'] = str(ros_home / 'log')
+    env['PYTHONUNBUFFERED'] = '1'
+    return env
+
+
+@pytest.fixture
+def ros_environ(tmp_path: Path) -> dict[str, str]:
+    """Environment for ROS 2 subprocesses of one test."""
+    home = tmp_path / 'ros_home'
+    home.mkdir()
+    return private_ros_environ(home)
+
+
+@pytest.fixture
+def ros_in_process(monkeypatch: pytest.MonkeyPatch, ros_environ: dict[str, str]) -> dict[str, str]:
+    """The same settings for participants created by the test process itself
+    (read by ``rclpy.init``)."""
+    for name in ('ROS_AUTOMATIC_DISCOVERY_RANGE', 'ROS_DOMAIN_ID', 'ROS_HOME', 'ROS_LOG_DIR'):
+        monkeypatch.setenv(name, ros_environ[name])
+    monkeypatch.delenv('ROS_STATIC_PEERS', raising=False)
+    for name in _IPC_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    return ros_environ
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path (socket paths are limited to 107 bytes)."""
+    directory = Path(tempfile.mkdtemp(prefix='ros-ipc-', dir='/tmp'))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def python_command(module: str, function: str = 'main') -> list[str]:
+    """Run ``module:function`` the way its console script does."""
+    return [sys.executable, '-c',
+            f'import sys; from {module} import {function}; sys.exit({function}())']
+
+
+IPC_SERVER = python_command('vyra_base_ipc.node')
+
+
+class RosProcess:
+    """A real child process with its output in a log file."""
+
+    def __init__(self, popen: subprocess.Popen, log_path: Path) -> None:
+        self.popen = popen
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors='replace')
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        self.popen.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout=timeout)
+
+    def wait_listening(self, socket_path: Path, timeout: float = 30.0) -> None:
+        from vyra_base_ipc.socket_file import is_listening
+
+        def ready() -> bool:
+            if not self.running():
+                raise AssertionError(f'process exited with {self.popen.returncode}:\n{self.log()}')
+            return is_listening(socket_path)
+        wait_until(ready, timeout, f'a server on {socket_path}')
+
+    def stop(self) -> None:
+        if self.running():
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=10)
+
+
+@pytest.fixture
+def start_process(tmp_path: Path, ros_environ: dict[str, str]
+                  ) -> Iterator[Callable[..., RosProcess]]:
+    """Factory ``start_process(command, env=None)``; every process still
+    running at teardown gets SIGTERM, then SIGKILL."""
+    started: list[RosProcess] = []
+
+    def start(command: Sequence[str], env: dict[str, str] | None = None) -> RosProcess:
+        log = tmp_path / f'process-{len(started)}.log'
+        with open(log, 'wb') as log_file:
+            popen = subprocess.Popen(list(command), env=ros_environ if env is None else env,
+                                     stdout=log_file, stderr=subprocess.STDOUT)
+        process = RosProcess(popen, log)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()

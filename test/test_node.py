@@ -1,0 +1,601 @@
+"""The ipc_server node: parameters, socket path, signals, bad parameters, and
+the embedding helper in a module's own node.
+
+Process tests start the real ipc_server (the console script's ``main``) with
+``--ros-args`` and talk to it through IPCHandler; in-process tests use real
+rclpy nodes in a private context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator
+import uuid
+
+import pytest
+import rclpy
+from rclpy.context import Context
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.signals import SignalHandlerOptions
+from std_srvs.srv import Trigger
+
+from ros_env import (  # noqa: F401 - fixtures
+    IPC_SERVER,
+    ROS_IMPORT_WARNINGS,
+    SERVERS,
+    RosProcess,
+    ros_environ,
+    ros_in_process,
+    short_dir,
+    start_process,
+    wait_until,
+)
+from vyra_base_ipc import IPCError, IPCHandler, SyncIPCHandler
+from vyra_base_ipc import ModuleService, command
+from vyra_base_ipc import module_service_pb2 as module_pb
+from vyra_base_ipc import module_service_pb2_grpc as module_grpc
+from vyra_base_ipc.node import (
+    DECLARED_PARAMETERS,
+    EXIT_BAD_PARAMETER,
+    PARAMETERS,
+    IPCServerHost,
+    IPCServerNode,
+    ParameterError,
+    host_ipc_server,
+    read_ipc_config,
+)
+from vyra_base_ipc.ros_bridge import ServiceCallTimeout, ServiceUnavailable, call_service
+from vyra_base_ipc.socket_file import is_listening
+
+pytestmark = [pytest.mark.ros, ROS_IMPORT_WARNINGS]
+
+
+def ros_args(*parameters: str, extra: tuple[str, ...] = ()) -> list[str]:
+    args = [*IPC_SERVER, '--ros-args']
+    for parameter in parameters:
+        args += ['-p', parameter]
+    return [*args, *extra]
+
+
+async def module_status(socket_path: Path) -> dict[str, Any]:
+    import json
+    async with IPCHandler(socket_path, module_grpc.ModuleServiceStub, timeout=5.0) as ipc:
+        answer = await ipc.call_method('ExecuteCommand', module_pb.CommandRequest(command='status'))
+    assert answer.status_code == 0, answer.result
+    return json.loads(answer.result)
+
+
+# -- ipc_server as a process --------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_serves_on_socket_path_set_with_ros_args(start_process, short_dir: Path) -> None:
+    socket_path = short_dir / 'given.sock'
+    server = start_process(ros_args('module_name:=arm', f'socket_path:={socket_path}'))
+    server.wait_listening(socket_path)
+    assert (await module_status(socket_path))['module'] == 'arm'
+
+
+@pytest.mark.asyncio
+async def test_serves_with_params_file(start_process, short_dir: Path) -> None:
+    socket_path = short_dir / 'from_file.sock'
+    params = short_dir / 'params.yaml'
+    params.write_text(f'/**:\n  ros__parameters:\n    module_name: gripper\n'
+                      f'    socket_path: "{socket_path}"\n    grace_period: 1.0\n')
+    server = start_process([*IPC_SERVER, '--ros-args', '--params-file', str(params)])
+    server.wait_listening(socket_path)
+    assert (await module_status(socket_path))['module'] == 'gripper'
+
+
+@pytest.mark.asyncio
+async def test_package_config_file_with_module_name_from_command_line(start_process) -> None:
+    # The shipped config leaves socket_path empty: the path follows module_name.
+    module_name = f't{uuid.uuid4().hex[:12]}'
+    socket_path = Path(f'/tmp/{module_name}_ipc.sock')
+    config = Path(__file__).resolve().parent.parent / 'config' / 'ipc_server.yaml'
+    server = start_process([*IPC_SERVER, '--ros-args', '--params-file', str(config),
+                            '-p', f'module_name:={module_name}'])
+    try:
+        server.wait_listening(socket_path)
+        assert (await module_status(socket_path))['module'] == module_name
+        server.signal(signal.SIGTERM)
+        assert server.wait(timeout=10) == 0
+        assert not socket_path.exists()
+    finally:
+        server.stop()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('remap', [['-r', '__ns:=/robot1'],
+                                   ['-r', '__ns:=/robot1', '-r', '__node:=arm_ipc']])
+async def test_namespaced_node_gets_wildcard_parameters(start_process, short_dir: Path,
+                                                        remap: list[str]) -> None:
+    socket_path = short_dir / 'ns.sock'
+    params = short_dir / 'params.yaml'
+    params.write_text(f'/**:\n  ros__parameters:\n    module_name: robot_arm\n'
+                      f'    socket_path: "{socket_path}"\n')
+    server = start_process([*IPC_SERVER, '--ros-args', *remap, '--params-file', str(params)])
+    server.wait_listening(socket_path)
+    assert (await module_status(socket_path))['module'] == 'robot_arm'
+    node_name = remap[-1].split(':=')[1] if '__node' in remap[-1] else 'ipc_server'
+    wait_until(lambda: f'(node /robot1/{node_name})' in server.log(), 20,
+               f'the node to log its name /robot1/{node_name}')
+
+
+def slow_server(start_process: Callable[..., RosProcess], ros_environ: dict[str, str],
+                test_protos_dir: Path, socket_path: Path, grace: float) -> RosProcess:
+    env = dict(ros_environ)
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(test_protos_dir), str(SERVERS),
+                                                      env.get('PYTHONPATH')]))
+    server = start_process(ros_args('module_name:=slow', f'socket_path:={socket_path}',
+                                    f'grace_period:={grace!r}',
+                                    "servicers:=['slow_servicer:SlowEchoService']"), env=env)
+    server.wait_listening(socket_path)
+    return server
+
+
+def wait_in_flight(socket_path: Path, method: str) -> None:
+    calls = Path(f'{socket_path}.calls')
+    wait_until(lambda: calls.exists() and method in calls.read_text().split(), 20,
+               f'{method} to be in flight')
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('stop_signal', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
+async def test_signal_during_inflight_call_exits_0_within_grace(
+        start_process, ros_environ, test_protos_dir, echo, short_dir: Path,
+        stop_signal: signal.Signals) -> None:
+    socket_path = short_dir / 'slow.sock'
+    grace = 1.0
+    server = slow_server(start_process, ros_environ, test_protos_dir, socket_path, grace)
+    async with IPCHandler(socket_path, echo.Stub, timeout=60.0) as ipc:
+        call = asyncio.ensure_future(ipc.call_method('Sleep', echo.pb.SleepRequest(seconds=60)))
+        await asyncio.to_thread(wait_in_flight, socket_path, 'Sleep')
+        server.signal(stop_signal)
+        # The promise: gone within grace + 1 s, whatever the call does.
+        status = await asyncio.to_thread(server.wait, grace + 1.0)
+        with pytest.raises(IPCError):
+            await call
+    assert status == 0, server.log()
+    assert not socket_path.exists()
+
+
+@pytest.mark.asyncio
+async def test_call_shorter_than_grace_completes_during_shutdown(
+        start_process, ros_environ, test_protos_dir, echo, short_dir: Path) -> None:
+    socket_path = short_dir / 'slow.sock'
+    server = slow_server(start_process, ros_environ, test_protos_dir, socket_path, grace=10.0)
+    async with IPCHandler(socket_path, echo.Stub, timeout=30.0) as ipc:
+        call = asyncio.ensure_future(ipc.call_method('Sleep', echo.pb.SleepRequest(seconds=1.0)))
+        await asyncio.to_thread(wait_in_flight, socket_path, 'Sleep')
+        server.signal(signal.SIGTERM)
+        reply = await call
+    assert reply.was_active
+    assert await asyncio.to_thread(server.wait, 11.0) == 0, server.log()
+    assert not socket_path.exists()
+
+
+@pytest.mark.asyncio
+async def test_blocked_handler_thread_does_not_hold_up_exit(
+        start_process, ros_environ, test_protos_dir, echo, short_dir: Path) -> None:
+    socket_path = short_dir / 'slow.sock'
+    grace = 1.0
+    server = slow_server(start_process, ros_environ, test_protos_dir, socket_path, grace)
+    async with IPCHandler(socket_path, echo.Stub, timeout=60.0) as ipc:
+        call = asyncio.ensure_future(ipc.call_method('EchoSync', echo.pb.EchoRequest(text='60')))
+        await asyncio.to_thread(wait_in_flight, socket_path, 'EchoSync')
+        server.signal(signal.SIGTERM)
+        status = await asyncio.to_thread(server.wait, grace + 1.0)
+        with pytest.raises(IPCError):
+            await call
+    assert status == 0, server.log()
+    assert 'exiting without waiting for 1 handler thread' in server.log()
+    assert not socket_path.exists()
+
+
+def _file_in_the_way(directory: Path) -> str:
+    (directory / 'plain_file').write_text('')
+    return f'socket_path:={directory / "plain_file" / "x.sock"}'
+
+
+BAD_PARAMETERS = {
+    'unknown servicer module': (
+        lambda d: "servicers:=['no_such_package.servicers:Thing']", 'servicers',
+        "cannot import 'no_such_package.servicers'"),
+    'servicer class missing': (
+        lambda d: "servicers:=['vyra_base_ipc.demo.backend_service:NoSuchClass']", 'servicers',
+        "has no attribute 'NoSuchClass'"),
+    'servicer not in module:Class form': (
+        lambda d: "servicers:=['just_a_name']", 'servicers', 'package.module:ClassName'),
+    'servicer string instead of list': (
+        lambda d: 'servicers:=x', 'servicers', 'STRING_ARRAY'),
+    'invalid module name': (
+        lambda d: 'module_name:=Bad_Name', 'module_name', "invalid module name 'Bad_Name'"),
+    'socket directory is a file': (_file_in_the_way, 'socket_path', 'cannot serve on'),
+    'socket path too long': (
+        lambda d: f'socket_path:=/tmp/{"x" * 120}.sock', 'socket_path', 'at most 107 bytes'),
+    'negative grace period': (
+        lambda d: 'grace_period:=-1.0', 'grace_period', 'finite number of seconds >= 0'),
+    'integer grace period': (
+        lambda d: 'grace_period:=2', 'grace_period', 'must be of type DOUBLE'),
+    'zero max message bytes': (
+        lambda d: 'max_message_bytes:=0', 'max_message_bytes', 'between 1 and'),
+}
+
+
+@pytest.mark.parametrize('case', list(BAD_PARAMETERS))
+def test_bad_parameter_fails_at_startup_naming_it(start_process, short_dir: Path, case: str) -> None:
+    make, parameter, reason = BAD_PARAMETERS[case]
+    socket_path = short_dir / 'bad.sock'
+    server = start_process(ros_args('module_name:=bad', f'socket_path:={socket_path}', make(short_dir)))
+    assert server.wait(timeout=30) == EXIT_BAD_PARAMETER, server.log()
+    error_lines = [line for line in server.log().splitlines() if 'ERROR' in line]
+    assert any(f"parameter '{parameter}'" in line and reason in line for line in error_lines), \
+        server.log()
+    assert not socket_path.exists()
+
+
+def test_missing_module_name_fails_naming_it(start_process) -> None:
+    server = start_process(ros_args())
+    assert server.wait(timeout=30) == EXIT_BAD_PARAMETER, server.log()
+    assert "parameter 'module_name': is empty" in server.log()
+
+
+def test_socket_in_use_by_live_server_fails_and_leaves_it(start_process, short_dir: Path) -> None:
+    socket_path = short_dir / 'taken.sock'
+    first = start_process(ros_args('module_name:=first', f'socket_path:={socket_path}'))
+    first.wait_listening(socket_path)
+    second = start_process(ros_args('module_name:=second', f'socket_path:={socket_path}'))
+    assert second.wait(timeout=30) == EXIT_BAD_PARAMETER, second.log()
+    assert "parameter 'socket_path'" in second.log()
+    assert 'another server is listening' in second.log()
+    assert first.running() and is_listening(socket_path)
+
+
+def test_malformed_ros_argument_fails_with_quoting_hint(start_process) -> None:
+    server = start_process(ros_args('module_name:=m', 'servicers:=[a.b:C]'))
+    assert server.wait(timeout=30) == EXIT_BAD_PARAMETER, server.log()
+    assert 'need YAML quotes' in server.log()
+
+
+# -- in-process: parameters ---------------------------------------------------------
+
+
+@pytest.fixture
+def context(ros_in_process: dict[str, str]) -> Iterator[Context]:
+    """A private rclpy context (no signal handlers: pytest keeps Ctrl-C)."""
+    context = Context()
+    rclpy.init(args=[], context=context, signal_handler_options=SignalHandlerOptions.NO)
+    yield context
+    rclpy.try_shutdown(context=context)
+
+
+class Spinner:
+    """Nodes spun by one single-threaded executor on a thread of its own."""
+
+    def __init__(self, *nodes: Node) -> None:
+        self.executor = SingleThreadedExecutor(context=nodes[0].context)
+        for node in nodes:
+            self.executor.add_node(node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True,
+                                       name=f'spin-{nodes[0].get_name()}')
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop spinning, waiting for callbacks in progress; idempotent.
+        Call before destroying the nodes."""
+        self.executor.shutdown(timeout_sec=10)
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def spin() -> Iterator[Callable[..., Spinner]]:
+    """``spin(*nodes)`` -> :class:`Spinner`; all stopped at teardown."""
+    spinners: list[Spinner] = []
+
+    def start(*nodes: Node) -> Spinner:
+        spinners.append(Spinner(*nodes))
+        return spinners[-1]
+
+    yield start
+    for spinner in spinners:
+        spinner.stop()
+
+
+def test_node_declares_exactly_the_parameter_table(context: Context) -> None:
+    node = IPCServerNode(context=context)
+    try:
+        own = set(node.get_parameters_by_prefix('')) - {'use_sim_time', 'start_type_description_service'}
+        assert own == DECLARED_PARAMETERS
+        for spec in PARAMETERS:
+            descriptor = node.describe_parameter(spec.name)
+            assert descriptor.description == spec.description and descriptor.description
+            assert descriptor.read_only == spec.read_only
+            assert descriptor.type == spec.type.value
+    finally:
+        node.destroy_node()
+
+
+def test_grace_period_changes_at_runtime_but_socket_path_does_not(context: Context) -> None:
+    node = IPCServerNode(context=context)
+    try:
+        results = node.set_parameters([Parameter('grace_period', value=0.25)])
+        assert results[0].successful and node.host.grace_period == 0.25
+        results = node.set_parameters([Parameter('grace_period', value=-1.0)])
+        assert not results[0].successful and 'grace_period' in results[0].reason
+        assert node.host.grace_period == 0.25
+        results = node.set_parameters([Parameter('socket_path', value='/tmp/other.sock')])
+        assert not results[0].successful and 'read-only' in results[0].reason
+    finally:
+        node.destroy_node()
+
+
+def test_empty_module_name_and_socket_path_fall_back_to_environment(context: Context) -> None:
+    node = IPCServerNode(context=context)
+    try:
+        config = read_ipc_config(node, environ={'VYRA_MODULE_NAME': 'envmod'})
+        assert config.module_name == 'envmod'
+        assert config.socket_path == Path('/tmp/envmod_ipc.sock')
+        config = read_ipc_config(node, environ={'VYRA_MODULE_NAME': 'envmod',
+                                                'VYRA_IPC_SOCKET': '/run/x/env.sock'})
+        assert config.socket_path == Path('/run/x/env.sock')
+        with pytest.raises(ParameterError, match="parameter 'module_name': is empty"):
+            read_ipc_config(node, environ={})
+    finally:
+        node.destroy_node()
+
+
+# -- in-process: embedding ----------------------------------------------------------
+
+
+class CrossService(ModuleService):
+    """Commands that wait for the ROS side, and release it."""
+
+    def __init__(self, ros_released: threading.Event, ipc_seen: threading.Event) -> None:
+        super().__init__('embedded')
+        self.ros_released = ros_released
+        self.ipc_seen = ipc_seen
+        self.waiting = threading.Event()
+
+    @command('release_ros')
+    async def release_ros(self, parameters: dict[str, str]) -> str:
+        self.ipc_seen.set()
+        return 'released'
+
+    @command('wait_for_ros')
+    async def wait_for_ros(self, parameters: dict[str, str]) -> str:
+        self.waiting.set()
+        # Awaited on the IPC loop: only a ROS callback can set it.
+        released = await asyncio.to_thread(self.ros_released.wait, 10)
+        return 'ros answered' if released else 'timed out'
+
+
+class EmbeddingNode(Node):
+    """A module node with ROS services and the IPC server inside."""
+
+    def __init__(self, context: Context, socket_path: Path) -> None:
+        super().__init__('embedding_module', context=context, parameter_overrides=[
+            Parameter('module_name', value='embedded'),
+            Parameter('socket_path', value=str(socket_path)),
+            Parameter('grace_period', value=1.0),
+        ])
+        self.ros_released = threading.Event()
+        self.ipc_seen = threading.Event()
+        self.in_blocking_callback = threading.Event()
+        self.service = CrossService(self.ros_released, self.ipc_seen)
+        self.create_service(Trigger, 'block_until_ipc', self.block_until_ipc)
+        self.create_service(Trigger, 'release_ipc', self.release_ipc)
+        self.ipc = host_ipc_server(self, [self.service])
+
+    def block_until_ipc(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        # Holds the only executor thread until an IPC call arrives.
+        self.in_blocking_callback.set()
+        response.success = self.ipc_seen.wait(10)
+        return response
+
+    def release_ipc(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        self.ros_released.set()
+        response.success = True
+        return response
+
+    def destroy_node(self) -> None:
+        self.ipc.close()
+        super().destroy_node()
+
+
+def call_trigger(node: Node, name: str, timeout: float = 20.0) -> Any:
+    client = node.create_client(Trigger, name)
+    assert client.wait_for_service(timeout_sec=timeout), f'{name} did not appear'
+    return client.call_async(Trigger.Request())
+
+
+def test_ipc_call_is_served_while_ros_callback_blocks_executor(context: Context, spin,
+                                                               short_dir: Path) -> None:
+    socket_path = short_dir / 'embedded.sock'
+    module = EmbeddingNode(context, socket_path)
+    caller = Node('caller', context=context)
+    try:
+        spinner = spin(module, caller)
+        answer = call_trigger(caller, 'block_until_ipc')
+        wait_until(module.in_blocking_callback.is_set, 20, 'the ROS callback to block')
+        with SyncIPCHandler(socket_path, module_grpc.ModuleServiceStub, timeout=5.0) as ipc:
+            reply = ipc.call_method('ExecuteCommand', module_pb.CommandRequest(command='release_ros'))
+        assert reply.result == 'released'
+        wait_until(answer.done, 20, 'the ROS callback to return')
+        assert answer.result().success
+    finally:
+        spinner.stop()
+        caller.destroy_node()
+        module.destroy_node()
+    assert not socket_path.exists()
+
+
+def test_ros_callback_runs_while_ipc_handler_waits(context: Context, spin, short_dir: Path) -> None:
+    socket_path = short_dir / 'embedded.sock'
+    module = EmbeddingNode(context, socket_path)
+    caller = Node('caller', context=context)
+    result: dict[str, Any] = {}
+    try:
+        spinner = spin(module, caller)
+
+        def call_ipc() -> None:
+            with SyncIPCHandler(socket_path, module_grpc.ModuleServiceStub, timeout=15.0) as ipc:
+                result['reply'] = ipc.call_method(
+                    'ExecuteCommand', module_pb.CommandRequest(command='wait_for_ros'))
+        ipc_thread = threading.Thread(target=call_ipc)
+        ipc_thread.start()
+        wait_until(module.service.waiting.is_set, 20, 'the IPC handler to wait')
+        answer = call_trigger(caller, 'release_ipc')
+        wait_until(answer.done, 20, 'the ROS callback to return')
+        ipc_thread.join(timeout=20)
+        assert result['reply'].result == 'ros answered'
+    finally:
+        spinner.stop()
+        caller.destroy_node()
+        module.destroy_node()
+
+
+class CallableBridge(ModuleService):
+    """An IPC command that calls a ROS 2 Trigger service."""
+
+    def __init__(self) -> None:
+        super().__init__('bridge')
+        self.client: Any = None
+
+    def attach_ipc_host(self, host: IPCServerHost) -> None:
+        self.client = host.node.create_client(Trigger, 'callable')
+
+    @command('callable')
+    async def call_callable(self, parameters: dict[str, str]) -> str:
+        response = await call_service(self.client, Trigger.Request(), float(parameters['timeout']))
+        return response.message
+
+
+class CallableNode(Node):
+    def __init__(self, context: Context, *, answer: bool = True) -> None:
+        super().__init__('callable_server', context=context)
+        self.count = 0
+        self.lock = threading.Lock()
+        self.answer = answer
+        self.release = threading.Event()
+        self.create_service(Trigger, 'callable', self.on_call)
+
+    def on_call(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        if not self.answer:
+            self.release.wait(10)
+        with self.lock:
+            self.count += 1
+            response.message = f'call {self.count}'
+        response.success = True
+        return response
+
+
+@pytest.fixture
+def bridge_host(context: Context, spin, short_dir: Path) -> Iterator[tuple[Node, Path]]:
+    node = Node('bridge_module', context=context, parameter_overrides=[
+        Parameter('module_name', value='bridge'),
+        Parameter('socket_path', value=str(short_dir / 'bridge.sock')),
+        Parameter('grace_period', value=1.0),
+    ])
+    host = host_ipc_server(node, [CallableBridge()])
+    spinner = spin(node)
+    try:
+        yield node, short_dir / 'bridge.sock'
+    finally:
+        spinner.stop()
+        host.close()
+        node.destroy_node()
+
+
+@pytest.mark.asyncio
+async def test_concurrent_ipc_calls_each_calling_a_ros_service(context: Context, spin,
+                                                               bridge_host) -> None:
+    node, socket_path = bridge_host
+    server = CallableNode(context)
+    spinner = spin(server)
+    try:
+        async with IPCHandler(socket_path, module_grpc.ModuleServiceStub, timeout=30.0) as ipc:
+            replies = await asyncio.gather(*(
+                ipc.call_method('ExecuteCommand', module_pb.CommandRequest(
+                    command='callable', parameters={'timeout': '20'}))
+                for _ in range(20)))
+        assert [reply.status_code for reply in replies] == [0] * 20
+        assert sorted(reply.result for reply in replies) == sorted(f'call {n}' for n in range(1, 21))
+    finally:
+        spinner.stop()
+        server.destroy_node()
+
+
+@pytest.mark.asyncio
+async def test_ros_service_call_times_out_when_nobody_serves(context: Context, bridge_host) -> None:
+    node, _ = bridge_host
+    client = node.create_client(Trigger, 'nobody_serves_this')
+    with pytest.raises(ServiceUnavailable, match='nobody_serves_this'):
+        await call_service(client, Trigger.Request(), timeout=0.2)
+
+
+@pytest.mark.asyncio
+async def test_ros_service_call_times_out_when_server_does_not_answer(context: Context, spin,
+                                                                      bridge_host) -> None:
+    node, _ = bridge_host
+    server = CallableNode(context, answer=False)
+    spinner = spin(server)
+    client = node.create_client(Trigger, 'callable')
+    try:
+        await asyncio.to_thread(client.wait_for_service, 20)
+        with pytest.raises(ServiceCallTimeout, match='did not answer within 0.3 s'):
+            await call_service(client, Trigger.Request(), timeout=0.3)
+    finally:
+        server.release.set()
+        spinner.stop()
+        server.destroy_node()
+
+
+def test_host_reuses_module_name_the_node_declared_itself(context: Context, short_dir: Path) -> None:
+    node = Node('own_params', context=context, parameter_overrides=[
+        Parameter('socket_path', value=str(short_dir / 'own.sock'))])
+    node.declare_parameter('module_name', 'own_module')
+    host = IPCServerHost(node)
+    try:
+        host.start()
+        assert host.config is not None and host.config.module_name == 'own_module'
+        assert is_listening(short_dir / 'own.sock')
+    finally:
+        host.close()
+        node.destroy_node()
+    assert not (short_dir / 'own.sock').exists()
+    assert not host.loop_thread.is_running
+
+
+def test_host_start_failure_leaves_nothing_running(context: Context, short_dir: Path) -> None:
+    node = Node('failing', context=context, parameter_overrides=[
+        Parameter('module_name', value='failing'),
+        Parameter('servicers', value=['no_such_module:Nothing'])])
+    threads_before = set(threading.enumerate())
+    try:
+        with pytest.raises(ParameterError, match="parameter 'servicers'"):
+            host_ipc_server(node)
+    finally:
+        node.destroy_node()
+    assert {t for t in threading.enumerate() if t.name.startswith('ipc-')} - threads_before == set()
+
+
+def test_ros_shutdown_then_close_still_stops_server(context: Context, short_dir: Path) -> None:
+    socket_path = short_dir / 'late.sock'
+    node = Node('late_close', context=context, parameter_overrides=[
+        Parameter('module_name', value='late'), Parameter('socket_path', value=str(socket_path))])
+    host = host_ipc_server(node)
+    assert is_listening(socket_path)
+    rclpy.shutdown(context=context)
+    started = time.monotonic()
+    host.close()
+    assert not socket_path.exists()
+    assert time.monotonic() - started < host.grace_period + 1.0

@@ -1,0 +1,183 @@
+"""An asyncio event loop on a thread of its own, for hosts that are not async.
+
+rclpy runs callbacks on its own executor, which is not asyncio; grpc.aio
+objects belong to the loop they were created on. So a node that hosts an
+:class:`~vyra_base_ipc.server.IPCServer` runs the server on an
+:class:`EventLoopThread` and hands it coroutines with :meth:`EventLoopThread.submit`
+or :meth:`EventLoopThread.run`; neither side ever waits inside the other's
+callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent import futures
+import logging
+import threading
+from typing import Any, Coroutine, TypeVar
+
+__all__ = ['EventLoopThread']
+
+_logger = logging.getLogger(__name__)
+
+_T = TypeVar('_T')
+
+
+class EventLoopThread:
+    """Runs one asyncio event loop on a dedicated (daemon) thread.
+
+    The thread and the loop exist from :meth:`start` until :meth:`stop`.
+    Blocking work started with :func:`asyncio.to_thread` on this loop runs on
+    the loop's own worker pool, which :meth:`stop` shuts down without waiting
+    for, so a stuck worker cannot hold up the host.
+
+    Usable as ``with EventLoopThread() as loop_thread:``.
+
+    :param name: name of the thread (shows up in stack dumps and ``ps -L``).
+    """
+
+    def __init__(self, name: str = 'ipc-event-loop') -> None:
+        self.name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._workers: futures.ThreadPoolExecutor | None = None
+        self._started = threading.Event()
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop.
+
+        :raises RuntimeError: before :meth:`start` or after :meth:`stop`.
+        """
+        if self._loop is None or self._stopped:
+            raise RuntimeError(f'event loop thread {self.name!r} is not running')
+        return self._loop
+
+    @property
+    def is_running(self) -> bool:
+        return self._loop is not None and not self._stopped
+
+    def in_loop_thread(self) -> bool:
+        """Whether the caller runs on this loop's thread."""
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def start(self) -> None:
+        """Start the thread and return once its loop runs. Idempotent.
+
+        :raises RuntimeError: after :meth:`stop` (a stopped loop thread cannot
+            be restarted).
+        """
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError(f'event loop thread {self.name!r} was stopped; create a new one')
+            if self._thread is not None:
+                return
+            self._loop = asyncio.new_event_loop()
+            self._workers = futures.ThreadPoolExecutor(thread_name_prefix=f'{self.name}-worker')
+            self._loop.set_default_executor(self._workers)
+            # A daemon thread: if the host forgets stop(), interpreter exit
+            # must not hang on a loop nobody will ever stop.
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+        self._started.wait()
+
+    def submit(self, coroutine: Coroutine[Any, Any, _T]) -> futures.Future[_T]:
+        """Schedule ``coroutine`` on the loop from any thread; do not wait.
+
+        Cancelling the returned future cancels the coroutine.
+
+        :raises RuntimeError: if the loop is not running (the coroutine is
+            closed, so no "never awaited" warning follows).
+        """
+        try:
+            loop = self.loop
+            return asyncio.run_coroutine_threadsafe(coroutine, loop)
+        except RuntimeError:
+            coroutine.close()
+            raise
+
+    def run(self, coroutine: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
+        """Run ``coroutine`` on the loop and block the calling thread for its result.
+
+        :param timeout: seconds to wait; on expiry the coroutine is cancelled.
+        :raises TimeoutError: the coroutine did not finish within ``timeout``.
+        :raises RuntimeError: if called on the loop's own thread (it would
+            wait for itself forever) or the loop is not running.
+        :raises BaseException: whatever the coroutine raised.
+        """
+        if self.in_loop_thread():
+            coroutine.close()
+            raise RuntimeError('EventLoopThread.run() called on its own loop thread: await instead')
+        future = self.submit(coroutine)
+        try:
+            return future.result(timeout)
+        except futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f'coroutine on {self.name!r} did not finish within {timeout} s') from None
+        except BaseException:
+            # KeyboardInterrupt while waiting: do not leave the coroutine behind.
+            future.cancel()
+            raise
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel what still runs on the loop, stop it, join the thread, close it.
+
+        Idempotent; safe from any thread but the loop's own. Waits at most
+        ``timeout`` seconds for cancelled tasks to finish and for the thread to
+        end; a thread still running then is logged and left (it is a daemon).
+
+        :raises RuntimeError: if called on the loop's own thread.
+        """
+        if self.in_loop_thread():
+            raise RuntimeError('EventLoopThread.stop() called on its own loop thread')
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            loop, thread, workers = self._loop, self._thread, self._workers
+        if loop is None or thread is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(_cancel_all(timeout), loop).result(timeout + 1.0)
+        except (futures.TimeoutError, futures.CancelledError, RuntimeError):
+            _logger.warning('tasks on %s did not finish within %s s of being cancelled', self.name, timeout)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+        if workers is not None:
+            # Blocking handlers cannot be interrupted; do not wait for them.
+            workers.shutdown(wait=False, cancel_futures=True)
+        if thread.is_alive():
+            _logger.warning('event loop thread %s did not end within %s s', self.name, timeout)
+            return
+        loop.close()
+
+    def __enter__(self) -> 'EventLoopThread':
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        assert self._loop is not None
+        asyncio.set_event_loop(self._loop)
+        self._loop.call_soon(self._started.set)
+        try:
+            self._loop.run_forever()
+        finally:
+            try:
+                self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            except RuntimeError:
+                pass
+            asyncio.set_event_loop(None)
+
+
+async def _cancel_all(timeout: float) -> None:
+    current = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not current]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)

@@ -1,0 +1,554 @@
+"""The IPC server the ROS 2 way: configured by node parameters.
+
+- :class:`IPCServerNode` and :func:`main`: the ``ipc_server`` executable, a
+  node that serves a module's IPC socket beside the module's own node.
+- :func:`host_ipc_server` / :class:`IPCServerHost`: the same server hosted
+  inside a module's own node, reading the same parameters from it.
+
+Either way the :class:`~vyra_base_ipc.server.IPCServer` runs on a dedicated
+asyncio :class:`~vyra_base_ipc.loop_thread.EventLoopThread`: IPC handlers never
+run on the rclpy executor and ROS callbacks never wait for the event loop, so
+neither can block the other. ROS services are called from IPC handlers with
+:func:`vyra_base_ipc.ros_bridge.call_service`.
+
+Parameters (all declared with a description; see :data:`PARAMETERS`):
+``module_name``, ``socket_path``, ``servicers``, ``grace_period``,
+``max_message_bytes``.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import thread as futures_thread
+from dataclasses import dataclass
+import importlib
+import logging
+import math
+import os
+from pathlib import Path
+import re
+import sys
+import threading
+from typing import Any, Iterable, Mapping, Sequence
+
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+import rclpy
+from rclpy.exceptions import InvalidParameterTypeException, ParameterUninitializedException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.impl.implementation_singleton import rclpy_implementation
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+
+from .address import MODULE_NAME_ENVS, resolve_socket_path, validate_module_name, validate_socket_path
+from .loop_thread import EventLoopThread
+from .module_service import ModuleService
+from .module_service_pb2_grpc import ModuleServiceServicer
+from .options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, validate_max_message_bytes
+from .server import IPCServer
+
+__all__ = [
+    'DECLARED_PARAMETERS',
+    'EXIT_BAD_PARAMETER',
+    'IPCServerConfig',
+    'IPCServerHost',
+    'IPCServerNode',
+    'PARAMETERS',
+    'ParameterError',
+    'ParameterSpec',
+    'declare_ipc_parameters',
+    'host_ipc_server',
+    'load_servicer',
+    'main',
+    'read_ipc_config',
+]
+
+_logger = logging.getLogger(__name__)
+
+_RCLError = rclpy_implementation.RCLError
+
+#: Exit status of ``ipc_server`` when a parameter is unusable.
+EXIT_BAD_PARAMETER = 2
+
+#: How long stopping may take beyond the grace period (cancelled handlers
+#: unwinding, the loop thread ending) before the host gives up waiting.
+_STOP_MARGIN = 0.5
+
+_SERVICER_SPEC = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$')
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """One parameter of the IPC server: name, type, default, description.
+
+    :ivar default: the default value; ``None`` for "not set" (``servicers``,
+        whose empty default cannot be written as a typed ROS value).
+    """
+
+    name: str
+    type: Parameter.Type
+    default: Any
+    description: str
+    read_only: bool = True
+
+    def descriptor(self) -> ParameterDescriptor:
+        return ParameterDescriptor(name=self.name, type=self.type.value,
+                                   description=self.description, read_only=self.read_only)
+
+
+#: The parameters of the IPC server: the one table that :class:`IPCServerNode`,
+#: :class:`IPCServerHost`, the launch files and their tests follow.
+PARAMETERS: tuple[ParameterSpec, ...] = (
+    ParameterSpec(
+        'module_name', Parameter.Type.STRING, '',
+        'Name of the VYRA module (^[a-z][a-z0-9_]*$). Names the default socket '
+        '/tmp/<module_name>_ipc.sock and is reported by ModuleService. Empty: taken from '
+        f'{" or ".join(MODULE_NAME_ENVS)} in the environment.'),
+    ParameterSpec(
+        'socket_path', Parameter.Type.STRING, '',
+        'Unix socket to serve on (at most 107 bytes; relative paths are made absolute). '
+        'Empty: VYRA_IPC_SOCKET if set, else derived from module_name.'),
+    ParameterSpec(
+        'servicers', Parameter.Type.STRING_ARRAY, None,
+        'Extra gRPC servicers as package.module:ClassName, imported and created with no '
+        'arguments, served beside the default ModuleService (a ModuleService subclass among '
+        'them replaces the default). A servicer with an attach_ipc_host(host) method gets '
+        'the hosting IPCServerHost before the server starts.'),
+    ParameterSpec(
+        'grace_period', Parameter.Type.DOUBLE, DEFAULT_GRACE_PERIOD,
+        'Seconds in-flight calls get to finish when the server stops (>= 0). May be changed '
+        'while running; the value at stop time counts.', read_only=False),
+    ParameterSpec(
+        'max_message_bytes', Parameter.Type.INTEGER, DEFAULT_MAX_MESSAGE_BYTES,
+        'Largest message the server sends or accepts, in bytes (1 to 2147483647). Clients '
+        'must allow at least as much.'),
+)
+
+#: Names of :data:`PARAMETERS`.
+DECLARED_PARAMETERS: frozenset[str] = frozenset(spec.name for spec in PARAMETERS)
+
+
+class ParameterError(ValueError):
+    """Raised when a parameter of the IPC server is unusable.
+
+    :ivar parameter: the parameter's name.
+    :ivar reason: what is wrong with its value.
+    """
+
+    def __init__(self, parameter: str, reason: str) -> None:
+        self.parameter = parameter
+        self.reason = reason
+        super().__init__(f"parameter '{parameter}': {reason}")
+
+
+@dataclass(frozen=True)
+class IPCServerConfig:
+    """The checked parameter values of one IPC server."""
+
+    module_name: str
+    socket_path: Path
+    servicers: tuple[str, ...]
+    grace_period: float
+    max_message_bytes: int
+
+
+# -- parameters ---------------------------------------------------------------------
+
+
+def declare_ipc_parameters(node: Node) -> None:
+    """Declare :data:`PARAMETERS` on ``node``, skipping names it declared already
+    (a module node may have its own ``module_name``).
+
+    :raises ParameterError: an override (``-p``, parameter file, launch) has
+        the wrong type; the remaining parameters are still declared.
+    """
+    first_error: ParameterError | None = None
+    for spec in PARAMETERS:
+        if node.has_parameter(spec.name):
+            continue
+        default = spec.type if spec.default is None else spec.default
+        try:
+            node.declare_parameter(spec.name, default, spec.descriptor())
+        except InvalidParameterTypeException as error:
+            if first_error is None:
+                first_error = ParameterError(spec.name, _type_reason(spec, error))
+            # Declare it with its default so that the node is complete anyway.
+            node.declare_parameter(spec.name, default, spec.descriptor(), ignore_override=True)
+    if first_error is not None:
+        raise first_error
+
+
+def _type_reason(spec: ParameterSpec, error: InvalidParameterTypeException) -> str:
+    # rclpy's message names the value and both types; the exception has no fields for them.
+    detail = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    detail = detail.removesuffix(f': {spec.name}')
+    hint = {
+        Parameter.Type.DOUBLE: ' (write 2.0, not 2)',
+        Parameter.Type.STRING_ARRAY: " (write ['package.module:ClassName'])",
+    }.get(spec.type, '')
+    return f'must be of type {spec.type.name}{hint}; {detail}'
+
+
+def _value(node: Node, name: str) -> Any:
+    try:
+        return node.get_parameter(name).value
+    except ParameterUninitializedException:
+        return None
+
+
+def read_ipc_config(node: Node, environ: Mapping[str, str] | None = None) -> IPCServerConfig:
+    """Read and check the IPC server parameters of ``node`` (declared before).
+
+    Does not touch the filesystem or import anything; :meth:`IPCServerHost.start`
+    does that.
+
+    :param environ: environment for the fallbacks of empty ``module_name`` and
+        ``socket_path`` (default: ``os.environ``).
+    :raises ParameterError: the first unusable parameter, with the reason.
+    """
+    env = os.environ if environ is None else environ
+    values = {spec.name: _value(node, spec.name) for spec in PARAMETERS}
+
+    module_name = values['module_name']
+    if not isinstance(module_name, str):
+        raise ParameterError('module_name', f'must be a string, not {module_name!r}')
+    if not module_name:
+        module_name = next((env[name] for name in MODULE_NAME_ENVS if env.get(name)), '')
+        if not module_name:
+            raise ParameterError(
+                'module_name', f'is empty and none of {", ".join(MODULE_NAME_ENVS)} is set in the '
+                'environment: set module_name:=<name>')
+    try:
+        validate_module_name(module_name)
+    except ValueError as error:
+        raise ParameterError('module_name', str(error)) from None
+
+    socket_path = values['socket_path']
+    if not isinstance(socket_path, str):
+        raise ParameterError('socket_path', f'must be a string, not {socket_path!r}')
+    try:
+        if socket_path:
+            resolved = validate_socket_path(socket_path)
+        else:
+            resolved = resolve_socket_path(None, module_name=module_name, environ=env)
+    except (TypeError, ValueError) as error:
+        raise ParameterError('socket_path', str(error)) from None
+
+    servicers = tuple(values['servicers'] or ())
+    for spec in servicers:
+        if not _SERVICER_SPEC.match(spec):
+            raise ParameterError('servicers', f'{spec!r} is not of the form package.module:ClassName')
+
+    grace_period = values['grace_period']
+    if not isinstance(grace_period, float) or not math.isfinite(grace_period) or grace_period < 0:
+        raise ParameterError('grace_period', f'must be a finite number of seconds >= 0, not {grace_period!r}')
+
+    try:
+        max_message_bytes = validate_max_message_bytes(values['max_message_bytes'])
+    except (TypeError, ValueError) as error:
+        raise ParameterError('max_message_bytes', str(error)) from None
+
+    return IPCServerConfig(module_name=module_name, socket_path=resolved, servicers=servicers,
+                           grace_period=grace_period, max_message_bytes=max_message_bytes)
+
+
+def load_servicer(spec: str) -> Any:
+    """Import ``package.module:ClassName`` and return ``ClassName()``.
+
+    :raises ParameterError: (parameter ``servicers``) the module cannot be
+        imported, has no such attribute, or creating the instance fails.
+    """
+    if not _SERVICER_SPEC.match(spec):
+        raise ParameterError('servicers', f'{spec!r} is not of the form package.module:ClassName')
+    module_name, _, class_name = spec.partition(':')
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # ImportError, or the module failing at import time
+        raise ParameterError('servicers', f'cannot import {module_name!r} for {spec!r}: {error}') from None
+    factory = getattr(module, class_name, None)
+    if factory is None:
+        raise ParameterError('servicers', f'module {module_name!r} has no attribute {class_name!r}')
+    if not callable(factory):
+        raise ParameterError('servicers', f'{spec!r} is not a class')
+    try:
+        return factory()
+    except Exception as error:
+        raise ParameterError('servicers', f'{spec}() failed: {error!r}') from None
+
+
+# -- hosting ------------------------------------------------------------------------
+
+
+class IPCServerHost:
+    """An :class:`IPCServer` hosted in a node's process, configured by that
+    node's parameters.
+
+    The constructor declares :data:`PARAMETERS` on ``node``; :meth:`start`
+    reads them, imports the ``servicers``, and starts the server on a
+    dedicated event-loop thread; :meth:`close` stops it (with the grace
+    period) and ends that thread. Call :meth:`close` from the node's
+    ``destroy_node()`` or a ``finally``; it works after ``rclpy.shutdown()``
+    too and logs through :mod:`logging`, not the node (rosout may be gone).
+
+    Thread affinity: :meth:`start`, :meth:`stop` and :meth:`close` block the
+    calling thread and must not be called on the loop thread (e.g. from an IPC
+    handler). Async handlers run on :attr:`loop_thread`, plain ``def``
+    handlers on the server's worker threads; rclpy callbacks on whatever the
+    node's executor uses.
+
+    :param node: the hosting node.
+    :param servicers: servicers created in code, served besides those named by
+        the ``servicers`` parameter (servicer objects or ``(servicer,
+        add_function)`` pairs, as for :class:`IPCServer`).
+    """
+
+    def __init__(self, node: Node, servicers: Iterable[Any] = ()) -> None:
+        self.node = node
+        self._given = list(servicers)
+        self._declare_error: ParameterError | None = None
+        try:
+            declare_ipc_parameters(node)
+        except ParameterError as error:
+            self._declare_error = error
+        self._grace_period = DEFAULT_GRACE_PERIOD
+        grace = _value(node, 'grace_period')
+        if isinstance(grace, float):
+            self._grace_period = grace
+        node.add_on_set_parameters_callback(self._on_set_parameters)
+        self.loop_thread = EventLoopThread(name=f'ipc-{node.get_name()}')
+        self.config: IPCServerConfig | None = None
+        self.server: IPCServer | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def grace_period(self) -> float:
+        """The current ``grace_period`` parameter."""
+        return self._grace_period
+
+    def start(self) -> IPCServer:
+        """Read the parameters, import the servicers and start serving.
+
+        Returns once the socket is published.
+
+        :raises ParameterError: a parameter is unusable, including a
+            ``socket_path`` the server cannot bind (in use by a live server,
+            directory not writable, ...); nothing is left running.
+        :raises RuntimeError: if called twice or after :meth:`close`.
+        """
+        with self._lock:
+            if self._closed or self.server is not None:
+                raise RuntimeError('IPCServerHost.start() called twice or after close()')
+            if self._declare_error is not None:
+                raise self._declare_error
+            config = self.config = read_ipc_config(self.node)
+            servicers = [*(load_servicer(spec) for spec in config.servicers), *self._given]
+            for servicer in servicers:
+                attach = getattr(servicer, 'attach_ipc_host', None)
+                if callable(attach):
+                    attach(self)
+            if not any(isinstance(s, ModuleServiceServicer) for s in servicers):
+                servicers.insert(0, ModuleService(config.module_name))
+            try:
+                server = IPCServer(config.socket_path, servicers=servicers,
+                                   grace_period=config.grace_period,
+                                   max_message_bytes=config.max_message_bytes)
+            except (TypeError, ValueError) as error:
+                raise ParameterError('servicers', str(error)) from None
+            self.loop_thread.start()
+            try:
+                self.loop_thread.run(server.start())
+            except OSError as error:
+                self.loop_thread.stop()
+                raise ParameterError('socket_path', f'cannot serve on {str(config.socket_path)!r}: '
+                                     f'{error}') from None
+            except BaseException:
+                self._stop_server(server, 0.0)
+                self.loop_thread.stop()
+                raise
+            self.server = server
+        self.node.get_logger().info(
+            f'IPC server of module {config.module_name!r} (node '
+            f'{self.node.get_fully_qualified_name()}) serving '
+            f'{", ".join(server.service_names)} on {config.socket_path}')
+        return server
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop the server: health NOT_SERVING, ``grace`` seconds (default: the
+        ``grace_period`` parameter) for in-flight calls, socket file removed.
+
+        Blocks at most ``grace`` + 0.5 s. Idempotent; a no-op if never started.
+        """
+        server = self.server
+        if server is None or not self.loop_thread.is_running:
+            return
+        self._stop_server(server, self._grace_period if grace is None else grace)
+
+    def close(self, grace: float | None = None) -> None:
+        """:meth:`stop`, then end the event-loop thread. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.stop(grace)
+        self.loop_thread.stop(timeout=_STOP_MARGIN)
+
+    def __enter__(self) -> 'IPCServerHost':
+        if self.server is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _stop_server(self, server: IPCServer, grace: float) -> None:
+        _logger.info('stopping IPC server on %s (grace %.3g s)', server.socket_path, grace)
+        try:
+            self.loop_thread.run(server.stop(grace), timeout=grace + _STOP_MARGIN)
+        except TimeoutError:
+            _logger.warning('IPC server on %s did not stop within %.3g s', server.socket_path,
+                            grace + _STOP_MARGIN)
+        except RuntimeError as error:  # the loop is already gone
+            _logger.warning('IPC server on %s could not be stopped: %s', server.socket_path, error)
+
+    def _on_set_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
+        for parameter in parameters:
+            if parameter.name != 'grace_period':
+                continue
+            value = parameter.value
+            if not isinstance(value, float) or not math.isfinite(value) or value < 0:
+                return SetParametersResult(
+                    successful=False, reason=f'grace_period must be a finite number of seconds >= 0, '
+                                             f'not {value!r}')
+            self._grace_period = value
+        return SetParametersResult(successful=True)
+
+
+def host_ipc_server(node: Node, servicers: Iterable[Any] = ()) -> IPCServerHost:
+    """Serve the module's IPC socket from inside ``node``'s process: declare the
+    IPC server parameters on ``node``, read them, and start the server on its
+    own event-loop thread. Close the returned host in ``destroy_node()``::
+
+        class MyModuleNode(Node):
+            def __init__(self) -> None:
+                super().__init__('my_module')
+                self.ipc = host_ipc_server(self, [MyBackendService()])
+
+            def destroy_node(self) -> None:
+                self.ipc.close()
+                super().destroy_node()
+
+    :raises ParameterError: as :meth:`IPCServerHost.start`.
+    """
+    host = IPCServerHost(node, servicers)
+    try:
+        host.start()
+    except BaseException:
+        host.close()
+        raise
+    return host
+
+
+# -- the ipc_server executable -----------------------------------------------------
+
+
+class IPCServerNode(Node):
+    """The ``ipc_server`` node: nothing but a module's IPC server.
+
+    Declares :data:`PARAMETERS` on construction (a wrong parameter type is
+    reported by :meth:`start`); :meth:`start` starts serving;
+    ``destroy_node()`` stops the server with the grace period.
+
+    :param node_name: default node name (``-r __node:=...`` overrides it).
+    :param servicers: servicers created in code, besides the ``servicers``
+        parameter.
+    """
+
+    def __init__(self, node_name: str = 'ipc_server', *, servicers: Iterable[Any] = (),
+                 **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        self.host = IPCServerHost(self, servicers)
+
+    def start(self) -> IPCServer:
+        """:raises ParameterError: as :meth:`IPCServerHost.start`."""
+        return self.host.start()
+
+    def destroy_node(self) -> None:
+        self.host.close()
+        super().destroy_node()
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """Run ``ipc_server`` until SIGINT, SIGTERM or ROS shutdown.
+
+    Then stops the server within the grace period, removes its socket and
+    returns 0. An unusable parameter is logged, naming the parameter, and
+    gives :data:`EXIT_BAD_PARAMETER`.
+    """
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format='[%(levelname)s] [%(name)s]: %(message)s')
+    try:
+        rclpy.init(args=None if args is None else list(args))
+    except _RCLError as error:
+        # rcl rejects malformed -p values before any node exists.
+        _logger.error('cannot parse the ROS arguments (%s); values containing ":" need YAML '
+                      'quotes, e.g. -p "servicers:=[\'package.module:ClassName\']"', error)
+        return EXIT_BAD_PARAMETER
+    node: IPCServerNode | None = None
+    executor: SingleThreadedExecutor | None = None
+    status = 0
+    try:
+        # Made before serving: a signal arriving from here on only ends spin().
+        executor = SingleThreadedExecutor()
+        node = IPCServerNode()
+        executor.add_node(node)
+        node.start()
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except ParameterError as error:
+        if node is not None:
+            node.get_logger().error(str(error))
+        else:
+            _logger.error('%s', error)
+        status = EXIT_BAD_PARAMETER
+    except _RCLError:
+        if rclpy.ok():
+            raise
+        # SIGINT/SIGTERM arrived while the node was being created.
+    finally:
+        if executor is not None:
+            executor.shutdown(timeout_sec=0)
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+        _logger.info('ipc_server stopped')
+    _exit_now_if_handlers_remain(status)
+    return status
+
+
+def _exit_now_if_handlers_remain(status: int) -> None:
+    """Exit at once if a blocking handler still runs past the grace period.
+
+    Interpreter exit would join those threads, i.e. wait for handlers that
+    were already given up on, while ipc_server promises to be gone within the
+    grace period.
+    """
+    main_thread = threading.main_thread()
+    # Pool workers are joined at exit even when they are daemon threads (they
+    # inherit that flag from whichever thread started them); the pool module
+    # keeps the set it will join.
+    pool_workers = set(getattr(futures_thread, '_threads_queues', {}))
+    remaining = [thread.name for thread in threading.enumerate()
+                 if thread is not main_thread and thread.is_alive()
+                 and (not thread.daemon or thread in pool_workers)]
+    if not remaining:
+        return
+    _logger.warning('exiting without waiting for %d handler thread(s) still running: %s',
+                    len(remaining), ', '.join(remaining))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

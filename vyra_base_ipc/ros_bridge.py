@@ -1,0 +1,87 @@
+"""Calling ROS 2 services from asyncio code, e.g. from an IPC handler.
+
+A synchronous ``Client.call()`` inside a callback deadlocks when the only
+thread that could deliver the response is the one waiting, and an rclpy
+future cannot be awaited by asyncio. :func:`call_service` sends the request
+with ``call_async`` and waits for the response on the *asyncio* side: the
+response is delivered by whatever executor spins the client's node (on its
+own thread), which hands it over with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from rclpy.client import Client
+from rclpy.task import Future as RosFuture
+
+__all__ = ['ServiceCallTimeout', 'ServiceUnavailable', 'call_service']
+
+
+class ServiceUnavailable(RuntimeError):
+    """Raised when no server for the ROS 2 service appeared before the deadline."""
+
+
+class ServiceCallTimeout(TimeoutError):
+    """Raised when the ROS 2 service did not answer before the deadline."""
+
+
+async def call_service(client: Client, request: Any, timeout: float, *,
+                       wait_for_service: bool = True) -> Any:
+    """Call a ROS 2 service from a coroutine and return its response.
+
+    Must run on an asyncio loop that is not the thread spinning ``client``'s
+    node; the node must be spun by an executor (on another thread) for the
+    response to arrive. Many calls may be in flight at once.
+
+    :param timeout: seconds for the whole call, including waiting for the
+        service to appear when ``wait_for_service`` is true.
+    :param wait_for_service: poll for the service server within the deadline
+        instead of sending a request nobody may receive.
+    :raises ServiceUnavailable: no server appeared within ``timeout``.
+    :raises ServiceCallTimeout: no response within ``timeout``; the request is
+        withdrawn (a late response is dropped).
+    :raises Exception: what the rclpy future reports, if it fails.
+    """
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout
+    if wait_for_service:
+        while not client.service_is_ready():
+            if loop.time() >= give_up:
+                raise ServiceUnavailable(
+                    f'ROS 2 service {client.service_name} is not available (waited {timeout:g} s)')
+            await asyncio.sleep(min(0.02, max(0.0, give_up - loop.time())))
+    answer: asyncio.Future[Any] = loop.create_future()
+
+    def deliver(ros_future: RosFuture) -> None:
+        # Runs on the executor's thread (or here, if already done).
+        try:
+            loop.call_soon_threadsafe(_transfer, ros_future, answer)
+        except RuntimeError:  # the asyncio loop is closed: nobody waits any more
+            pass
+
+    ros_future = client.call_async(request)
+    ros_future.add_done_callback(deliver)
+    try:
+        return await asyncio.wait_for(answer, max(0.0, give_up - loop.time()))
+    except asyncio.TimeoutError:
+        raise ServiceCallTimeout(
+            f'ROS 2 service {client.service_name} did not answer within {timeout:g} s') from None
+    finally:
+        if not ros_future.done():
+            client.remove_pending_request(ros_future)
+            ros_future.cancel()
+
+
+def _transfer(ros_future: RosFuture, answer: asyncio.Future[Any]) -> None:
+    if answer.done():
+        return
+    if ros_future.cancelled():
+        answer.cancel()
+        return
+    error = ros_future.exception()
+    if error is not None:
+        answer.set_exception(error)
+    else:
+        answer.set_result(ros_future.result())
