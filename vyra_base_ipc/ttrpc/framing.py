@@ -1,0 +1,179 @@
+"""ttrpc message frames: the 10-byte header and an incremental decoder.
+
+Wire format (containerd/ttrpc ``PROTOCOL.md``): every frame is a big-endian
+header ``uint32 data length, uint32 stream id, uint8 message type, uint8
+flags`` followed by ``data length`` bytes. Client-initiated streams have odd
+ids, increasing on the wire. The decoder is transport-neutral: it is fed
+bytes (and, for a later fd-passing transport, the file descriptors that
+arrived with them) and returns whole frames, so it works under an asyncio
+protocol, a blocking socket, or ``recvmsg``.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import NamedTuple, Sequence, Union
+
+__all__ = [
+    'DEFAULT_MAX_DATA_LENGTH',
+    'FLAG_NO_DATA',
+    'FLAG_REMOTE_CLOSED',
+    'FLAG_REMOTE_OPEN',
+    'Frame',
+    'FrameDecoder',
+    'HEADER',
+    'HEADER_SIZE',
+    'MessageType',
+    'OversizedFrame',
+    'encode_frame',
+    'oversized_message',
+]
+
+#: ``>IIBB``: data length, stream id, message type, flags.
+HEADER = struct.Struct('>IIBB')
+HEADER_SIZE = HEADER.size
+
+#: The protocol's default limit on a frame's data (4 MiB); larger frames are
+#: rejected unless both ends are configured for more.
+DEFAULT_MAX_DATA_LENGTH = 4 << 20
+
+#: Request: the client sends no more data (the request payload is all).
+#: Data: the last data frame of the sender.
+FLAG_REMOTE_CLOSED = 0x01
+#: Request: the client will send data frames after the request.
+FLAG_REMOTE_OPEN = 0x02
+#: Data: the frame carries no message (a bare close); an empty message is a
+#: zero-length frame without this flag.
+FLAG_NO_DATA = 0x04
+
+
+class MessageType(enum.IntEnum):
+    """Frame types. Unknown types are ignored by receivers (forward compatibility)."""
+
+    REQUEST = 0x01
+    RESPONSE = 0x02
+    DATA = 0x03
+
+
+class Frame(NamedTuple):
+    """One received frame.
+
+    :ivar fds: file descriptors that arrived with this frame's bytes (empty
+        unless the transport passes descriptors); the receiver owns them.
+    """
+
+    stream_id: int
+    type: int
+    flags: int
+    data: bytes
+    fds: tuple[int, ...] = ()
+
+
+class OversizedFrame(NamedTuple):
+    """A frame whose declared length exceeded the limit. Its data is skipped
+    (the connection stays in sync); the receiver answers on ``stream_id``."""
+
+    stream_id: int
+    type: int
+    flags: int
+    length: int
+    limit: int
+
+
+def oversized_message(length: int, limit: int) -> str:
+    """The status message containerd's implementation sends for an oversized
+    frame, so that both implementations report it alike."""
+    return f'message length {length} exceed maximum message size of {limit}'
+
+
+def encode_frame(stream_id: int, message_type: int, flags: int, data: bytes = b'') -> bytes:
+    """Return the header and ``data`` as one bytes object (one write, one syscall)."""
+    return HEADER.pack(len(data), stream_id, message_type, flags) + data
+
+
+class FrameDecoder:
+    """Turns a byte stream into :class:`Frame` and :class:`OversizedFrame` items.
+
+    Not thread-safe: one reader feeds it. A header declaring more than
+    ``max_length`` bytes yields an :class:`OversizedFrame` at once and the
+    following ``length`` bytes are discarded as they arrive, without being
+    buffered, so a peer cannot make the receiver allocate beyond the limit.
+
+    :param max_length: the largest frame data accepted.
+    """
+
+    __slots__ = ('max_length', '_buffer', '_skip', '_fds')
+
+    def __init__(self, max_length: int = DEFAULT_MAX_DATA_LENGTH) -> None:
+        self.max_length = max_length
+        self._buffer = bytearray()
+        self._skip = 0
+        self._fds: list[int] = []
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received that do not yet form a whole frame."""
+        return len(self._buffer)
+
+    @property
+    def mid_frame(self) -> bool:
+        """Whether the stream stopped inside a frame (a truncated frame if the
+        peer is gone)."""
+        return bool(self._buffer) or self._skip > 0
+
+    def take_fds(self) -> list[int]:
+        """Return and forget descriptors received but not yet attached to a
+        frame (for closing them when the connection ends)."""
+        fds, self._fds = self._fds, []
+        return fds
+
+    def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Union[Frame, OversizedFrame]]:
+        """Add received bytes; return the frames they complete, in order.
+
+        ``fds`` received together with ``data`` are attached to the next frame
+        that completes (a sender passes descriptors with the first bytes of
+        the frame they belong to).
+        """
+        if fds:
+            self._fds.extend(fds)
+        if self._skip:
+            skipped = min(self._skip, len(data))
+            self._skip -= skipped
+            data = data[skipped:]
+            if not data:
+                return []
+        frames: list[Union[Frame, OversizedFrame]] = []
+        buffer = self._buffer
+        if buffer:
+            buffer += data
+            view: bytes | bytearray = buffer
+        else:
+            view = data
+        position = 0
+        end = len(view)
+        unpack = HEADER.unpack_from
+        while end - position >= HEADER_SIZE:
+            length, stream_id, message_type, flags = unpack(view, position)
+            if length > self.max_length:
+                frames.append(OversizedFrame(stream_id, message_type, flags, length, self.max_length))
+                position += HEADER_SIZE
+                skipped = min(length, end - position)
+                position += skipped
+                self._skip = length - skipped
+                if self._skip:
+                    break
+                continue
+            start = position + HEADER_SIZE
+            if end - start < length:
+                break
+            position = start + length
+            attached: tuple[int, ...] = ()
+            if self._fds:
+                attached, self._fds = tuple(self._fds), []
+            frames.append(Frame(stream_id, message_type, flags, bytes(view[start:position]), attached))
+        if buffer:
+            del buffer[:position]
+        elif position < end and not self._skip:
+            buffer += view[position:]
+        return frames
