@@ -1,0 +1,246 @@
+"""Servicer contexts for handlers called over ttrpc.
+
+Handlers written for gRPC receive a ``context`` argument; on the fast lane
+they get one of these instead, implementing the parts of
+:class:`grpc.ServicerContext` / ``grpc.aio.ServicerContext`` that handlers use.
+``async def`` handlers get :class:`AsyncServicerContext` (``await
+context.abort(...)``, as in grpc.aio); ``def`` handlers get
+:class:`ServicerContext` (``context.abort(...)`` raises at once). Both raise
+:class:`grpc.aio.AbortError` from ``abort``, the exception grpc.aio raises.
+
+ttrpc has no response headers or trailers: initial and trailing metadata set
+by a handler are accepted and kept, but not sent.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+import grpc
+
+__all__ = ['AsyncServicerContext', 'ServicerContext']
+
+_logger = logging.getLogger(__name__)
+
+
+class _End(enum.Enum):
+    FINISHED = 'finished'
+    CANCELLED = 'cancelled'
+    EXPIRED = 'expired'
+
+
+class ServicerContext:
+    """Context of one call, for ``def`` handlers (which run in a worker thread).
+
+    Thread-safe: the server's event loop ends the call (finish, deadline,
+    cancellation) while the handler thread reads it.
+
+    :param deadline: ``time.monotonic()`` value at which the call expires, or
+        ``None`` without a deadline.
+    :param metadata: the invocation metadata, already decoded.
+    :param method: the full method path, for :meth:`method`-style logging.
+    """
+
+    def __init__(self, deadline: float | None, metadata: tuple[tuple[str, str | bytes], ...],
+                 method: str, peer: str = 'unix:') -> None:
+        self._deadline = deadline
+        self._metadata = metadata
+        self._method = method
+        self._peer = peer
+        self._code: grpc.StatusCode | None = None
+        self._details: str | None = None
+        self._abort: tuple[grpc.StatusCode, str] | None = None
+        self._end: _End | None = None
+        self._trailing_metadata: tuple[Any, ...] = ()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], Any]] = []
+        self._done_callbacks: list[Callable[[Any], Any]] = []
+        # Set by the server for response-streaming calls so write() works.
+        self._writer: Callable[[Any], Any] | None = None
+
+    # -- what the call is ------------------------------------------------------------
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        """The client's metadata as ``(key, value)`` pairs; values of ``-bin``
+        keys are bytes."""
+        return self._metadata
+
+    def peer(self) -> str:
+        """``"unix:"``, as gRPC reports a Unix-socket peer."""
+        return self._peer
+
+    def peer_identities(self) -> None:
+        return None
+
+    def peer_identity_key(self) -> None:
+        return None
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}
+
+    def time_remaining(self) -> float | None:
+        """Seconds until the deadline (<= 0 once it passed), or ``None`` if the
+        client set none."""
+        if self._deadline is None:
+            return None
+        return self._deadline - time.monotonic()
+
+    def is_active(self) -> bool:
+        """Whether the call still runs: not finished, cancelled or expired."""
+        if self._end is not None:
+            return False
+        return self._deadline is None or time.monotonic() < self._deadline
+
+    def cancelled(self) -> bool:
+        """Whether the call was cancelled (client gone, server stopping) or its
+        deadline expired."""
+        if self._end is _End.CANCELLED or self._end is _End.EXPIRED:
+            return True
+        return self._deadline is not None and self._end is None and time.monotonic() >= self._deadline
+
+    def done(self) -> bool:
+        return self._end is not None
+
+    # -- status ----------------------------------------------------------------------
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        """Set the status code sent when the handler returns (a non-OK code
+        turns the answer into that error)."""
+        self._code = code
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def details(self) -> str | None:
+        return self._details
+
+    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
+        """Kept for :meth:`trailing_metadata`; ttrpc has no trailers to send it in."""
+        self._trailing_metadata = tuple(trailing_metadata or ())
+
+    def trailing_metadata(self) -> tuple[Any, ...]:
+        return self._trailing_metadata
+
+    def send_initial_metadata(self, initial_metadata: Any) -> None:
+        """Accepted for compatibility; ttrpc has no response headers."""
+
+    def set_compression(self, compression: Any) -> None:
+        """Accepted for compatibility; the fast lane never compresses."""
+
+    def disable_next_message_compression(self) -> None:
+        """Accepted for compatibility; the fast lane never compresses."""
+
+    def _abort_status(self, code: grpc.StatusCode, details: str,
+                      trailing_metadata: Any) -> grpc.aio.AbortError:
+        if not isinstance(code, grpc.StatusCode):
+            raise TypeError(f'abort() needs a grpc.StatusCode, not {code!r}')
+        if code is grpc.StatusCode.OK:
+            # gRPC's synchronous server does the same; grpc.aio would hang.
+            _logger.error('abort() called with StatusCode.OK in %s; answering UNKNOWN', self._method)
+            code = grpc.StatusCode.UNKNOWN
+        if self._abort is None:
+            self._abort = (code, details)
+            self._code, self._details = code, details
+            if trailing_metadata:
+                self.set_trailing_metadata(trailing_metadata)
+        return grpc.aio.AbortError(f'{code.name}: {details}')
+
+    def abort(self, code: grpc.StatusCode, details: str = '', trailing_metadata: Any = ()) -> None:
+        """End the call with a non-OK status: raises :class:`grpc.aio.AbortError`
+        (let it propagate). The first abort of a call decides its status.
+
+        :raises grpc.aio.AbortError: always.
+        :raises TypeError: ``code`` is not a :class:`grpc.StatusCode`.
+        """
+        raise self._abort_status(code, details, trailing_metadata)
+
+    def abort_with_status(self, status: grpc.Status) -> None:
+        """:meth:`abort` with the ``code`` and ``details`` of a :class:`grpc.Status`."""
+        raise self._abort_status(status.code, status.details,
+                                 getattr(status, 'trailing_metadata', ()))
+
+    # -- streaming -------------------------------------------------------------------
+
+    def write(self, message: Any) -> None:
+        """Send one response message of a response-streaming call (instead of
+        yielding it). Blocks while the client does not keep up.
+
+        :raises RuntimeError: the method does not stream responses.
+        """
+        if self._writer is None:
+            raise RuntimeError(f'{self._method} does not stream responses: write() is not available')
+        self._writer(message)
+
+    # -- callbacks -------------------------------------------------------------------
+
+    def add_callback(self, callback: Callable[[], Any]) -> bool:
+        """Call ``callback()`` (in the server's event loop thread) when the call
+        ends for any reason. Returns ``False`` if it has already ended."""
+        with self._lock:
+            if self._end is not None:
+                return False
+            self._callbacks.append(callback)
+            return True
+
+    def add_done_callback(self, callback: Callable[[Any], Any]) -> None:
+        """Call ``callback(context)`` when the call ends (at once if it has)."""
+        with self._lock:
+            if self._end is None:
+                self._done_callbacks.append(callback)
+                return
+        self._run(callback, self)
+
+    # -- for the server --------------------------------------------------------------
+
+    def _finish(self, end: _End) -> None:
+        """Mark the call ended and run the callbacks; only the first end counts."""
+        with self._lock:
+            if self._end is not None:
+                return
+            self._end = end
+            callbacks, self._callbacks = self._callbacks, []
+            done_callbacks, self._done_callbacks = self._done_callbacks, []
+        for callback in callbacks:
+            self._run(callback)
+        for done_callback in done_callbacks:
+            self._run(done_callback, self)
+
+    def _run(self, callback: Callable[..., Any], *args: Any) -> None:
+        try:
+            callback(*args)
+        except Exception:
+            _logger.exception('callback of %s raised', self._method)
+
+
+class AsyncServicerContext(ServicerContext):
+    """Context of one call, for ``async def`` handlers (on the server's event loop)."""
+
+    async def abort(self, code: grpc.StatusCode, details: str = '',  # type: ignore[override]
+                    trailing_metadata: Any = ()) -> None:
+        """End the call with a non-OK status: ``await context.abort(code, details)``
+        raises :class:`grpc.aio.AbortError`, as in grpc.aio.
+
+        :raises grpc.aio.AbortError: always.
+        """
+        raise self._abort_status(code, details, trailing_metadata)
+
+    async def abort_with_status(self, status: grpc.Status) -> None:  # type: ignore[override]
+        raise self._abort_status(status.code, status.details,
+                                 getattr(status, 'trailing_metadata', ()))
+
+    async def write(self, message: Any) -> None:  # type: ignore[override]
+        """Send one response message of a response-streaming call; waits while
+        the client does not keep up.
+
+        :raises RuntimeError: the method does not stream responses.
+        """
+        if self._writer is None:
+            raise RuntimeError(f'{self._method} does not stream responses: write() is not available')
+        await self._writer(message)

@@ -1,0 +1,866 @@
+"""The ttrpc fast-lane server: the servicers registered for gRPC, served over
+containerd's ttrpc framing on a second Unix socket.
+
+Design (measured, see the package README section): one asyncio protocol per
+connection on the server's event loop. ``async def`` handlers run as tasks on
+that loop, exactly where they run for the gRPC lane, so user code sharing
+loop-bound state behaves the same on both lanes; ``def`` handlers run in a
+thread pool. Every call is independent: a slow handler delays neither other
+calls on its connection nor other connections, and answers go out by stream
+id in the order calls finish.
+
+Protocol rules follow containerd's Go implementation, so its clients get the
+same answers: an oversized frame is skipped and answered with
+RESOURCE_EXHAUSTED on its stream (the connection stays usable), a request that
+does not parse or a bad stream id is answered with INVALID_ARGUMENT, frames of
+unknown type are ignored. A connection that stops inside a frame is simply
+closed; nothing a peer sends affects other connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from concurrent import futures
+import enum
+import inspect
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator, Union
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from ..address import StrPath, validate_socket_path
+from ..methods import MethodKind, ServiceRegistration
+from ..options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, validate_max_message_bytes
+from ..socket_file import SocketFile
+from .context import AsyncServicerContext, ServicerContext, _End
+from .framing import (
+    FLAG_NO_DATA,
+    FLAG_REMOTE_CLOSED,
+    FLAG_REMOTE_OPEN,
+    Frame,
+    FrameDecoder,
+    MessageType,
+    OversizedFrame,
+    encode_frame,
+    oversized_message,
+)
+from .messages import ENVELOPE_ALLOWANCE, Request, encode_response, metadata_from_wire
+
+__all__ = ['TtrpcServer']
+
+_logger = logging.getLogger(__name__)
+
+_REQUEST = int(MessageType.REQUEST)
+_RESPONSE = int(MessageType.RESPONSE)
+_DATA = int(MessageType.DATA)
+_OK = 0
+
+# Python 3.12 can start a task eagerly: a handler that does not suspend then
+# answers inside data_received, without a trip through the event loop.
+_EAGER_TASKS = sys.version_info >= (3, 12)
+
+# Answer of a call: (status code number, details, payload); payload None
+# ends a response stream with a bare close instead of a Response frame.
+_Answer = tuple[int, str, Union[bytes, None]]
+
+
+def _number(code: grpc.StatusCode) -> int:
+    return int(code.value[0])
+
+
+class _CallEnded(Exception):
+    """Raised inside a ``def`` handler's thread when it writes to a call that
+    has already ended (deadline, cancellation); stops the handler's generator."""
+
+
+class _StatusError(Exception):
+    """Ends a call with a chosen status from inside the server."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class _Handler:
+    """One registered method, ready to call."""
+
+    __slots__ = ('path', 'kind', 'function', 'deserialize', 'serialize', 'is_async')
+
+    def __init__(self, service: str, name: str, handler: grpc.RpcMethodHandler) -> None:
+        self.path = f'/{service}/{name}'
+        self.kind = MethodKind.of(bool(handler.request_streaming), bool(handler.response_streaming))
+        function = getattr(handler, self.kind.value)
+        if function is None:
+            raise TypeError(f'{self.path}: the handler has no {self.kind.value} behaviour')
+        self.function: Callable[..., Any] = function
+        self.deserialize: Callable[[bytes], Any] = handler.request_deserializer or _identity
+        self.serialize: Callable[[Any], bytes] = handler.response_serializer or _identity
+        self.is_async = inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function)
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _unexpected(error: BaseException, path: str) -> tuple[int, str]:
+    # The same status and wording as grpc.aio for an exception in a handler.
+    _logger.error('Unexpected [%s] raised by servicer method [%s]', type(error).__name__, path,
+                  exc_info=error)
+    return _number(grpc.StatusCode.UNKNOWN), f'Unexpected {type(error)}: {error}'
+
+
+def _status_after_return(context: ServicerContext) -> tuple[int, str] | None:
+    """The non-OK status a handler set (or aborted with), if any."""
+    if context._abort is not None:
+        code, details = context._abort
+        return _number(code), details
+    code = context._code
+    if code is not None and code is not grpc.StatusCode.OK:
+        return _number(code), context._details or ''
+    return None
+
+
+def _error_status(context: ServicerContext, error: BaseException, path: str) -> tuple[int, str]:
+    if context._abort is not None:  # the first abort decides, whatever followed
+        code, details = context._abort
+        return _number(code), details
+    if isinstance(error, _StatusError):
+        return _number(error.code), error.details
+    return _unexpected(error, path)
+
+
+class _AsyncRequests:
+    """The request iterator of a client-streaming call with an ``async def`` handler."""
+
+    __slots__ = ('_loop', '_deserialize', '_items', '_closed', '_waiter', 'pending_bytes')
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deserialize: Callable[[bytes], Any]) -> None:
+        self._loop = loop
+        self._deserialize = deserialize
+        self._items: collections.deque[bytes] = collections.deque()
+        self._closed = False
+        self._waiter: asyncio.Future[None] | None = None
+        self.pending_bytes = 0
+
+    def feed(self, payload: bytes) -> None:
+        self._items.append(payload)
+        self.pending_bytes += len(payload)
+        self._wake()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake()
+
+    cancel = close
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __aiter__(self) -> '_AsyncRequests':
+        return self
+
+    async def __anext__(self) -> Any:
+        while not self._items:
+            if self._closed:
+                raise StopAsyncIteration
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        payload = self._items.popleft()
+        self.pending_bytes -= len(payload)
+        return self._deserialize(payload)
+
+
+_END = object()
+
+
+class _SyncRequests:
+    """The request iterator of a client-streaming call with a ``def`` handler;
+    fed by the event loop, read in the handler's thread."""
+
+    __slots__ = ('_deserialize', '_queue', '_lock', 'pending_bytes')
+
+    def __init__(self, deserialize: Callable[[bytes], Any]) -> None:
+        self._deserialize = deserialize
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self.pending_bytes = 0
+
+    def feed(self, payload: bytes) -> None:
+        with self._lock:
+            self.pending_bytes += len(payload)
+        self._queue.put(payload)
+
+    def close(self) -> None:
+        self._queue.put(_END)
+
+    cancel = close
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        item = self._queue.get()
+        if item is _END:
+            self._queue.put(_END)  # later next() calls end too
+            raise StopIteration
+        with self._lock:
+            self.pending_bytes -= len(item)
+        return self._deserialize(item)
+
+
+class _Call:
+    """One stream on a connection: the handler's run and its answer.
+
+    All methods run on the event loop except those named ``*_thread`` /
+    ``_run_sync``, which run in a handler thread.
+    """
+
+    __slots__ = ('connection', 'stream_id', 'handler', 'context', 'task', 'timer', 'finished',
+                 'requests', 'response_streaming')
+
+    def __init__(self, connection: '_Connection', stream_id: int, handler: _Handler,
+                 context: ServicerContext) -> None:
+        self.connection = connection
+        self.stream_id = stream_id
+        self.handler = handler
+        self.context = context
+        self.task: asyncio.Future[Any] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.finished = False
+        self.requests: _AsyncRequests | _SyncRequests | None = None
+        self.response_streaming = handler.kind.response_streaming
+
+    # -- start ------------------------------------------------------------------------
+
+    def start(self, payload: bytes, flags: int, deadline: float | None) -> None:
+        connection = self.connection
+        handler = self.handler
+        loop = connection.loop
+        if deadline is not None:
+            self.timer = loop.call_later(deadline - time.monotonic(), self.expire)
+        argument: Any
+        if handler.kind.request_streaming:
+            requests: _AsyncRequests | _SyncRequests = (
+                _AsyncRequests(loop, handler.deserialize) if handler.is_async
+                else _SyncRequests(handler.deserialize))
+            self.requests = argument = requests
+            # containerd's clients may put the first message in the request.
+            if payload:
+                requests.feed(payload)
+            if not flags & FLAG_REMOTE_OPEN:
+                requests.close()
+        elif handler.is_async:
+            try:
+                argument = handler.deserialize(payload)
+            except Exception as error:
+                self.answer(*_unexpected(error, handler.path))
+                return
+        else:
+            argument = payload  # deserialized in the handler's thread
+        if handler.is_async:
+            if self.response_streaming:
+                coroutine = self._drive_stream(argument)
+            else:
+                coroutine = handler.function(argument, self.context)
+            if _EAGER_TASKS:
+                task = asyncio.Task(coroutine, loop=loop, eager_start=True)  # type: ignore[call-arg]
+            else:
+                task = loop.create_task(coroutine)
+            self.task = task
+            if task.done():
+                self._task_done(task)
+            else:
+                task.add_done_callback(self._task_done)
+        else:
+            try:
+                future = loop.run_in_executor(connection.server._executor, self._run_sync, argument)
+            except RuntimeError:  # executor shut down: the server is stopping
+                self.answer(_number(grpc.StatusCode.UNAVAILABLE), 'server is shutting down')
+                return
+            self.task = future
+            future.add_done_callback(self._sync_done)
+
+    # -- async handlers ---------------------------------------------------------------
+
+    async def _drive_stream(self, argument: Any) -> None:
+        self.context._writer = self._write_async
+        result = self.handler.function(argument, self.context)
+        if hasattr(result, '__aiter__'):
+            try:
+                async for message in result:
+                    await self._write_async(message)
+            finally:
+                close = getattr(result, 'aclose', None)
+                if close is not None:
+                    await close()
+        elif inspect.isawaitable(result):
+            await result  # a handler that sends with context.write()
+
+    async def _write_async(self, message: Any) -> None:
+        if self.finished:
+            raise asyncio.CancelledError()
+        payload = self.handler.serialize(message)
+        self._check_size(len(payload))
+        connection = self.connection
+        connection.send(encode_frame(self.stream_id, _DATA, 0, payload))
+        if connection.write_paused:
+            await connection.drain()
+
+    def _task_done(self, task: asyncio.Future[Any]) -> None:
+        if self.finished:
+            if not task.cancelled():
+                task.exception()  # retrieved: ends the call silently
+            return
+        if task.cancelled():
+            self.answer(_number(grpc.StatusCode.CANCELLED), 'Cancelled')
+            return
+        error = task.exception()
+        if error is not None:
+            self.answer(*_error_status(self.context, error, self.handler.path))
+        elif self.response_streaming:
+            self._end_stream()
+        else:
+            self.answer(*self._answer_for(task.result()))
+
+    # -- def handlers (in a worker thread) --------------------------------------------
+
+    def _run_sync(self, argument: Any) -> _Answer | None:
+        context = self.context
+        if context._end is not None:
+            return None  # ended (deadline, client gone) before a thread was free
+        handler = self.handler
+        try:
+            if not handler.kind.request_streaming:
+                argument = handler.deserialize(argument)
+            if self.response_streaming:
+                context._writer = self._write_thread
+                result = handler.function(argument, context)
+                if result is not None:
+                    for message in result:
+                        self._write_thread(message)
+                status = _status_after_return(context)
+                return (status[0], status[1], b'') if status else (_OK, '', None)
+            return self._answer_for(handler.function(argument, context))
+        except _CallEnded:
+            return None
+        except Exception as error:
+            code, details = _error_status(context, error, handler.path)
+            return code, details, b''
+
+    def _write_thread(self, message: Any) -> None:
+        if self.context._end is not None:
+            raise _CallEnded()
+        payload = self.handler.serialize(message)
+        self._check_size(len(payload))
+        frame = encode_frame(self.stream_id, _DATA, 0, payload)
+        connection = self.connection
+        try:
+            connection.loop.call_soon_threadsafe(self._send_from_thread, frame)
+        except RuntimeError:  # the loop is closed
+            raise _CallEnded() from None
+        while not connection.writable.wait(0.1):
+            if self.context._end is not None:
+                raise _CallEnded()
+
+    def _send_from_thread(self, frame: bytes) -> None:
+        if not self.finished:
+            self.connection.send(frame)
+
+    def _sync_done(self, future: asyncio.Future[Any]) -> None:
+        if self.finished:
+            return
+        if future.cancelled():
+            self.answer(_number(grpc.StatusCode.UNAVAILABLE), 'server is shutting down')
+            return
+        error = future.exception()
+        if error is not None:
+            self.answer(*_unexpected(error, self.handler.path))
+            return
+        answer = future.result()
+        if answer is None:
+            return
+        code, details, payload = answer
+        if payload is None:
+            self._end_stream()
+        else:
+            self.answer(code, details, payload)
+
+    # -- answers ----------------------------------------------------------------------
+
+    def _answer_for(self, result: Any) -> tuple[int, str, bytes]:
+        context = self.context
+        status = _status_after_return(context)
+        if status is not None:
+            return status[0], status[1], b''
+        try:
+            payload = self.handler.serialize(result)
+            self._check_size(len(payload))
+        except Exception as error:
+            code, details = _error_status(context, error, self.handler.path)
+            return code, details, b''
+        return _OK, '', payload
+
+    def _check_size(self, size: int) -> None:
+        limit = self.connection.server.max_message_bytes
+        if size > limit:
+            raise _StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f'Sent message larger than max ({size} vs. {limit})')
+
+    def answer(self, code: int, details: str, payload: bytes = b'', end: _End = _End.FINISHED) -> None:
+        """End the call with a Response frame (status and, if OK, payload)."""
+        if self.finished:
+            return
+        self._end(end)
+        self.connection.send(
+            encode_frame(self.stream_id, _RESPONSE, 0, encode_response(code, details, payload)))
+
+    def _end_stream(self) -> None:
+        if self.finished:
+            return
+        status = _status_after_return(self.context)
+        if status is not None:
+            self.answer(*status)
+            return
+        self._end(_End.FINISHED)
+        self.connection.send(encode_frame(self.stream_id, _DATA, FLAG_REMOTE_CLOSED | FLAG_NO_DATA))
+
+    def _end(self, how: _End) -> None:
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.requests is not None:
+            self.requests.cancel()
+        self.connection.call_ended(self)
+        self.context._finish(how)
+
+    # -- endings from outside ---------------------------------------------------------
+
+    def expire(self) -> None:
+        """The deadline passed: answer DEADLINE_EXCEEDED now, stop the handler."""
+        self.timer = None
+        if self.finished:
+            return
+        self.answer(_number(grpc.StatusCode.DEADLINE_EXCEEDED), 'Deadline Exceeded', end=_End.EXPIRED)
+        self._cancel_task()
+
+    def fail(self, code: grpc.StatusCode, details: str) -> None:
+        """End the call with ``code`` because of what the client did."""
+        if self.finished:
+            return
+        self.answer(_number(code), details)
+        self._cancel_task()
+
+    def cancel(self) -> None:
+        """The client is gone or the server stops: end without an answer."""
+        if self.finished:
+            return
+        self._end(_End.CANCELLED)
+        self._cancel_task()
+
+    def _cancel_task(self) -> None:
+        task = self.task
+        if task is not None and self.handler.is_async:
+            task.cancel()
+
+    # -- data from the client ---------------------------------------------------------
+
+    def data(self, frame: Frame) -> None:
+        requests = self.requests
+        if requests is None:
+            self.fail(grpc.StatusCode.INVALID_ARGUMENT,
+                      f'{self.handler.path} takes no streamed requests: data frame not allowed')
+            return
+        if not frame.flags & FLAG_NO_DATA:
+            requests.feed(frame.data)
+            limit = self.connection.server.request_backlog_bytes
+            if requests.pending_bytes > limit:
+                self.fail(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f'{requests.pending_bytes} bytes of streamed requests not read by the '
+                          f'handler (limit {limit})')
+                return
+        if frame.flags & FLAG_REMOTE_CLOSED:
+            requests.close()
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: decodes frames, starts calls, writes answers."""
+
+    def __init__(self, server: 'TtrpcServer') -> None:
+        self.server = server
+        assert server._loop is not None
+        self.loop = server._loop
+        self.decoder = FrameDecoder(server.frame_limit)
+        self.calls: dict[int, _Call] = {}
+        self.last_stream_id = 0
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.write_paused = False
+        # For def handlers streaming responses: cleared while the client does
+        # not read, so their threads wait instead of buffering without bound.
+        self.writable = threading.Event()
+        self.writable.set()
+        self._drain_waiters: list[asyncio.Future[None]] = []
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.server._connections.add(self)
+        if self.server._stopping:
+            transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        for call in list(self.calls.values()):
+            call.cancel()
+        self.writable.set()
+        self._wake_drainers()
+        for fd in self.decoder.take_fds():
+            os.close(fd)
+        self.server._connections.discard(self)
+        if self.decoder.mid_frame:
+            _logger.debug('ttrpc connection closed inside a frame (%d bytes pending)',
+                          self.decoder.buffered)
+
+    def pause_writing(self) -> None:
+        # The client does not read its answers: stop reading its requests too,
+        # so that a peer cannot make the server buffer without bound.
+        self.write_paused = True
+        self.writable.clear()
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.writable.set()
+        self._wake_drainers()
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        for item in self.decoder.feed(data):
+            if self.closed:
+                return
+            if item.__class__ is Frame:
+                self._frame(item)  # type: ignore[arg-type]
+            else:
+                self._oversized(item)  # type: ignore[arg-type]
+
+    def eof_received(self) -> bool:
+        return False  # half-closed by the client: close (in-flight calls end)
+
+    # -- frames -----------------------------------------------------------------------
+
+    def _frame(self, frame: Frame) -> None:
+        stream_id = frame.stream_id
+        for fd in frame.fds:  # no descriptor passing on this lane (yet): never leak them
+            os.close(fd)
+        if not stream_id & 1:
+            self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT,
+                        'StreamID must be odd for client initiated streams')
+        elif frame.type == _REQUEST:
+            self._request(frame)
+        elif frame.type == _DATA:
+            call = self.calls.get(stream_id)
+            if call is not None:
+                call.data(frame)
+            elif stream_id > self.last_stream_id:
+                self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT,
+                            'StreamID is not active: data frame before its request')
+            # else: data for a call that already ended (e.g. it answered
+            # before reading all requests): nothing is waiting for it.
+        # Responses from a client and unknown types are ignored, as the
+        # protocol asks for forward compatibility.
+
+    def _request(self, frame: Frame) -> None:
+        stream_id = frame.stream_id
+        if stream_id <= self.last_stream_id:
+            self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT,
+                        'StreamID cannot be re-used and must increment')
+            return
+        self.last_stream_id = stream_id
+        try:
+            request = Request.FromString(frame.data)
+        except DecodeError as error:
+            self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT, f'unmarshal request error: {error}')
+            return
+        server = self.server
+        if server._stopping:
+            self.reject(stream_id, grpc.StatusCode.UNAVAILABLE, 'server is shutting down')
+            return
+        handler = server._handlers.get((request.service, request.method))
+        if handler is None:
+            self.reject(stream_id, grpc.StatusCode.UNIMPLEMENTED, 'Method not found!')
+            return
+        payload = request.payload
+        if len(payload) > server.max_message_bytes:
+            self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f'Received message larger than max ({len(payload)} vs. {server.max_message_bytes})')
+            return
+        timeout_nano = request.timeout_nano
+        deadline = time.monotonic() + timeout_nano / 1e9 if timeout_nano else None
+        if deadline is not None and timeout_nano < 0:
+            self.reject(stream_id, grpc.StatusCode.DEADLINE_EXCEEDED, 'Deadline Exceeded')
+            return
+        metadata = metadata_from_wire(request.metadata) if request.metadata else ()
+        context_class = AsyncServicerContext if handler.is_async else ServicerContext
+        call = _Call(self, stream_id, handler, context_class(deadline, metadata, handler.path))
+        self.calls[stream_id] = call
+        server._active += 1
+        call.start(payload, frame.flags, deadline)
+
+    def _oversized(self, item: OversizedFrame) -> None:
+        details = oversized_message(item.length, item.limit)
+        call = self.calls.get(item.stream_id)
+        if call is not None:
+            call.fail(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+        else:
+            self.reject(item.stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+
+    # -- writing ----------------------------------------------------------------------
+
+    def send(self, frame: bytes) -> None:
+        if not self.closed:
+            assert self.transport is not None
+            self.transport.write(frame)
+
+    def reject(self, stream_id: int, code: grpc.StatusCode, details: str) -> None:
+        """Answer a stream that never became a call."""
+        self.send(encode_frame(stream_id, _RESPONSE, 0, encode_response(_number(code), details)))
+
+    async def drain(self) -> None:
+        """Wait until the client has read enough of what was written."""
+        if not self.write_paused or self.closed:
+            return
+        waiter = self.loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    def _wake_drainers(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def call_ended(self, call: _Call) -> None:
+        if self.calls.pop(call.stream_id, None) is not None:
+            self.server._call_ended()
+        if self.server._stopping and not self.calls:
+            self.close()
+
+    def close(self) -> None:
+        """Close after what was written has been sent."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def cancel_calls(self) -> list[asyncio.Future[Any]]:
+        """Cancel every call; return the tasks of async handlers still unwinding."""
+        tasks = [call.task for call in self.calls.values()
+                 if call.task is not None and call.handler.is_async and not call.task.done()]
+        for call in list(self.calls.values()):
+            call.cancel()
+        return tasks  # type: ignore[return-value]
+
+
+class _State(enum.Enum):
+    NEW = 'new'
+    SERVING = 'serving'
+    STOPPING = 'stopping'
+    STOPPED = 'stopped'
+
+
+class TtrpcServer:
+    """Serves registered gRPC servicers over ttrpc on a Unix socket.
+
+    The socket follows the rules of the gRPC socket
+    (:class:`~vyra_base_ipc.socket_file.SocketFile`): a live server on the path
+    is never replaced, a stale file is, the file gets ``socket_mode`` before
+    anyone can connect, and it is removed on stop only if it is still ours.
+
+    All coroutine methods run on one event loop, the one :meth:`start` ran
+    on; ``async def`` handlers run on it too. ``def`` handlers run in
+    ``executor`` (shared with the gRPC lane when the caller passes its pool),
+    else in a pool of ``max_workers`` threads owned by this server.
+
+    :param socket_path: where to listen.
+    :param services: registrations from :func:`~vyra_base_ipc.methods.record_servicer`.
+    :param max_message_bytes: largest request or response message; frames
+        may be :data:`~vyra_base_ipc.ttrpc.messages.ENVELOPE_ALLOWANCE` bytes
+        larger to hold the envelope.
+    :param grace_period: default grace of :meth:`stop`, in seconds.
+    :param socket_mode: permission bits of the socket file.
+    :param directory_mode: permission bits of parent directories created for it.
+    :param executor: thread pool for ``def`` handlers (not shut down here).
+    :param max_workers: size of the pool created when ``executor`` is None.
+    :raises TypeError, ValueError: invalid path, limit, or a service
+        registered twice.
+    """
+
+    def __init__(
+        self,
+        socket_path: StrPath,
+        services: Iterable[ServiceRegistration],
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        grace_period: float = DEFAULT_GRACE_PERIOD,
+        socket_mode: int = 0o600,
+        directory_mode: int = 0o700,
+        executor: futures.Executor | None = None,
+        max_workers: int | None = None,
+    ) -> None:
+        self.socket_path = validate_socket_path(socket_path)
+        self.max_message_bytes = validate_max_message_bytes(max_message_bytes)
+        self.frame_limit = self.max_message_bytes + ENVELOPE_ALLOWANCE
+        #: Bytes of streamed requests one call may leave unread before it fails.
+        self.request_backlog_bytes = 2 * self.max_message_bytes
+        self.grace_period = grace_period
+        self._handlers: dict[tuple[str, str], _Handler] = {}
+        for registration in services:
+            if any(service == registration.name for service, _ in self._handlers):
+                raise ValueError(f'service {registration.name} is registered twice')
+            for name, handler in registration.handlers.items():
+                self._handlers[(registration.name, name)] = _Handler(registration.name, name, handler)
+        self._socket = SocketFile(self.socket_path, socket_mode=socket_mode,
+                                  directory_mode=directory_mode)
+        self._given_executor = executor
+        self._max_workers = max_workers
+        self._executor: futures.Executor | None = executor
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[_Connection] = set()
+        self._state = _State.NEW
+        self._stopping = False
+        self._active = 0
+        self._idle: asyncio.Event | None = None
+        self._stop_task: asyncio.Future[None] | None = None
+
+    @property
+    def method_paths(self) -> tuple[str, ...]:
+        """Full paths of the methods served, e.g. ``/vyra.ipc.ModuleService/ExecuteCommand``."""
+        return tuple(handler.path for handler in self._handlers.values())
+
+    @property
+    def is_serving(self) -> bool:
+        return self._state is _State.SERVING
+
+    async def start(self) -> None:
+        """Bind, publish the socket file and start accepting connections.
+
+        :raises SocketInUseError: a live server listens on the path already.
+        :raises OSError: the path cannot be used (names the path and why).
+        :raises RuntimeError: if called twice.
+        """
+        if self._state is not _State.NEW:
+            raise RuntimeError(f'start() called on a ttrpc server that is {self._state.value}')
+        self._loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
+        self._state = _State.STOPPED  # until serving, stop() has nothing to do
+        listener: socket.socket | None = None
+        try:
+            self._socket.check()
+            if self._executor is None:
+                self._executor = futures.ThreadPoolExecutor(
+                    max_workers=self._max_workers, thread_name_prefix='ttrpc-handler')
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(os.fspath(self._socket.private_bind_path()))
+            listener.listen(socket.SOMAXCONN)
+            self._server = await self._loop.create_unix_server(lambda: _Connection(self), sock=listener)
+            self._socket.publish()
+        except BaseException:
+            if self._server is not None:
+                self._server.close()
+            elif listener is not None:
+                listener.close()
+            self._socket.discard()
+            self._shutdown_executor()
+            raise
+        self._state = _State.SERVING
+        _logger.info('ttrpc server serving %d methods on %s', len(self._handlers), self.socket_path)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop serving; idempotent and safe to call concurrently.
+
+        Stops accepting at once and removes the socket file (if still ours);
+        new calls on open connections get UNAVAILABLE; calls in flight get
+        ``grace`` seconds (default :attr:`grace_period`), then async handlers
+        are cancelled and every connection is closed (their clients see
+        UNAVAILABLE). ``def`` handlers cannot be interrupted: their answers are
+        dropped. Returns when all of that is done.
+        """
+        if self._stop_task is None:
+            if self._state is not _State.SERVING:
+                self._state = _State.STOPPED
+                return
+            self._stop_task = asyncio.ensure_future(
+                self._shutdown(self.grace_period if grace is None else grace))
+        await asyncio.shield(self._stop_task)
+
+    async def __aenter__(self) -> 'TtrpcServer':
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # -- internals ------------------------------------------------------------------
+
+    def _call_ended(self) -> None:
+        self._active -= 1
+        if self._active == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def _shutdown(self, grace: float) -> None:
+        assert self._server is not None and self._idle is not None
+        self._state = _State.STOPPING
+        self._stopping = True
+        try:
+            self._server.close()
+            removed = self._socket.remove()
+            for connection in list(self._connections):
+                if not connection.calls:
+                    connection.close()
+            if self._active:
+                self._idle.clear()
+                if self._active:
+                    try:
+                        await asyncio.wait_for(self._idle.wait(), grace)
+                    except asyncio.TimeoutError:
+                        _logger.info('ttrpc server on %s: %d calls still running after %g s; '
+                                     'cancelling them', self.socket_path, self._active, grace)
+            tasks: list[asyncio.Future[Any]] = []
+            for connection in list(self._connections):
+                tasks.extend(connection.cancel_calls())
+                connection.close()
+            if tasks:
+                await asyncio.wait(tasks, timeout=1.0)
+            if self._connections:
+                await asyncio.sleep(0)  # let closed transports report connection_lost
+        finally:
+            self._shutdown_executor()
+            self._state = _State.STOPPED
+        _logger.info('ttrpc server on %s stopped%s', self.socket_path,
+                     '' if removed else ' (socket file was not ours any more)')
+
+    def _shutdown_executor(self) -> None:
+        if self._executor is not None and self._given_executor is None:
+            # def handlers cannot be interrupted; do not wait for them.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = self._given_executor
