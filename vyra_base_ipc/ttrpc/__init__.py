@@ -1,0 +1,53 @@
+"""The fast lane: the module's gRPC services over containerd's ttrpc framing.
+
+gRPC over a Unix socket pays for HTTP/2 and grpcio's thread hops on every
+call. ttrpc (https://github.com/containerd/ttrpc, ``PROTOCOL.md``) keeps the
+gRPC service definitions and protobuf messages but frames them with a 10-byte
+header made for local, reliable connections. This package speaks it:
+
+- :class:`TtrpcServer` serves the servicers registered for gRPC (their
+  :class:`~vyra_base_ipc.methods.ServiceRegistration`\\ s), unchanged, on a
+  second socket;
+- :class:`AsyncConnection` and :class:`SyncConnection` call
+  :class:`~vyra_base_ipc.methods.Method`\\ s over one connection each, with
+  the deadlines, metadata and errors of the gRPC lane.
+
+Independent ttrpc implementations (containerd's Go package) interoperate for
+unary calls and streams. Lane selection, pooling and reconnecting belong to
+:class:`~vyra_base_ipc.IPCServer` / :class:`~vyra_base_ipc.IPCHandler`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..address import validate_socket_path
+from .client import AsyncConnection, SyncConnection
+from .context import AsyncServicerContext, ServicerContext
+from .framing import DEFAULT_MAX_DATA_LENGTH
+from .messages import ENVELOPE_ALLOWANCE
+from .server import TtrpcServer
+
+__all__ = [
+    'DEFAULT_MAX_DATA_LENGTH',
+    'ENVELOPE_ALLOWANCE',
+    'AsyncConnection',
+    'AsyncServicerContext',
+    'ServicerContext',
+    'SyncConnection',
+    'TtrpcServer',
+    'ttrpc_socket_path',
+]
+
+
+def ttrpc_socket_path(grpc_socket_path: os.PathLike[str] | str) -> Path:
+    """The default fast-lane socket beside a gRPC socket: same directory and
+    stem, suffix ``.ttrpc.sock`` (``/tmp/demo_ipc.sock`` ->
+    ``/tmp/demo_ipc.ttrpc.sock``).
+
+    :raises ValueError: the result would be too long for a Unix socket.
+    """
+    path = validate_socket_path(grpc_socket_path)
+    stem = path.name[:-len('.sock')] if path.name.endswith('.sock') else path.name
+    return validate_socket_path(path.with_name(f'{stem}.ttrpc.sock'))
