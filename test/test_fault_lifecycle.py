@@ -1,0 +1,359 @@
+"""Faults in the life of a server process, injected with real signals
+(issue 4, guarantees 1, 2, 3 and 8).
+
+- servers racing for one socket path: exactly one wins, the others exit
+  naming the path, and the winner serves;
+- SIGKILL in the middle of a call: the caller gets ``IPCUnavailableError``
+  long before its deadline, and nothing of the client is left behind;
+- a server down for ten seconds and back: the next call gets through within
+  one second, calls that waited for it succeed;
+- SIGTERM with many calls in flight: health says NOT_SERVING first, new calls
+  are refused, calls in flight finish or are cut at the grace deadline, the
+  process exits 0 and removes its socket.
+
+The servers are ``test/servers/fault_server.py``: the echo server with a
+journal of the requests its handlers saw, so a test knows when a call is in
+flight on the server rather than merely sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import os
+from pathlib import Path
+import signal
+import socket
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+import pytest
+
+from conftest import ServerProcess, wait_for
+from vyra_base_ipc import IPCError, IPCHandler, IPCUnavailableError, SyncIPCHandler
+from vyra_base_ipc.channel_pool import aio_pool, sync_pool
+from vyra_base_ipc.socket_file import is_listening
+
+pytestmark = pytest.mark.fault
+
+#: A deadline far longer than any fault takes to show: a call failing with
+#: anything but a timeout failed without waiting for it.
+LONG = 30.0
+
+
+class Journal:
+    """The requests a fault_server's handlers saw, one ``event method hex`` line each."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def events(self) -> list[tuple[str, str, bytes]]:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return []
+        # Only whole lines: a line being appended right now is not an event yet.
+        lines = text.split('\n')[:-1]
+        return [(event, method, bytes.fromhex(data))
+                for event, method, data in (line.split(' ') for line in lines)]
+
+    def count(self, event: str, method: str) -> int:
+        return sum(1 for e, m, _ in self.events() if (e, m) == (event, method))
+
+
+StartFaultServer = Callable[..., tuple[ServerProcess, Journal]]
+
+
+@pytest.fixture
+def start_fault_server(start_server: Callable[..., ServerProcess], tmp_path: Path) -> StartFaultServer:
+    """Factory: ``start_fault_server(path, *args, wait=True)`` -> (process, journal)."""
+    numbers = itertools.count()
+
+    def start(path: Path, *args: str, wait: bool = True) -> tuple[ServerProcess, Journal]:
+        journal = Journal(tmp_path / f'journal-{next(numbers)}.txt')
+        process = start_server(path, '--journal', str(journal.path), *args, wait=wait,
+                               script='fault_server.py')
+        return process, journal
+    return start
+
+
+async def until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """:func:`conftest.wait_for` for coroutines: polls without blocking the loop."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f'timed out after {timeout} s waiting for {what}')
+        await asyncio.sleep(0.01)
+
+
+def make_stale_socket(path: Path) -> None:
+    """Leave a socket file nobody listens on, as a crashed server does."""
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    assert path.is_socket() and not is_listening(path)
+
+
+def open_fds() -> int:
+    return len(os.listdir('/proc/self/fd'))
+
+
+@pytest.fixture
+def client_baseline(server_for_warmup: ServerProcess, echo) -> Iterator[tuple[int, int]]:
+    """Threads and fds of this process once gRPC's process-wide state exists
+    (one sync and one async round trip), so that what a test adds shows."""
+    with SyncIPCHandler(server_for_warmup.socket_path, echo.Stub, timeout=LONG) as client:
+        client.call_method('Echo', echo.pb.EchoRequest())
+
+    async def warm_up() -> None:
+        async with IPCHandler(server_for_warmup.socket_path, echo.Stub, timeout=LONG) as client:
+            await client.call_method('Echo', echo.pb.EchoRequest())
+    asyncio.run(warm_up())
+    yield threading.active_count(), open_fds()
+
+
+@pytest.fixture
+def server_for_warmup(start_server: Callable[..., ServerProcess], socket_dir: Path) -> ServerProcess:
+    return start_server(socket_dir / 'warmup.sock')
+
+
+def assert_client_released(baseline: tuple[int, int]) -> None:
+    """Threads and fds of this process fall back to the baseline.
+
+    The traceback of a call that failed holds gRPC objects in a reference
+    cycle, and grpc.aio keeps its poller thread while any of its channel
+    objects exists, so the cyclic garbage collector runs first; gRPC also lets
+    go of a closed channel's resources asynchronously, hence the wait.
+    """
+    gc.collect()
+    threads, fds = baseline
+    wait_for(lambda: threading.active_count() <= threads, 20,
+             f'client threads back to {threads} (now {threading.active_count()}: '
+             f'{[t.name for t in threading.enumerate()]})')
+    wait_for(lambda: open_fds() <= fds, 20, f'client fds back to {fds} (now {open_fds()})')
+    assert sync_pool.open_channels() == 0
+
+
+# -- 1: a second server on a live path ---------------------------------------------------
+
+@pytest.mark.parametrize('path_state', ['free', 'stale'])
+def test_servers_racing_for_one_path_exactly_one_wins(start_fault_server: StartFaultServer,
+                                                      socket_path: Path, tmp_path: Path, echo,
+                                                      path_state: str) -> None:
+    if path_state == 'stale':
+        make_stale_socket(socket_path)
+    gate = tmp_path / 'go'
+    contenders = [start_fault_server(socket_path, '--start-gate', str(gate), wait=False)[0]
+                  for _ in range(3)]
+
+    def all_at_the_gate() -> bool:
+        for process in contenders:
+            if process.popen.poll() is not None:
+                raise AssertionError(f'contender exited early:\n{process.log()}')
+        return len(list(tmp_path.glob('go.*.waiting'))) == len(contenders)
+    wait_for(all_at_the_gate, 60, 'every contender to wait at the start gate')
+    gate.touch()  # all three start their servers within a millisecond or so
+
+    def settled() -> bool:
+        return (sum(p.popen.poll() is not None for p in contenders) == len(contenders) - 1
+                and is_listening(socket_path))
+    wait_for(settled, 60, 'all contenders but one to give up')
+    winners = [p for p in contenders if p.popen.poll() is None]
+    losers = [p for p in contenders if p.popen.poll() is not None]
+    assert len(winners) == 1
+    for loser in losers:
+        assert loser.popen.returncode == 3, loser.log()
+        assert str(socket_path) in loser.log()
+        assert 'another server is listening' in loser.log()
+    # Nothing of the losers is left: no private bind directory, no second file.
+    assert sorted(p.name for p in socket_path.parent.iterdir()) == [socket_path.name]
+    with SyncIPCHandler(socket_path, echo.Stub, timeout=LONG) as client:
+        assert client.call_method('Echo', echo.pb.EchoRequest(text='winner')).text == 'winner'
+    # The socket is the winner's: once it is gone, nobody answers.
+    winners[0].kill()
+    assert socket_path.is_socket() and not is_listening(socket_path)
+
+
+def test_refused_second_server_leaves_calls_in_flight_alone_then_replaces_the_crashed_first(
+        start_fault_server: StartFaultServer, socket_path: Path, echo) -> None:
+    first, journal = start_fault_server(socket_path)
+    inode = socket_path.stat().st_ino
+
+    async def scenario() -> None:
+        async with IPCHandler(socket_path, echo.Stub, timeout=LONG) as client:
+            sleeper = asyncio.create_task(client.call_method('Sleep', echo.pb.SleepRequest(seconds=1.0)))
+            await until(lambda: journal.count('begin', 'Sleep') == 1, LONG, 'the Sleep call on the server')
+            second, _ = await asyncio.to_thread(start_fault_server, socket_path, wait=False)
+            assert await asyncio.to_thread(second.wait) == 3
+            assert 'another server is listening' in second.log() and str(socket_path) in second.log()
+            assert socket_path.stat().st_ino == inode
+            assert (await sleeper).was_active
+            assert (await client.call_method('Echo', echo.pb.EchoRequest(text='same'))).text == 'same'
+
+            first.signal(signal.SIGKILL)
+            await asyncio.to_thread(first.wait)
+            assert socket_path.is_socket()  # a crash leaves its file behind
+            await asyncio.to_thread(start_fault_server, socket_path)
+            assert socket_path.stat().st_ino != inode
+            # The client of the crashed server reaches the new one over the same handler.
+            reply = await client.call_method('Echo', echo.pb.EchoRequest(text='new'), wait_for_ready=True)
+            assert reply.text == 'new'
+    asyncio.run(scenario())
+
+
+# -- 2: crash mid-call ---------------------------------------------------------------------
+
+def test_sigkill_mid_call_is_unavailable_for_the_async_client(
+        start_fault_server: StartFaultServer, socket_path: Path, echo,
+        client_baseline: tuple[int, int]) -> None:
+    server, journal = start_fault_server(socket_path)
+
+    async def scenario() -> str:
+        async with IPCHandler(socket_path, echo.Stub, timeout=LONG) as client:
+            call = asyncio.create_task(client.call_method('Sleep', echo.pb.SleepRequest(seconds=LONG)))
+            await until(lambda: journal.count('begin', 'Sleep') == 1, LONG, 'the Sleep call on the server')
+            server.signal(signal.SIGKILL)
+            # Not IPCTimeoutError: the call failed as soon as the connection
+            # broke, not when its 30 s deadline expired.
+            with pytest.raises(IPCUnavailableError) as error:
+                await call
+        assert aio_pool.open_channels() == 0
+        return error.value.method
+    assert asyncio.run(scenario()) == '/vyra.ipc.test.EchoService/Sleep'
+    server.wait()
+    assert_client_released(client_baseline)
+
+
+@pytest.mark.parametrize('shape', ['unary', 'server stream'])
+def test_sigkill_mid_call_is_unavailable_for_the_sync_client(
+        start_fault_server: StartFaultServer, socket_path: Path, echo,
+        client_baseline: tuple[int, int], shape: str) -> None:
+    server, journal = start_fault_server(socket_path)
+    outcome: dict[str, Any] = {}
+    with SyncIPCHandler(socket_path, echo.Stub, timeout=LONG) as client:
+        if shape == 'unary':
+            def call() -> None:
+                try:
+                    outcome['reply'] = client.call_method('Sleep', echo.pb.SleepRequest(seconds=LONG))
+                except IPCError as error:
+                    outcome['error'] = error
+            caller = threading.Thread(target=call, name='sleep-caller')
+            caller.start()
+            wait_for(lambda: journal.count('begin', 'Sleep') == 1, LONG, 'the Sleep call on the server')
+            server.signal(signal.SIGKILL)
+            caller.join(LONG + 10)
+            assert not caller.is_alive(), 'the call hung after the server died'
+        else:
+            stream = client.stream_method('Count', echo.pb.CountRequest(count=10**9))
+            assert next(stream).index == 0  # the handler is producing
+            server.signal(signal.SIGKILL)
+            try:
+                for _ in stream:
+                    pass
+            except IPCError as error:
+                outcome['error'] = error
+    server.wait()
+    assert 'reply' not in outcome
+    assert isinstance(outcome.get('error'), IPCUnavailableError), repr(outcome)
+    outcome.clear()
+    assert_client_released(client_baseline)
+
+
+# -- 3: restart --------------------------------------------------------------------------
+
+#: How long the server stays down.
+OUTAGE = 10.0
+
+
+def test_server_down_ten_seconds_is_reachable_within_one_second_of_its_restart(
+        start_server: Callable[..., ServerProcess], socket_path: Path, echo) -> None:
+    first = start_server(socket_path)
+    request = echo.pb.EchoRequest
+
+    async def scenario() -> None:
+        async with IPCHandler(socket_path, echo.Stub, timeout=LONG) as aclient:
+            with SyncIPCHandler(socket_path, echo.Stub, timeout=LONG) as sclient:
+                assert (await aclient.call_method('Echo', request(text='up'))).text == 'up'
+                assert sclient.call_method('Echo', request(text='up')).text == 'up'
+                first.kill()
+                down_since = time.monotonic()
+                with pytest.raises(IPCUnavailableError):
+                    await aclient.call_method('Echo', request())
+                with pytest.raises(IPCUnavailableError):
+                    sclient.call_method('Echo', request())
+                # Calls that wait for the server through the whole outage; their
+                # reconnect attempts meanwhile are what a long backoff would delay.
+                waiting = [asyncio.ensure_future(
+                    aclient.call_method('Echo', request(text=f'async {i}'), wait_for_ready=True,
+                                        timeout=OUTAGE + LONG)) for i in range(3)]
+                waiting += [asyncio.ensure_future(asyncio.to_thread(
+                    sclient.call_method, 'Echo', request(text=f'sync {i}'), wait_for_ready=True,
+                    timeout=OUTAGE + LONG)) for i in range(3)]
+                await asyncio.sleep(OUTAGE - (time.monotonic() - down_since))  # the outage itself
+                assert not any(call.done() for call in waiting), [c for c in waiting if c.done()]
+
+                await asyncio.to_thread(start_server, socket_path)  # returns once it listens
+                next_async, next_sync = await asyncio.gather(
+                    aclient.call_method('Echo', request(text='next'), wait_for_ready=True, timeout=1.0),
+                    asyncio.to_thread(sclient.call_method, 'Echo', request(text='next sync'),
+                                      wait_for_ready=True, timeout=1.0))
+                assert (next_async.text, next_sync.text) == ('next', 'next sync')
+                replies = await asyncio.gather(*waiting)
+                assert sorted(r.text for r in replies) == [
+                    'async 0', 'async 1', 'async 2', 'sync 0', 'sync 1', 'sync 2']
+    asyncio.run(scenario())
+
+
+# -- 8: shutdown during load ---------------------------------------------------------------
+
+GRACE = 3.0
+
+
+def test_sigterm_under_load_drains_then_exits_cleanly(start_fault_server: StartFaultServer,
+                                                      socket_path: Path, echo) -> None:
+    server, journal = start_fault_server(socket_path, '--grace-period', str(GRACE))
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def scenario() -> None:
+        async with IPCHandler(socket_path, health_pb2_grpc.HealthStub, timeout=LONG) as health, \
+                IPCHandler(socket_path, echo.Stub, timeout=LONG) as client:
+            watch = health.stream_method('Watch', health_pb2.HealthCheckRequest(service=''))
+            assert (await watch.__anext__()).status == serving
+            # Calls that end well inside the grace period, and calls that would outlive it.
+            short = [asyncio.ensure_future(client.call_method('Sleep', echo.pb.SleepRequest(seconds=1.0)))
+                     for _ in range(20)]
+            long = [asyncio.ensure_future(client.call_method('Sleep', echo.pb.SleepRequest(seconds=LONG - 5)))
+                    for _ in range(20)]
+            await until(lambda: journal.count('begin', 'Sleep') == 40, LONG, '40 Sleep calls on the server')
+
+            server.signal(signal.SIGTERM)
+            # Health is the first thing to change: a watcher hears NOT_SERVING
+            # while every call is still in flight.
+            assert (await watch.__anext__()).status == not_serving
+            # New calls are refused at once, while the long calls still run.
+            # (Between health turning NOT_SERVING and the gRPC server stopping,
+            # a call may still be served; that is fine, a hang is not.)
+            refused = None
+            while refused is None:
+                try:
+                    await client.call_method('Echo', echo.pb.EchoRequest(text='late'))
+                except IPCUnavailableError as error:
+                    refused = error
+            assert not any(call.done() for call in long)
+
+            short_replies = await asyncio.gather(*short, return_exceptions=True)
+            assert all(not isinstance(r, BaseException) and r.was_active for r in short_replies), short_replies
+            long_outcomes = await asyncio.gather(*long, return_exceptions=True)
+            # Cut at the grace deadline: neither answered (they had 25 s to go)
+            # nor left to run into their own 30 s deadline.
+            assert all(isinstance(o, IPCUnavailableError) for o in long_outcomes), long_outcomes
+            await watch.aclose()
+    asyncio.run(scenario())
+    assert server.wait() == 0
+    assert not socket_path.exists()
+    assert list(socket_path.parent.iterdir()) == []
+    assert journal.count('end', 'Sleep') == 20
+    assert journal.count('cancelled', 'Sleep') == 20
