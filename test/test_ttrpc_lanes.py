@@ -1,0 +1,221 @@
+"""The same servicers answer identically on the gRPC lane and the ttrpc lane.
+
+One real server process (test/servers/ttrpc_server.py) serves the same
+servicer objects on both sockets; every call is made on both lanes and the
+outcomes (response messages, or error class, status code and details) must
+be equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import json
+import os
+from pathlib import Path
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from typing import Any, Callable, Iterator
+
+import grpc
+import pytest
+
+from conftest import SERVERS, wait_for
+from vyra_base_ipc import IPCHandler, SyncIPCHandler
+from vyra_base_ipc.exceptions import IPCError, IPCRemoteError
+from vyra_base_ipc.methods import Method, MethodKind, stub_methods
+from vyra_base_ipc.socket_file import is_listening
+from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
+
+from vyra_base_ipc import module_service_pb2 as module_pb
+from vyra_base_ipc import module_service_pb2_grpc as module_grpc
+
+
+@dataclass
+class Lanes:
+    grpc_path: Path
+    ttrpc_path: Path
+
+
+def start_lanes(test_protos_dir: Path, directory: Path, *args: str) -> subprocess.Popen:
+    """Run the two-lane test server; return once both sockets listen."""
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(test_protos_dir), env.get('PYTHONPATH')]))
+    log = open(directory / 'server.log', 'wb')
+    popen = subprocess.Popen(
+        [sys.executable, str(SERVERS / 'ttrpc_server.py'), str(directory / 'g.sock'),
+         str(directory / 't.sock'), *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+
+    def up() -> bool:
+        if popen.poll() is not None:
+            raise AssertionError(f'server exited: {(directory / "server.log").read_text()}')
+        return is_listening(directory / 'g.sock') and is_listening(directory / 't.sock')
+    wait_for(up, 20, 'both lanes of the test server')
+    return popen
+
+
+def stop_lanes(popen: subprocess.Popen) -> None:
+    if popen.poll() is None:
+        popen.send_signal(signal.SIGTERM)
+        try:
+            popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
+
+
+@pytest.fixture(scope='module')
+def lanes(test_protos_dir: Path) -> Iterator[Lanes]:
+    directory = Path(tempfile.mkdtemp(prefix='ttl-', dir='/tmp'))
+    popen = start_lanes(test_protos_dir, directory)
+    yield Lanes(directory / 'g.sock', directory / 't.sock')
+    stop_lanes(popen)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def outcome(call: Callable[[], Any]) -> Any:
+    """What a call gives, comparable across lanes."""
+    try:
+        result = call()
+    except IPCError as error:
+        return (type(error).__name__, error.code, error.details, error.method)
+    if isinstance(result, list):
+        return [message.SerializeToString(deterministic=True) for message in result]
+    return result.SerializeToString(deterministic=True)
+
+
+async def async_outcome(call: Callable[[], Any]) -> Any:
+    try:
+        result = await call()
+    except IPCError as error:
+        return (type(error).__name__, error.code, error.details, error.method)
+    if isinstance(result, list):
+        return [message.SerializeToString(deterministic=True) for message in result]
+    return result.SerializeToString(deterministic=True)
+
+
+# name -> (service, method, request factory taking the test proto module).
+# Factories, because request iterators are consumed by a call.
+CASES: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
+    'unary async handler': ('echo', 'Echo', lambda pb: pb.EchoRequest(text='hello', payload=bytes(range(64)))),
+    'unary def handler': ('echo', 'EchoSync', lambda pb: pb.EchoRequest(text='hi', payload=b'\0' * 100)),
+    'empty request': ('echo', 'Echo', lambda pb: pb.EchoRequest()),
+    'handler raises (async)': ('echo', 'Echo', lambda pb: pb.EchoRequest(text='raise')),
+    'handler raises (def)': ('echo', 'EchoSync', lambda pb: pb.EchoRequest(text='raise')),
+    'handler returns None': ('echo', 'Echo', lambda pb: pb.EchoRequest(text='none')),
+    'handler sets a code': ('echo', 'Echo', lambda pb: pb.EchoRequest(text='set-code')),
+    'first abort wins': ('echo', 'Echo', lambda pb: pb.EchoRequest(text='catch-abort')),
+    'abort in def handler': ('echo', 'EchoSync', lambda pb: pb.EchoRequest(text='abort')),
+    'server streaming': ('echo', 'Count', lambda pb: pb.CountRequest(count=5)),
+    'server streaming, no items': ('echo', 'Count', lambda pb: pb.CountRequest(count=0)),
+    'client streaming': ('echo', 'Collect', lambda pb: iter([pb.EchoRequest(text=t) for t in 'abc'])),
+    'client streaming, empty messages': ('echo', 'Collect', lambda pb: iter([pb.EchoRequest()] * 3)),
+    'client streaming, no items': ('echo', 'Collect', lambda pb: iter([])),
+    'bidi streaming': ('echo', 'Chat', lambda pb: iter([pb.EchoRequest(text=t) for t in 'xyz'])),
+    'bidi streaming, no items': ('echo', 'Chat', lambda pb: iter([])),
+    'ModuleService command': ('module', 'ExecuteCommand',
+                              lambda pb: module_pb.CommandRequest(command='ping')),
+    'ModuleService parameters': ('module', 'ExecuteCommand', lambda pb: module_pb.CommandRequest(
+        command='parameters', parameters={'a': '1', 'ü': 'ß'})),
+    'ModuleService unknown command': ('module', 'ExecuteCommand',
+                                      lambda pb: module_pb.CommandRequest(command='nope')),
+    'ModuleService unknown data key': ('module', 'GetData', lambda pb: module_pb.DataRequest(key='nope')),
+}
+for _code in grpc.StatusCode:
+    if _code is not grpc.StatusCode.OK:
+        CASES[f'status {_code.name}'] = ('echo', 'Fail', lambda pb, code=_code: pb.FailRequest(
+            code=code.value[0], details=f'details of {code.name}'))
+
+
+def stub_for(echo: Any, service: str) -> type:
+    return echo.Stub if service == 'echo' else module_grpc.ModuleServiceStub
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_sync_clients_get_the_same_outcome_on_both_lanes(lanes: Lanes, echo: Any, case: str) -> None:
+    service, method_name, make_request = CASES[case]
+    stub = stub_for(echo, service)
+
+    def request() -> Any:
+        return make_request(echo.pb)
+    method = stub_methods(stub)[method_name]
+    with SyncIPCHandler(lanes.grpc_path, stub, timeout=10) as handler, \
+            SyncConnection.connect(lanes.ttrpc_path) as connection:
+        if method.kind.response_streaming:
+            via_grpc = outcome(lambda: list(handler.stream_method(method_name, request())))
+            via_ttrpc = outcome(lambda: list(connection.stream(method, request(), timeout=10)))
+        else:
+            via_grpc = outcome(lambda: handler.call_method(method_name, request()))
+            via_ttrpc = outcome(lambda: connection.call(method, request(), timeout=10))
+    assert via_ttrpc == via_grpc
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('case', CASES)
+async def test_async_clients_get_the_same_outcome_on_both_lanes(lanes: Lanes, echo: Any, case: str) -> None:
+    service, method_name, make_request = CASES[case]
+    stub = stub_for(echo, service)
+
+    def request() -> Any:
+        return make_request(echo.pb)
+    method = stub_methods(stub)[method_name]
+
+    async def collect(iterator: Any) -> list[Any]:
+        return [item async for item in iterator]
+    async with IPCHandler(lanes.grpc_path, stub, timeout=10) as handler, \
+            await AsyncConnection.connect(lanes.ttrpc_path) as connection:
+        if method.kind.response_streaming:
+            via_grpc = await async_outcome(lambda: collect(handler.stream_method(method_name, request())))
+            via_ttrpc = await async_outcome(lambda: collect(connection.stream(method, request(), timeout=10)))
+        else:
+            via_grpc = await async_outcome(lambda: handler.call_method(method_name, request()))
+            via_ttrpc = await async_outcome(lambda: connection.call(method, request(), timeout=10))
+    assert via_ttrpc == via_grpc
+
+
+def test_outcomes_cover_errors_and_responses(lanes: Lanes, echo: Any) -> None:
+    # Guards the comparison above against comparing two identical failures.
+    method = stub_methods(echo.Stub)['Echo']
+    with SyncConnection.connect(lanes.ttrpc_path) as connection:
+        reply = connection.call(method, echo.pb.EchoRequest(text='t', payload=b'p'), timeout=10)
+        assert (reply.text, reply.payload) == ('t', b'p')
+        with pytest.raises(IPCRemoteError) as raised:
+            connection.call(method, echo.pb.EchoRequest(text='raise'), timeout=10)
+    assert raised.value.code is grpc.StatusCode.UNKNOWN
+    assert raised.value.details == "Unexpected <class 'ValueError'>: boom"
+
+
+def test_metadata_reaches_the_handler_alike_on_both_lanes(lanes: Lanes, echo: Any) -> None:
+    metadata = [('x-trace', 'abc'), ('x-token-bin', b'\x00\xff\x10'), ('x-trace', 'second')]
+    method = stub_methods(echo.Stub)['Echo']
+    with SyncIPCHandler(lanes.grpc_path, echo.Stub, timeout=10) as handler, \
+            SyncConnection.connect(lanes.ttrpc_path) as connection:
+        via_grpc = handler.call_method('Echo', echo.pb.EchoRequest(text='metadata'), metadata=metadata)
+        via_ttrpc = connection.call(method, echo.pb.EchoRequest(text='metadata'), metadata=metadata,
+                                    timeout=10)
+    assert json.loads(via_ttrpc.text) == json.loads(via_grpc.text) == [
+        ['x-trace', 'abc'], ['x-token-bin', '00ff10'], ['x-trace', 'second']]
+
+
+@pytest.mark.asyncio
+async def test_unknown_method_is_unimplemented_as_on_grpc(lanes: Lanes, echo: Any) -> None:
+    known = stub_methods(echo.Stub)['Echo']
+    for path in ('/vyra.ipc.test.EchoService/NoSuchMethod', '/no.such.Service/Echo'):
+        missing = Method('Missing', path, MethodKind.UNARY_UNARY, known.request_serializer,
+                         known.response_deserializer)
+        channel = grpc.aio.insecure_channel(f'unix:{lanes.grpc_path}')
+        try:
+            with pytest.raises(grpc.RpcError) as via_grpc:
+                await channel.unary_unary(path, request_serializer=known.request_serializer)(
+                    echo.pb.EchoRequest(), timeout=10)
+        finally:
+            await channel.close()
+        async with await AsyncConnection.connect(lanes.ttrpc_path) as connection:
+            with pytest.raises(IPCRemoteError) as via_ttrpc:
+                await connection.call(missing, echo.pb.EchoRequest(), timeout=10)
+        assert via_ttrpc.value.code is via_grpc.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        assert via_ttrpc.value.details == via_grpc.value.details()
+        assert via_ttrpc.value.method == path
