@@ -424,9 +424,10 @@ class _Call:
         """End the call with a Response frame (status and, if OK, payload)."""
         if self.finished:
             return
-        self._end(end)
+        self.finished = True  # the answer goes out before _end() may close the connection
         self.connection.send(
             encode_frame(self.stream_id, _RESPONSE, 0, encode_response(code, details, payload)))
+        self._end(end)
 
     def _end_stream(self) -> None:
         if self.finished:
@@ -435,8 +436,9 @@ class _Call:
         if status is not None:
             self.answer(*status)
             return
-        self._end(_End.FINISHED)
+        self.finished = True
         self.connection.send(encode_frame(self.stream_id, _DATA, FLAG_REMOTE_CLOSED | FLAG_NO_DATA))
+        self._end(_End.FINISHED)
 
     def _end(self, how: _End) -> None:
         self.finished = True
@@ -636,9 +638,11 @@ class _Connection(asyncio.Protocol):
     # -- writing ----------------------------------------------------------------------
 
     def send(self, frame: bytes) -> None:
-        if not self.closed:
-            assert self.transport is not None
-            self.transport.write(frame)
+        transport = self.transport
+        # A transport that failed is closing before connection_lost() runs:
+        # writing to it would only be dropped (and logged by asyncio).
+        if not self.closed and transport is not None and not transport.is_closing():
+            transport.write(frame)
 
     def reject(self, stream_id: int, code: grpc.StatusCode, details: str) -> None:
         """Answer a stream that never became a call."""
