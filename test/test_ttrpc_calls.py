@@ -1,0 +1,297 @@
+"""Calls over the fast lane under concurrency, deadlines and failures, with
+the package's own clients against a real server process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+from typing import Any, Iterator
+
+import grpc
+import pytest
+
+from conftest import wait_for
+from test_ttrpc_lanes import Lanes, start_lanes, stop_lanes
+from vyra_base_ipc import module_service_pb2 as module_pb
+from vyra_base_ipc.exceptions import IPCRemoteError, IPCTimeoutError, IPCUnavailableError
+from vyra_base_ipc.methods import stub_methods
+from vyra_base_ipc.module_service_pb2_grpc import ModuleServiceStub
+from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
+
+EXECUTE = stub_methods(ModuleServiceStub)['ExecuteCommand']
+PING = module_pb.CommandRequest(command='ping')
+
+
+@pytest.fixture
+def server(test_protos_dir: Path) -> Iterator[tuple[Lanes, subprocess.Popen]]:
+    directory = Path(tempfile.mkdtemp(prefix='ttc-', dir='/tmp'))
+    popen = start_lanes(test_protos_dir, directory)
+    yield Lanes(directory / 'g.sock', directory / 't.sock'), popen
+    stop_lanes(popen)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def lanes(server: tuple[Lanes, subprocess.Popen]) -> Lanes:
+    return server[0]
+
+
+def observed(connection: SyncConnection, label: str) -> dict[str, Any] | None:
+    """What the server's handler recorded under ``label`` (see ttrpc_server.py)."""
+    answer = connection.call(EXECUTE, module_pb.CommandRequest(command='observed'), timeout=10)
+    return json.loads(answer.result).get(label)
+
+
+# -- a slow handler blocks nothing else ---------------------------------------------------------
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('method_name', ['Echo', 'EchoSync'])
+async def test_sleeping_handler_does_not_delay_a_ping_on_the_same_connection(
+        lanes: Lanes, echo: Any, method_name: str) -> None:
+    method = stub_methods(echo.Stub)[method_name]
+    # A def handler holds its worker thread to the end, so it sleeps less.
+    text = 'sleep:slow:30' if method_name == 'Echo' else 'sleep:slow:3'
+    async with await AsyncConnection.connect(lanes.ttrpc_path) as connection:
+        slow = asyncio.ensure_future(connection.call(method, echo.pb.EchoRequest(text=text), timeout=60))
+        for _ in range(20):
+            assert (await connection.call(EXECUTE, PING, timeout=10)).result == 'pong'
+        assert not slow.done(), 'pings came back only after the sleeping call ended'
+        if method_name == 'EchoSync':
+            assert (await slow).text == 'slow'
+        else:
+            slow.cancel()
+
+
+def test_sleeping_handler_does_not_delay_other_connections(lanes: Lanes, echo: Any) -> None:
+    method = stub_methods(echo.Stub)['EchoSync']
+    results: list[Any] = []
+    with SyncConnection.connect(lanes.ttrpc_path) as busy, SyncConnection.connect(lanes.ttrpc_path) as other:
+        sleeper = threading.Thread(target=lambda: results.append(
+            busy.call(method, echo.pb.EchoRequest(text='sleep:other:3'), timeout=30)))
+        sleeper.start()
+        try:
+            wait_for(lambda: busy._streams, 10, 'the sleeping call to be sent')
+            for _ in range(20):
+                assert other.call(EXECUTE, PING, timeout=10).result == 'pong'
+            assert not results, 'pings came back only after the sleeping call ended'
+        finally:
+            sleeper.join(30)
+    assert results[0].text == 'other'
+
+
+def test_threads_share_one_sync_connection(lanes: Lanes, echo: Any) -> None:
+    method = stub_methods(echo.Stub)['Echo']
+    errors: list[BaseException] = []
+    with SyncConnection.connect(lanes.ttrpc_path) as connection:
+        slow = threading.Thread(target=lambda: connection.call(
+            method, echo.pb.EchoRequest(text='sleep:shared:2'), timeout=30))
+        slow.start()
+
+        def worker(index: int) -> None:
+            try:
+                for count in range(50):
+                    text = f'{index}-{count}'
+                    assert connection.call(method, echo.pb.EchoRequest(text=text), timeout=30).text == text
+            except BaseException as error:  # reported below
+                errors.append(error)
+        threads = [threading.Thread(target=worker, args=(index,)) for index in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        slow.join(60)
+    assert not errors, errors
+
+
+@pytest.mark.asyncio
+async def test_many_calls_in_flight_on_one_async_connection(lanes: Lanes, echo: Any) -> None:
+    method = stub_methods(echo.Stub)['Echo']
+    async with await AsyncConnection.connect(lanes.ttrpc_path) as connection:
+        replies = await asyncio.gather(*[
+            connection.call(method, echo.pb.EchoRequest(text=str(index), payload=bytes([index % 256]) * 64),
+                            timeout=30) for index in range(256)])
+    assert [reply.text for reply in replies] == [str(index) for index in range(256)]
+    assert all(reply.payload == bytes([index % 256]) * 64 for index, reply in enumerate(replies))
+
+
+@pytest.mark.asyncio
+async def test_streams_and_unary_calls_interleave_on_one_connection(lanes: Lanes, echo: Any) -> None:
+    methods = stub_methods(echo.Stub)
+    async with await AsyncConnection.connect(lanes.ttrpc_path) as connection:
+        async def count(n: int) -> list[int]:
+            return [reply.index async for reply in connection.stream(
+                methods['Count'], echo.pb.CountRequest(count=n), timeout=30)]
+
+        async def chat(words: list[str]) -> list[str]:
+            return [reply.text async for reply in connection.stream(
+                methods['Chat'], [echo.pb.EchoRequest(text=w) for w in words], timeout=30)]
+        results = await asyncio.gather(count(100), chat(['a', 'b']), count(3),
+                                       connection.call(EXECUTE, PING, timeout=30),
+                                       chat(['x'] * 50))
+    assert results[0] == list(range(100))
+    assert results[1] == ['A', 'B']
+    assert results[2] == [0, 1, 2]
+    assert results[3].result == 'pong'
+    assert results[4] == ['X'] * 50
+
+
+# -- deadlines ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('method_name', ['Echo', 'EchoSync'])
+def test_deadline_expires_on_both_sides(lanes: Lanes, echo: Any, method_name: str) -> None:
+    method = stub_methods(echo.Stub)[method_name]
+    label = f'deadline-{method_name}'
+    with SyncConnection.connect(lanes.ttrpc_path) as connection:
+        with pytest.raises(IPCTimeoutError) as raised:
+            connection.call(method, echo.pb.EchoRequest(text=f'sleep:{label}:1.0'), timeout=0.3)
+        assert raised.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert raised.value.method == method.path
+        wait_for(lambda: observed(connection, label), 20, 'the handler to record its context')
+        seen = observed(connection, label)
+        # The connection is still fine after a call timed out on it.
+        assert connection.call(EXECUTE, PING, timeout=10).result == 'pong'
+    assert seen is not None
+    assert seen['time_remaining'] <= 0
+    assert seen['is_active'] is False
+    assert seen['cancelled'] is True
+
+
+@pytest.mark.asyncio
+async def test_async_client_deadline(lanes: Lanes, echo: Any) -> None:
+    method = stub_methods(echo.Stub)['Sleep']
+    async with await AsyncConnection.connect(lanes.ttrpc_path) as connection:
+        with pytest.raises(IPCTimeoutError):
+            await connection.call(method, echo.pb.SleepRequest(seconds=30), timeout=0.2)
+        with pytest.raises(IPCTimeoutError):
+            async for _ in connection.stream(stub_methods(echo.Stub)['Chat'],
+                                             _never_ending(echo), timeout=0.2):
+                pass
+        reply = await connection.call(method, echo.pb.SleepRequest(seconds=0.01), timeout=30)
+    assert reply.was_active is True
+    assert 0 < reply.time_remaining <= 30
+
+
+async def _never_ending(echo: Any) -> Any:
+    yield echo.pb.EchoRequest(text='one')
+    await asyncio.Event().wait()
+
+
+def test_call_without_deadline_has_none_on_the_server(lanes: Lanes, echo: Any) -> None:
+    with SyncConnection.connect(lanes.ttrpc_path) as connection:
+        reply = connection.call(stub_methods(echo.Stub)['Sleep'], echo.pb.SleepRequest(seconds=0),
+                                timeout=None)
+    # The handler reports time_remaining() or 0.0: None arrives as 0.0.
+    assert reply.time_remaining == 0.0
+
+
+# -- failures -----------------------------------------------------------------------------------
+
+def test_missing_socket_is_unavailable(socket_dir: Path) -> None:
+    with pytest.raises(IPCUnavailableError, match='does not exist'):
+        SyncConnection.connect(socket_dir / 'none.ttrpc.sock')
+
+
+@pytest.mark.asyncio
+async def test_stale_socket_is_unavailable(socket_dir: Path) -> None:
+    import socket as socket_module
+    stale = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+    stale.bind(str(socket_dir / 'stale.sock'))
+    stale.close()  # the file stays, nobody listens
+    with pytest.raises(IPCUnavailableError, match='no server answers'):
+        await AsyncConnection.connect(socket_dir / 'stale.sock')
+
+
+@pytest.mark.asyncio
+async def test_server_killed_mid_call_is_unavailable(server: tuple[Lanes, subprocess.Popen],
+                                                     echo: Any) -> None:
+    lanes, popen = server
+    sleep = stub_methods(echo.Stub)['Sleep']
+    async with await AsyncConnection.connect(lanes.ttrpc_path) as connection:
+        call = asyncio.ensure_future(connection.call(sleep, echo.pb.SleepRequest(seconds=30), timeout=30))
+        assert (await connection.call(EXECUTE, PING, timeout=10)).result == 'pong'
+        popen.send_signal(signal.SIGKILL)
+        with pytest.raises(IPCUnavailableError):
+            await call
+        assert connection.is_closed
+        with pytest.raises(IPCUnavailableError):
+            await connection.call(EXECUTE, PING, timeout=10)
+
+
+def test_sync_connection_breaks_cleanly_when_the_server_dies(server: tuple[Lanes, subprocess.Popen],
+                                                             echo: Any) -> None:
+    lanes, popen = server
+    sleep = stub_methods(echo.Stub)['Sleep']
+    failures: list[BaseException] = []
+    with SyncConnection.connect(lanes.ttrpc_path) as connection:
+        def call() -> None:
+            try:
+                connection.call(sleep, echo.pb.SleepRequest(seconds=30), timeout=30)
+            except BaseException as error:
+                failures.append(error)
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(connection._streams) == 4, 10, 'four calls in flight')
+        popen.send_signal(signal.SIGKILL)
+        for thread in threads:
+            thread.join(30)
+        assert connection.is_closed
+    assert len(failures) == 4 and all(isinstance(f, IPCUnavailableError) for f in failures), failures
+
+
+def test_sigterm_stops_the_server_and_removes_the_socket(server: tuple[Lanes, subprocess.Popen]) -> None:
+    lanes, popen = server
+    with SyncConnection.connect(lanes.ttrpc_path) as connection:
+        assert connection.call(EXECUTE, PING, timeout=10).result == 'pong'
+        popen.send_signal(signal.SIGTERM)
+        assert popen.wait(timeout=20) == 0
+        with pytest.raises(IPCUnavailableError):
+            connection.call(EXECUTE, PING, timeout=10)
+    assert not lanes.ttrpc_path.exists()
+
+
+def test_wrong_call_shape_is_a_type_error(lanes: Lanes, echo: Any) -> None:
+    methods = stub_methods(echo.Stub)
+    with SyncConnection.connect(lanes.ttrpc_path) as connection:
+        with pytest.raises(TypeError, match='stream'):
+            connection.call(methods['Count'], echo.pb.CountRequest(count=1), timeout=10)
+        with pytest.raises(TypeError, match='call'):
+            list(connection.stream(methods['Echo'], echo.pb.EchoRequest(), timeout=10))
+        with pytest.raises(TypeError, match='Method'):
+            connection.call('Echo', echo.pb.EchoRequest(), timeout=10)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match='timeout'):
+            connection.call(methods['Echo'], echo.pb.EchoRequest(), timeout=-1)
+
+
+def test_too_large_request_fails_before_sending(lanes: Lanes, echo: Any) -> None:
+    method = stub_methods(echo.Stub)['Echo']
+    with SyncConnection.connect(lanes.ttrpc_path, max_message_bytes=1024) as connection:
+        with pytest.raises(IPCRemoteError) as raised:
+            connection.call(method, echo.pb.EchoRequest(payload=b'x' * 2000), timeout=10)
+        assert raised.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert connection.call(method, echo.pb.EchoRequest(text='still fine'), timeout=10).text == 'still fine'
+
+
+def test_request_iterator_failure_reaches_the_caller(lanes: Lanes, echo: Any) -> None:
+    def requests() -> Iterator[Any]:
+        yield echo.pb.EchoRequest(text='a')
+        raise LookupError('the caller\'s own bug')
+    with SyncConnection.connect(lanes.ttrpc_path) as connection:
+        with pytest.raises(LookupError, match='own bug'):
+            connection.call(stub_methods(echo.Stub)['Collect'], requests(), timeout=10)
+        assert connection.call(EXECUTE, PING, timeout=10).result == 'pong'
+
+
+def test_close_is_idempotent_and_fails_later_calls(lanes: Lanes) -> None:
+    connection = SyncConnection.connect(lanes.ttrpc_path)
+    connection.close()
+    connection.close()
+    assert connection.is_closed
+    with pytest.raises(IPCUnavailableError, match='closed'):
+        connection.call(EXECUTE, PING, timeout=10)
