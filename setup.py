@@ -119,6 +119,7 @@ setup(
     entry_points={
         'console_scripts': [
             'ipc_server = vyra_base_ipc.node:main',
+            'demo_module_node = vyra_base_ipc.demo.module_node:main',
             'demo_backend = vyra_base_ipc.demo.backend:main',
             'demo_frontend = vyra_base_ipc.demo.frontend:main',
         ],

@@ -168,6 +168,28 @@ async def test_signal_during_inflight_call_exits_0_within_grace(
 
 
 @pytest.mark.asyncio
+async def test_more_signals_during_shutdown_do_not_cut_it_short(
+        start_process, ros_environ, test_protos_dir, echo, short_dir: Path) -> None:
+    socket_path = short_dir / 'slow.sock'
+    grace = 1.0
+    server = slow_server(start_process, ros_environ, test_protos_dir, socket_path, grace)
+    async with IPCHandler(socket_path, echo.Stub, timeout=60.0) as ipc:
+        call = asyncio.ensure_future(ipc.call_method('Sleep', echo.pb.SleepRequest(seconds=60)))
+        await asyncio.to_thread(wait_in_flight, socket_path, 'Sleep')
+        server.signal(signal.SIGTERM)
+        await asyncio.to_thread(wait_until, lambda: 'stopping IPC server' in server.log(), 20,
+                                'the shutdown to begin')
+        server.signal(signal.SIGINT)
+        server.signal(signal.SIGTERM)
+        status = await asyncio.to_thread(server.wait, grace + 1.0)
+        with pytest.raises(IPCError):
+            await call
+    assert status == 0, server.log()
+    assert 'already stopping' in server.log()
+    assert not socket_path.exists()
+
+
+@pytest.mark.asyncio
 async def test_call_shorter_than_grace_completes_during_shutdown(
         start_process, ros_environ, test_protos_dir, echo, short_dir: Path) -> None:
     socket_path = short_dir / 'slow.sock'

@@ -26,6 +26,7 @@ import math
 import os
 from pathlib import Path
 import re
+import signal
 import sys
 import threading
 from typing import Any, Iterable, Mapping, Sequence
@@ -365,10 +366,13 @@ class IPCServerHost:
                 self.loop_thread.stop()
                 raise
             self.server = server
-        self.node.get_logger().info(
-            f'IPC server of module {config.module_name!r} (node '
-            f'{self.node.get_fully_qualified_name()}) serving '
-            f'{", ".join(server.service_names)} on {config.socket_path}')
+        message = (f'IPC server of module {config.module_name!r} (node '
+                   f'{self.node.get_fully_qualified_name()}) serving '
+                   f'{", ".join(server.service_names)} on {config.socket_path}')
+        if self.node.context.ok():
+            self.node.get_logger().info(message)
+        else:  # shut down while starting: rosout is gone
+            _logger.info('%s', message)
         return server
 
     def stop(self, grace: float | None = None) -> None:
@@ -480,11 +484,17 @@ def main(args: Sequence[str] | None = None) -> int:
     """Run ``ipc_server`` until SIGINT, SIGTERM or ROS shutdown.
 
     Then stops the server within the grace period, removes its socket and
-    returns 0. An unusable parameter is logged, naming the parameter, and
-    gives :data:`EXIT_BAD_PARAMETER`.
+    returns 0; further signals meanwhile are logged and ignored. An unusable
+    parameter is logged, naming the parameter, and gives
+    :data:`EXIT_BAD_PARAMETER`.
+
+    A process's entry point: it installs SIGINT/SIGTERM handlers for the rest
+    of the process's life (rclpy's own handlers chain to them).
     """
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format='[%(levelname)s] [%(name)s]: %(message)s')
+    stop_signals = _StopSignals()
+    stop_signals.install()
     try:
         rclpy.init(args=None if args is None else list(args))
     except _RCLError as error:
@@ -492,6 +502,8 @@ def main(args: Sequence[str] | None = None) -> int:
         _logger.error('cannot parse the ROS arguments (%s); values containing ":" need YAML '
                       'quotes, e.g. -p "servicers:=[\'package.module:ClassName\']"', error)
         return EXIT_BAD_PARAMETER
+    if stop_signals.received:  # arrived before rclpy's handlers were there
+        rclpy.try_shutdown()
     node: IPCServerNode | None = None
     executor: SingleThreadedExecutor | None = None
     status = 0
@@ -521,8 +533,32 @@ def main(args: Sequence[str] | None = None) -> int:
             node.destroy_node()
         rclpy.try_shutdown()
         _logger.info('ipc_server stopped')
+    # The stop-signal handlers stay: a late signal must not kill the exiting process.
     _exit_now_if_handlers_remain(status)
     return status
+
+
+class _StopSignals:
+    """Python-level SIGINT/SIGTERM handlers installed *before* rclpy's.
+
+    rclpy's handlers shut the context down (which ends spin()) and then call
+    the handler they replaced. Replacing Python's default ones (KeyboardInterrupt
+    for SIGINT, death for SIGTERM) with these means a signal never interrupts
+    the shutdown path half-way, however many arrive; after rclpy removes its
+    handlers these ones are back in place until the process exits.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[str] = []
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        _logger.info('%s received: %s', name, 'already stopping' if self.received else 'stopping')
+        self.received.append(name)
 
 
 def _exit_now_if_handlers_remain(status: int) -> None:

@@ -1,0 +1,59 @@
+"""launch_testing description for one launch file of this package, run by
+test/test_launch.py with ``launch_test`` where launch_ros is installed.
+
+Environment: VYRA_LAUNCH_FILE (the launch file), VYRA_LAUNCH_MODULE (the
+module_name launch argument; the socket is /tmp/<module>_ipc.sock).
+Not collected by pytest itself (the file name does not start with test_).
+"""
+
+import os
+from pathlib import Path
+import time
+import unittest
+
+from launch import LaunchDescription
+from launch.actions import IncludeLaunchDescription
+from launch.launch_description_sources import PythonLaunchDescriptionSource
+import launch_testing.actions
+import launch_testing.asserts
+import pytest
+
+from vyra_base_ipc import SyncIPCHandler
+from vyra_base_ipc import module_service_pb2 as module_pb
+from vyra_base_ipc import module_service_pb2_grpc as module_grpc
+from vyra_base_ipc.socket_file import is_listening
+
+MODULE = os.environ['VYRA_LAUNCH_MODULE']
+SOCKET = Path(f'/tmp/{MODULE}_ipc.sock')
+
+
+@pytest.mark.launch_test
+def generate_test_description() -> LaunchDescription:
+    return LaunchDescription([
+        IncludeLaunchDescription(
+            PythonLaunchDescriptionSource(os.environ['VYRA_LAUNCH_FILE']),
+            launch_arguments={'module_name': MODULE}.items()),
+        launch_testing.actions.ReadyToTest(),
+    ])
+
+
+class TestModuleIPC(unittest.TestCase):
+
+    def test_ipc_server_answers_on_socket_from_parameters(self) -> None:
+        deadline = time.monotonic() + 30
+        while not is_listening(SOCKET):
+            self.assertLess(time.monotonic(), deadline, f'nobody serves {SOCKET}')
+            time.sleep(0.05)
+        with SyncIPCHandler(SOCKET, module_grpc.ModuleServiceStub, timeout=5.0) as ipc:
+            answer = ipc.call_method('ExecuteCommand', module_pb.CommandRequest(command='ping'))
+        self.assertEqual(answer.result, 'pong')
+
+
+@launch_testing.post_shutdown_test()
+class TestShutdown(unittest.TestCase):
+
+    def test_every_process_exited_0(self, proc_info) -> None:
+        launch_testing.asserts.assertExitCodes(proc_info)
+
+    def test_socket_removed(self) -> None:
+        self.assertFalse(SOCKET.exists())

@@ -1,0 +1,115 @@
+"""The demo module, the ROS 2 way: ``python -m vyra_base_ipc.demo`` end to end,
+and its parts (module node, the IPC -> ROS 2 ``callable`` command)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+import subprocess
+import sys
+from typing import Iterator
+
+import pytest
+import rclpy
+from rclpy.context import Context
+from rclpy.parameter import Parameter
+from rclpy.signals import SignalHandlerOptions
+
+from ros_env import ROS_IMPORT_WARNINGS, ros_environ, ros_in_process, short_dir  # noqa: F401
+from vyra_base_ipc import SyncIPCHandler
+from vyra_base_ipc import module_service_pb2 as module_pb
+from vyra_base_ipc import module_service_pb2_grpc as module_grpc
+from vyra_base_ipc.demo.callable_service import DemoModuleService
+from vyra_base_ipc.demo.module_node import DECLARED_PARAMETERS, DemoModuleNode
+from vyra_base_ipc.node import host_ipc_server
+
+pytestmark = [pytest.mark.ros, ROS_IMPORT_WARNINGS]
+
+
+def run_demo(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, '-m', 'vyra_base_ipc.demo', *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_demo_brings_up_module_and_stops_it_cleanly(ros_environ: dict[str, str],
+                                                    short_dir: Path) -> None:
+    socket_path = short_dir / 'demo.sock'
+    result = run_demo(ros_environ, '--socket-path', str(socket_path),
+                      '--callable-calls', '10', '--latency-calls', '30')
+    output = result.stdout
+    assert result.returncode == 0, output + result.stderr
+    assert 'parameters from ' in output and 'ipc_server.yaml' in output
+    assert "[demo_module_node] " in output and "offers /callable" in output
+    assert "BackendService.ProcessData(b\"hello vyra\") -> b'HELLO VYRA'" in output
+    assert ("ModuleService.ExecuteCommand(\"callable\") -> status_code=0 "
+            "result='demo callable: call 1'") in output
+    assert '10 concurrent ModuleService.ExecuteCommand("callable") calls, each calling the ' \
+           'ROS 2 service: 10/10 answered' in output
+    latency = next(line for line in output.splitlines() if 'latency, p50 of 30' in line)
+    assert 'IPC ExecuteCommand("ping")' in latency and 'ROS 2 std_srvs/Trigger' in latency
+    assert 'ROS 2/IPC' in latency
+    assert 'demo_module_node exit code 0, ipc_server exit code 0' in output
+    assert f'socket {socket_path} removed' in output
+    assert output.rstrip().endswith('demo succeeded')
+    assert not socket_path.exists()
+
+
+def test_demo_in_a_namespace(ros_environ: dict[str, str], short_dir: Path) -> None:
+    socket_path = short_dir / 'demo.sock'
+    result = run_demo(ros_environ, '--socket-path', str(socket_path), '--namespace', '/robot1',
+                      '--callable-calls', '3', '--latency-calls', '5')
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert 'offers /robot1/callable' in result.stdout
+    assert '(node /robot1/ipc_server)' in result.stdout
+    assert '3/3 answered' in result.stdout
+
+
+def test_demo_fails_when_ipc_server_cannot_start(ros_environ: dict[str, str]) -> None:
+    result = run_demo(ros_environ, '--socket-path', '/proc/no/such/dir/demo.sock',
+                      '--latency-calls', '0')
+    assert result.returncode == 1
+    assert "parameter 'socket_path'" in result.stdout
+    assert 'ipc_server did not serve' in result.stdout
+    assert 'ipc_server exit code 2' in result.stdout
+    assert result.stdout.rstrip().endswith('demo FAILED')
+
+
+# -- the parts, in process ----------------------------------------------------------
+
+
+@pytest.fixture
+def context(ros_in_process: dict[str, str]) -> Iterator[Context]:
+    context = Context()
+    rclpy.init(args=[], context=context, signal_handler_options=SignalHandlerOptions.NO)
+    yield context
+    rclpy.try_shutdown(context=context)
+
+
+def test_module_node_declares_its_parameter_table(context: Context) -> None:
+    node = DemoModuleNode(context=context)
+    try:
+        own = set(node.get_parameters_by_prefix('')) - {'use_sim_time', 'start_type_description_service'}
+        assert own == DECLARED_PARAMETERS
+        assert node.describe_parameter('module_name').description
+    finally:
+        node.destroy_node()
+
+
+def test_callable_without_a_ros_server_is_unavailable(context: Context, short_dir: Path) -> None:
+    socket_path = short_dir / 'lonely.sock'
+    node = rclpy.create_node('lonely_ipc', context=context, parameter_overrides=[
+        Parameter('module_name', value='lonely'), Parameter('socket_path', value=str(socket_path))])
+    host = host_ipc_server(node, [DemoModuleService()])
+    try:
+        with SyncIPCHandler(socket_path, module_grpc.ModuleServiceStub, timeout=5.0) as ipc:
+            unavailable = ipc.call_method('ExecuteCommand', module_pb.CommandRequest(
+                command='callable', parameters={'timeout': '0.2'}))
+            bad_timeout = ipc.call_method('ExecuteCommand', module_pb.CommandRequest(
+                command='callable', parameters={'timeout': '-1'}))
+            status = ipc.call_method('ExecuteCommand', module_pb.CommandRequest(command='status'))
+    finally:
+        host.close()
+        node.destroy_node()
+    assert unavailable.status_code == 14  # UNAVAILABLE
+    assert '/callable is not available' in unavailable.result
+    assert bad_timeout.status_code == 3  # INVALID_ARGUMENT
+    assert '"module": "lonely"' in status.result

@@ -1,0 +1,63 @@
+"""The demo module's ModuleService: the built-in commands plus ``callable``,
+whose handler calls the module node's ROS 2 ``callable`` service
+(``std_srvs/Trigger``) and returns its answer.
+
+Load it into ``ipc_server`` with
+``-p "servicers:=['vyra_base_ipc.demo.callable_service:DemoModuleService']"``;
+being a ModuleService, it replaces the default one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import grpc
+from std_srvs.srv import Trigger
+
+from vyra_base_ipc.module_service import CommandError, ModuleService, command
+from vyra_base_ipc.ros_bridge import ServiceCallTimeout, ServiceUnavailable, call_service
+
+__all__ = ['DemoModuleService']
+
+
+class DemoModuleService(ModuleService):
+    """``ExecuteCommand('callable', {'timeout': seconds})`` calls the ROS 2
+    service ``callable`` in the hosting node's namespace.
+
+    The handler awaits the ROS response on the IPC event loop (never blocking
+    the rclpy executor, which delivers the response), so any number of these
+    calls may be in flight. Status codes: UNAVAILABLE when no ROS server
+    appears within the timeout, DEADLINE_EXCEEDED when it does not answer,
+    ABORTED when it answers ``success=False``, INVALID_ARGUMENT for a bad
+    ``timeout``.
+    """
+
+    #: Seconds a ``callable`` command waits for the ROS 2 service by default.
+    DEFAULT_TIMEOUT = 2.0
+
+    def __init__(self) -> None:
+        super().__init__('demo')
+        self._client: Any = None
+
+    def attach_ipc_host(self, host: Any) -> None:
+        """Called by :class:`~vyra_base_ipc.node.IPCServerHost` before serving."""
+        self.module_name = host.config.module_name
+        self._client = host.node.create_client(Trigger, 'callable')
+
+    @command('callable')
+    async def call_callable(self, parameters: dict[str, str]) -> str:
+        timeout = float(parameters.get('timeout', self.DEFAULT_TIMEOUT))
+        if not math.isfinite(timeout) or timeout <= 0:
+            raise ValueError(f'timeout must be a finite number of seconds > 0, not {timeout}')
+        if self._client is None:
+            raise CommandError('not hosted by a ROS 2 node', grpc.StatusCode.FAILED_PRECONDITION)
+        try:
+            response = await call_service(self._client, Trigger.Request(), timeout)
+        except ServiceUnavailable as error:
+            raise CommandError(str(error), grpc.StatusCode.UNAVAILABLE) from None
+        except ServiceCallTimeout as error:
+            raise CommandError(str(error), grpc.StatusCode.DEADLINE_EXCEEDED) from None
+        if not response.success:
+            raise CommandError(response.message, grpc.StatusCode.ABORTED)
+        return response.message

@@ -1,0 +1,75 @@
+"""The demo module's own ROS 2 node: offers the module's ``Callable``, a
+``std_srvs/Trigger`` service named ``callable`` (relative, so it follows the
+node's namespace). Runs until SIGINT, SIGTERM or ROS shutdown, then exits 0.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+from rcl_interfaces.msg import ParameterDescriptor
+import rclpy
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.impl.implementation_singleton import rclpy_implementation
+from rclpy.node import Node
+from std_srvs.srv import Trigger
+
+__all__ = ['DECLARED_PARAMETERS', 'DemoModuleNode', 'main']
+
+RCLError = rclpy_implementation.RCLError
+
+#: The parameters this node declares (checked against the launch files).
+DECLARED_PARAMETERS = frozenset({'module_name'})
+
+
+class DemoModuleNode(Node):
+    """Answers ``callable`` with ``success=True`` and which call it was."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__('demo_module', **kwargs)  # type: ignore[arg-type]
+        self.module_name: str = self.declare_parameter(
+            'module_name', 'demo',
+            ParameterDescriptor(description='Name of the VYRA module this node belongs to.',
+                                read_only=True)).value
+        self._calls = 0
+        self._lock = threading.Lock()
+        self.create_service(Trigger, 'callable', self._on_callable)
+        self.get_logger().info(f'module {self.module_name!r} offers {self.resolve_service_name("callable")}')
+
+    def _on_callable(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        with self._lock:
+            self._calls += 1
+            number = self._calls
+        response.success = True
+        response.message = f'{self.module_name} callable: call {number}'
+        return response
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    rclpy.init(args=None if args is None else list(args))
+    node: DemoModuleNode | None = None
+    executor: SingleThreadedExecutor | None = None
+    try:
+        # Made first: a signal arriving from here on only ends spin().
+        executor = SingleThreadedExecutor()
+        node = DemoModuleNode()
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except RCLError:
+        if rclpy.ok():
+            raise
+        # SIGINT/SIGTERM arrived while the node was being created.
+    finally:
+        if executor is not None:
+            executor.shutdown(timeout_sec=0)
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
