@@ -64,10 +64,9 @@ def metadata_to_wire(metadata: Metadata | None) -> list[ttrpc_pb2.KeyValue]:
         return []
     items = []
     for item in metadata:
-        try:
-            key, value = item
-        except (TypeError, ValueError):
-            raise TypeError(f'metadata items must be (key, value) pairs, not {item!r}') from None
+        if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 2:
+            raise TypeError(f'metadata items must be (key, value) pairs, not {item!r}')
+        key, value = item
         if not isinstance(key, str):
             raise TypeError(f'metadata key must be a str, not {type(key).__name__}: {key!r}')
         key = key.lower()

@@ -1,0 +1,227 @@
+"""The frame decoder and envelope conversions, and the clients against a
+scripted ttrpc peer on a real socket (answers no real server would give)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+import random
+import socket
+import struct
+import threading
+from typing import Any, Callable, Iterator
+
+import grpc
+import pytest
+
+from vyra_base_ipc import ttrpc_pb2
+from vyra_base_ipc.exceptions import IPCRemoteError, IPCUnavailableError
+from vyra_base_ipc.methods import stub_methods
+from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
+from vyra_base_ipc.ttrpc.framing import Frame, FrameDecoder, OversizedFrame, encode_frame
+from vyra_base_ipc.ttrpc.messages import metadata_from_wire, metadata_to_wire
+
+HEADER = struct.Struct('>IIBB')
+
+
+# -- decoder ------------------------------------------------------------------------------------
+
+def test_header_layout_is_big_endian_length_id_type_flags() -> None:
+    assert encode_frame(0x01020304, 3, 5, b'ab') == bytes.fromhex('00000002' '01020304' '03' '05') + b'ab'
+
+
+def test_frames_are_decoded_whatever_the_chunking() -> None:
+    frames = [(1, 1, 0, b'first'), (3, 3, 2, b''), (3, 2, 0, b'x' * 300), (5, 0x7f, 0xff, b'\0')]
+    wire = b''.join(HEADER.pack(len(d), s, t, f) + d for s, t, f, d in frames)
+    rng = random.Random(5)
+    for _ in range(200):
+        decoder = FrameDecoder(1024)
+        decoded: list[Any] = []
+        position = 0
+        while position < len(wire):
+            step = rng.randrange(1, 40)
+            decoded += decoder.feed(wire[position:position + step])
+            position += step
+        assert [(f.stream_id, f.type, f.flags, f.data) for f in decoded] == frames
+        assert not decoder.mid_frame
+
+
+def test_oversized_frame_is_reported_at_once_and_skipped_without_buffering() -> None:
+    decoder = FrameDecoder(16)
+    assert decoder.feed(HEADER.pack(100, 7, 1, 0) + b'y' * 10) == [OversizedFrame(7, 1, 0, 100, 16)]
+    assert decoder.buffered == 0 and decoder.mid_frame
+    assert decoder.feed(b'y' * 89) == []
+    assert decoder.feed(b'y' + encode_frame(9, 2, 0, b'ok')) == [Frame(9, 2, 0, b'ok')]
+    assert not decoder.mid_frame
+
+
+def test_frame_at_the_limit_is_accepted() -> None:
+    assert FrameDecoder(4).feed(encode_frame(1, 1, 0, b'1234')) == [Frame(1, 1, 0, b'1234')]
+
+
+def test_descriptors_are_attached_to_the_frame_they_arrived_with() -> None:
+    decoder = FrameDecoder()
+    wire = encode_frame(1, 1, 0, b'with fds') + encode_frame(3, 1, 0, b'without')
+    first = decoder.feed(wire[:12], fds=(7, 8))
+    rest = decoder.feed(wire[12:])
+    assert first == [] and [f.fds for f in rest] == [(7, 8), ()]
+    assert decoder.take_fds() == []
+
+
+# -- metadata -----------------------------------------------------------------------------------
+
+def test_metadata_round_trip_keeps_binary_values() -> None:
+    metadata = [('X-Trace', 'abc'), ('blob-bin', b'\x00\xff'), ('x-trace', 'again')]
+    wire = metadata_to_wire(metadata)
+    assert [(kv.key, kv.value) for kv in wire] == [('x-trace', 'abc'), ('blob-bin', 'AP8='),
+                                                   ('x-trace', 'again')]
+    assert metadata_from_wire(wire) == (('x-trace', 'abc'), ('blob-bin', b'\x00\xff'), ('x-trace', 'again'))
+
+
+def test_binary_metadata_value_that_is_not_base64_arrives_as_bytes() -> None:
+    assert metadata_from_wire([ttrpc_pb2.KeyValue(key='a-bin', value='not base64!')]) == (
+        ('a-bin', b'not base64!'),)
+
+
+@pytest.mark.parametrize('metadata, message', [
+    ([('k', b'bytes')], 'must be a str'),
+    ([('k-bin', 5)], 'must be bytes'),
+    ([(1, 'v')], 'key must be a str'),
+    (['kv'], 'pairs'),
+])
+def test_bad_metadata_is_a_type_error_naming_the_problem(metadata: Any, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        metadata_to_wire(metadata)
+
+
+# -- clients against a scripted peer ------------------------------------------------------------
+
+Script = Callable[[socket.socket], None]
+
+
+@pytest.fixture
+def scripted(socket_dir: Path) -> Iterator[Callable[[Script], Path]]:
+    """``scripted(script)``: a one-connection ttrpc 'server' running ``script``."""
+    threads: list[threading.Thread] = []
+    listeners: list[socket.socket] = []
+
+    def start(script: Script) -> Path:
+        path = socket_dir / f'peer{len(listeners)}.sock'
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen(1)
+        listeners.append(listener)
+
+        def serve() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                script(connection)
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        threads.append(thread)
+        return path
+    yield start
+    for listener in listeners:
+        listener.close()
+    for thread in threads:
+        thread.join(10)
+
+
+def read_frame(connection: socket.socket) -> tuple[int, int, int, bytes]:
+    def exactly(size: int) -> bytes:
+        data = b''
+        while len(data) < size:
+            chunk = connection.recv(size - len(data))
+            if not chunk:
+                raise ConnectionError('peer closed')
+            data += chunk
+        return data
+    length, stream_id, message_type, flags = HEADER.unpack(exactly(10))
+    return stream_id, message_type, flags, exactly(length)
+
+
+def respond(connection: socket.socket, stream_id: int, payload: bytes = b'', code: int = 0) -> None:
+    body = ttrpc_pb2.Response(status=ttrpc_pb2.Status(code=code), payload=payload).SerializeToString()
+    connection.sendall(HEADER.pack(len(body), stream_id, 2, 0) + body)
+
+
+def test_oversized_answer_fails_only_its_call(scripted: Callable[[Script], Path], echo: Any) -> None:
+    reply = echo.pb.EchoReply(text='fine').SerializeToString()
+
+    def script(connection: socket.socket) -> None:
+        stream_id = read_frame(connection)[0]
+        size = 1024 + 64 * 1024 + 1  # over the client's frame limit
+        connection.sendall(HEADER.pack(size, stream_id, 2, 0) + b'\0' * size)
+        respond(connection, read_frame(connection)[0], reply)
+    method = stub_methods(echo.Stub)['Echo']
+    with SyncConnection.connect(scripted(script), max_message_bytes=1024) as connection:
+        with pytest.raises(IPCRemoteError) as raised:
+            connection.call(method, echo.pb.EchoRequest(), timeout=10)
+        assert raised.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert connection.call(method, echo.pb.EchoRequest(), timeout=10).text == 'fine'
+
+
+def test_answer_over_the_message_limit_is_refused(scripted: Callable[[Script], Path], echo: Any) -> None:
+    def script(connection: socket.socket) -> None:
+        respond(connection, read_frame(connection)[0], b'\x0a' + bytes([127]) + b'x' * 127)
+    with SyncConnection.connect(scripted(script), max_message_bytes=100) as connection:
+        with pytest.raises(IPCRemoteError, match='larger than max'):
+            connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=10)
+
+
+@pytest.mark.asyncio
+async def test_malformed_answer_is_internal(scripted: Callable[[Script], Path], echo: Any) -> None:
+    def script(connection: socket.socket) -> None:
+        stream_id = read_frame(connection)[0]
+        connection.sendall(HEADER.pack(3, stream_id, 2, 0) + b'\xff\xff\xff')
+    async with await AsyncConnection.connect(scripted(script)) as connection:
+        with pytest.raises(IPCRemoteError) as raised:
+            await connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=10)
+    assert raised.value.code is grpc.StatusCode.INTERNAL
+
+
+@pytest.mark.asyncio
+async def test_peer_closing_mid_call_is_unavailable(scripted: Callable[[Script], Path], echo: Any) -> None:
+    def script(connection: socket.socket) -> None:
+        read_frame(connection)
+        connection.sendall(HEADER.pack(50, 1, 2, 0) + b'truncated')
+    async with await AsyncConnection.connect(scripted(script)) as connection:
+        with pytest.raises(IPCUnavailableError, match='lost'):
+            await connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=10)
+        assert connection.is_closed
+
+
+def test_client_stream_ids_are_odd_and_increase(scripted: Callable[[Script], Path], echo: Any) -> None:
+    seen: list[tuple[int, int, int]] = []
+
+    def script(connection: socket.socket) -> None:
+        for _ in range(3):
+            stream_id, message_type, flags, data = read_frame(connection)
+            seen.append((stream_id, message_type, flags))
+            request = ttrpc_pb2.Request.FromString(data)
+            assert (request.service, request.method) == ('vyra.ipc.test.EchoService', 'Echo')
+            assert 0 < request.timeout_nano <= 10 * 10**9
+            respond(connection, stream_id, echo.pb.EchoReply().SerializeToString())
+    with SyncConnection.connect(scripted(script)) as connection:
+        for _ in range(3):
+            connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=10)
+    assert seen == [(1, 1, 0), (3, 1, 0), (5, 1, 0)]
+
+
+@pytest.mark.asyncio
+async def test_async_client_sends_streams_by_the_protocol(scripted: Callable[[Script], Path],
+                                                          echo: Any) -> None:
+    seen: list[tuple[int, int, int, bytes]] = []
+
+    def script(connection: socket.socket) -> None:
+        while True:
+            frame = read_frame(connection)
+            seen.append(frame)
+            if frame[1] == 3 and frame[2] & 1:
+                break
+        respond(connection, 1, echo.pb.EchoReply(text='done').SerializeToString())
+    async with await AsyncConnection.connect(scripted(script)) as connection:
+        reply = await connection.call(stub_methods(echo.Stub)['Collect'],
+                                      [echo.pb.EchoRequest(text='a'), echo.pb.EchoRequest()], timeout=10)
+    assert reply.text == 'done'
+    assert [(s, t, f) for s, t, f, _ in seen] == [(1, 1, 2), (1, 3, 0), (1, 3, 0), (1, 3, 5)]
+    assert seen[2][3] == b'' and seen[3][3] == b''  # an empty message, then a bare close
