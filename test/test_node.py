@@ -51,7 +51,7 @@ from vyra_base_ipc.node import (
     host_ipc_server,
     read_ipc_config,
 )
-from vyra_base_ipc.ros_bridge import ServiceCallTimeout, ServiceUnavailable, call_service
+from vyra_base_ipc.ros_bridge import ServiceCallTimeout, ServiceCaller, ServiceUnavailable, call_service
 from vyra_base_ipc.socket_file import is_listening
 
 pytestmark = [pytest.mark.ros, ROS_IMPORT_WARNINGS]
@@ -490,20 +490,22 @@ class CallableBridge(ModuleService):
 
     def __init__(self) -> None:
         super().__init__('bridge')
-        self.client: Any = None
+        self.caller: ServiceCaller | None = None
 
     def attach_ipc_host(self, host: IPCServerHost) -> None:
-        self.client = host.node.create_client(Trigger, 'callable')
+        self.caller = ServiceCaller(host.node.create_client(Trigger, 'callable'))
 
     @command('callable')
     async def call_callable(self, parameters: dict[str, str]) -> str:
-        response = await call_service(self.client, Trigger.Request(), float(parameters['timeout']))
+        assert self.caller is not None
+        response = await self.caller.call(Trigger.Request(), float(parameters['timeout']))
         return response.message
 
 
 class CallableNode(Node):
-    def __init__(self, context: Context, *, answer: bool = True) -> None:
+    def __init__(self, context: Context, *, answer: bool = True, busy: float = 0.0) -> None:
         super().__init__('callable_server', context=context)
+        self.busy = busy
         self.count = 0
         self.lock = threading.Lock()
         self.answer = answer
@@ -513,6 +515,9 @@ class CallableNode(Node):
     def on_call(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         if not self.answer:
             self.release.wait(10)
+        # A server slower than the requests arrive: more than the QoS depth
+        # (10) of them would pile up, and ROS 2 would drop the excess.
+        time.sleep(self.busy)
         with self.lock:
             self.count += 1
             response.message = f'call {self.count}'
@@ -538,19 +543,21 @@ def bridge_host(context: Context, spin, short_dir: Path) -> Iterator[tuple[Node,
 
 
 @pytest.mark.asyncio
-async def test_concurrent_ipc_calls_each_calling_a_ros_service(context: Context, spin,
-                                                               bridge_host) -> None:
+async def test_concurrent_ipc_calls_each_calling_a_busy_ros_service(context: Context, spin,
+                                                                    bridge_host) -> None:
     node, socket_path = bridge_host
-    server = CallableNode(context)
+    server = CallableNode(context, busy=0.005)
     spinner = spin(server)
+    calls = 30  # three times the default service QoS depth
     try:
         async with IPCHandler(socket_path, module_grpc.ModuleServiceStub, timeout=30.0) as ipc:
             replies = await asyncio.gather(*(
                 ipc.call_method('ExecuteCommand', module_pb.CommandRequest(
                     command='callable', parameters={'timeout': '20'}))
-                for _ in range(20)))
-        assert [reply.status_code for reply in replies] == [0] * 20
-        assert sorted(reply.result for reply in replies) == sorted(f'call {n}' for n in range(1, 21))
+                for _ in range(calls)))
+        assert [reply.result for reply in replies if reply.status_code != 0] == []
+        assert sorted(reply.result for reply in replies) == \
+            sorted(f'call {n}' for n in range(1, calls + 1))
     finally:
         spinner.stop()
         server.destroy_node()

@@ -6,6 +6,12 @@ future cannot be awaited by asyncio. :func:`call_service` sends the request
 with ``call_async`` and waits for the response on the *asyncio* side: the
 response is delivered by whatever executor spins the client's node (on its
 own thread), which hands it over with ``call_soon_threadsafe``.
+
+Concurrency has a limit that ROS 2 does not report: service requests and
+responses are kept in a history of ``depth`` entries (10 by default), and
+requests beyond that which arrive while the server is busy are dropped
+silently; the caller only sees its timeout. :class:`ServiceCaller` keeps the
+number of requests in flight below that depth and queues the rest.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ import asyncio
 from typing import Any
 
 from rclpy.client import Client
+from rclpy.qos import HistoryPolicy
 from rclpy.task import Future as RosFuture
 
-__all__ = ['ServiceCallTimeout', 'ServiceUnavailable', 'call_service']
+__all__ = ['ServiceCallTimeout', 'ServiceCaller', 'ServiceUnavailable', 'call_service']
 
 
 class ServiceUnavailable(RuntimeError):
@@ -72,6 +79,47 @@ async def call_service(client: Client, request: Any, timeout: float, *,
         if not ros_future.done():
             client.remove_pending_request(ros_future)
             ros_future.cancel()
+
+
+class ServiceCaller:
+    """Calls one ROS 2 service from asyncio code with at most ``max_in_flight``
+    requests outstanding; further calls wait their turn (within their timeout).
+
+    :param client: the rclpy client; its node must be spun on another thread.
+    :param max_in_flight: default: the client's QoS history depth (10 for the
+        default service QoS), which the server's depth should match.
+    :raises ValueError: ``max_in_flight`` below 1.
+    """
+
+    def __init__(self, client: Client, max_in_flight: int | None = None) -> None:
+        if max_in_flight is None:
+            profile = client.qos_profile
+            keep_last = profile.history != HistoryPolicy.KEEP_ALL and profile.depth > 0
+            max_in_flight = profile.depth if keep_last else 10
+        if max_in_flight < 1:
+            raise ValueError(f'max_in_flight must be at least 1, not {max_in_flight}')
+        self.client = client
+        self.max_in_flight = max_in_flight
+        # Bound to the loop of its first use (Python >= 3.10).
+        self._slots = asyncio.Semaphore(max_in_flight)
+
+    async def call(self, request: Any, timeout: float) -> Any:
+        """:func:`call_service`, the wait for a free slot included in ``timeout``.
+
+        :raises ServiceUnavailable, ServiceCallTimeout: as :func:`call_service`.
+        """
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout
+        try:
+            await asyncio.wait_for(self._slots.acquire(), timeout)
+        except asyncio.TimeoutError:
+            raise ServiceCallTimeout(
+                f'ROS 2 service {self.client.service_name}: {self.max_in_flight} calls in flight, '
+                f'none finished within {timeout:g} s') from None
+        try:
+            return await call_service(self.client, request, max(0.0, give_up - loop.time()))
+        finally:
+            self._slots.release()
 
 
 def _transfer(ros_future: RosFuture, answer: asyncio.Future[Any]) -> None:

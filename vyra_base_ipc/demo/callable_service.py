@@ -16,7 +16,7 @@ import grpc
 from std_srvs.srv import Trigger
 
 from vyra_base_ipc.module_service import CommandError, ModuleService, command
-from vyra_base_ipc.ros_bridge import ServiceCallTimeout, ServiceUnavailable, call_service
+from vyra_base_ipc.ros_bridge import ServiceCallTimeout, ServiceCaller, ServiceUnavailable
 
 __all__ = ['DemoModuleService']
 
@@ -27,7 +27,8 @@ class DemoModuleService(ModuleService):
 
     The handler awaits the ROS response on the IPC event loop (never blocking
     the rclpy executor, which delivers the response), so any number of these
-    calls may be in flight. Status codes: UNAVAILABLE when no ROS server
+    IPC calls may be in flight; at most 10 ROS requests are (more would be
+    dropped by the default service QoS), the others wait. Status codes: UNAVAILABLE when no ROS server
     appears within the timeout, DEADLINE_EXCEEDED when it does not answer,
     ABORTED when it answers ``success=False``, INVALID_ARGUMENT for a bad
     ``timeout``.
@@ -38,22 +39,22 @@ class DemoModuleService(ModuleService):
 
     def __init__(self) -> None:
         super().__init__('demo')
-        self._client: Any = None
+        self._callable: ServiceCaller | None = None
 
     def attach_ipc_host(self, host: Any) -> None:
         """Called by :class:`~vyra_base_ipc.node.IPCServerHost` before serving."""
         self.module_name = host.config.module_name
-        self._client = host.node.create_client(Trigger, 'callable')
+        self._callable = ServiceCaller(host.node.create_client(Trigger, 'callable'))
 
     @command('callable')
     async def call_callable(self, parameters: dict[str, str]) -> str:
         timeout = float(parameters.get('timeout', self.DEFAULT_TIMEOUT))
         if not math.isfinite(timeout) or timeout <= 0:
             raise ValueError(f'timeout must be a finite number of seconds > 0, not {timeout}')
-        if self._client is None:
+        if self._callable is None:
             raise CommandError('not hosted by a ROS 2 node', grpc.StatusCode.FAILED_PRECONDITION)
         try:
-            response = await call_service(self._client, Trigger.Request(), timeout)
+            response = await self._callable.call(Trigger.Request(), timeout)
         except ServiceUnavailable as error:
             raise CommandError(str(error), grpc.StatusCode.UNAVAILABLE) from None
         except ServiceCallTimeout as error:
