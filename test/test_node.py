@@ -294,7 +294,10 @@ def test_malformed_ros_argument_fails_with_quoting_hint(start_process) -> None:
 def context(ros_in_process: dict[str, str]) -> Iterator[Context]:
     """A private rclpy context (no signal handlers: pytest keeps Ctrl-C)."""
     context = Context()
-    rclpy.init(args=[], context=context, signal_handler_options=SignalHandlerOptions.NO)
+    # A namespace of its own: tests running at the same time in the same
+    # domain cannot answer each other's service calls.
+    rclpy.init(args=['--ros-args', '-r', f'__ns:=/t{uuid.uuid4().hex[:12]}'], context=context,
+               signal_handler_options=SignalHandlerOptions.NO)
     yield context
     rclpy.try_shutdown(context=context)
 
@@ -545,7 +548,7 @@ def bridge_host(context: Context, spin, short_dir: Path) -> Iterator[tuple[Node,
 @pytest.mark.asyncio
 async def test_concurrent_ipc_calls_each_calling_a_busy_ros_service(context: Context, spin,
                                                                     bridge_host) -> None:
-    node, socket_path = bridge_host
+    _, socket_path = bridge_host
     server = CallableNode(context, busy=0.005)
     spinner = spin(server)
     calls = 30  # three times the default service QoS depth

@@ -293,7 +293,10 @@ class IPCServerHost:
     calling thread and must not be called on the loop thread (e.g. from an IPC
     handler). Async handlers run on :attr:`loop_thread`, plain ``def``
     handlers on the server's worker threads; rclpy callbacks on whatever the
-    node's executor uses.
+    node's executor uses. A ROS callback may hand work to the IPC loop with
+    ``loop_thread.submit()``; it must not *wait* for work that itself calls a
+    ROS service of a node spun by the same single-threaded executor (the
+    response could never be delivered).
 
     :param node: the hosting node.
     :param servicers: servicers created in code, served besides those named by
@@ -413,7 +416,7 @@ class IPCServerHost:
         except RuntimeError as error:  # the loop is already gone
             _logger.warning('IPC server on %s could not be stopped: %s', server.socket_path, error)
 
-    def _on_set_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
+    def _on_set_parameters(self, parameters: list[Parameter[Any]]) -> SetParametersResult:
         for parameter in parameters:
             if parameter.name != 'grace_period':
                 continue

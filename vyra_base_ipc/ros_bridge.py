@@ -34,7 +34,7 @@ class ServiceCallTimeout(TimeoutError):
     """Raised when the ROS 2 service did not answer before the deadline."""
 
 
-async def call_service(client: Client, request: Any, timeout: float, *,
+async def call_service(client: Client[Any, Any], request: Any, timeout: float, *,
                        wait_for_service: bool = True) -> Any:
     """Call a ROS 2 service from a coroutine and return its response.
 
@@ -61,7 +61,7 @@ async def call_service(client: Client, request: Any, timeout: float, *,
             await asyncio.sleep(min(0.02, max(0.0, give_up - loop.time())))
     answer: asyncio.Future[Any] = loop.create_future()
 
-    def deliver(ros_future: RosFuture) -> None:
+    def deliver(ros_future: RosFuture[Any]) -> None:
         # Runs on the executor's thread (or here, if already done).
         try:
             loop.call_soon_threadsafe(_transfer, ros_future, answer)
@@ -91,7 +91,7 @@ class ServiceCaller:
     :raises ValueError: ``max_in_flight`` below 1.
     """
 
-    def __init__(self, client: Client, max_in_flight: int | None = None) -> None:
+    def __init__(self, client: Client[Any, Any], max_in_flight: int | None = None) -> None:
         if max_in_flight is None:
             profile = client.qos_profile
             keep_last = profile.history != HistoryPolicy.KEEP_ALL and profile.depth > 0
@@ -122,7 +122,7 @@ class ServiceCaller:
             self._slots.release()
 
 
-def _transfer(ros_future: RosFuture, answer: asyncio.Future[Any]) -> None:
+def _transfer(ros_future: RosFuture[Any], answer: asyncio.Future[Any]) -> None:
     if answer.done():
         return
     if ros_future.cancelled():

@@ -61,4 +61,4 @@ class DemoModuleService(ModuleService):
             raise CommandError(str(error), grpc.StatusCode.DEADLINE_EXCEEDED) from None
         if not response.success:
             raise CommandError(response.message, grpc.StatusCode.ABORTED)
-        return response.message
+        return str(response.message)

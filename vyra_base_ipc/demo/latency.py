@@ -59,6 +59,7 @@ def ros_round_trips(calls: int, service: str = 'callable', *, namespace: str = '
         answered ``success=False``.
     """
     import rclpy
+    from rclpy.client import Client
     from rclpy.context import Context
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
@@ -70,7 +71,7 @@ def ros_round_trips(calls: int, service: str = 'callable', *, namespace: str = '
         node = rclpy.create_node('demo_latency', namespace=namespace or None, context=context)
         executor = SingleThreadedExecutor(context=context)
         executor.add_node(node)
-        client = node.create_client(Trigger, service)
+        client: Client[Trigger.Request, Trigger.Response] = node.create_client(Trigger, service)
         if not client.wait_for_service(timeout_sec=wait_for_service):
             raise RuntimeError(f'ROS 2 service {client.service_name} did not appear '
                                f'within {wait_for_service:g} s')
