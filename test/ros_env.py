@@ -94,7 +94,23 @@ def python_command(module: str, function: str = 'main') -> list[str]:
             f'import sys; from {module} import {function}; sys.exit({function}())']
 
 
-IPC_SERVER = python_command('vyra_base_ipc.node')
+def ipc_server_command() -> list[str]:
+    """The installed ``ipc_server`` console script when the package under test
+    is an installed one (colcon test), else the same entry point run from the
+    source tree."""
+    import vyra_base_ipc
+    try:
+        from ament_index_python.packages import get_package_prefix
+        prefix = Path(get_package_prefix('vyra_base_ipc')).resolve()
+    except (ImportError, LookupError, OSError):
+        return python_command('vyra_base_ipc.node')
+    script = prefix / 'lib' / 'vyra_base_ipc' / 'ipc_server'
+    if script.is_file() and Path(vyra_base_ipc.__file__).resolve().is_relative_to(prefix):
+        return [str(script)]
+    return python_command('vyra_base_ipc.node')
+
+
+IPC_SERVER = ipc_server_command()
 
 
 class RosProcess:
