@@ -8,8 +8,8 @@
 Either way the :class:`~vyra_base_ipc.server.IPCServer` runs on a dedicated
 asyncio :class:`~vyra_base_ipc.loop_thread.EventLoopThread`: IPC handlers never
 run on the rclpy executor and ROS callbacks never wait for the event loop, so
-neither can block the other. ROS services are called from IPC handlers with
-:func:`vyra_base_ipc.ros_bridge.call_service`.
+neither can block the other. IPC handlers call ROS services with
+:class:`vyra_base_ipc.ros_bridge.ServiceCaller`.
 
 Parameters (all declared with a description; see :data:`PARAMETERS`):
 ``module_name``, ``socket_path``, ``servicers``, ``grace_period``,
