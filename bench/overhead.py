@@ -15,6 +15,14 @@ Variants of each mode (``sync``: blocking stub and ``SyncIPCHandler``;
 ``total`` = handler/ipc ÷ stub/grpc is the budget (≤ 1.10); ``client`` =
 handler/ipc ÷ stub/ipc and ``server`` = stub/ipc ÷ stub/grpc split it.
 
+Every variant talks to a server process of its own (identical IPCServers for
+the three ``/ipc`` variants), each over one connection, and the section always
+pins its client to one CPU and its servers to the others. Unpinned, which core
+each server's threads happened to share with the client swung the ratios by up
+to ±12 % from run to run; pinned, identical setups agree within ±3 %. (Pinned
+round trips are also about 30 % faster than unpinned ones on 2 cores: compare
+ratios, not these absolute numbers with the table.)
+
 Child: ``python -m bench.overhead SPEC`` with ``{"mode", "addresses",
 "client_options", "rounds", "block", "warmup"}``; prints one JSON line.
 """
@@ -32,23 +40,31 @@ from .drivers import load_driver
 from .payloads import make_payload
 from .stats import Sample, summarize
 
-__all__ = ['BUDGET', 'VARIANTS', 'main', 'measure_overhead']
+__all__ = ['BUDGET', 'OVERHEAD_SERVERS', 'VARIANTS', 'main', 'measure_overhead']
 
 #: Issue 5: the package's clients may cost at most 10 % over the bare stub.
 BUDGET = 1.10
 VARIANTS = ('stub/grpc', 'stub/ipc', 'stub+deadline/ipc', 'handler/ipc')
+#: The section's own servers: name -> (server kind, variant that calls it).
+OVERHEAD_SERVERS = {
+    'overhead-grpc': ('grpc', 'stub/grpc'),
+    'overhead-ipc-stub': ('ipc', 'stub/ipc'),
+    'overhead-ipc-deadline': ('ipc', 'stub+deadline/ipc'),
+    'overhead-ipc-handler': ('ipc', 'handler/ipc'),
+}
 _PAYLOAD = 64
 
 
 def _drivers(mode: str, addresses: dict[str, Any], client_options: dict[str, Any]) -> dict[str, Any]:
     stub = load_driver('grpc-aio' if mode == 'async' else 'grpc-sync')
     handler = load_driver('ipc-aio' if mode == 'async' else 'ipc-sync')
-    on_ipc = {**addresses, 'grpc': addresses['ipc']}
     return {
-        'stub/grpc': stub(addresses, {'address': 'uds'}),
-        'stub/ipc': stub(on_ipc, {'address': 'uds'}),
-        'stub+deadline/ipc': stub(on_ipc, {'address': 'uds', 'options': {'timeout': 30.0}}),
-        'handler/ipc': handler(addresses, {'options': client_options}),
+        'stub/grpc': stub({'grpc': addresses['overhead-grpc']}, {'address': 'uds'}),
+        'stub/ipc': stub({'grpc': addresses['overhead-ipc-stub']}, {'address': 'uds'}),
+        'stub+deadline/ipc': stub({'grpc': addresses['overhead-ipc-deadline']},
+                                  {'address': 'uds', 'options': {'timeout': 30.0}}),
+        'handler/ipc': handler({'ipc': addresses['overhead-ipc-handler']},
+                               {'options': client_options}),
     }
 
 

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 __all__ = ['BenchEnvironment', 'Servers', 'run_child']
 
@@ -53,9 +53,25 @@ class BenchEnvironment:
         env['ROS_LOG_DIR'] = str(ros_home / 'log')
         env['PYTHONUNBUFFERED'] = '1'
         self.env = env
+        cpus = sorted(os.sched_getaffinity(0))
+        self._cpus = (set(cpus[:1]), set(cpus[1:])) if len(cpus) >= 2 else None
 
     def log(self, name: str) -> Path:
         return self.log_dir / f'{name}.log'
+
+    @property
+    def can_pin(self) -> bool:
+        """Whether there are CPUs enough (two) to pin clients and servers apart."""
+        return self._cpus is not None
+
+    def affinity(self, role: str, pin: bool) -> Callable[[], None] | None:
+        """A ``preexec_fn`` that pins a child: a ``'client'`` to the first CPU
+        this process may use, a ``'server'`` to the others. ``None`` unless
+        ``pin``, or with fewer than two CPUs."""
+        if not pin or self._cpus is None:
+            return None
+        cpus = self._cpus[0] if role == 'client' else self._cpus[1]
+        return lambda: os.sched_setaffinity(0, cpus)
 
 
 def _read_line(stream: IO[bytes], deadline: float, what: str, popen: subprocess.Popen,
@@ -85,13 +101,15 @@ class Servers:
         self._started: dict[str, tuple[subprocess.Popen, Path]] = {}
         self.ready: dict[str, dict[str, Any]] = {}
 
-    def start(self, name: str, *args: str) -> None:
-        """Start ``python -m bench.servers ARGS`` as server ``name`` (not waiting)."""
+    def start(self, name: str, *args: str, pin: bool = False) -> None:
+        """Start ``python -m bench.servers ARGS`` as server ``name`` (not
+        waiting), pinned to the server CPUs if ``pin``."""
         log = self._env.log(f'server-{name}')
         with open(log, 'wb') as log_file:
             popen = subprocess.Popen([sys.executable, '-m', 'bench.servers', *args],
                                      cwd=self._env.workdir, env=self._env.env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=log_file)
+                                     stdout=subprocess.PIPE, stderr=log_file,
+                                     preexec_fn=self._env.affinity('server', pin))
         self._started[name] = (popen, log)
 
     def wait_ready(self, timeout: float = 30.0) -> dict[str, dict[str, Any]]:
@@ -135,9 +153,9 @@ class Servers:
 
 
 def run_child(env: BenchEnvironment, module: str, args: list[str], name: str,
-              timeout: float) -> dict[str, Any]:
-    """Run ``python -m MODULE ARGS`` to completion; return its last stdout line
-    as JSON.
+              timeout: float, pin: bool = False) -> dict[str, Any]:
+    """Run ``python -m MODULE ARGS`` to completion (pinned to the client CPU
+    if ``pin``); return its last stdout line as JSON.
 
     :raises RuntimeError: on a non-zero exit, naming the log.
     :raises subprocess.TimeoutExpired: after ``timeout`` seconds (the child is killed).
@@ -146,7 +164,8 @@ def run_child(env: BenchEnvironment, module: str, args: list[str], name: str,
     with open(log, 'wb') as log_file:
         completed = subprocess.run([sys.executable, '-m', module, *args], cwd=env.workdir,
                                    env=env.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=log_file, timeout=timeout)
+                                   stderr=log_file, timeout=timeout,
+                                   preexec_fn=env.affinity('client', pin))
     if completed.returncode != 0:
         raise RuntimeError(f'{name} exited with {completed.returncode}:\n'
                            f'{log.read_text(errors="replace")[-3000:]}')

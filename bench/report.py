@@ -125,8 +125,9 @@ def print_report(results: dict[str, Any], out: TextIO = sys.stdout) -> None:
 
     for mode, budget in results['overhead'].items():
         variants, ratios = budget['variants'], budget['ratios']
+        pinned = ', client and servers pinned to separate CPUs' if budget.get('pinned') else ''
         print(f'\n## Overhead budget, {mode}, 64 B, interleaved '
-              f"({budget['calls_per_variant']} calls each)\n", file=out)
+              f"({budget['calls_per_variant']} calls each{pinned})\n", file=out)
         _table(['variant', 'p50 µs', 'p99 µs', 'calls/s'],
                [[name, _number(v['p50_us']), _number(v['p99_us']), _number(v['calls_per_s'])]
                 for name, v in variants.items()], out)

@@ -1,4 +1,4 @@
-"""``python -m bench [--quick | --smoke] [--out DIR] [--only KEYS]``: measure
+"""``python -m bench [--quick | --smoke] [--out DIR] [--only KEYS] [--sections S]``: measure
 every transport on every payload, the async clients with several calls in
 flight, the cold start of each client kind, and the overhead budget; print the
 table; write ``results.json`` and ``latency.png`` into ``--out`` (default
@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from .coldstart import COLD_START_CLIENTS, summarize_runs
+from .overhead import OVERHEAD_SERVERS
 from .payloads import PAYLOAD_SIZES
 from .processes import BenchEnvironment, Servers, run_child
 from .protogen import compile_bench_protos
@@ -36,6 +37,8 @@ from .transports import LANES, Transport, ipc_server_options, transports
 __all__ = ['MODES', 'Mode', 'main', 'plan_cases', 'run']
 
 DEFAULT_OUT = Path(__file__).resolve().parent / 'results'
+#: Parts of a run: the round-trip table, the overhead budget, the cold starts.
+SECTIONS = ('rows', 'overhead', 'cold-start')
 #: Calls in flight for the asynchronous clients.
 CONCURRENCY = (1, 8, 64)
 
@@ -85,23 +88,29 @@ def plan_cases(transport: Transport, mode: Mode) -> list[dict[str, int]]:
     return cases
 
 
-def _start_servers(servers: Servers, workdir: Path, needed: set[str]) -> dict[str, Any]:
+def _start_servers(servers: Servers, workdir: Path, needed: set[str], pin: bool) -> dict[str, Any]:
     sockets = workdir / 'sockets'
     sockets.mkdir(mode=0o700)
     if 'socket' in needed:
-        servers.start('socket', 'socket', str(sockets / 'echo.sock'))
+        servers.start('socket', 'socket', str(sockets / 'echo.sock'), pin=pin)
     if 'grpc' in needed:
-        servers.start('grpc', 'grpc', str(sockets / 'grpc.sock'))
+        servers.start('grpc', 'grpc', str(sockets / 'grpc.sock'), pin=pin)
     if 'ipc' in needed:
-        servers.start('ipc', 'ipc', str(sockets / 'bench_ipc.sock'), json.dumps(ipc_server_options()))
+        servers.start('ipc', 'ipc', str(sockets / 'bench_ipc.sock'), json.dumps(ipc_server_options()),
+                      pin=pin)
     if 'rclpy' in needed:
-        servers.start('rclpy', 'rclpy', ROS_SERVICE)
+        servers.start('rclpy', 'rclpy', ROS_SERVICE, pin=pin)
+    for name, (kind, _) in OVERHEAD_SERVERS.items():
+        if name in needed:
+            extra = [json.dumps(ipc_server_options())] if kind == 'ipc' else []
+            servers.start(name, kind, str(sockets / f'{name}.sock'), *extra, pin=True)
     ready = servers.wait_ready()
     return {
         'socket': ready.get('socket', {}).get('path'),
         'grpc': ready.get('grpc', {}).get('path'),
         'tcp': ready.get('grpc', {}).get('tcp'),
         'ipc': ready.get('ipc', {}).get('path'),
+        **{name: ready.get(name, {}).get('path') for name in OVERHEAD_SERVERS},
         'ros': ROS_SERVICE,
     }
 
@@ -111,14 +120,14 @@ def _log(message: str) -> None:
 
 
 def _measure_rows(env: BenchEnvironment, measured: list[Transport], addresses: dict[str, Any],
-                  mode: Mode) -> list[dict[str, Any]]:
+                  mode: Mode, pin: bool) -> list[dict[str, Any]]:
     rows = []
     for transport in measured:
         began = time.monotonic()
         spec = {'transport': transport.to_json(), 'addresses': addresses,
                 'cases': plan_cases(transport, mode)}
         output = run_child(env, 'bench.worker', [json.dumps(spec)], f'worker-{transport.key}',
-                           timeout=600)
+                           timeout=600, pin=pin)
         for result in output['results']:
             row = {'transport': transport.key, 'label': transport.label, 'client': transport.client,
                    'server': transport.server, 'address': transport.address, 'lane': transport.lane,
@@ -136,13 +145,15 @@ def _measure_overhead(env: BenchEnvironment, addresses: dict[str, Any],
         spec = {'mode': kind, 'addresses': addresses, 'client_options': grpc_lane.client_options(),
                 'rounds': mode.overhead_rounds, 'block': mode.overhead_block,
                 'warmup': mode.overhead_block}
+        # Always pinned, like its servers: see bench.overhead.
         results[kind] = run_child(env, 'bench.overhead', [json.dumps(spec)], f'overhead-{kind}',
-                                  timeout=600)
+                                  timeout=600, pin=True)
+        results[kind]['pinned'] = env.can_pin
     return results
 
 
 def _measure_cold_start(env: BenchEnvironment, measured: list[Transport],
-                        addresses: dict[str, Any], mode: Mode) -> list[dict[str, Any]]:
+                        addresses: dict[str, Any], mode: Mode, pin: bool) -> list[dict[str, Any]]:
     import subprocess
 
     by_key = {transport.key: transport for transport in measured}
@@ -158,7 +169,8 @@ def _measure_cold_start(env: BenchEnvironment, measured: list[Transport],
                 spawned.append(time.monotonic())
                 completed = subprocess.run([sys.executable, '-m', 'bench.coldstart', spec],
                                            cwd=env.workdir, env=env.env, stdin=subprocess.DEVNULL,
-                                           stdout=subprocess.PIPE, stderr=log_file, timeout=120)
+                                           stdout=subprocess.PIPE, stderr=log_file, timeout=120,
+                                           preexec_fn=env.affinity('client', pin))
             if completed.returncode != 0:
                 raise RuntimeError(f'cold start of {key} failed:\n{log.read_text(errors="replace")}')
             marks.append(json.loads(completed.stdout.decode().strip().splitlines()[-1]))
@@ -177,15 +189,23 @@ def _package_root() -> Path:
 
 
 def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
-        package_root: Path | None = None) -> dict[str, Any]:
+        package_root: Path | None = None, sections: tuple[str, ...] = SECTIONS,
+        pin: bool = False) -> dict[str, Any]:
     """Measure everything ``mode`` asks for; write ``results.json`` (and
     ``latency.png``) into ``out``; return the results.
 
-    :param only: transport keys to measure; the overhead budget is then skipped.
+    :param only: transport keys to measure (rows and cold starts).
     :param package_root: measure the ``vyra_base_ipc`` found in this
         directory; by default the one this process imports.
-    :raises ValueError: for unknown transport keys.
+    :param sections: which of :data:`SECTIONS` to measure.
+    :param pin: clients on one CPU, servers on the others, for the rows and
+        cold starts too (the overhead section is always pinned).
+    :raises ValueError: for unknown transport keys or sections.
     """
+    unknown_sections = set(sections) - set(SECTIONS)
+    if unknown_sections:
+        raise ValueError(f'unknown sections: {", ".join(sorted(unknown_sections))}; '
+                         f'known: {", ".join(SECTIONS)}')
     began = time.monotonic()
     if package_root is not None:
         sys.path.insert(0, str(package_root))  # the lanes are learned from that copy too
@@ -201,16 +221,17 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
     try:
         env = BenchEnvironment(workdir, compile_bench_protos(workdir / 'protos'),
                                package_root=package_root)
-        needed = {transport.server for transport in measured}
-        overhead_wanted = only is None
-        if overhead_wanted:
-            needed |= {'grpc', 'ipc'}
+        needed = {transport.server for transport in measured
+                  if 'rows' in sections or 'cold-start' in sections}
+        if 'overhead' in sections:
+            needed |= set(OVERHEAD_SERVERS)
         with Servers(env) as servers:
-            addresses = _start_servers(servers, workdir, needed)
+            addresses = _start_servers(servers, workdir, needed, pin)
             _log(f'servers up after {time.monotonic() - began:.1f} s; measuring:')
-            rows = _measure_rows(env, measured, addresses, mode)
-            overhead = _measure_overhead(env, addresses, mode) if overhead_wanted else {}
-            cold_start = _measure_cold_start(env, measured, addresses, mode)
+            rows = _measure_rows(env, measured, addresses, mode, pin) if 'rows' in sections else []
+            overhead = _measure_overhead(env, addresses, mode) if 'overhead' in sections else {}
+            cold_start = (_measure_cold_start(env, measured, addresses, mode, pin)
+                          if 'cold-start' in sections else [])
     except BaseException:
         _log(f'logs kept in {workdir / "logs"}')
         raise
@@ -224,6 +245,7 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
             'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
             'machine': machine(),
             'package': str(package_root / 'vyra_base_ipc'),
+            'pinned': pin,
             'seconds': round(time.monotonic() - began, 1),
             'note': 'Other processes may share this machine: absolute numbers are noisy, '
                     'ratios measured in the same run are what to compare.',
@@ -236,7 +258,7 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
         'skipped': skipped,
     }
     write_json(results, out / 'results.json')
-    if chart:
+    if chart and rows:
         from .chart import write_chart
         write_chart(results, out / 'latency.png')
     return results
@@ -250,17 +272,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--out', type=Path, default=DEFAULT_OUT,
                         help='directory for results.json and latency.png (default: %(default)s)')
     parser.add_argument('--only', default='',
-                        help='comma-separated transport keys to measure (skips the overhead budget)')
+                        help='comma-separated transport keys to measure')
+    parser.add_argument('--sections', default=','.join(SECTIONS),
+                        help='comma-separated parts to measure (default: %(default)s)')
     parser.add_argument('--no-chart', action='store_true', help='do not write latency.png')
+    parser.add_argument('--pin', action='store_true',
+                        help='pin clients to one CPU and servers to the others in every section '
+                             '(the overhead budget always is)')
     parser.add_argument('--package-root', type=Path, default=None,
                         help='import vyra_base_ipc from this directory (to measure a changed copy)')
     options = parser.parse_args(argv)
     mode = MODES['quick' if options.quick else 'smoke' if options.smoke else 'full']
     only = {key.strip() for key in options.only.split(',') if key.strip()} or None
-    results = run(mode, options.out.resolve(), only, chart=not options.no_chart,
-                  package_root=options.package_root.resolve() if options.package_root else None)
+    sections = tuple(part.strip() for part in options.sections.split(',') if part.strip())
+    try:
+        results = run(mode, options.out.resolve(), only, chart=not options.no_chart,
+                      package_root=options.package_root.resolve() if options.package_root else None,
+                      sections=sections, pin=options.pin)
+    except ValueError as error:
+        parser.error(str(error))
     print_report(results)
-    written = 'results.json' + ('' if options.no_chart else ' and latency.png')
+    written = 'results.json' + ('' if options.no_chart or not results['rows'] else ' and latency.png')
     print(f"\n{written} in {options.out} ({results['meta']['seconds']} s)")
 
 
