@@ -160,7 +160,7 @@ def test_servers_racing_for_one_path_exactly_one_wins(start_fault_server: StartF
     def settled() -> bool:
         return (sum(p.popen.poll() is not None for p in contenders) == len(contenders) - 1
                 and is_listening(socket_path))
-    wait_for(settled, 60, 'all contenders but one to give up')
+    wait_for(settled, 30, 'all contenders but one to give up')
     winners = [p for p in contenders if p.popen.poll() is None]
     losers = [p for p in contenders if p.popen.poll() is not None]
     assert len(winners) == 1
@@ -336,12 +336,16 @@ def test_sigterm_under_load_drains_then_exits_cleanly(start_fault_server: StartF
             # New calls are refused at once, while the long calls still run.
             # (Between health turning NOT_SERVING and the gRPC server stopping,
             # a call may still be served; that is fine, a hang is not.)
-            refused = None
-            while refused is None:
+            deadline = time.monotonic() + LONG
+            while True:
                 try:
                     await client.call_method('Echo', echo.pb.EchoRequest(text='late'))
-                except IPCUnavailableError as error:
-                    refused = error
+                except IPCUnavailableError:
+                    break
+                assert time.monotonic() < deadline, 'new calls are still served during shutdown'
+            # A new client cannot connect either.
+            with pytest.raises(IPCUnavailableError):
+                await asyncio.to_thread(SyncIPCHandler(socket_path, echo.Stub, timeout=LONG).connect)
             assert not any(call.done() for call in long)
 
             short_replies = await asyncio.gather(*short, return_exceptions=True)
