@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 import rclpy
 from rclpy.exceptions import InvalidParameterTypeException, ParameterUninitializedException
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import Executor, ExternalShutdownException, SingleThreadedExecutor
 from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -60,6 +60,7 @@ __all__ = [
     'load_servicer',
     'main',
     'read_ipc_config',
+    'spin_until_shutdown',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -483,6 +484,25 @@ class IPCServerNode(Node):
         super().destroy_node()
 
 
+#: Longest a spin_once() waits before the shutdown check comes round again.
+_SPIN_POLL = 0.25
+
+
+def spin_until_shutdown(executor: Executor, *, poll: float = _SPIN_POLL) -> None:
+    """Run ``executor`` until its context shuts down (SIGINT/SIGTERM under
+    rclpy's signal handlers, or ``rclpy.shutdown()``); returns within ``poll``
+    seconds of the shutdown.
+
+    ``executor.spin()`` can miss it: rclpy wakes executors before it shuts the
+    context down, and an executor that wakes in between goes back to waiting,
+    with nothing left to wake it (seen here on a loaded machine: a SIGINT
+    unanswered until the next signal).
+    """
+    context = executor.context
+    while context.ok():
+        executor.spin_once(timeout_sec=poll)
+
+
 def main(args: Sequence[str] | None = None) -> int:
     """Run ``ipc_server`` until SIGINT, SIGTERM or ROS shutdown.
 
@@ -494,8 +514,9 @@ def main(args: Sequence[str] | None = None) -> int:
     A process's entry point: it installs SIGINT/SIGTERM handlers for the rest
     of the process's life (rclpy's own handlers chain to them).
     """
+    # Like rcutils' console format, with wall-clock time for the shutdown steps.
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format='[%(levelname)s] [%(name)s]: %(message)s')
+                        format='[%(levelname)s] [%(created).6f] [%(name)s]: %(message)s')
     stop_signals = _StopSignals()
     stop_signals.install()
     try:
@@ -516,7 +537,7 @@ def main(args: Sequence[str] | None = None) -> int:
         node = IPCServerNode()
         executor.add_node(node)
         node.start()
-        executor.spin()
+        spin_until_shutdown(executor)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except ParameterError as error:

@@ -15,6 +15,8 @@ from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.node import Node
 from std_srvs.srv import Trigger
 
+from vyra_base_ipc.node import spin_until_shutdown
+
 __all__ = ['DECLARED_PARAMETERS', 'DemoModuleNode', 'main']
 
 RCLError = rclpy_implementation.RCLError
@@ -55,7 +57,7 @@ def main(args: Sequence[str] | None = None) -> int:
         executor = SingleThreadedExecutor()
         node = DemoModuleNode()
         executor.add_node(node)
-        executor.spin()
+        spin_until_shutdown(executor)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except RCLError:
