@@ -18,7 +18,12 @@ from vyra_base_ipc.exceptions import IPCRemoteError, IPCUnavailableError
 from vyra_base_ipc.methods import stub_methods
 from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
 from vyra_base_ipc.ttrpc.framing import Frame, FrameDecoder, OversizedFrame, encode_frame
-from vyra_base_ipc.ttrpc.messages import metadata_from_wire, metadata_to_wire
+from vyra_base_ipc.ttrpc.messages import (
+    encode_ok_response,
+    encode_response,
+    metadata_from_wire,
+    metadata_to_wire,
+)
 
 HEADER = struct.Struct('>IIBB')
 
@@ -65,6 +70,12 @@ def test_descriptors_are_attached_to_the_frame_they_arrived_with() -> None:
     rest = decoder.feed(wire[12:])
     assert first == [] and [f.fds for f in rest] == [(7, 8), ()]
     assert decoder.take_fds() == []
+
+
+@pytest.mark.parametrize('size', [0, 1, 127, 128, 16383, 16384, 2**21 + 3])
+def test_hand_encoded_ok_response_is_what_protobuf_encodes(size: int) -> None:
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    assert encode_ok_response(payload) == encode_response(0, '', payload)
 
 
 # -- metadata -----------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from .framing import (
     OversizedFrame,
     encode_frame,
 )
+from .deadlines import DeadlineQueue
 from .messages import ENVELOPE_ALLOWANCE, Metadata, code_of, decode_response, encode_request, metadata_to_wire
 
 __all__ = ['AsyncConnection', 'SyncConnection']
@@ -76,16 +77,22 @@ class _Prepared:
         self.service, self.name = _split_path(method.path)
         self.timeout = None if timeout is None else validate_timeout(timeout)
         self.deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        self.metadata = metadata_to_wire(metadata)
+        self.metadata = metadata_to_wire(metadata) if metadata else ()
         timeout_nano = 0 if self.timeout is None else max(1, int(self.timeout * 1e9))
         self.envelope = encode_request(self.service, self.name, payload, timeout_nano, self.metadata)
 
 
+_SPLIT_PATHS: dict[str, tuple[str, str]] = {}
+
+
 def _split_path(path: str) -> tuple[str, str]:
-    service, _, name = path.lstrip('/').rpartition('/')
-    if not service or not name:
-        raise ValueError(f'method path {path!r} is not of the form /package.Service/Method')
-    return service, name
+    split = _SPLIT_PATHS.get(path)
+    if split is None:
+        service, _, name = path.lstrip('/').rpartition('/')
+        if not service or not name:
+            raise ValueError(f'method path {path!r} is not of the form /package.Service/Method')
+        split = _SPLIT_PATHS[path] = (service, name)
+    return split
 
 
 def _serialize(method: Method, message: Any, limit: int) -> bytes:
@@ -234,6 +241,10 @@ class _ClientProtocol(asyncio.Protocol):
         self.error: IPCUnavailableError | None = None
         self.write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
+        self._pending: list[bytes] = []
+        self._flush_scheduled = False
+        self.deadlines: DeadlineQueue[asyncio.Future[_Item]] = DeadlineQueue(
+            self.loop, asyncio.Future.done, _expire)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -245,6 +256,7 @@ class _ClientProtocol(asyncio.Protocol):
         for target in self.streams.values():
             self._deliver(target, self.error)
         self.streams.clear()
+        self.deadlines.close()
         self.write_paused = False
         self._wake_drainers()
 
@@ -294,15 +306,33 @@ class _ClientProtocol(asyncio.Protocol):
         stream_id = self.next_id
         self.next_id += 2
         self.streams[stream_id] = target
-        assert self.transport is not None
-        self.transport.write(encode_frame(stream_id, _REQUEST, flags, envelope))
+        self.send(encode_frame(stream_id, _REQUEST, flags, envelope))
         return stream_id
 
     def send(self, frame: bytes) -> None:
+        """Write a frame: at once for a lone call; while other calls are in
+        flight, at the end of this turn of the event loop, together with the
+        frames of the other tasks (one send instead of one per call)."""
         if self.error is not None:
             raise self.error
-        assert self.transport is not None
-        self.transport.write(frame)
+        if len(self.streams) > 1:
+            self._pending.append(frame)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self.loop.call_soon(self._flush)
+        elif self._pending:
+            self._pending.append(frame)
+            self._flush()
+        else:
+            assert self.transport is not None
+            self.transport.write(frame)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._pending and self.error is None:
+            assert self.transport is not None
+            self.transport.write(b''.join(self._pending))
+        self._pending.clear()
 
 
 class AsyncConnection:
@@ -415,15 +445,12 @@ class AsyncConnection:
                              _serialize(method, request, self.max_message_bytes))
         future: asyncio.Future[_Item] = protocol.loop.create_future()
         stream_id = protocol.open(future, 0, prepared.envelope)
-        timer = None
         if prepared.timeout is not None:
-            timer = protocol.loop.call_later(prepared.timeout, _expire, future, method)
+            protocol.deadlines.add(protocol.loop.time() + prepared.timeout, future, method)
         try:
             item = await future
         finally:
             protocol.streams.pop(stream_id, None)
-            if timer is not None:
-                timer.cancel()
         return outcome.unary(item)
 
     async def stream(self, method: Method, request: Any, *, timeout: float | None = None,
