@@ -41,6 +41,7 @@ from vyra_base_ipc import IPCError, IPCHandler, SyncIPCHandler
 from vyra_base_ipc import ModuleService, command
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc import module_service_pb2_grpc as module_grpc
+from vyra_base_ipc.loop_thread import EventLoopThread
 from vyra_base_ipc.node import (
     DECLARED_PARAMETERS,
     EXIT_BAD_PARAMETER,
@@ -285,6 +286,44 @@ def test_malformed_ros_argument_fails_with_quoting_hint(start_process) -> None:
     server = start_process(ros_args('module_name:=m', 'servicers:=[a.b:C]'))
     assert server.wait(timeout=30) == EXIT_BAD_PARAMETER, server.log()
     assert 'need YAML quotes' in server.log()
+
+
+# -- the event-loop thread ----------------------------------------------------------
+
+
+def test_loop_thread_runs_coroutines_from_other_threads_only() -> None:
+    async def on_loop() -> str:
+        return threading.current_thread().name
+
+    async def nested() -> None:
+        await asyncio.sleep(0)
+        loop_thread.run(on_loop())
+
+    with EventLoopThread(name='ipc-test-loop') as loop_thread:
+        assert loop_thread.run(on_loop(), timeout=5) == 'ipc-test-loop'
+        with pytest.raises(RuntimeError, match='its own loop thread'):
+            loop_thread.run(nested(), timeout=5)
+    with pytest.raises(RuntimeError, match='not running'):
+        loop_thread.submit(on_loop())  # closed, so no "never awaited" warning either
+
+
+def test_loop_thread_stop_does_not_wait_for_a_stuck_worker() -> None:
+    release = threading.Event()
+    loop_thread = EventLoopThread(name='ipc-test-stuck')
+    loop_thread.start()
+    try:
+        async def stuck() -> None:
+            await asyncio.to_thread(release.wait, 30)
+
+        future = loop_thread.submit(stuck())
+        started = time.monotonic()
+        loop_thread.stop(timeout=0.5)
+        loop_thread.stop()  # idempotent
+        assert time.monotonic() - started < 5
+        assert future.cancelled()
+        assert not loop_thread.is_running
+    finally:
+        release.set()
 
 
 # -- in-process: parameters ---------------------------------------------------------
