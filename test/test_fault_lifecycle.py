@@ -22,17 +22,18 @@ import asyncio
 import gc
 import itertools
 import os
-from pathlib import Path
 import signal
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 import pytest
-
 from conftest import ServerProcess, wait_for
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from vyra_base_ipc import IPCError, IPCHandler, IPCUnavailableError, SyncIPCHandler
 from vyra_base_ipc.channel_pool import aio_pool, sync_pool
 from vyra_base_ipc.socket_file import is_listening

@@ -15,24 +15,31 @@ loop (default 20 s; the minimum numbers of cases always run).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 import itertools
 import os
-from pathlib import Path
 import random
 import socket
 import struct
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Self
 from urllib.parse import unquote
 
-from google.protobuf.message import DecodeError
 import grpc
 import pytest
-
 from conftest import ServerProcess, wait_for
-from vyra_base_ipc import IPCError, IPCHandler, IPCRemoteError, SyncIPCHandler
-from vyra_base_ipc import module_service_pb2, module_service_pb2_grpc
+from google.protobuf.message import DecodeError
+
+from vyra_base_ipc import (
+    IPCError,
+    IPCHandler,
+    IPCRemoteError,
+    SyncIPCHandler,
+    module_service_pb2,
+    module_service_pb2_grpc,
+)
 
 pytestmark = pytest.mark.fault
 
@@ -222,7 +229,7 @@ class RawConnection:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> 'RawConnection':
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -258,7 +265,7 @@ class RawConnection:
         results = {stream: StreamResult() for stream in streams}
         try:
             self._read_results(results)
-        except socket.timeout:
+        except TimeoutError:
             pass
         return results
 
@@ -315,7 +322,7 @@ def read_until_closed(path: Path, data: bytes, timeout: float = 10.0) -> str:
                 pass
         except (ConnectionResetError, BrokenPipeError):
             return 'reset'
-        except socket.timeout:
+        except TimeoutError:
             return 'open'
     return 'closed'
 

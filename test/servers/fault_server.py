@@ -22,19 +22,19 @@ import argparse
 import asyncio
 import logging
 import os
-from pathlib import Path
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 # The tests run with PYTHONSAFEPATH set, which keeps this script's own
 # directory off sys.path; echo_server.py beside it holds the shared servicer.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from echo_server import EchoService  # noqa: E402
+from echo_server import EchoService
 
-from vyra_base_ipc import IPCServer, ModuleService  # noqa: E402
-from vyra_base_ipc.demo.backend_service import BackendService  # noqa: E402
+from vyra_base_ipc import IPCServer, ModuleService
+from vyra_base_ipc.demo.backend_service import BackendService
 
 
 class Journal:
