@@ -401,7 +401,7 @@ def grpc_framing_defect(rng: random.Random, body: bytes) -> tuple[bytes, tuple[t
 
     (A request stream that ends in the middle of a message is not among
     them: the server leaves such a call open; see
-    :func:`test_call_whose_request_ends_mid_message_is_answered_and_frees_its_slot`.)
+    :func:`test_unary_call_without_a_complete_request_is_answered_and_frees_its_slot`.)
     """
     choice = rng.randrange(3)
     if choice == 0:  # compressed, but no grpc-encoding
@@ -565,21 +565,23 @@ def test_invalid_protobuf_is_answered_invalid_argument_naming_the_message_type(
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    'a request stream that ends in the middle of a gRPC message (length prefix longer than '
-    'the data, then END_STREAM) is never answered: the call stays open until the client '
-    'closes its connection or its deadline (none if it sent no grpc-timeout) expires, and '
-    'holds one of maximum_concurrent_rpcs all that time (grpc core / grpc.aio behaviour)'))
-def test_call_whose_request_ends_mid_message_is_answered_and_frees_its_slot(
+    'grpc.aio (_handle_unary_unary_rpc) sends no status at all when the request stream of a '
+    'unary method ends without a complete message (it takes that for a cancellation): the call '
+    'stays open until the client deadline (none without grpc-timeout) or until the connection '
+    'closes, and holds one of maximum_concurrent_rpcs all that time'))
+def test_unary_call_without_a_complete_request_is_answered_and_frees_its_slot(
         start_fault_server, socket_path: Path, echo) -> None:
-    _, journal = start_fault_server(socket_path, '--maximum-concurrent-rpcs', '1')
+    _, journal = start_fault_server(socket_path, '--maximum-concurrent-rpcs', '2')
     body = echo.pb.EchoRequest(text='cut short').SerializeToString()
-    # No grpc-timeout header: the call has no deadline to end it.
+    # No grpc-timeout header: no deadline ends these calls.
+    no_message = frame(HEADERS, END_HEADERS | END_STREAM, 1, grpc_request_headers(ECHO))
+    cut_short = grpc_call(3, ECHO, grpc_message(body, length=len(body) + 1))
     with RawConnection(socket_path, timeout=10) as connection:
-        connection.send(PREFACE + CLIENT_SETTINGS
-                        + grpc_call(1, ECHO, grpc_message(body, length=len(body) + 1)))
-        result = connection.results({1})[1]  # waits up to the socket timeout for an answer
-        assert result.ended and result.grpc_status not in (None, 0), result
-        # With the connection still open, the only slot is free again.
+        connection.send(PREFACE + CLIENT_SETTINGS + no_message + cut_short)
+        results = connection.results({1, 3})  # waits up to the socket timeout for answers
+        for result in results.values():
+            assert result.ended and result.grpc_status not in (None, 0), results
+        # With the connection still open, both slots are free again.
         with SyncIPCHandler(socket_path, echo.Stub, timeout=LONG) as client:
             assert client.call_method('Echo', echo.pb.EchoRequest(text='x')).text == 'x'
     assert [m for _, m, _ in journal.events()] == ['Echo']
