@@ -186,3 +186,104 @@ def test_default_fast_lane_path_is_beside_the_grpc_socket() -> None:
     assert ttrpc_socket_path('/run/x/api') == Path('/run/x/api.ttrpc.sock')
     with pytest.raises(ValueError, match='107 bytes'):
         ttrpc_socket_path('/tmp/' + 'x' * 95 + '.sock')
+
+
+@pytest.fixture
+def def_servicer(echo: Any) -> Any:
+    """Every call shape as plain ``def`` handlers (run in worker threads)."""
+    class Servicer(echo.grpc.EchoServiceServicer):
+        def Count(self, request: Any, context: Any) -> Any:
+            for index in range(request.count):
+                yield echo.pb.EchoReply(index=index)
+
+        def Collect(self, request_iterator: Any, context: Any) -> Any:
+            texts = [request.text for request in request_iterator]
+            return echo.pb.EchoReply(text=','.join(texts), index=len(texts))
+
+        def Chat(self, request_iterator: Any, context: Any) -> Any:
+            for index, request in enumerate(request_iterator):
+                yield echo.pb.EchoReply(text=request.text.upper(), index=index)
+
+        def Fail(self, request: Any, context: Any) -> Any:
+            code = next(c for c in grpc.StatusCode if c.value[0] == request.code)
+            context.abort(code, request.details)
+    return Servicer()
+
+
+@pytest.mark.asyncio
+async def test_def_handlers_of_every_shape_answer_as_on_grpc(socket_dir: Path, def_servicer: Any,
+                                                             echo: Any) -> None:
+    from vyra_base_ipc import IPCHandler, IPCServer
+    from vyra_base_ipc.exceptions import IPCRemoteError
+
+    methods = stub_methods(echo.Stub)
+    words = [echo.pb.EchoRequest(text=w) for w in ('a', 'b', 'c')]
+    async with IPCServer(socket_dir / 'g.sock', servicers=[def_servicer]) as grpc_server, \
+            TtrpcServer(socket_dir / 't.sock', grpc_server.services), \
+            IPCHandler(socket_dir / 'g.sock', echo.Stub) as handler, \
+            await AsyncConnection.connect(socket_dir / 't.sock') as connection:
+        counted = [r.index async for r in connection.stream(methods['Count'], echo.pb.CountRequest(count=300),
+                                                            timeout=30)]
+        assert counted == [r.index async for r in handler.stream_method('Count', echo.pb.CountRequest(count=300))]
+        assert counted == list(range(300))
+        collected = await connection.call(methods['Collect'], iter(words), timeout=30)
+        assert collected == await handler.call_method('Collect', iter(words))
+        chatted = [r.text async for r in connection.stream(methods['Chat'], iter(words), timeout=30)]
+        assert chatted == [r.text async for r in handler.stream_method('Chat', iter(words))] == ['A', 'B', 'C']
+        with pytest.raises(IPCRemoteError) as via_ttrpc:
+            await connection.call(methods['Fail'], echo.pb.FailRequest(code=7, details='no'), timeout=30)
+        with pytest.raises(IPCRemoteError) as via_grpc:
+            await handler.call_method('Fail', echo.pb.FailRequest(code=7, details='no'))
+        assert (via_ttrpc.value.code, via_ttrpc.value.details) == (via_grpc.value.code, via_grpc.value.details)
+
+
+@pytest.mark.asyncio
+async def test_long_response_stream_arrives_whole(socket_dir: Path, servicer: Any, def_servicer: Any,
+                                                  echo: Any) -> None:
+    count = stub_methods(echo.Stub)['Count']
+    async with TtrpcServer(socket_dir / 't.sock', record_servicer(def_servicer)):
+        def read_all() -> list[int]:
+            with SyncConnection.connect(socket_dir / 't.sock') as connection:
+                return [r.index for r in connection.stream(count, echo.pb.CountRequest(count=20000), timeout=60)]
+        assert await asyncio.to_thread(read_all) == list(range(20000))
+
+
+@pytest.mark.asyncio
+async def test_requests_a_handler_does_not_read_are_bounded(socket_dir: Path, echo: Any) -> None:
+    from vyra_base_ipc.exceptions import IPCRemoteError
+
+    class Stuck(echo.grpc.EchoServiceServicer):
+        async def Collect(self, request_iterator: Any, context: Any) -> Any:
+            await asyncio.Event().wait()  # never reads
+
+        async def Echo(self, request: Any, context: Any) -> Any:
+            return echo.pb.EchoReply(text=request.text)
+    methods = stub_methods(echo.Stub)
+    async with TtrpcServer(socket_dir / 't.sock', record_servicer(Stuck()), max_message_bytes=1024), \
+            await AsyncConnection.connect(socket_dir / 't.sock') as connection:
+        requests = [echo.pb.EchoRequest(payload=b'x' * 500) for _ in range(100)]
+        with pytest.raises(IPCRemoteError) as raised:
+            await connection.call(methods['Collect'], requests, timeout=30)
+        assert raised.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert 'not read' in raised.value.details
+        assert (await connection.call(methods['Echo'], echo.pb.EchoRequest(text='ok'), timeout=30)).text == 'ok'
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('style', ['def', 'async def'])
+async def test_handlers_may_stream_with_context_write(socket_dir: Path, echo: Any, style: str) -> None:
+    if style == 'def':
+        class Servicer(echo.grpc.EchoServiceServicer):
+            def Count(self, request: Any, context: Any) -> None:
+                for index in range(request.count):
+                    context.write(echo.pb.EchoReply(index=index))
+    else:
+        class Servicer(echo.grpc.EchoServiceServicer):  # type: ignore[no-redef]
+            async def Count(self, request: Any, context: Any) -> None:
+                for index in range(request.count):
+                    await context.write(echo.pb.EchoReply(index=index))
+    async with TtrpcServer(socket_dir / 't.sock', record_servicer(Servicer())), \
+            await AsyncConnection.connect(socket_dir / 't.sock') as connection:
+        replies = [r.index async for r in connection.stream(
+            stub_methods(echo.Stub)['Count'], echo.pb.CountRequest(count=5), timeout=30)]
+    assert replies == [0, 1, 2, 3, 4]

@@ -281,10 +281,7 @@ class _Call:
         else:
             argument = payload  # deserialized in the handler's thread
         if handler.is_async:
-            if self.response_streaming:
-                coroutine = self._serve_async(self._drive_stream(argument))
-            else:
-                coroutine = self._serve_async(handler.function(argument, self.context))
+            coroutine = self._serve_async(argument)
             if _EAGER_TASKS:
                 self.task = asyncio.Task(coroutine, loop=loop, eager_start=True)  # type: ignore[call-arg]
             else:
@@ -324,11 +321,15 @@ class _Call:
         if connection.write_paused:
             await connection.drain()
 
-    async def _serve_async(self, handling: Any) -> None:
+    async def _serve_async(self, argument: Any) -> None:
         # Answering from inside the task (not from a done callback) saves a
-        # trip through the event loop per call.
+        # trip through the event loop per call. The handler's coroutine is
+        # created here, so a task cancelled before it ran leaves none behind.
         try:
-            result = await handling
+            if self.response_streaming:
+                result = await self._drive_stream(argument)
+            else:
+                result = await self.handler.function(argument, self.context)
         except asyncio.CancelledError:
             if not self.finished:  # the handler cancelled itself; we did not
                 self.answer(_number(grpc.StatusCode.CANCELLED), 'Cancelled')
