@@ -130,6 +130,15 @@ def _lane_transports(lane: Lane) -> tuple[Transport, ...]:
     )
 
 
+def _missing(*modules: str) -> str | None:
+    absent = [module for module in modules if importlib.util.find_spec(module) is None]
+    return f'not installed: {", ".join(absent)}' if absent else None
+
+
+#: Transports that need more than the package's own dependencies.
+_NEEDS = {'rclpy-dds': ('rclpy', 'test_msgs')}
+
+
 def transports(lanes: tuple[Lane, ...] = LANES) -> tuple[list[Transport], list[dict[str, str]]]:
     """The transports to measure, and ``{transport, reason}`` for those skipped."""
     measured = list(_BASE)
@@ -141,7 +150,12 @@ def transports(lanes: tuple[Lane, ...] = LANES) -> tuple[list[Transport], list[d
         else:
             skipped.extend({'transport': key, 'reason': reason}
                            for key in (f'ipc-sync-{lane.name}', f'ipc-aio-{lane.name}'))
-    measured.extend(_AFTER_LANES)
+    for transport in _AFTER_LANES:
+        reason = _missing(*_NEEDS.get(transport.key, ()))
+        if reason is None:
+            measured.append(transport)
+        else:
+            skipped.append({'transport': transport.key, 'reason': reason})
     return measured, skipped
 
 

@@ -55,7 +55,7 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str
 def test_every_transport_has_a_row_per_payload_and_concurrency(smoke_run) -> None:
     results, _, _ = smoke_run
     measured = set(results['transports'])
-    assert REQUIRED_TRANSPORTS <= measured
+    assert REQUIRED_TRANSPORTS <= measured, f"not measured: {results['skipped']}"
     skipped = {entry['transport'] for entry in results['skipped']}
     assert LATER_LANE_TRANSPORTS <= measured | skipped
     assert all(entry['reason'] for entry in results['skipped'])
