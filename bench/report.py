@@ -13,7 +13,8 @@ from typing import Any, Iterable, TextIO
 from .payloads import size_label
 from .stats import ROW_COLUMNS
 
-__all__ = ['REFERENCE_TRANSPORT', 'concurrency_check', 'machine', 'print_report', 'write_json']
+__all__ = ['REFERENCE_TRANSPORT', 'concurrency_check', 'machine', 'markdown_summary', 'print_report',
+           'write_json']
 
 #: Rows are compared with this transport at the same payload (the ``vs ROS 2`` column).
 REFERENCE_TRANSPORT = 'rclpy-dds'
@@ -153,3 +154,62 @@ def write_json(results: dict[str, Any], path: Path) -> None:
     """Write ``results`` with the row column list alongside."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**results, 'columns': list(ROW_COLUMNS)}, indent=2) + '\n')
+
+
+def _ms(value_us: float) -> str:
+    return f'{value_us / 1e3:,.1f} ms' if value_us >= 1000 else f'{value_us:,.0f} µs'
+
+
+def markdown_summary(results: dict[str, Any]) -> str:
+    """A compact Markdown view for the README: p50 by payload with the ratio to
+    the ROS 2 service, the cold starts, the overhead budget and concurrency."""
+    meta = results['meta']
+    machine_info = meta['machine']
+    rows = [row for row in results['rows'] if row['concurrency'] == 1]
+    sizes = sorted({row['payload_bytes'] for row in rows})
+    reference = _reference(rows)
+    by_key: dict[str, dict[int, dict[str, Any]]] = {}
+    for row in rows:
+        by_key.setdefault(row['transport'], {})[row['payload_bytes']] = row
+    lines = [
+        f"Measured with `python -m bench --{meta['mode']}` ({meta['date'][:10]}) on "
+        f"{machine_info['cores']} × {machine_info['cpu']}, Linux {machine_info['kernel']}, "
+        f"Python {machine_info['python']}, grpcio {machine_info['grpcio']}, "
+        f"rclpy {machine_info['rclpy']}, Fast DDS {machine_info['fastdds']}.",
+        '',
+        'p50 round trip, one call at a time (in brackets: time relative to the ROS 2 service '
+        'with the same payload; below 1× is faster):',
+        '',
+        '| transport | ' + ' | '.join(size_label(size) for size in sizes) + ' |',
+        '| --- |' + ' ---: |' * len(sizes),
+    ]
+    for key, label in results['transports'].items():
+        cells = []
+        for size in sizes:
+            row = by_key.get(key, {}).get(size)
+            if row is None:
+                cells.append('')
+                continue
+            ref = reference.get(size)
+            ratio = f" ({row['p50_us'] / ref:.2f}×)" if ref and key != REFERENCE_TRANSPORT else ''
+            cells.append(_ms(row['p50_us']) + ratio)
+        lines.append(f'| {label} (`{key}`) | ' + ' | '.join(cells) + ' |')
+    if results['cold_start']:
+        lines += ['', 'Time to the first successful call of a fresh process, median / worst of '
+                  f"{results['cold_start'][0]['runs']} runs:", '',
+                  '| client | process start → first reply | client created → first reply |',
+                  '| --- | ---: | ---: |']
+        lines += [f"| `{c['transport']}` | {c['total_ms']['p50']:,.0f} / {c['total_ms']['max']:,.0f} ms "
+                  f"| {c['first_reply_ms']['p50']:,.1f} / {c['first_reply_ms']['max']:,.1f} ms |"
+                  for c in results['cold_start']]
+    for mode, budget in results['overhead'].items():
+        ratios = budget['ratios']
+        lines += ['', f"Overhead, {mode}, 64 B: this package's client and server take "
+                  f"{ratios['total']:.2f}× the time of a bare grpcio stub and server "
+                  f"(client {ratios['client']:.2f}×, server {ratios['server']:.2f}×; "
+                  f"the deadline every call carries {ratios['deadline']:.2f}×)."]
+    for check in results['concurrency']:
+        lines += ['', f"Concurrency: `{check['transport']}` with 64 calls in flight makes "
+                  f"{check['ratio_64_vs_1']:.1f}× the calls/s of sequential calls "
+                  f"({_number(check['calls_per_s']['64'])} vs {_number(check['calls_per_s']['1'])})."]
+    return '\n'.join(lines) + '\n'

@@ -1,8 +1,8 @@
 """``python -m bench [--quick | --smoke] [--out DIR] [--only KEYS] [--sections S]``: measure
 every transport on every payload, the async clients with several calls in
 flight, the cold start of each client kind, and the overhead budget; print the
-table; write ``results.json`` and ``latency.png`` into ``--out`` (default
-``bench/results/``).
+table; write ``results.json``, ``results.md`` (a summary for the README) and
+``latency.png`` into ``--out`` (default ``bench/results/``).
 
 Each server runs in its own process for the whole run; each measured client
 in a fresh process of its own; transports one after the other, never at the
@@ -29,7 +29,7 @@ from .overhead import OVERHEAD_SERVERS
 from .payloads import PAYLOAD_SIZES
 from .processes import BenchEnvironment, Servers, run_child
 from .protogen import compile_bench_protos
-from .report import concurrency_check, machine, print_report, write_json
+from .report import concurrency_check, machine, markdown_summary, print_report, write_json
 from .servers import ROS_SERVICE
 from .stats import ROW_COLUMNS
 from .transports import LANES, Transport, ipc_server_options, transports
@@ -258,6 +258,7 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
         'skipped': skipped,
     }
     write_json(results, out / 'results.json')
+    (out / 'results.md').write_text(markdown_summary(results))
     if chart and rows:
         from .chart import write_chart
         write_chart(results, out / 'latency.png')
@@ -292,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     print_report(results)
-    written = 'results.json' + ('' if options.no_chart or not results['rows'] else ' and latency.png')
+    written = 'results.json, results.md' + ('' if options.no_chart or not results['rows'] else
+                                            ' and latency.png')
     print(f"\n{written} in {options.out} ({results['meta']['seconds']} s)")
 
 

@@ -94,10 +94,12 @@ def test_cold_start_overhead_and_concurrency_sections_are_complete(smoke_run) ->
 
 
 @pytest.mark.ros
-def test_table_is_printed_and_chart_written_next_to_the_json(smoke_run) -> None:
+def test_table_summary_and_chart_are_written_next_to_the_json(smoke_run) -> None:
     results, out, stdout = smoke_run
+    summary = (out / 'results.md').read_text()
     for key in results['transports']:
         assert key in stdout
+        assert f'`{key}`' in summary
     assert 'Overhead budget' in stdout
     if importlib.util.find_spec('matplotlib') is not None:
         assert (out / 'latency.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
