@@ -19,6 +19,7 @@ import datetime
 import json
 from pathlib import Path
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -154,8 +155,6 @@ def _measure_overhead(env: BenchEnvironment, addresses: dict[str, Any],
 
 def _measure_cold_start(env: BenchEnvironment, measured: list[Transport],
                         addresses: dict[str, Any], mode: Mode, pin: bool) -> list[dict[str, Any]]:
-    import subprocess
-
     by_key = {transport.key: transport for transport in measured}
     summaries = []
     for key in COLD_START_CLIENTS:
@@ -191,8 +190,8 @@ def _package_root() -> Path:
 def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
         package_root: Path | None = None, sections: tuple[str, ...] = SECTIONS,
         pin: bool = False) -> dict[str, Any]:
-    """Measure everything ``mode`` asks for; write ``results.json`` (and
-    ``latency.png``) into ``out``; return the results.
+    """Measure everything ``mode`` asks for; write ``results.json``,
+    ``results.md`` (and ``latency.png``) into ``out``; return the results.
 
     :param only: transport keys to measure (rows and cold starts).
     :param package_root: measure the ``vyra_base_ipc`` found in this
