@@ -544,11 +544,6 @@ def invalid_calls(rng: random.Random, echo, count: int) -> list[tuple[str, type,
     return calls
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'grpc.aio answers a request its deserializer cannot parse with UNKNOWN '
-    '"Unexpected <class DecodeError>: ..." and logs an ERROR traceback per call; IPCServer '
-    'should wrap each request_deserializer so that a DecodeError becomes INVALID_ARGUMENT '
-    'naming the message type'))
 def test_invalid_protobuf_is_answered_invalid_argument_naming_the_message_type(
         start_fault_server, socket_path: Path, echo) -> None:
     start_fault_server(socket_path)

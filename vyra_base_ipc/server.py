@@ -23,6 +23,7 @@ from .options import (
     server_options,
     validate_max_message_bytes,
 )
+from .request_guard import guard_handlers
 from .socket_file import SocketFile
 
 __all__ = ['IPCServer']
@@ -252,7 +253,10 @@ class IPCServer:
 
     def _add_services(self, server: grpc.aio.Server) -> None:
         for registration in self._services:
-            registration.add_to_server(registration.servicer, server)
+            handlers = guard_handlers(registration.name, registration.handlers)
+            server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler(registration.name, handlers),))
+            server.add_registered_method_handlers(registration.name, handlers)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
