@@ -69,6 +69,13 @@ def test_sync_client_every_call_shape(server: ServerProcess, echo) -> None:
         assert [r.text for r in chat] == ['Q']
 
 
+def test_sync_client_takes_lists_of_requests(server: ServerProcess, echo) -> None:
+    requests = [echo.pb.EchoRequest(text=t) for t in ('a', 'b')]
+    with SyncIPCHandler(server.socket_path, echo.Stub) as ipc:
+        assert ipc.call_method('Collect', requests).text == 'a,b'
+        assert [r.text for r in ipc.stream_method('Chat', requests)] == ['A', 'B']
+
+
 def test_sync_client_is_usable_from_many_threads(server: ServerProcess, echo) -> None:
     with SyncIPCHandler(server.socket_path, echo.Stub) as ipc:
         with ThreadPoolExecutor(8) as pool:

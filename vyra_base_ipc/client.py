@@ -425,6 +425,8 @@ class SyncIPCHandler(_ClientBase):
         deadline = self._deadline(timeout, parent, info)
         give_up = time.monotonic() + deadline
         wait = self._wait(wait_for_ready)
+        if info.kind.request_streaming:
+            request = iter(request)  # grpc's blocking stubs call next() on it: lists welcome
         for attempt in itertools.count():
             try:
                 return call(request, timeout=deadline, metadata=metadata, wait_for_ready=wait)
@@ -444,6 +446,8 @@ class SyncIPCHandler(_ClientBase):
         :raises ValueError, TypeError, IPCError: as :meth:`IPCHandler.stream_method`.
         """
         info = self._method(method, response_streaming=True)
+        if info.kind.request_streaming:
+            request = iter(request)
         call = self._callable(info)(request, timeout=self._deadline(timeout, parent, info),
                                     metadata=metadata, wait_for_ready=self._wait(wait_for_ready))
         try:
