@@ -12,9 +12,17 @@ header made for local, reliable connections. This package speaks it:
   :class:`~vyra_base_ipc.methods.Method`\\ s over one connection each, with
   the deadlines, metadata and errors of the gRPC lane.
 
-Independent ttrpc implementations (containerd's Go package) interoperate for
-unary calls and streams. Lane selection, pooling and reconnecting belong to
-:class:`~vyra_base_ipc.IPCServer` / :class:`~vyra_base_ipc.IPCHandler`.
+Independent implementations interoperate: containerd's Go client (Debian's
+1.1.1, unary only) is tested against the server; streams follow
+``PROTOCOL.md`` and containerd's 1.2 behaviour (requests ``remote open`` or
+``remote closed``, data frames, a bare ``remote closed | no data`` close,
+errors as a final Response). Lane selection, pooling and reconnecting belong
+to :class:`~vyra_base_ipc.IPCServer` / :class:`~vyra_base_ipc.IPCHandler`.
+
+Not carried over from gRPC: response headers and trailers (accepted from
+handlers, not sent), compression, ``context.read()``, and cancelling a call
+from the client (ttrpc has no cancel message: a client that gives up drops
+the answer; the server stops the handler at the deadline it was sent).
 """
 
 from __future__ import annotations

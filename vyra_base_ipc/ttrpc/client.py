@@ -28,7 +28,7 @@ import select
 import socket
 import threading
 import time
-from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Union
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Union
 import warnings
 
 import grpc
@@ -58,6 +58,7 @@ _RESPONSE = int(MessageType.RESPONSE)
 _DATA = int(MessageType.DATA)
 _CLOSE_SEND = FLAG_REMOTE_CLOSED | FLAG_NO_DATA
 _READ_SIZE = 256 * 1024
+_MAX_INT64 = 2**63 - 1
 
 _Item = Union[Frame, OversizedFrame, IPCError]
 
@@ -78,7 +79,7 @@ class _Prepared:
         self.timeout = None if timeout is None else validate_timeout(timeout)
         self.deadline = None if self.timeout is None else time.monotonic() + self.timeout
         self.metadata = metadata_to_wire(metadata) if metadata else ()
-        timeout_nano = 0 if self.timeout is None else max(1, int(self.timeout * 1e9))
+        timeout_nano = 0 if self.timeout is None else min(max(1, int(self.timeout * 1e9)), _MAX_INT64)
         self.envelope = encode_request(self.service, self.name, payload, timeout_nano, self.metadata)
 
 
