@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import threading
 from typing import Any, Iterator
+import warnings
 
 import grpc
 import pytest
@@ -295,3 +296,41 @@ def test_close_is_idempotent_and_fails_later_calls(lanes: Lanes) -> None:
     assert connection.is_closed
     with pytest.raises(IPCUnavailableError, match='closed'):
         connection.call(EXECUTE, PING, timeout=10)
+
+
+def test_connection_of_the_parent_refuses_calls_in_a_forked_child(lanes: Lanes) -> None:
+    import os
+    with SyncConnection.connect(lanes.ttrpc_path) as connection:
+        assert connection.call(EXECUTE, PING, timeout=10).result == 'pong'
+        read_end, write_end = os.pipe()
+        with warnings.catch_warnings():
+            # Python 3.12 warns about fork() in a multi-threaded process;
+            # the child here only makes one call and leaves with _exit().
+            warnings.simplefilter('ignore', DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: report what a call does, then leave at once
+            try:
+                connection.call(EXECUTE, PING, timeout=10)
+                verdict = b'call went through'
+            except IPCUnavailableError as error:
+                verdict = b'refused' if 'after fork' in error.details else error.details.encode()
+            os.write(write_end, verdict)
+            os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, 'rb') as pipe:
+            verdict = pipe.read()
+        os.waitpid(pid, 0)
+        assert verdict == b'refused'
+        assert connection.call(EXECUTE, PING, timeout=10).result == 'pong'  # the parent's still works
+
+
+def test_async_connection_is_bound_to_its_event_loop(lanes: Lanes) -> None:
+    home = asyncio.new_event_loop()
+    try:
+        connection = home.run_until_complete(AsyncConnection.connect(lanes.ttrpc_path))
+        with pytest.raises(RuntimeError, match='another event loop'):
+            asyncio.run(connection.call(EXECUTE, PING, timeout=10))
+        assert home.run_until_complete(connection.call(EXECUTE, PING, timeout=10)).result == 'pong'
+        home.run_until_complete(connection.close())
+    finally:
+        home.close()

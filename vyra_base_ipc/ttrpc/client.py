@@ -430,6 +430,7 @@ class AsyncConnection:
         """
         _check_kind(method, False)
         protocol = self._protocol
+        self._check_loop(protocol)
         outcome = _Outcome(method, self.max_message_bytes)
         if method.kind.request_streaming:
             stream = _AsyncStream(protocol.loop)
@@ -471,6 +472,7 @@ class AsyncConnection:
         """
         _check_kind(method, True)
         protocol = self._protocol
+        self._check_loop(protocol)
         outcome = _Outcome(method, self.max_message_bytes)
         stream = _AsyncStream(protocol.loop)
         sender = None
@@ -493,6 +495,12 @@ class AsyncConnection:
             protocol.streams.pop(stream_id, None)
             if sender is not None:
                 sender.cancel()
+
+    @staticmethod
+    def _check_loop(protocol: _ClientProtocol) -> None:
+        if asyncio.get_running_loop() is not protocol.loop:
+            raise RuntimeError('this AsyncConnection belongs to another event loop; '
+                               'open one per loop')
 
     async def _within(self, waiting: Any, prepared: _Prepared) -> _Item:
         if prepared.deadline is None:
@@ -715,13 +723,15 @@ class SyncConnection:
             flags = FLAG_REMOTE_OPEN
         else:
             flags = FLAG_REMOTE_CLOSED if method.kind.response_streaming else 0
+        if self._pid != os.getpid():
+            # Checked before taking any lock: a lock held at fork() time by
+            # another thread of the parent is never released in the child.
+            raise IPCUnavailableError(grpc.StatusCode.UNAVAILABLE,
+                                      'this ttrpc connection belongs to the parent process; '
+                                      'open a new one after fork()')
         self._acquire_send(prepared)
         try:
             with self._state_lock:
-                if self._error is None and self._pid != os.getpid():
-                    raise IPCUnavailableError(grpc.StatusCode.UNAVAILABLE,
-                                              'this ttrpc connection belongs to the parent process; '
-                                              'open a new one after fork()')
                 if self._error is not None:
                     raise self._error
                 stream_id = self._next_id
