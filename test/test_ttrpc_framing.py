@@ -236,3 +236,37 @@ async def test_async_client_sends_streams_by_the_protocol(scripted: Callable[[Sc
     assert reply.text == 'done'
     assert [(s, t, f) for s, t, f, _ in seen] == [(1, 1, 2), (1, 3, 0), (1, 3, 0), (1, 3, 5)]
     assert seen[2][3] == b'' and seen[3][3] == b''  # an empty message, then a bare close
+
+
+def test_sync_client_gives_up_at_its_deadline_when_no_answer_comes(
+        scripted: Callable[[Script], Path], echo: Any) -> None:
+    from vyra_base_ipc.exceptions import IPCTimeoutError
+    done = threading.Event()
+
+    def script(connection: socket.socket) -> None:
+        read_frame(connection)
+        done.wait(30)  # never answers
+    try:
+        with SyncConnection.connect(scripted(script)) as connection:
+            with pytest.raises(IPCTimeoutError):
+                connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=0.2)
+            assert not connection.is_closed  # a late answer would simply be dropped
+    finally:
+        done.set()
+
+
+@pytest.mark.asyncio
+async def test_async_client_gives_up_at_its_deadline_when_no_answer_comes(
+        scripted: Callable[[Script], Path], echo: Any) -> None:
+    from vyra_base_ipc.exceptions import IPCTimeoutError
+    done = threading.Event()
+
+    def script(connection: socket.socket) -> None:
+        read_frame(connection)
+        done.wait(30)
+    try:
+        async with await AsyncConnection.connect(scripted(script)) as connection:
+            with pytest.raises(IPCTimeoutError):
+                await connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=0.2)
+    finally:
+        done.set()

@@ -57,8 +57,9 @@ class ServicerContext:
         self._end: _End | None = None
         self._trailing_metadata: tuple[Any, ...] = ()
         self._lock = threading.Lock()
-        self._callbacks: list[Callable[[], Any]] = []
-        self._done_callbacks: list[Callable[[Any], Any]] = []
+        # Lists made on first use: most calls register no callback.
+        self._callbacks: list[Callable[[], Any]] | None = None
+        self._done_callbacks: list[Callable[[Any], Any]] | None = None
         # Set by the server for response-streaming calls so write() works.
         self._writer: Callable[[Any], Any] | None = None
 
@@ -186,6 +187,8 @@ class ServicerContext:
         with self._lock:
             if self._end is not None:
                 return False
+            if self._callbacks is None:
+                self._callbacks = []
             self._callbacks.append(callback)
             return True
 
@@ -193,6 +196,8 @@ class ServicerContext:
         """Call ``callback(context)`` when the call ends (at once if it has)."""
         with self._lock:
             if self._end is None:
+                if self._done_callbacks is None:
+                    self._done_callbacks = []
                 self._done_callbacks.append(callback)
                 return
         self._run(callback, self)
@@ -205,12 +210,14 @@ class ServicerContext:
             if self._end is not None:
                 return
             self._end = end
-            callbacks, self._callbacks = self._callbacks, []
-            done_callbacks, self._done_callbacks = self._done_callbacks, []
-        for callback in callbacks:
-            self._run(callback)
-        for done_callback in done_callbacks:
-            self._run(done_callback, self)
+            callbacks, self._callbacks = self._callbacks, None
+            done_callbacks, self._done_callbacks = self._done_callbacks, None
+        if callbacks:
+            for callback in callbacks:
+                self._run(callback)
+        if done_callbacks:
+            for done_callback in done_callbacks:
+                self._run(done_callback, self)
 
     def _run(self, callback: Callable[..., Any], *args: Any) -> None:
         try:
