@@ -331,7 +331,8 @@ class _Call:
         # created here, so a task cancelled before it ran leaves none behind.
         try:
             if self.response_streaming:
-                result = await self._drive_stream(argument)
+                await self._drive_stream(argument)
+                result = None
             else:
                 result = await self.handler.function(argument, self.context)
         except asyncio.CancelledError:
