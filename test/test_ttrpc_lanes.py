@@ -219,3 +219,35 @@ async def test_unknown_method_is_unimplemented_as_on_grpc(lanes: Lanes, echo: An
         assert via_ttrpc.value.code is via_grpc.value.code() is grpc.StatusCode.UNIMPLEMENTED
         assert via_ttrpc.value.details == via_grpc.value.details()
         assert via_ttrpc.value.method == path
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('method_name', ['Echo', 'EchoSync', 'Count', 'Collect', 'Chat'])
+async def test_undecodable_request_is_answered_alike(lanes: Lanes, echo: Any, method_name: str) -> None:
+    known = stub_methods(echo.Stub)[method_name]
+    raw = Method(known.name, known.path, known.kind, None, known.response_deserializer)  # bytes as they are
+    garbage = b'\xff\xff\xff\xff'
+    request: Any = iter([garbage]) if known.kind.request_streaming else garbage
+    channel = grpc.aio.insecure_channel(f'unix:{lanes.grpc_path}')
+    try:
+        call = getattr(channel, known.kind.value)(known.path, response_deserializer=known.response_deserializer)
+        with pytest.raises(grpc.RpcError) as via_grpc:
+            result = call(request, timeout=10)
+            if known.kind.response_streaming:
+                async for _ in result:
+                    pass
+            else:
+                await result
+    finally:
+        await channel.close()
+    request = iter([garbage]) if known.kind.request_streaming else garbage
+    async with await AsyncConnection.connect(lanes.ttrpc_path) as connection:
+        with pytest.raises(IPCRemoteError) as via_ttrpc:
+            if known.kind.response_streaming:
+                async for _ in connection.stream(raw, request, timeout=10):
+                    pass
+            else:
+                await connection.call(raw, request, timeout=10)
+    assert via_ttrpc.value.code is via_grpc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert via_ttrpc.value.details == via_grpc.value.details()
+    assert 'vyra.ipc.test.' in via_ttrpc.value.details

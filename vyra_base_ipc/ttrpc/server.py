@@ -105,7 +105,7 @@ class _Handler:
     """One registered method, ready to call."""
 
     __slots__ = ('path', 'kind', 'function', 'deserialize', 'serialize', 'is_async',
-                 'request_streaming', 'response_streaming')
+                 'request_streaming', 'response_streaming', 'request_type')
 
     def __init__(self, service: str, name: str, handler: grpc.RpcMethodHandler) -> None:
         self.path = f'/{service}/{name}'
@@ -119,6 +119,21 @@ class _Handler:
         self.is_async = inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function)
         self.request_streaming = self.kind.request_streaming
         self.response_streaming = self.kind.response_streaming
+        descriptor = getattr(getattr(self.deserialize, '__self__', None), 'DESCRIPTOR', None)
+        self.request_type: str = getattr(descriptor, 'full_name', 'the request message')
+
+    def decode(self, payload: bytes, context: ServicerContext) -> Any:
+        """The request message, or the call aborted with INVALID_ARGUMENT (as
+        the gRPC lane's request guard answers an undecodable request).
+
+        :raises grpc.aio.AbortError: the bytes do not decode.
+        """
+        try:
+            return self.deserialize(payload)
+        except Exception as error:  # DecodeError, or whatever a custom deserializer raises
+            raise context._abort_status(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f'{self.path}: the request is not a valid {self.request_type}: {error}', ()) from None
 
 
 def _identity(value: Any) -> Any:
@@ -267,9 +282,12 @@ class _Call:
             connection.server._deadlines.add(loop.time() + timeout, self)
         argument: Any
         if handler.request_streaming:
+            context = self.context
+
+            def decode(data: bytes) -> Any:
+                return handler.decode(data, context)
             requests: _AsyncRequests | _SyncRequests = (
-                _AsyncRequests(loop, handler.deserialize) if handler.is_async
-                else _SyncRequests(handler.deserialize))
+                _AsyncRequests(loop, decode) if handler.is_async else _SyncRequests(decode))
             self.requests = argument = requests
             # containerd's clients may put the first message in the request.
             if payload:
@@ -278,9 +296,9 @@ class _Call:
                 requests.close()
         elif handler.is_async:
             try:
-                argument = handler.deserialize(payload)
-            except Exception as error:
-                self.answer(*_unexpected(error, handler.path))
+                argument = handler.decode(payload, self.context)
+            except grpc.aio.AbortError as error:
+                self.answer(*_error_status(self.context, error, handler.path))
                 return
         else:
             argument = payload  # deserialized in the handler's thread
@@ -359,7 +377,7 @@ class _Call:
         handler = self.handler
         try:
             if not handler.request_streaming:
-                argument = handler.deserialize(argument)
+                argument = handler.decode(argument, context)
             if self.response_streaming:
                 context._writer = self._write_thread
                 result = handler.function(argument, context)
