@@ -287,3 +287,24 @@ async def test_handlers_may_stream_with_context_write(socket_dir: Path, echo: An
         replies = [r.index async for r in connection.stream(
             stub_methods(echo.Stub)['Count'], echo.pb.CountRequest(count=5), timeout=30)]
     assert replies == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.asyncio
+async def test_calls_over_the_concurrency_limit_are_refused_as_on_grpc(socket_dir: Path, servicer: Any,
+                                                                       echo: Any) -> None:
+    from vyra_base_ipc.exceptions import IPCRemoteError
+
+    methods = stub_methods(echo.Stub)
+    server = server_for(socket_dir / 't.sock', servicer, maximum_concurrent_rpcs=1)
+    async with server, await AsyncConnection.connect(socket_dir / 't.sock') as connection:
+        busy = asyncio.ensure_future(connection.call(methods['Sleep'], echo.pb.SleepRequest(seconds=30),
+                                                     timeout=60))
+        while not server._active:
+            await asyncio.sleep(0.01)
+        with pytest.raises(IPCRemoteError) as raised:
+            await connection.call(methods['Echo'], echo.pb.EchoRequest(), timeout=10)
+        assert (raised.value.code, raised.value.details) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED, 'Concurrent RPC limit exceeded!')
+        busy.cancel()
+    with pytest.raises(ValueError, match='maximum_concurrent_rpcs'):
+        server_for(socket_dir / 'u.sock', servicer, maximum_concurrent_rpcs=0)

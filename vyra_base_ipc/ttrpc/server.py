@@ -657,6 +657,9 @@ class _Connection(asyncio.Protocol):
         if handler is None:
             self.reject(stream_id, grpc.StatusCode.UNIMPLEMENTED, 'Method not found!')
             return
+        if server.maximum_concurrent_rpcs is not None and server._active >= server.maximum_concurrent_rpcs:
+            self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED, 'Concurrent RPC limit exceeded!')
+            return
         payload = request.payload
         if len(payload) > server.max_message_bytes:
             self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -791,6 +794,9 @@ class TtrpcServer:
     :param directory_mode: permission bits of parent directories created for it.
     :param executor: thread pool for ``def`` handlers (not shut down here).
     :param max_workers: size of the pool created when ``executor`` is None.
+    :param maximum_concurrent_rpcs: calls above this many in flight (over
+        all connections) are refused at once with RESOURCE_EXHAUSTED, as
+        gRPC does; ``None`` for no limit.
     :raises TypeError, ValueError: invalid path, limit, or a service
         registered twice.
     """
@@ -806,6 +812,7 @@ class TtrpcServer:
         directory_mode: int = 0o700,
         executor: futures.Executor | None = None,
         max_workers: int | None = None,
+        maximum_concurrent_rpcs: int | None = None,
     ) -> None:
         self.socket_path = validate_socket_path(socket_path)
         self.max_message_bytes = validate_max_message_bytes(max_message_bytes)
@@ -813,6 +820,12 @@ class TtrpcServer:
         #: Bytes of streamed requests one call may leave unread before it fails.
         self.request_backlog_bytes = 2 * self.max_message_bytes
         self.grace_period = grace_period
+        if maximum_concurrent_rpcs is not None and (
+                isinstance(maximum_concurrent_rpcs, bool) or not isinstance(maximum_concurrent_rpcs, int)
+                or maximum_concurrent_rpcs < 1):
+            raise ValueError(f'maximum_concurrent_rpcs must be a positive int or None, '
+                             f'not {maximum_concurrent_rpcs!r}')
+        self.maximum_concurrent_rpcs = maximum_concurrent_rpcs
         self._handlers: dict[tuple[str, str], _Handler] = {}
         for registration in services:
             if any(service == registration.name for service, _ in self._handlers):
