@@ -16,32 +16,18 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Callable, Iterator, Sequence
 
 import pytest
+
+from conftest import wait_for
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SERVERS = HERE / 'servers'
 
-#: rclpy imports rosidl_generator_py when it creates the first node; that
-#: pulls in lark, which imports the deprecated ``sre_parse`` and ``sre_constants`` (a DeprecationWarning,
-#: an error under ``filterwarnings = error``). Not ours to fix: ignore that one.
-ROS_IMPORT_WARNINGS = pytest.mark.filterwarnings(
-    "ignore:module 'sre_(parse|constants)' is deprecated:DeprecationWarning")
-
 #: Variables that would redirect a server or client to another socket.
 _IPC_ENVS = ('VYRA_IPC_SOCKET', 'VYRA_MODULE_NAME', 'MODULE_NAME')
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll ``condition`` until true; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f'timed out after {timeout} s waiting for {what}')
-        time.sleep(0.01)
 
 
 def private_ros_environ(ros_home: Path, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -139,7 +125,7 @@ class RosProcess:
             if not self.running():
                 raise AssertionError(f'process exited with {self.popen.returncode}:\n{self.log()}')
             return is_listening(socket_path)
-        wait_until(ready, timeout, f'a server on {socket_path}')
+        wait_for(ready, timeout, f'a server on {socket_path}')
 
     def stop(self) -> None:
         if self.running():

@@ -15,7 +15,7 @@ from rclpy.context import Context
 from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 
-from ros_env import ROS_IMPORT_WARNINGS, ros_environ, ros_in_process, short_dir  # noqa: F401
+from ros_env import ros_environ, ros_in_process, short_dir  # noqa: F401
 from vyra_base_ipc import SyncIPCHandler
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc import module_service_pb2_grpc as module_grpc
@@ -23,7 +23,7 @@ from vyra_base_ipc.demo.callable_service import DemoModuleService
 from vyra_base_ipc.demo.module_node import DECLARED_PARAMETERS, DemoModuleNode
 from vyra_base_ipc.node import host_ipc_server
 
-pytestmark = [pytest.mark.ros, ROS_IMPORT_WARNINGS]
+pytestmark = [pytest.mark.ros]
 
 
 def run_demo(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

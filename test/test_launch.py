@@ -20,7 +20,7 @@ import uuid
 import pytest
 import yaml
 
-from ros_env import REPO, ROS_IMPORT_WARNINGS, ros_environ  # noqa: F401 - fixture
+from ros_env import REPO, ros_environ  # noqa: F401 - fixture
 
 PACKAGE = 'vyra_base_ipc'
 LAUNCH_FILES = sorted((REPO / 'launch').glob('*.launch.py'))
@@ -346,7 +346,6 @@ def _launch_testing_missing() -> str | None:
 
 
 @pytest.mark.ros
-@ROS_IMPORT_WARNINGS
 @pytest.mark.skipif(_launch_testing_missing() is not None, reason=str(_launch_testing_missing()))
 @pytest.mark.parametrize('path', LAUNCH_FILES, ids=[path.name for path in LAUNCH_FILES])
 def test_launch_file_runs_under_launch_testing(path: Path, ros_environ: dict[str, str],

@@ -26,16 +26,15 @@ from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 from std_srvs.srv import Trigger
 
+from conftest import wait_for
 from ros_env import (  # noqa: F401 - fixtures
     IPC_SERVER,
-    ROS_IMPORT_WARNINGS,
     SERVERS,
     RosProcess,
     ros_environ,
     ros_in_process,
     short_dir,
     start_process,
-    wait_until,
 )
 from vyra_base_ipc import IPCError, IPCHandler, SyncIPCHandler
 from vyra_base_ipc import ModuleService, command
@@ -55,7 +54,7 @@ from vyra_base_ipc.node import (
 from vyra_base_ipc.ros_bridge import ServiceCallTimeout, ServiceCaller, ServiceUnavailable, call_service
 from vyra_base_ipc.socket_file import is_listening
 
-pytestmark = [pytest.mark.ros, ROS_IMPORT_WARNINGS]
+pytestmark = [pytest.mark.ros]
 
 
 def ros_args(*parameters: str, extra: tuple[str, ...] = ()) -> list[str]:
@@ -126,7 +125,7 @@ async def test_namespaced_node_gets_wildcard_parameters(start_process, short_dir
     server.wait_listening(socket_path)
     assert (await module_status(socket_path))['module'] == 'robot_arm'
     node_name = remap[-1].split(':=')[1] if '__node' in remap[-1] else 'ipc_server'
-    wait_until(lambda: f'(node /robot1/{node_name})' in server.log(), 20,
+    wait_for(lambda: f'(node /robot1/{node_name})' in server.log(), 20,
                f'the node to log its name /robot1/{node_name}')
 
 
@@ -144,7 +143,7 @@ def slow_server(start_process: Callable[..., RosProcess], ros_environ: dict[str,
 
 def wait_in_flight(socket_path: Path, method: str) -> None:
     calls = Path(f'{socket_path}.calls')
-    wait_until(lambda: calls.exists() and method in calls.read_text().split(), 20,
+    wait_for(lambda: calls.exists() and method in calls.read_text().split(), 20,
                f'{method} to be in flight')
 
 
@@ -178,7 +177,7 @@ async def test_more_signals_during_shutdown_do_not_cut_it_short(
         call = asyncio.ensure_future(ipc.call_method('Sleep', echo.pb.SleepRequest(seconds=60)))
         await asyncio.to_thread(wait_in_flight, socket_path, 'Sleep')
         server.signal(signal.SIGTERM)
-        await asyncio.to_thread(wait_until, lambda: 'stopping IPC server' in server.log(), 20,
+        await asyncio.to_thread(wait_for, lambda: 'stopping IPC server' in server.log(), 20,
                                 'the shutdown to begin')
         server.signal(signal.SIGINT)
         server.signal(signal.SIGTERM)
@@ -489,11 +488,11 @@ def test_ipc_call_is_served_while_ros_callback_blocks_executor(context: Context,
     try:
         spinner = spin(module, caller)
         answer = call_trigger(caller, 'block_until_ipc')
-        wait_until(module.in_blocking_callback.is_set, 20, 'the ROS callback to block')
+        wait_for(module.in_blocking_callback.is_set, 20, 'the ROS callback to block')
         with SyncIPCHandler(socket_path, module_grpc.ModuleServiceStub, timeout=5.0) as ipc:
             reply = ipc.call_method('ExecuteCommand', module_pb.CommandRequest(command='release_ros'))
         assert reply.result == 'released'
-        wait_until(answer.done, 20, 'the ROS callback to return')
+        wait_for(answer.done, 20, 'the ROS callback to return')
         assert answer.result().success
     finally:
         spinner.stop()
@@ -516,9 +515,9 @@ def test_ros_callback_runs_while_ipc_handler_waits(context: Context, spin, short
                     'ExecuteCommand', module_pb.CommandRequest(command='wait_for_ros'))
         ipc_thread = threading.Thread(target=call_ipc)
         ipc_thread.start()
-        wait_until(module.service.waiting.is_set, 20, 'the IPC handler to wait')
+        wait_for(module.service.waiting.is_set, 20, 'the IPC handler to wait')
         answer = call_trigger(caller, 'release_ipc')
-        wait_until(answer.done, 20, 'the ROS callback to return')
+        wait_for(answer.done, 20, 'the ROS callback to return')
         ipc_thread.join(timeout=20)
         assert result['reply'].result == 'ros answered'
     finally:

@@ -102,7 +102,12 @@ class SocketFile:
     def private_bind_path(self) -> Path:
         """Create the private directory and return the path to bind to."""
         if self._private_dir is None:
-            self._private_dir = Path(tempfile.mkdtemp(prefix='.ipc-', dir=self.path.parent))
+            try:
+                self._private_dir = Path(tempfile.mkdtemp(prefix='.ipc-', dir=self.path.parent))
+            except OSError as error:
+                raise type(error)(
+                    error.errno, f'cannot create socket {str(self.path)!r}: no private directory '
+                    f'can be made beside it ({error.strerror})', str(self.path.parent)) from None
         private = self._private_dir / 's'
         if len(os.fsencode(private)) > MAX_SOCKET_PATH_BYTES:
             self._discard_private_dir()
