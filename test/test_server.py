@@ -41,15 +41,21 @@ def echo_text(path: Path, echo, text: str = 'hi') -> str:
         return client.call_method('Echo', echo.pb.EchoRequest(text=text)).text
 
 
-def test_socket_file_is_a_socket_only_its_owner_may_use(server: ServerProcess) -> None:
-    info = os.lstat(server.socket_path)
-    assert stat.S_ISSOCK(info.st_mode)
-    assert stat.S_IMODE(info.st_mode) == 0o600
-    assert info.st_uid == os.getuid()
+def fast_lane(path: Path) -> Path:
+    return path.with_name(path.name.replace('.sock', '.ttrpc.sock'))
+
+
+def test_both_socket_files_are_sockets_only_their_owner_may_use(server: ServerProcess) -> None:
+    for path in (server.socket_path, fast_lane(server.socket_path)):
+        info = os.lstat(path)
+        assert stat.S_ISSOCK(info.st_mode)
+        assert stat.S_IMODE(info.st_mode) == 0o600
+        assert info.st_uid == os.getuid()
 
 
 def test_no_private_bind_directory_is_left_after_start(server: ServerProcess) -> None:
-    assert sorted(p.name for p in server.socket_path.parent.iterdir()) == [server.socket_path.name]
+    assert sorted(p.name for p in server.socket_path.parent.iterdir()) == \
+        ['test_ipc.sock', 'test_ipc.ttrpc.sock']
 
 
 def test_missing_parent_directories_are_created_owner_only(start_server, socket_dir: Path, echo) -> None:
@@ -114,7 +120,7 @@ def test_stop_signal_stops_gracefully_and_removes_the_socket(server: ServerProce
                                                              stop_signal: int) -> None:
     server.signal(stop_signal)
     assert server.wait() == 0
-    assert not server.socket_path.exists()
+    assert list(server.socket_path.parent.iterdir()) == []
 
 
 def test_in_flight_call_finishes_within_grace_on_sigterm(server: ServerProcess, echo) -> None:
@@ -134,14 +140,15 @@ def test_socket_taken_over_by_another_server_is_not_removed(start_server, socket
     path = socket_dir / 'x.sock'
     first = start_server(path)
     os.rename(path, socket_dir / 'moved.sock')  # an operator moved it away...
-    second = start_server(path)                 # ...and another server took the path
+    second = start_server(path, '--ttrpc-socket-path', str(socket_dir / 'second.ttrpc.sock'))
+    # ...and another server took the path
     first.signal(signal.SIGTERM)
     assert first.wait() == 0
     assert path.is_socket()
     assert echo_text(path, echo, 'second') == 'second'
     second.signal(signal.SIGTERM)
     assert second.wait() == 0
-    assert not path.exists()
+    assert sorted(p.name for p in socket_dir.iterdir()) == ['moved.sock']
 
 
 def test_health_is_serving_for_every_service(server: ServerProcess) -> None:
@@ -210,7 +217,7 @@ async def test_stop_is_idempotent_and_wait_for_termination_reports_it(socket_pat
     await asyncio.gather(server.stop(0), server.stop(0))
     await server.stop(0)
     assert await server.wait_for_termination(timeout=0.01) is True
-    assert not socket_path.exists()
+    assert list(socket_path.parent.iterdir()) == []
 
 
 @pytest.mark.asyncio
@@ -249,3 +256,43 @@ async def test_start_twice_is_refused(socket_path: Path) -> None:
     async with IPCServer(socket_path, servicers=[ModuleService('unit')]) as server:
         with pytest.raises(RuntimeError, match='start\\(\\) called on a server that is serving'):
             await server.start()
+
+
+# -- the fast lane beside it -------------------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_fast_lane_socket_is_beside_the_grpc_socket_by_default(socket_path: Path) -> None:
+    async with IPCServer(socket_path, servicers=[ModuleService('unit')]) as server:
+        assert server.ttrpc_socket_path == socket_path.parent / "test_ipc.ttrpc.sock"
+        assert is_listening(server.ttrpc_socket_path)
+
+
+@pytest.mark.asyncio
+async def test_fast_lane_socket_path_is_configurable_and_can_be_switched_off(socket_dir: Path) -> None:
+    elsewhere = socket_dir / 'fast' / 'lane.sock'
+    async with IPCServer(socket_dir / 'a.sock', servicers=[ModuleService('unit')],
+                         ttrpc_socket_path=elsewhere):
+        assert is_listening(elsewhere)
+    assert not elsewhere.exists()
+    async with IPCServer(socket_dir / 'b.sock', servicers=[ModuleService('unit')], ttrpc=False) as server:
+        assert server.ttrpc_socket_path is None
+        assert sorted(p.name for p in socket_dir.iterdir()) == ['b.sock', 'fast']
+
+
+def test_fast_lane_path_equal_to_the_grpc_path_is_refused(socket_path: Path) -> None:
+    with pytest.raises(ValueError, match='ttrpc_socket_path must differ from socket_path'):
+        IPCServer(socket_path, ttrpc_socket_path=socket_path)
+
+
+@pytest.mark.asyncio
+async def test_live_fast_lane_socket_is_refused_and_nothing_is_left(socket_dir: Path) -> None:
+    fast = socket_dir / 'shared.ttrpc.sock'
+    async with IPCServer(socket_dir / 'first.sock', servicers=[ModuleService('unit')],
+                         ttrpc_socket_path=fast):
+        second = IPCServer(socket_dir / 'second.sock', servicers=[ModuleService('unit')],
+                           ttrpc_socket_path=fast)
+        with pytest.raises(SocketInUseError) as error:
+            await second.start()
+        assert error.value.filename == str(fast)
+        assert not (socket_dir / 'second.sock').exists()
+        assert is_listening(fast)

@@ -22,6 +22,7 @@ __all__ = [
     'MODULE_NAME_ENVS',
     'StrPath',
     'default_socket_path',
+    'default_ttrpc_socket_path',
     'grpc_target',
     'resolve_socket_path',
     'validate_module_name',
@@ -56,6 +57,17 @@ def validate_module_name(module_name: object) -> str:
 def default_socket_path(module_name: str) -> Path:
     """Return ``/tmp/<module_name>_ipc.sock`` for a valid module name."""
     return Path('/tmp') / f'{validate_module_name(module_name)}_ipc.sock'
+
+
+def default_ttrpc_socket_path(grpc_socket_path: StrPath) -> Path:
+    """The fast lane's socket beside a gRPC socket: same directory and stem,
+    suffix ``.ttrpc.sock`` (``/tmp/demo_ipc.sock`` -> ``/tmp/demo_ipc.ttrpc.sock``).
+
+    :raises ValueError: the result would be too long for a Unix socket.
+    """
+    path = validate_socket_path(grpc_socket_path)
+    stem = path.name[:-len('.sock')] if path.name.endswith('.sock') else path.name
+    return validate_socket_path(path.with_name(f'{stem}.ttrpc.sock'))
 
 
 def validate_socket_path(socket_path: object) -> Path:

@@ -1,4 +1,4 @@
-"""IPCServer: user servicers on a Unix domain socket, with health and reflection."""
+"""IPCServer: user servicers on two lanes, gRPC and ttrpc, with health and reflection."""
 
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .address import StrPath, grpc_target, resolve_socket_path
+from .address import (
+    StrPath,
+    default_ttrpc_socket_path,
+    grpc_target,
+    resolve_socket_path,
+    validate_socket_path,
+)
 from .fork_safety import ensure_usable_after_fork, note_grpc_used
 from .methods import ServiceRegistration, record_servicer
 from .options import (
@@ -25,6 +31,7 @@ from .options import (
 )
 from .request_guard import guard_handlers
 from .socket_file import SocketFile
+from .ttrpc import TtrpcServer
 
 __all__ = ['IPCServer']
 
@@ -40,12 +47,17 @@ class _State(enum.Enum):
 
 
 class IPCServer:
-    """Serves gRPC servicers on a Unix domain socket inside one module.
+    """Serves gRPC servicers on Unix domain sockets inside one module, on two lanes.
 
-    Always serves ``grpc.health.v1.Health`` (SERVING for ``""`` and every
-    registered service while up, NOT_SERVING from the moment shutdown begins)
-    and server reflection, so ``grpcurl``, ``grpc_health_probe`` and friends
-    work against the socket.
+    - The **gRPC lane** (HTTP/2) on ``socket_path``, for every gRPC tool and
+      language. Always serves ``grpc.health.v1.Health`` (SERVING for ``""``
+      and every registered service while up, NOT_SERVING from the moment
+      shutdown begins) and server reflection, so ``grpcurl``,
+      ``grpc_health_probe`` and friends work against the socket.
+    - The **fast lane** (containerd's ttrpc framing, see
+      :mod:`vyra_base_ipc.ttrpc`) on ``ttrpc_socket_path``, serving the very
+      same servicer objects, for this package's clients. Same socket rules,
+      same limits, same thread pool.
 
     Handlers may be ``def`` (run in a thread pool of ``max_workers`` threads)
     or ``async def`` (run on the server's event loop), mixed freely.
@@ -60,9 +72,13 @@ class IPCServer:
         for servicers that do not derive from a generated ``*Servicer`` class.
     :param max_message_bytes: largest message sent or accepted (both ways).
     :param max_workers: threads for ``def`` handlers.
-    :param maximum_concurrent_rpcs: calls above this many in flight are
-        rejected at once with RESOURCE_EXHAUSTED; ``None`` for no limit.
+    :param maximum_concurrent_rpcs: calls above this many in flight (per
+        lane) are rejected at once with RESOURCE_EXHAUSTED; ``None`` for no limit.
     :param grace_period: default grace of :meth:`stop`, in seconds.
+    :param ttrpc: whether to serve the fast lane too.
+    :param ttrpc_socket_path: the fast lane's socket; by default beside
+        ``socket_path`` with the suffix ``.ttrpc.sock``
+        (``/tmp/demo_ipc.sock`` -> ``/tmp/demo_ipc.ttrpc.sock``).
     :param socket_group: group (name or id) that may connect too: the socket
         file gets this group and mode 0660, directories created for it 0750.
         Without it only this user (and root) may connect: 0600 and 0700.
@@ -81,6 +97,8 @@ class IPCServer:
         max_workers: int | None = None,
         maximum_concurrent_rpcs: int | None = None,
         grace_period: float = DEFAULT_GRACE_PERIOD,
+        ttrpc: bool = True,
+        ttrpc_socket_path: StrPath | None = None,
         socket_group: str | int | None = None,
         socket_mode: int | None = None,
         directory_mode: int | None = None,
@@ -90,13 +108,20 @@ class IPCServer:
         self.grace_period = grace_period
         self._max_workers = max_workers
         self._maximum_concurrent_rpcs = maximum_concurrent_rpcs
+        self.ttrpc_socket_path = None if not ttrpc else (
+            default_ttrpc_socket_path(self.socket_path) if ttrpc_socket_path is None
+            else validate_socket_path(ttrpc_socket_path))
+        if self.ttrpc_socket_path == self.socket_path:
+            raise ValueError(f'ttrpc_socket_path must differ from socket_path ({self.socket_path})')
         group = _group_id(socket_group)
-        self._socket = SocketFile(
-            self.socket_path,
-            socket_mode=socket_mode if socket_mode is not None else (0o600 if group is None else 0o660),
-            directory_mode=directory_mode if directory_mode is not None else (
+        self._socket_options = {
+            'socket_mode': socket_mode if socket_mode is not None else (0o600 if group is None else 0o660),
+            'directory_mode': directory_mode if directory_mode is not None else (
                 0o700 if group is None else 0o750),
-            group=group)
+        }
+        self._socket_group = group
+        self._socket = SocketFile(self.socket_path, group=group, **self._socket_options)
+        self._ttrpc: TtrpcServer | None = None
         self._services: list[ServiceRegistration] = []
         self._state = _State.NEW
         self._server: grpc.aio.Server | None = None
@@ -178,20 +203,29 @@ class IPCServer:
             await self._server.start()
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             self._socket.publish()
+            if self.ttrpc_socket_path is not None:
+                self._ttrpc = TtrpcServer(
+                    self.ttrpc_socket_path, self._services, max_message_bytes=self.max_message_bytes,
+                    grace_period=self.grace_period, socket_group=self._socket_group,
+                    executor=self._executor, maximum_concurrent_rpcs=self._maximum_concurrent_rpcs,
+                    **self._socket_options)
+                await self._ttrpc.start()
         except BaseException:
             await self._abort_start()
             raise
         self._state = _State.SERVING
-        _logger.info('IPC server serving %s on %s', ', '.join(self.service_names) or 'no services',
-                     self.socket_path)
+        _logger.info('IPC server serving %s on %s%s', ', '.join(self.service_names) or 'no services',
+                     self.socket_path,
+                     f' (fast lane: {self.ttrpc_socket_path})' if self.ttrpc_socket_path else '')
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop serving; idempotent and safe to call concurrently.
 
-        Health turns NOT_SERVING first, new calls are refused at once,
-        in-flight calls get ``grace`` seconds (default :attr:`grace_period`)
-        before they are cancelled, then the socket file is removed if it is
-        still this server's. Returns when all of that is done.
+        Health turns NOT_SERVING first, new calls are refused at once on both
+        lanes, in-flight calls get ``grace`` seconds (default
+        :attr:`grace_period`) before they are cancelled, then the socket files
+        are removed if they are still this server's. Returns when all of that
+        is done.
         """
         if self._stop_task is None and self._state is not _State.SERVING:
             # Never started, or start() failed and already cleaned up.
@@ -271,7 +305,8 @@ class IPCServer:
         assert self._server is not None and self._health is not None
         try:
             await self._health.enter_graceful_shutdown()
-            await self._server.stop(grace)
+            await asyncio.gather(self._server.stop(grace),
+                                 *([self._ttrpc.stop(grace)] if self._ttrpc is not None else []))
         finally:
             removed = self._socket.remove()
             if self._executor is not None:
@@ -286,6 +321,7 @@ class IPCServer:
     async def _abort_start(self) -> None:
         if self._server is not None:
             await self._server.stop(None)
+        self._socket.remove()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._socket.discard()

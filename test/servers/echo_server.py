@@ -3,6 +3,7 @@ BackendService on one socket. Prints nothing; the tests wait for the socket.
 
 Usage: echo_server.py SOCKET_PATH [--max-message-bytes N] [--grace-period S]
        [--max-workers N] [--maximum-concurrent-rpcs N] [--socket-group G]
+       [--ttrpc-socket-path PATH | --no-ttrpc]
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument('--max-workers', type=int, default=None)
     parser.add_argument('--maximum-concurrent-rpcs', type=int, default=None)
     parser.add_argument('--socket-group', default=None)
+    parser.add_argument('--ttrpc-socket-path', default=None)
+    parser.add_argument('--no-ttrpc', dest='ttrpc', action='store_false')
     options = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     kwargs = {}
@@ -71,6 +74,8 @@ def main() -> None:
         max_workers=options.max_workers,
         maximum_concurrent_rpcs=options.maximum_concurrent_rpcs,
         socket_group=options.socket_group,
+        ttrpc=options.ttrpc,
+        ttrpc_socket_path=options.ttrpc_socket_path,
         **kwargs,
     )
     try:

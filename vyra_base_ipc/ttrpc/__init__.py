@@ -27,10 +27,7 @@ the answer; the server stops the handler at the deadline it was sent).
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-from ..address import validate_socket_path
+from ..address import default_ttrpc_socket_path as ttrpc_socket_path
 from .client import AsyncConnection, SyncConnection
 from .context import AsyncServicerContext, ServicerContext
 from .framing import DEFAULT_MAX_DATA_LENGTH
@@ -48,14 +45,3 @@ __all__ = [
     'ttrpc_socket_path',
 ]
 
-
-def ttrpc_socket_path(grpc_socket_path: os.PathLike[str] | str) -> Path:
-    """The default fast-lane socket beside a gRPC socket: same directory and
-    stem, suffix ``.ttrpc.sock`` (``/tmp/demo_ipc.sock`` ->
-    ``/tmp/demo_ipc.ttrpc.sock``).
-
-    :raises ValueError: the result would be too long for a Unix socket.
-    """
-    path = validate_socket_path(grpc_socket_path)
-    stem = path.name[:-len('.sock')] if path.name.endswith('.sock') else path.name
-    return validate_socket_path(path.with_name(f'{stem}.ttrpc.sock'))

@@ -792,6 +792,8 @@ class TtrpcServer:
     :param grace_period: default grace of :meth:`stop`, in seconds.
     :param socket_mode: permission bits of the socket file.
     :param directory_mode: permission bits of parent directories created for it.
+    :param socket_group: group id given to the socket file and created
+        directories (see :class:`~vyra_base_ipc.socket_file.SocketFile`).
     :param executor: thread pool for ``def`` handlers (not shut down here).
     :param max_workers: size of the pool created when ``executor`` is None.
     :param maximum_concurrent_rpcs: calls above this many in flight (over
@@ -810,6 +812,7 @@ class TtrpcServer:
         grace_period: float = DEFAULT_GRACE_PERIOD,
         socket_mode: int = 0o600,
         directory_mode: int = 0o700,
+        socket_group: int | None = None,
         executor: futures.Executor | None = None,
         max_workers: int | None = None,
         maximum_concurrent_rpcs: int | None = None,
@@ -833,7 +836,7 @@ class TtrpcServer:
             for name, handler in registration.handlers.items():
                 self._handlers[(registration.name, name)] = _Handler(registration.name, name, handler)
         self._socket = SocketFile(self.socket_path, socket_mode=socket_mode,
-                                  directory_mode=directory_mode)
+                                  directory_mode=directory_mode, group=socket_group)
         self._given_executor = executor
         self._max_workers = max_workers
         self._executor: futures.Executor | None = executor
