@@ -21,7 +21,7 @@ from vyra_base_ipc import (
     IPCUnavailableError,
     SyncIPCHandler,
 )
-from vyra_base_ipc.channel_pool import aio_pool, sync_pool
+from vyra_base_ipc.channel_pool import aio_pool, aio_ttrpc_pool, sync_pool, sync_ttrpc_pool
 
 
 # -- calls -------------------------------------------------------------------------------
@@ -110,8 +110,12 @@ async def test_call_after_the_server_went_away_fails_at_once_naming_the_path(
     async with IPCHandler(server.socket_path, echo.Stub, timeout=30) as ipc:
         server.signal(signal.SIGTERM)
         assert server.wait() == 0
-        # UNAVAILABLE (not a timeout after 30 s): the call did not wait for its deadline.
-        with pytest.raises(IPCUnavailableError, match=str(server.socket_path)):
+        # UNAVAILABLE (not a timeout after 30 s): the call did not wait for its
+        # deadline. It names the socket of the lane that failed.
+        with pytest.raises(IPCUnavailableError, match=str(server.socket_path.with_suffix(''))):
+            await ipc.call_method('Echo', echo.pb.EchoRequest())
+        # Both lanes' sockets are gone now: the gRPC lane's answer names its socket.
+        with pytest.raises(IPCUnavailableError, match=f"{server.socket_path}' does not exist"):
             await ipc.call_method('Echo', echo.pb.EchoRequest())
 
 
@@ -254,16 +258,21 @@ async def test_call_before_connect_is_a_clear_error(server: ServerProcess, echo)
 # -- channels ----------------------------------------------------------------------------
 
 @pytest.mark.asyncio
-async def test_handlers_of_one_socket_share_one_channel_per_loop(server: ServerProcess, echo) -> None:
-    first, second = IPCHandler(server.socket_path, echo.Stub), IPCHandler(server.socket_path, echo.Stub)
+@pytest.mark.parametrize('lane, pool', [('grpc', aio_pool.open_channels),
+                                        ('ttrpc', aio_ttrpc_pool.open_connections)])
+async def test_handlers_of_one_socket_share_one_connection_per_loop(server: ServerProcess, echo,
+                                                                    lane: str, pool) -> None:
+    first = IPCHandler(server.socket_path, echo.Stub, lane=lane)
+    second = IPCHandler(server.socket_path, echo.Stub, lane=lane)
     await first.connect()
     await second.connect()
-    assert aio_pool.open_channels() == 1
+    assert pool() == 1
     await first.disconnect()
     assert (await second.call_method('Echo', echo.pb.EchoRequest(text='shared'))).text == 'shared'
+    assert second.lane_in_use == lane
     await second.disconnect()
     await second.disconnect()  # idempotent
-    assert aio_pool.open_channels() == 0
+    assert pool() == 0
 
 
 def test_one_handler_works_across_two_event_loops(server: ServerProcess, echo) -> None:
@@ -284,10 +293,14 @@ def test_one_handler_works_across_two_event_loops(server: ServerProcess, echo) -
     assert asyncio.run(second()) == 'two'
 
 
-def test_sync_handlers_share_one_channel_and_release_it(server: ServerProcess, echo) -> None:
-    with SyncIPCHandler(server.socket_path, echo.Stub), SyncIPCHandler(server.socket_path, echo.Stub):
-        assert sync_pool.open_channels() == 1
-    assert sync_pool.open_channels() == 0
+@pytest.mark.parametrize('lane, pool', [('grpc', sync_pool.open_channels),
+                                        ('ttrpc', sync_ttrpc_pool.open_connections)])
+def test_sync_handlers_share_one_connection_and_release_it(server: ServerProcess, echo,
+                                                           lane: str, pool) -> None:
+    with SyncIPCHandler(server.socket_path, echo.Stub, lane=lane), \
+            SyncIPCHandler(server.socket_path, echo.Stub, lane=lane):
+        assert pool() == 1
+    assert pool() == 0
 
 
 def test_restarted_server_is_reachable_again_within_one_second(start_server, socket_path: Path, echo) -> None:

@@ -43,7 +43,7 @@ def in_child(action) -> tuple[int, str]:
 
 
 def test_inherited_sync_client_gives_a_clear_error_in_the_child(server: ServerProcess, echo) -> None:
-    with SyncIPCHandler(server.socket_path, echo.Stub) as client:
+    with SyncIPCHandler(server.socket_path, echo.Stub, lane='grpc') as client:
         assert client.call_method('Echo', echo.pb.EchoRequest(text='parent')).text == 'parent'
         code, said = in_child(lambda: client.call_method('Echo', echo.pb.EchoRequest(text='child')))
         assert code == 1
@@ -53,14 +53,14 @@ def test_inherited_sync_client_gives_a_clear_error_in_the_child(server: ServerPr
 
 def test_new_clients_and_servers_in_the_child_give_the_clear_error(server: ServerProcess, echo,
                                                                     socket_dir) -> None:
-    handler = IPCHandler(server.socket_path, echo.Stub)
+    handler = IPCHandler(server.socket_path, echo.Stub, lane='grpc')
 
     async def call(text: str) -> str:
         async with handler:
             return (await handler.call_method('Echo', echo.pb.EchoRequest(text=text))).text
     assert asyncio.run(call('parent')) == 'parent'
     assert in_child(lambda: asyncio.run(call('child')))[1].startswith('ForkedProcessError')
-    assert in_child(lambda: SyncIPCHandler(server.socket_path, echo.Stub).connect())[1] \
+    assert in_child(lambda: SyncIPCHandler(server.socket_path, echo.Stub, lane='grpc').connect())[1] \
         .startswith('ForkedProcessError')
     code, said = in_child(lambda: asyncio.run(IPCServer(socket_dir / 'child.sock').start()))
     assert (code, said.split(':')[0]) == (1, 'ForkedProcessError')
@@ -74,11 +74,21 @@ def test_a_child_forked_before_any_grpc_use_may_use_ipc(server: ServerProcess, t
         'from vyra_base_ipc import SyncIPCHandler\n'
         'from vyra_ipc_test import echo_pb2, echo_pb2_grpc\n'
         'pid = os.fork()\n'
-        'with SyncIPCHandler(sys.argv[1], echo_pb2_grpc.EchoServiceStub) as c:\n'
-        '    print(c.call_method("Echo", echo_pb2.EchoRequest(text="child" if pid == 0 else "parent")).text)\n'
+        'with SyncIPCHandler(sys.argv[1], echo_pb2_grpc.EchoServiceStub, lane="grpc") as c:\n'
+        '    reply = c.call_method("Echo", echo_pb2.EchoRequest(text="child" if pid == 0 else "parent"))\n'
+        '    os.write(1, (reply.text + "\\n").encode())\n'
         'if pid: os.waitpid(pid, 0)\n')
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(test_protos_dir), os.environ.get('PYTHONPATH', '')])}
     result = subprocess.run([sys.executable, '-c', script, str(server.socket_path)], env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert sorted(result.stdout.split()) == ['child', 'parent']
+
+
+def test_inherited_client_on_the_fast_lane_connects_anew_in_the_child(server: ServerProcess, echo) -> None:
+    # The fast lane is plain sockets, not gRPC core: safe after fork.
+    with SyncIPCHandler(server.socket_path, echo.Stub, lane='ttrpc') as client:
+        assert client.call_method('Echo', echo.pb.EchoRequest(text='parent')).text == 'parent'
+        code, said = in_child(lambda: client.call_method('Echo', echo.pb.EchoRequest(text='child')).text)
+        assert (code, said) == (0, 'child')
+        assert client.call_method('Echo', echo.pb.EchoRequest(text='again')).text == 'again'

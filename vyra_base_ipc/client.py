@@ -2,13 +2,21 @@
 :class:`SyncIPCHandler` (blocking, for rclpy callbacks and other threads).
 
 Both call methods by name on a grpcio-generated stub class, apply a deadline
-to every call, share channels per socket, and raise :mod:`~vyra_base_ipc.exceptions`
-types that keep the gRPC status.
+to every call, share connections per socket, and raise
+:mod:`~vyra_base_ipc.exceptions` types that keep the gRPC status.
+
+Lanes: an :class:`~vyra_base_ipc.IPCServer` listens on a gRPC socket and,
+beside it, on a fast-lane (ttrpc) socket serving the same services. With
+``lane='auto'`` (the default) a client uses the fast lane whenever its socket
+answers and gRPC otherwise (a server without a fast lane, or a third-party
+gRPC server); ``lane='grpc'`` and ``lane='ttrpc'`` force one. Either way the
+errors, deadlines, status codes and retry rules are the same.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import time
@@ -17,8 +25,14 @@ from typing import Any, AsyncIterator, Iterable, Iterator, Protocol, Sequence
 import grpc
 from grpc_health.v1 import health_pb2
 
-from .address import StrPath, grpc_target, resolve_socket_path
-from .channel_pool import aio_pool, sync_pool
+from .address import (
+    StrPath,
+    default_ttrpc_socket_path,
+    grpc_target,
+    resolve_socket_path,
+    validate_socket_path,
+)
+from .channel_pool import aio_pool, aio_ttrpc_pool, sync_pool, sync_ttrpc_pool
 from .exceptions import IPCError, IPCTimeoutError, IPCUnavailableError, error_from_status
 from .methods import Method, MethodKind, stub_methods
 from .options import (
@@ -30,9 +44,17 @@ from .options import (
 )
 from .socket_file import is_listening
 
-__all__ = ['IPCHandler', 'SyncIPCHandler']
+__all__ = ['LANES', 'IPCHandler', 'SyncIPCHandler']
 
 Metadata = Sequence[tuple[str, str | bytes]]
+
+#: The values of a client's ``lane``.
+LANES = ('auto', 'grpc', 'ttrpc')
+
+#: With lane='auto', how long a fast-lane socket that did not answer is left
+#: alone before it is tried again (a failed connect costs a system call and an
+#: exception on every call otherwise).
+_FAST_LANE_RETRY_INTERVAL = 1.0
 
 
 class ServerContext(Protocol):
@@ -40,6 +62,7 @@ class ServerContext(Protocol):
     (``grpc.ServicerContext``, ``grpc.aio.ServicerContext`` or the fast lane's)."""
 
     def time_remaining(self) -> float | None: ...
+
 
 # connect() proves that a gRPC server answers with one health check. Any
 # answer but UNAVAILABLE or DEADLINE_EXCEEDED will do: a server without the
@@ -55,7 +78,8 @@ _PROBE_REQUEST = health_pb2.HealthCheckRequest()
 
 
 class _ClientBase:
-    """What both clients share: configuration, method look-up, error translation."""
+    """What both clients share: configuration, lane choice, method look-up,
+    deadlines, the retry rule and error translation."""
 
     def __init__(
         self,
@@ -67,11 +91,19 @@ class _ClientBase:
         default_method: str | None = None,
         wait_for_ready: bool = False,
         idempotent_methods: Iterable[str] = (),
+        lane: str = 'auto',
+        ttrpc_socket_path: StrPath | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path, module_name=module_name)
+        if lane not in LANES:
+            raise ValueError(f'lane must be one of {", ".join(LANES)}, not {lane!r}')
+        self.lane = lane
+        self.ttrpc_socket_path = (default_ttrpc_socket_path(self.socket_path) if ttrpc_socket_path is None
+                                  else validate_socket_path(ttrpc_socket_path))
         self.timeout = validate_timeout(timeout)
         self.wait_for_ready = bool(wait_for_ready)
+        self.max_message_bytes = validate_max_message_bytes(max_message_bytes)
         self._methods = stub_methods(service_stub) if service_stub is not None else {}
         self._stub_name = service_stub.__qualname__ if service_stub is not None else None
         if default_method is not None:
@@ -81,21 +113,38 @@ class _ClientBase:
                                             ([idempotent_methods] if isinstance(idempotent_methods, str)
                                              else idempotent_methods))
         self._target = grpc_target(self.socket_path)
-        self._options = channel_options(validate_max_message_bytes(max_message_bytes))
+        self._options = channel_options(self.max_message_bytes)
+        self._fast_lane_retry_at = 0.0
+        self._lane_in_use: str | None = None
+        self._connected = False
 
     @property
     def methods(self) -> tuple[str, ...]:
         """Names of the methods this client can call."""
         return tuple(self._methods)
 
+    @property
+    def is_connected(self) -> bool:
+        return self._connected
+
+    @property
+    def lane_in_use(self) -> str | None:
+        """``'ttrpc'`` or ``'grpc'``: the lane of the last call (or of
+        connect()); None while not connected."""
+        return self._lane_in_use if self._connected else None
+
     def get_protocol(self) -> str:
         """The VYRA handler protocol identifier: ``"ipc"``."""
         return 'ipc'
 
     def is_available(self) -> bool:
-        """Whether a server listens on the socket right now (one connect probe;
-        does not block)."""
-        return is_listening(self.socket_path)
+        """Whether a server listens on a socket of this client's lane right
+        now (one connect probe per socket; does not block)."""
+        if self.lane != 'grpc' and is_listening(self.ttrpc_socket_path):
+            return True
+        return self.lane != 'ttrpc' and is_listening(self.socket_path)
+
+    # -- per call ---------------------------------------------------------------------
 
     def _method(self, name: object, *, response_streaming: bool | None = None) -> Method:
         if not isinstance(name, str):
@@ -115,21 +164,28 @@ class _ClientBase:
     def _wait(self, wait_for_ready: bool | None) -> bool:
         return self.wait_for_ready if wait_for_ready is None else wait_for_ready
 
-    def _deadline(self, timeout: float | None, parent: ServerContext | None = None,
-                  method: Method | None = None) -> float:
-        """The call's timeout: its own (or the default), capped by the time the
-        calling handler has left."""
+    def _give_up_at(self, timeout: float | None, parent: ServerContext | None = None,
+                    method: Method | None = None) -> float:
+        """The ``time.monotonic()`` at which the call's deadline passes: its own
+        timeout (or the default), capped by the time the calling handler has left."""
         own = self.timeout if timeout is None else validate_timeout(timeout)
-        if parent is None:
-            return own
-        remaining = parent.time_remaining()
-        if remaining is None:
-            return own
+        if parent is not None:
+            remaining = parent.time_remaining()
+            if remaining is not None:
+                if remaining <= 0:
+                    raise IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                          "the calling handler's deadline has already expired",
+                                          method=method.path if method else None)
+                own = min(own, remaining)
+        return time.monotonic() + own
+
+    @staticmethod
+    def _remaining(give_up: float, method: Method | None = None) -> float:
+        remaining = give_up - time.monotonic()
         if remaining <= 0:
-            raise IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                  "the calling handler's deadline has already expired",
+            raise IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED, 'deadline exceeded',
                                   method=method.path if method else None)
-        return min(own, remaining)
+        return remaining
 
     def _retryable(self, name: str) -> str:
         method = self._method(name)
@@ -138,32 +194,45 @@ class _ClientBase:
                              'marked idempotent')
         return name
 
-    def _retry_pause(self, method: Method, error: grpc.RpcError, give_up: float,
-                     attempt: int) -> float | None:
-        """Seconds to pause before retrying, or None if the call must not be retried.
+    def _retry_pause(self, method: Method, give_up: float, attempt: int) -> float | None:
+        """Seconds to pause before retrying a call that failed with UNAVAILABLE,
+        or None if it must not be retried.
 
-        Only methods marked idempotent are retried, and only after UNAVAILABLE:
-        such a call may have run on the server already (a crash mid-call), so
-        anything else would risk a silent duplicate. The pause grows from
-        50 ms to 0.5 s so that a server answering UNAVAILABLE itself is not
-        hammered; retries wait for the server to be ready.
+        Only methods marked idempotent are retried: a call that failed this way
+        may have run on the server already (a crash mid-call), so anything else
+        would risk a silent duplicate. The pause grows from 50 ms to 0.5 s so
+        that a server answering UNAVAILABLE itself is not hammered; retries
+        wait for the server to be ready.
         """
-        if method.name not in self.idempotent_methods or error.code() is not grpc.StatusCode.UNAVAILABLE:
+        if method.name not in self.idempotent_methods:
             return None
         pause = min(0.05 * 2 ** attempt, 0.5)
         if time.monotonic() + pause >= give_up:
             return None
         return pause
 
+    # -- lanes ------------------------------------------------------------------------
+
+    def _fast_lane_due(self) -> bool:
+        return self.lane == 'ttrpc' or (self.lane == 'auto'
+                                        and time.monotonic() >= self._fast_lane_retry_at)
+
+    def _fast_lane_wait_until(self, give_up: float, wait: bool) -> float | None:
+        # With lane='auto', a server that is down is waited for on the gRPC
+        # lane (which waits for it natively); the fast lane is tried at once.
+        return give_up if wait and self.lane == 'ttrpc' else None
+
+    def _use_grpc_for_a_while(self) -> None:
+        """With lane='auto', after the fast-lane socket did not answer."""
+        self._fast_lane_retry_at = time.monotonic() + _FAST_LANE_RETRY_INTERVAL
+
+    # -- the gRPC lane ----------------------------------------------------------------
+
     def _socket_missing(self, method: str | None = None) -> IPCUnavailableError:
         return IPCUnavailableError(
             grpc.StatusCode.UNAVAILABLE,
             f'socket {str(self.socket_path)!r} does not exist (is the IPC server running?)',
             method=method)
-
-    def _check_socket(self) -> None:
-        if not os.path.exists(self.socket_path):
-            raise self._socket_missing()
 
     def _probe_failed(self, error: grpc.RpcError, timeout: float) -> IPCUnavailableError | None:
         """The error to raise for a failed connect() probe; None if the server answered."""
@@ -206,10 +275,11 @@ class IPCHandler(_ClientBase):
 
     Every call has a deadline: ``timeout`` per call, else the handler's
     ``timeout`` (default 5 s). Handlers of the same socket in the same event
-    loop share one channel. A handler may be used from several event loops in
-    turn (each gets its own channel), but from one loop at a time.
+    loop share one connection per lane. A handler may be used from several
+    event loops in turn (each gets its own connections), but from one loop at
+    a time.
 
-    :param socket_path: the server's socket; resolved as described in
+    :param socket_path: the server's (gRPC) socket; resolved as described in
         :mod:`vyra_base_ipc.address` when omitted.
     :param service_stub: the generated ``*Stub`` class whose methods to call.
     :param module_name: module whose default socket path to use.
@@ -219,6 +289,10 @@ class IPCHandler(_ClientBase):
         an unreachable server instead of failing at once.
     :param idempotent_methods: names of methods that are safe to run twice;
         only these are retried after UNAVAILABLE (within their deadline).
+    :param lane: ``'auto'`` (the fast lane when its socket answers, else
+        gRPC), ``'grpc'`` or ``'ttrpc'``.
+    :param ttrpc_socket_path: the fast lane's socket; by default beside
+        ``socket_path`` (``/tmp/x_ipc.sock`` -> ``/tmp/x_ipc.ttrpc.sock``).
     :param max_message_bytes: largest message sent or accepted.
     """
 
@@ -228,49 +302,43 @@ class IPCHandler(_ClientBase):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channel: grpc.aio.Channel | None = None
         self._callables: dict[str, Any] = {}
-        self._connected = False
-
-    @property
-    def is_connected(self) -> bool:
-        return self._connected
+        self._fast_key: Any = None
+        self._fast: Any = None
 
     async def connect(self, timeout: float | None = None) -> None:
-        """Open (or share) the channel and make sure a server answers (one
-        ``grpc.health.v1.Health/Check`` round trip).
+        """Open (or share) a connection and make sure a server answers: the
+        fast lane's connect, or one ``grpc.health.v1.Health/Check`` round trip.
 
-        Idempotent. Fails at once if the socket file does not exist or nobody
-        listens; with ``wait_for_ready`` it waits for the server within
-        ``timeout`` (default: the handler's timeout) instead.
+        Idempotent. Fails at once if nobody serves the socket; with
+        ``wait_for_ready`` it waits for the server within ``timeout`` (default:
+        the handler's timeout) instead.
 
-        :raises IPCUnavailableError: no server could be reached in time.
+        :raises IPCUnavailableError: no server could be reached in time; the
+            message names the socket.
         """
-        deadline = self._deadline(timeout)
-        if not self.wait_for_ready:
-            self._check_socket()
-        probe = self._multicallable(self._channel_here(), _PROBE)
+        give_up = self._give_up_at(timeout)
         self._connected = True
         try:
-            await probe(_PROBE_REQUEST, timeout=deadline, wait_for_ready=self.wait_for_ready)
-        except grpc.RpcError as error:
-            failure = self._probe_failed(error, deadline)
-            if failure is not None:
-                await self.disconnect()
-                raise failure from None
+            if self._fast_lane_due() and await self._fast_connection(give_up, self.wait_for_ready):
+                return
+            await self._connect_grpc(give_up)
         except BaseException:
             await self.disconnect()
             raise
 
     async def disconnect(self) -> None:
-        """Release the channel (closed when its last user lets go). Idempotent."""
+        """Release the connections (closed when their last user lets go). Idempotent."""
         self._connected = False
-        channel, loop = self._channel, self._loop
-        self._channel, self._loop, self._callables = None, None, {}
-        if channel is None or loop is None:
+        channel, fast_key, loop = self._channel, self._fast_key, self._loop
+        self._channel = self._fast_key = self._fast = self._loop = None
+        self._callables = {}
+        if loop is None:
             return
         if loop is asyncio.get_running_loop():
-            await aio_pool.release(channel)
+            await self._release(channel, fast_key)
         elif loop.is_running():
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(aio_pool.release(channel), loop))
+            await asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(self._release(channel, fast_key), loop))
 
     async def call_method(self, method: str, request: Any, *, timeout: float | None = None,
                           metadata: Metadata | None = None, wait_for_ready: bool | None = None,
@@ -293,19 +361,17 @@ class IPCHandler(_ClientBase):
         :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
         """
         info = self._method(method, response_streaming=False)
-        call = self._callable(info)
-        deadline = self._deadline(timeout, parent, info)
-        give_up = time.monotonic() + deadline
+        give_up = self._give_up_at(timeout, parent, info)
         wait = self._wait(wait_for_ready)
         for attempt in itertools.count():
             try:
-                return await call(request, timeout=deadline, metadata=metadata, wait_for_ready=wait)
-            except grpc.RpcError as error:
-                pause = self._retry_pause(info, error, give_up, attempt)
+                return await self._call_once(info, request, give_up, metadata, wait)
+            except IPCUnavailableError:
+                pause = self._retry_pause(info, give_up, attempt)
                 if pause is None:
-                    raise self._translate(error, info) from None
+                    raise
             await asyncio.sleep(pause)
-            deadline, wait = give_up - time.monotonic(), True
+            wait = True
         raise AssertionError('unreachable')
 
     async def stream_method(self, method: str, request: Any, *, timeout: float | None = None,
@@ -314,15 +380,28 @@ class IPCHandler(_ClientBase):
         """Call a response-streaming method; iterate over its responses.
 
         The deadline covers the whole stream. Leaving the iteration early
-        cancels the call. Streams are never retried.
+        ends the call (gRPC cancels it; the fast lane drops its answers and
+        the server ends the handler at the deadline). Streams are never retried.
 
         :param request: the request message, or an (async) iterable of them
             for a bidirectional method.
         :raises ValueError, TypeError, IPCError: as :meth:`call_method`.
         """
         info = self._method(method, response_streaming=True)
-        call = self._callable(info)(request, timeout=self._deadline(timeout, parent, info),
-                                    metadata=metadata, wait_for_ready=self._wait(wait_for_ready))
+        give_up = self._give_up_at(timeout, parent, info)
+        wait = self._wait(wait_for_ready)
+        self._here()
+        if self._fast_lane_due():
+            fast = await self._fast_connection(give_up, wait)
+            if fast is not None:
+                responses = fast.stream(info, request, timeout=self._remaining(give_up, info),
+                                        metadata=metadata)
+                async with contextlib.aclosing(responses):
+                    async for response in responses:
+                        yield response
+                return
+        call = self._callable(info)(request, timeout=self._remaining(give_up, info),
+                                    metadata=metadata, wait_for_ready=wait)
         try:
             async for response in call:
                 yield response
@@ -348,25 +427,88 @@ class IPCHandler(_ClientBase):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.disconnect()
 
-    def _channel_here(self) -> grpc.aio.Channel:
+    # -- internals ------------------------------------------------------------------
+
+    async def _call_once(self, info: Method, request: Any, give_up: float,
+                         metadata: Metadata | None, wait: bool) -> Any:
+        self._here()
+        if self._fast_lane_due():
+            fast = await self._fast_connection(give_up, wait)
+            if fast is not None:
+                return await fast.call(info, request, timeout=self._remaining(give_up, info),
+                                       metadata=metadata)
+        try:
+            return await self._callable(info)(request, timeout=self._remaining(give_up, info),
+                                              metadata=metadata, wait_for_ready=wait)
+        except grpc.RpcError as error:
+            raise self._translate(error, info) from None
+
+    def _here(self) -> None:
+        """Make this handler's connections those of the running loop."""
         loop = asyncio.get_running_loop()
-        if self._channel is None or self._loop is not loop:
-            # A handler moved to a new loop (asyncio.run() twice): the old
-            # loop's channel cannot be used here, nor closed from here.
+        if self._loop is loop:
+            return
+        if not self._connected:
+            raise RuntimeError('IPCHandler is not connected: await connect() first')
+        # A handler moved to a new loop (asyncio.run() twice): the old loop's
+        # connections cannot be used here, nor closed from here.
+        self._loop, self._channel, self._fast_key, self._fast = loop, None, None, None
+        self._callables = {}
+
+    async def _fast_connection(self, give_up: float, wait: bool) -> Any:
+        """The fast-lane connection, or None if its socket did not answer and
+        gRPC should be used (lane='auto')."""
+        fast = self._fast
+        if fast is not None and not fast.is_closed:
+            self._lane_in_use = 'ttrpc'
+            return fast
+        self._here()
+        if self._fast_key is None:
+            self._fast_key = aio_ttrpc_pool.acquire(os.fspath(self.ttrpc_socket_path),
+                                                    self.max_message_bytes)
+        try:
+            self._fast = await aio_ttrpc_pool.connection(
+                self._fast_key, self._fast_lane_wait_until(give_up, wait))
+        except IPCUnavailableError:
+            if self.lane == 'ttrpc':
+                raise
+            self._use_grpc_for_a_while()
+            return None
+        self._lane_in_use = 'ttrpc'
+        return self._fast
+
+    async def _connect_grpc(self, give_up: float) -> None:
+        self._here()
+        if not self.wait_for_ready and not os.path.exists(self.socket_path):
+            raise self._socket_missing()
+        timeout = self._remaining(give_up)
+        try:
+            await self._multicallable(self._grpc_channel(), _PROBE)(
+                _PROBE_REQUEST, timeout=timeout, wait_for_ready=self.wait_for_ready)
+        except grpc.RpcError as error:
+            failure = self._probe_failed(error, timeout)
+            if failure is not None:
+                raise failure from None
+
+    def _grpc_channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
             self._channel = aio_pool.acquire(self._target, self._options)
-            self._loop = loop
-            self._callables = {}
+        self._lane_in_use = 'grpc'
         return self._channel
 
     def _callable(self, method: Method) -> Any:
-        if self._loop is not asyncio.get_running_loop():
-            if not self._connected:
-                raise RuntimeError('IPCHandler is not connected: await connect() first')
-            self._channel_here()
-        call = self._callables.get(method.name)
+        call = self._callables.get(method.name) if self._channel is not None else None
         if call is None:
-            call = self._callables[method.name] = self._multicallable(self._channel, method)
+            call = self._callables[method.name] = self._multicallable(self._grpc_channel(), method)
+        self._lane_in_use = 'grpc'
         return call
+
+    @staticmethod
+    async def _release(channel: grpc.aio.Channel | None, fast_key: Any) -> None:
+        if channel is not None:
+            await aio_pool.release(channel)
+        if fast_key is not None:
+            await aio_ttrpc_pool.release(fast_key)
 
 
 class SyncIPCHandler(_ClientBase):
@@ -374,44 +516,47 @@ class SyncIPCHandler(_ClientBase):
 
     For code that is not async, chiefly rclpy callbacks: every call blocks the
     calling thread for at most its deadline. Thread-safe; all instances in a
-    process share one channel per socket. In a child forked after gRPC was
-    used, calls raise :class:`~vyra_base_ipc.fork_safety.ForkedProcessError`.
+    process share one connection per socket and lane. In a child forked after
+    gRPC was used, the gRPC lane raises
+    :class:`~vyra_base_ipc.fork_safety.ForkedProcessError`; the fast lane
+    (plain sockets) opens a connection of the child's own.
     """
 
     def __init__(self, socket_path: StrPath | None = None, service_stub: type | None = None,
                  **kwargs: Any) -> None:
         super().__init__(socket_path, service_stub, **kwargs)
         self._channel: grpc.Channel | None = None
+        self._fast_key: Any = None
         self._pid = 0
         self._callables: dict[str, Any] = {}
 
-    @property
-    def is_connected(self) -> bool:
-        return self._channel is not None and self._pid == os.getpid()
-
     def connect(self, timeout: float | None = None) -> None:
-        """Open (or share) the channel and make sure a server answers; see
+        """Open (or share) a connection and make sure a server answers; see
         :meth:`IPCHandler.connect`.
 
         :raises IPCUnavailableError: no server could be reached in time.
         """
-        deadline = self._deadline(timeout)
-        if not self.wait_for_ready:
-            self._check_socket()
-        probe = self._multicallable(self._channel_here(), _PROBE)
+        give_up = self._give_up_at(timeout)
+        self._connected = True
         try:
-            probe(_PROBE_REQUEST, timeout=deadline, wait_for_ready=self.wait_for_ready)
-        except grpc.RpcError as error:
-            failure = self._probe_failed(error, deadline)
-            if failure is not None:
-                self.disconnect()
-                raise failure from None
+            if self._fast_lane_due() and self._fast_connection(give_up, self.wait_for_ready):
+                return
+            self._connect_grpc(give_up)
+        except BaseException:
+            self.disconnect()
+            raise
 
     def disconnect(self) -> None:
-        """Release the channel (closed when its last user lets go). Idempotent."""
-        channel, self._channel, self._callables = self._channel, None, {}
-        if channel is not None and self._pid == os.getpid():
-            sync_pool.release(channel)
+        """Release the connections (closed when their last user lets go). Idempotent."""
+        self._connected = False
+        channel, fast_key = self._channel, self._fast_key
+        self._channel = self._fast_key = None
+        self._callables = {}
+        if self._pid == os.getpid():
+            if channel is not None:
+                sync_pool.release(channel)
+            if fast_key is not None:
+                sync_ttrpc_pool.release(fast_key)
 
     def call_method(self, method: str, request: Any, *, timeout: float | None = None,
                     metadata: Metadata | None = None, wait_for_ready: bool | None = None,
@@ -421,21 +566,19 @@ class SyncIPCHandler(_ClientBase):
         Parameters, retries and errors as :meth:`IPCHandler.call_method`.
         """
         info = self._method(method, response_streaming=False)
-        call = self._callable(info)
-        deadline = self._deadline(timeout, parent, info)
-        give_up = time.monotonic() + deadline
+        give_up = self._give_up_at(timeout, parent, info)
         wait = self._wait(wait_for_ready)
         if info.kind.request_streaming:
             request = iter(request)  # grpc's blocking stubs call next() on it: lists welcome
         for attempt in itertools.count():
             try:
-                return call(request, timeout=deadline, metadata=metadata, wait_for_ready=wait)
-            except grpc.RpcError as error:
-                pause = self._retry_pause(info, error, give_up, attempt)
+                return self._call_once(info, request, give_up, metadata, wait)
+            except IPCUnavailableError:
+                pause = self._retry_pause(info, give_up, attempt)
                 if pause is None:
-                    raise self._translate(error, info) from None
+                    raise
             time.sleep(pause)
-            deadline, wait = give_up - time.monotonic(), True
+            wait = True
         raise AssertionError('unreachable')
 
     def stream_method(self, method: str, request: Any, *, timeout: float | None = None,
@@ -446,10 +589,19 @@ class SyncIPCHandler(_ClientBase):
         :raises ValueError, TypeError, IPCError: as :meth:`IPCHandler.stream_method`.
         """
         info = self._method(method, response_streaming=True)
+        give_up = self._give_up_at(timeout, parent, info)
+        wait = self._wait(wait_for_ready)
         if info.kind.request_streaming:
             request = iter(request)
-        call = self._callable(info)(request, timeout=self._deadline(timeout, parent, info),
-                                    metadata=metadata, wait_for_ready=self._wait(wait_for_ready))
+        self._here()
+        if self._fast_lane_due():
+            fast = self._fast_connection(give_up, wait)
+            if fast is not None:
+                yield from fast.stream(info, request, timeout=self._remaining(give_up, info),
+                                       metadata=metadata)
+                return
+        call = self._callable(info)(request, timeout=self._remaining(give_up, info),
+                                    metadata=metadata, wait_for_ready=wait)
         try:
             yield from call
         except grpc.RpcError as error:
@@ -470,19 +622,66 @@ class SyncIPCHandler(_ClientBase):
     def __exit__(self, *exc_info: object) -> None:
         self.disconnect()
 
-    def _channel_here(self) -> grpc.Channel:
-        if self._channel is None or self._pid != os.getpid():
+    # -- internals ------------------------------------------------------------------
+
+    def _call_once(self, info: Method, request: Any, give_up: float, metadata: Metadata | None,
+                   wait: bool) -> Any:
+        self._here()
+        if self._fast_lane_due():
+            fast = self._fast_connection(give_up, wait)
+            if fast is not None:
+                return fast.call(info, request, timeout=self._remaining(give_up, info), metadata=metadata)
+        try:
+            return self._callable(info)(request, timeout=self._remaining(give_up, info),
+                                        metadata=metadata, wait_for_ready=wait)
+        except grpc.RpcError as error:
+            raise self._translate(error, info) from None
+
+    def _here(self) -> None:
+        """Make this handler's connections those of this process (after fork)."""
+        if self._pid == os.getpid():
+            return
+        if not self._connected:
+            raise RuntimeError('SyncIPCHandler is not connected: call connect() first')
+        self._pid, self._channel, self._fast_key, self._callables = os.getpid(), None, None, {}
+
+    def _fast_connection(self, give_up: float, wait: bool) -> Any:
+        self._here()
+        if self._fast_key is None:
+            self._fast_key = sync_ttrpc_pool.acquire(os.fspath(self.ttrpc_socket_path),
+                                                     self.max_message_bytes)
+        try:
+            fast = sync_ttrpc_pool.connection(self._fast_key, self._fast_lane_wait_until(give_up, wait))
+        except IPCUnavailableError:
+            if self.lane == 'ttrpc':
+                raise
+            self._use_grpc_for_a_while()
+            return None
+        self._lane_in_use = 'ttrpc'
+        return fast
+
+    def _connect_grpc(self, give_up: float) -> None:
+        self._here()
+        if not self.wait_for_ready and not os.path.exists(self.socket_path):
+            raise self._socket_missing()
+        timeout = self._remaining(give_up)
+        try:
+            self._multicallable(self._grpc_channel(), _PROBE)(
+                _PROBE_REQUEST, timeout=timeout, wait_for_ready=self.wait_for_ready)
+        except grpc.RpcError as error:
+            failure = self._probe_failed(error, timeout)
+            if failure is not None:
+                raise failure from None
+
+    def _grpc_channel(self) -> grpc.Channel:
+        if self._channel is None:
             self._channel = sync_pool.acquire(self._target, self._options)
-            self._pid = os.getpid()
-            self._callables = {}
+        self._lane_in_use = 'grpc'
         return self._channel
 
     def _callable(self, method: Method) -> Any:
-        if not self.is_connected:
-            if self._channel is None:
-                raise RuntimeError('SyncIPCHandler is not connected: call connect() first')
-            self._channel_here()
-        call = self._callables.get(method.name)
+        call = self._callables.get(method.name) if self._channel is not None else None
         if call is None:
-            call = self._callables[method.name] = self._multicallable(self._channel, method)
+            call = self._callables[method.name] = self._multicallable(self._grpc_channel(), method)
+        self._lane_in_use = 'grpc'
         return call

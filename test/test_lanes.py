@@ -1,0 +1,118 @@
+"""Lane selection in IPCHandler and SyncIPCHandler: the fast lane when its
+socket answers, gRPC otherwise, the same behaviour on both (issue 6, point 2)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+import signal
+import threading
+
+import grpc
+import pytest
+
+from conftest import ServerProcess
+from vyra_base_ipc import (
+    IPCHandler,
+    IPCRemoteError,
+    IPCTimeoutError,
+    IPCUnavailableError,
+    SyncIPCHandler,
+)
+
+LANES = ['ttrpc', 'grpc']
+
+
+@pytest.fixture(params=LANES)
+def lane(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def test_auto_takes_the_fast_lane_when_it_answers(server: ServerProcess, echo) -> None:
+    with SyncIPCHandler(server.socket_path, echo.Stub) as client:
+        assert client.lane_in_use == 'ttrpc'
+        assert client.call_method('Echo', echo.pb.EchoRequest(text='fast')).text == 'fast'
+        assert client.lane_in_use == 'ttrpc'
+
+
+@pytest.mark.asyncio
+async def test_auto_falls_back_to_grpc_without_a_fast_lane(start_server, socket_path: Path, echo) -> None:
+    start_server(socket_path, '--no-ttrpc')
+    async with IPCHandler(socket_path, echo.Stub) as client:
+        assert (await client.call_method('Echo', echo.pb.EchoRequest(text='slow'))).text == 'slow'
+        assert client.lane_in_use == 'grpc'
+
+
+def test_forced_fast_lane_without_one_is_unavailable_naming_its_socket(start_server, socket_path: Path,
+                                                                       echo) -> None:
+    start_server(socket_path, '--no-ttrpc')
+    with pytest.raises(IPCUnavailableError, match='test_ipc.ttrpc.sock'):
+        SyncIPCHandler(socket_path, echo.Stub, lane='ttrpc').connect()
+
+
+def test_unknown_lane_is_a_clear_error(socket_path: Path, echo) -> None:
+    with pytest.raises(ValueError, match="lane must be one of auto, grpc, ttrpc, not 'fast'"):
+        IPCHandler(socket_path, echo.Stub, lane='fast')
+
+
+def test_fast_lane_socket_path_is_configurable(start_server, socket_dir: Path, echo) -> None:
+    fast = socket_dir / 'elsewhere.sock'
+    start_server(socket_dir / 'x.sock', '--ttrpc-socket-path', str(fast))
+    with SyncIPCHandler(socket_dir / 'x.sock', echo.Stub, lane='ttrpc', ttrpc_socket_path=fast) as client:
+        assert client.call_method('Echo', echo.pb.EchoRequest(text='moved')).text == 'moved'
+
+
+@pytest.mark.asyncio
+async def test_same_answers_and_errors_on_both_lanes(server: ServerProcess, echo, lane: str) -> None:
+    async with IPCHandler(server.socket_path, echo.Stub, lane=lane) as client:
+        assert (await client.call_method('EchoSync', echo.pb.EchoRequest(text='a'))).text == 'a'
+        assert [r.index async for r in client.stream_method('Count', echo.pb.CountRequest(count=3))] \
+            == [0, 1, 2]
+        assert (await client.call_method('Collect', [echo.pb.EchoRequest(text=t) for t in 'xy'])).text \
+            == 'x,y'
+        assert [r.text async for r in client.stream_method('Chat', [echo.pb.EchoRequest(text='q')])] \
+            == ['Q']
+        with pytest.raises(IPCRemoteError) as error:
+            await client.call_method('Fail', echo.pb.FailRequest(
+                code=grpc.StatusCode.PERMISSION_DENIED.value[0], details='not you'))
+        assert (error.value.code, error.value.details) == (grpc.StatusCode.PERMISSION_DENIED, 'not you')
+        assert error.value.method == '/vyra.ipc.test.EchoService/Fail'
+        with pytest.raises(IPCTimeoutError):
+            await client.call_method('Sleep', echo.pb.SleepRequest(seconds=5), timeout=0.2)
+        assert client.lane_in_use == lane
+
+
+def test_sync_client_same_answers_and_errors_on_both_lanes(server: ServerProcess, echo, lane: str) -> None:
+    with SyncIPCHandler(server.socket_path, echo.Stub, lane=lane, timeout=0.3) as client:
+        assert client.call_method('Echo', echo.pb.EchoRequest(text='b')).text == 'b'
+        assert [r.index for r in client.stream_method('Count', echo.pb.CountRequest(count=2))] == [0, 1]
+        with pytest.raises(IPCTimeoutError):  # the default deadline, on either lane
+            client.call_method('Sleep', echo.pb.SleepRequest(seconds=5))
+        assert client.lane_in_use == lane
+
+
+@pytest.mark.asyncio
+async def test_fast_lane_wait_for_ready_waits_for_the_server(start_server, socket_path: Path, echo) -> None:
+    client = IPCHandler(socket_path, echo.Stub, lane='ttrpc', wait_for_ready=True, timeout=20)
+    connecting = asyncio.create_task(client.connect())
+    await asyncio.sleep(0)  # connect() now waits for a server that is not there yet
+    await asyncio.to_thread(start_server, socket_path)
+    await connecting
+    assert (await client.call_method('Echo', echo.pb.EchoRequest(text='late'))).text == 'late'
+    await client.disconnect()
+
+
+def test_restarted_server_is_reachable_again_on_the_fast_lane(start_server, socket_path: Path, echo) -> None:
+    first = start_server(socket_path)
+    with SyncIPCHandler(socket_path, echo.Stub) as client:
+        assert client.call_method('Echo', echo.pb.EchoRequest(text='before')).text == 'before'
+        first.signal(signal.SIGKILL)
+        first.wait()
+        with pytest.raises(IPCUnavailableError):
+            client.call_method('Echo', echo.pb.EchoRequest())
+        threading.Event().wait(3.0)  # an outage
+        start_server(socket_path)
+        reply = client.call_method('Echo', echo.pb.EchoRequest(text='after'), wait_for_ready=True,
+                                   timeout=1.0)
+        assert reply.text == 'after'
+        assert client.lane_in_use == 'ttrpc'
