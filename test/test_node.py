@@ -249,6 +249,12 @@ BAD_PARAMETERS = {
         lambda d: 'grace_period:=2', 'grace_period', 'must be of type DOUBLE'),
     'zero max message bytes': (
         lambda d: 'max_message_bytes:=0', 'max_message_bytes', 'between 1 and'),
+    'fast lane switch not a bool': (
+        lambda d: 'ttrpc_enabled:=maybe', 'ttrpc_enabled', 'must be of type BOOL'),
+    'fast lane on the gRPC socket': (
+        lambda d: f'ttrpc_socket_path:={d / "bad.sock"}', 'ttrpc_socket_path', 'must differ from'),
+    'fast lane path too long': (
+        lambda d: f'ttrpc_socket_path:=/tmp/{"y" * 120}.sock', 'ttrpc_socket_path', 'at most 107 bytes'),
 }
 
 
@@ -279,6 +285,37 @@ def test_socket_in_use_by_live_server_fails_and_leaves_it(start_process, short_d
     assert "parameter 'socket_path'" in second.log()
     assert 'another server is listening' in second.log()
     assert first.running() and is_listening(socket_path)
+
+
+def test_fast_lane_socket_in_use_fails_naming_its_parameter(start_process, short_dir: Path) -> None:
+    taken = short_dir / 'fast.sock'
+    first = start_process(ros_args('module_name:=first', f'socket_path:={short_dir / "a.sock"}',
+                                   f'ttrpc_socket_path:={taken}'))
+    first.wait_listening(taken)
+    second = start_process(ros_args('module_name:=second', f'socket_path:={short_dir / "b.sock"}',
+                                    f'ttrpc_socket_path:={taken}'))
+    assert second.wait(timeout=30) == EXIT_BAD_PARAMETER, second.log()
+    assert "parameter 'ttrpc_socket_path'" in second.log()
+    assert not (short_dir / 'b.sock').exists() and is_listening(taken)
+
+
+def test_fast_lane_follows_its_parameters(start_process, short_dir: Path) -> None:
+    default = start_process(ros_args('module_name:=lanes', f'socket_path:={short_dir / "d.sock"}'))
+    default.wait_listening(short_dir / 'd.ttrpc.sock')
+    moved = start_process(ros_args('module_name:=lanes', f'socket_path:={short_dir / "m.sock"}',
+                                   f'ttrpc_socket_path:={short_dir / "fast" / "m.sock"}'))
+    moved.wait_listening(short_dir / 'fast' / 'm.sock')
+    off = start_process(ros_args('module_name:=lanes', f'socket_path:={short_dir / "o.sock"}',
+                                 'ttrpc_enabled:=false'))
+    off.wait_listening(short_dir / 'o.sock')
+    with SyncIPCHandler(short_dir / 'o.sock', module_grpc.ModuleServiceStub) as client:
+        assert client.call_method('ExecuteCommand', module_pb.CommandRequest(command='ping')).result == 'pong'
+        assert client.lane_in_use == 'grpc'
+    assert not (short_dir / 'o.ttrpc.sock').exists()
+    for process in (default, moved, off):
+        process.signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    assert sorted(p.name for p in short_dir.iterdir()) == ['fast']
 
 
 def test_malformed_ros_argument_fails_with_quoting_hint(start_process) -> None:

@@ -39,7 +39,13 @@ from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
-from .address import MODULE_NAME_ENVS, resolve_socket_path, validate_module_name, validate_socket_path
+from .address import (
+    MODULE_NAME_ENVS,
+    default_ttrpc_socket_path,
+    resolve_socket_path,
+    validate_module_name,
+    validate_socket_path,
+)
 from .loop_thread import EventLoopThread
 from .module_service import ModuleService
 from .module_service_pb2_grpc import ModuleServiceServicer
@@ -109,6 +115,15 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         'Unix socket to serve on (at most 107 bytes; relative paths are made absolute). '
         'Empty: VYRA_IPC_SOCKET if set, else derived from module_name.'),
     ParameterSpec(
+        'ttrpc_enabled', Parameter.Type.BOOL, True,
+        'Serve the fast lane too: the same services over ttrpc framing on a second socket, '
+        'which IPCHandler and SyncIPCHandler use when it answers (several times faster than '
+        'the gRPC lane for small calls).'),
+    ParameterSpec(
+        'ttrpc_socket_path', Parameter.Type.STRING, '',
+        'Unix socket of the fast lane. Empty: beside socket_path with the suffix .ttrpc.sock '
+        '(/tmp/demo_ipc.sock -> /tmp/demo_ipc.ttrpc.sock).'),
+    ParameterSpec(
         'servicers', Parameter.Type.STRING_ARRAY, None,
         'Extra gRPC servicers as package.module:ClassName, imported and created with no '
         'arguments, served beside the default ModuleService (a ModuleService subclass among '
@@ -147,6 +162,8 @@ class IPCServerConfig:
 
     module_name: str
     socket_path: Path
+    #: None when the fast lane is switched off.
+    ttrpc_socket_path: Path | None
     servicers: tuple[str, ...]
     grace_period: float
     max_message_bytes: int
@@ -234,6 +251,21 @@ def read_ipc_config(node: Node, environ: Mapping[str, str] | None = None) -> IPC
     except (TypeError, ValueError) as error:
         raise ParameterError('socket_path', str(error)) from None
 
+    ttrpc_enabled, ttrpc_path = values['ttrpc_enabled'], values['ttrpc_socket_path']
+    if not isinstance(ttrpc_enabled, bool):
+        raise ParameterError('ttrpc_enabled', f'must be true or false, not {ttrpc_enabled!r}')
+    if not isinstance(ttrpc_path, str):
+        raise ParameterError('ttrpc_socket_path', f'must be a string, not {ttrpc_path!r}')
+    ttrpc_socket_path: Path | None = None
+    if ttrpc_enabled:
+        try:
+            ttrpc_socket_path = (validate_socket_path(ttrpc_path) if ttrpc_path
+                                 else default_ttrpc_socket_path(resolved))
+        except (TypeError, ValueError) as error:
+            raise ParameterError('ttrpc_socket_path', str(error)) from None
+        if ttrpc_socket_path == resolved:
+            raise ParameterError('ttrpc_socket_path', f'must differ from socket_path ({resolved})')
+
     servicers = tuple(values['servicers'] or ())
     for spec in servicers:
         if not _SERVICER_SPEC.match(spec):
@@ -248,7 +280,8 @@ def read_ipc_config(node: Node, environ: Mapping[str, str] | None = None) -> IPC
     except (TypeError, ValueError) as error:
         raise ParameterError('max_message_bytes', str(error)) from None
 
-    return IPCServerConfig(module_name=module_name, socket_path=resolved, servicers=servicers,
+    return IPCServerConfig(module_name=module_name, socket_path=resolved,
+                           ttrpc_socket_path=ttrpc_socket_path, servicers=servicers,
                            grace_period=grace_period, max_message_bytes=max_message_bytes)
 
 
@@ -355,7 +388,9 @@ class IPCServerHost:
             try:
                 server = IPCServer(config.socket_path, servicers=servicers,
                                    grace_period=config.grace_period,
-                                   max_message_bytes=config.max_message_bytes)
+                                   max_message_bytes=config.max_message_bytes,
+                                   ttrpc=config.ttrpc_socket_path is not None,
+                                   ttrpc_socket_path=config.ttrpc_socket_path)
             except (TypeError, ValueError) as error:
                 raise ParameterError('servicers', str(error)) from None
             self.loop_thread.start()
@@ -363,8 +398,11 @@ class IPCServerHost:
                 self.loop_thread.run(server.start())
             except OSError as error:
                 self.loop_thread.stop()
-                raise ParameterError('socket_path', f'cannot serve on {str(config.socket_path)!r}: '
-                                     f'{error}') from None
+                fast = config.ttrpc_socket_path is not None and \
+                    error.filename == str(config.ttrpc_socket_path)
+                path = config.ttrpc_socket_path if fast else config.socket_path
+                raise ParameterError('ttrpc_socket_path' if fast else 'socket_path',
+                                     f'cannot serve on {str(path)!r}: {error}') from None
             except BaseException:
                 self._stop_server(server, 0.0)
                 self.loop_thread.stop()
@@ -372,7 +410,8 @@ class IPCServerHost:
             self.server = server
         message = (f'IPC server of module {config.module_name!r} (node '
                    f'{self.node.get_fully_qualified_name()}) serving '
-                   f'{", ".join(server.service_names)} on {config.socket_path}')
+                   f'{", ".join(server.service_names)} on {config.socket_path}'
+                   + (f' (fast lane: {config.ttrpc_socket_path})' if config.ttrpc_socket_path else ''))
         if self.node.context.ok():
             self.node.get_logger().info(message)
         else:  # shut down while starting: rosout is gone
