@@ -5,6 +5,19 @@
 # Extra arguments go to pytest, e.g. tools/test.sh -m "not soak" -k socket
 source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
 
+# The fast lane's interop test builds containerd's reference ttrpc client
+# (Go, GOPATH mode, nothing downloaded): Debian ships both.
+if ! command -v go >/dev/null || [ ! -d /usr/share/gocode/src/github.com/containerd/ttrpc ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing golang-go and golang-github-containerd-ttrpc-dev for the interop test" >&2
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      golang-go golang-github-containerd-ttrpc-dev >/dev/null
+  else
+    echo "note: no go / containerd ttrpc source and cannot install them: the interop test skips" >&2
+  fi
+fi
+
 pytest_args=("$@")
 run_tests() {
   # PYTHONSAFEPATH: pytest runs in the source folder; import the installed tree.
