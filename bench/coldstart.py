@@ -20,7 +20,8 @@ from typing import Any  # noqa: E402
 __all__ = ['COLD_START_CLIENTS', 'main', 'summarize_runs']
 
 #: Transports measured from a cold start (one of each client kind).
-COLD_START_CLIENTS = ('socket-uds', 'grpc-aio-uds', 'ipc-sync-grpc', 'ipc-aio-grpc', 'rclpy-dds')
+COLD_START_CLIENTS = ('socket-uds', 'grpc-aio-uds', 'ipc-sync-grpc', 'ipc-aio-grpc', 'ipc-sync-ttrpc',
+                      'ipc-aio-ttrpc', 'rclpy-dds')
 
 
 def _measure(spec: dict[str, Any]) -> dict[str, float]:

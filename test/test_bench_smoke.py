@@ -19,14 +19,15 @@ REPO = Path(__file__).resolve().parent.parent
 #: TCP, this package's clients on the gRPC lane, and a ROS 2 service.
 REQUIRED_TRANSPORTS = {
     'socket-uds', 'grpc-sync-uds', 'grpc-aio-uds', 'ipc-sync-grpc', 'ipc-aio-grpc',
-    'grpc-sync-tcp', 'grpc-aio-tcp', 'rclpy-dds',
+    'ipc-sync-ttrpc', 'ipc-aio-ttrpc', 'grpc-sync-tcp', 'grpc-aio-tcp', 'rclpy-dds',
 }
 #: Lanes that are measured once the package offers them, skipped with a reason until then.
-LATER_LANE_TRANSPORTS = {'ipc-sync-ttrpc', 'ipc-aio-ttrpc'}
+LATER_LANE_TRANSPORTS: set[str] = set()
 PAYLOADS = {64, 64 * 1024, 1024 * 1024, 10 * 1024 * 1024}
 COLUMNS = ['transport', 'label', 'client', 'server', 'address', 'lane', 'payload_bytes',
            'concurrency', 'calls', 'p50_us', 'p99_us', 'mean_us', 'calls_per_s', 'mib_per_s']
-COLD_START = {'socket-uds', 'grpc-aio-uds', 'ipc-sync-grpc', 'ipc-aio-grpc', 'rclpy-dds'}
+COLD_START = {'socket-uds', 'grpc-aio-uds', 'ipc-sync-grpc', 'ipc-aio-grpc', 'ipc-sync-ttrpc',
+              'ipc-aio-ttrpc', 'rclpy-dds'}
 OVERHEAD_VARIANTS = {'stub/grpc', 'stub/ipc', 'stub+deadline/ipc', 'handler/ipc'}
 
 
