@@ -1,12 +1,14 @@
 """Shared fixtures: short socket directories, the test protos compiled in this
-environment, and real server processes."""
+environment, real server processes, and what the fault tests share."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +19,9 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 SERVERS = HERE / 'servers'
+
+# Fixtures for tests that start ROS 2 participants (DDS kept on this machine).
+pytest_plugins = ['ros_env']
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
@@ -152,3 +157,55 @@ def start_server(test_protos_dir: Path, tmp_path: Path) -> Iterator[Callable[...
 def server(start_server: Callable[..., ServerProcess], socket_path: Path) -> ServerProcess:
     """One echo server on ``socket_path``."""
     return start_server(socket_path)
+
+
+# -- fault injection ------------------------------------------------------------------
+
+#: A deadline far longer than any fault takes to show: a call failing with
+#: anything but a timeout failed without waiting for it.
+LONG = 30.0
+
+
+class Journal:
+    """The requests a fault_server's handlers saw, one ``event method hex`` line each."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def events(self) -> list[tuple[str, str, bytes]]:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return []
+        lines = text.split('\n')[:-1]  # a line being appended right now is not an event yet
+        return [(event, method, bytes.fromhex(data))
+                for event, method, data in (line.split(' ') for line in lines)]
+
+    def count(self, event: str, method: str) -> int:
+        return sum(1 for e, m, _ in self.events() if (e, m) == (event, method))
+
+
+StartFaultServer = Callable[..., tuple[ServerProcess, Journal]]
+
+
+@pytest.fixture
+def start_fault_server(start_server: Callable[..., ServerProcess], tmp_path: Path) -> StartFaultServer:
+    """Factory: ``start_fault_server(path, *args, wait=True)`` -> (process, journal)."""
+    numbers = itertools.count()
+
+    def start(path: Path, *args: str, wait: bool = True) -> tuple[ServerProcess, Journal]:
+        journal = Journal(tmp_path / f'journal-{next(numbers)}.txt')
+        process = start_server(path, '--journal', str(journal.path), *args, wait=wait,
+                               script='fault_server.py')
+        return process, journal
+    return start
+
+
+def make_stale_socket(path: Path) -> None:
+    """Leave a socket file nobody listens on, as a crashed server does."""
+    from vyra_base_ipc.socket_file import is_listening
+
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    assert path.is_socket() and not is_listening(path)

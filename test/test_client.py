@@ -305,7 +305,7 @@ def test_sync_handlers_share_one_connection_and_release_it(server: ServerProcess
 
 def test_restarted_server_is_reachable_again_within_one_second(start_server, socket_path: Path, echo) -> None:
     first = start_server(socket_path)
-    with SyncIPCHandler(socket_path, echo.Stub) as ipc:
+    with SyncIPCHandler(socket_path, echo.Stub, lane='grpc') as ipc:
         assert ipc.call_method('Echo', echo.pb.EchoRequest(text='before')).text == 'before'
         first.signal(signal.SIGKILL)
         first.wait()

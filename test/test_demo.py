@@ -15,7 +15,6 @@ from rclpy.context import Context
 from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 
-from ros_env import ros_environ, ros_in_process, short_dir  # noqa: F401
 from vyra_base_ipc import SyncIPCHandler
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc import module_service_pb2_grpc as module_grpc

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import itertools
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,55 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServerProcess, wait_for
+from conftest import LONG, ServerProcess, StartFaultServer, make_stale_socket, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vyra_base_ipc import IPCError, IPCHandler, IPCUnavailableError, SyncIPCHandler
-from vyra_base_ipc.channel_pool import aio_pool, sync_pool
+from vyra_base_ipc.channel_pool import aio_pool, aio_ttrpc_pool, sync_pool
 from vyra_base_ipc.socket_file import is_listening
 
 pytestmark = pytest.mark.fault
 
-#: A deadline far longer than any fault takes to show: a call failing with
-#: anything but a timeout failed without waiting for it.
-LONG = 30.0
-
-
-class Journal:
-    """The requests a fault_server's handlers saw, one ``event method hex`` line each."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def events(self) -> list[tuple[str, str, bytes]]:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return []
-        # Only whole lines: a line being appended right now is not an event yet.
-        lines = text.split('\n')[:-1]
-        return [(event, method, bytes.fromhex(data))
-                for event, method, data in (line.split(' ') for line in lines)]
-
-    def count(self, event: str, method: str) -> int:
-        return sum(1 for e, m, _ in self.events() if (e, m) == (event, method))
-
-
-StartFaultServer = Callable[..., tuple[ServerProcess, Journal]]
-
-
-@pytest.fixture
-def start_fault_server(start_server: Callable[..., ServerProcess], tmp_path: Path) -> StartFaultServer:
-    """Factory: ``start_fault_server(path, *args, wait=True)`` -> (process, journal)."""
-    numbers = itertools.count()
-
-    def start(path: Path, *args: str, wait: bool = True) -> tuple[ServerProcess, Journal]:
-        journal = Journal(tmp_path / f'journal-{next(numbers)}.txt')
-        process = start_server(path, '--journal', str(journal.path), *args, wait=wait,
-                               script='fault_server.py')
-        return process, journal
-    return start
-
+#: The guarantees hold on both lanes of a server.
+LANES = ['grpc', 'ttrpc']
 
 async def until(condition: Callable[[], object], timeout: float, what: str) -> None:
     """:func:`conftest.wait_for` for coroutines: polls without blocking the loop."""
@@ -88,14 +48,6 @@ async def until(condition: Callable[[], object], timeout: float, what: str) -> N
         if time.monotonic() > deadline:
             raise AssertionError(f'timed out after {timeout} s waiting for {what}')
         await asyncio.sleep(0.01)
-
-
-def make_stale_socket(path: Path) -> None:
-    """Leave a socket file nobody listens on, as a crashed server does."""
-    stale = socket.socket(socket.AF_UNIX)
-    stale.bind(str(path))
-    stale.close()
-    assert path.is_socket() and not is_listening(path)
 
 
 def open_fds() -> int:
@@ -170,7 +122,8 @@ def test_servers_racing_for_one_path_exactly_one_wins(start_fault_server: StartF
         assert str(socket_path) in loser.log()
         assert 'another server is listening' in loser.log()
     # Nothing of the losers is left: no private bind directory, no second file.
-    assert sorted(p.name for p in socket_path.parent.iterdir()) == [socket_path.name]
+    assert sorted(p.name for p in socket_path.parent.iterdir()) == \
+        [socket_path.name, socket_path.name.replace('.sock', '.ttrpc.sock')]
     with SyncIPCHandler(socket_path, echo.Stub, timeout=LONG) as client:
         assert client.call_method('Echo', echo.pb.EchoRequest(text='winner')).text == 'winner'
     # The socket is the winner's: once it is gone, nobody answers.
@@ -207,13 +160,14 @@ def test_refused_second_server_leaves_calls_in_flight_alone_then_replaces_the_cr
 
 # -- 2: crash mid-call ---------------------------------------------------------------------
 
+@pytest.mark.parametrize('lane', LANES)
 def test_sigkill_mid_call_is_unavailable_for_the_async_client(
         start_fault_server: StartFaultServer, socket_path: Path, echo,
-        client_baseline: tuple[int, int]) -> None:
+        client_baseline: tuple[int, int], lane: str) -> None:
     server, journal = start_fault_server(socket_path)
 
     async def scenario() -> str:
-        async with IPCHandler(socket_path, echo.Stub, timeout=LONG) as client:
+        async with IPCHandler(socket_path, echo.Stub, timeout=LONG, lane=lane) as client:
             call = asyncio.create_task(client.call_method('Sleep', echo.pb.SleepRequest(seconds=LONG)))
             await until(lambda: journal.count('begin', 'Sleep') == 1, LONG, 'the Sleep call on the server')
             server.signal(signal.SIGKILL)
@@ -221,20 +175,21 @@ def test_sigkill_mid_call_is_unavailable_for_the_async_client(
             # broke, not when its 30 s deadline expired.
             with pytest.raises(IPCUnavailableError) as error:
                 await call
-        assert aio_pool.open_channels() == 0
+        assert aio_pool.open_channels() == aio_ttrpc_pool.open_connections() == 0
         return error.value.method
     assert asyncio.run(scenario()) == '/vyra.ipc.test.EchoService/Sleep'
     server.wait()
     assert_client_released(client_baseline)
 
 
+@pytest.mark.parametrize('lane', LANES)
 @pytest.mark.parametrize('shape', ['unary', 'server stream'])
 def test_sigkill_mid_call_is_unavailable_for_the_sync_client(
         start_fault_server: StartFaultServer, socket_path: Path, echo,
-        client_baseline: tuple[int, int], shape: str) -> None:
+        client_baseline: tuple[int, int], shape: str, lane: str) -> None:
     server, journal = start_fault_server(socket_path)
     outcome: dict[str, Any] = {}
-    with SyncIPCHandler(socket_path, echo.Stub, timeout=LONG) as client:
+    with SyncIPCHandler(socket_path, echo.Stub, timeout=LONG, lane=lane) as client:
         if shape == 'unary':
             def call() -> None:
                 try:
@@ -269,14 +224,15 @@ def test_sigkill_mid_call_is_unavailable_for_the_sync_client(
 OUTAGE = 10.0
 
 
+@pytest.mark.parametrize('lane', ['auto', *LANES])
 def test_server_down_ten_seconds_is_reachable_within_one_second_of_its_restart(
-        start_server: Callable[..., ServerProcess], socket_path: Path, echo) -> None:
+        start_server: Callable[..., ServerProcess], socket_path: Path, echo, lane: str) -> None:
     first = start_server(socket_path)
     request = echo.pb.EchoRequest
 
     async def scenario() -> None:
-        async with IPCHandler(socket_path, echo.Stub, timeout=LONG) as aclient:
-            with SyncIPCHandler(socket_path, echo.Stub, timeout=LONG) as sclient:
+        async with IPCHandler(socket_path, echo.Stub, timeout=LONG, lane=lane) as aclient:
+            with SyncIPCHandler(socket_path, echo.Stub, timeout=LONG, lane=lane) as sclient:
                 assert (await aclient.call_method('Echo', request(text='up'))).text == 'up'
                 assert sclient.call_method('Echo', request(text='up')).text == 'up'
                 first.kill()

@@ -21,7 +21,7 @@ import random
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -29,7 +29,7 @@ from urllib.parse import unquote
 
 import grpc
 import pytest
-from conftest import ServerProcess, wait_for
+from conftest import LONG, ServerProcess, wait_for
 from google.protobuf.message import DecodeError
 
 from vyra_base_ipc import (
@@ -42,39 +42,6 @@ from vyra_base_ipc import (
 )
 
 pytestmark = pytest.mark.fault
-
-LONG = 30.0
-
-
-# -- the journal of fault_server.py --------------------------------------------------------
-
-class Journal:
-    """The requests a fault_server's handlers saw, one ``event method hex`` line each."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def events(self) -> list[tuple[str, str, bytes]]:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return []
-        lines = text.split('\n')[:-1]  # a line being appended right now is not an event yet
-        return [(event, method, bytes.fromhex(data))
-                for event, method, data in (line.split(' ') for line in lines)]
-
-
-@pytest.fixture
-def start_fault_server(start_server: Callable[..., ServerProcess],
-                       tmp_path: Path) -> Callable[..., tuple[ServerProcess, Journal]]:
-    """Factory: ``start_fault_server(path, *args)`` -> (process, journal), serving."""
-    numbers = itertools.count()
-
-    def start(path: Path, *args: str) -> tuple[ServerProcess, Journal]:
-        journal = Journal(tmp_path / f'journal-{next(numbers)}.txt')
-        return start_server(path, '--journal', str(journal.path), *args, script='fault_server.py'), journal
-    return start
-
 
 def server_fds(server: ServerProcess) -> int:
     return len(os.listdir(f'/proc/{server.pid}/fd'))
@@ -584,6 +551,9 @@ def test_unary_call_without_a_complete_request_is_answered_and_frees_its_slot(
 
 # -- guarantee 6: oversized messages -------------------------------------------------------
 
+#: Both lanes keep the limits alike.
+LANES = ['grpc', 'ttrpc']
+
 #: The configured limit in these tests (the default is 16 MiB).
 LIMIT = 64 * 1024
 
@@ -641,13 +611,14 @@ def assert_resource_exhausted(outcome: object, size: int) -> None:
     assert str(size) in outcome.details and str(LIMIT) in outcome.details, outcome.details
 
 
+@pytest.mark.parametrize('lane', LANES)
 @pytest.mark.parametrize('kind', ['sync', 'async'])
 def test_request_one_byte_over_the_server_limit_is_resource_exhausted(
-        start_fault_server, socket_path: Path, echo, kind: str) -> None:
+        start_fault_server, socket_path: Path, echo, kind: str, lane: str) -> None:
     server, journal = start_fault_server(socket_path, '--max-message-bytes', str(LIMIT))
     at_limit, over = echo_request_of_size(echo, LIMIT), echo_request_of_size(echo, LIMIT + 1)
     outcomes = call_in_turn(kind, socket_path, echo, 'Echo',
-                            [at_limit, over, echo.pb.EchoRequest(text='after')])
+                            [at_limit, over, echo.pb.EchoRequest(text='after')], lane=lane)
     assert outcomes[0].payload == at_limit.payload
     assert_resource_exhausted(outcomes[1], LIMIT + 1)
     assert outcomes[2].text == 'after'  # the same channel, still usable
@@ -656,40 +627,43 @@ def test_request_one_byte_over_the_server_limit_is_resource_exhausted(
     assert server.popen.poll() is None
 
 
+@pytest.mark.parametrize('lane', LANES)
 @pytest.mark.parametrize('kind', ['sync', 'async'])
 def test_reply_one_byte_over_the_client_limit_is_resource_exhausted(
-        start_server, socket_path: Path, echo, kind: str) -> None:
+        start_server, socket_path: Path, echo, kind: str, lane: str) -> None:
     server = start_server(socket_path)  # the server's limit is the default 16 MiB
     outcomes = call_in_turn(kind, socket_path, echo, 'Collect', [
         collect_requests_for_reply_of_size(echo, LIMIT),
         collect_requests_for_reply_of_size(echo, LIMIT + 1),
         iter([echo.pb.EchoRequest(text='after')]),
-    ], max_message_bytes=LIMIT)
+    ], max_message_bytes=LIMIT, lane=lane)
     assert outcomes[0].ByteSize() == LIMIT
     assert_resource_exhausted(outcomes[1], LIMIT + 1)
     assert outcomes[2].text == 'after'
     assert server.popen.poll() is None
 
 
+@pytest.mark.parametrize('lane', LANES)
 @pytest.mark.parametrize('kind', ['sync', 'async'])
 def test_request_over_the_client_own_limit_is_refused_before_it_is_sent(
-        start_fault_server, socket_path: Path, echo, kind: str) -> None:
+        start_fault_server, socket_path: Path, echo, kind: str, lane: str) -> None:
     _, journal = start_fault_server(socket_path)  # the server would accept it
     outcomes = call_in_turn(kind, socket_path, echo, 'Echo', [
         echo_request_of_size(echo, LIMIT + 1), echo.pb.EchoRequest(text='after')],
-        max_message_bytes=LIMIT)
+        max_message_bytes=LIMIT, lane=lane)
     assert_resource_exhausted(outcomes[0], LIMIT + 1)
     assert outcomes[1].text == 'after'
     assert [echo.pb.EchoRequest.FromString(data).text for _, _, data in journal.events()] == ['after']
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize('lane', LANES)
 async def test_oversized_message_in_a_stream_ends_that_stream_only(
-        start_fault_server, socket_path: Path, echo) -> None:
+        start_fault_server, socket_path: Path, echo, lane: str) -> None:
     await asyncio.to_thread(start_fault_server, socket_path, '--max-message-bytes', str(LIMIT))
     requests = [echo.pb.EchoRequest(text='small'), echo_request_of_size(echo, LIMIT + 1),
                 echo.pb.EchoRequest(text='never')]
-    async with IPCHandler(socket_path, echo.Stub, timeout=LONG) as client:
+    async with IPCHandler(socket_path, echo.Stub, timeout=LONG, lane=lane) as client:
         replies = []
         with pytest.raises(IPCRemoteError) as error:
             async for reply in client.stream_method('Chat', iter(requests)):

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from conftest import ServerProcess
-from vyra_base_ipc import ForkedProcessError, IPCHandler, IPCServer, SyncIPCHandler
+from vyra_base_ipc import IPCHandler, IPCServer, SyncIPCHandler
 
 pytestmark = pytest.mark.fault
 

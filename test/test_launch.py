@@ -20,7 +20,7 @@ import uuid
 import pytest
 import yaml
 
-from ros_env import REPO, ros_environ  # noqa: F401 - fixture
+from ros_env import REPO
 
 PACKAGE = 'vyra_base_ipc'
 LAUNCH_FILES = sorted((REPO / 'launch').glob('*.launch.py'))

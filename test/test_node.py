@@ -27,14 +27,10 @@ from rclpy.signals import SignalHandlerOptions
 from std_srvs.srv import Trigger
 
 from conftest import wait_for
-from ros_env import (  # noqa: F401 - fixtures
+from ros_env import (
     IPC_SERVER,
     SERVERS,
     RosProcess,
-    ros_environ,
-    ros_in_process,
-    short_dir,
-    start_process,
 )
 from vyra_base_ipc import IPCError, IPCHandler, SyncIPCHandler
 from vyra_base_ipc import ModuleService, command

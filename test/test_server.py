@@ -6,7 +6,6 @@ import asyncio
 import os
 from pathlib import Path
 import signal
-import socket
 import stat
 
 import grpc
@@ -16,7 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 import pytest
 
-from conftest import ServerProcess
+from conftest import ServerProcess, make_stale_socket
 from vyra_base_ipc import (
     IPCHandler,
     IPCRemoteError,
@@ -26,14 +25,6 @@ from vyra_base_ipc import (
     SyncIPCHandler,
 )
 from vyra_base_ipc.socket_file import is_listening
-
-
-def make_stale_socket(path: Path) -> None:
-    """Leave a socket file nobody listens on, as a crashed server does."""
-    stale = socket.socket(socket.AF_UNIX)
-    stale.bind(str(path))
-    stale.close()
-    assert path.is_socket() and not is_listening(path)
 
 
 def echo_text(path: Path, echo, text: str = 'hi') -> str:

@@ -32,7 +32,14 @@ from .address import (
     resolve_socket_path,
     validate_socket_path,
 )
-from .channel_pool import aio_pool, aio_ttrpc_pool, sync_pool, sync_ttrpc_pool
+from .channel_pool import (
+    AioChannelPool,
+    SyncChannelPool,
+    aio_pool,
+    aio_ttrpc_pool,
+    sync_pool,
+    sync_ttrpc_pool,
+)
 from .exceptions import IPCError, IPCTimeoutError, IPCUnavailableError, error_from_status
 from .methods import Method, MethodKind, stub_methods
 from .options import (
@@ -81,6 +88,8 @@ class _ClientBase:
     """What both clients share: configuration, lane choice, method look-up,
     deadlines, the retry rule and error translation."""
 
+    _channel_pool: AioChannelPool | SyncChannelPool
+
     def __init__(
         self,
         socket_path: StrPath | None = None,
@@ -117,6 +126,8 @@ class _ClientBase:
         self._fast_lane_retry_at = 0.0
         self._lane_in_use: str | None = None
         self._connected = False
+        self._channel: Any = None
+        self._callables: dict[str, Any] = {}
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -255,6 +266,20 @@ class _ClientBase:
             return self._socket_missing(method.path)
         return error_from_status(code, details, method=method.path)
 
+    def _grpc_channel(self) -> Any:
+        """This client's gRPC channel from its pool (``_channel_pool``), shared."""
+        if self._channel is None:
+            self._channel = self._channel_pool.acquire(self._target, self._options)
+        self._lane_in_use = 'grpc'
+        return self._channel
+
+    def _callable(self, method: Method) -> Any:
+        call = self._callables.get(method.name) if self._channel is not None else None
+        if call is None:
+            call = self._callables[method.name] = self._multicallable(self._grpc_channel(), method)
+        self._lane_in_use = 'grpc'
+        return call
+
     @staticmethod
     def _multicallable(channel: Any, method: Method) -> Any:
         return getattr(channel, method.kind.value)(
@@ -296,12 +321,12 @@ class IPCHandler(_ClientBase):
     :param max_message_bytes: largest message sent or accepted.
     """
 
+    _channel_pool = aio_pool
+
     def __init__(self, socket_path: StrPath | None = None, service_stub: type | None = None,
                  **kwargs: Any) -> None:
         super().__init__(socket_path, service_stub, **kwargs)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._channel: grpc.aio.Channel | None = None
-        self._callables: dict[str, Any] = {}
         self._fast_key: Any = None
         self._fast: Any = None
 
@@ -397,8 +422,11 @@ class IPCHandler(_ClientBase):
                 responses = fast.stream(info, request, timeout=self._remaining(give_up, info),
                                         metadata=metadata)
                 async with contextlib.aclosing(responses):
-                    async for response in responses:
-                        yield response
+                    try:
+                        async for response in responses:
+                            yield response
+                    except IPCError as error:
+                        raise error.for_method(info.path) from None
                 return
         call = self._callable(info)(request, timeout=self._remaining(give_up, info),
                                     metadata=metadata, wait_for_ready=wait)
@@ -435,8 +463,11 @@ class IPCHandler(_ClientBase):
         if self._fast_lane_due():
             fast = await self._fast_connection(give_up, wait)
             if fast is not None:
-                return await fast.call(info, request, timeout=self._remaining(give_up, info),
-                                       metadata=metadata)
+                try:
+                    return await fast.call(info, request, timeout=self._remaining(give_up, info),
+                                           metadata=metadata)
+                except IPCError as error:
+                    raise error.for_method(info.path) from None
         try:
             return await self._callable(info)(request, timeout=self._remaining(give_up, info),
                                               metadata=metadata, wait_for_ready=wait)
@@ -490,19 +521,6 @@ class IPCHandler(_ClientBase):
             if failure is not None:
                 raise failure from None
 
-    def _grpc_channel(self) -> grpc.aio.Channel:
-        if self._channel is None:
-            self._channel = aio_pool.acquire(self._target, self._options)
-        self._lane_in_use = 'grpc'
-        return self._channel
-
-    def _callable(self, method: Method) -> Any:
-        call = self._callables.get(method.name) if self._channel is not None else None
-        if call is None:
-            call = self._callables[method.name] = self._multicallable(self._grpc_channel(), method)
-        self._lane_in_use = 'grpc'
-        return call
-
     @staticmethod
     async def _release(channel: grpc.aio.Channel | None, fast_key: Any) -> None:
         if channel is not None:
@@ -522,13 +540,13 @@ class SyncIPCHandler(_ClientBase):
     (plain sockets) opens a connection of the child's own.
     """
 
+    _channel_pool = sync_pool
+
     def __init__(self, socket_path: StrPath | None = None, service_stub: type | None = None,
                  **kwargs: Any) -> None:
         super().__init__(socket_path, service_stub, **kwargs)
-        self._channel: grpc.Channel | None = None
         self._fast_key: Any = None
         self._pid = 0
-        self._callables: dict[str, Any] = {}
 
     def connect(self, timeout: float | None = None) -> None:
         """Open (or share) a connection and make sure a server answers; see
@@ -597,8 +615,11 @@ class SyncIPCHandler(_ClientBase):
         if self._fast_lane_due():
             fast = self._fast_connection(give_up, wait)
             if fast is not None:
-                yield from fast.stream(info, request, timeout=self._remaining(give_up, info),
-                                       metadata=metadata)
+                try:
+                    yield from fast.stream(info, request, timeout=self._remaining(give_up, info),
+                                           metadata=metadata)
+                except IPCError as error:
+                    raise error.for_method(info.path) from None
                 return
         call = self._callable(info)(request, timeout=self._remaining(give_up, info),
                                     metadata=metadata, wait_for_ready=wait)
@@ -630,7 +651,11 @@ class SyncIPCHandler(_ClientBase):
         if self._fast_lane_due():
             fast = self._fast_connection(give_up, wait)
             if fast is not None:
-                return fast.call(info, request, timeout=self._remaining(give_up, info), metadata=metadata)
+                try:
+                    return fast.call(info, request, timeout=self._remaining(give_up, info),
+                                     metadata=metadata)
+                except IPCError as error:
+                    raise error.for_method(info.path) from None
         try:
             return self._callable(info)(request, timeout=self._remaining(give_up, info),
                                         metadata=metadata, wait_for_ready=wait)
@@ -673,15 +698,3 @@ class SyncIPCHandler(_ClientBase):
             if failure is not None:
                 raise failure from None
 
-    def _grpc_channel(self) -> grpc.Channel:
-        if self._channel is None:
-            self._channel = sync_pool.acquire(self._target, self._options)
-        self._lane_in_use = 'grpc'
-        return self._channel
-
-    def _callable(self, method: Method) -> Any:
-        call = self._callables.get(method.name) if self._channel is not None else None
-        if call is None:
-            call = self._callables[method.name] = self._multicallable(self._grpc_channel(), method)
-        self._lane_in_use = 'grpc'
-        return call

@@ -39,6 +39,13 @@ class IPCError(Exception):
         where = f'{method}: ' if method else ''
         super().__init__(f'{where}{code.name}: {details}')
 
+    def for_method(self, method: str) -> 'IPCError':
+        """This error if it names its method, else a copy naming ``method``
+        (a broken connection fails every call on it with one error)."""
+        if self.method is not None:
+            return self
+        return type(self)(self.code, self.details, method=method)
+
 
 class IPCUnavailableError(IPCError):
     """Raised when the server cannot be reached: no socket file, nobody listening,

@@ -56,8 +56,8 @@ class IPCServer:
       ``grpc_health_probe`` and friends work against the socket.
     - The **fast lane** (containerd's ttrpc framing, see
       :mod:`vyra_base_ipc.ttrpc`) on ``ttrpc_socket_path``, serving the very
-      same servicer objects, for this package's clients. Same socket rules,
-      same limits, same thread pool.
+      same servicer objects (health included), for this package's clients.
+      Same socket rules, same limits, same thread pool.
 
     Handlers may be ``def`` (run in a thread pool of ``max_workers`` threads)
     or ``async def`` (run on the server's event loop), mixed freely.
@@ -204,8 +204,11 @@ class IPCServer:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             self._socket.publish()
             if self.ttrpc_socket_path is not None:
+                # Health too, so that a client on either lane sees NOT_SERVING first.
+                health_service = record_servicer(self._health, health_pb2_grpc.add_HealthServicer_to_server)
                 self._ttrpc = TtrpcServer(
-                    self.ttrpc_socket_path, self._services, max_message_bytes=self.max_message_bytes,
+                    self.ttrpc_socket_path, [*self._services, *health_service],
+                    max_message_bytes=self.max_message_bytes,
                     grace_period=self.grace_period, socket_group=self._socket_group,
                     executor=self._executor, maximum_concurrent_rpcs=self._maximum_concurrent_rpcs,
                     **self._socket_options)

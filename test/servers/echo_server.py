@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import logging
 import sys
-import time
 
 import grpc
 

@@ -517,6 +517,13 @@ class _Call:
                       f'{self.handler.path} takes no streamed requests: data frame not allowed')
             return
         if not frame.flags & FLAG_NO_DATA:
+            # Each streamed message is held to the limit a single request has
+            # (the frame limit leaves room for a request's envelope).
+            largest = self.connection.server.max_message_bytes
+            if len(frame.data) > largest:
+                self.fail(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f'Received message larger than max ({len(frame.data)} vs. {largest})')
+                return
             requests.feed(frame.data)
             limit = self.connection.server.request_backlog_bytes
             if requests.pending_bytes > limit:
