@@ -13,7 +13,6 @@ between. The numbers are printed (``pytest -rP`` or ``-s`` shows them).
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import importlib.util
 import json
@@ -91,14 +90,7 @@ def run_client_process(socket_path: Path, calls: int, test_protos_dir: Path) -> 
 
 def run_in_process(socket_path: Path, calls: int, soak_client: ModuleType, first: int) -> None:
     """Sessions of handlers created and closed in this process."""
-    done = 0
-    while done < calls:
-        plan = soak_client.plan(first + done, min(200, calls - done))
-        if (done // 200) % 2 == 0:
-            soak_client.sync_session(str(socket_path), plan)
-        else:
-            asyncio.run(soak_client.async_session(str(socket_path), plan))
-        done += len(plan)
+    soak_client.run_sessions(str(socket_path), calls, first=first)
 
 
 @pytest.mark.timeout(120 + SOAK_CALLS // 200)
@@ -147,8 +139,9 @@ def test_soak_server_does_not_grow_while_clients_come_and_go(
     print(f'soak: server at the end {final}; RSS growth after warm-up {growth:+.1%}')
     assert growth < 0.10, f'server RSS grew {growth:+.1%}: {baseline} -> {final}'
 
-    # No socket file but the server's own; no private bind directory left.
-    assert sorted(p.name for p in socket_path.parent.iterdir()) == [socket_path.name]
+    # No socket files but the server's own two; no private bind directory left.
+    assert sorted(p.name for p in socket_path.parent.iterdir()) == \
+        [socket_path.name, socket_path.name.replace('.sock', '.ttrpc.sock')]
     # This process let go of its channels and threads too.
     gc.collect()
     wait_for(lambda: threading.active_count() <= threads_here, 20,

@@ -3,7 +3,8 @@
 Makes CALLS calls to the echo server on SOCKET_PATH in sessions of
 ``--session`` calls. Each session opens a new handler, alternately a
 SyncIPCHandler (calls from four threads at once) and an IPCHandler in a
-fresh event loop (eight calls at once), and closes it at the end; no other
+fresh event loop (eight calls at once), on the gRPC lane and on the fast
+lane in turn, and closes it at the end; no other
 handler of the socket is open in this process then, so every session is a
 new connection. Every reply is checked. Prints one JSON line
 ``{"calls": N, "sessions": S}`` and exits 0; any failure exits non-zero.
@@ -51,8 +52,8 @@ def check(method: str, reply: Any, expected: Any) -> None:
         raise AssertionError(f'{method}: expected {expected!r}, got {got!r}')
 
 
-def sync_session(socket_path: str, calls: list[tuple[str, Any, Any]]) -> None:
-    with SyncIPCHandler(socket_path, echo_pb2_grpc.EchoServiceStub, timeout=TIMEOUT) as client:
+def sync_session(socket_path: str, calls: list[tuple[str, Any, Any]], lane: str) -> None:
+    with SyncIPCHandler(socket_path, echo_pb2_grpc.EchoServiceStub, timeout=TIMEOUT, lane=lane) as client:
         def one(call: tuple[str, Any, Any]) -> None:
             method, request, expected = call
             if method == 'Count':
@@ -67,8 +68,9 @@ def sync_session(socket_path: str, calls: list[tuple[str, Any, Any]]) -> None:
     assert sync_pool.open_channels() == 0
 
 
-async def async_session(socket_path: str, calls: list[tuple[str, Any, Any]]) -> None:
-    async with IPCHandler(socket_path, echo_pb2_grpc.EchoServiceStub, timeout=TIMEOUT) as client:
+async def async_session(socket_path: str, calls: list[tuple[str, Any, Any]], lane: str) -> None:
+    async with IPCHandler(socket_path, echo_pb2_grpc.EchoServiceStub, timeout=TIMEOUT,
+                          lane=lane) as client:
         async def one(call: tuple[str, Any, Any]) -> None:
             method, request, expected = call
             if method == 'Count':
@@ -83,22 +85,30 @@ async def async_session(socket_path: str, calls: list[tuple[str, Any, Any]]) -> 
     assert aio_pool.open_channels() == 0
 
 
+def run_sessions(socket_path: str, total: int, *, first: int = 0, session: int = 200) -> int:
+    """Make ``total`` calls in sessions of ``session`` calls; return the number
+    of sessions. Sessions take turns: sync and async, on both lanes."""
+    done = sessions = 0
+    while done < total:
+        calls = plan(first + done, min(session, total - done))
+        lane = ('grpc', 'ttrpc')[(sessions // 2) % 2]
+        if sessions % 2 == 0:
+            sync_session(socket_path, calls, lane)
+        else:
+            asyncio.run(async_session(socket_path, calls, lane))
+        done += len(calls)
+        sessions += 1
+    return sessions
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument('socket_path')
     parser.add_argument('calls', type=int)
     parser.add_argument('--session', type=int, default=200)
     options = parser.parse_args()
-    done = sessions = 0
-    while done < options.calls:
-        calls = plan(done, min(options.session, options.calls - done))
-        if sessions % 2 == 0:
-            sync_session(options.socket_path, calls)
-        else:
-            asyncio.run(async_session(options.socket_path, calls))
-        done += len(calls)
-        sessions += 1
-    print(json.dumps({'calls': done, 'sessions': sessions}))
+    sessions = run_sessions(options.socket_path, options.calls, session=options.session)
+    print(json.dumps({'calls': options.calls, 'sessions': sessions}))
 
 
 if __name__ == '__main__':
