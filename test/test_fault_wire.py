@@ -24,7 +24,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
 from urllib.parse import unquote
 
 import grpc
@@ -196,7 +195,7 @@ class RawConnection:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> 'RawConnection':
         return self
 
     def __exit__(self, *exc_info: object) -> None:
