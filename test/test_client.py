@@ -209,7 +209,7 @@ async def test_method_missing_on_the_server_is_unimplemented(server: ServerProce
 @pytest.mark.asyncio
 async def test_unknown_method_name_lists_the_available_ones(server: ServerProcess, echo) -> None:
     async with IPCHandler(server.socket_path, echo.Stub) as ipc:
-        with pytest.raises(ValueError, match="unknown method 'Ehco'.*available: Chat, Collect, Count, Echo"):
+        with pytest.raises(ValueError, match="unknown method 'Ehco'.*available: Chat, ChatSync, Collect, Count, Echo"):
             await ipc.call_method('Ehco', echo.pb.EchoRequest())
 
 

@@ -30,13 +30,13 @@ LONG = 30.0
 
 
 class HeldStream:
-    """A ``Chat`` stream kept open by this test until :meth:`finish`."""
+    """A ``Chat`` (or ``ChatSync``) stream kept open by this test until :meth:`finish`."""
 
-    def __init__(self, client: IPCHandler, echo, name: str) -> None:
+    def __init__(self, client: IPCHandler, echo, name: str, method: str = 'Chat') -> None:
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._echo = echo
         self.name = name
-        self.replies = client.stream_method('Chat', self._requests())
+        self.replies = client.stream_method(method, self._requests())
 
     async def _requests(self) -> AsyncIterator[object]:
         while (request := await self._queue.get()) is not None:
@@ -129,6 +129,41 @@ async def test_calls_beyond_the_concurrency_limit_are_rejected_at_once(
         replies = await asyncio.gather(*(
             client.call_method('EchoSync', echo.pb.EchoRequest(text=str(i))) for i in range(4)))
         assert [reply.text for reply in replies] == ['0', '1', '2', '3']
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+async def test_streams_holding_every_worker_leave_a_bounded_queue_and_fast_rejections(
+        start_server: Callable[..., ServerProcess], socket_path: Path, echo, lane: str) -> None:
+    await asyncio.to_thread(start_server, socket_path, '--maximum-concurrent-rpcs', '3',
+                            '--max-workers', '2')
+    async with IPCHandler(socket_path, echo.Stub, timeout=LONG, lane=lane) as client:
+        # Two def streams: each holds one of the two worker threads while open.
+        streams = [HeldStream(client, echo, f'held {i}', 'ChatSync') for i in range(2)]
+        await asyncio.gather(*(stream.open() for stream in streams))
+        # A def call now waits for a worker: the one place a call queues, and
+        # the concurrency limit bounds it...
+        def queue() -> asyncio.Future[object]:
+            return asyncio.ensure_future(client.call_method('EchoSync', echo.pb.EchoRequest(text='queued')))
+        queued = queue()
+        await asyncio.sleep(0)  # let it go out first
+        deadline = time.monotonic() + LONG
+        # ...so, once it is counted, any further call is rejected at once.
+        while not is_rejected(result := await outcome(
+                client.call_method('Echo', echo.pb.EchoRequest(text='more')))):
+            assert getattr(result, 'text', None) == 'more', result  # not counted yet: served
+            if queued.done():  # the probe overtook it and took the last slot: queue it again
+                assert is_rejected(await outcome(queued))
+                queued = queue()
+                await asyncio.sleep(0)
+            assert time.monotonic() < deadline, 'the queued call was never counted'
+            await asyncio.sleep(0.01)
+        assert not queued.done()
+        await asyncio.gather(*(stream.finish() for stream in streams))
+        assert (await queued).text == 'queued'
+        replies = await asyncio.gather(*(
+            client.call_method('EchoSync', echo.pb.EchoRequest(text=str(i))) for i in range(3)))
+        assert [reply.text for reply in replies] == ['0', '1', '2']
 
 
 @pytest.mark.asyncio

@@ -41,6 +41,10 @@ class EchoService(echo_pb2_grpc.EchoServiceServicer):
             yield echo_pb2.EchoReply(text=request.text.upper(), index=index)
             index += 1
 
+    def ChatSync(self, request_iterator, context):
+        for index, request in enumerate(request_iterator):
+            yield echo_pb2.EchoReply(text=request.text.upper(), index=index)
+
     async def Sleep(self, request, context):
         await asyncio.sleep(request.seconds)
         return echo_pb2.SleepReply(time_remaining=context.time_remaining() or 0.0,
