@@ -678,13 +678,7 @@ class SyncConnection:
         """
         _check_kind(method, False)
         outcome = _Outcome(method, self.max_message_bytes)
-        if method.kind.request_streaming:
-            prepared = _Prepared(method, timeout, metadata, b'')
-        else:
-            prepared = _Prepared(method, timeout, metadata,
-                                 _serialize(method, request, self.max_message_bytes))
-        stream = _SyncStream()
-        stream_id = self._open(stream, prepared, request)
+        prepared, stream, stream_id = self._start(method, request, timeout, metadata)
         try:
             return outcome.unary(self._next(stream, prepared))
         finally:
@@ -704,13 +698,7 @@ class SyncConnection:
         """
         _check_kind(method, True)
         outcome = _Outcome(method, self.max_message_bytes)
-        if method.kind.request_streaming:
-            prepared = _Prepared(method, timeout, metadata, b'')
-        else:
-            prepared = _Prepared(method, timeout, metadata,
-                                 _serialize(method, request, self.max_message_bytes))
-        stream = _SyncStream()
-        stream_id = self._open(stream, prepared, request)
+        prepared, stream, stream_id = self._start(method, request, timeout, metadata)
         try:
             while True:
                 ended, payload = outcome.streamed(self._next(stream, prepared))
@@ -722,6 +710,17 @@ class SyncConnection:
             self._forget(stream_id, stream)
 
     # -- sending ----------------------------------------------------------------------
+
+    def _start(self, method: Method, request: Any, timeout: float | None,
+               metadata: Metadata | None) -> tuple[_Prepared, _SyncStream, int]:
+        """Send the request (or open the request stream) of a new call."""
+        if method.kind.request_streaming:
+            prepared = _Prepared(method, timeout, metadata, b'')
+        else:
+            prepared = _Prepared(method, timeout, metadata,
+                                 _serialize(method, request, self.max_message_bytes))
+        stream = _SyncStream()
+        return prepared, stream, self._open(stream, prepared, request)
 
     def _open(self, stream: _SyncStream, prepared: _Prepared, request: Any) -> int:
         method = prepared.method
