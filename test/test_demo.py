@@ -50,6 +50,7 @@ def test_demo_brings_up_module_and_stops_it_cleanly(ros_environ: dict[str, str],
     assert 'ROS 2/IPC' in latency
     assert 'demo_module_node exit code 0, ipc_server exit code 0' in output
     assert f'socket {socket_path} removed' in output
+    assert f"socket {str(socket_path).replace('.sock', '.ttrpc.sock')} removed" in output
     assert output.rstrip().endswith('demo succeeded')
     assert not socket_path.exists()
 

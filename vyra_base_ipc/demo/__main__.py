@@ -32,7 +32,7 @@ import threading
 import time
 from typing import IO, Sequence
 
-from vyra_base_ipc.address import resolve_socket_path
+from vyra_base_ipc.address import default_ttrpc_socket_path, resolve_socket_path
 from vyra_base_ipc.socket_file import is_listening
 
 PACKAGE = 'vyra_base_ipc'
@@ -195,10 +195,12 @@ def run(options: argparse.Namespace, env: dict[str, str], socket_path: Path,
         for child in children:
             child.terminate()
         codes = {child.name: child.stop() for child in children}
-    left = socket_path.exists()
+    sockets = (socket_path, default_ttrpc_socket_path(socket_path))
+    left = [path for path in sockets if path.exists()]
     print('stopped with SIGTERM: '
           + ', '.join(f'{name} exit code {code}' for name, code in codes.items())
-          + f'; socket {socket_path} {"still there" if left else "removed"}', flush=True)
+          + '; ' + ', '.join(f'socket {path} {"still there" if path in left else "removed"}'
+                             for path in sockets), flush=True)
     ok = frontend_code == 0 and not left and all(code == 0 for code in codes.values())
     print('demo ' + ('succeeded' if ok else 'FAILED'), flush=True)
     return 0 if ok else 1

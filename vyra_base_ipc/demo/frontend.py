@@ -57,7 +57,7 @@ async def run(socket_path: str | None, module_name: str | None, *, callable_call
                           timeout=2.0) as backend, \
             IPCHandler(socket_path, module_grpc.ModuleServiceStub, module_name=module_name,
                        timeout=2.0) as module:
-        print(f'connected to {backend.socket_path}')
+        print(f'connected to {backend.socket_path} ({backend.lane_in_use} lane)')
         status = await backend.call_method('GetStatus', backend_pb.StatusRequest())
         print(f'BackendService.GetStatus -> status={status.status!r} '
               f'uptime_seconds={status.uptime_seconds:.3f}')
