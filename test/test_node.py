@@ -9,12 +9,13 @@ rclpy nodes in a private context.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 import uuid
 
 import pytest
@@ -143,35 +144,41 @@ def wait_in_flight(socket_path: Path, method: str) -> None:
                f'{method} to be in flight')
 
 
+@pytest.fixture
+def slow_call(start_process, ros_environ, test_protos_dir, echo, short_dir: Path):
+    """``async with slow_call(grace, method, request) as (server, call)``: an
+    ipc_server with SlowEchoService and one call of ``method`` in flight on it."""
+    @contextlib.asynccontextmanager
+    async def in_flight(grace: float, method: str, request: Any,
+                        ) -> AsyncIterator[tuple[RosProcess, asyncio.Future[Any]]]:
+        socket_path = short_dir / 'slow.sock'
+        server = slow_server(start_process, ros_environ, test_protos_dir, socket_path, grace)
+        async with IPCHandler(socket_path, echo.Stub, timeout=60.0) as ipc:
+            call = asyncio.ensure_future(ipc.call_method(method, request))
+            await asyncio.to_thread(wait_in_flight, socket_path, method)
+            yield server, call
+        assert not socket_path.exists()
+    return in_flight
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize('stop_signal', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
 async def test_signal_during_inflight_call_exits_0_within_grace(
-        start_process, ros_environ, test_protos_dir, echo, short_dir: Path,
-        stop_signal: signal.Signals) -> None:
-    socket_path = short_dir / 'slow.sock'
+        slow_call, echo, stop_signal: signal.Signals) -> None:
     grace = 1.0
-    server = slow_server(start_process, ros_environ, test_protos_dir, socket_path, grace)
-    async with IPCHandler(socket_path, echo.Stub, timeout=60.0) as ipc:
-        call = asyncio.ensure_future(ipc.call_method('Sleep', echo.pb.SleepRequest(seconds=60)))
-        await asyncio.to_thread(wait_in_flight, socket_path, 'Sleep')
+    async with slow_call(grace, 'Sleep', echo.pb.SleepRequest(seconds=60)) as (server, call):
         server.signal(stop_signal)
         # The promise: gone within grace + 1 s, whatever the call does.
         status = await asyncio.to_thread(server.wait, grace + 1.0)
         with pytest.raises(IPCError):
             await call
     assert status == 0, server.log()
-    assert not socket_path.exists()
 
 
 @pytest.mark.asyncio
-async def test_more_signals_during_shutdown_do_not_cut_it_short(
-        start_process, ros_environ, test_protos_dir, echo, short_dir: Path) -> None:
-    socket_path = short_dir / 'slow.sock'
+async def test_more_signals_during_shutdown_do_not_cut_it_short(slow_call, echo) -> None:
     grace = 1.0
-    server = slow_server(start_process, ros_environ, test_protos_dir, socket_path, grace)
-    async with IPCHandler(socket_path, echo.Stub, timeout=60.0) as ipc:
-        call = asyncio.ensure_future(ipc.call_method('Sleep', echo.pb.SleepRequest(seconds=60)))
-        await asyncio.to_thread(wait_in_flight, socket_path, 'Sleep')
+    async with slow_call(grace, 'Sleep', echo.pb.SleepRequest(seconds=60)) as (server, call):
         server.signal(signal.SIGTERM)
         await asyncio.to_thread(wait_for, lambda: 'stopping IPC server' in server.log(), 20,
                                 'the shutdown to begin')
@@ -182,40 +189,27 @@ async def test_more_signals_during_shutdown_do_not_cut_it_short(
             await call
     assert status == 0, server.log()
     assert 'already stopping' in server.log()
-    assert not socket_path.exists()
 
 
 @pytest.mark.asyncio
-async def test_call_shorter_than_grace_completes_during_shutdown(
-        start_process, ros_environ, test_protos_dir, echo, short_dir: Path) -> None:
-    socket_path = short_dir / 'slow.sock'
-    server = slow_server(start_process, ros_environ, test_protos_dir, socket_path, grace=10.0)
-    async with IPCHandler(socket_path, echo.Stub, timeout=30.0) as ipc:
-        call = asyncio.ensure_future(ipc.call_method('Sleep', echo.pb.SleepRequest(seconds=1.0)))
-        await asyncio.to_thread(wait_in_flight, socket_path, 'Sleep')
+async def test_call_shorter_than_grace_completes_during_shutdown(slow_call, echo) -> None:
+    async with slow_call(10.0, 'Sleep', echo.pb.SleepRequest(seconds=1.0)) as (server, call):
         server.signal(signal.SIGTERM)
         reply = await call
+        assert await asyncio.to_thread(server.wait, 11.0) == 0, server.log()
     assert reply.was_active
-    assert await asyncio.to_thread(server.wait, 11.0) == 0, server.log()
-    assert not socket_path.exists()
 
 
 @pytest.mark.asyncio
-async def test_blocked_handler_thread_does_not_hold_up_exit(
-        start_process, ros_environ, test_protos_dir, echo, short_dir: Path) -> None:
-    socket_path = short_dir / 'slow.sock'
+async def test_blocked_handler_thread_does_not_hold_up_exit(slow_call, echo) -> None:
     grace = 1.0
-    server = slow_server(start_process, ros_environ, test_protos_dir, socket_path, grace)
-    async with IPCHandler(socket_path, echo.Stub, timeout=60.0) as ipc:
-        call = asyncio.ensure_future(ipc.call_method('EchoSync', echo.pb.EchoRequest(text='60')))
-        await asyncio.to_thread(wait_in_flight, socket_path, 'EchoSync')
+    async with slow_call(grace, 'EchoSync', echo.pb.EchoRequest(text='60')) as (server, call):
         server.signal(signal.SIGTERM)
         status = await asyncio.to_thread(server.wait, grace + 1.0)
         with pytest.raises(IPCError):
             await call
     assert status == 0, server.log()
     assert 'exiting without waiting for 1 handler thread' in server.log()
-    assert not socket_path.exists()
 
 
 def _file_in_the_way(directory: Path) -> str:
