@@ -275,6 +275,14 @@ def test_fast_lane_path_equal_to_the_grpc_path_is_refused(socket_path: Path) -> 
         IPCServer(socket_path, ttrpc_socket_path=socket_path)
 
 
+def test_the_grpc_socket_appears_last_so_both_lanes_are_up_when_it_does(start_server, socket_path: Path,
+                                                                        echo) -> None:
+    # start_server waits for the gRPC socket only; the fast lane must answer at once.
+    start_server(socket_path)
+    with SyncIPCHandler(socket_path, echo.Stub, lane='ttrpc') as client:
+        assert client.call_method('Echo', echo.pb.EchoRequest(text='both')).text == 'both'
+
+
 @pytest.mark.asyncio
 async def test_live_fast_lane_socket_is_refused_and_nothing_is_left(socket_dir: Path) -> None:
     fast = socket_dir / 'shared.ttrpc.sock'

@@ -202,7 +202,6 @@ class IPCServer:
                 raise OSError(f'gRPC could not bind a socket for {self.socket_path}')
             await self._server.start()
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-            self._socket.publish()
             if self.ttrpc_socket_path is not None:
                 # Health too, so that a client on either lane sees NOT_SERVING first.
                 health_service = record_servicer(self._health, health_pb2_grpc.add_HealthServicer_to_server)
@@ -213,6 +212,8 @@ class IPCServer:
                     executor=self._executor, maximum_concurrent_rpcs=self._maximum_concurrent_rpcs,
                     **self._socket_options)
                 await self._ttrpc.start()
+            # The gRPC socket appears last: whoever sees it finds both lanes up.
+            self._socket.publish()
         except BaseException:
             await self._abort_start()
             raise
@@ -322,6 +323,8 @@ class IPCServer:
                          '' if removed else ' (socket file was not ours any more)')
 
     async def _abort_start(self) -> None:
+        if self._ttrpc is not None:
+            await self._ttrpc.stop(0)
         if self._server is not None:
             await self._server.stop(None)
         self._socket.remove()
