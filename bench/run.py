@@ -258,9 +258,14 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
     }
     write_json(results, out / 'results.json')
     (out / 'results.md').write_text(markdown_summary(results))
+    (out / 'latency.png').unlink(missing_ok=True)  # never leave an older run's chart beside these results
     if chart and rows:
         from .chart import write_chart
-        write_chart(results, out / 'latency.png')
+        try:
+            write_chart(results, out / 'latency.png')
+        except ImportError as error:  # matplotlib is optional: bench/requirements.txt
+            print(f'no chart: {error}; pip install -r bench/requirements.txt for latency.png',
+                  file=sys.stderr)
     return results
 
 
@@ -292,8 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     print_report(results)
-    written = 'results.json, results.md' + ('' if options.no_chart or not results['rows'] else
-                                            ' and latency.png')
+    written = 'results.json, results.md' + (' and latency.png' if (options.out / 'latency.png').exists()
+                                            else '')
     print(f"\n{written} in {options.out} ({results['meta']['seconds']} s)")
 
 
