@@ -217,11 +217,13 @@ async def test_server_killed_mid_call_is_unavailable(server: tuple[Lanes, subpro
         call = asyncio.ensure_future(connection.call(sleep, echo.pb.SleepRequest(seconds=30), timeout=30))
         assert (await connection.call(EXECUTE, PING, timeout=10)).result == 'pong'
         popen.send_signal(signal.SIGKILL)
-        with pytest.raises(IPCUnavailableError):
+        with pytest.raises(IPCUnavailableError) as lost:
             await call
         assert connection.is_closed
-        with pytest.raises(IPCUnavailableError):
+        with pytest.raises(IPCUnavailableError) as refused:
             await connection.call(EXECUTE, PING, timeout=10)
+    # The connection's one error, named for each call it failed.
+    assert (lost.value.method, refused.value.method) == (sleep.path, EXECUTE.path)
 
 
 def test_sync_connection_breaks_cleanly_when_the_server_dies(server: tuple[Lanes, subprocess.Popen],
@@ -244,6 +246,7 @@ def test_sync_connection_breaks_cleanly_when_the_server_dies(server: tuple[Lanes
             thread.join(30)
         assert connection.is_closed
     assert len(failures) == 4 and all(isinstance(f, IPCUnavailableError) for f in failures), failures
+    assert {f.method for f in failures} == {sleep.path}  # type: ignore[attr-defined]
 
 
 def test_sigterm_stops_the_server_and_removes_the_socket(server: tuple[Lanes, subprocess.Popen]) -> None:

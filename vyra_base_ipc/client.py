@@ -422,11 +422,8 @@ class IPCHandler(_ClientBase):
                 responses = fast.stream(info, request, timeout=self._remaining(give_up, info),
                                         metadata=metadata)
                 async with contextlib.aclosing(responses):
-                    try:
-                        async for response in responses:
-                            yield response
-                    except IPCError as error:
-                        raise error.for_method(info.path) from None
+                    async for response in responses:
+                        yield response
                 return
         call = self._callable(info)(request, timeout=self._remaining(give_up, info),
                                     metadata=metadata, wait_for_ready=wait)
@@ -463,11 +460,8 @@ class IPCHandler(_ClientBase):
         if self._fast_lane_due():
             fast = await self._fast_connection(give_up, wait)
             if fast is not None:
-                try:
-                    return await fast.call(info, request, timeout=self._remaining(give_up, info),
-                                           metadata=metadata)
-                except IPCError as error:
-                    raise error.for_method(info.path) from None
+                return await fast.call(info, request, timeout=self._remaining(give_up, info),
+                                       metadata=metadata)
         try:
             return await self._callable(info)(request, timeout=self._remaining(give_up, info),
                                               metadata=metadata, wait_for_ready=wait)
@@ -615,11 +609,8 @@ class SyncIPCHandler(_ClientBase):
         if self._fast_lane_due():
             fast = self._fast_connection(give_up, wait)
             if fast is not None:
-                try:
-                    yield from fast.stream(info, request, timeout=self._remaining(give_up, info),
-                                           metadata=metadata)
-                except IPCError as error:
-                    raise error.for_method(info.path) from None
+                yield from fast.stream(info, request, timeout=self._remaining(give_up, info),
+                                       metadata=metadata)
                 return
         call = self._callable(info)(request, timeout=self._remaining(give_up, info),
                                     metadata=metadata, wait_for_ready=wait)
@@ -651,11 +642,7 @@ class SyncIPCHandler(_ClientBase):
         if self._fast_lane_due():
             fast = self._fast_connection(give_up, wait)
             if fast is not None:
-                try:
-                    return fast.call(info, request, timeout=self._remaining(give_up, info),
-                                     metadata=metadata)
-                except IPCError as error:
-                    raise error.for_method(info.path) from None
+                return fast.call(info, request, timeout=self._remaining(give_up, info), metadata=metadata)
         try:
             return self._callable(info)(request, timeout=self._remaining(give_up, info),
                                         metadata=metadata, wait_for_ready=wait)

@@ -327,10 +327,9 @@ class IPCServer:
             await self._ttrpc.stop(0)
         if self._server is not None:
             await self._server.stop(None)
-        self._socket.remove()
+        self._socket.remove()  # also drops the private bind directory
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
-        self._socket.discard()
         self._state = _State.STOPPED
         assert self._terminated is not None
         self._terminated.set()

@@ -429,32 +429,36 @@ class AsyncConnection:
         :raises TypeError: the method streams responses (use :meth:`stream`).
         :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
         """
-        _check_kind(method, False)
-        protocol = self._protocol
-        self._check_loop(protocol)
-        outcome = _Outcome(method, self.max_message_bytes)
-        if method.kind.request_streaming:
-            stream = _AsyncStream(protocol.loop)
-            prepared = _Prepared(method, timeout, metadata, b'')
-            stream_id = protocol.open(stream, FLAG_REMOTE_OPEN, prepared.envelope)
-            sender = protocol.loop.create_task(self._send_requests(stream_id, method, request, stream))
+        try:
+            _check_kind(method, False)
+            protocol = self._protocol
+            self._check_loop(protocol)
+            outcome = _Outcome(method, self.max_message_bytes)
+            if method.kind.request_streaming:
+                stream = _AsyncStream(protocol.loop)
+                prepared = _Prepared(method, timeout, metadata, b'')
+                stream_id = protocol.open(stream, FLAG_REMOTE_OPEN, prepared.envelope)
+                sender = protocol.loop.create_task(self._send_requests(stream_id, method, request, stream))
+                try:
+                    item = await self._within(stream.next(), prepared)
+                finally:
+                    protocol.streams.pop(stream_id, None)
+                    sender.cancel()
+                return outcome.unary(item)
+            prepared = _Prepared(method, timeout, metadata,
+                                 _serialize(method, request, self.max_message_bytes))
+            future: asyncio.Future[_Item] = protocol.loop.create_future()
+            stream_id = protocol.open(future, 0, prepared.envelope)
+            if prepared.timeout is not None:
+                protocol.deadlines.add(protocol.loop.time() + prepared.timeout, future, method)
             try:
-                item = await self._within(stream.next(), prepared)
+                item = await future
             finally:
                 protocol.streams.pop(stream_id, None)
-                sender.cancel()
             return outcome.unary(item)
-        prepared = _Prepared(method, timeout, metadata,
-                             _serialize(method, request, self.max_message_bytes))
-        future: asyncio.Future[_Item] = protocol.loop.create_future()
-        stream_id = protocol.open(future, 0, prepared.envelope)
-        if prepared.timeout is not None:
-            protocol.deadlines.add(protocol.loop.time() + prepared.timeout, future, method)
-        try:
-            item = await future
-        finally:
-            protocol.streams.pop(stream_id, None)
-        return outcome.unary(item)
+        except IPCError as error:
+            # One error object fails every call of a broken connection: name this call.
+            raise error.for_method(method.path) from None
 
     async def stream(self, method: Method, request: Any, *, timeout: float | None = None,
                      metadata: Metadata | None = None) -> AsyncIterator[Any]:
@@ -471,31 +475,35 @@ class AsyncConnection:
         :raises TypeError: the method does not stream responses (use :meth:`call`).
         :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
         """
-        _check_kind(method, True)
-        protocol = self._protocol
-        self._check_loop(protocol)
-        outcome = _Outcome(method, self.max_message_bytes)
-        stream = _AsyncStream(protocol.loop)
-        sender = None
-        if method.kind.request_streaming:
-            prepared = _Prepared(method, timeout, metadata, b'')
-            stream_id = protocol.open(stream, FLAG_REMOTE_OPEN, prepared.envelope)
-            sender = protocol.loop.create_task(self._send_requests(stream_id, method, request, stream))
-        else:
-            prepared = _Prepared(method, timeout, metadata,
-                                 _serialize(method, request, self.max_message_bytes))
-            stream_id = protocol.open(stream, FLAG_REMOTE_CLOSED, prepared.envelope)
         try:
-            while True:
-                ended, payload = outcome.streamed(await self._within(stream.next(), prepared))
-                if payload is not None:
-                    yield _deserialize(method, payload)
-                if ended:
-                    return
-        finally:
-            protocol.streams.pop(stream_id, None)
-            if sender is not None:
-                sender.cancel()
+            _check_kind(method, True)
+            protocol = self._protocol
+            self._check_loop(protocol)
+            outcome = _Outcome(method, self.max_message_bytes)
+            stream = _AsyncStream(protocol.loop)
+            sender = None
+            if method.kind.request_streaming:
+                prepared = _Prepared(method, timeout, metadata, b'')
+                stream_id = protocol.open(stream, FLAG_REMOTE_OPEN, prepared.envelope)
+                sender = protocol.loop.create_task(self._send_requests(stream_id, method, request, stream))
+            else:
+                prepared = _Prepared(method, timeout, metadata,
+                                     _serialize(method, request, self.max_message_bytes))
+                stream_id = protocol.open(stream, FLAG_REMOTE_CLOSED, prepared.envelope)
+            try:
+                while True:
+                    ended, payload = outcome.streamed(await self._within(stream.next(), prepared))
+                    if payload is not None:
+                        yield _deserialize(method, payload)
+                    if ended:
+                        return
+            finally:
+                protocol.streams.pop(stream_id, None)
+                if sender is not None:
+                    sender.cancel()
+        except IPCError as error:
+            # One error object fails every call of a broken connection: name this call.
+            raise error.for_method(method.path) from None
 
     @staticmethod
     def _check_loop(protocol: _ClientProtocol) -> None:
@@ -676,13 +684,17 @@ class SyncConnection:
         :raises TypeError: the method streams responses (use :meth:`stream`).
         :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
         """
-        _check_kind(method, False)
-        outcome = _Outcome(method, self.max_message_bytes)
-        prepared, stream, stream_id = self._start(method, request, timeout, metadata)
         try:
-            return outcome.unary(self._next(stream, prepared))
-        finally:
-            self._forget(stream_id, stream)
+            _check_kind(method, False)
+            outcome = _Outcome(method, self.max_message_bytes)
+            prepared, stream, stream_id = self._start(method, request, timeout, metadata)
+            try:
+                return outcome.unary(self._next(stream, prepared))
+            finally:
+                self._forget(stream_id, stream)
+        except IPCError as error:
+            # One error object fails every call of a broken connection: name this call.
+            raise error.for_method(method.path) from None
 
     def stream(self, method: Method, request: Any, *, timeout: float | None = None,
                metadata: Metadata | None = None) -> Iterator[Any]:
@@ -696,20 +708,24 @@ class SyncConnection:
         :raises TypeError: the method does not stream responses (use :meth:`call`).
         :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
         """
-        _check_kind(method, True)
-        outcome = _Outcome(method, self.max_message_bytes)
-        prepared, stream, stream_id = self._start(method, request, timeout, metadata)
         try:
-            while True:
-                ended, payload = outcome.streamed(self._next(stream, prepared))
-                if payload is not None:
-                    yield _deserialize(method, payload)
-                if ended:
-                    return
-        finally:
-            self._forget(stream_id, stream)
+            _check_kind(method, True)
+            outcome = _Outcome(method, self.max_message_bytes)
+            prepared, stream, stream_id = self._start(method, request, timeout, metadata)
+            try:
+                while True:
+                    ended, payload = outcome.streamed(self._next(stream, prepared))
+                    if payload is not None:
+                        yield _deserialize(method, payload)
+                    if ended:
+                        return
+            finally:
+                self._forget(stream_id, stream)
 
-    # -- sending ----------------------------------------------------------------------
+        # -- sending ----------------------------------------------------------------------
+        except IPCError as error:
+            # One error object fails every call of a broken connection: name this call.
+            raise error.for_method(method.path) from None
 
     def _start(self, method: Method, request: Any, timeout: float | None,
                metadata: Metadata | None) -> tuple[_Prepared, _SyncStream, int]:
