@@ -540,6 +540,7 @@ class SyncIPCHandler(_ClientBase):
                  **kwargs: Any) -> None:
         super().__init__(socket_path, service_stub, **kwargs)
         self._fast_key: Any = None
+        self._fast: Any = None
         self._pid = 0
 
     def connect(self, timeout: float | None = None) -> None:
@@ -562,7 +563,7 @@ class SyncIPCHandler(_ClientBase):
         """Release the connections (closed when their last user lets go). Idempotent."""
         self._connected = False
         channel, fast_key = self._channel, self._fast_key
-        self._channel = self._fast_key = None
+        self._channel = self._fast_key = self._fast = None
         self._callables = {}
         if self._pid == os.getpid():
             if channel is not None:
@@ -655,9 +656,14 @@ class SyncIPCHandler(_ClientBase):
             return
         if not self._connected:
             raise RuntimeError('SyncIPCHandler is not connected: call connect() first')
-        self._pid, self._channel, self._fast_key, self._callables = os.getpid(), None, None, {}
+        self._pid, self._channel, self._fast_key, self._fast = os.getpid(), None, None, None
+        self._callables = {}
 
     def _fast_connection(self, give_up: float, wait: bool) -> Any:
+        fast = self._fast
+        if fast is not None and not fast.is_closed:  # is_closed is also true after fork
+            self._lane_in_use = 'ttrpc'
+            return fast
         self._here()
         if self._fast_key is None:
             self._fast_key = sync_ttrpc_pool.acquire(os.fspath(self.ttrpc_socket_path),
@@ -669,6 +675,7 @@ class SyncIPCHandler(_ClientBase):
                 raise
             self._use_grpc_for_a_while()
             return None
+        self._fast = fast
         self._lane_in_use = 'ttrpc'
         return fast
 
