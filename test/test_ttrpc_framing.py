@@ -63,13 +63,24 @@ def test_frame_at_the_limit_is_accepted() -> None:
     assert FrameDecoder(4).feed(encode_frame(1, 1, 0, b'1234')) == [Frame(1, 1, 0, b'1234')]
 
 
-def test_descriptors_are_attached_to_the_frame_they_arrived_with() -> None:
+def test_descriptors_queue_in_arrival_order_until_a_frame_takes_them() -> None:
     decoder = FrameDecoder()
-    wire = encode_frame(1, 1, 0, b'with fds') + encode_frame(3, 1, 0, b'without')
-    first = decoder.feed(wire[:12], fds=(7, 8))
-    rest = decoder.feed(wire[12:])
-    assert first == [] and [f.fds for f in rest] == [(7, 8), ()]
-    assert decoder.take_fds() == []
+    # The descriptors of the second frame arrive with the tail of the first.
+    wire = encode_frame(1, 1, 0, b'first') + encode_frame(3, 1, 0x80, b'second')
+    assert decoder.feed(wire[:12]) == []
+    frames = decoder.feed(wire[12:], fds=(7, 8))
+    assert [frame.stream_id for frame in frames] == [1, 3]
+    assert decoder.queued_fds == 2
+    assert decoder.take_fds(1) == [7]
+    assert decoder.take_fds() == [8]
+
+
+def test_taking_more_descriptors_than_arrived_names_both_counts() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(b'', fds=(5,))
+    with pytest.raises(ValueError, match='announced 2 file descriptors, 1 arrived'):
+        decoder.take_fds(2)
+    assert decoder.queued_fds == 1
 
 
 @pytest.mark.parametrize('size', [0, 1, 127, 128, 16383, 16384, 2**21 + 3])
@@ -164,7 +175,7 @@ def test_oversized_answer_fails_only_its_call(scripted: Callable[[Script], Path]
         connection.sendall(HEADER.pack(size, stream_id, 2, 0) + b'\0' * size)
         respond(connection, read_frame(connection)[0], reply)
     method = stub_methods(echo.Stub)['Echo']
-    with SyncConnection.connect(scripted(script), max_message_bytes=1024) as connection:
+    with SyncConnection.connect(scripted(script), max_message_bytes=1024, shared_memory=None) as connection:
         with pytest.raises(IPCRemoteError) as raised:
             connection.call(method, echo.pb.EchoRequest(), timeout=10)
         assert raised.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -174,7 +185,7 @@ def test_oversized_answer_fails_only_its_call(scripted: Callable[[Script], Path]
 def test_answer_over_the_message_limit_is_refused(scripted: Callable[[Script], Path], echo: Any) -> None:
     def script(connection: socket.socket) -> None:
         respond(connection, read_frame(connection)[0], b'\x0a' + bytes([127]) + b'x' * 127)
-    with SyncConnection.connect(scripted(script), max_message_bytes=100) as connection:
+    with SyncConnection.connect(scripted(script), max_message_bytes=100, shared_memory=None) as connection:
         with pytest.raises(IPCRemoteError, match='larger than max'):
             connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=10)
 
@@ -184,7 +195,7 @@ async def test_malformed_answer_is_internal(scripted: Callable[[Script], Path], 
     def script(connection: socket.socket) -> None:
         stream_id = read_frame(connection)[0]
         connection.sendall(HEADER.pack(3, stream_id, 2, 0) + b'\xff\xff\xff')
-    async with await AsyncConnection.connect(scripted(script)) as connection:
+    async with await AsyncConnection.connect(scripted(script), shared_memory=None) as connection:
         with pytest.raises(IPCRemoteError) as raised:
             await connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=10)
     assert raised.value.code is grpc.StatusCode.INTERNAL
@@ -195,7 +206,7 @@ async def test_peer_closing_mid_call_is_unavailable(scripted: Callable[[Script],
     def script(connection: socket.socket) -> None:
         read_frame(connection)
         connection.sendall(HEADER.pack(50, 1, 2, 0) + b'truncated')
-    async with await AsyncConnection.connect(scripted(script)) as connection:
+    async with await AsyncConnection.connect(scripted(script), shared_memory=None) as connection:
         with pytest.raises(IPCUnavailableError, match='lost'):
             await connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=10)
         assert connection.is_closed
@@ -212,7 +223,7 @@ def test_client_stream_ids_are_odd_and_increase(scripted: Callable[[Script], Pat
             assert (request.service, request.method) == ('vyra.ipc.test.EchoService', 'Echo')
             assert 0 < request.timeout_nano <= 10 * 10**9
             respond(connection, stream_id, echo.pb.EchoReply().SerializeToString())
-    with SyncConnection.connect(scripted(script)) as connection:
+    with SyncConnection.connect(scripted(script), shared_memory=None) as connection:
         for _ in range(3):
             connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=10)
     assert seen == [(1, 1, 0), (3, 1, 0), (5, 1, 0)]
@@ -230,7 +241,7 @@ async def test_async_client_sends_streams_by_the_protocol(scripted: Callable[[Sc
             if frame[1] == 3 and frame[2] & 1:
                 break
         respond(connection, 1, echo.pb.EchoReply(text='done').SerializeToString())
-    async with await AsyncConnection.connect(scripted(script)) as connection:
+    async with await AsyncConnection.connect(scripted(script), shared_memory=None) as connection:
         reply = await connection.call(stub_methods(echo.Stub)['Collect'],
                                       [echo.pb.EchoRequest(text='a'), echo.pb.EchoRequest()], timeout=10)
     assert reply.text == 'done'
@@ -247,7 +258,7 @@ def test_sync_client_gives_up_at_its_deadline_when_no_answer_comes(
         read_frame(connection)
         done.wait(30)  # never answers
     try:
-        with SyncConnection.connect(scripted(script)) as connection:
+        with SyncConnection.connect(scripted(script), shared_memory=None) as connection:
             with pytest.raises(IPCTimeoutError):
                 connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=0.2)
             assert not connection.is_closed  # a late answer would simply be dropped
@@ -265,7 +276,7 @@ async def test_async_client_gives_up_at_its_deadline_when_no_answer_comes(
         read_frame(connection)
         done.wait(30)
     try:
-        async with await AsyncConnection.connect(scripted(script)) as connection:
+        async with await AsyncConnection.connect(scripted(script), shared_memory=None) as connection:
             with pytest.raises(IPCTimeoutError):
                 await connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=0.2)
     finally:

@@ -7,6 +7,7 @@ modules, use ROS 2.
 Public surface::
 
     from vyra_base_ipc import IPCServer, IPCHandler, SyncIPCHandler, ModuleService
+    from vyra_base_ipc import SharedBuffer, shared_buffer   # zero-copy large buffers
 """
 
 from .address import MAX_SOCKET_PATH_BYTES, default_socket_path, resolve_socket_path
@@ -21,6 +22,7 @@ from .exceptions import (
 from .fork_safety import ForkedProcessError
 from .module_service import CommandError, ModuleService, command
 from .options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT
+from .payload import SharedBuffer, SharedBufferRef, SharedMemoryError, SharedMemoryOptions, shared_buffer
 from .server import IPCServer
 
 __all__ = [
@@ -37,9 +39,14 @@ __all__ = [
     'IPCUnavailableError',
     'MAX_SOCKET_PATH_BYTES',
     'ModuleService',
+    'SharedBuffer',
+    'SharedBufferRef',
+    'SharedMemoryError',
+    'SharedMemoryOptions',
     'SocketInUseError',
     'SyncIPCHandler',
     'command',
     'default_socket_path',
     'resolve_socket_path',
+    'shared_buffer',
 ]

@@ -23,6 +23,7 @@ import grpc
 
 from .exceptions import IPCUnavailableError
 from .fork_safety import ensure_usable_after_fork, note_grpc_used
+from .payload import SharedMemoryOptions
 from .ttrpc import AsyncConnection, SyncConnection
 
 __all__ = [
@@ -146,9 +147,11 @@ class AioTtrpcPool:
         self._by_loop: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, dict[_FastKey, _FastEntry[Any]]] = weakref.WeakKeyDictionary()
 
-    def acquire(self, path: str, max_message_bytes: int) -> _FastKey:
-        """Count one more user of the connection to ``path`` in the running loop."""
-        key = (os.getpid(), path, max_message_bytes)
+    def acquire(self, path: str, max_message_bytes: int,
+                shared_memory: SharedMemoryOptions | None = None) -> _FastKey:
+        """Count one more user of the connection to ``path`` (with these
+        options) in the running loop."""
+        key = (os.getpid(), path, max_message_bytes, shared_memory)
         entries = self._by_loop.setdefault(asyncio.get_running_loop(), {})
         entry = entries.get(key)
         if entry is None:
@@ -172,7 +175,8 @@ class AioTtrpcPool:
                 if entry.connection is not None:
                     await entry.connection.close()
                 entry.connection = await _retrying(
-                    lambda: AsyncConnection.connect(key[1], max_message_bytes=key[2]), wait_until,
+                    lambda: AsyncConnection.connect(key[1], max_message_bytes=key[2], shared_memory=key[3]),
+                    wait_until,
                     asyncio.sleep)
             return entry.connection
 
@@ -203,8 +207,9 @@ class SyncTtrpcPool:
         self._lock = threading.Lock()
         self._entries: dict[_FastKey, _FastEntry[Any]] = {}
 
-    def acquire(self, path: str, max_message_bytes: int) -> _FastKey:
-        key = (os.getpid(), path, max_message_bytes)
+    def acquire(self, path: str, max_message_bytes: int,
+                shared_memory: SharedMemoryOptions | None = None) -> _FastKey:
+        key = (os.getpid(), path, max_message_bytes, shared_memory)
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
@@ -224,7 +229,8 @@ class SyncTtrpcPool:
                 if entry.connection is not None:
                     entry.connection.close()
                 entry.connection = _retrying_sync(
-                    lambda: SyncConnection.connect(key[1], max_message_bytes=key[2]), wait_until)
+                    lambda: SyncConnection.connect(key[1], max_message_bytes=key[2], shared_memory=key[3]),
+                    wait_until)
             return entry.connection
 
     def release(self, key: _FastKey) -> None:
@@ -245,7 +251,7 @@ class SyncTtrpcPool:
                        and entry.connection is not None and not entry.connection.is_closed)
 
 
-_FastKey = tuple[int, str, int]
+_FastKey = tuple[int, str, int, 'SharedMemoryOptions | None']
 _LockT = TypeVar('_LockT')
 
 

@@ -42,6 +42,7 @@ from .channel_pool import (
 )
 from .exceptions import IPCError, IPCTimeoutError, IPCUnavailableError, error_from_status
 from .methods import Method, MethodKind, stub_methods
+from .payload import SharedBuffer, SharedMemoryOptions, check_buffers, inline_buffers, usable_options
 from .options import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TIMEOUT,
@@ -103,8 +104,10 @@ class _ClientBase:
         lane: str = 'auto',
         ttrpc_socket_path: StrPath | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        shared_memory: SharedMemoryOptions | None = SharedMemoryOptions(),
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path, module_name=module_name)
+        self.shared_memory = usable_options(shared_memory)
         if lane not in LANES:
             raise ValueError(f'lane must be one of {", ".join(LANES)}, not {lane!r}')
         self.lane = lane
@@ -318,7 +321,10 @@ class IPCHandler(_ClientBase):
         gRPC), ``'grpc'`` or ``'ttrpc'``.
     :param ttrpc_socket_path: the fast lane's socket; by default beside
         ``socket_path`` (``/tmp/x_ipc.sock`` -> ``/tmp/x_ipc.ttrpc.sock``).
-    :param max_message_bytes: largest message sent or accepted.
+    :param max_message_bytes: largest message sent or accepted (inline).
+    :param shared_memory: on the fast lane, messages above its threshold
+        travel as sealed shared memory when the server agrees (see
+        :mod:`vyra_base_ipc.payload`); ``None`` keeps every message inline.
     """
 
     _channel_pool = aio_pool
@@ -367,7 +373,8 @@ class IPCHandler(_ClientBase):
 
     async def call_method(self, method: str, request: Any, *, timeout: float | None = None,
                           metadata: Metadata | None = None, wait_for_ready: bool | None = None,
-                          parent: ServerContext | None = None) -> Any:
+                          parent: ServerContext | None = None,
+                          buffers: Sequence[SharedBuffer] = ()) -> Any:
         """Call a unary-response method and return its response.
 
         A method in ``idempotent_methods`` is retried after UNAVAILABLE
@@ -381,6 +388,11 @@ class IPCHandler(_ClientBase):
         :param parent: the context of the handler making this call, if any:
             the call then gets the smaller of ``timeout`` and the time that
             handler has left.
+        :param buffers: the :class:`~vyra_base_ipc.SharedBuffer` objects
+            whose ``ref`` the request carries (unary requests only). On the
+            fast lane they are passed as shared memory, without a copy; on
+            the gRPC lane (or to a server without shared memory) their bytes
+            are copied into the request's ``SharedBufferRef.inline_data``.
         :raises ValueError: unknown method name.
         :raises TypeError: the method streams responses (use :meth:`stream_method`).
         :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
@@ -390,7 +402,7 @@ class IPCHandler(_ClientBase):
         wait = self._wait(wait_for_ready)
         for attempt in itertools.count():
             try:
-                return await self._call_once(info, request, give_up, metadata, wait)
+                return await self._call_once(info, request, give_up, metadata, wait, buffers)
             except IPCUnavailableError:
                 pause = self._retry_pause(info, give_up, attempt)
                 if pause is None:
@@ -455,13 +467,16 @@ class IPCHandler(_ClientBase):
     # -- internals ------------------------------------------------------------------
 
     async def _call_once(self, info: Method, request: Any, give_up: float,
-                         metadata: Metadata | None, wait: bool) -> Any:
+                         metadata: Metadata | None, wait: bool, buffers: Sequence[SharedBuffer]) -> Any:
         self._here()
         if self._fast_lane_due():
             fast = await self._fast_connection(give_up, wait)
             if fast is not None:
                 return await fast.call(info, request, timeout=self._remaining(give_up, info),
-                                       metadata=metadata)
+                                       metadata=metadata, buffers=buffers)
+        if buffers:
+            check_buffers(info.path, info.kind.request_streaming, buffers)
+            request = inline_buffers(request, buffers)
         try:
             return await self._callable(info)(request, timeout=self._remaining(give_up, info),
                                               metadata=metadata, wait_for_ready=wait)
@@ -490,7 +505,7 @@ class IPCHandler(_ClientBase):
         self._here()
         if self._fast_key is None:
             self._fast_key = aio_ttrpc_pool.acquire(os.fspath(self.ttrpc_socket_path),
-                                                    self.max_message_bytes)
+                                                    self.max_message_bytes, self.shared_memory)
         try:
             self._fast = await aio_ttrpc_pool.connection(
                 self._fast_key, self._fast_lane_wait_until(give_up, wait))
@@ -573,7 +588,8 @@ class SyncIPCHandler(_ClientBase):
 
     def call_method(self, method: str, request: Any, *, timeout: float | None = None,
                     metadata: Metadata | None = None, wait_for_ready: bool | None = None,
-                    parent: ServerContext | None = None) -> Any:
+                    parent: ServerContext | None = None,
+                    buffers: Sequence[SharedBuffer] = ()) -> Any:
         """Call a unary-response method; block for at most the deadline.
 
         Parameters, retries and errors as :meth:`IPCHandler.call_method`.
@@ -585,7 +601,7 @@ class SyncIPCHandler(_ClientBase):
             request = iter(request)  # grpc's blocking stubs call next() on it: lists welcome
         for attempt in itertools.count():
             try:
-                return self._call_once(info, request, give_up, metadata, wait)
+                return self._call_once(info, request, give_up, metadata, wait, buffers)
             except IPCUnavailableError:
                 pause = self._retry_pause(info, give_up, attempt)
                 if pause is None:
@@ -638,12 +654,16 @@ class SyncIPCHandler(_ClientBase):
     # -- internals ------------------------------------------------------------------
 
     def _call_once(self, info: Method, request: Any, give_up: float, metadata: Metadata | None,
-                   wait: bool) -> Any:
+                   wait: bool, buffers: Sequence[SharedBuffer]) -> Any:
         self._here()
         if self._fast_lane_due():
             fast = self._fast_connection(give_up, wait)
             if fast is not None:
-                return fast.call(info, request, timeout=self._remaining(give_up, info), metadata=metadata)
+                return fast.call(info, request, timeout=self._remaining(give_up, info), metadata=metadata,
+                                 buffers=buffers)
+        if buffers:
+            check_buffers(info.path, info.kind.request_streaming, buffers)
+            request = inline_buffers(request, buffers)
         try:
             return self._callable(info)(request, timeout=self._remaining(give_up, info),
                                         metadata=metadata, wait_for_ready=wait)
@@ -667,7 +687,7 @@ class SyncIPCHandler(_ClientBase):
         self._here()
         if self._fast_key is None:
             self._fast_key = sync_ttrpc_pool.acquire(os.fspath(self.ttrpc_socket_path),
-                                                     self.max_message_bytes)
+                                                     self.max_message_bytes, self.shared_memory)
         try:
             fast = sync_ttrpc_pool.connection(self._fast_key, self._fast_lane_wait_until(give_up, wait))
         except IPCUnavailableError:

@@ -30,6 +30,7 @@ from .options import (
     validate_max_message_bytes,
 )
 from .request_guard import guard_handlers
+from .payload import SharedMemoryOptions
 from .socket_file import SocketFile
 from .ttrpc import TtrpcServer
 
@@ -79,6 +80,9 @@ class IPCServer:
     :param ttrpc_socket_path: the fast lane's socket; by default beside
         ``socket_path`` with the suffix ``.ttrpc.sock``
         (``/tmp/demo_ipc.sock`` -> ``/tmp/demo_ipc.ttrpc.sock``).
+    :param shared_memory: on the fast lane, messages above its threshold
+        travel to and from this package's clients as sealed shared memory
+        (see :mod:`vyra_base_ipc.payload`); ``None`` keeps them all inline.
     :param socket_group: group (name or id) that may connect too: the socket
         file gets this group and mode 0660, directories created for it 0750.
         Without it only this user (and root) may connect: 0600 and 0700.
@@ -99,6 +103,7 @@ class IPCServer:
         grace_period: float = DEFAULT_GRACE_PERIOD,
         ttrpc: bool = True,
         ttrpc_socket_path: StrPath | None = None,
+        shared_memory: SharedMemoryOptions | None = SharedMemoryOptions(),
         socket_group: str | int | None = None,
         socket_mode: int | None = None,
         directory_mode: int | None = None,
@@ -113,6 +118,10 @@ class IPCServer:
             else validate_socket_path(ttrpc_socket_path))
         if self.ttrpc_socket_path == self.socket_path:
             raise ValueError(f'ttrpc_socket_path must differ from socket_path ({self.socket_path})')
+        if shared_memory is not None and not isinstance(shared_memory, SharedMemoryOptions):
+            raise TypeError(f'shared_memory must be a SharedMemoryOptions or None, '
+                            f'not {type(shared_memory).__name__}')
+        self.shared_memory = shared_memory
         group = _group_id(socket_group)
         self._socket_options = {
             'socket_mode': socket_mode if socket_mode is not None else (0o600 if group is None else 0o660),
@@ -210,7 +219,7 @@ class IPCServer:
                     max_message_bytes=self.max_message_bytes,
                     grace_period=self.grace_period, socket_group=self._socket_group,
                     executor=self._executor, maximum_concurrent_rpcs=self._maximum_concurrent_rpcs,
-                    **self._socket_options)
+                    shared_memory=self.shared_memory, **self._socket_options)
                 await self._ttrpc.start()
             # The gRPC socket appears last: whoever sees it finds both lanes up.
             self._socket.publish()

@@ -29,20 +29,33 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Union
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Sequence, Union
 import warnings
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from ..address import StrPath, validate_socket_path
-from ..exceptions import IPCError, IPCTimeoutError, IPCUnavailableError, error_from_status
-from ..methods import Method
-from ..options import DEFAULT_MAX_MESSAGE_BYTES, validate_max_message_bytes, validate_timeout
+from ..exceptions import IPCError, IPCRemoteError, IPCTimeoutError, IPCUnavailableError, error_from_status
+from ..methods import Method, MethodKind
+from ..options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT, validate_max_message_bytes, validate_timeout
+from ..payload import (
+    SharedBuffer,
+    SharedMemoryError,
+    SharedMemoryOptions,
+    check_buffers,
+    close_fds,
+    inline_buffers,
+    pack,
+    unpack,
+    usable_options,
+)
 from .framing import (
     FLAG_NO_DATA,
     FLAG_REMOTE_CLOSED,
     FLAG_REMOTE_OPEN,
+    FLAG_SHARED_MEMORY,
+    MAX_QUEUED_FDS,
     Frame,
     FrameDecoder,
     MessageType,
@@ -50,7 +63,18 @@ from .framing import (
     encode_frame,
 )
 from .deadlines import DeadlineQueue
-from .messages import ENVELOPE_ALLOWANCE, Metadata, code_of, decode_response, encode_request, metadata_to_wire
+from .messages import (
+    ENVELOPE_ALLOWANCE,
+    HELLO_METHOD,
+    HELLO_SERVICE,
+    Metadata,
+    code_of,
+    decode_response,
+    encode_hello,
+    encode_request,
+    metadata_to_wire,
+)
+from .transport import MAX_FDS_PER_READ, UnixTransport, received_fds, rights
 
 __all__ = ['AsyncConnection', 'SyncConnection']
 
@@ -63,16 +87,25 @@ _MAX_INT64 = 2**63 - 1
 
 _Item = Union[Frame, OversizedFrame, IPCError]
 
+#: The call that agrees on shared memory for a connection.
+_HELLO = Method(name=HELLO_METHOD, path=f'/{HELLO_SERVICE}/{HELLO_METHOD}',
+                kind=MethodKind.UNARY_UNARY, request_serializer=None, response_deserializer=None)
+_ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_READ * 4)
+_MSG_CMSG_CLOEXEC = getattr(socket, 'MSG_CMSG_CLOEXEC', 0x40000000)
+
 
 # -- what both connections share ---------------------------------------------------------------
 
 class _Prepared:
-    """A call's request envelope, checked and encoded."""
+    """A call's request envelope, checked and encoded, with the descriptors
+    to pass with it (owned until sent: :meth:`discard` on failure)."""
 
-    __slots__ = ('method', 'service', 'name', 'timeout', 'deadline', 'envelope', 'metadata')
+    __slots__ = ('method', 'service', 'name', 'timeout', 'deadline', 'envelope', 'metadata',
+                 'flags', 'fds')
 
     def __init__(self, method: Method, timeout: float | None, metadata: Metadata | None,
-                 payload: bytes) -> None:
+                 payload: bytes, shared: SharedMemoryOptions | None = None,
+                 buffers: Sequence[SharedBuffer] = ()) -> None:
         if not isinstance(method, Method):
             raise TypeError(f'method must be a vyra_base_ipc.methods.Method, not {type(method).__name__}')
         self.method = method
@@ -81,7 +114,46 @@ class _Prepared:
         self.deadline = None if self.timeout is None else time.monotonic() + self.timeout
         self.metadata = metadata_to_wire(metadata) if metadata else ()
         timeout_nano = 0 if self.timeout is None else min(max(1, int(self.timeout * 1e9)), _MAX_INT64)
+        self.flags = 0
+        self.fds: list[int] = []
+        if shared is not None:
+            packed = _pack(method, payload, shared, buffers)
+            if packed is not None:
+                payload, self.fds = packed  # type: ignore[assignment]
+                self.flags = FLAG_SHARED_MEMORY
         self.envelope = encode_request(self.service, self.name, payload, timeout_nano, self.metadata)
+
+    def take_fds(self) -> list[int]:
+        fds, self.fds = self.fds, []
+        return fds
+
+    def discard(self) -> None:
+        close_fds(self.take_fds())
+
+
+def _pack(method: Method, payload: bytes, shared: SharedMemoryOptions,
+          buffers: Sequence[SharedBuffer] = ()) -> tuple[bytes, list[int]] | None:
+    try:
+        return pack(payload, shared.threshold, buffers)
+    except SharedMemoryError as error:
+        raise error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error),
+                                method=method.path) from None
+
+
+def _request_payload(method: Method, message: Any, limit: int, shared: SharedMemoryOptions | None,
+                     buffers: Sequence[SharedBuffer]) -> bytes:
+    """The serialized request of a unary-request call. Explicit buffers go
+    inline into the message (a copy) when the connection cannot pass them."""
+    if buffers:
+        _check_buffers(method, buffers)
+        if shared is None:
+            message = inline_buffers(message, buffers)
+    return _serialize(method, message, limit, shared)
+
+
+def _check_buffers(method: Method, buffers: Sequence[SharedBuffer]) -> None:
+    if buffers:
+        check_buffers(method.path, method.kind.request_streaming, buffers)
 
 
 _SPLIT_PATHS: dict[str, tuple[str, str]] = {}
@@ -97,9 +169,12 @@ def _split_path(path: str) -> tuple[str, str]:
     return split
 
 
-def _serialize(method: Method, message: Any, limit: int) -> bytes:
+def _serialize(method: Method, message: Any, limit: int,
+               shared: SharedMemoryOptions | None = None) -> bytes:
     serialize = method.request_serializer
     payload = serialize(message) if serialize is not None else message
+    if shared is not None and len(payload) > shared.threshold:
+        limit = shared.max_bytes
     if len(payload) > limit:
         raise error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f'Sent message larger than max ({len(payload)} vs. {limit})',
@@ -134,6 +209,32 @@ def _connect_error(path: str, error: OSError) -> IPCUnavailableError:
     else:
         details = f'cannot connect to {path!r}: {error}'
     return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, details)
+
+
+def _resolve_shared(frame: Frame, take_fds: Callable[[int], list[int]], limit: int) -> _Item:
+    """A frame flagged :data:`FLAG_SHARED_MEMORY` with its message fetched
+    from shared memory (as a read-only view), or the error to give its call.
+    Must run as frames arrive, in order: it takes the frame's descriptors.
+
+    :raises ValueError: fewer descriptors arrived than the frame announced
+        (the connection is out of step and must close).
+    """
+    try:
+        if frame.type == _RESPONSE:
+            code, message, manifest = decode_response(frame.data)
+            if code:
+                return error_from_status(code_of(code), message)
+        elif frame.type == _DATA:
+            manifest = frame.data
+        else:
+            return error_from_status(grpc.StatusCode.INTERNAL,
+                                     f'protocol error: shared memory on a frame of type {frame.type}')
+        payload, _ = unpack(manifest, take_fds, limit, 'the response')
+    except DecodeError as error:
+        return error_from_status(grpc.StatusCode.INTERNAL, f'malformed response from server: {error}')
+    except SharedMemoryError as error:
+        return error_from_status(grpc.StatusCode.INTERNAL, str(error))
+    return Frame(frame.stream_id, frame.type, frame.flags, payload)  # type: ignore[arg-type]
 
 
 def _lost(path: str, reason: object) -> IPCUnavailableError:
@@ -183,6 +284,8 @@ class _Outcome:
                                 method=self.method.path)
 
     def _response(self, frame: Frame) -> tuple[int, bytes]:
+        if frame.flags & FLAG_SHARED_MEMORY:
+            return 0, frame.data  # resolved on arrival: the message itself
         try:
             code, message, payload = decode_response(frame.data)
         except DecodeError as error:
@@ -244,7 +347,14 @@ class _ClientProtocol(asyncio.Protocol):
         self.write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._pending: list[bytes] = []
+        self._pending_fds: list[int] = []
         self._flush_scheduled = False
+        #: Shared-memory options agreed with the server (Hello), else None.
+        self.shared_memory: SharedMemoryOptions | None = None
+        #: What this end offered in its Hello; descriptors are accepted from then on.
+        self.offered: SharedMemoryOptions | None = None
+        #: The Hello's answer while nobody has looked at it yet.
+        self.hello: asyncio.Future[_Item] | None = None
         self.deadlines: DeadlineQueue[asyncio.Future[_Item]] = DeadlineQueue(
             self.loop, asyncio.Future.done, _expire)
 
@@ -261,11 +371,36 @@ class _ClientProtocol(asyncio.Protocol):
         self.deadlines.close()
         self.write_paused = False
         self._wake_drainers()
+        close_fds(self.decoder.take_fds())
+        close_fds(self._pending_fds)
+        self._pending_fds = []
+
+    def fds_received(self, fds: list[int]) -> None:
+        self.decoder.feed(b'', fds)
+        if self.offered is None or self.decoder.queued_fds > MAX_QUEUED_FDS:
+            self._break('the server passed file descriptors that no frame claims')
+
+    def _break(self, reason: str) -> None:
+        if self.error is None:
+            self.error = _lost(self.path, reason)
+        if self.transport is not None:
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         streams = self.streams
         for item in self.decoder.feed(data):
-            target = streams.get(item.stream_id)
+            stream_id = item.stream_id
+            if item.__class__ is Frame and item.flags & FLAG_SHARED_MEMORY:  # type: ignore[union-attr]
+                if self.offered is None:
+                    self._break('shared memory from a server that was not offered it')
+                    return
+                try:
+                    item = _resolve_shared(item, self.decoder.take_fds,  # type: ignore[arg-type]
+                                           self.offered.max_bytes)
+                except ValueError as error:
+                    self._break(str(error))
+                    return
+            target = streams.get(stream_id)
             if target is not None:  # else: a call that gave up (deadline) or a stray frame
                 self._deliver(target, item)
 
@@ -300,40 +435,50 @@ class _ClientProtocol(asyncio.Protocol):
         if self.error is not None:
             raise self.error
 
-    def open(self, target: asyncio.Future[_Item] | _AsyncStream, flags: int, envelope: bytes) -> int:
-        """Register a call and send its request; ids increase on the wire
-        because nothing else runs between allocation and write."""
+    def open(self, target: asyncio.Future[_Item] | _AsyncStream, flags: int,
+             prepared: _Prepared) -> int:
+        """Register a call and send its request (passing its descriptors);
+        ids increase on the wire because nothing else runs between
+        allocation and write."""
         if self.error is not None:
+            prepared.discard()
             raise self.error
         stream_id = self.next_id
         self.next_id += 2
         self.streams[stream_id] = target
-        self.send(encode_frame(stream_id, _REQUEST, flags, envelope))
+        self.send(encode_frame(stream_id, _REQUEST, flags | prepared.flags, prepared.envelope),
+                  prepared.take_fds())
         return stream_id
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes, fds: list[int] = []) -> None:  # noqa: B006 (never changed)
         """Write a frame: at once for a lone call; while other calls are in
         flight, at the end of this turn of the event loop, together with the
         frames of the other tasks (one send instead of one per call)."""
         if self.error is not None:
+            close_fds(fds)
             raise self.error
         if len(self.streams) > 1:
             self._pending.append(frame)
+            self._pending_fds.extend(fds)  # they may leave before their frame, never after
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 self.loop.call_soon(self._flush)
         elif self._pending:
             self._pending.append(frame)
+            self._pending_fds.extend(fds)
             self._flush()
         else:
             assert self.transport is not None
-            self.transport.write(frame)
+            self.transport.write(frame, fds)  # type: ignore[call-arg]
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        fds, self._pending_fds = self._pending_fds, []
         if self._pending and self.error is None:
             assert self.transport is not None
-            self.transport.write(b''.join(self._pending))
+            self.transport.write(b''.join(self._pending), fds)  # type: ignore[call-arg]
+        else:
+            close_fds(fds)
         self._pending.clear()
 
 
@@ -360,32 +505,83 @@ class AsyncConnection:
 
     @classmethod
     async def connect(cls, socket_path: StrPath, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                      timeout: float | None = None) -> 'AsyncConnection':
+                      timeout: float | None = None,
+                      shared_memory: SharedMemoryOptions | None = SharedMemoryOptions()
+                      ) -> 'AsyncConnection':
         """Connect to the ttrpc server on ``socket_path``.
 
-        :param max_message_bytes: largest message sent or accepted.
-        :param timeout: seconds to wait for the connection (a Unix socket
-            connects at once or fails at once unless the backlog is full).
-        :raises IPCUnavailableError: no socket, nobody listening, not allowed.
+        With ``shared_memory``, one Hello call asks the server whether large
+        messages may travel as shared memory on this connection
+        (:attr:`shared_memory` tells the outcome; servers other than
+        vyra_base_ipc's say no, and everything stays inline).
+
+        :param max_message_bytes: largest message sent or accepted inline.
+        :param timeout: seconds to wait for the connection and the Hello
+            (default :data:`~vyra_base_ipc.options.DEFAULT_TIMEOUT`).
+        :param shared_memory: options to offer, ``None`` to keep every message inline.
+        :raises IPCUnavailableError: no socket, nobody listening, not allowed,
+            or no answer in time.
         :raises TypeError, ValueError: invalid arguments.
         """
         path = os.fspath(validate_socket_path(socket_path))
         limit = validate_max_message_bytes(max_message_bytes)
-        if timeout is not None:
-            validate_timeout(timeout)
+        timeout = DEFAULT_TIMEOUT if timeout is None else validate_timeout(timeout)
+        shared = usable_options(shared_memory)
         loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            transport, protocol = await asyncio.wait_for(
-                loop.create_unix_connection(lambda: _ClientProtocol(path, limit + ENVELOPE_ALLOWANCE),
-                                            path),
-                timeout)
+            sock.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(sock, path), timeout)
         except asyncio.TimeoutError:
+            sock.close()
             raise IPCUnavailableError(
                 grpc.StatusCode.UNAVAILABLE,
                 f'no server accepted a connection on {path!r} within {timeout:g} s') from None
         except OSError as error:
+            sock.close()
             raise _connect_error(path, error) from None
-        return cls(path, transport, protocol, limit)  # type: ignore[arg-type]
+        except BaseException:
+            sock.close()
+            raise
+        protocol = _ClientProtocol(path, limit + ENVELOPE_ALLOWANCE)
+        transport = UnixTransport(loop, sock, protocol)
+        protocol.transport = transport  # usable at once; connection_made follows
+        if shared is not None:
+            # Sent now, answered while the caller gets ready: the first call
+            # settles it (see _settle_hello), so connecting costs no round trip.
+            protocol.offered = shared
+            protocol.hello = loop.create_future()
+            protocol.open(protocol.hello, 0, _Prepared(_HELLO, None, None, encode_hello()))
+        return cls(path, transport, protocol, limit)
+
+    @property
+    def shared_memory(self) -> SharedMemoryOptions | None:
+        """The shared-memory options agreed on this connection; ``None`` if
+        every message travels inline (or before the first call has settled
+        the agreement)."""
+        return self._protocol.shared_memory
+
+    async def _settle_hello(self, protocol: _ClientProtocol, prepared: _Prepared | None) -> None:
+        hello = protocol.hello
+        assert hello is not None
+        deadline = prepared.deadline if prepared is not None else None
+        if deadline is None:
+            item = await asyncio.shield(hello)
+        else:
+            try:
+                item = await asyncio.wait_for(asyncio.shield(hello), max(deadline - time.monotonic(), 0))
+            except asyncio.TimeoutError:
+                assert prepared is not None
+                raise _timeout_error(prepared.method) from None
+        if protocol.hello is not hello:
+            return  # another call settled it meanwhile
+        protocol.hello = None
+        protocol.streams.pop(1, None)
+        try:
+            _Outcome(_HELLO, self.max_message_bytes).unary(item)
+        except IPCRemoteError:
+            return  # not a vyra_base_ipc server, or shared memory off there: all inline
+        protocol.shared_memory = protocol.offered
 
     @property
     def is_closed(self) -> bool:
@@ -420,12 +616,16 @@ class AsyncConnection:
                 pass
 
     async def call(self, method: Method, request: Any, *, timeout: float | None = None,
-                   metadata: Metadata | None = None) -> Any:
+                   metadata: Metadata | None = None, buffers: Sequence[SharedBuffer] = ()) -> Any:
         """Call a unary-response method (``unary_unary`` or ``stream_unary``)
         and return its response.
 
         :param request: the request message; for ``stream_unary`` an iterable
             or async iterable of them.
+        :param buffers: :class:`~vyra_base_ipc.payload.SharedBuffer` objects
+            the request refers to (unary requests only): passed as shared
+            memory, or copied into the request's references where this
+            connection has no shared memory.
         :raises TypeError: the method streams responses (use :meth:`stream`).
         :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
         """
@@ -433,11 +633,15 @@ class AsyncConnection:
             _check_kind(method, False)
             protocol = self._protocol
             self._check_loop(protocol)
+            if protocol.hello is not None:
+                await self._settle_hello(protocol, None if timeout is None else
+                                         _Prepared(method, timeout, None, b''))
             outcome = _Outcome(method, self.max_message_bytes)
             if method.kind.request_streaming:
+                _check_buffers(method, buffers)
                 stream = _AsyncStream(protocol.loop)
                 prepared = _Prepared(method, timeout, metadata, b'')
-                stream_id = protocol.open(stream, FLAG_REMOTE_OPEN, prepared.envelope)
+                stream_id = protocol.open(stream, FLAG_REMOTE_OPEN, prepared)
                 sender = protocol.loop.create_task(self._send_requests(stream_id, method, request, stream))
                 try:
                     item = await self._within(stream.next(), prepared)
@@ -445,10 +649,12 @@ class AsyncConnection:
                     protocol.streams.pop(stream_id, None)
                     sender.cancel()
                 return outcome.unary(item)
+            shared = protocol.shared_memory
             prepared = _Prepared(method, timeout, metadata,
-                                 _serialize(method, request, self.max_message_bytes))
+                                 _request_payload(method, request, self.max_message_bytes, shared, buffers),
+                                 shared, buffers)
             future: asyncio.Future[_Item] = protocol.loop.create_future()
-            stream_id = protocol.open(future, 0, prepared.envelope)
+            stream_id = protocol.open(future, 0, prepared)
             if prepared.timeout is not None:
                 protocol.deadlines.add(protocol.loop.time() + prepared.timeout, future, method)
             try:
@@ -479,17 +685,21 @@ class AsyncConnection:
             _check_kind(method, True)
             protocol = self._protocol
             self._check_loop(protocol)
+            if protocol.hello is not None:
+                await self._settle_hello(protocol, None if timeout is None else
+                                         _Prepared(method, timeout, None, b''))
             outcome = _Outcome(method, self.max_message_bytes)
             stream = _AsyncStream(protocol.loop)
             sender = None
             if method.kind.request_streaming:
                 prepared = _Prepared(method, timeout, metadata, b'')
-                stream_id = protocol.open(stream, FLAG_REMOTE_OPEN, prepared.envelope)
+                stream_id = protocol.open(stream, FLAG_REMOTE_OPEN, prepared)
                 sender = protocol.loop.create_task(self._send_requests(stream_id, method, request, stream))
             else:
+                shared = protocol.shared_memory
                 prepared = _Prepared(method, timeout, metadata,
-                                     _serialize(method, request, self.max_message_bytes))
-                stream_id = protocol.open(stream, FLAG_REMOTE_CLOSED, prepared.envelope)
+                                     _serialize(method, request, self.max_message_bytes, shared), shared)
+                stream_id = protocol.open(stream, FLAG_REMOTE_CLOSED, prepared)
             try:
                 while True:
                     ended, payload = outcome.streamed(await self._within(stream.next(), prepared))
@@ -526,12 +736,14 @@ class AsyncConnection:
         (the iterator raised, a message too large) ends the call with it."""
         protocol = self._protocol
         try:
+            shared = protocol.shared_memory
+            limit = self.max_message_bytes
             if hasattr(requests, '__aiter__'):
                 async for message in requests:
-                    await self._send_data(stream_id, _serialize(method, message, self.max_message_bytes))
+                    await self._send_data(stream_id, method, _serialize(method, message, limit, shared))
             else:
                 for message in requests:
-                    await self._send_data(stream_id, _serialize(method, message, self.max_message_bytes))
+                    await self._send_data(stream_id, method, _serialize(method, message, limit, shared))
             protocol.send(encode_frame(stream_id, _DATA, _CLOSE_SEND))
         except asyncio.CancelledError:
             raise
@@ -543,9 +755,9 @@ class AsyncConnection:
             if protocol.error is None:
                 protocol.send(encode_frame(stream_id, _DATA, _CLOSE_SEND))
 
-    async def _send_data(self, stream_id: int, payload: bytes) -> None:
+    async def _send_data(self, stream_id: int, method: Method, payload: bytes) -> None:
         protocol = self._protocol
-        protocol.send(encode_frame(stream_id, _DATA, 0, payload))
+        protocol.send(*_data_frame(stream_id, method, payload, protocol.shared_memory))
         if protocol.write_paused:
             await protocol.drain()
 
@@ -556,6 +768,15 @@ class _SenderFailed(IPCError):
     def __init__(self, error: Exception) -> None:
         self.error = error
         super().__init__(grpc.StatusCode.CANCELLED, f'request iterator raised {error!r}')
+
+
+def _data_frame(stream_id: int, method: Method, payload: bytes,
+                shared: SharedMemoryOptions | None) -> tuple[bytes, list[int]]:
+    """A data frame of a request stream, and the descriptors to pass with it."""
+    packed = _pack(method, payload, shared) if shared is not None else None
+    if packed is None:
+        return encode_frame(stream_id, _DATA, 0, payload), []
+    return encode_frame(stream_id, _DATA, FLAG_SHARED_MEMORY, packed[0]), packed[1]
 
 
 def _expire(future: asyncio.Future[_Item], method: Method) -> None:
@@ -612,22 +833,32 @@ class SyncConnection:
         self._error: IPCUnavailableError | None = None
         # The receive timeout set on the socket (SO_RCVTIMEO), 0 for none.
         self._receive_timeout: float | None = None
+        #: Shared-memory options agreed with the server; None while every
+        #: message travels inline (or before the first call settled the Hello).
+        self.shared_memory: SharedMemoryOptions | None = None
+        self._offered: SharedMemoryOptions | None = None
+        self._hello: _SyncStream | None = None
+        self._hello_lock = threading.Lock()
         self._poll_out = select.poll()
         self._poll_out.register(sock.fileno(), select.POLLOUT)
 
     @classmethod
     def connect(cls, socket_path: StrPath, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                timeout: float | None = None) -> 'SyncConnection':
-        """Connect to the ttrpc server on ``socket_path``.
+                timeout: float | None = None,
+                shared_memory: SharedMemoryOptions | None = SharedMemoryOptions()) -> 'SyncConnection':
+        """Connect to the ttrpc server on ``socket_path``; with
+        ``shared_memory``, agree on it as :meth:`AsyncConnection.connect` does.
 
-        :param timeout: seconds to wait for the connection to be accepted.
-        :raises IPCUnavailableError: no socket, nobody listening, not allowed.
+        :param timeout: seconds to wait for the connection and the Hello
+            (default :data:`~vyra_base_ipc.options.DEFAULT_TIMEOUT`).
+        :raises IPCUnavailableError: no socket, nobody listening, not allowed,
+            or no answer in time.
         :raises TypeError, ValueError: invalid arguments.
         """
         path = os.fspath(validate_socket_path(socket_path))
         limit = validate_max_message_bytes(max_message_bytes)
-        if timeout is not None:
-            validate_timeout(timeout)
+        timeout = DEFAULT_TIMEOUT if timeout is None else validate_timeout(timeout)
+        shared = usable_options(shared_memory)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
@@ -645,7 +876,17 @@ class SyncConnection:
         except OSError as error:
             sock.close()
             raise _connect_error(path, error) from None
-        return cls(path, sock, limit)
+        connection = cls(path, sock, limit)
+        if shared is not None:
+            # Sent now, settled by the first call (see AsyncConnection.connect).
+            connection._offered = shared
+            connection._hello = _SyncStream()
+            try:
+                connection._open(connection._hello, _Prepared(_HELLO, timeout, None, encode_hello()), None)
+            except BaseException:
+                connection.close()
+                raise
+        return connection
 
     @property
     def is_closed(self) -> bool:
@@ -675,19 +916,22 @@ class SyncConnection:
     # -- calls ------------------------------------------------------------------------
 
     def call(self, method: Method, request: Any, *, timeout: float | None = None,
-             metadata: Metadata | None = None) -> Any:
+             metadata: Metadata | None = None, buffers: Sequence[SharedBuffer] = ()) -> Any:
         """Call a unary-response method (``unary_unary`` or ``stream_unary``);
         block for at most the deadline.
 
         :param request: the request message; for ``stream_unary`` an iterable
             of them (consumed in a helper thread).
+        :param buffers: as for :meth:`AsyncConnection.call`.
         :raises TypeError: the method streams responses (use :meth:`stream`).
         :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
         """
         try:
             _check_kind(method, False)
+            if self._hello is not None:
+                self._settle_hello(method, timeout)
             outcome = _Outcome(method, self.max_message_bytes)
-            prepared, stream, stream_id = self._start(method, request, timeout, metadata)
+            prepared, stream, stream_id = self._start(method, request, timeout, metadata, buffers)
             try:
                 return outcome.unary(self._next(stream, prepared))
             finally:
@@ -710,6 +954,8 @@ class SyncConnection:
         """
         try:
             _check_kind(method, True)
+            if self._hello is not None:
+                self._settle_hello(method, timeout)
             outcome = _Outcome(method, self.max_message_bytes)
             prepared, stream, stream_id = self._start(method, request, timeout, metadata)
             try:
@@ -727,14 +973,40 @@ class SyncConnection:
             # One error object fails every call of a broken connection: name this call.
             raise error.for_method(method.path) from None
 
+    def _settle_hello(self, method: Method, timeout: float | None) -> None:
+        """Wait (within the call's deadline) for the answer to the Hello sent
+        at connect time; the first call of any thread does this once."""
+        prepared = _Prepared(method, timeout, None, b'')
+        if not self._hello_lock.acquire(timeout=-1 if prepared.deadline is None
+                                        else max(prepared.deadline - time.monotonic(), 0)):
+            raise _timeout_error(method)
+        try:
+            hello = self._hello
+            if hello is None:
+                return
+            item = self._next(hello, prepared)
+            self._hello = None
+            self._forget(1, hello)
+            try:
+                _Outcome(_HELLO, self.max_message_bytes).unary(item)
+            except IPCRemoteError:
+                return  # not a vyra_base_ipc server, or shared memory off there: all inline
+            self.shared_memory = self._offered
+        finally:
+            self._hello_lock.release()
+
     def _start(self, method: Method, request: Any, timeout: float | None,
-               metadata: Metadata | None) -> tuple[_Prepared, _SyncStream, int]:
+               metadata: Metadata | None, buffers: Sequence[SharedBuffer] = ()
+               ) -> tuple[_Prepared, _SyncStream, int]:
         """Send the request (or open the request stream) of a new call."""
         if method.kind.request_streaming:
+            _check_buffers(method, buffers)
             prepared = _Prepared(method, timeout, metadata, b'')
         else:
+            shared = self.shared_memory
             prepared = _Prepared(method, timeout, metadata,
-                                 _serialize(method, request, self.max_message_bytes))
+                                 _request_payload(method, request, self.max_message_bytes, shared, buffers),
+                                 shared, buffers)
         stream = _SyncStream()
         return prepared, stream, self._open(stream, prepared, request)
 
@@ -744,23 +1016,29 @@ class SyncConnection:
             flags = FLAG_REMOTE_OPEN
         else:
             flags = FLAG_REMOTE_CLOSED if method.kind.response_streaming else 0
-        if self._pid != os.getpid():
-            # Checked before taking any lock: a lock held at fork() time by
-            # another thread of the parent is never released in the child.
-            raise IPCUnavailableError(grpc.StatusCode.UNAVAILABLE,
-                                      'this ttrpc connection belongs to the parent process; '
-                                      'open a new one after fork()')
-        self._acquire_send(prepared)
+        try:
+            if self._pid != os.getpid():
+                # Checked before taking any lock: a lock held at fork() time by
+                # another thread of the parent is never released in the child.
+                raise IPCUnavailableError(grpc.StatusCode.UNAVAILABLE,
+                                          'this ttrpc connection belongs to the parent process; '
+                                          'open a new one after fork()')
+            self._acquire_send(prepared)
+        except BaseException:
+            prepared.discard()
+            raise
         try:
             with self._state_lock:
                 if self._error is not None:
+                    prepared.discard()
                     raise self._error
                 stream_id = self._next_id
                 self._next_id += 2
                 self._streams[stream_id] = stream
             try:
-                self._send_locked(encode_frame(stream_id, _REQUEST, flags, prepared.envelope),
-                                  prepared)
+                self._send_locked(encode_frame(stream_id, _REQUEST, flags | prepared.flags,
+                                               prepared.envelope),
+                                  prepared, prepared.take_fds())
             except BaseException:
                 self._forget(stream_id, stream)
                 raise
@@ -777,19 +1055,29 @@ class SyncConnection:
         elif not self._send_lock.acquire(timeout=max(prepared.deadline - time.monotonic(), 0)):
             raise _timeout_error(prepared.method)
 
-    def _send_locked(self, data: bytes, prepared: _Prepared) -> None:
-        """Write all of ``data`` within the call's deadline (send lock held).
+    def _send_locked(self, data: bytes, prepared: _Prepared, fds: list[int] = []) -> None:  # noqa: B006
+        """Write all of ``data`` within the call's deadline (send lock held),
+        passing ``fds`` (closed here, whatever happens) with its first byte.
 
         A frame written only in part cannot be taken back: if the deadline
         passes mid-frame the connection is closed, since the stream of frames
         is no longer in sync.
         """
+        try:
+            self._send_all(data, prepared, fds)
+        finally:
+            close_fds(fds)
+
+    def _send_all(self, data: bytes, prepared: _Prepared, fds: list[int]) -> None:
         view = memoryview(data)
         sent_any = False
         sock = self._sock
         while view:
             try:
-                sent = sock.send(view, socket.MSG_DONTWAIT)
+                if fds and not sent_any:
+                    sent = sock.sendmsg([view], rights(fds), socket.MSG_DONTWAIT)
+                else:
+                    sent = sock.send(view, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 if not self._wait_writable(prepared.deadline):
                     if sent_any:
@@ -813,26 +1101,34 @@ class SyncConnection:
             for message in requests:
                 if stream.abandoned:
                     return
-                self._send_frame(encode_frame(stream_id, _DATA, 0,
-                                              _serialize(method, message, self.max_message_bytes)),
-                                 prepared)
+                shared = self.shared_memory
+                self._send_frame(*_data_frame(stream_id, method,
+                                              _serialize(method, message, self.max_message_bytes, shared),
+                                              shared),
+                                 prepared=prepared)
             if not stream.abandoned:
-                self._send_frame(encode_frame(stream_id, _DATA, _CLOSE_SEND), prepared)
+                self._send_frame(encode_frame(stream_id, _DATA, _CLOSE_SEND), prepared=prepared)
         except IPCError as error:
             self._deliver(stream, error)
         except Exception as error:
             self._deliver(stream, _SenderFailed(error))
             try:
-                self._send_frame(encode_frame(stream_id, _DATA, _CLOSE_SEND), prepared)
+                self._send_frame(encode_frame(stream_id, _DATA, _CLOSE_SEND), prepared=prepared)
             except IPCError:
                 pass
 
-    def _send_frame(self, frame: bytes, prepared: _Prepared) -> None:
-        self._acquire_send(prepared)
+    def _send_frame(self, frame: bytes, fds: list[int] = [], *,  # noqa: B006 (never changed)
+                    prepared: _Prepared) -> None:
+        try:
+            self._acquire_send(prepared)
+        except BaseException:
+            close_fds(fds)
+            raise
         try:
             if self._error is not None:
+                close_fds(fds)
                 raise self._error
-            self._send_locked(frame, prepared)
+            self._send_locked(frame, prepared, fds)
         finally:
             self._send_lock.release()
 
@@ -879,7 +1175,7 @@ class SyncConnection:
                 self._reading = False
                 self._wake_a_waiter()
                 if self._error is not None:
-                    self._sock.close()  # deferred by _broken() while we were reading
+                    self._close_socket()  # deferred by _broken() while we were reading
 
     def _wake_a_waiter(self) -> None:
         # (state lock held) Someone must read for the threads still waiting.
@@ -896,8 +1192,9 @@ class SyncConnection:
         if self._error is not None:
             return
         self._limit_receive(deadline)
+        decoder = self._decoder
         try:
-            data = self._sock.recv(_READ_SIZE)
+            data, ancillary, flags, _ = self._sock.recvmsg(_READ_SIZE, _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC)
         except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO expired
             if deadline is not None and time.monotonic() >= deadline:
                 raise _Timeout() from None
@@ -905,14 +1202,33 @@ class SyncConnection:
         except OSError as error:
             self._broken(_lost(self.socket_path, error.strerror or error))
             return
+        if ancillary:
+            decoder.feed(b'', received_fds(ancillary))
+            if flags & socket.MSG_CTRUNC or self._offered is None or decoder.queued_fds > MAX_QUEUED_FDS:
+                self._broken(_lost(self.socket_path, 'the server passed file descriptors that no '
+                                   'frame claims'))
+                return
         if not data:
             self._broken(_lost(self.socket_path, 'closed by the server'))
             return
-        items = self._decoder.feed(data)
+        items = decoder.feed(data)
+        if self._offered is not None:
+            try:
+                items = [(item.stream_id, _resolve_shared(item, decoder.take_fds,  # type: ignore[misc]
+                                                          self._offered.max_bytes))
+                         if item.__class__ is Frame and item.flags & FLAG_SHARED_MEMORY  # type: ignore[union-attr]
+                         else item for item in items]
+            except ValueError as error:
+                self._broken(_lost(self.socket_path, error))
+                return
         with self._state_lock:
             streams = self._streams
             for item in items:
-                target = streams.get(item.stream_id)
+                if item.__class__ is tuple:  # (stream id, resolved frame or error)
+                    stream_id, item = item  # type: ignore[misc]
+                else:
+                    stream_id = item.stream_id
+                target = streams.get(stream_id)
                 if target is not None:
                     target.items.append(item)
                     if target.waiting:
@@ -975,7 +1291,13 @@ class SyncConnection:
             if not self._reading:
                 # (Otherwise the reading thread closes it when it stops: its
                 # poll() must not see the descriptor number reused.)
-                self._sock.close()
+                self._close_socket()
+
+    def _close_socket(self) -> None:
+        # (state lock held, nobody reading) With it go descriptors received
+        # for frames that never came.
+        self._sock.close()
+        close_fds(self._decoder.take_fds())
 
 
 def _poll_ms(deadline: float | None) -> int:

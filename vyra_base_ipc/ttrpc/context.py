@@ -56,6 +56,8 @@ class ServicerContext:
         self._abort: tuple[grpc.StatusCode, str] | None = None
         self._end: _End | None = None
         self._trailing_metadata: tuple[Any, ...] = ()
+        # Explicit shared buffers sent with the request (see vyra_base_ipc.shared_buffer).
+        self._buffers: Any = None
         self._lock = threading.Lock()
         # Lists made on first use: most calls register no callback.
         self._callbacks: list[Callable[[], Any]] | None = None

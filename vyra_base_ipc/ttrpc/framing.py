@@ -4,9 +4,16 @@ Wire format (containerd/ttrpc ``PROTOCOL.md``): every frame is a big-endian
 header ``uint32 data length, uint32 stream id, uint8 message type, uint8
 flags`` followed by ``data length`` bytes. Client-initiated streams have odd
 ids, increasing on the wire. The decoder is transport-neutral: it is fed
-bytes (and, for a later fd-passing transport, the file descriptors that
-arrived with them) and returns whole frames, so it works under an asyncio
-protocol, a blocking socket, or ``recvmsg``.
+bytes (and the file descriptors that arrived with them) and returns whole
+frames, so it works under an asyncio protocol, a blocking socket, or
+``recvmsg``.
+
+Descriptors (``SCM_RIGHTS``) ride with the first bytes of the frame they
+belong to, but a read may return them together with the tail of an earlier
+frame, so they cannot be tied to frames by position. They queue up in
+arrival order instead; a frame flagged :data:`FLAG_SHARED_MEMORY` says how
+many it owns and its receiver takes that many with
+:meth:`FrameDecoder.take_fds`, in frame order.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ __all__ = [
     'FLAG_NO_DATA',
     'FLAG_REMOTE_CLOSED',
     'FLAG_REMOTE_OPEN',
+    'FLAG_SHARED_MEMORY',
+    'MAX_QUEUED_FDS',
     'Frame',
     'FrameDecoder',
     'HEADER',
@@ -46,6 +55,14 @@ FLAG_REMOTE_OPEN = 0x02
 #: Data: the frame carries no message (a bare close); an empty message is a
 #: zero-length frame without this flag.
 FLAG_NO_DATA = 0x04
+#: vyra_base_ipc's extension, used only after both ends agreed on it: the
+#: frame's message payload is replaced by a ``SharedMemoryManifest`` and
+#: descriptors were passed with the frame (see :mod:`vyra_base_ipc.payload`).
+FLAG_SHARED_MEMORY = 0x80
+
+#: Descriptors a connection may hold received but not yet claimed by a frame;
+#: a peer sending more is broken or hostile.
+MAX_QUEUED_FDS = 256
 
 
 class MessageType(enum.IntEnum):
@@ -57,17 +74,12 @@ class MessageType(enum.IntEnum):
 
 
 class Frame(NamedTuple):
-    """One received frame.
-
-    :ivar fds: file descriptors that arrived with this frame's bytes (empty
-        unless the transport passes descriptors); the receiver owns them.
-    """
+    """One received frame."""
 
     stream_id: int
     type: int
     flags: int
     data: bytes
-    fds: tuple[int, ...] = ()
 
 
 class OversizedFrame(NamedTuple):
@@ -122,18 +134,35 @@ class FrameDecoder:
         peer is gone)."""
         return bool(self._buffer) or self._skip > 0
 
-    def take_fds(self) -> list[int]:
-        """Return and forget descriptors received but not yet attached to a
-        frame (for closing them when the connection ends)."""
-        fds, self._fds = self._fds, []
+    @property
+    def queued_fds(self) -> int:
+        """Descriptors received and not yet taken."""
+        return len(self._fds)
+
+    def take_fds(self, count: int | None = None) -> list[int]:
+        """Return and forget the next ``count`` received descriptors (all of
+        them if ``None``: for closing them when the connection ends). The
+        caller owns them.
+
+        :raises ValueError: fewer than ``count`` have arrived (the peer did not
+            send what its frame announced); none are taken.
+        """
+        if count is None:
+            fds, self._fds = self._fds, []
+            return fds
+        if count > len(self._fds):
+            raise ValueError(f'the frame announced {count} file descriptors, '
+                             f'{len(self._fds)} arrived with it')
+        fds = self._fds[:count]
+        del self._fds[:count]
         return fds
 
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Union[Frame, OversizedFrame]]:
-        """Add received bytes; return the frames they complete, in order.
+        """Add received bytes and the descriptors that came with them;
+        return the frames the bytes complete, in order.
 
-        ``fds`` received together with ``data`` are attached to the next frame
-        that completes (a sender passes descriptors with the first bytes of
-        the frame they belong to).
+        Descriptors are queued for :meth:`take_fds`; the caller must close
+        the connection once :attr:`queued_fds` exceeds :data:`MAX_QUEUED_FDS`.
         """
         if fds:
             self._fds.extend(fds)
@@ -168,10 +197,7 @@ class FrameDecoder:
             if end - start < length:
                 break
             position = start + length
-            attached: tuple[int, ...] = ()
-            if self._fds:
-                attached, self._fds = tuple(self._fds), []
-            frames.append(Frame(stream_id, message_type, flags, bytes(view[start:position]), attached))
+            frames.append(Frame(stream_id, message_type, flags, bytes(view[start:position])))
         if buffer:
             del buffer[:position]
         elif position < end and not self._skip:

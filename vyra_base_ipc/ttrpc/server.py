@@ -43,6 +43,15 @@ from google.protobuf.message import DecodeError
 from ..address import StrPath, validate_socket_path
 from ..methods import MethodKind, ServiceRegistration
 from ..options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, validate_max_message_bytes
+from ..payload import (
+    ReceivedBuffers,
+    SharedMemoryError,
+    SharedMemoryOptions,
+    close_fds,
+    pack,
+    unpack,
+    usable_options,
+)
 from ..socket_file import SocketFile
 from .context import AsyncServicerContext, ServicerContext, _End
 from .deadlines import DeadlineQueue
@@ -50,6 +59,8 @@ from .framing import (
     FLAG_NO_DATA,
     FLAG_REMOTE_CLOSED,
     FLAG_REMOTE_OPEN,
+    FLAG_SHARED_MEMORY,
+    MAX_QUEUED_FDS,
     Frame,
     FrameDecoder,
     MessageType,
@@ -59,11 +70,15 @@ from .framing import (
 )
 from .messages import (
     ENVELOPE_ALLOWANCE,
+    HELLO_METHOD,
+    HELLO_SERVICE,
     Request,
+    encode_hello,
     encode_ok_response,
     encode_response,
     metadata_from_wire,
 )
+from .transport import UnixTransport, accept_connections
 
 __all__ = ['TtrpcServer']
 
@@ -129,6 +144,8 @@ class _Handler:
         :raises grpc.aio.AbortError: the bytes do not decode.
         """
         try:
+            if self.deserialize is _identity:  # a method without (de)serializers takes bytes
+                return bytes(payload)
             return self.deserialize(payload)
         except Exception as error:  # DecodeError, or whatever a custom deserializer raises
             raise context._abort_status(
@@ -339,7 +356,7 @@ class _Call:
         payload = self.handler.serialize(message)
         self._check_size(len(payload))
         connection = self.connection
-        connection.send(encode_frame(self.stream_id, _DATA, 0, payload))
+        connection.send(*connection.payload_frame(self.stream_id, _DATA, payload))
         if connection.write_paused:
             await connection.drain()
 
@@ -398,19 +415,22 @@ class _Call:
             raise _CallEnded()
         payload = self.handler.serialize(message)
         self._check_size(len(payload))
-        frame = encode_frame(self.stream_id, _DATA, 0, payload)
         connection = self.connection
+        frame, fds = connection.payload_frame(self.stream_id, _DATA, payload)
         try:
-            connection.loop.call_soon_threadsafe(self._send_from_thread, frame)
+            connection.loop.call_soon_threadsafe(self._send_from_thread, frame, fds)
         except RuntimeError:  # the loop is closed
+            close_fds(fds)
             raise _CallEnded() from None
         while not connection.writable.wait(0.1):
             if self.context._end is not None:
                 raise _CallEnded()
 
-    def _send_from_thread(self, frame: bytes) -> None:
-        if not self.finished:
-            self.connection.send(frame)
+    def _send_from_thread(self, frame: bytes, fds: list[int]) -> None:
+        if self.finished:
+            close_fds(fds)
+        else:
+            self.connection.send(frame, fds)
 
     def _sync_done(self, future: asyncio.Future[Any]) -> None:
         if self.finished:
@@ -447,7 +467,7 @@ class _Call:
         return _OK, '', payload
 
     def _check_size(self, size: int) -> None:
-        limit = self.connection.server.max_message_bytes
+        limit = self.connection.limit_for(size)
         if size > limit:
             raise _StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f'Sent message larger than max ({size} vs. {limit})')
@@ -457,9 +477,17 @@ class _Call:
         if self.finished:
             return
         self.finished = True  # the answer goes out before _end() may close the connection
-        self.connection.send(encode_frame(self.stream_id, _RESPONSE, 0,
-                                          encode_ok_response(payload) if code == _OK
-                                          else encode_response(code, details, payload)))
+        connection = self.connection
+        frame: bytes | None = None
+        fds: list[int] = []
+        if code == _OK:
+            try:
+                frame, fds = connection.payload_frame(self.stream_id, _RESPONSE, payload)
+            except _StatusError as error:  # no shared memory for a response too large to go inline
+                code, details, payload = _number(error.code), error.details, b''
+        if frame is None:
+            frame = encode_frame(self.stream_id, _RESPONSE, 0, encode_response(code, details, payload))
+        connection.send(frame, fds)
         self._end(end)
 
     def _end_stream(self) -> None:
@@ -510,7 +538,9 @@ class _Call:
 
     # -- data from the client ---------------------------------------------------------
 
-    def data(self, frame: Frame) -> None:
+    def data(self, frame: Frame, payload: bytes | memoryview) -> None:
+        """A data frame of this call, with its message (resolved from shared
+        memory if the frame came that way)."""
         requests = self.requests
         if requests is None:
             self.fail(grpc.StatusCode.INVALID_ARGUMENT,
@@ -520,11 +550,11 @@ class _Call:
             # Each streamed message is held to the limit a single request has
             # (the frame limit leaves room for a request's envelope).
             largest = self.connection.server.max_message_bytes
-            if len(frame.data) > largest:
+            if len(payload) > largest and not frame.flags & FLAG_SHARED_MEMORY:
                 self.fail(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f'Received message larger than max ({len(frame.data)} vs. {largest})')
+                          f'Received message larger than max ({len(payload)} vs. {largest})')
                 return
-            requests.feed(frame.data)
+            requests.feed(payload)
             limit = self.connection.server.request_backlog_bytes
             if requests.pending_bytes > limit:
                 self.fail(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -561,10 +591,14 @@ class _Connection(asyncio.Protocol):
         self.writable = threading.Event()
         self.writable.set()
         self._drain_waiters: list[asyncio.Future[None]] = []
-        # Frames held back to leave in one write (see send()).
+        # Frames held back to leave in one write (see send()), and the
+        # descriptors that go with them.
         self._pending: list[bytes] = []
+        self._pending_fds: list[int] = []
         self._flush_scheduled = False
         self._corked = False
+        #: Shared-memory options agreed with this client (its Hello), else None.
+        self.shared_memory: SharedMemoryOptions | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------
 
@@ -581,8 +615,9 @@ class _Connection(asyncio.Protocol):
             call.cancel()
         self.writable.set()
         self._wake_drainers()
-        for fd in self.decoder.take_fds():
-            os.close(fd)
+        close_fds(self.decoder.take_fds())
+        close_fds(self._pending_fds)
+        self._pending_fds = []
         self.server._connections.discard(self)
         if self.decoder.mid_frame:
             _logger.debug('ttrpc connection closed inside a frame (%d bytes pending)',
@@ -602,6 +637,25 @@ class _Connection(asyncio.Protocol):
         self._wake_drainers()
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
+
+    def fds_received(self, fds: list[int]) -> None:
+        """Descriptors passed with the bytes that follow; queued until their
+        frames take them."""
+        if self.shared_memory is None:
+            close_fds(fds)
+            self._protocol_violation('file descriptors from a client that did not agree on '
+                                     'shared memory')
+            return
+        self.decoder.feed(b'', fds)
+        if self.decoder.queued_fds > MAX_QUEUED_FDS:
+            self._protocol_violation(f'more than {MAX_QUEUED_FDS} file descriptors not claimed '
+                                     'by any frame')
+
+    def _protocol_violation(self, what: str) -> None:
+        _logger.warning('ttrpc connection closed: %s', what)
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self._corked = True
@@ -625,17 +679,27 @@ class _Connection(asyncio.Protocol):
 
     def _frame(self, frame: Frame) -> None:
         stream_id = frame.stream_id
-        for fd in frame.fds:  # no descriptor passing on this lane (yet): never leak them
-            os.close(fd)
-        if not stream_id & 1:
+        if (frame.flags & FLAG_SHARED_MEMORY and (frame.type == _REQUEST or frame.type == _DATA)
+                and (self.shared_memory is None or not stream_id & 1)):
+            # Its descriptors cannot be accounted for: the connection is out of step.
+            self._protocol_violation(f'shared-memory flag on a frame of stream {stream_id} '
+                                     'without agreement')
+        elif not stream_id & 1:
             self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT,
                         'StreamID must be odd for client initiated streams')
         elif frame.type == _REQUEST:
             self._request(frame)
         elif frame.type == _DATA:
             call = self.calls.get(stream_id)
+            payload: bytes | memoryview = frame.data
+            if frame.flags & FLAG_SHARED_MEMORY:
+                name = call.handler.path if call is not None else f'stream {stream_id}'
+                resolved = self._resolve(stream_id, payload, f'a streamed request of {name}')
+                if resolved is None:
+                    return
+                payload = resolved[0]  # explicit buffers travel only with unary requests
             if call is not None:
-                call.data(frame)
+                call.data(frame, payload)
             elif stream_id > self.last_stream_id:
                 self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT,
                             'StreamID is not active: data frame before its request')
@@ -655,8 +719,23 @@ class _Connection(asyncio.Protocol):
             request = Request.FromString(frame.data)
         except DecodeError as error:
             self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT, f'unmarshal request error: {error}')
+            if frame.flags & FLAG_SHARED_MEMORY:
+                self._protocol_violation('unreadable request with shared memory')
             return
+        payload: bytes | memoryview = request.payload
+        buffers: ReceivedBuffers | None = None
+        shared = frame.flags & FLAG_SHARED_MEMORY
+        if shared:
+            # First, whatever else is wrong: the frame's descriptors must be claimed in order.
+            resolved = self._resolve(stream_id, payload,
+                                     f'the request of /{request.service}/{request.method}')
+            if resolved is None:
+                return
+            payload, buffers = resolved
         server = self.server
+        if request.service == HELLO_SERVICE and request.method == HELLO_METHOD and not shared:
+            self._hello(stream_id)
+            return
         if server._stopping:
             self.reject(stream_id, grpc.StatusCode.UNAVAILABLE, 'server is shutting down')
             return
@@ -667,8 +746,7 @@ class _Connection(asyncio.Protocol):
         if server.maximum_concurrent_rpcs is not None and server._active >= server.maximum_concurrent_rpcs:
             self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED, 'Concurrent RPC limit exceeded!')
             return
-        payload = request.payload
-        if len(payload) > server.max_message_bytes:
+        if len(payload) > server.max_message_bytes and not shared:
             self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f'Received message larger than max ({len(payload)} vs. {server.max_message_bytes})')
             return
@@ -680,10 +758,67 @@ class _Connection(asyncio.Protocol):
         deadline = None if timeout is None else time.monotonic() + timeout
         metadata = metadata_from_wire(request.metadata) if request.metadata else ()
         context_class = AsyncServicerContext if handler.is_async else ServicerContext
-        call = _Call(self, stream_id, handler, context_class(deadline, metadata, handler.path))
+        context = context_class(deadline, metadata, handler.path)
+        context._buffers = buffers
+        call = _Call(self, stream_id, handler, context)
         self.calls[stream_id] = call
         server._active += 1
         call.start(payload, frame.flags, timeout)
+
+    def _resolve(self, stream_id: int, manifest: bytes, what: str
+                 ) -> tuple[bytes | memoryview, ReceivedBuffers | None] | None:
+        """The message and buffers a shared-memory frame refers to; ``None``
+        after answering the stream with INVALID_ARGUMENT (a refused buffer)
+        or closing the connection (descriptors missing)."""
+        assert self.shared_memory is not None
+        try:
+            return unpack(manifest, self.decoder.take_fds, self.shared_memory.max_bytes, what)
+        except ValueError as error:  # fewer descriptors than announced
+            self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT, f'{what}: {error}')
+            self._protocol_violation(str(error))
+        except SharedMemoryError as error:
+            self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return None
+
+    def _hello(self, stream_id: int) -> None:
+        """Agree on shared memory with a vyra_base_ipc client; answered as an
+        unknown method (like any other ttrpc server would) when it is off."""
+        options = self.server.shared_memory
+        if options is None:
+            self.reject(stream_id, grpc.StatusCode.UNIMPLEMENTED, 'Method not found!')
+            return
+        self.shared_memory = options
+        self.send(encode_frame(stream_id, _RESPONSE, 0, encode_ok_response(encode_hello())))
+
+    def limit_for(self, size: int) -> int:
+        """The size limit that holds for an outgoing message of ``size`` bytes."""
+        options = self.shared_memory
+        if options is not None and size > options.threshold:
+            return options.max_bytes
+        return self.server.max_message_bytes
+
+    def payload_frame(self, stream_id: int, message_type: int, payload: bytes
+                      ) -> tuple[bytes, list[int]]:
+        """A Response (OK) or Data frame carrying ``payload``, and the
+        descriptors to pass with it: inline, or in shared memory when the
+        client agreed and the payload is above the threshold. Thread-safe."""
+        options = self.shared_memory
+        flags = 0
+        fds: list[int] = []
+        if options is not None and len(payload) > options.threshold:
+            try:
+                packed = pack(payload, options.threshold)
+            except SharedMemoryError as error:
+                if len(payload) > self.server.max_message_bytes:
+                    raise _StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
+                _logger.warning('sending %d bytes inline: %s', len(payload), error)
+            else:
+                if packed is not None:
+                    payload, fds = packed  # type: ignore[assignment]
+                    flags = FLAG_SHARED_MEMORY
+        if message_type == _RESPONSE:
+            return encode_frame(stream_id, _RESPONSE, flags, encode_ok_response(payload)), fds
+        return encode_frame(stream_id, message_type, flags, payload), fds
 
     def _oversized(self, item: OversizedFrame) -> None:
         details = oversized_message(item.length, item.limit)
@@ -695,7 +830,7 @@ class _Connection(asyncio.Protocol):
 
     # -- writing ----------------------------------------------------------------------
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes, fds: list[int] = []) -> None:  # noqa: B006 (never changed)
         """Write a frame, coalescing bursts.
 
         A lone call's answer is written at once. While other calls are in
@@ -707,28 +842,34 @@ class _Connection(asyncio.Protocol):
         """
         if self._corked or len(self.calls) > 1:
             self._pending.append(frame)
+            if fds:
+                # They leave with the first byte of the batch: before their
+                # frame, which is all the receiver needs (see framing).
+                self._pending_fds.extend(fds)
             if not self._corked and not self._flush_scheduled:
                 self._flush_scheduled = True
                 self.loop.call_soon(self._flush)
         elif self._pending:
             self._pending.append(frame)
+            self._pending_fds.extend(fds)
             self._flush()
         else:
-            self._write(frame)
+            self._write(frame, fds)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self._pending:
             frames = b''.join(self._pending)
+            fds, self._pending_fds = self._pending_fds, []
             self._pending.clear()
-            self._write(frames)
+            self._write(frames, fds)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, fds: list[int]) -> None:
         transport = self.transport
-        # A transport that failed is closing before connection_lost() runs:
-        # writing to it would only be dropped (and logged by asyncio).
         if not self.closed and transport is not None and not transport.is_closing():
-            transport.write(data)
+            transport.write(data, fds)  # type: ignore[call-arg]
+        else:
+            close_fds(fds)
 
     def reject(self, stream_id: int, code: grpc.StatusCode, details: str) -> None:
         """Answer a stream that never became a call."""
@@ -806,6 +947,9 @@ class TtrpcServer:
     :param maximum_concurrent_rpcs: calls above this many in flight (over
         all connections) are refused at once with RESOURCE_EXHAUSTED, as
         gRPC does; ``None`` for no limit.
+    :param shared_memory: how large messages travel to and from clients
+        that agree on it (vyra_base_ipc's own); ``None`` to keep every message
+        inline. Independent ttrpc clients always get inline answers.
     :raises TypeError, ValueError: invalid path, limit, or a service
         registered twice.
     """
@@ -823,8 +967,11 @@ class TtrpcServer:
         executor: futures.Executor | None = None,
         max_workers: int | None = None,
         maximum_concurrent_rpcs: int | None = None,
+        shared_memory: SharedMemoryOptions | None = SharedMemoryOptions(),
     ) -> None:
         self.socket_path = validate_socket_path(socket_path)
+        #: The shared-memory options offered to clients (None if off or unavailable here).
+        self.shared_memory = usable_options(shared_memory)
         self.max_message_bytes = validate_max_message_bytes(max_message_bytes)
         self.frame_limit = self.max_message_bytes + ENVELOPE_ALLOWANCE
         #: Bytes of streamed requests one call may leave unread before it fails.
@@ -848,7 +995,7 @@ class TtrpcServer:
         self._max_workers = max_workers
         self._executor: futures.Executor | None = executor
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._stop_accepting: Callable[[], None] | None = None
         self._connections: set[_Connection] = set()
         self._state = _State.NEW
         self._stopping = False
@@ -888,11 +1035,11 @@ class TtrpcServer:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(os.fspath(self._socket.private_bind_path()))
             listener.listen(socket.SOMAXCONN)
-            self._server = await self._loop.create_unix_server(lambda: _Connection(self), sock=listener)
+            self._stop_accepting = accept_connections(self._loop, listener, lambda: _Connection(self))
             self._socket.publish()
         except BaseException:
-            if self._server is not None:
-                self._server.close()
+            if self._stop_accepting is not None:
+                self._stop_accepting()
             elif listener is not None:
                 listener.close()
             self._socket.discard()
@@ -934,11 +1081,11 @@ class TtrpcServer:
             self._idle.set()
 
     async def _shutdown(self, grace: float) -> None:
-        assert self._server is not None and self._idle is not None
+        assert self._stop_accepting is not None and self._idle is not None
         self._state = _State.STOPPING
         self._stopping = True
         try:
-            self._server.close()
+            self._stop_accepting()
             removed = self._socket.remove()
             for connection in list(self._connections):
                 if not connection.calls:

@@ -1,0 +1,268 @@
+"""An asyncio transport for Unix stream sockets that passes file descriptors.
+
+asyncio's own socket transports read with ``recv()``, which drops any
+descriptors (``SCM_RIGHTS``) that arrive, and have no way to send them. This
+one reads with ``recvmsg()`` and writes with ``sendmsg()``; it is otherwise a
+plain selector transport: non-blocking socket, ``add_reader``/``add_writer``
+on the running loop, a write buffer with flow control
+(``pause_writing``/``resume_writing`` on its protocol).
+
+Protocols used with it get ``fds_received(fds)`` (owning the descriptors)
+right before the ``data_received(data)`` of the bytes they arrived with.
+Descriptors passed to :meth:`UnixTransport.write` go out with the first byte
+of that data and are closed by the transport once sent (or when it closes).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import collections
+import logging
+import socket
+from typing import Any, Callable, Sequence
+
+from ..payload import close_fds
+
+__all__ = ['UnixTransport', 'accept_connections']
+
+_logger = logging.getLogger(__name__)
+
+#: Bytes read per ``recvmsg()``.
+READ_SIZE = 256 * 1024
+#: Descriptors accepted per read; more is a protocol violation (the kernel
+#: closes the excess and reports MSG_CTRUNC).
+MAX_FDS_PER_READ = 32
+_ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_READ * array.array('i').itemsize)
+_MSG_CMSG_CLOEXEC = getattr(socket, 'MSG_CMSG_CLOEXEC', 0x40000000)
+_HIGH_WATER = 64 * 1024
+_LOW_WATER = 16 * 1024
+
+
+def received_fds(ancillary: Sequence[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors in ``recvmsg()`` ancillary data (the caller owns them)."""
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            numbers = array.array('i')
+            numbers.frombytes(data[:len(data) - len(data) % numbers.itemsize])
+            fds.extend(numbers)
+    return fds
+
+
+def rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    """``sendmsg()`` ancillary data passing ``fds``."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', fds).tobytes())] if fds else []
+
+
+class UnixTransport(asyncio.Transport):
+    """A connected ``AF_UNIX`` stream socket as an asyncio transport that
+    passes descriptors. Runs on (and only on) the loop it was made on.
+
+    :param sock: a connected socket; the transport owns it and makes it non-blocking.
+    :param protocol: gets ``connection_made`` (soon), ``fds_received``,
+        ``data_received``, ``eof_received``, ``pause_writing``/``resume_writing``
+        and ``connection_lost``.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 protocol: asyncio.Protocol) -> None:
+        super().__init__({'socket': sock})
+        sock.setblocking(False)
+        self._loop = loop
+        self._sock = sock
+        self._fileno = sock.fileno()
+        self._protocol: Any = protocol
+        self._buffer: collections.deque[list[Any]] = collections.deque()  # [memoryview, fds]
+        self._buffered = 0
+        self._closing = False
+        self._lost = False
+        self._reading = True
+        self._protocol_paused = False
+        loop.call_soon(self._start)
+
+    def _start(self) -> None:
+        if self._lost:
+            return
+        self._protocol.connection_made(self)
+        if not self._closing and self._reading:
+            self._loop.add_reader(self._fileno, self._read_ready)
+
+    # -- reading ----------------------------------------------------------------------
+
+    def _read_ready(self) -> None:
+        try:
+            data, ancillary, flags, _ = self._sock.recvmsg(READ_SIZE, _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self._fatal(error)
+            return
+        if ancillary:
+            fds = received_fds(ancillary)
+            if flags & socket.MSG_CTRUNC:
+                close_fds(fds)
+                self._fatal(ConnectionError(f'peer passed more than {MAX_FDS_PER_READ} '
+                                            'file descriptors at once'))
+                return
+            if fds:
+                self._protocol.fds_received(fds)
+                if self._lost:
+                    return
+        if data:
+            self._protocol.data_received(data)
+            return
+        self._loop.remove_reader(self._fileno)
+        self._reading = False
+        if not self._protocol.eof_received():
+            self.close()
+
+    def pause_reading(self) -> None:
+        if self._reading and not self._closing:
+            self._reading = False
+            self._loop.remove_reader(self._fileno)
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self._closing:
+            self._reading = True
+            self._loop.add_reader(self._fileno, self._read_ready)
+
+    def is_reading(self) -> bool:
+        return self._reading and not self._closing
+
+    # -- writing ----------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
+        """Send ``data``, passing ``fds`` with its first byte. Takes ownership
+        of ``fds``: they are closed once sent, or when the transport closes."""
+        if self._closing or self._lost:
+            close_fds(fds)
+            return
+        if not self._buffer:
+            try:
+                sent = self._sock.sendmsg([data], rights(fds)) if fds else self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as error:
+                close_fds(fds)
+                self._fatal(error)
+                return
+            else:
+                if fds:
+                    close_fds(fds)
+                    fds = ()
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+            self._loop.add_writer(self._fileno, self._write_ready)
+        self._buffer.append([memoryview(data), list(fds)])
+        self._buffered += len(data)
+        if not self._protocol_paused and self._buffered > _HIGH_WATER:
+            self._protocol_paused = True
+            self._protocol.pause_writing()
+
+    def _write_ready(self) -> None:
+        buffer = self._buffer
+        while buffer:
+            entry = buffer[0]
+            data, fds = entry
+            try:
+                sent = self._sock.sendmsg([data], rights(fds)) if fds else self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                self._fatal(error)
+                return
+            if fds:
+                close_fds(fds)
+                entry[1] = []
+            self._buffered -= sent
+            if sent < len(data):
+                entry[0] = data[sent:]
+                break
+            buffer.popleft()
+        if not buffer:
+            self._loop.remove_writer(self._fileno)
+        if self._protocol_paused and self._buffered <= _LOW_WATER:
+            self._protocol_paused = False
+            self._protocol.resume_writing()
+        if not buffer and self._closing:
+            self._lose(None)
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return self._buffered
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return _LOW_WATER, _HIGH_WATER
+
+    # -- closing ----------------------------------------------------------------------
+
+    def is_closing(self) -> bool:
+        return self._closing or self._lost
+
+    def close(self) -> None:
+        """Close once what was written has been sent; idempotent."""
+        if self._closing or self._lost:
+            return
+        self._closing = True
+        if self._reading:
+            self._loop.remove_reader(self._fileno)
+        if not self._buffer:
+            self._loop.call_soon(self._lose, None)
+
+    def abort(self) -> None:
+        """Close at once, dropping what was not sent yet."""
+        self._lose(None)
+
+    def _fatal(self, error: BaseException) -> None:
+        if not isinstance(error, (ConnectionError, BrokenPipeError)):
+            _logger.debug('fast-lane socket error: %s', error)
+        self._lose(error)
+
+    def _lose(self, error: BaseException | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._closing = True
+        self._loop.remove_reader(self._fileno)
+        self._loop.remove_writer(self._fileno)
+        for _, fds in self._buffer:
+            close_fds(fds)
+        self._buffer.clear()
+        self._buffered = 0
+        try:
+            self._protocol.connection_lost(error)
+        finally:
+            self._sock.close()
+
+
+def accept_connections(loop: asyncio.AbstractEventLoop, listener: socket.socket,
+                       protocol_factory: Callable[[], asyncio.Protocol]) -> Callable[[], None]:
+    """Accept connections on a listening ``AF_UNIX`` socket (made
+    non-blocking here), each with a :class:`UnixTransport` and a new
+    protocol. Returns the function that stops accepting and closes the
+    listener (idempotent)."""
+    listener.setblocking(False)
+    fileno = listener.fileno()
+
+    def accept() -> None:
+        for _ in range(64):  # then let other callbacks run
+            try:
+                connection, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:  # EMFILE and kin: keep serving who is connected
+                _logger.warning('fast lane cannot accept a connection: %s', error)
+                return
+            UnixTransport(loop, connection, protocol_factory())
+
+    def stop() -> None:
+        if listener.fileno() >= 0:
+            loop.remove_reader(fileno)
+            listener.close()
+
+    loop.add_reader(fileno, accept)
+    return stop
