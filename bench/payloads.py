@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ['PAYLOAD_SIZES', 'make_payload', 'size_label']
+__all__ = ['LARGE_PAYLOAD', 'PAYLOAD_SIZES', 'make_payload', 'size_label']
 
 #: 64 B, 64 KiB, 1 MiB, 10 MiB.
 PAYLOAD_SIZES = (64, 64 * 1024, 1024 * 1024, 10 * 1024 * 1024)
+#: 100 MiB: above every message size limit; only shared memory carries it.
+LARGE_PAYLOAD = 100 * 1024 * 1024
 
 _PATTERN = b'vyra-ipc-bench-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'
 

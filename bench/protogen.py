@@ -8,6 +8,8 @@ from pathlib import Path
 __all__ = ['PROTO_ROOT', 'compile_bench_protos']
 
 PROTO_ROOT = Path(__file__).resolve().parent / 'protos'
+#: The package's own protos (the benchmark's messages use vyra.ipc.SharedBufferRef).
+PACKAGE_PROTOS = Path(__file__).resolve().parent.parent / 'protos'
 
 
 def compile_bench_protos(output: Path) -> Path:
@@ -25,7 +27,7 @@ def compile_bench_protos(output: Path) -> Path:
     protos = sorted(str(path.relative_to(PROTO_ROOT)) for path in PROTO_ROOT.rglob('*.proto'))
     output.mkdir(parents=True, exist_ok=True)
     status = protoc.main(['grpc_tools.protoc', f'--proto_path={PROTO_ROOT}',
-                          f'--proto_path={well_known}', f'--python_out={output}',
+                          f'--proto_path={PACKAGE_PROTOS}', f'--proto_path={well_known}', f'--python_out={output}',
                           f'--grpc_python_out={output}', *protos])
     if status != 0:
         raise RuntimeError(f'protoc failed with status {status} on {protos}')

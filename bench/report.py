@@ -13,7 +13,7 @@ from typing import Any, Iterable, TextIO
 from .payloads import size_label
 from .stats import ROW_COLUMNS
 
-__all__ = ['REFERENCE_TRANSPORT', 'concurrency_check', 'machine', 'markdown_summary', 'print_report',
+__all__ = ['REFERENCE_TRANSPORT', 'concurrency_check', 'shared_memory_checks', 'machine', 'markdown_summary', 'print_report',
            'write_json']
 
 #: Rows are compared with this transport at the same payload (the ``vs ROS 2`` column).
@@ -70,6 +70,57 @@ def concurrency_check(rows: Iterable[dict[str, Any]], transport: str,
               'ratio_64_vs_1': round(by_concurrency[64]['calls_per_s'] / sequential, 2)}
     result['meets_target'] = result['ratio_64_vs_1'] >= CONCURRENCY_TARGET
     return result
+
+
+#: The payload whose shared-memory speed-up the issue asks for.
+_LARGE = 10 * 1024 * 1024
+
+
+def shared_memory_checks(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each client kind with a shared-memory row: its 10 MiB p50 against
+    the gRPC lane of the same client and against the ROS 2 service, and its
+    100 MiB p50 (targets: 5× and 10× faster)."""
+    single = {(row['transport'], row['payload_bytes']): row['p50_us'] for row in rows
+              if row['concurrency'] == 1}
+    checks = []
+    for kind in ('sync', 'aio'):
+        shm = single.get((f'ipc-{kind}-shm', _LARGE))
+        if shm is None:
+            continue
+        grpc_lane = single.get((f'ipc-{kind}-grpc', _LARGE))
+        ros = single.get((REFERENCE_TRANSPORT, _LARGE))
+        large = [p50 for (key, size), p50 in single.items() if key == f'ipc-{kind}-shm' and size > _LARGE]
+        checks.append({
+            'transport': f'ipc-{kind}-shm', 'p50_us_10mib': shm,
+            'faster_than_grpc_lane': round(grpc_lane / shm, 2) if grpc_lane else None,
+            'faster_than_ros': round(ros / shm, 2) if ros else None,
+            'p50_us_100mib': large[0] if large else None,
+            'targets': {'faster_than_grpc_lane': 5.0, 'faster_than_ros': 10.0},
+        })
+    return checks
+
+
+def _shared_memory_lines(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for check in shared_memory_checks(results['rows']):
+        parts = [f"`{check['transport']}` 10 MiB round trip {_ms(check['p50_us_10mib'])}"]
+        if check['faster_than_grpc_lane']:
+            parts.append(f"{check['faster_than_grpc_lane']:.1f}× faster than the gRPC lane "
+                         '(target 5×)')
+        if check['faster_than_ros']:
+            parts.append(f"{check['faster_than_ros']:.1f}× faster than the ROS 2 service (target 10×)")
+        if check['p50_us_100mib']:
+            parts.append(f"100 MiB {_ms(check['p50_us_100mib'])}")
+        lines.append('; '.join(parts) + '.')
+    for row in results.get('zero_copy', []):
+        inline = row.get('grpc_inline_call_p50_ms')
+        lines.append(
+            f"Zero-copy `SharedBuffer` of {size_label(row['bytes'])}: copied into shared memory once "
+            f"in {row['copy_into_shared_memory_ms']:,.1f} ms, then a call passing it takes "
+            f"{row['call_p50_ms']:,.2f} ms"
+            + (f" (inline on the gRPC lane: {inline:,.1f} ms)" if inline else '')
+            + f"; the handler's view is backed by `{row['handler_backing'] or 'heap memory'}`.")
+    return lines
 
 
 def _reference(rows: list[dict[str, Any]]) -> dict[int, float]:
@@ -136,6 +187,12 @@ def print_report(results: dict[str, Any], out: TextIO = sys.stdout) -> None:
         print(f"\ntotal {ratios['total']:.2f}x ({verdict} the {budget['budget']:.2f}x budget) = "
               f"client {ratios['client']:.2f}x * server {ratios['server']:.2f}x; "
               f"a deadline alone costs {ratios['deadline']:.2f}x", file=out)
+
+    shared_memory = _shared_memory_lines(results)
+    if shared_memory:
+        print('\n## Large payloads: shared memory\n', file=out)
+        for line in shared_memory:
+            print(line, file=out)
 
     if results['concurrency']:
         print('\n## Concurrency (64 B, calls/s by calls in flight)\n', file=out)
@@ -208,6 +265,8 @@ def markdown_summary(results: dict[str, Any]) -> str:
                   f"{ratios['total']:.2f}× the time of a bare grpcio stub and server "
                   f"(client {ratios['client']:.2f}×, server {ratios['server']:.2f}×; "
                   f"the deadline every call carries {ratios['deadline']:.2f}×)."]
+    for line in _shared_memory_lines(results):
+        lines += ['', line]
     for check in results['concurrency']:
         lines += ['', f"Concurrency: `{check['transport']}` with 64 calls in flight makes "
                   f"{check['ratio_64_vs_1']:.1f}× the calls/s of sequential calls "

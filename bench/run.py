@@ -27,19 +27,27 @@ from typing import Any
 
 from .coldstart import COLD_START_CLIENTS, summarize_runs
 from .overhead import OVERHEAD_SERVERS
-from .payloads import PAYLOAD_SIZES
+from .payloads import LARGE_PAYLOAD, PAYLOAD_SIZES
 from .processes import BenchEnvironment, Servers, run_child
 from .protogen import compile_bench_protos
-from .report import concurrency_check, machine, markdown_summary, print_report, write_json
+from .report import (
+    concurrency_check,
+    machine,
+    markdown_summary,
+    print_report,
+    shared_memory_checks,
+    write_json,
+)
 from .servers import ROS_SERVICE
 from .stats import ROW_COLUMNS
-from .transports import LANES, Transport, ipc_server_options, transports
+from .transports import LANES, LARGE_PAYLOAD_LANES, Transport, ipc_server_options, transports
 
 __all__ = ['MODES', 'Mode', 'main', 'plan_cases', 'run']
 
 DEFAULT_OUT = Path(__file__).resolve().parent / 'results'
-#: Parts of a run: the round-trip table, the overhead budget, the cold starts.
-SECTIONS = ('rows', 'overhead', 'cold-start')
+#: Parts of a run: the round-trip table, the overhead budget, the cold starts,
+#: explicit zero-copy buffers.
+SECTIONS = ('rows', 'overhead', 'cold-start', 'zero-copy')
 #: Calls in flight for the asynchronous clients.
 CONCURRENCY = (1, 8, 64)
 
@@ -55,6 +63,9 @@ class Mode:
     :param cold_runs: fresh processes per cold-start transport.
     :param overhead_rounds: interleaved blocks per overhead variant.
     :param overhead_block: calls per block.
+    :param large_calls: timed calls with :data:`~bench.payloads.LARGE_PAYLOAD`
+        (lanes that carry it), after one untimed call.
+    :param zero_copy_calls: timed calls per buffer size of the zero-copy section.
     """
 
     name: str
@@ -65,16 +76,20 @@ class Mode:
     cold_runs: int
     overhead_rounds: int
     overhead_block: int
+    large_calls: int
+    zero_copy_calls: int
 
 
 _K, _M = 1024, 1024 * 1024
 MODES = {
     'full': Mode('full', {64: 5000, 64 * _K: 2000, _M: 300, 10 * _M: 40},
-                 {64: 500, 64 * _K: 200, _M: 30, 10 * _M: 5}, (64, 64 * _K), 5000, 10, 40, 100),
+                 {64: 500, 64 * _K: 200, _M: 30, 10 * _M: 5}, (64, 64 * _K), 5000, 10, 40, 100,
+                 10, 200),
     'quick': Mode('quick', {64: 1000, 64 * _K: 300, _M: 40, 10 * _M: 8},
-                  {64: 200, 64 * _K: 30, _M: 5, 10 * _M: 2}, (64,), 1000, 3, 20, 50),
+                  {64: 200, 64 * _K: 30, _M: 5, 10 * _M: 2}, (64,), 1000, 3, 20, 50,
+                  3, 50),
     'smoke': Mode('smoke', dict.fromkeys(PAYLOAD_SIZES, 3), dict.fromkeys(PAYLOAD_SIZES, 1),
-                  (64,), 16, 1, 2, 3),
+                  (64,), 16, 1, 2, 3, 1, 3),
 }
 
 
@@ -82,6 +97,9 @@ def plan_cases(transport: Transport, mode: Mode) -> list[dict[str, int]]:
     """The rows one transport is measured for, in order."""
     cases = [{'payload_bytes': size, 'concurrency': 1, 'calls': mode.calls[size],
               'warmup': mode.warmup[size]} for size in PAYLOAD_SIZES]
+    if transport.lane in LARGE_PAYLOAD_LANES:
+        cases.append({'payload_bytes': LARGE_PAYLOAD, 'concurrency': 1, 'calls': mode.large_calls,
+                      'warmup': 1})
     if transport.asynchronous:
         cases += [{'payload_bytes': size, 'concurrency': concurrency,
                    'calls': mode.concurrent_calls, 'warmup': mode.warmup[size]}
@@ -222,6 +240,9 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
                                package_root=package_root)
         needed = {transport.server for transport in measured
                   if 'rows' in sections or 'cold-start' in sections}
+        zero_copy_lane = any(lane.name == 'shm' and lane.unavailable() is None for lane in LANES)
+        if 'zero-copy' in sections and zero_copy_lane:
+            needed.add('ipc')
         if 'overhead' in sections:
             needed |= set(OVERHEAD_SERVERS)
         with Servers(env) as servers:
@@ -231,6 +252,11 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
             overhead = _measure_overhead(env, addresses, mode) if 'overhead' in sections else {}
             cold_start = (_measure_cold_start(env, measured, addresses, mode, pin)
                           if 'cold-start' in sections else [])
+            zero_copy = (run_child(env, 'bench.zerocopy',
+                                   [json.dumps({'address': addresses['ipc'],
+                                                'calls': mode.zero_copy_calls})],
+                                   'zero-copy', timeout=600, pin=pin)['zero_copy']
+                         if 'zero-copy' in sections and zero_copy_lane else [])
     except BaseException:
         _log(f'logs kept in {workdir / "logs"}')
         raise
@@ -253,6 +279,8 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
         'rows': rows,
         'cold_start': cold_start,
         'overhead': overhead,
+        'zero_copy': zero_copy,
+        'shared_memory': shared_memory_checks(rows),
         'concurrency': checks,
         'skipped': skipped,
     }

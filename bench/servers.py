@@ -91,9 +91,21 @@ def BenchEcho() -> Any:  # noqa: N802 - a class factory: the base class is gener
     """A ``BenchServiceServicer`` whose ``Echo`` returns the request."""
     _, bench_pb2_grpc = _bench_modules()
 
+    bench_pb2, _ = _bench_modules()
+
     class Echo(bench_pb2_grpc.BenchServiceServicer):  # type: ignore[name-defined]
         async def Echo(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC name
             return request
+
+        async def Touch(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC name
+            from vyra_base_ipc import shared_buffer
+
+            from .zerocopy import backing_file
+
+            view = shared_buffer(request.data, context)
+            return bench_pb2.BufferReply(size=len(view), first_byte=view[0] if len(view) else 0,
+                                         last_byte=view[-1] if len(view) else 0,
+                                         backing=backing_file(view))
     return Echo()
 
 

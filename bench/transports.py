@@ -14,7 +14,7 @@ import importlib.util
 import inspect
 from typing import Any, Callable
 
-__all__ = ['LANES', 'Lane', 'Transport', 'ipc_server_options', 'transports']
+__all__ = ['LANES', 'LARGE_PAYLOAD_LANES', 'Lane', 'Transport', 'ipc_server_options', 'transports']
 
 
 @dataclass(frozen=True)
@@ -66,18 +66,36 @@ def _needs(module: str, client_option: str) -> Callable[[], str | None]:
 
 
 def _fast_lane_options() -> dict[str, Any]:
-    return {'lane': 'ttrpc'}
+    # Every message inline, so that this row measures the framing alone.
+    return {'lane': 'ttrpc', 'shared_memory': None} if _client_accepts('shared_memory') else {
+        'lane': 'ttrpc'}
+
+
+#: Messages are held to max_message_bytes however they travel: the shared
+#: memory rows raise it (on both ends) to carry the 100 MiB payload.
+_LARGE_MESSAGE_BYTES = 128 * 1024 * 1024
+
+
+def _shared_memory_options() -> dict[str, Any]:
+    # The clients' default: messages over 1 MiB as shared memory.
+    return {'lane': 'ttrpc', 'max_message_bytes': _LARGE_MESSAGE_BYTES}
+
+
+def _large_messages() -> dict[str, Any]:
+    return {'max_message_bytes': _LARGE_MESSAGE_BYTES}
 
 
 LANES: tuple[Lane, ...] = (
     Lane('grpc', 'gRPC (HTTP/2) on the Unix socket', _grpc_lane_options),
-    Lane('ttrpc', 'fast lane: ttrpc framing on the .ttrpc.sock socket', _fast_lane_options,
-         unavailable=_needs('vyra_base_ipc.ttrpc', 'lane')),
-    # Shared memory (issue 7) goes here once vyra_base_ipc/payload.py exists:
-    # Lane('shm', 'fast lane, payloads over 64 KiB as sealed memfd',
-    #      _fast_lane_options, lambda: {'shm_threshold': 64 * 1024},
-    #      _needs('vyra_base_ipc.payload', 'lane')),
+    Lane('ttrpc', 'fast lane: ttrpc framing on the .ttrpc.sock socket, every message inline',
+         _fast_lane_options, unavailable=_needs('vyra_base_ipc.ttrpc', 'lane')),
+    Lane('shm', 'fast lane, messages over 1 MiB as sealed memfd (the default)',
+         _shared_memory_options, _large_messages, _needs('vyra_base_ipc.payload', 'shared_memory')),
 )
+
+#: Lanes that also carry :data:`~bench.payloads.LARGE_PAYLOAD` (beyond the
+#: message size limit of the others).
+LARGE_PAYLOAD_LANES = frozenset({'shm'})
 
 
 @dataclass(frozen=True)

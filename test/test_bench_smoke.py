@@ -19,11 +19,14 @@ REPO = Path(__file__).resolve().parent.parent
 #: TCP, this package's clients on the gRPC lane, and a ROS 2 service.
 REQUIRED_TRANSPORTS = {
     'socket-uds', 'grpc-sync-uds', 'grpc-aio-uds', 'ipc-sync-grpc', 'ipc-aio-grpc',
-    'ipc-sync-ttrpc', 'ipc-aio-ttrpc', 'grpc-sync-tcp', 'grpc-aio-tcp', 'rclpy-dds',
+    'ipc-sync-ttrpc', 'ipc-aio-ttrpc', 'ipc-sync-shm', 'ipc-aio-shm', 'grpc-sync-tcp',
+    'grpc-aio-tcp', 'rclpy-dds',
 }
 #: Lanes that are measured once the package offers them, skipped with a reason until then.
 LATER_LANE_TRANSPORTS: set[str] = set()
 PAYLOADS = {64, 64 * 1024, 1024 * 1024, 10 * 1024 * 1024}
+#: Only shared memory carries 100 MiB (issue 7).
+LARGE_PAYLOAD_TRANSPORTS = {'ipc-sync-shm', 'ipc-aio-shm'}
 COLUMNS = ['transport', 'label', 'client', 'server', 'address', 'lane', 'payload_bytes',
            'concurrency', 'calls', 'p50_us', 'p99_us', 'mean_us', 'calls_per_s', 'mib_per_s']
 COLD_START = {'socket-uds', 'grpc-aio-uds', 'ipc-sync-grpc', 'ipc-aio-grpc', 'ipc-sync-ttrpc',
@@ -64,6 +67,7 @@ def test_every_transport_has_a_row_per_payload_and_concurrency(smoke_run) -> Non
     expected = {(key, size, 1) for key in measured for size in PAYLOADS}
     expected |= {(key, 64, concurrency) for key in measured if '-aio-' in key
                  for concurrency in (8, 64)}
+    expected |= {(key, 100 * 1024 * 1024, 1) for key in LARGE_PAYLOAD_TRANSPORTS}
     assert expected <= rows, f'missing rows: {sorted(expected - rows)}'
 
 
@@ -112,3 +116,18 @@ def test_the_package_under_test_is_the_one_measured(smoke_run) -> None:
 
     results, _, _ = smoke_run
     assert results['meta']['package'] == str(Path(vyra_base_ipc.__file__).resolve().parent)
+
+
+@pytest.mark.ros
+def test_shared_memory_section_compares_lanes_and_shows_zero_copy(smoke_run) -> None:
+    results, out, stdout = smoke_run
+    assert {check['transport'] for check in results['shared_memory']} == LARGE_PAYLOAD_TRANSPORTS
+    for check in results['shared_memory']:
+        assert check['faster_than_grpc_lane'] > 0 and check['faster_than_ros'] > 0
+        assert check['p50_us_100mib'] > 0
+    sizes = [row['bytes'] for row in results['zero_copy']]
+    assert sizes == [1 << 20, 10 << 20, 100 << 20]
+    # The handler's view maps the sender's memfd: nothing was copied.
+    assert all(row['zero_copy'] and 'memfd:' in row['handler_backing'] for row in results['zero_copy'])
+    assert 'Large payloads: shared memory' in stdout
+    assert 'Zero-copy `SharedBuffer`' in (out / 'results.md').read_text()

@@ -45,6 +45,7 @@ __all__ = [
     'SharedBufferRef',
     'SharedMemoryError',
     'SharedMemoryOptions',
+    'TooLargeError',
     'shared_buffer',
     'shared_memory_unavailable',
 ]
@@ -68,7 +69,7 @@ _F_SEAL_WRITE = 0x0008
 _SEALS = _F_SEAL_SEAL | _F_SEAL_SHRINK | _F_SEAL_GROW | _F_SEAL_WRITE
 _MFD_FLAGS = getattr(os, 'MFD_CLOEXEC', 1) | getattr(os, 'MFD_ALLOW_SEALING', 2)
 # Map every page at once: one system call instead of a page fault per 4 KiB.
-_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, 'MAP_POPULATE', 0)
+_MAP_POPULATE = mmap.MAP_SHARED | getattr(mmap, 'MAP_POPULATE', 0)
 
 
 _logger = logging.getLogger(__name__)
@@ -82,9 +83,8 @@ class SharedMemoryOptions:
 
     :param threshold: messages of more than this many serialized bytes go
         through shared memory; smaller ones inline.
-    :param max_bytes: largest message or :class:`SharedBuffer` accepted in
-        shared memory (instead of ``max_message_bytes``, which holds for
-        inline messages).
+    :param max_bytes: largest :class:`SharedBuffer` accepted. (Messages are
+        held to ``max_message_bytes`` however they travel, as on the gRPC lane.)
     :raises TypeError, ValueError: not non-negative ints, ``max_bytes`` not
         above ``threshold``.
     """
@@ -132,6 +132,11 @@ class SharedMemoryError(Exception):
     """Raised when a shared-memory buffer cannot be created, or a received
     one is refused (missing, not sealed, wrong size, not a memfd). The
     message names the buffer and what was wrong."""
+
+
+class TooLargeError(SharedMemoryError):
+    """Raised when a received message or buffer in shared memory is larger
+    than the receiver accepts (answered RESOURCE_EXHAUSTED, like an inline one)."""
 
 
 _availability: list[str | None] = []
@@ -192,13 +197,15 @@ def seal_bytes(data: Any, name: str = 'vyra-ipc') -> int:
     return fd
 
 
-def map_sealed(fd: int, size: int, what: str) -> memoryview:
+def map_sealed(fd: int, size: int, what: str, populate: bool = True) -> memoryview:
     """Map a received memfd read-only after checking that it is what the
     sender announced: a memfd sealed against writes, shrinking and growing,
     exactly ``size`` bytes long. Does not close ``fd``; the mapping stays
     valid after it is closed and is unmapped when the view is released.
 
     :param what: names the buffer in errors, e.g. ``'the request'``.
+    :param populate: map every page now (for a message about to be parsed
+        whole); otherwise pages are mapped as they are first read.
     :raises SharedMemoryError: the descriptor is refused; nothing is mapped.
     """
     try:
@@ -218,7 +225,8 @@ def map_sealed(fd: int, size: int, what: str) -> memoryview:
     if size == 0:
         return memoryview(b'')
     try:
-        mapping = mmap.mmap(fd, size, flags=_MAP_FLAGS, prot=mmap.PROT_READ)
+        mapping = mmap.mmap(fd, size, flags=_MAP_POPULATE if populate else mmap.MAP_SHARED,
+                            prot=mmap.PROT_READ)
     except OSError as error:
         raise SharedMemoryError(f'{what}: cannot map {size} bytes: {error.strerror}') from None
     return memoryview(mapping).toreadonly()
@@ -419,8 +427,8 @@ def pack(payload: bytes, threshold: int, buffers: Sequence[SharedBuffer] = ()
     return manifest.SerializeToString(), fds
 
 
-def unpack(data: bytes, take_fds: Callable[[int], list[int]], limit: int, what: str
-           ) -> tuple[bytes | memoryview, ReceivedBuffers | None]:
+def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int, buffer_limit: int,
+           what: str) -> tuple[bytes | memoryview, ReceivedBuffers | None]:
     """Resolve a received manifest: the message payload (a read-only view of
     shared memory, or bytes) and the explicit buffers (``None`` if none).
 
@@ -428,10 +436,12 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], limit: int, what: 
     :class:`SharedMemoryError` if fewer arrived); they are closed here
     whatever happens; mappings live on in the returned views.
 
-    :param limit: largest payload or buffer accepted, in bytes.
+    :param message_limit: largest message accepted, in bytes.
+    :param buffer_limit: largest explicit buffer accepted, in bytes.
     :param what: names the message in errors, e.g. ``'the request of /pkg.Service/Method'``.
-    :raises SharedMemoryError: malformed manifest, missing descriptors, or a
-        buffer that fails the checks of :func:`map_sealed`.
+    :raises TooLargeError: the message or a buffer is over its limit.
+    :raises SharedMemoryError: malformed manifest, or a buffer that fails the
+        checks of :func:`map_sealed`.
     """
     try:
         manifest = Manifest.FromString(data)
@@ -444,9 +454,9 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], limit: int, what: 
         payload: bytes | memoryview
         position = 0
         if payload_size:
-            if payload_size > limit:
-                raise SharedMemoryError(f'{what}: {payload_size} bytes in shared memory is more '
-                                        f'than the limit of {limit}')
+            if payload_size > message_limit:
+                raise TooLargeError(f'Received message larger than max ({payload_size} vs. '
+                                    f'{message_limit})')
             payload = map_sealed(fds[0], payload_size, what)
             position = 1
         else:
@@ -456,9 +466,10 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], limit: int, what: 
         views: dict[int, memoryview] = {}
         for index, buffer in enumerate(manifest.buffers):
             name = f'{what}, shared buffer {index} ({buffer.handle:#018x})'
-            if buffer.size > limit:
-                raise SharedMemoryError(f'{name}: {buffer.size} bytes is more than the limit of {limit}')
-            views[buffer.handle] = map_sealed(fds[position + index], buffer.size, name)
+            if buffer.size > buffer_limit:
+                raise TooLargeError(f'{name}: {buffer.size} bytes is more than the limit of '
+                                    f'{buffer_limit} (SharedMemoryOptions.max_bytes)')
+            views[buffer.handle] = map_sealed(fds[position + index], buffer.size, name, populate=False)
         return payload, ReceivedBuffers(views)
     finally:
         close_fds(fds)
@@ -493,13 +504,19 @@ def inline_buffers(message: Any, buffers: Sequence[SharedBuffer]) -> Any:
     return copy
 
 
+def _is_repeated(field: Any) -> bool:
+    # protobuf 7 dropped FieldDescriptor.label for is_repeated.
+    repeated = getattr(field, 'is_repeated', None)
+    return bool(repeated) if repeated is not None else field.label == field.LABEL_REPEATED
+
+
 def _fill_inline(message: Any, by_handle: dict[int, SharedBuffer]) -> None:
     for field, value in message.ListFields():
         if field.message_type is None:
             continue
         if field.message_type.GetOptions().map_entry:
             values = value.values() if field.message_type.fields_by_name['value'].message_type else ()
-        elif field.label == field.LABEL_REPEATED:
+        elif _is_repeated(field):
             values = value
         else:
             values = (value,)

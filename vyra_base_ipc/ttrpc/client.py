@@ -43,6 +43,7 @@ from ..payload import (
     SharedBuffer,
     SharedMemoryError,
     SharedMemoryOptions,
+    TooLargeError,
     check_buffers,
     close_fds,
     inline_buffers,
@@ -148,7 +149,7 @@ def _request_payload(method: Method, message: Any, limit: int, shared: SharedMem
         _check_buffers(method, buffers)
         if shared is None:
             message = inline_buffers(message, buffers)
-    return _serialize(method, message, limit, shared)
+    return _serialize(method, message, limit)
 
 
 def _check_buffers(method: Method, buffers: Sequence[SharedBuffer]) -> None:
@@ -169,12 +170,9 @@ def _split_path(path: str) -> tuple[str, str]:
     return split
 
 
-def _serialize(method: Method, message: Any, limit: int,
-               shared: SharedMemoryOptions | None = None) -> bytes:
+def _serialize(method: Method, message: Any, limit: int) -> bytes:
     serialize = method.request_serializer
     payload = serialize(message) if serialize is not None else message
-    if shared is not None and len(payload) > shared.threshold:
-        limit = shared.max_bytes
     if len(payload) > limit:
         raise error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f'Sent message larger than max ({len(payload)} vs. {limit})',
@@ -211,7 +209,8 @@ def _connect_error(path: str, error: OSError) -> IPCUnavailableError:
     return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, details)
 
 
-def _resolve_shared(frame: Frame, take_fds: Callable[[int], list[int]], limit: int) -> _Item:
+def _resolve_shared(frame: Frame, take_fds: Callable[[int], list[int]], message_limit: int,
+                    buffer_limit: int) -> _Item:
     """A frame flagged :data:`FLAG_SHARED_MEMORY` with its message fetched
     from shared memory (as a read-only view), or the error to give its call.
     Must run as frames arrive, in order: it takes the frame's descriptors.
@@ -229,9 +228,11 @@ def _resolve_shared(frame: Frame, take_fds: Callable[[int], list[int]], limit: i
         else:
             return error_from_status(grpc.StatusCode.INTERNAL,
                                      f'protocol error: shared memory on a frame of type {frame.type}')
-        payload, _ = unpack(manifest, take_fds, limit, 'the response')
+        payload, _ = unpack(manifest, take_fds, message_limit, buffer_limit, 'the response')
     except DecodeError as error:
         return error_from_status(grpc.StatusCode.INTERNAL, f'malformed response from server: {error}')
+    except TooLargeError as error:
+        return error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
     except SharedMemoryError as error:
         return error_from_status(grpc.StatusCode.INTERNAL, str(error))
     return Frame(frame.stream_id, frame.type, frame.flags, payload)  # type: ignore[arg-type]
@@ -335,10 +336,11 @@ class _AsyncStream:
 
 
 class _ClientProtocol(asyncio.Protocol):
-    def __init__(self, path: str, frame_limit: int) -> None:
+    def __init__(self, path: str, message_limit: int) -> None:
         self.path = path
+        self.message_limit = message_limit
         self.loop = asyncio.get_running_loop()
-        self.decoder = FrameDecoder(frame_limit)
+        self.decoder = FrameDecoder(message_limit + ENVELOPE_ALLOWANCE)
         self.transport: asyncio.Transport | None = None
         # A unary call waits on a future (the fast path), a stream on a queue.
         self.streams: dict[int, asyncio.Future[_Item] | _AsyncStream] = {}
@@ -396,7 +398,7 @@ class _ClientProtocol(asyncio.Protocol):
                     return
                 try:
                     item = _resolve_shared(item, self.decoder.take_fds,  # type: ignore[arg-type]
-                                           self.offered.max_bytes)
+                                           self.message_limit, self.offered.max_bytes)
                 except ValueError as error:
                     self._break(str(error))
                     return
@@ -543,7 +545,7 @@ class AsyncConnection:
         except BaseException:
             sock.close()
             raise
-        protocol = _ClientProtocol(path, limit + ENVELOPE_ALLOWANCE)
+        protocol = _ClientProtocol(path, limit)
         transport = UnixTransport(loop, sock, protocol)
         protocol.transport = transport  # usable at once; connection_made follows
         if shared is not None:
@@ -698,7 +700,7 @@ class AsyncConnection:
             else:
                 shared = protocol.shared_memory
                 prepared = _Prepared(method, timeout, metadata,
-                                     _serialize(method, request, self.max_message_bytes, shared), shared)
+                                     _serialize(method, request, self.max_message_bytes), shared)
                 stream_id = protocol.open(stream, FLAG_REMOTE_CLOSED, prepared)
             try:
                 while True:
@@ -736,14 +738,13 @@ class AsyncConnection:
         (the iterator raised, a message too large) ends the call with it."""
         protocol = self._protocol
         try:
-            shared = protocol.shared_memory
             limit = self.max_message_bytes
             if hasattr(requests, '__aiter__'):
                 async for message in requests:
-                    await self._send_data(stream_id, method, _serialize(method, message, limit, shared))
+                    await self._send_data(stream_id, method, _serialize(method, message, limit))
             else:
                 for message in requests:
-                    await self._send_data(stream_id, method, _serialize(method, message, limit, shared))
+                    await self._send_data(stream_id, method, _serialize(method, message, limit))
             protocol.send(encode_frame(stream_id, _DATA, _CLOSE_SEND))
         except asyncio.CancelledError:
             raise
@@ -1103,7 +1104,7 @@ class SyncConnection:
                     return
                 shared = self.shared_memory
                 self._send_frame(*_data_frame(stream_id, method,
-                                              _serialize(method, message, self.max_message_bytes, shared),
+                                              _serialize(method, message, self.max_message_bytes),
                                               shared),
                                  prepared=prepared)
             if not stream.abandoned:
@@ -1215,6 +1216,7 @@ class SyncConnection:
         if self._offered is not None:
             try:
                 items = [(item.stream_id, _resolve_shared(item, decoder.take_fds,  # type: ignore[misc]
+                                                          self.max_message_bytes,
                                                           self._offered.max_bytes))
                          if item.__class__ is Frame and item.flags & FLAG_SHARED_MEMORY  # type: ignore[union-attr]
                          else item for item in items]

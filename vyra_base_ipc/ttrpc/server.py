@@ -47,6 +47,7 @@ from ..payload import (
     ReceivedBuffers,
     SharedMemoryError,
     SharedMemoryOptions,
+    TooLargeError,
     close_fds,
     pack,
     unpack,
@@ -467,7 +468,7 @@ class _Call:
         return _OK, '', payload
 
     def _check_size(self, size: int) -> None:
-        limit = self.connection.limit_for(size)
+        limit = self.connection.server.max_message_bytes
         if size > limit:
             raise _StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f'Sent message larger than max ({size} vs. {limit})')
@@ -478,16 +479,11 @@ class _Call:
             return
         self.finished = True  # the answer goes out before _end() may close the connection
         connection = self.connection
-        frame: bytes | None = None
-        fds: list[int] = []
         if code == _OK:
-            try:
-                frame, fds = connection.payload_frame(self.stream_id, _RESPONSE, payload)
-            except _StatusError as error:  # no shared memory for a response too large to go inline
-                code, details, payload = _number(error.code), error.details, b''
-        if frame is None:
-            frame = encode_frame(self.stream_id, _RESPONSE, 0, encode_response(code, details, payload))
-        connection.send(frame, fds)
+            connection.send(*connection.payload_frame(self.stream_id, _RESPONSE, payload))
+        else:
+            connection.send(encode_frame(self.stream_id, _RESPONSE, 0,
+                                         encode_response(code, details, payload)))
         self._end(end)
 
     def _end_stream(self) -> None:
@@ -550,7 +546,7 @@ class _Call:
             # Each streamed message is held to the limit a single request has
             # (the frame limit leaves room for a request's envelope).
             largest = self.connection.server.max_message_bytes
-            if len(payload) > largest and not frame.flags & FLAG_SHARED_MEMORY:
+            if len(payload) > largest:
                 self.fail(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f'Received message larger than max ({len(payload)} vs. {largest})')
                 return
@@ -746,7 +742,7 @@ class _Connection(asyncio.Protocol):
         if server.maximum_concurrent_rpcs is not None and server._active >= server.maximum_concurrent_rpcs:
             self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED, 'Concurrent RPC limit exceeded!')
             return
-        if len(payload) > server.max_message_bytes and not shared:
+        if len(payload) > server.max_message_bytes:
             self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f'Received message larger than max ({len(payload)} vs. {server.max_message_bytes})')
             return
@@ -772,10 +768,13 @@ class _Connection(asyncio.Protocol):
         or closing the connection (descriptors missing)."""
         assert self.shared_memory is not None
         try:
-            return unpack(manifest, self.decoder.take_fds, self.shared_memory.max_bytes, what)
+            return unpack(manifest, self.decoder.take_fds, self.server.max_message_bytes,
+                          self.shared_memory.max_bytes, what)
         except ValueError as error:  # fewer descriptors than announced
             self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT, f'{what}: {error}')
             self._protocol_violation(str(error))
+        except TooLargeError as error:
+            self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         except SharedMemoryError as error:
             self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         return None
@@ -790,13 +789,6 @@ class _Connection(asyncio.Protocol):
         self.shared_memory = options
         self.send(encode_frame(stream_id, _RESPONSE, 0, encode_ok_response(encode_hello())))
 
-    def limit_for(self, size: int) -> int:
-        """The size limit that holds for an outgoing message of ``size`` bytes."""
-        options = self.shared_memory
-        if options is not None and size > options.threshold:
-            return options.max_bytes
-        return self.server.max_message_bytes
-
     def payload_frame(self, stream_id: int, message_type: int, payload: bytes
                       ) -> tuple[bytes, list[int]]:
         """A Response (OK) or Data frame carrying ``payload``, and the
@@ -808,9 +800,7 @@ class _Connection(asyncio.Protocol):
         if options is not None and len(payload) > options.threshold:
             try:
                 packed = pack(payload, options.threshold)
-            except SharedMemoryError as error:
-                if len(payload) > self.server.max_message_bytes:
-                    raise _StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
+            except SharedMemoryError as error:  # out of descriptors or memory: inline still works
                 _logger.warning('sending %d bytes inline: %s', len(payload), error)
             else:
                 if packed is not None:

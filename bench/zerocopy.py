@@ -1,0 +1,101 @@
+"""Explicit zero-copy buffers: ``python -m bench.zerocopy SPEC``.
+
+``SPEC`` is JSON: ``{"address": IPC socket, "calls": N}``. For each size in
+:data:`ZERO_COPY_SIZES` the child puts a NumPy array into a
+:class:`~vyra_base_ipc.SharedBuffer` once (timed: the one copy) and passes it
+``N`` times to ``BenchService/Touch``, whose handler reads its first and
+last byte and reports the file behind its view (``/proc/self/maps``). If
+nothing is copied, a call costs the same at 1 MiB and at 100 MiB, apart from
+mapping the pages. For comparison, the same call on the gRPC lane, where the
+buffer's bytes travel inline (``SharedBufferRef.inline_data``), is measured
+at the sizes gRPC accepts. Prints one JSON line ``{"zero_copy": [row, ...]}``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+__all__ = ['ZERO_COPY_SIZES', 'backing_file', 'main']
+
+#: 1 MiB, 10 MiB, 100 MiB.
+ZERO_COPY_SIZES = (1 << 20, 10 << 20, 100 << 20)
+#: Sizes also measured inline on the gRPC lane (below its message size limit).
+_INLINE_SIZES = (1 << 20, 10 << 20)
+
+
+def backing_file(view: Any) -> str:
+    """The file mapped at ``view``'s first byte in this process, from
+    ``/proc/self/maps`` (``''`` for anonymous memory or if unknown)."""
+    try:
+        import numpy
+    except ImportError:
+        return ''
+    if not len(view):
+        return ''
+    address = numpy.frombuffer(view, numpy.uint8).ctypes.data
+    with open('/proc/self/maps') as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            start, _, end = fields[0].partition('-')
+            if int(start, 16) <= address < int(end, 16):
+                return fields[5].strip() if len(fields) > 5 else ''
+    return ''
+
+
+def _median_ms(samples: list[float]) -> float:
+    return round(statistics.median(samples) * 1e3, 3)
+
+
+def _measure(handler: Any, request: Any, buffers: list[Any], calls: int) -> tuple[float, Any]:
+    reply = handler.call_method('Touch', request, buffers=buffers, timeout=60)
+    samples = []
+    for _ in range(calls):
+        began = time.perf_counter()
+        handler.call_method('Touch', request, buffers=buffers, timeout=60)
+        samples.append(time.perf_counter() - began)
+    return _median_ms(samples), reply
+
+
+def run(address: str, calls: int) -> list[dict[str, Any]]:
+    import numpy
+
+    from vyra_base_ipc import SharedBuffer, SyncIPCHandler
+    from vyra_bench import bench_pb2, bench_pb2_grpc
+
+    rows = []
+    fast = SyncIPCHandler(address, bench_pb2_grpc.BenchServiceStub, lane='ttrpc')
+    inline = SyncIPCHandler(address, bench_pb2_grpc.BenchServiceStub, lane='grpc')
+    with fast, inline:
+        for size in ZERO_COPY_SIZES:
+            array = numpy.arange(size, dtype=numpy.uint8)
+            began = time.perf_counter()
+            buffer = SharedBuffer.copy_from(array)
+            copy_ms = (time.perf_counter() - began) * 1e3
+            with buffer:
+                request = bench_pb2.BufferRequest(data=buffer.ref)
+                call_ms, reply = _measure(fast, request, [buffer], calls)
+                if (reply.size, reply.first_byte, reply.last_byte) != (size, array[0], array[-1]):
+                    raise RuntimeError(f'Touch of {size} bytes saw {reply}')
+                row = {'bytes': size, 'copy_into_shared_memory_ms': round(copy_ms, 3),
+                       'call_p50_ms': call_ms, 'handler_backing': reply.backing,
+                       'zero_copy': 'memfd:' in reply.backing}
+                if size in _INLINE_SIZES:
+                    row['grpc_inline_call_p50_ms'], _ = _measure(inline, request, [buffer],
+                                                                 max(1, calls // 10))
+                rows.append(row)
+    return rows
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    spec = json.loads(sys.argv[1])
+    print(json.dumps({'zero_copy': run(spec['address'], spec['calls'])}), flush=True)
+
+
+if __name__ == '__main__':
+    main()
