@@ -243,6 +243,8 @@ BAD_PARAMETERS = {
         lambda d: 'ttrpc_enabled:=maybe', 'ttrpc_enabled', 'must be of type BOOL'),
     'fast lane on the gRPC socket': (
         lambda d: f'ttrpc_socket_path:={d / "bad.sock"}', 'ttrpc_socket_path', 'must differ from'),
+    'negative shared memory threshold': (
+        lambda d: 'shared_memory_threshold:=-1', 'shared_memory_threshold', 'must be >= 0'),
     'fast lane path too long': (
         lambda d: f'ttrpc_socket_path:=/tmp/{"y" * 120}.sock', 'ttrpc_socket_path', 'at most 107 bytes'),
 }

@@ -12,8 +12,9 @@ neither can block the other. IPC handlers call ROS services with
 :class:`vyra_base_ipc.ros_bridge.ServiceCaller`.
 
 Parameters (all declared with a description; see :data:`PARAMETERS`):
-``module_name``, ``socket_path``, ``servicers``, ``grace_period``,
-``max_message_bytes``.
+``module_name``, ``socket_path``, ``ttrpc_enabled``, ``ttrpc_socket_path``,
+``shared_memory_enabled``, ``shared_memory_threshold``, ``servicers``,
+``grace_period``, ``max_message_bytes``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from .loop_thread import EventLoopThread
 from .module_service import ModuleService
 from .module_service_pb2_grpc import ModuleServiceServicer
 from .options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, validate_max_message_bytes
+from .payload import DEFAULT_SHARED_MEMORY_THRESHOLD, SharedMemoryOptions
 from .server import IPCServer
 
 __all__ = [
@@ -124,6 +126,13 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         'Unix socket of the fast lane. Empty: beside socket_path with the suffix .ttrpc.sock '
         '(/tmp/demo_ipc.sock -> /tmp/demo_ipc.ttrpc.sock).'),
     ParameterSpec(
+        'shared_memory_enabled', Parameter.Type.BOOL, True,
+        'On the fast lane, pass messages above shared_memory_threshold to and from this '
+        "package's clients as sealed shared memory (memfd) instead of through the socket."),
+    ParameterSpec(
+        'shared_memory_threshold', Parameter.Type.INTEGER, DEFAULT_SHARED_MEMORY_THRESHOLD,
+        'Messages of more than this many bytes travel as shared memory (>= 0).'),
+    ParameterSpec(
         'servicers', Parameter.Type.STRING_ARRAY, None,
         'Extra gRPC servicers as package.module:ClassName, imported and created with no '
         'arguments, served beside the default ModuleService (a ModuleService subclass among '
@@ -167,6 +176,8 @@ class IPCServerConfig:
     servicers: tuple[str, ...]
     grace_period: float
     max_message_bytes: int
+    #: None when shared memory is switched off (or the fast lane is).
+    shared_memory: SharedMemoryOptions | None = None
 
 
 # -- parameters ---------------------------------------------------------------------
@@ -280,9 +291,20 @@ def read_ipc_config(node: Node, environ: Mapping[str, str] | None = None) -> IPC
     except (TypeError, ValueError) as error:
         raise ParameterError('max_message_bytes', str(error)) from None
 
+    shared_enabled, threshold = values['shared_memory_enabled'], values['shared_memory_threshold']
+    if not isinstance(shared_enabled, bool):
+        raise ParameterError('shared_memory_enabled', f'must be true or false, not {shared_enabled!r}')
+    shared_memory: SharedMemoryOptions | None = None
+    if shared_enabled and ttrpc_socket_path is not None:
+        try:
+            shared_memory = SharedMemoryOptions(threshold=threshold)
+        except (TypeError, ValueError) as error:
+            raise ParameterError('shared_memory_threshold', str(error)) from None
+
     return IPCServerConfig(module_name=module_name, socket_path=resolved,
                            ttrpc_socket_path=ttrpc_socket_path, servicers=servicers,
-                           grace_period=grace_period, max_message_bytes=max_message_bytes)
+                           grace_period=grace_period, max_message_bytes=max_message_bytes,
+                           shared_memory=shared_memory)
 
 
 def load_servicer(spec: str) -> Any:
@@ -390,7 +412,8 @@ class IPCServerHost:
                                    grace_period=config.grace_period,
                                    max_message_bytes=config.max_message_bytes,
                                    ttrpc=config.ttrpc_socket_path is not None,
-                                   ttrpc_socket_path=config.ttrpc_socket_path)
+                                   ttrpc_socket_path=config.ttrpc_socket_path,
+                                   shared_memory=config.shared_memory)
             except (TypeError, ValueError) as error:
                 raise ParameterError('servicers', str(error)) from None
             self.loop_thread.start()
