@@ -1096,6 +1096,10 @@ class TtrpcServer:
                 await asyncio.wait(tasks, timeout=1.0)
             if self._connections:
                 await asyncio.sleep(0)  # let closed transports report connection_lost
+            for connection in list(self._connections):
+                # Still writing to a client that does not read: drop what is left.
+                if connection.transport is not None:
+                    connection.transport.abort()
         finally:
             self._deadlines.close()
             self._shutdown_executor()

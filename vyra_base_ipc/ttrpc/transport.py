@@ -18,6 +18,7 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import errno
 import logging
 import socket
 from typing import Any, Callable, Sequence
@@ -37,6 +38,10 @@ _ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_READ * array.array('i').itemsize
 _MSG_CMSG_CLOEXEC = getattr(socket, 'MSG_CMSG_CLOEXEC', 0x40000000)
 _HIGH_WATER = 64 * 1024
 _LOW_WATER = 16 * 1024
+#: accept() failing for lack of resources: pause accepting this long (the
+#: pending connection would make the listener readable again at once).
+ACCEPT_RETRY_DELAY = 1.0
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 def received_fds(ancillary: Sequence[tuple[int, int, bytes]]) -> list[int]:
@@ -247,19 +252,34 @@ def accept_connections(loop: asyncio.AbstractEventLoop, listener: socket.socket,
     listener (idempotent)."""
     listener.setblocking(False)
     fileno = listener.fileno()
+    retry: list[asyncio.TimerHandle] = []
 
     def accept() -> None:
         for _ in range(64):  # then let other callbacks run
             try:
                 connection, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
-            except OSError as error:  # EMFILE and kin: keep serving who is connected
-                _logger.warning('fast lane cannot accept a connection: %s', error)
+            except OSError as error:
+                if error.errno not in _OUT_OF_RESOURCES:
+                    raise
+                # Keep serving who is connected; try again later.
+                _logger.warning('fast lane cannot accept connections for %g s: %s',
+                                ACCEPT_RETRY_DELAY, error)
+                loop.remove_reader(fileno)
+                retry.append(loop.call_later(ACCEPT_RETRY_DELAY, resume))
                 return
             UnixTransport(loop, connection, protocol_factory())
 
+    def resume() -> None:
+        retry.clear()
+        if listener.fileno() >= 0:
+            loop.add_reader(fileno, accept)
+
     def stop() -> None:
+        for handle in retry:
+            handle.cancel()
+        retry.clear()
         if listener.fileno() >= 0:
             loop.remove_reader(fileno)
             listener.close()
