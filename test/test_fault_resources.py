@@ -1,0 +1,71 @@
+"""A server out of file descriptors (issue 4, guarantee 7 on the fast lane).
+
+When ``accept()`` fails for lack of descriptors, the connection stays in the
+listen backlog and the listening socket stays readable: a server that simply
+retried would spin its event loop. The fast lane pauses accepting for a
+second instead, keeps serving the clients it has, and accepts again once
+descriptors are free.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import wait_for
+import pytest
+
+from vyra_base_ipc import IPCTimeoutError, IPCUnavailableError
+from vyra_base_ipc.address import default_ttrpc_socket_path
+from vyra_base_ipc.methods import stub_methods
+from vyra_base_ipc.ttrpc import SyncConnection
+
+pytestmark = pytest.mark.fault
+
+#: Enough for the server to start (gRPC included), few enough to run out.
+NOFILE = 96
+
+
+def test_fast_lane_out_of_descriptors_keeps_serving_and_accepts_again(
+        start_server, socket_dir: Path, echo) -> None:
+    path = socket_dir / 'nofile.sock'
+    server = start_server(path, script='limited_server.py', env={'VYRA_TEST_NOFILE': str(NOFILE)})
+    fast_path = default_ttrpc_socket_path(path)
+    echo_method = stub_methods(echo.Stub)['Echo']
+
+    def ping(connection: SyncConnection, text: str, timeout: float = 10.0) -> str:
+        return connection.call(echo_method, echo.pb.EchoRequest(text=text), timeout=timeout).text
+
+    first = SyncConnection.connect(fast_path)
+    held: list[SyncConnection] = []
+    try:
+        assert ping(first, 'first') == 'first'
+        # Each accepted connection takes one of the server's descriptors: fill them up.
+        while True:
+            assert len(held) < NOFILE, 'the server never ran out of descriptors'
+            connection = SyncConnection.connect(fast_path)
+            try:
+                ping(connection, 'fill', timeout=1.0)
+            except IPCTimeoutError:  # connected to the backlog, never accepted
+                connection.close()
+                break
+            held.append(connection)
+        assert ping(first, 'still served') == 'still served'
+        for connection in held[:8]:
+            connection.close()
+        del held[:8]
+
+        def accepted_again() -> bool:
+            with SyncConnection.connect(fast_path) as connection:
+                try:
+                    return ping(connection, 'again', timeout=0.5) == 'again'
+                except (IPCTimeoutError, IPCUnavailableError):
+                    return False
+        wait_for(accepted_again, 15.0, 'the fast lane accepting again')
+        # Paused, not spinning: a retrying loop would have logged thousands of times.
+        warnings = server.log().count('cannot accept connections')
+        assert 1 <= warnings <= 30, f'{warnings} accept failures logged'
+        assert server.popen.poll() is None
+    finally:
+        first.close()
+        for connection in held:
+            connection.close()
