@@ -512,17 +512,18 @@ class AsyncConnection:
                       ) -> 'AsyncConnection':
         """Connect to the ttrpc server on ``socket_path``.
 
-        With ``shared_memory``, one Hello call asks the server whether large
-        messages may travel as shared memory on this connection
-        (:attr:`shared_memory` tells the outcome; servers other than
-        vyra_base_ipc's say no, and everything stays inline).
+        With ``shared_memory``, a Hello call sent right away asks the server
+        whether large messages may travel as shared memory on this
+        connection; the first call waits for its answer (within that call's
+        deadline), so connecting costs no round trip. :attr:`shared_memory`
+        tells the outcome; servers other than vyra_base_ipc's say no, and
+        everything stays inline.
 
-        :param max_message_bytes: largest message sent or accepted inline.
-        :param timeout: seconds to wait for the connection and the Hello
+        :param max_message_bytes: largest message sent or accepted.
+        :param timeout: seconds to wait for the connection to be accepted
             (default :data:`~vyra_base_ipc.options.DEFAULT_TIMEOUT`).
         :param shared_memory: options to offer, ``None`` to keep every message inline.
-        :raises IPCUnavailableError: no socket, nobody listening, not allowed,
-            or no answer in time.
+        :raises IPCUnavailableError: no socket, nobody listening, not allowed.
         :raises TypeError, ValueError: invalid arguments.
         """
         path = os.fspath(validate_socket_path(socket_path))
@@ -850,10 +851,9 @@ class SyncConnection:
         """Connect to the ttrpc server on ``socket_path``; with
         ``shared_memory``, agree on it as :meth:`AsyncConnection.connect` does.
 
-        :param timeout: seconds to wait for the connection and the Hello
+        :param timeout: seconds to wait for the connection to be accepted
             (default :data:`~vyra_base_ipc.options.DEFAULT_TIMEOUT`).
-        :raises IPCUnavailableError: no socket, nobody listening, not allowed,
-            or no answer in time.
+        :raises IPCUnavailableError: no socket, nobody listening, not allowed.
         :raises TypeError, ValueError: invalid arguments.
         """
         path = os.fspath(validate_socket_path(socket_path))
