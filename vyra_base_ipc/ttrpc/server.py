@@ -32,7 +32,6 @@ import logging
 import os
 import queue
 import socket
-import sys
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Union
@@ -56,6 +55,7 @@ from ..payload import (
 from ..socket_file import SocketFile
 from .context import AsyncServicerContext, ServicerContext, _End
 from .deadlines import DeadlineQueue
+from .eager import start_task
 from .framing import (
     FLAG_NO_DATA,
     FLAG_REMOTE_CLOSED,
@@ -90,13 +90,12 @@ _RESPONSE = int(MessageType.RESPONSE)
 _DATA = int(MessageType.DATA)
 _OK = 0
 
-# Python 3.12 can start a task eagerly: a handler that does not suspend then
-# answers inside data_received, without a trip through the event loop.
-_EAGER_TASKS = sys.version_info >= (3, 12)
-
 # Answer of a call: (status code number, details, payload); payload None
 # ends a response stream with a bare close instead of a Response frame.
 _Answer = tuple[int, str, Union[bytes, None]]
+
+#: Frames held back for one write are written once they reach this many bytes.
+_BATCH_BYTES = 64 * 1024
 
 
 def _number(code: grpc.StatusCode) -> int:
@@ -321,11 +320,9 @@ class _Call:
         else:
             argument = payload  # deserialized in the handler's thread
         if handler.is_async:
-            coroutine = self._serve_async(argument)
-            if _EAGER_TASKS:
-                self.task = asyncio.Task(coroutine, loop=loop, eager_start=True)  # type: ignore[call-arg]
-            else:
-                self.task = loop.create_task(coroutine)
+            # Started at once: a handler that does not suspend answers inside
+            # data_received, without a trip through the event loop.
+            self.task = start_task(self._serve_async(argument), loop)
         else:
             try:
                 future = loop.run_in_executor(connection.server._executor, self._run_sync, argument)
@@ -360,6 +357,10 @@ class _Call:
         connection.send(*connection.payload_frame(self.stream_id, _DATA, payload))
         if connection.write_paused:
             await connection.drain()
+        elif connection.receiving:
+            # Started eagerly, inside data_received: let the other frames of
+            # that read be handled before streaming on (as a task).
+            await asyncio.sleep(0)
 
     async def _serve_async(self, argument: Any) -> None:
         # Answering from inside the task (not from a done callback) saves a
@@ -591,8 +592,10 @@ class _Connection(asyncio.Protocol):
         # descriptors that go with them.
         self._pending: list[bytes] = []
         self._pending_fds: list[int] = []
+        self._pending_bytes = 0
         self._flush_scheduled = False
-        self._corked = False
+        #: True while data_received handles a read: answers wait to leave in one write.
+        self.receiving = False
         #: Shared-memory options agreed with this client (its Hello), else None.
         self.shared_memory: SharedMemoryOptions | None = None
 
@@ -654,7 +657,7 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
-        self._corked = True
+        self.receiving = True
         try:
             for item in self.decoder.feed(data):
                 if self.closed:
@@ -664,7 +667,7 @@ class _Connection(asyncio.Protocol):
                 else:
                     self._oversized(item)  # type: ignore[arg-type]
         finally:
-            self._corked = False
+            self.receiving = False
             if self._pending:
                 self._flush()
 
@@ -830,13 +833,16 @@ class _Connection(asyncio.Protocol):
         as handling a small call, so 64 answers in one write instead of 64
         is most of the throughput of concurrent calls.
         """
-        if self._corked or len(self.calls) > 1:
+        if self.receiving or len(self.calls) > 1:
             self._pending.append(frame)
+            self._pending_bytes += len(frame)
             if fds:
                 # They leave with the first byte of the batch: before their
                 # frame, which is all the receiver needs (see framing).
                 self._pending_fds.extend(fds)
-            if not self._corked and not self._flush_scheduled:
+            if self._pending_bytes >= _BATCH_BYTES:
+                self._flush()  # a full batch: the transport's flow control takes over
+            elif not self.receiving and not self._flush_scheduled:
                 self._flush_scheduled = True
                 self.loop.call_soon(self._flush)
         elif self._pending:
@@ -852,6 +858,7 @@ class _Connection(asyncio.Protocol):
             frames = b''.join(self._pending)
             fds, self._pending_fds = self._pending_fds, []
             self._pending.clear()
+            self._pending_bytes = 0
             self._write(frames, fds)
 
     def _write(self, data: bytes, fds: list[int]) -> None:
