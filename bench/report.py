@@ -13,7 +13,8 @@ from typing import Any, Iterable, TextIO
 from .payloads import size_label
 from .stats import ROW_COLUMNS
 
-__all__ = ['REFERENCE_TRANSPORT', 'concurrency_check', 'shared_memory_checks', 'machine', 'markdown_summary', 'print_report',
+__all__ = ['REFERENCE_TRANSPORT', 'TRIGGER_TRANSPORT', 'concurrency_check', 'fast_lane_checks',
+           'shared_memory_checks', 'machine', 'markdown_summary', 'print_report',
            'write_json']
 
 #: Rows are compared with this transport at the same payload (the ``vs ROS 2`` column).
@@ -70,6 +71,45 @@ def concurrency_check(rows: Iterable[dict[str, Any]], transport: str,
               'ratio_64_vs_1': round(by_concurrency[64]['calls_per_s'] / sequential, 2)}
     result['meets_target'] = result['ratio_64_vs_1'] >= CONCURRENCY_TARGET
     return result
+
+
+#: The reference of the fast lane's latency target: the smallest ROS 2 call.
+TRIGGER_TRANSPORT = 'rclpy-trigger'
+
+
+def fast_lane_checks(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each client kind: its fast lane's 64 B p50 against an rclpy
+    ``Trigger`` call and against its own gRPC lane, same run (targets:
+    at most 0.5× and 0.25×; the sync client's moonshot: 50 µs)."""
+    rows = [row for row in rows if row['concurrency'] == 1]
+    small = {row['transport']: row['p50_us'] for row in rows if row['payload_bytes'] == 64}
+    # A Trigger call carries no payload: its one row.
+    trigger = next((row['p50_us'] for row in rows if row['transport'] == TRIGGER_TRANSPORT), None)
+    checks = []
+    for kind in ('sync', 'aio'):
+        fast, grpc_lane = small.get(f'ipc-{kind}-ttrpc'), small.get(f'ipc-{kind}-grpc')
+        if fast is None:
+            continue
+        checks.append({
+            'transport': f'ipc-{kind}-ttrpc', 'p50_us': fast,
+            'vs_trigger': round(fast / trigger, 3) if trigger else None,
+            'vs_grpc_lane': round(fast / grpc_lane, 3) if grpc_lane else None,
+            'targets': {'vs_trigger': 0.5, 'vs_grpc_lane': 0.25,
+                        **({'p50_us': 50.0} if kind == 'sync' else {})},
+        })
+    return checks
+
+
+def _fast_lane_lines(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for check in fast_lane_checks(results['rows']):
+        parts = [f"`{check['transport']}` 64 B round trip {_ms(check['p50_us'])}"]
+        if check['vs_trigger'] is not None:
+            parts.append(f"{check['vs_trigger']:.2f}× an rclpy Trigger call (target ≤ 0.5×)")
+        if check['vs_grpc_lane'] is not None:
+            parts.append(f"{check['vs_grpc_lane']:.2f}× its gRPC lane (target ≤ 0.25×)")
+        lines.append('; '.join(parts) + '.')
+    return lines
 
 
 #: The payload whose shared-memory speed-up the issue asks for.
@@ -188,6 +228,12 @@ def print_report(results: dict[str, Any], out: TextIO = sys.stdout) -> None:
               f"client {ratios['client']:.2f}x * server {ratios['server']:.2f}x; "
               f"a deadline alone costs {ratios['deadline']:.2f}x", file=out)
 
+    fast_lane = _fast_lane_lines(results)
+    if fast_lane:
+        print('\n## Small calls: the fast lane against ROS 2 and gRPC\n', file=out)
+        for line in fast_lane:
+            print(line, file=out)
+
     shared_memory = _shared_memory_lines(results)
     if shared_memory:
         print('\n## Large payloads: shared memory\n', file=out)
@@ -265,7 +311,7 @@ def markdown_summary(results: dict[str, Any]) -> str:
                   f"{ratios['total']:.2f}× the time of a bare grpcio stub and server "
                   f"(client {ratios['client']:.2f}×, server {ratios['server']:.2f}×; "
                   f"the deadline every call carries {ratios['deadline']:.2f}×)."]
-    for line in _shared_memory_lines(results):
+    for line in _fast_lane_lines(results) + _shared_memory_lines(results):
         lines += ['', line]
     for check in results['concurrency']:
         lines += ['', f"Concurrency: `{check['transport']}` with 64 calls in flight makes "

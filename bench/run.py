@@ -32,6 +32,7 @@ from .processes import BenchEnvironment, Servers, run_child
 from .protogen import compile_bench_protos
 from .report import (
     concurrency_check,
+    fast_lane_checks,
     machine,
     markdown_summary,
     print_report,
@@ -93,10 +94,15 @@ MODES = {
 }
 
 
+def _count(counts: dict[int, int], size: int) -> int:
+    """The call count for ``size``: that of the smallest payload size not below it."""
+    return counts[min(listed for listed in counts if listed >= size)]
+
+
 def plan_cases(transport: Transport, mode: Mode) -> list[dict[str, int]]:
     """The rows one transport is measured for, in order."""
-    cases = [{'payload_bytes': size, 'concurrency': 1, 'calls': mode.calls[size],
-              'warmup': mode.warmup[size]} for size in PAYLOAD_SIZES]
+    cases = [{'payload_bytes': size, 'concurrency': 1, 'calls': _count(mode.calls, size),
+              'warmup': _count(mode.warmup, size)} for size in transport.sizes or PAYLOAD_SIZES]
     if transport.lane in LARGE_PAYLOAD_LANES:
         cases.append({'payload_bytes': LARGE_PAYLOAD, 'concurrency': 1, 'calls': mode.large_calls,
                       'warmup': 1})
@@ -280,6 +286,7 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
         'cold_start': cold_start,
         'overhead': overhead,
         'zero_copy': zero_copy,
+        'fast_lane': fast_lane_checks(rows),
         'shared_memory': shared_memory_checks(rows),
         'concurrency': checks,
         'skipped': skipped,

@@ -31,6 +31,9 @@ __all__ = ['BenchEcho', 'main']
 
 #: The ROS 2 service every rclpy row calls.
 ROS_SERVICE = '/vyra_bench/echo'
+#: A ``std_srvs/Trigger`` service of the same node: the smallest ROS 2 call,
+#: the reference of the fast lane's latency target.
+ROS_TRIGGER_SERVICE = '/vyra_bench/trigger'
 #: Message size limit of the gRPC servers and bare clients (IPCServer's default).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -166,9 +169,11 @@ async def _wait_stop() -> None:
 
 def serve_rclpy(service_name: str) -> None:
     """An rclpy node serving ``test_msgs/srv/BasicTypes`` as an echo of
-    ``string_value``; single-threaded executor, default service QoS."""
+    ``string_value``, and ``std_srvs/Trigger`` on :data:`ROS_TRIGGER_SERVICE`;
+    single-threaded executor, default service QoS."""
     import rclpy
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+    from std_srvs.srv import Trigger
     from test_msgs.srv import BasicTypes
 
     rclpy.init()
@@ -178,7 +183,12 @@ def serve_rclpy(service_name: str) -> None:
         response.string_value = request.string_value
         return response
 
+    def trigger(request: Any, response: Any) -> Any:
+        response.success = True
+        return response
+
     node.create_service(BasicTypes, service_name, echo)
+    node.create_service(Trigger, ROS_TRIGGER_SERVICE, trigger)
     executor = SingleThreadedExecutor()
     executor.add_node(node)
 

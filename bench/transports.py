@@ -109,6 +109,7 @@ class Transport:
     :param asynchronous: the client keeps several calls in flight, so it is
         also measured at concurrency > 1.
     :param options: keyword arguments for the client (a lane's options).
+    :param sizes: the payload sizes that make sense for it (all if ``None``).
     """
 
     key: str
@@ -119,6 +120,8 @@ class Transport:
     lane: str | None = None
     asynchronous: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    #: Payload sizes measured; ``None`` for all of them.
+    sizes: tuple[int, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,6 +138,8 @@ _AFTER_LANES = (
     Transport('grpc-aio-tcp', 'grpcio aio stub, TCP 127.0.0.1', 'grpc-aio', 'grpc', 'tcp',
               asynchronous=True),
     Transport('rclpy-dds', 'rclpy service, Fast DDS on localhost', 'rclpy', 'rclpy', 'dds'),
+    Transport('rclpy-trigger', 'rclpy std_srvs/Trigger call (no payload), Fast DDS on localhost',
+              'rclpy-trigger', 'rclpy', 'dds', sizes=(0,)),
 )
 
 
@@ -154,7 +159,7 @@ def _missing(*modules: str) -> str | None:
 
 
 #: Transports that need more than the package's own dependencies.
-_NEEDS = {'rclpy-dds': ('rclpy', 'test_msgs')}
+_NEEDS = {'rclpy-dds': ('rclpy', 'test_msgs'), 'rclpy-trigger': ('rclpy', 'std_srvs')}
 
 
 def transports(lanes: tuple[Lane, ...] = LANES) -> tuple[list[Transport], list[dict[str, str]]]:

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 REQUIRED_TRANSPORTS = {
     'socket-uds', 'grpc-sync-uds', 'grpc-aio-uds', 'ipc-sync-grpc', 'ipc-aio-grpc',
     'ipc-sync-ttrpc', 'ipc-aio-ttrpc', 'ipc-sync-shm', 'ipc-aio-shm', 'grpc-sync-tcp',
-    'grpc-aio-tcp', 'rclpy-dds',
+    'grpc-aio-tcp', 'rclpy-dds', 'rclpy-trigger',
 }
 #: Lanes that are measured once the package offers them, skipped with a reason until then.
 LATER_LANE_TRANSPORTS: set[str] = set()
@@ -64,7 +64,8 @@ def test_every_transport_has_a_row_per_payload_and_concurrency(smoke_run) -> Non
     assert LATER_LANE_TRANSPORTS <= measured | skipped
     assert all(entry['reason'] for entry in results['skipped'])
     rows = {(row['transport'], row['payload_bytes'], row['concurrency']) for row in results['rows']}
-    expected = {(key, size, 1) for key in measured for size in PAYLOADS}
+    expected = {(key, size, 1) for key in measured - {'rclpy-trigger'} for size in PAYLOADS}
+    expected.add(('rclpy-trigger', 0, 1))  # a Trigger call carries no payload
     expected |= {(key, 64, concurrency) for key in measured if '-aio-' in key
                  for concurrency in (8, 64)}
     expected |= {(key, 100 * 1024 * 1024, 1) for key in LARGE_PAYLOAD_TRANSPORTS}
@@ -131,3 +132,13 @@ def test_shared_memory_section_compares_lanes_and_shows_zero_copy(smoke_run) -> 
     assert all(row['zero_copy'] and 'memfd:' in row['handler_backing'] for row in results['zero_copy'])
     assert 'Large payloads: shared memory' in stdout
     assert 'Zero-copy `SharedBuffer`' in (out / 'results.md').read_text()
+
+
+@pytest.mark.ros
+def test_fast_lane_section_compares_small_calls_with_trigger_and_grpc(smoke_run) -> None:
+    results, _, stdout = smoke_run
+    checks = {check['transport']: check for check in results['fast_lane']}
+    assert set(checks) == {'ipc-sync-ttrpc', 'ipc-aio-ttrpc'}
+    for check in checks.values():
+        assert check['vs_trigger'] > 0 and check['vs_grpc_lane'] > 0
+    assert 'an rclpy Trigger call' in stdout

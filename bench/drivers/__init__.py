@@ -22,6 +22,7 @@ DRIVERS: dict[str, tuple[str, str]] = {
     'ipc-sync': ('ipc', 'IpcSyncDriver'),
     'ipc-aio': ('ipc', 'IpcAioDriver'),
     'rclpy': ('ros', 'RclpyDriver'),
+    'rclpy-trigger': ('ros', 'RclpyTriggerDriver'),
 }
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-__all__ = ['RclpyDriver']
+__all__ = ['RclpyDriver', 'RclpyTriggerDriver']
 
 #: ``wait_for_service`` and per-call limit, in seconds.
 _TIMEOUT = 30.0
@@ -27,6 +27,10 @@ class RclpyDriver:
         self._type = BasicTypes
         self._service = addresses['ros']
         self._context: Any = None
+        self._setup()
+
+    def _setup(self) -> None:
+        """Subclasses choose another service here."""
 
     def open(self) -> None:
         rclpy = self._rclpy
@@ -71,3 +75,39 @@ class RclpyDriver:
         if not future.done():
             raise TimeoutError(f'no reply from {self._service} within {_TIMEOUT} s')
         return future.result().string_value.encode('ascii')
+
+
+class RclpyTriggerDriver(RclpyDriver):
+    """A ``std_srvs/Trigger`` call: the smallest ROS 2 service call, carrying
+    no payload (its row is measured with 0 bytes). The fast lane's latency
+    target is relative to it."""
+
+    def _setup(self) -> None:
+        from std_srvs.srv import Trigger
+
+        from ..servers import ROS_TRIGGER_SERVICE
+
+        self._type = Trigger
+        self._service = ROS_TRIGGER_SERVICE
+
+    def _request(self, payload: bytes) -> Any:
+        if payload:
+            raise ValueError('a Trigger call carries no payload')
+        return self._type.Request()
+
+    def echo(self, payload: bytes) -> Callable[[], int]:
+        call_async = self._client.call_async
+        spin = self._executor.spin_until_future_complete
+        request = self._request(payload)
+
+        def call() -> int:
+            future = call_async(request)
+            spin(future, timeout_sec=_TIMEOUT)
+            if not future.done() or not future.result().success:
+                raise TimeoutError(f'no successful reply from {self._service} within {_TIMEOUT} s')
+            return 0
+        return call
+
+    def roundtrip(self, payload: bytes) -> bytes:
+        self.echo(payload)()
+        return b''
