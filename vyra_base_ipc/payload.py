@@ -56,8 +56,13 @@ Manifest = ttrpc_pb2.SharedMemoryManifest
 #: Messages larger than this many bytes travel in shared memory (fast lane,
 #: both ends vyra_base_ipc).
 DEFAULT_SHARED_MEMORY_THRESHOLD = 1 << 20
-#: Largest message or buffer accepted in shared memory.
+#: Largest SharedBuffer accepted.
 DEFAULT_MAX_SHARED_MEMORY_BYTES = 1 << 30
+#: Descriptors one message may carry (its own memfd and its buffers); a
+#: receiver reads at most this many at once.
+MAX_FDS_PER_MESSAGE = 32
+#: SharedBuffers one call may pass.
+MAX_BUFFERS_PER_MESSAGE = MAX_FDS_PER_MESSAGE - 1
 
 # Not all of these are in the fcntl module of every Python version.
 _F_ADD_SEALS = getattr(fcntl, 'F_ADD_SEALS', 1033)
@@ -480,10 +485,14 @@ def check_buffers(path: str, request_streaming: bool, buffers: Sequence[SharedBu
 
     :raises TypeError: the method streams its requests, or an item is not a
         :class:`SharedBuffer`.
-    :raises ValueError: a buffer is closed.
+    :raises ValueError: a buffer is closed, or more than
+        :data:`MAX_BUFFERS_PER_MESSAGE` of them.
     """
     if request_streaming:
         raise TypeError(f'{path} streams its requests: buffers= needs a unary request')
+    if len(buffers) > MAX_BUFFERS_PER_MESSAGE:
+        raise ValueError(f'{path}: {len(buffers)} buffers in one call; at most '
+                         f'{MAX_BUFFERS_PER_MESSAGE} (put more data into fewer SharedBuffers)')
     for buffer in buffers:
         if not isinstance(buffer, SharedBuffer):
             raise TypeError(f'buffers must be SharedBuffer objects, not {type(buffer).__name__}')

@@ -71,7 +71,13 @@ class _Continued(collections.abc.Coroutine):  # type: ignore[type-arg]
 
     def throw(self, *error: Any) -> Any:
         self._first.clear()
-        return self._coroutine.throw(*error)
+        try:
+            return self._coroutine.throw(*error)
+        finally:
+            # The exception propagating from here has this frame in its
+            # traceback: holding it too would be a cycle, keeping the
+            # handler's frames (and what they hold) until garbage collection.
+            del error
 
     def close(self) -> None:
         self._coroutine.close()

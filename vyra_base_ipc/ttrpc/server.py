@@ -203,10 +203,16 @@ class _AsyncRequests:
         self._wake()
 
     def close(self) -> None:
+        """The client sent its last message: the handler reads what is queued, then stops."""
         self._closed = True
         self._wake()
 
-    cancel = close
+    def cancel(self) -> None:
+        """The call ended: drop what the handler did not read (it may hold
+        shared memory), and stop."""
+        self._items.clear()
+        self.pending_bytes = 0
+        self.close()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -251,9 +257,21 @@ class _SyncRequests:
         self._queue.put(payload)
 
     def close(self) -> None:
+        """The client sent its last message: the handler reads what is queued, then stops."""
         self._queue.put(_END)
 
-    cancel = close
+    def cancel(self) -> None:
+        """The call ended: drop what the handler did not read (it may hold
+        shared memory), and stop."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _END:
+                with self._lock:
+                    self.pending_bytes -= len(item)
+        self.close()
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -276,7 +294,7 @@ class _Call:
     """
 
     __slots__ = ('connection', 'stream_id', 'handler', 'context', 'task', 'finished', 'requests',
-                 'response_streaming')
+                 'response_streaming', 'deadline')
 
     def __init__(self, connection: '_Connection', stream_id: int, handler: _Handler,
                  context: ServicerContext) -> None:
@@ -288,6 +306,7 @@ class _Call:
         self.finished = False
         self.requests: _AsyncRequests | _SyncRequests | None = None
         self.response_streaming = handler.response_streaming
+        self.deadline: _Deadline | None = None
 
     # -- start ------------------------------------------------------------------------
 
@@ -296,7 +315,8 @@ class _Call:
         handler = self.handler
         loop = connection.loop
         if timeout is not None:
-            connection.server._deadlines.add(loop.time() + timeout, self)
+            self.deadline = _Deadline(self)
+            connection.server._deadlines.add(loop.time() + timeout, self.deadline)
         argument: Any
         if handler.request_streaming:
             context = self.context
@@ -500,6 +520,8 @@ class _Call:
 
     def _end(self, how: _End) -> None:
         self.finished = True
+        if self.deadline is not None:
+            self.deadline.call = None  # the queue drops it lazily: it must not hold the call
         if self.requests is not None:
             self.requests.cancel()
         self.connection.call_ended(self)
@@ -530,8 +552,16 @@ class _Call:
 
     def _cancel_task(self) -> None:
         task = self.task
-        if task is not None and self.handler.is_async:
+        if task is not None and self.handler.is_async and not task.done():
             task.cancel()
+            # A cancelled task keeps its CancelledError, whose traceback holds
+            # the handler's frames and so this call: a cycle that would keep
+            # the request (and its shared memory) until the next garbage
+            # collection. Forgetting the task when it is done breaks it.
+            task.add_done_callback(self._forget_task)
+
+    def _forget_task(self, task: asyncio.Future[Any]) -> None:
+        self.task = None
 
     # -- data from the client ---------------------------------------------------------
 
@@ -562,12 +592,22 @@ class _Call:
             requests.close()
 
 
-def _call_finished(call: _Call) -> bool:
-    return call.finished
+class _Deadline:
+    """A call's entry in the deadline queue, let go of when the call ends."""
+
+    __slots__ = ('call',)
+
+    def __init__(self, call: _Call) -> None:
+        self.call: _Call | None = call
 
 
-def _expire_call(call: _Call, _: Any) -> None:
-    call.expire()
+def _call_finished(deadline: _Deadline) -> bool:
+    return deadline.call is None
+
+
+def _expire_call(deadline: _Deadline, _: Any) -> None:
+    if deadline.call is not None:
+        deadline.call.expire()
 
 
 class _Connection(asyncio.Protocol):
@@ -999,7 +1039,7 @@ class TtrpcServer:
         self._active = 0
         self._idle: asyncio.Event | None = None
         self._stop_task: asyncio.Future[None] | None = None
-        self._deadlines: DeadlineQueue[_Call]
+        self._deadlines: DeadlineQueue[_Deadline]
 
     @property
     def method_paths(self) -> tuple[str, ...]:

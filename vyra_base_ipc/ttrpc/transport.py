@@ -23,7 +23,7 @@ import logging
 import socket
 from typing import Any, Callable, Sequence
 
-from ..payload import close_fds
+from ..payload import MAX_FDS_PER_MESSAGE, close_fds
 
 __all__ = ['UnixTransport', 'accept_connections']
 
@@ -32,8 +32,10 @@ _logger = logging.getLogger(__name__)
 #: Bytes read per ``recvmsg()``.
 READ_SIZE = 256 * 1024
 #: Descriptors accepted per read; more is a protocol violation (the kernel
-#: closes the excess and reports MSG_CTRUNC).
-MAX_FDS_PER_READ = 32
+#: closes the excess and reports MSG_CTRUNC). The kernel hands over the
+#: descriptors of at most one sendmsg() per recvmsg(), so writers pass at most
+#: this many per sendmsg().
+MAX_FDS_PER_READ = MAX_FDS_PER_MESSAGE
 _ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_READ * array.array('i').itemsize)
 _MSG_CMSG_CLOEXEC = getattr(socket, 'MSG_CMSG_CLOEXEC', 0x40000000)
 _HIGH_WATER = 64 * 1024
@@ -138,8 +140,27 @@ class UnixTransport(asyncio.Transport):
     # -- writing ----------------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
-        """Send ``data``, passing ``fds`` with its first byte. Takes ownership
-        of ``fds``: they are closed once sent, or when the transport closes."""
+        """Send ``data``, passing ``fds`` with its first bytes (in groups of
+        at most :data:`MAX_FDS_PER_READ`, one byte each but the last). Takes
+        ownership of ``fds``: they are closed once sent, or when the
+        transport closes."""
+        if self._closing or self._lost:
+            close_fds(fds)
+            return
+        if len(fds) > MAX_FDS_PER_READ:
+            view = memoryview(data)
+            groups = [list(fds[start:start + MAX_FDS_PER_READ])
+                      for start in range(0, len(fds), MAX_FDS_PER_READ)]
+            if len(view) < len(groups):
+                close_fds(fds)
+                raise ValueError(f'{len(fds)} descriptors need at least {len(groups)} bytes to travel with')
+            for index, group in enumerate(groups[:-1]):
+                self._write(view[index:index + 1], group)
+            self._write(view[len(groups) - 1:], groups[-1])
+            return
+        self._write(data, fds)
+
+    def _write(self, data: bytes | bytearray | memoryview, fds: Sequence[int]) -> None:
         if self._closing or self._lost:
             close_fds(fds)
             return
