@@ -38,9 +38,12 @@ def compile_protos(proto_root: Path, output: Path) -> None:
     import grpc_tools
 
     well_known = Path(grpc_tools.__file__).parent / '_proto'
+    # The package's own protos, for imports such as vyra_base_ipc/shared_memory.proto
+    # (the generated code then imports them from the installed package).
+    package_protos = HERE.parent / 'protos'
     protos = [str(p.relative_to(proto_root)) for p in proto_root.rglob('*.proto')]
-    status = protoc.main(['protoc', f'-I{proto_root}', f'-I{well_known}', f'--python_out={output}',
-                          f'--grpc_python_out={output}', *protos])
+    status = protoc.main(['protoc', f'-I{proto_root}', f'-I{package_protos}', f'-I{well_known}',
+                          f'--python_out={output}', f'--grpc_python_out={output}', *protos])
     assert status == 0, f'protoc failed on {protos}'
 
 

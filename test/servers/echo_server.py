@@ -4,18 +4,22 @@ BackendService on one socket. Prints nothing; the tests wait for the socket.
 Usage: echo_server.py SOCKET_PATH [--max-message-bytes N] [--grace-period S]
        [--max-workers N] [--maximum-concurrent-rpcs N] [--socket-group G]
        [--ttrpc-socket-path PATH | --no-ttrpc]
+       [--shared-memory-threshold N] [--shared-memory-max-bytes N | --no-shared-memory]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import logging
+import os
 import sys
+import time
 
 import grpc
 
-from vyra_base_ipc import IPCServer, ModuleService
+from vyra_base_ipc import IPCServer, ModuleService, SharedMemoryOptions, shared_buffer
 from vyra_base_ipc.demo.backend_service import BackendService
 from vyra_ipc_test import echo_pb2, echo_pb2_grpc
 
@@ -54,6 +58,52 @@ class EchoService(echo_pb2_grpc.EchoServiceServicer):
         code = next(code for code in grpc.StatusCode if code.value[0] == request.code)
         await context.abort(code, request.details)
 
+    async def Inspect(self, request, context):
+        if request.sleep_seconds:
+            await asyncio.sleep(request.sleep_seconds)
+        if request.fail_code:
+            await context.abort(_code(request.fail_code), f'failing with {request.fail_code} as asked')
+        return inspect(request, context)
+
+    def InspectSync(self, request, context):
+        if request.sleep_seconds:
+            time.sleep(request.sleep_seconds)
+        if request.fail_code:
+            context.abort(_code(request.fail_code), f'failing with {request.fail_code} as asked')
+        return inspect(request, context)
+
+
+def _code(number: int) -> grpc.StatusCode:
+    return next(code for code in grpc.StatusCode if code.value[0] == number)
+
+
+def inspect(request: echo_pb2.InspectRequest, context) -> echo_pb2.InspectReply:
+    """What the handler sees of ``request.data``: digest, and the mapping of
+    this process that holds its first byte (the proof of zero-copy)."""
+    reply = echo_pb2.InspectReply(pid=os.getpid(), payload=request.payload)
+    if not request.HasField('data'):
+        return reply
+    view = shared_buffer(request.data, context)  # raises if the buffer did not come with the call
+    reply.has_data = True
+    reply.size = len(view)
+    reply.sha256 = hashlib.sha256(view).digest()
+    reply.inline = bool(request.data.inline_data)
+    reply.read_only = view.readonly
+    if len(view):
+        import numpy  # the address of a read-only buffer, as a NumPy user would take it
+
+        address = numpy.frombuffer(view, dtype=numpy.uint8).ctypes.data
+        with open('/proc/self/maps') as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                start, end = (int(bound, 16) for bound in fields[0].split('-'))
+                if start <= address < end:
+                    reply.backing = fields[5].strip() if len(fields) > 5 else ''
+                    reply.backing_inode = int(fields[4])
+                    reply.mapping_size = end - start
+                    break
+    return reply
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -65,11 +115,22 @@ def main() -> None:
     parser.add_argument('--socket-group', default=None)
     parser.add_argument('--ttrpc-socket-path', default=None)
     parser.add_argument('--no-ttrpc', dest='ttrpc', action='store_false')
+    parser.add_argument('--shared-memory-threshold', type=int, default=None)
+    parser.add_argument('--shared-memory-max-bytes', type=int, default=None)
+    parser.add_argument('--no-shared-memory', dest='shared_memory', action='store_false')
     options = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     kwargs = {}
     if options.max_message_bytes is not None:
         kwargs['max_message_bytes'] = options.max_message_bytes
+    if not options.shared_memory:
+        kwargs['shared_memory'] = None
+    else:
+        shared = {name: value for name, value in (('threshold', options.shared_memory_threshold),
+                                                  ('max_bytes', options.shared_memory_max_bytes))
+                  if value is not None}
+        if shared:
+            kwargs['shared_memory'] = SharedMemoryOptions(**shared)
     server = IPCServer(
         options.socket_path,
         servicers=[EchoService(), ModuleService('test_module'), BackendService()],
