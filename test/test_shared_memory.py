@@ -472,9 +472,10 @@ def exchange(kind: str, echo: Any, server: ServerProcess, method: str, request: 
     methods = stub_methods(echo.Stub)
     warm_up = echo.pb.EchoRequest(text='warm-up')
 
-    # Results of the coroutines go here, not into their return values: when
-    # asyncio.run() ends it formats the repr of its task (with the result:
-    # the text of a 100 MiB message takes seconds).
+    # Results of the coroutines go here, not into their return values: as
+    # asyncio.run() ends, signal.getsignal() formats the repr of its SIGINT
+    # handler, which holds the main task and so its result (the text of a
+    # 100 MiB message: seconds).
     outcome: list[Exchange] = []
     if kind == 'AsyncConnection':
         async def run() -> None:
