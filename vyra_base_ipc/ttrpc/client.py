@@ -56,6 +56,7 @@ from .framing import (
     FLAG_REMOTE_CLOSED,
     FLAG_REMOTE_OPEN,
     FLAG_SHARED_MEMORY,
+    MAX_BATCH_FDS,
     MAX_QUEUED_FDS,
     Frame,
     FrameDecoder,
@@ -357,8 +358,8 @@ class _ClientProtocol(asyncio.Protocol):
         self.offered: SharedMemoryOptions | None = None
         #: The Hello's answer while nobody has looked at it yet.
         self.hello: asyncio.Future[_Item] | None = None
-        self.deadlines: DeadlineQueue[asyncio.Future[_Item]] = DeadlineQueue(
-            self.loop, asyncio.Future.done, _expire)
+        self.deadlines: DeadlineQueue[_Pending] = DeadlineQueue(
+            self.loop, _ended, _expire)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -462,7 +463,9 @@ class _ClientProtocol(asyncio.Protocol):
         if len(self.streams) > 1:
             self._pending.append(frame)
             self._pending_fds.extend(fds)  # they may leave before their frame, never after
-            if not self._flush_scheduled:
+            if len(self._pending_fds) >= MAX_BATCH_FDS:
+                self._flush()  # the server queues at most so many ahead of their frames
+            elif not self._flush_scheduled:
                 self._flush_scheduled = True
                 self.loop.call_soon(self._flush)
         elif self._pending:
@@ -658,12 +661,18 @@ class AsyncConnection:
                                  shared, buffers)
             future: asyncio.Future[_Item] = protocol.loop.create_future()
             stream_id = protocol.open(future, 0, prepared)
+            pending = None
             if prepared.timeout is not None:
-                protocol.deadlines.add(protocol.loop.time() + prepared.timeout, future, method)
+                pending = _Pending(future)
+                protocol.deadlines.add(protocol.loop.time() + prepared.timeout, pending, method)
             try:
                 item = await future
             finally:
                 protocol.streams.pop(stream_id, None)
+                if pending is not None:
+                    # The queue drops it lazily: it must not keep the answer
+                    # (which may map shared memory) until the deadline.
+                    pending.future = None
             return outcome.unary(item)
         except IPCError as error:
             # One error object fails every call of a broken connection: name this call.
@@ -781,8 +790,22 @@ def _data_frame(stream_id: int, method: Method, payload: bytes,
     return encode_frame(stream_id, _DATA, FLAG_SHARED_MEMORY, packed[0]), packed[1]
 
 
-def _expire(future: asyncio.Future[_Item], method: Method) -> None:
-    if not future.done():
+class _Pending:
+    """A unary call's entry in the deadline queue, let go of when it ends."""
+
+    __slots__ = ('future',)
+
+    def __init__(self, future: asyncio.Future[_Item]) -> None:
+        self.future: asyncio.Future[_Item] | None = future
+
+
+def _ended(pending: _Pending) -> bool:
+    return pending.future is None or pending.future.done()
+
+
+def _expire(pending: _Pending, method: Method) -> None:
+    future = pending.future
+    if future is not None and not future.done():
         future.set_result(_timeout_error(method))
 
 

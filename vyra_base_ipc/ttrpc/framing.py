@@ -28,6 +28,7 @@ __all__ = [
     'FLAG_REMOTE_CLOSED',
     'FLAG_REMOTE_OPEN',
     'FLAG_SHARED_MEMORY',
+    'MAX_BATCH_FDS',
     'MAX_QUEUED_FDS',
     'Frame',
     'FrameDecoder',
@@ -63,6 +64,9 @@ FLAG_SHARED_MEMORY = 0x80
 #: Descriptors a connection may hold received but not yet claimed by a frame;
 #: a peer sending more is broken or hostile.
 MAX_QUEUED_FDS = 256
+#: Descriptors a sender puts into one batch of frames (they all travel ahead
+#: of the batch's frames, so well below :data:`MAX_QUEUED_FDS`).
+MAX_BATCH_FDS = MAX_QUEUED_FDS // 2
 
 
 class MessageType(enum.IntEnum):

@@ -61,6 +61,7 @@ from .framing import (
     FLAG_REMOTE_CLOSED,
     FLAG_REMOTE_OPEN,
     FLAG_SHARED_MEMORY,
+    MAX_BATCH_FDS,
     MAX_QUEUED_FDS,
     Frame,
     FrameDecoder,
@@ -880,7 +881,7 @@ class _Connection(asyncio.Protocol):
                 # They leave with the first byte of the batch: before their
                 # frame, which is all the receiver needs (see framing).
                 self._pending_fds.extend(fds)
-            if self._pending_bytes >= _BATCH_BYTES:
+            if self._pending_bytes >= _BATCH_BYTES or len(self._pending_fds) >= MAX_BATCH_FDS:
                 self._flush()  # a full batch: the transport's flow control takes over
             elif not self.receiving and not self._flush_scheduled:
                 self._flush_scheduled = True
