@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import logging
 import mmap
 import os
 import secrets
 import stat
+import sys
 import threading
 from typing import Any, Callable, Iterable, Sequence
 import warnings
@@ -75,9 +75,9 @@ _SEALS = _F_SEAL_SEAL | _F_SEAL_SHRINK | _F_SEAL_GROW | _F_SEAL_WRITE
 _MFD_FLAGS = getattr(os, 'MFD_CLOEXEC', 1) | getattr(os, 'MFD_ALLOW_SEALING', 2)
 # Map every page at once: one system call instead of a page fault per 4 KiB.
 _MAP_POPULATE = mmap.MAP_SHARED | getattr(mmap, 'MAP_POPULATE', 0)
-
-
-_logger = logging.getLogger(__name__)
+# Before Python 3.13 every mmap keeps a duplicate of its descriptor open, so
+# each live view of received memory costs the receiver one descriptor.
+_UNTRACKED: dict[str, bool] = {'trackfd': False} if sys.version_info >= (3, 13) else {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +231,7 @@ def map_sealed(fd: int, size: int, what: str, populate: bool = True) -> memoryvi
         return memoryview(b'')
     try:
         mapping = mmap.mmap(fd, size, flags=_MAP_POPULATE if populate else mmap.MAP_SHARED,
-                            prot=mmap.PROT_READ)
+                            prot=mmap.PROT_READ, **_UNTRACKED)
     except OSError as error:
         raise SharedMemoryError(f'{what}: cannot map {size} bytes: {error.strerror}') from None
     return memoryview(mapping).toreadonly()

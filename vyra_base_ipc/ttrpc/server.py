@@ -80,7 +80,7 @@ from .messages import (
     encode_response,
     metadata_from_wire,
 )
-from .transport import UnixTransport, accept_connections
+from .transport import accept_connections
 
 __all__ = ['TtrpcServer']
 
