@@ -51,9 +51,11 @@ from test_ttrpc_interop import TTRPC_SOURCE, go_client  # noqa: F401 (a fixture)
 from vyra_base_ipc import (
     IPCHandler,
     IPCServer,
+    ReceivedBuffers,
     SharedBuffer,
     SharedMemoryOptions,
     SyncIPCHandler,
+    shared_buffer,
 )
 from vyra_base_ipc import ttrpc_pb2
 from vyra_base_ipc.address import default_ttrpc_socket_path
@@ -465,9 +467,10 @@ class Exchange:
 
 def exchange(kind: str, echo: Any, server: ServerProcess, method: str, request: Any,
              buffers: Sequence[SharedBuffer] = (), shared_memory: SharedMemoryOptions | None = OPTIONS,
-             lane: str = 'auto') -> Exchange:
+             lane: str = 'auto', return_buffers: bool = False) -> Exchange:
     """Make one call through a new client of ``kind`` (after a small warm-up
-    call, so that connecting is not measured)."""
+    call, so that connecting is not measured). With ``return_buffers`` the
+    exchange's reply is ``(reply, ReceivedBuffers)``."""
     path = fast_path(server)
     methods = stub_methods(echo.Stub)
     warm_up = echo.pb.EchoRequest(text='warm-up')
@@ -483,7 +486,8 @@ def exchange(kind: str, echo: Any, server: ServerProcess, method: str, request: 
                                                      shared_memory=shared_memory) as connection:
                 await connection.call(methods['Echo'], warm_up, timeout=LONG)
                 meter = Meter(server.pid)
-                reply = await connection.call(methods[method], request, buffers=buffers, timeout=LONG)
+                reply = await connection.call(methods[method], request, buffers=buffers, timeout=LONG,
+                                              return_buffers=return_buffers)
                 outcome.append(Exchange(reply, *meter.read(), connection.shared_memory, 'ttrpc'))
         asyncio.run(run())
         return outcome[0]
@@ -492,7 +496,8 @@ def exchange(kind: str, echo: Any, server: ServerProcess, method: str, request: 
                                     shared_memory=shared_memory) as connection:
             connection.call(methods['Echo'], warm_up, timeout=LONG)
             meter = Meter(server.pid)
-            reply = connection.call(methods[method], request, buffers=buffers, timeout=LONG)
+            reply = connection.call(methods[method], request, buffers=buffers, timeout=LONG,
+                                    return_buffers=return_buffers)
             return Exchange(reply, *meter.read(), connection.shared_memory, 'ttrpc')
     if kind == 'IPCHandler':
         async def run_handler() -> None:
@@ -500,7 +505,8 @@ def exchange(kind: str, echo: Any, server: ServerProcess, method: str, request: 
                                   shared_memory=shared_memory, lane=lane, timeout=LONG) as ipc:
                 await ipc.call_method('Echo', warm_up)
                 meter = Meter(server.pid)
-                reply = await ipc.call_method(method, request, buffers=buffers)
+                reply = await ipc.call_method(method, request, buffers=buffers,
+                                              return_buffers=return_buffers)
                 outcome.append(Exchange(reply, *meter.read(), None, ipc.lane_in_use or ''))
         asyncio.run(run_handler())
         return outcome[0]
@@ -509,7 +515,7 @@ def exchange(kind: str, echo: Any, server: ServerProcess, method: str, request: 
                         shared_memory=shared_memory, lane=lane, timeout=LONG) as ipc:
         ipc.call_method('Echo', warm_up)
         meter = Meter(server.pid)
-        reply = ipc.call_method(method, request, buffers=buffers)
+        reply = ipc.call_method(method, request, buffers=buffers, return_buffers=return_buffers)
         return Exchange(reply, *meter.read(), None, ipc.lane_in_use or '')
 
 
@@ -770,6 +776,95 @@ def test_shared_buffer_travels_inline_to_a_server_without_shared_memory(
     assert result.agreed is None
     assert (result.reply.size, result.reply.sha256, result.reply.inline) == (MiB, hashlib.sha256(data).digest(),
                                                                              True)
+
+
+def backing_inode(view: memoryview) -> int:
+    """The inode of the file mapped at ``view``'s first byte in this process (0 if anonymous)."""
+    address = numpy.frombuffer(view, dtype=numpy.uint8).ctypes.data
+    with open('/proc/self/maps') as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            start, end = (int(bound, 16) for bound in fields[0].split('-'))
+            if start <= address < end:
+                return int(fields[4])
+    raise AssertionError(f'address {address:#x} is not mapped')
+
+
+@pytest.mark.parametrize('method', ['Mirror', 'MirrorSync'])
+@pytest.mark.parametrize('kind', CLIENT_KINDS)
+def test_handler_sends_a_received_buffer_back_without_a_copy(
+        kind: str, method: str, echo: Any, shm_server: ServerProcess) -> None:
+    data = os.urandom(256 * 1024)
+    with SharedBuffer.copy_from(data) as buffer:
+        result = exchange(kind, echo, shm_server, method, echo.pb.MirrorRequest(data=buffer.ref),
+                          buffers=[buffer], return_buffers=True)
+        reply, received = result.reply
+        view = shared_buffer(reply.data, received)
+        assert bytes(view) == data and view.readonly
+        # There and back: the answer maps the very memfd this process filled.
+        assert backing_inode(view) == os.fstat(buffer.fileno()).st_ino
+        assert isinstance(received, ReceivedBuffers) and len(received) == 1
+
+
+@pytest.mark.parametrize('kind', CLIENT_KINDS)
+def test_handler_answers_with_a_buffer_of_its_own(kind: str, echo: Any, shm_server: ServerProcess) -> None:
+    data = os.urandom(64 * 1024)
+    with SharedBuffer.copy_from(data) as buffer:
+        result = exchange(kind, echo, shm_server, 'Mirror', echo.pb.MirrorRequest(data=buffer.ref, copy=True),
+                          buffers=[buffer], return_buffers=True)
+        reply, received = result.reply
+        view = shared_buffer(reply.data, received)
+        assert bytes(view) == data
+        assert backing_inode(view) not in (0, os.fstat(buffer.fileno()).st_ino)
+
+
+@pytest.mark.parametrize('kind', ['IPCHandler', 'SyncIPCHandler'])
+def test_answer_buffers_travel_inline_on_the_grpc_lane(kind: str, echo: Any, shm_server: ServerProcess) -> None:
+    data = os.urandom(64 * 1024)
+    with SharedBuffer.copy_from(data) as buffer:
+        result = exchange(kind, echo, shm_server, 'Mirror', echo.pb.MirrorRequest(data=buffer.ref),
+                          buffers=[buffer], lane='grpc', return_buffers=True)
+    reply, received = result.reply
+    assert result.lane == 'grpc' and len(received) == 0
+    assert reply.data.inline_data == data
+    assert bytes(shared_buffer(reply.data, received)) == data
+
+
+def test_answer_buffers_travel_inline_to_a_client_without_shared_memory(
+        echo: Any, shm_server: ServerProcess) -> None:
+    data = os.urandom(64 * 1024)
+    with SharedBuffer.copy_from(data) as buffer:
+        result = exchange('SyncConnection', echo, shm_server, 'Mirror',
+                          echo.pb.MirrorRequest(data=buffer.ref, copy=True), buffers=[buffer],
+                          shared_memory=None, return_buffers=True)
+    reply, received = result.reply
+    assert len(received) == 0 and reply.data.inline_data == data
+
+
+@pytest.mark.asyncio
+async def test_answer_buffers_nobody_asked_for_or_kept_leave_nothing_behind(
+        echo: Any, start_server: Callable[..., ServerProcess], socket_path: Path) -> None:
+    server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD))
+    methods = stub_methods(echo.Stub)
+    server_before = quiet_usage(server.pid)
+    async with await AsyncConnection.connect(fast_path(server), shared_memory=OPTIONS) as connection:
+        await connection.call(methods['Echo'], echo.pb.EchoRequest(), timeout=LONG)
+        gc.collect()
+        client_before = usage('self')
+        with SharedBuffer.copy_from(os.urandom(32 * 1024)) as buffer:
+            for index in range(200):
+                request = echo.pb.MirrorRequest(data=buffer.ref, copy=bool(index % 2))
+                method = methods['Mirror' if index % 3 else 'MirrorSync']
+                if index % 4:
+                    reply, received = await connection.call(method, request, buffers=[buffer], timeout=LONG,
+                                                            return_buffers=True)
+                    assert len(shared_buffer(reply.data, received)) == buffer.size
+                    del reply, received
+                else:
+                    await connection.call(method, request, buffers=[buffer], timeout=LONG)
+        await asyncio.sleep(0)  # the loop's last handle holds the last answer until its turn ends
+        settles('self', client_before, 'the client after 200 answers with buffers')
+    settles(server.pid, server_before, 'the server after 200 answers with buffers')
 
 
 @pytest.mark.parametrize('kind', CLIENT_KINDS + ['IPCHandler-grpc', 'SyncIPCHandler-grpc'])

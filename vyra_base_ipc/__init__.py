@@ -7,7 +7,7 @@ modules, use ROS 2.
 Public surface::
 
     from vyra_base_ipc import IPCServer, IPCHandler, SyncIPCHandler, ModuleService
-    from vyra_base_ipc import SharedBuffer, shared_buffer   # zero-copy large buffers
+    from vyra_base_ipc import SharedBuffer, shared_buffer, attach_buffers   # zero-copy buffers
 """
 
 from .address import MAX_SOCKET_PATH_BYTES, default_socket_path, resolve_socket_path
@@ -22,7 +22,15 @@ from .exceptions import (
 from .fork_safety import ForkedProcessError
 from .module_service import CommandError, ModuleService, command
 from .options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT
-from .payload import SharedBuffer, SharedBufferRef, SharedMemoryError, SharedMemoryOptions, shared_buffer
+from .payload import SharedMemoryError, SharedMemoryOptions
+from .shared_buffer import (
+    ReceivedBuffers,
+    SharedBuffer,
+    SharedBufferRef,
+    attach_buffers,
+    received_buffer,
+    shared_buffer,
+)
 from .server import IPCServer
 
 __all__ = [
@@ -39,14 +47,17 @@ __all__ = [
     'IPCUnavailableError',
     'MAX_SOCKET_PATH_BYTES',
     'ModuleService',
+    'ReceivedBuffers',
     'SharedBuffer',
     'SharedBufferRef',
     'SharedMemoryError',
     'SharedMemoryOptions',
     'SocketInUseError',
     'SyncIPCHandler',
+    'attach_buffers',
     'command',
     'default_socket_path',
+    'received_buffer',
     'resolve_socket_path',
     'shared_buffer',
 ]

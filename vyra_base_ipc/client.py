@@ -42,7 +42,8 @@ from .channel_pool import (
 )
 from .exceptions import IPCError, IPCTimeoutError, IPCUnavailableError, error_from_status
 from .methods import Method, MethodKind, stub_methods
-from .payload import SharedBuffer, SharedMemoryOptions, check_buffers, inline_buffers, usable_options
+from .payload import SharedMemoryOptions, usable_options
+from .shared_buffer import ReceivedBuffers, SharedBuffer, inline_request
 from .options import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TIMEOUT,
@@ -83,6 +84,7 @@ _PROBE = Method(
     response_deserializer=health_pb2.HealthCheckResponse.FromString,
 )
 _PROBE_REQUEST = health_pb2.HealthCheckRequest()
+
 
 
 class _ClientBase:
@@ -374,7 +376,7 @@ class IPCHandler(_ClientBase):
     async def call_method(self, method: str, request: Any, *, timeout: float | None = None,
                           metadata: Metadata | None = None, wait_for_ready: bool | None = None,
                           parent: ServerContext | None = None,
-                          buffers: Sequence[SharedBuffer] = ()) -> Any:
+                          buffers: Sequence[SharedBuffer] = (), return_buffers: bool = False) -> Any:
         """Call a unary-response method and return its response.
 
         A method in ``idempotent_methods`` is retried after UNAVAILABLE
@@ -393,6 +395,11 @@ class IPCHandler(_ClientBase):
             fast lane they are passed as shared memory, without a copy; on
             the gRPC lane (or to a server without shared memory) their bytes
             are copied into the request's ``SharedBufferRef.inline_data``.
+        :param return_buffers: return ``(response, ReceivedBuffers)``: the
+            buffers the handler answered with
+            (:func:`~vyra_base_ipc.attach_buffers`); read them with
+            ``shared_buffer(response.field, received)``. On the gRPC lane
+            they come inline and the ReceivedBuffers are empty.
         :raises ValueError: unknown method name.
         :raises TypeError: the method streams responses (use :meth:`stream_method`).
         :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
@@ -402,7 +409,8 @@ class IPCHandler(_ClientBase):
         wait = self._wait(wait_for_ready)
         for attempt in itertools.count():
             try:
-                return await self._call_once(info, request, give_up, metadata, wait, buffers)
+                return await self._call_once(info, request, give_up, metadata, wait, buffers,
+                                             return_buffers)
             except IPCUnavailableError:
                 pause = self._retry_pause(info, give_up, attempt)
                 if pause is None:
@@ -467,21 +475,22 @@ class IPCHandler(_ClientBase):
     # -- internals ------------------------------------------------------------------
 
     async def _call_once(self, info: Method, request: Any, give_up: float,
-                         metadata: Metadata | None, wait: bool, buffers: Sequence[SharedBuffer]) -> Any:
+                         metadata: Metadata | None, wait: bool, buffers: Sequence[SharedBuffer],
+                         return_buffers: bool) -> Any:
         self._here()
         if self._fast_lane_due():
             fast = await self._fast_connection(give_up, wait)
             if fast is not None:
                 return await fast.call(info, request, timeout=self._remaining(give_up, info),
-                                       metadata=metadata, buffers=buffers)
-        if buffers:
-            check_buffers(info.path, info.kind.request_streaming, buffers)
-            request = inline_buffers(request, buffers)
+                                       metadata=metadata, buffers=buffers, return_buffers=return_buffers)
+        # Descriptors cannot travel on the gRPC lane: the buffers go inline.
+        request = inline_request(info.path, info.kind.request_streaming, request, buffers)
         try:
-            return await self._callable(info)(request, timeout=self._remaining(give_up, info),
-                                              metadata=metadata, wait_for_ready=wait)
+            response = await self._callable(info)(request, timeout=self._remaining(give_up, info),
+                                                  metadata=metadata, wait_for_ready=wait)
         except grpc.RpcError as error:
             raise self._translate(error, info) from None
+        return (response, ReceivedBuffers()) if return_buffers else response
 
     def _here(self) -> None:
         """Make this handler's connections those of the running loop."""
@@ -589,7 +598,7 @@ class SyncIPCHandler(_ClientBase):
     def call_method(self, method: str, request: Any, *, timeout: float | None = None,
                     metadata: Metadata | None = None, wait_for_ready: bool | None = None,
                     parent: ServerContext | None = None,
-                    buffers: Sequence[SharedBuffer] = ()) -> Any:
+                    buffers: Sequence[SharedBuffer] = (), return_buffers: bool = False) -> Any:
         """Call a unary-response method; block for at most the deadline.
 
         Parameters, retries and errors as :meth:`IPCHandler.call_method`.
@@ -601,7 +610,7 @@ class SyncIPCHandler(_ClientBase):
             request = iter(request)  # grpc's blocking stubs call next() on it: lists welcome
         for attempt in itertools.count():
             try:
-                return self._call_once(info, request, give_up, metadata, wait, buffers)
+                return self._call_once(info, request, give_up, metadata, wait, buffers, return_buffers)
             except IPCUnavailableError:
                 pause = self._retry_pause(info, give_up, attempt)
                 if pause is None:
@@ -654,21 +663,21 @@ class SyncIPCHandler(_ClientBase):
     # -- internals ------------------------------------------------------------------
 
     def _call_once(self, info: Method, request: Any, give_up: float, metadata: Metadata | None,
-                   wait: bool, buffers: Sequence[SharedBuffer]) -> Any:
+                   wait: bool, buffers: Sequence[SharedBuffer], return_buffers: bool) -> Any:
         self._here()
         if self._fast_lane_due():
             fast = self._fast_connection(give_up, wait)
             if fast is not None:
                 return fast.call(info, request, timeout=self._remaining(give_up, info), metadata=metadata,
-                                 buffers=buffers)
-        if buffers:
-            check_buffers(info.path, info.kind.request_streaming, buffers)
-            request = inline_buffers(request, buffers)
+                                 buffers=buffers, return_buffers=return_buffers)
+        # Descriptors cannot travel on the gRPC lane: the buffers go inline.
+        request = inline_request(info.path, info.kind.request_streaming, request, buffers)
         try:
-            return self._callable(info)(request, timeout=self._remaining(give_up, info),
-                                        metadata=metadata, wait_for_ready=wait)
+            response = self._callable(info)(request, timeout=self._remaining(give_up, info),
+                                            metadata=metadata, wait_for_ready=wait)
         except grpc.RpcError as error:
             raise self._translate(error, info) from None
+        return (response, ReceivedBuffers()) if return_buffers else response
 
     def _here(self) -> None:
         """Make this handler's connections those of this process (after fork)."""

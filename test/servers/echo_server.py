@@ -19,7 +19,15 @@ import time
 
 import grpc
 
-from vyra_base_ipc import IPCServer, ModuleService, SharedMemoryOptions, shared_buffer
+from vyra_base_ipc import (
+    IPCServer,
+    ModuleService,
+    SharedBuffer,
+    SharedMemoryOptions,
+    attach_buffers,
+    received_buffer,
+    shared_buffer,
+)
 from vyra_base_ipc.demo.backend_service import BackendService
 from vyra_ipc_test import echo_pb2, echo_pb2_grpc
 
@@ -71,6 +79,21 @@ class EchoService(echo_pb2_grpc.EchoServiceServicer):
         if request.fail_code:
             context.abort(_code(request.fail_code), f'failing with {request.fail_code} as asked')
         return inspect(request, context)
+
+    async def Mirror(self, request, context):
+        return mirror(request, context)
+
+    def MirrorSync(self, request, context):
+        return mirror(request, context)
+
+
+def mirror(request: echo_pb2.MirrorRequest, context) -> echo_pb2.MirrorReply:
+    """Answer with the received buffer itself, or with a copy of it."""
+    if request.copy:
+        with SharedBuffer.copy_from(shared_buffer(request.data, context)) as copy:
+            return attach_buffers(context, echo_pb2.MirrorReply(data=copy.ref), copy)
+    received = received_buffer(request.data, context)
+    return attach_buffers(context, echo_pb2.MirrorReply(data=received.ref), received)
 
 
 def _code(number: int) -> grpc.StatusCode:

@@ -39,18 +39,8 @@ from ..address import StrPath, validate_socket_path
 from ..exceptions import IPCError, IPCRemoteError, IPCTimeoutError, IPCUnavailableError, error_from_status
 from ..methods import Method, MethodKind
 from ..options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT, validate_max_message_bytes, validate_timeout
-from ..payload import (
-    SharedBuffer,
-    SharedMemoryError,
-    SharedMemoryOptions,
-    TooLargeError,
-    check_buffers,
-    close_fds,
-    inline_buffers,
-    pack,
-    unpack,
-    usable_options,
-)
+from ..payload import SharedMemoryError, SharedMemoryOptions, TooLargeError, close_fds, usable_options
+from ..shared_buffer import ReceivedBuffers, SharedBuffer, check_buffers, inline_request
 from .framing import (
     FLAG_NO_DATA,
     FLAG_REMOTE_CLOSED,
@@ -76,6 +66,7 @@ from .messages import (
     encode_request,
     metadata_to_wire,
 )
+from .shared_memory import pack, unpack
 from .transport import MAX_FDS_PER_READ, UnixTransport, received_fds, rights
 
 __all__ = ['AsyncConnection', 'SyncConnection']
@@ -146,10 +137,10 @@ def _request_payload(method: Method, message: Any, limit: int, shared: SharedMem
                      buffers: Sequence[SharedBuffer]) -> bytes:
     """The serialized request of a unary-request call. Explicit buffers go
     inline into the message (a copy) when the connection cannot pass them."""
-    if buffers:
+    if shared is None:
+        message = inline_request(method.path, method.kind.request_streaming, message, buffers)
+    else:
         _check_buffers(method, buffers)
-        if shared is None:
-            message = inline_buffers(message, buffers)
     return _serialize(method, message, limit)
 
 
@@ -229,14 +220,14 @@ def _resolve_shared(frame: Frame, take_fds: Callable[[int], list[int]], message_
         else:
             return error_from_status(grpc.StatusCode.INTERNAL,
                                      f'protocol error: shared memory on a frame of type {frame.type}')
-        payload, _ = unpack(manifest, take_fds, message_limit, buffer_limit, 'the response')
+        payload, buffers = unpack(manifest, take_fds, message_limit, buffer_limit, 'the response')
     except DecodeError as error:
         return error_from_status(grpc.StatusCode.INTERNAL, f'malformed response from server: {error}')
     except TooLargeError as error:
         return error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
     except SharedMemoryError as error:
         return error_from_status(grpc.StatusCode.INTERNAL, str(error))
-    return Frame(frame.stream_id, frame.type, frame.flags, payload)  # type: ignore[arg-type]
+    return Frame(frame.stream_id, frame.type, frame.flags, payload, buffers)  # type: ignore[arg-type]
 
 
 def _lost(path: str, reason: object) -> IPCUnavailableError:
@@ -253,8 +244,9 @@ class _Outcome:
         self.method = method
         self.limit = limit
 
-    def unary(self, item: _Item) -> Any:
-        """The response of a unary-response call from its first item."""
+    def unary(self, item: _Item, return_buffers: bool = False) -> Any:
+        """The response of a unary-response call from its first item; with
+        ``return_buffers``, ``(response, ReceivedBuffers)``."""
         if isinstance(item, IPCError):
             raise item.error if isinstance(item, _SenderFailed) else item
         if item.__class__ is OversizedFrame:
@@ -264,7 +256,13 @@ class _Outcome:
                                     f'protocol error: got a frame of type {item.type} instead of the '
                                     'response', method=self.method.path)
         code, payload = self._response(item)  # type: ignore[arg-type]
-        return _deserialize(self.method, payload)
+        response = _deserialize(self.method, payload)
+        buffers: ReceivedBuffers | None = item.buffers  # type: ignore[union-attr]
+        if return_buffers:
+            return response, buffers if buffers is not None else ReceivedBuffers()
+        if buffers is not None:
+            buffers.close()  # nobody asked for them
+        return response
 
     def streamed(self, item: _Item) -> tuple[bool, bytes | None]:
         """(stream ended, payload or None) for one item of a response stream."""
@@ -622,16 +620,21 @@ class AsyncConnection:
                 pass
 
     async def call(self, method: Method, request: Any, *, timeout: float | None = None,
-                   metadata: Metadata | None = None, buffers: Sequence[SharedBuffer] = ()) -> Any:
+                   metadata: Metadata | None = None, buffers: Sequence[SharedBuffer] = (),
+                   return_buffers: bool = False) -> Any:
         """Call a unary-response method (``unary_unary`` or ``stream_unary``)
         and return its response.
 
         :param request: the request message; for ``stream_unary`` an iterable
             or async iterable of them.
-        :param buffers: :class:`~vyra_base_ipc.payload.SharedBuffer` objects
-            the request refers to (unary requests only): passed as shared
+        :param buffers: :class:`~vyra_base_ipc.SharedBuffer` objects the
+            request refers to (unary requests only): passed as shared
             memory, or copied into the request's references where this
             connection has no shared memory.
+        :param return_buffers: return ``(response, ReceivedBuffers)``: the
+            buffers the handler answered with
+            (:func:`~vyra_base_ipc.attach_buffers`), for
+            :func:`~vyra_base_ipc.shared_buffer`.
         :raises TypeError: the method streams responses (use :meth:`stream`).
         :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
         """
@@ -654,7 +657,7 @@ class AsyncConnection:
                 finally:
                     protocol.streams.pop(stream_id, None)
                     sender.cancel()
-                return outcome.unary(item)
+                return outcome.unary(item, return_buffers)
             shared = protocol.shared_memory
             prepared = _Prepared(method, timeout, metadata,
                                  _request_payload(method, request, self.max_message_bytes, shared, buffers),
@@ -673,7 +676,7 @@ class AsyncConnection:
                     # The queue drops it lazily: it must not keep the answer
                     # (which may map shared memory) until the deadline.
                     pending.future = None
-            return outcome.unary(item)
+            return outcome.unary(item, return_buffers)
         except IPCError as error:
             # One error object fails every call of a broken connection: name this call.
             raise error.for_method(method.path) from None
@@ -940,13 +943,14 @@ class SyncConnection:
     # -- calls ------------------------------------------------------------------------
 
     def call(self, method: Method, request: Any, *, timeout: float | None = None,
-             metadata: Metadata | None = None, buffers: Sequence[SharedBuffer] = ()) -> Any:
+             metadata: Metadata | None = None, buffers: Sequence[SharedBuffer] = (),
+             return_buffers: bool = False) -> Any:
         """Call a unary-response method (``unary_unary`` or ``stream_unary``);
         block for at most the deadline.
 
         :param request: the request message; for ``stream_unary`` an iterable
             of them (consumed in a helper thread).
-        :param buffers: as for :meth:`AsyncConnection.call`.
+        :param buffers, return_buffers: as for :meth:`AsyncConnection.call`.
         :raises TypeError: the method streams responses (use :meth:`stream`).
         :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
         """
@@ -957,7 +961,7 @@ class SyncConnection:
             outcome = _Outcome(method, self.max_message_bytes)
             prepared, stream, stream_id = self._start(method, request, timeout, metadata, buffers)
             try:
-                return outcome.unary(self._next(stream, prepared))
+                return outcome.unary(self._next(stream, prepared), return_buffers)
             finally:
                 self._forget(stream_id, stream)
         except IPCError as error:

@@ -56,8 +56,11 @@ class ServicerContext:
         self._abort: tuple[grpc.StatusCode, str] | None = None
         self._end: _End | None = None
         self._trailing_metadata: tuple[Any, ...] = ()
-        # Explicit shared buffers sent with the request (see vyra_base_ipc.shared_buffer).
+        # Explicit shared buffers sent with the request, and those the handler
+        # answers with (see vyra_base_ipc.shared_buffer); set by the server.
         self._buffers: Any = None
+        self._can_attach = False
+        self._reply_buffers: tuple[Any, ...] = ()
         self._lock = threading.Lock()
         # Lists made on first use: most calls register no callback.
         self._callbacks: list[Callable[[], Any]] | None = None
@@ -226,6 +229,17 @@ class ServicerContext:
             callback(*args)
         except Exception:
             _logger.exception('callback of %s raised', self._method)
+
+    def _attach_buffers(self, buffers: tuple[Any, ...]) -> bool:
+        """Send ``buffers`` with the answer (see :func:`vyra_base_ipc.attach_buffers`);
+        False if they cannot go as shared memory on this call."""
+        if not self._can_attach:
+            return False
+        for buffer in self._reply_buffers:  # attached again: the last call counts
+            buffer.close()
+        # Descriptors of their own: the handler may close its buffers on return.
+        self._reply_buffers = tuple(buffer.share() for buffer in buffers)
+        return True
 
 
 class AsyncServicerContext(ServicerContext):

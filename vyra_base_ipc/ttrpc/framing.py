@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import NamedTuple, Sequence, Union
+from typing import Any, NamedTuple, Sequence, Union
 
 __all__ = [
     'DEFAULT_MAX_DATA_LENGTH',
@@ -78,12 +78,18 @@ class MessageType(enum.IntEnum):
 
 
 class Frame(NamedTuple):
-    """One received frame."""
+    """One received frame.
+
+    :ivar buffers: for a frame that came with shared memory, once resolved:
+        the :class:`~vyra_base_ipc.ReceivedBuffers` that came with it
+        (``data`` is then the message itself).
+    """
 
     stream_id: int
     type: int
     flags: int
     data: bytes
+    buffers: Any = None
 
 
 class OversizedFrame(NamedTuple):

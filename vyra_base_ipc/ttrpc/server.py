@@ -34,7 +34,7 @@ import queue
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -42,16 +42,8 @@ from google.protobuf.message import DecodeError
 from ..address import StrPath, validate_socket_path
 from ..methods import MethodKind, ServiceRegistration
 from ..options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, validate_max_message_bytes
-from ..payload import (
-    ReceivedBuffers,
-    SharedMemoryError,
-    SharedMemoryOptions,
-    TooLargeError,
-    close_fds,
-    pack,
-    unpack,
-    usable_options,
-)
+from ..payload import SharedMemoryError, SharedMemoryOptions, TooLargeError, close_fds, usable_options
+from ..shared_buffer import ReceivedBuffers, SharedBuffer
 from ..socket_file import SocketFile
 from .context import AsyncServicerContext, ServicerContext, _End
 from .deadlines import DeadlineQueue
@@ -80,6 +72,7 @@ from .messages import (
     encode_response,
     metadata_from_wire,
 )
+from .shared_memory import pack, unpack
 from .transport import accept_connections
 
 __all__ = ['TtrpcServer']
@@ -502,8 +495,12 @@ class _Call:
         self.finished = True  # the answer goes out before _end() may close the connection
         connection = self.connection
         if code == _OK:
-            connection.send(*connection.payload_frame(self.stream_id, _RESPONSE, payload))
-        else:
+            try:
+                connection.send(*connection.payload_frame(self.stream_id, _RESPONSE, payload,
+                                                          self.context._reply_buffers))
+            except _StatusError as error:
+                code, details, payload = _number(error.code), error.details, b''
+        if code != _OK:
             connection.send(encode_frame(self.stream_id, _RESPONSE, 0,
                                          encode_response(code, details, payload)))
         self._end(end)
@@ -525,6 +522,12 @@ class _Call:
             self.deadline.call = None  # the queue drops it lazily: it must not hold the call
         if self.requests is not None:
             self.requests.cancel()
+        context = self.context
+        if context._buffers is not None:
+            # Their descriptors, not their mappings: views the handler took stay valid.
+            context._buffers.close()
+        for buffer in context._reply_buffers:  # sent (the frame has its own copies) or not
+            buffer.close()
         self.connection.call_ended(self)
         self.context._finish(how)
 
@@ -800,6 +803,8 @@ class _Connection(asyncio.Protocol):
         context_class = AsyncServicerContext if handler.is_async else ServicerContext
         context = context_class(deadline, metadata, handler.path)
         context._buffers = buffers
+        # Buffers go with a single answer, to a client that agreed; elsewhere inline.
+        context._can_attach = self.shared_memory is not None and not handler.response_streaming
         call = _Call(self, stream_id, handler, context)
         self.calls[stream_id] = call
         server._active += 1
@@ -833,18 +838,26 @@ class _Connection(asyncio.Protocol):
         self.shared_memory = options
         self.send(encode_frame(stream_id, _RESPONSE, 0, encode_ok_response(encode_hello())))
 
-    def payload_frame(self, stream_id: int, message_type: int, payload: bytes
-                      ) -> tuple[bytes, list[int]]:
+    def payload_frame(self, stream_id: int, message_type: int, payload: bytes,
+                      buffers: Sequence[SharedBuffer] = ()) -> tuple[bytes, list[int]]:
         """A Response (OK) or Data frame carrying ``payload``, and the
         descriptors to pass with it: inline, or in shared memory when the
-        client agreed and the payload is above the threshold. Thread-safe."""
+        client agreed and the payload is above the threshold, or ``buffers``
+        go with it (only on a connection that agreed). Thread-safe.
+
+        :raises _StatusError: RESOURCE_EXHAUSTED, the buffers could not be passed.
+        """
         options = self.shared_memory
         flags = 0
         fds: list[int] = []
-        if options is not None and len(payload) > options.threshold:
+        if options is not None and (len(payload) > options.threshold or buffers):
             try:
-                packed = pack(payload, options.threshold)
-            except SharedMemoryError as error:  # out of descriptors or memory: inline still works
+                packed = pack(payload, options.threshold, buffers)
+            except SharedMemoryError as error:
+                if buffers:
+                    raise _StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                       f'cannot pass the shared buffers of the answer: {error}') from None
+                # Out of descriptors or memory: inline still works.
                 _logger.warning('sending %d bytes inline: %s', len(payload), error)
             else:
                 if packed is not None:

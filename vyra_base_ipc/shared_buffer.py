@@ -1,0 +1,372 @@
+"""Explicit zero-copy buffers: :class:`SharedBuffer` and how messages carry them.
+
+A message refers to a buffer with a ``vyra.ipc.SharedBufferRef`` field (its
+handle and size); the buffer itself travels beside the message as a sealed
+memfd on the fast lane, and the receiver maps the very same pages:
+
+- a client passes buffers with a request: ``call_method(..., buffers=[...])``;
+  the handler gets them with :func:`shared_buffer` (``request.image``, ``context``);
+- a handler answers with buffers: ``return attach_buffers(context, reply, *buffers)``;
+  the client asks for them with ``call_method(..., return_buffers=True)`` and
+  gets them with :func:`shared_buffer` (``reply.image``, the received buffers).
+
+Where descriptors cannot travel (the gRPC lane, a peer that is not
+vyra_base_ipc, shared memory switched off) the library copies each buffer's
+bytes into its reference's ``inline_data`` instead, and :func:`shared_buffer`
+returns a view of those: the same handler code works on both lanes.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Any, Callable, Iterator, Mapping, Sequence
+import warnings
+
+from . import shared_memory_pb2
+from .payload import (
+    MAX_BUFFERS_PER_MESSAGE,
+    SharedMemoryError,
+    map_sealed,
+    seal_bytes,
+    shared_memory_unavailable,
+)
+
+__all__ = [
+    'ReceivedBuffers',
+    'SharedBuffer',
+    'SharedBufferRef',
+    'attach_buffers',
+    'check_buffers',
+    'inline_buffers',
+    'inline_request',
+    'received_buffer',
+    'shared_buffer',
+]
+
+SharedBufferRef = shared_memory_pb2.SharedBufferRef
+
+
+class SharedBuffer:
+    """Bytes in sealed shared memory, handed to the other process by
+    reference instead of being copied through the socket.
+
+    Create one with :meth:`copy_from` (the one copy), put :attr:`ref` in a
+    ``vyra.ipc.SharedBufferRef`` field of a request, and pass the buffer with
+    the call::
+
+        frame = SharedBuffer.copy_from(image)        # bytes, memoryview, ndarray
+        request = DetectRequest(image=frame.ref)
+        await ipc.call_method('Detect', request, buffers=[frame])
+
+    The contents can never change (the memfd is sealed), so one buffer may be
+    sent any number of times, to any number of calls, concurrently. Close it
+    (or use ``with``) when no more calls will send it; receivers keep their
+    mappings independently of that. Thread-safe.
+
+    Buffers received from the other side are SharedBuffers too (see
+    :class:`ReceivedBuffers`): read them with :meth:`view`, or send them on
+    unchanged, without a copy.
+    """
+
+    __slots__ = ('_fd', '_size', '_handle', '_view', '_managed', '__weakref__')
+
+    def __init__(self, fd: int, size: int, handle: int | None = None, *,
+                 view: memoryview | None = None, managed: bool = False) -> None:
+        """Take ownership of ``fd``, a sealed memfd of ``size`` bytes (use
+        :meth:`copy_from` to make one).
+
+        :param handle: the name of the buffer in references (random if ``None``).
+        :param view: a read-only mapping of it, if one was made already.
+        :param managed: made by the library (received, or held for an
+            answer): closed without a warning when garbage-collected.
+        """
+        self._fd = fd
+        self._size = size
+        self._handle = secrets.randbits(64) if handle is None else handle
+        self._view = view
+        self._managed = managed
+
+    @classmethod
+    def copy_from(cls, data: Any) -> 'SharedBuffer':
+        """Copy ``data`` (anything with the buffer protocol: bytes, bytearray,
+        memoryview, a C-contiguous NumPy array) into new sealed shared memory.
+
+        :raises TypeError: ``data`` does not expose a buffer.
+        :raises ValueError: ``data`` is not contiguous.
+        :raises SharedMemoryError: shared memory is unavailable here.
+        """
+        view = memoryview(data)
+        if not view.contiguous:
+            raise ValueError('SharedBuffer.copy_from() needs a contiguous buffer '
+                             '(for NumPy: numpy.ascontiguousarray())')
+        reason = shared_memory_unavailable()
+        if reason is not None:
+            raise SharedMemoryError(f'shared memory is not available: {reason}')
+        return cls(seal_bytes(view, 'vyra-ipc-buffer'), view.nbytes)
+
+    def share(self) -> 'SharedBuffer':
+        """Another SharedBuffer for the same memory, with a descriptor of its
+        own (closed without a warning when garbage-collected): what the
+        library keeps of a buffer until it has been sent."""
+        return SharedBuffer(self.dup(), self._size, self._handle, view=self._view, managed=True)
+
+    @property
+    def size(self) -> int:
+        """Length in bytes."""
+        return self._size
+
+    @property
+    def handle(self) -> int:
+        """A random 64-bit number naming this buffer in :attr:`ref`."""
+        return self._handle
+
+    @property
+    def ref(self) -> Any:
+        """A new ``vyra.ipc.SharedBufferRef`` naming this buffer, for
+        assignment into a message."""
+        return SharedBufferRef(handle=self._handle, size=self._size)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def fileno(self) -> int:
+        """The memfd (owned by this object).
+
+        :raises ValueError: the buffer is closed.
+        """
+        if self._fd < 0:
+            raise ValueError('the SharedBuffer is closed')
+        return self._fd
+
+    def dup(self) -> int:
+        """A new descriptor of the memfd for sending; the caller owns it."""
+        return os.dup(self.fileno())
+
+    def view(self) -> memoryview:
+        """A read-only view of the contents, mapping the shared pages (no
+        copy); valid as long as it is referenced, even after :meth:`close`.
+
+        :raises ValueError: the buffer is closed.
+        """
+        if self._view is None:
+            self._view = map_sealed(self.fileno(), self._size, repr(self), populate=False)
+        return self._view
+
+    def read(self) -> bytes:
+        """A copy of the contents (without mapping them)."""
+        return os.pread(self.fileno(), self._size, 0) if self._size else b''
+
+    def close(self) -> None:
+        """Close this process's descriptor and let go of its mapping;
+        idempotent. Copies already sent stay valid for their receivers,
+        views for whoever still holds them."""
+        self._view = None
+        fd = self._take()
+        if fd >= 0:
+            os.close(fd)
+
+    def _take(self) -> int:
+        # Hand the descriptor over: this object is closed without closing it.
+        fd, self._fd = self._fd, -1
+        return fd
+
+    def __enter__(self) -> 'SharedBuffer':
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        if getattr(self, '_fd', -1) >= 0:
+            if not self._managed:
+                _warn(f'unclosed SharedBuffer of {self._size} bytes', ResourceWarning, source=self)
+            self.close()
+
+    def __repr__(self) -> str:
+        state = ' closed' if self.closed else ''
+        return f'<SharedBuffer {self._size} bytes handle={self._handle:#018x}{state}>'
+
+
+class ReceivedBuffers(Mapping[int, SharedBuffer]):
+    """The explicit buffers that arrived with one message, by handle.
+
+    They close when this object is garbage-collected or :meth:`close`\\ d;
+    views taken from them stay valid as long as they are referenced.
+    """
+
+    __slots__ = ('_buffers',)
+
+    def __init__(self, buffers: Mapping[int, SharedBuffer] = {}) -> None:  # noqa: B006 (copied)
+        self._buffers = dict(buffers)
+
+    def __getitem__(self, handle: int) -> SharedBuffer:
+        return self._buffers[handle]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._buffers)
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def buffer(self, ref: Any) -> SharedBuffer:
+        """The buffer ``ref`` (a ``vyra.ipc.SharedBufferRef``) names, e.g. to
+        send it on.
+
+        :raises SharedMemoryError: no buffer of that handle and size came with the message.
+        """
+        buffer = self._buffers.get(ref.handle)
+        if buffer is None or buffer.size != ref.size:
+            raise SharedMemoryError(
+                f'the message refers to shared buffer {ref.handle:#018x} ({ref.size} bytes), '
+                'which was not sent with it')
+        return buffer
+
+    def view(self, ref: Any) -> memoryview:
+        """A read-only view of the buffer ``ref`` names.
+
+        :raises SharedMemoryError: as :meth:`buffer`.
+        """
+        return self.buffer(ref).view()
+
+    def close(self) -> None:
+        """Close every buffer's descriptor; idempotent."""
+        for buffer in self._buffers.values():
+            buffer.close()
+
+    def __repr__(self) -> str:
+        return f'<ReceivedBuffers {len(self._buffers)}>'
+
+
+def shared_buffer(ref: Any, source: Any = None) -> memoryview:
+    """A read-only view of the buffer a ``vyra.ipc.SharedBufferRef`` names.
+
+    On the fast lane the view maps the sender's shared memory: no copy is
+    made, and it stays valid as long as the view is referenced. Where the
+    buffer travelled inline (the gRPC lane, or a peer without shared memory),
+    it is a view of ``ref.inline_data``. For a NumPy array:
+    ``numpy.frombuffer(shared_buffer(ref, context), dtype)`` (read-only).
+
+    :param source: in a handler, its ``context`` (the buffers of the
+        request); in a client, the :class:`ReceivedBuffers` that
+        ``call_method(..., return_buffers=True)`` returned with the reply.
+    :raises SharedMemoryError: the buffer was not sent with the message.
+    """
+    if ref.inline_data or ref.size == 0:
+        return memoryview(ref.inline_data).toreadonly()
+    buffers = source if isinstance(source, ReceivedBuffers) else getattr(source, '_buffers', None)
+    return (buffers or _NONE).view(ref)
+
+
+_NONE = ReceivedBuffers()
+
+
+def received_buffer(ref: Any, source: Any = None) -> SharedBuffer:
+    """The :class:`SharedBuffer` a ``vyra.ipc.SharedBufferRef`` names, to
+    send it on without a copy (e.g. with :func:`attach_buffers`). Where the
+    buffer travelled inline, a new one holding a copy of ``ref.inline_data``.
+    Closed by the library (when the call ends, or when collected).
+
+    :param source: as for :func:`shared_buffer`.
+    :raises SharedMemoryError: the buffer was not sent with the message.
+    """
+    if ref.inline_data or ref.size == 0:
+        copy = SharedBuffer.copy_from(ref.inline_data)
+        return SharedBuffer(copy._take(), copy.size, ref.handle, managed=True)
+    buffers = source if isinstance(source, ReceivedBuffers) else getattr(source, '_buffers', None)
+    return (buffers or _NONE).buffer(ref)
+
+
+def attach_buffers(context: Any, response: Any, *buffers: SharedBuffer) -> Any:
+    """Answer with ``buffers`` (:class:`SharedBuffer` objects, made here or
+    received): call it on the response a unary handler returns, whose
+    ``SharedBufferRef`` fields name them::
+
+        with SharedBuffer.copy_from(mask_array) as mask:
+            return attach_buffers(context, DetectReply(mask=mask.ref), mask)
+
+    The answer keeps descriptors of its own: the buffers may be closed once
+    this returns.
+
+    On the fast lane, to a client that agreed on shared memory, they travel
+    as descriptors (the client gets them with ``return_buffers=True``);
+    otherwise their bytes are copied into the references' ``inline_data`` of
+    the returned copy of ``response``. Returns the response to send.
+
+    :raises TypeError, ValueError: as :func:`check_buffers`, or the method
+        streams its responses.
+    """
+    check_buffers(getattr(context, '_method', 'this method'), False, buffers)
+    attach = getattr(context, '_attach_buffers', None)
+    if attach is not None and attach(buffers):
+        return response
+    return inline_buffers(response, buffers)
+
+
+def check_buffers(path: str, request_streaming: bool, buffers: Sequence[SharedBuffer]) -> None:
+    """Check the buffers of a message of method ``path``.
+
+    :raises TypeError: the method streams (buffers travel only with single
+        messages), or an item is not a :class:`SharedBuffer`.
+    :raises ValueError: a buffer is closed, or more than
+        :data:`~vyra_base_ipc.payload.MAX_BUFFERS_PER_MESSAGE` of them.
+    """
+    if request_streaming:
+        raise TypeError(f'{path} streams its requests: buffers= needs a unary request')
+    if len(buffers) > MAX_BUFFERS_PER_MESSAGE:
+        raise ValueError(f'{path}: {len(buffers)} buffers in one call; at most '
+                         f'{MAX_BUFFERS_PER_MESSAGE} (put more data into fewer SharedBuffers)')
+    for buffer in buffers:
+        if not isinstance(buffer, SharedBuffer):
+            raise TypeError(f'buffers must be SharedBuffer objects, not {type(buffer).__name__}')
+        if buffer.closed:
+            raise ValueError(f'{buffer!r} is closed')
+
+
+def inline_request(path: str, request_streaming: bool, message: Any,
+                   buffers: Sequence[SharedBuffer]) -> Any:
+    """``message`` as it must go where descriptors cannot travel: checked
+    (:func:`check_buffers`) and with the bytes of ``buffers`` copied into its
+    references; ``message`` itself when there are no buffers."""
+    if not buffers:
+        return message
+    check_buffers(path, request_streaming, buffers)
+    return inline_buffers(message, buffers)
+
+
+def inline_buffers(message: Any, buffers: Sequence[SharedBuffer]) -> Any:
+    """A copy of ``message`` whose ``SharedBufferRef`` fields naming one of
+    ``buffers`` carry its bytes in ``inline_data``: how buffers travel where
+    descriptors cannot. ``message`` itself is not changed.
+    """
+    by_handle = {buffer.handle: buffer for buffer in buffers}
+    copy = type(message)()
+    copy.CopyFrom(message)
+    _fill_inline(copy, by_handle)
+    return copy
+
+
+def _is_repeated(field: Any) -> bool:
+    # protobuf 7 dropped FieldDescriptor.label for is_repeated.
+    repeated = getattr(field, 'is_repeated', None)
+    return bool(repeated) if repeated is not None else field.label == field.LABEL_REPEATED
+
+
+def _fill_inline(message: Any, by_handle: dict[int, SharedBuffer]) -> None:
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            values = value.values() if field.message_type.fields_by_name['value'].message_type else ()
+        elif _is_repeated(field):
+            values = value
+        else:
+            values = (value,)
+        for item in values:
+            if item.DESCRIPTOR.full_name == SharedBufferRef.DESCRIPTOR.full_name:
+                buffer = by_handle.get(item.handle)
+                if buffer is not None and not item.inline_data:
+                    item.inline_data = buffer.read()
+            else:
+                _fill_inline(item, by_handle)

@@ -1,0 +1,108 @@
+"""Frames whose message and buffers travel as shared memory (flag 0x80).
+
+vyra_base_ipc's extension of ttrpc, used only between two ends that agreed
+on it with a Hello call: the frame's message payload is replaced by a
+``SharedMemoryManifest`` and the descriptors of the memfds are passed with
+the frame's first bytes (``SCM_RIGHTS``), in order: the message's own (if it
+is above the threshold), then one per :class:`~vyra_base_ipc.SharedBuffer`.
+Receivers take a frame's descriptors with
+:meth:`~vyra_base_ipc.ttrpc.framing.FrameDecoder.take_fds` as frames arrive,
+in order, and check each one before mapping it
+(:func:`~vyra_base_ipc.payload.map_sealed`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from .. import ttrpc_pb2
+from ..payload import SharedMemoryError, TooLargeError, close_fds, map_sealed, seal_bytes
+from ..shared_buffer import ReceivedBuffers, SharedBuffer
+
+__all__ = ['pack', 'unpack']
+
+Manifest = ttrpc_pb2.SharedMemoryManifest
+
+
+def pack(payload: bytes, threshold: int, buffers: Sequence[SharedBuffer] = ()
+         ) -> tuple[bytes, list[int]] | None:
+    """The manifest and descriptors that replace ``payload`` in a frame, or
+    ``None`` if it goes inline as it is (not above ``threshold``, no buffers).
+
+    The caller owns the returned descriptors (passes them with the frame,
+    then closes them).
+
+    :raises SharedMemoryError: shared memory could not be created.
+    """
+    size = len(payload)
+    if size <= threshold and not buffers:
+        return None
+    fds: list[int] = []
+    try:
+        manifest = Manifest()
+        if size > threshold:
+            fds.append(seal_bytes(payload))
+            manifest.payload_size = size
+        else:
+            manifest.payload = payload
+        for buffer in buffers:
+            fds.append(buffer.dup())
+            manifest.buffers.add(handle=buffer.handle, size=buffer.size)
+    except BaseException:
+        close_fds(fds)
+        raise
+    return manifest.SerializeToString(), fds
+
+
+def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int, buffer_limit: int,
+           what: str) -> tuple[bytes | memoryview, ReceivedBuffers | None]:
+    """Resolve a received manifest: the message payload (a read-only view of
+    shared memory, or bytes) and the explicit buffers (``None`` if none).
+
+    ``take_fds(n)`` returns the frame's ``n`` descriptors (it raises
+    :class:`ValueError` if fewer arrived). The message's descriptor is closed
+    here whatever happens (its mapping lives on in the returned view); the
+    buffers' descriptors pass to the returned :class:`ReceivedBuffers`, or
+    are closed if anything fails.
+
+    :param message_limit: largest message accepted, in bytes.
+    :param buffer_limit: largest explicit buffer accepted, in bytes.
+    :param what: names the message in errors, e.g. ``'the request of /pkg.Service/Method'``.
+    :raises TooLargeError: the message or a buffer is over its limit.
+    :raises SharedMemoryError: malformed manifest, or a buffer that fails the
+        checks of :func:`~vyra_base_ipc.payload.map_sealed`.
+    """
+    try:
+        manifest = Manifest.FromString(data)
+    except Exception as error:  # DecodeError
+        raise SharedMemoryError(f'{what}: malformed shared-memory manifest: {error}') from None
+    payload_size = manifest.payload_size
+    count = (1 if payload_size else 0) + len(manifest.buffers)
+    fds = take_fds(count) if count else []
+    kept: list[int] = []
+    try:
+        payload: bytes | memoryview
+        position = 0
+        if payload_size:
+            if payload_size > message_limit:
+                raise TooLargeError(f'Received message larger than max ({payload_size} vs. '
+                                    f'{message_limit})')
+            payload = map_sealed(fds[0], payload_size, what)
+            position = 1
+        else:
+            payload = manifest.payload
+        if not manifest.buffers:
+            return payload, None
+        buffers: dict[int, SharedBuffer] = {}
+        for index, entry in enumerate(manifest.buffers):
+            name = f'{what}, shared buffer {index} ({entry.handle:#018x})'
+            if entry.size > buffer_limit:
+                raise TooLargeError(f'{name}: {entry.size} bytes is more than the limit of '
+                                    f'{buffer_limit} (SharedMemoryOptions.max_bytes)')
+            fd = fds[position + index]
+            view = map_sealed(fd, entry.size, name, populate=False)
+            buffers[entry.handle] = SharedBuffer(fd, entry.size, entry.handle, view=view, managed=True)
+            kept.append(fd)
+        return payload, ReceivedBuffers(buffers)
+    finally:
+        close_fds(fd for fd in fds if fd not in kept)
