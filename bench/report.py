@@ -116,13 +116,27 @@ def _fast_lane_lines(results: dict[str, Any]) -> list[str]:
 _LARGE = 10 * 1024 * 1024
 
 
-def shared_memory_checks(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def shared_memory_checks(rows: Iterable[dict[str, Any]],
+                         zero_copy: Iterable[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """For each client kind with a shared-memory row: its 10 MiB p50 against
     the gRPC lane of the same client and against the ROS 2 service, and its
-    100 MiB p50 (targets: 5× and 10× faster)."""
+    100 MiB p50 (targets: 5× and 10× faster); the same for the 10 MiB round
+    trip with explicit SharedBuffers (``SyncIPCHandler``)."""
     single = {(row['transport'], row['payload_bytes']): row['p50_us'] for row in rows
               if row['concurrency'] == 1}
     checks = []
+    explicit = next((row['round_trip_p50_ms'] * 1e3 for row in zero_copy
+                     if row['bytes'] == _LARGE and 'round_trip_p50_ms' in row), None)
+    if explicit:
+        grpc_lane, ros = single.get(('ipc-sync-grpc', _LARGE)), single.get((REFERENCE_TRANSPORT, _LARGE))
+        checks.append({
+            'transport': 'SharedBuffer round trip (SyncIPCHandler)', 'p50_us_10mib': explicit,
+            'faster_than_grpc_lane': round(grpc_lane / explicit, 2) if grpc_lane else None,
+            'faster_than_ros': round(ros / explicit, 2) if ros else None,
+            'p50_us_100mib': next((row['round_trip_p50_ms'] * 1e3 for row in zero_copy
+                                   if row['bytes'] > _LARGE and 'round_trip_p50_ms' in row), None),
+            'targets': {'faster_than_grpc_lane': 5.0, 'faster_than_ros': 10.0},
+        })
     for kind in ('sync', 'aio'):
         shm = single.get((f'ipc-{kind}-shm', _LARGE))
         if shm is None:
@@ -142,8 +156,10 @@ def shared_memory_checks(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]
 
 def _shared_memory_lines(results: dict[str, Any]) -> list[str]:
     lines = []
-    for check in shared_memory_checks(results['rows']):
-        parts = [f"`{check['transport']}` 10 MiB round trip {_ms(check['p50_us_10mib'])}"]
+    for check in shared_memory_checks(results['rows'], results.get('zero_copy', ())):
+        name = check['transport']
+        name = f'`{name}`' if name.startswith('ipc-') else name
+        parts = [f"{name} 10 MiB round trip {_ms(check['p50_us_10mib'])}"]
         if check['faster_than_grpc_lane']:
             parts.append(f"{check['faster_than_grpc_lane']:.1f}× faster than the gRPC lane "
                          '(target 5×)')

@@ -287,7 +287,7 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
         'overhead': overhead,
         'zero_copy': zero_copy,
         'fast_lane': fast_lane_checks(rows),
-        'shared_memory': shared_memory_checks(rows),
+        'shared_memory': shared_memory_checks(rows, zero_copy),
         'concurrency': checks,
         'skipped': skipped,
     }

@@ -109,6 +109,12 @@ def BenchEcho() -> Any:  # noqa: N802 - a class factory: the base class is gener
             return bench_pb2.BufferReply(size=len(view), first_byte=view[0] if len(view) else 0,
                                          last_byte=view[-1] if len(view) else 0,
                                          backing=backing_file(view))
+
+        async def Mirror(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC name
+            from vyra_base_ipc import attach_buffers, received_buffer
+
+            received = received_buffer(request.data, context)
+            return attach_buffers(context, bench_pb2.BufferRequest(data=received.ref), received)
     return Echo()
 
 

@@ -8,7 +8,12 @@ last byte and reports the file behind its view (``/proc/self/maps``). If
 nothing is copied, a call costs the same at 1 MiB and at 100 MiB, apart from
 mapping the pages. For comparison, the same call on the gRPC lane, where the
 buffer's bytes travel inline (``SharedBufferRef.inline_data``), is measured
-at the sizes gRPC accepts. Prints one JSON line ``{"zero_copy": [row, ...]}``.
+at the sizes gRPC accepts.
+
+The **round trip** is the echo of the table done with buffers: the client
+puts the array into a new SharedBuffer (the one copy, timed), passes it to
+``BenchService/Mirror``, whose handler answers with the very buffer it got,
+and maps the answer. Prints one JSON line ``{"zero_copy": [row, ...]}``.
 """
 
 from __future__ import annotations
@@ -60,6 +65,25 @@ def _measure(handler: Any, request: Any, buffers: list[Any], calls: int) -> tupl
     return _median_ms(samples), reply
 
 
+def _round_trip(handler: Any, array: Any, calls: int) -> float:
+    from vyra_base_ipc import SharedBuffer, shared_buffer
+    from vyra_bench import bench_pb2
+
+    samples = []
+    for index in range(calls + 1):
+        began = time.perf_counter()
+        with SharedBuffer.copy_from(array) as buffer:
+            reply, received = handler.call_method('Mirror', bench_pb2.BufferRequest(data=buffer.ref),
+                                                  buffers=[buffer], return_buffers=True, timeout=60)
+            view = shared_buffer(reply.data, received)
+            if (len(view), view[0], view[-1]) != (array.nbytes, array[0], array[-1]):
+                raise RuntimeError(f'Mirror of {array.nbytes} bytes answered {len(view)} bytes')
+        if index:  # the first one warms up
+            samples.append(time.perf_counter() - began)
+        del view, received
+    return _median_ms(samples)
+
+
 def run(address: str, calls: int) -> list[dict[str, Any]]:
     import numpy
 
@@ -82,7 +106,8 @@ def run(address: str, calls: int) -> list[dict[str, Any]]:
                     raise RuntimeError(f'Touch of {size} bytes saw {reply}')
                 row = {'bytes': size, 'copy_into_shared_memory_ms': round(copy_ms, 3),
                        'call_p50_ms': call_ms, 'handler_backing': reply.backing,
-                       'zero_copy': 'memfd:' in reply.backing}
+                       'zero_copy': 'memfd:' in reply.backing,
+                       'round_trip_p50_ms': _round_trip(fast, array, max(1, calls // 5))}
                 if size in _INLINE_SIZES:
                     row['grpc_inline_call_p50_ms'], _ = _measure(inline, request, [buffer],
                                                                  max(1, calls // 10))
