@@ -346,5 +346,10 @@ async def test_handler_family_shape(server: ServerProcess, echo, socket_dir: Pat
 
 
 def test_documented_import_path_is_the_same_class() -> None:
-    from vyra_base.com.handler.ipc import IPCHandler as Documented
-    assert Documented is IPCHandler
+    from vyra_base.com.handler import ipc as documented
+    import vyra_base_ipc
+
+    assert documented.IPCHandler is IPCHandler
+    # Everything it offers is the package's own object.
+    assert documented.__all__ and all(getattr(documented, name) is getattr(vyra_base_ipc, name)
+                                      for name in documented.__all__)

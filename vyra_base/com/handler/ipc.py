@@ -14,7 +14,13 @@ from vyra_base_ipc import (
     IPCServer,
     IPCTimeoutError,
     IPCUnavailableError,
+    ReceivedBuffers,
+    SharedBuffer,
+    SharedMemoryOptions,
     SyncIPCHandler,
+    attach_buffers,
+    received_buffer,
+    shared_buffer,
 )
 
 __all__ = [
@@ -24,5 +30,11 @@ __all__ = [
     'IPCServer',
     'IPCTimeoutError',
     'IPCUnavailableError',
+    'ReceivedBuffers',
+    'SharedBuffer',
+    'SharedMemoryOptions',
     'SyncIPCHandler',
+    'attach_buffers',
+    'received_buffer',
+    'shared_buffer',
 ]
