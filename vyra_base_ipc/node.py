@@ -11,7 +11,8 @@ run on the rclpy executor and ROS callbacks never wait for the event loop, so
 neither can block the other. IPC handlers call ROS services with
 :class:`vyra_base_ipc.ros_bridge.ServiceCaller`.
 
-Parameters (all declared with a description; see :data:`PARAMETERS`):
+Parameters (declared with a description, checked and documented in
+:mod:`vyra_base_ipc.node_parameters`, whose names this module re-exports):
 ``module_name``, ``socket_path``, ``ttrpc_enabled``, ``ttrpc_socket_path``,
 ``shared_memory_enabled``, ``shared_memory_threshold``, ``servicers``,
 ``grace_period``, ``max_message_bytes``.
@@ -20,38 +21,36 @@ Parameters (all declared with a description; see :data:`PARAMETERS`):
 from __future__ import annotations
 
 from concurrent.futures import thread as futures_thread
-from dataclasses import dataclass
-import importlib
 import logging
 import math
 import os
-from pathlib import Path
-import re
 import signal
 import sys
 import threading
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
-from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rcl_interfaces.msg import SetParametersResult
 import rclpy
-from rclpy.exceptions import InvalidParameterTypeException, ParameterUninitializedException
 from rclpy.executors import Executor, ExternalShutdownException, SingleThreadedExecutor
 from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
-from .address import (
-    MODULE_NAME_ENVS,
-    default_ttrpc_socket_path,
-    resolve_socket_path,
-    validate_module_name,
-    validate_socket_path,
-)
 from .loop_thread import EventLoopThread
 from .module_service import ModuleService
 from .module_service_pb2_grpc import ModuleServiceServicer
-from .options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, validate_max_message_bytes
-from .payload import DEFAULT_SHARED_MEMORY_THRESHOLD, SharedMemoryOptions
+from .node_parameters import (
+    DECLARED_PARAMETERS,
+    PARAMETERS,
+    IPCServerConfig,
+    ParameterError,
+    ParameterSpec,
+    declare_ipc_parameters,
+    load_servicer,
+    parameter_value,
+    read_ipc_config,
+)
+from .options import DEFAULT_GRACE_PERIOD
 from .server import IPCServer
 
 __all__ = [
@@ -81,255 +80,6 @@ EXIT_BAD_PARAMETER = 2
 #: How long stopping may take beyond the grace period (cancelled handlers
 #: unwinding, the loop thread ending) before the host gives up waiting.
 _STOP_MARGIN = 0.5
-
-_SERVICER_SPEC = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$')
-
-
-@dataclass(frozen=True)
-class ParameterSpec:
-    """One parameter of the IPC server: name, type, default, description.
-
-    :ivar default: the default value; ``None`` for "not set" (``servicers``,
-        whose empty default cannot be written as a typed ROS value).
-    """
-
-    name: str
-    type: Parameter.Type
-    default: Any
-    description: str
-    read_only: bool = True
-
-    def descriptor(self) -> ParameterDescriptor:
-        return ParameterDescriptor(name=self.name, type=self.type.value,
-                                   description=self.description, read_only=self.read_only)
-
-
-#: The parameters of the IPC server: the one table that :class:`IPCServerNode`,
-#: :class:`IPCServerHost`, the launch files and their tests follow.
-PARAMETERS: tuple[ParameterSpec, ...] = (
-    ParameterSpec(
-        'module_name', Parameter.Type.STRING, '',
-        'Name of the VYRA module (^[a-z][a-z0-9_]*$). Names the default socket '
-        '/tmp/<module_name>_ipc.sock and is reported by ModuleService. Empty: taken from '
-        f'{" or ".join(MODULE_NAME_ENVS)} in the environment.'),
-    ParameterSpec(
-        'socket_path', Parameter.Type.STRING, '',
-        'Unix socket to serve on (at most 107 bytes; relative paths are made absolute). '
-        'Empty: VYRA_IPC_SOCKET if set, else derived from module_name.'),
-    ParameterSpec(
-        'ttrpc_enabled', Parameter.Type.BOOL, True,
-        'Serve the fast lane too: the same services over ttrpc framing on a second socket, '
-        'which IPCHandler and SyncIPCHandler use when it answers (several times faster than '
-        'the gRPC lane for small calls).'),
-    ParameterSpec(
-        'ttrpc_socket_path', Parameter.Type.STRING, '',
-        'Unix socket of the fast lane. Empty: beside socket_path with the suffix .ttrpc.sock '
-        '(/tmp/demo_ipc.sock -> /tmp/demo_ipc.ttrpc.sock).'),
-    ParameterSpec(
-        'shared_memory_enabled', Parameter.Type.BOOL, True,
-        'On the fast lane, pass messages above shared_memory_threshold to and from this '
-        "package's clients as sealed shared memory (memfd) instead of through the socket."),
-    ParameterSpec(
-        'shared_memory_threshold', Parameter.Type.INTEGER, DEFAULT_SHARED_MEMORY_THRESHOLD,
-        'Messages of more than this many bytes travel as shared memory (>= 0).'),
-    ParameterSpec(
-        'servicers', Parameter.Type.STRING_ARRAY, None,
-        'Extra gRPC servicers as package.module:ClassName, imported and created with no '
-        'arguments, served beside the default ModuleService (a ModuleService subclass among '
-        'them replaces the default). A servicer with an attach_ipc_host(host) method gets '
-        'the hosting IPCServerHost before the server starts.'),
-    ParameterSpec(
-        'grace_period', Parameter.Type.DOUBLE, DEFAULT_GRACE_PERIOD,
-        'Seconds in-flight calls get to finish when the server stops (>= 0). May be changed '
-        'while running; the value at stop time counts.', read_only=False),
-    ParameterSpec(
-        'max_message_bytes', Parameter.Type.INTEGER, DEFAULT_MAX_MESSAGE_BYTES,
-        'Largest message the server sends or accepts, in bytes (1 to 2147483647). Clients '
-        'must allow at least as much.'),
-)
-
-#: Names of :data:`PARAMETERS`.
-DECLARED_PARAMETERS: frozenset[str] = frozenset(spec.name for spec in PARAMETERS)
-
-
-class ParameterError(ValueError):
-    """Raised when a parameter of the IPC server is unusable.
-
-    :ivar parameter: the parameter's name.
-    :ivar reason: what is wrong with its value.
-    """
-
-    def __init__(self, parameter: str, reason: str) -> None:
-        self.parameter = parameter
-        self.reason = reason
-        super().__init__(f"parameter '{parameter}': {reason}")
-
-
-@dataclass(frozen=True)
-class IPCServerConfig:
-    """The checked parameter values of one IPC server."""
-
-    module_name: str
-    socket_path: Path
-    #: None when the fast lane is switched off.
-    ttrpc_socket_path: Path | None
-    servicers: tuple[str, ...]
-    grace_period: float
-    max_message_bytes: int
-    #: None when shared memory is switched off (or the fast lane is).
-    shared_memory: SharedMemoryOptions | None = None
-
-
-# -- parameters ---------------------------------------------------------------------
-
-
-def declare_ipc_parameters(node: Node) -> None:
-    """Declare :data:`PARAMETERS` on ``node``, skipping names it declared already
-    (a module node may have its own ``module_name``).
-
-    :raises ParameterError: an override (``-p``, parameter file, launch) has
-        the wrong type; the remaining parameters are still declared.
-    """
-    first_error: ParameterError | None = None
-    for spec in PARAMETERS:
-        if node.has_parameter(spec.name):
-            continue
-        default = spec.type if spec.default is None else spec.default
-        try:
-            node.declare_parameter(spec.name, default, spec.descriptor())
-        except InvalidParameterTypeException as error:
-            if first_error is None:
-                first_error = ParameterError(spec.name, _type_reason(spec, error))
-            # Declare it with its default so that the node is complete anyway.
-            node.declare_parameter(spec.name, default, spec.descriptor(), ignore_override=True)
-    if first_error is not None:
-        raise first_error
-
-
-def _type_reason(spec: ParameterSpec, error: InvalidParameterTypeException) -> str:
-    # rclpy's message names the value and both types; the exception has no fields for them.
-    detail = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
-    detail = detail.removesuffix(f': {spec.name}')
-    hint = {
-        Parameter.Type.DOUBLE: ' (write 2.0, not 2)',
-        Parameter.Type.STRING_ARRAY: " (write ['package.module:ClassName'])",
-    }.get(spec.type, '')
-    return f'must be of type {spec.type.name}{hint}; {detail}'
-
-
-def _value(node: Node, name: str) -> Any:
-    try:
-        return node.get_parameter(name).value
-    except ParameterUninitializedException:
-        return None
-
-
-def read_ipc_config(node: Node, environ: Mapping[str, str] | None = None) -> IPCServerConfig:
-    """Read and check the IPC server parameters of ``node`` (declared before).
-
-    Does not touch the filesystem or import anything; :meth:`IPCServerHost.start`
-    does that.
-
-    :param environ: environment for the fallbacks of empty ``module_name`` and
-        ``socket_path`` (default: ``os.environ``).
-    :raises ParameterError: the first unusable parameter, with the reason.
-    """
-    env = os.environ if environ is None else environ
-    values = {spec.name: _value(node, spec.name) for spec in PARAMETERS}
-
-    module_name = values['module_name']
-    if not isinstance(module_name, str):
-        raise ParameterError('module_name', f'must be a string, not {module_name!r}')
-    if not module_name:
-        module_name = next((env[name] for name in MODULE_NAME_ENVS if env.get(name)), '')
-        if not module_name:
-            raise ParameterError(
-                'module_name', f'is empty and none of {", ".join(MODULE_NAME_ENVS)} is set in the '
-                'environment: set module_name:=<name>')
-    try:
-        validate_module_name(module_name)
-    except ValueError as error:
-        raise ParameterError('module_name', str(error)) from None
-
-    socket_path = values['socket_path']
-    if not isinstance(socket_path, str):
-        raise ParameterError('socket_path', f'must be a string, not {socket_path!r}')
-    try:
-        if socket_path:
-            resolved = validate_socket_path(socket_path)
-        else:
-            resolved = resolve_socket_path(None, module_name=module_name, environ=env)
-    except (TypeError, ValueError) as error:
-        raise ParameterError('socket_path', str(error)) from None
-
-    ttrpc_enabled, ttrpc_path = values['ttrpc_enabled'], values['ttrpc_socket_path']
-    if not isinstance(ttrpc_enabled, bool):
-        raise ParameterError('ttrpc_enabled', f'must be true or false, not {ttrpc_enabled!r}')
-    if not isinstance(ttrpc_path, str):
-        raise ParameterError('ttrpc_socket_path', f'must be a string, not {ttrpc_path!r}')
-    ttrpc_socket_path: Path | None = None
-    if ttrpc_enabled:
-        try:
-            ttrpc_socket_path = (validate_socket_path(ttrpc_path) if ttrpc_path
-                                 else default_ttrpc_socket_path(resolved))
-        except (TypeError, ValueError) as error:
-            raise ParameterError('ttrpc_socket_path', str(error)) from None
-        if ttrpc_socket_path == resolved:
-            raise ParameterError('ttrpc_socket_path', f'must differ from socket_path ({resolved})')
-
-    servicers = tuple(values['servicers'] or ())
-    for spec in servicers:
-        if not _SERVICER_SPEC.match(spec):
-            raise ParameterError('servicers', f'{spec!r} is not of the form package.module:ClassName')
-
-    grace_period = values['grace_period']
-    if not isinstance(grace_period, float) or not math.isfinite(grace_period) or grace_period < 0:
-        raise ParameterError('grace_period', f'must be a finite number of seconds >= 0, not {grace_period!r}')
-
-    try:
-        max_message_bytes = validate_max_message_bytes(values['max_message_bytes'])
-    except (TypeError, ValueError) as error:
-        raise ParameterError('max_message_bytes', str(error)) from None
-
-    shared_enabled, threshold = values['shared_memory_enabled'], values['shared_memory_threshold']
-    if not isinstance(shared_enabled, bool):
-        raise ParameterError('shared_memory_enabled', f'must be true or false, not {shared_enabled!r}')
-    shared_memory: SharedMemoryOptions | None = None
-    if shared_enabled and ttrpc_socket_path is not None:
-        try:
-            shared_memory = SharedMemoryOptions(threshold=threshold)
-        except (TypeError, ValueError) as error:
-            raise ParameterError('shared_memory_threshold', str(error)) from None
-
-    return IPCServerConfig(module_name=module_name, socket_path=resolved,
-                           ttrpc_socket_path=ttrpc_socket_path, servicers=servicers,
-                           grace_period=grace_period, max_message_bytes=max_message_bytes,
-                           shared_memory=shared_memory)
-
-
-def load_servicer(spec: str) -> Any:
-    """Import ``package.module:ClassName`` and return ``ClassName()``.
-
-    :raises ParameterError: (parameter ``servicers``) the module cannot be
-        imported, has no such attribute, or creating the instance fails.
-    """
-    if not _SERVICER_SPEC.match(spec):
-        raise ParameterError('servicers', f'{spec!r} is not of the form package.module:ClassName')
-    module_name, _, class_name = spec.partition(':')
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as error:  # ImportError, or the module failing at import time
-        raise ParameterError('servicers', f'cannot import {module_name!r} for {spec!r}: {error}') from None
-    factory = getattr(module, class_name, None)
-    if factory is None:
-        raise ParameterError('servicers', f'module {module_name!r} has no attribute {class_name!r}')
-    if not callable(factory):
-        raise ParameterError('servicers', f'{spec!r} is not a class')
-    try:
-        return factory()
-    except Exception as error:
-        raise ParameterError('servicers', f'{spec}() failed: {error!r}') from None
-
 
 # -- hosting ------------------------------------------------------------------------
 
@@ -369,7 +119,7 @@ class IPCServerHost:
         except ParameterError as error:
             self._declare_error = error
         self._grace_period = DEFAULT_GRACE_PERIOD
-        grace = _value(node, 'grace_period')
+        grace = parameter_value(node, 'grace_period')
         if isinstance(grace, float):
             self._grace_period = grace
         node.add_on_set_parameters_callback(self._on_set_parameters)
