@@ -565,18 +565,27 @@ class AsyncConnection:
         the agreement)."""
         return self._protocol.shared_memory
 
-    async def _settle_hello(self, protocol: _ClientProtocol, prepared: _Prepared | None) -> None:
+    async def _begin(self, method: Method, response_streaming: bool,
+                     timeout: float | None) -> tuple[_ClientProtocol, _Outcome]:
+        """Checks every call starts with; the first call of the connection
+        also waits for the answer to its Hello (within ``timeout``)."""
+        _check_kind(method, response_streaming)
+        protocol = self._protocol
+        self._check_loop(protocol)
+        if protocol.hello is not None:
+            await self._settle_hello(protocol, method, timeout)
+        return protocol, _Outcome(method, self.max_message_bytes)
+
+    async def _settle_hello(self, protocol: _ClientProtocol, method: Method, timeout: float | None) -> None:
         hello = protocol.hello
         assert hello is not None
-        deadline = prepared.deadline if prepared is not None else None
-        if deadline is None:
+        if timeout is None:
             item = await asyncio.shield(hello)
         else:
             try:
-                item = await asyncio.wait_for(asyncio.shield(hello), max(deadline - time.monotonic(), 0))
+                item = await asyncio.wait_for(asyncio.shield(hello), validate_timeout(timeout))
             except asyncio.TimeoutError:
-                assert prepared is not None
-                raise _timeout_error(prepared.method) from None
+                raise _timeout_error(method) from None
         if protocol.hello is not hello:
             return  # another call settled it meanwhile
         protocol.hello = None
@@ -639,13 +648,7 @@ class AsyncConnection:
         :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
         """
         try:
-            _check_kind(method, False)
-            protocol = self._protocol
-            self._check_loop(protocol)
-            if protocol.hello is not None:
-                await self._settle_hello(protocol, None if timeout is None else
-                                         _Prepared(method, timeout, None, b''))
-            outcome = _Outcome(method, self.max_message_bytes)
+            protocol, outcome = await self._begin(method, False, timeout)
             if method.kind.request_streaming:
                 _check_buffers(method, buffers)
                 stream = _AsyncStream(protocol.loop)
@@ -697,13 +700,7 @@ class AsyncConnection:
         :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
         """
         try:
-            _check_kind(method, True)
-            protocol = self._protocol
-            self._check_loop(protocol)
-            if protocol.hello is not None:
-                await self._settle_hello(protocol, None if timeout is None else
-                                         _Prepared(method, timeout, None, b''))
-            outcome = _Outcome(method, self.max_message_bytes)
+            protocol, outcome = await self._begin(method, True, timeout)
             stream = _AsyncStream(protocol.loop)
             sender = None
             if method.kind.request_streaming:
