@@ -230,6 +230,24 @@ def _resolve_shared(frame: Frame, take_fds: Callable[[int], list[int]], message_
     return Frame(frame.stream_id, frame.type, frame.flags, payload, buffers)  # type: ignore[arg-type]
 
 
+def _connect_arguments(socket_path: StrPath, max_message_bytes: int, timeout: float | None,
+                       shared_memory: SharedMemoryOptions | None
+                       ) -> tuple[str, int, float, SharedMemoryOptions | None]:
+    """The checked arguments of a connect(): path, message limit, timeout,
+    shared-memory options usable here.
+
+    :raises TypeError, ValueError: invalid arguments.
+    """
+    return (os.fspath(validate_socket_path(socket_path)), validate_max_message_bytes(max_message_bytes),
+            DEFAULT_TIMEOUT if timeout is None else validate_timeout(timeout),
+            usable_options(shared_memory))
+
+
+def _not_accepted(path: str, timeout: float) -> IPCUnavailableError:
+    return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE,
+                               f'no server accepted a connection on {path!r} within {timeout:g} s')
+
+
 def _lost(path: str, reason: object) -> IPCUnavailableError:
     return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE,
                                f'connection to {path!r} lost: {reason}')
@@ -527,10 +545,8 @@ class AsyncConnection:
         :raises IPCUnavailableError: no socket, nobody listening, not allowed.
         :raises TypeError, ValueError: invalid arguments.
         """
-        path = os.fspath(validate_socket_path(socket_path))
-        limit = validate_max_message_bytes(max_message_bytes)
-        timeout = DEFAULT_TIMEOUT if timeout is None else validate_timeout(timeout)
-        shared = usable_options(shared_memory)
+        path, limit, timeout, shared = _connect_arguments(socket_path, max_message_bytes, timeout,
+                                                          shared_memory)
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -538,9 +554,7 @@ class AsyncConnection:
             await asyncio.wait_for(loop.sock_connect(sock, path), timeout)
         except asyncio.TimeoutError:
             sock.close()
-            raise IPCUnavailableError(
-                grpc.StatusCode.UNAVAILABLE,
-                f'no server accepted a connection on {path!r} within {timeout:g} s') from None
+            raise _not_accepted(path, timeout) from None
         except OSError as error:
             sock.close()
             raise _connect_error(path, error) from None
@@ -879,10 +893,8 @@ class SyncConnection:
         :raises IPCUnavailableError: no socket, nobody listening, not allowed.
         :raises TypeError, ValueError: invalid arguments.
         """
-        path = os.fspath(validate_socket_path(socket_path))
-        limit = validate_max_message_bytes(max_message_bytes)
-        timeout = DEFAULT_TIMEOUT if timeout is None else validate_timeout(timeout)
-        shared = usable_options(shared_memory)
+        path, limit, timeout, shared = _connect_arguments(socket_path, max_message_bytes, timeout,
+                                                          shared_memory)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
@@ -894,9 +906,7 @@ class SyncConnection:
             sock.settimeout(None)
         except socket.timeout:
             sock.close()
-            raise IPCUnavailableError(
-                grpc.StatusCode.UNAVAILABLE,
-                f'no server accepted a connection on {path!r} within {timeout:g} s') from None
+            raise _not_accepted(path, timeout) from None
         except OSError as error:
             sock.close()
             raise _connect_error(path, error) from None
