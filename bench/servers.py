@@ -2,7 +2,7 @@
 
     python -m bench.servers socket PATH
     python -m bench.servers grpc PATH          # also listens on 127.0.0.1:<free port>
-    python -m bench.servers ipc PATH [JSON IPCServer options]
+    python -m bench.servers ipc PATH [JSON IPCServer options, and busy_poll]
     python -m bench.servers rclpy SERVICE_NAME
 
 When ready, a server prints one JSON line on stdout (``{"ready": {...}}``, with
@@ -225,7 +225,12 @@ def main(argv: list[str] | None = None) -> None:
     elif kind == 'grpc':
         asyncio.run(serve_grpc(where))
     elif kind == 'ipc':
-        asyncio.run(serve_ipc(where, json.loads(args[2]) if len(args) > 2 else {}))
+        from vyra_base_ipc import DEFAULT_BUSY_POLL, run
+
+        options = json.loads(args[2]) if len(args) > 2 else {}
+        # Not an IPCServer option: the event loop's (as for the ipc_server node).
+        busy_poll = options.pop('busy_poll', DEFAULT_BUSY_POLL)
+        run(serve_ipc(where, options), busy_poll=busy_poll)
     else:
         serve_rclpy(where)
 

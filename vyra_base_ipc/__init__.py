@@ -8,9 +8,11 @@ Public surface::
 
     from vyra_base_ipc import IPCServer, IPCHandler, SyncIPCHandler, ModuleService
     from vyra_base_ipc import SharedBuffer, shared_buffer, attach_buffers   # zero-copy buffers
+    vyra_base_ipc.run(server.serve())      # asyncio.run() on a loop that busy-polls before it sleeps
 """
 
 from .address import MAX_SOCKET_PATH_BYTES, default_socket_path, resolve_socket_path
+from .busy_poll import DEFAULT_BUSY_POLL
 from .client import IPCHandler, SyncIPCHandler
 from .exceptions import (
     IPCError,
@@ -19,6 +21,7 @@ from .exceptions import (
     IPCUnavailableError,
     SocketInUseError,
 )
+from .event_loop import new_event_loop, run
 from .fork_safety import ForkedProcessError
 from .module_service import CommandError, ModuleService, command
 from .options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT
@@ -35,6 +38,7 @@ from .server import IPCServer
 
 __all__ = [
     'CommandError',
+    'DEFAULT_BUSY_POLL',
     'DEFAULT_GRACE_PERIOD',
     'DEFAULT_MAX_MESSAGE_BYTES',
     'DEFAULT_TIMEOUT',
@@ -57,7 +61,9 @@ __all__ = [
     'attach_buffers',
     'command',
     'default_socket_path',
+    'new_event_loop',
     'received_buffer',
     'resolve_socket_path',
+    'run',
     'shared_buffer',
 ]

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 import os
 import threading
 import time
-from typing import Any, Awaitable, Callable, Generic, Iterator, TypeVar
+from typing import Any, Awaitable, Callable, Generic, Iterator, NamedTuple, TypeVar
 import weakref
 
 import grpc
 
+from .busy_poll import DEFAULT_BUSY_POLL
 from .exceptions import IPCUnavailableError
 from .fork_safety import ensure_usable_after_fork, note_grpc_used
 from .payload import SharedMemoryOptions
@@ -151,7 +152,7 @@ class AioTtrpcPool:
                 shared_memory: SharedMemoryOptions | None = None) -> _FastKey:
         """Count one more user of the connection to ``path`` (with these
         options) in the running loop."""
-        key = (os.getpid(), path, max_message_bytes, shared_memory)
+        key = _FastKey(os.getpid(), path, max_message_bytes, shared_memory)
         entries = self._by_loop.setdefault(asyncio.get_running_loop(), {})
         entry = entries.get(key)
         if entry is None:
@@ -175,7 +176,8 @@ class AioTtrpcPool:
                 if entry.connection is not None:
                     await entry.connection.close()
                 entry.connection = await _retrying(
-                    lambda: AsyncConnection.connect(key[1], max_message_bytes=key[2], shared_memory=key[3]),
+                    lambda: AsyncConnection.connect(key.path, max_message_bytes=key.max_message_bytes,
+                                                    shared_memory=key.shared_memory),
                     wait_until,
                     asyncio.sleep)
             return entry.connection
@@ -208,8 +210,9 @@ class SyncTtrpcPool:
         self._entries: dict[_FastKey, _FastEntry[Any]] = {}
 
     def acquire(self, path: str, max_message_bytes: int,
-                shared_memory: SharedMemoryOptions | None = None) -> _FastKey:
-        key = (os.getpid(), path, max_message_bytes, shared_memory)
+                shared_memory: SharedMemoryOptions | None = None,
+                busy_poll: float = DEFAULT_BUSY_POLL) -> _FastKey:
+        key = _FastKey(os.getpid(), path, max_message_bytes, shared_memory, busy_poll)
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
@@ -229,7 +232,9 @@ class SyncTtrpcPool:
                 if entry.connection is not None:
                     entry.connection.close()
                 entry.connection = _retrying_sync(
-                    lambda: SyncConnection.connect(key[1], max_message_bytes=key[2], shared_memory=key[3]),
+                    lambda: SyncConnection.connect(key.path, max_message_bytes=key.max_message_bytes,
+                                                   shared_memory=key.shared_memory,
+                                                   busy_poll=key.busy_poll),
                     wait_until)
             return entry.connection
 
@@ -242,16 +247,25 @@ class SyncTtrpcPool:
             if entry.users > 0:
                 return
             del self._entries[key]
-        if entry.connection is not None and key[0] == os.getpid():
+        if entry.connection is not None and key.pid == os.getpid():
             entry.connection.close()
 
     def open_connections(self) -> int:
         with self._lock:
-            return sum(1 for key, entry in self._entries.items() if key[0] == os.getpid()
+            return sum(1 for key, entry in self._entries.items() if key.pid == os.getpid()
                        and entry.connection is not None and not entry.connection.is_closed)
 
 
-_FastKey = tuple[int, str, int, 'SharedMemoryOptions | None']
+class _FastKey(NamedTuple):
+    """What makes fast-lane connections interchangeable."""
+
+    pid: int
+    path: str
+    max_message_bytes: int
+    shared_memory: SharedMemoryOptions | None
+    #: Only the synchronous client polls (see vyra_base_ipc.busy_poll).
+    busy_poll: float = 0.0
+
 _LockT = TypeVar('_LockT')
 
 

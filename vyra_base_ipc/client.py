@@ -32,6 +32,7 @@ from .address import (
     resolve_socket_path,
     validate_socket_path,
 )
+from .busy_poll import DEFAULT_BUSY_POLL, validate_busy_poll
 from .channel_pool import (
     AioChannelPool,
     SyncChannelPool,
@@ -556,13 +557,22 @@ class SyncIPCHandler(_ClientBase):
     gRPC was used, the gRPC lane raises
     :class:`~vyra_base_ipc.fork_safety.ForkedProcessError`; the fast lane
     (plain sockets) opens a connection of the child's own.
+
+    Takes the arguments of :class:`IPCHandler` and one more:
+
+    :param busy_poll: seconds a thread waiting for a fast-lane answer polls
+        the socket before it sleeps (:mod:`vyra_base_ipc.busy_poll`): a quick
+        answer then costs no wakeup. It polls only while answers come that
+        quickly, and never where this process may use one CPU only. 0 turns
+        it off.
     """
 
     _channel_pool = sync_pool
 
-    def __init__(self, socket_path: StrPath | None = None, service_stub: type | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, socket_path: StrPath | None = None, service_stub: type | None = None, *,
+                 busy_poll: float = DEFAULT_BUSY_POLL, **kwargs: Any) -> None:
         super().__init__(socket_path, service_stub, **kwargs)
+        self.busy_poll = validate_busy_poll(busy_poll)
         self._fast_key: Any = None
         self._fast: Any = None
         self._pid = 0
@@ -696,7 +706,8 @@ class SyncIPCHandler(_ClientBase):
         self._here()
         if self._fast_key is None:
             self._fast_key = sync_ttrpc_pool.acquire(os.fspath(self.ttrpc_socket_path),
-                                                     self.max_message_bytes, self.shared_memory)
+                                                     self.max_message_bytes, self.shared_memory,
+                                                     self.busy_poll)
         try:
             fast = sync_ttrpc_pool.connection(self._fast_key, self._fast_lane_wait_until(give_up, wait))
         except IPCUnavailableError:

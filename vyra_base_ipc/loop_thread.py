@@ -16,6 +16,9 @@ import logging
 import threading
 from typing import Any, Coroutine, TypeVar
 
+from .busy_poll import DEFAULT_BUSY_POLL
+from .event_loop import new_event_loop
+
 __all__ = ['EventLoopThread']
 
 _logger = logging.getLogger(__name__)
@@ -34,10 +37,14 @@ class EventLoopThread:
     Usable as ``with EventLoopThread() as loop_thread:``.
 
     :param name: name of the thread (shows up in stack dumps and ``ps -L``).
+    :param busy_poll: seconds the loop polls before it sleeps
+        (:func:`~vyra_base_ipc.event_loop.new_event_loop`); may be changed
+        until :meth:`start`.
     """
 
-    def __init__(self, name: str = 'ipc-event-loop') -> None:
+    def __init__(self, name: str = 'ipc-event-loop', busy_poll: float = DEFAULT_BUSY_POLL) -> None:
         self.name = name
+        self.busy_poll = busy_poll
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._workers: futures.ThreadPoolExecutor | None = None
@@ -68,13 +75,15 @@ class EventLoopThread:
 
         :raises RuntimeError: after :meth:`stop` (a stopped loop thread cannot
             be restarted).
+        :raises TypeError, ValueError: :attr:`busy_poll` is not a number of
+            seconds from 0 to 0.01.
         """
         with self._lock:
             if self._stopped:
                 raise RuntimeError(f'event loop thread {self.name!r} was stopped; create a new one')
             if self._thread is not None:
                 return
-            self._loop = asyncio.new_event_loop()
+            self._loop = new_event_loop(self.busy_poll)
             self._workers = futures.ThreadPoolExecutor(thread_name_prefix=f'{self.name}-worker')
             self._loop.set_default_executor(self._workers)
             # A daemon thread: if the host forgets stop(), interpreter exit

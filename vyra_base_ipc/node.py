@@ -14,8 +14,8 @@ neither can block the other. IPC handlers call ROS services with
 Parameters (declared with a description, checked and documented in
 :mod:`vyra_base_ipc.node_parameters`, whose names this module re-exports):
 ``module_name``, ``socket_path``, ``ttrpc_enabled``, ``ttrpc_socket_path``,
-``shared_memory_enabled``, ``shared_memory_threshold``, ``servicers``,
-``grace_period``, ``max_message_bytes``.
+``shared_memory_enabled``, ``shared_memory_threshold``, ``busy_poll_us``,
+``servicers``, ``grace_period``, ``max_message_bytes``.
 """
 
 from __future__ import annotations
@@ -166,6 +166,7 @@ class IPCServerHost:
                                    shared_memory=config.shared_memory)
             except (TypeError, ValueError) as error:
                 raise ParameterError('servicers', str(error)) from None
+            self.loop_thread.busy_poll = config.busy_poll
             self.loop_thread.start()
             try:
                 self.loop_thread.run(server.start())

@@ -20,12 +20,14 @@ import time
 import grpc
 
 from vyra_base_ipc import (
+    DEFAULT_BUSY_POLL,
     IPCServer,
     ModuleService,
     SharedBuffer,
     SharedMemoryOptions,
     attach_buffers,
     received_buffer,
+    run,
     shared_buffer,
 )
 from vyra_base_ipc.demo.backend_service import BackendService
@@ -141,6 +143,8 @@ def main() -> None:
     parser.add_argument('--shared-memory-threshold', type=int, default=None)
     parser.add_argument('--shared-memory-max-bytes', type=int, default=None)
     parser.add_argument('--no-shared-memory', dest='shared_memory', action='store_false')
+    parser.add_argument('--busy-poll', type=float, default=DEFAULT_BUSY_POLL,
+                        help='seconds the event loop polls before it sleeps (0: plain asyncio loop)')
     options = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     kwargs = {}
@@ -166,7 +170,7 @@ def main() -> None:
         **kwargs,
     )
     try:
-        asyncio.run(server.serve())
+        run(server.serve(), busy_poll=options.busy_poll)
     except OSError as error:
         print(f'echo_server: {error}', file=sys.stderr)
         sys.exit(3)

@@ -4,11 +4,10 @@ SIGINT/SIGTERM, then stops within the grace period and removes its socket."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 from typing import Sequence
 
-from vyra_base_ipc import DEFAULT_GRACE_PERIOD, IPCServer, ModuleService
+from vyra_base_ipc import DEFAULT_GRACE_PERIOD, IPCServer, ModuleService, run
 from vyra_base_ipc.demo.backend_service import BackendService
 
 
@@ -29,7 +28,7 @@ def main(args: Sequence[str] | None = None) -> int:
                        servicers=[BackendService(), ModuleService(module_name or 'demo')],
                        grace_period=options.grace_period)
     try:
-        asyncio.run(server.serve())
+        run(server.serve())
     except OSError as error:  # socket in use, path unusable: the message names the path
         logging.error('%s', error)
         return 1

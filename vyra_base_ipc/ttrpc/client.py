@@ -36,6 +36,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from ..address import StrPath, validate_socket_path
+from ..busy_poll import DEFAULT_BUSY_POLL, BusyPoll, poll_for, validate_busy_poll
 from ..exceptions import IPCError, IPCRemoteError, IPCTimeoutError, IPCUnavailableError, error_from_status
 from ..methods import Method, MethodKind
 from ..options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT, validate_max_message_bytes, validate_timeout
@@ -849,8 +850,10 @@ class SyncConnection:
     over the one connection. No background thread reads: a calling thread
     waiting for its answer reads the socket for everyone and hands answers to
     the other waiting threads, so a lone call is one write and one read
-    (the fast path of a request/response protocol). Request streams are
-    sent from a short-lived helper thread per call.
+    (the fast path of a request/response protocol). The reading thread polls
+    the socket for up to ``busy_poll`` seconds before it sleeps, so that a
+    quick answer costs no wakeup; it backs off while answers take longer.
+    Request streams are sent from a short-lived helper thread per call.
 
     Every call blocks for at most its ``timeout`` (seconds; ``None`` for no
     deadline). A broken connection stays broken: :attr:`is_closed` turns true
@@ -858,7 +861,8 @@ class SyncConnection:
     must open its own connection (:attr:`is_closed` is true there).
     """
 
-    def __init__(self, socket_path: str, sock: socket.socket, max_message_bytes: int) -> None:
+    def __init__(self, socket_path: str, sock: socket.socket, max_message_bytes: int,
+                 busy_poll: float = DEFAULT_BUSY_POLL) -> None:
         self.socket_path = socket_path
         self.max_message_bytes = max_message_bytes
         self._sock = sock
@@ -880,21 +884,26 @@ class SyncConnection:
         self._hello_lock = threading.Lock()
         self._poll_out = select.poll()
         self._poll_out.register(sock.fileno(), select.POLLOUT)
+        self._busy_poll = BusyPoll(busy_poll)
 
     @classmethod
     def connect(cls, socket_path: StrPath, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                 timeout: float | None = None,
-                shared_memory: SharedMemoryOptions | None = SharedMemoryOptions()) -> 'SyncConnection':
+                shared_memory: SharedMemoryOptions | None = SharedMemoryOptions(),
+                busy_poll: float = DEFAULT_BUSY_POLL) -> 'SyncConnection':
         """Connect to the ttrpc server on ``socket_path``; with
         ``shared_memory``, agree on it as :meth:`AsyncConnection.connect` does.
 
         :param timeout: seconds to wait for the connection to be accepted
             (default :data:`~vyra_base_ipc.options.DEFAULT_TIMEOUT`).
+        :param busy_poll: seconds the thread waiting for an answer polls the
+            socket before it sleeps (:mod:`vyra_base_ipc.busy_poll`); 0 never.
         :raises IPCUnavailableError: no socket, nobody listening, not allowed.
         :raises TypeError, ValueError: invalid arguments.
         """
         path, limit, timeout, shared = _connect_arguments(socket_path, max_message_bytes, timeout,
                                                           shared_memory)
+        validate_busy_poll(busy_poll)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
@@ -910,7 +919,7 @@ class SyncConnection:
         except OSError as error:
             sock.close()
             raise _connect_error(path, error) from None
-        connection = cls(path, sock, limit)
+        connection = cls(path, sock, limit, busy_poll)
         if shared is not None:
             # Sent now, settled by the first call (see AsyncConnection.connect).
             connection._offered = shared
@@ -1226,10 +1235,9 @@ class SyncConnection:
         """
         if self._error is not None:
             return
-        self._limit_receive(deadline)
         decoder = self._decoder
         try:
-            data, ancillary, flags, _ = self._sock.recvmsg(_READ_SIZE, _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC)
+            data, ancillary, flags, _ = self._receive(deadline)
         except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO expired
             if deadline is not None and time.monotonic() >= deadline:
                 raise _Timeout() from None
@@ -1269,6 +1277,31 @@ class SyncConnection:
                     target.items.append(item)
                     if target.waiting:
                         target.condition.notify()  # type: ignore[union-attr]
+
+    def _receive(self, deadline: float | None) -> tuple[bytes, list[tuple[int, int, bytes]], int, Any]:
+        # Polls first (see busy_poll), then sleeps in recvmsg() until the deadline.
+        policy = self._busy_poll
+        window = policy.window()
+        if window:
+            if deadline is not None:
+                window = min(window, deadline - time.monotonic())
+            received = poll_for(self._receive_now, window)
+            if received is not None:
+                policy.found()
+                return received
+            policy.missed()
+        self._limit_receive(deadline)
+        started = time.perf_counter()
+        received = self._sock.recvmsg(_READ_SIZE, _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC)
+        if not window:
+            policy.slept(time.perf_counter() - started)
+        return received
+
+    def _receive_now(self) -> tuple[bytes, list[tuple[int, int, bytes]], int, Any] | None:
+        try:
+            return self._sock.recvmsg(_READ_SIZE, _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
 
     def _limit_receive(self, deadline: float | None) -> None:
         """Make the next recv() return by ``deadline`` (SO_RCVTIMEO).

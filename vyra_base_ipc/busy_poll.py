@@ -1,0 +1,107 @@
+"""Busy-polling before sleeping: when to do it and for how long.
+
+A process asleep in ``recv()`` or ``epoll_wait()`` on an idle CPU pays for
+its wakeup when the peer answers: tens of microseconds on a virtual machine,
+more than the whole rest of a local call. A waiter that keeps polling for a
+short while instead is still on its CPU when the answer comes. Linux offers
+this for network sockets (``SO_BUSY_POLL``), KVM for idle virtual CPUs
+(``halt_poll_ns``); both are bounded and both back off when polling does not
+pay. :class:`BusyPoll` is that policy, shared by the server's event loop
+(:mod:`vyra_base_ipc.event_loop`) and the synchronous fast-lane client.
+
+Cost: a wait polls for at most the window (:data:`DEFAULT_BUSY_POLL`), so a
+call costs at most that much extra CPU, and only while calls come that close
+together: a poll that finds nothing makes the next waits sleep at once, for
+twice as many waits each time it happens again (up to
+:data:`MAX_BACKOFF_WAITS`). A process that may use only one CPU never polls:
+it would keep the CPU from the very peer it waits for.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, TypeVar
+
+__all__ = ['DEFAULT_BUSY_POLL', 'MAX_BACKOFF_WAITS', 'BusyPoll', 'poll_for', 'validate_busy_poll']
+
+#: How long a wait polls before it sleeps, in seconds. Covers a local
+#: round trip through a Python peer, with room to spare.
+DEFAULT_BUSY_POLL = 100e-6
+#: Largest number of waits that sleep at once after polls found nothing.
+MAX_BACKOFF_WAITS = 64
+#: Longest window accepted: beyond this, polling costs more than any wakeup.
+_LIMIT = 0.01
+
+_T = TypeVar('_T')
+
+
+def validate_busy_poll(value: object, name: str = 'busy_poll') -> float:
+    """:raises TypeError, ValueError: unless ``value`` is a number of seconds
+    from 0 (no polling) to 0.01."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f'{name} must be a number of seconds, not {type(value).__name__}')
+    if not 0 <= value <= _LIMIT:
+        raise ValueError(f'{name} must be between 0 and {_LIMIT} seconds, not {value}')
+    return float(value)
+
+
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+class BusyPoll:
+    """The polling policy of one waiter (one event loop, one connection).
+
+    Not thread-safe: one waiter at a time asks :meth:`window` and reports
+    with :meth:`found`, :meth:`missed` or :meth:`slept`.
+
+    :param seconds: the longest poll; 0 turns polling off. Also off when
+        this process may run on one CPU only.
+    :raises TypeError, ValueError: as :func:`validate_busy_poll`.
+    """
+
+    __slots__ = ('seconds', '_backoff', '_skip')
+
+    def __init__(self, seconds: float = DEFAULT_BUSY_POLL) -> None:
+        seconds = validate_busy_poll(seconds)
+        #: The window; 0.0 when polling is off.
+        self.seconds = seconds if _usable_cpus() > 1 else 0.0
+        self._backoff = 0  # waits to sleep after the next fruitless poll
+        self._skip = 0  # waits left that sleep at once
+
+    @property
+    def enabled(self) -> bool:
+        return self.seconds > 0.0
+
+    def window(self) -> float:
+        """Seconds to poll before the coming wait sleeps; 0.0 to sleep at once."""
+        if self._skip:
+            self._skip -= 1
+            return 0.0
+        return self.seconds
+
+    def found(self) -> None:
+        """Polling found the event: keep polling."""
+        self._backoff = 0
+
+    def missed(self) -> None:
+        """Polling found nothing in its window: back off."""
+        self._backoff = min(2 * self._backoff or 1, MAX_BACKOFF_WAITS)
+        self._skip = self._backoff
+
+    def slept(self, waited: float) -> None:
+        """A wait that did not poll ended after ``waited`` seconds with an
+        event: had it come within the window, polling would have paid."""
+        if waited <= self.seconds:
+            self._backoff = self._skip = 0
+
+
+def poll_for(attempt: Callable[[], _T | None], seconds: float) -> _T | None:
+    """Call ``attempt`` (which must not block) until it returns something
+    other than ``None`` or ``seconds`` have passed; return that, or ``None``."""
+    deadline = time.perf_counter() + seconds
+    while True:
+        result = attempt()
+        if result is not None or time.perf_counter() >= deadline:
+            return result

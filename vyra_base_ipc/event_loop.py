@@ -1,0 +1,93 @@
+"""The event loop an IPC server runs best on: asyncio's own selector loop
+whose selector busy-polls briefly before it sleeps (see
+:mod:`vyra_base_ipc.busy_poll` for when and at what cost).
+
+The ``ipc_server`` node, :class:`~vyra_base_ipc.loop_thread.EventLoopThread`
+and the demo run on it. Use it for a server of your own the way uvloop is
+used::
+
+    vyra_base_ipc.run(server.serve())                        # like asyncio.run()
+    asyncio.Runner(loop_factory=vyra_base_ipc.new_event_loop)  # or any loop_factory
+
+A loop created elsewhere (``asyncio.run()``, uvicorn, ...) serves exactly the
+same, only without polling; the client needs nothing: the synchronous client
+polls by itself, and an :class:`~vyra_base_ipc.IPCHandler` on such a loop
+profits in the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import selectors
+import time
+from typing import Any, Coroutine, TypeVar
+
+from .busy_poll import DEFAULT_BUSY_POLL, BusyPoll, poll_for
+
+__all__ = ['BusyPollSelector', 'new_event_loop', 'run']
+
+_T = TypeVar('_T')
+
+
+class BusyPollSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+    """The platform's default selector (epoll on Linux), polling for up to
+    the :class:`~vyra_base_ipc.busy_poll.BusyPoll` window before a
+    :meth:`select` that may block sleeps.
+
+    A ``select()`` never returns later than its timeout; when a timer of the
+    loop is due within the window, it polls until then only.
+    """
+
+    def __init__(self, busy_poll: BusyPoll) -> None:
+        super().__init__()
+        self.busy_poll = busy_poll
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout is not None and timeout <= 0:
+            return super().select(timeout)
+        policy = self.busy_poll
+        window = policy.window()
+        if not window:
+            started = time.perf_counter()
+            ready = super().select(timeout)
+            if ready:
+                policy.slept(time.perf_counter() - started)
+            return ready
+        timer_first = timeout is not None and timeout < window
+        ready = poll_for(self._ready_now, timeout if timer_first else window)  # type: ignore[arg-type]
+        if ready:
+            policy.found()
+            return ready
+        if timer_first:
+            return []  # a timer is due: nothing was missed
+        policy.missed()
+        return super().select(None if timeout is None else timeout - window)
+
+    def _ready_now(self) -> list[tuple[selectors.SelectorKey, int]] | None:
+        return super().select(0) or None
+
+
+def new_event_loop(busy_poll: float = DEFAULT_BUSY_POLL) -> asyncio.AbstractEventLoop:
+    """A new event loop whose waits poll for up to ``busy_poll`` seconds.
+
+    With ``busy_poll=0``, or where this process may use only one CPU, it is
+    simply :func:`asyncio.new_event_loop` (so an installed loop policy, such
+    as uvloop's, still applies).
+
+    :raises TypeError, ValueError: ``busy_poll`` is not a number of seconds
+        from 0 to 0.01.
+    """
+    policy = BusyPoll(busy_poll)
+    if not policy.enabled:
+        return asyncio.new_event_loop()
+    return asyncio.SelectorEventLoop(BusyPollSelector(policy))
+
+
+def run(main: Coroutine[Any, Any, _T], *, busy_poll: float = DEFAULT_BUSY_POLL,
+        debug: bool | None = None) -> _T:
+    """:func:`asyncio.run` on a loop from :func:`new_event_loop`: run
+    ``main`` to completion, then cancel what remains and close the loop."""
+    loop_factory = functools.partial(new_event_loop, busy_poll)
+    with asyncio.Runner(debug=debug, loop_factory=loop_factory) as runner:
+        return runner.run(main)
