@@ -1,5 +1,5 @@
 """The results as a table on stdout and as JSON: rows, cold start, overhead
-budget, the concurrency check, and what was skipped."""
+budget, busy polling, the concurrency check, and what was skipped."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import platform
 import sys
 from typing import Any, Iterable, TextIO
 
+from .busypoll import LABELS
 from .payloads import size_label
 from .stats import ROW_COLUMNS
 
@@ -256,6 +257,13 @@ def print_report(results: dict[str, Any], out: TextIO = sys.stdout) -> None:
         for line in shared_memory:
             print(line, file=out)
 
+    busy_poll = _busy_poll_rows(results)
+    if busy_poll:
+        print('\n## Busy polling, fast lane, 64 B, interleaved (CPU µs per call of each side)\n',
+              file=out)
+        _table(['variant', 'p50 µs', 'p99 µs', 'client CPU', 'server CPU'], busy_poll, out)
+        print(f'\n{_idle_line(results)}', file=out)
+
     if results['concurrency']:
         print('\n## Concurrency (64 B, calls/s by calls in flight)\n', file=out)
         for check in results['concurrency']:
@@ -267,6 +275,24 @@ def print_report(results: dict[str, Any], out: TextIO = sys.stdout) -> None:
     for skipped in results['skipped']:
         print(f"\nskipped {skipped['transport']}: {skipped['reason']}", file=out)
     print(f"\n{meta['note']}", file=out)
+
+
+def _busy_poll_rows(results: dict[str, Any]) -> list[list[str]]:
+    """``[label, p50, p99, client CPU, server CPU]`` per busy-poll variant."""
+    rows = []
+    for mode, measured in results.get('busy_poll', {}).items():
+        for variant, row in measured['variants'].items():
+            rows.append([LABELS.get(f'{mode}/{variant}', f'{mode}/{variant}'), _number(row['p50_us']),
+                         _number(row['p99_us']), _number(row['client_cpu_us_per_call']),
+                         _number(row['server_cpu_us_per_call'])])
+    return rows
+
+
+def _idle_line(results: dict[str, Any]) -> str:
+    idle = next((measured['idle'] for measured in results.get('busy_poll', {}).values()
+                 if 'idle' in measured), {})
+    return ('Idle servers (half a second without calls): ' +
+            ', '.join(f'{server} {percent:.1f} % CPU' for server, percent in idle.items()) + '.')
 
 
 def write_json(results: dict[str, Any], path: Path) -> None:
@@ -329,6 +355,13 @@ def markdown_summary(results: dict[str, Any]) -> str:
                   f"the deadline every call carries {ratios['deadline']:.2f}×)."]
     for line in _fast_lane_lines(results) + _shared_memory_lines(results):
         lines += ['', line]
+    busy_poll = _busy_poll_rows(results)
+    if busy_poll:
+        lines += ['', 'Busy polling, fast lane, 64 B, interleaved; CPU time per call of each side:', '',
+                  '| variant | p50 | p99 | client CPU | server CPU |', '| --- | ---: | ---: | ---: | ---: |']
+        lines += [f'| {label} | {p50} µs | {p99} µs | {client} µs | {server} µs |'
+                  for label, p50, p99, client, server in busy_poll]
+        lines += ['', _idle_line(results)]
     for check in results['concurrency']:
         lines += ['', f"Concurrency: `{check['transport']}` with 64 calls in flight makes "
                   f"{check['ratio_64_vs_1']:.1f}× the calls/s of sequential calls "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 import datetime
+import importlib.util
 import json
 from pathlib import Path
 import shutil
@@ -25,6 +26,7 @@ import tempfile
 import time
 from typing import Any
 
+from .busypoll import BUSY_POLL_SERVERS, MODES as BUSY_POLL_MODES
 from .coldstart import COLD_START_CLIENTS, summarize_runs
 from .overhead import OVERHEAD_SERVERS
 from .payloads import LARGE_PAYLOAD, PAYLOAD_SIZES
@@ -47,8 +49,8 @@ __all__ = ['MODES', 'Mode', 'main', 'plan_cases', 'run']
 
 DEFAULT_OUT = Path(__file__).resolve().parent / 'results'
 #: Parts of a run: the round-trip table, the overhead budget, the cold starts,
-#: explicit zero-copy buffers.
-SECTIONS = ('rows', 'overhead', 'cold-start', 'zero-copy')
+#: explicit zero-copy buffers, busy polling on and off.
+SECTIONS = ('rows', 'overhead', 'cold-start', 'zero-copy', 'busy-poll')
 #: Calls in flight for the asynchronous clients.
 CONCURRENCY = (1, 8, 64)
 
@@ -67,6 +69,8 @@ class Mode:
     :param large_calls: timed calls with :data:`~bench.payloads.LARGE_PAYLOAD`
         (lanes that carry it), after one untimed call.
     :param zero_copy_calls: timed calls per buffer size of the zero-copy section.
+    :param busy_poll_rounds: interleaved blocks per busy-poll variant.
+    :param busy_poll_block: calls per block.
     """
 
     name: str
@@ -79,18 +83,20 @@ class Mode:
     overhead_block: int
     large_calls: int
     zero_copy_calls: int
+    busy_poll_rounds: int
+    busy_poll_block: int
 
 
 _K, _M = 1024, 1024 * 1024
 MODES = {
     'full': Mode('full', {64: 5000, 64 * _K: 2000, _M: 300, 10 * _M: 40},
                  {64: 500, 64 * _K: 200, _M: 30, 10 * _M: 5}, (64, 64 * _K), 5000, 10, 40, 100,
-                 10, 200),
+                 10, 200, 20, 250),
     'quick': Mode('quick', {64: 1000, 64 * _K: 300, _M: 40, 10 * _M: 8},
                   {64: 200, 64 * _K: 30, _M: 5, 10 * _M: 2}, (64,), 1000, 3, 20, 50,
-                  3, 50),
+                  3, 50, 10, 100),
     'smoke': Mode('smoke', dict.fromkeys(PAYLOAD_SIZES, 3), dict.fromkeys(PAYLOAD_SIZES, 1),
-                  (64,), 16, 1, 2, 3, 1, 3),
+                  (64,), 16, 1, 2, 3, 1, 3, 1, 3),
 }
 
 
@@ -129,13 +135,17 @@ def _start_servers(servers: Servers, workdir: Path, needed: set[str], pin: bool)
         if name in needed:
             extra = [json.dumps(ipc_server_options())] if kind == 'ipc' else []
             servers.start(name, kind, str(sockets / f'{name}.sock'), *extra, pin=True)
+    for name, busy_poll in BUSY_POLL_SERVERS.items():
+        if name in needed:
+            options = {**ipc_server_options(), **({} if busy_poll is None else {'busy_poll': busy_poll})}
+            servers.start(name, 'ipc', str(sockets / f'{name}.sock'), json.dumps(options), pin=pin)
     ready = servers.wait_ready()
     return {
         'socket': ready.get('socket', {}).get('path'),
         'grpc': ready.get('grpc', {}).get('path'),
         'tcp': ready.get('grpc', {}).get('tcp'),
         'ipc': ready.get('ipc', {}).get('path'),
-        **{name: ready.get(name, {}).get('path') for name in OVERHEAD_SERVERS},
+        **{name: ready.get(name, {}).get('path') for name in [*OVERHEAD_SERVERS, *BUSY_POLL_SERVERS]},
         'ros': ROS_SERVICE,
     }
 
@@ -174,6 +184,25 @@ def _measure_overhead(env: BenchEnvironment, addresses: dict[str, Any],
         results[kind] = run_child(env, 'bench.overhead', [json.dumps(spec)], f'overhead-{kind}',
                                   timeout=600, pin=True)
         results[kind]['pinned'] = env.can_pin
+    return results
+
+
+def _busy_poll_available() -> bool:
+    # (A --package-root copy may predate busy polling.)
+    return any(lane.name == 'ttrpc' and lane.unavailable() is None for lane in LANES) and \
+        importlib.util.find_spec('vyra_base_ipc.event_loop') is not None
+
+
+def _measure_busy_poll(env: BenchEnvironment, addresses: dict[str, Any], mode: Mode,
+                       pin: bool) -> dict[str, Any]:
+    fast_lane = next(lane for lane in LANES if lane.name == 'ttrpc')
+    results = {}
+    for client_mode in BUSY_POLL_MODES:
+        spec = {'mode': client_mode, 'addresses': addresses, 'client_options': fast_lane.client_options(),
+                'rounds': mode.busy_poll_rounds, 'block': mode.busy_poll_block,
+                'warmup': mode.busy_poll_block}
+        results[client_mode] = run_child(env, 'bench.busypoll', [json.dumps(spec)],
+                                         f'busy-poll-{client_mode}', timeout=600, pin=pin)
     return results
 
 
@@ -251,6 +280,9 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
             needed.add('ipc')
         if 'overhead' in sections:
             needed |= set(OVERHEAD_SERVERS)
+        busy_poll_measured = 'busy-poll' in sections and _busy_poll_available()
+        if busy_poll_measured:
+            needed |= set(BUSY_POLL_SERVERS)
         with Servers(env) as servers:
             addresses = _start_servers(servers, workdir, needed, pin)
             _log(f'servers up after {time.monotonic() - began:.1f} s; measuring:')
@@ -263,6 +295,7 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
                                                 'calls': mode.zero_copy_calls})],
                                    'zero-copy', timeout=600, pin=pin)['zero_copy']
                          if 'zero-copy' in sections and zero_copy_lane else [])
+            busy_poll = _measure_busy_poll(env, addresses, mode, pin) if busy_poll_measured else {}
     except BaseException:
         _log(f'logs kept in {workdir / "logs"}')
         raise
@@ -286,6 +319,7 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
         'cold_start': cold_start,
         'overhead': overhead,
         'zero_copy': zero_copy,
+        'busy_poll': busy_poll,
         'fast_lane': fast_lane_checks(rows),
         'shared_memory': shared_memory_checks(rows, zero_copy),
         'concurrency': checks,

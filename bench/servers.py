@@ -23,6 +23,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any
 
 from .framing import HEADER, recv_exact, send_frame
@@ -109,6 +110,9 @@ def BenchEcho() -> Any:  # noqa: N802 - a class factory: the base class is gener
             return bench_pb2.BufferReply(size=len(view), first_byte=view[0] if len(view) else 0,
                                          last_byte=view[-1] if len(view) else 0,
                                          backing=backing_file(view))
+
+        async def CpuTime(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC name
+            return bench_pb2.CpuTimeReply(seconds=time.process_time())
 
         async def Mirror(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC name
             from vyra_base_ipc import attach_buffers, received_buffer

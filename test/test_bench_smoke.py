@@ -32,6 +32,9 @@ COLUMNS = ['transport', 'label', 'client', 'server', 'address', 'lane', 'payload
 COLD_START = {'socket-uds', 'grpc-aio-uds', 'ipc-sync-grpc', 'ipc-aio-grpc', 'ipc-sync-ttrpc',
               'ipc-aio-ttrpc', 'rclpy-dds'}
 OVERHEAD_VARIANTS = {'stub/grpc', 'stub/ipc', 'stub+deadline/ipc', 'handler/ipc'}
+#: Busy polling off and on, by client mode (issue 6: what polling buys and costs).
+BUSY_POLL_VARIANTS = {'sync': {'off', 'server', 'both'}, 'async': {'off', 'server'},
+                      'async-polling-loop': {'both'}}
 
 
 @pytest.fixture(scope='module')
@@ -144,3 +147,21 @@ def test_fast_lane_section_compares_small_calls_with_trigger_and_grpc(smoke_run)
     for check in checks.values():
         assert check['vs_trigger'] > 0 and check['vs_grpc_lane'] > 0
     assert 'an rclpy Trigger call' in stdout
+
+
+@pytest.mark.ros
+def test_busy_poll_section_shows_latency_and_cpu_of_both_sides(smoke_run) -> None:
+    results, out, stdout = smoke_run
+    measured = results['busy_poll']
+    assert set(measured) == set(BUSY_POLL_VARIANTS)
+    for mode, variants in BUSY_POLL_VARIANTS.items():
+        assert set(measured[mode]['variants']) == set(variants)
+        for row in measured[mode]['variants'].values():
+            assert row['calls'] == measured[mode]['calls_per_variant'] > 0
+            assert row['p50_us'] > 0 and row['client_cpu_us_per_call'] >= 0
+            assert row['server_cpu_us_per_call'] >= 0
+    assert set(measured['sync']['idle']) == {'busy-poll-on', 'busy-poll-off'}
+    assert 'Busy polling, fast lane' in stdout
+    markdown = (out / 'results.md').read_text()
+    assert 'SyncIPCHandler, both poll (the defaults)' in markdown
+    assert 'Idle servers' in markdown

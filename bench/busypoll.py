@@ -1,0 +1,199 @@
+"""What busy polling buys and what it costs: 64 B calls on the fast lane with
+polling off and on, on the server's event loop and in the client, side by
+side, with the CPU time each side spends per call.
+
+Two servers of the section's own: ``busy-poll-on`` (the default loop, polling
+for :data:`~vyra_base_ipc.DEFAULT_BUSY_POLL`) and ``busy-poll-off``
+(``busy_poll=0``, a plain asyncio loop). Variants of each client mode, calls
+interleaved in blocks as in :mod:`bench.overhead`:
+
+``sync``   ``SyncIPCHandler``: ``off`` (neither polls), ``server`` (only the
+           server polls), ``both`` (the defaults).
+``async``  ``IPCHandler`` on a stock asyncio loop: ``off``, ``server`` (the
+           defaults).
+``async-polling-loop``  ``IPCHandler`` on :func:`vyra_base_ipc.new_event_loop`
+           (its own process): ``both``.
+
+CPU per call is the process time (user + system, all threads) each side used
+over the variant's blocks, divided by its calls; the server's is asked with
+the ``CpuTime`` call between blocks. ``idle`` (sync mode): each server's CPU
+use in percent over half a second without calls, after the blocks.
+
+Child: ``python -m bench.busypoll SPEC`` with ``{"mode", "addresses",
+"client_options", "rounds", "block", "warmup"}``; prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import sys
+import time
+from typing import Any, Callable
+
+from .payloads import make_payload
+from .stats import Sample, summarize
+
+__all__ = ['BUSY_POLL_SERVERS', 'LABELS', 'MODES', 'main', 'measure_busy_poll']
+
+#: The section's servers: name -> ``busy_poll`` of their event loop (None: the default).
+BUSY_POLL_SERVERS: dict[str, float | None] = {'busy-poll-on': None, 'busy-poll-off': 0.0}
+#: Client modes -> variant -> (server, client busy_poll: None for the default).
+MODES: dict[str, dict[str, tuple[str, float | None]]] = {
+    'sync': {'off': ('busy-poll-off', 0.0), 'server': ('busy-poll-on', 0.0),
+             'both': ('busy-poll-on', None)},
+    'async': {'off': ('busy-poll-off', None), 'server': ('busy-poll-on', None)},
+    'async-polling-loop': {'both': ('busy-poll-on', None)},
+}
+#: What each ``mode/variant`` is, for the tables.
+LABELS = {
+    'sync/off': 'SyncIPCHandler, nobody polls',
+    'sync/server': 'SyncIPCHandler, only the server polls',
+    'sync/both': 'SyncIPCHandler, both poll (the defaults)',
+    'async/off': "IPCHandler on asyncio's loop, nobody polls",
+    'async/server': "IPCHandler on asyncio's loop, the server polls (the defaults)",
+    'async-polling-loop/both': 'IPCHandler on vyra_base_ipc.new_event_loop(), both poll',
+}
+_PAYLOAD = 64
+_TIMEOUT = 30.0
+_IDLE_SECONDS = 0.5
+
+
+def _handlers(mode: str, addresses: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    from vyra_base_ipc import IPCHandler, SyncIPCHandler
+    from vyra_bench import bench_pb2_grpc
+
+    handlers = {}
+    for variant, (server, busy_poll) in MODES[mode].items():
+        if mode == 'sync':
+            extra = {} if busy_poll is None else {'busy_poll': busy_poll}
+            handlers[variant] = SyncIPCHandler(addresses[server], bench_pb2_grpc.BenchServiceStub,
+                                               timeout=_TIMEOUT, **options, **extra)
+        else:
+            handlers[variant] = IPCHandler(addresses[server], bench_pb2_grpc.BenchServiceStub,
+                                           timeout=_TIMEOUT, **options)
+    return handlers
+
+
+class _Tally:
+    """Latencies, wall time and CPU time of both sides, of one variant."""
+
+    def __init__(self) -> None:
+        self.latencies: list[int] = []
+        self.wall_ns = 0
+        self.client_cpu = 0.0
+        self.server_cpu = 0.0
+
+    def report(self) -> dict[str, Any]:
+        calls = len(self.latencies)
+        return {**summarize(Sample(self.latencies, self.wall_ns), _PAYLOAD),
+                'client_cpu_us_per_call': round(self.client_cpu / calls * 1e6, 1),
+                'server_cpu_us_per_call': round(self.server_cpu / calls * 1e6, 1)}
+
+
+def _order(variants: list[str], round_index: int) -> list[str]:
+    shift = round_index % len(variants)
+    return variants[shift:] + variants[:shift]
+
+
+def _measure_sync(handlers: dict[str, Any], rounds: int, block: int, warmup: int) -> dict[str, Any]:
+    from vyra_bench import bench_pb2
+
+    request = bench_pb2.Blob(data=make_payload(_PAYLOAD))
+    for handler in handlers.values():
+        handler.connect()
+        for _ in range(warmup):
+            handler.call_method('Echo', request)
+    tallies = {variant: _Tally() for variant in handlers}
+    gc.collect()
+    for round_index in range(rounds):
+        for variant in _order(list(handlers), round_index):
+            call, tally = handlers[variant].call_method, tallies[variant]
+            record = tally.latencies.append
+            server_before = call('CpuTime', bench_pb2.Blob()).seconds
+            client_before, began = time.process_time(), time.perf_counter_ns()
+            for _ in range(block):
+                start = time.perf_counter_ns()
+                if len(call('Echo', request).data) != _PAYLOAD:
+                    raise RuntimeError(f'{variant}: short reply')
+                record(time.perf_counter_ns() - start)
+            tally.wall_ns += time.perf_counter_ns() - began
+            tally.client_cpu += time.process_time() - client_before
+            tally.server_cpu += call('CpuTime', bench_pb2.Blob()).seconds - server_before
+    # One handler per server: how much CPU each uses while nobody calls.
+    by_server = {MODES['sync'][variant][0]: handler for variant, handler in handlers.items()}
+    idle = _idle_cpu({server: lambda h=handler: h.call_method('CpuTime', bench_pb2.Blob()).seconds
+                      for server, handler in by_server.items()})
+    for handler in handlers.values():
+        handler.disconnect()
+    return {'variants': {variant: tally.report() for variant, tally in tallies.items()}, 'idle': idle}
+
+
+async def _measure_async(handlers: dict[str, Any], rounds: int, block: int,
+                         warmup: int) -> dict[str, Any]:
+    from vyra_bench import bench_pb2
+
+    request = bench_pb2.Blob(data=make_payload(_PAYLOAD))
+    for handler in handlers.values():
+        await handler.connect()
+        for _ in range(warmup):
+            await handler.call_method('Echo', request)
+    tallies = {variant: _Tally() for variant in handlers}
+    gc.collect()
+    for round_index in range(rounds):
+        for variant in _order(list(handlers), round_index):
+            call, tally = handlers[variant].call_method, tallies[variant]
+            record = tally.latencies.append
+            server_before = (await call('CpuTime', bench_pb2.Blob())).seconds
+            client_before, began = time.process_time(), time.perf_counter_ns()
+            for _ in range(block):
+                start = time.perf_counter_ns()
+                if len((await call('Echo', request)).data) != _PAYLOAD:
+                    raise RuntimeError(f'{variant}: short reply')
+                record(time.perf_counter_ns() - start)
+            tally.wall_ns += time.perf_counter_ns() - began
+            tally.client_cpu += time.process_time() - client_before
+            tally.server_cpu += (await call('CpuTime', bench_pb2.Blob())).seconds - server_before
+    for handler in handlers.values():
+        await handler.disconnect()
+    return {'variants': {variant: tally.report() for variant, tally in tallies.items()}}
+
+
+def _idle_cpu(cpu_time: dict[str, Callable[[], float]]) -> dict[str, float]:
+    """Each server's CPU use in percent over :data:`_IDLE_SECONDS` without calls."""
+    before = {server: read() for server, read in cpu_time.items()}
+    began = time.perf_counter()
+    time.sleep(_IDLE_SECONDS)
+    elapsed = time.perf_counter() - began
+    return {server: round((read() - before[server]) / elapsed * 100, 1)
+            for server, read in cpu_time.items()}
+
+
+def measure_busy_poll(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure the variants of ``spec['mode']`` in this process (see the module docstring)."""
+    mode = spec['mode']
+    if mode not in MODES:
+        raise ValueError(f'mode must be one of {", ".join(MODES)}, not {mode!r}')
+    handlers = _handlers(mode, spec['addresses'], spec.get('client_options', {}))
+    args = (handlers, spec['rounds'], spec['block'], spec['warmup'])
+    if mode == 'sync':
+        result = _measure_sync(*args)
+    elif mode == 'async':
+        result = asyncio.run(_measure_async(*args))
+    else:
+        from vyra_base_ipc import run
+
+        result = run(_measure_async(*args))
+    return {'mode': mode, 'payload_bytes': _PAYLOAD,
+            'calls_per_variant': spec['rounds'] * spec['block'], **result}
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    print(json.dumps(measure_busy_poll(json.loads(sys.argv[1]))), flush=True)
+
+
+if __name__ == '__main__':
+    main()
