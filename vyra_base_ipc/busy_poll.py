@@ -13,8 +13,15 @@ Cost: a wait polls for at most the window (:data:`DEFAULT_BUSY_POLL`), so a
 call costs at most that much extra CPU, and only while calls come that close
 together: a poll that finds nothing makes the next waits sleep at once, for
 twice as many waits each time it happens again (up to
-:data:`MAX_BACKOFF_WAITS`). A process that may use only one CPU never polls:
-it would keep the CPU from the very peer it waits for.
+:data:`MAX_BACKOFF_WAITS`). Between attempts a poller yields the CPU, so a
+peer that shares its CPU still runs at once. On a machine with one CPU
+nothing polls: the peer can only run when the poller stops. Where CPU time
+is scarcer than latency matters (a CPU quota, a battery), set the window to 0.
+
+Measured on a 2-CPU virtual machine (``python -m bench --sections busy-poll``):
+with both sides polling a 64 B call takes ~30 us instead of ~100 us, and
+*less* CPU per call on each side, because waking a sleeping process costs more
+than the polling does.
 """
 
 from __future__ import annotations
@@ -46,8 +53,10 @@ def validate_busy_poll(value: object, name: str = 'busy_poll') -> float:
     return float(value)
 
 
-def _usable_cpus() -> int:
-    return len(os.sched_getaffinity(0))
+def _machine_cpus() -> int:
+    # The machine's, not this process's affinity: a process pinned to a CPU
+    # of its own, its peer to another, is where polling pays most.
+    return os.cpu_count() or 1
 
 
 class BusyPoll:
@@ -56,8 +65,8 @@ class BusyPoll:
     Not thread-safe: one waiter at a time asks :meth:`window` and reports
     with :meth:`found`, :meth:`missed` or :meth:`slept`.
 
-    :param seconds: the longest poll; 0 turns polling off. Also off when
-        this process may run on one CPU only.
+    :param seconds: the longest poll; 0 turns polling off. Also off on a
+        machine with one CPU.
     :raises TypeError, ValueError: as :func:`validate_busy_poll`.
     """
 
@@ -66,7 +75,7 @@ class BusyPoll:
     def __init__(self, seconds: float = DEFAULT_BUSY_POLL) -> None:
         seconds = validate_busy_poll(seconds)
         #: The window; 0.0 when polling is off.
-        self.seconds = seconds if _usable_cpus() > 1 else 0.0
+        self.seconds = seconds if _machine_cpus() > 1 else 0.0
         self._backoff = 0  # waits to sleep after the next fruitless poll
         self._skip = 0  # waits left that sleep at once
 
@@ -99,9 +108,16 @@ class BusyPoll:
 
 def poll_for(attempt: Callable[[], _T | None], seconds: float) -> _T | None:
     """Call ``attempt`` (which must not block) until it returns something
-    other than ``None`` or ``seconds`` have passed; return that, or ``None``."""
+    other than ``None`` or ``seconds`` have passed; return that, or ``None``.
+
+    Between attempts the CPU and the GIL go to any other thread that is ready
+    to run: polling must not delay the work it waits for (gRPC's own threads
+    answer the gRPC lane: without yielding, a polling loop made that lane
+    ~20 % slower on two CPUs).
+    """
     deadline = time.perf_counter() + seconds
     while True:
         result = attempt()
         if result is not None or time.perf_counter() >= deadline:
             return result
+        os.sched_yield()

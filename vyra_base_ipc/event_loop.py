@@ -71,7 +71,7 @@ class BusyPollSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-ty
 def new_event_loop(busy_poll: float = DEFAULT_BUSY_POLL) -> asyncio.AbstractEventLoop:
     """A new event loop whose waits poll for up to ``busy_poll`` seconds.
 
-    With ``busy_poll=0``, or where this process may use only one CPU, it is
+    With ``busy_poll=0``, or on a machine with one CPU, it is
     simply :func:`asyncio.new_event_loop` (so an installed loop policy, such
     as uvloop's, still applies).
 

@@ -97,7 +97,7 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         'Microseconds the server polls for the next request before it sleeps (0 to 10000; '
         '0: never). Saves the wakeup of a sleeping process, the largest part of a small '
         'call; costs at most this much CPU per call, and only while calls come that close '
-        'together. Never polls where the process may use one CPU only.'),
+        'together. Never polls on a machine with one CPU.'),
     ParameterSpec(
         'servicers', Parameter.Type.STRING_ARRAY, None,
         'Extra gRPC servicers as package.module:ClassName, imported and created with no '
