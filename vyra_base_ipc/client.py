@@ -563,8 +563,7 @@ class SyncIPCHandler(_ClientBase):
     :param busy_poll: seconds a thread waiting for a fast-lane answer polls
         the socket before it sleeps (:mod:`vyra_base_ipc.busy_poll`): a quick
         answer then costs no wakeup. It polls only while answers come that
-        quickly, and never on a machine with one CPU. 0 turns
-        it off.
+        quickly, and never on a machine with one CPU. 0 turns it off.
     """
 
     _channel_pool = sync_pool

@@ -7,7 +7,7 @@ and the demo run on it. Use it for a server of your own the way uvloop is
 used::
 
     vyra_base_ipc.run(server.serve())                        # like asyncio.run()
-    asyncio.Runner(loop_factory=vyra_base_ipc.new_event_loop)  # or any loop_factory
+    asyncio.Runner(loop_factory=vyra_base_ipc.new_event_loop)  # or any loop_factory (3.11+)
 
 A loop created elsewhere (``asyncio.run()``, uvicorn, ...) serves exactly the
 same, only without polling; the client needs nothing: the synchronous client
@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import selectors
+import sys
 import time
 from typing import Any, Coroutine, TypeVar
 
-from .busy_poll import DEFAULT_BUSY_POLL, BusyPoll, poll_for
+from .busy_poll import DEFAULT_BUSY_POLL, BusyPoll, poll_for, validate_busy_poll
 
 __all__ = ['BusyPollSelector', 'new_event_loop', 'run']
 
@@ -87,7 +88,40 @@ def new_event_loop(busy_poll: float = DEFAULT_BUSY_POLL) -> asyncio.AbstractEven
 def run(main: Coroutine[Any, Any, _T], *, busy_poll: float = DEFAULT_BUSY_POLL,
         debug: bool | None = None) -> _T:
     """:func:`asyncio.run` on a loop from :func:`new_event_loop`: run
-    ``main`` to completion, then cancel what remains and close the loop."""
+    ``main`` to completion, then cancel what remains and close the loop.
+    Like :func:`asyncio.run`, it cannot be called while a loop runs in the
+    same thread.
+
+    :raises TypeError, ValueError: ``busy_poll`` is unusable (``main`` is
+        closed unstarted).
+    """
+    try:
+        validate_busy_poll(busy_poll)
+    except (TypeError, ValueError):
+        main.close()  # never started: no "never awaited" warning
+        raise
+    if sys.version_info < (3, 11):
+        return _run_through_policy(main, busy_poll, debug)
     loop_factory = functools.partial(new_event_loop, busy_poll)
     with asyncio.Runner(debug=debug, loop_factory=loop_factory) as runner:
         return runner.run(main)
+
+
+class _LoopFactoryPolicy(asyncio.DefaultEventLoopPolicy):  # type: ignore[misc,valid-type]
+    def __init__(self, busy_poll: float) -> None:
+        super().__init__()
+        self._busy_poll = busy_poll
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return new_event_loop(self._busy_poll)
+
+
+def _run_through_policy(main: Coroutine[Any, Any, _T], busy_poll: float, debug: bool | None) -> _T:
+    # Python 3.10 has no asyncio.Runner; its asyncio.run() takes the loop
+    # from the policy, which is ours for just this call.
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_LoopFactoryPolicy(busy_poll))
+    try:
+        return asyncio.run(main, **({} if debug is None else {'debug': debug}))
+    finally:
+        asyncio.set_event_loop_policy(previous)
