@@ -247,6 +247,12 @@ BAD_PARAMETERS = {
         lambda d: 'shared_memory_threshold:=-1', 'shared_memory_threshold', 'must be >= 0'),
     'fast lane path too long': (
         lambda d: f'ttrpc_socket_path:=/tmp/{"y" * 120}.sock', 'ttrpc_socket_path', 'at most 107 bytes'),
+    'negative busy poll': (
+        lambda d: 'busy_poll_us:=-1', 'busy_poll_us', 'must be an integer from 0 to 10000, not -1'),
+    'busy poll above 10 ms': (
+        lambda d: 'busy_poll_us:=10001', 'busy_poll_us', 'must be an integer from 0 to 10000, not 10001'),
+    'busy poll not an integer': (
+        lambda d: 'busy_poll_us:=0.5', 'busy_poll_us', 'must be of type INTEGER'),
 }
 
 
