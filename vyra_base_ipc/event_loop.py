@@ -55,6 +55,7 @@ class BusyPollSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-ty
             if ready:
                 policy.slept(time.perf_counter() - started)
             return ready
+        started = time.perf_counter()
         timer_first = timeout is not None and timeout < window
         ready = poll_for(self._ready_now, timeout if timer_first else window)  # type: ignore[arg-type]
         if ready:
@@ -63,7 +64,9 @@ class BusyPollSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-ty
         if timer_first:
             return []  # a timer is due: nothing was missed
         policy.missed()
-        return super().select(None if timeout is None else timeout - window)
+        if timeout is not None:
+            timeout = max(0.0, timeout - (time.perf_counter() - started))
+        return super().select(timeout)
 
     def _ready_now(self) -> list[tuple[selectors.SelectorKey, int]] | None:
         return super().select(0) or None

@@ -1283,13 +1283,15 @@ class SyncConnection:
         policy = self._busy_poll
         window = policy.window()
         if window:
-            if deadline is not None:
-                window = min(window, deadline - time.monotonic())
+            deadline_first = deadline is not None and deadline - time.monotonic() < window
+            if deadline_first:
+                window = deadline - time.monotonic()  # type: ignore[operator]
             received = poll_for(self._receive_now, window)
             if received is not None:
                 policy.found()
                 return received
-            policy.missed()
+            if not deadline_first:  # (a call that timed out says nothing of the next)
+                policy.missed()
         self._limit_receive(deadline)
         started = time.perf_counter()
         received = self._sock.recvmsg(_READ_SIZE, _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC)
