@@ -16,7 +16,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
+import uuid
 
 import pytest
 
@@ -64,6 +65,23 @@ def ros_in_process(monkeypatch: pytest.MonkeyPatch, ros_environ: dict[str, str])
     for name in _IPC_ENVS:
         monkeypatch.delenv(name, raising=False)
     return ros_environ
+
+
+@pytest.fixture
+def context(ros_in_process: dict[str, str]) -> Iterator[Any]:
+    """A private ``rclpy.context.Context`` for nodes of the test process
+    itself; no signal handlers (pytest keeps Ctrl-C)."""
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.signals import SignalHandlerOptions
+
+    context = Context()
+    # A namespace of its own: tests running at the same time in the same
+    # domain cannot answer each other's service calls.
+    rclpy.init(args=['--ros-args', '-r', f'__ns:=/t{uuid.uuid4().hex[:12]}'], context=context,
+               signal_handler_options=SignalHandlerOptions.NO)
+    yield context
+    rclpy.try_shutdown(context=context)
 
 
 @pytest.fixture

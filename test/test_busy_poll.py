@@ -27,14 +27,11 @@ import sys
 import threading
 import time
 from typing import Any, Callable, Iterator
-import uuid
 
 import pytest
-import rclpy
 from rclpy.context import Context
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.signals import SignalHandlerOptions
 
 from conftest import ServerProcess, wait_for
 from ros_env import IPC_SERVER, RosProcess
@@ -778,16 +775,6 @@ def test_ipc_server_node_serves_with_polling_off_and_by_default(start_process, s
         process.signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, process.log()
         assert not socket_path.exists()
-
-
-@pytest.fixture
-def context(ros_in_process: dict[str, str]) -> Iterator[Context]:
-    """A private rclpy context (no signal handlers: pytest keeps Ctrl-C)."""
-    context = Context()
-    rclpy.init(args=['--ros-args', '-r', f'__ns:=/t{uuid.uuid4().hex[:12]}'], context=context,
-               signal_handler_options=SignalHandlerOptions.NO)
-    yield context
-    rclpy.try_shutdown(context=context)
 
 
 @pytest.mark.ros

@@ -6,14 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 import subprocess
 import sys
-import uuid
-from typing import Iterator
 
 import pytest
 import rclpy
 from rclpy.context import Context
 from rclpy.parameter import Parameter
-from rclpy.signals import SignalHandlerOptions
 
 from vyra_base_ipc import SyncIPCHandler
 from vyra_base_ipc import module_service_pb2 as module_pb
@@ -76,17 +73,6 @@ def test_demo_fails_when_ipc_server_cannot_start(ros_environ: dict[str, str]) ->
 
 
 # -- the parts, in process ----------------------------------------------------------
-
-
-@pytest.fixture
-def context(ros_in_process: dict[str, str]) -> Iterator[Context]:
-    context = Context()
-    # A namespace of its own: tests running at the same time in the same
-    # domain cannot answer each other's service calls.
-    rclpy.init(args=['--ros-args', '-r', f'__ns:=/t{uuid.uuid4().hex[:12]}'], context=context,
-               signal_handler_options=SignalHandlerOptions.NO)
-    yield context
-    rclpy.try_shutdown(context=context)
 
 
 def test_module_node_declares_its_parameter_table(context: Context) -> None:

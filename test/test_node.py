@@ -24,7 +24,6 @@ from rclpy.context import Context
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.signals import SignalHandlerOptions
 from std_srvs.srv import Trigger
 
 from conftest import wait_for
@@ -361,18 +360,6 @@ def test_loop_thread_stop_does_not_wait_for_a_stuck_worker() -> None:
 
 
 # -- in-process: parameters ---------------------------------------------------------
-
-
-@pytest.fixture
-def context(ros_in_process: dict[str, str]) -> Iterator[Context]:
-    """A private rclpy context (no signal handlers: pytest keeps Ctrl-C)."""
-    context = Context()
-    # A namespace of its own: tests running at the same time in the same
-    # domain cannot answer each other's service calls.
-    rclpy.init(args=['--ros-args', '-r', f'__ns:=/t{uuid.uuid4().hex[:12]}'], context=context,
-               signal_handler_options=SignalHandlerOptions.NO)
-    yield context
-    rclpy.try_shutdown(context=context)
 
 
 class Spinner:
