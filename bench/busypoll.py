@@ -84,6 +84,17 @@ class _Tally:
         self.wall_ns = 0
         self.client_cpu = 0.0
         self.server_cpu = 0.0
+        self._opened = (0.0, 0.0, 0)
+
+    def open_block(self, server_cpu: float) -> None:
+        """A block of calls begins; ``server_cpu``: the server's CPU time now."""
+        self._opened = (server_cpu, time.process_time(), time.perf_counter_ns())
+
+    def close_block(self, server_cpu: float) -> None:
+        server_before, client_before, began = self._opened
+        self.wall_ns += time.perf_counter_ns() - began
+        self.client_cpu += time.process_time() - client_before
+        self.server_cpu += server_cpu - server_before
 
     def report(self) -> dict[str, Any]:
         calls = len(self.latencies)
@@ -111,16 +122,13 @@ def _measure_sync(handlers: dict[str, Any], rounds: int, block: int, warmup: int
         for variant in _order(list(handlers), round_index):
             call, tally = handlers[variant].call_method, tallies[variant]
             record = tally.latencies.append
-            server_before = call('CpuTime', bench_pb2.Blob()).seconds
-            client_before, began = time.process_time(), time.perf_counter_ns()
+            tally.open_block(call('CpuTime', bench_pb2.Blob()).seconds)
             for _ in range(block):
                 start = time.perf_counter_ns()
                 if len(call('Echo', request).data) != _PAYLOAD:
                     raise RuntimeError(f'{variant}: short reply')
                 record(time.perf_counter_ns() - start)
-            tally.wall_ns += time.perf_counter_ns() - began
-            tally.client_cpu += time.process_time() - client_before
-            tally.server_cpu += call('CpuTime', bench_pb2.Blob()).seconds - server_before
+            tally.close_block(call('CpuTime', bench_pb2.Blob()).seconds)
     # One handler per server: how much CPU each uses while nobody calls.
     by_server = {MODES['sync'][variant][0]: handler for variant, handler in handlers.items()}
     idle = _idle_cpu({server: lambda h=handler: h.call_method('CpuTime', bench_pb2.Blob()).seconds
@@ -145,16 +153,13 @@ async def _measure_async(handlers: dict[str, Any], rounds: int, block: int,
         for variant in _order(list(handlers), round_index):
             call, tally = handlers[variant].call_method, tallies[variant]
             record = tally.latencies.append
-            server_before = (await call('CpuTime', bench_pb2.Blob())).seconds
-            client_before, began = time.process_time(), time.perf_counter_ns()
+            tally.open_block((await call('CpuTime', bench_pb2.Blob())).seconds)
             for _ in range(block):
                 start = time.perf_counter_ns()
                 if len((await call('Echo', request)).data) != _PAYLOAD:
                     raise RuntimeError(f'{variant}: short reply')
                 record(time.perf_counter_ns() - start)
-            tally.wall_ns += time.perf_counter_ns() - began
-            tally.client_cpu += time.process_time() - client_before
-            tally.server_cpu += (await call('CpuTime', bench_pb2.Blob())).seconds - server_before
+            tally.close_block((await call('CpuTime', bench_pb2.Blob())).seconds)
     for handler in handlers.values():
         await handler.disconnect()
     return {'variants': {variant: tally.report() for variant, tally in tallies.items()}}
