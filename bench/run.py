@@ -33,6 +33,8 @@ from .payloads import LARGE_PAYLOAD, PAYLOAD_SIZES
 from .processes import BenchEnvironment, Servers, run_child
 from .protogen import compile_bench_protos
 from .report import (
+    CONCURRENCY_TARGET,
+    FAST_LANE_CONCURRENCY_TARGET,
     concurrency_check,
     fast_lane_checks,
     machine,
@@ -302,7 +304,10 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
     shutil.rmtree(workdir, ignore_errors=True)
 
     checks = [check for transport in measured if transport.asynchronous and transport.server == 'ipc'
-              if (check := concurrency_check(rows, transport.key)) is not None]
+              if (check := concurrency_check(
+                  rows, transport.key,
+                  target=CONCURRENCY_TARGET if transport.lane in (None, 'grpc')
+                  else FAST_LANE_CONCURRENCY_TARGET)) is not None]
     results = {
         'meta': {
             'mode': mode.name,

@@ -98,7 +98,9 @@ def test_cold_start_overhead_and_concurrency_sections_are_complete(smoke_run) ->
     for budget in results['overhead'].values():
         assert set(budget['variants']) == OVERHEAD_VARIANTS
         assert set(budget['ratios']) == {'total', 'client', 'server', 'deadline'}
-    assert 'ipc-aio-grpc' in {check['transport'] for check in results['concurrency']}
+    targets = {check['transport']: check['target'] for check in results['concurrency']}
+    assert targets['ipc-aio-grpc'] == 2.0  # issue 5
+    assert targets['ipc-aio-ttrpc'] == targets['ipc-aio-shm'] == 3.0  # issue 6
     assert results['meta']['machine']['cores'] >= 1
 
 
