@@ -47,6 +47,7 @@ import numpy
 import pytest
 
 from conftest import LONG, SERVERS, ServerProcess, wait_for
+from servers.mappings import mapping_of
 from test_ttrpc_interop import TTRPC_SOURCE, go_client  # noqa: F401 (a fixture)
 from vyra_base_ipc import (
     IPCHandler,
@@ -780,14 +781,9 @@ def test_shared_buffer_travels_inline_to_a_server_without_shared_memory(
 
 def backing_inode(view: memoryview) -> int:
     """The inode of the file mapped at ``view``'s first byte in this process (0 if anonymous)."""
-    address = numpy.frombuffer(view, dtype=numpy.uint8).ctypes.data
-    with open('/proc/self/maps') as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            start, end = (int(bound, 16) for bound in fields[0].split('-'))
-            if start <= address < end:
-                return int(fields[4])
-    raise AssertionError(f'address {address:#x} is not mapped')
+    mapping = mapping_of(view)
+    assert mapping is not None, 'the view is not mapped'
+    return mapping.inode
 
 
 @pytest.mark.parametrize('method', ['Mirror', 'MirrorSync'])

@@ -33,6 +33,8 @@ from vyra_base_ipc import (
 from vyra_base_ipc.demo.backend_service import BackendService
 from vyra_ipc_test import echo_pb2, echo_pb2_grpc
 
+from mappings import mapping_of
+
 
 class EchoService(echo_pb2_grpc.EchoServiceServicer):
     async def Echo(self, request, context):
@@ -114,19 +116,10 @@ def inspect(request: echo_pb2.InspectRequest, context) -> echo_pb2.InspectReply:
     reply.sha256 = hashlib.sha256(view).digest()
     reply.inline = bool(request.data.inline_data)
     reply.read_only = view.readonly
-    if len(view):
-        import numpy  # the address of a read-only buffer, as a NumPy user would take it
-
-        address = numpy.frombuffer(view, dtype=numpy.uint8).ctypes.data
-        with open('/proc/self/maps') as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                start, end = (int(bound, 16) for bound in fields[0].split('-'))
-                if start <= address < end:
-                    reply.backing = fields[5].strip() if len(fields) > 5 else ''
-                    reply.backing_inode = int(fields[4])
-                    reply.mapping_size = end - start
-                    break
+    if len(view) and (mapping := mapping_of(view)) is not None:
+        reply.backing = mapping.path
+        reply.backing_inode = mapping.inode
+        reply.mapping_size = mapping.end - mapping.start
     return reply
 
 
