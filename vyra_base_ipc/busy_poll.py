@@ -62,8 +62,9 @@ def _machine_cpus() -> int:
 class BusyPoll:
     """The polling policy of one waiter (one event loop, one connection).
 
-    Not thread-safe: one waiter at a time asks :meth:`window` and reports
-    with :meth:`found`, :meth:`missed` or :meth:`slept`.
+    Not thread-safe: one waiter at a time calls :meth:`wait` (or asks
+    :meth:`window` and reports with :meth:`found`, :meth:`missed` or
+    :meth:`slept`, which is what :meth:`wait` does).
 
     :param seconds: the longest poll; 0 turns polling off. Also off on a
         machine with one CPU.
@@ -104,6 +105,35 @@ class BusyPoll:
         event: had it come within the window, polling would have paid."""
         if waited <= self.seconds:
             self._backoff = self._skip = 0
+
+    def wait(self, attempt: Callable[[], _T | None], sleep: Callable[[float | None], _T],
+             timeout: float | None) -> _T:
+        """Wait for an event as this policy says, and learn from how it went.
+
+        Calls ``attempt`` (which must not block) until it returns something
+        other than ``None``, for up to the window, or ``timeout`` seconds if
+        that ends sooner; if nothing came, returns ``sleep(seconds)``, which
+        must block until the event or until those seconds (what is left of
+        ``timeout``; ``None``: no limit) have passed, and return something
+        false if nothing came. Never takes much longer than ``timeout``.
+        """
+        started = time.perf_counter()
+        window = self.window()
+        if not window:
+            result = sleep(timeout)
+            if result:
+                self.slept(time.perf_counter() - started)
+            return result
+        cut_short = timeout is not None and timeout < window
+        result = poll_for(attempt, timeout if cut_short else window)  # type: ignore[arg-type]
+        if result is not None:
+            self.found()
+            return result
+        if not cut_short:  # a wait ended by its timeout says nothing of the next
+            self.missed()
+        if timeout is not None:
+            timeout = max(0.0, timeout - (time.perf_counter() - started))
+        return sleep(timeout)
 
 
 def poll_for(attempt: Callable[[], _T | None], seconds: float) -> _T | None:

@@ -87,7 +87,6 @@ _PROBE = Method(
 _PROBE_REQUEST = health_pb2.HealthCheckRequest()
 
 
-
 class _ClientBase:
     """What both clients share: configuration, lane choice, method look-up,
     deadlines, the retry rule and error translation."""

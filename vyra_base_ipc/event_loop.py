@@ -10,9 +10,9 @@ used::
     asyncio.Runner(loop_factory=vyra_base_ipc.new_event_loop)  # or any loop_factory (3.11+)
 
 A loop created elsewhere (``asyncio.run()``, uvicorn, ...) serves exactly the
-same, only without polling; the client needs nothing: the synchronous client
-polls by itself, and an :class:`~vyra_base_ipc.IPCHandler` on such a loop
-profits in the same way.
+same, only without polling. The synchronous client polls by itself; an
+:class:`~vyra_base_ipc.IPCHandler` polls only when it runs on a loop from
+:func:`new_event_loop` too.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import asyncio
 import functools
 import selectors
 import sys
-import time
 from typing import Any, Coroutine, TypeVar
 
-from .busy_poll import DEFAULT_BUSY_POLL, BusyPoll, poll_for, validate_busy_poll
+from .busy_poll import DEFAULT_BUSY_POLL, BusyPoll, validate_busy_poll
 
 __all__ = ['BusyPollSelector', 'new_event_loop', 'run']
 
@@ -47,26 +46,7 @@ class BusyPollSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-ty
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         if timeout is not None and timeout <= 0:
             return super().select(timeout)
-        policy = self.busy_poll
-        window = policy.window()
-        if not window:
-            started = time.perf_counter()
-            ready = super().select(timeout)
-            if ready:
-                policy.slept(time.perf_counter() - started)
-            return ready
-        started = time.perf_counter()
-        timer_first = timeout is not None and timeout < window
-        ready = poll_for(self._ready_now, timeout if timer_first else window)  # type: ignore[arg-type]
-        if ready:
-            policy.found()
-            return ready
-        if timer_first:
-            return []  # a timer is due: nothing was missed
-        policy.missed()
-        if timeout is not None:
-            timeout = max(0.0, timeout - (time.perf_counter() - started))
-        return super().select(timeout)
+        return self.busy_poll.wait(self._ready_now, super().select, timeout)
 
     def _ready_now(self) -> list[tuple[selectors.SelectorKey, int]] | None:
         return super().select(0) or None

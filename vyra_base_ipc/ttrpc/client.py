@@ -36,7 +36,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from ..address import StrPath, validate_socket_path
-from ..busy_poll import DEFAULT_BUSY_POLL, BusyPoll, poll_for, validate_busy_poll
+from ..busy_poll import DEFAULT_BUSY_POLL, BusyPoll, validate_busy_poll
 from ..exceptions import IPCError, IPCRemoteError, IPCTimeoutError, IPCUnavailableError, error_from_status
 from ..methods import Method, MethodKind
 from ..options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT, validate_max_message_bytes, validate_timeout
@@ -85,6 +85,8 @@ _Item = Union[Frame, OversizedFrame, IPCError]
 _HELLO = Method(name=HELLO_METHOD, path=f'/{HELLO_SERVICE}/{HELLO_METHOD}',
                 kind=MethodKind.UNARY_UNARY, request_serializer=None, response_deserializer=None)
 _ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_READ * 4)
+#: What socket.recvmsg() returns: data, ancillary data, flags, address.
+_Received = tuple[bytes, list[tuple[int, int, bytes]], int, Any]
 _MSG_CMSG_CLOEXEC = getattr(socket, 'MSG_CMSG_CLOEXEC', 0x40000000)
 
 
@@ -1278,28 +1280,16 @@ class SyncConnection:
                     if target.waiting:
                         target.condition.notify()  # type: ignore[union-attr]
 
-    def _receive(self, deadline: float | None) -> tuple[bytes, list[tuple[int, int, bytes]], int, Any]:
+    def _receive(self, deadline: float | None) -> _Received:
         # Polls first (see busy_poll), then sleeps in recvmsg() until the deadline.
-        policy = self._busy_poll
-        window = policy.window()
-        if window:
-            deadline_first = deadline is not None and deadline - time.monotonic() < window
-            if deadline_first:
-                window = deadline - time.monotonic()  # type: ignore[operator]
-            received = poll_for(self._receive_now, window)
-            if received is not None:
-                policy.found()
-                return received
-            if not deadline_first:  # (a call that timed out says nothing of the next)
-                policy.missed()
-        self._limit_receive(deadline)
-        started = time.perf_counter()
-        received = self._sock.recvmsg(_READ_SIZE, _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC)
-        if not window:
-            policy.slept(time.perf_counter() - started)
-        return received
+        timeout = None if deadline is None else deadline - time.monotonic()
+        return self._busy_poll.wait(self._receive_now, lambda _: self._receive_blocking(deadline), timeout)
 
-    def _receive_now(self) -> tuple[bytes, list[tuple[int, int, bytes]], int, Any] | None:
+    def _receive_blocking(self, deadline: float | None) -> _Received:
+        self._limit_receive(deadline)
+        return self._sock.recvmsg(_READ_SIZE, _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC)
+
+    def _receive_now(self) -> _Received | None:
         try:
             return self._sock.recvmsg(_READ_SIZE, _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
         except BlockingIOError:
