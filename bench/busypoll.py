@@ -32,6 +32,7 @@ import sys
 import time
 from typing import Any, Callable
 
+from .overhead import round_order
 from .payloads import make_payload
 from .stats import Sample, summarize
 
@@ -103,11 +104,6 @@ class _Tally:
                 'server_cpu_us_per_call': round(self.server_cpu / calls * 1e6, 1)}
 
 
-def _order(variants: list[str], round_index: int) -> list[str]:
-    shift = round_index % len(variants)
-    return variants[shift:] + variants[:shift]
-
-
 def _measure_sync(handlers: dict[str, Any], rounds: int, block: int, warmup: int) -> dict[str, Any]:
     from vyra_bench import bench_pb2
 
@@ -119,7 +115,7 @@ def _measure_sync(handlers: dict[str, Any], rounds: int, block: int, warmup: int
     tallies = {variant: _Tally() for variant in handlers}
     gc.collect()
     for round_index in range(rounds):
-        for variant in _order(list(handlers), round_index):
+        for variant in round_order(list(handlers), round_index):
             call, tally = handlers[variant].call_method, tallies[variant]
             record = tally.latencies.append
             tally.open_block(call('CpuTime', bench_pb2.Blob()).seconds)
@@ -150,7 +146,7 @@ async def _measure_async(handlers: dict[str, Any], rounds: int, block: int,
     tallies = {variant: _Tally() for variant in handlers}
     gc.collect()
     for round_index in range(rounds):
-        for variant in _order(list(handlers), round_index):
+        for variant in round_order(list(handlers), round_index):
             call, tally = handlers[variant].call_method, tallies[variant]
             record = tally.latencies.append
             tally.open_block((await call('CpuTime', bench_pb2.Blob())).seconds)

@@ -34,13 +34,13 @@ import gc
 import json
 import sys
 from time import perf_counter_ns
-from typing import Any
+from typing import Any, Sequence
 
 from .drivers import load_driver
 from .payloads import make_payload
 from .stats import Sample, summarize
 
-__all__ = ['BUDGET', 'OVERHEAD_SERVERS', 'VARIANTS', 'main', 'measure_overhead']
+__all__ = ['BUDGET', 'OVERHEAD_SERVERS', 'VARIANTS', 'main', 'measure_overhead', 'round_order']
 
 #: Issue 5: the package's clients may cost at most 10 % over the bare stub.
 BUDGET = 1.10
@@ -85,10 +85,11 @@ def _report(latencies: dict[str, list[int]], walls: dict[str, int]) -> dict[str,
             'within_budget': ratios['total'] <= BUDGET}
 
 
-def _order(round_index: int) -> list[str]:
-    # Rotate which variant goes first, so none always follows the same one.
-    shift = round_index % len(VARIANTS)
-    return list(VARIANTS[shift:] + VARIANTS[:shift])
+def round_order(variants: Sequence[str], round_index: int) -> list[str]:
+    """The order of the variants' blocks in round ``round_index``: rotated
+    each round, so that none always goes first or follows the same one."""
+    shift = round_index % len(variants)
+    return [*variants[shift:], *variants[:shift]]
 
 
 def _measure_sync(drivers: dict[str, Any], rounds: int, block: int, warmup: int) -> dict[str, Any]:
@@ -103,7 +104,7 @@ def _measure_sync(drivers: dict[str, Any], rounds: int, block: int, warmup: int)
     walls = dict.fromkeys(drivers, 0)
     gc.collect()
     for round_index in range(rounds):
-        for name in _order(round_index):
+        for name in round_order(VARIANTS, round_index):
             call, record = calls[name], latencies[name].append
             begin = perf_counter_ns()
             for _ in range(block):
@@ -130,7 +131,7 @@ async def _measure_async(drivers: dict[str, Any], rounds: int, block: int,
     walls = dict.fromkeys(drivers, 0)
     gc.collect()
     for round_index in range(rounds):
-        for name in _order(round_index):
+        for name in round_order(VARIANTS, round_index):
             call, record = calls[name], latencies[name].append
             begin = perf_counter_ns()
             for _ in range(block):
