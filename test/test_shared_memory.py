@@ -75,7 +75,7 @@ LARGE_LIMIT = 128 * MiB
 HEADER = struct.Struct('>IIBB')
 REQUEST, RESPONSE, DATA = 1, 2, 3
 SHARED = 0x80
-HELLO = ('vyra.ipc.ttrpc.SharedMemory', 'Hello')
+HELLO = ('vyra.ipc.ttrpc.Connection', 'Hello')
 ECHO_SERVICE = 'vyra.ipc.test.EchoService'
 F_ADD_SEALS, F_GET_SEALS = 1033, 1034
 SEAL_SEAL, SEAL_SHRINK, SEAL_GROW, SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
@@ -292,11 +292,13 @@ class RawClient(Wire):
         return Answer(frame.stream_id, frame.flags, response.status.code, response.status.message,
                       response.payload, frame.fds)
 
-    def hello(self) -> tuple[int, str]:
-        self.request(1, *HELLO, ttrpc_pb2.SharedMemoryHello(version=1).SerializeToString())
+    def hello(self) -> tuple[int, str, bool]:
+        """Offer shared memory: (status code, message, whether the server agreed)."""
+        self.request(1, *HELLO, ttrpc_pb2.Hello(shared_memory=True).SerializeToString())
         answer = self.answer()
         assert answer.stream_id == 1 and not answer.fds
-        return answer.code, answer.message
+        agreed = answer.code == 0 and ttrpc_pb2.Hello.FromString(answer.payload).shared_memory
+        return answer.code, answer.message, agreed
 
     def echo(self, stream_id: int, echo: Any, payload: bytes) -> Answer:
         self.request(stream_id, ECHO_SERVICE, 'Echo', echo.pb.EchoRequest(payload=payload).SerializeToString())
@@ -555,7 +557,7 @@ def test_server_answers_above_the_threshold_in_sealed_shared_memory_and_at_it_in
         echo: Any, shm_server: ServerProcess) -> None:
     peer = RawClient.connect(fast_path(shm_server))
     try:
-        assert peer.hello() == (0, '')
+        assert peer.hello() == (0, '', True)
         for stream_id, size in zip((3, 5, 7), (THRESHOLD - 1, THRESHOLD, THRESHOLD + 1)):
             reply = sized(echo.pb.EchoReply, size)
             answer = peer.echo(stream_id, echo, reply.payload)
@@ -622,12 +624,12 @@ def test_client_sends_above_the_threshold_in_sealed_shared_memory_and_at_it_inli
 
 # == 2. inline where shared memory is off or impossible ==========================================
 
-def test_server_without_shared_memory_refuses_the_hello_and_large_calls_go_inline(
+def test_server_without_shared_memory_declines_it_in_the_hello_and_large_calls_go_inline(
         start_server: Callable[..., ServerProcess], socket_path: Path, echo: Any) -> None:
     server = start_server(socket_path, '--no-shared-memory', '--shared-memory-threshold', str(THRESHOLD))
     peer = RawClient.connect(fast_path(server))
     try:
-        assert peer.hello() == (grpc.StatusCode.UNIMPLEMENTED.value[0], 'Method not found!')
+        assert peer.hello() == (0, '', False)
     finally:
         peer.close()
     request = echo.pb.EchoRequest(payload=os.urandom(3 * MiB))
@@ -639,7 +641,7 @@ def test_server_without_shared_memory_refuses_the_hello_and_large_calls_go_inlin
         assert result.client_wrote < MiB and result.server_wrote < MiB
 
 
-def test_client_without_shared_memory_sends_no_hello_and_everything_inline(
+def test_client_without_shared_memory_does_not_offer_it_and_sends_everything_inline(
         echo: Any, socket_dir: Path, shm_server: ServerProcess) -> None:
     recorder = RecordingServer(socket_dir / 'r.ttrpc.sock')
     request = echo.pb.EchoRequest(payload=os.urandom(64 * 1024))
@@ -650,7 +652,8 @@ def test_client_without_shared_memory_sends_no_hello_and_everything_inline(
     finally:
         recorder.close()
     assert [(arrival.method, arrival.flags, arrival.descriptors) for arrival in recorder.arrivals] == [
-        (f'/{ECHO_SERVICE}/Echo', 0, 0)]
+        ('/' + '/'.join(HELLO), 0, 0), (f'/{ECHO_SERVICE}/Echo', 0, 0)]
+    assert not ttrpc_pb2.Hello.FromString(recorder.arrivals[0].payload).shared_memory
     # And a server with shared memory answers such a client inline.
     large = echo.pb.EchoRequest(payload=os.urandom(3 * MiB))
     for kind in ('AsyncConnection', 'SyncIPCHandler'):
@@ -969,7 +972,7 @@ def test_forged_descriptor_is_refused_naming_what_is_wrong(
     peer = RawClient.connect(fast_path(victim))
     fd = make()
     try:
-        assert peer.hello() == (0, '')
+        assert peer.hello() == (0, '', True)
         peer.request(3, ECHO_SERVICE, method, manifest, flags=SHARED, fds=[fd])
         answer = peer.answer()
         assert (answer.stream_id, answer.code) == (3, grpc.StatusCode.INVALID_ARGUMENT.value[0])
@@ -991,7 +994,7 @@ def test_fewer_descriptors_than_announced_close_the_connection(
     peer = RawClient.connect(fast_path(victim))
     fd = make_memfd(PAYLOAD)
     try:
-        assert peer.hello() == (0, '')
+        assert peer.hello() == (0, '', True)
         peer.request(3, ECHO_SERVICE, 'Echo', manifest.SerializeToString(), flags=SHARED, fds=[fd])
         frames = peer.frames_until_closed()
     finally:
@@ -1034,7 +1037,7 @@ def test_flood_of_descriptors_closes_the_connection(
     peer = RawClient.connect(fast_path(victim))
     fd = make_memfd(PAYLOAD)
     try:
-        assert peer.hello() == (0, '')
+        assert peer.hello() == (0, '', True)
         header = HEADER.pack(1 << 20, 3, REQUEST, SHARED)  # a frame that never completes
         for index in range(batches):
             try:
@@ -1342,7 +1345,7 @@ def test_without_memfd_a_server_warns_and_answers_inline(
             '(os.memfd_create is not available on this platform)') in server.log()
     peer = RawClient.connect(fast_path(server))
     try:
-        assert peer.hello()[0] == grpc.StatusCode.UNIMPLEMENTED.value[0]
+        assert peer.hello() == (0, '', False)
     finally:
         peer.close()
     request = echo.pb.EchoRequest(payload=os.urandom(MiB))

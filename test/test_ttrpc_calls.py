@@ -77,7 +77,7 @@ def test_sleeping_handler_does_not_delay_other_connections(lanes: Lanes, echo: A
             busy.call(method, echo.pb.EchoRequest(text='sleep:other:3'), timeout=30)))
         sleeper.start()
         try:
-            wait_for(lambda: busy._streams, 10, 'the sleeping call to be sent')
+            wait_for(lambda: busy._core.streams, 10, 'the sleeping call to be sent')
             for _ in range(20):
                 assert other.call(EXECUTE, PING, timeout=10).result == 'pong'
             assert not results, 'pings came back only after the sleeping call ended'
@@ -240,7 +240,7 @@ def test_sync_connection_breaks_cleanly_when_the_server_dies(server: tuple[Lanes
         threads = [threading.Thread(target=call) for _ in range(4)]
         for thread in threads:
             thread.start()
-        wait_for(lambda: len(connection._streams) == 4, 10, 'four calls in flight')
+        wait_for(lambda: len(connection._core.streams) == 4, 10, 'four calls in flight')
         popen.send_signal(signal.SIGKILL)
         for thread in threads:
             thread.join(30)

@@ -1,4 +1,4 @@
-"""Handlers start at once (vyra_base_ipc.ttrpc.eager.start_task): the first
+"""Handlers start at once (vyra_base_ipc.ttrpc._eager.start_task): the first
 step runs in the caller's turn of the event loop; a coroutine that suspends
 goes on as a task, with a task's context and cancellation."""
 
@@ -9,7 +9,7 @@ import contextvars
 
 import pytest
 
-from vyra_base_ipc.ttrpc.eager import start_task
+from vyra_base_ipc.ttrpc._eager import start_task
 
 variable: contextvars.ContextVar[str] = contextvars.ContextVar('variable', default='caller')
 

@@ -17,8 +17,8 @@ from vyra_base_ipc import ttrpc_pb2
 from vyra_base_ipc.exceptions import IPCRemoteError, IPCUnavailableError
 from vyra_base_ipc.methods import stub_methods
 from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
-from vyra_base_ipc.ttrpc.framing import Frame, FrameDecoder, OversizedFrame, encode_frame
-from vyra_base_ipc.ttrpc.messages import (
+from vyra_base_ipc.ttrpc._frames import Frame, FrameDecoder, OversizedFrame, encode_frame
+from vyra_base_ipc.ttrpc._messages import (
     encode_ok_response,
     encode_response,
     metadata_from_wire,
@@ -122,7 +122,10 @@ Script = Callable[[socket.socket], None]
 
 @pytest.fixture
 def scripted(socket_dir: Path) -> Iterator[Callable[[Script], Path]]:
-    """``scripted(script)``: a one-connection ttrpc 'server' running ``script``."""
+    """``scripted(script)``: a one-connection ttrpc 'server' running ``script``.
+
+    Like any ttrpc server but this package's, it first answers the client's
+    Hello (stream 1) as an unknown method: the script sees plain ttrpc."""
     threads: list[threading.Thread] = []
     listeners: list[socket.socket] = []
 
@@ -136,6 +139,9 @@ def scripted(socket_dir: Path) -> Iterator[Callable[[Script], Path]]:
         def serve() -> None:
             connection, _ = listener.accept()
             with connection:
+                stream_id, _, _, data = read_frame(connection)
+                assert (stream_id, ttrpc_pb2.Request.FromString(data).method) == (1, 'Hello')
+                respond(connection, stream_id, code=grpc.StatusCode.UNIMPLEMENTED.value[0])
                 script(connection)
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
@@ -205,7 +211,7 @@ async def test_malformed_answer_is_internal(scripted: Callable[[Script], Path], 
 async def test_peer_closing_mid_call_is_unavailable(scripted: Callable[[Script], Path], echo: Any) -> None:
     def script(connection: socket.socket) -> None:
         read_frame(connection)
-        connection.sendall(HEADER.pack(50, 1, 2, 0) + b'truncated')
+        connection.sendall(HEADER.pack(50, 3, 2, 0) + b'truncated')
     async with await AsyncConnection.connect(scripted(script), shared_memory=None) as connection:
         with pytest.raises(IPCUnavailableError, match='lost'):
             await connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=10)
@@ -226,7 +232,7 @@ def test_client_stream_ids_are_odd_and_increase(scripted: Callable[[Script], Pat
     with SyncConnection.connect(scripted(script), shared_memory=None) as connection:
         for _ in range(3):
             connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=10)
-    assert seen == [(1, 1, 0), (3, 1, 0), (5, 1, 0)]
+    assert seen == [(3, 1, 0), (5, 1, 0), (7, 1, 0)]  # 1 was the Hello
 
 
 @pytest.mark.asyncio
@@ -240,12 +246,12 @@ async def test_async_client_sends_streams_by_the_protocol(scripted: Callable[[Sc
             seen.append(frame)
             if frame[1] == 3 and frame[2] & 1:
                 break
-        respond(connection, 1, echo.pb.EchoReply(text='done').SerializeToString())
+        respond(connection, 3, echo.pb.EchoReply(text='done').SerializeToString())
     async with await AsyncConnection.connect(scripted(script), shared_memory=None) as connection:
         reply = await connection.call(stub_methods(echo.Stub)['Collect'],
                                       [echo.pb.EchoRequest(text='a'), echo.pb.EchoRequest()], timeout=10)
     assert reply.text == 'done'
-    assert [(s, t, f) for s, t, f, _ in seen] == [(1, 1, 2), (1, 3, 0), (1, 3, 0), (1, 3, 5)]
+    assert [(s, t, f) for s, t, f, _ in seen] == [(3, 1, 2), (3, 3, 0), (3, 3, 0), (3, 3, 5)]
     assert seen[2][3] == b'' and seen[3][3] == b''  # an empty message, then a bare close
 
 

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 import socket
 import stat
+import struct
 from typing import Any
 
 import grpc
@@ -249,8 +250,11 @@ async def test_long_response_stream_arrives_whole(socket_dir: Path, servicer: An
 
 
 @pytest.mark.asyncio
-async def test_requests_a_handler_does_not_read_are_bounded(socket_dir: Path, echo: Any) -> None:
-    from vyra_base_ipc.exceptions import IPCRemoteError
+async def test_requests_a_handler_does_not_read_are_bounded_for_a_client_without_flow_control(
+        socket_dir: Path, echo: Any) -> None:
+    """A plain ttrpc client (no Hello, so no flow control) that streams
+    requests nobody reads is cut off; the connection serves on."""
+    from vyra_base_ipc import ttrpc_pb2
 
     class Stuck(echo.grpc.EchoServiceServicer):
         async def Collect(self, request_iterator: Any, context: Any) -> Any:
@@ -258,15 +262,35 @@ async def test_requests_a_handler_does_not_read_are_bounded(socket_dir: Path, ec
 
         async def Echo(self, request: Any, context: Any) -> Any:
             return echo.pb.EchoReply(text=request.text)
-    methods = stub_methods(echo.Stub)
-    async with TtrpcServer(socket_dir / 't.sock', record_servicer(Stuck()), max_message_bytes=1024), \
-            await AsyncConnection.connect(socket_dir / 't.sock') as connection:
-        requests = [echo.pb.EchoRequest(payload=b'x' * 500) for _ in range(100)]
-        with pytest.raises(IPCRemoteError) as raised:
-            await connection.call(methods['Collect'], requests, timeout=30)
-        assert raised.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert 'not read' in raised.value.details
-        assert (await connection.call(methods['Echo'], echo.pb.EchoRequest(text='ok'), timeout=30)).text == 'ok'
+    header = struct.Struct('>IIBB')
+
+    def request(stream_id: int, method: str, flags: int, payload: bytes = b'') -> bytes:
+        data = ttrpc_pb2.Request(service='vyra.ipc.test.EchoService', method=method,
+                                 payload=payload).SerializeToString()
+        return header.pack(len(data), stream_id, 1, flags) + data
+
+    def exchange(path: Path) -> tuple[ttrpc_pb2.Response, ttrpc_pb2.Response]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(20)
+            sock.connect(str(path))
+            message = echo.pb.EchoRequest(payload=b'x' * 500).SerializeToString()
+            sock.sendall(request(1, 'Collect', 2))
+            for _ in range(100):
+                sock.sendall(header.pack(len(message), 1, 3, 0) + message)
+            first = read_response(sock)
+            sock.sendall(request(3, 'Echo', 0, echo.pb.EchoRequest(text='ok').SerializeToString()))
+            return first, read_response(sock)
+
+    def read_response(sock: socket.socket) -> ttrpc_pb2.Response:
+        data = b''
+        while len(data) < header.size or len(data) < header.size + header.unpack_from(data)[0]:
+            data += sock.recv(65536)
+        return ttrpc_pb2.Response.FromString(data[header.size:header.size + header.unpack_from(data)[0]])
+    async with TtrpcServer(socket_dir / 't.sock', record_servicer(Stuck()), max_message_bytes=1024):
+        refused, answered = await asyncio.to_thread(exchange, socket_dir / 't.sock')
+    assert refused.status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert 'not read' in refused.status.message
+    assert echo.pb.EchoReply.FromString(answered.payload).text == 'ok'
 
 
 @pytest.mark.asyncio

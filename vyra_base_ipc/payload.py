@@ -1,7 +1,7 @@
 """Large payloads in shared memory: sealed memfds, their checks, and the options.
 
 Two ways in, one mechanism (the fast lane passes the descriptors with its
-frames, see :mod:`vyra_base_ipc.ttrpc.shared_memory`):
+frames, see :mod:`vyra_base_ipc.ttrpc._shared_memory`):
 
 - **Transparent**: a message whose serialized size is above the threshold
   (default 1 MiB) is written into a new memfd, sealed, and its descriptor

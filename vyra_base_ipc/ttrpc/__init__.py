@@ -19,23 +19,38 @@ Independent implementations interoperate: containerd's Go client (Debian's
 errors as a final Response). Lane selection, pooling and reconnecting belong
 to :class:`~vyra_base_ipc.IPCServer` / :class:`~vyra_base_ipc.IPCHandler`.
 
+Between two ends of this package, a Hello call at the start of each
+connection agrees on extensions that ttrpc lacks (:mod:`._hello`): shared
+memory for large messages, CANCEL frames (a call the client leaves is
+cancelled on the server, as on gRPC) and flow control per stream
+(:mod:`._flow`). Independent peers never see them.
+
 Not carried over from gRPC: response headers and trailers (accepted from
-handlers, not sent), compression, ``context.read()``, and cancelling a call
-from the client (ttrpc has no cancel message: a client that gives up drops
-the answer; the server stops the handler at the deadline it was sent).
+handlers, not sent), compression and ``context.read()``. With independent
+ttrpc servers, a client that gives up drops the answer, and the server stops
+the handler at the deadline it was sent.
+
+Layout: :mod:`._frames` (the wire), :mod:`._connection` (one framed
+connection, both ends), :mod:`._call` (what both clients share),
+:mod:`._aio_client` and :mod:`._sync_client` (the two clients),
+:mod:`._dispatch` (calls on the server), :mod:`._server` (connections and
+lifecycle of the server).
 """
 
 from __future__ import annotations
 
 from ..address import default_ttrpc_socket_path as ttrpc_socket_path
-from .client import AsyncConnection, SyncConnection
-from .context import AsyncServicerContext, ServicerContext
-from .framing import DEFAULT_MAX_DATA_LENGTH
-from .messages import ENVELOPE_ALLOWANCE
-from .server import TtrpcServer
+from ._aio_client import AsyncConnection
+from ._context import AsyncServicerContext, ServicerContext
+from ._flow import DEFAULT_STREAM_WINDOW
+from ._frames import DEFAULT_MAX_DATA_LENGTH
+from ._messages import ENVELOPE_ALLOWANCE
+from ._server import TtrpcServer
+from ._sync_client import SyncConnection
 
 __all__ = [
     'DEFAULT_MAX_DATA_LENGTH',
+    'DEFAULT_STREAM_WINDOW',
     'ENVELOPE_ALLOWANCE',
     'AsyncConnection',
     'AsyncServicerContext',

@@ -30,14 +30,18 @@ __all__ = [
     'FLAG_SHARED_MEMORY',
     'MAX_BATCH_FDS',
     'MAX_QUEUED_FDS',
+    'MAX_WINDOW',
     'Frame',
     'FrameDecoder',
     'HEADER',
     'HEADER_SIZE',
     'MessageType',
     'OversizedFrame',
+    'encode_cancel',
     'encode_frame',
+    'encode_window_update',
     'oversized_message',
+    'window_increment',
 ]
 
 #: ``>IIBB``: data length, stream id, message type, flags.
@@ -75,6 +79,12 @@ class MessageType(enum.IntEnum):
     REQUEST = 0x01
     RESPONSE = 0x02
     DATA = 0x03
+    #: vyra_base_ipc's extension (agreed in the Hello): the client leaves the
+    #: stream; no data. The server cancels the call and sends nothing more on it.
+    CANCEL = 0x10
+    #: vyra_base_ipc's extension (agreed in the Hello): the receiver of a
+    #: stream's messages grants its sender more bytes (data: big-endian uint32).
+    WINDOW_UPDATE = 0x11
 
 
 class Frame(NamedTuple):
@@ -112,6 +122,27 @@ def oversized_message(length: int, limit: int) -> str:
 def encode_frame(stream_id: int, message_type: int, flags: int, data: bytes = b'') -> bytes:
     """Return the header and ``data`` as one bytes object (one write, one syscall)."""
     return HEADER.pack(len(data), stream_id, message_type, flags) + data
+
+
+_INCREMENT = struct.Struct('>I')
+#: The largest credit a stream can have (as HTTP/2's flow-control windows).
+MAX_WINDOW = 2**31 - 1
+
+
+def encode_window_update(stream_id: int, increment: int) -> bytes:
+    """A WINDOW_UPDATE frame granting ``increment`` more bytes on ``stream_id``."""
+    return HEADER.pack(4, stream_id, MessageType.WINDOW_UPDATE, 0) + _INCREMENT.pack(increment)
+
+
+def window_increment(frame: Frame) -> int:
+    """The increment a WINDOW_UPDATE frame grants; 0 for a malformed one
+    (which then grants nothing)."""
+    return _INCREMENT.unpack(frame.data)[0] if len(frame.data) == 4 else 0
+
+
+def encode_cancel(stream_id: int) -> bytes:
+    """A CANCEL frame for ``stream_id``."""
+    return HEADER.pack(0, stream_id, MessageType.CANCEL, 0)
 
 
 class FrameDecoder:

@@ -18,15 +18,12 @@ from .. import ttrpc_pb2
 
 __all__ = [
     'ENVELOPE_ALLOWANCE',
-    'HELLO_METHOD',
-    'HELLO_SERVICE',
     'Metadata',
     'Request',
     'Response',
     'Status',
     'code_of',
     'decode_response',
-    'encode_hello',
     'encode_ok_response',
     'encode_request',
     'encode_response',
@@ -45,13 +42,6 @@ Metadata = Sequence[tuple[str, 'str | bytes']]
 #: message size limit, so that a message gRPC accepts fits in a frame here too.
 #: gRPC's own default limit on metadata is 8 KiB.
 ENVELOPE_ALLOWANCE = 64 * 1024
-
-#: The call by which two vyra_base_ipc ends agree on shared memory for a
-#: connection (see :mod:`vyra_base_ipc.payload`); other ttrpc servers answer
-#: it as an unknown method.
-HELLO_SERVICE = 'vyra.ipc.ttrpc.SharedMemory'
-HELLO_METHOD = 'Hello'
-SHARED_MEMORY_VERSION = 1
 
 _CODES: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -162,7 +152,3 @@ def decode_response(data: bytes) -> tuple[int, str, bytes]:
     status = response.status
     return status.code, status.message, response.payload
 
-
-def encode_hello() -> bytes:
-    """The payload of the shared-memory Hello call and of its answer."""
-    return ttrpc_pb2.SharedMemoryHello(version=SHARED_MEMORY_VERSION).SerializeToString()

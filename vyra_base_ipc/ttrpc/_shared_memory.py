@@ -6,22 +6,49 @@ on it with a Hello call: the frame's message payload is replaced by a
 the frame's first bytes (``SCM_RIGHTS``), in order: the message's own (if it
 is above the threshold), then one per :class:`~vyra_base_ipc.SharedBuffer`.
 Receivers take a frame's descriptors with
-:meth:`~vyra_base_ipc.ttrpc.framing.FrameDecoder.take_fds` as frames arrive,
+:meth:`~vyra_base_ipc.ttrpc._frames.FrameDecoder.take_fds` as frames arrive,
 in order, and check each one before mapping it
 (:func:`~vyra_base_ipc.payload.map_sealed`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Sequence
 
 from .. import ttrpc_pb2
-from ..payload import SharedMemoryError, TooLargeError, close_fds, map_sealed, seal_bytes
+from ..payload import SharedMemoryError, SharedMemoryOptions, TooLargeError, close_fds, map_sealed, seal_bytes
 from ..shared_buffer import ReceivedBuffers, SharedBuffer
+from ._frames import FLAG_SHARED_MEMORY
 
-__all__ = ['pack', 'unpack']
+__all__ = ['outgoing', 'pack', 'unpack']
+
+_logger = logging.getLogger(__name__)
 
 Manifest = ttrpc_pb2.SharedMemoryManifest
+
+
+def outgoing(payload: bytes, options: SharedMemoryOptions | None, buffers: Sequence[SharedBuffer] = ()
+             ) -> tuple[bytes, list[int], int]:
+    """How a message goes out: ``(frame data, descriptors to pass, flags)``.
+
+    Inline unless the connection agreed on shared memory (``options``) and
+    the message is above its threshold or has ``buffers``. A large message
+    for which no shared memory can be made (out of descriptors or memory)
+    goes inline, with a warning; buffers cannot.
+
+    :raises SharedMemoryError: ``buffers`` could not be passed.
+    """
+    if options is None or (len(payload) <= options.threshold and not buffers):
+        return payload, [], 0
+    try:
+        manifest, fds = pack(payload, options.threshold, buffers)  # type: ignore[misc]
+    except SharedMemoryError as error:
+        if buffers:
+            raise
+        _logger.warning('sending %d bytes inline: %s', len(payload), error)
+        return payload, [], 0
+    return manifest, fds, FLAG_SHARED_MEMORY
 
 
 def pack(payload: bytes, threshold: int, buffers: Sequence[SharedBuffer] = ()

@@ -1,0 +1,73 @@
+"""A call's deadline as one value, from the caller down to the socket.
+
+The public API takes timeouts in seconds; they are checked once, turned into
+a :class:`Deadline` (a ``time.monotonic()`` instant), and that instant is
+what every layer below works with: the time left for the gRPC lane, the
+``timeout_nano`` a fast-lane request carries, the receive timeout of a
+blocking socket, the event loop's clock for a timer.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Union
+
+from .options import validate_timeout
+
+__all__ = ['Deadline', 'Timeout', 'deadline_of']
+
+_MAX_INT64 = 2**63 - 1
+
+
+class Deadline:
+    """The ``time.monotonic()`` instant by which a call must end."""
+
+    __slots__ = ('at',)
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    @classmethod
+    def after(cls, timeout: float) -> 'Deadline':
+        """The deadline ``timeout`` seconds from now.
+
+        :raises TypeError, ValueError: ``timeout`` is not a finite number > 0.
+        """
+        return cls(time.monotonic() + validate_timeout(timeout))
+
+    def remaining(self) -> float:
+        """Seconds left; 0 or less once it passed."""
+        return self.at - time.monotonic()
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.at
+
+    def timeout_nano(self) -> int:
+        """The time left as a ttrpc request's ``timeout_nano`` (at least 1: 0 means none)."""
+        return min(max(1, int(self.remaining() * 1e9)), _MAX_INT64)
+
+    def earlier(self, seconds: float | None) -> 'Deadline':
+        """This deadline, or the one ``seconds`` from now if that comes first
+        (``None``: this one)."""
+        if seconds is None:
+            return self
+        other = time.monotonic() + seconds
+        return self if self.at <= other else Deadline(other)
+
+    def __repr__(self) -> str:
+        return f'Deadline(in {self.remaining():.6f} s)'
+
+
+#: What the connections accept as a call's deadline: seconds from now, a
+#: :class:`Deadline`, or ``None`` for none.
+Timeout = Union[float, Deadline, None]
+
+
+def deadline_of(timeout: Timeout) -> Deadline | None:
+    """The deadline of a ``timeout`` argument.
+
+    :raises TypeError, ValueError: a number that is not finite and > 0.
+    """
+    if timeout is None or isinstance(timeout, Deadline):
+        return timeout
+    return Deadline.after(timeout)

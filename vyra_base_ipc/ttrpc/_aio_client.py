@@ -1,0 +1,461 @@
+"""The fast lane's asyncio client: :class:`AsyncConnection`."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any, AsyncIterator, Callable, Sequence
+import warnings
+
+import grpc
+
+from .._deadline import Deadline, Timeout, deadline_of
+from ..address import StrPath
+from ..exceptions import IPCError, IPCUnavailableError
+from ..methods import Method
+from ..options import DEFAULT_MAX_MESSAGE_BYTES
+from ..payload import SharedMemoryOptions, close_fds
+from ..shared_buffer import SharedBuffer
+from ._call import (
+    ClientCore,
+    ClientStream,
+    Item,
+    Outcome,
+    SenderFailed,
+    check_kind,
+    close_send_frame,
+    closed,
+    connect_arguments,
+    connect_error,
+    data_frame,
+    deserialize,
+    idle_error,
+    lost,
+    not_accepted,
+    prepare,
+    timeout_error,
+)
+from ._connection import FramedConnection
+from ._deadlines import DeadlineQueue
+from ._flow import DEFAULT_STREAM_WINDOW
+from ._frames import Frame, MessageType, OversizedFrame, encode_frame
+from ._messages import ENVELOPE_ALLOWANCE, Metadata
+from ._transport import UnixTransport
+
+__all__ = ['AsyncConnection']
+
+_REQUEST = int(MessageType.REQUEST)
+
+
+class _AsyncStream(ClientStream):
+    """Items received for one call, with a waiter for the next."""
+
+    __slots__ = ('loop', 'waiter')
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.loop = loop
+        self.waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def next(self, until: float | None = None) -> Item | None:
+        """The next item; ``None`` if none came by ``until`` (``loop.time()``)."""
+        while not self.items:
+            if until is not None and self.loop.time() >= until:
+                return None
+            self.waiter = waiter = self.loop.create_future()
+            # A plain timer, not asyncio.wait_for: that costs a task per message.
+            timer = None if until is None else self.loop.call_at(until, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                self.waiter = None
+                if timer is not None:
+                    timer.cancel()
+        return self.items.popleft()
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _deliver(target: Any, item: Item) -> None:
+    if target.__class__ is _AsyncStream:
+        target.push(item)
+    elif not target.done():
+        target.set_result(item)
+
+
+class _ClientProtocol(FramedConnection):
+    """The client end of a connection: routes frames to calls."""
+
+    def __init__(self, path: str, message_limit: int, shared_memory: SharedMemoryOptions | None,
+                 stream_window: int) -> None:
+        super().__init__(asyncio.get_running_loop(), message_limit + ENVELOPE_ALLOWANCE)
+        self.core = ClientCore(path, message_limit, self.decoder, shared_memory, stream_window, _deliver)
+        self.accepts_fds = shared_memory is not None
+        #: Why the connection is unusable (closed, lost), else None.
+        self.error: IPCUnavailableError | None = None
+        self.deadlines: DeadlineQueue[_Pending] = DeadlineQueue(self.loop, _ended, _expire)
+
+    def in_flight(self) -> int:
+        return len(self.core.streams)
+
+    def frame_received(self, item: Frame | OversizedFrame) -> None:
+        reason = self.core.route(item)
+        if reason is not None:
+            self.violation(reason)
+
+    def violation(self, reason: str) -> None:
+        if self.error is None:
+            self.error = lost(self.core.path, reason)
+        super().violation(reason)
+
+    def lost(self, exc: Exception | None) -> None:
+        if self.error is None:
+            self.error = lost(self.core.path, exc or 'closed by the server')
+        self.core.fail_all(self.error)
+        self.deadlines.close()
+
+    async def drain(self) -> None:
+        await super().drain()
+        if self.error is not None:
+            raise self.error
+
+    def send(self, frame: bytes, fds: Sequence[int] = ()) -> None:
+        """:raises IPCUnavailableError: the connection is closed or lost."""
+        if self.error is not None:
+            close_fds(fds)
+            raise self.error
+        super().send(frame, fds)
+
+    def open(self, target: Any, prepared: Any) -> int:
+        """Register a call and send its request (passing its descriptors);
+        ids increase on the wire because nothing else runs between
+        allocation and write."""
+        if self.error is not None:
+            prepared.discard()
+            raise self.error
+        stream_id = self.core.register(target, prepared.method)
+        self.send(encode_frame(stream_id, _REQUEST, prepared.flags, prepared.envelope), prepared.take_fds())
+        return stream_id
+
+    def finish(self, stream_id: int) -> None:
+        """The caller is done with a call: tell the server if it may still be at work."""
+        cancel = self.core.finish(stream_id)
+        if cancel is not None and self.error is None:
+            super().send(cancel)
+
+
+class AsyncConnection:
+    """One ttrpc connection for asyncio code.
+
+    Open it with ``await AsyncConnection.connect(path)`` (or ``async with``).
+    Bound to the event loop it was opened on; any number of tasks of that
+    loop may call concurrently (one connection multiplexes them). Not
+    thread-safe. A broken connection stays broken: :attr:`is_closed` turns
+    true and every call raises :class:`IPCUnavailableError`.
+
+    Deadlines: ``timeout`` (seconds, or a deadline) per call, ``None`` for no
+    deadline. The server is told the deadline and stops the handler when it
+    passes. With a vyra_base_ipc server, a call the caller leaves early (a
+    stream left, a task cancelled, the deadline passed) is cancelled on the
+    server at once, and streams are flow-controlled (see :mod:`._flow`);
+    with other ttrpc servers, the server's handler runs on until it ends or
+    its deadline passes, and its answers are dropped.
+    """
+
+    def __init__(self, socket_path: str, transport: UnixTransport, protocol: _ClientProtocol,
+                 max_message_bytes: int) -> None:
+        self.socket_path = socket_path
+        self.max_message_bytes = max_message_bytes
+        self._transport = transport
+        self._protocol = protocol
+
+    @classmethod
+    async def connect(cls, socket_path: StrPath, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                      timeout: float | None = None,
+                      shared_memory: SharedMemoryOptions | None = SharedMemoryOptions(),
+                      stream_window: int = DEFAULT_STREAM_WINDOW) -> 'AsyncConnection':
+        """Connect to the ttrpc server on ``socket_path``.
+
+        A Hello call sent right away offers the server this package's
+        extensions (cancellation, flow control, and shared memory for large
+        messages if ``shared_memory``); the first call waits for its answer
+        (within that call's deadline), so connecting costs no round trip.
+        Servers other than vyra_base_ipc's say no, and the connection is
+        plain ttrpc.
+
+        :param max_message_bytes: largest message sent or accepted.
+        :param timeout: seconds to wait for the connection to be accepted
+            (default :data:`~vyra_base_ipc.options.DEFAULT_TIMEOUT`).
+        :param shared_memory: options to offer, ``None`` to keep every message inline.
+        :param stream_window: bytes of streamed messages the server may send
+            on a stream before this end has taken them (flow control).
+        :raises IPCUnavailableError: no socket, nobody listening, not allowed.
+        :raises TypeError, ValueError: invalid arguments.
+        """
+        path, limit, timeout, shared, window = connect_arguments(socket_path, max_message_bytes, timeout,
+                                                                 shared_memory, stream_window)
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(sock, path), timeout)
+        except asyncio.TimeoutError:
+            sock.close()
+            raise not_accepted(path, timeout) from None
+        except OSError as error:
+            sock.close()
+            raise connect_error(path, error) from None
+        except BaseException:
+            sock.close()
+            raise
+        protocol = _ClientProtocol(path, limit, shared, window)
+        transport = UnixTransport(loop, sock, protocol)
+        protocol.transport = transport  # usable at once; connection_made follows
+        # Sent now, answered while the caller gets ready: the first call
+        # settles it, so connecting costs no round trip.
+        protocol.core.hello = loop.create_future()
+        protocol.open(protocol.core.hello, protocol.core.hello_request())
+        return cls(path, transport, protocol, limit)
+
+    @property
+    def shared_memory(self) -> SharedMemoryOptions | None:
+        """The shared-memory options agreed on this connection; ``None`` if
+        every message travels inline (or before the first call has settled
+        the agreement)."""
+        return self._protocol.core.agreement.shared_memory
+
+    @property
+    def cancels(self) -> bool:
+        """Whether calls left early are cancelled on the server (agreed
+        with a vyra_base_ipc server, once the first call settled it)."""
+        return self._protocol.core.agreement.cancel
+
+    async def _begin(self, method: Method, response_streaming: bool,
+                     deadline: Deadline | None) -> _ClientProtocol:
+        """Checks every call starts with; the first call of the connection
+        also waits for the answer to its Hello (within the deadline)."""
+        check_kind(method, response_streaming)
+        protocol = self._protocol
+        if asyncio.get_running_loop() is not protocol.loop:
+            raise RuntimeError('this AsyncConnection belongs to another event loop; open one per loop')
+        hello = protocol.core.hello
+        if hello is not None:
+            try:
+                item = await asyncio.wait_for(asyncio.shield(hello),
+                                              None if deadline is None else max(deadline.remaining(), 0))
+            except asyncio.TimeoutError:
+                raise timeout_error(method) from None
+            if protocol.core.hello is hello:  # else another call settled it meanwhile
+                protocol.core.settle(item)
+        return protocol
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether the connection was closed or broke; calls would fail."""
+        return self._protocol.error is not None
+
+    async def close(self) -> None:
+        """Close the connection; calls in flight fail with
+        :class:`IPCUnavailableError`. Idempotent."""
+        protocol = self._protocol
+        if protocol.error is None:
+            protocol.error = closed(self.socket_path)
+        if not self._transport.is_closing():
+            self._transport.close()
+            await asyncio.sleep(0)  # let connection_lost run on this loop
+
+    async def __aenter__(self) -> 'AsyncConnection':
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        transport = getattr(self, '_transport', None)
+        if transport is not None and not transport.is_closing():
+            _warn(f'unclosed ttrpc AsyncConnection to {self.socket_path!r}', ResourceWarning,
+                  source=self)
+            try:
+                transport.close()
+            except RuntimeError:  # its event loop is closed already
+                pass
+
+    async def call(self, method: Method, request: Any, *, timeout: Timeout = None,
+                   metadata: Metadata | None = None, buffers: Sequence[SharedBuffer] = (),
+                   return_buffers: bool = False) -> Any:
+        """Call a unary-response method (``unary_unary`` or ``stream_unary``)
+        and return its response. A call cancelled (its task) or past its
+        deadline is cancelled on the server.
+
+        :param request: the request message; for ``stream_unary`` an iterable
+            or async iterable of them.
+        :param buffers: :class:`~vyra_base_ipc.SharedBuffer` objects the
+            request refers to (unary requests only): passed as shared
+            memory, or copied into the request's references where this
+            connection has no shared memory.
+        :param return_buffers: return ``(response, ReceivedBuffers)``: the
+            buffers the handler answered with
+            (:func:`~vyra_base_ipc.attach_buffers`), for
+            :func:`~vyra_base_ipc.shared_buffer`.
+        :raises TypeError: the method streams responses (use :meth:`stream`).
+        :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
+        """
+        try:
+            deadline = deadline_of(timeout)
+            protocol = await self._begin(method, False, deadline)
+            outcome = Outcome(method, self.max_message_bytes)
+            prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
+                               protocol.core.agreement.shared_memory, buffers)
+            loop = protocol.loop
+            if method.kind.request_streaming:
+                stream = _AsyncStream(loop)
+                stream_id = protocol.open(stream, prepared)
+                sender = loop.create_task(self._send_requests(stream_id, method, request, stream))
+                try:
+                    item = await stream.next(None if deadline is None else loop.time() + deadline.remaining())
+                finally:
+                    protocol.finish(stream_id)
+                    sender.cancel()
+                if item is None:
+                    raise timeout_error(method)
+                return outcome.unary(item, return_buffers)
+            future: asyncio.Future[Item] = loop.create_future()
+            stream_id = protocol.open(future, prepared)
+            pending = None
+            if deadline is not None:
+                pending = _Pending(future)
+                protocol.deadlines.add(loop.time() + deadline.remaining(), pending, method)
+            try:
+                item = await future
+            finally:
+                protocol.finish(stream_id)
+                if pending is not None:
+                    # The queue drops it lazily: it must not keep the answer
+                    # (which may map shared memory) until the deadline.
+                    pending.future = None
+            return outcome.unary(item, return_buffers)
+        except IPCError as error:
+            # One error object fails every call of a broken connection: name this call.
+            raise error.for_method(method.path) from None
+
+    async def stream(self, method: Method, request: Any, *, timeout: Timeout = None,
+                     metadata: Metadata | None = None, idle_timeout: float | None = None
+                     ) -> AsyncIterator[Any]:
+        """Call a response-streaming method (``unary_stream`` or
+        ``stream_stream``); iterate over its responses.
+
+        The deadline covers the whole stream (``None``: the stream lives as
+        long as the caller wants). Leaving the iteration early, cancelling
+        the task or the deadline passing cancels the call on the server.
+
+        :param request: the request message; for ``stream_stream`` an
+            iterable or async iterable of them, sent concurrently with
+            receiving.
+        :param idle_timeout: seconds to wait for each message at most; the
+            call fails with :class:`IPCTimeoutError` when one takes longer.
+        :raises TypeError: the method does not stream responses (use :meth:`call`).
+        :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
+        """
+        try:
+            deadline = deadline_of(timeout)
+            protocol = await self._begin(method, True, deadline)
+            outcome = Outcome(method, self.max_message_bytes)
+            loop = protocol.loop
+            prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
+                               protocol.core.agreement.shared_memory)
+            stream = _AsyncStream(loop)
+            stream_id = protocol.open(stream, prepared)
+            sender = (loop.create_task(self._send_requests(stream_id, method, request, stream))
+                      if method.kind.request_streaming else None)
+            until = None if deadline is None else loop.time() + deadline.remaining()
+            try:
+                while True:
+                    wait_until = until if idle_timeout is None else min(until or float('inf'),
+                                                                       loop.time() + idle_timeout)
+                    item = await stream.next(wait_until)
+                    if item is None:
+                        raise (timeout_error(method) if until is not None and loop.time() >= until
+                               else idle_error(method, idle_timeout))  # type: ignore[arg-type]
+                    ended, payload = outcome.streamed(item)
+                    if not ended:
+                        increment = stream.taken(item)
+                        if increment:
+                            protocol.send_window_update(stream_id, increment)
+                    if payload is not None:
+                        yield deserialize(method, payload)
+                    if ended:
+                        return
+            finally:
+                protocol.finish(stream_id)
+                if sender is not None:
+                    sender.cancel()
+        except IPCError as error:
+            # One error object fails every call of a broken connection: name this call.
+            raise error.for_method(method.path) from None
+
+    async def _send_requests(self, stream_id: int, method: Method, requests: Any,
+                             stream: _AsyncStream) -> None:
+        """Send a request stream as data frames, then close it; waits while
+        the server has not granted credit. A failure (the iterator raised, a
+        message too large) ends the call with it."""
+        protocol = self._protocol
+        shared = protocol.core.agreement.shared_memory
+        credit = stream.credit
+        try:
+            async for message in _messages(requests):
+                if credit is not None and credit.credit <= 0:
+                    await credit.wait()
+                    if credit.closed:
+                        return
+                frame, fds, cost = data_frame(stream_id, method, message, self.max_message_bytes, shared)
+                protocol.send(frame, fds)
+                if credit is not None:
+                    credit.spend(cost)
+                if protocol.write_paused:
+                    await protocol.drain()
+            protocol.send(close_send_frame(stream_id))
+        except asyncio.CancelledError:
+            raise
+        except IPCError as error:
+            stream.push(error)
+        except Exception as error:
+            # The caller's own iterator failed: give the caller its exception.
+            stream.push(SenderFailed(error))
+            if protocol.error is None:
+                protocol.send(close_send_frame(stream_id))
+
+
+async def _messages(requests: Any) -> AsyncIterator[Any]:
+    if hasattr(requests, '__aiter__'):
+        async for message in requests:
+            yield message
+    else:
+        for message in requests:
+            yield message
+
+
+class _Pending:
+    """A unary call's entry in the deadline queue, let go of when it ends."""
+
+    __slots__ = ('future',)
+
+    def __init__(self, future: asyncio.Future[Item]) -> None:
+        self.future: asyncio.Future[Item] | None = future
+
+
+def _ended(pending: _Pending) -> bool:
+    return pending.future is None or pending.future.done()
+
+
+def _expire(pending: _Pending, method: Method) -> None:
+    future = pending.future
+    if future is not None and not future.done():
+        future.set_result(timeout_error(method))

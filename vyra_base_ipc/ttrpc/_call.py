@@ -1,0 +1,479 @@
+"""What both fast-lane clients share above the socket.
+
+:class:`~vyra_base_ipc.ttrpc.AsyncConnection` and
+:class:`~vyra_base_ipc.ttrpc.SyncConnection` differ in how they wait and how
+they read the socket; everything else is here, written once: preparing a
+request, routing received frames to their calls (:class:`ClientCore`),
+reading a call's answer (:class:`Outcome`), shared memory on receipt, the
+Hello, flow control and CANCEL frames, and the errors a call raises.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any, Callable, Sequence, Union
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from .._deadline import Deadline
+from ..address import StrPath, validate_socket_path
+from ..exceptions import IPCError, IPCTimeoutError, IPCUnavailableError, error_from_status
+from ..methods import Method, MethodKind
+from ..options import DEFAULT_TIMEOUT, validate_max_message_bytes, validate_timeout
+from ..payload import SharedMemoryError, SharedMemoryOptions, TooLargeError, close_fds, usable_options
+from ..shared_buffer import ReceivedBuffers, SharedBuffer, check_buffers, inline_request
+from . import _hello
+from ._flow import ReceiveWindow, SendCredit, message_cost, validate_stream_window
+from ._frames import (
+    FLAG_NO_DATA,
+    FLAG_REMOTE_CLOSED,
+    FLAG_REMOTE_OPEN,
+    FLAG_SHARED_MEMORY,
+    Frame,
+    FrameDecoder,
+    MessageType,
+    OversizedFrame,
+    encode_cancel,
+    encode_frame,
+    window_increment,
+)
+from ._messages import Metadata, code_of, decode_response, encode_request, metadata_to_wire
+from ._shared_memory import outgoing, unpack
+
+__all__ = ['ClientCore', 'ClientStream', 'Item', 'Outcome', 'Prepared', 'SenderFailed']
+
+_REQUEST = int(MessageType.REQUEST)
+_RESPONSE = int(MessageType.RESPONSE)
+_DATA = int(MessageType.DATA)
+_WINDOW_UPDATE = int(MessageType.WINDOW_UPDATE)
+CLOSE_SEND = FLAG_REMOTE_CLOSED | FLAG_NO_DATA
+
+#: What a call receives: a frame, an oversized frame's header, or an error.
+Item = Union[Frame, OversizedFrame, IPCError]
+
+#: The call that agrees on the extensions of a connection.
+HELLO = Method(name=_hello.HELLO_METHOD, path=_hello.HELLO_PATH, kind=MethodKind.UNARY_UNARY,
+               request_serializer=None, response_deserializer=None)
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+class Prepared:
+    """A call's request frame, checked and encoded, with the descriptors to
+    pass with it (owned until sent: :meth:`discard` on failure)."""
+
+    __slots__ = ('method', 'deadline', 'frame_flags', 'envelope', 'fds')
+
+    def __init__(self, method: Method, deadline: Deadline | None, metadata: Metadata | None,
+                 payload: bytes, shared: SharedMemoryOptions | None = None,
+                 buffers: Sequence[SharedBuffer] = ()) -> None:
+        self.method = method
+        self.deadline = deadline
+        service, name = _split_path(method.path)
+        try:
+            payload, self.fds, self.frame_flags = outgoing(payload, shared, buffers)
+        except SharedMemoryError as error:
+            raise error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error),
+                                    method=method.path) from None
+        self.envelope = encode_request(service, name, payload,
+                                       0 if deadline is None else deadline.timeout_nano(),
+                                       metadata_to_wire(metadata) if metadata else ())
+
+    @property
+    def flags(self) -> int:
+        """The request frame's flags: how the call's messages follow."""
+        kind = self.method.kind
+        if kind.request_streaming:
+            return FLAG_REMOTE_OPEN | self.frame_flags
+        return (FLAG_REMOTE_CLOSED if kind.response_streaming else 0) | self.frame_flags
+
+    def take_fds(self) -> list[int]:
+        fds, self.fds = self.fds, []
+        return fds
+
+    def discard(self) -> None:
+        close_fds(self.take_fds())
+
+
+def prepare(method: Method, request: Any, deadline: Deadline | None, metadata: Metadata | None,
+            limit: int, shared: SharedMemoryOptions | None, buffers: Sequence[SharedBuffer] = ()
+            ) -> Prepared:
+    """The request frame of a call. A unary request is serialized into it
+    (explicit buffers go inline into the message, a copy, where the
+    connection cannot pass them); a request stream follows in data frames."""
+    if method.kind.request_streaming:
+        if buffers:
+            check_buffers(method.path, True, buffers)
+        return Prepared(method, deadline, metadata, b'')
+    if shared is None:
+        request = inline_request(method.path, False, request, buffers)
+    elif buffers:
+        check_buffers(method.path, False, buffers)
+    return Prepared(method, deadline, metadata, serialize(method, request, limit), shared, buffers)
+
+
+def data_frame(stream_id: int, method: Method, message: Any, limit: int,
+               shared: SharedMemoryOptions | None) -> tuple[bytes, list[int], int]:
+    """A streamed request message as a data frame: (frame, descriptors, cost against the window)."""
+    payload = serialize(method, message, limit)
+    data, fds, flags = outgoing(payload, shared)
+    return encode_frame(stream_id, _DATA, flags, data), fds, message_cost(len(payload))
+
+
+def close_send_frame(stream_id: int) -> bytes:
+    """The frame that ends a request stream."""
+    return encode_frame(stream_id, _DATA, CLOSE_SEND)
+
+
+_SPLIT_PATHS: dict[str, tuple[str, str]] = {}
+
+
+def _split_path(path: str) -> tuple[str, str]:
+    split = _SPLIT_PATHS.get(path)
+    if split is None:
+        service, _, name = path.lstrip('/').rpartition('/')
+        if not service or not name:
+            raise ValueError(f'method path {path!r} is not of the form /package.Service/Method')
+        split = _SPLIT_PATHS[path] = (service, name)
+    return split
+
+
+def serialize(method: Method, message: Any, limit: int) -> bytes:
+    """A request message's bytes.
+
+    :raises IPCRemoteError: RESOURCE_EXHAUSTED, larger than ``limit``.
+    """
+    serialize = method.request_serializer
+    payload = serialize(message) if serialize is not None else message
+    if len(payload) > limit:
+        raise error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f'Sent message larger than max ({len(payload)} vs. {limit})',
+                                method=method.path)
+    return payload
+
+
+def deserialize(method: Method, payload: bytes | memoryview) -> Any:
+    deserialize = method.response_deserializer
+    return deserialize(payload) if deserialize is not None else payload
+
+
+def check_kind(method: Method, response_streaming: bool) -> None:
+    """:raises TypeError: not a Method, or called with the wrong one of call()/stream()."""
+    if not isinstance(method, Method):
+        raise TypeError(f'method must be a vyra_base_ipc.methods.Method, not {type(method).__name__}')
+    if method.kind.response_streaming != response_streaming:
+        use = 'stream' if method.kind.response_streaming else 'call'
+        raise TypeError(f'{method.path} is a {method.kind.value} method: call it with {use}()')
+
+
+def connect_arguments(socket_path: StrPath, max_message_bytes: int, timeout: float | None,
+                      shared_memory: SharedMemoryOptions | None, stream_window: int
+                      ) -> tuple[str, int, float, SharedMemoryOptions | None, int]:
+    """The checked arguments of a connect(): path, message limit, timeout,
+    shared-memory options usable here, stream window.
+
+    :raises TypeError, ValueError: invalid arguments.
+    """
+    return (os.fspath(validate_socket_path(socket_path)), validate_max_message_bytes(max_message_bytes),
+            DEFAULT_TIMEOUT if timeout is None else validate_timeout(timeout),
+            usable_options(shared_memory), validate_stream_window(stream_window))
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+def timeout_error(method: Method) -> IPCTimeoutError:
+    return IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED, 'Deadline Exceeded', method=method.path)
+
+
+def idle_error(method: Method, idle_timeout: float) -> IPCTimeoutError:
+    return IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                           f'no message within the idle timeout of {idle_timeout:g} s', method=method.path)
+
+
+def connect_error(path: str, error: OSError) -> IPCUnavailableError:
+    if isinstance(error, FileNotFoundError):
+        details = f'socket {path!r} does not exist (is the IPC server running?)'
+    elif isinstance(error, ConnectionRefusedError):
+        details = f'no server answers on {path!r} (stale socket file?)'
+    elif isinstance(error, PermissionError):
+        details = f'not allowed to connect to {path!r}: {error.strerror}'
+    else:
+        details = f'cannot connect to {path!r}: {error}'
+    return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, details)
+
+
+def not_accepted(path: str, timeout: float) -> IPCUnavailableError:
+    return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE,
+                               f'no server accepted a connection on {path!r} within {timeout:g} s')
+
+
+def lost(path: str, reason: object) -> IPCUnavailableError:
+    return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, f'connection to {path!r} lost: {reason}')
+
+
+def closed(path: str) -> IPCUnavailableError:
+    return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, f'connection to {path!r} was closed')
+
+
+class SenderFailed(IPCError):
+    """Carries an exception raised by the caller's request iterator; re-raised as is."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        super().__init__(grpc.StatusCode.CANCELLED, f'request iterator raised {error!r}')
+
+
+# -- answers -----------------------------------------------------------------------------------
+
+class Outcome:
+    """Interprets the items of one call."""
+
+    __slots__ = ('method', 'limit')
+
+    def __init__(self, method: Method, limit: int) -> None:
+        self.method = method
+        self.limit = limit
+
+    def unary(self, item: Item, return_buffers: bool = False) -> Any:
+        """The response of a unary-response call from its first item; with
+        ``return_buffers``, ``(response, ReceivedBuffers)``."""
+        frame = self._frame(item)
+        if frame.type != _RESPONSE:
+            raise error_from_status(grpc.StatusCode.INTERNAL,
+                                    f'protocol error: got a frame of type {frame.type} instead of the '
+                                    'response', method=self.method.path)
+        response = deserialize(self.method, self._response(frame))
+        buffers: ReceivedBuffers | None = frame.buffers
+        if return_buffers:
+            return response, buffers if buffers is not None else ReceivedBuffers()
+        if buffers is not None:
+            buffers.close()  # nobody asked for them
+        return response
+
+    def streamed(self, item: Item) -> tuple[bool, bytes | memoryview | None]:
+        """(stream ended, payload or None) for one item of a response stream."""
+        frame = self._frame(item)
+        if frame.type == _DATA:
+            ended = bool(frame.flags & FLAG_REMOTE_CLOSED)
+            return ended, None if frame.flags & FLAG_NO_DATA else frame.data
+        if frame.type == _RESPONSE:
+            # A stream may end with an OK response; only a non-empty payload
+            # in it is a last message (an empty one is the bare end).
+            return True, self._response(frame) or None
+        raise error_from_status(grpc.StatusCode.INTERNAL,
+                                f'protocol error: got a frame of type {frame.type} on a response stream',
+                                method=self.method.path)
+
+    def _frame(self, item: Item) -> Frame:
+        if isinstance(item, IPCError):
+            raise item.error if isinstance(item, SenderFailed) else item
+        if isinstance(item, OversizedFrame):
+            raise self._too_large(item.length)
+        return item
+
+    def _response(self, frame: Frame) -> bytes | memoryview:
+        if frame.flags & FLAG_SHARED_MEMORY:
+            return frame.data  # resolved on arrival: the message itself
+        try:
+            code, message, payload = decode_response(frame.data)
+        except DecodeError as error:
+            raise error_from_status(grpc.StatusCode.INTERNAL, f'malformed response from server: {error}',
+                                    method=self.method.path) from None
+        if code:
+            raise error_from_status(code_of(code), message, method=self.method.path)
+        if len(payload) > self.limit:
+            raise self._too_large(len(payload))
+        return payload
+
+    def _too_large(self, size: int) -> IPCError:
+        return error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f'Received message larger than max ({size} vs. {self.limit})',
+                                 method=self.method.path)
+
+
+def message_size(item: Item) -> int | None:
+    """The size of the message a data item carries (for flow control), or
+    ``None`` if it carries none."""
+    if item.__class__ is Frame and item.type == _DATA and not item.flags & FLAG_NO_DATA:  # type: ignore[union-attr]
+        return len(item.data)  # type: ignore[union-attr]
+    return None
+
+
+# -- one call, one connection ------------------------------------------------------------------
+
+class ClientStream:
+    """What a client keeps of one call: received items, and on a
+    flow-controlled connection the credit for its request stream and the
+    window it grants for its response stream. Subclasses wake the waiter."""
+
+    __slots__ = ('items', 'credit', 'window')
+
+    def __init__(self) -> None:
+        self.items: collections.deque[Item] = collections.deque()
+        self.credit: SendCredit | None = None
+        self.window: ReceiveWindow | None = None
+
+    def push(self, item: Item) -> None:
+        """Add an item (from the thread that read it) and wake the waiter."""
+        self.items.append(item)
+        self.wake()
+
+    def wake(self) -> None:
+        raise NotImplementedError
+
+    def taken(self, item: Item) -> int:
+        """Count an item the caller took; the window increment to grant now, or 0."""
+        window = self.window
+        if window is None:
+            return 0
+        size = message_size(item)
+        return 0 if size is None else window.taken(size)
+
+
+# A call's target: a stream, or for the asyncio client's unary calls a
+# future (the fast path).
+Target = Any
+
+
+class ClientCore:
+    """The state of a client connection that both clients share: the calls
+    in flight by stream id, the agreement with the server, and the routing
+    of received frames to calls. The owner serializes access (the asyncio
+    client by its event loop, the blocking one by its state lock) and
+    delivers items its way (``deliver(target, item)``).
+
+    :param decoder: the connection's frame decoder (for the descriptors of
+        shared-memory frames).
+    :param shared_memory: the options offered in the Hello, ``None`` if not.
+    :param stream_window: the window offered per response stream.
+    """
+
+    __slots__ = ('path', 'message_limit', 'decoder', 'offered', 'stream_window', 'agreement',
+                 'streams', 'next_id', 'hello', 'deliver')
+
+    def __init__(self, path: str, message_limit: int, decoder: FrameDecoder,
+                 shared_memory: SharedMemoryOptions | None, stream_window: int,
+                 deliver: Callable[[Target, Item], None]) -> None:
+        self.path = path
+        self.message_limit = message_limit
+        self.decoder = decoder
+        self.offered = shared_memory
+        self.stream_window = stream_window
+        self.agreement = _hello.PLAIN
+        self.streams: dict[int, Target] = {}
+        self.next_id = 1
+        #: The Hello's target while nobody has settled its answer.
+        self.hello: Target = None
+        self.deliver = deliver
+
+    def hello_request(self) -> Prepared:
+        """The Hello, sent first on the connection (its answer settles the agreement)."""
+        return Prepared(HELLO, None, None, _hello.offer(self.offered, self.stream_window))
+
+    def settle(self, item: Item) -> None:
+        """Take the answer to the Hello: the extensions agreed (none if the
+        server is not vyra_base_ipc's)."""
+        self.hello = None
+        self.streams.pop(1, None)
+        try:
+            answer = Outcome(HELLO, self.message_limit).unary(item)
+            self.agreement = _hello.settle(answer, self.offered, self.stream_window)
+        except (IPCError, DecodeError):
+            self.agreement = _hello.PLAIN  # another ttrpc server: plain ttrpc
+
+    def register(self, target: Target, method: Method) -> int:
+        """Allocate the next stream id for a call and route its frames to ``target``."""
+        stream_id = self.next_id
+        self.next_id += 2
+        self.streams[stream_id] = target
+        if isinstance(target, ClientStream):
+            agreement = self.agreement
+            if agreement.send_window and method.kind.request_streaming:
+                target.credit = SendCredit(agreement.send_window)
+            if agreement.receive_window and method.kind.response_streaming:
+                target.window = ReceiveWindow(agreement.receive_window)
+        return stream_id
+
+    def finish(self, stream_id: int) -> bytes | None:
+        """Forget a call; the CANCEL frame to send if the server may still be
+        working on it (its last frame has not arrived), else ``None``."""
+        target = self.streams.pop(stream_id, None)
+        if isinstance(target, ClientStream) and target.credit is not None:
+            target.credit.close()
+        if target is None or not self.agreement.cancel:
+            return None
+        return encode_cancel(stream_id)
+
+    def fail_all(self, error: IPCUnavailableError) -> None:
+        """The connection is gone: every call gets ``error``."""
+        streams, self.streams = self.streams, {}
+        for target in streams.values():
+            if isinstance(target, ClientStream) and target.credit is not None:
+                target.credit.close()
+            self.deliver(target, error)
+
+    def route(self, item: Frame | OversizedFrame) -> str | None:
+        """Hand a received frame to its call (frames in the order they
+        arrived); return why the connection must break (the server is out
+        of step), else ``None``. A call's last frame also forgets the call:
+        it needs no CANCEL."""
+        streams = self.streams
+        stream_id = item.stream_id
+        routed: Item = item
+        if item.__class__ is Frame:
+            frame: Frame = item  # type: ignore[assignment]
+            if frame.flags & FLAG_SHARED_MEMORY:
+                if self.offered is None:
+                    return 'shared memory from a server that was not offered it'
+                try:
+                    routed = _resolve_shared(frame, self.decoder.take_fds, self.message_limit,
+                                             self.offered.max_bytes)
+                except ValueError as error:
+                    return str(error)
+            elif frame.type == _WINDOW_UPDATE:
+                target = streams.get(stream_id)
+                if isinstance(target, ClientStream) and target.credit is not None:
+                    target.credit.grant(window_increment(frame))
+                return None
+            if frame.type == _RESPONSE or (frame.type == _DATA and frame.flags & FLAG_REMOTE_CLOSED):
+                target = streams.pop(stream_id, None)
+                if isinstance(target, ClientStream) and target.credit is not None:
+                    target.credit.close()
+            else:
+                target = streams.get(stream_id)
+        else:
+            target = streams.get(stream_id)
+        if target is not None:  # else: a call that ended, or a stray frame
+            self.deliver(target, routed)
+        return None
+
+
+def _resolve_shared(frame: Frame, take_fds: Callable[[int], list[int]], message_limit: int,
+                    buffer_limit: int) -> Item:
+    """A frame flagged :data:`FLAG_SHARED_MEMORY` with its message fetched
+    from shared memory (as a read-only view), or the error to give its call.
+    Must run as frames arrive, in order: it takes the frame's descriptors.
+
+    :raises ValueError: fewer descriptors arrived than the frame announced
+        (the connection is out of step and must close).
+    """
+    try:
+        if frame.type == _RESPONSE:
+            code, message, manifest = decode_response(frame.data)
+            if code:
+                return error_from_status(code_of(code), message)
+        elif frame.type == _DATA:
+            manifest = frame.data
+        else:
+            return error_from_status(grpc.StatusCode.INTERNAL,
+                                     f'protocol error: shared memory on a frame of type {frame.type}')
+        payload, buffers = unpack(manifest, take_fds, message_limit, buffer_limit, 'the response')
+    except DecodeError as error:
+        return error_from_status(grpc.StatusCode.INTERNAL, f'malformed response from server: {error}')
+    except TooLargeError as error:
+        return error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+    except SharedMemoryError as error:
+        return error_from_status(grpc.StatusCode.INTERNAL, str(error))
+    return Frame(frame.stream_id, frame.type, frame.flags, payload, buffers)  # type: ignore[arg-type]

@@ -1,0 +1,631 @@
+"""Calls on the fast-lane server: running handlers, feeding them streamed
+requests, sending their answers, and ending them (answer, deadline, client
+gone, CANCEL, shutdown), with the status codes and wording of grpc.aio.
+
+A :class:`Call` runs on the server's event loop, except the methods named
+``*_thread`` / ``_run_sync``, which run in a ``def`` handler's worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import logging
+import queue
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Union
+
+import grpc
+
+from ..methods import MethodKind
+from ..payload import SharedMemoryError, close_fds
+from ._context import ServicerContext, _End
+from ._eager import start_task
+from ._flow import ReceiveWindow, SendCredit, message_cost
+from ._frames import FLAG_NO_DATA, FLAG_REMOTE_CLOSED, FLAG_REMOTE_OPEN, Frame, MessageType, encode_frame
+from ._messages import encode_ok_response, encode_response
+from ._shared_memory import outgoing
+
+if TYPE_CHECKING:
+    from ._server import ServerConnection
+
+__all__ = ['Call', 'Handler', 'number']
+
+_logger = logging.getLogger(__name__)
+
+_RESPONSE = int(MessageType.RESPONSE)
+_DATA = int(MessageType.DATA)
+_OK = 0
+_SHUTTING_DOWN = 'server is shutting down'
+
+# Answer of a call: (status code number, details, payload); payload None
+# ends a response stream with a bare close instead of a Response frame.
+_Answer = tuple[int, str, Union[bytes, None]]
+
+
+def number(code: grpc.StatusCode) -> int:
+    """The wire number of a status code."""
+    return int(code.value[0])
+
+
+class _CallEnded(Exception):
+    """Raised inside a ``def`` handler's thread when it writes to a call that
+    has already ended (deadline, cancellation); stops the handler's generator."""
+
+
+class _StatusError(Exception):
+    """Ends a call with a chosen status from inside the server."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class Handler:
+    """One registered method, ready to call."""
+
+    __slots__ = ('path', 'kind', 'function', 'deserialize', 'serialize', 'is_async',
+                 'request_streaming', 'response_streaming', 'request_type')
+
+    def __init__(self, service: str, name: str, handler: grpc.RpcMethodHandler) -> None:
+        self.path = f'/{service}/{name}'
+        self.kind = MethodKind.of(bool(handler.request_streaming), bool(handler.response_streaming))
+        function = getattr(handler, self.kind.value)
+        if function is None:
+            raise TypeError(f'{self.path}: the handler has no {self.kind.value} behaviour')
+        self.function: Callable[..., Any] = function
+        self.deserialize: Callable[[bytes], Any] = handler.request_deserializer or _identity
+        self.serialize: Callable[[Any], bytes] = handler.response_serializer or _identity
+        self.is_async = inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function)
+        self.request_streaming = self.kind.request_streaming
+        self.response_streaming = self.kind.response_streaming
+        descriptor = getattr(getattr(self.deserialize, '__self__', None), 'DESCRIPTOR', None)
+        self.request_type: str = getattr(descriptor, 'full_name', 'the request message')
+
+    def decode(self, payload: bytes | memoryview, context: ServicerContext) -> Any:
+        """The request message, or the call aborted with INVALID_ARGUMENT (as
+        the gRPC lane's request guard answers an undecodable request).
+
+        :raises grpc.aio.AbortError: the bytes do not decode.
+        """
+        try:
+            if self.deserialize is _identity:  # a method without (de)serializers takes bytes
+                return bytes(payload)
+            return self.deserialize(payload)  # type: ignore[arg-type]
+        except Exception as error:  # DecodeError, or whatever a custom deserializer raises
+            raise context._abort_status(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f'{self.path}: the request is not a valid {self.request_type}: {error}', ()) from None
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _unexpected(error: BaseException, path: str) -> tuple[int, str]:
+    # The same status and wording as grpc.aio for an exception in a handler.
+    _logger.error('Unexpected [%s] raised by servicer method [%s]', type(error).__name__, path,
+                  exc_info=error)
+    return number(grpc.StatusCode.UNKNOWN), f'Unexpected {type(error)}: {error}'
+
+
+def _status_after_return(context: ServicerContext) -> tuple[int, str] | None:
+    """The non-OK status a handler set (or aborted with), if any."""
+    if context._abort is not None:
+        code, details = context._abort
+        return number(code), details
+    code = context._code
+    if code is not None and code is not grpc.StatusCode.OK:
+        return number(code), context._details or ''
+    return None
+
+
+def _error_status(context: ServicerContext, error: BaseException, path: str) -> tuple[int, str]:
+    if context._abort is not None:  # the first abort decides, whatever followed
+        code, details = context._abort
+        return number(code), details
+    if isinstance(error, _StatusError):
+        return number(error.code), error.details
+    return _unexpected(error, path)
+
+
+class _Requests:
+    """The request iterator of a client-streaming call: fed by the event
+    loop, read by the handler; grants the client more as the handler reads
+    (flow control, when agreed)."""
+
+    __slots__ = ('_deserialize', '_window', '_grant', 'pending_bytes')
+
+    def __init__(self, deserialize: Callable[[bytes | memoryview], Any], window: ReceiveWindow | None,
+                 grant: Callable[[int], None]) -> None:
+        self._deserialize = deserialize
+        self._window = window
+        self._grant = grant
+        self.pending_bytes = 0
+
+    def _taken(self, payload: bytes | memoryview) -> Any:
+        if self._window is not None:
+            increment = self._window.taken(len(payload))
+            if increment:
+                self._grant(increment)
+        return self._deserialize(payload)
+
+
+class _AsyncRequests(_Requests):
+    """For an ``async def`` handler (on the event loop)."""
+
+    __slots__ = ('_loop', '_items', '_closed', '_waiter')
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *args: Any) -> None:
+        super().__init__(*args)
+        self._loop = loop
+        self._items: collections.deque[bytes | memoryview] = collections.deque()
+        self._closed = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def feed(self, payload: bytes | memoryview) -> None:
+        self._items.append(payload)
+        self.pending_bytes += len(payload)
+        self._wake()
+
+    def close(self) -> None:
+        """The client sent its last message: the handler reads what is queued, then stops."""
+        self._closed = True
+        self._wake()
+
+    def cancel(self) -> None:
+        """The call ended: drop what the handler did not read (it may hold
+        shared memory), and stop."""
+        self._items.clear()
+        self.pending_bytes = 0
+        self.close()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __aiter__(self) -> '_AsyncRequests':
+        return self
+
+    async def __anext__(self) -> Any:
+        while not self._items:
+            if self._closed:
+                raise StopAsyncIteration
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        payload = self._items.popleft()
+        self.pending_bytes -= len(payload)
+        return self._taken(payload)
+
+
+_END = object()
+
+
+class _SyncRequests(_Requests):
+    """For a ``def`` handler (read in its worker thread)."""
+
+    __slots__ = ('_queue', '_lock')
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+
+    def feed(self, payload: bytes | memoryview) -> None:
+        with self._lock:
+            self.pending_bytes += len(payload)
+        self._queue.put(payload)
+
+    def close(self) -> None:
+        """The client sent its last message: the handler reads what is queued, then stops."""
+        self._queue.put(_END)
+
+    def cancel(self) -> None:
+        """The call ended: drop what the handler did not read (it may hold
+        shared memory), and stop."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _END:
+                with self._lock:
+                    self.pending_bytes -= len(item)
+        self.close()
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        item = self._queue.get()
+        if item is _END:
+            self._queue.put(_END)  # later next() calls end too
+            raise StopIteration
+        with self._lock:
+            self.pending_bytes -= len(item)
+        return self._taken(item)
+
+
+class Call:
+    """One stream on a connection: the handler's run and its answer."""
+
+    __slots__ = ('connection', 'stream_id', 'handler', 'context', 'task', 'finished', 'requests',
+                 'response_streaming', 'deadline', 'credit')
+
+    def __init__(self, connection: 'ServerConnection', stream_id: int, handler: Handler,
+                 context: ServicerContext) -> None:
+        self.connection = connection
+        self.stream_id = stream_id
+        self.handler = handler
+        self.context = context
+        self.task: asyncio.Future[Any] | None = None
+        self.finished = False
+        self.requests: _AsyncRequests | _SyncRequests | None = None
+        self.response_streaming = handler.response_streaming
+        self.deadline: _DeadlineEntry | None = None
+        #: What the response stream may still send (flow control), if agreed.
+        self.credit: SendCredit | None = None
+
+    # -- start ------------------------------------------------------------------------
+
+    def start(self, payload: bytes | memoryview, flags: int, timeout: float | None) -> None:
+        connection = self.connection
+        handler = self.handler
+        loop = connection.loop
+        agreement = connection.agreement
+        if timeout is not None:
+            self.deadline = _DeadlineEntry(self)
+            connection.server._deadlines.add(loop.time() + timeout, self.deadline)
+        if handler.response_streaming and agreement.send_window:
+            self.credit = SendCredit(agreement.send_window)
+        argument: Any
+        if handler.request_streaming:
+            context = self.context
+
+            def decode(data: bytes | memoryview) -> Any:
+                return handler.decode(data, context)
+
+            window = ReceiveWindow(agreement.receive_window) if agreement.receive_window else None
+            requests: _AsyncRequests | _SyncRequests = (
+                _AsyncRequests(loop, decode, window, self._grant) if handler.is_async
+                else _SyncRequests(decode, window, self._grant_thread))
+            self.requests = argument = requests
+            # containerd's clients may put the first message in the request.
+            if payload:
+                requests.feed(payload)
+            if not flags & FLAG_REMOTE_OPEN:
+                requests.close()
+        elif handler.is_async:
+            try:
+                argument = handler.decode(payload, self.context)
+            except grpc.aio.AbortError as error:
+                self.answer(*_error_status(self.context, error, handler.path))
+                return
+        else:
+            argument = payload  # deserialized in the handler's thread
+        if handler.is_async:
+            # Started at once: a handler that does not suspend answers inside
+            # data_received, without a trip through the event loop.
+            self.task = start_task(self._serve_async(argument), loop)
+        else:
+            try:
+                future = loop.run_in_executor(connection.server._executor, self._run_sync, argument)
+            except RuntimeError:  # executor shut down: the server is stopping
+                self.answer(number(grpc.StatusCode.UNAVAILABLE), _SHUTTING_DOWN)
+                return
+            self.task = future
+            future.add_done_callback(self._sync_done)
+
+    def _grant(self, increment: int) -> None:
+        if not self.finished:
+            self.connection.send_window_update(self.stream_id, increment)
+
+    def _grant_thread(self, increment: int) -> None:
+        try:
+            self.connection.loop.call_soon_threadsafe(self._grant, increment)
+        except RuntimeError:  # the loop is closed: nobody to grant to
+            pass
+
+    # -- async handlers ---------------------------------------------------------------
+
+    async def _drive_stream(self, argument: Any) -> None:
+        self.context._writer = self._write_async
+        result = self.handler.function(argument, self.context)
+        if hasattr(result, '__aiter__'):
+            try:
+                async for message in result:
+                    await self._write_async(message)
+            finally:
+                close = getattr(result, 'aclose', None)
+                if close is not None:
+                    await close()
+        elif inspect.isawaitable(result):
+            await result  # a handler that sends with context.write()
+
+    async def _write_async(self, message: Any) -> None:
+        if self.finished:
+            raise asyncio.CancelledError()
+        credit = self.credit
+        if credit is not None and credit.credit <= 0:
+            await credit.wait()  # the client has not taken what it got
+            if self.finished:
+                raise asyncio.CancelledError()
+        payload = self.handler.serialize(message)
+        self._check_size(len(payload))
+        connection = self.connection
+        connection.send(*self._data_frame(payload))
+        if credit is not None:
+            credit.spend(message_cost(len(payload)))
+        if connection.write_paused:
+            await connection.drain()
+        else:
+            # Give the loop back between messages, as gRPC's runtime does by
+            # awaiting each write: a handler that never waits for anything
+            # else must not hold up other calls and connections.
+            await asyncio.sleep(0)
+
+    async def _serve_async(self, argument: Any) -> None:
+        # Answering from inside the task (not from a done callback) saves a
+        # trip through the event loop per call. The handler's coroutine is
+        # created here, so a task cancelled before it ran leaves none behind.
+        try:
+            if self.response_streaming:
+                await self._drive_stream(argument)
+                result = None
+            else:
+                result = await self.handler.function(argument, self.context)
+        except asyncio.CancelledError:
+            if not self.finished:  # the handler cancelled itself; we did not
+                self.answer(number(grpc.StatusCode.CANCELLED), 'Cancelled')
+            raise
+        except Exception as error:
+            if not self.finished:
+                self.answer(*_error_status(self.context, error, self.handler.path))
+            return
+        if self.finished:
+            return
+        if self.response_streaming:
+            self._end_stream()
+        else:
+            self.answer(*self._answer_for(result))
+
+    # -- def handlers (in a worker thread) --------------------------------------------
+
+    def _run_sync(self, argument: Any) -> _Answer | None:
+        context = self.context
+        if context._end is not None:
+            return None  # ended (deadline, client gone) before a thread was free
+        handler = self.handler
+        try:
+            if not handler.request_streaming:
+                argument = handler.decode(argument, context)
+            if self.response_streaming:
+                context._writer = self._write_thread
+                result = handler.function(argument, context)
+                if result is not None:
+                    for message in result:
+                        self._write_thread(message)
+                status = _status_after_return(context)
+                return (status[0], status[1], b'') if status else (_OK, '', None)
+            return self._answer_for(handler.function(argument, context))
+        except _CallEnded:
+            return None
+        except Exception as error:
+            code, details = _error_status(context, error, handler.path)
+            return code, details, b''
+
+    def _write_thread(self, message: Any) -> None:
+        if self.context._end is not None:
+            raise _CallEnded()
+        credit = self.credit
+        if credit is not None:
+            while not credit.wait_blocking(0.1):  # the client has not taken what it got
+                if self.context._end is not None:
+                    raise _CallEnded()
+        payload = self.handler.serialize(message)
+        self._check_size(len(payload))
+        connection = self.connection
+        frame, fds = self._data_frame(payload)
+        if credit is not None:
+            credit.spend(message_cost(len(payload)))
+        try:
+            connection.loop.call_soon_threadsafe(self._send_from_thread, frame, fds)
+        except RuntimeError:  # the loop is closed
+            close_fds(fds)
+            raise _CallEnded() from None
+        while not connection.writable.wait(0.1):
+            if self.context._end is not None:
+                raise _CallEnded()
+
+    def _send_from_thread(self, frame: bytes, fds: list[int]) -> None:
+        if self.finished:
+            close_fds(fds)
+        else:
+            self.connection.send(frame, fds)
+
+    def _sync_done(self, future: asyncio.Future[Any]) -> None:
+        if self.finished:
+            return
+        if future.cancelled():
+            self.answer(number(grpc.StatusCode.UNAVAILABLE), _SHUTTING_DOWN)
+            return
+        error = future.exception()
+        if error is not None:
+            self.answer(*_unexpected(error, self.handler.path))
+            return
+        answer = future.result()
+        if answer is None:
+            return
+        code, details, payload = answer
+        if payload is None:
+            self._end_stream()
+        else:
+            self.answer(code, details, payload)
+
+    # -- answers ----------------------------------------------------------------------
+
+    def _data_frame(self, payload: bytes) -> tuple[bytes, list[int]]:
+        """A streamed answer as a data frame, and the descriptors to pass with it."""
+        data, fds, flags = outgoing(payload, self.connection.agreement.shared_memory)
+        return encode_frame(self.stream_id, _DATA, flags, data), fds
+
+    def _answer_for(self, result: Any) -> tuple[int, str, bytes]:
+        context = self.context
+        status = _status_after_return(context)
+        if status is not None:
+            return status[0], status[1], b''
+        try:
+            payload = self.handler.serialize(result)
+            self._check_size(len(payload))
+        except Exception as error:
+            code, details = _error_status(context, error, self.handler.path)
+            return code, details, b''
+        return _OK, '', payload
+
+    def _check_size(self, size: int) -> None:
+        limit = self.connection.server.max_message_bytes
+        if size > limit:
+            raise _StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f'Sent message larger than max ({size} vs. {limit})')
+
+    def answer(self, code: int, details: str, payload: bytes = b'', end: _End = _End.FINISHED) -> None:
+        """End the call with a Response frame (status and, if OK, payload)."""
+        if self.finished:
+            return
+        self.finished = True  # the answer goes out before _end() may close the connection
+        connection = self.connection
+        if code == _OK:
+            try:
+                data, fds, flags = outgoing(payload, connection.agreement.shared_memory,
+                                            self.context._reply_buffers)
+            except SharedMemoryError as error:
+                code, details, payload = (number(grpc.StatusCode.RESOURCE_EXHAUSTED),
+                                          f'cannot pass the shared buffers of the answer: {error}', b'')
+            else:
+                connection.send(encode_frame(self.stream_id, _RESPONSE, flags, encode_ok_response(data)), fds)
+        if code != _OK:
+            connection.send(encode_frame(self.stream_id, _RESPONSE, 0, encode_response(code, details, payload)))
+        self._end(end)
+
+    def _end_stream(self) -> None:
+        if self.finished:
+            return
+        status = _status_after_return(self.context)
+        if status is not None:
+            self.answer(*status)
+            return
+        self.finished = True
+        self.connection.send(encode_frame(self.stream_id, _DATA, FLAG_REMOTE_CLOSED | FLAG_NO_DATA))
+        self._end(_End.FINISHED)
+
+    def _end(self, how: _End) -> None:
+        self.finished = True
+        if self.deadline is not None:
+            self.deadline.call = None  # the queue drops it lazily: it must not hold the call
+        if self.requests is not None:
+            self.requests.cancel()
+        if self.credit is not None:
+            self.credit.close()
+        context = self.context
+        if context._buffers is not None:
+            # Their descriptors, not their mappings: views the handler took stay valid.
+            context._buffers.close()
+        for buffer in context._reply_buffers:  # sent (the frame has its own copies) or not
+            buffer.close()
+        self.connection.call_ended(self)
+        self.context._finish(how)
+
+    # -- endings from outside ---------------------------------------------------------
+
+    def expire(self) -> None:
+        """The deadline passed: answer DEADLINE_EXCEEDED now, stop the handler."""
+        if self.finished:
+            return
+        self.answer(number(grpc.StatusCode.DEADLINE_EXCEEDED), 'Deadline Exceeded', end=_End.EXPIRED)
+        self._cancel_task()
+
+    def fail(self, code: grpc.StatusCode, details: str, end: _End = _End.FINISHED) -> None:
+        """End the call with ``code`` because of what the client did (or
+        the server stopping), and stop the handler."""
+        if self.finished:
+            return
+        self.answer(number(code), details, end=end)
+        self._cancel_task()
+
+    def shut_down(self) -> None:
+        """The server stops: end the call with UNAVAILABLE, cancelling its handler."""
+        self.fail(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN, _End.CANCELLED)
+
+    def cancel(self) -> None:
+        """The client left (CANCEL, connection gone): end without an answer,
+        cancelling the handler."""
+        if self.finished:
+            return
+        self._end(_End.CANCELLED)
+        self._cancel_task()
+
+    def _cancel_task(self) -> None:
+        task = self.task
+        if task is not None and self.handler.is_async and not task.done():
+            task.cancel()
+            # A cancelled task keeps its CancelledError, whose traceback holds
+            # the handler's frames and so this call: a cycle that would keep
+            # the request (and its shared memory) until the next garbage
+            # collection. Forgetting the task when it is done breaks it.
+            task.add_done_callback(self._forget_task)
+
+    def _forget_task(self, task: asyncio.Future[Any]) -> None:
+        self.task = None
+
+    # -- data from the client ---------------------------------------------------------
+
+    def data(self, frame: Frame, payload: bytes | memoryview) -> None:
+        """A data frame of this call, with its message (resolved from shared
+        memory if the frame came that way)."""
+        requests = self.requests
+        if requests is None:
+            self.fail(grpc.StatusCode.INVALID_ARGUMENT,
+                      f'{self.handler.path} takes no streamed requests: data frame not allowed')
+            return
+        if not frame.flags & FLAG_NO_DATA:
+            # Each streamed message is held to the limit a single request has
+            # (the frame limit leaves room for a request's envelope).
+            server = self.connection.server
+            if len(payload) > server.max_message_bytes:
+                self.fail(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f'Received message larger than max ({len(payload)} vs. {server.max_message_bytes})')
+                return
+            requests.feed(payload)
+            # A client under flow control never gets here; others are cut off.
+            limit = self.connection.request_backlog_bytes
+            if requests.pending_bytes > limit:
+                self.fail(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f'{requests.pending_bytes} bytes of streamed requests not read by the '
+                          f'handler (limit {limit})')
+                return
+        if frame.flags & FLAG_REMOTE_CLOSED:
+            requests.close()
+
+
+class _DeadlineEntry:
+    """A call's entry in the deadline queue, let go of when the call ends."""
+
+    __slots__ = ('call',)
+
+    def __init__(self, call: Call) -> None:
+        self.call: Call | None = call
+
+
+def call_finished(entry: _DeadlineEntry) -> bool:
+    return entry.call is None
+
+
+def expire_call(entry: _DeadlineEntry, _: Any) -> None:
+    if entry.call is not None:
+        entry.call.expire()

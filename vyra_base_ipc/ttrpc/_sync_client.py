@@ -1,0 +1,660 @@
+"""The fast lane's blocking client: :class:`SyncConnection`."""
+
+from __future__ import annotations
+
+import math
+import os
+import select
+import socket
+import struct
+import threading
+from typing import Any, Callable, Iterable, Iterator, Sequence
+import warnings
+
+import grpc
+
+from .._deadline import Deadline, Timeout, deadline_of
+from ..address import StrPath
+from ..busy_poll import DEFAULT_BUSY_POLL, BusyPoll, validate_busy_poll
+from ..exceptions import IPCError, IPCUnavailableError
+from ..methods import Method
+from ..options import DEFAULT_MAX_MESSAGE_BYTES
+from ..payload import SharedMemoryOptions, close_fds
+from ..shared_buffer import SharedBuffer
+from ._call import (
+    ClientCore,
+    ClientStream,
+    Item,
+    Outcome,
+    Prepared,
+    SenderFailed,
+    check_kind,
+    close_send_frame,
+    closed,
+    connect_arguments,
+    connect_error,
+    data_frame,
+    deserialize,
+    idle_error,
+    lost,
+    not_accepted,
+    prepare,
+    timeout_error,
+)
+from ._flow import DEFAULT_STREAM_WINDOW
+from ._frames import MAX_QUEUED_FDS, FrameDecoder, MessageType, encode_frame, encode_window_update
+from ._messages import ENVELOPE_ALLOWANCE, Metadata
+from ._transport import MAX_FDS_PER_READ, received_fds, rights
+
+__all__ = ['SyncConnection']
+
+_REQUEST = int(MessageType.REQUEST)
+_READ_SIZE = 256 * 1024
+_ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_READ * 4)
+#: What socket.recvmsg() returns: data, ancillary data, flags, address.
+_Received = tuple[bytes, list[tuple[int, int, bytes]], int, Any]
+_MSG_CMSG_CLOEXEC = getattr(socket, 'MSG_CMSG_CLOEXEC', 0x40000000)
+#: How long the end of a control frame (CANCEL, WINDOW_UPDATE) already
+#: partly sent may take before the connection counts as broken.
+_CONTROL_DEADLINE = 5.0
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _SyncStream(ClientStream):
+    """Items received for one call; its waiter sleeps on ``condition``
+    (made the first time it has to wait: a lone caller never does)."""
+
+    __slots__ = ('condition', 'waiting', 'abandoned')
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.condition: threading.Condition | None = None
+        self.waiting = False
+        self.abandoned = False
+
+    def wake(self) -> None:
+        # (state lock held)
+        if self.waiting:
+            self.condition.notify()  # type: ignore[union-attr]
+
+
+def _deliver(target: _SyncStream, item: Item) -> None:
+    target.push(item)
+
+
+class SyncConnection:
+    """One ttrpc connection for blocking code; thread-safe.
+
+    Open it with :meth:`connect`. Any number of threads may call at once
+    over the one connection. No background thread reads: a calling thread
+    waiting for its answer reads the socket for everyone and hands answers to
+    the other waiting threads, so a lone call is one write and one read
+    (the fast path of a request/response protocol). The reading thread polls
+    the socket for up to ``busy_poll`` seconds before it sleeps, so that a
+    quick answer costs no wakeup; it backs off while answers take longer.
+    Request streams are sent from a short-lived helper thread per call.
+
+    Every call blocks for at most its deadline (``timeout`` in seconds, or a
+    deadline; ``None`` for none). With a vyra_base_ipc server, a call left
+    early (a stream left, the deadline passed) is cancelled on the server
+    and streams are flow-controlled, as for :class:`AsyncConnection`. A
+    broken connection stays broken: :attr:`is_closed` turns true and calls
+    raise :class:`IPCUnavailableError`. After ``fork()`` the child must open
+    its own connection (:attr:`is_closed` is true there).
+    """
+
+    def __init__(self, socket_path: str, sock: socket.socket, max_message_bytes: int,
+                 shared_memory: SharedMemoryOptions | None = None,
+                 stream_window: int = DEFAULT_STREAM_WINDOW, busy_poll: float = DEFAULT_BUSY_POLL) -> None:
+        self.socket_path = socket_path
+        self.max_message_bytes = max_message_bytes
+        self._sock = sock
+        self._pid = os.getpid()
+        self._decoder = FrameDecoder(max_message_bytes + ENVELOPE_ALLOWANCE)
+        self._send_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        # (state lock) The calls, the agreement, the routing of frames.
+        self._core = ClientCore(socket_path, max_message_bytes, self._decoder, shared_memory,
+                                stream_window, _deliver)
+        # (state lock) Control frames waiting for the send lock.
+        self._control: list[bytes] = []
+        self._reading = False
+        self._error: IPCUnavailableError | None = None
+        # The receive timeout set on the socket (SO_RCVTIMEO), 0 for none.
+        self._receive_timeout: float | None = None
+        self._hello_lock = threading.Lock()
+        self._poll_out = select.poll()
+        self._poll_out.register(sock.fileno(), select.POLLOUT)
+        self._busy_poll = BusyPoll(busy_poll)
+
+    @classmethod
+    def connect(cls, socket_path: StrPath, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                timeout: float | None = None,
+                shared_memory: SharedMemoryOptions | None = SharedMemoryOptions(),
+                stream_window: int = DEFAULT_STREAM_WINDOW,
+                busy_poll: float = DEFAULT_BUSY_POLL) -> 'SyncConnection':
+        """Connect to the ttrpc server on ``socket_path`` and offer it this
+        package's extensions, as :meth:`AsyncConnection.connect` does.
+
+        :param timeout: seconds to wait for the connection to be accepted
+            (default :data:`~vyra_base_ipc.options.DEFAULT_TIMEOUT`).
+        :param busy_poll: seconds the thread waiting for an answer polls the
+            socket before it sleeps (:mod:`vyra_base_ipc.busy_poll`); 0 never.
+        :raises IPCUnavailableError: no socket, nobody listening, not allowed.
+        :raises TypeError, ValueError: invalid arguments.
+        """
+        path, limit, timeout, shared, window = connect_arguments(socket_path, max_message_bytes, timeout,
+                                                                 shared_memory, stream_window)
+        validate_busy_poll(busy_poll)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            # Blocking mode, deadlines by SO_RCVTIMEO and MSG_DONTWAIT: a
+            # thread asleep in recv() is woken as the sender's 'sync' wakeup
+            # (often on the sender's CPU), one asleep in poll() is not; on the
+            # test machine poll()+recv() cost ~35 us more per round trip.
+            sock.settimeout(None)
+        except socket.timeout:
+            sock.close()
+            raise not_accepted(path, timeout) from None
+        except OSError as error:
+            sock.close()
+            raise connect_error(path, error) from None
+        connection = cls(path, sock, limit, shared, window, busy_poll)
+        # Sent now, settled by the first call (see AsyncConnection.connect).
+        core = connection._core
+        core.hello = _SyncStream()
+        try:
+            connection._open(core.hello, core.hello_request(), None)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    @property
+    def shared_memory(self) -> SharedMemoryOptions | None:
+        """As :attr:`AsyncConnection.shared_memory`."""
+        return self._core.agreement.shared_memory
+
+    @property
+    def cancels(self) -> bool:
+        """As :attr:`AsyncConnection.cancels`."""
+        return self._core.agreement.cancel
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether the connection was closed, broke, or belongs to the parent
+        of this (forked) process."""
+        return self._error is not None or self._pid != os.getpid()
+
+    def close(self) -> None:
+        """Close the connection; calls in flight fail with
+        :class:`IPCUnavailableError`. Idempotent."""
+        self._broken(closed(self.socket_path))
+
+    def __enter__(self) -> 'SyncConnection':
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        sock = getattr(self, '_sock', None)
+        if sock is not None and sock.fileno() >= 0 and getattr(self, '_pid', None) == os.getpid():
+            _warn(f'unclosed ttrpc SyncConnection to {self.socket_path!r}', ResourceWarning,
+                  source=self)
+            sock.close()
+
+    # -- calls ------------------------------------------------------------------------
+
+    def call(self, method: Method, request: Any, *, timeout: Timeout = None,
+             metadata: Metadata | None = None, buffers: Sequence[SharedBuffer] = (),
+             return_buffers: bool = False) -> Any:
+        """Call a unary-response method (``unary_unary`` or ``stream_unary``);
+        block for at most the deadline.
+
+        :param request: the request message; for ``stream_unary`` an iterable
+            of them (consumed in a helper thread).
+        :param buffers, return_buffers: as for :meth:`AsyncConnection.call`.
+        :raises TypeError: the method streams responses (use :meth:`stream`).
+        :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
+        """
+        try:
+            deadline = deadline_of(timeout)
+            self._begin(method, False, deadline)
+            prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
+                               self._core.agreement.shared_memory, buffers)
+            stream = _SyncStream()
+            stream_id = self._open(stream, prepared, request)
+            try:
+                item = self._next(stream, deadline, method)
+            finally:
+                self._finish(stream_id, stream)
+            return Outcome(method, self.max_message_bytes).unary(item, return_buffers)
+        except IPCError as error:
+            # One error object fails every call of a broken connection: name this call.
+            raise error.for_method(method.path) from None
+
+    def stream(self, method: Method, request: Any, *, timeout: Timeout = None,
+               metadata: Metadata | None = None, idle_timeout: float | None = None) -> Iterator[Any]:
+        """Call a response-streaming method; iterate over its responses.
+
+        Deadline, ``idle_timeout`` and leaving early as for
+        :meth:`AsyncConnection.stream`.
+
+        :param request: the request message; for ``stream_stream`` an iterable
+            of them (consumed in a helper thread, concurrently with receiving).
+        :raises TypeError: the method does not stream responses (use :meth:`call`).
+        :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
+        """
+        try:
+            deadline = deadline_of(timeout)
+            self._begin(method, True, deadline)
+            outcome = Outcome(method, self.max_message_bytes)
+            prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
+                               self._core.agreement.shared_memory)
+            stream = _SyncStream()
+            stream_id = self._open(stream, prepared, request)
+            try:
+                while True:
+                    item = self._next(stream, deadline, method, idle_timeout)
+                    ended, payload = outcome.streamed(item)
+                    if not ended:
+                        increment = stream.taken(item)
+                        if increment:
+                            self._send_control(encode_window_update(stream_id, increment))
+                    if payload is not None:
+                        yield deserialize(method, payload)
+                    if ended:
+                        return
+            finally:
+                self._finish(stream_id, stream)
+        except IPCError as error:
+            # One error object fails every call of a broken connection: name this call.
+            raise error.for_method(method.path) from None
+
+    def _begin(self, method: Method, response_streaming: bool, deadline: Deadline | None) -> None:
+        """Checks every call starts with; the first call of the connection
+        (of any thread) also waits for the answer to its Hello (within the
+        deadline)."""
+        check_kind(method, response_streaming)
+        if self._core.hello is None:
+            return
+        if not self._hello_lock.acquire(timeout=-1 if deadline is None else max(deadline.remaining(), 0)):
+            raise timeout_error(method)
+        try:
+            hello = self._core.hello
+            if hello is not None:
+                item = self._next(hello, deadline, method)
+                with self._state_lock:
+                    self._core.settle(item)
+        finally:
+            self._hello_lock.release()
+
+    def _open(self, stream: _SyncStream, prepared: Prepared, request: Any) -> int:
+        """Send the request of a new call; start its request stream's sender."""
+        method = prepared.method
+        try:
+            if self._pid != os.getpid():
+                # Checked before taking any lock: a lock held at fork() time by
+                # another thread of the parent is never released in the child.
+                raise IPCUnavailableError(grpc.StatusCode.UNAVAILABLE,
+                                          'this ttrpc connection belongs to the parent process; '
+                                          'open a new one after fork()')
+            self._acquire_send(prepared.deadline, method)
+        except BaseException:
+            prepared.discard()
+            raise
+        try:
+            with self._state_lock:
+                if self._error is not None:
+                    prepared.discard()
+                    raise self._error
+                stream_id = self._core.register(stream, method)
+            try:
+                self._send_locked(encode_frame(stream_id, _REQUEST, prepared.flags, prepared.envelope),
+                                  prepared.deadline, method, prepared.take_fds())
+            except BaseException:
+                self._finish(stream_id, stream)
+                raise
+        finally:
+            self._release_send()
+        if method.kind.request_streaming:
+            threading.Thread(target=self._send_requests, args=(stream_id, stream, prepared, request),
+                             name=f'ttrpc-send-{stream_id}', daemon=True).start()
+        return stream_id
+
+    def _finish(self, stream_id: int, stream: _SyncStream) -> None:
+        """The caller is done with a call: tell the server if it may still be at work."""
+        stream.abandoned = True
+        with self._state_lock:
+            cancel = self._core.finish(stream_id)
+        if cancel is not None:
+            self._send_control(cancel)
+
+    # -- sending ----------------------------------------------------------------------
+
+    def _acquire_send(self, deadline: Deadline | None, method: Method) -> None:
+        if deadline is None:
+            self._send_lock.acquire()
+        elif not self._send_lock.acquire(timeout=max(deadline.remaining(), 0)):
+            raise timeout_error(method)
+
+    def _release_send(self) -> None:
+        """Let go of the send lock, after sending the control frames queued
+        meanwhile (a thread that queues one while another sends leaves it to
+        the sender)."""
+        while True:
+            try:
+                sent = self._send_queued_control()
+            finally:
+                self._send_lock.release()
+            if not sent or not self._control or not self._send_lock.acquire(blocking=False):
+                return
+
+    def _send_control(self, frame: bytes) -> None:
+        """Send a small frame (CANCEL, WINDOW_UPDATE) without waiting for
+        other senders: now if nobody sends, else by the thread that does."""
+        with self._state_lock:
+            if self._error is not None or self._pid != os.getpid():
+                return
+            self._control.append(frame)
+        if self._send_lock.acquire(blocking=False):
+            self._release_send()
+
+    def _send_queued_control(self) -> bool:
+        """(send lock held) Send the queued control frames if the socket
+        takes them now; False if it took none (they stay queued, for the
+        next sender or the next read)."""
+        with self._state_lock:
+            if not self._control or self._error is not None:
+                return True
+            data, self._control = b''.join(self._control), []
+        try:
+            sent = self._sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError as error:
+            self._broken(lost(self.socket_path, error.strerror or error))
+            return True
+        if sent == 0:
+            with self._state_lock:
+                self._control.insert(0, data)
+            return False
+        if sent < len(data):
+            try:  # a frame begun must be ended
+                self._send_all(data[sent:], Deadline.after(_CONTROL_DEADLINE), None, [])
+            except IPCError:
+                pass  # the connection is broken now
+        return True
+
+    def _send_locked(self, data: bytes, deadline: Deadline | None, method: Method,
+                     fds: list[int]) -> None:
+        """Write all of ``data`` within the call's deadline (send lock held),
+        passing ``fds`` (closed here, whatever happens) with its first byte.
+
+        A frame written only in part cannot be taken back: if the deadline
+        passes mid-frame the connection is closed, since the stream of frames
+        is no longer in sync.
+        """
+        try:
+            self._send_all(data, deadline, method, fds)
+        finally:
+            close_fds(fds)
+
+    def _send_all(self, data: bytes, deadline: Deadline | None, method: Method | None,
+                  fds: list[int]) -> None:
+        view = memoryview(data)
+        sent_any = False
+        sock = self._sock
+        while view:
+            try:
+                if fds and not sent_any:
+                    sent = sock.sendmsg([view], rights(fds), socket.MSG_DONTWAIT)
+                else:
+                    sent = sock.send(view, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if not self._wait_writable(deadline):
+                    if sent_any:
+                        self._broken(lost(self.socket_path, 'a frame could not be sent in time'))
+                    if method is None:
+                        raise self._error or lost(self.socket_path, 'sending timed out') from None
+                    raise timeout_error(method) from None
+                continue
+            except OSError as error:
+                failure = lost(self.socket_path, error.strerror or error)
+                self._broken(failure)
+                raise failure from None
+            sent_any = True
+            view = view[sent:]
+
+    def _wait_writable(self, deadline: Deadline | None) -> bool:
+        if deadline is None:
+            self._poll_out.poll(-1)
+            return True
+        return bool(self._poll_out.poll(max(0, math.ceil(deadline.remaining() * 1000))))
+
+    def _send_requests(self, stream_id: int, stream: _SyncStream, prepared: Prepared,
+                       requests: Iterable[Any]) -> None:
+        method = prepared.method
+        deadline = prepared.deadline
+        shared = self._core.agreement.shared_memory
+        credit = stream.credit
+        try:
+            for message in requests:
+                if credit is not None and credit.credit <= 0:
+                    if not credit.wait_blocking(None if deadline is None else max(deadline.remaining(), 0)):
+                        return  # the call's deadline passed: its caller says so
+                if stream.abandoned:
+                    return
+                frame, fds, cost = data_frame(stream_id, method, message, self.max_message_bytes, shared)
+                self._send_frame(frame, fds, deadline, method)
+                if credit is not None:
+                    credit.spend(cost)
+            if not stream.abandoned:
+                self._send_frame(close_send_frame(stream_id), [], deadline, method)
+        except IPCError as error:
+            self._deliver(stream, error)
+        except Exception as error:
+            self._deliver(stream, SenderFailed(error))
+            try:
+                self._send_frame(close_send_frame(stream_id), [], deadline, method)
+            except IPCError:
+                pass
+
+    def _send_frame(self, frame: bytes, fds: list[int], deadline: Deadline | None, method: Method) -> None:
+        try:
+            self._acquire_send(deadline, method)
+        except BaseException:
+            close_fds(fds)
+            raise
+        try:
+            if self._error is not None:
+                close_fds(fds)
+                raise self._error
+            self._send_locked(frame, deadline, method, fds)
+        finally:
+            self._release_send()
+
+    # -- receiving --------------------------------------------------------------------
+
+    def _next(self, stream: _SyncStream, deadline: Deadline | None, method: Method,
+              idle_timeout: float | None = None) -> Item:
+        """The next item of ``stream``: wait for another thread to read it,
+        or read the socket ourselves while nobody else does.
+
+        :raises IPCTimeoutError: the deadline passed, or no item came within
+            ``idle_timeout`` seconds.
+        """
+        wait_until = deadline if idle_timeout is None else (
+            deadline.earlier(idle_timeout) if deadline is not None else Deadline.after(idle_timeout))
+        with self._state_lock:
+            while True:
+                if stream.items:
+                    item = stream.items.popleft()
+                    if not self._reading:
+                        self._wake_a_waiter()
+                    return item
+                if self._error is not None:
+                    raise self._error
+                if not self._reading:
+                    self._reading = True
+                    break
+                remaining = None if wait_until is None else wait_until.remaining()
+                if remaining is not None and remaining <= 0:
+                    raise self._timed_out(deadline, method, idle_timeout)
+                if stream.condition is None:
+                    stream.condition = threading.Condition(self._state_lock)
+                stream.waiting = True
+                try:
+                    stream.condition.wait(remaining)
+                finally:
+                    stream.waiting = False
+        try:
+            while True:
+                self._read(wait_until)
+                if self._control and self._send_lock.acquire(blocking=False):
+                    self._release_send()  # left queued while the socket was full
+                with self._state_lock:
+                    if stream.items:
+                        return stream.items.popleft()
+                    if self._error is not None:
+                        raise self._error
+        except _Timeout:
+            raise self._timed_out(deadline, method, idle_timeout) from None
+        finally:
+            with self._state_lock:
+                self._reading = False
+                self._wake_a_waiter()
+                if self._error is not None:
+                    self._close_socket()  # deferred by _broken() while we were reading
+
+    @staticmethod
+    def _timed_out(deadline: Deadline | None, method: Method, idle_timeout: float | None) -> IPCError:
+        if idle_timeout is not None and (deadline is None or not deadline.expired()):
+            return idle_error(method, idle_timeout)
+        return timeout_error(method)
+
+    def _wake_a_waiter(self) -> None:
+        # (state lock held) Someone must read for the threads still waiting.
+        for other in self._core.streams.values():
+            if other.waiting:
+                other.condition.notify()
+                return
+
+    def _read(self, deadline: Deadline | None) -> None:
+        """Read once (as the reading thread) and hand out what arrived.
+
+        :raises _Timeout: the deadline passed.
+        """
+        if self._error is not None:
+            return
+        decoder = self._decoder
+        try:
+            data, ancillary, flags, _ = self._receive(deadline)
+        except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO expired
+            if deadline is not None and deadline.expired():
+                raise _Timeout() from None
+            return
+        except OSError as error:
+            self._broken(lost(self.socket_path, error.strerror or error))
+            return
+        if ancillary:
+            decoder.feed(b'', received_fds(ancillary))
+            if (flags & socket.MSG_CTRUNC or self._core.offered is None
+                    or decoder.queued_fds > MAX_QUEUED_FDS):
+                self._broken(lost(self.socket_path, 'the server passed file descriptors that no '
+                                  'frame claims'))
+                return
+        if not data:
+            self._broken(lost(self.socket_path, 'closed by the server'))
+            return
+        reason = None
+        with self._state_lock:
+            for item in decoder.feed(data):
+                reason = self._core.route(item)
+                if reason is not None:
+                    break
+        if reason is not None:
+            self._broken(lost(self.socket_path, reason))
+
+    def _receive(self, deadline: Deadline | None) -> _Received:
+        # Polls first (see busy_poll), then sleeps in recvmsg() until the deadline.
+        timeout = None if deadline is None else deadline.remaining()
+        return self._busy_poll.wait(self._receive_now, lambda _: self._receive_blocking(deadline), timeout)
+
+    def _receive_blocking(self, deadline: Deadline | None) -> _Received:
+        self._limit_receive(deadline)
+        return self._sock.recvmsg(_READ_SIZE, _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC)
+
+    def _receive_now(self) -> _Received | None:
+        try:
+            return self._sock.recvmsg(_READ_SIZE, _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+
+    def _limit_receive(self, deadline: Deadline | None) -> None:
+        """Make the next recv() return by ``deadline`` (SO_RCVTIMEO).
+
+        The option is set only when it must change: a value set for an
+        earlier call is kept while it ends no later than 1 ms after this
+        deadline and no sooner than 50 ms before it (then the read just
+        wakes early and is repeated), so calls with one usual timeout cost
+        no extra system call.
+        """
+        if deadline is None:
+            wanted = 0.0
+        else:
+            wanted = deadline.remaining()
+            if wanted <= 0:
+                raise _Timeout()
+        current = self._receive_timeout
+        if current is not None:
+            if wanted == 0.0 and current == 0.0:
+                return
+            if current and wanted and wanted - 0.05 <= current <= wanted + 0.001:
+                return
+        seconds = int(wanted)
+        microseconds = int((wanted - seconds) * 1e6)
+        if wanted and not seconds and not microseconds:
+            microseconds = 1  # 0 would mean no timeout at all
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                              struct.pack('@ll', seconds, microseconds))
+        self._receive_timeout = wanted
+
+    def _deliver(self, stream: _SyncStream, item: Item) -> None:
+        with self._state_lock:
+            stream.push(item)
+
+    def _broken(self, error: IPCUnavailableError) -> None:
+        with self._state_lock:
+            if self._error is not None:
+                return
+            self._error = error
+            self._control.clear()
+            for stream in self._core.streams.values():
+                if stream.credit is not None:
+                    stream.credit.close()
+                if stream.condition is not None:
+                    stream.condition.notify_all()
+            if self._pid == os.getpid():
+                try:
+                    # Wakes a thread blocked in poll() on this socket.
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            if not self._reading:
+                # (Otherwise the reading thread closes it when it stops: its
+                # poll() must not see the descriptor number reused.)
+                self._close_socket()
+
+    def _close_socket(self) -> None:
+        # (state lock held, nobody reading) With it go descriptors received
+        # for frames that never came.
+        self._sock.close()
+        close_fds(self._decoder.take_fds())
+
