@@ -41,7 +41,7 @@ from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc import module_service_pb2_grpc as module_grpc
 from vyra_base_ipc.address import default_ttrpc_socket_path
 from vyra_base_ipc.busy_poll import MAX_BACKOFF_WAITS, BusyPoll, poll_for, validate_busy_poll
-from vyra_base_ipc.channel_pool import sync_ttrpc_pool
+from vyra_base_ipc._pool import sync_ttrpc_pool
 from vyra_base_ipc.event_loop import BusyPollSelector, new_event_loop, run
 from vyra_base_ipc.exceptions import IPCTimeoutError
 from vyra_base_ipc.loop_thread import EventLoopThread

@@ -21,7 +21,7 @@ from vyra_base_ipc import (
     IPCUnavailableError,
     SyncIPCHandler,
 )
-from vyra_base_ipc.channel_pool import aio_pool, aio_ttrpc_pool, sync_pool, sync_ttrpc_pool
+from vyra_base_ipc._pool import aio_pool, aio_ttrpc_pool, sync_pool, sync_ttrpc_pool
 
 
 # -- calls -------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ async def test_stale_socket_is_unavailable_not_a_hang(socket_path: Path, echo) -
     stale.close()
     with pytest.raises(IPCUnavailableError, match='no server answers'):
         await IPCHandler(socket_path, echo.Stub, timeout=30).connect()
-    assert aio_pool.open_channels() == 0
+    assert aio_pool.open_connections() == 0
 
 
 @pytest.mark.asyncio
@@ -258,7 +258,7 @@ async def test_call_before_connect_is_a_clear_error(server: ServerProcess, echo)
 # -- channels ----------------------------------------------------------------------------
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize('lane, pool', [('grpc', aio_pool.open_channels),
+@pytest.mark.parametrize('lane, pool', [('grpc', aio_pool.open_connections),
                                         ('ttrpc', aio_ttrpc_pool.open_connections)])
 async def test_handlers_of_one_socket_share_one_connection_per_loop(server: ServerProcess, echo,
                                                                     lane: str, pool) -> None:
@@ -287,13 +287,13 @@ def test_one_handler_works_across_two_event_loops(server: ServerProcess, echo) -
             return (await ipc.call_method('Echo', echo.pb.EchoRequest(text='two'))).text
         finally:
             await ipc.disconnect()
-            assert aio_pool.open_channels() == 0
+            assert aio_pool.open_connections() == 0
 
     assert asyncio.run(first()) == 'one'
     assert asyncio.run(second()) == 'two'
 
 
-@pytest.mark.parametrize('lane, pool', [('grpc', sync_pool.open_channels),
+@pytest.mark.parametrize('lane, pool', [('grpc', sync_pool.open_connections),
                                         ('ttrpc', sync_ttrpc_pool.open_connections)])
 def test_sync_handlers_share_one_connection_and_release_it(server: ServerProcess, echo,
                                                            lane: str, pool) -> None:

@@ -33,7 +33,7 @@ from conftest import LONG, ServerProcess, StartFaultServer, make_stale_socket, w
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vyra_base_ipc import IPCError, IPCHandler, IPCUnavailableError, SyncIPCHandler
-from vyra_base_ipc.channel_pool import aio_pool, aio_ttrpc_pool, sync_pool
+from vyra_base_ipc._pool import aio_pool, aio_ttrpc_pool, sync_pool
 from vyra_base_ipc.socket_file import is_listening
 
 pytestmark = pytest.mark.fault
@@ -87,7 +87,7 @@ def assert_client_released(baseline: tuple[int, int]) -> None:
              f'client threads back to {threads} (now {threading.active_count()}: '
              f'{[t.name for t in threading.enumerate()]})')
     wait_for(lambda: open_fds() <= fds, 20, f'client fds back to {fds} (now {open_fds()})')
-    assert sync_pool.open_channels() == 0
+    assert sync_pool.open_connections() == 0
 
 
 # -- 1: a second server on a live path ---------------------------------------------------
@@ -176,7 +176,7 @@ def test_sigkill_mid_call_is_unavailable_for_the_async_client(
             # broke, not when its 30 s deadline expired.
             with pytest.raises(IPCUnavailableError) as error:
                 await call
-        assert aio_pool.open_channels() == aio_ttrpc_pool.open_connections() == 0
+        assert aio_pool.open_connections() == aio_ttrpc_pool.open_connections() == 0
         return error.value.method
     assert asyncio.run(scenario()) == '/vyra.ipc.test.EchoService/Sleep'
     server.wait()

@@ -28,7 +28,7 @@ from types import ModuleType
 import pytest
 from conftest import SERVERS, ServerProcess, wait_for
 
-from vyra_base_ipc.channel_pool import sync_pool
+from vyra_base_ipc._pool import sync_pool
 
 SOAK_CALLS = int(os.environ.get('VYRA_IPC_SOAK_CALLS', '20000'))
 WARMUP_CALLS = max(2000, SOAK_CALLS // 10)
@@ -146,7 +146,7 @@ def test_soak_server_does_not_grow_while_clients_come_and_go(
     gc.collect()
     wait_for(lambda: threading.active_count() <= threads_here, 20,
              f'threads of the test process back to {threads_here} ({threading.enumerate()})')
-    assert sync_pool.open_channels() == 0
+    assert sync_pool.open_connections() == 0
 
     server.signal(signal.SIGTERM)
     assert server.wait() == 0

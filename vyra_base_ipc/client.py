@@ -11,40 +11,32 @@ beside it, on a fast-lane (ttrpc) socket serving the same services. With
 answers and gRPC otherwise (a server without a fast lane, or a third-party
 gRPC server); ``lane='grpc'`` and ``lane='ttrpc'`` force one. Either way the
 errors, deadlines, status codes and retry rules are the same.
+
+Both faces are thin: what a call means (method look-up, its deadline, the
+retry rule, the lane choice) is :class:`_ClientBase`'s, the lanes are
+objects of one shape (:mod:`vyra_base_ipc._lanes`), and the connections are
+pooled by :mod:`vyra_base_ipc._pool`. The faces only wait their own way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import enum
 import os
 import time
-from typing import Any, AsyncIterator, Iterable, Iterator, Protocol, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar, Union
 
 import grpc
-from grpc_health.v1 import health_pb2
 
-from .address import (
-    StrPath,
-    default_ttrpc_socket_path,
-    grpc_target,
-    resolve_socket_path,
-    validate_socket_path,
-)
+from ._deadline import Deadline
+from ._lanes import LANES, GrpcLane, LaneChoice, SyncGrpcLane
+from ._pool import aio_pool, aio_ttrpc_pool, sync_pool, sync_ttrpc_pool
+from .address import StrPath, default_ttrpc_socket_path, grpc_target, resolve_socket_path, validate_socket_path
 from .busy_poll import DEFAULT_BUSY_POLL, validate_busy_poll
-from .channel_pool import (
-    AioChannelPool,
-    SyncChannelPool,
-    aio_pool,
-    aio_ttrpc_pool,
-    sync_pool,
-    sync_ttrpc_pool,
-)
-from .exceptions import IPCError, IPCTimeoutError, IPCUnavailableError, error_from_status
-from .methods import Method, MethodKind, stub_methods
-from .payload import SharedMemoryOptions, usable_options
-from .shared_buffer import ReceivedBuffers, SharedBuffer, inline_request
+from .exceptions import IPCTimeoutError, IPCUnavailableError
+from .fork_safety import ensure_usable_after_fork, note_grpc_used
+from .methods import Method, stub_methods
 from .options import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TIMEOUT,
@@ -52,19 +44,28 @@ from .options import (
     validate_max_message_bytes,
     validate_timeout,
 )
+from .payload import SharedMemoryOptions, usable_options
+from .shared_buffer import SharedBuffer
 from .socket_file import is_listening
+from .ttrpc import DEFAULT_STREAM_WINDOW, AsyncConnection, SyncConnection
+from .ttrpc._flow import validate_stream_window
 
-__all__ = ['LANES', 'IPCHandler', 'SyncIPCHandler']
+__all__ = ['DEFAULT', 'LANES', 'IPCHandler', 'SyncIPCHandler']
 
-Metadata = Sequence[tuple[str, str | bytes]]
+Metadata = Sequence[tuple[str, Union[str, bytes]]]
+_T = TypeVar('_T')
 
-#: The values of a client's ``lane``.
-LANES = ('auto', 'grpc', 'ttrpc')
 
-#: With lane='auto', how long a fast-lane socket that did not answer is left
-#: alone before it is tried again (a failed connect costs a system call and an
-#: exception on every call otherwise).
-_FAST_LANE_RETRY_INTERVAL = 1.0
+class _Default(enum.Enum):
+    DEFAULT = 'the client default'
+
+    def __repr__(self) -> str:
+        return 'DEFAULT'
+
+
+#: ``timeout=DEFAULT``: the client's ``timeout``. (``stream_method`` takes
+#: ``timeout=None`` too: a stream without deadline.)
+DEFAULT = _Default.DEFAULT
 
 
 class ServerContext(Protocol):
@@ -74,24 +75,34 @@ class ServerContext(Protocol):
     def time_remaining(self) -> float | None: ...
 
 
-# connect() proves that a gRPC server answers with one health check. Any
-# answer but UNAVAILABLE or DEADLINE_EXCEEDED will do: a server without the
-# health service still says UNIMPLEMENTED.
-_PROBE = Method(
-    name='Check',
-    path='/grpc.health.v1.Health/Check',
-    kind=MethodKind.UNARY_UNARY,
-    request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-    response_deserializer=health_pb2.HealthCheckResponse.FromString,
-)
-_PROBE_REQUEST = health_pb2.HealthCheckRequest()
+class _Retry:
+    """When to try again after UNAVAILABLE, and after what pause: growing
+    from ``first`` to 0.5 s, only while ``allowed``, never past ``until``."""
+
+    __slots__ = ('allowed', 'until', 'attempts', '_pause')
+
+    def __init__(self, allowed: bool, until: Deadline | None, first: float) -> None:
+        self.allowed = allowed
+        self.until = until
+        self.attempts = 0
+        self._pause = first
+
+    def pause_after(self, error: IPCUnavailableError) -> float:
+        """The pause before the next attempt.
+
+        :raises IPCUnavailableError: ``error``, when not to try again.
+        """
+        pause = self._pause
+        if not self.allowed or self.until is None or pause >= self.until.remaining():
+            raise error
+        self._pause = min(pause * 2, 0.5)
+        self.attempts += 1
+        return pause
 
 
 class _ClientBase:
-    """What both clients share: configuration, lane choice, method look-up,
-    deadlines, the retry rule and error translation."""
-
-    _channel_pool: AioChannelPool | SyncChannelPool
+    """What both clients share: configuration, method look-up, deadlines,
+    the retry rule and the lane choice."""
 
     def __init__(
         self,
@@ -107,17 +118,18 @@ class _ClientBase:
         ttrpc_socket_path: StrPath | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         shared_memory: SharedMemoryOptions | None = SharedMemoryOptions(),
+        stream_window: int = DEFAULT_STREAM_WINDOW,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path, module_name=module_name)
         self.shared_memory = usable_options(shared_memory)
-        if lane not in LANES:
-            raise ValueError(f'lane must be one of {", ".join(LANES)}, not {lane!r}')
+        self._choice = LaneChoice(lane)
         self.lane = lane
         self.ttrpc_socket_path = (default_ttrpc_socket_path(self.socket_path) if ttrpc_socket_path is None
                                   else validate_socket_path(ttrpc_socket_path))
         self.timeout = validate_timeout(timeout)
         self.wait_for_ready = bool(wait_for_ready)
         self.max_message_bytes = validate_max_message_bytes(max_message_bytes)
+        self.stream_window = validate_stream_window(stream_window)
         self._methods = stub_methods(service_stub) if service_stub is not None else {}
         self._stub_name = service_stub.__qualname__ if service_stub is not None else None
         if default_method is not None:
@@ -128,11 +140,13 @@ class _ClientBase:
                                              else idempotent_methods))
         self._target = grpc_target(self.socket_path)
         self._options = channel_options(self.max_message_bytes)
-        self._fast_lane_retry_at = 0.0
-        self._lane_in_use: str | None = None
         self._connected = False
-        self._channel: Any = None
-        self._callables: dict[str, Any] = {}
+        # The connections of the current owner (event loop or process):
+        # pool keys, and the lanes made from them.
+        self._fast_key: Any = None
+        self._fast: Any = None
+        self._grpc_key: Any = None
+        self._grpc: dict[bool, Any] = {}
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -147,7 +161,7 @@ class _ClientBase:
     def lane_in_use(self) -> str | None:
         """``'ttrpc'`` or ``'grpc'``: the lane of the last call (or of
         connect()); None while not connected."""
-        return self._lane_in_use if self._connected else None
+        return self._choice.in_use if self._connected else None
 
     def get_protocol(self) -> str:
         """The VYRA handler protocol identifier: ``"ipc"``."""
@@ -180,11 +194,12 @@ class _ClientBase:
     def _wait(self, wait_for_ready: bool | None) -> bool:
         return self.wait_for_ready if wait_for_ready is None else wait_for_ready
 
-    def _give_up_at(self, timeout: float | None, parent: ServerContext | None = None,
-                    method: Method | None = None) -> float:
-        """The ``time.monotonic()`` at which the call's deadline passes: its own
-        timeout (or the default), capped by the time the calling handler has left."""
-        own = self.timeout if timeout is None else validate_timeout(timeout)
+    def _deadline(self, timeout: float | None | _Default, parent: ServerContext | None = None,
+                  method: Method | None = None) -> Deadline | None:
+        """The call's deadline: its own timeout (``DEFAULT``: the client's;
+        ``None``: none), capped by the time the calling handler has left."""
+        own = (time.monotonic() + (self.timeout if timeout is DEFAULT else validate_timeout(timeout))
+               if timeout is not None else None)
         if parent is not None:
             remaining = parent.time_remaining()
             if remaining is not None:
@@ -192,16 +207,9 @@ class _ClientBase:
                     raise IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                           "the calling handler's deadline has already expired",
                                           method=method.path if method else None)
-                own = min(own, remaining)
-        return time.monotonic() + own
-
-    @staticmethod
-    def _remaining(give_up: float, method: Method | None = None) -> float:
-        remaining = give_up - time.monotonic()
-        if remaining <= 0:
-            raise IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED, 'deadline exceeded',
-                                  method=method.path if method else None)
-        return remaining
+                limit = time.monotonic() + remaining
+                own = limit if own is None else min(own, limit)
+        return None if own is None else Deadline(own)
 
     def _retryable(self, name: str) -> str:
         method = self._method(name)
@@ -210,89 +218,31 @@ class _ClientBase:
                              'marked idempotent')
         return name
 
-    def _retry_pause(self, method: Method, give_up: float, attempt: int) -> float | None:
-        """Seconds to pause before retrying a call that failed with UNAVAILABLE,
-        or None if it must not be retried.
+    def _retry(self, method: Method, deadline: Deadline | None) -> _Retry:
+        """The retry rule of a call: only methods marked idempotent are
+        retried after UNAVAILABLE, since a call that failed this way may have
+        run on the server already (a crash mid-call); the pause grows from
+        50 ms to 0.5 s so that a server answering UNAVAILABLE itself is not
+        hammered, and retries wait for the server to be ready."""
+        return _Retry(method.name in self.idempotent_methods, deadline, 0.05)
 
-        Only methods marked idempotent are retried: a call that failed this way
-        may have run on the server already (a crash mid-call), so anything else
-        would risk a silent duplicate. The pause grows from 50 ms to 0.5 s so
-        that a server answering UNAVAILABLE itself is not hammered; retries
-        wait for the server to be ready.
-        """
-        if method.name not in self.idempotent_methods:
-            return None
-        pause = min(0.05 * 2 ** attempt, 0.5)
-        if time.monotonic() + pause >= give_up:
-            return None
-        return pause
+    def _connect_retry(self, deadline: Deadline | None, wait: bool) -> _Retry:
+        """A fast-lane server that is not there yet is tried again quickly at
+        first, then every 0.5 s at most (the gRPC lane's reconnect cap)."""
+        until = self._choice.fast_wait(deadline, wait)
+        return _Retry(until is not None, until, 0.025)
 
-    # -- lanes ------------------------------------------------------------------------
+    def _connect_options(self) -> dict[str, Any]:
+        return {'max_message_bytes': self.max_message_bytes, 'shared_memory': self.shared_memory,
+                'stream_window': self.stream_window}
 
-    def _fast_lane_due(self) -> bool:
-        return self.lane == 'ttrpc' or (self.lane == 'auto'
-                                        and time.monotonic() >= self._fast_lane_retry_at)
+    def _fast_key_args(self) -> tuple[Any, ...]:
+        return (os.fspath(self.ttrpc_socket_path), self.max_message_bytes, self.shared_memory,
+                self.stream_window)
 
-    def _fast_lane_wait_until(self, give_up: float, wait: bool) -> float | None:
-        # With lane='auto', a server that is down is waited for on the gRPC
-        # lane (which waits for it natively); the fast lane is tried at once.
-        return give_up if wait and self.lane == 'ttrpc' else None
-
-    def _use_grpc_for_a_while(self) -> None:
-        """With lane='auto', after the fast-lane socket did not answer."""
-        self._fast_lane_retry_at = time.monotonic() + _FAST_LANE_RETRY_INTERVAL
-
-    # -- the gRPC lane ----------------------------------------------------------------
-
-    def _socket_missing(self, method: str | None = None) -> IPCUnavailableError:
-        return IPCUnavailableError(
-            grpc.StatusCode.UNAVAILABLE,
-            f'socket {str(self.socket_path)!r} does not exist (is the IPC server running?)',
-            method=method)
-
-    def _probe_failed(self, error: grpc.RpcError, timeout: float) -> IPCUnavailableError | None:
-        """The error to raise for a failed connect() probe; None if the server answered."""
-        code = error.code()
-        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-            return IPCUnavailableError(
-                grpc.StatusCode.UNAVAILABLE,
-                f'no server answered on {str(self.socket_path)!r} within {timeout:g} s')
-        if code is grpc.StatusCode.UNAVAILABLE:
-            if not os.path.exists(self.socket_path):
-                return self._socket_missing()
-            return IPCUnavailableError(
-                code, f'no server answers on {str(self.socket_path)!r} (stale socket file?): '
-                      f'{error.details()}')
-        return None
-
-    def _translate(self, error: grpc.RpcError, method: Method) -> IPCError:
-        code, details = error.code(), error.details() or ''
-        if code is grpc.StatusCode.UNAVAILABLE and not os.path.exists(self.socket_path):
-            return self._socket_missing(method.path)
-        return error_from_status(code, details, method=method.path)
-
-    def _grpc_channel(self) -> Any:
-        """This client's gRPC channel from its pool (``_channel_pool``), shared."""
-        if self._channel is None:
-            self._channel = self._channel_pool.acquire(self._target, self._options)
-        self._lane_in_use = 'grpc'
-        return self._channel
-
-    def _callable(self, method: Method) -> Any:
-        call = self._callables.get(method.name) if self._channel is not None else None
-        if call is None:
-            call = self._callables[method.name] = self._multicallable(self._grpc_channel(), method)
-        self._lane_in_use = 'grpc'
-        return call
-
-    @staticmethod
-    def _multicallable(channel: Any, method: Method) -> Any:
-        return getattr(channel, method.kind.value)(
-            method.path,
-            request_serializer=method.request_serializer,
-            response_deserializer=method.response_deserializer,
-            _registered_method=True,
-        )
+    def _forget_connections(self) -> None:
+        self._fast_key = self._fast = self._grpc_key = None
+        self._grpc = {}
 
 
 class IPCHandler(_ClientBase):
@@ -304,10 +254,11 @@ class IPCHandler(_ClientBase):
         await ipc.disconnect()
 
     Every call has a deadline: ``timeout`` per call, else the handler's
-    ``timeout`` (default 5 s). Handlers of the same socket in the same event
-    loop share one connection per lane. A handler may be used from several
-    event loops in turn (each gets its own connections), but from one loop at
-    a time.
+    ``timeout`` (default 5 s); only a stream may go without
+    (``stream_method(..., timeout=None)``). Handlers of the same socket in
+    the same event loop share one connection per lane. A handler may be
+    used from several event loops in turn (each gets its own connections),
+    but from one loop at a time.
 
     :param socket_path: the server's (gRPC) socket; resolved as described in
         :mod:`vyra_base_ipc.address` when omitted.
@@ -327,16 +278,14 @@ class IPCHandler(_ClientBase):
     :param shared_memory: on the fast lane, messages above its threshold
         travel as sealed shared memory when the server agrees (see
         :mod:`vyra_base_ipc.payload`); ``None`` keeps every message inline.
+    :param stream_window: on the fast lane, bytes of streamed messages the
+        server may send ahead of what the caller has taken (flow control).
     """
-
-    _channel_pool = aio_pool
 
     def __init__(self, socket_path: StrPath | None = None, service_stub: type | None = None,
                  **kwargs: Any) -> None:
         super().__init__(socket_path, service_stub, **kwargs)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._fast_key: Any = None
-        self._fast: Any = None
 
     async def connect(self, timeout: float | None = None) -> None:
         """Open (or share) a connection and make sure a server answers: the
@@ -349,12 +298,12 @@ class IPCHandler(_ClientBase):
         :raises IPCUnavailableError: no server could be reached in time; the
             message names the socket.
         """
-        give_up = self._give_up_at(timeout)
+        deadline = self._deadline(DEFAULT if timeout is None else timeout)
         self._connected = True
         try:
-            if self._fast_lane_due() and await self._fast_connection(give_up, self.wait_for_ready):
-                return
-            await self._connect_grpc(give_up)
+            lane = await self._lane(deadline, self.wait_for_ready)
+            if isinstance(lane, GrpcLane):
+                await lane.probe(deadline)  # type: ignore[arg-type]
         except BaseException:
             await self.disconnect()
             raise
@@ -362,18 +311,17 @@ class IPCHandler(_ClientBase):
     async def disconnect(self) -> None:
         """Release the connections (closed when their last user lets go). Idempotent."""
         self._connected = False
-        channel, fast_key, loop = self._channel, self._fast_key, self._loop
-        self._channel = self._fast_key = self._fast = self._loop = None
-        self._callables = {}
+        fast_key, grpc_key, loop = self._fast_key, self._grpc_key, self._loop
+        self._forget_connections()
+        self._loop = None
         if loop is None:
             return
         if loop is asyncio.get_running_loop():
-            await self._release(channel, fast_key)
+            await _release(fast_key, grpc_key)
         elif loop.is_running():
-            await asyncio.wrap_future(
-                asyncio.run_coroutine_threadsafe(self._release(channel, fast_key), loop))
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_release(fast_key, grpc_key), loop))
 
-    async def call_method(self, method: str, request: Any, *, timeout: float | None = None,
+    async def call_method(self, method: str, request: Any, *, timeout: float | _Default = DEFAULT,
                           metadata: Metadata | None = None, wait_for_ready: bool | None = None,
                           parent: ServerContext | None = None,
                           buffers: Sequence[SharedBuffer] = (), return_buffers: bool = False) -> Any:
@@ -381,7 +329,8 @@ class IPCHandler(_ClientBase):
 
         A method in ``idempotent_methods`` is retried after UNAVAILABLE
         (waiting for the server) until its deadline; no other call is ever
-        retried, since it may have run on the server already.
+        retried, since it may have run on the server already. Cancelling the
+        calling task cancels the call on the server.
 
         :param method: the method's name, e.g. ``"GetStatus"``.
         :param request: the request message, or an (async) iterable of them
@@ -405,55 +354,44 @@ class IPCHandler(_ClientBase):
         :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
         """
         info = self._method(method, response_streaming=False)
-        give_up = self._give_up_at(timeout, parent, info)
+        deadline = self._deadline(DEFAULT if timeout is None else timeout, parent, info)
         wait = self._wait(wait_for_ready)
-        for attempt in itertools.count():
-            try:
-                return await self._call_once(info, request, give_up, metadata, wait, buffers,
-                                             return_buffers)
-            except IPCUnavailableError:
-                pause = self._retry_pause(info, give_up, attempt)
-                if pause is None:
-                    raise
-            await asyncio.sleep(pause)
-            wait = True
-        raise AssertionError('unreachable')
+        retry = self._retry(info, deadline)
 
-    async def stream_method(self, method: str, request: Any, *, timeout: float | None = None,
-                            metadata: Metadata | None = None, wait_for_ready: bool | None = None,
+        async def attempt() -> Any:
+            lane = await self._lane(deadline, wait or retry.attempts > 0)
+            return await lane.call(info, request, timeout=deadline, metadata=metadata, buffers=buffers,
+                                   return_buffers=return_buffers)
+        return await _retrying(attempt, retry)
+
+    async def stream_method(self, method: str, request: Any, *, timeout: float | None | _Default = DEFAULT,
+                            idle_timeout: float | None = None, metadata: Metadata | None = None,
+                            wait_for_ready: bool | None = None,
                             parent: ServerContext | None = None) -> AsyncIterator[Any]:
         """Call a response-streaming method; iterate over its responses.
 
-        The deadline covers the whole stream. Leaving the iteration early
-        ends the call (gRPC cancels it; the fast lane drops its answers and
-        the server ends the handler at the deadline). Streams are never retried.
+        The deadline covers the whole stream; ``timeout=None`` opens a stream
+        without one (a watch that lives as long as the caller iterates: the
+        one exception to "every call has a deadline"). Leaving the iteration
+        early (``break``, ``aclose()``, the generator collected) or
+        cancelling the task cancels the call on the server, on both lanes.
+        Streams are never retried.
 
         :param request: the request message, or an (async) iterable of them
             for a bidirectional method.
+        :param idle_timeout: seconds to wait for each message at most; the
+            call then fails with :class:`IPCTimeoutError`.
         :raises ValueError, TypeError, IPCError: as :meth:`call_method`.
         """
         info = self._method(method, response_streaming=True)
-        give_up = self._give_up_at(timeout, parent, info)
-        wait = self._wait(wait_for_ready)
-        self._here()
-        if self._fast_lane_due():
-            fast = await self._fast_connection(give_up, wait)
-            if fast is not None:
-                responses = fast.stream(info, request, timeout=self._remaining(give_up, info),
-                                        metadata=metadata)
-                async with contextlib.aclosing(responses):
-                    async for response in responses:
-                        yield response
-                return
-        call = self._callable(info)(request, timeout=self._remaining(give_up, info),
-                                    metadata=metadata, wait_for_ready=wait)
-        try:
-            async for response in call:
+        deadline = self._deadline(timeout, parent, info)
+        if idle_timeout is not None:
+            idle_timeout = validate_timeout(idle_timeout, 'idle_timeout')
+        lane = await self._lane(deadline, self._wait(wait_for_ready))
+        responses = lane.stream(info, request, timeout=deadline, metadata=metadata, idle_timeout=idle_timeout)
+        async with contextlib.aclosing(responses):
+            async for response in responses:
                 yield response
-        except grpc.RpcError as error:
-            raise self._translate(error, info) from None
-        finally:
-            call.cancel()
 
     async def dispatch(self, message: Any) -> None:
         """Send ``message`` to :attr:`default_method` (VYRA feeder interface);
@@ -472,25 +410,20 @@ class IPCHandler(_ClientBase):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.disconnect()
 
-    # -- internals ------------------------------------------------------------------
+    # -- lanes ------------------------------------------------------------------------
 
-    async def _call_once(self, info: Method, request: Any, give_up: float,
-                         metadata: Metadata | None, wait: bool, buffers: Sequence[SharedBuffer],
-                         return_buffers: bool) -> Any:
+    async def _lane(self, deadline: Deadline | None, wait: bool) -> AsyncConnection | GrpcLane:
+        """The lane for a call (see :class:`~vyra_base_ipc._lanes.LaneChoice`)."""
         self._here()
-        if self._fast_lane_due():
-            fast = await self._fast_connection(give_up, wait)
-            if fast is not None:
-                return await fast.call(info, request, timeout=self._remaining(give_up, info),
-                                       metadata=metadata, buffers=buffers, return_buffers=return_buffers)
-        # Descriptors cannot travel on the gRPC lane: the buffers go inline.
-        request = inline_request(info.path, info.kind.request_streaming, request, buffers)
-        try:
-            response = await self._callable(info)(request, timeout=self._remaining(give_up, info),
-                                                  metadata=metadata, wait_for_ready=wait)
-        except grpc.RpcError as error:
-            raise self._translate(error, info) from None
-        return (response, ReceivedBuffers()) if return_buffers else response
+        fast = self._fast
+        if fast is not None and not fast.is_closed:
+            return self._choice.took('ttrpc', fast)
+        if self._choice.fast_first():
+            try:
+                return self._choice.took('ttrpc', await self._fast_connection(deadline, wait))
+            except IPCUnavailableError as error:
+                self._choice.fast_unavailable(error)
+        return self._choice.took('grpc', self._grpc_lane(wait))
 
     def _here(self) -> None:
         """Make this handler's connections those of the running loop."""
@@ -501,50 +434,59 @@ class IPCHandler(_ClientBase):
             raise RuntimeError('IPCHandler is not connected: await connect() first')
         # A handler moved to a new loop (asyncio.run() twice): the old loop's
         # connections cannot be used here, nor closed from here.
-        self._loop, self._channel, self._fast_key, self._fast = loop, None, None, None
-        self._callables = {}
+        self._loop = loop
+        self._forget_connections()
 
-    async def _fast_connection(self, give_up: float, wait: bool) -> Any:
-        """The fast-lane connection, or None if its socket did not answer and
-        gRPC should be used (lane='auto')."""
-        fast = self._fast
-        if fast is not None and not fast.is_closed:
-            self._lane_in_use = 'ttrpc'
-            return fast
-        self._here()
+    async def _fast_connection(self, deadline: Deadline | None, wait: bool) -> AsyncConnection:
+        """The fast lane's shared connection, (re)connected if needed.
+
+        :raises IPCUnavailableError: its socket did not answer (in time).
+        """
         if self._fast_key is None:
-            self._fast_key = aio_ttrpc_pool.acquire(os.fspath(self.ttrpc_socket_path),
-                                                    self.max_message_bytes, self.shared_memory)
-        try:
-            self._fast = await aio_ttrpc_pool.connection(
-                self._fast_key, self._fast_lane_wait_until(give_up, wait))
-        except IPCUnavailableError:
-            if self.lane == 'ttrpc':
-                raise
-            self._use_grpc_for_a_while()
-            return None
-        self._lane_in_use = 'ttrpc'
+            self._fast_key = aio_ttrpc_pool.acquire(self._fast_key_args())
+        entry = self._fast_key[1]
+        async with entry.lock:  # one connect for all the handlers waiting
+            if entry.connection is None or entry.connection.is_closed:
+                if entry.connection is not None:
+                    await entry.connection.close()
+                path, options = self.ttrpc_socket_path, self._connect_options()
+                entry.connection = await _retrying(lambda: AsyncConnection.connect(path, **options),
+                                                   self._connect_retry(deadline, wait))
+        self._fast = entry.connection
         return self._fast
 
-    async def _connect_grpc(self, give_up: float) -> None:
-        self._here()
-        if not self.wait_for_ready and not os.path.exists(self.socket_path):
-            raise self._socket_missing()
-        timeout = self._remaining(give_up)
-        try:
-            await self._multicallable(self._grpc_channel(), _PROBE)(
-                _PROBE_REQUEST, timeout=timeout, wait_for_ready=self.wait_for_ready)
-        except grpc.RpcError as error:
-            failure = self._probe_failed(error, timeout)
-            if failure is not None:
-                raise failure from None
+    def _grpc_lane(self, wait: bool) -> GrpcLane:
+        lane = self._grpc.get(wait)
+        if lane is None:
+            if self._grpc_key is None:
+                ensure_usable_after_fork()
+                self._grpc_key = aio_pool.acquire((self._target, self._options))
+                entry = self._grpc_key[1]
+                if entry.connection is None:
+                    note_grpc_used()
+                    entry.connection = grpc.aio.insecure_channel(self._target, options=self._options)
+            lane = self._grpc[wait] = GrpcLane(self._grpc_key[1].connection, self.socket_path, wait)
+        return lane
 
-    @staticmethod
-    async def _release(channel: grpc.aio.Channel | None, fast_key: Any) -> None:
+
+async def _retrying(attempt: Callable[[], Awaitable[_T]], retry: _Retry) -> _T:
+    while True:
+        try:
+            return await attempt()
+        except IPCUnavailableError as error:
+            pause = retry.pause_after(error)
+        await asyncio.sleep(pause)
+
+
+async def _release(fast_key: Any, grpc_key: Any) -> None:
+    if fast_key is not None:
+        connection = aio_ttrpc_pool.release(fast_key[0])
+        if connection is not None:
+            await connection.close()
+    if grpc_key is not None:
+        channel = aio_pool.release(grpc_key[0])
         if channel is not None:
-            await aio_pool.release(channel)
-        if fast_key is not None:
-            await aio_ttrpc_pool.release(fast_key)
+            await channel.close()
 
 
 class SyncIPCHandler(_ClientBase):
@@ -565,14 +507,10 @@ class SyncIPCHandler(_ClientBase):
         quickly, and never on a machine with one CPU. 0 turns it off.
     """
 
-    _channel_pool = sync_pool
-
     def __init__(self, socket_path: StrPath | None = None, service_stub: type | None = None, *,
                  busy_poll: float = DEFAULT_BUSY_POLL, **kwargs: Any) -> None:
         super().__init__(socket_path, service_stub, **kwargs)
         self.busy_poll = validate_busy_poll(busy_poll)
-        self._fast_key: Any = None
-        self._fast: Any = None
         self._pid = 0
 
     def connect(self, timeout: float | None = None) -> None:
@@ -581,12 +519,12 @@ class SyncIPCHandler(_ClientBase):
 
         :raises IPCUnavailableError: no server could be reached in time.
         """
-        give_up = self._give_up_at(timeout)
+        deadline = self._deadline(DEFAULT if timeout is None else timeout)
         self._connected = True
         try:
-            if self._fast_lane_due() and self._fast_connection(give_up, self.wait_for_ready):
-                return
-            self._connect_grpc(give_up)
+            lane = self._lane(deadline, self.wait_for_ready)
+            if isinstance(lane, SyncGrpcLane):
+                lane.probe(deadline)  # type: ignore[arg-type]
         except BaseException:
             self.disconnect()
             raise
@@ -594,16 +532,15 @@ class SyncIPCHandler(_ClientBase):
     def disconnect(self) -> None:
         """Release the connections (closed when their last user lets go). Idempotent."""
         self._connected = False
-        channel, fast_key = self._channel, self._fast_key
-        self._channel = self._fast_key = self._fast = None
-        self._callables = {}
+        fast_key, grpc_key = self._fast_key, self._grpc_key
+        self._forget_connections()
         if self._pid == os.getpid():
-            if channel is not None:
-                sync_pool.release(channel)
-            if fast_key is not None:
-                sync_ttrpc_pool.release(fast_key)
+            for pool, key in ((sync_ttrpc_pool, fast_key), (sync_pool, grpc_key)):
+                connection = pool.release(key[0]) if key is not None else None
+                if connection is not None:
+                    connection.close()
 
-    def call_method(self, method: str, request: Any, *, timeout: float | None = None,
+    def call_method(self, method: str, request: Any, *, timeout: float | _Default = DEFAULT,
                     metadata: Metadata | None = None, wait_for_ready: bool | None = None,
                     parent: ServerContext | None = None,
                     buffers: Sequence[SharedBuffer] = (), return_buffers: bool = False) -> Any:
@@ -612,48 +549,32 @@ class SyncIPCHandler(_ClientBase):
         Parameters, retries and errors as :meth:`IPCHandler.call_method`.
         """
         info = self._method(method, response_streaming=False)
-        give_up = self._give_up_at(timeout, parent, info)
+        deadline = self._deadline(DEFAULT if timeout is None else timeout, parent, info)
         wait = self._wait(wait_for_ready)
+        retry = self._retry(info, deadline)
         if info.kind.request_streaming:
-            request = iter(request)  # grpc's blocking stubs call next() on it: lists welcome
-        for attempt in itertools.count():
-            try:
-                return self._call_once(info, request, give_up, metadata, wait, buffers, return_buffers)
-            except IPCUnavailableError:
-                pause = self._retry_pause(info, give_up, attempt)
-                if pause is None:
-                    raise
-            time.sleep(pause)
-            wait = True
-        raise AssertionError('unreachable')
+            request = iter(request)  # consumed once, whichever attempt sends it
 
-    def stream_method(self, method: str, request: Any, *, timeout: float | None = None,
-                      metadata: Metadata | None = None, wait_for_ready: bool | None = None,
-                      parent: ServerContext | None = None) -> Iterator[Any]:
+        def attempt() -> Any:
+            lane = self._lane(deadline, wait or retry.attempts > 0)
+            return lane.call(info, request, timeout=deadline, metadata=metadata, buffers=buffers,
+                             return_buffers=return_buffers)
+        return _retrying_sync(attempt, retry)
+
+    def stream_method(self, method: str, request: Any, *, timeout: float | None | _Default = DEFAULT,
+                      idle_timeout: float | None = None, metadata: Metadata | None = None,
+                      wait_for_ready: bool | None = None, parent: ServerContext | None = None) -> Iterator[Any]:
         """Call a response-streaming method; iterate over its responses.
 
-        :raises ValueError, TypeError, IPCError: as :meth:`IPCHandler.stream_method`.
+        Deadline, ``idle_timeout``, leaving early and errors as
+        :meth:`IPCHandler.stream_method`.
         """
         info = self._method(method, response_streaming=True)
-        give_up = self._give_up_at(timeout, parent, info)
-        wait = self._wait(wait_for_ready)
-        if info.kind.request_streaming:
-            request = iter(request)
-        self._here()
-        if self._fast_lane_due():
-            fast = self._fast_connection(give_up, wait)
-            if fast is not None:
-                yield from fast.stream(info, request, timeout=self._remaining(give_up, info),
-                                       metadata=metadata)
-                return
-        call = self._callable(info)(request, timeout=self._remaining(give_up, info),
-                                    metadata=metadata, wait_for_ready=wait)
-        try:
-            yield from call
-        except grpc.RpcError as error:
-            raise self._translate(error, info) from None
-        finally:
-            call.cancel()
+        deadline = self._deadline(timeout, parent, info)
+        if idle_timeout is not None:
+            idle_timeout = validate_timeout(idle_timeout, 'idle_timeout')
+        lane = self._lane(deadline, self._wait(wait_for_ready))
+        yield from lane.stream(info, request, timeout=deadline, metadata=metadata, idle_timeout=idle_timeout)
 
     def dispatch(self, message: Any) -> None:
         """Send ``message`` to :attr:`default_method`; the response is discarded."""
@@ -668,24 +589,20 @@ class SyncIPCHandler(_ClientBase):
     def __exit__(self, *exc_info: object) -> None:
         self.disconnect()
 
-    # -- internals ------------------------------------------------------------------
+    # -- lanes ------------------------------------------------------------------------
 
-    def _call_once(self, info: Method, request: Any, give_up: float, metadata: Metadata | None,
-                   wait: bool, buffers: Sequence[SharedBuffer], return_buffers: bool) -> Any:
+    def _lane(self, deadline: Deadline | None, wait: bool) -> SyncConnection | SyncGrpcLane:
+        """The lane for a call, as :meth:`IPCHandler._lane`."""
+        fast = self._fast
+        if fast is not None and not fast.is_closed:  # is_closed is also true after fork
+            return self._choice.took('ttrpc', fast)
         self._here()
-        if self._fast_lane_due():
-            fast = self._fast_connection(give_up, wait)
-            if fast is not None:
-                return fast.call(info, request, timeout=self._remaining(give_up, info), metadata=metadata,
-                                 buffers=buffers, return_buffers=return_buffers)
-        # Descriptors cannot travel on the gRPC lane: the buffers go inline.
-        request = inline_request(info.path, info.kind.request_streaming, request, buffers)
-        try:
-            response = self._callable(info)(request, timeout=self._remaining(give_up, info),
-                                            metadata=metadata, wait_for_ready=wait)
-        except grpc.RpcError as error:
-            raise self._translate(error, info) from None
-        return (response, ReceivedBuffers()) if return_buffers else response
+        if self._choice.fast_first():
+            try:
+                return self._choice.took('ttrpc', self._fast_connection(deadline, wait))
+            except IPCUnavailableError as error:
+                self._choice.fast_unavailable(error)
+        return self._choice.took('grpc', self._grpc_lane(wait))
 
     def _here(self) -> None:
         """Make this handler's connections those of this process (after fork)."""
@@ -693,40 +610,44 @@ class SyncIPCHandler(_ClientBase):
             return
         if not self._connected:
             raise RuntimeError('SyncIPCHandler is not connected: call connect() first')
-        self._pid, self._channel, self._fast_key, self._fast = os.getpid(), None, None, None
-        self._callables = {}
+        self._pid = os.getpid()
+        self._forget_connections()
 
-    def _fast_connection(self, give_up: float, wait: bool) -> Any:
-        fast = self._fast
-        if fast is not None and not fast.is_closed:  # is_closed is also true after fork
-            self._lane_in_use = 'ttrpc'
-            return fast
-        self._here()
+    def _fast_connection(self, deadline: Deadline | None, wait: bool) -> SyncConnection:
+        """As :meth:`IPCHandler._fast_connection`, blocking."""
         if self._fast_key is None:
-            self._fast_key = sync_ttrpc_pool.acquire(os.fspath(self.ttrpc_socket_path),
-                                                     self.max_message_bytes, self.shared_memory,
-                                                     self.busy_poll)
-        try:
-            fast = sync_ttrpc_pool.connection(self._fast_key, self._fast_lane_wait_until(give_up, wait))
-        except IPCUnavailableError:
-            if self.lane == 'ttrpc':
-                raise
-            self._use_grpc_for_a_while()
-            return None
-        self._fast = fast
-        self._lane_in_use = 'ttrpc'
-        return fast
+            self._fast_key = sync_ttrpc_pool.acquire((*self._fast_key_args(), self.busy_poll))
+        entry = self._fast_key[1]
+        with entry.lock:
+            if entry.connection is None or entry.connection.is_closed:
+                if entry.connection is not None:
+                    entry.connection.close()
+                path, options = self.ttrpc_socket_path, self._connect_options()
+                entry.connection = _retrying_sync(
+                    lambda: SyncConnection.connect(path, busy_poll=self.busy_poll, **options),
+                    self._connect_retry(deadline, wait))
+        self._fast = entry.connection
+        return self._fast
 
-    def _connect_grpc(self, give_up: float) -> None:
-        self._here()
-        if not self.wait_for_ready and not os.path.exists(self.socket_path):
-            raise self._socket_missing()
-        timeout = self._remaining(give_up)
-        try:
-            self._multicallable(self._grpc_channel(), _PROBE)(
-                _PROBE_REQUEST, timeout=timeout, wait_for_ready=self.wait_for_ready)
-        except grpc.RpcError as error:
-            failure = self._probe_failed(error, timeout)
-            if failure is not None:
-                raise failure from None
+    def _grpc_lane(self, wait: bool) -> SyncGrpcLane:
+        lane = self._grpc.get(wait)
+        if lane is None:
+            if self._grpc_key is None:
+                ensure_usable_after_fork()
+                self._grpc_key = sync_pool.acquire((self._target, self._options))
+                entry = self._grpc_key[1]
+                with entry.lock:
+                    if entry.connection is None:
+                        note_grpc_used()
+                        entry.connection = grpc.insecure_channel(self._target, options=self._options)
+            lane = self._grpc[wait] = SyncGrpcLane(self._grpc_key[1].connection, self.socket_path, wait)
+        return lane
 
+
+def _retrying_sync(attempt: Callable[[], _T], retry: _Retry) -> _T:
+    while True:
+        try:
+            return attempt()
+        except IPCUnavailableError as error:
+            pause = retry.pause_after(error)
+        time.sleep(pause)

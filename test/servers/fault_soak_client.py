@@ -23,7 +23,7 @@ from typing import Any
 from vyra_ipc_test import echo_pb2, echo_pb2_grpc
 
 from vyra_base_ipc import IPCHandler, SyncIPCHandler
-from vyra_base_ipc.channel_pool import aio_pool, sync_pool
+from vyra_base_ipc._pool import aio_pool, sync_pool
 
 TIMEOUT = 30.0
 
@@ -65,7 +65,7 @@ def sync_session(socket_path: str, calls: list[tuple[str, Any, Any]], lane: str)
             check(method, reply, expected)
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(one, calls))
-    assert sync_pool.open_channels() == 0
+    assert sync_pool.open_connections() == 0
 
 
 async def async_session(socket_path: str, calls: list[tuple[str, Any, Any]], lane: str) -> None:
@@ -82,7 +82,7 @@ async def async_session(socket_path: str, calls: list[tuple[str, Any, Any]], lan
             check(method, reply, expected)
         for start in range(0, len(calls), 8):
             await asyncio.gather(*(one(call) for call in calls[start:start + 8]))
-    assert aio_pool.open_channels() == 0
+    assert aio_pool.open_connections() == 0
 
 
 def run_sessions(socket_path: str, total: int, *, first: int = 0, session: int = 200) -> int:

@@ -1,0 +1,299 @@
+"""The two lanes of a client, in one shape, and the choice between them.
+
+A client calls through a *lane*: the fast lane's connection
+(:class:`~vyra_base_ipc.ttrpc.AsyncConnection` /
+:class:`~vyra_base_ipc.ttrpc.SyncConnection`) or a gRPC channel wrapped in
+:class:`GrpcLane` / :class:`SyncGrpcLane`, which offer the same
+``call``/``stream``/``is_closed`` and raise the same errors. Which lane a
+call takes is decided (and recorded) by :class:`LaneChoice`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+import time
+from typing import Any, AsyncIterator, Awaitable, Iterator, Sequence, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from ._deadline import Deadline
+from .exceptions import IPCError, IPCTimeoutError, IPCUnavailableError, error_from_status
+from .methods import Method, MethodKind
+from .shared_buffer import ReceivedBuffers, SharedBuffer, inline_request
+
+__all__ = ['LANES', 'GrpcLane', 'LaneChoice', 'SyncGrpcLane']
+
+_T = TypeVar('_T')
+
+Metadata = Sequence[tuple[str, 'str | bytes']]
+
+#: The values of a client's ``lane``.
+LANES = ('auto', 'grpc', 'ttrpc')
+
+#: With lane='auto', how long a fast-lane socket that did not answer is left
+#: alone before it is tried again (a failed connect costs a system call and an
+#: exception on every call otherwise).
+FAST_LANE_RETRY_INTERVAL = 1.0
+
+# connect() proves that a gRPC server answers with one health check. Any
+# answer but UNAVAILABLE or DEADLINE_EXCEEDED will do: a server without the
+# health service still says UNIMPLEMENTED.
+_PROBE = Method(name='Check', path='/grpc.health.v1.Health/Check', kind=MethodKind.UNARY_UNARY,
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString)
+_PROBE_REQUEST = health_pb2.HealthCheckRequest()
+
+
+class LaneChoice:
+    """Which lane a client's calls take: the fast lane when ``lane`` is
+    ``'ttrpc'``, or ``'auto'`` and its socket answered (or was last tried
+    more than a second ago); gRPC otherwise.
+
+    :param lane: one of :data:`LANES`.
+    :raises ValueError: ``lane`` is not one of them.
+    """
+
+    __slots__ = ('lane', 'in_use', '_fast_retry_at')
+
+    def __init__(self, lane: str) -> None:
+        if lane not in LANES:
+            raise ValueError(f'lane must be one of {", ".join(LANES)}, not {lane!r}')
+        self.lane = lane
+        #: ``'ttrpc'`` or ``'grpc'``: the lane of the last call, None before.
+        self.in_use: str | None = None
+        self._fast_retry_at = 0.0
+
+    def fast_first(self) -> bool:
+        """Whether to try the fast lane now."""
+        return self.lane == 'ttrpc' or (self.lane == 'auto' and time.monotonic() >= self._fast_retry_at)
+
+    def fast_wait(self, deadline: Deadline | None, wait: bool) -> Deadline | None:
+        """Until when to wait for the fast lane's server. With lane='auto' a
+        server that is down is waited for on the gRPC lane (which waits for
+        it natively); the fast lane is tried once."""
+        return deadline if wait and self.lane == 'ttrpc' else None
+
+    def fast_unavailable(self, error: IPCUnavailableError) -> None:
+        """The fast lane's socket did not answer: use gRPC for a while.
+
+        :raises IPCUnavailableError: ``error``, with lane='ttrpc'.
+        """
+        if self.lane == 'ttrpc':
+            raise error
+        self._fast_retry_at = time.monotonic() + FAST_LANE_RETRY_INTERVAL
+
+    def took(self, lane: str, connection: _T) -> _T:
+        """Record that a call takes ``lane`` (``connection``)."""
+        self.in_use = lane
+        return connection
+
+
+class _GrpcLaneBase:
+    """What both gRPC lanes share: the channel's callables and the errors."""
+
+    def __init__(self, channel: Any, socket_path: Any, wait_for_ready: bool) -> None:
+        self._channel = channel
+        self.socket_path = socket_path
+        self.wait_for_ready = wait_for_ready
+        self._callables: dict[str, Any] = {}
+        self.is_closed = False
+
+    def _callable(self, method: Method) -> Any:
+        call = self._callables.get(method.path)
+        if call is None:
+            call = self._callables[method.path] = getattr(self._channel, method.kind.value)(
+                method.path, request_serializer=method.request_serializer,
+                response_deserializer=method.response_deserializer, _registered_method=True)
+        return call
+
+    def _socket_missing(self, method: str | None = None) -> IPCUnavailableError:
+        return IPCUnavailableError(
+            grpc.StatusCode.UNAVAILABLE,
+            f'socket {str(self.socket_path)!r} does not exist (is the IPC server running?)', method=method)
+
+    def _translate(self, error: grpc.RpcError, method: Method) -> IPCError:
+        code, details = error.code(), error.details() or ''
+        if code is grpc.StatusCode.UNAVAILABLE and not os.path.exists(self.socket_path):
+            return self._socket_missing(method.path)
+        return error_from_status(code, details, method=method.path)
+
+    def _probe_failed(self, error: grpc.RpcError, timeout: float) -> IPCUnavailableError | None:
+        """The error to raise for a failed probe; None if the server answered."""
+        code = error.code()
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return IPCUnavailableError(
+                grpc.StatusCode.UNAVAILABLE,
+                f'no server answered on {str(self.socket_path)!r} within {timeout:g} s')
+        if code is grpc.StatusCode.UNAVAILABLE:
+            if not os.path.exists(self.socket_path):
+                return self._socket_missing()
+            return IPCUnavailableError(
+                code, f'no server answers on {str(self.socket_path)!r} (stale socket file?): {error.details()}')
+        return None
+
+    def _check_probe(self, deadline: Deadline) -> float:
+        if not self.wait_for_ready and not os.path.exists(self.socket_path):
+            raise self._socket_missing()
+        return _remaining(deadline, None)
+
+    def _request(self, method: Method, request: Any, buffers: Sequence[SharedBuffer]) -> Any:
+        # Descriptors cannot travel on the gRPC lane: the buffers go inline.
+        return inline_request(method.path, method.kind.request_streaming, request, buffers) if buffers else request
+
+    def close(self) -> None:
+        self.is_closed = True
+
+
+def _remaining(deadline: Deadline | None, method: Method | None) -> float | None:
+    if deadline is None:
+        return None
+    remaining = deadline.remaining()
+    if remaining <= 0:
+        raise IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED, 'deadline exceeded',
+                              method=method.path if method else None)
+    return remaining
+
+
+class GrpcLane(_GrpcLaneBase):
+    """A grpc.aio channel in the shape of :class:`~vyra_base_ipc.ttrpc.AsyncConnection`."""
+
+    async def probe(self, deadline: Deadline) -> None:
+        """Make sure a server answers (one health check).
+
+        :raises IPCUnavailableError: it does not, in time.
+        """
+        timeout = self._check_probe(deadline)
+        try:
+            await self._callable(_PROBE)(_PROBE_REQUEST, timeout=timeout, wait_for_ready=self.wait_for_ready)
+        except grpc.RpcError as error:
+            failure = self._probe_failed(error, timeout or 0.0)
+            if failure is not None:
+                raise failure from None
+
+    async def call(self, method: Method, request: Any, *, timeout: Deadline, metadata: Metadata | None = None,
+                   buffers: Sequence[SharedBuffer] = (), return_buffers: bool = False) -> Any:
+        """As :meth:`AsyncConnection.call <vyra_base_ipc.ttrpc.AsyncConnection.call>`;
+        returned buffers are always empty (they come inline)."""
+        try:
+            response = await self._callable(method)(
+                self._request(method, request, buffers), timeout=_remaining(timeout, method),
+                metadata=metadata, wait_for_ready=self.wait_for_ready)
+        except grpc.RpcError as error:
+            raise self._translate(error, method) from None
+        return (response, ReceivedBuffers()) if return_buffers else response
+
+    async def stream(self, method: Method, request: Any, *, timeout: Deadline | None,
+                     metadata: Metadata | None = None, idle_timeout: float | None = None) -> AsyncIterator[Any]:
+        """As :meth:`AsyncConnection.stream <vyra_base_ipc.ttrpc.AsyncConnection.stream>`;
+        leaving early cancels the call."""
+        call = self._callable(method)(request, timeout=_remaining(timeout, method), metadata=metadata,
+                                      wait_for_ready=self.wait_for_ready)
+        try:
+            while True:
+                try:
+                    response = await (call.read() if idle_timeout is None
+                                      else _within(call.read(), idle_timeout))
+                except asyncio.TimeoutError:
+                    raise _idle_error(method, idle_timeout) from None  # type: ignore[arg-type]
+                if response is grpc.aio.EOF:
+                    return
+                yield response
+        except grpc.RpcError as error:
+            raise self._translate(error, method) from None
+        finally:
+            call.cancel()
+
+
+async def _within(awaitable: Awaitable[_T], seconds: float) -> _T:
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):  # no task per message, unlike wait_for
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
+
+
+def _idle_error(method: Method, idle_timeout: float) -> IPCTimeoutError:
+    return IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                           f'no message within the idle timeout of {idle_timeout:g} s', method=method.path)
+
+
+class SyncGrpcLane(_GrpcLaneBase):
+    """A blocking grpc channel in the shape of :class:`~vyra_base_ipc.ttrpc.SyncConnection`."""
+
+    def probe(self, deadline: Deadline) -> None:
+        """As :meth:`GrpcLane.probe`, blocking."""
+        timeout = self._check_probe(deadline)
+        try:
+            self._callable(_PROBE)(_PROBE_REQUEST, timeout=timeout, wait_for_ready=self.wait_for_ready)
+        except grpc.RpcError as error:
+            failure = self._probe_failed(error, timeout or 0.0)
+            if failure is not None:
+                raise failure from None
+
+    def call(self, method: Method, request: Any, *, timeout: Deadline, metadata: Metadata | None = None,
+             buffers: Sequence[SharedBuffer] = (), return_buffers: bool = False) -> Any:
+        """As :meth:`GrpcLane.call`, blocking."""
+        if method.kind.request_streaming:
+            request = iter(request)  # grpc's blocking stubs call next() on it: lists welcome
+        try:
+            response = self._callable(method)(
+                self._request(method, request, buffers), timeout=_remaining(timeout, method),
+                metadata=metadata, wait_for_ready=self.wait_for_ready)
+        except grpc.RpcError as error:
+            raise self._translate(error, method) from None
+        return (response, ReceivedBuffers()) if return_buffers else response
+
+    def stream(self, method: Method, request: Any, *, timeout: Deadline | None,
+               metadata: Metadata | None = None, idle_timeout: float | None = None) -> Iterator[Any]:
+        """As :meth:`GrpcLane.stream`, blocking."""
+        if method.kind.request_streaming:
+            request = iter(request)
+        call = self._callable(method)(request, timeout=_remaining(timeout, method), metadata=metadata,
+                                      wait_for_ready=self.wait_for_ready)
+        watch = None if idle_timeout is None else _IdleWatch(call, idle_timeout)
+        try:
+            for response in call:
+                if watch is not None:
+                    watch.message()
+                yield response
+        except grpc.RpcError as error:
+            if watch is not None and watch.expired:
+                raise _idle_error(method, idle_timeout) from None  # type: ignore[arg-type]
+            raise self._translate(error, method) from None
+        finally:
+            if watch is not None:
+                watch.stop()
+            call.cancel()
+
+
+class _IdleWatch:
+    """Cancels a blocking gRPC stream when no message came for ``seconds``
+    (grpc's iterator has no timeout of its own); one thread per stream."""
+
+    def __init__(self, call: Any, seconds: float) -> None:
+        self._call = call
+        self._seconds = seconds
+        self._arrived = threading.Event()
+        self._stopped = False
+        self.expired = False
+        threading.Thread(target=self._run, name='ipc-idle-watch', daemon=True).start()
+
+    def message(self) -> None:
+        self._arrived.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._arrived.set()
+
+    def _run(self) -> None:
+        while True:
+            if not self._arrived.wait(self._seconds):
+                self.expired = True
+                self._call.cancel()
+                return
+            if self._stopped:
+                return
+            self._arrived.clear()
