@@ -33,7 +33,9 @@ import yaml
 from . import module_service_pb2 as pb
 from . import module_service_pb2_grpc as pb_grpc
 from .address import validate_module_name
+from .exceptions import CommandError
 
+# CommandError is defined in .exceptions, importable from here too.
 __all__ = ['CommandError', 'ModuleService', 'command']
 
 CommandResult = Union[str, Awaitable[str]]
@@ -43,14 +45,6 @@ DataProvider = Callable[[], Union[DataItem, Awaitable[DataItem]]]
 _F = TypeVar('_F', bound=Callable[..., Any])
 
 _COMMAND_ATTRIBUTE = '_vyra_ipc_command'
-
-
-class CommandError(Exception):
-    """Raise from a command handler to answer with a chosen non-OK status."""
-
-    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def command(name: str | None = None) -> Callable[[_F], _F]:

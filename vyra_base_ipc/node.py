@@ -36,6 +36,7 @@ from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
+from .exceptions import ParameterError
 from .loop_thread import EventLoopThread
 from .module_service import ModuleService
 from .module_service_pb2_grpc import ModuleServiceServicer
@@ -43,7 +44,6 @@ from .node_parameters import (
     DECLARED_PARAMETERS,
     PARAMETERS,
     IPCServerConfig,
-    ParameterError,
     ParameterSpec,
     declare_ipc_parameters,
     load_servicer,

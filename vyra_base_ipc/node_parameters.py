@@ -27,9 +27,11 @@ from .address import (
     validate_socket_path,
 )
 from .busy_poll import DEFAULT_BUSY_POLL
+from .exceptions import ParameterError
 from .options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, validate_max_message_bytes
 from .payload import DEFAULT_SHARED_MEMORY_THRESHOLD, SharedMemoryOptions
 
+# ParameterError is defined in .exceptions, importable from here too.
 __all__ = [
     'DECLARED_PARAMETERS',
     'IPCServerConfig',
@@ -116,19 +118,6 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
 
 #: Names of :data:`PARAMETERS`.
 DECLARED_PARAMETERS: frozenset[str] = frozenset(spec.name for spec in PARAMETERS)
-
-
-class ParameterError(ValueError):
-    """Raised when a parameter of the IPC server is unusable.
-
-    :ivar parameter: the parameter's name.
-    :ivar reason: what is wrong with its value.
-    """
-
-    def __init__(self, parameter: str, reason: str) -> None:
-        self.parameter = parameter
-        self.reason = reason
-        super().__init__(f"parameter '{parameter}': {reason}")
 
 
 @dataclass(frozen=True)
