@@ -82,6 +82,7 @@ class BusyPoll:
 
     @property
     def enabled(self) -> bool:
+        """Whether waits poll at all (a window above 0)."""
         return self.seconds > 0.0
 
     def window(self) -> float:

@@ -44,6 +44,8 @@ class BusyPollSelector(selectors.DefaultSelector):
         self.busy_poll = busy_poll
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        """The ready keys and events, as :meth:`selectors.BaseSelector.select`;
+        polls first, as the class docstring says, unless ``timeout`` <= 0."""
         if timeout is not None and timeout <= 0:
             return super().select(timeout)
         return self.busy_poll.wait(self._ready_now, super().select, timeout)

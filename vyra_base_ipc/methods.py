@@ -38,14 +38,17 @@ class MethodKind(enum.Enum):
 
     @property
     def request_streaming(self) -> bool:
+        """Whether the client sends a stream of requests."""
         return self in (MethodKind.STREAM_UNARY, MethodKind.STREAM_STREAM)
 
     @property
     def response_streaming(self) -> bool:
+        """Whether the server answers with a stream of responses."""
         return self in (MethodKind.UNARY_STREAM, MethodKind.STREAM_STREAM)
 
     @classmethod
     def of(cls, request_streaming: bool, response_streaming: bool) -> 'MethodKind':
+        """The kind with these streaming directions."""
         return {
             (False, False): cls.UNARY_UNARY,
             (False, True): cls.UNARY_STREAM,

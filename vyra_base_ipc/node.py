@@ -246,7 +246,9 @@ class IPCServerHost:
 def host_ipc_server(node: Node, servicers: Iterable[Any] = ()) -> IPCServerHost:
     """Serve the module's IPC socket from inside ``node``'s process: declare the
     IPC server parameters on ``node``, read them, and start the server on its
-    own event-loop thread. Close the returned host in ``destroy_node()``::
+    own event-loop thread. Close the returned host in ``destroy_node()``.
+
+    For example::
 
         class MyModuleNode(Node):
             def __init__(self) -> None:
@@ -293,6 +295,7 @@ class IPCServerNode(Node):
         return self.host.start()
 
     def destroy_node(self) -> None:
+        """Close the IPC server host (:meth:`IPCServerHost.close`), then destroy the node."""
         self.host.close()
         super().destroy_node()
 

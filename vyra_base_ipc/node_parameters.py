@@ -62,6 +62,7 @@ class ParameterSpec:
     read_only: bool = True
 
     def descriptor(self) -> ParameterDescriptor:
+        """The ROS descriptor this parameter is declared with."""
         return ParameterDescriptor(name=self.name, type=self.type.value,
                                    description=self.description, read_only=self.read_only)
 
@@ -172,6 +173,8 @@ def _type_reason(spec: ParameterSpec, error: InvalidParameterTypeException) -> s
 
 
 def parameter_value(node: Node, name: str) -> Any:
+    """The value of ``node``'s parameter ``name``; ``None`` if it is declared
+    without a value."""
     try:
         return node.get_parameter(name).value
     except ParameterUninitializedException:

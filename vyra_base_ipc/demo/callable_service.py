@@ -49,6 +49,8 @@ class DemoModuleService(ModuleService):
 
     @command('callable')
     async def call_callable(self, parameters: dict[str, str]) -> str:
+        """Command ``callable``: the ROS 2 service's message, within
+        ``timeout`` seconds (the status codes are in the class docstring)."""
         timeout = float(parameters.get('timeout', self.DEFAULT_TIMEOUT))
         if not math.isfinite(timeout) or timeout <= 0:
             raise ValueError(f'timeout must be a finite number of seconds > 0, not {timeout}')

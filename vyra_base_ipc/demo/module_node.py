@@ -49,6 +49,8 @@ class DemoModuleNode(Node):
 
 
 def main(args: Sequence[str] | None = None) -> int:
+    """The ``demo_module_node`` command: spin the node until shutdown; exit
+    status 0."""
     rclpy.init(args=None if args is None else list(args))
     node: DemoModuleNode | None = None
     executor: SingleThreadedExecutor | None = None
