@@ -14,4 +14,5 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_ruff() -> None:
     result = subprocess.run([sys.executable, '-m', 'ruff', 'check', '--no-fix', '.'],
                             cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, f'ruff found problems:\n{result.stdout}{result.stderr}'
+    if result.returncode != 0:
+        pytest.fail(f'ruff found problems:\n{result.stdout}{result.stderr}', pytrace=False)
