@@ -24,8 +24,8 @@ grpc_version = '1.85.1'
 
 def generate_protos(output_dir: Path) -> None:
     """Compile every .proto under ``protos/`` into ``output_dir``."""
-    from grpc_tools import protoc  # a build requirement (pyproject.toml)
     import grpc_tools
+    from grpc_tools import protoc  # a build requirement (pyproject.toml)
 
     protos = sorted(str(p.relative_to(proto_root)) for p in proto_root.rglob('*.proto'))
     well_known = Path(grpc_tools.__file__).parent / '_proto'
@@ -50,17 +50,22 @@ class GenerateProtos(Command):
     user_options: list = []
 
     def initialize_options(self) -> None:
-        pass
+        """No options."""
 
     def finalize_options(self) -> None:
-        pass
+        """No options."""
 
     def run(self) -> None:
+        """Generate into the source tree."""
         generate_protos(here)
 
 
 class BuildPyWithProtos(build_py):
+    """``build_py`` that also generates the protobuf code: into the build
+    tree, or into the source tree for an editable install."""
+
     def run(self) -> None:
+        """Build the package, then generate its protobuf code."""
         super().run()
         if not self.editable_mode:
             generate_protos(Path(self.build_lib))
@@ -69,7 +74,10 @@ class BuildPyWithProtos(build_py):
 
 
 class DevelopWithProtos(develop):
+    """``develop`` that generates the protobuf code into the source tree first."""
+
     def run(self) -> None:
+        """Generate into the source tree, then install for development."""
         generate_protos(here)
         super().run()
 
@@ -77,7 +85,8 @@ class DevelopWithProtos(develop):
 setup(
     name=package_name,
     version='0.1.0',
-    packages=find_namespace_packages(include=['vyra_base_ipc', 'vyra_base_ipc.*', 'vyra_base', 'vyra_base.*']),
+    packages=find_namespace_packages(
+        include=['vyra_base_ipc', 'vyra_base_ipc.*', 'vyra_base', 'vyra_base.*']),
     package_data={package_name: ['py.typed']},
     data_files=[
         ('share/ament_index/resource_index/packages', [f'resource/{package_name}']),

@@ -191,6 +191,8 @@ def measure_busy_poll(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
+    """The child: measure the JSON spec in ``sys.argv[1]``, print the result
+    as one JSON line."""
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     print(json.dumps(measure_busy_poll(json.loads(sys.argv[1]))), flush=True)

@@ -79,6 +79,8 @@ def summarize_runs(key: str, spawned: list[float], marks: list[dict[str, float]]
 
 
 def main() -> None:
+    """The child: connect and call as the JSON spec in ``sys.argv[1]`` says,
+    print the time of each step as one JSON line."""
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     print(json.dumps(_measure(json.loads(sys.argv[1]))), flush=True)

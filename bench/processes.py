@@ -57,6 +57,7 @@ class BenchEnvironment:
         self._cpus = (set(cpus[:1]), set(cpus[1:])) if len(cpus) >= 2 else None
 
     def log(self, name: str) -> Path:
+        """The log file of the child process called ``name``."""
         return self.log_dir / f'{name}.log'
 
     @property
@@ -127,6 +128,9 @@ class Servers:
         return self.ready
 
     def stop(self) -> None:
+        """Close the servers' standard input (their signal to exit) and wait
+        for them, 10 s for all; one still running then gets SIGTERM, and
+        SIGKILL 5 s later."""
         for popen, _ in self._started.values():
             if popen.stdin is not None and not popen.stdin.closed:
                 popen.stdin.close()

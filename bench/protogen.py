@@ -20,15 +20,15 @@ def compile_bench_protos(output: Path) -> Path:
 
     :raises RuntimeError: if protoc fails.
     """
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     well_known = Path(grpc_tools.__file__).parent / '_proto'
     protos = sorted(str(path.relative_to(PROTO_ROOT)) for path in PROTO_ROOT.rglob('*.proto'))
     output.mkdir(parents=True, exist_ok=True)
     status = protoc.main(['grpc_tools.protoc', f'--proto_path={PROTO_ROOT}',
-                          f'--proto_path={PACKAGE_PROTOS}', f'--proto_path={well_known}', f'--python_out={output}',
-                          f'--grpc_python_out={output}', *protos])
+                          f'--proto_path={PACKAGE_PROTOS}', f'--proto_path={well_known}',
+                          f'--python_out={output}', f'--grpc_python_out={output}', *protos])
     if status != 0:
         raise RuntimeError(f'protoc failed with status {status} on {protos}')
     return output

@@ -178,7 +178,7 @@ def _shared_memory_lines(results: dict[str, Any]) -> list[str]:
             f"Zero-copy `SharedBuffer` of {size_label(row['bytes'])}: copied into shared memory once "
             f"in {row['copy_into_shared_memory_ms']:,.1f} ms, then a call passing it takes "
             f"{row['call_p50_ms']:,.2f} ms"
-            + (f" (inline on the gRPC lane: {inline:,.1f} ms)" if inline else '')
+            + (f' (inline on the gRPC lane: {inline:,.1f} ms)' if inline else '')
             + f"; the handler's view is backed by `{row['handler_backing'] or 'heap memory'}`.")
     return lines
 

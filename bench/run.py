@@ -26,7 +26,8 @@ import tempfile
 import time
 from typing import Any
 
-from .busypoll import BUSY_POLL_SERVERS, MODES as BUSY_POLL_MODES
+from .busypoll import BUSY_POLL_SERVERS
+from .busypoll import MODES as BUSY_POLL_MODES
 from .coldstart import COLD_START_CLIENTS, summarize_runs
 from .overhead import OVERHEAD_SERVERS
 from .payloads import LARGE_PAYLOAD, PAYLOAD_SIZES
@@ -344,6 +345,8 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m bench``: parse the options (``argv``, default
+    ``sys.argv[1:]``), run the benchmark and write its results."""
     parser = argparse.ArgumentParser(prog='python -m bench', description=__doc__.split('\n\n')[0])
     speed = parser.add_mutually_exclusive_group()
     speed.add_argument('--quick', action='store_true', help='fewer calls: under a minute')

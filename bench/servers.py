@@ -1,4 +1,6 @@
-"""The servers of the benchmark, each run as its own process::
+"""The servers of the benchmark.
+
+Each runs as its own process::
 
     python -m bench.servers socket PATH
     python -m bench.servers grpc PATH          # also listens on 127.0.0.1:<free port>
@@ -91,17 +93,17 @@ def _bench_modules() -> tuple[Any, Any]:
     return bench_pb2, bench_pb2_grpc
 
 
-def BenchEcho() -> Any:  # noqa: N802 - a class factory: the base class is generated
+def BenchEcho() -> Any:  # named as the class it makes: its base class is generated
     """A ``BenchServiceServicer`` whose ``Echo`` returns the request."""
     _, bench_pb2_grpc = _bench_modules()
 
     bench_pb2, _ = _bench_modules()
 
     class Echo(bench_pb2_grpc.BenchServiceServicer):  # type: ignore[name-defined]
-        async def Echo(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC name
+        async def Echo(self, request: Any, context: Any) -> Any:
             return request
 
-        async def Touch(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC name
+        async def Touch(self, request: Any, context: Any) -> Any:
             from vyra_base_ipc import shared_buffer
 
             from .zerocopy import backing_file
@@ -111,10 +113,10 @@ def BenchEcho() -> Any:  # noqa: N802 - a class factory: the base class is gener
                                          last_byte=view[-1] if len(view) else 0,
                                          backing=backing_file(view))
 
-        async def CpuTime(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC name
+        async def CpuTime(self, request: Any, context: Any) -> Any:
             return bench_pb2.CpuTimeReply(seconds=time.process_time())
 
-        async def Mirror(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC name
+        async def Mirror(self, request: Any, context: Any) -> Any:
             from vyra_base_ipc import attach_buffers, received_buffer
 
             received = received_buffer(request.data, context)
@@ -219,6 +221,7 @@ def serve_rclpy(service_name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m bench.servers KIND WHERE ...``, as the module docstring says."""
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] not in ('socket', 'grpc', 'ipc', 'rclpy') or len(args) < 2:
         sys.exit(__doc__)

@@ -124,6 +124,7 @@ class Transport:
     sizes: tuple[int, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """This transport as a JSON object (for the worker's spec and the results)."""
         return asdict(self)
 
 

@@ -70,6 +70,7 @@ def run_spec(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main() -> None:
+    """``python -m bench.worker SPEC``, as the module docstring says."""
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     print(json.dumps({'results': run_spec(json.loads(sys.argv[1]))}), flush=True)

@@ -116,6 +116,7 @@ def run(address: str, calls: int) -> list[dict[str, Any]]:
 
 
 def main() -> None:
+    """``python -m bench.zerocopy SPEC``, as the module docstring says."""
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     spec = json.loads(sys.argv[1])

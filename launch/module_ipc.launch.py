@@ -18,6 +18,7 @@ from launch_ros.substitutions import FindPackageShare
 
 
 def generate_launch_description() -> LaunchDescription:
+    """The module's node and its ``ipc_server``, as the module docstring says."""
     module_name = LaunchConfiguration('module_name')
     namespace = LaunchConfiguration('namespace')
     ipc_server_config = PathJoinSubstitution(

@@ -9,23 +9,31 @@ Public surface::
     from vyra_base_ipc import IPCServer, IPCHandler, SyncIPCHandler, ModuleService
     from vyra_base_ipc import SharedBuffer, shared_buffer, attach_buffers   # zero-copy buffers
     vyra_base_ipc.run(server.serve())      # asyncio.run() on a loop that busy-polls before it sleeps
+    from vyra_base_ipc import IPCError, ...   # every exception, defined in vyra_base_ipc.exceptions
 """
 
 from .address import MAX_SOCKET_PATH_BYTES, default_socket_path, resolve_socket_path
 from .busy_poll import DEFAULT_BUSY_POLL
 from .client import IPCHandler, SyncIPCHandler
+from .event_loop import new_event_loop, run
 from .exceptions import (
+    CommandError,
+    ForkedProcessError,
     IPCError,
     IPCRemoteError,
     IPCTimeoutError,
     IPCUnavailableError,
+    ParameterError,
+    ServiceCallTimeout,
+    ServiceUnavailable,
+    SharedMemoryError,
     SocketInUseError,
+    TooLargeError,
 )
-from .event_loop import new_event_loop, run
-from .fork_safety import ForkedProcessError
-from .module_service import CommandError, ModuleService, command
+from .module_service import ModuleService, command
 from .options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT
-from .payload import SharedMemoryError, SharedMemoryOptions
+from .payload import SharedMemoryOptions
+from .server import IPCServer
 from .shared_buffer import (
     ReceivedBuffers,
     SharedBuffer,
@@ -34,7 +42,6 @@ from .shared_buffer import (
     received_buffer,
     shared_buffer,
 )
-from .server import IPCServer
 
 __all__ = [
     'CommandError',
@@ -51,13 +58,17 @@ __all__ = [
     'IPCUnavailableError',
     'MAX_SOCKET_PATH_BYTES',
     'ModuleService',
+    'ParameterError',
     'ReceivedBuffers',
+    'ServiceCallTimeout',
+    'ServiceUnavailable',
     'SharedBuffer',
     'SharedBufferRef',
     'SharedMemoryError',
     'SharedMemoryOptions',
     'SocketInUseError',
     'SyncIPCHandler',
+    'TooLargeError',
     'attach_buffers',
     'command',
     'default_socket_path',

@@ -82,6 +82,7 @@ class BusyPoll:
 
     @property
     def enabled(self) -> bool:
+        """Whether waits poll at all (a window above 0)."""
         return self.seconds > 0.0
 
     def window(self) -> float:
@@ -124,11 +125,12 @@ class BusyPoll:
             if result:
                 self.slept(time.perf_counter() - started)
             return result
-        cut_short = timeout is not None and timeout < window
-        result = poll_for(attempt, timeout if cut_short else window)  # type: ignore[arg-type]
-        if result is not None:
+        seconds = window if timeout is None else min(timeout, window)
+        cut_short = seconds < window
+        polled = poll_for(attempt, seconds)
+        if polled is not None:
             self.found()
-            return result
+            return polled
         if not cut_short:  # a wait ended by its timeout says nothing of the next
             self.missed()
         if timeout is not None:

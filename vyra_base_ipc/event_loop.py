@@ -30,7 +30,7 @@ __all__ = ['BusyPollSelector', 'new_event_loop', 'run']
 _T = TypeVar('_T')
 
 
-class BusyPollSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class BusyPollSelector(selectors.DefaultSelector):
     """The platform's default selector (epoll on Linux), polling for up to
     the :class:`~vyra_base_ipc.busy_poll.BusyPoll` window before a
     :meth:`select` that may block sleeps.
@@ -44,6 +44,8 @@ class BusyPollSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-ty
         self.busy_poll = busy_poll
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        """The ready keys and events, as :meth:`selectors.BaseSelector.select`;
+        polls first, as the class docstring says, unless ``timeout`` <= 0."""
         if timeout is not None and timeout <= 0:
             return super().select(timeout)
         return self.busy_poll.wait(self._ready_now, super().select, timeout)
@@ -90,7 +92,7 @@ def run(main: Coroutine[Any, Any, _T], *, busy_poll: float = DEFAULT_BUSY_POLL,
         return runner.run(main)
 
 
-class _LoopFactoryPolicy(asyncio.DefaultEventLoopPolicy):  # type: ignore[misc,valid-type]
+class _LoopFactoryPolicy(asyncio.DefaultEventLoopPolicy):
     def __init__(self, busy_poll: float) -> None:
         super().__init__()
         self._busy_poll = busy_poll

@@ -1,10 +1,26 @@
-"""Exceptions raised by the IPC clients.
+"""Every exception this package raises on purpose, importable from
+:mod:`vyra_base_ipc` (and from the modules that raise them).
 
-Every failed call raises an :class:`IPCError` subclass that keeps the gRPC
-status code and details, so callers can tell *handle* (server down, too slow)
-from *fix* (the server said no). Misuse of the API (wrong argument types,
-unknown method names, malformed paths) raises :class:`ValueError` or
-:class:`TypeError` instead, never an :class:`IPCError`.
+- A failed call raises an :class:`IPCError` subclass that keeps the gRPC
+  status code and details, so callers can tell *handle* from *fix*:
+  :class:`IPCUnavailableError` and :class:`IPCTimeoutError` (server down, too
+  slow: retry later, or report) from :class:`IPCRemoteError` (the server said
+  no: usually a bug to fix). Calls of ROS 2 services from asyncio code
+  (:mod:`vyra_base_ipc.ros_bridge`) fail the same way:
+  :class:`ServiceUnavailable`, :class:`ServiceCallTimeout`.
+- Setting up fails with :class:`SocketInUseError` (an :class:`OSError`),
+  :class:`ForkedProcessError` (a :class:`RuntimeError`: fix how the process
+  is started) or :class:`ParameterError` (a :class:`ValueError`: fix the
+  parameter).
+- Shared memory that cannot be created, or a received buffer that is refused,
+  raises :class:`SharedMemoryError`.
+- :class:`CommandError` is raised by *your* command handlers, to answer a
+  :class:`~vyra_base_ipc.module_service.ModuleService` command with a chosen
+  status.
+
+Misuse of the API (wrong argument types, unknown method names, malformed
+paths) raises :class:`ValueError` or :class:`TypeError`, never an
+:class:`IPCError`.
 """
 
 from __future__ import annotations
@@ -15,17 +31,27 @@ import os
 import grpc
 
 __all__ = [
+    'CommandError',
+    'ForkedProcessError',
     'IPCError',
     'IPCRemoteError',
     'IPCTimeoutError',
     'IPCUnavailableError',
+    'ParameterError',
+    'ServiceCallTimeout',
+    'ServiceUnavailable',
+    'SharedMemoryError',
     'SocketInUseError',
+    'TooLargeError',
     'error_from_status',
 ]
 
 
+# -- failed calls ---------------------------------------------------------------------
+
+
 class IPCError(Exception):
-    """Base class of every error of an IPC call.
+    """Raised when an IPC call failed; the base class of the errors of calls.
 
     :ivar code: the gRPC status code of the failure.
     :ivar details: the status details, as sent by the server or the transport.
@@ -39,7 +65,7 @@ class IPCError(Exception):
         where = f'{method}: ' if method else ''
         super().__init__(f'{where}{code.name}: {details}')
 
-    def for_method(self, method: str) -> 'IPCError':
+    def for_method(self, method: str) -> IPCError:
         """This error if it names its method, else a copy naming ``method``
         (a broken connection fails every call on it with one error)."""
         if self.method is not None:
@@ -75,12 +101,76 @@ def error_from_status(code: grpc.StatusCode, details: str, *, method: str | None
     return IPCRemoteError(code, details, method=method)
 
 
+class ServiceUnavailable(IPCUnavailableError):
+    """Raised when no server of a ROS 2 service appeared before the call's
+    deadline (:mod:`vyra_base_ipc.ros_bridge`); the request was not sent.
+    Its code is UNAVAILABLE; the details name the service."""
+
+
+class ServiceCallTimeout(IPCTimeoutError):
+    """Raised when a ROS 2 service did not answer before the call's deadline
+    (:mod:`vyra_base_ipc.ros_bridge`); the request was withdrawn. Its code is
+    DEADLINE_EXCEEDED; the details name the service."""
+
+
+# -- setting up ----------------------------------------------------------------------
+
+
 class SocketInUseError(OSError):
     """Raised by :meth:`IPCServer.start` when a live server already listens on
     the socket path; that server keeps its socket."""
 
-    def __init__(self, path: 'os.PathLike[str] | str') -> None:
+    def __init__(self, path: os.PathLike[str] | str) -> None:
         super().__init__(
             errno.EADDRINUSE,
             'another server is listening on this socket path; refusing to take it over',
             os.fspath(path))
+
+
+class ForkedProcessError(RuntimeError):
+    """Raised when IPC is used in a child forked from a process that had
+    already used gRPC. Start such processes with multiprocessing's ``spawn``
+    or ``forkserver`` method, or create clients and servers before any gRPC
+    use in the parent."""
+
+
+class ParameterError(ValueError):
+    """Raised when a parameter of the IPC server is unusable.
+
+    :ivar parameter: the parameter's name.
+    :ivar reason: what is wrong with its value.
+    """
+
+    def __init__(self, parameter: str, reason: str) -> None:
+        self.parameter = parameter
+        self.reason = reason
+        super().__init__(f"parameter '{parameter}': {reason}")
+
+
+# -- shared memory -------------------------------------------------------------------
+
+
+class SharedMemoryError(Exception):
+    """Raised when a shared-memory buffer cannot be created, or a received
+    one is refused (missing, not sealed, wrong size, not a memfd). The
+    message names the buffer and what was wrong."""
+
+
+class TooLargeError(SharedMemoryError):
+    """Raised when a received message or buffer in shared memory is larger
+    than the receiver accepts (answered RESOURCE_EXHAUSTED, like an inline one)."""
+
+
+# -- raised by command handlers ------------------------------------------------------
+
+
+class CommandError(Exception):
+    """Raised by a command handler (your code) to answer the command with a
+    chosen non-OK status instead of INTERNAL.
+
+    :ivar code: the status the command answers with (``status_code``).
+    """
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION) -> None:
+        super().__init__(message)
+        self.code = code

@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import os
 
+from .exceptions import ForkedProcessError
+
+# ForkedProcessError is defined in .exceptions, importable from here too.
 __all__ = ['ForkedProcessError', 'ensure_usable_after_fork', 'note_grpc_used']
 
 _used = False
 _inherited = False
-
-
-class ForkedProcessError(RuntimeError):
-    """Raised when IPC is used in a child forked from a process that had
-    already used gRPC. Start such processes with multiprocessing's ``spawn``
-    or ``forkserver`` method, or create clients and servers before any gRPC
-    use in the parent."""
 
 
 def note_grpc_used() -> None:

@@ -64,6 +64,7 @@ class EventLoopThread:
 
     @property
     def is_running(self) -> bool:
+        """Whether the loop runs: started and not stopped."""
         return self._loop is not None and not self._stopped
 
     def in_loop_thread(self) -> bool:

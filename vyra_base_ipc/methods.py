@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import enum
 import functools
 import importlib
-import inspect
 from types import ModuleType
 from typing import Any, Callable, Mapping
 
@@ -39,14 +38,17 @@ class MethodKind(enum.Enum):
 
     @property
     def request_streaming(self) -> bool:
+        """Whether the client sends a stream of requests."""
         return self in (MethodKind.STREAM_UNARY, MethodKind.STREAM_STREAM)
 
     @property
     def response_streaming(self) -> bool:
+        """Whether the server answers with a stream of responses."""
         return self in (MethodKind.UNARY_STREAM, MethodKind.STREAM_STREAM)
 
     @classmethod
     def of(cls, request_streaming: bool, response_streaming: bool) -> 'MethodKind':
+        """The kind with these streaming directions."""
         return {
             (False, False): cls.UNARY_UNARY,
             (False, True): cls.UNARY_STREAM,
@@ -87,13 +89,13 @@ class _RecordingChannel:
 
 
 @functools.lru_cache(maxsize=None)
-def stub_methods(stub_class: type) -> Mapping[str, Method]:
+def stub_methods(stub_class: type[Any]) -> Mapping[str, Method]:
     """Return ``{method name: Method}`` for a generated ``*Stub`` class.
 
     :raises TypeError: if ``stub_class`` is not a class that builds its methods
         from a channel as grpcio-generated stubs do.
     """
-    if not inspect.isclass(stub_class):
+    if not isinstance(stub_class, type):
         raise TypeError(f'service_stub must be a generated *Stub class, not {stub_class!r}')
     recorder = _RecordingChannel()
     try:

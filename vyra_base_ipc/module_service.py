@@ -33,7 +33,9 @@ import yaml
 from . import module_service_pb2 as pb
 from . import module_service_pb2_grpc as pb_grpc
 from .address import validate_module_name
+from .exceptions import CommandError
 
+# CommandError is defined in .exceptions, importable from here too.
 __all__ = ['CommandError', 'ModuleService', 'command']
 
 CommandResult = Union[str, Awaitable[str]]
@@ -43,14 +45,6 @@ DataProvider = Callable[[], Union[DataItem, Awaitable[DataItem]]]
 _F = TypeVar('_F', bound=Callable[..., Any])
 
 _COMMAND_ATTRIBUTE = '_vyra_ipc_command'
-
-
-class CommandError(Exception):
-    """Raise from a command handler to answer with a chosen non-OK status."""
-
-    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def command(name: str | None = None) -> Callable[[_F], _F]:
@@ -94,6 +88,7 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
 
     @property
     def commands(self) -> tuple[str, ...]:
+        """The names of the registered commands, sorted."""
         return tuple(sorted(self._commands))
 
     def register_command(self, name: str, handler: CommandHandler) -> None:
@@ -118,10 +113,13 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
 
     @command('ping')
     async def ping(self, parameters: dict[str, str]) -> str:
+        """Command ``ping``: answers ``pong``."""
         return 'pong'
 
     @command('status')
     async def status(self, parameters: dict[str, str]) -> str:
+        """Command ``status``: the module name, uptime in seconds, whether a
+        configuration was loaded, and the commands, as a JSON object."""
         return json.dumps(self._status_object(), sort_keys=True)
 
     async def on_initialize(self, config: dict[str, Any]) -> None:
@@ -130,7 +128,11 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
 
     # -- RPC handlers ---------------------------------------------------------------
 
-    async def Initialize(self, request: pb.InitRequest, context: Any) -> pb.InitResponse:
+    async def Initialize(self, request: pb.InitRequest,
+                         context: grpc.aio.ServicerContext[Any, Any]) -> pb.InitResponse:
+        """Load the YAML or JSON file at ``config_path`` into :attr:`config`
+        and call :meth:`on_initialize`; a failure is reported in the response
+        and keeps the old configuration."""
         try:
             path, config = await asyncio.to_thread(_load_config, request.config_path)
             await self.on_initialize(config)
@@ -141,7 +143,10 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
         self.config, self.config_path = config, path
         return pb.InitResponse(success=True, message=f'loaded {len(config)} keys from {path}')
 
-    async def ExecuteCommand(self, request: pb.CommandRequest, context: Any) -> pb.CommandResponse:
+    async def ExecuteCommand(self, request: pb.CommandRequest,
+                             context: grpc.aio.ServicerContext[Any, Any]) -> pb.CommandResponse:
+        """Run the handler of ``command`` with ``parameters``; its outcome is
+        in ``status_code`` (see the module docstring), never an RPC error."""
         handler = self._commands.get(request.command)
         if handler is None:
             return pb.CommandResponse(
@@ -159,7 +164,12 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
                                       result=f'{request.command} failed: {error!r}')
         return pb.CommandResponse(status_code=0, result=str(result))
 
-    async def GetData(self, request: pb.DataRequest, context: Any) -> pb.DataResponse:
+    async def GetData(self, request: pb.DataRequest,
+                      context: grpc.aio.ServicerContext[Any, Any]) -> pb.DataResponse:
+        """Return the data item ``key`` (see :meth:`register_data`).
+
+        :raises grpc.aio.AbortError: (status NOT_FOUND) for an unknown key.
+        """
         provider = self._data.get(request.key)
         if provider is None:
             await context.abort(

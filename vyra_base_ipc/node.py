@@ -36,6 +36,7 @@ from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
+from .exceptions import ParameterError
 from .loop_thread import EventLoopThread
 from .module_service import ModuleService
 from .module_service_pb2_grpc import ModuleServiceServicer
@@ -43,7 +44,6 @@ from .node_parameters import (
     DECLARED_PARAMETERS,
     PARAMETERS,
     IPCServerConfig,
-    ParameterError,
     ParameterSpec,
     declare_ipc_parameters,
     load_servicer,
@@ -246,7 +246,9 @@ class IPCServerHost:
 def host_ipc_server(node: Node, servicers: Iterable[Any] = ()) -> IPCServerHost:
     """Serve the module's IPC socket from inside ``node``'s process: declare the
     IPC server parameters on ``node``, read them, and start the server on its
-    own event-loop thread. Close the returned host in ``destroy_node()``::
+    own event-loop thread. Close the returned host in ``destroy_node()``.
+
+    For example::
 
         class MyModuleNode(Node):
             def __init__(self) -> None:
@@ -293,6 +295,7 @@ class IPCServerNode(Node):
         return self.host.start()
 
     def destroy_node(self) -> None:
+        """Close the IPC server host (:meth:`IPCServerHost.close`), then destroy the node."""
         self.host.close()
         super().destroy_node()
 

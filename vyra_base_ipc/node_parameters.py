@@ -27,9 +27,11 @@ from .address import (
     validate_socket_path,
 )
 from .busy_poll import DEFAULT_BUSY_POLL
+from .exceptions import ParameterError
 from .options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, validate_max_message_bytes
 from .payload import DEFAULT_SHARED_MEMORY_THRESHOLD, SharedMemoryOptions
 
+# ParameterError is defined in .exceptions, importable from here too.
 __all__ = [
     'DECLARED_PARAMETERS',
     'IPCServerConfig',
@@ -60,6 +62,7 @@ class ParameterSpec:
     read_only: bool = True
 
     def descriptor(self) -> ParameterDescriptor:
+        """The ROS descriptor this parameter is declared with."""
         return ParameterDescriptor(name=self.name, type=self.type.value,
                                    description=self.description, read_only=self.read_only)
 
@@ -118,19 +121,6 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
 DECLARED_PARAMETERS: frozenset[str] = frozenset(spec.name for spec in PARAMETERS)
 
 
-class ParameterError(ValueError):
-    """Raised when a parameter of the IPC server is unusable.
-
-    :ivar parameter: the parameter's name.
-    :ivar reason: what is wrong with its value.
-    """
-
-    def __init__(self, parameter: str, reason: str) -> None:
-        self.parameter = parameter
-        self.reason = reason
-        super().__init__(f"parameter '{parameter}': {reason}")
-
-
 @dataclass(frozen=True)
 class IPCServerConfig:
     """The checked parameter values of one IPC server."""
@@ -183,6 +173,8 @@ def _type_reason(spec: ParameterSpec, error: InvalidParameterTypeException) -> s
 
 
 def parameter_value(node: Node, name: str) -> Any:
+    """The value of ``node``'s parameter ``name``; ``None`` if it is declared
+    without a value."""
     try:
         return node.get_parameter(name).value
     except ParameterUninitializedException:

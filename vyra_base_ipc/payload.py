@@ -34,6 +34,10 @@ import threading
 from typing import Any, Iterable
 import warnings
 
+from .exceptions import SharedMemoryError, TooLargeError
+
+# SharedMemoryError and TooLargeError are defined in .exceptions, importable
+# from here too.
 __all__ = [
     'DEFAULT_MAX_SHARED_MEMORY_BYTES',
     'DEFAULT_SHARED_MEMORY_THRESHOLD',
@@ -127,17 +131,6 @@ def usable_options(options: SharedMemoryOptions | None) -> SharedMemoryOptions |
 
 
 _warned: list[bool] = []
-
-
-class SharedMemoryError(Exception):
-    """Raised when a shared-memory buffer cannot be created, or a received
-    one is refused (missing, not sealed, wrong size, not a memfd). The
-    message names the buffer and what was wrong."""
-
-
-class TooLargeError(SharedMemoryError):
-    """Raised when a received message or buffer in shared memory is larger
-    than the receiver accepts (answered RESOURCE_EXHAUSTED, like an inline one)."""
 
 
 _availability: list[str | None] = []

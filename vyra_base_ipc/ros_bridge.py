@@ -19,19 +19,16 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import grpc
 from rclpy.client import Client
 from rclpy.qos import HistoryPolicy
 from rclpy.task import Future as RosFuture
 
+from .exceptions import ServiceCallTimeout, ServiceUnavailable
+
+# ServiceCallTimeout and ServiceUnavailable are defined in .exceptions,
+# importable from here too.
 __all__ = ['ServiceCallTimeout', 'ServiceCaller', 'ServiceUnavailable', 'call_service']
-
-
-class ServiceUnavailable(RuntimeError):
-    """Raised when no server for the ROS 2 service appeared before the deadline."""
-
-
-class ServiceCallTimeout(TimeoutError):
-    """Raised when the ROS 2 service did not answer before the deadline."""
 
 
 async def call_service(client: Client[Any, Any], request: Any, timeout: float, *,
@@ -57,6 +54,7 @@ async def call_service(client: Client[Any, Any], request: Any, timeout: float, *
         while not client.service_is_ready():
             if loop.time() >= give_up:
                 raise ServiceUnavailable(
+                    grpc.StatusCode.UNAVAILABLE,
                     f'ROS 2 service {client.service_name} is not available (waited {timeout:g} s)')
             await asyncio.sleep(min(0.02, max(0.0, give_up - loop.time())))
     answer: asyncio.Future[Any] = loop.create_future()
@@ -74,6 +72,7 @@ async def call_service(client: Client[Any, Any], request: Any, timeout: float, *
         return await asyncio.wait_for(answer, max(0.0, give_up - loop.time()))
     except asyncio.TimeoutError:
         raise ServiceCallTimeout(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
             f'ROS 2 service {client.service_name} did not answer within {timeout:g} s') from None
     finally:
         if not ros_future.done():
@@ -114,6 +113,7 @@ class ServiceCaller:
             await asyncio.wait_for(self._slots.acquire(), timeout)
         except asyncio.TimeoutError:
             raise ServiceCallTimeout(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
                 f'ROS 2 service {self.client.service_name}: {self.max_in_flight} calls in flight, '
                 f'none finished within {timeout:g} s') from None
         try:

@@ -129,6 +129,7 @@ class SharedBuffer:
 
     @property
     def closed(self) -> bool:
+        """Whether this object no longer holds its memfd (closed, or handed over)."""
         return self._fd < 0
 
     def fileno(self) -> int:
@@ -190,15 +191,15 @@ class SharedBuffer:
 
 
 class ReceivedBuffers(Mapping[int, SharedBuffer]):
-    """The explicit buffers that arrived with one message, by handle.
+    r"""The explicit buffers that arrived with one message, by handle.
 
-    They close when this object is garbage-collected or :meth:`close`\\ d;
+    They close when this object is garbage-collected or :meth:`close`\ d;
     views taken from them stay valid as long as they are referenced.
     """
 
     __slots__ = ('_buffers',)
 
-    def __init__(self, buffers: Mapping[int, SharedBuffer] = {}) -> None:  # noqa: B006 (copied)
+    def __init__(self, buffers: Mapping[int, SharedBuffer] = {}) -> None:
         self._buffers = dict(buffers)
 
     def __getitem__(self, handle: int) -> SharedBuffer:
@@ -281,7 +282,9 @@ def received_buffer(ref: Any, source: Any = None) -> SharedBuffer:
 def attach_buffers(context: Any, response: Any, *buffers: SharedBuffer) -> Any:
     """Answer with ``buffers`` (:class:`SharedBuffer` objects, made here or
     received): call it on the response a unary handler returns, whose
-    ``SharedBufferRef`` fields name them::
+    ``SharedBufferRef`` fields name them.
+
+    For example::
 
         with SharedBuffer.copy_from(mask_array) as mask:
             return attach_buffers(context, DetectReply(mask=mask.ref), mask)

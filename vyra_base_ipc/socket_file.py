@@ -150,7 +150,7 @@ class SocketFile:
         except FileNotFoundError:
             return False
         if (info.st_dev, info.st_ino) != identity:
-            _logger.warning('not removing %s: it is no longer this server\'s socket', self.path)
+            _logger.warning("not removing %s: it is no longer this server's socket", self.path)
             return False
         try:
             os.unlink(self.path)

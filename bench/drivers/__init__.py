@@ -1,10 +1,18 @@
 """Client drivers: one per kind of client the benchmark measures.
 
-A driver opens its client against the addresses of the running servers, and
-turns a payload into a *call*: a function (sync drivers) or coroutine function
-(async drivers) without arguments that makes one round trip and returns the
-reply's payload length. :meth:`roundtrip` returns the reply's bytes, to check
-once per row that the payload came back intact.
+Every driver class has the same interface (documented here once):
+
+- ``Driver(addresses, transport)``: a client for the running servers'
+  ``addresses``, as the ``transport`` (a JSON object) describes it.
+- ``asynchronous``: ``True`` for async drivers, whose ``open``, ``close``
+  and ``roundtrip`` and calls are coroutine functions; ``False`` for sync
+  drivers.
+- ``open()``, ``close()``: connect the client, and disconnect it.
+- ``echo(payload)``: the *call* for ``payload``: a function (sync drivers) or
+  coroutine function (async drivers) without arguments that makes one round
+  trip and returns the reply's payload length.
+- ``roundtrip(payload)``: one round trip; returns the reply's bytes, to check
+  once per row that the payload came back intact.
 """
 
 from __future__ import annotations

@@ -99,9 +99,14 @@ class Child:
             print(f'[{self.name}] {line}', end='', flush=True)
 
     def running(self) -> bool:
+        """Whether the process has not exited yet."""
         return self.popen.poll() is None
 
     def wait(self, timeout: float) -> int:
+        """Wait for the process to exit; its exit code.
+
+        :raises subprocess.TimeoutExpired: still running after ``timeout`` s.
+        """
         code = self.popen.wait(timeout=timeout)
         self._printer.join(timeout=2)
         return code
@@ -125,6 +130,8 @@ class Child:
 
 
 def wait_serving(server: Child, socket_path: Path, timeout: float) -> bool:
+    """Whether a server answers on ``socket_path`` within ``timeout`` s; False
+    at once if ``server`` exits first."""
     deadline = time.monotonic() + timeout
     while not is_listening(socket_path):
         if not server.running() or time.monotonic() > deadline:
@@ -134,6 +141,8 @@ def wait_serving(server: Child, socket_path: Path, timeout: float) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vyra_base_ipc.demo``, as the module docstring says; the
+    exit status."""
     parser = argparse.ArgumentParser(description='Run the VYRA IPC demo module the ROS 2 way.')
     parser.add_argument('--module-name', default='demo')
     parser.add_argument('--socket-path', default='',
@@ -167,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(options: argparse.Namespace, env: dict[str, str], socket_path: Path,
         ipc_args: list[str], remap: list[str]) -> int:
+    """Start the nodes and the frontend, stop the nodes, check how they
+    ended; the exit status (0: everything as it should be)."""
     children: list[Child] = []
     frontend_code: int | None = None
     try:

@@ -12,6 +12,8 @@ from vyra_base_ipc.demo.backend_service import BackendService
 
 
 def main(args: Sequence[str] | None = None) -> int:
+    """The ``demo_backend`` command (``args``: default ``sys.argv[1:]``); the
+    exit status, 1 if the socket cannot be served."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--socket-path', help='socket to serve on (default: from VYRA_IPC_SOCKET '
                         'or the module name)')

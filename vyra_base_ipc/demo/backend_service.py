@@ -20,8 +20,10 @@ class BackendService(backend_grpc.BackendServiceServicer):
         self._started = time.monotonic()
 
     def GetStatus(self, request: backend_pb.StatusRequest, context: Any) -> backend_pb.StatusResponse:
+        """``running``, and the seconds since this servicer was created."""
         return backend_pb.StatusResponse(status='running', uptime_seconds=time.monotonic() - self._started)
 
     def ProcessData(self, request: module_pb.DataRequest, context: Any) -> module_pb.DataResponse:
+        """``data`` upper-cased, under the request's ``key``."""
         return module_pb.DataResponse(key=request.key, result=request.data.upper(),
                                       content_type='application/octet-stream')

@@ -15,8 +15,9 @@ from typing import Any
 import grpc
 from std_srvs.srv import Trigger
 
-from vyra_base_ipc.module_service import CommandError, ModuleService, command
-from vyra_base_ipc.ros_bridge import ServiceCallTimeout, ServiceCaller, ServiceUnavailable
+from vyra_base_ipc.exceptions import CommandError, ServiceCallTimeout, ServiceUnavailable
+from vyra_base_ipc.module_service import ModuleService, command
+from vyra_base_ipc.ros_bridge import ServiceCaller
 
 __all__ = ['DemoModuleService']
 
@@ -48,6 +49,8 @@ class DemoModuleService(ModuleService):
 
     @command('callable')
     async def call_callable(self, parameters: dict[str, str]) -> str:
+        """Command ``callable``: the ROS 2 service's message, within
+        ``timeout`` seconds (the status codes are in the class docstring)."""
         timeout = float(parameters.get('timeout', self.DEFAULT_TIMEOUT))
         if not math.isfinite(timeout) or timeout <= 0:
             raise ValueError(f'timeout must be a finite number of seconds > 0, not {timeout}')
@@ -55,10 +58,8 @@ class DemoModuleService(ModuleService):
             raise CommandError('not hosted by a ROS 2 node', grpc.StatusCode.FAILED_PRECONDITION)
         try:
             response = await self._callable.call(Trigger.Request(), timeout)
-        except ServiceUnavailable as error:
-            raise CommandError(str(error), grpc.StatusCode.UNAVAILABLE) from None
-        except ServiceCallTimeout as error:
-            raise CommandError(str(error), grpc.StatusCode.DEADLINE_EXCEEDED) from None
+        except (ServiceUnavailable, ServiceCallTimeout) as error:  # UNAVAILABLE, DEADLINE_EXCEEDED
+            raise CommandError(error.details, error.code) from None
         if not response.success:
             raise CommandError(response.message, grpc.StatusCode.ABORTED)
         return str(response.message)

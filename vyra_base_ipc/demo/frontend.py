@@ -41,6 +41,8 @@ async def call_callable_concurrently(module: IPCHandler, calls: int) -> None:
 
 async def print_latency(socket_path: str | None, module_name: str | None, calls: int,
                         namespace: str) -> None:
+    """Print the p50 of ``calls`` sequential ``ping`` commands over IPC and of
+    as many calls of the ROS 2 ``callable`` service in ``namespace``."""
     from vyra_base_ipc.demo.latency import ipc_round_trips, p50, ros_round_trips
 
     ipc = p50(await ipc_round_trips(resolve_socket_path(socket_path, module_name=module_name),
@@ -53,6 +55,11 @@ async def print_latency(socket_path: str | None, module_name: str | None, calls:
 
 async def run(socket_path: str | None, module_name: str | None, *, callable_calls: int = 0,
               latency_calls: int = 0, namespace: str = '') -> None:
+    """Call the demo module and print the answers, as the module docstring says.
+
+    :raises IPCError: a call failed.
+    :raises RuntimeError: a ``callable`` command did not succeed.
+    """
     async with IPCHandler(socket_path, backend_grpc.BackendServiceStub, module_name=module_name,
                           timeout=2.0) as backend, \
             IPCHandler(socket_path, module_grpc.ModuleServiceStub, module_name=module_name,
@@ -86,6 +93,8 @@ async def run(socket_path: str | None, module_name: str | None, *, callable_call
 
 
 def main(args: Sequence[str] | None = None) -> int:
+    """The ``demo_frontend`` command (``args``: default ``sys.argv[1:]``); the
+    exit status, 1 if a call failed."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--socket-path')
     parser.add_argument('--module-name', default=None)

@@ -6,7 +6,7 @@ node's namespace). Runs until SIGINT, SIGTERM or ROS shutdown, then exits 0.
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from typing import Any, Sequence
 
 from rcl_interfaces.msg import ParameterDescriptor
 import rclpy
@@ -28,8 +28,8 @@ DECLARED_PARAMETERS = frozenset({'module_name'})
 class DemoModuleNode(Node):
     """Answers ``callable`` with ``success=True`` and which call it was."""
 
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__('demo_module', **kwargs)  # type: ignore[arg-type]
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__('demo_module', **kwargs)
         self.module_name: str = self.declare_parameter(
             'module_name', 'demo',
             ParameterDescriptor(description='Name of the VYRA module this node belongs to.',
@@ -49,6 +49,8 @@ class DemoModuleNode(Node):
 
 
 def main(args: Sequence[str] | None = None) -> int:
+    """The ``demo_module_node`` command: spin the node until shutdown; exit
+    status 0."""
     rclpy.init(args=None if args is None else list(args))
     node: DemoModuleNode | None = None
     executor: SingleThreadedExecutor | None = None
