@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, AsyncIterator, Awaitable, Iterator, Sequence, TypeVar
+from typing import Any, AsyncGenerator, Awaitable, Iterator, Sequence, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -132,17 +132,20 @@ class _GrpcLaneBase:
             if not os.path.exists(self.socket_path):
                 return self._socket_missing()
             return IPCUnavailableError(
-                code, f'no server answers on {str(self.socket_path)!r} (stale socket file?): {error.details()}')
+                code,
+                f'no server answers on {str(self.socket_path)!r} (stale socket file?): {error.details()}')
         return None
 
     def _check_probe(self, deadline: Deadline) -> float:
         if not self.wait_for_ready and not os.path.exists(self.socket_path):
             raise self._socket_missing()
-        return _remaining(deadline, None)
+        return _remaining(deadline, None) or 0.0
 
     def _request(self, method: Method, request: Any, buffers: Sequence[SharedBuffer]) -> Any:
         # Descriptors cannot travel on the gRPC lane: the buffers go inline.
-        return inline_request(method.path, method.kind.request_streaming, request, buffers) if buffers else request
+        if not buffers:
+            return request
+        return inline_request(method.path, method.kind.request_streaming, request, buffers)
 
     def close(self) -> None:
         self.is_closed = True
@@ -174,7 +177,8 @@ class GrpcLane(_GrpcLaneBase):
             if failure is not None:
                 raise failure from None
 
-    async def call(self, method: Method, request: Any, *, timeout: Deadline, metadata: Metadata | None = None,
+    async def call(self, method: Method, request: Any, *, timeout: Deadline | None,
+                   metadata: Metadata | None = None,
                    buffers: Sequence[SharedBuffer] = (), return_buffers: bool = False) -> Any:
         """As :meth:`AsyncConnection.call <vyra_base_ipc.ttrpc.AsyncConnection.call>`;
         returned buffers are always empty (they come inline)."""
@@ -187,7 +191,8 @@ class GrpcLane(_GrpcLaneBase):
         return (response, ReceivedBuffers()) if return_buffers else response
 
     async def stream(self, method: Method, request: Any, *, timeout: Deadline | None,
-                     metadata: Metadata | None = None, idle_timeout: float | None = None) -> AsyncIterator[Any]:
+                     metadata: Metadata | None = None, idle_timeout: float | None = None
+                     ) -> AsyncGenerator[Any, None]:
         """As :meth:`AsyncConnection.stream <vyra_base_ipc.ttrpc.AsyncConnection.stream>`;
         leaving early cancels the call."""
         call = self._callable(method)(request, timeout=_remaining(timeout, method), metadata=metadata,
@@ -233,7 +238,8 @@ class SyncGrpcLane(_GrpcLaneBase):
             if failure is not None:
                 raise failure from None
 
-    def call(self, method: Method, request: Any, *, timeout: Deadline, metadata: Metadata | None = None,
+    def call(self, method: Method, request: Any, *, timeout: Deadline | None,
+             metadata: Metadata | None = None,
              buffers: Sequence[SharedBuffer] = (), return_buffers: bool = False) -> Any:
         """As :meth:`GrpcLane.call`, blocking."""
         if method.kind.request_streaming:

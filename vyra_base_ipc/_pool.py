@@ -48,31 +48,31 @@ class Pool(Generic[_T]):
         self._owner = owner
         self._make_lock = make_lock
         self._lock = threading.Lock()
-        self._entries: dict[Hashable, dict[Hashable, Entry[_T]]] = {}
+        self._entries: dict[Hashable, dict[tuple[int, Hashable], Entry[_T]]] = {}
 
     def _current(self) -> tuple[object, Hashable]:
         """The current owner and what its entries are filed under."""
         owner = self._owner()
         return owner, (owner if isinstance(owner, int) else ('loop', id(owner)))
 
-    def acquire(self, key: Hashable) -> tuple[Hashable, Entry[_T]]:
+    def acquire(self, key: Hashable) -> tuple[tuple[int, Hashable], Entry[_T]]:
         """Count one more user of the connection for ``key`` of the current
         owner; return the key to release it with, and its entry."""
         owner, filed = self._current()
-        key = (os.getpid(), key)
+        mine = (os.getpid(), key)
         with self._lock:
             entries = self._entries.get(filed)
             if entries is None:
                 entries = self._entries[filed] = {}
                 if not isinstance(owner, int):  # an event loop: its entries go with it
                     weakref.finalize(owner, self._entries.pop, filed, None)
-            entry = entries.get(key)
+            entry = entries.get(mine)
             if entry is None:
-                entry = entries[key] = Entry(self._make_lock())
+                entry = entries[mine] = Entry(self._make_lock())
             entry.users += 1
-        return key, entry
+        return mine, entry
 
-    def release(self, key: Hashable) -> _T | None:
+    def release(self, key: tuple[int, Hashable]) -> _T | None:
         """Count one user less (of the current owner); return the connection
         to close if that was the last user (never one of a parent process)."""
         with self._lock:
@@ -84,14 +84,14 @@ class Pool(Generic[_T]):
             if entry.users > 0:
                 return None
             del entries[key]
-        return entry.connection if key[0] == os.getpid() else None  # type: ignore[index]
+        return entry.connection if key[0] == os.getpid() else None
 
     def open_connections(self) -> int:
         """How many connections the current owner holds open (for leak checks)."""
-        pid = os.getpid()
+        mine = os.getpid()
         with self._lock:
             entries = self._entries.get(self._current()[1], {})
-            return sum(1 for key, entry in entries.items() if key[0] == pid  # type: ignore[index]
+            return sum(1 for (pid, _), entry in entries.items() if pid == mine
                        and entry.connection is not None and not getattr(entry.connection, 'is_closed', False))
 
 

@@ -25,14 +25,31 @@ import contextlib
 import enum
 import os
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar, Union
+from typing import (
+    Any,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Protocol,
+    Sequence,
+    TypeVar,
+    Union,
+)
 
 import grpc
 
 from ._deadline import Deadline
 from ._lanes import LANES, GrpcLane, LaneChoice, SyncGrpcLane
 from ._pool import aio_pool, aio_ttrpc_pool, sync_pool, sync_ttrpc_pool
-from .address import StrPath, default_ttrpc_socket_path, grpc_target, resolve_socket_path, validate_socket_path
+from .address import (
+    StrPath,
+    default_ttrpc_socket_path,
+    grpc_target,
+    resolve_socket_path,
+    validate_socket_path,
+)
 from .busy_poll import DEFAULT_BUSY_POLL, validate_busy_poll
 from .exceptions import IPCTimeoutError, IPCUnavailableError
 from .fork_safety import ensure_usable_after_fork, note_grpc_used
@@ -246,7 +263,10 @@ class _ClientBase:
 
 
 class IPCHandler(_ClientBase):
-    """Asyncio client of a module's IPC server, as documented for VYRA::
+    """Asyncio client of a module's IPC server, as documented for VYRA.
+
+    ::
+
 
         ipc = IPCHandler(socket_path='/tmp/my_module_ipc.sock', service_stub=BackendServiceStub)
         await ipc.connect()
@@ -563,7 +583,8 @@ class SyncIPCHandler(_ClientBase):
 
     def stream_method(self, method: str, request: Any, *, timeout: float | None | _Default = DEFAULT,
                       idle_timeout: float | None = None, metadata: Metadata | None = None,
-                      wait_for_ready: bool | None = None, parent: ServerContext | None = None) -> Iterator[Any]:
+                      wait_for_ready: bool | None = None, parent: ServerContext | None = None
+                      ) -> Iterator[Any]:
         """Call a response-streaming method; iterate over its responses.
 
         Deadline, ``idle_timeout``, leaving early and errors as

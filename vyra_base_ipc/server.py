@@ -29,8 +29,8 @@ from .options import (
     server_options,
     validate_max_message_bytes,
 )
-from .request_guard import guard_handlers
 from .payload import SharedMemoryOptions
+from .request_guard import guard_handlers
 from .socket_file import SocketFile
 from .ttrpc import TtrpcServer
 
@@ -177,6 +177,7 @@ class IPCServer:
 
     @property
     def is_serving(self) -> bool:
+        """Whether the server is up: started and not stopping."""
         return self._state is _State.SERVING
 
     # -- lifecycle ------------------------------------------------------------------

@@ -5,11 +5,11 @@ call. ttrpc (https://github.com/containerd/ttrpc, ``PROTOCOL.md``) keeps the
 gRPC service definitions and protobuf messages but frames them with a 10-byte
 header made for local, reliable connections. This package speaks it:
 
-- :class:`TtrpcServer` serves the servicers registered for gRPC (their
-  :class:`~vyra_base_ipc.methods.ServiceRegistration`\\ s), unchanged, on a
+- :class:`TtrpcServer` serves the servicers registered for gRPC (each a
+  :class:`~vyra_base_ipc.methods.ServiceRegistration`), unchanged, on a
   second socket;
-- :class:`AsyncConnection` and :class:`SyncConnection` call
-  :class:`~vyra_base_ipc.methods.Method`\\ s over one connection each, with
+- :class:`AsyncConnection` and :class:`SyncConnection` call methods (each a
+  :class:`~vyra_base_ipc.methods.Method`) over one connection each, with
   the deadlines, metadata and errors of the gRPC lane.
 
 Independent implementations interoperate: containerd's Go client (Debian's

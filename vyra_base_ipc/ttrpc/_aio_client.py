@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncGenerator, AsyncIterator, Callable, Sequence
 import warnings
-
-import grpc
 
 from .._deadline import Deadline, Timeout, deadline_of
 from ..address import StrPath
@@ -348,7 +346,7 @@ class AsyncConnection:
 
     async def stream(self, method: Method, request: Any, *, timeout: Timeout = None,
                      metadata: Metadata | None = None, idle_timeout: float | None = None
-                     ) -> AsyncIterator[Any]:
+                     ) -> AsyncGenerator[Any, None]:
         """Call a response-streaming method (``unary_stream`` or
         ``stream_stream``); iterate over its responses.
 

@@ -14,8 +14,8 @@ import collections
 import os
 from typing import Any, Callable, Sequence, Union
 
-import grpc
 from google.protobuf.message import DecodeError
+import grpc
 
 from .._deadline import Deadline
 from ..address import StrPath, validate_socket_path
@@ -156,7 +156,8 @@ def serialize(method: Method, message: Any, limit: int) -> bytes:
 
 def deserialize(method: Method, payload: bytes | memoryview) -> Any:
     deserialize = method.response_deserializer
-    return deserialize(payload) if deserialize is not None else payload
+    # Protobuf parses any buffer: a view of shared memory is not copied first.
+    return deserialize(payload) if deserialize is not None else payload  # type: ignore[arg-type]
 
 
 def check_kind(method: Method, response_streaming: bool) -> None:
@@ -296,8 +297,8 @@ class Outcome:
 def message_size(item: Item) -> int | None:
     """The size of the message a data item carries (for flow control), or
     ``None`` if it carries none."""
-    if item.__class__ is Frame and item.type == _DATA and not item.flags & FLAG_NO_DATA:  # type: ignore[union-attr]
-        return len(item.data)  # type: ignore[union-attr]
+    if item.__class__ is Frame and item.type == _DATA and not item.flags & FLAG_NO_DATA:
+        return len(item.data)
     return None
 
 
@@ -423,7 +424,7 @@ class ClientCore:
         stream_id = item.stream_id
         routed: Item = item
         if item.__class__ is Frame:
-            frame: Frame = item  # type: ignore[assignment]
+            frame: Frame = item
             if frame.flags & FLAG_SHARED_MEMORY:
                 if self.offered is None:
                     return 'shared memory from a server that was not offered it'

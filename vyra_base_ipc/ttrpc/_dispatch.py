@@ -116,9 +116,9 @@ def _status_after_return(context: ServicerContext) -> tuple[int, str] | None:
     if context._abort is not None:
         code, details = context._abort
         return number(code), details
-    code = context._code
-    if code is not None and code is not grpc.StatusCode.OK:
-        return number(code), context._details or ''
+    set_code = context._code
+    if set_code is not None and set_code is not grpc.StatusCode.OK:
+        return number(set_code), context._details or ''
     return None
 
 
@@ -510,7 +510,8 @@ class Call:
             else:
                 connection.send(encode_frame(self.stream_id, _RESPONSE, flags, encode_ok_response(data)), fds)
         if code != _OK:
-            connection.send(encode_frame(self.stream_id, _RESPONSE, 0, encode_response(code, details, payload)))
+            connection.send(encode_frame(self.stream_id, _RESPONSE, 0,
+                                         encode_response(code, details, payload)))
         self._end(end)
 
     def _end_stream(self) -> None:

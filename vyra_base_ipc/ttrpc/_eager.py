@@ -40,7 +40,11 @@ def start_task(coroutine: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventL
         raise
     except BaseException as error:
         return _done(loop, error=error)
-    return loop.create_task(_Continued(coroutine, yielded), context=context)
+    if sys.version_info >= (3, 11):
+        return loop.create_task(_Continued(coroutine, yielded), context=context)
+    # Python 3.10: a task runs in a copy of the context current when it is
+    # made, which here is the one the first step ran in.
+    return context.run(loop.create_task, _Continued(coroutine, yielded))
 
 
 def _done(loop: asyncio.AbstractEventLoop, result: Any = None,
@@ -53,7 +57,7 @@ def _done(loop: asyncio.AbstractEventLoop, result: Any = None,
     return future
 
 
-class _Continued(collections.abc.Coroutine):  # type: ignore[type-arg]
+class _Continued(collections.abc.Coroutine):
     """A started coroutine, for a task to drive on: its first step returns
     what the coroutine yielded when it suspended (the future it waits for).
     A task cancelled before that step throws into the coroutine all the same."""

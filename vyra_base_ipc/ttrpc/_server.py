@@ -33,8 +33,8 @@ import socket
 import time
 from typing import Any, Callable, Iterable
 
-import grpc
 from google.protobuf.message import DecodeError
+import grpc
 
 from ..address import StrPath, validate_socket_path
 from ..methods import ServiceRegistration
@@ -124,7 +124,7 @@ class ServerConnection(FramedConnection):
 
     def frame_received(self, item: Frame | OversizedFrame) -> None:
         if item.__class__ is OversizedFrame:
-            details = oversized_message(item.length, item.limit)  # type: ignore[union-attr]
+            details = oversized_message(item.length, item.limit)
             call = self.calls.get(item.stream_id)
             if call is not None:
                 call.fail(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
@@ -192,7 +192,8 @@ class ServerConnection(FramedConnection):
         shared = frame.flags & FLAG_SHARED_MEMORY
         if shared:
             # First, whatever else is wrong: the frame's descriptors must be claimed in order.
-            resolved = self._resolve(stream_id, payload, f'the request of /{request.service}/{request.method}')
+            what = f'the request of /{request.service}/{request.method}'
+            resolved = self._resolve(stream_id, payload, what)
             if resolved is None:
                 return
             payload, buffers = resolved
