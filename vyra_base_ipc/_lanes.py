@@ -117,7 +117,11 @@ class _GrpcLaneBase:
 
     def _translate(self, error: grpc.RpcError, method: Method) -> IPCError:
         code, details = error.code(), error.details() or ''
-        if code is grpc.StatusCode.UNAVAILABLE and not os.path.exists(self.socket_path):
+        # gRPC's own word for a connection that could not be made names no
+        # reason; a missing socket file is the usual one. (A server's own
+        # UNAVAILABLE, e.g. while it shuts down, keeps its details.)
+        if (code is grpc.StatusCode.UNAVAILABLE and details.startswith('failed to connect')
+                and not os.path.exists(self.socket_path)):
             return self._socket_missing(method.path)
         return error_from_status(code, details, method=method.path)
 

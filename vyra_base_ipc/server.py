@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ._grpc_streams import OpenStreams
 from .address import (
     StrPath,
     default_ttrpc_socket_path,
@@ -131,6 +132,7 @@ class IPCServer:
         self._socket_group = group
         self._socket = SocketFile(self.socket_path, group=group, **self._socket_options)
         self._ttrpc: TtrpcServer | None = None
+        self._open_streams = OpenStreams()
         self._services: list[ServiceRegistration] = []
         self._state = _State.NEW
         self._server: grpc.aio.Server | None = None
@@ -301,7 +303,7 @@ class IPCServer:
 
     def _add_services(self, server: grpc.aio.Server) -> None:
         for registration in self._services:
-            handlers = guard_handlers(registration.name, registration.handlers)
+            handlers = self._open_streams.track(guard_handlers(registration.name, registration.handlers))
             server.add_generic_rpc_handlers(
                 (grpc.method_handlers_generic_handler(registration.name, handlers),))
             server.add_registered_method_handlers(registration.name, handlers)
@@ -319,6 +321,7 @@ class IPCServer:
         assert self._server is not None and self._health is not None
         try:
             await self._health.enter_graceful_shutdown()
+            self._open_streams.end_all()
             await asyncio.gather(self._server.stop(grace),
                                  *([self._ttrpc.stop(grace)] if self._ttrpc is not None else []))
         finally:

@@ -34,6 +34,7 @@ from vyra_base_ipc.demo.backend_service import BackendService
 from vyra_ipc_test import echo_pb2, echo_pb2_grpc
 
 from mappings import mapping_of
+from watch_service import WatchService
 
 
 class EchoService(echo_pb2_grpc.EchoServiceServicer):
@@ -153,7 +154,7 @@ def main() -> None:
             kwargs['shared_memory'] = SharedMemoryOptions(**shared)
     server = IPCServer(
         options.socket_path,
-        servicers=[EchoService(), ModuleService('test_module'), BackendService()],
+        servicers=[EchoService(), WatchService(), ModuleService('test_module'), BackendService()],
         grace_period=options.grace_period,
         max_workers=options.max_workers,
         maximum_concurrent_rpcs=options.maximum_concurrent_rpcs,

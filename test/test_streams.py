@@ -1,0 +1,351 @@
+"""Streams and cancellation on both lanes, with both clients, against a real
+server process: a call the client leaves is cancelled on the server, a slow
+consumer holds the producer back, a greedy handler does not hold up other
+connections, a stream may live without deadline, and a stopping server ends
+its streams at once."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import pytest
+
+from conftest import ServerProcess, wait_for
+from vyra_base_ipc import IPCHandler, IPCTimeoutError, IPCUnavailableError, SyncIPCHandler
+
+LANES = ['ttrpc', 'grpc']
+#: How an async generator handler ends when its client leaves: cancelled while
+#: it awaited something, closed while it had yielded (as grpc.aio does it).
+LEFT = ('cancelled', 'closed')
+#: grpc.aio runs a def handler's generator in its thread pool and, when the
+#: client leaves, neither closes it (it waits for garbage collection) nor
+#: runs its add_callback callbacks (only a unary def handler's); such a
+#: handler has no is_active() there either. The fast lane does all three.
+GRPC_DEF_STREAMS = pytest.mark.xfail(
+    strict=True, reason='grpc.aio does not end a def stream handler whose client left (README: known limits)')
+HANDLERS = [('Watch', LEFT), ('WatchSync', 'inactive')]
+HANDLER_LANES = [pytest.param(lane, method, how,
+                              marks=GRPC_DEF_STREAMS if (lane, method) == ('grpc', 'WatchSync') else ())
+                 for lane in LANES for method, how in HANDLERS]
+tags = (f'tag-{number}' for number in itertools.count())
+
+
+async def eventually(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """``wait_for`` for async tests: the event loop keeps running meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f'timed out after {timeout} s waiting for {what}')
+        await asyncio.sleep(0.01)
+
+
+class Reports:
+    """The server's WatchService reports, fetched over a connection of their own."""
+
+    def __init__(self, server: ServerProcess, echo: Any) -> None:
+        self.echo = echo
+        self.client = SyncIPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane='grpc', timeout=10)
+        self.client.connect()
+
+    def __call__(self, tag: str) -> Any:
+        return self.client.call_method('Report', self.echo.pb.WatchRequest(tag=tag))
+
+    def ended(self, tag: str, how: str | tuple[str, ...]) -> Callable[[], bool]:
+        def check() -> bool:
+            report = self(tag)
+            assert not report.ended or report.how in ((how,) if isinstance(how, str) else how), report
+            return report.ended
+        return check
+
+
+@pytest.fixture
+def reports(server: ServerProcess, echo: Any) -> Any:
+    reports = Reports(server, echo)
+    yield reports
+    reports.client.disconnect()
+
+
+def watch(echo: Any, tag: str, **fields: Any) -> Any:
+    return echo.pb.WatchRequest(tag=tag, **fields)
+
+
+# -- leaving early ------------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('lane, method, how', HANDLER_LANES)
+async def test_leaving_a_stream_early_stops_its_handler_async_client(
+        server: ServerProcess, echo: Any, reports: Reports, lane: str, method: str, how: str) -> None:
+    tag = next(tags)
+    async with IPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane) as ipc:
+        async for event in ipc.stream_method(method, watch(echo, tag)):  # endless, never awaiting
+            if event.index == 2:
+                break
+        await eventually(reports.ended(tag, how), 5, f'{method} to end')
+        report = reports(tag)
+        assert report.callback_ran
+        # Nothing more is sent once the handler ended: the count stays.
+        assert reports(tag).sent == report.sent
+        assert (await ipc.call_method('Report', watch(echo, tag))).ended
+
+
+@pytest.mark.parametrize('lane, method, how', HANDLER_LANES)
+def test_leaving_a_stream_early_stops_its_handler_sync_client(
+        server: ServerProcess, echo: Any, reports: Reports, lane: str, method: str, how: str) -> None:
+    tag = next(tags)
+    with SyncIPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane) as ipc:
+        for event in ipc.stream_method(method, watch(echo, tag)):
+            if event.index == 2:
+                break
+        wait_for(reports.ended(tag, how), 5, f'{method} to end')
+        assert reports(tag).callback_ran
+        assert ipc.call_method('Report', watch(echo, tag)).ended
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('lane', LANES)
+async def test_leaving_a_bidirectional_stream_cancels_its_handler(
+        server: ServerProcess, echo: Any, reports: Reports, lane: str) -> None:
+    tag = next(tags)
+    gate = asyncio.Event()
+
+    async def requests() -> Any:
+        yield watch(echo, tag, index=0)
+        await gate.wait()  # the request stream stays open
+    async with IPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane) as ipc:
+        responses = ipc.stream_method('Converse', requests())
+        assert (await responses.__anext__()).index == 0
+        await responses.aclose()
+        # On the gRPC lane the handler's read may see the end of the request
+        # stream before its task is cancelled: it then ends as finished.
+        await eventually(reports.ended(tag, LEFT if lane == 'ttrpc' else (*LEFT, 'finished')), 10,
+                         'Converse to end')
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('lane', LANES)
+async def test_cancelling_the_task_of_a_unary_call_cancels_its_handler(
+        server: ServerProcess, echo: Any, reports: Reports, lane: str) -> None:
+    tag = next(tags)
+    async with IPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane, timeout=30) as ipc:
+        call = asyncio.ensure_future(ipc.call_method('Hold', watch(echo, tag)))
+        await eventually(lambda: reports(tag).started, 10, 'Hold to start')
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await eventually(reports.ended(tag, 'cancelled'), 10, 'Hold to be cancelled')
+
+
+def test_a_deadline_passing_cancels_a_sync_stream_on_the_server(
+        server: ServerProcess, echo: Any, reports: Reports) -> None:
+    tag = next(tags)
+    with SyncIPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane='ttrpc') as ipc:
+        with pytest.raises(IPCTimeoutError):
+            for _ in ipc.stream_method('Watch', watch(echo, tag, count=1, hold=True), timeout=0.3):
+                pass
+        wait_for(reports.ended(tag, 'cancelled'), 10, 'Watch to be cancelled')
+
+
+@pytest.mark.asyncio
+async def test_leaving_a_stream_early_then_calling_again_200_times(server: ServerProcess, echo: Any) -> None:
+    """The test that used to wait behind the abandoned stream, 200 times over."""
+    async with IPCHandler(server.socket_path, echo.Stub) as ipc:
+        for attempt in range(200):
+            async for reply in ipc.stream_method('Count', echo.pb.CountRequest(count=1_000_000)):
+                break
+            assert reply.index == 0
+            text = f'next {attempt}'
+            assert (await ipc.call_method('Echo', echo.pb.EchoRequest(text=text), timeout=5)).text == text
+            assert ipc.lane_in_use == 'ttrpc'
+
+
+# -- fairness and flow control ------------------------------------------------------------------
+
+@pytest.mark.parametrize('lane', LANES)
+def test_a_greedy_stream_does_not_hold_up_calls_on_other_connections(
+        server: ServerProcess, echo: Any, reports: Reports, lane: str) -> None:
+    """A handler yielding a million messages without awaiting anything else,
+    read as fast as a client can: calls on another connection are answered
+    while it runs (they used to wait until it ended)."""
+    tag = next(tags)
+    leave = threading.Event()
+    read: list[int] = []
+
+    def greedy() -> None:
+        with SyncIPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane, timeout=120) as ipc:
+            for event in ipc.stream_method('Watch', watch(echo, tag, count=1_000_000)):
+                read.append(event.index)
+                if leave.is_set():
+                    break
+    reader = threading.Thread(target=greedy)
+    reader.start()
+    try:
+        wait_for(lambda: len(read) > 1000, 30, 'the greedy stream to flow')
+
+        async def other_client() -> int:
+            async with IPCHandler(server.socket_path, echo.Stub, lane=lane, timeout=30) as ipc:
+                for index in range(50):
+                    assert (await ipc.call_method('Echo', echo.pb.EchoRequest(text=str(index)))).text == str(index)
+            return len(read)
+        read_meanwhile = asyncio.run(other_client())
+        # All 50 answered while the stream was still being produced.
+        assert not reports(tag).ended and read_meanwhile < 1_000_000
+    finally:
+        leave.set()
+        reader.join(60)
+    wait_for(reports.ended(tag, LEFT), 10, 'the greedy stream to be cancelled')
+
+
+@pytest.mark.parametrize('lane', LANES)
+def test_a_slow_consumer_keeps_the_servers_memory_flat_and_gets_every_message(
+        server: ServerProcess, echo: Any, reports: Reports, lane: str) -> None:
+    """100,000 messages of 1 KiB (100 MiB in all) to a consumer that stops
+    ten times: the server holds back instead of buffering what is not read."""
+    tag = next(tags)
+    count, size = 100_000, 1024
+    baseline = reports('nothing').rss_bytes
+    peak = 0
+    with SyncIPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane, timeout=300) as ipc:
+        expected = 0
+        for event in ipc.stream_method('Watch', watch(echo, tag, count=count, size=size)):
+            assert event.index == expected and len(event.payload) == size
+            expected += 1
+            if expected % (count // 10) == 0:
+                time.sleep(0.3)  # the slow consumer: a producer not held back would run ahead now
+                peak = max(peak, reports(tag).rss_bytes)
+    assert expected == count
+    assert peak - baseline < 32 << 20, f'server grew by {(peak - baseline) >> 20} MiB'
+
+
+@pytest.mark.asyncio
+async def test_a_handler_that_does_not_read_holds_back_the_request_stream(
+        server: ServerProcess, echo: Any, reports: Reports) -> None:
+    """Flow control of request streams: the client's sender waits while the
+    handler does not read, and everything arrives in order once it does."""
+    tag = next(tags)
+    pulled = 0
+    total, held_at = 20_000, 10
+
+    def requests() -> Any:
+        nonlocal pulled
+        for index in range(total):
+            pulled += 1
+            yield watch(echo, tag, index=index, count=held_at, payload=b'r' * 1024)
+    async with IPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane='ttrpc', timeout=60) as ipc:
+        call = asyncio.ensure_future(ipc.call_method('Absorb', requests()))
+        await eventually(lambda: reports(tag).taken == held_at, 10, 'the handler to take its first requests')
+        connection = ipc._fast
+        # The sender stops once it used up the window the server granted.
+        await eventually(lambda: any(stream.credit is not None and stream.credit.credit <= 0
+                                     for stream in connection._protocol.core.streams.values()
+                                     if hasattr(stream, 'credit')), 10, 'the sender to run out of credit')
+        assert pulled * (1024 + 64) < 4 << 20  # one window (1 MiB), not all 20 MiB
+        await ipc.call_method('Release', watch(echo, tag))
+        answer = await call
+    assert (answer.index, answer.in_order) == (total, True)
+
+
+# -- long-lived streams -------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('lane', LANES)
+async def test_a_stream_without_deadline_outlives_the_default_timeout_and_ends_when_left(
+        server: ServerProcess, echo: Any, reports: Reports, lane: str) -> None:
+    tag = next(tags)
+    async with IPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane, timeout=0.3) as ipc:
+        first = None
+        async for event in ipc.stream_method('Watch', watch(echo, tag, interval=0.02), timeout=None):
+            first = event.sent_at if first is None else first
+            if event.sent_at - first > 1.0:  # over three default deadlines
+                break
+        await eventually(reports.ended(tag, 'cancelled'), 10, 'the watch to end')
+
+
+def test_a_sync_stream_without_deadline_outlives_the_default_timeout(
+        server: ServerProcess, echo: Any, reports: Reports) -> None:
+    tag = next(tags)
+    with SyncIPCHandler(server.socket_path, echo.grpc.WatchServiceStub, timeout=0.3) as ipc:
+        first = None
+        for event in ipc.stream_method('Watch', watch(echo, tag, interval=0.02), timeout=None):
+            first = event.sent_at if first is None else first
+            if event.sent_at - first > 1.0:
+                break
+        wait_for(reports.ended(tag, 'cancelled'), 10, 'the watch to end')
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('lane', LANES)
+async def test_idle_timeout_fails_a_stream_whose_messages_stop(
+        server: ServerProcess, echo: Any, reports: Reports, lane: str) -> None:
+    tag = next(tags)
+    async with IPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane) as ipc:
+        received = []
+        with pytest.raises(IPCTimeoutError, match='idle timeout of 0.3 s'):
+            async for event in ipc.stream_method('Watch', watch(echo, tag, count=3, hold=True),
+                                                 timeout=None, idle_timeout=0.3):
+                received.append(event.index)
+        assert received == [0, 1, 2]
+        await eventually(reports.ended(tag, 'cancelled'), 10, 'the idle watch to be cancelled')
+
+
+@pytest.mark.parametrize('lane', LANES)
+def test_idle_timeout_of_a_sync_stream(server: ServerProcess, echo: Any, reports: Reports, lane: str) -> None:
+    tag = next(tags)
+    with SyncIPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane) as ipc:
+        received = []
+        with pytest.raises(IPCTimeoutError, match='idle timeout of 0.3 s'):
+            for event in ipc.stream_method('Watch', watch(echo, tag, count=3, hold=True), timeout=None,
+                                           idle_timeout=0.3):
+                received.append(event.index)
+        assert received == [0, 1, 2]
+        wait_for(reports.ended(tag, 'cancelled'), 10, 'the idle watch to be cancelled')
+
+
+def test_idle_timeout_is_for_streams_only_and_checked(server: ServerProcess, echo: Any) -> None:
+    with SyncIPCHandler(server.socket_path, echo.Stub) as ipc:
+        with pytest.raises(TypeError):
+            ipc.call_method('Echo', echo.pb.EchoRequest(), idle_timeout=1)  # type: ignore[call-arg]
+        with pytest.raises(ValueError, match='idle_timeout'):
+            list(ipc.stream_method('Count', echo.pb.CountRequest(count=1), idle_timeout=0))
+
+
+# -- shutdown -----------------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('lane', LANES)
+async def test_sigterm_with_50_open_watches_ends_them_at_once_and_exits(
+        start_server: Callable[..., ServerProcess], socket_path: Any, echo: Any, lane: str) -> None:
+    grace = 5.0
+    server = start_server(socket_path, '--grace-period', str(grace))
+    reports = Reports(server, echo)
+    outcomes: list[BaseException | None] = []
+
+    async def follow(ipc: IPCHandler, tag: str) -> None:
+        try:
+            async for _ in ipc.stream_method('Watch', watch(echo, tag, interval=0.05), timeout=None):
+                pass
+            outcomes.append(None)
+        except BaseException as error:  # noqa: B036 - recorded and asserted below
+            outcomes.append(error)
+    try:
+        async with IPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane) as ipc:
+            watches = [asyncio.ensure_future(follow(ipc, f'shutdown-{lane}-{index}')) for index in range(50)]
+            await eventually(lambda: all(reports(f'shutdown-{lane}-{index}').sent > 0 for index in range(50)),
+                             20, 'the 50 watches to flow')
+            reports.client.disconnect()
+            server.signal(signal.SIGTERM)
+            code = await asyncio.to_thread(server.wait, grace + 1)  # raises if it takes longer
+            await asyncio.wait_for(asyncio.gather(*watches), 10)
+    finally:
+        reports.client.disconnect()
+    assert code == 0, server.log()
+    assert len(outcomes) == 50
+    for outcome in outcomes:
+        # Told at once: after the grace the streams would have been cut off
+        # (connection lost / CANCELLED), not told why.
+        assert isinstance(outcome, IPCUnavailableError), outcome
+        assert outcome.details == 'server is shutting down', outcome

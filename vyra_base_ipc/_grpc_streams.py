@@ -1,0 +1,87 @@
+"""The gRPC lane's response streams end at once when the server stops.
+
+grpc.aio keeps a stream open for the whole grace period of ``stop(grace)``
+and then cancels it, so one watch stream makes every shutdown wait the full
+grace, and its client learns only then, with CANCELLED. The fast lane ends
+response streams at once with UNAVAILABLE ("server is shutting down");
+here the gRPC lane's ``async def`` generator handlers do the same: each is
+run through a wrapper that, once :meth:`OpenStreams.end_all` was called,
+closes the handler's generator (cancelling it if it is waiting for
+something) and aborts the call with that status. ``def`` stream handlers
+run in grpc's thread pool, out of reach: they get the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any, AsyncGenerator, AsyncIterator, Callable, Mapping
+
+import grpc
+
+__all__ = ['OpenStreams']
+
+_SHUTTING_DOWN = 'server is shutting down'
+
+
+class OpenStreams:
+    """The gRPC lane's response streams in flight. Event-loop thread only."""
+
+    def __init__(self) -> None:
+        # The task of each stream, and whether it waits inside the handler's
+        # generator right now (only there may it be cancelled: elsewhere it
+        # is in grpc's own code, which would answer CANCELLED).
+        self._streams: dict[asyncio.Task[Any], bool] = {}
+        self.stopping = False
+
+    def track(self, handlers: Mapping[str, grpc.RpcMethodHandler]) -> dict[str, grpc.RpcMethodHandler]:
+        """``handlers`` with their ``async def`` response-streaming
+        generators run so that :meth:`end_all` can end them."""
+        return {name: self._tracked(handler) for name, handler in handlers.items()}
+
+    def end_all(self) -> None:
+        """End every response stream now, and any that starts from now on."""
+        self.stopping = True
+        for task, inside in list(self._streams.items()):
+            if inside:
+                task.cancel()
+
+    def _tracked(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if not handler.response_streaming:
+            return handler
+        kind = 'stream_stream' if handler.request_streaming else 'unary_stream'
+        behaviour = getattr(handler, kind)
+        if not inspect.isasyncgenfunction(behaviour):
+            return handler
+        factory = getattr(grpc, f'{kind}_rpc_method_handler')
+        return factory(self._wrap(behaviour), request_deserializer=handler.request_deserializer,
+                       response_serializer=handler.response_serializer)
+
+    def _wrap(self, behaviour: Callable[..., AsyncGenerator[Any, None]]) -> Callable[..., AsyncIterator[Any]]:
+        streams = self._streams
+
+        async def tracked(request: Any, context: Any) -> AsyncIterator[Any]:
+            task = asyncio.current_task()
+            assert task is not None
+            responses = behaviour(request, context)
+            try:
+                while not self.stopping:
+                    streams[task] = True
+                    try:
+                        response = await responses.__anext__()
+                    except StopAsyncIteration:
+                        return
+                    except asyncio.CancelledError:
+                        if not self.stopping:
+                            raise
+                        if hasattr(task, 'uncancel'):  # Python 3.11+
+                            task.uncancel()  # ours: the call goes on to be aborted
+                        break
+                    finally:
+                        streams[task] = False
+                    yield response
+            finally:
+                streams.pop(task, None)
+                await responses.aclose()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
+        return tracked
