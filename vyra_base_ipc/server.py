@@ -237,11 +237,15 @@ class IPCServer:
     async def stop(self, grace: float | None = None) -> None:
         """Stop serving; idempotent and safe to call concurrently.
 
-        Health turns NOT_SERVING first, new calls are refused at once on both
-        lanes, in-flight calls get ``grace`` seconds (default
-        :attr:`grace_period`) before they are cancelled, then the socket files
-        are removed if they are still this server's. Returns when all of that
-        is done.
+        In this order, at once: health turns NOT_SERVING, both socket files
+        are removed (if they are still this server's: new clients find no
+        server, and a new one may start on the path while this one drains),
+        new calls on open connections are refused with UNAVAILABLE, and
+        response streams end with UNAVAILABLE "server is shutting down"
+        (their ``async def`` handlers cancelled). Other calls in flight get
+        ``grace`` seconds (default :attr:`grace_period`), then they are
+        cancelled and the connections closed. Returns when all of that is
+        done.
         """
         if self._stop_task is None and self._state is not _State.SERVING:
             # Never started, or start() failed and already cleaned up.
@@ -318,14 +322,19 @@ class IPCServer:
             await self._health.set(name, status)
 
     async def _shutdown(self, grace: float) -> None:
+        """The one stop path (see :meth:`stop`)."""
         assert self._server is not None and self._health is not None
+        removed = False
         try:
             await self._health.enter_graceful_shutdown()
+            removed = self._socket.remove()
+            if self._ttrpc is not None:
+                removed = self._ttrpc.withdraw() and removed
             self._open_streams.end_all()
             await asyncio.gather(self._server.stop(grace),
                                  *([self._ttrpc.stop(grace)] if self._ttrpc is not None else []))
         finally:
-            removed = self._socket.remove()
+            self._socket.remove()  # (if an error came first) drops the private directory too
             if self._executor is not None:
                 # Sync handlers cannot be interrupted; do not wait for them.
                 self._executor.shutdown(wait=False, cancel_futures=True)
@@ -333,7 +342,7 @@ class IPCServer:
             assert self._terminated is not None
             self._terminated.set()
             _logger.info('IPC server on %s stopped%s', self.socket_path,
-                         '' if removed else ' (socket file was not ours any more)')
+                         '' if removed else ' (a socket file was not ours any more)')
 
     async def _abort_start(self) -> None:
         if self._ttrpc is not None:

@@ -373,6 +373,7 @@ class TtrpcServer:
         self._executor: futures.Executor | None = executor
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_accepting: Callable[[], None] | None = None
+        self._withdrawn: bool | None = None
         self._connections: set[ServerConnection] = set()
         self._state = _State.NEW
         self._stopping = False
@@ -445,6 +446,19 @@ class TtrpcServer:
                 self._shutdown(self.grace_period if grace is None else grace))
         await asyncio.shield(self._stop_task)
 
+    def withdraw(self) -> bool:
+        """Stop accepting connections and remove the socket file (if still
+        ours): the first step of :meth:`stop`, for an owner that removes
+        several socket files at one moment. Idempotent.
+
+        :returns: whether the socket file was removed now.
+        """
+        if self._withdrawn is None:
+            if self._stop_accepting is not None:
+                self._stop_accepting()
+            self._withdrawn = self._socket.remove()
+        return self._withdrawn
+
     async def __aenter__(self) -> 'TtrpcServer':
         await self.start()
         return self
@@ -463,9 +477,8 @@ class TtrpcServer:
         assert self._stop_accepting is not None and self._idle is not None
         self._state = _State.STOPPING
         self._stopping = True
+        removed = self.withdraw()
         try:
-            self._stop_accepting()
-            removed = self._socket.remove()
             for connection in list(self._connections):
                 # Streams (watches) would use up the whole grace: they end now.
                 for call in list(connection.calls.values()):
