@@ -1,8 +1,12 @@
-"""Shared fixtures: short socket directories, the test protos compiled in this
-environment, real server processes, and what the fault tests share."""
+"""Shared fixtures and helpers: short socket directories, the test protos
+compiled in this environment, real child processes (one spawner: test
+servers, the two-lane ``lanes`` server, ROS processes via ros_env), the
+Go ttrpc client, and what the fault tests share. The raw ttrpc peer is
+test/ttrpc_peer.py."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 from pathlib import Path
@@ -13,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 
@@ -31,6 +35,15 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f'timed out after {timeout} s waiting for {what}')
         time.sleep(0.01)
+
+
+async def until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """:func:`wait_for` for coroutines: polls without blocking the event loop."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f'timed out after {timeout} s waiting for {what}')
+        await asyncio.sleep(0.01)
 
 
 def compile_protos(proto_root: Path, output: Path) -> None:
@@ -68,12 +81,22 @@ def echo(test_protos_dir: Path):  # noqa: ANN201 - a module
     return Echo
 
 
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    """A fresh directory with a short path (socket paths are limited to 107 bytes)."""
+def _short_dir() -> Iterator[Path]:
     directory = Path(tempfile.mkdtemp(prefix='ipc-', dir='/tmp'))
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A fresh directory with a short path (socket paths are limited to 107 bytes)."""
+    yield from _short_dir()
+
+
+@pytest.fixture(scope='module')
+def module_socket_dir() -> Iterator[Path]:
+    """``socket_dir`` for the servers of a module (``start_module_server``)."""
+    yield from _short_dir()
 
 
 @pytest.fixture
@@ -81,13 +104,27 @@ def socket_path(socket_dir: Path) -> Path:
     return socket_dir / 'test_ipc.sock'
 
 
-class ServerProcess:
-    """A server running as a real child process."""
+def _child_env(test_protos_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(test_protos_dir), str(SERVERS),
+                                                      env.get('PYTHONPATH')]))
+    return env
 
-    def __init__(self, popen: subprocess.Popen, socket_path: Path, log: Path) -> None:
+
+@pytest.fixture
+def child_env(test_protos_dir: Path) -> dict[str, str]:
+    """The environment of a child process of the tests: this one's, with the
+    test protos and test/servers importable (under PYTHONSAFEPATH=1 a
+    script's own directory is not on sys.path, and servers share EchoService)."""
+    return _child_env(test_protos_dir)
+
+
+class ChildProcess:
+    """A real child process with its output in a log file."""
+
+    def __init__(self, popen: subprocess.Popen, log_path: Path) -> None:
         self.popen = popen
-        self.socket_path = socket_path
-        self.log_path = log
+        self.log_path = log_path
 
     @property
     def pid(self) -> int:
@@ -96,15 +133,8 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors='replace')
 
-    def wait_serving(self, timeout: float = 20.0) -> 'ServerProcess':
-        from vyra_base_ipc.socket_file import is_listening
-
-        def ready() -> bool:
-            if self.popen.poll() is not None:
-                raise AssertionError(f'server exited with {self.popen.returncode}:\n{self.log()}')
-            return is_listening(self.socket_path)
-        wait_for(ready, timeout, f'a server on {self.socket_path}')
-        return self
+    def running(self) -> bool:
+        return self.popen.poll() is None
 
     def signal(self, signum: int) -> None:
         self.popen.send_signal(signum)
@@ -113,53 +143,202 @@ class ServerProcess:
         return self.popen.wait(timeout=timeout)
 
     def kill(self) -> None:
-        if self.popen.poll() is None:
+        if self.running():
             self.popen.kill()
         self.popen.wait(timeout=20)
 
+    def stop(self) -> int:
+        """SIGTERM (SIGKILL after 10 s) unless it has exited; its exit status."""
+        if self.running():
+            self.signal(signal.SIGTERM)
+            try:
+                self.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.popen.returncode
 
-@pytest.fixture
-def start_server(test_protos_dir: Path, tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """Factory: ``start_server(path, *args, wait=True, script=..., umask=..., env=...)`` runs
-    test/servers/echo_server.py (or ``script``) as a real process.
+    def wait_listening(self, *paths: Path, timeout: float = 30.0) -> None:
+        """Wait until a server accepts connections on each socket of ``paths``;
+        fail at once, with the log, if the process exits."""
+        from vyra_base_ipc.socket_file import is_listening
 
-    Every server still running at teardown gets SIGTERM, then SIGKILL.
-    """
-    started: list[ServerProcess] = []
+        def ready() -> bool:
+            if not self.running():
+                raise AssertionError(f'process exited with {self.popen.returncode}:\n{self.log()}')
+            return all(is_listening(path) for path in paths)
+        wait_for(ready, timeout, f'a server on {" and ".join(map(str, paths))}')
+
+
+class ServerProcess(ChildProcess):
+    """A test server (test/servers) running as a real child process.
+
+    ``socket_path`` (also ``grpc_path``) is its gRPC socket; ``ttrpc_path``
+    its fast lane's socket, by default beside it."""
+
+    def __init__(self, popen: subprocess.Popen, log_path: Path, socket_path: Path,
+                 ttrpc_path: Path | None = None) -> None:
+        from vyra_base_ipc.address import default_ttrpc_socket_path
+
+        super().__init__(popen, log_path)
+        self.socket_path = socket_path
+        self.ttrpc_path = ttrpc_path or default_ttrpc_socket_path(socket_path)
+
+    @property
+    def grpc_path(self) -> Path:
+        return self.socket_path
+
+    def wait_serving(self, timeout: float = 20.0, *, ttrpc: bool = False) -> 'ServerProcess':
+        """Wait until the gRPC socket (and with ``ttrpc`` the fast lane's) listens."""
+        self.wait_listening(self.socket_path, *([self.ttrpc_path] if ttrpc else []), timeout=timeout)
+        return self
+
+
+class Spawner:
+    """Starts child processes with their output in ``logs/<name>-<n>.log``;
+    :meth:`stop_all` stops those still running."""
+
+    def __init__(self, logs: Path, name: str) -> None:
+        self.logs = logs
+        self.name = name
+        self.started: list[ChildProcess] = []
+
+    def start(self, command: Sequence[str], env: dict[str, str], *, umask: int | None = None,
+              kind: type[ChildProcess] = ChildProcess, **attributes: Any) -> Any:
+        """Run ``command``; return it as a ``kind`` (with ``attributes``)."""
+        log = self.logs / f'{self.name}-{len(self.started)}.log'
+        with open(log, 'wb') as log_file:
+            popen = subprocess.Popen(list(command), env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                     preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+        process = kind(popen, log, **attributes)
+        self.started.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            process.stop()
+
+
+StartServer = Callable[..., ServerProcess]
+
+
+def _server_spawner(base_env: dict[str, str], logs: Path) -> Iterator[StartServer]:
+    """What ``start_server`` and ``start_module_server`` yield; stops every
+    server still running when resumed."""
+    spawner = Spawner(logs, 'server')
 
     def start(socket_path: Path, *args: str, wait: bool = True, script: str = 'echo_server.py',
-              umask: int | None = None, env: dict[str, str] | None = None) -> ServerProcess:
-        env = {**os.environ, **(env or {})}
-        # The servers directory too: under PYTHONSAFEPATH=1 a script's own
-        # directory is not on sys.path, and servers share EchoService.
-        env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(test_protos_dir), str(SERVERS),
-                                                          env.get('PYTHONPATH')]))
-        log = tmp_path / f'server-{len(started)}.log'
-        with open(log, 'wb') as log_file:
-            popen = subprocess.Popen(
-                [sys.executable, str(SERVERS / script), str(socket_path), *args],
-                env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                preexec_fn=None if umask is None else (lambda: os.umask(umask)))
-        server = ServerProcess(popen, socket_path, log)
-        started.append(server)
-        if wait:
-            server.wait_serving()
-        return server
+              umask: int | None = None, env: dict[str, str] | None = None,
+              ttrpc_path: Path | None = None) -> ServerProcess:
+        server = spawner.start([sys.executable, str(SERVERS / script), str(socket_path), *args],
+                               {**base_env, **(env or {})}, umask=umask, kind=ServerProcess,
+                               socket_path=socket_path, ttrpc_path=ttrpc_path)
+        return server.wait_serving() if wait else server
 
     yield start
-    for server in started:
-        if server.popen.poll() is None:
-            server.signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
+    spawner.stop_all()
 
 
 @pytest.fixture
-def server(start_server: Callable[..., ServerProcess], socket_path: Path) -> ServerProcess:
+def start_server(socket_dir: Path, child_env: dict[str, str], tmp_path: Path) -> Iterator[StartServer]:
+    """Factory: ``start_server(path, *args, wait=True, script=..., umask=..., env=...,
+    ttrpc_path=...)`` runs test/servers/echo_server.py (or ``script``) as a real
+    process with ``path`` and ``args`` as its arguments and (with ``wait``)
+    returns once its gRPC socket listens. ``ttrpc_path``: where its fast lane
+    is when not beside the gRPC socket (``ServerProcess.ttrpc_path``).
+
+    Every server still running at teardown gets SIGTERM, then SIGKILL (before
+    ``socket_dir`` goes).
+    """
+    yield from _server_spawner(child_env, tmp_path)
+
+
+@pytest.fixture(scope='module')
+def start_module_server(module_socket_dir: Path, test_protos_dir: Path,
+                        tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServer]:
+    """``start_server`` for servers that the tests of one module share; they
+    are stopped before ``module_socket_dir`` goes."""
+    yield from _server_spawner(_child_env(test_protos_dir), tmp_path_factory.mktemp('servers'))
+
+
+def start_lanes(start: StartServer, directory: Path, *args: str) -> ServerProcess:
+    """The two-lane test server (test/servers/ttrpc_server.py: an IPCServer on
+    ``g.sock``, a TtrpcServer on ``t.sock`` serving the same servicers)."""
+    return start(directory / 'g.sock', str(directory / 't.sock'), *args, script='ttrpc_server.py',
+                 ttrpc_path=directory / 't.sock', wait=False).wait_serving(ttrpc=True)
+
+
+#: Loggers of the fast lane's own machinery (not of the handlers it runs).
+_MACHINERY = ('ERROR:vyra_base_ipc.ttrpc._server', 'ERROR:vyra_base_ipc.ttrpc._connection',
+              'ERROR:vyra_base_ipc.ttrpc._dispatch')
+
+
+@pytest.fixture(scope='module')
+def lanes(request: pytest.FixtureRequest, start_module_server: StartServer,
+          module_socket_dir: Path) -> Iterator[ServerProcess]:
+    """One two-lane test server (:func:`start_lanes`) for the tests of a
+    module, with the module's ``LANES_SERVER_ARGS`` as its options.
+
+    At teardown it must exit cleanly, and whatever the tests threw at it, its
+    log shows no failure of the server's own machinery.
+    """
+    server = start_lanes(start_module_server, module_socket_dir,
+                         *getattr(request.module, 'LANES_SERVER_ARGS', ()))
+    yield server
+    status, log = server.stop(), server.log()
+    assert status == 0, log
+    trouble = [line for line in log.splitlines()
+               if line.startswith(('ERROR:asyncio', 'WARNING:asyncio', *_MACHINERY))
+               and 'raised by servicer method' not in line]
+    assert not trouble, log
+
+
+#: The two lanes of a server: gRPC, and the ttrpc fast lane beside it.
+LANES = ('grpc', 'ttrpc')
+
+
+@pytest.fixture(params=LANES)
+def lane(request: pytest.FixtureRequest) -> str:
+    """Each lane in turn (a client's ``lane=``)."""
+    return request.param
+
+
+@pytest.fixture
+def server(start_server: StartServer, socket_path: Path) -> ServerProcess:
     """One echo server on ``socket_path``."""
     return start_server(socket_path)
+
+
+@pytest.fixture(scope='session')
+def go_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An independent ttrpc client: containerd's Go package, as Debian ships
+    it, in a small client (test/go/ttrpc_client) compiled for this run.
+
+    Skips without the Debian packages ``golang-go`` and
+    ``golang-github-containerd-ttrpc-dev`` (which pulls in gogo/protobuf,
+    grpc-go's status, genproto). Built in GOPATH mode with the module proxy
+    switched off: nothing is downloaded.
+    """
+    gopath = Path('/usr/share/gocode')
+    if shutil.which('go') is None or not (gopath / 'src/github.com/containerd/ttrpc').is_dir():
+        pytest.skip('needs the Debian packages golang-go and golang-github-containerd-ttrpc-dev '
+                    '(go and the containerd ttrpc Go source under /usr/share/gocode)')
+    build = tmp_path_factory.mktemp('go')
+    binary = build / 'ttrpc_client'
+    env = {
+        'PATH': os.environ.get('PATH', '/usr/bin:/bin'),
+        'HOME': str(build),
+        'GO111MODULE': 'off',
+        'GOPATH': str(gopath),
+        'GOCACHE': str(build / 'cache'),
+        'GOPROXY': 'off',
+        'GOFLAGS': '',
+        'CGO_ENABLED': '0',
+    }
+    result = subprocess.run(['go', 'build', '-o', str(binary), 'main.go'],
+                            cwd=HERE / 'go' / 'ttrpc_client', env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, f'go build failed:\n{result.stdout}\n{result.stderr}'
+    return binary
 
 
 # -- fault injection ------------------------------------------------------------------
@@ -192,7 +371,7 @@ StartFaultServer = Callable[..., tuple[ServerProcess, Journal]]
 
 
 @pytest.fixture
-def start_fault_server(start_server: Callable[..., ServerProcess], tmp_path: Path) -> StartFaultServer:
+def start_fault_server(start_server: StartServer, tmp_path: Path) -> StartFaultServer:
     """Factory: ``start_fault_server(path, *args, wait=True)`` -> (process, journal)."""
     numbers = itertools.count()
 

@@ -2,8 +2,8 @@
 
 Every participant is confined to this machine and to a private domain:
 ``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``, a random ``ROS_DOMAIN_ID`` per
-test, and ``ROS_HOME`` in the test's temp dir. Import the fixtures you use
-into the test module (``from ros_env import ros_environ, ...``).
+test, and ``ROS_HOME`` in the test's temp dir. The fixtures reach every
+test module as a plugin (conftest's ``pytest_plugins``); import only helpers.
 """
 
 from __future__ import annotations
@@ -11,21 +11,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 import random
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 import uuid
 
 import pytest
 
-from conftest import wait_for
+from conftest import ChildProcess, Spawner
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-SERVERS = HERE / 'servers'
+REPO = Path(__file__).resolve().parent.parent
 
 #: Variables that would redirect a server or client to another socket.
 _IPC_ENVS = ('VYRA_IPC_SOCKET', 'VYRA_MODULE_NAME', 'MODULE_NAME')
@@ -84,14 +78,6 @@ def context(ros_in_process: dict[str, str]) -> Iterator[Any]:
     rclpy.try_shutdown(context=context)
 
 
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A directory with a short path (socket paths are limited to 107 bytes)."""
-    directory = Path(tempfile.mkdtemp(prefix='ros-ipc-', dir='/tmp'))
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
-
-
 def python_command(module: str, function: str = 'main') -> list[str]:
     """Run ``module:function`` the way its console script does."""
     return [sys.executable, '-c',
@@ -117,60 +103,12 @@ def ipc_server_command() -> list[str]:
 IPC_SERVER = ipc_server_command()
 
 
-class RosProcess:
-    """A real child process with its output in a log file."""
-
-    def __init__(self, popen: subprocess.Popen, log_path: Path) -> None:
-        self.popen = popen
-        self.log_path = log_path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors='replace')
-
-    def running(self) -> bool:
-        return self.popen.poll() is None
-
-    def signal(self, signum: int) -> None:
-        self.popen.send_signal(signum)
-
-    def wait(self, timeout: float) -> int:
-        return self.popen.wait(timeout=timeout)
-
-    def wait_listening(self, socket_path: Path, timeout: float = 30.0) -> None:
-        from vyra_base_ipc.socket_file import is_listening
-
-        def ready() -> bool:
-            if not self.running():
-                raise AssertionError(f'process exited with {self.popen.returncode}:\n{self.log()}')
-            return is_listening(socket_path)
-        wait_for(ready, timeout, f'a server on {socket_path}')
-
-    def stop(self) -> None:
-        if self.running():
-            self.signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=10)
-
-
 @pytest.fixture
-def start_process(tmp_path: Path, ros_environ: dict[str, str]
-                  ) -> Iterator[Callable[..., RosProcess]]:
-    """Factory ``start_process(command, env=None)``; every process still
-    running at teardown gets SIGTERM, then SIGKILL."""
-    started: list[RosProcess] = []
-
-    def start(command: Sequence[str], env: dict[str, str] | None = None) -> RosProcess:
-        log = tmp_path / f'process-{len(started)}.log'
-        with open(log, 'wb') as log_file:
-            popen = subprocess.Popen(list(command), env=ros_environ if env is None else env,
-                                     stdout=log_file, stderr=subprocess.STDOUT)
-        process = RosProcess(popen, log)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
+def start_process(socket_dir: Path, tmp_path: Path, ros_environ: dict[str, str]
+                  ) -> Iterator[Callable[..., ChildProcess]]:
+    """Factory ``start_process(command, env=None)``: ``command`` as a real child
+    process, in ``ros_environ`` unless ``env`` is given; every process still
+    running at teardown gets SIGTERM, then SIGKILL (before ``socket_dir`` goes)."""
+    spawner = Spawner(tmp_path, 'process')
+    yield lambda command, env=None: spawner.start(command, ros_environ if env is None else env)
+    spawner.stop_all()

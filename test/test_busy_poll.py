@@ -33,8 +33,8 @@ from rclpy.context import Context
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
-from conftest import ServerProcess, wait_for
-from ros_env import IPC_SERVER, RosProcess
+from conftest import ChildProcess, ServerProcess
+from ros_env import IPC_SERVER
 import vyra_base_ipc
 from vyra_base_ipc import DEFAULT_BUSY_POLL, IPCHandler, SyncIPCHandler
 from vyra_base_ipc import module_service_pb2 as module_pb
@@ -46,7 +46,6 @@ from vyra_base_ipc.event_loop import BusyPollSelector, new_event_loop, run
 from vyra_base_ipc.exceptions import IPCTimeoutError
 from vyra_base_ipc.loop_thread import EventLoopThread
 from vyra_base_ipc.node import host_ipc_server
-from vyra_base_ipc.socket_file import is_listening
 from vyra_base_ipc.ttrpc import SyncConnection
 
 REPO = Path(vyra_base_ipc.__file__).resolve().parent.parent
@@ -533,10 +532,8 @@ def test_event_loop_thread_refuses_an_invalid_window_at_start() -> None:
 def start_echo(start_server: Callable[..., ServerProcess], socket_path: Path,
                busy_poll: str | None) -> ServerProcess:
     """An echo server (both lanes) with ``--busy-poll busy_poll`` (None: its default)."""
-    server = start_server(socket_path, *(() if busy_poll is None else ('--busy-poll', busy_poll)))
-    fast = default_ttrpc_socket_path(socket_path)
-    wait_for(lambda: is_listening(fast), 20, f'the fast lane on {fast}')
-    return server
+    return start_server(socket_path, *(() if busy_poll is None else ('--busy-poll', busy_poll)),
+                        wait=False).wait_serving(ttrpc=True)
 
 
 @pytest.mark.parametrize('busy_poll', [None, '0', str(WIDEST)], ids=['default', 'off', 'widest'])
@@ -754,10 +751,10 @@ def ping(socket_path: Path, lane: str) -> str:
 
 
 @pytest.mark.ros
-def test_ipc_server_node_serves_with_polling_off_and_by_default(start_process, short_dir: Path) -> None:
-    nodes: dict[str, tuple[RosProcess, Path]] = {}
+def test_ipc_server_node_serves_with_polling_off_and_by_default(start_process, socket_dir: Path) -> None:
+    nodes: dict[str, tuple[ChildProcess, Path]] = {}
     for name, parameters in (('off', ['busy_poll_us:=0']), ('default', [])):
-        socket_path = short_dir / f'{name}.sock'
+        socket_path = socket_dir / f'{name}.sock'
         args = [*IPC_SERVER, '--ros-args']
         for parameter in (f'module_name:=poll_{name}', f'socket_path:={socket_path}', *parameters):
             args += ['-p', parameter]
@@ -779,8 +776,8 @@ def test_ipc_server_node_serves_with_polling_off_and_by_default(start_process, s
 
 @pytest.mark.ros
 @needs_two_cpus
-def test_busy_poll_us_parameter_reaches_the_server_loop(context: Context, short_dir: Path) -> None:
-    socket_path = short_dir / 'param.sock'
+def test_busy_poll_us_parameter_reaches_the_server_loop(context: Context, socket_dir: Path) -> None:
+    socket_path = socket_dir / 'param.sock'
     node = Node('busy_poll_module', context=context, parameter_overrides=[
         Parameter('module_name', value='polled'), Parameter('socket_path', value=str(socket_path)),
         Parameter('busy_poll_us', value=250), Parameter('grace_period', value=0.5)])

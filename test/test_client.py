@@ -6,13 +6,12 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import signal
-import socket
 import threading
 
 import grpc
 import pytest
 
-from conftest import ServerProcess
+from conftest import ServerProcess, make_stale_socket
 from vyra_base_ipc import (
     IPCError,
     IPCHandler,
@@ -126,9 +125,7 @@ def test_sync_client_missing_socket_fails_at_once_naming_the_path(socket_path: P
 
 @pytest.mark.asyncio
 async def test_stale_socket_is_unavailable_not_a_hang(socket_path: Path, echo) -> None:
-    stale = socket.socket(socket.AF_UNIX)
-    stale.bind(str(socket_path))
-    stale.close()
+    make_stale_socket(socket_path)
     with pytest.raises(IPCUnavailableError, match='no server answers'):
         await IPCHandler(socket_path, echo.Stub, timeout=30).connect()
     assert aio_pool.open_connections() == 0

@@ -28,8 +28,8 @@ def run_demo(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str
 
 
 def test_demo_brings_up_module_and_stops_it_cleanly(ros_environ: dict[str, str],
-                                                    short_dir: Path) -> None:
-    socket_path = short_dir / 'demo.sock'
+                                                    socket_dir: Path) -> None:
+    socket_path = socket_dir / 'demo.sock'
     result = run_demo(ros_environ, '--socket-path', str(socket_path),
                       '--callable-calls', '10', '--latency-calls', '30')
     output = result.stdout
@@ -52,8 +52,8 @@ def test_demo_brings_up_module_and_stops_it_cleanly(ros_environ: dict[str, str],
     assert not socket_path.exists()
 
 
-def test_demo_in_a_namespace(ros_environ: dict[str, str], short_dir: Path) -> None:
-    socket_path = short_dir / 'demo.sock'
+def test_demo_in_a_namespace(ros_environ: dict[str, str], socket_dir: Path) -> None:
+    socket_path = socket_dir / 'demo.sock'
     result = run_demo(ros_environ, '--socket-path', str(socket_path), '--namespace', '/robot1',
                       '--callable-calls', '3', '--latency-calls', '5')
     assert result.returncode == 0, result.stdout + result.stderr
@@ -85,8 +85,8 @@ def test_module_node_declares_its_parameter_table(context: Context) -> None:
         node.destroy_node()
 
 
-def test_callable_without_a_ros_server_is_unavailable(context: Context, short_dir: Path) -> None:
-    socket_path = short_dir / 'lonely.sock'
+def test_callable_without_a_ros_server_is_unavailable(context: Context, socket_dir: Path) -> None:
+    socket_path = socket_dir / 'lonely.sock'
     node = rclpy.create_node('lonely_ipc', context=context, parameter_overrides=[
         Parameter('module_name', value='lonely'), Parameter('socket_path', value=str(socket_path))])
     host = host_ipc_server(node, [DemoModuleService()])

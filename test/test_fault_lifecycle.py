@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LONG, ServerProcess, StartFaultServer, make_stale_socket, wait_for
+from conftest import LANES, LONG, ServerProcess, StartFaultServer, make_stale_socket, until, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vyra_base_ipc import IPCError, IPCHandler, IPCUnavailableError, SyncIPCHandler
@@ -37,17 +37,6 @@ from vyra_base_ipc._pool import aio_pool, aio_ttrpc_pool, sync_pool
 from vyra_base_ipc.socket_file import is_listening
 
 pytestmark = pytest.mark.fault
-
-#: The guarantees hold on both lanes of a server.
-LANES = ['grpc', 'ttrpc']
-
-async def until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    """:func:`conftest.wait_for` for coroutines: polls without blocking the loop."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f'timed out after {timeout} s waiting for {what}')
-        await asyncio.sleep(0.01)
 
 
 def open_fds() -> int:
@@ -161,7 +150,6 @@ def test_refused_second_server_leaves_calls_in_flight_alone_then_replaces_the_cr
 
 # -- 2: crash mid-call ---------------------------------------------------------------------
 
-@pytest.mark.parametrize('lane', LANES)
 def test_sigkill_mid_call_is_unavailable_for_the_async_client(
         start_fault_server: StartFaultServer, socket_path: Path, echo,
         client_baseline: tuple[int, int], lane: str) -> None:
@@ -183,7 +171,6 @@ def test_sigkill_mid_call_is_unavailable_for_the_async_client(
     assert_client_released(client_baseline)
 
 
-@pytest.mark.parametrize('lane', LANES)
 @pytest.mark.parametrize('shape', ['unary', 'server stream'])
 def test_sigkill_mid_call_is_unavailable_for_the_sync_client(
         start_fault_server: StartFaultServer, socket_path: Path, echo,

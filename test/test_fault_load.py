@@ -132,7 +132,6 @@ async def test_calls_beyond_the_concurrency_limit_are_rejected_at_once(
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
 async def test_streams_holding_every_worker_leave_a_bounded_queue_and_fast_rejections(
         start_server: Callable[..., ServerProcess], socket_path: Path, echo, lane: str) -> None:
     await asyncio.to_thread(start_server, socket_path, '--maximum-concurrent-rpcs', '3',

@@ -78,9 +78,7 @@ def soak_client(test_protos_dir: Path) -> ModuleType:
     return module
 
 
-def run_client_process(socket_path: Path, calls: int, test_protos_dir: Path) -> None:
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(test_protos_dir), env.get('PYTHONPATH')]))
+def run_client_process(socket_path: Path, calls: int, env: dict[str, str]) -> None:
     finished = subprocess.run([sys.executable, str(SERVERS / 'fault_soak_client.py'), str(socket_path),
                                str(calls)], env=env, capture_output=True, text=True,
                               timeout=120 + calls / 100, check=False)
@@ -95,7 +93,7 @@ def run_in_process(socket_path: Path, calls: int, soak_client: ModuleType, first
 
 @pytest.mark.timeout(120 + SOAK_CALLS // 200)
 def test_soak_server_does_not_grow_while_clients_come_and_go(
-        start_server: Callable[..., ServerProcess], socket_path: Path, test_protos_dir: Path,
+        start_server: Callable[..., ServerProcess], socket_path: Path, child_env: dict[str, str],
         soak_client: ModuleType) -> None:
     # Two workers: the warm-up fills the pool of def-handler threads (it grows
     # on demand up to max_workers), so a thread more afterwards is a leak.
@@ -108,7 +106,7 @@ def test_soak_server_does_not_grow_while_clients_come_and_go(
         return server_numbers(pid)
 
     started = idle()
-    run_client_process(socket_path, WARMUP_CALLS, test_protos_dir)
+    run_client_process(socket_path, WARMUP_CALLS, child_env)
     run_in_process(socket_path, 400, soak_client, WARMUP_CALLS)
     baseline = idle()
     print(f'soak: {SOAK_CALLS} calls; server at start {started}, after a warm-up of '
@@ -121,7 +119,7 @@ def test_soak_server_does_not_grow_while_clients_come_and_go(
     for turn in range(CLIENT_PROCESSES):
         calls = per_process if turn < CLIENT_PROCESSES - 1 else \
             SOAK_CALLS - done - in_process * (CLIENT_PROCESSES - turn)
-        run_client_process(socket_path, calls, test_protos_dir)
+        run_client_process(socket_path, calls, child_env)
         run_in_process(socket_path, in_process, soak_client, done + calls)
         done += calls + in_process
         print(f'soak: after {done} calls {server_numbers(pid)}')

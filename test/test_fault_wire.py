@@ -550,9 +550,6 @@ def test_unary_call_without_a_complete_request_is_answered_and_frees_its_slot(
 
 # -- guarantee 6: oversized messages -------------------------------------------------------
 
-#: Both lanes keep the limits alike.
-LANES = ['grpc', 'ttrpc']
-
 #: The configured limit in these tests (the default is 16 MiB).
 LIMIT = 64 * 1024
 
@@ -610,7 +607,6 @@ def assert_resource_exhausted(outcome: object, size: int) -> None:
     assert str(size) in outcome.details and str(LIMIT) in outcome.details, outcome.details
 
 
-@pytest.mark.parametrize('lane', LANES)
 @pytest.mark.parametrize('kind', ['sync', 'async'])
 def test_request_one_byte_over_the_server_limit_is_resource_exhausted(
         start_fault_server, socket_path: Path, echo, kind: str, lane: str) -> None:
@@ -626,7 +622,6 @@ def test_request_one_byte_over_the_server_limit_is_resource_exhausted(
     assert server.popen.poll() is None
 
 
-@pytest.mark.parametrize('lane', LANES)
 @pytest.mark.parametrize('kind', ['sync', 'async'])
 def test_reply_one_byte_over_the_client_limit_is_resource_exhausted(
         start_server, socket_path: Path, echo, kind: str, lane: str) -> None:
@@ -642,7 +637,6 @@ def test_reply_one_byte_over_the_client_limit_is_resource_exhausted(
     assert server.popen.poll() is None
 
 
-@pytest.mark.parametrize('lane', LANES)
 @pytest.mark.parametrize('kind', ['sync', 'async'])
 def test_request_over_the_client_own_limit_is_refused_before_it_is_sent(
         start_fault_server, socket_path: Path, echo, kind: str, lane: str) -> None:
@@ -656,7 +650,6 @@ def test_request_over_the_client_own_limit_is_refused_before_it_is_sent(
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize('lane', LANES)
 async def test_oversized_message_in_a_stream_ends_that_stream_only(
         start_fault_server, socket_path: Path, echo, lane: str) -> None:
     await asyncio.to_thread(start_fault_server, socket_path, '--max-message-bytes', str(LIMIT))

@@ -20,14 +20,6 @@ from vyra_base_ipc import (
     SyncIPCHandler,
 )
 
-LANES = ['ttrpc', 'grpc']
-
-
-@pytest.fixture(params=LANES)
-def lane(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
 def test_auto_takes_the_fast_lane_when_it_answers(server: ServerProcess, echo) -> None:
     with SyncIPCHandler(server.socket_path, echo.Stub) as client:
         assert client.lane_in_use == 'ttrpc'

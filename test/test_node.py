@@ -26,12 +26,8 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from std_srvs.srv import Trigger
 
-from conftest import wait_for
-from ros_env import (
-    IPC_SERVER,
-    SERVERS,
-    RosProcess,
-)
+from conftest import SERVERS, ChildProcess, wait_for
+from ros_env import IPC_SERVER
 from vyra_base_ipc import IPCError, IPCHandler, SyncIPCHandler
 from vyra_base_ipc import ModuleService, command
 from vyra_base_ipc import module_service_pb2 as module_pb
@@ -72,17 +68,17 @@ async def module_status(socket_path: Path) -> dict[str, Any]:
 
 
 @pytest.mark.asyncio
-async def test_serves_on_socket_path_set_with_ros_args(start_process, short_dir: Path) -> None:
-    socket_path = short_dir / 'given.sock'
+async def test_serves_on_socket_path_set_with_ros_args(start_process, socket_dir: Path) -> None:
+    socket_path = socket_dir / 'given.sock'
     server = start_process(ros_args('module_name:=arm', f'socket_path:={socket_path}'))
     server.wait_listening(socket_path)
     assert (await module_status(socket_path))['module'] == 'arm'
 
 
 @pytest.mark.asyncio
-async def test_serves_with_params_file(start_process, short_dir: Path) -> None:
-    socket_path = short_dir / 'from_file.sock'
-    params = short_dir / 'params.yaml'
+async def test_serves_with_params_file(start_process, socket_dir: Path) -> None:
+    socket_path = socket_dir / 'from_file.sock'
+    params = socket_dir / 'params.yaml'
     params.write_text(f'/**:\n  ros__parameters:\n    module_name: gripper\n'
                       f'    socket_path: "{socket_path}"\n    grace_period: 1.0\n')
     server = start_process([*IPC_SERVER, '--ros-args', '--params-file', str(params)])
@@ -111,10 +107,10 @@ async def test_package_config_file_with_module_name_from_command_line(start_proc
 @pytest.mark.asyncio
 @pytest.mark.parametrize('remap', [['-r', '__ns:=/robot1'],
                                    ['-r', '__ns:=/robot1', '-r', '__node:=arm_ipc']])
-async def test_namespaced_node_gets_wildcard_parameters(start_process, short_dir: Path,
+async def test_namespaced_node_gets_wildcard_parameters(start_process, socket_dir: Path,
                                                         remap: list[str]) -> None:
-    socket_path = short_dir / 'ns.sock'
-    params = short_dir / 'params.yaml'
+    socket_path = socket_dir / 'ns.sock'
+    params = socket_dir / 'params.yaml'
     params.write_text(f'/**:\n  ros__parameters:\n    module_name: robot_arm\n'
                       f'    socket_path: "{socket_path}"\n')
     server = start_process([*IPC_SERVER, '--ros-args', *remap, '--params-file', str(params)])
@@ -125,8 +121,8 @@ async def test_namespaced_node_gets_wildcard_parameters(start_process, short_dir
                f'the node to log its name /robot1/{node_name}')
 
 
-def slow_server(start_process: Callable[..., RosProcess], ros_environ: dict[str, str],
-                test_protos_dir: Path, socket_path: Path, grace: float) -> RosProcess:
+def slow_server(start_process: Callable[..., ChildProcess], ros_environ: dict[str, str],
+                test_protos_dir: Path, socket_path: Path, grace: float) -> ChildProcess:
     env = dict(ros_environ)
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(test_protos_dir), str(SERVERS),
                                                       env.get('PYTHONPATH')]))
@@ -144,13 +140,13 @@ def wait_in_flight(socket_path: Path, method: str) -> None:
 
 
 @pytest.fixture
-def slow_call(start_process, ros_environ, test_protos_dir, echo, short_dir: Path):
+def slow_call(start_process, ros_environ, test_protos_dir, echo, socket_dir: Path):
     """``async with slow_call(grace, method, request) as (server, call)``: an
     ipc_server with SlowEchoService and one call of ``method`` in flight on it."""
     @contextlib.asynccontextmanager
     async def in_flight(grace: float, method: str, request: Any,
-                        ) -> AsyncIterator[tuple[RosProcess, asyncio.Future[Any]]]:
-        socket_path = short_dir / 'slow.sock'
+                        ) -> AsyncIterator[tuple[ChildProcess, asyncio.Future[Any]]]:
+        socket_path = socket_dir / 'slow.sock'
         server = slow_server(start_process, ros_environ, test_protos_dir, socket_path, grace)
         async with IPCHandler(socket_path, echo.Stub, timeout=60.0) as ipc:
             call = asyncio.ensure_future(ipc.call_method(method, request))
@@ -256,10 +252,10 @@ BAD_PARAMETERS = {
 
 
 @pytest.mark.parametrize('case', list(BAD_PARAMETERS))
-def test_bad_parameter_fails_at_startup_naming_it(start_process, short_dir: Path, case: str) -> None:
+def test_bad_parameter_fails_at_startup_naming_it(start_process, socket_dir: Path, case: str) -> None:
     make, parameter, reason = BAD_PARAMETERS[case]
-    socket_path = short_dir / 'bad.sock'
-    server = start_process(ros_args('module_name:=bad', f'socket_path:={socket_path}', make(short_dir)))
+    socket_path = socket_dir / 'bad.sock'
+    server = start_process(ros_args('module_name:=bad', f'socket_path:={socket_path}', make(socket_dir)))
     assert server.wait(timeout=30) == EXIT_BAD_PARAMETER, server.log()
     error_lines = [line for line in server.log().splitlines() if 'ERROR' in line]
     assert any(f"parameter '{parameter}'" in line and reason in line for line in error_lines), \
@@ -273,8 +269,8 @@ def test_missing_module_name_fails_naming_it(start_process) -> None:
     assert "parameter 'module_name': is empty" in server.log()
 
 
-def test_socket_in_use_by_live_server_fails_and_leaves_it(start_process, short_dir: Path) -> None:
-    socket_path = short_dir / 'taken.sock'
+def test_socket_in_use_by_live_server_fails_and_leaves_it(start_process, socket_dir: Path) -> None:
+    socket_path = socket_dir / 'taken.sock'
     first = start_process(ros_args('module_name:=first', f'socket_path:={socket_path}'))
     first.wait_listening(socket_path)
     second = start_process(ros_args('module_name:=second', f'socket_path:={socket_path}'))
@@ -284,35 +280,35 @@ def test_socket_in_use_by_live_server_fails_and_leaves_it(start_process, short_d
     assert first.running() and is_listening(socket_path)
 
 
-def test_fast_lane_socket_in_use_fails_naming_its_parameter(start_process, short_dir: Path) -> None:
-    taken = short_dir / 'fast.sock'
-    first = start_process(ros_args('module_name:=first', f'socket_path:={short_dir / "a.sock"}',
+def test_fast_lane_socket_in_use_fails_naming_its_parameter(start_process, socket_dir: Path) -> None:
+    taken = socket_dir / 'fast.sock'
+    first = start_process(ros_args('module_name:=first', f'socket_path:={socket_dir / "a.sock"}',
                                    f'ttrpc_socket_path:={taken}'))
     first.wait_listening(taken)
-    second = start_process(ros_args('module_name:=second', f'socket_path:={short_dir / "b.sock"}',
+    second = start_process(ros_args('module_name:=second', f'socket_path:={socket_dir / "b.sock"}',
                                     f'ttrpc_socket_path:={taken}'))
     assert second.wait(timeout=30) == EXIT_BAD_PARAMETER, second.log()
     assert "parameter 'ttrpc_socket_path'" in second.log()
-    assert not (short_dir / 'b.sock').exists() and is_listening(taken)
+    assert not (socket_dir / 'b.sock').exists() and is_listening(taken)
 
 
-def test_fast_lane_follows_its_parameters(start_process, short_dir: Path) -> None:
-    default = start_process(ros_args('module_name:=lanes', f'socket_path:={short_dir / "d.sock"}'))
-    default.wait_listening(short_dir / 'd.ttrpc.sock')
-    moved = start_process(ros_args('module_name:=lanes', f'socket_path:={short_dir / "m.sock"}',
-                                   f'ttrpc_socket_path:={short_dir / "fast" / "m.sock"}'))
-    moved.wait_listening(short_dir / 'fast' / 'm.sock')
-    off = start_process(ros_args('module_name:=lanes', f'socket_path:={short_dir / "o.sock"}',
+def test_fast_lane_follows_its_parameters(start_process, socket_dir: Path) -> None:
+    default = start_process(ros_args('module_name:=lanes', f'socket_path:={socket_dir / "d.sock"}'))
+    default.wait_listening(socket_dir / 'd.ttrpc.sock')
+    moved = start_process(ros_args('module_name:=lanes', f'socket_path:={socket_dir / "m.sock"}',
+                                   f'ttrpc_socket_path:={socket_dir / "fast" / "m.sock"}'))
+    moved.wait_listening(socket_dir / 'fast' / 'm.sock')
+    off = start_process(ros_args('module_name:=lanes', f'socket_path:={socket_dir / "o.sock"}',
                                  'ttrpc_enabled:=false'))
-    off.wait_listening(short_dir / 'o.sock')
-    with SyncIPCHandler(short_dir / 'o.sock', module_grpc.ModuleServiceStub) as client:
+    off.wait_listening(socket_dir / 'o.sock')
+    with SyncIPCHandler(socket_dir / 'o.sock', module_grpc.ModuleServiceStub) as client:
         assert client.call_method('ExecuteCommand', module_pb.CommandRequest(command='ping')).result == 'pong'
         assert client.lane_in_use == 'grpc'
-    assert not (short_dir / 'o.ttrpc.sock').exists()
+    assert not (socket_dir / 'o.ttrpc.sock').exists()
     for process in (default, moved, off):
         process.signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
-    assert sorted(p.name for p in short_dir.iterdir()) == ['fast']
+    assert sorted(p.name for p in socket_dir.iterdir()) == ['fast']
 
 
 def test_malformed_ros_argument_fails_with_quoting_hint(start_process) -> None:
@@ -503,8 +499,8 @@ def call_trigger(node: Node, name: str, timeout: float = 20.0) -> Any:
 
 
 def test_ipc_call_is_served_while_ros_callback_blocks_executor(context: Context, spin,
-                                                               short_dir: Path) -> None:
-    socket_path = short_dir / 'embedded.sock'
+                                                               socket_dir: Path) -> None:
+    socket_path = socket_dir / 'embedded.sock'
     module = EmbeddingNode(context, socket_path)
     caller = Node('caller', context=context)
     try:
@@ -523,8 +519,8 @@ def test_ipc_call_is_served_while_ros_callback_blocks_executor(context: Context,
     assert not socket_path.exists()
 
 
-def test_ros_callback_runs_while_ipc_handler_waits(context: Context, spin, short_dir: Path) -> None:
-    socket_path = short_dir / 'embedded.sock'
+def test_ros_callback_runs_while_ipc_handler_waits(context: Context, spin, socket_dir: Path) -> None:
+    socket_path = socket_dir / 'embedded.sock'
     module = EmbeddingNode(context, socket_path)
     caller = Node('caller', context=context)
     result: dict[str, Any] = {}
@@ -589,16 +585,16 @@ class CallableNode(Node):
 
 
 @pytest.fixture
-def bridge_host(context: Context, spin, short_dir: Path) -> Iterator[tuple[Node, Path]]:
+def bridge_host(context: Context, spin, socket_dir: Path) -> Iterator[tuple[Node, Path]]:
     node = Node('bridge_module', context=context, parameter_overrides=[
         Parameter('module_name', value='bridge'),
-        Parameter('socket_path', value=str(short_dir / 'bridge.sock')),
+        Parameter('socket_path', value=str(socket_dir / 'bridge.sock')),
         Parameter('grace_period', value=1.0),
     ])
     host = host_ipc_server(node, [CallableBridge()])
     spinner = spin(node)
     try:
-        yield node, short_dir / 'bridge.sock'
+        yield node, socket_dir / 'bridge.sock'
     finally:
         spinner.stop()
         host.close()
@@ -651,23 +647,23 @@ async def test_ros_service_call_times_out_when_server_does_not_answer(context: C
         server.destroy_node()
 
 
-def test_host_reuses_module_name_the_node_declared_itself(context: Context, short_dir: Path) -> None:
+def test_host_reuses_module_name_the_node_declared_itself(context: Context, socket_dir: Path) -> None:
     node = Node('own_params', context=context, parameter_overrides=[
-        Parameter('socket_path', value=str(short_dir / 'own.sock'))])
+        Parameter('socket_path', value=str(socket_dir / 'own.sock'))])
     node.declare_parameter('module_name', 'own_module')
     host = IPCServerHost(node)
     try:
         host.start()
         assert host.config is not None and host.config.module_name == 'own_module'
-        assert is_listening(short_dir / 'own.sock')
+        assert is_listening(socket_dir / 'own.sock')
     finally:
         host.close()
         node.destroy_node()
-    assert not (short_dir / 'own.sock').exists()
+    assert not (socket_dir / 'own.sock').exists()
     assert not host.loop_thread.is_running
 
 
-def test_host_start_failure_leaves_nothing_running(context: Context, short_dir: Path) -> None:
+def test_host_start_failure_leaves_nothing_running(context: Context, socket_dir: Path) -> None:
     node = Node('failing', context=context, parameter_overrides=[
         Parameter('module_name', value='failing'),
         Parameter('servicers', value=['no_such_module:Nothing'])])
@@ -680,8 +676,8 @@ def test_host_start_failure_leaves_nothing_running(context: Context, short_dir: 
     assert {t for t in threading.enumerate() if t.name.startswith('ipc-')} - threads_before == set()
 
 
-def test_ros_shutdown_then_close_still_stops_server(context: Context, short_dir: Path) -> None:
-    socket_path = short_dir / 'late.sock'
+def test_ros_shutdown_then_close_still_stops_server(context: Context, socket_dir: Path) -> None:
+    socket_path = socket_dir / 'late.sock'
     node = Node('late_close', context=context, parameter_overrides=[
         Parameter('module_name', value='late'), Parameter('socket_path', value=str(socket_path))])
     host = host_ipc_server(node)

@@ -1,4 +1,5 @@
-"""IPCServer and its socket file, with servers in real processes."""
+"""IPCServer, mostly with servers in real processes (the rules of its socket
+file, shared with TtrpcServer: test_socket_file)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import asyncio
 import os
 from pathlib import Path
 import signal
-import stat
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 import pytest
 
-from conftest import ServerProcess, make_stale_socket
+from conftest import ServerProcess
 from vyra_base_ipc import (
     IPCHandler,
     IPCRemoteError,
@@ -30,39 +30,6 @@ from vyra_base_ipc.socket_file import is_listening
 def echo_text(path: Path, echo, text: str = 'hi') -> str:
     with SyncIPCHandler(path, echo.Stub, timeout=10) as client:
         return client.call_method('Echo', echo.pb.EchoRequest(text=text)).text
-
-
-def fast_lane(path: Path) -> Path:
-    return path.with_name(path.name.replace('.sock', '.ttrpc.sock'))
-
-
-def test_both_socket_files_are_sockets_only_their_owner_may_use(server: ServerProcess) -> None:
-    for path in (server.socket_path, fast_lane(server.socket_path)):
-        info = os.lstat(path)
-        assert stat.S_ISSOCK(info.st_mode)
-        assert stat.S_IMODE(info.st_mode) == 0o600
-        assert info.st_uid == os.getuid()
-
-
-def test_no_private_bind_directory_is_left_after_start(server: ServerProcess) -> None:
-    assert sorted(p.name for p in server.socket_path.parent.iterdir()) == \
-        ['test_ipc.sock', 'test_ipc.ttrpc.sock']
-
-
-def test_missing_parent_directories_are_created_owner_only(start_server, socket_dir: Path, echo) -> None:
-    path = socket_dir / 'run' / 'module' / 'x.sock'
-    start_server(path)
-    for directory in (socket_dir / 'run', socket_dir / 'run' / 'module'):
-        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
-    assert echo_text(path, echo) == 'hi'
-
-
-def test_stale_socket_file_is_replaced(start_server, socket_path: Path, echo) -> None:
-    make_stale_socket(socket_path)
-    stale_inode = socket_path.stat().st_ino
-    start_server(socket_path)
-    assert socket_path.stat().st_ino != stale_inode
-    assert echo_text(socket_path, echo) == 'hi'
 
 
 def test_second_server_on_live_socket_is_refused(start_server, server: ServerProcess, echo) -> None:
@@ -81,29 +48,6 @@ def test_new_server_starts_after_the_first_was_killed(start_server, server: Serv
     assert server.socket_path.is_socket()  # a crash leaves the file behind
     start_server(server.socket_path)
     assert echo_text(server.socket_path, echo) == 'hi'
-
-
-def test_directory_at_socket_path_is_a_clear_error(start_server, socket_path: Path) -> None:
-    socket_path.mkdir()
-    process = start_server(socket_path, wait=False)
-    assert process.wait() == 3
-    assert 'is a directory' in process.log() and str(socket_path) in process.log()
-    assert socket_path.is_dir()
-
-
-def test_regular_file_at_socket_path_is_left_alone(start_server, socket_path: Path) -> None:
-    socket_path.write_text('precious')
-    process = start_server(socket_path, wait=False)
-    assert process.wait() == 3
-    assert 'not a socket' in process.log() and str(socket_path) in process.log()
-    assert socket_path.read_text() == 'precious'
-
-
-def test_parent_that_is_a_file_is_a_clear_error(start_server, socket_dir: Path) -> None:
-    (socket_dir / 'file').write_text('')
-    process = start_server(socket_dir / 'file' / 'x.sock', wait=False)
-    assert process.wait() == 3
-    assert 'parent is not a directory' in process.log()
 
 
 @pytest.mark.parametrize('stop_signal', [signal.SIGTERM, signal.SIGINT])
@@ -125,21 +69,6 @@ def test_in_flight_call_finishes_within_grace_on_sigterm(server: ServerProcess, 
     asyncio.run(scenario())
     assert server.wait() == 0
     assert not server.socket_path.exists()
-
-
-def test_socket_taken_over_by_another_server_is_not_removed(start_server, socket_dir: Path, echo) -> None:
-    path = socket_dir / 'x.sock'
-    first = start_server(path)
-    os.rename(path, socket_dir / 'moved.sock')  # an operator moved it away...
-    second = start_server(path, '--ttrpc-socket-path', str(socket_dir / 'second.ttrpc.sock'))
-    # ...and another server took the path
-    first.signal(signal.SIGTERM)
-    assert first.wait() == 0
-    assert path.is_socket()
-    assert echo_text(path, echo, 'second') == 'second'
-    second.signal(signal.SIGTERM)
-    assert second.wait() == 0
-    assert sorted(p.name for p in socket_dir.iterdir()) == ['moved.sock']
 
 
 def test_health_is_serving_for_every_service(server: ServerProcess) -> None:
@@ -211,26 +140,6 @@ async def test_stop_is_idempotent_and_wait_for_termination_reports_it(socket_pat
     assert list(socket_path.parent.iterdir()) == []
 
 
-@pytest.mark.asyncio
-async def test_server_is_an_async_context_manager(socket_path: Path) -> None:
-    async with IPCServer(socket_path, servicers=[ModuleService('unit')]) as server:
-        assert server.is_serving and is_listening(socket_path)
-    assert not server.is_serving
-    assert not socket_path.exists()
-
-
-@pytest.mark.asyncio
-async def test_live_socket_in_this_process_is_refused_with_the_path(socket_path: Path) -> None:
-    async with IPCServer(socket_path, servicers=[ModuleService('unit')]):
-        second = IPCServer(socket_path, servicers=[ModuleService('unit')])
-        with pytest.raises(SocketInUseError) as error:
-            await second.start()
-        assert error.value.filename == str(socket_path)
-        await second.stop()  # after a failed start: a no-op
-        assert is_listening(socket_path)
-    assert list(socket_path.parent.iterdir()) == []
-
-
 def test_servicer_without_generated_base_needs_its_add_function(socket_path: Path) -> None:
     with pytest.raises(TypeError, match='does not derive from a grpcio-generated'):
         IPCServer(socket_path, servicers=[object()])
@@ -240,13 +149,6 @@ def test_same_service_twice_is_refused(socket_path: Path) -> None:
     server = IPCServer(socket_path, servicers=[ModuleService('unit')])
     with pytest.raises(ValueError, match='vyra.ipc.ModuleService is already registered'):
         server.add_servicer(ModuleService('other'))
-
-
-@pytest.mark.asyncio
-async def test_start_twice_is_refused(socket_path: Path) -> None:
-    async with IPCServer(socket_path, servicers=[ModuleService('unit')]) as server:
-        with pytest.raises(RuntimeError, match='start\\(\\) called on a server that is serving'):
-            await server.start()
 
 
 # -- the fast lane beside it -------------------------------------------------------------

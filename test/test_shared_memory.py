@@ -9,7 +9,7 @@ How the way a message travelled is observed, without mocks:
   socket (``send``/``sendmsg``) adds nothing. So the client's count grows by
   the request's size exactly when the request went as shared memory, the
   server's by the reply's.
-- Hand-written ttrpc peers (:class:`RawClient`, :class:`RecordingServer`)
+- Hand-written ttrpc peers (ttrpc_peer's :class:`Peer`, :class:`RecordingServer`)
   see every frame's flags and the descriptors passed with it.
 - The ``Inspect`` handler of test/servers/echo_server.py reports which
   mapping of the server process holds the bytes ``shared_buffer()`` gave it:
@@ -22,7 +22,6 @@ The servers use a 4 KiB threshold so that the boundary cases are fast.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import dataclasses
 import fcntl
@@ -32,23 +31,20 @@ import json
 import os
 from pathlib import Path
 import random
-import shutil
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 import numpy
 import pytest
 
-from conftest import LONG, SERVERS, ServerProcess, wait_for
+from conftest import LONG, SERVERS, ServerProcess, StartServer, wait_for
 from servers.mappings import mapping_of
-from test_ttrpc_interop import TTRPC_SOURCE, go_client  # noqa: F401 (a fixture)
+from ttrpc_peer import REQUEST, RESPONSE, SHARED, Answer, Peer, PeerServer, frame_bytes, response_envelope
 from vyra_base_ipc import (
     IPCHandler,
     IPCServer,
@@ -59,7 +55,6 @@ from vyra_base_ipc import (
     shared_buffer,
 )
 from vyra_base_ipc import ttrpc_pb2
-from vyra_base_ipc.address import default_ttrpc_socket_path
 from vyra_base_ipc.exceptions import IPCRemoteError, IPCTimeoutError, IPCUnavailableError
 from vyra_base_ipc.methods import stub_methods
 from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
@@ -70,11 +65,8 @@ MiB = 1 << 20
 #: max_message_bytes of both ends where 100 MiB messages must pass.
 LARGE_LIMIT = 128 * MiB
 
-# The wire, spelled out from protos/vyra_base_ipc/ttrpc.proto and the
-# framing spec rather than imported: these tests pin the contract.
-HEADER = struct.Struct('>IIBB')
-REQUEST, RESPONSE, DATA = 1, 2, 3
-SHARED = 0x80
+# The wire is spelled out by ttrpc_peer from the specification rather than
+# imported from the package: these tests pin the contract.
 HELLO = ('vyra.ipc.ttrpc.Connection', 'Hello')
 ECHO_SERVICE = 'vyra.ipc.test.EchoService'
 F_ADD_SEALS, F_GET_SEALS = 1033, 1034
@@ -190,119 +182,18 @@ def make_memfd(data: bytes, seals: int = ALL_SEALS, sealable: bool = True) -> in
 
 # -- hand-driven ttrpc ends ---------------------------------------------------------------------
 
-class Frame(NamedTuple):
-    stream_id: int
-    type: int
-    flags: int
-    data: bytes
-    fds: list[int]  # the descriptors received up to this frame, now owned by the reader
+def hello(peer: Peer) -> tuple[int, str, bool]:
+    """Offer shared memory, as a client of this package does: (code, message)
+    of the answer, and whether the server agreed."""
+    peer.request(1, *HELLO, ttrpc_pb2.Hello(shared_memory=True).SerializeToString())
+    answer = peer.answer()
+    assert answer.stream_id == 1 and not answer.fds
+    return answer.code, answer.message, answer.code == 0 and ttrpc_pb2.Hello.FromString(answer.payload).shared_memory
 
 
-class Wire:
-    """One end of a ttrpc connection driven by hand: frames packed with
-    ``struct``, descriptors passed with ``sendmsg`` and read with ``recvmsg``."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        sock.settimeout(20)
-        self._buffer = bytearray()
-        self._fds: list[int] = []
-
-    def send(self, stream_id: int, message_type: int, flags: int, data: bytes,
-             fds: Sequence[int] = ()) -> None:
-        frame = HEADER.pack(len(data), stream_id, message_type, flags) + data
-        sent = 0
-        if fds:
-            sent = self.sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                array.array('i', fds).tobytes())])
-        if sent < len(frame):
-            self.sock.sendall(frame[sent:])
-
-    def pass_fds(self, fds: Sequence[int], data: bytes = b'\0') -> None:
-        """Pass descriptors with ``data`` (raw bytes, not a frame)."""
-        self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', fds).tobytes())])
-
-    def _fill(self) -> None:
-        data, ancillary, _, _ = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(64 * 4))
-        for level, kind, raw in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                numbers = array.array('i')
-                numbers.frombytes(raw[:len(raw) - len(raw) % numbers.itemsize])
-                self._fds.extend(numbers)
-        if not data:
-            raise ConnectionError('closed by the other end')
-        self._buffer += data
-
-    def read_frame(self) -> Frame:
-        while len(self._buffer) < HEADER.size:
-            self._fill()
-        length, stream_id, message_type, flags = HEADER.unpack_from(self._buffer)
-        while len(self._buffer) < HEADER.size + length:
-            self._fill()
-        data = bytes(self._buffer[HEADER.size:HEADER.size + length])
-        del self._buffer[:HEADER.size + length]
-        fds, self._fds = self._fds, []
-        return Frame(stream_id, message_type, flags, data, fds)
-
-    def frames_until_closed(self) -> list[Frame]:
-        """Every frame the other end sends before it closes the connection."""
-        frames = []
-        while True:
-            try:
-                frames.append(self.read_frame())
-            except (ConnectionError, socket.timeout) as error:
-                if isinstance(error, socket.timeout):
-                    raise AssertionError('the connection was not closed') from None
-                return frames
-
-    def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
-        self.sock.close()
-
-
-class Answer(NamedTuple):
-    stream_id: int
-    flags: int
-    code: int
-    message: str
-    payload: bytes
-    fds: list[int]
-
-
-class RawClient(Wire):
-    """A ttrpc client written from the spec (no Hello unless asked)."""
-
-    @classmethod
-    def connect(cls, path: Path) -> 'RawClient':
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(str(path))
-        return cls(sock)
-
-    def request(self, stream_id: int, service: str, method: str, payload: bytes = b'', *,
-                flags: int = 0, fds: Sequence[int] = ()) -> None:
-        envelope = ttrpc_pb2.Request(service=service, method=method, payload=payload)
-        self.send(stream_id, REQUEST, flags, envelope.SerializeToString(), fds)
-
-    def answer(self) -> Answer:
-        frame = self.read_frame()
-        assert frame.type == RESPONSE, f'expected a response, got a frame of type {frame.type}'
-        response = ttrpc_pb2.Response.FromString(frame.data)
-        return Answer(frame.stream_id, frame.flags, response.status.code, response.status.message,
-                      response.payload, frame.fds)
-
-    def hello(self) -> tuple[int, str, bool]:
-        """Offer shared memory: (status code, message, whether the server agreed)."""
-        self.request(1, *HELLO, ttrpc_pb2.Hello(shared_memory=True).SerializeToString())
-        answer = self.answer()
-        assert answer.stream_id == 1 and not answer.fds
-        agreed = answer.code == 0 and ttrpc_pb2.Hello.FromString(answer.payload).shared_memory
-        return answer.code, answer.message, agreed
-
-    def echo(self, stream_id: int, echo: Any, payload: bytes) -> Answer:
-        self.request(stream_id, ECHO_SERVICE, 'Echo', echo.pb.EchoRequest(payload=payload).SerializeToString())
-        return self.answer()
+def call_echo(peer: Peer, stream_id: int, echo: Any, payload: bytes) -> Answer:
+    peer.request(stream_id, ECHO_SERVICE, 'Echo', echo.pb.EchoRequest(payload=payload).SerializeToString())
+    return peer.answer()
 
 
 @dataclasses.dataclass
@@ -317,7 +208,7 @@ class Arrival:
     payload: bytes
 
 
-class RecordingServer:
+class RecordingServer(PeerServer):
     """A ttrpc server written from the spec, in threads of this process: it
     agrees to the Hello, records how each request arrived and answers with
     the request's own message, inline (EchoRequest and EchoReply share their
@@ -326,34 +217,14 @@ class RecordingServer:
 
     def __init__(self, path: Path,
                  forge: Callable[[bytes], tuple[int, bytes, list[int]]] | None = None) -> None:
-        self.path = path
         self.forge = forge
         self.arrivals: list[Arrival] = []
-        self.failures: list[BaseException] = []
-        self._wires: list[Wire] = []
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(path))
-        self.listener.listen(8)
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
+        super().__init__(path, self._record)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            wire = Wire(sock)
-            wire.sock.settimeout(None)
-            self._wires.append(wire)
-            thread = threading.Thread(target=self._serve, args=(wire,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, wire: Wire) -> None:
+    def _record(self, peer: Peer) -> None:
         try:
             while True:
-                frame = wire.read_frame()
+                frame = peer.read_frame()
                 request = ttrpc_pb2.Request.FromString(frame.data)
                 payload = request.payload
                 seals = [fcntl.fcntl(fd, F_GET_SEALS) for fd in frame.fds]
@@ -366,89 +237,39 @@ class RecordingServer:
                     os.close(fd)
                 self.arrivals.append(Arrival(f'/{request.service}/{request.method}', frame.flags,
                                              len(frame.fds), seals, sizes, payload))
-                flags, data, fds = 0, ttrpc_pb2.Response(status=ttrpc_pb2.Status(code=0),
-                                                         payload=payload).SerializeToString(), []
+                flags, data, fds = 0, response_envelope(payload), []
                 if self.forge is not None and (request.service, request.method) != HELLO:
                     flags, data, fds = self.forge(payload)
                 try:
-                    wire.send(frame.stream_id, RESPONSE, flags, data, fds)
+                    peer.send(frame.stream_id, RESPONSE, flags, data, fds)
                 finally:
                     for fd in fds:
                         os.close(fd)
         except (ConnectionError, OSError):
             pass
-        except BaseException as error:  # reported by close()
-            self.failures.append(error)
-        finally:
-            wire.close()
 
     def requests(self) -> list[Arrival]:
         """Arrivals other than the Hello."""
         return [arrival for arrival in self.arrivals if arrival.method != '/' + '/'.join(HELLO)]
 
-    def close(self) -> None:
-        """Stop, close every connection and wait for the threads."""
-        self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
-        for wire in self._wires:
-            try:
-                wire.sock.shutdown(socket.SHUT_RDWR)  # wakes recvmsg()
-            except OSError:
-                pass
-        for thread in list(self._threads):
-            thread.join(timeout=20)
-        self.listener.close()
-        assert not self.failures, self.failures
-
 
 # -- servers ------------------------------------------------------------------------------------
 
-def spawn(test_protos_dir: Path, socket_path: Path, *args: str,
-          script: str = 'echo_server.py') -> ServerProcess:
-    """A server process as conftest's start_server runs it (for module-scoped servers)."""
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(test_protos_dir), str(SERVERS),
-                                                      env.get('PYTHONPATH')]))
-    log = socket_path.parent / f'{socket_path.stem}.log'
-    with open(log, 'wb') as log_file:
-        popen = subprocess.Popen([sys.executable, str(SERVERS / script), str(socket_path), *args],
-                                 env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    return ServerProcess(popen, socket_path, log).wait_serving()
-
-
-def stop(server: ServerProcess) -> None:
-    server.signal(15)
-    try:
-        server.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        server.kill()
-
-
 @pytest.fixture(scope='module')
-def shm_server(test_protos_dir: Path) -> Iterator[ServerProcess]:
+def shm_server(start_module_server: StartServer, module_socket_dir: Path) -> ServerProcess:
     """Shared memory above 4 KiB, messages up to LARGE_LIMIT."""
-    directory = Path(tempfile.mkdtemp(prefix='shm-', dir='/tmp'))
-    server = spawn(test_protos_dir, directory / 's.sock', '--shared-memory-threshold', str(THRESHOLD),
-                   '--max-message-bytes', str(LARGE_LIMIT))
-    yield server
-    stop(server)
-    shutil.rmtree(directory, ignore_errors=True)
+    return start_module_server(module_socket_dir / 's.sock', '--shared-memory-threshold', str(THRESHOLD),
+                               '--max-message-bytes', str(LARGE_LIMIT))
 
 
 @pytest.fixture(scope='module')
-def victim(test_protos_dir: Path) -> Iterator[ServerProcess]:
+def victim(start_module_server: StartServer, module_socket_dir: Path) -> Iterator[ServerProcess]:
     """A server for forged input: nothing else talks to it."""
-    directory = Path(tempfile.mkdtemp(prefix='shv-', dir='/tmp'))
-    server = spawn(test_protos_dir, directory / 'v.sock', '--shared-memory-threshold', str(THRESHOLD))
+    server = start_module_server(module_socket_dir / 'v.sock', '--shared-memory-threshold', str(THRESHOLD))
     yield server
-    stop(server)
-    log = server.log()
-    shutil.rmtree(directory, ignore_errors=True)
+    server.stop()
     # Forged input is refused by checks, never by an exception in the server.
-    assert 'Traceback' not in log, log
-
-
-def fast_path(server: ServerProcess) -> Path:
-    return default_ttrpc_socket_path(server.socket_path)
+    assert 'Traceback' not in server.log(), server.log()
 
 
 @pytest.fixture(scope='module')
@@ -474,7 +295,7 @@ def exchange(kind: str, echo: Any, server: ServerProcess, method: str, request: 
     """Make one call through a new client of ``kind`` (after a small warm-up
     call, so that connecting is not measured). With ``return_buffers`` the
     exchange's reply is ``(reply, ReceivedBuffers)``."""
-    path = fast_path(server)
+    path = server.ttrpc_path
     methods = stub_methods(echo.Stub)
     warm_up = echo.pb.EchoRequest(text='warm-up')
 
@@ -555,12 +376,12 @@ def test_100_mib_echo_is_byte_exact_through_shared_memory(
 
 def test_server_answers_above_the_threshold_in_sealed_shared_memory_and_at_it_inline(
         echo: Any, shm_server: ServerProcess) -> None:
-    peer = RawClient.connect(fast_path(shm_server))
+    peer = Peer.connect(shm_server.ttrpc_path)
     try:
-        assert peer.hello() == (0, '', True)
+        assert hello(peer) == (0, '', True)
         for stream_id, size in zip((3, 5, 7), (THRESHOLD - 1, THRESHOLD, THRESHOLD + 1)):
             reply = sized(echo.pb.EchoReply, size)
-            answer = peer.echo(stream_id, echo, reply.payload)
+            answer = call_echo(peer, stream_id, echo, reply.payload)
             assert answer.code == 0, answer.message
             if size <= THRESHOLD:
                 assert (answer.flags, answer.fds) == (0, [])
@@ -625,11 +446,11 @@ def test_client_sends_above_the_threshold_in_sealed_shared_memory_and_at_it_inli
 # == 2. inline where shared memory is off or impossible ==========================================
 
 def test_server_without_shared_memory_declines_it_in_the_hello_and_large_calls_go_inline(
-        start_server: Callable[..., ServerProcess], socket_path: Path, echo: Any) -> None:
+        start_server: StartServer, socket_path: Path, echo: Any) -> None:
     server = start_server(socket_path, '--no-shared-memory', '--shared-memory-threshold', str(THRESHOLD))
-    peer = RawClient.connect(fast_path(server))
+    peer = Peer.connect(server.ttrpc_path)
     try:
-        assert peer.hello() == (0, '', False)
+        assert hello(peer) == (0, '', False)
     finally:
         peer.close()
     request = echo.pb.EchoRequest(payload=os.urandom(3 * MiB))
@@ -673,24 +494,22 @@ def test_grpc_lane_carries_large_messages_inline(kind: str, echo: Any, shm_serve
 
 def test_plain_ttrpc_client_gets_inline_answers_above_the_threshold(
         echo: Any, shm_server: ServerProcess) -> None:
-    peer = RawClient.connect(fast_path(shm_server))  # no Hello: as any other ttrpc client
+    peer = Peer.connect(shm_server.ttrpc_path)  # no Hello: as any other ttrpc client
     try:
         payload = os.urandom(256 * 1024)
-        answer = peer.echo(1, echo, payload)
+        answer = call_echo(peer, 1, echo, payload)
         assert (answer.code, answer.flags, answer.fds) == (0, 0, [])
         assert echo.pb.EchoReply.FromString(answer.payload).payload == payload
     finally:
         peer.close()
 
 
-@pytest.mark.skipif(shutil.which('go') is None or not TTRPC_SOURCE.is_dir(),
-                    reason='needs golang-go and golang-github-containerd-ttrpc-dev (see test_ttrpc_interop)')
 def test_containerd_go_client_gets_inline_answers_above_the_threshold(
-        go_client: Path, shm_server: ServerProcess) -> None:  # noqa: F811 (the fixture)
+        go_client: Path, shm_server: ServerProcess) -> None:
     # ExecuteCommand names an unknown command in its answer: 100 KiB each way
     # (an argument may have up to 128 KiB), far above the 4 KiB threshold.
     name = 'x' * (100 * 1024)
-    result = subprocess.run([str(go_client), str(fast_path(shm_server)), 'exec', name],
+    result = subprocess.run([str(go_client), str(shm_server.ttrpc_path), 'exec', name],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, f'Go client failed:\n{result.stdout}\n{result.stderr}'
     response = json.loads(result.stdout)['response']
@@ -771,7 +590,7 @@ def test_shared_buffer_travels_inline_on_the_grpc_lane(kind: str, echo: Any, shm
 
 
 def test_shared_buffer_travels_inline_to_a_server_without_shared_memory(
-        start_server: Callable[..., ServerProcess], socket_path: Path, echo: Any) -> None:
+        start_server: StartServer, socket_path: Path, echo: Any) -> None:
     server = start_server(socket_path, '--no-shared-memory')
     data = os.urandom(MiB)
     with SharedBuffer.copy_from(data) as buffer:
@@ -842,11 +661,11 @@ def test_answer_buffers_travel_inline_to_a_client_without_shared_memory(
 
 @pytest.mark.asyncio
 async def test_answer_buffers_nobody_asked_for_or_kept_leave_nothing_behind(
-        echo: Any, start_server: Callable[..., ServerProcess], socket_path: Path) -> None:
+        echo: Any, start_server: StartServer, socket_path: Path) -> None:
     server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD))
     methods = stub_methods(echo.Stub)
     server_before = quiet_usage(server.pid)
-    async with await AsyncConnection.connect(fast_path(server), shared_memory=OPTIONS) as connection:
+    async with await AsyncConnection.connect(server.ttrpc_path, shared_memory=OPTIONS) as connection:
         await connection.call(methods['Echo'], echo.pb.EchoRequest(), timeout=LONG)
         gc.collect()
         client_before = usage('self')
@@ -882,7 +701,6 @@ def test_bad_buffers_are_refused_before_anything_is_sent(kind: str, echo: Any, s
                 exchange(kind, echo, shm_server, method, request, buffers=buffers, lane=lane or 'auto')
 
 
-@pytest.mark.parametrize('lane', ['ttrpc', 'grpc'])
 def test_reference_to_a_buffer_not_sent_with_the_call_fails_naming_its_handle(
         lane: str, echo: Any, shm_server: ServerProcess) -> None:
     with SharedBuffer.copy_from(b'not sent') as missing, SharedBuffer.copy_from(b'sent') as other:
@@ -946,7 +764,7 @@ FORGERIES: dict[str, tuple[Callable[[], int], int, str]] = {
 def still_serving(echo: Any, server: ServerProcess) -> None:
     """A fresh client gets its large echo, through shared memory."""
     payload = os.urandom(64 * 1024)
-    with SyncConnection.connect(fast_path(server), shared_memory=OPTIONS) as connection:
+    with SyncConnection.connect(server.ttrpc_path, shared_memory=OPTIONS) as connection:
         reply = connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(payload=payload),
                                 timeout=LONG)
         assert reply.payload == payload
@@ -969,10 +787,10 @@ def test_forged_descriptor_is_refused_naming_what_is_wrong(
         forgery: str, slot: str, echo: Any, victim: ServerProcess, baseline: Usage) -> None:
     make, announced, words = FORGERIES[forgery]
     method, manifest = forged_payload(echo, slot, announced)
-    peer = RawClient.connect(fast_path(victim))
+    peer = Peer.connect(victim.ttrpc_path)
     fd = make()
     try:
-        assert peer.hello() == (0, '', True)
+        assert hello(peer) == (0, '', True)
         peer.request(3, ECHO_SERVICE, method, manifest, flags=SHARED, fds=[fd])
         answer = peer.answer()
         assert (answer.stream_id, answer.code) == (3, grpc.StatusCode.INVALID_ARGUMENT.value[0])
@@ -981,7 +799,7 @@ def test_forged_descriptor_is_refused_naming_what_is_wrong(
         if slot == 'buffer':
             assert 'shared buffer 0 (0x0000000000001234)' in answer.message
         # The connection stays usable: only that call was refused.
-        assert peer.echo(5, echo, b'after').code == 0
+        assert call_echo(peer, 5, echo, b'after').code == 0
     finally:
         os.close(fd)
         peer.close()
@@ -991,10 +809,10 @@ def test_fewer_descriptors_than_announced_close_the_connection(
         echo: Any, victim: ServerProcess, baseline: Usage) -> None:
     manifest = ttrpc_pb2.SharedMemoryManifest(payload_size=len(PAYLOAD))
     manifest.buffers.add(handle=1, size=len(PAYLOAD))  # two descriptors announced
-    peer = RawClient.connect(fast_path(victim))
+    peer = Peer.connect(victim.ttrpc_path)
     fd = make_memfd(PAYLOAD)
     try:
-        assert peer.hello() == (0, '', True)
+        assert hello(peer) == (0, '', True)
         peer.request(3, ECHO_SERVICE, 'Echo', manifest.SerializeToString(), flags=SHARED, fds=[fd])
         frames = peer.frames_until_closed()
     finally:
@@ -1008,7 +826,7 @@ def test_fewer_descriptors_than_announced_close_the_connection(
 
 def test_descriptors_without_a_hello_close_the_connection(
         echo: Any, victim: ServerProcess, baseline: Usage) -> None:
-    peer = RawClient.connect(fast_path(victim))
+    peer = Peer.connect(victim.ttrpc_path)
     fd = make_memfd(PAYLOAD)
     try:
         manifest = ttrpc_pb2.SharedMemoryManifest(payload_size=len(PAYLOAD)).SerializeToString()
@@ -1021,7 +839,7 @@ def test_descriptors_without_a_hello_close_the_connection(
 
 def test_shared_memory_flag_without_a_hello_closes_the_connection(
         echo: Any, victim: ServerProcess, baseline: Usage) -> None:
-    peer = RawClient.connect(fast_path(victim))
+    peer = Peer.connect(victim.ttrpc_path)
     try:
         manifest = ttrpc_pb2.SharedMemoryManifest(payload=b'').SerializeToString()
         peer.request(1, ECHO_SERVICE, 'Echo', manifest, flags=SHARED)
@@ -1034,14 +852,14 @@ def test_shared_memory_flag_without_a_hello_closes_the_connection(
                          ids=['more-unclaimed-than-the-limit', 'more-in-one-message-than-read'])
 def test_flood_of_descriptors_closes_the_connection(
         batches: int, per_batch: int, echo: Any, victim: ServerProcess, baseline: Usage) -> None:
-    peer = RawClient.connect(fast_path(victim))
+    peer = Peer.connect(victim.ttrpc_path)
     fd = make_memfd(PAYLOAD)
     try:
-        assert peer.hello() == (0, '', True)
-        header = HEADER.pack(1 << 20, 3, REQUEST, SHARED)  # a frame that never completes
+        assert hello(peer) == (0, '', True)
+        header = frame_bytes(3, REQUEST, SHARED, length=1 << 20)  # a frame that never completes
         for index in range(batches):
             try:
-                peer.pass_fds([fd] * per_batch, header[index:index + 1] or b'\0')
+                peer.send_raw(header[index:index + 1] or b'\0', [fd] * per_batch)
             except (BrokenPipeError, ConnectionResetError):
                 break  # closed already: the limit held
         assert peer.frames_until_closed() == []
@@ -1076,11 +894,11 @@ def test_client_refuses_a_forged_answer_naming_what_is_wrong(forgery: str, echo:
 
 @pytest.mark.asyncio
 async def test_thousands_of_mixed_calls_leave_no_descriptor_or_mapping_behind(
-        start_server: Callable[..., ServerProcess], socket_path: Path, echo: Any) -> None:
+        start_server: StartServer, socket_path: Path, echo: Any) -> None:
     # Deadlines with buffers held and batches of many descriptors: the
     # tests below too.
     server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD))
-    path = fast_path(server)
+    path = server.ttrpc_path
     methods = stub_methods(echo.Stub)
     payload = os.urandom(16 * 1024)
     details = 'd' * (8 * 1024)
@@ -1169,7 +987,7 @@ async def test_many_concurrent_large_calls_share_one_connection(
     method = stub_methods(echo.Stub)['Echo']
     # Their requests leave in one write, their answers too: far more
     # descriptors than one recvmsg() takes.
-    async with await AsyncConnection.connect(fast_path(shm_server), shared_memory=OPTIONS) as connection:
+    async with await AsyncConnection.connect(shm_server.ttrpc_path, shared_memory=OPTIONS) as connection:
         await connection.call(method, echo.pb.EchoRequest(), timeout=LONG)
         meter = Meter(shm_server.pid)
         replies = await asyncio.gather(*(connection.call(method, echo.pb.EchoRequest(payload=payload))
@@ -1197,7 +1015,7 @@ def test_a_call_passes_up_to_31_buffers_and_more_are_refused_before_sending(
 
 
 def test_server_lets_go_of_a_calls_buffers_when_the_call_ends(
-        echo: Any, start_server: Callable[..., ServerProcess], socket_path: Path) -> None:
+        echo: Any, start_server: StartServer, socket_path: Path) -> None:
     server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD))
     before = quiet_usage(server.pid)
     with SharedBuffer.copy_from(os.urandom(64 * 1024)) as buffer:
@@ -1211,7 +1029,7 @@ def test_server_lets_go_of_a_calls_buffers_when_the_call_ends(
 async def test_async_client_lets_go_of_an_answer_when_the_call_ends(
         echo: Any, shm_server: ServerProcess) -> None:
     method = stub_methods(echo.Stub)['Echo']
-    async with await AsyncConnection.connect(fast_path(shm_server), shared_memory=OPTIONS) as connection:
+    async with await AsyncConnection.connect(shm_server.ttrpc_path, shared_memory=OPTIONS) as connection:
         await connection.call(method, echo.pb.EchoRequest(), timeout=LONG)
         gc.collect()
         before = usage('self')
@@ -1228,13 +1046,13 @@ async def test_async_client_lets_go_of_an_answer_when_the_call_ends(
 
 @pytest.mark.parametrize('ending', ['deadline', 'client gone'])
 def test_server_lets_go_of_the_buffers_of_a_cancelled_call(
-        ending: str, echo: Any, start_server: Callable[..., ServerProcess], socket_path: Path) -> None:
+        ending: str, echo: Any, start_server: StartServer, socket_path: Path) -> None:
     server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD))
     before = quiet_usage(server.pid)
     method = stub_methods(echo.Stub)['Inspect']
     with SharedBuffer.copy_from(os.urandom(64 * 1024)) as buffer:
         request = echo.pb.InspectRequest(data=buffer.ref, sleep_seconds=30)
-        with SyncConnection.connect(fast_path(server), shared_memory=OPTIONS) as connection:
+        with SyncConnection.connect(server.ttrpc_path, shared_memory=OPTIONS) as connection:
             for _ in range(5):
                 if ending == 'deadline':
                     with pytest.raises(IPCTimeoutError):
@@ -1251,7 +1069,7 @@ def test_server_lets_go_of_the_buffers_of_a_cancelled_call(
 
 @pytest.mark.asyncio
 async def test_killing_the_server_mid_call_leaves_the_client_nothing(
-        start_server: Callable[..., ServerProcess], socket_path: Path, echo: Any) -> None:
+        start_server: StartServer, socket_path: Path, echo: Any) -> None:
     shm_before = dev_shm()
     server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD))
     methods = stub_methods(echo.Stub)
@@ -1272,7 +1090,7 @@ async def test_killing_the_server_mid_call_leaves_the_client_nothing(
             assert reply.payload == payload
             done += 1
 
-    connection = await AsyncConnection.connect(fast_path(server), shared_memory=OPTIONS)
+    connection = await AsyncConnection.connect(server.ttrpc_path, shared_memory=OPTIONS)
     try:
         with SharedBuffer.copy_from(os.urandom(4 * MiB)) as buffer:
             tasks = [asyncio.ensure_future(keep_calling(connection, buffer, index)) for index in range(8)]
@@ -1292,15 +1110,12 @@ async def test_killing_the_server_mid_call_leaves_the_client_nothing(
 
 
 def test_killing_a_client_mid_call_leaves_the_server_nothing(
-        start_server: Callable[..., ServerProcess], socket_path: Path, echo: Any,
-        test_protos_dir: Path) -> None:
+        start_server: StartServer, socket_path: Path, echo: Any, child_env: dict[str, str]) -> None:
     shm_before = dev_shm()
     server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD))
     server_before = quiet_usage(server.pid)
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(test_protos_dir), env.get('PYTHONPATH')]))
-    client = subprocess.Popen([sys.executable, str(SERVERS / 'shm_peer.py'), str(fast_path(server)), 'loop'],
-                              stdout=subprocess.PIPE, text=True, env=env)
+    client = subprocess.Popen([sys.executable, str(SERVERS / 'shm_peer.py'), str(server.ttrpc_path), 'loop'],
+                              stdout=subprocess.PIPE, text=True, env=child_env)
     try:
         assert client.stdout is not None
         assert client.stdout.readline() == 'ready\n'
@@ -1321,12 +1136,10 @@ def test_killing_a_client_mid_call_leaves_the_server_nothing(
 # == 6. no memfd: a warning, and inline ===========================================================
 
 def test_without_memfd_a_client_warns_and_calls_go_inline(
-        shm_server: ServerProcess, test_protos_dir: Path) -> None:
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(test_protos_dir), env.get('PYTHONPATH')]))
+        shm_server: ServerProcess, child_env: dict[str, str]) -> None:
     meter = Meter(shm_server.pid)
-    result = subprocess.run([sys.executable, str(SERVERS / 'shm_peer.py'), str(fast_path(shm_server)),
-                             'no-memfd-client'], capture_output=True, text=True, env=env, timeout=60)
+    result = subprocess.run([sys.executable, str(SERVERS / 'shm_peer.py'), str(shm_server.ttrpc_path),
+                             'no-memfd-client'], capture_output=True, text=True, env=child_env, timeout=60)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert [warning for warning in report['warnings'] if 'shared memory' in warning] == [
@@ -1338,14 +1151,14 @@ def test_without_memfd_a_client_warns_and_calls_go_inline(
 
 
 def test_without_memfd_a_server_warns_and_answers_inline(
-        start_server: Callable[..., ServerProcess], socket_path: Path, echo: Any) -> None:
+        start_server: StartServer, socket_path: Path, echo: Any) -> None:
     server = start_server(socket_path, 'serve-without-memfd', '--shared-memory-threshold', str(THRESHOLD),
                           script='shm_peer.py')
     assert ('RuntimeWarning: large messages travel inline: shared memory is unavailable '
             '(os.memfd_create is not available on this platform)') in server.log()
-    peer = RawClient.connect(fast_path(server))
+    peer = Peer.connect(server.ttrpc_path)
     try:
-        assert peer.hello() == (0, '', False)
+        assert hello(peer) == (0, '', False)
     finally:
         peer.close()
     request = echo.pb.EchoRequest(payload=os.urandom(MiB))

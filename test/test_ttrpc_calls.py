@@ -6,10 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-import shutil
 import signal
-import subprocess
-import tempfile
 import threading
 from typing import Any, Iterator
 import warnings
@@ -17,8 +14,7 @@ import warnings
 import grpc
 import pytest
 
-from conftest import wait_for
-from test_ttrpc_lanes import Lanes, start_lanes, stop_lanes
+from conftest import ServerProcess, StartServer, make_stale_socket, start_lanes, wait_for
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc.exceptions import IPCRemoteError, IPCTimeoutError, IPCUnavailableError
 from vyra_base_ipc.methods import stub_methods
@@ -27,20 +23,6 @@ from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
 
 EXECUTE = stub_methods(ModuleServiceStub)['ExecuteCommand']
 PING = module_pb.CommandRequest(command='ping')
-
-
-@pytest.fixture
-def server(test_protos_dir: Path) -> Iterator[tuple[Lanes, subprocess.Popen]]:
-    directory = Path(tempfile.mkdtemp(prefix='ttc-', dir='/tmp'))
-    popen = start_lanes(test_protos_dir, directory)
-    yield Lanes(directory / 'g.sock', directory / 't.sock'), popen
-    stop_lanes(popen)
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
-def lanes(server: tuple[Lanes, subprocess.Popen]) -> Lanes:
-    return server[0]
 
 
 def observed(connection: SyncConnection, label: str) -> dict[str, Any] | None:
@@ -54,7 +36,7 @@ def observed(connection: SyncConnection, label: str) -> dict[str, Any] | None:
 @pytest.mark.asyncio
 @pytest.mark.parametrize('method_name', ['Echo', 'EchoSync'])
 async def test_sleeping_handler_does_not_delay_a_ping_on_the_same_connection(
-        lanes: Lanes, echo: Any, method_name: str) -> None:
+        lanes: ServerProcess, echo: Any, method_name: str) -> None:
     method = stub_methods(echo.Stub)[method_name]
     # A def handler holds its worker thread to the end, so it sleeps less.
     text = 'sleep:slow:30' if method_name == 'Echo' else 'sleep:slow:3'
@@ -69,7 +51,7 @@ async def test_sleeping_handler_does_not_delay_a_ping_on_the_same_connection(
             slow.cancel()
 
 
-def test_sleeping_handler_does_not_delay_other_connections(lanes: Lanes, echo: Any) -> None:
+def test_sleeping_handler_does_not_delay_other_connections(lanes: ServerProcess, echo: Any) -> None:
     method = stub_methods(echo.Stub)['EchoSync']
     results: list[Any] = []
     with SyncConnection.connect(lanes.ttrpc_path) as busy, SyncConnection.connect(lanes.ttrpc_path) as other:
@@ -86,7 +68,7 @@ def test_sleeping_handler_does_not_delay_other_connections(lanes: Lanes, echo: A
     assert results[0].text == 'other'
 
 
-def test_threads_share_one_sync_connection(lanes: Lanes, echo: Any) -> None:
+def test_threads_share_one_sync_connection(lanes: ServerProcess, echo: Any) -> None:
     method = stub_methods(echo.Stub)['Echo']
     errors: list[BaseException] = []
     with SyncConnection.connect(lanes.ttrpc_path) as connection:
@@ -111,7 +93,7 @@ def test_threads_share_one_sync_connection(lanes: Lanes, echo: Any) -> None:
 
 
 @pytest.mark.asyncio
-async def test_many_calls_in_flight_on_one_async_connection(lanes: Lanes, echo: Any) -> None:
+async def test_many_calls_in_flight_on_one_async_connection(lanes: ServerProcess, echo: Any) -> None:
     method = stub_methods(echo.Stub)['Echo']
     async with await AsyncConnection.connect(lanes.ttrpc_path) as connection:
         replies = await asyncio.gather(*[
@@ -122,7 +104,7 @@ async def test_many_calls_in_flight_on_one_async_connection(lanes: Lanes, echo: 
 
 
 @pytest.mark.asyncio
-async def test_streams_and_unary_calls_interleave_on_one_connection(lanes: Lanes, echo: Any) -> None:
+async def test_streams_and_unary_calls_interleave_on_one_connection(lanes: ServerProcess, echo: Any) -> None:
     methods = stub_methods(echo.Stub)
     async with await AsyncConnection.connect(lanes.ttrpc_path) as connection:
         async def count(n: int) -> list[int]:
@@ -145,7 +127,7 @@ async def test_streams_and_unary_calls_interleave_on_one_connection(lanes: Lanes
 # -- deadlines ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('method_name', ['Echo', 'EchoSync'])
-def test_deadline_expires_on_both_sides(lanes: Lanes, echo: Any, method_name: str) -> None:
+def test_deadline_expires_on_both_sides(lanes: ServerProcess, echo: Any, method_name: str) -> None:
     method = stub_methods(echo.Stub)[method_name]
     label = f'deadline-{method_name}'
     with SyncConnection.connect(lanes.ttrpc_path) as connection:
@@ -164,7 +146,7 @@ def test_deadline_expires_on_both_sides(lanes: Lanes, echo: Any, method_name: st
 
 
 @pytest.mark.asyncio
-async def test_async_client_deadline(lanes: Lanes, echo: Any) -> None:
+async def test_async_client_deadline(lanes: ServerProcess, echo: Any) -> None:
     method = stub_methods(echo.Stub)['Sleep']
     async with await AsyncConnection.connect(lanes.ttrpc_path) as connection:
         with pytest.raises(IPCTimeoutError):
@@ -183,7 +165,7 @@ async def _never_ending(echo: Any) -> Any:
     await asyncio.Event().wait()
 
 
-def test_call_without_deadline_has_none_on_the_server(lanes: Lanes, echo: Any) -> None:
+def test_call_without_deadline_has_none_on_the_server(lanes: ServerProcess, echo: Any) -> None:
     with SyncConnection.connect(lanes.ttrpc_path) as connection:
         reply = connection.call(stub_methods(echo.Stub)['Sleep'], echo.pb.SleepRequest(seconds=0),
                                 timeout=None)
@@ -200,23 +182,20 @@ def test_missing_socket_is_unavailable(socket_dir: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_stale_socket_is_unavailable(socket_dir: Path) -> None:
-    import socket as socket_module
-    stale = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
-    stale.bind(str(socket_dir / 'stale.sock'))
-    stale.close()  # the file stays, nobody listens
+    make_stale_socket(socket_dir / 'stale.sock')
     with pytest.raises(IPCUnavailableError, match='no server answers'):
         await AsyncConnection.connect(socket_dir / 'stale.sock')
 
 
 @pytest.mark.asyncio
-async def test_server_killed_mid_call_is_unavailable(server: tuple[Lanes, subprocess.Popen],
+async def test_server_killed_mid_call_is_unavailable(start_server: StartServer, socket_dir: Path,
                                                      echo: Any) -> None:
-    lanes, popen = server
+    lanes = start_lanes(start_server, socket_dir)  # a server of its own
     sleep = stub_methods(echo.Stub)['Sleep']
     async with await AsyncConnection.connect(lanes.ttrpc_path) as connection:
         call = asyncio.ensure_future(connection.call(sleep, echo.pb.SleepRequest(seconds=30), timeout=30))
         assert (await connection.call(EXECUTE, PING, timeout=10)).result == 'pong'
-        popen.send_signal(signal.SIGKILL)
+        lanes.signal(signal.SIGKILL)
         with pytest.raises(IPCUnavailableError) as lost:
             await call
         assert connection.is_closed
@@ -226,9 +205,9 @@ async def test_server_killed_mid_call_is_unavailable(server: tuple[Lanes, subpro
     assert (lost.value.method, refused.value.method) == (sleep.path, EXECUTE.path)
 
 
-def test_sync_connection_breaks_cleanly_when_the_server_dies(server: tuple[Lanes, subprocess.Popen],
+def test_sync_connection_breaks_cleanly_when_the_server_dies(start_server: StartServer, socket_dir: Path,
                                                              echo: Any) -> None:
-    lanes, popen = server
+    lanes = start_lanes(start_server, socket_dir)  # a server of its own
     sleep = stub_methods(echo.Stub)['Sleep']
     failures: list[BaseException] = []
     with SyncConnection.connect(lanes.ttrpc_path) as connection:
@@ -241,7 +220,7 @@ def test_sync_connection_breaks_cleanly_when_the_server_dies(server: tuple[Lanes
         for thread in threads:
             thread.start()
         wait_for(lambda: len(connection._core.streams) == 4, 10, 'four calls in flight')
-        popen.send_signal(signal.SIGKILL)
+        lanes.signal(signal.SIGKILL)
         for thread in threads:
             thread.join(30)
         assert connection.is_closed
@@ -249,18 +228,18 @@ def test_sync_connection_breaks_cleanly_when_the_server_dies(server: tuple[Lanes
     assert {f.method for f in failures} == {sleep.path}  # type: ignore[attr-defined]
 
 
-def test_sigterm_stops_the_server_and_removes_the_socket(server: tuple[Lanes, subprocess.Popen]) -> None:
-    lanes, popen = server
+def test_sigterm_stops_the_server_and_removes_the_socket(start_server: StartServer, socket_dir: Path) -> None:
+    lanes = start_lanes(start_server, socket_dir)  # a server of its own
     with SyncConnection.connect(lanes.ttrpc_path) as connection:
         assert connection.call(EXECUTE, PING, timeout=10).result == 'pong'
-        popen.send_signal(signal.SIGTERM)
-        assert popen.wait(timeout=20) == 0
+        lanes.signal(signal.SIGTERM)
+        assert lanes.wait() == 0
         with pytest.raises(IPCUnavailableError):
             connection.call(EXECUTE, PING, timeout=10)
     assert not lanes.ttrpc_path.exists()
 
 
-def test_wrong_call_shape_is_a_type_error(lanes: Lanes, echo: Any) -> None:
+def test_wrong_call_shape_is_a_type_error(lanes: ServerProcess, echo: Any) -> None:
     methods = stub_methods(echo.Stub)
     with SyncConnection.connect(lanes.ttrpc_path) as connection:
         with pytest.raises(TypeError, match='stream'):
@@ -273,7 +252,7 @@ def test_wrong_call_shape_is_a_type_error(lanes: Lanes, echo: Any) -> None:
             connection.call(methods['Echo'], echo.pb.EchoRequest(), timeout=-1)
 
 
-def test_too_large_request_fails_before_sending(lanes: Lanes, echo: Any) -> None:
+def test_too_large_request_fails_before_sending(lanes: ServerProcess, echo: Any) -> None:
     method = stub_methods(echo.Stub)['Echo']
     with SyncConnection.connect(lanes.ttrpc_path, max_message_bytes=1024) as connection:
         with pytest.raises(IPCRemoteError) as raised:
@@ -282,7 +261,7 @@ def test_too_large_request_fails_before_sending(lanes: Lanes, echo: Any) -> None
         assert connection.call(method, echo.pb.EchoRequest(text='still fine'), timeout=10).text == 'still fine'
 
 
-def test_request_iterator_failure_reaches_the_caller(lanes: Lanes, echo: Any) -> None:
+def test_request_iterator_failure_reaches_the_caller(lanes: ServerProcess, echo: Any) -> None:
     def requests() -> Iterator[Any]:
         yield echo.pb.EchoRequest(text='a')
         raise LookupError('the caller\'s own bug')
@@ -292,7 +271,7 @@ def test_request_iterator_failure_reaches_the_caller(lanes: Lanes, echo: Any) ->
         assert connection.call(EXECUTE, PING, timeout=10).result == 'pong'
 
 
-def test_close_is_idempotent_and_fails_later_calls(lanes: Lanes) -> None:
+def test_close_is_idempotent_and_fails_later_calls(lanes: ServerProcess) -> None:
     connection = SyncConnection.connect(lanes.ttrpc_path)
     connection.close()
     connection.close()
@@ -301,7 +280,7 @@ def test_close_is_idempotent_and_fails_later_calls(lanes: Lanes) -> None:
         connection.call(EXECUTE, PING, timeout=10)
 
 
-def test_connection_of_the_parent_refuses_calls_in_a_forked_child(lanes: Lanes) -> None:
+def test_connection_of_the_parent_refuses_calls_in_a_forked_child(lanes: ServerProcess) -> None:
     import os
     with SyncConnection.connect(lanes.ttrpc_path) as connection:
         assert connection.call(EXECUTE, PING, timeout=10).result == 'pong'
@@ -327,7 +306,7 @@ def test_connection_of_the_parent_refuses_calls_in_a_forked_child(lanes: Lanes) 
         assert connection.call(EXECUTE, PING, timeout=10).result == 'pong'  # the parent's still works
 
 
-def test_async_connection_is_bound_to_its_event_loop(lanes: Lanes) -> None:
+def test_async_connection_is_bound_to_its_event_loop(lanes: ServerProcess) -> None:
     home = asyncio.new_event_loop()
     try:
         connection = home.run_until_complete(AsyncConnection.connect(lanes.ttrpc_path))

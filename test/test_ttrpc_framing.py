@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 import random
-import socket
-import struct
 import threading
 from typing import Any, Callable, Iterator
 
 import grpc
 import pytest
 
+from ttrpc_peer import DATA, REMOTE_CLOSED, RESPONSE, Peer, PeerServer, frame_bytes
+from ttrpc_peer import Frame as WireFrame
 from vyra_base_ipc import ttrpc_pb2
 from vyra_base_ipc.exceptions import IPCRemoteError, IPCUnavailableError
 from vyra_base_ipc.methods import stub_methods
@@ -25,9 +25,6 @@ from vyra_base_ipc.ttrpc._messages import (
     metadata_to_wire,
 )
 
-HEADER = struct.Struct('>IIBB')
-
-
 # -- decoder ------------------------------------------------------------------------------------
 
 def test_header_layout_is_big_endian_length_id_type_flags() -> None:
@@ -36,7 +33,7 @@ def test_header_layout_is_big_endian_length_id_type_flags() -> None:
 
 def test_frames_are_decoded_whatever_the_chunking() -> None:
     frames = [(1, 1, 0, b'first'), (3, 3, 2, b''), (3, 2, 0, b'x' * 300), (5, 0x7f, 0xff, b'\0')]
-    wire = b''.join(HEADER.pack(len(d), s, t, f) + d for s, t, f, d in frames)
+    wire = b''.join(frame_bytes(s, t, f, d) for s, t, f, d in frames)
     rng = random.Random(5)
     for _ in range(200):
         decoder = FrameDecoder(1024)
@@ -52,7 +49,7 @@ def test_frames_are_decoded_whatever_the_chunking() -> None:
 
 def test_oversized_frame_is_reported_at_once_and_skipped_without_buffering() -> None:
     decoder = FrameDecoder(16)
-    assert decoder.feed(HEADER.pack(100, 7, 1, 0) + b'y' * 10) == [OversizedFrame(7, 1, 0, 100, 16)]
+    assert decoder.feed(frame_bytes(7, 1, 0, b'y' * 10, length=100)) == [OversizedFrame(7, 1, 0, 100, 16)]
     assert decoder.buffered == 0 and decoder.mid_frame
     assert decoder.feed(b'y' * 89) == []
     assert decoder.feed(b'y' + encode_frame(9, 2, 0, b'ok')) == [Frame(9, 2, 0, b'ok')]
@@ -117,69 +114,38 @@ def test_bad_metadata_is_a_type_error_naming_the_problem(metadata: Any, message:
 
 # -- clients against a scripted peer ------------------------------------------------------------
 
-Script = Callable[[socket.socket], None]
+Script = Callable[[Peer], None]
 
 
 @pytest.fixture
 def scripted(socket_dir: Path) -> Iterator[Callable[[Script], Path]]:
-    """``scripted(script)``: a one-connection ttrpc 'server' running ``script``.
+    """``scripted(script)``: a ttrpc 'server' running ``script`` on its connection.
 
     Like any ttrpc server but this package's, it first answers the client's
     Hello (stream 1) as an unknown method: the script sees plain ttrpc."""
-    threads: list[threading.Thread] = []
-    listeners: list[socket.socket] = []
+    servers: list[PeerServer] = []
 
     def start(script: Script) -> Path:
-        path = socket_dir / f'peer{len(listeners)}.sock'
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(path))
-        listener.listen(1)
-        listeners.append(listener)
-
-        def serve() -> None:
-            connection, _ = listener.accept()
-            with connection:
-                stream_id, _, _, data = read_frame(connection)
-                assert (stream_id, ttrpc_pb2.Request.FromString(data).method) == (1, 'Hello')
-                respond(connection, stream_id, code=grpc.StatusCode.UNIMPLEMENTED.value[0])
-                script(connection)
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        threads.append(thread)
-        return path
+        def plain(peer: Peer) -> None:
+            hello = peer.read_frame()
+            assert (hello.stream_id, ttrpc_pb2.Request.FromString(hello.data).method) == (1, 'Hello')
+            peer.respond(1, code=grpc.StatusCode.UNIMPLEMENTED.value[0], message='Method not found!')
+            script(peer)
+        servers.append(PeerServer(socket_dir / f'peer{len(servers)}.sock', plain))
+        return servers[-1].path
     yield start
-    for listener in listeners:
-        listener.close()
-    for thread in threads:
-        thread.join(10)
-
-
-def read_frame(connection: socket.socket) -> tuple[int, int, int, bytes]:
-    def exactly(size: int) -> bytes:
-        data = b''
-        while len(data) < size:
-            chunk = connection.recv(size - len(data))
-            if not chunk:
-                raise ConnectionError('peer closed')
-            data += chunk
-        return data
-    length, stream_id, message_type, flags = HEADER.unpack(exactly(10))
-    return stream_id, message_type, flags, exactly(length)
-
-
-def respond(connection: socket.socket, stream_id: int, payload: bytes = b'', code: int = 0) -> None:
-    body = ttrpc_pb2.Response(status=ttrpc_pb2.Status(code=code), payload=payload).SerializeToString()
-    connection.sendall(HEADER.pack(len(body), stream_id, 2, 0) + body)
+    for server in servers:
+        server.close()
 
 
 def test_oversized_answer_fails_only_its_call(scripted: Callable[[Script], Path], echo: Any) -> None:
     reply = echo.pb.EchoReply(text='fine').SerializeToString()
 
-    def script(connection: socket.socket) -> None:
-        stream_id = read_frame(connection)[0]
+    def script(peer: Peer) -> None:
+        stream_id = peer.read_frame().stream_id
         size = 1024 + 64 * 1024 + 1  # over the client's frame limit
-        connection.sendall(HEADER.pack(size, stream_id, 2, 0) + b'\0' * size)
-        respond(connection, read_frame(connection)[0], reply)
+        peer.send(stream_id, RESPONSE, 0, b'\0' * size)
+        peer.respond(peer.read_frame().stream_id, reply)
     method = stub_methods(echo.Stub)['Echo']
     with SyncConnection.connect(scripted(script), max_message_bytes=1024, shared_memory=None) as connection:
         with pytest.raises(IPCRemoteError) as raised:
@@ -189,8 +155,8 @@ def test_oversized_answer_fails_only_its_call(scripted: Callable[[Script], Path]
 
 
 def test_answer_over_the_message_limit_is_refused(scripted: Callable[[Script], Path], echo: Any) -> None:
-    def script(connection: socket.socket) -> None:
-        respond(connection, read_frame(connection)[0], b'\x0a' + bytes([127]) + b'x' * 127)
+    def script(peer: Peer) -> None:
+        peer.respond(peer.read_frame().stream_id, b'\x0a' + bytes([127]) + b'x' * 127)
     with SyncConnection.connect(scripted(script), max_message_bytes=100, shared_memory=None) as connection:
         with pytest.raises(IPCRemoteError, match='larger than max'):
             connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=10)
@@ -198,9 +164,9 @@ def test_answer_over_the_message_limit_is_refused(scripted: Callable[[Script], P
 
 @pytest.mark.asyncio
 async def test_malformed_answer_is_internal(scripted: Callable[[Script], Path], echo: Any) -> None:
-    def script(connection: socket.socket) -> None:
-        stream_id = read_frame(connection)[0]
-        connection.sendall(HEADER.pack(3, stream_id, 2, 0) + b'\xff\xff\xff')
+    def script(peer: Peer) -> None:
+        stream_id = peer.read_frame().stream_id
+        peer.send(stream_id, RESPONSE, 0, b'\xff\xff\xff')
     async with await AsyncConnection.connect(scripted(script), shared_memory=None) as connection:
         with pytest.raises(IPCRemoteError) as raised:
             await connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=10)
@@ -209,9 +175,9 @@ async def test_malformed_answer_is_internal(scripted: Callable[[Script], Path], 
 
 @pytest.mark.asyncio
 async def test_peer_closing_mid_call_is_unavailable(scripted: Callable[[Script], Path], echo: Any) -> None:
-    def script(connection: socket.socket) -> None:
-        read_frame(connection)
-        connection.sendall(HEADER.pack(50, 3, 2, 0) + b'truncated')
+    def script(peer: Peer) -> None:
+        peer.read_frame()
+        peer.send_raw(frame_bytes(3, RESPONSE, 0, b'truncated', length=50))
     async with await AsyncConnection.connect(scripted(script), shared_memory=None) as connection:
         with pytest.raises(IPCUnavailableError, match='lost'):
             await connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=10)
@@ -221,14 +187,14 @@ async def test_peer_closing_mid_call_is_unavailable(scripted: Callable[[Script],
 def test_client_stream_ids_are_odd_and_increase(scripted: Callable[[Script], Path], echo: Any) -> None:
     seen: list[tuple[int, int, int]] = []
 
-    def script(connection: socket.socket) -> None:
+    def script(peer: Peer) -> None:
         for _ in range(3):
-            stream_id, message_type, flags, data = read_frame(connection)
-            seen.append((stream_id, message_type, flags))
-            request = ttrpc_pb2.Request.FromString(data)
+            frame = peer.read_frame()
+            seen.append(frame[:3])
+            request = ttrpc_pb2.Request.FromString(frame.data)
             assert (request.service, request.method) == ('vyra.ipc.test.EchoService', 'Echo')
             assert 0 < request.timeout_nano <= 10 * 10**9
-            respond(connection, stream_id, echo.pb.EchoReply().SerializeToString())
+            peer.respond(frame.stream_id, echo.pb.EchoReply().SerializeToString())
     with SyncConnection.connect(scripted(script), shared_memory=None) as connection:
         for _ in range(3):
             connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=10)
@@ -238,21 +204,21 @@ def test_client_stream_ids_are_odd_and_increase(scripted: Callable[[Script], Pat
 @pytest.mark.asyncio
 async def test_async_client_sends_streams_by_the_protocol(scripted: Callable[[Script], Path],
                                                           echo: Any) -> None:
-    seen: list[tuple[int, int, int, bytes]] = []
+    seen: list[WireFrame] = []
 
-    def script(connection: socket.socket) -> None:
+    def script(peer: Peer) -> None:
         while True:
-            frame = read_frame(connection)
+            frame = peer.read_frame()
             seen.append(frame)
-            if frame[1] == 3 and frame[2] & 1:
+            if frame.type == DATA and frame.flags & REMOTE_CLOSED:
                 break
-        respond(connection, 3, echo.pb.EchoReply(text='done').SerializeToString())
+        peer.respond(3, echo.pb.EchoReply(text='done').SerializeToString())
     async with await AsyncConnection.connect(scripted(script), shared_memory=None) as connection:
         reply = await connection.call(stub_methods(echo.Stub)['Collect'],
                                       [echo.pb.EchoRequest(text='a'), echo.pb.EchoRequest()], timeout=10)
     assert reply.text == 'done'
-    assert [(s, t, f) for s, t, f, _ in seen] == [(3, 1, 2), (3, 3, 0), (3, 3, 0), (3, 3, 5)]
-    assert seen[2][3] == b'' and seen[3][3] == b''  # an empty message, then a bare close
+    assert [frame[:3] for frame in seen] == [(3, 1, 2), (3, 3, 0), (3, 3, 0), (3, 3, 5)]
+    assert seen[2].data == b'' and seen[3].data == b''  # an empty message, then a bare close
 
 
 def test_sync_client_gives_up_at_its_deadline_when_no_answer_comes(
@@ -260,8 +226,8 @@ def test_sync_client_gives_up_at_its_deadline_when_no_answer_comes(
     from vyra_base_ipc.exceptions import IPCTimeoutError
     done = threading.Event()
 
-    def script(connection: socket.socket) -> None:
-        read_frame(connection)
+    def script(peer: Peer) -> None:
+        peer.read_frame()
         done.wait(30)  # never answers
     try:
         with SyncConnection.connect(scripted(script), shared_memory=None) as connection:
@@ -278,8 +244,8 @@ async def test_async_client_gives_up_at_its_deadline_when_no_answer_comes(
     from vyra_base_ipc.exceptions import IPCTimeoutError
     done = threading.Event()
 
-    def script(connection: socket.socket) -> None:
-        read_frame(connection)
+    def script(peer: Peer) -> None:
+        peer.read_frame()
         done.wait(30)
     try:
         async with await AsyncConnection.connect(scripted(script), shared_memory=None) as connection:

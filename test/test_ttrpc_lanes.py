@@ -1,6 +1,6 @@
 """The same servicers answer identically on the gRPC lane and the ttrpc lane.
 
-One real server process (test/servers/ttrpc_server.py) serves the same
+One real server process (conftest's ``lanes``) serves the same
 servicer objects on both sockets; every call is made on both lanes and the
 outcomes (response messages, or error class, status code and details) must
 be equal.
@@ -8,72 +8,20 @@ be equal.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import json
-import os
-from pathlib import Path
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import grpc
 import pytest
 
-from conftest import SERVERS, wait_for
+from conftest import ServerProcess
 from vyra_base_ipc import IPCHandler, SyncIPCHandler
 from vyra_base_ipc.exceptions import IPCError, IPCRemoteError
 from vyra_base_ipc.methods import Method, MethodKind, stub_methods
-from vyra_base_ipc.socket_file import is_listening
 from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
 
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc import module_service_pb2_grpc as module_grpc
-
-
-@dataclass
-class Lanes:
-    grpc_path: Path
-    ttrpc_path: Path
-
-
-def start_lanes(test_protos_dir: Path, directory: Path, *args: str) -> subprocess.Popen:
-    """Run the two-lane test server; return once both sockets listen."""
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(test_protos_dir), env.get('PYTHONPATH')]))
-    log = open(directory / 'server.log', 'wb')
-    popen = subprocess.Popen(
-        [sys.executable, str(SERVERS / 'ttrpc_server.py'), str(directory / 'g.sock'),
-         str(directory / 't.sock'), *args], env=env, stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-
-    def up() -> bool:
-        if popen.poll() is not None:
-            raise AssertionError(f'server exited: {(directory / "server.log").read_text()}')
-        return is_listening(directory / 'g.sock') and is_listening(directory / 't.sock')
-    wait_for(up, 20, 'both lanes of the test server')
-    return popen
-
-
-def stop_lanes(popen: subprocess.Popen) -> None:
-    if popen.poll() is None:
-        popen.send_signal(signal.SIGTERM)
-        try:
-            popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait()
-
-
-@pytest.fixture(scope='module')
-def lanes(test_protos_dir: Path) -> Iterator[Lanes]:
-    directory = Path(tempfile.mkdtemp(prefix='ttl-', dir='/tmp'))
-    popen = start_lanes(test_protos_dir, directory)
-    yield Lanes(directory / 'g.sock', directory / 't.sock')
-    stop_lanes(popen)
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def outcome(call: Callable[[], Any]) -> Any:
@@ -135,7 +83,7 @@ def stub_for(echo: Any, service: str) -> type:
 
 
 @pytest.mark.parametrize('case', CASES)
-def test_sync_clients_get_the_same_outcome_on_both_lanes(lanes: Lanes, echo: Any, case: str) -> None:
+def test_sync_clients_get_the_same_outcome_on_both_lanes(lanes: ServerProcess, echo: Any, case: str) -> None:
     service, method_name, make_request = CASES[case]
     stub = stub_for(echo, service)
 
@@ -155,7 +103,7 @@ def test_sync_clients_get_the_same_outcome_on_both_lanes(lanes: Lanes, echo: Any
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize('case', CASES)
-async def test_async_clients_get_the_same_outcome_on_both_lanes(lanes: Lanes, echo: Any, case: str) -> None:
+async def test_async_clients_get_the_same_outcome_on_both_lanes(lanes: ServerProcess, echo: Any, case: str) -> None:
     service, method_name, make_request = CASES[case]
     stub = stub_for(echo, service)
 
@@ -176,7 +124,7 @@ async def test_async_clients_get_the_same_outcome_on_both_lanes(lanes: Lanes, ec
     assert via_ttrpc == via_grpc
 
 
-def test_outcomes_cover_errors_and_responses(lanes: Lanes, echo: Any) -> None:
+def test_outcomes_cover_errors_and_responses(lanes: ServerProcess, echo: Any) -> None:
     # Guards the comparison above against comparing two identical failures.
     method = stub_methods(echo.Stub)['Echo']
     with SyncConnection.connect(lanes.ttrpc_path) as connection:
@@ -188,7 +136,7 @@ def test_outcomes_cover_errors_and_responses(lanes: Lanes, echo: Any) -> None:
     assert raised.value.details == "Unexpected <class 'ValueError'>: boom"
 
 
-def test_metadata_reaches_the_handler_alike_on_both_lanes(lanes: Lanes, echo: Any) -> None:
+def test_metadata_reaches_the_handler_alike_on_both_lanes(lanes: ServerProcess, echo: Any) -> None:
     metadata = [('x-trace', 'abc'), ('x-token-bin', b'\x00\xff\x10'), ('x-trace', 'second')]
     method = stub_methods(echo.Stub)['Echo']
     with SyncIPCHandler(lanes.grpc_path, echo.Stub, timeout=10) as handler, \
@@ -201,7 +149,7 @@ def test_metadata_reaches_the_handler_alike_on_both_lanes(lanes: Lanes, echo: An
 
 
 @pytest.mark.asyncio
-async def test_unknown_method_is_unimplemented_as_on_grpc(lanes: Lanes, echo: Any) -> None:
+async def test_unknown_method_is_unimplemented_as_on_grpc(lanes: ServerProcess, echo: Any) -> None:
     known = stub_methods(echo.Stub)['Echo']
     for path in ('/vyra.ipc.test.EchoService/NoSuchMethod', '/no.such.Service/Echo'):
         missing = Method('Missing', path, MethodKind.UNARY_UNARY, known.request_serializer,
@@ -223,7 +171,7 @@ async def test_unknown_method_is_unimplemented_as_on_grpc(lanes: Lanes, echo: An
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize('method_name', ['Echo', 'EchoSync', 'Count', 'Collect', 'Chat'])
-async def test_undecodable_request_is_answered_alike(lanes: Lanes, echo: Any, method_name: str) -> None:
+async def test_undecodable_request_is_answered_alike(lanes: ServerProcess, echo: Any, method_name: str) -> None:
     known = stub_methods(echo.Stub)[method_name]
     raw = Method(known.name, known.path, known.kind, None, known.response_deserializer)  # bytes as they are
     garbage = b'\xff\xff\xff\xff'

@@ -1,22 +1,23 @@
-"""TtrpcServer's socket lifecycle and shutdown, in this process, on real sockets."""
+"""TtrpcServer's shutdown and handlers, in this process, on real sockets (the
+rules of its socket file, shared with IPCServer: test_socket_file)."""
 
 from __future__ import annotations
 
 import asyncio
 from concurrent import futures
-import os
 from pathlib import Path
-import socket
-import stat
-import struct
 from typing import Any
 
 import grpc
 import pytest
 
-from vyra_base_ipc.exceptions import IPCUnavailableError, SocketInUseError
+from conftest import until
+from ttrpc_peer import DATA, REMOTE_OPEN, Peer
+from vyra_base_ipc.exceptions import IPCUnavailableError
 from vyra_base_ipc.methods import record_servicer, stub_methods
 from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection, TtrpcServer, ttrpc_socket_path
+
+ECHO = 'vyra.ipc.test.EchoService'
 
 
 @pytest.fixture
@@ -41,92 +42,6 @@ def server_for(path: Path, servicer: Any, **kwargs: Any) -> TtrpcServer:
 
 
 @pytest.mark.asyncio
-async def test_socket_file_gets_its_mode_and_is_removed_on_stop(socket_dir: Path, servicer: Any,
-                                                                echo: Any) -> None:
-    path = socket_dir / 'a.ttrpc.sock'
-    server = server_for(path, servicer)
-    await server.start()
-    try:
-        info = os.lstat(path)
-        assert stat.S_ISSOCK(info.st_mode)
-        assert stat.S_IMODE(info.st_mode) == 0o600
-        assert [p.name for p in socket_dir.iterdir()] == ['a.ttrpc.sock']  # no private dir left
-        async with await AsyncConnection.connect(path) as connection:
-            reply = await connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(text='x'),
-                                          timeout=10)
-        assert reply.text == 'x'
-    finally:
-        await server.stop()
-    assert not path.exists()
-    await server.stop()  # idempotent
-
-
-@pytest.mark.asyncio
-async def test_custom_socket_mode(socket_dir: Path, servicer: Any) -> None:
-    path = socket_dir / 'nested' / 'b.sock'
-    async with server_for(path, servicer, socket_mode=0o660, directory_mode=0o750):
-        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o660
-        assert stat.S_IMODE(os.lstat(path.parent).st_mode) == 0o750
-
-
-@pytest.mark.asyncio
-async def test_live_socket_is_never_taken_over(socket_dir: Path, servicer: Any, echo: Any) -> None:
-    path = socket_dir / 'c.sock'
-    async with server_for(path, servicer):
-        second = server_for(path, servicer)
-        with pytest.raises(SocketInUseError):
-            await second.start()
-        await second.stop()
-        async with await AsyncConnection.connect(path) as connection:
-            reply = await connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(text='first'),
-                                          timeout=10)
-        assert reply.text == 'first'
-    assert not path.exists()
-
-
-@pytest.mark.asyncio
-async def test_stale_socket_file_is_replaced(socket_dir: Path, servicer: Any) -> None:
-    path = socket_dir / 'd.sock'
-    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    stale.bind(str(path))
-    stale.close()
-    async with server_for(path, servicer):
-        SyncConnection.connect(path).close()
-
-
-@pytest.mark.asyncio
-async def test_file_that_is_not_a_socket_is_left_alone(socket_dir: Path, servicer: Any) -> None:
-    path = socket_dir / 'e.sock'
-    path.write_text('not a socket')
-    with pytest.raises(FileExistsError):
-        await server_for(path, servicer).start()
-    assert path.read_text() == 'not a socket'
-    assert [p.name for p in socket_dir.iterdir()] == ['e.sock']
-
-
-@pytest.mark.asyncio
-async def test_stop_keeps_a_socket_that_is_no_longer_ours(socket_dir: Path, servicer: Any) -> None:
-    path = socket_dir / 'f.sock'
-    server = server_for(path, servicer)
-    await server.start()
-    os.unlink(path)
-    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    other.bind(str(path))
-    try:
-        await server.stop()
-        assert stat.S_ISSOCK(os.lstat(path).st_mode)
-    finally:
-        other.close()
-
-
-@pytest.mark.asyncio
-async def test_start_twice_is_an_error(socket_dir: Path, servicer: Any) -> None:
-    async with server_for(socket_dir / 'g.sock', servicer) as server:
-        with pytest.raises(RuntimeError):
-            await server.start()
-
-
-@pytest.mark.asyncio
 async def test_in_flight_calls_finish_within_the_grace_period(socket_dir: Path, servicer: Any,
                                                               echo: Any) -> None:
     path = socket_dir / 'h.sock'
@@ -138,8 +53,7 @@ async def test_in_flight_calls_finish_within_the_grace_period(socket_dir: Path, 
         in_flight = asyncio.ensure_future(connection.call(
             methods['Sleep'], echo.pb.SleepRequest(seconds=0.3), timeout=30))
         await asyncio.sleep(0)  # the request is written
-        while not server._active:
-            await asyncio.sleep(0.01)
+        await until(lambda: server._active, 10, 'the Sleep call on the server')
         stopping = asyncio.ensure_future(server.stop(grace=30))
         while not server._stopping:
             await asyncio.sleep(0)
@@ -161,8 +75,7 @@ async def test_calls_past_the_grace_period_are_cancelled(socket_dir: Path, servi
     async with await AsyncConnection.connect(path) as connection:
         in_flight = asyncio.ensure_future(connection.call(
             stub_methods(echo.Stub)['Sleep'], echo.pb.SleepRequest(seconds=60), timeout=120))
-        while not server._active:
-            await asyncio.sleep(0.01)
+        await until(lambda: server._active, 10, 'the Sleep call on the server')
         await server.stop(grace=0.1)
         with pytest.raises(IPCUnavailableError):
             await in_flight
@@ -254,42 +167,26 @@ async def test_requests_a_handler_does_not_read_are_bounded_for_a_client_without
         socket_dir: Path, echo: Any) -> None:
     """A plain ttrpc client (no Hello, so no flow control) that streams
     requests nobody reads is cut off; the connection serves on."""
-    from vyra_base_ipc import ttrpc_pb2
-
     class Stuck(echo.grpc.EchoServiceServicer):
         async def Collect(self, request_iterator: Any, context: Any) -> Any:
             await asyncio.Event().wait()  # never reads
 
         async def Echo(self, request: Any, context: Any) -> Any:
             return echo.pb.EchoReply(text=request.text)
-    header = struct.Struct('>IIBB')
 
-    def request(stream_id: int, method: str, flags: int, payload: bytes = b'') -> bytes:
-        data = ttrpc_pb2.Request(service='vyra.ipc.test.EchoService', method=method,
-                                 payload=payload).SerializeToString()
-        return header.pack(len(data), stream_id, 1, flags) + data
-
-    def exchange(path: Path) -> tuple[ttrpc_pb2.Response, ttrpc_pb2.Response]:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(20)
-            sock.connect(str(path))
+    def exchange(path: Path) -> tuple[Any, Any]:
+        with Peer.connect(path) as peer:
             message = echo.pb.EchoRequest(payload=b'x' * 500).SerializeToString()
-            sock.sendall(request(1, 'Collect', 2))
+            peer.request(1, ECHO, 'Collect', flags=REMOTE_OPEN)
             for _ in range(100):
-                sock.sendall(header.pack(len(message), 1, 3, 0) + message)
-            first = read_response(sock)
-            sock.sendall(request(3, 'Echo', 0, echo.pb.EchoRequest(text='ok').SerializeToString()))
-            return first, read_response(sock)
-
-    def read_response(sock: socket.socket) -> ttrpc_pb2.Response:
-        data = b''
-        while len(data) < header.size or len(data) < header.size + header.unpack_from(data)[0]:
-            data += sock.recv(65536)
-        return ttrpc_pb2.Response.FromString(data[header.size:header.size + header.unpack_from(data)[0]])
+                peer.send(1, DATA, 0, message)
+            refused = peer.answer(1)
+            peer.request(3, ECHO, 'Echo', echo.pb.EchoRequest(text='ok').SerializeToString())
+            return refused, peer.answer(3)
     async with TtrpcServer(socket_dir / 't.sock', record_servicer(Stuck()), max_message_bytes=1024):
         refused, answered = await asyncio.to_thread(exchange, socket_dir / 't.sock')
-    assert refused.status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-    assert 'not read' in refused.status.message
+    assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert 'not read' in refused.message
     assert echo.pb.EchoReply.FromString(answered.payload).text == 'ok'
 
 
@@ -323,8 +220,7 @@ async def test_calls_over_the_concurrency_limit_are_refused_as_on_grpc(socket_di
     async with server, await AsyncConnection.connect(socket_dir / 't.sock') as connection:
         busy = asyncio.ensure_future(connection.call(methods['Sleep'], echo.pb.SleepRequest(seconds=30),
                                                      timeout=60))
-        while not server._active:
-            await asyncio.sleep(0.01)
+        await until(lambda: server._active, 10, 'the Sleep call on the server')
         with pytest.raises(IPCRemoteError) as raised:
             await connection.call(methods['Echo'], echo.pb.EchoRequest(), timeout=10)
         assert (raised.value.code, raised.value.details) == (
