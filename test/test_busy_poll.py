@@ -701,7 +701,7 @@ def test_client_without_polling_answers(echo_server: ServerProcess, echo) -> Non
         for n in range(100):
             assert client.call_method('Echo', echo.pb.EchoRequest(text=f'{n}')).text == f'{n}'
         assert client.busy_poll == 0.0
-        assert not client._fast._busy_poll.enabled
+        assert not client._fast._io._busy_poll.enabled
         with pytest.raises(IPCTimeoutError):
             client.call_method('Sleep', echo.pb.SleepRequest(seconds=0.2), timeout=1e-3)
         assert client.call_method('Echo', echo.pb.EchoRequest(text='after')).text == 'after'

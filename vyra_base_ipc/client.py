@@ -13,7 +13,7 @@ gRPC server); ``lane='grpc'`` and ``lane='ttrpc'`` force one. Either way the
 errors, deadlines, status codes and retry rules are the same.
 
 Both faces are thin: what a call means (method look-up, its deadline, the
-retry rule, the lane choice) is :class:`_ClientBase`'s, the lanes are
+retry rule, the lane choice) is :class:`ClientBase`'s, the lanes are
 objects of one shape (:mod:`vyra_base_ipc._lanes`), and the connections are
 pooled by :mod:`vyra_base_ipc._pool`. The faces only wait their own way.
 """
@@ -22,247 +22,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import os
-import time
-from typing import (
-    Any,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Iterator,
-    Protocol,
-    Sequence,
-    TypeVar,
-    Union,
-)
+from typing import Any, AsyncIterator, Iterator, Sequence, Union
 
 import grpc
 
+from ._client_base import DEFAULT, ClientBase, Default, ServerContext, retrying, retrying_sync
 from ._deadline import Deadline
-from ._lanes import LANES, GrpcLane, LaneChoice, SyncGrpcLane
+from ._lanes import LANES, GrpcLane, SyncGrpcLane
 from ._pool import aio_pool, aio_ttrpc_pool, sync_pool, sync_ttrpc_pool
-from .address import (
-    StrPath,
-    default_ttrpc_socket_path,
-    grpc_target,
-    resolve_socket_path,
-    validate_socket_path,
-)
+from .address import StrPath
 from .busy_poll import DEFAULT_BUSY_POLL, validate_busy_poll
-from .exceptions import IPCTimeoutError, IPCUnavailableError
+from .exceptions import IPCUnavailableError
 from .fork_safety import ensure_usable_after_fork, note_grpc_used
-from .methods import Method, stub_methods
-from .options import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_TIMEOUT,
-    channel_options,
-    validate_max_message_bytes,
-    validate_timeout,
-)
-from .payload import SharedMemoryOptions, usable_options
+from .options import validate_timeout
 from .shared_buffer import SharedBuffer
-from .socket_file import is_listening
-from .ttrpc import DEFAULT_STREAM_WINDOW, AsyncConnection, SyncConnection
-from .ttrpc._flow import validate_stream_window
+from .ttrpc import AsyncConnection, SyncConnection
 
 __all__ = ['DEFAULT', 'LANES', 'IPCHandler', 'SyncIPCHandler']
 
 Metadata = Sequence[tuple[str, Union[str, bytes]]]
-_T = TypeVar('_T')
 
 
-class _Default(enum.Enum):
-    DEFAULT = 'the client default'
-
-    def __repr__(self) -> str:
-        return 'DEFAULT'
-
-
-#: ``timeout=DEFAULT``: the client's ``timeout``. (``stream_method`` takes
-#: ``timeout=None`` too: a stream without deadline.)
-DEFAULT = _Default.DEFAULT
-
-
-class ServerContext(Protocol):
-    """What :meth:`IPCHandler.call_method` needs of a calling handler's context
-    (``grpc.ServicerContext``, ``grpc.aio.ServicerContext`` or the fast lane's)."""
-
-    def time_remaining(self) -> float | None: ...
-
-
-class _Retry:
-    """When to try again after UNAVAILABLE, and after what pause: growing
-    from ``first`` to 0.5 s, only while ``allowed``, never past ``until``."""
-
-    __slots__ = ('allowed', 'until', 'attempts', '_pause')
-
-    def __init__(self, allowed: bool, until: Deadline | None, first: float) -> None:
-        self.allowed = allowed
-        self.until = until
-        self.attempts = 0
-        self._pause = first
-
-    def pause_after(self, error: IPCUnavailableError) -> float:
-        """The pause before the next attempt.
-
-        :raises IPCUnavailableError: ``error``, when not to try again.
-        """
-        pause = self._pause
-        if not self.allowed or self.until is None or pause >= self.until.remaining():
-            raise error
-        self._pause = min(pause * 2, 0.5)
-        self.attempts += 1
-        return pause
-
-
-class _ClientBase:
-    """What both clients share: configuration, method look-up, deadlines,
-    the retry rule and the lane choice."""
-
-    def __init__(
-        self,
-        socket_path: StrPath | None = None,
-        service_stub: type | None = None,
-        *,
-        module_name: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        default_method: str | None = None,
-        wait_for_ready: bool = False,
-        idempotent_methods: Iterable[str] = (),
-        lane: str = 'auto',
-        ttrpc_socket_path: StrPath | None = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        shared_memory: SharedMemoryOptions | None = SharedMemoryOptions(),
-        stream_window: int = DEFAULT_STREAM_WINDOW,
-    ) -> None:
-        self.socket_path = resolve_socket_path(socket_path, module_name=module_name)
-        self.shared_memory = usable_options(shared_memory)
-        self._choice = LaneChoice(lane)
-        self.lane = lane
-        self.ttrpc_socket_path = (default_ttrpc_socket_path(self.socket_path) if ttrpc_socket_path is None
-                                  else validate_socket_path(ttrpc_socket_path))
-        self.timeout = validate_timeout(timeout)
-        self.wait_for_ready = bool(wait_for_ready)
-        self.max_message_bytes = validate_max_message_bytes(max_message_bytes)
-        self.stream_window = validate_stream_window(stream_window)
-        self._methods = stub_methods(service_stub) if service_stub is not None else {}
-        self._stub_name = service_stub.__qualname__ if service_stub is not None else None
-        if default_method is not None:
-            self._method(default_method)
-        self.default_method = default_method
-        self.idempotent_methods = frozenset(self._retryable(name) for name in
-                                            ([idempotent_methods] if isinstance(idempotent_methods, str)
-                                             else idempotent_methods))
-        self._target = grpc_target(self.socket_path)
-        self._options = channel_options(self.max_message_bytes)
-        self._connected = False
-        # The connections of the current owner (event loop or process):
-        # pool keys, and the lanes made from them.
-        self._fast_key: Any = None
-        self._fast: Any = None
-        self._grpc_key: Any = None
-        self._grpc: dict[bool, Any] = {}
-
-    @property
-    def methods(self) -> tuple[str, ...]:
-        """Names of the methods this client can call."""
-        return tuple(self._methods)
-
-    @property
-    def is_connected(self) -> bool:
-        return self._connected
-
-    @property
-    def lane_in_use(self) -> str | None:
-        """``'ttrpc'`` or ``'grpc'``: the lane of the last call (or of
-        connect()); None while not connected."""
-        return self._choice.in_use if self._connected else None
-
-    def get_protocol(self) -> str:
-        """The VYRA handler protocol identifier: ``"ipc"``."""
-        return 'ipc'
-
-    def is_available(self) -> bool:
-        """Whether a server listens on a socket of this client's lane right
-        now (one connect probe per socket; does not block)."""
-        if self.lane != 'grpc' and is_listening(self.ttrpc_socket_path):
-            return True
-        return self.lane != 'ttrpc' and is_listening(self.socket_path)
-
-    # -- per call ---------------------------------------------------------------------
-
-    def _method(self, name: object, *, response_streaming: bool | None = None) -> Method:
-        if not isinstance(name, str):
-            raise TypeError(f'method name must be a str, not {type(name).__name__}')
-        if not self._methods:
-            raise ValueError(f'cannot call {name!r}: no service_stub was given to this client')
-        method = self._methods.get(name)
-        if method is None:
-            raise ValueError(
-                f'unknown method {name!r} for {self._stub_name}; '
-                f'available: {", ".join(sorted(self._methods))}')
-        if response_streaming is not None and method.kind.response_streaming != response_streaming:
-            use = 'stream_method' if method.kind.response_streaming else 'call_method'
-            raise TypeError(f'{name} is a {method.kind.value} method: call it with {use}()')
-        return method
-
-    def _wait(self, wait_for_ready: bool | None) -> bool:
-        return self.wait_for_ready if wait_for_ready is None else wait_for_ready
-
-    def _deadline(self, timeout: float | None | _Default, parent: ServerContext | None = None,
-                  method: Method | None = None) -> Deadline | None:
-        """The call's deadline: its own timeout (``DEFAULT``: the client's;
-        ``None``: none), capped by the time the calling handler has left."""
-        own = (time.monotonic() + (self.timeout if timeout is DEFAULT else validate_timeout(timeout))
-               if timeout is not None else None)
-        if parent is not None:
-            remaining = parent.time_remaining()
-            if remaining is not None:
-                if remaining <= 0:
-                    raise IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                          "the calling handler's deadline has already expired",
-                                          method=method.path if method else None)
-                limit = time.monotonic() + remaining
-                own = limit if own is None else min(own, limit)
-        return None if own is None else Deadline(own)
-
-    def _retryable(self, name: str) -> str:
-        method = self._method(name)
-        if method.kind.request_streaming:
-            raise ValueError(f'{name} streams its requests: it cannot be retried, so it cannot be '
-                             'marked idempotent')
-        return name
-
-    def _retry(self, method: Method, deadline: Deadline | None) -> _Retry:
-        """The retry rule of a call: only methods marked idempotent are
-        retried after UNAVAILABLE, since a call that failed this way may have
-        run on the server already (a crash mid-call); the pause grows from
-        50 ms to 0.5 s so that a server answering UNAVAILABLE itself is not
-        hammered, and retries wait for the server to be ready."""
-        return _Retry(method.name in self.idempotent_methods, deadline, 0.05)
-
-    def _connect_retry(self, deadline: Deadline | None, wait: bool) -> _Retry:
-        """A fast-lane server that is not there yet is tried again quickly at
-        first, then every 0.5 s at most (the gRPC lane's reconnect cap)."""
-        until = self._choice.fast_wait(deadline, wait)
-        return _Retry(until is not None, until, 0.025)
-
-    def _connect_options(self) -> dict[str, Any]:
-        return {'max_message_bytes': self.max_message_bytes, 'shared_memory': self.shared_memory,
-                'stream_window': self.stream_window}
-
-    def _fast_key_args(self) -> tuple[Any, ...]:
-        return (os.fspath(self.ttrpc_socket_path), self.max_message_bytes, self.shared_memory,
-                self.stream_window)
-
-    def _forget_connections(self) -> None:
-        self._fast_key = self._fast = self._grpc_key = None
-        self._grpc = {}
-
-
-class IPCHandler(_ClientBase):
+class IPCHandler(ClientBase):
     """Asyncio client of a module's IPC server, as documented for VYRA.
 
     ::
@@ -341,7 +123,7 @@ class IPCHandler(_ClientBase):
         elif loop.is_running():
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_release(fast_key, grpc_key), loop))
 
-    async def call_method(self, method: str, request: Any, *, timeout: float | _Default = DEFAULT,
+    async def call_method(self, method: str, request: Any, *, timeout: float | Default = DEFAULT,
                           metadata: Metadata | None = None, wait_for_ready: bool | None = None,
                           parent: ServerContext | None = None,
                           buffers: Sequence[SharedBuffer] = (), return_buffers: bool = False) -> Any:
@@ -382,9 +164,9 @@ class IPCHandler(_ClientBase):
             lane = await self._lane(deadline, wait or retry.attempts > 0)
             return await lane.call(info, request, timeout=deadline, metadata=metadata, buffers=buffers,
                                    return_buffers=return_buffers)
-        return await _retrying(attempt, retry)
+        return await retrying(attempt, retry)
 
-    async def stream_method(self, method: str, request: Any, *, timeout: float | None | _Default = DEFAULT,
+    async def stream_method(self, method: str, request: Any, *, timeout: float | None | Default = DEFAULT,
                             idle_timeout: float | None = None, metadata: Metadata | None = None,
                             wait_for_ready: bool | None = None,
                             parent: ServerContext | None = None) -> AsyncIterator[Any]:
@@ -470,7 +252,7 @@ class IPCHandler(_ClientBase):
                 if entry.connection is not None:
                     await entry.connection.close()
                 path, options = self.ttrpc_socket_path, self._connect_options()
-                entry.connection = await _retrying(lambda: AsyncConnection.connect(path, **options),
+                entry.connection = await retrying(lambda: AsyncConnection.connect(path, **options),
                                                    self._connect_retry(deadline, wait))
         self._fast = entry.connection
         return self._fast
@@ -489,15 +271,6 @@ class IPCHandler(_ClientBase):
         return lane
 
 
-async def _retrying(attempt: Callable[[], Awaitable[_T]], retry: _Retry) -> _T:
-    while True:
-        try:
-            return await attempt()
-        except IPCUnavailableError as error:
-            pause = retry.pause_after(error)
-        await asyncio.sleep(pause)
-
-
 async def _release(fast_key: Any, grpc_key: Any) -> None:
     if fast_key is not None:
         connection = aio_ttrpc_pool.release(fast_key[0])
@@ -509,7 +282,7 @@ async def _release(fast_key: Any, grpc_key: Any) -> None:
             await channel.close()
 
 
-class SyncIPCHandler(_ClientBase):
+class SyncIPCHandler(ClientBase):
     """Blocking client with the semantics of :class:`IPCHandler`.
 
     For code that is not async, chiefly rclpy callbacks: every call blocks the
@@ -560,7 +333,7 @@ class SyncIPCHandler(_ClientBase):
                 if connection is not None:
                     connection.close()
 
-    def call_method(self, method: str, request: Any, *, timeout: float | _Default = DEFAULT,
+    def call_method(self, method: str, request: Any, *, timeout: float | Default = DEFAULT,
                     metadata: Metadata | None = None, wait_for_ready: bool | None = None,
                     parent: ServerContext | None = None,
                     buffers: Sequence[SharedBuffer] = (), return_buffers: bool = False) -> Any:
@@ -579,9 +352,9 @@ class SyncIPCHandler(_ClientBase):
             lane = self._lane(deadline, wait or retry.attempts > 0)
             return lane.call(info, request, timeout=deadline, metadata=metadata, buffers=buffers,
                              return_buffers=return_buffers)
-        return _retrying_sync(attempt, retry)
+        return retrying_sync(attempt, retry)
 
-    def stream_method(self, method: str, request: Any, *, timeout: float | None | _Default = DEFAULT,
+    def stream_method(self, method: str, request: Any, *, timeout: float | None | Default = DEFAULT,
                       idle_timeout: float | None = None, metadata: Metadata | None = None,
                       wait_for_ready: bool | None = None, parent: ServerContext | None = None
                       ) -> Iterator[Any]:
@@ -644,7 +417,7 @@ class SyncIPCHandler(_ClientBase):
                 if entry.connection is not None:
                     entry.connection.close()
                 path, options = self.ttrpc_socket_path, self._connect_options()
-                entry.connection = _retrying_sync(
+                entry.connection = retrying_sync(
                     lambda: SyncConnection.connect(path, busy_poll=self.busy_poll, **options),
                     self._connect_retry(deadline, wait))
         self._fast = entry.connection
@@ -663,12 +436,3 @@ class SyncIPCHandler(_ClientBase):
                         entry.connection = grpc.insecure_channel(self._target, options=self._options)
             lane = self._grpc[wait] = SyncGrpcLane(self._grpc_key[1].connection, self.socket_path, wait)
         return lane
-
-
-def _retrying_sync(attempt: Callable[[], _T], retry: _Retry) -> _T:
-    while True:
-        try:
-            return attempt()
-        except IPCUnavailableError as error:
-            pause = retry.pause_after(error)
-        time.sleep(pause)

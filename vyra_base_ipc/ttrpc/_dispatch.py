@@ -9,12 +9,9 @@ A :class:`Call` runs on the server's event loop, except the methods named
 from __future__ import annotations
 
 import asyncio
-import collections
 import inspect
 import logging
-import queue
-import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Union
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 import grpc
 
@@ -25,6 +22,7 @@ from ._eager import start_task
 from ._flow import ReceiveWindow, SendCredit, message_cost
 from ._frames import FLAG_NO_DATA, FLAG_REMOTE_CLOSED, FLAG_REMOTE_OPEN, Frame, MessageType, encode_frame
 from ._messages import encode_ok_response, encode_response
+from ._requests import AsyncRequests, SyncRequests
 from ._shared_memory import outgoing
 
 if TYPE_CHECKING:
@@ -131,127 +129,6 @@ def _error_status(context: ServicerContext, error: BaseException, path: str) -> 
     return _unexpected(error, path)
 
 
-class _Requests:
-    """The request iterator of a client-streaming call: fed by the event
-    loop, read by the handler; grants the client more as the handler reads
-    (flow control, when agreed)."""
-
-    __slots__ = ('_deserialize', '_window', '_grant', 'pending_bytes')
-
-    def __init__(self, deserialize: Callable[[bytes | memoryview], Any], window: ReceiveWindow | None,
-                 grant: Callable[[int], None]) -> None:
-        self._deserialize = deserialize
-        self._window = window
-        self._grant = grant
-        self.pending_bytes = 0
-
-    def _taken(self, payload: bytes | memoryview) -> Any:
-        if self._window is not None:
-            increment = self._window.taken(len(payload))
-            if increment:
-                self._grant(increment)
-        return self._deserialize(payload)
-
-
-class _AsyncRequests(_Requests):
-    """For an ``async def`` handler (on the event loop)."""
-
-    __slots__ = ('_loop', '_items', '_closed', '_waiter')
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, *args: Any) -> None:
-        super().__init__(*args)
-        self._loop = loop
-        self._items: collections.deque[bytes | memoryview] = collections.deque()
-        self._closed = False
-        self._waiter: asyncio.Future[None] | None = None
-
-    def feed(self, payload: bytes | memoryview) -> None:
-        self._items.append(payload)
-        self.pending_bytes += len(payload)
-        self._wake()
-
-    def close(self) -> None:
-        """The client sent its last message: the handler reads what is queued, then stops."""
-        self._closed = True
-        self._wake()
-
-    def cancel(self) -> None:
-        """The call ended: drop what the handler did not read (it may hold
-        shared memory), and stop."""
-        self._items.clear()
-        self.pending_bytes = 0
-        self.close()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def __aiter__(self) -> '_AsyncRequests':
-        return self
-
-    async def __anext__(self) -> Any:
-        while not self._items:
-            if self._closed:
-                raise StopAsyncIteration
-            self._waiter = self._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        payload = self._items.popleft()
-        self.pending_bytes -= len(payload)
-        return self._taken(payload)
-
-
-_END = object()
-
-
-class _SyncRequests(_Requests):
-    """For a ``def`` handler (read in its worker thread)."""
-
-    __slots__ = ('_queue', '_lock')
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-
-    def feed(self, payload: bytes | memoryview) -> None:
-        with self._lock:
-            self.pending_bytes += len(payload)
-        self._queue.put(payload)
-
-    def close(self) -> None:
-        """The client sent its last message: the handler reads what is queued, then stops."""
-        self._queue.put(_END)
-
-    def cancel(self) -> None:
-        """The call ended: drop what the handler did not read (it may hold
-        shared memory), and stop."""
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _END:
-                with self._lock:
-                    self.pending_bytes -= len(item)
-        self.close()
-
-    def __iter__(self) -> Iterator[Any]:
-        return self
-
-    def __next__(self) -> Any:
-        item = self._queue.get()
-        if item is _END:
-            self._queue.put(_END)  # later next() calls end too
-            raise StopIteration
-        with self._lock:
-            self.pending_bytes -= len(item)
-        return self._taken(item)
-
-
 class Call:
     """One stream on a connection: the handler's run and its answer."""
 
@@ -266,7 +143,7 @@ class Call:
         self.context = context
         self.task: asyncio.Future[Any] | None = None
         self.finished = False
-        self.requests: _AsyncRequests | _SyncRequests | None = None
+        self.requests: AsyncRequests | SyncRequests | None = None
         self.response_streaming = handler.response_streaming
         self.deadline: _DeadlineEntry | None = None
         #: What the response stream may still send (flow control), if agreed.
@@ -292,9 +169,9 @@ class Call:
                 return handler.decode(data, context)
 
             window = ReceiveWindow(agreement.receive_window) if agreement.receive_window else None
-            requests: _AsyncRequests | _SyncRequests = (
-                _AsyncRequests(loop, decode, window, self._grant) if handler.is_async
-                else _SyncRequests(decode, window, self._grant_thread))
+            requests: AsyncRequests | SyncRequests = (
+                AsyncRequests(loop, decode, window, self._grant) if handler.is_async
+                else SyncRequests(decode, window, self._grant_thread))
             self.requests = argument = requests
             # containerd's clients may put the first message in the request.
             if payload:

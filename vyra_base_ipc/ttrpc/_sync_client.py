@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import os
-import select
 import socket
-import struct
 import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence
 import warnings
@@ -15,12 +12,13 @@ import grpc
 
 from .._deadline import Deadline, Timeout, deadline_of
 from ..address import StrPath
-from ..busy_poll import DEFAULT_BUSY_POLL, BusyPoll, validate_busy_poll
+from ..busy_poll import DEFAULT_BUSY_POLL, validate_busy_poll
 from ..exceptions import IPCError, IPCUnavailableError
 from ..methods import Method
 from ..options import DEFAULT_MAX_MESSAGE_BYTES
 from ..payload import SharedMemoryOptions, close_fds
 from ..shared_buffer import SharedBuffer
+from ._blocking_socket import BlockingSocket, SendTimeout, SocketTimeout
 from ._call import (
     ClientCore,
     ClientStream,
@@ -44,23 +42,14 @@ from ._call import (
 from ._flow import DEFAULT_STREAM_WINDOW
 from ._frames import MAX_QUEUED_FDS, FrameDecoder, MessageType, encode_frame, encode_window_update
 from ._messages import ENVELOPE_ALLOWANCE, Metadata
-from ._transport import MAX_FDS_PER_READ, received_fds, rights
+from ._transport import received_fds
 
 __all__ = ['SyncConnection']
 
 _REQUEST = int(MessageType.REQUEST)
-_READ_SIZE = 256 * 1024
-_ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_READ * 4)
-#: What socket.recvmsg() returns: data, ancillary data, flags, address.
-_Received = tuple[bytes, list[tuple[int, int, bytes]], int, Any]
-_MSG_CMSG_CLOEXEC = getattr(socket, 'MSG_CMSG_CLOEXEC', 0x40000000)
 #: How long the end of a control frame (CANCEL, WINDOW_UPDATE) already
 #: partly sent may take before the connection counts as broken.
 _CONTROL_DEADLINE = 5.0
-
-
-class _Timeout(Exception):
-    pass
 
 
 class _SyncStream(ClientStream):
@@ -123,12 +112,8 @@ class SyncConnection:
         self._control: list[bytes] = []
         self._reading = False
         self._error: IPCUnavailableError | None = None
-        # The receive timeout set on the socket (SO_RCVTIMEO), 0 for none.
-        self._receive_timeout: float | None = None
         self._hello_lock = threading.Lock()
-        self._poll_out = select.poll()
-        self._poll_out.register(sock.fileno(), select.POLLOUT)
-        self._busy_poll = BusyPoll(busy_poll)
+        self._io = BlockingSocket(sock, busy_poll)
 
     @classmethod
     def connect(cls, socket_path: StrPath, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -153,11 +138,6 @@ class SyncConnection:
         try:
             sock.settimeout(timeout)
             sock.connect(path)
-            # Blocking mode, deadlines by SO_RCVTIMEO and MSG_DONTWAIT: a
-            # thread asleep in recv() is woken as the sender's 'sync' wakeup
-            # (often on the sender's CPU), one asleep in poll() is not; on the
-            # test machine poll()+recv() cost ~35 us more per round trip.
-            sock.settimeout(None)
         except socket.timeout:
             sock.close()
             raise not_accepted(path, timeout) from None
@@ -375,9 +355,7 @@ class SyncConnection:
                 return True
             data, self._control = b''.join(self._control), []
         try:
-            sent = self._sock.send(data, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            sent = 0
+            sent = self._io.send_now(data)
         except OSError as error:
             self._broken(lost(self.socket_path, error.strerror or error))
             return True
@@ -408,35 +386,18 @@ class SyncConnection:
 
     def _send_all(self, data: bytes, deadline: Deadline | None, method: Method | None,
                   fds: list[int]) -> None:
-        view = memoryview(data)
-        sent_any = False
-        sock = self._sock
-        while view:
-            try:
-                if fds and not sent_any:
-                    sent = sock.sendmsg([view], rights(fds), socket.MSG_DONTWAIT)
-                else:
-                    sent = sock.send(view, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                if not self._wait_writable(deadline):
-                    if sent_any:
-                        self._broken(lost(self.socket_path, 'a frame could not be sent in time'))
-                    if method is None:
-                        raise self._error or lost(self.socket_path, 'sending timed out') from None
-                    raise timeout_error(method) from None
-                continue
-            except OSError as error:
-                failure = lost(self.socket_path, error.strerror or error)
-                self._broken(failure)
-                raise failure from None
-            sent_any = True
-            view = view[sent:]
-
-    def _wait_writable(self, deadline: Deadline | None) -> bool:
-        if deadline is None:
-            self._poll_out.poll(-1)
-            return True
-        return bool(self._poll_out.poll(max(0, math.ceil(deadline.remaining() * 1000))))
+        try:
+            self._io.send_all(data, deadline, fds)
+        except SendTimeout as timeout:
+            if timeout.sent_any:
+                self._broken(lost(self.socket_path, 'a frame could not be sent in time'))
+            if method is None:
+                raise self._error or lost(self.socket_path, 'sending timed out') from None
+            raise timeout_error(method) from None
+        except OSError as error:
+            failure = lost(self.socket_path, error.strerror or error)
+            self._broken(failure)
+            raise failure from None
 
     def _send_requests(self, stream_id: int, stream: _SyncStream, prepared: Prepared,
                        requests: Iterable[Any]) -> None:
@@ -524,7 +485,7 @@ class SyncConnection:
                         return stream.items.popleft()
                     if self._error is not None:
                         raise self._error
-        except _Timeout:
+        except SocketTimeout:
             raise self._timed_out(deadline, method, idle_timeout) from None
         finally:
             with self._state_lock:
@@ -549,20 +510,19 @@ class SyncConnection:
     def _read(self, deadline: Deadline | None) -> None:
         """Read once (as the reading thread) and hand out what arrived.
 
-        :raises _Timeout: the deadline passed.
+        :raises SocketTimeout: the deadline passed.
         """
         if self._error is not None:
             return
         decoder = self._decoder
         try:
-            data, ancillary, flags, _ = self._receive(deadline)
-        except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO expired
-            if deadline is not None and deadline.expired():
-                raise _Timeout() from None
-            return
+            received = self._io.receive(deadline)
         except OSError as error:
             self._broken(lost(self.socket_path, error.strerror or error))
             return
+        if received is None:
+            return
+        data, ancillary, flags, _ = received
         if ancillary:
             decoder.feed(b'', received_fds(ancillary))
             if (flags & socket.MSG_CTRUNC or self._core.offered is None
@@ -581,50 +541,6 @@ class SyncConnection:
                     break
         if reason is not None:
             self._broken(lost(self.socket_path, reason))
-
-    def _receive(self, deadline: Deadline | None) -> _Received:
-        # Polls first (see busy_poll), then sleeps in recvmsg() until the deadline.
-        timeout = None if deadline is None else deadline.remaining()
-        return self._busy_poll.wait(self._receive_now, lambda _: self._receive_blocking(deadline), timeout)
-
-    def _receive_blocking(self, deadline: Deadline | None) -> _Received:
-        self._limit_receive(deadline)
-        return self._sock.recvmsg(_READ_SIZE, _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC)
-
-    def _receive_now(self) -> _Received | None:
-        try:
-            return self._sock.recvmsg(_READ_SIZE, _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return None
-
-    def _limit_receive(self, deadline: Deadline | None) -> None:
-        """Make the next recv() return by ``deadline`` (SO_RCVTIMEO).
-
-        The option is set only when it must change: a value set for an
-        earlier call is kept while it ends no later than 1 ms after this
-        deadline and no sooner than 50 ms before it (then the read just
-        wakes early and is repeated), so calls with one usual timeout cost
-        no extra system call.
-        """
-        if deadline is None:
-            wanted = 0.0
-        else:
-            wanted = deadline.remaining()
-            if wanted <= 0:
-                raise _Timeout()
-        current = self._receive_timeout
-        if current is not None:
-            if wanted == 0.0 and current == 0.0:
-                return
-            if current and wanted and wanted - 0.05 <= current <= wanted + 0.001:
-                return
-        seconds = int(wanted)
-        microseconds = int((wanted - seconds) * 1e6)
-        if wanted and not seconds and not microseconds:
-            microseconds = 1  # 0 would mean no timeout at all
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                              struct.pack('@ll', seconds, microseconds))
-        self._receive_timeout = wanted
 
     def _deliver(self, stream: _SyncStream, item: Item) -> None:
         with self._state_lock:

@@ -1,0 +1,248 @@
+"""What both clients share (:class:`ClientBase`): configuration, method
+look-up, the deadline of a call, the retry rule and the lane choice; the
+retry loops, one per way of waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import time
+from typing import Any, Awaitable, Callable, Iterable, Protocol, TypeVar
+
+import grpc
+
+from ._deadline import Deadline
+from ._lanes import LaneChoice
+from .address import (
+    StrPath,
+    default_ttrpc_socket_path,
+    grpc_target,
+    resolve_socket_path,
+    validate_socket_path,
+)
+from .exceptions import IPCTimeoutError, IPCUnavailableError
+from .methods import Method, stub_methods
+from .options import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TIMEOUT,
+    channel_options,
+    validate_max_message_bytes,
+    validate_timeout,
+)
+from .payload import SharedMemoryOptions, usable_options
+from .socket_file import is_listening
+from .ttrpc import DEFAULT_STREAM_WINDOW
+from .ttrpc._flow import validate_stream_window
+
+__all__ = ['DEFAULT', 'ClientBase', 'Default', 'Retry', 'ServerContext', 'retrying', 'retrying_sync']
+
+_T = TypeVar('_T')
+
+
+class Default(enum.Enum):
+    DEFAULT = 'the client default'
+
+    def __repr__(self) -> str:
+        return 'DEFAULT'
+
+
+#: ``timeout=DEFAULT``: the client's ``timeout``. (``stream_method`` takes
+#: ``timeout=None`` too: a stream without deadline.)
+DEFAULT = Default.DEFAULT
+
+
+class ServerContext(Protocol):
+    """What :meth:`IPCHandler.call_method` needs of a calling handler's context
+    (``grpc.ServicerContext``, ``grpc.aio.ServicerContext`` or the fast lane's)."""
+
+    def time_remaining(self) -> float | None: ...
+
+
+class Retry:
+    """When to try again after UNAVAILABLE, and after what pause: growing
+    from ``first`` to 0.5 s, only while ``allowed``, never past ``until``."""
+
+    __slots__ = ('allowed', 'until', 'attempts', '_pause')
+
+    def __init__(self, allowed: bool, until: Deadline | None, first: float) -> None:
+        self.allowed = allowed
+        self.until = until
+        self.attempts = 0
+        self._pause = first
+
+    def pause_after(self, error: IPCUnavailableError) -> float:
+        """The pause before the next attempt.
+
+        :raises IPCUnavailableError: ``error``, when not to try again.
+        """
+        pause = self._pause
+        if not self.allowed or self.until is None or pause >= self.until.remaining():
+            raise error
+        self._pause = min(pause * 2, 0.5)
+        self.attempts += 1
+        return pause
+
+
+class ClientBase:
+    """What both clients share: configuration, method look-up, deadlines,
+    the retry rule and the lane choice."""
+
+    def __init__(
+        self,
+        socket_path: StrPath | None = None,
+        service_stub: type | None = None,
+        *,
+        module_name: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        default_method: str | None = None,
+        wait_for_ready: bool = False,
+        idempotent_methods: Iterable[str] = (),
+        lane: str = 'auto',
+        ttrpc_socket_path: StrPath | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        shared_memory: SharedMemoryOptions | None = SharedMemoryOptions(),
+        stream_window: int = DEFAULT_STREAM_WINDOW,
+    ) -> None:
+        self.socket_path = resolve_socket_path(socket_path, module_name=module_name)
+        self.shared_memory = usable_options(shared_memory)
+        self._choice = LaneChoice(lane)
+        self.lane = lane
+        self.ttrpc_socket_path = (default_ttrpc_socket_path(self.socket_path) if ttrpc_socket_path is None
+                                  else validate_socket_path(ttrpc_socket_path))
+        self.timeout = validate_timeout(timeout)
+        self.wait_for_ready = bool(wait_for_ready)
+        self.max_message_bytes = validate_max_message_bytes(max_message_bytes)
+        self.stream_window = validate_stream_window(stream_window)
+        self._methods = stub_methods(service_stub) if service_stub is not None else {}
+        self._stub_name = service_stub.__qualname__ if service_stub is not None else None
+        if default_method is not None:
+            self._method(default_method)
+        self.default_method = default_method
+        self.idempotent_methods = frozenset(self._retryable(name) for name in
+                                            ([idempotent_methods] if isinstance(idempotent_methods, str)
+                                             else idempotent_methods))
+        self._target = grpc_target(self.socket_path)
+        self._options = channel_options(self.max_message_bytes)
+        self._connected = False
+        # The connections of the current owner (event loop or process):
+        # pool keys, and the lanes made from them.
+        self._fast_key: Any = None
+        self._fast: Any = None
+        self._grpc_key: Any = None
+        self._grpc: dict[bool, Any] = {}
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """Names of the methods this client can call."""
+        return tuple(self._methods)
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connected
+
+    @property
+    def lane_in_use(self) -> str | None:
+        """``'ttrpc'`` or ``'grpc'``: the lane of the last call (or of
+        connect()); None while not connected."""
+        return self._choice.in_use if self._connected else None
+
+    def get_protocol(self) -> str:
+        """The VYRA handler protocol identifier: ``"ipc"``."""
+        return 'ipc'
+
+    def is_available(self) -> bool:
+        """Whether a server listens on a socket of this client's lane right
+        now (one connect probe per socket; does not block)."""
+        if self.lane != 'grpc' and is_listening(self.ttrpc_socket_path):
+            return True
+        return self.lane != 'ttrpc' and is_listening(self.socket_path)
+
+    # -- per call ---------------------------------------------------------------------
+
+    def _method(self, name: object, *, response_streaming: bool | None = None) -> Method:
+        if not isinstance(name, str):
+            raise TypeError(f'method name must be a str, not {type(name).__name__}')
+        if not self._methods:
+            raise ValueError(f'cannot call {name!r}: no service_stub was given to this client')
+        method = self._methods.get(name)
+        if method is None:
+            raise ValueError(
+                f'unknown method {name!r} for {self._stub_name}; '
+                f'available: {", ".join(sorted(self._methods))}')
+        if response_streaming is not None and method.kind.response_streaming != response_streaming:
+            use = 'stream_method' if method.kind.response_streaming else 'call_method'
+            raise TypeError(f'{name} is a {method.kind.value} method: call it with {use}()')
+        return method
+
+    def _wait(self, wait_for_ready: bool | None) -> bool:
+        return self.wait_for_ready if wait_for_ready is None else wait_for_ready
+
+    def _deadline(self, timeout: float | None | Default, parent: ServerContext | None = None,
+                  method: Method | None = None) -> Deadline | None:
+        """The call's deadline: its own timeout (``DEFAULT``: the client's;
+        ``None``: none), capped by the time the calling handler has left."""
+        own = (time.monotonic() + (self.timeout if timeout is DEFAULT else validate_timeout(timeout))
+               if timeout is not None else None)
+        if parent is not None:
+            remaining = parent.time_remaining()
+            if remaining is not None:
+                if remaining <= 0:
+                    raise IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                          "the calling handler's deadline has already expired",
+                                          method=method.path if method else None)
+                limit = time.monotonic() + remaining
+                own = limit if own is None else min(own, limit)
+        return None if own is None else Deadline(own)
+
+    def _retryable(self, name: str) -> str:
+        method = self._method(name)
+        if method.kind.request_streaming:
+            raise ValueError(f'{name} streams its requests: it cannot be retried, so it cannot be '
+                             'marked idempotent')
+        return name
+
+    def _retry(self, method: Method, deadline: Deadline | None) -> Retry:
+        """The retry rule of a call: only methods marked idempotent are
+        retried after UNAVAILABLE, since a call that failed this way may have
+        run on the server already (a crash mid-call); the pause grows from
+        50 ms to 0.5 s so that a server answering UNAVAILABLE itself is not
+        hammered, and retries wait for the server to be ready."""
+        return Retry(method.name in self.idempotent_methods, deadline, 0.05)
+
+    def _connect_retry(self, deadline: Deadline | None, wait: bool) -> Retry:
+        """A fast-lane server that is not there yet is tried again quickly at
+        first, then every 0.5 s at most (the gRPC lane's reconnect cap)."""
+        until = self._choice.fast_wait(deadline, wait)
+        return Retry(until is not None, until, 0.025)
+
+    def _connect_options(self) -> dict[str, Any]:
+        return {'max_message_bytes': self.max_message_bytes, 'shared_memory': self.shared_memory,
+                'stream_window': self.stream_window}
+
+    def _fast_key_args(self) -> tuple[Any, ...]:
+        return (os.fspath(self.ttrpc_socket_path), self.max_message_bytes, self.shared_memory,
+                self.stream_window)
+
+    def _forget_connections(self) -> None:
+        self._fast_key = self._fast = self._grpc_key = None
+        self._grpc = {}
+
+
+async def retrying(attempt: Callable[[], Awaitable[_T]], retry: Retry) -> _T:
+    while True:
+        try:
+            return await attempt()
+        except IPCUnavailableError as error:
+            pause = retry.pause_after(error)
+        await asyncio.sleep(pause)
+
+
+
+def retrying_sync(attempt: Callable[[], _T], retry: Retry) -> _T:
+    while True:
+        try:
+            return attempt()
+        except IPCUnavailableError as error:
+            pause = retry.pause_after(error)
+        time.sleep(pause)

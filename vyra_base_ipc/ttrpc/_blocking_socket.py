@@ -1,0 +1,147 @@
+"""Blocking reads and writes on the blocking client's socket, each within a deadline."""
+
+from __future__ import annotations
+
+import math
+import select
+import socket
+import struct
+from typing import Any
+
+from .._deadline import Deadline
+from ..busy_poll import BusyPoll
+from ._transport import MAX_FDS_PER_READ, rights
+
+__all__ = ['BlockingSocket', 'Received', 'SendTimeout', 'SocketTimeout']
+
+_READ_SIZE = 256 * 1024
+_ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_READ * 4)
+_MSG_CMSG_CLOEXEC = getattr(socket, 'MSG_CMSG_CLOEXEC', 0x40000000)
+#: What socket.recvmsg() returns: data, ancillary data, flags, address.
+Received = tuple[bytes, list[tuple[int, int, bytes]], int, Any]
+
+
+class SocketTimeout(Exception):
+    """The deadline passed before anything could be read."""
+
+
+class SendTimeout(Exception):
+    """The deadline passed before all the data could be written;
+    ``sent_any`` says whether part of it was (the frame stream is then out
+    of step)."""
+
+    def __init__(self, sent_any: bool) -> None:
+        super().__init__(sent_any)
+        self.sent_any = sent_any
+
+
+class BlockingSocket:
+    """A connected stream socket in blocking mode, used by one sending and
+    one reading thread at a time (the connection's send lock and reading
+    turn decide which).
+
+    Deadlines are kept by SO_RCVTIMEO and MSG_DONTWAIT rather than a socket
+    timeout: a thread asleep in recv() is woken as the sender's 'sync'
+    wakeup (often on the sender's CPU), one asleep in poll() is not; on the
+    test machine poll()+recv() cost ~35 us more per round trip.
+    """
+
+    def __init__(self, sock: socket.socket, busy_poll: float) -> None:
+        sock.settimeout(None)
+        self.sock = sock
+        self._poll_out = select.poll()
+        self._poll_out.register(sock.fileno(), select.POLLOUT)
+        self._busy_poll = BusyPoll(busy_poll)
+        # The receive timeout set on the socket (SO_RCVTIMEO), 0 for none.
+        self._receive_timeout: float | None = None
+
+    def send_now(self, data: bytes) -> int:
+        """Write what the socket takes without waiting; the number of bytes taken."""
+        try:
+            return self.sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return 0
+
+    def send_all(self, data: bytes | memoryview, deadline: Deadline | None, fds: list[int]) -> None:
+        """Write all of ``data`` by ``deadline``, passing ``fds`` with its first byte.
+
+        :raises SendTimeout: the deadline passed first.
+        :raises OSError: the socket failed.
+        """
+        view = memoryview(data)
+        sent_any = False
+        sock = self.sock
+        while view:
+            try:
+                if fds and not sent_any:
+                    sent = sock.sendmsg([view], rights(fds), socket.MSG_DONTWAIT)
+                else:
+                    sent = sock.send(view, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if not self._wait_writable(deadline):
+                    raise SendTimeout(sent_any) from None
+                continue
+            sent_any = True
+            view = view[sent:]
+
+    def _wait_writable(self, deadline: Deadline | None) -> bool:
+        if deadline is None:
+            self._poll_out.poll(-1)
+            return True
+        return bool(self._poll_out.poll(max(0, math.ceil(deadline.remaining() * 1000))))
+
+    def receive(self, deadline: Deadline | None) -> Received | None:
+        """Read what has arrived, polling for up to the busy-poll time
+        before sleeping; ``None`` if the read woke before ``deadline``
+        with nothing (read again).
+
+        :raises SocketTimeout: the deadline passed.
+        :raises OSError: the socket failed.
+        """
+        timeout = None if deadline is None else deadline.remaining()
+        try:
+            return self._busy_poll.wait(self._receive_now, lambda _: self._receive_blocking(deadline),
+                                        timeout)
+        except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO expired
+            if deadline is not None and deadline.expired():
+                raise SocketTimeout() from None
+            return None
+
+    def _receive_blocking(self, deadline: Deadline | None) -> Received:
+        self._limit_receive(deadline)
+        return self.sock.recvmsg(_READ_SIZE, _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC)
+
+    def _receive_now(self) -> Received | None:
+        try:
+            return self.sock.recvmsg(_READ_SIZE, _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+
+    def _limit_receive(self, deadline: Deadline | None) -> None:
+        """Make the next recv() return by ``deadline`` (SO_RCVTIMEO).
+
+        The option is set only when it must change: a value set for an
+        earlier call is kept while it ends no later than 1 ms after this
+        deadline and no sooner than 50 ms before it (then the read just
+        wakes early and is repeated), so calls with one usual timeout cost
+        no extra system call.
+        """
+        if deadline is None:
+            wanted = 0.0
+        else:
+            wanted = deadline.remaining()
+            if wanted <= 0:
+                raise SocketTimeout()
+        current = self._receive_timeout
+        if current is not None:
+            if wanted == 0.0 and current == 0.0:
+                return
+            if current and wanted and wanted - 0.05 <= current <= wanted + 0.001:
+                return
+        seconds = int(wanted)
+        microseconds = int((wanted - seconds) * 1e6)
+        if wanted and not seconds and not microseconds:
+            microseconds = 1  # 0 would mean no timeout at all
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                             struct.pack('@ll', seconds, microseconds))
+        self._receive_timeout = wanted

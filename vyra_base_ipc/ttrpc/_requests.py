@@ -1,0 +1,136 @@
+"""The request iterators of client-streaming calls on the fast-lane server:
+fed by the event loop as DATA frames arrive, read by the handler, granting
+the client more as the handler reads (flow control, when agreed)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import queue
+import threading
+from typing import Any, Callable, Iterator
+
+from ._flow import ReceiveWindow
+
+__all__ = ['AsyncRequests', 'Requests', 'SyncRequests']
+
+
+class Requests:
+    """The request iterator of a client-streaming call: fed by the event
+    loop, read by the handler; grants the client more as the handler reads
+    (flow control, when agreed)."""
+
+    __slots__ = ('_deserialize', '_window', '_grant', 'pending_bytes')
+
+    def __init__(self, deserialize: Callable[[bytes | memoryview], Any], window: ReceiveWindow | None,
+                 grant: Callable[[int], None]) -> None:
+        self._deserialize = deserialize
+        self._window = window
+        self._grant = grant
+        self.pending_bytes = 0
+
+    def _taken(self, payload: bytes | memoryview) -> Any:
+        if self._window is not None:
+            increment = self._window.taken(len(payload))
+            if increment:
+                self._grant(increment)
+        return self._deserialize(payload)
+
+
+class AsyncRequests(Requests):
+    """For an ``async def`` handler (on the event loop)."""
+
+    __slots__ = ('_loop', '_items', '_closed', '_waiter')
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *args: Any) -> None:
+        super().__init__(*args)
+        self._loop = loop
+        self._items: collections.deque[bytes | memoryview] = collections.deque()
+        self._closed = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def feed(self, payload: bytes | memoryview) -> None:
+        self._items.append(payload)
+        self.pending_bytes += len(payload)
+        self._wake()
+
+    def close(self) -> None:
+        """The client sent its last message: the handler reads what is queued, then stops."""
+        self._closed = True
+        self._wake()
+
+    def cancel(self) -> None:
+        """The call ended: drop what the handler did not read (it may hold
+        shared memory), and stop."""
+        self._items.clear()
+        self.pending_bytes = 0
+        self.close()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __aiter__(self) -> 'AsyncRequests':
+        return self
+
+    async def __anext__(self) -> Any:
+        while not self._items:
+            if self._closed:
+                raise StopAsyncIteration
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        payload = self._items.popleft()
+        self.pending_bytes -= len(payload)
+        return self._taken(payload)
+
+
+_END = object()
+
+
+class SyncRequests(Requests):
+    """For a ``def`` handler (read in its worker thread)."""
+
+    __slots__ = ('_queue', '_lock')
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+
+    def feed(self, payload: bytes | memoryview) -> None:
+        with self._lock:
+            self.pending_bytes += len(payload)
+        self._queue.put(payload)
+
+    def close(self) -> None:
+        """The client sent its last message: the handler reads what is queued, then stops."""
+        self._queue.put(_END)
+
+    def cancel(self) -> None:
+        """The call ended: drop what the handler did not read (it may hold
+        shared memory), and stop."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _END:
+                with self._lock:
+                    self.pending_bytes -= len(item)
+        self.close()
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        item = self._queue.get()
+        if item is _END:
+            self._queue.put(_END)  # later next() calls end too
+            raise StopIteration
+        with self._lock:
+            self.pending_bytes -= len(item)
+        return self._taken(item)
