@@ -193,7 +193,7 @@ def _measure_overhead(env: BenchEnvironment, addresses: dict[str, Any],
 def _busy_poll_available() -> bool:
     # (A --package-root copy may predate busy polling.)
     return any(lane.name == 'ttrpc' and lane.unavailable() is None for lane in LANES) and \
-        importlib.util.find_spec('vyra_base_ipc.event_loop') is not None
+        importlib.util.find_spec('vyra_base_ipc._event_loop') is not None
 
 
 def _measure_busy_poll(env: BenchEnvironment, addresses: dict[str, Any], mode: Mode,

@@ -90,7 +90,7 @@ LANES: tuple[Lane, ...] = (
     Lane('ttrpc', 'fast lane: ttrpc framing on the .ttrpc.sock socket, every message inline',
          _fast_lane_options, unavailable=_needs('vyra_base_ipc.ttrpc', 'lane')),
     Lane('shm', 'fast lane, messages over 1 MiB as sealed memfd (the default)',
-         _shared_memory_options, _large_messages, _needs('vyra_base_ipc.payload', 'shared_memory')),
+         _shared_memory_options, _large_messages, _needs('vyra_base_ipc._payload', 'shared_memory')),
 )
 
 #: Lanes that also carry :data:`~bench.payloads.LARGE_PAYLOAD` (beyond the

@@ -160,7 +160,7 @@ class ChildProcess:
     def wait_listening(self, *paths: Path, timeout: float = 30.0) -> None:
         """Wait until a server accepts connections on each socket of ``paths``;
         fail at once, with the log, if the process exits."""
-        from vyra_base_ipc.socket_file import is_listening
+        from vyra_base_ipc._socket_file import is_listening
 
         def ready() -> bool:
             if not self.running():
@@ -385,7 +385,7 @@ def start_fault_server(start_server: StartServer, tmp_path: Path) -> StartFaultS
 
 def make_stale_socket(path: Path) -> None:
     """Leave a socket file nobody listens on, as a crashed server does."""
-    from vyra_base_ipc.socket_file import is_listening
+    from vyra_base_ipc._socket_file import is_listening
 
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(path))

@@ -40,11 +40,11 @@ from vyra_base_ipc import DEFAULT_BUSY_POLL, IPCHandler, SyncIPCHandler
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc import module_service_pb2_grpc as module_grpc
 from vyra_base_ipc.address import default_ttrpc_socket_path
-from vyra_base_ipc.busy_poll import MAX_BACKOFF_WAITS, BusyPoll, poll_for, validate_busy_poll
+from vyra_base_ipc._busy_poll import MAX_BACKOFF_WAITS, BusyPoll, poll_for, validate_busy_poll
 from vyra_base_ipc._pool import sync_ttrpc_pool
-from vyra_base_ipc.event_loop import BusyPollSelector, new_event_loop, run
+from vyra_base_ipc._event_loop import BusyPollSelector, new_event_loop, run
 from vyra_base_ipc.exceptions import IPCTimeoutError
-from vyra_base_ipc.loop_thread import EventLoopThread
+from vyra_base_ipc._loop_thread import EventLoopThread
 from vyra_base_ipc.node import host_ipc_server
 from vyra_base_ipc.ttrpc import SyncConnection
 
@@ -218,8 +218,8 @@ def run_child(code: str, prelude: str = '') -> dict[str, Any]:
 #: What a child process reports of the polling it would do.
 POLLING_REPORT = (
     'import asyncio, json\n'
-    'from vyra_base_ipc.busy_poll import BusyPoll\n'
-    'from vyra_base_ipc.event_loop import BusyPollSelector, new_event_loop, run\n'
+    'from vyra_base_ipc._busy_poll import BusyPoll\n'
+    'from vyra_base_ipc._event_loop import BusyPollSelector, new_event_loop, run\n'
     'loop = new_event_loop()\n'
     'async def main():\n'
     '    return type(asyncio.get_running_loop()._selector).__name__\n'

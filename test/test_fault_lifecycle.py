@@ -34,7 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vyra_base_ipc import IPCError, IPCHandler, IPCUnavailableError, SyncIPCHandler
 from vyra_base_ipc._pool import aio_pool, aio_ttrpc_pool, sync_pool
-from vyra_base_ipc.socket_file import is_listening
+from vyra_base_ipc._socket_file import is_listening
 
 pytestmark = pytest.mark.fault
 

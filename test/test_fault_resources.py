@@ -16,7 +16,7 @@ import pytest
 
 from vyra_base_ipc import IPCTimeoutError, IPCUnavailableError
 from vyra_base_ipc.address import default_ttrpc_socket_path
-from vyra_base_ipc.methods import stub_methods
+from vyra_base_ipc._methods import stub_methods
 from vyra_base_ipc.ttrpc import SyncConnection
 
 pytestmark = pytest.mark.fault

@@ -32,7 +32,7 @@ from vyra_base_ipc import IPCError, IPCHandler, SyncIPCHandler
 from vyra_base_ipc import ModuleService, command
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc import module_service_pb2_grpc as module_grpc
-from vyra_base_ipc.loop_thread import EventLoopThread
+from vyra_base_ipc._loop_thread import EventLoopThread
 from vyra_base_ipc.node import (
     DECLARED_PARAMETERS,
     EXIT_BAD_PARAMETER,
@@ -44,7 +44,7 @@ from vyra_base_ipc.node import (
     read_ipc_config,
 )
 from vyra_base_ipc.ros_bridge import ServiceCallTimeout, ServiceCaller, ServiceUnavailable, call_service
-from vyra_base_ipc.socket_file import is_listening
+from vyra_base_ipc._socket_file import is_listening
 
 pytestmark = [pytest.mark.ros]
 

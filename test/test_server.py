@@ -24,7 +24,7 @@ from vyra_base_ipc import (
     SocketInUseError,
     SyncIPCHandler,
 )
-from vyra_base_ipc.socket_file import is_listening
+from vyra_base_ipc._socket_file import is_listening
 
 
 def echo_text(path: Path, echo, text: str = 'hi') -> str:

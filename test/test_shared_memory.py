@@ -56,7 +56,7 @@ from vyra_base_ipc import (
 )
 from vyra_base_ipc import ttrpc_pb2
 from vyra_base_ipc.exceptions import IPCRemoteError, IPCTimeoutError, IPCUnavailableError
-from vyra_base_ipc.methods import stub_methods
+from vyra_base_ipc._methods import stub_methods
 from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
 
 THRESHOLD = 4096

@@ -1,4 +1,4 @@
-"""The rules of a server's socket file (vyra_base_ipc.socket_file), one set
+"""The rules of a server's socket file (vyra_base_ipc._socket_file), one set
 of tests run against both servers that follow them: IPCServer (its gRPC
 socket and the fast lane's beside it) and TtrpcServer, in this process, on
 real sockets."""
@@ -16,7 +16,7 @@ import pytest
 from conftest import make_stale_socket
 from vyra_base_ipc import IPCHandler, IPCServer, ModuleService, SocketInUseError
 from vyra_base_ipc import module_service_pb2 as module_pb
-from vyra_base_ipc.methods import record_servicer, stub_methods
+from vyra_base_ipc._methods import record_servicer, stub_methods
 from vyra_base_ipc.module_service_pb2_grpc import ModuleServiceStub
 from vyra_base_ipc.ttrpc import AsyncConnection, TtrpcServer
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import ServerProcess, StartServer, make_stale_socket, start_lanes, wait_for
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc.exceptions import IPCRemoteError, IPCTimeoutError, IPCUnavailableError
-from vyra_base_ipc.methods import stub_methods
+from vyra_base_ipc._methods import stub_methods
 from vyra_base_ipc.module_service_pb2_grpc import ModuleServiceStub
 from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import ServerProcess
 from vyra_base_ipc import IPCHandler, SyncIPCHandler
 from vyra_base_ipc.exceptions import IPCError, IPCRemoteError
-from vyra_base_ipc.methods import Method, MethodKind, stub_methods
+from vyra_base_ipc._methods import Method, MethodKind, stub_methods
 from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
 
 from vyra_base_ipc import module_service_pb2 as module_pb

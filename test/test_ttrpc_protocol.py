@@ -20,7 +20,7 @@ from ttrpc_peer import (
     DATA, NO_DATA, REMOTE_CLOSED, REMOTE_OPEN, REQUEST, RESPONSE, Peer, frame_bytes, request_envelope,
 )
 from vyra_base_ipc import module_service_pb2 as module_pb
-from vyra_base_ipc.methods import stub_methods
+from vyra_base_ipc._methods import stub_methods
 from vyra_base_ipc.ttrpc import SyncConnection
 from vyra_base_ipc.module_service_pb2_grpc import ModuleServiceStub
 

@@ -12,10 +12,20 @@ Public surface::
     from vyra_base_ipc import IPCError, ...   # every exception, defined in vyra_base_ipc.exceptions
 """
 
+from ._busy_poll import DEFAULT_BUSY_POLL
+from ._event_loop import new_event_loop, run
+from ._options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT
+from ._payload import SharedMemoryOptions
+from ._shared_buffer import (
+    ReceivedBuffers,
+    SharedBuffer,
+    SharedBufferRef,
+    attach_buffers,
+    received_buffer,
+    shared_buffer,
+)
 from .address import MAX_SOCKET_PATH_BYTES, default_socket_path, resolve_socket_path
-from .busy_poll import DEFAULT_BUSY_POLL
 from .client import IPCHandler, SyncIPCHandler
-from .event_loop import new_event_loop, run
 from .exceptions import (
     CommandError,
     ForkedProcessError,
@@ -31,17 +41,7 @@ from .exceptions import (
     TooLargeError,
 )
 from .module_service import ModuleService, command
-from .options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT
-from .payload import SharedMemoryOptions
 from .server import IPCServer
-from .shared_buffer import (
-    ReceivedBuffers,
-    SharedBuffer,
-    SharedBufferRef,
-    attach_buffers,
-    received_buffer,
-    shared_buffer,
-)
 
 __all__ = [
     'CommandError',

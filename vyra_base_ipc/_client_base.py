@@ -14,6 +14,16 @@ import grpc
 
 from ._deadline import Deadline
 from ._lanes import LaneChoice
+from ._methods import Method, stub_methods
+from ._options import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TIMEOUT,
+    channel_options,
+    validate_max_message_bytes,
+    validate_timeout,
+)
+from ._payload import SharedMemoryOptions, usable_options
+from ._socket_file import is_listening
 from .address import (
     StrPath,
     default_ttrpc_socket_path,
@@ -22,16 +32,6 @@ from .address import (
     validate_socket_path,
 )
 from .exceptions import IPCTimeoutError, IPCUnavailableError
-from .methods import Method, stub_methods
-from .options import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_TIMEOUT,
-    channel_options,
-    validate_max_message_bytes,
-    validate_timeout,
-)
-from .payload import SharedMemoryOptions, usable_options
-from .socket_file import is_listening
 from .ttrpc import DEFAULT_STREAM_WINDOW
 from .ttrpc._flow import validate_stream_window
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Union
 
-from .options import validate_timeout
+from ._options import validate_timeout
 
 __all__ = ['Deadline', 'Timeout', 'deadline_of']
 

@@ -21,9 +21,9 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from ._deadline import Deadline
+from ._methods import Method, MethodKind
+from ._shared_buffer import ReceivedBuffers, SharedBuffer, inline_request
 from .exceptions import IPCError, IPCTimeoutError, IPCUnavailableError, error_from_status
-from .methods import Method, MethodKind
-from .shared_buffer import ReceivedBuffers, SharedBuffer, inline_request
 
 __all__ = ['LANES', 'GrpcLane', 'LaneChoice', 'SyncGrpcLane']
 

@@ -6,7 +6,7 @@ grpc.aio channels are bound to the event loop they were created in
 (grpc/grpc#32480), and the fast lane's asyncio connections are too, so the
 asyncio pools are keyed by the running loop; a loop's entries go with the
 loop. Keys include the process id, so that a forked child never uses or
-closes its parent's connections (see :mod:`vyra_base_ipc.fork_safety`).
+closes its parent's connections (see :mod:`vyra_base_ipc._fork_safety`).
 """
 
 from __future__ import annotations

@@ -27,16 +27,16 @@ from typing import Any, AsyncIterator, Iterator, Sequence, Union
 
 import grpc
 
+from ._busy_poll import DEFAULT_BUSY_POLL, validate_busy_poll
 from ._client_base import DEFAULT, ClientBase, Default, ServerContext, retrying, retrying_sync
 from ._deadline import Deadline
+from ._fork_safety import ensure_usable_after_fork, note_grpc_used
 from ._lanes import LANES, GrpcLane, SyncGrpcLane
+from ._options import validate_timeout
 from ._pool import aio_pool, aio_ttrpc_pool, sync_pool, sync_ttrpc_pool
+from ._shared_buffer import SharedBuffer
 from .address import StrPath
-from .busy_poll import DEFAULT_BUSY_POLL, validate_busy_poll
 from .exceptions import IPCUnavailableError
-from .fork_safety import ensure_usable_after_fork, note_grpc_used
-from .options import validate_timeout
-from .shared_buffer import SharedBuffer
 from .ttrpc import AsyncConnection, SyncConnection
 
 __all__ = ['DEFAULT', 'LANES', 'IPCHandler', 'SyncIPCHandler']
@@ -79,7 +79,7 @@ class IPCHandler(ClientBase):
     :param max_message_bytes: largest message sent or accepted (inline).
     :param shared_memory: on the fast lane, messages above its threshold
         travel as sealed shared memory when the server agrees (see
-        :mod:`vyra_base_ipc.payload`); ``None`` keeps every message inline.
+        :mod:`vyra_base_ipc._payload`); ``None`` keeps every message inline.
     :param stream_window: on the fast lane, bytes of streamed messages the
         server may send ahead of what the caller has taken (flow control).
     """
@@ -289,13 +289,13 @@ class SyncIPCHandler(ClientBase):
     calling thread for at most its deadline. Thread-safe; all instances in a
     process share one connection per socket and lane. In a child forked after
     gRPC was used, the gRPC lane raises
-    :class:`~vyra_base_ipc.fork_safety.ForkedProcessError`; the fast lane
+    :class:`~vyra_base_ipc.ForkedProcessError`; the fast lane
     (plain sockets) opens a connection of the child's own.
 
     Takes the arguments of :class:`IPCHandler` and one more:
 
     :param busy_poll: seconds a thread waiting for a fast-lane answer polls
-        the socket before it sleeps (:mod:`vyra_base_ipc.busy_poll`): a quick
+        the socket before it sleeps (:mod:`vyra_base_ipc._busy_poll`): a quick
         answer then costs no wakeup. It polls only while answers come that
         quickly, and never on a machine with one CPU. 0 turns it off.
     """

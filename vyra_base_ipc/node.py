@@ -6,13 +6,13 @@
   inside a module's own node, reading the same parameters from it.
 
 Either way the :class:`~vyra_base_ipc.server.IPCServer` runs on a dedicated
-asyncio :class:`~vyra_base_ipc.loop_thread.EventLoopThread`: IPC handlers never
+asyncio :class:`~vyra_base_ipc._loop_thread.EventLoopThread`: IPC handlers never
 run on the rclpy executor and ROS callbacks never wait for the event loop, so
 neither can block the other. IPC handlers call ROS services with
 :class:`vyra_base_ipc.ros_bridge.ServiceCaller`.
 
 Parameters (declared with a description, checked and documented in
-:mod:`vyra_base_ipc.node_parameters`, whose names this module re-exports):
+:mod:`vyra_base_ipc._node_parameters`, whose names this module re-exports):
 ``module_name``, ``socket_path``, ``ttrpc_enabled``, ``ttrpc_socket_path``,
 ``shared_memory_enabled``, ``shared_memory_threshold``, ``busy_poll_us``,
 ``servicers``, ``grace_period``, ``max_message_bytes``.
@@ -36,11 +36,8 @@ from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
-from .exceptions import ParameterError
-from .loop_thread import EventLoopThread
-from .module_service import ModuleService
-from .module_service_pb2_grpc import ModuleServiceServicer
-from .node_parameters import (
+from ._loop_thread import EventLoopThread
+from ._node_parameters import (
     DECLARED_PARAMETERS,
     PARAMETERS,
     IPCServerConfig,
@@ -50,7 +47,10 @@ from .node_parameters import (
     parameter_value,
     read_ipc_config,
 )
-from .options import DEFAULT_GRACE_PERIOD
+from ._options import DEFAULT_GRACE_PERIOD
+from .exceptions import ParameterError
+from .module_service import ModuleService
+from .module_service_pb2_grpc import ModuleServiceServicer
 from .server import IPCServer
 
 __all__ = [

@@ -14,7 +14,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ._fork_safety import ensure_usable_after_fork, note_grpc_used
 from ._grpc_streams import OpenStreams
+from ._methods import ServiceRegistration, record_servicer
+from ._options import (
+    DEFAULT_GRACE_PERIOD,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    server_options,
+    validate_max_message_bytes,
+)
+from ._payload import SharedMemoryOptions
+from ._request_guard import guard_handlers
+from ._socket_file import SocketFile
 from .address import (
     StrPath,
     default_ttrpc_socket_path,
@@ -22,17 +33,6 @@ from .address import (
     resolve_socket_path,
     validate_socket_path,
 )
-from .fork_safety import ensure_usable_after_fork, note_grpc_used
-from .methods import ServiceRegistration, record_servicer
-from .options import (
-    DEFAULT_GRACE_PERIOD,
-    DEFAULT_MAX_MESSAGE_BYTES,
-    server_options,
-    validate_max_message_bytes,
-)
-from .payload import SharedMemoryOptions
-from .request_guard import guard_handlers
-from .socket_file import SocketFile
 from .ttrpc import TtrpcServer
 
 __all__ = ['IPCServer']
@@ -83,7 +83,7 @@ class IPCServer:
         (``/tmp/demo_ipc.sock`` -> ``/tmp/demo_ipc.ttrpc.sock``).
     :param shared_memory: on the fast lane, messages above its threshold
         travel to and from this package's clients as sealed shared memory
-        (see :mod:`vyra_base_ipc.payload`); ``None`` keeps them all inline.
+        (see :mod:`vyra_base_ipc._payload`); ``None`` keeps them all inline.
     :param socket_group: group (name or id) that may connect too: the socket
         file gets this group and mode 0660, directories created for it 0750.
         Without it only this user (and root) may connect: 0600 and 0700.

@@ -21,7 +21,7 @@ import pytest
 from vyra_base_ipc import SyncIPCHandler
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc import module_service_pb2_grpc as module_grpc
-from vyra_base_ipc.socket_file import is_listening
+from vyra_base_ipc._socket_file import is_listening
 
 MODULE = os.environ['VYRA_LAUNCH_MODULE']
 SOCKET = Path(f'/tmp/{MODULE}_ipc.sock')

@@ -32,8 +32,8 @@ import threading
 import time
 from typing import IO, Sequence
 
+from vyra_base_ipc._socket_file import is_listening
 from vyra_base_ipc.address import default_ttrpc_socket_path, resolve_socket_path
-from vyra_base_ipc.socket_file import is_listening
 
 PACKAGE = 'vyra_base_ipc'
 SERVICERS = ('vyra_base_ipc.demo.callable_service:DemoModuleService',

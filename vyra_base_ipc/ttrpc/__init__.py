@@ -6,10 +6,10 @@ gRPC service definitions and protobuf messages but frames them with a 10-byte
 header made for local, reliable connections. This package speaks it:
 
 - :class:`TtrpcServer` serves the servicers registered for gRPC (each a
-  :class:`~vyra_base_ipc.methods.ServiceRegistration`), unchanged, on a
+  :class:`~vyra_base_ipc._methods.ServiceRegistration`), unchanged, on a
   second socket;
 - :class:`AsyncConnection` and :class:`SyncConnection` call methods (each a
-  :class:`~vyra_base_ipc.methods.Method`) over one connection each, with
+  :class:`~vyra_base_ipc._methods.Method`) over one connection each, with
   the deadlines, metadata and errors of the gRPC lane.
 
 Independent implementations interoperate: containerd's Go client (Debian's

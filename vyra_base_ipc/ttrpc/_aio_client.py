@@ -8,12 +8,12 @@ from typing import Any, AsyncGenerator, AsyncIterator, Callable, Sequence
 import warnings
 
 from .._deadline import Deadline, Timeout, deadline_of
+from .._methods import Method
+from .._options import DEFAULT_MAX_MESSAGE_BYTES
+from .._payload import SharedMemoryOptions, close_fds
+from .._shared_buffer import SharedBuffer
 from ..address import StrPath
 from ..exceptions import IPCError, IPCUnavailableError
-from ..methods import Method
-from ..options import DEFAULT_MAX_MESSAGE_BYTES
-from ..payload import SharedMemoryOptions, close_fds
-from ..shared_buffer import SharedBuffer
 from ._call import (
     ClientCore,
     ClientStream,
@@ -191,7 +191,7 @@ class AsyncConnection:
 
         :param max_message_bytes: largest message sent or accepted.
         :param timeout: seconds to wait for the connection to be accepted
-            (default :data:`~vyra_base_ipc.options.DEFAULT_TIMEOUT`).
+            (default :data:`~vyra_base_ipc.DEFAULT_TIMEOUT`).
         :param shared_memory: options to offer, ``None`` to keep every message inline.
         :param stream_window: bytes of streamed messages the server may send
             on a stream before this end has taken them (flow control).

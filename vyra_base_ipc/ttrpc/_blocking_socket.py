@@ -8,8 +8,8 @@ import socket
 import struct
 from typing import Any
 
+from .._busy_poll import BusyPoll
 from .._deadline import Deadline
-from ..busy_poll import BusyPoll
 from ._transport import MAX_FDS_PER_READ, rights
 
 __all__ = ['BlockingSocket', 'Received', 'SendTimeout', 'SocketTimeout']

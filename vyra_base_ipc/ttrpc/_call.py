@@ -18,12 +18,12 @@ from google.protobuf.message import DecodeError
 import grpc
 
 from .._deadline import Deadline
+from .._methods import Method, MethodKind
+from .._options import DEFAULT_TIMEOUT, validate_max_message_bytes, validate_timeout
+from .._payload import SharedMemoryError, SharedMemoryOptions, TooLargeError, close_fds, usable_options
+from .._shared_buffer import ReceivedBuffers, SharedBuffer, check_buffers, inline_request
 from ..address import StrPath, validate_socket_path
 from ..exceptions import IPCError, IPCTimeoutError, IPCUnavailableError, error_from_status
-from ..methods import Method, MethodKind
-from ..options import DEFAULT_TIMEOUT, validate_max_message_bytes, validate_timeout
-from ..payload import SharedMemoryError, SharedMemoryOptions, TooLargeError, close_fds, usable_options
-from ..shared_buffer import ReceivedBuffers, SharedBuffer, check_buffers, inline_request
 from . import _hello
 from ._flow import ReceiveWindow, SendCredit, message_cost, validate_stream_window
 from ._frames import (
@@ -163,7 +163,7 @@ def deserialize(method: Method, payload: bytes | memoryview) -> Any:
 def check_kind(method: Method, response_streaming: bool) -> None:
     """:raises TypeError: not a Method, or called with the wrong one of call()/stream()."""
     if not isinstance(method, Method):
-        raise TypeError(f'method must be a vyra_base_ipc.methods.Method, not {type(method).__name__}')
+        raise TypeError(f'method must be a vyra_base_ipc._methods.Method, not {type(method).__name__}')
     if method.kind.response_streaming != response_streaming:
         use = 'stream' if method.kind.response_streaming else 'call'
         raise TypeError(f'{method.path} is a {method.kind.value} method: call it with {use}()')

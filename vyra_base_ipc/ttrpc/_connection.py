@@ -14,7 +14,7 @@ import asyncio
 import threading
 from typing import Sequence, Union
 
-from ..payload import close_fds
+from .._payload import close_fds
 from ._frames import MAX_BATCH_FDS, MAX_QUEUED_FDS, Frame, FrameDecoder, OversizedFrame, encode_window_update
 from ._hello import PLAIN, Agreement
 from ._transport import UnixTransport

@@ -57,7 +57,7 @@ class ServicerContext:
         self._end: _End | None = None
         self._trailing_metadata: tuple[Any, ...] = ()
         # Explicit shared buffers sent with the request, and those the handler
-        # answers with (see vyra_base_ipc.shared_buffer); set by the server.
+        # answers with (see vyra_base_ipc._shared_buffer); set by the server.
         self._buffers: Any = None
         self._can_attach = False
         self._reply_buffers: tuple[Any, ...] = ()

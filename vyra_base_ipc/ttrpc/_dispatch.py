@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable, Union
 
 import grpc
 
-from ..methods import MethodKind
-from ..payload import SharedMemoryError, close_fds
+from .._methods import MethodKind
+from .._payload import SharedMemoryError, close_fds
 from ._context import ServicerContext, _End
 from ._eager import start_task
 from ._flow import ReceiveWindow, SendCredit, message_cost

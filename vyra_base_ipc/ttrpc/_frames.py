@@ -62,7 +62,7 @@ FLAG_REMOTE_OPEN = 0x02
 FLAG_NO_DATA = 0x04
 #: vyra_base_ipc's extension, used only after both ends agreed on it: the
 #: frame's message payload is replaced by a ``SharedMemoryManifest`` and
-#: descriptors were passed with the frame (see :mod:`vyra_base_ipc.payload`).
+#: descriptors were passed with the frame (see :mod:`vyra_base_ipc._payload`).
 FLAG_SHARED_MEMORY = 0x80
 
 #: Descriptors a connection may hold received but not yet claimed by a frame;

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from .. import ttrpc_pb2
-from ..payload import SharedMemoryOptions
+from .._payload import SharedMemoryOptions
 
 __all__ = ['HELLO_METHOD', 'HELLO_PATH', 'HELLO_SERVICE', 'PLAIN', 'Agreement', 'accept', 'offer', 'settle']
 

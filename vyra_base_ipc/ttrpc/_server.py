@@ -36,12 +36,12 @@ from typing import Any, Callable, Iterable
 from google.protobuf.message import DecodeError
 import grpc
 
+from .._methods import ServiceRegistration
+from .._options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, validate_max_message_bytes
+from .._payload import SharedMemoryError, SharedMemoryOptions, TooLargeError, usable_options
+from .._shared_buffer import ReceivedBuffers
+from .._socket_file import SocketFile
 from ..address import StrPath, validate_socket_path
-from ..methods import ServiceRegistration
-from ..options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, validate_max_message_bytes
-from ..payload import SharedMemoryError, SharedMemoryOptions, TooLargeError, usable_options
-from ..shared_buffer import ReceivedBuffers
-from ..socket_file import SocketFile
 from . import _hello
 from ._connection import FramedConnection
 from ._context import AsyncServicerContext, ServicerContext
@@ -298,7 +298,7 @@ class TtrpcServer:
     """Serves registered gRPC servicers over ttrpc on a Unix socket.
 
     The socket follows the rules of the gRPC socket
-    (:class:`~vyra_base_ipc.socket_file.SocketFile`): a live server on the path
+    (:class:`~vyra_base_ipc._socket_file.SocketFile`): a live server on the path
     is never replaced, a stale file is, the file gets ``socket_mode`` before
     anyone can connect, and it is removed on stop only if it is still ours.
 
@@ -308,7 +308,7 @@ class TtrpcServer:
     else in a pool of ``max_workers`` threads owned by this server.
 
     :param socket_path: where to listen.
-    :param services: registrations from :func:`~vyra_base_ipc.methods.record_servicer`.
+    :param services: registrations from :func:`~vyra_base_ipc._methods.record_servicer`.
     :param max_message_bytes: largest request or response message; frames
         may be :data:`~vyra_base_ipc.ttrpc.ENVELOPE_ALLOWANCE` bytes
         larger to hold the envelope.
@@ -316,7 +316,7 @@ class TtrpcServer:
     :param socket_mode: permission bits of the socket file.
     :param directory_mode: permission bits of parent directories created for it.
     :param socket_group: group id given to the socket file and created
-        directories (see :class:`~vyra_base_ipc.socket_file.SocketFile`).
+        directories (see :class:`~vyra_base_ipc._socket_file.SocketFile`).
     :param executor: thread pool for ``def`` handlers (not shut down here).
     :param max_workers: size of the pool created when ``executor`` is None.
     :param maximum_concurrent_rpcs: calls above this many in flight (over

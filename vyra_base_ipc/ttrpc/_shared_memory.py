@@ -8,7 +8,7 @@ is above the threshold), then one per :class:`~vyra_base_ipc.SharedBuffer`.
 Receivers take a frame's descriptors with
 :meth:`~vyra_base_ipc.ttrpc._frames.FrameDecoder.take_fds` as frames arrive,
 in order, and check each one before mapping it
-(:func:`~vyra_base_ipc.payload.map_sealed`).
+(:func:`~vyra_base_ipc._payload.map_sealed`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,15 @@ import logging
 from typing import Callable, Sequence
 
 from .. import ttrpc_pb2
-from ..payload import SharedMemoryError, SharedMemoryOptions, TooLargeError, close_fds, map_sealed, seal_bytes
-from ..shared_buffer import ReceivedBuffers, SharedBuffer
+from .._payload import (
+    SharedMemoryError,
+    SharedMemoryOptions,
+    TooLargeError,
+    close_fds,
+    map_sealed,
+    seal_bytes,
+)
+from .._shared_buffer import ReceivedBuffers, SharedBuffer
 from ._frames import FLAG_SHARED_MEMORY
 
 __all__ = ['outgoing', 'pack', 'unpack']
@@ -97,7 +104,7 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
     :param what: names the message in errors, e.g. ``'the request of /pkg.Service/Method'``.
     :raises TooLargeError: the message or a buffer is over its limit.
     :raises SharedMemoryError: malformed manifest, or a buffer that fails the
-        checks of :func:`~vyra_base_ipc.payload.map_sealed`.
+        checks of :func:`~vyra_base_ipc._payload.map_sealed`.
     """
     try:
         manifest = Manifest.FromString(data)

@@ -10,14 +10,14 @@ import warnings
 
 import grpc
 
+from .._busy_poll import DEFAULT_BUSY_POLL, validate_busy_poll
 from .._deadline import Deadline, Timeout, deadline_of
+from .._methods import Method
+from .._options import DEFAULT_MAX_MESSAGE_BYTES
+from .._payload import SharedMemoryOptions, close_fds
+from .._shared_buffer import SharedBuffer
 from ..address import StrPath
-from ..busy_poll import DEFAULT_BUSY_POLL, validate_busy_poll
 from ..exceptions import IPCError, IPCUnavailableError
-from ..methods import Method
-from ..options import DEFAULT_MAX_MESSAGE_BYTES
-from ..payload import SharedMemoryOptions, close_fds
-from ..shared_buffer import SharedBuffer
 from ._blocking_socket import BlockingSocket, SendTimeout, SocketTimeout
 from ._call import (
     ClientCore,
@@ -125,9 +125,9 @@ class SyncConnection:
         package's extensions, as :meth:`AsyncConnection.connect` does.
 
         :param timeout: seconds to wait for the connection to be accepted
-            (default :data:`~vyra_base_ipc.options.DEFAULT_TIMEOUT`).
+            (default :data:`~vyra_base_ipc.DEFAULT_TIMEOUT`).
         :param busy_poll: seconds the thread waiting for an answer polls the
-            socket before it sleeps (:mod:`vyra_base_ipc.busy_poll`); 0 never.
+            socket before it sleeps (:mod:`vyra_base_ipc._busy_poll`); 0 never.
         :raises IPCUnavailableError: no socket, nobody listening, not allowed.
         :raises TypeError, ValueError: invalid arguments.
         """

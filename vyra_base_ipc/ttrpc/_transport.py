@@ -23,7 +23,7 @@ import logging
 import socket
 from typing import Any, Callable, Sequence
 
-from ..payload import MAX_FDS_PER_MESSAGE, close_fds
+from .._payload import MAX_FDS_PER_MESSAGE, close_fds
 
 __all__ = ['UnixTransport', 'accept_connections']
 

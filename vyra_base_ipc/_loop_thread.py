@@ -16,8 +16,8 @@ import logging
 import threading
 from typing import Any, Coroutine, TypeVar
 
-from .busy_poll import DEFAULT_BUSY_POLL
-from .event_loop import new_event_loop
+from ._busy_poll import DEFAULT_BUSY_POLL
+from ._event_loop import new_event_loop
 
 __all__ = ['EventLoopThread']
 
@@ -38,7 +38,7 @@ class EventLoopThread:
 
     :param name: name of the thread (shows up in stack dumps and ``ps -L``).
     :param busy_poll: seconds the loop polls before it sleeps
-        (:func:`~vyra_base_ipc.event_loop.new_event_loop`); may be changed
+        (:func:`~vyra_base_ipc.new_event_loop`); may be changed
         until :meth:`start`.
     """
 

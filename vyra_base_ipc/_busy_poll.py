@@ -7,7 +7,7 @@ short while instead is still on its CPU when the answer comes. Linux offers
 this for network sockets (``SO_BUSY_POLL``), KVM for idle virtual CPUs
 (``halt_poll_ns``); both are bounded and both back off when polling does not
 pay. :class:`BusyPoll` is that policy, shared by the server's event loop
-(:mod:`vyra_base_ipc.event_loop`) and the synchronous fast-lane client.
+(:mod:`vyra_base_ipc._event_loop`) and the synchronous fast-lane client.
 
 Cost: a wait polls for at most the window (:data:`DEFAULT_BUSY_POLL`), so a
 call costs at most that much extra CPU, and only while calls come that close

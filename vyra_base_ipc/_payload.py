@@ -8,7 +8,7 @@ frames, see :mod:`vyra_base_ipc.ttrpc._shared_memory`):
   is passed with the frame (``SCM_RIGHTS``); the frame carries a small
   manifest instead of the bytes. The receiver maps it read-only and parses
   the message straight from the mapping.
-- **Explicit**: a :class:`~vyra_base_ipc.shared_buffer.SharedBuffer` puts a
+- **Explicit**: a :class:`~vyra_base_ipc.SharedBuffer` puts a
   buffer into shared memory once; a ``vyra.ipc.SharedBufferRef`` field in a
   message refers to it and the buffer travels with the message; the receiver
   gets a read-only :class:`memoryview` of the very same pages.

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import warnings
 
 from . import shared_memory_pb2
-from .payload import (
+from ._payload import (
     MAX_BUFFERS_PER_MESSAGE,
     SharedMemoryError,
     map_sealed,
@@ -313,7 +313,7 @@ def check_buffers(path: str, request_streaming: bool, buffers: Sequence[SharedBu
     :raises TypeError: the method streams (buffers travel only with single
         messages), or an item is not a :class:`SharedBuffer`.
     :raises ValueError: a buffer is closed, or more than
-        :data:`~vyra_base_ipc.payload.MAX_BUFFERS_PER_MESSAGE` of them.
+        :data:`~vyra_base_ipc._payload.MAX_BUFFERS_PER_MESSAGE` of them.
     """
     if request_streaming:
         raise TypeError(f'{path} streams its requests: buffers= needs a unary request')

@@ -1,8 +1,8 @@
 """The event loop an IPC server runs best on: asyncio's own selector loop
 whose selector busy-polls briefly before it sleeps (see
-:mod:`vyra_base_ipc.busy_poll` for when and at what cost).
+:mod:`vyra_base_ipc._busy_poll` for when and at what cost).
 
-The ``ipc_server`` node, :class:`~vyra_base_ipc.loop_thread.EventLoopThread`
+The ``ipc_server`` node, :class:`~vyra_base_ipc._loop_thread.EventLoopThread`
 and the demo run on it. Use it for a server of your own the way uvloop is
 used::
 
@@ -23,7 +23,7 @@ import selectors
 import sys
 from typing import Any, Coroutine, TypeVar
 
-from .busy_poll import DEFAULT_BUSY_POLL, BusyPoll, validate_busy_poll
+from ._busy_poll import DEFAULT_BUSY_POLL, BusyPoll, validate_busy_poll
 
 __all__ = ['BusyPollSelector', 'new_event_loop', 'run']
 
@@ -32,7 +32,7 @@ _T = TypeVar('_T')
 
 class BusyPollSelector(selectors.DefaultSelector):
     """The platform's default selector (epoll on Linux), polling for up to
-    the :class:`~vyra_base_ipc.busy_poll.BusyPoll` window before a
+    the :class:`~vyra_base_ipc._busy_poll.BusyPoll` window before a
     :meth:`select` that may block sleeps.
 
     A ``select()`` never returns later than its timeout; when a timer of the

@@ -19,6 +19,9 @@ from rclpy.exceptions import InvalidParameterTypeException, ParameterUninitializ
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
+from ._busy_poll import DEFAULT_BUSY_POLL
+from ._options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, validate_max_message_bytes
+from ._payload import DEFAULT_SHARED_MEMORY_THRESHOLD, SharedMemoryOptions
 from .address import (
     MODULE_NAME_ENVS,
     default_ttrpc_socket_path,
@@ -26,10 +29,7 @@ from .address import (
     validate_module_name,
     validate_socket_path,
 )
-from .busy_poll import DEFAULT_BUSY_POLL
 from .exceptions import ParameterError
-from .options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, validate_max_message_bytes
-from .payload import DEFAULT_SHARED_MEMORY_THRESHOLD, SharedMemoryOptions
 
 # ParameterError is defined in .exceptions, importable from here too.
 __all__ = [
