@@ -8,11 +8,12 @@ import asyncio
 import enum
 import os
 import time
-from typing import Any, Awaitable, Callable, Iterable, Protocol, TypeVar
+from typing import Any, Awaitable, Callable, ClassVar, Iterable, Protocol, TypeVar
 
 import grpc
 
 from ._deadline import Deadline
+from ._fork_safety import ensure_usable_after_fork, note_grpc_used
 from ._lanes import LaneChoice
 from ._methods import Method, stub_methods
 from ._options import (
@@ -23,6 +24,7 @@ from ._options import (
     validate_timeout,
 )
 from ._payload import SharedMemoryOptions, usable_options
+from ._pool import Pool
 from ._socket_file import is_listening
 from .address import (
     StrPath,
@@ -87,6 +89,11 @@ class Retry:
 class ClientBase:
     """What both clients share: configuration, method look-up, deadlines,
     the retry rule and the lane choice."""
+
+    # Each face's own: the pool of its gRPC channels, how one is made, the lane over it.
+    _grpc_pool: ClassVar[Pool[Any]]
+    _channel_factory: ClassVar[Callable[..., Any]]
+    _grpc_lane_type: ClassVar[type[Any]]
 
     def __init__(
         self,
@@ -223,6 +230,21 @@ class ClientBase:
     def _fast_key_args(self) -> tuple[Any, ...]:
         return (os.fspath(self.ttrpc_socket_path), self.max_message_bytes, self.shared_memory,
                 self.stream_window)
+
+    def _grpc_lane(self, wait: bool) -> Any:
+        """The gRPC lane over this owner's shared channel (made on first use)."""
+        lane = self._grpc.get(wait)
+        if lane is None:
+            if self._grpc_key is None:
+                ensure_usable_after_fork()
+                self._grpc_key = self._grpc_pool.acquire((self._target, self._options))
+            channel = self._grpc_pool.made_once(self._grpc_key[1], self._new_channel)
+            lane = self._grpc[wait] = self._grpc_lane_type(channel, self.socket_path, wait)
+        return lane
+
+    def _new_channel(self) -> Any:
+        note_grpc_used()
+        return self._channel_factory(self._target, options=self._options)
 
     def _forget_connections(self) -> None:
         self._fast_key = self._fast = self._grpc_key = None

@@ -72,6 +72,14 @@ class Pool(Generic[_T]):
             entry.users += 1
         return mine, entry
 
+    def made_once(self, entry: Entry[_T], make: Callable[[], _T]) -> _T:
+        """The entry's connection, made by ``make`` if it has none yet (for
+        gRPC channels, which are made without waiting and heal themselves)."""
+        with self._lock:
+            if entry.connection is None:
+                entry.connection = make()
+            return entry.connection
+
     def release(self, key: tuple[int, Hashable]) -> _T | None:
         """Count one user less (of the current owner); return the connection
         to close if that was the last user (never one of a parent process)."""

@@ -30,7 +30,6 @@ import grpc
 from ._busy_poll import DEFAULT_BUSY_POLL, validate_busy_poll
 from ._client_base import DEFAULT, ClientBase, Default, ServerContext, retrying, retrying_sync
 from ._deadline import Deadline
-from ._fork_safety import ensure_usable_after_fork, note_grpc_used
 from ._lanes import LANES, GrpcLane, SyncGrpcLane
 from ._options import validate_timeout
 from ._pool import aio_pool, aio_ttrpc_pool, sync_pool, sync_ttrpc_pool
@@ -83,6 +82,10 @@ class IPCHandler(ClientBase):
     :param stream_window: on the fast lane, bytes of streamed messages the
         server may send ahead of what the caller has taken (flow control).
     """
+
+    _grpc_pool = aio_pool
+    _channel_factory = staticmethod(grpc.aio.insecure_channel)
+    _grpc_lane_type = GrpcLane
 
     def __init__(self, socket_path: StrPath | None = None, service_stub: type | None = None,
                  **kwargs: Any) -> None:
@@ -257,19 +260,6 @@ class IPCHandler(ClientBase):
         self._fast = entry.connection
         return self._fast
 
-    def _grpc_lane(self, wait: bool) -> GrpcLane:
-        lane = self._grpc.get(wait)
-        if lane is None:
-            if self._grpc_key is None:
-                ensure_usable_after_fork()
-                self._grpc_key = aio_pool.acquire((self._target, self._options))
-                entry = self._grpc_key[1]
-                if entry.connection is None:
-                    note_grpc_used()
-                    entry.connection = grpc.aio.insecure_channel(self._target, options=self._options)
-            lane = self._grpc[wait] = GrpcLane(self._grpc_key[1].connection, self.socket_path, wait)
-        return lane
-
 
 async def _release(fast_key: Any, grpc_key: Any) -> None:
     if fast_key is not None:
@@ -299,6 +289,10 @@ class SyncIPCHandler(ClientBase):
         answer then costs no wakeup. It polls only while answers come that
         quickly, and never on a machine with one CPU. 0 turns it off.
     """
+
+    _grpc_pool = sync_pool
+    _channel_factory = staticmethod(grpc.insecure_channel)
+    _grpc_lane_type = SyncGrpcLane
 
     def __init__(self, socket_path: StrPath | None = None, service_stub: type | None = None, *,
                  busy_poll: float = DEFAULT_BUSY_POLL, **kwargs: Any) -> None:
@@ -422,17 +416,3 @@ class SyncIPCHandler(ClientBase):
                     self._connect_retry(deadline, wait))
         self._fast = entry.connection
         return self._fast
-
-    def _grpc_lane(self, wait: bool) -> SyncGrpcLane:
-        lane = self._grpc.get(wait)
-        if lane is None:
-            if self._grpc_key is None:
-                ensure_usable_after_fork()
-                self._grpc_key = sync_pool.acquire((self._target, self._options))
-                entry = self._grpc_key[1]
-                with entry.lock:
-                    if entry.connection is None:
-                        note_grpc_used()
-                        entry.connection = grpc.insecure_channel(self._target, options=self._options)
-            lane = self._grpc[wait] = SyncGrpcLane(self._grpc_key[1].connection, self.socket_path, wait)
-        return lane
