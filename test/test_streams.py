@@ -13,12 +13,11 @@ import threading
 import time
 from typing import Any, Callable
 
+from conftest import LANES, ServerProcess, until, wait_for
 import pytest
 
-from conftest import ServerProcess, wait_for
 from vyra_base_ipc import IPCHandler, IPCTimeoutError, IPCUnavailableError, SyncIPCHandler
 
-LANES = ['ttrpc', 'grpc']
 #: How an async generator handler ends when its client leaves: cancelled while
 #: it awaited something, closed while it had yielded (as grpc.aio does it).
 LEFT = ('cancelled', 'closed')
@@ -33,15 +32,6 @@ HANDLER_LANES = [pytest.param(lane, method, how,
                               marks=GRPC_DEF_STREAMS if (lane, method) == ('grpc', 'WatchSync') else ())
                  for lane in LANES for method, how in HANDLERS]
 tags = (f'tag-{number}' for number in itertools.count())
-
-
-async def eventually(condition: Callable[[], object], timeout: float, what: str) -> None:
-    """``wait_for`` for async tests: the event loop keeps running meanwhile."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f'timed out after {timeout} s waiting for {what}')
-        await asyncio.sleep(0.01)
 
 
 class Reports:
@@ -85,7 +75,7 @@ async def test_leaving_a_stream_early_stops_its_handler_async_client(
         async for event in ipc.stream_method(method, watch(echo, tag)):  # endless, never awaiting
             if event.index == 2:
                 break
-        await eventually(reports.ended(tag, how), 5, f'{method} to end')
+        await until(reports.ended(tag, how), 5, f'{method} to end')
         report = reports(tag)
         assert report.callback_ran
         # Nothing more is sent once the handler ended: the count stays.
@@ -122,7 +112,7 @@ async def test_leaving_a_bidirectional_stream_cancels_its_handler(
         await responses.aclose()
         # On the gRPC lane the handler's read may see the end of the request
         # stream before its task is cancelled: it then ends as finished.
-        await eventually(reports.ended(tag, LEFT if lane == 'ttrpc' else (*LEFT, 'finished')), 10,
+        await until(reports.ended(tag, LEFT if lane == 'ttrpc' else (*LEFT, 'finished')), 10,
                          'Converse to end')
 
 
@@ -133,11 +123,11 @@ async def test_cancelling_the_task_of_a_unary_call_cancels_its_handler(
     tag = next(tags)
     async with IPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane, timeout=30) as ipc:
         call = asyncio.ensure_future(ipc.call_method('Hold', watch(echo, tag)))
-        await eventually(lambda: reports(tag).started, 10, 'Hold to start')
+        await until(lambda: reports(tag).started, 10, 'Hold to start')
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
-        await eventually(reports.ended(tag, 'cancelled'), 10, 'Hold to be cancelled')
+        await until(reports.ended(tag, 'cancelled'), 10, 'Hold to be cancelled')
 
 
 def test_a_deadline_passing_cancels_a_sync_stream_on_the_server(
@@ -237,10 +227,10 @@ async def test_a_handler_that_does_not_read_holds_back_the_request_stream(
             yield watch(echo, tag, index=index, count=held_at, payload=b'r' * 1024)
     async with IPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane='ttrpc', timeout=60) as ipc:
         call = asyncio.ensure_future(ipc.call_method('Absorb', requests()))
-        await eventually(lambda: reports(tag).taken == held_at, 10, 'the handler to take its first requests')
+        await until(lambda: reports(tag).taken == held_at, 10, 'the handler to take its first requests')
         connection = ipc._fast
         # The sender stops once it used up the window the server granted.
-        await eventually(lambda: any(stream.credit is not None and stream.credit.credit <= 0
+        await until(lambda: any(stream.credit is not None and stream.credit.credit <= 0
                                      for stream in connection._protocol.core.streams.values()
                                      if hasattr(stream, 'credit')), 10, 'the sender to run out of credit')
         assert pulled * (1024 + 64) < 4 << 20  # one window (1 MiB), not all 20 MiB
@@ -262,7 +252,7 @@ async def test_a_stream_without_deadline_outlives_the_default_timeout_and_ends_w
             first = event.sent_at if first is None else first
             if event.sent_at - first > 1.0:  # over three default deadlines
                 break
-        await eventually(reports.ended(tag, 'cancelled'), 10, 'the watch to end')
+        await until(reports.ended(tag, 'cancelled'), 10, 'the watch to end')
 
 
 def test_a_sync_stream_without_deadline_outlives_the_default_timeout(
@@ -289,7 +279,7 @@ async def test_idle_timeout_fails_a_stream_whose_messages_stop(
                                                  timeout=None, idle_timeout=0.3):
                 received.append(event.index)
         assert received == [0, 1, 2]
-        await eventually(reports.ended(tag, 'cancelled'), 10, 'the idle watch to be cancelled')
+        await until(reports.ended(tag, 'cancelled'), 10, 'the idle watch to be cancelled')
 
 
 @pytest.mark.parametrize('lane', LANES)
@@ -334,7 +324,7 @@ async def test_sigterm_with_50_open_watches_ends_them_at_once_and_exits(
     try:
         async with IPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane) as ipc:
             watches = [asyncio.ensure_future(follow(ipc, f'shutdown-{lane}-{index}')) for index in range(50)]
-            await eventually(lambda: all(reports(f'shutdown-{lane}-{index}').sent > 0 for index in range(50)),
+            await until(lambda: all(reports(f'shutdown-{lane}-{index}').sent > 0 for index in range(50)),
                              20, 'the 50 watches to flow')
             reports.client.disconnect()
             server.signal(signal.SIGTERM)
