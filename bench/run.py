@@ -192,8 +192,9 @@ def _measure_overhead(env: BenchEnvironment, addresses: dict[str, Any],
 
 def _busy_poll_available() -> bool:
     # (A --package-root copy may predate busy polling.)
-    return any(lane.name == 'ttrpc' and lane.unavailable() is None for lane in LANES) and \
-        importlib.util.find_spec('vyra_base_ipc._event_loop') is not None
+    return any(lane.name == 'ttrpc' and lane.unavailable() is None for lane in LANES) and any(
+        importlib.util.find_spec(name) is not None
+        for name in ('vyra_base_ipc._event_loop', 'vyra_base_ipc.event_loop'))
 
 
 def _measure_busy_poll(env: BenchEnvironment, addresses: dict[str, Any], mode: Mode,

@@ -50,13 +50,17 @@ def _grpc_lane_options() -> dict[str, Any]:
     return {'lane': 'grpc'} if _client_accepts('lane') else {}
 
 
-def _needs(module: str, client_option: str) -> Callable[[], str | None]:
-    """Available once ``module`` exists and the clients take ``client_option``."""
+def _needs(module: str, client_option: str, *former_names: str) -> Callable[[], str | None]:
+    """Available once ``module`` (or one of its ``former_names``, to measure
+    older copies with ``--package-root``) exists and the clients take
+    ``client_option``."""
     def unavailable() -> str | None:
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:
-            found = False
+        found = False
+        for name in (module, *former_names):
+            try:
+                found = found or importlib.util.find_spec(name) is not None
+            except ModuleNotFoundError:
+                pass
         if not found:
             return f'{module} does not exist yet'
         if not _client_accepts(client_option):
@@ -90,7 +94,8 @@ LANES: tuple[Lane, ...] = (
     Lane('ttrpc', 'fast lane: ttrpc framing on the .ttrpc.sock socket, every message inline',
          _fast_lane_options, unavailable=_needs('vyra_base_ipc.ttrpc', 'lane')),
     Lane('shm', 'fast lane, messages over 1 MiB as sealed memfd (the default)',
-         _shared_memory_options, _large_messages, _needs('vyra_base_ipc._payload', 'shared_memory')),
+         _shared_memory_options, _large_messages,
+         _needs('vyra_base_ipc._payload', 'shared_memory', 'vyra_base_ipc.payload')),
 )
 
 #: Lanes that also carry :data:`~bench.payloads.LARGE_PAYLOAD` (beyond the
