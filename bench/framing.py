@@ -1,14 +1,17 @@
-"""The plain Unix socket echo's framing: a 4-byte big-endian length, then the
-payload. Shared by the echo server and its client driver."""
+"""The plain Unix socket's framing: a 4-byte big-endian length, then the
+payload; a stream is asked for with one :data:`STREAM_REQUEST`. Shared by the
+socket servers and their clients."""
 
 from __future__ import annotations
 
 import socket
 import struct
 
-__all__ = ['HEADER', 'recv_exact', 'send_frame']
+__all__ = ['HEADER', 'STREAM_REQUEST', 'recv_exact', 'send_frame']
 
 HEADER = struct.Struct('>I')
+#: Messages, their size, and 8 unused bytes (where the gRPC request has its id).
+STREAM_REQUEST = struct.Struct('>IIQ')
 
 
 def recv_exact(conn: socket.socket, buffer: memoryview) -> bool:

@@ -1,5 +1,6 @@
 """The results as a table on stdout and as JSON: rows, cold start, overhead
-budget, busy polling, the concurrency check, and what was skipped."""
+budget, busy polling, server streams, the concurrency check, and what was
+skipped."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, Iterable, TextIO
 from .busypoll import LABELS
 from .payloads import size_label
 from .stats import ROW_COLUMNS
+from .streaming import LABELS as STREAM_LABELS
 
 __all__ = ['CONCURRENCY_TARGET', 'FAST_LANE_CONCURRENCY_TARGET', 'REFERENCE_TRANSPORT',
            'TRIGGER_TRANSPORT', 'concurrency_check', 'fast_lane_checks',
@@ -267,6 +269,15 @@ def print_report(results: dict[str, Any], out: TextIO = sys.stdout) -> None:
         _table(['variant', 'p50 µs', 'p99 µs', 'client CPU', 'server CPU'], busy_poll, out)
         print(f'\n{_idle_line(results)}', file=out)
 
+    for mode, (streams, cancels) in _streaming_rows(results).items():
+        print(f'\n## Server streams, {mode} clients, interleaved (messages/s, median of '
+              f'{_stream_count(results, mode)} streams each)\n', file=out)
+        _table(['variant', '64 B msgs/s', 'of floor', '64 KiB msgs/s', '64 KiB MiB/s'], streams, out)
+        print('\nLeaving a watch (client leaves → handler ended, µs):\n', file=out)
+        _table(['variant', 'p50', 'p90', 'max', 'not cancelled'], cancels, out)
+    for line in _stream_check_lines(results):
+        print(f'\n{line}', file=out)
+
     if results['concurrency']:
         print('\n## Concurrency (64 B, calls/s by calls in flight)\n', file=out)
         for check in results['concurrency']:
@@ -296,6 +307,36 @@ def _idle_line(results: dict[str, Any]) -> str:
                  if 'idle' in measured), {})
     return ('Idle servers (half a second without calls): ' +
             ', '.join(f'{server} {percent:.1f} % CPU' for server, percent in idle.items()) + '.')
+
+
+def _streaming_rows(results: dict[str, Any]) -> dict[str, tuple[list[list[str]], list[list[str]]]]:
+    """By client mode: ``[label, 64 B msgs/s, of floor, 64 KiB msgs/s, MiB/s]``
+    per variant and ``[label, p50, p90, max, not cancelled]`` per left watch."""
+    tables = {}
+    for mode, measured in results.get('streaming', {}).items():
+        variants = measured['variants']
+        floor = variants['socket']['64']['msgs_per_s']
+        streams = [[STREAM_LABELS.get(variant, variant), _number(rates['64']['msgs_per_s']),
+                    f"{rates['64']['msgs_per_s'] / floor:.2f}×", _number(rates['65536']['msgs_per_s']),
+                    _number(rates['65536']['mib_per_s'])] for variant, rates in variants.items()]
+        cancels = [[STREAM_LABELS.get(variant, variant), *(_number(cancel[key]) if key in cancel else '-'
+                                                            for key in ('p50_us', 'p90_us', 'max_us')),
+                    str(cancel['not_cancelled'])] for variant, cancel in measured['cancel'].items()]
+        tables[mode] = (streams, cancels)
+    return tables
+
+
+def _stream_count(results: dict[str, Any], mode: str) -> int:
+    return int(results['streaming'][mode]['rounds'])
+
+
+def _stream_check_lines(results: dict[str, Any]) -> list[str]:
+    return [f"Server stream of 64 B messages, {check['client']} client: the fast lane makes "
+            f"{check['vs_grpc_lane']:.1f}× the messages/s of the gRPC lane "
+            f"({_number(check['fast_lane_msgs_per_s'])} vs {_number(check['grpc_lane_msgs_per_s'])}; "
+            f"{'meets' if check['meets_target'] else 'MISSES'} the {check['target']:.0f}× target), "
+            f"{check['of_floor']:.2f}× a plain socket stream's."
+            for check in results.get('fast_lane_streams', [])]
 
 
 def write_json(results: dict[str, Any], path: Path) -> None:
@@ -365,6 +406,18 @@ def markdown_summary(results: dict[str, Any]) -> str:
         lines += [f'| {label} | {p50} µs | {p99} µs | {client} µs | {server} µs |'
                   for label, p50, p99, client, server in busy_poll]
         lines += ['', _idle_line(results)]
+    for mode, (streams, cancels) in _streaming_rows(results).items():
+        lines += ['', f'Server streams, {mode} clients, interleaved; messages/s (median of '
+                  f'{_stream_count(results, mode)} streams each) and the time from the client leaving '
+                  'a watch to its handler ending:', '',
+                  '| variant | 64 B msgs/s | of floor | 64 KiB msgs/s | 64 KiB MiB/s |',
+                  '| --- | ---: | ---: | ---: | ---: |']
+        lines += ['| ' + ' | '.join(row) + ' |' for row in streams]
+        lines += ['', '| leaving a watch | p50 µs | p90 µs | max µs | not cancelled |',
+                  '| --- | ---: | ---: | ---: | ---: |']
+        lines += ['| ' + ' | '.join(row) + ' |' for row in cancels]
+    for line in _stream_check_lines(results):
+        lines += ['', line]
     for check in results['concurrency']:
         lines += ['', f"Concurrency: `{check['transport']}` with 64 calls in flight makes "
                   f"{check['ratio_64_vs_1']:.1f}× the calls/s of sequential calls "

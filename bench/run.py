@@ -1,14 +1,15 @@
 """``python -m bench [--quick | --smoke] [--out DIR] [--only KEYS] [--sections S]``: measure
 every transport on every payload, the async clients with several calls in
-flight, the cold start of each client kind, and the overhead budget; print the
+flight, the cold start of each client kind, the overhead budget, busy polling
+and server streams with their cancellation; print the
 table; write ``results.json``, ``results.md`` (a summary for the README) and
 ``latency.png`` into ``--out`` (default ``bench/results/``).
 
 Each server runs in its own process for the whole run; each measured client
 in a fresh process of its own; transports one after the other, never at the
-same time. Modes differ only in call counts: ``--quick`` finishes in under a
-minute on a 2-core machine, ``--smoke`` (for the test suite) in seconds and
-measures nothing meaningful.
+same time. Modes differ only in call counts: ``--quick`` finishes in one
+to two minutes on a 2-core machine, ``--smoke`` (for the test suite) in seconds
+and measures nothing meaningful.
 """
 
 from __future__ import annotations
@@ -46,14 +47,16 @@ from .report import (
 )
 from .servers import ROS_SERVICE
 from .stats import ROW_COLUMNS
+from .streaming import MODES as STREAMING_MODES
+from .streaming import stream_checks
 from .transports import LANES, LARGE_PAYLOAD_LANES, Transport, ipc_server_options, transports
 
 __all__ = ['MODES', 'Mode', 'main', 'plan_cases', 'run']
 
 DEFAULT_OUT = Path(__file__).resolve().parent / 'results'
 #: Parts of a run: the round-trip table, the overhead budget, the cold starts,
-#: explicit zero-copy buffers, busy polling on and off.
-SECTIONS = ('rows', 'overhead', 'cold-start', 'zero-copy', 'busy-poll')
+#: explicit zero-copy buffers, busy polling on and off, server streams.
+SECTIONS = ('rows', 'overhead', 'cold-start', 'zero-copy', 'busy-poll', 'streaming')
 #: Calls in flight for the asynchronous clients.
 CONCURRENCY = (1, 8, 64)
 
@@ -74,6 +77,9 @@ class Mode:
     :param zero_copy_calls: timed calls per buffer size of the zero-copy section.
     :param busy_poll_rounds: interleaved blocks per busy-poll variant.
     :param busy_poll_block: calls per block.
+    :param stream_messages: messages per timed stream, by message size.
+    :param stream_rounds: timed streams per variant and message size.
+    :param stream_cancels: watches left per variant (cancel latency).
     """
 
     name: str
@@ -88,18 +94,21 @@ class Mode:
     zero_copy_calls: int
     busy_poll_rounds: int
     busy_poll_block: int
+    stream_messages: dict[int, int]
+    stream_rounds: int
+    stream_cancels: int
 
 
 _K, _M = 1024, 1024 * 1024
 MODES = {
     'full': Mode('full', {64: 5000, 64 * _K: 2000, _M: 300, 10 * _M: 40},
                  {64: 500, 64 * _K: 200, _M: 30, 10 * _M: 5}, (64, 64 * _K), 5000, 10, 40, 100,
-                 10, 200, 20, 250),
+                 10, 200, 20, 250, {64: 20000, 64 * _K: 2000}, 10, 50),
     'quick': Mode('quick', {64: 1000, 64 * _K: 300, _M: 40, 10 * _M: 8},
                   {64: 200, 64 * _K: 30, _M: 5, 10 * _M: 2}, (64,), 1000, 3, 20, 50,
-                  3, 50, 10, 100),
+                  3, 50, 10, 100, {64: 5000, 64 * _K: 500}, 4, 15),
     'smoke': Mode('smoke', dict.fromkeys(PAYLOAD_SIZES, 3), dict.fromkeys(PAYLOAD_SIZES, 1),
-                  (64,), 16, 1, 2, 3, 1, 3, 1, 3),
+                  (64,), 16, 1, 2, 3, 1, 3, 1, 3, {64: 20, 64 * _K: 4}, 1, 2),
 }
 
 
@@ -127,6 +136,8 @@ def _start_servers(servers: Servers, workdir: Path, needed: set[str], pin: bool)
     sockets.mkdir(mode=0o700)
     if 'socket' in needed:
         servers.start('socket', 'socket', str(sockets / 'echo.sock'), pin=pin)
+    if 'socket-stream' in needed:
+        servers.start('socket-stream', 'socket-stream', str(sockets / 'stream.sock'), pin=pin)
     if 'grpc' in needed:
         servers.start('grpc', 'grpc', str(sockets / 'grpc.sock'), pin=pin)
     if 'ipc' in needed:
@@ -148,6 +159,7 @@ def _start_servers(servers: Servers, workdir: Path, needed: set[str], pin: bool)
         'grpc': ready.get('grpc', {}).get('path'),
         'tcp': ready.get('grpc', {}).get('tcp'),
         'ipc': ready.get('ipc', {}).get('path'),
+        'socket-stream': ready.get('socket-stream', {}).get('path'),
         **{name: ready.get(name, {}).get('path') for name in [*OVERHEAD_SERVERS, *BUSY_POLL_SERVERS]},
         'ros': ROS_SERVICE,
     }
@@ -207,6 +219,19 @@ def _measure_busy_poll(env: BenchEnvironment, addresses: dict[str, Any], mode: M
                 'warmup': mode.busy_poll_block}
         results[client_mode] = run_child(env, 'bench.busypoll', [json.dumps(spec)],
                                          f'busy-poll-{client_mode}', timeout=600, pin=pin)
+    return results
+
+
+def _measure_streaming(env: BenchEnvironment, addresses: dict[str, Any], mode: Mode,
+                       pin: bool) -> dict[str, Any]:
+    results = {}
+    for client_mode in STREAMING_MODES:
+        began = time.monotonic()
+        spec = {'mode': client_mode, 'addresses': addresses, 'messages': mode.stream_messages,
+                'rounds': mode.stream_rounds, 'cancels': mode.stream_cancels}
+        results[client_mode] = run_child(env, 'bench.streaming', [json.dumps(spec)],
+                                         f'streaming-{client_mode}', timeout=600, pin=pin)
+        _log(f'  streaming {client_mode}: {time.monotonic() - began:.1f} s')
     return results
 
 
@@ -287,6 +312,8 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
         busy_poll_measured = 'busy-poll' in sections and _busy_poll_available()
         if busy_poll_measured:
             needed |= set(BUSY_POLL_SERVERS)
+        if 'streaming' in sections:
+            needed |= {'ipc', 'grpc', 'socket-stream'}
         with Servers(env) as servers:
             addresses = _start_servers(servers, workdir, needed, pin)
             _log(f'servers up after {time.monotonic() - began:.1f} s; measuring:')
@@ -300,6 +327,8 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
                                    'zero-copy', timeout=600, pin=pin)['zero_copy']
                          if 'zero-copy' in sections and zero_copy_lane else [])
             busy_poll = _measure_busy_poll(env, addresses, mode, pin) if busy_poll_measured else {}
+            streaming = (_measure_streaming(env, addresses, mode, pin) if 'streaming' in sections
+                         else {})
     except BaseException:
         _log(f'logs kept in {workdir / "logs"}')
         raise
@@ -327,6 +356,8 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
         'overhead': overhead,
         'zero_copy': zero_copy,
         'busy_poll': busy_poll,
+        'streaming': streaming,
+        'fast_lane_streams': stream_checks(streaming),
         'fast_lane': fast_lane_checks(rows),
         'shared_memory': shared_memory_checks(rows, zero_copy),
         'concurrency': checks,
@@ -350,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     ``sys.argv[1:]``), run the benchmark and write its results."""
     parser = argparse.ArgumentParser(prog='python -m bench', description=__doc__.split('\n\n')[0])
     speed = parser.add_mutually_exclusive_group()
-    speed.add_argument('--quick', action='store_true', help='fewer calls: under a minute')
+    speed.add_argument('--quick', action='store_true', help='fewer calls: one to two minutes')
     speed.add_argument('--smoke', action='store_true', help='a few calls per row: seconds')
     parser.add_argument('--out', type=Path, default=DEFAULT_OUT,
                         help='directory for results.json and latency.png (default: %(default)s)')

@@ -3,6 +3,7 @@
 Each runs as its own process::
 
     python -m bench.servers socket PATH
+    python -m bench.servers socket-stream PATH
     python -m bench.servers grpc PATH          # also listens on 127.0.0.1:<free port>
     python -m bench.servers ipc PATH [JSON IPCServer options, and busy_poll]
     python -m bench.servers rclpy SERVICE_NAME
@@ -13,7 +14,10 @@ the TCP port where there is one). It serves until its standard input closes
 
 Every server echoes: the reply carries the request's bytes, with as little
 handler work as the framework allows (gRPC handlers return the request
-message itself; the ROS 2 handler copies one string reference).
+message itself; the ROS 2 handler copies one string reference). The gRPC
+servers also stream (``Stream``, ``Watch``); ``socket-stream`` is the plain
+socket's stream: for each 12-byte request (count, size, unused) it sends
+``count`` frames of ``size`` bytes.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
-from .framing import HEADER, recv_exact, send_frame
+from .framing import HEADER, STREAM_REQUEST, recv_exact, send_frame
 
 __all__ = ['BenchEcho', 'main']
 
@@ -64,6 +68,11 @@ def _serve_socket_connection(conn: socket.socket) -> None:
 
 def serve_socket(path: str) -> None:
     """Thread per connection, blocking sockets: the cheapest echo Python does."""
+    _serve_threads(path, _serve_socket_connection)
+
+
+def _serve_threads(path: str, serve: Callable[[socket.socket], None]) -> None:
+    """Listen on ``path``; ``serve`` each connection in a thread of its own."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
@@ -74,7 +83,7 @@ def serve_socket(path: str) -> None:
                 conn, _ = listener.accept()
             except OSError:
                 return
-            threading.Thread(target=_serve_socket_connection, args=(conn,), daemon=True).start()
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
     threading.Thread(target=accept_loop, daemon=True).start()
     _ready(path=path)
@@ -85,6 +94,22 @@ def serve_socket(path: str) -> None:
         os.unlink(path)
 
 
+def _serve_stream_connection(conn: socket.socket) -> None:
+    request = bytearray(STREAM_REQUEST.size)
+    with conn:
+        while recv_exact(conn, memoryview(request)):
+            count, size, _ = STREAM_REQUEST.unpack(request)
+            header, body = HEADER.pack(size), bytes(size)
+            for _ in range(count):
+                send_frame(conn, header, body)
+
+
+def serve_socket_stream(path: str) -> None:
+    """Thread per connection, blocking sockets, one ``sendmsg`` per message:
+    the cheapest server stream Python does."""
+    _serve_threads(path, _serve_stream_connection)
+
+
 # -- gRPC ----------------------------------------------------------------------------
 
 
@@ -93,8 +118,13 @@ def _bench_modules() -> tuple[Any, Any]:
     return bench_pb2, bench_pb2_grpc
 
 
+#: Watches whose end a server remembers (the latest ones).
+_WATCHES_KEPT = 1024
+
+
 def BenchEcho() -> Any:  # named as the class it makes: its base class is generated
-    """A ``BenchServiceServicer`` whose ``Echo`` returns the request."""
+    """A ``BenchServiceServicer`` whose ``Echo`` returns the request, with the
+    streams of :mod:`bench.streaming`."""
     _, bench_pb2_grpc = _bench_modules()
 
     bench_pb2, _ = _bench_modules()
@@ -121,6 +151,29 @@ def BenchEcho() -> Any:  # named as the class it makes: its base class is genera
 
             received = received_buffer(request.data, context)
             return attach_buffers(context, bench_pb2.BufferRequest(data=received.ref), received)
+
+        async def Stream(self, request: Any, context: Any) -> Any:
+            message = bench_pb2.Blob(data=bytes(request.size))
+            for _ in range(request.count):
+                yield message
+
+        async def Watch(self, request: Any, context: Any) -> Any:
+            message = bench_pb2.Blob(data=bytes(request.size))
+            try:
+                while True:
+                    yield message
+                    await asyncio.sleep(0.001)
+            finally:
+                # However the handler ends (cancelled in its sleep, closed at
+                # its yield), this is when the server let go of the stream.
+                watches_ended[request.id] = time.monotonic_ns()
+                while len(watches_ended) > _WATCHES_KEPT:
+                    del watches_ended[next(iter(watches_ended))]
+
+        async def WatchEnded(self, request: Any, context: Any) -> Any:
+            return bench_pb2.WatchEnd(monotonic_ns=watches_ended.get(request.id, 0))
+
+    watches_ended: dict[int, int] = {}
     return Echo()
 
 
@@ -223,12 +276,12 @@ def serve_rclpy(service_name: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """``python -m bench.servers KIND WHERE ...``, as the module docstring says."""
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] not in ('socket', 'grpc', 'ipc', 'rclpy') or len(args) < 2:
+    if not args or args[0] not in ('socket', 'socket-stream', 'grpc', 'ipc', 'rclpy') or len(args) < 2:
         sys.exit(__doc__)
     kind, where = args[0], args[1]
-    if kind == 'socket':
+    if kind in ('socket', 'socket-stream'):
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        serve_socket(where)
+        (serve_socket if kind == 'socket' else serve_socket_stream)(where)
     elif kind == 'grpc':
         asyncio.run(serve_grpc(where))
     elif kind == 'ipc':

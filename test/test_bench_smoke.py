@@ -167,3 +167,28 @@ def test_busy_poll_section_shows_latency_and_cpu_of_both_sides(smoke_run) -> Non
     markdown = (out / 'results.md').read_text()
     assert 'SyncIPCHandler, both poll (the defaults)' in markdown
     assert 'Idle servers' in markdown
+
+
+@pytest.mark.ros
+def test_streaming_section_compares_lanes_with_grpc_aio_and_a_socket_and_times_leaving(smoke_run) -> None:
+    results, out, stdout = smoke_run
+    streaming = results['streaming']
+    assert set(streaming) == {'sync', 'async'}
+    assert set(streaming['sync']['variants']) == {'ipc-sync-ttrpc', 'ipc-sync-grpc', 'socket'}
+    assert set(streaming['async']['variants']) == {'ipc-aio-ttrpc', 'ipc-aio-grpc', 'grpc-aio', 'socket'}
+    for measured in streaming.values():
+        for rates in measured['variants'].values():
+            assert set(rates) == {'64', '65536'}
+            assert all(rate['streams'] == measured['rounds'] and rate['msgs_per_s'] > 0
+                       for rate in rates.values())
+        # Every watch left was cancelled on the server (a watch never ends by itself).
+        for variant, cancel in measured['cancel'].items():
+            assert cancel['not_cancelled'] == 0, variant
+            assert cancel['cancels'] > 0 and 0 <= cancel['p50_us'] <= cancel['max_us']
+    assert set(streaming['async']['cancel']) == {'ipc-aio-ttrpc', 'ipc-aio-grpc', 'grpc-aio'}
+    checks = {check['client']: check for check in results['fast_lane_streams']}
+    assert set(checks) == {'sync', 'async'}
+    assert all(check['target'] == 3.0 and check['vs_grpc_lane'] > 0 for check in checks.values())
+    assert 'Server streams, sync clients' in stdout
+    assert 'Leaving a watch' in stdout
+    assert '| IPCHandler, fast lane |' in (out / 'results.md').read_text()
