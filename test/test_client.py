@@ -247,9 +247,95 @@ async def test_calls_without_a_stub_are_a_clear_error(server: ServerProcess) -> 
 
 
 @pytest.mark.asyncio
-async def test_call_before_connect_is_a_clear_error(server: ServerProcess, echo) -> None:
-    with pytest.raises(RuntimeError, match='not connected'):
-        await IPCHandler(server.socket_path, echo.Stub).call_method('Echo', echo.pb.EchoRequest())
+async def test_a_request_of_the_wrong_type_is_a_type_error_naming_both(server: ServerProcess, echo) -> None:
+    """Protobuf would serialize any message: the server would get an empty
+    request of its own type. The client refuses before sending."""
+    async with IPCHandler(server.socket_path, echo.Stub) as ipc:
+        with pytest.raises(TypeError, match=r'Echo takes a [\w.]+\.EchoRequest request, not [\w.]+\.CountRequest'):
+            await ipc.call_method('Echo', echo.pb.CountRequest(count=1))
+        with pytest.raises(TypeError, match='Echo takes .* not NoneType'):
+            await ipc.call_method('Echo', None)
+        with pytest.raises(TypeError, match=r'Count takes a [\w.]+\.CountRequest request, not [\w.]+\.EchoRequest'):
+            async for _ in ipc.stream_method('Count', echo.pb.EchoRequest()):
+                pass
+        assert (await ipc.call_method('Echo', echo.pb.EchoRequest(text='fine'))).text == 'fine'
+    with SyncIPCHandler(server.socket_path, echo.Stub) as sync:
+        with pytest.raises(TypeError, match=r'Echo takes a [\w.]+\.EchoRequest request, not dict'):
+            sync.call_method('Echo', {'text': 'a dict'})
+        with pytest.raises(TypeError, match='Count takes'):
+            next(sync.stream_method('Count', echo.pb.EchoRequest()))
+        assert sync.call_method('Echo', echo.pb.EchoRequest(text='fine')).text == 'fine'
+
+
+# -- clients that heal: calls connect on demand (issue 16) ---------------------------------
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('lane', ['auto', 'grpc', 'ttrpc'])
+async def test_a_handler_made_before_its_server_works_once_the_server_is_up(
+        start_server, socket_path: Path, echo, lane: str) -> None:
+    """A frontend started before its module: connect() and calls fail as
+    unavailable, naming where they looked; once the server is up, calls
+    work without another connect()."""
+    ipc = IPCHandler(socket_path, echo.Stub, lane=lane)
+    with pytest.raises(IPCUnavailableError, match=str(socket_path.parent)):
+        await ipc.connect()
+    assert not ipc.is_connected
+    with pytest.raises(IPCUnavailableError, match=str(socket_path.parent)):
+        await ipc.call_method('Echo', echo.pb.EchoRequest(text='too early'))
+    start_server(socket_path, wait=False).wait_serving(ttrpc=True)
+    reply = await ipc.call_method('Echo', echo.pb.EchoRequest(text='up'), wait_for_ready=True)
+    assert reply.text == 'up'
+    assert ipc.is_connected
+    assert ipc.lane_in_use in (('ttrpc', 'grpc') if lane == 'auto' else (lane,))
+    await ipc.disconnect()
+    assert aio_pool.open_connections() == aio_ttrpc_pool.open_connections() == 0
+
+
+@pytest.mark.parametrize('lane', ['auto', 'grpc', 'ttrpc'])
+def test_a_sync_handler_made_before_its_server_works_once_the_server_is_up(
+        start_server, socket_path: Path, echo, lane: str) -> None:
+    ipc = SyncIPCHandler(socket_path, echo.Stub, lane=lane)
+    with pytest.raises(IPCUnavailableError, match=str(socket_path.parent)):
+        ipc.connect()
+    with pytest.raises(IPCUnavailableError, match=str(socket_path.parent)):
+        ipc.call_method('Echo', echo.pb.EchoRequest(text='too early'))
+    start_server(socket_path, wait=False).wait_serving(ttrpc=True)
+    assert ipc.call_method('Echo', echo.pb.EchoRequest(text='up'), wait_for_ready=True).text == 'up'
+    assert ipc.is_connected
+    ipc.disconnect()
+    assert sync_pool.open_connections() == sync_ttrpc_pool.open_connections() == 0
+
+
+@pytest.mark.asyncio
+async def test_calls_after_disconnect_connect_again(server: ServerProcess, echo) -> None:
+    ipc = IPCHandler(server.socket_path, echo.Stub)
+    assert not ipc.is_connected and ipc.lane_in_use is None
+    for text in ('first', 'after disconnect'):
+        assert (await ipc.call_method('Echo', echo.pb.EchoRequest(text=text))).text == text
+        assert ipc.is_connected and ipc.lane_in_use == 'ttrpc'
+        await ipc.disconnect()
+        assert not ipc.is_connected
+        assert aio_ttrpc_pool.open_connections() == 0
+
+
+@pytest.mark.parametrize('lane, pool', [('grpc', sync_pool.open_connections),
+                                        ('ttrpc', sync_ttrpc_pool.open_connections)])
+def test_first_calls_from_many_threads_share_one_connection_and_release_it(
+        server: ServerProcess, echo, lane: str, pool) -> None:
+    """A SyncIPCHandler never connected, first used by eight threads at once
+    (an rclpy MultiThreadedExecutor): one connection, gone after disconnect()."""
+    ipc = SyncIPCHandler(server.socket_path, echo.Stub, lane=lane)
+    start = threading.Barrier(8)
+
+    def call(index: int) -> str:
+        start.wait(timeout=10)
+        return ipc.call_method('Echo', echo.pb.EchoRequest(text=str(index))).text
+
+    with ThreadPoolExecutor(8) as threads:
+        assert list(threads.map(call, range(8))) == [str(index) for index in range(8)]
+    assert pool() == 1
+    ipc.disconnect()
+    assert pool() == 0
 
 
 # -- channels ----------------------------------------------------------------------------

@@ -519,6 +519,43 @@ def test_ipc_call_is_served_while_ros_callback_blocks_executor(context: Context,
     assert not socket_path.exists()
 
 
+def test_a_sync_handler_made_in_a_nodes_init_before_its_server_heals(
+        context: Context, spin, start_server, socket_path: Path, echo) -> None:
+    """Issue 16: an rclpy node makes its SyncIPCHandler in ``__init__``, before
+    the module's server is up. Its timer's calls fail with an IPCError (which
+    the callback catches) while the server is down and succeed once it is up;
+    spin never dies."""
+
+    class Frontend(Node):
+        def __init__(self) -> None:
+            super().__init__('frontend', context=context)
+            self.ipc = SyncIPCHandler(socket_path, echo.Stub, timeout=2.0)
+            with pytest.raises(IPCError):
+                self.ipc.connect()
+            self.failures = 0
+            self.replies: list[str] = []
+            self.create_timer(0.05, self.tick)
+
+        def tick(self) -> None:
+            try:
+                self.replies.append(self.ipc.call_method('Echo', echo.pb.EchoRequest(text='tick')).text)
+            except IPCError:
+                self.failures += 1
+
+    node = Frontend()
+    try:
+        spinner = spin(node)
+        wait_for(lambda: node.failures >= 2, 20, 'calls to fail while the server is down')
+        start_server(socket_path)
+        wait_for(lambda: node.replies, 20, 'a reply once the server is up')
+        assert node.replies[0] == 'tick'
+        assert spinner.thread.is_alive()
+        spinner.stop()
+    finally:
+        node.ipc.disconnect()
+        node.destroy_node()
+
+
 def test_ros_callback_runs_while_ipc_handler_waits(context: Context, spin, socket_dir: Path) -> None:
     socket_path = socket_dir / 'embedded.sock'
     module = EmbeddingNode(context, socket_path)

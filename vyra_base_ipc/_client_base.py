@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
+import threading
 import time
 from typing import Any, Awaitable, Callable, ClassVar, Iterable, Protocol, TypeVar
 
@@ -59,6 +60,9 @@ class ServerContext(Protocol):
     (``grpc.ServicerContext``, ``grpc.aio.ServicerContext`` or the fast lane's)."""
 
     def time_remaining(self) -> float | None: ...
+
+
+_NO_REQUEST: Any = object()
 
 
 class Retry:
@@ -132,6 +136,9 @@ class ClientBase:
         self._target = grpc_target(self.socket_path)
         self._options = channel_options(self.max_message_bytes)
         self._connected = False
+        # Guards taking pool keys: a SyncIPCHandler's first calls may come
+        # from several threads at once (each would take a key of its own).
+        self._keys_lock = threading.Lock()
         # The connections of the current owner (event loop or process):
         # pool keys, and the lanes made from them.
         self._fast_key: Any = None
@@ -146,6 +153,9 @@ class ClientBase:
 
     @property
     def is_connected(self) -> bool:
+        """Whether this handler holds connections: from a successful
+        ``connect()`` or its first call until ``disconnect()`` (a call that
+        found no server counts too: the next one reconnects by itself)."""
         return self._connected
 
     @property
@@ -167,7 +177,13 @@ class ClientBase:
 
     # -- per call ---------------------------------------------------------------------
 
-    def _method(self, name: object, *, response_streaming: bool | None = None) -> Method:
+    def _method(self, name: object, *, response_streaming: bool | None = None,
+                request: Any = _NO_REQUEST) -> Method:
+        """The method called ``name`` (of the kind ``response_streaming``
+        says, taking ``request`` if given).
+
+        :raises TypeError, ValueError: a misuse, naming what was wrong.
+        """
         if not isinstance(name, str):
             raise TypeError(f'method name must be a str, not {type(name).__name__}')
         if not self._methods:
@@ -180,6 +196,14 @@ class ClientBase:
         if response_streaming is not None and method.kind.response_streaming != response_streaming:
             use = 'stream_method' if method.kind.response_streaming else 'call_method'
             raise TypeError(f'{name} is a {method.kind.value} method: call it with {use}()')
+        if request is not _NO_REQUEST and method.request_type is not None \
+                and not method.kind.request_streaming:
+            given = getattr(getattr(request, 'DESCRIPTOR', None), 'full_name', None)
+            if given != method.request_type:
+                # Checked here: protobuf would serialize another message type
+                # silently, and the server would parse it as an empty request.
+                raise TypeError(f'{name} takes a {method.request_type} request, not '
+                                f'{given or type(request).__qualname__}')
         return method
 
     def _wait(self, wait_for_ready: bool | None) -> bool:
@@ -237,7 +261,9 @@ class ClientBase:
         if lane is None:
             if self._grpc_key is None:
                 ensure_usable_after_fork()
-                self._grpc_key = self._grpc_pool.acquire((self._target, self._options))
+                with self._keys_lock:
+                    if self._grpc_key is None:
+                        self._grpc_key = self._grpc_pool.acquire((self._target, self._options))
             channel = self._grpc_pool.made_once(self._grpc_key[1], self._new_channel)
             lane = self._grpc[wait] = self._grpc_lane_type(channel, self.socket_path, wait)
         return lane

@@ -66,6 +66,23 @@ class Method:
     kind: MethodKind
     request_serializer: Callable[[Any], bytes] | None
     response_deserializer: Callable[[bytes], Any] | None
+    #: Full name of the request message (``"vyra.ipc.DataRequest"``); None
+    #: where the stub does not tell.
+    request_type: str | None = None
+
+
+def _request_type(path: str, response_deserializer: Any) -> str | None:
+    """The request message's full name, looked up in the descriptor pool of
+    the response class (a generated stub passes ``Response.FromString``,
+    bound to it; its request serializer is the base class's)."""
+    descriptor = getattr(getattr(response_deserializer, '__self__', None), 'DESCRIPTOR', None)
+    if descriptor is None:
+        return None
+    try:
+        method = descriptor.file.pool.FindMethodByName(path.strip('/').replace('/', '.'))
+    except (KeyError, AttributeError):
+        return None
+    return str(method.input_type.full_name)
 
 
 class _RecordingChannel:
@@ -78,7 +95,8 @@ class _RecordingChannel:
         def record(path: str, request_serializer: Any = None, response_deserializer: Any = None,
                    **_ignored: Any) -> None:
             name = path.rsplit('/', 1)[-1]
-            self.methods[name] = Method(name, path, kind, request_serializer, response_deserializer)
+            self.methods[name] = Method(name, path, kind, request_serializer, response_deserializer,
+                                        _request_type(path, response_deserializer))
         return record
 
     def __getattr__(self, attribute: str) -> Callable[..., None]:

@@ -50,11 +50,12 @@ class IPCHandler(ClientBase):
 
 
         ipc = IPCHandler(socket_path='/tmp/my_module_ipc.sock', service_stub=BackendServiceStub)
-        await ipc.connect()
         response = await ipc.call_method('GetStatus', StatusRequest(), timeout=2.0)
         await ipc.disconnect()
 
-    Every call has a deadline: ``timeout`` per call, else the handler's
+    Calls connect on demand, as gRPC channels do: a handler made before its
+    server starts works as soon as the server is up, whether or not an
+    earlier :meth:`connect` failed. Every call has a deadline: ``timeout`` per call, else the handler's
     ``timeout`` (default 5 s); only a stream may go without
     (``stream_method(..., timeout=None)``). Handlers of the same socket in
     the same event loop share one connection per lane. A handler may be
@@ -96,7 +97,8 @@ class IPCHandler(ClientBase):
         """Open (or share) a connection and make sure a server answers: the
         fast lane's connect, or one ``grpc.health.v1.Health/Check`` round trip.
 
-        Idempotent. Fails at once if nobody serves the socket; with
+        Optional (calls connect on demand): an early check that the server
+        is there. Idempotent. Fails at once if nobody serves the socket; with
         ``wait_for_ready`` it waits for the server within ``timeout`` (default:
         the handler's timeout) instead.
 
@@ -114,7 +116,8 @@ class IPCHandler(ClientBase):
             raise
 
     async def disconnect(self) -> None:
-        """Release the connections (closed when their last user lets go). Idempotent."""
+        """Release the connections (closed when their last user lets go); a
+        later call connects again. Idempotent."""
         self._connected = False
         fast_key, grpc_key, loop = self._fast_key, self._grpc_key, self._loop
         self._forget_connections()
@@ -158,7 +161,7 @@ class IPCHandler(ClientBase):
         :raises TypeError: the method streams responses (use :meth:`stream_method`).
         :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
         """
-        info = self._method(method, response_streaming=False)
+        info = self._method(method, response_streaming=False, request=request)
         deadline = self._deadline(DEFAULT if timeout is None else timeout, parent, info)
         wait = self._wait(wait_for_ready)
         retry = self._retry(info, deadline)
@@ -188,7 +191,7 @@ class IPCHandler(ClientBase):
             call then fails with :class:`IPCTimeoutError`.
         :raises ValueError, TypeError, IPCError: as :meth:`call_method`.
         """
-        info = self._method(method, response_streaming=True)
+        info = self._method(method, response_streaming=True, request=request)
         deadline = self._deadline(timeout, parent, info)
         if idle_timeout is not None:
             idle_timeout = validate_timeout(idle_timeout, 'idle_timeout')
@@ -235,11 +238,11 @@ class IPCHandler(ClientBase):
         loop = asyncio.get_running_loop()
         if self._loop is loop:
             return
-        if not self._connected:
-            raise RuntimeError('IPCHandler is not connected: await connect() first')
-        # A handler moved to a new loop (asyncio.run() twice): the old loop's
-        # connections cannot be used here, nor closed from here.
+        # First use (or first since disconnect()), or a handler moved to a
+        # new loop (asyncio.run() twice): the old loop's connections cannot
+        # be used here, nor closed from here.
         self._loop = loop
+        self._connected = True
         self._forget_connections()
 
     async def _fast_connection(self, deadline: Deadline | None, wait: bool) -> AsyncConnection:
@@ -317,11 +320,13 @@ class SyncIPCHandler(ClientBase):
             raise
 
     def disconnect(self) -> None:
-        """Release the connections (closed when their last user lets go). Idempotent."""
+        """Release the connections (closed when their last user lets go); a
+        later call connects again. Idempotent."""
         self._connected = False
-        fast_key, grpc_key = self._fast_key, self._grpc_key
+        fast_key, grpc_key, pid = self._fast_key, self._grpc_key, self._pid
+        self._pid = 0
         self._forget_connections()
-        if self._pid == os.getpid():
+        if pid == os.getpid():  # (a forked child's keys are its parent's)
             for pool, key in ((sync_ttrpc_pool, fast_key), (sync_pool, grpc_key)):
                 connection = pool.release(key[0]) if key is not None else None
                 if connection is not None:
@@ -335,7 +340,7 @@ class SyncIPCHandler(ClientBase):
 
         Parameters, retries and errors as :meth:`IPCHandler.call_method`.
         """
-        info = self._method(method, response_streaming=False)
+        info = self._method(method, response_streaming=False, request=request)
         deadline = self._deadline(DEFAULT if timeout is None else timeout, parent, info)
         wait = self._wait(wait_for_ready)
         retry = self._retry(info, deadline)
@@ -357,7 +362,7 @@ class SyncIPCHandler(ClientBase):
         Deadline, ``idle_timeout``, leaving early and errors as
         :meth:`IPCHandler.stream_method`.
         """
-        info = self._method(method, response_streaming=True)
+        info = self._method(method, response_streaming=True, request=request)
         deadline = self._deadline(timeout, parent, info)
         if idle_timeout is not None:
             idle_timeout = validate_timeout(idle_timeout, 'idle_timeout')
@@ -393,18 +398,22 @@ class SyncIPCHandler(ClientBase):
         return self._choice.took('grpc', self._grpc_lane(wait))
 
     def _here(self) -> None:
-        """Make this handler's connections those of this process (after fork)."""
+        """Make this handler's connections those of this process: on first
+        use (or first since disconnect()), and in a child after fork."""
         if self._pid == os.getpid():
             return
-        if not self._connected:
-            raise RuntimeError('SyncIPCHandler is not connected: call connect() first')
-        self._pid = os.getpid()
-        self._forget_connections()
+        with self._keys_lock:
+            if self._pid != os.getpid():
+                self._forget_connections()
+                self._connected = True
+                self._pid = os.getpid()  # last: other threads go on only after the forgetting
 
     def _fast_connection(self, deadline: Deadline | None, wait: bool) -> SyncConnection:
         """As :meth:`IPCHandler._fast_connection`, blocking."""
         if self._fast_key is None:
-            self._fast_key = sync_ttrpc_pool.acquire((*self._fast_key_args(), self.busy_poll))
+            with self._keys_lock:
+                if self._fast_key is None:
+                    self._fast_key = sync_ttrpc_pool.acquire((*self._fast_key_args(), self.busy_poll))
         entry = self._fast_key[1]
         with entry.lock:
             if entry.connection is None or entry.connection.is_closed:
