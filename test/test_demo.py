@@ -72,6 +72,39 @@ def test_demo_fails_when_ipc_server_cannot_start(ros_environ: dict[str, str]) ->
     assert result.stdout.rstrip().endswith('demo FAILED')
 
 
+def test_demo_uses_sockets_of_its_own_by_default(ros_environ: dict[str, str]) -> None:
+    """Issue 16: a demo on a machine where another ``demo`` module serves
+    /tmp/demo_ipc.sock must not talk to it: by default its sockets are in a
+    private directory, removed with it."""
+    result = run_demo(ros_environ, '--callable-calls', '2', '--latency-calls', '2')
+    assert result.returncode == 0, result.stdout + result.stderr
+    removed = [line for line in result.stdout.splitlines() if line.startswith('stopped with SIGTERM')]
+    assert removed and '/tmp/demo_ipc.sock' not in removed[0]
+    socket = Path(removed[0].split('socket ', 1)[1].split(' removed')[0])
+    assert socket.name == 'demo_ipc.sock' and socket.parent.name == 'sockets'
+    assert socket.parent.parent.name.startswith('vyra-demo-')
+    assert not socket.parent.parent.exists()
+
+
+def test_demo_refuses_a_socket_another_server_answers_on(ros_environ: dict[str, str], start_server,
+                                                        socket_path: Path, echo) -> None:
+    other = start_server(socket_path)
+    result = run_demo(ros_environ, '--socket-path', str(socket_path), '--latency-calls', '0')
+    assert result.returncode == 1
+    assert f'a server already answers on {socket_path}' in result.stdout
+    assert 'the demo talks only to the server it starts' in result.stdout
+    assert other.running()
+    with SyncIPCHandler(socket_path, echo.Stub) as ipc:
+        assert ipc.call_method('Echo', echo.pb.EchoRequest(text='untouched')).text == 'untouched'
+
+
+def test_demo_with_a_bad_module_name_says_so(ros_environ: dict[str, str]) -> None:
+    result = run_demo(ros_environ, '--module-name', 'Bad Name')
+    assert result.returncode == 2
+    assert result.stdout.startswith('demo: ') and 'Bad Name' in result.stdout
+    assert 'Traceback' not in result.stdout + result.stderr
+
+
 # -- the parts, in process ----------------------------------------------------------
 
 

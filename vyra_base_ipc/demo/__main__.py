@@ -13,7 +13,12 @@ starts on a ROS 2 installation (the launch tool is not needed here):
    same kind of request over IPC and over a ROS 2 service.
 
 Then it stops both nodes with SIGTERM and checks that they exited 0 and left
-no socket file; the exit status is non-zero otherwise. Every process gets
+no socket file; the exit status is non-zero otherwise.
+
+The demo talks only to the server it starts: by default its sockets are in a
+private temporary directory (so demos run side by side and never reach
+another module's ``demo`` server); with ``--socket-path`` it refuses to start
+when a server already answers there. Every process gets
 ``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``, a private ``ROS_DOMAIN_ID`` and
 ``ROS_HOME`` in a temporary directory.
 """
@@ -33,7 +38,7 @@ import time
 from typing import IO, Sequence
 
 from vyra_base_ipc._socket_file import is_listening
-from vyra_base_ipc.address import default_ttrpc_socket_path, resolve_socket_path
+from vyra_base_ipc.address import default_socket_path, default_ttrpc_socket_path, resolve_socket_path
 
 PACKAGE = 'vyra_base_ipc'
 SERVICERS = ('vyra_base_ipc.demo.callable_service:DemoModuleService',
@@ -140,13 +145,21 @@ def wait_serving(server: Child, socket_path: Path, timeout: float) -> bool:
     return True
 
 
+def _private_socket(directory: Path, module_name: str) -> Path:
+    """``<module_name>_ipc.sock`` in a new directory only we may enter."""
+    sockets = directory / 'sockets'
+    sockets.mkdir(mode=0o700)
+    return resolve_socket_path(sockets / default_socket_path(module_name).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m vyra_base_ipc.demo``, as the module docstring says; the
     exit status."""
     parser = argparse.ArgumentParser(description='Run the VYRA IPC demo module the ROS 2 way.')
     parser.add_argument('--module-name', default='demo')
     parser.add_argument('--socket-path', default='',
-                        help='socket_path parameter (default: empty, i.e. /tmp/<module_name>_ipc.sock)')
+                        help='socket_path parameter (default: <module_name>_ipc.sock in a private '
+                             'temporary directory)')
     parser.add_argument('--namespace', default='', help='ROS namespace of both nodes, e.g. /robot1')
     parser.add_argument('--callable-calls', type=int, default=20, metavar='N',
                         help='concurrent IPC calls that each call the ROS 2 service')
@@ -157,20 +170,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser.parse_args(argv)
 
     config = find_config('ipc_server.yaml')
-    with tempfile.TemporaryDirectory(prefix='vyra-demo-ros-') as ros_home:
+    with tempfile.TemporaryDirectory(prefix='vyra-demo-') as private:
+        ros_home = Path(private) / 'ros_home'
+        ros_home.mkdir()
         domain_id = random.randint(100, 232) if options.domain_id is None else options.domain_id
-        env = demo_environment(Path(ros_home), domain_id)
-        socket_path = resolve_socket_path(options.socket_path or None,
-                                          module_name=options.module_name, environ=env)
+        env = demo_environment(ros_home, domain_id)
+        try:
+            socket_path = (resolve_socket_path(options.socket_path) if options.socket_path else
+                           _private_socket(Path(private), options.module_name))
+        except ValueError as error:
+            print(f'demo: {error}', flush=True)
+            return 2
+        taken = [path for path in (socket_path, default_ttrpc_socket_path(socket_path))
+                 if is_listening(path)]
+        if taken:
+            print(f'a server already answers on {taken[0]}: the demo talks only to the server it '
+                  'starts; stop that server or choose another --socket-path', flush=True)
+            return 1
         print(f'ROS_DOMAIN_ID={domain_id} ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST '
               f'ROS_HOME={ros_home}', flush=True)
         print(f'parameters from {config}', flush=True)
         remap = ['-r', f'__ns:={options.namespace}'] if options.namespace else []
         ipc_args = ['--ros-args', *remap, '--params-file', str(config),
                     '-p', f'module_name:={options.module_name}',
-                    '-p', f'servicers:={list(SERVICERS)!r}']
-        if options.socket_path:
-            ipc_args += ['-p', f'socket_path:={options.socket_path}']
+                    '-p', f'servicers:={list(SERVICERS)!r}', '-p', f'socket_path:={socket_path}']
         return run(options, env, socket_path, ipc_args, remap)
 
 
