@@ -361,3 +361,4 @@ def test_launch_file_runs_under_launch_testing(path: Path, ros_environ: dict[str
         env=env, capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stdout + result.stderr
     assert not Path(f'/tmp/{module}_ipc.sock').exists()
+    assert not Path(f'/tmp/{module}_ipc.ttrpc.sock').exists()

@@ -51,8 +51,13 @@ _SERVICER_SPEC = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*
 class ParameterSpec:
     """One parameter of the IPC server: name, type, default, description.
 
-    :ivar default: the default value; ``None`` for "not set" (``servicers``,
-        whose empty default cannot be written as a typed ROS value).
+    :ivar default: the default value (every parameter has one, so that
+        ``ros2 param dump`` and ``get`` list them all: rclpy answers a
+        request naming a parameter without a value with nothing at all).
+    :ivar dynamic_typing: declared with dynamic typing: rclpy takes the type
+        of an empty list default for BYTE_ARRAY whatever the descriptor says
+        (ros2/rclpy#912), so an empty string array can only be declared this
+        way; :func:`read_ipc_config` checks the type instead.
     """
 
     name: str
@@ -60,11 +65,13 @@ class ParameterSpec:
     default: Any
     description: str
     read_only: bool = True
+    dynamic_typing: bool = False
 
     def descriptor(self) -> ParameterDescriptor:
         """The ROS descriptor this parameter is declared with."""
         return ParameterDescriptor(name=self.name, type=self.type.value,
-                                   description=self.description, read_only=self.read_only)
+                                   description=self.description, read_only=self.read_only,
+                                   dynamic_typing=self.dynamic_typing)
 
 
 #: The parameters of the IPC server: the one table that :class:`IPCServerNode`,
@@ -102,11 +109,11 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         'call; costs at most this much CPU per call, and only while calls come that close '
         'together. Never polls on a machine with one CPU.'),
     ParameterSpec(
-        'servicers', Parameter.Type.STRING_ARRAY, None,
+        'servicers', Parameter.Type.STRING_ARRAY, [],
         'Extra gRPC servicers as package.module:ClassName, imported and created with no '
         'arguments, served beside the default ModuleService (a ModuleService subclass among '
         'them replaces the default). A servicer with an attach_ipc_host(host) method gets '
-        'the hosting IPCServerHost before the server starts.'),
+        'the hosting IPCServerHost before the server starts.', dynamic_typing=True),
     ParameterSpec(
         'grace_period', Parameter.Type.DOUBLE, DEFAULT_GRACE_PERIOD,
         'Seconds in-flight calls get to finish when the server stops (>= 0). May be changed '
@@ -149,7 +156,7 @@ def declare_ipc_parameters(node: Node) -> None:
     for spec in PARAMETERS:
         if node.has_parameter(spec.name):
             continue
-        default = spec.type if spec.default is None else spec.default
+        default = spec.default
         try:
             node.declare_parameter(spec.name, default, spec.descriptor())
         except InvalidParameterTypeException as error:
@@ -234,7 +241,11 @@ def read_ipc_config(node: Node, environ: Mapping[str, str] | None = None) -> IPC
         if ttrpc_socket_path == resolved:
             raise ParameterError('ttrpc_socket_path', f'must differ from socket_path ({resolved})')
 
-    servicers = tuple(values['servicers'] or ())
+    listed = values['servicers']
+    if not isinstance(listed, (list, tuple)) or not all(isinstance(spec, str) for spec in listed):
+        raise ParameterError('servicers', "must be a STRING_ARRAY such as ['package.module:ClassName'], "
+                                          f'not {listed!r}')
+    servicers = tuple(listed)
     for spec in servicers:
         if not _SERVICER_SPEC.match(spec):
             raise ParameterError('servicers', f'{spec!r} is not of the form package.module:ClassName')

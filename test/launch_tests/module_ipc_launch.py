@@ -2,7 +2,8 @@
 test/test_launch.py with ``launch_test`` where launch_ros is installed.
 
 Environment: VYRA_LAUNCH_FILE (the launch file), VYRA_LAUNCH_MODULE (the
-module_name launch argument; the socket is /tmp/<module>_ipc.sock).
+module_name launch argument; the sockets are /tmp/<module>_ipc.sock and, for
+the fast lane, /tmp/<module>_ipc.ttrpc.sock).
 Not collected by pytest itself (the file name does not start with test_).
 """
 
@@ -25,6 +26,7 @@ from vyra_base_ipc._socket_file import is_listening
 
 MODULE = os.environ['VYRA_LAUNCH_MODULE']
 SOCKET = Path(f'/tmp/{MODULE}_ipc.sock')
+TTRPC_SOCKET = Path(f'/tmp/{MODULE}_ipc.ttrpc.sock')
 
 
 @pytest.mark.launch_test
@@ -44,9 +46,11 @@ class TestModuleIPC(unittest.TestCase):
         while not is_listening(SOCKET):
             self.assertLess(time.monotonic(), deadline, f'nobody serves {SOCKET}')
             time.sleep(0.05)
-        with SyncIPCHandler(SOCKET, module_grpc.ModuleServiceStub, timeout=5.0) as ipc:
-            answer = ipc.call_method('ExecuteCommand', module_pb.CommandRequest(command='ping'))
-        self.assertEqual(answer.result, 'pong')
+        for lane in ('grpc', 'ttrpc'):
+            with SyncIPCHandler(SOCKET, module_grpc.ModuleServiceStub, timeout=5.0, lane=lane) as ipc:
+                answer = ipc.call_method('ExecuteCommand', module_pb.CommandRequest(command='ping'))
+                self.assertEqual(answer.result, 'pong')
+                self.assertEqual(ipc.lane_in_use, lane)
 
 
 @launch_testing.post_shutdown_test()
@@ -55,5 +59,6 @@ class TestShutdown(unittest.TestCase):
     def test_every_process_exited_0(self, proc_info) -> None:
         launch_testing.asserts.assertExitCodes(proc_info)
 
-    def test_socket_removed(self) -> None:
+    def test_both_sockets_removed(self) -> None:
         self.assertFalse(SOCKET.exists())
+        self.assertFalse(TTRPC_SOCKET.exists())
