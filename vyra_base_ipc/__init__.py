@@ -16,6 +16,7 @@ from ._busy_poll import DEFAULT_BUSY_POLL
 from ._event_loop import new_event_loop, run
 from ._options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT
 from ._payload import SharedMemoryOptions
+from ._peer import PeerCredentials, peer_credentials
 from ._shared_buffer import (
     ReceivedBuffers,
     SharedBuffer,
@@ -39,6 +40,7 @@ from .exceptions import (
     SharedMemoryError,
     SocketInUseError,
     TooLargeError,
+    UntrustedServerError,
 )
 from .module_service import ModuleService, command
 from .server import IPCServer
@@ -59,6 +61,7 @@ __all__ = [
     'MAX_SOCKET_PATH_BYTES',
     'ModuleService',
     'ParameterError',
+    'PeerCredentials',
     'ReceivedBuffers',
     'ServiceCallTimeout',
     'ServiceUnavailable',
@@ -69,10 +72,12 @@ __all__ = [
     'SocketInUseError',
     'SyncIPCHandler',
     'TooLargeError',
+    'UntrustedServerError',
     'attach_buffers',
     'command',
     'default_socket_path',
     'new_event_loop',
+    'peer_credentials',
     'received_buffer',
     'resolve_socket_path',
     'run',

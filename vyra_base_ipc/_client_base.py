@@ -25,6 +25,7 @@ from ._options import (
     validate_timeout,
 )
 from ._payload import SharedMemoryOptions, usable_options
+from ._peer import trusted_server_uids
 from ._pool import Pool
 from ._socket_file import is_listening
 from .address import (
@@ -114,8 +115,11 @@ class ClientBase:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         shared_memory: SharedMemoryOptions | None = SharedMemoryOptions(),
         stream_window: int = DEFAULT_STREAM_WINDOW,
+        server_uid: int | None = None,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path, module_name=module_name)
+        self.server_uid = server_uid
+        self._trusted = trusted_server_uids(server_uid)
         self.shared_memory = usable_options(shared_memory)
         self._choice = LaneChoice(lane)
         self.lane = lane
@@ -249,11 +253,11 @@ class ClientBase:
 
     def _connect_options(self) -> dict[str, Any]:
         return {'max_message_bytes': self.max_message_bytes, 'shared_memory': self.shared_memory,
-                'stream_window': self.stream_window}
+                'stream_window': self.stream_window, 'server_uid': self.server_uid}
 
     def _fast_key_args(self) -> tuple[Any, ...]:
         return (os.fspath(self.ttrpc_socket_path), self.max_message_bytes, self.shared_memory,
-                self.stream_window)
+                self.stream_window, self._trusted)
 
     def _grpc_lane(self, wait: bool) -> Any:
         """The gRPC lane over this owner's shared channel (made on first use)."""
@@ -265,7 +269,7 @@ class ClientBase:
                     if self._grpc_key is None:
                         self._grpc_key = self._grpc_pool.acquire((self._target, self._options))
             channel = self._grpc_pool.made_once(self._grpc_key[1], self._new_channel)
-            lane = self._grpc[wait] = self._grpc_lane_type(channel, self.socket_path, wait)
+            lane = self._grpc[wait] = self._grpc_lane_type(channel, self.socket_path, wait, self._trusted)
         return lane
 
     def _new_channel(self) -> Any:

@@ -11,6 +11,7 @@ call takes is decided (and recorded) by :class:`LaneChoice`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import threading
@@ -22,10 +23,19 @@ from grpc_health.v1 import health_pb2
 
 from ._deadline import Deadline
 from ._methods import Method, MethodKind
+from ._peer import check_server_socket
 from ._shared_buffer import ReceivedBuffers, SharedBuffer, inline_request
-from .exceptions import IPCError, IPCTimeoutError, IPCUnavailableError, error_from_status
+from .exceptions import (
+    IPCError,
+    IPCTimeoutError,
+    IPCUnavailableError,
+    UntrustedServerError,
+    error_from_status,
+)
 
 __all__ = ['LANES', 'GrpcLane', 'LaneChoice', 'SyncGrpcLane']
+
+_logger = logging.getLogger(__name__)
 
 _T = TypeVar('_T')
 
@@ -84,6 +94,8 @@ class LaneChoice:
         """
         if self.lane == 'ttrpc':
             raise error
+        if isinstance(error, UntrustedServerError):  # a squatter on the fast lane's socket: say so
+            _logger.warning('%s; using the gRPC lane', error.details)
         self._fast_retry_at = time.monotonic() + FAST_LANE_RETRY_INTERVAL
 
     def took(self, lane: str, connection: _T) -> _T:
@@ -95,14 +107,24 @@ class LaneChoice:
 class _GrpcLaneBase:
     """What both gRPC lanes share: the channel's callables and the errors."""
 
-    def __init__(self, channel: Any, socket_path: Any, wait_for_ready: bool) -> None:
+    def __init__(self, channel: Any, socket_path: Any, wait_for_ready: bool,
+                 trusted: frozenset[int]) -> None:
         self._channel = channel
         self.socket_path = socket_path
         self.wait_for_ready = wait_for_ready
+        self._trusted = trusted
+        self._path = os.fspath(socket_path)
         self._callables: dict[str, Any] = {}
         self.is_closed = False
 
     def _callable(self, method: Method) -> Any:
+        """The channel's callable for ``method``, once the socket is checked
+        to be a trusted server's (before every call: grpc reconnects by
+        itself, to whatever is at the path then).
+
+        :raises UntrustedServerError: it is not.
+        """
+        check_server_socket(self._path, self._trusted)
         call = self._callables.get(method.path)
         if call is None:
             call = self._callables[method.path] = getattr(self._channel, method.kind.value)(

@@ -82,6 +82,10 @@ class IPCHandler(ClientBase):
         :mod:`vyra_base_ipc._payload`); ``None`` keeps every message inline.
     :param stream_window: on the fast lane, bytes of streamed messages the
         server may send ahead of what the caller has taken (flow control).
+    :param server_uid: the user the server must run as; by default this
+        process's own uid or root. A server (or, on the gRPC lane, a socket
+        file or directory) of anyone else is refused with
+        :class:`~vyra_base_ipc.UntrustedServerError` before anything is sent.
     """
 
     _grpc_pool = aio_pool

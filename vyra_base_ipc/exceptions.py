@@ -43,6 +43,7 @@ __all__ = [
     'SharedMemoryError',
     'SocketInUseError',
     'TooLargeError',
+    'UntrustedServerError',
     'error_from_status',
 ]
 
@@ -81,6 +82,14 @@ class IPCUnavailableError(IPCError):
     the server crashed mid-call); it is only retried automatically when the
     method is marked idempotent.
     """
+
+
+class UntrustedServerError(IPCUnavailableError):
+    """Raised when the process serving a socket (or the socket file, or its
+    directory) belongs to a user the client does not trust as its server:
+    by default anyone but itself and root (``server_uid=`` on the clients).
+    Nothing was sent. The details name the socket, the owner found and the
+    owners expected; the code is UNAVAILABLE."""
 
 
 class IPCTimeoutError(IPCError):

@@ -26,6 +26,7 @@ from vyra_base_ipc import (
     SharedBuffer,
     SharedMemoryOptions,
     attach_buffers,
+    peer_credentials,
     received_buffer,
     run,
     shared_buffer,
@@ -109,6 +110,10 @@ def inspect(request: echo_pb2.InspectRequest, context) -> echo_pb2.InspectReply:
     """What the handler sees of ``request.data``: digest, and the mapping of
     this process that holds its first byte (the proof of zero-copy)."""
     reply = echo_pb2.InspectReply(pid=os.getpid(), payload=request.payload)
+    peer = peer_credentials(context)
+    if peer is not None:
+        reply.has_peer = True
+        reply.peer_pid, reply.peer_uid, reply.peer_gid = peer.pid, peer.uid, peer.gid
     if not request.HasField('data'):
         return reply
     view = shared_buffer(request.data, context)  # raises if the buffer did not come with the call

@@ -11,6 +11,7 @@ from .._deadline import Deadline, Timeout, deadline_of
 from .._methods import Method
 from .._options import DEFAULT_MAX_MESSAGE_BYTES
 from .._payload import SharedMemoryOptions, close_fds
+from .._peer import check_server_connection
 from .._shared_buffer import SharedBuffer
 from ..address import StrPath
 from ..exceptions import IPCError, IPCUnavailableError
@@ -179,7 +180,8 @@ class AsyncConnection:
     async def connect(cls, socket_path: StrPath, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                       timeout: float | None = None,
                       shared_memory: SharedMemoryOptions | None = SharedMemoryOptions(),
-                      stream_window: int = DEFAULT_STREAM_WINDOW) -> 'AsyncConnection':
+                      stream_window: int = DEFAULT_STREAM_WINDOW,
+                      server_uid: int | None = None) -> 'AsyncConnection':
         """Connect to the ttrpc server on ``socket_path``.
 
         A Hello call sent right away offers the server this package's
@@ -195,11 +197,15 @@ class AsyncConnection:
         :param shared_memory: options to offer, ``None`` to keep every message inline.
         :param stream_window: bytes of streamed messages the server may send
             on a stream before this end has taken them (flow control).
+        :param server_uid: the user the server must run as (``SO_PEERCRED``
+            of the connection, checked before anything is sent); by default
+            this process's own uid or root.
+        :raises UntrustedServerError: the server runs as another user.
         :raises IPCUnavailableError: no socket, nobody listening, not allowed.
         :raises TypeError, ValueError: invalid arguments.
         """
-        path, limit, timeout, shared, window = connect_arguments(socket_path, max_message_bytes, timeout,
-                                                                 shared_memory, stream_window)
+        path, limit, timeout, shared, window, trusted = connect_arguments(
+            socket_path, max_message_bytes, timeout, shared_memory, stream_window, server_uid)
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -211,6 +217,11 @@ class AsyncConnection:
         except OSError as error:
             sock.close()
             raise connect_error(path, error) from None
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            check_server_connection(sock, path, trusted)
         except BaseException:
             sock.close()
             raise

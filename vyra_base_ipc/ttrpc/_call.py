@@ -21,6 +21,7 @@ from .._deadline import Deadline
 from .._methods import Method, MethodKind
 from .._options import DEFAULT_TIMEOUT, validate_max_message_bytes, validate_timeout
 from .._payload import SharedMemoryError, SharedMemoryOptions, TooLargeError, close_fds, usable_options
+from .._peer import trusted_server_uids
 from .._shared_buffer import ReceivedBuffers, SharedBuffer, check_buffers, inline_request
 from ..address import StrPath, validate_socket_path
 from ..exceptions import IPCError, IPCTimeoutError, IPCUnavailableError, error_from_status
@@ -170,16 +171,18 @@ def check_kind(method: Method, response_streaming: bool) -> None:
 
 
 def connect_arguments(socket_path: StrPath, max_message_bytes: int, timeout: float | None,
-                      shared_memory: SharedMemoryOptions | None, stream_window: int
-                      ) -> tuple[str, int, float, SharedMemoryOptions | None, int]:
+                      shared_memory: SharedMemoryOptions | None, stream_window: int,
+                      server_uid: int | None
+                      ) -> tuple[str, int, float, SharedMemoryOptions | None, int, frozenset[int]]:
     """The checked arguments of a connect(): path, message limit, timeout,
-    shared-memory options usable here, stream window.
+    shared-memory options usable here, stream window, the server uids trusted.
 
     :raises TypeError, ValueError: invalid arguments.
     """
     return (os.fspath(validate_socket_path(socket_path)), validate_max_message_bytes(max_message_bytes),
             DEFAULT_TIMEOUT if timeout is None else validate_timeout(timeout),
-            usable_options(shared_memory), validate_stream_window(stream_window))
+            usable_options(shared_memory), validate_stream_window(stream_window),
+            trusted_server_uids(server_uid))
 
 
 # -- errors ------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import grpc
 
+from .._peer import PeerCredentials
+
 __all__ = ['AsyncServicerContext', 'ServicerContext']
 
 _logger = logging.getLogger(__name__)
@@ -43,14 +45,17 @@ class ServicerContext:
         ``None`` without a deadline.
     :param metadata: the invocation metadata, already decoded.
     :param method: the full method path, for :meth:`method`-style logging.
+    :param peer_credentials: the client process (read them with
+        :func:`vyra_base_ipc.peer_credentials`).
     """
 
     def __init__(self, deadline: float | None, metadata: tuple[tuple[str, str | bytes], ...],
-                 method: str, peer: str = 'unix:') -> None:
+                 method: str, peer: str = 'unix:', peer_credentials: PeerCredentials | None = None) -> None:
         self._deadline = deadline
         self._metadata = metadata
         self._method = method
         self._peer = peer
+        self.peer_credentials = peer_credentials
         self._code: grpc.StatusCode | None = None
         self._details: str | None = None
         self._abort: tuple[grpc.StatusCode, str] | None = None

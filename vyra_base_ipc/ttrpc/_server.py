@@ -39,6 +39,7 @@ import grpc
 from .._methods import ServiceRegistration
 from .._options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, validate_max_message_bytes
 from .._payload import SharedMemoryError, SharedMemoryOptions, TooLargeError, usable_options
+from .._peer import PeerCredentials, PeerRule, socket_peer
 from .._shared_buffer import ReceivedBuffers
 from .._socket_file import SocketFile
 from ..address import StrPath, validate_socket_path
@@ -84,6 +85,8 @@ class ServerConnection(FramedConnection):
         #: Bytes of streamed requests one call may leave unread before it
         #: fails (for clients that are not under flow control).
         self.request_backlog_bytes = 2 * server.max_message_bytes
+        #: The client process (SO_PEERCRED), known once connected.
+        self.peer: PeerCredentials | None = None
 
     def in_flight(self) -> int:
         return len(self.calls)
@@ -93,7 +96,12 @@ class ServerConnection(FramedConnection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.server._connections.add(self)
-        if self.server._stopping:
+        self.peer = socket_peer(transport.get_extra_info('socket'))
+        refusal = self.server.peer_rule.refusal(self.peer)
+        if refusal is not None:
+            _logger.warning('fast lane %s refused a connection: %s', self.server.socket_path, refusal)
+            self.close()
+        elif self.server._stopping:
             self.close()
 
     def lost(self, exc: Exception | None) -> None:
@@ -223,7 +231,7 @@ class ServerConnection(FramedConnection):
         deadline = None if timeout is None else time.monotonic() + timeout
         metadata = metadata_from_wire(request.metadata) if request.metadata else ()
         context_class = AsyncServicerContext if handler.is_async else ServicerContext
-        context = context_class(deadline, metadata, handler.path)
+        context = context_class(deadline, metadata, handler.path, peer_credentials=self.peer)
         context._buffers = buffers
         # Buffers go with a single answer, to a client that agreed; elsewhere inline.
         context._can_attach = self.agreement.shared_memory is not None and not handler.response_streaming
@@ -368,6 +376,8 @@ class TtrpcServer:
                 self._handlers[(registration.name, name)] = Handler(registration.name, name, handler)
         self._socket = SocketFile(self.socket_path, socket_mode=socket_mode,
                                   directory_mode=directory_mode, group=socket_group)
+        #: Who may connect (checked per connection, beside the socket file's mode).
+        self.peer_rule = PeerRule.default(socket_group)
         self._given_executor = executor
         self._max_workers = max_workers
         self._executor: futures.Executor | None = executor

@@ -15,6 +15,7 @@ from .._deadline import Deadline, Timeout, deadline_of
 from .._methods import Method
 from .._options import DEFAULT_MAX_MESSAGE_BYTES
 from .._payload import SharedMemoryOptions, close_fds
+from .._peer import check_server_connection
 from .._shared_buffer import SharedBuffer
 from ..address import StrPath
 from ..exceptions import IPCError, IPCUnavailableError
@@ -120,7 +121,7 @@ class SyncConnection:
                 timeout: float | None = None,
                 shared_memory: SharedMemoryOptions | None = SharedMemoryOptions(),
                 stream_window: int = DEFAULT_STREAM_WINDOW,
-                busy_poll: float = DEFAULT_BUSY_POLL) -> 'SyncConnection':
+                busy_poll: float = DEFAULT_BUSY_POLL, server_uid: int | None = None) -> 'SyncConnection':
         """Connect to the ttrpc server on ``socket_path`` and offer it this
         package's extensions, as :meth:`AsyncConnection.connect` does.
 
@@ -128,11 +129,13 @@ class SyncConnection:
             (default :data:`~vyra_base_ipc.DEFAULT_TIMEOUT`).
         :param busy_poll: seconds the thread waiting for an answer polls the
             socket before it sleeps (:mod:`vyra_base_ipc._busy_poll`); 0 never.
+        :param server_uid: as for :meth:`AsyncConnection.connect`.
+        :raises UntrustedServerError: the server runs as another user.
         :raises IPCUnavailableError: no socket, nobody listening, not allowed.
         :raises TypeError, ValueError: invalid arguments.
         """
-        path, limit, timeout, shared, window = connect_arguments(socket_path, max_message_bytes, timeout,
-                                                                 shared_memory, stream_window)
+        path, limit, timeout, shared, window, trusted = connect_arguments(
+            socket_path, max_message_bytes, timeout, shared_memory, stream_window, server_uid)
         validate_busy_poll(busy_poll)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -144,6 +147,11 @@ class SyncConnection:
         except OSError as error:
             sock.close()
             raise connect_error(path, error) from None
+        try:
+            check_server_connection(sock, path, trusted)
+        except BaseException:
+            sock.close()
+            raise
         connection = cls(path, sock, limit, shared, window, busy_poll)
         # Sent now, settled by the first call (see AsyncConnection.connect).
         core = connection._core

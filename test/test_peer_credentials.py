@@ -1,0 +1,287 @@
+"""Who is at the other end (issue 15, item 2): clients refuse a server run by
+an untrusted user on either lane before sending anything; the fast-lane
+server refuses peers that may not connect even where the socket file's mode
+was loosened; handlers see who called."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+import shutil
+import subprocess
+from typing import Callable, Iterator
+
+import pytest
+
+from conftest import ServerProcess, wait_for
+from vyra_base_ipc import IPCHandler, SyncIPCHandler, UntrustedServerError
+
+pytestmark = pytest.mark.fault
+
+NOBODY = 65534       # uid of 'nobody', gid of 'nogroup' on Debian
+OTHER_UID = 65533    # a uid with no account: stands for another local user
+
+
+def needs_second_uid() -> None:
+    if os.geteuid() != 0:
+        pytest.skip('needs root to run a process as another uid')
+    if shutil.which('setpriv') is None:
+        pytest.skip('setpriv (util-linux) is not installed')
+
+
+def as_user(uid: int, gid: int, script: str, *args: str, groups: str = '') -> list[str]:
+    """The command running ``script`` in the system interpreter as ``uid``:``gid``
+    (the test's own interpreter may live under a home only root can read)."""
+    group_option = [f'--groups={groups}'] if groups else ['--clear-groups']
+    return ['setpriv', f'--reuid={uid}', f'--regid={gid}', *group_option, '/usr/bin/python3', '-c',
+            script, *args]
+
+
+#: A squatter: binds a Unix socket at argv[1], says "ready", then accepts
+#: connections and prints "connection: N bytes" for each until stdin closes.
+SQUATTER = r'''
+import os, select, socket, sys
+path = sys.argv[1]
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(path)
+os.chmod(path, 0o777)
+listener.listen(16)
+print('ready', flush=True)
+connections = {}
+while True:
+    ready, _, _ = select.select([listener, sys.stdin, *connections], [], [], 30)
+    if not ready:
+        break
+    for item in ready:
+        if item is sys.stdin:
+            if not sys.stdin.readline():
+                for connection, count in connections.items():
+                    print(f'connection: {count} bytes', flush=True)
+                sys.exit(0)
+        elif item is listener:
+            connection, _ = listener.accept()
+            connections[connection] = 0
+        else:
+            data = item.recv(65536)
+            connections[item] += len(data)
+            if not data:
+                print(f'connection: {connections.pop(item)} bytes', flush=True)
+                item.close()
+'''
+
+
+class Squatter:
+    """Another user's process listening on a socket path."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.popen = subprocess.Popen(as_user(OTHER_UID, OTHER_UID, SQUATTER, str(path)),
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                      env={'PATH': '/usr/bin:/bin'})
+        assert self.popen.stdout is not None and self.popen.stdout.readline().strip() == 'ready'
+
+    def connections(self) -> list[str]:
+        """Stop it; one line per connection it accepted, with what it received."""
+        assert self.popen.stdin is not None and self.popen.stdout is not None
+        self.popen.stdin.close()
+        output = self.popen.stdout.read()
+        self.popen.stdout.close()
+        assert self.popen.wait(timeout=30) == 0
+        return [line for line in output.splitlines() if line.startswith('connection:')]
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+        for stream in (self.popen.stdin, self.popen.stdout):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def shared_dir(socket_dir: Path) -> Path:
+    """A directory like /tmp: root's, sticky, writable by everyone."""
+    socket_dir.chmod(0o755)
+    shared = socket_dir / 'shared'
+    shared.mkdir()
+    shared.chmod(0o1777)
+    return shared
+
+
+@pytest.fixture
+def squatter_on(shared_dir: Path) -> Iterator[Callable[[Path], Squatter]]:
+    """Factory: a :class:`Squatter` on a path (killed at teardown)."""
+    needs_second_uid()
+    started: list[Squatter] = []
+
+    def start(path: Path) -> Squatter:
+        started.append(Squatter(path))
+        return started[-1]
+    yield start
+    for squatter in started:
+        squatter.kill()
+
+
+# -- clients --------------------------------------------------------------------------
+
+
+def test_a_squatter_on_the_fast_lane_socket_gets_nothing_and_auto_takes_the_grpc_lane(
+        start_server, shared_dir: Path, squatter_on, echo) -> None:
+    """The review's finding: a real server with its fast lane off, another user
+    bound its fast-lane path; a root client in lane='auto' sent it the request."""
+    server = start_server(shared_dir / 'x_ipc.sock', '--no-ttrpc')
+    squatter = squatter_on(shared_dir / 'x_ipc.ttrpc.sock')
+    with SyncIPCHandler(server.socket_path, echo.Stub) as ipc:
+        assert ipc.call_method('Echo', echo.pb.EchoRequest(text='secret')).text == 'secret'
+        assert ipc.lane_in_use == 'grpc'
+    forced = SyncIPCHandler(server.socket_path, echo.Stub, lane='ttrpc')
+    with pytest.raises(UntrustedServerError) as error:
+        forced.call_method('Echo', echo.pb.EchoRequest(text='secret'))
+    forced.disconnect()
+    message = str(error.value)
+    assert str(squatter.path) in message and f'uid {OTHER_UID}' in message and 'uid 0' in message
+    assert 'nothing was sent' in message
+    received = squatter.connections()
+    assert received and all(line == 'connection: 0 bytes' for line in received)
+
+
+@pytest.mark.asyncio
+async def test_the_async_client_refuses_a_fast_lane_squatter_too(start_server, shared_dir: Path,
+                                                                 squatter_on, echo) -> None:
+    server = start_server(shared_dir / 'y_ipc.sock', '--no-ttrpc')
+    squatter = squatter_on(shared_dir / 'y_ipc.ttrpc.sock')
+    async with IPCHandler(server.socket_path, echo.Stub) as ipc:
+        assert (await ipc.call_method('Echo', echo.pb.EchoRequest(text='x'))).text == 'x'
+        assert ipc.lane_in_use == 'grpc'
+    forced = IPCHandler(server.socket_path, echo.Stub, lane='ttrpc')
+    with pytest.raises(UntrustedServerError, match=f'uid {OTHER_UID}'):
+        await forced.call_method('Echo', echo.pb.EchoRequest(text='x'))
+    await forced.disconnect()
+    assert all(line == 'connection: 0 bytes' for line in squatter.connections())
+
+
+@pytest.mark.parametrize('handler', [SyncIPCHandler, IPCHandler])
+def test_a_squatter_on_the_grpc_socket_is_never_connected_to(shared_dir: Path, squatter_on, echo,
+                                                             handler: type) -> None:
+    squatter = squatter_on(shared_dir / 'z_ipc.sock')
+    ipc = handler(shared_dir / 'z_ipc.sock', echo.Stub, lane='grpc')
+
+    async def call_async() -> None:
+        try:
+            await ipc.call_method('Echo', echo.pb.EchoRequest(text='secret'))
+        finally:
+            await ipc.disconnect()
+
+    with pytest.raises(UntrustedServerError) as error:
+        if handler is SyncIPCHandler:
+            try:
+                ipc.call_method('Echo', echo.pb.EchoRequest(text='secret'))
+            finally:
+                ipc.disconnect()
+        else:
+            asyncio.run(call_async())
+    assert f'the socket file {str(squatter.path)!r} belongs to uid {OTHER_UID}' in str(error.value)
+    assert squatter.connections() == []
+
+
+def test_a_socket_in_a_directory_others_may_write_is_not_trusted(server: ServerProcess, echo) -> None:
+    server.socket_path.parent.chmod(0o777)  # loosened after the server started
+    try:
+        ipc = SyncIPCHandler(server.socket_path, echo.Stub, lane='grpc')
+        with pytest.raises(UntrustedServerError, match='mode 0777.*lets other users replace'):
+            ipc.call_method('Echo', echo.pb.EchoRequest(text='x'))
+        ipc.disconnect()
+    finally:
+        server.socket_path.parent.chmod(0o700)
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_server_uid_names_the_one_user_trusted(server: ServerProcess, echo, lane: str) -> None:
+    other = SyncIPCHandler(server.socket_path, echo.Stub, lane=lane, server_uid=OTHER_UID)
+    with pytest.raises(UntrustedServerError, match=f'belongs to uid {os.geteuid()}, not to the '
+                                                   f'expected server user \\(uid {OTHER_UID}\\)'):
+        other.call_method('Echo', echo.pb.EchoRequest(text='x'))
+    other.disconnect()
+    with SyncIPCHandler(server.socket_path, echo.Stub, lane=lane, server_uid=os.geteuid()) as ipc:
+        assert ipc.call_method('Echo', echo.pb.EchoRequest(text='x')).text == 'x'
+
+
+def test_server_uid_is_checked(socket_path: Path, echo) -> None:
+    with pytest.raises(ValueError, match='server_uid must be a uid >= 0'):
+        SyncIPCHandler(socket_path, echo.Stub, server_uid=-1)
+    with pytest.raises(TypeError, match='server_uid must be an int'):
+        SyncIPCHandler(socket_path, echo.Stub, server_uid='root')
+
+
+# -- the server -----------------------------------------------------------------------
+
+#: Connects to argv[1], sends a ttrpc request for grpc.health.v1.Health/Check
+#: and prints "answered" when a response frame comes, "closed" when the
+#: server closes the connection instead.
+HEALTH_CHECK = r'''
+import socket, struct, sys
+def field(number, value):
+    return bytes([number << 3 | 2, len(value)]) + value
+request = field(1, b'grpc.health.v1.Health') + field(2, b'Check')
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(20)
+try:
+    s.connect(sys.argv[1])
+    s.sendall(struct.pack('>IIBB', len(request), 1, 1, 0) + request)
+except OSError as error:
+    print(type(error).__name__)
+    sys.exit(0)
+try:
+    header = s.recv(10)
+except ConnectionResetError:  # closed with our request unread
+    header = b''
+print('answered' if len(header) == 10 and header[8] == 2 else 'closed')
+'''
+
+
+def health_check_as(uid: int, gid: int, path: Path, groups: str = '') -> str:
+    result = subprocess.run(as_user(uid, gid, HEALTH_CHECK, str(path), groups=groups), capture_output=True,
+                            text=True, timeout=60, env={'PATH': '/usr/bin:/bin'})
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.fixture
+def open_dir(socket_dir: Path) -> Path:
+    socket_dir.chmod(0o755)
+    return socket_dir
+
+
+def test_the_fast_lane_refuses_a_peer_the_socket_mode_was_loosened_for(start_server, open_dir: Path) -> None:
+    needs_second_uid()
+    server = start_server(open_dir / 'l_ipc.sock')
+    fast_lane = open_dir / 'l_ipc.ttrpc.sock'
+    assert health_check_as(os.getuid(), os.getgid(), fast_lane) == 'answered'
+    assert health_check_as(OTHER_UID, OTHER_UID, fast_lane) == 'PermissionError'
+    fast_lane.chmod(0o666)  # a mistake by hand: the kernel lets anyone connect now
+    assert health_check_as(OTHER_UID, OTHER_UID, fast_lane) == 'closed'
+    wait_for(lambda: f'uid {OTHER_UID} gid {OTHER_UID} is not an allowed peer' in server.log(), 20,
+             'the refusal in the server log')
+    assert health_check_as(os.getuid(), os.getgid(), fast_lane) == 'answered'
+
+
+def test_members_of_the_socket_group_are_allowed_peers(start_server, open_dir: Path) -> None:
+    needs_second_uid()
+    start_server(open_dir / 'g_ipc.sock', '--socket-group', 'nogroup')
+    fast_lane = open_dir / 'g_ipc.ttrpc.sock'
+    # Primary group, and a supplementary one (SO_PEERCRED carries only the first).
+    assert health_check_as(OTHER_UID, NOBODY, fast_lane) == 'answered'
+    assert health_check_as(OTHER_UID, OTHER_UID, fast_lane, groups=str(NOBODY)) == 'answered'
+    assert health_check_as(OTHER_UID, OTHER_UID, fast_lane) == 'PermissionError'
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_handlers_see_who_called_on_the_fast_lane(server: ServerProcess, echo, lane: str) -> None:
+    with SyncIPCHandler(server.socket_path, echo.Stub, lane=lane) as ipc:
+        reply = ipc.call_method('Inspect', echo.pb.InspectRequest())
+    if lane == 'ttrpc':
+        assert reply.has_peer
+        assert (reply.peer_pid, reply.peer_uid, reply.peer_gid) == (os.getpid(), os.geteuid(), os.getegid())
+    else:
+        assert not reply.has_peer  # grpc.aio does not tell (grpc/grpc#28755)

@@ -1,0 +1,163 @@
+"""Who is at the other end of a Unix socket.
+
+Clients: the server a client reaches must run as a user it trusts (by
+default its own uid or root; ``server_uid=`` names another). On the fast
+lane the kernel says who accepted the connection (``SO_PEERCRED``), checked
+before anything is sent. The gRPC lane connects by path inside grpc's core,
+which tells nobody who answered (grpc/grpc#28755), so there the socket file
+and its directory must belong to a trusted user and the directory must not
+let others replace the file; checked before every call, since grpc
+reconnects on its own. That leaves one window: a trusted server's socket
+removed and a squatter's bound between the check and grpc's reconnect, in a
+directory others may write (only a sticky one passes: there they cannot
+remove our file, only create one where none is).
+
+Servers: each fast-lane connection's peer must be a user allowed to connect
+(its own uid, root, and members of the socket group when one is set), as
+containerd's ttrpc checks; the socket file's mode says the same, so this
+holds even where the file's mode was loosened by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import os
+from pathlib import Path
+import socket
+import stat
+import struct
+from typing import Any
+
+import grpc
+
+from .exceptions import UntrustedServerError
+
+__all__ = ['PeerCredentials', 'PeerRule', 'check_server_connection', 'check_server_socket',
+           'peer_credentials', 'socket_peer', 'trusted_server_uids']
+
+_UCRED = struct.Struct('3i')
+
+
+@dataclass(frozen=True)
+class PeerCredentials:
+    """The process at the other end of a Unix socket when it connected
+    (or accepted): its pid, effective uid and effective gid."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def socket_peer(sock: socket.socket) -> PeerCredentials:
+    """The ``SO_PEERCRED`` of a connected Unix socket."""
+    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return PeerCredentials(pid, uid, gid)
+
+
+def peer_credentials(context: Any) -> PeerCredentials | None:
+    """Who made the call a handler serves: pid, uid and gid of the client
+    process, on the fast lane; ``None`` on the gRPC lane, whose runtime does
+    not tell (grpc/grpc#28755).
+
+    :param context: the handler's ``context`` argument.
+    """
+    return getattr(context, 'peer_credentials', None)
+
+
+def trusted_server_uids(server_uid: int | None) -> frozenset[int]:
+    """The uids a client accepts as its server's: ``server_uid`` alone if
+    given, else its own effective uid and root.
+
+    :raises TypeError, ValueError: ``server_uid`` is not a uid.
+    """
+    if server_uid is None:
+        return frozenset({os.geteuid(), 0})
+    if not isinstance(server_uid, int) or isinstance(server_uid, bool):
+        raise TypeError(f'server_uid must be an int uid, not {type(server_uid).__name__}')
+    if server_uid < 0:
+        raise ValueError(f'server_uid must be a uid >= 0, not {server_uid}')
+    return frozenset({server_uid})
+
+
+def _untrusted(what: str, path: str, found: int, trusted: frozenset[int],
+               why: str = '') -> UntrustedServerError:
+    expected = ' or '.join(str(uid) for uid in sorted(trusted))
+    return UntrustedServerError(
+        grpc.StatusCode.UNAVAILABLE,
+        f'{what} {path!r} belongs to uid {found}, not to the expected server user (uid {expected})'
+        f'{why}; nothing was sent (server_uid= names another server user)')
+
+
+def check_server_connection(sock: socket.socket, path: str, trusted: frozenset[int]) -> None:
+    """Refuse a fast-lane connection accepted by an untrusted process.
+
+    :raises UntrustedServerError: the peer's uid is not in ``trusted``.
+    """
+    peer = socket_peer(sock)
+    if peer.uid not in trusted:
+        raise _untrusted('the process serving', path, peer.uid, trusted, f' (pid {peer.pid})')
+
+
+def check_server_socket(path: str, trusted: frozenset[int]) -> None:
+    """Refuse a gRPC-lane socket that an untrusted user owns or could have
+    replaced. A missing socket passes (the call then fails as unavailable).
+
+    :raises UntrustedServerError: the socket file or its directory is owned
+        by an untrusted user, or the directory is writable by others and not
+        sticky.
+    """
+    try:
+        info = os.stat(path)
+        directory = os.stat(Path(path).parent)
+    except OSError:
+        return
+    if info.st_uid not in trusted:
+        raise _untrusted('the socket file', path, info.st_uid, trusted)
+    if directory.st_uid not in trusted | {0}:
+        raise _untrusted('the directory of socket', path, directory.st_uid, trusted | {0})
+    if directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not directory.st_mode & stat.S_ISVTX:
+        raise UntrustedServerError(
+            grpc.StatusCode.UNAVAILABLE,
+            f'the directory of socket {path!r} (mode {stat.S_IMODE(directory.st_mode):04o}) lets '
+            'other users replace the socket: not trusted; nothing was sent')
+
+
+@dataclass(frozen=True)
+class PeerRule:
+    """Who may connect to a server: these uids, and members of ``group``.
+
+    :param uids: allowed effective uids (the server's own and root by default).
+    :param group: the socket group, if one is set.
+    """
+
+    uids: frozenset[int]
+    group: int | None = None
+
+    @classmethod
+    def default(cls, group: int | None) -> 'PeerRule':
+        """The server's own uid and root, and ``group``'s members."""
+        return cls(frozenset({os.geteuid(), 0}), group)
+
+    def refusal(self, peer: PeerCredentials) -> str | None:
+        """Why ``peer`` may not connect; ``None`` if it may."""
+        if peer.uid in self.uids:
+            return None
+        if self.group is not None and (peer.gid == self.group or self.group in _groups_of(peer.pid)):
+            return None
+        allowed = ', '.join(str(uid) for uid in sorted(self.uids))
+        group = '' if self.group is None else f' or a member of group {self.group}'
+        return (f'pid {peer.pid} uid {peer.uid} gid {peer.gid} is not an allowed peer '
+                f'(uid {allowed}{group})')
+
+
+def _groups_of(pid: int) -> frozenset[int]:
+    """The supplementary groups of process ``pid`` (SO_PEERCRED has only its
+    effective gid); empty if it is gone."""
+    try:
+        with open(f'/proc/{pid}/status') as status:
+            for line in status:
+                if line.startswith('Groups:'):
+                    return frozenset(int(group) for group in line.split()[1:])
+    except OSError:
+        pass
+    return frozenset()
