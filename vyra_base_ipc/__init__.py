@@ -14,6 +14,7 @@ Public surface::
 
 from ._busy_poll import DEFAULT_BUSY_POLL
 from ._event_loop import new_event_loop, run
+from ._limits import ServerLimits
 from ._options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT
 from ._payload import SharedMemoryOptions
 from ._peer import PeerCredentials, peer_credentials
@@ -64,6 +65,7 @@ __all__ = [
     'PeerCredentials',
     'ReceivedBuffers',
     'ServiceCallTimeout',
+    'ServerLimits',
     'ServiceUnavailable',
     'SharedBuffer',
     'SharedBufferRef',

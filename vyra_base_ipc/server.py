@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ._fork_safety import ensure_usable_after_fork, note_grpc_used
 from ._grpc_streams import OpenStreams
+from ._limits import ServerLimits
 from ._methods import ServiceRegistration, record_servicer
 from ._options import (
     DEFAULT_GRACE_PERIOD,
@@ -90,6 +91,9 @@ class IPCServer:
     :param socket_mode: permission bits of the socket file, overriding the above.
     :param directory_mode: permission bits of parent directories created for
         it, overriding the above. Existing directories are not changed.
+    :param limits: what peers may hold: connections per lane, calls per
+        connection, metadata, unfinished frames, unread answers (see
+        :class:`~vyra_base_ipc.ServerLimits` for the defaults).
     """
 
     def __init__(
@@ -108,8 +112,12 @@ class IPCServer:
         socket_group: str | int | None = None,
         socket_mode: int | None = None,
         directory_mode: int | None = None,
+        limits: ServerLimits = ServerLimits(),
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path, module_name=module_name)
+        if not isinstance(limits, ServerLimits):
+            raise TypeError(f'limits must be a ServerLimits, not {type(limits).__name__}')
+        self.limits = limits
         self.max_message_bytes = validate_max_message_bytes(max_message_bytes)
         self.grace_period = grace_period
         self._max_workers = max_workers
@@ -205,7 +213,7 @@ class IPCServer:
                 max_workers=self._max_workers, thread_name_prefix='ipc-handler')
             self._server = grpc.aio.server(
                 migration_thread_pool=self._executor,
-                options=server_options(self.max_message_bytes),
+                options=(*server_options(self.max_message_bytes), *self.limits.grpc_options()),
                 maximum_concurrent_rpcs=self._maximum_concurrent_rpcs,
             )
             self._add_services(self._server)
@@ -222,7 +230,7 @@ class IPCServer:
                     max_message_bytes=self.max_message_bytes,
                     grace_period=self.grace_period, socket_group=self._socket_group,
                     executor=self._executor, maximum_concurrent_rpcs=self._maximum_concurrent_rpcs,
-                    shared_memory=self.shared_memory, **self._socket_options)
+                    shared_memory=self.shared_memory, limits=self.limits, **self._socket_options)
                 await self._ttrpc.start()
             # The gRPC socket appears last: whoever sees it finds both lanes up.
             self._socket.publish()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -24,6 +25,7 @@ from vyra_base_ipc import (
     IPCServer,
     ModuleService,
     SharedBuffer,
+    ServerLimits,
     SharedMemoryOptions,
     attach_buffers,
     peer_credentials,
@@ -142,11 +144,14 @@ def main() -> None:
     parser.add_argument('--shared-memory-threshold', type=int, default=None)
     parser.add_argument('--shared-memory-max-bytes', type=int, default=None)
     parser.add_argument('--no-shared-memory', dest='shared_memory', action='store_false')
+    parser.add_argument('--limits', default=None, help='ServerLimits fields as JSON')
     parser.add_argument('--busy-poll', type=float, default=DEFAULT_BUSY_POLL,
                         help='seconds the event loop polls before it sleeps (0: plain asyncio loop)')
     options = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     kwargs = {}
+    if options.limits is not None:
+        kwargs['limits'] = ServerLimits(**json.loads(options.limits))
     if options.max_message_bytes is not None:
         kwargs['max_message_bytes'] = options.max_message_bytes
     if not options.shared_memory:

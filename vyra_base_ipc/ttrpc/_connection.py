@@ -53,6 +53,9 @@ class FramedConnection(asyncio.Protocol):
         self.writable.set()
         #: True while data_received handles a read: sends then wait for its end.
         self.receiving = False
+        #: Bytes of written frames the peer may leave unread before the
+        #: connection is closed (None: no limit, the client's case).
+        self.queue_limit: int | None = None
         self._drain_waiters: list[asyncio.Future[None]] = []
         # Frames held back to leave in one write (see send()), and the
         # descriptors that go with them.
@@ -114,6 +117,10 @@ class FramedConnection(asyncio.Protocol):
                 if self.closed:
                     return
                 self.frame_received(item)
+        except MemoryError:
+            # This peer's frames cannot be held: drop it, not the process.
+            self._pending.clear()
+            self.violation('out of memory while receiving its frames')
         finally:
             self.receiving = False
             if self._pending:
@@ -194,6 +201,9 @@ class FramedConnection(asyncio.Protocol):
         transport = self.transport
         if not self.closed and transport is not None and not transport.is_closing():
             transport.write(data, fds)
+            if self.queue_limit is not None and transport.get_write_buffer_size() > self.queue_limit:
+                self.violation(f'the peer left {transport.get_write_buffer_size()} bytes of answers '
+                               f'unread (limit {self.queue_limit})')
         else:
             close_fds(fds)
 

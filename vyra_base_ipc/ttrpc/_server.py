@@ -28,6 +28,7 @@ import asyncio
 from concurrent import futures
 import enum
 import logging
+import math
 import os
 import socket
 import time
@@ -36,6 +37,7 @@ from typing import Any, Callable, Iterable
 from google.protobuf.message import DecodeError
 import grpc
 
+from .._limits import ServerLimits
 from .._methods import ServiceRegistration
 from .._options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, validate_max_message_bytes
 from .._payload import SharedMemoryError, SharedMemoryOptions, TooLargeError, usable_options
@@ -87,6 +89,12 @@ class ServerConnection(FramedConnection):
         self.request_backlog_bytes = 2 * server.max_message_bytes
         #: The client process (SO_PEERCRED), known once connected.
         self.peer: PeerCredentials | None = None
+        self.queue_limit = server.queue_limit
+        # Unfinished frame bytes counted in the server's total, frames seen,
+        # and the timer of a frame that started (see data_received).
+        self._partial = 0
+        self._frames_seen = 0
+        self._frame_timer: asyncio.TimerHandle | None = None
 
     def in_flight(self) -> int:
         return len(self.calls)
@@ -95,19 +103,27 @@ class ServerConnection(FramedConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.server._connections.add(self)
+        server = self.server
+        server._connections.add(self)
         self.peer = socket_peer(transport.get_extra_info('socket'))
-        refusal = self.server.peer_rule.refusal(self.peer)
+        refusal = server.peer_rule.refusal(self.peer)
+        if refusal is None and len(server._connections) > server.limits.max_connections:
+            refusal = f'{server.limits.max_connections} connections are open already (max_connections)'
         if refusal is not None:
-            _logger.warning('fast lane %s refused a connection: %s', self.server.socket_path, refusal)
+            server.refused(refusal)
             self.close()
-        elif self.server._stopping:
+        elif server._stopping:
             self.close()
 
     def lost(self, exc: Exception | None) -> None:
         for call in list(self.calls.values()):
             call.cancel()
         self.server._connections.discard(self)
+        self.server._partial_bytes -= self._partial
+        self._partial = 0
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
         if self.decoder.mid_frame:
             _logger.debug('ttrpc connection closed inside a frame (%d bytes pending)',
                           self.decoder.buffered)
@@ -128,9 +144,46 @@ class ServerConnection(FramedConnection):
         _logger.warning('ttrpc connection closed: %s', reason)
         super().violation(reason)
 
+    def data_received(self, data: bytes) -> None:
+        frames_before = self._frames_seen
+        super().data_received(data)
+        # Unfinished frames: bounded in bytes over all connections, and in
+        # time per frame (a peer that stalls inside one holds its bytes).
+        server = self.server
+        buffered = 0 if self.closed else self.decoder.buffered
+        if buffered != self._partial:
+            server._partial_bytes += buffered - self._partial
+            self._partial = buffered
+            if server._partial_bytes > server.limits.max_partial_bytes:
+                self.violation(f'unfinished frames of all connections would exceed '
+                               f'{server.limits.max_partial_bytes} bytes (max_partial_bytes)')
+                return
+        if self.closed or not self.decoder.mid_frame:
+            if self._frame_timer is not None:
+                self._frame_timer.cancel()
+                self._frame_timer = None
+        elif self._frame_timer is None or self._frames_seen != frames_before:
+            # A new frame began (or the first one): it gets the whole timeout.
+            if self._frame_timer is not None:
+                self._frame_timer.cancel()
+            self._frame_timer = self.loop.call_later(server.limits.frame_timeout, self._frame_overdue)
+
+    def _frame_overdue(self) -> None:
+        self._frame_timer = None
+        if self.closed or not self.decoder.mid_frame:
+            return
+        transport = self.transport
+        if transport is not None and transport.has_unread_data():
+            # The loop was too busy to read what arrived: not the peer's fault.
+            self._frame_timer = self.loop.call_later(self.server.limits.frame_timeout, self._frame_overdue)
+            return
+        self.violation(f'a frame started {self.server.limits.frame_timeout:g} s ago has not arrived '
+                       'whole (frame_timeout)')
+
     # -- frames -----------------------------------------------------------------------
 
     def frame_received(self, item: Frame | OversizedFrame) -> None:
+        self._frames_seen += 1
         if item.__class__ is OversizedFrame:
             details = oversized_message(item.length, item.limit)
             call = self.calls.get(item.stream_id)
@@ -188,6 +241,14 @@ class ServerConnection(FramedConnection):
                         'StreamID cannot be re-used and must increment')
             return
         self.last_stream_id = stream_id
+        limits = self.server.limits
+        if len(self.calls) >= limits.max_concurrent_streams:
+            self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f'{limits.max_concurrent_streams} calls are in flight on this connection '
+                        'already (max_concurrent_streams)')
+            if frame.flags & FLAG_SHARED_MEMORY:
+                self.violation('a refused request with shared memory')
+            return
         try:
             request = Request.FromString(frame.data)
         except DecodeError as error:
@@ -195,6 +256,15 @@ class ServerConnection(FramedConnection):
             if frame.flags & FLAG_SHARED_MEMORY:
                 self.violation('unreadable request with shared memory')
             return
+        if request.metadata:
+            size = sum(len(item.key) + len(item.value) for item in request.metadata)
+            if size > limits.max_metadata_bytes:
+                self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f'request metadata of {size} bytes exceeds the limit of '
+                            f'{limits.max_metadata_bytes} (max_metadata_bytes)')
+                if frame.flags & FLAG_SHARED_MEMORY:
+                    self.violation('a refused request with shared memory')
+                return
         payload: bytes | memoryview = request.payload
         buffers: ReceivedBuffers | None = None
         shared = frame.flags & FLAG_SHARED_MEMORY
@@ -354,6 +424,7 @@ class TtrpcServer:
         maximum_concurrent_rpcs: int | None = None,
         shared_memory: SharedMemoryOptions | None = SharedMemoryOptions(),
         stream_window: int = DEFAULT_STREAM_WINDOW,
+        limits: ServerLimits = ServerLimits(),
     ) -> None:
         self.socket_path = validate_socket_path(socket_path)
         #: The shared-memory options offered to clients (None if off or unavailable here).
@@ -378,6 +449,14 @@ class TtrpcServer:
                                   directory_mode=directory_mode, group=socket_group)
         #: Who may connect (checked per connection, beside the socket file's mode).
         self.peer_rule = PeerRule.default(socket_group)
+        if not isinstance(limits, ServerLimits):
+            raise TypeError(f'limits must be a ServerLimits, not {type(limits).__name__}')
+        self.limits = limits
+        #: Unread answer bytes one peer may leave: never less than two whole messages.
+        self.queue_limit = max(limits.max_queued_bytes, 2 * self.frame_limit)
+        self._partial_bytes = 0
+        self._refused = 0
+        self._refusal_logged_at = -math.inf
         self._given_executor = executor
         self._max_workers = max_workers
         self._executor: futures.Executor | None = executor
@@ -391,6 +470,17 @@ class TtrpcServer:
         self._idle: asyncio.Event | None = None
         self._stop_task: asyncio.Future[None] | None = None
         self._deadlines: DeadlineQueue[Any]
+
+    def refused(self, reason: str) -> None:
+        """Log a refused connection: at once, then at most once a second
+        with the number refused meanwhile (a flood must not flood the log)."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged_at >= 1.0:
+            more = f' ({self._refused - 1} more since the last report)' if self._refused > 1 else ''
+            _logger.warning('fast lane %s refused a connection: %s%s', self.socket_path, reason, more)
+            self._refused = 0
+            self._refusal_logged_at = now
 
     @property
     def method_paths(self) -> tuple[str, ...]:

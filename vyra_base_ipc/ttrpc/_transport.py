@@ -218,6 +218,16 @@ class UnixTransport(asyncio.Transport):
     def can_write_eof(self) -> bool:
         return False
 
+    def has_unread_data(self) -> bool:
+        """Whether bytes wait in the socket that have not been read (reading
+        paused, or the loop busy elsewhere)."""
+        if not self._reading:
+            return True
+        try:
+            return bool(self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # nothing there (EAGAIN), or the socket is gone
+            return False
+
     def get_write_buffer_size(self) -> int:
         return self._buffered
 

@@ -1,0 +1,249 @@
+"""Greedy and broken peers hold only what ServerLimits allows (issue 15,
+item 4): too many connections, too many streams on one connection, oversized
+metadata, frames that stall half-way (slowloris), unfinished frames in bulk,
+answers nobody reads. Each costs the offender its new connection, its new
+call or its connection, and a well-behaved client on the same server keeps
+being served throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from pathlib import Path
+import socket
+from typing import Any, Iterator
+
+import pytest
+
+from conftest import ServerProcess, wait_for
+from ttrpc_peer import REQUEST, Peer, frame_bytes
+from vyra_base_ipc import IPCHandler, IPCRemoteError, IPCTimeoutError, ServerLimits, SyncIPCHandler
+from vyra_base_ipc.address import default_ttrpc_socket_path
+
+pytestmark = pytest.mark.fault
+
+ECHO = 'vyra.ipc.test.EchoService'
+
+
+def limited(start_server, path: Path, *args: str, **limits: Any) -> ServerProcess:
+    return start_server(path, '--limits', json.dumps(limits), *args)
+
+
+def rss_kb(pid: int) -> int:
+    status = Path(f'/proc/{pid}/status').read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith('VmRSS:'))
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closed ``sock`` (EOF or reset); waits for it up to the socket's timeout."""
+    try:
+        return sock.recv(1) == b''
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+@contextlib.contextmanager
+def raw_connections(path: Path, count: int) -> Iterator[list[socket.socket]]:
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.connect(str(path))
+        yield sockets
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_the_limits_are_checked() -> None:
+    with pytest.raises(ValueError, match='max_connections must be an int >= 1, not 0'):
+        ServerLimits(max_connections=0)
+    with pytest.raises(ValueError, match='frame_timeout must be a finite number'):
+        ServerLimits(frame_timeout=float('inf'))
+    with pytest.raises(ValueError, match='max_queued_bytes must be an int'):
+        ServerLimits(max_queued_bytes=1.5)  # type: ignore[arg-type]
+    assert ('grpc.max_concurrent_streams', 1024) in ServerLimits().grpc_options()
+
+
+# -- connections --------------------------------------------------------------------------
+
+def test_connections_beyond_the_limit_are_closed_at_once_and_others_keep_being_served(
+        start_server, socket_dir: Path, echo) -> None:
+    server = limited(start_server, socket_dir / 'c.sock', max_connections=8)
+    fast_lane = default_ttrpc_socket_path(server.socket_path)
+    with SyncIPCHandler(server.socket_path, echo.Stub, lane='ttrpc') as ipc:
+        assert ipc.call_method('Echo', echo.pb.EchoRequest(text='before')).text == 'before'
+        with raw_connections(fast_lane, 40) as held:
+            for sock in held:
+                sock.settimeout(0.2)
+            # The handler's own connection is one of the 8: 7 more are kept.
+            wait_for(lambda: sum(closed_by_server(sock) for sock in held) >= 33, 30,
+                     'the connections beyond the limit to be closed')
+            assert ipc.call_method('Echo', echo.pb.EchoRequest(text='during')).text == 'during'
+        assert 'connections are open already (max_connections)' in server.log()
+
+        def accepted_again() -> bool:
+            with SyncIPCHandler(server.socket_path, echo.Stub, lane='ttrpc') as other:
+                return other.call_method('Echo', echo.pb.EchoRequest(text='again')).text == 'again'
+        wait_for(accepted_again, 30, 'a new connection to be served once the held ones are gone')
+    assert server.running()
+
+
+# -- streams on one connection ------------------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_calls_beyond_the_stream_limit_of_a_connection_are_refused_on_the_fast_lane(
+        start_server, socket_dir: Path, echo) -> None:
+    server = limited(start_server, socket_dir / 's.sock', max_concurrent_streams=10)
+    async with IPCHandler(server.socket_path, echo.Stub, lane='ttrpc', timeout=30) as ipc:
+        watches = [ipc.stream_method('Count', echo.pb.CountRequest(count=1_000_000)) for _ in range(10)]
+        for watch in watches:
+            assert (await anext(watch)).index == 0
+        with pytest.raises(IPCRemoteError) as error:
+            await ipc.call_method('Echo', echo.pb.EchoRequest(text='one too many'))
+        assert error.value.code.name == 'RESOURCE_EXHAUSTED'
+        assert '10 calls are in flight on this connection already (max_concurrent_streams)' in str(error.value)
+        await watches.pop().aclose()
+        # The cancel reaches the server soon, not at once: try until it has.
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:
+            try:
+                assert (await ipc.call_method('Echo', echo.pb.EchoRequest(text='now'))).text == 'now'
+                break
+            except IPCRemoteError:
+                assert asyncio.get_running_loop().time() < deadline, 'no call served once a stream ended'
+                await asyncio.sleep(0.01)
+        for watch in watches:
+            await watch.aclose()
+        # Another connection was never limited by this one's streams.
+        async with IPCHandler(server.socket_path, echo.Stub, lane='grpc') as other:
+            assert (await other.call_method('Echo', echo.pb.EchoRequest(text='x'))).text == 'x'
+
+
+@pytest.mark.asyncio
+async def test_the_grpc_lane_advertises_the_stream_limit(start_server, socket_dir: Path, echo) -> None:
+    server = limited(start_server, socket_dir / 'h.sock', max_concurrent_streams=4)
+    async with IPCHandler(server.socket_path, echo.Stub, lane='grpc', timeout=30) as ipc:
+        watches = [ipc.stream_method('Count', echo.pb.CountRequest(count=1_000_000)) for _ in range(4)]
+        for watch in watches:
+            assert (await anext(watch)).index == 0
+        # HTTP/2: the client holds a fifth stream back until one ends.
+        with pytest.raises(IPCTimeoutError):
+            await ipc.call_method('Echo', echo.pb.EchoRequest(text='held back'), timeout=1.0)
+        await watches.pop().aclose()
+        assert (await ipc.call_method('Echo', echo.pb.EchoRequest(text='now'))).text == 'now'
+        for watch in watches:
+            await watch.aclose()
+
+
+# -- metadata -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_metadata_beyond_the_limit_is_refused_on_both_lanes(server: ServerProcess, echo, lane: str) -> None:
+    huge = [(f'key-{index}', 'v' * 6) for index in range(10_000)]
+    with SyncIPCHandler(server.socket_path, echo.Stub, lane=lane) as ipc:
+        with pytest.raises(Exception) as error:
+            ipc.call_method('Echo', echo.pb.EchoRequest(text='x'), metadata=huge)
+        if lane == 'ttrpc':
+            assert isinstance(error.value, IPCRemoteError) and error.value.code.name == 'RESOURCE_EXHAUSTED'
+            assert 'exceeds the limit of 8192 (max_metadata_bytes)' in str(error.value)
+        small = [('key', 'value')]
+        assert ipc.call_method('Echo', echo.pb.EchoRequest(text='fine'), metadata=small).text == 'fine'
+
+
+# -- unfinished frames --------------------------------------------------------------------
+
+def test_a_peer_stalling_inside_a_frame_loses_its_connection(start_server, socket_dir: Path, echo) -> None:
+    server = limited(start_server, socket_dir / 'l.sock', frame_timeout=1.0)
+    fast_lane = default_ttrpc_socket_path(server.socket_path)
+    with raw_connections(fast_lane, 20) as slow:
+        for sock in slow:
+            # A header announcing 1000 bytes, then 10 of them, then nothing.
+            sock.sendall(frame_bytes(1, REQUEST, 0, b'x' * 1000)[:20])
+            sock.settimeout(20)
+        with SyncIPCHandler(server.socket_path, echo.Stub, lane='ttrpc') as ipc:
+            assert ipc.call_method('Echo', echo.pb.EchoRequest(text='served')).text == 'served'
+        assert all(closed_by_server(sock) for sock in slow)
+    assert 'has not arrived whole (frame_timeout)' in server.log()
+
+
+def test_a_peer_sending_whole_frames_for_longer_than_the_frame_timeout_keeps_its_connection(
+        start_server, socket_dir: Path, echo) -> None:
+    """The timeout is per frame: a long stream of big messages is not a stall."""
+    server = limited(start_server, socket_dir / 'k.sock', frame_timeout=0.5)
+    with SyncIPCHandler(server.socket_path, echo.Stub, lane='ttrpc', shared_memory=None) as ipc:
+        requests = (echo.pb.EchoRequest(text=str(index), payload=b'y' * 200_000) for index in range(600))
+        reply = ipc.call_method('Collect', requests, timeout=60)
+        assert reply.index == 600
+    assert 'frame_timeout' not in server.log()
+
+
+def test_unfinished_frames_of_all_connections_are_bounded(start_server, socket_dir: Path, echo) -> None:
+    limit = 4 * 1024 * 1024
+    server = limited(start_server, socket_dir / 'p.sock', max_partial_bytes=limit, frame_timeout=60.0)
+    fast_lane = default_ttrpc_socket_path(server.socket_path)
+    with raw_connections(fast_lane, 40) as greedy:
+        frame = frame_bytes(1, REQUEST, 0, b'z' * (2 << 20))
+        for sock in greedy:
+            # Each announces 2 MiB and sends 1.5 MiB of it (unless closed meanwhile).
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(frame[:3 << 19])
+            sock.settimeout(0.2)
+        closed = [False] * len(greedy)
+
+        def held_within_the_limit() -> bool:
+            for index, sock in enumerate(greedy):
+                closed[index] = closed[index] or closed_by_server(sock)
+            # Every connection still open holds its 1.5 MiB: together at most the limit.
+            return (len(greedy) - sum(closed)) * (3 << 19) <= limit
+        wait_for(held_within_the_limit, 30, 'the connections beyond the total to be closed')
+        with SyncIPCHandler(server.socket_path, echo.Stub, lane='ttrpc') as ipc:
+            assert ipc.call_method('Echo', echo.pb.EchoRequest(text='served')).text == 'served'
+        assert not all(closed), 'the limit leaves room for some unfinished frames'
+    assert '(max_partial_bytes)' in server.log()
+
+
+# -- answers nobody reads -----------------------------------------------------------------
+
+def test_a_peer_that_does_not_read_its_answers_is_closed_at_the_queue_limit(
+        start_server, socket_dir: Path, echo) -> None:
+    """Ten calls answered at the same moment with 900 KB each, to a peer that
+    reads nothing: beyond two messages' worth the connection is closed."""
+    one_mib = 1 << 20
+    server = start_server(socket_dir / 'r.sock', '--max-message-bytes', str(one_mib),
+                          '--limits', json.dumps({'max_queued_bytes': 1}))
+    fast_lane = default_ttrpc_socket_path(server.socket_path)
+    before = rss_kb(server.pid)
+    with Peer.connect(fast_lane) as peer:
+        request = echo.pb.InspectRequest(payload=b'q' * 900_000, sleep_seconds=0.5).SerializeToString()
+        for stream_id in range(1, 21, 2):
+            peer.request(stream_id, ECHO, 'Inspect', request, timeout_nano=int(30e9))
+        wait_for(lambda: 'unread (limit ' in server.log(), 30, 'the non-reading peer to be closed')
+        with SyncIPCHandler(server.socket_path, echo.Stub, lane='ttrpc', max_message_bytes=one_mib) as ipc:
+            assert ipc.call_method('Echo', echo.pb.EchoRequest(text='served')).text == 'served'
+    assert rss_kb(server.pid) - before < 64 * 1024  # not 10 answers' worth per peer, and no growth
+    assert server.running()
+
+
+def test_non_reading_peers_of_endless_streams_hold_bounded_memory(start_server, socket_dir: Path,
+                                                                  echo) -> None:
+    server = start_server(socket_dir / 'n.sock')
+    fast_lane = default_ttrpc_socket_path(server.socket_path)
+    before = rss_kb(server.pid)
+    peers = [Peer.connect(fast_lane) for _ in range(40)]
+    try:
+        for peer in peers:
+            # No Hello, so no flow control: only the socket's back-pressure holds the stream.
+            peer.request(1, ECHO, 'Count', echo.pb.CountRequest(count=2_000_000).SerializeToString())
+        with SyncIPCHandler(server.socket_path, echo.Stub, lane='ttrpc') as ipc:
+            for index in range(200):
+                assert ipc.call_method('Echo', echo.pb.EchoRequest(text=str(index))).text == str(index)
+        assert rss_kb(server.pid) - before < 64 * 1024
+    finally:
+        for peer in peers:
+            peer.close()
+    assert server.running()

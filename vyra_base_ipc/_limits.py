@@ -1,0 +1,65 @@
+"""What a peer may hold of a server: connections, streams, metadata, partial
+frames, unread answers.
+
+Every default is far above what a module uses in normal operation and far
+below what takes a machine down, so that a greedy or broken peer loses its
+own connection (or its new stream) while every other client keeps being
+served. The gRPC lane gets the same numbers as grpc core options; the fast
+lane enforces them itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+import math
+
+__all__ = ['ServerLimits']
+
+_MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Per-server bounds on what peers may hold (``IPCServer(limits=...)``).
+
+    :param max_connections: connections per lane. Beyond it a new connection
+        is closed at once; the server keeps serving the others and accepts
+        again as they go (gRPC: ``grpc.max_allowed_incoming_connections``).
+    :param max_concurrent_streams: calls in flight on one connection. Beyond
+        it a new call is answered RESOURCE_EXHAUSTED on the fast lane; gRPC
+        advertises it as HTTP/2 ``MAX_CONCURRENT_STREAMS``.
+    :param max_metadata_bytes: bytes of a call's metadata (keys and values),
+        gRPC's own default; more is RESOURCE_EXHAUSTED.
+    :param frame_timeout: seconds a fast-lane frame that has started may
+        take to arrive whole; a peer that stalls inside a frame (slowloris)
+        loses its connection.
+    :param max_partial_bytes: bytes of unfinished frames of all fast-lane
+        connections together; the connection that would exceed it is closed.
+    :param max_queued_bytes: bytes of answers waiting for one fast-lane peer
+        that does not read them; beyond it that connection is closed. Never
+        less than two messages of the server's ``max_message_bytes``.
+    """
+
+    max_connections: int = 1024
+    max_concurrent_streams: int = 1024
+    max_metadata_bytes: int = 8 * 1024
+    frame_timeout: float = 10.0
+    max_partial_bytes: int = 256 * _MIB
+    max_queued_bytes: int = 64 * _MIB
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name == 'frame_timeout':
+                if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                        or not math.isfinite(value) or value <= 0:
+                    raise ValueError(f'ServerLimits.frame_timeout must be a finite number of seconds > 0, '
+                                     f'not {value!r}')
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f'ServerLimits.{field.name} must be an int >= 1, not {value!r}')
+
+    def grpc_options(self) -> tuple[tuple[str, int], ...]:
+        """The same bounds as grpc core server options."""
+        return (('grpc.max_allowed_incoming_connections', self.max_connections),
+                ('grpc.max_concurrent_streams', self.max_concurrent_streams),
+                ('grpc.max_metadata_size', self.max_metadata_bytes))
