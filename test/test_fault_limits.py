@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from pathlib import Path
 import socket
 from typing import Any, Iterator
@@ -18,7 +19,7 @@ import pytest
 
 from conftest import ServerProcess, wait_for
 from ttrpc_peer import REQUEST, Peer, frame_bytes
-from vyra_base_ipc import IPCHandler, IPCRemoteError, IPCTimeoutError, ServerLimits, SyncIPCHandler
+from vyra_base_ipc import IPCError, IPCHandler, IPCRemoteError, IPCTimeoutError, ServerLimits, SyncIPCHandler
 from vyra_base_ipc.address import default_ttrpc_socket_path
 
 pytestmark = pytest.mark.fault
@@ -247,3 +248,44 @@ def test_non_reading_peers_of_endless_streams_hold_bounded_memory(start_server, 
         for peer in peers:
             peer.close()
     assert server.running()
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_two_thousand_held_connections_leave_the_server_serving(start_server, socket_dir: Path, echo,
+                                                                 lane: str) -> None:
+    import resource
+
+    server = start_server(socket_dir / 't.sock')
+    target = server.socket_path if lane == 'grpc' else default_ttrpc_socket_path(server.socket_path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2_200:
+        pytest.skip(f'this process may open only {hard} descriptors')
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2_200), hard))
+    held: list[socket.socket] = []
+    try:
+        with SyncIPCHandler(server.socket_path, echo.Stub, lane=lane) as ipc:
+            assert ipc.call_method('Echo', echo.pb.EchoRequest(text='before')).text == 'before'
+            for _ in range(2_000):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                held.append(sock)
+                sock.setblocking(False)
+                with contextlib.suppress(BlockingIOError):  # the backlog is full: not accepted
+                    sock.connect(str(target))
+            for index in range(50):
+                assert ipc.call_method('Echo', echo.pb.EchoRequest(text=str(index))).text == str(index)
+            # The server holds no more than max_connections of them (its
+            # descriptors: those, its own few dozen, and the served client's).
+            assert len(os.listdir(f'/proc/{server.pid}/fd')) < ServerLimits().max_connections + 100
+        assert server.running()
+    finally:
+        for sock in held:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    def served_again() -> bool:
+        with SyncIPCHandler(server.socket_path, echo.Stub, lane=lane) as other:
+            try:
+                return other.call_method('Echo', echo.pb.EchoRequest(text='after')).text == 'after'
+            except IPCError:
+                return False
+    wait_for(served_again, 30, 'a new client to be served once the held connections are gone')
