@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 import socket
+import time
 from typing import Any, Iterator
 
 import pytest
@@ -289,3 +290,24 @@ def test_two_thousand_held_connections_leave_the_server_serving(start_server, so
             except IPCError:
                 return False
     wait_for(served_again, 30, 'a new client to be served once the held connections are gone')
+
+
+def test_a_call_without_deadline_from_another_peer_ends_after_max_call_duration(
+        start_server, socket_dir: Path, echo) -> None:
+    """A unary call that arrives with no deadline (timeout_nano 0, as
+    containerd's clients may send) is bounded; a watch stream without
+    deadline is not (it lives as long as its client)."""
+    server = limited(start_server, socket_dir / 'd.sock', max_call_duration=1.0)
+    fast_lane = default_ttrpc_socket_path(server.socket_path)
+    with SyncIPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane='ttrpc') as ipc, \
+            Peer.connect(fast_lane) as peer:
+        watch = ipc.stream_method('Watch', echo.pb.WatchRequest(tag='long', interval=0.02), timeout=None)
+        next(watch)
+        peer.request(1, ECHO, 'Sleep', echo.pb.SleepRequest(seconds=60).SerializeToString())
+        answer = peer.answer(1)
+        ended = time.monotonic()
+        assert answer.code == 4, answer  # DEADLINE_EXCEEDED
+        # The watch goes on past the moment the unary call was cut off.
+        while next(watch).sent_at <= ended:
+            pass
+        watch.close()

@@ -35,6 +35,10 @@ class ServerLimits:
         loses its connection.
     :param max_partial_bytes: bytes of unfinished frames of all fast-lane
         connections together; the connection that would exceed it is closed.
+    :param max_call_duration: seconds a fast-lane call that came without a
+        deadline may run, unless it streams responses (a watch: it lives as
+        long as the client stays); it then ends as at a deadline. This
+        package's clients always send a deadline but for such streams.
     :param max_queued_bytes: bytes of answers waiting for one fast-lane peer
         that does not read them; beyond it that connection is closed. Never
         less than two messages of the server's ``max_message_bytes``.
@@ -45,15 +49,16 @@ class ServerLimits:
     max_metadata_bytes: int = 8 * 1024
     frame_timeout: float = 10.0
     max_partial_bytes: int = 256 * _MIB
+    max_call_duration: float = 3600.0
     max_queued_bytes: int = 64 * _MIB
 
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
-            if field.name == 'frame_timeout':
+            if field.name in ('frame_timeout', 'max_call_duration'):
                 if isinstance(value, bool) or not isinstance(value, (int, float)) \
                         or not math.isfinite(value) or value <= 0:
-                    raise ValueError(f'ServerLimits.frame_timeout must be a finite number of seconds > 0, '
+                    raise ValueError(f'ServerLimits.{field.name} must be a finite number of seconds > 0, '
                                      f'not {value!r}')
             elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f'ServerLimits.{field.name} must be an int >= 1, not {value!r}')

@@ -298,6 +298,10 @@ class ServerConnection(FramedConnection):
             self.reject(stream_id, grpc.StatusCode.DEADLINE_EXCEEDED, 'Deadline Exceeded')
             return
         timeout = timeout_nano / 1e9 if timeout_nano else None
+        if timeout is None and not handler.response_streaming:
+            # A call without deadline from another peer (this package's
+            # clients send one but for watch streams): bounded all the same.
+            timeout = limits.max_call_duration
         deadline = None if timeout is None else time.monotonic() + timeout
         metadata = metadata_from_wire(request.metadata) if request.metadata else ()
         context_class = AsyncServicerContext if handler.is_async else ServicerContext
