@@ -311,3 +311,26 @@ def test_a_call_without_deadline_from_another_peer_ends_after_max_call_duration(
         while next(watch).sent_at <= ended:
             pass
         watch.close()
+
+
+@pytest.mark.asyncio
+async def test_a_rapid_reset_burst_leaves_other_clients_served(server: ServerProcess, echo) -> None:
+    """HTTP/2 rapid reset (CVE-2023-44487): streams opened and reset at once,
+    thousands in a burst on one connection, while another client calls."""
+    import grpc
+
+    channel = grpc.aio.insecure_channel(f'unix:{server.socket_path}')
+    stub = echo.Stub(channel)
+    try:
+        async with IPCHandler(server.socket_path, echo.Stub, lane='grpc') as other:
+            assert (await other.call_method('Echo', echo.pb.EchoRequest(text='before'))).text == 'before'
+            for burst in range(5):
+                calls = [stub.Sleep(echo.pb.SleepRequest(seconds=30), timeout=60) for _ in range(1000)]
+                await asyncio.sleep(0)
+                for call in calls:
+                    call.cancel()
+                text = f'during {burst}'
+                assert (await other.call_method('Echo', echo.pb.EchoRequest(text=text))).text == text
+    finally:
+        await channel.close()
+    assert server.running()
