@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
+import stat
 
 import grpc
 import pytest
@@ -25,6 +27,13 @@ from vyra_base_ipc import module_service_pb2_grpc as pb_grpc
 NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 INTERNAL = grpc.StatusCode.INTERNAL.value[0]
+
+
+@pytest.fixture
+def server(start_server, socket_path: Path, tmp_path: Path) -> ServerProcess:
+    """The echo server, with ``tmp_path`` as the configuration directory
+    Initialize may read from."""
+    return start_server(socket_path, '--config-dir', str(tmp_path))
 
 
 @pytest.fixture
@@ -98,6 +107,77 @@ def test_initialize_failures_are_reported_not_raised(module: SyncIPCHandler, tmp
     assert execute(module, 'ping').result == 'pong'
 
 
+def _outside(tmp: Path) -> Path:
+    """A root-only file outside the configuration directory."""
+    secret = tmp.parent / f'{tmp.name}-secret.yaml'
+    secret.write_text('password: hunter2\n')
+    secret.chmod(0o600)
+    return secret
+
+
+def _symlink_out(tmp: Path) -> Path:
+    link = tmp / 'innocent.yaml'
+    link.symlink_to(_outside(tmp))
+    return link
+
+
+def _fifo(tmp: Path) -> Path:
+    os.mkfifo(tmp / 'pipe.yaml')
+    return tmp / 'pipe.yaml'
+
+
+def _device(tmp: Path) -> Path:
+    if os.geteuid() != 0:
+        pytest.skip('needs root to make a device node')
+    os.mknod(tmp / 'zero.yaml', stat.S_IFCHR | 0o600, os.makedev(1, 5))  # /dev/zero's numbers
+    return tmp / 'zero.yaml'
+
+
+@pytest.mark.parametrize('make_path, message', [
+    (_outside, 'is not inside an allowed configuration directory'),
+    (_symlink_out, 'resolves to'),
+    (lambda tmp: Path('/dev/zero'), 'is not inside an allowed configuration directory'),
+    (_fifo, 'is not a regular file'),
+    (_device, 'is not a regular file'),
+    (lambda tmp: _write(tmp / 'big.yaml', b'#' * (1024 * 1024 + 1)), 'more than the 1048576 allowed'),
+], ids=['outside', 'symlink-outside', 'dev-zero', 'fifo', 'device', 'oversized'])
+def test_initialize_reads_only_module_configuration(module: SyncIPCHandler, server: ServerProcess,
+                                                    tmp_path: Path, make_path, message: str) -> None:
+    """Issue 15: Initialize read any path for its caller (a root-only file,
+    /dev/zero until the server had 3 GB, a FIFO that parked worker threads
+    forever). Each is refused at once, naming the rule; the server is unmoved."""
+    before = _rss_kb(server.pid)
+    answer = initialize(module, make_path(tmp_path))
+    assert not answer.success
+    assert message in answer.message and 'refused' in answer.message
+    assert 'hunter2' not in module.call_method('GetData', pb.DataRequest(key='config')).result.decode()
+    assert _rss_kb(server.pid) - before < 16 * 1024
+    good = _write(tmp_path / 'good.yaml', b'speed: 1\n')
+    assert initialize(module, good).success
+    assert execute(module, 'ping').result == 'pong'
+
+
+def test_without_a_configuration_directory_initialize_says_how_to_allow_one(start_server,
+                                                                            socket_path: Path,
+                                                                            tmp_path: Path) -> None:
+    start_server(socket_path)  # no --config-dir: the test module is not installed anywhere
+    with SyncIPCHandler(socket_path, pb_grpc.ModuleServiceStub) as client:
+        answer = initialize(client, _write(tmp_path / 'module.yaml', b'a: 1\n'))
+    assert not answer.success
+    assert 'no configuration directory is allowed (ModuleService(config_dirs=[...])' in answer.message
+
+
+def test_config_dirs_and_size_are_checked() -> None:
+    with pytest.raises(ValueError, match='max_config_bytes must be an int >= 1'):
+        ModuleService('unit', max_config_bytes=0)
+    assert ModuleService('unit', config_dirs='/etc/../etc').config_dirs == (Path('/etc'),)
+
+
+def _rss_kb(pid: int) -> int:
+    status = Path(f'/proc/{pid}/status').read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith('VmRSS:'))
+
+
 def _write(path: Path, content: bytes) -> Path:
     path.write_bytes(content)
     return path
@@ -113,8 +193,8 @@ def test_get_data_unknown_key_is_not_found_naming_the_key(module: SyncIPCHandler
 # -- subclassing, in-process ---------------------------------------------------------
 
 class ArmModule(ModuleService):
-    def __init__(self) -> None:
-        super().__init__('arm')
+    def __init__(self, config_dir: Path | None = None) -> None:
+        super().__init__('arm', config_dirs=None if config_dir is None else [config_dir])
         self.homed = False
         self.applied: dict = {}
 
@@ -168,7 +248,7 @@ async def test_failing_on_initialize_keeps_the_old_config(socket_path: Path, tmp
     good, bad = tmp_path / 'good.yaml', tmp_path / 'bad.yaml'
     good.write_text('a: 1\n')
     bad.write_text('fail: true\n')
-    arm = ArmModule()
+    arm = ArmModule(tmp_path)
     async with IPCServer(socket_path, servicers=[arm]), \
             IPCHandler(socket_path, pb_grpc.ModuleServiceStub) as ipc:
         assert (await ipc.call_method('Initialize', pb.InitRequest(config_path=str(good)))).success

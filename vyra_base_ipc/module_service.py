@@ -8,7 +8,11 @@
   ``ValueError``), 5 NOT_FOUND (unknown command), 13 INTERNAL (it raised
   anything else), or what a :class:`CommandError` says.
 - ``Initialize`` loads the YAML or JSON file at ``config_path`` into
-  :attr:`ModuleService.config` and reports failures in ``InitResponse``.
+  :attr:`ModuleService.config` and reports failures in ``InitResponse``. It
+  reads only module configuration: a regular file of at most
+  ``max_config_bytes`` inside one of ``config_dirs`` (by default the
+  module's installed ``share/<module_name>/config``), so a caller cannot
+  make the server read other files for it, or hang it on a FIFO or device.
 - ``GetData`` returns a registered data item (built in: ``status``,
   ``config``); an unknown key is the RPC status NOT_FOUND.
 
@@ -23,16 +27,18 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
 from pathlib import Path
+import stat
 import time
-from typing import Any, Awaitable, Callable, Mapping, TypeVar, Union
+from typing import Any, Awaitable, Callable, Iterable, Mapping, TypeVar, Union
 
 import grpc
 import yaml
 
 from . import module_service_pb2 as pb
 from . import module_service_pb2_grpc as pb_grpc
-from .address import validate_module_name
+from .address import StrPath, validate_module_name
 from .exceptions import CommandError
 
 # CommandError is defined in .exceptions, importable from here too.
@@ -45,6 +51,10 @@ DataProvider = Callable[[], Union[DataItem, Awaitable[DataItem]]]
 _F = TypeVar('_F', bound=Callable[..., Any])
 
 _COMMAND_ATTRIBUTE = '_vyra_ipc_command'
+#: The largest configuration file Initialize reads, by default.
+DEFAULT_MAX_CONFIG_BYTES = 1024 * 1024
+#: Seconds Initialize waits for a file to be read.
+_READ_TIMEOUT = 5.0
 
 
 def command(name: str | None = None) -> Callable[[_F], _F]:
@@ -66,10 +76,23 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
     Handlers are coroutines and run on the server's event loop.
 
     :param module_name: reported by ``status``.
+    :param config_dirs: the directories ``Initialize`` may read from (a
+        file's real path, symlinks resolved, must lie inside one); ``None``:
+        the module's ``share/<module_name>/config`` where the ament index
+        knows the package, else none (Initialize then says how to allow one).
+    :param max_config_bytes: the largest file ``Initialize`` reads.
     """
 
-    def __init__(self, module_name: str = 'module') -> None:
+    def __init__(self, module_name: str = 'module', *, config_dirs: Iterable[StrPath] | None = None,
+                 max_config_bytes: int = DEFAULT_MAX_CONFIG_BYTES) -> None:
         self.module_name = validate_module_name(module_name)
+        self.config_dirs = tuple(Path(os.path.realpath(directory)) for directory in (
+            _default_config_dirs(self.module_name) if config_dirs is None
+            else ([config_dirs] if isinstance(config_dirs, (str, os.PathLike)) else config_dirs)))
+        if isinstance(max_config_bytes, bool) or not isinstance(max_config_bytes, int) \
+                or max_config_bytes < 1:
+            raise ValueError(f'max_config_bytes must be an int >= 1, not {max_config_bytes!r}')
+        self.max_config_bytes = max_config_bytes
         self.config: dict[str, Any] = {}
         self.config_path: Path | None = None
         self._started = time.monotonic()
@@ -134,7 +157,16 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
         and call :meth:`on_initialize`; a failure is reported in the response
         and keeps the old configuration."""
         try:
-            path, config = await asyncio.to_thread(_load_config, request.config_path)
+            # Checked without blocking (no FIFO or device is ever opened for
+            # reading), then read in a thread that cannot hold the call up.
+            path, file = _open_config(request.config_path, self.config_dirs, self.max_config_bytes)
+            try:
+                text = await asyncio.wait_for(asyncio.to_thread(_read_config, file, path,
+                                                                self.max_config_bytes), _READ_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise ValueError(f'config file {str(path)!r} could not be read within '
+                                 f'{_READ_TIMEOUT:g} s') from None
+            config = _parse_config(path, text)
             await self.on_initialize(config)
         except (OSError, ValueError) as error:
             return pb.InitResponse(success=False, message=str(error))
@@ -203,31 +235,83 @@ async def _run(handler: CommandHandler, parameters: dict[str, str]) -> str:
     return result
 
 
-def _load_config(config_path: str) -> tuple[Path, dict[str, Any]]:
-    """Read a YAML or JSON mapping. Raises OSError/ValueError with the path in the message."""
+def _default_config_dirs(module_name: str) -> list[Path]:
+    """``share/<module_name>/config`` of the installed package, if any."""
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        return [Path(get_package_share_directory(module_name)) / 'config']
+    except (ImportError, LookupError, OSError, ValueError):
+        return []
+
+
+def _open_config(config_path: str, allowed: tuple[Path, ...], limit: int) -> tuple[Path, int]:
+    """Check ``config_path`` against the rules and open it; the path and the
+    open descriptor (the caller closes it by reading it).
+
+    :raises ValueError: a rule refuses it (the message names the rule).
+    """
     if not config_path.strip():
         raise ValueError('config_path is empty')
     path = Path(config_path)
     if not path.is_absolute():
         raise ValueError(f'config_path {config_path!r} is relative; give an absolute path')
-    if path.is_dir():
-        raise ValueError(f'config_path {config_path!r} is a directory, not a file')
+    if not allowed:
+        raise ValueError(f'config_path {config_path!r} refused: no configuration directory is allowed '
+                         '(ModuleService(config_dirs=[...]), or install the module so that its '
+                         'share/<module>/config exists)')
+    real = Path(os.path.realpath(path))
+    if not any(real == directory or directory in real.parents for directory in allowed):
+        where = ', '.join(str(directory) for directory in allowed)
+        resolved = f' (resolves to {str(real)!r})' if real != path else ''
+        raise ValueError(f'config_path {config_path!r}{resolved} refused: it is not inside an allowed '
+                         f'configuration directory ({where})')
     try:
-        text = path.read_text(encoding='utf-8')
+        # Non-blocking: opening a FIFO for reading would wait for a writer.
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ValueError(f'config file {config_path!r} does not exist') from None
     except PermissionError:
         raise ValueError(f'config file {config_path!r} is not readable (permission denied)') from None
+    except OSError as error:
+        raise ValueError(f'config file {config_path!r} cannot be opened: {error.strerror}') from None
+    info = os.fstat(fd)
+    problem = (None if stat.S_ISREG(info.st_mode) else
+               'is a directory, not a file' if stat.S_ISDIR(info.st_mode) else
+               'is not a regular file (a FIFO, socket or device)')
+    if problem is None and info.st_size > limit:
+        problem = f'has {info.st_size} bytes, more than the {limit} allowed (max_config_bytes)'
+    if problem is not None:
+        os.close(fd)
+        raise ValueError(f'config_path {config_path!r} refused: it {problem}')
+    return real, fd
+
+
+def _read_config(fd: int, path: Path, limit: int) -> str:
+    """Read at most ``limit`` bytes of the open file, as UTF-8; closes it."""
+    with os.fdopen(fd, 'rb') as file:
+        data = file.read(limit + 1)  # a file that grew since fstat still stops here
+    if len(data) > limit:
+        raise ValueError(f'config_path {str(path)!r} refused: it has more than the {limit} bytes '
+                         'allowed (max_config_bytes)')
+    try:
+        return data.decode('utf-8')
     except UnicodeDecodeError as error:
-        raise ValueError(f'config file {config_path!r} is not UTF-8 text: {error}') from None
+        raise ValueError(f'config file {str(path)!r} is not UTF-8 text: {error}') from None
+
+
+def _parse_config(path: Path, text: str) -> dict[str, Any]:
+    """The YAML or JSON mapping in ``text``.
+
+    :raises ValueError: not valid, or not a mapping (naming the path).
+    """
     try:
         config = json.loads(text) if path.suffix == '.json' else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         kind = 'JSON' if path.suffix == '.json' else 'YAML'
-        raise ValueError(f'config file {config_path!r} is not valid {kind}: {error}') from None
+        raise ValueError(f'config file {str(path)!r} is not valid {kind}: {error}') from None
     if config is None:
         config = {}
     if not isinstance(config, dict):
         raise ValueError(
-            f'config file {config_path!r} must hold a mapping at the top level, not {type(config).__name__}')
-    return path, config
+            f'config file {str(path)!r} must hold a mapping at the top level, not {type(config).__name__}')
+    return config

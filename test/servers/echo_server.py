@@ -145,6 +145,8 @@ def main() -> None:
     parser.add_argument('--shared-memory-max-bytes', type=int, default=None)
     parser.add_argument('--no-shared-memory', dest='shared_memory', action='store_false')
     parser.add_argument('--limits', default=None, help='ServerLimits fields as JSON')
+    parser.add_argument('--config-dir', action='append', default=None,
+                        help="a directory ModuleService's Initialize may read (repeatable)")
     parser.add_argument('--busy-poll', type=float, default=DEFAULT_BUSY_POLL,
                         help='seconds the event loop polls before it sleeps (0: plain asyncio loop)')
     options = parser.parse_args()
@@ -164,7 +166,8 @@ def main() -> None:
             kwargs['shared_memory'] = SharedMemoryOptions(**shared)
     server = IPCServer(
         options.socket_path,
-        servicers=[EchoService(), WatchService(), ModuleService('test_module'), BackendService()],
+        servicers=[EchoService(), WatchService(), ModuleService('test_module', config_dirs=options.config_dir),
+                   BackendService()],
         grace_period=options.grace_period,
         max_workers=options.max_workers,
         maximum_concurrent_rpcs=options.maximum_concurrent_rpcs,
