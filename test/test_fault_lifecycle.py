@@ -19,6 +19,7 @@ flight on the server rather than merely sent.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 import gc
 import os
 import signal
@@ -306,3 +307,23 @@ def test_sigterm_under_load_drains_then_exits_cleanly(start_fault_server: StartF
     assert list(socket_path.parent.iterdir()) == []
     assert journal.count('end', 'Sleep') == 20
     assert journal.count('cancelled', 'Sleep') == 20
+
+
+def test_an_embedded_server_with_a_handler_blocked_in_io_exits_on_sigterm(start_server, socket_path: Path,
+                                                                         echo) -> None:
+    """Issue 15: a def handler blocked past the grace period (here a
+    10-minute sleep, standing for I/O that never returns) kept an embedded
+    server (run(server.serve())) alive after SIGTERM: its thread pool's
+    workers were joined at interpreter exit."""
+    server = start_server(socket_path, '--grace-period', '0.5')
+    threads_before = len(os.listdir(f'/proc/{server.pid}/task'))
+    with SyncIPCHandler(socket_path, echo.Stub, lane='ttrpc', timeout=600) as ipc:
+        with ThreadPoolExecutor(1) as caller:
+            blocked = caller.submit(ipc.call_method, 'InspectSync', echo.pb.InspectRequest(sleep_seconds=600))
+            # The server's first def call starts its first handler thread.
+            wait_for(lambda: len(os.listdir(f'/proc/{server.pid}/task')) > threads_before, 20,
+                     'the handler thread to start')
+            server.signal(signal.SIGTERM)
+            assert server.wait(timeout=20) == 0, server.log()
+            with pytest.raises(IPCError):
+                blocked.result(timeout=20)

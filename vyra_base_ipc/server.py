@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from concurrent import futures
 import enum
 import grp
 import logging
@@ -16,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ._fork_safety import ensure_usable_after_fork, note_grpc_used
 from ._grpc_streams import OpenStreams
+from ._handler_threads import HandlerThreads
 from ._limits import ServerLimits
 from ._methods import ServiceRegistration, record_servicer
 from ._options import (
@@ -144,7 +144,7 @@ class IPCServer:
         self._services: list[ServiceRegistration] = []
         self._state = _State.NEW
         self._server: grpc.aio.Server | None = None
-        self._executor: futures.ThreadPoolExecutor | None = None
+        self._executor: HandlerThreads | None = None
         self._health: health.aio.HealthServicer | None = None
         self._stop_task: asyncio.Task[None] | None = None
         self._terminated: asyncio.Event | None = None
@@ -209,8 +209,7 @@ class IPCServer:
         try:
             self._socket.check()
             note_grpc_used()
-            self._executor = futures.ThreadPoolExecutor(
-                max_workers=self._max_workers, thread_name_prefix='ipc-handler')
+            self._executor = HandlerThreads(self._max_workers)
             self._server = grpc.aio.server(
                 migration_thread_pool=self._executor,
                 options=(*server_options(self.max_message_bytes), *self.limits.grpc_options()),

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable
 from google.protobuf.message import DecodeError
 import grpc
 
+from .._handler_threads import HandlerThreads
 from .._limits import ServerLimits
 from .._methods import ServiceRegistration
 from .._options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, validate_max_message_bytes
@@ -298,11 +299,12 @@ class ServerConnection(FramedConnection):
             self.reject(stream_id, grpc.StatusCode.DEADLINE_EXCEEDED, 'Deadline Exceeded')
             return
         timeout = timeout_nano / 1e9 if timeout_nano else None
+        deadline = None if timeout is None else time.monotonic() + timeout
         if timeout is None and not handler.response_streaming:
             # A call without deadline from another peer (this package's
-            # clients send one but for watch streams): bounded all the same.
+            # clients send one but for watch streams): ended all the same
+            # after max_call_duration, though its handler sees no deadline.
             timeout = limits.max_call_duration
-        deadline = None if timeout is None else time.monotonic() + timeout
         metadata = metadata_from_wire(request.metadata) if request.metadata else ()
         context_class = AsyncServicerContext if handler.is_async else ServicerContext
         context = context_class(deadline, metadata, handler.path, peer_credentials=self.peer)
@@ -512,8 +514,7 @@ class TtrpcServer:
         try:
             self._socket.check()
             if self._executor is None:
-                self._executor = futures.ThreadPoolExecutor(
-                    max_workers=self._max_workers, thread_name_prefix='ttrpc-handler')
+                self._executor = HandlerThreads(self._max_workers, thread_name_prefix='ttrpc-handler')
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(os.fspath(self._socket.private_bind_path()))
             listener.listen(socket.SOMAXCONN)
