@@ -41,6 +41,7 @@ from .exceptions import (
     SharedMemoryError,
     SocketInUseError,
     TooLargeError,
+    UnsafeDirectoryError,
     UntrustedServerError,
 )
 from .module_service import ModuleService, command
@@ -74,6 +75,7 @@ __all__ = [
     'SocketInUseError',
     'SyncIPCHandler',
     'TooLargeError',
+    'UnsafeDirectoryError',
     'UntrustedServerError',
     'attach_buffers',
     'command',

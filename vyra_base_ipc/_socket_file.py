@@ -6,8 +6,30 @@ second server silently take over a live one, and let either delete the other's
 file. Instead the server binds inside a private 0700 directory next to the
 public path, the socket gets its final mode there (no window in which the
 umask decides who may connect), and the inode is then hard-linked to the public
-path under a directory lock. gRPC only ever touches the private name; the
-public name is removed on stop only while it still points to our inode.
+path. gRPC only ever touches the private name; the public name is removed on
+stop only while it still points to our inode.
+
+Other local users must not be able to redirect any of this (like sshd's
+StrictModes):
+
+- The socket's directory and every directory above it must belong to the
+  server's user or root, and must not be writable by others unless it is a
+  root-owned sticky directory like ``/tmp`` (there others can add entries
+  but neither rename nor remove ours). Otherwise starting fails with
+  :class:`~vyra_base_ipc.UnsafeDirectoryError`. Nobody else can therefore
+  swap the private directory or plant a symlink in the server's way; that
+  is what makes binding by path (gRPC's only way) safe.
+- Below that directory everything goes through descriptors and never
+  follows a symlink: the directory is opened once, the private directory is
+  created and verified through it, the bound socket's owner and mode are set
+  on the inode that was bound (opened ``O_PATH | O_NOFOLLOW``), links and
+  unlinks are relative to the directory's descriptor.
+- Publishers of the same path are serialized by an ``flock`` on a lock file
+  beside the socket (``.<name>.lock``, mode 0600, owned by the server's user,
+  removed after use): only that user (and root) can open it, so no other
+  user can block a server's start. (A lock on the directory itself, as
+  before, could be held by anyone who may list it: ``flock /tmp`` stopped
+  every server in ``/tmp``.)
 """
 
 from __future__ import annotations
@@ -17,22 +39,22 @@ import fcntl
 import logging
 import os
 from pathlib import Path
-import shutil
+import secrets
 import socket
 import stat
-import tempfile
 import time
 
 from .address import MAX_SOCKET_PATH_BYTES
-from .exceptions import SocketInUseError
+from .exceptions import SocketInUseError, UnsafeDirectoryError
 
-__all__ = ['SocketFile', 'is_listening']
+__all__ = ['SocketFile', 'check_directory_chain', 'is_listening']
 
 _logger = logging.getLogger(__name__)
 
-#: How long to wait for another server of this package publishing in the same
-#: directory (the lock is held for microseconds; this bounds a stuck holder).
+#: How long to wait for another server of this package publishing the same
+#: path (the lock is held for microseconds; this bounds a stuck holder).
 _LOCK_TIMEOUT = 5.0
+_PRIVATE_SOCKET = 's'
 
 
 def is_listening(path: Path) -> bool:
@@ -61,6 +83,27 @@ def is_listening(path: Path) -> bool:
     return True
 
 
+def check_directory_chain(directory: Path) -> None:
+    """Refuse ``directory`` (a real path) unless it and every directory above
+    it belong to this process's user or root and are not writable by others,
+    or are root-owned and sticky.
+
+    :raises UnsafeDirectoryError: naming the directory, its owner and mode.
+    """
+    euid = os.geteuid()
+    for current in (directory, *directory.parents):
+        info = os.stat(current)
+        mode = stat.S_IMODE(info.st_mode)
+        if info.st_uid not in (euid, 0):
+            raise UnsafeDirectoryError(
+                errno.EPERM, f'cannot serve below {str(current)!r}: it belongs to uid {info.st_uid}, not to '
+                f"this server's user (uid {euid}) or root, who could swap the socket", str(current))
+        if mode & (stat.S_IWGRP | stat.S_IWOTH) and not (mode & stat.S_ISVTX and info.st_uid == 0):
+            raise UnsafeDirectoryError(
+                errno.EPERM, f'cannot serve below {str(current)!r}: other users may write to it (mode '
+                f'{mode:04o}) and it is not a root-owned sticky directory like /tmp', str(current))
+
+
 class SocketFile:
     """The public socket path of one server.
 
@@ -82,7 +125,9 @@ class SocketFile:
         self.socket_mode = socket_mode
         self.directory_mode = directory_mode
         self.group = group
-        self._private_dir: Path | None = None
+        self._directory: Path | None = None  # the real parent directory
+        self._dir_fd: int | None = None
+        self._private: tuple[str, int] | None = None  # name and descriptor
         self._identity: tuple[int, int] | None = None
 
     def check(self) -> None:
@@ -90,27 +135,35 @@ class SocketFile:
 
         Creates missing parent directories with :attr:`directory_mode`.
 
+        :raises UnsafeDirectoryError: a directory on the way is not safe.
         :raises SocketInUseError: a live server already listens on the path.
         :raises IsADirectoryError: the path is a directory.
         :raises FileExistsError: the path is a file that is not a socket.
         :raises NotADirectoryError: a parent of the path is not a directory.
         :raises PermissionError: the parent directory is not writable.
         """
-        self._make_parent()
+        if self._dir_fd is None:
+            self._open_parent()
         self._check_existing()
 
     def private_bind_path(self) -> Path:
         """Create the private directory and return the path to bind to."""
-        if self._private_dir is None:
+        assert self._dir_fd is not None and self._directory is not None, 'check() first'
+        if self._private is None:
+            name = f'.ipc-{secrets.token_hex(6)}'
             try:
-                self._private_dir = Path(tempfile.mkdtemp(prefix='.ipc-', dir=self.path.parent))
+                os.mkdir(name, 0o700, dir_fd=self._dir_fd)
+                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=self._dir_fd)
             except OSError as error:
                 raise type(error)(
                     error.errno, f'cannot create socket {str(self.path)!r}: no private directory '
                     f'can be made beside it ({error.strerror})', str(self.path.parent)) from None
-        private = self._private_dir / 's'
+            self._private = (name, fd)
+            os.fchmod(fd, 0o700)  # whatever the umask
+        private = self._directory / self._private[0] / _PRIVATE_SOCKET
         if len(os.fsencode(private)) > MAX_SOCKET_PATH_BYTES:
-            self._discard_private_dir()
+            self._discard_private()
             raise ValueError(
                 f'socket path {str(self.path)!r}: its directory is too long for the private name '
                 f'the server binds first ({str(private)!r}, over {MAX_SOCKET_PATH_BYTES} bytes); '
@@ -123,70 +176,103 @@ class SocketFile:
         :raises SocketInUseError: a live server took the path in the meantime.
         :raises FileExistsError: a non-socket file appeared at the path.
         """
-        assert self._private_dir is not None, 'private_bind_path() first'
-        private = self._private_dir / 's'
-        self._set_owner_and_mode(private, self.socket_mode)
-        with _DirectoryLock(self.path.parent):
+        assert self._private is not None and self._dir_fd is not None, 'private_bind_path() first'
+        private_fd = self._private[1]
+        bound = os.open(_PRIVATE_SOCKET, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=private_fd)
+        try:
+            if not stat.S_ISSOCK(os.fstat(bound).st_mode):
+                raise FileExistsError(errno.EEXIST, 'the private bind name is not the bound socket',
+                                      str(self.path))
+            # Through the descriptor: the inode that was bound, whatever its name.
+            inode = f'/proc/self/fd/{bound}'
+            if self.group is not None:  # group first: chown() may clear set-id bits
+                os.chown(inode, -1, self.group)
+            os.chmod(inode, self.socket_mode)
+        finally:
+            os.close(bound)
+        name = self.path.name
+        with _PublishLock(self._dir_fd, name):
             try:
-                os.link(private, self.path)
+                os.link(_PRIVATE_SOCKET, name, src_dir_fd=private_fd, dst_dir_fd=self._dir_fd,
+                        follow_symlinks=False)
             except FileExistsError:
                 self._check_existing(replace_stale=True)
-                os.link(private, self.path)
-        info = os.lstat(self.path)
+                os.link(_PRIVATE_SOCKET, name, src_dir_fd=private_fd, dst_dir_fd=self._dir_fd,
+                        follow_symlinks=False)
+        info = os.lstat(name, dir_fd=self._dir_fd)
         self._identity = (info.st_dev, info.st_ino)
-        self._discard_private_dir()
+        self._discard_private()
 
     def remove(self) -> bool:
         """Remove the public path if it is still this server's socket.
 
         :returns: whether a file was removed.
         """
-        self._discard_private_dir()
+        self._discard_private()
         identity, self._identity = self._identity, None
-        if identity is None:
-            return False
-        try:
-            info = os.lstat(self.path)
-        except FileNotFoundError:
-            return False
-        if (info.st_dev, info.st_ino) != identity:
-            _logger.warning("not removing %s: it is no longer this server's socket", self.path)
-            return False
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            return False
-        return True
+        removed = False
+        if identity is not None and self._dir_fd is not None:
+            removed = self._unlink_if(identity)
+        self._close_parent()
+        return removed
 
     def discard(self) -> None:
         """Drop the private directory of a server that never published."""
-        self._discard_private_dir()
+        self._discard_private()
+        if self._identity is None:
+            self._close_parent()
 
-    def _make_parent(self) -> None:
+    # -- the directory --------------------------------------------------------------
+
+    def _open_parent(self) -> None:
         parent = self.path.parent
         missing: list[Path] = []
+        existing = parent
         for directory in (parent, *parent.parents):
             if directory.exists() or directory.is_symlink():
+                existing = directory
                 break
             missing.append(directory)
-        for directory in reversed(missing):
-            try:
-                os.mkdir(directory, self.directory_mode)
-            except FileExistsError:
-                continue
-            self._set_owner_and_mode(directory, self.directory_mode)
-        if not parent.is_dir():
+        if not existing.is_dir():
             raise NotADirectoryError(
                 errno.ENOTDIR, f'cannot create socket {str(self.path)!r}: its parent is not a directory',
                 str(parent))
-        if not os.access(parent, os.W_OK | os.X_OK):
+        check_directory_chain(Path(os.path.realpath(existing)))
+        for directory in reversed(missing):  # below a safe directory: ours alone
+            self._make_directory(directory)
+        real = Path(os.path.realpath(parent))
+        check_directory_chain(real)
+        if not os.access(real, os.W_OK | os.X_OK):
             raise PermissionError(
                 errno.EACCES, f'cannot create socket {str(self.path)!r}: directory is not writable',
                 str(parent))
+        self._dir_fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._directory = real
+
+    def _make_directory(self, directory: Path) -> None:
+        try:
+            os.mkdir(directory, self.directory_mode)
+        except FileExistsError:
+            return
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if self.group is not None:
+                os.fchown(fd, -1, self.group)
+            os.fchmod(fd, self.directory_mode)  # after chown, whatever the umask
+        finally:
+            os.close(fd)
+
+    def _close_parent(self) -> None:
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
+    # -- the public name ------------------------------------------------------------
 
     def _check_existing(self, *, replace_stale: bool = False) -> None:
+        assert self._dir_fd is not None
         try:
-            info = os.lstat(self.path)
+            info = os.lstat(self.path.name, dir_fd=self._dir_fd)
         except FileNotFoundError:
             return
         if stat.S_ISDIR(info.st_mode):
@@ -200,45 +286,91 @@ class SocketFile:
             raise SocketInUseError(self.path)
         if replace_stale:
             _logger.info('replacing stale socket %s (nobody listens on it)', self.path)
+            self._unlink_if((info.st_dev, info.st_ino))
+
+    def _unlink_if(self, identity: tuple[int, int]) -> bool:
+        """Unlink the public name if it is still the inode ``identity``."""
+        assert self._dir_fd is not None
+        try:
+            info = os.lstat(self.path.name, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            return False
+        if (info.st_dev, info.st_ino) != identity:
+            _logger.warning("not removing %s: it is no longer this server's socket", self.path)
+            return False
+        try:
+            os.unlink(self.path.name, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _discard_private(self) -> None:
+        if self._private is None:
+            return
+        name, fd = self._private
+        self._private = None
+        try:
+            os.unlink(_PRIVATE_SOCKET, dir_fd=fd)
+        except FileNotFoundError:
+            pass  # not bound yet, or gRPC unlinked it
+        os.close(fd)
+        if self._dir_fd is not None:
             try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-
-    def _set_owner_and_mode(self, path: Path, mode: int) -> None:
-        # Group first: chown() may clear set-id bits, and the mode must not
-        # depend on the umask, so it is set explicitly afterwards.
-        if self.group is not None:
-            os.chown(path, -1, self.group)
-        os.chmod(path, mode)
-
-    def _discard_private_dir(self) -> None:
-        if self._private_dir is not None:
-            shutil.rmtree(self._private_dir, ignore_errors=True)
-            self._private_dir = None
+                os.rmdir(name, dir_fd=self._dir_fd)
+            except OSError as error:
+                _logger.warning('could not remove the private directory %s: %s',
+                                self.path.parent / name, error.strerror)
 
 
-class _DirectoryLock:
-    """An exclusive ``flock`` on a directory, serializing publishers in it."""
+class _PublishLock:
+    """An exclusive ``flock`` on ``.<name>.lock`` in the socket's directory:
+    a 0600 file of this user, so only this user (and root) can open, and so
+    hold, it. Removed on release; a waiter that locked a file meanwhile
+    removed opens it anew."""
 
-    def __init__(self, directory: Path) -> None:
-        self._directory = directory
+    def __init__(self, dir_fd: int, name: str) -> None:
+        self._dir_fd = dir_fd
+        self._name = f'.{name}.lock'
         self._fd = -1
 
     def __enter__(self) -> None:
-        self._fd = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         deadline = time.monotonic() + _LOCK_TIMEOUT
         while True:
             try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
+                fd = os.open(self._name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                             dir_fd=self._dir_fd)
+            except OSError as error:
+                if error.errno != errno.ELOOP:
+                    raise
+                raise UnsafeDirectoryError(
+                    errno.EPERM, f'the lock file {self._name!r} beside the socket is a symlink '
+                    '(planted by another user?): not followed; remove it', self._name) from None
+            opened = os.fstat(fd)
+            if not stat.S_ISREG(opened.st_mode) or opened.st_uid != os.geteuid():
+                os.close(fd)
+                raise UnsafeDirectoryError(
+                    errno.EPERM, f'the lock file {self._name!r} beside the socket belongs to uid '
+                    f"{opened.st_uid}, not to this server's user: remove it", self._name)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                os.close(fd)
                 if time.monotonic() > deadline:
-                    os.close(self._fd)
-                    raise TimeoutError(
-                        errno.ETIMEDOUT, 'another process holds the lock of the socket directory',
-                        str(self._directory)) from None
+                    raise TimeoutError(errno.ETIMEDOUT, 'another server of this user holds the lock '
+                                       'of the socket path', self._name) from None
                 time.sleep(0.005)
+                continue
+            try:
+                current = os.lstat(self._name, dir_fd=self._dir_fd)
+            except FileNotFoundError:
+                current = None
+            if current is not None and (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
+                self._fd = fd
+                return
+            os.close(fd)  # the previous holder removed the file we locked: again
 
     def __exit__(self, *exc_info: object) -> None:
-        os.close(self._fd)  # closing releases the lock
+        try:
+            os.unlink(self._name, dir_fd=self._dir_fd)
+        finally:
+            os.close(self._fd)  # closing releases the lock

@@ -43,6 +43,7 @@ __all__ = [
     'SharedMemoryError',
     'SocketInUseError',
     'TooLargeError',
+    'UnsafeDirectoryError',
     'UntrustedServerError',
     'error_from_status',
 ]
@@ -134,6 +135,14 @@ class SocketInUseError(OSError):
             errno.EADDRINUSE,
             'another server is listening on this socket path; refusing to take it over',
             os.fspath(path))
+
+
+class UnsafeDirectoryError(PermissionError):
+    """Raised by :meth:`IPCServer.start` when the socket's directory, or one
+    above it, belongs to another user or lets other users replace what is in
+    it (writable by them and not a root-owned sticky directory like /tmp):
+    they could swap the server's socket. The message names the directory,
+    its owner and its mode."""
 
 
 class ForkedProcessError(RuntimeError):
