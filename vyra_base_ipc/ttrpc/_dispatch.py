@@ -26,7 +26,7 @@ from ._requests import AsyncRequests, SyncRequests
 from ._shared_memory import outgoing
 
 if TYPE_CHECKING:
-    from ._server import ServerConnection
+    from ._server_connection import ServerConnection
 
 __all__ = ['Call', 'Handler', 'number']
 

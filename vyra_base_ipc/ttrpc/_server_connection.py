@@ -1,0 +1,343 @@
+"""One client connection of the fast-lane server: decodes its frames, starts
+its calls (:mod:`._dispatch` runs them), writes their answers, and holds the
+connection to the server's limits (who may connect, how many connections and
+calls, metadata, stalled and unfinished frames, unread answers). The server's
+lifecycle is :mod:`._server`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf.message import DecodeError
+import grpc
+
+from .._payload import SharedMemoryError, TooLargeError
+from .._peer import PeerCredentials, socket_peer
+from .._shared_buffer import ReceivedBuffers
+from . import _hello
+from ._connection import FramedConnection
+from ._context import AsyncServicerContext, ServicerContext
+from ._dispatch import Call, number
+from ._frames import (
+    FLAG_SHARED_MEMORY,
+    Frame,
+    MessageType,
+    OversizedFrame,
+    encode_frame,
+    oversized_message,
+    window_increment,
+)
+from ._messages import Request, encode_ok_response, encode_response, metadata_from_wire
+from ._shared_memory import unpack
+
+if TYPE_CHECKING:
+    from ._server import TtrpcServer
+
+__all__ = ['ServerConnection']
+
+_logger = logging.getLogger(__name__)
+
+_REQUEST = int(MessageType.REQUEST)
+_RESPONSE = int(MessageType.RESPONSE)
+_DATA = int(MessageType.DATA)
+_CANCEL = int(MessageType.CANCEL)
+_WINDOW_UPDATE = int(MessageType.WINDOW_UPDATE)
+
+
+class ServerConnection(FramedConnection):
+    """One client connection: decodes frames, starts calls, writes answers."""
+
+    def __init__(self, server: 'TtrpcServer') -> None:
+        assert server._loop is not None
+        super().__init__(server._loop, server.frame_limit)
+        self.server = server
+        self.calls: dict[int, Call] = {}
+        self.last_stream_id = 0
+        #: Bytes of streamed requests one call may leave unread before it
+        #: fails (for clients that are not under flow control).
+        self.request_backlog_bytes = 2 * server.max_message_bytes
+        #: The client process (SO_PEERCRED), known once connected.
+        self.peer: PeerCredentials | None = None
+        self.queue_limit = server.queue_limit
+        # Unfinished frame bytes counted in the server's total, frames seen,
+        # and the timer of a frame that started (see data_received).
+        self._partial = 0
+        self._frames_seen = 0
+        self._frame_timer: asyncio.TimerHandle | None = None
+
+    def in_flight(self) -> int:
+        return len(self.calls)
+
+    # -- the connection ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        server = self.server
+        server._connections.add(self)
+        self.peer = socket_peer(transport.get_extra_info('socket'))
+        refusal = server.peer_rule.refusal(self.peer)
+        if refusal is None and len(server._connections) > server.limits.max_connections:
+            refusal = f'{server.limits.max_connections} connections are open already (max_connections)'
+        if refusal is not None:
+            server.refused(refusal)
+            self.close()
+        elif server._stopping:
+            self.close()
+
+    def lost(self, exc: Exception | None) -> None:
+        for call in list(self.calls.values()):
+            call.cancel()
+        self.server._connections.discard(self)
+        self.server._partial_bytes -= self._partial
+        self._partial = 0
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
+        if self.decoder.mid_frame:
+            _logger.debug('ttrpc connection closed inside a frame (%d bytes pending)',
+                          self.decoder.buffered)
+
+    def pause_writing(self) -> None:
+        # The client does not read its answers: stop reading its requests too,
+        # so that a peer cannot make the server buffer without bound.
+        super().pause_writing()
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def violation(self, reason: str) -> None:
+        _logger.warning('ttrpc connection closed: %s', reason)
+        super().violation(reason)
+
+    def data_received(self, data: bytes) -> None:
+        frames_before = self._frames_seen
+        super().data_received(data)
+        # Unfinished frames: bounded in bytes over all connections, and in
+        # time per frame (a peer that stalls inside one holds its bytes).
+        server = self.server
+        buffered = 0 if self.closed else self.decoder.buffered
+        if buffered != self._partial:
+            server._partial_bytes += buffered - self._partial
+            self._partial = buffered
+            if server._partial_bytes > server.limits.max_partial_bytes:
+                self.violation(f'unfinished frames of all connections would exceed '
+                               f'{server.limits.max_partial_bytes} bytes (max_partial_bytes)')
+                return
+        if self.closed or not self.decoder.mid_frame:
+            if self._frame_timer is not None:
+                self._frame_timer.cancel()
+                self._frame_timer = None
+        elif self._frame_timer is None or self._frames_seen != frames_before:
+            # A new frame began (or the first one): it gets the whole timeout.
+            if self._frame_timer is not None:
+                self._frame_timer.cancel()
+            self._frame_timer = self.loop.call_later(server.limits.frame_timeout, self._frame_overdue)
+
+    def _frame_overdue(self) -> None:
+        self._frame_timer = None
+        if self.closed or not self.decoder.mid_frame:
+            return
+        transport = self.transport
+        if transport is not None and transport.has_unread_data():
+            # The loop was too busy to read what arrived: not the peer's fault.
+            self._frame_timer = self.loop.call_later(self.server.limits.frame_timeout, self._frame_overdue)
+            return
+        self.violation(f'a frame started {self.server.limits.frame_timeout:g} s ago has not arrived '
+                       'whole (frame_timeout)')
+
+    # -- frames -----------------------------------------------------------------------
+
+    def frame_received(self, item: Frame | OversizedFrame) -> None:
+        self._frames_seen += 1
+        if item.__class__ is OversizedFrame:
+            details = oversized_message(item.length, item.limit)
+            call = self.calls.get(item.stream_id)
+            if call is not None:
+                call.fail(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+            else:
+                self.reject(item.stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+            return
+        frame: Frame = item  # type: ignore[assignment]
+        stream_id = frame.stream_id
+        if (frame.flags & FLAG_SHARED_MEMORY and (frame.type == _REQUEST or frame.type == _DATA)
+                and (self.agreement.shared_memory is None or not stream_id & 1)):
+            # Its descriptors cannot be accounted for: the connection is out of step.
+            self.violation(f'shared-memory flag on a frame of stream {stream_id} without agreement')
+        elif not stream_id & 1:
+            self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT,
+                        'StreamID must be odd for client initiated streams')
+        elif frame.type == _REQUEST:
+            self._request(frame)
+        elif frame.type == _DATA:
+            self._data(frame)
+        elif frame.type == _CANCEL and self.agreement.cancel:
+            call = self.calls.get(stream_id)
+            if call is not None:
+                call.cancel()
+        elif frame.type == _WINDOW_UPDATE and self.agreement.send_window:
+            call = self.calls.get(stream_id)
+            if call is not None and call.credit is not None:
+                call.credit.grant(window_increment(frame))
+        # Responses from a client and unknown types are ignored, as the
+        # protocol asks for forward compatibility.
+
+    def _data(self, frame: Frame) -> None:
+        stream_id = frame.stream_id
+        call = self.calls.get(stream_id)
+        payload: bytes | memoryview = frame.data
+        if frame.flags & FLAG_SHARED_MEMORY:
+            name = call.handler.path if call is not None else f'stream {stream_id}'
+            resolved = self._resolve(stream_id, payload, f'a streamed request of {name}')
+            if resolved is None:
+                return
+            payload = resolved[0]  # explicit buffers travel only with unary requests
+        if call is not None:
+            call.data(frame, payload)
+        elif stream_id > self.last_stream_id:
+            self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT,
+                        'StreamID is not active: data frame before its request')
+        # else: data for a call that already ended (e.g. it answered
+        # before reading all requests): nothing is waiting for it.
+
+    def _request(self, frame: Frame) -> None:
+        stream_id = frame.stream_id
+        if stream_id <= self.last_stream_id:
+            self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT,
+                        'StreamID cannot be re-used and must increment')
+            return
+        self.last_stream_id = stream_id
+        limits = self.server.limits
+        if len(self.calls) >= limits.max_concurrent_streams:
+            self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f'{limits.max_concurrent_streams} calls are in flight on this connection '
+                        'already (max_concurrent_streams)')
+            if frame.flags & FLAG_SHARED_MEMORY:
+                self.violation('a refused request with shared memory')
+            return
+        try:
+            request = Request.FromString(frame.data)
+        except DecodeError as error:
+            self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT, f'unmarshal request error: {error}')
+            if frame.flags & FLAG_SHARED_MEMORY:
+                self.violation('unreadable request with shared memory')
+            return
+        if request.metadata:
+            size = sum(len(item.key) + len(item.value) for item in request.metadata)
+            if size > limits.max_metadata_bytes:
+                self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f'request metadata of {size} bytes exceeds the limit of '
+                            f'{limits.max_metadata_bytes} (max_metadata_bytes)')
+                if frame.flags & FLAG_SHARED_MEMORY:
+                    self.violation('a refused request with shared memory')
+                return
+        payload: bytes | memoryview = request.payload
+        buffers: ReceivedBuffers | None = None
+        shared = frame.flags & FLAG_SHARED_MEMORY
+        if shared:
+            # First, whatever else is wrong: the frame's descriptors must be claimed in order.
+            what = f'the request of /{request.service}/{request.method}'
+            resolved = self._resolve(stream_id, payload, what)
+            if resolved is None:
+                return
+            payload, buffers = resolved
+        server = self.server
+        if request.service == _hello.HELLO_SERVICE and request.method == _hello.HELLO_METHOD and not shared:
+            self._hello(stream_id, payload)
+            return
+        if server._stopping:
+            self.reject(stream_id, grpc.StatusCode.UNAVAILABLE, 'server is shutting down')
+            return
+        handler = server._handlers.get((request.service, request.method))
+        if handler is None:
+            self.reject(stream_id, grpc.StatusCode.UNIMPLEMENTED, 'Method not found!')
+            return
+        if server.maximum_concurrent_rpcs is not None and server._active >= server.maximum_concurrent_rpcs:
+            self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED, 'Concurrent RPC limit exceeded!')
+            return
+        if len(payload) > server.max_message_bytes:
+            self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f'Received message larger than max ({len(payload)} vs. {server.max_message_bytes})')
+            return
+        timeout_nano = request.timeout_nano
+        if timeout_nano < 0:  # containerd's server treats it as expired too
+            self.reject(stream_id, grpc.StatusCode.DEADLINE_EXCEEDED, 'Deadline Exceeded')
+            return
+        timeout = timeout_nano / 1e9 if timeout_nano else None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if timeout is None and not handler.response_streaming:
+            # A call without deadline from another peer (this package's
+            # clients send one but for watch streams): ended all the same
+            # after max_call_duration, though its handler sees no deadline.
+            timeout = limits.max_call_duration
+        metadata = metadata_from_wire(request.metadata) if request.metadata else ()
+        context_class = AsyncServicerContext if handler.is_async else ServicerContext
+        context = context_class(deadline, metadata, handler.path, peer_credentials=self.peer)
+        context._buffers = buffers
+        # Buffers go with a single answer, to a client that agreed; elsewhere inline.
+        context._can_attach = self.agreement.shared_memory is not None and not handler.response_streaming
+        call = Call(self, stream_id, handler, context)
+        self.calls[stream_id] = call
+        server._active += 1
+        call.start(payload, frame.flags, timeout)
+
+    def _resolve(self, stream_id: int, manifest: bytes | memoryview, what: str
+                 ) -> tuple[bytes | memoryview, ReceivedBuffers | None] | None:
+        """The message and buffers a shared-memory frame refers to; ``None``
+        after answering the stream with INVALID_ARGUMENT (a refused buffer)
+        or closing the connection (descriptors missing)."""
+        options = self.agreement.shared_memory
+        assert options is not None
+        try:
+            return unpack(bytes(manifest), self.decoder.take_fds, self.server.max_message_bytes,
+                          options.max_bytes, what)
+        except ValueError as error:  # fewer descriptors than announced
+            self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT, f'{what}: {error}')
+            self.violation(str(error))
+        except TooLargeError as error:
+            self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        except SharedMemoryError as error:
+            self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return None
+
+    def _hello(self, stream_id: int, payload: bytes | memoryview) -> None:
+        """Agree on the extensions a vyra_base_ipc client offers."""
+        server = self.server
+        try:
+            self.agreement, answer = _hello.accept(payload, server.shared_memory, server.stream_window)
+        except DecodeError as error:
+            self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT, f'malformed Hello: {error}')
+            return
+        self.accepts_fds = self.agreement.shared_memory is not None
+        if self.agreement.receive_window:
+            # A client under flow control leaves at most a window and a message unread.
+            self.request_backlog_bytes = server.max_message_bytes + max(server.max_message_bytes,
+                                                                         self.agreement.receive_window)
+        self.send(encode_frame(stream_id, _RESPONSE, 0, encode_ok_response(answer)))
+
+    def reject(self, stream_id: int, code: grpc.StatusCode, details: str) -> None:
+        """Answer a stream that never became a call."""
+        self.send(encode_frame(stream_id, _RESPONSE, 0, encode_response(number(code), details)))
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def call_ended(self, call: Call) -> None:
+        if self.calls.pop(call.stream_id, None) is not None:
+            self.server._call_ended()
+        if self.server._stopping and not self.calls:
+            self.close()
+
+    def cancel_calls(self) -> list[asyncio.Future[Any]]:
+        """Cancel every call; return the tasks of async handlers still unwinding."""
+        tasks = [call.task for call in self.calls.values()
+                 if call.task is not None and call.handler.is_async and not call.task.done()]
+        for call in list(self.calls.values()):
+            call.cancel()
+        return tasks
