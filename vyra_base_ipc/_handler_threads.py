@@ -17,7 +17,18 @@ import queue
 import threading
 from typing import Any, Callable, TypeVar
 
-__all__ = ['HandlerThreads']
+__all__ = ['HandlerThreads', 'busy_handler_threads']
+
+# Threads of every pool running a handler now (for the exit report).
+_busy: set[threading.Thread] = set()
+_busy_lock = threading.Lock()
+
+
+def busy_handler_threads() -> list[str]:
+    """The names of the handler threads (of every :class:`HandlerThreads`)
+    that are running a handler now."""
+    with _busy_lock:
+        return sorted(thread.name for thread in _busy)
 
 _T = TypeVar('_T')
 _WorkItem = tuple[futures.Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
@@ -71,12 +82,18 @@ class HandlerThreads(futures.Executor):
             future, fn, args, kwargs = item
             del item
             if future.set_running_or_notify_cancel():
+                me = threading.current_thread()
+                with _busy_lock:
+                    _busy.add(me)
                 try:
                     result = fn(*args, **kwargs)
                 except BaseException as error:
                     future.set_exception(error)
                 else:
                     future.set_result(result)
+                finally:
+                    with _busy_lock:
+                        _busy.discard(me)
             del future, fn, args, kwargs  # hold nothing while idle
             self._idle.release()
 

@@ -36,6 +36,7 @@ from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
+from ._handler_threads import busy_handler_threads
 from ._loop_thread import EventLoopThread
 from ._node_parameters import (
     DECLARED_PARAMETERS,
@@ -409,13 +410,13 @@ def _exit_now_if_handlers_remain(status: int) -> None:
     grace period.
     """
     main_thread = threading.main_thread()
-    # Pool workers are joined at exit even when they are daemon threads (they
-    # inherit that flag from whichever thread started them); the pool module
-    # keeps the set it will join.
+    # Pool workers of concurrent.futures are joined at exit even when they
+    # are daemon threads; the pool module keeps the set it will join. The
+    # server's own handler threads are not joined, but they are reported.
     pool_workers = set(getattr(futures_thread, '_threads_queues', {}))
-    remaining = [thread.name for thread in threading.enumerate()
-                 if thread is not main_thread and thread.is_alive()
-                 and (not thread.daemon or thread in pool_workers)]
+    remaining = sorted({thread.name for thread in threading.enumerate()
+                        if thread is not main_thread and thread.is_alive()
+                        and (not thread.daemon or thread in pool_workers)} | set(busy_handler_threads()))
     if not remaining:
         return
     _logger.warning('exiting without waiting for %d handler thread(s) still running: %s',
