@@ -99,6 +99,20 @@ def module_socket_dir() -> Iterator[Path]:
     yield from _short_dir()
 
 
+#: Another local user, for access tests run as root (``setpriv``): a uid with
+#: no account, and 'nobody'/'nogroup' (Debian's 65534) as a group to share.
+OTHER_UID = 65533
+NOBODY = 65534
+
+
+@pytest.fixture
+def open_dir(socket_dir: Path) -> Path:
+    """``socket_dir``, traversable by every user (as /tmp is), so that the
+    rights of what is inside decide."""
+    socket_dir.chmod(0o755)
+    return socket_dir
+
+
 @pytest.fixture
 def socket_path(socket_dir: Path) -> Path:
     return socket_dir / 'test_ipc.sock'

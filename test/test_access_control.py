@@ -11,12 +11,10 @@ import subprocess
 
 import pytest
 
-from conftest import ServerProcess
+from conftest import NOBODY, OTHER_UID, ServerProcess
 
 pytestmark = pytest.mark.fault
 
-NOBODY = 65534       # uid of 'nobody', gid of 'nogroup' on Debian
-OTHER_UID = 65533    # a uid with no account: stands for another local user
 
 
 def modes(path: Path) -> tuple[int, int]:
@@ -63,12 +61,6 @@ def connect_as(uid: int, gid: int, path: Path) -> str:
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
-
-@pytest.fixture
-def open_dir(socket_dir: Path) -> Path:
-    """A directory every user may traverse, so that the socket's own rights decide."""
-    socket_dir.chmod(0o755)
-    return socket_dir
 
 
 def test_another_user_cannot_connect_by_default(start_server, open_dir: Path) -> None:

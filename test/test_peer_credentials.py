@@ -14,13 +14,11 @@ from typing import Callable, Iterator
 
 import pytest
 
-from conftest import ServerProcess, wait_for
+from conftest import NOBODY, OTHER_UID, ServerProcess, wait_for
 from vyra_base_ipc import IPCHandler, SyncIPCHandler, UntrustedServerError
 
 pytestmark = pytest.mark.fault
 
-NOBODY = 65534       # uid of 'nobody', gid of 'nogroup' on Debian
-OTHER_UID = 65533    # a uid with no account: stands for another local user
 
 
 def needs_second_uid() -> None:
@@ -246,11 +244,6 @@ def health_check_as(uid: int, gid: int, path: Path, groups: str = '') -> str:
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
-
-@pytest.fixture
-def open_dir(socket_dir: Path) -> Path:
-    socket_dir.chmod(0o755)
-    return socket_dir
 
 
 def test_the_fast_lane_refuses_a_peer_the_socket_mode_was_loosened_for(start_server, open_dir: Path) -> None:

@@ -15,12 +15,11 @@ from typing import Iterator
 
 import pytest
 
+from conftest import NOBODY, OTHER_UID
 from vyra_base_ipc import IPCServer, ModuleService, UnsafeDirectoryError
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.fault]
 
-OTHER_UID = 65533    # a uid with no account: stands for another local user
-NOGROUP = 65534
 
 
 def needs_root() -> None:
@@ -31,12 +30,6 @@ def needs_root() -> None:
 def server(path: Path, **options: object) -> IPCServer:
     return IPCServer(path, servicers=[ModuleService('unit')], **options)  # type: ignore[arg-type]
 
-
-@pytest.fixture
-def open_dir(socket_dir: Path) -> Path:
-    """socket_dir, traversable by everyone (as /tmp is)."""
-    socket_dir.chmod(0o755)
-    return socket_dir
 
 
 @pytest.mark.parametrize('owner, mode, why', [
@@ -80,7 +73,7 @@ async def test_a_root_owned_sticky_directory_like_tmp_is_accepted(open_dir: Path
 
 async def test_directories_the_server_makes_pass_its_own_check(socket_dir: Path) -> None:
     path = socket_dir / 'run' / 'robot' / 'x_ipc.sock'
-    async with server(path, socket_group=NOGROUP if os.geteuid() == 0 else None):
+    async with server(path, socket_group=NOBODY if os.geteuid() == 0 else None):
         for directory in (socket_dir / 'run', path.parent):
             mode = stat.S_IMODE(directory.stat().st_mode)
             assert mode in (0o700, 0o750) and not mode & stat.S_IWGRP
@@ -167,7 +160,7 @@ async def test_symlinks_another_user_plants_are_never_followed(
     assert planter.stdout is not None and planter.stdout.readline().strip() == 'ready'
     outcomes = []
     for index in range(10):
-        ipc = server(tmp_like / f'x{index}_ipc.sock', socket_group=NOGROUP)
+        ipc = server(tmp_like / f'x{index}_ipc.sock', socket_group=NOBODY)
         try:
             await ipc.start()
             outcomes.append('started')

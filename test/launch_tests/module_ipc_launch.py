@@ -41,6 +41,12 @@ def generate_test_description() -> LaunchDescription:
 
 class TestModuleIPC(unittest.TestCase):
 
+    def test_module_node_is_up(self, proc_output) -> None:
+        # Also keeps the launch from ending while the node still imports
+        # rclpy: SIGINT then would end it with -2 before its main() could
+        # catch it (seen in 2 of 9 runs on a real Kilted launch stack).
+        proc_output.assertWaitFor('offers /callable', timeout=30)
+
     def test_ipc_server_answers_on_socket_from_parameters(self) -> None:
         deadline = time.monotonic() + 30
         while not is_listening(SOCKET):
