@@ -13,14 +13,16 @@ import json
 import os
 from pathlib import Path
 import socket
+import threading
 import time
 from typing import Any, Iterator
 
 import pytest
 
 from conftest import ServerProcess, wait_for
-from ttrpc_peer import REQUEST, Peer, frame_bytes
+from ttrpc_peer import REQUEST, RESPONSE, Peer, frame_bytes, request_envelope
 from vyra_base_ipc import IPCError, IPCHandler, IPCRemoteError, IPCTimeoutError, ServerLimits, SyncIPCHandler
+from vyra_base_ipc import ttrpc_pb2
 from vyra_base_ipc.address import default_ttrpc_socket_path
 
 pytestmark = pytest.mark.fault
@@ -162,7 +164,7 @@ def test_metadata_beyond_the_limit_is_refused_on_both_lanes(server: ServerProces
 def test_a_peer_stalling_inside_a_frame_loses_its_connection(start_server, socket_dir: Path, echo) -> None:
     server = limited(start_server, socket_dir / 'l.sock', frame_timeout=1.0)
     fast_lane = default_ttrpc_socket_path(server.socket_path)
-    with raw_connections(fast_lane, 20) as slow:
+    with raw_connections(fast_lane, 150) as slow:
         for sock in slow:
             # A header announcing 1000 bytes, then 10 of them, then nothing.
             sock.sendall(frame_bytes(1, REQUEST, 0, b'x' * 1000)[:20])
@@ -333,4 +335,53 @@ async def test_a_rapid_reset_burst_leaves_other_clients_served(server: ServerPro
                 assert (await other.call_method('Echo', echo.pb.EchoRequest(text=text))).text == text
     finally:
         await channel.close()
+    assert server.running()
+
+
+@pytest.mark.asyncio
+async def test_a_grpc_call_without_deadline_ends_after_max_call_duration(start_server, socket_dir: Path,
+                                                                         echo) -> None:
+    """The same bound on the gRPC lane, for another peer's call (a bare grpc.aio
+    stub sends no deadline unless told); a call with a deadline is its own."""
+    import grpc
+
+    server = limited(start_server, socket_dir / 'g.sock', max_call_duration=1.0)
+    channel = grpc.aio.insecure_channel(f'unix:{server.socket_path}')
+    try:
+        stub = echo.Stub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.Sleep(echo.pb.SleepRequest(seconds=60))
+        assert error.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert '(max_call_duration)' in (error.value.details() or '')
+        reply = await stub.Sleep(echo.pb.SleepRequest(seconds=1.5), timeout=30)
+        assert reply.time_remaining > 0
+    finally:
+        await channel.close()
+
+
+def test_twenty_thousand_calls_on_one_fast_lane_connection_hold_at_most_the_stream_limit(
+        start_server, socket_dir: Path, echo) -> None:
+    """20,000 streams on one connection were all accepted before; now 1024 run
+    and the rest are refused at once, and other clients are served."""
+    server = start_server(socket_dir / 'm.sock')
+    fast_lane = default_ttrpc_socket_path(server.socket_path)
+    watch = echo.pb.WatchRequest(tag='many', interval=30).SerializeToString()
+    with Peer.connect(fast_lane, timeout=60) as peer:
+        requests = b''.join(frame_bytes(stream_id, REQUEST, 0, request_envelope(
+            'vyra.ipc.test.WatchService', 'Watch', watch, timeout_nano=int(120e9)))
+            for stream_id in range(1, 40_000, 2))
+        # Sent while the answers are read: a peer that does not read is not read from.
+        sender = threading.Thread(target=peer.send_raw, args=(requests,), daemon=True)
+        sender.start()
+        refused = 0
+        while refused < 20_000 - ServerLimits().max_concurrent_streams:
+            frame = peer.read_frame()
+            if frame.type == RESPONSE:
+                answer = ttrpc_pb2.Response.FromString(frame.data)
+                assert answer.status.code == 8, answer  # RESOURCE_EXHAUSTED
+                refused += 1
+        sender.join(timeout=60)
+        assert not sender.is_alive()
+        with SyncIPCHandler(server.socket_path, echo.Stub, lane='ttrpc') as ipc:
+            assert ipc.call_method('Echo', echo.pb.EchoRequest(text='served')).text == 'served'
     assert server.running()

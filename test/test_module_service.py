@@ -6,12 +6,14 @@ import asyncio
 import json
 import os
 from pathlib import Path
+import shutil
 import stat
+import subprocess
 
 import grpc
 import pytest
 
-from conftest import ServerProcess
+from conftest import NOBODY, OTHER_UID, ServerProcess
 from vyra_base_ipc import (
     CommandError,
     IPCHandler,
@@ -22,6 +24,7 @@ from vyra_base_ipc import (
     command,
 )
 from vyra_base_ipc import module_service_pb2 as pb
+from vyra_base_ipc import ttrpc_pb2
 from vyra_base_ipc import module_service_pb2_grpc as pb_grpc
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
@@ -286,3 +289,51 @@ async def test_registered_data_items(socket_path: Path) -> None:
 def test_registry_misuse_is_a_clear_error(call, error) -> None:
     with pytest.raises(error):
         call(ModuleService('unit'))
+
+
+#: As a member of the socket group: one ttrpc Initialize request for argv[2]
+#: on the fast lane argv[1]; prints the response frame's data as hex.
+INITIALIZE_AS_MEMBER = r'''
+import socket, struct, sys
+def field(number, value):
+    return bytes([number << 3 | 2, len(value)]) + value
+payload = field(1, sys.argv[2].encode())
+request = field(1, b'vyra.ipc.ModuleService') + field(2, b'Initialize') + field(3, payload) \
+    + bytes([4 << 3, 0x80, 0x94, 0xeb, 0xdc, 0x03])  # timeout_nano: 1e9
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(30)
+s.connect(sys.argv[1])
+s.sendall(struct.pack('>IIBB', len(request), 1, 1, 0) + request)
+data = b''
+while len(data) < 10 or len(data) < 10 + struct.unpack('>I', data[:4])[0]:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(data[10:].hex())
+'''
+
+
+def test_a_socket_group_member_cannot_read_a_root_only_file_through_initialize(
+        start_server, open_dir: Path, tmp_path: Path) -> None:
+    """Issue 15: a member of the socket group, who cannot read a root-only
+    file, got its contents through Initialize + GetData('config')."""
+    if os.geteuid() != 0 or shutil.which('setpriv') is None:
+        pytest.skip('needs root and setpriv to act as another user')
+    secret = open_dir / 'secret.yaml'
+    secret.write_text('password: hunter2\n')
+    secret.chmod(0o600)
+    config_dir = tmp_path / 'config'
+    config_dir.mkdir()
+    start_server(open_dir / 'g_ipc.sock', '--socket-group', 'nogroup', '--config-dir', str(config_dir))
+    member = subprocess.run(
+        ['setpriv', f'--reuid={OTHER_UID}', f'--regid={NOBODY}', '--clear-groups', '/usr/bin/python3', '-c',
+         INITIALIZE_AS_MEMBER, str(open_dir / 'g_ipc.ttrpc.sock'), str(secret)],
+        capture_output=True, text=True, timeout=60, env={'PATH': '/usr/bin:/bin'})
+    assert member.returncode == 0, member.stderr
+    response = ttrpc_pb2.Response.FromString(bytes.fromhex(member.stdout.strip()))
+    assert response.status.code == 0  # the call itself is allowed...
+    answer = pb.InitResponse.FromString(response.payload)
+    assert not answer.success  # ...the file is not
+    assert 'is not inside an allowed configuration directory' in answer.message
+    assert 'hunter2' not in answer.message

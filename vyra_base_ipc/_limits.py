@@ -35,10 +35,12 @@ class ServerLimits:
         loses its connection.
     :param max_partial_bytes: bytes of unfinished frames of all fast-lane
         connections together; the connection that would exceed it is closed.
-    :param max_call_duration: seconds a fast-lane call that came without a
-        deadline may run, unless it streams responses (a watch: it lives as
-        long as the client stays); it then ends as at a deadline. This
-        package's clients always send a deadline but for such streams.
+    :param max_call_duration: seconds a call that came without a deadline
+        may run, unless it streams responses (a watch: it lives as long as
+        the client stays); it then ends DEADLINE_EXCEEDED. This package's
+        clients always send a deadline but for such streams. On the gRPC
+        lane ``def`` handlers are not bounded (their thread cannot be
+        interrupted, as when a client's deadline passes).
     :param max_queued_bytes: bytes of answers waiting for one fast-lane peer
         that does not read them; beyond it that connection is closed. Never
         less than two messages of the server's ``max_message_bytes``.

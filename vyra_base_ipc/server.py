@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ._call_duration import bound_call_duration
 from ._fork_safety import ensure_usable_after_fork, note_grpc_used
 from ._grpc_streams import OpenStreams
 from ._handler_threads import HandlerThreads
@@ -314,7 +315,8 @@ class IPCServer:
 
     def _add_services(self, server: grpc.aio.Server) -> None:
         for registration in self._services:
-            handlers = self._open_streams.track(guard_handlers(registration.name, registration.handlers))
+            handlers = self._open_streams.track(bound_call_duration(
+                guard_handlers(registration.name, registration.handlers), self.limits.max_call_duration))
             server.add_generic_rpc_handlers(
                 (grpc.method_handlers_generic_handler(registration.name, handlers),))
             server.add_registered_method_handlers(registration.name, handlers)

@@ -1,0 +1,53 @@
+"""Calls that arrive on the gRPC lane without a deadline end after
+:attr:`ServerLimits.max_call_duration <vyra_base_ipc.ServerLimits>`, as they
+do on the fast lane.
+
+grpc.aio has no server-side bound of its own: a peer that sends no deadline
+(this package's clients always send one, but for watch streams) could hold a
+handler for ever. ``async def`` handlers of methods with one response are
+cancelled at the bound and the call ends DEADLINE_EXCEEDED. Streams of
+responses are left alone (a watch lives as long as its client), and so are
+``def`` handlers: they run in threads nothing can interrupt, exactly as when
+a client's own deadline passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any, Callable, Mapping
+
+import grpc
+
+__all__ = ['bound_call_duration']
+
+
+def bound_call_duration(handlers: Mapping[str, grpc.RpcMethodHandler], seconds: float
+                        ) -> dict[str, grpc.RpcMethodHandler]:
+    """``handlers``, those of ``async def`` one-response methods bounded to
+    ``seconds`` when their call has no deadline."""
+    bounded = {}
+    for name, handler in handlers.items():
+        behaviour = handler.stream_unary if handler.request_streaming else handler.unary_unary
+        if handler.response_streaming or not inspect.iscoroutinefunction(behaviour):
+            bounded[name] = handler
+            continue
+        factory = (grpc.stream_unary_rpc_method_handler if handler.request_streaming
+                   else grpc.unary_unary_rpc_method_handler)
+        bounded[name] = factory(_bounded(behaviour, seconds),
+                                request_deserializer=handler.request_deserializer,
+                                response_serializer=handler.response_serializer)
+    return bounded
+
+
+def _bounded(behaviour: Callable[..., Any], seconds: float) -> Callable[..., Any]:
+    async def bounded(request: Any, context: Any) -> Any:
+        if context.time_remaining() is not None:
+            return await behaviour(request, context)
+        try:
+            return await asyncio.wait_for(behaviour(request, context), seconds)
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f'the call came without a deadline and ran for {seconds:g} s '
+                                '(max_call_duration)')
+    return bounded
