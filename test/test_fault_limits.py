@@ -385,3 +385,33 @@ def test_twenty_thousand_calls_on_one_fast_lane_connection_hold_at_most_the_stre
         with SyncIPCHandler(server.socket_path, echo.Stub, lane='ttrpc') as ipc:
             assert ipc.call_method('Echo', echo.pb.EchoRequest(text='served')).text == 'served'
     assert server.running()
+
+
+@pytest.mark.asyncio
+async def test_twenty_thousand_streams_on_one_grpc_connection_leave_the_server_bounded(
+        start_server, socket_dir: Path, echo) -> None:
+    """20,000 streams on one HTTP/2 connection were all accepted before; now
+    the server advertises 1024 and the client holds the rest back."""
+    import grpc
+
+    server = start_server(socket_dir / 'w.sock')
+    before = rss_kb(server.pid)
+    channel = grpc.aio.insecure_channel(f'unix:{server.socket_path}')
+    calls = []
+    try:
+        stub = echo.grpc.WatchServiceStub(channel)
+        request = echo.pb.WatchRequest(tag='many', interval=30)
+        calls = [stub.Watch(request, timeout=120) for _ in range(20_000)]
+        # The first streams are served (a first message each)...
+        for call in calls[:10]:
+            assert (await call.read()).index == 0
+        async with IPCHandler(server.socket_path, echo.Stub, lane='grpc') as other:
+            assert (await other.call_method('Echo', echo.pb.EchoRequest(text='served'))).text == 'served'
+        # ...and the server holds at most the limit of them.
+        # (1024 watches cost ~25 MB here; 20,000 would cost about 20 times that.)
+        assert rss_kb(server.pid) - before < 100 * 1024
+    finally:
+        for call in calls:
+            call.cancel()
+        await channel.close()
+    assert server.running()
