@@ -226,13 +226,13 @@ s = socket.socket(socket.AF_UNIX)
 s.settimeout(20)
 try:
     s.connect(sys.argv[1])
-    s.sendall(struct.pack('>IIBB', len(request), 1, 1, 0) + request)
-except OSError as error:
+except OSError as error:  # e.g. PermissionError: the socket's mode says no
     print(type(error).__name__)
     sys.exit(0)
 try:
+    s.sendall(struct.pack('>IIBB', len(request), 1, 1, 0) + request)
     header = s.recv(10)
-except ConnectionResetError:  # closed with our request unread
+except ConnectionError:  # closed by the server before or after our request arrived
     header = b''
 print('answered' if len(header) == 10 and header[8] == 2 else 'closed')
 '''
