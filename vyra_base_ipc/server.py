@@ -7,7 +7,7 @@ import enum
 import grp
 import logging
 import signal
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,10 +15,15 @@ from grpc_reflection.v1alpha import reflection
 
 from ._call_duration import bound_call_duration
 from ._fork_safety import ensure_usable_after_fork, note_grpc_used
+from ._grpc_observe import observe_handlers
 from ._grpc_streams import OpenStreams
 from ._handler_threads import HandlerThreads
+from ._interceptors import CallObserver, ServerInterceptor
+from ._introspection import SERVICE_NAME as INTROSPECTION_SERVICE
+from ._introspection import IntrospectionServicer, unix_connections
 from ._limits import ServerLimits
 from ._methods import ServiceRegistration, record_servicer
+from ._metrics import ServerMetrics
 from ._options import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -35,6 +40,8 @@ from .address import (
     resolve_socket_path,
     validate_socket_path,
 )
+from .introspection_pb2 import Stats
+from .introspection_pb2_grpc import add_IntrospectionServicer_to_server
 from .ttrpc import TtrpcServer
 
 __all__ = ['IPCServer']
@@ -95,6 +102,13 @@ class IPCServer:
     :param limits: what peers may hold: connections per lane, calls per
         connection, metadata, unfinished frames, unread answers (see
         :class:`~vyra_base_ipc.ServerLimits` for the defaults).
+    :param interceptors: :class:`~vyra_base_ipc.ServerInterceptor` objects
+        that see every call of the registered services on both lanes, in
+        this order (health, reflection and introspection are not
+        intercepted).
+    :param metrics: count calls, errors, latency and bytes per method and
+        lane (:attr:`metrics`, :meth:`stats`, and ``vyra.ipc.Introspection``
+        over the socket).
     """
 
     def __init__(
@@ -114,8 +128,16 @@ class IPCServer:
         socket_mode: int | None = None,
         directory_mode: int | None = None,
         limits: ServerLimits = ServerLimits(),
+        interceptors: Sequence[ServerInterceptor] = (),
+        metrics: bool = True,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path, module_name=module_name)
+        #: The module name given, if any.
+        self.module_name = module_name
+        interceptors = tuple(interceptors)
+        for interceptor in interceptors:
+            if not isinstance(interceptor, ServerInterceptor):
+                raise TypeError(f'interceptors must be ServerInterceptor objects, not {interceptor!r}')
         if not isinstance(limits, ServerLimits):
             raise TypeError(f'limits must be a ServerLimits, not {type(limits).__name__}')
         self.limits = limits
@@ -140,6 +162,12 @@ class IPCServer:
         }
         self._socket_group = group
         self._socket = SocketFile(self.socket_path, group=group, **self._socket_options)
+        #: Counters of calls, errors, latency and bytes; ``None`` with ``metrics=False``.
+        self.metrics = ServerMetrics(('grpc', 'ttrpc') if self.ttrpc_socket_path else ('grpc',)) \
+            if metrics else None
+        self._observer = CallObserver(self.metrics, interceptors) if metrics or interceptors else None
+        self._bound_path: Any = None
+        self._introspection = IntrospectionServicer(self)
         self._ttrpc: TtrpcServer | None = None
         self._open_streams = OpenStreams()
         self._services: list[ServiceRegistration] = []
@@ -191,6 +219,17 @@ class IPCServer:
         """Whether the server is up: started and not stopping."""
         return self._state is _State.SERVING
 
+    def stats(self) -> Stats | None:
+        """The :attr:`metrics` now, with the connections open per lane, as the
+        ``vyra.ipc.Stats`` message ``vyra.ipc.Introspection/GetStats`` answers;
+        ``None`` with ``metrics=False``."""
+        if self.metrics is None:
+            return None
+        connections = {'grpc': unix_connections(self._bound_path) if self._bound_path else 0}
+        if self._ttrpc is not None:
+            connections['ttrpc'] = self._ttrpc.connection_count
+        return self.metrics.snapshot(connections)
+
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -217,16 +256,19 @@ class IPCServer:
                 maximum_concurrent_rpcs=self._maximum_concurrent_rpcs,
             )
             self._add_services(self._server)
-            bound = self._server.add_insecure_port(grpc_target(self._socket.private_bind_path()))
+            self._bound_path = self._socket.private_bind_path()
+            bound = self._server.add_insecure_port(grpc_target(self._bound_path))
             if bound == 0:  # older grpcio reported failure this way
                 raise OSError(f'gRPC could not bind a socket for {self.socket_path}')
             await self._server.start()
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             if self.ttrpc_socket_path is not None:
                 # Health too, so that a client on either lane sees NOT_SERVING first.
-                health_service = record_servicer(self._health, health_pb2_grpc.add_HealthServicer_to_server)
+                tools = [*record_servicer(self._health, health_pb2_grpc.add_HealthServicer_to_server),
+                         *record_servicer(self._introspection, add_IntrospectionServicer_to_server)]
                 self._ttrpc = TtrpcServer(
-                    self.ttrpc_socket_path, [*self._services, *health_service],
+                    self.ttrpc_socket_path, [*self._services, *tools],
+                    observer=self._observer, observed_services=self.service_names,
                     max_message_bytes=self.max_message_bytes,
                     grace_period=self.grace_period, socket_group=self._socket_group,
                     executor=self._executor, maximum_concurrent_rpcs=self._maximum_concurrent_rpcs,
@@ -317,13 +359,17 @@ class IPCServer:
         for registration in self._services:
             handlers = self._open_streams.track(bound_call_duration(
                 guard_handlers(registration.name, registration.handlers), self.limits.max_call_duration))
+            if self._observer is not None:
+                handlers = observe_handlers(registration.name, handlers, self._observer)
             server.add_generic_rpc_handlers(
                 (grpc.method_handlers_generic_handler(registration.name, handlers),))
             server.add_registered_method_handlers(registration.name, handlers)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        add_IntrospectionServicer_to_server(self._introspection, server)
         reflection.enable_server_reflection(
-            (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            (*self.service_names, health.SERVICE_NAME, INTROSPECTION_SERVICE, reflection.SERVICE_NAME),
+            server)
 
     async def _set_health(self, status: int) -> None:
         assert self._health is not None

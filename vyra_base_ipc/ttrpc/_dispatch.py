@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any, Callable, Union
 
 import grpc
 
+from .._interceptors import CallRejected, Observation
 from .._methods import MethodKind
+from .._metrics import MethodMetrics
 from .._payload import SharedMemoryError, close_fds
 from ._context import ServicerContext, _End
 from ._eager import start_task
@@ -35,6 +37,7 @@ _logger = logging.getLogger(__name__)
 _RESPONSE = int(MessageType.RESPONSE)
 _DATA = int(MessageType.DATA)
 _OK = 0
+_CANCELLED = int(grpc.StatusCode.CANCELLED.value[0])
 _SHUTTING_DOWN = 'server is shutting down'
 
 # Answer of a call: (status code number, details, payload); payload None
@@ -65,7 +68,7 @@ class Handler:
     """One registered method, ready to call."""
 
     __slots__ = ('path', 'kind', 'function', 'deserialize', 'serialize', 'is_async',
-                 'request_streaming', 'response_streaming', 'request_type')
+                 'request_streaming', 'response_streaming', 'request_type', 'observed', 'metrics')
 
     def __init__(self, service: str, name: str, handler: grpc.RpcMethodHandler) -> None:
         self.path = f'/{service}/{name}'
@@ -81,6 +84,10 @@ class Handler:
         self.response_streaming = self.kind.response_streaming
         descriptor = getattr(getattr(self.deserialize, '__self__', None), 'DESCRIPTOR', None)
         self.request_type: str = getattr(descriptor, 'full_name', 'the request message')
+        #: Whether the server's metrics and interceptors see its calls, and
+        #: its counters (set by the server).
+        self.observed = False
+        self.metrics: MethodMetrics | None = None
 
     def decode(self, payload: bytes | memoryview, context: ServicerContext) -> Any:
         """The request message, or the call aborted with INVALID_ARGUMENT (as
@@ -133,7 +140,7 @@ class Call:
     """One stream on a connection: the handler's run and its answer."""
 
     __slots__ = ('connection', 'stream_id', 'handler', 'context', 'task', 'finished', 'requests',
-                 'response_streaming', 'deadline', 'credit')
+                 'response_streaming', 'deadline', 'credit', 'observation')
 
     def __init__(self, connection: 'ServerConnection', stream_id: int, handler: Handler,
                  context: ServicerContext) -> None:
@@ -148,6 +155,8 @@ class Call:
         self.deadline: _DeadlineEntry | None = None
         #: What the response stream may still send (flow control), if agreed.
         self.credit: SendCredit | None = None
+        #: The call as metrics and interceptors see it, until it ends.
+        self.observation: Observation | None = None
 
     # -- start ------------------------------------------------------------------------
 
@@ -156,6 +165,16 @@ class Call:
         handler = self.handler
         loop = connection.loop
         agreement = connection.agreement
+        if handler.observed:
+            server = connection.server
+            assert server.observer is not None
+            try:
+                self.observation = server.observer.start(
+                    handler.metrics, handler.path, 'ttrpc', self.context, connection.peer,
+                    self.context._deadline)
+            except CallRejected as rejection:  # counted already
+                self.answer(number(rejection.code), rejection.details)
+                return
         if timeout is not None:
             self.deadline = _DeadlineEntry(self)
             connection.server._deadlines.add(loop.time() + timeout, self.deadline)
@@ -236,7 +255,9 @@ class Call:
         payload = self.handler.serialize(message)
         self._check_size(len(payload))
         connection = self.connection
-        connection.send(*self._data_frame(payload))
+        frame, fds = self._data_frame(payload)
+        connection.send(frame, fds)
+        self._count_sent(len(payload), bool(fds))
         if credit is not None:
             credit.spend(message_cost(len(payload)))
         if connection.write_paused:
@@ -312,7 +333,7 @@ class Call:
         if credit is not None:
             credit.spend(message_cost(len(payload)))
         try:
-            connection.loop.call_soon_threadsafe(self._send_from_thread, frame, fds)
+            connection.loop.call_soon_threadsafe(self._send_from_thread, frame, fds, len(payload))
         except RuntimeError:  # the loop is closed
             close_fds(fds)
             raise _CallEnded() from None
@@ -320,11 +341,12 @@ class Call:
             if self.context._end is not None:
                 raise _CallEnded()
 
-    def _send_from_thread(self, frame: bytes, fds: list[int]) -> None:
+    def _send_from_thread(self, frame: bytes, fds: list[int], size: int) -> None:
         if self.finished:
             close_fds(fds)
         else:
             self.connection.send(frame, fds)
+            self._count_sent(size, bool(fds))
 
     def _sync_done(self, future: asyncio.Future[Any]) -> None:
         if self.finished:
@@ -346,6 +368,15 @@ class Call:
             self.answer(code, details, payload)
 
     # -- answers ----------------------------------------------------------------------
+
+    def _count_sent(self, size: int, shared: bool) -> None:
+        # On the event loop only: the fast lane's counters take no lock.
+        lane = self.connection.server.lane_metrics
+        if lane is not None:
+            if shared:
+                lane.shared_sent += size
+            else:
+                lane.inline_sent += size
 
     def _data_frame(self, payload: bytes) -> tuple[bytes, list[int]]:
         """A streamed answer as a data frame, and the descriptors to pass with it."""
@@ -386,10 +417,13 @@ class Call:
                                           f'cannot pass the shared buffers of the answer: {error}', b'')
             else:
                 connection.send(encode_frame(self.stream_id, _RESPONSE, flags, encode_ok_response(data)), fds)
+                replies = self.context._reply_buffers
+                self._count_sent(len(payload) + (sum(buffer.size for buffer in replies) if replies else 0),
+                                 bool(fds))
         if code != _OK:
             connection.send(encode_frame(self.stream_id, _RESPONSE, 0,
                                          encode_response(code, details, payload)))
-        self._end(end)
+        self._end(end, code, details)
 
     def _end_stream(self) -> None:
         if self.finished:
@@ -402,8 +436,12 @@ class Call:
         self.connection.send(encode_frame(self.stream_id, _DATA, FLAG_REMOTE_CLOSED | FLAG_NO_DATA))
         self._end(_End.FINISHED)
 
-    def _end(self, how: _End) -> None:
+    def _end(self, how: _End, code: int = _OK, details: str = '') -> None:
         self.finished = True
+        observation = self.observation
+        if observation is not None:
+            self.observation = None
+            observation.end(code, details)
         if self.deadline is not None:
             self.deadline.call = None  # the queue drops it lazily: it must not hold the call
         if self.requests is not None:
@@ -445,7 +483,7 @@ class Call:
         cancelling the handler."""
         if self.finished:
             return
-        self._end(_End.CANCELLED)
+        self._end(_End.CANCELLED, _CANCELLED, 'the client cancelled the call or went away')
         self._cancel_task()
 
     def _cancel_task(self) -> None:

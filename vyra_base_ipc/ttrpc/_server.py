@@ -36,6 +36,7 @@ import time
 from typing import Any, Callable, Iterable
 
 from .._handler_threads import HandlerThreads
+from .._interceptors import CallObserver
 from .._limits import ServerLimits
 from .._methods import ServiceRegistration
 from .._options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, validate_max_message_bytes
@@ -96,6 +97,9 @@ class TtrpcServer:
         inline. Independent ttrpc clients always get inline answers.
     :param stream_window: bytes of streamed requests a client under flow
         control may send on a stream before the handler has read them.
+    :param limits: what peers may hold (:class:`~vyra_base_ipc.ServerLimits`).
+    :param observer: metrics and interceptors (shared with the gRPC lane)
+        that see every call of ``observed_services``.
     :raises TypeError, ValueError: invalid path, limit, or a service
         registered twice.
     """
@@ -116,6 +120,8 @@ class TtrpcServer:
         shared_memory: SharedMemoryOptions | None = SharedMemoryOptions(),
         stream_window: int = DEFAULT_STREAM_WINDOW,
         limits: ServerLimits = ServerLimits(),
+        observer: CallObserver | None = None,
+        observed_services: Iterable[str] = (),
     ) -> None:
         self.socket_path = validate_socket_path(socket_path)
         #: The shared-memory options offered to clients (None if off or unavailable here).
@@ -130,12 +136,20 @@ class TtrpcServer:
             raise ValueError(f'maximum_concurrent_rpcs must be a positive int or None, '
                              f'not {maximum_concurrent_rpcs!r}')
         self.maximum_concurrent_rpcs = maximum_concurrent_rpcs
+        #: Metrics and interceptors of the calls of ``observed_services``.
+        self.observer = observer
+        self.lane_metrics = observer.metrics.lanes.get('ttrpc') if observer and observer.metrics else None
+        observed = set(observed_services) if observer is not None else set()
         self._handlers: dict[tuple[str, str], Handler] = {}
         for registration in services:
             if any(service == registration.name for service, _ in self._handlers):
                 raise ValueError(f'service {registration.name} is registered twice')
             for name, handler in registration.handlers.items():
-                self._handlers[(registration.name, name)] = Handler(registration.name, name, handler)
+                method = Handler(registration.name, name, handler)
+                if observer is not None and registration.name in observed:
+                    method.observed = True
+                    method.metrics = observer.method_metrics(method.path, 'ttrpc')
+                self._handlers[(registration.name, name)] = method
         self._socket = SocketFile(self.socket_path, socket_mode=socket_mode,
                                   directory_mode=directory_mode, group=socket_group)
         #: Who may connect (checked per connection, beside the socket file's mode).
@@ -172,6 +186,11 @@ class TtrpcServer:
             _logger.warning('fast lane %s refused a connection: %s%s', self.socket_path, reason, more)
             self._refused = 0
             self._refusal_logged_at = now
+
+    @property
+    def connection_count(self) -> int:
+        """Connections open now."""
+        return len(self._connections)
 
     @property
     def method_paths(self) -> tuple[str, ...]:

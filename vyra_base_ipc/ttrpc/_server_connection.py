@@ -199,6 +199,7 @@ class ServerConnection(FramedConnection):
             if resolved is None:
                 return
             payload = resolved[0]  # explicit buffers travel only with unary requests
+        self._count_received(len(payload), bool(frame.flags & FLAG_SHARED_MEMORY))
         if call is not None:
             call.data(frame, payload)
         elif stream_id > self.last_stream_id:
@@ -252,6 +253,8 @@ class ServerConnection(FramedConnection):
         if request.service == _hello.HELLO_SERVICE and request.method == _hello.HELLO_METHOD and not shared:
             self._hello(stream_id, payload)
             return
+        buffered = sum(buffer.size for buffer in buffers.values()) if buffers else 0
+        self._count_received(len(payload) + buffered, bool(shared))
         if server._stopping:
             self.reject(stream_id, grpc.StatusCode.UNAVAILABLE, 'server is shutting down')
             return
@@ -287,6 +290,14 @@ class ServerConnection(FramedConnection):
         self.calls[stream_id] = call
         server._active += 1
         call.start(payload, frame.flags, timeout)
+
+    def _count_received(self, size: int, shared: bool) -> None:
+        lane = self.server.lane_metrics
+        if lane is not None:
+            if shared:
+                lane.shared_received += size
+            else:
+                lane.inline_received += size
 
     def _resolve(self, stream_id: int, manifest: bytes | memoryview, what: str
                  ) -> tuple[bytes | memoryview, ReceivedBuffers | None] | None:

@@ -1,0 +1,85 @@
+"""A real server process with an interceptor, for test_interceptors.py:
+EchoService and ModuleService, and a ``Gatekeeper`` that refuses calls whose
+metadata carries ``x-deny`` and writes every call it sees to a journal (one
+JSON line per started and per ended call).
+
+Usage: observed_server.py SOCKET_PATH JOURNAL [--no-metrics] [--broken-interceptor]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+
+import grpc
+
+from vyra_base_ipc import CallRejected, IPCServer, ModuleService, ServerCall, ServerInterceptor, run
+
+from echo_server import EchoService
+
+
+class Gatekeeper(ServerInterceptor):
+    """Refuses calls with ``x-deny`` metadata; journals what it sees."""
+
+    def __init__(self, journal: str) -> None:
+        self._journal = open(journal, 'a', buffering=1, encoding='utf-8')
+        self._lock = threading.Lock()
+
+    def _write(self, entry: dict) -> None:
+        with self._lock:
+            self._journal.write(json.dumps(entry) + '\n')
+
+    def _call(self, call: ServerCall) -> dict:
+        return {'method': call.method, 'service': call.service, 'lane': call.lane,
+                'metadata': {key: value for key, value in call.metadata if isinstance(value, str)},
+                'peer_pid': call.peer.pid if call.peer else None,
+                'has_deadline': call.deadline is not None}
+
+    def call_started(self, call: ServerCall) -> None:
+        self._write({'event': 'started', **self._call(call)})
+        reason = dict(call.metadata).get('x-deny')
+        if reason is not None:
+            raise CallRejected(grpc.StatusCode.PERMISSION_DENIED, f'denied: {reason}')
+
+    def call_ended(self, call: ServerCall, code: grpc.StatusCode, details: str, duration: float) -> None:
+        self._write({'event': 'ended', **self._call(call), 'code': code.name, 'details': details,
+                     'duration': duration})
+
+
+class Broken(ServerInterceptor):
+    """An interceptor with a bug: both hooks raise."""
+
+    def call_started(self, call: ServerCall) -> None:
+        raise RuntimeError('bug in call_started')
+
+    def call_ended(self, call: ServerCall, code: grpc.StatusCode, details: str, duration: float) -> None:
+        raise RuntimeError('bug in call_ended')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument('socket_path')
+    parser.add_argument('journal')
+    parser.add_argument('--no-metrics', dest='metrics', action='store_false')
+    parser.add_argument('--broken-interceptor', action='store_true')
+    options = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    interceptors: list[ServerInterceptor] = [Gatekeeper(options.journal)]
+    if options.broken_interceptor:
+        interceptors.insert(0, Broken())
+    module = ModuleService('observed')
+    counted = []
+    # A command with a side effect, read back with "count": proof that a
+    # refused call never reached its handler.
+    module.register_command('count', lambda parameters: str(len(counted.append(1) or counted)))
+    server = IPCServer(options.socket_path, module_name='observed',
+                       servicers=[EchoService(), module],
+                       interceptors=interceptors, metrics=options.metrics, grace_period=1.0)
+    run(server.serve())
+
+
+if __name__ == '__main__':
+    main()

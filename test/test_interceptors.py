@@ -1,0 +1,224 @@
+"""Server interceptors and metrics, on both lanes, against a real server
+process (test/servers/observed_server.py): what an interceptor sees, a
+refusal with PERMISSION_DENIED, and the counters read over the socket
+through ``vyra.ipc.Introspection``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from conftest import ServerProcess, StartServer, wait_for
+from vyra_base_ipc import (
+    IPCRemoteError,
+    IPCServer,
+    IPCTimeoutError,
+    ServerInterceptor,
+    SyncIPCHandler,
+)
+from vyra_base_ipc import introspection_pb2 as introspection
+from vyra_base_ipc import introspection_pb2_grpc as introspection_grpc
+from vyra_base_ipc import module_service_pb2 as module_pb
+from vyra_base_ipc import module_service_pb2_grpc as module_grpc
+
+SHARED_MEMORY_SIZE = 2 * 1024 * 1024  # above the default shared-memory threshold
+
+
+class Observed:
+    """The observed server, its journal, and clients on either lane."""
+
+    def __init__(self, server: ServerProcess, journal: Path) -> None:
+        self.server = server
+        self.journal = journal
+
+    def client(self, stub: type, lane: str) -> SyncIPCHandler:
+        return SyncIPCHandler(self.server.socket_path, stub, lane=lane, timeout=10)
+
+    def entries(self) -> list[dict[str, Any]]:
+        if not self.journal.exists():
+            return []
+        return [json.loads(line) for line in self.journal.read_text().splitlines()]
+
+    def ended(self, method: str, lane: str, count: int = 1) -> list[dict[str, Any]]:
+        """The journal's ``ended`` entries of ``method`` on ``lane``, once
+        there are ``count`` (call_ended runs after the answer went out)."""
+        def found() -> list[dict[str, Any]]:
+            return [entry for entry in self.entries() if entry['event'] == 'ended'
+                    and entry['method'] == method and entry['lane'] == lane]
+        wait_for(lambda: len(found()) >= count, 10, f'{count} ended {method} on {lane} in the journal')
+        return found()
+
+    def stats(self, lane: str) -> introspection.Stats:
+        with self.client(introspection_grpc.IntrospectionStub, lane) as client:
+            return client.call_method('GetStats', introspection.StatsRequest())  # type: ignore[no-any-return]
+
+    def method_stats(self, method: str, lane: str, calls: int) -> introspection.MethodStats:
+        """The counters of ``method`` on ``lane`` once ``calls`` calls ended."""
+        found: list[introspection.MethodStats] = []
+
+        def counted() -> bool:
+            found[:] = [entry for entry in self.stats(lane).methods
+                        if entry.method == method and entry.lane == lane]
+            return bool(found) and found[0].calls >= calls
+        wait_for(counted, 10, f'{calls} calls of {method} on {lane} counted')
+        return found[0]
+
+
+def start_observed(start_server: StartServer, socket_path: Path, tmp_path: Path, *args: str) -> Observed:
+    journal = tmp_path / 'journal.jsonl'
+    server = start_server(socket_path, str(journal), *args, script='observed_server.py', wait=False)
+    return Observed(server.wait_serving(ttrpc=True), journal)
+
+
+@pytest.fixture
+def observed(start_server: StartServer, socket_path: Path, tmp_path: Path) -> Observed:
+    return start_observed(start_server, socket_path, tmp_path)
+
+
+ECHO = '/vyra.ipc.test.EchoService/Echo'
+ECHO_SYNC = '/vyra.ipc.test.EchoService/EchoSync'
+FAIL = '/vyra.ipc.test.EchoService/Fail'
+INSPECT_SYNC = '/vyra.ipc.test.EchoService/InspectSync'
+SLEEP = '/vyra.ipc.test.EchoService/Sleep'
+COUNT = '/vyra.ipc.test.EchoService/Count'
+EXECUTE = '/vyra.ipc.ModuleService/ExecuteCommand'
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_an_interceptor_refuses_a_call_with_permission_denied_and_its_handler_never_runs(
+        observed: Observed, echo: Any, lane: str) -> None:
+    count = module_pb.CommandRequest(command='count')
+    with observed.client(module_grpc.ModuleServiceStub, lane) as client:
+        with pytest.raises(IPCRemoteError) as refused:
+            client.call_method('ExecuteCommand', count, metadata=(('x-deny', 'no robots today'),))
+        assert refused.value.code is grpc.StatusCode.PERMISSION_DENIED
+        assert 'denied: no robots today' in str(refused.value)
+        # The same client without the metadata is served, and the command
+        # counts its first run: the refused call never reached it.
+        assert client.call_method('ExecuteCommand', count).result == '1'
+    denied, served = observed.ended(EXECUTE, lane, 2)[:2]
+    assert (denied['code'], denied['details']) == ('PERMISSION_DENIED', 'denied: no robots today')
+    assert served['code'] == 'OK'
+    stats = observed.method_stats(EXECUTE, lane, 2)
+    assert dict(stats.errors) == {'PERMISSION_DENIED': 1}
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_an_interceptor_sees_method_lane_metadata_peer_deadline_status_and_duration(
+        observed: Observed, echo: Any, lane: str) -> None:
+    with observed.client(echo.Stub, lane) as client:
+        client.call_method('Echo', echo.pb.EchoRequest(text='a'), metadata=(('x-trace', 'abc'),))
+        client.call_method('EchoSync', echo.pb.EchoRequest(text='b'))
+        with pytest.raises(IPCRemoteError):
+            client.call_method('Fail', echo.pb.FailRequest(code=grpc.StatusCode.NOT_FOUND.value[0],
+                                                           details='no such joint'))
+        with pytest.raises(IPCRemoteError):  # a def handler that aborts
+            client.call_method('InspectSync', echo.pb.InspectRequest(fail_code=grpc.StatusCode.ABORTED.value[0]))
+        with pytest.raises(IPCTimeoutError):
+            client.call_method('Sleep', echo.pb.SleepRequest(seconds=5), timeout=0.3)
+    echoed = observed.ended(ECHO, lane)[0]
+    assert echoed['code'] == 'OK' and echoed['metadata']['x-trace'] == 'abc'
+    assert echoed['service'] == 'vyra.ipc.test.EchoService' and echoed['has_deadline']
+    assert echoed['duration'] > 0
+    # The fast lane knows the client process; gRPC's runtime does not tell.
+    assert echoed['peer_pid'] == (os.getpid() if lane == 'ttrpc' else None)
+    assert observed.ended(ECHO_SYNC, lane)[0]['code'] == 'OK'
+    failed = observed.ended(FAIL, lane)[0]
+    assert (failed['code'], failed['details']) == ('NOT_FOUND', 'no such joint')
+    aborted = observed.ended(INSPECT_SYNC, lane)[0]
+    assert aborted['code'] == 'ABORTED' and 'failing with' in aborted['details']
+    slept = observed.ended(SLEEP, lane)[0]
+    assert slept['code'] == 'DEADLINE_EXCEEDED'
+    started = [entry for entry in observed.entries() if entry['event'] == 'started' and entry['lane'] == lane]
+    assert {entry['method'] for entry in started} >= {ECHO, ECHO_SYNC, FAIL, INSPECT_SYNC, SLEEP}
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_stats_over_the_socket_count_calls_errors_latency_and_bytes(
+        observed: Observed, echo: Any, lane: str) -> None:
+    with observed.client(echo.Stub, lane) as client:
+        for _ in range(5):
+            client.call_method('Echo', echo.pb.EchoRequest(text='hello'))
+        with pytest.raises(IPCRemoteError):
+            client.call_method('Fail', echo.pb.FailRequest(code=grpc.StatusCode.ALREADY_EXISTS.value[0]))
+        replies = list(client.stream_method('Count', echo.pb.CountRequest(count=3)))
+        assert len(replies) == 3
+        client.call_method('Echo', echo.pb.EchoRequest(payload=b'x' * SHARED_MEMORY_SIZE))
+        stats = observed.stats(lane)
+        lane_stats = {entry.lane: entry for entry in stats.lanes}[lane]
+        assert lane_stats.connections >= 1  # this client's, open now
+    echo_stats = observed.method_stats(ECHO, lane, 6)
+    assert (echo_stats.calls, echo_stats.in_flight, dict(echo_stats.errors)) == (6, 0, {})
+    assert sum(echo_stats.latency_counts) == 6
+    assert len(echo_stats.latency_counts) == len(stats.latency_bounds_seconds) + 1
+    assert 0 < echo_stats.latency_p50_seconds <= echo_stats.latency_p99_seconds <= echo_stats.latency_max_seconds
+    assert dict(observed.method_stats(FAIL, lane, 1).errors) == {'ALREADY_EXISTS': 1}
+    assert observed.method_stats(COUNT, lane, 1).calls == 1
+    lane_stats = {entry.lane: entry for entry in observed.stats(lane).lanes}[lane]
+    if lane == 'ttrpc':  # the 2 MiB request and answer went as shared memory
+        assert lane_stats.shared_memory_bytes_received >= SHARED_MEMORY_SIZE
+        assert lane_stats.shared_memory_bytes_sent >= SHARED_MEMORY_SIZE
+        assert lane_stats.inline_bytes_received < SHARED_MEMORY_SIZE
+    else:
+        assert lane_stats.inline_bytes_received >= SHARED_MEMORY_SIZE
+        assert lane_stats.inline_bytes_sent >= SHARED_MEMORY_SIZE
+        assert lane_stats.shared_memory_bytes_received == 0
+    # Introspection's own calls are not counted as the module's.
+    assert not [entry for entry in observed.stats(lane).methods if 'Introspection' in entry.method]
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_a_running_call_is_in_flight(observed: Observed, echo: Any, lane: str) -> None:
+    with observed.client(echo.Stub, lane) as client:
+        call = client.stream_method('Count', echo.pb.CountRequest(count=1_000_000))
+        next(call)
+        running = observed.method_stats(COUNT, lane, 0)
+        assert running.in_flight == 1 and running.calls == 0
+        call.close()
+    ended = observed.method_stats(COUNT, lane, 1)
+    assert (ended.in_flight, dict(ended.errors)) == (0, {'CANCELLED': 1})
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_server_info_names_the_module_process_and_services(observed: Observed, lane: str) -> None:
+    with observed.client(introspection_grpc.IntrospectionStub, lane) as client:
+        info = client.call_method('GetServerInfo', introspection.ServerInfoRequest())
+    assert info.module_name == 'observed'
+    assert (info.pid, info.uid) == (observed.server.pid, os.geteuid())
+    assert info.socket_path == str(observed.server.socket_path)
+    assert info.ttrpc_socket_path == str(observed.server.ttrpc_path)
+    assert list(info.services) == ['vyra.ipc.test.EchoService', 'vyra.ipc.ModuleService']
+    assert info.start_time > 0
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_stats_of_a_server_without_metrics_say_so(start_server: StartServer, socket_path: Path,
+                                                  tmp_path: Path, lane: str) -> None:
+    observed = start_observed(start_server, socket_path, tmp_path, '--no-metrics')
+    with pytest.raises(IPCRemoteError) as refused:
+        observed.stats(lane)
+    assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert 'metrics are off' in str(refused.value)
+
+
+def test_a_broken_interceptor_is_logged_and_calls_go_on(start_server: StartServer, socket_path: Path,
+                                                       tmp_path: Path, echo: Any) -> None:
+    observed = start_observed(start_server, socket_path, tmp_path, '--broken-interceptor')
+    for lane in ('grpc', 'ttrpc'):
+        with observed.client(echo.Stub, lane) as client:
+            assert client.call_method('Echo', echo.pb.EchoRequest(text=lane)).text == lane
+        assert observed.ended(ECHO, lane)[0]['code'] == 'OK'  # the next interceptor still ran
+    wait_for(lambda: 'bug in call_ended' in observed.server.log(), 10, 'the failure in the log')
+    assert 'bug in call_started' in observed.server.log()
+
+
+def test_interceptors_must_be_server_interceptors(socket_path: Path) -> None:
+    with pytest.raises(TypeError, match='interceptors must be ServerInterceptor objects'):
+        IPCServer(socket_path, interceptors=[print])  # type: ignore[list-item]
+    IPCServer(socket_path, interceptors=[ServerInterceptor()])
+

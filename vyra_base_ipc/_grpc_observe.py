@@ -1,0 +1,201 @@
+"""The gRPC lane's calls under the server's metrics and interceptors.
+
+grpc.aio's own server interceptors run before the handler is even chosen and
+never see how a call ended, so each handler is wrapped instead: the wrapper
+starts the call's :class:`~vyra_base_ipc._interceptors.Observation`, runs the
+handler, and ends it with the status grpc.aio will send (the code a handler
+set or aborted with, CANCELLED or DEADLINE_EXCEEDED when it was cancelled,
+UNKNOWN for an exception). Each handler keeps its shape (``def``,
+``async def``, generators) so that grpc.aio still runs ``def`` handlers in
+its thread pool. Message sizes are counted through the (de)serializers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping
+
+import grpc
+
+from ._interceptors import CallObserver, CallRejected, Observation
+from ._metrics import LaneMetrics
+
+__all__ = ['observe_handlers']
+
+_LANE = 'grpc'
+_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+_OK = (0, '')
+
+
+def observe_handlers(service: str, handlers: Mapping[str, grpc.RpcMethodHandler], observer: CallObserver
+                     ) -> dict[str, grpc.RpcMethodHandler]:
+    """``handlers`` of ``service`` with every call seen by ``observer``."""
+    lane = observer.metrics.lanes.get(_LANE) if observer.metrics is not None else None
+    return {name: _observe(f'/{service}/{name}', handler, observer, lane)
+            for name, handler in handlers.items()}
+
+
+def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver, lane: LaneMetrics | None
+             ) -> grpc.RpcMethodHandler:
+    streaming = (bool(handler.request_streaming), bool(handler.response_streaming))
+    factory = _FACTORIES[streaming]
+    behaviour = getattr(handler, factory.__name__.replace('_rpc_method_handler', ''))
+    metrics = observer.method_metrics(path, _LANE)
+
+    def start(context: Any) -> Observation:
+        deadline = None
+        if observer.interceptors:
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+        return observer.start(metrics, path, _LANE, context, None, deadline)
+
+    if inspect.isasyncgenfunction(behaviour):
+        async def observed_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                observation = start(context)
+            except CallRejected as rejection:
+                await context.abort(rejection.code, rejection.details)
+            try:
+                async for response in behaviour(request, context):
+                    yield response
+            except BaseException as error:
+                observation.end(*_failure(context, error))
+                raise
+            observation.end(*_returned(context))
+        wrapped: Callable[..., Any] = observed_stream
+    elif inspect.iscoroutinefunction(behaviour):
+        async def observed(request: Any, context: Any) -> Any:
+            try:
+                observation = start(context)
+            except CallRejected as rejection:
+                await context.abort(rejection.code, rejection.details)
+            try:
+                result = await behaviour(request, context)
+            except BaseException as error:
+                observation.end(*_failure(context, error))
+                raise
+            observation.end(*_returned(context))
+            return result
+        wrapped = observed
+    elif streaming[1]:
+        def observed_sync_stream(request: Any, context: Any) -> Iterator[Any]:
+            context = _SyncContext(context)
+            try:
+                observation = start(context)
+            except CallRejected as rejection:
+                context.abort(rejection.code, rejection.details)
+            try:
+                responses = behaviour(request, context)
+                if responses is not None:
+                    yield from responses
+            except BaseException as error:
+                observation.end(*_failure(context, error))
+                raise
+            observation.end(*_returned(context))
+        wrapped = observed_sync_stream
+    else:
+        def observed_sync(request: Any, context: Any) -> Any:
+            context = _SyncContext(context)
+            try:
+                observation = start(context)
+            except CallRejected as rejection:
+                context.abort(rejection.code, rejection.details)
+            try:
+                result = behaviour(request, context)
+            except BaseException as error:
+                observation.end(*_failure(context, error))
+                raise
+            observation.end(*_returned(context))
+            return result
+        wrapped = observed_sync
+    deserialize, serialize = handler.request_deserializer, handler.response_serializer
+    if lane is not None:
+        deserialize = _counting(deserialize, lane, received=True)
+        serialize = _counting(serialize, lane, received=False)
+    return factory(wrapped, request_deserializer=deserialize, response_serializer=serialize)
+
+
+def _returned(context: Any) -> tuple[int, str]:
+    """The status of a call whose handler returned."""
+    code = context.code()
+    if code is None or code is grpc.StatusCode.OK:
+        return _OK
+    return code.value[0], context.details() or ''
+
+
+def _failure(context: Any, error: BaseException) -> tuple[int, str]:
+    """The status grpc.aio sends for a handler that raised ``error``."""
+    if isinstance(error, grpc.aio.AbortError):
+        code = context.code()
+        if code is not None:
+            return code.value[0], context.details() or ''
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED.value[0], 'Deadline Exceeded'
+        return grpc.StatusCode.CANCELLED.value[0], 'Cancelled'
+    return grpc.StatusCode.UNKNOWN.value[0], f'Unexpected {type(error)}: {error}'
+
+
+def _counting(convert: Callable[[Any], Any] | None, lane: LaneMetrics, received: bool
+              ) -> Callable[[Any], Any] | None:
+    if convert is None:
+        return None
+    lock = lane.lock
+    if received:
+        def deserialize(data: bytes) -> Any:
+            with lock:
+                lane.inline_received += len(data)
+            return convert(data)
+        return deserialize
+
+    def serialize(message: Any) -> bytes:
+        data = convert(message)
+        with lock:
+            lane.inline_sent += len(data)
+        return data
+    return serialize
+
+
+class _SyncContext:
+    """A ``def`` handler's context that remembers the status set on it:
+    grpc.aio's context for worker threads cannot tell it afterwards."""
+
+    __slots__ = ('_context', '_code', '_details')
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+        self._code: grpc.StatusCode | None = None
+        self._details: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._code = code
+        self._context.set_code(code)
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+        self._context.set_details(details)
+
+    def abort(self, code: grpc.StatusCode, details: str = '', trailing_metadata: Any = ()) -> None:
+        self._code, self._details = code, details
+        self._context.abort(code, details, trailing_metadata)
+
+    def abort_with_status(self, status: grpc.Status) -> None:
+        self._code, self._details = status.code, status.details
+        self._context.abort_with_status(status)
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def details(self) -> str | None:
+        return self._details

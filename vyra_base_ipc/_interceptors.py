@@ -1,0 +1,169 @@
+"""Server interceptors: one hook on both lanes, and the per-call bookkeeping
+(metrics, then interceptors) every call of a module's own services goes
+through.
+
+A :class:`ServerInterceptor` sees each call twice: when it starts, before
+the handler runs (it may refuse the call by raising :class:`CallRejected`),
+and when it ends, with its status and duration. The fast lane calls both
+hooks from its call lifecycle, the gRPC lane from a wrapper around each
+handler (see :mod:`vyra_base_ipc._grpc_observe`); what an interceptor sees
+is the same on both. Health, reflection and introspection are not
+intercepted: tools must reach them whatever a module's rules say.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import logging
+import time
+from typing import Any, Sequence
+
+import grpc
+
+from ._metrics import MethodMetrics, ServerMetrics
+from ._peer import PeerCredentials
+
+__all__ = ['CallObserver', 'CallRejected', 'Observation', 'ServerCall', 'ServerInterceptor']
+
+_logger = logging.getLogger(__name__)
+
+
+class CallRejected(Exception):
+    """Raised by :meth:`ServerInterceptor.call_started` to answer the call
+    with ``code`` and ``details`` instead of running its handler."""
+
+    def __init__(self, code: grpc.StatusCode, details: str = '') -> None:
+        if not isinstance(code, grpc.StatusCode) or code is grpc.StatusCode.OK:
+            raise ValueError(f'CallRejected needs a grpc.StatusCode other than OK, not {code!r}')
+        super().__init__(f'{code.name}: {details}')
+        self.code = code
+        self.details = details
+
+
+@dataclass(frozen=True)
+class ServerCall:
+    """One call as an interceptor sees it.
+
+    :ivar method: full method path, ``/vyra.ipc.ModuleService/ExecuteCommand``.
+    :ivar lane: ``"grpc"`` or ``"ttrpc"`` (the fast lane).
+    :ivar metadata: the client's metadata as ``(key, value)`` pairs.
+    :ivar peer: the client process (pid, uid, gid) on the fast lane;
+        ``None`` on the gRPC lane, whose runtime does not tell.
+    :ivar deadline: ``time.monotonic()`` value at which the call expires,
+        ``None`` without a deadline.
+    :ivar context: the handler's servicer context.
+    """
+
+    method: str
+    lane: str
+    metadata: tuple[tuple[str, str | bytes], ...]
+    peer: PeerCredentials | None
+    deadline: float | None
+    context: Any
+
+    @property
+    def service(self) -> str:
+        """The full service name, ``vyra.ipc.ModuleService``."""
+        return self.method.split('/')[1]
+
+
+class ServerInterceptor:
+    """Override either hook; both run for every call of the server's own
+    services on both lanes, from the event loop or a handler's worker
+    thread, so they must be thread-safe and must not block.
+
+    Exceptions other than :class:`CallRejected` are logged and ignored:
+    a broken interceptor does not fail calls.
+    """
+
+    def call_started(self, call: ServerCall) -> None:
+        """Called before the handler runs. Raise :class:`CallRejected` to
+        refuse the call with that status (the handler then never runs)."""
+
+    def call_ended(self, call: ServerCall, code: grpc.StatusCode, details: str, duration: float) -> None:
+        """Called once the call has ended: its status and how long it took, in seconds."""
+
+
+class Observation:
+    """One call between its start and its end (see :meth:`CallObserver.start`)."""
+
+    __slots__ = ('observer', 'metrics', 'started', 'call')
+
+    def __init__(self, observer: 'CallObserver', metrics: MethodMetrics | None, call: ServerCall | None
+                 ) -> None:
+        self.observer = observer
+        self.metrics = metrics
+        self.call = call
+        self.started = 0.0
+
+    def end(self, code: int, details: str) -> None:
+        """The call ended with status number ``code``."""
+        metrics = self.metrics
+        if metrics is not None:
+            lock = metrics.lock
+            if lock is None:
+                metrics.ended(self.started, code)
+            else:
+                with lock:
+                    metrics.ended(self.started, code)
+        if self.call is not None:
+            self.observer.ended(self.call, code, details, self.started)
+
+
+class CallObserver:
+    """Metrics and interceptors of one server: what both lanes call at the
+    start and the end of each call."""
+
+    def __init__(self, metrics: ServerMetrics | None, interceptors: Sequence[ServerInterceptor]) -> None:
+        self.metrics = metrics
+        self.interceptors = tuple(interceptors)
+
+    def method_metrics(self, method: str, lane: str) -> MethodMetrics | None:
+        """The counters a call of ``method`` on ``lane`` updates, if metrics are on."""
+        if self.metrics is None:
+            return None
+        return self.metrics.method(method, lane, threaded=lane == 'grpc')
+
+    def start(self, metrics: MethodMetrics | None, method: str, lane: str, context: Any,
+              peer: PeerCredentials | None, deadline: float | None) -> Observation:
+        """A call starts: count it, then ask the interceptors.
+
+        :raises CallRejected: an interceptor refused the call; it is
+            counted as ended with that status already.
+        """
+        call = None
+        if self.interceptors:
+            call = ServerCall(method, lane, tuple(context.invocation_metadata() or ()), peer, deadline,
+                              context)
+        observation = Observation(self, metrics, call)
+        if metrics is not None:
+            lock = metrics.lock
+            if lock is None:
+                observation.started = metrics.started()
+            else:
+                with lock:
+                    observation.started = metrics.started()
+        else:
+            observation.started = time.perf_counter()
+        if call is not None:
+            for interceptor in self.interceptors:
+                try:
+                    interceptor.call_started(call)
+                except CallRejected as rejection:
+                    observation.end(rejection.code.value[0], rejection.details)
+                    raise
+                except Exception:
+                    _logger.exception('interceptor %r failed in call_started of %s', interceptor, method)
+        return observation
+
+    def ended(self, call: ServerCall, code: int, details: str, started: float) -> None:
+        duration = time.perf_counter() - started
+        status = _STATUS_CODES.get(code, grpc.StatusCode.UNKNOWN)
+        for interceptor in self.interceptors:
+            try:
+                interceptor.call_ended(call, status, details, duration)
+            except Exception:
+                _logger.exception('interceptor %r failed in call_ended of %s', interceptor, call.method)
+
+
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}

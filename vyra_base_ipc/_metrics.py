@@ -1,0 +1,141 @@
+"""What a server counts about its calls: per method and lane, calls, errors
+by status, calls in flight and a latency histogram; per lane, message bytes
+inline and through shared memory.
+
+Counting is on the hot path of every call, so it is a handful of integer
+updates and one ``bisect`` per call, with no lock where a single thread
+updates: the fast lane does all of its counting on the server's event loop.
+Counters that ``def`` handlers of the gRPC lane update from worker threads
+take a lock (``+=`` on an attribute is not atomic across threads).
+A snapshot is the ``vyra.ipc.Stats`` message of ``introspection.proto``.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+import threading
+import time
+from typing import Iterable, Mapping
+
+import grpc
+
+from .introspection_pb2 import LaneStats, MethodStats, Stats
+
+__all__ = ['LATENCY_BOUNDS', 'LaneMetrics', 'MethodMetrics', 'ServerMetrics']
+
+#: Upper bounds (seconds) of the latency buckets: 10 µs to ~21 s, doubling.
+LATENCY_BOUNDS: tuple[float, ...] = tuple(10e-6 * 2 ** i for i in range(22))
+
+_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+class MethodMetrics:
+    """The counters of one method on one lane."""
+
+    __slots__ = ('method', 'lane', 'calls', 'in_flight', 'errors', 'counts', 'max', 'lock')
+
+    def __init__(self, method: str, lane: str, threaded: bool = False) -> None:
+        self.method = method
+        self.lane = lane
+        self.calls = 0
+        self.in_flight = 0
+        #: {status code number: calls that ended with it}, OK not counted.
+        self.errors: dict[int, int] = {}
+        self.counts = [0] * (len(LATENCY_BOUNDS) + 1)
+        self.max = 0.0
+        #: Held around updates when worker threads make them.
+        self.lock: threading.Lock | None = threading.Lock() if threaded else None
+
+    def started(self) -> float:
+        """Count a call as in flight; returns its start time for :meth:`ended`."""
+        self.in_flight += 1
+        return time.perf_counter()
+
+    def ended(self, started: float, code: int) -> None:
+        """Count a call that started at ``started`` as ended with status ``code``."""
+        elapsed = time.perf_counter() - started
+        self.in_flight -= 1
+        self.calls += 1
+        self.counts[bisect_left(LATENCY_BOUNDS, elapsed)] += 1
+        if elapsed > self.max:
+            self.max = elapsed
+        if code:
+            self.errors[code] = self.errors.get(code, 0) + 1
+
+    def snapshot(self) -> MethodStats:
+        """The counters as a ``vyra.ipc.MethodStats`` message."""
+        counts = list(self.counts)
+        return MethodStats(
+            method=self.method, lane=self.lane, calls=self.calls, in_flight=max(self.in_flight, 0),
+            errors={_STATUS_NAMES.get(code, str(code)): count for code, count in self.errors.items()},
+            latency_counts=counts, latency_p50_seconds=_quantile(counts, 0.5, self.max),
+            latency_p99_seconds=_quantile(counts, 0.99, self.max), latency_max_seconds=self.max)
+
+
+class LaneMetrics:
+    """Message bytes one lane carried, inline and as shared memory."""
+
+    __slots__ = ('lane', 'inline_received', 'inline_sent', 'shared_received', 'shared_sent', 'lock')
+
+    def __init__(self, lane: str) -> None:
+        self.lane = lane
+        self.inline_received = 0
+        self.inline_sent = 0
+        self.shared_received = 0
+        self.shared_sent = 0
+        self.lock = threading.Lock()
+
+    def snapshot(self, connections: int) -> LaneStats:
+        """The counters as a ``vyra.ipc.LaneStats`` message."""
+        return LaneStats(lane=self.lane, connections=connections,
+                         inline_bytes_received=self.inline_received, inline_bytes_sent=self.inline_sent,
+                         shared_memory_bytes_received=self.shared_received,
+                         shared_memory_bytes_sent=self.shared_sent)
+
+
+class ServerMetrics:
+    """Every counter of one server, readable while it serves
+    (``IPCServer.metrics``; over the socket: ``vyra.ipc.Introspection``)."""
+
+    def __init__(self, lanes: Iterable[str]) -> None:
+        self.start_time = time.time()
+        self._started = time.monotonic()
+        self.lanes = {lane: LaneMetrics(lane) for lane in lanes}
+        self._methods: dict[tuple[str, str], MethodMetrics] = {}
+
+    def method(self, method: str, lane: str, threaded: bool = False) -> MethodMetrics:
+        """The counters of ``method`` on ``lane``, made on first use (servers
+        make them when they register handlers, so calls only look them up)."""
+        metrics = self._methods.get((method, lane))
+        if metrics is None:
+            metrics = self._methods[(method, lane)] = MethodMetrics(method, lane, threaded)
+        return metrics
+
+    def snapshot(self, connections: Mapping[str, int]) -> Stats:
+        """All counters as a ``vyra.ipc.Stats`` message; methods never
+        called are left out.
+
+        :param connections: open connections per lane.
+        """
+        return Stats(
+            uptime_seconds=time.monotonic() - self._started,
+            lanes=[lane.snapshot(connections.get(name, 0)) for name, lane in self.lanes.items()],
+            methods=[metrics.snapshot() for metrics in self._methods.values()
+                     if metrics.calls or metrics.in_flight],
+            latency_bounds_seconds=LATENCY_BOUNDS)
+
+
+def _quantile(counts: list[int], q: float, maximum: float) -> float:
+    """The ``q`` quantile estimated from bucket counts: the upper bound of the
+    bucket it falls in, never above the largest value seen."""
+    total = sum(counts)
+    if total == 0:
+        return 0.0
+    rank = q * total
+    seen = 0
+    for index, count in enumerate(counts):
+        seen += count
+        if seen >= rank:
+            bound = LATENCY_BOUNDS[index] if index < len(LATENCY_BOUNDS) else maximum
+            return min(bound, maximum)
+    return maximum
