@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 import random
 import sys
+import threading
 from typing import Any, Callable, Iterator
 import uuid
 
@@ -112,3 +113,38 @@ def start_process(socket_dir: Path, tmp_path: Path, ros_environ: dict[str, str]
     spawner = Spawner(tmp_path, 'process')
     yield lambda command, env=None: spawner.start(command, ros_environ if env is None else env)
     spawner.stop_all()
+
+
+class Spinner:
+    """Nodes spun by one single-threaded executor on a thread of its own."""
+
+    def __init__(self, *nodes: Any) -> None:
+        from rclpy.executors import SingleThreadedExecutor
+
+        self.executor = SingleThreadedExecutor(context=nodes[0].context)
+        for node in nodes:
+            self.executor.add_node(node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True,
+                                       name=f'spin-{nodes[0].get_name()}')
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop spinning, waiting for callbacks in progress; idempotent.
+        Call before destroying the nodes."""
+        self.executor.shutdown(timeout_sec=10)
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def spin() -> Iterator[Callable[..., Spinner]]:
+    """``spin(*nodes)`` -> :class:`Spinner`; all stopped at teardown."""
+    spinners: list[Spinner] = []
+
+    def start(*nodes: Any) -> Spinner:
+        spinners.append(Spinner(*nodes))
+        return spinners[-1]
+
+    yield start
+    for spinner in spinners:
+        spinner.stop()

@@ -21,7 +21,6 @@ import uuid
 import pytest
 import rclpy
 from rclpy.context import Context
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from std_srvs.srv import Trigger
@@ -248,6 +247,8 @@ BAD_PARAMETERS = {
         lambda d: 'busy_poll_us:=10001', 'busy_poll_us', 'must be an integer from 0 to 10000, not 10001'),
     'busy poll not an integer': (
         lambda d: 'busy_poll_us:=0.5', 'busy_poll_us', 'must be of type INTEGER'),
+    'negative diagnostics period': (
+        lambda d: 'diagnostics_period:=-1.0', 'diagnostics_period', 'from 0 to 3600 (0: none), not -1.0'),
 }
 
 
@@ -395,39 +396,6 @@ def test_loop_thread_stop_does_not_wait_for_a_stuck_worker() -> None:
 
 
 # -- in-process: parameters ---------------------------------------------------------
-
-
-class Spinner:
-    """Nodes spun by one single-threaded executor on a thread of its own."""
-
-    def __init__(self, *nodes: Node) -> None:
-        self.executor = SingleThreadedExecutor(context=nodes[0].context)
-        for node in nodes:
-            self.executor.add_node(node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True,
-                                       name=f'spin-{nodes[0].get_name()}')
-        self.thread.start()
-
-    def stop(self) -> None:
-        """Stop spinning, waiting for callbacks in progress; idempotent.
-        Call before destroying the nodes."""
-        self.executor.shutdown(timeout_sec=10)
-        self.thread.join(timeout=10)
-        assert not self.thread.is_alive()
-
-
-@pytest.fixture
-def spin() -> Iterator[Callable[..., Spinner]]:
-    """``spin(*nodes)`` -> :class:`Spinner`; all stopped at teardown."""
-    spinners: list[Spinner] = []
-
-    def start(*nodes: Node) -> Spinner:
-        spinners.append(Spinner(*nodes))
-        return spinners[-1]
-
-    yield start
-    for spinner in spinners:
-        spinner.stop()
 
 
 def test_node_declares_exactly_the_parameter_table(context: Context) -> None:

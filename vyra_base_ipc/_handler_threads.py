@@ -55,6 +55,12 @@ class HandlerThreads(futures.Executor):
         self._lock = threading.Lock()
         self._shut_down = False
 
+    @property
+    def busy(self) -> int:
+        """Threads of this pool running a handler now."""
+        with _busy_lock:
+            return sum(1 for thread in self._threads if thread in _busy)
+
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> futures.Future[_T]:
         """Run ``fn(*args, **kwargs)`` in one of the threads.
 

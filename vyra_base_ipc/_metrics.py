@@ -21,7 +21,7 @@ import grpc
 
 from .introspection_pb2 import LaneStats, MethodStats, Stats
 
-__all__ = ['LATENCY_BOUNDS', 'LaneMetrics', 'MethodMetrics', 'ServerMetrics']
+__all__ = ['LATENCY_BOUNDS', 'LaneMetrics', 'MethodMetrics', 'ServerMetrics', 'quantile']
 
 #: Upper bounds (seconds) of the latency buckets: 10 µs to ~21 s, doubling.
 LATENCY_BOUNDS: tuple[float, ...] = tuple(10e-6 * 2 ** i for i in range(22))
@@ -68,8 +68,8 @@ class MethodMetrics:
         return MethodStats(
             method=self.method, lane=self.lane, calls=self.calls, in_flight=max(self.in_flight, 0),
             errors={_STATUS_NAMES.get(code, str(code)): count for code, count in self.errors.items()},
-            latency_counts=counts, latency_p50_seconds=_quantile(counts, 0.5, self.max),
-            latency_p99_seconds=_quantile(counts, 0.99, self.max), latency_max_seconds=self.max)
+            latency_counts=counts, latency_p50_seconds=quantile(counts, 0.5, self.max),
+            latency_p99_seconds=quantile(counts, 0.99, self.max), latency_max_seconds=self.max)
 
 
 class LaneMetrics:
@@ -125,17 +125,17 @@ class ServerMetrics:
             latency_bounds_seconds=LATENCY_BOUNDS)
 
 
-def _quantile(counts: list[int], q: float, maximum: float) -> float:
-    """The ``q`` quantile estimated from bucket counts: the upper bound of the
-    bucket it falls in, never above the largest value seen."""
+def quantile(counts: list[int], q: float, maximum: float | None = None) -> float:
+    """The ``q`` quantile estimated from bucket counts (see
+    :data:`LATENCY_BOUNDS`): the upper bound of the bucket it falls in, never
+    above ``maximum``, the largest value seen, where known; 0 without counts."""
     total = sum(counts)
-    if total == 0:
-        return 0.0
-    rank = q * total
     seen = 0
     for index, count in enumerate(counts):
         seen += count
-        if seen >= rank:
-            bound = LATENCY_BOUNDS[index] if index < len(LATENCY_BOUNDS) else maximum
-            return min(bound, maximum)
-    return maximum
+        if total and seen >= q * total:
+            if index == len(LATENCY_BOUNDS):  # the bucket without bound
+                return maximum if maximum is not None else LATENCY_BOUNDS[-1]
+            bound = LATENCY_BOUNDS[index]
+            return bound if maximum is None else min(bound, maximum)
+    return 0.0

@@ -44,6 +44,9 @@ __all__ = [
     'read_ipc_config',
 ]
 
+#: Seconds between two status messages on /diagnostics (diagnostic_updater's default).
+DEFAULT_DIAGNOSTICS_PERIOD = 1.0
+
 _SERVICER_SPEC = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$')
 
 
@@ -122,6 +125,12 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         'max_message_bytes', Parameter.Type.INTEGER, DEFAULT_MAX_MESSAGE_BYTES,
         'Largest message the server sends or accepts, in bytes (1 to 2147483647). Clients '
         'must allow at least as much.'),
+    ParameterSpec(
+        'diagnostics_period', Parameter.Type.DOUBLE, DEFAULT_DIAGNOSTICS_PERIOD,
+        'Seconds between the IPC server status messages on /diagnostics '
+        '(diagnostic_msgs/DiagnosticArray, as rqt_robot_monitor shows them): OK while serving, '
+        'WARN on many errors or saturation, ERROR when not serving; with connections, calls/s, '
+        'errors/s and p50/p99 latency (0 to 3600; 0: none).'),
 )
 
 #: Names of :data:`PARAMETERS`.
@@ -143,6 +152,8 @@ class IPCServerConfig:
     shared_memory: SharedMemoryOptions | None = None
     #: Seconds the server's event loop polls before it sleeps.
     busy_poll: float = DEFAULT_BUSY_POLL
+    #: Seconds between status messages on /diagnostics; 0: none.
+    diagnostics_period: float = DEFAULT_DIAGNOSTICS_PERIOD
 
 
 def declare_ipc_parameters(node: Node) -> None:
@@ -274,10 +285,16 @@ def read_ipc_config(node: Node, environ: Mapping[str, str] | None = None) -> IPC
             not 0 <= busy_poll_us <= 10_000:
         raise ParameterError('busy_poll_us', f'must be an integer from 0 to 10000, not {busy_poll_us!r}')
 
+    diagnostics_period = values['diagnostics_period']
+    if not isinstance(diagnostics_period, float) or not 0 <= diagnostics_period <= 3600:
+        raise ParameterError('diagnostics_period', 'must be a number of seconds from 0 to 3600 '
+                                                   f'(0: none), not {diagnostics_period!r}')
+
     return IPCServerConfig(module_name=module_name, socket_path=resolved,
                            ttrpc_socket_path=ttrpc_socket_path, servicers=servicers,
                            grace_period=grace_period, max_message_bytes=max_message_bytes,
-                           shared_memory=shared_memory, busy_poll=busy_poll_us / 1e6)
+                           shared_memory=shared_memory, busy_poll=busy_poll_us / 1e6,
+                           diagnostics_period=diagnostics_period)
 
 
 def load_servicer(spec: str) -> Any:

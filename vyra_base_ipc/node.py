@@ -15,7 +15,10 @@ Parameters (declared with a description, checked and documented in
 :mod:`vyra_base_ipc._node_parameters`, whose names this module re-exports):
 ``module_name``, ``socket_path``, ``ttrpc_enabled``, ``ttrpc_socket_path``,
 ``shared_memory_enabled``, ``shared_memory_threshold``, ``busy_poll_us``,
-``servicers``, ``grace_period``, ``max_message_bytes``.
+``servicers``, ``grace_period``, ``max_message_bytes``, ``diagnostics_period``.
+
+The server's status goes to ``/diagnostics`` every ``diagnostics_period``
+seconds (see :mod:`vyra_base_ipc._diagnostics`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
+from ._diagnostics import IPCDiagnostics
 from ._handler_threads import busy_handler_threads
 from ._loop_thread import EventLoopThread
 from ._node_parameters import (
@@ -127,6 +131,9 @@ class IPCServerHost:
         self.loop_thread = EventLoopThread(name=f'ipc-{node.get_name()}')
         self.config: IPCServerConfig | None = None
         self.server: IPCServer | None = None
+        #: The publisher of the server's status on /diagnostics, once started
+        #: (``None`` with ``diagnostics_period`` 0).
+        self.diagnostics: IPCDiagnostics | None = None
         self._lock = threading.Lock()
         self._closed = False
 
@@ -183,6 +190,9 @@ class IPCServerHost:
                 self.loop_thread.stop()
                 raise
             self.server = server
+            if config.diagnostics_period > 0:
+                self.diagnostics = IPCDiagnostics(self.node, lambda: self.server, config.diagnostics_period,
+                                                  config.module_name)
         message = (f'IPC server of module {config.module_name!r} (node '
                    f'{self.node.get_fully_qualified_name()}) serving '
                    f'{", ".join(server.service_names)} on {config.socket_path}'
@@ -211,6 +221,8 @@ class IPCServerHost:
                 return
             self._closed = True
         self.stop(grace)
+        if self.diagnostics is not None:
+            self.diagnostics.close()  # says ERROR once more, where ROS still runs
         self.loop_thread.stop(timeout=_STOP_MARGIN)
 
     def __enter__(self) -> 'IPCServerHost':

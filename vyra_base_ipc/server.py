@@ -219,6 +219,14 @@ class IPCServer:
         """Whether the server is up: started and not stopping."""
         return self._state is _State.SERVING
 
+    @property
+    def handler_threads(self) -> tuple[int, int]:
+        """Threads for ``def`` handlers: how many run one now, and how many there may be."""
+        executor = self._executor
+        if executor is None:
+            return 0, 0
+        return executor.busy, executor.max_workers
+
     def stats(self) -> Stats | None:
         """The :attr:`metrics` now, with the connections open per lane, as the
         ``vyra.ipc.Stats`` message ``vyra.ipc.Introspection/GetStats`` answers;

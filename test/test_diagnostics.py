@@ -1,0 +1,152 @@
+"""The IPC server's status on /diagnostics (diagnostic_msgs/DiagnosticArray),
+as rqt_robot_monitor shows it: from a real ``ipc_server`` process and from
+a real module node that hosts its server, read by a real subscriber."""
+
+from __future__ import annotations
+
+from pathlib import Path
+import signal
+import sys
+import threading
+from typing import Any, Callable
+
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+import pytest
+from rclpy.context import Context
+from rclpy.node import Node
+
+from conftest import SERVERS, ChildProcess, wait_for
+from ros_env import IPC_SERVER
+from vyra_base_ipc import IPCRemoteError, SyncIPCHandler
+from vyra_base_ipc import module_service_pb2 as module_pb
+from vyra_base_ipc import module_service_pb2_grpc as module_grpc
+from vyra_base_ipc.node import IPCServerHost
+
+pytestmark = [pytest.mark.ros]
+
+
+class Monitor:
+    """Subscribes to /diagnostics in the test process; keeps every status."""
+
+    def __init__(self, context: Context, spin: Callable[..., Any]) -> None:
+        self.node = Node('monitor', context=context)
+        self.lock = threading.Lock()
+        self.statuses: list[DiagnosticStatus] = []
+        self.node.create_subscription(DiagnosticArray, '/diagnostics', self._received, 10)
+        spin(self.node)
+
+    def _received(self, array: DiagnosticArray) -> None:
+        with self.lock:
+            self.statuses.extend(array.status)
+
+    def mark(self) -> int:
+        """Where the statuses received from now on begin."""
+        with self.lock:
+            return len(self.statuses)
+
+    def found(self, name: str, condition: Callable[[DiagnosticStatus], bool], since: int
+              ) -> list[DiagnosticStatus]:
+        """The statuses of ``name`` received since ``since`` that meet ``condition``."""
+        with self.lock:
+            return [status for status in self.statuses[since:] if status.name == name and condition(status)]
+
+    def wait(self, name: str, what: str, condition: Callable[[DiagnosticStatus], bool],
+             timeout: float = 30.0) -> DiagnosticStatus:
+        """The first status of ``name`` received from now on that meets ``condition``."""
+        since = self.mark()
+        wait_for(lambda: self.found(name, condition, since), timeout,
+                 f'a status of {name!r} on /diagnostics: {what}')
+        return self.found(name, condition, since)[0]
+
+
+@pytest.fixture
+def monitor(context: Context, spin: Callable[..., Any]) -> Monitor:
+    return Monitor(context, spin)
+
+
+def values(status: DiagnosticStatus) -> dict[str, str]:
+    return {item.key: item.value for item in status.values}
+
+
+def start_ipc_server(start_process: Callable[..., ChildProcess], socket_path: Path, *parameters: str
+                     ) -> ChildProcess:
+    args = [*IPC_SERVER, '--ros-args', '-p', 'module_name:=arm', '-p', f'socket_path:={socket_path}',
+            '-p', 'diagnostics_period:=0.2']
+    for parameter in parameters:
+        args += ['-p', parameter]
+    server = start_process(args)
+    server.wait_listening(socket_path)
+    return server
+
+
+def test_ipc_server_publishes_ok_with_its_lanes_calls_and_latency(
+        start_process: Callable[..., ChildProcess], monitor: Monitor, socket_dir: Path) -> None:
+    socket_path = socket_dir / 'arm_ipc.sock'
+    start_ipc_server(start_process, socket_path)
+    first = monitor.wait('ipc_server: IPC server', 'OK', lambda s: s.level == DiagnosticStatus.OK)
+    assert first.hardware_id == 'arm' and first.message == 'serving'
+    assert values(first)['socket_path'] == str(socket_path)
+    assert values(first)['ttrpc_socket_path'].endswith('arm_ipc.ttrpc.sock')
+    with SyncIPCHandler(socket_path, module_grpc.ModuleServiceStub, timeout=10) as client:
+        for _ in range(20):
+            assert client.call_method('ExecuteCommand', module_pb.CommandRequest(command='ping')).result == 'pong'
+        busy = monitor.wait('ipc_server: IPC server', 'calls', lambda s: float(values(s)['calls/s']) > 0)
+        assert busy.level == DiagnosticStatus.OK
+        assert int(values(busy)['ttrpc connections']) >= 1
+        assert float(values(busy)['p99 ms']) >= float(values(busy)['p50 ms']) > 0
+        assert values(busy)['handler threads busy'].startswith('0/')
+
+
+def test_many_failed_calls_turn_the_status_to_warn(
+        start_process: Callable[..., ChildProcess], monitor: Monitor, socket_dir: Path) -> None:
+    socket_path = socket_dir / 'arm_ipc.sock'
+    start_ipc_server(start_process, socket_path)
+    monitor.wait('ipc_server: IPC server', 'OK', lambda s: s.level == DiagnosticStatus.OK)
+    since = monitor.mark()
+
+    def warn(status: DiagnosticStatus) -> bool:
+        return status.level == DiagnosticStatus.WARN
+
+    with SyncIPCHandler(socket_path, module_grpc.ModuleServiceStub, timeout=10) as client:
+        def fail_until_warned() -> bool:
+            # Failing calls keep coming until a period full of them is reported.
+            for _ in range(5):
+                with pytest.raises(IPCRemoteError):
+                    client.call_method('GetData', module_pb.DataRequest(key='no such key'))
+            return bool(monitor.found('ipc_server: IPC server', warn, since))
+        wait_for(fail_until_warned, 30, 'a WARN status on /diagnostics')
+    warned = monitor.found('ipc_server: IPC server', warn, since)[0]
+    assert 'calls failed' in warned.message
+    assert float(values(warned)['errors/s']) > 0
+
+
+def test_a_hosting_node_reports_error_when_its_server_stops_serving(
+        start_process: Callable[..., ChildProcess], monitor: Monitor, socket_dir: Path) -> None:
+    socket_path = socket_dir / 'arm_ipc.sock'
+    node = start_process([sys.executable, str(SERVERS / 'diagnostics_host.py'), '--ros-args',
+                          '-p', 'module_name:=arm', '-p', f'socket_path:={socket_path}',
+                          '-p', 'diagnostics_period:=0.2'])
+    node.wait_listening(socket_path)
+    monitor.wait('arm_node: IPC server', 'OK', lambda s: s.level == DiagnosticStatus.OK)
+    node.signal(signal.SIGUSR1)
+    stopped = monitor.wait('arm_node: IPC server', 'ERROR', lambda s: s.level == DiagnosticStatus.ERROR)
+    assert stopped.message == 'not serving'
+    assert values(stopped)['socket_path'] == str(socket_path)
+    assert 'IPC server stopped on request' in node.log()
+    assert node.running()  # the node lives on and keeps saying so
+
+
+def test_diagnostics_period_zero_publishes_nothing(context: Context, socket_dir: Path) -> None:
+    from rclpy.parameter import Parameter
+
+    node = Node('quiet', context=context, parameter_overrides=[
+        Parameter('module_name', value='quiet'), Parameter('socket_path', value=str(socket_dir / 'q.sock')),
+        Parameter('diagnostics_period', value=0.0)])
+    host = IPCServerHost(node)
+    try:
+        host.start()
+        assert host.diagnostics is None
+        assert node.count_publishers('/diagnostics') == 0
+    finally:
+        host.close()
+        node.destroy_node()

@@ -1,0 +1,138 @@
+"""The IPC server's status on ``/diagnostics``, as ROS 2 tools show it
+(``rqt_robot_monitor``, ``ros2 topic echo /diagnostics``).
+
+One ``diagnostic_msgs/DiagnosticStatus`` per server, named like
+diagnostic_updater's (``<node>: IPC server``), published every
+``diagnostics_period`` seconds from the node's executor:
+
+- ERROR while the server is not serving (not started, stopping, stopped);
+  one last ERROR is published when the host stops it.
+- WARN when, in the last period, more than :data:`ERROR_RATE_WARN` of the
+  calls ended with an error, or every handler thread was busy, or a lane
+  held more than :data:`CONNECTIONS_WARN` of its ``max_connections``.
+- OK otherwise.
+
+Its values say which lanes serve where, the connections per lane, calls per
+second, errors per second and the p50/p99 latency of the last period, and
+the calls in flight.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.impl.implementation_singleton import rclpy_implementation
+from rclpy.node import Node
+from rclpy.timer import Timer
+
+from ._metrics import LATENCY_BOUNDS, quantile
+from .introspection_pb2 import Stats
+
+if TYPE_CHECKING:
+    from .server import IPCServer
+
+__all__ = ['CONNECTIONS_WARN', 'ERROR_RATE_WARN', 'IPCDiagnostics']
+
+#: Share of a period's calls that may fail before the status turns WARN.
+ERROR_RATE_WARN = 0.1
+#: Share of ``max_connections`` a lane may hold before the status turns WARN.
+CONNECTIONS_WARN = 0.9
+
+_TOPIC = '/diagnostics'
+_InvalidHandle = rclpy_implementation.InvalidHandle
+
+
+class IPCDiagnostics:
+    """Publishes the status of the server ``server()`` returns (``None``
+    before it exists) on ``/diagnostics`` every ``period`` seconds.
+
+    :param node: the node that publishes (its executor runs the timer).
+    :param server: the server now, or ``None``.
+    :param hardware_id: the status's ``hardware_id`` (the module name).
+    """
+
+    def __init__(self, node: Node, server: Callable[[], 'IPCServer | None'], period: float,
+                 hardware_id: str) -> None:
+        self._node = node
+        self._server = server
+        self._period = period
+        self._hardware_id = hardware_id
+        self.name = f'{node.get_name()}: IPC server'
+        self._publisher = node.create_publisher(DiagnosticArray, _TOPIC, 10)
+        self._last: Stats | None = None
+        self._timer: Timer | None = node.create_timer(period, self.publish)
+
+    def publish(self) -> None:
+        """Publish the status now."""
+        array = DiagnosticArray(status=[self.status()])
+        array.header.stamp = self._node.get_clock().now().to_msg()
+        self._publisher.publish(array)
+
+    def close(self) -> None:
+        """Publish one last status (ERROR once the server stopped) and stop
+        publishing. After ``rclpy.shutdown()`` or the node's destruction,
+        when the timer and publisher are gone already, only forgets them."""
+        timer, self._timer = self._timer, None
+        if timer is None:
+            return
+        try:
+            timer.cancel()
+            self._node.destroy_timer(timer)
+            if self._node.context.ok():
+                self.publish()
+            self._node.destroy_publisher(self._publisher)
+        except _InvalidHandle:  # destroyed with the node or the context
+            pass
+
+    def status(self) -> DiagnosticStatus:
+        """The server's status now, compared with the last one published."""
+        server = self._server()
+        status = DiagnosticStatus(name=self.name, hardware_id=self._hardware_id)
+        if server is None or not server.is_serving:
+            status.level = DiagnosticStatus.ERROR
+            status.message = 'not serving'
+            if server is not None:
+                status.values = [KeyValue(key='socket_path', value=str(server.socket_path))]
+            return status
+        stats = server.stats()
+        values = {'socket_path': str(server.socket_path),
+                  'ttrpc_socket_path': str(server.ttrpc_socket_path or 'off')}
+        warnings = []
+        if stats is not None:
+            calls, errors, counts = _since(stats, self._last)
+            elapsed = stats.uptime_seconds - (self._last.uptime_seconds if self._last else 0.0)
+            self._last = stats
+            for lane in stats.lanes:
+                values[f'{lane.lane} connections'] = str(lane.connections)
+                if lane.connections > CONNECTIONS_WARN * server.limits.max_connections:
+                    warnings.append(f'{lane.lane} lane near max_connections')
+            values['calls/s'] = f'{calls / elapsed:.1f}' if elapsed > 0 else '0'
+            values['errors/s'] = f'{errors / elapsed:.1f}' if elapsed > 0 else '0'
+            values['p50 ms'] = f'{quantile(counts, 0.5) * 1e3:.3f}'
+            values['p99 ms'] = f'{quantile(counts, 0.99) * 1e3:.3f}'
+            values['in flight'] = str(sum(method.in_flight for method in stats.methods))
+            if calls and errors > ERROR_RATE_WARN * calls:
+                warnings.append(f'{errors} of {calls} calls failed')
+        busy, threads = server.handler_threads
+        values['handler threads busy'] = f'{busy}/{threads}'
+        if threads and busy >= threads:
+            warnings.append('every handler thread is busy')
+        status.values = [KeyValue(key=key, value=value) for key, value in values.items()]
+        status.level = DiagnosticStatus.WARN if warnings else DiagnosticStatus.OK
+        status.message = '; '.join(warnings) if warnings else 'serving'
+        return status
+
+
+def _since(stats: Stats, last: Stats | None) -> tuple[int, int, list[int]]:
+    """Calls, failed calls and latency bucket counts of ``stats`` beyond ``last``."""
+    before = {(method.method, method.lane): method for method in last.methods} if last else {}
+    calls = errors = 0
+    counts = [0] * (len(LATENCY_BOUNDS) + 1)
+    for method in stats.methods:
+        previous = before.get((method.method, method.lane))
+        calls += method.calls - (previous.calls if previous else 0)
+        errors += sum(method.errors.values()) - (sum(previous.errors.values()) if previous else 0)
+        for index, count in enumerate(method.latency_counts):
+            counts[index] += count - (previous.latency_counts[index] if previous else 0)
+    return calls, errors, counts
