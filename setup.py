@@ -9,84 +9,26 @@ for ``colcon build --symlink-install`` / ``pip install -e .`` (git-ignored).
 from glob import glob
 import os
 from pathlib import Path
+import sys
 
-from setuptools import Command, find_namespace_packages, setup
-from setuptools.command.build_py import build_py
-from setuptools.command.develop import develop
+from setuptools import find_namespace_packages, setup
 
 package_name = 'vyra_base_ipc'
 here = Path(__file__).resolve().parent
-proto_root = here / 'protos'
+# The build helper is part of this package and needs only setuptools and
+# grpcio-tools: import it from the source tree, before anything is built.
+sys.path.insert(0, str(here))
+from vyra_base_ipc_build import proto_cmdclass  # noqa: E402
 
 # One version for the whole gRPC family: generated code and runtime must agree.
 grpc_version = '1.85.1'
-
-
-def generate_protos(output_dir: Path) -> None:
-    """Compile every .proto under ``protos/`` into ``output_dir``."""
-    import grpc_tools
-    from grpc_tools import protoc  # a build requirement (pyproject.toml)
-
-    protos = sorted(str(p.relative_to(proto_root)) for p in proto_root.rglob('*.proto'))
-    well_known = Path(grpc_tools.__file__).parent / '_proto'
-    output_dir.mkdir(parents=True, exist_ok=True)
-    status = protoc.main([
-        'grpc_tools.protoc',
-        f'--proto_path={proto_root}',
-        f'--proto_path={well_known}',
-        f'--python_out={output_dir}',
-        f'--pyi_out={output_dir}',
-        f'--grpc_python_out={output_dir}',
-        *protos,
-    ])
-    if status != 0:
-        raise RuntimeError(f'protoc failed with status {status} on {protos}')
-
-
-class GenerateProtos(Command):
-    """``setup.py generate_protos``: generate into the source tree."""
-
-    description = 'generate Python code for protos/ into the source tree'
-    user_options: list = []
-
-    def initialize_options(self) -> None:
-        """No options."""
-
-    def finalize_options(self) -> None:
-        """No options."""
-
-    def run(self) -> None:
-        """Generate into the source tree."""
-        generate_protos(here)
-
-
-class BuildPyWithProtos(build_py):
-    """``build_py`` that also generates the protobuf code: into the build
-    tree, or into the source tree for an editable install."""
-
-    def run(self) -> None:
-        """Build the package, then generate its protobuf code."""
-        super().run()
-        if not self.editable_mode:
-            generate_protos(Path(self.build_lib))
-        else:
-            generate_protos(here)
-
-
-class DevelopWithProtos(develop):
-    """``develop`` that generates the protobuf code into the source tree first."""
-
-    def run(self) -> None:
-        """Generate into the source tree, then install for development."""
-        generate_protos(here)
-        super().run()
 
 
 setup(
     name=package_name,
     version='0.1.0',
     packages=find_namespace_packages(
-        include=['vyra_base_ipc', 'vyra_base_ipc.*', 'vyra_base', 'vyra_base.*']),
+        include=['vyra_base_ipc', 'vyra_base_ipc.*', 'vyra_base', 'vyra_base.*', 'vyra_base_ipc_build']),
     package_data={package_name: ['py.typed']},
     data_files=[
         ('share/ament_index/resource_index/packages', [f'resource/{package_name}']),
@@ -120,11 +62,7 @@ setup(
     description='gRPC over Unix domain sockets inside a VYRA module',
     license='Apache-2.0',
     python_requires='>=3.10',
-    cmdclass={
-        'build_py': BuildPyWithProtos,
-        'develop': DevelopWithProtos,
-        'generate_protos': GenerateProtos,
-    },
+    cmdclass=proto_cmdclass('protos', ship_vyra_protos=True),
     entry_points={
         'console_scripts': [
             'ipc_server = vyra_base_ipc.node:main',

@@ -47,17 +47,10 @@ async def until(condition: Callable[[], object], timeout: float, what: str) -> N
 
 
 def compile_protos(proto_root: Path, output: Path) -> None:
-    from grpc_tools import protoc
-    import grpc_tools
+    """The test protos' code, built as a module package builds its own."""
+    from vyra_base_ipc_build import generate_protos
 
-    well_known = Path(grpc_tools.__file__).parent / '_proto'
-    # The package's own protos, for imports such as vyra_base_ipc/shared_memory.proto
-    # (the generated code then imports them from the installed package).
-    package_protos = HERE.parent / 'protos'
-    protos = [str(p.relative_to(proto_root)) for p in proto_root.rglob('*.proto')]
-    status = protoc.main(['protoc', f'-I{proto_root}', f'-I{package_protos}', f'-I{well_known}',
-                          f'--python_out={output}', f'--grpc_python_out={output}', *protos])
-    assert status == 0, f'protoc failed on {protos}'
+    generate_protos(proto_root, output, stubs=False)
 
 
 @pytest.fixture(scope='session')

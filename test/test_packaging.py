@@ -69,6 +69,9 @@ def test_wheel_has_code_protos_and_resource_marker(tmp_path: Path) -> None:
     for name in GENERATED:
         assert f'vyra_base_ipc/{name}' in names
     assert 'vyra_base/com/handler/ipc.py' in names
+    # The build helper of module packages, with the protos they import.
+    assert 'vyra_base_ipc_build/__init__.py' in names
+    assert 'vyra_base_ipc_build/protos/vyra_base_ipc/shared_memory.proto' in names
     data = '.data/data/share/'
     assert any(n.endswith(data + 'vyra_base_ipc/protos/vyra_base_ipc/module_service.proto') for n in names)
     assert any(n.endswith(data + 'ament_index/resource_index/packages/vyra_base_ipc') for n in names)

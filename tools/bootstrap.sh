@@ -18,7 +18,7 @@ source .venv/bin/activate
 # Generated code in the source folder too (git-ignored), so that tools run
 # from the repository root, such as `python -m bench`, import a whole package.
 python setup.py -q generate_protos
-colcon build --base-paths "$ROOT" --build-base build --install-base install \
+colcon build --base-paths "$ROOT" "$ROOT/examples" --build-base build --install-base install \
   --event-handlers console_direct-
 set +u  # setup.bash reads unset variables
 # shellcheck disable=SC1091

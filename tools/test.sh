@@ -21,7 +21,7 @@ fi
 pytest_args=("$@")
 run_tests() {
   # PYTHONSAFEPATH: pytest runs in the source folder; import the installed tree.
-  PYTHONSAFEPATH=1 colcon test --base-paths "$ROOT" --build-base build --install-base install \
+  PYTHONSAFEPATH=1 colcon test --base-paths "$ROOT" "$ROOT/examples" --build-base build --install-base install \
     --return-code-on-test-failure --event-handlers console_direct+ \
     --pytest-args "${pytest_args[@]}" "$@"
 }
@@ -36,7 +36,10 @@ else
        "(DDS is still limited to localhost by the test fixtures)" >&2
   run_tests || status=$?
 fi
-# The test runner's own summary line, last.
-grep -E '^=+ .*(passed|failed|error|no tests ran).* in [0-9.]+s' \
-  log/latest_test/vyra_base_ipc/stdout_stderr.log | tail -n 1 || true
+# The test runner's own summary lines: the example module's, then this
+# package's, last.
+for package in my_arm vyra_base_ipc; do
+  grep -E '^=+ .*(passed|failed|error|no tests ran).* in [0-9.]+s' \
+    "log/latest_test/$package/stdout_stderr.log" | tail -n 1 || true
+done
 exit "$status"

@@ -1,0 +1,53 @@
+"""The module's ROS 2 node: hosts the module's IPC server (ArmService and
+the default ModuleService) on its own event-loop thread.
+
+    ros2 run my_arm arm_node --ros-args -p module_name:=my_arm
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import rclpy
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.node import Node
+
+from vyra_base_ipc.node import host_ipc_server, spin_until_shutdown
+
+from .arm_service import ArmService
+
+
+class ArmNode(Node):
+    """The arm's node; its IPC server follows the node's parameters
+    (``module_name``, ``socket_path``, ...: see vyra_base_ipc's README)."""
+
+    def __init__(self) -> None:
+        super().__init__('arm_node')
+        self.ipc = host_ipc_server(self, [ArmService()])
+
+    def destroy_node(self) -> None:
+        """Stop the IPC server (with its grace period), then the node."""
+        self.ipc.close()
+        super().destroy_node()
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Run the node until SIGINT, SIGTERM or ROS shutdown."""
+    rclpy.init(args=args)
+    executor = SingleThreadedExecutor()
+    node = None
+    try:
+        node = ArmNode()
+        executor.add_node(node)
+        spin_until_shutdown(executor)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        executor.shutdown(timeout_sec=0)
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == '__main__':
+    main()

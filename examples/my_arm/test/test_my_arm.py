@@ -1,0 +1,112 @@
+"""my_arm end to end: its node (a real ROS 2 process hosting the IPC server)
+and its frontend (a real process), on both lanes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import json
+import os
+from pathlib import Path
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import grpc
+import pytest
+
+from my_arm import arm_pb2
+from my_arm.arm_pb2 import FrameRequest, MoveRequest
+from my_arm.arm_pb2_grpc import ArmServiceStub
+from vyra_base_ipc import IPCRemoteError, SyncIPCHandler
+from vyra_base_ipc.introspection_pb2 import StatsRequest
+from vyra_base_ipc.introspection_pb2_grpc import IntrospectionStub
+
+FRAME_BYTES = 2048 * 1024 * 3  # the default frame: 6 MiB
+
+
+def listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture
+def ros_env(tmp_path: Path) -> dict[str, str]:
+    """DDS stays on this machine, in a domain of its own."""
+    env = {name: value for name, value in os.environ.items()
+           if name not in ('VYRA_IPC_SOCKET', 'VYRA_MODULE_NAME', 'MODULE_NAME', 'ROS_STATIC_PEERS')}
+    env.update(ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST', ROS_DOMAIN_ID=str(random.randint(100, 232)),
+               ROS_HOME=str(tmp_path / 'ros'), ROS_LOG_DIR=str(tmp_path / 'ros' / 'log'))
+    return env
+
+
+@pytest.fixture
+def arm_socket(ros_env: dict[str, str], tmp_path: Path) -> Iterator[Path]:
+    """The socket of a running arm_node process; SIGINT at the end must stop it cleanly."""
+    directory = Path(tempfile.mkdtemp(prefix='arm-', dir='/tmp'))  # short: socket paths <= 107 bytes
+    path = directory / 'my_arm_ipc.sock'
+    log = tmp_path / 'arm_node.log'
+    with open(log, 'wb') as output:
+        node = subprocess.Popen([sys.executable, '-m', 'my_arm.arm_node', '--ros-args',
+                                 '-p', 'module_name:=my_arm', '-p', f'socket_path:={path}'],
+                                env=ros_env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not listening(path):
+            assert node.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f'arm_node did not serve {path}:\n{log.read_text()}'
+            time.sleep(0.05)
+        yield path
+        node.send_signal(signal.SIGINT)
+        assert node.wait(timeout=20) == 0, log.read_text()
+        assert not path.exists()
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize('lane', ['ttrpc', 'grpc'])
+def test_the_frontend_moves_watches_and_fetches_on_either_lane(arm_socket: Path, ros_env: dict[str, str],
+                                                              lane: str) -> None:
+    frontend = subprocess.run([sys.executable, '-m', 'my_arm.frontend', '--lane', lane],
+                              env={**ros_env, 'VYRA_IPC_SOCKET': str(arm_socket)},
+                              capture_output=True, text=True, timeout=60)
+    assert frontend.returncode == 0, frontend.stdout + frontend.stderr
+    lines = [json.loads(line) for line in frontend.stdout.splitlines()]
+    assert lines[0] == {'move': 'ready', 'reached': True}
+    assert [line['sequence'] for line in lines[1:4]] == [0, 1, 2]
+    assert lines[1]['joints'] == [0.0, -0.5, 1.2]
+    assert lines[4] == {'frame': [2048, 1024], 'bytes': FRAME_BYTES, 'lane': lane}
+    assert lines[5] == {'image': 256 * 4096, 'intact': True}
+
+
+def test_an_unknown_pose_is_invalid_argument_naming_the_known_ones(arm_socket: Path) -> None:
+    with SyncIPCHandler(arm_socket, ArmServiceStub) as arm, pytest.raises(IPCRemoteError) as refused:
+        arm.call_method('Move', MoveRequest(pose='dance'))
+    assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown pose 'dance'; known: home, ready, stow" in str(refused.value)
+
+
+def test_the_camera_frame_travels_as_shared_memory_on_the_fast_lane(arm_socket: Path) -> None:
+    with SyncIPCHandler(arm_socket, ArmServiceStub, lane='ttrpc') as arm:
+        frame = arm.call_method('GetCameraFrame', FrameRequest())
+    assert len(frame.rgb) == FRAME_BYTES and frame.rgb[:3] == bytes([0, 1, 2])
+    with SyncIPCHandler(arm_socket, IntrospectionStub, lane='ttrpc') as introspection:
+        lanes = {lane.lane: lane for lane in introspection.call_method('GetStats', StatsRequest()).lanes}
+    assert lanes['ttrpc'].shared_memory_bytes_sent >= FRAME_BYTES
+
+
+def test_the_generated_code_has_type_stubs_beside_it() -> None:
+    generated = Path(arm_pb2.__file__).parent
+    for name in ('arm_pb2.py', 'arm_pb2.pyi', 'arm_pb2_grpc.py'):
+        assert (generated / name).is_file(), name
