@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import grp
 import logging
 import signal
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -336,6 +337,10 @@ class IPCServer:
                     ) -> None:
         """Start, serve until one of ``stop_signals`` arrives or :meth:`stop` is
         called, then stop with the grace period. For a process's main coroutine.
+
+        Says so through the ``vyra_base_ipc`` logger: where it serves, the
+        signal, and that it stopped. In a process that has not configured
+        :mod:`logging`, those lines go to stderr while it serves.
         """
         loop = asyncio.get_running_loop()
         installed = []
@@ -343,12 +348,15 @@ class IPCServer:
             loop.add_signal_handler(stop_signal, self._on_signal, stop_signal)
             installed.append(stop_signal)
         try:
-            await self.start()
-            await self.wait_for_termination()
+            with _logged_to_stderr():
+                try:
+                    await self.start()
+                    await self.wait_for_termination()
+                finally:
+                    await self.stop()
         finally:
             for stop_signal in installed:
                 loop.remove_signal_handler(stop_signal)
-            await self.stop()
 
     async def __aenter__(self) -> 'IPCServer':
         await self.start()
@@ -418,6 +426,25 @@ class IPCServer:
         self._state = _State.STOPPED
         assert self._terminated is not None
         self._terminated.set()
+
+
+@contextlib.contextmanager
+def _logged_to_stderr() -> Iterator[None]:
+    """INFO lines of this package to stderr, unless logging is configured."""
+    package = logging.getLogger(__name__.rpartition('.')[0])
+    if package.hasHandlers() or logging.getLogger().level != logging.WARNING:
+        yield  # the process configured logging: its choice
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter('[%(levelname)s] [%(asctime)s] [%(name)s]: %(message)s'))
+    level = package.level
+    package.addHandler(handler)
+    package.setLevel(min(level or logging.INFO, logging.INFO))
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
 
 
 def _group_id(group: str | int | None) -> int | None:

@@ -233,7 +233,8 @@ class TtrpcServer:
             self._shutdown_executor()
             raise
         self._state = _State.SERVING
-        _logger.info('ttrpc server serving %d methods on %s', len(self._handlers), self.socket_path)
+        # DEBUG: IPCServer, which runs this lane, says it for both lanes.
+        _logger.debug('ttrpc server serving %d methods on %s', len(self._handlers), self.socket_path)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop serving; idempotent and safe to call concurrently.
@@ -319,7 +320,7 @@ class TtrpcServer:
             self._deadlines.close()
             self._shutdown_executor()
             self._state = _State.STOPPED
-        _logger.info('ttrpc server on %s stopped%s', self.socket_path,
+        _logger.debug('ttrpc server on %s stopped%s', self.socket_path,
                      '' if removed else ' (socket file was not ours any more)')
 
     def _shutdown_executor(self) -> None:
