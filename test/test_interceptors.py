@@ -1,7 +1,7 @@
-"""Server interceptors and metrics, on both lanes, against a real server
-process (test/servers/observed_server.py): what an interceptor sees, a
-refusal with PERMISSION_DENIED, and the counters read over the socket
-through ``vyra.ipc.Introspection``."""
+"""Interceptors and metrics, on both lanes, against a real server process
+(test/servers/observed_server.py): what a server interceptor sees, a
+refusal with PERMISSION_DENIED, the counters read over the socket through
+``vyra.ipc.Introspection``, and client interceptors of both clients."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ import pytest
 
 from conftest import ServerProcess, StartServer, wait_for
 from vyra_base_ipc import (
+    CallRejected,
+    ClientCall,
+    ClientInterceptor,
+    IPCHandler,
     IPCRemoteError,
     IPCServer,
     IPCTimeoutError,
@@ -222,3 +226,75 @@ def test_interceptors_must_be_server_interceptors(socket_path: Path) -> None:
         IPCServer(socket_path, interceptors=[print])  # type: ignore[list-item]
     IPCServer(socket_path, interceptors=[ServerInterceptor()])
 
+
+
+# -- client interceptors ------------------------------------------------------------
+
+
+class Recorder(ClientInterceptor):
+    """Adds a trace id to every call, refuses calls of ``refused``, and
+    records how each call ended."""
+
+    def __init__(self, refused: str = '') -> None:
+        self.refused = refused
+        self.ended: list[tuple[str, str | None, str, str]] = []
+
+    def call_started(self, call: ClientCall) -> None:
+        call.metadata.append(('x-trace', 'trace-42'))
+        if self.refused and call.method.endswith(self.refused):
+            raise CallRejected(grpc.StatusCode.FAILED_PRECONDITION, f'{self.refused} is off here')
+
+    def call_ended(self, call: ClientCall, code: grpc.StatusCode, details: str, duration: float) -> None:
+        assert duration >= 0
+        self.ended.append((call.method, call.lane, code.name, details))
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_a_client_interceptor_adds_metadata_and_sees_each_call_end(observed: Observed, echo: Any,
+                                                                  lane: str) -> None:
+    recorder = Recorder()
+    with SyncIPCHandler(observed.server.socket_path, echo.Stub, lane=lane, timeout=10,
+                        interceptors=[recorder]) as client:
+        client.call_method('Echo', echo.pb.EchoRequest(text='a'), metadata=(('x-own', 'yes'),))
+        with pytest.raises(IPCRemoteError):
+            client.call_method('Fail', echo.pb.FailRequest(code=grpc.StatusCode.NOT_FOUND.value[0],
+                                                           details='gone'))
+        stream = client.stream_method('Count', echo.pb.CountRequest(count=1_000_000))
+        next(stream)
+        stream.close()  # left early
+    echoed = observed.ended(ECHO, lane)[0]
+    assert echoed['metadata']['x-trace'] == 'trace-42' and echoed['metadata']['x-own'] == 'yes'
+    assert recorder.ended == [
+        (ECHO, lane, 'OK', ''),
+        (FAIL, lane, 'NOT_FOUND', 'gone'),
+        (COUNT, lane, 'CANCELLED', 'the caller left the call'),
+    ]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+async def test_a_client_interceptor_refuses_a_call_before_anything_is_sent(observed: Observed, echo: Any,
+                                                                          lane: str) -> None:
+    recorder = Recorder(refused='Echo')
+    async with IPCHandler(observed.server.socket_path, echo.Stub, lane=lane, timeout=10,
+                          interceptors=[recorder]) as client:
+        with pytest.raises(IPCRemoteError) as refused:
+            await client.call_method('Echo', echo.pb.EchoRequest(text='never sent'))
+        assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
+        assert 'Echo is off here' in str(refused.value)
+        reply = await client.call_method('EchoSync', echo.pb.EchoRequest(text='sent'))
+        assert reply.text == 'sent'
+        async for _ in client.stream_method('Count', echo.pb.CountRequest(count=2)):
+            pass
+    assert recorder.ended == [
+        (ECHO, None, 'FAILED_PRECONDITION', 'Echo is off here'),
+        (ECHO_SYNC, lane, 'OK', ''),
+        (COUNT, lane, 'OK', ''),
+    ]
+    observed.ended(ECHO_SYNC, lane)
+    assert not [entry for entry in observed.entries() if entry['method'] == ECHO]  # never reached the server
+
+
+def test_client_interceptors_must_be_client_interceptors(socket_path: Path) -> None:
+    with pytest.raises(TypeError, match='interceptors must be ClientInterceptor objects'):
+        SyncIPCHandler(socket_path, interceptors=[ServerInterceptor()])  # type: ignore[list-item]

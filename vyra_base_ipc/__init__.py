@@ -10,12 +10,12 @@ Public surface::
     from vyra_base_ipc import SharedBuffer, shared_buffer, attach_buffers   # zero-copy buffers
     vyra_base_ipc.run(server.serve())      # asyncio.run() on a loop that busy-polls before it sleeps
     from vyra_base_ipc import IPCError, ...   # every exception, defined in vyra_base_ipc.exceptions
-    from vyra_base_ipc import ServerInterceptor, ServerCall, CallRejected   # see every call, refuse some
+    from vyra_base_ipc import ServerInterceptor, ClientInterceptor, CallRejected  # see calls, refuse some
 """
 
 from ._busy_poll import DEFAULT_BUSY_POLL
 from ._event_loop import new_event_loop, run
-from ._interceptors import CallRejected, ServerCall, ServerInterceptor
+from ._interceptors import CallRejected, ClientCall, ClientInterceptor, ServerCall, ServerInterceptor
 from ._limits import ServerLimits
 from ._options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT
 from ._payload import SharedMemoryOptions
@@ -51,6 +51,8 @@ from .server import IPCServer
 
 __all__ = [
     'CallRejected',
+    'ClientCall',
+    'ClientInterceptor',
     'CommandError',
     'DEFAULT_BUSY_POLL',
     'DEFAULT_GRACE_PERIOD',

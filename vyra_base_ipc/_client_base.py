@@ -5,16 +5,18 @@ retry loops, one per way of waiting."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import os
 import threading
 import time
-from typing import Any, Awaitable, Callable, ClassVar, Iterable, Protocol, TypeVar
+from typing import Any, Awaitable, Callable, ClassVar, ContextManager, Iterable, Protocol, Sequence, TypeVar
 
 import grpc
 
 from ._deadline import Deadline
 from ._fork_safety import ensure_usable_after_fork, note_grpc_used
+from ._interceptors import ClientCall, ClientInterceptor, intercepted_call
 from ._lanes import LaneChoice
 from ._methods import Method, stub_methods
 from ._options import (
@@ -116,8 +118,13 @@ class ClientBase:
         shared_memory: SharedMemoryOptions | None = SharedMemoryOptions(),
         stream_window: int = DEFAULT_STREAM_WINDOW,
         server_uid: int | None = None,
+        interceptors: Sequence[ClientInterceptor] = (),
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path, module_name=module_name)
+        self.interceptors = tuple(interceptors)
+        for interceptor in self.interceptors:
+            if not isinstance(interceptor, ClientInterceptor):
+                raise TypeError(f'interceptors must be ClientInterceptor objects, not {interceptor!r}')
         self.server_uid = server_uid
         self._trusted = trusted_server_uids(server_uid)
         self.shared_memory = usable_options(shared_memory)
@@ -209,6 +216,20 @@ class ClientBase:
                 raise TypeError(f'{name} takes a {method.request_type} request, not '
                                 f'{given or type(request).__qualname__}')
         return method
+
+    def _intercepted(self, method: Method, metadata: Any, deadline: Deadline | None
+                     ) -> ContextManager[ClientCall | None]:
+        """The call under the client's interceptors (see
+        :func:`~vyra_base_ipc._interceptors.intercepted_call`); a no-op
+        yielding ``None`` without any. Send ``call.metadata``; set
+        ``call.lane`` when the lane is chosen.
+
+        :raises IPCError: an interceptor refused the call.
+        """
+        if not self.interceptors:
+            return contextlib.nullcontext()
+        call = ClientCall(method.path, list(metadata or ()), None if deadline is None else deadline.at)
+        return intercepted_call(self.interceptors, call)
 
     def _wait(self, wait_for_ready: bool | None) -> bool:
         return self.wait_for_ready if wait_for_ready is None else wait_for_ready

@@ -1,6 +1,6 @@
-"""Server interceptors: one hook on both lanes, and the per-call bookkeeping
-(metrics, then interceptors) every call of a module's own services goes
-through.
+"""Interceptors, server and client: one hook API on both lanes, and the
+per-call bookkeeping (metrics, then interceptors) every call of a module's
+own services goes through on the server.
 
 A :class:`ServerInterceptor` sees each call twice: when it starts, before
 the handler runs (it may refuse the call by raising :class:`CallRejected`),
@@ -9,23 +9,36 @@ hooks from its call lifecycle, the gRPC lane from a wrapper around each
 handler (see :mod:`vyra_base_ipc._grpc_observe`); what an interceptor sees
 is the same on both. Health, reflection and introspection are not
 intercepted: tools must reach them whatever a module's rules say.
+
+A :class:`ClientInterceptor` sees each call of an ``IPCHandler`` or
+``SyncIPCHandler`` the same way: before anything is sent (it may add
+metadata, or refuse the call) and once it has ended, on whichever lane.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from concurrent import futures
+import contextlib
+from dataclasses import dataclass, field
 import logging
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence, Union
 
 import grpc
 
 from ._metrics import MethodMetrics, ServerMetrics
 from ._peer import PeerCredentials
+from .exceptions import IPCError, error_from_status
 
-__all__ = ['CallObserver', 'CallRejected', 'Observation', 'ServerCall', 'ServerInterceptor']
+__all__ = ['CallObserver', 'CallRejected', 'ClientCall', 'ClientInterceptor', 'Observation', 'ServerCall',
+           'ServerInterceptor', 'intercepted_call']
 
 _logger = logging.getLogger(__name__)
+
+#: How a call ends when its caller leaves it: the task cancelled, the
+#: stream closed early, Ctrl-C.
+_LEFT = (GeneratorExit, KeyboardInterrupt, asyncio.CancelledError, futures.CancelledError)
 
 
 class CallRejected(Exception):
@@ -167,3 +180,85 @@ class CallObserver:
 
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+# -- clients ------------------------------------------------------------------------
+
+
+@dataclass
+class ClientCall:
+    """One call of a client as its interceptors see it.
+
+    :ivar method: full method path, ``/vyra.ipc.ModuleService/ExecuteCommand``.
+    :ivar metadata: the metadata to send; ``call_started`` may add to it.
+    :ivar deadline: ``time.monotonic()`` value at which the call expires,
+        ``None`` without a deadline.
+    :ivar lane: ``"grpc"`` or ``"ttrpc"`` once the call has a lane (in
+        ``call_ended``; ``None`` if it failed before one was chosen).
+    """
+
+    method: str
+    metadata: list[tuple[str, Union[str, bytes]]]
+    deadline: float | None
+    lane: str | None = None
+    started: float = field(default=0.0, repr=False)
+
+
+class ClientInterceptor:
+    """Override either hook; both run for every call of the client they are
+    given to (``IPCHandler(..., interceptors=[...])``), in the calling
+    thread or task. Exceptions other than :class:`CallRejected` raised by a
+    hook are logged and ignored.
+    """
+
+    def call_started(self, call: ClientCall) -> None:
+        """Called before anything is sent. Append to ``call.metadata`` to
+        send more; raise :class:`CallRejected` to fail the call at once with
+        the :class:`~vyra_base_ipc.IPCError` that status maps to."""
+
+    def call_ended(self, call: ClientCall, code: grpc.StatusCode, details: str, duration: float) -> None:
+        """Called once the call has ended (for a stream: the caller stopped
+        iterating): its status and how long it took, in seconds."""
+
+
+@contextlib.contextmanager
+def intercepted_call(interceptors: Sequence[ClientInterceptor], call: ClientCall) -> Iterator[ClientCall]:
+    """Run ``call_started`` of each interceptor, then the body (the call),
+    then ``call_ended`` with the status the body ended with: OK, the
+    :class:`~vyra_base_ipc.IPCError`'s, CANCELLED when the caller left (task
+    cancelled, stream closed early), UNKNOWN for anything else.
+
+    :raises IPCError: an interceptor refused the call (with its status).
+    """
+    call.started = time.perf_counter()
+    for interceptor in interceptors:
+        try:
+            interceptor.call_started(call)
+        except CallRejected as rejection:
+            _client_ended(interceptors, call, rejection.code, rejection.details)
+            raise error_from_status(rejection.code, rejection.details, method=call.method) from None
+        except Exception:
+            _logger.exception('client interceptor %r failed in call_started of %s', interceptor, call.method)
+    try:
+        yield call
+    except IPCError as error:
+        _client_ended(interceptors, call, error.code, error.details)
+        raise
+    except _LEFT:
+        _client_ended(interceptors, call, grpc.StatusCode.CANCELLED, 'the caller left the call')
+        raise
+    except BaseException as error:
+        _client_ended(interceptors, call, grpc.StatusCode.UNKNOWN, f'{type(error).__name__}: {error}')
+        raise
+    _client_ended(interceptors, call, grpc.StatusCode.OK, '')
+
+
+def _client_ended(interceptors: Sequence[ClientInterceptor], call: ClientCall, code: grpc.StatusCode,
+                  details: str) -> None:
+    duration = time.perf_counter() - call.started
+    for interceptor in interceptors:
+        try:
+            interceptor.call_ended(call, code, details, duration)
+        except Exception:
+            _logger.exception('client interceptor %r failed in call_ended of %s', interceptor, call.method)
+

@@ -107,6 +107,9 @@ class LaneChoice:
 class _GrpcLaneBase:
     """What both gRPC lanes share: the channel's callables and the errors."""
 
+    #: The lane's name, as ``lane=`` takes it.
+    lane = 'grpc'
+
     def __init__(self, channel: Any, socket_path: Any, wait_for_ready: bool,
                  trusted: frozenset[int]) -> None:
         self._channel = channel

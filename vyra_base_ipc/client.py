@@ -169,12 +169,15 @@ class IPCHandler(ClientBase):
         deadline = self._deadline(DEFAULT if timeout is None else timeout, parent, info)
         wait = self._wait(wait_for_ready)
         retry = self._retry(info, deadline)
-
-        async def attempt() -> Any:
-            lane = await self._lane(deadline, wait or retry.attempts > 0)
-            return await lane.call(info, request, timeout=deadline, metadata=metadata, buffers=buffers,
-                                   return_buffers=return_buffers)
-        return await retrying(attempt, retry)
+        with self._intercepted(info, metadata, deadline) as call:
+            async def attempt() -> Any:
+                lane = await self._lane(deadline, wait or retry.attempts > 0)
+                if call is not None:
+                    call.lane = lane.lane
+                return await lane.call(info, request, timeout=deadline,
+                                       metadata=metadata if call is None else call.metadata,
+                                       buffers=buffers, return_buffers=return_buffers)
+            return await retrying(attempt, retry)
 
     async def stream_method(self, method: str, request: Any, *, timeout: float | None | Default = DEFAULT,
                             idle_timeout: float | None = None, metadata: Metadata | None = None,
@@ -199,11 +202,15 @@ class IPCHandler(ClientBase):
         deadline = self._deadline(timeout, parent, info)
         if idle_timeout is not None:
             idle_timeout = validate_timeout(idle_timeout, 'idle_timeout')
-        lane = await self._lane(deadline, self._wait(wait_for_ready))
-        responses = lane.stream(info, request, timeout=deadline, metadata=metadata, idle_timeout=idle_timeout)
-        async with contextlib.aclosing(responses):
-            async for response in responses:
-                yield response
+        with self._intercepted(info, metadata, deadline) as call:
+            lane = await self._lane(deadline, self._wait(wait_for_ready))
+            if call is not None:
+                call.lane, metadata = lane.lane, call.metadata
+            responses = lane.stream(info, request, timeout=deadline, metadata=metadata,
+                                    idle_timeout=idle_timeout)
+            async with contextlib.aclosing(responses):
+                async for response in responses:
+                    yield response
 
     async def dispatch(self, message: Any) -> None:
         """Send ``message`` to :attr:`default_method` (VYRA feeder interface);
@@ -350,12 +357,15 @@ class SyncIPCHandler(ClientBase):
         retry = self._retry(info, deadline)
         if info.kind.request_streaming:
             request = iter(request)  # consumed once, whichever attempt sends it
-
-        def attempt() -> Any:
-            lane = self._lane(deadline, wait or retry.attempts > 0)
-            return lane.call(info, request, timeout=deadline, metadata=metadata, buffers=buffers,
-                             return_buffers=return_buffers)
-        return retrying_sync(attempt, retry)
+        with self._intercepted(info, metadata, deadline) as call:
+            def attempt() -> Any:
+                lane = self._lane(deadline, wait or retry.attempts > 0)
+                if call is not None:
+                    call.lane = lane.lane
+                return lane.call(info, request, timeout=deadline,
+                                 metadata=metadata if call is None else call.metadata,
+                                 buffers=buffers, return_buffers=return_buffers)
+            return retrying_sync(attempt, retry)
 
     def stream_method(self, method: str, request: Any, *, timeout: float | None | Default = DEFAULT,
                       idle_timeout: float | None = None, metadata: Metadata | None = None,
@@ -370,8 +380,12 @@ class SyncIPCHandler(ClientBase):
         deadline = self._deadline(timeout, parent, info)
         if idle_timeout is not None:
             idle_timeout = validate_timeout(idle_timeout, 'idle_timeout')
-        lane = self._lane(deadline, self._wait(wait_for_ready))
-        yield from lane.stream(info, request, timeout=deadline, metadata=metadata, idle_timeout=idle_timeout)
+        with self._intercepted(info, metadata, deadline) as call:
+            lane = self._lane(deadline, self._wait(wait_for_ready))
+            if call is not None:
+                call.lane, metadata = lane.lane, call.metadata
+            yield from lane.stream(info, request, timeout=deadline, metadata=metadata,
+                                   idle_timeout=idle_timeout)
 
     def dispatch(self, message: Any) -> None:
         """Send ``message`` to :attr:`default_method`; the response is discarded."""

@@ -169,6 +169,9 @@ class AsyncConnection:
     its deadline passes, and its answers are dropped.
     """
 
+    #: The lane's name, as ``lane=`` takes it.
+    lane = 'ttrpc'
+
     def __init__(self, socket_path: str, transport: UnixTransport, protocol: _ClientProtocol,
                  max_message_bytes: int) -> None:
         self.socket_path = socket_path

@@ -96,6 +96,9 @@ class SyncConnection:
     its own connection (:attr:`is_closed` is true there).
     """
 
+    #: The lane's name, as ``lane=`` takes it.
+    lane = 'ttrpc'
+
     def __init__(self, socket_path: str, sock: socket.socket, max_message_bytes: int,
                  shared_memory: SharedMemoryOptions | None = None,
                  stream_window: int = DEFAULT_STREAM_WINDOW, busy_poll: float = DEFAULT_BUSY_POLL) -> None:
