@@ -189,9 +189,9 @@ class ClientBase:
     # -- per call ---------------------------------------------------------------------
 
     def _method(self, name: object, *, response_streaming: bool | None = None,
-                request: Any = _NO_REQUEST) -> Method:
+                request: Any = _NO_REQUEST, response_type: type | None = None) -> Method:
         """The method called ``name`` (of the kind ``response_streaming``
-        says, taking ``request`` if given).
+        says, taking ``request`` if given, answering ``response_type`` if given).
 
         :raises TypeError, ValueError: a misuse, naming what was wrong.
         """
@@ -215,6 +215,12 @@ class ClientBase:
                 # silently, and the server would parse it as an empty request.
                 raise TypeError(f'{name} takes a {method.request_type} request, not '
                                 f'{given or type(request).__qualname__}')
+        if response_type is not None:
+            answers = getattr(method.response_deserializer, '__self__', None)
+            if answers is not response_type:
+                answered = getattr(answers, '__qualname__', 'messages of unknown type')
+                raise TypeError(f'{name} answers {answered}, not '
+                                f'{getattr(response_type, "__qualname__", response_type)} (response_type)')
         return method
 
     def _intercepted(self, method: Method, metadata: Any, deadline: Deadline | None

@@ -23,24 +23,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from typing import Any, AsyncIterator, Iterator, Sequence, Union
+from typing import Any, AsyncIterator, Iterable, Iterator, Literal, Sequence, TypeVar, Union, overload
 
 import grpc
 
 from ._busy_poll import DEFAULT_BUSY_POLL, validate_busy_poll
 from ._client_base import DEFAULT, ClientBase, Default, ServerContext, retrying, retrying_sync
 from ._deadline import Deadline
+from ._interceptors import ClientInterceptor
 from ._lanes import LANES, GrpcLane, SyncGrpcLane
-from ._options import validate_timeout
+from ._options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT, validate_timeout
+from ._payload import SharedMemoryOptions
 from ._pool import aio_pool, aio_ttrpc_pool, sync_pool, sync_ttrpc_pool
 from ._shared_buffer import SharedBuffer
 from .address import StrPath
 from .exceptions import IPCUnavailableError
-from .ttrpc import AsyncConnection, SyncConnection
+from .ttrpc import DEFAULT_STREAM_WINDOW, AsyncConnection, SyncConnection
 
 __all__ = ['DEFAULT', 'LANES', 'IPCHandler', 'SyncIPCHandler']
 
 Metadata = Sequence[tuple[str, Union[str, bytes]]]
+#: A response message class (``response_type=``).
+_R = TypeVar('_R')
 
 
 class IPCHandler(ClientBase):
@@ -86,15 +90,29 @@ class IPCHandler(ClientBase):
         process's own uid or root. A server (or, on the gRPC lane, a socket
         file or directory) of anyone else is refused with
         :class:`~vyra_base_ipc.UntrustedServerError` before anything is sent.
+    :param interceptors: :class:`~vyra_base_ipc.ClientInterceptor` objects
+        that see every call, in this order.
     """
 
     _grpc_pool = aio_pool
     _channel_factory = staticmethod(grpc.aio.insecure_channel)
     _grpc_lane_type = GrpcLane
 
-    def __init__(self, socket_path: StrPath | None = None, service_stub: type | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(socket_path, service_stub, **kwargs)
+    def __init__(self, socket_path: StrPath | None = None, service_stub: type | None = None, *,
+                 module_name: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 default_method: str | None = None, wait_for_ready: bool = False,
+                 idempotent_methods: Iterable[str] = (), lane: str = 'auto',
+                 ttrpc_socket_path: StrPath | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 shared_memory: SharedMemoryOptions | None = SharedMemoryOptions(),
+                 stream_window: int = DEFAULT_STREAM_WINDOW, server_uid: int | None = None,
+                 interceptors: Sequence[ClientInterceptor] = ()) -> None:
+        super().__init__(
+            socket_path, service_stub, module_name=module_name, timeout=timeout,
+            default_method=default_method, wait_for_ready=wait_for_ready,
+            idempotent_methods=idempotent_methods, lane=lane, ttrpc_socket_path=ttrpc_socket_path,
+            max_message_bytes=max_message_bytes, shared_memory=shared_memory,
+            stream_window=stream_window, server_uid=server_uid, interceptors=interceptors)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def connect(self, timeout: float | None = None) -> None:
@@ -133,10 +151,23 @@ class IPCHandler(ClientBase):
         elif loop.is_running():
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_release(fast_key, grpc_key), loop))
 
+    @overload
+    async def call_method(self, method: str, request: Any, *, timeout: float | Default = DEFAULT,
+                          metadata: Metadata | None = None, wait_for_ready: bool | None = None,
+                          parent: ServerContext | None = None, buffers: Sequence[SharedBuffer] = (),
+                          return_buffers: Literal[False] = False, response_type: type[_R]) -> _R: ...
+
+    @overload
+    async def call_method(self, method: str, request: Any, *, timeout: float | Default = DEFAULT,
+                          metadata: Metadata | None = None, wait_for_ready: bool | None = None,
+                          parent: ServerContext | None = None, buffers: Sequence[SharedBuffer] = (),
+                          return_buffers: bool = False, response_type: type[Any] | None = None) -> Any: ...
+
     async def call_method(self, method: str, request: Any, *, timeout: float | Default = DEFAULT,
                           metadata: Metadata | None = None, wait_for_ready: bool | None = None,
                           parent: ServerContext | None = None,
-                          buffers: Sequence[SharedBuffer] = (), return_buffers: bool = False) -> Any:
+                          buffers: Sequence[SharedBuffer] = (), return_buffers: bool = False,
+                          response_type: type[Any] | None = None) -> Any:
         """Call a unary-response method and return its response.
 
         A method in ``idempotent_methods`` is retried after UNAVAILABLE
@@ -161,11 +192,15 @@ class IPCHandler(ClientBase):
             (:func:`~vyra_base_ipc.attach_buffers`); read them with
             ``shared_buffer(response.field, received)``. On the gRPC lane
             they come inline and the ReceivedBuffers are empty.
+        :param response_type: the response message class the method
+            answers; type checkers then know the result's type
+            (``call_method('GetStatus', StatusRequest(), response_type=StatusResponse)``).
         :raises ValueError: unknown method name.
-        :raises TypeError: the method streams responses (use :meth:`stream_method`).
+        :raises TypeError: the method streams responses (use :meth:`stream_method`),
+            takes another request type or answers another response type.
         :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
         """
-        info = self._method(method, response_streaming=False, request=request)
+        info = self._method(method, response_streaming=False, request=request, response_type=response_type)
         deadline = self._deadline(DEFAULT if timeout is None else timeout, parent, info)
         wait = self._wait(wait_for_ready)
         retry = self._retry(info, deadline)
@@ -179,10 +214,23 @@ class IPCHandler(ClientBase):
                                        buffers=buffers, return_buffers=return_buffers)
             return await retrying(attempt, retry)
 
+    @overload
+    def stream_method(self, method: str, request: Any, *, timeout: float | None | Default = DEFAULT,
+                      idle_timeout: float | None = None, metadata: Metadata | None = None,
+                      wait_for_ready: bool | None = None, parent: ServerContext | None = None,
+                      response_type: type[_R]) -> AsyncIterator[_R]: ...
+
+    @overload
+    def stream_method(self, method: str, request: Any, *, timeout: float | None | Default = DEFAULT,
+                      idle_timeout: float | None = None, metadata: Metadata | None = None,
+                      wait_for_ready: bool | None = None, parent: ServerContext | None = None,
+                      response_type: None = None) -> AsyncIterator[Any]: ...
+
     async def stream_method(self, method: str, request: Any, *, timeout: float | None | Default = DEFAULT,
                             idle_timeout: float | None = None, metadata: Metadata | None = None,
                             wait_for_ready: bool | None = None,
-                            parent: ServerContext | None = None) -> AsyncIterator[Any]:
+                            parent: ServerContext | None = None,
+                            response_type: type[Any] | None = None) -> AsyncIterator[Any]:
         """Call a response-streaming method; iterate over its responses.
 
         The deadline covers the whole stream; ``timeout=None`` opens a stream
@@ -196,9 +244,10 @@ class IPCHandler(ClientBase):
             for a bidirectional method.
         :param idle_timeout: seconds to wait for each message at most; the
             call then fails with :class:`IPCTimeoutError`.
+        :param response_type: as for :meth:`call_method`.
         :raises ValueError, TypeError, IPCError: as :meth:`call_method`.
         """
-        info = self._method(method, response_streaming=True, request=request)
+        info = self._method(method, response_streaming=True, request=request, response_type=response_type)
         deadline = self._deadline(timeout, parent, info)
         if idle_timeout is not None:
             idle_timeout = validate_timeout(idle_timeout, 'idle_timeout')
@@ -309,8 +358,21 @@ class SyncIPCHandler(ClientBase):
     _grpc_lane_type = SyncGrpcLane
 
     def __init__(self, socket_path: StrPath | None = None, service_stub: type | None = None, *,
-                 busy_poll: float = DEFAULT_BUSY_POLL, **kwargs: Any) -> None:
-        super().__init__(socket_path, service_stub, **kwargs)
+                 module_name: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 default_method: str | None = None, wait_for_ready: bool = False,
+                 idempotent_methods: Iterable[str] = (), lane: str = 'auto',
+                 ttrpc_socket_path: StrPath | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 shared_memory: SharedMemoryOptions | None = SharedMemoryOptions(),
+                 stream_window: int = DEFAULT_STREAM_WINDOW, server_uid: int | None = None,
+                 interceptors: Sequence[ClientInterceptor] = (),
+                 busy_poll: float = DEFAULT_BUSY_POLL) -> None:
+        super().__init__(
+            socket_path, service_stub, module_name=module_name, timeout=timeout,
+            default_method=default_method, wait_for_ready=wait_for_ready,
+            idempotent_methods=idempotent_methods, lane=lane, ttrpc_socket_path=ttrpc_socket_path,
+            max_message_bytes=max_message_bytes, shared_memory=shared_memory,
+            stream_window=stream_window, server_uid=server_uid, interceptors=interceptors)
         self.busy_poll = validate_busy_poll(busy_poll)
         self._pid = 0
 
@@ -343,15 +405,28 @@ class SyncIPCHandler(ClientBase):
                 if connection is not None:
                     connection.close()
 
+    @overload
+    def call_method(self, method: str, request: Any, *, timeout: float | Default = DEFAULT,
+                    metadata: Metadata | None = None, wait_for_ready: bool | None = None,
+                    parent: ServerContext | None = None, buffers: Sequence[SharedBuffer] = (),
+                    return_buffers: Literal[False] = False, response_type: type[_R]) -> _R: ...
+
+    @overload
+    def call_method(self, method: str, request: Any, *, timeout: float | Default = DEFAULT,
+                    metadata: Metadata | None = None, wait_for_ready: bool | None = None,
+                    parent: ServerContext | None = None, buffers: Sequence[SharedBuffer] = (),
+                    return_buffers: bool = False, response_type: type[Any] | None = None) -> Any: ...
+
     def call_method(self, method: str, request: Any, *, timeout: float | Default = DEFAULT,
                     metadata: Metadata | None = None, wait_for_ready: bool | None = None,
                     parent: ServerContext | None = None,
-                    buffers: Sequence[SharedBuffer] = (), return_buffers: bool = False) -> Any:
+                    buffers: Sequence[SharedBuffer] = (), return_buffers: bool = False,
+                    response_type: type[Any] | None = None) -> Any:
         """Call a unary-response method; block for at most the deadline.
 
         Parameters, retries and errors as :meth:`IPCHandler.call_method`.
         """
-        info = self._method(method, response_streaming=False, request=request)
+        info = self._method(method, response_streaming=False, request=request, response_type=response_type)
         deadline = self._deadline(DEFAULT if timeout is None else timeout, parent, info)
         wait = self._wait(wait_for_ready)
         retry = self._retry(info, deadline)
@@ -367,16 +442,28 @@ class SyncIPCHandler(ClientBase):
                                  buffers=buffers, return_buffers=return_buffers)
             return retrying_sync(attempt, retry)
 
+    @overload
     def stream_method(self, method: str, request: Any, *, timeout: float | None | Default = DEFAULT,
                       idle_timeout: float | None = None, metadata: Metadata | None = None,
-                      wait_for_ready: bool | None = None, parent: ServerContext | None = None
-                      ) -> Iterator[Any]:
+                      wait_for_ready: bool | None = None, parent: ServerContext | None = None,
+                      response_type: type[_R]) -> Iterator[_R]: ...
+
+    @overload
+    def stream_method(self, method: str, request: Any, *, timeout: float | None | Default = DEFAULT,
+                      idle_timeout: float | None = None, metadata: Metadata | None = None,
+                      wait_for_ready: bool | None = None, parent: ServerContext | None = None,
+                      response_type: None = None) -> Iterator[Any]: ...
+
+    def stream_method(self, method: str, request: Any, *, timeout: float | None | Default = DEFAULT,
+                      idle_timeout: float | None = None, metadata: Metadata | None = None,
+                      wait_for_ready: bool | None = None, parent: ServerContext | None = None,
+                      response_type: type[Any] | None = None) -> Iterator[Any]:
         """Call a response-streaming method; iterate over its responses.
 
-        Deadline, ``idle_timeout``, leaving early and errors as
-        :meth:`IPCHandler.stream_method`.
+        Deadline, ``idle_timeout``, leaving early, ``response_type`` and
+        errors as :meth:`IPCHandler.stream_method`.
         """
-        info = self._method(method, response_streaming=True, request=request)
+        info = self._method(method, response_streaming=True, request=request, response_type=response_type)
         deadline = self._deadline(timeout, parent, info)
         if idle_timeout is not None:
             idle_timeout = validate_timeout(idle_timeout, 'idle_timeout')
