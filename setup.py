@@ -66,9 +66,14 @@ setup(
     entry_points={
         'console_scripts': [
             'ipc_server = vyra_base_ipc.node:main',
+            'vyra-ipc = vyra_base_ipc.cli:main',
             'demo_module_node = vyra_base_ipc.demo.module_node:main',
             'demo_backend = vyra_base_ipc.demo.backend:main',
             'demo_frontend = vyra_base_ipc.demo.frontend:main',
+        ],
+        # `ros2 ipc <verb>` where ros2cli is installed (the module imports ros2cli).
+        'ros2cli.command': [
+            'ipc = vyra_base_ipc.cli.ros2_command:IpcCommand',
         ],
     },
 )
