@@ -13,6 +13,7 @@ its thread pool. Message sizes are counted through the (de)serializers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from typing import Any, AsyncIterator, Callable, Iterator, Mapping
@@ -63,8 +64,11 @@ def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver, 
             except CallRejected as rejection:
                 await context.abort(rejection.code, rejection.details)
             try:
-                async for response in behaviour(request, context):
-                    yield response
+                # Closed here when this wrapper is (grpc.aio closes a stream
+                # handler left while it had yielded), as if it were the handler.
+                async with contextlib.aclosing(behaviour(request, context)) as responses:
+                    async for response in responses:
+                        yield response
             except BaseException as error:
                 observation.end(*_failure(context, error))
                 raise
