@@ -296,7 +296,8 @@ class ClientBase:
                     if self._grpc_key is None:
                         self._grpc_key = self._grpc_pool.acquire((self._target, self._options))
             channel = self._grpc_pool.made_once(self._grpc_key[1], self._new_channel)
-            lane = self._grpc[wait] = self._grpc_lane_type(channel, self.socket_path, wait, self._trusted)
+            lane = self._grpc[wait] = self._grpc_lane_type(channel, self.socket_path, wait, self._trusted,
+                                                            self.max_message_bytes)
         return lane
 
     def _new_channel(self) -> Any:

@@ -23,12 +23,14 @@ from grpc_health.v1 import health_pb2
 
 from ._deadline import Deadline
 from ._methods import Method, MethodKind
+from ._options import DEFAULT_MAX_MESSAGE_BYTES
 from ._peer import check_server_socket
 from ._shared_buffer import ReceivedBuffers, SharedBuffer, inline_request
 from .exceptions import (
     IPCError,
     IPCTimeoutError,
     IPCUnavailableError,
+    MessageTooLargeError,
     UntrustedServerError,
     error_from_status,
 )
@@ -111,8 +113,9 @@ class _GrpcLaneBase:
     lane = 'grpc'
 
     def __init__(self, channel: Any, socket_path: Any, wait_for_ready: bool,
-                 trusted: frozenset[int]) -> None:
+                 trusted: frozenset[int], max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self._channel = channel
+        self.max_message_bytes = max_message_bytes
         self.socket_path = socket_path
         self.wait_for_ready = wait_for_ready
         self._trusted = trusted
@@ -148,6 +151,10 @@ class _GrpcLaneBase:
         if (code is grpc.StatusCode.UNAVAILABLE and details.startswith('failed to connect')
                 and not os.path.exists(self.socket_path)):
             return self._socket_missing(method.path)
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith('CLIENT: Sent message larger'):
+            # grpc's own refusal before sending, not the server's answer.
+            return MessageTooLargeError(code, f'{details}: raise max_message_bytes on the client and the '
+                                              'server to send more', method=method.path)
         return error_from_status(code, details, method=method.path)
 
     def _probe_failed(self, error: grpc.RpcError, timeout: float) -> IPCUnavailableError | None:
@@ -171,10 +178,23 @@ class _GrpcLaneBase:
         return _remaining(deadline, None) or 0.0
 
     def _request(self, method: Method, request: Any, buffers: Sequence[SharedBuffer]) -> Any:
-        # Descriptors cannot travel on the gRPC lane: the buffers go inline.
+        """``request`` as it goes on this lane: descriptors cannot travel
+        here, so the buffers go inline.
+
+        :raises MessageTooLargeError: they make it larger than ``max_message_bytes``.
+        """
         if not buffers:
             return request
-        return inline_request(method.path, method.kind.request_streaming, request, buffers)
+        inline = inline_request(method.path, method.kind.request_streaming, request, buffers)
+        size = inline.ByteSize()
+        if size > self.max_message_bytes:
+            raise MessageTooLargeError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f'the request with its shared buffers is {size} bytes, over max_message_bytes '
+                f'({self.max_message_bytes}): on the gRPC lane buffers travel inside the message. '
+                "The fast lane passes them as shared memory (lane='ttrpc' or 'auto' with its socket up); "
+                'or raise max_message_bytes on the client and the server', method=method.path)
+        return inline
 
     def close(self) -> None:
         self.is_closed = True

@@ -37,6 +37,7 @@ __all__ = [
     'IPCRemoteError',
     'IPCTimeoutError',
     'IPCUnavailableError',
+    'MessageTooLargeError',
     'ParameterError',
     'ServiceCallTimeout',
     'ServiceUnavailable',
@@ -100,6 +101,14 @@ class IPCTimeoutError(IPCError):
 class IPCRemoteError(IPCError):
     """Raised when the server answered with a non-OK status (the handler
     aborted, raised, or the method does not exist there)."""
+
+
+class MessageTooLargeError(IPCError):
+    """Raised before sending when a request is larger than the client's
+    ``max_message_bytes`` where it has to travel (on the gRPC lane explicit
+    :class:`~vyra_base_ipc.SharedBuffer` bytes travel inside the message);
+    nothing was sent. Its code is RESOURCE_EXHAUSTED; the details say the
+    size, the limit and what to change."""
 
 
 def error_from_status(code: grpc.StatusCode, details: str, *, method: str | None = None) -> IPCError:
