@@ -124,3 +124,13 @@ def test_idempotent_retries_end_with_the_last_error_at_the_deadline(server, echo
     with SyncIPCHandler(server.socket_path, echo.Stub, timeout=1.0, idempotent_methods=['Fail']) as client:
         with pytest.raises(IPCUnavailableError, match='busy'):
             client.call_method('Fail', request)
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_a_timeout_says_which_timeout_and_how_long(server, echo, lane: str) -> None:
+    with SyncIPCHandler(server.socket_path, echo.Stub, lane=lane, timeout=10) as client:
+        with pytest.raises(IPCTimeoutError) as timed_out:
+            client.call_method('Sleep', echo.pb.SleepRequest(seconds=5), timeout=0.3)
+    assert timed_out.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "no answer within the call's timeout of 0.3 s (Deadline Exceeded)" in str(timed_out.value)
+    assert timed_out.value.method == '/vyra.ipc.test.EchoService/Sleep'

@@ -244,8 +244,11 @@ class ClientBase:
                   method: Method | None = None) -> Deadline | None:
         """The call's deadline: its own timeout (``DEFAULT``: the client's;
         ``None``: none), capped by the time the calling handler has left."""
-        own = (time.monotonic() + (self.timeout if timeout is DEFAULT else validate_timeout(timeout))
-               if timeout is not None else None)
+        seconds = (self.timeout if timeout is DEFAULT else validate_timeout(timeout)) if timeout is not None \
+            else None
+        now = time.monotonic()
+        own = None if seconds is None else now + seconds
+        capped = False
         if parent is not None:
             remaining = parent.time_remaining()
             if remaining is not None:
@@ -253,9 +256,9 @@ class ClientBase:
                     raise IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                           "the calling handler's deadline has already expired",
                                           method=method.path if method else None)
-                limit = time.monotonic() + remaining
-                own = limit if own is None else min(own, limit)
-        return None if own is None else Deadline(own)
+                if own is None or now + remaining < own:
+                    own, seconds, capped = now + remaining, remaining, True
+        return None if own is None else Deadline(own, seconds, capped)
 
     def _retryable(self, name: str) -> str:
         method = self._method(name)
@@ -315,6 +318,8 @@ async def retrying(attempt: Callable[[], Awaitable[_T]], retry: Retry) -> _T:
             return await attempt()
         except IPCUnavailableError as error:
             pause = retry.pause_after(error)
+        except IPCTimeoutError as error:
+            raise (retry.until.explain(error) if retry.until is not None else error) from None
         await asyncio.sleep(pause)
 
 
@@ -325,4 +330,6 @@ def retrying_sync(attempt: Callable[[], _T], retry: Retry) -> _T:
             return attempt()
         except IPCUnavailableError as error:
             pause = retry.pause_after(error)
+        except IPCTimeoutError as error:
+            raise (retry.until.explain(error) if retry.until is not None else error) from None
         time.sleep(pause)

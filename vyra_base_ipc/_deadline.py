@@ -10,7 +10,7 @@ blocking socket, the event loop's clock for a timer.
 from __future__ import annotations
 
 import time
-from typing import Union
+from typing import Any, Union
 
 from ._options import validate_timeout
 
@@ -22,10 +22,24 @@ _MAX_INT64 = 2**63 - 1
 class Deadline:
     """The ``time.monotonic()`` instant by which a call must end."""
 
-    __slots__ = ('at',)
+    __slots__ = ('at', 'timeout', 'capped')
 
-    def __init__(self, at: float) -> None:
+    def __init__(self, at: float, timeout: float | None = None, capped: bool = False) -> None:
         self.at = at
+        #: The seconds the call was given, where known (for error messages).
+        self.timeout = timeout
+        #: Whether the calling handler's own deadline set it (``parent=``).
+        self.capped = capped
+
+    def explain(self, error: Any) -> Any:
+        """``error`` (an IPCTimeoutError of a call with this deadline) with
+        details that say which timeout expired and how long it was."""
+        if self.timeout is None or error.details not in ('Deadline Exceeded', 'deadline exceeded'):
+            return error
+        which = ("the calling handler's remaining deadline" if self.capped
+                 else "the call's timeout")
+        return type(error)(error.code, f'no answer within {which} of {self.timeout:g} s (Deadline Exceeded)',
+                           method=error.method)
 
     @classmethod
     def after(cls, timeout: float) -> 'Deadline':
