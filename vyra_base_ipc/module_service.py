@@ -5,8 +5,9 @@
   :func:`command` decorator on methods of a subclass, or with
   :meth:`ModuleService.register_command`. ``status_code`` is a
   ``google.rpc.Code`` number: 0 OK, 3 INVALID_ARGUMENT (the command raised
-  ``ValueError``), 5 NOT_FOUND (unknown command), 13 INTERNAL (it raised
-  anything else), or what a :class:`CommandError` says.
+  ``ValueError``, or read a parameter the request does not have), 5
+  NOT_FOUND (unknown command), 13 INTERNAL (it raised anything else), or
+  what a :class:`CommandError` says.
 - ``Initialize`` loads the YAML or JSON file at ``config_path`` into
   :attr:`ModuleService.config` and reports failures in ``InitResponse``. It
   reads only module configuration: a regular file of at most
@@ -185,7 +186,10 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
                 status_code=_status_code(grpc.StatusCode.NOT_FOUND),
                 result=f'unknown command {request.command!r}; available: {", ".join(self.commands)}')
         try:
-            result = await _run(handler, dict(request.parameters))
+            result = await _run(handler, _Parameters(request.parameters))
+        except MissingParameter as error:
+            return pb.CommandResponse(status_code=_status_code(grpc.StatusCode.INVALID_ARGUMENT),
+                                      result=f'{request.command}: {error.args[0]}')
         except CommandError as error:
             return pb.CommandResponse(status_code=_status_code(error.code), result=str(error))
         except ValueError as error:
@@ -224,6 +228,19 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
             'initialized': self.config_path is not None,
             'commands': list(self.commands),
         }
+
+
+class MissingParameter(KeyError):
+    """A command read a parameter the request does not have (INVALID_ARGUMENT)."""
+
+
+class _Parameters(dict[str, str]):
+    """A command's parameters: reading one the request lacks raises
+    :class:`MissingParameter`, naming it and those given."""
+
+    def __missing__(self, key: str) -> str:
+        given = ', '.join(sorted(self)) or 'none'
+        raise MissingParameter(f'missing parameter {key!r} (given: {given})')
 
 
 async def _run(handler: CommandHandler, parameters: dict[str, str]) -> str:
