@@ -74,6 +74,20 @@ async def test_serves_on_socket_path_set_with_ros_args(start_process, socket_dir
     assert (await module_status(socket_path))['module'] == 'arm'
 
 
+def test_start_and_stop_are_logged_once_through_the_node(start_process, socket_dir: Path) -> None:
+    socket_path = socket_dir / 'logged.sock'
+    server = start_process(ros_args('module_name:=arm', f'socket_path:={socket_path}'))
+    # Started: the socket is up before the node says so.
+    wait_for(lambda: ' serving ' in server.log(), 30, 'the serving line')
+    server.signal(signal.SIGINT)
+    assert server.wait(timeout=30) == 0, server.log()
+    lines = server.log().splitlines()
+    serving = [line for line in lines if ' serving ' in line]
+    assert len(serving) == 1 and '[ipc_server]: IPC server of module' in serving[0], '\n'.join(lines)
+    assert len([line for line in lines if f'stopping IPC server on {socket_path}' in line]) == 1, lines
+    assert len([line for line in lines if f'IPC server on {socket_path} stopped' in line]) == 1, lines
+
+
 @pytest.mark.asyncio
 async def test_serves_with_params_file(start_process, socket_dir: Path) -> None:
     socket_path = socket_dir / 'from_file.sock'

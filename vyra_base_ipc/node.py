@@ -78,6 +78,7 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 _RCLError = rclpy_implementation.RCLError
+_InvalidHandle = rclpy_implementation.InvalidHandle
 
 #: Exit status of ``ipc_server`` when a parameter is unusable.
 EXIT_BAD_PARAMETER = 2
@@ -136,6 +137,7 @@ class IPCServerHost:
         self.diagnostics: IPCDiagnostics | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._stopped = False
 
     @property
     def grace_period(self) -> float:
@@ -174,6 +176,8 @@ class IPCServerHost:
                                    shared_memory=config.shared_memory)
             except (TypeError, ValueError) as error:
                 raise ParameterError('servicers', str(error)) from None
+            # The host says when it serves and stops, through its node, once.
+            server._announce = False
             self.loop_thread.busy_poll = config.busy_poll
             self.loop_thread.start()
             try:
@@ -191,16 +195,18 @@ class IPCServerHost:
                 raise
             self.server = server
             if config.diagnostics_period > 0:
-                self.diagnostics = IPCDiagnostics(self.node, lambda: self.server, config.diagnostics_period,
-                                                  config.module_name)
+                try:
+                    self.diagnostics = IPCDiagnostics(self.node, lambda: self.server,
+                                                      config.diagnostics_period, config.module_name)
+                except (_RCLError, _InvalidHandle):
+                    if self.node.context.ok():
+                        raise
+                    # ROS shut down (a signal) while the server started: no publishing.
         message = (f'IPC server of module {config.module_name!r} (node '
                    f'{self.node.get_fully_qualified_name()}) serving '
                    f'{", ".join(server.service_names)} on {config.socket_path}'
                    + (f' (fast lane: {config.ttrpc_socket_path})' if config.ttrpc_socket_path else ''))
-        if self.node.context.ok():
-            self.node.get_logger().info(message)
-        else:  # shut down while starting: rosout is gone
-            _logger.info('%s', message)
+        self._log(message)
         return server
 
     def stop(self, grace: float | None = None) -> None:
@@ -210,9 +216,11 @@ class IPCServerHost:
         Blocks at most ``grace`` + 0.5 s. Idempotent; a no-op if never started.
         """
         server = self.server
-        if server is None or not self.loop_thread.is_running:
+        if server is None or self._stopped or not self.loop_thread.is_running:
             return
+        self._stopped = True
         self._stop_server(server, self._grace_period if grace is None else grace)
+        self._log(f'IPC server on {server.socket_path} stopped')
 
     def close(self, grace: float | None = None) -> None:
         """:meth:`stop`, then end the event-loop thread. Idempotent."""
@@ -233,8 +241,16 @@ class IPCServerHost:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def _log(self, message: str) -> None:
+        # Through the node (rosout, the ROS console format) while ROS runs;
+        # after rclpy.shutdown() (or while shutting down) through logging.
+        if self.node.context.ok():
+            self.node.get_logger().info(message)
+        else:
+            _logger.info('%s', message)
+
     def _stop_server(self, server: IPCServer, grace: float) -> None:
-        _logger.info('stopping IPC server on %s (grace %.3g s)', server.socket_path, grace)
+        self._log(f'stopping IPC server on {server.socket_path} (grace {grace:.3g} s)')
         try:
             self.loop_thread.run(server.stop(grace), timeout=grace + _STOP_MARGIN)
         except TimeoutError:

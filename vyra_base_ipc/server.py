@@ -169,6 +169,9 @@ class IPCServer:
         self._observer = CallObserver(self.metrics, interceptors) if metrics or interceptors else None
         self._bound_path: Any = None
         self._introspection = IntrospectionServicer(self)
+        # Whether start and stop are logged here; a host that logs them
+        # itself (IPCServerHost, through its node) turns this off.
+        self._announce = True
         self._ttrpc: TtrpcServer | None = None
         self._open_streams = OpenStreams()
         self._services: list[ServiceRegistration] = []
@@ -289,9 +292,10 @@ class IPCServer:
             await self._abort_start()
             raise
         self._state = _State.SERVING
-        _logger.info('IPC server serving %s on %s%s', ', '.join(self.service_names) or 'no services',
-                     self.socket_path,
-                     f' (fast lane: {self.ttrpc_socket_path})' if self.ttrpc_socket_path else '')
+        if self._announce:
+            _logger.info('IPC server serving %s on %s%s', ', '.join(self.service_names) or 'no services',
+                         self.socket_path,
+                         f' (fast lane: {self.ttrpc_socket_path})' if self.ttrpc_socket_path else '')
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop serving; idempotent and safe to call concurrently.
@@ -412,8 +416,9 @@ class IPCServer:
             self._state = _State.STOPPED
             assert self._terminated is not None
             self._terminated.set()
-            _logger.info('IPC server on %s stopped%s', self.socket_path,
-                         '' if removed else ' (a socket file was not ours any more)')
+            if self._announce:
+                _logger.info('IPC server on %s stopped%s', self.socket_path,
+                             '' if removed else ' (a socket file was not ours any more)')
 
     async def _abort_start(self) -> None:
         if self._ttrpc is not None:
