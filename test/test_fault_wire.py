@@ -35,6 +35,7 @@ from vyra_base_ipc import (
     IPCError,
     IPCHandler,
     IPCRemoteError,
+    MessageTooLargeError,
     SyncIPCHandler,
     module_service_pb2,
     module_service_pb2_grpc,
@@ -600,8 +601,8 @@ def call_in_turn(kind: str, path: Path, echo, method: str, requests: list,
     return asyncio.run(calls())
 
 
-def assert_resource_exhausted(outcome: object, size: int) -> None:
-    assert isinstance(outcome, IPCRemoteError), repr(outcome)
+def assert_resource_exhausted(outcome: object, size: int, refused_by: type = IPCRemoteError) -> None:
+    assert isinstance(outcome, refused_by), repr(outcome)
     assert outcome.code is grpc.StatusCode.RESOURCE_EXHAUSTED
     # The message says how large the message was and what the limit is.
     assert str(size) in outcome.details and str(LIMIT) in outcome.details, outcome.details
@@ -644,7 +645,9 @@ def test_request_over_the_client_own_limit_is_refused_before_it_is_sent(
     outcomes = call_in_turn(kind, socket_path, echo, 'Echo', [
         echo_request_of_size(echo, LIMIT + 1), echo.pb.EchoRequest(text='after')],
         max_message_bytes=LIMIT, lane=lane)
-    assert_resource_exhausted(outcomes[0], LIMIT + 1)
+    # The client's own refusal, the same on both lanes: not a remote error.
+    assert_resource_exhausted(outcomes[0], LIMIT + 1, refused_by=MessageTooLargeError)
+    assert 'raise max_message_bytes on the client and the server' in str(outcomes[0])
     assert outcomes[1].text == 'after'
     assert [echo.pb.EchoRequest.FromString(data).text for _, _, data in journal.events()] == ['after']
 

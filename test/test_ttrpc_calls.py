@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ServerProcess, StartServer, make_stale_socket, start_lanes, wait_for
 from vyra_base_ipc import module_service_pb2 as module_pb
-from vyra_base_ipc.exceptions import IPCRemoteError, IPCTimeoutError, IPCUnavailableError
+from vyra_base_ipc.exceptions import IPCRemoteError, IPCTimeoutError, IPCUnavailableError, MessageTooLargeError
 from vyra_base_ipc._methods import stub_methods
 from vyra_base_ipc.module_service_pb2_grpc import ModuleServiceStub
 from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
@@ -255,7 +255,7 @@ def test_wrong_call_shape_is_a_type_error(lanes: ServerProcess, echo: Any) -> No
 def test_too_large_request_fails_before_sending(lanes: ServerProcess, echo: Any) -> None:
     method = stub_methods(echo.Stub)['Echo']
     with SyncConnection.connect(lanes.ttrpc_path, max_message_bytes=1024) as connection:
-        with pytest.raises(IPCRemoteError) as raised:
+        with pytest.raises(MessageTooLargeError) as raised:  # the client's own refusal, not the server's
             connection.call(method, echo.pb.EchoRequest(payload=b'x' * 2000), timeout=10)
         assert raised.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert connection.call(method, echo.pb.EchoRequest(text='still fine'), timeout=10).text == 'still fine'

@@ -153,8 +153,8 @@ class _GrpcLaneBase:
             return self._socket_missing(method.path)
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith('CLIENT: Sent message larger'):
             # grpc's own refusal before sending, not the server's answer.
-            return MessageTooLargeError(code, f'{details}: raise max_message_bytes on the client and the '
-                                              'server to send more', method=method.path)
+            return MessageTooLargeError(code, f'{details.removeprefix("CLIENT: ")}: raise max_message_bytes '
+                                              'on the client and the server to send more', method=method.path)
         return error_from_status(code, details, method=method.path)
 
     def _probe_failed(self, error: grpc.RpcError, timeout: float) -> IPCUnavailableError | None:

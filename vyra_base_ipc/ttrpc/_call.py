@@ -24,7 +24,13 @@ from .._payload import SharedMemoryError, SharedMemoryOptions, TooLargeError, cl
 from .._peer import trusted_server_uids
 from .._shared_buffer import ReceivedBuffers, SharedBuffer, check_buffers, inline_request
 from ..address import StrPath, validate_socket_path
-from ..exceptions import IPCError, IPCTimeoutError, IPCUnavailableError, error_from_status
+from ..exceptions import (
+    IPCError,
+    IPCTimeoutError,
+    IPCUnavailableError,
+    MessageTooLargeError,
+    error_from_status,
+)
 from . import _hello
 from ._flow import ReceiveWindow, SendCredit, message_cost, validate_stream_window
 from ._frames import (
@@ -144,14 +150,15 @@ def _split_path(path: str) -> tuple[str, str]:
 def serialize(method: Method, message: Any, limit: int) -> bytes:
     """A request message's bytes.
 
-    :raises IPCRemoteError: RESOURCE_EXHAUSTED, larger than ``limit``.
+    :raises MessageTooLargeError: larger than ``limit``; nothing was sent.
     """
     serialize = method.request_serializer
     payload = serialize(message) if serialize is not None else message
     if len(payload) > limit:
-        raise error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f'Sent message larger than max ({len(payload)} vs. {limit})',
-                                method=method.path)
+        raise MessageTooLargeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f'Sent message larger than max ({len(payload)} vs. {limit}): raise '
+                                   'max_message_bytes on the client and the server to send more',
+                                   method=method.path)
     return payload
 
 
