@@ -398,3 +398,35 @@ def make_stale_socket(path: Path) -> None:
     stale.bind(str(path))
     stale.close()
     assert path.is_socket() and not is_listening(path)
+
+
+def call_through(kind: str, path: Path, stub: type, method: str, request: Any,
+                 **options: Any) -> Any:
+    """One call through a new handler of ``kind`` (``'sync'``: a
+    SyncIPCHandler, ``'async'``: an IPCHandler in ``asyncio.run``), without
+    connect() first: the call connects. Its answer, or the exception it
+    raised. ``options`` go to the handler, but ``timeout``, ``buffers`` and
+    ``parent`` to the call."""
+    per_call = {key: options.pop(key) for key in ('timeout', 'buffers', 'parent') if key in options}
+    if kind == 'sync':
+        from vyra_base_ipc import SyncIPCHandler
+
+        handler = SyncIPCHandler(path, stub, **options)
+        try:
+            return handler.call_method(method, request, **per_call)
+        except Exception as error:
+            return error
+        finally:
+            handler.disconnect()
+
+    async def run() -> Any:
+        from vyra_base_ipc import IPCHandler
+
+        handler = IPCHandler(path, stub, **options)
+        try:
+            return await handler.call_method(method, request, **per_call)
+        except Exception as error:
+            return error
+        finally:
+            await handler.disconnect()
+    return asyncio.run(run())

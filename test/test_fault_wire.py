@@ -648,6 +648,7 @@ def test_request_over_the_client_own_limit_is_refused_before_it_is_sent(
     # The client's own refusal, the same on both lanes: not a remote error.
     assert_resource_exhausted(outcomes[0], LIMIT + 1, refused_by=MessageTooLargeError)
     assert 'raise max_message_bytes on the client and the server' in str(outcomes[0])
+    assert 'nothing was sent' in outcomes[0].details
     assert outcomes[1].text == 'after'
     assert [echo.pb.EchoRequest.FromString(data).text for _, _, data in journal.events()] == ['after']
 

@@ -258,6 +258,7 @@ def test_too_large_request_fails_before_sending(lanes: ServerProcess, echo: Any)
         with pytest.raises(MessageTooLargeError) as raised:  # the client's own refusal, not the server's
             connection.call(method, echo.pb.EchoRequest(payload=b'x' * 2000), timeout=10)
         assert raised.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (raised.value.size, raised.value.limit) == (2003, 1024)
         assert connection.call(method, echo.pb.EchoRequest(text='still fine'), timeout=10).text == 'still fine'
 
 

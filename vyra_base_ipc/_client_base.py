@@ -1,6 +1,6 @@
 """What both clients share (:class:`ClientBase`): configuration, method
-look-up, the deadline of a call, the retry rule and the lane choice; the
-retry loops, one per way of waiting."""
+look-up, the deadline of a call, the retry rule, the lane choice and the
+words of a call's errors; the retry loops, one per way of waiting."""
 
 from __future__ import annotations
 
@@ -10,7 +10,18 @@ import enum
 import os
 import threading
 import time
-from typing import Any, Awaitable, Callable, ClassVar, ContextManager, Iterable, Protocol, Sequence, TypeVar
+from typing import (
+    Any,
+    Awaitable,
+    Callable,
+    ClassVar,
+    ContextManager,
+    Iterable,
+    Iterator,
+    Protocol,
+    Sequence,
+    TypeVar,
+)
 
 import grpc
 
@@ -18,7 +29,7 @@ from ._deadline import Deadline
 from ._fork_safety import ensure_usable_after_fork, note_grpc_used
 from ._interceptors import ClientCall, ClientInterceptor, intercepted_call
 from ._lanes import LaneChoice
-from ._methods import Method, stub_methods
+from ._methods import Method, MethodKind, stub_methods
 from ._options import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TIMEOUT,
@@ -29,6 +40,7 @@ from ._options import (
 from ._payload import SharedMemoryOptions, usable_options
 from ._peer import trusted_server_uids
 from ._pool import Pool
+from ._shared_buffer import SharedBuffer, check_buffers, inline_size
 from ._socket_file import is_listening
 from .address import (
     StrPath,
@@ -37,11 +49,22 @@ from .address import (
     resolve_socket_path,
     validate_socket_path,
 )
-from .exceptions import IPCTimeoutError, IPCUnavailableError
+from .exceptions import IPCError, IPCRemoteError, IPCTimeoutError, IPCUnavailableError, MessageTooLargeError
+from .introspection_pb2 import ServerInfo, ServerInfoRequest
 from .ttrpc import DEFAULT_STREAM_WINDOW
 from .ttrpc._flow import validate_stream_window
 
-__all__ = ['DEFAULT', 'ClientBase', 'Default', 'Retry', 'ServerContext', 'retrying', 'retrying_sync']
+__all__ = [
+    'DEFAULT',
+    'SERVER_INFO',
+    'SERVER_INFO_REQUEST',
+    'ClientBase',
+    'Default',
+    'Retry',
+    'ServerContext',
+    'retrying',
+    'retrying_sync',
+]
 
 _T = TypeVar('_T')
 
@@ -66,6 +89,21 @@ class ServerContext(Protocol):
 
 
 _NO_REQUEST: Any = object()
+
+
+# What a server says of a method it does not have (grpc core and the fast
+# lane alike); a handler that raises NotImplementedError says otherwise.
+_METHOD_NOT_FOUND = 'Method not found!'
+
+#: The server's own services, besides the ones it was given (ServerInfo lists those).
+_BUILT_IN_SERVICES = frozenset({'grpc.health.v1.Health', 'vyra.ipc.Introspection',
+                                'grpc.reflection.v1alpha.ServerReflection'})
+
+#: Asked after UNIMPLEMENTED, to say which services the server does have.
+SERVER_INFO = Method(name='GetServerInfo', path='/vyra.ipc.Introspection/GetServerInfo',
+                     kind=MethodKind.UNARY_UNARY, request_serializer=ServerInfoRequest.SerializeToString,
+                     response_deserializer=ServerInfo.FromString)
+SERVER_INFO_REQUEST = ServerInfoRequest()
 
 
 class Retry:
@@ -260,6 +298,69 @@ class ClientBase:
                     own, seconds, capped = now + remaining, remaining, True
         return None if own is None else Deadline(own, seconds, capped)
 
+    def _check_size(self, method: Method, request: Any, buffers: Sequence[SharedBuffer]) -> None:
+        """Hold a request with explicit buffers to ``max_message_bytes`` as
+        it would travel inline, whichever lane it takes: the gRPC lane must
+        copy the buffers into it, and a call must not work on one lane only.
+        A request without buffers is held to it by each lane, as it is
+        serialized.
+
+        :raises TypeError, ValueError: as :func:`~vyra_base_ipc._shared_buffer.check_buffers`.
+        :raises MessageTooLargeError: it is larger; nothing was sent.
+        """
+        if not buffers:
+            return
+        check_buffers(method.path, method.kind.request_streaming, buffers)
+        size = inline_size(request, buffers)
+        if size > self.max_message_bytes:
+            raise MessageTooLargeError(size, self.max_message_bytes, method=method.path, buffers=len(buffers))
+
+    @contextlib.contextmanager
+    def _explained(self, method: Method, deadline: Deadline | None) -> Iterator[None]:
+        """Let the errors of a call say what happened: each names the method,
+        and a call that ran out of time says which timeout and how long
+        (rather than the transport's bare "Deadline Exceeded"), whether it
+        was a unary call or a stream, on either lane."""
+        try:
+            yield
+        except IPCTimeoutError as error:
+            explained = error if deadline is None else deadline.explain(error, method.kind.response_streaming)
+            raise explained.for_method(method.path) from None
+        except IPCError as error:
+            if error.method is None:
+                raise error.for_method(method.path) from None
+            raise
+
+    @staticmethod
+    def _server_info_deadline(deadline: Deadline | None) -> Deadline | None:
+        """How long to ask a server which services it has: a second at
+        most, and never past the call's deadline (``None``: no time left)."""
+        limit = time.monotonic() + 1.0
+        if deadline is None or deadline.at >= limit:
+            return Deadline(limit)
+        return deadline if deadline.remaining() > 0.001 else None
+
+    @staticmethod
+    def _is_missing_method(error: IPCRemoteError) -> bool:
+        return error.code is grpc.StatusCode.UNIMPLEMENTED and error.details == _METHOD_NOT_FOUND
+
+    def _unimplemented(self, error: IPCRemoteError, method: Method, info: Any) -> IPCError:
+        """The UNIMPLEMENTED ``error`` of ``method``, saying which services the
+        server has (``info``: its ServerInfo, or None if it did not say)."""
+        if info is None:
+            return error
+        services = tuple(info.services)
+        service = method.path.lstrip('/').rpartition('/')[0]
+        where = f'the server on {str(self.socket_path)!r}'
+        if service in services or service in _BUILT_IN_SERVICES:
+            details = (f'{where} serves {service} but has no method {method.name} '
+                       '(is it built from another version of the .proto?)')
+        else:
+            details = (f'{where} has no service {service}; it serves '
+                       f'{", ".join(sorted(services)) or "no services of its own"} '
+                       '(the wrong socket, or a server without this service?)')
+        return IPCRemoteError(error.code, details, method=method.path)
+
     def _retryable(self, name: str) -> str:
         method = self._method(name)
         if method.kind.request_streaming:
@@ -299,8 +400,7 @@ class ClientBase:
                     if self._grpc_key is None:
                         self._grpc_key = self._grpc_pool.acquire((self._target, self._options))
             channel = self._grpc_pool.made_once(self._grpc_key[1], self._new_channel)
-            lane = self._grpc[wait] = self._grpc_lane_type(channel, self.socket_path, wait, self._trusted,
-                                                            self.max_message_bytes)
+            lane = self._grpc[wait] = self._grpc_lane_type(channel, self.socket_path, wait, self._trusted)
         return lane
 
     def _new_channel(self) -> Any:
@@ -318,8 +418,6 @@ async def retrying(attempt: Callable[[], Awaitable[_T]], retry: Retry) -> _T:
             return await attempt()
         except IPCUnavailableError as error:
             pause = retry.pause_after(error)
-        except IPCTimeoutError as error:
-            raise (retry.until.explain(error) if retry.until is not None else error) from None
         await asyncio.sleep(pause)
 
 
@@ -330,6 +428,4 @@ def retrying_sync(attempt: Callable[[], _T], retry: Retry) -> _T:
             return attempt()
         except IPCUnavailableError as error:
             pause = retry.pause_after(error)
-        except IPCTimeoutError as error:
-            raise (retry.until.explain(error) if retry.until is not None else error) from None
         time.sleep(pause)

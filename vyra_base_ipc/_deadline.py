@@ -17,6 +17,9 @@ from ._options import validate_timeout
 __all__ = ['Deadline', 'Timeout', 'deadline_of']
 
 _MAX_INT64 = 2**63 - 1
+# A timer may fire this much before the instant it was set for (asyncio
+# rounds to its clock's resolution): a timeout then is still this deadline's.
+_EARLY = 0.001
 
 
 class Deadline:
@@ -31,15 +34,24 @@ class Deadline:
         #: Whether the calling handler's own deadline set it (``parent=``).
         self.capped = capped
 
-    def explain(self, error: Any) -> Any:
+    def explain(self, error: Any, streaming: bool = False) -> Any:
         """``error`` (an IPCTimeoutError of a call with this deadline) with
-        details that say which timeout expired and how long it was."""
-        if self.timeout is None or error.details not in ('Deadline Exceeded', 'deadline exceeded'):
+        details that say which timeout expired and how long it was, when it
+        is this deadline that passed (whatever the lane's words for it); an
+        idle timeout, or a server's own DEADLINE_EXCEEDED before it, keeps
+        its words.
+
+        :param streaming: the call streams its responses.
+        """
+        if (self.timeout is None or self.remaining() > _EARLY
+                or error.details.startswith('no message within')):
             return error
         which = ("the calling handler's remaining deadline" if self.capped
                  else "the call's timeout")
-        return type(error)(error.code, f'no answer within {which} of {self.timeout:g} s (Deadline Exceeded)',
-                           method=error.method)
+        what, hint = (('the stream did not end', '; stream_method(..., timeout=None): a stream without one')
+                      if streaming else ('no answer', ''))
+        details = f'{what} within {which} of {self.timeout:g} s (Deadline Exceeded{hint})'
+        return type(error)(error.code, details, method=error.method)
 
     @classmethod
     def after(cls, timeout: float) -> 'Deadline':

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -23,7 +24,6 @@ from grpc_health.v1 import health_pb2
 
 from ._deadline import Deadline
 from ._methods import Method, MethodKind
-from ._options import DEFAULT_MAX_MESSAGE_BYTES
 from ._peer import check_server_socket
 from ._shared_buffer import ReceivedBuffers, SharedBuffer, inline_request
 from .exceptions import (
@@ -32,7 +32,10 @@ from .exceptions import (
     IPCUnavailableError,
     MessageTooLargeError,
     UntrustedServerError,
+    connection_lost,
     error_from_status,
+    nobody_listening,
+    socket_missing,
 )
 
 __all__ = ['LANES', 'GrpcLane', 'LaneChoice', 'SyncGrpcLane']
@@ -58,6 +61,12 @@ _PROBE = Method(name='Check', path='/grpc.health.v1.Health/Check', kind=MethodKi
                 request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
                 response_deserializer=health_pb2.HealthCheckResponse.FromString)
 _PROBE_REQUEST = health_pb2.HealthCheckRequest()
+
+# grpc core's texts: a request over the channel's send limit ("CLIENT:", the
+# client's own refusal; a server's reads "SERVER:" or "Received"), and a
+# connection that broke under a call.
+_CLIENT_TOO_LARGE = re.compile(r'CLIENT: Sent message larger than max \((\d+) vs\. (\d+)\)')
+_CONNECTION_BROKE = ('Socket closed', 'Connection reset by peer', 'Broken pipe')
 
 
 class LaneChoice:
@@ -113,9 +122,8 @@ class _GrpcLaneBase:
     lane = 'grpc'
 
     def __init__(self, channel: Any, socket_path: Any, wait_for_ready: bool,
-                 trusted: frozenset[int], max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 trusted: frozenset[int]) -> None:
         self._channel = channel
-        self.max_message_bytes = max_message_bytes
         self.socket_path = socket_path
         self.wait_for_ready = wait_for_ready
         self._trusted = trusted
@@ -139,23 +147,39 @@ class _GrpcLaneBase:
         return call
 
     def _socket_missing(self, method: str | None = None) -> IPCUnavailableError:
-        return IPCUnavailableError(
-            grpc.StatusCode.UNAVAILABLE,
-            f'socket {str(self.socket_path)!r} does not exist (is the IPC server running?)', method=method)
+        return socket_missing(self.socket_path, method)
 
     def _translate(self, error: grpc.RpcError, method: Method) -> IPCError:
         code, details = error.code(), error.details() or ''
-        # gRPC's own word for a connection that could not be made names no
-        # reason; a missing socket file is the usual one. (A server's own
-        # UNAVAILABLE, e.g. while it shuts down, keeps its details.)
-        if (code is grpc.StatusCode.UNAVAILABLE and details.startswith('failed to connect')
-                and not os.path.exists(self.socket_path)):
-            return self._socket_missing(method.path)
-        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith('CLIENT: Sent message larger'):
-            # grpc's own refusal before sending, not the server's answer.
-            return MessageTooLargeError(code, f'{details.removeprefix("CLIENT: ")}: raise max_message_bytes '
-                                              'on the client and the server to send more', method=method.path)
+        if code is grpc.StatusCode.UNAVAILABLE:
+            unreachable = self._unreachable(details, method.path)
+            if unreachable is not None:
+                return unreachable
+        elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # grpc core refused to send it: the client's own limit, nothing left.
+            too_large = _CLIENT_TOO_LARGE.match(details)
+            if too_large is not None:
+                return MessageTooLargeError(int(too_large[1]), int(too_large[2]), method=method.path)
         return error_from_status(code, details, method=method.path)
+
+    def _unreachable(self, details: str, method: str | None = None) -> IPCUnavailableError | None:
+        """The error, in the fast lane's words, for grpc core's text of a
+        connection that could not be made or broke (``None`` for other
+        texts: a server's own UNAVAILABLE, e.g. while it shuts down, keeps
+        its details)."""
+        if details.startswith('failed to connect'):
+            # "...; last error: ...: connect failed: addr: unix:PATH error: REASON"
+            reason = details.rpartition(' error: ')[2]
+            if reason == 'No such file or directory' or not os.path.exists(self.socket_path):
+                return self._socket_missing(method)
+            if reason == 'Connection refused':
+                return nobody_listening(self.socket_path, method)
+            what = 'not allowed to connect' if reason == 'Permission denied' else 'cannot connect'
+            return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, f'{what} to {self._path!r}: {reason}',
+                                       method=method)
+        if any(word in details for word in _CONNECTION_BROKE):
+            return connection_lost(self.socket_path, details, method)
+        return None
 
     def _probe_failed(self, error: grpc.RpcError, timeout: float) -> IPCUnavailableError | None:
         """The error to raise for a failed probe; None if the server answered."""
@@ -167,9 +191,9 @@ class _GrpcLaneBase:
         if code is grpc.StatusCode.UNAVAILABLE:
             if not os.path.exists(self.socket_path):
                 return self._socket_missing()
-            return IPCUnavailableError(
-                code,
-                f'no server answers on {str(self.socket_path)!r} (stale socket file?): {error.details()}')
+            details = error.details() or ''
+            return self._unreachable(details) or IPCUnavailableError(
+                code, f'no server answers on {self._path!r}: {details}')
         return None
 
     def _check_probe(self, deadline: Deadline) -> float:
@@ -178,23 +202,11 @@ class _GrpcLaneBase:
         return _remaining(deadline, None) or 0.0
 
     def _request(self, method: Method, request: Any, buffers: Sequence[SharedBuffer]) -> Any:
-        """``request`` as it goes on this lane: descriptors cannot travel
-        here, so the buffers go inline.
-
-        :raises MessageTooLargeError: they make it larger than ``max_message_bytes``.
-        """
+        # Descriptors cannot travel on the gRPC lane: the buffers go inline.
+        # (The client held the request with them to max_message_bytes already.)
         if not buffers:
             return request
-        inline = inline_request(method.path, method.kind.request_streaming, request, buffers)
-        size = inline.ByteSize()
-        if size > self.max_message_bytes:
-            raise MessageTooLargeError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f'the request with its shared buffers is {size} bytes, over max_message_bytes '
-                f'({self.max_message_bytes}): on the gRPC lane buffers travel inside the message. '
-                "The fast lane passes them as shared memory (lane='ttrpc' or 'auto' with its socket up); "
-                'or raise max_message_bytes on the client and the server', method=method.path)
-        return inline
+        return inline_request(method.path, method.kind.request_streaming, request, buffers)
 
     def close(self) -> None:
         self.is_closed = True

@@ -88,8 +88,10 @@ class SharedMemoryOptions:
 
     :param threshold: messages of more than this many serialized bytes go
         through shared memory; smaller ones inline.
-    :param max_bytes: largest :class:`SharedBuffer` accepted. (Messages are
-        held to ``max_message_bytes`` however they travel, as on the gRPC lane.)
+    :param max_bytes: largest :class:`SharedBuffer` accepted from the other
+        end. (Messages are held to ``max_message_bytes`` however they travel,
+        as on the gRPC lane; so is a client's request with its buffers
+        counted inline.)
     :raises TypeError, ValueError: not non-negative ints, ``max_bytes`` not
         above ``threshold``.
     """

@@ -23,6 +23,8 @@ import secrets
 from typing import Any, Callable, Iterator, Mapping, Sequence
 import warnings
 
+from google.protobuf import message_factory
+
 from . import shared_memory_pb2
 from ._payload import (
     MAX_BUFFERS_PER_MESSAGE,
@@ -40,6 +42,7 @@ __all__ = [
     'check_buffers',
     'inline_buffers',
     'inline_request',
+    'inline_size',
     'received_buffer',
     'shared_buffer',
 ]
@@ -348,6 +351,68 @@ def inline_buffers(message: Any, buffers: Sequence[SharedBuffer]) -> Any:
     copy.CopyFrom(message)
     _fill_inline(copy, by_handle)
     return copy
+
+
+def inline_size(message: Any, buffers: Sequence[SharedBuffer]) -> int:
+    """The serialized size of :func:`inline_buffers` ``(message, buffers)``,
+    exactly, without copying the buffers: what the request weighs where
+    descriptors cannot travel, and what ``max_message_bytes`` holds it to
+    on either lane."""
+    sizes = {buffer.handle: buffer.size for buffer in buffers}
+    return message.ByteSize() + _growth(message, sizes)
+
+
+def _varint_bytes(value: int) -> int:
+    count = 1
+    while value >= 0x80:
+        value >>= 7
+        count += 1
+    return count
+
+
+def _growth(message: Any, sizes: dict[int, int]) -> int:
+    """How many bytes inlining the buffers of ``sizes`` adds to ``message``
+    (each changed submessage grows, and so may its length prefix)."""
+    growth = 0
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            if field.message_type.fields_by_name['value'].message_type is None:
+                continue
+            entry_class = message_factory.GetMessageClass(field.message_type)
+            for key, item in value.items():
+                grows = _nested_growth(item, sizes)
+                if grows:
+                    # The value grows inside its entry, and the entry inside the message.
+                    entry: Any = entry_class(key=key)
+                    entry.value.CopyFrom(item)
+                    growth += _prefixed(entry.ByteSize(), _prefixed(item.ByteSize(), grows))
+            continue
+        for item in (value if _is_repeated(field) else (value,)):
+            grows = _nested_growth(item, sizes)
+            if grows:
+                growth += _prefixed(item.ByteSize(), grows)
+    return growth
+
+
+def _nested_growth(item: Any, sizes: dict[int, int]) -> int:
+    """The growth of one submessage's own bytes (without its length prefix)."""
+    if item.DESCRIPTOR.full_name != SharedBufferRef.DESCRIPTOR.full_name:
+        return _growth(item, sizes)
+    size = sizes.get(item.handle, 0)
+    if not size or item.inline_data:
+        return 0
+    return _INLINE_TAG + _varint_bytes(size) + size
+
+
+def _prefixed(old_size: int, grows: int) -> int:
+    """The growth of a length-prefixed submessage of ``old_size`` bytes that grows by ``grows``."""
+    return grows + _varint_bytes(old_size + grows) - _varint_bytes(old_size)
+
+
+#: The tag of SharedBufferRef.inline_data (length-delimited).
+_INLINE_TAG = _varint_bytes(SharedBufferRef.DESCRIPTOR.fields_by_name['inline_data'].number << 3 | 2)
 
 
 def _is_repeated(field: Any) -> bool:

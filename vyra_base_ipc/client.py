@@ -28,7 +28,16 @@ from typing import Any, AsyncIterator, Iterable, Iterator, Literal, Sequence, Ty
 import grpc
 
 from ._busy_poll import DEFAULT_BUSY_POLL, validate_busy_poll
-from ._client_base import DEFAULT, ClientBase, Default, ServerContext, retrying, retrying_sync
+from ._client_base import (
+    DEFAULT,
+    SERVER_INFO,
+    SERVER_INFO_REQUEST,
+    ClientBase,
+    Default,
+    ServerContext,
+    retrying,
+    retrying_sync,
+)
 from ._deadline import Deadline
 from ._interceptors import ClientInterceptor
 from ._lanes import LANES, GrpcLane, SyncGrpcLane
@@ -37,7 +46,7 @@ from ._payload import SharedMemoryOptions
 from ._pool import aio_pool, aio_ttrpc_pool, sync_pool, sync_ttrpc_pool
 from ._shared_buffer import SharedBuffer
 from .address import StrPath
-from .exceptions import IPCUnavailableError
+from .exceptions import IPCError, IPCRemoteError, IPCUnavailableError
 from .ttrpc import DEFAULT_STREAM_WINDOW, AsyncConnection, SyncConnection
 
 __all__ = ['DEFAULT', 'LANES', 'IPCHandler', 'SyncIPCHandler']
@@ -80,7 +89,8 @@ class IPCHandler(ClientBase):
         gRPC), ``'grpc'`` or ``'ttrpc'``.
     :param ttrpc_socket_path: the fast lane's socket; by default beside
         ``socket_path`` (``/tmp/x_ipc.sock`` -> ``/tmp/x_ipc.ttrpc.sock``).
-    :param max_message_bytes: largest message sent or accepted (inline).
+    :param max_message_bytes: largest message sent or accepted (inline); a
+        request's explicit SharedBuffers count as if inline, on both lanes.
     :param shared_memory: on the fast lane, messages above its threshold
         travel as sealed shared memory when the server agrees (see
         :mod:`vyra_base_ipc._payload`); ``None`` keeps every message inline.
@@ -187,6 +197,8 @@ class IPCHandler(ClientBase):
             fast lane they are passed as shared memory, without a copy; on
             the gRPC lane (or to a server without shared memory) their bytes
             are copied into the request's ``SharedBufferRef.inline_data``.
+            Either way the request with their bytes inline must fit
+            ``max_message_bytes``: a call works or fails alike on both lanes.
         :param return_buffers: return ``(response, ReceivedBuffers)``: the
             buffers the handler answered with
             (:func:`~vyra_base_ipc.attach_buffers`); read them with
@@ -198,21 +210,34 @@ class IPCHandler(ClientBase):
         :raises ValueError: unknown method name.
         :raises TypeError: the method streams responses (use :meth:`stream_method`),
             takes another request type or answers another response type.
-        :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call failed.
+        :raises MessageTooLargeError: the request (its buffers counted inline)
+            is larger than ``max_message_bytes``; nothing was sent.
+        :raises IPCUnavailableError, IPCTimeoutError, IPCRemoteError: the call
+            failed: no server listens on the socket (it names it), the
+            deadline passed (the message says which timeout and how long),
+            or the server answered an error (for a method it lacks, the
+            message lists the services it has).
         """
         info = self._method(method, response_streaming=False, request=request, response_type=response_type)
+        self._check_size(info, request, buffers)
         deadline = self._deadline(DEFAULT if timeout is None else timeout, parent, info)
         wait = self._wait(wait_for_ready)
         retry = self._retry(info, deadline)
-        with self._intercepted(info, metadata, deadline) as call:
+        with self._intercepted(info, metadata, deadline) as call, self._explained(info, deadline):
+            used: list[AsyncConnection | GrpcLane] = []
+
             async def attempt() -> Any:
                 lane = await self._lane(deadline, wait or retry.attempts > 0)
+                used[:] = [lane]
                 if call is not None:
                     call.lane = lane.lane
                 return await lane.call(info, request, timeout=deadline,
                                        metadata=metadata if call is None else call.metadata,
                                        buffers=buffers, return_buffers=return_buffers)
-            return await retrying(attempt, retry)
+            try:
+                return await retrying(attempt, retry)
+            except IPCRemoteError as error:
+                raise await self._explain_remote(error, info, used, deadline) from None
 
     @overload
     def stream_method(self, method: str, request: Any, *, timeout: float | None | Default = DEFAULT,
@@ -251,15 +276,18 @@ class IPCHandler(ClientBase):
         deadline = self._deadline(timeout, parent, info)
         if idle_timeout is not None:
             idle_timeout = validate_timeout(idle_timeout, 'idle_timeout')
-        with self._intercepted(info, metadata, deadline) as call:
+        with self._intercepted(info, metadata, deadline) as call, self._explained(info, deadline):
             lane = await self._lane(deadline, self._wait(wait_for_ready))
             if call is not None:
                 call.lane, metadata = lane.lane, call.metadata
             responses = lane.stream(info, request, timeout=deadline, metadata=metadata,
                                     idle_timeout=idle_timeout)
-            async with contextlib.aclosing(responses):
-                async for response in responses:
-                    yield response
+            try:
+                async with contextlib.aclosing(responses):
+                    async for response in responses:
+                        yield response
+            except IPCRemoteError as error:
+                raise await self._explain_remote(error, info, [lane], deadline) from None
 
     async def dispatch(self, message: Any) -> None:
         """Send ``message`` to :attr:`default_method` (VYRA feeder interface);
@@ -277,6 +305,20 @@ class IPCHandler(ClientBase):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.disconnect()
+
+    async def _explain_remote(self, error: IPCRemoteError, method: Any, used: Sequence[Any],
+                              deadline: Deadline | None) -> IPCError:
+        """``error``; for a method the server does not have, saying which
+        services it has (asked on the same lane, within the call's deadline)."""
+        if not self._is_missing_method(error) or not used:
+            return error
+        until = self._server_info_deadline(deadline)
+        try:
+            info = None if until is None else await used[0].call(SERVER_INFO, SERVER_INFO_REQUEST,
+                                                                  timeout=until)
+        except IPCError:
+            info = None  # a server that does not say: the error as it was
+        return self._unimplemented(error, method, info)
 
     # -- lanes ------------------------------------------------------------------------
 
@@ -427,20 +469,27 @@ class SyncIPCHandler(ClientBase):
         Parameters, retries and errors as :meth:`IPCHandler.call_method`.
         """
         info = self._method(method, response_streaming=False, request=request, response_type=response_type)
+        self._check_size(info, request, buffers)
         deadline = self._deadline(DEFAULT if timeout is None else timeout, parent, info)
         wait = self._wait(wait_for_ready)
         retry = self._retry(info, deadline)
         if info.kind.request_streaming:
             request = iter(request)  # consumed once, whichever attempt sends it
-        with self._intercepted(info, metadata, deadline) as call:
+        with self._intercepted(info, metadata, deadline) as call, self._explained(info, deadline):
+            used: list[SyncConnection | SyncGrpcLane] = []
+
             def attempt() -> Any:
                 lane = self._lane(deadline, wait or retry.attempts > 0)
+                used[:] = [lane]
                 if call is not None:
                     call.lane = lane.lane
                 return lane.call(info, request, timeout=deadline,
                                  metadata=metadata if call is None else call.metadata,
                                  buffers=buffers, return_buffers=return_buffers)
-            return retrying_sync(attempt, retry)
+            try:
+                return retrying_sync(attempt, retry)
+            except IPCRemoteError as error:
+                raise self._explain_remote(error, info, used, deadline) from None
 
     @overload
     def stream_method(self, method: str, request: Any, *, timeout: float | None | Default = DEFAULT,
@@ -467,12 +516,15 @@ class SyncIPCHandler(ClientBase):
         deadline = self._deadline(timeout, parent, info)
         if idle_timeout is not None:
             idle_timeout = validate_timeout(idle_timeout, 'idle_timeout')
-        with self._intercepted(info, metadata, deadline) as call:
+        with self._intercepted(info, metadata, deadline) as call, self._explained(info, deadline):
             lane = self._lane(deadline, self._wait(wait_for_ready))
             if call is not None:
                 call.lane, metadata = lane.lane, call.metadata
-            yield from lane.stream(info, request, timeout=deadline, metadata=metadata,
-                                   idle_timeout=idle_timeout)
+            try:
+                yield from lane.stream(info, request, timeout=deadline, metadata=metadata,
+                                       idle_timeout=idle_timeout)
+            except IPCRemoteError as error:
+                raise self._explain_remote(error, info, [lane], deadline) from None
 
     def dispatch(self, message: Any) -> None:
         """Send ``message`` to :attr:`default_method`; the response is discarded."""
@@ -486,6 +538,18 @@ class SyncIPCHandler(ClientBase):
 
     def __exit__(self, *exc_info: object) -> None:
         self.disconnect()
+
+    def _explain_remote(self, error: IPCRemoteError, method: Any, used: Sequence[Any],
+                        deadline: Deadline | None) -> IPCError:
+        """As :meth:`IPCHandler._explain_remote`, blocking."""
+        if not self._is_missing_method(error) or not used:
+            return error
+        until = self._server_info_deadline(deadline)
+        try:
+            info = None if until is None else used[0].call(SERVER_INFO, SERVER_INFO_REQUEST, timeout=until)
+        except IPCError:
+            info = None
+        return self._unimplemented(error, method, info)
 
     # -- lanes ------------------------------------------------------------------------
 

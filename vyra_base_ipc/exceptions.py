@@ -7,7 +7,8 @@
   slow: retry later, or report) from :class:`IPCRemoteError` (the server said
   no: usually a bug to fix). Calls of ROS 2 services from asyncio code
   (:mod:`vyra_base_ipc.ros_bridge`) fail the same way:
-  :class:`ServiceUnavailable`, :class:`ServiceCallTimeout`.
+  :class:`ServiceUnavailable`, :class:`ServiceCallTimeout`. A request too
+  large to send raises :class:`MessageTooLargeError` before anything is sent.
 - Setting up fails with :class:`SocketInUseError` (an :class:`OSError`),
   :class:`ForkedProcessError` (a :class:`RuntimeError`: fix how the process
   is started) or :class:`ParameterError` (a :class:`ValueError`: fix the
@@ -105,10 +106,34 @@ class IPCRemoteError(IPCError):
 
 class MessageTooLargeError(IPCError):
     """Raised before sending when a request is larger than the client's
-    ``max_message_bytes`` where it has to travel (on the gRPC lane explicit
-    :class:`~vyra_base_ipc.SharedBuffer` bytes travel inside the message);
-    nothing was sent. Its code is RESOURCE_EXHAUSTED; the details say the
-    size, the limit and what to change."""
+    ``max_message_bytes``, on either lane; nothing was sent. Explicit
+    :class:`~vyra_base_ipc.SharedBuffer` objects count with the bytes they
+    add inline (as the gRPC lane carries them), so that a call fails or
+    travels alike on both lanes. Its code is RESOURCE_EXHAUSTED; the
+    details say the size, the limit and what to change.
+
+    :ivar size: the request's size in bytes (with its buffers inline).
+    :ivar limit: the client's ``max_message_bytes``.
+    :ivar buffers: how many SharedBuffers were counted in ``size``.
+    """
+
+    def __init__(self, size: int, limit: int, *, method: str | None = None, buffers: int = 0) -> None:
+        self.size = size
+        self.limit = limit
+        self.buffers = buffers
+        what = ('the request' if not buffers else
+                f'the request with its {buffers} SharedBuffer{"s" if buffers > 1 else ""} inline')
+        super().__init__(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f'{what} is {size} bytes, over max_message_bytes ({limit}); nothing was sent. To send it, '
+            'raise max_message_bytes on the client and the server (both lanes then carry it)',
+            method=method)
+
+    def for_method(self, method: str) -> IPCError:
+        """As :meth:`IPCError.for_method`."""
+        if self.method is not None:
+            return self
+        return MessageTooLargeError(self.size, self.limit, method=method, buffers=self.buffers)
 
 
 def error_from_status(code: grpc.StatusCode, details: str, *, method: str | None = None) -> IPCError:
@@ -118,6 +143,33 @@ def error_from_status(code: grpc.StatusCode, details: str, *, method: str | None
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return IPCTimeoutError(code, details, method=method)
     return IPCRemoteError(code, details, method=method)
+
+
+# The texts of a server out of reach, the same on both lanes.
+
+def socket_missing(path: os.PathLike[str] | str, method: str | None = None) -> IPCUnavailableError:
+    """The error of a call or connect that found no socket file at ``path``."""
+    return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE,
+                               f'socket {os.fspath(path)!r} does not exist (is the IPC server running?)',
+                               method=method)
+
+
+def nobody_listening(path: os.PathLike[str] | str, method: str | None = None) -> IPCUnavailableError:
+    """The error of a call or connect refused at ``path``: the socket file is
+    there, its server is not (killed, crashed, or not started yet)."""
+    return IPCUnavailableError(
+        grpc.StatusCode.UNAVAILABLE,
+        f'no server answers on {os.fspath(path)!r}: the socket file is there but no server is listening '
+        '(the server went away, or has not started yet)', method=method)
+
+
+def connection_lost(path: os.PathLike[str] | str, reason: object, method: str | None = None
+                    ) -> IPCUnavailableError:
+    """The error of calls on a connection to ``path`` that broke."""
+    return IPCUnavailableError(
+        grpc.StatusCode.UNAVAILABLE,
+        f'connection to {os.fspath(path)!r} lost: {reason} (the server went away or closed it)',
+        method=method)
 
 
 class ServiceUnavailable(IPCUnavailableError):

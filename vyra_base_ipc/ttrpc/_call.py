@@ -29,7 +29,10 @@ from ..exceptions import (
     IPCTimeoutError,
     IPCUnavailableError,
     MessageTooLargeError,
+    connection_lost,
     error_from_status,
+    nobody_listening,
+    socket_missing,
 )
 from . import _hello
 from ._flow import ReceiveWindow, SendCredit, message_cost, validate_stream_window
@@ -155,10 +158,7 @@ def serialize(method: Method, message: Any, limit: int) -> bytes:
     serialize = method.request_serializer
     payload = serialize(message) if serialize is not None else message
     if len(payload) > limit:
-        raise MessageTooLargeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f'Sent message larger than max ({len(payload)} vs. {limit}): raise '
-                                   'max_message_bytes on the client and the server to send more',
-                                   method=method.path)
+        raise MessageTooLargeError(len(payload), limit, method=method.path)
     return payload
 
 
@@ -205,10 +205,10 @@ def idle_error(method: Method, idle_timeout: float) -> IPCTimeoutError:
 
 def connect_error(path: str, error: OSError) -> IPCUnavailableError:
     if isinstance(error, FileNotFoundError):
-        details = f'socket {path!r} does not exist (is the IPC server running?)'
-    elif isinstance(error, ConnectionRefusedError):
-        details = f'no server answers on {path!r} (stale socket file?)'
-    elif isinstance(error, PermissionError):
+        return socket_missing(path)
+    if isinstance(error, ConnectionRefusedError):
+        return nobody_listening(path)
+    if isinstance(error, PermissionError):
         details = f'not allowed to connect to {path!r}: {error.strerror}'
     else:
         details = f'cannot connect to {path!r}: {error}'
@@ -220,7 +220,13 @@ def not_accepted(path: str, timeout: float) -> IPCUnavailableError:
                                f'no server accepted a connection on {path!r} within {timeout:g} s')
 
 
+#: Why a connection broke when its server went away (not a broken frame or a stuck send).
+_PEER_GONE = ('closed by the server', 'Broken pipe', 'Connection reset by peer')
+
+
 def lost(path: str, reason: object) -> IPCUnavailableError:
+    if isinstance(reason, (BrokenPipeError, ConnectionResetError)) or reason in _PEER_GONE:
+        return connection_lost(path, reason)
     return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, f'connection to {path!r} lost: {reason}')
 
 

@@ -1,0 +1,200 @@
+"""Errors in words that say what happened, the same on both lanes: a server
+killed with SIGKILL, a timeout (which one, how long), a method the server
+lacks (which services it has) and a command parameter the request lacks
+(INVALID_ARGUMENT, naming it). Real servers in real processes, both lanes,
+both clients. (Size limits: test_lane_limits.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+import signal
+from typing import Any, Callable
+
+from conftest import LANES, ServerProcess, StartServer, call_through
+import grpc
+import pytest
+
+from vyra_base_ipc import (
+    IPCHandler,
+    IPCRemoteError,
+    IPCTimeoutError,
+    IPCUnavailableError,
+    SyncIPCHandler,
+    module_service_pb2 as module_pb,
+    module_service_pb2_grpc as module_pb_grpc,
+)
+
+KINDS = ('sync', 'async')
+ECHO_SERVICES = ('vyra.ipc.BackendService', 'vyra.ipc.ModuleService', 'vyra.ipc.test.EchoService',
+                 'vyra.ipc.test.WatchService')
+
+
+@pytest.fixture(scope='module')
+def echo_server(start_module_server: StartServer, module_socket_dir: Path) -> ServerProcess:
+    """One echo server (both lanes) for the tests of this module."""
+    return start_module_server(module_socket_dir / 'e.sock').wait_serving(ttrpc=True)
+
+
+def stream(kind: str, path: Path, stub: type, method: str, request: Any, **options: Any) -> Any:
+    """Read a whole stream through a new handler of ``kind``; the replies, or the error."""
+    timeout = options.pop('timeout', 5.0)
+    if kind == 'sync':
+        handler = SyncIPCHandler(path, stub, **options)
+        try:
+            return list(handler.stream_method(method, request, timeout=timeout))
+        except Exception as error:
+            return error
+        finally:
+            handler.disconnect()
+
+    async def run() -> Any:
+        handler = IPCHandler(path, stub, **options)
+        try:
+            return [reply async for reply in handler.stream_method(method, request, timeout=timeout)]
+        except Exception as error:
+            return error
+        finally:
+            await handler.disconnect()
+    return asyncio.run(run())
+
+
+# -- a server that went away --------------------------------------------------------------------
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc', 'auto'])
+def test_calls_after_the_server_was_killed_say_no_server_is_listening(
+        start_server: StartServer, socket_path: Path, echo: Any, lane: str) -> None:
+    server = start_server(socket_path).wait_serving(ttrpc=True)
+    with SyncIPCHandler(socket_path, echo.Stub, lane=lane) as before:
+        assert before.call_method('Echo', echo.pb.EchoRequest(text='up')).text == 'up'
+        server.signal(signal.SIGKILL)
+        server.wait()
+        assert socket_path.is_socket() and server.ttrpc_path.is_socket()  # left behind, as after a crash
+        # The connection it had: lost, or refused when made anew.
+        broken = call_once(before, echo)
+    assert isinstance(broken, IPCUnavailableError), repr(broken)
+    assert 'went away' in broken.details
+    assert str(server.ttrpc_path) in broken.details or str(socket_path) in broken.details
+    assert 'failed to connect to all addresses' not in str(broken)
+    # A handler made now: its connect is refused.
+    named = server.ttrpc_path if lane == 'ttrpc' else socket_path
+    for kind in KINDS:
+        error = call_through(kind, socket_path, echo.Stub, 'Echo', echo.pb.EchoRequest(), lane=lane)
+        assert isinstance(error, IPCUnavailableError), repr(error)
+        assert error.details == (f'no server answers on {str(named)!r}: the socket file is there but no '
+                                 'server is listening (the server went away, or has not started yet)')
+        assert error.method == '/vyra.ipc.test.EchoService/Echo'
+
+
+def call_once(handler: SyncIPCHandler, echo: Any) -> Any:
+    try:
+        return handler.call_method('Echo', echo.pb.EchoRequest(text='down'))
+    except Exception as error:
+        return error
+
+
+# -- timeouts: which, and how long ---------------------------------------------------------------
+
+class HandlerContext:
+    """What call_method(parent=...) reads of a calling handler's context."""
+
+    def time_remaining(self) -> float:
+        return 0.25
+
+
+@pytest.mark.parametrize('kind', KINDS)
+@pytest.mark.parametrize('lane', LANES)
+def test_a_timeout_says_which_timeout_and_how_long(echo_server: ServerProcess, echo: Any, lane: str,
+                                                   kind: str) -> None:
+    path, sleep = echo_server.socket_path, echo.pb.SleepRequest(seconds=30)
+    cases: list[tuple[Callable[[], Any], str]] = [
+        (lambda: call_through(kind, path, echo.Stub, 'Sleep', sleep, lane=lane, timeout=0.3),
+         "no answer within the call's timeout of 0.3 s (Deadline Exceeded)"),
+        (lambda: call_through(kind, path, echo.Stub, 'Sleep', sleep, lane=lane, parent=HandlerContext()),
+         "no answer within the calling handler's remaining deadline of 0.25 s (Deadline Exceeded)"),
+        (lambda: stream(kind, path, echo.Stub, 'Count', echo.pb.CountRequest(count=10**9), lane=lane, timeout=0.3),
+         "the stream did not end within the call's timeout of 0.3 s (Deadline Exceeded; "
+         'stream_method(..., timeout=None): a stream without one)'),
+    ]
+    for attempt, details in cases:
+        error = attempt()
+        assert isinstance(error, IPCTimeoutError), repr(error)
+        assert error.details == details
+        assert error.code is grpc.StatusCode.DEADLINE_EXCEEDED and error.method.startswith('/vyra.ipc.test.')
+
+
+@pytest.mark.parametrize('lane', LANES)
+def test_the_handlers_default_timeout_is_named_with_its_length(echo_server: ServerProcess, echo: Any,
+                                                                lane: str) -> None:
+    with SyncIPCHandler(echo_server.socket_path, echo.Stub, lane=lane, timeout=0.3) as handler:
+        with pytest.raises(IPCTimeoutError) as error:
+            handler.call_method('Sleep', echo.pb.SleepRequest(seconds=30))
+    assert str(error.value) == ("/vyra.ipc.test.EchoService/Sleep: DEADLINE_EXCEEDED: "
+                                "no answer within the call's timeout of 0.3 s (Deadline Exceeded)")
+
+
+def test_a_servers_own_deadline_exceeded_keeps_its_words(start_server: StartServer, socket_dir: Path,
+                                                          echo: Any) -> None:
+    # A relay that gives its downstream call 0.3 s: the downstream timeout,
+    # in the relay's words, reaches the caller whose own deadline is far off.
+    downstream = start_server(socket_dir / 'down.sock')
+    relay = start_server(socket_dir / 'relay.sock', str(downstream.socket_path), '0.3', script='relay_server.py')
+    error = call_through('sync', relay.socket_path, echo.Stub, 'Sleep', echo.pb.SleepRequest(seconds=30), timeout=30)
+    assert isinstance(error, IPCTimeoutError), repr(error)
+    assert error.details == "downstream: no answer within the call's timeout of 0.3 s (Deadline Exceeded)"
+
+
+# -- a method the server does not have ----------------------------------------------------------
+
+def mismatched_stub(echo: Any) -> type:
+    """A stub with methods the echo server lacks: one in a service it has,
+    two (unary, server-streaming) in a service it has not."""
+    request, reply = echo.pb.EchoRequest, echo.pb.EchoReply
+
+    class MismatchedStub:
+        def __init__(self, channel: Any) -> None:
+            options = {'request_serializer': request.SerializeToString, 'response_deserializer': reply.FromString}
+            self.Shout = channel.unary_unary('/vyra.ipc.test.EchoService/Shout', **options)
+            self.Move = channel.unary_unary('/my_arm.ArmService/Move', **options)
+            self.Follow = channel.unary_stream('/my_arm.ArmService/Follow', **options)
+    return MismatchedStub
+
+
+@pytest.mark.parametrize('kind', KINDS)
+@pytest.mark.parametrize('lane', LANES)
+def test_unimplemented_says_which_services_the_server_has(echo_server: ServerProcess, echo: Any, lane: str,
+                                                          kind: str) -> None:
+    stub, path, request = mismatched_stub(echo), echo_server.socket_path, echo.pb.EchoRequest()
+    where = f'the server on {str(path)!r}'
+    missing_method = call_through(kind, path, stub, 'Shout', request, lane=lane)
+    missing_service = call_through(kind, path, stub, 'Move', request, lane=lane)
+    missing_stream = stream(kind, path, stub, 'Follow', request, lane=lane)
+    for error in (missing_method, missing_service, missing_stream):
+        assert isinstance(error, IPCRemoteError) and error.code is grpc.StatusCode.UNIMPLEMENTED, repr(error)
+    assert missing_method.details == (f'{where} serves vyra.ipc.test.EchoService but has no method Shout '
+                                      '(is it built from another version of the .proto?)')
+    services = ', '.join(ECHO_SERVICES)
+    for error, name in ((missing_service, 'Move'), (missing_stream, 'Follow')):
+        assert error.method == f'/my_arm.ArmService/{name}'
+        assert error.details == (f'{where} has no service my_arm.ArmService; it serves {services} '
+                                 '(the wrong socket, or a server without this service?)')
+
+
+# -- a command parameter the request lacks ------------------------------------------------------
+
+@pytest.mark.parametrize('lane', LANES)
+def test_a_missing_command_parameter_is_invalid_argument_naming_it(
+        start_server: StartServer, socket_path: Path, lane: str) -> None:
+    start_server(socket_path, script='command_server.py').wait_serving(ttrpc=True)
+    with SyncIPCHandler(socket_path, module_pb_grpc.ModuleServiceStub, lane=lane) as handler:
+        def run(command: str, **parameters: str) -> tuple[int, str]:
+            answer = handler.call_method('ExecuteCommand',
+                                         module_pb.CommandRequest(command=command, parameters=parameters))
+            return answer.status_code, answer.result
+        assert run('move', x='1.5') == (0, 'moved to 1.5')
+        assert run('move', y='2') == (grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                      "move: missing parameter 'x' (given: y)")
+        assert run('move') == (grpc.StatusCode.INVALID_ARGUMENT.value[0], "move: missing parameter 'x' (given: none)")
+        # A KeyError of the handler's own is its bug, not the caller's mistake.
+        code, result = run('broken', x='1')
+        assert code == grpc.StatusCode.INTERNAL.value[0] and "KeyError('calibration')" in result
