@@ -74,7 +74,7 @@ async def test_serves_on_socket_path_set_with_ros_args(start_process, socket_dir
     assert (await module_status(socket_path))['module'] == 'arm'
 
 
-def test_start_and_stop_are_logged_once_through_the_node(start_process, socket_dir: Path) -> None:
+def test_start_and_stop_are_logged_once(start_process, socket_dir: Path) -> None:
     socket_path = socket_dir / 'logged.sock'
     server = start_process(ros_args('module_name:=arm', f'socket_path:={socket_path}'))
     # Started: the socket is up before the node says so.

@@ -220,7 +220,7 @@ class IPCServerHost:
             return
         self._stopped = True
         self._stop_server(server, self._grace_period if grace is None else grace)
-        self._log(f'IPC server on {server.socket_path} stopped')
+        _logger.info('IPC server on %s stopped', server.socket_path)
 
     def close(self, grace: float | None = None) -> None:
         """:meth:`stop`, then end the event-loop thread. Idempotent."""
@@ -243,14 +243,17 @@ class IPCServerHost:
 
     def _log(self, message: str) -> None:
         # Through the node (rosout, the ROS console format) while ROS runs;
-        # after rclpy.shutdown() (or while shutting down) through logging.
+        # after rclpy.shutdown() through logging.
         if self.node.context.ok():
             self.node.get_logger().info(message)
         else:
             _logger.info('%s', message)
 
     def _stop_server(self, server: IPCServer, grace: float) -> None:
-        self._log(f'stopping IPC server on {server.socket_path} (grace {grace:.3g} s)')
+        # Through logging, not the node: stopping runs while a signal may be
+        # shutting ROS down on another thread, and rcl's logger then crashed
+        # a hosting node (SIGSEGV seen in CI).
+        _logger.info('stopping IPC server on %s (grace %.3g s)', server.socket_path, grace)
         try:
             self.loop_thread.run(server.stop(grace), timeout=grace + _STOP_MARGIN)
         except TimeoutError:
