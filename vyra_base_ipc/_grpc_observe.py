@@ -57,22 +57,25 @@ def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver, 
             deadline = None if remaining is None else time.monotonic() + remaining
         return observer.start(metrics, path, _LANE, context, None, deadline)
 
+    def start_sync(context: Any) -> Observation:
+        try:
+            return start(context)
+        except CallRejected as rejection:
+            context.abort(rejection.code, rejection.details)  # raises
+            raise
+
     if inspect.isasyncgenfunction(behaviour):
         async def observed_stream(request: Any, context: Any) -> AsyncIterator[Any]:
             try:
                 observation = start(context)
             except CallRejected as rejection:
                 await context.abort(rejection.code, rejection.details)
-            try:
+            with _ending(observation, context):
                 # Closed here when this wrapper is (grpc.aio closes a stream
                 # handler left while it had yielded), as if it were the handler.
                 async with contextlib.aclosing(behaviour(request, context)) as responses:
                     async for response in responses:
                         yield response
-            except BaseException as error:
-                observation.end(*_failure(context, error))
-                raise
-            observation.end(*_returned(context))
         wrapped: Callable[..., Any] = observed_stream
     elif inspect.iscoroutinefunction(behaviour):
         async def observed(request: Any, context: Any) -> Any:
@@ -80,50 +83,39 @@ def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver, 
                 observation = start(context)
             except CallRejected as rejection:
                 await context.abort(rejection.code, rejection.details)
-            try:
-                result = await behaviour(request, context)
-            except BaseException as error:
-                observation.end(*_failure(context, error))
-                raise
-            observation.end(*_returned(context))
-            return result
+            with _ending(observation, context):
+                return await behaviour(request, context)
         wrapped = observed
     elif streaming[1]:
         def observed_sync_stream(request: Any, context: Any) -> Iterator[Any]:
             context = _SyncContext(context)
-            try:
-                observation = start(context)
-            except CallRejected as rejection:
-                context.abort(rejection.code, rejection.details)
-            try:
+            with _ending(start_sync(context), context):
                 responses = behaviour(request, context)
                 if responses is not None:
                     yield from responses
-            except BaseException as error:
-                observation.end(*_failure(context, error))
-                raise
-            observation.end(*_returned(context))
         wrapped = observed_sync_stream
     else:
         def observed_sync(request: Any, context: Any) -> Any:
             context = _SyncContext(context)
-            try:
-                observation = start(context)
-            except CallRejected as rejection:
-                context.abort(rejection.code, rejection.details)
-            try:
-                result = behaviour(request, context)
-            except BaseException as error:
-                observation.end(*_failure(context, error))
-                raise
-            observation.end(*_returned(context))
-            return result
+            with _ending(start_sync(context), context):
+                return behaviour(request, context)
         wrapped = observed_sync
     deserialize, serialize = handler.request_deserializer, handler.response_serializer
     if lane is not None:
         deserialize = _counting(deserialize, lane, received=True)
         serialize = _counting(serialize, lane, received=False)
     return factory(wrapped, request_deserializer=deserialize, response_serializer=serialize)
+
+
+@contextlib.contextmanager
+def _ending(observation: Observation, context: Any) -> Iterator[None]:
+    """End ``observation`` with the status of the handler run in the body."""
+    try:
+        yield
+    except BaseException as error:
+        observation.end(*_failure(context, error))
+        raise
+    observation.end(*_returned(context))
 
 
 def _returned(context: Any) -> tuple[int, str]:
