@@ -71,9 +71,21 @@ setup(
             'demo_backend = vyra_base_ipc.demo.backend:main',
             'demo_frontend = vyra_base_ipc.demo.frontend:main',
         ],
-        # `ros2 ipc <verb>` where ros2cli is installed (the module imports ros2cli).
+        # `ros2 ipc <verb>` where ros2cli is installed (only ros2cli imports
+        # vyra_base_ipc.cli.ros2.*; the package works without it).
         'ros2cli.command': [
-            'ipc = vyra_base_ipc.cli.ros2_command:IpcCommand',
+            'ipc = vyra_base_ipc.cli.ros2.command:IpcCommand',
+        ],
+        'ros2cli.extension_point': [
+            'ros2ipc.verb = vyra_base_ipc.cli.ros2.verb:VerbExtension',
+        ],
+        'ros2ipc.verb': [
+            'list = vyra_base_ipc.cli.ros2.verb:ListVerb',
+            'describe = vyra_base_ipc.cli.ros2.verb:DescribeVerb',
+            'call = vyra_base_ipc.cli.ros2.verb:CallVerb',
+            'health = vyra_base_ipc.cli.ros2.verb:HealthVerb',
+            'ping = vyra_base_ipc.cli.ros2.verb:PingVerb',
+            'stats = vyra_base_ipc.cli.ros2.verb:StatsVerb',
         ],
     },
 )

@@ -1,179 +1,428 @@
 """``vyra-ipc`` (``python -m vyra_base_ipc``) as a real process against real
-servers, on both lanes: list, describe, call, health, ping, stats, and the
-errors a user makes; ``ros2 ipc`` where ros2cli is installed."""
+servers, on both lanes: list, describe, call, health, ping, stats, the
+errors a user makes, servers that are gone or never answer; ``ros2 ipc``
+where ros2cli is installed.
+
+The CLI gets no generated code of the test protos (its PYTHONPATH is this
+process's): every message type it handles comes from server reflection.
+"""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
+import os
 from pathlib import Path
+import pty
+import select
 import socket
 import subprocess
 import sys
+import time
+from typing import Any, Iterator
 
+from conftest import ServerProcess, StartServer, make_stale_socket
 import pytest
 
-from conftest import ServerProcess, StartServer
+REPO = Path(__file__).resolve().parent.parent
+EXECUTE = 'vyra.ipc.ModuleService/ExecuteCommand'
+PING = '{"command": "ping"}'
 
 
 def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None
         ) -> subprocess.CompletedProcess[str]:
+    """``python -m vyra_base_ipc ARGS`` to its end (at most 60 s)."""
     return subprocess.run([sys.executable, '-m', 'vyra_base_ipc', *args], input=stdin, env=env,
                           capture_output=True, text=True, timeout=60)
 
 
-def stale_socket(path: Path) -> None:
-    with socket.socket(socket.AF_UNIX) as left:
-        left.bind(str(path))  # bound, never listened on: a server that died
-
-
-def test_list_shows_a_serving_server_and_a_stale_socket(server: ServerProcess, socket_dir: Path) -> None:
-    stale_socket(socket_dir / 'crashed_ipc.sock')
-    result = cli('list', str(socket_dir))
+def ok(*args: str, **options: Any) -> str:
+    """``cli(...)``'s output; the test fails with its stderr unless it exited 0."""
+    result = cli(*args, **options)
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0].split() == ['MODULE', 'STATE', 'PID', 'UID', 'LANES', 'SOCKET', 'SERVICES']
-    crashed = next(line for line in lines if line.startswith('crashed '))
-    assert crashed.split()[1] == 'stale'
-    listed = {entry['socket_path']: entry for entry in json.loads(cli('list', str(socket_dir), '--json').stdout)}
-    serving = listed[str(server.socket_path)]
-    # A server started by path (no module_name) is named after its socket file.
-    module = server.socket_path.name.removesuffix('.sock').removesuffix('_ipc')
-    assert (serving['state'], serving['pid'], serving['module']) == ('serving', server.pid, module)
-    assert serving['ttrpc_socket_path'] == str(server.ttrpc_path)
-    assert {'vyra.ipc.ModuleService', 'vyra.ipc.BackendService'} <= set(serving['services'])
+    return result.stdout
+
+
+def fails(status: int, *args: str, **options: Any) -> str:
+    """The one line ``cli(...)`` wrote to stderr, after checking it exited with
+    ``status`` and wrote nothing else."""
+    result = cli(*args, **options)
+    assert result.returncode == status, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and not result.stdout, result.stderr
+    return lines[0]
+
+
+def documents(text: str) -> list[Any]:
+    """The JSON documents of ``text``, one after the other."""
+    decoder, found, index = json.JSONDecoder(), [], 0
+    while index < len(text):
+        if text[index].isspace():
+            index += 1
+            continue
+        document, index = decoder.raw_decode(text, index)
+        found.append(document)
+    return found
+
+
+def fits(text: str) -> bool:
+    return all(len(line) <= 80 for line in text.splitlines())
+
+
+@pytest.fixture(scope='module')
+def demo(start_module_server: StartServer, module_socket_dir: Path) -> ServerProcess:
+    """One test server (ModuleService, BackendService, the test services) on
+    both lanes, as module ``demo`` would have it: ``demo_ipc.sock`` and
+    ``demo_ipc.ttrpc.sock``."""
+    return start_module_server(module_socket_dir / 'demo_ipc.sock', wait=False).wait_serving(ttrpc=True)
+
+
+@pytest.fixture
+def fresh(start_server: StartServer, socket_path: Path) -> ServerProcess:
+    """A server of this test alone (for counts from zero)."""
+    return start_server(socket_path, wait=False).wait_serving(ttrpc=True)
+
+
+@pytest.fixture
+def silent(socket_dir: Path) -> Iterator[Path]:
+    """A socket whose 'server' accepts connections (the kernel does) and never answers."""
+    with socket.socket(socket.AF_UNIX) as listening:
+        path = socket_dir / 'silent_ipc.sock'
+        listening.bind(str(path))
+        listening.listen(64)
+        yield path
+
+
+# -- list -----------------------------------------------------------------------------
+
+
+def test_list_shows_a_serving_server_and_a_stale_socket(demo: ServerProcess, module_socket_dir: Path,
+                                                         socket_dir: Path) -> None:
+    make_stale_socket(socket_dir / 'crashed_ipc.sock')
+    text = ok('list', str(module_socket_dir), str(socket_dir))
+    header, *rows = text.splitlines()
+    assert header.split()[:4] == ['MODULE', 'STATE', 'PID', 'UID'] and fits(text), text
+    serving = next(index for index, row in enumerate(rows) if row.startswith('demo '))
+    assert rows[serving].split()[:4] == ['demo', 'serving', str(demo.pid), str(os.getuid())]
+    assert rows[serving].endswith(str(demo.socket_path))
+    assert rows[serving + 1].strip() == str(demo.ttrpc_path)
+    assert 'vyra.ipc.ModuleService' in text and 'vyra.ipc.BackendService' in text
+    assert next(row for row in rows if row.startswith('crashed ')).split()[:3] == ['crashed', 'stale', '-']
+
+    listed = {entry['socket_path']: entry for entry in json.loads(ok('list', str(module_socket_dir),
+                                                                     str(socket_dir), '--json'))}
+    entry = listed[str(demo.socket_path)]
+    assert (entry['module'], entry['state'], entry['pid'], entry['uid']) == ('demo', 'serving', demo.pid,
+                                                                             os.getuid())
+    assert entry['ttrpc_socket_path'] == str(demo.ttrpc_path)
+    assert {'vyra.ipc.ModuleService', 'vyra.ipc.BackendService'} <= set(entry['services'])
+    assert not {'grpc.health.v1.Health', 'vyra.ipc.Introspection'} & set(entry['services'])
     assert listed[str(socket_dir / 'crashed_ipc.sock')]['state'] == 'stale'
+    assert listed[str(socket_dir / 'crashed_ipc.sock')]['pid'] is None
 
 
-def test_describe_prints_the_services_methods_and_messages(server: ServerProcess) -> None:
-    result = cli('describe', str(server.socket_path))
-    assert result.returncode == 0, result.stderr
-    assert 'service vyra.ipc.ModuleService' in result.stdout
-    assert 'rpc ExecuteCommand(vyra.ipc.CommandRequest) returns (vyra.ipc.CommandResponse);  # unary' \
-        in result.stdout
-    assert 'service vyra.ipc.BackendService' in result.stdout
-    assert 'rpc GetStatus(vyra.ipc.StatusRequest) returns (vyra.ipc.StatusResponse)' in result.stdout
-    assert 'grpc.health.v1' not in result.stdout  # the tools' own services stay out of the way
-    method = cli('describe', str(server.socket_path), 'vyra.ipc.ModuleService/ExecuteCommand').stdout
-    assert 'map<string, string> parameters = 2;' in method and 'int32 status_code = 1;' in method
-    streaming = cli('describe', str(server.socket_path), 'vyra.ipc.test.EchoService/Chat').stdout
-    assert 'returns (stream vyra.ipc.test.EchoReply);  # bidirectional streaming' in streaming
+def test_list_does_not_wait_for_a_server_that_never_answers(silent: Path) -> None:
+    (entry,) = json.loads(ok('list', str(silent.parent), '--json'))
+    assert (entry['state'], entry['pid'], entry['detail']) == ('no answer', os.getpid(), 'within 1 s')
+
+
+def test_list_of_a_directory_it_cannot_read_says_which(socket_dir: Path) -> None:
+    assert 'cannot list ' + str(socket_dir / 'nope') in fails(1, 'list', str(socket_dir / 'nope'))
+
+
+# -- describe -------------------------------------------------------------------------
+
+
+def test_describe_prints_the_services_and_their_methods_call_shapes(demo: ServerProcess) -> None:
+    text = ok('describe', str(demo.socket_path))
+    assert 'service vyra.ipc.ModuleService {' in text and 'service vyra.ipc.BackendService {' in text
+    # Each rpc with its shape as a comment beside it, or above it where that would not fit.
+    lines, shape = [], ''
+    for line in text.splitlines():
+        code, _, comment = line.strip().partition('//')
+        if code.startswith('rpc '):
+            lines.append(f'{code.strip()} // {comment.strip() or shape}')
+        shape = comment.strip()
+    for expected in (
+        'rpc Initialize(InitRequest) returns (InitResponse); // unary',
+        'rpc ExecuteCommand(CommandRequest) returns (CommandResponse); // unary',
+        'rpc GetData(DataRequest) returns (DataResponse); // unary',
+        'rpc GetStatus(StatusRequest) returns (StatusResponse); // unary',
+        'rpc ProcessData(DataRequest) returns (DataResponse); // unary',
+        'rpc Count(CountRequest) returns (stream EchoReply); // server streaming',
+        'rpc Collect(stream EchoRequest) returns (EchoReply); // client streaming',
+        'rpc Chat(stream EchoRequest) returns (stream EchoReply); // bidirectional streaming',
+    ):
+        assert expected in lines, text
+    assert 'grpc.health.v1' not in text and 'Introspection' not in text  # the tools' own services
+    assert fits(text), text
+
+
+def test_describe_a_method_prints_its_messages(demo: ServerProcess) -> None:
+    text = ok('describe', str(demo.socket_path), EXECUTE)
+    assert 'rpc ExecuteCommand(CommandRequest) returns (CommandResponse);  // unary' in text
+    assert ('message vyra.ipc.CommandRequest {\n  string command = 1;\n'
+            '  map<string, string> parameters = 2;\n}') in text
+    assert 'message vyra.ipc.CommandResponse {' in text and '  int32 status_code = 1;' in text
+    health = ok('describe', str(demo.socket_path), 'grpc.health.v1.Health/Check')
+    assert '  HealthCheckResponse.ServingStatus status = 1;' in health  # enums, by their relative name
+    assert 'enum grpc.health.v1.HealthCheckResponse.ServingStatus {' in health and 'SERVING = 1;' in health
+
+
+def test_describe_as_json(demo: ServerProcess) -> None:
+    whole = json.loads(ok('describe', str(demo.socket_path), '--json'))
+    services = {service['name']: service for service in whole['services']}
+    assert [method['name'] for method in services['vyra.ipc.ModuleService']['methods']] == \
+        ['Initialize', 'ExecuteCommand', 'GetData']
+    echo = services['vyra.ipc.test.EchoService']['methods']
+    chat = next(method for method in echo if method['name'] == 'Chat')
+    assert (chat['shape'], chat['client_streaming'], chat['server_streaming']) == \
+        ('bidirectional streaming', True, True)
+    method = json.loads(ok('describe', str(demo.socket_path), EXECUTE, '--json'))
+    assert method['methods'][0]['path'] == '/' + EXECUTE
+    request = next(item for item in method['types'] if item['name'] == 'vyra.ipc.CommandRequest')
+    assert [(field['name'], field['type']) for field in request['fields']] == \
+        [('command', 'string'), ('parameters', 'map<string, string>')]
+
+
+def test_describe_an_unknown_symbol_lists_what_there_is(demo: ServerProcess) -> None:
+    line = fails(2, 'describe', str(demo.socket_path), 'vyra.ipc.Nope')
+    assert "no service, method or message 'vyra.ipc.Nope'" in line and 'vyra.ipc.ModuleService' in line
+    line = fails(2, 'describe', str(demo.socket_path), 'vyra.ipc.ModuleService/Nope')
+    assert line.endswith("vyra.ipc.ModuleService has no method 'Nope'; "
+                         'it has: Initialize, ExecuteCommand, GetData')
+
+
+# -- call -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
-def test_call_prints_the_answer_as_json_on_either_lane(server: ServerProcess, lane: str) -> None:
-    result = cli('call', str(server.socket_path), 'vyra.ipc.ModuleService/ExecuteCommand',
-                 '{"command": "ping"}', '--lane', lane)
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)['result'] == 'pong'
-    stats = json.loads(cli('stats', str(server.socket_path), '--json', '--lane', lane).stdout)
-    called = [entry for entry in stats['methods']
-              if entry['method'] == '/vyra.ipc.ModuleService/ExecuteCommand' and entry['lane'] == lane]
-    assert called and int(called[0]['calls']) >= 1
+def test_call_prints_the_answer_as_json_on_either_lane(demo: ServerProcess, lane: str) -> None:
+    answer = json.loads(ok('call', str(demo.socket_path), EXECUTE, PING, '--lane', lane))
+    assert answer == {'result': 'pong', 'status_code': 0}
+    # The lane is the one asked for: only the fast lane tells a handler who called.
+    seen = json.loads(ok('call', str(demo.socket_path), 'vyra.ipc.test.EchoService/Inspect', '{}',
+                         '--lane', lane))
+    assert seen['has_peer'] is (lane == 'ttrpc')
 
 
-def test_the_lane_asked_for_is_the_lane_used(start_server: StartServer, socket_path: Path) -> None:
+def test_with_the_fast_lane_off_a_fast_lane_call_fails_and_says_why(start_server: StartServer,
+                                                                     socket_path: Path) -> None:
     server = start_server(socket_path, '--no-ttrpc')
-    assert cli('call', str(server.socket_path), 'vyra.ipc.ModuleService/ExecuteCommand',
-               '{"command": "ping"}', '--lane', 'grpc').returncode == 0
-    fast = cli('call', str(server.socket_path), 'vyra.ipc.ModuleService/ExecuteCommand',
-               '{"command": "ping"}', '--lane', 'ttrpc', '--timeout', '1')
-    assert fast.returncode == 1
-    assert 'UNAVAILABLE' in fast.stderr and str(server.ttrpc_path) in fast.stderr
+    answer = json.loads(ok('call', str(server.socket_path), EXECUTE, PING, '--lane', 'grpc'))
+    assert answer['result'] == 'pong'
+    line = fails(1, 'call', str(server.socket_path), EXECUTE, PING, '--lane', 'ttrpc')
+    assert line.startswith('vyra-ipc: UNAVAILABLE: ') and str(server.ttrpc_path) in line
 
 
-def test_call_streams_one_document_per_message_and_reads_stdin_and_files(server: ServerProcess,
+def test_call_streams_one_document_per_message_and_reads_stdin_and_files(demo: ServerProcess,
                                                                         tmp_path: Path) -> None:
-    counted = cli('call', str(server.socket_path), 'vyra.ipc.test.EchoService/Count', '-', stdin='count: 3')
-    assert counted.returncode == 0, counted.stderr
-    documents = [json.loads(document) for document in counted.stdout.replace('}\n{', '}\x00{').split('\x00')]
-    assert [document['text'] for document in documents] == ['item 0', 'item 1', 'item 2']
+    counted = documents(ok('call', str(demo.socket_path), 'vyra.ipc.test.EchoService/Count', '-',
+                           '--timeout', '0', stdin='count: 3'))
+    assert [document['text'] for document in counted] == ['item 0', 'item 1', 'item 2']
+    assert len({tuple(document) for document in counted}) == 1  # the same keys, in the same order
     request = tmp_path / 'request.yaml'
     request.write_text('command: ping\n')
-    from_file = cli('call', str(server.socket_path), 'vyra.ipc.ModuleService/ExecuteCommand', f'@{request}',
-                    '--metadata', 'x-trace=1')
-    assert json.loads(from_file.stdout)['result'] == 'pong', from_file.stderr
-    collected = cli('call', str(server.socket_path), 'vyra.ipc.test.EchoService/Collect',
-                    '[{"text": "a"}, {"text": "b"}]')
-    assert json.loads(collected.stdout)['text'] == 'a,b', collected.stderr
+    assert json.loads(ok('call', str(demo.socket_path), EXECUTE, f'@{request}'))['result'] == 'pong'
+    collected = json.loads(ok('call', str(demo.socket_path), 'vyra.ipc.test.EchoService/Collect',
+                              '[{"text": "a"}, {"text": "b"}]'))
+    assert (collected['text'], collected['index']) == ('a,b', 2)
+    chat = documents(ok('call', str(demo.socket_path), 'vyra.ipc.test.EchoService/Chat',
+                        '[{text: x}, {text: y}]'))
+    assert [document['text'] for document in chat] == ['X', 'Y']
 
 
-@pytest.mark.parametrize('request_text, status, message', [
-    ('{"command": ', 2, 'the request is neither JSON nor YAML'),
-    ('{"comand": "ping"}', 2, 'has no field named "comand"'),
-    ('[1, 2]', 2, 'must be an object of vyra.ipc.CommandRequest fields'),
+def test_call_sends_the_metadata_given_on_either_lane(start_server: StartServer, socket_dir: Path) -> None:
+    # The probing server answers Echo('metadata') with the metadata it received.
+    server = start_server(socket_dir / 'probe_ipc.sock', str(socket_dir / 'other.sock'),
+                          script='ttrpc_server.py', wait=False).wait_serving(ttrpc=True)
+    for lane in ('grpc', 'ttrpc'):
+        answer = json.loads(ok('call', str(server.socket_path), 'vyra.ipc.test.EchoService/Echo',
+                               '{"text": "metadata"}', '--metadata', 'X-Trace=abc', '-m', 'tenant=a=b',
+                               '--lane', lane))
+        received = json.loads(answer['text'])
+        assert ['x-trace', 'abc'] in received and ['tenant', 'a=b'] in received, (lane, received)
+
+
+@pytest.mark.parametrize('request_text, message', [
+    ('{"command": ', 'the request is not valid JSON: Expecting value: line 1 column 13'),
+    ('command: [ping', "the request is neither JSON nor YAML: expected ',' or ']'"),
+    ('{"comand": "ping"}', 'has no field named "comand"'),
+    ('{"command": 5}', 'the request is not a vyra.ipc.CommandRequest: Failed to parse command field'),
+    ('[1, 2]', 'the request must be an object of vyra.ipc.CommandRequest fields, not [1, 2]'),
 ])
-def test_a_bad_request_is_named_and_exits_2(server: ServerProcess, request_text: str, status: int,
-                                            message: str) -> None:
-    result = cli('call', str(server.socket_path), 'vyra.ipc.ModuleService/ExecuteCommand', request_text)
-    assert result.returncode == status and message in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and not result.stdout
+def test_a_bad_request_is_named_and_exits_2(demo: ServerProcess, request_text: str, message: str) -> None:
+    line = fails(2, 'call', str(demo.socket_path), EXECUTE, request_text)
+    assert line.startswith('vyra-ipc: error: ') and message in line, line
 
 
-def test_unknown_methods_and_failed_calls_say_so(server: ServerProcess) -> None:
-    unknown = cli('call', str(server.socket_path), 'vyra.ipc.ModuleService/Execute', '{}')
-    assert unknown.returncode == 2
-    assert "vyra.ipc.ModuleService has no method 'Execute'; it has: Initialize, ExecuteCommand, GetData" \
-        in unknown.stderr
-    no_service = cli('call', str(server.socket_path), 'vyra.ipc.Nope/Run', '{}')
-    assert no_service.returncode == 2 and "no service 'vyra.ipc.Nope'" in no_service.stderr
-    failed = cli('call', str(server.socket_path), 'vyra.ipc.ModuleService/GetData', '{"key": "nope"}')
-    assert failed.returncode == 1 and failed.stderr.startswith('vyra-ipc: NOT_FOUND: ')
+def test_unknown_methods_bad_options_and_failed_calls_say_so(demo: ServerProcess, tmp_path: Path) -> None:
+    path = str(demo.socket_path)
+    assert fails(2, 'call', path, 'vyra.ipc.ModuleService/Execute', '{}').endswith(
+        "vyra.ipc.ModuleService has no method 'Execute'; it has: Initialize, ExecuteCommand, GetData")
+    assert "the server has no service 'vyra.ipc.Nope'; it has: grpc.health.v1.Health" in \
+        fails(2, 'call', path, 'vyra.ipc.Nope/Run', '{}')
+    assert fails(1, 'call', path, 'vyra.ipc.ModuleService/GetData', '{"key": "nope"}') == \
+        "vyra-ipc: NOT_FOUND: no data item 'nope'; available: config, status"
+    assert 'cannot read the request from ' + str(tmp_path / 'none.json') in \
+        fails(2, 'call', path, EXECUTE, f'@{tmp_path / "none.json"}')
+    assert "--metadata takes KEY=VALUE, not 'trace'" in fails(2, 'call', path, EXECUTE, PING, '-m', 'trace')
+    assert 'only for methods that stream their answers; ExecuteCommand answers once' in \
+        fails(2, 'call', path, EXECUTE, PING, '--timeout', '0')
+    assert 'must be more than 0 seconds' in cli('ping', path, '--timeout', '0').stderr
 
 
-def test_health_and_a_missing_server(server: ServerProcess, socket_dir: Path) -> None:
-    serving = cli('health', str(server.socket_path), '--json')
-    assert serving.returncode == 0 and json.loads(serving.stdout)['status'] == 'SERVING'
-    assert cli('health', str(server.socket_path), 'vyra.ipc.ModuleService').returncode == 0
-    stale_socket(socket_dir / 'gone_ipc.sock')
-    gone = cli('health', str(socket_dir / 'gone_ipc.sock'), '--timeout', '1')
-    assert gone.returncode == 1 and 'UNAVAILABLE' in gone.stderr
+def test_a_missing_or_stale_server_is_named(socket_dir: Path) -> None:
+    missing = socket_dir / 'gone_ipc.sock'
+    assert fails(1, 'call', str(missing), EXECUTE, PING) == \
+        f"vyra-ipc: UNAVAILABLE: socket '{missing}' does not exist (is the IPC server running?)"
+    make_stale_socket(missing)
+    for verb in (('call', str(missing), EXECUTE, PING), ('describe', str(missing)), ('health', str(missing)),
+                 ('stats', str(missing))):
+        assert f"no server answers on '{missing}': the socket file is there but no server is listening" in \
+            fails(1, *verb)
+
+
+@pytest.mark.parametrize('verb', [('describe',), ('call', EXECUTE, PING),
+                                  ('call', EXECUTE, PING, '--lane', 'ttrpc'), ('health',), ('stats',)])
+def test_no_command_waits_for_a_server_that_never_answers(silent: Path, verb: tuple[str, ...]) -> None:
+    line = fails(1, verb[0], str(silent), *verb[1:], '--timeout', '1')
+    assert line.startswith(('vyra-ipc: DEADLINE_EXCEEDED: ', 'vyra-ipc: UNAVAILABLE: ')), line
+    assert str(silent) in line
+
+
+# -- health, ping, stats --------------------------------------------------------------
+
+
+def test_health_of_the_server_and_of_a_service(demo: ServerProcess) -> None:
+    path = str(demo.socket_path)
+    assert json.loads(ok('health', path, '--json', '--lane', 'grpc')) == \
+        {'socket_path': path, 'service': '', 'status': 'SERVING', 'lane': 'grpc'}
+    assert ok('health', path, 'vyra.ipc.ModuleService').startswith('vyra.ipc.ModuleService: SERVING')
+    assert fails(1, 'health', path, 'vyra.ipc.Nope') == (
+        f"vyra-ipc: NOT_FOUND: the server at '{path}' has no health status for 'vyra.ipc.Nope' "
+        '(a service it does not serve)')
 
 
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
-def test_ping_reports_percentiles_and_a_histogram(server: ServerProcess, lane: str) -> None:
-    result = cli('ping', str(server.socket_path), '--count', '50', '--lane', lane)
-    assert result.returncode == 0, result.stderr
-    first, *histogram = result.stdout.splitlines()
-    assert first.startswith(f'50 health checks on the {lane} lane') and ' p50 ' in first and ' p99 ' in first
-    assert len(histogram) == 8 and sum(int(line.split()[-1]) for line in histogram) == 50
-    summary = json.loads(cli('ping', str(server.socket_path), '-c', '5', '--json', '--lane', lane).stdout)
-    assert summary['lane'] == lane and summary['p50_us'] <= summary['p99_us'] <= summary['max_us']
+def test_ping_reports_percentiles_and_a_histogram(demo: ServerProcess, lane: str) -> None:
+    text = ok('ping', str(demo.socket_path), '--count', '50', '--lane', lane)
+    first, summary, *histogram = text.splitlines()
+    assert first == f'50 health checks of {demo.socket_path} on the {lane} lane'
+    assert summary.startswith('p50 ') and ' p99 ' in summary and ' max ' in summary
+    assert sum(int(line.split()[-1]) for line in histogram) == 50 and fits(text) and '\r' not in text
+    report = json.loads(ok('ping', str(demo.socket_path), '-c', '20', '--json', '--lane', lane))
+    assert report['lane'] == lane and report['count'] == 20
+    assert report['min_us'] <= report['p50_us'] <= report['p99_us'] <= report['max_us']
+    assert sum(bucket['count'] for bucket in report['histogram']) == 20
 
 
-def test_a_module_name_resolves_as_the_clients_do(server: ServerProcess, child_env: dict[str, str]) -> None:
-    result = cli('health', 'test_module', env={**child_env, 'VYRA_IPC_SOCKET': str(server.socket_path)})
-    assert result.returncode == 0 and 'SERVING' in result.stdout, result.stderr
-    bad = cli('health', 'Not-A-Module')
-    assert bad.returncode == 2 and 'module name' in bad.stderr
+def on_a_terminal(*args: str) -> tuple[int, str]:
+    """``cli(...)`` with its stdout on a pseudo-terminal: exit status and what it showed."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen([sys.executable, '-m', 'vyra_base_ipc', *args], stdout=terminal,
+                               stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    os.close(terminal)
+    shown = b''
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, 'the CLI did not finish within 60 s'
+            if select.select([controller], [], [], left)[0]:
+                try:
+                    data = os.read(controller, 65536)
+                except OSError:  # EIO: the CLI closed the terminal (exited)
+                    break
+                if not data:
+                    break
+                shown += data
+        return process.wait(timeout=20), shown.decode()
+    finally:
+        os.close(controller)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
-def test_stats_as_a_table(server: ServerProcess) -> None:
-    cli('call', str(server.socket_path), 'vyra.ipc.ModuleService/ExecuteCommand', '{"command": "ping"}')
-    table = cli('stats', str(server.socket_path)).stdout
-    assert 'METHOD' in table and '/vyra.ipc.ModuleService/ExecuteCommand' in table
-    assert all(len(line) <= 120 for line in table.splitlines())
+def test_a_long_ping_draws_a_progress_bar_on_a_terminal_and_erases_it(demo: ServerProcess) -> None:
+    status, shown = on_a_terminal('ping', str(demo.socket_path), '--count', '1000', '--lane', 'ttrpc')
+    assert status == 0, shown
+    assert '\rping [' in shown and '] 1000/1000' in shown
+    assert '\r' + ' ' * 79 + '\r1000 health checks' in shown  # erased before the report
 
 
-def test_ros2_ipc_is_a_ros2cli_command() -> None:
+def test_a_module_name_resolves_as_the_clients_do(demo: ServerProcess, socket_dir: Path) -> None:
+    env = {**os.environ, 'VYRA_IPC_SOCKET': str(demo.socket_path)}
+    assert ok('health', 'some_module', env=env).startswith('server: SERVING')
+    assert 'invalid module name' in fails(2, 'health', 'Not-A-Module')
+
+
+def test_stats_shows_the_calls_just_made(fresh: ServerProcess) -> None:
+    path = str(fresh.socket_path)
+    for lane in ('grpc', 'grpc', 'ttrpc'):
+        ok('call', path, EXECUTE, PING, '--lane', lane)
+    fails(1, 'call', path, 'vyra.ipc.ModuleService/GetData', '{"key": "nope"}', '--lane', 'ttrpc')
+    stats = json.loads(ok('stats', path, '--json'))
+    counted = {(entry['method'], entry['lane']): (int(entry['calls']), entry['errors'])
+               for entry in stats['methods']}
+    assert counted == {('/' + EXECUTE, 'grpc'): (2, {}), ('/' + EXECUTE, 'ttrpc'): (1, {}),
+                       ('/vyra.ipc.ModuleService/GetData', 'ttrpc'): (1, {'NOT_FOUND': '1'})}
+    text = ok('stats', path, '--lane', 'grpc')
+    lines = text.splitlines()
+    execute = lines.index(EXECUTE)
+    assert lines[execute + 1].split()[:3] == ['grpc', '2', '0'] and lines[execute + 2].split()[:3] == \
+        ['ttrpc', '1', '0']
+    get_data = lines.index('vyra.ipc.ModuleService/GetData')
+    assert lines[get_data + 1].split()[:2] == ['ttrpc', '1'] and lines[get_data + 1].endswith('NOT_FOUND 1')
+    assert {line.split()[0] for line in lines[1:4]} == {'LANE', 'grpc', 'ttrpc'} and fits(text), text
+
+
+# -- ros2 ipc -------------------------------------------------------------------------
+
+
+def _setup_entry_points() -> dict[str, list[str]]:
+    tree = ast.parse((REPO / 'setup.py').read_text())
+    call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call)
+                and getattr(node.func, 'id', None) == 'setup')
+    keyword = next(keyword for keyword in call.keywords if keyword.arg == 'entry_points')
+    return ast.literal_eval(keyword.value)
+
+
+def test_ros2_ipc_has_the_verbs_of_vyra_ipc() -> None:
+    from vyra_base_ipc.cli import VERBS
+
+    entry_points = _setup_entry_points()
+    assert entry_points['ros2cli.command'] == ['ipc = vyra_base_ipc.cli.ros2.command:IpcCommand']
+    verbs = dict(line.replace(' ', '').split('=') for line in entry_points['ros2ipc.verb'])
+    assert sorted(verbs) == sorted(VERBS)
+    source = ast.parse((REPO / 'vyra_base_ipc/cli/ros2/verb.py').read_text())
+    classes = {node.name: next(statement.value.value for statement in node.body
+                               if isinstance(statement, ast.Assign) and statement.targets[0].id == 'VERB')
+               for node in source.body if isinstance(node, ast.ClassDef) and node.name != 'VerbExtension'}
+    assert {name: target.rpartition(':')[2] for name, target in verbs.items()} == \
+        {verb: name for name, verb in classes.items()}
+
+
+def test_ros2_ipc_runs_where_ros2cli_is_installed(demo: ServerProcess, module_socket_dir: Path) -> None:
     try:
         importlib.import_module('ros2cli.command')
     except ModuleNotFoundError:
-        # The extension module needs ros2cli and nothing else of it is missing.
+        # Without ros2cli, only its extension modules fail to import, for that reason alone.
+        importlib.import_module('vyra_base_ipc.cli.ros2')
         with pytest.raises(ModuleNotFoundError) as missing:
-            importlib.import_module('vyra_base_ipc.cli.ros2_command')
+            importlib.import_module('vyra_base_ipc.cli.ros2.command')
         assert missing.value.name == 'ros2cli'
-        pytest.skip('ros2cli is not installed here (not on the package index): ros2 ipc cannot run')
-    result = subprocess.run(['ros2', 'ipc', 'list', '--json'], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert isinstance(json.loads(result.stdout), list)
-
-
-def test_list_does_not_wait_for_a_server_that_never_answers(socket_dir: Path) -> None:
-    with socket.socket(socket.AF_UNIX) as silent:
-        silent.bind(str(socket_dir / 'silent_ipc.sock'))
-        silent.listen(8)  # accepts connections (the kernel does), answers nothing
-        result = cli('list', str(socket_dir), '--json')
-    assert result.returncode == 0, result.stderr
-    (entry,) = json.loads(result.stdout)
-    assert entry['state'] == 'no answer' and entry['detail'] == 'within 1 s'
+        pytest.skip('ros2cli is not installed here (it is not on the package index): ros2 ipc cannot run')
+    ros2 = [sys.executable, '-c', 'import sys; from ros2cli.cli import main; sys.exit(main())', 'ipc']
+    listed = subprocess.run([*ros2, 'list', str(module_socket_dir), '--json'], capture_output=True, text=True,
+                            timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert [entry['state'] for entry in json.loads(listed.stdout)] == ['serving']
+    called = subprocess.run([*ros2, 'call', 'demo', EXECUTE, 'command: ping'], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, 'VYRA_IPC_SOCKET': str(demo.socket_path)})
+    assert called.returncode == 0 and json.loads(called.stdout)['result'] == 'pong', called.stderr
+    unknown = subprocess.run([*ros2, 'call', str(demo.socket_path), 'vyra.ipc.ModuleService/Nope'],
+                             capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and unknown.stderr.startswith('ros2 ipc call: error: ')

@@ -1,14 +1,13 @@
 """Message types from a server's reflection service: the descriptors, a
-generated-stub look-alike for the clients, JSON both ways, and the text
-``describe`` prints."""
+generated-stub look-alike for the clients, and JSON (or YAML) both ways."""
 
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from typing import Any
 
 from google.protobuf import descriptor_pool, json_format, message_factory
-from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor, ServiceDescriptor
+from google.protobuf.descriptor import Descriptor, MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 import grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -16,12 +15,9 @@ import yaml
 
 from .._methods import MethodKind
 
-__all__ = ['Reflection', 'kind_of', 'message_text', 'parse_request', 'service_text', 'stub_class',
-           'to_json']
+__all__ = ['SHAPES', 'Reflection', 'kind_of', 'message_class', 'parse_request', 'stub_class', 'to_json']
 
-_SCALARS = {value: name.removeprefix('TYPE_').lower() for name, value in vars(FieldDescriptor).items()
-            if name.startswith('TYPE_') and isinstance(value, int)}
-
+#: The call shape of each kind of method, as ``describe`` names it.
 SHAPES = {
     MethodKind.UNARY_UNARY: 'unary',
     MethodKind.UNARY_STREAM: 'server streaming',
@@ -31,19 +27,28 @@ SHAPES = {
 
 
 class Reflection:
-    """The services and messages a server describes through reflection
-    (on its gRPC lane)."""
+    """The services and messages a server describes through reflection (on
+    its gRPC lane). Lookups call the server; they raise ``grpc.RpcError``
+    when it fails."""
 
     def __init__(self, channel: grpc.Channel) -> None:
         self._database = ProtoReflectionDescriptorDatabase(channel)
         self.pool = descriptor_pool.DescriptorPool(self._database)
+        self._services: list[str] | None = None
 
     def services(self) -> list[str]:
-        """Full names of the services the server has."""
-        return sorted(self._database.get_services())
+        """Full names of the services the server has, sorted."""
+        if self._services is None:
+            self._services = sorted(self._database.get_services())
+        return self._services
 
     def service(self, name: str) -> ServiceDescriptor:
-        """:raises KeyError: the server has no such service."""
+        """The service ``name``, one of :meth:`services`.
+
+        :raises LookupError: the server has no such service, saying which it has.
+        """
+        if name not in self.services():
+            raise LookupError(f'the server has no service {name!r}; it has: {", ".join(self.services())}')
         return self.pool.FindServiceByName(name)
 
     def method(self, path: str) -> MethodDescriptor:
@@ -52,9 +57,6 @@ class Reflection:
         :raises LookupError: no such service or method, saying which ones there are.
         """
         service_name, _, method_name = path.strip('/').replace('/', '.').rpartition('.')
-        services = self.services()
-        if service_name not in services:
-            raise LookupError(f'the server has no service {service_name!r}; it has: {", ".join(services)}')
         service = self.service(service_name)
         method = service.methods_by_name.get(method_name)
         if method is None:
@@ -62,12 +64,21 @@ class Reflection:
                               f'{", ".join(m.name for m in service.methods)}')
         return method
 
+    def message(self, name: str) -> Descriptor | None:
+        """The message type ``name`` if the server knows it, else ``None``."""
+        try:
+            return self.pool.FindMessageTypeByName(name)
+        except KeyError:
+            return None
+
 
 def message_class(descriptor: Descriptor) -> type[Message]:
+    """The message class of a reflected message type."""
     return message_factory.GetMessageClass(descriptor)
 
 
 def kind_of(method: MethodDescriptor) -> MethodKind:
+    """The call shape of ``method``."""
     return MethodKind.of(method.client_streaming, method.server_streaming)
 
 
@@ -87,15 +98,12 @@ def stub_class(service: ServiceDescriptor) -> type:
 
 def parse_request(text: str, method: MethodDescriptor) -> Message | list[Message]:
     """The request(s) of a call from JSON or YAML text: one object, or for a
-    method that streams its requests a list of them.
+    method that streams its requests a list of them. Empty text is ``{}``.
 
-    :raises ValueError: the text is not JSON/YAML, or does not fit the
-        request message (the message names the field and the type).
+    :raises ValueError: the text is not JSON/YAML (saying where), or does
+        not fit the request message (naming the field and the type).
     """
-    try:
-        value = yaml.safe_load(text) if text.strip() else {}
-    except yaml.YAMLError as error:
-        raise ValueError(f'the request is neither JSON nor YAML: {error}') from None
+    value = _load(text)
     request_class = message_class(method.input_type)
     if method.client_streaming:
         if not isinstance(value, list):
@@ -105,68 +113,38 @@ def parse_request(text: str, method: MethodDescriptor) -> Message | list[Message
     return _message(value, request_class, 'the request')
 
 
+def _load(text: str) -> Any:
+    if not text.strip():
+        return {}
+    try:
+        return json.loads(text)
+    except ValueError as json_error:
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as yaml_error:
+            if text.lstrip().startswith(('{', '[', '"')):
+                raise ValueError(f'the request is not valid JSON: {json_error}') from None
+            raise ValueError(f'the request is neither JSON nor YAML: {_yaml_problem(yaml_error)}') from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    problem = getattr(error, 'problem', None) or str(error)
+    mark = getattr(error, 'problem_mark', None)
+    return f'{problem} (line {mark.line + 1}, column {mark.column + 1})' if mark is not None else problem
+
+
 def _message(value: Any, message_type: type[Message], what: str) -> Message:
     if not isinstance(value, dict):
         raise ValueError(f'{what} must be an object of {message_type.DESCRIPTOR.full_name} fields, '
-                         f'not {json.dumps(value)}')
+                         f'not {json.dumps(value, default=str)}')
     try:
         return json_format.ParseDict(value, message_type())
-    except json_format.ParseError as error:
+    except (json_format.ParseError, TypeError) as error:
         raise ValueError(f'{what} is not a {message_type.DESCRIPTOR.full_name}: {error}') from None
 
 
 def to_json(message: Message) -> str:
-    """``message`` as JSON with the .proto field names, default values included."""
-    return json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2,
+    """``message`` as JSON with the .proto field names, default values
+    included, keys sorted (the same order for every message of a stream)."""
+    return json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2, sort_keys=True,
                                      always_print_fields_with_no_presence=True)
-
-
-def service_text(service: ServiceDescriptor) -> Iterator[str]:
-    """The lines ``describe SERVICE`` prints."""
-    yield f'service {service.full_name}  ({service.file.name})'
-    for method in service.methods:
-        yield f'  {method_line(method)}'
-
-
-def method_line(method: MethodDescriptor) -> str:
-    request = ('stream ' if method.client_streaming else '') + method.input_type.full_name
-    response = ('stream ' if method.server_streaming else '') + method.output_type.full_name
-    return f'rpc {method.name}({request}) returns ({response});  # {SHAPES[kind_of(method)]}'
-
-
-def message_text(message: Descriptor, seen: set[str] | None = None) -> Iterator[str]:
-    """``message`` in .proto syntax, followed by the messages it uses."""
-    seen = set() if seen is None else seen
-    if message.full_name in seen:
-        return
-    seen.add(message.full_name)
-    yield f'message {message.full_name} {{'
-    nested = []
-    for field in message.fields:
-        yield f'  {_field_type(field)} {field.name} = {field.number};'
-        if field.message_type is not None:
-            nested.append(field.message_type)
-    yield '}'
-    for used in nested:
-        shown: Descriptor | None = used
-        if used.GetOptions().map_entry:
-            shown = used.fields_by_name['value'].message_type
-        if shown is not None:
-            yield from message_text(shown, seen)
-
-
-def _field_type(field: FieldDescriptor) -> str:
-    if field.message_type is not None and field.message_type.GetOptions().map_entry:
-        key, value = field.message_type.fields_by_name['key'], field.message_type.fields_by_name['value']
-        return f'map<{_field_type(key)}, {_field_type(value)}>'
-    if field.message_type is not None:
-        name = field.message_type.full_name
-    elif field.enum_type is not None:
-        name = field.enum_type.full_name
-    else:
-        name = _SCALARS[field.type]
-    return f'repeated {name}' if _repeated(field) else name
-
-
-def _repeated(field: FieldDescriptor) -> bool:
-    return bool(field.is_repeated)

@@ -1,32 +1,30 @@
-"""Which server a command talks to, and which servers there are."""
+"""Which server a command talks to, and how: the socket of a target, the
+check that something listens there, a client on the lane asked for, and
+reflection over a channel whose every call has a deadline."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import contextlib
 import errno
 import os
 from pathlib import Path
 import socket
 import stat
-from typing import Any, Iterable
+import time
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import grpc
 
-from .._peer import socket_peer
-from ..address import default_socket_path, default_ttrpc_socket_path, resolve_socket_path
-from ..introspection_pb2 import ServerInfoRequest
-from ..introspection_pb2_grpc import IntrospectionStub
+from .. import SyncIPCHandler
+from ..address import grpc_target, resolve_socket_path
+from ..exceptions import IPCError, IPCUnavailableError, error_from_status, nobody_listening, socket_missing
+from ._messages import Reflection
 
-__all__ = ['ServerEntry', 'discover', 'resolve_target']
+__all__ = ['CONNECT_TIMEOUT', 'check_reachable', 'client', 'deadline_channel', 'reflection',
+           'resolve_target']
 
-#: Where servers are looked for without arguments: the directory of the
-#: default socket paths (``/tmp/<module>_ipc.sock``).
-DEFAULT_DIRECTORY = default_socket_path('module').parent
-#: Seconds any probe of ``list`` may take: a server that accepts and never
-#: answers must not stall the listing.
-PROBE_TIMEOUT = 1.0
-_TOOL_SERVICES = ('grpc.health.v1.Health', 'grpc.reflection.v1alpha.ServerReflection',
-                  'grpc.reflection.v1.ServerReflection', 'vyra.ipc.Introspection')
+#: Seconds a plain connect to a socket may take (a full backlog blocks it).
+CONNECT_TIMEOUT = 1.0
 
 
 def resolve_target(target: str) -> Path:
@@ -41,101 +39,131 @@ def resolve_target(target: str) -> Path:
     return resolve_socket_path(None, module_name=target)
 
 
-@dataclass
-class ServerEntry:
-    """One socket file as ``list`` reports it."""
+def check_reachable(path: Path) -> None:
+    """Fail early, in the clients' words, when no server can be at ``path``.
 
-    module: str
-    socket_path: str
-    ttrpc_socket_path: str | None
-    state: str  # serving, not serving, stale, no answer, refused
-    uid: int
-    pid: int | None = None
-    services: list[str] = field(default_factory=list)
-    detail: str = ''
-
-    def as_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def discover(directories: Iterable[Path]) -> list[ServerEntry]:
-    """Every gRPC socket file in ``directories`` (fast-lane sockets are shown
-    with theirs), probed; sorted by module name."""
-    entries = []
-    for directory in directories:
-        try:
-            names = sorted(os.listdir(directory))
-        except OSError as error:
-            raise OSError(error.errno, f'cannot list {directory}: {error.strerror}') from None
-        for name in names:
-            path = Path(directory) / name
-            if name.endswith('.ttrpc.sock') or not name.endswith('.sock'):
-                continue
-            try:
-                status = os.lstat(path)
-            except OSError:
-                continue  # gone meanwhile
-            if stat.S_ISSOCK(status.st_mode):
-                entries.append(_probe(path, status.st_uid))
-    return sorted(entries, key=lambda entry: (entry.module, entry.socket_path))
-
-
-def _probe(path: Path, uid: int) -> ServerEntry:
-    fast = default_ttrpc_socket_path(path)
-    module = path.name.removesuffix('.sock').removesuffix('_ipc')
-    entry = ServerEntry(module, str(path), str(fast) if fast.exists() else None, 'stale', uid)
-    peer = _peer_pid(path)
-    if isinstance(peer, str):
-        entry.state, entry.detail = peer, ''
-        return entry
-    entry.pid = peer
-    with grpc.insecure_channel(f'unix:{path}') as channel:
-        try:
-            info = IntrospectionStub(channel).GetServerInfo(ServerInfoRequest(), timeout=PROBE_TIMEOUT)
-        except grpc.RpcError as error:
-            entry.state, entry.detail = _other_server(channel, entry, error)
-            return entry
-    entry.state = 'serving'
-    entry.module = info.module_name or entry.module
-    entry.services = list(info.services)
-    return entry
-
-
-def _peer_pid(path: Path) -> int | str:
-    """The pid of the process listening on ``path``, or why there is none."""
+    :raises IPCUnavailableError: no such file, not a socket, nobody listens
+        (a stale socket), or no permission to connect.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise socket_missing(path) from None
+    except OSError as error:
+        raise IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, f'cannot reach {str(path)!r}: {error.strerror}'
+                                  ) from None
+    if not stat.S_ISSOCK(mode):
+        raise IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, f'{str(path)!r} is not a socket')
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
-        probe.settimeout(PROBE_TIMEOUT)
+        probe.settimeout(CONNECT_TIMEOUT)
         try:
             probe.connect(str(path))
+        except ConnectionRefusedError:
+            raise nobody_listening(path) from None
+        except PermissionError:
+            raise IPCUnavailableError(
+                grpc.StatusCode.UNAVAILABLE,
+                f'no permission to connect to {str(path)!r} (a server of another user; '
+                'its socket group may connect)') from None
         except OSError as error:
-            if error.errno == errno.ECONNREFUSED:
-                return 'stale'  # a socket file nobody listens on
-            if error.errno == errno.EACCES:
-                return 'refused'  # another user's server
-            return f'unreachable ({error.strerror})'
-        return socket_peer(probe).pid
+            if error.errno in (errno.EAGAIN, errno.ETIMEDOUT) or isinstance(error, TimeoutError):
+                return  # a full backlog: somebody listens, the call will say more
+            raise IPCUnavailableError(grpc.StatusCode.UNAVAILABLE,
+                                      f'cannot connect to {str(path)!r}: {error.strerror}') from None
 
 
-def _other_server(channel: grpc.Channel, entry: ServerEntry, error: grpc.RpcError) -> tuple[str, str]:
-    """State and detail of a gRPC server without vyra.ipc.Introspection
-    (another gRPC server, or an old vyra_base_ipc)."""
-    if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return 'no answer', f'within {PROBE_TIMEOUT:g} s'
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-    try:
-        stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs' stub has no methods
-        health = stub.Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT)
-    except grpc.RpcError as health_error:
-        return 'no health', f'{health_error.code().name}: {health_error.details()}'
-    state = 'serving' if health.status == health_pb2.HealthCheckResponse.SERVING else 'not serving'
-    try:
-        from ._messages import Reflection
-        entry.services = [name for name in Reflection(channel).services() if name not in _TOOL_SERVICES]
-    except grpc.RpcError:
-        pass
-    return state, 'no vyra.ipc.Introspection'
+def client(path: Path, stub: type, lane: str, timeout: float) -> SyncIPCHandler:
+    """A client of the server at ``path`` on ``lane`` for ``stub``'s methods,
+    after :func:`check_reachable`; ``timeout`` (> 0) is its calls' deadline."""
+    check_reachable(path)
+    return SyncIPCHandler(path, stub, lane=lane, timeout=timeout)
 
 
-def user_services(names: Iterable[str]) -> list[str]:
-    """``names`` without the services every server has (health, reflection, introspection)."""
-    return [name for name in names if name not in _TOOL_SERVICES]
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
+class _Deadline(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Gives every call without a timeout what is left until ``deadline``
+    (``time.monotonic()``): grpcio-reflection's descriptor database calls
+    without one, and a server that accepts but never answers would hold a
+    command forever."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+
+    def _details(self, details: grpc.ClientCallDetails) -> Any:
+        if details.timeout is not None:
+            return details
+        left = max(0.0, self.deadline - time.monotonic())
+        return _CallDetails(details.method, left, details.metadata, details.credentials,
+                            getattr(details, 'wait_for_ready', None), getattr(details, 'compression', None))
+
+    def intercept_unary_unary(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails,
+                              request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails,
+                               request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails,
+                               requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails,
+                                requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+@contextlib.contextmanager
+def deadline_channel(path: Path, seconds: float) -> Iterator[grpc.Channel]:
+    """A gRPC channel to ``path`` on which every call without a timeout of
+    its own ends ``seconds`` from now at the latest."""
+    with grpc.insecure_channel(grpc_target(path)) as channel:
+        yield grpc.intercept_channel(channel, _Deadline(time.monotonic() + seconds))
+
+
+@contextlib.contextmanager
+def reflection(path: Path, seconds: float) -> Iterator[Reflection]:
+    """The server reflection of the server at ``path`` (on its gRPC lane),
+    for the body of the ``with``; all of its calls together take at most
+    ``seconds``.
+
+    :raises IPCError: the server did not answer in time, has no reflection,
+        or failed otherwise, naming the socket.
+    """
+    check_reachable(path)
+    with deadline_channel(path, seconds) as channel:
+        try:
+            yield Reflection(channel)
+        except grpc.RpcError as error:
+            raise _reflection_error(path, error.code(), error.details() or '', seconds) from None
+
+
+def _reflection_error(path: Path, code: grpc.StatusCode, details: str, seconds: float) -> IPCError:
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        details = (f'the server at {str(path)!r} did not describe itself (server reflection) '
+                   f'within {seconds:g} s')
+    elif code is grpc.StatusCode.UNIMPLEMENTED:
+        details = f'the server at {str(path)!r} has no server reflection (grpc.reflection.v1alpha)'
+    else:
+        details = f'server reflection of {str(path)!r}: {details}'
+    return error_from_status(code, details)
+
+
+def user_services(names: Sequence[str]) -> list[str]:
+    """``names`` without the services every server has (health, reflection,
+    introspection), in their order."""
+    return [name for name in names if name not in TOOL_SERVICES]
+
+
+#: Services of every IPCServer that are the tools' rather than the module's.
+TOOL_SERVICES = frozenset({'grpc.health.v1.Health', 'grpc.reflection.v1alpha.ServerReflection',
+                           'grpc.reflection.v1.ServerReflection', 'vyra.ipc.Introspection'})

@@ -1,0 +1,106 @@
+"""What the verbs share on the command line: the verb record, the target,
+lane, timeout and ``--json`` arguments, and the error of a wrong command.
+
+Exit status of every verb: 0 done, 1 the call or the server failed (a
+non-OK status, no server, NOT_SERVING), 2 the command itself is wrong
+(usage, bad request text, unknown method), as argparse uses 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+import math
+from typing import Callable, Sequence, TextIO
+
+from .._options import DEFAULT_TIMEOUT
+
+__all__ = ['EXIT_FAILED', 'EXIT_OK', 'EXIT_USAGE', 'TARGET_HELP', 'UsageError', 'Verb', 'add_json',
+           'add_lane', 'add_target', 'add_timeout', 'parse_metadata', 'positive_seconds', 'seconds']
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+TARGET_HELP = """TARGET is a module name (its socket as the clients resolve it: VYRA_IPC_SOCKET,
+else /tmp/<module>_ipc.sock) or a socket path. Exit status: 0 done, 1 the call
+or the server failed, 2 the command is wrong."""
+
+
+@dataclass(frozen=True)
+class Verb:
+    """One verb of ``vyra-ipc`` (and of ``ros2 ipc``)."""
+
+    name: str
+    #: One line for ``--help``.
+    summary: str
+    #: Adds the verb's own arguments to its (sub)parser.
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    #: Runs the verb, writing its output to the stream; returns the exit status.
+    run: Callable[[argparse.Namespace, TextIO], int]
+
+
+class UsageError(Exception):
+    """Raised when the command cannot be run as given (exit status 2): a
+    request that is not JSON/YAML or does not fit its message, an unknown
+    service or method, an option value out of range."""
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    """``--json``: machine-readable output."""
+    parser.add_argument('--json', action='store_true', help='machine-readable output (JSON)')
+
+
+def add_target(parser: argparse.ArgumentParser) -> None:
+    """The ``TARGET`` positional: a module name or a socket path."""
+    parser.add_argument('target', metavar='TARGET', help='module name or socket path')
+
+
+def add_lane(parser: argparse.ArgumentParser, *, streams: bool = False) -> None:
+    """``--lane`` and ``--timeout`` of the verbs that call the server; with
+    ``streams``, ``--timeout 0`` is allowed (a streamed answer without deadline)."""
+    parser.add_argument('--lane', choices=('auto', 'grpc', 'ttrpc'), default='auto',
+                        help='the lane to call on (default: auto, the fast lane when its socket answers)')
+    add_timeout(parser, 'deadline of the call' + ('; 0: none, for a streamed answer' if streams else ''),
+                zero=streams)
+
+
+def add_timeout(parser: argparse.ArgumentParser, what: str, *, zero: bool = False) -> None:
+    """``--timeout SECONDS`` (default 5), more than 0 unless ``zero``."""
+    parser.add_argument('--timeout', type=seconds if zero else positive_seconds, default=DEFAULT_TIMEOUT,
+                        metavar='SECONDS', help=f'{what} (default {DEFAULT_TIMEOUT:g})')
+
+
+def seconds(text: str) -> float:
+    """A ``--timeout`` value: a finite number of seconds, 0 or more.
+
+    :raises argparse.ArgumentTypeError: anything else, naming it.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'not a number of seconds: {text!r}') from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f'must be a finite number of seconds >= 0, not {text}')
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """:func:`seconds`, but more than 0."""
+    value = seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError('must be more than 0 seconds')
+    return value
+
+
+def parse_metadata(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``--metadata key=value`` items as call metadata (keys lower-cased, as
+    gRPC requires).
+
+    :raises UsageError: an item without ``=`` or with an empty key.
+    """
+    pairs = []
+    for item in items:
+        key, separator, value = item.partition('=')
+        if not separator or not key.strip():
+            raise UsageError(f'--metadata takes KEY=VALUE, not {item!r}')
+        pairs.append((key.strip().lower(), value))
+    return tuple(pairs)

@@ -1,0 +1,77 @@
+"""``vyra-ipc call TARGET SERVICE/METHOD [REQUEST]``: one call of any
+method on the lane asked for; the request as JSON or YAML, the answer as
+JSON (one document per streamed message)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+import sys
+from typing import TextIO
+
+from .._options import DEFAULT_TIMEOUT
+from ._args import EXIT_OK, UsageError, Verb, add_lane, add_target, parse_metadata
+from ._messages import parse_request, stub_class, to_json
+from ._targets import client, reflection, resolve_target
+
+__all__ = ['VERB']
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_target(parser)
+    parser.add_argument('method', metavar='SERVICE/METHOD', help='e.g. vyra.ipc.ModuleService/ExecuteCommand')
+    parser.add_argument('request', metavar='REQUEST', nargs='?', default='{}',
+                        help="JSON or YAML (default {}); '-' reads it from stdin, @FILE from a file; "
+                             'a list of requests for methods that stream them')
+    parser.add_argument('--metadata', '-m', action='append', default=[], metavar='KEY=VALUE',
+                        help='call metadata (repeatable)')
+    add_lane(parser, streams=True)
+
+
+def _request_text(argument: str) -> str:
+    """The request as given: inline, ``-`` (stdin) or ``@FILE``.
+
+    :raises UsageError: the file cannot be read, naming it and why.
+    """
+    if argument == '-':
+        return sys.stdin.read()
+    if argument.startswith('@'):
+        try:
+            return Path(argument[1:]).read_text()
+        except OSError as error:
+            raise UsageError(f'cannot read the request from {argument[1:]}: {error.strerror}') from None
+    return argument
+
+
+def _run(args: argparse.Namespace, out: TextIO) -> int:
+    text = _request_text(args.request)
+    metadata = parse_metadata(args.metadata)
+    path = resolve_target(args.target)
+    timeout = args.timeout or DEFAULT_TIMEOUT  # 0: a streamed answer without deadline
+    # Message types come from the server's reflection (on its gRPC lane);
+    # the call itself travels on the lane asked for.
+    with reflection(path, timeout) as server:
+        try:
+            method = server.method(args.method)
+        except LookupError as error:
+            raise UsageError(str(error)) from None
+        try:
+            request = parse_request(text, method)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        stub = stub_class(method.containing_service)
+    if args.timeout == 0 and not method.server_streaming:
+        raise UsageError(f'--timeout 0 (no deadline) is only for methods that stream their answers; '
+                         f'{method.name} answers once')
+    with client(path, stub, args.lane, timeout) as handler:
+        if method.server_streaming:
+            for response in handler.stream_method(method.name, request, timeout=args.timeout or None,
+                                                  metadata=metadata):
+                print(to_json(response), file=out, flush=True)
+        else:
+            print(to_json(handler.call_method(method.name, request, metadata=metadata)), file=out)
+    return EXIT_OK
+
+
+VERB = Verb('call', 'call a method: the request as JSON or YAML, the answer as JSON (one document per '
+                    'streamed message)', _add_arguments, _run)
