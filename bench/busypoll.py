@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 from .overhead import round_order
 from .payloads import make_payload
-from .stats import Sample, summarize
+from .tally import Tally
 
 __all__ = ['BUSY_POLL_SERVERS', 'LABELS', 'MODES', 'main', 'measure_busy_poll']
 
@@ -77,33 +77,6 @@ def _handlers(mode: str, addresses: dict[str, Any], options: dict[str, Any]) -> 
     return handlers
 
 
-class _Tally:
-    """Latencies, wall time and CPU time of both sides, of one variant."""
-
-    def __init__(self) -> None:
-        self.latencies: list[int] = []
-        self.wall_ns = 0
-        self.client_cpu = 0.0
-        self.server_cpu = 0.0
-        self._opened = (0.0, 0.0, 0)
-
-    def open_block(self, server_cpu: float) -> None:
-        """A block of calls begins; ``server_cpu``: the server's CPU time now."""
-        self._opened = (server_cpu, time.process_time(), time.perf_counter_ns())
-
-    def close_block(self, server_cpu: float) -> None:
-        server_before, client_before, began = self._opened
-        self.wall_ns += time.perf_counter_ns() - began
-        self.client_cpu += time.process_time() - client_before
-        self.server_cpu += server_cpu - server_before
-
-    def report(self) -> dict[str, Any]:
-        calls = len(self.latencies)
-        return {**summarize(Sample(self.latencies, self.wall_ns), _PAYLOAD),
-                'client_cpu_us_per_call': round(self.client_cpu / calls * 1e6, 1),
-                'server_cpu_us_per_call': round(self.server_cpu / calls * 1e6, 1)}
-
-
 def _measure_sync(handlers: dict[str, Any], rounds: int, block: int, warmup: int) -> dict[str, Any]:
     from vyra_bench import bench_pb2
 
@@ -112,7 +85,7 @@ def _measure_sync(handlers: dict[str, Any], rounds: int, block: int, warmup: int
         handler.connect()
         for _ in range(warmup):
             handler.call_method('Echo', request)
-    tallies = {variant: _Tally() for variant in handlers}
+    tallies = {variant: Tally(_PAYLOAD) for variant in handlers}
     gc.collect()
     for round_index in range(rounds):
         for variant in round_order(list(handlers), round_index):
@@ -143,7 +116,7 @@ async def _measure_async(handlers: dict[str, Any], rounds: int, block: int,
         await handler.connect()
         for _ in range(warmup):
             await handler.call_method('Echo', request)
-    tallies = {variant: _Tally() for variant in handlers}
+    tallies = {variant: Tally(_PAYLOAD) for variant in handlers}
     gc.collect()
     for round_index in range(rounds):
         for variant in round_order(list(handlers), round_index):

@@ -13,11 +13,12 @@ from typing import Any, Iterable, TextIO
 
 from .busypoll import LABELS
 from .payloads import size_label
+from .report_peers import peer_checks, peer_markdown, print_peers
 from .stats import ROW_COLUMNS
 from .streaming import LABELS as STREAM_LABELS
 
 __all__ = ['CONCURRENCY_TARGET', 'FAST_LANE_CONCURRENCY_TARGET', 'REFERENCE_TRANSPORT',
-           'TRIGGER_TRANSPORT', 'concurrency_check', 'fast_lane_checks',
+           'TRIGGER_TRANSPORT', 'concurrency_check', 'fast_lane_checks', 'peer_checks',
            'shared_memory_checks', 'machine', 'markdown_summary', 'print_report',
            'write_json']
 
@@ -61,6 +62,10 @@ def machine() -> dict[str, Any]:
         'rclpy': _version('ros-rclpy'),
         'rmw': os.environ.get('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp (default)'),
         'fastdds': _version('ros-fastdds'),
+        # The peers section's libraries (None: not installed, skipped).
+        'pyzmq': _version('pyzmq'),
+        'iceoryx2': _version('iceoryx2'),
+        'eclipse-zenoh': _version('eclipse-zenoh'),
     }
 
 
@@ -286,6 +291,8 @@ def print_report(results: dict[str, Any], out: TextIO = sys.stdout) -> None:
             print(f"{check['transport']}: {counts}; 64 vs 1 = {check['ratio_64_vs_1']:.2f}x "
                   f"({verdict} the {check['target']:.0f}x target)", file=out)
 
+    print_peers(results, _table, out)
+
     for skipped in results['skipped']:
         print(f"\nskipped {skipped['transport']}: {skipped['reason']}", file=out)
     print(f"\n{meta['note']}", file=out)
@@ -422,4 +429,5 @@ def markdown_summary(results: dict[str, Any]) -> str:
         lines += ['', f"Concurrency: `{check['transport']}` with 64 calls in flight makes "
                   f"{check['ratio_64_vs_1']:.1f}× the calls/s of sequential calls "
                   f"({_number(check['calls_per_s']['64'])} vs {_number(check['calls_per_s']['1'])})."]
+    lines += peer_markdown(results)
     return '\n'.join(lines) + '\n'

@@ -1,7 +1,8 @@
 """``python -m bench [--quick | --smoke] [--out DIR] [--only KEYS] [--sections S]``: measure
 every transport on every payload, the async clients with several calls in
-flight, the cold start of each client kind, the overhead budget, busy polling
-and server streams with their cancellation; print the
+flight, the cold start of each client kind, the overhead budget, busy polling,
+server streams with their cancellation, and the peers (pyzmq, iceoryx2,
+zenoh) side by side with the floor; print the
 table; write ``results.json``, ``results.md`` (a summary for the README) and
 ``latency.png`` into ``--out`` (default ``bench/results/``).
 
@@ -15,7 +16,7 @@ and measures nothing meaningful.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import datetime
 import importlib.util
 import json
@@ -32,6 +33,7 @@ from .busypoll import MODES as BUSY_POLL_MODES
 from .coldstart import COLD_START_CLIENTS, summarize_runs
 from .overhead import OVERHEAD_SERVERS
 from .payloads import LARGE_PAYLOAD, PAYLOAD_SIZES
+from .peers import PEER_SERVERS, peer_variants, remove_leftovers, shared_memory_files, with_floor_ratios
 from .processes import BenchEnvironment, Servers, run_child
 from .protogen import compile_bench_protos
 from .report import (
@@ -41,6 +43,7 @@ from .report import (
     fast_lane_checks,
     machine,
     markdown_summary,
+    peer_checks,
     print_report,
     shared_memory_checks,
     write_json,
@@ -55,8 +58,8 @@ __all__ = ['MODES', 'Mode', 'main', 'plan_cases', 'run']
 
 DEFAULT_OUT = Path(__file__).resolve().parent / 'results'
 #: Parts of a run: the round-trip table, the overhead budget, the cold starts,
-#: explicit zero-copy buffers, busy polling on and off, server streams.
-SECTIONS = ('rows', 'overhead', 'cold-start', 'zero-copy', 'busy-poll', 'streaming')
+#: explicit zero-copy buffers, busy polling on and off, server streams, the peers.
+SECTIONS = ('rows', 'overhead', 'cold-start', 'zero-copy', 'busy-poll', 'streaming', 'peers')
 #: Calls in flight for the asynchronous clients.
 CONCURRENCY = (1, 8, 64)
 
@@ -80,6 +83,11 @@ class Mode:
     :param stream_messages: messages per timed stream, by message size.
     :param stream_rounds: timed streams per variant and message size.
     :param stream_cancels: watches left per variant (cancel latency).
+    :param peer_rounds: interleaved rounds of the peers' 64 B part.
+    :param peer_block: calls per variant and round of that part.
+    :param peer_large: calls per variant and round of the peers' large part, by payload size.
+    :param peer_large_rounds: interleaved rounds of that part.
+    :param peer_large_warmup: untimed calls per variant before each of its sizes.
     """
 
     name: str
@@ -97,18 +105,30 @@ class Mode:
     stream_messages: dict[int, int]
     stream_rounds: int
     stream_cancels: int
+    peer_rounds: int = 1
+    peer_block: int = 1
+    peer_large: dict[int, int] = field(default_factory=dict)
+    peer_large_rounds: int = 1
+    peer_large_warmup: int = 1
 
 
 _K, _M = 1024, 1024 * 1024
 MODES = {
     'full': Mode('full', {64: 5000, 64 * _K: 2000, _M: 300, 10 * _M: 40},
                  {64: 500, 64 * _K: 200, _M: 30, 10 * _M: 5}, (64, 64 * _K), 5000, 10, 40, 100,
-                 10, 200, 20, 250, {64: 20000, 64 * _K: 2000}, 10, 50),
+                 10, 200, 20, 250, {64: 20000, 64 * _K: 2000}, 10, 50,
+                 peer_rounds=40, peer_block=125, peer_large={_M: 20, 10 * _M: 5, 100 * _M: 1},
+                 peer_large_rounds=10, peer_large_warmup=2),
     'quick': Mode('quick', {64: 1000, 64 * _K: 300, _M: 40, 10 * _M: 8},
                   {64: 200, 64 * _K: 30, _M: 5, 10 * _M: 2}, (64,), 1000, 3, 20, 50,
-                  3, 50, 10, 100, {64: 5000, 64 * _K: 500}, 4, 15),
+                  3, 50, 10, 100, {64: 5000, 64 * _K: 500}, 4, 15,
+                  peer_rounds=20, peer_block=50, peer_large={_M: 10, 10 * _M: 3, 100 * _M: 1},
+                  peer_large_rounds=5, peer_large_warmup=2),
     'smoke': Mode('smoke', dict.fromkeys(PAYLOAD_SIZES, 3), dict.fromkeys(PAYLOAD_SIZES, 1),
-                  (64,), 16, 1, 2, 3, 1, 3, 1, 3, {64: 20, 64 * _K: 4}, 1, 2),
+                  (64,), 16, 1, 2, 3, 1, 3, 1, 3, {64: 20, 64 * _K: 4}, 1, 2,
+                  # Two rounds, so that the rotation is run; 1 MiB only: seconds.
+                  peer_rounds=2, peer_block=3, peer_large={_M: 2}, peer_large_rounds=2,
+                  peer_large_warmup=1),
 }
 
 
@@ -131,9 +151,21 @@ def plan_cases(transport: Transport, mode: Mode) -> list[dict[str, int]]:
     return cases
 
 
+def _iceoryx2_prefix(workdir: Path) -> str:
+    """The name prefix of this run's iceoryx2 files in ``/dev/shm`` (unique:
+    from the run's temporary directory)."""
+    return f'vyra_bench_{workdir.name.removeprefix("vyra-bench-")}_'
+
+
 def _start_servers(servers: Servers, workdir: Path, needed: set[str], pin: bool) -> dict[str, Any]:
     sockets = workdir / 'sockets'
     sockets.mkdir(mode=0o700)
+    for name, kind in PEER_SERVERS.items():
+        if name in needed and kind == 'iceoryx2':
+            servers.start(name, kind, f'vyra-bench/{name}', name.removeprefix('iceoryx2-'),
+                          f'{workdir / "iceoryx2"}/', _iceoryx2_prefix(workdir), pin=pin)
+        elif name in needed:
+            servers.start(name, kind, str(sockets / f'{name}.sock'), pin=pin)
     if 'socket' in needed:
         servers.start('socket', 'socket', str(sockets / 'echo.sock'), pin=pin)
     if 'socket-stream' in needed:
@@ -162,6 +194,10 @@ def _start_servers(servers: Servers, workdir: Path, needed: set[str], pin: bool)
         'socket-stream': ready.get('socket-stream', {}).get('path'),
         **{name: ready.get(name, {}).get('path') for name in [*OVERHEAD_SERVERS, *BUSY_POLL_SERVERS]},
         'ros': ROS_SERVICE,
+        # iceoryx2: {service, root, prefix, mode}; the others: their path.
+        **{name: ({key: value for key, value in ready[name].items() if key != 'pid'}
+                  if kind == 'iceoryx2' else ready[name]['path'])
+           for name, kind in PEER_SERVERS.items() if name in ready},
     }
 
 
@@ -235,6 +271,27 @@ def _measure_streaming(env: BenchEnvironment, addresses: dict[str, Any], mode: M
     return results
 
 
+def _measure_peers(env: BenchEnvironment, parts: dict[str, list[Transport]], addresses: dict[str, Any],
+                   pids: dict[str, int], mode: Mode, pin: bool) -> dict[str, Any]:
+    plans = {
+        'small': {'sizes': [64], 'rounds': mode.peer_rounds, 'blocks': {'64': mode.peer_block},
+                  'warmup': {'64': mode.warmup[64]}},
+        'large': {'sizes': sorted(mode.peer_large), 'rounds': mode.peer_large_rounds,
+                  'blocks': {str(size): block for size, block in mode.peer_large.items()},
+                  'warmup': dict.fromkeys(map(str, mode.peer_large), mode.peer_large_warmup)},
+    }
+    results = {}
+    for part, variants in parts.items():
+        began = time.monotonic()
+        spec = {'part': part, 'variants': [variant.to_json() for variant in variants],
+                'addresses': addresses, 'pids': pids, **plans[part]}
+        rows = run_child(env, 'bench.peers', [json.dumps(spec)], f'peers-{part}', timeout=900,
+                         pin=pin)['rows']
+        results[part] = {**plans[part], 'rows': with_floor_ratios(rows)}
+        _log(f'  peers {part}: {time.monotonic() - began:.1f} s')
+    return results
+
+
 def _measure_cold_start(env: BenchEnvironment, measured: list[Transport],
                         addresses: dict[str, Any], mode: Mode, pin: bool) -> list[dict[str, Any]]:
     by_key = {transport.key: transport for transport in measured}
@@ -299,6 +356,8 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
         measured = [transport for transport in measured if transport.key in only]
         skipped = [entry for entry in skipped if entry['transport'] in only]
     workdir = Path(tempfile.mkdtemp(prefix='vyra-bench-', dir='/tmp'))
+    zenoh_before = shared_memory_files()
+    peers: dict[str, Any] = {}
     try:
         env = BenchEnvironment(workdir, compile_bench_protos(workdir / 'protos'),
                                package_root=package_root)
@@ -314,6 +373,13 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
             needed |= set(BUSY_POLL_SERVERS)
         if 'streaming' in sections:
             needed |= {'ipc', 'grpc', 'socket-stream'}
+        peer_parts: dict[str, list[Transport]] = {}
+        if 'peers' in sections:
+            for part in ('small', 'large'):
+                peer_parts[part], peers_skipped = peer_variants(part)
+                listed = {entry['transport'] for entry in skipped}
+                skipped += [entry for entry in peers_skipped if entry['transport'] not in listed]
+                needed |= {variant.server for variant in peer_parts[part]}
         with Servers(env) as servers:
             addresses = _start_servers(servers, workdir, needed, pin)
             _log(f'servers up after {time.monotonic() - began:.1f} s; measuring:')
@@ -329,9 +395,17 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
             busy_poll = _measure_busy_poll(env, addresses, mode, pin) if busy_poll_measured else {}
             streaming = (_measure_streaming(env, addresses, mode, pin) if 'streaming' in sections
                          else {})
+            pids = {name: info['pid'] for name, info in servers.ready.items()}
+            peers = _measure_peers(env, peer_parts, addresses, pids, mode, pin) if peer_parts else {}
     except BaseException:
         _log(f'logs kept in {workdir / "logs"}')
         raise
+    finally:
+        if 'peers' in sections:
+            # The servers have stopped: what their libraries left in /dev/shm.
+            removed = remove_leftovers(_iceoryx2_prefix(workdir), zenoh_before)
+            if peers:
+                peers['cleanup'] = {'iceoryx2_prefix': _iceoryx2_prefix(workdir), 'removed': removed}
     shutil.rmtree(workdir, ignore_errors=True)
 
     checks = [check for transport in measured if transport.asynchronous and transport.server == 'ipc'
@@ -361,6 +435,8 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
         'fast_lane': fast_lane_checks(rows),
         'shared_memory': shared_memory_checks(rows, zero_copy),
         'concurrency': checks,
+        'peers': peers,
+        'peer_checks': peer_checks(peers),
         'skipped': skipped,
     }
     write_json(results, out / 'results.json')

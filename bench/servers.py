@@ -7,6 +7,7 @@ Each runs as its own process::
     python -m bench.servers grpc PATH          # also listens on 127.0.0.1:<free port>
     python -m bench.servers ipc PATH [JSON IPCServer options, and busy_poll]
     python -m bench.servers rclpy SERVICE_NAME
+    python -m bench.servers zmq|iceoryx2|zenoh ...   # the peers: bench.peer_servers
 
 When ready, a server prints one JSON line on stdout (``{"ready": {...}}``, with
 the TCP port where there is one). It serves until its standard input closes
@@ -46,7 +47,8 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 def _ready(**info: Any) -> None:
-    print(json.dumps({'ready': info}), flush=True)
+    # The pid: the peers section reads the server's CPU clock by it.
+    print(json.dumps({'ready': {**info, 'pid': os.getpid()}}), flush=True)
 
 
 # -- plain Unix socket ---------------------------------------------------------------
@@ -275,11 +277,19 @@ def serve_rclpy(service_name: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m bench.servers KIND WHERE ...``, as the module docstring says."""
+    from .peer_servers import PEER_SERVERS
+
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] not in ('socket', 'socket-stream', 'grpc', 'ipc', 'rclpy') or len(args) < 2:
+    if not args or args[0] not in ('socket', 'socket-stream', 'grpc', 'ipc', 'rclpy', *PEER_SERVERS) \
+            or len(args) < 2:
         sys.exit(__doc__)
     kind, where = args[0], args[1]
-    if kind in ('socket', 'socket-stream'):
+    if kind in PEER_SERVERS:
+        serve, count = PEER_SERVERS[kind]
+        if len(args) != 1 + count:
+            sys.exit(f'{kind} takes {count} arguments, not {len(args) - 1}')
+        serve(*args[1:])
+    elif kind in ('socket', 'socket-stream'):
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         (serve_socket if kind == 'socket' else serve_socket_stream)(where)
     elif kind == 'grpc':

@@ -192,3 +192,70 @@ def test_streaming_section_compares_lanes_with_grpc_aio_and_a_socket_and_times_l
     assert 'Server streams, sync clients' in stdout
     assert 'Leaving a watch' in stdout
     assert '| IPCHandler, fast lane |' in (out / 'results.md').read_text()
+
+
+#: Issue 18.5: the peers section's variants. Ours and the floor in every run;
+#: a peer only where its package is installed (bench/requirements.txt), else
+#: skipped with the reason. Import name of each peer's package.
+PEER_SMALL = {'socket-uds': None, 'ipc-sync-ttrpc': None, 'ipc-aio-ttrpc': None, 'zmq-req-rep': 'zmq',
+              'iceoryx2-event': 'iceoryx2', 'iceoryx2-spin': 'iceoryx2', 'zenoh-get': 'zenoh'}
+PEER_LARGE = {'socket-uds': None, 'ipc-sync-shm': None, 'ipc-sync-shared-buffer': None,
+              'zmq-zero-copy': 'zmq', 'iceoryx2-slice': 'iceoryx2', 'zenoh-bytes': 'zenoh'}
+
+
+def _installed(module: str | None) -> bool:
+    return module is None or importlib.util.find_spec(module) is not None
+
+
+@pytest.mark.ros
+@pytest.mark.parametrize('part, variants, sizes', [('small', PEER_SMALL, [64]),
+                                                    ('large', PEER_LARGE, [1024 * 1024])])
+def test_peers_section_has_a_sane_row_per_installed_peer_and_skips_the_others(
+        smoke_run, part, variants, sizes) -> None:
+    results, _, _ = smoke_run
+    measured = results['peers'][part]
+    rows = {(row['transport'], row['payload_bytes']): row for row in measured['rows']}
+    expected = {key for key, module in variants.items() if _installed(module)}
+    assert set(rows) == {(key, size) for key in expected for size in sizes}
+    skipped = {entry['transport']: entry['reason'] for entry in results['skipped']}
+    for key in set(variants) - expected:
+        assert skipped[key].startswith('not installed: ')
+    for (key, size), row in rows.items():
+        block = measured['blocks'][str(size)]
+        assert row['calls'] == measured['rounds'] * block > 0
+        assert 0 < row['p50_us'] <= row['p99_us']
+        assert row['client_cpu_us_per_call'] >= 0 and row['server_cpu_us_per_call'] >= 0
+        # Every call made the client and its server (another process) work.
+        assert row['client_cpu_us_per_call'] + row['server_cpu_us_per_call'] > 0
+        assert row['vs_floor'] > 0
+    assert all(rows[('socket-uds', size)]['vs_floor'] == 1.0 for size in sizes)
+
+
+@pytest.mark.ros
+def test_peers_section_prints_ratios_to_the_floor_and_leaves_no_shared_memory(smoke_run) -> None:
+    results, out, stdout = smoke_run
+    assert 'Peers, 64 B round trips' in stdout and 'Peers, large payloads' in stdout
+    markdown = (out / 'results.md').read_text()
+    assert '| variant | payload | × floor |' in markdown
+    assert '(`iceoryx2-spin`)' in markdown or not _installed('iceoryx2')
+    checks = {check['check']: check for check in results['peer_checks']}
+    assert 'SyncIPCHandler, 64 B: at most 2x the floor' in checks
+    assert all(check['ratio'] > 0 for check in checks.values())
+    prefix = results['peers']['cleanup']['iceoryx2_prefix']
+    assert not list(Path('/dev/shm').glob(f'{prefix}*'))
+
+
+def test_a_peer_that_is_not_installed_is_skipped_with_the_package_to_install(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(REPO))  # bench/ is not installed: the source tree's
+    from bench.peers import peer_variants
+
+    for module in ('zmq', 'iceoryx2', 'zenoh'):
+        monkeypatch.setitem(sys.modules, module, None)  # find_spec() then finds nothing
+    for part, variants in (('small', PEER_SMALL), ('large', PEER_LARGE)):
+        measured, skipped = peer_variants(part)
+        assert {transport.key for transport in measured} == {
+            key for key, module in variants.items() if module is None}
+        reasons = {entry['transport']: entry['reason'] for entry in skipped}
+        assert set(reasons) == {key for key, module in variants.items() if module is not None}
+        assert reasons[next(key for key in reasons if key.startswith('zmq'))] == \
+            'not installed: zmq (pip install pyzmq)'

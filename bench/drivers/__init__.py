@@ -13,6 +13,10 @@ Every driver class has the same interface (documented here once):
   trip and returns the reply's payload length.
 - ``roundtrip(payload)``: one round trip; returns the reply's bytes, to check
   once per row that the payload came back intact.
+- ``begin_block()``, ``end_block()`` (optional, sync drivers): called around
+  every block of calls of the interleaved sections (:mod:`bench.peers`); a
+  spinning peer wakes its server in one and parks it in the other, so that it
+  spins only through its own blocks.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ DRIVERS: dict[str, tuple[str, str]] = {
     'ipc-aio': ('ipc', 'IpcAioDriver'),
     'rclpy': ('ros', 'RclpyDriver'),
     'rclpy-trigger': ('ros', 'RclpyTriggerDriver'),
+    'ipc-sync-shared-buffer': ('ipc', 'SharedBufferDriver'),
+    'zmq': ('zmq_req', 'ZmqDriver'),
+    'iceoryx2': ('iceoryx2_rr', 'Iceoryx2Driver'),
+    'zenoh': ('zenoh_get', 'ZenohDriver'),
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Callable
 
-__all__ = ['IpcAioDriver', 'IpcSyncDriver']
+__all__ = ['IpcAioDriver', 'IpcSyncDriver', 'SharedBufferDriver']
 
 #: Generous: a 10 MiB call on a loaded 2-core machine must not time out.
 _TIMEOUT = 30.0
@@ -74,3 +74,45 @@ class IpcAioDriver:
 
     async def roundtrip(self, payload: bytes) -> bytes:
         return (await self._handler.call_method('Echo', self._pb.Blob(data=payload))).data
+
+
+class SharedBufferDriver:
+    """The explicit path, as :mod:`bench.zerocopy`'s round trip: per call,
+    ``SharedBuffer.copy_from(payload)`` (the one copy), ``Mirror`` on the fast
+    lane (the handler answers with the buffer it got), and the reply's view
+    mapped; its length is the call's result."""
+
+    asynchronous = False
+
+    def __init__(self, addresses: dict[str, Any], transport: dict[str, Any]) -> None:
+        from vyra_base_ipc import SyncIPCHandler
+
+        self._pb, pb_grpc = _modules()
+        self._handler = SyncIPCHandler(addresses['ipc'], pb_grpc.BenchServiceStub,
+                                       timeout=_TIMEOUT, **transport.get('options', {}))
+
+    def open(self) -> None:
+        self._handler.connect()
+
+    def close(self) -> None:
+        self._handler.disconnect()
+
+    def echo(self, payload: bytes) -> Callable[[], int]:
+        from vyra_base_ipc import SharedBuffer, shared_buffer
+
+        call_method, request_type = self._handler.call_method, self._pb.BufferRequest
+
+        def call() -> int:
+            with SharedBuffer.copy_from(payload) as buffer:
+                reply, received = call_method('Mirror', request_type(data=buffer.ref),
+                                              buffers=[buffer], return_buffers=True)
+                return len(shared_buffer(reply.data, received))
+        return call
+
+    def roundtrip(self, payload: bytes) -> bytes:
+        from vyra_base_ipc import SharedBuffer, shared_buffer
+
+        with SharedBuffer.copy_from(payload) as buffer:
+            reply, received = self._handler.call_method(
+                'Mirror', self._pb.BufferRequest(data=buffer.ref), buffers=[buffer], return_buffers=True)
+            return bytes(shared_buffer(reply.data, received))
