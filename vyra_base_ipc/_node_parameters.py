@@ -83,8 +83,10 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec(
         'module_name', Parameter.Type.STRING, '',
         'Name of the VYRA module (^[a-z][a-z0-9_]*$). Names the default socket '
-        '/tmp/<module_name>_ipc.sock and is reported by ModuleService. Empty: taken from '
-        f'{" or ".join(MODULE_NAME_ENVS)} in the environment.'),
+        '/tmp/<module_name>_ipc.sock and is reported by ModuleService. Set it with the launch '
+        'argument module_name:=<name> or -p module_name:=<name>; else it is taken from '
+        f'{" or ".join(MODULE_NAME_ENVS)} in the environment, else from the default a hosting '
+        "node gives in code (host_ipc_server(node, module_name='<name>'))."),
     ParameterSpec(
         'socket_path', Parameter.Type.STRING, '',
         'Unix socket to serve on (at most 107 bytes; relative paths are made absolute). '
@@ -156,18 +158,26 @@ class IPCServerConfig:
     diagnostics_period: float = DEFAULT_DIAGNOSTICS_PERIOD
 
 
-def declare_ipc_parameters(node: Node) -> None:
+def declare_ipc_parameters(node: Node, *, module_name: str = '',
+                           environ: Mapping[str, str] | None = None) -> None:
     """Declare :data:`PARAMETERS` on ``node``, skipping names it declared already
     (a module node may have its own ``module_name``).
 
-    :raises ParameterError: an override (``-p``, parameter file, launch) has
-        the wrong type; the remaining parameters are still declared.
+    ``module_name`` is declared with the first of these as its default, so an
+    override (``-p``, parameter file, launch argument) wins, and the parameter
+    shows the name in use: :data:`~vyra_base_ipc.address.MODULE_NAME_ENVS` in
+    ``environ`` (default: ``os.environ``), then the ``module_name`` argument
+    (a default in code), then ``''`` (:func:`read_ipc_config` then refuses it).
+
+    :raises ParameterError: an override has the wrong type; the remaining
+        parameters are still declared.
     """
+    defaults = {'module_name': _module_name_from_environment(environ) or module_name}
     first_error: ParameterError | None = None
     for spec in PARAMETERS:
         if node.has_parameter(spec.name):
             continue
-        default = spec.default
+        default = defaults.get(spec.name, spec.default)
         try:
             node.declare_parameter(spec.name, default, spec.descriptor())
         except InvalidParameterTypeException as error:
@@ -199,6 +209,21 @@ def parameter_value(node: Node, name: str) -> Any:
         return None
 
 
+#: Why ``module_name`` is empty, and every way to set it.
+_MODULE_NAME_MISSING = (
+    'is empty on node {node} and neither ' + ' nor '.join(MODULE_NAME_ENVS) + ' is set: name the '
+    'module with the launch argument module_name:=<name>, with '
+    '`ros2 run <package> <executable> --ros-args -p module_name:=<name>`, or with '
+    + MODULE_NAME_ENVS[0] + "=<name> in the environment; a node hosting the server can give a "
+    "default in code: host_ipc_server(node, module_name='<name>')")
+
+
+def _module_name_from_environment(environ: Mapping[str, str] | None) -> str:
+    """The first of :data:`~vyra_base_ipc.address.MODULE_NAME_ENVS` set and not empty, else ``''``."""
+    env = os.environ if environ is None else environ
+    return next((env[name] for name in MODULE_NAME_ENVS if env.get(name)), '')
+
+
 def read_ipc_config(node: Node, environ: Mapping[str, str] | None = None) -> IPCServerConfig:
     """Read and check the IPC server parameters of ``node`` (declared before).
 
@@ -216,15 +241,17 @@ def read_ipc_config(node: Node, environ: Mapping[str, str] | None = None) -> IPC
     if not isinstance(module_name, str):
         raise ParameterError('module_name', f'must be a string, not {module_name!r}')
     if not module_name:
-        module_name = next((env[name] for name in MODULE_NAME_ENVS if env.get(name)), '')
+        # A node that declared module_name itself, empty: the environment still counts.
+        module_name = _module_name_from_environment(env)
         if not module_name:
-            raise ParameterError(
-                'module_name', f'is empty and none of {", ".join(MODULE_NAME_ENVS)} is set in the '
-                'environment: set module_name:=<name>')
+            raise ParameterError('module_name',
+                                 _MODULE_NAME_MISSING.format(node=node.get_fully_qualified_name()))
     try:
         validate_module_name(module_name)
     except ValueError as error:
-        raise ParameterError('module_name', str(error)) from None
+        origin = next((f' (from {name} in the environment)' for name in MODULE_NAME_ENVS
+                       if env.get(name) == module_name), '')
+        raise ParameterError('module_name', f'{error}{origin}') from None
 
     socket_path = values['socket_path']
     if not isinstance(socket_path, str):

@@ -53,6 +53,7 @@ from ._node_parameters import (
     read_ipc_config,
 )
 from ._options import DEFAULT_GRACE_PERIOD
+from .address import validate_module_name
 from .exceptions import ParameterError
 from .module_service import ModuleService
 from .module_service_pb2_grpc import ModuleServiceServicer
@@ -110,18 +111,29 @@ class IPCServerHost:
     ROS service of a node spun by the same single-threaded executor (the
     response could never be delivered).
 
+    The module's name is the ``module_name`` parameter: the launch argument
+    ``module_name:=<name>``, ``--ros-args -p module_name:=<name>`` or a
+    parameter file; else ``VYRA_MODULE_NAME`` or ``MODULE_NAME`` from the
+    environment; else the ``module_name`` given here; else :meth:`start`
+    raises :class:`ParameterError` saying all this.
+
     :param node: the hosting node.
     :param servicers: servicers created in code, served besides those named by
         the ``servicers`` parameter (servicer objects or ``(servicer,
         add_function)`` pairs, as for :class:`IPCServer`).
+    :param module_name: the module's name when neither the parameter nor the
+        environment gives one (``''``: none).
+    :raises ValueError: ``module_name`` is not a valid module name.
     """
 
-    def __init__(self, node: Node, servicers: Iterable[Any] = ()) -> None:
+    def __init__(self, node: Node, servicers: Iterable[Any] = (), *, module_name: str = '') -> None:
+        if module_name:
+            validate_module_name(module_name)
         self.node = node
         self._given = list(servicers)
         self._declare_error: ParameterError | None = None
         try:
-            declare_ipc_parameters(node)
+            declare_ipc_parameters(node, module_name=module_name)
         except ParameterError as error:
             self._declare_error = error
         self._grace_period = DEFAULT_GRACE_PERIOD
@@ -151,7 +163,11 @@ class IPCServerHost:
 
         :raises ParameterError: a parameter is unusable, including a
             ``socket_path`` the server cannot bind (in use by a live server,
-            directory not writable, ...); nothing is left running.
+            directory not writable, ...); nothing is left running. Any other
+            exception (e.g. ``KeyboardInterrupt``) also leaves nothing running;
+            a server already serving is stopped with the grace period. A
+            signal that shuts ROS down while starting is no error: the server
+            serves (without /diagnostics) until :meth:`close`.
         :raises RuntimeError: if called twice or after :meth:`close`.
         """
         with self._lock:
@@ -181,8 +197,11 @@ class IPCServerHost:
             self.loop_thread.busy_poll = config.busy_poll
             self.loop_thread.start()
             try:
+                # Set first: from the moment its socket may exist, close() can stop it.
+                self.server = server
                 self.loop_thread.run(server.start())
             except OSError as error:
+                self.server = None
                 self.loop_thread.stop()
                 fast = config.ttrpc_socket_path is not None and \
                     error.filename == str(config.ttrpc_socket_path)
@@ -190,18 +209,27 @@ class IPCServerHost:
                 raise ParameterError('ttrpc_socket_path' if fast else 'socket_path',
                                      f'cannot serve on {str(path)!r}: {error}') from None
             except BaseException:
+                self.server = None
                 self._stop_server(server, 0.0)
                 self.loop_thread.stop()
                 raise
-            self.server = server
-            if config.diagnostics_period > 0:
-                try:
-                    self.diagnostics = IPCDiagnostics(self.node, lambda: self.server,
-                                                      config.diagnostics_period, config.module_name)
-                except (_RCLError, _InvalidHandle):
-                    if self.node.context.ok():
-                        raise
-                    # ROS shut down (a signal) while the server started: no publishing.
+            try:
+                if config.diagnostics_period > 0:
+                    try:
+                        self.diagnostics = IPCDiagnostics(self.node, lambda: self.server,
+                                                          config.diagnostics_period, config.module_name)
+                    except (_RCLError, _InvalidHandle):
+                        if self.node.context.ok():
+                            raise
+                        # ROS shut down (a signal) while the server started: no publishing.
+            except BaseException:
+                # Interrupted here (KeyboardInterrupt), or no publisher while ROS runs:
+                # stop rather than leave a server that nobody may stop; calls may be
+                # in flight already, so with the grace period.
+                self.server = None
+                self._stop_server(server, self._grace_period)
+                self.loop_thread.stop()
+                raise
         message = (f'IPC server of module {config.module_name!r} (node '
                    f'{self.node.get_fully_qualified_name()}) serving '
                    f'{", ".join(server.service_names)} on {config.socket_path}'
@@ -275,25 +303,33 @@ class IPCServerHost:
         return SetParametersResult(successful=True)
 
 
-def host_ipc_server(node: Node, servicers: Iterable[Any] = ()) -> IPCServerHost:
+def host_ipc_server(node: Node, servicers: Iterable[Any] = (), *, module_name: str = '') -> IPCServerHost:
     """Serve the module's IPC socket from inside ``node``'s process: declare the
     IPC server parameters on ``node``, read them, and start the server on its
-    own event-loop thread. Close the returned host in ``destroy_node()``.
+    own event-loop thread (``IPCServerHost(node, servicers,
+    module_name=module_name)``, then :meth:`~IPCServerHost.start`). Close the
+    returned host in ``destroy_node()``.
 
     For example::
 
         class MyModuleNode(Node):
             def __init__(self) -> None:
                 super().__init__('my_module')
-                self.ipc = host_ipc_server(self, [MyBackendService()])
+                self.ipc = host_ipc_server(self, [MyBackendService()], module_name='my_module')
 
             def destroy_node(self) -> None:
                 self.ipc.close()
                 super().destroy_node()
 
-    :raises ParameterError: as :meth:`IPCServerHost.start`.
+    If this raises, ``self.ipc`` is never set, yet ``rclpy.shutdown()`` still
+    calls the node's ``destroy_node()``; a node that must survive a failed
+    start creates the :class:`IPCServerHost` first and calls ``start()`` on it.
+
+    :raises ParameterError: as :meth:`IPCServerHost.start`, e.g. no module name
+        (see :class:`IPCServerHost` for where it comes from).
+    :raises ValueError: ``module_name`` is not a valid module name.
     """
-    host = IPCServerHost(node, servicers)
+    host = IPCServerHost(node, servicers, module_name=module_name)
     try:
         host.start()
     except BaseException:
