@@ -92,8 +92,9 @@ def test_start_and_stop_are_logged_once(start_process, socket_dir: Path) -> None
 async def test_serves_with_params_file(start_process, socket_dir: Path) -> None:
     socket_path = socket_dir / 'from_file.sock'
     params = socket_dir / 'params.yaml'
+    # `servicers: []` has no type in ROS (rcl gives it no value); it means none.
     params.write_text(f'/**:\n  ros__parameters:\n    module_name: gripper\n'
-                      f'    socket_path: "{socket_path}"\n    grace_period: 1.0\n')
+                      f'    socket_path: "{socket_path}"\n    grace_period: 1.0\n    servicers: []\n')
     server = start_process([*IPC_SERVER, '--ros-args', '--params-file', str(params)])
     server.wait_listening(socket_path)
     assert (await module_status(socket_path))['module'] == 'gripper'

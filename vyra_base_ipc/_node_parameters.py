@@ -280,6 +280,10 @@ def read_ipc_config(node: Node, environ: Mapping[str, str] | None = None) -> IPC
             raise ParameterError('ttrpc_socket_path', f'must differ from socket_path ({resolved})')
 
     listed = values['servicers']
+    if listed is None:
+        # `servicers: []` in a params file: an empty YAML list has no element
+        # type, so rcl gives the parameter no value at all. It means none.
+        listed = []
     if not isinstance(listed, (list, tuple)) or not all(isinstance(spec, str) for spec in listed):
         raise ParameterError('servicers', "must be a STRING_ARRAY such as ['package.module:ClassName'], "
                                           f'not {listed!r}')

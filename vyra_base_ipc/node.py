@@ -318,12 +318,15 @@ def host_ipc_server(node: Node, servicers: Iterable[Any] = (), *, module_name: s
                 self.ipc = host_ipc_server(self, [MyBackendService()], module_name='my_module')
 
             def destroy_node(self) -> None:
-                self.ipc.close()
+                if hasattr(self, 'ipc'):
+                    self.ipc.close()
                 super().destroy_node()
 
     If this raises, ``self.ipc`` is never set, yet ``rclpy.shutdown()`` still
-    calls the node's ``destroy_node()``; a node that must survive a failed
-    start creates the :class:`IPCServerHost` first and calls ``start()`` on it.
+    calls the node's ``destroy_node()`` (rclpy's context destroys every node
+    it created, even one whose ``__init__`` raised). The README's pattern
+    avoids the check: create the :class:`IPCServerHost` first (which starts
+    nothing), then call ``start()`` on it.
 
     :raises ParameterError: as :meth:`IPCServerHost.start`, e.g. no module name
         (see :class:`IPCServerHost` for where it comes from).

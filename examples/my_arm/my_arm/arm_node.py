@@ -12,7 +12,7 @@ import rclpy
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 
-from vyra_base_ipc.node import host_ipc_server, spin_until_shutdown
+from vyra_base_ipc.node import IPCServerHost, spin_until_shutdown
 
 from .arm_service import ArmService
 
@@ -23,7 +23,10 @@ class ArmNode(Node):
 
     def __init__(self) -> None:
         super().__init__('arm_node')
-        self.ipc = host_ipc_server(self, [ArmService()])
+        # Two steps, so that self.ipc exists even if start() raises:
+        # rclpy.shutdown() calls destroy_node() on this node either way.
+        self.ipc = IPCServerHost(self, [ArmService()])
+        self.ipc.start()
 
     def destroy_node(self) -> None:
         """Stop the IPC server (with its grace period), then the node."""

@@ -110,3 +110,14 @@ def test_the_generated_code_has_type_stubs_beside_it() -> None:
     generated = Path(arm_pb2.__file__).parent
     for name in ('arm_pb2.py', 'arm_pb2.pyi', 'arm_pb2_grpc.py'):
         assert (generated / name).is_file(), name
+
+
+def test_a_node_without_a_module_name_exits_with_the_error_that_says_how_to_set_it(
+        ros_env: dict[str, str]) -> None:
+    node = subprocess.run([sys.executable, '-m', 'my_arm.arm_node'], env=ros_env,
+                          capture_output=True, text=True, timeout=60)
+    assert node.returncode == 1, node.stdout + node.stderr
+    assert "ParameterError: parameter 'module_name': is empty" in node.stderr
+    assert 'module_name:=<name>' in node.stderr
+    # The failed start leaves nothing half-done behind for destroy_node().
+    assert 'AttributeError' not in node.stderr and 'During handling' not in node.stderr, node.stderr
