@@ -28,7 +28,7 @@ import grpc
 from ._deadline import Deadline
 from ._fork_safety import ensure_usable_after_fork, note_grpc_used
 from ._interceptors import ClientCall, ClientInterceptor, intercepted_call
-from ._lanes import LaneChoice
+from ._lanes import LaneChoice, ServerCameUp
 from ._methods import Method, MethodKind, stub_methods
 from ._options import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -108,7 +108,9 @@ SERVER_INFO_REQUEST = ServerInfoRequest()
 
 class Retry:
     """When to try again after UNAVAILABLE, and after what pause: growing
-    from ``first`` to 0.5 s, only while ``allowed``, never past ``until``."""
+    from ``first`` to 0.5 s, only while ``allowed``, never past ``until``;
+    and once, at once, whatever ``allowed``, after :class:`ServerCameUp`
+    (nothing was sent)."""
 
     __slots__ = ('allowed', 'until', 'attempts', '_pause')
 
@@ -123,6 +125,11 @@ class Retry:
 
         :raises IPCUnavailableError: ``error``, when not to try again.
         """
+        if isinstance(error, ServerCameUp) and self.attempts == 0:
+            # Nothing was sent: any call may go again, once, at once; it then
+            # waits for the channel to connect (attempts > 0: wait_for_ready).
+            self.attempts = 1
+            return 0.0
         pause = self._pause
         if not self.allowed or self.until is None or pause >= self.until.remaining():
             raise error

@@ -26,6 +26,7 @@ from ._deadline import Deadline
 from ._methods import Method, MethodKind
 from ._peer import check_server_socket
 from ._shared_buffer import ReceivedBuffers, SharedBuffer, inline_request
+from ._socket_file import is_listening
 from .exceptions import (
     IPCError,
     IPCTimeoutError,
@@ -38,7 +39,7 @@ from .exceptions import (
     socket_missing,
 )
 
-__all__ = ['LANES', 'GrpcLane', 'LaneChoice', 'SyncGrpcLane']
+__all__ = ['LANES', 'GrpcLane', 'LaneChoice', 'ServerCameUp', 'SyncGrpcLane']
 
 _logger = logging.getLogger(__name__)
 
@@ -67,6 +68,14 @@ _PROBE_REQUEST = health_pb2.HealthCheckRequest()
 # connection that broke under a call.
 _CLIENT_TOO_LARGE = re.compile(r'CLIENT: Sent message larger than max \((\d+) vs\. (\d+)\)')
 _CONNECTION_BROKE = ('Socket closed', 'Connection reset by peer', 'Broken pipe')
+
+
+class ServerCameUp(IPCUnavailableError):
+    """A call failed on a gRPC channel that could not connect before its
+    server was up, and the socket listens now: grpc waits out its reconnect
+    backoff (at most 0.5 s, see ``_options``) before it connects again, and
+    fails calls with the old error meanwhile. Nothing was sent, so any call
+    may be tried again at once, waiting for the channel to connect."""
 
 
 class LaneChoice:
@@ -168,6 +177,10 @@ class _GrpcLaneBase:
         texts: a server's own UNAVAILABLE, e.g. while it shuts down, keeps
         its details)."""
         if details.startswith('failed to connect'):
+            if is_listening(self.socket_path):
+                return ServerCameUp(grpc.StatusCode.UNAVAILABLE,
+                                    f'the server on {self._path!r} came up while the channel waited to '
+                                    f'connect again; nothing was sent', method=method)
             # "...; last error: ...: connect failed: addr: unix:PATH error: REASON"
             reason = details.rpartition(' error: ')[2]
             if reason == 'No such file or directory' or not os.path.exists(self.socket_path):
