@@ -32,6 +32,7 @@ def blocking(ipc: SyncIPCHandler) -> None:
 async def frontend(ipc: IPCHandler) -> None:
     status = await ipc.call_method('GetStatus', StatusRequest(), response_type=StatusResponse)
     reveal_type(status)
+    reveal_type(ipc.stream_method('GetStatus', StatusRequest(), response_type=StatusResponse))
     async for update in ipc.stream_method('GetStatus', StatusRequest(), response_type=StatusResponse):
         reveal_type(update)
     status.uptime_secs
@@ -47,7 +48,9 @@ def test_mypy_sees_the_response_type_of_calls_and_streams(tmp_path: Path) -> Non
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     revealed = re.findall(r'Revealed type is "(.*)"', result.stdout)
     response = 'vyra_base_ipc.backend_service_pb2.StatusResponse'
-    assert revealed == [response, f'typing.Iterator[{response}]', 'Any', response, response], result.stdout
+    # Streams are generators: a caller leaving one early can close() / aclose() it.
+    assert revealed == [response, f'typing.Generator[{response}, None, None]', 'Any', response,
+                        f'typing.AsyncGenerator[{response}, None]', response], result.stdout
     # A misspelt field of the typed result is an error the user sees before running anything.
     assert '"StatusResponse" has no attribute "uptime_secs"' in result.stdout, result.stdout
 

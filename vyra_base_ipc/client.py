@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from typing import Any, AsyncIterator, Iterable, Iterator, Literal, Sequence, TypeVar, Union, overload
+from typing import Any, AsyncGenerator, Generator, Iterable, Literal, Sequence, TypeVar, Union, overload
 
 import grpc
 
@@ -243,19 +243,19 @@ class IPCHandler(ClientBase):
     def stream_method(self, method: str, request: Any, *, timeout: float | None | Default = DEFAULT,
                       idle_timeout: float | None = None, metadata: Metadata | None = None,
                       wait_for_ready: bool | None = None, parent: ServerContext | None = None,
-                      response_type: type[_R]) -> AsyncIterator[_R]: ...
+                      response_type: type[_R]) -> AsyncGenerator[_R, None]: ...
 
     @overload
     def stream_method(self, method: str, request: Any, *, timeout: float | None | Default = DEFAULT,
                       idle_timeout: float | None = None, metadata: Metadata | None = None,
                       wait_for_ready: bool | None = None, parent: ServerContext | None = None,
-                      response_type: None = None) -> AsyncIterator[Any]: ...
+                      response_type: None = None) -> AsyncGenerator[Any, None]: ...
 
     async def stream_method(self, method: str, request: Any, *, timeout: float | None | Default = DEFAULT,
                             idle_timeout: float | None = None, metadata: Metadata | None = None,
                             wait_for_ready: bool | None = None,
                             parent: ServerContext | None = None,
-                            response_type: type[Any] | None = None) -> AsyncIterator[Any]:
+                            response_type: type[Any] | None = None) -> AsyncGenerator[Any, None]:
         """Call a response-streaming method; iterate over its responses.
 
         The deadline covers the whole stream; ``timeout=None`` opens a stream
@@ -495,18 +495,18 @@ class SyncIPCHandler(ClientBase):
     def stream_method(self, method: str, request: Any, *, timeout: float | None | Default = DEFAULT,
                       idle_timeout: float | None = None, metadata: Metadata | None = None,
                       wait_for_ready: bool | None = None, parent: ServerContext | None = None,
-                      response_type: type[_R]) -> Iterator[_R]: ...
+                      response_type: type[_R]) -> Generator[_R, None, None]: ...
 
     @overload
     def stream_method(self, method: str, request: Any, *, timeout: float | None | Default = DEFAULT,
                       idle_timeout: float | None = None, metadata: Metadata | None = None,
                       wait_for_ready: bool | None = None, parent: ServerContext | None = None,
-                      response_type: None = None) -> Iterator[Any]: ...
+                      response_type: None = None) -> Generator[Any, None, None]: ...
 
     def stream_method(self, method: str, request: Any, *, timeout: float | None | Default = DEFAULT,
                       idle_timeout: float | None = None, metadata: Metadata | None = None,
                       wait_for_ready: bool | None = None, parent: ServerContext | None = None,
-                      response_type: type[Any] | None = None) -> Iterator[Any]:
+                      response_type: type[Any] | None = None) -> Generator[Any, None, None]:
         """Call a response-streaming method; iterate over its responses.
 
         Deadline, ``idle_timeout``, leaving early, ``response_type`` and
