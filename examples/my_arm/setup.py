@@ -18,9 +18,9 @@ setup(
         (f'share/{package_name}/launch', glob('launch/*.launch.py')),
         (f'share/{package_name}/protos/{package_name}', glob(f'protos/{package_name}/*.proto')),
     ],
-    install_requires=['setuptools'],
+    install_requires=['setuptools', 'fastapi', 'uvicorn', 'uvloop'],
     # colcon test runs pytest for packages that name it here.
-    extras_require={'test': ['pytest', 'pytest-timeout']},
+    extras_require={'test': ['pytest', 'pytest-timeout', 'httpx']},
     zip_safe=False,
     maintainer='VYRA developers',
     maintainer_email='dev@vyra.invalid',
@@ -32,6 +32,7 @@ setup(
         'console_scripts': [
             'arm_node = my_arm.arm_node:main',
             'arm_frontend = my_arm.frontend:main',
+            'arm_web = my_arm.web:main',
         ],
     },
 )

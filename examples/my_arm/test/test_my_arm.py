@@ -3,18 +3,10 @@ and its frontend (a real process), on both lanes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import json
-import os
 from pathlib import Path
-import random
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 
 import grpc
 import pytest
@@ -26,53 +18,8 @@ from vyra_base_ipc import IPCRemoteError, SyncIPCHandler
 from vyra_base_ipc.introspection_pb2 import StatsRequest
 from vyra_base_ipc.introspection_pb2_grpc import IntrospectionStub
 
-FRAME_BYTES = 2048 * 1024 * 3  # the default frame: 6 MiB
+from arm_processes import FRAME_BYTES
 
-
-def listening(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
-@pytest.fixture
-def ros_env(tmp_path: Path) -> dict[str, str]:
-    """DDS stays on this machine, in a domain of its own."""
-    env = {name: value for name, value in os.environ.items()
-           if name not in ('VYRA_IPC_SOCKET', 'VYRA_MODULE_NAME', 'MODULE_NAME', 'ROS_STATIC_PEERS')}
-    env.update(ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST', ROS_DOMAIN_ID=str(random.randint(100, 232)),
-               ROS_HOME=str(tmp_path / 'ros'), ROS_LOG_DIR=str(tmp_path / 'ros' / 'log'))
-    return env
-
-
-@pytest.fixture
-def arm_socket(ros_env: dict[str, str], tmp_path: Path) -> Iterator[Path]:
-    """The socket of a running arm_node process; SIGINT at the end must stop it cleanly."""
-    directory = Path(tempfile.mkdtemp(prefix='arm-', dir='/tmp'))  # short: socket paths <= 107 bytes
-    path = directory / 'my_arm_ipc.sock'
-    log = tmp_path / 'arm_node.log'
-    with open(log, 'wb') as output:
-        node = subprocess.Popen([sys.executable, '-m', 'my_arm.arm_node', '--ros-args',
-                                 '-p', 'module_name:=my_arm', '-p', f'socket_path:={path}'],
-                                env=ros_env, stdout=output, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while not listening(path):
-            assert node.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, f'arm_node did not serve {path}:\n{log.read_text()}'
-            time.sleep(0.05)
-        yield path
-        node.send_signal(signal.SIGINT)
-        assert node.wait(timeout=20) == 0, log.read_text()
-        assert not path.exists()
-    finally:
-        if node.poll() is None:
-            node.kill()
-            node.wait()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.mark.parametrize('lane', ['ttrpc', 'grpc'])

@@ -1,0 +1,146 @@
+"""The arm's web frontend: a FastAPI app that calls the arm's node over IPC.
+
+    ros2 run my_arm arm_web --port 8000          # or: uvicorn my_arm.web:app --port 8000
+
+One :class:`~vyra_base_ipc.IPCHandler` per app, made in the lifespan and
+shared by every request (it connects on demand, so the app may start before
+the arm's node, and heals when the node restarts). It finds the node's socket
+as every client does: ``VYRA_IPC_SOCKET`` if set, else the module name
+(``VYRA_MODULE_NAME``, default ``my_arm``). A failed call becomes the HTTP
+status that grpc-gateway gives its gRPC status, with the error's text.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+import json
+import os
+from typing import Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+import grpc
+from pydantic import BaseModel
+import uvicorn
+
+from vyra_base_ipc import IPCError, IPCHandler
+
+from .arm_pb2 import CameraFrame, FrameRequest, JointState, MoveReply, MoveRequest, WatchRequest
+from .arm_pb2_grpc import ArmServiceStub
+
+#: grpc-gateway's mapping of gRPC status codes to HTTP (runtime/errors.go);
+#: anything else is 500.
+HTTP_STATUS = {
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+}
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Make the app's IPC client at start-up; close it at shutdown."""
+    module = os.environ.get('VYRA_MODULE_NAME', 'my_arm')
+    # Not `async with`, which connects: the app starts even while the node is
+    # down, and calls connect on demand once it is up.
+    app.state.arm = IPCHandler(module_name=module, service_stub=ArmServiceStub, timeout=5.0)
+    try:
+        yield
+    finally:
+        await app.state.arm.disconnect()
+
+
+app = FastAPI(title='my_arm', lifespan=lifespan)
+
+
+@app.exception_handler(IPCError)
+async def ipc_error(request: Request, error: IPCError) -> JSONResponse:
+    """A failed call: its HTTP status and its text (which names the method and the cause)."""
+    return JSONResponse({'error': str(error), 'code': error.code.name},
+                        status_code=HTTP_STATUS.get(error.code, 500))
+
+
+class Move(BaseModel):
+    """Where to move the arm, and how fast (0: the arm's default speed)."""
+
+    pose: str
+    speed: float = 0.0
+
+
+@app.post('/move')
+async def move(body: Move, request: Request) -> dict[str, object]:
+    """Move the arm to a named pose and say whether it got there."""
+    arm: IPCHandler = request.app.state.arm
+    reply = await arm.call_method('Move', MoveRequest(pose=body.pose, speed=body.speed),
+                                  response_type=MoveReply)
+    return {'pose': reply.pose, 'reached': reply.reached}
+
+
+@app.get('/joints')
+async def joints(request: Request, count: int = 10) -> StreamingResponse:
+    """``count`` joint states as they come, one JSON line each (NDJSON).
+
+    A client that disconnects early ends the stream on the node too: the
+    response's generator is closed, and with it the IPC stream.
+    """
+    arm: IPCHandler = request.app.state.arm
+    states = arm.stream_method('WatchJoints', WatchRequest(count=count), response_type=JointState)
+    try:
+        # The first state before the response starts: a stream that cannot
+        # start is then an HTTP error, not a 200 with a broken body.
+        first = await anext(states, None)
+    except BaseException:
+        await states.aclose()
+        raise
+
+    async def lines() -> AsyncIterator[str]:
+        async with aclosing(states):
+            if first is not None:
+                yield _joint_line(first)
+            async for state in states:
+                yield _joint_line(state)
+
+    return StreamingResponse(lines(), media_type='application/x-ndjson')
+
+
+def _joint_line(state: JointState) -> str:
+    return json.dumps({'sequence': state.sequence, 'positions': list(state.positions)}) + '\n'
+
+
+@app.get('/frame')
+async def frame(request: Request) -> Response:
+    """The camera's current frame, raw RGB (6 MiB by default: it comes from
+    the node as shared memory on the fast lane)."""
+    arm: IPCHandler = request.app.state.arm
+    image = await arm.call_method('GetCameraFrame', FrameRequest(), response_type=CameraFrame)
+    return Response(image.rgb, media_type='application/octet-stream',
+                    headers={'X-Width': str(image.width), 'X-Height': str(image.height),
+                             'X-Lane': str(arm.lane_in_use)})
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve the app with uvicorn until SIGINT or SIGTERM."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--host', default='127.0.0.1', help='address to listen on (default: 127.0.0.1)')
+    parser.add_argument('--port', type=int, default=8000, help='TCP port (default: 8000)')
+    parser.add_argument('--uds', help='listen on this Unix socket instead of host and port')
+    parser.add_argument('--loop', default='auto', choices=('auto', 'asyncio', 'uvloop'),
+                        help="the event loop (default: auto, uvicorn's choice: uvloop where installed)")
+    options = parser.parse_args(argv)
+    uvicorn.run(app, host=options.host, port=options.port, uds=options.uds, loop=options.loop)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,72 @@
+"""Fixtures of my_arm's tests: a ROS environment of their own, and the arm's
+node as a real process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import os
+from pathlib import Path
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from arm_processes import StartNode, listening, wait_until
+
+@pytest.fixture
+def ros_env(tmp_path: Path) -> dict[str, str]:
+    """DDS stays on this machine, in a domain of its own."""
+    env = {name: value for name, value in os.environ.items()
+           if name not in ('VYRA_IPC_SOCKET', 'VYRA_MODULE_NAME', 'MODULE_NAME', 'ROS_STATIC_PEERS')}
+    env.update(ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST', ROS_DOMAIN_ID=str(random.randint(100, 232)),
+               ROS_HOME=str(tmp_path / 'ros'), ROS_LOG_DIR=str(tmp_path / 'ros' / 'log'))
+    return env
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A directory of its own for the test's sockets (short: socket paths <= 107 bytes)."""
+    directory = Path(tempfile.mkdtemp(prefix='arm-', dir='/tmp'))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def start_arm_node(ros_env: dict[str, str], tmp_path: Path) -> Iterator[StartNode]:
+    """Start arm_node processes; SIGINT at the end must stop each cleanly and
+    remove its socket."""
+    started: list[tuple[subprocess.Popen[bytes], Path, Path]] = []
+
+    def start(path: Path) -> Path:
+        log = tmp_path / f'arm_node-{len(started)}.log'
+        with open(log, 'wb') as output:
+            node = subprocess.Popen([sys.executable, '-m', 'my_arm.arm_node', '--ros-args',
+                                     '-p', 'module_name:=my_arm', '-p', f'socket_path:={path}'],
+                                    env=ros_env, stdout=output, stderr=subprocess.STDOUT)
+        started.append((node, path, log))
+        wait_until(lambda: listening(path) or node.poll() is not None, 30,
+                   lambda: f'arm_node did not serve {path}:\n{log.read_text()}')
+        assert node.poll() is None, log.read_text()
+        return path
+
+    try:
+        yield start
+        for node, path, log in started:
+            node.send_signal(signal.SIGINT)
+            assert node.wait(timeout=20) == 0, log.read_text()
+            assert not path.exists()
+    finally:
+        for node, _, _ in started:
+            if node.poll() is None:
+                node.kill()
+                node.wait()
+
+
+@pytest.fixture
+def arm_socket(start_arm_node: StartNode, socket_dir: Path) -> Path:
+    """The socket of a running arm_node process."""
+    return start_arm_node(socket_dir / 'my_arm_ipc.sock')

@@ -1,0 +1,116 @@
+"""my_arm's web frontend (FastAPI) served by uvicorn, a real process on a Unix
+socket, on asyncio's loop and on uvloop, calling the arm's node (a real ROS 2
+process) over IPC."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+import json
+from pathlib import Path
+import signal
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from vyra_base_ipc import SyncIPCHandler
+from vyra_base_ipc.introspection_pb2 import MethodStats, StatsRequest
+from vyra_base_ipc.introspection_pb2_grpc import IntrospectionStub
+
+from arm_processes import FRAME_BYTES, StartNode, listening, wait_until
+
+#: Starts the web frontend on an event loop ('asyncio' or 'uvloop') against a
+#: node socket; returns an HTTP client of it.
+StartWeb = Callable[[Path, str], httpx.Client]
+
+
+@pytest.fixture
+def start_web(ros_env: dict[str, str], socket_dir: Path, tmp_path: Path) -> Iterator[StartWeb]:
+    """Start web frontends (``my_arm.web``, uvicorn serving its app); SIGINT at the end must stop
+    each with status 0 (its lifespan closes the IPC client)."""
+    started: list[tuple[subprocess.Popen[bytes], Path, httpx.Client]] = []
+
+    def start(node_socket: Path, loop: str) -> httpx.Client:
+        web_socket = socket_dir / f'web-{len(started)}.sock'
+        log = tmp_path / f'web-{len(started)}.log'
+        with open(log, 'wb') as output:
+            web = subprocess.Popen(
+                [sys.executable, '-m', 'my_arm.web', '--uds', str(web_socket), '--loop', loop],
+                env={**ros_env, 'VYRA_IPC_SOCKET': str(node_socket)}, stdout=output, stderr=subprocess.STDOUT)
+        client = httpx.Client(transport=httpx.HTTPTransport(uds=str(web_socket)), base_url='http://my-arm',
+                              timeout=30)
+        started.append((web, log, client))
+        wait_until(lambda: listening(web_socket) or web.poll() is not None, 30,
+                   lambda: f'uvicorn did not serve {web_socket}:\n{log.read_text()}')
+        assert web.poll() is None, log.read_text()
+        return client
+
+    try:
+        yield start
+        for web, log, client in started:
+            client.close()
+            web.send_signal(signal.SIGINT)
+            assert web.wait(timeout=20) == 0, log.read_text()
+    finally:
+        for web, _, _ in started:
+            if web.poll() is None:
+                web.kill()
+                web.wait()
+
+
+def stats_of(node_socket: Path, method: str) -> list[MethodStats]:
+    """The node's statistics of ``method`` (one entry per lane it was called on)."""
+    with SyncIPCHandler(node_socket, IntrospectionStub, lane='ttrpc') as introspection:
+        stats = introspection.call_method('GetStats', StatsRequest())
+    return [entry for entry in stats.methods if entry.method.endswith(f'/{method}')]
+
+
+@pytest.mark.parametrize('loop', ['asyncio', 'uvloop'])
+def test_the_web_frontend_moves_streams_and_fetches(arm_socket: Path, start_web: StartWeb, loop: str) -> None:
+    web = start_web(arm_socket, loop)
+
+    moved = web.post('/move', json={'pose': 'ready'})
+    assert (moved.status_code, moved.json()) == (200, {'pose': 'ready', 'reached': True})
+
+    lines = web.get('/joints', params={'count': 3}).text.splitlines()
+    assert [json.loads(line)['sequence'] for line in lines] == [0, 1, 2]
+
+    frame = web.get('/frame')
+    assert frame.status_code == 200 and len(frame.content) == FRAME_BYTES
+    assert (frame.headers['x-width'], frame.headers['x-height'], frame.headers['x-lane']) == ('2048', '1024',
+                                                                                             'ttrpc')
+
+
+def test_a_refused_call_is_the_http_status_of_its_grpc_status_with_its_text(
+        arm_socket: Path, start_web: StartWeb) -> None:
+    web = start_web(arm_socket, 'uvloop')
+    refused = web.post('/move', json={'pose': 'dance'})
+    assert refused.status_code == 400, refused.text
+    assert refused.json()['code'] == 'INVALID_ARGUMENT'
+    assert "unknown pose 'dance'; known: home, ready, stow" in refused.json()['error']
+
+
+def test_a_web_frontend_started_before_the_node_answers_503_then_heals(
+        start_arm_node: StartNode, start_web: StartWeb, socket_dir: Path) -> None:
+    node_socket = socket_dir / 'later.sock'
+    web = start_web(node_socket, 'uvloop')
+    early = web.post('/move', json={'pose': 'home'})
+    assert early.status_code == 503, early.text
+    assert early.json()['code'] == 'UNAVAILABLE' and str(node_socket) in early.json()['error']
+
+    start_arm_node(node_socket)
+    moved = web.post('/move', json={'pose': 'home'})
+    assert (moved.status_code, moved.json()) == (200, {'pose': 'home', 'reached': True}), moved.text
+
+
+def test_a_browser_leaving_the_joint_stream_ends_it_on_the_node(arm_socket: Path, start_web: StartWeb) -> None:
+    web = start_web(arm_socket, 'uvloop')
+    with web.stream('GET', '/joints', params={'count': 0}) as endless:  # 0: until the caller leaves
+        lines = endless.iter_lines()
+        assert [json.loads(next(lines))['sequence'] for _ in range(2)] == [0, 1]
+        assert [entry.in_flight for entry in stats_of(arm_socket, 'WatchJoints')] == [1]
+
+    # Closing the HTTP response ends the IPC stream and its handler on the node.
+    wait_until(lambda: [entry.in_flight for entry in stats_of(arm_socket, 'WatchJoints')] == [0], 20,
+               lambda: f'WatchJoints still running: {stats_of(arm_socket, "WatchJoints")}')
