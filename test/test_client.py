@@ -270,9 +270,10 @@ async def test_a_request_of_the_wrong_type_is_a_type_error_naming_both(server: S
 # -- clients that heal: calls connect on demand (issue 16) ---------------------------------
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize('first', ['call', 'connect'])
 @pytest.mark.parametrize('lane', ['auto', 'grpc', 'ttrpc'])
 async def test_a_handler_made_before_its_server_works_once_the_server_is_up(
-        start_server, socket_path: Path, echo, lane: str) -> None:
+        start_server, socket_path: Path, echo, lane: str, first: str) -> None:
     """A frontend started before its module: connect() and calls fail as
     unavailable, naming where they looked; once the server is up, calls
     work without another connect()."""
@@ -284,7 +285,10 @@ async def test_a_handler_made_before_its_server_works_once_the_server_is_up(
         await ipc.call_method('Echo', echo.pb.EchoRequest(text='too early'))
     start_server(socket_path, wait=False).wait_serving(ttrpc=True)
     # At once, without wait_for_ready: grpc's channel may still be waiting out its
-    # reconnect backoff after the failed calls, which must not fail this one.
+    # reconnect backoff after the failed calls, which must fail neither a
+    # connect() nor a call.
+    if first == 'connect':
+        await ipc.connect()
     reply = await ipc.call_method('Echo', echo.pb.EchoRequest(text='up'))
     assert reply.text == 'up'
     assert ipc.is_connected

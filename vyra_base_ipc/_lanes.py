@@ -180,7 +180,7 @@ class _GrpcLaneBase:
             if is_listening(self.socket_path):
                 return ServerCameUp(grpc.StatusCode.UNAVAILABLE,
                                     f'the server on {self._path!r} came up while the channel waited to '
-                                    f'connect again; nothing was sent', method=method)
+                                    f'connect again; nothing was sent ({details})', method=method)
             # "...; last error: ...: connect failed: addr: unix:PATH error: REASON"
             reason = details.rpartition(' error: ')[2]
             if reason == 'No such file or directory' or not os.path.exists(self.socket_path):
@@ -209,10 +209,16 @@ class _GrpcLaneBase:
                 code, f'no server answers on {self._path!r}: {details}')
         return None
 
-    def _check_probe(self, deadline: Deadline) -> float:
-        if not self.wait_for_ready and not os.path.exists(self.socket_path):
+    def _check_probe(self, deadline: Deadline) -> tuple[float, bool]:
+        """The probe's timeout, and whether it waits for the channel to connect:
+        with ``wait_for_ready``, or when the socket listens (the channel may
+        still be waiting out a reconnect backoff from before the server was
+        up: see :class:`ServerCameUp`)."""
+        if self.wait_for_ready:
+            return _remaining(deadline, None) or 0.0, True
+        if not os.path.exists(self.socket_path):
             raise self._socket_missing()
-        return _remaining(deadline, None) or 0.0
+        return _remaining(deadline, None) or 0.0, is_listening(self.socket_path)
 
     def _request(self, method: Method, request: Any, buffers: Sequence[SharedBuffer]) -> Any:
         # Descriptors cannot travel on the gRPC lane: the buffers go inline.
@@ -243,9 +249,9 @@ class GrpcLane(_GrpcLaneBase):
 
         :raises IPCUnavailableError: it does not, in time.
         """
-        timeout = self._check_probe(deadline)
+        timeout, wait = self._check_probe(deadline)
         try:
-            await self._callable(_PROBE)(_PROBE_REQUEST, timeout=timeout, wait_for_ready=self.wait_for_ready)
+            await self._callable(_PROBE)(_PROBE_REQUEST, timeout=timeout, wait_for_ready=wait)
         except grpc.RpcError as error:
             failure = self._probe_failed(error, timeout or 0.0)
             if failure is not None:
@@ -304,9 +310,9 @@ class SyncGrpcLane(_GrpcLaneBase):
 
     def probe(self, deadline: Deadline) -> None:
         """As :meth:`GrpcLane.probe`, blocking."""
-        timeout = self._check_probe(deadline)
+        timeout, wait = self._check_probe(deadline)
         try:
-            self._callable(_PROBE)(_PROBE_REQUEST, timeout=timeout, wait_for_ready=self.wait_for_ready)
+            self._callable(_PROBE)(_PROBE_REQUEST, timeout=timeout, wait_for_ready=wait)
         except grpc.RpcError as error:
             failure = self._probe_failed(error, timeout or 0.0)
             if failure is not None:
