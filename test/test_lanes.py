@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 import signal
+import socket
 import threading
+import time
 
+from conftest import ServerProcess
 import grpc
 import pytest
 
-from conftest import ServerProcess
 from vyra_base_ipc import (
     IPCHandler,
     IPCRemoteError,
@@ -19,6 +21,7 @@ from vyra_base_ipc import (
     IPCUnavailableError,
     SyncIPCHandler,
 )
+
 
 def test_auto_takes_the_fast_lane_when_it_answers(server: ServerProcess, echo) -> None:
     with SyncIPCHandler(server.socket_path, echo.Stub) as client:
@@ -108,3 +111,65 @@ def test_restarted_server_is_reachable_again_on_the_fast_lane(start_server, sock
                                    timeout=1.0)
         assert reply.text == 'after'
         assert client.lane_in_use == 'ttrpc'
+
+
+class _SlowGreeting:
+    """A Unix-socket relay to ``target`` that holds back the server's first
+    bytes (its HTTP/2 SETTINGS) for ``delay`` seconds: a server that is busy
+    when a client connects."""
+
+    def __init__(self, path: Path, target: Path, delay: float) -> None:
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen(8)
+        self._target, self._delay = target, delay
+        self._sockets: list[socket.socket] = [self._listener]
+        #: Connections on which the client sent something (is_listening()'s
+        #: probes send nothing).
+        self.used = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            server.connect(str(self._target))
+            self._sockets += [client, server]
+            threading.Thread(target=self._pipe, args=(client, server, 0.0), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, self._delay), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, delay: float) -> None:
+        try:
+            data = source.recv(65536)
+            if data and not delay:
+                self.used += 1
+            time.sleep(delay)  # the relay's own behaviour, not a wait in the test
+            while data:
+                sink.sendall(data)
+                data = source.recv(65536)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+
+
+@pytest.mark.parametrize('wait_for_ready', [False, True])
+def test_a_server_slow_to_greet_is_waited_for_within_the_deadline(
+        server: ServerProcess, socket_dir: Path, echo, wait_for_ready: bool) -> None:
+    """A server that sends its HTTP/2 SETTINGS 0.5 s after the connection
+    (busy, on a loaded machine) is no reason to fail a 5 s call UNAVAILABLE,
+    nor to give up on the connection and make another."""
+    relay = _SlowGreeting(socket_dir / 'slow.sock', server.socket_path, delay=0.5)
+    try:
+        with SyncIPCHandler(socket_dir / 'slow.sock', echo.Stub, lane='grpc', timeout=5.0) as client:
+            reply = client.call_method('Echo', echo.pb.EchoRequest(text='late'),
+                                       wait_for_ready=wait_for_ready)
+        assert reply.text == 'late'
+        assert relay.used == 1
+    finally:
+        relay.close()

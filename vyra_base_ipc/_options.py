@@ -21,10 +21,12 @@ DEFAULT_GRACE_PERIOD = 5.0
 
 # gRPC's default reconnect backoff (1 s, x1.6, up to 120 s) leaves a restarted
 # local server unreachable for seconds; on a Unix socket a connect attempt
-# costs microseconds, so retry fast and cap low.
+# costs microseconds, so retry fast and cap low. Not grpc.min_reconnect_backoff_ms:
+# grpc core takes it as the time a connection attempt has to receive the
+# server's HTTP/2 SETTINGS (default 20 s), and a busy server misses 100 ms:
+# calls then failed UNAVAILABLE although the server was up.
 _RECONNECT_BACKOFF = (
     ('grpc.initial_reconnect_backoff_ms', 100),
-    ('grpc.min_reconnect_backoff_ms', 100),
     ('grpc.max_reconnect_backoff_ms', 500),
 )
 
