@@ -1,0 +1,307 @@
+"""Pooled shared memory on one connection, both ways: lends and releases.
+
+Agreed in the Hello (``segment_pool``). The sending end lends a pooled
+segment (:mod:`vyra_base_ipc._segment_pool`) with each message or
+:class:`~vyra_base_ipc.SharedBuffer` it carries, under a lend id of this
+connection; the receiving end maps the segment once and reuses the mapping
+for every later lend of it, and sends a RELEASE frame naming the lend once
+nothing of it is referenced any more. The owner does not write a segment
+before every lend of it came back; a connection that ends gives all its
+lends back at once.
+
+The descriptor travels with every lend (a ``dup`` and a few microseconds of
+``SCM_RIGHTS`` next to a megabyte's copy): no end has to know what the other
+has mapped, frames may be reordered between threads, and the receiver may
+drop a mapping whenever it likes. The receiver keys its mappings by the
+memfd's identity (device and inode, which cannot be reused while mapped),
+so the sender cannot make it read one segment for another.
+
+When a lend comes back is decided by reference counting, not by the code
+that parses a message: a received message or buffer is a read-only
+:class:`memoryview` whose underlying object is the lend itself, so the lend
+ends when the last view, slice or NumPy array over it is gone (a message
+parsed from it, a view a handler kept). What ends it may run in any thread,
+in the middle of anything (the garbage collector): it only queues the id.
+The queue leaves in a RELEASE frame from the connection's event loop
+(:meth:`SegmentLink.attach`) or with the next frame the blocking client
+sends (:meth:`SegmentLink.release_frame`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import mmap
+import os
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+from .._payload import SharedMemoryError, check_sealed
+from .._segment_pool import Segment, is_size_class, size_class
+from ._frames import encode_release, released_ids
+
+__all__ = ['CACHE_ENTRIES', 'CACHE_IDLE_SECONDS', 'SegmentLink']
+
+#: Segments of the peer a connection keeps mapped (the least recently used
+#: mapping goes first); views still referenced keep theirs.
+CACHE_ENTRIES = 16
+#: A mapping unused for this long is dropped (checked when a lend arrives).
+CACHE_IDLE_SECONDS = 10.0
+#: Lend ids per RELEASE frame.
+_IDS_PER_FRAME = 8192
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_mmap = _libc.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_munmap = _libc.munmap
+_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_POPULATE = mmap.MAP_SHARED | getattr(mmap, 'MAP_POPULATE', 0)
+
+
+class _Mapping:
+    """A read-only mapping of a peer's segment (mapped with libc's mmap:
+    the lends' views need its address), unmapped when nothing refers to it."""
+
+    __slots__ = ('address', 'capacity', 'last_used', '__weakref__')
+
+    def __init__(self, fd: int, capacity: int, what: str) -> None:
+        address = _mmap(None, capacity, mmap.PROT_READ, _POPULATE, fd, 0)
+        if address is None or address == _MAP_FAILED:
+            error = ctypes.get_errno()
+            raise SharedMemoryError(f'{what}: cannot map {capacity} bytes: {os.strerror(error)}')
+        self.address: int = address
+        self.capacity = capacity
+        self.last_used = time.monotonic()
+
+    def __del__(self) -> None:
+        _munmap(self.address, self.capacity)
+
+
+class _Lent:
+    """Base of the per-capacity ctypes arrays a lend's views are made of."""
+
+    _mapping: _Mapping
+    _release: Callable[[int], None]
+    _lend: int
+
+    def __del__(self) -> None:
+        # The last view is gone: the peer may write the segment again.
+        self._release(self._lend)
+
+
+_VIEW_TYPES: dict[int, Any] = {}
+
+
+def _view_type(capacity: int) -> Any:
+    # One type per size class (a bounded set: capacities are checked to be one).
+    view_type = _VIEW_TYPES.get(capacity)
+    if view_type is None:
+        view_type = _VIEW_TYPES[capacity] = type('LentSegment', (_Lent, ctypes.c_char * capacity), {})
+    return view_type
+
+
+def _give_back(backing: object) -> None:
+    if isinstance(backing, Segment):
+        backing.unuse()
+    # Anything else was held only to keep it alive (a buffer lent to this
+    # end and sent on): dropping it is giving it back.
+
+
+class SegmentLink:
+    """One connection's pooled shared memory. Thread-safe.
+
+    :ivar stats: counters of this end: ``lent``, ``released`` (lends the
+        peer gave back), ``mapped`` (peer segments mapped), ``reused``
+        (lends that found their mapping), ``returned`` (lends of the peer
+        this end gave back).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lent: dict[int, object] = {}
+        self._next_lend = 1
+        self._closed = False
+        self._mappings: collections.OrderedDict[tuple[int, int], _Mapping] = collections.OrderedDict()
+        self._releases: collections.deque[int] = collections.deque()
+        self._wake: Callable[[], None] | None = None
+        self._scheduled = False
+        self.stats = {'lent': 0, 'released': 0, 'mapped': 0, 'reused': 0, 'returned': 0}
+
+    # -- this end's segments, lent --------------------------------------------------------
+
+    @property
+    def outstanding(self) -> int:
+        """Lends of this end the peer has not given back."""
+        return len(self._lent)
+
+    def lend(self, backing: object) -> int:
+        """Lend ``backing`` to the peer: a :class:`Segment` (whose use the
+        lend takes over: given back with ``unuse()``), or an object to keep
+        alive until the peer gives the lend back. Returns the lend id; 0 if
+        the connection is closed (the backing is given back at once, and
+        the frame will not leave)."""
+        with self._lock:
+            if not self._closed:
+                lend_id = self._next_lend
+                self._next_lend += 1
+                self._lent[lend_id] = backing
+                self.stats['lent'] += 1
+                return lend_id
+        _give_back(backing)
+        return 0
+
+    def cancel(self, lend_ids: Iterable[int]) -> None:
+        """Take back lends whose frame was never sent."""
+        self._give_back(lend_ids)
+
+    def released(self, data: bytes) -> str | None:
+        """The peer gave lends back (a RELEASE frame's data). Returns why
+        the connection must close (malformed, or naming lends it does not
+        hold), else ``None``."""
+        lend_ids = released_ids(data)
+        if lend_ids is None:
+            return f'malformed RELEASE frame ({len(data)} bytes)'
+        unknown = self._give_back(lend_ids)
+        if unknown:
+            return f'RELEASE of segments not lent to the peer (lend ids {", ".join(map(str, unknown[:5]))})'
+        return None
+
+    def _give_back(self, lend_ids: Iterable[int]) -> list[int]:
+        backings, unknown = [], []
+        with self._lock:
+            for lend_id in lend_ids:
+                backing = self._lent.pop(lend_id, None)
+                if backing is None:
+                    unknown.append(lend_id)
+                else:
+                    backings.append(backing)
+            self.stats['released'] += len(backings)
+        for backing in backings:
+            _give_back(backing)
+        return unknown
+
+    # -- the peer's segments, lent to this end --------------------------------------------
+
+    def receive(self, fd: int, length: int, lend_id: int, limit: int, what: str) -> memoryview:
+        """A read-only view of the first ``length`` bytes of a segment the
+        peer lent under ``lend_id`` (``fd`` is not closed here). The lend is
+        given back when the view and everything made from it are gone.
+
+        :param limit: the largest message or buffer accepted.
+        :raises SharedMemoryError: the descriptor is not a sealed segment of
+            a size class holding ``length`` bytes, or cannot be mapped.
+        """
+        if not lend_id:
+            raise SharedMemoryError(f'{what}: a pooled segment without a lend id')
+        status = os.fstat(fd)
+        key = (status.st_dev, status.st_ino)
+        now = time.monotonic()
+        with self._lock:
+            mapping = self._mappings.get(key)
+            if mapping is not None:
+                self._mappings.move_to_end(key)
+                self.stats['reused'] += 1
+        if mapping is None:
+            capacity = check_sealed(fd, what, lent=True)
+            if not is_size_class(capacity) or capacity > size_class(max(limit, length)):
+                raise SharedMemoryError(f'{what}: a pooled segment of {capacity} bytes is not a size '
+                                        f'class up to {size_class(limit)}')
+            mapping = _Mapping(fd, capacity, what)
+            dropped: list[_Mapping] = []
+            with self._lock:
+                self.stats['mapped'] += 1
+                if not self._closed:
+                    self._mappings[key] = mapping
+                    self._evict(now, dropped)
+            del dropped  # unmapped here, outside the lock, unless a view holds one
+        if length > mapping.capacity:
+            raise SharedMemoryError(f'{what}: {length} bytes announced in a segment of '
+                                    f'{mapping.capacity}')
+        mapping.last_used = now
+        lent = _view_type(mapping.capacity).from_address(mapping.address)
+        lent._mapping = mapping
+        lent._lend = lend_id
+        lent._release = self._return
+        return memoryview(lent).cast('B')[:length].toreadonly()
+
+    def _evict(self, now: float, dropped: list[_Mapping]) -> None:
+        # (lock held) The least recently used first, then the idle ones.
+        mappings = self._mappings
+        while len(mappings) > CACHE_ENTRIES:
+            dropped.append(mappings.popitem(last=False)[1])
+        horizon = now - CACHE_IDLE_SECONDS
+        while mappings:
+            key, oldest = next(iter(mappings.items()))
+            if oldest.last_used >= horizon:
+                break
+            dropped.append(mappings.pop(key))
+
+    def _return(self, lend_id: int) -> None:
+        # From a view's last reference, in any thread, maybe inside the
+        # garbage collector: no lock, only a queue and a wakeup.
+        self._releases.append(lend_id)
+        self.stats['returned'] += 1
+        wake = self._wake
+        if wake is not None and not self._scheduled:
+            self._scheduled = True
+            wake()
+
+    def release_frame(self) -> bytes:
+        """The RELEASE frames of the lends given back since the last call
+        (``b''`` if none), for the caller to send."""
+        releases = self._releases
+        lend_ids: list[int] = []
+        while True:
+            try:
+                lend_ids.append(releases.popleft())
+            except IndexError:
+                break
+        if not lend_ids or self._closed:
+            return b''
+        return b''.join(encode_release(lend_ids[start:start + _IDS_PER_FRAME])
+                        for start in range(0, len(lend_ids), _IDS_PER_FRAME))
+
+    def attach(self, loop: asyncio.AbstractEventLoop, send: Callable[[bytes], None]) -> None:
+        """Send RELEASE frames from ``loop`` with ``send`` (on the loop's
+        thread), soon after lends are given back."""
+
+        def flush() -> None:
+            self._scheduled = False
+            frame = self.release_frame()
+            if frame:
+                try:
+                    send(frame)
+                except Exception:  # the connection is gone: so are the lends
+                    pass
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(flush)
+            except RuntimeError:  # the loop is closed
+                pass
+
+        self._wake = wake
+
+    # -- the end ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """The connection ended: give back every lend of this end (the peer
+        is gone or will never release them), forget the peer's mappings
+        (views still referenced keep theirs), send nothing more. Idempotent."""
+        with self._lock:
+            self._closed = True
+            lent, self._lent = self._lent, {}
+            mappings = list(self._mappings.values())
+            self._mappings.clear()
+        self._wake = None
+        self._releases.clear()
+        for backing in lent.values():
+            _give_back(backing)
+        del mappings
+
+    def __repr__(self) -> str:
+        return f'<SegmentLink lent={len(self._lent)} mapped={len(self._mappings)}>'
