@@ -16,23 +16,26 @@ total bytes: when it is exhausted (receivers that do not give segments
 back), :meth:`SegmentPool.acquire` returns ``None`` and the caller falls back
 to a new sealed memfd, as without the pool; it never waits and never grows
 beyond its bound. Free segments unused for :attr:`SegmentPool.idle_seconds`
-are dropped, checked whenever the pool is used (no thread of its own).
+are dropped, checked whenever the pool is used (no thread of its own), and
+so are the oldest beyond :attr:`SegmentPool.max_free_bytes`.
 Nothing is named or left in ``/dev/shm``: segments die with the processes
 holding them. After ``fork()`` the child starts with an empty pool.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from ._payload import MFD_FLAGS, POOL_SEALS, SharedMemoryError
 
 __all__ = [
+    'DEFAULT_FREE_BYTES',
     'DEFAULT_IDLE_SECONDS',
     'DEFAULT_POOL_BYTES',
     'MIN_SEGMENT_BYTES',
@@ -48,6 +51,8 @@ __all__ = [
 DEFAULT_POOL_BYTES = 1 << 30
 #: Free segments unused for this long are dropped.
 DEFAULT_IDLE_SECONDS = 10.0
+#: Bytes of free segments kept at most (the oldest go first).
+DEFAULT_FREE_BYTES = 256 << 20
 #: The smallest segment.
 MIN_SEGMENT_BYTES = 64 << 10
 
@@ -82,10 +87,11 @@ class Segment:
     :ivar id: unique in this process, never reused.
     :ivar fd: the memfd (owned by the segment).
     :ivar capacity: its length, a size class.
-    :ivar view: a writable view of the whole mapping, for the owner only.
+    :ivar view: a writable view of the whole mapping, for the library only
+        (users get theirs from :meth:`user_view`).
     """
 
-    __slots__ = ('id', 'fd', 'capacity', 'view', 'users', 'last_used', 'pool', '_mapping')
+    __slots__ = ('id', 'fd', 'capacity', 'view', 'users', 'last_used', 'pool', '_mapping', '_address')
 
     def __init__(self, segment_id: int, fd: int, capacity: int, mapping: mmap.mmap,
                  pool: 'SegmentPool | None') -> None:
@@ -94,6 +100,9 @@ class Segment:
         self.capacity = capacity
         self._mapping = mapping
         self.view = memoryview(mapping)
+        anchor = ctypes.c_char.from_buffer(mapping)
+        self._address = ctypes.addressof(anchor)
+        del anchor  # (it holds an export of the mapping)
         self.users = 1
         self.last_used = time.monotonic()
         self.pool = pool
@@ -114,6 +123,16 @@ class Segment:
             return
         self.destroy()
 
+    def user_view(self, size: int, writable: bool) -> memoryview:
+        """A view of the first ``size`` bytes that counts as a user of the
+        segment as long as it, or anything made from it, is referenced: the
+        segment is not written by anyone else before it is gone."""
+        self.use()
+        held = _held_type(self.capacity).from_address(self._address)
+        held._segment = self
+        view = memoryview(held).cast('B')[:size]
+        return view if writable else view.toreadonly()
+
     def destroy(self) -> None:
         """Unmap and close (it is no longer in any pool)."""
         try:
@@ -129,6 +148,26 @@ class Segment:
 
     def __repr__(self) -> str:
         return f'<Segment {self.id} {self.capacity} bytes users={self.users}>'
+
+
+class _Held:
+    """Base of the ctypes arrays user views are made of."""
+
+    _segment: Segment
+
+    def __del__(self) -> None:
+        self._segment.unuse()
+
+
+_HELD_TYPES: dict[int, Any] = {}
+
+
+def _held_type(capacity: int) -> Any:
+    # One per size class: ctypes caches array types forever.
+    held_type = _HELD_TYPES.get(capacity)
+    if held_type is None:
+        held_type = _HELD_TYPES[capacity] = type('HeldSegment', (_Held, ctypes.c_char * capacity), {})
+    return held_type
 
 
 def new_segment(size: int, pool: 'SegmentPool | None' = None) -> Segment:
@@ -172,15 +211,20 @@ class SegmentPool:
     :ivar max_bytes: bound on the bytes of its segments, free and in use
         (default :data:`DEFAULT_POOL_BYTES`; may be changed at any time).
     :ivar idle_seconds: free segments unused for longer are dropped.
+    :ivar max_free_bytes: free segments beyond these bytes are dropped, the
+        oldest first (0: none is kept, every segment dies when returned).
     :ivar stats: counters: ``created``, ``reused``, ``exhausted`` (acquire
-        found no room), ``dropped``.
+        found no room), ``dropped``, ``written`` (bytes the library copied
+        into segments).
     """
 
     def __init__(self, max_bytes: int = DEFAULT_POOL_BYTES, idle_seconds: float = DEFAULT_IDLE_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 max_free_bytes: int = DEFAULT_FREE_BYTES, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
         self.max_bytes = max_bytes
         self.idle_seconds = idle_seconds
-        self.stats = {'created': 0, 'reused': 0, 'exhausted': 0, 'dropped': 0}
+        self.max_free_bytes = max_free_bytes
+        self.stats = {'created': 0, 'reused': 0, 'exhausted': 0, 'dropped': 0, 'written': 0}
         self._clock = clock
         self._free: dict[int, list[Segment]] = {}
         #: Bytes of all its segments (free, in use, being made).
@@ -197,6 +241,16 @@ class SegmentPool:
     def free_bytes(self) -> int:
         """Bytes of its free segments."""
         return self._free_bytes
+
+    def count_written(self, size: int) -> None:
+        """Count ``size`` bytes the library copied into a segment."""
+        with _lock:
+            self.stats['written'] += size
+
+    def snapshot(self) -> dict[str, int]:
+        """The counters, with ``bytes`` and ``free_bytes`` now."""
+        with _lock:
+            return {**self.stats, 'bytes': self._bytes, 'free_bytes': self._free_bytes}
 
     def acquire(self, size: int) -> Segment | None:
         """A segment of at least ``size`` bytes with one user (the caller),
@@ -249,6 +303,8 @@ class SegmentPool:
             self._free.setdefault(segment.capacity, []).append(segment)
             self._free_bytes += segment.capacity
             self._trim(dropped)
+            while self._free_bytes > self.max_free_bytes:
+                dropped.append(self._take_oldest())
         self._destroy(dropped)
         return True
 
