@@ -30,6 +30,7 @@ from vyra_base_ipc._segment_pool import SegmentPool, segment_pool, size_class
 from vyra_base_ipc.introspection_pb2 import StatsRequest
 from vyra_base_ipc.introspection_pb2_grpc import IntrospectionStub
 from vyra_base_ipc.ttrpc import SyncConnection
+from vyra_base_ipc.ttrpc._segment_link import CACHE_ENTRIES
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -394,3 +395,27 @@ def test_threads_sending_the_same_buffer_all_lend_it(
         link = connection._core.agreement.segments
         assert link is not None and link.stats['lent'] == 40
         settle_lends(connection, echo)
+
+
+def segment_mappings() -> int:
+    """Mappings of pooled segments in this process (its own and its peers')."""
+    with open('/proc/self/maps') as maps:
+        return sum('/memfd:vyra-ipc-segment' in line for line in maps)
+
+
+def test_segments_the_owner_dropped_are_unmapped_by_the_receiver(
+        echo: Any, start_server: StartServer, socket_path: Path, own_pool: SegmentPool) -> None:
+    # This server keeps no free segment: each answer's segment dies once given
+    # back, and the server names it gone in its next RELEASE frame.
+    server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD), '--pool-free-bytes', '0')
+    own_pool.max_free_bytes = 0
+    method = stub_methods(echo.Stub)['Echo']
+    before = segment_mappings()
+    with SyncConnection.connect(server.ttrpc_path, shared_memory=OPTIONS) as connection:
+        for _ in range(CACHE_ENTRIES + 4):
+            connection.call(method, echo.pb.EchoRequest(payload=os.urandom(64 * KiB)), timeout=LONG)
+        settle_lends(connection, echo)
+        link = connection._core.agreement.segments
+        assert link is not None and link.stats['mapped'] == CACHE_ENTRIES + 4  # a new segment each time
+        # Without the server's word, the dead segments would stay mapped up to CACHE_ENTRIES.
+        assert segment_mappings() - before <= 1

@@ -31,6 +31,7 @@ import os
 import threading
 import time
 from typing import Any, Callable
+import weakref
 
 from ._payload import MFD_FLAGS, POOL_SEALS, SharedMemoryError
 
@@ -91,7 +92,8 @@ class Segment:
         (users get theirs from :meth:`user_view`).
     """
 
-    __slots__ = ('id', 'fd', 'capacity', 'view', 'users', 'last_used', 'pool', '_mapping', '_address')
+    __slots__ = ('id', 'fd', 'capacity', 'view', 'users', 'last_used', 'pool', 'watchers', '_mapping',
+                 '_address')
 
     def __init__(self, segment_id: int, fd: int, capacity: int, mapping: mmap.mmap,
                  pool: 'SegmentPool | None') -> None:
@@ -106,6 +108,14 @@ class Segment:
         self.users = 1
         self.last_used = time.monotonic()
         self.pool = pool
+        #: Weak references to whoever must hear of its end (``forget(id)``):
+        #: the connections whose peer may keep it mapped.
+        self.watchers: list[weakref.ref[Any]] = []
+
+    def watch(self, watcher: Any) -> None:
+        """Call ``watcher.forget(self.id)`` when the segment is destroyed
+        (unless ``watcher`` is gone by then)."""
+        self.watchers.append(weakref.ref(watcher))
 
     def use(self) -> None:
         """One more user (a lend)."""
@@ -134,7 +144,12 @@ class Segment:
         return view if writable else view.toreadonly()
 
     def destroy(self) -> None:
-        """Unmap and close (it is no longer in any pool)."""
+        """Unmap and close (it is no longer in any pool); tell the watchers."""
+        watchers, self.watchers = self.watchers, []
+        for reference in watchers:
+            watcher = reference()
+            if watcher is not None:
+                watcher.forget(self.id)
         try:
             self.view.release()
             self._mapping.close()

@@ -237,9 +237,10 @@ class SharedBuffer:
         """A copy of the contents (without mapping them)."""
         return os.pread(self.fileno(), self._size, 0) if self._size else b''
 
-    def lend_to(self, link: SegmentLink | None) -> tuple[int, int]:
-        """How this buffer goes with a message: ``(descriptor, lend id)``.
-        Freezes it. Pooled memory is lent on ``link`` (the connection's, if
+    def lend_to(self, link: SegmentLink | None) -> tuple[int, int, int]:
+        """How this buffer goes with a message: ``(descriptor, lend id,
+        segment id)`` (zeros where it is not lent, or not from this
+        process's pool). Freezes it. Pooled memory is lent on ``link`` (the connection's, if
         it agreed on pooled segments; the lend holds it); where it was not
         agreed, a new sealed memfd holds a copy (an older peer accepts only
         those). The caller owns the descriptor.
@@ -251,13 +252,13 @@ class SharedBuffer:
         self._sent = True
         segment = self._segment
         if segment is None and not self._lent:
-            return self.dup(), 0
+            return self.dup(), 0, 0
         if link is None:
-            return seal_bytes(self.view(), 'vyra-ipc-buffer'), 0
+            return seal_bytes(self.view(), 'vyra-ipc-buffer'), 0, 0
         if segment is not None:
             segment.use()
-            return os.dup(segment.fd), link.lend(segment)
-        return self.dup(), link.lend(self._view)  # keeps this end's lend from its owner
+            return os.dup(segment.fd), link.lend(segment), segment.id
+        return self.dup(), link.lend(self._view), 0  # keeps this end's lend from its owner
 
     def close(self) -> None:
         """Close this process's descriptor and let go of its mapping;

@@ -28,6 +28,7 @@ __all__ = [
     'FLAG_REMOTE_CLOSED',
     'FLAG_REMOTE_OPEN',
     'FLAG_SHARED_MEMORY',
+    'FORGET_BIT',
     'MAX_BATCH_FDS',
     'MAX_QUEUED_FDS',
     'MAX_WINDOW',
@@ -89,7 +90,8 @@ class MessageType(enum.IntEnum):
     WINDOW_UPDATE = 0x11
     #: vyra_base_ipc's extension (agreed in the Hello): on stream 0, the
     #: receiver of pooled shared memory gives lent segments back to their
-    #: owner (data: the lend ids, big-endian uint64 each).
+    #: owner, and the owner names its segments that are gone (data: big-endian
+    #: uint64 each, a lend id, or a segment id with :data:`FORGET_BIT` set).
     RELEASE = 0x12
 
 
@@ -144,6 +146,11 @@ def window_increment(frame: Frame) -> int:
     """The increment a WINDOW_UPDATE frame grants; 0 for a malformed one
     (which then grants nothing)."""
     return _INCREMENT.unpack(frame.data)[0] if len(frame.data) == 4 else 0
+
+
+#: In a RELEASE frame's data: the id names a segment of the sender that is
+#: gone (the receiver unmaps it), not a lend.
+FORGET_BIT = 1 << 63
 
 
 def encode_release(ids: Sequence[int]) -> bytes:

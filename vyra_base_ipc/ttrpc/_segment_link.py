@@ -12,9 +12,13 @@ lends back at once.
 The descriptor travels with every lend (a ``dup`` and a few microseconds of
 ``SCM_RIGHTS`` next to a megabyte's copy): no end has to know what the other
 has mapped, frames may be reordered between threads, and the receiver may
-drop a mapping whenever it likes. The receiver keys its mappings by the
-memfd's identity (device and inode, which cannot be reused while mapped),
-so the sender cannot make it read one segment for another.
+drop a mapping whenever it likes. The receiver keeps the mapping of each of
+the sender's segments (by the sender's segment id, checked against the
+memfd's device and inode, which cannot be reused while mapped) until the
+sender names the segment gone (it dropped it from its pool), the mapping
+is the least recently used of more than :data:`CACHE_ENTRIES`, or unused
+for :data:`CACHE_IDLE_SECONDS`; a segment lent on by a process that does not
+own it is mapped for that lend only.
 
 When a lend comes back is decided by reference counting, not by the code
 that parses a message: a received message or buffer is a read-only
@@ -40,7 +44,7 @@ from typing import Any, Callable, Iterable
 
 from .._payload import SharedMemoryError, check_sealed
 from .._segment_pool import Segment, is_size_class, size_class
-from ._frames import encode_release, released_ids
+from ._frames import FORGET_BIT, encode_release, released_ids
 
 __all__ = ['CACHE_ENTRIES', 'CACHE_IDLE_SECONDS', 'SegmentLink']
 
@@ -66,9 +70,9 @@ class _Mapping:
     """A read-only mapping of a peer's segment (mapped with libc's mmap:
     the lends' views need its address), unmapped when nothing refers to it."""
 
-    __slots__ = ('address', 'capacity', 'last_used', '__weakref__')
+    __slots__ = ('address', 'capacity', 'last_used', 'key', '__weakref__')
 
-    def __init__(self, fd: int, capacity: int, what: str) -> None:
+    def __init__(self, fd: int, capacity: int, key: tuple[int, int], what: str) -> None:
         address = _mmap(None, capacity, mmap.PROT_READ, _POPULATE, fd, 0)
         if address is None or address == _MAP_FAILED:
             error = ctypes.get_errno()
@@ -76,6 +80,8 @@ class _Mapping:
         self.address: int = address
         self.capacity = capacity
         self.last_used = time.monotonic()
+        #: The memfd's device and inode.
+        self.key = key
 
     def __del__(self) -> None:
         _munmap(self.address, self.capacity)
@@ -125,7 +131,10 @@ class SegmentLink:
         self._lent: dict[int, object] = {}
         self._next_lend = 1
         self._closed = False
-        self._mappings: collections.OrderedDict[tuple[int, int], _Mapping] = collections.OrderedDict()
+        # The peer's segments mapped, by the peer's segment id.
+        self._mappings: collections.OrderedDict[int, _Mapping] = collections.OrderedDict()
+        # This end's segments the peer may keep mapped, by id.
+        self._watched: set[int] = set()
         self._releases: collections.deque[int] = collections.deque()
         self._wake: Callable[[], None] | None = None
         self._scheduled = False
@@ -140,19 +149,29 @@ class SegmentLink:
 
     def lend(self, backing: object) -> int:
         """Lend ``backing`` to the peer: a :class:`Segment` (whose use the
-        lend takes over: given back with ``unuse()``), or an object to keep
-        alive until the peer gives the lend back. Returns the lend id; 0 if
-        the connection is closed (the backing is given back at once, and
-        the frame will not leave)."""
+        lend takes over: given back with ``unuse()``; the peer hears when it
+        is destroyed), or an object to keep alive until the peer gives the
+        lend back. Returns the lend id; 0 if the connection is closed (the
+        backing is given back at once, and the frame will not leave)."""
         with self._lock:
             if not self._closed:
                 lend_id = self._next_lend
                 self._next_lend += 1
                 self._lent[lend_id] = backing
                 self.stats['lent'] += 1
+                if isinstance(backing, Segment) and backing.id not in self._watched:
+                    self._watched.add(backing.id)
+                    backing.watch(self)
                 return lend_id
         _give_back(backing)
         return 0
+
+    def forget(self, segment_id: int) -> None:
+        """One of this end's segments is gone: the peer may unmap it (sent
+        with the next RELEASE frame). Any thread, even inside the garbage
+        collector: no lock."""
+        self._watched.discard(segment_id)
+        self._queue(segment_id | FORGET_BIT)
 
     def cancel(self, lend_ids: Iterable[int]) -> None:
         """Take back lends whose frame was never sent."""
@@ -162,9 +181,16 @@ class SegmentLink:
         """The peer gave lends back (a RELEASE frame's data). Returns why
         the connection must close (malformed, or naming lends it does not
         hold), else ``None``."""
-        lend_ids = released_ids(data)
-        if lend_ids is None:
+        ids = released_ids(data)
+        if ids is None:
             return f'malformed RELEASE frame ({len(data)} bytes)'
+        lend_ids = [lend_id for lend_id in ids if not lend_id & FORGET_BIT]
+        if len(lend_ids) != len(ids):
+            with self._lock:
+                for segment_id in ids:
+                    if segment_id & FORGET_BIT:
+                        # Unmapped now unless a view still refers to it.
+                        self._mappings.pop(segment_id & ~FORGET_BIT, None)
         unknown = self._give_back(lend_ids)
         if unknown:
             return f'RELEASE of segments not lent to the peer (lend ids {", ".join(map(str, unknown[:5]))})'
@@ -186,11 +212,14 @@ class SegmentLink:
 
     # -- the peer's segments, lent to this end --------------------------------------------
 
-    def receive(self, fd: int, length: int, lend_id: int, limit: int, what: str) -> memoryview:
+    def receive(self, fd: int, length: int, lend_id: int, segment_id: int, limit: int,
+                what: str) -> memoryview:
         """A read-only view of the first ``length`` bytes of a segment the
         peer lent under ``lend_id`` (``fd`` is not closed here). The lend is
         given back when the view and everything made from it are gone.
 
+        :param segment_id: the peer's id of its segment, to keep it mapped
+            for later lends; 0 to map it for this lend only.
         :param limit: the largest message or buffer accepted.
         :raises SharedMemoryError: the descriptor is not a sealed segment of
             a size class holding ``length`` bytes, or cannot be mapped.
@@ -200,22 +229,26 @@ class SegmentLink:
         status = os.fstat(fd)
         key = (status.st_dev, status.st_ino)
         now = time.monotonic()
-        with self._lock:
-            mapping = self._mappings.get(key)
-            if mapping is not None:
-                self._mappings.move_to_end(key)
-                self.stats['reused'] += 1
+        mapping = None
+        if segment_id:
+            with self._lock:
+                mapping = self._mappings.get(segment_id)
+                if mapping is not None and mapping.key == key:
+                    self._mappings.move_to_end(segment_id)
+                    self.stats['reused'] += 1
+                else:
+                    mapping = None
         if mapping is None:
             capacity = check_sealed(fd, what, lent=True)
             if not is_size_class(capacity) or capacity > size_class(max(limit, length)):
                 raise SharedMemoryError(f'{what}: a pooled segment of {capacity} bytes is not a size '
                                         f'class up to {size_class(limit)}')
-            mapping = _Mapping(fd, capacity, what)
+            mapping = _Mapping(fd, capacity, key, what)
             dropped: list[_Mapping] = []
             with self._lock:
                 self.stats['mapped'] += 1
-                if not self._closed:
-                    self._mappings[key] = mapping
+                if segment_id and not self._closed:
+                    self._mappings[segment_id] = mapping
                     self._evict(now, dropped)
             del dropped  # unmapped here, outside the lock, unless a view holds one
         if length > mapping.capacity:
@@ -243,16 +276,21 @@ class SegmentLink:
     def _return(self, lend_id: int) -> None:
         # From a view's last reference, in any thread, maybe inside the
         # garbage collector: no lock, only a queue and a wakeup.
-        self._releases.append(lend_id)
         self.stats['returned'] += 1
+        self._queue(lend_id)
+
+    def _queue(self, entry: int) -> None:
+        if self._closed:
+            return  # the peer is gone: nobody to tell
+        self._releases.append(entry)
         wake = self._wake
         if wake is not None and not self._scheduled:
             self._scheduled = True
             wake()
 
     def release_frame(self) -> bytes:
-        """The RELEASE frames of the lends given back since the last call
-        (``b''`` if none), for the caller to send."""
+        """The RELEASE frames of the lends given back and the segments
+        gone since the last call (``b''`` if none), for the caller to send."""
         releases = self._releases
         lend_ids: list[int] = []
         while True:

@@ -91,19 +91,20 @@ def pack(payload: bytes, threshold: int, buffers: Sequence[SharedBuffer] = (),
     try:
         manifest = Manifest()
         if size > threshold:
-            lend = _lend_payload(payload, link, fds)
+            lend, segment_id = _lend_payload(payload, link, fds)
             if lend:
                 made.append(lend)
                 manifest.payload_lend = lend
+                manifest.payload_segment = segment_id
             manifest.payload_size = size
         else:
             manifest.payload = payload
         for buffer in buffers:
-            fd, lend = buffer.lend_to(link)
+            fd, lend, segment_id = buffer.lend_to(link)
             fds.append(fd)
             if lend:
                 made.append(lend)
-            manifest.buffers.add(handle=buffer.handle, size=buffer.size, lend=lend)
+            manifest.buffers.add(handle=buffer.handle, size=buffer.size, lend=lend, segment=segment_id)
     except BaseException:
         close_fds(fds)
         if link is not None:
@@ -114,10 +115,10 @@ def pack(payload: bytes, threshold: int, buffers: Sequence[SharedBuffer] = (),
     return manifest.SerializeToString(), fds
 
 
-def _lend_payload(payload: bytes, link: SegmentLink | None, fds: list[int]) -> int:
+def _lend_payload(payload: bytes, link: SegmentLink | None, fds: list[int]) -> tuple[int, int]:
     """Put a message into shared memory, its descriptor into ``fds``: a
-    pooled segment lent on ``link`` (return the lend id), else a new sealed
-    memfd (return 0)."""
+    pooled segment lent on ``link`` (return the lend id and the segment's),
+    else a new sealed memfd (return zeros)."""
     segment = None
     if link is not None:
         try:
@@ -126,7 +127,7 @@ def _lend_payload(payload: bytes, link: SegmentLink | None, fds: list[int]) -> i
             _logger.debug('no pooled segment: %s', error)
     if segment is None:
         fds.append(seal_bytes(payload))
-        return 0
+        return 0, 0
     try:
         # The one copy: protobuf's Python runtime serializes only into bytes.
         segment.view[:len(payload)] = payload
@@ -136,7 +137,7 @@ def _lend_payload(payload: bytes, link: SegmentLink | None, fds: list[int]) -> i
         segment.unuse()
         raise
     assert link is not None
-    return link.lend(segment)
+    return link.lend(segment), segment.id
 
 
 def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int, buffer_limit: int,
@@ -174,7 +175,8 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
             if payload_size > message_limit:
                 raise TooLargeError(f'Received message larger than max ({payload_size} vs. '
                                     f'{message_limit})')
-            payload = _map(fds[0], payload_size, manifest.payload_lend, link, message_limit, what, True)
+            payload = _map(fds[0], payload_size, manifest.payload_lend, manifest.payload_segment, link,
+                           message_limit, what, True)
             position = 1
         else:
             payload = manifest.payload
@@ -187,7 +189,7 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
                 raise TooLargeError(f'{name}: {entry.size} bytes is more than the limit of '
                                     f'{buffer_limit} (SharedMemoryOptions.max_bytes)')
             fd = fds[position + index]
-            view = _map(fd, entry.size, entry.lend, link, buffer_limit, name, False)
+            view = _map(fd, entry.size, entry.lend, entry.segment, link, buffer_limit, name, False)
             buffers[entry.handle] = SharedBuffer(fd, entry.size, entry.handle, view=view, managed=True,
                                                  lent=bool(entry.lend))
             kept.append(fd)
@@ -196,10 +198,10 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
         close_fds(fd for fd in fds if fd not in kept)
 
 
-def _map(fd: int, size: int, lend: int, link: SegmentLink | None, limit: int, what: str,
-         populate: bool) -> memoryview:
+def _map(fd: int, size: int, lend: int, segment_id: int, link: SegmentLink | None, limit: int,
+         what: str, populate: bool) -> memoryview:
     if not lend:
         return map_sealed(fd, size, what, populate)
     if link is None:
         raise SharedMemoryError(f'{what}: a lent segment on a connection that did not agree on them')
-    return link.receive(fd, size, lend, limit, what)
+    return link.receive(fd, size, lend, segment_id, limit, what)
