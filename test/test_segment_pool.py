@@ -419,3 +419,22 @@ def test_segments_the_owner_dropped_are_unmapped_by_the_receiver(
         assert link is not None and link.stats['mapped'] == CACHE_ENTRIES + 4  # a new segment each time
         # Without the server's word, the dead segments would stay mapped up to CACHE_ENTRIES.
         assert segment_mappings() - before <= 1
+
+
+def test_an_answer_with_the_requests_own_buffer_is_read_through_the_owners_mapping(
+        echo: Any, pool_server: ServerProcess, own_pool: SegmentPool) -> None:
+    method = stub_methods(echo.Stub)['Mirror']
+    with SyncConnection.connect(pool_server.ttrpc_path, shared_memory=OPTIONS) as connection, \
+            SharedBuffer.allocate(2 * MiB) as buffer:
+        buffer.view()[:3] = b'own'
+        before = segment_mappings()
+        for _ in range(5):
+            reply, received = connection.call(method, echo.pb.MirrorRequest(data=buffer.ref), buffers=[buffer],
+                                              timeout=LONG, return_buffers=True)
+            view = received.view(reply.data)
+            assert bytes(view[:3]) == b'own' and view.readonly
+            # No new mapping: the view is of this process's own pages.
+            assert segment_mappings() == before
+            del view, reply, received
+        link = connection._core.agreement.segments
+        assert link is not None and link.stats['mapped'] == 0

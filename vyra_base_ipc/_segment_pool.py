@@ -43,6 +43,7 @@ __all__ = [
     'Segment',
     'SegmentPool',
     'is_size_class',
+    'own_segment',
     'pool_unavailable',
     'segment_pool',
     'size_class',
@@ -92,8 +93,8 @@ class Segment:
         (users get theirs from :meth:`user_view`).
     """
 
-    __slots__ = ('id', 'fd', 'capacity', 'view', 'users', 'last_used', 'pool', 'watchers', '_mapping',
-                 '_address')
+    __slots__ = ('id', 'fd', 'capacity', 'view', 'users', 'last_used', 'pool', 'watchers', 'key',
+                 '_mapping', '_address')
 
     def __init__(self, segment_id: int, fd: int, capacity: int, mapping: mmap.mmap,
                  pool: 'SegmentPool | None') -> None:
@@ -102,6 +103,10 @@ class Segment:
         self.capacity = capacity
         self._mapping = mapping
         self.view = memoryview(mapping)
+        status = os.fstat(fd)
+        #: The memfd's device and inode: how a segment lent back to this
+        #: process is recognised (:func:`own_segment`).
+        self.key = (status.st_dev, status.st_ino)
         anchor = ctypes.c_char.from_buffer(mapping)
         self._address = ctypes.addressof(anchor)
         del anchor  # (it holds an export of the mapping)
@@ -133,6 +138,11 @@ class Segment:
             return
         self.destroy()
 
+    @property
+    def address(self) -> int:
+        """Where this process maps it (valid until it is destroyed)."""
+        return self._address
+
     def user_view(self, size: int, writable: bool) -> memoryview:
         """A view of the first ``size`` bytes that counts as a user of the
         segment as long as it, or anything made from it, is referenced: the
@@ -145,6 +155,7 @@ class Segment:
 
     def destroy(self) -> None:
         """Unmap and close (it is no longer in any pool); tell the watchers."""
+        _by_key.pop(self.key, None)
         watchers, self.watchers = self.watchers, []
         for reference in watchers:
             watcher = reference()
@@ -217,7 +228,16 @@ def new_segment(size: int, pool: 'SegmentPool | None' = None) -> Segment:
     with _lock:
         segment_id = _ids.pop()
         _ids.append(segment_id + 1)
-    return Segment(segment_id, fd, capacity, mapping, pool)
+    segment = Segment(segment_id, fd, capacity, mapping, pool)
+    _by_key[segment.key] = segment
+    return segment
+
+
+def own_segment(key: tuple[int, int]) -> Segment | None:
+    """This process's live segment of that device and inode, if any (a
+    segment of its own that a peer lent back to it, e.g. an answer carrying
+    the buffer of the request)."""
+    return _by_key.get(key)
 
 
 class SegmentPool:
@@ -379,6 +399,7 @@ class SegmentPool:
 _lock = threading.RLock()
 _ids = [1]
 _pool: list[SegmentPool] = []
+_by_key: dict[tuple[int, int], Segment] = {}
 _availability: list[str | None] = []
 
 
@@ -411,6 +432,7 @@ def _forget_after_fork() -> None:
     global _lock
     _lock = threading.RLock()
     _pool.clear()
+    _by_key.clear()
 
 
 if hasattr(os, 'register_at_fork'):

@@ -43,7 +43,7 @@ import time
 from typing import Any, Callable, Iterable
 
 from .._payload import SharedMemoryError, check_sealed
-from .._segment_pool import Segment, is_size_class, size_class
+from .._segment_pool import Segment, is_size_class, own_segment, size_class
 from ._frames import FORGET_BIT, encode_release, released_ids
 
 __all__ = ['CACHE_ENTRIES', 'CACHE_IDLE_SECONDS', 'SegmentLink']
@@ -90,13 +90,15 @@ class _Mapping:
 class _Lent:
     """Base of the per-capacity ctypes arrays a lend's views are made of."""
 
-    _mapping: _Mapping
+    _mapping: object  # what keeps the memory mapped
     _release: Callable[[int], None]
     _lend: int
 
     def __del__(self) -> None:
         # The last view is gone: the peer may write the segment again.
         self._release(self._lend)
+        if isinstance(self._mapping, Segment):
+            self._mapping.unuse()
 
 
 _VIEW_TYPES: dict[int, Any] = {}
@@ -137,6 +139,7 @@ class SegmentLink:
         self._watched: set[int] = set()
         self._releases: collections.deque[int] = collections.deque()
         self._wake: Callable[[], None] | None = None
+        self._flush: Callable[[], None] | None = None
         self._scheduled = False
         self.stats = {'lent': 0, 'released': 0, 'mapped': 0, 'reused': 0, 'returned': 0}
 
@@ -192,6 +195,11 @@ class SegmentLink:
                         # Unmapped now unless a view still refers to it.
                         self._mappings.pop(segment_id & ~FORGET_BIT, None)
         unknown = self._give_back(lend_ids)
+        flush = self._flush
+        if flush is not None and self._releases:
+            # Lends of the peer's segments this end held only for these
+            # (buffers sent on): back in the same batch as what follows.
+            flush()
         if unknown:
             return f'RELEASE of segments not lent to the peer (lend ids {", ".join(map(str, unknown[:5]))})'
         return None
@@ -238,7 +246,21 @@ class SegmentLink:
                     self.stats['reused'] += 1
                 else:
                     mapping = None
-        if mapping is None:
+        own = None if mapping is not None else own_segment(key)
+        holder: object
+        if own is not None:
+            # One of this process's own segments, lent back (an answer with
+            # the request's buffer): read it through the owner's mapping,
+            # which lives as long as the lend that holds it.
+            if length > own.capacity:
+                raise SharedMemoryError(f'{what}: {length} bytes announced in a segment of '
+                                        f'{own.capacity}')
+            # The view is one of its users too: a peer that gives back its
+            # own lend early cannot have it unmapped under this view.
+            own.use()
+            address, capacity, holder = own.address, own.capacity, own
+            self.stats['reused'] += 1
+        elif mapping is None:
             capacity = check_sealed(fd, what, lent=True)
             if not is_size_class(capacity) or capacity > size_class(max(limit, length)):
                 raise SharedMemoryError(f'{what}: a pooled segment of {capacity} bytes is not a size '
@@ -251,12 +273,13 @@ class SegmentLink:
                     self._mappings[segment_id] = mapping
                     self._evict(now, dropped)
             del dropped  # unmapped here, outside the lock, unless a view holds one
-        if length > mapping.capacity:
-            raise SharedMemoryError(f'{what}: {length} bytes announced in a segment of '
-                                    f'{mapping.capacity}')
-        mapping.last_used = now
-        lent = _view_type(mapping.capacity).from_address(mapping.address)
-        lent._mapping = mapping
+        if mapping is not None:
+            mapping.last_used = now
+            address, capacity, holder = mapping.address, mapping.capacity, mapping
+        if length > capacity:
+            raise SharedMemoryError(f'{what}: {length} bytes announced in a segment of {capacity}')
+        lent = _view_type(capacity).from_address(address)
+        lent._mapping = holder
         lent._lend = lend_id
         lent._release = self._return
         return memoryview(lent).cast('B')[:length].toreadonly()
@@ -305,7 +328,9 @@ class SegmentLink:
 
     def attach(self, loop: asyncio.AbstractEventLoop, send: Callable[[bytes], None]) -> None:
         """Send RELEASE frames from ``loop`` with ``send`` (on the loop's
-        thread), soon after lends are given back."""
+        thread), soon after lends are given back; at once when they were
+        given back while handling a RELEASE frame (:meth:`released`, called
+        on the loop)."""
 
         def flush() -> None:
             self._scheduled = False
@@ -323,6 +348,7 @@ class SegmentLink:
                 pass
 
         self._wake = wake
+        self._flush = flush
 
     # -- the end ------------------------------------------------------------------------
 
@@ -335,7 +361,7 @@ class SegmentLink:
             lent, self._lent = self._lent, {}
             mappings = list(self._mappings.values())
             self._mappings.clear()
-        self._wake = None
+        self._wake = self._flush = None
         self._releases.clear()
         for backing in lent.values():
             _give_back(backing)
