@@ -13,7 +13,8 @@ one client of every variant:
            shared memory (the default), an explicit ``SharedBuffer`` per call
            (from the pool: ``allocate`` and one write into its view, and
            ``copy_from``; ``Mirror`` answers with it), pyzmq ``copy=False``,
-           iceoryx2 slices (loan, write, send), zenoh bytes.
+           iceoryx2 slices (loan, write, send), zenoh bytes, and zenoh's
+           explicit shared-memory provider (alloc, write, get).
 
 Every variant's server is a process of its own (:mod:`bench.servers`,
 :mod:`bench.peer_servers`), up for the whole run. In round ``r`` the variants
@@ -124,6 +125,8 @@ def _candidates(part: str) -> list[tuple[Transport, Callable[[], str | None]]]:
                    'iceoryx2-event', 'shm'), module('iceoryx2')),
         (Transport('zenoh-bytes', 'eclipse-zenoh bytes (its shared memory, used by itself)', 'zenoh',
                    'zenoh', 'uds'), module('zenoh')),
+        (Transport('zenoh-shm', 'eclipse-zenoh, explicit shared-memory provider (alloc, write, get)',
+                   'zenoh', 'zenoh', 'uds', options={'shm': True}), module('zenoh')),
     ]
 
 

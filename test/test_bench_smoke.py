@@ -201,7 +201,8 @@ PEER_SMALL = {'socket-uds': None, 'ipc-sync-ttrpc': None, 'ipc-aio-ttrpc': None,
               'iceoryx2-event': 'iceoryx2', 'iceoryx2-spin': 'iceoryx2', 'zenoh-get': 'zenoh'}
 PEER_LARGE = {'socket-uds': None, 'ipc-sync-shm': None, 'ipc-sync-shared-buffer': None,
               'ipc-sync-shared-buffer-copy': None,
-              'zmq-zero-copy': 'zmq', 'iceoryx2-slice': 'iceoryx2', 'zenoh-bytes': 'zenoh'}
+              'zmq-zero-copy': 'zmq', 'iceoryx2-slice': 'iceoryx2', 'zenoh-bytes': 'zenoh',
+              'zenoh-shm': 'zenoh'}
 
 
 def _installed(module: str | None) -> bool:

@@ -163,13 +163,15 @@ class SharedBuffer:
     def share(self) -> 'SharedBuffer':
         """Another SharedBuffer for the same memory, with a descriptor of its
         own (closed without a warning when garbage-collected): what the
-        library keeps of a buffer until it has been sent."""
+        library keeps of a buffer until it has been sent. Freezes this one
+        (it is as good as sent)."""
+        self._sent = True
         segment = self._segment
         if segment is not None:
             segment.use()
         shared = SharedBuffer(self.dup(), self._size, self._handle, view=self._view, managed=True,
                               segment=segment, lent=self._lent)
-        shared._sent = self._sent
+        shared._sent = True
         return shared
 
     @property
