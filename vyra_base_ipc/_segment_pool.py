@@ -196,9 +196,10 @@ def _held_type(capacity: int) -> Any:
     return held_type
 
 
-def new_segment(size: int, pool: 'SegmentPool | None' = None) -> Segment:
+def new_segment(size: int, pool: 'SegmentPool | None' = None, fill: Any = None) -> Segment:
     """A segment of ``size_class(size)`` bytes, every page faulted in,
-    sealed; not in any pool's accounts.
+    sealed; not in any pool's accounts. With ``fill`` (a buffer of ``size``
+    bytes) it starts with those bytes.
 
     :raises SharedMemoryError: it cannot be made (no memory, no descriptors,
         a kernel before 5.1).
@@ -209,6 +210,14 @@ def new_segment(size: int, pool: 'SegmentPool | None' = None) -> Segment:
     except OSError as error:
         raise SharedMemoryError(f'cannot create shared memory: {error.strerror}') from None
     try:
+        if fill is not None:
+            # write() lets the kernel allocate pages it fills whole without
+            # zeroing them first: a quarter faster than faulting in zeroed
+            # pages and copying over them.
+            view = memoryview(fill).cast('B')
+            written = 0
+            while written < len(view):
+                written += os.write(fd, view[written:])
         os.ftruncate(fd, capacity)
         # Writable and shared, populated: every page is allocated now, not
         # faulted in while a message is written.
@@ -287,10 +296,11 @@ class SegmentPool:
         with _lock:
             return {**self.stats, 'bytes': self._bytes, 'free_bytes': self._free_bytes}
 
-    def acquire(self, size: int) -> Segment | None:
+    def acquire(self, size: int, fill: Any = None) -> Segment | None:
         """A segment of at least ``size`` bytes with one user (the caller),
         free or new; ``None`` if the pool has no room for one (the caller
-        falls back to a new memfd).
+        falls back to a new memfd). With ``fill`` (a buffer of ``size``
+        bytes), the segment holds those bytes (counted as written).
 
         :raises SharedMemoryError: a new segment cannot be made.
         """
@@ -314,16 +324,27 @@ class SegmentPool:
                 else:
                     self._bytes += capacity  # reserved while it is made
         self._destroy(dropped)
-        if segment is not None or not capacity:
+        if segment is not None:
+            if fill is not None:
+                try:
+                    segment.view[:size] = memoryview(fill).cast('B')
+                except BaseException:
+                    segment.unuse()
+                    raise
+                self.count_written(size)
             return segment
+        if not capacity:
+            return None
         try:
-            segment = new_segment(size, self)
+            segment = new_segment(size, self, fill)
         except BaseException:
             with _lock:
                 self._bytes -= capacity
             raise
         with _lock:
             self.stats['created'] += 1
+            if fill is not None:
+                self.stats['written'] += size
         return segment
 
     def put(self, segment: Segment) -> bool:

@@ -126,7 +126,17 @@ class SharedBuffer:
         reason = shared_memory_unavailable() or pool_unavailable()
         if reason is not None:
             raise SharedMemoryError(f'shared memory is not available: {reason}')
-        segment = segment_pool().acquire(size) or new_segment(size)
+        return cls._pooled(size)
+
+    @classmethod
+    def _pooled(cls, size: int, fill: Any = None) -> 'SharedBuffer':
+        # From the pool, or a segment of its own if the pool is full.
+        pool = segment_pool()
+        segment = pool.acquire(size, fill)
+        if segment is None:
+            segment = new_segment(size, fill=fill)
+            if fill is not None:
+                pool.count_written(size)
         try:
             fd = os.dup(segment.fd)
         except OSError as error:
@@ -153,10 +163,7 @@ class SharedBuffer:
             raise SharedMemoryError(f'shared memory is not available: {reason}')
         if pool_unavailable() is not None:
             return cls(seal_bytes(view, 'vyra-ipc-buffer'), view.nbytes)
-        buffer = cls.allocate(view.nbytes)
-        assert buffer._segment is not None
-        buffer._segment.view[:view.nbytes] = view.cast('B')
-        segment_pool().count_written(view.nbytes)
+        buffer = cls._pooled(view.nbytes, view)
         buffer._sent = True
         return buffer
 

@@ -122,17 +122,15 @@ def _lend_payload(payload: bytes, link: SegmentLink | None, fds: list[int]) -> t
     segment = None
     if link is not None:
         try:
-            segment = segment_pool().acquire(len(payload))
+            # The one copy: protobuf's Python runtime serializes only into bytes.
+            segment = segment_pool().acquire(len(payload), payload)
         except SharedMemoryError as error:
             _logger.debug('no pooled segment: %s', error)
     if segment is None:
         fds.append(seal_bytes(payload))
         return 0, 0
     try:
-        # The one copy: protobuf's Python runtime serializes only into bytes.
-        segment.view[:len(payload)] = payload
         fds.append(os.dup(segment.fd))
-        segment_pool().count_written(len(payload))
     except BaseException:
         segment.unuse()
         raise
