@@ -438,3 +438,55 @@ def test_an_answer_with_the_requests_own_buffer_is_read_through_the_owners_mappi
             del view, reply, received
         link = connection._core.agreement.segments
         assert link is not None and link.stats['mapped'] == 0
+
+
+class Returner(PeerServer):
+    """A server that gives back the lend of a request's segment at once and
+    then lends that very segment back to the client as its answer (it kept
+    the descriptor): what a hostile peer could do."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, self._serve_forever)
+
+    def _serve_forever(self, peer: Peer) -> None:
+        try:
+            while True:
+                frame = peer.read_frame()
+                request = ttrpc_pb2.Request.FromString(frame.data)
+                if (request.service, request.method) == HELLO:
+                    peer.send(frame.stream_id, RESPONSE, 0, response_envelope(request.payload))
+                    continue
+                if frame.type != REQUEST:
+                    continue  # RELEASE frames of the client
+                manifest = ttrpc_pb2.SharedMemoryManifest.FromString(request.payload)
+                peer.send_raw(frame_bytes(0, RELEASE, 0, manifest.payload_lend.to_bytes(8, 'big')))
+                answer = ttrpc_pb2.SharedMemoryManifest(payload_size=manifest.payload_size, payload_lend=7)
+                peer.send(frame.stream_id, RESPONSE, SHARED, response_envelope(answer.SerializeToString()),
+                          frame.fds)
+                for fd in frame.fds:
+                    os.close(fd)
+        except (ConnectionError, OSError):
+            pass
+
+
+def test_a_segment_lent_back_after_its_lend_came_back_is_mapped_like_any_other(
+        echo: Any, socket_dir: Path, own_pool: SegmentPool) -> None:
+    server = Returner(socket_dir / 'r.ttrpc.sock')
+    try:
+        request = echo.pb.EchoRequest(payload=os.urandom(100 * KiB))
+        with SyncConnection.connect(server.path, shared_memory=OPTIONS) as connection:
+            reply = connection.call(stub_methods(echo.Stub)['Echo'], request, timeout=LONG)
+            assert reply.payload == request.payload
+            link = connection._core.agreement.segments
+            assert link is not None and link.stats['mapped'] == 1  # not read through this end's mapping
+            del reply
+            gc.collect()
+            # The segment is back in the pool once, not twice.
+            capacity = size_class(request.ByteSize())
+            assert own_pool.free_bytes == capacity
+            first, second = own_pool.acquire(request.ByteSize()), own_pool.acquire(request.ByteSize())
+            assert first is not None and second is not None and first is not second
+            first.unuse()
+            second.unuse()
+    finally:
+        server.close()

@@ -131,6 +131,8 @@ class SegmentLink:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lent: dict[int, object] = {}
+        # Lends outstanding per segment of this end's, by segment id.
+        self._lent_segments: dict[int, int] = {}
         self._next_lend = 1
         self._closed = False
         # The peer's segments mapped, by the peer's segment id.
@@ -162,9 +164,11 @@ class SegmentLink:
                 self._next_lend += 1
                 self._lent[lend_id] = backing
                 self.stats['lent'] += 1
-                if isinstance(backing, Segment) and backing.id not in self._watched:
-                    self._watched.add(backing.id)
-                    backing.watch(self)
+                if isinstance(backing, Segment):
+                    self._lent_segments[backing.id] = self._lent_segments.get(backing.id, 0) + 1
+                    if backing.id not in self._watched:
+                        self._watched.add(backing.id)
+                        backing.watch(self)
                 return lend_id
         _give_back(backing)
         return 0
@@ -211,8 +215,12 @@ class SegmentLink:
                 backing = self._lent.pop(lend_id, None)
                 if backing is None:
                     unknown.append(lend_id)
-                else:
-                    backings.append(backing)
+                    continue
+                backings.append(backing)
+                if isinstance(backing, Segment):
+                    count = self._lent_segments.pop(backing.id) - 1
+                    if count:
+                        self._lent_segments[backing.id] = count
             self.stats['released'] += len(backings)
         for backing in backings:
             _give_back(backing)
@@ -246,18 +254,12 @@ class SegmentLink:
                     self.stats['reused'] += 1
                 else:
                     mapping = None
-        own = None if mapping is not None else own_segment(key)
+        own = None if mapping is not None else self._lent_back(key, length, what)
         holder: object
         if own is not None:
             # One of this process's own segments, lent back (an answer with
             # the request's buffer): read it through the owner's mapping,
             # which lives as long as the lend that holds it.
-            if length > own.capacity:
-                raise SharedMemoryError(f'{what}: {length} bytes announced in a segment of '
-                                        f'{own.capacity}')
-            # The view is one of its users too: a peer that gives back its
-            # own lend early cannot have it unmapped under this view.
-            own.use()
             address, capacity, holder = own.address, own.capacity, own
             self.stats['reused'] += 1
         elif mapping is None:
@@ -283,6 +285,24 @@ class SegmentLink:
         lent._lend = lend_id
         lent._release = self._return
         return memoryview(lent).cast('B')[:length].toreadonly()
+
+    def _lent_back(self, key: tuple[int, int], length: int, what: str) -> Segment | None:
+        """This end's segment of that inode if the peer holds a lend of it
+        (a buffer coming back: read it through this end's own mapping), with
+        one more use for the view (a peer that gives back its own lend early
+        cannot have it unmapped under the view); else ``None``. A segment the
+        peer does not hold now (it kept a descriptor) is mapped as any other."""
+        own = own_segment(key)
+        if own is None:
+            return None
+        with self._lock:
+            if not self._lent_segments.get(own.id):
+                return None
+            if length > own.capacity:
+                raise SharedMemoryError(f'{what}: {length} bytes announced in a segment of '
+                                        f'{own.capacity}')
+            own.use()  # held by the lend counted here: not yet back in the pool
+        return own
 
     def _evict(self, now: float, dropped: list[_Mapping]) -> None:
         # (lock held) The least recently used first, then the idle ones.
@@ -359,6 +379,7 @@ class SegmentLink:
         with self._lock:
             self._closed = True
             lent, self._lent = self._lent, {}
+            self._lent_segments.clear()
             mappings = list(self._mappings.values())
             self._mappings.clear()
         self._wake = self._flush = None
