@@ -284,12 +284,16 @@ def test_a_release_of_segments_never_lent_closes_that_connection_and_the_server_
         assert ipc.call_method('Echo', echo.pb.EchoRequest(payload=bytes(MiB))).payload == bytes(MiB)
 
 
-def test_a_lent_segment_that_is_not_sealed_is_refused_and_the_connection_serves_on(
-        echo: Any, pool_server: ServerProcess) -> None:
+@pytest.mark.parametrize('forgery', ['unsealed', 'larger than its size class'])
+def test_a_forged_lent_segment_is_refused_and_the_connection_serves_on(
+        forgery: str, echo: Any, pool_server: ServerProcess) -> None:
     request = echo.pb.EchoRequest(text='forged').SerializeToString()
     fd = os.memfd_create('forged', os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, size_class(len(request)))
+    # A sparse GiB would cost the receiver a GiB of pages if it mapped it whole.
+    os.ftruncate(fd, size_class(len(request)) if forgery == 'unsealed' else 1 << 30)
     os.pwrite(fd, request, 0)
+    if forgery != 'unsealed':
+        fcntl.fcntl(fd, 1033, 0x0002 | 0x0004 | 0x0008)  # F_ADD_SEALS: shrink, grow, write
     peer = Peer.connect(pool_server.ttrpc_path)
     try:
         peer.request(1, *HELLO, ttrpc_pb2.Hello(shared_memory=True, segment_pool=True).SerializeToString())
@@ -300,7 +304,8 @@ def test_a_lent_segment_that_is_not_sealed_is_refused_and_the_connection_serves_
         peer.send_raw(frame_bytes(3, REQUEST, SHARED, envelope), [fd])
         answer = peer.answer(3)
         assert answer.code == 3  # INVALID_ARGUMENT
-        assert 'the memfd is not sealed against shrink, grow, write' in answer.message
+        assert (('the memfd is not sealed against shrink, grow, write' if forgery == 'unsealed'
+                 else f'a pooled segment of {1 << 30} bytes for {len(request)} announced') in answer.message)
         peer.request(5, 'vyra.ipc.test.EchoService', 'Echo', echo.pb.EchoRequest(text='ok').SerializeToString())
         assert echo.pb.EchoReply.FromString(peer.answer(5).payload).text == 'ok'
     finally:

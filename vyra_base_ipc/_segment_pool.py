@@ -42,7 +42,6 @@ __all__ = [
     'MIN_SEGMENT_BYTES',
     'Segment',
     'SegmentPool',
-    'is_size_class',
     'own_segment',
     'pool_unavailable',
     'segment_pool',
@@ -71,11 +70,6 @@ def size_class(size: int) -> int:
     power = 1 << (size - 1).bit_length()
     step = power >> 3
     return power // 2 + -(-(size - power // 2) // step) * step
-
-
-def is_size_class(capacity: int) -> bool:
-    """Whether ``capacity`` is a segment size :func:`size_class` returns."""
-    return capacity >= MIN_SEGMENT_BYTES and size_class(capacity) == capacity
 
 
 class Segment:

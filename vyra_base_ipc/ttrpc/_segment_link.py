@@ -43,7 +43,7 @@ import time
 from typing import Any, Callable, Iterable
 
 from .._payload import SharedMemoryError, check_sealed
-from .._segment_pool import Segment, is_size_class, own_segment, size_class
+from .._segment_pool import Segment, own_segment, size_class
 from ._frames import FORGET_BIT, encode_release, released_ids
 
 __all__ = ['CACHE_ENTRIES', 'CACHE_IDLE_SECONDS', 'SegmentLink']
@@ -228,17 +228,15 @@ class SegmentLink:
 
     # -- the peer's segments, lent to this end --------------------------------------------
 
-    def receive(self, fd: int, length: int, lend_id: int, segment_id: int, limit: int,
-                what: str) -> memoryview:
+    def receive(self, fd: int, length: int, lend_id: int, segment_id: int, what: str) -> memoryview:
         """A read-only view of the first ``length`` bytes of a segment the
         peer lent under ``lend_id`` (``fd`` is not closed here). The lend is
         given back when the view and everything made from it are gone.
 
         :param segment_id: the peer's id of its segment, to keep it mapped
             for later lends; 0 to map it for this lend only.
-        :param limit: the largest message or buffer accepted.
         :raises SharedMemoryError: the descriptor is not a sealed segment of
-            a size class holding ``length`` bytes, or cannot be mapped.
+            the size class of ``length`` bytes, or cannot be mapped.
         """
         if not lend_id:
             raise SharedMemoryError(f'{what}: a pooled segment without a lend id')
@@ -264,9 +262,12 @@ class SegmentLink:
             self.stats['reused'] += 1
         elif mapping is None:
             capacity = check_sealed(fd, what, lent=True)
-            if not is_size_class(capacity) or capacity > size_class(max(limit, length)):
-                raise SharedMemoryError(f'{what}: a pooled segment of {capacity} bytes is not a size '
-                                        f'class up to {size_class(limit)}')
+            # Exactly the size class of what it holds (the pool reuses a
+            # segment only for its own class): mapping it costs the receiver
+            # no more than the announced length, which the caller checked.
+            if capacity != size_class(length):
+                raise SharedMemoryError(f'{what}: a pooled segment of {capacity} bytes for {length} '
+                                        f'announced (its size class is {size_class(length)})')
             mapping = _Mapping(fd, capacity, key, what)
             dropped: list[_Mapping] = []
             with self._lock:

@@ -174,7 +174,7 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
                 raise TooLargeError(f'Received message larger than max ({payload_size} vs. '
                                     f'{message_limit})')
             payload = _map(fds[0], payload_size, manifest.payload_lend, manifest.payload_segment, link,
-                           message_limit, what, True)
+                           what, True)
             position = 1
         else:
             payload = manifest.payload
@@ -187,7 +187,7 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
                 raise TooLargeError(f'{name}: {entry.size} bytes is more than the limit of '
                                     f'{buffer_limit} (SharedMemoryOptions.max_bytes)')
             fd = fds[position + index]
-            view = _map(fd, entry.size, entry.lend, entry.segment, link, buffer_limit, name, False)
+            view = _map(fd, entry.size, entry.lend, entry.segment, link, name, False)
             buffers[entry.handle] = SharedBuffer(fd, entry.size, entry.handle, view=view, managed=True,
                                                  lent=bool(entry.lend))
             kept.append(fd)
@@ -196,10 +196,10 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
         close_fds(fd for fd in fds if fd not in kept)
 
 
-def _map(fd: int, size: int, lend: int, segment_id: int, link: SegmentLink | None, limit: int,
-         what: str, populate: bool) -> memoryview:
+def _map(fd: int, size: int, lend: int, segment_id: int, link: SegmentLink | None, what: str,
+         populate: bool) -> memoryview:
     if not lend:
         return map_sealed(fd, size, what, populate)
     if link is None:
         raise SharedMemoryError(f'{what}: a lent segment on a connection that did not agree on them')
-    return link.receive(fd, size, lend, segment_id, limit, what)
+    return link.receive(fd, size, lend, segment_id, what)
