@@ -495,3 +495,19 @@ def test_a_segment_lent_back_after_its_lend_came_back_is_mapped_like_any_other(
             second.unuse()
     finally:
         server.close()
+
+
+def test_a_message_parsed_from_shared_memory_keeps_no_reference_to_it(echo: Any) -> None:
+    # Why a transparent message's segment can go back as soon as the view it
+    # was parsed from is gone: protobuf copies the bytes out.
+    data = echo.pb.EchoRequest(payload=b'A' * 100_000).SerializeToString()
+    pool = SegmentPool()
+    segment = pool.acquire(len(data), data)
+    assert segment is not None
+    view = segment.user_view(len(data), writable=False)
+    message = echo.pb.EchoRequest.FromString(view)
+    del view
+    segment.view[10:20] = b'Z' * 10  # the owner writes the segment again
+    assert message.payload == b'A' * 100_000
+    segment.unuse()
+    pool.close()
