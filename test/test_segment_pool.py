@@ -27,6 +27,7 @@ from vyra_base_ipc import SharedBuffer, SharedMemoryOptions, SyncIPCHandler
 from vyra_base_ipc import ttrpc_pb2
 from vyra_base_ipc._methods import stub_methods
 from vyra_base_ipc._segment_pool import SegmentPool, segment_pool, size_class
+from vyra_base_ipc.cli._stats import lines as stats_lines
 from vyra_base_ipc.introspection_pb2 import StatsRequest
 from vyra_base_ipc.introspection_pb2_grpc import IntrospectionStub
 from vyra_base_ipc.ttrpc import SyncConnection
@@ -110,6 +111,10 @@ def test_large_messages_reuse_the_same_segments_call_after_call(
     assert server_after.created - server_before.created <= 2
     assert server_after.reused - server_before.reused >= 18
     assert server_after.exhausted == server_before.exhausted
+    # `vyra-ipc stats` shows it.
+    with SyncIPCHandler(pool_server.socket_path, IntrospectionStub, lane='grpc') as handler:
+        text = list(stats_lines(handler.call_method('GetStats', StatsRequest())))
+    assert any(line.startswith('segment pool ') and f'reused {server_after.reused}' in line for line in text)
 
 
 def test_every_lend_comes_back_and_a_closed_connection_leaves_no_segment_in_use(

@@ -176,7 +176,10 @@ class _Held:
     _segment: Segment
 
     def __del__(self) -> None:
-        self._segment.unuse()
+        try:
+            self._segment.unuse()
+        except Exception:  # interpreter shutdown
+            pass
 
 
 _HELD_TYPES: dict[int, Any] = {}

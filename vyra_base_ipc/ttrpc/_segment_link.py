@@ -84,7 +84,10 @@ class _Mapping:
         self.key = key
 
     def __del__(self) -> None:
-        _munmap(self.address, self.capacity)
+        try:
+            _munmap(self.address, self.capacity)
+        except Exception:  # interpreter shutdown: the process unmaps everything anyway
+            pass
 
 
 class _Lent:
@@ -96,9 +99,12 @@ class _Lent:
 
     def __del__(self) -> None:
         # The last view is gone: the peer may write the segment again.
-        self._release(self._lend)
-        if isinstance(self._mapping, Segment):
-            self._mapping.unuse()
+        try:
+            self._release(self._lend)
+            if isinstance(self._mapping, Segment):
+                self._mapping.unuse()
+        except Exception:  # interpreter shutdown: nobody to give it back to
+            pass
 
 
 _VIEW_TYPES: dict[int, Any] = {}
