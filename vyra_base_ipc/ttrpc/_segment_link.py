@@ -191,9 +191,13 @@ class SegmentLink:
         self._give_back(lend_ids)
 
     def released(self, data: bytes) -> str | None:
-        """The peer gave lends back (a RELEASE frame's data). Returns why
-        the connection must close (malformed, or naming lends it does not
-        hold), else ``None``."""
+        """A RELEASE frame's data: lends the peer gave back, and segments of
+        the peer that are gone (ids with :data:`FORGET_BIT`: their mappings
+        are dropped). Lends of the peer's segments that this end held only
+        for the lends given back go back at once (when attached to a loop:
+        this runs on it, inside the read that brought the frame). Returns
+        why the connection must close (malformed, or naming lends it does
+        not hold), else ``None``."""
         ids = released_ids(data)
         if ids is None:
             return f'malformed RELEASE frame ({len(data)} bytes)'
