@@ -11,8 +11,10 @@ one client of every variant:
            spinning, eclipse-zenoh get/queryable over a unix socket.
 ``large``  echo of 1, 10 and 100 MiB: the floor, the fast lane's transparent
            shared memory (the default), an explicit ``SharedBuffer`` per call
-           (as :mod:`bench.zerocopy`'s round trip), pyzmq ``copy=False``,
-           iceoryx2 slices (loan, write, send), zenoh bytes.
+           (from the pool: ``allocate`` and one write into its view, and
+           ``copy_from``; ``Mirror`` answers with it), pyzmq ``copy=False``,
+           iceoryx2 slices (loan, write, send), zenoh bytes, and zenoh's
+           explicit shared-memory provider (alloc, write, get).
 
 Every variant's server is a process of its own (:mod:`bench.servers`,
 :mod:`bench.peer_servers`), up for the whole run. In round ``r`` the variants
@@ -111,14 +113,20 @@ def _candidates(part: str) -> list[tuple[Transport, Callable[[], str | None]]]:
         (floor, always),
         (Transport('ipc-sync-shm', 'SyncIPCHandler, fast lane, transparent shared memory (default)',
                    'ipc-sync', 'ipc', 'uds', 'shm', options=shm_options), shm.unavailable),
-        (Transport('ipc-sync-shared-buffer', 'SyncIPCHandler, explicit SharedBuffer (copy_from, Mirror)',
+        (Transport('ipc-sync-shared-buffer',
+                   'SyncIPCHandler, explicit SharedBuffer (allocate, write, Mirror)',
                    'ipc-sync-shared-buffer', 'ipc', 'uds', 'shm', options=shm_options), shm.unavailable),
+        (Transport('ipc-sync-shared-buffer-copy', 'SyncIPCHandler, explicit SharedBuffer (copy_from, Mirror)',
+                   'ipc-sync-shared-buffer-copy', 'ipc', 'uds', 'shm',
+                   options={**shm_options, 'copy_from': True}), shm.unavailable),
         (Transport('zmq-zero-copy', 'pyzmq REQ/REP, copy=False', 'zmq', 'zmq', 'ipc',
                    options={'copy': False}), module('zmq')),
         (Transport('iceoryx2-slice', 'iceoryx2 slices (loan, write, send), waiting on events', 'iceoryx2',
                    'iceoryx2-event', 'shm'), module('iceoryx2')),
         (Transport('zenoh-bytes', 'eclipse-zenoh bytes (its shared memory, used by itself)', 'zenoh',
                    'zenoh', 'uds'), module('zenoh')),
+        (Transport('zenoh-shm', 'eclipse-zenoh, explicit shared-memory provider (alloc, write, get)',
+                   'zenoh', 'zenoh', 'uds', options={'shm': True}), module('zenoh')),
     ]
 
 

@@ -33,6 +33,10 @@ PEER_TARGETS: tuple[tuple[str, str, int, str, str, str, float], ...] = (
      'ipc-sync-shared-buffer', 'iceoryx2-slice', 'p50', 2.0),
     ('explicit SharedBuffer, 100 MiB: within 2x of iceoryx2 slices', 'large', 100 * _M,
      'ipc-sync-shared-buffer', 'iceoryx2-slice', 'p50', 2.0),
+    ("explicit SharedBuffer, 10 MiB: faster than zenoh's explicit shared memory", 'large', 10 * _M,
+     'ipc-sync-shared-buffer', 'zenoh-shm', 'p50', 1.0),
+    ("explicit SharedBuffer, 100 MiB: faster than zenoh's explicit shared memory", 'large', 100 * _M,
+     'ipc-sync-shared-buffer', 'zenoh-shm', 'p50', 1.0),
 )
 
 

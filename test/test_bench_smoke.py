@@ -200,7 +200,9 @@ def test_streaming_section_compares_lanes_with_grpc_aio_and_a_socket_and_times_l
 PEER_SMALL = {'socket-uds': None, 'ipc-sync-ttrpc': None, 'ipc-aio-ttrpc': None, 'zmq-req-rep': 'zmq',
               'iceoryx2-event': 'iceoryx2', 'iceoryx2-spin': 'iceoryx2', 'zenoh-get': 'zenoh'}
 PEER_LARGE = {'socket-uds': None, 'ipc-sync-shm': None, 'ipc-sync-shared-buffer': None,
-              'zmq-zero-copy': 'zmq', 'iceoryx2-slice': 'iceoryx2', 'zenoh-bytes': 'zenoh'}
+              'ipc-sync-shared-buffer-copy': None,
+              'zmq-zero-copy': 'zmq', 'iceoryx2-slice': 'iceoryx2', 'zenoh-bytes': 'zenoh',
+              'zenoh-shm': 'zenoh'}
 
 
 def _installed(module: str | None) -> bool:

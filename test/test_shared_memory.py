@@ -4,10 +4,13 @@ processes over real Unix sockets.
 
 How the way a message travelled is observed, without mocks:
 
-- ``/proc/<pid>/io`` ``wchar`` counts the bytes a process passed to
-  ``write()``: a message put into a memfd adds its size, one sent through a
-  socket (``send``/``sendmsg``) adds nothing. So the client's count grows by
-  the request's size exactly when the request went as shared memory, the
+- What a process put into shared memory: ``/proc/<pid>/io`` ``wchar``
+  counts the bytes it passed to ``write()`` (a message put into a new memfd
+  adds its size, one sent through a socket with ``send``/``sendmsg`` adds
+  nothing), and its segment pool counts the bytes copied into pooled
+  segments (this process's directly, the server's in
+  ``vyra.ipc.Introspection/GetStats``). So the client's count grows by the
+  request's size exactly when the request went as shared memory, the
   server's by the reply's.
 - Hand-written ttrpc peers (ttrpc_peer's :class:`Peer`, :class:`RecordingServer`)
   see every frame's flags and the descriptors passed with it.
@@ -18,6 +21,9 @@ How the way a message travelled is observed, without mocks:
   mappings (``/proc/<pid>/maps``) of both processes, before and after.
 
 The servers use a 4 KiB threshold so that the boundary cases are fast.
+Both ends keep no free pooled segment here (``max_free_bytes`` 0): every
+segment dies once all its lends came back, so "nothing left behind" holds
+exactly; reuse is test_segment_pool.py's.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import grpc
 import numpy
 import pytest
 
-from conftest import LONG, SERVERS, ServerProcess, StartServer, wait_for
+from conftest import LONG, SERVERS, ServerProcess, StartServer, until, wait_for
 from servers.mappings import mapping_of
 from ttrpc_peer import REQUEST, RESPONSE, SHARED, Answer, Peer, PeerServer, frame_bytes, response_envelope
 from vyra_base_ipc import (
@@ -57,10 +63,15 @@ from vyra_base_ipc import (
 from vyra_base_ipc import ttrpc_pb2
 from vyra_base_ipc.exceptions import IPCRemoteError, IPCTimeoutError, IPCUnavailableError
 from vyra_base_ipc._methods import stub_methods
+from vyra_base_ipc._segment_pool import segment_pool
+from vyra_base_ipc.introspection_pb2 import StatsRequest
+from vyra_base_ipc.introspection_pb2_grpc import IntrospectionStub
 from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
 
 THRESHOLD = 4096
 OPTIONS = SharedMemoryOptions(threshold=THRESHOLD)
+#: Servers keep no free pooled segment either.
+NO_FREE = ('--pool-free-bytes', '0')
 MiB = 1 << 20
 #: max_message_bytes of both ends where 100 MiB messages must pass.
 LARGE_LIMIT = 128 * MiB
@@ -72,7 +83,7 @@ ECHO_SERVICE = 'vyra.ipc.test.EchoService'
 F_ADD_SEALS, F_GET_SEALS = 1033, 1034
 SEAL_SEAL, SEAL_SHRINK, SEAL_GROW, SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
 ALL_SEALS = SEAL_SEAL | SEAL_SHRINK | SEAL_GROW | SEAL_WRITE
-BUFFER_MAPPING = '/memfd:vyra-ipc-buffer (deleted)'
+BUFFER_MAPPING = '/memfd:vyra-ipc-segment (deleted)'
 
 CLIENT_KINDS = ['AsyncConnection', 'SyncConnection', 'IPCHandler', 'SyncIPCHandler']
 
@@ -134,22 +145,52 @@ def quiet_usage(pid: int | str, timeout: float = 10.0) -> Usage:
     return last
 
 
-def written(pid: int | str) -> int:
-    """Bytes ``pid`` passed to write() so far (memfds count, sockets do not)."""
+def written(pid: int | str, server: ServerProcess | None = None) -> int:
+    """Bytes ``pid`` put into shared memory so far: passed to write() (new
+    memfds count, sockets do not) and copied into pooled segments (of this
+    process, or of ``server``)."""
     with open(f'/proc/{pid}/io') as io:
-        return next(int(line.split()[1]) for line in io if line.startswith('wchar:'))
+        wchar = next(int(line.split()[1]) for line in io if line.startswith('wchar:'))
+    if server is None:
+        return wchar + segment_pool().stats['written']
+    return wchar + server_stats(server).segment_pool.written_bytes
+
+
+def server_stats(server: ServerProcess) -> Any:
+    with SyncIPCHandler(server.socket_path, IntrospectionStub, lane='grpc') as handler:
+        return handler.call_method('GetStats', StatsRequest())
+
+
+def pool_bytes(server: ServerProcess) -> int:
+    """Bytes of the server's pooled segments, free and lent."""
+    return server_stats(server).segment_pool.bytes
+
+
+def inspect_in_flight(server: ServerProcess) -> int:
+    return sum(entry.in_flight for entry in server_stats(server).methods
+               if entry.method == '/vyra.ipc.test.EchoService/Inspect')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def no_free_segments() -> Iterator[None]:
+    """This process keeps no free pooled segment during these tests."""
+    pool = segment_pool()
+    kept, pool.max_free_bytes = pool.max_free_bytes, 0
+    pool.trim()
+    yield
+    pool.max_free_bytes = kept
 
 
 class Meter:
     """``written()`` of this process and the server since creation."""
 
-    def __init__(self, server_pid: int) -> None:
-        self.server_pid = server_pid
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
         self.client_start = written('self')
-        self.server_start = written(server_pid)
+        self.server_start = written(server.pid, server)
 
     def read(self) -> tuple[int, int]:
-        return written('self') - self.client_start, written(self.server_pid) - self.server_start
+        return written('self') - self.client_start, written(self.server.pid, self.server) - self.server_start
 
 
 def dev_shm() -> set[str]:
@@ -210,7 +251,8 @@ class Arrival:
 
 class RecordingServer(PeerServer):
     """A ttrpc server written from the spec, in threads of this process: it
-    agrees to the Hello, records how each request arrived and answers with
+    agrees to the Hello (but for pooled segments: new memfds come to it),
+    records how each request arrived and answers with
     the request's own message, inline (EchoRequest and EchoReply share their
     field numbers, so Echo gets its request back) -- or with what ``forge``
     returns: (frame flags, Response bytes, descriptors to pass)."""
@@ -238,7 +280,12 @@ class RecordingServer(PeerServer):
                 self.arrivals.append(Arrival(f'/{request.service}/{request.method}', frame.flags,
                                              len(frame.fds), seals, sizes, payload))
                 flags, data, fds = 0, response_envelope(payload), []
-                if self.forge is not None and (request.service, request.method) != HELLO:
+                if (request.service, request.method) == HELLO:
+                    # As a vyra_base_ipc peer from before pooled segments: the field is unknown to it.
+                    hello = ttrpc_pb2.Hello.FromString(payload)
+                    hello.segment_pool = False
+                    data = response_envelope(hello.SerializeToString())
+                elif self.forge is not None:
                     flags, data, fds = self.forge(payload)
                 try:
                     peer.send(frame.stream_id, RESPONSE, flags, data, fds)
@@ -259,13 +306,14 @@ class RecordingServer(PeerServer):
 def shm_server(start_module_server: StartServer, module_socket_dir: Path) -> ServerProcess:
     """Shared memory above 4 KiB, messages up to LARGE_LIMIT."""
     return start_module_server(module_socket_dir / 's.sock', '--shared-memory-threshold', str(THRESHOLD),
-                               '--max-message-bytes', str(LARGE_LIMIT))
+                               *NO_FREE, '--max-message-bytes', str(LARGE_LIMIT))
 
 
 @pytest.fixture(scope='module')
 def victim(start_module_server: StartServer, module_socket_dir: Path) -> Iterator[ServerProcess]:
     """A server for forged input: nothing else talks to it."""
-    server = start_module_server(module_socket_dir / 'v.sock', '--shared-memory-threshold', str(THRESHOLD))
+    server = start_module_server(module_socket_dir / 'v.sock', '--shared-memory-threshold', str(THRESHOLD),
+                                 *NO_FREE)
     yield server
     server.stop()
     # Forged input is refused by checks, never by an exception in the server.
@@ -309,7 +357,7 @@ def exchange(kind: str, echo: Any, server: ServerProcess, method: str, request: 
             async with await AsyncConnection.connect(path, max_message_bytes=LARGE_LIMIT,
                                                      shared_memory=shared_memory) as connection:
                 await connection.call(methods['Echo'], warm_up, timeout=LONG)
-                meter = Meter(server.pid)
+                meter = Meter(server)
                 reply = await connection.call(methods[method], request, buffers=buffers, timeout=LONG,
                                               return_buffers=return_buffers)
                 outcome.append(Exchange(reply, *meter.read(), connection.shared_memory, 'ttrpc'))
@@ -319,7 +367,7 @@ def exchange(kind: str, echo: Any, server: ServerProcess, method: str, request: 
         with SyncConnection.connect(path, max_message_bytes=LARGE_LIMIT,
                                     shared_memory=shared_memory) as connection:
             connection.call(methods['Echo'], warm_up, timeout=LONG)
-            meter = Meter(server.pid)
+            meter = Meter(server)
             reply = connection.call(methods[method], request, buffers=buffers, timeout=LONG,
                                     return_buffers=return_buffers)
             return Exchange(reply, *meter.read(), connection.shared_memory, 'ttrpc')
@@ -328,7 +376,7 @@ def exchange(kind: str, echo: Any, server: ServerProcess, method: str, request: 
             async with IPCHandler(server.socket_path, echo.Stub, max_message_bytes=LARGE_LIMIT,
                                   shared_memory=shared_memory, lane=lane, timeout=LONG) as ipc:
                 await ipc.call_method('Echo', warm_up)
-                meter = Meter(server.pid)
+                meter = Meter(server)
                 reply = await ipc.call_method(method, request, buffers=buffers,
                                               return_buffers=return_buffers)
                 outcome.append(Exchange(reply, *meter.read(), None, ipc.lane_in_use or ''))
@@ -338,7 +386,7 @@ def exchange(kind: str, echo: Any, server: ServerProcess, method: str, request: 
     with SyncIPCHandler(server.socket_path, echo.Stub, max_message_bytes=LARGE_LIMIT,
                         shared_memory=shared_memory, lane=lane, timeout=LONG) as ipc:
         ipc.call_method('Echo', warm_up)
-        meter = Meter(server.pid)
+        meter = Meter(server)
         reply = ipc.call_method(method, request, buffers=buffers, return_buffers=return_buffers)
         return Exchange(reply, *meter.read(), None, ipc.lane_in_use or '')
 
@@ -447,7 +495,7 @@ def test_client_sends_above_the_threshold_in_sealed_shared_memory_and_at_it_inli
 
 def test_server_without_shared_memory_declines_it_in_the_hello_and_large_calls_go_inline(
         start_server: StartServer, socket_path: Path, echo: Any) -> None:
-    server = start_server(socket_path, '--no-shared-memory', '--shared-memory-threshold', str(THRESHOLD))
+    server = start_server(socket_path, '--no-shared-memory', '--shared-memory-threshold', str(THRESHOLD), *NO_FREE)
     peer = Peer.connect(server.ttrpc_path)
     try:
         assert hello(peer) == (0, '', False)
@@ -662,13 +710,13 @@ def test_answer_buffers_travel_inline_to_a_client_without_shared_memory(
 @pytest.mark.asyncio
 async def test_answer_buffers_nobody_asked_for_or_kept_leave_nothing_behind(
         echo: Any, start_server: StartServer, socket_path: Path) -> None:
-    server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD))
+    server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD), *NO_FREE)
     methods = stub_methods(echo.Stub)
     server_before = quiet_usage(server.pid)
+    gc.collect()
+    client_before = usage('self')
     async with await AsyncConnection.connect(server.ttrpc_path, shared_memory=OPTIONS) as connection:
         await connection.call(methods['Echo'], echo.pb.EchoRequest(), timeout=LONG)
-        gc.collect()
-        client_before = usage('self')
         with SharedBuffer.copy_from(os.urandom(32 * 1024)) as buffer:
             for index in range(200):
                 request = echo.pb.MirrorRequest(data=buffer.ref, copy=bool(index % 2))
@@ -681,7 +729,13 @@ async def test_answer_buffers_nobody_asked_for_or_kept_leave_nothing_behind(
                 else:
                     await connection.call(method, request, buffers=[buffer], timeout=LONG)
         await asyncio.sleep(0)  # the loop's last handle holds the last answer until its turn ends
-        settles('self', client_before, 'the client after 200 answers with buffers')
+        gc.collect()
+        # Every segment lent either way came back while the connection is open
+        # (neither end keeps free segments: returned, they are gone).
+        await until(lambda: pool_bytes(server) == 0, 10, 'the server to get back every segment it lent')
+        await until(lambda: segment_pool().total_bytes == 0, 10, 'this end to get back every segment')
+    # Mappings of the other end's segments go with the connection.
+    settles('self', client_before, 'the client after 200 answers with buffers')
     settles(server.pid, server_before, 'the server after 200 answers with buffers')
 
 
@@ -897,7 +951,7 @@ async def test_thousands_of_mixed_calls_leave_no_descriptor_or_mapping_behind(
         start_server: StartServer, socket_path: Path, echo: Any) -> None:
     # Deadlines with buffers held and batches of many descriptors: the
     # tests below too.
-    server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD))
+    server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD), *NO_FREE)
     path = server.ttrpc_path
     methods = stub_methods(echo.Stub)
     payload = os.urandom(16 * 1024)
@@ -989,7 +1043,7 @@ async def test_many_concurrent_large_calls_share_one_connection(
     # descriptors than one recvmsg() takes.
     async with await AsyncConnection.connect(shm_server.ttrpc_path, shared_memory=OPTIONS) as connection:
         await connection.call(method, echo.pb.EchoRequest(), timeout=LONG)
-        meter = Meter(shm_server.pid)
+        meter = Meter(shm_server)
         replies = await asyncio.gather(*(connection.call(method, echo.pb.EchoRequest(payload=payload))
                                          for _ in range(calls)))
         client_wrote, server_wrote = meter.read()
@@ -1016,7 +1070,7 @@ def test_a_call_passes_up_to_31_buffers_and_more_are_refused_before_sending(
 
 def test_server_lets_go_of_a_calls_buffers_when_the_call_ends(
         echo: Any, start_server: StartServer, socket_path: Path) -> None:
-    server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD))
+    server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD), *NO_FREE)
     before = quiet_usage(server.pid)
     with SharedBuffer.copy_from(os.urandom(64 * 1024)) as buffer:
         # A deadline, as IPCHandler always sets one (its timeout).
@@ -1029,10 +1083,10 @@ def test_server_lets_go_of_a_calls_buffers_when_the_call_ends(
 async def test_async_client_lets_go_of_an_answer_when_the_call_ends(
         echo: Any, shm_server: ServerProcess) -> None:
     method = stub_methods(echo.Stub)['Echo']
+    gc.collect()
+    before = usage('self')
     async with await AsyncConnection.connect(shm_server.ttrpc_path, shared_memory=OPTIONS) as connection:
         await connection.call(method, echo.pb.EchoRequest(), timeout=LONG)
-        gc.collect()
-        before = usage('self')
         for _ in range(10):
             reply = await connection.call(method, echo.pb.EchoRequest(payload=os.urandom(16 * 1024)),
                                           timeout=LONG)
@@ -1041,13 +1095,16 @@ async def test_async_client_lets_go_of_an_answer_when_the_call_ends(
         # The event loop holds the handle that woke this task (and with it
         # the last answer's future) until the end of its turn: end it.
         await asyncio.sleep(0)
-        settles('self', before, 'the client after 10 calls with answers in shared memory', timeout=5)
+        # The answers' segments went back to the server (which keeps no free
+        # one) while the connection is open.
+        await until(lambda: pool_bytes(shm_server) == 0, 10, 'the server to get back the answers')
+    settles('self', before, 'the client after 10 calls with answers in shared memory', timeout=5)
 
 
 @pytest.mark.parametrize('ending', ['deadline', 'client gone'])
 def test_server_lets_go_of_the_buffers_of_a_cancelled_call(
         ending: str, echo: Any, start_server: StartServer, socket_path: Path) -> None:
-    server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD))
+    server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD), *NO_FREE)
     before = quiet_usage(server.pid)
     method = stub_methods(echo.Stub)['Inspect']
     with SharedBuffer.copy_from(os.urandom(64 * 1024)) as buffer:
@@ -1062,8 +1119,8 @@ def test_server_lets_go_of_the_buffers_of_a_cancelled_call(
                                                                   request, buffers=[buffer]),
                                      daemon=True).start()
             if ending == 'client gone':
-                wait_for(lambda: usage(server.pid).mappings >= before.mappings + 5, 10,
-                         'the server to map the five buffers')
+                # One mapping of the buffer's segment serves all five calls.
+                wait_for(lambda: inspect_in_flight(server) == 5, 10, 'the server to start the five calls')
     settles(server.pid, before, f'the server after calls ended by {ending}', timeout=5)
 
 
@@ -1071,7 +1128,7 @@ def test_server_lets_go_of_the_buffers_of_a_cancelled_call(
 async def test_killing_the_server_mid_call_leaves_the_client_nothing(
         start_server: StartServer, socket_path: Path, echo: Any) -> None:
     shm_before = dev_shm()
-    server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD))
+    server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD), *NO_FREE)
     methods = stub_methods(echo.Stub)
     gc.collect()
     client_before = usage('self')
@@ -1112,7 +1169,7 @@ async def test_killing_the_server_mid_call_leaves_the_client_nothing(
 def test_killing_a_client_mid_call_leaves_the_server_nothing(
         start_server: StartServer, socket_path: Path, echo: Any, child_env: dict[str, str]) -> None:
     shm_before = dev_shm()
-    server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD))
+    server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD), *NO_FREE)
     server_before = quiet_usage(server.pid)
     client = subprocess.Popen([sys.executable, str(SERVERS / 'shm_peer.py'), str(server.ttrpc_path), 'loop'],
                               stdout=subprocess.PIPE, text=True, env=child_env)
@@ -1137,7 +1194,7 @@ def test_killing_a_client_mid_call_leaves_the_server_nothing(
 
 def test_without_memfd_a_client_warns_and_calls_go_inline(
         shm_server: ServerProcess, child_env: dict[str, str]) -> None:
-    meter = Meter(shm_server.pid)
+    meter = Meter(shm_server)
     result = subprocess.run([sys.executable, str(SERVERS / 'shm_peer.py'), str(shm_server.ttrpc_path),
                              'no-memfd-client'], capture_output=True, text=True, env=child_env, timeout=60)
     assert result.returncode == 0, result.stderr

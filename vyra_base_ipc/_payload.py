@@ -43,9 +43,12 @@ __all__ = [
     'DEFAULT_SHARED_MEMORY_THRESHOLD',
     'MAX_BUFFERS_PER_MESSAGE',
     'MAX_FDS_PER_MESSAGE',
+    'MFD_FLAGS',
+    'POOL_SEALS',
     'SharedMemoryError',
     'SharedMemoryOptions',
     'TooLargeError',
+    'check_sealed',
     'close_fds',
     'map_sealed',
     'seal_bytes',
@@ -71,8 +74,13 @@ _F_SEAL_SEAL = 0x0001
 _F_SEAL_SHRINK = 0x0002
 _F_SEAL_GROW = 0x0004
 _F_SEAL_WRITE = 0x0008
+# Linux 5.1: no new writable mapping and no write(); the mappings that exist
+# stay writable (a pooled segment's owner keeps writing through its own).
+_F_SEAL_FUTURE_WRITE = 0x0010
 _SEALS = _F_SEAL_SEAL | _F_SEAL_SHRINK | _F_SEAL_GROW | _F_SEAL_WRITE
-_MFD_FLAGS = getattr(os, 'MFD_CLOEXEC', 1) | getattr(os, 'MFD_ALLOW_SEALING', 2)
+#: The seals of a pooled segment (see :mod:`vyra_base_ipc._segment_pool`).
+POOL_SEALS = _F_SEAL_SEAL | _F_SEAL_SHRINK | _F_SEAL_GROW | _F_SEAL_FUTURE_WRITE
+MFD_FLAGS = getattr(os, 'MFD_CLOEXEC', 1) | getattr(os, 'MFD_ALLOW_SEALING', 2)
 # Map every page at once: one system call instead of a page fault per 4 KiB.
 _MAP_POPULATE = mmap.MAP_SHARED | getattr(mmap, 'MAP_POPULATE', 0)
 # Before Python 3.13 every mmap keeps a duplicate of its descriptor open, so
@@ -152,7 +160,7 @@ def _probe() -> str | None:
     if not hasattr(os, 'memfd_create'):
         return 'os.memfd_create is not available on this platform'
     try:
-        fd = os.memfd_create('vyra-ipc-probe', _MFD_FLAGS)
+        fd = os.memfd_create('vyra-ipc-probe', MFD_FLAGS)
     except OSError as error:
         return f'memfd_create failed: {error.strerror}'
     try:
@@ -172,7 +180,7 @@ def seal_bytes(data: Any, name: str = 'vyra-ipc') -> int:
     """
     view = memoryview(data).cast('B')
     try:
-        fd = os.memfd_create(name, _MFD_FLAGS)
+        fd = os.memfd_create(name, MFD_FLAGS)
     except OSError as error:
         raise SharedMemoryError(f'cannot create shared memory: {error.strerror}') from None
     try:
@@ -193,31 +201,48 @@ def seal_bytes(data: Any, name: str = 'vyra-ipc') -> int:
     return fd
 
 
-def map_sealed(fd: int, size: int, what: str, populate: bool = True) -> memoryview:
-    """Map a received memfd read-only after checking that it is what the
-    sender announced: a memfd sealed against writes, shrinking and growing,
-    exactly ``size`` bytes long. Does not close ``fd``; the mapping stays
-    valid after it is closed and is unmapped when the view is released.
+def check_sealed(fd: int, what: str, lent: bool = False) -> int:
+    """The size of a received memfd, after checking that it cannot shrink,
+    grow or be written: sealed with ``F_SEAL_WRITE``, or for a segment ``lent``
+    from the owner's pool, ``F_SEAL_FUTURE_WRITE`` (only the owner's mapping,
+    made before the seal, can write; it does not before the segment is
+    released).
 
-    :param what: names the buffer in errors, e.g. ``'the request'``.
-    :param populate: map every page now (for a message about to be parsed
-        whole); otherwise pages are mapped as they are first read.
-    :raises SharedMemoryError: the descriptor is refused; nothing is mapped.
+    :raises SharedMemoryError: not such a memfd.
     """
     try:
         seals = fcntl.fcntl(fd, _F_GET_SEALS)
     except OSError as error:
         raise SharedMemoryError(f'{what}: the descriptor is not a sealable memfd '
                                 f'({error.strerror})') from None
+    if lent and seals & _F_SEAL_FUTURE_WRITE:
+        seals |= _F_SEAL_WRITE
     missing = ~seals & (_F_SEAL_SHRINK | _F_SEAL_GROW | _F_SEAL_WRITE)
     if missing:
         names = [name for bit, name in ((_F_SEAL_SHRINK, 'shrink'), (_F_SEAL_GROW, 'grow'),
                                         (_F_SEAL_WRITE, 'write')) if missing & bit]
         raise SharedMemoryError(f'{what}: the memfd is not sealed against {", ".join(names)}')
     status = os.fstat(fd)
-    if not stat.S_ISREG(status.st_mode) or status.st_size != size:
-        raise SharedMemoryError(f'{what}: the memfd holds {status.st_size} bytes, '
-                                f'{size} were announced')
+    if not stat.S_ISREG(status.st_mode):
+        raise SharedMemoryError(f'{what}: the descriptor is not a memfd')
+    return status.st_size
+
+
+def map_sealed(fd: int, size: int, what: str, populate: bool = True) -> memoryview:
+    """Map a received memfd read-only after checking that it is what the
+    sender announced: a memfd sealed against writes, shrinking and growing
+    (:func:`check_sealed`), exactly ``size`` bytes long. Does not close
+    ``fd``; the mapping stays valid after it is closed and is unmapped when
+    the view is released.
+
+    :param what: names the buffer in errors, e.g. ``'the request'``.
+    :param populate: map every page now (for a message about to be parsed
+        whole); otherwise pages are mapped as they are first read.
+    :raises SharedMemoryError: the descriptor is refused; nothing is mapped.
+    """
+    actual = check_sealed(fd, what)
+    if actual != size:
+        raise SharedMemoryError(f'{what}: the memfd holds {actual} bytes, {size} were announced')
     if size == 0:
         return memoryview(b'')
     try:

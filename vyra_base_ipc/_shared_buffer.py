@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 import warnings
 
 from google.protobuf import message_factory
@@ -33,6 +33,10 @@ from ._payload import (
     seal_bytes,
     shared_memory_unavailable,
 )
+from ._segment_pool import Segment, new_segment, pool_unavailable, segment_pool
+
+if TYPE_CHECKING:
+    from .ttrpc._segment_link import SegmentLink
 
 __all__ = [
     'ReceivedBuffers',
@@ -54,46 +58,97 @@ class SharedBuffer:
     """Bytes in sealed shared memory, handed to the other process by
     reference instead of being copied through the socket.
 
-    Create one with :meth:`copy_from` (the one copy), put :attr:`ref` in a
-    ``vyra.ipc.SharedBufferRef`` field of a request, and pass the buffer with
-    the call::
+    Write into one in place (:meth:`allocate`), or copy bytes into one
+    (:meth:`copy_from`); put :attr:`ref` in a ``vyra.ipc.SharedBufferRef``
+    field of a request, and pass the buffer with the call::
 
-        frame = SharedBuffer.copy_from(image)        # bytes, memoryview, ndarray
-        request = DetectRequest(image=frame.ref)
-        await ipc.call_method('Detect', request, buffers=[frame])
+        with SharedBuffer.allocate(width * height * 3) as frame:
+            camera.read_into(frame.view())            # or numpy.frombuffer(frame.view(), ...)
+            request = DetectRequest(image=frame.ref)
+            await ipc.call_method('Detect', request, buffers=[frame])
 
-    The contents can never change (the memfd is sealed), so one buffer may be
-    sent any number of times, to any number of calls, concurrently. Close it
-    (or use ``with``) when no more calls will send it; receivers keep their
-    mappings independently of that. Thread-safe.
+    Sent, its contents never change again (the owner's pages are not
+    written while any receiver may read them, see :mod:`._segment_pool`), so
+    one buffer may be sent any number of times, to any number of calls,
+    concurrently. Close it (or use ``with``) when no more calls will send
+    it: its memory goes back to this process's pool once every receiver let
+    go of it too. Thread-safe.
 
     Buffers received from the other side are SharedBuffers too (see
     :class:`ReceivedBuffers`): read them with :meth:`view`, or send them on
     unchanged, without a copy.
     """
 
-    __slots__ = ('_fd', '_size', '_handle', '_view', '_managed', '__weakref__')
+    __slots__ = ('_fd', '_size', '_handle', '_view', '_managed', '_segment', '_lent', '_sent',
+                 '__weakref__')
 
     def __init__(self, fd: int, size: int, handle: int | None = None, *,
-                 view: memoryview | None = None, managed: bool = False) -> None:
+                 view: memoryview | None = None, managed: bool = False,
+                 segment: Segment | None = None, lent: bool = False) -> None:
         """Take ownership of ``fd``, a sealed memfd of ``size`` bytes (use
-        :meth:`copy_from` to make one).
+        :meth:`allocate` or :meth:`copy_from` to make one).
 
         :param handle: the name of the buffer in references (random if ``None``).
         :param view: a read-only mapping of it, if one was made already.
         :param managed: made by the library (received, or held for an
             answer): closed without a warning when garbage-collected.
+        :param segment: the pooled segment of this process that holds it
+            (this object is one of its users until closed).
+        :param lent: ``view`` is a segment another process lent to this one
+            (given back when the view is gone).
         """
         self._fd = fd
         self._size = size
         self._handle = secrets.randbits(64) if handle is None else handle
         self._view = view
         self._managed = managed
+        self._segment = segment
+        self._lent = lent
+        self._sent = segment is None
+
+    @classmethod
+    def allocate(cls, size: int) -> 'SharedBuffer':
+        """A new buffer of ``size`` bytes to write in place, from this
+        process's pool of shared memory (a new segment if the pool is
+        exhausted): :meth:`view` is writable until the buffer is first sent
+        (or :meth:`freeze` d), read-only afterwards. Write a camera frame or
+        a NumPy array straight into it, send it: no copy on the way. Its
+        bytes are not zeroed (a reused segment holds what it held before).
+
+        :raises TypeError, ValueError: ``size`` is not a non-negative int.
+        :raises SharedMemoryError: shared memory is unavailable here (or
+            pooled segments are: Linux before 5.1).
+        """
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise TypeError(f'size must be an int, not {type(size).__name__}')
+        if size < 0:
+            raise ValueError(f'size must be >= 0, not {size}')
+        reason = shared_memory_unavailable() or pool_unavailable()
+        if reason is not None:
+            raise SharedMemoryError(f'shared memory is not available: {reason}')
+        return cls._pooled(size)
+
+    @classmethod
+    def _pooled(cls, size: int, fill: Any = None) -> 'SharedBuffer':
+        # From the pool, or a segment of its own if the pool is full.
+        pool = segment_pool()
+        segment = pool.acquire(size, fill)
+        if segment is None:
+            segment = new_segment(size, fill=fill)
+            if fill is not None:
+                pool.count_written(size)
+        try:
+            fd = os.dup(segment.fd)
+        except OSError as error:
+            segment.unuse()
+            raise SharedMemoryError(f'cannot hold shared memory: {error.strerror}') from None
+        return cls(fd, size, segment=segment)
 
     @classmethod
     def copy_from(cls, data: Any) -> 'SharedBuffer':
         """Copy ``data`` (anything with the buffer protocol: bytes, bytearray,
-        memoryview, a C-contiguous NumPy array) into new sealed shared memory.
+        memoryview, a C-contiguous NumPy array) into shared memory from the
+        pool (see :meth:`allocate`); the buffer is frozen.
 
         :raises TypeError: ``data`` does not expose a buffer.
         :raises ValueError: ``data`` is not contiguous.
@@ -106,13 +161,25 @@ class SharedBuffer:
         reason = shared_memory_unavailable()
         if reason is not None:
             raise SharedMemoryError(f'shared memory is not available: {reason}')
-        return cls(seal_bytes(view, 'vyra-ipc-buffer'), view.nbytes)
+        if pool_unavailable() is not None:
+            return cls(seal_bytes(view, 'vyra-ipc-buffer'), view.nbytes)
+        buffer = cls._pooled(view.nbytes, view)
+        buffer._sent = True
+        return buffer
 
     def share(self) -> 'SharedBuffer':
         """Another SharedBuffer for the same memory, with a descriptor of its
         own (closed without a warning when garbage-collected): what the
-        library keeps of a buffer until it has been sent."""
-        return SharedBuffer(self.dup(), self._size, self._handle, view=self._view, managed=True)
+        library keeps of a buffer until it has been sent. Freezes this one
+        (it is as good as sent)."""
+        self._sent = True
+        segment = self._segment
+        if segment is not None:
+            segment.use()
+        shared = SharedBuffer(self.dup(), self._size, self._handle, view=self._view, managed=True,
+                              segment=segment, lent=self._lent)
+        shared._sent = True
+        return shared
 
     @property
     def size(self) -> int:
@@ -135,6 +202,17 @@ class SharedBuffer:
         """Whether this object no longer holds its memfd (closed, or handed over)."""
         return self._fd < 0
 
+    @property
+    def writable(self) -> bool:
+        """Whether :meth:`view` is writable (allocated, not yet sent or frozen)."""
+        return not self._sent and self._fd >= 0
+
+    def freeze(self) -> None:
+        """Make the contents final: :meth:`view` is read-only from now on
+        (sending does this too). Views taken before stay writable: do not
+        write through them once the buffer was sent."""
+        self._sent = True
+
     def fileno(self) -> int:
         """The memfd (owned by this object).
 
@@ -149,18 +227,47 @@ class SharedBuffer:
         return os.dup(self.fileno())
 
     def view(self) -> memoryview:
-        """A read-only view of the contents, mapping the shared pages (no
-        copy); valid as long as it is referenced, even after :meth:`close`.
+        """A view of the contents, mapping the shared pages (no copy):
+        writable for a buffer :meth:`allocate` d and not yet sent, read-only
+        otherwise. Valid as long as it is referenced, even after
+        :meth:`close`: the memory is not reused while it is.
 
         :raises ValueError: the buffer is closed.
         """
+        fd = self.fileno()
+        segment = self._segment
+        if segment is not None:
+            return segment.user_view(self._size, not self._sent)
         if self._view is None:
-            self._view = map_sealed(self.fileno(), self._size, repr(self), populate=False)
+            self._view = map_sealed(fd, self._size, repr(self), populate=False)
         return self._view
 
     def read(self) -> bytes:
         """A copy of the contents (without mapping them)."""
         return os.pread(self.fileno(), self._size, 0) if self._size else b''
+
+    def lend_to(self, link: SegmentLink | None) -> tuple[int, int, int]:
+        """How this buffer goes with a message: ``(descriptor, lend id,
+        segment id)`` (zeros where it is not lent, or not from this
+        process's pool). Freezes it. Pooled memory is lent on ``link`` (the connection's, if
+        it agreed on pooled segments; the lend holds it); where it was not
+        agreed, a new sealed memfd holds a copy (an older peer accepts only
+        those). The caller owns the descriptor.
+
+        :raises ValueError: the buffer is closed.
+        :raises SharedMemoryError: no memfd could be made for the copy.
+        """
+        self.fileno()
+        self._sent = True
+        segment = self._segment
+        if segment is None and not self._lent:
+            return self.dup(), 0, 0
+        if link is None:
+            return seal_bytes(self.view(), 'vyra-ipc-buffer'), 0, 0
+        if segment is not None:
+            segment.use()
+            return os.dup(segment.fd), link.lend(segment), segment.id
+        return self.dup(), link.lend(self._view), 0  # keeps this end's lend from its owner
 
     def close(self) -> None:
         """Close this process's descriptor and let go of its mapping;
@@ -170,6 +277,9 @@ class SharedBuffer:
         fd = self._take()
         if fd >= 0:
             os.close(fd)
+        segment, self._segment = self._segment, None
+        if segment is not None:
+            segment.unuse()
 
     def _take(self) -> int:
         # Hand the descriptor over: this object is closed without closing it.
@@ -277,7 +387,9 @@ def received_buffer(ref: Any, source: Any = None) -> SharedBuffer:
     """
     if ref.inline_data or ref.size == 0:
         copy = SharedBuffer.copy_from(ref.inline_data)
-        return SharedBuffer(copy._take(), copy.size, ref.handle, managed=True)
+        copy._handle = ref.handle
+        copy._managed = True
+        return copy
     buffers = source if isinstance(source, ReceivedBuffers) else getattr(source, '_buffers', None)
     return (buffers or _NONE).buffer(ref)
 

@@ -33,6 +33,7 @@ from ._options import (
 )
 from ._payload import SharedMemoryOptions
 from ._request_guard import guard_handlers
+from ._segment_pool import segment_pool
 from ._socket_file import SocketFile
 from .address import (
     StrPath,
@@ -240,7 +241,13 @@ class IPCServer:
         connections = {'grpc': unix_connections(self._bound_path) if self._bound_path else 0}
         if self._ttrpc is not None:
             connections['ttrpc'] = self._ttrpc.connection_count
-        return self.metrics.snapshot(connections)
+        stats = self.metrics.snapshot(connections)
+        pool = segment_pool().snapshot()
+        stats.segment_pool.SetInParent()
+        for name in ('bytes', 'free_bytes', 'created', 'reused', 'dropped', 'exhausted'):
+            setattr(stats.segment_pool, name, pool[name])
+        stats.segment_pool.written_bytes = pool['written']
+        return stats
 
     # -- lifecycle ------------------------------------------------------------------
 

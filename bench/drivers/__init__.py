@@ -36,6 +36,7 @@ DRIVERS: dict[str, tuple[str, str]] = {
     'rclpy': ('ros', 'RclpyDriver'),
     'rclpy-trigger': ('ros', 'RclpyTriggerDriver'),
     'ipc-sync-shared-buffer': ('ipc', 'SharedBufferDriver'),
+    'ipc-sync-shared-buffer-copy': ('ipc', 'SharedBufferDriver'),
     'zmq': ('zmq_req', 'ZmqDriver'),
     'iceoryx2': ('iceoryx2_rr', 'Iceoryx2Driver'),
     'zenoh': ('zenoh_get', 'ZenohDriver'),

@@ -77,10 +77,12 @@ class IpcAioDriver:
 
 
 class SharedBufferDriver:
-    """The explicit path, as :mod:`bench.zerocopy`'s round trip: per call,
-    ``SharedBuffer.copy_from(payload)`` (the one copy), ``Mirror`` on the fast
-    lane (the handler answers with the buffer it got), and the reply's view
-    mapped; its length is the call's result."""
+    """The explicit path, per call: a buffer from the pool filled with the
+    payload (``SharedBuffer.allocate`` and one write into its view, as a
+    camera driver or NumPy would; with ``{'copy_from': True}`` in the
+    transport's options, ``SharedBuffer.copy_from(payload)``), ``Mirror`` on
+    the fast lane (the handler answers with the buffer it got), and the
+    reply's view mapped; its length is the call's result."""
 
     asynchronous = False
 
@@ -88,8 +90,10 @@ class SharedBufferDriver:
         from vyra_base_ipc import SyncIPCHandler
 
         self._pb, pb_grpc = _modules()
+        options = dict(transport.get('options', {}))
+        self._copy_from = bool(options.pop('copy_from', False))
         self._handler = SyncIPCHandler(addresses['ipc'], pb_grpc.BenchServiceStub,
-                                       timeout=_TIMEOUT, **transport.get('options', {}))
+                                       timeout=_TIMEOUT, **options)
 
     def open(self) -> None:
         self._handler.connect()
@@ -97,22 +101,31 @@ class SharedBufferDriver:
     def close(self) -> None:
         self._handler.disconnect()
 
-    def echo(self, payload: bytes) -> Callable[[], int]:
-        from vyra_base_ipc import SharedBuffer, shared_buffer
+    def _fill(self, payload: bytes) -> Any:
+        from vyra_base_ipc import SharedBuffer
 
-        call_method, request_type = self._handler.call_method, self._pb.BufferRequest
+        if self._copy_from:
+            return SharedBuffer.copy_from(payload)
+        buffer = SharedBuffer.allocate(len(payload))
+        buffer.view()[:] = payload  # the one write, into the pooled pages
+        return buffer
+
+    def echo(self, payload: bytes) -> Callable[[], int]:
+        from vyra_base_ipc import shared_buffer
+
+        call_method, request_type, fill = self._handler.call_method, self._pb.BufferRequest, self._fill
 
         def call() -> int:
-            with SharedBuffer.copy_from(payload) as buffer:
+            with fill(payload) as buffer:
                 reply, received = call_method('Mirror', request_type(data=buffer.ref),
                                               buffers=[buffer], return_buffers=True)
                 return len(shared_buffer(reply.data, received))
         return call
 
     def roundtrip(self, payload: bytes) -> bytes:
-        from vyra_base_ipc import SharedBuffer, shared_buffer
+        from vyra_base_ipc import shared_buffer
 
-        with SharedBuffer.copy_from(payload) as buffer:
+        with self._fill(payload) as buffer:
             reply, received = self._handler.call_method(
                 'Mirror', self._pb.BufferRequest(data=buffer.ref), buffers=[buffer], return_buffers=True)
             return bytes(shared_buffer(reply.data, received))

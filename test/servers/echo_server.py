@@ -5,6 +5,7 @@ Usage: echo_server.py SOCKET_PATH [--max-message-bytes N] [--grace-period S]
        [--max-workers N] [--maximum-concurrent-rpcs N] [--socket-group G]
        [--ttrpc-socket-path PATH | --no-ttrpc]
        [--shared-memory-threshold N] [--shared-memory-max-bytes N | --no-shared-memory]
+       [--pool-bytes N] [--pool-free-bytes N]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from vyra_base_ipc import (
     run,
     shared_buffer,
 )
+from vyra_base_ipc._segment_pool import segment_pool
 from vyra_base_ipc.demo.backend_service import BackendService
 from vyra_ipc_test import echo_pb2, echo_pb2_grpc
 
@@ -144,12 +146,20 @@ def main() -> None:
     parser.add_argument('--shared-memory-threshold', type=int, default=None)
     parser.add_argument('--shared-memory-max-bytes', type=int, default=None)
     parser.add_argument('--no-shared-memory', dest='shared_memory', action='store_false')
+    parser.add_argument('--pool-bytes', type=int, default=None,
+                        help="bound of the process's pool of shared-memory segments")
+    parser.add_argument('--pool-free-bytes', type=int, default=None,
+                        help='free segments the pool keeps (0: none, every segment dies when returned)')
     parser.add_argument('--limits', default=None, help='ServerLimits fields as JSON')
     parser.add_argument('--config-dir', action='append', default=None,
                         help="a directory ModuleService's Initialize may read (repeatable)")
     parser.add_argument('--busy-poll', type=float, default=DEFAULT_BUSY_POLL,
                         help='seconds the event loop polls before it sleeps (0: plain asyncio loop)')
     options = parser.parse_args()
+    if options.pool_bytes is not None:
+        segment_pool().max_bytes = options.pool_bytes
+    if options.pool_free_bytes is not None:
+        segment_pool().max_free_bytes = options.pool_free_bytes
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     kwargs = {}
     if options.limits is not None:

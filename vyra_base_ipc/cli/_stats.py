@@ -1,6 +1,6 @@
 """``vyra-ipc stats TARGET``: the server's metrics (``vyra.ipc.Introspection/
-GetStats``): per lane connections and bytes, per method and lane calls,
-calls running, errors by status and latency."""
+GetStats``): per lane connections and bytes, the shared-memory segment pool,
+per method and lane calls, calls running, errors by status and latency."""
 
 from __future__ import annotations
 
@@ -44,6 +44,10 @@ def lines(stats: Stats) -> Iterator[str]:
                size(lane.inline_bytes_sent), size(lane.shared_memory_bytes_received),
                size(lane.shared_memory_bytes_sent)) for lane in stats.lanes]
     yield from table(lanes, right=range(1, 6))
+    pool = stats.segment_pool
+    if pool.created:
+        yield (f'segment pool {size(pool.bytes)} ({size(pool.free_bytes)} free): made {pool.created}, '
+               f'reused {pool.reused}, full {pool.exhausted}')
     yield ''
     by_method: dict[str, list[MethodStats]] = defaultdict(list)
     for method in stats.methods:

@@ -267,6 +267,9 @@ class AsyncConnection:
                 raise timeout_error(method) from None
             if protocol.core.hello is hello:  # else another call settled it meanwhile
                 protocol.core.settle(item)
+                segments = protocol.core.agreement.segments
+                if segments is not None:  # RELEASE frames leave from the loop
+                    segments.attach(protocol.loop, protocol.send)
         return protocol
 
     @property
@@ -325,7 +328,7 @@ class AsyncConnection:
             protocol = await self._begin(method, False, deadline)
             outcome = Outcome(method, self.max_message_bytes)
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
-                               protocol.core.agreement.shared_memory, buffers)
+                               protocol.core.agreement, buffers)
             loop = protocol.loop
             if method.kind.request_streaming:
                 stream = _AsyncStream(loop)
@@ -382,7 +385,7 @@ class AsyncConnection:
             outcome = Outcome(method, self.max_message_bytes)
             loop = protocol.loop
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
-                               protocol.core.agreement.shared_memory)
+                               protocol.core.agreement)
             stream = _AsyncStream(loop)
             stream_id = protocol.open(stream, prepared)
             sender = (loop.create_task(self._send_requests(stream_id, method, request, stream))
@@ -419,7 +422,7 @@ class AsyncConnection:
         the server has not granted credit. A failure (the iterator raised, a
         message too large) ends the call with it."""
         protocol = self._protocol
-        shared = protocol.core.agreement.shared_memory
+        shared = protocol.core.agreement
         credit = stream.credit
         try:
             async for message in _messages(requests):

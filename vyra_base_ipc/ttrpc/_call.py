@@ -50,6 +50,7 @@ from ._frames import (
     window_increment,
 )
 from ._messages import Metadata, code_of, decode_response, encode_request, metadata_to_wire
+from ._segment_link import SegmentLink
 from ._shared_memory import outgoing, unpack
 
 __all__ = ['ClientCore', 'ClientStream', 'Item', 'Outcome', 'Prepared', 'SenderFailed']
@@ -58,6 +59,7 @@ _REQUEST = int(MessageType.REQUEST)
 _RESPONSE = int(MessageType.RESPONSE)
 _DATA = int(MessageType.DATA)
 _WINDOW_UPDATE = int(MessageType.WINDOW_UPDATE)
+_RELEASE = int(MessageType.RELEASE)
 CLOSE_SEND = FLAG_REMOTE_CLOSED | FLAG_NO_DATA
 
 #: What a call receives: a frame, an oversized frame's header, or an error.
@@ -74,16 +76,18 @@ class Prepared:
     """A call's request frame, checked and encoded, with the descriptors to
     pass with it (owned until sent: :meth:`discard` on failure)."""
 
-    __slots__ = ('method', 'deadline', 'frame_flags', 'envelope', 'fds')
+    __slots__ = ('method', 'deadline', 'frame_flags', 'envelope', 'fds', 'lends', 'segments')
 
     def __init__(self, method: Method, deadline: Deadline | None, metadata: Metadata | None,
-                 payload: bytes, shared: SharedMemoryOptions | None = None,
+                 payload: bytes, agreement: _hello.Agreement = _hello.PLAIN,
                  buffers: Sequence[SharedBuffer] = ()) -> None:
         self.method = method
         self.deadline = deadline
         service, name = _split_path(method.path)
+        self.lends: list[int] = []
+        self.segments = agreement.segments
         try:
-            payload, self.fds, self.frame_flags = outgoing(payload, shared, buffers)
+            payload, self.fds, self.frame_flags = outgoing(payload, agreement, buffers, self.lends)
         except SharedMemoryError as error:
             raise error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error),
                                     method=method.path) from None
@@ -105,10 +109,12 @@ class Prepared:
 
     def discard(self) -> None:
         close_fds(self.take_fds())
+        if self.lends and self.segments is not None:
+            self.segments.cancel(self.lends)
 
 
 def prepare(method: Method, request: Any, deadline: Deadline | None, metadata: Metadata | None,
-            limit: int, shared: SharedMemoryOptions | None, buffers: Sequence[SharedBuffer] = ()
+            limit: int, agreement: _hello.Agreement, buffers: Sequence[SharedBuffer] = ()
             ) -> Prepared:
     """The request frame of a call. A unary request is serialized into it
     (explicit buffers go inline into the message, a copy, where the
@@ -117,18 +123,18 @@ def prepare(method: Method, request: Any, deadline: Deadline | None, metadata: M
         if buffers:
             check_buffers(method.path, True, buffers)
         return Prepared(method, deadline, metadata, b'')
-    if shared is None:
+    if agreement.shared_memory is None:
         request = inline_request(method.path, False, request, buffers)
     elif buffers:
         check_buffers(method.path, False, buffers)
-    return Prepared(method, deadline, metadata, serialize(method, request, limit), shared, buffers)
+    return Prepared(method, deadline, metadata, serialize(method, request, limit), agreement, buffers)
 
 
 def data_frame(stream_id: int, method: Method, message: Any, limit: int,
-               shared: SharedMemoryOptions | None) -> tuple[bytes, list[int], int]:
+               agreement: _hello.Agreement) -> tuple[bytes, list[int], int]:
     """A streamed request message as a data frame: (frame, descriptors, cost against the window)."""
     payload = serialize(method, message, limit)
-    data, fds, flags = outgoing(payload, shared)
+    data, fds, flags = outgoing(payload, agreement)
     return encode_frame(stream_id, _DATA, flags, data), fds, message_cost(len(payload))
 
 
@@ -423,8 +429,19 @@ class ClientCore:
             return None
         return encode_cancel(stream_id)
 
+    def release_frame(self) -> bytes:
+        """RELEASE frames for the server's segments this end let go of (b'' if none)."""
+        segments = self.agreement.segments
+        return b'' if segments is None else segments.release_frame()
+
+    def end_segments(self) -> None:
+        """The connection is gone: give back every lend (:meth:`SegmentLink.close`)."""
+        if self.agreement.segments is not None:
+            self.agreement.segments.close()
+
     def fail_all(self, error: IPCUnavailableError) -> None:
         """The connection is gone: every call gets ``error``."""
+        self.end_segments()
         streams, self.streams = self.streams, {}
         for target in streams.values():
             if isinstance(target, ClientStream) and target.credit is not None:
@@ -446,9 +463,12 @@ class ClientCore:
                     return 'shared memory from a server that was not offered it'
                 try:
                     routed = _resolve_shared(frame, self.decoder.take_fds, self.message_limit,
-                                             self.offered.max_bytes)
+                                             self.offered.max_bytes, self.agreement.segments)
                 except ValueError as error:
                     return str(error)
+            elif frame.type == _RELEASE:
+                segments = self.agreement.segments
+                return None if segments is None else segments.released(frame.data)
             elif frame.type == _WINDOW_UPDATE:
                 target = streams.get(stream_id)
                 if isinstance(target, ClientStream) and target.credit is not None:
@@ -468,7 +488,7 @@ class ClientCore:
 
 
 def _resolve_shared(frame: Frame, take_fds: Callable[[int], list[int]], message_limit: int,
-                    buffer_limit: int) -> Item:
+                    buffer_limit: int, segments: SegmentLink | None) -> Item:
     """A frame flagged :data:`FLAG_SHARED_MEMORY` with its message fetched
     from shared memory (as a read-only view), or the error to give its call.
     Must run as frames arrive, in order: it takes the frame's descriptors.
@@ -486,7 +506,7 @@ def _resolve_shared(frame: Frame, take_fds: Callable[[int], list[int]], message_
         else:
             return error_from_status(grpc.StatusCode.INTERNAL,
                                      f'protocol error: shared memory on a frame of type {frame.type}')
-        payload, buffers = unpack(manifest, take_fds, message_limit, buffer_limit, 'the response')
+        payload, buffers = unpack(manifest, take_fds, message_limit, buffer_limit, 'the response', segments)
     except DecodeError as error:
         return error_from_status(grpc.StatusCode.INTERNAL, f'malformed response from server: {error}')
     except TooLargeError as error:

@@ -380,7 +380,7 @@ class Call:
 
     def _data_frame(self, payload: bytes) -> tuple[bytes, list[int]]:
         """A streamed answer as a data frame, and the descriptors to pass with it."""
-        data, fds, flags = outgoing(payload, self.connection.agreement.shared_memory)
+        data, fds, flags = outgoing(payload, self.connection.agreement)
         return encode_frame(self.stream_id, _DATA, flags, data), fds
 
     def _answer_for(self, result: Any) -> tuple[int, str, bytes]:
@@ -410,7 +410,7 @@ class Call:
         connection = self.connection
         if code == _OK:
             try:
-                data, fds, flags = outgoing(payload, connection.agreement.shared_memory,
+                data, fds, flags = outgoing(payload, connection.agreement,
                                             self.context._reply_buffers)
             except SharedMemoryError as error:
                 code, details, payload = (number(grpc.StatusCode.RESOURCE_EXHAUSTED),

@@ -28,6 +28,7 @@ __all__ = [
     'FLAG_REMOTE_CLOSED',
     'FLAG_REMOTE_OPEN',
     'FLAG_SHARED_MEMORY',
+    'FORGET_BIT',
     'MAX_BATCH_FDS',
     'MAX_QUEUED_FDS',
     'MAX_WINDOW',
@@ -39,8 +40,10 @@ __all__ = [
     'OversizedFrame',
     'encode_cancel',
     'encode_frame',
+    'encode_release',
     'encode_window_update',
     'oversized_message',
+    'released_ids',
     'window_increment',
 ]
 
@@ -85,6 +88,11 @@ class MessageType(enum.IntEnum):
     #: vyra_base_ipc's extension (agreed in the Hello): the receiver of a
     #: stream's messages grants its sender more bytes (data: big-endian uint32).
     WINDOW_UPDATE = 0x11
+    #: vyra_base_ipc's extension (agreed in the Hello): on stream 0, the
+    #: receiver of pooled shared memory gives lent segments back to their
+    #: owner, and the owner names its segments that are gone (data: big-endian
+    #: uint64 each, a lend id, or a segment id with :data:`FORGET_BIT` set).
+    RELEASE = 0x12
 
 
 class Frame(NamedTuple):
@@ -138,6 +146,23 @@ def window_increment(frame: Frame) -> int:
     """The increment a WINDOW_UPDATE frame grants; 0 for a malformed one
     (which then grants nothing)."""
     return _INCREMENT.unpack(frame.data)[0] if len(frame.data) == 4 else 0
+
+
+#: In a RELEASE frame's data: the id names a segment of the sender that is
+#: gone (the receiver unmaps it), not a lend.
+FORGET_BIT = 1 << 63
+
+
+def encode_release(ids: Sequence[int]) -> bytes:
+    """A RELEASE frame giving back the segments lent under ``ids``."""
+    return HEADER.pack(8 * len(ids), 0, MessageType.RELEASE, 0) + struct.pack(f'>{len(ids)}Q', *ids)
+
+
+def released_ids(data: bytes) -> tuple[int, ...] | None:
+    """The lend ids a RELEASE frame's data names; ``None`` if malformed."""
+    if len(data) % 8:
+        return None
+    return struct.unpack(f'>{len(data) // 8}Q', data)
 
 
 def encode_cancel(stream_id: int) -> bytes:

@@ -2,8 +2,9 @@
 
 Right after connecting, a vyra_base_ipc client calls
 ``/vyra.ipc.ttrpc.Connection/Hello`` saying which of this package's
-extensions of ttrpc it offers: shared memory, CANCEL frames, and flow control
-with the window it grants per stream. A vyra_base_ipc server answers with
+extensions of ttrpc it offers: shared memory (and with it pooled segments
+given back with RELEASE frames), CANCEL frames, and flow control with the
+window it grants per stream. A vyra_base_ipc server answers with
 what it accepts and the window it grants in turn; every other ttrpc server
 answers "unknown method", and the connection is then plain ttrpc. Both ends
 use an extension only once they know the other agreed: the server from the
@@ -17,6 +18,8 @@ import dataclasses
 
 from .. import ttrpc_pb2
 from .._payload import SharedMemoryOptions
+from .._segment_pool import pool_unavailable
+from ._segment_link import SegmentLink
 
 __all__ = ['HELLO_METHOD', 'HELLO_PATH', 'HELLO_SERVICE', 'PLAIN', 'Agreement', 'accept', 'offer', 'settle']
 
@@ -36,12 +39,16 @@ class Agreement:
         stream before the peer grants more; 0 for no limit (no flow control).
     :ivar receive_window: bytes this end grants the peer per stream (and
         grants again as they are consumed); 0 if the peer sends without limit.
+    :ivar segments: the connection's pooled shared memory (lends both
+        ways), if both ends agreed on it; else ``None`` and every segment is
+        a new memfd sealed against writes.
     """
 
     shared_memory: SharedMemoryOptions | None = None
     cancel: bool = False
     send_window: int = 0
     receive_window: int = 0
+    segments: SegmentLink | None = None
 
 
 #: A connection without extensions: a peer that is not vyra_base_ipc.
@@ -49,9 +56,19 @@ PLAIN = Agreement()
 
 
 def offer(shared_memory: SharedMemoryOptions | None, stream_window: int) -> bytes:
-    """The client's Hello: every extension, shared memory if ``shared_memory``."""
+    """The client's Hello: every extension, shared memory if ``shared_memory``
+    (pooled if this process can make pooled segments)."""
     return ttrpc_pb2.Hello(shared_memory=shared_memory is not None, cancel=True,
-                           stream_window=stream_window).SerializeToString()
+                           stream_window=stream_window, segment_pool=_pooled(shared_memory)
+                           ).SerializeToString()
+
+
+def _pooled(shared_memory: SharedMemoryOptions | None) -> bool:
+    return shared_memory is not None and pool_unavailable() is None
+
+
+def _link(shared_memory: SharedMemoryOptions | None, hello: ttrpc_pb2.Hello) -> SegmentLink | None:
+    return SegmentLink() if hello.segment_pool and _pooled(shared_memory) else None
 
 
 def accept(request: bytes | memoryview, shared_memory: SharedMemoryOptions | None,
@@ -61,13 +78,16 @@ def accept(request: bytes | memoryview, shared_memory: SharedMemoryOptions | Non
     :raises google.protobuf.message.DecodeError: the request is not a Hello.
     """
     hello = ttrpc_pb2.Hello.FromString(bytes(request))
+    shared = shared_memory if hello.shared_memory else None
     agreement = Agreement(
-        shared_memory=shared_memory if hello.shared_memory else None,
+        shared_memory=shared,
         cancel=hello.cancel,
         send_window=hello.stream_window,
-        receive_window=stream_window if hello.stream_window else 0)
+        receive_window=stream_window if hello.stream_window else 0,
+        segments=_link(shared, hello))
     answer = ttrpc_pb2.Hello(shared_memory=agreement.shared_memory is not None, cancel=agreement.cancel,
-                             stream_window=agreement.receive_window)
+                             stream_window=agreement.receive_window,
+                             segment_pool=agreement.segments is not None)
     return agreement, answer.SerializeToString()
 
 
@@ -78,7 +98,9 @@ def settle(answer: bytes, shared_memory: SharedMemoryOptions | None, stream_wind
     :raises google.protobuf.message.DecodeError: the answer is not a Hello.
     """
     hello = ttrpc_pb2.Hello.FromString(answer)
-    return Agreement(shared_memory=shared_memory if hello.shared_memory else None,
+    shared = shared_memory if hello.shared_memory else None
+    return Agreement(shared_memory=shared,
                      cancel=hello.cancel,
                      send_window=hello.stream_window,
-                     receive_window=stream_window if hello.stream_window else 0)
+                     receive_window=stream_window if hello.stream_window else 0,
+                     segments=_link(shared, hello))

@@ -46,6 +46,7 @@ _RESPONSE = int(MessageType.RESPONSE)
 _DATA = int(MessageType.DATA)
 _CANCEL = int(MessageType.CANCEL)
 _WINDOW_UPDATE = int(MessageType.WINDOW_UPDATE)
+_RELEASE = int(MessageType.RELEASE)
 
 
 class ServerConnection(FramedConnection):
@@ -91,6 +92,8 @@ class ServerConnection(FramedConnection):
     def lost(self, exc: Exception | None) -> None:
         for call in list(self.calls.values()):
             call.cancel()
+        if self.agreement.segments is not None:
+            self.agreement.segments.close()  # every lend of this end comes back
         self.server._connections.discard(self)
         self.server._partial_bytes -= self._partial
         self._partial = 0
@@ -167,7 +170,11 @@ class ServerConnection(FramedConnection):
             return
         frame: Frame = item  # type: ignore[assignment]
         stream_id = frame.stream_id
-        if (frame.flags & FLAG_SHARED_MEMORY and (frame.type == _REQUEST or frame.type == _DATA)
+        if frame.type == _RELEASE and self.agreement.segments is not None:
+            reason = self.agreement.segments.released(frame.data)
+            if reason is not None:
+                self.violation(reason)
+        elif (frame.flags & FLAG_SHARED_MEMORY and (frame.type == _REQUEST or frame.type == _DATA)
                 and (self.agreement.shared_memory is None or not stream_id & 1)):
             # Its descriptors cannot be accounted for: the connection is out of step.
             self.violation(f'shared-memory flag on a frame of stream {stream_id} without agreement')
@@ -308,7 +315,7 @@ class ServerConnection(FramedConnection):
         assert options is not None
         try:
             return unpack(bytes(manifest), self.decoder.take_fds, self.server.max_message_bytes,
-                          options.max_bytes, what)
+                          options.max_bytes, what, self.agreement.segments)
         except ValueError as error:  # fewer descriptors than announced
             self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT, f'{what}: {error}')
             self.violation(str(error))
@@ -327,6 +334,8 @@ class ServerConnection(FramedConnection):
             self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT, f'malformed Hello: {error}')
             return
         self.accepts_fds = self.agreement.shared_memory is not None
+        if self.agreement.segments is not None:  # RELEASE frames leave from the loop
+            self.agreement.segments.attach(self.loop, self.send)
         if self.agreement.receive_window:
             # A client under flow control leaves at most a window and a message unread.
             self.request_backlog_bytes = server.max_message_bytes + max(server.max_message_bytes,

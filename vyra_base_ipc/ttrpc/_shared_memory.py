@@ -8,25 +8,30 @@ is above the threshold), then one per :class:`~vyra_base_ipc.SharedBuffer`.
 Receivers take a frame's descriptors with
 :meth:`~vyra_base_ipc.ttrpc._frames.FrameDecoder.take_fds` as frames arrive,
 in order, and check each one before mapping it
-(:func:`~vyra_base_ipc._payload.map_sealed`).
+(:func:`~vyra_base_ipc._payload.map_sealed`). With pooled segments agreed
+(:mod:`._segment_link`), the message and pooled buffers are lent segments
+of the sender's pool instead of new memfds.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable, Sequence
 
 from .. import ttrpc_pb2
 from .._payload import (
     SharedMemoryError,
-    SharedMemoryOptions,
     TooLargeError,
     close_fds,
     map_sealed,
     seal_bytes,
 )
+from .._segment_pool import segment_pool
 from .._shared_buffer import ReceivedBuffers, SharedBuffer
 from ._frames import FLAG_SHARED_MEMORY
+from ._hello import Agreement
+from ._segment_link import SegmentLink
 
 __all__ = ['outgoing', 'pack', 'unpack']
 
@@ -35,21 +40,27 @@ _logger = logging.getLogger(__name__)
 Manifest = ttrpc_pb2.SharedMemoryManifest
 
 
-def outgoing(payload: bytes, options: SharedMemoryOptions | None, buffers: Sequence[SharedBuffer] = ()
-             ) -> tuple[bytes, list[int], int]:
-    """How a message goes out: ``(frame data, descriptors to pass, flags)``.
+def outgoing(payload: bytes, agreement: Agreement, buffers: Sequence[SharedBuffer] = (),
+             lends: list[int] | None = None) -> tuple[bytes, list[int], int]:
+    """How a message goes out on a connection with ``agreement``: ``(frame
+    data, descriptors to pass, flags)``.
 
-    Inline unless the connection agreed on shared memory (``options``) and
-    the message is above its threshold or has ``buffers``. A large message
-    for which no shared memory can be made (out of descriptors or memory)
-    goes inline, with a warning; buffers cannot.
+    Inline unless the connection agreed on shared memory and the message is
+    above its threshold or has ``buffers``. A large message for which no
+    shared memory can be made (out of descriptors or memory) goes inline,
+    with a warning; buffers cannot.
 
+    :param lends: receives the ids of the lends made (for
+        :meth:`~vyra_base_ipc.ttrpc._segment_link.SegmentLink.cancel` if the
+        frame is never sent).
     :raises SharedMemoryError: ``buffers`` could not be passed.
     """
+    options = agreement.shared_memory
     if options is None or (len(payload) <= options.threshold and not buffers):
         return payload, [], 0
     try:
-        manifest, fds = pack(payload, options.threshold, buffers)  # type: ignore[misc]
+        manifest, fds = pack(payload, options.threshold, buffers, agreement.segments,  # type: ignore[misc]
+                             lends)
     except SharedMemoryError as error:
         if buffers:
             raise
@@ -58,13 +69,17 @@ def outgoing(payload: bytes, options: SharedMemoryOptions | None, buffers: Seque
     return manifest, fds, FLAG_SHARED_MEMORY
 
 
-def pack(payload: bytes, threshold: int, buffers: Sequence[SharedBuffer] = ()
+def pack(payload: bytes, threshold: int, buffers: Sequence[SharedBuffer] = (),
+         link: SegmentLink | None = None, lends: list[int] | None = None
          ) -> tuple[bytes, list[int]] | None:
     """The manifest and descriptors that replace ``payload`` in a frame, or
     ``None`` if it goes inline as it is (not above ``threshold``, no buffers).
 
-    The caller owns the returned descriptors (passes them with the frame,
-    then closes them).
+    With ``link`` (pooled segments agreed), the message is copied into a
+    segment of this process's pool and lent, and so are pooled buffers;
+    without, or when the pool is exhausted, it is written into a new memfd
+    sealed against writes. The caller owns the returned descriptors (passes
+    them with the frame, then closes them).
 
     :raises SharedMemoryError: shared memory could not be created.
     """
@@ -72,24 +87,59 @@ def pack(payload: bytes, threshold: int, buffers: Sequence[SharedBuffer] = ()
     if size <= threshold and not buffers:
         return None
     fds: list[int] = []
+    made: list[int] = []
     try:
         manifest = Manifest()
         if size > threshold:
-            fds.append(seal_bytes(payload))
+            lend, segment_id = _lend_payload(payload, link, fds)
+            if lend:
+                made.append(lend)
+                manifest.payload_lend = lend
+                manifest.payload_segment = segment_id
             manifest.payload_size = size
         else:
             manifest.payload = payload
         for buffer in buffers:
-            fds.append(buffer.dup())
-            manifest.buffers.add(handle=buffer.handle, size=buffer.size)
+            fd, lend, segment_id = buffer.lend_to(link)
+            fds.append(fd)
+            if lend:
+                made.append(lend)
+            manifest.buffers.add(handle=buffer.handle, size=buffer.size, lend=lend, segment=segment_id)
     except BaseException:
         close_fds(fds)
+        if link is not None:
+            link.cancel(made)
         raise
+    if lends is not None:
+        lends.extend(made)
     return manifest.SerializeToString(), fds
 
 
+def _lend_payload(payload: bytes, link: SegmentLink | None, fds: list[int]) -> tuple[int, int]:
+    """Put a message into shared memory, its descriptor into ``fds``: a
+    pooled segment lent on ``link`` (return the lend id and the segment's),
+    else a new sealed memfd (return zeros)."""
+    segment = None
+    if link is not None:
+        try:
+            # The one copy: protobuf's Python runtime serializes only into bytes.
+            segment = segment_pool().acquire(len(payload), payload)
+        except SharedMemoryError as error:
+            _logger.debug('no pooled segment: %s', error)
+    if segment is None:
+        fds.append(seal_bytes(payload))
+        return 0, 0
+    try:
+        fds.append(os.dup(segment.fd))
+    except BaseException:
+        segment.unuse()
+        raise
+    assert link is not None
+    return link.lend(segment), segment.id
+
+
 def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int, buffer_limit: int,
-           what: str) -> tuple[bytes | memoryview, ReceivedBuffers | None]:
+           what: str, link: SegmentLink | None = None) -> tuple[bytes | memoryview, ReceivedBuffers | None]:
     """Resolve a received manifest: the message payload (a read-only view of
     shared memory, or bytes) and the explicit buffers (``None`` if none).
 
@@ -97,14 +147,16 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
     :class:`ValueError` if fewer arrived). The message's descriptor is closed
     here whatever happens (its mapping lives on in the returned view); the
     buffers' descriptors pass to the returned :class:`ReceivedBuffers`, or
-    are closed if anything fails.
+    are closed if anything fails. Segments lent (with pooled segments
+    agreed, ``link``) go back to their owner once their views are gone.
 
     :param message_limit: largest message accepted, in bytes.
     :param buffer_limit: largest explicit buffer accepted, in bytes.
     :param what: names the message in errors, e.g. ``'the request of /pkg.Service/Method'``.
     :raises TooLargeError: the message or a buffer is over its limit.
-    :raises SharedMemoryError: malformed manifest, or a buffer that fails the
-        checks of :func:`~vyra_base_ipc._payload.map_sealed`.
+    :raises SharedMemoryError: malformed manifest, a lend without agreement,
+        or a buffer that fails the checks of
+        :func:`~vyra_base_ipc._payload.map_sealed`.
     """
     try:
         manifest = Manifest.FromString(data)
@@ -121,7 +173,8 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
             if payload_size > message_limit:
                 raise TooLargeError(f'Received message larger than max ({payload_size} vs. '
                                     f'{message_limit})')
-            payload = map_sealed(fds[0], payload_size, what)
+            payload = _map(fds[0], payload_size, manifest.payload_lend, manifest.payload_segment, link,
+                           what, True)
             position = 1
         else:
             payload = manifest.payload
@@ -134,9 +187,19 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
                 raise TooLargeError(f'{name}: {entry.size} bytes is more than the limit of '
                                     f'{buffer_limit} (SharedMemoryOptions.max_bytes)')
             fd = fds[position + index]
-            view = map_sealed(fd, entry.size, name, populate=False)
-            buffers[entry.handle] = SharedBuffer(fd, entry.size, entry.handle, view=view, managed=True)
+            view = _map(fd, entry.size, entry.lend, entry.segment, link, name, False)
+            buffers[entry.handle] = SharedBuffer(fd, entry.size, entry.handle, view=view, managed=True,
+                                                 lent=bool(entry.lend))
             kept.append(fd)
         return payload, ReceivedBuffers(buffers)
     finally:
         close_fds(fd for fd in fds if fd not in kept)
+
+
+def _map(fd: int, size: int, lend: int, segment_id: int, link: SegmentLink | None, what: str,
+         populate: bool) -> memoryview:
+    if not lend:
+        return map_sealed(fd, size, what, populate)
+    if link is None:
+        raise SharedMemoryError(f'{what}: a lent segment on a connection that did not agree on them')
+    return link.receive(fd, size, lend, segment_id, what)

@@ -218,7 +218,7 @@ class SyncConnection:
             deadline = deadline_of(timeout)
             self._begin(method, False, deadline)
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
-                               self._core.agreement.shared_memory, buffers)
+                               self._core.agreement, buffers)
             stream = _SyncStream()
             stream_id = self._open(stream, prepared, request)
             try:
@@ -247,7 +247,7 @@ class SyncConnection:
             self._begin(method, True, deadline)
             outcome = Outcome(method, self.max_message_bytes)
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
-                               self._core.agreement.shared_memory)
+                               self._core.agreement)
             stream = _SyncStream()
             stream_id = self._open(stream, prepared, request)
             try:
@@ -307,7 +307,9 @@ class SyncConnection:
                     raise self._error
                 stream_id = self._core.register(stream, method)
             try:
-                self._send_locked(encode_frame(stream_id, _REQUEST, prepared.flags, prepared.envelope),
+                # The server's segments this end let go of leave with the request.
+                self._send_locked(self._core.release_frame()
+                                  + encode_frame(stream_id, _REQUEST, prepared.flags, prepared.envelope),
                                   prepared.deadline, method, prepared.take_fds())
             except BaseException:
                 self._finish(stream_id, stream)
@@ -414,7 +416,7 @@ class SyncConnection:
                        requests: Iterable[Any]) -> None:
         method = prepared.method
         deadline = prepared.deadline
-        shared = self._core.agreement.shared_memory
+        shared = self._core.agreement
         credit = stream.credit
         try:
             for message in requests:
@@ -563,6 +565,7 @@ class SyncConnection:
                 return
             self._error = error
             self._control.clear()
+            self._core.end_segments()
             for stream in self._core.streams.values():
                 if stream.credit is not None:
                     stream.credit.close()

@@ -1,0 +1,518 @@
+"""Pooled shared memory (issue 18): segments reused across calls, lent to
+the receiver and given back with RELEASE frames, bounded, shrinking when
+idle; SharedBuffer.allocate. Real server processes and real sockets; the
+pool's counters (this process's directly, the server's through
+``vyra.ipc.Introspection/GetStats``) and ``/proc`` are the observables.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import hashlib
+import json
+import os
+from pathlib import Path
+import socket
+import subprocess
+import sys
+import threading
+from typing import Any, Iterator
+
+import pytest
+
+from conftest import LONG, ServerProcess, StartServer, wait_for
+from ttrpc_peer import REQUEST, RESPONSE, SHARED, Peer, PeerServer, frame_bytes, response_envelope
+from vyra_base_ipc import SharedBuffer, SharedMemoryOptions, SyncIPCHandler
+from vyra_base_ipc import ttrpc_pb2
+from vyra_base_ipc._methods import stub_methods
+from vyra_base_ipc._segment_pool import SegmentPool, segment_pool, size_class
+from vyra_base_ipc.cli._stats import lines as stats_lines
+from vyra_base_ipc.introspection_pb2 import StatsRequest
+from vyra_base_ipc.introspection_pb2_grpc import IntrospectionStub
+from vyra_base_ipc.ttrpc import SyncConnection
+from vyra_base_ipc.ttrpc._segment_link import CACHE_ENTRIES
+
+KiB = 1024
+MiB = 1024 * KiB
+THRESHOLD = 4 * KiB
+OPTIONS = SharedMemoryOptions(threshold=THRESHOLD)
+HELLO = ('vyra.ipc.ttrpc.Connection', 'Hello')
+F_GET_SEALS = 1034
+SEAL_WRITE, SEAL_FUTURE_WRITE = 0x0008, 0x0010
+RELEASE = 0x12
+
+
+def server_pool(server: ServerProcess) -> Any:
+    """The server's SegmentPoolStats."""
+    with SyncIPCHandler(server.socket_path, IntrospectionStub, lane='grpc') as handler:
+        return handler.call_method('GetStats', StatsRequest()).segment_pool
+
+
+def fds_of_self() -> int:
+    return len(os.listdir('/proc/self/fd'))
+
+
+@pytest.fixture(scope='module')
+def pool_server(start_module_server: StartServer, module_socket_dir: Path) -> ServerProcess:
+    """The pool's defaults; shared memory above 4 KiB."""
+    return start_module_server(module_socket_dir / 'p.sock', '--shared-memory-threshold', str(THRESHOLD),
+                               '--max-message-bytes', str(64 * MiB))
+
+
+def drop_free(pool: SegmentPool) -> None:
+    """Drop every free segment of ``pool`` now."""
+    idle, pool.idle_seconds = pool.idle_seconds, -1.0
+    pool.trim()
+    pool.idle_seconds = idle
+
+
+def settle_lends(connection: SyncConnection, echo: Any) -> None:
+    """Small calls until the server gave back every lend of this end: the
+    blocking client reads RELEASE frames only while it waits for an answer."""
+    link = connection._core.agreement.segments
+    assert link is not None
+    method = stub_methods(echo.Stub)['Echo']
+    wait_for(lambda: connection.call(method, echo.pb.EchoRequest(), timeout=LONG) is not None
+             and link.outstanding == 0, 10, 'the server to give back every lend')
+
+
+@pytest.fixture
+def own_pool() -> Iterator[SegmentPool]:
+    """This process's pool, emptied of free segments before and after."""
+    pool = segment_pool()
+    limits = pool.max_bytes, pool.max_free_bytes
+    drop_free(pool)
+    yield pool
+    pool.max_bytes, pool.max_free_bytes = limits
+    drop_free(pool)
+
+
+# == reuse =======================================================================================
+
+def test_large_messages_reuse_the_same_segments_call_after_call(
+        echo: Any, pool_server: ServerProcess, own_pool: SegmentPool) -> None:
+    method = stub_methods(echo.Stub)['Echo']
+    server_before = server_pool(pool_server)
+    client_before = dict(own_pool.stats)
+    payload = os.urandom(256 * KiB)
+    with SyncConnection.connect(pool_server.ttrpc_path, shared_memory=OPTIONS) as connection:
+        for _ in range(20):
+            assert connection.call(method, echo.pb.EchoRequest(payload=payload), timeout=LONG).payload == payload
+        link = connection._core.agreement.segments
+        assert link is not None  # both ends agreed on pooled segments
+        # This end mapped the server's answer segments once or twice, not 20 times.
+        assert link.stats['lent'] == 20 and link.stats['mapped'] <= 2
+    server_after = server_pool(pool_server)
+    # Each end made a segment or two and reused them; nothing was written
+    # into a new memfd (that would be an exhausted pool).
+    assert own_pool.stats['created'] - client_before['created'] <= 2
+    assert own_pool.stats['reused'] - client_before['reused'] >= 18
+    assert server_after.created - server_before.created <= 2
+    assert server_after.reused - server_before.reused >= 18
+    assert server_after.exhausted == server_before.exhausted
+    # `vyra-ipc stats` shows it.
+    with SyncIPCHandler(pool_server.socket_path, IntrospectionStub, lane='grpc') as handler:
+        text = list(stats_lines(handler.call_method('GetStats', StatsRequest())))
+    assert any(line.startswith('segment pool ') and f'reused {server_after.reused}' in line for line in text)
+
+
+def test_every_lend_comes_back_and_a_closed_connection_leaves_no_segment_in_use(
+        echo: Any, pool_server: ServerProcess, own_pool: SegmentPool) -> None:
+    method = stub_methods(echo.Stub)['Echo']
+    with SyncConnection.connect(pool_server.ttrpc_path, shared_memory=OPTIONS) as connection:
+        for size in (8 * KiB, 300 * KiB, 2 * MiB):
+            connection.call(method, echo.pb.EchoRequest(payload=os.urandom(size)), timeout=LONG)
+        # The blocking client gives the server's answers back with its next request.
+        settle_lends(connection, echo)
+    assert own_pool.total_bytes == own_pool.free_bytes  # nothing lent, nothing held
+    # The server got back the answers' segments: it holds none in use either.
+    wait_for(lambda: (lambda pool: pool.bytes == pool.free_bytes)(server_pool(pool_server)), 10,
+             'the server to hold no segment in use')
+
+
+# == what a receiver can do with a lent segment ==================================================
+
+RECEIVER = r'''
+import array, json, mmap, os, socket, sys
+sock = socket.socket(fileno=int(sys.argv[1]))
+_, fds, _, _ = socket.recv_fds(sock, 16, 1)
+fd = fds[0]
+result = {}
+def attempt(name, action):
+    try:
+        action()
+        result[name] = 'allowed'
+    except OSError as error:
+        result[name] = error.errno
+attempt('map_writable', lambda: mmap.mmap(fd, 65536, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE))
+attempt('write', lambda: os.pwrite(fd, b'x', 0))
+attempt('shrink', lambda: os.ftruncate(fd, 0))
+attempt('grow', lambda: os.ftruncate(fd, 1 << 30))
+view = mmap.mmap(fd, 65536, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+result['reads'] = view[:5].decode()
+sock.sendall(json.dumps(result).encode())
+'''
+
+
+def test_another_process_given_a_pooled_segment_can_read_it_but_never_write_shrink_or_grow_it(
+        own_pool: SegmentPool) -> None:
+    with SharedBuffer.allocate(64 * KiB) as buffer:
+        buffer.view()[:5] = b'hello'
+        ours, theirs = socket.socketpair()
+        with ours:
+            child = subprocess.Popen([sys.executable, '-c', RECEIVER, str(theirs.fileno())],
+                                     pass_fds=[theirs.fileno()])
+            theirs.close()
+            socket.send_fds(ours, [b'x'], [buffer.fileno()])
+            result = json.loads(ours.recv(4096))
+        assert child.wait(LONG) == 0
+        seals = fcntl.fcntl(buffer.fileno(), F_GET_SEALS)
+    assert seals & SEAL_FUTURE_WRITE and not seals & SEAL_WRITE
+    assert result == {'map_writable': 1, 'write': 1, 'shrink': 1, 'grow': 1, 'reads': 'hello'}  # EPERM
+
+
+# == SharedBuffer.allocate =======================================================================
+
+def test_allocated_buffer_is_written_in_place_and_reaches_the_handler_read_only(
+        echo: Any, pool_server: ServerProcess, own_pool: SegmentPool) -> None:
+    data = os.urandom(3 * MiB)
+    with SharedBuffer.allocate(len(data)) as buffer:
+        assert buffer.writable
+        buffer.view()[:] = data  # the only write: straight into the shared pages
+        with SyncIPCHandler(pool_server.socket_path, echo.Stub, shared_memory=OPTIONS,
+                            timeout=LONG) as ipc:
+            reply = ipc.call_method('Inspect', echo.pb.InspectRequest(data=buffer.ref), buffers=[buffer])
+        # Sent: frozen, and the handler read the very pages, read-only.
+        assert not buffer.writable and buffer.view().readonly
+        assert (reply.size, reply.sha256, reply.inline, reply.read_only) == (
+            len(data), hashlib.sha256(data).digest(), False, True)
+        assert reply.backing_inode == os.fstat(buffer.fileno()).st_ino
+        assert reply.mapping_size == size_class(len(data))
+
+
+def test_an_allocated_buffer_goes_back_to_the_pool_only_when_closed_and_given_back(
+        echo: Any, pool_server: ServerProcess, own_pool: SegmentPool) -> None:
+    own_pool.max_free_bytes = 64 * MiB
+    with SyncConnection.connect(pool_server.ttrpc_path, shared_memory=OPTIONS) as connection:
+        method = stub_methods(echo.Stub)['Mirror']
+        buffer = SharedBuffer.allocate(MiB)
+        buffer.view()[:4] = b'abcd'
+        inode = os.fstat(buffer.fileno()).st_ino
+        reply, received = connection.call(method, echo.pb.MirrorRequest(data=buffer.ref), buffers=[buffer],
+                                          timeout=LONG, return_buffers=True)
+        view = received.view(reply.data)
+        assert bytes(view[:4]) == b'abcd'
+        buffer.close()
+        del reply
+        received.close()
+        # The answer's view still holds the server's lend, which holds this
+        # end's lend to the server: the segment is not free.
+        free_before = own_pool.free_bytes
+        connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=LONG)
+        assert own_pool.free_bytes == free_before
+        del view
+        gc.collect()
+        # Given back with the next request; the server then gives back its lend.
+        settle_lends(connection, echo)
+        assert own_pool.free_bytes == free_before + size_class(MiB)
+        with SharedBuffer.allocate(MiB) as again:  # the same pages, reused
+            assert os.fstat(again.fileno()).st_ino == inode
+
+
+# == bounds: a peer that never gives back ========================================================
+
+class Hoarder(PeerServer):
+    """A server that agrees on pooled segments, answers every request inline
+    with an empty message and never sends RELEASE: its lends never come back."""
+
+    def __init__(self, path: Path) -> None:
+        self.seals: list[int] = []
+        super().__init__(path, self._serve_forever)
+
+    def _serve_forever(self, peer: Peer) -> None:
+        try:
+            while True:
+                frame = peer.read_frame()
+                request = ttrpc_pb2.Request.FromString(frame.data)
+                self.seals.extend(fcntl.fcntl(fd, F_GET_SEALS) for fd in frame.fds)
+                for fd in frame.fds:
+                    os.close(fd)
+                payload = request.payload if (request.service, request.method) == HELLO else b''
+                peer.send(frame.stream_id, RESPONSE, 0, response_envelope(payload))
+        except (ConnectionError, OSError):
+            pass
+
+
+def test_a_peer_that_never_gives_back_gets_new_memfds_once_the_pool_is_full(
+        echo: Any, socket_dir: Path, own_pool: SegmentPool) -> None:
+    own_pool.max_bytes = 4 * MiB
+    fds_before = fds_of_self()
+    server = Hoarder(socket_dir / 'h.ttrpc.sock')
+    try:
+        method = stub_methods(echo.Stub)['Echo']
+        with SyncConnection.connect(server.path, shared_memory=OPTIONS) as connection:
+            exhausted = own_pool.stats['exhausted']
+            for _ in range(8):
+                connection.call(method, echo.pb.EchoRequest(payload=bytes(MiB)), timeout=LONG)
+                assert own_pool.total_bytes <= own_pool.max_bytes
+            link = connection._core.agreement.segments
+            assert link is not None and link.outstanding == 3  # 3 segments of 1.25 MiB fit in 4 MiB
+            assert own_pool.stats['exhausted'] - exhausted == 5
+        # Lent segments (sealed against future writes), then new memfds sealed against writes.
+        requests = server.seals[-8:]
+        assert [bool(seal & SEAL_FUTURE_WRITE) for seal in requests] == [True] * 3 + [False] * 5
+        assert all(seal & SEAL_WRITE for seal in requests[3:])
+        # The connection is gone: its lends came back, nothing is in use.
+        assert own_pool.total_bytes == own_pool.free_bytes
+    finally:
+        server.close()
+    drop_free(own_pool)
+    wait_for(lambda: fds_of_self() == fds_before, 10, 'the descriptors of the test to be closed')
+
+
+# == forged input ================================================================================
+
+def test_a_release_of_segments_never_lent_closes_that_connection_and_the_server_serves_on(
+        echo: Any, pool_server: ServerProcess) -> None:
+    peer = Peer.connect(pool_server.ttrpc_path)
+    try:
+        peer.request(1, *HELLO, ttrpc_pb2.Hello(shared_memory=True, segment_pool=True).SerializeToString())
+        answer = peer.answer(1)
+        assert ttrpc_pb2.Hello.FromString(answer.payload).segment_pool
+        peer.send_raw(frame_bytes(0, RELEASE, 0, (12345).to_bytes(8, 'big')))
+        assert peer.frames_until_closed() == []
+    finally:
+        peer.close()
+    assert 'RELEASE of segments not lent to the peer (lend ids 12345)' in pool_server.log()
+    with SyncIPCHandler(pool_server.socket_path, echo.Stub, shared_memory=OPTIONS, timeout=LONG) as ipc:
+        assert ipc.call_method('Echo', echo.pb.EchoRequest(payload=bytes(MiB))).payload == bytes(MiB)
+
+
+@pytest.mark.parametrize('forgery', ['unsealed', 'larger than its size class'])
+def test_a_forged_lent_segment_is_refused_and_the_connection_serves_on(
+        forgery: str, echo: Any, pool_server: ServerProcess) -> None:
+    request = echo.pb.EchoRequest(text='forged').SerializeToString()
+    fd = os.memfd_create('forged', os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    # A sparse GiB would cost the receiver a GiB of pages if it mapped it whole.
+    os.ftruncate(fd, size_class(len(request)) if forgery == 'unsealed' else 1 << 30)
+    os.pwrite(fd, request, 0)
+    if forgery != 'unsealed':
+        fcntl.fcntl(fd, 1033, 0x0002 | 0x0004 | 0x0008)  # F_ADD_SEALS: shrink, grow, write
+    peer = Peer.connect(pool_server.ttrpc_path)
+    try:
+        peer.request(1, *HELLO, ttrpc_pb2.Hello(shared_memory=True, segment_pool=True).SerializeToString())
+        peer.answer(1)
+        manifest = ttrpc_pb2.SharedMemoryManifest(payload_size=len(request), payload_lend=1)
+        envelope = ttrpc_pb2.Request(service='vyra.ipc.test.EchoService', method='Echo',
+                                     payload=manifest.SerializeToString()).SerializeToString()
+        peer.send_raw(frame_bytes(3, REQUEST, SHARED, envelope), [fd])
+        answer = peer.answer(3)
+        assert answer.code == 3  # INVALID_ARGUMENT
+        assert (('the memfd is not sealed against shrink, grow, write' if forgery == 'unsealed'
+                 else f'a pooled segment of {1 << 30} bytes for {len(request)} announced') in answer.message)
+        peer.request(5, 'vyra.ipc.test.EchoService', 'Echo', echo.pb.EchoRequest(text='ok').SerializeToString())
+        assert echo.pb.EchoReply.FromString(peer.answer(5).payload).text == 'ok'
+    finally:
+        os.close(fd)
+        peer.close()
+
+
+# == the pool itself =============================================================================
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_free_segments_are_dropped_when_idle_and_beyond_the_free_bytes_kept() -> None:
+    clock = Clock()
+    pool = SegmentPool(max_bytes=16 * MiB, idle_seconds=10.0, max_free_bytes=4 * MiB, clock=clock)
+    first, second, third = (pool.acquire(MiB) for _ in range(3))
+    assert first is not None and second is not None and third is not None
+    capacity = size_class(MiB)
+    assert pool.total_bytes == 3 * capacity and pool.free_bytes == 0
+    for segment in (first, second, third):
+        segment.unuse()
+    # 3 MiB free is within the 4 MiB kept.
+    assert pool.free_bytes == 3 * capacity and pool.stats['dropped'] == 0
+    again = pool.acquire(MiB)
+    assert again is third and pool.stats['reused'] == 1  # the last returned first
+    clock.now = 5.0
+    again.unuse()
+    clock.now = 11.0  # first and second idle for 11 s, third for 6 s
+    pool.trim()
+    assert pool.stats['dropped'] == 2 and pool.total_bytes == capacity == pool.free_bytes
+    big = pool.acquire(5 * MiB)  # 6 MiB: beyond what is kept free once returned
+    assert big is not None
+    big.unuse()
+    # Beyond the 4 MiB kept free: the oldest go first, then the big one too.
+    assert pool.free_bytes == 0 and pool.stats['dropped'] == 4
+    pool.close()
+    assert pool.total_bytes == 0 and pool.acquire(MiB) is None
+
+
+def test_a_full_pool_never_waits_and_never_grows_past_its_bound() -> None:
+    pool = SegmentPool(max_bytes=2 * MiB, max_free_bytes=2 * MiB)
+    held = [pool.acquire(700 * KiB) for _ in range(3)]
+    assert held[2] is None and pool.stats['exhausted'] == 1
+    assert pool.total_bytes <= 2 * MiB
+    for segment in held[:2]:
+        assert segment is not None
+        segment.unuse()
+    # Room is made by dropping free segments of another size.
+    bigger = pool.acquire(1536 * KiB)
+    assert bigger is not None and pool.stats['dropped'] >= 1 and pool.total_bytes <= 2 * MiB
+    bigger.unuse()
+    pool.close()
+
+
+def test_lent_views_keep_their_segment_until_the_last_one_is_gone() -> None:
+    pool = SegmentPool()
+    with_views = pool.acquire(100)
+    assert with_views is not None
+    view = with_views.user_view(10, writable=True)
+    part = view[2:4]
+    del view
+    with_views.unuse()
+    assert pool.free_bytes == 0  # part still refers to it
+    del part
+    assert pool.free_bytes == with_views.capacity
+    pool.close()
+
+
+def test_threads_sending_the_same_buffer_all_lend_it(
+        echo: Any, pool_server: ServerProcess, own_pool: SegmentPool) -> None:
+    method = stub_methods(echo.Stub)['Inspect']
+    data = os.urandom(MiB)
+    digests: list[bytes] = []
+    with SharedBuffer.copy_from(data) as buffer, \
+            SyncConnection.connect(pool_server.ttrpc_path, shared_memory=OPTIONS) as connection:
+        def send() -> None:
+            for _ in range(10):
+                reply = connection.call(method, echo.pb.InspectRequest(data=buffer.ref), buffers=[buffer],
+                                        timeout=LONG)
+                digests.append(reply.sha256)
+        threads = [threading.Thread(target=send) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(LONG)
+        assert digests == [hashlib.sha256(data).digest()] * 40
+        link = connection._core.agreement.segments
+        assert link is not None and link.stats['lent'] == 40
+        settle_lends(connection, echo)
+
+
+def segment_mappings() -> int:
+    """Mappings of pooled segments in this process (its own and its peers')."""
+    with open('/proc/self/maps') as maps:
+        return sum('/memfd:vyra-ipc-segment' in line for line in maps)
+
+
+def test_segments_the_owner_dropped_are_unmapped_by_the_receiver(
+        echo: Any, start_server: StartServer, socket_path: Path, own_pool: SegmentPool) -> None:
+    # This server keeps no free segment: each answer's segment dies once given
+    # back, and the server names it gone in its next RELEASE frame.
+    server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD), '--pool-free-bytes', '0')
+    own_pool.max_free_bytes = 0
+    method = stub_methods(echo.Stub)['Echo']
+    before = segment_mappings()
+    with SyncConnection.connect(server.ttrpc_path, shared_memory=OPTIONS) as connection:
+        for _ in range(CACHE_ENTRIES + 4):
+            connection.call(method, echo.pb.EchoRequest(payload=os.urandom(64 * KiB)), timeout=LONG)
+        settle_lends(connection, echo)
+        link = connection._core.agreement.segments
+        assert link is not None and link.stats['mapped'] == CACHE_ENTRIES + 4  # a new segment each time
+        # Without the server's word, the dead segments would stay mapped up to CACHE_ENTRIES.
+        assert segment_mappings() - before <= 1
+
+
+def test_an_answer_with_the_requests_own_buffer_is_read_through_the_owners_mapping(
+        echo: Any, pool_server: ServerProcess, own_pool: SegmentPool) -> None:
+    method = stub_methods(echo.Stub)['Mirror']
+    with SyncConnection.connect(pool_server.ttrpc_path, shared_memory=OPTIONS) as connection, \
+            SharedBuffer.allocate(2 * MiB) as buffer:
+        buffer.view()[:3] = b'own'
+        before = segment_mappings()
+        for _ in range(5):
+            reply, received = connection.call(method, echo.pb.MirrorRequest(data=buffer.ref), buffers=[buffer],
+                                              timeout=LONG, return_buffers=True)
+            view = received.view(reply.data)
+            assert bytes(view[:3]) == b'own' and view.readonly
+            # No new mapping: the view is of this process's own pages.
+            assert segment_mappings() == before
+            del view, reply, received
+        link = connection._core.agreement.segments
+        assert link is not None and link.stats['mapped'] == 0
+
+
+class Returner(PeerServer):
+    """A server that gives back the lend of a request's segment at once and
+    then lends that very segment back to the client as its answer (it kept
+    the descriptor): what a hostile peer could do."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, self._serve_forever)
+
+    def _serve_forever(self, peer: Peer) -> None:
+        try:
+            while True:
+                frame = peer.read_frame()
+                request = ttrpc_pb2.Request.FromString(frame.data)
+                if (request.service, request.method) == HELLO:
+                    peer.send(frame.stream_id, RESPONSE, 0, response_envelope(request.payload))
+                    continue
+                if frame.type != REQUEST:
+                    continue  # RELEASE frames of the client
+                manifest = ttrpc_pb2.SharedMemoryManifest.FromString(request.payload)
+                peer.send_raw(frame_bytes(0, RELEASE, 0, manifest.payload_lend.to_bytes(8, 'big')))
+                answer = ttrpc_pb2.SharedMemoryManifest(payload_size=manifest.payload_size, payload_lend=7)
+                peer.send(frame.stream_id, RESPONSE, SHARED, response_envelope(answer.SerializeToString()),
+                          frame.fds)
+                for fd in frame.fds:
+                    os.close(fd)
+        except (ConnectionError, OSError):
+            pass
+
+
+def test_a_segment_lent_back_after_its_lend_came_back_is_mapped_like_any_other(
+        echo: Any, socket_dir: Path, own_pool: SegmentPool) -> None:
+    server = Returner(socket_dir / 'r.ttrpc.sock')
+    try:
+        request = echo.pb.EchoRequest(payload=os.urandom(100 * KiB))
+        with SyncConnection.connect(server.path, shared_memory=OPTIONS) as connection:
+            reply = connection.call(stub_methods(echo.Stub)['Echo'], request, timeout=LONG)
+            assert reply.payload == request.payload
+            link = connection._core.agreement.segments
+            assert link is not None and link.stats['mapped'] == 1  # not read through this end's mapping
+            del reply
+            gc.collect()
+            # The segment is back in the pool once, not twice.
+            capacity = size_class(request.ByteSize())
+            assert own_pool.free_bytes == capacity
+            first, second = own_pool.acquire(request.ByteSize()), own_pool.acquire(request.ByteSize())
+            assert first is not None and second is not None and first is not second
+            first.unuse()
+            second.unuse()
+    finally:
+        server.close()
+
+
+def test_a_message_parsed_from_shared_memory_keeps_no_reference_to_it(echo: Any) -> None:
+    # Why a transparent message's segment can go back as soon as the view it
+    # was parsed from is gone: protobuf copies the bytes out.
+    data = echo.pb.EchoRequest(payload=b'A' * 100_000).SerializeToString()
+    pool = SegmentPool()
+    segment = pool.acquire(len(data), data)
+    assert segment is not None
+    view = segment.user_view(len(data), writable=False)
+    message = echo.pb.EchoRequest.FromString(view)
+    del view
+    segment.view[10:20] = b'Z' * 10  # the owner writes the segment again
+    assert message.payload == b'A' * 100_000
+    segment.unuse()
+    pool.close()

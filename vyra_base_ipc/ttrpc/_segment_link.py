@@ -1,0 +1,403 @@
+"""Pooled shared memory on one connection, both ways: lends and releases.
+
+Agreed in the Hello (``segment_pool``). The sending end lends a pooled
+segment (:mod:`vyra_base_ipc._segment_pool`) with each message or
+:class:`~vyra_base_ipc.SharedBuffer` it carries, under a lend id of this
+connection; the receiving end maps the segment once and reuses the mapping
+for every later lend of it, and sends a RELEASE frame naming the lend once
+nothing of it is referenced any more. The owner does not write a segment
+before every lend of it came back; a connection that ends gives all its
+lends back at once.
+
+The descriptor travels with every lend (a ``dup`` and a few microseconds of
+``SCM_RIGHTS`` next to a megabyte's copy): no end has to know what the other
+has mapped, frames may be reordered between threads, and the receiver may
+drop a mapping whenever it likes. The receiver keeps the mapping of each of
+the sender's segments (by the sender's segment id, checked against the
+memfd's device and inode, which cannot be reused while mapped) until the
+sender names the segment gone (it dropped it from its pool), the mapping
+is the least recently used of more than :data:`CACHE_ENTRIES`, or unused
+for :data:`CACHE_IDLE_SECONDS`; a segment lent on by a process that does not
+own it is mapped for that lend only.
+
+When a lend comes back is decided by reference counting, not by the code
+that parses a message: a received message or buffer is a read-only
+:class:`memoryview` whose underlying object is the lend itself, so the lend
+ends when the last view, slice or NumPy array over it is gone (a message
+parsed from it, a view a handler kept). What ends it may run in any thread,
+in the middle of anything (the garbage collector): it only queues the id.
+The queue leaves in a RELEASE frame from the connection's event loop
+(:meth:`SegmentLink.attach`) or with the next frame the blocking client
+sends (:meth:`SegmentLink.release_frame`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import mmap
+import os
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+from .._payload import SharedMemoryError, check_sealed
+from .._segment_pool import Segment, own_segment, size_class
+from ._frames import FORGET_BIT, encode_release, released_ids
+
+__all__ = ['CACHE_ENTRIES', 'CACHE_IDLE_SECONDS', 'SegmentLink']
+
+#: Segments of the peer a connection keeps mapped (the least recently used
+#: mapping goes first); views still referenced keep theirs.
+CACHE_ENTRIES = 16
+#: A mapping unused for this long is dropped (checked when a lend arrives).
+CACHE_IDLE_SECONDS = 10.0
+#: Lend ids per RELEASE frame.
+_IDS_PER_FRAME = 8192
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_mmap = _libc.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_munmap = _libc.munmap
+_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_POPULATE = mmap.MAP_SHARED | getattr(mmap, 'MAP_POPULATE', 0)
+
+
+class _Mapping:
+    """A read-only mapping of a peer's segment (mapped with libc's mmap:
+    the lends' views need its address), unmapped when nothing refers to it."""
+
+    __slots__ = ('address', 'capacity', 'last_used', 'key', '__weakref__')
+
+    def __init__(self, fd: int, capacity: int, key: tuple[int, int], what: str) -> None:
+        address = _mmap(None, capacity, mmap.PROT_READ, _POPULATE, fd, 0)
+        if address is None or address == _MAP_FAILED:
+            error = ctypes.get_errno()
+            raise SharedMemoryError(f'{what}: cannot map {capacity} bytes: {os.strerror(error)}')
+        self.address: int = address
+        self.capacity = capacity
+        self.last_used = time.monotonic()
+        #: The memfd's device and inode.
+        self.key = key
+
+    def __del__(self) -> None:
+        try:
+            _munmap(self.address, self.capacity)
+        except Exception:  # interpreter shutdown: the process unmaps everything anyway
+            pass
+
+
+class _Lent:
+    """Base of the per-capacity ctypes arrays a lend's views are made of."""
+
+    _mapping: object  # what keeps the memory mapped
+    _release: Callable[[int], None]
+    _lend: int
+
+    def __del__(self) -> None:
+        # The last view is gone: the peer may write the segment again.
+        try:
+            self._release(self._lend)
+            if isinstance(self._mapping, Segment):
+                self._mapping.unuse()
+        except Exception:  # interpreter shutdown: nobody to give it back to
+            pass
+
+
+_VIEW_TYPES: dict[int, Any] = {}
+
+
+def _view_type(capacity: int) -> Any:
+    # One type per size class (a bounded set: capacities are checked to be one).
+    view_type = _VIEW_TYPES.get(capacity)
+    if view_type is None:
+        view_type = _VIEW_TYPES[capacity] = type('LentSegment', (_Lent, ctypes.c_char * capacity), {})
+    return view_type
+
+
+def _give_back(backing: object) -> None:
+    if isinstance(backing, Segment):
+        backing.unuse()
+    # Anything else was held only to keep it alive (a buffer lent to this
+    # end and sent on): dropping it is giving it back.
+
+
+class SegmentLink:
+    """One connection's pooled shared memory. Thread-safe.
+
+    :ivar stats: counters of this end: ``lent``, ``released`` (lends the
+        peer gave back), ``mapped`` (peer segments mapped), ``reused``
+        (lends that found their mapping), ``returned`` (lends of the peer
+        this end gave back).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lent: dict[int, object] = {}
+        # Lends outstanding per segment of this end's, by segment id.
+        self._lent_segments: dict[int, int] = {}
+        self._next_lend = 1
+        self._closed = False
+        # The peer's segments mapped, by the peer's segment id.
+        self._mappings: collections.OrderedDict[int, _Mapping] = collections.OrderedDict()
+        # This end's segments the peer may keep mapped, by id.
+        self._watched: set[int] = set()
+        self._releases: collections.deque[int] = collections.deque()
+        self._wake: Callable[[], None] | None = None
+        self._flush: Callable[[], None] | None = None
+        self._scheduled = False
+        self.stats = {'lent': 0, 'released': 0, 'mapped': 0, 'reused': 0, 'returned': 0}
+
+    # -- this end's segments, lent --------------------------------------------------------
+
+    @property
+    def outstanding(self) -> int:
+        """Lends of this end the peer has not given back."""
+        return len(self._lent)
+
+    def lend(self, backing: object) -> int:
+        """Lend ``backing`` to the peer: a :class:`Segment` (whose use the
+        lend takes over: given back with ``unuse()``; the peer hears when it
+        is destroyed), or an object to keep alive until the peer gives the
+        lend back. Returns the lend id; 0 if the connection is closed (the
+        backing is given back at once, and the frame will not leave)."""
+        with self._lock:
+            if not self._closed:
+                lend_id = self._next_lend
+                self._next_lend += 1
+                self._lent[lend_id] = backing
+                self.stats['lent'] += 1
+                if isinstance(backing, Segment):
+                    self._lent_segments[backing.id] = self._lent_segments.get(backing.id, 0) + 1
+                    if backing.id not in self._watched:
+                        self._watched.add(backing.id)
+                        backing.watch(self)
+                return lend_id
+        _give_back(backing)
+        return 0
+
+    def forget(self, segment_id: int) -> None:
+        """One of this end's segments is gone: the peer may unmap it (sent
+        with the next RELEASE frame). Any thread, even inside the garbage
+        collector: no lock."""
+        self._watched.discard(segment_id)
+        self._queue(segment_id | FORGET_BIT)
+
+    def cancel(self, lend_ids: Iterable[int]) -> None:
+        """Take back lends whose frame was never sent."""
+        self._give_back(lend_ids)
+
+    def released(self, data: bytes) -> str | None:
+        """A RELEASE frame's data: lends the peer gave back, and segments of
+        the peer that are gone (ids with :data:`FORGET_BIT`: their mappings
+        are dropped). Lends of the peer's segments that this end held only
+        for the lends given back go back at once (when attached to a loop:
+        this runs on it, inside the read that brought the frame). Returns
+        why the connection must close (malformed, or naming lends it does
+        not hold), else ``None``."""
+        ids = released_ids(data)
+        if ids is None:
+            return f'malformed RELEASE frame ({len(data)} bytes)'
+        lend_ids = [lend_id for lend_id in ids if not lend_id & FORGET_BIT]
+        if len(lend_ids) != len(ids):
+            with self._lock:
+                for segment_id in ids:
+                    if segment_id & FORGET_BIT:
+                        # Unmapped now unless a view still refers to it.
+                        self._mappings.pop(segment_id & ~FORGET_BIT, None)
+        unknown = self._give_back(lend_ids)
+        flush = self._flush
+        if flush is not None and self._releases:
+            # Lends of the peer's segments this end held only for these
+            # (buffers sent on): back in the same batch as what follows.
+            flush()
+        if unknown:
+            return f'RELEASE of segments not lent to the peer (lend ids {", ".join(map(str, unknown[:5]))})'
+        return None
+
+    def _give_back(self, lend_ids: Iterable[int]) -> list[int]:
+        backings, unknown = [], []
+        with self._lock:
+            for lend_id in lend_ids:
+                backing = self._lent.pop(lend_id, None)
+                if backing is None:
+                    unknown.append(lend_id)
+                    continue
+                backings.append(backing)
+                if isinstance(backing, Segment):
+                    count = self._lent_segments.pop(backing.id) - 1
+                    if count:
+                        self._lent_segments[backing.id] = count
+            self.stats['released'] += len(backings)
+        for backing in backings:
+            _give_back(backing)
+        return unknown
+
+    # -- the peer's segments, lent to this end --------------------------------------------
+
+    def receive(self, fd: int, length: int, lend_id: int, segment_id: int, what: str) -> memoryview:
+        """A read-only view of the first ``length`` bytes of a segment the
+        peer lent under ``lend_id`` (``fd`` is not closed here). The lend is
+        given back when the view and everything made from it are gone.
+
+        :param segment_id: the peer's id of its segment, to keep it mapped
+            for later lends; 0 to map it for this lend only.
+        :raises SharedMemoryError: the descriptor is not a sealed segment of
+            the size class of ``length`` bytes, or cannot be mapped.
+        """
+        if not lend_id:
+            raise SharedMemoryError(f'{what}: a pooled segment without a lend id')
+        status = os.fstat(fd)
+        key = (status.st_dev, status.st_ino)
+        now = time.monotonic()
+        mapping = None
+        if segment_id:
+            with self._lock:
+                mapping = self._mappings.get(segment_id)
+                if mapping is not None and mapping.key == key:
+                    self._mappings.move_to_end(segment_id)
+                    self.stats['reused'] += 1
+                else:
+                    mapping = None
+        own = None if mapping is not None else self._lent_back(key, length, what)
+        holder: object
+        if own is not None:
+            # One of this process's own segments, lent back (an answer with
+            # the request's buffer): read it through the owner's mapping,
+            # which lives as long as the lend that holds it.
+            address, capacity, holder = own.address, own.capacity, own
+            self.stats['reused'] += 1
+        elif mapping is None:
+            capacity = check_sealed(fd, what, lent=True)
+            # Exactly the size class of what it holds (the pool reuses a
+            # segment only for its own class): mapping it costs the receiver
+            # no more than the announced length, which the caller checked.
+            if capacity != size_class(length):
+                raise SharedMemoryError(f'{what}: a pooled segment of {capacity} bytes for {length} '
+                                        f'announced (its size class is {size_class(length)})')
+            mapping = _Mapping(fd, capacity, key, what)
+            dropped: list[_Mapping] = []
+            with self._lock:
+                self.stats['mapped'] += 1
+                if segment_id and not self._closed:
+                    self._mappings[segment_id] = mapping
+                    self._evict(now, dropped)
+            del dropped  # unmapped here, outside the lock, unless a view holds one
+        if mapping is not None:
+            mapping.last_used = now
+            address, capacity, holder = mapping.address, mapping.capacity, mapping
+        if length > capacity:
+            raise SharedMemoryError(f'{what}: {length} bytes announced in a segment of {capacity}')
+        lent = _view_type(capacity).from_address(address)
+        lent._mapping = holder
+        lent._lend = lend_id
+        lent._release = self._return
+        return memoryview(lent).cast('B')[:length].toreadonly()
+
+    def _lent_back(self, key: tuple[int, int], length: int, what: str) -> Segment | None:
+        """This end's segment of that inode if the peer holds a lend of it
+        (a buffer coming back: read it through this end's own mapping), with
+        one more use for the view (a peer that gives back its own lend early
+        cannot have it unmapped under the view); else ``None``. A segment the
+        peer does not hold now (it kept a descriptor) is mapped as any other."""
+        own = own_segment(key)
+        if own is None:
+            return None
+        with self._lock:
+            if not self._lent_segments.get(own.id):
+                return None
+            if length > own.capacity:
+                raise SharedMemoryError(f'{what}: {length} bytes announced in a segment of '
+                                        f'{own.capacity}')
+            own.use()  # held by the lend counted here: not yet back in the pool
+        return own
+
+    def _evict(self, now: float, dropped: list[_Mapping]) -> None:
+        # (lock held) The least recently used first, then the idle ones.
+        mappings = self._mappings
+        while len(mappings) > CACHE_ENTRIES:
+            dropped.append(mappings.popitem(last=False)[1])
+        horizon = now - CACHE_IDLE_SECONDS
+        while mappings:
+            key, oldest = next(iter(mappings.items()))
+            if oldest.last_used >= horizon:
+                break
+            dropped.append(mappings.pop(key))
+
+    def _return(self, lend_id: int) -> None:
+        # From a view's last reference, in any thread, maybe inside the
+        # garbage collector: no lock, only a queue and a wakeup.
+        self.stats['returned'] += 1
+        self._queue(lend_id)
+
+    def _queue(self, entry: int) -> None:
+        if self._closed:
+            return  # the peer is gone: nobody to tell
+        self._releases.append(entry)
+        wake = self._wake
+        if wake is not None and not self._scheduled:
+            self._scheduled = True
+            wake()
+
+    def release_frame(self) -> bytes:
+        """The RELEASE frames of the lends given back and the segments
+        gone since the last call (``b''`` if none), for the caller to send."""
+        releases = self._releases
+        lend_ids: list[int] = []
+        while True:
+            try:
+                lend_ids.append(releases.popleft())
+            except IndexError:
+                break
+        if not lend_ids or self._closed:
+            return b''
+        return b''.join(encode_release(lend_ids[start:start + _IDS_PER_FRAME])
+                        for start in range(0, len(lend_ids), _IDS_PER_FRAME))
+
+    def attach(self, loop: asyncio.AbstractEventLoop, send: Callable[[bytes], None]) -> None:
+        """Send RELEASE frames from ``loop`` with ``send`` (on the loop's
+        thread), soon after lends are given back; at once when they were
+        given back while handling a RELEASE frame (:meth:`released`, called
+        on the loop)."""
+
+        def flush() -> None:
+            self._scheduled = False
+            frame = self.release_frame()
+            if frame:
+                try:
+                    send(frame)
+                except Exception:  # the connection is gone: so are the lends
+                    pass
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(flush)
+            except RuntimeError:  # the loop is closed
+                pass
+
+        self._wake = wake
+        self._flush = flush
+
+    # -- the end ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """The connection ended: give back every lend of this end (the peer
+        is gone or will never release them), forget the peer's mappings
+        (views still referenced keep theirs), send nothing more. Idempotent."""
+        with self._lock:
+            self._closed = True
+            lent, self._lent = self._lent, {}
+            self._lent_segments.clear()
+            mappings = list(self._mappings.values())
+            self._mappings.clear()
+        self._wake = self._flush = None
+        self._releases.clear()
+        for backing in lent.values():
+            _give_back(backing)
+        del mappings
+
+    def __repr__(self) -> str:
+        return f'<SegmentLink lent={len(self._lent)} mapped={len(self._mappings)}>'
