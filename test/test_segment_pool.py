@@ -244,26 +244,32 @@ class Hoarder(PeerServer):
             pass
 
 
-def test_a_peer_that_never_gives_back_gets_new_memfds_once_the_pool_is_full(
-        echo: Any, socket_dir: Path, own_pool: SegmentPool) -> None:
-    own_pool.max_bytes = 4 * MiB
+def test_a_peer_that_never_gives_back_gets_new_memfds_once_it_holds_its_share_and_others_keep_the_pool(
+        echo: Any, socket_dir: Path, pool_server: ServerProcess, own_pool: SegmentPool) -> None:
+    own_pool.max_bytes = 16 * MiB  # a connection may hold a quarter: 4 MiB
     fds_before = fds_of_self()
     server = Hoarder(socket_dir / 'h.ttrpc.sock')
     try:
         method = stub_methods(echo.Stub)['Echo']
+        large = echo.pb.EchoRequest(payload=bytes(MiB))
         with SyncConnection.connect(server.path, shared_memory=OPTIONS) as connection:
             exhausted = own_pool.stats['exhausted']
             for _ in range(8):
-                connection.call(method, echo.pb.EchoRequest(payload=bytes(MiB)), timeout=LONG)
+                connection.call(method, large, timeout=LONG)
                 assert own_pool.total_bytes <= own_pool.max_bytes
             link = connection._core.agreement.segments
             assert link is not None and link.outstanding == 3  # 3 segments of 1.25 MiB fit in 4 MiB
-            assert own_pool.stats['exhausted'] - exhausted == 5
+            assert own_pool.stats['exhausted'] == exhausted  # the pool itself never ran out
+            # Another connection is lent pooled segments while the hoarder holds its share.
+            with SyncConnection.connect(pool_server.ttrpc_path, shared_memory=OPTIONS) as other:
+                assert other.call(method, large, timeout=LONG).payload == large.payload
+                other_link = other._core.agreement.segments
+                assert other_link is not None and other_link.stats['lent'] == 1
         # Lent segments (sealed against future writes), then new memfds sealed against writes.
         requests = server.seals[-8:]
         assert [bool(seal & SEAL_FUTURE_WRITE) for seal in requests] == [True] * 3 + [False] * 5
         assert all(seal & SEAL_WRITE for seal in requests[3:])
-        # The connection is gone: its lends came back, nothing is in use.
+        # The connections are gone: their lends came back, nothing is in use.
         assert own_pool.total_bytes == own_pool.free_bytes
     finally:
         server.close()

@@ -46,7 +46,7 @@ from .._payload import SharedMemoryError, check_sealed
 from .._segment_pool import Segment, own_segment, size_class
 from ._frames import FORGET_BIT, encode_release, released_ids
 
-__all__ = ['CACHE_ENTRIES', 'CACHE_IDLE_SECONDS', 'SegmentLink']
+__all__ = ['CACHE_ENTRIES', 'CACHE_IDLE_SECONDS', 'LEND_SHARE', 'SegmentLink']
 
 #: Segments of the peer a connection keeps mapped (the least recently used
 #: mapping goes first); views still referenced keep theirs.
@@ -55,6 +55,11 @@ CACHE_ENTRIES = 16
 CACHE_IDLE_SECONDS = 10.0
 #: Lend ids per RELEASE frame.
 _IDS_PER_FRAME = 8192
+#: The lends of pooled segments one connection may hold, as a share of the
+#: pool's bound (1/LEND_SHARE): a peer that never gives back what it was lent
+#: then gets new memfds once it holds its share, and cannot take the pool
+#: from every other connection.
+LEND_SHARE = 4
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _mmap = _libc.mmap
@@ -139,6 +144,8 @@ class SegmentLink:
         self._lent: dict[int, object] = {}
         # Lends outstanding per segment of this end's, by segment id.
         self._lent_segments: dict[int, int] = {}
+        # Bytes of this end's pooled segments the peer holds (each lend counted).
+        self._lent_bytes = 0
         self._next_lend = 1
         self._closed = False
         # The peer's segments mapped, by the peer's segment id.
@@ -158,6 +165,12 @@ class SegmentLink:
         """Lends of this end the peer has not given back."""
         return len(self._lent)
 
+    def may_lend(self, size: int, pool_bytes: int) -> bool:
+        """Whether a pooled segment of ``size`` bytes may be lent on this
+        connection: its lends held by the peer stay within 1/:data:`LEND_SHARE`
+        of ``pool_bytes``, the pool's bound."""
+        return self._lent_bytes + size <= pool_bytes // LEND_SHARE
+
     def lend(self, backing: object) -> int:
         """Lend ``backing`` to the peer: a :class:`Segment` (whose use the
         lend takes over: given back with ``unuse()``; the peer hears when it
@@ -171,6 +184,7 @@ class SegmentLink:
                 self._lent[lend_id] = backing
                 self.stats['lent'] += 1
                 if isinstance(backing, Segment):
+                    self._lent_bytes += backing.capacity
                     self._lent_segments[backing.id] = self._lent_segments.get(backing.id, 0) + 1
                     if backing.id not in self._watched:
                         self._watched.add(backing.id)
@@ -228,6 +242,7 @@ class SegmentLink:
                     continue
                 backings.append(backing)
                 if isinstance(backing, Segment):
+                    self._lent_bytes -= backing.capacity
                     count = self._lent_segments.pop(backing.id) - 1
                     if count:
                         self._lent_segments[backing.id] = count
@@ -391,6 +406,7 @@ class SegmentLink:
             self._closed = True
             lent, self._lent = self._lent, {}
             self._lent_segments.clear()
+            self._lent_bytes = 0
             mappings = list(self._mappings.values())
             self._mappings.clear()
         self._wake = self._flush = None

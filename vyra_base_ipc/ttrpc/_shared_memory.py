@@ -27,7 +27,7 @@ from .._payload import (
     map_sealed,
     seal_bytes,
 )
-from .._segment_pool import segment_pool
+from .._segment_pool import segment_pool, size_class
 from .._shared_buffer import ReceivedBuffers, SharedBuffer
 from ._frames import FLAG_SHARED_MEMORY
 from ._hello import Agreement
@@ -120,10 +120,11 @@ def _lend_payload(payload: bytes, link: SegmentLink | None, fds: list[int]) -> t
     pooled segment lent on ``link`` (return the lend id and the segment's),
     else a new sealed memfd (return zeros)."""
     segment = None
-    if link is not None:
+    pool = segment_pool()
+    if link is not None and link.may_lend(size_class(len(payload)), pool.max_bytes):
         try:
             # The one copy: protobuf's Python runtime serializes only into bytes.
-            segment = segment_pool().acquire(len(payload), payload)
+            segment = pool.acquire(len(payload), payload)
         except SharedMemoryError as error:
             _logger.debug('no pooled segment: %s', error)
     if segment is None:
