@@ -37,13 +37,12 @@ from ._call import (
 from ._connection import FramedConnection
 from ._deadlines import DeadlineQueue
 from ._flow import DEFAULT_STREAM_WINDOW
-from ._frames import Frame, MessageType, OversizedFrame, encode_frame
+from ._frames import Frame, OversizedFrame
 from ._messages import ENVELOPE_ALLOWANCE, Metadata
 from ._transport import UnixTransport
 
 __all__ = ['AsyncConnection']
 
-_REQUEST = int(MessageType.REQUEST)
 
 
 class _AsyncStream(ClientStream):
@@ -141,7 +140,7 @@ class _ClientProtocol(FramedConnection):
             prepared.discard()
             raise self.error
         stream_id = self.core.register(target, prepared.method)
-        self.send(encode_frame(stream_id, _REQUEST, prepared.flags, prepared.envelope), prepared.take_fds())
+        self.send(prepared.frame(stream_id), prepared.take_fds())
         return stream_id
 
     def finish(self, stream_id: int) -> None:

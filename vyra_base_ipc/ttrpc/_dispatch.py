@@ -23,7 +23,7 @@ from ._context import ServicerContext, _End
 from ._eager import start_task
 from ._flow import ReceiveWindow, SendCredit, message_cost
 from ._frames import FLAG_NO_DATA, FLAG_REMOTE_CLOSED, FLAG_REMOTE_OPEN, Frame, MessageType, encode_frame
-from ._messages import encode_ok_response, encode_response
+from ._messages import encode_response, ok_response_frame
 from ._requests import AsyncRequests, SyncRequests
 from ._shared_memory import outgoing
 
@@ -416,7 +416,7 @@ class Call:
                 code, details, payload = (number(grpc.StatusCode.RESOURCE_EXHAUSTED),
                                           f'cannot pass the shared buffers of the answer: {error}', b'')
             else:
-                connection.send(encode_frame(self.stream_id, _RESPONSE, flags, encode_ok_response(data)), fds)
+                connection.send(ok_response_frame(self.stream_id, flags, data), fds)
                 replies = self.context._reply_buffers
                 self._count_sent(len(payload) + (sum(buffer.size for buffer in replies) if replies else 0),
                                  bool(fds))

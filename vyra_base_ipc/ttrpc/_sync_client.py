@@ -41,13 +41,12 @@ from ._call import (
     timeout_error,
 )
 from ._flow import DEFAULT_STREAM_WINDOW
-from ._frames import MAX_QUEUED_FDS, FrameDecoder, MessageType, encode_frame, encode_window_update
+from ._frames import MAX_QUEUED_FDS, FrameDecoder, encode_window_update
 from ._messages import ENVELOPE_ALLOWANCE, Metadata
 from ._transport import received_fds
 
 __all__ = ['SyncConnection']
 
-_REQUEST = int(MessageType.REQUEST)
 #: How long the end of a control frame (CANCEL, WINDOW_UPDATE) already
 #: partly sent may take before the connection counts as broken.
 _CONTROL_DEADLINE = 5.0
@@ -307,7 +306,7 @@ class SyncConnection:
                     raise self._error
                 stream_id = self._core.register(stream, method)
             try:
-                self._send_locked(encode_frame(stream_id, _REQUEST, prepared.flags, prepared.envelope),
+                self._send_locked(prepared.frame(stream_id),
                                   prepared.deadline, method, prepared.take_fds())
             except BaseException:
                 self._finish(stream_id, stream)
