@@ -39,6 +39,7 @@ from ._client_base import (
     retrying_sync,
 )
 from ._deadline import Deadline
+from ._fork_safety import this_process
 from ._interceptors import ClientInterceptor
 from ._lanes import LANES, GrpcLane, SyncGrpcLane
 from ._options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT, validate_timeout
@@ -569,7 +570,7 @@ class SyncIPCHandler(ClientBase):
     def _here(self) -> None:
         """Make this handler's connections those of this process: on first
         use (or first since disconnect()), and in a child after fork."""
-        if self._pid == os.getpid():
+        if self._pid == this_process.pid:
             return
         with self._keys_lock:
             if self._pid != os.getpid():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -12,6 +11,7 @@ import grpc
 
 from .._busy_poll import DEFAULT_BUSY_POLL, validate_busy_poll
 from .._deadline import Deadline, Timeout, deadline_of
+from .._fork_safety import this_process
 from .._methods import Method
 from .._options import DEFAULT_MAX_MESSAGE_BYTES
 from .._payload import SharedMemoryOptions, close_fds
@@ -104,7 +104,7 @@ class SyncConnection:
         self.socket_path = socket_path
         self.max_message_bytes = max_message_bytes
         self._sock = sock
-        self._pid = os.getpid()
+        self._pid = this_process.pid
         self._decoder = FrameDecoder(max_message_bytes + ENVELOPE_ALLOWANCE)
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -179,7 +179,7 @@ class SyncConnection:
     def is_closed(self) -> bool:
         """Whether the connection was closed, broke, or belongs to the parent
         of this (forked) process."""
-        return self._error is not None or self._pid != os.getpid()
+        return self._error is not None or self._pid != this_process.pid
 
     def close(self) -> None:
         """Close the connection; calls in flight fail with
@@ -194,7 +194,7 @@ class SyncConnection:
 
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
         sock = getattr(self, '_sock', None)
-        if sock is not None and sock.fileno() >= 0 and getattr(self, '_pid', None) == os.getpid():
+        if sock is not None and sock.fileno() >= 0 and getattr(self, '_pid', None) == this_process.pid:
             _warn(f'unclosed ttrpc SyncConnection to {self.socket_path!r}', ResourceWarning,
                   source=self)
             sock.close()
@@ -289,7 +289,7 @@ class SyncConnection:
         """Send the request of a new call; start its request stream's sender."""
         method = prepared.method
         try:
-            if self._pid != os.getpid():
+            if self._pid != this_process.pid:
                 # Checked before taking any lock: a lock held at fork() time by
                 # another thread of the parent is never released in the child.
                 raise IPCUnavailableError(grpc.StatusCode.UNAVAILABLE,
@@ -321,6 +321,10 @@ class SyncConnection:
     def _finish(self, stream_id: int, stream: _SyncStream) -> None:
         """The caller is done with a call: tell the server if it may still be at work."""
         stream.abandoned = True
+        if stream_id not in self._core.streams:
+            # Forgotten when its last frame came (the usual end), and never
+            # registered again: nothing to do, no lock to take.
+            return
         with self._state_lock:
             cancel = self._core.finish(stream_id)
         if cancel is not None:
@@ -339,18 +343,24 @@ class SyncConnection:
         meanwhile (a thread that queues one while another sends leaves it to
         the sender)."""
         while True:
-            try:
-                sent = self._send_queued_control()
-            finally:
+            if self._control:
+                try:
+                    sent = self._send_queued_control()
+                finally:
+                    self._send_lock.release()
+                if not sent:
+                    return
+            else:
+                # (Read without the state lock: one queued meanwhile is seen below.)
                 self._send_lock.release()
-            if not sent or not self._control or not self._send_lock.acquire(blocking=False):
+            if not self._control or not self._send_lock.acquire(blocking=False):
                 return
 
     def _send_control(self, frame: bytes) -> None:
         """Send a small frame (CANCEL, WINDOW_UPDATE) without waiting for
         other senders: now if nobody sends, else by the thread that does."""
         with self._state_lock:
-            if self._error is not None or self._pid != os.getpid():
+            if self._error is not None or self._pid != this_process.pid:
                 return
             self._control.append(frame)
         if self._send_lock.acquire(blocking=False):
@@ -567,7 +577,7 @@ class SyncConnection:
                     stream.credit.close()
                 if stream.condition is not None:
                     stream.condition.notify_all()
-            if self._pid == os.getpid():
+            if self._pid == this_process.pid:
                 try:
                     # Wakes a thread blocked in poll() on this socket.
                     self._sock.shutdown(socket.SHUT_RDWR)
