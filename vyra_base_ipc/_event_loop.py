@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import select
 import selectors
 import sys
 from typing import Any, Coroutine, TypeVar
@@ -42,6 +43,12 @@ class BusyPollSelector(selectors.DefaultSelector):
     def __init__(self, busy_poll: BusyPoll) -> None:
         super().__init__()
         self.busy_poll = busy_poll
+        # The epoll object itself, asked without building the key list: a
+        # poll mostly finds nothing, and finding nothing should cost only
+        # the system call (epoll is level-triggered, so select() below
+        # still sees what a poll found).
+        epoll, epoll_type = getattr(self, '_selector', None), getattr(select, 'epoll', None)
+        self._poll_now = epoll.poll if epoll_type is not None and isinstance(epoll, epoll_type) else None
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         """The ready keys and events, as :meth:`selectors.BaseSelector.select`;
@@ -51,6 +58,9 @@ class BusyPollSelector(selectors.DefaultSelector):
         return self.busy_poll.wait(self._ready_now, super().select, timeout)
 
     def _ready_now(self) -> list[tuple[selectors.SelectorKey, int]] | None:
+        poll_now = self._poll_now
+        if poll_now is not None and not poll_now(0, 1):
+            return None
         return super().select(0) or None
 
 

@@ -190,8 +190,10 @@ class FramedConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._pending:
-            frames = b''.join(self._pending)
+        pending = self._pending
+        if pending:
+            # (A lone frame, the usual batch of a call at a time, is not copied.)
+            frames = pending[0] if len(pending) == 1 else b''.join(pending)
             fds, self._pending_fds = self._pending_fds, []
             self._pending.clear()
             self._pending_bytes = 0
