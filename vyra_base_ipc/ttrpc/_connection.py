@@ -51,7 +51,8 @@ class FramedConnection(asyncio.Protocol):
         #: Set while writing is not paused, for senders in other threads.
         self.writable = threading.Event()
         self.writable.set()
-        #: True while data_received handles a read: sends then wait for its end.
+        #: True while data_received handles a read of several frames: sends
+        #: then wait for its end.
         self.receiving = False
         #: Bytes of written frames the peer may leave unread before the
         #: connection is closed (None: no limit, the client's case).
@@ -111,9 +112,14 @@ class FramedConnection(asyncio.Protocol):
             self.violation(f'more than {MAX_QUEUED_FDS} file descriptors not claimed by any frame')
 
     def data_received(self, data: bytes) -> None:
-        self.receiving = True
         try:
-            for item in self.decoder.feed(data):
+            items = self.decoder.feed(data)
+            # The answers to the frames of one read leave in one write. A
+            # read of one frame (a call at a time) has nothing to batch
+            # with: what it sends is written at once, so that a call's
+            # answer leaves before the bookkeeping of its end, not after.
+            self.receiving = len(items) > 1
+            for item in items:
                 if self.closed:
                     return
                 self.frame_received(item)

@@ -175,9 +175,9 @@ class Call:
             except CallRejected as rejection:  # counted already
                 self.answer(number(rejection.code), rejection.details)
                 return
-        if timeout is not None:
-            self.deadline = _DeadlineEntry(self)
-            connection.server._deadlines.add(loop.time() + timeout, self.deadline)
+        expires = None if timeout is None else loop.time() + timeout
+        if expires is not None and not handler.is_async:
+            self._expire_at(expires)
         if handler.response_streaming and agreement.send_window:
             self.credit = SendCredit(agreement.send_window)
         argument: Any
@@ -209,6 +209,11 @@ class Call:
             # Started at once: a handler that does not suspend answers inside
             # data_received, without a trip through the event loop.
             self.task = start_task(self._serve_async(argument), loop)
+            if expires is not None and not self.finished:
+                # Only now: most handlers answer in their first step, and
+                # a call that has ended needs no deadline (one heap entry
+                # less per call). Its expiry time is still the request's.
+                self._expire_at(expires)
         else:
             try:
                 future = loop.run_in_executor(connection.server._executor, self._run_sync, argument)
@@ -217,6 +222,11 @@ class Call:
                 return
             self.task = future
             future.add_done_callback(self._sync_done)
+
+    def _expire_at(self, when: float) -> None:
+        """End the call at ``when`` (``loop.time()``) unless it has ended."""
+        self.deadline = _DeadlineEntry(self)
+        self.connection.server._deadlines.add(when, self.deadline)
 
     def _grant(self, increment: int) -> None:
         if not self.finished:
