@@ -249,24 +249,28 @@ class AsyncConnection:
         with a vyra_base_ipc server, once the first call settled it)."""
         return self._protocol.core.agreement.cancel
 
-    async def _begin(self, method: Method, response_streaming: bool,
-                     deadline: Deadline | None) -> _ClientProtocol:
-        """Checks every call starts with; the first call of the connection
-        also waits for the answer to its Hello (within the deadline)."""
+    def _begin(self, method: Method, response_streaming: bool) -> _ClientProtocol:
+        """Checks every call starts with (not a coroutine: a call awaits
+        :meth:`_settle_hello` only while the connection's first answer is
+        due)."""
         check_kind(method, response_streaming)
         protocol = self._protocol
         if asyncio.get_running_loop() is not protocol.loop:
             raise RuntimeError('this AsyncConnection belongs to another event loop; open one per loop')
-        hello = protocol.core.hello
-        if hello is not None:
-            try:
-                item = await asyncio.wait_for(asyncio.shield(hello),
-                                              None if deadline is None else max(deadline.remaining(), 0))
-            except asyncio.TimeoutError:
-                raise timeout_error(method) from None
-            if protocol.core.hello is hello:  # else another call settled it meanwhile
-                protocol.core.settle(item)
         return protocol
+
+    async def _settle_hello(self, protocol: _ClientProtocol, method: Method,
+                            deadline: Deadline | None) -> None:
+        """The first call of the connection waits for the answer to its
+        Hello (within its deadline)."""
+        hello = protocol.core.hello
+        try:
+            item = await asyncio.wait_for(asyncio.shield(hello),
+                                          None if deadline is None else max(deadline.remaining(), 0))
+        except asyncio.TimeoutError:
+            raise timeout_error(method) from None
+        if protocol.core.hello is hello:  # else another call settled it meanwhile
+            protocol.core.settle(item)
 
     @property
     def is_closed(self) -> bool:
@@ -321,7 +325,9 @@ class AsyncConnection:
         """
         try:
             deadline = deadline_of(timeout)
-            protocol = await self._begin(method, False, deadline)
+            protocol = self._begin(method, False)
+            if protocol.core.hello is not None:
+                await self._settle_hello(protocol, method, deadline)
             outcome = Outcome(method, self.max_message_bytes)
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
                                protocol.core.agreement.shared_memory, buffers)
@@ -377,7 +383,9 @@ class AsyncConnection:
         """
         try:
             deadline = deadline_of(timeout)
-            protocol = await self._begin(method, True, deadline)
+            protocol = self._begin(method, True)
+            if protocol.core.hello is not None:
+                await self._settle_hello(protocol, method, deadline)
             outcome = Outcome(method, self.max_message_bytes)
             loop = protocol.loop
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
