@@ -70,10 +70,6 @@ class _SyncStream(ClientStream):
             self.condition.notify()  # type: ignore[union-attr]
 
 
-def _deliver(target: _SyncStream, item: Item) -> None:
-    target.push(item)
-
-
 class SyncConnection:
     """One ttrpc connection for blocking code; thread-safe.
 
@@ -110,7 +106,7 @@ class SyncConnection:
         self._state_lock = threading.Lock()
         # (state lock) The calls, the agreement, the routing of frames.
         self._core = ClientCore(socket_path, max_message_bytes, self._decoder, shared_memory,
-                                stream_window, _deliver)
+                                stream_window, _SyncStream.push)
         # (state lock) Control frames waiting for the send lock.
         self._control: list[bytes] = []
         self._reading = False
@@ -321,9 +317,7 @@ class SyncConnection:
     def _finish(self, stream_id: int, stream: _SyncStream) -> None:
         """The caller is done with a call: tell the server if it may still be at work."""
         stream.abandoned = True
-        if stream_id not in self._core.streams:
-            # Forgotten when its last frame came (the usual end), and never
-            # registered again: nothing to do, no lock to take.
+        if stream_id not in self._core.streams:  # forgotten at its last frame (no lock needed)
             return
         with self._state_lock:
             cancel = self._core.finish(stream_id)
@@ -343,17 +337,11 @@ class SyncConnection:
         meanwhile (a thread that queues one while another sends leaves it to
         the sender)."""
         while True:
-            if self._control:
-                try:
-                    sent = self._send_queued_control()
-                finally:
-                    self._send_lock.release()
-                if not sent:
-                    return
-            else:
-                # (Read without the state lock: one queued meanwhile is seen below.)
+            try:
+                sent = self._send_queued_control()
+            finally:
                 self._send_lock.release()
-            if not self._control or not self._send_lock.acquire(blocking=False):
+            if not sent or not self._control or not self._send_lock.acquire(blocking=False):
                 return
 
     def _send_control(self, frame: bytes) -> None:
@@ -370,6 +358,8 @@ class SyncConnection:
         """(send lock held) Send the queued control frames if the socket
         takes them now; False if it took none (they stay queued, for the
         next sender or the next read)."""
+        if not self._control:  # (no lock: one queued meanwhile is seen after the release)
+            return True
         with self._state_lock:
             if not self._control or self._error is not None:
                 return True
@@ -495,11 +485,14 @@ class SyncConnection:
                     stream.condition.wait(remaining)
                 finally:
                     stream.waiting = False
+        handed_over: Item | None = None
         try:
             while True:
-                self._read(wait_until)
+                handed_over = self._read(wait_until, stream)
                 if self._control and self._send_lock.acquire(blocking=False):
                     self._release_send()  # left queued while the socket was full
+                if handed_over is not None:
+                    return handed_over
                 with self._state_lock:
                     if stream.items:
                         return stream.items.popleft()
@@ -508,11 +501,12 @@ class SyncConnection:
         except SocketTimeout:
             raise self._timed_out(deadline, method, idle_timeout) from None
         finally:
-            with self._state_lock:
-                self._reading = False
-                self._wake_a_waiter()
-                if self._error is not None:
-                    self._close_socket()  # deferred by _broken() while we were reading
+            if handed_over is None:  # (else _read() gave up the turn already)
+                with self._state_lock:
+                    self._reading = False
+                    self._wake_a_waiter()
+                    if self._error is not None:
+                        self._close_socket()  # deferred by _broken() while we were reading
 
     @staticmethod
     def _timed_out(deadline: Deadline | None, method: Method, idle_timeout: float | None) -> IPCError:
@@ -527,21 +521,23 @@ class SyncConnection:
                 other.condition.notify()
                 return
 
-    def _read(self, deadline: Deadline | None) -> None:
-        """Read once (as the reading thread) and hand out what arrived.
+    def _read(self, deadline: Deadline | None, stream: _SyncStream) -> Item | None:
+        """Read once (as the reading thread) and hand out what arrived; an
+        item of the reader's own ``stream`` is returned, the reading turn
+        given up in the lock hold that routed it (one lock, not three).
 
         :raises SocketTimeout: the deadline passed.
         """
         if self._error is not None:
-            return
+            return None
         decoder = self._decoder
         try:
             received = self._io.receive(deadline)
         except OSError as error:
             self._broken(lost(self.socket_path, error.strerror or error))
-            return
+            return None
         if received is None:
-            return
+            return None
         data, ancillary, flags, _ = received
         if ancillary:
             decoder.feed(b'', received_fds(ancillary))
@@ -549,18 +545,23 @@ class SyncConnection:
                     or decoder.queued_fds > MAX_QUEUED_FDS):
                 self._broken(lost(self.socket_path, 'the server passed file descriptors that no '
                                   'frame claims'))
-                return
+                return None
         if not data:
             self._broken(lost(self.socket_path, 'closed by the server'))
-            return
+            return None
         reason = None
         with self._state_lock:
             for item in decoder.feed(data):
                 reason = self._core.route(item)
                 if reason is not None:
                     break
+            if reason is None and stream.items and self._error is None:
+                self._reading = False
+                self._wake_a_waiter()
+                return stream.items.popleft()
         if reason is not None:
             self._broken(lost(self.socket_path, reason))
+        return None
 
     def _deliver(self, stream: _SyncStream, item: Item) -> None:
         with self._state_lock:
