@@ -10,11 +10,10 @@ from typing import Any
 
 from .._busy_poll import BusyPoll
 from .._deadline import Deadline
-from ._transport import MAX_FDS_PER_READ, rights
+from ._transport import MAX_FDS_PER_READ, buffered_recvmsg, rights
 
 __all__ = ['BlockingSocket', 'Received', 'SendTimeout', 'SocketTimeout']
 
-_READ_SIZE = 256 * 1024
 _ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_READ * 4)
 _MSG_CMSG_CLOEXEC = getattr(socket, 'MSG_CMSG_CLOEXEC', 0x40000000)
 # Plain ints: the socket module's flags are IntFlag members, whose | costs
@@ -127,7 +126,7 @@ class BlockingSocket:
 
     def _receive_blocking(self, timeout: float | None) -> Received:
         self._limit_receive(timeout)
-        return self.sock.recvmsg(_READ_SIZE, _ANCILLARY_SIZE, _RECEIVE)
+        return buffered_recvmsg(self.sock, _ANCILLARY_SIZE, _RECEIVE)
 
     def _receive_now(self) -> Received | None:
         # poll() first: a recvmsg() that finds nothing raises, which costs
@@ -135,7 +134,7 @@ class BlockingSocket:
         if not self._poll_in(0):
             return None
         try:
-            return self.sock.recvmsg(_READ_SIZE, _ANCILLARY_SIZE, _RECEIVE_NOW)
+            return buffered_recvmsg(self.sock, _ANCILLARY_SIZE, _RECEIVE_NOW)
         except BlockingIOError:
             return None
 
