@@ -43,10 +43,8 @@ class BusyPollSelector(selectors.DefaultSelector):
     def __init__(self, busy_poll: BusyPoll) -> None:
         super().__init__()
         self.busy_poll = busy_poll
-        # The epoll object itself, asked without building the key list: a
-        # poll mostly finds nothing, and finding nothing should cost only
-        # the system call (epoll is level-triggered, so select() below
-        # still sees what a poll found).
+        # The epoll object itself: a poll mostly finds nothing, and finding
+        # nothing should cost the system call only.
         epoll, epoll_type = getattr(self, '_selector', None), getattr(select, 'epoll', None)
         self._poll_now = epoll.poll if epoll_type is not None and isinstance(epoll, epoll_type) else None
 
@@ -59,9 +57,21 @@ class BusyPollSelector(selectors.DefaultSelector):
 
     def _ready_now(self) -> list[tuple[selectors.SelectorKey, int]] | None:
         poll_now = self._poll_now
-        if poll_now is not None and not poll_now(0, 1):
+        if poll_now is None:
+            return super().select(0) or None
+        keys = self.get_map()
+        found = poll_now(0, max(len(keys), 1))
+        if not found:
             return None
-        return super().select(0) or None
+        # What EpollSelector.select() makes of them, without asking again.
+        ready = []
+        for fd, event in found:
+            key = keys.get(fd)
+            if key is not None:
+                events = ((selectors.EVENT_WRITE if event & ~select.EPOLLIN else 0)
+                          | (selectors.EVENT_READ if event & ~select.EPOLLOUT else 0))
+                ready.append((key, events & key.events))
+        return ready or None
 
 
 def new_event_loop(busy_poll: float = DEFAULT_BUSY_POLL) -> asyncio.AbstractEventLoop:
