@@ -20,7 +20,7 @@ from .._methods import MethodKind
 from .._metrics import MethodMetrics
 from .._payload import SharedMemoryError, close_fds
 from ._context import ServicerContext, _End
-from ._eager import start_task
+from ._eager import run_eagerly
 from ._flow import ReceiveWindow, SendCredit, message_cost
 from ._frames import FLAG_NO_DATA, FLAG_REMOTE_CLOSED, FLAG_REMOTE_OPEN, Frame, MessageType, encode_frame
 from ._messages import encode_response, ok_response_frame
@@ -208,7 +208,7 @@ class Call:
         if handler.is_async:
             # Started at once: a handler that does not suspend answers inside
             # data_received, without a trip through the event loop.
-            self.task = start_task(self._serve_async(argument), loop)
+            self.task = run_eagerly(self._serve_async(argument), loop)
             if expires is not None and not self.finished:
                 # Only now: most handlers answer in their first step, and
                 # a call that has ended needs no deadline (one heap entry
