@@ -207,8 +207,8 @@ class FramedConnection(asyncio.Protocol):
 
     def _write(self, data: bytes, fds: Sequence[int]) -> None:
         transport = self.transport
-        if not self.closed and transport is not None and not transport.is_closing():
-            transport.write(data, fds)
+        if not self.closed and transport is not None:
+            transport.write(data, fds)  # (which drops them if it is closing)
             if self.queue_limit is not None and transport.get_write_buffer_size() > self.queue_limit:
                 self.violation(f'the peer left {transport.get_write_buffer_size()} bytes of answers '
                                f'unread (limit {self.queue_limit})')

@@ -119,6 +119,9 @@ def varint(value: int) -> bytes:
     """A non-negative int as a protobuf varint."""
     if value < 0x80:
         return _SMALL_VARINTS[value]
+    if 0x10000000 <= value < 0x800000000:  # five bytes: a timeout of 0.27 to 34 s in ns
+        return bytes(((value & 0x7F) | 0x80, (value >> 7 & 0x7F) | 0x80, (value >> 14 & 0x7F) | 0x80,
+                      (value >> 21 & 0x7F) | 0x80, value >> 28))
     encoded = bytearray()
     while value > 0x7F:
         encoded.append((value & 0x7F) | 0x80)
