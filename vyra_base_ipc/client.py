@@ -39,7 +39,6 @@ from ._client_base import (
     retrying_sync,
 )
 from ._deadline import Deadline
-from ._fork_safety import this_process
 from ._interceptors import ClientInterceptor
 from ._lanes import LANES, GrpcLane, SyncGrpcLane
 from ._options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT, validate_timeout
@@ -324,25 +323,20 @@ class IPCHandler(ClientBase):
     # -- lanes ------------------------------------------------------------------------
 
     def _open_lane(self) -> AsyncConnection | None:
-        """The fast lane's connection if it is open on the running loop (the
-        usual case, found without making and awaiting a coroutine), else None."""
+        """The fast lane's connection if open on the running loop (found without a coroutine), else None."""
         self._here()
         fast = self._fast
-        if fast is not None and not fast.is_closed:
-            return self._choice.took('ttrpc', fast)
-        return None
+        return self._choice.took('ttrpc', fast) if fast is not None and not fast.is_closed else None
 
     async def _lane(self, deadline: Deadline | None, wait: bool) -> AsyncConnection | GrpcLane:
         """The lane for a call (see :class:`~vyra_base_ipc._lanes.LaneChoice`)."""
         fast = self._open_lane()
-        if fast is not None:
-            return fast
-        if self._choice.fast_first():
+        if fast is None and self._choice.fast_first():
             try:
-                return self._choice.took('ttrpc', await self._fast_connection(deadline, wait))
+                fast = self._choice.took('ttrpc', await self._fast_connection(deadline, wait))
             except IPCUnavailableError as error:
                 self._choice.fast_unavailable(error)
-        return self._choice.took('grpc', self._grpc_lane(wait))
+        return fast or self._choice.took('grpc', self._grpc_lane(wait))
 
     def _here(self) -> None:
         """Make this handler's connections those of the running loop."""
@@ -578,7 +572,7 @@ class SyncIPCHandler(ClientBase):
     def _here(self) -> None:
         """Make this handler's connections those of this process: on first
         use (or first since disconnect()), and in a child after fork."""
-        if self._pid == this_process.pid:
+        if self._pid == os.getpid():
             return
         with self._keys_lock:
             if self._pid != os.getpid():
