@@ -66,7 +66,7 @@ PEER_SERVERS = {'zmq': 'zmq', 'iceoryx2-event': 'iceoryx2', 'iceoryx2-spin': 'ic
 #: longer than any server here polls (this package's servers: 100 µs).
 _SETTLE = 0.002
 #: Import name -> what to install (bench/requirements.txt).
-_PACKAGES = {'zmq': 'pyzmq', 'iceoryx2': 'iceoryx2', 'zenoh': 'eclipse-zenoh'}
+_PACKAGES = {'zmq': 'pyzmq', 'iceoryx2': 'iceoryx2', 'zenoh': 'eclipse-zenoh', 'uvloop': 'uvloop'}
 
 
 def _lane(name: str) -> Lane:
@@ -98,6 +98,10 @@ def _candidates(part: str) -> list[tuple[Transport, Callable[[], str | None]]]:
                        'ttrpc', asynchronous=True,
                        options=fast.client_options() if not fast.unavailable() else {}),
              fast.unavailable),
+            (Transport('ipc-aio-uvloop', 'IPCHandler, fast lane, uvloop', 'ipc-aio', 'ipc', 'uds',
+                       'ttrpc', asynchronous=True, loop='uvloop',
+                       options=fast.client_options() if not fast.unavailable() else {}),
+             lambda: fast.unavailable() or module('uvloop')()),
             (Transport('zmq-req-rep', 'pyzmq REQ/REP over ipc://', 'zmq', 'zmq', 'ipc'), module('zmq')),
             (Transport('iceoryx2-event', 'iceoryx2 request-response, waiting on events', 'iceoryx2',
                        'iceoryx2-event', 'shm'), module('iceoryx2')),
@@ -160,6 +164,10 @@ class _Variant:
     def __init__(self, transport: dict[str, Any], addresses: dict[str, Any], pid: int,
                  loop: asyncio.AbstractEventLoop) -> None:
         self.key = transport['key']
+        # A client on uvloop gets a loop of its own (its handler's connections
+        # belong to the loop it ran on); the others share the part's.
+        self._own_loop = _uvloop().new_event_loop() if transport.get('loop') == 'uvloop' else None
+        loop = self._own_loop or loop
         self.driver = load_driver(transport['client'])(addresses, transport)
         self.pid = pid
         self._loop = loop
@@ -174,7 +182,11 @@ class _Variant:
         self._run(self.driver.open())
 
     def close(self) -> None:
-        self._run(self.driver.close())
+        try:
+            self._run(self.driver.close())
+        finally:
+            if self._own_loop is not None:
+                self._own_loop.close()
 
     def verify(self, payload: bytes) -> None:
         """One round trip whose reply must equal ``payload``."""
@@ -206,6 +218,11 @@ class _Variant:
                 record(perf_counter_ns() - start)
             if length != expected:
                 raise RuntimeError(f'{self.key}: reply carried {length} bytes, expected {expected}')
+
+
+def _uvloop() -> Any:
+    import uvloop
+    return uvloop
 
 
 async def _async_block(key: str, call: Callable[[], Any], expected: int, count: int,

@@ -127,6 +127,9 @@ class Transport:
     options: dict[str, Any] = field(default_factory=dict)
     #: Payload sizes measured; ``None`` for all of them.
     sizes: tuple[int, ...] | None = None
+    #: The event loop an asynchronous client runs on: ``None`` for asyncio's
+    #: own, ``'uvloop'`` for uvloop's.
+    loop: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """This transport as a JSON object (for the worker's spec and the results)."""

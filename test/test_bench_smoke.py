@@ -197,8 +197,9 @@ def test_streaming_section_compares_lanes_with_grpc_aio_and_a_socket_and_times_l
 #: Issue 18.5: the peers section's variants. Ours and the floor in every run;
 #: a peer only where its package is installed (bench/requirements.txt), else
 #: skipped with the reason. Import name of each peer's package.
-PEER_SMALL = {'socket-uds': None, 'ipc-sync-ttrpc': None, 'ipc-aio-ttrpc': None, 'zmq-req-rep': 'zmq',
-              'iceoryx2-event': 'iceoryx2', 'iceoryx2-spin': 'iceoryx2', 'zenoh-get': 'zenoh'}
+PEER_SMALL = {'socket-uds': None, 'ipc-sync-ttrpc': None, 'ipc-aio-ttrpc': None, 'ipc-aio-uvloop': 'uvloop',
+              'zmq-req-rep': 'zmq', 'iceoryx2-event': 'iceoryx2', 'iceoryx2-spin': 'iceoryx2',
+              'zenoh-get': 'zenoh'}
 PEER_LARGE = {'socket-uds': None, 'ipc-sync-shm': None, 'ipc-sync-shared-buffer': None,
               'ipc-sync-shared-buffer-copy': None,
               'zmq-zero-copy': 'zmq', 'iceoryx2-slice': 'iceoryx2', 'zenoh-bytes': 'zenoh',
@@ -251,7 +252,7 @@ def test_a_peer_that_is_not_installed_is_skipped_with_the_package_to_install(mon
     monkeypatch.syspath_prepend(str(REPO))  # bench/ is not installed: the source tree's
     from bench.peers import peer_variants
 
-    for module in ('zmq', 'iceoryx2', 'zenoh'):
+    for module in ('zmq', 'iceoryx2', 'zenoh', 'uvloop'):
         monkeypatch.setitem(sys.modules, module, None)  # find_spec() then finds nothing
     for part, variants in (('small', PEER_SMALL), ('large', PEER_LARGE)):
         measured, skipped = peer_variants(part)

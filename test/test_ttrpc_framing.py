@@ -19,11 +19,41 @@ from vyra_base_ipc._methods import stub_methods
 from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
 from vyra_base_ipc.ttrpc._frames import Frame, FrameDecoder, OversizedFrame, encode_frame
 from vyra_base_ipc.ttrpc._messages import (
+    decode_response,
     encode_ok_response,
+    encode_request,
     encode_response,
     metadata_from_wire,
     metadata_to_wire,
+    ok_payload,
+    ok_response_frame,
 )
+
+# -- envelopes encoded and read by hand -------------------------------------------------------
+
+@pytest.mark.parametrize('size', [0, 1, 0x7F, 0x80, 0x3FFF, 0x4000, 70_000])
+def test_hand_encoded_envelopes_are_what_protobuf_encodes(size: int) -> None:
+    payload = bytes(random.Random(size).getrandbits(8) for _ in range(size))
+    metadata = [ttrpc_pb2.KeyValue(key='k', value='v'), ttrpc_pb2.KeyValue(key='b-bin', value='AQ==')]
+    for timeout in (0, 1, 30_000_000_000, -1):
+        for items in ((), metadata):
+            assert encode_request('pkg.Service', 'Method', payload, timeout, items) == ttrpc_pb2.Request(
+                service='pkg.Service', method='Method', payload=payload, timeout_nano=timeout,
+                metadata=items).SerializeToString()
+    assert ok_response_frame(7, 0x80, payload) == encode_frame(7, 2, 0x80, encode_ok_response(payload))
+    answer = encode_ok_response(payload)
+    assert decode_response(answer) == (0, '', payload)
+    # Read by hand below 16 KiB; above, left to protobuf (None).
+    assert ok_payload(answer) == (payload if size < 0x4000 else None)
+
+
+def test_answers_other_than_a_plain_ok_are_left_to_protobuf() -> None:
+    assert ok_payload(encode_response(5, 'not found')) is None
+    assert ok_payload(encode_response(0, 'ok, with words', b'x')) is None
+    assert ok_payload(encode_ok_response(b'ab') + b'\x12\x01c') is None  # a second payload field: the last wins
+    assert ok_payload(encode_ok_response(b'abc')[:-1]) is None  # cut short
+    assert ok_payload(b'') is None  # no status field at all: protobuf reads it
+
 
 # -- decoder ------------------------------------------------------------------------------------
 

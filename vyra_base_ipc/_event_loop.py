@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import select
 import selectors
 import sys
 from typing import Any, Coroutine, TypeVar
@@ -42,6 +43,10 @@ class BusyPollSelector(selectors.DefaultSelector):
     def __init__(self, busy_poll: BusyPoll) -> None:
         super().__init__()
         self.busy_poll = busy_poll
+        # The epoll object itself: a poll mostly finds nothing, and finding
+        # nothing should cost the system call only.
+        epoll, epoll_type = getattr(self, '_selector', None), getattr(select, 'epoll', None)
+        self._poll_now = epoll.poll if epoll_type is not None and isinstance(epoll, epoll_type) else None
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         """The ready keys and events, as :meth:`selectors.BaseSelector.select`;
@@ -51,7 +56,22 @@ class BusyPollSelector(selectors.DefaultSelector):
         return self.busy_poll.wait(self._ready_now, super().select, timeout)
 
     def _ready_now(self) -> list[tuple[selectors.SelectorKey, int]] | None:
-        return super().select(0) or None
+        poll_now = self._poll_now
+        if poll_now is None:
+            return super().select(0) or None
+        keys = self.get_map()
+        found = poll_now(0, max(len(keys), 1))
+        if not found:
+            return None
+        # What EpollSelector.select() makes of them, without asking again.
+        ready = []
+        for fd, event in found:
+            key = keys.get(fd)
+            if key is not None:
+                events = ((selectors.EVENT_WRITE if event & ~select.EPOLLIN else 0)
+                          | (selectors.EVENT_READ if event & ~select.EPOLLOUT else 0))
+                ready.append((key, events & key.events))
+        return ready or None
 
 
 def new_event_loop(busy_poll: float = DEFAULT_BUSY_POLL) -> asyncio.AbstractEventLoop:

@@ -15,7 +15,7 @@ import os
 from .exceptions import ForkedProcessError
 
 # ForkedProcessError is defined in .exceptions, importable from here too.
-__all__ = ['ForkedProcessError', 'ensure_usable_after_fork', 'note_grpc_used']
+__all__ = ['ForkedProcessError', 'ensure_usable_after_fork', 'note_grpc_used', 'this_process']
 
 _used = False
 _inherited = False
@@ -38,9 +38,25 @@ def ensure_usable_after_fork() -> None:
             'using gRPC.')
 
 
+class _ThisProcess:
+    """This process's id, kept up to date across ``fork()``: reading it is
+    an attribute read, where ``os.getpid()`` is a system call (several per
+    call of a client that must notice being in a forked child)."""
+
+    __slots__ = ('pid',)
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+
+
+#: ``this_process.pid`` is ``os.getpid()``, cheaply.
+this_process = _ThisProcess()
+
+
 def _after_fork_in_child() -> None:
     global _inherited
     _inherited = _inherited or _used
+    this_process.pid = os.getpid()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

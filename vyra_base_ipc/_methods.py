@@ -36,15 +36,13 @@ class MethodKind(enum.Enum):
     STREAM_UNARY = 'stream_unary'
     STREAM_STREAM = 'stream_stream'
 
-    @property
-    def request_streaming(self) -> bool:
-        """Whether the client sends a stream of requests."""
-        return self in (MethodKind.STREAM_UNARY, MethodKind.STREAM_STREAM)
-
-    @property
-    def response_streaming(self) -> bool:
-        """Whether the server answers with a stream of responses."""
-        return self in (MethodKind.UNARY_STREAM, MethodKind.STREAM_STREAM)
+    def __init__(self, value: str) -> None:
+        # Plain attributes, not properties: every call reads them several
+        # times, and a property of an enum member costs ~0.2 us a read.
+        #: Whether the client sends a stream of requests.
+        self.request_streaming: bool = value.startswith('stream_')
+        #: Whether the server answers with a stream of responses.
+        self.response_streaming: bool = value.endswith('_stream')
 
     @classmethod
     def of(cls, request_streaming: bool, response_streaming: bool) -> 'MethodKind':

@@ -227,7 +227,7 @@ class IPCHandler(ClientBase):
             used: list[AsyncConnection | GrpcLane] = []
 
             async def attempt() -> Any:
-                lane = await self._lane(deadline, wait or retry.attempts > 0)
+                lane = self._open_lane() or await self._lane(deadline, wait or retry.attempts > 0)
                 used[:] = [lane]
                 if call is not None:
                     call.lane = lane.lane
@@ -322,18 +322,21 @@ class IPCHandler(ClientBase):
 
     # -- lanes ------------------------------------------------------------------------
 
-    async def _lane(self, deadline: Deadline | None, wait: bool) -> AsyncConnection | GrpcLane:
-        """The lane for a call (see :class:`~vyra_base_ipc._lanes.LaneChoice`)."""
+    def _open_lane(self) -> AsyncConnection | None:
+        """The fast lane's connection if open on the running loop (found without a coroutine), else None."""
         self._here()
         fast = self._fast
-        if fast is not None and not fast.is_closed:
-            return self._choice.took('ttrpc', fast)
-        if self._choice.fast_first():
+        return self._choice.took('ttrpc', fast) if fast is not None and not fast.is_closed else None
+
+    async def _lane(self, deadline: Deadline | None, wait: bool) -> AsyncConnection | GrpcLane:
+        """The lane for a call (see :class:`~vyra_base_ipc._lanes.LaneChoice`)."""
+        fast = self._open_lane()
+        if fast is None and self._choice.fast_first():
             try:
-                return self._choice.took('ttrpc', await self._fast_connection(deadline, wait))
+                fast = self._choice.took('ttrpc', await self._fast_connection(deadline, wait))
             except IPCUnavailableError as error:
                 self._choice.fast_unavailable(error)
-        return self._choice.took('grpc', self._grpc_lane(wait))
+        return fast or self._choice.took('grpc', self._grpc_lane(wait))
 
     def _here(self) -> None:
         """Make this handler's connections those of the running loop."""

@@ -103,6 +103,10 @@ class WatchService(echo_pb2_grpc.WatchServiceServicer):
             if record is not None:
                 record.how = 'cancelled'
             raise
+        except GeneratorExit:
+            if record is not None:
+                record.how = 'closed'  # left while it had yielded, as Watch says
+            raise
         finally:
             if record is not None:
                 record.ended = True

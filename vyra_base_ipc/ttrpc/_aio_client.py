@@ -37,13 +37,12 @@ from ._call import (
 from ._connection import FramedConnection
 from ._deadlines import DeadlineQueue
 from ._flow import DEFAULT_STREAM_WINDOW
-from ._frames import Frame, MessageType, OversizedFrame, encode_frame
+from ._frames import Frame, OversizedFrame
 from ._messages import ENVELOPE_ALLOWANCE, Metadata
 from ._transport import UnixTransport
 
 __all__ = ['AsyncConnection']
 
-_REQUEST = int(MessageType.REQUEST)
 
 
 class _AsyncStream(ClientStream):
@@ -141,7 +140,7 @@ class _ClientProtocol(FramedConnection):
             prepared.discard()
             raise self.error
         stream_id = self.core.register(target, prepared.method)
-        self.send(encode_frame(stream_id, _REQUEST, prepared.flags, prepared.envelope), prepared.take_fds())
+        self.send(prepared.frame(stream_id), prepared.take_fds())
         return stream_id
 
     def finish(self, stream_id: int) -> None:
@@ -250,27 +249,31 @@ class AsyncConnection:
         with a vyra_base_ipc server, once the first call settled it)."""
         return self._protocol.core.agreement.cancel
 
-    async def _begin(self, method: Method, response_streaming: bool,
-                     deadline: Deadline | None) -> _ClientProtocol:
-        """Checks every call starts with; the first call of the connection
-        also waits for the answer to its Hello (within the deadline)."""
+    def _begin(self, method: Method, response_streaming: bool) -> _ClientProtocol:
+        """Checks every call starts with (not a coroutine: a call awaits
+        :meth:`_settle_hello` only while the connection's first answer is
+        due)."""
         check_kind(method, response_streaming)
         protocol = self._protocol
         if asyncio.get_running_loop() is not protocol.loop:
             raise RuntimeError('this AsyncConnection belongs to another event loop; open one per loop')
-        hello = protocol.core.hello
-        if hello is not None:
-            try:
-                item = await asyncio.wait_for(asyncio.shield(hello),
-                                              None if deadline is None else max(deadline.remaining(), 0))
-            except asyncio.TimeoutError:
-                raise timeout_error(method) from None
-            if protocol.core.hello is hello:  # else another call settled it meanwhile
-                protocol.core.settle(item)
-                segments = protocol.core.agreement.segments
-                if segments is not None:  # RELEASE frames leave from the loop
-                    segments.attach(protocol.loop, protocol.send)
         return protocol
+
+    async def _settle_hello(self, protocol: _ClientProtocol, method: Method,
+                            deadline: Deadline | None) -> None:
+        """The first call of the connection waits for the answer to its
+        Hello (within its deadline)."""
+        hello = protocol.core.hello
+        try:
+            item = await asyncio.wait_for(asyncio.shield(hello),
+                                          None if deadline is None else max(deadline.remaining(), 0))
+        except asyncio.TimeoutError:
+            raise timeout_error(method) from None
+        if protocol.core.hello is hello:  # else another call settled it meanwhile
+            protocol.core.settle(item)
+            segments = protocol.core.agreement.segments
+            if segments is not None:  # RELEASE frames leave from the loop
+                segments.attach(protocol.loop, protocol.send)
 
     @property
     def is_closed(self) -> bool:
@@ -325,7 +328,9 @@ class AsyncConnection:
         """
         try:
             deadline = deadline_of(timeout)
-            protocol = await self._begin(method, False, deadline)
+            protocol = self._begin(method, False)
+            if protocol.core.hello is not None:
+                await self._settle_hello(protocol, method, deadline)
             outcome = Outcome(method, self.max_message_bytes)
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
                                protocol.core.agreement, buffers)
@@ -381,7 +386,9 @@ class AsyncConnection:
         """
         try:
             deadline = deadline_of(timeout)
-            protocol = await self._begin(method, True, deadline)
+            protocol = self._begin(method, True)
+            if protocol.core.hello is not None:
+                await self._settle_hello(protocol, method, deadline)
             outcome = Outcome(method, self.max_message_bytes)
             loop = protocol.loop
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,

@@ -41,6 +41,7 @@ from ._frames import (
     FLAG_REMOTE_CLOSED,
     FLAG_REMOTE_OPEN,
     FLAG_SHARED_MEMORY,
+    HEADER,
     Frame,
     FrameDecoder,
     MessageType,
@@ -49,9 +50,17 @@ from ._frames import (
     encode_frame,
     window_increment,
 )
-from ._messages import Metadata, code_of, decode_response, encode_request, metadata_to_wire
+from ._messages import (
+    Metadata,
+    code_of,
+    decode_response,
+    metadata_to_wire,
+    ok_payload,
+    request_parts,
+    request_prefix,
+)
 from ._segment_link import SegmentLink
-from ._shared_memory import outgoing, unpack
+from ._shared_memory import goes_inline, outgoing, unpack
 
 __all__ = ['ClientCore', 'ClientStream', 'Item', 'Outcome', 'Prepared', 'SenderFailed']
 
@@ -73,35 +82,46 @@ HELLO = Method(name=_hello.HELLO_METHOD, path=_hello.HELLO_PATH, kind=MethodKind
 # -- requests ----------------------------------------------------------------------------------
 
 class Prepared:
-    """A call's request frame, checked and encoded, with the descriptors to
-    pass with it (owned until sent: :meth:`discard` on failure)."""
+    """A call's request frame, checked and encoded but for its stream id,
+    with the descriptors to pass with it (owned until sent: :meth:`discard`
+    on failure)."""
 
-    __slots__ = ('method', 'deadline', 'frame_flags', 'envelope', 'fds', 'lends', 'segments')
+    __slots__ = ('method', 'deadline', 'flags', 'fds', 'lends', 'segments', '_parts', '_size')
 
     def __init__(self, method: Method, deadline: Deadline | None, metadata: Metadata | None,
                  payload: bytes, agreement: _hello.Agreement = _hello.PLAIN,
                  buffers: Sequence[SharedBuffer] = ()) -> None:
         self.method = method
         self.deadline = deadline
-        service, name = _split_path(method.path)
         self.lends: list[int] = []
         self.segments = agreement.segments
-        try:
-            payload, self.fds, self.frame_flags = outgoing(payload, agreement, buffers, self.lends)
-        except SharedMemoryError as error:
-            raise error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error),
-                                    method=method.path) from None
-        self.envelope = encode_request(service, name, payload,
-                                       0 if deadline is None else deadline.timeout_nano(),
-                                       metadata_to_wire(metadata) if metadata else ())
+        if goes_inline(len(payload), agreement, buffers):
+            frame_flags = 0  # as outgoing() would say: not asked, to save a call
+            self.fds: list[int] = []
+        else:
+            try:
+                payload, self.fds, frame_flags = outgoing(payload, agreement, buffers, self.lends)
+            except SharedMemoryError as error:
+                raise error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error),
+                                        method=method.path) from None
+        kind = method.kind
+        #: The request frame's flags: how the call's messages follow.
+        self.flags = frame_flags | (FLAG_REMOTE_OPEN if kind.request_streaming
+                                    else FLAG_REMOTE_CLOSED if kind.response_streaming else 0)
+        # The header's place is kept first: frame() joins it and the
+        # envelope in one go (one copy of the payload).
+        parts = request_parts(_request_prefix(method.path), payload,
+                              0 if deadline is None else deadline.timeout_nano(),
+                              metadata_to_wire(metadata) if metadata else ())
+        self._size = sum(map(len, parts))
+        parts.insert(0, b'')
+        self._parts = parts
 
-    @property
-    def flags(self) -> int:
-        """The request frame's flags: how the call's messages follow."""
-        kind = self.method.kind
-        if kind.request_streaming:
-            return FLAG_REMOTE_OPEN | self.frame_flags
-        return (FLAG_REMOTE_CLOSED if kind.response_streaming else 0) | self.frame_flags
+    def frame(self, stream_id: int) -> bytes:
+        """The request frame on ``stream_id``."""
+        parts = self._parts
+        parts[0] = HEADER.pack(self._size, stream_id, _REQUEST, self.flags)
+        return b''.join(parts)
 
     def take_fds(self) -> list[int]:
         fds, self.fds = self.fds, []
@@ -143,17 +163,18 @@ def close_send_frame(stream_id: int) -> bytes:
     return encode_frame(stream_id, _DATA, CLOSE_SEND)
 
 
-_SPLIT_PATHS: dict[str, tuple[str, str]] = {}
+_PREFIXES: dict[str, bytes] = {}
 
 
-def _split_path(path: str) -> tuple[str, str]:
-    split = _SPLIT_PATHS.get(path)
-    if split is None:
+def _request_prefix(path: str) -> bytes:
+    """The encoded service and method names that begin every request of ``path``."""
+    prefix = _PREFIXES.get(path)
+    if prefix is None:
         service, _, name = path.lstrip('/').rpartition('/')
         if not service or not name:
             raise ValueError(f'method path {path!r} is not of the form /package.Service/Method')
-        split = _SPLIT_PATHS[path] = (service, name)
-    return split
+        prefix = _PREFIXES[path] = request_prefix(service, name)
+    return prefix
 
 
 def serialize(method: Method, message: Any, limit: int) -> bytes:
@@ -299,13 +320,15 @@ class Outcome:
     def _response(self, frame: Frame) -> bytes | memoryview:
         if frame.flags & FLAG_SHARED_MEMORY:
             return frame.data  # resolved on arrival: the message itself
-        try:
-            code, message, payload = decode_response(frame.data)
-        except DecodeError as error:
-            raise error_from_status(grpc.StatusCode.INTERNAL, f'malformed response from server: {error}',
-                                    method=self.method.path) from None
-        if code:
-            raise error_from_status(code_of(code), message, method=self.method.path)
+        payload = ok_payload(frame.data)
+        if payload is None:
+            try:
+                code, message, payload = decode_response(frame.data)
+            except DecodeError as error:
+                raise error_from_status(grpc.StatusCode.INTERNAL, f'malformed response from server: {error}',
+                                        method=self.method.path) from None
+            if code:
+                raise error_from_status(code_of(code), message, method=self.method.path)
         if len(payload) > self.limit:
             raise self._too_large(len(payload))
         return payload

@@ -51,7 +51,8 @@ class FramedConnection(asyncio.Protocol):
         #: Set while writing is not paused, for senders in other threads.
         self.writable = threading.Event()
         self.writable.set()
-        #: True while data_received handles a read: sends then wait for its end.
+        #: True while data_received handles a read of several frames: sends
+        #: then wait for its end.
         self.receiving = False
         #: Bytes of written frames the peer may leave unread before the
         #: connection is closed (None: no limit, the client's case).
@@ -111,9 +112,14 @@ class FramedConnection(asyncio.Protocol):
             self.violation(f'more than {MAX_QUEUED_FDS} file descriptors not claimed by any frame')
 
     def data_received(self, data: bytes) -> None:
-        self.receiving = True
         try:
-            for item in self.decoder.feed(data):
+            items = self.decoder.feed(data)
+            # The answers to the frames of one read leave in one write. A
+            # read of one frame (a call at a time) has nothing to batch
+            # with: what it sends is written at once, so that a call's
+            # answer leaves before the bookkeeping of its end, not after.
+            self.receiving = len(items) > 1
+            for item in items:
                 if self.closed:
                     return
                 self.frame_received(item)
@@ -190,8 +196,10 @@ class FramedConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._pending:
-            frames = b''.join(self._pending)
+        pending = self._pending
+        if pending:
+            # (A lone frame, the usual batch of a call at a time, is not copied.)
+            frames = pending[0] if len(pending) == 1 else b''.join(pending)
             fds, self._pending_fds = self._pending_fds, []
             self._pending.clear()
             self._pending_bytes = 0
@@ -199,8 +207,8 @@ class FramedConnection(asyncio.Protocol):
 
     def _write(self, data: bytes, fds: Sequence[int]) -> None:
         transport = self.transport
-        if not self.closed and transport is not None and not transport.is_closing():
-            transport.write(data, fds)
+        if not self.closed and transport is not None:
+            transport.write(data, fds)  # (which drops them if it is closing)
             if self.queue_limit is not None and transport.get_write_buffer_size() > self.queue_limit:
                 self.violation(f'the peer left {transport.get_write_buffer_size()} bytes of answers '
                                f'unread (limit {self.queue_limit})')

@@ -20,10 +20,10 @@ from .._methods import MethodKind
 from .._metrics import MethodMetrics
 from .._payload import SharedMemoryError, close_fds
 from ._context import ServicerContext, _End
-from ._eager import start_task
+from ._eager import run_eagerly
 from ._flow import ReceiveWindow, SendCredit, message_cost
 from ._frames import FLAG_NO_DATA, FLAG_REMOTE_CLOSED, FLAG_REMOTE_OPEN, Frame, MessageType, encode_frame
-from ._messages import encode_ok_response, encode_response
+from ._messages import encode_response, ok_response_frame
 from ._requests import AsyncRequests, SyncRequests
 from ._shared_memory import outgoing
 
@@ -175,9 +175,9 @@ class Call:
             except CallRejected as rejection:  # counted already
                 self.answer(number(rejection.code), rejection.details)
                 return
-        if timeout is not None:
-            self.deadline = _DeadlineEntry(self)
-            connection.server._deadlines.add(loop.time() + timeout, self.deadline)
+        expires = None if timeout is None else loop.time() + timeout
+        if expires is not None and not handler.is_async:
+            self._expire_at(expires)
         if handler.response_streaming and agreement.send_window:
             self.credit = SendCredit(agreement.send_window)
         argument: Any
@@ -208,7 +208,12 @@ class Call:
         if handler.is_async:
             # Started at once: a handler that does not suspend answers inside
             # data_received, without a trip through the event loop.
-            self.task = start_task(self._serve_async(argument), loop)
+            self.task = run_eagerly(self._serve_async(argument), loop)
+            if expires is not None and not self.finished:
+                # Only now: most handlers answer in their first step, and
+                # a call that has ended needs no deadline (one heap entry
+                # less per call). Its expiry time is still the request's.
+                self._expire_at(expires)
         else:
             try:
                 future = loop.run_in_executor(connection.server._executor, self._run_sync, argument)
@@ -217,6 +222,11 @@ class Call:
                 return
             self.task = future
             future.add_done_callback(self._sync_done)
+
+    def _expire_at(self, when: float) -> None:
+        """End the call at ``when`` (``loop.time()``) unless it has ended."""
+        self.deadline = _DeadlineEntry(self)
+        self.connection.server._deadlines.add(when, self.deadline)
 
     def _grant(self, increment: int) -> None:
         if not self.finished:
@@ -416,7 +426,7 @@ class Call:
                 code, details, payload = (number(grpc.StatusCode.RESOURCE_EXHAUSTED),
                                           f'cannot pass the shared buffers of the answer: {error}', b'')
             else:
-                connection.send(encode_frame(self.stream_id, _RESPONSE, flags, encode_ok_response(data)), fds)
+                connection.send(ok_response_frame(self.stream_id, flags, data), fds)
                 replies = self.context._reply_buffers
                 self._count_sent(len(payload) + (sum(buffer.size for buffer in replies) if replies else 0),
                                  bool(fds))

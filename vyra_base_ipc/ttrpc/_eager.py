@@ -17,7 +17,7 @@ import contextvars
 import sys
 from typing import Any, Coroutine, Generator
 
-__all__ = ['start_task']
+__all__ = ['run_eagerly', 'start_task']
 
 _NATIVE = sys.version_info >= (3, 12)
 
@@ -25,13 +25,29 @@ _NATIVE = sys.version_info >= (3, 12)
 def start_task(coroutine: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
     """Run ``coroutine`` until it first suspends, now; return a future of
     its result (a task if it suspended, else a future that is done)."""
+    future = _start(coroutine, loop, True)
+    assert future is not None
+    return future
+
+
+def run_eagerly(coroutine: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop
+                ) -> asyncio.Future[Any] | None:
+    """:func:`start_task` for a coroutine run for its effect: one that
+    returns without suspending gives ``None`` (its result dropped, no future
+    made for it: most handlers answer in their first step); one that raised
+    or suspended gives a future as :func:`start_task` does."""
+    return _start(coroutine, loop, False)
+
+
+def _start(coroutine: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop, keep_result: bool
+           ) -> asyncio.Future[Any] | None:
     if _NATIVE:
         return asyncio.Task(coroutine, loop=loop, eager_start=True)  # type: ignore[call-arg]
     context = contextvars.copy_context()
     try:
         yielded = context.run(coroutine.send, None)
     except StopIteration as stop:
-        return _done(loop, result=stop.value)
+        return _done(loop, result=stop.value) if keep_result else None
     except asyncio.CancelledError:
         future = loop.create_future()
         future.cancel()

@@ -232,6 +232,12 @@ class FrameDecoder:
         """
         if fds:
             self._fds.extend(fds)
+        buffer = self._buffer
+        if not buffer and not self._skip and len(data) >= HEADER_SIZE:
+            # The usual read: exactly one whole frame.
+            length, stream_id, message_type, flags = HEADER.unpack_from(data)
+            if length == len(data) - HEADER_SIZE and length <= self.max_length:
+                return [Frame(stream_id, message_type, flags, bytes(data[HEADER_SIZE:]))]
         if self._skip:
             skipped = min(self._skip, len(data))
             self._skip -= skipped
@@ -239,7 +245,6 @@ class FrameDecoder:
             if not data:
                 return []
         frames: list[Union[Frame, OversizedFrame]] = []
-        buffer = self._buffer
         if buffer:
             buffer += data
             view: bytes | bytearray = buffer

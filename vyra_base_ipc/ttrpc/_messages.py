@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 import grpc
 
 from .. import ttrpc_pb2
+from ._frames import HEADER, MessageType
 
 __all__ = [
     'ENVELOPE_ALLOWANCE',
@@ -29,6 +30,11 @@ __all__ = [
     'encode_response',
     'metadata_from_wire',
     'metadata_to_wire',
+    'ok_payload',
+    'ok_response_frame',
+    'request_parts',
+    'request_prefix',
+    'varint',
 ]
 
 Request = ttrpc_pb2.Request
@@ -106,13 +112,65 @@ def metadata_from_wire(items: Iterable[ttrpc_pb2.KeyValue]) -> tuple[tuple[str, 
     return tuple(result)
 
 
+_SMALL_VARINTS = tuple(bytes((value,)) for value in range(0x80))
+
+
+def varint(value: int) -> bytes:
+    """A non-negative int as a protobuf varint."""
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
+    if 0x10000000 <= value < 0x800000000:  # five bytes: a timeout of 0.27 to 34 s in ns
+        return bytes(((value & 0x7F) | 0x80, (value >> 7 & 0x7F) | 0x80, (value >> 14 & 0x7F) | 0x80,
+                      (value >> 21 & 0x7F) | 0x80, value >> 28))
+    encoded = bytearray()
+    while value > 0x7F:
+        encoded.append((value & 0x7F) | 0x80)
+        value >>= 7
+    encoded.append(value)
+    return bytes(encoded)
+
+
+def request_prefix(service: str, method: str) -> bytes:
+    """The first bytes of every ``Request`` to ``service``/``method``
+    (fields 1 and 2): encoded once per method, not once per call."""
+    return Request(service=service, method=method).SerializeToString()
+
+
+# Tags of Request's fields 3 (payload: bytes) and 4 (timeout_nano: varint).
+_PAYLOAD_FIELD = b'\x1a'
+_TIMEOUT_FIELD = b'\x20'
+
+
+def request_parts(prefix: bytes, payload: bytes, timeout_nano: int = 0,
+                  metadata: Sequence[ttrpc_pb2.KeyValue] = ()) -> list[bytes]:
+    """A serialized ``Request`` as the pieces to join (``metadata`` already
+    in wire form), byte for byte what protobuf encodes: fields in order,
+    defaults left out.
+
+    Encoded by hand because a call's envelope is its ``prefix``
+    (:func:`request_prefix`) and a few bytes around the payload: making a
+    ``Request`` object and serializing it costs more than the rest of the
+    encoding, and joining the pieces behind the frame header copies the
+    payload once.
+    """
+    parts = [prefix]
+    if payload:
+        parts += (_PAYLOAD_FIELD, varint(len(payload)), payload)
+    if timeout_nano > 0:
+        parts += (_TIMEOUT_FIELD, varint(timeout_nano))
+    elif timeout_nano:  # negative: the ten-byte two's complement, as protobuf has it
+        parts.append(Request(timeout_nano=timeout_nano).SerializeToString())
+    if metadata:
+        entries = Request()
+        entries.metadata.extend(metadata)
+        parts.append(entries.SerializeToString())
+    return parts
+
+
 def encode_request(service: str, method: str, payload: bytes, timeout_nano: int = 0,
                    metadata: Sequence[ttrpc_pb2.KeyValue] = ()) -> bytes:
     """Serialize a ``Request`` (``metadata`` already in wire form)."""
-    request = Request(service=service, method=method, payload=payload, timeout_nano=timeout_nano)
-    if metadata:
-        request.metadata.extend(metadata)
-    return request.SerializeToString()
+    return b''.join(request_parts(request_prefix(service, method), payload, timeout_nano, metadata))
 
 
 def encode_response(code: int, message: str = '', payload: bytes = b'') -> bytes:
@@ -125,6 +183,7 @@ def encode_response(code: int, message: str = '', payload: bytes = b'') -> bytes
 # field 2, encoded by hand: the hot path of every successful unary call.
 _OK_STATUS = b'\x0a\x00'
 _PAYLOAD_TAG = b'\x12'
+_OK_PAYLOAD = _OK_STATUS + _PAYLOAD_TAG
 
 
 def encode_ok_response(payload: bytes) -> bytes:
@@ -143,6 +202,38 @@ def encode_ok_response(payload: bytes) -> bytes:
     return b''.join((_OK_STATUS, _PAYLOAD_TAG, length, payload))
 
 
+_RESPONSE = int(MessageType.RESPONSE)
+
+
+def ok_response_frame(stream_id: int, flags: int, payload: bytes) -> bytes:
+    """The RESPONSE frame of an OK answer: byte for byte ``encode_frame(stream_id,
+    RESPONSE, flags, encode_ok_response(payload))``, with the payload copied
+    once rather than twice."""
+    if not payload:
+        return HEADER.pack(len(_OK_STATUS), stream_id, _RESPONSE, flags) + _OK_STATUS
+    size = len(payload)
+    length = varint(size)
+    return b''.join((HEADER.pack(len(_OK_PAYLOAD) + len(length) + size, stream_id, _RESPONSE, flags),
+                     _OK_PAYLOAD, length, payload))
+
+
+def ok_payload(data: bytes) -> bytes | None:
+    """The payload of a ``Response`` encoded as :func:`encode_ok_response`
+    encodes an OK answer of less than 16 KiB; ``None`` for anything else
+    (:func:`decode_response` reads those). Exact: a message that matches is
+    an OK status and this payload and nothing more, so reading it by hand
+    gives what protobuf would, without making a ``Response`` object."""
+    if data[:3] == _OK_PAYLOAD:
+        size = len(data) - 4  # the payload's size if its length takes one byte
+        if size < 0x80:
+            return data[4:] if size >= 0 and data[3] == size else None
+        size -= 1  # two bytes
+        if size < 0x4000 and data[3] == (size & 0x7F) | 0x80 and data[4] == size >> 7:
+            return data[5:]
+        return None
+    return b'' if data == _OK_STATUS else None
+
+
 def decode_response(data: bytes) -> tuple[int, str, bytes]:
     """Parse a ``Response`` into (status code number, message, payload).
 
@@ -151,4 +242,3 @@ def decode_response(data: bytes) -> tuple[int, str, bytes]:
     response = Response.FromString(data)
     status = response.status
     return status.code, status.message, response.payload
-

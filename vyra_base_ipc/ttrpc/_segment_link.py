@@ -361,6 +361,8 @@ class SegmentLink:
         """The RELEASE frames of the lends given back and the segments
         gone since the last call (``b''`` if none), for the caller to send."""
         releases = self._releases
+        if not releases:  # the common case: checked without an exception
+            return b''
         lend_ids: list[int] = []
         while True:
             try:

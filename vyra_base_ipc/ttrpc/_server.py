@@ -280,7 +280,8 @@ class TtrpcServer:
 
     def _call_ended(self) -> None:
         self._active -= 1
-        if self._active == 0 and self._idle is not None:
+        # Only a stopping server waits for idleness (it clears the event first).
+        if self._active == 0 and self._stopping and self._idle is not None:
             self._idle.set()
 
     async def _shutdown(self, grace: float) -> None:

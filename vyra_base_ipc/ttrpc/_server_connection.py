@@ -123,6 +123,8 @@ class ServerConnection(FramedConnection):
     def data_received(self, data: bytes) -> None:
         frames_before = self._frames_seen
         super().data_received(data)
+        if not self._partial and self._frame_timer is None and not self.decoder.mid_frame:
+            return  # whole frames only, as usual: nothing held, nothing to time
         # Unfinished frames: bounded in bytes over all connections, and in
         # time per frame (a peer that stalls inside one holds its bytes).
         server = self.server
@@ -222,7 +224,8 @@ class ServerConnection(FramedConnection):
                         'StreamID cannot be re-used and must increment')
             return
         self.last_stream_id = stream_id
-        limits = self.server.limits
+        server = self.server
+        limits = server.limits
         if len(self.calls) >= limits.max_concurrent_streams:
             self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f'{limits.max_concurrent_streams} calls are in flight on this connection '
@@ -237,8 +240,10 @@ class ServerConnection(FramedConnection):
             if frame.flags & FLAG_SHARED_MEMORY:
                 self.violation('unreadable request with shared memory')
             return
-        if request.metadata:
-            size = sum(len(item.key) + len(item.value) for item in request.metadata)
+        # Each field read from the message once: every read makes a new object.
+        wire_metadata = request.metadata
+        if wire_metadata:
+            size = sum(len(item.key) + len(item.value) for item in wire_metadata)
             if size > limits.max_metadata_bytes:
                 self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f'request metadata of {size} bytes exceeds the limit of '
@@ -246,18 +251,18 @@ class ServerConnection(FramedConnection):
                 if frame.flags & FLAG_SHARED_MEMORY:
                     self.violation('a refused request with shared memory')
                 return
+        service, name = request.service, request.method
         payload: bytes | memoryview = request.payload
         buffers: ReceivedBuffers | None = None
         shared = frame.flags & FLAG_SHARED_MEMORY
         if shared:
             # First, whatever else is wrong: the frame's descriptors must be claimed in order.
-            what = f'the request of /{request.service}/{request.method}'
+            what = f'the request of /{service}/{name}'
             resolved = self._resolve(stream_id, payload, what)
             if resolved is None:
                 return
             payload, buffers = resolved
-        server = self.server
-        if request.service == _hello.HELLO_SERVICE and request.method == _hello.HELLO_METHOD and not shared:
+        if name == _hello.HELLO_METHOD and service == _hello.HELLO_SERVICE and not shared:
             self._hello(stream_id, payload)
             return
         buffered = sum(buffer.size for buffer in buffers.values()) if buffers else 0
@@ -265,7 +270,7 @@ class ServerConnection(FramedConnection):
         if server._stopping:
             self.reject(stream_id, grpc.StatusCode.UNAVAILABLE, 'server is shutting down')
             return
-        handler = server._handlers.get((request.service, request.method))
+        handler = server._handlers.get((service, name))
         if handler is None:
             self.reject(stream_id, grpc.StatusCode.UNIMPLEMENTED, 'Method not found!')
             return
@@ -287,7 +292,7 @@ class ServerConnection(FramedConnection):
             # clients send one but for watch streams): ended all the same
             # after max_call_duration, though its handler sees no deadline.
             timeout = limits.max_call_duration
-        metadata = metadata_from_wire(request.metadata) if request.metadata else ()
+        metadata = metadata_from_wire(wire_metadata) if wire_metadata else ()
         context_class = AsyncServicerContext if handler.is_async else ServicerContext
         context = context_class(deadline, metadata, handler.path, peer_credentials=self.peer)
         context._buffers = buffers

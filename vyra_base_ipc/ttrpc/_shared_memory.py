@@ -33,11 +33,19 @@ from ._frames import FLAG_SHARED_MEMORY
 from ._hello import Agreement
 from ._segment_link import SegmentLink
 
-__all__ = ['outgoing', 'pack', 'unpack']
+__all__ = ['goes_inline', 'outgoing', 'pack', 'unpack']
 
 _logger = logging.getLogger(__name__)
 
 Manifest = ttrpc_pb2.SharedMemoryManifest
+
+
+def goes_inline(size: int, agreement: Agreement, buffers: Sequence[SharedBuffer] = ()) -> bool:
+    """Whether a message of ``size`` bytes with ``buffers`` goes inline on a
+    connection with ``agreement`` (no shared memory agreed, or at most its
+    threshold and no buffers): :func:`outgoing` then returns it unchanged."""
+    options = agreement.shared_memory
+    return options is None or (size <= options.threshold and not buffers)
 
 
 def outgoing(payload: bytes, agreement: Agreement, buffers: Sequence[SharedBuffer] = (),
@@ -55,9 +63,10 @@ def outgoing(payload: bytes, agreement: Agreement, buffers: Sequence[SharedBuffe
         frame is never sent).
     :raises SharedMemoryError: ``buffers`` could not be passed.
     """
-    options = agreement.shared_memory
-    if options is None or (len(payload) <= options.threshold and not buffers):
+    if goes_inline(len(payload), agreement, buffers):
         return payload, [], 0
+    options = agreement.shared_memory
+    assert options is not None  # else it went inline
     try:
         manifest, fds = pack(payload, options.threshold, buffers, agreement.segments,  # type: ignore[misc]
                              lends)

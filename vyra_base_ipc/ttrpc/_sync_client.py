@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -12,6 +11,7 @@ import grpc
 
 from .._busy_poll import DEFAULT_BUSY_POLL, validate_busy_poll
 from .._deadline import Deadline, Timeout, deadline_of
+from .._fork_safety import this_process
 from .._methods import Method
 from .._options import DEFAULT_MAX_MESSAGE_BYTES
 from .._payload import SharedMemoryOptions, close_fds
@@ -41,13 +41,12 @@ from ._call import (
     timeout_error,
 )
 from ._flow import DEFAULT_STREAM_WINDOW
-from ._frames import MAX_QUEUED_FDS, FrameDecoder, MessageType, encode_frame, encode_window_update
+from ._frames import MAX_QUEUED_FDS, FrameDecoder, encode_window_update
 from ._messages import ENVELOPE_ALLOWANCE, Metadata
 from ._transport import received_fds
 
 __all__ = ['SyncConnection']
 
-_REQUEST = int(MessageType.REQUEST)
 #: How long the end of a control frame (CANCEL, WINDOW_UPDATE) already
 #: partly sent may take before the connection counts as broken.
 _CONTROL_DEADLINE = 5.0
@@ -69,10 +68,6 @@ class _SyncStream(ClientStream):
         # (state lock held)
         if self.waiting:
             self.condition.notify()  # type: ignore[union-attr]
-
-
-def _deliver(target: _SyncStream, item: Item) -> None:
-    target.push(item)
 
 
 class SyncConnection:
@@ -105,13 +100,13 @@ class SyncConnection:
         self.socket_path = socket_path
         self.max_message_bytes = max_message_bytes
         self._sock = sock
-        self._pid = os.getpid()
+        self._pid = this_process.pid
         self._decoder = FrameDecoder(max_message_bytes + ENVELOPE_ALLOWANCE)
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
         # (state lock) The calls, the agreement, the routing of frames.
         self._core = ClientCore(socket_path, max_message_bytes, self._decoder, shared_memory,
-                                stream_window, _deliver)
+                                stream_window, _SyncStream.push)
         # (state lock) Control frames waiting for the send lock.
         self._control: list[bytes] = []
         self._reading = False
@@ -180,7 +175,7 @@ class SyncConnection:
     def is_closed(self) -> bool:
         """Whether the connection was closed, broke, or belongs to the parent
         of this (forked) process."""
-        return self._error is not None or self._pid != os.getpid()
+        return self._error is not None or self._pid != this_process.pid
 
     def close(self) -> None:
         """Close the connection; calls in flight fail with
@@ -195,7 +190,7 @@ class SyncConnection:
 
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
         sock = getattr(self, '_sock', None)
-        if sock is not None and sock.fileno() >= 0 and getattr(self, '_pid', None) == os.getpid():
+        if sock is not None and sock.fileno() >= 0 and getattr(self, '_pid', None) == this_process.pid:
             _warn(f'unclosed ttrpc SyncConnection to {self.socket_path!r}', ResourceWarning,
                   source=self)
             sock.close()
@@ -290,7 +285,7 @@ class SyncConnection:
         """Send the request of a new call; start its request stream's sender."""
         method = prepared.method
         try:
-            if self._pid != os.getpid():
+            if self._pid != this_process.pid:
                 # Checked before taking any lock: a lock held at fork() time by
                 # another thread of the parent is never released in the child.
                 raise IPCUnavailableError(grpc.StatusCode.UNAVAILABLE,
@@ -308,8 +303,9 @@ class SyncConnection:
                 stream_id = self._core.register(stream, method)
             try:
                 # The server's segments this end let go of leave with the request.
-                self._send_locked(self._core.release_frame()
-                                  + encode_frame(stream_id, _REQUEST, prepared.flags, prepared.envelope),
+                release = self._core.release_frame()
+                frame = prepared.frame(stream_id)
+                self._send_locked(release + frame if release else frame,
                                   prepared.deadline, method, prepared.take_fds())
             except BaseException:
                 self._finish(stream_id, stream)
@@ -324,6 +320,8 @@ class SyncConnection:
     def _finish(self, stream_id: int, stream: _SyncStream) -> None:
         """The caller is done with a call: tell the server if it may still be at work."""
         stream.abandoned = True
+        if stream_id not in self._core.streams:  # forgotten at its last frame (no lock needed)
+            return
         with self._state_lock:
             cancel = self._core.finish(stream_id)
         if cancel is not None:
@@ -353,7 +351,7 @@ class SyncConnection:
         """Send a small frame (CANCEL, WINDOW_UPDATE) without waiting for
         other senders: now if nobody sends, else by the thread that does."""
         with self._state_lock:
-            if self._error is not None or self._pid != os.getpid():
+            if self._error is not None or self._pid != this_process.pid:
                 return
             self._control.append(frame)
         if self._send_lock.acquire(blocking=False):
@@ -363,6 +361,8 @@ class SyncConnection:
         """(send lock held) Send the queued control frames if the socket
         takes them now; False if it took none (they stay queued, for the
         next sender or the next read)."""
+        if not self._control:  # (no lock: one queued meanwhile is seen after the release)
+            return True
         with self._state_lock:
             if not self._control or self._error is not None:
                 return True
@@ -488,11 +488,14 @@ class SyncConnection:
                     stream.condition.wait(remaining)
                 finally:
                     stream.waiting = False
+        handed_over: Item | None = None
         try:
             while True:
-                self._read(wait_until)
+                handed_over = self._read(wait_until, stream)
                 if self._control and self._send_lock.acquire(blocking=False):
                     self._release_send()  # left queued while the socket was full
+                if handed_over is not None:
+                    return handed_over
                 with self._state_lock:
                     if stream.items:
                         return stream.items.popleft()
@@ -501,11 +504,12 @@ class SyncConnection:
         except SocketTimeout:
             raise self._timed_out(deadline, method, idle_timeout) from None
         finally:
-            with self._state_lock:
-                self._reading = False
-                self._wake_a_waiter()
-                if self._error is not None:
-                    self._close_socket()  # deferred by _broken() while we were reading
+            if handed_over is None:  # (else _read() gave up the turn already)
+                with self._state_lock:
+                    self._reading = False
+                    self._wake_a_waiter()
+                    if self._error is not None:
+                        self._close_socket()  # deferred by _broken() while we were reading
 
     @staticmethod
     def _timed_out(deadline: Deadline | None, method: Method, idle_timeout: float | None) -> IPCError:
@@ -520,21 +524,23 @@ class SyncConnection:
                 other.condition.notify()
                 return
 
-    def _read(self, deadline: Deadline | None) -> None:
-        """Read once (as the reading thread) and hand out what arrived.
+    def _read(self, deadline: Deadline | None, stream: _SyncStream) -> Item | None:
+        """Read once (as the reading thread) and hand out what arrived; an
+        item of the reader's own ``stream`` is returned, the reading turn
+        given up in the lock hold that routed it (one lock, not three).
 
         :raises SocketTimeout: the deadline passed.
         """
         if self._error is not None:
-            return
+            return None
         decoder = self._decoder
         try:
             received = self._io.receive(deadline)
         except OSError as error:
             self._broken(lost(self.socket_path, error.strerror or error))
-            return
+            return None
         if received is None:
-            return
+            return None
         data, ancillary, flags, _ = received
         if ancillary:
             decoder.feed(b'', received_fds(ancillary))
@@ -542,18 +548,23 @@ class SyncConnection:
                     or decoder.queued_fds > MAX_QUEUED_FDS):
                 self._broken(lost(self.socket_path, 'the server passed file descriptors that no '
                                   'frame claims'))
-                return
+                return None
         if not data:
             self._broken(lost(self.socket_path, 'closed by the server'))
-            return
+            return None
         reason = None
         with self._state_lock:
             for item in decoder.feed(data):
                 reason = self._core.route(item)
                 if reason is not None:
                     break
+            if reason is None and stream.items and self._error is None:
+                self._reading = False
+                self._wake_a_waiter()
+                return stream.items.popleft()
         if reason is not None:
             self._broken(lost(self.socket_path, reason))
+        return None
 
     def _deliver(self, stream: _SyncStream, item: Item) -> None:
         with self._state_lock:
@@ -571,7 +582,7 @@ class SyncConnection:
                     stream.credit.close()
                 if stream.condition is not None:
                     stream.condition.notify_all()
-            if self._pid == os.getpid():
+            if self._pid == this_process.pid:
                 try:
                     # Wakes a thread blocked in poll() on this socket.
                     self._sock.shutdown(socket.SHUT_RDWR)

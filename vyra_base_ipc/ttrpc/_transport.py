@@ -21,11 +21,12 @@ import collections
 import errno
 import logging
 import socket
+import threading
 from typing import Any, Callable, Sequence
 
 from .._payload import MAX_FDS_PER_MESSAGE, close_fds
 
-__all__ = ['UnixTransport', 'accept_connections']
+__all__ = ['UnixTransport', 'accept_connections', 'buffered_recvmsg']
 
 _logger = logging.getLogger(__name__)
 
@@ -37,13 +38,41 @@ READ_SIZE = 256 * 1024
 #: this many per sendmsg().
 MAX_FDS_PER_READ = MAX_FDS_PER_MESSAGE
 _ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_READ * array.array('i').itemsize)
-_MSG_CMSG_CLOEXEC = getattr(socket, 'MSG_CMSG_CLOEXEC', 0x40000000)
+_MSG_CMSG_CLOEXEC = int(getattr(socket, 'MSG_CMSG_CLOEXEC', 0x40000000))
 _HIGH_WATER = 64 * 1024
 _LOW_WATER = 16 * 1024
 #: accept() failing for lack of resources: pause accepting this long (the
 #: pending connection would make the listener readable again at once).
 ACCEPT_RETRY_DELAY = 1.0
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class _ThreadBuffer(threading.local):
+    """The read buffer of the current thread (see :func:`buffered_recvmsg`)."""
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(READ_SIZE))
+
+
+_thread_buffer = _ThreadBuffer()
+
+
+def buffered_recvmsg(sock: socket.socket, ancillary_size: int, flags: int
+            ) -> tuple[bytes, list[tuple[int, int, bytes]], int, Any]:
+    """``sock.recvmsg(READ_SIZE, ancillary_size, flags)``: data, ancillary
+    data, flags, address.
+
+    Read into a buffer kept per thread (reads of one thread never overlap,
+    and the bytes are copied out at once): ``recvmsg(256 KiB)`` allocates
+    that much for every read and shrinks it to what came, and glibc serves
+    such a block with ``mmap``, ``mremap`` and ``munmap`` (three system
+    calls and a page fault per read, more than the rest of a small call
+    costs) unless its dynamic mmap threshold happened to rise earlier in
+    the process.
+    """
+    view = _thread_buffer.view
+    size, ancillary, message_flags, address = sock.recvmsg_into([view], ancillary_size, flags)
+    return view[:size].tobytes(), ancillary, message_flags, address
 
 
 def received_fds(ancillary: Sequence[tuple[int, int, bytes]]) -> list[int]:
@@ -99,7 +128,7 @@ class UnixTransport(asyncio.Transport):
 
     def _read_ready(self) -> None:
         try:
-            data, ancillary, flags, _ = self._sock.recvmsg(READ_SIZE, _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC)
+            data, ancillary, flags, _ = buffered_recvmsg(self._sock, _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as error:
