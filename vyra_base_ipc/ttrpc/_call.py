@@ -117,10 +117,11 @@ class Prepared:
         parts.insert(0, b'')
         self._parts = parts
 
-    def frame(self, stream_id: int) -> bytes:
-        """The request frame on ``stream_id``."""
+    def frame(self, stream_id: int, before: bytes = b'') -> bytes:
+        """The request frame on ``stream_id``, after ``before`` (frames to
+        send ahead of it, in the same copy)."""
         parts = self._parts
-        parts[0] = HEADER.pack(self._size, stream_id, _REQUEST, self.flags)
+        parts[0] = before + HEADER.pack(self._size, stream_id, _REQUEST, self.flags)
         return b''.join(parts)
 
     def take_fds(self) -> list[int]:

@@ -303,9 +303,7 @@ class SyncConnection:
                 stream_id = self._core.register(stream, method)
             try:
                 # The server's segments this end let go of leave with the request.
-                release = self._core.release_frame()
-                frame = prepared.frame(stream_id)
-                self._send_locked(release + frame if release else frame,
+                self._send_locked(prepared.frame(stream_id, self._core.release_frame()),
                                   prepared.deadline, method, prepared.take_fds())
             except BaseException:
                 self._finish(stream_id, stream)
