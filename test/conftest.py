@@ -63,7 +63,7 @@ def test_protos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope='session')
-def echo(test_protos_dir: Path):  # noqa: ANN201 - a module
+def echo(test_protos_dir: Path):
     """``vyra_ipc_test.echo_pb2`` and ``echo_pb2_grpc`` as one namespace."""
     from vyra_ipc_test import echo_pb2, echo_pb2_grpc
 

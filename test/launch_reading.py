@@ -113,12 +113,14 @@ def declared_parameters(executable: str) -> frozenset[str]:
 @dataclass(frozen=True)
 class Argument:
     """A ``LaunchConfiguration('name')``."""
+
     name: str
 
 
 @dataclass(frozen=True)
 class ShareFile:
     """``PathJoinSubstitution([FindPackageShare(package), *parts])``."""
+
     package: str
     relative: str
 
@@ -126,24 +128,28 @@ class ShareFile:
 @dataclass(frozen=True)
 class Choice:
     """``a if condition else b``: either value, decided at launch time."""
+
     options: tuple[Any, ...]
 
 
 @dataclass(frozen=True)
 class Splice:
     """``*value`` inside a list: the items of ``value``."""
+
     value: Any
 
 
 @dataclass(frozen=True)
 class Computed:
     """The result of a call of one of the launch file's own functions."""
+
     function: str
 
 
 @dataclass(frozen=True)
 class Function:
     """A function defined at the launch file's top level, by name."""
+
     name: str
 
 
@@ -234,7 +240,7 @@ class LaunchFile:
         if isinstance(node, ast.Dict):
             if None in node.keys:
                 raise AssertionError(f'{self.where(node)}: cannot check ** in {ast.unparse(node)!r}')
-            return {self.value(k): self.value(v) for k, v in zip(node.keys, node.values)}
+            return {self.value(k): self.value(v) for k, v in zip(node.keys, node.values, strict=True)}
         if isinstance(node, ast.IfExp):
             return Choice((self.value(node.body), self.value(node.orelse)))
         if isinstance(node, ast.Call):

@@ -223,7 +223,7 @@ def test_peers_section_has_a_sane_row_per_installed_peer_and_skips_the_others(
     skipped = {entry['transport']: entry['reason'] for entry in results['skipped']}
     for key in set(variants) - expected:
         assert skipped[key].startswith('not installed: ')
-    for (key, size), row in rows.items():
+    for (_, size), row in rows.items():
         block = measured['blocks'][str(size)]
         assert row['calls'] == measured['rounds'] * block > 0
         assert 0 < row['p50_us'] <= row['p99_us']

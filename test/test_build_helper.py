@@ -3,9 +3,9 @@ protos (examples/my_arm builds with it in CI; these are its edges)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -39,12 +39,12 @@ import vyra_base_ipc
 from vyra_base_ipc import DEFAULT_BUSY_POLL, IPCHandler, SyncIPCHandler
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc import module_service_pb2_grpc as module_grpc
-from vyra_base_ipc.address import default_ttrpc_socket_path
 from vyra_base_ipc._busy_poll import MAX_BACKOFF_WAITS, BusyPoll, poll_for, validate_busy_poll
-from vyra_base_ipc._pool import sync_ttrpc_pool
 from vyra_base_ipc._event_loop import BusyPollSelector, new_event_loop, run
-from vyra_base_ipc.exceptions import IPCTimeoutError
 from vyra_base_ipc._loop_thread import EventLoopThread
+from vyra_base_ipc._pool import sync_ttrpc_pool
+from vyra_base_ipc.address import default_ttrpc_socket_path
+from vyra_base_ipc.exceptions import IPCTimeoutError
 from vyra_base_ipc.node import host_ipc_server
 from vyra_base_ipc.ttrpc import SyncConnection
 
@@ -759,7 +759,7 @@ def test_ipc_server_node_serves_with_polling_off_and_by_default(start_process, s
         for parameter in (f'module_name:=poll_{name}', f'socket_path:={socket_path}', *parameters):
             args += ['-p', parameter]
         nodes[name] = (start_process(args), socket_path)
-    for name, (process, socket_path) in nodes.items():
+    for process, socket_path in nodes.values():
         process.wait_listening(socket_path)
         process.wait_listening(default_ttrpc_socket_path(socket_path))
         for _ in range(50):
@@ -768,7 +768,7 @@ def test_ipc_server_node_serves_with_polling_off_and_by_default(start_process, s
     process, _ = nodes['default']
     cpu, wall = idle_cpu_share(process.popen.pid)
     assert cpu < IDLE_CPU_SHARE * wall, f'idle ipc_server used {cpu:.3f} s of CPU in {wall:.3f} s'
-    for name, (process, socket_path) in nodes.items():
+    for process, socket_path in nodes.values():
         process.signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, process.log()
         assert not socket_path.exists()

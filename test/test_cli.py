@@ -22,8 +22,9 @@ import sys
 import time
 from typing import Any, Iterator
 
-from conftest import ServerProcess, StartServer, make_stale_socket
 import pytest
+
+from conftest import ServerProcess, StartServer, make_stale_socket
 
 REPO = Path(__file__).resolve().parent.parent
 EXECUTE = 'vyra.ipc.ModuleService/ExecuteCommand'

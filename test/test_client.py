@@ -22,7 +22,6 @@ from vyra_base_ipc import (
 )
 from vyra_base_ipc._pool import aio_pool, aio_ttrpc_pool, sync_pool, sync_ttrpc_pool
 
-
 # -- calls -------------------------------------------------------------------------------
 
 @pytest.mark.asyncio
@@ -86,7 +85,7 @@ def test_sync_client_is_usable_from_many_threads(server: ServerProcess, echo) ->
 @pytest.mark.asyncio
 async def test_leaving_a_stream_early_cancels_it(server: ServerProcess, echo) -> None:
     async with IPCHandler(server.socket_path, echo.Stub) as ipc:
-        async for reply in ipc.stream_method('Count', echo.pb.CountRequest(count=1_000_000)):
+        async for reply in ipc.stream_method('Count', echo.pb.CountRequest(count=1_000_000)):  # noqa: B007 (read after the loop)
             break
         assert reply.index == 0
         assert (await ipc.call_method('Echo', echo.pb.EchoRequest(text='next'))).text == 'next'

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.fault
 
 @pytest.fixture
 def relay(start_server, socket_dir: Path):
-    """relay(limit) -> socket of a relay server in front of an echo server."""
+    """``relay(limit)``: the socket of a relay server in front of an echo server."""
     downstream = start_server(socket_dir / 'down.sock')
 
     def start(limit: float) -> Path:

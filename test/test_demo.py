@@ -35,7 +35,7 @@ def test_demo_brings_up_module_and_stops_it_cleanly(ros_environ: dict[str, str],
     output = result.stdout
     assert result.returncode == 0, output + result.stderr
     assert 'parameters from ' in output and 'ipc_server.yaml' in output
-    assert "[demo_module_node] " in output and "offers /callable" in output
+    assert '[demo_module_node] ' in output and 'offers /callable' in output
     assert "BackendService.ProcessData(b\"hello vyra\") -> b'HELLO VYRA'" in output
     # Not "call 1" exactly: a demo elsewhere in the same random domain could answer.
     assert ("ModuleService.ExecuteCommand(\"callable\") -> status_code=0 "

@@ -2,7 +2,7 @@
 killed with SIGKILL, a timeout (which one, how long), a method the server
 lacks (which services it has) and a command parameter the request lacks
 (INVALID_ARGUMENT, naming it). Real servers in real processes, both lanes,
-both clients. (Size limits: test_lane_limits.py.)"""
+both clients; size limits are in test_lane_limits.py."""
 
 from __future__ import annotations
 
@@ -11,17 +11,21 @@ from pathlib import Path
 import signal
 from typing import Any, Callable
 
-from conftest import LANES, ServerProcess, StartServer, call_through
 import grpc
 import pytest
 
+from conftest import LANES, ServerProcess, StartServer, call_through
 from vyra_base_ipc import (
     IPCHandler,
     IPCRemoteError,
     IPCTimeoutError,
     IPCUnavailableError,
     SyncIPCHandler,
+)
+from vyra_base_ipc import (
     module_service_pb2 as module_pb,
+)
+from vyra_base_ipc import (
     module_service_pb2_grpc as module_pb_grpc,
 )
 

@@ -19,20 +19,20 @@ flight on the server rather than merely sent.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 import gc
 import os
+from pathlib import Path
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
-from conftest import LANES, LONG, ServerProcess, StartFaultServer, make_stale_socket, until, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+import pytest
 
+from conftest import LANES, LONG, ServerProcess, StartFaultServer, make_stale_socket, until, wait_for
 from vyra_base_ipc import IPCError, IPCHandler, IPCUnavailableError, SyncIPCHandler
 from vyra_base_ipc._pool import aio_pool, aio_ttrpc_pool, sync_pool
 from vyra_base_ipc._socket_file import is_listening

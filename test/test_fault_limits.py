@@ -21,8 +21,15 @@ import pytest
 
 from conftest import ServerProcess, wait_for
 from ttrpc_peer import REQUEST, RESPONSE, Peer, frame_bytes, request_envelope
-from vyra_base_ipc import IPCError, IPCHandler, IPCRemoteError, IPCTimeoutError, ServerLimits, SyncIPCHandler
-from vyra_base_ipc import ttrpc_pb2
+from vyra_base_ipc import (
+    IPCError,
+    IPCHandler,
+    IPCRemoteError,
+    IPCTimeoutError,
+    ServerLimits,
+    SyncIPCHandler,
+    ttrpc_pb2,
+)
 from vyra_base_ipc.address import default_ttrpc_socket_path
 
 pytestmark = pytest.mark.fault

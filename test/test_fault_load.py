@@ -14,14 +14,14 @@ event loop and hold no worker thread, which is what
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+import time
 
 import grpc
 import pytest
-from conftest import ServerProcess
 
+from conftest import ServerProcess
 from vyra_base_ipc import IPCError, IPCHandler, IPCRemoteError, SyncIPCHandler
 
 pytestmark = pytest.mark.fault

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import wait_for
 import pytest
 
+from conftest import wait_for
 from vyra_base_ipc import IPCTimeoutError, IPCUnavailableError
-from vyra_base_ipc.address import default_ttrpc_socket_path
 from vyra_base_ipc._methods import stub_methods
+from vyra_base_ipc.address import default_ttrpc_socket_path
 from vyra_base_ipc.ttrpc import SyncConnection
 
 pytestmark = pytest.mark.fault

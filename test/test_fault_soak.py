@@ -13,21 +13,21 @@ between. The numbers are printed (``pytest -rP`` or ``-s`` shows them).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import gc
 import importlib.util
 import json
 import os
+from pathlib import Path
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 
 import pytest
-from conftest import SERVERS, ServerProcess, wait_for
 
+from conftest import SERVERS, ServerProcess, wait_for
 from vyra_base_ipc._pool import sync_pool
 
 SOAK_CALLS = int(os.environ.get('VYRA_IPC_SOAK_CALLS', '20000'))

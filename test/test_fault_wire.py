@@ -15,22 +15,22 @@ loop (default 20 s; the minimum numbers of cases always run).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 import itertools
 import os
+from pathlib import Path
 import random
 import socket
 import struct
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import unquote
 
+from google.protobuf.message import DecodeError
 import grpc
 import pytest
-from conftest import LONG, ServerProcess, wait_for
-from google.protobuf.message import DecodeError
 
+from conftest import LONG, ServerProcess, wait_for
 from vyra_base_ipc import (
     IPCError,
     IPCHandler,
@@ -520,7 +520,7 @@ def test_invalid_protobuf_is_answered_invalid_argument_naming_the_message_type(
             grpc_call(2 * number + 1, method, grpc_message(body))
             for number, (method, _, body) in enumerate(calls)))
         results = connection.results({2 * number + 1 for number in range(len(calls))})
-    for number, (method, message_type, body) in enumerate(calls):
+    for number, (_, message_type, body) in enumerate(calls):
         result = results[2 * number + 1]
         assert result.grpc_status == grpc.StatusCode.INVALID_ARGUMENT.value[0], (body, result)
         assert message_type.DESCRIPTOR.full_name in result.grpc_message, (body, result)

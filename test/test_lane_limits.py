@@ -13,11 +13,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from conftest import LANES, ServerProcess, StartServer, call_through
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 import grpc
 import pytest
 
+from conftest import LANES, ServerProcess, StartServer, call_through
 from vyra_base_ipc import IPCRemoteError, MessageTooLargeError, SharedBuffer, SharedBufferRef, SyncIPCHandler
 from vyra_base_ipc._shared_buffer import inline_buffers, inline_size
 from vyra_base_ipc.introspection_pb2 import StatsRequest

@@ -10,10 +10,10 @@ import socket
 import threading
 import time
 
-from conftest import ServerProcess
 import grpc
 import pytest
 
+from conftest import ServerProcess
 from vyra_base_ipc import (
     IPCHandler,
     IPCRemoteError,

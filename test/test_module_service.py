@@ -22,9 +22,9 @@ from vyra_base_ipc import (
     ModuleService,
     SyncIPCHandler,
     command,
+    ttrpc_pb2,
 )
 from vyra_base_ipc import module_service_pb2 as pb
-from vyra_base_ipc import ttrpc_pb2
 from vyra_base_ipc import module_service_pb2_grpc as pb_grpc
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
@@ -295,7 +295,7 @@ def test_registry_misuse_is_a_clear_error(call, error) -> None:
 
 #: As a member of the socket group: one ttrpc Initialize request for argv[2]
 #: on the fast lane argv[1]; prints the response frame's data as hex.
-INITIALIZE_AS_MEMBER = r'''
+INITIALIZE_AS_MEMBER = r"""
 import socket, struct, sys
 def field(number, value):
     return bytes([number << 3 | 2, len(value)]) + value
@@ -313,7 +313,7 @@ while len(data) < 10 or len(data) < 10 + struct.unpack('>I', data[:4])[0]:
         break
     data += chunk
 print(data[10:].hex())
-'''
+"""
 
 
 def test_a_socket_group_member_cannot_read_a_root_only_file_through_initialize(

@@ -27,11 +27,11 @@ from std_srvs.srv import Trigger
 
 from conftest import SERVERS, ChildProcess, wait_for
 from ros_env import IPC_SERVER
-from vyra_base_ipc import IPCError, IPCHandler, SyncIPCHandler
-from vyra_base_ipc import ModuleService, command
+from vyra_base_ipc import IPCError, IPCHandler, ModuleService, SyncIPCHandler, command
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc import module_service_pb2_grpc as module_grpc
 from vyra_base_ipc._loop_thread import EventLoopThread
+from vyra_base_ipc._socket_file import is_listening
 from vyra_base_ipc.node import (
     DECLARED_PARAMETERS,
     EXIT_BAD_PARAMETER,
@@ -43,7 +43,6 @@ from vyra_base_ipc.node import (
     read_ipc_config,
 )
 from vyra_base_ipc.ros_bridge import ServiceCallTimeout, ServiceCaller, ServiceUnavailable, call_service
-from vyra_base_ipc._socket_file import is_listening
 
 pytestmark = [pytest.mark.ros]
 
@@ -155,8 +154,8 @@ def wait_in_flight(socket_path: Path, method: str) -> None:
 
 @pytest.fixture
 def slow_call(start_process, ros_environ, test_protos_dir, echo, socket_dir: Path):
-    """``async with slow_call(grace, method, request) as (server, call)``: an
-    ipc_server with SlowEchoService and one call of ``method`` in flight on it."""
+    """An ipc_server with SlowEchoService and one call of ``method`` in flight
+    on it: ``async with slow_call(grace, method, request) as (server, call)``."""
     @contextlib.asynccontextmanager
     async def in_flight(grace: float, method: str, request: Any,
                         ) -> AsyncIterator[tuple[ChildProcess, asyncio.Future[Any]]]:
@@ -354,7 +353,7 @@ def test_every_parameter_has_a_value_for_ros2_param_dump(context: Context, spin,
         assert DECLARED_PARAMETERS <= set(listed)
         values = call(GetParameters, f'/{name}/get_parameters', GetParameters.Request(names=listed)).values
         assert len(values) == len(listed)
-        by_name = dict(zip(listed, values))
+        by_name = dict(zip(listed, values, strict=True))
         assert all(value.type != ParameterType.PARAMETER_NOT_SET for value in by_name.values())
         assert by_name['module_name'].string_value == 'dump'
         servicers = by_name['servicers']

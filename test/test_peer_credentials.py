@@ -38,7 +38,7 @@ def as_user(uid: int, gid: int, script: str, *args: str, groups: str = '') -> li
 
 #: A squatter: binds a Unix socket at argv[1], says "ready", then accepts
 #: connections and prints "connection: N bytes" for each until stdin closes.
-SQUATTER = r'''
+SQUATTER = r"""
 import os, select, socket, sys
 path = sys.argv[1]
 listener = socket.socket(socket.AF_UNIX)
@@ -66,7 +66,7 @@ while True:
             if not data:
                 print(f'connection: {connections.pop(item)} bytes', flush=True)
                 item.close()
-'''
+"""
 
 
 class Squatter:
@@ -217,7 +217,7 @@ def test_server_uid_is_checked(socket_path: Path, echo) -> None:
 #: Connects to argv[1], sends a ttrpc request for grpc.health.v1.Health/Check
 #: and prints "answered" when a response frame comes, "closed" when the
 #: server closes the connection instead.
-HEALTH_CHECK = r'''
+HEALTH_CHECK = r"""
 import socket, struct, sys
 def field(number, value):
     return bytes([number << 3 | 2, len(value)]) + value
@@ -235,7 +235,7 @@ try:
 except ConnectionError:  # closed by the server before or after our request arrived
     header = b''
 print('answered' if len(header) == 10 and header[8] == 2 else 'closed')
-'''
+"""
 
 
 def health_check_as(uid: int, gid: int, path: Path, groups: str = '') -> str:

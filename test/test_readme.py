@@ -23,13 +23,13 @@ REPO = Path(__file__).resolve().parent.parent
 README_SOCKET = '/tmp/my_module_ipc.sock'
 
 #: Runs a block from stdin; top-level await allowed (the README's asyncio client).
-HARNESS = '''
+HARNESS = """
 import ast, asyncio, sys
 code = compile(sys.stdin.read(), sys.argv[1], 'exec', flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
 result = eval(code, {'__name__': '__main__'})
 if asyncio.iscoroutine(result):
     asyncio.run(result)
-'''
+"""
 
 
 def blocks() -> list[tuple[int, str, bool]]:

@@ -23,8 +23,7 @@ import pytest
 
 from conftest import LONG, ServerProcess, StartServer, wait_for
 from ttrpc_peer import REQUEST, RESPONSE, SHARED, Peer, PeerServer, frame_bytes, response_envelope
-from vyra_base_ipc import SharedBuffer, SharedMemoryOptions, SyncIPCHandler
-from vyra_base_ipc import ttrpc_pb2
+from vyra_base_ipc import SharedBuffer, SharedMemoryOptions, SyncIPCHandler, ttrpc_pb2
 from vyra_base_ipc._methods import stub_methods
 from vyra_base_ipc._segment_pool import SegmentPool, segment_pool, size_class
 from vyra_base_ipc.cli._stats import lines as stats_lines
@@ -133,7 +132,7 @@ def test_every_lend_comes_back_and_a_closed_connection_leaves_no_segment_in_use(
 
 # == what a receiver can do with a lent segment ==================================================
 
-RECEIVER = r'''
+RECEIVER = r"""
 import array, json, mmap, os, socket, sys
 sock = socket.socket(fileno=int(sys.argv[1]))
 _, fds, _, _ = socket.recv_fds(sock, 16, 1)
@@ -152,7 +151,7 @@ attempt('grow', lambda: os.ftruncate(fd, 1 << 30))
 view = mmap.mmap(fd, 65536, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
 result['reads'] = view[:5].decode()
 sock.sendall(json.dumps(result).encode())
-'''
+"""
 
 
 def test_another_process_given_a_pooled_segment_can_read_it_but_never_write_shrink_or_grow_it(

@@ -156,7 +156,7 @@ def test_same_service_twice_is_refused(socket_path: Path) -> None:
 @pytest.mark.asyncio
 async def test_fast_lane_socket_is_beside_the_grpc_socket_by_default(socket_path: Path) -> None:
     async with IPCServer(socket_path, servicers=[ModuleService('unit')]) as server:
-        assert server.ttrpc_socket_path == socket_path.parent / "test_ipc.ttrpc.sock"
+        assert server.ttrpc_socket_path == socket_path.parent / 'test_ipc.ttrpc.sock'
         assert is_listening(server.ttrpc_socket_path)
 
 

@@ -59,11 +59,11 @@ from vyra_base_ipc import (
     SharedMemoryOptions,
     SyncIPCHandler,
     shared_buffer,
+    ttrpc_pb2,
 )
-from vyra_base_ipc import ttrpc_pb2
-from vyra_base_ipc.exceptions import IPCRemoteError, IPCTimeoutError, IPCUnavailableError
 from vyra_base_ipc._methods import stub_methods
 from vyra_base_ipc._segment_pool import segment_pool
+from vyra_base_ipc.exceptions import IPCRemoteError, IPCTimeoutError, IPCUnavailableError
 from vyra_base_ipc.introspection_pb2 import StatsRequest
 from vyra_base_ipc.introspection_pb2_grpc import IntrospectionStub
 from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
@@ -427,7 +427,7 @@ def test_server_answers_above_the_threshold_in_sealed_shared_memory_and_at_it_in
     peer = Peer.connect(shm_server.ttrpc_path)
     try:
         assert hello(peer) == (0, '', True)
-        for stream_id, size in zip((3, 5, 7), (THRESHOLD - 1, THRESHOLD, THRESHOLD + 1)):
+        for stream_id, size in zip((3, 5, 7), (THRESHOLD - 1, THRESHOLD, THRESHOLD + 1), strict=True):
             reply = sized(echo.pb.EchoReply, size)
             answer = call_echo(peer, stream_id, echo, reply.payload)
             assert answer.code == 0, answer.message

@@ -80,13 +80,13 @@ async def test_directories_the_server_makes_pass_its_own_check(socket_dir: Path)
 
 
 #: Holds a shared flock on the directory argv[1] until its stdin closes.
-HOLD_FLOCK = '''
+HOLD_FLOCK = """
 import fcntl, os, sys
 fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
 fcntl.flock(fd, fcntl.LOCK_SH)
 print('locked', flush=True)
 sys.stdin.read()
-'''
+"""
 
 
 @pytest.fixture
@@ -119,7 +119,7 @@ async def test_another_users_flock_on_the_directory_does_not_delay_the_start(
 
 #: Plants symlinks to argv[1] at every name in argv[2:] (again and again,
 #: as fast as it can) until its stdin closes; says "ready" after the first round.
-PLANT = '''
+PLANT = """
 import os, select, sys
 victim, names = sys.argv[1], sys.argv[2:]
 first = True
@@ -134,7 +134,7 @@ while True:
         first = False
     if select.select([sys.stdin], [], [], 0)[0]:
         break
-'''
+"""
 
 
 async def test_symlinks_another_user_plants_are_never_followed(

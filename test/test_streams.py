@@ -13,9 +13,9 @@ import threading
 import time
 from typing import Any, Callable
 
-from conftest import LANES, ServerProcess, until, wait_for
 import pytest
 
+from conftest import LANES, ServerProcess, until, wait_for
 from vyra_base_ipc import IPCHandler, IPCTimeoutError, IPCUnavailableError, SyncIPCHandler
 
 #: How an async generator handler ends when its client leaves: cancelled while
@@ -145,7 +145,7 @@ async def test_leaving_a_stream_early_then_calling_again_200_times(server: Serve
     """The test that used to wait behind the abandoned stream, 200 times over."""
     async with IPCHandler(server.socket_path, echo.Stub) as ipc:
         for attempt in range(200):
-            async for reply in ipc.stream_method('Count', echo.pb.CountRequest(count=1_000_000)):
+            async for reply in ipc.stream_method('Count', echo.pb.CountRequest(count=1_000_000)):  # noqa: B007 (read after the loop)
                 break
             assert reply.index == 0
             text = f'next {attempt}'

@@ -16,8 +16,12 @@ import pytest
 
 from conftest import ServerProcess, StartServer, make_stale_socket, start_lanes, wait_for
 from vyra_base_ipc import module_service_pb2 as module_pb
-from vyra_base_ipc.exceptions import IPCRemoteError, IPCTimeoutError, IPCUnavailableError, MessageTooLargeError
 from vyra_base_ipc._methods import stub_methods
+from vyra_base_ipc.exceptions import (
+    IPCTimeoutError,
+    IPCUnavailableError,
+    MessageTooLargeError,
+)
 from vyra_base_ipc.module_service_pb2_grpc import ModuleServiceStub
 from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
 
@@ -265,7 +269,7 @@ def test_too_large_request_fails_before_sending(lanes: ServerProcess, echo: Any)
 def test_request_iterator_failure_reaches_the_caller(lanes: ServerProcess, echo: Any) -> None:
     def requests() -> Iterator[Any]:
         yield echo.pb.EchoRequest(text='a')
-        raise LookupError('the caller\'s own bug')
+        raise LookupError("the caller's own bug")
     with SyncConnection.connect(lanes.ttrpc_path) as connection:
         with pytest.raises(LookupError, match='own bug'):
             connection.call(stub_methods(echo.Stub)['Collect'], requests(), timeout=10)

@@ -14,8 +14,8 @@ import pytest
 from ttrpc_peer import DATA, REMOTE_CLOSED, RESPONSE, Peer, PeerServer, frame_bytes
 from ttrpc_peer import Frame as WireFrame
 from vyra_base_ipc import ttrpc_pb2
-from vyra_base_ipc.exceptions import IPCRemoteError, IPCUnavailableError
 from vyra_base_ipc._methods import stub_methods
+from vyra_base_ipc.exceptions import IPCRemoteError, IPCUnavailableError
 from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
 from vyra_base_ipc.ttrpc._frames import Frame, FrameDecoder, OversizedFrame, encode_frame
 from vyra_base_ipc.ttrpc._messages import (

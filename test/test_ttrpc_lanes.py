@@ -16,12 +16,11 @@ import pytest
 
 from conftest import ServerProcess
 from vyra_base_ipc import IPCHandler, SyncIPCHandler
-from vyra_base_ipc.exceptions import IPCError, IPCRemoteError
-from vyra_base_ipc._methods import Method, MethodKind, stub_methods
-from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
-
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc import module_service_pb2_grpc as module_grpc
+from vyra_base_ipc._methods import Method, MethodKind, stub_methods
+from vyra_base_ipc.exceptions import IPCError, IPCRemoteError
+from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
 
 
 def outcome(call: Callable[[], Any]) -> Any:

@@ -17,12 +17,20 @@ import pytest
 
 from conftest import ServerProcess
 from ttrpc_peer import (
-    DATA, NO_DATA, REMOTE_CLOSED, REMOTE_OPEN, REQUEST, RESPONSE, Peer, frame_bytes, request_envelope,
+    DATA,
+    NO_DATA,
+    REMOTE_CLOSED,
+    REMOTE_OPEN,
+    REQUEST,
+    RESPONSE,
+    Peer,
+    frame_bytes,
+    request_envelope,
 )
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc._methods import stub_methods
-from vyra_base_ipc.ttrpc import SyncConnection
 from vyra_base_ipc.module_service_pb2_grpc import ModuleServiceStub
+from vyra_base_ipc.ttrpc import SyncConnection
 
 MAX_MESSAGE = 64 * 1024
 LANES_SERVER_ARGS = ('--max-message-bytes', str(MAX_MESSAGE))  # for conftest's lanes

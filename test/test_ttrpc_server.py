@@ -13,8 +13,8 @@ import pytest
 
 from conftest import until
 from ttrpc_peer import DATA, REMOTE_OPEN, Peer
-from vyra_base_ipc.exceptions import IPCUnavailableError
 from vyra_base_ipc._methods import record_servicer, stub_methods
+from vyra_base_ipc.exceptions import IPCUnavailableError
 from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection, TtrpcServer, ttrpc_socket_path
 
 ECHO = 'vyra.ipc.test.EchoService'

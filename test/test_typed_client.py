@@ -20,7 +20,7 @@ from vyra_base_ipc.module_service_pb2 import CommandResponse
 
 ROOT = Path(__file__).resolve().parent.parent
 
-USER_CODE = '''
+USER_CODE = """
 from vyra_base_ipc import IPCHandler, SyncIPCHandler
 from vyra_base_ipc.backend_service_pb2 import StatusRequest, StatusResponse
 
@@ -36,7 +36,7 @@ async def frontend(ipc: IPCHandler) -> None:
     async for update in ipc.stream_method('GetStatus', StatusRequest(), response_type=StatusResponse):
         reveal_type(update)
     status.uptime_secs
-'''
+"""
 
 
 @pytest.mark.linter

@@ -66,7 +66,7 @@ def test_deadline_and_the_next_call(server: ServerProcess, echo: Any) -> None:
 def test_leaving_a_stream_and_cancelling_a_call(server: ServerProcess, echo: Any) -> None:
     async def main() -> tuple[int, bool, str]:
         async with IPCHandler(server.socket_path, echo.Stub, lane='ttrpc') as ipc:
-            async for reply in ipc.stream_method('Count', echo.pb.CountRequest(count=1_000_000)):
+            async for reply in ipc.stream_method('Count', echo.pb.CountRequest(count=1_000_000)):  # noqa: B007 (read after the loop)
                 break
             task = asyncio.ensure_future(ipc.call_method('Sleep', echo.pb.SleepRequest(seconds=30)))
             await asyncio.sleep(0.05)

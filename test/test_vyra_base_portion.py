@@ -14,12 +14,12 @@ import sys
 import pytest
 
 EXTEND = '__path__ = __import__("pkgutil").extend_path(__path__, __name__)\n'
-PROBE = '''
+PROBE = """
 import vyra_base.com.handler.ros2 as upstream_module
 from vyra_base.com.handler.ipc import IPCHandler
 import vyra_base_ipc
 print(upstream_module.UPSTREAM, IPCHandler is vyra_base_ipc.IPCHandler)
-'''
+"""
 
 
 def upstream_vyra_base(root: Path, extend_path: bool) -> Path:

@@ -20,13 +20,16 @@ import sys
 import time
 
 import grpc
+from mappings import mapping_of
+from vyra_ipc_test import echo_pb2, echo_pb2_grpc
+from watch_service import WatchService
 
 from vyra_base_ipc import (
     DEFAULT_BUSY_POLL,
     IPCServer,
     ModuleService,
-    SharedBuffer,
     ServerLimits,
+    SharedBuffer,
     SharedMemoryOptions,
     attach_buffers,
     peer_credentials,
@@ -36,10 +39,6 @@ from vyra_base_ipc import (
 )
 from vyra_base_ipc._segment_pool import segment_pool
 from vyra_base_ipc.demo.backend_service import BackendService
-from vyra_ipc_test import echo_pb2, echo_pb2_grpc
-
-from mappings import mapping_of
-from watch_service import WatchService
 
 
 class EchoService(echo_pb2_grpc.EchoServiceServicer):

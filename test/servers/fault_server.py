@@ -22,9 +22,9 @@ import argparse
 import asyncio
 import logging
 import os
+from pathlib import Path
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 # The tests run with PYTHONSAFEPATH set, which keeps this script's own

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 from concurrent.futures import ThreadPoolExecutor
+import json
 from typing import Any
 
 from vyra_ipc_test import echo_pb2, echo_pb2_grpc

@@ -14,11 +14,10 @@ import logging
 import sys
 import threading
 
+from echo_server import EchoService
 import grpc
 
 from vyra_base_ipc import CallRejected, IPCServer, ModuleService, ServerCall, ServerInterceptor, run
-
-from echo_server import EchoService
 
 
 class Gatekeeper(ServerInterceptor):

@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import sys
 
-import grpc
-
 from echo_server import EchoService
-from vyra_base_ipc import IPCHandler, IPCServer, IPCTimeoutError
+import grpc
 from vyra_ipc_test import echo_pb2_grpc
+
+from vyra_base_ipc import IPCHandler, IPCServer, IPCTimeoutError
 
 
 class RelayService(EchoService):

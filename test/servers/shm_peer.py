@@ -31,8 +31,9 @@ THRESHOLD = 4096
 
 
 def _echo_methods() -> tuple[Any, Any]:
-    from vyra_base_ipc._methods import stub_methods
     from vyra_ipc_test import echo_pb2, echo_pb2_grpc
+
+    from vyra_base_ipc._methods import stub_methods
 
     return echo_pb2, stub_methods(echo_pb2_grpc.EchoServiceStub)
 

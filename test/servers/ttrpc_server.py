@@ -24,11 +24,12 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from echo_server import EchoService  # noqa: E402
-from vyra_base_ipc import IPCServer, ModuleService  # noqa: E402
-from vyra_base_ipc.demo.backend_service import BackendService  # noqa: E402
-from vyra_base_ipc.ttrpc import TtrpcServer  # noqa: E402
-from vyra_ipc_test import echo_pb2  # noqa: E402
+from echo_server import EchoService
+from vyra_ipc_test import echo_pb2
+
+from vyra_base_ipc import IPCServer, ModuleService
+from vyra_base_ipc.demo.backend_service import BackendService
+from vyra_base_ipc.ttrpc import TtrpcServer
 
 
 class ProbedEchoService(EchoService):

@@ -13,9 +13,9 @@ import subprocess
 import sys
 import tempfile
 
+from arm_processes import StartNode, listening, wait_until
 import pytest
 
-from arm_processes import StartNode, listening, wait_until
 
 @pytest.fixture
 def ros_env(tmp_path: Path) -> dict[str, str]:

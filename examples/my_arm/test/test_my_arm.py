@@ -8,18 +8,16 @@ from pathlib import Path
 import subprocess
 import sys
 
+from arm_processes import FRAME_BYTES
 import grpc
-import pytest
-
 from my_arm import arm_pb2
 from my_arm.arm_pb2 import FrameRequest, MoveRequest
 from my_arm.arm_pb2_grpc import ArmServiceStub
+import pytest
+
 from vyra_base_ipc import IPCRemoteError, SyncIPCHandler
 from vyra_base_ipc.introspection_pb2 import StatsRequest
 from vyra_base_ipc.introspection_pb2_grpc import IntrospectionStub
-
-from arm_processes import FRAME_BYTES
-
 
 
 @pytest.mark.parametrize('lane', ['ttrpc', 'grpc'])

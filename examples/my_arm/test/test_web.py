@@ -11,14 +11,13 @@ import signal
 import subprocess
 import sys
 
+from arm_processes import FRAME_BYTES, StartNode, listening, wait_until
 import httpx
 import pytest
 
 from vyra_base_ipc import SyncIPCHandler
 from vyra_base_ipc.introspection_pb2 import MethodStats, StatsRequest
 from vyra_base_ipc.introspection_pb2_grpc import IntrospectionStub
-
-from arm_processes import FRAME_BYTES, StartNode, listening, wait_until
 
 #: Starts the web frontend on an event loop ('asyncio' or 'uvloop') against a
 #: node socket; returns an HTTP client of it.
@@ -104,7 +103,8 @@ def test_a_web_frontend_started_before_the_node_answers_503_then_heals(
     assert (moved.status_code, moved.json()) == (200, {'pose': 'home', 'reached': True}), moved.text
 
 
-def test_a_browser_leaving_the_joint_stream_ends_it_on_the_node(arm_socket: Path, start_web: StartWeb) -> None:
+def test_a_browser_leaving_the_joint_stream_ends_it_on_the_node(arm_socket: Path,
+                                                                start_web: StartWeb) -> None:
     web = start_web(arm_socket, 'uvloop')
     with web.stream('GET', '/joints', params={'count': 0}) as endless:  # 0: until the caller leaves
         lines = endless.iter_lines()
