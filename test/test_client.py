@@ -269,7 +269,7 @@ async def test_a_request_of_the_wrong_type_is_a_type_error_naming_both(server: S
 # -- clients that heal: calls connect on demand (issue 16) ---------------------------------
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize('first', ['call', 'connect'])
+@pytest.mark.parametrize('first', ['call', 'connect', 'stream'])
 @pytest.mark.parametrize('lane', ['auto', 'grpc', 'ttrpc'])
 async def test_a_handler_made_before_its_server_works_once_the_server_is_up(
         start_server, socket_path: Path, echo, lane: str, first: str) -> None:
@@ -288,6 +288,9 @@ async def test_a_handler_made_before_its_server_works_once_the_server_is_up(
     # connect() nor a call.
     if first == 'connect':
         await ipc.connect()
+    elif first == 'stream':
+        counted = [reply.index async for reply in ipc.stream_method('Count', echo.pb.CountRequest(count=3))]
+        assert counted == [0, 1, 2]
     reply = await ipc.call_method('Echo', echo.pb.EchoRequest(text='up'))
     assert reply.text == 'up'
     assert ipc.is_connected
@@ -296,15 +299,18 @@ async def test_a_handler_made_before_its_server_works_once_the_server_is_up(
     assert aio_pool.open_connections() == aio_ttrpc_pool.open_connections() == 0
 
 
+@pytest.mark.parametrize('first', ['call', 'stream'])
 @pytest.mark.parametrize('lane', ['auto', 'grpc', 'ttrpc'])
 def test_a_sync_handler_made_before_its_server_works_once_the_server_is_up(
-        start_server, socket_path: Path, echo, lane: str) -> None:
+        start_server, socket_path: Path, echo, lane: str, first: str) -> None:
     ipc = SyncIPCHandler(socket_path, echo.Stub, lane=lane)
     with pytest.raises(IPCUnavailableError, match=str(socket_path.parent)):
         ipc.connect()
     with pytest.raises(IPCUnavailableError, match=str(socket_path.parent)):
         ipc.call_method('Echo', echo.pb.EchoRequest(text='too early'))
     start_server(socket_path, wait=False).wait_serving(ttrpc=True)
+    if first == 'stream':
+        assert [reply.index for reply in ipc.stream_method('Count', echo.pb.CountRequest(count=3))] == [0, 1, 2]
     assert ipc.call_method('Echo', echo.pb.EchoRequest(text='up')).text == 'up'
     assert ipc.is_connected
     ipc.disconnect()

@@ -209,6 +209,14 @@ class _GrpcLaneBase:
                 code, f'no server answers on {self._path!r}: {details}')
         return None
 
+    def _may_start_again(self, error: grpc.RpcError, method: Method) -> bool:
+        """Whether a stream that failed before its first message may start
+        again, waiting for the channel: it failed as :class:`ServerCameUp`
+        (nothing was sent) and its request is one message (a request stream
+        may have been read already)."""
+        return (not method.kind.request_streaming
+                and isinstance(self._translate(error, method), ServerCameUp))
+
     def _check_probe(self, deadline: Deadline) -> tuple[float, bool]:
         """The probe's timeout, and whether it waits for the channel to connect:
         with ``wait_for_ready``, or when the socket listens (the channel may
@@ -275,8 +283,10 @@ class GrpcLane(_GrpcLaneBase):
                      ) -> AsyncGenerator[Any, None]:
         """As :meth:`AsyncConnection.stream <vyra_base_ipc.ttrpc.AsyncConnection.stream>`;
         leaving early cancels the call."""
+        wait = self.wait_for_ready
         call = self._callable(method)(request, timeout=_remaining(timeout, method), metadata=metadata,
-                                      wait_for_ready=self.wait_for_ready)
+                                      wait_for_ready=wait)
+        received = False
         try:
             while True:
                 try:
@@ -284,8 +294,17 @@ class GrpcLane(_GrpcLaneBase):
                                       else _within(call.read(), idle_timeout))
                 except asyncio.TimeoutError:
                     raise _idle_error(method, idle_timeout) from None  # type: ignore[arg-type]
+                except grpc.RpcError as error:
+                    if received or wait or not self._may_start_again(error, method):
+                        raise
+                    call.cancel()
+                    wait = True
+                    call = self._callable(method)(request, timeout=_remaining(timeout, method),
+                                                  metadata=metadata, wait_for_ready=True)
+                    continue
                 if response is grpc.aio.EOF:
                     return
+                received = True
                 yield response
         except grpc.RpcError as error:
             raise self._translate(error, method) from None
@@ -337,13 +356,31 @@ class SyncGrpcLane(_GrpcLaneBase):
         """As :meth:`GrpcLane.stream`, blocking."""
         if method.kind.request_streaming:
             request = iter(request)
+        wait = self.wait_for_ready
         call = self._callable(method)(request, timeout=_remaining(timeout, method), metadata=metadata,
-                                      wait_for_ready=self.wait_for_ready)
+                                      wait_for_ready=wait)
         watch = None if idle_timeout is None else _IdleWatch(call, idle_timeout)
+        received = False
         try:
-            for response in call:
+            while True:
+                try:
+                    response = next(call)
+                except StopIteration:
+                    return
+                except grpc.RpcError as error:
+                    if received or wait or not self._may_start_again(error, method):
+                        raise
+                    call.cancel()
+                    wait = True
+                    call = self._callable(method)(request, timeout=_remaining(timeout, method),
+                                                  metadata=metadata, wait_for_ready=True)
+                    if watch is not None:
+                        watch.stop()
+                        watch = _IdleWatch(call, idle_timeout)  # type: ignore[arg-type]
+                    continue
                 if watch is not None:
                     watch.message()
+                received = True
                 yield response
         except grpc.RpcError as error:
             if watch is not None and watch.expired:

@@ -263,7 +263,7 @@ class IPCHandler(ClientBase):
         one exception to "every call has a deadline"). Leaving the iteration
         early (``break``, ``aclose()``, the generator collected) or
         cancelling the task cancels the call on the server, on both lanes.
-        Streams are never retried.
+        Streams are not retried, but for one never sent (README: "Calls connect on demand").
 
         :param request: the request message, or an (async) iterable of them
             for a bidirectional method.
