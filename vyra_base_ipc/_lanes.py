@@ -209,13 +209,23 @@ class _GrpcLaneBase:
                 code, f'no server answers on {self._path!r}: {details}')
         return None
 
-    def _may_start_again(self, error: grpc.RpcError, method: Method) -> bool:
-        """Whether a stream that failed before its first message may start
-        again, waiting for the channel: it failed as :class:`ServerCameUp`
-        (nothing was sent) and its request is one message (a request stream
-        may have been read already)."""
-        return (not method.kind.request_streaming
-                and isinstance(self._translate(error, method), ServerCameUp))
+    def _open_stream(self, method: Method, request: Any, timeout: Deadline | None,
+                     metadata: Metadata | None, wait: bool) -> Any:
+        """Start a response-streaming call (grpc's call object)."""
+        return self._callable(method)(request, timeout=_remaining(timeout, method), metadata=metadata,
+                                      wait_for_ready=wait)
+
+    def _started_again(self, error: grpc.RpcError, method: Method, call: Any, request: Any,
+                       timeout: Deadline | None, metadata: Metadata | None) -> Any:
+        """``call``, which failed with ``error`` before its first message,
+        started again waiting for the channel, if it failed as
+        :class:`ServerCameUp` (nothing was sent) and its request is one
+        message (a request stream may have been read already); else ``None``.
+        The caller allows this once per stream, before any message."""
+        if method.kind.request_streaming or not isinstance(self._translate(error, method), ServerCameUp):
+            return None
+        call.cancel()
+        return self._open_stream(method, request, timeout, metadata, True)
 
     def _check_probe(self, deadline: Deadline) -> tuple[float, bool]:
         """The probe's timeout, and whether it waits for the channel to connect:
@@ -283,10 +293,8 @@ class GrpcLane(_GrpcLaneBase):
                      ) -> AsyncGenerator[Any, None]:
         """As :meth:`AsyncConnection.stream <vyra_base_ipc.ttrpc.AsyncConnection.stream>`;
         leaving early cancels the call."""
-        wait = self.wait_for_ready
-        call = self._callable(method)(request, timeout=_remaining(timeout, method), metadata=metadata,
-                                      wait_for_ready=wait)
-        received = False
+        call = self._open_stream(method, request, timeout, metadata, self.wait_for_ready)
+        may_restart = not self.wait_for_ready
         try:
             while True:
                 try:
@@ -295,16 +303,15 @@ class GrpcLane(_GrpcLaneBase):
                 except asyncio.TimeoutError:
                     raise _idle_error(method, idle_timeout) from None  # type: ignore[arg-type]
                 except grpc.RpcError as error:
-                    if received or wait or not self._may_start_again(error, method):
+                    again = (self._started_again(error, method, call, request, timeout, metadata)
+                             if may_restart else None)
+                    if again is None:
                         raise
-                    call.cancel()
-                    wait = True
-                    call = self._callable(method)(request, timeout=_remaining(timeout, method),
-                                                  metadata=metadata, wait_for_ready=True)
+                    call, may_restart = again, False
                     continue
                 if response is grpc.aio.EOF:
                     return
-                received = True
+                may_restart = False
                 yield response
         except grpc.RpcError as error:
             raise self._translate(error, method) from None
@@ -356,11 +363,9 @@ class SyncGrpcLane(_GrpcLaneBase):
         """As :meth:`GrpcLane.stream`, blocking."""
         if method.kind.request_streaming:
             request = iter(request)
-        wait = self.wait_for_ready
-        call = self._callable(method)(request, timeout=_remaining(timeout, method), metadata=metadata,
-                                      wait_for_ready=wait)
+        call = self._open_stream(method, request, timeout, metadata, self.wait_for_ready)
+        may_restart = not self.wait_for_ready
         watch = None if idle_timeout is None else _IdleWatch(call, idle_timeout)
-        received = False
         try:
             while True:
                 try:
@@ -368,19 +373,18 @@ class SyncGrpcLane(_GrpcLaneBase):
                 except StopIteration:
                     return
                 except grpc.RpcError as error:
-                    if received or wait or not self._may_start_again(error, method):
+                    again = (self._started_again(error, method, call, request, timeout, metadata)
+                             if may_restart else None)
+                    if again is None:
                         raise
-                    call.cancel()
-                    wait = True
-                    call = self._callable(method)(request, timeout=_remaining(timeout, method),
-                                                  metadata=metadata, wait_for_ready=True)
+                    call, may_restart = again, False
                     if watch is not None:
                         watch.stop()
                         watch = _IdleWatch(call, idle_timeout)  # type: ignore[arg-type]
                     continue
                 if watch is not None:
                     watch.message()
-                received = True
+                may_restart = False
                 yield response
         except grpc.RpcError as error:
             if watch is not None and watch.expired:
