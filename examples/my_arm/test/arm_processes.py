@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+import signal
 import socket
+import subprocess
 import time
 
 #: The size of the arm's default camera frame (2048 x 1024 RGB): 6 MiB.
@@ -32,3 +34,35 @@ def wait_until(condition: Callable[[], bool], seconds: float, what: Callable[[],
         time.sleep(0.05)
 
 
+
+
+class Processes:
+    """Processes a test started, each serving a Unix socket; :meth:`stop`
+    ends them with SIGINT, which each must survive with status 0."""
+
+    def __init__(self, logs: Path) -> None:
+        self._logs = logs
+        self._started: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def start(self, name: str, args: Sequence[str], env: dict[str, str], serves: Path) -> None:
+        """Start ``args`` (output to ``<name>-<n>.log``); return once it
+        serves ``serves``, or fail with its log if it exits first."""
+        log = self._logs / f'{name}-{len(self._started)}.log'
+        with open(log, 'wb') as output:
+            process = subprocess.Popen(args, env=env, stdout=output, stderr=subprocess.STDOUT)
+        self._started.append((process, log))
+        wait_until(lambda: listening(serves) or process.poll() is not None, 30,
+                   lambda: f'{name} did not serve {serves}:\n{log.read_text()}')
+        assert process.poll() is None, log.read_text()
+
+    def stop(self) -> None:
+        """SIGINT to each, which must exit 0; any left running is killed."""
+        try:
+            for process, log in self._started:
+                process.send_signal(signal.SIGINT)
+                assert process.wait(timeout=20) == 0, log.read_text()
+        finally:
+            for process, _ in self._started:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()

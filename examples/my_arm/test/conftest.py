@@ -8,12 +8,10 @@ import os
 from pathlib import Path
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 
-from arm_processes import StartNode, listening, wait_until
+from arm_processes import Processes, StartNode
 import pytest
 
 
@@ -39,31 +37,20 @@ def socket_dir() -> Iterator[Path]:
 def start_arm_node(ros_env: dict[str, str], tmp_path: Path) -> Iterator[StartNode]:
     """Start arm_node processes; SIGINT at the end must stop each cleanly and
     remove its socket."""
-    started: list[tuple[subprocess.Popen[bytes], Path, Path]] = []
+    nodes = Processes(tmp_path)
+    paths: list[Path] = []
 
     def start(path: Path) -> Path:
-        log = tmp_path / f'arm_node-{len(started)}.log'
-        with open(log, 'wb') as output:
-            node = subprocess.Popen([sys.executable, '-m', 'my_arm.arm_node', '--ros-args',
-                                     '-p', 'module_name:=my_arm', '-p', f'socket_path:={path}'],
-                                    env=ros_env, stdout=output, stderr=subprocess.STDOUT)
-        started.append((node, path, log))
-        wait_until(lambda: listening(path) or node.poll() is not None, 30,
-                   lambda: f'arm_node did not serve {path}:\n{log.read_text()}')
-        assert node.poll() is None, log.read_text()
+        nodes.start('arm_node', [sys.executable, '-m', 'my_arm.arm_node', '--ros-args',
+                                 '-p', 'module_name:=my_arm', '-p', f'socket_path:={path}'], ros_env, path)
+        paths.append(path)
         return path
 
     try:
         yield start
-        for node, path, log in started:
-            node.send_signal(signal.SIGINT)
-            assert node.wait(timeout=20) == 0, log.read_text()
-            assert not path.exists()
     finally:
-        for node, _, _ in started:
-            if node.poll() is None:
-                node.kill()
-                node.wait()
+        nodes.stop()
+    assert not [path for path in paths if path.exists()]
 
 
 @pytest.fixture

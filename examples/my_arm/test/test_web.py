@@ -7,11 +7,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 import json
 from pathlib import Path
-import signal
-import subprocess
 import sys
 
-from arm_processes import FRAME_BYTES, StartNode, listening, wait_until
+from arm_processes import FRAME_BYTES, Processes, StartNode, wait_until
 import httpx
 import pytest
 
@@ -28,34 +26,23 @@ StartWeb = Callable[[Path, str], httpx.Client]
 def start_web(ros_env: dict[str, str], socket_dir: Path, tmp_path: Path) -> Iterator[StartWeb]:
     """Start web frontends (``my_arm.web``, uvicorn serving its app); SIGINT at the end must stop
     each with status 0 (its lifespan closes the IPC client)."""
-    started: list[tuple[subprocess.Popen[bytes], Path, httpx.Client]] = []
+    webs = Processes(tmp_path)
+    clients: list[httpx.Client] = []
 
     def start(node_socket: Path, loop: str) -> httpx.Client:
-        web_socket = socket_dir / f'web-{len(started)}.sock'
-        log = tmp_path / f'web-{len(started)}.log'
-        with open(log, 'wb') as output:
-            web = subprocess.Popen(
-                [sys.executable, '-m', 'my_arm.web', '--uds', str(web_socket), '--loop', loop],
-                env={**ros_env, 'VYRA_IPC_SOCKET': str(node_socket)}, stdout=output, stderr=subprocess.STDOUT)
-        client = httpx.Client(transport=httpx.HTTPTransport(uds=str(web_socket)), base_url='http://my-arm',
-                              timeout=30)
-        started.append((web, log, client))
-        wait_until(lambda: listening(web_socket) or web.poll() is not None, 30,
-                   lambda: f'uvicorn did not serve {web_socket}:\n{log.read_text()}')
-        assert web.poll() is None, log.read_text()
-        return client
+        web_socket = socket_dir / f'web-{len(clients)}.sock'
+        webs.start('web', [sys.executable, '-m', 'my_arm.web', '--uds', str(web_socket), '--loop', loop],
+                   {**ros_env, 'VYRA_IPC_SOCKET': str(node_socket)}, web_socket)
+        clients.append(httpx.Client(transport=httpx.HTTPTransport(uds=str(web_socket)),
+                                    base_url='http://my-arm', timeout=30))
+        return clients[-1]
 
     try:
         yield start
-        for web, log, client in started:
-            client.close()
-            web.send_signal(signal.SIGINT)
-            assert web.wait(timeout=20) == 0, log.read_text()
     finally:
-        for web, _, _ in started:
-            if web.poll() is None:
-                web.kill()
-                web.wait()
+        for client in clients:
+            client.close()
+        webs.stop()
 
 
 def stats_of(node_socket: Path, method: str) -> list[MethodStats]:
