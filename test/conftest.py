@@ -400,12 +400,13 @@ def make_stale_socket(path: Path) -> None:
     assert path.is_socket() and not is_listening(path)
 
 
-def call_through(kind: str, path: Path, stub: type, method: str, request: Any,
-                 **options: Any) -> Any:
+def call_through(kind: str, path: Path, stub: type, method: str, request: Any, *,
+                 whole_stream: bool = False, **options: Any) -> Any:
     """One call through a new handler of ``kind`` (``'sync'``: a
     SyncIPCHandler, ``'async'``: an IPCHandler in ``asyncio.run``), without
-    connect() first: the call connects. Its answer, or the exception it
-    raised. ``options`` go to the handler, but ``timeout``, ``buffers`` and
+    connect() first: the call connects. Its answer (with ``whole_stream``:
+    the list of a response stream's replies), or the exception it raised.
+    ``options`` go to the handler, but ``timeout``, ``buffers`` and
     ``parent`` to the call."""
     per_call = {key: options.pop(key) for key in ('timeout', 'buffers', 'parent') if key in options}
     if kind == 'sync':
@@ -413,6 +414,8 @@ def call_through(kind: str, path: Path, stub: type, method: str, request: Any,
 
         handler = SyncIPCHandler(path, stub, **options)
         try:
+            if whole_stream:
+                return list(handler.stream_method(method, request, **per_call))
             return handler.call_method(method, request, **per_call)
         except Exception as error:
             return error
@@ -424,6 +427,8 @@ def call_through(kind: str, path: Path, stub: type, method: str, request: Any,
 
         handler = IPCHandler(path, stub, **options)
         try:
+            if whole_stream:
+                return [reply async for reply in handler.stream_method(method, request, **per_call)]
             return await handler.call_method(method, request, **per_call)
         except Exception as error:
             return error

@@ -6,7 +6,6 @@ both clients; size limits are in test_lane_limits.py."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 import signal
 from typing import Any, Callable
@@ -16,7 +15,6 @@ import pytest
 
 from conftest import LANES, ServerProcess, StartServer, call_through
 from vyra_base_ipc import (
-    IPCHandler,
     IPCRemoteError,
     IPCTimeoutError,
     IPCUnavailableError,
@@ -41,26 +39,10 @@ def echo_server(start_module_server: StartServer, module_socket_dir: Path) -> Se
 
 
 def stream(kind: str, path: Path, stub: type, method: str, request: Any, **options: Any) -> Any:
-    """Read a whole stream through a new handler of ``kind``; the replies, or the error."""
-    timeout = options.pop('timeout', 5.0)
-    if kind == 'sync':
-        handler = SyncIPCHandler(path, stub, **options)
-        try:
-            return list(handler.stream_method(method, request, timeout=timeout))
-        except Exception as error:
-            return error
-        finally:
-            handler.disconnect()
-
-    async def run() -> Any:
-        handler = IPCHandler(path, stub, **options)
-        try:
-            return [reply async for reply in handler.stream_method(method, request, timeout=timeout)]
-        except Exception as error:
-            return error
-        finally:
-            await handler.disconnect()
-    return asyncio.run(run())
+    """Read a whole stream through a new handler of ``kind`` (5 s unless
+    ``timeout`` says otherwise); the replies, or the error."""
+    return call_through(kind, path, stub, method, request, whole_stream=True,
+                        **{'timeout': 5.0, **options})
 
 
 # -- a server that went away --------------------------------------------------------------------
