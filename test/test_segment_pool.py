@@ -221,26 +221,45 @@ def test_an_allocated_buffer_goes_back_to_the_pool_only_when_closed_and_given_ba
 
 # == bounds: a peer that never gives back ========================================================
 
-class Hoarder(PeerServer):
-    """A server that agrees on pooled segments, answers every request inline
-    with an empty message and never sends RELEASE: its lends never come back."""
+class PoolPeer(PeerServer):
+    """A hand-written server that agrees on pooled segments (it answers the
+    Hello with the client's offer) and hands every request to :meth:`answer`;
+    other frames (the client's RELEASE) are read and ignored."""
 
     def __init__(self, path: Path) -> None:
-        self.seals: list[int] = []
         super().__init__(path, self._serve_forever)
 
     def _serve_forever(self, peer: Peer) -> None:
         try:
             while True:
                 frame = peer.read_frame()
+                if frame.type != REQUEST:
+                    continue
                 request = ttrpc_pb2.Request.FromString(frame.data)
-                self.seals.extend(fcntl.fcntl(fd, F_GET_SEALS) for fd in frame.fds)
-                for fd in frame.fds:
-                    os.close(fd)
-                payload = request.payload if (request.service, request.method) == HELLO else b''
-                peer.send(frame.stream_id, RESPONSE, 0, response_envelope(payload))
+                if (request.service, request.method) == HELLO:
+                    peer.send(frame.stream_id, RESPONSE, 0, response_envelope(request.payload))
+                else:
+                    self.answer(peer, frame, request)
         except (ConnectionError, OSError):
             pass
+
+    def answer(self, peer: Peer, frame: Any, request: Any) -> None:
+        raise NotImplementedError
+
+
+class Hoarder(PoolPeer):
+    """A server that answers every request inline with an empty message and
+    never sends RELEASE: its lends never come back."""
+
+    def __init__(self, path: Path) -> None:
+        self.seals: list[int] = []
+        super().__init__(path)
+
+    def answer(self, peer: Peer, frame: Any, request: Any) -> None:
+        self.seals.extend(fcntl.fcntl(fd, F_GET_SEALS) for fd in frame.fds)
+        for fd in frame.fds:
+            os.close(fd)
+        peer.send(frame.stream_id, RESPONSE, 0, response_envelope(b''))
 
 
 def test_a_peer_that_never_gives_back_gets_new_memfds_once_it_holds_its_share_and_others_keep_the_pool(
@@ -455,33 +474,18 @@ def test_an_answer_with_the_requests_own_buffer_is_read_through_the_owners_mappi
         assert link is not None and link.stats['mapped'] == 0
 
 
-class Returner(PeerServer):
+class Returner(PoolPeer):
     """A server that gives back the lend of a request's segment at once and
     then lends that very segment back to the client as its answer (it kept
     the descriptor): what a hostile peer could do."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, self._serve_forever)
-
-    def _serve_forever(self, peer: Peer) -> None:
-        try:
-            while True:
-                frame = peer.read_frame()
-                request = ttrpc_pb2.Request.FromString(frame.data)
-                if (request.service, request.method) == HELLO:
-                    peer.send(frame.stream_id, RESPONSE, 0, response_envelope(request.payload))
-                    continue
-                if frame.type != REQUEST:
-                    continue  # RELEASE frames of the client
-                manifest = ttrpc_pb2.SharedMemoryManifest.FromString(request.payload)
-                peer.send_raw(frame_bytes(0, RELEASE, 0, manifest.payload_lend.to_bytes(8, 'big')))
-                answer = ttrpc_pb2.SharedMemoryManifest(payload_size=manifest.payload_size, payload_lend=7)
-                peer.send(frame.stream_id, RESPONSE, SHARED, response_envelope(answer.SerializeToString()),
-                          frame.fds)
-                for fd in frame.fds:
-                    os.close(fd)
-        except (ConnectionError, OSError):
-            pass
+    def answer(self, peer: Peer, frame: Any, request: Any) -> None:
+        manifest = ttrpc_pb2.SharedMemoryManifest.FromString(request.payload)
+        peer.send_raw(frame_bytes(0, RELEASE, 0, manifest.payload_lend.to_bytes(8, 'big')))
+        answer = ttrpc_pb2.SharedMemoryManifest(payload_size=manifest.payload_size, payload_lend=7)
+        peer.send(frame.stream_id, RESPONSE, SHARED, response_envelope(answer.SerializeToString()), frame.fds)
+        for fd in frame.fds:
+            os.close(fd)
 
 
 def test_a_segment_lent_back_after_its_lend_came_back_is_mapped_like_any_other(
