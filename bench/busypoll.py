@@ -9,8 +9,8 @@ interleaved in blocks as in :mod:`bench.overhead`:
 
 ``sync``   ``SyncIPCHandler``: ``off`` (neither polls), ``server`` (only the
            server polls), ``both`` (the defaults).
-``async``  ``IPCHandler`` on a stock asyncio loop: ``off``, ``server`` (the
-           defaults).
+``async``  ``IPCHandler`` on a stock asyncio loop: ``off``, ``server``,
+           ``both`` (the defaults: the waiting call keeps the loop awake).
 ``async-polling-loop``  ``IPCHandler`` on :func:`vyra_base_ipc.new_event_loop`
            (its own process): ``both``.
 
@@ -44,7 +44,8 @@ BUSY_POLL_SERVERS: dict[str, float | None] = {'busy-poll-on': None, 'busy-poll-o
 MODES: dict[str, dict[str, tuple[str, float | None]]] = {
     'sync': {'off': ('busy-poll-off', 0.0), 'server': ('busy-poll-on', 0.0),
              'both': ('busy-poll-on', None)},
-    'async': {'off': ('busy-poll-off', None), 'server': ('busy-poll-on', None)},
+    'async': {'off': ('busy-poll-off', 0.0), 'server': ('busy-poll-on', 0.0),
+              'both': ('busy-poll-on', None)},
     'async-polling-loop': {'both': ('busy-poll-on', None)},
 }
 #: What each ``mode/variant`` is, for the tables.
@@ -53,7 +54,8 @@ LABELS = {
     'sync/server': 'SyncIPCHandler, only the server polls',
     'sync/both': 'SyncIPCHandler, both poll (the defaults)',
     'async/off': "IPCHandler on asyncio's loop, nobody polls",
-    'async/server': "IPCHandler on asyncio's loop, the server polls (the defaults)",
+    'async/server': "IPCHandler on asyncio's loop, only the server polls",
+    'async/both': "IPCHandler on asyncio's loop, both poll (the defaults)",
     'async-polling-loop/both': 'IPCHandler on vyra_base_ipc.new_event_loop(), both poll',
 }
 _PAYLOAD = 64
@@ -67,13 +69,10 @@ def _handlers(mode: str, addresses: dict[str, Any], options: dict[str, Any]) -> 
 
     handlers = {}
     for variant, (server, busy_poll) in MODES[mode].items():
-        if mode == 'sync':
-            extra = {} if busy_poll is None else {'busy_poll': busy_poll}
-            handlers[variant] = SyncIPCHandler(addresses[server], bench_pb2_grpc.BenchServiceStub,
-                                               timeout=_TIMEOUT, **options, **extra)
-        else:
-            handlers[variant] = IPCHandler(addresses[server], bench_pb2_grpc.BenchServiceStub,
-                                           timeout=_TIMEOUT, **options)
+        extra = {} if busy_poll is None else {'busy_poll': busy_poll}
+        handler_type = SyncIPCHandler if mode == 'sync' else IPCHandler
+        handlers[variant] = handler_type(addresses[server], bench_pb2_grpc.BenchServiceStub,
+                                         timeout=_TIMEOUT, **options, **extra)
     return handlers
 
 

@@ -33,7 +33,7 @@ COLD_START = {'socket-uds', 'grpc-aio-uds', 'ipc-sync-grpc', 'ipc-aio-grpc', 'ip
               'ipc-aio-ttrpc', 'rclpy-dds'}
 OVERHEAD_VARIANTS = {'stub/grpc', 'stub/ipc', 'stub+deadline/ipc', 'handler/ipc'}
 #: Busy polling off and on, by client mode (issue 6: what polling buys and costs).
-BUSY_POLL_VARIANTS = {'sync': {'off', 'server', 'both'}, 'async': {'off', 'server'},
+BUSY_POLL_VARIANTS = {'sync': {'off', 'server', 'both'}, 'async': {'off', 'server', 'both'},
                       'async-polling-loop': {'both'}}
 
 

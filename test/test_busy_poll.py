@@ -39,14 +39,14 @@ import vyra_base_ipc
 from vyra_base_ipc import DEFAULT_BUSY_POLL, IPCHandler, SyncIPCHandler
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc import module_service_pb2_grpc as module_grpc
-from vyra_base_ipc._busy_poll import MAX_BACKOFF_WAITS, BusyPoll, poll_for, validate_busy_poll
+from vyra_base_ipc._busy_poll import MAX_BACKOFF_WAITS, BusyPoll, await_polling, poll_for, validate_busy_poll
 from vyra_base_ipc._event_loop import BusyPollSelector, new_event_loop, run
 from vyra_base_ipc._loop_thread import EventLoopThread
-from vyra_base_ipc._pool import sync_ttrpc_pool
+from vyra_base_ipc._pool import aio_ttrpc_pool, sync_ttrpc_pool
 from vyra_base_ipc.address import default_ttrpc_socket_path
 from vyra_base_ipc.exceptions import IPCTimeoutError
 from vyra_base_ipc.node import host_ipc_server
-from vyra_base_ipc.ttrpc import SyncConnection
+from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
 
 REPO = Path(vyra_base_ipc.__file__).resolve().parent.parent
 
@@ -738,6 +738,163 @@ def test_pooled_connections_follow_the_window(echo_server: ServerProcess, echo) 
         assert same.call_method('Echo', echo.pb.EchoRequest(text='y')).text == 'y'
     assert sync_ttrpc_pool.open_connections() == opened
     assert all(connection.is_closed for connection in connections)
+
+
+# -- polling on the caller's event loop (the asyncio client) ----------------------------
+
+
+class RecordingSelector(selectors.DefaultSelector):
+    """Records the timeout of every ``select()``; on the first one that would
+    sleep, runs ``on_sleep`` (once) and does not sleep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[float | None] = []
+        self.on_sleep: Callable[[], None] | None = None
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        self.timeouts.append(timeout)
+        if (timeout is None or timeout > 0) and self.on_sleep is not None:
+            on_sleep, self.on_sleep = self.on_sleep, None
+            on_sleep()
+            timeout = 0
+        return super().select(timeout)
+
+    def slept(self) -> bool:
+        return any(timeout is None or timeout > 0 for timeout in self.timeouts)
+
+
+def on_recording_loop(main: Callable[[asyncio.AbstractEventLoop, RecordingSelector], Any]) -> Any:
+    selector = RecordingSelector()
+    loop = asyncio.SelectorEventLoop(selector)
+    try:
+        return loop.run_until_complete(main(loop, selector))
+    finally:
+        loop.close()
+
+
+@needs_two_cpus
+def test_awaiting_with_polling_keeps_the_loop_passing_without_sleeping() -> None:
+    policy = BusyPoll(WIDEST)
+
+    async def main(loop: asyncio.AbstractEventLoop, selector: RecordingSelector) -> tuple[str, int]:
+        future: asyncio.Future[str] = loop.create_future()
+        # Due well within the window: the loop must not sleep until then, yet
+        # must pass (run its callbacks, look at its sockets) all along.
+        loop.call_later(WIDEST / 5, future.set_result, 'answer')
+        selector.timeouts.clear()
+        result = await await_polling(policy, future)
+        assert not selector.slept(), selector.timeouts
+        return result, len(selector.timeouts)
+
+    result, passes = on_recording_loop(main)
+    assert result == 'answer'
+    assert passes >= 1
+
+
+@needs_two_cpus
+def test_awaiting_a_late_answer_polls_its_window_then_sleeps_and_backs_off() -> None:
+    policy = BusyPoll(DEFAULT_BUSY_POLL)
+
+    async def main(loop: asyncio.AbstractEventLoop, selector: RecordingSelector) -> str:
+        future: asyncio.Future[str] = loop.create_future()
+        # The answer comes only once the loop would sleep: after the poll gave up.
+        selector.on_sleep = lambda: loop.call_soon(future.set_result, 'late')
+        return await await_polling(policy, future)
+
+    assert on_recording_loop(main) == 'late'
+    assert skips_before_polling(policy) == 1
+
+
+def test_awaiting_without_polling_lets_the_loop_sleep_at_once() -> None:
+    policy = BusyPoll(0)
+
+    async def main(loop: asyncio.AbstractEventLoop, selector: RecordingSelector) -> str:
+        future: asyncio.Future[str] = loop.create_future()
+        selector.on_sleep = lambda: loop.call_soon(future.set_result, 'slept')
+        selector.timeouts.clear()
+        result = await await_polling(policy, future)
+        assert selector.timeouts and selector.timeouts[0] != 0, selector.timeouts
+        return result
+
+    assert on_recording_loop(main) == 'slept'
+
+
+@pytest.mark.asyncio
+async def test_awaiting_with_polling_passes_on_exceptions_and_cancellation() -> None:
+    loop = asyncio.get_running_loop()
+    failed: asyncio.Future[None] = loop.create_future()
+    loop.call_soon(failed.set_exception, LookupError('gone'))
+    with pytest.raises(LookupError, match='gone'):
+        await await_polling(BusyPoll(WIDEST), failed)
+    waiting = asyncio.ensure_future(await_polling(BusyPoll(WIDEST), loop.create_future()))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('client_poll', [0, DEFAULT_BUSY_POLL, WIDEST], ids=['off', 'default', 'widest'])
+async def test_async_client_answers_calls_and_streams_with_any_window(echo_server: ServerProcess, echo,
+                                                                      client_poll: float) -> None:
+    async with IPCHandler(echo_server.socket_path, echo.Stub, lane='ttrpc', busy_poll=client_poll,
+                          timeout=30.0) as client:
+        assert client.busy_poll == client_poll
+        for n in range(200):
+            if n % 50 == 0:  # a slow call now and then: the polls miss and back off
+                assert (await client.call_method('Sleep', echo.pb.SleepRequest(seconds=0.01))).was_active
+            assert (await client.call_method('Echo', echo.pb.EchoRequest(text=f'{n}'))).text == f'{n}'
+        replies = await asyncio.gather(*(client.call_method('Echo', echo.pb.EchoRequest(text=f'c{n}'))
+                                         for n in range(100)))
+        assert [reply.text for reply in replies] == [f'c{n}' for n in range(100)]
+        assert [r.index async for r in client.stream_method('Count', echo.pb.CountRequest(count=50))] \
+            == list(range(50))
+        with pytest.raises(IPCTimeoutError):
+            await client.call_method('Sleep', echo.pb.SleepRequest(seconds=0.2), timeout=1e-3)
+        assert (await client.call_method('Echo', echo.pb.EchoRequest(text='after'))).text == 'after'
+        assert client.lane_in_use == 'ttrpc'
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('client_poll', [DEFAULT_BUSY_POLL, WIDEST], ids=['default', 'widest'])
+async def test_async_client_does_not_spin_through_a_slow_call(echo_server: ServerProcess, echo,
+                                                              client_poll: float) -> None:
+    async with IPCHandler(echo_server.socket_path, echo.Stub, lane='ttrpc', busy_poll=client_poll,
+                          timeout=30.0) as client:
+        for n in range(100):  # quick answers first: polling is fully on when the slow call starts
+            assert (await client.call_method('Echo', echo.pb.EchoRequest(text=f'{n}'))).text == f'{n}'
+        own_cpu, wall = own_cpu_seconds(), time.monotonic()
+        reply = await client.call_method('Sleep', echo.pb.SleepRequest(seconds=1.0))
+        own_cpu, wall = own_cpu_seconds() - own_cpu, time.monotonic() - wall
+    assert reply.was_active
+    assert own_cpu < IDLE_CPU_SHARE * wall, f'the client process used {own_cpu:.3f} s in {wall:.3f} s'
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('value, error', [(-1, ValueError), (0.02, ValueError), ('x', TypeError),
+                                          (True, TypeError)], ids=repr)
+async def test_async_client_with_invalid_window_is_refused_naming_busy_poll(
+        socket_path: Path, echo, value: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match='busy_poll'):
+        IPCHandler(socket_path, echo.Stub, busy_poll=value)  # type: ignore[arg-type]
+    with pytest.raises(error, match='busy_poll'):
+        await AsyncConnection.connect(socket_path, busy_poll=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_async_pooled_connections_follow_the_window(echo_server: ServerProcess, echo) -> None:
+    opened = aio_ttrpc_pool.open_connections()
+    short, same, wide = (IPCHandler(echo_server.socket_path, echo.Stub, lane='ttrpc', busy_poll=window)
+                         for window in (100e-6, 0.0001, WIDEST))
+    for client in (short, same, wide):
+        assert (await client.call_method('Echo', echo.pb.EchoRequest(text='x'))).text == 'x'
+    assert short._fast is same._fast
+    assert short._fast is not wide._fast
+    assert aio_ttrpc_pool.open_connections() == opened + 2
+    for client in (short, same, wide):
+        await client.disconnect()
+    assert aio_ttrpc_pool.open_connections() == opened
 
 
 # -- the ipc_server node ----------------------------------------------------------------

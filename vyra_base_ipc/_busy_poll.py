@@ -7,7 +7,10 @@ short while instead is still on its CPU when the answer comes. Linux offers
 this for network sockets (``SO_BUSY_POLL``), KVM for idle virtual CPUs
 (``halt_poll_ns``); both are bounded and both back off when polling does not
 pay. :class:`BusyPoll` is that policy, shared by the server's event loop
-(:mod:`vyra_base_ipc._event_loop`) and the synchronous fast-lane client.
+(:mod:`vyra_base_ipc._event_loop`), the blocking fast-lane client
+(:func:`poll_for`) and the asyncio one (:func:`await_polling`: on the
+caller's own event loop, which this package does not choose, a waiting task
+polls by yielding to the loop rather than by polling a socket).
 
 Cost: a wait polls for at most the window (:data:`DEFAULT_BUSY_POLL`), so a
 call costs at most that much extra CPU, and only while calls come that close
@@ -26,11 +29,13 @@ than the polling does.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Callable, TypeVar
 
-__all__ = ['DEFAULT_BUSY_POLL', 'MAX_BACKOFF_WAITS', 'BusyPoll', 'poll_for', 'validate_busy_poll']
+__all__ = ['DEFAULT_BUSY_POLL', 'MAX_BACKOFF_WAITS', 'BusyPoll', 'await_polling', 'poll_for',
+           'validate_busy_poll']
 
 #: How long a wait polls before it sleeps, in seconds. Covers a local
 #: round trip through a Python peer, with room to spare.
@@ -153,3 +158,33 @@ def poll_for(attempt: Callable[[], _T | None], seconds: float) -> _T | None:
         if result is not None or time.perf_counter() >= deadline:
             return result
         os.sched_yield()
+
+
+async def await_polling(policy: BusyPoll, future: asyncio.Future[_T]) -> _T:
+    """Await ``future`` as ``policy`` says, keeping the event loop awake
+    while polling pays.
+
+    Polling here is yielding to the loop (``asyncio.sleep(0)``) until
+    ``future`` is done: each pass of the loop runs every other ready task
+    and callback, then checks the sockets without sleeping, so nothing else
+    waits for the poller, and an answer that comes within the window is
+    read on the next pass instead of after a wakeup. Then, or when the
+    policy says sleep at once, it simply awaits ``future``.
+    """
+    if not future.done():
+        window = policy.window()
+        if not window:
+            started = time.perf_counter()
+            try:
+                return await future
+            finally:
+                policy.slept(time.perf_counter() - started)
+        deadline = time.perf_counter() + window
+        while not future.done():
+            if time.perf_counter() >= deadline:
+                policy.missed()
+                break
+            await asyncio.sleep(0)
+        else:
+            policy.found()
+    return await future

@@ -25,6 +25,7 @@ from typing import (
 
 import grpc
 
+from ._busy_poll import DEFAULT_BUSY_POLL, validate_busy_poll
 from ._deadline import Deadline
 from ._fork_safety import ensure_usable_after_fork, note_grpc_used
 from ._interceptors import ClientCall, ClientInterceptor, intercepted_call
@@ -164,6 +165,7 @@ class ClientBase:
         stream_window: int = DEFAULT_STREAM_WINDOW,
         server_uid: int | None = None,
         interceptors: Sequence[ClientInterceptor] = (),
+        busy_poll: float = DEFAULT_BUSY_POLL,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path, module_name=module_name)
         self.interceptors = tuple(interceptors)
@@ -181,6 +183,7 @@ class ClientBase:
         self.wait_for_ready = bool(wait_for_ready)
         self.max_message_bytes = validate_max_message_bytes(max_message_bytes)
         self.stream_window = validate_stream_window(stream_window)
+        self.busy_poll = validate_busy_poll(busy_poll)
         self._methods = stub_methods(service_stub) if service_stub is not None else {}
         self._stub_name = service_stub.__qualname__ if service_stub is not None else None
         if default_method is not None:
@@ -382,11 +385,12 @@ class ClientBase:
 
     def _connect_options(self) -> dict[str, Any]:
         return {'max_message_bytes': self.max_message_bytes, 'shared_memory': self.shared_memory,
-                'stream_window': self.stream_window, 'server_uid': self.server_uid}
+                'stream_window': self.stream_window, 'server_uid': self.server_uid,
+                'busy_poll': self.busy_poll}
 
     def _fast_key_args(self) -> tuple[Any, ...]:
         return (os.fspath(self.ttrpc_socket_path), self.max_message_bytes, self.shared_memory,
-                self.stream_window, self._trusted)
+                self.stream_window, self._trusted, self.busy_poll)
 
     def _grpc_lane(self, wait: bool) -> Any:
         """The gRPC lane over this owner's shared channel (made on first use)."""

@@ -27,7 +27,7 @@ from typing import Any, AsyncGenerator, Generator, Iterable, Literal, Sequence, 
 
 import grpc
 
-from ._busy_poll import DEFAULT_BUSY_POLL, validate_busy_poll
+from ._busy_poll import DEFAULT_BUSY_POLL
 from ._client_base import (
     DEFAULT,
     SERVER_INFO,
@@ -102,6 +102,12 @@ class IPCHandler(ClientBase):
         :class:`~vyra_base_ipc.UntrustedServerError` before anything is sent.
     :param interceptors: :class:`~vyra_base_ipc.ClientInterceptor` objects
         that see every call, in this order.
+    :param busy_poll: seconds a call waiting for a fast-lane answer keeps its
+        CPU before the event loop may sleep (:mod:`vyra_base_ipc._busy_poll`):
+        the waiting task yields to the loop, which runs every other task and
+        checks its sockets without sleeping, so a quick answer costs no
+        wakeup. It polls only while answers come that quickly, and never on
+        a machine with one CPU. 0 turns it off.
     """
 
     _grpc_pool = aio_pool
@@ -116,13 +122,15 @@ class IPCHandler(ClientBase):
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  shared_memory: SharedMemoryOptions | None = SharedMemoryOptions(),
                  stream_window: int = DEFAULT_STREAM_WINDOW, server_uid: int | None = None,
-                 interceptors: Sequence[ClientInterceptor] = ()) -> None:
+                 interceptors: Sequence[ClientInterceptor] = (),
+                 busy_poll: float = DEFAULT_BUSY_POLL) -> None:
         super().__init__(
             socket_path, service_stub, module_name=module_name, timeout=timeout,
             default_method=default_method, wait_for_ready=wait_for_ready,
             idempotent_methods=idempotent_methods, lane=lane, ttrpc_socket_path=ttrpc_socket_path,
             max_message_bytes=max_message_bytes, shared_memory=shared_memory,
-            stream_window=stream_window, server_uid=server_uid, interceptors=interceptors)
+            stream_window=stream_window, server_uid=server_uid, interceptors=interceptors,
+            busy_poll=busy_poll)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def connect(self, timeout: float | None = None) -> None:
@@ -390,12 +398,8 @@ class SyncIPCHandler(ClientBase):
     :class:`~vyra_base_ipc.ForkedProcessError`; the fast lane
     (plain sockets) opens a connection of the child's own.
 
-    Takes the arguments of :class:`IPCHandler` and one more:
-
-    :param busy_poll: seconds a thread waiting for a fast-lane answer polls
-        the socket before it sleeps (:mod:`vyra_base_ipc._busy_poll`): a quick
-        answer then costs no wakeup. It polls only while answers come that
-        quickly, and never on a machine with one CPU. 0 turns it off.
+    Takes the arguments of :class:`IPCHandler`; ``busy_poll`` is how long
+    a thread waiting for a fast-lane answer polls the socket before it sleeps.
     """
 
     _grpc_pool = sync_pool
@@ -417,8 +421,8 @@ class SyncIPCHandler(ClientBase):
             default_method=default_method, wait_for_ready=wait_for_ready,
             idempotent_methods=idempotent_methods, lane=lane, ttrpc_socket_path=ttrpc_socket_path,
             max_message_bytes=max_message_bytes, shared_memory=shared_memory,
-            stream_window=stream_window, server_uid=server_uid, interceptors=interceptors)
-        self.busy_poll = validate_busy_poll(busy_poll)
+            stream_window=stream_window, server_uid=server_uid, interceptors=interceptors,
+            busy_poll=busy_poll)
         self._pid = 0
 
     def connect(self, timeout: float | None = None) -> None:
@@ -585,7 +589,7 @@ class SyncIPCHandler(ClientBase):
         if self._fast_key is None:
             with self._keys_lock:
                 if self._fast_key is None:
-                    self._fast_key = sync_ttrpc_pool.acquire((*self._fast_key_args(), self.busy_poll))
+                    self._fast_key = sync_ttrpc_pool.acquire(self._fast_key_args())
         entry = self._fast_key[1]
         with entry.lock:
             if entry.connection is None or entry.connection.is_closed:
@@ -593,7 +597,7 @@ class SyncIPCHandler(ClientBase):
                     entry.connection.close()
                 path, options = self.ttrpc_socket_path, self._connect_options()
                 entry.connection = retrying_sync(
-                    lambda: SyncConnection.connect(path, busy_poll=self.busy_poll, **options),
+                    lambda: SyncConnection.connect(path, **options),
                     self._connect_retry(deadline, wait))
         self._fast = entry.connection
         return self._fast

@@ -7,6 +7,7 @@ import socket
 from typing import Any, AsyncGenerator, AsyncIterator, Callable, Sequence
 import warnings
 
+from .._busy_poll import DEFAULT_BUSY_POLL, BusyPoll, await_polling
 from .._deadline import Deadline, Timeout, deadline_of
 from .._methods import Method
 from .._options import DEFAULT_MAX_MESSAGE_BYTES
@@ -48,11 +49,12 @@ __all__ = ['AsyncConnection']
 class _AsyncStream(ClientStream):
     """Items received for one call, with a waiter for the next."""
 
-    __slots__ = ('loop', 'waiter')
+    __slots__ = ('loop', 'busy_poll', 'waiter')
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, busy_poll: BusyPoll) -> None:
         super().__init__()
         self.loop = loop
+        self.busy_poll = busy_poll
         self.waiter: asyncio.Future[None] | None = None
 
     def wake(self) -> None:
@@ -69,7 +71,7 @@ class _AsyncStream(ClientStream):
             # A plain timer, not asyncio.wait_for: that costs a task per message.
             timer = None if until is None else self.loop.call_at(until, _wake, waiter)
             try:
-                await waiter
+                await await_polling(self.busy_poll, waiter)
             finally:
                 self.waiter = None
                 if timer is not None:
@@ -93,8 +95,11 @@ class _ClientProtocol(FramedConnection):
     """The client end of a connection: routes frames to calls."""
 
     def __init__(self, path: str, message_limit: int, shared_memory: SharedMemoryOptions | None,
-                 stream_window: int) -> None:
+                 stream_window: int, busy_poll: BusyPoll) -> None:
         super().__init__(asyncio.get_running_loop(), message_limit + ENVELOPE_ALLOWANCE)
+        #: How long a waiting call keeps the loop awake; one policy for the
+        #: connection, whose calls all run on one loop.
+        self.busy_poll = busy_poll
         self.core = ClientCore(path, message_limit, self.decoder, shared_memory, stream_window, _deliver)
         self.accepts_fds = shared_memory is not None
         #: Why the connection is unusable (closed, lost), else None.
@@ -183,6 +188,7 @@ class AsyncConnection:
                       timeout: float | None = None,
                       shared_memory: SharedMemoryOptions | None = SharedMemoryOptions(),
                       stream_window: int = DEFAULT_STREAM_WINDOW,
+                      busy_poll: float = DEFAULT_BUSY_POLL,
                       server_uid: int | None = None) -> 'AsyncConnection':
         """Connect to the ttrpc server on ``socket_path``.
 
@@ -199,6 +205,8 @@ class AsyncConnection:
         :param shared_memory: options to offer, ``None`` to keep every message inline.
         :param stream_window: bytes of streamed messages the server may send
             on a stream before this end has taken them (flow control).
+        :param busy_poll: seconds a call waiting for an answer keeps the
+            event loop from sleeping (:func:`~vyra_base_ipc._busy_poll.await_polling`); 0 never.
         :param server_uid: the user the server must run as (``SO_PEERCRED``
             of the connection, checked before anything is sent); by default
             this process's own uid or root.
@@ -208,6 +216,7 @@ class AsyncConnection:
         """
         path, limit, timeout, shared, window, trusted = connect_arguments(
             socket_path, max_message_bytes, timeout, shared_memory, stream_window, server_uid)
+        policy = BusyPoll(busy_poll)
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -227,7 +236,7 @@ class AsyncConnection:
         except BaseException:
             sock.close()
             raise
-        protocol = _ClientProtocol(path, limit, shared, window)
+        protocol = _ClientProtocol(path, limit, shared, window, policy)
         transport = UnixTransport(loop, sock, protocol)
         protocol.transport = transport  # usable at once; connection_made follows
         # Sent now, answered while the caller gets ready: the first call
@@ -336,7 +345,7 @@ class AsyncConnection:
                                protocol.core.agreement, buffers)
             loop = protocol.loop
             if method.kind.request_streaming:
-                stream = _AsyncStream(loop)
+                stream = _AsyncStream(loop, protocol.busy_poll)
                 stream_id = protocol.open(stream, prepared)
                 sender = loop.create_task(self._send_requests(stream_id, method, request, stream))
                 try:
@@ -354,7 +363,7 @@ class AsyncConnection:
                 pending = _Pending(future)
                 protocol.deadlines.add(loop.time() + deadline.remaining(), pending, method)
             try:
-                item = await future
+                item = await await_polling(protocol.busy_poll, future)
             finally:
                 protocol.finish(stream_id)
                 if pending is not None:
@@ -393,7 +402,7 @@ class AsyncConnection:
             loop = protocol.loop
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
                                protocol.core.agreement)
-            stream = _AsyncStream(loop)
+            stream = _AsyncStream(loop, protocol.busy_poll)
             stream_id = protocol.open(stream, prepared)
             sender = (loop.create_task(self._send_requests(stream_id, method, request, stream))
                       if method.kind.request_streaming else None)
