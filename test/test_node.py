@@ -261,6 +261,10 @@ BAD_PARAMETERS = {
         lambda d: 'busy_poll_us:=10001', 'busy_poll_us', 'must be an integer from 0 to 10000, not 10001'),
     'busy poll not an integer': (
         lambda d: 'busy_poll_us:=0.5', 'busy_poll_us', 'must be of type INTEGER'),
+    'negative freed memory to keep': (
+        lambda d: 'keep_freed_memory_mb:=-1', 'keep_freed_memory_mb', 'from 0 to 2047 (0: off), not -1'),
+    'freed memory to keep beyond what malloc takes': (
+        lambda d: 'keep_freed_memory_mb:=2048', 'keep_freed_memory_mb', 'from 0 to 2047 (0: off), not 2048'),
     'negative diagnostics period': (
         lambda d: 'diagnostics_period:=-1.0', 'diagnostics_period', 'from 0 to 3600 (0: none), not -1.0'),
 }
@@ -276,6 +280,23 @@ def test_bad_parameter_fails_at_startup_naming_it(start_process, socket_dir: Pat
     assert any(f"parameter '{parameter}'" in line and reason in line for line in error_lines), \
         server.log()
     assert not socket_path.exists()
+
+
+@pytest.mark.ros
+@pytest.mark.parametrize('parameters, kept', [((), 1024), (('keep_freed_memory_mb:=64',), 64),
+                                              (('keep_freed_memory_mb:=0',), None)],
+                         ids=['default', '64 MiB', 'off'])
+def test_ipc_server_node_keeps_freed_memory_as_its_parameter_says(start_process, socket_dir: Path,
+                                                                  parameters: tuple[str, ...],
+                                                                  kept: int | None) -> None:
+    socket_path = socket_dir / 'kept.sock'
+    server = start_process(ros_args('module_name:=kept', f'socket_path:={socket_path}', *parameters))
+    wait_for(lambda: ' serving ' in server.log(), 30, 'the serving line')
+    keeping = [line for line in server.log().splitlines() if 'of freed memory' in line]
+    if kept is None:
+        assert keeping == [], keeping
+    else:
+        assert len(keeping) == 1 and f'keeping up to {kept} MiB of freed memory' in keeping[0], keeping
 
 
 def test_missing_module_name_fails_naming_it(start_process) -> None:

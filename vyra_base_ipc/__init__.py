@@ -9,10 +9,12 @@ Public surface::
     from vyra_base_ipc import IPCServer, IPCHandler, SyncIPCHandler, ModuleService
     from vyra_base_ipc import SharedBuffer, shared_buffer, attach_buffers   # zero-copy buffers
     vyra_base_ipc.run(server.serve())      # asyncio.run() on a loop that busy-polls before it sleeps
+    vyra_base_ipc.keep_freed_memory()      # large messages reuse freed memory (glibc's mallopt)
     from vyra_base_ipc import IPCError, ...   # every exception, defined in vyra_base_ipc.exceptions
     from vyra_base_ipc import ServerInterceptor, ClientInterceptor, CallRejected  # see calls, refuse some
 """
 
+from ._allocator import DEFAULT_KEEP_FREED_MEMORY, keep_freed_memory
 from ._busy_poll import DEFAULT_BUSY_POLL
 from ._event_loop import new_event_loop, run
 from ._interceptors import CallRejected, ClientCall, ClientInterceptor, ServerCall, ServerInterceptor
@@ -57,6 +59,7 @@ __all__ = [
     'CommandError',
     'DEFAULT_BUSY_POLL',
     'DEFAULT_GRACE_PERIOD',
+    'DEFAULT_KEEP_FREED_MEMORY',
     'DEFAULT_MAX_MESSAGE_BYTES',
     'DEFAULT_TIMEOUT',
     'ForkedProcessError',
@@ -89,6 +92,7 @@ __all__ = [
     'attach_buffers',
     'command',
     'default_socket_path',
+    'keep_freed_memory',
     'new_event_loop',
     'peer_credentials',
     'received_buffer',

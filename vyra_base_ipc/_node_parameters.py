@@ -19,6 +19,7 @@ from rclpy.exceptions import InvalidParameterTypeException, ParameterUninitializ
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
+from ._allocator import DEFAULT_KEEP_FREED_MEMORY
 from ._busy_poll import DEFAULT_BUSY_POLL
 from ._options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, validate_max_message_bytes
 from ._payload import DEFAULT_SHARED_MEMORY_THRESHOLD, SharedMemoryOptions
@@ -114,6 +115,12 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         'call; costs at most this much CPU per call, and only while calls come that close '
         'together. Never polls on a machine with one CPU.'),
     ParameterSpec(
+        'keep_freed_memory_mb', Parameter.Type.INTEGER, DEFAULT_KEEP_FREED_MEMORY >> 20,
+        'MiB of freed memory this process keeps for reuse instead of giving it back to the '
+        'kernel, with large blocks served from the heap (vyra_base_ipc.keep_freed_memory; '
+        "glibc's mallopt, as ROS 2's real-time guide does): large messages then stop paying "
+        'page faults for fresh memory on every call (0 to 2047; 0: leave malloc as it is).'),
+    ParameterSpec(
         'servicers', Parameter.Type.STRING_ARRAY, [],
         'Extra gRPC servicers as package.module:ClassName, imported and created with no '
         'arguments, served beside the default ModuleService (a ModuleService subclass among '
@@ -156,6 +163,8 @@ class IPCServerConfig:
     busy_poll: float = DEFAULT_BUSY_POLL
     #: Seconds between status messages on /diagnostics; 0: none.
     diagnostics_period: float = DEFAULT_DIAGNOSTICS_PERIOD
+    #: Bytes of freed memory the process keeps (keep_freed_memory); 0: malloc left alone.
+    keep_freed_memory: int = DEFAULT_KEEP_FREED_MEMORY
 
 
 def declare_ipc_parameters(node: Node, *, module_name: str = '',
@@ -316,6 +325,12 @@ def read_ipc_config(node: Node, environ: Mapping[str, str] | None = None) -> IPC
             not 0 <= busy_poll_us <= 10_000:
         raise ParameterError('busy_poll_us', f'must be an integer from 0 to 10000, not {busy_poll_us!r}')
 
+    keep_freed_memory_mb = values['keep_freed_memory_mb']
+    if isinstance(keep_freed_memory_mb, bool) or not isinstance(keep_freed_memory_mb, int) or \
+            not 0 <= keep_freed_memory_mb <= 2047:
+        raise ParameterError('keep_freed_memory_mb',
+                             f'must be an integer from 0 to 2047 (0: off), not {keep_freed_memory_mb!r}')
+
     diagnostics_period = values['diagnostics_period']
     if not isinstance(diagnostics_period, float) or not 0 <= diagnostics_period <= 3600:
         raise ParameterError('diagnostics_period', 'must be a number of seconds from 0 to 3600 '
@@ -325,7 +340,8 @@ def read_ipc_config(node: Node, environ: Mapping[str, str] | None = None) -> IPC
                            ttrpc_socket_path=ttrpc_socket_path, servicers=servicers,
                            grace_period=grace_period, max_message_bytes=max_message_bytes,
                            shared_memory=shared_memory, busy_poll=busy_poll_us / 1e6,
-                           diagnostics_period=diagnostics_period)
+                           diagnostics_period=diagnostics_period,
+                           keep_freed_memory=keep_freed_memory_mb << 20)
 
 
 def load_servicer(spec: str) -> Any:

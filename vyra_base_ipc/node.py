@@ -15,7 +15,8 @@ Parameters (declared with a description, checked and documented in
 :mod:`vyra_base_ipc._node_parameters`, whose names this module re-exports):
 ``module_name``, ``socket_path``, ``ttrpc_enabled``, ``ttrpc_socket_path``,
 ``shared_memory_enabled``, ``shared_memory_threshold``, ``busy_poll_us``,
-``servicers``, ``grace_period``, ``max_message_bytes``, ``diagnostics_period``.
+``keep_freed_memory_mb``, ``servicers``, ``grace_period``, ``max_message_bytes``,
+``diagnostics_period``.
 
 The server's status goes to ``/diagnostics`` every ``diagnostics_period``
 seconds (see :mod:`vyra_base_ipc._diagnostics`).
@@ -39,6 +40,7 @@ from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
+from ._allocator import keep_freed_memory
 from ._diagnostics import IPCDiagnostics
 from ._handler_threads import busy_handler_threads
 from ._loop_thread import EventLoopThread
@@ -194,6 +196,8 @@ class IPCServerHost:
                 raise ParameterError('servicers', str(error)) from None
             # The host says when it serves and stops, through its node, once.
             server._announce = False
+            if config.keep_freed_memory:
+                self._keep_freed_memory(config.keep_freed_memory)
             self.loop_thread.busy_poll = config.busy_poll
             self.loop_thread.start()
             try:
@@ -268,6 +272,13 @@ class IPCServerHost:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def _keep_freed_memory(self, limit: int) -> None:
+        if keep_freed_memory(limit):
+            self._log(f'keeping up to {limit >> 20} MiB of freed memory for large messages '
+                      '(keep_freed_memory_mb)')
+        else:
+            self._log('keep_freed_memory_mb: not applied, the C library is not glibc')
 
     def _log(self, message: str) -> None:
         # Through the node (rosout, the ROS console format) while ROS runs;

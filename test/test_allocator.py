@@ -1,0 +1,77 @@
+"""``keep_freed_memory`` (issue #18): large messages reuse freed memory
+instead of faulting in fresh pages on every call (the ``ipc_server`` node's
+``keep_freed_memory_mb``: ``test_node.py``).
+
+The kernel counts the page faults (``ru_minflt`` of a child process of its
+own, since the setting is process-wide and stays); nothing here is timed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vyra_base_ipc import DEFAULT_KEEP_FREED_MEMORY, keep_freed_memory
+
+#: Allocates, writes and frees a large block ten times, before and after
+#: keep_freed_memory(limit); prints the page faults of each round.
+CHILD = """
+import json, resource, sys
+from vyra_base_ipc import keep_freed_memory
+
+SIZE = 32 << 20
+
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        block = bytearray(SIZE)
+        block[::4096] = b'x' * (SIZE // 4096)  # one write per page, as a copy would
+        del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+before = faults()
+applied = keep_freed_memory(int(sys.argv[1]))
+faults()  # the heap grows once
+print(json.dumps({'applied': applied, 'before': before, 'after': faults()}))
+"""
+
+#: Faults of one round when every block is fresh memory: 10 blocks of 8,192 pages.
+FRESH_ROUND = 10 * (32 << 20) // 4096
+
+
+def faults_in_child(limit: int) -> dict[str, int]:
+    done = subprocess.run([sys.executable, '-c', CHILD, str(limit)], capture_output=True, text=True,
+                          timeout=120, check=True)
+    return json.loads(done.stdout)
+
+
+def test_large_blocks_reuse_freed_memory_instead_of_fresh_pages() -> None:
+    faults = faults_in_child(DEFAULT_KEEP_FREED_MEMORY)
+    assert faults['applied'] is True
+    assert faults['before'] >= FRESH_ROUND // 2, faults  # glibc's default: a new mapping per block
+    assert faults['after'] < FRESH_ROUND // 20, faults
+
+
+def test_freed_memory_beyond_the_limit_goes_back_to_the_kernel() -> None:
+    faults = faults_in_child(1 << 20)  # less than one block: each freed block is given back
+    assert faults['applied'] is True
+    assert faults['after'] >= FRESH_ROUND // 2, faults
+
+
+@pytest.mark.parametrize('limit, error', [(0, ValueError), (-1, ValueError), (2**31, ValueError),
+                                          (1.5, TypeError), ('1G', TypeError), (True, TypeError)],
+                         ids=repr)
+def test_unusable_limit_is_refused_naming_it(limit: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match='keep_freed_memory limit'):
+        keep_freed_memory(limit)  # type: ignore[arg-type]
+
+
+def test_the_benchmark_sets_what_keep_freed_memory_sets() -> None:
+    from bench.run import KEEP_FREED_MEMORY_ENV
+
+    # glibc reads the same two settings from these variables at start.
+    assert KEEP_FREED_MEMORY_ENV == {'MALLOC_MMAP_MAX_': '0',
+                                     'MALLOC_TRIM_THRESHOLD_': str(DEFAULT_KEEP_FREED_MEMORY)}
