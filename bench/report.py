@@ -219,6 +219,9 @@ def print_report(results: dict[str, Any], out: TextIO = sys.stdout) -> None:
     print(f"\n# vyra_base_ipc benchmark ({meta['mode']}): {meta['machine']['cpu']}, "
           f"{meta['machine']['cores']} cores, Python {meta['machine']['python']}, "
           f"grpcio {meta['machine']['grpcio']}, rclpy {meta['machine']['rclpy']}", file=out)
+    if meta.get('keep_freed_memory'):
+        print('Every process with malloc set as vyra_base_ipc.keep_freed_memory() sets it '
+              '(--keep-freed-memory)', file=out)
     rows = results['rows']
     reference = _reference(rows)
     lines = []

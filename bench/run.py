@@ -60,6 +60,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / 'results'
 #: Parts of a run: the round-trip table, the overhead budget, the cold starts,
 #: explicit zero-copy buffers, busy polling on and off, server streams, the peers.
 SECTIONS = ('rows', 'overhead', 'cold-start', 'zero-copy', 'busy-poll', 'streaming', 'peers')
+#: glibc's names for what vyra_base_ipc.keep_freed_memory() sets with mallopt().
+KEEP_FREED_MEMORY_ENV = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(1 << 30)}  # its default limit
 #: Calls in flight for the asynchronous clients.
 CONCURRENCY = (1, 8, 64)
 
@@ -328,7 +330,7 @@ def _package_root() -> Path:
 
 def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
         package_root: Path | None = None, sections: tuple[str, ...] = SECTIONS,
-        pin: bool = False) -> dict[str, Any]:
+        pin: bool = False, keep_freed_memory: bool = False) -> dict[str, Any]:
     """Measure everything ``mode`` asks for; write ``results.json``,
     ``results.md`` (and ``latency.png``) into ``out``; return the results.
 
@@ -338,6 +340,9 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
     :param sections: which of :data:`SECTIONS` to measure.
     :param pin: clients on one CPU, servers on the others, for the rows and
         cold starts too (the overhead section is always pinned).
+    :param keep_freed_memory: every process of the run (servers, clients,
+        peers) with glibc's malloc set as :func:`vyra_base_ipc.keep_freed_memory`
+        sets it, through the environment variables glibc reads at start.
     :raises ValueError: for unknown transport keys or sections.
     """
     unknown_sections = set(sections) - set(SECTIONS)
@@ -361,6 +366,8 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
     try:
         env = BenchEnvironment(workdir, compile_bench_protos(workdir / 'protos'),
                                package_root=package_root)
+        if keep_freed_memory:
+            env.env.update(KEEP_FREED_MEMORY_ENV)
         needed = {transport.server for transport in measured
                   if 'rows' in sections or 'cold-start' in sections}
         zero_copy_lane = any(lane.name == 'shm' and lane.unavailable() is None for lane in LANES)
@@ -420,6 +427,7 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
             'machine': machine(),
             'package': str(package_root / 'vyra_base_ipc'),
             'pinned': pin,
+            'keep_freed_memory': keep_freed_memory,
             'seconds': round(time.monotonic() - began, 1),
             'note': 'Other processes may share this machine: absolute numbers are noisy, '
                     'ratios measured in the same run are what to compare.',
@@ -469,6 +477,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--pin', action='store_true',
                         help='pin clients to one CPU and servers to the others in every section '
                              '(the overhead budget always is)')
+    parser.add_argument('--keep-freed-memory', action='store_true',
+                        help='run every process with malloc set as vyra_base_ipc.keep_freed_memory() '
+                             'sets it (large blocks from the heap, freed memory kept)')
     parser.add_argument('--package-root', type=Path, default=None,
                         help='import vyra_base_ipc from this directory (to measure a changed copy)')
     options = parser.parse_args(argv)
@@ -478,7 +489,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         results = run(mode, options.out.resolve(), only, chart=not options.no_chart,
                       package_root=options.package_root.resolve() if options.package_root else None,
-                      sections=sections, pin=options.pin)
+                      sections=sections, pin=options.pin, keep_freed_memory=options.keep_freed_memory)
     except ValueError as error:
         parser.error(str(error))
     print_report(results)
