@@ -68,10 +68,3 @@ def test_unusable_limit_is_refused_naming_it(limit: object, error: type[Exceptio
     with pytest.raises(error, match='keep_freed_memory limit'):
         keep_freed_memory(limit)  # type: ignore[arg-type]
 
-
-def test_the_benchmark_sets_what_keep_freed_memory_sets() -> None:
-    from bench.run import KEEP_FREED_MEMORY_ENV
-
-    # glibc reads the same two settings from these variables at start.
-    assert KEEP_FREED_MEMORY_ENV == {'MALLOC_MMAP_MAX_': '0',
-                                     'MALLOC_TRIM_THRESHOLD_': str(DEFAULT_KEEP_FREED_MEMORY)}

@@ -262,3 +262,16 @@ def test_a_peer_that_is_not_installed_is_skipped_with_the_package_to_install(mon
         assert set(reasons) == {key for key, module in variants.items() if module is not None}
         assert reasons[next(key for key in reasons if key.startswith('zmq'))] == \
             'not installed: zmq (pip install pyzmq)'
+
+
+def test_keep_freed_memory_option_sets_what_keep_freed_memory_sets() -> None:
+    from vyra_base_ipc import DEFAULT_KEEP_FREED_MEMORY
+
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [env.get('PYTHONPATH'), str(REPO)]))
+    completed = subprocess.run(
+        [sys.executable, '-c', 'import json; from bench.run import KEEP_FREED_MEMORY_ENV as E; print(json.dumps(E))'],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=True)
+    # glibc reads the two settings keep_freed_memory() makes from these variables at start.
+    assert json.loads(completed.stdout) == {'MALLOC_MMAP_MAX_': '0',
+                                            'MALLOC_TRIM_THRESHOLD_': str(DEFAULT_KEEP_FREED_MEMORY)}
