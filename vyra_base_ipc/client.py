@@ -102,12 +102,9 @@ class IPCHandler(ClientBase):
         :class:`~vyra_base_ipc.UntrustedServerError` before anything is sent.
     :param interceptors: :class:`~vyra_base_ipc.ClientInterceptor` objects
         that see every call, in this order.
-    :param busy_poll: seconds a call waiting for a fast-lane answer keeps its
-        CPU before the event loop may sleep (:mod:`vyra_base_ipc._busy_poll`):
-        the waiting task yields to the loop, which runs every other task and
-        checks its sockets without sleeping, so a quick answer costs no
-        wakeup. It polls only while answers come that quickly, and never on
-        a machine with one CPU. 0 turns it off.
+    :param busy_poll: seconds a call waiting for a fast-lane answer keeps the
+        event loop from sleeping, its other tasks running (README, "Busy
+        polling"); a quick answer then costs no wakeup. 0 turns it off.
     """
 
     _grpc_pool = aio_pool
@@ -128,9 +125,8 @@ class IPCHandler(ClientBase):
             socket_path, service_stub, module_name=module_name, timeout=timeout,
             default_method=default_method, wait_for_ready=wait_for_ready,
             idempotent_methods=idempotent_methods, lane=lane, ttrpc_socket_path=ttrpc_socket_path,
-            max_message_bytes=max_message_bytes, shared_memory=shared_memory,
-            stream_window=stream_window, server_uid=server_uid, interceptors=interceptors,
-            busy_poll=busy_poll)
+            max_message_bytes=max_message_bytes, shared_memory=shared_memory, stream_window=stream_window,
+            server_uid=server_uid, interceptors=interceptors, busy_poll=busy_poll)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def connect(self, timeout: float | None = None) -> None:
@@ -420,9 +416,8 @@ class SyncIPCHandler(ClientBase):
             socket_path, service_stub, module_name=module_name, timeout=timeout,
             default_method=default_method, wait_for_ready=wait_for_ready,
             idempotent_methods=idempotent_methods, lane=lane, ttrpc_socket_path=ttrpc_socket_path,
-            max_message_bytes=max_message_bytes, shared_memory=shared_memory,
-            stream_window=stream_window, server_uid=server_uid, interceptors=interceptors,
-            busy_poll=busy_poll)
+            max_message_bytes=max_message_bytes, shared_memory=shared_memory, stream_window=stream_window,
+            server_uid=server_uid, interceptors=interceptors, busy_poll=busy_poll)
         self._pid = 0
 
     def connect(self, timeout: float | None = None) -> None:
