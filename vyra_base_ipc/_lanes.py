@@ -216,14 +216,18 @@ class _GrpcLaneBase:
                                       wait_for_ready=wait)
 
     def _started_again(self, error: grpc.RpcError, method: Method, call: Any, request: Any,
-                       timeout: Deadline | None, metadata: Metadata | None) -> Any:
+                       timeout: Deadline | None, metadata: Metadata | None, allowed: bool) -> Any:
         """``call``, which failed with ``error`` before its first message,
-        started again waiting for the channel, if it failed as
-        :class:`ServerCameUp` (nothing was sent) and its request is one
-        message (a request stream may have been read already); else ``None``.
-        The caller allows this once per stream, before any message."""
-        if method.kind.request_streaming or not isinstance(self._translate(error, method), ServerCameUp):
-            return None
+        started again waiting for the channel, if that is ``allowed`` (once
+        per stream, before any message), it failed as :class:`ServerCameUp`
+        (nothing was sent) and its request is one message (a request stream
+        may have been read already).
+
+        :raises grpc.RpcError: ``error``, when the call is not started again.
+        """
+        if not allowed or method.kind.request_streaming or \
+                not isinstance(self._translate(error, method), ServerCameUp):
+            raise error
         call.cancel()
         return self._open_stream(method, request, timeout, metadata, True)
 
@@ -303,11 +307,8 @@ class GrpcLane(_GrpcLaneBase):
                 except asyncio.TimeoutError:
                     raise _idle_error(method, idle_timeout) from None  # type: ignore[arg-type]
                 except grpc.RpcError as error:
-                    again = (self._started_again(error, method, call, request, timeout, metadata)
-                             if may_restart else None)
-                    if again is None:
-                        raise
-                    call, may_restart = again, False
+                    call = self._started_again(error, method, call, request, timeout, metadata, may_restart)
+                    may_restart = False
                     continue
                 if response is grpc.aio.EOF:
                     return
@@ -373,11 +374,8 @@ class SyncGrpcLane(_GrpcLaneBase):
                 except StopIteration:
                     return
                 except grpc.RpcError as error:
-                    again = (self._started_again(error, method, call, request, timeout, metadata)
-                             if may_restart else None)
-                    if again is None:
-                        raise
-                    call, may_restart = again, False
+                    call = self._started_again(error, method, call, request, timeout, metadata, may_restart)
+                    may_restart = False
                     if watch is not None:
                         watch.stop()
                         watch = _IdleWatch(call, idle_timeout)  # type: ignore[arg-type]
