@@ -793,6 +793,42 @@ def test_awaiting_with_polling_keeps_the_loop_passing_without_sleeping() -> None
 
 
 @needs_two_cpus
+def test_awaiting_with_polling_yields_the_cpu_at_every_pass(monkeypatch) -> None:
+    # A peer on the same CPU (the server, often) answers only when it gets to
+    # run: a pass of the loop that kept the CPU would delay the very answer
+    # it polls for, up to the whole window. So every pass yields it first,
+    # as the blocking client's polls do.
+    policy = BusyPoll(WIDEST)
+    yields: list[int] = []
+    sched_yield = os.sched_yield
+
+    def counting_yield() -> None:
+        yields.append(len(yields))
+        sched_yield()
+
+    monkeypatch.setattr(os, 'sched_yield', counting_yield)
+
+    async def main(loop: asyncio.AbstractEventLoop, selector: RecordingSelector) -> tuple[str, int]:
+        future: asyncio.Future[str] = loop.create_future()
+        countdown = iter(range(20))
+
+        def tick() -> None:  # the answer comes at the 20th pass of the loop
+            if next(countdown, None) is None:
+                future.set_result('answer')
+            else:
+                loop.call_soon(tick)
+
+        loop.call_soon(tick)
+        selector.timeouts.clear()
+        result = await await_polling(policy, future)
+        return result, len(selector.timeouts)
+
+    result, passes = on_recording_loop(main)
+    assert result == 'answer'
+    assert passes >= 20 and len(yields) >= passes - 1, (passes, len(yields))
+
+
+@needs_two_cpus
 def test_awaiting_a_late_answer_polls_its_window_then_sleeps_and_backs_off() -> None:
     policy = BusyPoll(DEFAULT_BUSY_POLL)
 

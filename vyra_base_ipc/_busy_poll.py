@@ -168,8 +168,10 @@ async def await_polling(policy: BusyPoll, future: asyncio.Future[_T]) -> _T:
     ``future`` is done: each pass of the loop runs every other ready task
     and callback, then checks the sockets without sleeping, so nothing else
     waits for the poller, and an answer that comes within the window is
-    read on the next pass instead of after a wakeup. Then, or when the
-    policy says sleep at once, it simply awaits ``future``.
+    read on the next pass instead of after a wakeup. Each pass yields the
+    CPU first (``sched_yield``), as :func:`poll_for` does between attempts,
+    so a peer sharing this CPU answers at once. Then, or when the policy
+    says sleep at once, it simply awaits ``future``.
     """
     if not future.done():
         window = policy.window()
@@ -184,6 +186,9 @@ async def await_polling(policy: BusyPoll, future: asyncio.Future[_T]) -> _T:
             if time.perf_counter() >= deadline:
                 policy.missed()
                 break
+            # The CPU first, as poll_for() yields it: a peer on this CPU
+            # (the server, often) answers only when it gets to run.
+            os.sched_yield()
             await asyncio.sleep(0)
         else:
             policy.found()
