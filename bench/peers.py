@@ -134,11 +134,18 @@ def _candidates(part: str) -> list[tuple[Transport, Callable[[], str | None]]]:
     ]
 
 
-def peer_variants(part: str) -> tuple[list[Transport], list[dict[str, str]]]:
-    """The variants of ``part`` to measure, and ``{transport, reason}`` for those skipped."""
+#: Variants whose server spins: on one CPU it can only take turns with its client.
+SPINNING = frozenset({'iceoryx2-spin'})
+
+
+def peer_variants(part: str, one_cpu: bool = False) -> tuple[list[Transport], list[dict[str, str]]]:
+    """The variants of ``part`` to measure, and ``{transport, reason}`` for
+    those skipped (with ``one_cpu``, the :data:`SPINNING` ones too)."""
     measured, skipped = [], []
     for transport, unavailable in _candidates(part):
         reason = unavailable()
+        if reason is None and one_cpu and transport.key in SPINNING:
+            reason = 'its server spins: on one CPU (--one-cpu) it only takes turns with its client'
         if reason is None:
             measured.append(transport)
         else:

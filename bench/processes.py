@@ -30,6 +30,8 @@ class BenchEnvironment:
         apart from test suites that run at the same time.
     :param package_root: a directory whose ``vyra_base_ipc`` the children
         import instead of the working tree's (to measure a change on a copy).
+    :param one_cpu: run every child, client or server, on the first CPU this
+        process may use (see :meth:`affinity`).
 
     Children run in ``workdir``, not in the repository: with ``python -m`` the
     working directory comes first on ``sys.path`` and would shadow
@@ -37,7 +39,7 @@ class BenchEnvironment:
     """
 
     def __init__(self, workdir: Path, proto_dir: Path, domain_id: int | None = None,
-                 package_root: Path | None = None) -> None:
+                 package_root: Path | None = None, one_cpu: bool = False) -> None:
         self.workdir = workdir
         self.log_dir = workdir / 'logs'
         self.log_dir.mkdir(exist_ok=True)
@@ -55,6 +57,7 @@ class BenchEnvironment:
         self.env = env
         cpus = sorted(os.sched_getaffinity(0))
         self._cpus = (set(cpus[:1]), set(cpus[1:])) if len(cpus) >= 2 else None
+        self._one_cpu = set(cpus[:1]) if one_cpu else None
 
     def log(self, name: str) -> Path:
         """The log file of the child process called ``name``."""
@@ -65,10 +68,21 @@ class BenchEnvironment:
         """Whether there are CPUs enough (two) to pin clients and servers apart."""
         return self._cpus is not None
 
+    @property
+    def one_cpu(self) -> bool:
+        """Whether every child runs on one CPU (``one_cpu=True``)."""
+        return self._one_cpu is not None
+
     def affinity(self, role: str, pin: bool) -> Callable[[], None] | None:
         """A ``preexec_fn`` that pins a child: a ``'client'`` to the first CPU
         this process may use, a ``'server'`` to the others. ``None`` unless
-        ``pin``, or with fewer than two CPUs."""
+        ``pin``, or with fewer than two CPUs. With ``one_cpu``, every child
+        goes to the first CPU, whatever ``pin`` says: where the scheduler
+        often puts a client and the server it wakes, and where a call costs
+        the CPU time of both sides."""
+        if self._one_cpu is not None:
+            first = self._one_cpu
+            return lambda: os.sched_setaffinity(0, first)
         if not pin or self._cpus is None:
             return None
         cpus = self._cpus[0] if role == 'client' else self._cpus[1]

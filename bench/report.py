@@ -222,6 +222,11 @@ def print_report(results: dict[str, Any], out: TextIO = sys.stdout) -> None:
     if meta.get('keep_freed_memory'):
         print('Every process with malloc set as vyra_base_ipc.keep_freed_memory() sets it '
               '(--keep-freed-memory)', file=out)
+    if meta.get('one_cpu'):
+        print('Every client and server on one CPU (--one-cpu): a call costs the CPU time of both sides',
+              file=out)
+    elif meta.get('pinned'):
+        print('Clients pinned to one CPU, servers to the others (--pin)', file=out)
     rows = results['rows']
     reference = _reference(rows)
     lines = []

@@ -236,7 +236,7 @@ def _measure_overhead(env: BenchEnvironment, addresses: dict[str, Any],
         # Always pinned, like its servers: see bench.overhead.
         results[kind] = run_child(env, 'bench.overhead', [json.dumps(spec)], f'overhead-{kind}',
                                   timeout=600, pin=True)
-        results[kind]['pinned'] = env.can_pin
+        results[kind]['pinned'] = env.can_pin and not env.one_cpu
     return results
 
 
@@ -330,7 +330,7 @@ def _package_root() -> Path:
 
 def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
         package_root: Path | None = None, sections: tuple[str, ...] = SECTIONS,
-        pin: bool = False, keep_freed_memory: bool = False) -> dict[str, Any]:
+        pin: bool = False, keep_freed_memory: bool = False, one_cpu: bool = False) -> dict[str, Any]:
     """Measure everything ``mode`` asks for; write ``results.json``,
     ``results.md`` (and ``latency.png``) into ``out``; return the results.
 
@@ -340,11 +340,16 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
     :param sections: which of :data:`SECTIONS` to measure.
     :param pin: clients on one CPU, servers on the others, for the rows and
         cold starts too (the overhead section is always pinned).
+    :param one_cpu: every process of the run (servers, clients, peers) on
+        one CPU, as the scheduler often places a client and the server it
+        wakes: a call then costs the CPU time of both sides. Not with ``pin``.
     :param keep_freed_memory: every process of the run (servers, clients,
         peers) with glibc's malloc set as :func:`vyra_base_ipc.keep_freed_memory`
         sets it, through the environment variables glibc reads at start.
     :raises ValueError: for unknown transport keys or sections.
     """
+    if pin and one_cpu:
+        raise ValueError('pin (client and servers on separate CPUs) and one_cpu exclude each other')
     unknown_sections = set(sections) - set(SECTIONS)
     if unknown_sections:
         raise ValueError(f'unknown sections: {", ".join(sorted(unknown_sections))}; '
@@ -365,7 +370,7 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
     peers: dict[str, Any] = {}
     try:
         env = BenchEnvironment(workdir, compile_bench_protos(workdir / 'protos'),
-                               package_root=package_root)
+                               package_root=package_root, one_cpu=one_cpu)
         if keep_freed_memory:
             env.env.update(KEEP_FREED_MEMORY_ENV)
         needed = {transport.server for transport in measured
@@ -383,7 +388,7 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
         peer_parts: dict[str, list[Transport]] = {}
         if 'peers' in sections:
             for part in ('small', 'large'):
-                peer_parts[part], peers_skipped = peer_variants(part)
+                peer_parts[part], peers_skipped = peer_variants(part, one_cpu)
                 listed = {entry['transport'] for entry in skipped}
                 skipped += [entry for entry in peers_skipped if entry['transport'] not in listed]
                 needed |= {variant.server for variant in peer_parts[part]}
@@ -427,6 +432,7 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
             'machine': machine(),
             'package': str(package_root / 'vyra_base_ipc'),
             'pinned': pin,
+            'one_cpu': one_cpu,
             'keep_freed_memory': keep_freed_memory,
             'seconds': round(time.monotonic() - began, 1),
             'note': 'Other processes may share this machine: absolute numbers are noisy, '
@@ -477,6 +483,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--pin', action='store_true',
                         help='pin clients to one CPU and servers to the others in every section '
                              '(the overhead budget always is)')
+    parser.add_argument('--one-cpu', action='store_true',
+                        help='run every client and server on one CPU, where the scheduler often puts '
+                             "a client and the server it wakes (a call then costs both sides' CPU "
+                             'time); not with --pin')
     parser.add_argument('--keep-freed-memory', action='store_true',
                         help='run every process with malloc set as vyra_base_ipc.keep_freed_memory() '
                              'sets it (large blocks from the heap, freed memory kept)')
@@ -489,7 +499,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         results = run(mode, options.out.resolve(), only, chart=not options.no_chart,
                       package_root=options.package_root.resolve() if options.package_root else None,
-                      sections=sections, pin=options.pin, keep_freed_memory=options.keep_freed_memory)
+                      sections=sections, pin=options.pin, keep_freed_memory=options.keep_freed_memory,
+                      one_cpu=options.one_cpu)
     except ValueError as error:
         parser.error(str(error))
     print_report(results)

@@ -275,3 +275,40 @@ def test_keep_freed_memory_option_sets_what_keep_freed_memory_sets() -> None:
     # glibc reads the two settings keep_freed_memory() makes from these variables at start.
     assert json.loads(completed.stdout) == {'MALLOC_MMAP_MAX_': '0',
                                             'MALLOC_TRIM_THRESHOLD_': str(DEFAULT_KEEP_FREED_MEMORY)}
+
+
+def test_one_cpu_option_puts_every_child_on_one_cpu_and_skips_spinning_peers(tmp_path) -> None:
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip('needs two CPUs to tell one from all')
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [env.get('PYTHONPATH'), str(REPO)]))
+    # In a child: colcon test cannot import bench (see the test above).
+    script = """
+import json, os, subprocess, sys
+from pathlib import Path
+from bench.peers import peer_variants
+from bench.processes import BenchEnvironment
+from bench.run import main
+env = BenchEnvironment(Path(sys.argv[1]), Path(sys.argv[1]), one_cpu=True)
+affinities = {}
+for role, pin in (('client', False), ('server', False), ('server', True)):
+    child = subprocess.run([sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'],
+                           preexec_fn=env.affinity(role, pin), capture_output=True, text=True, check=True)
+    affinities[f'{role} {pin}'] = json.loads(child.stdout)
+skipped = {entry['transport']: entry['reason'] for entry in peer_variants('small', one_cpu=True)[1]}
+try:
+    main(['--pin', '--one-cpu'])
+except SystemExit as exit:
+    refused = exit.code
+print(json.dumps({'affinities': affinities, 'skipped': skipped, 'refused': refused,
+                  'first': min(os.sched_getaffinity(0))}))
+"""
+    completed = subprocess.run([sys.executable, '-c', script, str(tmp_path)], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout.splitlines()[-1])
+    assert set(map(tuple, result['affinities'].values())) == {(result['first'],)}
+    expected = '--one-cpu' if _installed('iceoryx2') else 'not installed'
+    assert expected in result['skipped']['iceoryx2-spin']
+    assert result['refused'] == 2  # argparse's usage error
+    assert 'exclude each other' in completed.stderr
