@@ -328,9 +328,12 @@ class SyncConnection:
     # -- sending ----------------------------------------------------------------------
 
     def _acquire_send(self, deadline: Deadline | None, method: Method) -> None:
+        lock = self._send_lock
+        if lock.acquire(blocking=False):  # the usual case: nobody sends
+            return
         if deadline is None:
-            self._send_lock.acquire()
-        elif not self._send_lock.acquire(timeout=max(deadline.remaining(), 0)):
+            lock.acquire()
+        elif not lock.acquire(timeout=max(deadline.remaining(), 0)):
             raise timeout_error(method)
 
     def _release_send(self) -> None:
@@ -339,7 +342,7 @@ class SyncConnection:
         the sender)."""
         while True:
             try:
-                sent = self._send_queued_control()
+                sent = self._send_queued_control() if self._control else True
             finally:
                 self._send_lock.release()
             if not sent or not self._control or not self._send_lock.acquire(blocking=False):
