@@ -4,9 +4,13 @@ the package's own clients against a real server process."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 from pathlib import Path
 import signal
+import socket
+import struct
+import termios
 import threading
 from typing import Any, Iterator
 import warnings
@@ -15,6 +19,7 @@ import grpc
 import pytest
 
 from conftest import ServerProcess, StartServer, make_stale_socket, start_lanes, wait_for
+from ttrpc_peer import Peer
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc._methods import stub_methods
 from vyra_base_ipc.exceptions import (
@@ -24,6 +29,8 @@ from vyra_base_ipc.exceptions import (
 )
 from vyra_base_ipc.module_service_pb2_grpc import ModuleServiceStub
 from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
+from vyra_base_ipc.ttrpc._blocking_socket import BlockingSocket
+from vyra_base_ipc.ttrpc._transport import SEND_BUFFER_BYTES
 
 EXECUTE = stub_methods(ModuleServiceStub)['ExecuteCommand']
 PING = module_pb.CommandRequest(command='ping')
@@ -126,6 +133,74 @@ async def test_streams_and_unary_calls_interleave_on_one_connection(lanes: Serve
     assert results[2] == [0, 1, 2]
     assert results[3].result == 'pong'
     assert results[4] == ['X'] * 50
+
+
+# -- large frames: the sockets' send buffers -----------------------------------------------------
+
+def _wmem_max() -> int:
+    try:
+        return int(Path('/proc/sys/net/core/wmem_max').read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+#: A message four times the kernel's default send buffer (208 KiB), whole
+#: frame well within the enlarged one (2 MiB).
+LARGE = 900_000
+needs_large_send_buffers = pytest.mark.skipif(
+    _wmem_max() < SEND_BUFFER_BYTES,
+    reason=f'net.core.wmem_max is below {SEND_BUFFER_BYTES}: no send buffer holds a {LARGE} B frame')
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    """Bytes waiting in ``sock`` to be read (FIONREAD)."""
+    return struct.unpack('i', fcntl.ioctl(sock.fileno(), termios.FIONREAD, b'\0' * 4))[0]
+
+
+@needs_large_send_buffers
+def test_sync_client_writes_a_large_request_without_waiting_for_the_server(
+        lanes: ServerProcess, echo: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole frame fits in the socket: the blocking client never sleeps
+    for POLLOUT while the server reads (in the kernel's default 208 KiB
+    buffer it slept four times per 1 MiB frame, each time until the server
+    had emptied three quarters of the buffer)."""
+    waits: list[Any] = []
+    wait_writable = BlockingSocket._wait_writable
+
+    def counted(self: BlockingSocket, deadline: Any) -> bool:
+        waits.append(deadline)
+        return wait_writable(self, deadline)
+    monkeypatch.setattr(BlockingSocket, '_wait_writable', counted)
+    payload = bytes(range(256)) * (LARGE // 256)
+    with SyncConnection.connect(lanes.ttrpc_path, shared_memory=None) as connection:
+        for _ in range(3):
+            reply = connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(payload=payload),
+                                    timeout=30)
+            assert reply.payload == payload
+        send_buffer = connection._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    assert waits == []
+    assert send_buffer >= 2 * SEND_BUFFER_BYTES
+
+
+@needs_large_send_buffers
+def test_server_writes_a_large_answer_whole_into_the_socket(lanes: ServerProcess, echo: Any) -> None:
+    """The answer to a client that has not read yet waits whole in the
+    client's socket: the server wrote it at once, not a quarter of the
+    default buffer each time the client read (keeping the frame meanwhile)."""
+    payload = b'a' * LARGE
+    with Peer.connect(lanes.ttrpc_path) as peer:
+        peer.request(1, 'vyra.ipc.test.EchoService', 'Echo', echo.pb.EchoRequest(payload=payload).SerializeToString())
+        wait_for(lambda: unread_bytes(peer.sock) > LARGE, 20, 'the whole answer in the socket')
+        answer = peer.answer(1)
+    assert answer.code == 0 and echo.pb.EchoReply.FromString(answer.payload).payload == payload
+
+
+@pytest.mark.asyncio
+async def test_async_client_socket_has_the_enlarged_send_buffer(lanes: ServerProcess) -> None:
+    async with await AsyncConnection.connect(lanes.ttrpc_path) as connection:
+        sock = connection._transport.get_extra_info('socket')
+        wanted = 2 * min(SEND_BUFFER_BYTES, _wmem_max())
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= wanted
 
 
 # -- deadlines ----------------------------------------------------------------------------------

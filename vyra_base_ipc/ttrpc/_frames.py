@@ -245,11 +245,15 @@ class FrameDecoder:
             if not data:
                 return []
         frames: list[Union[Frame, OversizedFrame]] = []
+        whole: memoryview | None = None
         if buffer:
             buffer += data
-            view: bytes | bytearray = buffer
-        else:
-            view = data
+            # Frames are cut from a view of the buffer: a slice of the
+            # bytearray itself would be a copy that bytes() copies again,
+            # and each copy of a large frame is new memory whose pages
+            # fault in (glibc gives freed large blocks back to the kernel).
+            whole = memoryview(buffer)
+        view: bytes | memoryview = data if whole is None else whole
         position = 0
         end = len(view)
         unpack = HEADER.unpack_from
@@ -269,7 +273,8 @@ class FrameDecoder:
                 break
             position = start + length
             frames.append(Frame(stream_id, message_type, flags, bytes(view[start:position])))
-        if buffer:
+        if whole is not None:
+            whole.release()  # (a bytearray with a view cannot be resized)
             del buffer[:position]
         elif position < end and not self._skip:
             buffer += view[position:]
