@@ -5,7 +5,7 @@ Each runs as its own process::
     python -m bench.servers socket PATH
     python -m bench.servers socket-stream PATH
     python -m bench.servers grpc PATH          # also listens on 127.0.0.1:<free port>
-    python -m bench.servers ipc PATH [JSON IPCServer options, and busy_poll]
+    python -m bench.servers ipc PATH [JSON IPCServer options, busy_poll, keep_freed_memory]
     python -m bench.servers rclpy SERVICE_NAME
     python -m bench.servers zmq|iceoryx2|zenoh ...   # the peers: bench.peer_servers
 
@@ -198,13 +198,14 @@ async def serve_grpc(path: str) -> None:
         await server.stop(None)
 
 
-async def serve_ipc(path: str, options: dict[str, Any]) -> None:
-    """This package's :class:`IPCServer` with the benchmark's echo service."""
+async def serve_ipc(path: str, options: dict[str, Any], keeps_freed_memory: bool = False) -> None:
+    """This package's :class:`IPCServer` with the benchmark's echo service
+    (``keeps_freed_memory``: whether its process does, for the ready line)."""
     from vyra_base_ipc import IPCServer
 
     server = IPCServer(path, servicers=[BenchEcho()], grace_period=0.5, **options)
     await server.start()
-    _ready(path=path, options=options)
+    _ready(path=path, options=options, keep_freed_memory=keeps_freed_memory)
     try:
         await _wait_stop()
     finally:
@@ -295,12 +296,16 @@ def main(argv: list[str] | None = None) -> None:
     elif kind == 'grpc':
         asyncio.run(serve_grpc(where))
     elif kind == 'ipc':
-        from vyra_base_ipc import DEFAULT_BUSY_POLL, run
+        from vyra_base_ipc import DEFAULT_BUSY_POLL, keep_freed_memory, run
 
         options = json.loads(args[2]) if len(args) > 2 else {}
-        # Not an IPCServer option: the event loop's (as for the ipc_server node).
+        # Not IPCServer options: the event loop's and the process's, set as
+        # the ipc_server node sets them by default (busy_poll_us,
+        # keep_freed_memory_mb). Without the latter, the rows measured first
+        # decided how many page faults the later ones paid on this server.
         busy_poll = options.pop('busy_poll', DEFAULT_BUSY_POLL)
-        run(serve_ipc(where, options), busy_poll=busy_poll)
+        kept = keep_freed_memory() if options.pop('keep_freed_memory', True) else False
+        run(serve_ipc(where, options, kept), busy_poll=busy_poll)
     else:
         serve_rclpy(where)
 

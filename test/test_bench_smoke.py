@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+import select
 import subprocess
 import sys
 
@@ -312,3 +313,27 @@ print(json.dumps({'affinities': affinities, 'skipped': skipped, 'refused': refus
     assert expected in result['skipped']['iceoryx2-spin']
     assert result['refused'] == 2  # argparse's usage error
     assert 'exclude each other' in completed.stderr
+
+
+@pytest.mark.parametrize(('options', 'kept'), [('{}', True), ('{"keep_freed_memory": false}', False)])
+def test_ipc_server_of_the_benchmark_keeps_freed_memory_as_the_node_does(tmp_path, options: str,
+                                                                        kept: bool) -> None:
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [env.get('PYTHONPATH'), str(REPO), str(tmp_path)]))
+    subprocess.run([sys.executable, '-c', 'import sys; from pathlib import Path; '
+                    'from bench.protogen import compile_bench_protos; compile_bench_protos(Path(sys.argv[1]))',
+                    str(tmp_path)], cwd=REPO, env=env, check=True, timeout=60)
+    server = subprocess.Popen([sys.executable, '-m', 'bench.servers', 'ipc', str(tmp_path / 'bench.sock'),
+                               options], cwd=tmp_path, env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None and server.stdin is not None
+    try:
+        readable, _, _ = select.select([server.stdout], [], [], 60)
+        assert readable, 'the server printed no ready line within 60 s'
+        ready = json.loads(server.stdout.readline())['ready']
+    finally:
+        server.stdin.close()  # its signal to stop
+        server.wait(timeout=30)
+        server.stdout.close()
+    # glibc here (the package's own test says so): keep_freed_memory() applies.
+    assert ready['keep_freed_memory'] is kept
