@@ -328,12 +328,9 @@ class SyncConnection:
     # -- sending ----------------------------------------------------------------------
 
     def _acquire_send(self, deadline: Deadline | None, method: Method) -> None:
-        lock = self._send_lock
-        if lock.acquire(blocking=False):  # the usual case: nobody sends
+        if self._send_lock.acquire(blocking=False):  # the usual case: nobody sends
             return
-        if deadline is None:
-            lock.acquire()
-        elif not lock.acquire(timeout=max(deadline.remaining(), 0)):
+        if not self._send_lock.acquire(timeout=-1 if deadline is None else max(deadline.remaining(), 0)):
             raise timeout_error(method)
 
     def _release_send(self) -> None:
