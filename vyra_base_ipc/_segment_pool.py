@@ -16,8 +16,10 @@ total bytes: when it is exhausted (receivers that do not give segments
 back), :meth:`SegmentPool.acquire` returns ``None`` and the caller falls back
 to a new sealed memfd, as without the pool; it never waits and never grows
 beyond its bound. Free segments unused for :attr:`SegmentPool.idle_seconds`
-are dropped, checked whenever the pool is used (no thread of its own), and
-so are the oldest beyond :attr:`SegmentPool.max_free_bytes`.
+are dropped whenever the pool is used, and by a timer while it is not (one
+short-lived thread at a time, only while free segments wait), so a process
+that stopped sending large messages gives their memory back; the oldest
+beyond :attr:`SegmentPool.max_free_bytes` go at once.
 Nothing is named or left in ``/dev/shm``: segments die with the processes
 holding them. After ``fork()`` the child starts with an empty pool.
 """
@@ -56,6 +58,9 @@ DEFAULT_IDLE_SECONDS = 10.0
 DEFAULT_FREE_BYTES = 256 << 20
 #: The smallest segment.
 MIN_SEGMENT_BYTES = 64 << 10
+#: How late the idle timer may fire after the first free segment expires:
+#: segments that expire within it go in the same pass.
+_TRIM_SLACK = 0.5
 
 _F_ADD_SEALS = getattr(fcntl, 'F_ADD_SEALS', 1033)
 _POPULATE = mmap.MAP_SHARED | getattr(mmap, 'MAP_POPULATE', 0)
@@ -272,6 +277,8 @@ class SegmentPool:
         self._bytes = 0
         self._free_bytes = 0
         self._closed = False
+        #: The idle timer, while one is pending (see _schedule_trim()).
+        self._timer: threading.Timer | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -358,6 +365,8 @@ class SegmentPool:
             self._trim(dropped)
             while self._free_bytes > self.max_free_bytes:
                 dropped.append(self._take_oldest())
+            if self._timer is None:
+                self._schedule_trim()
         self._destroy(dropped)
         return True
 
@@ -372,6 +381,9 @@ class SegmentPool:
         """Drop every free segment; those in use are destroyed when returned."""
         with _lock:
             self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             dropped = [segment for free in self._free.values() for segment in free]
             self._free.clear()
             self._bytes -= self._free_bytes
@@ -391,6 +403,29 @@ class SegmentPool:
                 self._free_bytes -= capacity
             if not free:
                 del self._free[capacity]
+
+    def _schedule_trim(self) -> None:
+        # (lock held, no timer pending) Wake when the oldest free segment has
+        # been idle long enough; nothing to wait for, no thread.
+        if self._closed or not self._free:
+            return
+        oldest = min(free[0].last_used for free in self._free.values())
+        delay = max(0.0, oldest + self.idle_seconds - self._clock()) + _TRIM_SLACK
+        timer = threading.Timer(delay, self._trim_when_idle)
+        timer.name = 'vyra-ipc-segment-trim'
+        timer.daemon = True  # never keeps the process alive
+        self._timer = timer
+        timer.start()
+
+    def _trim_when_idle(self) -> None:
+        dropped: list[Segment] = []
+        with _lock:
+            if self._timer is not threading.current_thread():
+                return  # cancelled, or this pool was forgotten in a forked child
+            self._timer = None
+            self._trim(dropped)
+            self._schedule_trim()
+        self._destroy(dropped)
 
     def _take_oldest(self) -> Segment:
         # (lock held, some segment free)
