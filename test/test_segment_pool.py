@@ -23,7 +23,13 @@ import pytest
 
 from conftest import LONG, ServerProcess, StartServer, wait_for
 from ttrpc_peer import REQUEST, RESPONSE, SHARED, Peer, PeerServer, frame_bytes, response_envelope
-from vyra_base_ipc import SharedBuffer, SharedMemoryOptions, SyncIPCHandler, ttrpc_pb2
+from vyra_base_ipc import (
+    SharedBuffer,
+    SharedMemoryOptions,
+    SyncIPCHandler,
+    configure_shared_memory_pool,
+    ttrpc_pb2,
+)
 from vyra_base_ipc._methods import stub_methods
 from vyra_base_ipc._segment_pool import SegmentPool, segment_pool, size_class
 from vyra_base_ipc.cli._stats import lines as stats_lines
@@ -408,6 +414,57 @@ def test_an_idle_pool_gives_its_free_segments_back_without_being_used_again() ->
     pool.close()
     wait_for(lambda: not set(trimmers()) - others, LONG, 'a closed pool to leave no timer')
     assert pool.total_bytes == 0
+
+
+@pytest.fixture
+def pool_settings() -> Iterator[dict[str, float]]:
+    """This process's pool limits as they were, restored after the test."""
+    settings = configure_shared_memory_pool()
+    yield settings
+    configure_shared_memory_pool(**settings)  # type: ignore[arg-type]
+
+
+def test_pool_limits_are_set_by_the_public_function_and_apply_at_once(pool_settings) -> None:
+    assert pool_settings == {'max_bytes': 1 << 30, 'max_free_bytes': 256 * MiB, 'idle_seconds': 10.0}
+    pool = segment_pool()
+    kept = [SharedBuffer.allocate(MiB) for _ in range(3)]
+    created = pool.stats['created']
+    for buffer in kept:
+        buffer.close()
+    assert pool.free_bytes >= 3 * size_class(MiB)
+    # Fewer free bytes kept: the oldest go now, without waiting for a use.
+    assert configure_shared_memory_pool(max_free_bytes=size_class(MiB)) == {
+        **pool_settings, 'max_free_bytes': size_class(MiB)}
+    assert pool.free_bytes <= size_class(MiB)
+    # No pooling: a buffer is a memfd of its own, made and dropped with it.
+    configure_shared_memory_pool(max_bytes=0, max_free_bytes=0)
+    exhausted = pool.stats['exhausted']
+    with SharedBuffer.allocate(MiB) as buffer:
+        buffer.view()[:3] = b'abc'
+        assert bytes(buffer.view()[:3]) == b'abc'
+    assert pool.stats['exhausted'] == exhausted + 1 and pool.stats['created'] == created
+    assert pool.total_bytes == 0
+    # A short idle time takes effect for segments already free.
+    configure_shared_memory_pool(max_bytes=64 * MiB, max_free_bytes=64 * MiB, idle_seconds=60.0)
+    SharedBuffer.allocate(MiB).close()
+    assert pool.free_bytes == size_class(MiB)
+    configure_shared_memory_pool(idle_seconds=0.1)
+    wait_for(lambda: pool.total_bytes == 0, LONG, 'the free segment to go after the new idle time')
+
+
+@pytest.mark.parametrize(('settings', 'error', 'words'), [
+    ({'max_bytes': '1 GiB'}, TypeError, 'max_bytes must be a number of bytes (int), not str'),
+    ({'max_free_bytes': -1}, ValueError, 'max_free_bytes must be >= 0 bytes, not -1'),
+    ({'max_bytes': 1.5}, TypeError, 'max_bytes must be a number of bytes (int), not float'),
+    ({'idle_seconds': float('nan')}, ValueError, 'idle_seconds must be finite and >= 0, not nan'),
+    ({'idle_seconds': True}, TypeError, 'idle_seconds must be a number of seconds, not bool'),
+])
+def test_invalid_pool_limits_are_refused_naming_the_limit(pool_settings, settings: dict[str, Any],
+                                                          error: type[Exception], words: str) -> None:
+    with pytest.raises(error) as raised:
+        configure_shared_memory_pool(**settings)
+    assert str(raised.value) == words
+    assert configure_shared_memory_pool() == pool_settings  # nothing changed
 
 
 def test_a_full_pool_never_waits_and_never_grows_past_its_bound() -> None:

@@ -10,6 +10,7 @@ Public surface::
     from vyra_base_ipc import SharedBuffer, shared_buffer, attach_buffers   # zero-copy buffers
     vyra_base_ipc.run(server.serve())      # asyncio.run() on a loop that busy-polls before it sleeps
     vyra_base_ipc.keep_freed_memory()      # large messages reuse freed memory (glibc's mallopt)
+    vyra_base_ipc.configure_shared_memory_pool(max_bytes=...)  # this process's shared-memory pool
     from vyra_base_ipc import IPCError, ...   # every exception, defined in vyra_base_ipc.exceptions
     from vyra_base_ipc import ServerInterceptor, ClientInterceptor, CallRejected  # see calls, refuse some
 """
@@ -22,6 +23,7 @@ from ._limits import ServerLimits
 from ._options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT
 from ._payload import SharedMemoryOptions
 from ._peer import PeerCredentials, peer_credentials
+from ._segment_pool import configure_shared_memory_pool
 from ._shared_buffer import (
     ReceivedBuffers,
     SharedBuffer,
@@ -91,6 +93,7 @@ __all__ = [
     'UntrustedServerError',
     'attach_buffers',
     'command',
+    'configure_shared_memory_pool',
     'default_socket_path',
     'keep_freed_memory',
     'new_event_loop',

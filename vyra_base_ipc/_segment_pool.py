@@ -44,6 +44,7 @@ __all__ = [
     'MIN_SEGMENT_BYTES',
     'Segment',
     'SegmentPool',
+    'configure_shared_memory_pool',
     'own_segment',
     'pool_unavailable',
     'segment_pool',
@@ -370,6 +371,22 @@ class SegmentPool:
         self._destroy(dropped)
         return True
 
+    def configure(self, max_bytes: int, max_free_bytes: int, idle_seconds: float) -> None:
+        """Set the three limits (checked by the caller) and apply them to
+        the free segments now: the idle and those beyond ``max_free_bytes``
+        go; segments in use stay until they are returned."""
+        dropped: list[Segment] = []
+        with _lock:
+            self.max_bytes, self.max_free_bytes, self.idle_seconds = max_bytes, max_free_bytes, idle_seconds
+            self._trim(dropped)
+            while self._free_bytes > self.max_free_bytes:
+                dropped.append(self._take_oldest())
+            if self._timer is not None:  # it waits for the old idle time
+                self._timer.cancel()
+                self._timer = None
+            self._schedule_trim()
+        self._destroy(dropped)
+
     def trim(self) -> None:
         """Drop the free segments unused for :attr:`idle_seconds`."""
         dropped: list[Segment] = []
@@ -462,6 +479,44 @@ def segment_pool() -> SegmentPool:
         if not _pool:
             _pool.append(SegmentPool())
         return _pool[0]
+
+
+def configure_shared_memory_pool(*, max_bytes: int | None = None, max_free_bytes: int | None = None,
+                                 idle_seconds: float | None = None) -> dict[str, float]:
+    """Set the limits of this process's pool of shared-memory segments
+    (what the fast lane's large messages and :class:`~vyra_base_ipc.SharedBuffer`
+    objects are written into); a limit left ``None`` keeps its setting.
+    Returns the three settings now.
+
+    :param max_bytes: bound on the bytes of all its segments, in use and
+        free (default 1 GiB). A message that finds no room goes in a sealed
+        memfd of its own, as before there was a pool; 0 turns pooling off.
+    :param max_free_bytes: bytes of free segments kept for reuse (default
+        256 MiB); the oldest beyond go at once.
+    :param idle_seconds: a free segment unused this long is dropped
+        (default 10 s), whether or not the pool is used meanwhile.
+    :raises TypeError, ValueError: a limit that is not a number of bytes
+        (an int >= 0) or of seconds (finite, >= 0), naming it.
+    """
+    pool = segment_pool()
+    settings = {'max_bytes': pool.max_bytes, 'max_free_bytes': pool.max_free_bytes,
+                'idle_seconds': pool.idle_seconds}
+    for name, value in (('max_bytes', max_bytes), ('max_free_bytes', max_free_bytes)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f'{name} must be a number of bytes (int), not {type(value).__name__}')
+        if value < 0:
+            raise ValueError(f'{name} must be >= 0 bytes, not {value}')
+        settings[name] = value
+    if idle_seconds is not None:
+        if isinstance(idle_seconds, bool) or not isinstance(idle_seconds, (int, float)):
+            raise TypeError(f'idle_seconds must be a number of seconds, not {type(idle_seconds).__name__}')
+        if not 0 <= idle_seconds < float('inf'):
+            raise ValueError(f'idle_seconds must be finite and >= 0, not {idle_seconds}')
+        settings['idle_seconds'] = float(idle_seconds)
+    pool.configure(int(settings['max_bytes']), int(settings['max_free_bytes']), settings['idle_seconds'])
+    return settings
 
 
 def pool_unavailable() -> str | None:
