@@ -122,7 +122,7 @@ class ServerConnection(FramedConnection):
 
     def data_received(self, data: bytes) -> None:
         frames_before = self._frames_seen
-        super().data_received(data)
+        FramedConnection.data_received(self, data)
         if not self._partial and self._frame_timer is None and not self.decoder.mid_frame:
             return  # whole frames only, as usual: nothing held, nothing to time
         # Unfinished frames: bounded in bytes over all connections, and in
@@ -162,6 +162,11 @@ class ServerConnection(FramedConnection):
 
     def frame_received(self, item: Frame | OversizedFrame) -> None:
         self._frames_seen += 1
+        if item.type == _REQUEST and item.stream_id & 1 and not item.flags & FLAG_SHARED_MEMORY \
+                and item.__class__ is Frame:
+            # Where the tests below lead a plain request (most frames), in one.
+            self._request(item)
+            return
         if item.__class__ is OversizedFrame:
             details = oversized_message(item.length, item.limit)
             call = self.calls.get(item.stream_id)
