@@ -68,7 +68,8 @@ class Handler:
     """One registered method, ready to call."""
 
     __slots__ = ('path', 'kind', 'function', 'deserialize', 'serialize', 'is_async',
-                 'request_streaming', 'response_streaming', 'request_type', 'observed', 'metrics')
+                 'request_streaming', 'response_streaming', 'request_type', 'observed', 'metrics',
+                 'counted_only')
 
     def __init__(self, service: str, name: str, handler: grpc.RpcMethodHandler) -> None:
         self.path = f'/{service}/{name}'
@@ -88,6 +89,10 @@ class Handler:
         #: its counters (set by the server).
         self.observed = False
         self.metrics: MethodMetrics | None = None
+        #: Whether the server observes its calls only to count them in
+        #: ``metrics`` (no interceptors, no lock): the calls then do that
+        #: without an :class:`Observation` (set by the server).
+        self.counted_only = False
 
     def decode(self, payload: bytes | memoryview, context: ServicerContext) -> Any:
         """The request message, or the call aborted with INVALID_ARGUMENT (as
@@ -140,7 +145,7 @@ class Call:
     """One stream on a connection: the handler's run and its answer."""
 
     __slots__ = ('connection', 'stream_id', 'handler', 'context', 'task', 'finished', 'requests',
-                 'response_streaming', 'deadline', 'credit', 'observation')
+                 'response_streaming', 'deadline', 'credit', 'observation', 'started')
 
     def __init__(self, connection: 'ServerConnection', stream_id: int, handler: Handler,
                  context: ServicerContext) -> None:
@@ -157,6 +162,9 @@ class Call:
         self.credit: SendCredit | None = None
         #: The call as metrics and interceptors see it, until it ends.
         self.observation: Observation | None = None
+        #: When a call of a ``counted_only`` handler started (its
+        #: ``metrics.started()``), until it is counted as ended; else None.
+        self.started: float | None = None
 
     # -- start ------------------------------------------------------------------------
 
@@ -165,7 +173,11 @@ class Call:
         handler = self.handler
         loop = connection.loop
         agreement = connection.agreement
-        if handler.observed:
+        if handler.counted_only:
+            # The default (metrics, no interceptors): what an Observation
+            # does, without making one; ~0.5 us of a call's ~13 us on the loop.
+            self.started = handler.metrics.started()  # type: ignore[union-attr]
+        elif handler.observed:
             server = connection.server
             assert server.observer is not None
             try:
@@ -448,6 +460,10 @@ class Call:
 
     def _end(self, how: _End, code: int = _OK, details: str = '') -> None:
         self.finished = True
+        started = self.started
+        if started is not None:
+            self.started = None
+            self.handler.metrics.ended(started, code)  # type: ignore[union-attr]
         observation = self.observation
         if observation is not None:
             self.observation = None
