@@ -431,6 +431,15 @@ class Call:
         self.finished = True  # the answer goes out before _end() may close the connection
         connection = self.connection
         if code == _OK:
+            options = connection.agreement.shared_memory
+            if not self.context._reply_buffers and (options is None or len(payload) <= options.threshold):
+                # Inline (goes_inline(), without the call to outgoing()): most answers.
+                connection.send(ok_response_frame(self.stream_id, 0, payload))
+                lane = connection.server.lane_metrics
+                if lane is not None:
+                    lane.inline_sent += len(payload)
+                self._end(end, code, details)
+                return
             try:
                 data, fds, flags = outgoing(payload, connection.agreement,
                                             self.context._reply_buffers)
