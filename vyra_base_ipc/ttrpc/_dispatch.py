@@ -175,7 +175,8 @@ class Call:
         agreement = connection.agreement
         if handler.counted_only:
             # The default (metrics, no interceptors): what an Observation
-            # does, without making one; ~0.5 us of a call's ~13 us on the loop.
+            # does, without making one (4 % of the server's instructions
+            # for a small call, measured).
             self.started = handler.metrics.started()  # type: ignore[union-attr]
         elif handler.observed:
             server = connection.server
@@ -313,7 +314,9 @@ class Call:
         if self.response_streaming:
             self._end_stream()
         else:
-            self.answer(*self._answer_for(result))
+            # Not answer(*...): a call with * is not inlined by the interpreter.
+            code, details, payload = self._answer_for(result)
+            self.answer(code, details, payload)
 
     # -- def handlers (in a worker thread) --------------------------------------------
 
@@ -407,12 +410,14 @@ class Call:
 
     def _answer_for(self, result: Any) -> tuple[int, str, bytes]:
         context = self.context
-        status = _status_after_return(context)
-        if status is not None:
-            return status[0], status[1], b''
+        if context._abort is not None or context._code is not None:  # (most handlers set neither)
+            status = _status_after_return(context)
+            if status is not None:
+                return status[0], status[1], b''
         try:
             payload = self.handler.serialize(result)
-            self._check_size(len(payload))
+            if len(payload) > self.connection.server.max_message_bytes:  # (tested before the call)
+                self._check_size(len(payload))
         except Exception as error:
             code, details = _error_status(context, error, self.handler.path)
             return code, details, b''

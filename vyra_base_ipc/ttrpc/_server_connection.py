@@ -300,9 +300,11 @@ class ServerConnection(FramedConnection):
         metadata = metadata_from_wire(wire_metadata) if wire_metadata else ()
         context_class = AsyncServicerContext if handler.is_async else ServicerContext
         context = context_class(deadline, metadata, handler.path, peer_credentials=self.peer)
-        context._buffers = buffers
+        if buffers is not None:
+            context._buffers = buffers
         # Buffers go with a single answer, to a client that agreed; elsewhere inline.
-        context._can_attach = self.agreement.shared_memory is not None and not handler.response_streaming
+        if self.agreement.shared_memory is not None and not handler.response_streaming:
+            context._can_attach = True
         call = Call(self, stream_id, handler, context)
         self.calls[stream_id] = call
         server._active += 1

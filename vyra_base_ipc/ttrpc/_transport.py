@@ -130,8 +130,8 @@ class UnixTransport(asyncio.Transport):
     # -- reading ----------------------------------------------------------------------
 
     def _read_ready(self) -> None:
-        # buffered_recvmsg() inline: a read per call, and the function call
-        # and the thread-local lookup were a tenth of the transport's cost.
+        # buffered_recvmsg() inline, its buffer looked up once: there is a
+        # read per call, and this part of a call is only Python overhead.
         read_into = self._read_into
         try:
             size, ancillary, flags, _ = self._sock.recvmsg_into(read_into, _ANCILLARY_SIZE, _MSG_CMSG_CLOEXEC)
