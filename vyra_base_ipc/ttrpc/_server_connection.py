@@ -299,7 +299,8 @@ class ServerConnection(FramedConnection):
             timeout = limits.max_call_duration
         metadata = metadata_from_wire(wire_metadata) if wire_metadata else ()
         context_class = AsyncServicerContext if handler.is_async else ServicerContext
-        context = context_class(deadline, metadata, handler.path, peer_credentials=self.peer)
+        # (All positional: a class called with keywords makes a dict for its __init__.)
+        context = context_class(deadline, metadata, handler.path, 'unix:', self.peer)
         if buffers is not None:
             context._buffers = buffers
         # Buffers go with a single answer, to a client that agreed; elsewhere inline.
