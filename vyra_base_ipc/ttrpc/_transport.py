@@ -179,6 +179,21 @@ class UnixTransport(asyncio.Transport):
         at most :data:`MAX_FDS_PER_READ`, one byte each but the last). Takes
         ownership of ``fds``: they are closed once sent, or when the
         transport closes."""
+        if not fds and not self._buffer and not self._closing and not self._lost:
+            # The usual write (an answer, nothing queued): sent here, without
+            # the calls and tests of _write() (with FramedConnection._write's
+            # cheaper test, 1.2k of a small call's ~89k instructions on the
+            # server, measured).
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as error:
+                self._fatal(error)
+                return
+            if sent < len(data):
+                self._queue(memoryview(data)[sent:], [])
+            return
         if self._closing or self._lost:
             close_fds(fds)
             return
@@ -215,8 +230,13 @@ class UnixTransport(asyncio.Transport):
             if sent == len(data):
                 return
             data = memoryview(data)[sent:]
+        self._queue(memoryview(data), list(fds))
+
+    def _queue(self, data: memoryview, fds: list[int]) -> None:
+        """Keep what could not be sent yet for :meth:`_write_ready`."""
+        if not self._buffer:
             self._loop.add_writer(self._fileno, self._write_ready)
-        self._buffer.append([memoryview(data), list(fds)])
+        self._buffer.append([data, fds])
         self._buffered += len(data)
         if not self._protocol_paused and self._buffered > _HIGH_WATER:
             self._protocol_paused = True
