@@ -209,7 +209,8 @@ class FramedConnection(asyncio.Protocol):
         transport = self.transport
         if not self.closed and transport is not None:
             transport.write(data, fds)  # (which drops them if it is closing)
-            if self.queue_limit is not None and transport.get_write_buffer_size() > self.queue_limit:
+            # (transport._buffered: get_write_buffer_size() without a call.)
+            if self.queue_limit is not None and transport._buffered > self.queue_limit:
                 self.violation(f'the peer left {transport.get_write_buffer_size()} bytes of answers '
                                f'unread (limit {self.queue_limit})')
         else:

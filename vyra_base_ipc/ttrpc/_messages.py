@@ -212,6 +212,9 @@ def ok_response_frame(stream_id: int, flags: int, payload: bytes) -> bytes:
     if not payload:
         return HEADER.pack(len(_OK_STATUS), stream_id, _RESPONSE, flags) + _OK_STATUS
     size = len(payload)
+    if size < 0x80:  # a one-byte length: the small answers this path is for
+        return b''.join((HEADER.pack(len(_OK_PAYLOAD) + 1 + size, stream_id, _RESPONSE, flags),
+                         _OK_PAYLOAD, _SMALL_VARINTS[size], payload))
     length = varint(size)
     return b''.join((HEADER.pack(len(_OK_PAYLOAD) + len(length) + size, stream_id, _RESPONSE, flags),
                      _OK_PAYLOAD, length, payload))

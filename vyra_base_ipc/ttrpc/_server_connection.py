@@ -122,7 +122,7 @@ class ServerConnection(FramedConnection):
 
     def data_received(self, data: bytes) -> None:
         frames_before = self._frames_seen
-        super().data_received(data)
+        FramedConnection.data_received(self, data)
         if not self._partial and self._frame_timer is None and not self.decoder.mid_frame:
             return  # whole frames only, as usual: nothing held, nothing to time
         # Unfinished frames: bounded in bytes over all connections, and in
@@ -162,6 +162,11 @@ class ServerConnection(FramedConnection):
 
     def frame_received(self, item: Frame | OversizedFrame) -> None:
         self._frames_seen += 1
+        if item.type == _REQUEST and item.stream_id & 1 and not item.flags & FLAG_SHARED_MEMORY \
+                and item.__class__ is Frame:
+            # Where the tests below lead a plain request (most frames), in one.
+            self._request(item)
+            return
         if item.__class__ is OversizedFrame:
             details = oversized_message(item.length, item.limit)
             call = self.calls.get(item.stream_id)
@@ -294,10 +299,13 @@ class ServerConnection(FramedConnection):
             timeout = limits.max_call_duration
         metadata = metadata_from_wire(wire_metadata) if wire_metadata else ()
         context_class = AsyncServicerContext if handler.is_async else ServicerContext
-        context = context_class(deadline, metadata, handler.path, peer_credentials=self.peer)
-        context._buffers = buffers
+        # (All positional: a class called with keywords makes a dict for its __init__.)
+        context = context_class(deadline, metadata, handler.path, 'unix:', self.peer)
+        if buffers is not None:
+            context._buffers = buffers
         # Buffers go with a single answer, to a client that agreed; elsewhere inline.
-        context._can_attach = self.agreement.shared_memory is not None and not handler.response_streaming
+        if self.agreement.shared_memory is not None and not handler.response_streaming:
+            context._can_attach = True
         call = Call(self, stream_id, handler, context)
         self.calls[stream_id] = call
         server._active += 1
