@@ -25,7 +25,7 @@ from ._flow import ReceiveWindow, SendCredit, message_cost
 from ._frames import FLAG_NO_DATA, FLAG_REMOTE_CLOSED, FLAG_REMOTE_OPEN, Frame, MessageType, encode_frame
 from ._messages import encode_response, ok_response_frame
 from ._requests import AsyncRequests, SyncRequests
-from ._shared_memory import outgoing
+from ._shared_memory import goes_inline, outgoing
 
 if TYPE_CHECKING:
     from ._server_connection import ServerConnection
@@ -436,9 +436,8 @@ class Call:
         self.finished = True  # the answer goes out before _end() may close the connection
         connection = self.connection
         if code == _OK:
-            options = connection.agreement.shared_memory
-            if not self.context._reply_buffers and (options is None or len(payload) <= options.threshold):
-                # Inline (goes_inline(), without the call to outgoing()): most answers.
+            if goes_inline(len(payload), connection.agreement, self.context._reply_buffers):
+                # Most answers: sent without outgoing(), which would return them as they are.
                 connection.send(ok_response_frame(self.stream_id, 0, payload))
                 lane = connection.server.lane_metrics
                 if lane is not None:
