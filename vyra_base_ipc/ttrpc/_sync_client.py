@@ -39,6 +39,7 @@ from ._call import (
     not_accepted,
     prepare,
     timeout_error,
+    unary_response,
 )
 from ._flow import DEFAULT_STREAM_WINDOW
 from ._frames import MAX_QUEUED_FDS, FrameDecoder, encode_window_update
@@ -220,7 +221,7 @@ class SyncConnection:
                 item = self._next(stream, deadline, method)
             finally:
                 self._finish(stream_id, stream)
-            return Outcome(method, self.max_message_bytes).unary(item, return_buffers)
+            return unary_response(method, self.max_message_bytes, item, return_buffers)
         except IPCError as error:
             # One error object fails every call of a broken connection: name this call.
             raise error.for_method(method.path) from None
