@@ -60,7 +60,7 @@ from ._messages import (
     request_prefix,
 )
 from ._segment_link import SegmentLink
-from ._shared_memory import goes_inline, outgoing, unpack
+from ._shared_memory import outgoing, unpack
 
 __all__ = ['ClientCore', 'ClientStream', 'Item', 'Outcome', 'Prepared', 'SenderFailed', 'unary_response']
 
@@ -95,7 +95,9 @@ class Prepared:
         self.deadline = deadline
         self.lends: list[int] = []
         self.segments = agreement.segments
-        if goes_inline(len(payload), agreement, buffers):
+        options = agreement.shared_memory
+        # goes_inline(), written out: a call less per request.
+        if options is None or (len(payload) <= options.threshold and not buffers):
             frame_flags = 0  # as outgoing() would say: not asked, to save a call
             self.fds: list[int] = []
         else:
@@ -144,9 +146,11 @@ def prepare(method: Method, request: Any, deadline: Deadline | None, metadata: M
         if buffers:
             check_buffers(method.path, True, buffers)
         return Prepared(method, deadline, metadata, b'')
-    if agreement.shared_memory is None:
+    if not buffers:
+        pass  # the usual request: nothing to check or copy in
+    elif agreement.shared_memory is None:
         request = inline_request(method.path, False, request, buffers)
-    elif buffers:
+    else:
         check_buffers(method.path, False, buffers)
     return Prepared(method, deadline, metadata, serialize(method, request, limit), agreement, buffers)
 
