@@ -338,7 +338,10 @@ class AsyncConnection:
         """
         try:
             deadline = deadline_of(timeout)
-            protocol = self._begin(method, False)
+            protocol = self._protocol
+            if (method.__class__ is not Method or method.kind.response_streaming
+                    or asyncio.get_running_loop() is not protocol.loop):
+                self._begin(method, False)  # raises (the checks in line: 2 calls less per call)
             if protocol.core.hello is not None:
                 await self._settle_hello(protocol, method, deadline)
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,

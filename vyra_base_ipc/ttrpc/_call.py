@@ -230,6 +230,14 @@ def timeout_error(method: Method) -> IPCTimeoutError:
     return IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED, 'Deadline Exceeded', method=method.path)
 
 
+def timed_out(deadline: Deadline | None, method: Method, idle_timeout: float | None) -> IPCTimeoutError:
+    """The error of a wait for a call's next item that ended: its idle
+    timeout, unless its deadline passed."""
+    if idle_timeout is not None and (deadline is None or not deadline.expired()):
+        return idle_error(method, idle_timeout)
+    return timeout_error(method)
+
+
 def idle_error(method: Method, idle_timeout: float) -> IPCTimeoutError:
     return IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED,
                            f'no message within the idle timeout of {idle_timeout:g} s', method=method.path)

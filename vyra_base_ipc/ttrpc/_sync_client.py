@@ -34,10 +34,10 @@ from ._call import (
     connect_error,
     data_frame,
     deserialize,
-    idle_error,
     lost,
     not_accepted,
     prepare,
+    timed_out,
     timeout_error,
     unary_response,
 )
@@ -212,7 +212,8 @@ class SyncConnection:
         """
         try:
             deadline = deadline_of(timeout)
-            self._begin(method, False, deadline)
+            if method.__class__ is not Method or method.kind.response_streaming or self._core.hello:
+                self._begin(method, False, deadline)  # (else it has nothing to do: 2 calls less)
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
                                self._core.agreement, buffers)
             stream = _SyncStream()
@@ -394,7 +395,8 @@ class SyncConnection:
         try:
             self._send_all(data, deadline, method, fds)
         finally:
-            close_fds(fds)
+            if fds:
+                close_fds(fds)
 
     def _send_all(self, data: bytes, deadline: Deadline | None, method: Method | None,
                   fds: list[int]) -> None:
@@ -479,7 +481,7 @@ class SyncConnection:
                     break
                 remaining = None if wait_until is None else wait_until.remaining()
                 if remaining is not None and remaining <= 0:
-                    raise self._timed_out(deadline, method, idle_timeout)
+                    raise timed_out(deadline, method, idle_timeout)
                 if stream.condition is None:
                     stream.condition = threading.Condition(self._state_lock)
                 stream.waiting = True
@@ -501,7 +503,7 @@ class SyncConnection:
                     if self._error is not None:
                         raise self._error
         except SocketTimeout:
-            raise self._timed_out(deadline, method, idle_timeout) from None
+            raise timed_out(deadline, method, idle_timeout) from None
         finally:
             if handed_over is None:  # (else _read() gave up the turn already)
                 with self._state_lock:
@@ -509,12 +511,6 @@ class SyncConnection:
                     self._wake_a_waiter()
                     if self._error is not None:
                         self._close_socket()  # deferred by _broken() while we were reading
-
-    @staticmethod
-    def _timed_out(deadline: Deadline | None, method: Method, idle_timeout: float | None) -> IPCError:
-        if idle_timeout is not None and (deadline is None or not deadline.expired()):
-            return idle_error(method, idle_timeout)
-        return timeout_error(method)
 
     def _wake_a_waiter(self) -> None:
         # (state lock held) Someone must read for the threads still waiting.
@@ -559,7 +555,8 @@ class SyncConnection:
                     break
             if reason is None and stream.items and self._error is None:
                 self._reading = False
-                self._wake_a_waiter()
+                if self._core.streams:  # (a lone call has gone from them: no call to make)
+                    self._wake_a_waiter()
                 return stream.items.popleft()
         if reason is not None:
             self._broken(lost(self.socket_path, reason))
