@@ -377,6 +377,16 @@ class ClientBase:
         hammered, and retries wait for the server to be ready."""
         return Retry(method.name in self.idempotent_methods, deadline, 0.05)
 
+    def _retry_after(self, retry: Retry | None, method: Method, deadline: Deadline | None,
+                     error: IPCUnavailableError) -> tuple[Retry, float]:
+        """After an UNAVAILABLE: the call's retry rule (``retry``, or made now:
+        a call that never fails needs none) and the pause before trying again.
+
+        :raises IPCUnavailableError: ``error``, when not to try again.
+        """
+        retry = retry or self._retry(method, deadline)
+        return retry, retry.pause_after(error)
+
     def _connect_retry(self, deadline: Deadline | None, wait: bool) -> Retry:
         """A fast-lane server that is not there yet is tried again quickly at
         first, then every 0.5 s at most (the gRPC lane's reconnect cap)."""

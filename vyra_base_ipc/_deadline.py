@@ -70,7 +70,7 @@ class Deadline:
 
     def timeout_nano(self) -> int:
         """The time left as a ttrpc request's ``timeout_nano`` (at least 1: 0 means none)."""
-        return min(max(1, int(self.remaining() * 1e9)), _MAX_INT64)
+        return min(max(1, int((self.at - time.monotonic()) * 1e9)), _MAX_INT64)
 
     def earlier(self, seconds: float | None) -> 'Deadline':
         """This deadline, or the one ``seconds`` from now if that comes first

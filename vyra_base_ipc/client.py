@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from typing import Any, AsyncGenerator, Generator, Iterable, Literal, Sequence, TypeVar, Union, overload
 
 import grpc
@@ -226,22 +227,22 @@ class IPCHandler(ClientBase):
         self._check_size(info, request, buffers)
         deadline = self._deadline(DEFAULT if timeout is None else timeout, parent, info)
         wait = self._wait(wait_for_ready)
-        retry = self._retry(info, deadline)
+        retry = lane = None  # no Retry, no closure: the usual call needs neither
         with self._intercepted(info, metadata, deadline) as call, self._explained(info, deadline):
-            used: list[AsyncConnection | GrpcLane] = []
-
-            async def attempt() -> Any:
-                lane = self._open_lane() or await self._lane(deadline, wait or retry.attempts > 0)
-                used[:] = [lane]
-                if call is not None:
-                    call.lane = lane.lane
-                return await lane.call(info, request, timeout=deadline,
-                                       metadata=metadata if call is None else call.metadata,
-                                       buffers=buffers, return_buffers=return_buffers)
-            try:
-                return await retrying(attempt, retry)
-            except IPCRemoteError as error:
-                raise await self._explain_remote(error, info, used, deadline) from None
+            while True:
+                try:
+                    lane = self._open_lane() or await self._lane(deadline,
+                                                                 wait or bool(retry and retry.attempts))
+                    if call is not None:
+                        call.lane = lane.lane
+                    return await lane.call(info, request, timeout=deadline,
+                                           metadata=metadata if call is None else call.metadata,
+                                           buffers=buffers, return_buffers=return_buffers)
+                except IPCUnavailableError as error:
+                    retry, pause = self._retry_after(retry, info, deadline, error)
+                except IPCRemoteError as error:
+                    raise await self._explain_remote(error, info, [lane] if lane else [], deadline) from None
+                await asyncio.sleep(pause)
 
     @overload
     def stream_method(self, method: str, request: Any, *, timeout: float | None | Default = DEFAULT,
@@ -474,24 +475,23 @@ class SyncIPCHandler(ClientBase):
         self._check_size(info, request, buffers)
         deadline = self._deadline(DEFAULT if timeout is None else timeout, parent, info)
         wait = self._wait(wait_for_ready)
-        retry = self._retry(info, deadline)
         if info.kind.request_streaming:
             request = iter(request)  # consumed once, whichever attempt sends it
+        retry = lane = None  # as in IPCHandler.call_method
         with self._intercepted(info, metadata, deadline) as call, self._explained(info, deadline):
-            used: list[SyncConnection | SyncGrpcLane] = []
-
-            def attempt() -> Any:
-                lane = self._lane(deadline, wait or retry.attempts > 0)
-                used[:] = [lane]
-                if call is not None:
-                    call.lane = lane.lane
-                return lane.call(info, request, timeout=deadline,
-                                 metadata=metadata if call is None else call.metadata,
-                                 buffers=buffers, return_buffers=return_buffers)
-            try:
-                return retrying_sync(attempt, retry)
-            except IPCRemoteError as error:
-                raise self._explain_remote(error, info, used, deadline) from None
+            while True:
+                try:
+                    lane = self._lane(deadline, wait or bool(retry and retry.attempts))
+                    if call is not None:
+                        call.lane = lane.lane
+                    return lane.call(info, request, timeout=deadline,
+                                     metadata=metadata if call is None else call.metadata,
+                                     buffers=buffers, return_buffers=return_buffers)
+                except IPCUnavailableError as error:
+                    retry, pause = self._retry_after(retry, info, deadline, error)
+                except IPCRemoteError as error:
+                    raise self._explain_remote(error, info, [lane] if lane else [], deadline) from None
+                time.sleep(pause)
 
     @overload
     def stream_method(self, method: str, request: Any, *, timeout: float | None | Default = DEFAULT,

@@ -34,6 +34,7 @@ from ._call import (
     not_accepted,
     prepare,
     timeout_error,
+    unary_response,
 )
 from ._connection import FramedConnection
 from ._deadlines import DeadlineQueue
@@ -337,10 +338,12 @@ class AsyncConnection:
         """
         try:
             deadline = deadline_of(timeout)
-            protocol = self._begin(method, False)
+            protocol = self._protocol
+            if (method.__class__ is not Method or method.kind.response_streaming
+                    or asyncio.get_running_loop() is not protocol.loop):
+                self._begin(method, False)  # raises (the checks in line: 2 calls less per call)
             if protocol.core.hello is not None:
                 await self._settle_hello(protocol, method, deadline)
-            outcome = Outcome(method, self.max_message_bytes)
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
                                protocol.core.agreement, buffers)
             loop = protocol.loop
@@ -355,7 +358,7 @@ class AsyncConnection:
                     sender.cancel()
                 if item is None:
                     raise timeout_error(method)
-                return outcome.unary(item, return_buffers)
+                return unary_response(method, self.max_message_bytes, item, return_buffers)
             future: asyncio.Future[Item] = loop.create_future()
             stream_id = protocol.open(future, prepared)
             pending = None
@@ -370,7 +373,7 @@ class AsyncConnection:
                     # The queue drops it lazily: it must not keep the answer
                     # (which may map shared memory) until the deadline.
                     pending.future = None
-            return outcome.unary(item, return_buffers)
+            return unary_response(method, self.max_message_bytes, item, return_buffers)
         except IPCError as error:
             # One error object fails every call of a broken connection: name this call.
             raise error.for_method(method.path) from None

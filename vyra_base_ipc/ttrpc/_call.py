@@ -60,9 +60,9 @@ from ._messages import (
     request_prefix,
 )
 from ._segment_link import SegmentLink
-from ._shared_memory import goes_inline, outgoing, unpack
+from ._shared_memory import outgoing, unpack
 
-__all__ = ['ClientCore', 'ClientStream', 'Item', 'Outcome', 'Prepared', 'SenderFailed']
+__all__ = ['ClientCore', 'ClientStream', 'Item', 'Outcome', 'Prepared', 'SenderFailed', 'unary_response']
 
 _REQUEST = int(MessageType.REQUEST)
 _RESPONSE = int(MessageType.RESPONSE)
@@ -95,7 +95,9 @@ class Prepared:
         self.deadline = deadline
         self.lends: list[int] = []
         self.segments = agreement.segments
-        if goes_inline(len(payload), agreement, buffers):
+        options = agreement.shared_memory
+        # goes_inline(), written out: a call less per request.
+        if options is None or (len(payload) <= options.threshold and not buffers):
             frame_flags = 0  # as outgoing() would say: not asked, to save a call
             self.fds: list[int] = []
         else:
@@ -144,9 +146,11 @@ def prepare(method: Method, request: Any, deadline: Deadline | None, metadata: M
         if buffers:
             check_buffers(method.path, True, buffers)
         return Prepared(method, deadline, metadata, b'')
-    if agreement.shared_memory is None:
+    if not buffers:
+        pass  # the usual request: nothing to check or copy in
+    elif agreement.shared_memory is None:
         request = inline_request(method.path, False, request, buffers)
-    elif buffers:
+    else:
         check_buffers(method.path, False, buffers)
     return Prepared(method, deadline, metadata, serialize(method, request, limit), agreement, buffers)
 
@@ -224,6 +228,14 @@ def connect_arguments(socket_path: StrPath, max_message_bytes: int, timeout: flo
 
 def timeout_error(method: Method) -> IPCTimeoutError:
     return IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED, 'Deadline Exceeded', method=method.path)
+
+
+def timed_out(deadline: Deadline | None, method: Method, idle_timeout: float | None) -> IPCTimeoutError:
+    """The error of a wait for a call's next item that ended: its idle
+    timeout, unless its deadline passed."""
+    if idle_timeout is not None and (deadline is None or not deadline.expired()):
+        return idle_error(method, idle_timeout)
+    return timeout_error(method)
 
 
 def idle_error(method: Method, idle_timeout: float) -> IPCTimeoutError:
@@ -338,6 +350,20 @@ class Outcome:
         return error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  f'Received message larger than max ({size} vs. {self.limit})',
                                  method=self.method.path)
+
+
+def unary_response(method: Method, limit: int, item: Item, return_buffers: bool = False) -> Any:
+    """``Outcome(method, limit).unary(item, return_buffers)``, with the usual
+    answer (an inline OK response of under 16 KiB, no buffers asked for) read
+    without an Outcome per call (a blocking call: 103,200 -> 99,300 instructions)."""
+    if item.__class__ is Frame and not return_buffers:
+        _, kind, flags, data, buffers = item  # (unpacked: a named field costs a call)
+        if kind == _RESPONSE and not flags & FLAG_SHARED_MEMORY and buffers is None:
+            payload = ok_payload(data)
+            if payload is not None and len(payload) <= limit:
+                deserialize = method.response_deserializer
+                return deserialize(payload) if deserialize is not None else payload
+    return Outcome(method, limit).unary(item, return_buffers)
 
 
 def message_size(item: Item) -> int | None:

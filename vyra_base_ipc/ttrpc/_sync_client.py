@@ -34,11 +34,12 @@ from ._call import (
     connect_error,
     data_frame,
     deserialize,
-    idle_error,
     lost,
     not_accepted,
     prepare,
+    timed_out,
     timeout_error,
+    unary_response,
 )
 from ._flow import DEFAULT_STREAM_WINDOW
 from ._frames import MAX_QUEUED_FDS, FrameDecoder, encode_window_update
@@ -211,7 +212,8 @@ class SyncConnection:
         """
         try:
             deadline = deadline_of(timeout)
-            self._begin(method, False, deadline)
+            if method.__class__ is not Method or method.kind.response_streaming or self._core.hello:
+                self._begin(method, False, deadline)  # (else it has nothing to do: 2 calls less)
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
                                self._core.agreement, buffers)
             stream = _SyncStream()
@@ -220,7 +222,7 @@ class SyncConnection:
                 item = self._next(stream, deadline, method)
             finally:
                 self._finish(stream_id, stream)
-            return Outcome(method, self.max_message_bytes).unary(item, return_buffers)
+            return unary_response(method, self.max_message_bytes, item, return_buffers)
         except IPCError as error:
             # One error object fails every call of a broken connection: name this call.
             raise error.for_method(method.path) from None
@@ -393,7 +395,8 @@ class SyncConnection:
         try:
             self._send_all(data, deadline, method, fds)
         finally:
-            close_fds(fds)
+            if fds:
+                close_fds(fds)
 
     def _send_all(self, data: bytes, deadline: Deadline | None, method: Method | None,
                   fds: list[int]) -> None:
@@ -478,7 +481,7 @@ class SyncConnection:
                     break
                 remaining = None if wait_until is None else wait_until.remaining()
                 if remaining is not None and remaining <= 0:
-                    raise self._timed_out(deadline, method, idle_timeout)
+                    raise timed_out(deadline, method, idle_timeout)
                 if stream.condition is None:
                     stream.condition = threading.Condition(self._state_lock)
                 stream.waiting = True
@@ -500,7 +503,7 @@ class SyncConnection:
                     if self._error is not None:
                         raise self._error
         except SocketTimeout:
-            raise self._timed_out(deadline, method, idle_timeout) from None
+            raise timed_out(deadline, method, idle_timeout) from None
         finally:
             if handed_over is None:  # (else _read() gave up the turn already)
                 with self._state_lock:
@@ -508,12 +511,6 @@ class SyncConnection:
                     self._wake_a_waiter()
                     if self._error is not None:
                         self._close_socket()  # deferred by _broken() while we were reading
-
-    @staticmethod
-    def _timed_out(deadline: Deadline | None, method: Method, idle_timeout: float | None) -> IPCError:
-        if idle_timeout is not None and (deadline is None or not deadline.expired()):
-            return idle_error(method, idle_timeout)
-        return timeout_error(method)
 
     def _wake_a_waiter(self) -> None:
         # (state lock held) Someone must read for the threads still waiting.
@@ -558,7 +555,8 @@ class SyncConnection:
                     break
             if reason is None and stream.items and self._error is None:
                 self._reading = False
-                self._wake_a_waiter()
+                if self._core.streams:  # (a lone call has gone from them: no call to make)
+                    self._wake_a_waiter()
                 return stream.items.popleft()
         if reason is not None:
             self._broken(lost(self.socket_path, reason))
