@@ -60,7 +60,7 @@ from ._messages import (
     request_prefix,
 )
 from ._segment_link import SegmentLink
-from ._shared_memory import outgoing, unpack
+from ._shared_memory import goes_inline, outgoing, unpack
 
 __all__ = ['ClientCore', 'ClientStream', 'Item', 'Outcome', 'Prepared', 'SenderFailed', 'unary_response']
 
@@ -95,9 +95,7 @@ class Prepared:
         self.deadline = deadline
         self.lends: list[int] = []
         self.segments = agreement.segments
-        options = agreement.shared_memory
-        # goes_inline(), written out: a call less per request.
-        if options is None or (len(payload) <= options.threshold and not buffers):
+        if goes_inline(len(payload), agreement, buffers):  # the one place that decides
             frame_flags = 0  # as outgoing() would say: not asked, to save a call
             self.fds: list[int] = []
         else:
@@ -146,12 +144,11 @@ def prepare(method: Method, request: Any, deadline: Deadline | None, metadata: M
         if buffers:
             check_buffers(method.path, True, buffers)
         return Prepared(method, deadline, metadata, b'')
-    if not buffers:
-        pass  # the usual request: nothing to check or copy in
-    elif agreement.shared_memory is None:
-        request = inline_request(method.path, False, request, buffers)
-    else:
-        check_buffers(method.path, False, buffers)
+    if buffers:  # (the usual request has none: nothing to check or copy in)
+        if agreement.shared_memory is None:
+            request = inline_request(method.path, False, request, buffers)
+        else:
+            check_buffers(method.path, False, buffers)
     return Prepared(method, deadline, metadata, serialize(method, request, limit), agreement, buffers)
 
 
@@ -361,8 +358,7 @@ def unary_response(method: Method, limit: int, item: Item, return_buffers: bool 
         if kind == _RESPONSE and not flags & FLAG_SHARED_MEMORY and buffers is None:
             payload = ok_payload(data)
             if payload is not None and len(payload) <= limit:
-                deserialize = method.response_deserializer
-                return deserialize(payload) if deserialize is not None else payload
+                return deserialize(method, payload)
     return Outcome(method, limit).unary(item, return_buffers)
 
 
