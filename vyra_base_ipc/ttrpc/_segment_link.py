@@ -369,13 +369,17 @@ class SegmentLink:
         if not releases:  # the common case: checked without an exception
             return b''
         lend_ids: list[int] = []
-        while True:
-            try:
+        try:
+            # As many as are queued now (those queued meanwhile woke the
+            # loop, or wait for the next frame): no IndexError to end the loop.
+            for _ in range(len(releases)):
                 lend_ids.append(releases.popleft())
-            except IndexError:
-                break
+        except IndexError:  # cleared meanwhile: the connection closed
+            pass
         if not lend_ids or self._closed:
             return b''
+        if len(lend_ids) <= _IDS_PER_FRAME:  # one frame, the usual case
+            return encode_release(lend_ids)
         return b''.join(encode_release(lend_ids[start:start + _IDS_PER_FRAME])
                         for start in range(0, len(lend_ids), _IDS_PER_FRAME))
 

@@ -538,7 +538,7 @@ class SyncConnection:
             return None
         data, ancillary, flags, _ = received
         if ancillary:
-            decoder.feed(b'', received_fds(ancillary))
+            decoder.add_fds(received_fds(ancillary))
             if (flags & MSG_CTRUNC or self._core.offered is None
                     or decoder.queued_fds > MAX_QUEUED_FDS):
                 self._broken(lost(self.socket_path, 'the server passed file descriptors that no '
