@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ItemsView, Iterator, KeysView, Mapping, Sequence, ValuesView
 import warnings
 
 from google.protobuf import message_factory
@@ -324,6 +324,21 @@ class ReceivedBuffers(Mapping[int, SharedBuffer]):
     def __len__(self) -> int:
         return len(self._buffers)
 
+    # The dict's own views and lookups: Mapping's would call back into
+    # __iter__ and __getitem__ for every buffer, in Python.
+
+    def __contains__(self, handle: object) -> bool:
+        return handle in self._buffers
+
+    def keys(self) -> KeysView[int]:
+        return self._buffers.keys()
+
+    def values(self) -> ValuesView[SharedBuffer]:
+        return self._buffers.values()
+
+    def items(self) -> ItemsView[int, SharedBuffer]:
+        return self._buffers.items()
+
     def buffer(self, ref: Any) -> SharedBuffer:
         """The buffer ``ref`` (a ``vyra.ipc.SharedBufferRef``) names, e.g. to
         send it on.
@@ -438,7 +453,7 @@ def check_buffers(path: str, request_streaming: bool, buffers: Sequence[SharedBu
     for buffer in buffers:
         if not isinstance(buffer, SharedBuffer):
             raise TypeError(f'buffers must be SharedBuffer objects, not {type(buffer).__name__}')
-        if buffer.closed:
+        if buffer._fd < 0:  # (closed, without the property's call: checked on every call)
             raise ValueError(f'{buffer!r} is closed')
 
 
