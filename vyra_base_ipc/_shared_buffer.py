@@ -502,11 +502,10 @@ def _growth(message: Any, sizes: dict[int, int]) -> int:
     (each changed submessage grows, and so may its length prefix)."""
     growth = 0
     for field, value in message.ListFields():
-        if field.message_type is None:
+        shape = _shape(field)
+        if shape == _SCALAR:
             continue
-        if field.message_type.GetOptions().map_entry:
-            if field.message_type.fields_by_name['value'].message_type is None:
-                continue
+        if shape == _MAP:
             entry_class = message_factory.GetMessageClass(field.message_type)
             for key, item in value.items():
                 grows = _nested_growth(item, sizes)
@@ -516,7 +515,7 @@ def _growth(message: Any, sizes: dict[int, int]) -> int:
                     entry.value.CopyFrom(item)
                     growth += _prefixed(entry.ByteSize(), _prefixed(item.ByteSize(), grows))
             continue
-        for item in (value if _is_repeated(field) else (value,)):
+        for item in (value if shape == _REPEATED else (value,)):
             grows = _nested_growth(item, sizes)
             if grows:
                 growth += _prefixed(item.ByteSize(), grows)
@@ -525,7 +524,7 @@ def _growth(message: Any, sizes: dict[int, int]) -> int:
 
 def _nested_growth(item: Any, sizes: dict[int, int]) -> int:
     """The growth of one submessage's own bytes (without its length prefix)."""
-    if item.DESCRIPTOR.full_name != SharedBufferRef.DESCRIPTOR.full_name:
+    if item.DESCRIPTOR.full_name != _REF_NAME:
         return _growth(item, sizes)
     size = sizes.get(item.handle, 0)
     if not size or item.inline_data:
@@ -542,6 +541,35 @@ def _prefixed(old_size: int, grows: int) -> int:
 _INLINE_TAG = _varint_bytes(SharedBufferRef.DESCRIPTOR.fields_by_name['inline_data'].number << 3 | 2)
 
 
+#: SharedBufferRef's full name (types are told apart by it: a message may
+#: come from another descriptor pool).
+_REF_NAME = SharedBufferRef.DESCRIPTOR.full_name
+
+#: How a field holds submessages (see :func:`_shape`).
+_SCALAR, _SINGLE, _REPEATED, _MAP = range(4)
+#: The shape of every field met, by descriptor (a field's never changes).
+_SHAPES: dict[Any, int] = {}
+
+
+def _shape(field: Any) -> int:
+    """Whether ``field`` holds no submessage (:data:`_SCALAR`, also a map
+    of scalars), one (:data:`_SINGLE`), a list of them (:data:`_REPEATED`)
+    or a map with message values (:data:`_MAP`). Looked up once per field:
+    asking the descriptor (its ``GetOptions()`` above all) cost more than
+    the rest of the walk, on every request with buffers."""
+    shape = _SHAPES.get(field)
+    if shape is None:
+        message_type = field.message_type
+        if message_type is None:
+            shape = _SCALAR
+        elif message_type.GetOptions().map_entry:
+            shape = _SCALAR if message_type.fields_by_name['value'].message_type is None else _MAP
+        else:
+            shape = _REPEATED if _is_repeated(field) else _SINGLE
+        _SHAPES[field] = shape
+    return shape
+
+
 def _is_repeated(field: Any) -> bool:
     # protobuf 7 dropped FieldDescriptor.label for is_repeated.
     repeated = getattr(field, 'is_repeated', None)
@@ -550,16 +578,11 @@ def _is_repeated(field: Any) -> bool:
 
 def _fill_inline(message: Any, by_handle: dict[int, SharedBuffer]) -> None:
     for field, value in message.ListFields():
-        if field.message_type is None:
+        shape = _shape(field)
+        if shape == _SCALAR:
             continue
-        if field.message_type.GetOptions().map_entry:
-            values = value.values() if field.message_type.fields_by_name['value'].message_type else ()
-        elif _is_repeated(field):
-            values = value
-        else:
-            values = (value,)
-        for item in values:
-            if item.DESCRIPTOR.full_name == SharedBufferRef.DESCRIPTOR.full_name:
+        for item in (value.values() if shape == _MAP else value if shape == _REPEATED else (value,)):
+            if item.DESCRIPTOR.full_name == _REF_NAME:
                 buffer = by_handle.get(item.handle)
                 if buffer is not None and not item.inline_data:
                     item.inline_data = buffer.read()
