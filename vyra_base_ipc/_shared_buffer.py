@@ -257,34 +257,29 @@ class SharedBuffer:
         :raises ValueError: the buffer is closed.
         :raises SharedMemoryError: no memfd could be made for the copy.
         """
-        self.fileno()
+        fd = self.fileno()
         self._sent = True
         segment = self._segment
         if segment is None and not self._lent:
-            return self.dup(), 0, 0
+            return os.dup(fd), 0, 0
         if link is None:
             return seal_bytes(self.view(), 'vyra-ipc-buffer'), 0, 0
         if segment is not None:
             segment.use()
             return os.dup(segment.fd), link.lend(segment), segment.id
-        return self.dup(), link.lend(self._view), 0  # keeps this end's lend from its owner
+        return os.dup(fd), link.lend(self._view), 0  # keeps this end's lend from its owner
 
     def close(self) -> None:
         """Close this process's descriptor and let go of its mapping;
         idempotent. Copies already sent stay valid for their receivers,
         views for whoever still holds them."""
         self._view = None
-        fd = self._take()
+        fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
         segment, self._segment = self._segment, None
         if segment is not None:
             segment.unuse()
-
-    def _take(self) -> int:
-        # Hand the descriptor over: this object is closed without closing it.
-        fd, self._fd = self._fd, -1
-        return fd
 
     def __enter__(self) -> 'SharedBuffer':
         return self
