@@ -475,6 +475,8 @@ _availability: list[str | None] = []
 
 def segment_pool() -> SegmentPool:
     """This process's pool (made on first use)."""
+    if _pool:  # made: no lock (asked for every SharedBuffer and large message)
+        return _pool[0]
     with _lock:
         if not _pool:
             _pool.append(SegmentPool())
@@ -523,6 +525,8 @@ def pool_unavailable() -> str | None:
     """Why pooled segments cannot be made in this process (no
     ``F_SEAL_FUTURE_WRITE`` before Linux 5.1, no ``memfd_create``), or
     ``None``. Checked once."""
+    if _availability:  # checked: no lock (asked for every SharedBuffer)
+        return _availability[0]
     with _lock:
         if not _availability:
             try:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ItemsView, Iterator, KeysView, Mapping, Sequence, ValuesView
 import warnings
 
 from google.protobuf import message_factory
@@ -257,34 +257,29 @@ class SharedBuffer:
         :raises ValueError: the buffer is closed.
         :raises SharedMemoryError: no memfd could be made for the copy.
         """
-        self.fileno()
+        fd = self.fileno()
         self._sent = True
         segment = self._segment
         if segment is None and not self._lent:
-            return self.dup(), 0, 0
+            return os.dup(fd), 0, 0
         if link is None:
             return seal_bytes(self.view(), 'vyra-ipc-buffer'), 0, 0
         if segment is not None:
             segment.use()
             return os.dup(segment.fd), link.lend(segment), segment.id
-        return self.dup(), link.lend(self._view), 0  # keeps this end's lend from its owner
+        return os.dup(fd), link.lend(self._view), 0  # keeps this end's lend from its owner
 
     def close(self) -> None:
         """Close this process's descriptor and let go of its mapping;
         idempotent. Copies already sent stay valid for their receivers,
         views for whoever still holds them."""
         self._view = None
-        fd = self._take()
+        fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
         segment, self._segment = self._segment, None
         if segment is not None:
             segment.unuse()
-
-    def _take(self) -> int:
-        # Hand the descriptor over: this object is closed without closing it.
-        fd, self._fd = self._fd, -1
-        return fd
 
     def __enter__(self) -> 'SharedBuffer':
         return self
@@ -323,6 +318,21 @@ class ReceivedBuffers(Mapping[int, SharedBuffer]):
 
     def __len__(self) -> int:
         return len(self._buffers)
+
+    # The dict's own views and lookups: Mapping's would call back into
+    # __iter__ and __getitem__ for every buffer, in Python.
+
+    def __contains__(self, handle: object) -> bool:
+        return handle in self._buffers
+
+    def keys(self) -> KeysView[int]:
+        return self._buffers.keys()
+
+    def values(self) -> ValuesView[SharedBuffer]:
+        return self._buffers.values()
+
+    def items(self) -> ItemsView[int, SharedBuffer]:
+        return self._buffers.items()
 
     def buffer(self, ref: Any) -> SharedBuffer:
         """The buffer ``ref`` (a ``vyra.ipc.SharedBufferRef``) names, e.g. to
@@ -438,7 +448,7 @@ def check_buffers(path: str, request_streaming: bool, buffers: Sequence[SharedBu
     for buffer in buffers:
         if not isinstance(buffer, SharedBuffer):
             raise TypeError(f'buffers must be SharedBuffer objects, not {type(buffer).__name__}')
-        if buffer.closed:
+        if buffer._fd < 0:  # (closed, without the property's call: checked on every call)
             raise ValueError(f'{buffer!r} is closed')
 
 
@@ -487,11 +497,10 @@ def _growth(message: Any, sizes: dict[int, int]) -> int:
     (each changed submessage grows, and so may its length prefix)."""
     growth = 0
     for field, value in message.ListFields():
-        if field.message_type is None:
+        shape = _shape(field)
+        if shape == _SCALAR:
             continue
-        if field.message_type.GetOptions().map_entry:
-            if field.message_type.fields_by_name['value'].message_type is None:
-                continue
+        if shape == _MAP:
             entry_class = message_factory.GetMessageClass(field.message_type)
             for key, item in value.items():
                 grows = _nested_growth(item, sizes)
@@ -501,7 +510,7 @@ def _growth(message: Any, sizes: dict[int, int]) -> int:
                     entry.value.CopyFrom(item)
                     growth += _prefixed(entry.ByteSize(), _prefixed(item.ByteSize(), grows))
             continue
-        for item in (value if _is_repeated(field) else (value,)):
+        for item in (value if shape == _REPEATED else (value,)):
             grows = _nested_growth(item, sizes)
             if grows:
                 growth += _prefixed(item.ByteSize(), grows)
@@ -510,7 +519,7 @@ def _growth(message: Any, sizes: dict[int, int]) -> int:
 
 def _nested_growth(item: Any, sizes: dict[int, int]) -> int:
     """The growth of one submessage's own bytes (without its length prefix)."""
-    if item.DESCRIPTOR.full_name != SharedBufferRef.DESCRIPTOR.full_name:
+    if item.DESCRIPTOR.full_name != _REF_NAME:
         return _growth(item, sizes)
     size = sizes.get(item.handle, 0)
     if not size or item.inline_data:
@@ -527,6 +536,35 @@ def _prefixed(old_size: int, grows: int) -> int:
 _INLINE_TAG = _varint_bytes(SharedBufferRef.DESCRIPTOR.fields_by_name['inline_data'].number << 3 | 2)
 
 
+#: SharedBufferRef's full name (types are told apart by it: a message may
+#: come from another descriptor pool).
+_REF_NAME = SharedBufferRef.DESCRIPTOR.full_name
+
+#: How a field holds submessages (see :func:`_shape`).
+_SCALAR, _SINGLE, _REPEATED, _MAP = range(4)
+#: The shape of every field met, by descriptor (a field's never changes).
+_SHAPES: dict[Any, int] = {}
+
+
+def _shape(field: Any) -> int:
+    """Whether ``field`` holds no submessage (:data:`_SCALAR`, also a map
+    of scalars), one (:data:`_SINGLE`), a list of them (:data:`_REPEATED`)
+    or a map with message values (:data:`_MAP`). Looked up once per field:
+    asking the descriptor (its ``GetOptions()`` above all) cost more than
+    the rest of the walk, on every request with buffers."""
+    shape = _SHAPES.get(field)
+    if shape is None:
+        message_type = field.message_type
+        if message_type is None:
+            shape = _SCALAR
+        elif message_type.GetOptions().map_entry:
+            shape = _SCALAR if message_type.fields_by_name['value'].message_type is None else _MAP
+        else:
+            shape = _REPEATED if _is_repeated(field) else _SINGLE
+        _SHAPES[field] = shape
+    return shape
+
+
 def _is_repeated(field: Any) -> bool:
     # protobuf 7 dropped FieldDescriptor.label for is_repeated.
     repeated = getattr(field, 'is_repeated', None)
@@ -535,16 +573,11 @@ def _is_repeated(field: Any) -> bool:
 
 def _fill_inline(message: Any, by_handle: dict[int, SharedBuffer]) -> None:
     for field, value in message.ListFields():
-        if field.message_type is None:
+        shape = _shape(field)
+        if shape == _SCALAR:
             continue
-        if field.message_type.GetOptions().map_entry:
-            values = value.values() if field.message_type.fields_by_name['value'].message_type else ()
-        elif _is_repeated(field):
-            values = value
-        else:
-            values = (value,)
-        for item in values:
-            if item.DESCRIPTOR.full_name == SharedBufferRef.DESCRIPTOR.full_name:
+        for item in (value.values() if shape == _MAP else value if shape == _REPEATED else (value,)):
+            if item.DESCRIPTOR.full_name == _REF_NAME:
                 buffer = by_handle.get(item.handle)
                 if buffer is not None and not item.inline_data:
                     item.inline_data = buffer.read()

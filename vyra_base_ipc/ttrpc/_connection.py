@@ -105,7 +105,7 @@ class FramedConnection(asyncio.Protocol):
     def fds_received(self, fds: list[int]) -> None:
         """Descriptors passed with the bytes that follow; queued until their
         frames take them."""
-        self.decoder.feed(b'', fds)
+        self.decoder.add_fds(fds)
         if not self.accepts_fds:
             self.violation('file descriptors from a peer that did not agree on shared memory')
         elif self.decoder.queued_fds > MAX_QUEUED_FDS:

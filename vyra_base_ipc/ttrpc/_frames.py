@@ -228,6 +228,13 @@ class FrameDecoder:
         del self._fds[:count]
         return fds
 
+    def add_fds(self, fds: Sequence[int]) -> None:
+        """Queue descriptors that arrived (ahead of the bytes of their
+        frames) for :meth:`take_fds`: what :meth:`feed` does with them, for
+        a read that passed descriptors. The caller must close the connection
+        once :attr:`queued_fds` exceeds :data:`MAX_QUEUED_FDS`."""
+        self._fds.extend(fds)
+
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Union[Frame, OversizedFrame]]:
         """Add received bytes and the descriptors that came with them;
         return the frames the bytes complete, in order.

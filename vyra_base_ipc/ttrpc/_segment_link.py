@@ -222,12 +222,17 @@ class SegmentLink:
                     if segment_id & FORGET_BIT:
                         # Unmapped now unless a view still refers to it.
                         self._mappings.pop(segment_id & ~FORGET_BIT, None)
-        unknown = self._give_back(lend_ids)
         flush = self._flush
-        if flush is not None and self._releases:
+        if flush is not None:
             # Lends of the peer's segments this end held only for these
-            # (buffers sent on): back in the same batch as what follows.
-            flush()
+            # (buffers sent on) go back in the same batch as what follows,
+            # by the flush() below: no wakeup for them (see _queue()).
+            self._scheduled = True
+        try:
+            unknown = self._give_back(lend_ids)
+        finally:
+            if flush is not None:
+                flush()
         if unknown:
             return f'RELEASE of segments not lent to the peer (lend ids {", ".join(map(str, unknown[:5]))})'
         return None
@@ -364,13 +369,17 @@ class SegmentLink:
         if not releases:  # the common case: checked without an exception
             return b''
         lend_ids: list[int] = []
-        while True:
-            try:
+        try:
+            # As many as are queued now (those queued meanwhile woke the
+            # loop, or wait for the next frame): no IndexError to end the loop.
+            for _ in range(len(releases)):
                 lend_ids.append(releases.popleft())
-            except IndexError:
-                break
+        except IndexError:  # cleared meanwhile: the connection closed
+            pass
         if not lend_ids or self._closed:
             return b''
+        if len(lend_ids) <= _IDS_PER_FRAME:  # one frame, the usual case
+            return encode_release(lend_ids)
         return b''.join(encode_release(lend_ids[start:start + _IDS_PER_FRAME])
                         for start in range(0, len(lend_ids), _IDS_PER_FRAME))
 
@@ -390,8 +399,16 @@ class SegmentLink:
                     pass
 
         def wake() -> None:
+            # On the loop's own thread (a lend given back as a call ends) a
+            # plain call_soon() does: call_soon_threadsafe() would also write
+            # to the loop's self-pipe, a system call and one more turn of the
+            # loop to read it back. From any other thread (a handler's
+            # worker, the garbage collector there) it must wake the loop.
             try:
-                loop.call_soon_threadsafe(flush)
+                if asyncio._get_running_loop() is loop:
+                    loop.call_soon(flush)
+                else:
+                    loop.call_soon_threadsafe(flush)
             except RuntimeError:  # the loop is closed
                 pass
 

@@ -172,38 +172,42 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
         manifest = Manifest.FromString(data)
     except Exception as error:  # DecodeError
         raise SharedMemoryError(f'{what}: malformed shared-memory manifest: {error}') from None
+    # Each field read once: every read of a message field makes a new object.
+    entries = manifest.buffers
     payload_size = manifest.payload_size
-    count = (1 if payload_size else 0) + len(manifest.buffers)
+    position = 1 if payload_size else 0  # fds[position:] are the buffers'
+    count = position + len(entries)
     fds = take_fds(count) if count else []
-    kept: list[int] = []
+    made = 0  # buffers made: fds[position:position + made] are theirs now
     try:
         payload: bytes | memoryview
-        position = 0
         if payload_size:
             if payload_size > message_limit:
                 raise TooLargeError(f'Received message larger than max ({payload_size} vs. '
                                     f'{message_limit})')
             payload = _map(fds[0], payload_size, manifest.payload_lend, manifest.payload_segment, link,
                            what, True)
-            position = 1
         else:
             payload = manifest.payload
-        if not manifest.buffers:
+        if not entries:
             return payload, None
         buffers: dict[int, SharedBuffer] = {}
-        for index, entry in enumerate(manifest.buffers):
-            name = f'{what}, shared buffer {index} ({entry.handle:#018x})'
-            if entry.size > buffer_limit:
-                raise TooLargeError(f'{name}: {entry.size} bytes is more than the limit of '
+        for entry in entries:
+            handle, size, lend = entry.handle, entry.size, entry.lend
+            name = f'{what}, shared buffer {made} ({handle:#018x})'
+            if size > buffer_limit:
+                raise TooLargeError(f'{name}: {size} bytes is more than the limit of '
                                     f'{buffer_limit} (SharedMemoryOptions.max_bytes)')
-            fd = fds[position + index]
-            view = _map(fd, entry.size, entry.lend, entry.segment, link, name, False)
-            buffers[entry.handle] = SharedBuffer(fd, entry.size, entry.handle, view=view, managed=True,
-                                                 lent=bool(entry.lend))
-            kept.append(fd)
+            fd = fds[position + made]
+            view = _map(fd, size, lend, entry.segment, link, name, False)
+            buffers[handle] = SharedBuffer(fd, size, handle, view=view, managed=True, lent=bool(lend))
+            made += 1
         return payload, ReceivedBuffers(buffers)
     finally:
-        close_fds(fd for fd in fds if fd not in kept)
+        # The message's descriptor, and those of the buffers not made (something failed).
+        unclaimed = fds[:position] + fds[position + made:]
+        if unclaimed:
+            close_fds(unclaimed)
 
 
 def _map(fd: int, size: int, lend: int, segment_id: int, link: SegmentLink | None, what: str,

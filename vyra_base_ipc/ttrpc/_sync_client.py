@@ -44,7 +44,7 @@ from ._call import (
 from ._flow import DEFAULT_STREAM_WINDOW
 from ._frames import MAX_QUEUED_FDS, FrameDecoder, encode_window_update
 from ._messages import ENVELOPE_ALLOWANCE, Metadata
-from ._transport import received_fds
+from ._transport import MSG_CTRUNC, received_fds
 
 __all__ = ['SyncConnection']
 
@@ -538,8 +538,8 @@ class SyncConnection:
             return None
         data, ancillary, flags, _ = received
         if ancillary:
-            decoder.feed(b'', received_fds(ancillary))
-            if (flags & socket.MSG_CTRUNC or self._core.offered is None
+            decoder.add_fds(received_fds(ancillary))
+            if (flags & MSG_CTRUNC or self._core.offered is None
                     or decoder.queued_fds > MAX_QUEUED_FDS):
                 self._broken(lost(self.socket_path, 'the server passed file descriptors that no '
                                   'frame claims'))

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 from .._payload import MAX_FDS_PER_MESSAGE, close_fds
 
-__all__ = ['SEND_BUFFER_BYTES', 'UnixTransport', 'accept_connections', 'buffered_recvmsg',
+__all__ = ['MSG_CTRUNC', 'SEND_BUFFER_BYTES', 'UnixTransport', 'accept_connections', 'buffered_recvmsg',
            'enlarge_send_buffer']
 
 _logger = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ READ_SIZE = 256 * 1024
 MAX_FDS_PER_READ = MAX_FDS_PER_MESSAGE
 _ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_READ * array.array('i').itemsize)
 _MSG_CMSG_CLOEXEC = int(getattr(socket, 'MSG_CMSG_CLOEXEC', 0x40000000))
+#: ``socket.MSG_CTRUNC`` as a plain int: testing a flag against the IntFlag
+#: runs enum's Python code (~2 us) on every read that passed descriptors.
+MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _HIGH_WATER = 64 * 1024
 _LOW_WATER = 16 * 1024
 #: accept() failing for lack of resources: pause accepting this long (the
@@ -172,7 +175,7 @@ class UnixTransport(asyncio.Transport):
             return
         if ancillary:
             fds = received_fds(ancillary)
-            if flags & socket.MSG_CTRUNC:
+            if flags & MSG_CTRUNC:
                 close_fds(fds)
                 self._fatal(ConnectionError(f'peer passed more than {MAX_FDS_PER_READ} '
                                             'file descriptors at once'))
