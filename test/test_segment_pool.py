@@ -7,6 +7,7 @@ pool's counters (this process's directly, the server's through
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import gc
 import hashlib
@@ -21,7 +22,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import LONG, ServerProcess, StartServer, wait_for
+from conftest import LONG, ServerProcess, StartServer, until, wait_for
 from ttrpc_peer import REQUEST, RESPONSE, SHARED, Peer, PeerServer, frame_bytes, response_envelope
 from vyra_base_ipc import (
     SharedBuffer,
@@ -31,12 +32,13 @@ from vyra_base_ipc import (
     ttrpc_pb2,
 )
 from vyra_base_ipc._methods import stub_methods
-from vyra_base_ipc._segment_pool import SegmentPool, segment_pool, size_class
+from vyra_base_ipc._segment_pool import SegmentPool, new_segment, segment_pool, size_class
 from vyra_base_ipc.cli._stats import lines as stats_lines
 from vyra_base_ipc.introspection_pb2 import StatsRequest
 from vyra_base_ipc.introspection_pb2_grpc import IntrospectionStub
 from vyra_base_ipc.ttrpc import SyncConnection
-from vyra_base_ipc.ttrpc._segment_link import CACHE_ENTRIES
+from vyra_base_ipc.ttrpc._frames import HEADER, released_ids
+from vyra_base_ipc.ttrpc._segment_link import CACHE_ENTRIES, SegmentLink
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -613,3 +615,42 @@ def test_a_message_parsed_from_shared_memory_keeps_no_reference_to_it(echo: Any)
     assert message.payload == b'A' * 100_000
     segment.unuse()
     pool.close()
+
+
+def test_a_lend_given_back_wakes_the_event_loop_only_from_another_thread() -> None:
+    # On the loop's own thread (a call ending there) the RELEASE frame is
+    # queued with call_soon(); call_soon_threadsafe() would also write to the
+    # loop's self-pipe and cost it one more turn. From another thread (a
+    # `def` handler's worker) the loop must be woken, or the lend waits for
+    # the connection's next frame.
+    class CountingLoop(asyncio.SelectorEventLoop):
+        threadsafe_calls = 0
+
+        def call_soon_threadsafe(self, *args: Any, **kwargs: Any) -> Any:
+            self.threadsafe_calls += 1
+            return super().call_soon_threadsafe(*args, **kwargs)
+
+    segment = new_segment(64)  # the peer's, as far as the link knows
+    link = SegmentLink()
+    sent: list[bytes] = []
+
+    async def main(loop: CountingLoop) -> None:
+        link.attach(loop, sent.append)
+        views = [link.receive(segment.fd, 64, 5, 0, 'a lend on the loop thread')]
+        views.clear()  # its last reference, on the loop's thread
+        await until(lambda: sent, LONG, 'the RELEASE frame of lend 5')
+        assert loop.threadsafe_calls == 0
+        views.append(link.receive(segment.fd, 64, 6, 0, 'a lend on another thread'))
+        worker = threading.Thread(target=views.clear)
+        worker.start()
+        worker.join(LONG)
+        await until(lambda: len(sent) == 2, LONG, 'the RELEASE frame of lend 6')
+        assert loop.threadsafe_calls == 1
+
+    loop = CountingLoop()
+    try:
+        loop.run_until_complete(main(loop))
+    finally:
+        loop.close()
+        segment.destroy()
+    assert [released_ids(frame[HEADER.size:]) for frame in sent] == [(5,), (6,)]
