@@ -448,7 +448,7 @@ def check_buffers(path: str, request_streaming: bool, buffers: Sequence[SharedBu
     for buffer in buffers:
         if not isinstance(buffer, SharedBuffer):
             raise TypeError(f'buffers must be SharedBuffer objects, not {type(buffer).__name__}')
-        if buffer._fd < 0:  # (closed, without the property's call: checked on every call)
+        if buffer.closed:
             raise ValueError(f'{buffer!r} is closed')
 
 
