@@ -18,7 +18,14 @@ import grpc
 import pytest
 
 from conftest import LANES, ServerProcess, StartServer, call_through
-from vyra_base_ipc import IPCRemoteError, MessageTooLargeError, SharedBuffer, SharedBufferRef, SyncIPCHandler
+from vyra_base_ipc import (
+    IPCRemoteError,
+    MessageTooLargeError,
+    SharedBuffer,
+    SharedBufferRef,
+    SyncIPCHandler,
+    _shared_buffer,
+)
 from vyra_base_ipc._shared_buffer import inline_buffers, inline_size
 from vyra_base_ipc.introspection_pb2 import StatsRequest
 from vyra_base_ipc.introspection_pb2_grpc import IntrospectionStub
@@ -108,9 +115,13 @@ def test_a_plain_request_over_the_client_limit_raises_the_same_error_on_both_lan
     assert error.method == '/vyra.ipc.test.EchoService/Echo'
 
 
-def _buffer_holder_class() -> type:
-    """A message with SharedBufferRefs at several depths: nested, repeated, in a map."""
-    pool = descriptor_pool.Default()
+def _buffer_holder_class(pool: Any = None) -> type:
+    """A message with SharedBufferRefs at several depths: nested, repeated,
+    in a map; in ``pool`` (default: protobuf's default pool)."""
+    if pool is None:
+        pool = descriptor_pool.Default()
+    else:
+        pool.AddSerializedFile(SharedBufferRef.DESCRIPTOR.file.serialized_pb)
     name = 'vyra_ipc_test_error_texts.Holder'
     try:
         return message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
@@ -137,6 +148,21 @@ def _buffer_holder_class() -> type:
     message.field.add(name='note', number=5, label=optional, type=descriptor_pb2.FieldDescriptorProto.TYPE_BYTES)
     pool.Add(file)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
+
+
+def test_field_shapes_are_remembered_for_a_bounded_number_of_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Sizing a request with buffers remembers what each field holds, by its
+    # descriptor; message types from ever new descriptor pools must not make
+    # that memory grow for ever.
+    monkeypatch.setattr(_shared_buffer, '_SHAPES_MAX', 10, raising=False)
+    with SharedBuffer.copy_from(b'abc') as buffer:
+        for _ in range(8):
+            Holder = _buffer_holder_class(descriptor_pool.DescriptorPool())
+            ref = message_factory.GetMessageClass(Holder.DESCRIPTOR.fields_by_name['one'].message_type)
+            message = Holder(one=ref.FromString(buffer.ref.SerializeToString()), note=b'n')
+            message.many.add().MergeFrom(message.one)
+            assert inline_size(message, [buffer]) == inline_buffers(message, [buffer]).ByteSize()
+            assert len(_shared_buffer._SHAPES) <= 10
 
 
 @pytest.mark.parametrize('size', [1, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152])

@@ -542,8 +542,12 @@ _REF_NAME = SharedBufferRef.DESCRIPTOR.full_name
 
 #: How a field holds submessages (see :func:`_shape`).
 _SCALAR, _SINGLE, _REPEATED, _MAP = range(4)
-#: The shape of every field met, by descriptor (a field's never changes).
+#: The shape of the fields met, by descriptor (a field's never changes).
 _SHAPES: dict[Any, int] = {}
+#: Fields :data:`_SHAPES` remembers at most; it starts again when full.
+#: Descriptors cannot be weakly referenced: a program that keeps making
+#: descriptor pools (a plugin loader, a test suite) must not grow it for ever.
+_SHAPES_MAX = 4096
 
 
 def _shape(field: Any) -> int:
@@ -561,6 +565,8 @@ def _shape(field: Any) -> int:
             shape = _SCALAR if message_type.fields_by_name['value'].message_type is None else _MAP
         else:
             shape = _REPEATED if _is_repeated(field) else _SINGLE
+        if len(_SHAPES) >= _SHAPES_MAX:
+            _SHAPES.clear()  # (each is found again when next met)
         _SHAPES[field] = shape
     return shape
 
