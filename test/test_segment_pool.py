@@ -25,6 +25,7 @@ import pytest
 from conftest import LONG, ServerProcess, StartServer, until, wait_for
 from ttrpc_peer import REQUEST, RESPONSE, SHARED, Peer, PeerServer, frame_bytes, response_envelope
 from vyra_base_ipc import (
+    IPCHandler,
     SharedBuffer,
     SharedMemoryOptions,
     SyncIPCHandler,
@@ -122,6 +123,31 @@ def test_large_messages_reuse_the_same_segments_call_after_call(
     with SyncIPCHandler(pool_server.socket_path, IntrospectionStub, lane='grpc') as handler:
         text = list(stats_lines(handler.call_method('GetStats', StatsRequest())))
     assert any(line.startswith('segment pool ') and f'reused {server_after.reused}' in line for line in text)
+
+
+@pytest.mark.parametrize('kind', ['sync', 'async'])
+def test_a_client_reading_a_long_stream_gives_each_large_message_back_as_it_reads(
+        kind: str, echo: Any, pool_server: ServerProcess) -> None:
+    # The blocking client has no event loop to send RELEASE frames from:
+    # what it let go of must still leave while it reads, or the server lends
+    # it a new segment per message (a quarter of its pool) for the whole stream.
+    count, size = 200, 64 * KiB
+    request = echo.pb.WatchRequest(count=count, size=size)
+    options = {'lane': 'ttrpc', 'shared_memory': OPTIONS, 'timeout': LONG}
+    before = server_pool(pool_server)
+    if kind == 'sync':
+        with SyncIPCHandler(pool_server.socket_path, echo.grpc.WatchServiceStub, **options) as handler:
+            sizes = [len(event.payload) for event in handler.stream_method('Watch', request)]
+    else:
+        async def read() -> list[int]:
+            async with IPCHandler(pool_server.socket_path, echo.grpc.WatchServiceStub, **options) as handler:
+                return [len(event.payload) async for event in handler.stream_method('Watch', request)]
+        sizes = asyncio.run(read())
+    assert sizes == [size] * count
+    after = server_pool(pool_server)
+    # A stream window's worth of segments, each used again and again.
+    assert after.reused - before.reused >= count // 2
+    assert after.created - before.created <= count // 4
 
 
 def test_every_lend_comes_back_and_a_closed_connection_leaves_no_segment_in_use(

@@ -48,7 +48,7 @@ from ._transport import MSG_CTRUNC, received_fds
 
 __all__ = ['SyncConnection']
 
-#: How long the end of a control frame (CANCEL, WINDOW_UPDATE) already
+#: How long the end of a control frame (CANCEL, WINDOW_UPDATE, RELEASE) already
 #: partly sent may take before the connection counts as broken.
 _CONTROL_DEADLINE = 5.0
 
@@ -65,8 +65,7 @@ class _SyncStream(ClientStream):
         self.waiting = False
         self.abandoned = False
 
-    def wake(self) -> None:
-        # (state lock held)
+    def wake(self) -> None:  # (state lock held)
         if self.waiting:
             self.condition.notify()  # type: ignore[union-attr]
 
@@ -252,9 +251,14 @@ class SyncConnection:
                     item = self._next(stream, deadline, method, idle_timeout)
                     ended, payload = outcome.streamed(item)
                     if not ended:
+                        # Messages in shared memory the caller let go of leave
+                        # now, not with the next request: the server would
+                        # lend a new segment per message meanwhile.
                         increment = stream.taken(item)
-                        if increment:
-                            self._send_control(encode_window_update(stream_id, increment))
+                        control = self._core.release_frame() + (
+                            encode_window_update(stream_id, increment) if increment else b'')
+                        if control:
+                            self._send_control(control)
                     if payload is not None:
                         yield deserialize(method, payload)
                     if ended:
@@ -348,8 +352,8 @@ class SyncConnection:
                 return
 
     def _send_control(self, frame: bytes) -> None:
-        """Send a small frame (CANCEL, WINDOW_UPDATE) without waiting for
-        other senders: now if nobody sends, else by the thread that does."""
+        """Send small frames (CANCEL, WINDOW_UPDATE, RELEASE) without waiting
+        for other senders: now if nobody sends, else by the thread that does."""
         with self._state_lock:
             if self._error is not None or self._pid != this_process.pid:
                 return
@@ -590,8 +594,7 @@ class SyncConnection:
                 self._close_socket()
 
     def _close_socket(self) -> None:
-        # (state lock held, nobody reading) With it go descriptors received
-        # for frames that never came.
+        # (state lock held, nobody reading) Descriptors of frames that never came go too.
         self._sock.close()
         close_fds(self._decoder.take_fds())
 
