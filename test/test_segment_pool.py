@@ -125,6 +125,21 @@ def test_large_messages_reuse_the_same_segments_call_after_call(
     assert any(line.startswith('segment pool ') and f'reused {server_after.reused}' in line for line in text)
 
 
+def test_a_blocking_client_gives_back_a_large_answer_once_parsed_not_with_its_next_request(
+        echo: Any, pool_server: ServerProcess) -> None:
+    # A client that calls once and then idles must not keep a segment of the
+    # server's pool lent (the asyncio client sends from its event loop).
+    payload = os.urandom(256 * KiB)
+    with SyncIPCHandler(pool_server.socket_path, echo.Stub, lane='ttrpc', shared_memory=OPTIONS,
+                        timeout=LONG) as handler:
+        assert handler.call_method('Echo', echo.pb.EchoRequest(payload=payload)).payload == payload
+
+        def all_free() -> bool:
+            pool = server_pool(pool_server)
+            return bool(pool.bytes) and pool.free_bytes == pool.bytes
+        wait_for(all_free, 10, "the server's answer segment to come back while the client idles")
+
+
 @pytest.mark.parametrize('kind', ['sync', 'async'])
 def test_a_client_reading_a_long_stream_gives_each_large_message_back_as_it_reads(
         kind: str, echo: Any, pool_server: ServerProcess) -> None:

@@ -27,8 +27,9 @@ ends when the last view, slice or NumPy array over it is gone (a message
 parsed from it, a view a handler kept). What ends it may run in any thread,
 in the middle of anything (the garbage collector): it only queues the id.
 The queue leaves in a RELEASE frame from the connection's event loop
-(:meth:`SegmentLink.attach`) or from the blocking client with its next
-request and as it takes each streamed message (:meth:`SegmentLink.release_frame`).
+(:meth:`SegmentLink.attach`), or from the blocking client once it parsed an
+answer or took a streamed message, else with its next request
+(:meth:`SegmentLink.release_frame`).
 """
 
 from __future__ import annotations

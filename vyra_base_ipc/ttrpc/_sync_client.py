@@ -42,7 +42,7 @@ from ._call import (
     unary_response,
 )
 from ._flow import DEFAULT_STREAM_WINDOW
-from ._frames import MAX_QUEUED_FDS, FrameDecoder, encode_window_update
+from ._frames import FLAG_SHARED_MEMORY, MAX_QUEUED_FDS, Frame, FrameDecoder, encode_window_update
 from ._messages import ENVELOPE_ALLOWANCE, Metadata
 from ._transport import MSG_CTRUNC, received_fds
 
@@ -221,7 +221,11 @@ class SyncConnection:
                 item = self._next(stream, deadline, method)
             finally:
                 self._finish(stream_id, stream)
-            return unary_response(method, self.max_message_bytes, item, return_buffers)
+            response = unary_response(method, self.max_message_bytes, item, return_buffers)
+            if item.__class__ is Frame and item.flags & FLAG_SHARED_MEMORY:
+                del item  # parsed: what it lent goes back now, not with the next request
+                self._send_control(self._core.release_frame())
+            return response
         except IPCError as error:
             # One error object fails every call of a broken connection: name this call.
             raise error.for_method(method.path) from None
@@ -251,14 +255,9 @@ class SyncConnection:
                     item = self._next(stream, deadline, method, idle_timeout)
                     ended, payload = outcome.streamed(item)
                     if not ended:
-                        # Messages in shared memory the caller let go of leave
-                        # now, not with the next request: the server would
-                        # lend a new segment per message meanwhile.
                         increment = stream.taken(item)
-                        control = self._core.release_frame() + (
-                            encode_window_update(stream_id, increment) if increment else b'')
-                        if control:
-                            self._send_control(control)
+                        self._send_control(self._core.release_frame() + (  # not kept for the next request
+                            encode_window_update(stream_id, increment) if increment else b''))
                     if payload is not None:
                         yield deserialize(method, payload)
                     if ended:
@@ -352,10 +351,10 @@ class SyncConnection:
                 return
 
     def _send_control(self, frame: bytes) -> None:
-        """Send small frames (CANCEL, WINDOW_UPDATE, RELEASE) without waiting
-        for other senders: now if nobody sends, else by the thread that does."""
+        """Send small frames (CANCEL, WINDOW_UPDATE, RELEASE), if any, without
+        waiting for other senders: now if nobody sends, else by the thread that does."""
         with self._state_lock:
-            if self._error is not None or self._pid != this_process.pid:
+            if not frame or self._error is not None or self._pid != this_process.pid:
                 return
             self._control.append(frame)
         if self._send_lock.acquire(blocking=False):
