@@ -234,8 +234,7 @@ class SyncConnection:
                metadata: Metadata | None = None, idle_timeout: float | None = None) -> Iterator[Any]:
         """Call a response-streaming method; iterate over its responses.
 
-        Deadline, ``idle_timeout`` and leaving early as for
-        :meth:`AsyncConnection.stream`.
+        Deadline, ``idle_timeout`` and leaving early as for :meth:`AsyncConnection.stream`.
 
         :param request: the request message; for ``stream_stream`` an iterable
             of them (consumed in a helper thread, concurrently with receiving).
@@ -256,8 +255,10 @@ class SyncConnection:
                     ended, payload = outcome.streamed(item)
                     if not ended:
                         increment = stream.taken(item)
-                        self._send_control(self._core.release_frame() + (  # not kept for the next request
-                            encode_window_update(stream_id, increment) if increment else b''))
+                        control = self._core.release_frame() + (  # not kept for the next request
+                            encode_window_update(stream_id, increment) if increment else b'')
+                        if control:
+                            self._send_control(control)
                     if payload is not None:
                         yield deserialize(method, payload)
                     if ended:
