@@ -37,7 +37,7 @@ from vyra_base_ipc._segment_pool import SegmentPool, new_segment, segment_pool, 
 from vyra_base_ipc.cli._stats import lines as stats_lines
 from vyra_base_ipc.introspection_pb2 import StatsRequest
 from vyra_base_ipc.introspection_pb2_grpc import IntrospectionStub
-from vyra_base_ipc.ttrpc import SyncConnection
+from vyra_base_ipc.ttrpc import SyncConnection, _segment_link
 from vyra_base_ipc.ttrpc._frames import HEADER, released_ids
 from vyra_base_ipc.ttrpc._segment_link import CACHE_ENTRIES, SegmentLink
 
@@ -695,3 +695,39 @@ def test_a_lend_given_back_wakes_the_event_loop_only_from_another_thread() -> No
         loop.close()
         segment.destroy()
     assert [released_ids(frame[HEADER.size:]) for frame in sent] == [(5,), (6,)]
+
+
+@pytest.mark.parametrize('attached', [False, True], ids=['blocking-client', 'event-loop'])
+def test_a_mapping_left_unused_is_dropped_without_another_lend_to_check_it(
+        attached: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A blocking client reads nothing while it does not call (the owner's
+    # FORGET of a segment included): its cached mappings must still go once
+    # unused, or the pages of segments their owner dropped stay allocated.
+    # On an event loop the same runs as a loop timer.
+    monkeypatch.setattr(_segment_link, 'CACHE_IDLE_SECONDS', 0.2)
+    segment = new_segment(64)  # the peer's, as far as the link knows
+    segment.view[:5] = b'hello'
+    inode = str(os.fstat(segment.fd).st_ino)
+    link = SegmentLink()
+
+    def read_only_mappings() -> int:
+        with open('/proc/self/maps') as maps:
+            return sum(1 for line in maps if line.split()[1] == 'r--s' and line.split()[4] == inode)
+
+    async def scenario() -> None:
+        if attached:
+            link.attach(asyncio.get_running_loop(), lambda frame: None)
+        kept = link.receive(segment.fd, 64, 1, 7, 'a lend kept')
+        link.receive(segment.fd, 64, 2, 7, 'a lend given back at once')  # the same mapping
+        assert read_only_mappings() == 1 and link.stats['reused'] == 1
+        await until(lambda: not link._mappings, LONG, 'the idle mapping to leave the cache')
+        # A view still referenced keeps its mapping; the last one unmaps it.
+        assert bytes(kept[:5]) == b'hello' and read_only_mappings() == 1
+        del kept
+        assert read_only_mappings() == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        link.close()
+        segment.destroy()

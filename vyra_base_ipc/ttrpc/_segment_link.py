@@ -52,8 +52,11 @@ __all__ = ['CACHE_ENTRIES', 'CACHE_IDLE_SECONDS', 'LEND_SHARE', 'SegmentLink']
 #: Segments of the peer a connection keeps mapped (the least recently used
 #: mapping goes first); views still referenced keep theirs.
 CACHE_ENTRIES = 16
-#: A mapping unused for this long is dropped (checked when a lend arrives).
+#: A mapping unused for this long is dropped, whether or not more lends come.
 CACHE_IDLE_SECONDS = 10.0
+#: How late the expiry of idle mappings may run: those that expire within
+#: it go in the same pass.
+_EXPIRY_SLACK = 0.5
 #: Lend ids per RELEASE frame.
 _IDS_PER_FRAME = 8192
 #: The lends of pooled segments one connection may hold, as a share of the
@@ -156,6 +159,9 @@ class SegmentLink:
         self._releases: collections.deque[int] = collections.deque()
         self._wake: Callable[[], None] | None = None
         self._flush: Callable[[], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # The pending expiry of idle mappings, if any (see _expire_later()).
+        self._expiry: asyncio.TimerHandle | threading.Timer | None = None
         self._scheduled = False
         self.stats = {'lent': 0, 'released': 0, 'mapped': 0, 'reused': 0, 'returned': 0}
 
@@ -306,6 +312,8 @@ class SegmentLink:
                 if segment_id and not self._closed:
                     self._mappings[segment_id] = mapping
                     self._evict(now, dropped)
+                    if self._expiry is None:
+                        self._expire_later()
             del dropped  # unmapped here, outside the lock, unless a view holds one
         if mapping is not None:
             mapping.last_used = now
@@ -347,6 +355,34 @@ class SegmentLink:
             if oldest.last_used >= horizon:
                 break
             dropped.append(mappings.pop(key))
+
+    def _expire_later(self) -> None:
+        # (lock held, a mapping cached, no expiry pending) Drop the mappings
+        # left unused even if no lend comes to check them: a blocking client
+        # reads nothing while it does not call (a FORGET of the owner's
+        # included), and the pages of a segment its owner dropped would stay.
+        oldest = next(iter(self._mappings.values())).last_used
+        delay = max(0.0, oldest + CACHE_IDLE_SECONDS - time.monotonic()) + _EXPIRY_SLACK
+        loop = self._loop
+        if loop is not None and asyncio._get_running_loop() is loop:
+            self._expiry = loop.call_later(delay, self._expire)
+        else:  # no loop (the blocking client), or not on its thread
+            timer = threading.Timer(delay, self._expire)
+            timer.name = 'vyra-ipc-mapping-expiry'
+            timer.daemon = True  # never keeps the process alive
+            self._expiry = timer
+            timer.start()
+
+    def _expire(self) -> None:
+        dropped: list[_Mapping] = []
+        with self._lock:
+            self._expiry = None
+            if self._closed:
+                return
+            self._evict(time.monotonic(), dropped)
+            if self._mappings:
+                self._expire_later()
+        del dropped  # unmapped here, outside the lock, unless a view holds one
 
     def _return(self, lend_id: int) -> None:
         # From a view's last reference, in any thread, maybe inside the
@@ -415,6 +451,7 @@ class SegmentLink:
 
         self._wake = wake
         self._flush = flush
+        self._loop = loop
 
     # -- the end ------------------------------------------------------------------------
 
@@ -429,6 +466,9 @@ class SegmentLink:
             self._lent_bytes = 0
             mappings = list(self._mappings.values())
             self._mappings.clear()
+            expiry, self._expiry = self._expiry, None
+        if expiry is not None:
+            expiry.cancel()
         self._wake = self._flush = None
         self._releases.clear()
         for backing in lent.values():
