@@ -49,6 +49,7 @@ __all__ = [
     'pool_unavailable',
     'segment_pool',
     'size_class',
+    'start_timer',
 ]
 
 #: The pool's bound on the bytes of all its segments, free and in use.
@@ -428,11 +429,7 @@ class SegmentPool:
             return
         oldest = min(free[0].last_used for free in self._free.values())
         delay = max(0.0, oldest + self.idle_seconds - self._clock()) + _TRIM_SLACK
-        timer = threading.Timer(delay, self._trim_when_idle)
-        timer.name = 'vyra-ipc-segment-trim'
-        timer.daemon = True  # never keeps the process alive
-        self._timer = timer
-        timer.start()
+        self._timer = start_timer(delay, self._trim_when_idle, 'vyra-ipc-segment-trim')
 
     def _trim_when_idle(self) -> None:
         dropped: list[Segment] = []
@@ -471,6 +468,18 @@ _ids = [1]
 _pool: list[SegmentPool] = []
 _by_key: dict[tuple[int, int], Segment] = {}
 _availability: list[str | None] = []
+
+
+def start_timer(delay: float, function: Callable[[], None], name: str) -> threading.Timer:
+    """A started :class:`threading.Timer` that calls ``function`` after
+    ``delay`` seconds in a daemon thread named ``name`` (it never keeps the
+    process alive). The caller's lock, held while it keeps the timer, is what
+    ``function`` takes first: it sees the timer kept."""
+    timer = threading.Timer(delay, function)
+    timer.name = name
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def segment_pool() -> SegmentPool:

@@ -44,7 +44,7 @@ import time
 from typing import Any, Callable, Iterable
 
 from .._payload import SharedMemoryError, check_sealed
-from .._segment_pool import Segment, own_segment, size_class
+from .._segment_pool import Segment, own_segment, size_class, start_timer
 from ._frames import FORGET_BIT, encode_release, released_ids
 
 __all__ = ['CACHE_ENTRIES', 'CACHE_IDLE_SECONDS', 'LEND_SHARE', 'SegmentLink']
@@ -367,11 +367,7 @@ class SegmentLink:
         if loop is not None and asyncio._get_running_loop() is loop:
             self._expiry = loop.call_later(delay, self._expire)
         else:  # no loop (the blocking client), or not on its thread
-            timer = threading.Timer(delay, self._expire)
-            timer.name = 'vyra-ipc-mapping-expiry'
-            timer.daemon = True  # never keeps the process alive
-            self._expiry = timer
-            timer.start()
+            self._expiry = start_timer(delay, self._expire, 'vyra-ipc-mapping-expiry')
 
     def _expire(self) -> None:
         dropped: list[_Mapping] = []
