@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from conftest import ServerProcess
-from vyra_base_ipc import IPCHandler, IPCServer, SyncIPCHandler
+from vyra_base_ipc import IPCHandler, IPCServer, SharedBuffer, SyncIPCHandler
 
 pytestmark = pytest.mark.fault
 
@@ -92,3 +92,19 @@ def test_inherited_client_on_the_fast_lane_connects_anew_in_the_child(server: Se
         code, said = in_child(lambda: client.call_method('Echo', echo.pb.EchoRequest(text='child')).text)
         assert (code, said) == (0, 'child')
         assert client.call_method('Echo', echo.pb.EchoRequest(text='again')).text == 'again'
+
+
+def test_a_forked_child_names_its_buffers_apart_from_its_parent() -> None:
+    # Handles come from a generator of the package's own (no system call per
+    # buffer): a child must not repeat the parent's sequence, or a message
+    # could carry a buffer of each with the same handle.
+    def handles() -> list[int]:
+        made = []
+        for _ in range(4):
+            with SharedBuffer.allocate(1) as buffer:
+                made.append(buffer.handle)
+        return made
+
+    code, child_handles = in_child(handles)
+    assert code == 0, child_handles
+    assert set(map(int, child_handles.strip('[]').split(', '))).isdisjoint(handles())

@@ -19,7 +19,7 @@ returns a view of those: the same handler code works on both lanes.
 from __future__ import annotations
 
 import os
-import secrets
+import random
 from typing import TYPE_CHECKING, Any, Callable, ItemsView, Iterator, KeysView, Mapping, Sequence, ValuesView
 import warnings
 
@@ -50,6 +50,13 @@ __all__ = [
     'received_buffer',
     'shared_buffer',
 ]
+
+#: Where handles come from: they name buffers within one message, so they
+#: must differ, not be secret. A generator of this module's own (seeded by
+#: the OS, again in a forked child) costs no system call per buffer, and no
+#: program's random.seed() makes two processes' handles the same.
+_handles = random.Random()
+os.register_at_fork(after_in_child=_handles.seed)
 
 SharedBufferRef = shared_memory_pb2.SharedBufferRef
 
@@ -99,7 +106,7 @@ class SharedBuffer:
         """
         self._fd = fd
         self._size = size
-        self._handle = secrets.randbits(64) if handle is None else handle
+        self._handle = _handles.getrandbits(64) if handle is None else handle
         self._view = view
         self._managed = managed
         self._segment = segment
