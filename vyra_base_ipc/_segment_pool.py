@@ -313,7 +313,8 @@ class SegmentPool:
         capacity = size_class(size)
         dropped: list[Segment] = []
         with _lock:
-            self._trim(dropped)
+            # (No idle trim here: the pool's timer does it; a segment idle
+            # but not yet dropped is as good as any.)
             free = self._free.get(capacity)
             if free:
                 segment = free.pop()  # the last returned: its pages are likely in cache
