@@ -122,7 +122,8 @@ def test_descriptors_queue_in_arrival_order_until_a_frame_takes_them() -> None:
     # The descriptors of the second frame arrive with the tail of the first.
     wire = encode_frame(1, 1, 0, b'first') + encode_frame(3, 1, 0x80, b'second')
     assert decoder.feed(wire[:12]) == []
-    frames = decoder.feed(wire[12:], fds=(7, 8))
+    decoder.add_fds((7, 8))  # (a read passes descriptors before its bytes are fed)
+    frames = decoder.feed(wire[12:])
     assert [frame.stream_id for frame in frames] == [1, 3]
     assert decoder.queued_fds == 2
     assert decoder.take_fds(1) == [7]
@@ -131,7 +132,7 @@ def test_descriptors_queue_in_arrival_order_until_a_frame_takes_them() -> None:
 
 def test_taking_more_descriptors_than_arrived_names_both_counts() -> None:
     decoder = FrameDecoder()
-    decoder.feed(b'', fds=(5,))
+    decoder.add_fds((5,))
     with pytest.raises(ValueError, match='announced 2 file descriptors, 1 arrived'):
         decoder.take_fds(2)
     assert decoder.queued_fds == 1

@@ -230,20 +230,13 @@ class FrameDecoder:
 
     def add_fds(self, fds: Sequence[int]) -> None:
         """Queue descriptors that arrived (ahead of the bytes of their
-        frames) for :meth:`take_fds`: what :meth:`feed` does with them, for
-        a read that passed descriptors. The caller must close the connection
+        frames) for :meth:`take_fds`. The caller must close the connection
         once :attr:`queued_fds` exceeds :data:`MAX_QUEUED_FDS`."""
         self._fds.extend(fds)
 
-    def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Union[Frame, OversizedFrame]]:
-        """Add received bytes and the descriptors that came with them;
-        return the frames the bytes complete, in order.
-
-        Descriptors are queued for :meth:`take_fds`; the caller must close
-        the connection once :attr:`queued_fds` exceeds :data:`MAX_QUEUED_FDS`.
-        """
-        if fds:
-            self._fds.extend(fds)
+    def feed(self, data: bytes) -> list[Union[Frame, OversizedFrame]]:
+        """Add received bytes; return the frames they complete, in order
+        (descriptors that came with them go to :meth:`add_fds` first)."""
         buffer = self._buffer
         if not buffer and not self._skip and len(data) >= HEADER_SIZE:
             # The usual read: exactly one whole frame.
