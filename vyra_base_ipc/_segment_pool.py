@@ -474,8 +474,7 @@ _availability: list[str | None] = []
 def start_timer(delay: float, function: Callable[[], None], name: str) -> threading.Timer:
     """A started :class:`threading.Timer` that calls ``function`` after
     ``delay`` seconds in a daemon thread named ``name`` (it never keeps the
-    process alive). The caller's lock, held while it keeps the timer, is what
-    ``function`` takes first: it sees the timer kept."""
+    process alive)."""
     timer = threading.Timer(delay, function)
     timer.name = name
     timer.daemon = True
