@@ -38,7 +38,7 @@ from vyra_base_ipc.cli._stats import lines as stats_lines
 from vyra_base_ipc.introspection_pb2 import StatsRequest
 from vyra_base_ipc.introspection_pb2_grpc import IntrospectionStub
 from vyra_base_ipc.ttrpc import SyncConnection, _segment_link
-from vyra_base_ipc.ttrpc._frames import HEADER, released_ids
+from vyra_base_ipc.ttrpc._frames import HEADER, encode_release, released_ids
 from vyra_base_ipc.ttrpc._segment_link import CACHE_ENTRIES, SegmentLink
 
 KiB = 1024
@@ -695,6 +695,30 @@ def test_a_lend_given_back_wakes_the_event_loop_only_from_another_thread() -> No
         loop.close()
         segment.destroy()
     assert [released_ids(frame[HEADER.size:]) for frame in sent] == [(5,), (6,)]
+
+
+def test_a_buffer_sent_on_to_another_peer_keeps_its_lend_but_one_sent_back_to_its_owner_does_not() -> None:
+    # Sent on, the owner must not write the segment before the other peer
+    # gave it back; sent back, the owner reads it through its own mapping.
+    segment = new_segment(64)  # the peer's, as far as the links know
+    from_owner, to_other = SegmentLink(), SegmentLink()
+    try:
+        view = from_owner.receive(segment.fd, 64, 5, 0, 'a buffer to send on')
+        on = to_other.lend(view)
+        del view
+        assert from_owner.release_frame() == b''  # held for the other peer
+        assert to_other.released(encode_release([on])[HEADER.size:]) is None
+        assert released_ids(from_owner.release_frame()[HEADER.size:]) == (5,)
+
+        view = from_owner.receive(segment.fd, 64, 6, 0, 'a buffer to send back')
+        assert from_owner.lend(view)
+        del view
+        assert released_ids(from_owner.release_frame()[HEADER.size:]) == (6,)
+        assert from_owner.outstanding == 1  # until the owner gives that one back
+    finally:
+        from_owner.close()
+        to_other.close()
+        segment.destroy()
 
 
 @pytest.mark.parametrize('attached', [False, True], ids=['blocking-client', 'event-loop'])

@@ -118,6 +118,9 @@ class _Lent:
 
 _VIEW_TYPES: dict[int, Any] = {}
 
+#: What a lend of the peer's own segment back to it holds (see SegmentLink.lend()).
+_NOT_HELD = object()
+
 
 def _view_type(capacity: int) -> Any:
     # One type per size class (a bounded set: capacities are checked to be one).
@@ -181,9 +184,24 @@ class SegmentLink:
     def lend(self, backing: object) -> int:
         """Lend ``backing`` to the peer: a :class:`Segment` (whose use the
         lend takes over: given back with ``unuse()``; the peer hears when it
-        is destroyed), or an object to keep alive until the peer gives the
-        lend back. Returns the lend id; 0 if the connection is closed (the
-        backing is given back at once, and the frame will not leave)."""
+        is destroyed), a view of a lend from the peer (its buffer going back
+        to it: not held, see below), or an object to keep alive until the
+        peer gives the lend back. Returns the lend id; 0 if the connection
+        is closed (the backing is given back at once, and the frame will not
+        leave).
+
+        A buffer lent back to the peer that owns its segment is read there
+        through the owner's own mapping, which that view keeps from being
+        written (:meth:`receive`): this end need not hold it, and its own
+        lend of it ends with its views, as any other. Held until the peer
+        gave the new lend back, it would keep the peer's lend, and segment,
+        one call longer (an answer with the request's buffer: the owner's
+        next call would take another segment while this one waits for its
+        RELEASE). The caller holds a view until the frame is written, so the
+        peer reads this lend before the RELEASE of its own.
+        """
+        if isinstance(backing, memoryview) and self._is_from_peer(backing):
+            backing = _NOT_HELD
         with self._lock:
             if not self._closed:
                 lend_id = self._next_lend
@@ -199,6 +217,10 @@ class SegmentLink:
                 return lend_id
         _give_back(backing)
         return 0
+
+    def _is_from_peer(self, view: memoryview) -> bool:
+        # A view made by receive() on this link: its lend's release is ours.
+        return getattr(view.obj, '_release', None) == self._return
 
     def forget(self, segment_id: int) -> None:
         """One of this end's segments is gone: the peer may unmap it (sent
