@@ -30,6 +30,7 @@ from vyra_base_ipc import (
     SharedMemoryOptions,
     SyncIPCHandler,
     configure_shared_memory_pool,
+    shared_buffer,
     ttrpc_pb2,
 )
 from vyra_base_ipc._methods import stub_methods
@@ -603,6 +604,49 @@ def test_an_answer_with_the_requests_own_buffer_is_read_through_the_owners_mappi
             del view, reply, received
         link = connection._core.agreement.segments
         assert link is not None and link.stats['mapped'] == 0
+
+
+@pytest.mark.parametrize('kind', ['sync', 'async'])
+def test_an_answer_with_the_requests_buffer_brings_its_lend_back_so_the_next_call_takes_the_same_segment(
+        kind: str, echo: Any, pool_server: ServerProcess, own_pool: SegmentPool) -> None:
+    # The server used to hold the request's lend until the client gave the
+    # answer's back: a loop's next call then took another segment while the
+    # last one waited for its RELEASE (two segments in turn, twice the cache).
+    size, calls = 2 * MiB, 10
+    options = {'lane': 'ttrpc', 'shared_memory': OPTIONS, 'timeout': LONG}
+    before = dict(own_pool.stats)
+    free_after_each: list[int] = []
+
+    def prepare(number: int) -> SharedBuffer:
+        buffer = SharedBuffer.allocate(size)
+        buffer.view()[0] = number
+        return buffer
+
+    def read(number: int, reply: Any, received: Any) -> None:
+        view = shared_buffer(reply.data, received)
+        assert len(view) == size and view[0] == number
+
+    if kind == 'sync':
+        with SyncIPCHandler(pool_server.socket_path, echo.Stub, **options) as handler:
+            for number in range(calls):
+                with prepare(number) as buffer:
+                    read(number, *handler.call_method('Mirror', echo.pb.MirrorRequest(data=buffer.ref),
+                                                      buffers=[buffer], return_buffers=True))
+                # Back in the pool with no other call to read a RELEASE frame.
+                free_after_each.append(own_pool.free_bytes)
+    else:
+        async def loop() -> None:
+            async with IPCHandler(pool_server.socket_path, echo.Stub, **options) as handler:
+                for number in range(calls):
+                    with prepare(number) as buffer:
+                        read(number, *await handler.call_method(
+                            'Mirror', echo.pb.MirrorRequest(data=buffer.ref), buffers=[buffer],
+                            return_buffers=True))
+                    free_after_each.append(own_pool.free_bytes)
+        asyncio.run(loop())
+    assert free_after_each == [size_class(size)] * calls
+    assert own_pool.stats['created'] - before['created'] == 1
+    assert own_pool.stats['reused'] - before['reused'] == calls - 1
 
 
 class Returner(PoolPeer):

@@ -88,7 +88,9 @@ def _wake(waiter: asyncio.Future[None]) -> None:
 def _deliver(target: Any, item: Item) -> None:
     if target.__class__ is _AsyncStream:
         target.push(item)
-    elif not target.done():
+    elif target.__class__ is _Unary:
+        target.deliver(item)
+    elif not target.done():  # the Hello's future
         target.set_result(item)
 
 
@@ -105,7 +107,7 @@ class _ClientProtocol(FramedConnection):
         self.accepts_fds = shared_memory is not None
         #: Why the connection is unusable (closed, lost), else None.
         self.error: IPCUnavailableError | None = None
-        self.deadlines: DeadlineQueue[_Pending] = DeadlineQueue(self.loop, _ended, _expire)
+        self.deadlines: DeadlineQueue[_Unary] = DeadlineQueue(self.loop, _ended, _expire)
 
     def in_flight(self) -> int:
         return len(self.core.streams)
@@ -359,21 +361,18 @@ class AsyncConnection:
                 if item is None:
                     raise timeout_error(method)
                 return unary_response(method, self.max_message_bytes, item, return_buffers)
-            future: asyncio.Future[Item] = loop.create_future()
-            stream_id = protocol.open(future, prepared)
-            pending = None
+            future: asyncio.Future[None] = loop.create_future()
+            unary = _Unary(future)
+            stream_id = protocol.open(unary, prepared)
             if deadline is not None:
-                pending = _Pending(future)
-                protocol.deadlines.add(loop.time() + deadline.remaining(), pending, method)
+                protocol.deadlines.add(loop.time() + deadline.remaining(), unary, method)
             try:
-                item = await await_polling(protocol.busy_poll, future)
+                await await_polling(protocol.busy_poll, future)
             finally:
                 protocol.finish(stream_id)
-                if pending is not None:
-                    # The queue drops it lazily: it must not keep the answer
-                    # (which may map shared memory) until the deadline.
-                    pending.future = None
-            return unary_response(method, self.max_message_bytes, item, return_buffers)
+                answer = unary.take()
+            assert answer is not None  # the future is done only by deliver()
+            return unary_response(method, self.max_message_bytes, answer, return_buffers)
         except IPCError as error:
             # One error object fails every call of a broken connection: name this call.
             raise error.for_method(method.path) from None
@@ -476,20 +475,36 @@ async def _messages(requests: Any) -> AsyncIterator[Any]:
             yield message
 
 
-class _Pending:
-    """A unary call's entry in the deadline queue, let go of when it ends."""
+class _Unary:
+    """A unary call waiting for its answer, and its entry in the deadline
+    queue. The answer is kept here for the caller to :meth:`take`, not as
+    the future's result: the loop's handle that resumes the caller holds the
+    future until the caller next suspends, and an answer in shared memory
+    held that long would keep its segment from the caller's next call."""
 
-    __slots__ = ('future',)
+    __slots__ = ('future', 'item')
 
-    def __init__(self, future: asyncio.Future[Item]) -> None:
-        self.future: asyncio.Future[Item] | None = future
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.future: asyncio.Future[None] | None = future
+        self.item: Item | None = None
+
+    def deliver(self, item: Item) -> None:
+        """The call's answer or error (the first one counts)."""
+        future = self.future
+        if future is not None and not future.done():
+            self.item = item
+            future.set_result(None)
+
+    def take(self) -> Item | None:
+        """The answer, if it came (``None`` if not); let go of everything:
+        the deadline queue drops this entry lazily."""
+        item, self.item, self.future = self.item, None, None
+        return item
 
 
-def _ended(pending: _Pending) -> bool:
-    return pending.future is None or pending.future.done()
+def _ended(unary: _Unary) -> bool:
+    return unary.future is None or unary.future.done()
 
 
-def _expire(pending: _Pending, method: Method) -> None:
-    future = pending.future
-    if future is not None and not future.done():
-        future.set_result(timeout_error(method))
+def _expire(unary: _Unary, method: Method) -> None:
+    unary.deliver(timeout_error(method))

@@ -54,6 +54,9 @@ class FramedConnection(asyncio.Protocol):
         #: True while data_received handles a read of several frames: sends
         #: then wait for its end.
         self.receiving = False
+        #: True while data_received handles any read: frames that pass
+        #: descriptors wait for its end (see send()).
+        self.reading = False
         #: Bytes of written frames the peer may leave unread before the
         #: connection is closed (None: no limit, the client's case).
         self.queue_limit: int | None = None
@@ -112,6 +115,10 @@ class FramedConnection(asyncio.Protocol):
             self.violation(f'more than {MAX_QUEUED_FDS} file descriptors not claimed by any frame')
 
     def data_received(self, data: bytes) -> None:
+        segments = self.agreement.segments
+        if segments is not None:
+            segments.held = True
+        self.reading = True
         try:
             items = self.decoder.feed(data)
             # The answers to the frames of one read leave in one write. A
@@ -128,7 +135,14 @@ class FramedConnection(asyncio.Protocol):
             self._pending.clear()
             self.violation('out of memory while receiving its frames')
         finally:
-            self.receiving = False
+            self.receiving = self.reading = False
+            segments = self.agreement.segments  # (maybe agreed by a Hello in this read)
+            if segments is not None:
+                # Lends the read's calls gave back: with their answers.
+                segments.held = False
+                releases = segments.release_frame()
+                if releases:
+                    self.send(releases)
             if self._pending:
                 self._flush()
 
@@ -169,9 +183,13 @@ class FramedConnection(asyncio.Protocol):
         the end of this turn of the event loop (or until 64 KiB gathered) and
         leave in one write: a send on a Unix socket costs about as much as
         handling a small call, so 64 answers in one write instead of 64 is
-        most of the throughput of concurrent calls.
+        most of the throughput of concurrent calls. A frame that passes
+        descriptors, sent while a read is handled, also waits for the read's
+        end: the RELEASE of the lends its call gave back leaves in the same
+        write (an answer with the request's buffer: the client reads both
+        and may use the segment again for its next call at once).
         """
-        if self.receiving or self.in_flight() > 1:
+        if self.receiving or self.in_flight() > 1 or (fds and self.reading):
             self._pending.append(frame)
             self._pending_bytes += len(frame)
             if fds:
@@ -180,7 +198,7 @@ class FramedConnection(asyncio.Protocol):
                 self._pending_fds.extend(fds)
             if self._pending_bytes >= BATCH_BYTES or len(self._pending_fds) >= MAX_BATCH_FDS:
                 self._flush()  # a full batch: the transport's flow control takes over
-            elif not self.receiving and not self._flush_scheduled:
+            elif not self.reading and not self._flush_scheduled:
                 self._flush_scheduled = True
                 self.loop.call_soon(self._flush)
         elif self._pending:

@@ -161,11 +161,14 @@ class SegmentLink:
         self._watched: set[int] = set()
         self._releases: collections.deque[int] = collections.deque()
         self._wake: Callable[[], None] | None = None
-        self._flush: Callable[[], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # The pending expiry of idle mappings, if any (see _expire_later()).
         self._expiry: asyncio.TimerHandle | threading.Timer | None = None
         self._scheduled = False
+        #: Set by the connection while it handles a read on the loop: lends
+        #: given back meanwhile do not wake the loop, the connection sends
+        #: :meth:`release_frame` at the read's end, with its answers.
+        self.held = False
         self.stats = {'lent': 0, 'released': 0, 'mapped': 0, 'reused': 0, 'returned': 0}
 
     # -- this end's segments, lent --------------------------------------------------------
@@ -238,7 +241,8 @@ class SegmentLink:
         the peer that are gone (ids with :data:`FORGET_BIT`: their mappings
         are dropped). Lends of the peer's segments that this end held only
         for the lends given back go back at once (when attached to a loop:
-        this runs on it, inside the read that brought the frame). Returns
+        this runs inside the read that brought the frame, and they leave
+        at its end). Returns
         why the connection must close (malformed, or naming lends it does
         not hold), else ``None``."""
         ids = released_ids(data)
@@ -251,17 +255,7 @@ class SegmentLink:
                     if segment_id & FORGET_BIT:
                         # Unmapped now unless a view still refers to it.
                         self._mappings.pop(segment_id & ~FORGET_BIT, None)
-        flush = self._flush
-        if flush is not None:
-            # Lends of the peer's segments this end held only for these
-            # (buffers sent on) go back in the same batch as what follows,
-            # by the flush() below: no wakeup for them (see _queue()).
-            self._scheduled = True
-        try:
-            unknown = self._give_back(lend_ids)
-        finally:
-            if flush is not None:
-                flush()
+        unknown = self._give_back(lend_ids)
         if unknown:
             return f'RELEASE of segments not lent to the peer (lend ids {", ".join(map(str, unknown[:5]))})'
         return None
@@ -413,7 +407,7 @@ class SegmentLink:
             return  # the peer is gone: nobody to tell
         self._releases.append(entry)
         wake = self._wake
-        if wake is not None and not self._scheduled:
+        if wake is not None and not self._scheduled and not self.held:
             self._scheduled = True
             wake()
 
@@ -440,9 +434,8 @@ class SegmentLink:
 
     def attach(self, loop: asyncio.AbstractEventLoop, send: Callable[[bytes], None]) -> None:
         """Send RELEASE frames from ``loop`` with ``send`` (on the loop's
-        thread), soon after lends are given back; at once when they were
-        given back while handling a RELEASE frame (:meth:`released`, called
-        on the loop)."""
+        thread), soon after lends are given back (those given back while the
+        connection handles a read leave at its end, with its answers)."""
 
         def flush() -> None:
             self._scheduled = False
@@ -468,7 +461,6 @@ class SegmentLink:
                 pass
 
         self._wake = wake
-        self._flush = flush
         self._loop = loop
 
     # -- the end ------------------------------------------------------------------------
@@ -487,7 +479,7 @@ class SegmentLink:
             expiry, self._expiry = self._expiry, None
         if expiry is not None:
             expiry.cancel()
-        self._wake = self._flush = None
+        self._wake = None
         self._releases.clear()
         for backing in lent.values():
             _give_back(backing)
