@@ -649,6 +649,26 @@ def test_an_answer_with_the_requests_buffer_brings_its_lend_back_so_the_next_cal
     assert own_pool.stats['reused'] - before['reused'] == calls - 1
 
 
+def test_a_large_request_is_given_back_with_its_answer(
+        echo: Any, pool_server: ServerProcess, own_pool: SegmentPool) -> None:
+    # The server parses a request from the client's segment before its
+    # handler runs; the RELEASE leaves in the same write as the answer of a
+    # handler that answers at once, so the blocking client, which reads only
+    # while it waits for an answer, has its segment back when the call returns.
+    method = stub_methods(echo.Stub)['Echo']
+    payload = os.urandom(256 * KiB)
+    capacity = size_class(echo.pb.EchoRequest(payload=payload).ByteSize())
+    before = dict(own_pool.stats)
+    free_after_each: list[int] = []
+    with SyncConnection.connect(pool_server.ttrpc_path, shared_memory=OPTIONS) as connection:
+        for _ in range(5):
+            reply = connection.call(method, echo.pb.EchoRequest(payload=payload), timeout=LONG)
+            assert reply.payload == payload
+            free_after_each.append(own_pool.free_bytes)
+    assert free_after_each == [capacity] * 5
+    assert own_pool.stats['created'] - before['created'] == 1
+
+
 class Returner(PoolPeer):
     """A server that gives back the lend of a request's segment at once and
     then lends that very segment back to the client as its answer (it kept
