@@ -54,9 +54,9 @@ class FramedConnection(asyncio.Protocol):
         #: True while data_received handles a read of several frames: sends
         #: then wait for its end.
         self.receiving = False
-        #: True while data_received handles any read: frames that pass
-        #: descriptors wait for its end (see send()).
-        self.reading = False
+        #: True between hold() and release(): frames that pass descriptors
+        #: wait for release() (see send()).
+        self.holding = False
         #: Bytes of written frames the peer may leave unread before the
         #: connection is closed (None: no limit, the client's case).
         self.queue_limit: int | None = None
@@ -114,11 +114,33 @@ class FramedConnection(asyncio.Protocol):
         elif self.decoder.queued_fds > MAX_QUEUED_FDS:
             self.violation(f'more than {MAX_QUEUED_FDS} file descriptors not claimed by any frame')
 
-    def data_received(self, data: bytes) -> None:
+    def hold(self) -> None:
+        """Until :meth:`release`, frames that pass descriptors (answers in
+        shared memory) wait, and lends given back do not wake the loop: at
+        :meth:`release` both leave in one write, so that a peer reading an
+        answer also reads the RELEASE of the lends its call had made (an
+        answer with the request's buffer: the client may use that segment
+        again for its next call at once). On the loop's thread; around the
+        handling of a read, and of a ``def`` handler's return."""
         segments = self.agreement.segments
         if segments is not None:
             segments.held = True
-        self.reading = True
+        self.holding = True
+
+    def release(self) -> None:
+        """Send what :meth:`hold` kept, and the frames batched meanwhile."""
+        self.receiving = self.holding = False
+        segments = self.agreement.segments  # (maybe agreed by a Hello meanwhile)
+        if segments is not None:
+            segments.held = False
+            releases = segments.release_frame()
+            if releases:
+                self.send(releases)
+        if self._pending:
+            self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        self.hold()
         try:
             items = self.decoder.feed(data)
             # The answers to the frames of one read leave in one write. A
@@ -135,16 +157,7 @@ class FramedConnection(asyncio.Protocol):
             self._pending.clear()
             self.violation('out of memory while receiving its frames')
         finally:
-            self.receiving = self.reading = False
-            segments = self.agreement.segments  # (maybe agreed by a Hello in this read)
-            if segments is not None:
-                # Lends the read's calls gave back: with their answers.
-                segments.held = False
-                releases = segments.release_frame()
-                if releases:
-                    self.send(releases)
-            if self._pending:
-                self._flush()
+            self.release()
 
     def eof_received(self) -> bool:
         return False  # half-closed by the peer: close (in-flight calls end)
@@ -184,12 +197,10 @@ class FramedConnection(asyncio.Protocol):
         leave in one write: a send on a Unix socket costs about as much as
         handling a small call, so 64 answers in one write instead of 64 is
         most of the throughput of concurrent calls. A frame that passes
-        descriptors, sent while a read is handled, also waits for the read's
-        end: the RELEASE of the lends its call gave back leaves in the same
-        write (an answer with the request's buffer: the client reads both
-        and may use the segment again for its next call at once).
+        descriptors waits, while the connection is held, for its release
+        (:meth:`hold`).
         """
-        if self.receiving or self.in_flight() > 1 or (fds and self.reading):
+        if self.receiving or self.in_flight() > 1 or (fds and self.holding):
             self._pending.append(frame)
             self._pending_bytes += len(frame)
             if fds:
@@ -198,7 +209,7 @@ class FramedConnection(asyncio.Protocol):
                 self._pending_fds.extend(fds)
             if self._pending_bytes >= BATCH_BYTES or len(self._pending_fds) >= MAX_BATCH_FDS:
                 self._flush()  # a full batch: the transport's flow control takes over
-            elif not self.reading and not self._flush_scheduled:
+            elif not self.holding and not self._flush_scheduled:
                 self._flush_scheduled = True
                 self.loop.call_soon(self._flush)
         elif self._pending:

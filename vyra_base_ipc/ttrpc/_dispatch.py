@@ -389,8 +389,15 @@ class Call:
         code, details, payload = answer
         if payload is None:
             self._end_stream()
-        else:
+            return
+        # As for an async handler's answer inside the read that brought its
+        # request: the RELEASE of the request's lends leaves with it.
+        connection = self.connection
+        connection.hold()
+        try:
             self.answer(code, details, payload)
+        finally:
+            connection.release()
 
     # -- answers ----------------------------------------------------------------------
 
