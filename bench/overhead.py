@@ -86,10 +86,30 @@ def _report(latencies: dict[str, list[int]], walls: dict[str, int]) -> dict[str,
 
 
 def round_order(variants: Sequence[str], round_index: int) -> list[str]:
-    """The order of the variants' blocks in round ``round_index``: rotated
-    each round, so that none always goes first or follows the same one."""
-    shift = round_index % len(variants)
-    return [*variants[shift:], *variants[:shift]]
+    """The order of the variants' blocks in round ``round_index``: the rows
+    of a balanced Latin square (Williams), one per round, so that over
+    ``n`` rounds (``2n`` for an odd number of variants) each variant goes
+    first as often as any other and follows each other variant equally
+    often. What a block measures depends on what ran before it (caches,
+    pages, a peer's threads); a plain rotation would keep every variant
+    behind the same one in every round."""
+    count = len(variants)
+    if count < 2:
+        return list(variants)
+    # First row 0, 1, n-1, 2, n-2, ...; the others add the row's number.
+    first = [0]
+    low, high = 1, count - 1
+    while len(first) < count:
+        first.append(low)
+        low += 1
+        if len(first) < count:
+            first.append(high)
+            high -= 1
+    row = round_index % (2 * count if count % 2 else count)
+    order = [variants[(index + row) % count] for index in first]
+    if row >= count:  # an odd number: the second square is the first one mirrored
+        order.reverse()
+    return order
 
 
 def _measure_sync(drivers: dict[str, Any], rounds: int, block: int, warmup: int) -> dict[str, Any]:

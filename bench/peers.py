@@ -1,6 +1,6 @@
 """Peers side by side: what a Python robotics developer would use instead
 of this package, against its clients and the plain-socket floor, interleaved
-in rotating rounds, with the CPU time both sides spend per call.
+in rounds, with the CPU time both sides spend per call.
 
 Two parts, each one client process (``python -m bench.peers SPEC``) holding
 one client of every variant:
@@ -18,8 +18,9 @@ one client of every variant:
 
 Every variant's server is a process of its own (:mod:`bench.servers`,
 :mod:`bench.peer_servers`), up for the whole run. In round ``r`` the variants
-run one block of calls each in :func:`bench.overhead.round_order` (rotated
-every round), as the overhead and busy-poll sections do, so that a noisy
+run one block of calls each in :func:`bench.overhead.round_order` (an order
+that changes every round: each variant follows each other one equally
+often), as the overhead and busy-poll sections do, so that a noisy
 neighbour slows all of them alike. CPU per call (:class:`bench.tally.Tally`):
 the client's is this process's time over the variant's blocks (all threads:
 pyzmq's I/O thread and zenoh's runtime are in it), the server's is its

@@ -4,6 +4,7 @@ the numbers of a smoke run mean nothing."""
 
 from __future__ import annotations
 
+from collections import Counter
 import importlib.util
 import json
 import os
@@ -263,6 +264,21 @@ def test_a_peer_that_is_not_installed_is_skipped_with_the_package_to_install(mon
         assert set(reasons) == {key for key, module in variants.items() if module is not None}
         assert reasons[next(key for key in reasons if key.startswith('zmq'))] == \
             'not installed: zmq (pip install pyzmq)'
+
+
+@pytest.mark.parametrize('count', range(2, 10))
+def test_rounds_put_each_variant_first_and_behind_each_other_equally_often(count: int) -> None:
+    # A block's numbers depend on the block before it (caches, pages): a
+    # plain rotation kept every variant behind the same one in every round.
+    from bench.overhead import round_order
+
+    variants = [f'v{index}' for index in range(count)]
+    rounds = [round_order(variants, index) for index in range(2 * count if count % 2 else count)]
+    assert all(sorted(order) == variants for order in rounds)
+    firsts = Counter(order[0] for order in rounds)
+    neighbours = Counter(pair for order in rounds for pair in zip(order[:-1], order[1:], strict=True))
+    assert set(firsts) == set(variants) and len(set(firsts.values())) == 1
+    assert len(neighbours) == count * (count - 1) and len(set(neighbours.values())) == 1
 
 
 def test_keep_freed_memory_option_sets_what_keep_freed_memory_sets() -> None:
