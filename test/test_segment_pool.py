@@ -34,13 +34,13 @@ from vyra_base_ipc import (
     ttrpc_pb2,
 )
 from vyra_base_ipc._methods import stub_methods
-from vyra_base_ipc._segment_pool import SegmentPool, new_segment, segment_pool, size_class
+from vyra_base_ipc._segment_pool import MIN_SEGMENT_BYTES, SegmentPool, new_segment, segment_pool, size_class
 from vyra_base_ipc.cli._stats import lines as stats_lines
 from vyra_base_ipc.introspection_pb2 import StatsRequest
 from vyra_base_ipc.introspection_pb2_grpc import IntrospectionStub
 from vyra_base_ipc.ttrpc import SyncConnection, _segment_link
 from vyra_base_ipc.ttrpc._frames import HEADER, encode_release, released_ids
-from vyra_base_ipc.ttrpc._segment_link import CACHE_ENTRIES, SegmentLink
+from vyra_base_ipc.ttrpc._segment_link import CACHE_ENTRIES, MAX_LENDS, SegmentLink
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -390,6 +390,50 @@ def test_a_forged_lent_segment_is_refused_and_the_connection_serves_on(
     finally:
         os.close(fd)
         peer.close()
+
+
+def test_a_client_that_never_gives_back_what_it_is_lent_gets_copies_once_it_holds_too_many_lends(
+        echo: Any, pool_server: ServerProcess) -> None:
+    # Mirror lends the client's buffer back with every answer. A client that
+    # never gives those lends back must not grow the server's table of them
+    # without a bound: past MAX_LENDS it is answered with copies in one-shot
+    # memfds (sealed against writes), and the server serves on.
+    size = MIN_SEGMENT_BYTES
+    fd = os.memfd_create('hoarded', os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, 1033, 0x0002 | 0x0004 | SEAL_FUTURE_WRITE)  # F_ADD_SEALS as a pooled segment
+    calls = MAX_LENDS + 4
+    lends, seals = [], []
+    peer = Peer.connect(pool_server.ttrpc_path)
+    try:
+        peer.request(1, *HELLO, ttrpc_pb2.Hello(shared_memory=True, segment_pool=True).SerializeToString())
+        peer.answer(1)
+        for call in range(calls):
+            stream_id, handle = 3 + 2 * call, call + 1
+            request = echo.pb.MirrorRequest()
+            request.data.handle, request.data.size = handle, size
+            manifest = ttrpc_pb2.SharedMemoryManifest(payload=request.SerializeToString())
+            manifest.buffers.add(handle=handle, size=size, lend=call + 1, segment=1)
+            envelope = ttrpc_pb2.Request(service='vyra.ipc.test.EchoService', method='Mirror',
+                                         payload=manifest.SerializeToString()).SerializeToString()
+            peer.send_raw(frame_bytes(stream_id, REQUEST, SHARED, envelope), [fd])
+            while (frame := peer.read_frame()).type != RESPONSE:  # the server's RELEASE frames
+                assert frame.type == RELEASE
+            assert frame.stream_id == stream_id
+            reply = ttrpc_pb2.SharedMemoryManifest.FromString(ttrpc_pb2.Response.FromString(frame.data).payload)
+            lends.append(reply.buffers[0].lend)
+            if call >= calls - 8:
+                seals.append(fcntl.fcntl(frame.fds[0], F_GET_SEALS))
+            for received in frame.fds:
+                os.close(received)
+        assert all(lends[:MAX_LENDS]) and not any(lends[MAX_LENDS:])
+        assert [bool(seal & SEAL_WRITE) for seal in seals] == [False] * 4 + [True] * 4
+    finally:
+        peer.close()
+        os.close(fd)
+    with SyncIPCHandler(pool_server.socket_path, echo.Stub, lane='ttrpc', shared_memory=OPTIONS,
+                        timeout=LONG) as handler:
+        assert handler.call_method('Echo', echo.pb.EchoRequest(text='still here')).text == 'still here'
 
 
 # == the pool itself =============================================================================

@@ -256,10 +256,11 @@ class SharedBuffer:
     def lend_to(self, link: SegmentLink | None) -> tuple[int, int, int]:
         """How this buffer goes with a message: ``(descriptor, lend id,
         segment id)`` (zeros where it is not lent, or not from this
-        process's pool). Freezes it. Pooled memory is lent on ``link`` (the connection's, if
-        it agreed on pooled segments; the lend holds it); where it was not
-        agreed, a new sealed memfd holds a copy (an older peer accepts only
-        those). The caller owns the descriptor.
+        process's pool). Freezes it. Pooled memory is lent on ``link`` (the
+        connection's, if it agreed on pooled segments; the lend holds it);
+        where it was not agreed (an older peer accepts only those), or the
+        peer holds all the lends it may (:meth:`SegmentLink.may_lend`), a
+        new sealed memfd holds a copy. The caller owns the descriptor.
 
         :raises ValueError: the buffer is closed.
         :raises SharedMemoryError: no memfd could be made for the copy.
@@ -269,12 +270,13 @@ class SharedBuffer:
         segment = self._segment
         if segment is None and not self._lent:
             return os.dup(fd), 0, 0
-        if link is None:
-            return seal_bytes(self.view(), 'vyra-ipc-buffer'), 0, 0
-        if segment is not None:
-            segment.use()
-            return os.dup(segment.fd), link.lend(segment), segment.id
-        return os.dup(fd), link.lend(self._view), 0  # keeps this end's lend from its owner
+        if link is not None and segment is not None:
+            if link.may_lend(segment.capacity, segment_pool().max_bytes):
+                segment.use()
+                return os.dup(segment.fd), link.lend(segment), segment.id
+        elif link is not None and link.may_lend():
+            return os.dup(fd), link.lend(self._view), 0  # keeps this end's lend from its owner
+        return seal_bytes(self.view(), 'vyra-ipc-buffer'), 0, 0
 
     def close(self) -> None:
         """Close this process's descriptor and let go of its mapping;

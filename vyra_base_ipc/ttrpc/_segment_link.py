@@ -47,7 +47,7 @@ from .._payload import SharedMemoryError, check_sealed
 from .._segment_pool import Segment, own_segment, size_class, start_timer
 from ._frames import FORGET_BIT, encode_release, released_ids
 
-__all__ = ['CACHE_ENTRIES', 'CACHE_IDLE_SECONDS', 'LEND_SHARE', 'SegmentLink']
+__all__ = ['CACHE_ENTRIES', 'CACHE_IDLE_SECONDS', 'LEND_SHARE', 'MAX_LENDS', 'SegmentLink']
 
 #: Segments of the peer a connection keeps mapped (the least recently used
 #: mapping goes first); views still referenced keep theirs.
@@ -64,6 +64,10 @@ _IDS_PER_FRAME = 8192
 #: then gets new memfds once it holds its share, and cannot take the pool
 #: from every other connection.
 LEND_SHARE = 4
+#: The lends one connection's peer may hold at once, whatever they are: a
+#: peer that never gives back gets copies in one-shot memfds past it (its
+#: lends of this end's segments are bounded by LEND_SHARE first).
+MAX_LENDS = 4096
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _mmap = _libc.mmap
@@ -178,11 +182,15 @@ class SegmentLink:
         """Lends of this end the peer has not given back."""
         return len(self._lent)
 
-    def may_lend(self, size: int, pool_bytes: int) -> bool:
-        """Whether a pooled segment of ``size`` bytes may be lent on this
-        connection: its lends held by the peer stay within 1/:data:`LEND_SHARE`
-        of ``pool_bytes``, the pool's bound."""
-        return self._lent_bytes + size <= pool_bytes // LEND_SHARE
+    def may_lend(self, size: int = 0, pool_bytes: int | None = None) -> bool:
+        """Whether one more lend may go to the peer: it holds fewer than
+        :data:`MAX_LENDS`, and, for a pooled segment of ``size`` bytes of a
+        pool bounded by ``pool_bytes``, its lends of this end's segments stay
+        within 1/:data:`LEND_SHARE` of that bound. Else the caller sends a
+        copy in a one-shot memfd."""
+        if len(self._lent) >= MAX_LENDS:
+            return False
+        return pool_bytes is None or self._lent_bytes + size <= pool_bytes // LEND_SHARE
 
     def lend(self, backing: object) -> int:
         """Lend ``backing`` to the peer: a :class:`Segment` (whose use the
