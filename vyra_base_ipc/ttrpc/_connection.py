@@ -54,8 +54,8 @@ class FramedConnection(asyncio.Protocol):
         #: True while data_received handles a read of several frames: sends
         #: then wait for its end.
         self.receiving = False
-        #: True between hold() and release(): frames that pass descriptors
-        #: wait for release() (see send()).
+        #: True between hold() and flush_held(): frames that pass descriptors
+        #: wait for flush_held() (see send()).
         self.holding = False
         #: Bytes of written frames the peer may leave unread before the
         #: connection is closed (None: no limit, the client's case).
@@ -115,9 +115,9 @@ class FramedConnection(asyncio.Protocol):
             self.violation(f'more than {MAX_QUEUED_FDS} file descriptors not claimed by any frame')
 
     def hold(self) -> None:
-        """Until :meth:`release`, frames that pass descriptors (answers in
+        """Until :meth:`flush_held`, frames that pass descriptors (answers in
         shared memory) wait, and lends given back do not wake the loop: at
-        :meth:`release` both leave in one write, so that a peer reading an
+        :meth:`flush_held` both leave in one write, so that a peer reading an
         answer also reads the RELEASE of the lends its call had made (an
         answer with the request's buffer: the client may use that segment
         again for its next call at once). On the loop's thread; around the
@@ -127,7 +127,7 @@ class FramedConnection(asyncio.Protocol):
             segments.held = True
         self.holding = True
 
-    def release(self) -> None:
+    def flush_held(self) -> None:
         """Send what :meth:`hold` kept, and the frames batched meanwhile."""
         self.receiving = self.holding = False
         segments = self.agreement.segments  # (maybe agreed by a Hello meanwhile)
@@ -157,7 +157,7 @@ class FramedConnection(asyncio.Protocol):
             self._pending.clear()
             self.violation('out of memory while receiving its frames')
         finally:
-            self.release()
+            self.flush_held()
 
     def eof_received(self) -> bool:
         return False  # half-closed by the peer: close (in-flight calls end)
@@ -197,8 +197,8 @@ class FramedConnection(asyncio.Protocol):
         leave in one write: a send on a Unix socket costs about as much as
         handling a small call, so 64 answers in one write instead of 64 is
         most of the throughput of concurrent calls. A frame that passes
-        descriptors waits, while the connection is held, for its release
-        (:meth:`hold`).
+        descriptors waits, between :meth:`hold` and :meth:`flush_held`, for
+        the latter.
         """
         if self.receiving or self.in_flight() > 1 or (fds and self.holding):
             self._pending.append(frame)

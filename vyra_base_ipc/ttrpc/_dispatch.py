@@ -397,7 +397,7 @@ class Call:
         try:
             self.answer(code, details, payload)
         finally:
-            connection.release()
+            connection.flush_held()
 
     # -- answers ----------------------------------------------------------------------
 
