@@ -650,10 +650,12 @@ def test_an_answer_with_the_requests_own_buffer_is_read_through_the_owners_mappi
         assert link is not None and link.stats['mapped'] == 0
 
 
-@pytest.mark.parametrize('method', ['Mirror', 'MirrorSync'])  # async def, def
+@pytest.mark.parametrize('method, later', [('Mirror', False), ('Mirror', True), ('MirrorSync', False)],
+                         ids=['async-def', 'async-def-awaiting', 'def'])
 @pytest.mark.parametrize('kind', ['sync', 'async'])
 def test_an_answer_with_the_requests_buffer_brings_its_lend_back_so_the_next_call_takes_the_same_segment(
-        kind: str, method: str, echo: Any, pool_server: ServerProcess, own_pool: SegmentPool) -> None:
+        kind: str, method: str, later: bool, echo: Any, pool_server: ServerProcess,
+        own_pool: SegmentPool) -> None:
     # The server used to hold the request's lend until the client gave the
     # answer's back: a loop's next call then took another segment while the
     # last one waited for its RELEASE (two segments in turn, twice the cache).
@@ -675,7 +677,7 @@ def test_an_answer_with_the_requests_buffer_brings_its_lend_back_so_the_next_cal
         with SyncIPCHandler(pool_server.socket_path, echo.Stub, **options) as handler:
             for number in range(calls):
                 with prepare(number) as buffer:
-                    read(number, *handler.call_method(method, echo.pb.MirrorRequest(data=buffer.ref),
+                    read(number, *handler.call_method(method, echo.pb.MirrorRequest(data=buffer.ref, later=later),
                                                       buffers=[buffer], return_buffers=True))
                 # Back in the pool with no other call to read a RELEASE frame.
                 free_after_each.append(own_pool.free_bytes)
@@ -685,7 +687,7 @@ def test_an_answer_with_the_requests_buffer_brings_its_lend_back_so_the_next_cal
                 for number in range(calls):
                     with prepare(number) as buffer:
                         read(number, *await handler.call_method(
-                            method, echo.pb.MirrorRequest(data=buffer.ref), buffers=[buffer],
+                            method, echo.pb.MirrorRequest(data=buffer.ref, later=later), buffers=[buffer],
                             return_buffers=True))
                     free_after_each.append(own_pool.free_bytes)
         asyncio.run(loop())

@@ -90,6 +90,8 @@ class EchoService(echo_pb2_grpc.EchoServiceServicer):
         return inspect(request, context)
 
     async def Mirror(self, request, context):
+        if request.later:
+            await asyncio.sleep(0)
         return mirror(request, context)
 
     def MirrorSync(self, request, context):

@@ -389,15 +389,8 @@ class Call:
         code, details, payload = answer
         if payload is None:
             self._end_stream()
-            return
-        # As for an async handler's answer inside the read that brought its
-        # request: the RELEASE of the request's lends leaves with it.
-        connection = self.connection
-        connection.hold()
-        try:
+        else:
             self.answer(code, details, payload)
-        finally:
-            connection.flush_held()
 
     # -- answers ----------------------------------------------------------------------
 
@@ -440,8 +433,19 @@ class Call:
         """End the call with a Response frame (status and, if OK, payload)."""
         if self.finished:
             return
-        self.finished = True  # the answer goes out before _end() may close the connection
         connection = self.connection
+        if not connection.holding and code == _OK and not goes_inline(
+                len(payload), connection.agreement, self.context._reply_buffers):
+            # In shared memory, outside a read (a def handler, or one that
+            # awaited): held until _end() gave back the request's lends, so
+            # that their RELEASE leaves in the same write (see hold()).
+            connection.hold()
+            try:
+                self.answer(code, details, payload, end)
+            finally:
+                connection.flush_held()
+            return
+        self.finished = True  # the answer goes out before _end() may close the connection
         if code == _OK:
             if goes_inline(len(payload), connection.agreement, self.context._reply_buffers):
                 # Most answers: sent without outgoing(), which would return them as they are.
