@@ -97,14 +97,7 @@ def round_order(variants: Sequence[str], round_index: int) -> list[str]:
     if count < 2:
         return list(variants)
     # First row 0, 1, n-1, 2, n-2, ...; the others add the row's number.
-    first = [0]
-    low, high = 1, count - 1
-    while len(first) < count:
-        first.append(low)
-        low += 1
-        if len(first) < count:
-            first.append(high)
-            high -= 1
+    first = [0] + [(column + 1) // 2 if column % 2 else count - column // 2 for column in range(1, count)]
     row = round_index % (2 * count if count % 2 else count)
     order = [variants[(index + row) % count] for index in first]
     if row >= count:  # an odd number: the second square is the first one mirrored

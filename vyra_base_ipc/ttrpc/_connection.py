@@ -121,7 +121,8 @@ class FramedConnection(asyncio.Protocol):
         answer also reads the RELEASE of the lends its call had made (an
         answer with the request's buffer: the client may use that segment
         again for its next call at once). On the loop's thread; around the
-        handling of a read, and of a ``def`` handler's return."""
+        handling of a read, and around an answer in shared memory sent
+        outside one (:meth:`Call.answer`)."""
         segments = self.agreement.segments
         if segments is not None:
             segments.held = True
@@ -129,7 +130,7 @@ class FramedConnection(asyncio.Protocol):
 
     def flush_held(self) -> None:
         """Send what :meth:`hold` kept, and the frames batched meanwhile."""
-        self.receiving = self.holding = False
+        self.holding = False
         segments = self.agreement.segments  # (maybe agreed by a Hello meanwhile)
         if segments is not None:
             segments.held = False
@@ -157,6 +158,7 @@ class FramedConnection(asyncio.Protocol):
             self._pending.clear()
             self.violation('out of memory while receiving its frames')
         finally:
+            self.receiving = False
             self.flush_held()
 
     def eof_received(self) -> bool:

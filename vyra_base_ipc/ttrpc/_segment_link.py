@@ -169,9 +169,10 @@ class SegmentLink:
         # The pending expiry of idle mappings, if any (see _expire_later()).
         self._expiry: asyncio.TimerHandle | threading.Timer | None = None
         self._scheduled = False
-        #: Set by the connection while it handles a read on the loop: lends
-        #: given back meanwhile do not wake the loop, the connection sends
-        #: :meth:`release_frame` at the read's end, with its answers.
+        #: Set by the connection while it holds its answers on the loop (a
+        #: read being handled, see FramedConnection.hold()): lends given back
+        #: meanwhile do not wake the loop, the connection sends
+        #: :meth:`release_frame` with those answers.
         self.held = False
         self.stats = {'lent': 0, 'released': 0, 'mapped': 0, 'reused': 0, 'returned': 0}
 
