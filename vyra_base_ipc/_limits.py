@@ -28,8 +28,9 @@ class ServerLimits:
     :param max_concurrent_streams: calls in flight on one connection. Beyond
         it a new call is answered RESOURCE_EXHAUSTED on the fast lane; gRPC
         advertises it as HTTP/2 ``MAX_CONCURRENT_STREAMS``.
-    :param max_metadata_bytes: bytes of a call's metadata (keys and values),
-        gRPC's own default; more is RESOURCE_EXHAUSTED.
+    :param max_metadata_bytes: bytes of a call's metadata, counted as gRPC
+        counts them (keys, values and 32 bytes an entry), gRPC's own
+        default; more is RESOURCE_EXHAUSTED.
     :param frame_timeout: seconds a fast-lane frame that has started may
         take to arrive whole; a peer that stalls inside a frame (slowloris)
         loses its connection.

@@ -57,7 +57,7 @@ CACHE_IDLE_SECONDS = 10.0
 #: How late the expiry of idle mappings may run: those that expire within
 #: it go in the same pass.
 _EXPIRY_SLACK = 0.5
-#: Lend ids per RELEASE frame.
+#: Lend ids per RELEASE frame, at most: a frame naming more closes the connection.
 _IDS_PER_FRAME = 8192
 #: The lends of pooled segments one connection may hold, as a share of the
 #: pool's bound (1/LEND_SHARE): a peer that never gives back what it was lent
@@ -252,8 +252,10 @@ class SegmentLink:
         for the lends given back go back at once (when attached to a loop:
         this runs inside the read that brought the frame, and they leave
         at its end). Returns
-        why the connection must close (malformed, or naming lends it does
-        not hold), else ``None``."""
+        why the connection must close (malformed, more ids than one frame
+        carries, or naming lends it does not hold), else ``None``."""
+        if len(data) > 8 * _IDS_PER_FRAME:  # (not parsed: 16 MiB of ids would take the loop 0.4 s)
+            return f'RELEASE frame of {len(data) // 8} ids (at most {_IDS_PER_FRAME} in one)'
         ids = released_ids(data)
         if ids is None:
             return f'malformed RELEASE frame ({len(data)} bytes)'

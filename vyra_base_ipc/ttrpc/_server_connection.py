@@ -47,6 +47,8 @@ _DATA = int(MessageType.DATA)
 _CANCEL = int(MessageType.CANCEL)
 _WINDOW_UPDATE = int(MessageType.WINDOW_UPDATE)
 _RELEASE = int(MessageType.RELEASE)
+#: What a metadata entry counts beyond its key and value (gRPC's and HPACK's 32).
+_ENTRY_BYTES = 32
 
 
 class ServerConnection(FramedConnection):
@@ -224,7 +226,8 @@ class ServerConnection(FramedConnection):
 
     def _request(self, frame: Frame) -> None:
         stream_id = frame.stream_id
-        if stream_id <= self.last_stream_id:
+        previous = self.last_stream_id
+        if stream_id <= previous:
             self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT,
                         'StreamID cannot be re-used and must increment')
             return
@@ -248,10 +251,17 @@ class ServerConnection(FramedConnection):
         # Each field read from the message once: every read makes a new object.
         wire_metadata = request.metadata
         if wire_metadata:
-            size = sum(len(item.key) + len(item.value) for item in wire_metadata)
+            # Counted as gRPC counts it (HPACK's entry size): 32 bytes per
+            # entry beyond its key and value, so that empty entries are not
+            # free. Their number alone first: millions would take the loop
+            # seconds to add up.
+            size = _ENTRY_BYTES * len(wire_metadata)
+            if size <= limits.max_metadata_bytes:
+                size += sum(len(item.key) + len(item.value) for item in wire_metadata)
             if size > limits.max_metadata_bytes:
                 self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f'request metadata of {size} bytes exceeds the limit of '
+                            f'request metadata of {len(wire_metadata)} entries, {size} bytes or more '
+                            f'(keys, values and {_ENTRY_BYTES} bytes an entry) exceeds the limit of '
                             f'{limits.max_metadata_bytes} (max_metadata_bytes)')
                 if frame.flags & FLAG_SHARED_MEMORY:
                     self.violation('a refused request with shared memory')
@@ -268,7 +278,7 @@ class ServerConnection(FramedConnection):
                 return
             payload, buffers = resolved
         if name == _hello.HELLO_METHOD and service == _hello.HELLO_SERVICE and not shared:
-            self._hello(stream_id, payload)
+            self._hello(stream_id, payload, previous)
             return
         buffered = sum(buffer.size for buffer in buffers.values()) if buffers else 0
         self._count_received(len(payload) + buffered, bool(shared))
@@ -338,8 +348,15 @@ class ServerConnection(FramedConnection):
             self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         return None
 
-    def _hello(self, stream_id: int, payload: bytes | memoryview) -> None:
-        """Agree on the extensions a vyra_base_ipc client offers."""
+    def _hello(self, stream_id: int, payload: bytes | memoryview, previous: int) -> None:
+        """Agree on the extensions a vyra_base_ipc client offers: once, in
+        the connection's first request (``previous``: the stream before it)."""
+        if previous:
+            # What is agreed holds for the connection's life: a new agreement
+            # would drop the pooled segments lent under the old one.
+            self.reject(stream_id, grpc.StatusCode.FAILED_PRECONDITION,
+                        f'Hello must be the first request of a connection (stream {previous} came first)')
+            return
         server = self.server
         try:
             self.agreement, answer = _hello.accept(payload, server.shared_memory, server.stream_window)

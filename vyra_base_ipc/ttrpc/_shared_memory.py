@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 from .. import ttrpc_pb2
 from .._payload import (
+    MAX_BUFFERS_PER_MESSAGE,
     SharedMemoryError,
     TooLargeError,
     close_fds,
@@ -180,6 +181,9 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
     fds = take_fds(count) if count else []
     made = 0  # buffers made: fds[position:position + made] are theirs now
     try:
+        if len(entries) > MAX_BUFFERS_PER_MESSAGE:  # (their descriptors are closed below)
+            raise SharedMemoryError(f'{what}: {len(entries)} shared buffers; at most '
+                                    f'{MAX_BUFFERS_PER_MESSAGE} travel with a message')
         payload: bytes | memoryview
         if payload_size:
             if payload_size > message_limit:

@@ -1,0 +1,159 @@
+"""What a greedy or broken peer can make the fast-lane server hold through
+shared memory: a Hello again, more buffers than a message carries, memfds
+with holes, RELEASE frames of any length, and metadata made of empty
+entries. Each is refused or bounded for that peer alone; the server serves
+everyone else. Hand-written peers (``ttrpc_peer``) against a real server
+process; the server's pool counters (``GetStats``), its log and the peer's
+own memfds are the observables.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import LONG, ServerProcess, StartServer, wait_for
+from ttrpc_peer import REQUEST, SHARED, Peer, frame_bytes
+from vyra_base_ipc import IPCRemoteError, SharedMemoryOptions, SyncIPCHandler, ttrpc_pb2
+from vyra_base_ipc._payload import MAX_BUFFERS_PER_MESSAGE
+from vyra_base_ipc._segment_pool import size_class
+from vyra_base_ipc.introspection_pb2 import StatsRequest
+from vyra_base_ipc.introspection_pb2_grpc import IntrospectionStub
+from vyra_base_ipc.ttrpc._frames import FORGET_BIT, encode_release
+
+pytestmark = pytest.mark.fault
+
+MiB = 1 << 20
+THRESHOLD = 4096
+HELLO = ('vyra.ipc.ttrpc.Connection', 'Hello')
+POOLED_HELLO = ttrpc_pb2.Hello(shared_memory=True, segment_pool=True).SerializeToString()
+ECHO_SERVICE = 'vyra.ipc.test.EchoService'
+F_ADD_SEALS = 1033
+SEAL_SHRINK, SEAL_GROW, SEAL_WRITE, SEAL_FUTURE_WRITE = 0x0002, 0x0004, 0x0008, 0x0010
+FAILED_PRECONDITION, INVALID_ARGUMENT = 9, 3
+
+
+@pytest.fixture(scope='module')
+def server(start_module_server: StartServer, module_socket_dir: Path) -> ServerProcess:
+    """Shared memory above 4 KiB, the pool's defaults."""
+    return start_module_server(module_socket_dir / 'f.sock', '--shared-memory-threshold', str(THRESHOLD),
+                               '--max-message-bytes', str(64 * MiB))
+
+
+def server_pool(server: ServerProcess) -> Any:
+    """The server's SegmentPoolStats."""
+    with SyncIPCHandler(server.socket_path, IntrospectionStub, lane='grpc') as handler:
+        return handler.call_method('GetStats', StatsRequest()).segment_pool
+
+
+def served(server: ServerProcess, echo: Any) -> bool:
+    """Whether another client still gets a large answer (in shared memory)."""
+    with SyncIPCHandler(server.socket_path, echo.Stub, lane='ttrpc', timeout=LONG,
+                        shared_memory=SharedMemoryOptions(threshold=THRESHOLD)) as ipc:
+        return ipc.call_method('Echo', echo.pb.EchoRequest(payload=bytes(MiB))).payload == bytes(MiB)
+
+
+def memfd(size: int, seals: int) -> int:
+    """A memfd of ``size`` bytes with holes only (nothing written), sealed."""
+    fd = os.memfd_create('peer', os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, F_ADD_SEALS, seals)
+    return fd
+
+
+def mirror_request(echo: Any, entries: list[tuple[int, int, int]]) -> bytes:
+    """A Mirror request envelope whose manifest names buffers ``(handle, size, lend)``."""
+    request = echo.pb.MirrorRequest()
+    request.data.handle, request.data.size = entries[0][0], entries[0][1]
+    manifest = ttrpc_pb2.SharedMemoryManifest(payload=request.SerializeToString())
+    for handle, size, lend in entries:
+        manifest.buffers.add(handle=handle, size=size, lend=lend, segment=lend)
+    return ttrpc_pb2.Request(service=ECHO_SERVICE, method='Mirror', payload=manifest.SerializeToString(),
+                             timeout_nano=int(LONG * 1e9)).SerializeToString()
+
+
+def test_a_second_hello_is_refused_and_what_the_first_agreed_still_comes_back(
+        echo: Any, server: ServerProcess) -> None:
+    # A second agreement would drop the first one's pooled segments: those
+    # lent under it would never come back, not even when the peer goes.
+    with Peer.connect(server.ttrpc_path) as peer:
+        peer.request(1, *HELLO, POOLED_HELLO)
+        assert ttrpc_pb2.Hello.FromString(peer.answer(1).payload).segment_pool
+        peer.request(3, ECHO_SERVICE, 'Echo', echo.pb.EchoRequest(payload=bytes(2 * MiB)).SerializeToString(),
+                     timeout_nano=int(LONG * 1e9))
+        lent = peer.answer(3)
+        assert lent.code == 0 and lent.flags & SHARED and lent.fds  # lent from the pool, never given back
+        for fd in lent.fds:
+            os.close(fd)
+        peer.request(5, *HELLO, POOLED_HELLO)
+        again = peer.answer(5)
+        assert again.code == FAILED_PRECONDITION
+        assert 'Hello must be the first request of a connection (stream 3 came first)' in again.message
+        peer.request(7, ECHO_SERVICE, 'Echo', echo.pb.EchoRequest(text='on').SerializeToString())
+        assert echo.pb.EchoReply.FromString(peer.answer(7).payload).text == 'on'
+    # The peer is gone: everything it was lent is the server's again.
+    wait_for(lambda: (lambda pool: pool.bytes == pool.free_bytes)(server_pool(server)), LONG,
+             'the server to hold no segment in use')
+    assert served(server, echo)
+
+
+def test_a_request_with_more_buffers_than_a_message_carries_is_refused_and_their_descriptors_closed(
+        echo: Any, server: ServerProcess) -> None:
+    count = MAX_BUFFERS_PER_MESSAGE + 1  # the most descriptors one read takes: 32
+    size = size_class(1)
+    fd = memfd(size, SEAL_SHRINK | SEAL_GROW | SEAL_WRITE)
+    fds_before = len(os.listdir(f'/proc/{server.popen.pid}/fd'))
+    try:
+        with Peer.connect(server.ttrpc_path) as peer:
+            peer.request(1, *HELLO, ttrpc_pb2.Hello(shared_memory=True).SerializeToString())
+            peer.answer(1)
+            envelope = mirror_request(echo, [(handle, size, 0) for handle in range(1, count + 1)])
+            peer.send_raw(frame_bytes(3, REQUEST, SHARED, envelope), [fd] * count)
+            answer = peer.answer(3)
+            assert answer.code == INVALID_ARGUMENT
+            assert f'{count} shared buffers; at most {MAX_BUFFERS_PER_MESSAGE} travel with a message' \
+                in answer.message
+            # None of them is held: the server has no more descriptors than
+            # before but this connection's socket.
+            assert len(os.listdir(f'/proc/{server.popen.pid}/fd')) <= fds_before + 1
+            peer.request(5, ECHO_SERVICE, 'Echo', echo.pb.EchoRequest(text='on').SerializeToString())
+            assert echo.pb.EchoReply.FromString(peer.answer(5).payload).text == 'on'
+    finally:
+        os.close(fd)
+    assert served(server, echo)
+
+
+def test_a_release_frame_naming_more_ids_than_one_frame_carries_closes_that_connection(
+        echo: Any, server: ServerProcess) -> None:
+    # Such a frame does not come from this package (it splits at 8,192 ids),
+    # and 16 MiB of ids would take the server's loop 0.4 s to go through.
+    ids = [FORGET_BIT | segment for segment in range(1, 8194)]
+    with Peer.connect(server.ttrpc_path) as peer:
+        peer.request(1, *HELLO, POOLED_HELLO)
+        peer.answer(1)
+        peer.send_raw(encode_release(ids))
+        assert peer.frames_until_closed() == []
+    assert 'RELEASE frame of 8193 ids (at most 8192 in one)' in server.log()
+    assert served(server, echo)
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_metadata_entries_count_32_bytes_each_beyond_their_keys_and_values_on_both_lanes(
+        echo: Any, server: ServerProcess, lane: str) -> None:
+    # As gRPC counts them (HPACK's entry size): empty values are not free.
+    # 600 entries of one byte: 600 bytes of keys, 19,800 counted (limit 8,192;
+    # gRPC refuses some calls past it and all past twice that).
+    many = [(chr(97 + index % 26), '') for index in range(600)]
+    with SyncIPCHandler(server.socket_path, echo.Stub, lane=lane, timeout=LONG) as ipc:
+        with pytest.raises(IPCRemoteError) as error:
+            ipc.call_method('Echo', echo.pb.EchoRequest(text='x'), metadata=many)
+        assert error.value.code.name == 'RESOURCE_EXHAUSTED'
+        if lane == 'ttrpc':
+            assert ('request metadata of 600 entries, 19200 bytes or more (keys, values and 32 bytes an '
+                    'entry) exceeds the limit of 8192 (max_metadata_bytes)') in str(error.value)
+        fewer = many[:240]  # 7,920 counted
+        assert ipc.call_method('Echo', echo.pb.EchoRequest(text='fine'), metadata=fewer).text == 'fine'
