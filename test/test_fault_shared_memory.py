@@ -127,6 +127,32 @@ def test_a_request_with_more_buffers_than_a_message_carries_is_refused_and_their
     assert served(server, echo)
 
 
+def test_a_lent_segment_with_holes_is_not_populated_by_the_server(echo: Any, server: ServerProcess) -> None:
+    # Populating a memfd with holes would allocate its pages in the server,
+    # on the server's event loop: a peer could ftruncate a gigabyte, write
+    # nothing, and have the server spend the memory and the time.
+    size = 16 * MiB
+    fd = memfd(size, SEAL_SHRINK | SEAL_GROW | SEAL_FUTURE_WRITE)  # as a pooled segment
+    try:
+        with Peer.connect(server.ttrpc_path) as peer:
+            peer.request(1, *HELLO, POOLED_HELLO)
+            peer.answer(1)
+            peer.send_raw(frame_bytes(3, REQUEST, SHARED, mirror_request(echo, [(1, size, 1)])), [fd])
+            while (frame := peer.read_frame(3)).type != 2:  # RESPONSE (RELEASE frames are stream 0)
+                pass
+            for received in frame.fds:
+                os.close(received)
+            reply = ttrpc_pb2.Response.FromString(frame.data)
+            assert reply.status.code == 0
+            assert ttrpc_pb2.SharedMemoryManifest.FromString(reply.payload).buffers[0].size == size
+        # Mirror answered with the buffer without reading it: none of its
+        # pages has memory behind it (the server's populated mapping would
+        # have allocated all 4,096).
+        assert os.fstat(fd).st_blocks == 0
+    finally:
+        os.close(fd)
+
+
 def test_a_release_frame_naming_more_ids_than_one_frame_carries_closes_that_connection(
         echo: Any, server: ServerProcess) -> None:
     # Such a frame does not come from this package (it splits at 8,192 ids),

@@ -49,6 +49,7 @@ __all__ = [
     'SharedMemoryOptions',
     'TooLargeError',
     'check_sealed',
+    'is_allocated',
     'close_fds',
     'map_sealed',
     'seal_bytes',
@@ -201,8 +202,8 @@ def seal_bytes(data: Any, name: str = 'vyra-ipc') -> int:
     return fd
 
 
-def check_sealed(fd: int, what: str, lent: bool = False) -> int:
-    """The size of a received memfd, after checking that it cannot shrink,
+def check_sealed(fd: int, what: str, lent: bool = False) -> os.stat_result:
+    """The status (``fstat``) of a received memfd, after checking that it cannot shrink,
     grow or be written: sealed with ``F_SEAL_WRITE``, or for a segment ``lent``
     from the owner's pool, ``F_SEAL_FUTURE_WRITE`` (only the owner's mapping,
     made before the seal, can write; it does not before the segment is
@@ -225,7 +226,15 @@ def check_sealed(fd: int, what: str, lent: bool = False) -> int:
     status = os.fstat(fd)
     if not stat.S_ISREG(status.st_mode):
         raise SharedMemoryError(f'{what}: the descriptor is not a memfd')
-    return status.st_size
+    return status
+
+
+def is_allocated(status: os.stat_result) -> bool:
+    """Whether every page of a memfd with this status has memory behind it.
+    Only then may a receiver map it populated: populating a memfd with holes
+    would allocate its pages in the receiver, on the receiver's time (a sender
+    may ``ftruncate`` a memfd to a gigabyte and write nothing)."""
+    return status.st_blocks * 512 >= status.st_size
 
 
 def map_sealed(fd: int, size: int, what: str, populate: bool = True) -> memoryview:
@@ -237,17 +246,19 @@ def map_sealed(fd: int, size: int, what: str, populate: bool = True) -> memoryvi
 
     :param what: names the buffer in errors, e.g. ``'the request'``.
     :param populate: map every page now (for a message about to be parsed
-        whole); otherwise pages are mapped as they are first read.
+        whole) if the memfd has no holes (:func:`is_allocated`); otherwise
+        pages are mapped as they are first read.
     :raises SharedMemoryError: the descriptor is refused; nothing is mapped.
     """
-    actual = check_sealed(fd, what)
+    status = check_sealed(fd, what)
+    actual = status.st_size
     if actual != size:
         raise SharedMemoryError(f'{what}: the memfd holds {actual} bytes, {size} were announced')
     if size == 0:
         return memoryview(b'')
+    flags = _MAP_POPULATE if populate and is_allocated(status) else mmap.MAP_SHARED
     try:
-        mapping = mmap.mmap(fd, size, flags=_MAP_POPULATE if populate else mmap.MAP_SHARED,
-                            prot=mmap.PROT_READ, **_UNTRACKED)
+        mapping = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ, **_UNTRACKED)
     except OSError as error:
         raise SharedMemoryError(f'{what}: cannot map {size} bytes: {error.strerror}') from None
     return memoryview(mapping).toreadonly()

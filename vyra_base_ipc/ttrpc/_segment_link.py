@@ -43,7 +43,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable
 
-from .._payload import SharedMemoryError, check_sealed
+from .._payload import SharedMemoryError, check_sealed, is_allocated
 from .._segment_pool import Segment, own_segment, size_class, start_timer
 from ._frames import FORGET_BIT, encode_release, released_ids
 
@@ -85,8 +85,8 @@ class _Mapping:
 
     __slots__ = ('address', 'capacity', 'last_used', 'key', '__weakref__')
 
-    def __init__(self, fd: int, capacity: int, key: tuple[int, int], what: str) -> None:
-        address = _mmap(None, capacity, mmap.PROT_READ, _POPULATE, fd, 0)
+    def __init__(self, fd: int, capacity: int, key: tuple[int, int], what: str, populate: bool) -> None:
+        address = _mmap(None, capacity, mmap.PROT_READ, _POPULATE if populate else mmap.MAP_SHARED, fd, 0)
         if address is None or address == _MAP_FAILED:
             error = ctypes.get_errno()
             raise SharedMemoryError(f'{what}: cannot map {capacity} bytes: {os.strerror(error)}')
@@ -325,14 +325,17 @@ class SegmentLink:
             address, capacity, holder = own.address, own.capacity, own
             self.stats['reused'] += 1
         elif mapping is None:
-            capacity = check_sealed(fd, what, lent=True)
+            checked = check_sealed(fd, what, lent=True)
+            capacity = checked.st_size
             # Exactly the size class of what it holds (the pool reuses a
             # segment only for its own class): mapping it costs the receiver
             # no more than the announced length, which the caller checked.
             if capacity != size_class(length):
                 raise SharedMemoryError(f'{what}: a pooled segment of {capacity} bytes for {length} '
                                         f'announced (its size class is {size_class(length)})')
-            mapping = _Mapping(fd, capacity, key, what)
+            # Populated (a pool's segments are faulted in whole), unless it has
+            # holes: their pages would be allocated here (see is_allocated).
+            mapping = _Mapping(fd, capacity, key, what, is_allocated(checked))
             dropped: list[_Mapping] = []
             with self._lock:
                 self.stats['mapped'] += 1
