@@ -183,3 +183,22 @@ def test_metadata_entries_count_32_bytes_each_beyond_their_keys_and_values_on_bo
                     'entry) exceeds the limit of 8192 (max_metadata_bytes)') in str(error.value)
         fewer = many[:240]  # 7,920 counted
         assert ipc.call_method('Echo', echo.pb.EchoRequest(text='fine'), metadata=fewer).text == 'fine'
+
+
+def test_a_request_whose_manifest_cannot_be_read_closes_that_connection(echo: Any, server: ServerProcess) -> None:
+    # How many of the descriptors that came are the frame's is unknown: kept
+    # queued, they would be taken by the connection's next request.
+    fd = memfd(size_class(1), SEAL_SHRINK | SEAL_GROW | SEAL_WRITE)
+    try:
+        with Peer.connect(server.ttrpc_path) as peer:
+            peer.request(1, *HELLO, ttrpc_pb2.Hello(shared_memory=True).SerializeToString())
+            peer.answer(1)
+            envelope = ttrpc_pb2.Request(service=ECHO_SERVICE, method='Echo', payload=b'\xff\xff').SerializeToString()
+            peer.send_raw(frame_bytes(3, REQUEST, SHARED, envelope), [fd])
+            refused = peer.frames_until_closed()
+            assert [frame.stream_id for frame in refused] == [3]
+            assert b'malformed shared-memory manifest' in refused[0].data
+    finally:
+        os.close(fd)
+    assert 'malformed shared-memory manifest' in server.log()
+    assert served(server, echo)

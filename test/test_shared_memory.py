@@ -944,6 +944,43 @@ def test_client_refuses_a_forged_answer_naming_what_is_wrong(forgery: str, echo:
     settles('self', before, 'the client after forged answers')
 
 
+@pytest.mark.parametrize('client', ['sync', 'async'])
+def test_a_server_passing_a_descriptor_with_an_error_loses_the_connection_not_the_next_calls_answer(
+        client: str, echo: Any, socket_dir: Path) -> None:
+    # An error carries no manifest to count its descriptors by: left queued,
+    # this one would have been the next answer's memory (the old client
+    # answered its second call with it).
+    stale = echo.pb.EchoReply(text='stale').SerializeToString()
+    manifest = ttrpc_pb2.SharedMemoryManifest(payload_size=len(stale)).SerializeToString()
+    error = ttrpc_pb2.Response(status=ttrpc_pb2.Status(code=9, message='refused'),
+                               payload=manifest).SerializeToString()
+
+    def stale_memfd() -> int:
+        fd = os.memfd_create('stale', os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.write(fd, stale)
+        fcntl.fcntl(fd, 1033, 0x0002 | 0x0004 | 0x0008)  # F_ADD_SEALS: shrink, grow, write
+        return fd
+
+    echo_method = stub_methods(echo.Stub)['Echo']
+    gc.collect()
+    before = usage('self')
+    recorder = RecordingServer(socket_dir / 'f.sock', forge=lambda _: (SHARED, error, [stale_memfd()]))
+    try:
+        with pytest.raises(IPCUnavailableError) as raised:
+            if client == 'sync':
+                with SyncConnection.connect(recorder.path, shared_memory=OPTIONS) as connection:
+                    connection.call(echo_method, echo.pb.EchoRequest(text='first'), timeout=LONG)
+            else:
+                async def call() -> None:
+                    async with await AsyncConnection.connect(recorder.path, shared_memory=OPTIONS) as connection:
+                        await connection.call(echo_method, echo.pb.EchoRequest(text='first'), timeout=LONG)
+                asyncio.run(call())
+        assert 'shared memory on an error response (status 9: refused)' in str(raised.value)
+    finally:
+        recorder.close()
+    settles('self', before, 'the client after a descriptor with an error')
+
+
 # == 5. nothing leaks ============================================================================
 
 @pytest.mark.asyncio

@@ -539,22 +539,25 @@ def _resolve_shared(frame: Frame, take_fds: Callable[[int], list[int]], message_
     from shared memory (as a read-only view), or the error to give its call.
     Must run as frames arrive, in order: it takes the frame's descriptors.
 
-    :raises ValueError: fewer descriptors arrived than the frame announced
-        (the connection is out of step and must close).
+    :raises ValueError: the descriptors the frame came with cannot be
+        counted (an error or another frame type flagged as shared memory, a
+        malformed envelope or manifest), or fewer arrived than it announced:
+        left queued, they would go to the next frame's call, so the
+        connection is out of step and must close.
     """
-    try:
-        if frame.type == _RESPONSE:
+    if frame.type == _RESPONSE:
+        try:
             code, message, manifest = decode_response(frame.data)
-            if code:
-                return error_from_status(code_of(code), message)
-        elif frame.type == _DATA:
-            manifest = frame.data
-        else:
-            return error_from_status(grpc.StatusCode.INTERNAL,
-                                     f'protocol error: shared memory on a frame of type {frame.type}')
+        except DecodeError as error:
+            raise ValueError(f'malformed response in shared memory from server: {error}') from None
+        if code:
+            raise ValueError(f'shared memory on an error response (status {code}: {message})')
+    elif frame.type == _DATA:
+        manifest = frame.data
+    else:
+        raise ValueError(f'shared memory on a frame of type {frame.type}')
+    try:
         payload, buffers = unpack(manifest, take_fds, message_limit, buffer_limit, 'the response', segments)
-    except DecodeError as error:
-        return error_from_status(grpc.StatusCode.INTERNAL, f'malformed response from server: {error}')
     except TooLargeError as error:
         return error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
     except SharedMemoryError as error:

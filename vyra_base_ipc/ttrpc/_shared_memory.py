@@ -155,7 +155,8 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
     shared memory, or bytes) and the explicit buffers (``None`` if none).
 
     ``take_fds(n)`` returns the frame's ``n`` descriptors (it raises
-    :class:`ValueError` if fewer arrived). The message's descriptor is closed
+    :class:`ValueError` if fewer arrived: the connection is out of step and
+    must close, as for a manifest that cannot be read). The message's descriptor is closed
     here whatever happens (its mapping lives on in the returned view); the
     buffers' descriptors pass to the returned :class:`ReceivedBuffers`, or
     are closed if anything fails. Segments lent (with pooled segments
@@ -165,14 +166,17 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
     :param buffer_limit: largest explicit buffer accepted, in bytes.
     :param what: names the message in errors, e.g. ``'the request of /pkg.Service/Method'``.
     :raises TooLargeError: the message or a buffer is over its limit.
-    :raises SharedMemoryError: malformed manifest, a lend without agreement,
+    :raises ValueError: malformed manifest, or fewer descriptors than it
+        announces: which descriptors are the frame's is unknown.
+    :raises SharedMemoryError: a lend without agreement,
         or a buffer that fails the checks of
         :func:`~vyra_base_ipc._payload.map_sealed`.
     """
     try:
         manifest = Manifest.FromString(data)
     except Exception as error:  # DecodeError
-        raise SharedMemoryError(f'{what}: malformed shared-memory manifest: {error}') from None
+        # How many descriptors came with it is unknown: the next frame would take them.
+        raise ValueError(f'{what}: malformed shared-memory manifest: {error}') from None
     # Each field read once: every read of a message field makes a new object.
     entries = manifest.buffers
     payload_size = manifest.payload_size
