@@ -3,6 +3,7 @@ scripted ttrpc peer on a real socket (answers no real server would give)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 import random
 import threading
@@ -309,5 +310,32 @@ async def test_async_client_gives_up_at_its_deadline_when_no_answer_comes(
         async with await AsyncConnection.connect(scripted(script), shared_memory=None) as connection:
             with pytest.raises(IPCTimeoutError):
                 await connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=0.2)
+    finally:
+        done.set()
+
+
+@pytest.mark.asyncio
+async def test_async_client_holds_calls_back_while_the_server_does_not_read_and_closes_at_once(
+        scripted: Callable[[Script], Path], echo: Any) -> None:
+    # Each call waits for the server to read again, within its deadline,
+    # instead of queueing its request: what this process holds for a stuck
+    # server stays bounded, and close() does not wait for it either.
+    from vyra_base_ipc.exceptions import IPCTimeoutError
+    done = threading.Event()
+    size = 256 * 1024
+
+    def script(peer: Peer) -> None:
+        done.wait(30)  # reads nothing
+    try:
+        connection = await AsyncConnection.connect(scripted(script), shared_memory=None)
+        method = stub_methods(echo.Stub)['Echo']
+        for _ in range(40):  # 10 MiB of requests; the socket takes about 2 MiB
+            with pytest.raises(IPCTimeoutError):
+                await connection.call(method, echo.pb.EchoRequest(payload=bytes(size)), timeout=0.05)
+        # What the transport holds: under its high-water mark and one request.
+        assert connection._transport.get_write_buffer_size() <= 64 * 1024 + size + 1024
+        fds_open = len(os.listdir('/proc/self/fd'))
+        await connection.close()
+        assert len(os.listdir('/proc/self/fd')) == fds_open - 1  # its socket is closed
     finally:
         done.set()

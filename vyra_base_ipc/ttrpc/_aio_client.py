@@ -287,6 +287,17 @@ class AsyncConnection:
             if segments is not None:  # RELEASE frames leave from the loop
                 segments.attach(protocol.loop, protocol.send)
 
+    @staticmethod
+    async def _writable(protocol: _ClientProtocol, method: Method, deadline: Deadline | None) -> None:
+        """Wait, within the deadline, until the server reads again: a server
+        that stopped reading holds new calls back, rather than this process
+        queueing their requests without a bound."""
+        seconds = None if deadline is None else max(deadline.remaining(), 0)
+        try:
+            await asyncio.wait_for(protocol.drain(), seconds)
+        except asyncio.TimeoutError:
+            raise timeout_error(method) from None
+
     @property
     def is_closed(self) -> bool:
         """Whether the connection was closed or broke; calls would fail."""
@@ -299,8 +310,10 @@ class AsyncConnection:
         if protocol.error is None:
             protocol.error = closed(self.socket_path)
         if not self._transport.is_closing():
-            self._transport.close()
-            await asyncio.sleep(0)  # let connection_lost run on this loop
+            # At once, dropping what was not sent: it is for calls that fail
+            # now anyway, and a server that stopped reading would keep it,
+            # and the socket, for ever.
+            self._transport.abort()
 
     async def __aenter__(self) -> 'AsyncConnection':
         return self
@@ -346,6 +359,8 @@ class AsyncConnection:
                 self._begin(method, False)  # raises (the checks in line: 2 calls less per call)
             if protocol.core.hello is not None:
                 await self._settle_hello(protocol, method, deadline)
+            if protocol.write_paused:
+                await self._writable(protocol, method, deadline)
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
                                protocol.core.agreement, buffers)
             loop = protocol.loop
@@ -400,6 +415,8 @@ class AsyncConnection:
             protocol = self._begin(method, True)
             if protocol.core.hello is not None:
                 await self._settle_hello(protocol, method, deadline)
+            if protocol.write_paused:
+                await self._writable(protocol, method, deadline)
             outcome = Outcome(method, self.max_message_bytes)
             loop = protocol.loop
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
