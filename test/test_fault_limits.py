@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import pytest
 
 from conftest import ServerProcess, wait_for
-from ttrpc_peer import REQUEST, RESPONSE, Peer, frame_bytes, request_envelope
+from ttrpc_peer import DATA, REMOTE_OPEN, REQUEST, RESPONSE, Peer, frame_bytes, request_envelope
 from vyra_base_ipc import (
     IPCError,
     IPCHandler,
@@ -149,6 +149,33 @@ async def test_the_grpc_lane_advertises_the_stream_limit(start_server, socket_di
         assert (await ipc.call_method('Echo', echo.pb.EchoRequest(text='now'))).text == 'now'
         for watch in watches:
             await watch.aclose()
+
+
+def test_a_client_sending_a_request_stream_past_its_window_loses_that_stream(
+        start_server, socket_dir: Path, echo) -> None:
+    # A client under flow control may leave the handler at most the window
+    # the server granted and one message unread: Absorb takes one message and
+    # waits, the peer ignores the window. Messages up to 4 MiB, a window of
+    # 1 MiB: the stream fails past 5 MiB (it took 8 MiB, twice the largest
+    # message, before).
+    server = start_server(socket_dir / 'w.sock', '--max-message-bytes', str(4 << 20))
+    watch = 'vyra.ipc.test.WatchService'
+    with Peer.connect(server.ttrpc_path) as peer:
+        peer.request(1, 'vyra.ipc.ttrpc.Connection', 'Hello',
+                     ttrpc_pb2.Hello(cancel=True, stream_window=1 << 20).SerializeToString())
+        window = ttrpc_pb2.Hello.FromString(peer.answer(1).payload).stream_window
+        assert window == 1 << 20
+        first = echo.pb.WatchRequest(tag='past-window', count=1).SerializeToString()
+        peer.request(3, watch, 'Absorb', first, flags=REMOTE_OPEN, timeout_nano=int(30e9))
+        blob = echo.pb.WatchRequest(tag='past-window', payload=bytes((1 << 20) - 64)).SerializeToString()
+        for _ in range(6):
+            peer.send(3, DATA, 0, blob)
+        answer = peer.answer(3)
+        assert answer.code == 8  # RESOURCE_EXHAUSTED
+        assert f'more than the window and one message the client may send ({window + (4 << 20) + 64})' \
+            in answer.message
+        peer.request(5, ECHO, 'Echo', echo.pb.EchoRequest(text='on').SerializeToString())
+        assert echo.pb.EchoReply.FromString(peer.answer(5).payload).text == 'on'
 
 
 # -- metadata -----------------------------------------------------------------------------

@@ -3,6 +3,7 @@ scripted ttrpc peer on a real socket (answers no real server would give)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 import random
@@ -19,7 +20,7 @@ from vyra_base_ipc import ttrpc_pb2
 from vyra_base_ipc._methods import stub_methods
 from vyra_base_ipc.exceptions import IPCRemoteError, IPCUnavailableError
 from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
-from vyra_base_ipc.ttrpc._frames import Frame, FrameDecoder, OversizedFrame, encode_frame
+from vyra_base_ipc.ttrpc._frames import Frame, FrameDecoder, MessageType, OversizedFrame, encode_frame
 from vyra_base_ipc.ttrpc._messages import (
     decode_response,
     encode_ok_response,
@@ -30,6 +31,8 @@ from vyra_base_ipc.ttrpc._messages import (
     ok_payload,
     ok_response_frame,
 )
+
+CANCEL, WINDOW_UPDATE = int(MessageType.CANCEL), int(MessageType.WINDOW_UPDATE)
 
 # -- envelopes encoded and read by hand -------------------------------------------------------
 
@@ -339,3 +342,47 @@ async def test_async_client_holds_calls_back_while_the_server_does_not_read_and_
         assert len(os.listdir('/proc/self/fd')) == fds_open - 1  # its socket is closed
     finally:
         done.set()
+
+
+@pytest.mark.parametrize('client', ['sync', 'async'])
+def test_a_server_sending_past_the_window_fails_that_stream_and_it_is_cancelled(
+        client: str, socket_dir: Path, echo: Any) -> None:
+    # 40 messages of 1 KiB in one write against a window of 4 KiB and
+    # messages of at most 4 KiB: the client keeps what came within the window
+    # and one message, fails the call, drops the rest and cancels it.
+    cancelled = threading.Event()
+
+    def flood(peer: Peer) -> None:
+        assert peer.read_frame().stream_id == 1
+        peer.respond(1, ttrpc_pb2.Hello(cancel=True, stream_window=4096).SerializeToString())
+        call = peer.read_frame()
+        message = echo.pb.EchoReply(payload=bytes(1000)).SerializeToString()
+        peer.send_raw(b''.join(frame_bytes(call.stream_id, DATA, 0, message) for _ in range(40)))
+        while (frame := peer.read_frame()).type != CANCEL:
+            assert frame.type == WINDOW_UPDATE
+        assert frame.stream_id == call.stream_id
+        cancelled.set()
+    server = PeerServer(socket_dir / 'flood.sock', flood)
+    count = stub_methods(echo.Stub)['Count']
+    options: dict[str, Any] = {'shared_memory': None, 'stream_window': 4096, 'max_message_bytes': 4096,
+                               'busy_poll': 0}
+    received = 0
+    try:
+        with pytest.raises(IPCRemoteError) as raised:
+            if client == 'sync':
+                with SyncConnection.connect(server.path, **options) as connection:
+                    for _ in connection.stream(count, echo.pb.CountRequest(), timeout=10):
+                        received += 1
+            else:
+                async def iterate() -> None:
+                    nonlocal received
+                    async with await AsyncConnection.connect(server.path, **options) as connection:
+                        async for _ in connection.stream(count, echo.pb.CountRequest(), timeout=10):
+                            received += 1
+                asyncio.run(iterate())
+        assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert 'more than the window and one message it may send (8256)' in raised.value.details
+        assert 0 < received < 9  # a message counts its 1,005 bytes and 64: 7 of them
+        assert cancelled.wait(10)
+    finally:
+        server.close()

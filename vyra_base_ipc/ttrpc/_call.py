@@ -462,7 +462,7 @@ class ClientCore:
             if agreement.send_window and method.kind.request_streaming:
                 target.credit = SendCredit(agreement.send_window)
             if agreement.receive_window and method.kind.response_streaming:
-                target.window = ReceiveWindow(agreement.receive_window)
+                target.window = ReceiveWindow(agreement.receive_window, self.message_limit)
         return stream_id
 
     def finish(self, stream_id: int) -> bytes | None:
@@ -526,11 +526,28 @@ class ClientCore:
                     target.credit.close()
             else:
                 target = streams.get(stream_id)
+                window = target.window if isinstance(target, ClientStream) else None
+                if window is not None and routed.__class__ is Frame and window.received(len(routed.data)):
+                    if not window.overrun:
+                        self._overrun(stream_id, target, window)
+                    return None  # dropped: the caller's finish() cancels the call
         else:
             target = streams.get(stream_id)
         if target is not None:  # else: a call that ended, or a stray frame
             self.deliver(target, routed)
         return None
+
+    def _overrun(self, stream_id: int, target: Target, window: ReceiveWindow) -> None:
+        # The server sent past its credit: the call fails once the caller has
+        # taken what came within it; what comes after is dropped.
+        window.overrun = True
+        if target.credit is not None:
+            target.credit.close()
+        self.deliver(target, error_from_status(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f'the server sent {window.unconsumed()} bytes of stream {stream_id} that were not read: '
+            f'more than the window and one message it may send ({window.limit})'))
+
 
 
 def _resolve_shared(frame: Frame, take_fds: Callable[[int], list[int]], message_limit: int,

@@ -200,7 +200,8 @@ class Call:
             def decode(data: bytes | memoryview) -> Any:
                 return handler.decode(data, context)
 
-            window = ReceiveWindow(agreement.receive_window) if agreement.receive_window else None
+            window = (ReceiveWindow(agreement.receive_window, self.connection.server.max_message_bytes)
+                      if agreement.receive_window else None)
             requests: AsyncRequests | SyncRequests = (
                 AsyncRequests(loop, decode, window, self._grant) if handler.is_async
                 else SyncRequests(decode, window, self._grant_thread))
@@ -568,12 +569,9 @@ class Call:
                           f'Received message larger than max ({len(payload)} vs. {server.max_message_bytes})')
                 return
             requests.feed(payload)
-            # A client under flow control never gets here; others are cut off.
-            limit = self.connection.request_backlog_bytes
-            if requests.pending_bytes > limit:
-                self.fail(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f'{requests.pending_bytes} bytes of streamed requests not read by the '
-                          f'handler (limit {limit})')
+            overrun = requests.overrun(len(payload), self.connection.request_backlog_bytes)
+            if overrun is not None:
+                self.fail(grpc.StatusCode.RESOURCE_EXHAUSTED, overrun)
                 return
         if frame.flags & FLAG_REMOTE_CLOSED:
             requests.close()

@@ -111,21 +111,45 @@ class SendCredit:
 
 
 class ReceiveWindow:
-    """Counts what the consumer of one stream took, to grant its sender more.
+    """Counts what the consumer of one stream took, to grant its sender
+    more, and what arrived, to hold the sender to its credit.
 
-    Not thread-safe: the one consumer of the stream calls :meth:`taken`.
+    One thread calls :meth:`received` (the one reading the connection), one
+    :meth:`taken` (the stream's consumer); each writes its own count.
+
+    :param message_limit: the largest message the receiver accepts: a
+        sender with credit left may send one such message.
     """
 
-    __slots__ = ('_threshold', '_taken')
+    __slots__ = ('_threshold', '_taken', 'limit', 'overrun', '_received', '_consumed')
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, message_limit: int) -> None:
         self._threshold = max(window // 2, 1)
         self._taken = 0
+        #: What may arrive unconsumed: the window and one message.
+        self.limit = window + message_cost(message_limit)
+        #: Set by the receiver once the sender went past :attr:`limit`.
+        self.overrun = False
+        self._received = 0
+        self._consumed = 0
+
+    def received(self, size: int) -> bool:
+        """Count a message of ``size`` bytes that arrived; whether its sender
+        is past its credit: more unconsumed than the window and one message
+        (what a sender that waits for credit can have sent)."""
+        self._received += size + MESSAGE_OVERHEAD
+        return self._received - self._consumed > self.limit
+
+    def unconsumed(self) -> int:
+        """Bytes (as counted against the window) that arrived and were not taken."""
+        return self._received - self._consumed
 
     def taken(self, size: int) -> int:
         """Count a message of ``size`` bytes consumed; return the increment
         to grant now (once half a window was taken), else 0."""
-        self._taken += size + MESSAGE_OVERHEAD
+        cost = size + MESSAGE_OVERHEAD
+        self._consumed += cost
+        self._taken += cost
         if self._taken < self._threshold:
             return 0
         taken, self._taken = self._taken, 0

@@ -20,18 +20,34 @@ class Requests:
     loop, read by the handler; grants the client more as the handler reads
     (flow control, when agreed)."""
 
-    __slots__ = ('_deserialize', '_window', '_grant', 'pending_bytes')
+    __slots__ = ('_deserialize', 'window', '_grant', 'pending_bytes')
 
     def __init__(self, deserialize: Callable[[bytes | memoryview], Any], window: ReceiveWindow | None,
                  grant: Callable[[int], None]) -> None:
         self._deserialize = deserialize
-        self._window = window
+        #: The window granted to the client (flow control), if agreed.
+        self.window = window
         self._grant = grant
         self.pending_bytes = 0
 
+    def overrun(self, size: int, backlog: int) -> str | None:
+        """After :meth:`feed` of a message of ``size`` bytes: why the client
+        sent more than the handler may be left to read, else ``None``. Under
+        flow control that is the window and one message (a client that
+        waits for credit never sends more); without, ``backlog`` bytes."""
+        window = self.window
+        if window is not None:
+            if window.received(size):
+                return (f'{window.unconsumed()} bytes of streamed requests not read by the handler: more '
+                        f'than the window and one message the client may send ({window.limit})')
+        elif self.pending_bytes > backlog:
+            return (f'{self.pending_bytes} bytes of streamed requests not read by the handler '
+                    f'(limit {backlog})')
+        return None
+
     def _taken(self, payload: bytes | memoryview) -> Any:
-        if self._window is not None:
-            increment = self._window.taken(len(payload))
+        if self.window is not None:
+            increment = self.window.taken(len(payload))
             if increment:
                 self._grant(increment)
         return self._deserialize(payload)

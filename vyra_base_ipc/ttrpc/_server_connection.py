@@ -366,10 +366,6 @@ class ServerConnection(FramedConnection):
         self.accepts_fds = self.agreement.shared_memory is not None
         if self.agreement.segments is not None:  # RELEASE frames leave from the loop
             self.agreement.segments.attach(self.loop, self.send)
-        if self.agreement.receive_window:
-            # A client under flow control leaves at most a window and a message unread.
-            self.request_backlog_bytes = server.max_message_bytes + max(server.max_message_bytes,
-                                                                         self.agreement.receive_window)
         self.send(encode_frame(stream_id, _RESPONSE, 0, encode_ok_response(answer)))
 
     def reject(self, stream_id: int, code: grpc.StatusCode, details: str) -> None:
