@@ -10,6 +10,7 @@ own memfds are the observables.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ ECHO_SERVICE = 'vyra.ipc.test.EchoService'
 F_ADD_SEALS = 1033
 SEAL_SHRINK, SEAL_GROW, SEAL_WRITE, SEAL_FUTURE_WRITE = 0x0002, 0x0004, 0x0008, 0x0010
 FAILED_PRECONDITION, INVALID_ARGUMENT = 9, 3
+CANCEL = 0x10
 
 
 @pytest.fixture(scope='module')
@@ -202,3 +204,41 @@ def test_a_request_whose_manifest_cannot_be_read_closes_that_connection(echo: An
         os.close(fd)
     assert 'malformed shared-memory manifest' in server.log()
     assert served(server, echo)
+
+
+def test_shared_buffers_held_by_calls_are_bounded_per_connection_and_come_back_as_calls_end(
+        start_server: StartServer, socket_dir: Path, echo: Any) -> None:
+    # Each buffer holds a descriptor and a mapping until its call ends: 8 for
+    # the server, a quarter of them (2) for one connection.
+    server = start_server(socket_dir / 'held.sock', '--limits', json.dumps({'max_held_buffers': 8}))
+    size = size_class(1)
+    fd = memfd(size, SEAL_SHRINK | SEAL_GROW | SEAL_WRITE)
+
+    def hold(peer: Peer, stream_id: int, buffers: int) -> None:
+        # WatchService/Hold waits until cancelled; its request brings the buffers.
+        manifest = ttrpc_pb2.SharedMemoryManifest(payload=echo.pb.WatchRequest(tag='held').SerializeToString())
+        for handle in range(1, buffers + 1):
+            manifest.buffers.add(handle=handle, size=size)
+        envelope = ttrpc_pb2.Request(service='vyra.ipc.test.WatchService', method='Hold',
+                                     payload=manifest.SerializeToString(),
+                                     timeout_nano=int(LONG * 1e9)).SerializeToString()
+        peer.send_raw(frame_bytes(stream_id, REQUEST, SHARED, envelope), [fd] * buffers)
+
+    try:
+        with Peer.connect(server.ttrpc_path) as peer:
+            peer.request(1, *HELLO, ttrpc_pb2.Hello(shared_memory=True, cancel=True).SerializeToString())
+            peer.answer(1)
+            hold(peer, 3, 2)
+            hold(peer, 5, 1)
+            refused = peer.answer(5)
+            assert refused.code == 8  # RESOURCE_EXHAUSTED
+            assert ('the server holds 2 shared buffers of requests, 2 of them for this connection: 1 more '
+                    'would pass its limit (8, a quarter for one connection: max_held_buffers)') in refused.message
+            peer.request(7, ECHO_SERVICE, 'Echo', echo.pb.EchoRequest(text='on').SerializeToString())
+            assert echo.pb.EchoReply.FromString(peer.answer(7).payload).text == 'on'
+            peer.send(3, CANCEL, 0)  # the call ends: its buffers are no longer held
+            hold(peer, 9, 2)  # taken: the next one is refused again
+            hold(peer, 11, 1)
+            assert peer.answer(11).code == 8
+    finally:
+        os.close(fd)

@@ -1,5 +1,5 @@
 """What a peer may hold of a server: connections, streams, metadata, partial
-frames, unread answers.
+frames, unread answers, shared buffers.
 
 Every default is far above what a module uses in normal operation and far
 below what takes a machine down, so that a greedy or broken peer loses its
@@ -45,6 +45,11 @@ class ServerLimits:
     :param max_queued_bytes: bytes of answers waiting for one fast-lane peer
         that does not read them; beyond it that connection is closed. Never
         less than two messages of the server's ``max_message_bytes``.
+    :param max_held_buffers: explicit shared buffers (``SharedBuffer``) of
+        requests that the calls in flight hold, over all fast-lane
+        connections, one connection at most a quarter of them: each holds a
+        descriptor and a mapping until its call ends. A request that would
+        hold more is RESOURCE_EXHAUSTED.
     """
 
     max_connections: int = 1024
@@ -54,6 +59,7 @@ class ServerLimits:
     max_partial_bytes: int = 256 * _MIB
     max_call_duration: float = 3600.0
     max_queued_bytes: int = 64 * _MIB
+    max_held_buffers: int = 8192
 
     def __post_init__(self) -> None:
         for field in fields(self):

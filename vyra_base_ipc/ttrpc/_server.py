@@ -163,6 +163,8 @@ class TtrpcServer:
         #: Unread answer bytes one peer may leave: never less than two whole messages.
         self.queue_limit = max(limits.max_queued_bytes, 2 * self.frame_limit)
         self._partial_bytes = 0
+        #: Explicit shared buffers the calls of all connections hold (max_held_buffers).
+        self.held_buffers = 0
         self._refused = 0
         self._refusal_logged_at = -math.inf
         self._given_executor = executor

@@ -66,6 +66,8 @@ class ServerConnection(FramedConnection):
         #: The client process (SO_PEERCRED), known once connected.
         self.peer: PeerCredentials | None = None
         self.queue_limit = server.queue_limit
+        #: Explicit shared buffers this connection's calls hold (see _hold_buffers).
+        self.held_buffers = 0
         # Unfinished frame bytes counted in the server's total, frames seen,
         # and the timer of a frame that started (see data_received).
         self._partial = 0
@@ -312,6 +314,11 @@ class ServerConnection(FramedConnection):
         # (All positional: a class called with keywords makes a dict for its __init__.)
         context = context_class(deadline, metadata, handler.path, 'unix:', self.peer)
         if buffers is not None:
+            refusal = self._hold_buffers(len(buffers))
+            if refusal is not None:
+                buffers.close()
+                self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+                return
             context._buffers = buffers
         # Buffers go with a single answer, to a client that agreed; elsewhere inline.
         if self.agreement.shared_memory is not None and not handler.response_streaming:
@@ -374,9 +381,26 @@ class ServerConnection(FramedConnection):
 
     # -- lifecycle --------------------------------------------------------------------
 
+    def _hold_buffers(self, count: int) -> str | None:
+        """Count ``count`` more explicit buffers held by this connection's
+        calls; why not, if that would pass ``max_held_buffers``."""
+        server = self.server
+        limit = server.limits.max_held_buffers
+        if self.held_buffers + count > limit // 4 or server.held_buffers + count > limit:
+            return (f'the server holds {server.held_buffers} shared buffers of requests, '
+                    f'{self.held_buffers} of them for this connection: {count} more would pass its limit '
+                    f'({limit}, a quarter for one connection: max_held_buffers)')
+        self.held_buffers += count
+        server.held_buffers += count
+        return None
+
     def call_ended(self, call: Call) -> None:
         if self.calls.pop(call.stream_id, None) is not None:
             self.server._call_ended()
+            buffers = call.context._buffers
+            if buffers is not None:  # (their descriptors are closed: see Call._end)
+                self.held_buffers -= len(buffers)
+                self.server.held_buffers -= len(buffers)
         if self.server._stopping and not self.calls:
             self.close()
 
