@@ -20,6 +20,7 @@ import pytest
 
 from conftest import ServerProcess, StartServer, make_stale_socket, start_lanes, wait_for
 from ttrpc_peer import Peer
+from vyra_base_ipc import IPCHandler, SyncIPCHandler
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc._methods import stub_methods
 from vyra_base_ipc.exceptions import (
@@ -396,3 +397,63 @@ def test_async_connection_is_bound_to_its_event_loop(lanes: ServerProcess) -> No
         home.run_until_complete(connection.close())
     finally:
         home.close()
+
+
+# -- stream ids used up ---------------------------------------------------------------------------
+
+LAST_STREAM_ID = 2**32 - 1
+
+
+@pytest.mark.parametrize('client', ['sync', 'async'])
+def test_a_connection_that_used_up_its_stream_ids_says_so_and_counts_as_closed(
+        client: str, lanes: ServerProcess, echo: Any) -> None:
+    # Ids only increase and are 32 bits: a client's 2**31 calls (25 days at
+    # a thousand a second), then the connection must be replaced.
+    echo_method = stub_methods(echo.Stub)['Echo']
+
+    async def calls() -> None:
+        async with await AsyncConnection.connect(lanes.ttrpc_path) as connection:
+            await connection.call(echo_method, echo.pb.EchoRequest(text='hello'), timeout=10)
+            connection._protocol.core.next_id = LAST_STREAM_ID - 2
+            assert [(await connection.call(echo_method, echo.pb.EchoRequest(text=text), timeout=10)).text
+                    for text in ('last but one', 'last')] == ['last but one', 'last']
+            assert connection.is_closed
+            await connection.call(echo_method, echo.pb.EchoRequest(), timeout=10)
+
+    with pytest.raises(IPCUnavailableError) as raised:
+        if client == 'sync':
+            with SyncConnection.connect(lanes.ttrpc_path) as connection:
+                connection.call(echo_method, echo.pb.EchoRequest(text='hello'), timeout=10)
+                connection._core.next_id = LAST_STREAM_ID - 2
+                assert [connection.call(echo_method, echo.pb.EchoRequest(text=text), timeout=10).text
+                        for text in ('last but one', 'last')] == ['last but one', 'last']
+                assert connection.is_closed
+                connection.call(echo_method, echo.pb.EchoRequest(), timeout=10)
+        else:
+            asyncio.run(calls())
+    assert f'its stream ids are used up ({LAST_STREAM_ID}): open a new connection' in str(raised.value)
+
+
+@pytest.mark.parametrize('client', ['sync', 'async'])
+def test_handlers_open_a_new_connection_once_the_old_one_used_up_its_stream_ids(
+        client: str, lanes: ServerProcess, echo: Any) -> None:
+    options: dict[str, Any] = {'ttrpc_socket_path': lanes.ttrpc_path, 'lane': 'ttrpc', 'timeout': 10}
+    if client == 'sync':
+        with SyncIPCHandler(lanes.socket_path, echo.Stub, **options) as ipc:
+            ipc.call_method('Echo', echo.pb.EchoRequest(text='first'))
+            used = ipc._fast
+            used._core.next_id = LAST_STREAM_ID
+            texts = [ipc.call_method('Echo', echo.pb.EchoRequest(text=text)).text for text in ('last', 'next')]
+            assert ipc._fast is not used and used.is_closed
+    else:
+        async def calls() -> list[str]:
+            async with IPCHandler(lanes.socket_path, echo.Stub, **options) as ipc:
+                await ipc.call_method('Echo', echo.pb.EchoRequest(text='first'))
+                used = ipc._fast
+                used._protocol.core.next_id = LAST_STREAM_ID
+                texts = [(await ipc.call_method('Echo', echo.pb.EchoRequest(text=text))).text
+                         for text in ('last', 'next')]
+                assert ipc._fast is not used and used.is_closed
+                return texts
+        texts = asyncio.run(calls())
+    assert texts == ['last', 'next']

@@ -147,7 +147,7 @@ class _ClientProtocol(FramedConnection):
         if self.error is not None:
             prepared.discard()
             raise self.error
-        stream_id = self.core.register(target, prepared.method)
+        stream_id = self.core.register(target, prepared)
         self.send(prepared.frame(stream_id), prepared.take_fds())
         return stream_id
 
@@ -300,8 +300,9 @@ class AsyncConnection:
 
     @property
     def is_closed(self) -> bool:
-        """Whether the connection was closed or broke; calls would fail."""
-        return self._protocol.error is not None
+        """Whether the connection was closed, broke or used up its stream
+        ids; calls would fail (those in flight go on in the last case)."""
+        return self._protocol.error is not None or self._protocol.core.exhausted
 
     async def close(self) -> None:
         """Close the connection; calls in flight fail with

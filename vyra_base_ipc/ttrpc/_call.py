@@ -42,6 +42,7 @@ from ._frames import (
     FLAG_REMOTE_OPEN,
     FLAG_SHARED_MEMORY,
     HEADER,
+    MAX_STREAM_ID,
     Frame,
     FrameDecoder,
     MessageType,
@@ -452,9 +453,23 @@ class ClientCore:
         except (IPCError, DecodeError):
             self.agreement = _hello.PLAIN  # another ttrpc server: plain ttrpc
 
-    def register(self, target: Target, method: Method) -> int:
-        """Allocate the next stream id for a call and route its frames to ``target``."""
+    @property
+    def exhausted(self) -> bool:
+        """Whether every stream id of the connection is used: a new call
+        needs a new connection (as an HTTP/2 client's after GOAWAY)."""
+        return self.next_id > MAX_STREAM_ID
+
+    def register(self, target: Target, prepared: Prepared) -> int:
+        """Allocate the next stream id for the call ``prepared`` and route its frames to ``target``.
+
+        :raises IPCUnavailableError: the connection's stream ids are used up
+            (``prepared`` is discarded).
+        """
         stream_id = self.next_id
+        if stream_id > MAX_STREAM_ID:
+            prepared.discard()
+            raise lost(self.path, f'its stream ids are used up ({MAX_STREAM_ID}): open a new connection')
+        method = prepared.method
         self.next_id += 2
         self.streams[stream_id] = target
         if isinstance(target, ClientStream):

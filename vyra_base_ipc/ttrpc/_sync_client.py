@@ -173,9 +173,9 @@ class SyncConnection:
 
     @property
     def is_closed(self) -> bool:
-        """Whether the connection was closed, broke, or belongs to the parent
-        of this (forked) process."""
-        return self._error is not None or self._pid != this_process.pid
+        """Whether the connection was closed, broke, used up its stream ids
+        (calls in flight go on), or belongs to the parent of this (forked) process."""
+        return self._error is not None or self._pid != this_process.pid or self._core.exhausted
 
     def close(self) -> None:
         """Close the connection; calls in flight fail with
@@ -306,7 +306,7 @@ class SyncConnection:
                 if self._error is not None:
                     prepared.discard()
                     raise self._error
-                stream_id = self._core.register(stream, method)
+                stream_id = self._core.register(stream, prepared)
             try:
                 # The server's segments this end let go of leave with the request.
                 self._send_locked(prepared.frame(stream_id, self._core.release_frame()),
