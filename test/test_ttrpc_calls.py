@@ -457,3 +457,41 @@ def test_handlers_open_a_new_connection_once_the_old_one_used_up_its_stream_ids(
                 return texts
         texts = asyncio.run(calls())
     assert texts == ['last', 'next']
+
+
+@pytest.mark.parametrize('client', ['sync', 'async'])
+def test_a_full_listen_backlog_is_unavailable_at_once_not_an_untrusted_server(
+        client: str, socket_dir: Path) -> None:
+    # asyncio's sock_connect() took a Unix socket's EAGAIN for a connect in
+    # progress and returned a socket never connected: its peer looked like a
+    # process of uid -1, "untrusted".
+    path = socket_dir / 'busy.sock'
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)  # never accepts
+    queued: list[socket.socket] = []
+    try:
+        while True:  # fill the backlog
+            waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            waiting.setblocking(False)
+            queued.append(waiting)
+            try:
+                waiting.connect(str(path))
+            except BlockingIOError:
+                break
+            assert len(queued) < 64, 'the backlog never filled'
+
+        async def connect() -> None:
+            await AsyncConnection.connect(path)
+
+        with pytest.raises(IPCUnavailableError) as raised:
+            if client == 'sync':
+                SyncConnection.connect(path)
+            else:
+                asyncio.run(connect())
+        assert type(raised.value) is IPCUnavailableError  # not UntrustedServerError
+        assert f'{str(path)!r} takes no connection now: its listen backlog is full' in str(raised.value)
+    finally:
+        for waiting in queued:
+            waiting.close()
+        listener.close()

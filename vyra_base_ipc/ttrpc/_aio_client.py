@@ -31,7 +31,6 @@ from ._call import (
     deserialize,
     idle_error,
     lost,
-    not_accepted,
     prepare,
     timeout_error,
     unary_response,
@@ -203,8 +202,9 @@ class AsyncConnection:
         plain ttrpc.
 
         :param max_message_bytes: largest message sent or accepted.
-        :param timeout: seconds to wait for the connection to be accepted
-            (default :data:`~vyra_base_ipc.DEFAULT_TIMEOUT`).
+        :param timeout: validated as :meth:`SyncConnection.connect`'s; a
+            Unix socket connects at once or not at all (a full listen backlog
+            is :class:`IPCUnavailableError` at once, as there).
         :param shared_memory: options to offer, ``None`` to keep every message inline.
         :param stream_window: bytes of streamed messages the server may send
             on a stream before this end has taken them (flow control).
@@ -224,10 +224,11 @@ class AsyncConnection:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            await asyncio.wait_for(loop.sock_connect(sock, path), timeout)
-        except asyncio.TimeoutError:
-            sock.close()
-            raise not_accepted(path, timeout) from None
+            # A Unix socket connects at once or fails, with EAGAIN if the
+            # server's listen backlog is full (loop.sock_connect() waits on
+            # that as on a connect in progress, then returns a socket that
+            # never connected).
+            sock.connect(path)
         except OSError as error:
             sock.close()
             raise connect_error(path, error) from None

@@ -248,6 +248,8 @@ def connect_error(path: str, error: OSError) -> IPCUnavailableError:
         return nobody_listening(path)
     if isinstance(error, PermissionError):
         details = f'not allowed to connect to {path!r}: {error.strerror}'
+    elif isinstance(error, BlockingIOError):
+        details = f'{path!r} takes no connection now: its listen backlog is full ({error.strerror})'
     else:
         details = f'cannot connect to {path!r}: {error}'
     return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, details)
