@@ -242,3 +242,31 @@ def test_shared_buffers_held_by_calls_are_bounded_per_connection_and_come_back_a
             assert peer.answer(11).code == 8
     finally:
         os.close(fd)
+
+
+def test_descriptors_no_frame_claims_close_their_connection_after_the_frame_timeout(
+        start_server: StartServer, socket_dir: Path, echo: Any) -> None:
+    # They came with a frame that does not claim them; the peer goes on
+    # calling, but no frame takes a descriptor: after frame_timeout the
+    # connection is closed, not held with its descriptors for its life.
+    server = start_server(socket_dir / 'fds.sock', '--limits', json.dumps({'frame_timeout': 0.5}))
+    fd = memfd(size_class(1), SEAL_SHRINK | SEAL_GROW | SEAL_WRITE)
+    request = echo.pb.EchoRequest(text='on').SerializeToString()
+    calls = 0
+    try:
+        with Peer.connect(server.ttrpc_path, timeout=LONG) as peer:
+            peer.request(1, *HELLO, ttrpc_pb2.Hello(shared_memory=True).SerializeToString())
+            peer.answer(1)
+            peer.send_raw(frame_bytes(3, REQUEST, 0, ttrpc_pb2.Request(
+                service=ECHO_SERVICE, method='Echo', payload=request).SerializeToString()), [fd, fd])
+            assert echo.pb.EchoReply.FromString(peer.answer(3).payload).text == 'on'
+            with pytest.raises(ConnectionError):
+                while calls < 1_000_000:  # (about 20 s of calls; the timeout is 0.5 s)
+                    calls += 1
+                    peer.request(3 + 2 * calls, ECHO_SERVICE, 'Echo', request)
+                    peer.answer(3 + 2 * calls)
+    finally:
+        os.close(fd)
+    assert calls > 1  # calls went on, and did not keep the connection
+    assert '2 file descriptors not claimed by any frame for 0.5 s (frame_timeout)' in server.log()
+    assert served(server, echo)

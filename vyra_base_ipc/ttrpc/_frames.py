@@ -190,13 +190,16 @@ class FrameDecoder:
     :param max_length: the largest frame data accepted.
     """
 
-    __slots__ = ('max_length', '_buffer', '_skip', '_fds')
+    __slots__ = ('max_length', '_buffer', '_skip', '_fds', 'fds_taken')
 
     def __init__(self, max_length: int = DEFAULT_MAX_DATA_LENGTH) -> None:
         self.max_length = max_length
         self._buffer = bytearray()
         self._skip = 0
         self._fds: list[int] = []
+        #: Descriptors frames have taken so far (a peer whose descriptors
+        #: wait unclaimed makes no progress here).
+        self.fds_taken = 0
 
     @property
     def buffered(self) -> int:
@@ -230,6 +233,7 @@ class FrameDecoder:
                              f'{len(self._fds)} arrived with it')
         fds = self._fds[:count]
         del self._fds[:count]
+        self.fds_taken += count
         return fds
 
     def add_fds(self, fds: Sequence[int]) -> None:

@@ -73,6 +73,10 @@ class ServerConnection(FramedConnection):
         self._partial = 0
         self._frames_seen = 0
         self._frame_timer: asyncio.TimerHandle | None = None
+        # The timer of descriptors waiting for their frames, and how many
+        # frames had taken when it started (see _time_unclaimed_fds).
+        self._fds_timer: asyncio.TimerHandle | None = None
+        self._fds_taken = 0
 
     def in_flight(self) -> int:
         return len(self.calls)
@@ -101,9 +105,10 @@ class ServerConnection(FramedConnection):
         self.server._connections.discard(self)
         self.server._partial_bytes -= self._partial
         self._partial = 0
-        if self._frame_timer is not None:
-            self._frame_timer.cancel()
-            self._frame_timer = None
+        for timer in (self._frame_timer, self._fds_timer):
+            if timer is not None:
+                timer.cancel()
+        self._frame_timer = self._fds_timer = None
         if self.decoder.mid_frame:
             _logger.debug('ttrpc connection closed inside a frame (%d bytes pending)',
                           self.decoder.buffered)
@@ -127,6 +132,8 @@ class ServerConnection(FramedConnection):
     def data_received(self, data: bytes) -> None:
         frames_before = self._frames_seen
         FramedConnection.data_received(self, data)
+        if self._fds_timer is not None or self.decoder.queued_fds:
+            self._time_unclaimed_fds()
         if not self._partial and self._frame_timer is None and not self.decoder.mid_frame:
             return  # whole frames only, as usual: nothing held, nothing to time
         # Unfinished frames: bounded in bytes over all connections, and in
@@ -161,6 +168,35 @@ class ServerConnection(FramedConnection):
             return
         self.violation(f'a frame started {self.server.limits.frame_timeout:g} s ago has not arrived '
                        'whole (frame_timeout)')
+
+    def _time_unclaimed_fds(self) -> None:
+        # Descriptors arrive with the first byte of their batch, whose frames
+        # claim them: a peer that leaves some unclaimed for frame_timeout (no
+        # frame took any meanwhile) loses its connection, rather than holding
+        # up to MAX_QUEUED_FDS of the server's descriptors for its life.
+        decoder = self.decoder
+        if self.closed or not decoder.queued_fds:
+            if self._fds_timer is not None:
+                self._fds_timer.cancel()
+                self._fds_timer = None
+        elif self._fds_timer is None or decoder.fds_taken != self._fds_taken:
+            if self._fds_timer is not None:
+                self._fds_timer.cancel()
+            self._fds_taken = decoder.fds_taken
+            self._fds_timer = self.loop.call_later(self.server.limits.frame_timeout, self._fds_overdue)
+
+    def _fds_overdue(self, again: bool = False) -> None:
+        self._fds_timer = None
+        transport = self.transport
+        if self.closed or not self.decoder.queued_fds:
+            return
+        if not again and transport is not None and transport.has_unread_data():
+            # The claiming frame may wait in what the loop has not read yet:
+            # once more (a peer that keeps sending must not keep its descriptors).
+            self._fds_timer = self.loop.call_later(self.server.limits.frame_timeout, self._fds_overdue, True)
+            return
+        self.violation(f'{self.decoder.queued_fds} file descriptors not claimed by any frame for '
+                       f'{self.server.limits.frame_timeout:g} s (frame_timeout)')
 
     # -- frames -----------------------------------------------------------------------
 
