@@ -423,7 +423,7 @@ class ClientCore:
     """
 
     __slots__ = ('path', 'message_limit', 'decoder', 'offered', 'stream_window', 'agreement',
-                 'streams', 'next_id', 'hello', 'deliver')
+                 'streams', 'next_id', 'exhausted', 'hello', 'deliver')
 
     def __init__(self, path: str, message_limit: int, decoder: FrameDecoder,
                  shared_memory: SharedMemoryOptions | None, stream_window: int,
@@ -436,6 +436,9 @@ class ClientCore:
         self.agreement = _hello.PLAIN
         self.streams: dict[int, Target] = {}
         self.next_id = 1
+        #: Whether every stream id of the connection is used: a new call
+        #: needs a new connection (as an HTTP/2 client's after GOAWAY).
+        self.exhausted = False
         #: The Hello's target while nobody has settled its answer.
         self.hello: Target = None
         self.deliver = deliver
@@ -455,12 +458,6 @@ class ClientCore:
         except (IPCError, DecodeError):
             self.agreement = _hello.PLAIN  # another ttrpc server: plain ttrpc
 
-    @property
-    def exhausted(self) -> bool:
-        """Whether every stream id of the connection is used: a new call
-        needs a new connection (as an HTTP/2 client's after GOAWAY)."""
-        return self.next_id > MAX_STREAM_ID
-
     def register(self, target: Target, prepared: Prepared) -> int:
         """Allocate the next stream id for the call ``prepared`` and route its frames to ``target``.
 
@@ -468,9 +465,11 @@ class ClientCore:
             (``prepared`` is discarded).
         """
         stream_id = self.next_id
-        if stream_id > MAX_STREAM_ID:
-            prepared.discard()
-            raise lost(self.path, f'its stream ids are used up ({MAX_STREAM_ID}): open a new connection')
+        if stream_id >= MAX_STREAM_ID:
+            if stream_id > MAX_STREAM_ID:
+                prepared.discard()
+                raise lost(self.path, f'its stream ids are used up ({MAX_STREAM_ID}): open a new connection')
+            self.exhausted = True  # (this call takes the last one)
         method = prepared.method
         self.next_id += 2
         self.streams[stream_id] = target
