@@ -270,3 +270,29 @@ def test_descriptors_no_frame_claims_close_their_connection_after_the_frame_time
     assert calls > 1  # calls went on, and did not keep the connection
     assert '2 file descriptors not claimed by any frame for 0.5 s (frame_timeout)' in server.log()
     assert served(server, echo)
+
+
+def test_a_client_that_does_not_read_gets_answers_inline_once_new_memfds_worth_the_queue_limit_wait_for_it(
+        start_server: StartServer, socket_dir: Path, echo: Any) -> None:
+    # Without pooled segments each large message is a new memfd in a frame
+    # of a few bytes: the socket's flow control would let thousands wait
+    # unread. Past queue_limit of them (here about 4 MiB: two messages of at
+    # most 2 MiB) until the client has read, messages go inline, where flow
+    # control holds the stream.
+    server = start_server(socket_dir / 'unread.sock', '--max-message-bytes', str(2 * MiB),
+                          '--shared-memory-threshold', str(THRESHOLD),
+                          '--limits', json.dumps({'max_queued_bytes': MiB}))
+
+    def lane() -> Any:
+        with SyncIPCHandler(server.socket_path, IntrospectionStub, lane='grpc') as handler:
+            stats = handler.call_method('GetStats', StatsRequest())
+        return next(lane for lane in stats.lanes if lane.lane == 'ttrpc')
+
+    with Peer.connect(server.ttrpc_path, timeout=LONG) as peer:
+        peer.request(1, *HELLO, ttrpc_pb2.Hello(shared_memory=True).SerializeToString())  # no pool
+        peer.answer(1)
+        watch = echo.pb.WatchRequest(tag='unread', size=MiB, count=40).SerializeToString()
+        peer.request(3, 'vyra.ipc.test.WatchService', 'Watch', watch, timeout_nano=int(LONG * 1e9))
+        wait_for(lambda: lane().inline_bytes_sent >= MiB, LONG, 'a message to go inline')
+        shared = lane().shared_memory_bytes_sent
+        assert 2 * MiB <= shared <= 5 * MiB  # (the old server sent all 40 in new memfds)

@@ -15,6 +15,7 @@ first call waits for.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 from .. import ttrpc_pb2
 from .._payload import SharedMemoryOptions
@@ -42,6 +43,9 @@ class Agreement:
     :ivar segments: the connection's pooled shared memory (lends both
         ways), if both ends agreed on it; else ``None`` and every segment is
         a new memfd sealed against writes.
+    :ivar new_memfd: whether a message of that many bytes may go to the
+        peer in a new memfd (no pooled segment for it) rather than inline;
+        ``None``: always (see ``ServerConnection.may_send_memfd``).
     """
 
     shared_memory: SharedMemoryOptions | None = None
@@ -49,6 +53,7 @@ class Agreement:
     send_window: int = 0
     receive_window: int = 0
     segments: SegmentLink | None = None
+    new_memfd: Callable[[int], bool] | None = None
 
 
 #: A connection without extensions: a peer that is not vyra_base_ipc.
@@ -72,8 +77,9 @@ def _link(shared_memory: SharedMemoryOptions | None, hello: ttrpc_pb2.Hello) -> 
 
 
 def accept(request: bytes | memoryview, shared_memory: SharedMemoryOptions | None,
-           stream_window: int) -> tuple[Agreement, bytes]:
-    """The server's side: what it agrees to for a client's Hello, and its answer.
+           stream_window: int, new_memfd: Callable[[int], bool] | None = None) -> tuple[Agreement, bytes]:
+    """The server's side: what it agrees to for a client's Hello, and its
+    answer. ``new_memfd`` becomes :attr:`Agreement.new_memfd`.
 
     :raises google.protobuf.message.DecodeError: the request is not a Hello.
     """
@@ -84,7 +90,8 @@ def accept(request: bytes | memoryview, shared_memory: SharedMemoryOptions | Non
         cancel=hello.cancel,
         send_window=hello.stream_window,
         receive_window=stream_window if hello.stream_window else 0,
-        segments=_link(shared, hello))
+        segments=_link(shared, hello),
+        new_memfd=new_memfd)
     answer = ttrpc_pb2.Hello(shared_memory=agreement.shared_memory is not None, cancel=agreement.cancel,
                              stream_window=agreement.receive_window,
                              segment_pool=agreement.segments is not None)

@@ -68,6 +68,8 @@ class ServerConnection(FramedConnection):
         self.queue_limit = server.queue_limit
         #: Explicit shared buffers this connection's calls hold (see _hold_buffers).
         self.held_buffers = 0
+        # Bytes sent in new memfds since the client last had read everything (may_send_memfd).
+        self._memfd_bytes = 0
         # Unfinished frame bytes counted in the server's total, frames seen,
         # and the timer of a frame that started (see data_received).
         self._partial = 0
@@ -402,7 +404,8 @@ class ServerConnection(FramedConnection):
             return
         server = self.server
         try:
-            self.agreement, answer = _hello.accept(payload, server.shared_memory, server.stream_window)
+            self.agreement, answer = _hello.accept(payload, server.shared_memory, server.stream_window,
+                                                   self.may_send_memfd)
         except DecodeError as error:
             self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT, f'malformed Hello: {error}')
             return
@@ -410,6 +413,21 @@ class ServerConnection(FramedConnection):
         if self.agreement.segments is not None:  # RELEASE frames leave from the loop
             self.agreement.segments.attach(self.loop, self.send)
         self.send(encode_frame(stream_id, _RESPONSE, 0, encode_ok_response(answer)))
+
+    def may_send_memfd(self, size: int) -> bool:
+        """Whether a message of ``size`` bytes may go to the client in a new
+        memfd (no pooled segment for it: none agreed, or the client holds
+        its share). Such memfds are not bounded by the socket's flow control
+        (their frames are tiny): at most ``queue_limit`` bytes of them go out
+        until the client has read everything sent to it; then messages
+        travel inline, and flow control holds a client that does not read."""
+        if self._memfd_bytes + size > self.server.queue_limit:
+            transport = self.transport
+            if transport is None or transport.unread_by_peer():
+                return False
+            self._memfd_bytes = 0  # all read: what the client holds now is its own doing
+        self._memfd_bytes += size
+        return True
 
     def reject(self, stream_id: int, code: grpc.StatusCode, details: str) -> None:
         """Answer a stream that never became a call."""

@@ -69,27 +69,31 @@ def outgoing(payload: bytes, agreement: Agreement, buffers: Sequence[SharedBuffe
     options = agreement.shared_memory
     assert options is not None  # else it went inline
     try:
-        manifest, fds = pack(payload, options.threshold, buffers, agreement.segments,  # type: ignore[misc]
-                             lends)
+        packed = pack(payload, options.threshold, buffers, agreement.segments, lends, agreement.new_memfd)
     except SharedMemoryError as error:
         if buffers:
             raise
         _logger.warning('sending %d bytes inline: %s', len(payload), error)
         return payload, [], 0
+    if packed is None:  # no new memfd for it now
+        return payload, [], 0
+    manifest, fds = packed
     return manifest, fds, FLAG_SHARED_MEMORY
 
 
 def pack(payload: bytes, threshold: int, buffers: Sequence[SharedBuffer] = (),
-         link: SegmentLink | None = None, lends: list[int] | None = None
-         ) -> tuple[bytes, list[int]] | None:
+         link: SegmentLink | None = None, lends: list[int] | None = None,
+         new_memfd: Callable[[int], bool] | None = None) -> tuple[bytes, list[int]] | None:
     """The manifest and descriptors that replace ``payload`` in a frame, or
-    ``None`` if it goes inline as it is (not above ``threshold``, no buffers).
+    ``None`` if it goes inline as it is (not above ``threshold``, or no new
+    memfd for it, and no buffers).
 
     With ``link`` (pooled segments agreed), the message is copied into a
     segment of this process's pool and lent, and so are pooled buffers;
     without, or when the pool is exhausted, it is written into a new memfd
-    sealed against writes. The caller owns the returned descriptors (passes
-    them with the frame, then closes them).
+    sealed against writes, if ``new_memfd(size)`` allows (else it stays in
+    the frame). The caller owns the returned descriptors (passes them with
+    the frame, then closes them).
 
     :raises SharedMemoryError: shared memory could not be created.
     """
@@ -100,13 +104,16 @@ def pack(payload: bytes, threshold: int, buffers: Sequence[SharedBuffer] = (),
     made: list[int] = []
     try:
         manifest = Manifest()
-        if size > threshold:
-            lend, segment_id = _lend_payload(payload, link, fds)
+        placed = _lend_payload(payload, link, fds, new_memfd) if size > threshold else None
+        if placed is not None:
+            lend, segment_id = placed
             if lend:
                 made.append(lend)
                 manifest.payload_lend = lend
                 manifest.payload_segment = segment_id
             manifest.payload_size = size
+        elif not buffers:
+            return None
         else:
             manifest.payload = payload
         for buffer in buffers:
@@ -125,10 +132,12 @@ def pack(payload: bytes, threshold: int, buffers: Sequence[SharedBuffer] = (),
     return manifest.SerializeToString(), fds
 
 
-def _lend_payload(payload: bytes, link: SegmentLink | None, fds: list[int]) -> tuple[int, int]:
+def _lend_payload(payload: bytes, link: SegmentLink | None, fds: list[int],
+                  new_memfd: Callable[[int], bool] | None) -> tuple[int, int] | None:
     """Put a message into shared memory, its descriptor into ``fds``: a
     pooled segment lent on ``link`` (return the lend id and the segment's),
-    else a new sealed memfd (return zeros)."""
+    else a new sealed memfd (return zeros) if ``new_memfd`` allows (else
+    ``None``: it stays in the frame)."""
     segment = None
     pool = segment_pool()
     if link is not None and link.may_lend(size_class(len(payload)), pool.max_bytes):
@@ -138,6 +147,8 @@ def _lend_payload(payload: bytes, link: SegmentLink | None, fds: list[int]) -> t
         except SharedMemoryError as error:
             _logger.debug('no pooled segment: %s', error)
     if segment is None:
+        if new_memfd is not None and not new_memfd(len(payload)):
+            return None
         fds.append(seal_bytes(payload))
         return 0, 0
     try:

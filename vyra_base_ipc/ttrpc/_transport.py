@@ -22,8 +22,11 @@ import array
 import asyncio
 import collections
 import errno
+import fcntl
 import logging
 import socket
+import struct
+import termios
 import threading
 from typing import Any, Callable, Sequence
 
@@ -315,6 +318,15 @@ class UnixTransport(asyncio.Transport):
             return bool(self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
         except OSError:  # nothing there (EAGAIN), or the socket is gone
             return False
+
+    def unread_by_peer(self) -> int:
+        """Bytes written that the peer has not read yet: those buffered here
+        and those in the socket (``SIOCOUTQ``)."""
+        try:
+            queued = struct.unpack('i', fcntl.ioctl(self._fileno, termios.TIOCOUTQ, b'\0\0\0\0'))[0]
+        except OSError:  # the socket is gone
+            queued = 0
+        return self._buffered + queued
 
     def get_write_buffer_size(self) -> int:
         return self._buffered
