@@ -386,3 +386,49 @@ def test_a_server_sending_past_the_window_fails_that_stream_and_it_is_cancelled(
         assert cancelled.wait(10)
     finally:
         server.close()
+
+
+@pytest.mark.parametrize('client', ['sync', 'async'])
+def test_a_client_sends_no_more_new_memfds_to_a_server_that_does_not_read_than_two_messages_worth(
+        client: str, socket_dir: Path, echo: Any) -> None:
+    # A request in a new memfd (no pooled segment agreed) travels in a frame
+    # of a few bytes: without a bound, each call to a stuck server would
+    # leave one more in its socket. Past two messages (of at most 2 MiB
+    # here) not read, requests go inline, where the socket holds them back.
+    from vyra_base_ipc import SharedMemoryOptions
+    from vyra_base_ipc.exceptions import IPCError
+    done = threading.Event()
+    arrived: list[WireFrame] = []
+
+    def stuck(peer: Peer) -> None:
+        assert peer.read_frame().stream_id == 1
+        peer.respond(1, ttrpc_pb2.Hello(shared_memory=True).SerializeToString())  # no pooled segments
+        done.wait(30)
+        arrived.extend(peer.frames_until_closed())
+    server = PeerServer(socket_dir / 'stuck.sock', stuck)
+    echo_method = stub_methods(echo.Stub)['Echo']
+    request = echo.pb.EchoRequest(payload=bytes(1 << 20))
+    options: dict[str, Any] = {'shared_memory': SharedMemoryOptions(threshold=4096),
+                               'max_message_bytes': 2 << 20, 'busy_poll': 0}
+    try:
+        if client == 'sync':
+            with SyncConnection.connect(server.path, **options) as connection:
+                for _ in range(10):
+                    with pytest.raises(IPCError):
+                        connection.call(echo_method, request, timeout=0.05)
+        else:
+            async def calls() -> None:
+                async with await AsyncConnection.connect(server.path, **options) as connection:
+                    for _ in range(10):
+                        with pytest.raises(IPCError):
+                            await connection.call(echo_method, request, timeout=0.05)
+            asyncio.run(calls())
+        done.set()
+        server.close()
+        memfds = sum(len(frame.fds) for frame in arrived)
+        assert 1 <= memfds <= 4  # 4 MiB of them, then inline (the old clients: 10)
+    finally:
+        done.set()
+        for frame in arrived:
+            for fd in frame.fds:
+                os.close(fd)

@@ -102,7 +102,8 @@ class _ClientProtocol(FramedConnection):
         #: How long a waiting call keeps the loop awake; one policy for the
         #: connection, whose calls all run on one loop.
         self.busy_poll = busy_poll
-        self.core = ClientCore(path, message_limit, self.decoder, shared_memory, stream_window, _deliver)
+        self.core = ClientCore(path, message_limit, self.decoder, shared_memory, stream_window, _deliver,
+                               self._unread_by_server)
         self.accepts_fds = shared_memory is not None
         #: Why the connection is unusable (closed, lost), else None.
         self.error: IPCUnavailableError | None = None
@@ -110,6 +111,9 @@ class _ClientProtocol(FramedConnection):
 
     def in_flight(self) -> int:
         return len(self.core.streams)
+
+    def _unread_by_server(self) -> int:
+        return 1 if self.transport is None else self.transport.unread_by_peer()
 
     def frame_received(self, item: Frame | OversizedFrame) -> None:
         reason = self.core.route(item)

@@ -61,7 +61,7 @@ from ._messages import (
     request_prefix,
 )
 from ._segment_link import SegmentLink
-from ._shared_memory import goes_inline, outgoing, unpack
+from ._shared_memory import MemfdGate, goes_inline, outgoing, unpack
 
 __all__ = ['ClientCore', 'ClientStream', 'Item', 'Outcome', 'Prepared', 'SenderFailed', 'unary_response']
 
@@ -423,11 +423,11 @@ class ClientCore:
     """
 
     __slots__ = ('path', 'message_limit', 'decoder', 'offered', 'stream_window', 'agreement',
-                 'streams', 'next_id', 'exhausted', 'hello', 'deliver')
+                 'streams', 'next_id', 'exhausted', 'hello', 'deliver', 'memfd_gate')
 
     def __init__(self, path: str, message_limit: int, decoder: FrameDecoder,
                  shared_memory: SharedMemoryOptions | None, stream_window: int,
-                 deliver: Callable[[Target, Item], None]) -> None:
+                 deliver: Callable[[Target, Item], None], unread: Callable[[], int]) -> None:
         self.path = path
         self.message_limit = message_limit
         self.decoder = decoder
@@ -442,6 +442,8 @@ class ClientCore:
         #: The Hello's target while nobody has settled its answer.
         self.hello: Target = None
         self.deliver = deliver
+        # Requests in new memfds: two messages of them unread at most (see MemfdGate).
+        self.memfd_gate = MemfdGate(2 * message_limit, unread)
 
     def hello_request(self) -> Prepared:
         """The Hello, sent first on the connection (its answer settles the agreement)."""
@@ -454,7 +456,7 @@ class ClientCore:
         self.streams.pop(1, None)
         try:
             answer = Outcome(HELLO, self.message_limit).unary(item)
-            self.agreement = _hello.settle(answer, self.offered, self.stream_window)
+            self.agreement = _hello.settle(answer, self.offered, self.stream_window, self.memfd_gate)
         except (IPCError, DecodeError):
             self.agreement = _hello.PLAIN  # another ttrpc server: plain ttrpc
 

@@ -45,7 +45,7 @@ class Agreement:
         a new memfd sealed against writes.
     :ivar new_memfd: whether a message of that many bytes may go to the
         peer in a new memfd (no pooled segment for it) rather than inline;
-        ``None``: always (see ``ServerConnection.may_send_memfd``).
+        ``None``: always (see :class:`._shared_memory.MemfdGate`).
     """
 
     shared_memory: SharedMemoryOptions | None = None
@@ -98,9 +98,11 @@ def accept(request: bytes | memoryview, shared_memory: SharedMemoryOptions | Non
     return agreement, answer.SerializeToString()
 
 
-def settle(answer: bytes, shared_memory: SharedMemoryOptions | None, stream_window: int) -> Agreement:
+def settle(answer: bytes, shared_memory: SharedMemoryOptions | None, stream_window: int,
+           new_memfd: Callable[[int], bool] | None = None) -> Agreement:
     """The client's side: what is agreed, given the server's answer to its
-    Hello (which offered ``shared_memory`` and ``stream_window``).
+    Hello (which offered ``shared_memory`` and ``stream_window``);
+    ``new_memfd`` becomes :attr:`Agreement.new_memfd`.
 
     :raises google.protobuf.message.DecodeError: the answer is not a Hello.
     """
@@ -110,4 +112,4 @@ def settle(answer: bytes, shared_memory: SharedMemoryOptions | None, stream_wind
                      cancel=hello.cancel,
                      send_window=hello.stream_window,
                      receive_window=stream_window if hello.stream_window else 0,
-                     segments=_link(shared, hello))
+                     segments=_link(shared, hello), new_memfd=new_memfd)

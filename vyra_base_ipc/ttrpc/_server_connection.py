@@ -32,7 +32,7 @@ from ._frames import (
     window_increment,
 )
 from ._messages import Request, encode_ok_response, encode_response, metadata_from_wire
-from ._shared_memory import unpack
+from ._shared_memory import MemfdGate, unpack
 
 if TYPE_CHECKING:
     from ._server import TtrpcServer
@@ -68,8 +68,8 @@ class ServerConnection(FramedConnection):
         self.queue_limit = server.queue_limit
         #: Explicit shared buffers this connection's calls hold (see _hold_buffers).
         self.held_buffers = 0
-        # Bytes sent in new memfds since the client last had read everything (may_send_memfd).
-        self._memfd_bytes = 0
+        # Messages in new memfds: at most the queue limit of them unread (see MemfdGate).
+        self._memfd_gate = MemfdGate(server.queue_limit, self._unread_by_client)
         # Unfinished frame bytes counted in the server's total, frames seen,
         # and the timer of a frame that started (see data_received).
         self._partial = 0
@@ -405,7 +405,7 @@ class ServerConnection(FramedConnection):
         server = self.server
         try:
             self.agreement, answer = _hello.accept(payload, server.shared_memory, server.stream_window,
-                                                   self.may_send_memfd)
+                                                   self._memfd_gate)
         except DecodeError as error:
             self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT, f'malformed Hello: {error}')
             return
@@ -414,20 +414,8 @@ class ServerConnection(FramedConnection):
             self.agreement.segments.attach(self.loop, self.send)
         self.send(encode_frame(stream_id, _RESPONSE, 0, encode_ok_response(answer)))
 
-    def may_send_memfd(self, size: int) -> bool:
-        """Whether a message of ``size`` bytes may go to the client in a new
-        memfd (no pooled segment for it: none agreed, or the client holds
-        its share). Such memfds are not bounded by the socket's flow control
-        (their frames are tiny): at most ``queue_limit`` bytes of them go out
-        until the client has read everything sent to it; then messages
-        travel inline, and flow control holds a client that does not read."""
-        if self._memfd_bytes + size > self.server.queue_limit:
-            transport = self.transport
-            if transport is None or transport.unread_by_peer():
-                return False
-            self._memfd_bytes = 0  # all read: what the client holds now is its own doing
-        self._memfd_bytes += size
-        return True
+    def _unread_by_client(self) -> int:
+        return 1 if self.transport is None else self.transport.unread_by_peer()
 
     def reject(self, stream_id: int, code: grpc.StatusCode, details: str) -> None:
         """Answer a stream that never became a call."""

@@ -34,11 +34,36 @@ from ._frames import FLAG_SHARED_MEMORY
 from ._hello import Agreement
 from ._segment_link import SegmentLink
 
-__all__ = ['goes_inline', 'outgoing', 'pack', 'unpack']
+__all__ = ['MemfdGate', 'goes_inline', 'outgoing', 'pack', 'unpack']
 
 _logger = logging.getLogger(__name__)
 
 Manifest = ttrpc_pb2.SharedMemoryManifest
+
+
+class MemfdGate:
+    """Whether a message may go to the peer in a new memfd (no pooled
+    segment for it) rather than inline: such a memfd travels in a frame of
+    a few bytes, which the socket's flow control hardly slows. At most
+    ``limit`` bytes of them go out until the peer has read everything sent
+    to it (``unread()`` returns 0); meanwhile messages go inline, where flow
+    control holds a peer that does not read. Approximate when threads send
+    at once (the bound then holds per thread)."""
+
+    __slots__ = ('limit', '_unread', '_sent')
+
+    def __init__(self, limit: int, unread: Callable[[], int]) -> None:
+        self.limit = limit
+        self._unread = unread
+        self._sent = 0
+
+    def __call__(self, size: int) -> bool:
+        if self._sent + size > self.limit:
+            if self._unread():
+                return False
+            self._sent = 0  # all read: what the peer holds now is its own doing
+        self._sent += size
+        return True
 
 
 def goes_inline(size: int, agreement: Agreement, buffers: Sequence[SharedBuffer] = ()) -> bool:

@@ -44,7 +44,7 @@ from ._call import (
 from ._flow import DEFAULT_STREAM_WINDOW
 from ._frames import FLAG_SHARED_MEMORY, MAX_QUEUED_FDS, Frame, FrameDecoder, encode_window_update
 from ._messages import ENVELOPE_ALLOWANCE, Metadata
-from ._transport import MSG_CTRUNC, received_fds
+from ._transport import MSG_CTRUNC, received_fds, unread_in_socket
 
 __all__ = ['SyncConnection']
 
@@ -106,7 +106,7 @@ class SyncConnection:
         self._state_lock = threading.Lock()
         # (state lock) The calls, the agreement, the routing of frames.
         self._core = ClientCore(socket_path, max_message_bytes, self._decoder, shared_memory,
-                                stream_window, _SyncStream.push)
+                                stream_window, _SyncStream.push, lambda: unread_in_socket(sock.fileno()))
         # (state lock) Control frames waiting for the send lock.
         self._control: list[bytes] = []
         self._reading = False

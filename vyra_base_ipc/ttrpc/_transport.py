@@ -321,12 +321,8 @@ class UnixTransport(asyncio.Transport):
 
     def unread_by_peer(self) -> int:
         """Bytes written that the peer has not read yet: those buffered here
-        and those in the socket (``SIOCOUTQ``)."""
-        try:
-            queued = struct.unpack('i', fcntl.ioctl(self._fileno, termios.TIOCOUTQ, b'\0\0\0\0'))[0]
-        except OSError:  # the socket is gone
-            queued = 0
-        return self._buffered + queued
+        and those in the socket (:func:`unread_in_socket`)."""
+        return self._buffered + unread_in_socket(self._fileno)
 
     def get_write_buffer_size(self) -> int:
         return self._buffered
@@ -373,6 +369,15 @@ class UnixTransport(asyncio.Transport):
             self._protocol.connection_lost(error)
         finally:
             self._sock.close()
+
+
+def unread_in_socket(fileno: int) -> int:
+    """Bytes sent on a Unix socket that its peer has not read yet
+    (``SIOCOUTQ``, counting the kernel's overhead); 0 if it is gone."""
+    try:
+        return int(struct.unpack('i', fcntl.ioctl(fileno, termios.TIOCOUTQ, b'\0\0\0\0'))[0])
+    except (OSError, ValueError):  # (closed: -1)
+        return 0
 
 
 def accept_connections(loop: asyncio.AbstractEventLoop, listener: socket.socket,
