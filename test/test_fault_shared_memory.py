@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from conftest import LONG, ServerProcess, StartServer, wait_for
-from ttrpc_peer import REQUEST, SHARED, Peer, frame_bytes
+from ttrpc_peer import DATA, REMOTE_OPEN, REQUEST, SHARED, Peer, frame_bytes
 from vyra_base_ipc import IPCRemoteError, SharedMemoryOptions, SyncIPCHandler, ttrpc_pb2
 from vyra_base_ipc._payload import MAX_BUFFERS_PER_MESSAGE
 from vyra_base_ipc._segment_pool import size_class
@@ -296,3 +296,36 @@ def test_a_client_that_does_not_read_gets_answers_inline_once_new_memfds_worth_t
         wait_for(lambda: lane().inline_bytes_sent >= MiB, LONG, 'a message to go inline')
         shared = lane().shared_memory_bytes_sent
         assert 2 * MiB <= shared <= 5 * MiB  # (the old server sent all 40 in new memfds)
+
+
+def test_streamed_requests_in_shared_memory_waiting_for_their_handler_count_in_the_connections_share(
+        start_server: StartServer, socket_dir: Path, echo: Any) -> None:
+    # However small, each waits with a mapping (and before Python 3.13 a
+    # descriptor): the window's bytes do not bound them. Absorb takes one
+    # message and waits; the connection's quarter of 8 is 2.
+    server = start_server(socket_dir / 'streamed.sock', '--shared-memory-threshold', str(THRESHOLD),
+                          '--limits', json.dumps({'max_held_buffers': 8}))
+    message = echo.pb.WatchRequest(tag='streamed', count=1).SerializeToString()
+    manifest = ttrpc_pb2.SharedMemoryManifest(payload_size=len(message)).SerializeToString()
+    fds = []
+    try:
+        with Peer.connect(server.ttrpc_path) as peer:
+            peer.request(1, *HELLO, ttrpc_pb2.Hello(shared_memory=True, stream_window=1 << 20).SerializeToString())
+            peer.answer(1)
+            peer.request(3, 'vyra.ipc.test.WatchService', 'Absorb', message, flags=REMOTE_OPEN,
+                         timeout_nano=int(LONG * 1e9))
+            for _ in range(3):  # the handler reads none of them: it waits
+                fd = os.memfd_create('streamed', os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+                fds.append(fd)
+                os.write(fd, message)
+                fcntl.fcntl(fd, F_ADD_SEALS, SEAL_SHRINK | SEAL_GROW | SEAL_WRITE)
+                peer.send_raw(frame_bytes(3, DATA, SHARED, manifest), [fd])
+            answer = peer.answer(3)
+            assert answer.code == 8  # RESOURCE_EXHAUSTED
+            assert ("this connection's calls hold 0 shared buffers and 2 streamed requests in shared memory "
+                    'not read yet: no more (a quarter of max_held_buffers)') in answer.message
+            peer.request(5, ECHO_SERVICE, 'Echo', echo.pb.EchoRequest(text='on').SerializeToString())
+            assert echo.pb.EchoReply.FromString(peer.answer(5).payload).text == 'on'
+    finally:
+        for fd in fds:
+            os.close(fd)

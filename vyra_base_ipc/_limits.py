@@ -49,7 +49,9 @@ class ServerLimits:
         requests that the calls in flight hold, over all fast-lane
         connections, one connection at most a quarter of them: each holds a
         descriptor and a mapping until its call ends. A request that would
-        hold more is RESOURCE_EXHAUSTED.
+        hold more is RESOURCE_EXHAUSTED. A connection's streamed requests in
+        shared memory that wait for their handler count in its quarter too
+        (a stream past it fails).
     """
 
     max_connections: int = 1024

@@ -552,9 +552,9 @@ class Call:
 
     # -- data from the client ---------------------------------------------------------
 
-    def data(self, frame: Frame, payload: bytes | memoryview) -> None:
+    def data(self, frame: Frame, payload: bytes | memoryview, shared: bool = False) -> None:
         """A data frame of this call, with its message (resolved from shared
-        memory if the frame came that way)."""
+        memory if the frame came that way: ``shared``)."""
         requests = self.requests
         if requests is None:
             self.fail(grpc.StatusCode.INVALID_ARGUMENT,
@@ -568,7 +568,7 @@ class Call:
                 self.fail(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f'Received message larger than max ({len(payload)} vs. {server.max_message_bytes})')
                 return
-            requests.feed(payload)
+            requests.feed(payload, shared)
             overrun = requests.overrun(len(payload), self.connection.request_backlog_bytes)
             if overrun is not None:
                 self.fail(grpc.StatusCode.RESOURCE_EXHAUSTED, overrun)

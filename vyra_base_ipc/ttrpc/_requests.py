@@ -20,7 +20,7 @@ class Requests:
     loop, read by the handler; grants the client more as the handler reads
     (flow control, when agreed)."""
 
-    __slots__ = ('_deserialize', 'window', '_grant', 'pending_bytes')
+    __slots__ = ('_deserialize', 'window', '_grant', 'pending_bytes', 'shared_fed', 'shared_taken')
 
     def __init__(self, deserialize: Callable[[bytes | memoryview], Any], window: ReceiveWindow | None,
                  grant: Callable[[int], None]) -> None:
@@ -29,6 +29,22 @@ class Requests:
         self.window = window
         self._grant = grant
         self.pending_bytes = 0
+        # Messages in shared memory fed (by the loop) and taken (by the
+        # handler): each holds a mapping while it waits (see shared_pending()).
+        self.shared_fed = 0
+        self.shared_taken = 0
+
+    def shared_pending(self) -> int:
+        """Messages in shared memory the handler has not taken yet."""
+        return self.shared_fed - self.shared_taken
+
+    def _item(self, payload: bytes | memoryview, shared: bool) -> Any:
+        # (The loop's side of feed(): what to queue.)
+        self.pending_bytes += len(payload)
+        if not shared:
+            return payload
+        self.shared_fed += 1
+        return _Shared(payload)
 
     def overrun(self, size: int, backlog: int) -> str | None:
         """After :meth:`feed` of a message of ``size`` bytes: why the client
@@ -45,12 +61,28 @@ class Requests:
                     f'(limit {backlog})')
         return None
 
-    def _taken(self, payload: bytes | memoryview) -> Any:
+    def _taken(self, item: Any) -> Any:
+        if item.__class__ is _Shared:
+            self.shared_taken += 1
+            item = item.view
+        payload: bytes | memoryview = item
         if self.window is not None:
             increment = self.window.taken(len(payload))
             if increment:
                 self._grant(increment)
         return self._deserialize(payload)
+
+
+class _Shared:
+    """A queued message in shared memory (counted by Requests.shared_pending())."""
+
+    __slots__ = ('view',)
+
+    def __init__(self, view: bytes | memoryview) -> None:
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.view)
 
 
 class AsyncRequests(Requests):
@@ -61,13 +93,13 @@ class AsyncRequests(Requests):
     def __init__(self, loop: asyncio.AbstractEventLoop, *args: Any) -> None:
         super().__init__(*args)
         self._loop = loop
-        self._items: collections.deque[bytes | memoryview] = collections.deque()
+        self._items: collections.deque[Any] = collections.deque()
         self._closed = False
         self._waiter: asyncio.Future[None] | None = None
 
-    def feed(self, payload: bytes | memoryview) -> None:
-        self._items.append(payload)
-        self.pending_bytes += len(payload)
+    def feed(self, payload: bytes | memoryview, shared: bool = False) -> None:
+        """Queue a message (``shared``: it is a view of shared memory)."""
+        self._items.append(self._item(payload, shared))
         self._wake()
 
     def close(self) -> None:
@@ -117,10 +149,11 @@ class SyncRequests(Requests):
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
 
-    def feed(self, payload: bytes | memoryview) -> None:
+    def feed(self, payload: bytes | memoryview, shared: bool = False) -> None:
+        """Queue a message (``shared``: it is a view of shared memory)."""
         with self._lock:
-            self.pending_bytes += len(payload)
-        self._queue.put(payload)
+            item = self._item(payload, shared)
+        self._queue.put(item)
 
     def close(self) -> None:
         """The client sent its last message: the handler reads what is queued, then stops."""

@@ -249,15 +249,23 @@ class ServerConnection(FramedConnection):
         stream_id = frame.stream_id
         call = self.calls.get(stream_id)
         payload: bytes | memoryview = frame.data
-        if frame.flags & FLAG_SHARED_MEMORY:
+        shared = bool(frame.flags & FLAG_SHARED_MEMORY)
+        if shared:
             name = call.handler.path if call is not None else f'stream {stream_id}'
             resolved = self._resolve(stream_id, payload, f'a streamed request of {name}')
             if resolved is None:
                 return
             payload = resolved[0]  # explicit buffers travel only with unary requests
-        self._count_received(len(payload), bool(frame.flags & FLAG_SHARED_MEMORY))
+            if call is not None and self._shared_held() >= self.server.limits.max_held_buffers // 4:
+                # Each waits for its handler with a mapping, whatever its size.
+                call.fail(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"this connection's calls hold {self.held_buffers} shared buffers and "
+                          f'{self._shared_held() - self.held_buffers} streamed requests in shared memory '
+                          'not read yet: no more (a quarter of max_held_buffers)')
+                return
+        self._count_received(len(payload), shared)
         if call is not None:
-            call.data(frame, payload)
+            call.data(frame, payload, shared)
         elif stream_id > self.last_stream_id:
             self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT,
                         'StreamID is not active: data frame before its request')
@@ -435,6 +443,13 @@ class ServerConnection(FramedConnection):
         self.held_buffers += count
         server.held_buffers += count
         return None
+
+    def _shared_held(self) -> int:
+        # Shared buffers this connection's calls hold, and their streamed
+        # messages in shared memory not read yet (summed over the calls only
+        # as such a message comes).
+        return self.held_buffers + sum(call.requests.shared_pending() for call in self.calls.values()
+                                       if call.requests is not None)
 
     def call_ended(self, call: Call) -> None:
         if self.calls.pop(call.stream_id, None) is not None:
