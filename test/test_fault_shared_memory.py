@@ -59,6 +59,12 @@ def served(server: ServerProcess, echo: Any) -> bool:
         return ipc.call_method('Echo', echo.pb.EchoRequest(payload=bytes(MiB))).payload == bytes(MiB)
 
 
+def answers(peer: Peer, stream_id: int, echo: Any) -> bool:
+    """Whether the peer's connection still serves: an Echo on ``stream_id`` comes back."""
+    peer.request(stream_id, ECHO_SERVICE, 'Echo', echo.pb.EchoRequest(text='on').SerializeToString())
+    return bool(echo.pb.EchoReply.FromString(peer.answer(stream_id).payload).text == 'on')
+
+
 def memfd(size: int, seals: int) -> int:
     """A memfd of ``size`` bytes with holes only (nothing written), sealed."""
     fd = os.memfd_create('peer', os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -95,8 +101,7 @@ def test_a_second_hello_is_refused_and_what_the_first_agreed_still_comes_back(
         again = peer.answer(5)
         assert again.code == FAILED_PRECONDITION
         assert 'Hello must be the first request of a connection (stream 3 came first)' in again.message
-        peer.request(7, ECHO_SERVICE, 'Echo', echo.pb.EchoRequest(text='on').SerializeToString())
-        assert echo.pb.EchoReply.FromString(peer.answer(7).payload).text == 'on'
+        assert answers(peer, 7, echo)
     # The peer is gone: everything it was lent is the server's again.
     wait_for(lambda: (lambda pool: pool.bytes == pool.free_bytes)(server_pool(server)), LONG,
              'the server to hold no segment in use')
@@ -122,8 +127,7 @@ def test_a_request_with_more_buffers_than_a_message_carries_is_refused_and_their
             # None of them is held: the server has no more descriptors than
             # before but this connection's socket.
             assert len(os.listdir(f'/proc/{server.popen.pid}/fd')) <= fds_before + 1
-            peer.request(5, ECHO_SERVICE, 'Echo', echo.pb.EchoRequest(text='on').SerializeToString())
-            assert echo.pb.EchoReply.FromString(peer.answer(5).payload).text == 'on'
+            assert answers(peer, 5, echo)
     finally:
         os.close(fd)
     assert served(server, echo)
@@ -234,8 +238,7 @@ def test_shared_buffers_held_by_calls_are_bounded_per_connection_and_come_back_a
             assert refused.code == 8  # RESOURCE_EXHAUSTED
             assert ('the server holds 2 shared buffers of requests, 2 of them for this connection: 1 more '
                     'would pass its limit (8, a quarter for one connection: max_held_buffers)') in refused.message
-            peer.request(7, ECHO_SERVICE, 'Echo', echo.pb.EchoRequest(text='on').SerializeToString())
-            assert echo.pb.EchoReply.FromString(peer.answer(7).payload).text == 'on'
+            assert answers(peer, 7, echo)
             peer.send(3, CANCEL, 0)  # the call ends: its buffers are no longer held
             hold(peer, 9, 2)  # taken: the next one is refused again
             hold(peer, 11, 1)
@@ -324,8 +327,7 @@ def test_streamed_requests_in_shared_memory_waiting_for_their_handler_count_in_t
             assert answer.code == 8  # RESOURCE_EXHAUSTED
             assert ("this connection's calls hold 0 shared buffers and 2 streamed requests in shared memory "
                     'not read yet: no more (a quarter of max_held_buffers)') in answer.message
-            peer.request(5, ECHO_SERVICE, 'Echo', echo.pb.EchoRequest(text='on').SerializeToString())
-            assert echo.pb.EchoReply.FromString(peer.answer(5).payload).text == 'on'
+            assert answers(peer, 5, echo)
     finally:
         for fd in fds:
             os.close(fd)
