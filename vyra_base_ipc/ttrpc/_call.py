@@ -567,7 +567,6 @@ class ClientCore:
             f'more than the window and one message it may send ({window.limit})'))
 
 
-
 def _resolve_shared(frame: Frame, take_fds: Callable[[int], list[int]], message_limit: int,
                     buffer_limit: int, segments: SegmentLink | None) -> Item:
     """A frame flagged :data:`FLAG_SHARED_MEMORY` with its message fetched

@@ -256,7 +256,7 @@ class ServerConnection(FramedConnection):
             if resolved is None:
                 return
             payload = resolved[0]  # explicit buffers travel only with unary requests
-            if call is not None and self._shared_held() >= self.server.limits.max_held_buffers // 4:
+            if call is not None and self._shared_held() >= self._held_share():
                 # Each waits for its handler with a mapping, whatever its size.
                 call.fail(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"this connection's calls hold {self.held_buffers} shared buffers and "
@@ -436,13 +436,16 @@ class ServerConnection(FramedConnection):
         calls; why not, if that would pass ``max_held_buffers``."""
         server = self.server
         limit = server.limits.max_held_buffers
-        if self.held_buffers + count > limit // 4 or server.held_buffers + count > limit:
+        if self.held_buffers + count > self._held_share() or server.held_buffers + count > limit:
             return (f'the server holds {server.held_buffers} shared buffers of requests, '
                     f'{self.held_buffers} of them for this connection: {count} more would pass its limit '
                     f'({limit}, a quarter for one connection: max_held_buffers)')
         self.held_buffers += count
         server.held_buffers += count
         return None
+
+    def _held_share(self) -> int:
+        return max(self.server.limits.max_held_buffers // 4, 1)
 
     def _shared_held(self) -> int:
         # Shared buffers this connection's calls hold, and their streamed

@@ -47,8 +47,9 @@ class MemfdGate:
     a few bytes, which the socket's flow control hardly slows. At most
     ``limit`` bytes of them go out until the peer has read everything sent
     to it (``unread()`` returns 0); meanwhile messages go inline, where flow
-    control holds a peer that does not read. Approximate when threads send
-    at once (the bound then holds per thread)."""
+    control holds a peer that does not read. Not locked: threads that send
+    at once may each pass the check (the blocking client's bound is then
+    that many messages more)."""
 
     __slots__ = ('limit', '_unread', '_sent')
 
