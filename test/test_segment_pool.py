@@ -862,3 +862,29 @@ def test_a_mapping_left_unused_is_dropped_without_another_lend_to_check_it(
     finally:
         link.close()
         segment.destroy()
+
+
+def test_a_buffer_is_copied_into_a_new_memfd_only_while_the_peer_reads_what_it_was_sent(
+        own_pool: SegmentPool) -> None:
+    # Without pooled segments agreed, a pooled buffer travels as a copy in a
+    # new memfd: MemfdGate lets a megabyte of them go, then waits until the
+    # peer's end of the socket has read everything.
+    from vyra_base_ipc._payload import SharedMemoryError
+    from vyra_base_ipc.ttrpc._shared_memory import MemfdGate
+    from vyra_base_ipc.ttrpc._transport import unread_in_socket
+    ours, peers = socket.socketpair()
+    gate = MemfdGate(MiB, lambda: unread_in_socket(ours.fileno()))
+    try:
+        with SharedBuffer.allocate(MiB) as buffer:
+            ours.send(b'frame')  # what the copy's frame would be
+            fd, lend, _ = buffer.lend_to(None, gate)
+            os.close(fd)
+            assert lend == 0
+            with pytest.raises(SharedMemoryError, match='the peer has not read the new memfds sent to it'):
+                buffer.lend_to(None, gate)
+            assert peers.recv(16) == b'frame'
+            fd, _, _ = buffer.lend_to(None, gate)
+            os.close(fd)
+    finally:
+        ours.close()
+        peers.close()

@@ -175,10 +175,9 @@ class SharedBuffer:
         return buffer
 
     def share(self) -> 'SharedBuffer':
-        """Another SharedBuffer for the same memory, with a descriptor of its
-        own (closed without a warning when garbage-collected): what the
-        library keeps of a buffer until it has been sent. Freezes this one
-        (it is as good as sent)."""
+        """Another SharedBuffer for the same memory, with a descriptor of its own (closed
+        without a warning when garbage-collected): what the library keeps of a buffer
+        until it has been sent. Freezes this one (it is as good as sent)."""
         self._sent = True
         segment = self._segment
         if segment is not None:
@@ -200,8 +199,7 @@ class SharedBuffer:
 
     @property
     def ref(self) -> Any:
-        """A new ``vyra.ipc.SharedBufferRef`` naming this buffer, for
-        assignment into a message."""
+        """A new ``vyra.ipc.SharedBufferRef`` naming this buffer, to assign into a message."""
         return SharedBufferRef(handle=self._handle, size=self._size)
 
     @property
@@ -215,9 +213,8 @@ class SharedBuffer:
         return not self._sent and self._fd >= 0
 
     def freeze(self) -> None:
-        """Make the contents final: :meth:`view` is read-only from now on
-        (sending does this too). Views taken before stay writable: do not
-        write through them once the buffer was sent."""
+        """Make the contents final: :meth:`view` is read-only from now on (sending does this too).
+        Views taken before stay writable: do not write through them once the buffer was sent."""
         self._sent = True
 
     def fileno(self) -> int:
@@ -253,17 +250,18 @@ class SharedBuffer:
         """A copy of the contents (without mapping them)."""
         return os.pread(self.fileno(), self._size, 0) if self._size else b''
 
-    def lend_to(self, link: SegmentLink | None) -> tuple[int, int, int]:
+    def lend_to(self, link: SegmentLink | None, new_memfd: Callable[[int], bool] | None = None
+                ) -> tuple[int, int, int]:
         """How this buffer goes with a message: ``(descriptor, lend id,
         segment id)`` (zeros where it is not lent, or not from this
         process's pool). Freezes it. Pooled memory is lent on ``link`` (the
         connection's, if it agreed on pooled segments; the lend holds it);
         where it was not agreed (an older peer accepts only those), or the
-        peer holds all the lends it may (:meth:`SegmentLink.may_lend`), a
-        new sealed memfd holds a copy. The caller owns the descriptor.
+        peer holds all the lends it may (:meth:`SegmentLink.may_lend`), a new
+        sealed memfd holds a copy if ``new_memfd(size)`` allows. The caller owns it.
 
         :raises ValueError: the buffer is closed.
-        :raises SharedMemoryError: no memfd could be made for the copy.
+        :raises SharedMemoryError: no memfd could be made for the copy, or ``new_memfd`` refused it.
         """
         fd = self.fileno()
         self._sent = True
@@ -276,6 +274,8 @@ class SharedBuffer:
                 return os.dup(segment.fd), link.lend(segment), segment.id
         elif link is not None and link.may_lend():
             return os.dup(fd), link.lend(self._view), 0  # keeps this end's lend from its owner
+        if new_memfd is not None and not new_memfd(self._size):
+            raise SharedMemoryError(f'{self!r}: the peer has not read the new memfds sent to it: no copy now')
         return seal_bytes(self.view(), 'vyra-ipc-buffer'), 0, 0
 
     def close(self) -> None:

@@ -143,7 +143,7 @@ def pack(payload: bytes, threshold: int, buffers: Sequence[SharedBuffer] = (),
         else:
             manifest.payload = payload
         for buffer in buffers:
-            fd, lend, segment_id = buffer.lend_to(link)
+            fd, lend, segment_id = buffer.lend_to(link, new_memfd)
             fds.append(fd)
             if lend:
                 made.append(lend)
