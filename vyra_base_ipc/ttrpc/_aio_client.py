@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any, AsyncGenerator, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 import warnings
 
 from .._busy_poll import DEFAULT_BUSY_POLL, BusyPoll, await_polling
@@ -43,6 +43,8 @@ from ._messages import ENVELOPE_ALLOWANCE, Metadata
 from ._transport import UnixTransport
 
 __all__ = ['AsyncConnection']
+
+_T = TypeVar('_T')
 
 
 
@@ -103,7 +105,7 @@ class _ClientProtocol(FramedConnection):
         #: connection, whose calls all run on one loop.
         self.busy_poll = busy_poll
         self.core = ClientCore(path, message_limit, self.decoder, shared_memory, stream_window, _deliver,
-                               self._unread_by_server)
+                               self.unread_by_peer)
         self.accepts_fds = shared_memory is not None
         #: Why the connection is unusable (closed, lost), else None.
         self.error: IPCUnavailableError | None = None
@@ -111,9 +113,6 @@ class _ClientProtocol(FramedConnection):
 
     def in_flight(self) -> int:
         return len(self.core.streams)
-
-    def _unread_by_server(self) -> int:
-        return 1 if self.transport is None else self.transport.unread_by_peer()
 
     def frame_received(self, item: Frame | OversizedFrame) -> None:
         reason = self.core.route(item)
@@ -281,27 +280,12 @@ class AsyncConnection:
         """The first call of the connection waits for the answer to its
         Hello (within its deadline)."""
         hello = protocol.core.hello
-        try:
-            item = await asyncio.wait_for(asyncio.shield(hello),
-                                          None if deadline is None else max(deadline.remaining(), 0))
-        except asyncio.TimeoutError:
-            raise timeout_error(method) from None
+        item = await _within(asyncio.shield(hello), method, deadline)
         if protocol.core.hello is hello:  # else another call settled it meanwhile
             protocol.core.settle(item)
             segments = protocol.core.agreement.segments
             if segments is not None:  # RELEASE frames leave from the loop
                 segments.attach(protocol.loop, protocol.send)
-
-    @staticmethod
-    async def _writable(protocol: _ClientProtocol, method: Method, deadline: Deadline | None) -> None:
-        """Wait, within the deadline, until the server reads again: a server
-        that stopped reading holds new calls back, rather than this process
-        queueing their requests without a bound."""
-        seconds = None if deadline is None else max(deadline.remaining(), 0)
-        try:
-            await asyncio.wait_for(protocol.drain(), seconds)
-        except asyncio.TimeoutError:
-            raise timeout_error(method) from None
 
     @property
     def is_closed(self) -> bool:
@@ -365,8 +349,8 @@ class AsyncConnection:
                 self._begin(method, False)  # raises (the checks in line: 2 calls less per call)
             if protocol.core.hello is not None:
                 await self._settle_hello(protocol, method, deadline)
-            if protocol.write_paused:
-                await self._writable(protocol, method, deadline)
+            if protocol.write_paused:  # the server does not read: new calls wait, not queue
+                await _within(protocol.drain(), method, deadline)
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
                                protocol.core.agreement, buffers)
             loop = protocol.loop
@@ -421,8 +405,8 @@ class AsyncConnection:
             protocol = self._begin(method, True)
             if protocol.core.hello is not None:
                 await self._settle_hello(protocol, method, deadline)
-            if protocol.write_paused:
-                await self._writable(protocol, method, deadline)
+            if protocol.write_paused:  # the server does not read: new calls wait, not queue
+                await _within(protocol.drain(), method, deadline)
             outcome = Outcome(method, self.max_message_bytes)
             loop = protocol.loop
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
@@ -487,6 +471,17 @@ class AsyncConnection:
             stream.push(SenderFailed(error))
             if protocol.error is None:
                 protocol.send(close_send_frame(stream_id))
+
+
+async def _within(awaitable: Awaitable[_T], method: Method, deadline: Deadline | None) -> _T:
+    """What ``awaitable`` gives, awaited until ``deadline``.
+
+    :raises IPCTimeoutError: the deadline passed first (``method``'s).
+    """
+    try:
+        return await asyncio.wait_for(awaitable, None if deadline is None else max(deadline.remaining(), 0))
+    except asyncio.TimeoutError:
+        raise timeout_error(method) from None
 
 
 async def _messages(requests: Any) -> AsyncIterator[Any]:

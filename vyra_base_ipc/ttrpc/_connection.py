@@ -114,6 +114,11 @@ class FramedConnection(asyncio.Protocol):
         elif self.decoder.queued_fds > MAX_QUEUED_FDS:
             self.violation(f'more than {MAX_QUEUED_FDS} file descriptors not claimed by any frame')
 
+    def unread_by_peer(self) -> int:
+        """Bytes written that the peer has not read yet (1 before the
+        connection is made: nothing is known to be read)."""
+        return 1 if self.transport is None else self.transport.unread_by_peer()
+
     def hold(self) -> None:
         """Until :meth:`flush_held`, frames that pass descriptors (answers in
         shared memory) wait, and lends given back do not wake the loop: at

@@ -69,7 +69,7 @@ class ServerConnection(FramedConnection):
         #: Explicit shared buffers this connection's calls hold (see _hold_buffers).
         self.held_buffers = 0
         # Messages in new memfds: at most the queue limit of them unread (see MemfdGate).
-        self._memfd_gate = MemfdGate(server.queue_limit, self._unread_by_client)
+        self._memfd_gate = MemfdGate(server.queue_limit, self.unread_by_peer)
         # Unfinished frame bytes counted in the server's total, frames seen,
         # and the timer of a frame that started (see data_received).
         self._partial = 0
@@ -177,13 +177,12 @@ class ServerConnection(FramedConnection):
         # frame took any meanwhile) loses its connection, rather than holding
         # up to MAX_QUEUED_FDS of the server's descriptors for its life.
         decoder = self.decoder
-        if self.closed or not decoder.queued_fds:
-            if self._fds_timer is not None:
-                self._fds_timer.cancel()
-                self._fds_timer = None
-        elif self._fds_timer is None or decoder.fds_taken != self._fds_taken:
-            if self._fds_timer is not None:
-                self._fds_timer.cancel()
+        waiting = not self.closed and decoder.queued_fds
+        timer = self._fds_timer
+        if timer is not None and (not waiting or decoder.fds_taken != self._fds_taken):
+            timer.cancel()  # none wait, or a frame took some: the timeout starts again
+            timer = self._fds_timer = None
+        if timer is None and waiting:
             self._fds_taken = decoder.fds_taken
             self._fds_timer = self.loop.call_later(self.server.limits.frame_timeout, self._fds_overdue)
 
@@ -256,11 +255,12 @@ class ServerConnection(FramedConnection):
             if resolved is None:
                 return
             payload = resolved[0]  # explicit buffers travel only with unary requests
-            if call is not None and self._shared_held() >= self._held_share():
+            held = 0 if call is None else self._shared_held()
+            if call is not None and held >= self._held_share():
                 # Each waits for its handler with a mapping, whatever its size.
                 call.fail(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"this connection's calls hold {self.held_buffers} shared buffers and "
-                          f'{self._shared_held() - self.held_buffers} streamed requests in shared memory '
+                          f'{held - self.held_buffers} streamed requests in shared memory '
                           'not read yet: no more (a quarter of max_held_buffers)')
                 return
         self._count_received(len(payload), shared)
@@ -421,9 +421,6 @@ class ServerConnection(FramedConnection):
         if self.agreement.segments is not None:  # RELEASE frames leave from the loop
             self.agreement.segments.attach(self.loop, self.send)
         self.send(encode_frame(stream_id, _RESPONSE, 0, encode_ok_response(answer)))
-
-    def _unread_by_client(self) -> int:
-        return 1 if self.transport is None else self.transport.unread_by_peer()
 
     def reject(self, stream_id: int, code: grpc.StatusCode, details: str) -> None:
         """Answer a stream that never became a call."""
