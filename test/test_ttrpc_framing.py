@@ -432,3 +432,53 @@ def test_a_client_sends_no_more_new_memfds_to_a_server_that_does_not_read_than_t
         for frame in arrived:
             for fd in frame.fds:
                 os.close(fd)
+
+
+@pytest.mark.parametrize('server_reads_again', [True, False], ids=['reads-again', 'never-reads'])
+def test_a_blocking_stream_left_while_its_sender_waits_for_the_server_to_read_frees_the_connection(
+        server_reads_again: bool, scripted: Callable[[Script], Path], echo: Any) -> None:
+    # A request stream without deadline to a plain ttrpc server (no flow
+    # control) that stops reading: its sender waits for room in the socket
+    # holding the send lock. Once its caller leaves, it ends the frame it
+    # began if the server reads again, or the connection breaks (the frames
+    # are out of step); it no longer blocks every later sender for ever.
+    from vyra_base_ipc.exceptions import IPCTimeoutError
+    left, done = threading.Event(), threading.Event()
+    data_frames: list[int] = []
+    reply = echo.pb.EchoReply(text='fine').SerializeToString()
+
+    def script(peer: Peer) -> None:
+        stream_id = peer.read_frame().stream_id
+        if not (left.wait(30) and server_reads_again):
+            done.wait(30)
+            return
+        while (frame := peer.read_frame()).stream_id == stream_id:  # whole frames, then the next call
+            data_frames.append(len(frame.data))
+        peer.respond(frame.stream_id, reply)
+
+    def requests() -> Iterator[Any]:
+        while True:
+            yield echo.pb.EchoRequest(payload=bytes(256 * 1024))
+
+    def senders() -> list[threading.Thread]:
+        return [thread for thread in threading.enumerate() if thread.name.startswith('ttrpc-send-')]
+    methods = stub_methods(echo.Stub)
+    try:
+        with SyncConnection.connect(scripted(script), shared_memory=None, busy_poll=0) as connection:
+            with pytest.raises(IPCTimeoutError, match='idle timeout'):
+                for _ in connection.stream(methods['Chat'], requests(), idle_timeout=0.3):
+                    pass
+            left.set()
+            sender = senders()
+            assert len(sender) == 1
+            sender[0].join(15)
+            assert not sender[0].is_alive(), 'the sender of a stream left still blocks'
+            if server_reads_again:
+                assert connection.call(methods['Echo'], echo.pb.EchoRequest(), timeout=10).text == 'fine'
+                assert data_frames and not connection.is_closed
+            else:
+                assert connection.is_closed
+                with pytest.raises(IPCUnavailableError, match='a frame could not be sent in time'):
+                    connection.call(methods['Echo'], echo.pb.EchoRequest(), timeout=10)
+    finally:
+        done.set()

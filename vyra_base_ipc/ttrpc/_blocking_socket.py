@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import math
+import os
 import select
 import socket
 import struct
-from typing import Any
+from typing import Any, Callable
 
 from .._busy_poll import BusyPoll
 from .._deadline import Deadline
 from ._transport import MAX_FDS_PER_READ, buffered_recvmsg, enlarge_send_buffer, rights
 
-__all__ = ['BlockingSocket', 'Received', 'SendTimeout', 'SocketTimeout']
+__all__ = ['FRAME_END_TIMEOUT', 'BlockingSocket', 'Received', 'SendTimeout', 'SocketTimeout']
+
+#: How long the rest of a frame already partly sent may take once its sender
+#: has no deadline of its own (a control frame; a request stream whose caller
+#: left) before the connection counts as broken.
+FRAME_END_TIMEOUT = 5.0
 
 _ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_READ * 4)
 _MSG_CMSG_CLOEXEC = getattr(socket, 'MSG_CMSG_CLOEXEC', 0x40000000)
@@ -58,8 +64,11 @@ class BlockingSocket:
         sock.settimeout(None)
         enlarge_send_buffer(sock)
         self.sock = sock
+        # Wakes a sender waiting for room in the socket (wake()).
+        self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._poll_out = select.poll()
         self._poll_out.register(sock.fileno(), select.POLLOUT)
+        self._poll_out.register(self._wakeup, select.POLLIN)
         poll_in = select.poll()
         poll_in.register(sock.fileno(), select.POLLIN)
         self._poll_in = poll_in.poll
@@ -74,9 +83,28 @@ class BlockingSocket:
         except BlockingIOError:
             return 0
 
-    def send_all(self, data: bytes | memoryview, deadline: Deadline | None, fds: list[int]) -> None:
+    def close(self) -> None:
+        """Close the socket and the wake-up descriptor. Idempotent."""
+        self.sock.close()
+        if self._wakeup >= 0:
+            os.close(self._wakeup)
+            self._wakeup = -1
+
+    def wake(self) -> None:
+        """Make a sender waiting for room in the socket ask its ``left()`` again."""
+        if self._wakeup >= 0:
+            os.eventfd_write(self._wakeup, 1)
+
+    def send_all(self, data: bytes | memoryview, deadline: Deadline | None, fds: list[int],
+                 left: Callable[[], bool] | None = None) -> bool:
         """Write all of ``data`` by ``deadline``, passing ``fds`` with its first byte.
 
+        While the socket is full, a sender whose ``left()`` turns true (it
+        is asked again on :meth:`wake`) gives up: at once if none of
+        ``data`` was written (False), else it ends the frame it began within
+        :data:`FRAME_END_TIMEOUT`.
+
+        :returns: True once all of ``data`` is written.
         :raises SendTimeout: the deadline passed first.
         :raises OSError: the socket failed.
         """
@@ -88,7 +116,7 @@ class BlockingSocket:
             except BlockingIOError:
                 sent = 0
             if sent == len(data):
-                return
+                return True
             view = memoryview(data)[sent:]
             sent_any = sent > 0
         else:
@@ -101,17 +129,29 @@ class BlockingSocket:
                 else:
                     sent = sock.send(view, _DONTWAIT)
             except BlockingIOError:
+                if left is not None and left():
+                    if not sent_any:
+                        return False
+                    left = None
+                    deadline = Deadline.after(FRAME_END_TIMEOUT) if deadline is None \
+                        else deadline.earlier(FRAME_END_TIMEOUT)
                 if not self._wait_writable(deadline):
                     raise SendTimeout(sent_any) from None
                 continue
             sent_any = True
             view = view[sent:]
+        return True
 
     def _wait_writable(self, deadline: Deadline | None) -> bool:
-        if deadline is None:
-            self._poll_out.poll(-1)
-            return True
-        return bool(self._poll_out.poll(max(0, math.ceil(deadline.remaining() * 1000))))
+        """Wait for room in the socket or a wake(); False if the deadline passed first."""
+        timeout = -1 if deadline is None else max(0, math.ceil(deadline.remaining() * 1000))
+        ready = self._poll_out.poll(timeout)
+        if len(ready) > 1 or ready and ready[0][0] == self._wakeup:
+            try:
+                os.eventfd_read(self._wakeup)
+            except OSError:
+                pass  # closed meanwhile (the connection broke): the send fails next
+        return bool(ready)
 
     def receive(self, deadline: Deadline | None) -> Received | None:
         """Read what has arrived, polling for up to the busy-poll time

@@ -19,7 +19,7 @@ from .._peer import check_server_connection
 from .._shared_buffer import SharedBuffer
 from ..address import StrPath
 from ..exceptions import IPCError, IPCUnavailableError
-from ._blocking_socket import BlockingSocket, SendTimeout, SocketTimeout
+from ._blocking_socket import FRAME_END_TIMEOUT, BlockingSocket, SendTimeout, SocketTimeout
 from ._call import (
     ClientCore,
     ClientStream,
@@ -48,22 +48,19 @@ from ._transport import MSG_CTRUNC, received_fds, unread_in_socket
 
 __all__ = ['SyncConnection']
 
-#: How long the end of a control frame (CANCEL, WINDOW_UPDATE, RELEASE) already
-#: partly sent may take before the connection counts as broken.
-_CONTROL_DEADLINE = 5.0
-
 
 class _SyncStream(ClientStream):
     """Items received for one call; its waiter sleeps on ``condition``
-    (made the first time it has to wait: a lone caller never does)."""
+    (made the first time it has to wait: a lone caller never does).
+    ``abandoned`` once its caller left; ``sender`` if it has a request stream."""
 
-    __slots__ = ('condition', 'waiting', 'abandoned')
+    __slots__ = ('condition', 'waiting', 'abandoned', 'sender')
 
     def __init__(self) -> None:
         super().__init__()
         self.condition: threading.Condition | None = None
         self.waiting = False
-        self.abandoned = False
+        self.abandoned = self.sender = False
 
     def wake(self) -> None:  # (state lock held)
         if self.waiting:
@@ -193,7 +190,7 @@ class SyncConnection:
         if sock is not None and sock.fileno() >= 0 and getattr(self, '_pid', None) == this_process.pid:
             _warn(f'unclosed ttrpc SyncConnection to {self.socket_path!r}', ResourceWarning,
                   source=self)
-            sock.close()
+            getattr(self, '_io', sock).close()  # (the socket alone if __init__ failed)
 
     # -- calls ------------------------------------------------------------------------
 
@@ -317,6 +314,7 @@ class SyncConnection:
         finally:
             self._release_send()
         if method.kind.request_streaming:
+            stream.sender = True
             threading.Thread(target=self._send_requests, args=(stream_id, stream, prepared, request),
                              name=f'ttrpc-send-{stream_id}', daemon=True).start()
         return stream_id
@@ -324,6 +322,9 @@ class SyncConnection:
     def _finish(self, stream_id: int, stream: _SyncStream) -> None:
         """The caller is done with a call: tell the server if it may still be at work."""
         stream.abandoned = True
+        if stream.sender:  # it may wait for room in the socket, holding the send lock
+            with self._state_lock:  # (not closed meanwhile)
+                self._io.wake()
         if stream_id not in self._core.streams:  # forgotten at its last frame (no lock needed)
             return
         with self._state_lock:
@@ -382,30 +383,25 @@ class SyncConnection:
             return False
         if sent < len(data):
             try:  # a frame begun must be ended
-                self._send_all(data[sent:], Deadline.after(_CONTROL_DEADLINE), None, [])
+                self._send_locked(data[sent:], Deadline.after(FRAME_END_TIMEOUT), None, [])
             except IPCError:
                 pass  # the connection is broken now
         return True
 
-    def _send_locked(self, data: bytes, deadline: Deadline | None, method: Method,
-                     fds: list[int]) -> None:
+    def _send_locked(self, data: bytes, deadline: Deadline | None, method: Method | None,
+                     fds: list[int], stream: _SyncStream | None = None) -> None:
         """Write all of ``data`` within the call's deadline (send lock held),
-        passing ``fds`` (closed here, whatever happens) with its first byte.
+        passing ``fds`` (closed here, whatever happens) with its first byte;
+        for a request stream's sender, until the ``stream``'s caller left
+        (:meth:`BlockingSocket.send_all`). ``method``: the call that times
+        out (``None``: none, a control frame).
 
         A frame written only in part cannot be taken back: if the deadline
         passes mid-frame the connection is closed, since the stream of frames
         is no longer in sync.
         """
         try:
-            self._send_all(data, deadline, method, fds)
-        finally:
-            if fds:
-                close_fds(fds)
-
-    def _send_all(self, data: bytes, deadline: Deadline | None, method: Method | None,
-                  fds: list[int]) -> None:
-        try:
-            self._io.send_all(data, deadline, fds)
+            self._io.send_all(data, deadline, fds, None if stream is None else lambda: stream.abandoned)
         except SendTimeout as timeout:
             if timeout.sent_any:
                 self._broken(lost(self.socket_path, 'a frame could not be sent in time'))
@@ -416,6 +412,9 @@ class SyncConnection:
             failure = lost(self.socket_path, error.strerror or error)
             self._broken(failure)
             raise failure from None
+        finally:
+            if fds:
+                close_fds(fds)
 
     def _send_requests(self, stream_id: int, stream: _SyncStream, prepared: Prepared,
                        requests: Iterable[Any]) -> None:
@@ -431,21 +430,22 @@ class SyncConnection:
                 if stream.abandoned:
                     return
                 frame, fds, cost = data_frame(stream_id, method, message, self.max_message_bytes, shared)
-                self._send_frame(frame, fds, deadline, method)
+                self._send_frame(frame, fds, deadline, method, stream)
                 if credit is not None:
                     credit.spend(cost)
             if not stream.abandoned:
-                self._send_frame(close_send_frame(stream_id), [], deadline, method)
+                self._send_frame(close_send_frame(stream_id), [], deadline, method, stream)
         except IPCError as error:
             self._deliver(stream, error)
         except Exception as error:
             self._deliver(stream, SenderFailed(error))
             try:
-                self._send_frame(close_send_frame(stream_id), [], deadline, method)
+                self._send_frame(close_send_frame(stream_id), [], deadline, method, stream)
             except IPCError:
                 pass
 
-    def _send_frame(self, frame: bytes, fds: list[int], deadline: Deadline | None, method: Method) -> None:
+    def _send_frame(self, frame: bytes, fds: list[int], deadline: Deadline | None, method: Method,
+                    stream: _SyncStream) -> None:
         try:
             self._acquire_send(deadline, method)
         except BaseException:
@@ -455,7 +455,7 @@ class SyncConnection:
             if self._error is not None:
                 close_fds(fds)
                 raise self._error
-            self._send_locked(frame, deadline, method, fds)
+            self._send_locked(frame, deadline, method, fds, stream)
         finally:
             self._release_send()
 
@@ -595,6 +595,6 @@ class SyncConnection:
 
     def _close_socket(self) -> None:
         # (state lock held, nobody reading) Descriptors of frames that never came go too.
-        self._sock.close()
+        self._io.close()
         close_fds(self._decoder.take_fds())
 
