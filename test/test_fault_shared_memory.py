@@ -191,6 +191,29 @@ def test_metadata_entries_count_32_bytes_each_beyond_their_keys_and_values_on_bo
         assert ipc.call_method('Echo', echo.pb.EchoRequest(text='fine'), metadata=fewer).text == 'fine'
 
 
+def test_metadata_of_millions_of_empty_entries_is_refused_before_protobuf_makes_an_object_of_each(
+        start_server: StartServer, socket_dir: Path, echo: Any) -> None:
+    # 8 M entries of two bytes fill a 16 MiB frame; protobuf's runtime makes
+    # an object of each (~400 MiB) before they can be counted. Counted 32
+    # bytes each at the least, more than 264 of them exceed 8 KiB anyway.
+    server = start_server(socket_dir / 'entries.sock')
+
+    def peak_mib() -> int:
+        status = Path(f'/proc/{server.pid}/status').read_text()
+        return int(next(line for line in status.splitlines() if line.startswith('VmHWM:')).split()[1]) >> 10
+    envelope = ttrpc_pb2.Request(service=ECHO_SERVICE, method='Echo').SerializeToString() + b'\x2a\x00' * 8_000_000
+    with Peer.connect(server.ttrpc_path) as peer:
+        assert answers(peer, 1, echo)
+        before = peak_mib()
+        peer.send_raw(frame_bytes(3, REQUEST, 0, envelope))
+        refused = peer.answer(3)
+        assert refused.code == 8  # RESOURCE_EXHAUSTED
+        assert ('request envelope of more than 264 fields: metadata of that many entries exceeds the '
+                'limit of 8192 (max_metadata_bytes)') in refused.message
+        assert answers(peer, 5, echo)
+    assert peak_mib() - before < 128  # the frame and its copy (old code: +415 MiB)
+
+
 def test_a_request_whose_manifest_cannot_be_read_closes_that_connection(echo: Any, server: ServerProcess) -> None:
     # How many of the descriptors that came are the frame's is unknown: kept
     # queued, they would be taken by the connection's next request.

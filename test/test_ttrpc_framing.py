@@ -179,6 +179,21 @@ def test_bad_metadata_is_a_type_error_naming_the_problem(metadata: Any, message:
 Script = Callable[[Peer], None]
 
 
+
+def test_fields_of_an_envelope_are_counted_without_parsing_it() -> None:
+    from vyra_base_ipc.ttrpc._messages import has_more_fields
+    for entries in (0, 1, 255, 256, 300):
+        data = ttrpc_pb2.Request(service='s', method='m', payload=bytes(70_000), timeout_nano=-1, metadata=[
+            ttrpc_pb2.KeyValue(key='k' * (index % 3), value='v') for index in range(entries)]).SerializeToString()
+        fields = 4 + entries
+        assert has_more_fields(data, fields - 1) and not has_more_fields(data, fields)
+    # Every wire type, read as protobuf reads them (fixed64, fixed32 and varints of unknown fields).
+    unknown = b'\x31' + bytes(8) + b'\x3d' + bytes(4) + b'\x40' + b'\xff' * 9 + b'\x01'
+    assert has_more_fields(unknown + b'\x0a\x01s', 3) and not has_more_fields(unknown + b'\x0a\x01s', 4)
+    # What cannot be read is left to the parser: an 11-byte varint, a group, then 9 fields.
+    for unreadable in (b'\x20' + b'\xff' * 10 + b'\x01', b'\x0b'):
+        assert not has_more_fields(unreadable + b'\x2a\x00' * 9, 3)
+
 @pytest.fixture
 def scripted(socket_dir: Path) -> Iterator[Callable[[Script], Path]]:
     """``scripted(script)``: a ttrpc 'server' running ``script`` on its connection.

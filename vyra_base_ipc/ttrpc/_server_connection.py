@@ -31,7 +31,14 @@ from ._frames import (
     oversized_message,
     window_increment,
 )
-from ._messages import Request, encode_ok_response, encode_response, metadata_from_wire
+from ._messages import (
+    ENVELOPE_ALLOWANCE,
+    Request,
+    encode_ok_response,
+    encode_response,
+    has_more_fields,
+    metadata_from_wire,
+)
 from ._shared_memory import MemfdGate, unpack
 
 if TYPE_CHECKING:
@@ -283,18 +290,25 @@ class ServerConnection(FramedConnection):
         server = self.server
         limits = server.limits
         if len(self.calls) >= limits.max_concurrent_streams:
-            self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f'{limits.max_concurrent_streams} calls are in flight on this connection '
-                        'already (max_concurrent_streams)')
-            if frame.flags & FLAG_SHARED_MEMORY:
-                self.violation('a refused request with shared memory')
+            self._refuse(frame, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f'{limits.max_concurrent_streams} calls are in flight on this connection '
+                         'already (max_concurrent_streams)')
             return
+        data = frame.data
+        if len(data) > ENVELOPE_ALLOWANCE:
+            # Metadata entries count 32 bytes each (below): more than this many
+            # exceed the limit, refused before protobuf makes an object of each.
+            most = limits.max_metadata_bytes // _ENTRY_BYTES + 8
+            if has_more_fields(data, most):
+                self._refuse(frame, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f'request envelope of more than {most} fields: metadata of that many '
+                             f'entries exceeds the limit of {limits.max_metadata_bytes} (max_metadata_bytes)')
+                return
         try:
-            request = Request.FromString(frame.data)
+            request = Request.FromString(data)
         except DecodeError as error:
-            self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT, f'unmarshal request error: {error}')
-            if frame.flags & FLAG_SHARED_MEMORY:
-                self.violation('unreadable request with shared memory')
+            self._refuse(frame, grpc.StatusCode.INVALID_ARGUMENT, f'unmarshal request error: {error}',
+                         'unreadable request with shared memory')
             return
         # Each field read from the message once: every read makes a new object.
         wire_metadata = request.metadata
@@ -307,12 +321,10 @@ class ServerConnection(FramedConnection):
             if size <= limits.max_metadata_bytes:
                 size += sum(len(item.key) + len(item.value) for item in wire_metadata)
             if size > limits.max_metadata_bytes:
-                self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f'request metadata of {len(wire_metadata)} entries, {size} bytes or more '
-                            f'(keys, values and {_ENTRY_BYTES} bytes an entry) exceeds the limit of '
-                            f'{limits.max_metadata_bytes} (max_metadata_bytes)')
-                if frame.flags & FLAG_SHARED_MEMORY:
-                    self.violation('a refused request with shared memory')
+                self._refuse(frame, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f'request metadata of {len(wire_metadata)} entries, {size} bytes or more '
+                             f'(keys, values and {_ENTRY_BYTES} bytes an entry) exceeds the limit of '
+                             f'{limits.max_metadata_bytes} (max_metadata_bytes)')
                 return
         service, name = request.service, request.method
         payload: bytes | memoryview = request.payload
@@ -425,6 +437,14 @@ class ServerConnection(FramedConnection):
     def reject(self, stream_id: int, code: grpc.StatusCode, details: str) -> None:
         """Answer a stream that never became a call."""
         self.send(encode_frame(stream_id, _RESPONSE, 0, encode_response(number(code), details)))
+
+    def _refuse(self, frame: Frame, code: grpc.StatusCode, details: str,
+                violation: str = 'a refused request with shared memory') -> None:
+        """Reject a request; one that came with descriptors closes the
+        connection too (how many were its own cannot be told)."""
+        self.reject(frame.stream_id, code, details)
+        if frame.flags & FLAG_SHARED_MEMORY:
+            self.violation(violation)
 
     # -- lifecycle --------------------------------------------------------------------
 
