@@ -53,6 +53,7 @@ from .address import (
 from .exceptions import IPCError, IPCRemoteError, IPCTimeoutError, IPCUnavailableError, MessageTooLargeError
 from .introspection_pb2 import ServerInfo, ServerInfoRequest
 from .ttrpc import DEFAULT_STREAM_WINDOW
+from .ttrpc._errors import NothingSent
 from .ttrpc._flow import validate_stream_window
 
 __all__ = [
@@ -110,15 +111,17 @@ SERVER_INFO_REQUEST = ServerInfoRequest()
 class Retry:
     """When to try again after UNAVAILABLE, and after what pause: growing
     from ``first`` to 0.5 s, only while ``allowed``, never past ``until``;
-    and once, at once, whatever ``allowed``, after :class:`ServerCameUp`
-    (nothing was sent)."""
+    and once, at once, whatever ``allowed``, after :class:`NothingSent` (a
+    fast-lane connection found broken by the call's first write, or
+    :class:`ServerCameUp`)."""
 
-    __slots__ = ('allowed', 'until', 'attempts', '_pause')
+    __slots__ = ('allowed', 'until', 'attempts', 'resent', '_pause')
 
     def __init__(self, allowed: bool, until: Deadline | None, first: float) -> None:
         self.allowed = allowed
         self.until = until
         self.attempts = 0
+        self.resent = False
         self._pause = first
 
     def pause_after(self, error: IPCUnavailableError) -> float:
@@ -126,10 +129,12 @@ class Retry:
 
         :raises IPCUnavailableError: ``error``, when not to try again.
         """
-        if isinstance(error, ServerCameUp) and self.attempts == 0:
-            # Nothing was sent: any call may go again, once, at once; it then
+        if isinstance(error, (NothingSent, ServerCameUp)) and not self.resent:
+            # Any call may go again, once, at once; after ServerCameUp it then
             # waits for the channel to connect (attempts > 0: wait_for_ready).
-            self.attempts = 1
+            self.resent = True
+            if isinstance(error, ServerCameUp):
+                self.attempts = 1
             return 0.0
         pause = self._pause
         if not self.allowed or self.until is None or pause >= self.until.remaining():

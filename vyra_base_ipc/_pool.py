@@ -18,7 +18,7 @@ import threading
 from typing import Any, Callable, Generic, Hashable, TypeVar
 import weakref
 
-__all__ = ['Entry', 'Pool', 'aio_pool', 'aio_ttrpc_pool', 'sync_pool', 'sync_ttrpc_pool']
+__all__ = ['Entry', 'Pool', 'aio_pool', 'aio_ttrpc_pool', 'release_aio', 'sync_pool', 'sync_ttrpc_pool']
 
 _T = TypeVar('_T')
 
@@ -111,3 +111,16 @@ sync_pool: Pool[Any] = Pool(os.getpid, threading.Lock)
 aio_ttrpc_pool: Pool[Any] = Pool(asyncio.get_running_loop, asyncio.Lock)
 #: Fast-lane SyncConnections, per process.
 sync_ttrpc_pool: Pool[Any] = Pool(os.getpid, threading.Lock)
+
+
+async def release_aio(fast_key: Any, grpc_key: Any) -> None:
+    """Let go of an asyncio handler's keys (either may be ``None``) on the
+    running loop; close the connections it was the last user of."""
+    if fast_key is not None:
+        connection = aio_ttrpc_pool.release(fast_key[0])
+        if connection is not None:
+            await connection.close()
+    if grpc_key is not None:
+        channel = aio_pool.release(grpc_key[0])
+        if channel is not None:
+            await channel.close()

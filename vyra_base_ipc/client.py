@@ -44,11 +44,12 @@ from ._interceptors import ClientInterceptor
 from ._lanes import LANES, GrpcLane, SyncGrpcLane
 from ._options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT, validate_timeout
 from ._payload import SharedMemoryOptions
-from ._pool import aio_pool, aio_ttrpc_pool, sync_pool, sync_ttrpc_pool
+from ._pool import aio_pool, aio_ttrpc_pool, release_aio, sync_pool, sync_ttrpc_pool
 from ._shared_buffer import SharedBuffer
 from .address import StrPath
 from .exceptions import IPCError, IPCRemoteError, IPCUnavailableError
 from .ttrpc import DEFAULT_STREAM_WINDOW, AsyncConnection, SyncConnection
+from .ttrpc._errors import NothingSent
 
 __all__ = ['DEFAULT', 'LANES', 'IPCHandler', 'SyncIPCHandler']
 
@@ -61,7 +62,6 @@ class IPCHandler(ClientBase):
     """Asyncio client of a module's IPC server, as documented for VYRA.
 
     ::
-
 
         ipc = IPCHandler(socket_path='/tmp/my_module_ipc.sock', service_stub=BackendServiceStub)
         response = await ipc.call_method('GetStatus', StatusRequest(), timeout=2.0)
@@ -162,9 +162,9 @@ class IPCHandler(ClientBase):
         if loop is None:
             return
         if loop is asyncio.get_running_loop():
-            await _release(fast_key, grpc_key)
+            await release_aio(fast_key, grpc_key)
         elif loop.is_running():
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_release(fast_key, grpc_key), loop))
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(release_aio(fast_key, grpc_key), loop))
 
     @overload
     async def call_method(self, method: str, request: Any, *, timeout: float | Default = DEFAULT,
@@ -186,9 +186,10 @@ class IPCHandler(ClientBase):
         """Call a unary-response method and return its response.
 
         A method in ``idempotent_methods`` is retried after UNAVAILABLE
-        (waiting for the server) until its deadline; no other call is ever
-        retried, since it may have run on the server already. Cancelling the
-        calling task cancels the call on the server.
+        (waiting for the server) until its deadline; no other call is
+        retried, since it may have run on the server already, but for one
+        never sent (README: "Retries"). Cancelling the calling task cancels
+        the call on the server.
 
         :param method: the method's name, e.g. ``"GetStatus"``.
         :param request: the request message, or an (async) iterable of them
@@ -268,7 +269,7 @@ class IPCHandler(ClientBase):
         one exception to "every call has a deadline"). Leaving the iteration
         early (``break``, ``aclose()``, the generator collected) or
         cancelling the task cancels the call on the server, on both lanes.
-        Streams are not retried, but for one never sent (README: "Calls connect on demand").
+        Streams are not retried, but for one never sent (README: "Retries").
 
         :param request: the request message, or an (async) iterable of them
             for a bidirectional method.
@@ -282,17 +283,22 @@ class IPCHandler(ClientBase):
         if idle_timeout is not None:
             idle_timeout = validate_timeout(idle_timeout, 'idle_timeout')
         with self._intercepted(info, metadata, deadline) as call, self._explained(info, deadline):
-            lane = await self._lane(deadline, self._wait(wait_for_ready))
-            if call is not None:
-                call.lane, metadata = lane.lane, call.metadata
-            responses = lane.stream(info, request, timeout=deadline, metadata=metadata,
-                                    idle_timeout=idle_timeout)
-            try:
-                async with contextlib.aclosing(responses):
-                    async for response in responses:
-                        yield response
-            except IPCRemoteError as error:
-                raise await self._explain_remote(error, info, [lane], deadline) from None
+            for again in (False, True):  # again if its connection broke before it was sent
+                lane = await self._lane(deadline, self._wait(wait_for_ready))
+                if call is not None:
+                    call.lane, metadata = lane.lane, call.metadata
+                responses = lane.stream(info, request, timeout=deadline, metadata=metadata,
+                                        idle_timeout=idle_timeout)
+                try:
+                    async with contextlib.aclosing(responses):
+                        async for response in responses:
+                            yield response
+                    return
+                except NothingSent:
+                    if again:
+                        raise
+                except IPCRemoteError as error:
+                    raise await self._explain_remote(error, info, [lane], deadline) from None
 
     async def dispatch(self, message: Any) -> None:
         """Send ``message`` to :attr:`default_method` (VYRA feeder interface);
@@ -372,17 +378,6 @@ class IPCHandler(ClientBase):
                                                    self._connect_retry(deadline, wait))
         self._fast = entry.connection
         return self._fast
-
-
-async def _release(fast_key: Any, grpc_key: Any) -> None:
-    if fast_key is not None:
-        connection = aio_ttrpc_pool.release(fast_key[0])
-        if connection is not None:
-            await connection.close()
-    if grpc_key is not None:
-        channel = aio_pool.release(grpc_key[0])
-        if channel is not None:
-            await channel.close()
 
 
 class SyncIPCHandler(ClientBase):
@@ -519,14 +514,19 @@ class SyncIPCHandler(ClientBase):
         if idle_timeout is not None:
             idle_timeout = validate_timeout(idle_timeout, 'idle_timeout')
         with self._intercepted(info, metadata, deadline) as call, self._explained(info, deadline):
-            lane = self._lane(deadline, self._wait(wait_for_ready))
-            if call is not None:
-                call.lane, metadata = lane.lane, call.metadata
-            try:
-                yield from lane.stream(info, request, timeout=deadline, metadata=metadata,
-                                       idle_timeout=idle_timeout)
-            except IPCRemoteError as error:
-                raise self._explain_remote(error, info, [lane], deadline) from None
+            for again in (False, True):  # again if its connection broke before it was sent
+                lane = self._lane(deadline, self._wait(wait_for_ready))
+                if call is not None:
+                    call.lane, metadata = lane.lane, call.metadata
+                try:
+                    yield from lane.stream(info, request, timeout=deadline, metadata=metadata,
+                                           idle_timeout=idle_timeout)
+                    return
+                except NothingSent:
+                    if again:
+                        raise
+                except IPCRemoteError as error:
+                    raise self._explain_remote(error, info, [lane], deadline) from None
 
     def dispatch(self, message: Any) -> None:
         """Send ``message`` to :attr:`default_method`; the response is discarded."""

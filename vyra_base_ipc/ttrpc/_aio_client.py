@@ -21,22 +21,17 @@ from ._call import (
     ClientStream,
     Item,
     Outcome,
-    SenderFailed,
     check_kind,
     close_send_frame,
-    closed,
     connect_arguments,
-    connect_error,
     data_frame,
     deserialize,
-    idle_error,
-    lost,
     prepare,
-    timeout_error,
     unary_response,
 )
 from ._connection import FramedConnection
 from ._deadlines import DeadlineQueue
+from ._errors import NothingSent, SenderFailed, closed, connect_error, idle_error, lost, timeout_error
 from ._flow import DEFAULT_STREAM_WINDOW
 from ._frames import Frame, OversizedFrame
 from ._messages import ENVELOPE_ALLOWANCE, Metadata
@@ -145,12 +140,18 @@ class _ClientProtocol(FramedConnection):
     def open(self, target: Any, prepared: Any) -> int:
         """Register a call and send its request (passing its descriptors);
         ids increase on the wire because nothing else runs between
-        allocation and write."""
+        allocation and write.
+
+        :raises NothingSent: the connection broke in this write (a socket
+            write that fails writes nothing, and queued frames wait for it).
+        """
         if self.error is not None:
             prepared.discard()
             raise self.error
         stream_id = self.core.register(target, prepared)
         self.send(prepared.frame(stream_id), prepared.take_fds())
+        if self.error is not None:
+            raise NothingSent(self.error.code, self.error.details)
         return stream_id
 
     def finish(self, stream_id: int) -> None:

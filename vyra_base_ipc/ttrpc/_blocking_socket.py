@@ -13,7 +13,7 @@ from .._busy_poll import BusyPoll
 from .._deadline import Deadline
 from ._transport import MAX_FDS_PER_READ, buffered_recvmsg, enlarge_send_buffer, rights
 
-__all__ = ['FRAME_END_TIMEOUT', 'BlockingSocket', 'Received', 'SendTimeout', 'SocketTimeout']
+__all__ = ['FRAME_END_TIMEOUT', 'BlockingSocket', 'Received', 'SendTimeout', 'SocketTimeout', 'Unsent']
 
 #: How long the rest of a frame already partly sent may take once its sender
 #: has no deadline of its own (a control frame; a request stream whose caller
@@ -43,6 +43,10 @@ class SendTimeout(Exception):
     def __init__(self, sent_any: bool) -> None:
         super().__init__(sent_any)
         self.sent_any = sent_any
+
+
+class Unsent(OSError):
+    """The socket failed before any of the data was written."""
 
 
 class BlockingSocket:
@@ -106,7 +110,8 @@ class BlockingSocket:
 
         :returns: True once all of ``data`` is written.
         :raises SendTimeout: the deadline passed first.
-        :raises OSError: the socket failed.
+        :raises Unsent: the socket failed before any of ``data`` was written.
+        :raises OSError: the socket failed later.
         """
         sock = self.sock
         if not fds:
@@ -115,6 +120,8 @@ class BlockingSocket:
                 sent = sock.send(data, _DONTWAIT)
             except BlockingIOError:
                 sent = 0
+            except OSError as error:
+                raise Unsent(error.errno, error.strerror) from None
             if sent == len(data):
                 return True
             view = memoryview(data)[sent:]
@@ -138,6 +145,10 @@ class BlockingSocket:
                 if not self._wait_writable(deadline):
                     raise SendTimeout(sent_any) from None
                 continue
+            except OSError as error:
+                if sent_any:
+                    raise
+                raise Unsent(error.errno, error.strerror) from None
             sent_any = True
             view = view[sent:]
         return True

@@ -5,7 +5,8 @@
 they read the socket; everything else is here, written once: preparing a
 request, routing received frames to their calls (:class:`ClientCore`),
 reading a call's answer (:class:`Outcome`), shared memory on receipt, the
-Hello, flow control and CANCEL frames, and the errors a call raises.
+Hello, flow control and CANCEL frames. The errors a call raises are
+:mod:`._errors`'.
 """
 
 from __future__ import annotations
@@ -26,15 +27,12 @@ from .._shared_buffer import ReceivedBuffers, SharedBuffer, check_buffers, inlin
 from ..address import StrPath, validate_socket_path
 from ..exceptions import (
     IPCError,
-    IPCTimeoutError,
     IPCUnavailableError,
     MessageTooLargeError,
-    connection_lost,
     error_from_status,
-    nobody_listening,
-    socket_missing,
 )
 from . import _hello
+from ._errors import SenderFailed, lost
 from ._flow import ReceiveWindow, SendCredit, message_cost, validate_stream_window
 from ._frames import (
     FLAG_NO_DATA,
@@ -63,7 +61,7 @@ from ._messages import (
 from ._segment_link import SegmentLink
 from ._shared_memory import MemfdGate, goes_inline, outgoing, unpack
 
-__all__ = ['ClientCore', 'ClientStream', 'Item', 'Outcome', 'Prepared', 'SenderFailed', 'unary_response']
+__all__ = ['ClientCore', 'ClientStream', 'Item', 'Outcome', 'Prepared', 'unary_response']
 
 _REQUEST = int(MessageType.REQUEST)
 _RESPONSE = int(MessageType.RESPONSE)
@@ -220,66 +218,6 @@ def connect_arguments(socket_path: StrPath, max_message_bytes: int, timeout: flo
             DEFAULT_TIMEOUT if timeout is None else validate_timeout(timeout),
             usable_options(shared_memory), validate_stream_window(stream_window),
             trusted_server_uids(server_uid))
-
-
-# -- errors ------------------------------------------------------------------------------------
-
-def timeout_error(method: Method) -> IPCTimeoutError:
-    return IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED, 'Deadline Exceeded', method=method.path)
-
-
-def timed_out(deadline: Deadline | None, method: Method, idle_timeout: float | None) -> IPCTimeoutError:
-    """The error of a wait for a call's next item that ended: its idle
-    timeout, unless its deadline passed."""
-    if idle_timeout is not None and (deadline is None or not deadline.expired()):
-        return idle_error(method, idle_timeout)
-    return timeout_error(method)
-
-
-def idle_error(method: Method, idle_timeout: float) -> IPCTimeoutError:
-    return IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                           f'no message within the idle timeout of {idle_timeout:g} s', method=method.path)
-
-
-def connect_error(path: str, error: OSError) -> IPCUnavailableError:
-    if isinstance(error, FileNotFoundError):
-        return socket_missing(path)
-    if isinstance(error, ConnectionRefusedError):
-        return nobody_listening(path)
-    if isinstance(error, PermissionError):
-        details = f'not allowed to connect to {path!r}: {error.strerror}'
-    elif isinstance(error, BlockingIOError):
-        details = f'{path!r} takes no connection now: its listen backlog is full ({error.strerror})'
-    else:
-        details = f'cannot connect to {path!r}: {error}'
-    return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, details)
-
-
-def not_accepted(path: str, timeout: float) -> IPCUnavailableError:
-    return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE,
-                               f'no server accepted a connection on {path!r} within {timeout:g} s')
-
-
-#: Why a connection broke when its server went away (not a broken frame or a stuck send).
-_PEER_GONE = ('closed by the server', 'Broken pipe', 'Connection reset by peer')
-
-
-def lost(path: str, reason: object) -> IPCUnavailableError:
-    if isinstance(reason, (BrokenPipeError, ConnectionResetError)) or reason in _PEER_GONE:
-        return connection_lost(path, reason)
-    return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, f'connection to {path!r} lost: {reason}')
-
-
-def closed(path: str) -> IPCUnavailableError:
-    return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, f'connection to {path!r} was closed')
-
-
-class SenderFailed(IPCError):
-    """Carries an exception raised by the caller's request iterator; re-raised as is."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-        super().__init__(grpc.StatusCode.CANCELLED, f'request iterator raised {error!r}')
 
 
 # -- answers -----------------------------------------------------------------------------------

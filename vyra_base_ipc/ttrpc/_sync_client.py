@@ -19,27 +19,30 @@ from .._peer import check_server_connection
 from .._shared_buffer import SharedBuffer
 from ..address import StrPath
 from ..exceptions import IPCError, IPCUnavailableError
-from ._blocking_socket import FRAME_END_TIMEOUT, BlockingSocket, SendTimeout, SocketTimeout
+from ._blocking_socket import FRAME_END_TIMEOUT, BlockingSocket, SendTimeout, SocketTimeout, Unsent
 from ._call import (
     ClientCore,
     ClientStream,
     Item,
     Outcome,
     Prepared,
-    SenderFailed,
     check_kind,
     close_send_frame,
-    closed,
     connect_arguments,
-    connect_error,
     data_frame,
     deserialize,
+    prepare,
+    unary_response,
+)
+from ._errors import (
+    NothingSent,
+    SenderFailed,
+    closed,
+    connect_error,
     lost,
     not_accepted,
-    prepare,
     timed_out,
     timeout_error,
-    unary_response,
 )
 from ._flow import DEFAULT_STREAM_WINDOW
 from ._frames import FLAG_SHARED_MEMORY, MAX_QUEUED_FDS, Frame, FrameDecoder, encode_window_update
@@ -59,8 +62,7 @@ class _SyncStream(ClientStream):
     def __init__(self) -> None:
         super().__init__()
         self.condition: threading.Condition | None = None
-        self.waiting = False
-        self.abandoned = self.sender = False
+        self.waiting = self.abandoned = self.sender = False
 
     def wake(self) -> None:  # (state lock held)
         if self.waiting:
@@ -99,8 +101,7 @@ class SyncConnection:
         self._sock = sock
         self._pid = this_process.pid
         self._decoder = FrameDecoder(max_message_bytes + ENVELOPE_ALLOWANCE)
-        self._send_lock = threading.Lock()
-        self._state_lock = threading.Lock()
+        self._send_lock, self._state_lock = threading.Lock(), threading.Lock()
         # (state lock) The calls, the agreement, the routing of frames.
         self._core = ClientCore(socket_path, max_message_bytes, self._decoder, shared_memory,
                                 stream_window, _SyncStream.push, lambda: unread_in_socket(sock.fileno()))
@@ -375,7 +376,7 @@ class SyncConnection:
         try:
             sent = self._io.send_now(data)
         except OSError as error:
-            self._broken(lost(self.socket_path, error.strerror or error))
+            self._broken(lost(self.socket_path, error))
             return True
         if sent == 0:
             with self._state_lock:
@@ -391,14 +392,13 @@ class SyncConnection:
     def _send_locked(self, data: bytes, deadline: Deadline | None, method: Method | None,
                      fds: list[int], stream: _SyncStream | None = None) -> None:
         """Write all of ``data`` within the call's deadline (send lock held),
-        passing ``fds`` (closed here, whatever happens) with its first byte;
-        for a request stream's sender, until the ``stream``'s caller left
-        (:meth:`BlockingSocket.send_all`). ``method``: the call that times
-        out (``None``: none, a control frame).
+        passing ``fds`` (closed here, whatever happens) with its first byte:
+        a control frame (no ``method``), a message of ``stream``'s request
+        stream (until its caller left: :meth:`BlockingSocket.send_all`), or
+        the frame opening a ``method``'s call (:class:`NothingSent` if none of it left).
 
         A frame written only in part cannot be taken back: if the deadline
-        passes mid-frame the connection is closed, since the stream of frames
-        is no longer in sync.
+        passes mid-frame the connection is closed (the frames are out of step).
         """
         try:
             self._io.send_all(data, deadline, fds, None if stream is None else lambda: stream.abandoned)
@@ -409,8 +409,10 @@ class SyncConnection:
                 raise self._error or lost(self.socket_path, 'sending timed out') from None
             raise timeout_error(method) from None
         except OSError as error:
-            failure = lost(self.socket_path, error.strerror or error)
+            failure = lost(self.socket_path, error)
             self._broken(failure)
+            if isinstance(error, Unsent) and method is not None and stream is None:
+                raise NothingSent(failure.code, failure.details) from None
             raise failure from None
         finally:
             if fds:
@@ -436,9 +438,11 @@ class SyncConnection:
             if not stream.abandoned:
                 self._send_frame(close_send_frame(stream_id), [], deadline, method, stream)
         except IPCError as error:
-            self._deliver(stream, error)
+            with self._state_lock:
+                stream.push(error)
         except Exception as error:
-            self._deliver(stream, SenderFailed(error))
+            with self._state_lock:
+                stream.push(SenderFailed(error))
             try:
                 self._send_frame(close_send_frame(stream_id), [], deadline, method, stream)
             except IPCError:
@@ -536,7 +540,7 @@ class SyncConnection:
         try:
             received = self._io.receive(deadline)
         except OSError as error:
-            self._broken(lost(self.socket_path, error.strerror or error))
+            self._broken(lost(self.socket_path, error))
             return None
         if received is None:
             return None
@@ -565,10 +569,6 @@ class SyncConnection:
         if reason is not None:
             self._broken(lost(self.socket_path, reason))
         return None
-
-    def _deliver(self, stream: _SyncStream, item: Item) -> None:
-        with self._state_lock:
-            stream.push(item)
 
     def _broken(self, error: IPCUnavailableError) -> None:
         with self._state_lock:

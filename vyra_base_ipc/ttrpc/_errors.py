@@ -1,0 +1,86 @@
+"""The errors of fast-lane calls and connections, in the words both clients
+share (and the gRPC lane's, :mod:`vyra_base_ipc.exceptions`)."""
+
+from __future__ import annotations
+
+import grpc
+
+from .._deadline import Deadline
+from .._methods import Method
+from ..exceptions import (
+    IPCError,
+    IPCTimeoutError,
+    IPCUnavailableError,
+    connection_lost,
+    nobody_listening,
+    socket_missing,
+)
+
+__all__ = ['NothingSent', 'SenderFailed', 'closed', 'connect_error', 'idle_error', 'lost', 'not_accepted',
+           'timed_out', 'timeout_error']
+
+
+def timeout_error(method: Method) -> IPCTimeoutError:
+    return IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED, 'Deadline Exceeded', method=method.path)
+
+
+def timed_out(deadline: Deadline | None, method: Method, idle_timeout: float | None) -> IPCTimeoutError:
+    """The error of a wait for a call's next item that ended: its idle
+    timeout, unless its deadline passed."""
+    if idle_timeout is not None and (deadline is None or not deadline.expired()):
+        return idle_error(method, idle_timeout)
+    return timeout_error(method)
+
+
+def idle_error(method: Method, idle_timeout: float) -> IPCTimeoutError:
+    return IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                           f'no message within the idle timeout of {idle_timeout:g} s', method=method.path)
+
+
+def connect_error(path: str, error: OSError) -> IPCUnavailableError:
+    if isinstance(error, FileNotFoundError):
+        return socket_missing(path)
+    if isinstance(error, ConnectionRefusedError):
+        return nobody_listening(path)
+    if isinstance(error, PermissionError):
+        details = f'not allowed to connect to {path!r}: {error.strerror}'
+    elif isinstance(error, BlockingIOError):
+        details = f'{path!r} takes no connection now: its listen backlog is full ({error.strerror})'
+    else:
+        details = f'cannot connect to {path!r}: {error}'
+    return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, details)
+
+
+def not_accepted(path: str, timeout: float) -> IPCUnavailableError:
+    return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE,
+                               f'no server accepted a connection on {path!r} within {timeout:g} s')
+
+
+#: Why a connection broke when its server went away (not a broken frame or a stuck send).
+_PEER_GONE = ('closed by the server', 'Broken pipe', 'Connection reset by peer')
+
+
+def lost(path: str, reason: object) -> IPCUnavailableError:
+    if isinstance(reason, OSError) and reason.strerror:
+        reason = reason.strerror  # (both clients in the same words)
+    if reason in _PEER_GONE:
+        return connection_lost(path, reason)
+    return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, f'connection to {path!r} lost: {reason}')
+
+
+def closed(path: str) -> IPCUnavailableError:
+    return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, f'connection to {path!r} was closed')
+
+
+class NothingSent(IPCUnavailableError):
+    """A call found its connection broken before any of its request left:
+    the server never saw it, so it may go again over a new connection,
+    whatever the method (the handlers send it again once, at once)."""
+
+
+class SenderFailed(IPCError):
+    """Carries an exception raised by the caller's request iterator; re-raised as is."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        super().__init__(grpc.StatusCode.CANCELLED, f'request iterator raised {error!r}')
