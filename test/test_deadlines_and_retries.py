@@ -3,14 +3,15 @@ retried (issue 4, guarantees 9 and 10)."""
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
 
-from conftest import wait_for
-from vyra_base_ipc import IPCTimeoutError, IPCUnavailableError, SyncIPCHandler
+from conftest import until, wait_for
+from vyra_base_ipc import IPCHandler, IPCTimeoutError, IPCUnavailableError, SyncIPCHandler
 from vyra_base_ipc import module_service_pb2 as pb
 from vyra_base_ipc import module_service_pb2_grpc as pb_grpc
 
@@ -134,3 +135,39 @@ def test_a_timeout_says_which_timeout_and_how_long(server, echo, lane: str) -> N
     assert timed_out.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
     assert "no answer within the call's timeout of 0.3 s (Deadline Exceeded)" in str(timed_out.value)
     assert timed_out.value.method == '/vyra.ipc.test.EchoService/Sleep'
+
+
+@pytest.mark.parametrize('client', ['sync', 'async'])
+def test_a_call_that_does_not_wait_for_its_server_fails_at_once_while_another_waits(
+        start_server, socket_path: Path, echo, client: str) -> None:
+    # Two handlers share one fast-lane connection and its lock. A waits for a
+    # server that is not there yet (wait_for_ready); B does not wait: it fails
+    # after its own attempt to connect, not after A's wait. (Before: A kept
+    # the lock through all its attempts and the pauses between them.)
+    request = echo.pb.EchoRequest(text='up')
+    if client == 'sync':
+        a, b = (SyncIPCHandler(socket_path, echo.Stub, lane='ttrpc') for _ in range(2))
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(a.call_method, 'Echo', request, wait_for_ready=True, timeout=60)
+            wait_for(lambda: a._fast_key is not None, 10, 'A trying to connect')
+            with pytest.raises(IPCUnavailableError, match='does not exist'):
+                b.call_method('Echo', request, timeout=60)
+            assert not waiting.done()
+            start_server(socket_path).wait_serving(ttrpc=True)
+            assert waiting.result(timeout=60).text == 'up'
+        a.disconnect()
+        b.disconnect()
+        return
+
+    async def scenario() -> None:
+        a, b = (IPCHandler(socket_path, echo.Stub, lane='ttrpc') for _ in range(2))
+        waiting = asyncio.ensure_future(a.call_method('Echo', request, wait_for_ready=True, timeout=60))
+        await until(lambda: a._fast_key is not None, 10, 'A trying to connect')
+        with pytest.raises(IPCUnavailableError, match='does not exist'):
+            await b.call_method('Echo', request, timeout=60)
+        assert not waiting.done()
+        await asyncio.to_thread(lambda: start_server(socket_path).wait_serving(ttrpc=True))
+        assert (await waiting).text == 'up'
+        await a.disconnect()
+        await b.disconnect()
+    asyncio.run(scenario())

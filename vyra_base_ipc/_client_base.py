@@ -399,9 +399,10 @@ class ClientBase:
         return Retry(until is not None, until, 0.025)
 
     def _connect_options(self) -> dict[str, Any]:
-        return {'max_message_bytes': self.max_message_bytes, 'shared_memory': self.shared_memory,
-                'stream_window': self.stream_window, 'server_uid': self.server_uid,
-                'busy_poll': self.busy_poll}
+        """The arguments of a fast-lane connect()."""
+        return {'socket_path': self.ttrpc_socket_path, 'max_message_bytes': self.max_message_bytes,
+                'shared_memory': self.shared_memory, 'stream_window': self.stream_window,
+                'server_uid': self.server_uid, 'busy_poll': self.busy_poll}
 
     def _fast_key_args(self) -> tuple[Any, ...]:
         return (os.fspath(self.ttrpc_socket_path), self.max_message_bytes, self.shared_memory,
@@ -461,20 +462,26 @@ class _Explained:
         return False
 
 
-async def retrying(attempt: Callable[[], Awaitable[_T]], retry: Retry) -> _T:
+async def retrying(attempt: Callable[[], Awaitable[_T]], retry: Retry, lock: asyncio.Lock) -> _T:
+    """``attempt()`` under ``lock`` until it succeeds or ``retry`` gives up;
+    the pauses between attempts outside the lock, so that a caller that does
+    not wait for its server (or waits less) is never held by another's waiting."""
     while True:
-        try:
-            return await attempt()
-        except IPCUnavailableError as error:
-            pause = retry.pause_after(error)
+        async with lock:
+            try:
+                return await attempt()
+            except IPCUnavailableError as error:
+                pause = retry.pause_after(error)
         await asyncio.sleep(pause)
 
 
 
-def retrying_sync(attempt: Callable[[], _T], retry: Retry) -> _T:
+def retrying_sync(attempt: Callable[[], _T], retry: Retry, lock: threading.Lock) -> _T:
+    """As :func:`retrying`, blocking."""
     while True:
-        try:
-            return attempt()
-        except IPCUnavailableError as error:
-            pause = retry.pause_after(error)
+        with lock:
+            try:
+                return attempt()
+            except IPCUnavailableError as error:
+                pause = retry.pause_after(error)
         time.sleep(pause)

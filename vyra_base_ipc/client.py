@@ -369,14 +369,15 @@ class IPCHandler(ClientBase):
         if self._fast_key is None:
             self._fast_key = aio_ttrpc_pool.acquire(self._fast_key_args())
         entry = self._fast_key[1]
-        async with entry.lock:  # one connect for all the handlers waiting
-            if entry.connection is None or entry.connection.is_closed:
-                if entry.connection is not None:
-                    await entry.connection.close()
-                path, options = self.ttrpc_socket_path, self._connect_options()
-                entry.connection = await retrying(lambda: AsyncConnection.connect(path, **options),
-                                                   self._connect_retry(deadline, wait))
-        self._fast = entry.connection
+
+        async def connected() -> AsyncConnection:  # (entry lock held: one connect for all waiting)
+            connection = entry.connection
+            if connection is None or connection.is_closed:
+                if connection is not None:
+                    await connection.close()
+                connection = entry.connection = await AsyncConnection.connect(**self._connect_options())
+            return connection
+        self._fast = await retrying(connected, self._connect_retry(deadline, wait), entry.lock)
         return self._fast
 
 
@@ -586,13 +587,13 @@ class SyncIPCHandler(ClientBase):
                 if self._fast_key is None:
                     self._fast_key = sync_ttrpc_pool.acquire(self._fast_key_args())
         entry = self._fast_key[1]
-        with entry.lock:
-            if entry.connection is None or entry.connection.is_closed:
-                if entry.connection is not None:
-                    entry.connection.close()
-                path, options = self.ttrpc_socket_path, self._connect_options()
-                entry.connection = retrying_sync(
-                    lambda: SyncConnection.connect(path, **options),
-                    self._connect_retry(deadline, wait))
-        self._fast = entry.connection
+
+        def connected() -> SyncConnection:  # (entry lock held: one connect for all waiting)
+            connection = entry.connection
+            if connection is None or connection.is_closed:
+                if connection is not None:
+                    connection.close()
+                connection = entry.connection = SyncConnection.connect(**self._connect_options())
+            return connection
+        self._fast = retrying_sync(connected, self._connect_retry(deadline, wait), entry.lock)
         return self._fast
