@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+import gc
+import os
 from pathlib import Path
 import signal
 import threading
@@ -11,7 +13,7 @@ import threading
 import grpc
 import pytest
 
-from conftest import ServerProcess, make_stale_socket
+from conftest import LONG, ServerProcess, make_stale_socket, wait_for
 from vyra_base_ipc import (
     IPCError,
     IPCHandler,
@@ -385,6 +387,97 @@ def test_one_handler_works_across_two_event_loops(server: ServerProcess, echo) -
 
     assert asyncio.run(first()) == 'one'
     assert asyncio.run(second()) == 'two'
+
+
+def open_fds() -> int:
+    return len(os.listdir('/proc/self/fd'))
+
+
+@pytest.mark.parametrize('handlers', ['one', 'one per run'])
+@pytest.mark.parametrize('lane', ['ttrpc', 'grpc'])
+def test_asyncio_run_again_and_again_without_disconnect_leaves_no_connection_behind(
+        server: ServerProcess, echo, lane: str, handlers: str) -> None:
+    # A closed loop's connections can no longer be closed by it: the next
+    # loop's first call closes them (before: one socket and one whole event
+    # loop more with every asyncio.run(), until the process ran out of descriptors).
+    shared = IPCHandler(server.socket_path, echo.Stub, lane=lane)
+
+    async def one_call(text: str) -> str:
+        ipc = shared if handlers == 'one' else IPCHandler(server.socket_path, echo.Stub, lane=lane)
+        return (await ipc.call_method('Echo', echo.pb.EchoRequest(text=text))).text
+
+    def loops() -> int:
+        gc.collect()
+        return sum(isinstance(thing, asyncio.AbstractEventLoop) for thing in gc.get_objects())
+    assert asyncio.run(one_call('warm')) == 'warm'
+    fds, loops_before = open_fds(), loops()
+    for index in range(20):
+        assert asyncio.run(one_call(str(index))) == str(index)
+    assert loops() <= loops_before + 1  # the last run's (before: one more with every run)
+    assert open_fds() <= fds + 2  # the last run's connection (before: +20 on the fast lane)
+
+
+def test_one_handler_used_from_two_loops_in_turn_releases_each_loops_connection(
+        server: ServerProcess, echo) -> None:
+    # Moving to another loop lets go of the one left: its connection is
+    # closed there, so disconnect() on each loop leaves nothing open (before:
+    # each move counted one more user, and the connections stayed for ever).
+    ipc = IPCHandler(server.socket_path, echo.Stub, lane='ttrpc')
+    loops = [asyncio.new_event_loop(), asyncio.new_event_loop()]
+    try:
+        fds = open_fds()
+        for index in range(10):
+            reply = loops[index % 2].run_until_complete(ipc.call_method('Echo', echo.pb.EchoRequest(text='x')))
+            assert reply.text == 'x'
+        assert open_fds() <= fds + 1  # the loop in use's connection only
+        loops[1].run_until_complete(ipc.disconnect())
+        assert open_fds() <= fds
+    finally:
+        for loop in loops:
+            loop.close()
+
+
+@pytest.mark.parametrize('lane', ['ttrpc', 'grpc'])
+def test_disconnect_in_a_forked_child_returns_and_leaves_the_parents_connections_alone(
+        server: ServerProcess, echo, lane: str) -> None:
+    # The parent's loop runs in a thread, which the child does not have:
+    # disconnect() must not wait for that loop (before: it waited for ever).
+    ipc = IPCHandler(server.socket_path, echo.Stub, lane=lane)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        call = ipc.call_method('Echo', echo.pb.EchoRequest(text='parent'))
+        assert asyncio.run_coroutine_threadsafe(call, loop).result(LONG).text == 'parent'
+        pid = os.fork()
+        if pid == 0:  # the child: exits 0 once disconnect() returned
+            code = 1
+            try:
+                asyncio.run(ipc.disconnect())
+                code = 0
+            finally:
+                os._exit(code)
+        statuses: list[int] = []
+
+        def exited() -> bool:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                statuses.append(status)
+            return bool(done)
+        try:
+            wait_for(exited, 20, 'the forked child to return from disconnect()')
+        finally:
+            if not statuses:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(statuses[0]) == 0
+        call = ipc.call_method('Echo', echo.pb.EchoRequest(text='still'))
+        assert asyncio.run_coroutine_threadsafe(call, loop).result(LONG).text == 'still'
+    finally:
+        asyncio.run_coroutine_threadsafe(ipc.disconnect(), loop).result(LONG)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(LONG)
+        loop.close()
 
 
 @pytest.mark.parametrize('lane, pool', [('grpc', sync_pool.open_connections),

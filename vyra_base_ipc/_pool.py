@@ -4,21 +4,24 @@ connection per target and event loop (asyncio) or per target and process
 
 grpc.aio channels are bound to the event loop they were created in
 (grpc/grpc#32480), and the fast lane's asyncio connections are too, so the
-asyncio pools are keyed by the running loop; a loop's entries go with the
-loop. Keys include the process id, so that a forked child never uses or
-closes its parent's connections (see :mod:`vyra_base_ipc._fork_safety`).
+asyncio pools are keyed by the running loop. A loop that closed (the end of
+``asyncio.run()``) can close nothing any more: its entries are discarded
+when the next loop comes. Keys include the process id, so that a forked
+child never uses or closes its parent's connections (see
+:mod:`vyra_base_ipc._fork_safety`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import operator
 import os
 import threading
 from typing import Any, Callable, Generic, Hashable, TypeVar
-import weakref
 
-__all__ = ['Entry', 'Pool', 'aio_pool', 'aio_ttrpc_pool', 'release_aio', 'sync_pool', 'sync_ttrpc_pool']
+__all__ = ['Entry', 'Pool', 'aio_pool', 'aio_ttrpc_pool', 'release_aio', 'release_elsewhere', 'sync_pool',
+           'sync_ttrpc_pool']
 
 _T = TypeVar('_T')
 
@@ -42,30 +45,39 @@ class Pool(Generic[_T]):
 
     :param owner: the current owner: ``asyncio.get_running_loop`` or ``os.getpid``.
     :param make_lock: the lock of an entry (``asyncio.Lock`` or ``threading.Lock``).
+    :param discard: closes a connection of a loop that closed, without it
+        (``None``: left to the garbage collector).
     """
 
-    def __init__(self, owner: Callable[[], Hashable], make_lock: Callable[[], Any]) -> None:
+    def __init__(self, owner: Callable[[], Hashable], make_lock: Callable[[], Any],
+                 discard: Callable[[_T], None] | None = None) -> None:
         self._owner = owner
         self._make_lock = make_lock
+        self._discard = discard
         self._lock = threading.Lock()
         self._entries: dict[Hashable, dict[tuple[int, Hashable], Entry[_T]]] = {}
+        # The event loops entries are filed under (by id: a loop is not
+        # hashable by value), held until their entries go.
+        self._loops: dict[Hashable, asyncio.AbstractEventLoop] = {}
 
-    def _current(self) -> tuple[object, Hashable]:
-        """The current owner and what its entries are filed under."""
-        owner = self._owner()
-        return owner, (owner if isinstance(owner, int) else ('loop', id(owner)))
+    @staticmethod
+    def _filed(owner: object) -> Hashable:
+        """What ``owner``'s entries are filed under."""
+        return owner if isinstance(owner, int) else ('loop', id(owner))
 
     def acquire(self, key: Hashable) -> tuple[tuple[int, Hashable], Entry[_T]]:
         """Count one more user of the connection for ``key`` of the current
         owner; return the key to release it with, and its entry."""
-        owner, filed = self._current()
+        owner = self._owner()
+        filed = self._filed(owner)
         mine = (os.getpid(), key)
         with self._lock:
             entries = self._entries.get(filed)
             if entries is None:
                 entries = self._entries[filed] = {}
-                if not isinstance(owner, int):  # an event loop: its entries go with it
-                    weakref.finalize(owner, self._entries.pop, filed, None)
+                if isinstance(owner, asyncio.AbstractEventLoop):
+                    self._discard_closed_loops()
+                    self._loops[filed] = owner
             entry = entries.get(mine)
             if entry is None:
                 entry = entries[mine] = Entry(self._make_lock())
@@ -80,11 +92,15 @@ class Pool(Generic[_T]):
                 entry.connection = make()
             return entry.connection
 
-    def release(self, key: tuple[int, Hashable]) -> _T | None:
-        """Count one user less (of the current owner); return the connection
-        to close if that was the last user (never one of a parent process)."""
+    def release(self, key: tuple[int, Hashable], owner: object = None) -> _T | None:
+        """Count one user less (of ``owner``, by default the current one);
+        return the connection to close if that was the last user (never one
+        of a parent process)."""
+        if key[0] != os.getpid():
+            return None  # a parent's: not even dropped here (freeing grpc's objects can hang a child)
+        filed = self._filed(self._owner() if owner is None else owner)
         with self._lock:
-            entries = self._entries.get(self._current()[1], {})
+            entries = self._entries.get(filed, {})
             entry = entries.get(key)
             if entry is None:
                 return None
@@ -92,13 +108,26 @@ class Pool(Generic[_T]):
             if entry.users > 0:
                 return None
             del entries[key]
-        return entry.connection if key[0] == os.getpid() else None
+            if not entries:
+                self._entries.pop(filed, None)
+                self._loops.pop(filed, None)
+        return entry.connection
+
+    def _discard_closed_loops(self) -> None:
+        """(lock held) Forget the entries of event loops that closed, closing
+        their connections without them (asyncio.run() closes its loop for good)."""
+        for filed, loop in list(self._loops.items()):
+            if loop.is_closed():
+                del self._loops[filed]
+                for (pid, _), entry in self._entries.pop(filed, {}).items():
+                    if entry.connection is not None and self._discard is not None and pid == os.getpid():
+                        self._discard(entry.connection)
 
     def open_connections(self) -> int:
         """How many connections the current owner holds open (for leak checks)."""
         mine = os.getpid()
         with self._lock:
-            entries = self._entries.get(self._current()[1], {})
+            entries = self._entries.get(self._filed(self._owner()), {})
             return sum(1 for (pid, _), entry in entries.items() if pid == mine
                        and entry.connection is not None and not getattr(entry.connection, 'is_closed', False))
 
@@ -108,7 +137,7 @@ aio_pool: Pool[Any] = Pool(asyncio.get_running_loop, asyncio.Lock)
 #: Blocking grpc channels, per process.
 sync_pool: Pool[Any] = Pool(os.getpid, threading.Lock)
 #: Fast-lane AsyncConnections, per event loop.
-aio_ttrpc_pool: Pool[Any] = Pool(asyncio.get_running_loop, asyncio.Lock)
+aio_ttrpc_pool: Pool[Any] = Pool(asyncio.get_running_loop, asyncio.Lock, operator.methodcaller('abort'))
 #: Fast-lane SyncConnections, per process.
 sync_ttrpc_pool: Pool[Any] = Pool(os.getpid, threading.Lock)
 
@@ -124,3 +153,24 @@ async def release_aio(fast_key: Any, grpc_key: Any) -> None:
         channel = aio_pool.release(grpc_key[0])
         if channel is not None:
             await channel.close()
+
+
+def release_elsewhere(fast_key: Any, grpc_key: Any, loop: asyncio.AbstractEventLoop) -> None:
+    """Let go of an asyncio handler's keys on ``loop``, which is not the
+    running one, without waiting for it: the connections it was the last
+    user of are closed by ``loop`` if it runs (in another thread), else at
+    once (a fast-lane socket; a gRPC channel is left to the garbage
+    collector: closing it needs its loop)."""
+    connection = aio_ttrpc_pool.release(fast_key[0], loop) if fast_key is not None else None
+    channel = aio_pool.release(grpc_key[0], loop) if grpc_key is not None else None
+    if loop.is_running():
+        try:
+            if connection is not None:
+                loop.call_soon_threadsafe(connection.abort)
+                connection = None
+            if channel is not None:
+                asyncio.run_coroutine_threadsafe(channel.close(), loop)
+        except RuntimeError:  # it closed meanwhile
+            pass
+    if connection is not None:
+        connection.abort()

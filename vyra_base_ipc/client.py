@@ -44,7 +44,7 @@ from ._interceptors import ClientInterceptor
 from ._lanes import LANES, GrpcLane, SyncGrpcLane
 from ._options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT, validate_timeout
 from ._payload import SharedMemoryOptions
-from ._pool import aio_pool, aio_ttrpc_pool, release_aio, sync_pool, sync_ttrpc_pool
+from ._pool import aio_pool, aio_ttrpc_pool, release_aio, release_elsewhere, sync_pool, sync_ttrpc_pool
 from ._shared_buffer import SharedBuffer
 from .address import StrPath
 from .exceptions import IPCError, IPCRemoteError, IPCUnavailableError
@@ -163,8 +163,8 @@ class IPCHandler(ClientBase):
             return
         if loop is asyncio.get_running_loop():
             await release_aio(fast_key, grpc_key)
-        elif loop.is_running():
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(release_aio(fast_key, grpc_key), loop))
+        else:  # (not waited for: in a forked child, the loop's thread is the parent's)
+            release_elsewhere(fast_key, grpc_key, loop)
 
     @overload
     async def call_method(self, method: str, request: Any, *, timeout: float | Default = DEFAULT,
@@ -354,9 +354,10 @@ class IPCHandler(ClientBase):
         loop = asyncio.get_running_loop()
         if self._loop is loop:
             return
-        # First use (or first since disconnect()), or a handler moved to a
-        # new loop (asyncio.run() twice): the old loop's connections cannot
-        # be used here, nor closed from here.
+        # First use (or first since disconnect()), or a handler moved to a new loop
+        # (asyncio.run() twice): the old loop's connections are let go of there.
+        if self._loop is not None:
+            release_elsewhere(self._fast_key, self._grpc_key, self._loop)
         self._loop = loop
         self._connected = True
         self._forget_connections()

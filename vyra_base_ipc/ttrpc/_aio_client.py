@@ -297,6 +297,12 @@ class AsyncConnection:
     async def close(self) -> None:
         """Close the connection; calls in flight fail with
         :class:`IPCUnavailableError`. Idempotent."""
+        self.abort()
+
+    def abort(self) -> None:
+        """Close the connection at once, as :meth:`close` does, from code
+        that cannot await: in its loop's thread, or while its loop does not
+        run (also once it closed)."""
         protocol = self._protocol
         if protocol.error is None:
             protocol.error = closed(self.socket_path)
