@@ -25,6 +25,8 @@ import gc
 import os
 from pathlib import Path
 import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -341,6 +343,41 @@ def test_sigterm_under_load_drains_then_exits_cleanly(start_fault_server: StartF
     assert list(socket_path.parent.iterdir()) == []
     assert journal.count('end', 'Sleep') == 20
     assert journal.count('cancelled', 'Sleep') == 20
+
+
+_FROZEN_WATCHER = """
+import asyncio, os, signal, sys
+import grpc
+from vyra_ipc_test import echo_pb2, echo_pb2_grpc
+async def main():
+    async with grpc.aio.insecure_channel('unix:' + sys.argv[1]) as channel:
+        call = echo_pb2_grpc.WatchServiceStub(channel).Watch(echo_pb2.WatchRequest(tag='f', size=256 * 1024))
+        for _ in range(20):
+            await call.read()
+        print('frozen', flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+asyncio.run(main())
+"""
+
+
+def test_sigterm_exits_when_a_grpc_client_froze_with_a_stream_it_does_not_read(
+        start_server: Callable[..., ServerProcess], socket_path: Path, child_env: dict[str, str]) -> None:
+    # grpc.aio's stop() waits without bound, past the grace, for grpc core to
+    # flush a write to a peer that does not read (a process stopped in a
+    # debugger): the server never exited. Its wait is now bounded.
+    server = start_server(socket_path, '--grace-period', '1')
+    client = subprocess.Popen([sys.executable, '-c', _FROZEN_WATCHER, str(socket_path)], env=child_env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None and client.stdout.readline() == 'frozen\n'
+        wait_for(lambda: Path(f'/proc/{client.pid}/stat').read_text().split()[2] == 'T', 10, 'a frozen client')
+        server.signal(signal.SIGTERM)
+        wait_for(lambda: not server.running(), 30, 'the server to exit')
+        assert server.popen.returncode == 0
+        assert 'did not take the shutdown' in server.log()
+    finally:
+        client.kill()
+        client.communicate()
 
 
 def test_an_embedded_server_with_a_handler_blocked_in_io_exits_on_sigterm(start_server, socket_path: Path,

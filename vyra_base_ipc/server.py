@@ -50,6 +50,11 @@ __all__ = ['IPCServer']
 
 _logger = logging.getLogger(__name__)
 
+#: How long after the grace the lanes may take to close their connections:
+#: grpc.aio's stop() waits without bound for grpc core to flush a write to a
+#: peer that does not read (a process stopped in a debugger).
+_CLOSE_TIME = 1.0
+
 
 class _State(enum.Enum):
     NEW = 'new'
@@ -181,6 +186,8 @@ class IPCServer:
         self._executor: HandlerThreads | None = None
         self._health: health.aio.HealthServicer | None = None
         self._stop_task: asyncio.Task[None] | None = None
+        # A lane's stop() still waiting for a peer that does not read (kept: not collected while pending).
+        self._left_stopping: set[asyncio.Task[None]] = set()
         self._terminated: asyncio.Event | None = None
         for servicer in servicers:
             if isinstance(servicer, tuple):
@@ -315,7 +322,9 @@ class IPCServer:
         (their ``async def`` handlers cancelled). Other calls in flight get
         ``grace`` seconds (default :attr:`grace_period`), then they are
         cancelled and the connections closed. Returns when all of that is
-        done.
+        done, or 1 s after the grace at the latest: a connection whose peer
+        does not read (a process stopped in a debugger) is not waited for
+        (logged as a warning).
         """
         if self._stop_task is None and self._state is not _State.SERVING:
             # Never started, or start() failed and already cleaned up.
@@ -413,8 +422,16 @@ class IPCServer:
             if self._ttrpc is not None:
                 removed = self._ttrpc.withdraw() and removed
             self._open_streams.end_all()
-            await asyncio.gather(self._server.stop(grace),
-                                 *([self._ttrpc.stop(grace)] if self._ttrpc is not None else []))
+            stops = [asyncio.ensure_future(self._server.stop(grace))]
+            if self._ttrpc is not None:
+                stops.append(asyncio.ensure_future(self._ttrpc.stop(grace)))
+            done, self._left_stopping = await asyncio.wait(stops, timeout=grace + _CLOSE_TIME)
+            for stopped in done:
+                stopped.result()
+            if self._left_stopping:
+                _logger.warning('IPC server on %s: a connection did not take the shutdown %g s after '
+                                'the grace (its peer does not read); stopped without waiting for it',
+                                self.socket_path, _CLOSE_TIME)
         finally:
             self._socket.remove()  # (if an error came first) drops the private directory too
             if self._executor is not None:
