@@ -15,6 +15,11 @@ import math
 
 __all__ = ['ServerLimits']
 
+#: What the headers gRPC sends with every call take as grpc core counts them
+#: (``:path``, ``:authority``, ``content-type``, ``te``, ``grpc-timeout``,
+#: ``user-agent``...: about 600 bytes), on top of a call's own metadata.
+_GRPC_OWN_HEADERS = 1024
+
 _MIB = 1024 * 1024
 
 
@@ -78,4 +83,9 @@ class ServerLimits:
         """The same bounds as grpc core server options."""
         return (('grpc.max_allowed_incoming_connections', self.max_connections),
                 ('grpc.max_concurrent_streams', self.max_concurrent_streams),
-                ('grpc.max_metadata_size', self.max_metadata_bytes))
+                # grpc core's max_metadata_size alone is a soft limit (a random
+                # share of calls up to twice it get through): the absolute one
+                # too. Both leave room for the headers gRPC sends itself, which
+                # it counts and the fast lane does not have.
+                ('grpc.max_metadata_size', self.max_metadata_bytes + _GRPC_OWN_HEADERS),
+                ('grpc.absolute_max_metadata_size', self.max_metadata_bytes + _GRPC_OWN_HEADERS))
