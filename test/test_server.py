@@ -137,6 +137,22 @@ async def test_stop_is_idempotent_and_wait_for_termination_reports_it(socket_pat
     await asyncio.gather(server.stop(0), server.stop(0))
     await server.stop(0)
     assert await server.wait_for_termination(timeout=0.01) is True
+    assert await server.wait_for_termination(timeout=0) is True
+    assert list(socket_path.parent.iterdir()) == []
+
+
+@pytest.mark.asyncio
+async def test_stop_while_starting_stops_the_server_once_it_started(socket_path: Path) -> None:
+    # Before: stop() marked the server stopped and returned, then start()
+    # finished and served on, its socket files published.
+    server = IPCServer(socket_path, servicers=[ModuleService('unit')])
+    starting = asyncio.ensure_future(server.start())
+    await asyncio.sleep(0)  # start() runs up to its first wait
+    assert not starting.done()
+    await server.stop(0)
+    assert starting.done() and starting.exception() is None
+    assert not server.is_serving
+    assert await server.wait_for_termination(timeout=0) is True
     assert list(socket_path.parent.iterdir()) == []
 
 

@@ -189,6 +189,7 @@ class IPCServer:
         # A lane's stop() still waiting for a peer that does not read (kept: not collected while pending).
         self._left_stopping: set[asyncio.Task[None]] = set()
         self._terminated: asyncio.Event | None = None
+        self._started = asyncio.Event()  # (made anew by start(), on its loop)
         for servicer in servicers:
             if isinstance(servicer, tuple):
                 self.add_servicer(*servicer)
@@ -272,6 +273,7 @@ class IPCServer:
             raise RuntimeError(f'start() called on a server that is {self._state.value}')
         self._state = _State.STARTING
         self._terminated = asyncio.Event()
+        self._started = asyncio.Event()
         try:
             self._socket.check()
             note_grpc_used()
@@ -305,6 +307,8 @@ class IPCServer:
         except BaseException:
             await self._abort_start()
             raise
+        finally:
+            self._started.set()  # (a stop() waiting goes on once this step is done)
         self._state = _State.SERVING
         if self._announce:
             _logger.info('IPC server serving %s on %s%s', ', '.join(self.service_names) or 'no services',
@@ -324,8 +328,10 @@ class IPCServer:
         cancelled and the connections closed. Returns when all of that is
         done, or 1 s after the grace at the latest: a connection whose peer
         does not read (a process stopped in a debugger) is not waited for
-        (logged as a warning).
+        (logged as a warning). A server still starting is stopped once it started.
         """
+        if self._state is _State.STARTING:
+            await self._started.wait()
         if self._stop_task is None and self._state is not _State.SERVING:
             # Never started, or start() failed and already cleaned up.
             self._state = _State.STOPPED
@@ -347,6 +353,8 @@ class IPCServer:
         """
         if self._terminated is None:
             raise RuntimeError('wait_for_termination() before start()')
+        if self._terminated.is_set():
+            return True  # (asyncio.wait_for() with no time left gives up even on that)
         try:
             await asyncio.wait_for(self._terminated.wait(), timeout)
         except asyncio.TimeoutError:
