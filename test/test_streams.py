@@ -118,6 +118,52 @@ async def test_leaving_a_bidirectional_stream_cancels_its_handler(
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize('lane', LANES)
+async def test_disconnect_with_a_call_and_a_stream_in_flight_fails_them_as_closed(
+        server: ServerProcess, echo: Any, reports: Reports, lane: str) -> None:
+    # As the fast lane says it, on both lanes: before, the gRPC lane's call
+    # ended with a bare CancelledError (nobody cancelled the caller's task).
+    tag = next(tags)
+    ipc = IPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane, timeout=30)
+
+    async def streamed() -> None:
+        async for _ in ipc.stream_method('Watch', watch(echo, tag + 's', count=1, hold=True), timeout=None):
+            pass
+    held = asyncio.ensure_future(ipc.call_method('Hold', watch(echo, tag)))
+    stream = asyncio.ensure_future(streamed())
+    await until(lambda: reports(tag).started and reports(tag + 's').sent == 1, 10, 'both on the server')
+    await ipc.disconnect()
+    for call in (held, stream):
+        with pytest.raises(IPCUnavailableError, match='was closed'):
+            await call
+
+
+@pytest.mark.parametrize('lane', LANES)
+def test_disconnect_with_a_sync_call_in_flight_fails_it_as_closed(
+        server: ServerProcess, echo: Any, reports: Reports, lane: str) -> None:
+    # Before, on the gRPC lane: IPCRemoteError CANCELLED "Channel closed!",
+    # as if the server had answered so.
+    tag = next(tags)
+    # (A limit of its own: its own connection, not the one the reports share.)
+    ipc = SyncIPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane, timeout=30,
+                         max_message_bytes=8 << 20)
+    errors: list[BaseException] = []
+
+    def hold() -> None:
+        try:
+            ipc.call_method('Hold', watch(echo, tag))
+        except BaseException as error:
+            errors.append(error)
+    thread = threading.Thread(target=hold)
+    thread.start()
+    wait_for(lambda: reports(tag).started, 10, 'the call on the server')
+    ipc.disconnect()
+    thread.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], IPCUnavailableError), errors
+    assert 'was closed' in str(errors[0])
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('lane', LANES)
 async def test_cancelling_the_task_of_a_unary_call_cancels_its_handler(
         server: ServerProcess, echo: Any, reports: Reports, lane: str) -> None:
     tag = next(tags)

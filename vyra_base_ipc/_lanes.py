@@ -38,6 +38,7 @@ from .exceptions import (
     nobody_listening,
     socket_missing,
 )
+from .ttrpc._errors import closed
 
 __all__ = ['LANES', 'GrpcLane', 'LaneChoice', 'ServerCameUp', 'SyncGrpcLane']
 
@@ -68,6 +69,9 @@ _PROBE_REQUEST = health_pb2.HealthCheckRequest()
 # connection that broke under a call.
 _CLIENT_TOO_LARGE = re.compile(r'CLIENT: Sent message larger than max \((\d+) vs\. (\d+)\)')
 _CONNECTION_BROKE = ('Socket closed', 'Connection reset by peer', 'Broken pipe')
+# ...and of a channel this process closed (disconnect()) under a call, or
+# before it ('Channel closed!', 'Cannot invoke RPC on closed channel!').
+_CLOSED = re.compile(r'[Cc]hannel closed|closed channel')
 
 
 class ServerCameUp(IPCUnavailableError):
@@ -164,12 +168,26 @@ class _GrpcLaneBase:
             unreachable = self._unreachable(details, method.path)
             if unreachable is not None:
                 return unreachable
+        elif code is grpc.StatusCode.CANCELLED and _CLOSED.search(details):
+            return closed(self._path).for_method(method.path)
         elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
             # grpc core refused to send it: the client's own limit, nothing left.
             too_large = _CLIENT_TOO_LARGE.match(details)
             if too_large is not None:
                 return MessageTooLargeError(int(too_large[1]), int(too_large[2]), method=method.path)
         return error_from_status(code, details, method=method.path)
+
+    def _closed_under(self, error: BaseException, method: Method) -> BaseException:
+        """What to raise for ``error`` from a call: the fast lane's "was
+        closed" if this process closed the channel under the call (grpc.aio
+        cancels it, though nobody cancelled the caller's task) or before it
+        (grpc raises ValueError), else ``error`` itself."""
+        if isinstance(error, ValueError):
+            closed_here = _CLOSED.search(str(error)) is not None
+        else:
+            task = asyncio.current_task()
+            closed_here = task is not None and getattr(task, 'cancelling', lambda: 1)() == 0  # (3.11+)
+        return closed(self._path).for_method(method.path) if closed_here else error
 
     def _unreachable(self, details: str, method: str | None = None) -> IPCUnavailableError | None:
         """The error, in the fast lane's words, for grpc core's text of a
@@ -290,6 +308,8 @@ class GrpcLane(_GrpcLaneBase):
                 metadata=metadata, wait_for_ready=self.wait_for_ready)
         except grpc.RpcError as error:
             raise self._translate(error, method) from None
+        except (asyncio.CancelledError, ValueError) as error:
+            raise self._closed_under(error, method) from None
         return (response, ReceivedBuffers()) if return_buffers else response
 
     async def stream(self, method: Method, request: Any, *, timeout: Deadline | None,
@@ -297,7 +317,10 @@ class GrpcLane(_GrpcLaneBase):
                      ) -> AsyncGenerator[Any, None]:
         """As :meth:`AsyncConnection.stream <vyra_base_ipc.ttrpc.AsyncConnection.stream>`;
         leaving early cancels the call."""
-        call = self._open_stream(method, request, timeout, metadata, self.wait_for_ready)
+        try:
+            call = self._open_stream(method, request, timeout, metadata, self.wait_for_ready)
+        except ValueError as error:
+            raise self._closed_under(error, method) from None
         may_restart = not self.wait_for_ready
         try:
             while True:
@@ -316,6 +339,8 @@ class GrpcLane(_GrpcLaneBase):
                 yield response
         except grpc.RpcError as error:
             raise self._translate(error, method) from None
+        except (asyncio.CancelledError, ValueError) as error:
+            raise self._closed_under(error, method) from None
         finally:
             call.cancel()
 
@@ -357,6 +382,8 @@ class SyncGrpcLane(_GrpcLaneBase):
                 metadata=metadata, wait_for_ready=self.wait_for_ready)
         except grpc.RpcError as error:
             raise self._translate(error, method) from None
+        except ValueError as error:
+            raise self._closed_under(error, method) from None
         return (response, ReceivedBuffers()) if return_buffers else response
 
     def stream(self, method: Method, request: Any, *, timeout: Deadline | None,
@@ -364,7 +391,10 @@ class SyncGrpcLane(_GrpcLaneBase):
         """As :meth:`GrpcLane.stream`, blocking."""
         if method.kind.request_streaming:
             request = iter(request)
-        call = self._open_stream(method, request, timeout, metadata, self.wait_for_ready)
+        try:
+            call = self._open_stream(method, request, timeout, metadata, self.wait_for_ready)
+        except ValueError as error:
+            raise self._closed_under(error, method) from None
         may_restart = not self.wait_for_ready
         watch = None if idle_timeout is None else _IdleWatch(call, idle_timeout)
         try:
@@ -388,6 +418,8 @@ class SyncGrpcLane(_GrpcLaneBase):
             if watch is not None and watch.expired:
                 raise _idle_error(method, idle_timeout) from None  # type: ignore[arg-type]
             raise self._translate(error, method) from None
+        except ValueError as error:  # (opened again on a channel closed meanwhile)
+            raise self._closed_under(error, method) from None
         finally:
             if watch is not None:
                 watch.stop()
