@@ -412,12 +412,13 @@ class ClientBase:
         """The gRPC lane over this owner's shared channel (made on first use)."""
         lane = self._grpc.get(wait)
         if lane is None:
-            if self._grpc_key is None:
+            key = self._grpc_key  # (read once: disconnect() in another thread may drop it)
+            if key is None:
                 ensure_usable_after_fork()
                 with self._keys_lock:
-                    if self._grpc_key is None:
-                        self._grpc_key = self._grpc_pool.acquire((self._target, self._options))
-            channel = self._grpc_pool.made_once(self._grpc_key[1], self._new_channel)
+                    key = self._grpc_key = self._grpc_key or self._grpc_pool.acquire((self._target,
+                                                                                      self._options))
+            channel = self._grpc_pool.made_once(key[1], self._new_channel)
             lane = self._grpc[wait] = self._grpc_lane_type(channel, self.socket_path, wait, self._trusted)
         return lane
 

@@ -583,11 +583,11 @@ class SyncIPCHandler(ClientBase):
 
     def _fast_connection(self, deadline: Deadline | None, wait: bool) -> SyncConnection:
         """As :meth:`IPCHandler._fast_connection`, blocking."""
-        if self._fast_key is None:
+        key = self._fast_key  # (read once: disconnect() in another thread may drop it)
+        if key is None:
             with self._keys_lock:
-                if self._fast_key is None:
-                    self._fast_key = sync_ttrpc_pool.acquire(self._fast_key_args())
-        entry = self._fast_key[1]
+                key = self._fast_key = self._fast_key or sync_ttrpc_pool.acquire(self._fast_key_args())
+        entry = key[1]
 
         def connected() -> SyncConnection:  # (entry lock held: one connect for all waiting)
             connection = entry.connection

@@ -409,8 +409,8 @@ class SyncConnection:
                 raise self._error or lost(self.socket_path, 'sending timed out') from None
             raise timeout_error(method) from None
         except OSError as error:
-            failure = lost(self.socket_path, error)
-            self._broken(failure)
+            self._broken(lost(self.socket_path, error))
+            failure = self._error or closed(self.socket_path)  # the first: 'was closed' if closed here
             if isinstance(error, Unsent) and method is not None and stream is None:
                 raise NothingSent(failure.code, failure.details) from None
             raise failure from None
