@@ -72,6 +72,22 @@ def test_calls_after_the_server_was_killed_say_no_server_is_listening(
         assert error.method == '/vyra.ipc.test.EchoService/Echo'
 
 
+@pytest.mark.parametrize('what', ['a regular file', 'a directory'])
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_a_socket_path_that_is_no_socket_says_so(socket_path: Path, echo: Any, lane: str, what: str) -> None:
+    # connect() is refused there as where nobody listens; before, the words
+    # were "the socket file is there but no server is listening".
+    named = socket_path.with_suffix('.ttrpc.sock') if lane == 'ttrpc' else socket_path
+    if what == 'a directory':
+        named.mkdir()
+    else:
+        named.write_text('not a socket')
+    for kind in KINDS:
+        error = call_through(kind, socket_path, echo.Stub, 'Echo', echo.pb.EchoRequest(), lane=lane)
+        assert isinstance(error, IPCUnavailableError), repr(error)
+        assert error.details == f'{str(named)!r} is {what}, not a socket: is the socket path right?'
+
+
 def call_once(handler: SyncIPCHandler, echo: Any) -> Any:
     try:
         return handler.call_method('Echo', echo.pb.EchoRequest(text='down'))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 import grpc
 
@@ -156,7 +157,18 @@ def socket_missing(path: os.PathLike[str] | str, method: str | None = None) -> I
 
 def nobody_listening(path: os.PathLike[str] | str, method: str | None = None) -> IPCUnavailableError:
     """The error of a call or connect refused at ``path``: the socket file is
-    there, its server is not (killed, crashed, or not started yet)."""
+    there, its server is not (killed, crashed, or not started yet); or
+    another kind of file is there (connect() is refused alike)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = stat.S_IFSOCK
+    if not stat.S_ISSOCK(mode):
+        what = ('a directory' if stat.S_ISDIR(mode) else
+                'a regular file' if stat.S_ISREG(mode) else 'another kind of file')
+        return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE,
+                                   f'{os.fspath(path)!r} is {what}, not a socket: is the socket path right?',
+                                   method=method)
     return IPCUnavailableError(
         grpc.StatusCode.UNAVAILABLE,
         f'no server answers on {os.fspath(path)!r}: the socket file is there but no server is listening '
