@@ -50,6 +50,12 @@ def test_fast_lane_out_of_descriptors_keeps_serving_and_accepts_again(
                 break
             held.append(connection)
         assert ping(first, 'still served') == 'still served'
+        # A descriptor the server has no room for is cut off (MSG_CTRUNC): the
+        # connection goes, named why, instead of blaming the client for a
+        # frame without its descriptor (INVALID_ARGUMENT, before).
+        with pytest.raises(IPCUnavailableError):
+            first.call(echo_method, echo.pb.EchoRequest(payload=bytes(1 << 20)), timeout=10)
+        assert 'cut off (MSG_CTRUNC)' in server.log()
         for connection in held[:8]:
             connection.close()
         del held[:8]

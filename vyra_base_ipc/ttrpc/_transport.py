@@ -176,13 +176,15 @@ class UnixTransport(asyncio.Transport):
         except OSError as error:
             self._fatal(error)
             return
+        if flags & MSG_CTRUNC:  # (with no ancillary data at all if none fitted)
+            close_fds(received_fds(ancillary))
+            cut = ConnectionError(f'file descriptors the peer passed were cut off (MSG_CTRUNC): more '
+                                  f'than {MAX_FDS_PER_READ} at once, or none free here (RLIMIT_NOFILE)')
+            _logger.warning('fast-lane connection closed: %s', cut)
+            self._fatal(cut)
+            return
         if ancillary:
             fds = received_fds(ancillary)
-            if flags & MSG_CTRUNC:
-                close_fds(fds)
-                self._fatal(ConnectionError(f'peer passed more than {MAX_FDS_PER_READ} '
-                                            'file descriptors at once'))
-                return
             if fds:
                 self._protocol.fds_received(fds)
                 if self._lost:
