@@ -93,6 +93,24 @@ def test_health_turns_not_serving_when_shutdown_begins(server: ServerProcess, ec
     assert server.wait() == 0
 
 
+def test_a_health_watch_ends_at_once_on_sigterm_after_not_serving(start_server, socket_path: Path) -> None:
+    # grpc's own health servicer kept a Watch open through the whole grace
+    # (ended CANCELLED), and the stop with it: now it ends as every other
+    # stream does, UNAVAILABLE "server is shutting down", after NOT_SERVING.
+    server = start_server(socket_path, '--grace-period', '30')
+    with grpc.insecure_channel(f'unix:{socket_path}') as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=''),
+                                                           timeout=60)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        server.signal(signal.SIGTERM)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as ended:
+            next(watch)
+        assert (ended.value.code(), ended.value.details()) == (grpc.StatusCode.UNAVAILABLE,
+                                                                'server is shutting down')
+    assert server.wait() == 0
+
+
 def test_reflection_describes_every_service(server: ServerProcess) -> None:
     with grpc.insecure_channel(f'unix:{server.socket_path}') as channel:
         database = ProtoReflectionDescriptorDatabase(channel)

@@ -19,6 +19,7 @@ from ._fork_safety import ensure_usable_after_fork, note_grpc_used
 from ._grpc_observe import observe_handlers
 from ._grpc_streams import OpenStreams
 from ._handler_threads import HandlerThreads
+from ._health import HealthServicer
 from ._interceptors import CallObserver, ServerInterceptor
 from ._introspection import SERVICE_NAME as INTROSPECTION_SERVICE
 from ._introspection import IntrospectionServicer, unix_connections
@@ -184,7 +185,7 @@ class IPCServer:
         self._state = _State.NEW
         self._server: grpc.aio.Server | None = None
         self._executor: HandlerThreads | None = None
-        self._health: health.aio.HealthServicer | None = None
+        self._health: HealthServicer | None = None
         self._stop_task: asyncio.Task[None] | None = None
         # A lane's stop() still waiting for a peer that does not read (kept: not collected while pending).
         self._left_stopping: set[asyncio.Task[None]] = set()
@@ -408,7 +409,7 @@ class IPCServer:
             server.add_generic_rpc_handlers(
                 (grpc.method_handlers_generic_handler(registration.name, handlers),))
             server.add_registered_method_handlers(registration.name, handlers)
-        self._health = health.aio.HealthServicer()
+        self._health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         add_IntrospectionServicer_to_server(self._introspection, server)
         reflection.enable_server_reflection(
