@@ -224,6 +224,8 @@ async def test_streaming_method_through_call_method_says_what_to_use(server: Ser
 @pytest.mark.parametrize('kwargs, error, message', [
     ({'timeout': 0}, ValueError, 'timeout must be a finite number'),
     ({'timeout': float('inf')}, ValueError, 'timeout must be a finite number'),
+    # Past 2**63 ns: grpc failed such a call at once, the fast lane with an OverflowError.
+    ({'timeout': 1e10}, ValueError, 'timeout must be a finite number of seconds > 0 and at most 1e[+]09'),
     ({'timeout': '5'}, TypeError, 'timeout must be a number'),
     ({'max_message_bytes': -1}, ValueError, 'max_message_bytes'),
     ({'default_method': 'Nope'}, ValueError, "unknown method 'Nope'"),

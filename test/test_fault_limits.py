@@ -71,10 +71,15 @@ def raw_connections(path: Path, count: int) -> Iterator[list[socket.socket]]:
 
 
 def test_the_limits_are_checked() -> None:
-    with pytest.raises(ValueError, match='max_connections must be an int >= 1, not 0'):
+    with pytest.raises(ValueError, match='max_connections must be an int between 1 and 2147483647, not 0'):
         ServerLimits(max_connections=0)
+    # Beyond what grpc core takes (an OverflowError at start(), naming nothing, before).
+    with pytest.raises(ValueError, match='max_concurrent_streams must be an int between 1 and 2147483647'):
+        ServerLimits(max_concurrent_streams=2**31)
     with pytest.raises(ValueError, match='frame_timeout must be a finite number'):
         ServerLimits(frame_timeout=float('inf'))
+    with pytest.raises(ValueError, match='frame_timeout must be a finite number of seconds > 0 and at most 1e[+]09'):
+        ServerLimits(frame_timeout=1e300)
     with pytest.raises(ValueError, match='max_queued_bytes must be an int'):
         ServerLimits(max_queued_bytes=1.5)  # type: ignore[arg-type]
     assert ('grpc.max_concurrent_streams', 1024) in ServerLimits().grpc_options()

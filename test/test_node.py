@@ -243,6 +243,8 @@ BAD_PARAMETERS = {
         lambda d: f'socket_path:=/tmp/{"x" * 120}.sock', 'socket_path', 'at most 107 bytes'),
     'negative grace period': (
         lambda d: 'grace_period:=-1.0', 'grace_period', 'finite number of seconds >= 0'),
+    'grace period beyond every clock': (
+        lambda d: 'grace_period:=1e10', 'grace_period', 'and at most 1e+09, not 10000000000.0'),
     'integer grace period': (
         lambda d: 'grace_period:=2', 'grace_period', 'must be of type DOUBLE'),
     'zero max message bytes': (

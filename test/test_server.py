@@ -174,6 +174,41 @@ async def test_stop_while_starting_stops_the_server_once_it_started(socket_path:
     assert list(socket_path.parent.iterdir()) == []
 
 
+@pytest.mark.parametrize('kwargs, error, message', [
+    ({'grace_period': '5'}, TypeError, 'grace_period must be a number of seconds, not str'),
+    ({'grace_period': -1.0}, ValueError, 'grace_period must be a finite number of seconds >= 0'),
+    ({'grace_period': float('nan')}, ValueError, 'grace_period must be a finite number'),
+    ({'grace_period': 1e10}, ValueError, 'and at most 1e[+]09, not 10000000000.0'),
+    # Decimal 600 is 0o1130: the group could connect, its owner not.
+    ({'socket_mode': 600}, ValueError, r'socket_mode must be between 0o000 and 0o777 \(octal: 0o660, not 660\), '
+                                       r'not 600 \(0o1130\)'),
+    ({'socket_mode': -1}, ValueError, 'socket_mode must be between 0o000 and 0o777'),
+    ({'socket_mode': 0o060}, ValueError, 'socket_mode 0o60 leaves this process, its owner, without 0o600'),
+    ({'socket_mode': '0600'}, TypeError, 'socket_mode must be an int such as 0o660, not str'),
+    ({'directory_mode': 700}, ValueError, r'directory_mode must be between 0o000 and 0o777.*\(0o1274\)'),
+    ({'socket_group': -1}, ValueError, 'socket_group must be a group id between 0 and 4294967295, not -1'),
+    ({'socket_group': 2**40}, ValueError, 'socket_group must be a group id between 0 and'),
+    ({'maximum_concurrent_rpcs': 0}, ValueError, 'maximum_concurrent_rpcs must be between 1 and 2147483647, not 0'),
+    ({'maximum_concurrent_rpcs': '10'}, TypeError, 'maximum_concurrent_rpcs must be an int or None, not str'),
+    ({'max_workers': 2**40}, ValueError, 'max_workers must be between 1 and 2147483647'),
+])
+def test_bad_server_arguments_are_named_before_it_starts(socket_path: Path, kwargs: dict, error: type,
+                                                         message: str) -> None:
+    # Before: accepted, then failing inside start() or stop() (grpc's Cython,
+    # a str + float in stop() after the socket files were gone), or applied
+    # as given: socket_mode=-1 was 0o7777, open to every local user.
+    with pytest.raises(error, match=message):
+        IPCServer(socket_path, servicers=[ModuleService('unit')], **kwargs)
+
+
+@pytest.mark.asyncio
+async def test_a_bad_grace_given_to_stop_is_refused_before_anything_stops(socket_path: Path) -> None:
+    async with IPCServer(socket_path, servicers=[ModuleService('unit')]) as server:
+        with pytest.raises(TypeError, match='grace must be a number of seconds, not str'):
+            await server.stop('1')  # type: ignore[arg-type]
+        assert server.is_serving and socket_path.is_socket()
+
+
 def test_servicer_without_generated_base_needs_its_add_function(socket_path: Path) -> None:
     with pytest.raises(TypeError, match='does not derive from a grpcio-generated'):
         IPCServer(socket_path, servicers=[object()])

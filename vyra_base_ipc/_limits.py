@@ -11,7 +11,8 @@ lane enforces them itself.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-import math
+
+from ._options import MAX_SECONDS
 
 __all__ = ['ServerLimits']
 
@@ -73,11 +74,12 @@ class ServerLimits:
             value = getattr(self, field.name)
             if field.name in ('frame_timeout', 'max_call_duration'):
                 if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                        or not math.isfinite(value) or value <= 0:
-                    raise ValueError(f'ServerLimits.{field.name} must be a finite number of seconds > 0, '
-                                     f'not {value!r}')
-            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f'ServerLimits.{field.name} must be an int >= 1, not {value!r}')
+                        or not 0 < value <= MAX_SECONDS:
+                    raise ValueError(f'ServerLimits.{field.name} must be a finite number of seconds > 0 '
+                                     f'and at most {MAX_SECONDS:g}, not {value!r}')
+            elif isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
+                raise ValueError(f'ServerLimits.{field.name} must be an int between 1 and {2**31 - 1}, '
+                                 f'not {value!r}')
 
     def grpc_options(self) -> tuple[tuple[str, int], ...]:
         """The same bounds as grpc core server options."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import importlib
-import math
 import os
 from pathlib import Path
 import re
@@ -21,7 +20,7 @@ from rclpy.parameter import Parameter
 
 from ._allocator import DEFAULT_KEEP_FREED_MEMORY
 from ._busy_poll import DEFAULT_BUSY_POLL
-from ._options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, validate_max_message_bytes
+from ._options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, MAX_SECONDS, validate_max_message_bytes
 from ._payload import DEFAULT_SHARED_MEMORY_THRESHOLD, SharedMemoryOptions
 from .address import (
     MODULE_NAME_ENVS,
@@ -302,8 +301,9 @@ def read_ipc_config(node: Node, environ: Mapping[str, str] | None = None) -> IPC
             raise ParameterError('servicers', f'{spec!r} is not of the form package.module:ClassName')
 
     grace_period = values['grace_period']
-    if not isinstance(grace_period, float) or not math.isfinite(grace_period) or grace_period < 0:
-        raise ParameterError('grace_period', f'must be a finite number of seconds >= 0, not {grace_period!r}')
+    if not isinstance(grace_period, float) or not 0 <= grace_period <= MAX_SECONDS:
+        raise ParameterError('grace_period', f'must be a finite number of seconds >= 0 and at most '
+                                             f'{MAX_SECONDS:g}, not {grace_period!r}')
 
     try:
         max_message_bytes = validate_max_message_bytes(values['max_message_bytes'])

@@ -6,8 +6,10 @@ __all__ = [
     'DEFAULT_GRACE_PERIOD',
     'DEFAULT_MAX_MESSAGE_BYTES',
     'DEFAULT_TIMEOUT',
+    'MAX_SECONDS',
     'channel_options',
     'server_options',
+    'validate_grace',
     'validate_max_message_bytes',
     'validate_timeout',
 ]
@@ -40,12 +42,31 @@ def validate_max_message_bytes(value: object) -> int:
     return value
 
 
+#: The longest timeout or grace taken (31 years): a deadline beyond about
+#: 9.2e9 s no longer fits grpc's 64-bit nanoseconds, nor the timeouts of
+#: Python's threading.
+MAX_SECONDS = 1e9
+
+
 def validate_timeout(value: object, name: str = 'timeout') -> float:
-    """:raises TypeError, ValueError: unless ``value`` is a finite number > 0."""
+    """:raises TypeError, ValueError: unless ``value`` is a number of seconds
+    > 0 and at most :data:`MAX_SECONDS`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f'{name} must be a number of seconds, not {type(value).__name__}')
-    if not 0 < value < float('inf'):
-        raise ValueError(f'{name} must be a finite number of seconds > 0, not {value}')
+    if not 0 < value <= MAX_SECONDS:
+        raise ValueError(f'{name} must be a finite number of seconds > 0 and at most {MAX_SECONDS:g}, '
+                         f'not {value}')
+    return float(value)
+
+
+def validate_grace(value: object, name: str = 'grace_period') -> float:
+    """:raises TypeError, ValueError: unless ``value`` is a number of seconds
+    >= 0 and at most :data:`MAX_SECONDS`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f'{name} must be a number of seconds, not {type(value).__name__}')
+    if not 0 <= value <= MAX_SECONDS:
+        raise ValueError(f'{name} must be a finite number of seconds >= 0 and at most {MAX_SECONDS:g}, '
+                         f'not {value}')
     return float(value)
 
 

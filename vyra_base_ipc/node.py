@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from concurrent.futures import thread as futures_thread
 import logging
-import math
 import os
 import signal
 import sys
@@ -54,7 +53,7 @@ from ._node_parameters import (
     parameter_value,
     read_ipc_config,
 )
-from ._options import DEFAULT_GRACE_PERIOD
+from ._options import DEFAULT_GRACE_PERIOD, MAX_SECONDS
 from .address import validate_module_name
 from .exceptions import ParameterError
 from .module_service import ModuleService
@@ -306,10 +305,10 @@ class IPCServerHost:
             if parameter.name != 'grace_period':
                 continue
             value = parameter.value
-            if not isinstance(value, float) or not math.isfinite(value) or value < 0:
+            if not isinstance(value, float) or not 0 <= value <= MAX_SECONDS:
                 return SetParametersResult(
-                    successful=False, reason=f'grace_period must be a finite number of seconds >= 0, '
-                                             f'not {value!r}')
+                    successful=False, reason=f'grace_period must be a finite number of seconds >= 0 '
+                                             f'and at most {MAX_SECONDS:g}, not {value!r}')
             self._grace_period = value
         return SetParametersResult(successful=True)
 

@@ -30,6 +30,7 @@ from ._options import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_MAX_MESSAGE_BYTES,
     server_options,
+    validate_grace,
     validate_max_message_bytes,
 )
 from ._payload import SharedMemoryOptions
@@ -150,9 +151,9 @@ class IPCServer:
             raise TypeError(f'limits must be a ServerLimits, not {type(limits).__name__}')
         self.limits = limits
         self.max_message_bytes = validate_max_message_bytes(max_message_bytes)
-        self.grace_period = grace_period
-        self._max_workers = max_workers
-        self._maximum_concurrent_rpcs = maximum_concurrent_rpcs
+        self.grace_period = validate_grace(grace_period)
+        self._max_workers = _count_or_none(max_workers, 'max_workers')
+        self._maximum_concurrent_rpcs = _count_or_none(maximum_concurrent_rpcs, 'maximum_concurrent_rpcs')
         self.ttrpc_socket_path = None if not ttrpc else (
             default_ttrpc_socket_path(self.socket_path) if ttrpc_socket_path is None
             else validate_socket_path(ttrpc_socket_path))
@@ -164,9 +165,10 @@ class IPCServer:
         self.shared_memory = shared_memory
         group = _group_id(socket_group)
         self._socket_options = {
-            'socket_mode': socket_mode if socket_mode is not None else (0o600 if group is None else 0o660),
-            'directory_mode': directory_mode if directory_mode is not None else (
-                0o700 if group is None else 0o750),
+            'socket_mode': _mode(socket_mode, 'socket_mode', 0o600) if socket_mode is not None else (
+                0o600 if group is None else 0o660),
+            'directory_mode': _mode(directory_mode, 'directory_mode', 0o700) if directory_mode is not None
+            else (0o700 if group is None else 0o750),
         }
         self._socket_group = group
         self._socket = SocketFile(self.socket_path, group=group, **self._socket_options)
@@ -340,9 +342,9 @@ class IPCServer:
                 self._terminated.set()
             return
         if self._stop_task is None:
+            grace = self.grace_period if grace is None else validate_grace(grace, 'grace')
             self._state = _State.STOPPING
-            self._stop_task = asyncio.ensure_future(
-                self._shutdown(self.grace_period if grace is None else grace))
+            self._stop_task = asyncio.ensure_future(self._shutdown(grace))
         await asyncio.shield(self._stop_task)
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -485,9 +487,35 @@ def _logged_to_stderr() -> Iterator[None]:
         package.setLevel(level)
 
 
+def _count_or_none(value: object, name: str) -> int | None:
+    """:raises TypeError, ValueError: unless ``value`` is ``None`` or an int in 1..2**31-1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f'{name} must be an int or None, not {type(value).__name__}')
+    if not 0 < value < 2**31:
+        raise ValueError(f'{name} must be between 1 and {2**31 - 1}, not {value}')
+    return value
+
+
+def _mode(value: object, name: str, owner: int) -> int:
+    """:raises TypeError, ValueError: unless ``value`` is a permission mode
+    (0o000..0o777) that gives the owner ``owner``'s bits."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f'{name} must be an int such as 0o660, not {type(value).__name__}')
+    if not 0 <= value <= 0o777:
+        raise ValueError(f'{name} must be between 0o000 and 0o777 (octal: 0o660, not 660), not {value}'
+                         f'{f" ({value:#o})" if value >= 0 else ""}')
+    if value & owner != owner:
+        raise ValueError(f'{name} {value:#o} leaves this process, its owner, without {owner:#o}')
+    return value
+
+
 def _group_id(group: str | int | None) -> int | None:
     """:raises ValueError: for a group name this system does not know."""
     if group is None or (isinstance(group, int) and not isinstance(group, bool)):
+        if group is not None and not 0 <= group < 2**32:
+            raise ValueError(f'socket_group must be a group id between 0 and {2**32 - 1}, not {group}')
         return group
     if not isinstance(group, str):
         raise TypeError(f'socket_group must be a group name or id, not {type(group).__name__}')
