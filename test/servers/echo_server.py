@@ -76,6 +76,7 @@ class EchoService(echo_pb2_grpc.EchoServiceServicer):
         await context.abort(code, request.details)
 
     async def Inspect(self, request, context):
+        await context.send_initial_metadata(())  # a coroutine in grpc.aio: on the fast lane too
         if request.sleep_seconds:
             await asyncio.sleep(request.sleep_seconds)
         if request.fail_code:

@@ -263,6 +263,9 @@ class AsyncServicerContext(ServicerContext):
         raise self._abort_status(status.code, status.details,
                                  getattr(status, 'trailing_metadata', ()))
 
+    async def send_initial_metadata(self, initial_metadata: Any) -> None:  # type: ignore[override]
+        """A coroutine, as in grpc.aio; ttrpc has no response headers."""
+
     async def write(self, message: Any) -> None:  # type: ignore[override]
         """Send one response message of a response-streaming call; waits while
         the client does not keep up.
