@@ -269,6 +269,8 @@ def test_unknown_methods_bad_options_and_failed_calls_say_so(demo: ServerProcess
     assert 'cannot read the request from ' + str(tmp_path / 'none.json') in \
         fails(2, 'call', path, EXECUTE, f'@{tmp_path / "none.json"}')
     assert "--metadata takes KEY=VALUE, not 'trace'" in fails(2, 'call', path, EXECUTE, PING, '-m', 'trace')
+    assert "--metadata: metadata value of 'k' must be printable ASCII" in \
+        fails(2, 'call', path, EXECUTE, PING, '-m', 'k=v\u00e9', '--lane', 'grpc')
     assert 'only for methods that stream their answers; ExecuteCommand answers once' in \
         fails(2, 'call', path, EXECUTE, PING, '--timeout', '0')
     assert 'must be more than 0 seconds' in cli('ping', path, '--timeout', '0').stderr

@@ -174,6 +174,7 @@ def test_bad_metadata_is_a_type_error_naming_the_problem(metadata: Any, message:
         metadata_to_wire(metadata)
 
 
+
 # -- clients against a scripted peer ------------------------------------------------------------
 
 Script = Callable[[Peer], None]

@@ -136,7 +136,8 @@ def test_outcomes_cover_errors_and_responses(lanes: ServerProcess, echo: Any) ->
 
 
 def test_metadata_reaches_the_handler_alike_on_both_lanes(lanes: ServerProcess, echo: Any) -> None:
-    metadata = [('x-trace', 'abc'), ('x-token-bin', b'\x00\xff\x10'), ('x-trace', 'second')]
+    # An upper-case key is sent lower-case on both (it failed on the gRPC lane: INTERNAL).
+    metadata = [('X-Trace', 'abc'), ('x-token-bin', b'\x00\xff\x10'), ('x-trace', 'second')]
     method = stub_methods(echo.Stub)['Echo']
     with SyncIPCHandler(lanes.grpc_path, echo.Stub, timeout=10) as handler, \
             SyncConnection.connect(lanes.ttrpc_path) as connection:
@@ -145,6 +146,24 @@ def test_metadata_reaches_the_handler_alike_on_both_lanes(lanes: ServerProcess, 
                                     timeout=10)
     assert json.loads(via_ttrpc.text) == json.loads(via_grpc.text) == [
         ['x-trace', 'abc'], ['x-token-bin', '00ff10'], ['x-trace', 'second']]
+
+
+@pytest.mark.parametrize('metadata, message', [
+    ([('bad key', 'v')], r"metadata key 'bad key': gRPC allows only 0-9, a-z"),
+    ([(':path', '/x')], r"metadata key ':path': gRPC allows only"),
+    ([('', 'v')], r"metadata key '': gRPC allows only"),
+    ([('k', 'café')], r"metadata value of 'k' must be printable ASCII \(a key ending in \"-bin\" carries"),
+    ([('k', 'a\nb')], r"metadata value of 'k' must be printable ASCII"),
+])
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_metadata_grpc_does_not_allow_is_a_value_error_naming_it_on_both_lanes(
+        lanes: Any, echo: Any, lane: str, metadata: Any, message: str) -> None:
+    # Before: sent as it was on the fast lane; INTERNAL "Invalid metadata" on
+    # the gRPC lane, as if from the server, naming nothing.
+    with SyncIPCHandler(lanes.grpc_path, echo.Stub, lane=lane, timeout=10) as handler:
+        with pytest.raises(ValueError, match=message):
+            handler.call_method('Echo', echo.pb.EchoRequest(), metadata=metadata)
+        assert handler.call_method('Echo', echo.pb.EchoRequest(text='fine')).text == 'fine'
 
 
 @pytest.mark.asyncio

@@ -39,6 +39,7 @@ from .exceptions import (
     socket_missing,
 )
 from .ttrpc._errors import closed
+from .ttrpc._messages import checked_metadata
 
 __all__ = ['LANES', 'GrpcLane', 'LaneChoice', 'ServerCameUp', 'SyncGrpcLane']
 
@@ -230,7 +231,8 @@ class _GrpcLaneBase:
     def _open_stream(self, method: Method, request: Any, timeout: Deadline | None,
                      metadata: Metadata | None, wait: bool) -> Any:
         """Start a response-streaming call (grpc's call object)."""
-        return self._callable(method)(request, timeout=_remaining(timeout, method), metadata=metadata,
+        return self._callable(method)(request, timeout=_remaining(timeout, method),
+                                      metadata=metadata and checked_metadata(metadata),
                                       wait_for_ready=wait)
 
     def _started_again(self, error: grpc.RpcError, method: Method, call: Any, request: Any,
@@ -305,7 +307,7 @@ class GrpcLane(_GrpcLaneBase):
         try:
             response = await self._callable(method)(
                 self._request(method, request, buffers), timeout=_remaining(timeout, method),
-                metadata=metadata, wait_for_ready=self.wait_for_ready)
+                metadata=metadata and checked_metadata(metadata), wait_for_ready=self.wait_for_ready)
         except grpc.RpcError as error:
             raise self._translate(error, method) from None
         except (asyncio.CancelledError, ValueError) as error:
@@ -379,7 +381,7 @@ class SyncGrpcLane(_GrpcLaneBase):
         try:
             response = self._callable(method)(
                 self._request(method, request, buffers), timeout=_remaining(timeout, method),
-                metadata=metadata, wait_for_ready=self.wait_for_ready)
+                metadata=metadata and checked_metadata(metadata), wait_for_ready=self.wait_for_ready)
         except grpc.RpcError as error:
             raise self._translate(error, method) from None
         except ValueError as error:

@@ -14,6 +14,7 @@ import math
 from typing import Callable, Sequence, TextIO
 
 from .._options import DEFAULT_TIMEOUT
+from ..ttrpc._messages import checked_metadata
 
 __all__ = ['EXIT_FAILED', 'EXIT_OK', 'EXIT_USAGE', 'TARGET_HELP', 'UsageError', 'Verb', 'add_json',
            'add_lane', 'add_target', 'add_timeout', 'parse_metadata', 'positive_seconds', 'seconds']
@@ -95,7 +96,8 @@ def parse_metadata(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
     """``--metadata key=value`` items as call metadata (keys lower-cased, as
     gRPC requires).
 
-    :raises UsageError: an item without ``=`` or with an empty key.
+    :raises UsageError: an item without ``=``, or a key or value gRPC does
+        not allow (:func:`~vyra_base_ipc.ttrpc._messages.checked_metadata`).
     """
     pairs = []
     for item in items:
@@ -103,4 +105,8 @@ def parse_metadata(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
         if not separator or not key.strip():
             raise UsageError(f'--metadata takes KEY=VALUE, not {item!r}')
         pairs.append((key.strip().lower(), value))
+    try:
+        checked_metadata(pairs)
+    except ValueError as error:
+        raise UsageError(f'--metadata: {error}') from None
     return tuple(pairs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Iterable, Sequence
 
 import grpc
@@ -20,6 +21,7 @@ from ._frames import HEADER, MessageType
 __all__ = [
     'ENVELOPE_ALLOWANCE',
     'Metadata',
+    'checked_metadata',
     'Request',
     'Response',
     'Status',
@@ -58,19 +60,22 @@ def code_of(number: int) -> grpc.StatusCode:
     return _CODES.get(number, grpc.StatusCode.UNKNOWN)
 
 
-def metadata_to_wire(metadata: Metadata | None) -> list[ttrpc_pb2.KeyValue]:
-    """Convert gRPC-style metadata to ttrpc ``KeyValue`` items.
+# What gRPC allows in a metadata key, and in a value of a key not ending in "-bin".
+_KEY = re.compile(r'[0-9a-z_.-]+\Z')
+_TEXT = re.compile(r'[\x20-\x7e]*\Z')
 
-    Keys are sent lower-case, as gRPC requires. Values of ``-bin`` keys are
-    bytes and travel base64-encoded (as on gRPC's own wire), since ttrpc
-    values are proto3 strings.
 
-    :raises TypeError: a key is not a str, or a value has the wrong type for
-        its key.
+def checked_metadata(metadata: Metadata) -> list[tuple[str, str | bytes]]:
+    """``metadata`` as both lanes send it, checked as gRPC checks it: keys
+    lower-case (``X-Trace`` is sent as ``x-trace``) of 0-9, a-z, ``_``,
+    ``-`` and ``.``; values of ``-bin`` keys bytes (a str is UTF-8 encoded),
+    other values printable ASCII.
+
+    :raises TypeError: not (key, value) pairs, a key not a str, or a value of
+        the wrong type for its key.
+    :raises ValueError: a key or value gRPC does not allow; the message names it.
     """
-    if not metadata:
-        return []
-    items = []
+    items: list[tuple[str, str | bytes]] = []
     for item in metadata:
         if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 2:
             raise TypeError(f'metadata items must be (key, value) pairs, not {item!r}')
@@ -78,20 +83,36 @@ def metadata_to_wire(metadata: Metadata | None) -> list[ttrpc_pb2.KeyValue]:
         if not isinstance(key, str):
             raise TypeError(f'metadata key must be a str, not {type(key).__name__}: {key!r}')
         key = key.lower()
+        if not _KEY.match(key):
+            raise ValueError(f'metadata key {key!r}: gRPC allows only 0-9, a-z, "_", "-" and "." in a key')
         if key.endswith('-bin'):
             if isinstance(value, str):
                 value = value.encode()
             if not isinstance(value, (bytes, bytearray, memoryview)):
                 raise TypeError(f'metadata value of {key!r} must be bytes, not {type(value).__name__}')
-            text = base64.b64encode(bytes(value)).decode('ascii')
-        elif isinstance(value, str):
-            text = value
-        else:
+            value = bytes(value)
+        elif not isinstance(value, str):
             raise TypeError(
                 f'metadata value of {key!r} must be a str (only keys ending in "-bin" carry bytes), '
                 f'not {type(value).__name__}')
-        items.append(KeyValue(key=key, value=text))
+        elif not _TEXT.match(value):
+            raise ValueError(f'metadata value of {key!r} must be printable ASCII (a key ending in "-bin" '
+                             f'carries any bytes), not {value!r}')
+        items.append((key, value))
     return items
+
+
+def metadata_to_wire(metadata: Metadata | None) -> list[ttrpc_pb2.KeyValue]:
+    """Convert gRPC-style metadata (:func:`checked_metadata`) to ttrpc
+    ``KeyValue`` items. Values of ``-bin`` keys travel base64-encoded (as on
+    gRPC's own wire), since ttrpc values are proto3 strings.
+
+    :raises TypeError, ValueError: as :func:`checked_metadata`.
+    """
+    if not metadata:
+        return []
+    return [KeyValue(key=key, value=base64.b64encode(value).decode('ascii') if isinstance(value, bytes)
+                     else value) for key, value in checked_metadata(metadata)]
 
 
 def metadata_from_wire(items: Iterable[ttrpc_pb2.KeyValue]) -> tuple[tuple[str, str | bytes], ...]:
