@@ -229,8 +229,11 @@ async def test_streaming_method_through_call_method_says_what_to_use(server: Ser
     ({'timeout': '5'}, TypeError, 'timeout must be a number'),
     ({'max_message_bytes': -1}, ValueError, 'max_message_bytes'),
     ({'default_method': 'Nope'}, ValueError, "unknown method 'Nope'"),
+    # The gRPC socket given for the fast lane too (calls failed 'closed by the server').
+    ({'ttrpc_socket_path': 'SOCKET'}, ValueError, 'ttrpc_socket_path must differ from socket_path'),
 ])
 def test_bad_client_arguments_are_named(socket_path: Path, echo, kwargs, error, message) -> None:
+    kwargs = {name: socket_path if value == 'SOCKET' else value for name, value in kwargs.items()}
     with pytest.raises(error, match=message):
         IPCHandler(socket_path, echo.Stub, **kwargs)
 

@@ -268,7 +268,9 @@ BAD_PARAMETERS = {
     'freed memory to keep beyond what malloc takes': (
         lambda d: 'keep_freed_memory_mb:=2048', 'keep_freed_memory_mb', 'from 0 to 2047 (0: off), not 2048'),
     'negative diagnostics period': (
-        lambda d: 'diagnostics_period:=-1.0', 'diagnostics_period', 'from 0 to 3600 (0: none), not -1.0'),
+        lambda d: 'diagnostics_period:=-1.0', 'diagnostics_period', 'from 0.01 to 3600, not -1.0'),
+    'diagnostics every nanosecond': (  # (an idle node published on a core of its own)
+        lambda d: 'diagnostics_period:=0.000000001', 'diagnostics_period', 'must be 0 (none) or a number'),
 }
 
 

@@ -544,7 +544,11 @@ def test_pool_limits_are_set_by_the_public_function_and_apply_at_once(pool_setti
     ({'max_bytes': '1 GiB'}, TypeError, 'max_bytes must be a number of bytes (int), not str'),
     ({'max_free_bytes': -1}, ValueError, 'max_free_bytes must be >= 0 bytes, not -1'),
     ({'max_bytes': 1.5}, TypeError, 'max_bytes must be a number of bytes (int), not float'),
-    ({'idle_seconds': float('nan')}, ValueError, 'idle_seconds must be finite and >= 0, not nan'),
+    ({'idle_seconds': float('nan')}, ValueError,
+     'idle_seconds must be a number of seconds >= 0 and at most 1e+09, not nan'),
+    # Past what the trim thread can wait (it died with an OverflowError).
+    ({'idle_seconds': 1e300}, ValueError,
+     'idle_seconds must be a number of seconds >= 0 and at most 1e+09, not 1e+300'),
     ({'idle_seconds': True}, TypeError, 'idle_seconds must be a number of seconds, not bool'),
 ])
 def test_invalid_pool_limits_are_refused_naming_the_limit(pool_settings, settings: dict[str, Any],

@@ -184,6 +184,8 @@ class ClientBase:
         self.lane = lane
         self.ttrpc_socket_path = (default_ttrpc_socket_path(self.socket_path) if ttrpc_socket_path is None
                                   else validate_socket_path(ttrpc_socket_path))
+        if self.ttrpc_socket_path == self.socket_path:  # (as IPCServer refuses it)
+            raise ValueError(f'ttrpc_socket_path must differ from socket_path ({self.socket_path})')
         self.timeout = validate_timeout(timeout)
         self.wait_for_ready = bool(wait_for_ready)
         self.max_message_bytes = validate_max_message_bytes(max_message_bytes)

@@ -35,6 +35,7 @@ import time
 from typing import Any, Callable
 import weakref
 
+from ._options import MAX_SECONDS
 from ._payload import MFD_FLAGS, POOL_SEALS, SharedMemoryError
 
 __all__ = [
@@ -523,8 +524,9 @@ def configure_shared_memory_pool(*, max_bytes: int | None = None, max_free_bytes
     if idle_seconds is not None:
         if isinstance(idle_seconds, bool) or not isinstance(idle_seconds, (int, float)):
             raise TypeError(f'idle_seconds must be a number of seconds, not {type(idle_seconds).__name__}')
-        if not 0 <= idle_seconds < float('inf'):
-            raise ValueError(f'idle_seconds must be finite and >= 0, not {idle_seconds}')
+        if not 0 <= idle_seconds <= MAX_SECONDS:  # (the trim thread's wait takes no more)
+            raise ValueError(f'idle_seconds must be a number of seconds >= 0 and at most {MAX_SECONDS:g}, '
+                             f'not {idle_seconds}')
         settings['idle_seconds'] = float(idle_seconds)
     pool.configure(int(settings['max_bytes']), int(settings['max_free_bytes']), settings['idle_seconds'])
     return settings
