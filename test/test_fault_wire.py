@@ -667,3 +667,18 @@ async def test_oversized_message_in_a_stream_ends_that_stream_only(
         assert replies in ([], ['SMALL'])  # the first reply may or may not beat the error
         assert_resource_exhausted(error.value, LIMIT + 1)
         assert (await client.call_method('Echo', echo.pb.EchoRequest(text='after'))).text == 'after'
+
+
+def test_a_grpc_client_given_the_fast_lane_socket_is_turned_away_at_once_and_told_why(
+        server: ServerProcess, echo) -> None:
+    # The HTTP/2 preface read as a ttrpc header announces a 1.3 GB frame:
+    # the server waited frame_timeout for it, saying nothing. It closes the
+    # connection at once now, naming the mistake in its log (grpc's client
+    # connects again and again until its deadline all the same).
+    server.wait_serving(ttrpc=True)
+    with pytest.raises(IPCError) as error:
+        with SyncIPCHandler(server.ttrpc_path, echo.Stub, lane='grpc', timeout=2) as wrong:
+            wrong.call_method('Echo', echo.pb.EchoRequest())
+    assert error.value.code is grpc.StatusCode.UNAVAILABLE, error.value
+    wait_for(lambda: 'an HTTP/2 (gRPC) client on the fast-lane socket: give it the gRPC socket' in server.log(),
+             10, 'the server to name the mistake')

@@ -56,6 +56,9 @@ _WINDOW_UPDATE = int(MessageType.WINDOW_UPDATE)
 _RELEASE = int(MessageType.RELEASE)
 #: What a metadata entry counts beyond its key and value (gRPC's and HPACK's 32).
 _ENTRY_BYTES = 32
+#: The start of HTTP/2's connection preface ("PRI * HTTP/2.0") read as a
+#: ttrpc header: the length and stream id of a frame of 1.3 GB.
+_HTTP2_PREFACE = (int.from_bytes(b'PRI ', 'big'), int.from_bytes(b'* HT', 'big'))
 
 
 class ServerConnection(FramedConnection):
@@ -216,6 +219,9 @@ class ServerConnection(FramedConnection):
             self._request(item)
             return
         if item.__class__ is OversizedFrame:
+            if (item.length, item.stream_id) == _HTTP2_PREFACE and self._frames_seen == 1:
+                self.violation('an HTTP/2 (gRPC) client on the fast-lane socket: give it the gRPC socket')
+                return
             details = oversized_message(item.length, item.limit)
             call = self.calls.get(item.stream_id)
             if call is not None:
