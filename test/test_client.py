@@ -268,6 +268,12 @@ async def test_a_request_of_the_wrong_type_is_a_type_error_naming_both(server: S
     with SyncIPCHandler(server.socket_path, echo.Stub) as sync:
         with pytest.raises(TypeError, match=r'Echo takes a [\w.]+\.EchoRequest request, not dict'):
             sync.call_method('Echo', {'text': 'a dict'})
+        # The class itself has a DESCRIPTOR too: it passed, and failed deep in protobuf.
+        with pytest.raises(TypeError, match=r'Echo takes a [\w.]+\.EchoRequest request, not the class '
+                                            r'EchoRequest \(make one: EchoRequest\(\)\)'):
+            sync.call_method('Echo', echo.pb.EchoRequest)
+        with pytest.raises(TypeError, match=r"response_type must be a message class, not str 'EchoReply'"):
+            sync.call_method('Echo', echo.pb.EchoRequest(), response_type='EchoReply')
         with pytest.raises(TypeError, match='Count takes'):
             next(sync.stream_method('Count', echo.pb.EchoRequest()))
         assert sync.call_method('Echo', echo.pb.EchoRequest(text='fine')).text == 'fine'

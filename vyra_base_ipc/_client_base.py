@@ -265,12 +265,16 @@ class ClientBase:
         if request is not _NO_REQUEST and method.request_type is not None \
                 and not method.kind.request_streaming:
             given = getattr(getattr(request, 'DESCRIPTOR', None), 'full_name', None)
-            if given != method.request_type:
+            if given != method.request_type or isinstance(request, type):
                 # Checked here: protobuf would serialize another message type
                 # silently, and the server would parse it as an empty request.
-                raise TypeError(f'{name} takes a {method.request_type} request, not '
-                                f'{given or type(request).__qualname__}')
+                what = (f'the class {request.__qualname__} (make one: {request.__qualname__}())'
+                        if isinstance(request, type) else given or type(request).__qualname__)
+                raise TypeError(f'{name} takes a {method.request_type} request, not {what}')
         if response_type is not None:
+            if not isinstance(response_type, type):
+                raise TypeError(f'response_type must be a message class, not '
+                                f'{type(response_type).__name__} {response_type!r}')
             answers = getattr(method.response_deserializer, '__self__', None)
             if answers is not response_type:
                 answered = getattr(answers, '__qualname__', 'messages of unknown type')
