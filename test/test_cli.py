@@ -274,6 +274,9 @@ def test_unknown_methods_bad_options_and_failed_calls_say_so(demo: ServerProcess
     assert 'only for methods that stream their answers; ExecuteCommand answers once' in \
         fails(2, 'call', path, EXECUTE, PING, '--timeout', '0')
     assert 'must be more than 0 seconds' in cli('ping', path, '--timeout', '0').stderr
+    # Past 2**63 ns grpc gave up at once, and the CLI said the server had not answered within 1e+10 s.
+    assert 'must be a finite number of seconds >= 0 and at most 1e+09, not 1e10' in \
+        cli('ping', path, '--timeout', '1e10').stderr
 
 
 def test_a_missing_or_stale_server_is_named(socket_dir: Path) -> None:

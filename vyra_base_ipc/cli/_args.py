@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-import math
 from typing import Callable, Sequence, TextIO
 
-from .._options import DEFAULT_TIMEOUT
+from .._options import DEFAULT_TIMEOUT, MAX_SECONDS
 from ..ttrpc._messages import checked_metadata
 
 __all__ = ['EXIT_FAILED', 'EXIT_OK', 'EXIT_USAGE', 'TARGET_HELP', 'UsageError', 'Verb', 'add_json',
@@ -71,7 +70,8 @@ def add_timeout(parser: argparse.ArgumentParser, what: str, *, zero: bool = Fals
 
 
 def seconds(text: str) -> float:
-    """A ``--timeout`` value: a finite number of seconds, 0 or more.
+    """A ``--timeout`` value: a number of seconds, 0 or more, at most
+    :data:`~vyra_base_ipc._options.MAX_SECONDS`.
 
     :raises argparse.ArgumentTypeError: anything else, naming it.
     """
@@ -79,8 +79,9 @@ def seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f'not a number of seconds: {text!r}') from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f'must be a finite number of seconds >= 0, not {text}')
+    if not 0 <= value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f'must be a finite number of seconds >= 0 and at most '
+                                         f'{MAX_SECONDS:g}, not {text}')
     return value
 
 
