@@ -231,6 +231,11 @@ async def test_streaming_method_through_call_method_says_what_to_use(server: Ser
     ({'default_method': 'Nope'}, ValueError, "unknown method 'Nope'"),
     # The gRPC socket given for the fast lane too (calls failed 'closed by the server').
     ({'ttrpc_socket_path': 'SOCKET'}, ValueError, 'ttrpc_socket_path must differ from socket_path'),
+    # dispatch() could never work with it.
+    ({'default_method': 'Count'}, ValueError, "default_method 'Count' streams its answers: dispatch"),
+    # Before: "'NoneType' object is not iterable".
+    ({'interceptors': None}, TypeError, 'interceptors must be a sequence of ClientInterceptor objects'),
+    ({'idempotent_methods': None}, TypeError, 'idempotent_methods must be method names, not None'),
 ])
 def test_bad_client_arguments_are_named(socket_path: Path, echo, kwargs, error, message) -> None:
     kwargs = {name: socket_path if value == 'SOCKET' else value for name, value in kwargs.items()}

@@ -206,10 +206,12 @@ def test_server_uid_names_the_one_user_trusted(server: ServerProcess, echo, lane
 
 
 def test_server_uid_is_checked(socket_path: Path, echo) -> None:
-    with pytest.raises(ValueError, match='server_uid must be a uid >= 0'):
+    with pytest.raises(ValueError, match='server_uid must be a uid from 0 to 4294967295, not -1'):
         SyncIPCHandler(socket_path, echo.Stub, server_uid=-1)
     with pytest.raises(TypeError, match='server_uid must be an int'):
         SyncIPCHandler(socket_path, echo.Stub, server_uid='root')
+    with pytest.raises(ValueError, match='server_uid must be a uid from 0 to 4294967295, not 1099511627776'):
+        SyncIPCHandler(socket_path, echo.Stub, server_uid=2**40)
 
 
 # -- the server -----------------------------------------------------------------------

@@ -191,6 +191,10 @@ async def test_stop_while_starting_stops_the_server_once_it_started(socket_path:
     ({'maximum_concurrent_rpcs': 0}, ValueError, 'maximum_concurrent_rpcs must be between 1 and 2147483647, not 0'),
     ({'maximum_concurrent_rpcs': '10'}, TypeError, 'maximum_concurrent_rpcs must be an int or None, not str'),
     ({'max_workers': 2**40}, ValueError, 'max_workers must be between 1 and 2147483647'),
+    # Before: "'ModuleService' object is not iterable", "'NoneType' object is not iterable".
+    ({'servicers': ModuleService('alone')}, TypeError, r'servicers must be a list of servicers, not '
+                                                       r'ModuleService \(one servicer too: servicers=\[...\]\)'),
+    ({'interceptors': None}, TypeError, 'interceptors must be a sequence of ServerInterceptor objects, not None'),
 ])
 def test_bad_server_arguments_are_named_before_it_starts(socket_path: Path, kwargs: dict, error: type,
                                                          message: str) -> None:
@@ -198,7 +202,7 @@ def test_bad_server_arguments_are_named_before_it_starts(socket_path: Path, kwar
     # a str + float in stop() after the socket files were gone), or applied
     # as given: socket_mode=-1 was 0o7777, open to every local user.
     with pytest.raises(error, match=message):
-        IPCServer(socket_path, servicers=[ModuleService('unit')], **kwargs)
+        IPCServer(socket_path, **{'servicers': [ModuleService('unit')], **kwargs})
 
 
 @pytest.mark.asyncio

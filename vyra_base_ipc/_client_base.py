@@ -173,6 +173,8 @@ class ClientBase:
         busy_poll: float = DEFAULT_BUSY_POLL,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path, module_name=module_name)
+        if interceptors is None:
+            raise TypeError('interceptors must be a sequence of ClientInterceptor objects, not None')
         self.interceptors = tuple(interceptors)
         for interceptor in self.interceptors:
             if not isinstance(interceptor, ClientInterceptor):
@@ -193,9 +195,12 @@ class ClientBase:
         self.busy_poll = validate_busy_poll(busy_poll)
         self._methods = stub_methods(service_stub) if service_stub is not None else {}
         self._stub_name = service_stub.__qualname__ if service_stub is not None else None
-        if default_method is not None:
-            self._method(default_method)
+        if default_method is not None and self._method(default_method).kind.response_streaming:
+            raise ValueError(f'default_method {default_method!r} streams its answers: dispatch() '
+                             'takes none (use stream_method())')
         self.default_method = default_method
+        if idempotent_methods is None:
+            raise TypeError('idempotent_methods must be method names, not None (the default is none: ())')
         self.idempotent_methods = frozenset(self._retryable(name) for name in
                                             ([idempotent_methods] if isinstance(idempotent_methods, str)
                                              else idempotent_methods))

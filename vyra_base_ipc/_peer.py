@@ -74,8 +74,8 @@ def trusted_server_uids(server_uid: int | None) -> frozenset[int]:
         return frozenset({os.geteuid(), 0})
     if not isinstance(server_uid, int) or isinstance(server_uid, bool):
         raise TypeError(f'server_uid must be an int uid, not {type(server_uid).__name__}')
-    if server_uid < 0:
-        raise ValueError(f'server_uid must be a uid >= 0, not {server_uid}')
+    if not 0 <= server_uid < 2**32:
+        raise ValueError(f'server_uid must be a uid from 0 to {2**32 - 1}, not {server_uid}')
     return frozenset({server_uid})
 
 

@@ -143,6 +143,8 @@ class IPCServer:
         self.socket_path = resolve_socket_path(socket_path, module_name=module_name)
         #: The module name given, if any.
         self.module_name = module_name
+        if interceptors is None:
+            raise TypeError('interceptors must be a sequence of ServerInterceptor objects, not None')
         interceptors = tuple(interceptors)
         for interceptor in interceptors:
             if not isinstance(interceptor, ServerInterceptor):
@@ -193,6 +195,11 @@ class IPCServer:
         self._left_stopping: set[asyncio.Task[None]] = set()
         self._terminated: asyncio.Event | None = None
         self._started = asyncio.Event()  # (made anew by start(), on its loop)
+        try:
+            servicers = list(servicers)
+        except TypeError:  # one given alone, or None: "'X' object is not iterable" said less
+            raise TypeError(f'servicers must be a list of servicers, not {type(servicers).__name__}'
+                            ' (one servicer too: servicers=[...])') from None
         for servicer in servicers:
             if isinstance(servicer, tuple):
                 self.add_servicer(*servicer)
