@@ -109,13 +109,15 @@ class HandlerContext:
 def test_a_timeout_says_which_timeout_and_how_long(echo_server: ServerProcess, echo: Any, lane: str,
                                                    kind: str) -> None:
     path, sleep = echo_server.socket_path, echo.pb.SleepRequest(seconds=30)
+    # Which server: the socket of the lane the call took.
+    server = repr(str(echo_server.ttrpc_path if lane == 'ttrpc' else path))
     cases: list[tuple[Callable[[], Any], str]] = [
         (lambda: call_through(kind, path, echo.Stub, 'Sleep', sleep, lane=lane, timeout=0.3),
-         "no answer within the call's timeout of 0.3 s (Deadline Exceeded)"),
+         f"no answer from {server} within the call's timeout of 0.3 s (Deadline Exceeded)"),
         (lambda: call_through(kind, path, echo.Stub, 'Sleep', sleep, lane=lane, parent=HandlerContext()),
-         "no answer within the calling handler's remaining deadline of 0.25 s (Deadline Exceeded)"),
+         f"no answer from {server} within the calling handler's remaining deadline of 0.25 s (Deadline Exceeded)"),
         (lambda: stream(kind, path, echo.Stub, 'Count', echo.pb.CountRequest(count=10**9), lane=lane, timeout=0.3),
-         "the stream did not end within the call's timeout of 0.3 s (Deadline Exceeded; "
+         f"the stream from {server} did not end within the call's timeout of 0.3 s (Deadline Exceeded; "
          'stream_method(..., timeout=None): a stream without one)'),
     ]
     for attempt, details in cases:
@@ -131,8 +133,10 @@ def test_the_handlers_default_timeout_is_named_with_its_length(echo_server: Serv
     with SyncIPCHandler(echo_server.socket_path, echo.Stub, lane=lane, timeout=0.3) as handler:
         with pytest.raises(IPCTimeoutError) as error:
             handler.call_method('Sleep', echo.pb.SleepRequest(seconds=30))
+    server = echo_server.ttrpc_path if lane == 'ttrpc' else echo_server.socket_path
     assert str(error.value) == ("/vyra.ipc.test.EchoService/Sleep: DEADLINE_EXCEEDED: "
-                                "no answer within the call's timeout of 0.3 s (Deadline Exceeded)")
+                                f"no answer from {str(server)!r} within the call's timeout of 0.3 s "
+                                "(Deadline Exceeded)")
 
 
 def test_a_servers_own_deadline_exceeded_keeps_its_words(start_server: StartServer, socket_dir: Path,
@@ -143,7 +147,8 @@ def test_a_servers_own_deadline_exceeded_keeps_its_words(start_server: StartServ
     relay = start_server(socket_dir / 'relay.sock', str(downstream.socket_path), '0.3', script='relay_server.py')
     error = call_through('sync', relay.socket_path, echo.Stub, 'Sleep', echo.pb.SleepRequest(seconds=30), timeout=30)
     assert isinstance(error, IPCTimeoutError), repr(error)
-    assert error.details == "downstream: no answer within the call's timeout of 0.3 s (Deadline Exceeded)"
+    assert error.details == (f"downstream: no answer from {str(downstream.ttrpc_path)!r} within the call's "
+                             "timeout of 0.3 s (Deadline Exceeded)")
 
 
 # -- a method the server does not have ----------------------------------------------------------

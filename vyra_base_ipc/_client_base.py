@@ -346,7 +346,14 @@ class ClientBase:
         and a call that ran out of time says which timeout and how long
         (rather than the transport's bare "Deadline Exceeded"), whether it
         was a unary call or a stream, on either lane."""
-        return _Explained(method, deadline)
+        return _Explained(self, method, deadline)
+
+    def _socket_in_use(self) -> str | None:
+        """The socket of the lane calls took last (``None`` before the first)."""
+        lane = self._choice.in_use
+        if lane is None:
+            return None
+        return os.fspath(self.ttrpc_socket_path if lane == 'ttrpc' else self.socket_path)
 
     @staticmethod
     def _server_info_deadline(deadline: Deadline | None) -> Deadline | None:
@@ -451,9 +458,10 @@ class _Explained:
     generator, as it wraps every call (entering and leaving a generator's
     context manager costs ~1.5 us, this one a fraction)."""
 
-    __slots__ = ('method', 'deadline')
+    __slots__ = ('client', 'method', 'deadline')
 
-    def __init__(self, method: Method, deadline: Deadline | None) -> None:
+    def __init__(self, client: ClientBase, method: Method, deadline: Deadline | None) -> None:
+        self.client = client
         self.method = method
         self.deadline = deadline
 
@@ -467,7 +475,8 @@ class _Explained:
         method = self.method
         if isinstance(error, IPCTimeoutError):
             deadline = self.deadline
-            explained = error if deadline is None else deadline.explain(error, method.kind.response_streaming)
+            explained = error if deadline is None else deadline.explain(
+                error, method.kind.response_streaming, self.client._socket_in_use())
             raise explained.for_method(method.path) from None
         if error.method is None:
             raise error.for_method(method.path) from None

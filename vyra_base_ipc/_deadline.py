@@ -34,7 +34,7 @@ class Deadline:
         #: Whether the calling handler's own deadline set it (``parent=``).
         self.capped = capped
 
-    def explain(self, error: Any, streaming: bool = False) -> Any:
+    def explain(self, error: Any, streaming: bool = False, server: str | None = None) -> Any:
         """``error`` (an IPCTimeoutError of a call with this deadline) with
         details that say which timeout expired and how long it was, when it
         is this deadline that passed (whatever the lane's words for it); an
@@ -42,14 +42,17 @@ class Deadline:
         its words.
 
         :param streaming: the call streams its responses.
+        :param server: the socket the call went to, named when given.
         """
         if (self.timeout is None or self.remaining() > _EARLY
                 or error.details.startswith('no message within')):
             return error
         which = ("the calling handler's remaining deadline" if self.capped
                  else "the call's timeout")
-        what, hint = (('the stream did not end', '; stream_method(..., timeout=None): a stream without one')
-                      if streaming else ('no answer', ''))
+        where = '' if server is None else f' from {server!r}'
+        what, hint = ((f'the stream{where} did not end',
+                       '; stream_method(..., timeout=None): a stream without one')
+                      if streaming else (f'no answer{where}', ''))
         details = f'{what} within {which} of {self.timeout:g} s (Deadline Exceeded{hint})'
         return type(error)(error.code, details, method=error.method)
 
