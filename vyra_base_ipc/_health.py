@@ -47,6 +47,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             if status != last:
                 yield _Response(status=status)  # (written when the generator resumes)
                 last = status
+                continue  # it may have changed while that was written: NOT_SERVING goes out first
             if self._shutting_down:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, 'server is shutting down')
             await changed.wait()
