@@ -231,9 +231,12 @@ class _GrpcLaneBase:
     def _open_stream(self, method: Method, request: Any, timeout: Deadline | None,
                      metadata: Metadata | None, wait: bool) -> Any:
         """Start a response-streaming call (grpc's call object)."""
-        return self._callable(method)(request, timeout=_remaining(timeout, method),
-                                      metadata=metadata and checked_metadata(metadata),
-                                      wait_for_ready=wait)
+        try:
+            return self._callable(method)(request, timeout=_remaining(timeout, method),
+                                          metadata=metadata and checked_metadata(metadata),
+                                          wait_for_ready=wait)
+        except ValueError as error:  # (a channel closed meanwhile, also when opened again)
+            raise self._closed_under(error, method) from None
 
     def _started_again(self, error: grpc.RpcError, method: Method, call: Any, request: Any,
                        timeout: Deadline | None, metadata: Metadata | None, allowed: bool) -> Any:
@@ -319,10 +322,7 @@ class GrpcLane(_GrpcLaneBase):
                      ) -> AsyncGenerator[Any, None]:
         """As :meth:`AsyncConnection.stream <vyra_base_ipc.ttrpc.AsyncConnection.stream>`;
         leaving early cancels the call."""
-        try:
-            call = self._open_stream(method, request, timeout, metadata, self.wait_for_ready)
-        except ValueError as error:
-            raise self._closed_under(error, method) from None
+        call = self._open_stream(method, request, timeout, metadata, self.wait_for_ready)
         may_restart = not self.wait_for_ready
         try:
             while True:
@@ -341,7 +341,7 @@ class GrpcLane(_GrpcLaneBase):
                 yield response
         except grpc.RpcError as error:
             raise self._translate(error, method) from None
-        except (asyncio.CancelledError, ValueError) as error:
+        except asyncio.CancelledError as error:
             raise self._closed_under(error, method) from None
         finally:
             call.cancel()
@@ -393,10 +393,7 @@ class SyncGrpcLane(_GrpcLaneBase):
         """As :meth:`GrpcLane.stream`, blocking."""
         if method.kind.request_streaming:
             request = iter(request)
-        try:
-            call = self._open_stream(method, request, timeout, metadata, self.wait_for_ready)
-        except ValueError as error:
-            raise self._closed_under(error, method) from None
+        call = self._open_stream(method, request, timeout, metadata, self.wait_for_ready)
         may_restart = not self.wait_for_ready
         watch = None if idle_timeout is None else _IdleWatch(call, idle_timeout)
         try:
@@ -420,8 +417,6 @@ class SyncGrpcLane(_GrpcLaneBase):
             if watch is not None and watch.expired:
                 raise _idle_error(method, idle_timeout) from None  # type: ignore[arg-type]
             raise self._translate(error, method) from None
-        except ValueError as error:  # (opened again on a channel closed meanwhile)
-            raise self._closed_under(error, method) from None
         finally:
             if watch is not None:
                 watch.stop()

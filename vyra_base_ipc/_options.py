@@ -9,6 +9,7 @@ __all__ = [
     'MAX_SECONDS',
     'channel_options',
     'server_options',
+    'validate_count',
     'validate_grace',
     'validate_max_message_bytes',
     'validate_timeout',
@@ -33,13 +34,19 @@ _RECONNECT_BACKOFF = (
 )
 
 
+def validate_count(value: object, name: str, kind: str = 'an int') -> int:
+    """:raises TypeError, ValueError: unless ``value`` is an int from 1 to
+    2**31-1 (grpc core's int); ``kind`` says what the TypeError asks for."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f'{name} must be {kind}, not {type(value).__name__}')
+    if not 0 < value < 2**31:
+        raise ValueError(f'{name} must be between 1 and {2**31 - 1}, not {value}')
+    return value
+
+
 def validate_max_message_bytes(value: object) -> int:
     """:raises TypeError, ValueError: unless ``value`` is a positive int below 2 GiB."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f'max_message_bytes must be an int, not {type(value).__name__}')
-    if not 0 < value < 2**31:
-        raise ValueError(f'max_message_bytes must be between 1 and {2**31 - 1}, not {value}')
-    return value
+    return validate_count(value, 'max_message_bytes')
 
 
 #: The longest timeout or grace taken (31 years): a deadline beyond about
@@ -51,22 +58,21 @@ MAX_SECONDS = 1e9
 def validate_timeout(value: object, name: str = 'timeout') -> float:
     """:raises TypeError, ValueError: unless ``value`` is a number of seconds
     > 0 and at most :data:`MAX_SECONDS`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f'{name} must be a number of seconds, not {type(value).__name__}')
-    if not 0 < value <= MAX_SECONDS:
-        raise ValueError(f'{name} must be a finite number of seconds > 0 and at most {MAX_SECONDS:g}, '
-                         f'not {value}')
-    return float(value)
+    return _seconds(value, name, zero=False)
 
 
 def validate_grace(value: object, name: str = 'grace_period') -> float:
     """:raises TypeError, ValueError: unless ``value`` is a number of seconds
     >= 0 and at most :data:`MAX_SECONDS`."""
+    return _seconds(value, name, zero=True)
+
+
+def _seconds(value: object, name: str, zero: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f'{name} must be a number of seconds, not {type(value).__name__}')
-    if not 0 <= value <= MAX_SECONDS:
-        raise ValueError(f'{name} must be a finite number of seconds >= 0 and at most {MAX_SECONDS:g}, '
-                         f'not {value}')
+    if not (0 <= value if zero else 0 < value) or not value <= MAX_SECONDS:
+        raise ValueError(f'{name} must be a finite number of seconds {">=" if zero else ">"} 0 and at most '
+                         f'{MAX_SECONDS:g}, not {value}')
     return float(value)
 
 

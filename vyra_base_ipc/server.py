@@ -30,6 +30,7 @@ from ._options import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_MAX_MESSAGE_BYTES,
     server_options,
+    validate_count,
     validate_grace,
     validate_max_message_bytes,
 )
@@ -154,8 +155,10 @@ class IPCServer:
         self.limits = limits
         self.max_message_bytes = validate_max_message_bytes(max_message_bytes)
         self.grace_period = validate_grace(grace_period)
-        self._max_workers = _count_or_none(max_workers, 'max_workers')
-        self._maximum_concurrent_rpcs = _count_or_none(maximum_concurrent_rpcs, 'maximum_concurrent_rpcs')
+        self._max_workers = None if max_workers is None else validate_count(
+            max_workers, 'max_workers', 'an int or None')
+        self._maximum_concurrent_rpcs = None if maximum_concurrent_rpcs is None else validate_count(
+            maximum_concurrent_rpcs, 'maximum_concurrent_rpcs', 'an int or None')
         self.ttrpc_socket_path = None if not ttrpc else (
             default_ttrpc_socket_path(self.socket_path) if ttrpc_socket_path is None
             else validate_socket_path(ttrpc_socket_path))
@@ -492,17 +495,6 @@ def _logged_to_stderr() -> Iterator[None]:
     finally:
         package.removeHandler(handler)
         package.setLevel(level)
-
-
-def _count_or_none(value: object, name: str) -> int | None:
-    """:raises TypeError, ValueError: unless ``value`` is ``None`` or an int in 1..2**31-1."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f'{name} must be an int or None, not {type(value).__name__}')
-    if not 0 < value < 2**31:
-        raise ValueError(f'{name} must be between 1 and {2**31 - 1}, not {value}')
-    return value
 
 
 def _mode(value: object, name: str, owner: int) -> int:

@@ -100,15 +100,14 @@ class BlockingSocket:
             os.eventfd_write(self._wakeup, 1)
 
     def send_all(self, data: bytes | memoryview, deadline: Deadline | None, fds: list[int],
-                 left: Callable[[], bool] | None = None) -> bool:
+                 left: Callable[[], bool] | None = None) -> None:
         """Write all of ``data`` by ``deadline``, passing ``fds`` with its first byte.
 
         While the socket is full, a sender whose ``left()`` turns true (it
         is asked again on :meth:`wake`) gives up: at once if none of
-        ``data`` was written (False), else it ends the frame it began within
+        ``data`` was written, else it ends the frame it began within
         :data:`FRAME_END_TIMEOUT`.
 
-        :returns: True once all of ``data`` is written.
         :raises SendTimeout: the deadline passed first.
         :raises Unsent: the socket failed before any of ``data`` was written.
         :raises OSError: the socket failed later.
@@ -123,7 +122,7 @@ class BlockingSocket:
             except OSError as error:
                 raise Unsent(error.errno, error.strerror) from None
             if sent == len(data):
-                return True
+                return
             view = memoryview(data)[sent:]
             sent_any = sent > 0
         else:
@@ -138,7 +137,7 @@ class BlockingSocket:
             except BlockingIOError:
                 if left is not None and left():
                     if not sent_any:
-                        return False
+                        return
                     left = None
                     deadline = Deadline.after(FRAME_END_TIMEOUT) if deadline is None \
                         else deadline.earlier(FRAME_END_TIMEOUT)
@@ -151,7 +150,6 @@ class BlockingSocket:
                 raise Unsent(error.errno, error.strerror) from None
             sent_any = True
             view = view[sent:]
-        return True
 
     def _wait_writable(self, deadline: Deadline | None) -> bool:
         """Wait for room in the socket or a wake(); False if the deadline passed first."""
