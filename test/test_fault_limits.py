@@ -83,6 +83,9 @@ def test_the_limits_are_checked() -> None:
     with pytest.raises(ValueError, match='max_queued_bytes must be an int'):
         ServerLimits(max_queued_bytes=1.5)  # type: ignore[arg-type]
     assert ('grpc.max_concurrent_streams', 1024) in ServerLimits().grpc_options()
+    # grpc takes milliseconds in a C int: a tiny or huge frame_timeout still fits.
+    assert ('grpc.server_handshake_timeout_ms', 1) in ServerLimits(frame_timeout=1e-6).grpc_options()
+    assert ('grpc.server_handshake_timeout_ms', 2**31 - 1) in ServerLimits(frame_timeout=1e9).grpc_options()
 
 
 # -- connections --------------------------------------------------------------------------
@@ -227,6 +230,27 @@ def test_a_peer_stalling_inside_a_frame_loses_its_connection(start_server, socke
             assert ipc.call_method('Echo', echo.pb.EchoRequest(text='served')).text == 'served'
         assert all(closed_by_server(sock) for sock in slow)
     assert 'has not arrived whole (frame_timeout)' in server.log()
+
+
+@pytest.mark.parametrize('sent', [b'', b'PRI * HTTP/2.0\r\n'], ids=['nothing', 'half-a-preface'])
+def test_a_grpc_lane_peer_that_never_finishes_its_handshake_loses_its_connection(
+        start_server, socket_dir: Path, echo, sent: bytes) -> None:
+    """The gRPC lane's counterpart of a stalled frame: a connection that has
+    not sent HTTP/2's preface and settings within frame_timeout is closed
+    (grpc's own handshake timeout is 120 s), so silent peers cannot hold the
+    lane's max_connections for longer than that."""
+    server = limited(start_server, socket_dir / 'g.sock', frame_timeout=1.0, max_connections=4)
+    with raw_connections(server.socket_path, 4) as silent:
+        for sock in silent:
+            sock.sendall(sent)
+            sock.settimeout(20)
+        for sock in silent:
+            with contextlib.suppress(ConnectionResetError):  # closed with our bytes unread
+                while sock.recv(4096):
+                    pass  # the server's own settings come first; then it closes (or we time out)
+        with SyncIPCHandler(server.socket_path, echo.Stub, lane='grpc') as ipc:
+            assert ipc.call_method('Echo', echo.pb.EchoRequest(text='served')).text == 'served'
+    assert server.running()
 
 
 def test_a_peer_sending_whole_frames_for_longer_than_the_frame_timeout_keeps_its_connection(

@@ -38,8 +38,9 @@ class ServerLimits:
         counts them (keys, values and 32 bytes an entry), gRPC's own
         default; more is RESOURCE_EXHAUSTED.
     :param frame_timeout: seconds a fast-lane frame that has started may
-        take to arrive whole; a peer that stalls inside a frame (slowloris)
-        loses its connection.
+        take to arrive whole, and a gRPC-lane connection its HTTP/2 preface
+        and settings; a peer that stalls inside a frame or the handshake
+        (slowloris) loses its connection.
     :param max_partial_bytes: bytes of unfinished frames of all fast-lane
         connections together; the connection that would exceed it is closed.
     :param max_call_duration: seconds a call that came without a deadline
@@ -90,4 +91,8 @@ class ServerLimits:
                 # too. Both leave room for the headers gRPC sends itself, which
                 # it counts and the fast lane does not have.
                 ('grpc.max_metadata_size', self.max_metadata_bytes + _GRPC_OWN_HEADERS),
-                ('grpc.absolute_max_metadata_size', self.max_metadata_bytes + _GRPC_OWN_HEADERS))
+                ('grpc.absolute_max_metadata_size', self.max_metadata_bytes + _GRPC_OWN_HEADERS),
+                # A connection's first frames: HTTP/2's preface and settings
+                # (grpc's own default waits 120 s), in a C int of milliseconds.
+                ('grpc.server_handshake_timeout_ms',
+                 min(max(1, round(self.frame_timeout * 1000)), 2**31 - 1)))
