@@ -10,11 +10,12 @@ descriptors are free.
 from __future__ import annotations
 
 from pathlib import Path
+import resource
 
 import pytest
 
 from conftest import wait_for
-from vyra_base_ipc import IPCTimeoutError, IPCUnavailableError
+from vyra_base_ipc import IPCTimeoutError, IPCUnavailableError, ServerLimits
 from vyra_base_ipc._methods import stub_methods
 from vyra_base_ipc.address import default_ttrpc_socket_path
 from vyra_base_ipc.ttrpc import SyncConnection
@@ -75,3 +76,24 @@ def test_fast_lane_out_of_descriptors_keeps_serving_and_accepts_again(
         first.close()
         for connection in held:
             connection.close()
+
+
+@pytest.mark.parametrize('nofile', [1024, None], ids=['1024', 'as-is'])
+def test_a_server_whose_open_file_limit_is_below_its_limits_says_so_at_start(
+        start_server, socket_dir: Path, nofile: int | None) -> None:
+    path = socket_dir / 'warn.sock'
+    if nofile is None:
+        server = start_server(path)
+    else:
+        server = start_server(path, script='limited_server.py', env={'VYRA_TEST_NOFILE': str(nofile)})
+    server.wait_listening(path)
+    needed = ServerLimits().descriptors_needed(lanes=2)
+    short = resource.getrlimit(resource.RLIMIT_NOFILE)[0] < needed if nofile is None else True
+    warned = [line for line in server.log().splitlines() if '(RLIMIT_NOFILE)' in line]
+    if short:
+        assert len(warned) == 1, server.log()
+        assert f'may open {nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[0]} files' in warned[0]
+        assert f'hold {needed}: 2 x 1024 connections (max_connections per lane)' in warned[0]
+        assert 'lower those ServerLimits' in warned[0]
+    else:
+        assert warned == [], warned

@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import os
 from pathlib import Path
+import resource
 import signal
+import sys
 import threading
 import time
 from typing import Any, AsyncIterator, Callable, Iterator
@@ -27,7 +29,7 @@ from std_srvs.srv import Trigger
 
 from conftest import SERVERS, ChildProcess, wait_for
 from ros_env import IPC_SERVER
-from vyra_base_ipc import IPCError, IPCHandler, ModuleService, SyncIPCHandler, command
+from vyra_base_ipc import IPCError, IPCHandler, ModuleService, ServerLimits, SyncIPCHandler, command
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc import module_service_pb2_grpc as module_grpc
 from vyra_base_ipc._loop_thread import EventLoopThread
@@ -301,6 +303,30 @@ def test_ipc_server_node_keeps_freed_memory_as_its_parameter_says(start_process,
         assert keeping == [], keeping
     else:
         assert len(keeping) == 1 and f'keeping up to {kept} MiB of freed memory' in keeping[0], keeping
+
+
+def under_open_file_limit(soft: int, command: list[str]) -> list[str]:
+    """``command`` started under a soft RLIMIT_NOFILE of ``soft``, the hard one kept."""
+    setup = ('import os, resource, sys; hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; '
+             f'resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, hard)); os.execv(sys.argv[1], sys.argv[1:])')
+    return [sys.executable, '-c', setup, *command]
+
+
+def test_ipc_server_node_raises_its_open_file_limit_to_what_peers_may_make_it_hold(
+        start_process, socket_dir: Path) -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    needed = ServerLimits().descriptors_needed(lanes=2)
+    expected = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    socket_path = socket_dir / 'nofile.sock'
+    server = start_process(under_open_file_limit(
+        1024, ros_args('module_name:=nofile', f'socket_path:={socket_path}')))
+    wait_for(lambda: ' serving ' in server.log(), 30, 'the serving line')
+    limits = Path(f'/proc/{server.pid}/limits').read_text()
+    soft_now = next(line.split()[3] for line in limits.splitlines() if line.startswith('Max open files'))
+    assert int(soft_now) == expected, limits
+    assert f'open-file limit (RLIMIT_NOFILE) raised from 1024 to {expected}' in server.log()
+    # Only where the hard limit is below what the server needs does it still warn.
+    assert ('may open' in server.log()) == (expected < needed), server.log()
 
 
 def test_missing_module_name_fails_naming_it(start_process) -> None:

@@ -11,10 +11,11 @@ lane enforces them itself.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+import resource
 
 from ._options import MAX_SECONDS
 
-__all__ = ['ServerLimits']
+__all__ = ['ServerLimits', 'raise_descriptor_limit']
 
 #: What the headers gRPC sends with every call take as grpc core counts them
 #: (``:path``, ``:authority``, ``content-type``, ``te``, ``grpc-timeout``,
@@ -22,6 +23,10 @@ __all__ = ['ServerLimits']
 _GRPC_OWN_HEADERS = 1024
 
 _MIB = 1024 * 1024
+
+#: Descriptors a server process uses besides its peers' connections and held
+#: buffers: its listening sockets, epoll, eventfds, pooled segments, logs.
+_OWN_DESCRIPTORS = 256
 
 
 @dataclass(frozen=True)
@@ -96,3 +101,46 @@ class ServerLimits:
                 # (grpc's own default waits 120 s), in a C int of milliseconds.
                 ('grpc.server_handshake_timeout_ms',
                  min(max(1, round(self.frame_timeout * 1000)), 2**31 - 1)))
+
+    def descriptors_needed(self, lanes: int) -> int:
+        """Descriptors a server on ``lanes`` lanes may come to hold under these
+        limits: every connection, every held buffer, and its own."""
+        return lanes * self.max_connections + self.max_held_buffers + _OWN_DESCRIPTORS
+
+    def descriptor_shortfall(self, lanes: int) -> str | None:
+        """Why this process's open-file limit (``RLIMIT_NOFILE``, soft) is too
+        low for a server on ``lanes`` lanes under these limits; ``None`` when
+        it is not. Past the limit, ``accept()`` fails (EMFILE) and fast-lane
+        peers' shared memory cannot arrive."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        needed = self.descriptors_needed(lanes)
+        if soft == resource.RLIM_INFINITY or soft >= needed:
+            return None
+        remedy = 'raise it (ulimit -n, LimitNOFILE=, docker run --ulimit nofile=)' if \
+            hard != resource.RLIM_INFINITY and hard < needed else \
+            f'raise the soft limit (ulimit -n {needed}; the hard limit allows {_count(hard)})'
+        return (f'this process may open {soft} files (RLIMIT_NOFILE), but peers may make the server '
+                f'hold {needed}: {lanes} x {self.max_connections} connections (max_connections per lane) '
+                f'and {self.max_held_buffers} shared buffers (max_held_buffers) beside its own; '
+                f'{remedy} or lower those ServerLimits')
+
+
+def raise_descriptor_limit(needed: int) -> int:
+    """Raise this process's soft open-file limit to ``needed``, at most its
+    hard limit, if it is lower (as Go's runtime and systemd advise for a
+    server that does not use ``select()``); returns the soft limit now.
+
+    For a process of its own (the ``ipc_server`` node); a library leaves a
+    process's limits to its owner.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return max(soft, target)
+
+
+def _count(limit: int) -> str:
+    return 'any number' if limit == resource.RLIM_INFINITY else str(limit)

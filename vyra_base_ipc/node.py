@@ -27,6 +27,7 @@ from __future__ import annotations
 from concurrent.futures import thread as futures_thread
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -42,6 +43,7 @@ from rclpy.parameter import Parameter
 from ._allocator import keep_freed_memory
 from ._diagnostics import IPCDiagnostics
 from ._handler_threads import busy_handler_threads
+from ._limits import ServerLimits, raise_descriptor_limit
 from ._loop_thread import EventLoopThread
 from ._node_parameters import (
     DECLARED_PARAMETERS,
@@ -416,6 +418,12 @@ def main(args: Sequence[str] | None = None) -> int:
                         format='[%(levelname)s] [%(created).6f] [%(name)s]: %(message)s')
     stop_signals = _StopSignals()
     stop_signals.install()
+    # A process of its own: its open-file limit fits what peers may make the
+    # server hold (the soft limit is often 1,024), as far as the hard one allows.
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    now = raise_descriptor_limit(ServerLimits().descriptors_needed(lanes=2))
+    if now != before:
+        _logger.info('open-file limit (RLIMIT_NOFILE) raised from %d to %d for the IPC server', before, now)
     try:
         rclpy.init(args=None if args is None else list(args))
     except _RCLError as error:

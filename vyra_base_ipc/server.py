@@ -323,6 +323,9 @@ class IPCServer:
         finally:
             self._started.set()  # (a stop() waiting goes on once this step is done)
         self._state = _State.SERVING
+        shortfall = self.limits.descriptor_shortfall(2 if self._ttrpc is not None else 1)
+        if shortfall is not None:
+            _logger.warning('IPC server on %s: %s', self.socket_path, shortfall)
         if self._announce:
             _logger.info('IPC server serving %s on %s%s', ', '.join(self.service_names) or 'no services',
                          self.socket_path,
