@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pytest
 
 from conftest import LANES, ServerProcess, until, wait_for
-from vyra_base_ipc import IPCHandler, IPCTimeoutError, IPCUnavailableError, SyncIPCHandler
+from vyra_base_ipc import IPCHandler, IPCTimeoutError, IPCUnavailableError, MessageTooLargeError, SyncIPCHandler
 
 #: How an async generator handler ends when its client leaves: cancelled while
 #: it awaited something, closed while it had yielded (as grpc.aio does it).
@@ -283,6 +283,106 @@ async def test_a_handler_that_does_not_read_holds_back_the_request_stream(
         await ipc.call_method('Release', watch(echo, tag))
         answer = await call
     assert (answer.index, answer.in_order) == (total, True)
+
+
+# -- request streams that fail -------------------------------------------------------------------
+
+class SourceFailed(Exception):
+    """The caller's own source of requests failing mid-stream."""
+
+
+def failing_requests(echo: Any, tag: str, reports: Reports) -> Any:
+    for index in range(2):
+        yield watch(echo, tag, index=index)
+    wait_for(lambda: reports(tag).taken == 2, 10, 'the handler to take both messages')
+    raise SourceFailed('the camera went away')
+
+
+async def failing_requests_async(echo: Any, tag: str, reports: Reports) -> Any:
+    for index in range(2):
+        yield watch(echo, tag, index=index)
+    await until(lambda: reports(tag).taken == 2, 10, 'the handler to take both messages')
+    raise SourceFailed('the camera went away')
+
+
+@pytest.mark.parametrize('lane', LANES)
+@pytest.mark.parametrize('client', ['sync', 'asyncio'])
+def test_a_request_stream_that_raises_gives_the_caller_its_exception_and_cancels_the_call(
+        server: ServerProcess, echo: Any, reports: Reports, lane: str, client: str) -> None:
+    """As gRPC does it: the server never takes the messages sent so far for
+    the whole stream (before, the fast lane ended the stream, and the
+    handler finished with them), and the caller gets its own exception
+    (before, the gRPC lane said UNKNOWN or "connection was closed")."""
+    tag = next(tags)
+    with pytest.raises(SourceFailed, match='the camera went away'):
+        if client == 'sync':
+            with SyncIPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane, timeout=30) as ipc:
+                ipc.call_method('Absorb', failing_requests(echo, tag, reports))
+        else:
+            async def call() -> None:
+                async with IPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane,
+                                      timeout=30) as ipc:
+                    await ipc.call_method('Absorb', failing_requests_async(echo, tag, reports))
+            asyncio.run(call())
+    if lane == 'ttrpc':
+        # (grpc.aio's server may show a handler its cancelled request stream
+        # as ended before it cancels the handler: not asserted there.)
+        wait_for(reports.ended(tag, 'cancelled'), 10, 'the handler to be cancelled')
+
+
+@pytest.mark.parametrize('lane', LANES)
+def test_a_streamed_message_too_large_fails_a_blocking_call_at_once_not_at_its_deadline(
+        server: ServerProcess, echo: Any, lane: str) -> None:
+    # The sender thread finds it too large; the caller, asleep reading the
+    # socket, used to hear of it only when its deadline (here 600 s) woke it.
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        with SyncIPCHandler(server.socket_path, echo.Stub, lane=lane, timeout=600, max_message_bytes=10_000,
+                            shared_memory=None) as ipc:
+            try:
+                ipc.call_method('Collect', [echo.pb.EchoRequest(text='a'), echo.pb.EchoRequest(payload=bytes(20_000))])
+            except BaseException as error:
+                outcome.append(error)
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    caller.join(30)
+    assert not caller.is_alive(), 'the call waits for its deadline'
+    assert isinstance(outcome[0], MessageTooLargeError), outcome
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('lane', LANES)
+async def test_a_request_stream_message_of_another_type_is_refused_naming_it(
+        server: ServerProcess, echo: Any, lane: str) -> None:
+    wrong = r'Collect takes a stream of vyra.ipc.test.EchoRequest requests, not vyra.ipc.test.CountRequest ' \
+            r'\(message 1 of the stream\)'
+    alone = 'Collect streams its requests: give it an iterable of vyra.ipc.test.EchoRequest messages, not EchoRequest'
+    requests = [echo.pb.EchoRequest(text='a'), echo.pb.CountRequest(count=1)]
+    with SyncIPCHandler(server.socket_path, echo.Stub, lane=lane) as ipc:
+        with pytest.raises(TypeError, match=wrong):
+            ipc.call_method('Collect', requests)
+        with pytest.raises(TypeError, match=alone):
+            ipc.call_method('Collect', echo.pb.EchoRequest(text='one'))
+        with pytest.raises(TypeError, match='an async iterable of requests needs the asyncio client'):
+            ipc.call_method('Collect', aiter_of(echo.pb.EchoRequest(text='a')))
+        assert ipc.call_method('Collect', iter(requests[:1])).text == 'a'
+    async with IPCHandler(server.socket_path, echo.Stub, lane=lane) as aio:
+        with pytest.raises(TypeError, match=wrong):
+            await aio.call_method('Collect', requests)
+        with pytest.raises(TypeError, match=wrong):
+            await aio.call_method('Collect', aiter_of(*requests))
+        with pytest.raises(TypeError, match=alone):
+            await aio.call_method('Collect', echo.pb.EchoRequest(text='one'))
+        with pytest.raises(TypeError, match=wrong.replace('Collect', 'Chat')):
+            async for _ in aio.stream_method('Chat', requests):
+                pass
+        assert (await aio.call_method('Collect', aiter_of(*requests[:1]))).text == 'a'
+
+
+async def aiter_of(*messages: Any) -> Any:
+    for message in messages:
+        yield message
 
 
 # -- long-lived streams -------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from ._deadline import Deadline
 from ._fork_safety import ensure_usable_after_fork, note_grpc_used
 from ._interceptors import ClientCall, ClientInterceptor, intercepted_call
 from ._lanes import LaneChoice, ServerCameUp
-from ._methods import Method, MethodKind, stub_methods
+from ._methods import Method, MethodKind, request_type_error, stub_methods
 from ._options import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TIMEOUT,
@@ -268,14 +268,10 @@ class ClientBase:
             use = 'stream_method' if method.kind.response_streaming else 'call_method'
             raise TypeError(f'{name} is a {method.kind.value} method: call it with {use}()')
         if request is not _NO_REQUEST and method.request_type is not None \
-                and not method.kind.request_streaming:
+                and not method.kind.request_streaming:  # (a stream's as each message goes)
             given = getattr(getattr(request, 'DESCRIPTOR', None), 'full_name', None)
-            if given != method.request_type or isinstance(request, type):
-                # Checked here: protobuf would serialize another message type
-                # silently, and the server would parse it as an empty request.
-                what = (f'the class {request.__qualname__} (make one: {request.__qualname__}())'
-                        if isinstance(request, type) else given or type(request).__qualname__)
-                raise TypeError(f'{name} takes a {method.request_type} request, not {what}')
+            if given != method.request_type or isinstance(request, type):  # (tested in line: 1 call less)
+                raise request_type_error(method, request) or TypeError(name)
         if response_type is not None:
             if not isinstance(response_type, type):
                 raise TypeError(f'response_type must be a message class, not '

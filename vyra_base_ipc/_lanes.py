@@ -25,10 +25,10 @@ from grpc_health.v1 import health_pb2
 from ._deadline import Deadline
 from ._methods import Method, MethodKind
 from ._peer import check_server_socket
+from ._request_stream import RequestStream
 from ._shared_buffer import ReceivedBuffers, SharedBuffer, inline_request
 from ._socket_file import is_listening
 from .exceptions import (
-    IPCError,
     IPCTimeoutError,
     IPCUnavailableError,
     MessageTooLargeError,
@@ -163,7 +163,9 @@ class _GrpcLaneBase:
     def _socket_missing(self, method: str | None = None) -> IPCUnavailableError:
         return socket_missing(self.socket_path, method)
 
-    def _translate(self, error: grpc.RpcError, method: Method) -> IPCError:
+    def _translate(self, error: grpc.RpcError, method: Method, request: Any = None) -> BaseException:
+        if isinstance(request, RequestStream) and request.error is not None:
+            return request.error  # the caller's request stream failed: grpc only says UNKNOWN or cancelled
         code, details = error.code(), error.details() or ''
         if code is grpc.StatusCode.UNAVAILABLE:
             unreachable = self._unreachable(details, method.path)
@@ -178,11 +180,15 @@ class _GrpcLaneBase:
                 return MessageTooLargeError(int(too_large[1]), int(too_large[2]), method=method.path)
         return error_from_status(code, details, method=method.path)
 
-    def _closed_under(self, error: BaseException, method: Method) -> BaseException:
-        """What to raise for ``error`` from a call: the fast lane's "was
-        closed" if this process closed the channel under the call (grpc.aio
-        cancels it, though nobody cancelled the caller's task) or before it
-        (grpc raises ValueError), else ``error`` itself."""
+    def _closed_under(self, error: BaseException, method: Method, request: Any = None) -> BaseException:
+        """What to raise for ``error`` from a call: the exception of the
+        caller's request stream, if it raised one (grpc.aio then cancels the
+        call); the fast lane's "was closed" if this process closed the
+        channel under the call (grpc.aio cancels it, though nobody cancelled
+        the caller's task) or before it (grpc raises ValueError); else
+        ``error`` itself."""
+        if isinstance(request, RequestStream) and request.error is not None:
+            return request.error
         if isinstance(error, ValueError):
             closed_here = _CLOSED.search(str(error)) is not None
         else:
@@ -265,12 +271,16 @@ class _GrpcLaneBase:
             raise self._socket_missing()
         return _remaining(deadline, None) or 0.0, is_listening(self.socket_path)
 
-    def _request(self, method: Method, request: Any, buffers: Sequence[SharedBuffer]) -> Any:
-        # Descriptors cannot travel on the gRPC lane: the buffers go inline.
-        # (The client held the request with them to max_message_bytes already.)
+    def _request(self, method: Method, request: Any, buffers: Sequence[SharedBuffer] = ()) -> Any:
+        """What grpc is given to send: a request stream checked as it goes
+        (see :mod:`vyra_base_ipc._request_stream`); a request with its
+        buffers inline (descriptors cannot travel on the gRPC lane; the
+        client held the request with them to max_message_bytes already)."""
+        if method.kind.request_streaming:
+            return RequestStream(method, request)
         if not buffers:
             return request
-        return inline_request(method.path, method.kind.request_streaming, request, buffers)
+        return inline_request(method.path, False, request, buffers)
 
     def close(self) -> None:
         self.is_closed = True
@@ -307,14 +317,15 @@ class GrpcLane(_GrpcLaneBase):
                    buffers: Sequence[SharedBuffer] = (), return_buffers: bool = False) -> Any:
         """As :meth:`AsyncConnection.call <vyra_base_ipc.ttrpc.AsyncConnection.call>`;
         returned buffers are always empty (they come inline)."""
+        request = self._request(method, request, buffers)
         try:
             response = await self._callable(method)(
-                self._request(method, request, buffers), timeout=_remaining(timeout, method),
+                request, timeout=_remaining(timeout, method),
                 metadata=metadata and checked_metadata(metadata), wait_for_ready=self.wait_for_ready)
         except grpc.RpcError as error:
-            raise self._translate(error, method) from None
+            raise self._translate(error, method, request) from None
         except (asyncio.CancelledError, ValueError) as error:
-            raise self._closed_under(error, method) from None
+            raise self._closed_under(error, method, request) from None
         return (response, ReceivedBuffers()) if return_buffers else response
 
     async def stream(self, method: Method, request: Any, *, timeout: Deadline | None,
@@ -322,6 +333,7 @@ class GrpcLane(_GrpcLaneBase):
                      ) -> AsyncGenerator[Any, None]:
         """As :meth:`AsyncConnection.stream <vyra_base_ipc.ttrpc.AsyncConnection.stream>`;
         leaving early cancels the call."""
+        request = self._request(method, request)
         call = self._open_stream(method, request, timeout, metadata, self.wait_for_ready)
         may_restart = not self.wait_for_ready
         try:
@@ -340,9 +352,9 @@ class GrpcLane(_GrpcLaneBase):
                 may_restart = False
                 yield response
         except grpc.RpcError as error:
-            raise self._translate(error, method) from None
+            raise self._translate(error, method, request) from None
         except asyncio.CancelledError as error:
-            raise self._closed_under(error, method) from None
+            raise self._closed_under(error, method, request) from None
         finally:
             call.cancel()
 
@@ -376,14 +388,13 @@ class SyncGrpcLane(_GrpcLaneBase):
              metadata: Metadata | None = None,
              buffers: Sequence[SharedBuffer] = (), return_buffers: bool = False) -> Any:
         """As :meth:`GrpcLane.call`, blocking."""
-        if method.kind.request_streaming:
-            request = iter(request)  # grpc's blocking stubs call next() on it: lists welcome
+        request = self._request(method, request, buffers)  # (an iterator: lists welcome)
         try:
             response = self._callable(method)(
-                self._request(method, request, buffers), timeout=_remaining(timeout, method),
+                request, timeout=_remaining(timeout, method),
                 metadata=metadata and checked_metadata(metadata), wait_for_ready=self.wait_for_ready)
         except grpc.RpcError as error:
-            raise self._translate(error, method) from None
+            raise self._translate(error, method, request) from None
         except ValueError as error:
             raise self._closed_under(error, method) from None
         return (response, ReceivedBuffers()) if return_buffers else response
@@ -391,8 +402,7 @@ class SyncGrpcLane(_GrpcLaneBase):
     def stream(self, method: Method, request: Any, *, timeout: Deadline | None,
                metadata: Metadata | None = None, idle_timeout: float | None = None) -> Iterator[Any]:
         """As :meth:`GrpcLane.stream`, blocking."""
-        if method.kind.request_streaming:
-            request = iter(request)
+        request = self._request(method, request)
         call = self._open_stream(method, request, timeout, metadata, self.wait_for_ready)
         may_restart = not self.wait_for_ready
         watch = None if idle_timeout is None else _IdleWatch(call, idle_timeout)
@@ -416,7 +426,7 @@ class SyncGrpcLane(_GrpcLaneBase):
         except grpc.RpcError as error:
             if watch is not None and watch.expired:
                 raise _idle_error(method, idle_timeout) from None  # type: ignore[arg-type]
-            raise self._translate(error, method) from None
+            raise self._translate(error, method, request) from None
         finally:
             if watch is not None:
                 watch.stop()

@@ -24,6 +24,7 @@ __all__ = [
     'ServiceRegistration',
     'find_add_function',
     'record_servicer',
+    'request_type_error',
     'stub_methods',
 ]
 
@@ -67,6 +68,24 @@ class Method:
     #: Full name of the request message (``"vyra.ipc.DataRequest"``); None
     #: where the stub does not tell.
     request_type: str | None = None
+
+
+def request_type_error(method: Method, request: Any, index: int | None = None) -> TypeError | None:
+    """Why ``request`` cannot go as ``method``'s request (``index``: the
+    message's place in a request stream); ``None`` if it can, or where the
+    stub does not tell the type. Checked before anything is sent: protobuf
+    serializes a message of another type silently (the server then parses
+    it as a request with its fields lost), and fails anything else deep
+    inside, on the gRPC lane as INTERNAL as if the server had said so."""
+    given = getattr(getattr(request, 'DESCRIPTOR', None), 'full_name', None)
+    if method.request_type is None or given == method.request_type and not isinstance(request, type):
+        return None
+    what = (f'the class {request.__qualname__} (make one: {request.__qualname__}())'
+            if isinstance(request, type) else given or type(request).__qualname__)
+    if index is None:
+        return TypeError(f'{method.name} takes a {method.request_type} request, not {what}')
+    return TypeError(f'{method.name} takes a stream of {method.request_type} requests, not {what} '
+                     f'(message {index} of the stream)')
 
 
 def _request_type(path: str, response_deserializer: Any) -> str | None:

@@ -45,6 +45,7 @@ from ._lanes import LANES, GrpcLane, SyncGrpcLane
 from ._options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT, validate_timeout
 from ._payload import SharedMemoryOptions
 from ._pool import aio_pool, aio_ttrpc_pool, release_aio, release_elsewhere, sync_pool, sync_ttrpc_pool
+from ._request_stream import RequestStream
 from ._shared_buffer import SharedBuffer
 from .address import StrPath
 from .exceptions import IPCError, IPCRemoteError, IPCUnavailableError
@@ -354,8 +355,7 @@ class IPCHandler(ClientBase):
         loop = asyncio.get_running_loop()
         if self._loop is loop:
             return
-        # First use (or first since disconnect()), or a handler moved to a new loop
-        # (asyncio.run() twice): the old loop's connections are let go of there.
+        # First use (or since disconnect()), or moved to a new loop (asyncio.run() twice): let go there.
         if self._loop is not None:
             release_elsewhere(self._fast_key, self._grpc_key, self._loop)
         self._loop = loop
@@ -473,7 +473,7 @@ class SyncIPCHandler(ClientBase):
         deadline = self._deadline(DEFAULT if timeout is None else timeout, parent, info)
         wait = self._wait(wait_for_ready)
         if info.kind.request_streaming:
-            request = iter(request)  # consumed once, whichever attempt sends it
+            request = RequestStream(info, request)  # consumed once, whichever attempt sends it
         retry = lane = None  # as in IPCHandler.call_method
         with self._intercepted(info, metadata, deadline) as call, self._explained(info, deadline):
             while True:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, AsyncGenerator, Awaitable, Callable, Sequence, TypeVar
 import warnings
 
 from .._busy_poll import DEFAULT_BUSY_POLL, BusyPoll, await_polling
@@ -13,6 +13,7 @@ from .._methods import Method
 from .._options import DEFAULT_MAX_MESSAGE_BYTES
 from .._payload import SharedMemoryOptions, close_fds
 from .._peer import check_server_connection
+from .._request_stream import RequestStream
 from .._shared_buffer import SharedBuffer
 from ..address import StrPath
 from ..exceptions import IPCError, IPCUnavailableError
@@ -457,7 +458,7 @@ class AsyncConnection:
         shared = protocol.core.agreement
         credit = stream.credit
         try:
-            async for message in _messages(requests):
+            async for message in RequestStream(method, requests):
                 if credit is not None and credit.credit <= 0:
                     await credit.wait()
                     if credit.closed:
@@ -474,9 +475,12 @@ class AsyncConnection:
         except IPCError as error:
             stream.push(error)
         except Exception as error:
-            # The caller's own iterator failed: give the caller its exception.
+            # The caller's own iterator failed: the caller gets its exception,
+            # and the server a cancel as the caller leaves, never the end of
+            # the stream, which it would take for the whole one (but a server
+            # without cancel: its handler ends rather than waits).
             stream.push(SenderFailed(error))
-            if protocol.error is None:
+            if protocol.error is None and not shared.cancel:
                 protocol.send(close_send_frame(stream_id))
 
 
@@ -489,15 +493,6 @@ async def _within(awaitable: Awaitable[_T], method: Method, deadline: Deadline |
         return await asyncio.wait_for(awaitable, None if deadline is None else max(deadline.remaining(), 0))
     except asyncio.TimeoutError:
         raise timeout_error(method) from None
-
-
-async def _messages(requests: Any) -> AsyncIterator[Any]:
-    if hasattr(requests, '__aiter__'):
-        async for message in requests:
-            yield message
-    else:
-        for message in requests:
-            yield message
 
 
 class _Unary:

@@ -76,6 +76,13 @@ class BlockingSocket:
         poll_in = select.poll()
         poll_in.register(sock.fileno(), select.POLLIN)
         self._poll_in = poll_in.poll
+        # Wakes a reader that a request stream's sender may have to tell it
+        # failed (wake_reader()): one asleep in recv() cannot be woken.
+        self._reader_wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        poll_woken = select.poll()
+        poll_woken.register(sock.fileno(), select.POLLIN)
+        poll_woken.register(self._reader_wakeup, select.POLLIN)
+        self._poll_in_or_woken = poll_woken.poll
         self._busy_poll = BusyPoll(busy_poll)
         # The receive timeout set on the socket (SO_RCVTIMEO), 0 for none.
         self._receive_timeout: float | None = None
@@ -88,16 +95,23 @@ class BlockingSocket:
             return 0
 
     def close(self) -> None:
-        """Close the socket and the wake-up descriptor. Idempotent."""
+        """Close the socket and the wake-up descriptors. Idempotent."""
         self.sock.close()
         if self._wakeup >= 0:
             os.close(self._wakeup)
-            self._wakeup = -1
+            os.close(self._reader_wakeup)
+            self._wakeup = self._reader_wakeup = -1
 
     def wake(self) -> None:
         """Make a sender waiting for room in the socket ask its ``left()`` again."""
         if self._wakeup >= 0:
             os.eventfd_write(self._wakeup, 1)
+
+    def wake_reader(self) -> None:
+        """Make a :meth:`receive` that is ``wakeable`` return (``None``) now
+        or, if none is waiting, the next one."""
+        if self._reader_wakeup >= 0:
+            os.eventfd_write(self._reader_wakeup, 1)
 
     def send_all(self, data: bytes | memoryview, deadline: Deadline | None, fds: list[int],
                  left: Callable[[], bool] | None = None) -> None:
@@ -162,17 +176,20 @@ class BlockingSocket:
                 pass  # closed meanwhile (the connection broke): the send fails next
         return bool(ready)
 
-    def receive(self, deadline: Deadline | None) -> Received | None:
+    def receive(self, deadline: Deadline | None, wakeable: bool = False) -> Received | None:
         """Read what has arrived, polling for up to the busy-poll time
         before sleeping; ``None`` if the read woke before ``deadline``
-        with nothing (read again).
+        with nothing (read again). A ``wakeable`` read sleeps in poll()
+        rather than recv() (a wakeup later), so that :meth:`wake_reader`
+        can end it.
 
         :raises SocketTimeout: the deadline passed.
         :raises OSError: the socket failed.
         """
         timeout = None if deadline is None else deadline.remaining()
         try:
-            return self._busy_poll.wait(self._receive_now, self._receive_blocking, timeout)
+            sleep = self._receive_wakeable if wakeable else self._receive_blocking
+            return self._busy_poll.wait(self._receive_now, sleep, timeout)
         except (BlockingIOError, TimeoutError):  # SO_RCVTIMEO expired
             if deadline is not None and deadline.expired():
                 raise SocketTimeout() from None
@@ -181,6 +198,18 @@ class BlockingSocket:
     def _receive_blocking(self, timeout: float | None) -> Received:
         self._limit_receive(timeout)
         return buffered_recvmsg(self.sock, _ANCILLARY_SIZE, _RECEIVE)
+
+    def _receive_wakeable(self, timeout: float | None) -> Received | None:
+        ready = self._poll_in_or_woken(-1 if timeout is None else max(0, math.ceil(timeout * 1000)))
+        if any(fd == self._reader_wakeup for fd, _ in ready):
+            try:
+                os.eventfd_read(self._reader_wakeup)
+            except OSError:
+                pass  # (closed meanwhile: the connection broke)
+            return None
+        if not ready:
+            raise TimeoutError  # as when SO_RCVTIMEO expires
+        return self._receive_now()
 
     def _receive_now(self) -> Received | None:
         # poll() first: a recvmsg() that finds nothing raises, which costs

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 import warnings
 
 import grpc
@@ -16,6 +17,7 @@ from .._methods import Method
 from .._options import DEFAULT_MAX_MESSAGE_BYTES
 from .._payload import SharedMemoryOptions, close_fds
 from .._peer import check_server_connection
+from .._request_stream import RequestStream
 from .._shared_buffer import SharedBuffer
 from ..address import StrPath
 from ..exceptions import IPCError, IPCUnavailableError
@@ -418,14 +420,13 @@ class SyncConnection:
             if fds:
                 close_fds(fds)
 
-    def _send_requests(self, stream_id: int, stream: _SyncStream, prepared: Prepared,
-                       requests: Iterable[Any]) -> None:
+    def _send_requests(self, stream_id: int, stream: _SyncStream, prepared: Prepared, requests: Any) -> None:
         method = prepared.method
         deadline = prepared.deadline
         shared = self._core.agreement
         credit = stream.credit
         try:
-            for message in requests:
+            for message in RequestStream(method, requests):
                 if credit is not None and credit.credit <= 0:
                     if not credit.wait_blocking(None if deadline is None else max(deadline.remaining(), 0)):
                         return  # the call's deadline passed: its caller says so
@@ -437,16 +438,13 @@ class SyncConnection:
                     credit.spend(cost)
             if not stream.abandoned:
                 self._send_frame(close_send_frame(stream_id), [], deadline, method, stream)
-        except IPCError as error:
+        except Exception as error:  # the connection's, or the caller's iterator's: as the asyncio sender says
             with self._state_lock:
-                stream.push(error)
-        except Exception as error:
-            with self._state_lock:
-                stream.push(SenderFailed(error))
-            try:
-                self._send_frame(close_send_frame(stream_id), [], deadline, method, stream)
-            except IPCError:
-                pass
+                stream.push(error if isinstance(error, IPCError) else SenderFailed(error))
+                self._io.wake_reader()  # (its caller may be the thread asleep reading)
+            if not isinstance(error, IPCError) and not shared.cancel:
+                with contextlib.suppress(IPCError):
+                    self._send_frame(close_send_frame(stream_id), [], deadline, method, stream)
 
     def _send_frame(self, frame: bytes, fds: list[int], deadline: Deadline | None, method: Method,
                     stream: _SyncStream) -> None:
@@ -538,7 +536,7 @@ class SyncConnection:
             return None
         decoder = self._decoder
         try:
-            received = self._io.receive(deadline)
+            received = self._io.receive(deadline, wakeable=stream.sender)
         except OSError as error:
             self._broken(lost(self.socket_path, error))
             return None
