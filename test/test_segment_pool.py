@@ -345,6 +345,82 @@ def test_a_peer_that_never_gives_back_gets_new_memfds_once_it_holds_its_share_an
     wait_for(lambda: fds_of_self() == fds_before, 10, 'the descriptors of the test to be closed')
 
 
+# == a connection that ends with lends outstanding =============================================
+
+def ttrpc_connections(server: ServerProcess) -> int:
+    """The server's open fast-lane connections."""
+    with SyncIPCHandler(server.socket_path, IntrospectionStub, lane='grpc') as handler:
+        stats = handler.call_method('GetStats', StatsRequest())
+    return next(lane.connections for lane in stats.lanes if lane.lane == 'ttrpc')
+
+
+def test_an_answer_kept_after_its_connection_closed_never_changes_while_the_server_serves_others(
+        echo: Any, pool_server: ServerProcess, own_pool: SegmentPool) -> None:
+    # The server lends its copy of the buffer with the answer; the client
+    # disconnects holding it. The server hears the connection end but not
+    # the lend come back: its segment must not serve the next client.
+    method = stub_methods(echo.Stub)['Mirror']
+    data = os.urandom(MiB)
+    with SharedBuffer.copy_from(data) as buffer, \
+            SyncConnection.connect(pool_server.ttrpc_path, shared_memory=OPTIONS) as connection:
+        reply, received = connection.call(method, echo.pb.MirrorRequest(data=buffer.ref, copy=True),
+                                          buffers=[buffer], timeout=LONG, return_buffers=True)
+        kept = received.view(reply.data)
+        retired = server_pool(pool_server).bytes
+    wait_for(lambda: ttrpc_connections(pool_server) == 0, LONG, 'the server to close the connection')
+    for _ in range(3):
+        with SharedBuffer.copy_from(bytes(MiB)) as zeros, \
+                SyncConnection.connect(pool_server.ttrpc_path, shared_memory=OPTIONS) as connection:
+            reply, received = connection.call(method, echo.pb.MirrorRequest(data=zeros.ref, copy=True),
+                                              buffers=[zeros], timeout=LONG, return_buffers=True)
+            assert bytes(received.view(reply.data)[:4]) == bytes(4)
+            received.close()
+    assert hashlib.sha256(kept).digest() == hashlib.sha256(data).digest()
+    # The retired segment left the server's pool accounts (it dies with the view).
+    assert server_pool(pool_server).bytes <= retired
+    del kept, received, reply
+
+
+class Keeper(PoolPeer):
+    """A server that keeps every descriptor it is sent, answers with an
+    empty message, and never gives a lend back: a handler that kept a
+    request's buffer."""
+
+    def __init__(self, path: Path) -> None:
+        self.kept: list[int] = []
+        super().__init__(path)
+
+    def answer(self, peer: Peer, frame: Any, request: Any) -> None:
+        self.kept.extend(frame.fds)
+        peer.send(frame.stream_id, RESPONSE, 0, response_envelope(b''))
+
+    def close(self) -> None:
+        super().close()
+        for fd in self.kept:
+            os.close(fd)
+
+
+def test_a_buffer_the_peer_still_holds_when_the_connection_ends_is_never_written_again(
+        echo: Any, socket_dir: Path, own_pool: SegmentPool) -> None:
+    server = Keeper(socket_dir / 'k.ttrpc.sock')
+    try:
+        method = stub_methods(echo.Stub)['Inspect']
+        with SyncConnection.connect(server.path, shared_memory=OPTIONS) as connection:
+            buffer = SharedBuffer.allocate(MiB)
+            buffer.view()[:] = b'A' * MiB
+            connection.call(method, echo.pb.InspectRequest(data=buffer.ref), buffers=[buffer], timeout=LONG)
+            buffer.close()
+        for _ in range(3):  # the pool's next buffers of that size
+            with SharedBuffer.allocate(MiB) as again:
+                again.view()[:] = b'Z' * MiB
+        (kept,) = server.kept
+        assert os.pread(kept, MiB, 0) == b'A' * MiB
+        assert own_pool.stats['retired'] >= 1
+        assert own_pool.total_bytes == own_pool.free_bytes  # out of the accounts: nothing in use
+    finally:
+        server.close()
+
+
 # == forged input ================================================================================
 
 def test_a_release_of_segments_never_lent_closes_that_connection_and_the_server_serves_on(
@@ -571,6 +647,48 @@ def test_a_full_pool_never_waits_and_never_grows_past_its_bound() -> None:
     bigger = pool.acquire(1536 * KiB)
     assert bigger is not None and pool.stats['dropped'] >= 1 and pool.total_bytes <= 2 * MiB
     bigger.unuse()
+    pool.close()
+
+
+def test_a_pool_whose_last_free_segment_of_a_size_was_taken_again_still_makes_room_and_trims() -> None:
+    pool = SegmentPool(max_bytes=4 * MiB, idle_seconds=60.0)
+    small, one = pool.acquire(512 * KiB), pool.acquire(MiB)
+    assert small is not None and one is not None
+    small.unuse()
+    one.unuse()
+    assert pool.acquire(MiB) is one  # the only free segment of its size, taken again
+    # Room for 3 MiB is made by dropping the small one; the idle timer is set again.
+    big = pool.acquire(3 * MiB)
+    assert big is not None and small.fd == -1 and pool.total_bytes == 4 * MiB
+    pool.configure(4 * MiB, 4 * MiB, 30.0)
+    big.unuse()
+    one.unuse()
+    pool.trim()
+    assert pool.free_bytes == 4 * MiB
+    pool.close()
+    assert pool.total_bytes == 0
+
+
+def test_a_segment_kept_and_lent_on_every_new_connection_remembers_only_the_open_ones() -> None:
+    pool = SegmentPool()
+    segment = pool.acquire(MiB)
+    assert segment is not None
+    ended = []
+    for _ in range(100):  # connections that came and went, kept referenced
+        link = SegmentLink()
+        segment.use()
+        lend_id = link.lend(segment)
+        assert link.released(encode_release([lend_id])[HEADER.size:]) is None
+        link.close()
+        ended.append(link)
+    still_open = SegmentLink()
+    segment.use()
+    still_open.lend(segment)
+    assert len(segment.watchers) <= 8
+    segment.retire()
+    still_open.close()
+    segment.unuse()  # destroyed: the open one heard of it while it was open
+    assert segment.fd == -1 and pool.total_bytes == 0
     pool.close()
 
 

@@ -600,6 +600,17 @@ def test_shared_buffer_reaches_the_handler_as_a_mapping_of_the_senders_memfd(
         assert_mapped_from(result.reply, buffer, hashlib.sha256(data).digest(), shm_server)
 
 
+@pytest.mark.parametrize('layout, data', [
+    ('strided', numpy.zeros((4, 8), dtype=numpy.uint8)[:, ::2]),
+    ('Fortran-ordered', numpy.asfortranarray(numpy.zeros((4, 8), dtype=numpy.uint8))),
+], ids=['strided', 'fortran'])
+def test_a_buffer_that_is_not_c_contiguous_is_refused_naming_its_layout(layout: str, data: Any) -> None:
+    with pytest.raises(ValueError, match=f'needs a C-contiguous buffer, not a {layout} one'):
+        SharedBuffer.copy_from(data)
+    with SharedBuffer.copy_from(numpy.ascontiguousarray(data)) as buffer:  # what the message advises
+        assert buffer.size == data.nbytes
+
+
 @pytest.mark.parametrize('kind', CLIENT_KINDS)
 def test_every_client_passes_shared_buffers_without_a_copy(
         kind: str, echo: Any, shm_server: ServerProcess) -> None:

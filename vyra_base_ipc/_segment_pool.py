@@ -121,8 +121,15 @@ class Segment:
 
     def watch(self, watcher: Any) -> None:
         """Call ``watcher.forget(self.id)`` when the segment is destroyed
-        (unless ``watcher`` is gone by then)."""
-        self.watchers.append(weakref.ref(watcher))
+        (unless ``watcher`` is gone or closed by then)."""
+        with _lock:
+            watchers = self.watchers
+            if len(watchers) >= 8:
+                # A long-lived segment (a SharedBuffer kept and sent on every
+                # new connection) would keep one per connection ever made.
+                watchers[:] = [reference for reference in watchers
+                               if (alive := reference()) is not None and not alive.closed]
+            watchers.append(weakref.ref(watcher))
 
     def use(self) -> None:
         """One more user (a lend)."""
@@ -139,6 +146,16 @@ class Segment:
         if pool is not None and pool.put(self):
             return
         self.destroy()
+
+    def retire(self) -> None:
+        """Never reuse it: a receiver may still map it (the connection it
+        was lent on ended before the lend came back, so nobody will hear it
+        let go). It leaves its pool's accounts now and is destroyed when its
+        last user here lets go; the receiver's mapping keeps the memory."""
+        with _lock:
+            pool, self.pool = self.pool, None
+            if pool is not None:
+                pool.disown(self)
 
     @property
     def address(self) -> int:
@@ -264,7 +281,8 @@ class SegmentPool:
         oldest first (0: none is kept, every segment dies when returned).
     :ivar stats: counters: ``created``, ``reused``, ``exhausted`` (acquire
         found no room), ``dropped``, ``written`` (bytes the library copied
-        into segments).
+        into segments), ``retired`` (in use when the connection they were
+        lent on ended: destroyed once let go here, never reused).
     """
 
     def __init__(self, max_bytes: int = DEFAULT_POOL_BYTES, idle_seconds: float = DEFAULT_IDLE_SECONDS,
@@ -273,7 +291,7 @@ class SegmentPool:
         self.max_bytes = max_bytes
         self.idle_seconds = idle_seconds
         self.max_free_bytes = max_free_bytes
-        self.stats = {'created': 0, 'reused': 0, 'exhausted': 0, 'dropped': 0, 'written': 0}
+        self.stats = {'created': 0, 'reused': 0, 'exhausted': 0, 'dropped': 0, 'written': 0, 'retired': 0}
         self._clock = clock
         self._free: dict[int, list[Segment]] = {}
         #: Bytes of all its segments (free, in use, being made).
@@ -319,6 +337,8 @@ class SegmentPool:
             free = self._free.get(capacity)
             if free:
                 segment = free.pop()  # the last returned: its pages are likely in cache
+                if not free:  # (an empty list would be taken for a free segment's age)
+                    del self._free[capacity]
                 self._free_bytes -= capacity
                 segment.users = 1
                 self.stats['reused'] += 1
@@ -373,6 +393,12 @@ class SegmentPool:
                 self._schedule_trim()
         self._destroy(dropped)
         return True
+
+    def disown(self, segment: Segment) -> None:
+        """(lock held) Take a segment in use out of the accounts: it never
+        comes back (see :meth:`Segment.retire`)."""
+        self._bytes -= segment.capacity
+        self.stats['retired'] += 1
 
     def configure(self, max_bytes: int, max_free_bytes: int, idle_seconds: float) -> None:
         """Set the three limits (checked by the caller) and apply them to

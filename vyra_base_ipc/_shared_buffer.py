@@ -157,13 +157,13 @@ class SharedBuffer:
         memoryview, a C-contiguous NumPy array) into shared memory from the
         pool (see :meth:`allocate`); the buffer is frozen.
 
-        :raises TypeError: ``data`` does not expose a buffer.
-        :raises ValueError: ``data`` is not contiguous.
+        :raises TypeError, ValueError: ``data`` exposes no buffer, or one not C-contiguous.
         :raises SharedMemoryError: shared memory is unavailable here.
         """
         view = memoryview(data)
-        if not view.contiguous:
-            raise ValueError('SharedBuffer.copy_from() needs a contiguous buffer '
+        if not view.c_contiguous:
+            layout = 'a Fortran-ordered' if view.f_contiguous else 'a strided'
+            raise ValueError(f'SharedBuffer.copy_from() needs a C-contiguous buffer, not {layout} one '
                              '(for NumPy: numpy.ascontiguousarray())')
         reason = shared_memory_unavailable()
         if reason is not None:

@@ -7,7 +7,8 @@ connection; the receiving end maps the segment once and reuses the mapping
 for every later lend of it, and sends a RELEASE frame naming the lend once
 nothing of it is referenced any more. The owner does not write a segment
 before every lend of it came back; a connection that ends gives all its
-lends back at once.
+lends back at once, and retires the segments they were of (destroyed once
+nothing here uses them: never written again under a peer that kept a view).
 
 The descriptor travels with every lend (a ``dup`` and a few microseconds of
 ``SCM_RIGHTS`` next to a megabyte's copy): no end has to know what the other
@@ -177,6 +178,11 @@ class SegmentLink:
         self.stats = {'lent': 0, 'released': 0, 'mapped': 0, 'reused': 0, 'returned': 0}
 
     # -- this end's segments, lent --------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection ended (:meth:`close`)."""
+        return self._closed
 
     @property
     def outstanding(self) -> int:
@@ -482,7 +488,12 @@ class SegmentLink:
     def close(self) -> None:
         """The connection ended: give back every lend of this end (the peer
         is gone or will never release them), forget the peer's mappings
-        (views still referenced keep theirs), send nothing more. Idempotent."""
+        (views still referenced keep theirs), send nothing more. Idempotent.
+
+        A segment of this end's pool still lent is retired, not reused: the
+        peer may be alive and keep views of it (a client that disconnected
+        holding an answer, a handler that kept a request's buffer), which
+        must never change under it."""
         with self._lock:
             self._closed = True
             lent, self._lent = self._lent, {}
@@ -496,6 +507,8 @@ class SegmentLink:
         self._wake = None
         self._releases.clear()
         for backing in lent.values():
+            if isinstance(backing, Segment):
+                backing.retire()
             _give_back(backing)
         del mappings
 
