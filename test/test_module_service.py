@@ -9,6 +9,7 @@ from pathlib import Path
 import shutil
 import stat
 import subprocess
+import sys
 
 import grpc
 import pytest
@@ -216,9 +217,19 @@ class ArmModule(ModuleService):
     def explode(self, parameters: dict[str, str]) -> str:
         raise RuntimeError('boom')
 
+    @command('quit')
+    def quit(self, parameters: dict[str, str]) -> str:
+        sys.exit(0)  # would end the server's event loop if it left the call
+
+    @command('interrupt')
+    async def interrupt(self, parameters: dict[str, str]) -> str:
+        raise KeyboardInterrupt
+
     async def on_initialize(self, config: dict) -> None:
         if 'fail' in config:
             raise RuntimeError('refused')
+        if 'exit' in config:
+            sys.exit(5)
         self.applied = config
 
 
@@ -244,21 +255,27 @@ async def test_subclass_commands_registry_and_status_codes(socket_path: Path) ->
         assert await run('echo', txt='hi') == (INVALID_ARGUMENT, "echo: missing parameter 'text' (given: txt)")
         code, result = await run('explode')
         assert code == INTERNAL and 'boom' in result
+        # An exit is a failure of that command like any other; the server serves on.
+        assert await run('quit') == (INTERNAL, 'quit failed: SystemExit(0)')
+        assert await run('interrupt') == (INTERNAL, 'interrupt failed: KeyboardInterrupt()')
         assert await run('echo', text='hi') == (0, 'hi')
-        assert set(arm.commands) == {'echo', 'explode', 'home', 'move', 'ping', 'status'}
+        assert set(arm.commands) == {'echo', 'explode', 'home', 'interrupt', 'move', 'ping', 'quit', 'status'}
 
 
 @pytest.mark.asyncio
 async def test_failing_on_initialize_keeps_the_old_config(socket_path: Path, tmp_path: Path) -> None:
-    good, bad = tmp_path / 'good.yaml', tmp_path / 'bad.yaml'
+    good, bad, exits = tmp_path / 'good.yaml', tmp_path / 'bad.yaml', tmp_path / 'exits.yaml'
     good.write_text('a: 1\n')
     bad.write_text('fail: true\n')
+    exits.write_text('exit: true\n')
     arm = ArmModule(tmp_path)
     async with IPCServer(socket_path, servicers=[arm]), \
             IPCHandler(socket_path, pb_grpc.ModuleServiceStub) as ipc:
         assert (await ipc.call_method('Initialize', pb.InitRequest(config_path=str(good)))).success
         answer = await ipc.call_method('Initialize', pb.InitRequest(config_path=str(bad)))
+        exited = await ipc.call_method('Initialize', pb.InitRequest(config_path=str(exits)))
     assert not answer.success and 'refused' in answer.message
+    assert not exited.success and exited.message == 'on_initialize failed: SystemExit(5)'
     assert arm.config == {'a': 1} and arm.applied == {'a': 1}
 
 

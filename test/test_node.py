@@ -37,6 +37,7 @@ from vyra_base_ipc._socket_file import is_listening
 from vyra_base_ipc.node import (
     DECLARED_PARAMETERS,
     EXIT_BAD_PARAMETER,
+    EXIT_SERVER_FAILED,
     PARAMETERS,
     IPCServerHost,
     IPCServerNode,
@@ -172,7 +173,8 @@ def slow_call(start_process, ros_environ, test_protos_dir, echo, socket_dir: Pat
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize('stop_signal', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
+@pytest.mark.parametrize('stop_signal', [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=['SIGINT', 'SIGTERM', 'SIGHUP'])
 async def test_signal_during_inflight_call_exits_0_within_grace(
         slow_call, echo, stop_signal: signal.Signals) -> None:
     grace = 1.0
@@ -199,6 +201,23 @@ async def test_more_signals_during_shutdown_do_not_cut_it_short(slow_call, echo)
             await call
     assert status == 0, server.log()
     assert 'already stopping' in server.log()
+
+
+def test_signals_while_it_exits_never_kill_it(start_process, socket_dir: Path) -> None:
+    # The interpreter, as it exits, puts back the default handler (death) in
+    # place of a Python one: a second SIGTERM then killed a server that had
+    # stopped cleanly (status -15), e.g. from a supervisor that repeats it.
+    socket_path = socket_dir / 'late.sock'
+    server = start_process(ros_args('module_name:=late', f'socket_path:={socket_path}'))
+    server.wait_listening(socket_path)
+    server.signal(signal.SIGTERM)
+    wait_for(lambda: 'ipc_server stopped' in server.log(), 30, 'the server to stop')
+    deadline = time.monotonic() + 30
+    while server.running() and time.monotonic() < deadline:  # a signal every millisecond until it is gone
+        server.signal(signal.SIGTERM)
+        time.sleep(0.001)
+    assert server.wait(timeout=1) == 0, server.log()
+    assert not socket_path.exists()
 
 
 @pytest.mark.asyncio
@@ -458,6 +477,43 @@ def test_loop_thread_stop_does_not_wait_for_a_stuck_worker() -> None:
         assert not loop_thread.is_running
     finally:
         release.set()
+
+
+def test_a_loop_thread_ended_by_an_escaped_exit_says_so_and_refuses_work_instead_of_hanging(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def end_the_loop() -> None:
+        asyncio.get_running_loop().call_soon(sys.exit, 4)  # asyncio lets it out of the loop
+
+    loop_thread = EventLoopThread(name='ipc-test-ended')
+    loop_thread.start()
+    loop_thread.submit(end_the_loop())
+    wait_for(lambda: not loop_thread.is_running, 10, 'the loop to end')
+    assert isinstance(loop_thread.failure, SystemExit)
+    assert any(record.levelname == 'CRITICAL' and 'ipc-test-ended ended' in record.getMessage()
+               for record in caplog.records)
+
+    async def anything() -> None:
+        pass
+    with pytest.raises(RuntimeError, match=r'not running \(it ended: SystemExit\(4\)\)'):
+        loop_thread.run(anything(), timeout=None)  # would wait forever for a dead loop
+    loop_thread.stop(timeout=30)  # nothing to cancel: returns at once
+
+
+def test_ipc_server_exits_nonzero_when_its_event_loop_ends_under_it(
+        start_process, ros_environ, test_protos_dir, socket_dir: Path) -> None:
+    socket_path = socket_dir / 'ender.sock'
+    env = dict(ros_environ)
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(test_protos_dir), str(SERVERS),
+                                                      env.get('PYTHONPATH')]))
+    server = start_process(ros_args('module_name:=ender', f'socket_path:={socket_path}',
+                                    "servicers:=['exiting_server:LoopEnder']"), env=env)
+    server.wait_listening(socket_path)
+    with SyncIPCHandler(socket_path, module_grpc.ModuleServiceStub, timeout=10) as client:
+        answer = client.call_method('ExecuteCommand', module_pb.CommandRequest(command='end_loop'))
+    assert answer.result == 'ending the loop'
+    # Gone with a failure status (a launch file's respawn starts it anew), saying why.
+    assert server.wait(timeout=30) == EXIT_SERVER_FAILED, server.log()
+    assert "the IPC server's event loop ended (SystemExit(4))" in server.log()
 
 
 # -- in-process: parameters ---------------------------------------------------------

@@ -15,8 +15,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 import pytest
 
-from conftest import ServerProcess
+from conftest import LONG, ServerProcess, StartServer
 from vyra_base_ipc import (
+    IPCError,
     IPCHandler,
     IPCRemoteError,
     IPCServer,
@@ -295,3 +296,38 @@ async def test_live_fast_lane_socket_is_refused_and_nothing_is_left(socket_dir: 
         assert error.value.filename == str(fast)
         assert not (socket_dir / 'second.sock').exists()
         assert is_listening(fast)
+
+
+# == handlers that leave =========================================================================
+
+EXITS = {'exit': 'SystemExit', 'interrupt': 'KeyboardInterrupt'}
+
+
+@pytest.fixture(scope='module')
+def exiting_server(start_module_server: StartServer, module_socket_dir: Path) -> ServerProcess:
+    """test/servers/exiting_server.py: handlers that sys.exit() or raise KeyboardInterrupt when asked."""
+    return start_module_server(module_socket_dir / 'x.sock', script='exiting_server.py').wait_serving(ttrpc=True)
+
+
+@pytest.mark.parametrize('how', list(EXITS))
+@pytest.mark.parametrize('method', ['Echo', 'EchoSync', 'Count', 'Chat', 'ChatSync'])
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_a_handler_that_exits_fails_its_call_unknown_and_the_server_serves_on(
+        lane: str, method: str, how: str, exiting_server: ServerProcess, echo) -> None:
+    # grpc.aio catches only Exception from a handler: a sys.exit() let out of
+    # the handler's task would end the server's event loop, and every call
+    # after it would hang.
+    with SyncIPCHandler(exiting_server.socket_path, echo.Stub, lane=lane, timeout=LONG) as client:
+        with pytest.raises(IPCError) as failure:
+            if method.startswith('Echo'):
+                client.call_method(method, echo.pb.EchoRequest(text=how))
+            elif method == 'Count':
+                list(client.stream_method(method, echo.pb.CountRequest(count=-1 if how == 'exit' else -2)))
+            else:
+                list(client.stream_method(method, iter([echo.pb.EchoRequest(text=how)])))
+    assert failure.value.code == grpc.StatusCode.UNKNOWN
+    assert f"Unexpected <class '{EXITS[how]}'>" in failure.value.details
+    for other in ('grpc', 'ttrpc'):
+        with SyncIPCHandler(exiting_server.socket_path, echo.Stub, lane=other, timeout=LONG) as client:
+            assert client.call_method('Echo', echo.pb.EchoRequest(text='still here')).text == 'still here'
+    assert exiting_server.popen.poll() is None

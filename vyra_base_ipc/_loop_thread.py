@@ -40,6 +40,10 @@ class EventLoopThread:
     :param busy_poll: seconds the loop polls before it sleeps
         (:func:`~vyra_base_ipc.new_event_loop`); may be changed
         until :meth:`start`.
+    :ivar failure: what ended the loop before :meth:`stop`, if anything did:
+        asyncio lets ``SystemExit`` and ``KeyboardInterrupt`` out of a task
+        and out of the loop (logged as critical; the loop is then no longer
+        running); ``None`` otherwise.
     """
 
     def __init__(self, name: str = 'ipc-event-loop', busy_poll: float = DEFAULT_BUSY_POLL) -> None:
@@ -51,6 +55,7 @@ class EventLoopThread:
         self._started = threading.Event()
         self._lock = threading.Lock()
         self._stopped = False
+        self.failure: BaseException | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -58,14 +63,15 @@ class EventLoopThread:
 
         :raises RuntimeError: before :meth:`start` or after :meth:`stop`.
         """
-        if self._loop is None or self._stopped:
-            raise RuntimeError(f'event loop thread {self.name!r} is not running')
+        if self._loop is None or self._stopped or self.failure is not None:
+            ended = f' (it ended: {self.failure!r})' if self.failure is not None else ''
+            raise RuntimeError(f'event loop thread {self.name!r} is not running{ended}')
         return self._loop
 
     @property
     def is_running(self) -> bool:
-        """Whether the loop runs: started and not stopped."""
-        return self._loop is not None and not self._stopped
+        """Whether the loop runs: started, not stopped, not ended by a :attr:`failure`."""
+        return self._loop is not None and not self._stopped and self.failure is None
 
     def in_loop_thread(self) -> bool:
         """Whether the caller runs on this loop's thread."""
@@ -149,6 +155,12 @@ class EventLoopThread:
             loop, thread, workers = self._loop, self._thread, self._workers
         if loop is None or thread is None:
             return
+        if self.failure is not None:  # nothing runs its tasks any more: nothing to wait for
+            thread.join(timeout)
+            if workers is not None:
+                workers.shutdown(wait=False, cancel_futures=True)
+            loop.close()
+            return
         try:
             asyncio.run_coroutine_threadsafe(_cancel_all(timeout), loop).result(timeout + 1.0)
         except (futures.TimeoutError, futures.CancelledError, RuntimeError):
@@ -176,6 +188,12 @@ class EventLoopThread:
         self._loop.call_soon(self._started.set)
         try:
             self._loop.run_forever()
+        except BaseException as error:
+            # Said here: a thread's SystemExit ends it without a word, and
+            # everything the loop served would hang unexplained.
+            self.failure = error
+            _logger.critical('event loop thread %s ended: %r escaped a task', self.name, error,
+                             exc_info=error)
         finally:
             try:
                 self._loop.run_until_complete(self._loop.shutdown_asyncgens())

@@ -1,10 +1,17 @@
-"""Requests that cannot be decoded are answered INVALID_ARGUMENT.
+"""The gRPC lane's handlers guarded against undecodable requests and exits.
 
 grpc.aio lets a deserializer's exception escape: the caller gets UNKNOWN
 ("Unexpected <class 'DecodeError'>") and the server logs a traceback for every
 such request. Here each handler of a registered service gets a deserializer
 that never raises and a guard that aborts with INVALID_ARGUMENT, naming the
 method and message type, before the user's handler could see the request.
+
+grpc.aio catches only ``Exception`` from a handler: a ``SystemExit`` (a
+``sys.exit()`` in a command) or ``KeyboardInterrupt`` leaves its task and
+ends the server's event loop, silently, and every call after it hangs. The
+guard answers such a call UNKNOWN like any other exception, in grpc.aio's
+words, logs it, and the server serves on (the fast lane does the same).
+
 Each handler keeps its shape (``def``, ``async def``, generators) so that
 grpc.aio still runs ``def`` handlers in its thread pool.
 """
@@ -12,11 +19,17 @@ grpc.aio still runs ``def`` handlers in its thread pool.
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
 import grpc
 
-__all__ = ['guard_handlers']
+__all__ = ['HANDLER_EXITS', 'guard_handlers']
+
+#: What a handler may raise that asyncio does not keep inside its task.
+HANDLER_EXITS = (SystemExit, KeyboardInterrupt)
+
+_logger = logging.getLogger(__name__)
 
 _FACTORIES = {
     (False, False): grpc.unary_unary_rpc_method_handler,
@@ -37,19 +50,62 @@ class _Undecodable:
 
 def guard_handlers(service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
                    ) -> dict[str, grpc.RpcMethodHandler]:
-    """Return ``handlers`` with decoding failures answered INVALID_ARGUMENT."""
+    """Return ``handlers`` with decoding failures answered INVALID_ARGUMENT
+    and exits (:data:`HANDLER_EXITS`) answered UNKNOWN."""
     return {name: _guard(f'/{service}/{name}', handler) for name, handler in handlers.items()}
 
 
 def _guard(path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     deserialize = handler.request_deserializer
-    if deserialize is None:
-        return handler
     streaming = (handler.request_streaming, handler.response_streaming)
-    behaviour = getattr(handler, _FACTORIES[streaming].__name__.replace('_rpc_method_handler', ''))
-    guarded = (_guard_streaming_requests if handler.request_streaming else _guard_request)(behaviour)
-    return _FACTORIES[streaming](guarded, request_deserializer=_tolerant(path, deserialize),
+    behaviour = _guard_exits(path, getattr(handler, _FACTORIES[streaming].__name__.replace(
+        '_rpc_method_handler', '')), handler.response_streaming)
+    if deserialize is not None:
+        behaviour = (_guard_streaming_requests if handler.request_streaming else _guard_request)(behaviour)
+        deserialize = _tolerant(path, deserialize)
+    return _FACTORIES[streaming](behaviour, request_deserializer=deserialize,
                                  response_serializer=handler.response_serializer)
+
+
+def _exited(path: str, error: BaseException) -> str:
+    """Log a handler's exit; the details grpc.aio gives an exception."""
+    _logger.error('Unexpected [%s] raised by servicer method [%s]', type(error).__name__, path,
+                  exc_info=error)
+    return f'Unexpected {type(error)}: {error}'
+
+
+def _guard_exits(path: str, behaviour: Callable[..., Any], response_streaming: bool) -> Callable[..., Any]:
+    if inspect.isasyncgenfunction(behaviour):
+        async def guarded_stream(argument: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for response in behaviour(argument, context):
+                    yield response
+            except HANDLER_EXITS as error:
+                await context.abort(grpc.StatusCode.UNKNOWN, _exited(path, error))
+        return guarded_stream
+    if inspect.iscoroutinefunction(behaviour):
+        async def guarded(argument: Any, context: Any) -> Any:
+            try:
+                return await behaviour(argument, context)
+            except HANDLER_EXITS as error:
+                await context.abort(grpc.StatusCode.UNKNOWN, _exited(path, error))
+        return guarded
+    if response_streaming:  # a generator, or a def returning an iterator
+        def guarded_sync_stream(argument: Any, context: Any) -> Iterator[Any]:
+            try:
+                responses = behaviour(argument, context)
+                if responses is not None:
+                    yield from responses
+            except HANDLER_EXITS as error:
+                context.abort(grpc.StatusCode.UNKNOWN, _exited(path, error))
+        return guarded_sync_stream
+
+    def guarded_sync(argument: Any, context: Any) -> Any:
+        try:
+            return behaviour(argument, context)
+        except HANDLER_EXITS as error:
+            context.abort(grpc.StatusCode.UNKNOWN, _exited(path, error))
+    return guarded_sync
 
 
 def _tolerant(path: str, deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:

@@ -31,7 +31,7 @@ import resource
 import signal
 import sys
 import threading
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from rcl_interfaces.msg import SetParametersResult
 import rclpy
@@ -65,6 +65,7 @@ from .server import IPCServer
 __all__ = [
     'DECLARED_PARAMETERS',
     'EXIT_BAD_PARAMETER',
+    'EXIT_SERVER_FAILED',
     'IPCServerConfig',
     'IPCServerHost',
     'IPCServerNode',
@@ -86,6 +87,9 @@ _InvalidHandle = rclpy_implementation.InvalidHandle
 
 #: Exit status of ``ipc_server`` when a parameter is unusable.
 EXIT_BAD_PARAMETER = 2
+#: Exit status of ``ipc_server`` when its server's event loop ended under it
+#: (something let ``SystemExit`` or ``KeyboardInterrupt`` out of a task).
+EXIT_SERVER_FAILED = 1
 
 #: How long stopping may take beyond the grace period (cancelled handlers
 #: unwinding, the loop thread ending) before the host gives up waiting.
@@ -387,10 +391,11 @@ class IPCServerNode(Node):
 _SPIN_POLL = 0.25
 
 
-def spin_until_shutdown(executor: Executor, *, poll: float = _SPIN_POLL) -> None:
+def spin_until_shutdown(executor: Executor, *, poll: float = _SPIN_POLL,
+                        alive: Callable[[], bool] | None = None) -> None:
     """Run ``executor`` until its context shuts down (SIGINT/SIGTERM under
-    rclpy's signal handlers, or ``rclpy.shutdown()``); returns within ``poll``
-    seconds of the shutdown.
+    rclpy's signal handlers, or ``rclpy.shutdown()``), or ``alive()`` is
+    false (checked as often); returns within ``poll`` seconds of either.
 
     ``executor.spin()`` can miss it: rclpy wakes executors before it shuts the
     context down, and an executor that wakes in between goes back to waiting,
@@ -398,20 +403,22 @@ def spin_until_shutdown(executor: Executor, *, poll: float = _SPIN_POLL) -> None
     unanswered until the next signal).
     """
     context = executor.context
-    while context.ok():
+    while context.ok() and (alive is None or alive()):
         executor.spin_once(timeout_sec=poll)
 
 
 def main(args: Sequence[str] | None = None) -> int:
-    """Run ``ipc_server`` until SIGINT, SIGTERM or ROS shutdown.
+    """Run ``ipc_server`` until SIGINT, SIGTERM, SIGHUP or ROS shutdown.
 
     Then stops the server within the grace period, removes its socket and
-    returns 0; further signals meanwhile are logged and ignored. An unusable
-    parameter is logged, naming the parameter, and gives
-    :data:`EXIT_BAD_PARAMETER`.
+    returns 0; further signals meanwhile are logged and ignored, and once it
+    returns they are ignored. An unusable parameter is logged, naming the
+    parameter, and gives :data:`EXIT_BAD_PARAMETER`; a server whose event
+    loop ended under it (see :attr:`EventLoopThread.failure`) is logged as
+    fatal and gives :data:`EXIT_SERVER_FAILED`.
 
-    A process's entry point: it installs SIGINT/SIGTERM handlers for the rest
-    of the process's life (rclpy's own handlers chain to them).
+    A process's entry point: it installs SIGINT/SIGTERM/SIGHUP handlers for
+    the rest of the process's life (rclpy's own handlers chain to them).
     """
     # Like rcutils' console format, with wall-clock time for the shutdown steps.
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -442,7 +449,12 @@ def main(args: Sequence[str] | None = None) -> int:
         node = IPCServerNode()
         executor.add_node(node)
         node.start()
-        spin_until_shutdown(executor)
+        loop_thread = node.host.loop_thread
+        spin_until_shutdown(executor, alive=lambda: loop_thread.failure is None and not stop_signals.received)
+        if loop_thread.failure is not None:
+            # Exit, so that a launch file's respawn (or the supervisor) starts it anew.
+            node.get_logger().fatal(f"the IPC server's event loop ended ({loop_thread.failure!r}): exiting")
+            status = EXIT_SERVER_FAILED
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except ParameterError as error:
@@ -462,27 +474,39 @@ def main(args: Sequence[str] | None = None) -> int:
             node.destroy_node()
         rclpy.try_shutdown()
         _logger.info('ipc_server stopped')
-    # The stop-signal handlers stay: a late signal must not kill the exiting process.
+    # A late signal must not kill the exiting process.
+    stop_signals.ignore()
     _exit_now_if_handlers_remain(status)
     return status
 
 
 class _StopSignals:
-    """Python-level SIGINT/SIGTERM handlers installed *before* rclpy's.
+    """Python-level SIGINT/SIGTERM/SIGHUP handlers installed *before* rclpy's.
 
     rclpy's handlers shut the context down (which ends spin()) and then call
     the handler they replaced. Replacing Python's default ones (KeyboardInterrupt
-    for SIGINT, death for SIGTERM) with these means a signal never interrupts
-    the shutdown path half-way, however many arrive; after rclpy removes its
-    handlers these ones are back in place until the process exits.
+    for SIGINT, death for SIGTERM and SIGHUP) with these means a signal never
+    interrupts the shutdown path half-way, however many arrive; after rclpy
+    removes its handlers these ones are back in place until :meth:`ignore`.
+    rclpy does not handle SIGHUP (the terminal closed): spinning ends on any
+    signal received (:func:`main`), so it stops the server the same way.
     """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.received: list[str] = []
 
     def install(self) -> None:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in self.SIGNALS:
             signal.signal(signum, self._handle)
+
+    def ignore(self) -> None:
+        """Ignore the stop signals from now on: the interpreter, as it exits,
+        puts back the default handler (death) in place of a Python one, and
+        a second SIGTERM then would kill a process that stopped cleanly."""
+        for signum in self.SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
     def _handle(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name

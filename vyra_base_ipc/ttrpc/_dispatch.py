@@ -114,6 +114,12 @@ def _identity(value: Any) -> Any:
     return value
 
 
+#: What a handler may raise to fail its call: any exception, and the exits
+#: (``sys.exit()``, KeyboardInterrupt) that would otherwise leave the task and
+#: end the server's event loop; the call is answered UNKNOWN, the server serves on.
+_HANDLER_FAILURES = (Exception, SystemExit, KeyboardInterrupt)
+
+
 def _unexpected(error: BaseException, path: str) -> tuple[int, str]:
     # The same status and wording as grpc.aio for an exception in a handler.
     _logger.error('Unexpected [%s] raised by servicer method [%s]', type(error).__name__, path,
@@ -306,7 +312,7 @@ class Call:
             if not self.finished:  # the handler cancelled itself; we did not
                 self.answer(number(grpc.StatusCode.CANCELLED), 'Cancelled')
             raise
-        except Exception as error:
+        except _HANDLER_FAILURES as error:
             if not self.finished:
                 self.answer(*_error_status(self.context, error, self.handler.path))
             return
@@ -340,7 +346,7 @@ class Call:
             return self._answer_for(handler.function(argument, context))
         except _CallEnded:
             return None
-        except Exception as error:
+        except _HANDLER_FAILURES as error:
             code, details = _error_status(context, error, handler.path)
             return code, details, b''
 
