@@ -74,6 +74,20 @@ def test_unknown_command_is_not_found_and_the_server_keeps_serving(module: SyncI
     assert execute(module, 'ping').result == 'pong'
 
 
+def test_an_answer_quotes_at_most_the_start_of_a_long_name_from_the_caller(module: SyncIPCHandler) -> None:
+    name = 'x' * 1_000_000
+    answer = execute(module, name)
+    assert answer.status_code == NOT_FOUND
+    assert answer.result.startswith(f"unknown command {'x' * 120!r}… (1000000 characters); available: ")
+    with pytest.raises(IPCRemoteError) as error:
+        module.call_method('GetData', pb.DataRequest(key=name))
+    assert error.value.code is grpc.StatusCode.NOT_FOUND and '(1000000 characters)' in error.value.details
+    answer = module.call_method('Initialize', pb.InitRequest(config_path='/' + name))
+    assert not answer.success and answer.message.endswith('(1000001 characters) is longer than any path may be')
+    for reply in (answer.message, error.value.details):
+        assert len(reply) < 1000
+
+
 def test_initialize_loads_yaml_and_get_data_returns_it(module: SyncIPCHandler, tmp_path: Path) -> None:
     config = tmp_path / 'module.yaml'
     config.write_text('speed: 0.5\njoints: [a, b]\n')
@@ -253,6 +267,9 @@ async def test_subclass_commands_registry_and_status_codes(socket_path: Path) ->
         # async (move) and def (echo) handlers alike.
         assert await run('move') == (INVALID_ARGUMENT, "move: missing parameter 'x' (given: none)")
         assert await run('echo', txt='hi') == (INVALID_ARGUMENT, "echo: missing parameter 'text' (given: txt)")
+        code, result = await run('echo', **{f'p{index:02}': '' for index in range(30)})
+        first = ', '.join(f'p{index:02}' for index in range(20))
+        assert result == f"echo: missing parameter 'text' (given: {first} and 10 more)"
         code, result = await run('explode')
         assert code == INTERNAL and 'boom' in result
         # An exit is a failure of that command like any other; the server serves on.

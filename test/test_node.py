@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 import uuid
 
 import pytest
+from rcl_interfaces.msg import SetParametersResult
 import rclpy
 from rclpy.context import Context
 from rclpy.node import Node
@@ -547,6 +548,26 @@ def test_grace_period_changes_at_runtime_but_socket_path_does_not(context: Conte
         results = node.set_parameters([Parameter('socket_path', value='/tmp/other.sock')])
         assert not results[0].successful and 'read-only' in results[0].reason
     finally:
+        node.destroy_node()
+
+
+def test_a_grace_period_change_that_the_hosting_node_refuses_changes_nothing(context: Context) -> None:
+    # The node's own check runs after the host's (rclpy calls the last added
+    # first): a set it refuses as a whole must leave the host's grace alone.
+    node = Node('arm', context=context)
+    node.declare_parameter('speed', 1.0)
+    node.add_on_set_parameters_callback(lambda parameters: SetParametersResult(
+        successful=all(p.name != 'speed' or p.value <= 10 for p in parameters), reason='speed too high'))
+    host = IPCServerHost(node, module_name='arm')
+    try:
+        result = node.set_parameters_atomically([Parameter('grace_period', value=0.5),
+                                                 Parameter('speed', value=99.0)])
+        assert not result.successful and result.reason == 'speed too high'
+        assert node.get_parameter('grace_period').value == host.grace_period == 5.0
+        assert node.set_parameters_atomically([Parameter('grace_period', value=0.5)]).successful
+        assert host.grace_period == 0.5
+    finally:
+        host.close()
         node.destroy_node()
 
 

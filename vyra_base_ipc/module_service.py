@@ -184,7 +184,7 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
         if handler is None:
             return pb.CommandResponse(
                 status_code=_status_code(grpc.StatusCode.NOT_FOUND),
-                result=f'unknown command {request.command!r}; available: {", ".join(self.commands)}')
+                result=f'unknown command {_shown(request.command)}; available: {", ".join(self.commands)}')
         try:
             result = await _run(handler, _Parameters(request.parameters))
         except MissingParameter as error:
@@ -210,7 +210,7 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
         if provider is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f'no data item {request.key!r}; available: {", ".join(sorted(self._data))}')
+                f'no data item {_shown(request.key)}; available: {", ".join(sorted(self._data))}')
         value = provider()
         if inspect.isawaitable(value):
             value = await value
@@ -239,8 +239,30 @@ class _Parameters(dict[str, str]):
     :class:`MissingParameter`, naming it and those given."""
 
     def __missing__(self, key: str) -> str:
-        given = ', '.join(sorted(self)) or 'none'
-        raise MissingParameter(f'missing parameter {key!r} (given: {given})')
+        names = sorted(self)
+        given = ', '.join(names[:_NAMES_SHOWN]) + (f' and {len(names) - _NAMES_SHOWN} more'
+                                                   if len(names) > _NAMES_SHOWN else '')
+        raise MissingParameter(f'missing parameter {key!r} (given: {_cut(given) or "none"})')
+
+
+#: Characters of a caller's string an answer quotes at most, and names it lists:
+#: a request may carry megabytes of them, and its answer must not.
+_CHARACTERS_SHOWN = 120
+_NAMES_SHOWN = 20
+
+
+def _cut(text: str) -> str:
+    """``text``, cut to :data:`_CHARACTERS_SHOWN` characters with a note of its length."""
+    if len(text) <= _CHARACTERS_SHOWN:
+        return text
+    return f'{text[:_CHARACTERS_SHOWN]}… ({len(text)} characters)'
+
+
+def _shown(text: str) -> str:
+    """A caller's string quoted for an answer, cut as :func:`_cut` does."""
+    if len(text) <= _CHARACTERS_SHOWN:
+        return repr(text)
+    return f'{text[:_CHARACTERS_SHOWN]!r}… ({len(text)} characters)'
 
 
 async def _run(handler: CommandHandler, parameters: dict[str, str]) -> str:
@@ -269,6 +291,8 @@ def _open_config(config_path: str, allowed: tuple[Path, ...], limit: int) -> tup
     """
     if not config_path.strip():
         raise ValueError('config_path is empty')
+    if len(config_path) > os.pathconf('/', 'PC_PATH_MAX'):
+        raise ValueError(f'config_path {_shown(config_path)} is longer than any path may be')
     path = Path(config_path)
     if not path.is_absolute():
         raise ValueError(f'config_path {config_path!r} is relative; give an absolute path')

@@ -147,7 +147,10 @@ class IPCServerHost:
         grace = parameter_value(node, 'grace_period')
         if isinstance(grace, float):
             self._grace_period = grace
-        node.add_on_set_parameters_callback(self._on_set_parameters)
+        node.add_on_set_parameters_callback(self._check_parameters)
+        # Taken once the change is made: another check (the hosting node's
+        # own) may still refuse the whole set after this one accepted it.
+        node.add_post_set_parameters_callback(self._parameters_set)
         self.loop_thread = EventLoopThread(name=f'ipc-{node.get_name()}')
         self.config: IPCServerConfig | None = None
         self.server: IPCServer | None = None
@@ -306,7 +309,7 @@ class IPCServerHost:
         except RuntimeError as error:  # the loop is already gone
             _logger.warning('IPC server on %s could not be stopped: %s', server.socket_path, error)
 
-    def _on_set_parameters(self, parameters: list[Parameter[Any]]) -> SetParametersResult:
+    def _check_parameters(self, parameters: list[Parameter[Any]]) -> SetParametersResult:
         for parameter in parameters:
             if parameter.name != 'grace_period':
                 continue
@@ -315,8 +318,12 @@ class IPCServerHost:
                 return SetParametersResult(
                     successful=False, reason=f'grace_period must be a finite number of seconds >= 0 '
                                              f'and at most {MAX_SECONDS:g}, not {value!r}')
-            self._grace_period = value
         return SetParametersResult(successful=True)
+
+    def _parameters_set(self, parameters: list[Parameter[Any]]) -> None:
+        for parameter in parameters:
+            if parameter.name == 'grace_period':
+                self._grace_period = parameter.value
 
 
 def host_ipc_server(node: Node, servicers: Iterable[Any] = (), *, module_name: str = '') -> IPCServerHost:
