@@ -10,6 +10,8 @@ process's): every message type it handles comes from server reflection.
 from __future__ import annotations
 
 import ast
+import base64
+from concurrent import futures
 import importlib
 import json
 import os
@@ -22,6 +24,9 @@ import sys
 import time
 from typing import Any, Iterator
 
+from google.protobuf import descriptor_pb2
+import grpc
+from grpc_reflection.v1alpha import reflection_pb2
 import pytest
 
 from conftest import ServerProcess, StartServer, make_stale_socket
@@ -296,6 +301,70 @@ def test_no_command_waits_for_a_server_that_never_answers(silent: Path, verb: tu
     line = fails(1, verb[0], str(silent), *verb[1:], '--timeout', '1')
     assert line.startswith(('vyra-ipc: DEADLINE_EXCEEDED: ', 'vyra-ipc: UNAVAILABLE: ')), line
     assert str(silent) in line
+
+
+def test_call_takes_messages_as_large_as_the_server_allows_when_told(
+        start_server: StartServer, socket_dir: Path, tmp_path: Path) -> None:
+    path = socket_dir / 'large_ipc.sock'
+    start_server(path, '--max-message-bytes', str(24 << 20), wait=False).wait_serving(ttrpc=True)
+    payload = os.urandom(17 << 20)  # beyond the 16 MiB a client allows by default
+    request = tmp_path / 'large.json'
+    request.write_text(json.dumps({'payload': base64.b64encode(payload).decode()}))
+    echo = 'vyra.ipc.test.EchoService/Echo'
+    line = fails(1, 'call', str(path), echo, f'@{request}', '--lane', 'grpc')
+    assert line.startswith('vyra-ipc: RESOURCE_EXHAUSTED: the request is 17825797 bytes, over '
+                           'max_message_bytes (16777216)'), line
+    for lane in ('grpc', 'ttrpc'):
+        answer = json.loads(ok('call', str(path), echo, f'@{request}', '--lane', lane,
+                               '--max-message-bytes', str(24 << 20)))
+        assert base64.b64decode(answer['payload']) == payload
+    assert 'must be a number of bytes from 1 to 2147483647' in cli('call', str(path), echo,
+                                                                 '--max-message-bytes', '0').stderr
+
+
+def _descriptor_of(kind: str) -> bytes:
+    """What a broken server sends as the file of service x.Y."""
+    if kind == 'garbage':
+        return b'\xff\xff\xff not a FileDescriptorProto'
+    file = descriptor_pb2.FileDescriptorProto(name='broken.proto', package='x', dependency=['missing.proto'])
+    file.message_type.add(name='Request').field.add(name='part', number=1, type=11, label=1,
+                                                    type_name='.elsewhere.Missing')
+    file.service.add(name='Y').method.add(name='M', input_type='.x.Request', output_type='.x.Request')
+    return file.SerializeToString()
+
+
+@pytest.fixture(params=['garbage', 'missing-dependency'])
+def misdescribed(request: pytest.FixtureRequest, socket_dir: Path) -> Iterator[tuple[Path, str]]:
+    """A gRPC server (in this process) whose reflection lists service x.Y,
+    then describes it with a file that does not parse, or that needs a file
+    it never sends; with the error protobuf then raises."""
+    def reflect(requests: Any, context: Any) -> Iterator[Any]:
+        for asked in requests:
+            answer = reflection_pb2.ServerReflectionResponse(original_request=asked)
+            if asked.HasField('list_services'):
+                answer.list_services_response.service.add(name='x.Y')
+            else:
+                answer.file_descriptor_response.file_descriptor_proto.append(_descriptor_of(request.param))
+            yield answer
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        'grpc.reflection.v1alpha.ServerReflection', {'ServerReflectionInfo': grpc.stream_stream_rpc_method_handler(
+            reflect, reflection_pb2.ServerReflectionRequest.FromString,
+            reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
+    path = socket_dir / 'broken_ipc.sock'
+    server.add_insecure_port(f'unix:{path}')
+    server.start()
+    yield path, 'DecodeError' if request.param == 'garbage' else 'TypeError'
+    server.stop(None)
+
+
+def test_a_server_describing_itself_with_unusable_descriptors_is_named_without_a_traceback(
+        misdescribed: tuple[Path, str]) -> None:
+    path, error = misdescribed
+    for verb in (('describe',), ('describe', 'x.Y'), ('call', 'x.Y/M', '{}')):
+        line = fails(1, verb[0], str(path), *verb[1:], '--timeout', '10')
+        assert line.startswith('vyra-ipc: INTERNAL: the server described x.Y with descriptors that cannot be '
+                               f'used (server reflection): {error}: '), line
 
 
 # -- health, ping, stats --------------------------------------------------------------

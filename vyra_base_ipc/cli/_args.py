@@ -12,7 +12,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Callable, Sequence, TextIO
 
-from .._options import DEFAULT_TIMEOUT, MAX_SECONDS
+from .._options import DEFAULT_TIMEOUT, MAX_SECONDS, validate_max_message_bytes
 from ..ttrpc._messages import checked_metadata
 
 __all__ = ['EXIT_FAILED', 'EXIT_OK', 'EXIT_USAGE', 'TARGET_HELP', 'UsageError', 'Verb', 'add_json',
@@ -91,6 +91,15 @@ def positive_seconds(text: str) -> float:
     if value == 0:
         raise argparse.ArgumentTypeError('must be more than 0 seconds')
     return value
+
+
+def message_bytes(text: str) -> int:
+    """``--max-message-bytes``: a number of bytes from 1 to 2**31 - 1, as servers allow."""
+    try:
+        return validate_max_message_bytes(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f'must be a number of bytes from 1 to 2147483647, not {text!r}') from None
 
 
 def parse_metadata(items: Sequence[str]) -> tuple[tuple[str, str], ...]:

@@ -9,8 +9,8 @@ from pathlib import Path
 import sys
 from typing import TextIO
 
-from .._options import DEFAULT_TIMEOUT
-from ._args import EXIT_OK, UsageError, Verb, add_lane, add_target, parse_metadata
+from .._options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT
+from ._args import EXIT_OK, UsageError, Verb, add_lane, add_target, message_bytes, parse_metadata
 from ._messages import parse_request, stub_class, to_json
 from ._targets import client, reflection, resolve_target
 
@@ -25,6 +25,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                              'a list of requests for methods that stream them')
     parser.add_argument('--metadata', '-m', action='append', default=[], metavar='KEY=VALUE',
                         help='call metadata (repeatable)')
+    parser.add_argument('--max-message-bytes', type=message_bytes, default=DEFAULT_MAX_MESSAGE_BYTES,
+                        metavar='N', help='largest message sent or accepted (default 16 MiB, as servers '
+                                          "have it; a server's max_message_bytes parameter may allow more)")
     add_lane(parser, streams=True)
 
 
@@ -63,7 +66,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     if args.timeout == 0 and not method.server_streaming:
         raise UsageError(f'--timeout 0 (no deadline) is only for methods that stream their answers; '
                          f'{method.name} answers once')
-    with client(path, stub, args.lane, timeout) as handler:
+    with client(path, stub, args.lane, timeout, args.max_message_bytes) as handler:
         if method.server_streaming:
             for response in handler.stream_method(method.name, request, timeout=args.timeout or None,
                                                   metadata=metadata):

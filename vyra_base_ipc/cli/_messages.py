@@ -8,12 +8,13 @@ from typing import Any
 
 from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor import Descriptor, MethodDescriptor, ServiceDescriptor
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 import grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 import yaml
 
 from .._methods import MethodKind
+from ..exceptions import IPCError
 
 __all__ = ['SHAPES', 'Reflection', 'kind_of', 'message_class', 'parse_request', 'stub_class', 'to_json']
 
@@ -29,7 +30,9 @@ SHAPES = {
 class Reflection:
     """The services and messages a server describes through reflection (on
     its gRPC lane). Lookups call the server; they raise ``grpc.RpcError``
-    when it fails."""
+    when it fails, and :class:`~vyra_base_ipc.IPCError` (INTERNAL) when it
+    answers with descriptors that do not parse or do not build (a broken or
+    hostile server: protobuf raises DecodeError or TypeError)."""
 
     def __init__(self, channel: grpc.Channel) -> None:
         self._database = ProtoReflectionDescriptorDatabase(channel)
@@ -49,7 +52,10 @@ class Reflection:
         """
         if name not in self.services():
             raise LookupError(f'the server has no service {name!r}; it has: {", ".join(self.services())}')
-        return self.pool.FindServiceByName(name)
+        try:
+            return self.pool.FindServiceByName(name)
+        except (DecodeError, TypeError) as error:
+            raise _unusable(name, error) from None
 
     def method(self, path: str) -> MethodDescriptor:
         """The method ``Service/Method`` (or ``Service.Method``, with or without a leading ``/``).
@@ -70,6 +76,15 @@ class Reflection:
             return self.pool.FindMessageTypeByName(name)
         except KeyError:
             return None
+        except (DecodeError, TypeError) as error:
+            raise _unusable(name, error) from None
+
+
+def _unusable(name: str, error: Exception) -> IPCError:
+    details = ' '.join(str(error).split())[:300]
+    return IPCError(grpc.StatusCode.INTERNAL,
+                    f'the server described {name} with descriptors that cannot be used '
+                    f'(server reflection): {type(error).__name__}: {details}')
 
 
 def message_class(descriptor: Descriptor) -> type[Message]:

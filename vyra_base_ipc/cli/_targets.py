@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 import grpc
 
 from .. import SyncIPCHandler
+from .._options import DEFAULT_MAX_MESSAGE_BYTES
 from ..address import grpc_target, resolve_socket_path
 from ..exceptions import IPCError, IPCUnavailableError, error_from_status, nobody_listening, socket_missing
 from ._messages import Reflection
@@ -72,11 +73,12 @@ def check_reachable(path: Path) -> None:
                                       f'cannot connect to {str(path)!r}: {error.strerror}') from None
 
 
-def client(path: Path, stub: type, lane: str, timeout: float) -> SyncIPCHandler:
+def client(path: Path, stub: type, lane: str, timeout: float,
+           max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> SyncIPCHandler:
     """A client of the server at ``path`` on ``lane`` for ``stub``'s methods,
     after :func:`check_reachable`; ``timeout`` (> 0) is its calls' deadline."""
     check_reachable(path)
-    return SyncIPCHandler(path, stub, lane=lane, timeout=timeout)
+    return SyncIPCHandler(path, stub, lane=lane, timeout=timeout, max_message_bytes=max_message_bytes)
 
 
 class _CallDetails(NamedTuple):
