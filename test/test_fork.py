@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from conftest import ServerProcess
-from vyra_base_ipc import IPCHandler, IPCServer, SharedBuffer, SyncIPCHandler
+from vyra_base_ipc import ForkedProcessError, IPCHandler, IPCServer, SharedBuffer, SyncIPCHandler
 
 pytestmark = pytest.mark.fault
 
@@ -108,3 +108,42 @@ def test_a_forked_child_names_its_buffers_apart_from_its_parent() -> None:
     code, child_handles = in_child(handles)
     assert code == 0, child_handles
     assert set(map(int, child_handles.strip('[]').split(', '))).isdisjoint(handles())
+
+
+def test_a_pooled_buffer_inherited_through_fork_is_refused_and_the_parents_free_segments_are_closed() -> None:
+    # The parent writes a pooled segment again once it lets go of it, and a
+    # child's write would land in the parent's buffer: neither may happen
+    # silently. The child's copies of the parent's free segments (descriptors,
+    # mappings) are closed at once.
+    from vyra_base_ipc._segment_pool import segment_pool
+
+    frame = SharedBuffer.allocate(1 << 20)
+    frame.view()[:4] = b'PPPP'
+    with SharedBuffer.allocate(2 << 20):  # returned at once: a free segment of the parent
+        pass
+    free = [(segment.fd, segment.key) for segments in segment_pool()._free.values() for segment in segments]
+    assert free
+
+    def memfd_of(fd: int) -> tuple[int, int] | None:
+        try:
+            status = os.fstat(fd)
+        except OSError:
+            return None
+        return status.st_dev, status.st_ino
+
+    def in_the_child() -> str:
+        still_open = [fd for fd, key in free if memfd_of(fd) == key]
+        try:
+            frame.view()[:4] = b'CHLD'
+        except ForkedProcessError as error:
+            frame.close()  # allowed: this process's descriptor only
+            with SharedBuffer.allocate(1 << 20) as own:  # its own pool works
+                own.view()[:4] = b'MINE'
+            return f'{still_open} {error}'
+        return 'written'
+
+    code, said = in_child(in_the_child)
+    assert code == 0, said
+    assert said.startswith('[] ') and 'is shared memory of the parent of process' in said, said
+    assert bytes(frame.view()[:4]) == b'PPPP'
+    frame.close()

@@ -554,15 +554,15 @@ def test_plain_ttrpc_client_gets_inline_answers_above_the_threshold(
 
 def test_containerd_go_client_gets_inline_answers_above_the_threshold(
         go_client: Path, shm_server: ServerProcess) -> None:
-    # ExecuteCommand names an unknown command in its answer: 100 KiB each way
-    # (an argument may have up to 128 KiB), far above the 4 KiB threshold.
-    name = 'x' * (100 * 1024)
-    result = subprocess.run([str(go_client), str(shm_server.ttrpc_path), 'exec', name],
+    # The command `repeat` answers with its text: 100 KiB each way (an
+    # argument may have up to 128 KiB), far above the 4 KiB threshold.
+    text = 'x' * (100 * 1024)
+    result = subprocess.run([str(go_client), str(shm_server.ttrpc_path), 'exec', 'repeat', f'text={text}'],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, f'Go client failed:\n{result.stdout}\n{result.stderr}'
     response = json.loads(result.stdout)['response']
-    assert response['StatusCode'] == 5
-    assert name in response['Result']
+    assert response.get('StatusCode', 0) == 0
+    assert response['Result'] == text
 
 
 # == 3. explicit zero-copy buffers ===============================================================

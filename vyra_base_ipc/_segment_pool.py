@@ -21,7 +21,8 @@ short-lived thread at a time, only while free segments wait), so a process
 that stopped sending large messages gives their memory back; the oldest
 beyond :attr:`SegmentPool.max_free_bytes` go at once.
 Nothing is named or left in ``/dev/shm``: segments die with the processes
-holding them. After ``fork()`` the child starts with an empty pool.
+holding them. After ``fork()`` the child starts with an empty pool, closes
+the parent's free segments, and refuses the buffers it inherited.
 """
 
 from __future__ import annotations
@@ -37,21 +38,11 @@ import weakref
 
 from ._options import MAX_SECONDS
 from ._payload import MFD_FLAGS, POOL_SEALS, SharedMemoryError
+from .exceptions import ForkedProcessError
 
-__all__ = [
-    'DEFAULT_FREE_BYTES',
-    'DEFAULT_IDLE_SECONDS',
-    'DEFAULT_POOL_BYTES',
-    'MIN_SEGMENT_BYTES',
-    'Segment',
-    'SegmentPool',
-    'configure_shared_memory_pool',
-    'own_segment',
-    'pool_unavailable',
-    'segment_pool',
-    'size_class',
-    'start_timer',
-]
+__all__ = ['DEFAULT_FREE_BYTES', 'DEFAULT_IDLE_SECONDS', 'DEFAULT_POOL_BYTES', 'MIN_SEGMENT_BYTES', 'Segment',
+           'SegmentPool', 'configure_shared_memory_pool', 'own_segment', 'pool_unavailable', 'segment_pool',
+           'size_class', 'start_timer']
 
 #: The pool's bound on the bytes of all its segments, free and in use.
 DEFAULT_POOL_BYTES = 1 << 30
@@ -96,7 +87,7 @@ class Segment:
     """
 
     __slots__ = ('id', 'fd', 'capacity', 'view', 'users', 'last_used', 'pool', 'watchers', 'key',
-                 '_mapping', '_address')
+                 'inherited', '_mapping', '_address')
 
     def __init__(self, segment_id: int, fd: int, capacity: int, mapping: mmap.mmap,
                  pool: 'SegmentPool | None') -> None:
@@ -118,6 +109,9 @@ class Segment:
         #: Weak references to whoever must hear of its end (``forget(id)``):
         #: the connections whose peer may keep it mapped.
         self.watchers: list[weakref.ref[Any]] = []
+        #: Made by the parent of this process, before ``fork()``: the
+        #: parent writes it again once it let go, so it is not used here.
+        self.inherited = False
 
     def watch(self, watcher: Any) -> None:
         """Call ``watcher.forget(self.id)`` when the segment is destroyed
@@ -156,6 +150,13 @@ class Segment:
             pool, self.pool = self.pool, None
             if pool is not None:
                 pool.disown(self)
+
+    def refuse_inherited(self, what: str) -> None:
+        """:raises ForkedProcessError: always, naming ``what`` (of this segment, :attr:`inherited`)."""
+        raise ForkedProcessError(
+            f'{what} is shared memory of the parent of process {os.getpid()}, made before fork(): the '
+            'parent writes it again once it lets go of it, under this process. Make SharedBuffers in the '
+            'process that uses them (or copy the bytes out before forking).')
 
     @property
     def address(self) -> int:
@@ -576,12 +577,18 @@ def pool_unavailable() -> str | None:
 
 def _forget_after_fork() -> None:
     # The child's copies of the parent's segments are shared with the
-    # parent: never write them. Its descriptors and mappings go with the
-    # old pool object, which is simply forgotten.
+    # parent: never used here (SharedBuffer.fileno() refuses them). The
+    # parent's pool is closed here: its free segments' descriptors and
+    # mappings go now, those in use (held by inherited buffers) when let go.
     global _lock
     _lock = threading.RLock()
-    _pool.clear()
+    for segment in _by_key.values():
+        segment.inherited = True
+        segment.watchers = []  # the parent's connections: nobody here to tell
     _by_key.clear()
+    for pool in _pool:
+        pool.close()
+    _pool.clear()
 
 
 if hasattr(os, 'register_at_fork'):

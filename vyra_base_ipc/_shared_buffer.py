@@ -38,18 +38,8 @@ from ._segment_pool import Segment, new_segment, pool_unavailable, segment_pool
 if TYPE_CHECKING:
     from .ttrpc._segment_link import SegmentLink
 
-__all__ = [
-    'ReceivedBuffers',
-    'SharedBuffer',
-    'SharedBufferRef',
-    'attach_buffers',
-    'check_buffers',
-    'inline_buffers',
-    'inline_request',
-    'inline_size',
-    'received_buffer',
-    'shared_buffer',
-]
+__all__ = ['ReceivedBuffers', 'SharedBuffer', 'SharedBufferRef', 'attach_buffers', 'check_buffers',
+           'inline_buffers', 'inline_request', 'inline_size', 'received_buffer', 'shared_buffer']
 
 #: Where handles come from: they name buffers within one message, so they
 #: must differ, not be secret. A generator of this module's own (seeded by
@@ -221,9 +211,12 @@ class SharedBuffer:
         """The memfd (owned by this object).
 
         :raises ValueError: the buffer is closed.
+        :raises ForkedProcessError: it is pooled memory of the parent, inherited through ``fork()``.
         """
         if self._fd < 0:
             raise ValueError('the SharedBuffer is closed')
+        if self._segment is not None and self._segment.inherited:
+            self._segment.refuse_inherited(repr(self))
         return self._fd
 
     def dup(self) -> int:

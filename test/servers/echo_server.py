@@ -176,10 +176,12 @@ def main() -> None:
                   if value is not None}
         if shared:
             kwargs['shared_memory'] = SharedMemoryOptions(**shared)
+    module = ModuleService('test_module', config_dirs=options.config_dir)
+    # For clients that know only ModuleService (the Go client): an answer of any size.
+    module.register_command('repeat', lambda parameters: parameters['text'] * int(parameters.get('times', '1')))
     server = IPCServer(
         options.socket_path,
-        servicers=[EchoService(), WatchService(), ModuleService('test_module', config_dirs=options.config_dir),
-                   BackendService()],
+        servicers=[EchoService(), WatchService(), module, BackendService()],
         grace_period=options.grace_period,
         max_workers=options.max_workers,
         maximum_concurrent_rpcs=options.maximum_concurrent_rpcs,
