@@ -7,6 +7,7 @@ import asyncio
 import os
 from pathlib import Path
 import signal
+import socket
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -331,3 +332,32 @@ def test_a_handler_that_exits_fails_its_call_unknown_and_the_server_serves_on(
         with SyncIPCHandler(exiting_server.socket_path, echo.Stub, lane=other, timeout=LONG) as client:
             assert client.call_method('Echo', echo.pb.EchoRequest(text='still here')).text == 'still here'
     assert exiting_server.popen.poll() is None
+
+
+def test_connections_are_counted_from_the_socket_table_among_thousands_of_other_sockets(socket_dir: Path) -> None:
+    from vyra_base_ipc._introspection import unix_connections
+
+    path = socket_dir / 'counted.sock'
+    longer = socket_dir / 'counted.sock.old'  # the same path and more: not counted
+    listeners = [socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)]
+    others = [socket.socketpair() for _ in range(1000)]
+    clients: list[socket.socket] = []
+    accepted: list[socket.socket] = []
+    try:
+        for listener, where in zip(listeners, (path, longer), strict=True):
+            listener.bind(str(where))
+            listener.listen(8)
+        assert unix_connections(path) == 0  # the listener is not a connection
+        for where, count in ((path, 3), (longer, 2)):
+            for _ in range(count):
+                client = socket.socket(socket.AF_UNIX)
+                client.connect(str(where))
+                clients.append(client)
+        for listener, count in zip(listeners, (3, 2), strict=True):
+            accepted += [listener.accept()[0] for _ in range(count)]
+        assert (unix_connections(path), unix_connections(longer)) == (3, 2)
+        accepted.pop(0).close()
+        assert unix_connections(path) == 2
+    finally:
+        for each in (*listeners, *clients, *accepted, *(end for pair in others for end in pair)):
+            each.close()

@@ -253,13 +253,25 @@ class IPCServer:
             return 0, 0
         return executor.busy, executor.max_workers
 
-    def stats(self) -> Stats | None:
+    def count_grpc_connections(self) -> int:
+        """Connections open on the gRPC lane now (read from ``/proc/net/unix``,
+        which lists every Unix socket of the machine: milliseconds on a busy
+        one, so not on the event loop)."""
+        return unix_connections(self._bound_path) if self._bound_path else 0
+
+    def stats(self, grpc_connections: int | None = None) -> Stats | None:
         """The :attr:`metrics` now, with the connections open per lane, as the
         ``vyra.ipc.Stats`` message ``vyra.ipc.Introspection/GetStats`` answers;
-        ``None`` with ``metrics=False``."""
+        ``None`` with ``metrics=False``.
+
+        :param grpc_connections: the count of :meth:`count_grpc_connections`
+            if the caller made it (off the loop); else it is made here.
+        """
         if self.metrics is None:
             return None
-        connections = {'grpc': unix_connections(self._bound_path) if self._bound_path else 0}
+        if grpc_connections is None:
+            grpc_connections = self.count_grpc_connections()
+        connections = {'grpc': grpc_connections}
         if self._ttrpc is not None:
             connections['ttrpc'] = self._ttrpc.connection_count
         stats = self.metrics.snapshot(connections)
