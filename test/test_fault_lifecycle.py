@@ -36,6 +36,8 @@ import pytest
 
 from conftest import LANES, LONG, ServerProcess, StartFaultServer, make_stale_socket, until, wait_for
 from vyra_base_ipc import IPCError, IPCHandler, IPCUnavailableError, SyncIPCHandler
+from vyra_base_ipc import module_service_pb2 as module_pb
+from vyra_base_ipc import module_service_pb2_grpc as module_grpc
 from vyra_base_ipc._pool import aio_pool, aio_ttrpc_pool, sync_pool
 from vyra_base_ipc._socket_file import is_listening
 
@@ -380,17 +382,23 @@ def test_sigterm_exits_when_a_grpc_client_froze_with_a_stream_it_does_not_read(
         client.communicate()
 
 
+@pytest.mark.parametrize('handler', ['servicer', 'command'])
 def test_an_embedded_server_with_a_handler_blocked_in_io_exits_on_sigterm(start_server, socket_path: Path,
-                                                                         echo) -> None:
+                                                                         echo, handler: str) -> None:
     """Issue 15: a def handler blocked past the grace period (here a
     10-minute sleep, standing for I/O that never returns) kept an embedded
     server (run(server.serve())) alive after SIGTERM: its thread pool's
-    workers were joined at interpreter exit."""
+    workers were joined at interpreter exit. A ModuleService def command
+    (asyncio.to_thread's pool until it ran in the server's threads) too."""
     server = start_server(socket_path, '--grace-period', '0.5')
     threads_before = len(os.listdir(f'/proc/{server.pid}/task'))
-    with SyncIPCHandler(socket_path, echo.Stub, lane='ttrpc', timeout=600) as ipc:
+    stub, method, request = (
+        (echo.Stub, 'InspectSync', echo.pb.InspectRequest(sleep_seconds=600)) if handler == 'servicer' else
+        (module_grpc.ModuleServiceStub, 'ExecuteCommand',
+         module_pb.CommandRequest(command='block', parameters={'seconds': '600'})))
+    with SyncIPCHandler(socket_path, stub, lane='ttrpc', timeout=600) as ipc:
         with ThreadPoolExecutor(1) as caller:
-            blocked = caller.submit(ipc.call_method, 'InspectSync', echo.pb.InspectRequest(sleep_seconds=600))
+            blocked = caller.submit(ipc.call_method, method, request)
             # The server's first def call starts its first handler thread.
             wait_for(lambda: len(os.listdir(f'/proc/{server.pid}/task')) > threads_before, 20,
                      'the handler thread to start')

@@ -26,6 +26,9 @@ command never stalls other calls.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import Executor
+import contextvars
+import functools
 import inspect
 import json
 import os
@@ -74,7 +77,10 @@ def _status_code(code: grpc.StatusCode) -> int:
 class ModuleService(pb_grpc.ModuleServiceServicer):
     """Default implementation of ``vyra.ipc.ModuleService``.
 
-    Handlers are coroutines and run on the server's event loop.
+    Handlers are coroutines and run on the server's event loop; ``def``
+    commands run in the server's threads for ``def`` handlers (its
+    ``max_workers``, counted in its diagnostics, never joined at exit), or
+    with :func:`asyncio.to_thread` outside an :class:`~vyra_base_ipc.IPCServer`.
 
     :param module_name: reported by ``status``.
     :param config_dirs: the directories ``Initialize`` may read from (a
@@ -97,6 +103,7 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
         self.config: dict[str, Any] = {}
         self.config_path: Path | None = None
         self._started = time.monotonic()
+        self._handler_threads: Executor | None = None
         self._commands: dict[str, CommandHandler] = {}
         self._data: dict[str, DataProvider] = {
             'status': self._status_object,
@@ -107,6 +114,11 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
                 name = getattr(value, _COMMAND_ATTRIBUTE, None)
                 if name is not None:
                     self._commands[name] = getattr(self, attribute)
+
+    def use_handler_threads(self, executor: Executor) -> None:
+        """Run ``def`` commands in ``executor`` (an :class:`~vyra_base_ipc.IPCServer`
+        serving this servicer gives its own as it starts)."""
+        self._handler_threads = executor
 
     # -- registries -----------------------------------------------------------------
 
@@ -186,7 +198,7 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
                 status_code=_status_code(grpc.StatusCode.NOT_FOUND),
                 result=f'unknown command {_shown(request.command)}; available: {", ".join(self.commands)}')
         try:
-            result = await _run(handler, _Parameters(request.parameters))
+            result = await _run(handler, _Parameters(request.parameters), self._handler_threads)
         except MissingParameter as error:
             return pb.CommandResponse(status_code=_status_code(grpc.StatusCode.INVALID_ARGUMENT),
                                       result=f'{request.command}: {error.args[0]}')
@@ -265,10 +277,14 @@ def _shown(text: str) -> str:
     return f'{text[:_CHARACTERS_SHOWN]!r}… ({len(text)} characters)'
 
 
-async def _run(handler: CommandHandler, parameters: dict[str, str]) -> str:
+async def _run(handler: CommandHandler, parameters: dict[str, str], threads: Executor | None) -> str:
     if inspect.iscoroutinefunction(handler):
         return await handler(parameters)
-    result = await asyncio.to_thread(handler, parameters)
+    if threads is None:
+        result = await asyncio.to_thread(handler, parameters)
+    else:  # (with the caller's context variables, as to_thread() passes them)
+        call = functools.partial(contextvars.copy_context().run, handler, parameters)
+        result = await asyncio.get_running_loop().run_in_executor(threads, call)
     if inspect.isawaitable(result):
         result = await result
     return result

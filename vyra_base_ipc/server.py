@@ -47,6 +47,7 @@ from .address import (
 )
 from .introspection_pb2 import Stats
 from .introspection_pb2_grpc import add_IntrospectionServicer_to_server
+from .module_service import ModuleService
 from .ttrpc import TtrpcServer
 
 __all__ = ['IPCServer']
@@ -303,6 +304,9 @@ class IPCServer:
             self._socket.check()
             note_grpc_used()
             self._executor = HandlerThreads(self._max_workers)
+            for registration in self._services:
+                if isinstance(registration.servicer, ModuleService):  # its def commands, here too
+                    registration.servicer.use_handler_threads(self._executor)
             self._server = grpc.aio.server(
                 migration_thread_pool=self._executor,
                 options=(*server_options(self.max_message_bytes), *self.limits.grpc_options()),

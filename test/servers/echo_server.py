@@ -179,6 +179,8 @@ def main() -> None:
     module = ModuleService('test_module', config_dirs=options.config_dir)
     # For clients that know only ModuleService (the Go client): an answer of any size.
     module.register_command('repeat', lambda parameters: parameters['text'] * int(parameters.get('times', '1')))
+    # A def command that blocks (for I/O that never returns).
+    module.register_command('block', lambda parameters: time.sleep(float(parameters['seconds'])) or 'woke')
     server = IPCServer(
         options.socket_path,
         servicers=[EchoService(), WatchService(), module, BackendService()],
