@@ -295,6 +295,16 @@ def test_a_missing_or_stale_server_is_named(socket_dir: Path) -> None:
             fails(1, *verb)
 
 
+def test_a_fast_lane_socket_given_as_target_is_refused_naming_the_grpc_socket(demo: ServerProcess) -> None:
+    # Every verb begins on the gRPC lane (reflection, health, stats), which a
+    # fast lane's socket does not speak: it would only say it closed.
+    fast, grpc_path = demo.ttrpc_path, demo.socket_path
+    for verb in (('describe',), ('call', EXECUTE, PING), ('health',), ('ping', '--count', '1'), ('stats',)):
+        assert fails(2, verb[0], str(fast), *verb[1:]) == (
+            f"vyra-ipc: error: '{fast}' is the socket of a fast lane; give the gRPC socket, '{grpc_path}' "
+            '(--lane ttrpc calls the fast lane beside it)')
+
+
 @pytest.mark.parametrize('verb', [('describe',), ('call', EXECUTE, PING),
                                   ('call', EXECUTE, PING, '--lane', 'ttrpc'), ('health',), ('stats',)])
 def test_no_command_waits_for_a_server_that_never_answers(silent: Path, verb: tuple[str, ...]) -> None:

@@ -33,11 +33,21 @@ def resolve_target(target: str) -> Path:
     ending in ``.sock``), else a module name, resolved as the clients do
     (``VYRA_IPC_SOCKET``, then ``/tmp/<module>_ipc.sock``).
 
-    :raises ValueError: neither a usable path nor a valid module name.
+    :raises ValueError: neither a usable path nor a valid module name, or
+        the fast lane's socket (``*.ttrpc.sock``), naming the gRPC one.
     """
     if '/' in target or target.endswith('.sock'):
-        return resolve_socket_path(target)
+        path = resolve_socket_path(target)
+        if path.name.endswith(_FAST_LANE_SUFFIX):
+            grpc_path = path.with_name(path.name[:-len(_FAST_LANE_SUFFIX)] + '.sock')
+            raise ValueError(f'{str(path)!r} is the socket of a fast lane; give the gRPC socket, '
+                             f'{str(grpc_path)!r} (--lane ttrpc calls the fast lane beside it)')
+        return path
     return resolve_socket_path(None, module_name=target)
+
+
+#: How the fast lane's socket beside a gRPC socket ends (address.default_ttrpc_socket_path).
+_FAST_LANE_SUFFIX = '.ttrpc.sock'
 
 
 def check_reachable(path: Path) -> None:
