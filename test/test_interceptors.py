@@ -25,6 +25,8 @@ from vyra_base_ipc import (
     ServerInterceptor,
     SyncIPCHandler,
 )
+from vyra_base_ipc import backend_service_pb2 as backend_pb
+from vyra_base_ipc import backend_service_pb2_grpc as backend_grpc
 from vyra_base_ipc import introspection_pb2 as introspection
 from vyra_base_ipc import introspection_pb2_grpc as introspection_grpc
 from vyra_base_ipc import module_service_pb2 as module_pb
@@ -140,6 +142,19 @@ def test_an_interceptor_sees_method_lane_metadata_peer_deadline_status_and_durat
     assert slept['code'] == 'DEADLINE_EXCEEDED'
     started = [entry for entry in observed.entries() if entry['event'] == 'started' and entry['lane'] == lane]
     assert {entry['method'] for entry in started} >= {ECHO, ECHO_SYNC, FAIL, INSPECT_SYNC, SLEEP}
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_calls_of_methods_the_server_does_not_have_are_counted(observed: Observed, lane: str) -> None:
+    # grpc.aio answers them itself, before any handler: a peer probing the
+    # server, or built against other protos, was invisible in the stats.
+    with observed.client(backend_grpc.BackendServiceStub, lane) as client:
+        for _ in range(3):
+            with pytest.raises(IPCRemoteError) as error:
+                client.call_method('GetStatus', backend_pb.StatusRequest())
+            assert error.value.code is grpc.StatusCode.UNIMPLEMENTED
+    unknown = observed.method_stats('(unknown method)', lane, 3)
+    assert (unknown.calls, unknown.in_flight, dict(unknown.errors)) == (3, 0, {'UNIMPLEMENTED': 3})
 
 
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])

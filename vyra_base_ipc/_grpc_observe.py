@@ -21,9 +21,9 @@ from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 import grpc
 
 from ._interceptors import CallObserver, CallRejected, Observation
-from ._metrics import LaneMetrics
+from ._metrics import LaneMetrics, ServerMetrics
 
-__all__ = ['observe_handlers']
+__all__ = ['UnknownMethods', 'observe_handlers']
 
 _LANE = 'grpc'
 _FACTORIES = {
@@ -105,6 +105,24 @@ def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver, 
         deserialize = _counting(deserialize, lane, received=True)
         serialize = _counting(serialize, lane, received=False)
     return factory(wrapped, request_deserializer=deserialize, response_serializer=serialize)
+
+
+class UnknownMethods(grpc.GenericRpcHandler):
+    """Answers every method no other handler has, as grpc.aio does
+    (UNIMPLEMENTED "Method not found!"), counting it in ``metrics``
+    (grpc.aio answers those itself, unseen). Added after every other handler."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._metrics = metrics
+        # Any shape of call: the requests, if any, are not read.
+        self._handler: grpc.RpcMethodHandler = grpc.stream_stream_rpc_method_handler(self._answer)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        return self._handler
+
+    async def _answer(self, requests: Any, context: Any) -> None:
+        self._metrics.unknown_method(_LANE)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, 'Method not found!')
 
 
 @contextlib.contextmanager

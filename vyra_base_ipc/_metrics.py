@@ -21,12 +21,16 @@ import grpc
 
 from .introspection_pb2 import LaneStats, MethodStats, Stats
 
-__all__ = ['LATENCY_BOUNDS', 'LaneMetrics', 'MethodMetrics', 'ServerMetrics', 'quantile']
+__all__ = ['LATENCY_BOUNDS', 'UNKNOWN_METHOD', 'LaneMetrics', 'MethodMetrics', 'ServerMetrics', 'quantile']
 
 #: Upper bounds (seconds) of the latency buckets: 10 µs to ~21 s, doubling.
 LATENCY_BOUNDS: tuple[float, ...] = tuple(10e-6 * 2 ** i for i in range(22))
 
 _STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+#: What calls of methods the server does not have are counted as, per lane
+#: (a peer probing, or built against another version of the protos).
+UNKNOWN_METHOD = '(unknown method)'
 
 
 class MethodMetrics:
@@ -110,6 +114,12 @@ class ServerMetrics:
         if metrics is None:
             metrics = self._methods[(method, lane)] = MethodMetrics(method, lane, threaded)
         return metrics
+
+    def unknown_method(self, lane: str) -> None:
+        """Count a call of a method the server does not have (answered
+        UNIMPLEMENTED) under :data:`UNKNOWN_METHOD`. On the event loop only."""
+        metrics = self.method(UNKNOWN_METHOD, lane)
+        metrics.ended(metrics.started(), grpc.StatusCode.UNIMPLEMENTED.value[0])
 
     def snapshot(self, connections: Mapping[str, int]) -> Stats:
         """All counters as a ``vyra.ipc.Stats`` message; methods never

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ._call_duration import bound_call_duration
 from ._fork_safety import ensure_usable_after_fork, note_grpc_used
-from ._grpc_observe import observe_handlers
+from ._grpc_observe import UnknownMethods, observe_handlers
 from ._grpc_streams import OpenStreams
 from ._handler_threads import HandlerThreads
 from ._health import HealthServicer
@@ -446,6 +446,8 @@ class IPCServer:
         reflection.enable_server_reflection(
             (*self.service_names, health.SERVICE_NAME, INTROSPECTION_SERVICE, reflection.SERVICE_NAME),
             server)
+        if self.metrics is not None:  # the last handler: what none of the others has
+            server.add_generic_rpc_handlers((UnknownMethods(self.metrics),))
 
     async def _set_health(self, status: int) -> None:
         assert self._health is not None

@@ -353,6 +353,8 @@ class ServerConnection(FramedConnection):
             return
         handler = server._handlers.get((service, name))
         if handler is None:
+            if server.observer is not None and server.observer.metrics is not None:
+                server.observer.metrics.unknown_method('ttrpc')
             self.reject(stream_id, grpc.StatusCode.UNIMPLEMENTED, 'Method not found!')
             return
         if server.maximum_concurrent_rpcs is not None and server._active >= server.maximum_concurrent_rpcs:
