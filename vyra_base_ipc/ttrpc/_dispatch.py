@@ -114,9 +114,8 @@ def _identity(value: Any) -> Any:
     return value
 
 
-#: What a handler may raise to fail its call: any exception, and the exits
-#: (``sys.exit()``, KeyboardInterrupt) that would otherwise leave the task and
-#: end the server's event loop; the call is answered UNKNOWN, the server serves on.
+#: What fails a handler's call (UNKNOWN): an exception, or an exit that would
+#: otherwise leave the task and end the server's event loop.
 _HANDLER_FAILURES = (Exception, SystemExit, KeyboardInterrupt)
 
 
