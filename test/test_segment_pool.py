@@ -90,10 +90,10 @@ def settle_lends(connection: SyncConnection, echo: Any) -> None:
 def own_pool() -> Iterator[SegmentPool]:
     """This process's pool, emptied of free segments before and after."""
     pool = segment_pool()
-    limits = pool.max_bytes, pool.max_free_bytes
+    limits = pool.max_bytes, pool.max_free_bytes, pool.max_segments
     drop_free(pool)
     yield pool
-    pool.max_bytes, pool.max_free_bytes = limits
+    pool.max_bytes, pool.max_free_bytes, pool.max_segments = limits
     drop_free(pool)
 
 
@@ -345,6 +345,25 @@ def test_a_peer_that_never_gives_back_gets_new_memfds_once_it_holds_its_share_an
     wait_for(lambda: fds_of_self() == fds_before, 10, 'the descriptors of the test to be closed')
 
 
+def test_a_peer_that_never_gives_back_small_segments_gets_new_memfds_once_it_holds_its_share_of_them(
+        echo: Any, socket_dir: Path, own_pool: SegmentPool) -> None:
+    own_pool.max_segments = 16  # a connection may hold a quarter: 4 segments, far below the bytes' share
+    server = Hoarder(socket_dir / 'hs.ttrpc.sock')
+    try:
+        method = stub_methods(echo.Stub)['Echo']
+        small = echo.pb.EchoRequest(payload=bytes(100 * KiB))
+        with SyncConnection.connect(server.path, shared_memory=OPTIONS) as connection:
+            for _ in range(6):
+                connection.call(method, small, timeout=LONG)
+            link = connection._core.agreement.segments
+            assert link is not None and link.outstanding == 4
+            assert own_pool.segments <= own_pool.max_segments
+        requests = server.seals[-6:]
+        assert [bool(seal & SEAL_FUTURE_WRITE) for seal in requests] == [True] * 4 + [False] * 2
+    finally:
+        server.close()
+
+
 # == a connection that ends with lends outstanding =============================================
 
 def ttrpc_connections(server: ServerProcess) -> int:
@@ -589,7 +608,8 @@ def pool_settings() -> Iterator[dict[str, float]]:
 
 
 def test_pool_limits_are_set_by_the_public_function_and_apply_at_once(pool_settings) -> None:
-    assert pool_settings == {'max_bytes': 1 << 30, 'max_free_bytes': 256 * MiB, 'idle_seconds': 10.0}
+    assert pool_settings == {'max_bytes': 1 << 30, 'max_free_bytes': 256 * MiB, 'idle_seconds': 10.0,
+                             'max_segments': 1024}
     pool = segment_pool()
     kept = [SharedBuffer.allocate(MiB) for _ in range(3)]
     created = pool.stats['created']
@@ -626,6 +646,8 @@ def test_pool_limits_are_set_by_the_public_function_and_apply_at_once(pool_setti
     ({'idle_seconds': 1e300}, ValueError,
      'idle_seconds must be a number of seconds >= 0 and at most 1e+09, not 1e+300'),
     ({'idle_seconds': True}, TypeError, 'idle_seconds must be a number of seconds, not bool'),
+    ({'max_segments': -2}, ValueError, 'max_segments must be >= 0 segments, not -2'),
+    ({'max_segments': '1k'}, TypeError, 'max_segments must be a number of segments (int), not str'),
 ])
 def test_invalid_pool_limits_are_refused_naming_the_limit(pool_settings, settings: dict[str, Any],
                                                           error: type[Exception], words: str) -> None:
@@ -650,6 +672,29 @@ def test_a_full_pool_never_waits_and_never_grows_past_its_bound() -> None:
     pool.close()
 
 
+def test_a_pool_holds_no_more_segments_than_its_bound_however_small_they_are() -> None:
+    # Each segment holds two descriptors: a bound in bytes alone let small
+    # segments take a process past its open-file limit.
+    pool = SegmentPool(max_segments=4)
+    held = [pool.acquire(KiB) for _ in range(5)]
+    assert held[4] is None and pool.stats['exhausted'] == 1 and pool.segments == 4
+    for segment in held[:2]:
+        assert segment is not None
+        segment.unuse()  # two free
+    # Room is made by dropping a free segment, even for another size.
+    bigger = pool.acquire(MiB)
+    assert bigger is not None and pool.segments == 4 and pool.stats['dropped'] == 1
+    # A retired segment leaves the count at once.
+    bigger.retire()
+    assert pool.segments == 3
+    bigger.unuse()
+    assert bigger.fd == -1 and pool.segments == 3
+    for segment in held[2:4]:
+        segment.unuse()  # type: ignore[union-attr]
+    pool.close()
+    assert pool.segments == 0 and pool.total_bytes == 0
+
+
 def test_a_pool_whose_last_free_segment_of_a_size_was_taken_again_still_makes_room_and_trims() -> None:
     pool = SegmentPool(max_bytes=4 * MiB, idle_seconds=60.0)
     small, one = pool.acquire(512 * KiB), pool.acquire(MiB)
@@ -660,7 +705,7 @@ def test_a_pool_whose_last_free_segment_of_a_size_was_taken_again_still_makes_ro
     # Room for 3 MiB is made by dropping the small one; the idle timer is set again.
     big = pool.acquire(3 * MiB)
     assert big is not None and small.fd == -1 and pool.total_bytes == 4 * MiB
-    pool.configure(4 * MiB, 4 * MiB, 30.0)
+    pool.configure(4 * MiB, 4 * MiB, 30.0, 16)
     big.unuse()
     one.unuse()
     pool.trim()

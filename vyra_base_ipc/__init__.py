@@ -23,7 +23,7 @@ from ._limits import ServerLimits
 from ._options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT
 from ._payload import SharedMemoryOptions
 from ._peer import PeerCredentials, peer_credentials
-from ._segment_pool import configure_shared_memory_pool
+from ._pool_settings import configure_shared_memory_pool
 from ._shared_buffer import (
     ReceivedBuffers,
     SharedBuffer,

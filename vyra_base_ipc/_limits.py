@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 import resource
 
 from ._options import MAX_SECONDS
+from ._segment_pool import segment_pool
 
 __all__ = ['ServerLimits', 'raise_descriptor_limit']
 
@@ -104,8 +105,10 @@ class ServerLimits:
 
     def descriptors_needed(self, lanes: int) -> int:
         """Descriptors a server on ``lanes`` lanes may come to hold under these
-        limits: every connection, every held buffer, and its own."""
-        return lanes * self.max_connections + self.max_held_buffers + _OWN_DESCRIPTORS
+        limits: every connection, every held buffer, the segments of the
+        process's shared-memory pool (two each, at its bound), and its own."""
+        return (lanes * self.max_connections + self.max_held_buffers + 2 * segment_pool().max_segments
+                + _OWN_DESCRIPTORS)
 
     def descriptor_shortfall(self, lanes: int) -> str | None:
         """Why this process's open-file limit (``RLIMIT_NOFILE``, soft) is too
@@ -120,8 +123,9 @@ class ServerLimits:
             hard != resource.RLIM_INFINITY and hard < needed else \
             f'raise the soft limit (ulimit -n {needed}; the hard limit allows {_count(hard)})'
         return (f'this process may open {soft} files (RLIMIT_NOFILE), but peers may make the server '
-                f'hold {needed}: {lanes} x {self.max_connections} connections (max_connections per lane) '
-                f'and {self.max_held_buffers} shared buffers (max_held_buffers) beside its own; '
+                f'hold {needed}: {lanes} x {self.max_connections} connections (max_connections per lane), '
+                f'{self.max_held_buffers} shared buffers (max_held_buffers) and 2 x '
+                f'{segment_pool().max_segments} for pooled shared memory beside its own; '
                 f'{remedy} or lower those ServerLimits')
 
 

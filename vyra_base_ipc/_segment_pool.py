@@ -36,12 +36,11 @@ import time
 from typing import Any, Callable
 import weakref
 
-from ._options import MAX_SECONDS
 from ._payload import MFD_FLAGS, POOL_SEALS, SharedMemoryError
 from .exceptions import ForkedProcessError
 
-__all__ = ['DEFAULT_FREE_BYTES', 'DEFAULT_IDLE_SECONDS', 'DEFAULT_POOL_BYTES', 'MIN_SEGMENT_BYTES', 'Segment',
-           'SegmentPool', 'configure_shared_memory_pool', 'own_segment', 'pool_unavailable', 'segment_pool',
+__all__ = ['DEFAULT_FREE_BYTES', 'DEFAULT_IDLE_SECONDS', 'DEFAULT_MAX_SEGMENTS', 'DEFAULT_POOL_BYTES',
+           'MIN_SEGMENT_BYTES', 'Segment', 'SegmentPool', 'own_segment', 'pool_unavailable', 'segment_pool',
            'size_class', 'start_timer']
 
 #: The pool's bound on the bytes of all its segments, free and in use.
@@ -50,6 +49,8 @@ DEFAULT_POOL_BYTES = 1 << 30
 DEFAULT_IDLE_SECONDS = 10.0
 #: Bytes of free segments kept at most (the oldest go first).
 DEFAULT_FREE_BYTES = 256 << 20
+#: The pool's bound on the number of its segments, free and in use.
+DEFAULT_MAX_SEGMENTS = 1024
 #: The smallest segment.
 MIN_SEGMENT_BYTES = 64 << 10
 #: How late the idle timer may fire after the first free segment expires:
@@ -280,6 +281,10 @@ class SegmentPool:
     :ivar idle_seconds: free segments unused for longer are dropped.
     :ivar max_free_bytes: free segments beyond these bytes are dropped, the
         oldest first (0: none is kept, every segment dies when returned).
+    :ivar max_segments: bound on the number of its segments, free and in
+        use (default :data:`DEFAULT_MAX_SEGMENTS`): each holds two
+        descriptors (the memfd, and the mapping's copy of it before Python
+        3.13), so many small ones would reach the open-file limit first.
     :ivar stats: counters: ``created``, ``reused``, ``exhausted`` (acquire
         found no room), ``dropped``, ``written`` (bytes the library copied
         into segments), ``retired`` (in use when the connection they were
@@ -287,16 +292,18 @@ class SegmentPool:
     """
 
     def __init__(self, max_bytes: int = DEFAULT_POOL_BYTES, idle_seconds: float = DEFAULT_IDLE_SECONDS,
-                 max_free_bytes: int = DEFAULT_FREE_BYTES, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+                 max_free_bytes: int = DEFAULT_FREE_BYTES, clock: Callable[[], float] = time.monotonic,
+                 max_segments: int = DEFAULT_MAX_SEGMENTS) -> None:
         self.max_bytes = max_bytes
+        self.max_segments = max_segments
         self.idle_seconds = idle_seconds
         self.max_free_bytes = max_free_bytes
         self.stats = {'created': 0, 'reused': 0, 'exhausted': 0, 'dropped': 0, 'written': 0, 'retired': 0}
         self._clock = clock
         self._free: dict[int, list[Segment]] = {}
-        #: Bytes of all its segments (free, in use, being made).
+        #: Bytes and number of all its segments (free, in use, being made).
         self._bytes = 0
+        self._segments = 0
         self._free_bytes = 0
         self._closed = False
         #: The idle timer, while one is pending (see _schedule_trim()).
@@ -311,6 +318,11 @@ class SegmentPool:
     def free_bytes(self) -> int:
         """Bytes of its free segments."""
         return self._free_bytes
+
+    @property
+    def segments(self) -> int:
+        """Its segments, free and in use."""
+        return self._segments
 
     def count_written(self, size: int) -> None:
         """Count ``size`` bytes the library copied into a segment."""
@@ -345,13 +357,16 @@ class SegmentPool:
                 self.stats['reused'] += 1
             else:
                 segment = None
-                while self._bytes + capacity > self.max_bytes and self._free_bytes:
+                while (self._bytes + capacity > self.max_bytes or self._segments >= self.max_segments) \
+                        and self._free_bytes:
                     dropped.append(self._take_oldest())
-                if self._closed or self._bytes + capacity > self.max_bytes:
+                if self._closed or self._bytes + capacity > self.max_bytes or \
+                        self._segments >= self.max_segments:
                     self.stats['exhausted'] += 1
                     capacity = 0
                 else:
                     self._bytes += capacity  # reserved while it is made
+                    self._segments += 1
         self._destroy(dropped)
         if segment is not None:
             if fill is not None:
@@ -369,6 +384,7 @@ class SegmentPool:
         except BaseException:
             with _lock:
                 self._bytes -= capacity
+                self._segments -= 1
             raise
         with _lock:
             self.stats['created'] += 1
@@ -383,6 +399,7 @@ class SegmentPool:
         with _lock:
             if self._closed:
                 self._bytes -= segment.capacity
+                self._segments -= 1
                 return False
             segment.last_used = self._clock()
             self._free.setdefault(segment.capacity, []).append(segment)
@@ -399,15 +416,17 @@ class SegmentPool:
         """(lock held) Take a segment in use out of the accounts: it never
         comes back (see :meth:`Segment.retire`)."""
         self._bytes -= segment.capacity
+        self._segments -= 1
         self.stats['retired'] += 1
 
-    def configure(self, max_bytes: int, max_free_bytes: int, idle_seconds: float) -> None:
-        """Set the three limits (checked by the caller) and apply them to
-        the free segments now: the idle and those beyond ``max_free_bytes``
-        go; segments in use stay until they are returned."""
+    def configure(self, max_bytes: int, max_free_bytes: int, idle_seconds: float, max_segments: int) -> None:
+        """Set the limits (checked by the caller) and apply them to the free
+        segments now: the idle and those beyond ``max_free_bytes`` go;
+        segments in use stay until they are returned."""
         dropped: list[Segment] = []
         with _lock:
             self.max_bytes, self.max_free_bytes, self.idle_seconds = max_bytes, max_free_bytes, idle_seconds
+            self.max_segments = max_segments
             self._trim(dropped)
             while self._free_bytes > self.max_free_bytes:
                 dropped.append(self._take_oldest())
@@ -434,6 +453,7 @@ class SegmentPool:
             dropped = [segment for free in self._free.values() for segment in free]
             self._free.clear()
             self._bytes -= self._free_bytes
+            self._segments -= len(dropped)
             self._free_bytes = 0
         self._destroy(dropped)
 
@@ -447,6 +467,7 @@ class SegmentPool:
             while free and free[0].last_used < horizon:
                 dropped.append(free.pop(0))
                 self._bytes -= capacity
+                self._segments -= 1
                 self._free_bytes -= capacity
             if not free:
                 del self._free[capacity]
@@ -478,6 +499,7 @@ class SegmentPool:
         if not free:
             del self._free[capacity]
         self._bytes -= capacity
+        self._segments -= 1
         self._free_bytes -= capacity
         return segment
 
@@ -518,45 +540,6 @@ def segment_pool() -> SegmentPool:
         if not _pool:
             _pool.append(SegmentPool())
         return _pool[0]
-
-
-def configure_shared_memory_pool(*, max_bytes: int | None = None, max_free_bytes: int | None = None,
-                                 idle_seconds: float | None = None) -> dict[str, float]:
-    """Set the limits of this process's pool of shared-memory segments
-    (what the fast lane's large messages and :class:`~vyra_base_ipc.SharedBuffer`
-    objects are written into); a limit left ``None`` keeps its setting.
-    Returns the three settings now.
-
-    :param max_bytes: bound on the bytes of all its segments, in use and
-        free (default 1 GiB). A message that finds no room goes in a sealed
-        memfd of its own, as before there was a pool; 0 turns pooling off.
-    :param max_free_bytes: bytes of free segments kept for reuse (default
-        256 MiB); the oldest beyond go at once.
-    :param idle_seconds: a free segment unused this long is dropped
-        (default 10 s), whether or not the pool is used meanwhile.
-    :raises TypeError, ValueError: a limit that is not a number of bytes
-        (an int >= 0) or of seconds (finite, >= 0), naming it.
-    """
-    pool = segment_pool()
-    settings = {'max_bytes': pool.max_bytes, 'max_free_bytes': pool.max_free_bytes,
-                'idle_seconds': pool.idle_seconds}
-    for name, value in (('max_bytes', max_bytes), ('max_free_bytes', max_free_bytes)):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f'{name} must be a number of bytes (int), not {type(value).__name__}')
-        if value < 0:
-            raise ValueError(f'{name} must be >= 0 bytes, not {value}')
-        settings[name] = value
-    if idle_seconds is not None:
-        if isinstance(idle_seconds, bool) or not isinstance(idle_seconds, (int, float)):
-            raise TypeError(f'idle_seconds must be a number of seconds, not {type(idle_seconds).__name__}')
-        if not 0 <= idle_seconds <= MAX_SECONDS:  # (the trim thread's wait takes no more)
-            raise ValueError(f'idle_seconds must be a number of seconds >= 0 and at most {MAX_SECONDS:g}, '
-                             f'not {idle_seconds}')
-        settings['idle_seconds'] = float(idle_seconds)
-    pool.configure(int(settings['max_bytes']), int(settings['max_free_bytes']), settings['idle_seconds'])
-    return settings
 
 
 def pool_unavailable() -> str | None:

@@ -262,7 +262,7 @@ class SharedBuffer:
         if segment is None and not self._lent:
             return os.dup(fd), 0, 0
         if link is not None and segment is not None:
-            if link.may_lend(segment.capacity, segment_pool().max_bytes):
+            if link.may_lend(segment.capacity, segment_pool()):
                 segment.use()
                 return os.dup(segment.fd), link.lend(segment), segment.id
         elif link is not None and link.may_lend():

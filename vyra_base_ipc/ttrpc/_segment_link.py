@@ -45,7 +45,7 @@ import time
 from typing import Any, Callable, Iterable
 
 from .._payload import SharedMemoryError, check_sealed, is_allocated
-from .._segment_pool import Segment, own_segment, size_class, start_timer
+from .._segment_pool import Segment, SegmentPool, own_segment, size_class, start_timer
 from ._frames import FORGET_BIT, encode_release, released_ids
 
 __all__ = ['CACHE_ENTRIES', 'CACHE_IDLE_SECONDS', 'LEND_SHARE', 'MAX_LENDS', 'SegmentLink']
@@ -189,15 +189,16 @@ class SegmentLink:
         """Lends of this end the peer has not given back."""
         return len(self._lent)
 
-    def may_lend(self, size: int = 0, pool_bytes: int | None = None) -> bool:
+    def may_lend(self, size: int = 0, pool: SegmentPool | None = None) -> bool:
         """Whether one more lend may go to the peer: it holds fewer than
-        :data:`MAX_LENDS`, and, for a pooled segment of ``size`` bytes of a
-        pool bounded by ``pool_bytes``, its lends of this end's segments stay
-        within 1/:data:`LEND_SHARE` of that bound. Else the caller sends a
-        copy in a one-shot memfd."""
+        :data:`MAX_LENDS`, and, for a pooled segment of ``size`` bytes of
+        ``pool``, its lends of this end's segments stay within
+        1/:data:`LEND_SHARE` of the pool's bounds, in bytes and in segments.
+        Else the caller sends a copy in a one-shot memfd."""
         if len(self._lent) >= MAX_LENDS:
             return False
-        return pool_bytes is None or self._lent_bytes + size <= pool_bytes // LEND_SHARE
+        return pool is None or (self._lent_bytes + size <= pool.max_bytes // LEND_SHARE
+                                and len(self._lent_segments) < pool.max_segments // LEND_SHARE)
 
     def lend(self, backing: object) -> int:
         """Lend ``backing`` to the peer: a :class:`Segment` (whose use the

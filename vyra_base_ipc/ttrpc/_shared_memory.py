@@ -166,7 +166,7 @@ def _lend_payload(payload: bytes, link: SegmentLink | None, fds: list[int],
     ``None``: it stays in the frame)."""
     segment = None
     pool = segment_pool()
-    if link is not None and link.may_lend(size_class(len(payload)), pool.max_bytes):
+    if link is not None and link.may_lend(size_class(len(payload)), pool):
         try:
             # The one copy: protobuf's Python runtime serializes only into bytes.
             segment = pool.acquire(len(payload), payload)
