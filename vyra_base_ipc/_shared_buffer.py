@@ -90,7 +90,8 @@ class SharedBuffer:
         :param managed: made by the library (received, or held for an
             answer): closed without a warning when garbage-collected.
         :param segment: the pooled segment of this process that holds it
-            (this object is one of its users until closed).
+            (this object is one of its users until closed); ``fd`` is then
+            the segment's own, which this object does not close.
         :param lent: ``view`` is a segment another process lent to this one
             (given back when the view is gone).
         """
@@ -134,12 +135,9 @@ class SharedBuffer:
             segment = new_segment(size, fill=fill)
             if fill is not None:
                 pool.count_written(size)
-        try:
-            fd = os.dup(segment.fd)
-        except OSError as error:
-            segment.unuse()
-            raise SharedMemoryError(f'cannot hold shared memory: {error.strerror}') from None
-        return cls(fd, size, segment=segment)
+        # No descriptor of its own: the segment's already costs two (the
+        # memfd, and mmap's copy of it before Python 3.13).
+        return cls(segment.fd, size, segment=segment)
 
     @classmethod
     def copy_from(cls, data: Any) -> 'SharedBuffer':
@@ -165,14 +163,15 @@ class SharedBuffer:
         return buffer
 
     def share(self) -> 'SharedBuffer':
-        """Another SharedBuffer for the same memory, with a descriptor of its own (closed
-        without a warning when garbage-collected): what the library keeps of a buffer
-        until it has been sent. Freezes this one (it is as good as sent)."""
+        """Another SharedBuffer for the same memory, with a descriptor of its own unless it
+        is pooled (closed without a warning when garbage-collected): what the library keeps
+        of a buffer until it has been sent. Freezes this one (it is as good as sent)."""
         self._sent = True
         segment = self._segment
         if segment is not None:
             segment.use()
-        shared = SharedBuffer(self.dup(), self._size, self._handle, view=self._view, managed=True,
+        fd = self.dup() if segment is None else self.fileno()  # (a segment's is shared, not owned)
+        shared = SharedBuffer(fd, self._size, self._handle, view=self._view, managed=True,
                               segment=segment, lent=self._lent)
         shared._sent = True
         return shared
@@ -208,7 +207,7 @@ class SharedBuffer:
         self._sent = True
 
     def fileno(self) -> int:
-        """The memfd (owned by this object).
+        """The memfd: this object's own, or its pooled segment's (valid until it is closed).
 
         :raises ValueError: the buffer is closed.
         :raises ForkedProcessError: it is pooled memory of the parent, inherited through ``fork()``.
@@ -277,11 +276,11 @@ class SharedBuffer:
         views for whoever still holds them."""
         self._view = None
         fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
         segment, self._segment = self._segment, None
         if segment is not None:
-            segment.unuse()
+            segment.unuse()  # (the descriptor is the segment's)
+        elif fd >= 0:
+            os.close(fd)
 
     def __enter__(self) -> 'SharedBuffer':
         return self
