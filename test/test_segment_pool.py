@@ -1023,6 +1023,28 @@ def test_a_buffer_sent_on_to_another_peer_keeps_its_lend_but_one_sent_back_to_it
         segment.destroy()
 
 
+def test_a_buffer_sent_on_stays_held_from_its_owner_when_the_other_peer_leaves_without_giving_it_back() -> None:
+    # A relay: a buffer lent by A, sent on to C. If the relay's connection to
+    # C ends while C holds it, A must not get it back (A would write the
+    # segment under C): it stays held until the connection to A ends, where
+    # A retires it.
+    segment = new_segment(64)  # A's, as far as the links know
+    from_owner, to_other = SegmentLink(), SegmentLink()
+    try:
+        view = from_owner.receive(segment.fd, 64, 5, 0, 'a buffer to send on')
+        to_other.lend(view)
+        del view
+        to_other.close()  # C left without giving it back
+        gc.collect()
+        assert from_owner.release_frame() == b''  # still held for C
+        assert from_owner.stats['returned'] == 0
+        from_owner.close()
+        assert from_owner.release_frame() == b''  # nobody to tell any more
+    finally:
+        from_owner.close()
+        segment.destroy()
+
+
 @pytest.mark.parametrize('attached', [False, True], ids=['blocking-client', 'event-loop'])
 def test_a_mapping_left_unused_is_dropped_without_another_lend_to_check_it(
         attached: bool, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -165,6 +165,9 @@ class SegmentLink:
         # This end's segments the peer may keep mapped, by id.
         self._watched: set[int] = set()
         self._releases: collections.deque[int] = collections.deque()
+        # Views of the peer's lends that this end lent on to another peer,
+        # whose connection ended before it gave them back (see close()).
+        self._parked: list[memoryview] = []
         self._wake: Callable[[], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # The pending expiry of idle mappings, if any (see _expire_later()).
@@ -494,7 +497,9 @@ class SegmentLink:
         A segment of this end's pool still lent is retired, not reused: the
         peer may be alive and keep views of it (a client that disconnected
         holding an answer, a handler that kept a request's buffer), which
-        must never change under it."""
+        must never change under it. A buffer of a third process that this
+        end lent on (a relay) stays held on the connection it came from
+        until that one ends too: its owner then retires it likewise."""
         with self._lock:
             self._closed = True
             lent, self._lent = self._lent, {}
@@ -502,6 +507,7 @@ class SegmentLink:
             self._lent_bytes = 0
             mappings = list(self._mappings.values())
             self._mappings.clear()
+            parked, self._parked = self._parked, []
             expiry, self._expiry = self._expiry, None
         if expiry is not None:
             expiry.cancel()
@@ -510,8 +516,19 @@ class SegmentLink:
         for backing in lent.values():
             if isinstance(backing, Segment):
                 backing.retire()
+            elif isinstance(backing, memoryview):
+                origin = getattr(getattr(backing.obj, '_release', None), '__self__', None)
+                if isinstance(origin, SegmentLink) and origin is not self:
+                    origin._park(backing)
+                    continue
             _give_back(backing)
-        del mappings
+        del mappings, parked  # (their lends go back to nobody: this connection is gone)
+
+    def _park(self, view: memoryview) -> None:
+        # Hold a view of the peer's lend until this connection ends.
+        with self._lock:
+            if not self._closed:
+                self._parked.append(view)
 
     def __repr__(self) -> str:
         return f'<SegmentLink lent={len(self._lent)} mapped={len(self._mappings)}>'
