@@ -7,6 +7,7 @@ its streams at once."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import signal
 import threading
@@ -94,6 +95,45 @@ def test_leaving_a_stream_early_stops_its_handler_sync_client(
         wait_for(reports.ended(tag, how), 5, f'{method} to end')
         assert reports(tag).callback_ran
         assert ipc.call_method('Report', watch(echo, tag)).ended
+
+
+@pytest.mark.parametrize('lane', LANES)
+def test_a_sync_stream_left_in_a_reference_cycle_is_cancelled_when_collected_while_another_reads(
+        server: ServerProcess, echo: Any, reports: Reports, lane: str) -> None:
+    """The garbage collector may finalize a left stream at any allocation,
+    also while the same thread reads another stream's messages, holding the
+    connection's locks: that used to deadlock the fast lane's connection."""
+    class Holder:
+        generator: Any
+    left: list[str] = []
+    failures: list[BaseException] = []
+
+    def read_and_leave(ipc: SyncIPCHandler) -> None:
+        thresholds = gc.get_threshold()
+        gc.set_threshold(1)  # collect at nearly every allocation: also inside the client's locked blocks
+        try:
+            for _ in range(100):
+                left.append(next(tags))
+                holder = Holder()
+                holder.generator = ipc.stream_method('Watch', watch(echo, left[-1]))  # endless
+                holder.holder = holder  # type: ignore[attr-defined]  # a reference cycle
+                next(holder.generator)
+                del holder
+                assert len(list(ipc.stream_method('Watch', watch(echo, next(tags), count=20)))) == 20
+        except BaseException as error:
+            failures.append(error)
+        finally:
+            gc.set_threshold(*thresholds)
+
+    with SyncIPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane, timeout=30) as ipc:
+        reader = threading.Thread(target=read_and_leave, args=(ipc,), daemon=True)
+        reader.start()
+        reader.join(60)
+        assert not reader.is_alive(), 'the connection deadlocked'
+        assert not failures, failures
+        gc.collect()
+        for tag in left:
+            wait_for(reports.ended(tag, LEFT), 10, f'left stream {tag} to be cancelled')
 
 
 @pytest.mark.asyncio

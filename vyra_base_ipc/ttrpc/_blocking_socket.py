@@ -11,9 +11,12 @@ from typing import Any, Callable
 
 from .._busy_poll import BusyPoll
 from .._deadline import Deadline
+from .._peer import check_server_connection
+from ._errors import connect_error, not_accepted
 from ._transport import MAX_FDS_PER_READ, buffered_recvmsg, enlarge_send_buffer, rights
 
-__all__ = ['FRAME_END_TIMEOUT', 'BlockingSocket', 'Received', 'SendTimeout', 'SocketTimeout', 'Unsent']
+__all__ = ['FRAME_END_TIMEOUT', 'BlockingSocket', 'Received', 'SendTimeout', 'SocketTimeout', 'Unsent',
+           'connect_socket']
 
 #: How long the rest of a frame already partly sent may take once its sender
 #: has no deadline of its own (a control frame; a request stream whose caller
@@ -29,6 +32,31 @@ _RECEIVE = int(_MSG_CMSG_CLOEXEC)
 _RECEIVE_NOW = int(_MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
 #: What socket.recvmsg() returns: data, ancillary data, flags, address.
 Received = tuple[bytes, list[tuple[int, int, bytes]], int, Any]
+
+
+def connect_socket(path: str, timeout: float, trusted: frozenset[int]) -> socket.socket:
+    """A blocking socket connected to the server on ``path`` within
+    ``timeout`` seconds, its server's user checked against ``trusted``.
+
+    :raises IPCUnavailableError: no socket, nobody listening, not allowed.
+    :raises UntrustedServerError: the server runs as another user.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+    except socket.timeout:
+        sock.close()
+        raise not_accepted(path, timeout) from None
+    except OSError as error:
+        sock.close()
+        raise connect_error(path, error) from None
+    try:
+        check_server_connection(sock, path, trusted)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class SocketTimeout(Exception):

@@ -16,12 +16,18 @@ from .._fork_safety import this_process
 from .._methods import Method
 from .._options import DEFAULT_MAX_MESSAGE_BYTES
 from .._payload import SharedMemoryOptions, close_fds
-from .._peer import check_server_connection
 from .._request_stream import RequestStream
 from .._shared_buffer import SharedBuffer
 from ..address import StrPath
 from ..exceptions import IPCError, IPCUnavailableError
-from ._blocking_socket import FRAME_END_TIMEOUT, BlockingSocket, SendTimeout, SocketTimeout, Unsent
+from ._blocking_socket import (
+    FRAME_END_TIMEOUT,
+    BlockingSocket,
+    SendTimeout,
+    SocketTimeout,
+    Unsent,
+    connect_socket,
+)
 from ._call import (
     ClientCore,
     ClientStream,
@@ -40,9 +46,7 @@ from ._errors import (
     NothingSent,
     SenderFailed,
     closed,
-    connect_error,
     lost,
-    not_accepted,
     timed_out,
     timeout_error,
 )
@@ -103,7 +107,8 @@ class SyncConnection:
         self._sock = sock
         self._pid = this_process.pid
         self._decoder = FrameDecoder(max_message_bytes + ENVELOPE_ALLOWANCE)
-        self._send_lock, self._state_lock = threading.Lock(), threading.Lock()
+        # (Reentrant only so that _finish() can tell that its own thread holds it.)
+        self._send_lock, self._state_lock = threading.Lock(), threading.RLock()
         # (state lock) The calls, the agreement, the routing of frames.
         self._core = ClientCore(socket_path, max_message_bytes, self._decoder, shared_memory,
                                 stream_window, _SyncStream.push, lambda: unread_in_socket(sock.fileno()))
@@ -135,22 +140,7 @@ class SyncConnection:
         path, limit, timeout, shared, window, trusted = connect_arguments(
             socket_path, max_message_bytes, timeout, shared_memory, stream_window, server_uid)
         validate_busy_poll(busy_poll)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(path)
-        except socket.timeout:
-            sock.close()
-            raise not_accepted(path, timeout) from None
-        except OSError as error:
-            sock.close()
-            raise connect_error(path, error) from None
-        try:
-            check_server_connection(sock, path, trusted)
-        except BaseException:
-            sock.close()
-            raise
-        connection = cls(path, sock, limit, shared, window, busy_poll)
+        connection = cls(path, connect_socket(path, timeout, trusted), limit, shared, window, busy_poll)
         # Sent now, settled by the first call (see AsyncConnection.connect).
         core = connection._core
         core.hello = _SyncStream()
@@ -325,6 +315,13 @@ class SyncConnection:
     def _finish(self, stream_id: int, stream: _SyncStream) -> None:
         """The caller is done with a call: tell the server if it may still be at work."""
         stream.abandoned = True
+        if self._state_lock._is_owned():  # type: ignore[attr-defined]  # (as threading.Condition asks it)
+            # The garbage collector finalized a stream left in a reference
+            # cycle while this thread held the lock, mid-change: finish once it is free.
+            with contextlib.suppress(RuntimeError):  # (no new threads at interpreter exit)
+                threading.Thread(target=self._finish, args=(stream_id, stream), daemon=True,
+                                 name=f'ttrpc-finish-{stream_id}').start()
+            return
         if stream.sender:  # it may wait for room in the socket, holding the send lock
             with self._state_lock:  # (not closed meanwhile)
                 self._io.wake()
