@@ -325,6 +325,42 @@ async def test_a_handler_that_does_not_read_holds_back_the_request_stream(
     assert (answer.index, answer.in_order) == (total, True)
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize('lane', LANES)
+async def test_a_request_stream_still_waiting_when_its_call_ends_is_closed_with_nothing_left_behind(
+        server: ServerProcess, echo: Any, lane: str) -> None:
+    """A request stream fed from a queue waits for its next message when
+    the call ends: the server answered, or the deadline passed. The client
+    stops reading it then and closes it: no task waits on it for ever."""
+    closed: list[str] = []
+    outboxes: list[asyncio.Queue[Any]] = []  # the application keeps its outboxes, as a real one does
+
+    async def requests(tag: str, count: int = 0) -> Any:
+        outboxes.append(asyncio.Queue())
+        outboxes[-1].put_nowait(watch(echo, tag, count=count, hold=True))
+        try:
+            while True:
+                yield await outboxes[-1].get()
+        finally:
+            closed.append(tag)
+
+    async with IPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane, timeout=10) as ipc:
+        tasks = len(asyncio.all_tasks())
+        answered = next(tags)  # the handler answers once released, while the stream waits
+        call = asyncio.ensure_future(ipc.call_method('Absorb', requests(answered, count=1)))
+        await ipc.call_method('Release', watch(echo, answered))  # (kept if it comes first)
+        assert (await call).index == 1
+        timed_out, streamed = next(tags), next(tags)
+        with pytest.raises(IPCTimeoutError):
+            await ipc.call_method('Absorb', requests(timed_out, count=1), timeout=0.5)
+        with pytest.raises(IPCTimeoutError):
+            async for _ in ipc.stream_method('Converse', requests(streamed), timeout=0.5):
+                pass
+        await until(lambda: len(closed) == 3, 10, 'the three request streams to be closed')
+        assert sorted(closed) == sorted([answered, timed_out, streamed])
+        await until(lambda: len(asyncio.all_tasks()) <= tasks, 10, 'no task to be left behind')
+
+
 # -- request streams that fail -------------------------------------------------------------------
 
 class SourceFailed(Exception):

@@ -318,14 +318,21 @@ class GrpcLane(_GrpcLaneBase):
         """As :meth:`AsyncConnection.call <vyra_base_ipc.ttrpc.AsyncConnection.call>`;
         returned buffers are always empty (they come inline)."""
         request = self._request(method, request, buffers)
+        streaming = method.kind.request_streaming
+        sender = None
         try:
-            response = await self._callable(method)(
-                request, timeout=_remaining(timeout, method),
+            call = self._callable(method)(
+                None if streaming else request, timeout=_remaining(timeout, method),
                 metadata=metadata and checked_metadata(metadata), wait_for_ready=self.wait_for_ready)
+            sender = _send_requests(call, request) if streaming else None
+            response = await call
         except grpc.RpcError as error:
             raise self._translate(error, method, request) from None
         except (asyncio.CancelledError, ValueError) as error:
             raise self._closed_under(error, method, request) from None
+        finally:
+            if sender is not None:
+                sender.cancel()
         return (response, ReceivedBuffers()) if return_buffers else response
 
     async def stream(self, method: Method, request: Any, *, timeout: Deadline | None,
@@ -334,7 +341,10 @@ class GrpcLane(_GrpcLaneBase):
         """As :meth:`AsyncConnection.stream <vyra_base_ipc.ttrpc.AsyncConnection.stream>`;
         leaving early cancels the call."""
         request = self._request(method, request)
-        call = self._open_stream(method, request, timeout, metadata, self.wait_for_ready)
+        streaming = method.kind.request_streaming
+        call = self._open_stream(method, None if streaming else request, timeout, metadata,
+                                 self.wait_for_ready)
+        sender = _send_requests(call, request) if streaming else None
         may_restart = not self.wait_for_ready
         try:
             while True:
@@ -357,6 +367,26 @@ class GrpcLane(_GrpcLaneBase):
             raise self._closed_under(error, method, request) from None
         finally:
             call.cancel()
+            if sender is not None:
+                sender.cancel()
+
+
+def _send_requests(call: Any, requests: RequestStream) -> asyncio.Task[None]:
+    """A task writing ``requests`` to ``call``, then half-closing it, which
+    the caller cancels as the call ends. (grpc.aio's own task, given the
+    iterator, outlives a call that ended first, waiting on the caller's
+    iterator for ever, and never closes it.) A failing iterator cancels
+    the call; ``requests.error`` tells the caller why."""
+    async def send() -> None:
+        try:
+            async for message in requests:
+                await call.write(message)
+            await call.done_writing()
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            pass  # the call ended: its caller learns how from the call
+        except Exception:
+            call.cancel()
+    return asyncio.get_running_loop().create_task(send())
 
 
 async def _within(awaitable: Awaitable[_T], seconds: float) -> _T:

@@ -138,6 +138,8 @@ class WatchService(echo_pb2_grpc.WatchServiceServicer):
                 record.taken += 1
                 if record.taken == request.count:
                     await release.wait()
+                    if request.hold:
+                        break  # answer now, the rest of the stream unread
             if record is not None:
                 record.how = 'finished'
             return echo_pb2.WatchEvent(index=record.taken if record else 0, in_order=in_order)
