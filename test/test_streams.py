@@ -216,6 +216,35 @@ async def test_cancelling_the_task_of_a_unary_call_cancels_its_handler(
         await until(reports.ended(tag, 'cancelled'), 10, 'Hold to be cancelled')
 
 
+@pytest.mark.parametrize('lane', LANES)
+@pytest.mark.parametrize('client', ['sync', 'asyncio'])
+def test_a_stream_read_after_its_deadline_gives_no_more_messages(
+        server: ServerProcess, echo: Any, lane: str, client: str) -> None:
+    """The deadline covers the whole stream: messages that came in time but
+    are read after it passed are not given, the read fails, as on gRPC."""
+    request = watch(echo, next(tags), size=100)  # endless: the window fills while the caller waits
+    if client == 'sync':
+        with SyncIPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane) as ipc:
+            stream = ipc.stream_method('Watch', request, timeout=0.5)
+            next(stream)
+            ends = time.monotonic() + 0.5
+            wait_for(lambda: time.monotonic() > ends, 5, 'the deadline to pass')
+            with pytest.raises(IPCTimeoutError):
+                next(stream)
+
+    async def main() -> None:
+        async with IPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane) as ipc:
+            stream = ipc.stream_method('Watch', request, timeout=0.5)
+            await anext(stream)
+            ends = time.monotonic() + 0.5
+            await until(lambda: time.monotonic() > ends, 5, 'the deadline to pass')
+            with pytest.raises(IPCTimeoutError):
+                await anext(stream)
+            await stream.aclose()
+    if client == 'asyncio':
+        asyncio.run(main())
+
+
 def test_a_deadline_passing_cancels_a_sync_stream_on_the_server(
         server: ServerProcess, echo: Any, reports: Reports) -> None:
     tag = next(tags)

@@ -361,6 +361,7 @@ class GrpcLane(_GrpcLaneBase):
                     return
                 may_restart = False
                 yield response
+                _remaining(timeout, method)  # (grpc may give what came in time to a read after the deadline)
         except grpc.RpcError as error:
             raise self._translate(error, method, request) from None
         except asyncio.CancelledError as error:
@@ -453,6 +454,7 @@ class SyncGrpcLane(_GrpcLaneBase):
                     watch.message()
                 may_restart = False
                 yield response
+                _remaining(timeout, method)  # (grpc may give what came in time to a read after the deadline)
         except grpc.RpcError as error:
             if watch is not None and watch.expired:
                 raise _idle_error(method, idle_timeout) from None  # type: ignore[arg-type]

@@ -426,6 +426,9 @@ class AsyncConnection:
             until = None if deadline is None else loop.time() + deadline.remaining()
             try:
                 while True:
+                    if until is not None and stream.items and loop.time() >= until and \
+                            outcome.too_late(stream, stream_id not in protocol.core.streams):
+                        raise timeout_error(method)
                     wait_until = until if idle_timeout is None else min(until or float('inf'),
                                                                        loop.time() + idle_timeout)
                     item = await stream.next(wait_until)

@@ -261,6 +261,21 @@ class Outcome:
                                 f'protocol error: got a frame of type {frame.type} on a response stream',
                                 method=self.method.path)
 
+    def too_late(self, stream: ClientStream, forgotten: bool) -> bool:
+        """Whether the caller of ``stream``, whose deadline has passed, is
+        to get no more of it: none of the messages queued or still unread,
+        unless the server had ended the call (``forgotten`` by the core)
+        successfully, as gRPC gives a call that completed in time."""
+        if not stream.items or not forgotten:
+            return True
+        last = stream.items[-1]
+        if last.__class__ is not Frame:
+            return True
+        if last.type == _DATA:
+            return not last.flags & FLAG_REMOTE_CLOSED
+        ok = last.flags & FLAG_SHARED_MEMORY or ok_payload(last.data) is not None
+        return last.type != _RESPONSE or not ok
+
     def _frame(self, item: Item) -> Frame:
         if isinstance(item, IPCError):
             raise item.error if isinstance(item, SenderFailed) else item

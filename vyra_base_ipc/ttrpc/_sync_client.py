@@ -241,6 +241,9 @@ class SyncConnection:
             stream_id = self._open(stream, prepared, request)
             try:
                 while True:
+                    if deadline is not None and deadline.expired() and \
+                            outcome.too_late(stream, stream_id not in self._core.streams):
+                        raise timeout_error(method)
                     item = self._next(stream, deadline, method, idle_timeout)
                     ended, payload = outcome.streamed(item)
                     if not ended:
