@@ -547,6 +547,34 @@ def test_idle_timeout_of_a_sync_stream(server: ServerProcess, echo: Any, reports
         wait_for(reports.ended(tag, 'cancelled'), 10, 'the idle watch to be cancelled')
 
 
+@pytest.mark.parametrize('lane', LANES)
+@pytest.mark.parametrize('client', ['sync', 'asyncio'])
+def test_idle_timeout_does_not_count_the_time_the_caller_spends_on_a_message(
+        server: ServerProcess, echo: Any, lane: str, client: str) -> None:
+    """The idle timeout is about the server's silence: a caller that takes
+    twice the idle timeout over each message still gets them all."""
+    request = watch(echo, next(tags), count=4)
+
+    def busy_for(seconds: float) -> Callable[[], bool]:
+        ends = time.monotonic() + seconds
+        return lambda: time.monotonic() > ends
+    received = []
+    if client == 'sync':
+        with SyncIPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane) as ipc:
+            for event in ipc.stream_method('Watch', request, idle_timeout=0.3):
+                received.append(event.index)
+                wait_for(busy_for(0.6), 5, 'the caller to be done with its message')
+
+    async def main() -> None:
+        async with IPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane) as ipc:
+            async for event in ipc.stream_method('Watch', request, idle_timeout=0.3):
+                received.append(event.index)
+                await until(busy_for(0.6), 5, 'the caller to be done with its message')
+    if client == 'asyncio':
+        asyncio.run(main())
+    assert received == [0, 1, 2, 3]
+
+
 def test_idle_timeout_is_for_streams_only_and_checked(server: ServerProcess, echo: Any) -> None:
     with SyncIPCHandler(server.socket_path, echo.Stub) as ipc:
         with pytest.raises(TypeError):
