@@ -211,6 +211,34 @@ def test_sigkill_mid_call_is_unavailable_for_the_sync_client(
     assert_client_released(client_baseline)
 
 
+def test_sigkill_while_a_request_stream_is_sent_is_unavailable_for_the_async_client(
+        start_fault_server: StartFaultServer, socket_path: Path, echo, lane: str) -> None:
+    """Not INTERNAL: grpc.aio says "Internal error from Core" of a message
+    it could not send, as if the server had failed (1 in 6 kills, before)."""
+    sent = 0
+
+    async def requests() -> Any:
+        nonlocal sent
+        while True:
+            yield echo.pb.EchoRequest(text='x' * 100_000)
+            sent += 1
+
+    async def scenario(server: ServerProcess) -> BaseException:
+        async with IPCHandler(socket_path, echo.Stub, timeout=LONG, lane=lane) as client:
+            call = asyncio.create_task(client.call_method('Collect', requests()))
+            await until(lambda: sent >= 50, LONG, 'the request stream to be under way')
+            server.signal(signal.SIGKILL)
+            with pytest.raises(IPCError) as error:
+                await call
+            return error.value
+    for _ in range(6):
+        sent = 0
+        server, _ = start_fault_server(socket_path)
+        error = asyncio.run(scenario(server))
+        server.wait()
+        assert isinstance(error, IPCUnavailableError), repr(error)
+
+
 # -- 3: restart --------------------------------------------------------------------------
 
 #: How long the server stays down.

@@ -70,6 +70,9 @@ _PROBE_REQUEST = health_pb2.HealthCheckRequest()
 # connection that broke under a call.
 _CLIENT_TOO_LARGE = re.compile(r'CLIENT: Sent message larger than max \((\d+) vs\. (\d+)\)')
 _CONNECTION_BROKE = ('Socket closed', 'Connection reset by peer', 'Broken pipe')
+# ...and grpc.aio's own, when a message of a request stream could not be
+# sent (the connection broke under it); no server says INTERNAL so.
+_SEND_FAILED = 'Internal error from Core'
 # ...and of a channel this process closed (disconnect()) under a call, or
 # before it ('Channel closed!', 'Cannot invoke RPC on closed channel!').
 _CLOSED = re.compile(r'[Cc]hannel closed|closed channel')
@@ -173,6 +176,8 @@ class _GrpcLaneBase:
                 return unreachable
         elif code is grpc.StatusCode.CANCELLED and _CLOSED.search(details):
             return closed(self._path).for_method(method.path)
+        elif code is grpc.StatusCode.INTERNAL and details == _SEND_FAILED:
+            return connection_lost(self.socket_path, 'a request message could not be sent', method.path)
         elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
             # grpc core refused to send it: the client's own limit, nothing left.
             too_large = _CLIENT_TOO_LARGE.match(details)
