@@ -24,10 +24,13 @@ from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
 import grpc
 
-__all__ = ['HANDLER_EXITS', 'guard_handlers']
+__all__ = ['HANDLER_EXITS', 'HANDLER_FAILURES', 'guard_handlers']
 
 #: What a handler may raise that asyncio does not keep inside its task.
 HANDLER_EXITS = (SystemExit, KeyboardInterrupt)
+#: What fails a handler's (or a user hook's) call: an exception, or an exit
+#: that would otherwise leave the task and end the server's event loop.
+HANDLER_FAILURES = (Exception, *HANDLER_EXITS)
 
 _logger = logging.getLogger(__name__)
 

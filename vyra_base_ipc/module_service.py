@@ -42,6 +42,7 @@ import yaml
 
 from . import module_service_pb2 as pb
 from . import module_service_pb2_grpc as pb_grpc
+from ._request_guard import HANDLER_FAILURES
 from .address import StrPath, validate_module_name
 from .exceptions import CommandError
 
@@ -183,7 +184,7 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
             await self.on_initialize(config)
         except (OSError, ValueError) as error:
             return pb.InitResponse(success=False, message=str(error))
-        except (Exception, SystemExit, KeyboardInterrupt) as error:  # a user hook must not crash the call
+        except HANDLER_FAILURES as error:  # a user hook must not crash the call
             return pb.InitResponse(success=False, message=f'on_initialize failed: {error!r}')
         self.config, self.config_path = config, path
         return pb.InitResponse(success=True, message=f'loaded {len(config)} keys from {path}')
@@ -207,7 +208,7 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
         except ValueError as error:
             return pb.CommandResponse(status_code=_status_code(grpc.StatusCode.INVALID_ARGUMENT),
                                       result=f'{request.command}: {error}')
-        except (Exception, SystemExit, KeyboardInterrupt) as error:  # (an exit would end the server's loop)
+        except HANDLER_FAILURES as error:  # (an exit would end the server's loop)
             return pb.CommandResponse(status_code=_status_code(grpc.StatusCode.INTERNAL),
                                       result=f'{request.command} failed: {error!r}')
         return pb.CommandResponse(status_code=0, result=str(result))

@@ -19,6 +19,7 @@ from .._interceptors import CallRejected, Observation
 from .._methods import MethodKind
 from .._metrics import MethodMetrics
 from .._payload import SharedMemoryError, close_fds
+from .._request_guard import HANDLER_FAILURES
 from ._context import ServicerContext, _End
 from ._eager import run_eagerly
 from ._flow import ReceiveWindow, SendCredit, message_cost
@@ -112,11 +113,6 @@ class Handler:
 
 def _identity(value: Any) -> Any:
     return value
-
-
-#: What fails a handler's call (UNKNOWN): an exception, or an exit that would
-#: otherwise leave the task and end the server's event loop.
-_HANDLER_FAILURES = (Exception, SystemExit, KeyboardInterrupt)
 
 
 def _unexpected(error: BaseException, path: str) -> tuple[int, str]:
@@ -311,7 +307,7 @@ class Call:
             if not self.finished:  # the handler cancelled itself; we did not
                 self.answer(number(grpc.StatusCode.CANCELLED), 'Cancelled')
             raise
-        except _HANDLER_FAILURES as error:
+        except HANDLER_FAILURES as error:
             if not self.finished:
                 self.answer(*_error_status(self.context, error, self.handler.path))
             return
@@ -345,7 +341,7 @@ class Call:
             return self._answer_for(handler.function(argument, context))
         except _CallEnded:
             return None
-        except _HANDLER_FAILURES as error:
+        except HANDLER_FAILURES as error:
             code, details = _error_status(context, error, handler.path)
             return code, details, b''
 
