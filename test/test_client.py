@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+import contextlib
 import gc
 import os
 from pathlib import Path
 import signal
 import threading
+from typing import Iterator
+import warnings
 
 import grpc
 import pytest
@@ -23,6 +26,7 @@ from vyra_base_ipc import (
     SyncIPCHandler,
 )
 from vyra_base_ipc._pool import aio_pool, aio_ttrpc_pool, sync_pool, sync_ttrpc_pool
+from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
 
 # -- calls -------------------------------------------------------------------------------
 
@@ -345,6 +349,63 @@ async def test_calls_after_disconnect_connect_again(server: ServerProcess, echo)
         await ipc.disconnect()
         assert not ipc.is_connected
         assert aio_ttrpc_pool.open_connections() == 0
+
+
+@contextlib.contextmanager
+def connections_left_behind(kind: type) -> Iterator[list[str]]:
+    """Collects the fast-lane connections of ``kind`` the block leaves
+    behind: open at its end, or found unclosed by the garbage collector
+    meanwhile (it warns)."""
+    left: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always', ResourceWarning)
+        yield left
+        gc.collect()
+    left += [repr(thing) for thing in gc.get_objects() if isinstance(thing, kind) and not thing.is_closed]
+    left += [str(warning.message) for warning in caught if 'unclosed ttrpc' in str(warning.message)]
+
+
+@pytest.mark.asyncio
+async def test_a_call_connecting_while_its_handler_disconnects_leaves_no_connection_behind(
+        server: ServerProcess, echo) -> None:
+    """disconnect() at every step of a call's connect: the call fails as
+    closed or answers, and no connection is left open or unclosed."""
+    ipc = IPCHandler(server.socket_path, echo.Stub, lane='ttrpc')
+    outcomes = set()
+    with connections_left_behind(AsyncConnection) as left:
+        for steps in range(40):
+            call = asyncio.ensure_future(ipc.call_method('Echo', echo.pb.EchoRequest(text='racing')))
+            for _ in range(steps):
+                await asyncio.sleep(0)  # the call goes one step further into its connect
+            await ipc.disconnect()
+            try:
+                outcomes.add((await call).text)
+            except IPCUnavailableError as error:
+                assert 'was closed' in str(error), error
+                outcomes.add('closed')
+    assert left == []
+    assert outcomes == {'closed', 'racing'}  # (disconnect() came both before and after the answer)
+
+
+def test_first_calls_racing_disconnect_leave_no_connection_behind(server: ServerProcess, echo) -> None:
+    """Calls from eight threads, each first after a disconnect() of another:
+    a connection made by a call while its handler disconnected is closed."""
+    ipc = SyncIPCHandler(server.socket_path, echo.Stub, lane='ttrpc')
+
+    def calls(index: int) -> None:
+        for round_ in range(200):
+            try:
+                ipc.call_method('Echo', echo.pb.EchoRequest(text=f'{index}.{round_}'))
+            except IPCUnavailableError:
+                pass  # disconnected under it: what this test is about
+            if index == 0:
+                ipc.disconnect()
+    with connections_left_behind(SyncConnection) as left:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(calls, range(8)))
+        ipc.disconnect()
+    assert left == []
+    assert sync_ttrpc_pool.open_connections() == 0
 
 
 @pytest.mark.parametrize('lane, pool', [('grpc', sync_pool.open_connections),

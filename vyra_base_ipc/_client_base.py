@@ -40,7 +40,7 @@ from ._options import (
 )
 from ._payload import SharedMemoryOptions, usable_options
 from ._peer import trusted_server_uids
-from ._pool import Pool
+from ._pool import Disconnected, Pool
 from ._shared_buffer import SharedBuffer, check_buffers, inline_size
 from ._socket_file import is_listening
 from .address import (
@@ -129,6 +129,8 @@ class Retry:
 
         :raises IPCUnavailableError: ``error``, when not to try again.
         """
+        if isinstance(error, Disconnected):
+            raise error
         if isinstance(error, (NothingSent, ServerCameUp)) and not self.resent:
             # Any call may go again, once, at once; after ServerCameUp it then
             # waits for the channel to connect (attempts > 0: wait_for_ready).
@@ -432,7 +434,7 @@ class ClientBase:
                 with self._keys_lock:
                     key = self._grpc_key = self._grpc_key or self._grpc_pool.acquire((self._target,
                                                                                       self._options))
-            channel = self._grpc_pool.made_once(key[1], self._new_channel)
+            channel = self._grpc_pool.made_once(key[1], self._new_channel, os.fspath(self.socket_path))
             lane = self._grpc[wait] = self._grpc_lane_type(channel, self.socket_path, wait, self._trusted)
         return lane
 

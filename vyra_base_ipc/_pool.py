@@ -20,20 +20,31 @@ import os
 import threading
 from typing import Any, Callable, Generic, Hashable, TypeVar
 
-__all__ = ['Entry', 'Pool', 'aio_pool', 'aio_ttrpc_pool', 'release_aio', 'release_elsewhere', 'sync_pool',
-           'sync_ttrpc_pool']
+import grpc
+
+from .exceptions import IPCUnavailableError
+
+__all__ = ['Disconnected', 'Entry', 'Pool', 'aio_pool', 'aio_ttrpc_pool', 'release_aio', 'release_elsewhere',
+           'sync_pool', 'sync_ttrpc_pool']
 
 _T = TypeVar('_T')
+
+
+class Disconnected(IPCUnavailableError):
+    """A call that was connecting when its handler disconnected: the
+    connection it made is closed at once, not left to nobody. Not tried again."""
 
 
 @dataclasses.dataclass
 class Entry(Generic[_T]):
     """One shared connection. ``lock`` (of the owner's kind) serializes
-    (re)connecting; ``connection`` is ``None`` until the first connect."""
+    (re)connecting; ``connection`` is ``None`` until the first connect;
+    ``released`` once its last user let go (the pool forgot it)."""
 
     lock: Any
     connection: _T | None = None
     users: int = 0
+    released: bool = False
 
 
 class Pool(Generic[_T]):
@@ -84,13 +95,33 @@ class Pool(Generic[_T]):
             entry.users += 1
         return mine, entry
 
-    def made_once(self, entry: Entry[_T], make: Callable[[], _T]) -> _T:
+    def made_once(self, entry: Entry[_T], make: Callable[[], _T], target: str) -> _T:
         """The entry's connection, made by ``make`` if it has none yet (for
-        gRPC channels, which are made without waiting and heal themselves)."""
+        gRPC channels, which are made without waiting and heal themselves).
+
+        :raises Disconnected: the entry was released (its handler disconnected).
+        """
         with self._lock:
+            if entry.released:
+                raise _disconnected(target)
             if entry.connection is None:
                 entry.connection = make()
             return entry.connection
+
+    def kept(self, entry: Entry[_T], connection: _T) -> _T:
+        """``connection``, made for ``entry``, now its connection; unless the
+        entry was released meanwhile (its handler disconnected while the
+        call connected): the connection is then closed (``discard``) at once.
+
+        :raises Disconnected: the entry was released.
+        """
+        with self._lock:
+            if not entry.released:
+                entry.connection = connection
+                return connection
+        if self._discard is not None:
+            self._discard(connection)
+        raise _disconnected(getattr(connection, 'socket_path', ''))
 
     def release(self, key: tuple[int, Hashable], owner: object = None) -> _T | None:
         """Count one user less (of ``owner``, by default the current one);
@@ -107,6 +138,7 @@ class Pool(Generic[_T]):
             entry.users -= 1
             if entry.users > 0:
                 return None
+            entry.released = True
             del entries[key]
             if not entries:
                 self._entries.pop(filed, None)
@@ -120,6 +152,7 @@ class Pool(Generic[_T]):
             if loop.is_closed():
                 del self._loops[filed]
                 for (pid, _), entry in self._entries.pop(filed, {}).items():
+                    entry.released = True
                     if entry.connection is not None and self._discard is not None and pid == os.getpid():
                         self._discard(entry.connection)
 
@@ -132,6 +165,11 @@ class Pool(Generic[_T]):
                        and entry.connection is not None and not getattr(entry.connection, 'is_closed', False))
 
 
+def _disconnected(target: str) -> Disconnected:
+    return Disconnected(grpc.StatusCode.UNAVAILABLE, f'connection to {target!r} was closed: its handler '
+                        'disconnected while the call connected')
+
+
 #: grpc.aio channels, per event loop.
 aio_pool: Pool[Any] = Pool(asyncio.get_running_loop, asyncio.Lock)
 #: Blocking grpc channels, per process.
@@ -139,7 +177,7 @@ sync_pool: Pool[Any] = Pool(os.getpid, threading.Lock)
 #: Fast-lane AsyncConnections, per event loop.
 aio_ttrpc_pool: Pool[Any] = Pool(asyncio.get_running_loop, asyncio.Lock, operator.methodcaller('abort'))
 #: Fast-lane SyncConnections, per process.
-sync_ttrpc_pool: Pool[Any] = Pool(os.getpid, threading.Lock)
+sync_ttrpc_pool: Pool[Any] = Pool(os.getpid, threading.Lock, operator.methodcaller('close'))
 
 
 async def release_aio(fast_key: Any, grpc_key: Any) -> None:

@@ -363,10 +363,8 @@ class IPCHandler(ClientBase):
         self._forget_connections()
 
     async def _fast_connection(self, deadline: Deadline | None, wait: bool) -> AsyncConnection:
-        """The fast lane's shared connection, (re)connected if needed.
-
-        :raises IPCUnavailableError: its socket did not answer (in time).
-        """
+        """The fast lane's shared connection, (re)connected if needed; raises
+        :class:`IPCUnavailableError` if its socket did not answer (in time)."""
         if self._fast_key is None:
             self._fast_key = aio_ttrpc_pool.acquire(self._fast_key_args())
         entry = self._fast_key[1]
@@ -376,7 +374,8 @@ class IPCHandler(ClientBase):
             if connection is None or connection.is_closed:
                 if connection is not None:
                     await connection.close()
-                connection = entry.connection = await AsyncConnection.connect(**self._connect_options())
+                made = await AsyncConnection.connect(**self._connect_options())
+                connection = aio_ttrpc_pool.kept(entry, made)
             return connection
         self._fast = await retrying(connected, self._connect_retry(deadline, wait), entry.lock)
         return self._fast
@@ -594,7 +593,7 @@ class SyncIPCHandler(ClientBase):
             if connection is None or connection.is_closed:
                 if connection is not None:
                     connection.close()
-                connection = entry.connection = SyncConnection.connect(**self._connect_options())
+                connection = sync_ttrpc_pool.kept(entry, SyncConnection.connect(**self._connect_options()))
             return connection
         self._fast = retrying_sync(connected, self._connect_retry(deadline, wait), entry.lock)
         return self._fast
