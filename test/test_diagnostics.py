@@ -120,6 +120,21 @@ def test_many_failed_calls_turn_the_status_to_warn(
     assert float(values(warned)['errors/s']) > 0
 
 
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_ipc_server_says_error_on_diagnostics_as_a_signal_stops_it(
+        start_process: Callable[..., ChildProcess], monitor: Monitor, socket_dir: Path, signum: int) -> None:
+    """rqt_robot_monitor shows the server stopped, not its last OK until it goes stale."""
+    socket_path = socket_dir / 'arm_ipc.sock'
+    server = start_ipc_server(start_process, socket_path)
+    monitor.wait('ipc_server: IPC server', 'OK', lambda s: s.level == DiagnosticStatus.OK)
+    since = monitor.mark()
+    server.signal(signum)
+    assert server.wait() == 0
+    wait_for(lambda: monitor.found('ipc_server: IPC server', lambda s: s.level == DiagnosticStatus.ERROR, since),
+             10, 'the last status: ERROR')
+    assert monitor.found('ipc_server: IPC server', lambda s: True, since)[-1].message == 'not serving'
+
+
 def test_a_hosting_node_reports_error_when_its_server_stops_serving(
         start_process: Callable[..., ChildProcess], monitor: Monitor, socket_dir: Path) -> None:
     socket_path = socket_dir / 'arm_ipc.sock'

@@ -39,6 +39,7 @@ from rclpy.executors import Executor, ExternalShutdownException, SingleThreadedE
 from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.node import Node
 from rclpy.parameter import Parameter
+from rclpy.signals import SignalHandlerOptions
 
 from ._allocator import keep_freed_memory
 from ._diagnostics import IPCDiagnostics
@@ -425,7 +426,7 @@ def main(args: Sequence[str] | None = None) -> int:
     fatal and gives :data:`EXIT_SERVER_FAILED`.
 
     A process's entry point: it installs SIGINT/SIGTERM/SIGHUP handlers for
-    the rest of the process's life (rclpy's own handlers chain to them).
+    the rest of the process's life, instead of rclpy's.
     """
     # Like rcutils' console format, with wall-clock time for the shutdown steps.
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -439,13 +440,16 @@ def main(args: Sequence[str] | None = None) -> int:
     if now != before:
         _logger.info('open-file limit (RLIMIT_NOFILE) raised from %d to %d for the IPC server', before, now)
     try:
-        rclpy.init(args=None if args is None else list(args))
+        # The stop signals are this process's own (no rclpy handlers, which
+        # would shut ROS down first): the server stops, says ERROR on
+        # /diagnostics while ROS still runs, and only then ROS shuts down.
+        rclpy.init(args=None if args is None else list(args), signal_handler_options=SignalHandlerOptions.NO)
     except _RCLError as error:
         # rcl rejects malformed -p values before any node exists.
         _logger.error('cannot parse the ROS arguments (%s); values containing ":" need YAML '
                       'quotes, e.g. -p "servicers:=[\'package.module:ClassName\']"', error)
         return EXIT_BAD_PARAMETER
-    if stop_signals.received:  # arrived before rclpy's handlers were there
+    if stop_signals.received:  # during start-up: no node to make
         rclpy.try_shutdown()
     node: IPCServerNode | None = None
     executor: SingleThreadedExecutor | None = None
@@ -488,15 +492,13 @@ def main(args: Sequence[str] | None = None) -> int:
 
 
 class _StopSignals:
-    """Python-level SIGINT/SIGTERM/SIGHUP handlers installed *before* rclpy's.
+    """Python-level SIGINT/SIGTERM/SIGHUP handlers, in place of rclpy's.
 
-    rclpy's handlers shut the context down (which ends spin()) and then call
-    the handler they replaced. Replacing Python's default ones (KeyboardInterrupt
-    for SIGINT, death for SIGTERM and SIGHUP) with these means a signal never
-    interrupts the shutdown path half-way, however many arrive; after rclpy
-    removes its handlers these ones are back in place until :meth:`ignore`.
-    rclpy does not handle SIGHUP (the terminal closed): spinning ends on any
-    signal received (:func:`main`), so it stops the server the same way.
+    A signal is noted; spinning ends on it (:func:`main`), the server stops
+    and ROS shuts down after it, in that order. Replacing Python's default
+    handlers (KeyboardInterrupt for SIGINT, death for SIGTERM and SIGHUP)
+    means a signal never interrupts the shutdown path half-way, however many
+    arrive; these stay in place until :meth:`ignore`.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
