@@ -210,7 +210,10 @@ class ClientBase:
         self._options = channel_options(self.max_message_bytes)
         self._connected = False
         # Guards taking pool keys: a SyncIPCHandler's first calls may come
-        # from several threads at once (each would take a key of its own).
+        # from several threads at once (each would take a key of its own),
+        # and disconnect() must not drop a key a call just took, unreleased.
+        # A forked child's disconnect() goes without it: a thread of the
+        # parent may have held it at fork() time, for good in the child.
         self._keys_lock = threading.Lock()
         # The connections of the current owner (event loop or process):
         # pool keys, and the lanes made from them.

@@ -437,9 +437,10 @@ class SyncIPCHandler(ClientBase):
         """Release the connections (closed when their last user lets go); a
         later call connects again. Idempotent."""
         self._connected = False
-        fast_key, grpc_key, pid = self._fast_key, self._grpc_key, self._pid
-        self._pid = 0
-        self._forget_connections()
+        with self._keys_lock if self._pid == os.getpid() else contextlib.nullcontext():  # (see _keys_lock)
+            fast_key, grpc_key, pid = self._fast_key, self._grpc_key, self._pid
+            self._pid = 0
+            self._forget_connections()
         if pid == os.getpid():  # (a forked child's keys are its parent's)
             for pool, key in ((sync_ttrpc_pool, fast_key), (sync_pool, grpc_key)):
                 connection = pool.release(key[0]) if key is not None else None
