@@ -1,19 +1,28 @@
 """Build a package's own ``.proto`` files at build time, the way
 ``vyra_base_ipc`` builds its own: for ``colcon build`` (with and without
-``--symlink-install``) and ``pip install`` (also ``-e``).
+``--symlink-install``) and ``pip install`` / ``pip wheel`` (also ``-e``).
 
 In a module package's ``setup.py``::
 
-    from vyra_base_ipc_build import proto_cmdclass
+    from vyra_base_ipc_build import proto_cmdclass, proto_data_files
 
-    setup(name='my_arm', packages=['my_arm'], ..., cmdclass=proto_cmdclass())
+    setup(name='my_arm', packages=['my_arm'], ...,
+          data_files=[..., *proto_data_files('my_arm')],   # share/my_arm/protos/**/*.proto
+          cmdclass=proto_cmdclass())
 
 Every ``protos/**/*.proto`` is compiled with the grpcio-tools of the
 environment doing the build into ``*_pb2.py``, ``*_pb2.pyi`` and
 ``*_pb2_grpc.py`` beside the package's modules (``protos/my_arm/arm.proto``
 -> ``my_arm/arm_pb2.py``), never into the source tree except for editable
 installs (then git-ignore ``*_pb2*``). ``import "vyra_base_ipc/shared_memory.proto";``
-works in them: this package's protos are on the import path.
+works in them: this package's protos are on the import path; so do another
+package's protos with ``include=`` / ``include_packages=``.
+
+Each generated file starts with a line naming the distribution and the
+``.proto`` it was made from; a later build deletes such a file once its
+``.proto`` is gone (renamed or deleted), in the build tree, the install tree
+and, for editable builds, the source tree. Files without that line (written by
+hand, or generated before this line existed) are never deleted.
 
 This module needs nothing but the standard library to import, setuptools
 for :func:`proto_cmdclass` and grpcio-tools to generate: ``vyra_base_ipc`` itself uses it before
@@ -24,17 +33,29 @@ its own generated code exists. Add ``<build_depend>vyra_base_ipc</build_depend>`
 
 from __future__ import annotations
 
+import keyword
+import os
 from pathlib import Path
 import shutil
-from typing import Any, Iterable
+import sys
+import tempfile
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Sequence
 
-__all__ = ['generate_protos', 'proto_cmdclass', 'vyra_proto_path']
+if TYPE_CHECKING:
+    from setuptools import Command, Distribution
+
+__all__ = ['ament_protos', 'find_protos', 'generate_protos', 'proto_cmdclass', 'proto_data_files',
+           'vyra_proto_path']
 
 _HERE = Path(__file__).resolve().parent
 #: Where this package's protos are: a copy beside this module once built,
 #: the repository's ``protos/`` in a source checkout or symlink install.
 _CANDIDATES = (_HERE / 'protos', _HERE.parent / 'protos')
 _MARKER = Path('vyra_base_ipc') / 'shared_memory.proto'
+#: What protoc and its gRPC plugin write for ``x.proto``: ``x_pb2.py`` and so on.
+_GENERATED_SUFFIXES = ('_pb2.py', '_pb2.pyi', '_pb2_grpc.py')
+#: The first line of every file this module places: ``{_STAMP}{distribution} from {proto}``.
+_STAMP = '# vyra_base_ipc_build generated this for '
 
 
 def vyra_proto_path() -> Path:
@@ -50,8 +71,66 @@ def vyra_proto_path() -> Path:
     raise FileNotFoundError(f'the protos of vyra_base_ipc are in none of {", ".join(map(str, _CANDIDATES))}')
 
 
+def ament_protos(package: str) -> Path:
+    """``share/<package>/protos`` of an installed ament package, found on
+    ``AMENT_PREFIX_PATH`` (as ``ament_index_python`` would, without needing it).
+
+    :raises FileNotFoundError: no prefix on ``AMENT_PREFIX_PATH`` has the
+        package, or it installs no ``protos`` directory.
+    """
+    prefixes = [prefix for prefix in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep) if prefix]
+    for prefix in prefixes:
+        if (Path(prefix) / 'share' / 'ament_index' / 'resource_index' / 'packages' / package).is_file():
+            protos = Path(prefix) / 'share' / package / 'protos'
+            if not protos.is_dir():
+                raise FileNotFoundError(f'the ament package {package} in {prefix} installs no {protos}')
+            return protos
+    searched = os.pathsep.join(prefixes) or 'unset'
+    raise FileNotFoundError(f'no ament package {package} on AMENT_PREFIX_PATH ({searched}): build it first'
+                            ' (a <build_depend> in package.xml) and source its setup file')
+
+
+def find_protos(proto_root: str | Path) -> list[str]:
+    """The ``.proto`` files under ``proto_root``, relative to it, sorted.
+    A dangling symlink (a ``.proto`` deleted after colcon linked it) is no file
+    and is left out.
+    """
+    root = Path(proto_root).resolve()
+    return sorted(path.relative_to(root).as_posix() for path in root.rglob('*.proto') if path.is_file())
+
+
+def _module_of(proto: str) -> list[str]:
+    """The Python module protoc names for ``proto`` (``my-arm/x.proto`` ->
+    ``['my_arm', 'x_pb2']``)."""
+    parts = proto[:-len('.proto')].replace('-', '_').split('/')
+    return [*parts[:-1], parts[-1] + '_pb2']
+
+
+def _name_problems(proto: str, packages: Collection[str] | None) -> list[str]:
+    """What makes the code of ``proto`` unimportable, or land outside
+    ``packages`` (top-level package names; ``None``: anywhere)."""
+    module = _module_of(proto)
+    problems = [f'its directory {part!r} becomes a package that `import` cannot name ('
+                + ('a Python keyword' if keyword.iskeyword(part) else 'not a Python identifier') + ')'
+                for part in module[:-1] if keyword.iskeyword(part) or not part.isidentifier()]
+    if not module[-1].isidentifier():
+        problems.append(f'its name becomes the module {module[-1]!r}, which `import` cannot name')
+    if packages is not None:
+        top = module[0]
+        if len(module) == 1:
+            problems.append(f'its code {module[-1]}.py would be a top-level module outside the packages'
+                            f' setup() declares ({", ".join(sorted(packages)) or "none"}):'
+                            ' move it into a directory named like one of them')
+        elif top not in packages:
+            shadows = (f" and would shadow the standard library's {top}" if top in sys.stdlib_module_names
+                       else '')
+            problems.append(f'its code lands in the package {top!r}, which is not one of the packages'
+                            f' setup() declares ({", ".join(sorted(packages)) or "none"}){shadows}')
+    return problems
+
+
 def generate_protos(proto_root: str | Path, output_dir: str | Path, *, stubs: bool = True,
-                    include: Iterable[str | Path] = ()) -> list[str]:
+                    include: Iterable[str | Path] = (), packages: Collection[str] | None = None) -> list[str]:
     """Compile every ``.proto`` under ``proto_root`` into ``output_dir``:
     messages (``_pb2.py``), their type stubs (``_pb2.pyi``, with ``stubs``)
     and gRPC stubs and servicers (``_pb2_grpc.py``).
@@ -59,17 +138,26 @@ def generate_protos(proto_root: str | Path, output_dir: str | Path, *, stubs: bo
     Import paths: ``proto_root``, then ``include``, then this package's
     protos and protobuf's well-known types.
 
+    :param packages: the top-level packages the code may land in; a proto
+        whose code would land elsewhere is refused.
     :returns: the compiled files, relative to ``proto_root``.
     :raises FileNotFoundError: ``proto_root`` has no ``.proto`` file.
+    :raises ValueError: a proto's code could not be imported (a directory
+        named like a Python keyword, ...) or lands outside ``packages``; each
+        such proto is named with what is wrong. Nothing is generated then.
     :raises RuntimeError: protoc failed (its messages are on stderr).
     """
     import grpc_tools  # a build requirement: grpcio-tools
     from grpc_tools import protoc
 
     root = Path(proto_root).resolve()
-    protos = sorted(str(path.relative_to(root)) for path in root.rglob('*.proto'))
+    protos = find_protos(root)
     if not protos:
         raise FileNotFoundError(f'no .proto file under {root}')
+    problems = [f'{root / proto}: {problem}'
+                for proto in protos for problem in _name_problems(proto, packages)]
+    if problems:
+        raise ValueError('cannot build these protos:\n  ' + '\n  '.join(problems))
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     paths = [root, *map(Path, include)]
@@ -87,16 +175,129 @@ def generate_protos(proto_root: str | Path, output_dir: str | Path, *, stubs: bo
     return protos
 
 
-def proto_cmdclass(proto_root: str | Path = 'protos', *, ship_vyra_protos: bool = False
+def _setup_dir() -> Path:
+    """The real directory of the ``setup.py`` being run. setuptools runs it in
+    its own directory, except that ``colcon build --symlink-install`` runs it
+    in ``build/<pkg>`` through a symlink, where only what colcon linked is."""
+    script = Path.cwd() / 'setup.py'
+    return script.resolve().parent if script.is_file() else Path.cwd()
+
+
+def proto_data_files(package: str, proto_root: str | Path = 'protos') -> list[tuple[str, list[str]]]:
+    """``data_files`` entries installing every ``proto_root/**/*.proto`` to
+    ``share/<package>/protos/**`` (where other packages' ``include_packages``
+    find them), relative to the ``setup.py`` directory as setuptools wants them.
+    Listed in ``data_files``, they are in the sdist too.
+    """
+    here = _setup_dir()
+    root = (here / proto_root).resolve()
+    by_directory: dict[str, list[str]] = {}
+    for proto in find_protos(root):
+        directory = os.path.dirname(proto)
+        by_directory.setdefault(directory, []).append(os.path.relpath(root / proto, here))
+    return [(f'share/{package}/protos' + (f'/{directory}' if directory else ''), files)
+            for directory, files in sorted(by_directory.items())]
+
+
+def _top_packages(distribution: Distribution) -> set[str]:
+    """The top-level packages ``setup()`` declares."""
+    return {package.split('.')[0] for package in distribution.packages or ()}
+
+
+def _stamp(distribution: str) -> str:
+    """The start of the first line of the files placed for ``distribution``."""
+    return f'{_STAMP}{distribution} from '
+
+
+def _remove_stale(directories: Iterable[Path], distribution: str, keep: Callable[[Path], bool]) -> None:
+    """Delete the generated files under ``directories`` that this module
+    placed for ``distribution`` and ``keep`` rejects; no other file."""
+    stamp = _stamp(distribution)
+    for directory in directories:
+        for path in directory.rglob('*_pb2*'):
+            if not path.name.endswith(_GENERATED_SUFFIXES) or not path.is_file() or keep(path):
+                continue
+            with path.open(encoding='utf-8', errors='replace') as text:
+                if not text.readline().startswith(stamp):
+                    continue  # not ours: hand-written, or generated by someone else
+            path.unlink()
+
+
+class _Generation:
+    """The protos of one ``setup.py``, generated for one of its commands."""
+
+    def __init__(self, command: Command, source: Path, include: Sequence[str | Path],
+                 include_packages: Sequence[str]) -> None:
+        self.distribution: Distribution = command.distribution
+        self.name = self.distribution.get_name()
+        self.packages = _top_packages(self.distribution)
+        self.build_py = command.get_finalized_command('build_py')
+        self.source = source
+        self.include = include
+        self.include_packages = include_packages
+
+    def package_dir(self, package: str) -> Path:
+        """Where the source of ``package`` (dotted) is, ``package_dir`` honoured."""
+        return _setup_dir() / self.build_py.get_package_dir(package)
+
+    def into(self, destination: Callable[[Path], Path], tops: Iterable[Path]) -> None:
+        """Generate, place each file at ``destination(relative path)`` with its
+        stamp (rewriting only what changed), then delete the stale stamped
+        files under ``tops``.
+
+        :raises setuptools.errors.SetupError: the protos cannot be built; says why.
+        """
+        from setuptools.errors import SetupError
+
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                include = [*(_setup_dir() / path for path in self.include),
+                           *map(ament_protos, self.include_packages)]
+                generate_protos(self.source, scratch, include=include, packages=self.packages)
+            except (FileNotFoundError, ValueError, RuntimeError) as error:
+                raise SetupError(f'{self.name}: {error}') from error
+            placed = set()
+            for path in sorted(Path(scratch).rglob('*_pb2*')):
+                relative = path.relative_to(scratch)
+                proto = relative.parent / (relative.name.split('_pb2')[0] + '.proto')
+                content = f'{_stamp(self.name)}{proto.as_posix()}\n{path.read_text(encoding="utf-8")}'
+                target = destination(relative)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if not target.is_file() or target.read_text(encoding='utf-8', errors='replace') != content:
+                    target.write_text(content, encoding='utf-8')
+                placed.add(target.resolve())
+        _remove_stale(tops, self.name, lambda path: path.resolve() in placed)
+
+    def into_build(self, build_lib: Path) -> None:
+        """Generate into the build tree, as ``build_py`` lays modules out there."""
+        self.into(lambda relative: build_lib / relative, [build_lib / top for top in self.packages])
+
+    def into_source(self) -> None:
+        """Generate beside the package's modules in the source tree."""
+        self.into(lambda relative: self.package_dir('.'.join(relative.parent.parts)) / relative.name,
+                  [self.package_dir(top) for top in self.packages])
+
+
+def proto_cmdclass(proto_root: str | Path = 'protos', *, ship_vyra_protos: bool = False,
+                   include: Sequence[str | Path] = (), include_packages: Sequence[str] = ()
                    ) -> dict[str, type[Any]]:
     """Return setuptools commands that generate the code of ``proto_root`` at build
     time: ``build_py`` into the build tree (or the source tree for an
-    editable build), ``develop`` into the source tree, and
+    editable build), ``develop`` into the source tree, ``install_lib``
+    deleting what a removed ``.proto`` left installed, and
     ``generate_protos`` on demand into the source tree.
 
-    Call it from ``setup.py``: like setuptools' own relative paths,
-    ``proto_root`` is relative to the directory it runs in, the source tree.
+    Relative paths (``proto_root``, ``include``) are relative to the
+    directory of ``setup.py`` (its real one: also under
+    ``colcon build --symlink-install``). Code lands beside the package's
+    modules where ``package_dir`` puts them; a proto whose code would land
+    outside the packages ``setup()`` declares fails the build, naming it.
 
+    :param include: more directories on protoc's import path, for protos
+        that import protos this package does not build.
+    :param include_packages: installed ament packages whose
+        ``share/<pkg>/protos`` go on the import path (see :func:`ament_protos`),
+        found when the build runs.
     :param ship_vyra_protos: copy this package's protos beside
         ``vyra_base_ipc_build`` in the build (``vyra_base_ipc``'s own setup.py).
     """
@@ -105,26 +306,45 @@ def proto_cmdclass(proto_root: str | Path = 'protos', *, ship_vyra_protos: bool 
     from setuptools import Command
     from setuptools.command.build_py import build_py
     from setuptools.command.develop import develop
+    from setuptools.command.install_lib import install_lib
 
-    tree = Path.cwd()
-    source = (tree / proto_root).resolve()
+    source = (_setup_dir() / proto_root).resolve()
+
+    def generation(command: Command) -> _Generation:
+        return _Generation(command, source, include, include_packages)
 
     class BuildPyWithProtos(build_py):
         """``build_py`` that also generates the protobuf code."""
 
         def run(self) -> None:
             super().run()
-            generate_protos(source, tree if self.editable_mode else Path(self.build_lib))
-            if ship_vyra_protos and not self.editable_mode:
+            if self.editable_mode:
+                generation(self).into_source()
+                return
+            generation(self).into_build(Path(self.build_lib))
+            if ship_vyra_protos:
                 copy = Path(self.build_lib) / 'vyra_base_ipc_build' / 'protos'
-                shutil.copytree(source, copy, dirs_exist_ok=True)
+                shutil.rmtree(copy, ignore_errors=True)  # no proto deleted since the last build comes back
+                shutil.copytree(source, copy)
 
     class DevelopWithProtos(develop):
         """``develop`` that generates the protobuf code into the source tree first."""
 
         def run(self) -> None:
-            generate_protos(source, tree)
+            generation(self).into_source()
             super().run()
+
+    class InstallLibWithoutStaleProtos(install_lib):
+        """``install_lib`` that also deletes the generated files an earlier
+        install left and this build no longer has (``setup.py install``, as
+        colcon runs it, only ever adds files)."""
+
+        def run(self) -> None:
+            super().run()
+            built, installed = Path(self.build_dir), Path(self.install_dir)
+            _remove_stale([installed / top for top in _top_packages(self.distribution)],
+                          self.distribution.get_name(),
+                          lambda path: (built / path.relative_to(installed)).is_file())
 
     class GenerateProtos(Command):
         """``setup.py generate_protos``: generate into the source tree."""
@@ -140,7 +360,7 @@ def proto_cmdclass(proto_root: str | Path = 'protos', *, ship_vyra_protos: bool 
 
         def run(self) -> None:
             """Generate into the source tree."""
-            generate_protos(source, tree)
+            generation(self).into_source()
 
     return {'build_py': BuildPyWithProtos, 'develop': DevelopWithProtos,
-            'generate_protos': GenerateProtos}
+            'install_lib': InstallLibWithoutStaleProtos, 'generate_protos': GenerateProtos}

@@ -4,7 +4,7 @@ from glob import glob
 
 from setuptools import setup
 
-from vyra_base_ipc_build import proto_cmdclass
+from vyra_base_ipc_build import proto_cmdclass, proto_data_files
 
 package_name = 'my_arm'
 
@@ -16,7 +16,8 @@ setup(
         ('share/ament_index/resource_index/packages', [f'resource/{package_name}']),
         (f'share/{package_name}', ['package.xml']),
         (f'share/{package_name}/launch', glob('launch/*.launch.py')),
-        (f'share/{package_name}/protos/{package_name}', glob(f'protos/{package_name}/*.proto')),
+        # protos/**/*.proto -> share/my_arm/protos/**: for other modules' protos to import (and in the sdist).
+        *proto_data_files(package_name),
     ],
     install_requires=['setuptools', 'fastapi', 'uvicorn', 'uvloop'],
     # colcon test runs pytest for packages that name it here.
@@ -26,7 +27,7 @@ setup(
     maintainer_email='dev@vyra.invalid',
     description='Example VYRA module with its own IPC service',
     license='Apache-2.0',
-    # protos/my_arm/*.proto -> my_arm/*_pb2.py, *_pb2.pyi, *_pb2_grpc.py at build time.
+    # protos/my_arm/**/*.proto -> my_arm/**/*_pb2.py, *_pb2.pyi, *_pb2_grpc.py at build time.
     cmdclass=proto_cmdclass(),
     entry_points={
         'console_scripts': [
