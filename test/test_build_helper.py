@@ -4,6 +4,7 @@ protos (examples/my_arm builds with it in CI; these are its edges)."""
 from __future__ import annotations
 
 from pathlib import Path
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import tarfile
 import zipfile
 
 import pytest
+import tomllib
 
 from vyra_base_ipc_build import generate_protos, vyra_proto_path
 
@@ -213,7 +215,7 @@ def test_the_sdist_carries_every_proto_and_a_wheel_built_from_it_has_their_code(
     (sdist,) = (tmp_path / 'dist').glob('my_arm-*.tar.gz')
     with tarfile.open(sdist) as archive:
         names = {name.partition('/')[2] for name in archive.getnames()}
-    assert {'protos/my_arm/arm.proto', 'protos/my_arm/types/common.proto'} <= names
+    assert {'pyproject.toml', 'protos/my_arm/arm.proto', 'protos/my_arm/types/common.proto'} <= names
     # What `pip install` does with an sdist; build isolation would fetch grpcio-tools from an index, which
     # the tests have no network for.
     subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--quiet', '--no-deps', '--no-build-isolation',
@@ -223,3 +225,13 @@ def test_the_sdist_carries_every_proto_and_a_wheel_built_from_it_has_their_code(
     assert {'my_arm/types/common_pb2.py', 'my_arm/types/common_pb2_grpc.py', 'my_arm/arm_pb2_grpc.py',
             'my_arm-0.1.0.data/data/share/my_arm/protos/my_arm/types/common.proto'} <= names
 
+
+def test_the_example_declares_what_an_isolated_pip_build_needs() -> None:
+    build_system = tomllib.loads((EXAMPLE / 'pyproject.toml').read_text())['build-system']
+    assert build_system['build-backend'] == 'setuptools.build_meta'
+    # setup.py imports vyra_base_ipc_build (shipped in vyra_base_ipc's wheel), and the code grpcio-tools
+    # generates must match the grpcio that vyra_base_ipc pins.
+    grpc = re.search(r"grpc_version = '([^']+)'", (EXAMPLE.parent.parent / 'setup.py').read_text())
+    assert grpc is not None
+    assert sorted(build_system['requires']) == sorted(
+        ['setuptools>=64', f'grpcio-tools=={grpc.group(1)}', 'vyra_base_ipc'])
