@@ -225,12 +225,15 @@ def test_stats_of_a_server_without_metrics_say_so(start_server: StartServer, soc
     assert 'metrics are off' in str(refused.value)
 
 
+@pytest.mark.parametrize('failure', ['RuntimeError', 'SystemExit', 'KeyboardInterrupt'])
 def test_a_broken_interceptor_is_logged_and_calls_go_on(start_server: StartServer, socket_path: Path,
-                                                       tmp_path: Path, echo: Any) -> None:
-    observed = start_observed(start_server, socket_path, tmp_path, '--broken-interceptor')
+                                                       tmp_path: Path, echo: Any, failure: str) -> None:
+    """Also one that exits: as a handler's exit, it must not end the server's event loop."""
+    observed = start_observed(start_server, socket_path, tmp_path, '--broken-interceptor', failure)
     for lane in ('grpc', 'ttrpc'):
         with observed.client(echo.Stub, lane) as client:
-            assert client.call_method('Echo', echo.pb.EchoRequest(text=lane)).text == lane
+            for text in (lane, f'{lane} again'):
+                assert client.call_method('Echo', echo.pb.EchoRequest(text=text), timeout=10).text == text
         assert observed.ended(ECHO, lane)[0]['code'] == 'OK'  # the next interceptor still ran
     wait_for(lambda: 'bug in call_ended' in observed.server.log(), 10, 'the failure in the log')
     assert 'bug in call_started' in observed.server.log()

@@ -29,6 +29,7 @@ import grpc
 
 from ._metrics import MethodMetrics, ServerMetrics
 from ._peer import PeerCredentials
+from ._request_guard import HANDLER_FAILURES
 from .exceptions import IPCError, error_from_status
 
 __all__ = ['CallObserver', 'CallRejected', 'ClientCall', 'ClientInterceptor', 'Observation', 'ServerCall',
@@ -165,7 +166,7 @@ class CallObserver:
                 except CallRejected as rejection:
                     observation.end(rejection.code.value[0], rejection.details)
                     raise
-                except Exception:
+                except HANDLER_FAILURES:  # (an exit too: it would end the server's event loop)
                     _logger.exception('interceptor %r failed in call_started of %s', interceptor, method)
         return observation
 
@@ -175,7 +176,7 @@ class CallObserver:
         for interceptor in self.interceptors:
             try:
                 interceptor.call_ended(call, status, details, duration)
-            except Exception:
+            except HANDLER_FAILURES:
                 _logger.exception('interceptor %r failed in call_ended of %s', interceptor, call.method)
 
 

@@ -9,6 +9,7 @@ Usage: observed_server.py SOCKET_PATH JOURNAL [--no-metrics] [--broken-intercept
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
 import logging
 import sys
@@ -49,13 +50,17 @@ class Gatekeeper(ServerInterceptor):
 
 
 class Broken(ServerInterceptor):
-    """An interceptor with a bug: both hooks raise."""
+    """An interceptor with a bug: both hooks raise ``failure`` (an
+    exception class: RuntimeError, SystemExit, KeyboardInterrupt)."""
+
+    def __init__(self, failure: type[BaseException]) -> None:
+        self.failure = failure
 
     def call_started(self, call: ServerCall) -> None:
-        raise RuntimeError('bug in call_started')
+        raise self.failure('bug in call_started')
 
     def call_ended(self, call: ServerCall, code: grpc.StatusCode, details: str, duration: float) -> None:
-        raise RuntimeError('bug in call_ended')
+        raise self.failure('bug in call_ended')
 
 
 def main() -> None:
@@ -63,12 +68,12 @@ def main() -> None:
     parser.add_argument('socket_path')
     parser.add_argument('journal')
     parser.add_argument('--no-metrics', dest='metrics', action='store_false')
-    parser.add_argument('--broken-interceptor', action='store_true')
+    parser.add_argument('--broken-interceptor', choices=['RuntimeError', 'SystemExit', 'KeyboardInterrupt'])
     options = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     interceptors: list[ServerInterceptor] = [Gatekeeper(options.journal)]
     if options.broken_interceptor:
-        interceptors.insert(0, Broken())
+        interceptors.insert(0, Broken(getattr(builtins, options.broken_interceptor)))
     module = ModuleService('observed')
     counted = []
     # A command with a side effect, read back with "count": proof that a
