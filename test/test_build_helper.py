@@ -150,7 +150,8 @@ def build_package(tmp_path: Path, protos: dict[str, str],
 
 @pytest.mark.parametrize(('proto', 'error'), [
     ('json/api.proto', "its code lands in the package 'json', which is not one of the packages setup() declares "
-                       "(gadget) and would shadow the standard library's json"),
+                       "(gadget) and would shadow the standard library's json: move it into a directory named like "
+                       'one of them, or declare the package'),
     ('gadget/import/k.proto', "its directory 'import' becomes a package that `import` cannot name "
                               '(a Python keyword)'),
     ('loose.proto', 'its code loose_pb2.py would be a top-level module outside the packages setup() declares'),

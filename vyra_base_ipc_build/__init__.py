@@ -125,7 +125,8 @@ def _name_problems(proto: str, packages: Collection[str] | None) -> list[str]:
             shadows = (f" and would shadow the standard library's {top}" if top in sys.stdlib_module_names
                        else '')
             problems.append(f'its code lands in the package {top!r}, which is not one of the packages'
-                            f' setup() declares ({", ".join(sorted(packages)) or "none"}){shadows}')
+                            f' setup() declares ({", ".join(sorted(packages)) or "none"}){shadows}:'
+                            ' move it into a directory named like one of them, or declare the package')
     return problems
 
 
