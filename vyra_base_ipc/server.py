@@ -300,6 +300,7 @@ class IPCServer:
         self._state = _State.STARTING
         self._terminated = asyncio.Event()
         self._started = asyncio.Event()
+        grpc_started: asyncio.Future[None] | None = None
         try:
             self._socket.check()
             note_grpc_used()
@@ -317,7 +318,10 @@ class IPCServer:
             bound = self._server.add_insecure_port(grpc_target(self._bound_path))
             if bound == 0:  # older grpcio reported failure this way
                 raise OSError(f'gRPC could not bind a socket for {self.socket_path}')
-            await self._server.start()
+            # Shielded: grpc cannot stop a server cancelled inside its start()
+            # (InvalidStateError); a cancelled start() lets it finish, then stops it.
+            grpc_started = asyncio.ensure_future(self._server.start())
+            await asyncio.shield(grpc_started)
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             if self.ttrpc_socket_path is not None:
                 # Health too, so that a client on either lane sees NOT_SERVING first.
@@ -334,7 +338,7 @@ class IPCServer:
             # The gRPC socket appears last: whoever sees it finds both lanes up.
             self._socket.publish()
         except BaseException:
-            await self._abort_start()
+            await self._abort_start(grpc_started)
             raise
         finally:
             self._started.set()  # (a stop() waiting goes on once this step is done)
@@ -486,9 +490,12 @@ class IPCServer:
                 _logger.info('IPC server on %s stopped%s', self.socket_path,
                              '' if removed else ' (a socket file was not ours any more)')
 
-    async def _abort_start(self) -> None:
+    async def _abort_start(self, grpc_started: asyncio.Future[None] | None) -> None:
+        """Undo a start() that failed or was cancelled half-way."""
         if self._ttrpc is not None:
             await self._ttrpc.stop(0)
+        if grpc_started is not None:
+            await asyncio.wait([grpc_started])  # (its outcome is the server's stop's business)
         if self._server is not None:
             await self._server.stop(None)
         self._socket.remove()  # also drops the private bind directory
