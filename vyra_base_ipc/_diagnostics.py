@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.duration import Duration
 from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.node import Node
 from rclpy.timer import Timer
@@ -40,6 +41,8 @@ ERROR_RATE_WARN = 0.1
 CONNECTIONS_WARN = 0.9
 
 _TOPIC = '/diagnostics'
+#: Longest the last status waits for the monitors to have it, as the publisher goes.
+_LAST_STATUS_WAIT = Duration(seconds=1)
 _InvalidHandle = rclpy_implementation.InvalidHandle
 
 
@@ -81,6 +84,9 @@ class IPCDiagnostics:
             self._node.destroy_timer(timer)
             if self._node.context.ok():
                 self.publish()
+                # Destroyed at once, the publisher may drop the last status
+                # before the monitors got it (seen in CI at SIGTERM).
+                self._publisher.wait_for_all_acked(_LAST_STATUS_WAIT)
             self._node.destroy_publisher(self._publisher)
         except _InvalidHandle:  # destroyed with the node or the context
             pass
