@@ -26,6 +26,7 @@ from vyra_base_ipc import (
     SocketInUseError,
     SyncIPCHandler,
 )
+from vyra_base_ipc._loop_thread import EventLoopThread
 from vyra_base_ipc._socket_file import is_listening
 
 
@@ -265,6 +266,26 @@ async def test_a_bad_grace_given_to_stop_is_refused_before_anything_stops(socket
         with pytest.raises(TypeError, match='grace must be a number of seconds, not str'):
             await server.stop('1')  # type: ignore[arg-type]
         assert server.is_serving and socket_path.is_socket()
+    with pytest.raises(ValueError, match='grace must be a finite number'):
+        await server.stop(float('nan'))  # also on a server that stopped (or never started)
+
+
+@pytest.mark.asyncio
+async def test_stop_on_another_event_loop_is_refused_and_changes_nothing(socket_path: Path) -> None:
+    """Before: it removed both socket files and said stopped, the servers
+    ran on, and stop() on the right loop raised the same error for ever."""
+    loop = EventLoopThread('other-loop')
+    loop.start()
+    try:
+        server = IPCServer(socket_path, servicers=[ModuleService('unit')])
+        loop.run(server.start(), timeout=LONG)
+        with pytest.raises(RuntimeError, match='another event loop than the one start'):
+            await server.stop(0)
+        assert server.is_serving and socket_path.is_socket()
+        loop.run(server.stop(0), timeout=LONG)
+        assert not server.is_serving and list(socket_path.parent.iterdir()) == []
+    finally:
+        loop.stop()
 
 
 def test_servicer_without_generated_base_needs_its_add_function(socket_path: Path) -> None:

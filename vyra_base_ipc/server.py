@@ -198,6 +198,8 @@ class IPCServer:
         # A lane's stop() still waiting for a peer that does not read (kept: not collected while pending).
         self._left_stopping: set[asyncio.Task[None]] = set()
         self._terminated: asyncio.Event | None = None
+        #: The event loop start() ran on: the only one this server works on.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._started = asyncio.Event()  # (made anew by start(), on its loop)
         try:
             servicers = list(servicers)
@@ -298,6 +300,7 @@ class IPCServer:
         if self._state is not _State.NEW:
             raise RuntimeError(f'start() called on a server that is {self._state.value}')
         self._state = _State.STARTING
+        self._loop = asyncio.get_running_loop()
         self._terminated = asyncio.Event()
         self._started = asyncio.Event()
         grpc_started: asyncio.Future[None] | None = None
@@ -365,7 +368,17 @@ class IPCServer:
         done, or 1 s after the grace at the latest: a connection whose peer
         does not read (a process stopped in a debugger) is not waited for
         (logged as a warning). A server still starting is stopped once it started.
+
+        :raises RuntimeError: awaited on another event loop than :meth:`start`'s
+            (nothing is changed then).
+        :raises TypeError, ValueError: ``grace`` is not a number of seconds
+            from 0 to 1e9.
         """
+        if grace is not None:
+            grace = validate_grace(grace, 'grace')
+        if self._loop is not None and asyncio.get_running_loop() is not self._loop:
+            raise RuntimeError('stop() awaited on another event loop than the one start() ran on; '
+                               'await it there (asyncio.run_coroutine_threadsafe() from another thread)')
         if self._state is _State.STARTING:
             await self._started.wait()
         if self._stop_task is None and self._state is not _State.SERVING:
@@ -375,7 +388,7 @@ class IPCServer:
                 self._terminated.set()
             return
         if self._stop_task is None:
-            grace = self.grace_period if grace is None else validate_grace(grace, 'grace')
+            grace = self.grace_period if grace is None else grace
             self._state = _State.STOPPING
             self._stop_task = asyncio.ensure_future(self._shutdown(grace))
         await asyncio.shield(self._stop_task)
