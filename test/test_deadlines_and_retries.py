@@ -59,6 +59,29 @@ def test_call_under_an_expired_parent_fails_without_being_sent(server, echo) -> 
             client.call_method('Echo', echo.pb.EchoRequest(), parent=ExpiredContext())
 
 
+class ForeignContext:
+    """A parent whose time left came from elsewhere: a foreign ttrpc peer's
+    timeout_nano (up to 292 years), or a context of another library."""
+
+    def __init__(self, remaining: float) -> None:
+        self.remaining = remaining
+
+    def time_remaining(self) -> float:
+        return self.remaining
+
+
+@pytest.mark.parametrize('remaining', [9.2e9, float('inf'), float('nan')])
+def test_a_parent_with_a_huge_or_no_number_of_seconds_left_gives_the_same_calls_on_both_lanes(
+        server, echo, lane: str, remaining: float) -> None:
+    """Before: 9.2e9 s failed the gRPC lane's stream at once (DEADLINE_EXCEEDED);
+    inf and NaN raised OverflowError and ValueError on the fast lane."""
+    parent = ForeignContext(remaining)
+    with SyncIPCHandler(server.socket_path, echo.Stub, lane=lane) as client:
+        assert client.call_method('Echo', echo.pb.EchoRequest(text='x'), parent=parent).text == 'x'
+        count = client.stream_method('Count', echo.pb.CountRequest(count=2), timeout=None, parent=parent)
+        assert [reply.index for reply in count] == [0, 1]
+
+
 # -- no silent duplicates ------------------------------------------------------------
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from ._methods import Method, MethodKind, request_type_error, stub_methods
 from ._options import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_TIMEOUT,
+    MAX_SECONDS,
     channel_options,
     validate_max_message_bytes,
     validate_timeout,
@@ -316,7 +317,8 @@ class ClientBase:
         capped = False
         if parent is not None:
             remaining = parent.time_remaining()
-            if remaining is not None:
+            if remaining is not None and remaining == remaining:  # (NaN, from a foreign context: none)
+                remaining = min(remaining, MAX_SECONDS)  # (a foreign peer's, up to 292 years; inf)
                 if remaining <= 0:
                     raise IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                           "the calling handler's deadline has already expired",
