@@ -250,6 +250,11 @@ async def test_a_start_cancelled_at_any_step_leaves_nothing_behind(socket_path: 
     ({'servicers': ModuleService('alone')}, TypeError, r'servicers must be a list of servicers, not '
                                                        r'ModuleService \(one servicer too: servicers=\[...\]\)'),
     ({'interceptors': None}, TypeError, 'interceptors must be a sequence of ServerInterceptor objects, not None'),
+    # Before: accepted, and metrics='no' switched the metrics on; "'int' object is not callable".
+    ({'metrics': 'no'}, TypeError, 'metrics must be True or False, not str'),
+    ({'ttrpc': 'yes'}, TypeError, 'ttrpc must be True or False, not str'),
+    ({'servicers': [(ModuleService('x'), 5)]}, TypeError, 'the add function given with ModuleService must be '
+                                                          'the generated add_<Service>Servicer_to_server, not int'),
 ])
 def test_bad_server_arguments_are_named_before_it_starts(socket_path: Path, kwargs: dict, error: type,
                                                          message: str) -> None:
@@ -268,6 +273,8 @@ async def test_a_bad_grace_given_to_stop_is_refused_before_anything_stops(socket
         assert server.is_serving and socket_path.is_socket()
     with pytest.raises(ValueError, match='grace must be a finite number'):
         await server.stop(float('nan'))  # also on a server that stopped (or never started)
+    with pytest.raises(ValueError, match='timeout must be a finite number'):
+        await server.wait_for_termination(float('nan'))  # (before: False, as if it still ran)
 
 
 @pytest.mark.asyncio

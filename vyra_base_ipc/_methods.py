@@ -185,6 +185,9 @@ def record_servicer(servicer: Any, add_to_server: Callable[[Any, Any], None] | N
     """
     if add_to_server is None:
         add_to_server = find_add_function(type(servicer))
+    elif not callable(add_to_server):
+        raise TypeError(f'the add function given with {type(servicer).__name__} must be the generated '
+                        f'add_<Service>Servicer_to_server, not {type(add_to_server).__name__}')
     recorder = _RecordingServer()
     add_to_server(servicer, recorder)
     if not recorder.services:

@@ -160,6 +160,9 @@ class IPCServer:
             max_workers, 'max_workers', 'an int or None')
         self._maximum_concurrent_rpcs = None if maximum_concurrent_rpcs is None else validate_count(
             maximum_concurrent_rpcs, 'maximum_concurrent_rpcs', 'an int or None')
+        for flag, name in ((ttrpc, 'ttrpc'), (metrics, 'metrics')):
+            if not isinstance(flag, bool):  # ('no' would switch it on)
+                raise TypeError(f'{name} must be True or False, not {type(flag).__name__}')
         self.ttrpc_socket_path = None if not ttrpc else (
             default_ttrpc_socket_path(self.socket_path) if ttrpc_socket_path is None
             else validate_socket_path(ttrpc_socket_path))
@@ -399,7 +402,10 @@ class IPCServer:
         :returns: ``True`` once the server has stopped, ``False`` if
             ``timeout`` expired first. (Unlike ``grpc.aio.Server``, whose
             result means "timed out".)
+        :raises TypeError, ValueError: ``timeout`` is not a number of seconds from 0 to 1e9.
         """
+        if timeout is not None:
+            timeout = validate_grace(timeout, 'timeout')  # (0: whether it has stopped now)
         if self._terminated is None:
             raise RuntimeError('wait_for_termination() before start()')
         if self._terminated.is_set():
