@@ -239,6 +239,32 @@ def test_sigkill_while_a_request_stream_is_sent_is_unavailable_for_the_async_cli
         assert isinstance(error, IPCUnavailableError), repr(error)
 
 
+def test_calls_past_the_grace_end_unavailable_in_the_same_words_on_both_lanes(
+        start_fault_server: StartFaultServer, socket_path: Path, echo) -> None:
+    """Before: the fast lane closed the connection ("connection ... lost:
+    closed by the server"), the gRPC lane said "Cancelling all calls"."""
+    server, journal = start_fault_server(socket_path, '--grace-period', '0.5')
+    errors: dict[str, BaseException] = {}
+
+    def sleep(lane: str) -> None:
+        with SyncIPCHandler(socket_path, echo.Stub, timeout=LONG, lane=lane) as client:
+            try:
+                client.call_method('Sleep', echo.pb.SleepRequest(seconds=LONG))
+            except IPCError as error:
+                errors[lane] = error
+    callers = [threading.Thread(target=sleep, args=(lane,)) for lane in LANES]
+    for caller in callers:
+        caller.start()
+    wait_for(lambda: journal.count('begin', 'Sleep') == 2, LONG, 'both Sleep calls on the server')
+    server.signal(signal.SIGTERM)
+    for caller in callers:
+        caller.join(LONG)
+    assert server.wait() == 0
+    for lane in LANES:
+        assert isinstance(errors.get(lane), IPCUnavailableError), (lane, errors)
+        assert str(errors[lane]).endswith('UNAVAILABLE: Cancelling all calls'), (lane, errors[lane])
+
+
 # -- 3: restart --------------------------------------------------------------------------
 
 #: How long the server stays down.

@@ -526,9 +526,9 @@ class Call:
         self.answer(number(code), details, end=end)
         self._cancel_task()
 
-    def shut_down(self) -> None:
+    def shut_down(self, details: str = _SHUTTING_DOWN) -> None:
         """The server stops: end the call with UNAVAILABLE, cancelling its handler."""
-        self.fail(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN, _End.CANCELLED)
+        self.fail(grpc.StatusCode.UNAVAILABLE, details, _End.CANCELLED)
 
     def cancel(self) -> None:
         """The client left (CANCEL, connection gone): end without an answer,

@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 __all__ = ['ServerConnection']
 
 _logger = logging.getLogger(__name__)
+#: What grpc core says of the calls it cancels as a server's grace ends.
+_GRACE_ENDED = 'Cancelling all calls'
 
 _REQUEST = int(MessageType.REQUEST)
 _RESPONSE = int(MessageType.RESPONSE)
@@ -490,9 +492,11 @@ class ServerConnection(FramedConnection):
             self.close()
 
     def cancel_calls(self) -> list[asyncio.Future[Any]]:
-        """Cancel every call; return the tasks of async handlers still unwinding."""
+        """The grace ended: end every call with UNAVAILABLE, in the words of
+        the gRPC lane, cancelling its handler; return the tasks of async
+        handlers still unwinding."""
         tasks = [call.task for call in self.calls.values()
                  if call.task is not None and call.handler.is_async and not call.task.done()]
         for call in list(self.calls.values()):
-            call.cancel()
+            call.shut_down(_GRACE_ENDED)
         return tasks
