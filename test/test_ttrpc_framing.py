@@ -4,6 +4,7 @@ scripted ttrpc peer on a real socket (answers no real server would give)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 import random
@@ -14,6 +15,7 @@ from typing import Any, Callable, Iterator
 import grpc
 import pytest
 
+from conftest import wait_for
 from ttrpc_peer import DATA, REMOTE_CLOSED, RESPONSE, Peer, PeerServer, frame_bytes
 from ttrpc_peer import Frame as WireFrame
 from vyra_base_ipc import ttrpc_pb2
@@ -331,6 +333,62 @@ async def test_async_client_gives_up_at_its_deadline_when_no_answer_comes(
                 await connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=0.2)
     finally:
         done.set()
+
+
+@pytest.mark.parametrize('client', ['sync', 'async'])
+@pytest.mark.parametrize('leaves, deadline_flag', [
+    ('call-at-its-deadline', 0x01), ('client-stream-at-its-deadline', 0x01), ('stream-at-its-deadline', 0x01),
+    ('stream-at-its-idle-timeout', 0), ('stream-left-early', 0)])
+def test_a_client_cancel_says_whether_it_left_because_the_deadline_passed(
+        client: str, leaves: str, deadline_flag: int, socket_dir: Path, echo: Any) -> None:
+    # The server ends the call DEADLINE_EXCEEDED on a CANCEL that says so,
+    # CANCELLED otherwise: what its interceptors, stats and context report.
+    from vyra_base_ipc.exceptions import IPCTimeoutError
+    cancels: list[WireFrame] = []
+
+    def server(peer: Peer) -> None:
+        assert peer.read_frame().stream_id == 1
+        peer.respond(1, ttrpc_pb2.Hello(cancel=True).SerializeToString())
+        call = peer.read_frame()
+        if leaves == 'stream-left-early':
+            peer.send(call.stream_id, DATA, 0, echo.pb.EchoReply(text='one').SerializeToString())
+        while (frame := peer.read_frame()).type != CANCEL:
+            assert frame.type == DATA  # a request stream's messages and end
+        cancels.append(frame)
+    peers = PeerServer(socket_dir / 'cancel.sock', server)
+    methods = stub_methods(echo.Stub)
+    method, request = {'call-at-its-deadline': (methods['Echo'], echo.pb.EchoRequest()),
+                       'client-stream-at-its-deadline': (methods['Collect'], [echo.pb.EchoRequest()])
+                       }.get(leaves, (methods['Count'], echo.pb.CountRequest()))
+    timeout, idle = (30, 0.1) if leaves == 'stream-at-its-idle-timeout' else (0.2, None)
+
+    async def leave_async() -> None:
+        async with await AsyncConnection.connect(peers.path, shared_memory=None) as connection:
+            if method.kind.response_streaming:
+                responses = connection.stream(method, request, timeout=timeout, idle_timeout=idle)
+                async with contextlib.aclosing(responses):  # (left before the connection closes)
+                    async for _ in responses:
+                        break
+            else:
+                await connection.call(method, request, timeout=timeout)
+
+    try:
+        with contextlib.ExitStack() as expected:
+            if leaves != 'stream-left-early':
+                expected.enter_context(pytest.raises(IPCTimeoutError))
+            if client == 'async':
+                asyncio.run(leave_async())
+            else:
+                with SyncConnection.connect(peers.path, shared_memory=None) as connection:
+                    if method.kind.response_streaming:
+                        for _ in connection.stream(method, request, timeout=timeout, idle_timeout=idle):
+                            break
+                    else:
+                        connection.call(method, request, timeout=timeout)
+        wait_for(lambda: cancels, 10, 'the CANCEL read')
+        assert (cancels[0].stream_id, cancels[0].flags) == (3, deadline_flag)
+    finally:
+        peers.close()
 
 
 @pytest.mark.asyncio

@@ -368,6 +368,7 @@ class AsyncConnection:
                 sender = loop.create_task(self._send_requests(stream_id, method, request, stream))
                 try:
                     item = await stream.next(None if deadline is None else loop.time() + deadline.remaining())
+                    stream.expired = item is None
                 finally:
                     protocol.finish(stream_id)
                     sender.cancel()
@@ -428,12 +429,14 @@ class AsyncConnection:
                 while True:
                     if until is not None and stream.items and loop.time() >= until and \
                             outcome.too_late(stream, stream_id not in protocol.core.streams):
+                        stream.expired = True
                         raise timeout_error(method)
                     wait_until = until if idle_timeout is None else min(until or float('inf'),
                                                                        loop.time() + idle_timeout)
                     item = await stream.next(wait_until)
                     if item is None:
-                        raise (timeout_error(method) if until is not None and loop.time() >= until
+                        stream.expired = until is not None and loop.time() >= until
+                        raise (timeout_error(method) if stream.expired
                                else idle_error(method, idle_timeout))  # type: ignore[arg-type]
                     ended, payload = outcome.streamed(item)
                     if not ended:
@@ -505,11 +508,13 @@ class _Unary:
     future until the caller next suspends, and an answer in shared memory
     held that long would keep its segment from the caller's next call."""
 
-    __slots__ = ('future', 'item')
+    __slots__ = ('future', 'item', 'expired')
 
     def __init__(self, future: asyncio.Future[None]) -> None:
         self.future: asyncio.Future[None] | None = future
         self.item: Item | None = None
+        #: The deadline queue answered it: the caller leaves by its deadline.
+        self.expired = False
 
     def deliver(self, item: Item) -> None:
         """The call's answer or error (the first one counts)."""
@@ -530,4 +535,6 @@ def _ended(unary: _Unary) -> bool:
 
 
 def _expire(unary: _Unary, method: Method) -> None:
-    unary.deliver(timeout_error(method))
+    if not _ended(unary):
+        unary.expired = True
+        unary.deliver(timeout_error(method))

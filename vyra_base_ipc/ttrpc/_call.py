@@ -32,7 +32,7 @@ from ..exceptions import (
     error_from_status,
 )
 from . import _hello
-from ._errors import SenderFailed, lost
+from ._errors import SenderFailed, idle_error, lost, timeout_error
 from ._flow import ReceiveWindow, SendCredit, message_cost, validate_stream_window
 from ._frames import (
     FLAG_NO_DATA,
@@ -333,12 +333,14 @@ class ClientStream:
     flow-controlled connection the credit for its request stream and the
     window it grants for its response stream. Subclasses wake the waiter."""
 
-    __slots__ = ('items', 'credit', 'window')
+    __slots__ = ('items', 'credit', 'window', 'expired')
 
     def __init__(self) -> None:
         self.items: collections.deque[Item] = collections.deque()
         self.credit: SendCredit | None = None
         self.window: ReceiveWindow | None = None
+        #: The caller leaves because the call's deadline passed.
+        self.expired = False
 
     def push(self, item: Item) -> None:
         """Add an item (from the thread that read it) and wake the waiter."""
@@ -347,6 +349,14 @@ class ClientStream:
 
     def wake(self) -> None:
         raise NotImplementedError
+
+    def timed_out(self, deadline: Deadline | None, method: Method, idle_timeout: float | None) -> IPCError:
+        """The error of a wait for the next item that ended: its idle timeout,
+        unless its deadline passed (then the call is :attr:`expired`)."""
+        if idle_timeout is not None and (deadline is None or not deadline.expired()):
+            return idle_error(method, idle_timeout)
+        self.expired = True
+        return timeout_error(method)
 
     def taken(self, item: Item) -> int:
         """Count an item the caller took; the window increment to grant now, or 0."""
@@ -438,13 +448,17 @@ class ClientCore:
 
     def finish(self, stream_id: int) -> bytes | None:
         """Forget a call; the CANCEL frame to send if the server may still be
-        working on it (its last frame has not arrived), else ``None``."""
+        working on it (its last frame has not arrived), else ``None``. If the
+        caller leaves because the deadline passed (the target is ``expired``)
+        the CANCEL says so, and the server ends the call DEADLINE_EXCEEDED:
+        its own copy of the deadline, started as the request arrived, may
+        not have passed yet."""
         target = self.streams.pop(stream_id, None)
         if isinstance(target, ClientStream) and target.credit is not None:
             target.credit.close()
         if target is None or not self.agreement.cancel:
             return None
-        return encode_cancel(stream_id)
+        return encode_cancel(stream_id, target.expired)
 
     def release_frame(self) -> bytes:
         """RELEASE frames for the server's segments this end let go of (b'' if none)."""

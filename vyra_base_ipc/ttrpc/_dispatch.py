@@ -530,12 +530,16 @@ class Call:
         """The server stops: end the call with UNAVAILABLE, cancelling its handler."""
         self.fail(grpc.StatusCode.UNAVAILABLE, details, _End.CANCELLED)
 
-    def cancel(self) -> None:
+    def cancel(self, expired: bool = False) -> None:
         """The client left (CANCEL, connection gone): end without an answer,
-        cancelling the handler."""
+        cancelling the handler. ``expired``: its CANCEL said it left because
+        the deadline passed; the call ends DEADLINE_EXCEEDED, as by :meth:`expire`."""
         if self.finished:
             return
-        self._end(_End.CANCELLED, _CANCELLED, 'the client cancelled the call or went away')
+        if expired:
+            self._end(_End.EXPIRED, number(grpc.StatusCode.DEADLINE_EXCEEDED), 'Deadline Exceeded')
+        else:
+            self._end(_End.CANCELLED, _CANCELLED, 'the client cancelled the call or went away')
         self._cancel_task()
 
     def _cancel_task(self) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import grpc
 
-from .._deadline import Deadline
 from .._methods import Method
 from ..exceptions import (
     IPCError,
@@ -17,19 +16,11 @@ from ..exceptions import (
 )
 
 __all__ = ['NothingSent', 'SenderFailed', 'closed', 'connect_error', 'idle_error', 'lost', 'not_accepted',
-           'timed_out', 'timeout_error']
+           'timeout_error']
 
 
 def timeout_error(method: Method) -> IPCTimeoutError:
     return IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED, 'Deadline Exceeded', method=method.path)
-
-
-def timed_out(deadline: Deadline | None, method: Method, idle_timeout: float | None) -> IPCTimeoutError:
-    """The error of a wait for a call's next item that ended: its idle
-    timeout, unless its deadline passed."""
-    if idle_timeout is not None and (deadline is None or not deadline.expired()):
-        return idle_error(method, idle_timeout)
-    return timeout_error(method)
 
 
 def idle_error(method: Method, idle_timeout: float) -> IPCTimeoutError:

@@ -24,6 +24,7 @@ from typing import Any, Callable, NamedTuple, Sequence, Union
 
 __all__ = [
     'DEFAULT_MAX_DATA_LENGTH',
+    'FLAG_DEADLINE_EXCEEDED',
     'FLAG_NO_DATA',
     'FLAG_REMOTE_CLOSED',
     'FLAG_REMOTE_OPEN',
@@ -64,6 +65,10 @@ FLAG_REMOTE_OPEN = 0x02
 #: Data: the frame carries no message (a bare close); an empty message is a
 #: zero-length frame without this flag.
 FLAG_NO_DATA = 0x04
+#: Cancel (vyra_base_ipc's extension): the client leaves because the call's
+#: deadline passed. The server ends the call DEADLINE_EXCEEDED, as its own
+#: copy of the deadline would a moment later, not CANCELLED.
+FLAG_DEADLINE_EXCEEDED = 0x01
 #: vyra_base_ipc's extension, used only after both ends agreed on it: the
 #: frame's message payload is replaced by a ``SharedMemoryManifest`` and
 #: descriptors were passed with the frame (see :mod:`vyra_base_ipc._payload`).
@@ -169,9 +174,10 @@ def released_ids(data: bytes) -> tuple[int, ...] | None:
     return struct.unpack(f'>{len(data) // 8}Q', data)
 
 
-def encode_cancel(stream_id: int) -> bytes:
-    """A CANCEL frame for ``stream_id``."""
-    return HEADER.pack(0, stream_id, MessageType.CANCEL, 0)
+def encode_cancel(stream_id: int, expired: bool = False) -> bytes:
+    """A CANCEL frame for ``stream_id``; ``expired``: the client leaves
+    because the call's deadline passed (:data:`FLAG_DEADLINE_EXCEEDED`)."""
+    return HEADER.pack(0, stream_id, MessageType.CANCEL, FLAG_DEADLINE_EXCEEDED if expired else 0)
 
 
 #: ``Frame(...)`` without the NamedTuple's ``__new__``, a Python function:

@@ -23,6 +23,7 @@ from ._connection import FramedConnection
 from ._context import AsyncServicerContext, ServicerContext
 from ._dispatch import Call, number
 from ._frames import (
+    FLAG_DEADLINE_EXCEEDED,
     FLAG_SHARED_MEMORY,
     Frame,
     MessageType,
@@ -251,7 +252,7 @@ class ServerConnection(FramedConnection):
         elif frame.type == _CANCEL and self.agreement.cancel:
             call = self.calls.get(stream_id)
             if call is not None:
-                call.cancel()
+                call.cancel(expired=bool(frame.flags & FLAG_DEADLINE_EXCEEDED))
         elif frame.type == _WINDOW_UPDATE and self.agreement.send_window:
             call = self.calls.get(stream_id)
             if call is not None and call.credit is not None:

@@ -47,7 +47,6 @@ from ._errors import (
     SenderFailed,
     closed,
     lost,
-    timed_out,
     timeout_error,
 )
 from ._flow import DEFAULT_STREAM_WINDOW
@@ -243,6 +242,7 @@ class SyncConnection:
                 while True:
                     if deadline is not None and deadline.expired() and \
                             outcome.too_late(stream, stream_id not in self._core.streams):
+                        stream.expired = True
                         raise timeout_error(method)
                     item = self._next(stream, deadline, method, idle_timeout)
                     ended, payload = outcome.streamed(item)
@@ -487,7 +487,7 @@ class SyncConnection:
                     break
                 remaining = None if wait_until is None else wait_until.remaining()
                 if remaining is not None and remaining <= 0:
-                    raise timed_out(deadline, method, idle_timeout)
+                    raise stream.timed_out(deadline, method, idle_timeout)
                 if stream.condition is None:
                     stream.condition = threading.Condition(self._state_lock)
                 stream.waiting = True
@@ -509,7 +509,7 @@ class SyncConnection:
                     if self._error is not None:
                         raise self._error
         except SocketTimeout:
-            raise timed_out(deadline, method, idle_timeout) from None
+            raise stream.timed_out(deadline, method, idle_timeout) from None
         finally:
             if handed_over is None:  # (else _read() gave up the turn already)
                 with self._state_lock:
