@@ -240,6 +240,21 @@ def test_allocated_buffer_is_written_in_place_and_reaches_the_handler_read_only(
         assert reply.mapping_size == size_class(len(data))
 
 
+@pytest.mark.parametrize('lane, shared_memory', [('grpc', OPTIONS), ('ttrpc', None)],
+                         ids=['grpc', 'ttrpc-without-shared-memory'])
+def test_an_allocated_buffer_sent_inline_is_frozen_too(
+        echo: Any, pool_server: ServerProcess, lane: str, shared_memory: Any) -> None:
+    # Where descriptors cannot travel its bytes are copied into the message;
+    # the README promises the same read-only view after sending either way.
+    with SharedBuffer.allocate(4096) as buffer:
+        buffer.view()[:] = b'a' * 4096
+        with SyncIPCHandler(pool_server.socket_path, echo.Stub, lane=lane, shared_memory=shared_memory,
+                            timeout=LONG) as ipc:
+            reply = ipc.call_method('Inspect', echo.pb.InspectRequest(data=buffer.ref), buffers=[buffer])
+        assert (reply.size, reply.inline) == (4096, True)
+        assert not buffer.writable and buffer.view().readonly
+
+
 def test_an_allocated_buffer_goes_back_to_the_pool_only_when_closed_and_given_back(
         echo: Any, pool_server: ServerProcess, own_pool: SegmentPool) -> None:
     own_pool.max_free_bytes = 64 * MiB

@@ -467,12 +467,15 @@ def inline_request(path: str, request_streaming: bool, message: Any,
 def inline_buffers(message: Any, buffers: Sequence[SharedBuffer]) -> Any:
     """A copy of ``message`` whose ``SharedBufferRef`` fields naming one of
     ``buffers`` carry its bytes in ``inline_data``: how buffers travel where
-    descriptors cannot. ``message`` itself is not changed.
+    descriptors cannot. ``message`` itself is not changed; ``buffers`` are
+    frozen, as sending them as descriptors freezes them.
     """
     by_handle = {buffer.handle: buffer for buffer in buffers}
     copy = type(message)()
     copy.CopyFrom(message)
     _fill_inline(copy, by_handle)
+    for buffer in buffers:
+        buffer.freeze()
     return copy
 
 
