@@ -13,7 +13,7 @@ from typing import Any, Callable
 import grpc
 import pytest
 
-from conftest import LANES, ServerProcess, StartServer, call_through
+from conftest import LANES, ServerProcess, StartServer, call_through, make_stale_socket
 from vyra_base_ipc import (
     IPCRemoteError,
     IPCTimeoutError,
@@ -86,6 +86,28 @@ def test_a_socket_path_that_is_no_socket_says_so(socket_path: Path, echo: Any, l
         error = call_through(kind, socket_path, echo.Stub, 'Echo', echo.pb.EchoRequest(), lane=lane)
         assert isinstance(error, IPCUnavailableError), repr(error)
         assert error.details == f'{str(named)!r} is {what}, not a socket: is the socket path right?'
+
+
+@pytest.mark.parametrize('now', ['a stale socket', 'a regular file'])
+def test_a_socket_path_that_appeared_since_the_last_call_is_described_as_it_is_now(
+        socket_path: Path, echo: Any, now: str) -> None:
+    # grpc keeps the reason of its last connection attempt through its
+    # reconnect backoff (about 1 s); before, a file that appeared meanwhile
+    # was still said not to exist, also to new handlers (one channel).
+    for kind in KINDS:
+        error = call_through(kind, socket_path, echo.Stub, 'Echo', echo.pb.EchoRequest(), lane='grpc')
+        assert 'does not exist' in error.details, repr(error)
+    if now == 'a stale socket':
+        make_stale_socket(socket_path)
+        expected = (f'no server answers on {str(socket_path)!r}: the socket file is there but no '
+                    'server is listening (the server went away, or has not started yet)')
+    else:
+        socket_path.write_text('not a socket')
+        expected = f'{str(socket_path)!r} is a regular file, not a socket: is the socket path right?'
+    for kind in KINDS:
+        error = call_through(kind, socket_path, echo.Stub, 'Echo', echo.pb.EchoRequest(), lane='grpc')
+        assert isinstance(error, IPCUnavailableError), repr(error)
+        assert error.details == expected
 
 
 def call_once(handler: SyncIPCHandler, echo: Any) -> Any:

@@ -213,9 +213,12 @@ class _GrpcLaneBase:
                                     f'connect again; nothing was sent ({details})', method=method)
             # "...; last error: ...: connect failed: addr: unix:PATH error: REASON"
             reason = details.rpartition(' error: ')[2]
-            if reason == 'No such file or directory' or not os.path.exists(self.socket_path):
+            if not os.path.exists(self.socket_path):
                 return self._socket_missing(method)
-            if reason == 'Connection refused':
+            if reason in ('No such file or directory', 'Connection refused'):
+                # The reason is of grpc's last attempt, which its reconnect
+                # backoff may have made a second ago: a file that appeared
+                # since is described as it is now (nobody listens there).
                 return nobody_listening(self.socket_path, method)
             what = 'not allowed to connect' if reason == 'Permission denied' else 'cannot connect'
             return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, f'{what} to {self._path!r}: {reason}',
