@@ -104,3 +104,17 @@ def test_environment_socket_is_validated_too() -> None:
 def test_abstract_namespace_sockets_are_refused_with_the_reason(path: str) -> None:
     with pytest.raises(ValueError, match='abstract-namespace socket: not supported.*any process'):
         resolve_socket_path(path, environ={})
+
+
+def test_a_socket_path_whose_fast_lane_socket_would_be_too_long_says_how_long_it_may_be() -> None:
+    from vyra_base_ipc import IPCServer
+    path = '/tmp/' + 'a' * (MAX_SOCKET_PATH_BYTES - 6 + 1 - len('/tmp/.sock')) + '.sock'  # 102 bytes
+    with pytest.raises(ValueError) as error:
+        IPCServer(socket_path=path)
+    message = str(error.value)
+    assert path in message and path.replace('.sock', '.ttrpc.sock') in message
+    assert '108 bytes long' in message and 'at most 101 bytes' in message and 'ttrpc_socket_path' in message
+    # Either way out is taken; a path one byte shorter fits as it is.
+    IPCServer(socket_path=path, ttrpc=False)
+    IPCServer(socket_path=path, ttrpc_socket_path='/tmp/short.ttrpc.sock')
+    IPCServer(socket_path=path[:5] + path[6:])

@@ -63,11 +63,20 @@ def default_ttrpc_socket_path(grpc_socket_path: StrPath) -> Path:
     """The fast lane's socket beside a gRPC socket: same directory and stem,
     suffix ``.ttrpc.sock`` (``/tmp/demo_ipc.sock`` -> ``/tmp/demo_ipc.ttrpc.sock``).
 
-    :raises ValueError: the result would be too long for a Unix socket.
+    :raises ValueError: the result would be too long for a Unix socket
+        (the message names both paths and the longest gRPC path that fits).
     """
     path = validate_socket_path(grpc_socket_path)
     stem = path.name[:-len('.sock')] if path.name.endswith('.sock') else path.name
-    return validate_socket_path(path.with_name(f'{stem}.ttrpc.sock'))
+    ttrpc_path = path.with_name(f'{stem}.ttrpc.sock')
+    size = len(os.fsencode(ttrpc_path))
+    if size > MAX_SOCKET_PATH_BYTES:
+        longest = MAX_SOCKET_PATH_BYTES - (size - len(os.fsencode(path)))
+        raise ValueError(
+            f"the fast lane's socket beside {str(path)!r} would be {str(ttrpc_path)!r}, {size} bytes long; "
+            f'Unix sockets allow at most {MAX_SOCKET_PATH_BYTES} bytes: choose a socket path of at most '
+            f"{longest} bytes, or name the fast lane's socket (ttrpc_socket_path)")
+    return ttrpc_path
 
 
 def validate_socket_path(socket_path: object) -> Path:
