@@ -6,16 +6,18 @@ was loosened; handlers see who called."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 from pathlib import Path
 import shutil
 import subprocess
+import threading
 from typing import Callable, Iterator
 
 import pytest
 
 from conftest import NOBODY, OTHER_UID, ServerProcess, wait_for
-from vyra_base_ipc import IPCHandler, SyncIPCHandler, UntrustedServerError
+from vyra_base_ipc import ClientCall, ClientInterceptor, IPCHandler, SyncIPCHandler, UntrustedServerError
 
 pytestmark = pytest.mark.fault
 
@@ -181,6 +183,76 @@ def test_a_squatter_on_the_grpc_socket_is_never_connected_to(shared_dir: Path, s
             asyncio.run(call_async())
     assert f'the socket file {str(squatter.path)!r} belongs to uid {OTHER_UID}' in str(error.value)
     assert squatter.connections() == []
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'auto'])
+@pytest.mark.parametrize('handler', [SyncIPCHandler, IPCHandler])
+def test_a_call_waiting_for_its_server_never_connects_to_a_squatter_that_binds_meanwhile(
+        shared_dir: Path, squatter_on, echo, handler: type, lane: str) -> None:
+    """The audit's finding: with wait_for_ready (or an idempotent retry, or
+    a resend) grpc waited for the missing socket itself and connected to
+    whatever appeared: another user's socket got the request, and the
+    channel stayed connected to it. The call now waits for the file outside
+    grpc and checks it first."""
+    path = shared_dir / 'w_ipc.sock'
+    started = threading.Event()
+
+    class Started(ClientInterceptor):
+        def call_started(self, call: ClientCall) -> None:
+            started.set()
+    ipc = handler(path, echo.Stub, lane=lane, wait_for_ready=True, timeout=20, interceptors=[Started()])
+
+    def call() -> object:
+        try:
+            if handler is SyncIPCHandler:
+                try:
+                    return ipc.call_method('Echo', echo.pb.EchoRequest(text='secret'))
+                finally:
+                    ipc.disconnect()
+
+            async def call_async() -> object:
+                try:
+                    return await ipc.call_method('Echo', echo.pb.EchoRequest(text='secret'))
+                finally:
+                    await ipc.disconnect()
+            return asyncio.run(call_async())
+        except Exception as error:
+            return error
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(call)
+        assert started.wait(10)
+        squatter = squatter_on(path)
+        outcome = waiting.result(timeout=30)
+    assert isinstance(outcome, UntrustedServerError), repr(outcome)
+    assert f'belongs to uid {OTHER_UID}' in str(outcome)
+    assert squatter.connections() == []
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_a_symbolic_link_another_user_made_at_the_socket_path_is_not_followed(
+        start_server, socket_dir: Path, echo, lane: str) -> None:
+    """The audit's finding: another user's links from module a's socket
+    paths to module b's running server sent a's calls to b, on both lanes.
+    In a directory that is not sticky the kernel follows such links,
+    whatever fs.protected_symlinks says."""
+    needs_second_uid()
+    socket_dir.chmod(0o755)
+    other = socket_dir / 'other'
+    other.mkdir()
+    server_b = start_server(other / 'b_ipc.sock').wait_serving(ttrpc=True)
+    other.chmod(0o777)
+    link = 'import os, sys; os.symlink(sys.argv[1], sys.argv[2]); os.symlink(sys.argv[3], sys.argv[4])'
+    subprocess.run(as_user(OTHER_UID, OTHER_UID, link, 'b_ipc.sock', str(other / 'a_ipc.sock'),
+                           'b_ipc.ttrpc.sock', str(other / 'a_ipc.ttrpc.sock')), check=True, timeout=30)
+    other.chmod(0o755)  # (b's socket then passes the gRPC lane's directory check)
+    named = other / ('a_ipc.ttrpc.sock' if lane == 'ttrpc' else 'a_ipc.sock')
+    with pytest.raises(UntrustedServerError) as error:
+        with SyncIPCHandler(other / 'a_ipc.sock', echo.Stub, lane=lane) as ipc:
+            ipc.call_method('Echo', echo.pb.EchoRequest(text='for a'))
+    assert (f'the symbolic link {str(named)!r} belongs to uid {OTHER_UID}' in str(error.value)
+            and 'nothing was sent' in str(error.value)), error.value
+    with SyncIPCHandler(server_b.socket_path, echo.Stub, lane=lane) as ipc:  # b itself is served
+        assert ipc.call_method('Echo', echo.pb.EchoRequest(text='for b')).text == 'for b'
 
 
 def test_a_socket_in_a_directory_others_may_write_is_not_trusted(server: ServerProcess, echo) -> None:

@@ -59,6 +59,7 @@ from .ttrpc._flow import validate_stream_window
 
 __all__ = [
     'DEFAULT',
+    'NO_LOCK',
     'SERVER_INFO',
     'SERVER_INFO_REQUEST',
     'ClientBase',
@@ -419,6 +420,30 @@ class ClientBase:
         until = self._choice.fast_wait(deadline, wait)
         return Retry(until is not None, until, 0.025)
 
+    def _dispatched_method(self) -> str:
+        """The method dispatch() sends to.
+
+        :raises ValueError: no ``default_method`` was configured.
+        """
+        if self.default_method is None:
+            raise ValueError(f'dispatch() needs a default_method on this {type(self).__name__}')
+        return self.default_method
+
+    @staticmethod
+    def _idle_timeout(idle_timeout: float | None) -> float | None:
+        return None if idle_timeout is None else validate_timeout(idle_timeout, 'idle_timeout')
+
+    def _waited_grpc_lane(self) -> Any:
+        """The gRPC lane for a call that waits for its server, if its socket file is there (see below)."""
+        return self._choice.took('grpc', self._grpc_lane(True).there())
+
+    def _socket_retry(self, deadline: Deadline | None) -> Retry:
+        """How a call that waits for its server waits for the gRPC socket
+        file to appear: here, as a fast-lane connect is retried, not inside
+        grpc, which would connect to whatever appears at the path, another
+        user's socket too (see ``_GrpcLaneBase._callable``)."""
+        return Retry(True, deadline or Deadline.after(MAX_SECONDS), 0.025)
+
     def _connect_options(self) -> dict[str, Any]:
         """The arguments of a fast-lane connect()."""
         return {'socket_path': self.ttrpc_socket_path, 'max_message_bytes': self.max_message_bytes,
@@ -486,7 +511,12 @@ class _Explained:
         return False
 
 
-async def retrying(attempt: Callable[[], Awaitable[_T]], retry: Retry, lock: asyncio.Lock) -> _T:
+#: retrying()'s lock where attempts need none.
+NO_LOCK = contextlib.nullcontext()
+
+
+async def retrying(attempt: Callable[[], Awaitable[_T]], retry: Retry,
+                   lock: contextlib.AbstractAsyncContextManager[Any]) -> _T:
     """``attempt()`` under ``lock`` until it succeeds or ``retry`` gives up;
     the pauses between attempts outside the lock, so that a caller that does
     not wait for its server (or waits less) is never held by another's waiting."""
@@ -500,7 +530,8 @@ async def retrying(attempt: Callable[[], Awaitable[_T]], retry: Retry, lock: asy
 
 
 
-def retrying_sync(attempt: Callable[[], _T], retry: Retry, lock: threading.Lock) -> _T:
+def retrying_sync(attempt: Callable[[], _T], retry: Retry,
+                  lock: contextlib.AbstractContextManager[Any]) -> _T:
     """As :func:`retrying`, blocking."""
     while True:
         with lock:

@@ -150,12 +150,16 @@ class _GrpcLaneBase:
 
     def _callable(self, method: Method) -> Any:
         """The channel's callable for ``method``, once the socket is checked
-        to be a trusted server's (before every call: grpc reconnects by
-        itself, to whatever is at the path then).
+        to be there and a trusted server's (before every call: grpc
+        reconnects by itself, to whatever is at the path then).
 
-        :raises UntrustedServerError: it is not.
+        :raises UntrustedServerError: it is not a trusted server's.
+        :raises IPCUnavailableError: there is no socket file: grpc, left to
+            wait, would connect to whatever appears at the path (a call that
+            waits for its server waits for the file first, see :meth:`there`).
         """
-        check_server_socket(self._path, self._trusted)
+        if not check_server_socket(self._path, self._trusted):
+            raise self._socket_missing(method.path)
         call = self._callables.get(method.path)
         if call is None:
             call = self._callables[method.path] = getattr(self._channel, method.kind.value)(
@@ -165,6 +169,16 @@ class _GrpcLaneBase:
 
     def _socket_missing(self, method: str | None = None) -> IPCUnavailableError:
         return socket_missing(self.socket_path, method)
+
+    def there(self) -> '_GrpcLaneBase':
+        """This lane, if its socket file exists (what a call that waits for
+        its server waits for, outside grpc, see :meth:`_callable`).
+
+        :raises IPCUnavailableError: it does not.
+        """
+        if not os.path.exists(self._path):
+            raise self._socket_missing()
+        return self
 
     def _translate(self, error: grpc.RpcError, method: Method, request: Any = None) -> BaseException:
         if isinstance(request, RequestStream) and request.error is not None:

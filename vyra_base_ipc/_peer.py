@@ -32,7 +32,7 @@ import grpc
 
 from .exceptions import UntrustedServerError
 
-__all__ = ['PeerCredentials', 'PeerRule', 'check_server_connection', 'check_server_socket',
+__all__ = ['PeerCredentials', 'PeerRule', 'check_server_connection', 'check_server_socket', 'foreign_link',
            'peer_credentials', 'socket_peer', 'trusted_server_uids']
 
 _UCRED = struct.Struct('3i')
@@ -96,21 +96,47 @@ def check_server_connection(sock: socket.socket, path: str, trusted: frozenset[i
     peer = socket_peer(sock)
     if peer.uid not in trusted:
         raise _untrusted('the process serving', path, peer.uid, trusted, f' (pid {peer.pid})')
+    _check_links(path, trusted)
 
 
-def check_server_socket(path: str, trusted: frozenset[int]) -> None:
+def foreign_link(path: Path, owners: frozenset[int]) -> tuple[Path, int] | None:
+    """The first symbolic link on ``path`` (its last part or a directory
+    above it) that a user not in ``owners`` made, with that user; ``None``.
+    Whoever makes one chooses where the path leads (the kernel follows it
+    where fs.protected_symlinks is off, or in a directory that is not sticky)."""
+    for part in (path, *path.parents):
+        try:
+            info = os.lstat(part)
+        except OSError:
+            continue
+        if stat.S_ISLNK(info.st_mode) and info.st_uid not in owners:
+            return part, info.st_uid
+    return None
+
+
+def _check_links(path: str, trusted: frozenset[int]) -> None:
+    """Refuse a socket path that leads through another user's symbolic link:
+    it may point at any server, another module's too."""
+    found = foreign_link(Path(path), trusted | {0})
+    if found is not None:
+        link, owner = found
+        raise _untrusted('the symbolic link', str(link), owner, trusted | {0}, f' on the way to {path!r}')
+
+
+def check_server_socket(path: str, trusted: frozenset[int]) -> bool:
     """Refuse a gRPC-lane socket that an untrusted user owns or could have
-    replaced. A missing socket passes (the call then fails as unavailable).
+    replaced; whether it is there (a missing one is the caller's to refuse).
 
     :raises UntrustedServerError: the socket file or its directory is owned
         by an untrusted user, or the directory is writable by others and not
         sticky.
     """
+    _check_links(path, trusted)
     try:
         info = os.stat(path)
         directory = os.stat(Path(path).parent)
     except OSError:
-        return
+        return False
     if info.st_uid not in trusted:
         raise _untrusted('the socket file', path, info.st_uid, trusted)
     if directory.st_uid not in trusted | {0}:
@@ -120,6 +146,7 @@ def check_server_socket(path: str, trusted: frozenset[int]) -> None:
             grpc.StatusCode.UNAVAILABLE,
             f'the directory of socket {path!r} (mode {stat.S_IMODE(directory.st_mode):04o}) lets '
             'other users replace the socket: not trusted; nothing was sent')
+    return True
 
 
 @dataclass(frozen=True)

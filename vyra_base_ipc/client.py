@@ -31,6 +31,7 @@ import grpc
 from ._busy_poll import DEFAULT_BUSY_POLL
 from ._client_base import (
     DEFAULT,
+    NO_LOCK,
     SERVER_INFO,
     SERVER_INFO_REQUEST,
     ClientBase,
@@ -42,7 +43,7 @@ from ._client_base import (
 from ._deadline import Deadline
 from ._interceptors import ClientInterceptor
 from ._lanes import LANES, GrpcLane, SyncGrpcLane
-from ._options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT, validate_timeout
+from ._options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT
 from ._payload import SharedMemoryOptions
 from ._pool import aio_pool, aio_ttrpc_pool, release_aio, release_elsewhere, sync_pool, sync_ttrpc_pool
 from ._request_stream import RequestStream
@@ -68,14 +69,12 @@ class IPCHandler(ClientBase):
         response = await ipc.call_method('GetStatus', StatusRequest(), timeout=2.0)
         await ipc.disconnect()
 
-    Calls connect on demand, as gRPC channels do: a handler made before its
-    server starts works as soon as the server is up, whether or not an
-    earlier :meth:`connect` failed. Every call has a deadline: ``timeout`` per call, else the handler's
-    ``timeout`` (default 5 s); only a stream may go without
-    (``stream_method(..., timeout=None)``). Handlers of the same socket in
-    the same event loop share one connection per lane. A handler may be
-    used from several event loops in turn (each gets its own connections),
-    but from one loop at a time.
+    Calls connect on demand, as gRPC channels do: a handler made before its server starts works as
+    soon as the server is up, whether or not an earlier :meth:`connect` failed. Every call has a
+    deadline: ``timeout`` per call, else the handler's ``timeout`` (default 5 s); only a stream may go without
+    (``stream_method(..., timeout=None)``). Handlers of the same socket in the same event loop share one
+    connection per lane. A handler may be used from several event loops in turn (each gets its own
+    connections), but from one loop at a time.
 
     :param socket_path: the server's (gRPC) socket; resolved as described in
         :mod:`vyra_base_ipc.address` when omitted.
@@ -281,8 +280,7 @@ class IPCHandler(ClientBase):
         """
         info = self._method(method, response_streaming=True, request=request, response_type=response_type)
         deadline = self._deadline(timeout, parent, info)
-        if idle_timeout is not None:
-            idle_timeout = validate_timeout(idle_timeout, 'idle_timeout')
+        idle_timeout = self._idle_timeout(idle_timeout)
         with self._intercepted(info, metadata, deadline) as call, self._explained(info, deadline):
             for again in (False, True):  # again if its connection broke before it was sent
                 lane = await self._lane(deadline, self._wait(wait_for_ready))
@@ -307,9 +305,7 @@ class IPCHandler(ClientBase):
 
         :raises ValueError: no ``default_method`` was configured.
         """
-        if self.default_method is None:
-            raise ValueError('dispatch() needs a default_method on this IPCHandler')
-        await self.call_method(self.default_method, message)
+        await self.call_method(self._dispatched_method(), message)
 
     async def __aenter__(self) -> 'IPCHandler':
         await self.connect()
@@ -348,7 +344,12 @@ class IPCHandler(ClientBase):
                 fast = self._choice.took('ttrpc', await self._fast_connection(deadline, wait))
             except IPCUnavailableError as error:
                 self._choice.fast_unavailable(error)
+        if fast is None and wait:
+            return await retrying(self._waited, self._socket_retry(deadline), NO_LOCK)
         return fast or self._choice.took('grpc', self._grpc_lane(wait))
+
+    async def _waited(self) -> GrpcLane:
+        return self._waited_grpc_lane()
 
     def _here(self) -> None:
         """Make this handler's connections those of the running loop."""
@@ -513,8 +514,7 @@ class SyncIPCHandler(ClientBase):
         """
         info = self._method(method, response_streaming=True, request=request, response_type=response_type)
         deadline = self._deadline(timeout, parent, info)
-        if idle_timeout is not None:
-            idle_timeout = validate_timeout(idle_timeout, 'idle_timeout')
+        idle_timeout = self._idle_timeout(idle_timeout)
         with self._intercepted(info, metadata, deadline) as call, self._explained(info, deadline):
             for again in (False, True):  # again if its connection broke before it was sent
                 lane = self._lane(deadline, self._wait(wait_for_ready))
@@ -532,9 +532,7 @@ class SyncIPCHandler(ClientBase):
 
     def dispatch(self, message: Any) -> None:
         """Send ``message`` to :attr:`default_method`; the response is discarded."""
-        if self.default_method is None:
-            raise ValueError('dispatch() needs a default_method on this SyncIPCHandler')
-        self.call_method(self.default_method, message)
+        self.call_method(self._dispatched_method(), message)
 
     def __enter__(self) -> 'SyncIPCHandler':
         self.connect()
@@ -568,6 +566,8 @@ class SyncIPCHandler(ClientBase):
                 return self._choice.took('ttrpc', self._fast_connection(deadline, wait))
             except IPCUnavailableError as error:
                 self._choice.fast_unavailable(error)
+        if wait:
+            return retrying_sync(self._waited_grpc_lane, self._socket_retry(deadline), NO_LOCK)
         return self._choice.took('grpc', self._grpc_lane(wait))
 
     def _here(self) -> None:
