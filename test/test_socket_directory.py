@@ -173,3 +173,47 @@ async def test_symlinks_another_user_plants_are_never_followed(
     assert victim.read_text() == 'root only'
     # Every planted name was refused, not followed.
     assert set(outcomes) <= {'UnsafeDirectoryError', 'FileExistsError'}, outcomes
+
+
+async def test_a_missing_directory_another_user_put_a_symlink_in_place_of_is_refused(
+        open_dir: Path, as_other_user: list[subprocess.Popen[str]]) -> None:
+    """The audit's finding: another user's link at the socket's missing parent
+    (``/tmp/shared/vyra`` -> any root-owned directory) chose where root's
+    server made its sockets: there, with that directory's mode."""
+    chosen = open_dir / 'chosen'
+    chosen.mkdir(mode=0o755)
+    tmp_like = open_dir / 'tmp'
+    tmp_like.mkdir()
+    tmp_like.chmod(0o1777)
+    subprocess.run(['setpriv', f'--reuid={OTHER_UID}', f'--regid={OTHER_UID}', '--clear-groups', '/usr/bin/python3',
+                    '-c', 'import os, sys; os.symlink(sys.argv[1], sys.argv[2])', str(chosen),
+                    str(tmp_like / 'vyra')], check=True, timeout=30, env={'PATH': '/usr/bin:/bin'})
+    ipc = server(tmp_like / 'vyra' / 'mod_ipc.sock')
+    with pytest.raises(UnsafeDirectoryError) as error:
+        await ipc.start()
+    await ipc.stop()
+    assert (f"cannot serve below {str(tmp_like / 'vyra')!r}: it is a symbolic link of uid {OTHER_UID}"
+            in str(error.value)), error.value
+    assert os.listdir(chosen) == []
+
+
+@pytest.mark.parametrize('planted', ['symlink', 'file'])
+async def test_a_lock_name_another_user_took_is_refused_naming_its_owner(
+        open_dir: Path, as_other_user: list[subprocess.Popen[str]], planted: str) -> None:
+    # Where all may write, the name cannot be taken back from them (README):
+    # the start fails and says by whom. (A symlink said only "Permission
+    # denied" where fs.protected_symlinks refuses it.)
+    tmp_like = open_dir / 'tmp'
+    tmp_like.mkdir()
+    tmp_like.chmod(0o1777)
+    make = ('os.symlink("/etc/passwd", sys.argv[1])' if planted == 'symlink'
+            else 'open(sys.argv[1], "w").close()')
+    subprocess.run(['setpriv', f'--reuid={OTHER_UID}', f'--regid={OTHER_UID}', '--clear-groups', '/usr/bin/python3',
+                    '-c', f'import os, sys; {make}', str(tmp_like / '.x_ipc.sock.lock')],
+                   check=True, timeout=30, env={'PATH': '/usr/bin:/bin'})
+    ipc = server(tmp_like / 'x_ipc.sock')
+    with pytest.raises(UnsafeDirectoryError) as error:
+        await ipc.start()
+    await ipc.stop()
+    words = f'is a symlink of uid {OTHER_UID}' if planted == 'symlink' else f'belongs to uid {OTHER_UID}'
+    assert f"the lock file '.x_ipc.sock.lock' beside the socket {words}" in str(error.value), error.value

@@ -27,9 +27,10 @@ StrictModes):
 - Publishers of the same path are serialized by an ``flock`` on a lock file
   beside the socket (``.<name>.lock``, mode 0600, owned by the server's user,
   removed after use): only that user (and root) can open it, so no other
-  user can block a server's start. (A lock on the directory itself, as
-  before, could be held by anyone who may list it: ``flock /tmp`` stopped
-  every server in ``/tmp``.)
+  user can hold it. (A lock on the directory itself, as before, could be
+  held by anyone who may list it: ``flock /tmp`` stopped every server in
+  ``/tmp``.) Where others may write, they can take the lock's name (as the
+  socket's): the start then fails, naming the file and its owner.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import socket
 import stat
 import time
 
+from ._peer import foreign_link
 from .address import MAX_SOCKET_PATH_BYTES
 from .exceptions import SocketInUseError, UnsafeDirectoryError
 
@@ -240,6 +242,13 @@ class SocketFile:
         check_directory_chain(Path(os.path.realpath(existing)))
         for directory in reversed(missing):  # below a safe directory: ours alone
             self._make_directory(directory)
+        # (After making them: a link another user put where one was missing is found too.)
+        link = foreign_link(parent, frozenset({os.geteuid(), 0}))
+        if link is not None:
+            raise UnsafeDirectoryError(
+                errno.EPERM, f'cannot serve below {str(link[0])!r}: it is a symbolic link of uid {link[1]}, '
+                f"not of this server's user (uid {os.geteuid()}) or root, who chooses where it leads",
+                str(link[0]))
         real = Path(os.path.realpath(parent))
         check_directory_chain(real)
         if not os.access(real, os.W_OK | os.X_OK):
@@ -333,6 +342,22 @@ class _PublishLock:
         self._name = f'.{name}.lock'
         self._fd = -1
 
+    def _planted(self) -> UnsafeDirectoryError | None:
+        """The error for a symlink, or another user's file, at the lock's name."""
+        try:
+            found = os.lstat(self._name, dir_fd=self._dir_fd)
+        except OSError:
+            return None
+        if stat.S_ISLNK(found.st_mode):
+            return UnsafeDirectoryError(
+                errno.EPERM, f'the lock file {self._name!r} beside the socket is a symlink of uid '
+                f'{found.st_uid} (planted by another user?): not followed; remove it', self._name)
+        if found.st_uid != os.geteuid():
+            return UnsafeDirectoryError(
+                errno.EPERM, f'the lock file {self._name!r} beside the socket belongs to uid '
+                f"{found.st_uid}, not to this server's user: remove it", self._name)
+        return None
+
     def __enter__(self) -> None:
         deadline = time.monotonic() + _LOCK_TIMEOUT
         while True:
@@ -340,11 +365,11 @@ class _PublishLock:
                 fd = os.open(self._name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                              dir_fd=self._dir_fd)
             except OSError as error:
-                if error.errno != errno.ELOOP:
+                # A symlink: ELOOP, or EACCES where fs.protected_* refuse another user's name.
+                planted = self._planted() if error.errno in (errno.ELOOP, errno.EACCES) else None
+                if planted is None:
                     raise
-                raise UnsafeDirectoryError(
-                    errno.EPERM, f'the lock file {self._name!r} beside the socket is a symlink '
-                    '(planted by another user?): not followed; remove it', self._name) from None
+                raise planted from None
             opened = os.fstat(fd)
             if not stat.S_ISREG(opened.st_mode) or opened.st_uid != os.geteuid():
                 os.close(fd)
