@@ -191,9 +191,20 @@ def serialize(method: Method, message: Any, limit: int) -> bytes:
 
 
 def deserialize(method: Method, payload: bytes | memoryview) -> Any:
+    """The response message of ``payload``.
+
+    :raises IPCRemoteError: INTERNAL, in grpc's words, when it does not
+        parse as the method's response type (a stub of another version).
+    """
     deserialize = method.response_deserializer
-    # Protobuf parses any buffer: a view of shared memory is not copied first.
-    return deserialize(payload) if deserialize is not None else payload  # type: ignore[arg-type]
+    if deserialize is None:
+        return payload
+    try:
+        # Protobuf parses any buffer: a view of shared memory is not copied first.
+        return deserialize(payload)  # type: ignore[arg-type]
+    except DecodeError as error:
+        raise error_from_status(grpc.StatusCode.INTERNAL, f'Exception deserializing response! ({error})',
+                                method=method.path) from None
 
 
 def check_kind(method: Method, response_streaming: bool) -> None:
