@@ -434,7 +434,8 @@ class ClientBase:
         return None if idle_timeout is None else validate_timeout(idle_timeout, 'idle_timeout')
 
     def _waited_grpc_lane(self) -> Any:
-        """The gRPC lane for a call that waits for its server, if its socket file is there (see below)."""
+        """The gRPC lane for a call that waits for its server, once its socket
+        file is there (waited for as :meth:`_socket_retry` says)."""
         return self._choice.took('grpc', self._grpc_lane(True).there())
 
     def _socket_retry(self, deadline: Deadline | None) -> Retry:
