@@ -53,6 +53,19 @@ class Reports:
             return report.ended
         return check
 
+    def stalled(self, tag: str) -> Callable[[], bool]:
+        """A condition: the handler of ``tag`` sent nothing more since the
+        last check, at least 0.2 s ago."""
+        last = [-1, 0.0]
+
+        def check() -> bool:
+            now = time.monotonic()
+            if now - last[1] < 0.2:
+                return False
+            sent, last[:] = last[0], [self(tag).sent, now]
+            return sent == last[0]
+        return check
+
 
 @pytest.fixture
 def reports(server: ServerProcess, echo: Any) -> Any:
@@ -95,6 +108,24 @@ def test_leaving_a_stream_early_stops_its_handler_sync_client(
         wait_for(reports.ended(tag, how), 5, f'{method} to end')
         assert reports(tag).callback_ran
         assert ipc.call_method('Report', watch(echo, tag)).ended
+
+
+@pytest.mark.parametrize('method, how', HANDLERS)
+def test_a_stream_left_while_the_server_waits_for_its_client_to_read_still_stops_its_handler(
+        server: ServerProcess, echo: Any, reports: Reports, method: str, how: str) -> None:
+    """The fast-lane server stops taking new calls from a client that does
+    not read its answers. A blocking client reads only while one of its
+    calls waits: its CANCEL must still reach a server that has filled the
+    socket, or the handler writes (or waits to) for ever."""
+    tag = next(tags)
+    with SyncIPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane='ttrpc',
+                        stream_window=1 << 30) as ipc:  # the window does not stop the handler: the socket does
+        stream = ipc.stream_method(method, watch(echo, tag, size=16 * 1024), timeout=120)
+        next(stream)
+        wait_for(reports.stalled(tag), 30, f'{method} to fill the socket')
+        stream.close()
+        wait_for(reports.ended(tag, how), 10, f'{method} to end')
+        assert ipc.call_method('Report', watch(echo, tag)).ended  # and the connection serves on
 
 
 @pytest.mark.parametrize('lane', LANES)

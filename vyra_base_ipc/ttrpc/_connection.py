@@ -146,9 +146,20 @@ class FramedConnection(asyncio.Protocol):
             self._flush()
 
     def data_received(self, data: bytes) -> None:
-        self.hold()
         try:
             items = self.decoder.feed(data)
+        except MemoryError:
+            # This peer's frames cannot be held: drop it, not the process.
+            self._pending.clear()
+            self.violation('out of memory while receiving its frames')
+            return
+        self.frames_received(items)
+
+    def frames_received(self, items: Sequence[Union[Frame, OversizedFrame]]) -> None:
+        """Handle frames (in order) as those of one read: what they send
+        leaves in one write."""
+        self.hold()
+        try:
             # The answers to the frames of one read leave in one write. A
             # read of one frame (a call at a time) has nothing to batch
             # with: what it sends is written at once, so that a call's
@@ -159,9 +170,8 @@ class FramedConnection(asyncio.Protocol):
                     return
                 self.frame_received(item)
         except MemoryError:
-            # This peer's frames cannot be held: drop it, not the process.
             self._pending.clear()
-            self.violation('out of memory while receiving its frames')
+            self.violation('out of memory while handling its frames')
         finally:
             self.receiving = False
             self.flush_held()

@@ -92,6 +92,8 @@ class ServerConnection(FramedConnection):
         # frames had taken when it started (see _time_unclaimed_fds).
         self._fds_timer: asyncio.TimerHandle | None = None
         self._fds_taken = 0
+        # Frames kept while the client does not read its answers (see _defer).
+        self._deferred: list[Frame | OversizedFrame] = []
 
     def in_flight(self) -> int:
         return len(self.calls)
@@ -113,6 +115,7 @@ class ServerConnection(FramedConnection):
             self.close()
 
     def lost(self, exc: Exception | None) -> None:
+        self._deferred = []
         for call in list(self.calls.values()):
             call.cancel()
         if self.agreement.segments is not None:
@@ -128,17 +131,35 @@ class ServerConnection(FramedConnection):
             _logger.debug('ttrpc connection closed inside a frame (%d bytes pending)',
                           self.decoder.buffered)
 
-    def pause_writing(self) -> None:
-        # The client does not read its answers: stop reading its requests too,
-        # so that a peer cannot make the server buffer without bound.
-        super().pause_writing()
-        if self.transport is not None and not self.closed:
+    # While the client does not read its answers (writing paused), its new
+    # calls wait, and reading stops at the first: a peer cannot make the
+    # server buffer answers without bound. The frames before it are handled
+    # at once: a CANCEL, WINDOW_UPDATE or RELEASE only lessens what the
+    # server holds, and a blocking client that left a stream reads nothing
+    # until its next call; its CANCEL must not wait behind the answers that
+    # filled the socket.
+
+    def _defer(self, item: Frame | OversizedFrame) -> bool:
+        """(writing paused) Keep ``item`` for :meth:`resume_writing` if it
+        starts a call or follows one kept; True if kept."""
+        deferred = self._deferred
+        if not deferred and item.type != _REQUEST:
+            return False
+        if not deferred and self.transport is not None:
             self.transport.pause_reading()
+        deferred.append(item)
+        return True
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        if self.transport is not None and not self.closed:
+        deferred = self._deferred
+        if not deferred or self.closed or self.transport is None:
+            return
+        self._deferred = []
+        self.frames_received(deferred)  # (those after a new pause are kept again)
+        if not self._deferred and not self.closed:
             self.transport.resume_reading()
+            self._time_unclaimed_fds()  # the descriptors they took, or those still waiting
 
     def violation(self, reason: str) -> None:
         _logger.warning('ttrpc connection closed: %s', reason)
@@ -202,8 +223,8 @@ class ServerConnection(FramedConnection):
     def _fds_overdue(self, again: bool = False) -> None:
         self._fds_timer = None
         transport = self.transport
-        if self.closed or not self.decoder.queued_fds:
-            return
+        if self.closed or not self.decoder.queued_fds or self._deferred:
+            return  # (kept frames claim theirs later: timed again then)
         if not again and transport is not None and transport.has_unread_data():
             # The claiming frame may wait in what the loop has not read yet:
             # once more (a peer that keeps sending must not keep its descriptors).
@@ -216,6 +237,8 @@ class ServerConnection(FramedConnection):
 
     def frame_received(self, item: Frame | OversizedFrame) -> None:
         self._frames_seen += 1
+        if self.write_paused and self._defer(item):
+            return
         if item.type == _REQUEST and item.stream_id & 1 and not item.flags & FLAG_SHARED_MEMORY \
                 and item.__class__ is Frame:
             # Where the tests below lead a plain request (most frames), in one.
