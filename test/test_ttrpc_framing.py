@@ -413,6 +413,49 @@ def test_a_client_cancel_says_whether_it_left_because_the_deadline_passed(
         peers.close()
 
 
+@pytest.mark.parametrize('client', ['sync', 'async'])
+def test_an_idle_timeout_bounds_the_wait_for_the_answer_to_the_hello_too(
+        client: str, socket_dir: Path, echo: Any) -> None:
+    # A stream without a deadline is the first call of its connection, to a
+    # server that accepts but never answers: its idle timeout ends the wait
+    # (it waited for ever for the answer to the Hello).
+    from vyra_base_ipc.exceptions import IPCTimeoutError
+    done = threading.Event()
+
+    def silent(peer: Peer) -> None:
+        assert peer.read_frame().stream_id == 1  # the Hello
+        done.wait(30)
+    peers = PeerServer(socket_dir / 'silent.sock', silent)
+    method = stub_methods(echo.Stub)['Count']
+    failures: list[BaseException] = []
+
+    async def stream_async() -> None:
+        async with await AsyncConnection.connect(peers.path, shared_memory=None) as connection:
+            async for _ in connection.stream(method, echo.pb.CountRequest(), timeout=None, idle_timeout=0.2):
+                pass
+
+    def stream() -> None:
+        try:
+            if client == 'async':
+                asyncio.run(stream_async())
+            else:
+                with SyncConnection.connect(peers.path, shared_memory=None) as connection:
+                    for _ in connection.stream(method, echo.pb.CountRequest(), timeout=None, idle_timeout=0.2):
+                        pass
+        except BaseException as error:
+            failures.append(error)
+    caller = threading.Thread(target=stream, daemon=True)
+    try:
+        caller.start()
+        caller.join(20)
+        assert not caller.is_alive(), 'the stream waited for the Hello past its idle timeout'
+        assert len(failures) == 1 and isinstance(failures[0], IPCTimeoutError), failures
+        assert 'no message within the idle timeout of 0.2 s' in failures[0].details
+    finally:
+        done.set()
+        peers.close()
+
+
 @pytest.mark.asyncio
 async def test_async_client_holds_calls_back_while_the_server_does_not_read_and_closes_at_once(
         scripted: Callable[[Script], Path], echo: Any) -> None:

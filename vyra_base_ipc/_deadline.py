@@ -14,7 +14,7 @@ from typing import Any, Union
 
 from ._options import validate_timeout
 
-__all__ = ['Deadline', 'Timeout', 'deadline_of']
+__all__ = ['Deadline', 'Timeout', 'deadline_of', 'wait_deadline']
 
 _MAX_INT64 = 2**63 - 1
 # A timer may fire this much before the instant it was set for (asyncio
@@ -85,6 +85,15 @@ class Deadline:
 
     def __repr__(self) -> str:
         return f'Deadline(in {self.remaining():.6f} s)'
+
+
+def wait_deadline(deadline: Deadline | None, idle_timeout: float | None) -> Deadline | None:
+    """When a stream's wait for its next message (or for what comes before
+    its first) ends: at ``deadline``, or ``idle_timeout`` seconds from now if
+    that comes first; ``None``: never."""
+    if idle_timeout is None:
+        return deadline
+    return Deadline(time.monotonic() + idle_timeout) if deadline is None else deadline.earlier(idle_timeout)
 
 
 #: What the connections accept as a call's deadline: seconds from now, a

@@ -8,7 +8,7 @@ from typing import Any, AsyncGenerator, Awaitable, Callable, Sequence, TypeVar
 import warnings
 
 from .._busy_poll import DEFAULT_BUSY_POLL, BusyPoll, await_polling
-from .._deadline import Deadline, Timeout, deadline_of
+from .._deadline import Deadline, Timeout, deadline_of, wait_deadline
 from .._methods import Method
 from .._options import DEFAULT_MAX_MESSAGE_BYTES
 from .._payload import SharedMemoryOptions, close_fds
@@ -32,7 +32,16 @@ from ._call import (
 )
 from ._connection import FramedConnection
 from ._deadlines import DeadlineQueue
-from ._errors import NothingSent, SenderFailed, closed, connect_error, idle_error, lost, timeout_error
+from ._errors import (
+    NothingSent,
+    SenderFailed,
+    closed,
+    connect_error,
+    idle_error,
+    lost,
+    timeout_error,
+    wait_error,
+)
 from ._flow import DEFAULT_STREAM_WINDOW
 from ._frames import Frame, OversizedFrame
 from ._messages import ENVELOPE_ALLOWANCE, Metadata
@@ -278,11 +287,11 @@ class AsyncConnection:
         return protocol
 
     async def _settle_hello(self, protocol: _ClientProtocol, method: Method,
-                            deadline: Deadline | None) -> None:
+                            deadline: Deadline | None, idle_timeout: float | None = None) -> None:
         """The first call of the connection waits for the answer to its
-        Hello (within its deadline)."""
+        Hello (within its deadline, and a stream's idle timeout)."""
         hello = protocol.core.hello
-        item = await _within(asyncio.shield(hello), method, deadline)
+        item = await _within(asyncio.shield(hello), method, deadline, idle_timeout)
         if protocol.core.hello is hello:  # else another call settled it meanwhile
             protocol.core.settle(item)
             segments = protocol.core.agreement.segments
@@ -413,9 +422,9 @@ class AsyncConnection:
             deadline = deadline_of(timeout)
             protocol = self._begin(method, True)
             if protocol.core.hello is not None:
-                await self._settle_hello(protocol, method, deadline)
+                await self._settle_hello(protocol, method, deadline, idle_timeout)
             if protocol.write_paused:  # the server does not read: new calls wait, not queue
-                await _within(protocol.drain(), method, deadline)
+                await _within(protocol.drain(), method, deadline, idle_timeout)
             outcome = Outcome(method, self.max_message_bytes)
             loop = protocol.loop
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
@@ -490,15 +499,18 @@ class AsyncConnection:
                 protocol.send(close_send_frame(stream_id))
 
 
-async def _within(awaitable: Awaitable[_T], method: Method, deadline: Deadline | None) -> _T:
-    """What ``awaitable`` gives, awaited until ``deadline``.
+async def _within(awaitable: Awaitable[_T], method: Method, deadline: Deadline | None,
+                  idle_timeout: float | None = None) -> _T:
+    """What ``awaitable`` gives, awaited until ``deadline`` (or a stream's
+    ``idle_timeout``, if that comes first).
 
-    :raises IPCTimeoutError: the deadline passed first (``method``'s).
+    :raises IPCTimeoutError: the deadline (or idle timeout) passed first (``method``'s).
     """
+    wait = wait_deadline(deadline, idle_timeout)
     try:
-        return await asyncio.wait_for(awaitable, None if deadline is None else max(deadline.remaining(), 0))
+        return await asyncio.wait_for(awaitable, None if wait is None else max(wait.remaining(), 0))
     except asyncio.TimeoutError:
-        raise timeout_error(method) from None
+        raise wait_error(method, deadline, idle_timeout) from None
 
 
 class _Unary:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grpc
 
+from .._deadline import Deadline
 from .._methods import Method
 from ..exceptions import (
     IPCError,
@@ -16,7 +17,7 @@ from ..exceptions import (
 )
 
 __all__ = ['NothingSent', 'SenderFailed', 'closed', 'connect_error', 'idle_error', 'lost', 'not_accepted',
-           'timeout_error']
+           'timeout_error', 'wait_error']
 
 
 def timeout_error(method: Method) -> IPCTimeoutError:
@@ -26,6 +27,14 @@ def timeout_error(method: Method) -> IPCTimeoutError:
 def idle_error(method: Method, idle_timeout: float) -> IPCTimeoutError:
     return IPCTimeoutError(grpc.StatusCode.DEADLINE_EXCEEDED,
                            f'no message within the idle timeout of {idle_timeout:g} s', method=method.path)
+
+
+def wait_error(method: Method, deadline: Deadline | None, idle_timeout: float | None) -> IPCTimeoutError:
+    """The error of a wait that ended at its :func:`wait_deadline`: the idle
+    timeout's, unless the deadline passed."""
+    if idle_timeout is not None and (deadline is None or not deadline.expired()):
+        return idle_error(method, idle_timeout)
+    return timeout_error(method)
 
 
 def connect_error(path: str, error: OSError) -> IPCUnavailableError:

@@ -11,7 +11,7 @@ import warnings
 import grpc
 
 from .._busy_poll import DEFAULT_BUSY_POLL, validate_busy_poll
-from .._deadline import Deadline, Timeout, deadline_of
+from .._deadline import Deadline, Timeout, deadline_of, wait_deadline
 from .._fork_safety import this_process
 from .._methods import Method
 from .._options import DEFAULT_MAX_MESSAGE_BYTES
@@ -42,13 +42,7 @@ from ._call import (
     prepare,
     unary_response,
 )
-from ._errors import (
-    NothingSent,
-    SenderFailed,
-    closed,
-    lost,
-    timeout_error,
-)
+from ._errors import NothingSent, SenderFailed, closed, lost, timeout_error, wait_error
 from ._flow import DEFAULT_STREAM_WINDOW
 from ._frames import FLAG_SHARED_MEMORY, MAX_QUEUED_FDS, Frame, FrameDecoder, encode_window_update
 from ._messages import ENVELOPE_ALLOWANCE, Metadata
@@ -232,7 +226,7 @@ class SyncConnection:
         """
         try:
             deadline = deadline_of(timeout)
-            self._begin(method, True, deadline)
+            self._begin(method, True, deadline, idle_timeout)
             outcome = Outcome(method, self.max_message_bytes)
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
                                self._core.agreement)
@@ -262,19 +256,21 @@ class SyncConnection:
             # One error object fails every call of a broken connection: name this call.
             raise error.for_method(method.path) from None
 
-    def _begin(self, method: Method, response_streaming: bool, deadline: Deadline | None) -> None:
+    def _begin(self, method: Method, response_streaming: bool, deadline: Deadline | None,
+               idle_timeout: float | None = None) -> None:
         """Checks every call starts with; the first call of the connection
         (of any thread) also waits for the answer to its Hello (within the
-        deadline)."""
+        deadline, and a stream's idle timeout)."""
         check_kind(method, response_streaming)
         if self._core.hello is None:
             return
-        if not self._hello_lock.acquire(timeout=-1 if deadline is None else max(deadline.remaining(), 0)):
-            raise timeout_error(method)
+        wait = wait_deadline(deadline, idle_timeout)
+        if not self._hello_lock.acquire(timeout=-1 if wait is None else max(wait.remaining(), 0)):
+            raise wait_error(method, deadline, idle_timeout)
         try:
             hello = self._core.hello
             if hello is not None:
-                item = self._next(hello, deadline, method)
+                item = self._next(hello, deadline, method, idle_timeout)
                 with self._state_lock:
                     self._core.settle(item)
         finally:
