@@ -14,7 +14,7 @@ import sys
 import grpc
 import pytest
 
-from conftest import NOBODY, OTHER_UID, ServerProcess
+from conftest import LANES, NOBODY, OTHER_UID, ServerProcess
 from vyra_base_ipc import (
     CommandError,
     IPCHandler,
@@ -105,6 +105,65 @@ def test_initialize_loads_json(module: SyncIPCHandler, tmp_path: Path) -> None:
     config.write_text(json.dumps({'mode': 'auto'}))
     assert initialize(module, config).success
     assert json.loads(module.call_method('GetData', pb.DataRequest(key='config')).result) == {'mode': 'auto'}
+
+
+@pytest.mark.parametrize('content, message', [
+    (b'arm:\n  calibrated: 2024-01-01\n', 'arm.calibrated is a datetime.date (2024-01-01)'),
+    (b'log:\n  - at: 2024-01-01T10:00:00Z\n', 'log[0].at is a datetime.datetime (2024-01-01 10:00:00+00:00)'),
+    (b'blob: !!binary aGk=\n', "blob is a bytes (b'hi')"),
+    (b'tools: !!set {a}\n', "tools is a set ({'a'})"),
+    (b'2024-01-01: start\n', 'the top level has a key that is a datetime.date (2024-01-01)'),
+    (b'joints: {1: a, "1": b}\n', "joints has the keys 1 and '1'"),
+    (b'loop: &x [*x]\n', 'loop[0] refers to what contains it'),
+], ids=['date', 'timestamp', 'binary', 'set', 'date-key', 'clashing-keys', 'cycle'])
+def test_initialize_refuses_a_configuration_json_cannot_carry_naming_where_and_what(
+        module: SyncIPCHandler, tmp_path: Path, content: bytes, message: str) -> None:
+    """Audit: a YAML date or keys like 1 and 'b' loaded, and GetData('config')
+    then failed UNKNOWN (json.dumps' TypeError). GetData sends the
+    configuration as JSON, so Initialize refuses what JSON cannot carry, in
+    InitResponse as every failure, and the old configuration stays."""
+    assert initialize(module, _write(tmp_path / 'good.yaml', b'speed: 1\n')).success
+    bad = _write(tmp_path / 'bad.yaml', content)
+    answer = initialize(module, bad)
+    assert not answer.success
+    assert answer.message.startswith(f'config file {str(bad)!r} cannot be sent as JSON'), answer.message
+    assert message in answer.message, answer.message
+    assert ('quote' in answer.message) == ('datetime' in message), answer.message
+    data = module.call_method('GetData', pb.DataRequest(key='config'))
+    assert json.loads(data.result) == {'speed': 1}
+    assert execute(module, 'ping').result == 'pong'
+
+
+def test_initialize_takes_keys_of_mixed_types_and_get_data_sends_them_as_json_text(
+        module: SyncIPCHandler, tmp_path: Path) -> None:
+    """Audit: ``{1: a, b: c}`` loaded, then GetData('config') failed UNKNOWN
+    (sort_keys cannot order 1 and 'b'). A key of a number, true/false or
+    null is JSON text, as json.dumps writes it, whatever the other keys are."""
+    config = _write(tmp_path / 'mixed.yaml', b'joints: {1: a, b: c}\ntrue: 2\n~: 3\n0.5: 4\n')
+    answer = initialize(module, config)
+    assert answer.success, answer.message
+    data = module.call_method('GetData', pb.DataRequest(key='config'))
+    assert data.content_type == 'application/json'
+    assert json.loads(data.result) == {'joints': {'1': 'a', 'b': 'c'}, 'true': 2, 'null': 3, '0.5': 4}
+
+
+@pytest.mark.parametrize('lane', LANES)
+def test_a_data_provider_returning_what_json_cannot_carry_is_internal_naming_key_and_type(
+        start_server, socket_path: Path, lane: str) -> None:
+    """Audit: a provider returning a date answered UNKNOWN with a bare
+    TypeError. It is the server's bug: INTERNAL, naming the data item, where
+    in its value and what; the server serves on."""
+    start_server(socket_path, script='command_server.py').wait_serving(ttrpc=True)
+    with SyncIPCHandler(socket_path, pb_grpc.ModuleServiceStub, lane=lane, timeout=10) as client:
+        with pytest.raises(IPCRemoteError) as error:
+            client.call_method('GetData', pb.DataRequest(key='calibration'))
+        assert error.value.code is grpc.StatusCode.INTERNAL
+        assert error.value.details == ("the provider of data item 'calibration' returned what JSON cannot "
+                                       'carry: joints[0].since is a datetime.date (2024-01-01)')
+        mixed = client.call_method('GetData', pb.DataRequest(key='by_number'))
+        assert json.loads(mixed.result) == {'1': 'a', 'b': 'c'}
+        assert execute(client, 'ping').result == 'pong'
+        assert client.lane_in_use == lane
 
 
 @pytest.mark.parametrize('make_path, message', [

@@ -14,8 +14,15 @@
   ``max_config_bytes`` inside one of ``config_dirs`` (by default the
   module's installed ``share/<module_name>/config``), so a caller cannot
   make the server read other files for it, or hang it on a FIFO or device.
+  ``GetData('config')`` sends the configuration as JSON, so a configuration
+  JSON cannot carry (a YAML date or timestamp, ``!!binary``, ``!!set``, keys
+  that are one as JSON text, such as ``1`` and ``'1'``) is refused, naming
+  where it is and what; keys of numbers, true/false or null become their
+  JSON text (``{1: a, b: c}`` is ``{"1": "a", "b": "c"}``).
 - ``GetData`` returns a registered data item (built in: ``status``,
-  ``config``); an unknown key is the RPC status NOT_FOUND.
+  ``config``); an unknown key is the RPC status NOT_FOUND, and a provider
+  that returned what JSON cannot carry (a bug of the server's) INTERNAL,
+  naming the item, where in its value and what.
 
 Command handlers take the request's ``parameters`` (a ``dict[str, str]``)
 and return the result string. ``async def`` handlers run on the server's
@@ -31,6 +38,7 @@ import contextvars
 import functools
 import inspect
 import json
+import logging
 import os
 from pathlib import Path
 import stat
@@ -42,6 +50,7 @@ import yaml
 
 from . import module_service_pb2 as pb
 from . import module_service_pb2_grpc as pb_grpc
+from ._json_text import NotJSON, json_text
 from ._request_guard import HANDLER_FAILURES
 from .address import StrPath, validate_module_name
 from .exceptions import CommandError
@@ -54,6 +63,8 @@ CommandHandler = Callable[[dict[str, str]], CommandResult]
 DataItem = Union[bytes, str, Mapping[str, Any], list]
 DataProvider = Callable[[], Union[DataItem, Awaitable[DataItem]]]
 _F = TypeVar('_F', bound=Callable[..., Any])
+
+_logger = logging.getLogger(__name__)
 
 _COMMAND_ATTRIBUTE = '_vyra_ipc_command'
 #: The largest configuration file Initialize reads, by default.
@@ -139,8 +150,11 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
     def register_data(self, key: str, provider: DataProvider) -> None:
         """Add or replace the provider of data item ``key`` for ``GetData``.
 
-        The provider returns bytes (sent as is), text (UTF-8), or a
-        JSON-serializable mapping or list (sent as JSON).
+        The provider returns bytes (sent as is), text (UTF-8), or a mapping
+        or list (sent as JSON, objects sorted by key; keys of numbers,
+        true/false or null as their JSON text). A value JSON cannot carry (a
+        date, bytes or a set inside, a key of another type, a cycle) is
+        answered INTERNAL, naming the item, where in the value and what.
         """
         if not isinstance(key, str) or not key:
             raise ValueError(f'data key must be a non-empty str, not {key!r}')
@@ -169,7 +183,9 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
                          context: grpc.aio.ServicerContext[Any, Any]) -> pb.InitResponse:
         """Load the YAML or JSON file at ``config_path`` into :attr:`config`
         and call :meth:`on_initialize`; a failure is reported in the response
-        and keeps the old configuration."""
+        and keeps the old configuration. A configuration JSON cannot carry
+        (``GetData('config')`` sends it as JSON) is a failure that names where
+        in it and what: ``arm.calibrated is a datetime.date (2024-01-01)``."""
         try:
             # Checked without blocking (no FIFO or device is ever opened for
             # reading), then read in a thread that cannot hold the call up.
@@ -217,7 +233,8 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
                       context: grpc.aio.ServicerContext[Any, Any]) -> pb.DataResponse:
         """Return the data item ``key`` (see :meth:`register_data`).
 
-        :raises grpc.aio.AbortError: (status NOT_FOUND) for an unknown key.
+        :raises grpc.aio.AbortError: (status NOT_FOUND) for an unknown key;
+            (INTERNAL) for a value JSON cannot carry.
         """
         provider = self._data.get(request.key)
         if provider is None:
@@ -231,8 +248,14 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
             return pb.DataResponse(key=request.key, result=value, content_type='application/octet-stream')
         if isinstance(value, str):
             return pb.DataResponse(key=request.key, result=value.encode(), content_type='text/plain')
-        return pb.DataResponse(key=request.key, result=json.dumps(value, sort_keys=True).encode(),
-                               content_type='application/json')
+        try:
+            text = json_text(value)
+        except NotJSON as error:  # the server's bug: its log says so too
+            message = (f'the provider of data item {_shown(request.key)} returned what JSON cannot carry: '
+                       f'{error}')
+            _logger.error('GetData: %s', message)
+            await context.abort(grpc.StatusCode.INTERNAL, message)
+        return pb.DataResponse(key=request.key, result=text.encode(), content_type='application/json')
 
     def _status_object(self) -> dict[str, Any]:
         return {
@@ -360,7 +383,8 @@ def _read_config(fd: int, path: Path, limit: int) -> str:
 def _parse_config(path: Path, text: str) -> dict[str, Any]:
     """The YAML or JSON mapping in ``text``.
 
-    :raises ValueError: not valid, or not a mapping (naming the path).
+    :raises ValueError: not valid, not a mapping, or not what JSON can carry
+        (naming the path, and where in the mapping).
     """
     try:
         config = json.loads(text) if path.suffix == '.json' else yaml.safe_load(text)
@@ -372,4 +396,10 @@ def _parse_config(path: Path, text: str) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ValueError(
             f'config file {str(path)!r} must hold a mapping at the top level, not {type(config).__name__}')
+    try:
+        json_text(config, 'the top level')
+    except NotJSON as error:
+        hint = '; quote a YAML date or time to keep it as text' if error.is_time else ''
+        raise ValueError(f"config file {str(path)!r} cannot be sent as JSON, as GetData('config') sends it: "
+                         f'{error}{hint}') from None
     return config

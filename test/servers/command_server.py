@@ -1,13 +1,16 @@
 """A server whose ModuleService has commands that read their parameters.
 
 ``move`` reads ``parameters['x']``; ``broken`` fails with a KeyError of its
-own (not of its parameters). Prints nothing; the tests wait for the sockets.
+own (not of its parameters). Data items: ``calibration`` (a bug of the
+server's: a date, which JSON cannot carry), ``by_number`` (keys of two
+types). Prints nothing; the tests wait for the sockets.
 
 Usage: command_server.py SOCKET_PATH
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import sys
 
@@ -15,6 +18,11 @@ from vyra_base_ipc import IPCServer, ModuleService, command, run
 
 
 class ArmModule(ModuleService):
+    def __init__(self, module_name: str) -> None:
+        super().__init__(module_name)
+        self.register_data('calibration', lambda: {'joints': [{'since': datetime.date(2024, 1, 1)}]})
+        self.register_data('by_number', lambda: {1: 'a', 'b': 'c'})
+
     @command()
     async def move(self, parameters: dict[str, str]) -> str:
         return f'moved to {float(parameters["x"])}'
