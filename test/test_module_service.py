@@ -107,6 +107,51 @@ def test_initialize_loads_json(module: SyncIPCHandler, tmp_path: Path) -> None:
     assert json.loads(module.call_method('GetData', pb.DataRequest(key='config')).result) == {'mode': 'auto'}
 
 
+@pytest.mark.parametrize('lane', LANES)
+def test_a_command_error_takes_a_status_number_and_its_misuse_is_internal_naming_it(
+        start_server, socket_path: Path, lane: str) -> None:
+    """Audit: ``CommandError('busy', 14)`` answered UNKNOWN (an AttributeError
+    as the answer was made), and ``CommandError(..., grpc.StatusCode.OK)`` made a
+    failed command look done. A status number is taken; OK or what is no
+    status fails the handler as any bug does: INTERNAL, naming the misuse."""
+    start_server(socket_path, script='command_server.py').wait_serving(ttrpc=True)
+    with SyncIPCHandler(socket_path, pb_grpc.ModuleServiceStub, lane=lane, timeout=10) as client:
+        busy = execute(client, 'busy')
+        assert (busy.status_code, busy.result) == (grpc.StatusCode.UNAVAILABLE.value[0], 'homing, try later')
+        jammed = execute(client, 'jammed')
+        assert jammed.status_code == INTERNAL
+        assert jammed.result == ("jammed failed: TypeError('CommandError code must be an error status (a "
+                                 'grpc.StatusCode other than OK, or its number, 1 to 16), not '
+                                 "grpc.StatusCode.OK: a failed command cannot answer OK')")
+        unpowered = execute(client, 'unpowered')
+        assert unpowered.status_code == INTERNAL
+        assert unpowered.result.startswith('unpowered failed: TypeError(') and \
+            "not 'UNAVAILABLE' (a str)" in unpowered.result, unpowered.result
+        assert execute(client, 'ping').result == 'pong'
+        assert client.lane_in_use == lane
+
+
+def test_command_error_takes_an_error_status_or_its_number_and_refuses_anything_else() -> None:
+    assert CommandError('x').code is grpc.StatusCode.FAILED_PRECONDITION
+    assert CommandError('x', grpc.StatusCode.UNAVAILABLE).code is grpc.StatusCode.UNAVAILABLE
+    assert CommandError('x', 14).code is grpc.StatusCode.UNAVAILABLE
+    assert CommandError('x', code=16).code is grpc.StatusCode.UNAUTHENTICATED
+    for code, named in [(grpc.StatusCode.OK, 'not grpc.StatusCode.OK: a failed command cannot answer OK'),
+                        (0, 'not 0 (OK): a failed command cannot answer OK'),
+                        (17, 'not 17: no status has that number'), (-1, 'not -1: no status has that number'),
+                        ('UNAVAILABLE', "not 'UNAVAILABLE' (a str)"), (None, 'not None (a NoneType)'),
+                        (True, 'not True (a bool)'), (14.0, 'not 14.0 (a float)')]:
+        with pytest.raises(TypeError) as error:
+            CommandError('x', code)
+        assert str(error.value).endswith(named), error.value
+    error = CommandError('x')
+    error.code = 4  # a status set later is held to the same rule
+    assert error.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    with pytest.raises(TypeError, match='not grpc.StatusCode.OK'):
+        error.code = grpc.StatusCode.OK
+    assert error.code is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 @pytest.mark.parametrize('content, message', [
     (b'arm:\n  calibrated: 2024-01-01\n', 'arm.calibrated is a datetime.date (2024-01-01)'),
     (b'log:\n  - at: 2024-01-01T10:00:00Z\n', 'log[0].at is a datetime.datetime (2024-01-01 10:00:00+00:00)'),

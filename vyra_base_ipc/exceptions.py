@@ -259,9 +259,49 @@ class CommandError(Exception):
     """Raised by a command handler (your code) to answer the command with a
     chosen non-OK status instead of INTERNAL.
 
-    :ivar code: the status the command answers with (``status_code``).
+    ``code`` is a :class:`grpc.StatusCode` other than OK, or its number
+    (``14`` or ``google.rpc.code_pb2.UNAVAILABLE`` for UNAVAILABLE, as
+    ``status_code`` carries it). Anything else (OK or 0: a failed command
+    cannot answer OK; a number no status has; a name as text) raises
+    :class:`TypeError` naming it, here in the handler's traceback. A handler
+    that raises it so answers INTERNAL, as for any bug of the handler's (a
+    ``ValueError`` would answer INVALID_ARGUMENT: the caller's mistake).
+
+    :ivar code: the status the command answers with (``status_code``), a
+        :class:`grpc.StatusCode`; set later, it is held to the same rule.
     """
 
-    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION) -> None:
+    def __init__(self, message: str,
+                 code: grpc.StatusCode | int = grpc.StatusCode.FAILED_PRECONDITION) -> None:
         super().__init__(message)
         self.code = code
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        """The status the command answers with."""
+        return self._code
+
+    @code.setter
+    def code(self, code: grpc.StatusCode | int) -> None:
+        self._code = _error_status(code)
+
+
+#: Error statuses by number (google.rpc.Code), OK left out.
+_ERROR_STATUSES = {status.value[0]: status for status in grpc.StatusCode if status is not grpc.StatusCode.OK}
+_WANTED = ('CommandError code must be an error status (a grpc.StatusCode other than OK, '
+           'or its number, 1 to 16)')
+
+
+def _error_status(code: object) -> grpc.StatusCode:
+    """``code`` as an error status; :class:`TypeError` naming what it is not."""
+    if isinstance(code, bool) or not isinstance(code, (grpc.StatusCode, int)):
+        raise TypeError(f'{_WANTED}, not {code!r} (a {type(code).__name__})')
+    if code is grpc.StatusCode.OK or code == 0:
+        shown = 'grpc.StatusCode.OK' if code is grpc.StatusCode.OK else '0 (OK)'
+        raise TypeError(f'{_WANTED}, not {shown}: a failed command cannot answer OK')
+    if isinstance(code, grpc.StatusCode):
+        return code
+    status = _ERROR_STATUSES.get(int(code))
+    if status is None:
+        raise TypeError(f'{_WANTED}, not {int(code)}: no status has that number')
+    return status

@@ -7,7 +7,8 @@
   ``google.rpc.Code`` number: 0 OK, 3 INVALID_ARGUMENT (the command raised
   ``ValueError``, or read a parameter the request does not have), 5
   NOT_FOUND (unknown command), 13 INTERNAL (it raised anything else), or
-  what a :class:`CommandError` says.
+  what a :class:`CommandError` says (a ``grpc.StatusCode`` other than OK,
+  or its number; a handler that gives it anything else answers INTERNAL).
 - ``Initialize`` loads the YAML or JSON file at ``config_path`` into
   :attr:`ModuleService.config` and reports failures in ``InitResponse``. It
   reads only module configuration: a regular file of at most

@@ -1,7 +1,9 @@
 """A server whose ModuleService has commands that read their parameters.
 
 ``move`` reads ``parameters['x']``; ``broken`` fails with a KeyError of its
-own (not of its parameters). Data items: ``calibration`` (a bug of the
+own (not of its parameters). ``busy`` raises a CommandError with a status
+number (14, UNAVAILABLE); ``jammed`` (a ``def``) and ``unpowered`` misuse
+CommandError (OK, a status name as text). Data items: ``calibration`` (a bug of the
 server's: a date, which JSON cannot carry), ``by_number`` (keys of two
 types). Prints nothing; the tests wait for the sockets.
 
@@ -14,7 +16,9 @@ import datetime
 import logging
 import sys
 
-from vyra_base_ipc import IPCServer, ModuleService, command, run
+import grpc
+
+from vyra_base_ipc import CommandError, IPCServer, ModuleService, command, run
 
 
 class ArmModule(ModuleService):
@@ -31,6 +35,18 @@ class ArmModule(ModuleService):
     def broken(self, parameters: dict[str, str]) -> str:
         table: dict[str, str] = {}
         return table['calibration']  # a bug of the handler, not the caller's mistake
+
+    @command()
+    async def busy(self, parameters: dict[str, str]) -> str:
+        raise CommandError('homing, try later', 14)  # a google.rpc.Code number: UNAVAILABLE
+
+    @command()
+    def jammed(self, parameters: dict[str, str]) -> str:
+        raise CommandError('gripper jammed', grpc.StatusCode.OK)  # a bug: a failure cannot be OK
+
+    @command()
+    async def unpowered(self, parameters: dict[str, str]) -> str:
+        raise CommandError('no power', 'UNAVAILABLE')  # type: ignore[arg-type]  # a bug: not a status
 
 
 def main() -> None:
