@@ -10,6 +10,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -105,6 +106,34 @@ def test_initialize_loads_json(module: SyncIPCHandler, tmp_path: Path) -> None:
     config.write_text(json.dumps({'mode': 'auto'}))
     assert initialize(module, config).success
     assert json.loads(module.call_method('GetData', pb.DataRequest(key='config')).result) == {'mode': 'auto'}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('lane', LANES)
+async def test_a_def_data_provider_that_blocks_does_not_hold_up_other_calls(
+        start_server, socket_path: Path, lane: str) -> None:
+    """Audit: a ``def`` data provider ran on the server's event loop, so one
+    waiting on slow I/O held up every call. It runs in the handler threads,
+    as ``def`` commands do: while it waits for a later call, that call and
+    others are served."""
+    start_server(socket_path, script='command_server.py').wait_serving(ttrpc=True)
+    async with IPCHandler(socket_path, pb_grpc.ModuleServiceStub, lane=lane, timeout=5) as ipc:
+        async def run(name: str) -> str:
+            return (await ipc.call_method('ExecuteCommand', pb.CommandRequest(command=name))).result
+
+        gate = asyncio.ensure_future(ipc.call_method('GetData', pb.DataRequest(key='gate'), timeout=30))
+        deadline = time.monotonic() + 10
+        while await run('gate_state') != 'waiting':  # each answer within 5 s, or the test fails
+            assert not gate.done(), gate
+            assert time.monotonic() < deadline, 'the gate provider did not start within 10 s'
+        assert await run('ping') == 'pong'
+        status = await ipc.call_method('GetData', pb.DataRequest(key='status'))
+        assert json.loads(status.result)['module'] == 'arm'
+        assert not gate.done()
+        assert await run('open_gate') == 'opened'
+        data = await asyncio.wait_for(gate, 10)
+        assert (data.result, data.content_type) == (b'opened', 'text/plain')
+        assert ipc.lane_in_use == lane
 
 
 @pytest.mark.parametrize('lane', LANES)

@@ -26,9 +26,10 @@
   naming the item, where in its value and what.
 
 Command handlers take the request's ``parameters`` (a ``dict[str, str]``)
-and return the result string. ``async def`` handlers run on the server's
-event loop; plain ``def`` handlers run in a worker thread so that a slow
-command never stalls other calls.
+and return the result string; data providers take nothing and return the
+item. ``async def`` handlers and providers run on the server's event loop;
+plain ``def`` ones run in a worker thread so that a slow command or data
+item never stalls other calls.
 """
 
 from __future__ import annotations
@@ -91,9 +92,10 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
     """Default implementation of ``vyra.ipc.ModuleService``.
 
     Handlers are coroutines and run on the server's event loop; ``def``
-    commands run in the server's threads for ``def`` handlers (its
-    ``max_workers``, counted in its diagnostics, never joined at exit), or
-    with :func:`asyncio.to_thread` outside an :class:`~vyra_base_ipc.IPCServer`.
+    commands and data providers run in the server's threads for ``def``
+    handlers (its ``max_workers``, counted in its diagnostics, never joined
+    at exit), or with :func:`asyncio.to_thread` outside an
+    :class:`~vyra_base_ipc.IPCServer`.
 
     :param module_name: reported by ``status``.
     :param config_dirs: the directories ``Initialize`` may read from (a
@@ -119,8 +121,8 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
         self._handler_threads: Executor | None = None
         self._commands: dict[str, CommandHandler] = {}
         self._data: dict[str, DataProvider] = {
-            'status': self._status_object,
-            'config': lambda: self.config,
+            'status': self._status_item,  # (async: on the loop, never waiting for a thread)
+            'config': self._config_item,
         }
         for cls in reversed(type(self).__mro__):
             for attribute, value in vars(cls).items():
@@ -129,8 +131,9 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
                     self._commands[name] = getattr(self, attribute)
 
     def use_handler_threads(self, executor: Executor) -> None:
-        """Run ``def`` commands in ``executor`` (an :class:`~vyra_base_ipc.IPCServer`
-        serving this servicer gives its own as it starts)."""
+        """Run ``def`` commands and data providers in ``executor`` (an
+        :class:`~vyra_base_ipc.IPCServer` serving this servicer gives its own
+        as it starts)."""
         self._handler_threads = executor
 
     # -- registries -----------------------------------------------------------------
@@ -151,9 +154,10 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
     def register_data(self, key: str, provider: DataProvider) -> None:
         """Add or replace the provider of data item ``key`` for ``GetData``.
 
-        The provider returns bytes (sent as is), text (UTF-8), or a mapping
-        or list (sent as JSON, objects sorted by key; keys of numbers,
-        true/false or null as their JSON text). A value JSON cannot carry (a
+        An ``async def`` provider runs on the server's event loop, a ``def``
+        one in a worker thread, as commands do. It returns bytes (sent as
+        is), text (UTF-8), or a mapping or list (sent as JSON, objects sorted
+        by key; keys of numbers, true/false or null as their JSON text). A value JSON cannot carry (a
         date, bytes or a set inside, a key of another type, a cycle) is
         answered INTERNAL, naming the item, where in the value and what.
         """
@@ -216,7 +220,7 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
                 status_code=_status_code(grpc.StatusCode.NOT_FOUND),
                 result=f'unknown command {_shown(request.command)}; available: {", ".join(self.commands)}')
         try:
-            result = await _run(handler, _Parameters(request.parameters), self._handler_threads)
+            result = await _run(self._handler_threads, handler, _Parameters(request.parameters))
         except MissingParameter as error:
             return pb.CommandResponse(status_code=_status_code(grpc.StatusCode.INVALID_ARGUMENT),
                                       result=f'{request.command}: {error.args[0]}')
@@ -242,9 +246,7 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
                 f'no data item {_shown(request.key)}; available: {", ".join(sorted(self._data))}')
-        value = provider()
-        if inspect.isawaitable(value):
-            value = await value
+        value = await _run(self._handler_threads, provider)
         if isinstance(value, bytes):
             return pb.DataResponse(key=request.key, result=value, content_type='application/octet-stream')
         if isinstance(value, str):
@@ -257,6 +259,12 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
             _logger.error('GetData: %s', message)
             await context.abort(grpc.StatusCode.INTERNAL, message)
         return pb.DataResponse(key=request.key, result=text.encode(), content_type='application/json')
+
+    async def _status_item(self) -> dict[str, Any]:
+        return self._status_object()
+
+    async def _config_item(self) -> dict[str, Any]:
+        return self.config
 
     def _status_object(self) -> dict[str, Any]:
         return {
@@ -302,13 +310,16 @@ def _shown(text: str) -> str:
     return f'{text[:_CHARACTERS_SHOWN]!r}… ({len(text)} characters)'
 
 
-async def _run(handler: CommandHandler, parameters: dict[str, str], threads: Executor | None) -> str:
-    if inspect.iscoroutinefunction(handler):
-        return await handler(parameters)
+async def _run(threads: Executor | None, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)``: awaited on the event loop if it is a coroutine
+    function, else run in ``threads`` (:func:`asyncio.to_thread` without);
+    an awaitable it returns is awaited."""
+    if inspect.iscoroutinefunction(function):
+        return await function(*args)
     if threads is None:
-        result = await asyncio.to_thread(handler, parameters)
+        result = await asyncio.to_thread(function, *args)
     else:  # (with the caller's context variables, as to_thread() passes them)
-        call = functools.partial(contextvars.copy_context().run, handler, parameters)
+        call = functools.partial(contextvars.copy_context().run, function, *args)
         result = await asyncio.get_running_loop().run_in_executor(threads, call)
     if inspect.isawaitable(result):
         result = await result

@@ -5,7 +5,9 @@ own (not of its parameters). ``busy`` raises a CommandError with a status
 number (14, UNAVAILABLE); ``jammed`` (a ``def``) and ``unpowered`` misuse
 CommandError (OK, a status name as text). Data items: ``calibration`` (a bug of the
 server's: a date, which JSON cannot carry), ``by_number`` (keys of two
-types). Prints nothing; the tests wait for the sockets.
+types), ``gate`` (a ``def`` provider that blocks until the command
+``open_gate``; ``gate_state`` says whether it waits). Prints nothing; the
+tests wait for the sockets.
 
 Usage: command_server.py SOCKET_PATH
 """
@@ -15,10 +17,14 @@ from __future__ import annotations
 import datetime
 import logging
 import sys
+import threading
 
 import grpc
 
 from vyra_base_ipc import CommandError, IPCServer, ModuleService, command, run
+
+#: Seconds the ``gate`` provider waits for ``open_gate`` at most.
+GATE_WAIT = 60.0
 
 
 class ArmModule(ModuleService):
@@ -26,6 +32,23 @@ class ArmModule(ModuleService):
         super().__init__(module_name)
         self.register_data('calibration', lambda: {'joints': [{'since': datetime.date(2024, 1, 1)}]})
         self.register_data('by_number', lambda: {1: 'a', 'b': 'c'})
+        self.gate_waiting = threading.Event()
+        self.gate_opened = threading.Event()
+        self.register_data('gate', self.gate)
+
+    def gate(self) -> str:
+        """Data item ``gate``: blocks, as a provider in slow I/O would, until ``open_gate``."""
+        self.gate_waiting.set()
+        return 'opened' if self.gate_opened.wait(GATE_WAIT) else f'not opened within {GATE_WAIT:g} s'
+
+    @command()
+    async def gate_state(self, parameters: dict[str, str]) -> str:
+        return 'waiting' if self.gate_waiting.is_set() else 'idle'
+
+    @command()
+    async def open_gate(self, parameters: dict[str, str]) -> str:
+        self.gate_opened.set()
+        return 'opened'
 
     @command()
     async def move(self, parameters: dict[str, str]) -> str:
