@@ -1,8 +1,9 @@
 """Errors in words that say what happened, the same on both lanes: a server
 killed with SIGKILL, a timeout (which one, how long), a method the server
 lacks (which services it has) and a command parameter the request lacks
-(INVALID_ARGUMENT, naming it). Real servers in real processes, both lanes,
-both clients; size limits are in test_lane_limits.py."""
+(INVALID_ARGUMENT, naming it), an answer that does not parse as the
+response type (INTERNAL). Real servers in real processes, both lanes, both
+clients; size limits are in test_lane_limits.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import pytest
 
 from conftest import LANES, ServerProcess, StartServer, call_through, make_stale_socket
 from vyra_base_ipc import (
+    ClientCall,
+    ClientInterceptor,
     IPCRemoteError,
     IPCTimeoutError,
     IPCUnavailableError,
@@ -26,6 +29,7 @@ from vyra_base_ipc import (
 from vyra_base_ipc import (
     module_service_pb2_grpc as module_pb_grpc,
 )
+from vyra_base_ipc._methods import stub_methods
 
 KINDS = ('sync', 'async')
 ECHO_SERVICES = ('vyra.ipc.BackendService', 'vyra.ipc.ModuleService', 'vyra.ipc.test.EchoService',
@@ -207,6 +211,58 @@ def test_unimplemented_says_which_services_the_server_has(echo_server: ServerPro
         assert error.method == f'/my_arm.ArmService/{name}'
         assert error.details == (f'{where} has no service my_arm.ArmService; it serves {services} '
                                  '(the wrong socket, or a server without this service?)')
+
+
+# -- an answer that does not parse as the response type ----------------------------------------
+
+def other_version_stub(echo: Any) -> type:
+    """EchoService's stub as another version of the .proto would build it:
+    its methods of every call shape answer MirrorReply, whose field 1 is a
+    message where EchoReply's is text (an EchoReply does not parse as one)."""
+    methods = stub_methods(echo.Stub)
+
+    class OtherVersionStub:
+        def __init__(self, channel: Any) -> None:
+            for name in ('Echo', 'Collect', 'Count', 'Chat'):
+                method = methods[name]
+                setattr(self, name, getattr(channel, method.kind.value)(
+                    method.path, request_serializer=method.request_serializer,
+                    response_deserializer=echo.pb.MirrorReply.FromString))
+    return OtherVersionStub
+
+
+class EndRecorder(ClientInterceptor):
+    """Records the status each call ended with, as a client interceptor sees it."""
+
+    def __init__(self) -> None:
+        self.ended: list[tuple[str, str | None, str]] = []
+
+    def call_ended(self, call: ClientCall, code: grpc.StatusCode, details: str, duration: float) -> None:
+        self.ended.append((call.method.rpartition('/')[2], call.lane, code.name))
+
+
+@pytest.mark.parametrize('kind', KINDS)
+@pytest.mark.parametrize('lane', LANES)
+def test_an_answer_that_does_not_parse_as_the_response_type_is_internal(
+        echo_server: ServerProcess, echo: Any, lane: str, kind: str) -> None:
+    # grpc.aio logs the DecodeError and gives None, as a response and as a
+    # stream's message: the call looked OK. grpc's blocking channel, and the
+    # fast lane, say INTERNAL 'Exception deserializing response!'.
+    stub, path, recorder = other_version_stub(echo), echo_server.socket_path, EndRecorder()
+    options = {'lane': lane, 'interceptors': [recorder], 'timeout': 10.0}
+    text = [echo.pb.EchoRequest(text='x')]
+    answers = {
+        'Echo': call_through(kind, path, stub, 'Echo', text[0], **options),
+        'Collect': call_through(kind, path, stub, 'Collect', text, **options),
+        'Count': stream(kind, path, stub, 'Count', echo.pb.CountRequest(count=3), **options),
+        'Chat': stream(kind, path, stub, 'Chat', text, **options),
+    }
+    for name, error in answers.items():
+        assert isinstance(error, IPCRemoteError), f'{name}: {error!r}'
+        assert error.code is grpc.StatusCode.INTERNAL, f'{name}: {error!r}'
+        assert error.details.startswith('Exception deserializing response!'), f'{name}: {error!r}'
+        assert error.method == f'/vyra.ipc.test.EchoService/{name}'
+    assert recorder.ended == [(name, lane, 'INTERNAL') for name in answers]
 
 
 # -- a command parameter the request lacks ------------------------------------------------------

@@ -38,7 +38,7 @@ from .exceptions import (
     nobody_listening,
     socket_missing,
 )
-from .ttrpc._errors import closed
+from .ttrpc._errors import closed, undecodable
 from .ttrpc._messages import checked_metadata
 
 __all__ = ['LANES', 'GrpcLane', 'LaneChoice', 'ServerCameUp', 'SyncGrpcLane']
@@ -348,6 +348,12 @@ class GrpcLane(_GrpcLaneBase):
                 metadata=metadata and checked_metadata(metadata), wait_for_ready=self.wait_for_ready)
             sender = _send_requests(call, request) if streaming else None
             response = await call
+            if response is None:
+                # An answer that did not parse as the response type (a stub of
+                # another version): grpc.aio logs the error and gives None as if
+                # all were well. Its blocking channel (SyncGrpcLane) fails the
+                # call INTERNAL instead, as the fast lane does: so does this lane.
+                raise undecodable(method)
         except grpc.RpcError as error:
             raise self._translate(error, method, request) from None
         except (asyncio.CancelledError, ValueError) as error:
@@ -381,6 +387,8 @@ class GrpcLane(_GrpcLaneBase):
                     continue
                 if response is grpc.aio.EOF:
                     return
+                if response is None:  # a message that did not parse: as in call()
+                    raise undecodable(method)  # (leaving cancels the call)
                 may_restart = False
                 yield response
                 _remaining(timeout, method)  # (grpc may give what came in time to a read after the deadline)

@@ -32,7 +32,7 @@ from ..exceptions import (
     error_from_status,
 )
 from . import _hello
-from ._errors import SenderFailed, idle_error, lost, timeout_error
+from ._errors import SenderFailed, idle_error, lost, timeout_error, undecodable
 from ._flow import ReceiveWindow, SendCredit, message_cost, validate_stream_window
 from ._frames import (
     FLAG_NO_DATA,
@@ -203,8 +203,7 @@ def deserialize(method: Method, payload: bytes | memoryview) -> Any:
         # Protobuf parses any buffer: a view of shared memory is not copied first.
         return deserialize(payload)  # type: ignore[arg-type]
     except DecodeError as error:
-        raise error_from_status(grpc.StatusCode.INTERNAL, f'Exception deserializing response! ({error})',
-                                method=method.path) from None
+        raise undecodable(method, error) from None
 
 
 def check_kind(method: Method, response_streaming: bool) -> None:

@@ -9,6 +9,7 @@ from .._deadline import Deadline
 from .._methods import Method
 from ..exceptions import (
     IPCError,
+    IPCRemoteError,
     IPCTimeoutError,
     IPCUnavailableError,
     connection_lost,
@@ -16,8 +17,8 @@ from ..exceptions import (
     socket_missing,
 )
 
-__all__ = ['NothingSent', 'SenderFailed', 'closed', 'connect_error', 'idle_error', 'lost', 'not_accepted',
-           'timeout_error', 'wait_error']
+__all__ = ['UNDECODABLE', 'NothingSent', 'SenderFailed', 'closed', 'connect_error', 'idle_error', 'lost',
+           'not_accepted', 'timeout_error', 'undecodable', 'wait_error']
 
 
 def timeout_error(method: Method) -> IPCTimeoutError:
@@ -35,6 +36,18 @@ def wait_error(method: Method, deadline: Deadline | None, idle_timeout: float | 
     if idle_timeout is not None and (deadline is None or not deadline.expired()):
         return idle_error(method, idle_timeout)
     return timeout_error(method)
+
+
+#: grpc's words (its blocking channel's) for an answer that does not parse
+#: as the method's response type: a stub built from another version of the
+#: .proto. grpc.aio logs the error and returns None instead.
+UNDECODABLE = 'Exception deserializing response!'
+
+
+def undecodable(method: Method, why: object = None) -> IPCRemoteError:
+    """INTERNAL, in grpc's words (:data:`UNDECODABLE`), with ``why`` if known."""
+    return IPCRemoteError(grpc.StatusCode.INTERNAL, UNDECODABLE if why is None else f'{UNDECODABLE} ({why})',
+                          method=method.path)
 
 
 def connect_error(path: str, error: OSError) -> IPCUnavailableError:
