@@ -406,9 +406,9 @@ def call_through(kind: str, path: Path, stub: type, method: str, request: Any, *
     SyncIPCHandler, ``'async'``: an IPCHandler in ``asyncio.run``), without
     connect() first: the call connects. Its answer (with ``whole_stream``:
     the list of a response stream's replies), or the exception it raised.
-    ``options`` go to the handler, but ``timeout``, ``buffers`` and
-    ``parent`` to the call."""
-    per_call = {key: options.pop(key) for key in ('timeout', 'buffers', 'parent') if key in options}
+    ``options`` go to the handler, but ``timeout``, ``buffers``, ``parent``
+    and ``metadata`` to the call."""
+    per_call = {key: options.pop(key) for key in ('timeout', 'buffers', 'parent', 'metadata') if key in options}
     if kind == 'sync':
         from vyra_base_ipc import SyncIPCHandler
 

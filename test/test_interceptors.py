@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
-from conftest import ServerProcess, StartServer, wait_for
+from conftest import ServerProcess, StartServer, call_through, wait_for
 from ttrpc_peer import Peer
 from vyra_base_ipc import (
     CallRejected,
@@ -340,6 +340,47 @@ async def test_a_client_interceptor_refuses_a_call_before_anything_is_sent(obser
     ]
     observed.ended(ECHO_SYNC, lane)
     assert not [entry for entry in observed.entries() if entry['method'] == ECHO]  # never reached the server
+
+
+#: Keys gRPC keeps for itself, as a client may write them (upper-case keys are sent lower-case).
+RESERVED_KEYS = ('grpc-status', 'grpc-timeout', 'grpc-message', 'grpc-encoding', 'grpc-trace-bin', 'grpc-anything',
+                 'Grpc-Status', 'te', 'content-type', 'Content-Type', 'user-agent', 'host', ':authority', ':path')
+
+
+class AddsReserved(ClientInterceptor):
+    """Adds a reserved key to every call, as an interceptor may by mistake."""
+
+    def call_started(self, call: ClientCall) -> None:
+        call.metadata.append(('grpc-timeout', '1S'))
+
+
+@pytest.mark.parametrize('kind', ['sync', 'async'])
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_reserved_metadata_keys_are_a_value_error_naming_them_before_anything_is_sent(
+        observed: Observed, echo: Any, lane: str, kind: str) -> None:
+    # Before: grpc-status made the gRPC lane answer None as if OK (grpc took
+    # its value for the call's status); grpc-timeout, te, content-type and
+    # user-agent were dropped there, and delivered on the fast lane.
+    path, options = observed.server.socket_path, {'lane': lane, 'timeout': 10}
+    for key in RESERVED_KEYS:
+        value: str | bytes = b'\x01' if key.endswith('-bin') else '13'
+        refused = [
+            call_through(kind, path, echo.Stub, 'Echo', echo.pb.EchoRequest(), metadata=[(key, value)], **options),
+            call_through(kind, path, echo.Stub, 'Count', echo.pb.CountRequest(count=1), whole_stream=True,
+                         metadata=[('x-ok', 'yes'), (key, value)], **options),
+        ]
+        for error in refused:
+            assert isinstance(error, ValueError), f'{key}: {error!r}'
+            assert str(error).startswith(f'metadata key {key.lower()!r} is reserved'), str(error)
+    added = call_through(kind, path, echo.Stub, 'Echo', echo.pb.EchoRequest(), interceptors=[AddsReserved()],
+                         **options)
+    assert isinstance(added, ValueError) and "'grpc-timeout' is reserved" in str(added), repr(added)
+    assert call_through(kind, path, echo.Stub, 'EchoSync', echo.pb.EchoRequest(text='sent'),
+                        metadata=[('x-ok', 'yes')], **options).text == 'sent'
+    served = observed.ended(ECHO_SYNC, lane)[0]
+    assert served['metadata']['x-ok'] == 'yes'
+    # Nothing of the refused calls reached the server (its journal has every call it saw).
+    assert [entry['method'] for entry in observed.entries()] == [ECHO_SYNC, ECHO_SYNC]
 
 
 def test_client_interceptors_must_be_client_interceptors(socket_path: Path) -> None:

@@ -64,16 +64,29 @@ def code_of(number: int) -> grpc.StatusCode:
 _KEY = re.compile(r'[0-9a-z_.-]+\Z')
 _TEXT = re.compile(r'[\x20-\x7e]*\Z')
 
+# Keys gRPC keeps for itself: those of its protocol ("grpc-": status,
+# timeout, encodings, tracing; the rest reserved for its future use), HTTP/2's
+# pseudo-headers (":path") and the headers its transport sets. A client
+# refuses them all; a server drops from a request those a gRPC server never
+# lets a handler see with the peer's value (see metadata_from_wire).
+_RESERVED_PREFIXES = ('grpc-', ':')
+_RESERVED_KEYS = frozenset({'content-type', 'te', 'user-agent', 'host'})
+_TRANSPORT_KEYS = frozenset({'content-type', 'te'})
+
 
 def checked_metadata(metadata: Metadata) -> list[tuple[str, str | bytes]]:
     """``metadata`` as both lanes send it, checked as gRPC checks it: keys
     lower-case (``X-Trace`` is sent as ``x-trace``) of 0-9, a-z, ``_``,
     ``-`` and ``.``; values of ``-bin`` keys bytes (a str is UTF-8 encoded),
-    other values printable ASCII.
+    other values printable ASCII. Keys gRPC keeps for itself are refused:
+    those beginning with ``grpc-`` or ``:``, and ``content-type``, ``te``,
+    ``user-agent`` and ``host`` (the gRPC lane would drop them or act on them,
+    ``grpc-status`` on the call's status, where the fast lane delivered them).
 
     :raises TypeError: not (key, value) pairs, a key not a str, or a value of
         the wrong type for its key.
-    :raises ValueError: a key or value gRPC does not allow; the message names it.
+    :raises ValueError: a key or value gRPC does not allow, or a reserved
+        key; the message names it.
     """
     items: list[tuple[str, str | bytes]] = []
     for item in metadata:
@@ -83,6 +96,9 @@ def checked_metadata(metadata: Metadata) -> list[tuple[str, str | bytes]]:
         if not isinstance(key, str):
             raise TypeError(f'metadata key must be a str, not {type(key).__name__}: {key!r}')
         key = key.lower()
+        if key.startswith(_RESERVED_PREFIXES) or key in _RESERVED_KEYS:
+            raise ValueError(f'metadata key {key!r} is reserved: gRPC keeps keys beginning with "grpc-" or '
+                             '":", and content-type, te, user-agent and host for itself')
         if not _KEY.match(key):
             raise ValueError(f'metadata key {key!r}: gRPC allows only 0-9, a-z, "_", "-" and "." in a key')
         if key.endswith('-bin'):
@@ -119,11 +135,23 @@ def metadata_from_wire(items: Iterable[ttrpc_pb2.KeyValue]) -> tuple[tuple[str, 
     """Convert received ``KeyValue`` items back to gRPC-style metadata.
 
     ``-bin`` values are base64-decoded; a value that is not base64 (from a
-    peer that sent raw text) is passed on as its UTF-8 bytes.
+    peer that sent raw text) is passed on as its UTF-8 bytes. Keys gRPC's
+    transport keeps for itself are dropped, in any case: those beginning
+    with ``grpc-`` or ``:``, ``content-type`` and ``te``. This package's
+    clients never send them (:func:`checked_metadata`); a raw peer's would
+    reach a handler on this lane only, which a gRPC server never shows with
+    the peer's value (it takes ``grpc-timeout`` as the deadline, and so on).
+    (A gRPC server does pass on a ``grpc-`` key it does not know, reserved for
+    its future use: no handler may rely on one.) ``user-agent`` and ``host``
+    are kept, as a gRPC server keeps them (its ``user-agent`` is the one the
+    peer's grpc library sends).
     """
     result: list[tuple[str, str | bytes]] = []
     for item in items:
         key = item.key
+        lowered = key.lower()
+        if lowered.startswith(_RESERVED_PREFIXES) or lowered in _TRANSPORT_KEYS:
+            continue
         if key.endswith('-bin'):
             try:
                 result.append((key, base64.b64decode(item.value, validate=True)))
