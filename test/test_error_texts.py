@@ -33,7 +33,7 @@ from vyra_base_ipc._methods import stub_methods
 
 KINDS = ('sync', 'async')
 ECHO_SERVICES = ('vyra.ipc.BackendService', 'vyra.ipc.ModuleService', 'vyra.ipc.test.EchoService',
-                 'vyra.ipc.test.WatchService')
+                 'vyra.ipc.test.StatusService', 'vyra.ipc.test.WatchService')
 
 
 @pytest.fixture(scope='module')

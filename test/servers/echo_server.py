@@ -21,6 +21,7 @@ import time
 
 import grpc
 from mappings import mapping_of
+from status_service import StatusService
 from vyra_ipc_test import echo_pb2, echo_pb2_grpc
 from watch_service import WatchService
 
@@ -183,7 +184,7 @@ def main() -> None:
     module.register_command('block', lambda parameters: time.sleep(float(parameters['seconds'])) or 'woke')
     server = IPCServer(
         options.socket_path,
-        servicers=[EchoService(), WatchService(), module, BackendService()],
+        servicers=[EchoService(), WatchService(), StatusService(), module, BackendService()],
         grace_period=options.grace_period,
         max_workers=options.max_workers,
         maximum_concurrent_rpcs=options.maximum_concurrent_rpcs,

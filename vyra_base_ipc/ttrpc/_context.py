@@ -23,6 +23,7 @@ from typing import Any, Callable
 import grpc
 
 from .._peer import PeerCredentials
+from ._messages import code_of
 
 __all__ = ['AsyncServicerContext', 'ServicerContext']
 
@@ -118,10 +119,11 @@ class ServicerContext:
 
     # -- status ----------------------------------------------------------------------
 
-    def set_code(self, code: grpc.StatusCode) -> None:
+    def set_code(self, code: grpc.StatusCode | int) -> None:
         """Set the status code sent when the handler returns (a non-OK code
-        turns the answer into that error)."""
-        self._code = code
+        turns the answer into that error), or raises (the exception's words
+        go with it). A number is taken as grpc takes it: its status."""
+        self._code = code_of(code) if isinstance(code, int) else code
 
     def set_details(self, details: str) -> None:
         self._details = details
@@ -148,10 +150,12 @@ class ServicerContext:
     def disable_next_message_compression(self) -> None:
         """Accepted for compatibility; the fast lane never compresses."""
 
-    def _abort_status(self, code: grpc.StatusCode, details: str,
+    def _abort_status(self, code: grpc.StatusCode | int, details: str,
                       trailing_metadata: Any) -> grpc.aio.AbortError:
+        if isinstance(code, int) and not isinstance(code, bool):
+            code = code_of(code)  # as grpc takes a number (one no status has: UNKNOWN)
         if not isinstance(code, grpc.StatusCode):
-            raise TypeError(f'abort() needs a grpc.StatusCode, not {code!r}')
+            raise TypeError(f'abort() needs a grpc.StatusCode or its number, not {code!r}')
         if code is grpc.StatusCode.OK:
             # gRPC's synchronous server does the same; grpc.aio would hang.
             _logger.error('abort() called with StatusCode.OK in %s; answering UNKNOWN', self._method)
@@ -161,6 +165,11 @@ class ServicerContext:
             self._code, self._details = code, details
             if trailing_metadata:
                 self.set_trailing_metadata(trailing_metadata)
+        return self._aborted()
+
+    def _aborted(self) -> grpc.aio.AbortError:
+        """(aborted) The error :meth:`abort` raised."""
+        code, details = self._abort  # type: ignore[misc]
         return grpc.aio.AbortError(f'{code.name}: {details}')
 
     def abort(self, code: grpc.StatusCode, details: str = '', trailing_metadata: Any = ()) -> None:

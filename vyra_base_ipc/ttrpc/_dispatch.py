@@ -27,11 +27,12 @@ from ._frames import FLAG_NO_DATA, FLAG_REMOTE_CLOSED, FLAG_REMOTE_OPEN, Frame, 
 from ._messages import encode_response, ok_response_frame
 from ._requests import AsyncRequests, SyncRequests
 from ._shared_memory import goes_inline, outgoing
+from ._status import StatusError, error_status, number, status_after_return, unexpected
 
 if TYPE_CHECKING:
     from ._server_connection import ServerConnection
 
-__all__ = ['Call', 'Handler', 'number']
+__all__ = ['Call', 'Handler']
 
 _logger = logging.getLogger(__name__)
 
@@ -46,23 +47,9 @@ _SHUTTING_DOWN = 'server is shutting down'
 _Answer = tuple[int, str, Union[bytes, None]]
 
 
-def number(code: grpc.StatusCode) -> int:
-    """The wire number of a status code."""
-    return int(code.value[0])
-
-
 class _CallEnded(Exception):
     """Raised inside a ``def`` handler's thread when it writes to a call that
     has already ended (deadline, cancellation); stops the handler's generator."""
-
-
-class _StatusError(Exception):
-    """Ends a call with a chosen status from inside the server."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
 
 
 class Handler:
@@ -113,33 +100,6 @@ class Handler:
 
 def _identity(value: Any) -> Any:
     return value
-
-
-def _unexpected(error: BaseException, path: str) -> tuple[int, str]:
-    # The same status and wording as grpc.aio for an exception in a handler.
-    _logger.error('Unexpected [%s] raised by servicer method [%s]', type(error).__name__, path,
-                  exc_info=error)
-    return number(grpc.StatusCode.UNKNOWN), f'Unexpected {type(error)}: {error}'
-
-
-def _status_after_return(context: ServicerContext) -> tuple[int, str] | None:
-    """The non-OK status a handler set (or aborted with), if any."""
-    if context._abort is not None:
-        code, details = context._abort
-        return number(code), details
-    set_code = context._code
-    if set_code is not None and set_code is not grpc.StatusCode.OK:
-        return number(set_code), context._details or ''
-    return None
-
-
-def _error_status(context: ServicerContext, error: BaseException, path: str) -> tuple[int, str]:
-    if context._abort is not None:  # the first abort decides, whatever followed
-        code, details = context._abort
-        return number(code), details
-    if isinstance(error, _StatusError):
-        return number(error.code), error.details
-    return _unexpected(error, path)
 
 
 class Call:
@@ -216,7 +176,7 @@ class Call:
             try:
                 argument = handler.decode(payload, self.context)
             except grpc.aio.AbortError as error:
-                self.answer(*_error_status(self.context, error, handler.path))
+                self.answer(*error_status(self.context, error, handler.path))
                 return
         else:
             argument = payload  # deserialized in the handler's thread
@@ -272,6 +232,8 @@ class Call:
     async def _write_async(self, message: Any) -> None:
         if self.finished:
             raise asyncio.CancelledError()
+        if self.context._abort is not None:  # it caught its abort: nothing goes after it, as on gRPC
+            raise self.context._aborted()
         credit = self.credit
         if credit is not None and credit.credit <= 0:
             await credit.wait()  # the client has not taken what it got
@@ -309,7 +271,7 @@ class Call:
             raise
         except HANDLER_FAILURES as error:
             if not self.finished:
-                self.answer(*_error_status(self.context, error, self.handler.path))
+                self.answer(*error_status(self.context, error, self.handler.path))
             return
         if self.finished:
             return
@@ -336,18 +298,20 @@ class Call:
                 if result is not None:
                     for message in result:
                         self._write_thread(message)
-                status = _status_after_return(context)
+                status = status_after_return(context)
                 return (status[0], status[1], b'') if status else (_OK, '', None)
             return self._answer_for(handler.function(argument, context))
         except _CallEnded:
             return None
         except HANDLER_FAILURES as error:
-            code, details = _error_status(context, error, handler.path)
+            code, details = error_status(context, error, handler.path)
             return code, details, b''
 
     def _write_thread(self, message: Any) -> None:
         if self.context._end is not None:
             raise _CallEnded()
+        if self.context._abort is not None:  # as in _write_async
+            raise self.context._aborted()
         credit = self.credit
         if credit is not None:
             while not credit.wait_blocking(0.1):  # the client has not taken what it got
@@ -383,7 +347,7 @@ class Call:
             return
         error = future.exception()
         if error is not None:
-            self.answer(*_unexpected(error, self.handler.path))
+            self.answer(*unexpected(error, self.handler.path))
             return
         answer = future.result()
         if answer is None:
@@ -413,7 +377,7 @@ class Call:
     def _answer_for(self, result: Any) -> tuple[int, str, bytes]:
         context = self.context
         if context._abort is not None or context._code is not None:  # (most handlers set neither)
-            status = _status_after_return(context)
+            status = status_after_return(context)
             if status is not None:
                 return status[0], status[1], b''
         try:
@@ -421,14 +385,14 @@ class Call:
             if len(payload) > self.connection.server.max_message_bytes:  # (tested before the call)
                 self._check_size(len(payload))
         except Exception as error:
-            code, details = _error_status(context, error, self.handler.path)
+            code, details = error_status(context, error, self.handler.path)
             return code, details, b''
         return _OK, '', payload
 
     def _check_size(self, size: int) -> None:
         limit = self.connection.server.max_message_bytes
         if size > limit:
-            raise _StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f'Sent message larger than max ({size} vs. {limit})')
 
     def answer(self, code: int, details: str, payload: bytes = b'', end: _End = _End.FINISHED) -> None:
@@ -476,7 +440,7 @@ class Call:
     def _end_stream(self) -> None:
         if self.finished:
             return
-        status = _status_after_return(self.context)
+        status = status_after_return(self.context)
         if status is not None:
             self.answer(*status)
             return

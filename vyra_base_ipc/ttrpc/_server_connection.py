@@ -21,7 +21,7 @@ from .._shared_buffer import ReceivedBuffers
 from . import _hello
 from ._connection import FramedConnection
 from ._context import AsyncServicerContext, ServicerContext
-from ._dispatch import Call, number
+from ._dispatch import Call
 from ._frames import (
     FLAG_DEADLINE_EXCEEDED,
     FLAG_SHARED_MEMORY,
@@ -41,6 +41,7 @@ from ._messages import (
     metadata_from_wire,
 )
 from ._shared_memory import MemfdGate, unpack
+from ._status import number
 
 if TYPE_CHECKING:
     from ._server import TtrpcServer
