@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+import re
 import signal
 import socket
 import threading
 import time
+from typing import Any
 
 import grpc
 import pytest
@@ -173,3 +175,56 @@ def test_a_server_slow_to_greet_is_waited_for_within_the_deadline(
         assert relay.used == 1
     finally:
         relay.close()
+
+
+def _fail_every_way(server: ServerProcess, echo, lane: str, request: Any, times: int,
+                    **options: Any) -> list[tuple[str, grpc.StatusCode, str]]:
+    """Call Fail with ``request`` ``times`` times with each client on ``lane``:
+    every (client, code, details) raised."""
+    seen = []
+    with SyncIPCHandler(server.socket_path, echo.Stub, lane=lane, **options) as client:
+        for _ in range(times):
+            with pytest.raises(IPCRemoteError) as error:
+                client.call_method('Fail', request)
+            seen.append(('sync', error.value.code, error.value.details))
+
+    async def calls() -> None:
+        async with IPCHandler(server.socket_path, echo.Stub, lane=lane, **options) as client:
+            for _ in range(times):
+                with pytest.raises(IPCRemoteError) as error:
+                    await client.call_method('Fail', request)
+                seen.append(('async', error.value.code, error.value.details))
+    asyncio.run(calls())
+    return seen
+
+
+@pytest.mark.parametrize('size', [9_000, 20_000, 100_000])
+def test_long_status_details_arrive_whole_on_both_lanes(server: ServerProcess, echo, lane: str,
+                                                         size: int) -> None:
+    # Over grpc core's default bounds on the metadata a client takes (8 KiB
+    # soft: a random share of 9 KB details failed RESOURCE_EXHAUSTED; 16 KiB
+    # hard: all of 20 KB), as the fast lane carries them.
+    details = ''.join(chr(ord('a') + index % 26) for index in range(size))
+    request = echo.pb.FailRequest(code=grpc.StatusCode.FAILED_PRECONDITION.value[0], details=details)
+    seen = _fail_every_way(server, echo, lane, request, 20)
+    expected = [(client, grpc.StatusCode.FAILED_PRECONDITION, details) for client in ('sync', 'async')
+                for _ in range(20)]
+    assert [(client, code, text[:80], len(text)) for client, code, text in seen] \
+        == [(client, code, text[:80], len(text)) for client, code, text in expected]
+    assert seen == expected
+
+
+def test_status_details_beyond_the_clients_bound_are_a_clear_error_on_both_lanes(
+        server: ServerProcess, echo, lane: str) -> None:
+    # A client takes an answer's details up to its max_message_bytes and the
+    # fast lane's envelope allowance (64 KiB), on either lane; beyond, RESOURCE_EXHAUSTED.
+    options = {'max_message_bytes': 64 * 1024, 'timeout': 20.0}
+    fits = echo.pb.FailRequest(code=grpc.StatusCode.FAILED_PRECONDITION.value[0], details='f' * 1000, repeat=120)
+    assert {(code, len(text)) for _, code, text in _fail_every_way(server, echo, lane, fits, 2, **options)} \
+        == {(grpc.StatusCode.FAILED_PRECONDITION, 120_000)}
+    beyond = echo.pb.FailRequest(code=grpc.StatusCode.FAILED_PRECONDITION.value[0], details='b' * 1000,
+                                 repeat=140)
+    seen = _fail_every_way(server, echo, lane, beyond, 2, **options)
+    assert {code for _, code, _ in seen} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    for _, _, text in seen:
+        assert re.search(r'\b1400\d\d\b', text) and len(text) < 500, text  # its size, not the details

@@ -70,6 +70,9 @@ _PROBE_REQUEST = health_pb2.HealthCheckRequest()
 # connection that broke under a call.
 _CLIENT_TOO_LARGE = re.compile(r'CLIENT: Sent message larger than max \((\d+) vs\. (\d+)\)')
 _CONNECTION_BROKE = ('Socket closed', 'Connection reset by peer', 'Broken pipe')
+# ...and its refusal of an answer whose metadata (a status's details too)
+# exceeds the channel's bound (see _options._response_metadata_limits).
+_METADATA_TOO_LARGE = 'received metadata size exceeds'
 # ...and grpc.aio's own, when a message of a request stream could not be
 # sent (the connection broke under it); no server says INTERNAL so.
 _SEND_FAILED = 'Internal error from Core'
@@ -197,6 +200,9 @@ class _GrpcLaneBase:
             too_large = _CLIENT_TOO_LARGE.match(details)
             if too_large is not None:
                 return MessageTooLargeError(int(too_large[1]), int(too_large[2]), method=method.path)
+            if _METADATA_TOO_LARGE in details:
+                details = ("the server's answer carries more metadata or status details than this client "
+                           f'takes (max_message_bytes and 64 KiB, as the fast lane): {details}')
         return error_from_status(code, details, method=method.path)
 
     def _closed_under(self, error: BaseException, method: Method, request: Any = None) -> BaseException:

@@ -83,9 +83,25 @@ def _message_limits(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+def _response_metadata_limits(max_message_bytes: int) -> list[tuple[str, int]]:
+    # What a client channel takes of a server's headers and trailers: grpc
+    # core's defaults (8 KiB soft, a random share of answers over it refused;
+    # 16 KiB hard) failed a handler's status with details of 9 KB or more
+    # RESOURCE_EXHAUSTED "received metadata size exceeds soft limit", while
+    # the fast lane carries them whole in its response frame. The gRPC lane
+    # takes them up to the fast lane's bound on that frame: max_message_bytes
+    # and the envelope's allowance (in grpc core's C int). (A server's bound
+    # on the metadata it takes in is ServerLimits.max_metadata_bytes.)
+    from .ttrpc._messages import ENVELOPE_ALLOWANCE  # (not at the top: the fast lane imports this module)
+
+    bound = min(max_message_bytes + ENVELOPE_ALLOWANCE, 2**31 - 1)
+    return [('grpc.max_metadata_size', bound), ('grpc.absolute_max_metadata_size', bound)]
+
+
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[tuple[str, int], ...]:
     """Options of every client channel."""
-    return (*_message_limits(max_message_bytes), *_RECONNECT_BACKOFF)
+    return (*_message_limits(max_message_bytes), *_response_metadata_limits(max_message_bytes),
+            *_RECONNECT_BACKOFF)
 
 
 def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[tuple[str, int], ...]:

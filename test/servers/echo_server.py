@@ -74,7 +74,7 @@ class EchoService(echo_pb2_grpc.EchoServiceServicer):
 
     async def Fail(self, request, context):
         code = next(code for code in grpc.StatusCode if code.value[0] == request.code)
-        await context.abort(code, request.details)
+        await context.abort(code, request.details * max(1, request.repeat))
 
     async def Inspect(self, request, context):
         await context.send_initial_metadata(())  # a coroutine in grpc.aio: on the fast lane too
