@@ -4,19 +4,22 @@ socket answers, gRPC otherwise, the same behaviour on both (issue 6, point 2).""
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 from pathlib import Path
 import re
 import signal
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, AsyncIterator
 
 import grpc
 import pytest
 
 from conftest import ServerProcess
 from vyra_base_ipc import (
+    IPCError,
     IPCHandler,
     IPCRemoteError,
     IPCTimeoutError,
@@ -228,3 +231,37 @@ def test_status_details_beyond_the_clients_bound_are_a_clear_error_on_both_lanes
     assert {code for _, code, _ in seen} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
     for _, _, text in seen:
         assert re.search(r'\b1400\d\d\b', text) and len(text) < 500, text  # its size, not the details
+
+
+@pytest.mark.asyncio
+async def test_a_bidi_call_the_server_refuses_while_requests_flow_gets_its_status(
+        start_server, socket_path: Path, tmp_path: Path, echo) -> None:
+    # The server refuses the call (an interceptor's CallRejected) while the
+    # request stream, which never ends, is being written: a write fails under
+    # it, and grpc.aio then sets the call's status to INTERNAL "Internal error
+    # from Core" (over the server's or before it). IPCHandler took that for a
+    # lost connection in about half of these calls; the blocking client never did.
+    start_server(socket_path, str(tmp_path / 'journal.jsonl'), script='observed_server.py')
+
+    async def endless() -> AsyncIterator[Any]:
+        for index in itertools.count():
+            yield echo.pb.EchoRequest(text=f'request {index}')
+
+    seen = collections.Counter()
+    async with IPCHandler(socket_path, echo.Stub, lane='grpc', timeout=20.0) as client:
+        for _ in range(100):
+            with pytest.raises(IPCError) as error:
+                async for _ in client.stream_method('Chat', endless(), metadata=[('x-deny', 'no')]):
+                    pass
+            seen[(type(error.value).__name__, error.value.code, error.value.details)] += 1
+            with pytest.raises(IPCError) as error:
+                await client.call_method('Collect', endless(), metadata=[('x-deny', 'no')])
+            seen[(type(error.value).__name__, error.value.code, error.value.details)] += 1
+    assert seen == {('IPCRemoteError', grpc.StatusCode.PERMISSION_DENIED, 'denied: no'): 200}
+    with SyncIPCHandler(socket_path, echo.Stub, lane='grpc', timeout=20.0) as sync_client:
+        for _ in range(20):
+            with pytest.raises(IPCRemoteError) as sync_error:
+                list(sync_client.stream_method('Chat', (echo.pb.EchoRequest() for _ in itertools.count()),
+                                               metadata=[('x-deny', 'no')]))
+            assert (sync_error.value.code, sync_error.value.details) \
+                == (grpc.StatusCode.PERMISSION_DENIED, 'denied: no')

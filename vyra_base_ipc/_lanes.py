@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2
 from ._deadline import Deadline
 from ._methods import Method, MethodKind
 from ._peer import check_server_socket
-from ._request_stream import RequestStream
+from ._request_stream import SEND_FAILED, AioRequestSender, RequestStream
 from ._shared_buffer import ReceivedBuffers, SharedBuffer, inline_request
 from ._socket_file import is_listening
 from .exceptions import (
@@ -73,9 +73,6 @@ _CONNECTION_BROKE = ('Socket closed', 'Connection reset by peer', 'Broken pipe')
 # ...and its refusal of an answer whose metadata (a status's details too)
 # exceeds the channel's bound (see _options._response_metadata_limits).
 _METADATA_TOO_LARGE = 'received metadata size exceeds'
-# ...and grpc.aio's own, when a message of a request stream could not be
-# sent (the connection broke under it); no server says INTERNAL so.
-_SEND_FAILED = 'Internal error from Core'
 # ...and of a channel this process closed (disconnect()) under a call, or
 # before it ('Channel closed!', 'Cannot invoke RPC on closed channel!').
 _CLOSED = re.compile(r'[Cc]hannel closed|closed channel')
@@ -193,8 +190,12 @@ class _GrpcLaneBase:
                 return unreachable
         elif code is grpc.StatusCode.CANCELLED and _CLOSED.search(details):
             return closed(self._path).for_method(method.path)
-        elif code is grpc.StatusCode.INTERNAL and details == _SEND_FAILED:
-            return connection_lost(self.socket_path, 'a request message could not be sent', method.path)
+        elif code is grpc.StatusCode.INTERNAL and details == SEND_FAILED:
+            # (a write failed and no status of the server's came: see AioRequestSender)
+            get_state = getattr(self._channel, 'get_state', None)
+            if get_state is None or get_state(False) is not grpc.ChannelConnectivity.READY:
+                return connection_lost(self.socket_path, 'a request message could not be sent', method.path)
+            details = 'the server ended the call while its request messages were being sent'
         elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
             # grpc core refused to send it: the client's own limit, nothing left.
             too_large = _CLIENT_TOO_LARGE.match(details)
@@ -352,7 +353,7 @@ class GrpcLane(_GrpcLaneBase):
             call = self._callable(method)(
                 None if streaming else request, timeout=_remaining(timeout, method),
                 metadata=metadata and checked_metadata(metadata), wait_for_ready=self.wait_for_ready)
-            sender = _send_requests(call, request) if streaming else None
+            sender = AioRequestSender(call, request) if streaming else None
             response = await call
             if response is None:
                 # An answer that did not parse as the response type (a stub of
@@ -361,12 +362,12 @@ class GrpcLane(_GrpcLaneBase):
                 # call INTERNAL instead, as the fast lane does: so does this lane.
                 raise undecodable(method)
         except grpc.RpcError as error:
-            raise self._translate(error, method, request) from None
+            raise self._translate(await _server_status(error, sender, timeout), method, request) from None
         except (asyncio.CancelledError, ValueError) as error:
             raise self._closed_under(error, method, request) from None
         finally:
             if sender is not None:
-                sender.cancel()
+                sender.stop()
         return (response, ReceivedBuffers()) if return_buffers else response
 
     async def stream(self, method: Method, request: Any, *, timeout: Deadline | None,
@@ -378,7 +379,7 @@ class GrpcLane(_GrpcLaneBase):
         streaming = method.kind.request_streaming
         call = self._open_stream(method, None if streaming else request, timeout, metadata,
                                  self.wait_for_ready)
-        sender = _send_requests(call, request) if streaming else None
+        sender = AioRequestSender(call, request) if streaming else None
         may_restart = not self.wait_for_ready
         try:
             while True:
@@ -399,31 +400,32 @@ class GrpcLane(_GrpcLaneBase):
                 yield response
                 _remaining(timeout, method)  # (grpc may give what came in time to a read after the deadline)
         except grpc.RpcError as error:
-            raise self._translate(error, method, request) from None
+            raise self._translate(await _server_status(error, sender, timeout), method, request) from None
         except asyncio.CancelledError as error:
             raise self._closed_under(error, method, request) from None
         finally:
             call.cancel()
             if sender is not None:
-                sender.cancel()
+                sender.stop()
 
 
-def _send_requests(call: Any, requests: RequestStream) -> asyncio.Task[None]:
-    """A task writing ``requests`` to ``call``, then half-closing it, which
-    the caller cancels as the call ends. (grpc.aio's own task, given the
-    iterator, outlives a call that ended first, waiting on the caller's
-    iterator for ever, and never closes it.) A failing iterator cancels
-    the call; ``requests.error`` tells the caller why."""
-    async def send() -> None:
-        try:
-            async for message in requests:
-                await call.write(message)
-            await call.done_writing()
-        except (grpc.RpcError, asyncio.InvalidStateError):
-            pass  # the call ended: its caller learns how from the call
-        except Exception:
-            call.cancel()
-    return asyncio.get_running_loop().create_task(send())
+#: How long a call whose request message could not be written waits for the
+#: server's status at most (grpc core gives it as the call ends, at once).
+_STATUS_WAIT = 5.0
+
+
+async def _server_status(error: grpc.RpcError, sender: AioRequestSender | None,
+                         deadline: Deadline | None) -> grpc.RpcError:
+    """``error``; but for grpc.aio's INTERNAL :data:`SEND_FAILED` (a request
+    message could not be written) the status the server ended the call
+    with, if it gives one (see :class:`AioRequestSender`)."""
+    if sender is None or error.code() is not grpc.StatusCode.INTERNAL or error.details() != SEND_FAILED:
+        return error
+    wait = _STATUS_WAIT if deadline is None else max(0.0, min(_STATUS_WAIT, deadline.remaining()))
+    status = await sender.server_status(wait)
+    if status is None:
+        return error
+    return grpc.aio.AioRpcError(status[0], grpc.aio.Metadata(), grpc.aio.Metadata(), status[1])
 
 
 async def _within(awaitable: Awaitable[_T], seconds: float) -> _T:
