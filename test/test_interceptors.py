@@ -232,6 +232,55 @@ def test_a_fast_lane_cancel_ends_the_call_deadline_exceeded_when_it_says_the_dea
         assert (answer.stream_id, echo.pb.EchoReply.FromString(answer.payload).text) == (5, 'on')
 
 
+QUIRK = '/vyra.ipc.test.QuirkService/Quirk'
+QUIRK_SYNC = '/vyra.ipc.test.QuirkService/QuirkSync'
+QUIRK_STREAM = '/vyra.ipc.test.QuirkService/QuirkStream'
+
+
+@pytest.fixture(scope='session')
+def quirk(test_protos_dir: Path) -> Any:
+    """``vyra_ipc_test.quirk_pb2`` and ``quirk_pb2_grpc`` as one namespace."""
+    from vyra_ipc_test import quirk_pb2, quirk_pb2_grpc
+
+    class Quirk:
+        pb = quirk_pb2
+        Stub = quirk_pb2_grpc.QuirkServiceStub
+    return Quirk
+
+
+def quirk_failure(observed: Observed, quirk: Any, lane: str, method: str, how: str) -> IPCRemoteError:
+    """The error a QuirkService call doing ``how`` fails with."""
+    request = quirk.pb.QuirkRequest(how=how)
+    with observed.client(quirk.Stub, lane) as client, pytest.raises(IPCRemoteError) as failed:
+        if method == 'QuirkStream':
+            list(client.stream_method(method, request))
+        else:
+            client.call_method(method, request)
+    return failed.value
+
+
+def assert_observed_as_sent(observed: Observed, method: str, lane: str, sent: IPCRemoteError,
+                            calls: int = 1) -> None:
+    """The last ``calls`` calls of ``method`` ended as ``sent`` did for the
+    interceptor and the metrics, none of them left in flight."""
+    ended = observed.ended(method, lane, calls)
+    assert [(entry['code'], entry['details']) for entry in ended] == [(sent.code.name, sent.details)] * calls
+    stats = observed.method_stats(method, lane, calls)
+    assert (stats.calls, stats.in_flight, dict(stats.errors)) == (calls, 0, {sent.code.name: calls})
+
+
+@pytest.mark.parametrize('method', ['Quirk', 'QuirkSync', 'QuirkStream'])
+def test_an_abort_with_an_int_code_is_observed_as_that_status(observed: Observed, quirk: Any,
+                                                              method: str) -> None:
+    # grpc.aio takes abort(5, ...) and sends NOT_FOUND. Before, the gRPC lane's
+    # observation failed on the int (logged): call_ended never ran and the
+    # call stayed in flight in the stats, one more with each such call.
+    failures = [quirk_failure(observed, quirk, 'grpc', method, 'abort-int') for _ in range(2)]
+    assert [(error.code, error.details) for error in failures] == [(grpc.StatusCode.NOT_FOUND,
+                                                                    'aborted with 5')] * 2
+    assert_observed_as_sent(observed, f'/vyra.ipc.test.QuirkService/{method}', 'grpc', failures[0], 2)
+
+
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
 def test_server_info_names_the_module_process_and_services(observed: Observed, lane: str) -> None:
     with observed.client(introspection_grpc.IntrospectionStub, lane) as client:
@@ -240,7 +289,8 @@ def test_server_info_names_the_module_process_and_services(observed: Observed, l
     assert (info.pid, info.uid) == (observed.server.pid, os.geteuid())
     assert info.socket_path == str(observed.server.socket_path)
     assert info.ttrpc_socket_path == str(observed.server.ttrpc_path)
-    assert list(info.services) == ['vyra.ipc.test.EchoService', 'vyra.ipc.ModuleService']
+    assert list(info.services) == ['vyra.ipc.test.EchoService', 'vyra.ipc.ModuleService',
+                                   'vyra.ipc.test.QuirkService']
     assert info.start_time > 0
 
 

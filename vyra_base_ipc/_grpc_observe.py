@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import time
 from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
@@ -33,6 +34,8 @@ _FACTORIES = {
     (True, True): grpc.stream_stream_rpc_method_handler,
 }
 _OK = (0, '')
+_UNKNOWN = grpc.StatusCode.UNKNOWN.value[0]
+_logger = logging.getLogger(__name__)
 
 
 def observe_handlers(service: str, handlers: Mapping[str, grpc.RpcMethodHandler], observer: CallObserver
@@ -127,35 +130,59 @@ class UnknownMethods(grpc.GenericRpcHandler):
 
 @contextlib.contextmanager
 def _ending(observation: Observation, context: Any) -> Iterator[None]:
-    """End ``observation`` with the status of the handler run in the body."""
+    """End ``observation`` with the status of the handler run in the body.
+
+    It is always ended, even if reading the status fails: a call must not
+    stay in flight in the metrics (that failure is logged, the call counted
+    UNKNOWN).
+    """
     try:
         yield
     except BaseException as error:
-        observation.end(*_failure(context, error))
+        _end(observation, _failure, context, error)
         raise
-    observation.end(*_returned(context))
+    _end(observation, _returned, context)
+
+
+def _end(observation: Observation, status: Callable[..., tuple[int, str]], *arguments: Any) -> None:
+    try:
+        code, details = status(*arguments)
+    except Exception:
+        _logger.exception('could not tell how a call of %s ended; counted as UNKNOWN',
+                          observation.call.method if observation.call is not None else 'a method')
+        code, details = _UNKNOWN, 'the status could not be read'
+    observation.end(code, details)
+
+
+def _number(code: Any) -> int | None:
+    """The number of a status ``code`` as grpc takes it (a ``grpc.StatusCode``
+    or its number), ``None`` for none or OK."""
+    if code is None:
+        return None
+    number = code.value[0] if isinstance(code, grpc.StatusCode) else int(code)
+    return number or None
 
 
 def _returned(context: Any) -> tuple[int, str]:
     """The status of a call whose handler returned."""
-    code = context.code()
-    if code is None or code is grpc.StatusCode.OK:
+    number = _number(context.code())
+    if number is None:
         return _OK
-    return code.value[0], context.details() or ''
+    return number, context.details() or ''
 
 
 def _failure(context: Any, error: BaseException) -> tuple[int, str]:
     """The status grpc.aio sends for a handler that raised ``error``."""
     if isinstance(error, grpc.aio.AbortError):
-        code = context.code()
-        if code is not None:
-            return code.value[0], context.details() or ''
+        number = _number(context.code())
+        if number is not None:
+            return number, context.details() or ''
     if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             return grpc.StatusCode.DEADLINE_EXCEEDED.value[0], 'Deadline Exceeded'
         return grpc.StatusCode.CANCELLED.value[0], 'Cancelled'
-    return grpc.StatusCode.UNKNOWN.value[0], f'Unexpected {type(error)}: {error}'
+    return _UNKNOWN, f'Unexpected {type(error)}: {error}'
 
 
 def _counting(convert: Callable[[Any], Any] | None, lane: LaneMetrics, received: bool

@@ -1,5 +1,5 @@
 """A real server process with an interceptor, for test_interceptors.py:
-EchoService and ModuleService, and a ``Gatekeeper`` that refuses calls whose
+EchoService, ModuleService and QuirkService, and a ``Gatekeeper`` that refuses calls whose
 metadata carries ``x-deny`` and writes every call it sees to a journal (one
 JSON line per started and per ended call).
 
@@ -17,6 +17,7 @@ import threading
 
 from echo_server import EchoService
 import grpc
+from vyra_ipc_test import quirk_pb2, quirk_pb2_grpc
 
 from vyra_base_ipc import CallRejected, IPCServer, ModuleService, ServerCall, ServerInterceptor, run
 
@@ -49,6 +50,55 @@ class Gatekeeper(ServerInterceptor):
                      'duration': duration})
 
 
+def _seen(context) -> dict:
+    return {'is_active': context.is_active(), 'cancelled': context.cancelled(), 'done': context.done()}
+
+
+class Quirks(quirk_pb2_grpc.QuirkServiceServicer):
+    """Handlers that end their calls in unusual ways (see quirk.proto)."""
+
+    def __init__(self, gatekeeper: Gatekeeper) -> None:
+        self._gatekeeper = gatekeeper
+
+    async def Quirk(self, request, context):
+        if request.how == 'abort-int':
+            await context.abort(5, 'aborted with 5')
+        return self._quirk(request, context)
+
+    def QuirkSync(self, request, context):
+        if request.how == 'abort-int':
+            context.abort(5, 'aborted with 5')
+        if request.how == 'wait-cancel':
+            ended = threading.Event()
+            context.add_done_callback(lambda _: ended.set())
+            ended.wait(60)
+            self._gatekeeper._write({'event': 'quirk', 'tag': request.tag, 'callback': ended.is_set(),
+                                     **_seen(context)})
+            return quirk_pb2.QuirkReply(text='too late')
+        return self._quirk(request, context)
+
+    async def QuirkStream(self, request, context):
+        yield quirk_pb2.QuirkReply(text='first')
+        if request.how == 'abort-int':
+            await context.abort(5, 'aborted with 5')
+        if request.how == 'catch-abort':
+            try:
+                await context.abort(grpc.StatusCode.NOT_FOUND, 'aborted, then went on')
+            except grpc.aio.AbortError:
+                pass
+            yield quirk_pb2.QuirkReply(text='after the abort')
+        yield self._quirk(request, context)
+
+    @staticmethod
+    def _quirk(request, context):
+        if request.how == 'set-code-raise':
+            context.set_code(grpc.StatusCode.NOT_FOUND)
+            raise ValueError('raised after set_code')
+        if request.how == 'return-none':
+            return None
+        return quirk_pb2.QuirkReply(text=json.dumps(_seen(context)))
+
+
 class Broken(ServerInterceptor):
     """An interceptor with a bug: both hooks raise ``failure`` (an
     exception class: RuntimeError, SystemExit, KeyboardInterrupt)."""
@@ -71,7 +121,8 @@ def main() -> None:
     parser.add_argument('--broken-interceptor', choices=['RuntimeError', 'SystemExit', 'KeyboardInterrupt'])
     options = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    interceptors: list[ServerInterceptor] = [Gatekeeper(options.journal)]
+    gatekeeper = Gatekeeper(options.journal)
+    interceptors: list[ServerInterceptor] = [gatekeeper]
     if options.broken_interceptor:
         interceptors.insert(0, Broken(getattr(builtins, options.broken_interceptor)))
     module = ModuleService('observed')
@@ -80,7 +131,7 @@ def main() -> None:
     # refused call never reached its handler.
     module.register_command('count', lambda parameters: str(len(counted.append(1) or counted)))
     server = IPCServer(options.socket_path, module_name='observed',
-                       servicers=[EchoService(), module],
+                       servicers=[EchoService(), module, Quirks(gatekeeper)],
                        interceptors=interceptors, metrics=options.metrics, grace_period=1.0)
     run(server.serve())
 
