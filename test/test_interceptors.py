@@ -281,6 +281,16 @@ def test_an_abort_with_an_int_code_is_observed_as_that_status(observed: Observed
     assert_observed_as_sent(observed, f'/vyra.ipc.test.QuirkService/{method}', 'grpc', failures[0], 2)
 
 
+@pytest.mark.parametrize('method', ['Quirk', 'QuirkSync', 'QuirkStream'])
+def test_a_handler_that_sets_a_code_and_raises_is_observed_with_that_code(observed: Observed, quirk: Any,
+                                                                         method: str) -> None:
+    # grpc sends the code set, with the exception as details; the gRPC lane's
+    # observation said UNKNOWN. (The fast lane is the subject of another change.)
+    failed = quirk_failure(observed, quirk, 'grpc', method, 'set-code-raise')
+    assert failed.code is grpc.StatusCode.NOT_FOUND and 'raised after set_code' in failed.details
+    assert_observed_as_sent(observed, f'/vyra.ipc.test.QuirkService/{method}', 'grpc', failed)
+
+
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
 def test_server_info_names_the_module_process_and_services(observed: Observed, lane: str) -> None:
     with observed.client(introspection_grpc.IntrospectionStub, lane) as client:

@@ -5,7 +5,7 @@ never see how a call ended, so each handler is wrapped instead: the wrapper
 starts the call's :class:`~vyra_base_ipc._interceptors.Observation`, runs the
 handler, and ends it with the status grpc.aio will send (the code a handler
 set or aborted with, CANCELLED or DEADLINE_EXCEEDED when it was cancelled,
-UNKNOWN for an exception). Each handler keeps its shape (``def``,
+UNKNOWN for an exception, or the code it set before it raised). Each handler keeps its shape (``def``,
 ``async def``, generators) so that grpc.aio still runs ``def`` handlers in
 its thread pool. Message sizes are counted through the (de)serializers.
 """
@@ -172,9 +172,10 @@ def _returned(context: Any) -> tuple[int, str]:
 
 
 def _failure(context: Any, error: BaseException) -> tuple[int, str]:
-    """The status grpc.aio sends for a handler that raised ``error``."""
+    """The status grpc.aio sends for a handler that raised ``error``: an
+    exception goes with the code the handler set, if it set one."""
+    number = _number(context.code())
     if isinstance(error, grpc.aio.AbortError):
-        number = _number(context.code())
         if number is not None:
             return number, context.details() or ''
     if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
@@ -182,7 +183,7 @@ def _failure(context: Any, error: BaseException) -> tuple[int, str]:
         if remaining is not None and remaining <= 0:
             return grpc.StatusCode.DEADLINE_EXCEEDED.value[0], 'Deadline Exceeded'
         return grpc.StatusCode.CANCELLED.value[0], 'Cancelled'
-    return _UNKNOWN, f'Unexpected {type(error)}: {error}'
+    return number or _UNKNOWN, f'Unexpected {type(error)}: {error}'
 
 
 def _counting(convert: Callable[[Any], Any] | None, lane: LaneMetrics, received: bool
