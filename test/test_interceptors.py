@@ -292,6 +292,18 @@ def test_a_handler_that_sets_a_code_and_raises_is_observed_with_that_code(observ
 
 
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+@pytest.mark.parametrize('method', ['Quirk', 'QuirkSync', 'QuirkStream'])
+def test_an_answer_that_does_not_serialize_is_observed_as_the_unknown_the_client_gets(
+        observed: Observed, quirk: Any, lane: str, method: str) -> None:
+    # The handler returns (yields) None: the client gets UNKNOWN. The gRPC
+    # lane's observation ended when the handler returned, before the answer
+    # failed to serialize, and said OK.
+    failed = quirk_failure(observed, quirk, lane, method, 'return-none')
+    assert failed.code is grpc.StatusCode.UNKNOWN and "<class 'TypeError'>" in failed.details
+    assert_observed_as_sent(observed, f'/vyra.ipc.test.QuirkService/{method}', lane, failed)
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
 def test_server_info_names_the_module_process_and_services(observed: Observed, lane: str) -> None:
     with observed.client(introspection_grpc.IntrospectionStub, lane) as client:
         info = client.call_method('GetServerInfo', introspection.ServerInfoRequest())

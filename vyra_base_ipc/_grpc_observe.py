@@ -7,7 +7,10 @@ handler, and ends it with the status grpc.aio will send (the code a handler
 set or aborted with, CANCELLED or DEADLINE_EXCEEDED when it was cancelled,
 UNKNOWN for an exception, or the code it set before it raised). Each handler keeps its shape (``def``,
 ``async def``, generators) so that grpc.aio still runs ``def`` handlers in
-its thread pool. Message sizes are counted through the (de)serializers.
+its thread pool. The wrapper serializes the responses itself, so that one
+that does not serialize ends the observation as what grpc.aio sends for it
+(UNKNOWN), not as the handler's success. Message sizes are counted as
+messages are (de)serialized.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import contextlib
 import inspect
 import logging
 import time
-from typing import Any, AsyncIterator, Callable, Iterator, Mapping
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 
 import grpc
 
@@ -52,6 +55,7 @@ def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver, 
     factory = _FACTORIES[streaming]
     behaviour = getattr(handler, factory.__name__.replace('_rpc_method_handler', ''))
     metrics = observer.method_metrics(path, _LANE)
+    encode, serialize = _serializers(handler.response_serializer, lane)
 
     def start(context: Any) -> Observation:
         deadline = None
@@ -78,7 +82,7 @@ def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver, 
                 # handler left while it had yielded), as if it were the handler.
                 async with contextlib.aclosing(behaviour(request, context)) as responses:
                     async for response in responses:
-                        yield response
+                        yield encode(response)
         wrapped: Callable[..., Any] = observed_stream
     elif inspect.iscoroutinefunction(behaviour):
         async def observed(request: Any, context: Any) -> Any:
@@ -87,7 +91,7 @@ def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver, 
             except CallRejected as rejection:
                 await context.abort(rejection.code, rejection.details)
             with _ending(observation, context):
-                return await behaviour(request, context)
+                return _answer(await behaviour(request, context), context, encode)
         wrapped = observed
     elif streaming[1]:
         def observed_sync_stream(request: Any, context: Any) -> Iterator[Any]:
@@ -95,18 +99,17 @@ def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver, 
             with _ending(start_sync(context), context):
                 responses = behaviour(request, context)
                 if responses is not None:
-                    yield from responses
+                    yield from _encoded(responses, encode)
         wrapped = observed_sync_stream
     else:
         def observed_sync(request: Any, context: Any) -> Any:
             context = _SyncContext(context)
             with _ending(start_sync(context), context):
-                return behaviour(request, context)
+                return _answer(behaviour(request, context), context, encode)
         wrapped = observed_sync
-    deserialize, serialize = handler.request_deserializer, handler.response_serializer
+    deserialize = handler.request_deserializer
     if lane is not None:
         deserialize = _counting(deserialize, lane, received=True)
-        serialize = _counting(serialize, lane, received=False)
     return factory(wrapped, request_deserializer=deserialize, response_serializer=serialize)
 
 
@@ -184,6 +187,62 @@ def _failure(context: Any, error: BaseException) -> tuple[int, str]:
             return grpc.StatusCode.DEADLINE_EXCEEDED.value[0], 'Deadline Exceeded'
         return grpc.StatusCode.CANCELLED.value[0], 'Cancelled'
     return number or _UNKNOWN, f'Unexpected {type(error)}: {error}'
+
+
+class _Encoded:
+    """A response serialized by the wrapper, for the response serializer to pass on."""
+
+    __slots__ = ('data',)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def _serializers(serialize: Callable[[Any], bytes] | None, lane: LaneMetrics | None
+                 ) -> tuple[Callable[[Any], Any], Callable[[Any], Any] | None]:
+    """``encode`` for the wrapper and the serializer for grpc.aio.
+
+    The wrapper serializes what the handler answers (``encode``) so that a
+    response that does not serialize fails inside the observation, as the
+    UNKNOWN grpc.aio sends for it; grpc.aio's serializer then only passes
+    the bytes on (and serializes what ``context.write()`` sends).
+    """
+    if serialize is None:
+        return _unchanged, None
+    counted = _counting(serialize, lane, received=False) if lane is not None else serialize
+    assert counted is not None
+
+    def encode(message: Any) -> _Encoded:
+        return _Encoded(counted(message))
+
+    def serializer(message: Any) -> bytes:
+        if type(message) is _Encoded:
+            return message.data
+        return counted(message)
+    return encode, serializer
+
+
+def _unchanged(message: Any) -> Any:
+    return message
+
+
+def _answer(response: Any, context: Any, encode: Callable[[Any], Any]) -> Any:
+    """A unary handler's ``response``, serialized unless grpc.aio drops it
+    (the handler set a code other than OK, or aborted)."""
+    if _number(context.code()) is not None:
+        return response
+    return encode(response)
+
+
+def _encoded(responses: Iterable[Any], encode: Callable[[Any], Any]) -> Iterator[Any]:
+    """A ``def`` handler's ``responses``, serialized; closed when this is."""
+    try:
+        for response in responses:
+            yield encode(response)
+    finally:
+        close = getattr(responses, 'close', None)
+        if close is not None:
+            close()
 
 
 def _counting(convert: Callable[[Any], Any] | None, lane: LaneMetrics, received: bool
