@@ -304,6 +304,16 @@ def test_an_answer_that_does_not_serialize_is_observed_as_the_unknown_the_client
 
 
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_a_stream_that_catches_its_abort_and_goes_on_is_observed_with_the_abort(
+        observed: Observed, quirk: Any, lane: str) -> None:
+    # grpc.aio closes such a stream and sends the abort's status; the gRPC
+    # lane's observation took the close for a cancellation (CANCELLED).
+    failed = quirk_failure(observed, quirk, lane, 'QuirkStream', 'catch-abort')
+    assert (failed.code, failed.details) == (grpc.StatusCode.NOT_FOUND, 'aborted, then went on')
+    assert_observed_as_sent(observed, QUIRK_STREAM, lane, failed)
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
 def test_server_info_names_the_module_process_and_services(observed: Observed, lane: str) -> None:
     with observed.client(introspection_grpc.IntrospectionStub, lane) as client:
         info = client.call_method('GetServerInfo', introspection.ServerInfoRequest())

@@ -174,11 +174,17 @@ def _returned(context: Any) -> tuple[int, str]:
     return number, context.details() or ''
 
 
+#: How a handler is ended from outside: its abort, or grpc.aio cancelling or closing it.
+_ENDINGS = (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit)
+
+
 def _failure(context: Any, error: BaseException) -> tuple[int, str]:
     """The status grpc.aio sends for a handler that raised ``error``: an
     exception goes with the code the handler set, if it set one."""
     number = _number(context.code())
-    if isinstance(error, grpc.aio.AbortError):
+    if isinstance(error, _ENDINGS):
+        # Also a stream that caught its abort and went on: grpc.aio closes
+        # it (GeneratorExit) and sends the abort's status.
         if number is not None:
             return number, context.details() or ''
     if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
