@@ -314,6 +314,26 @@ def test_a_stream_that_catches_its_abort_and_goes_on_is_observed_with_the_abort(
 
 
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_a_def_handler_has_is_active_cancelled_done_and_add_done_callback_on_both_lanes(
+        observed: Observed, quirk: Any, lane: str) -> None:
+    # grpc.aio's context for def handlers has none of them: calling one was
+    # an AttributeError, the call UNKNOWN, on the gRPC lane only.
+    with observed.client(quirk.Stub, lane) as client:
+        reply = client.call_method('QuirkSync', quirk.pb.QuirkRequest(how='context', tag=f'{lane} ok'))
+        assert json.loads(reply.text) == {'is_active': True, 'cancelled': False, 'done': False}
+        with pytest.raises(IPCTimeoutError):  # the handler works on while is_active()
+            client.call_method('QuirkSync', quirk.pb.QuirkRequest(how='wait-cancel', tag=lane), timeout=0.5)
+
+    def seen(tag: str) -> list[dict[str, Any]]:
+        return [entry for entry in observed.entries() if entry['event'] == 'quirk' and entry['tag'] == tag]
+    wait_for(lambda: seen(f'{lane} ok') and seen(lane), 10, 'the done callback, and the handler stopping')
+    assert seen(f'{lane} ok') == [{'event': 'quirk', 'tag': f'{lane} ok', 'done_callback': True}]
+    assert seen(lane) == [{'event': 'quirk', 'tag': lane, 'is_active': False, 'cancelled': True, 'done': True}]
+    # It answered after its deadline: observed as the client saw it, not OK.
+    assert observed.ended(QUIRK_SYNC, lane, 2)[1]['code'] == 'DEADLINE_EXCEEDED'
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
 def test_server_info_names_the_module_process_and_services(observed: Observed, lane: str) -> None:
     with observed.client(introspection_grpc.IntrospectionStub, lane) as client:
         info = client.call_method('GetServerInfo', introspection.ServerInfoRequest())

@@ -26,6 +26,7 @@ import grpc
 
 from ._interceptors import CallObserver, CallRejected, Observation
 from ._metrics import LaneMetrics, ServerMetrics
+from ._sync_context import SyncContext
 
 __all__ = ['UnknownMethods', 'observe_handlers']
 
@@ -95,7 +96,7 @@ def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver, 
         wrapped = observed
     elif streaming[1]:
         def observed_sync_stream(request: Any, context: Any) -> Iterator[Any]:
-            context = _SyncContext(context)
+            context = SyncContext.of(context)
             with _ending(start_sync(context), context):
                 responses = behaviour(request, context)
                 if responses is not None:
@@ -103,7 +104,7 @@ def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver, 
         wrapped = observed_sync_stream
     else:
         def observed_sync(request: Any, context: Any) -> Any:
-            context = _SyncContext(context)
+            context = SyncContext.of(context)
             with _ending(start_sync(context), context):
                 return _answer(behaviour(request, context), context, encode)
         wrapped = observed_sync
@@ -157,6 +158,14 @@ def _end(observation: Observation, status: Callable[..., tuple[int, str]], *argu
     observation.end(code, details)
 
 
+def _left(context: Any) -> tuple[int, str]:
+    """The status of a call that ended before its handler: out of time, or cancelled."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED.value[0], 'Deadline Exceeded'
+    return grpc.StatusCode.CANCELLED.value[0], 'Cancelled'
+
+
 def _number(code: Any) -> int | None:
     """The number of a status ``code`` as grpc takes it (a ``grpc.StatusCode``
     or its number), ``None`` for none or OK."""
@@ -167,7 +176,11 @@ def _number(code: Any) -> int | None:
 
 
 def _returned(context: Any) -> tuple[int, str]:
-    """The status of a call whose handler returned."""
+    """The status of a call whose handler returned: for a ``def`` handler
+    that returned after its call ended (client gone, deadline passed),
+    grpc.aio's CANCELLED or DEADLINE_EXCEEDED."""
+    if type(context) is SyncContext and context.cancelled():
+        return _left(context)
     number = _number(context.code())
     if number is None:
         return _OK
@@ -188,10 +201,7 @@ def _failure(context: Any, error: BaseException) -> tuple[int, str]:
         if number is not None:
             return number, context.details() or ''
     if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            return grpc.StatusCode.DEADLINE_EXCEEDED.value[0], 'Deadline Exceeded'
-        return grpc.StatusCode.CANCELLED.value[0], 'Cancelled'
+        return _left(context)
     return number or _UNKNOWN, f'Unexpected {type(error)}: {error}'
 
 
@@ -269,40 +279,3 @@ def _counting(convert: Callable[[Any], Any] | None, lane: LaneMetrics, received:
             lane.inline_sent += len(data)
         return data
     return serialize
-
-
-class _SyncContext:
-    """A ``def`` handler's context that remembers the status set on it:
-    grpc.aio's context for worker threads cannot tell it afterwards."""
-
-    __slots__ = ('_context', '_code', '_details')
-
-    def __init__(self, context: Any) -> None:
-        self._context = context
-        self._code: grpc.StatusCode | None = None
-        self._details: str | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
-
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self._code = code
-        self._context.set_code(code)
-
-    def set_details(self, details: str) -> None:
-        self._details = details
-        self._context.set_details(details)
-
-    def abort(self, code: grpc.StatusCode, details: str = '', trailing_metadata: Any = ()) -> None:
-        self._code, self._details = code, details
-        self._context.abort(code, details, trailing_metadata)
-
-    def abort_with_status(self, status: grpc.Status) -> None:
-        self._code, self._details = status.code, status.details
-        self._context.abort_with_status(status)
-
-    def code(self) -> grpc.StatusCode | None:
-        return self._code
-
-    def details(self) -> str | None:
-        return self._details

@@ -12,6 +12,10 @@ ends the server's event loop, silently, and every call after it hangs. The
 guard answers such a call UNKNOWN like any other exception, in grpc.aio's
 words, logs it, and the server serves on (the fast lane does the same).
 
+A ``def`` handler gets the context of
+:class:`~vyra_base_ipc._sync_context.SyncContext`: grpc.aio's, with what
+grpc.aio leaves out of it (``is_active()``, ``cancelled()``, ``done()``...).
+
 Each handler keeps its shape (``def``, ``async def``, generators) so that
 grpc.aio still runs ``def`` handlers in its thread pool.
 """
@@ -23,6 +27,8 @@ import logging
 from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
 import grpc
+
+from ._sync_context import SyncContext
 
 __all__ = ['HANDLER_EXITS', 'HANDLER_FAILURES', 'guard_handlers']
 
@@ -93,21 +99,28 @@ def _guard_exits(path: str, behaviour: Callable[..., Any], response_streaming: b
             except HANDLER_EXITS as error:
                 await context.abort(grpc.StatusCode.UNKNOWN, _exited(path, error))
         return guarded
+    # def handlers: with the context of SyncContext (is_active() and the rest).
     if response_streaming:  # a generator, or a def returning an iterator
         def guarded_sync_stream(argument: Any, context: Any) -> Iterator[Any]:
+            context = SyncContext.of(context)
             try:
                 responses = behaviour(argument, context)
                 if responses is not None:
                     yield from responses
             except HANDLER_EXITS as error:
                 context.abort(grpc.StatusCode.UNKNOWN, _exited(path, error))
+            finally:
+                context.finished = True
         return guarded_sync_stream
 
     def guarded_sync(argument: Any, context: Any) -> Any:
+        context = SyncContext.of(context)
         try:
             return behaviour(argument, context)
         except HANDLER_EXITS as error:
             context.abort(grpc.StatusCode.UNKNOWN, _exited(path, error))
+        finally:
+            context.finished = True
     return guarded_sync
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 import threading
+import time
 
 from echo_server import EchoService
 import grpc
@@ -68,13 +69,15 @@ class Quirks(quirk_pb2_grpc.QuirkServiceServicer):
     def QuirkSync(self, request, context):
         if request.how == 'abort-int':
             context.abort(5, 'aborted with 5')
-        if request.how == 'wait-cancel':
-            ended = threading.Event()
-            context.add_done_callback(lambda _: ended.set())
-            ended.wait(60)
-            self._gatekeeper._write({'event': 'quirk', 'tag': request.tag, 'callback': ended.is_set(),
-                                     **_seen(context)})
+        if request.how == 'wait-cancel':  # as a def handler that works on until its call ends would
+            ending = time.monotonic() + 60
+            while context.is_active() and time.monotonic() < ending:
+                time.sleep(0.01)
+            self._gatekeeper._write({'event': 'quirk', 'tag': request.tag, **_seen(context)})
             return quirk_pb2.QuirkReply(text='too late')
+        if request.how == 'context':
+            context.add_done_callback(lambda _: self._gatekeeper._write(
+                {'event': 'quirk', 'tag': request.tag, 'done_callback': True}))
         return self._quirk(request, context)
 
     async def QuirkStream(self, request, context):
