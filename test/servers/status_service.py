@@ -21,6 +21,11 @@ def _misbehave(how: str, context: Any) -> Any:
         context.set_code(_NOT_FOUND)
         context.set_details('set to 5')
         return None
+    if how == 'compression-after-first':
+        context.set_compression(grpc.Compression.Gzip)
+        return None
+    if how == 'initial-metadata-after-first':
+        return context.send_initial_metadata((('x-late', 'yes'),))  # awaitable on an async context
     raise AssertionError(f'no such how: {how!r}')
 
 

@@ -62,6 +62,9 @@ class ServicerContext:
         self._abort: tuple[grpc.StatusCode, str] | None = None
         self._end: _End | None = None
         self._trailing_metadata: tuple[Any, ...] = ()
+        # Whether gRPC would have sent the response headers by now (the first
+        # message, or send_initial_metadata()): what may not follow them fails as there.
+        self._headers_sent = False
         # Explicit shared buffers sent with the request, and those the handler
         # answers with (see vyra_base_ipc._shared_buffer); set by the server.
         self._buffers: Any = None
@@ -142,10 +145,23 @@ class ServicerContext:
         return self._trailing_metadata
 
     def send_initial_metadata(self, initial_metadata: Any) -> None:
-        """Accepted for compatibility; ttrpc has no response headers."""
+        """Accepted for compatibility (ttrpc has no response headers), once
+        and before the first message, as gRPC takes it.
+
+        :raises grpc.aio.UsageError: sent already, as gRPC says it.
+        """
+        if self._headers_sent:
+            raise grpc.aio.UsageError('Send initial metadata failed: already sent')
+        self._headers_sent = True
 
     def set_compression(self, compression: Any) -> None:
-        """Accepted for compatibility; the fast lane never compresses."""
+        """Accepted for compatibility (the fast lane never compresses),
+        before the response headers, as gRPC takes it.
+
+        :raises RuntimeError: after them, as gRPC says it.
+        """
+        if self._headers_sent:
+            raise RuntimeError('Compression setting must be specified before sending initial metadata')
 
     def disable_next_message_compression(self) -> None:
         """Accepted for compatibility; the fast lane never compresses."""
@@ -273,7 +289,8 @@ class AsyncServicerContext(ServicerContext):
                                  getattr(status, 'trailing_metadata', ()))
 
     async def send_initial_metadata(self, initial_metadata: Any) -> None:  # type: ignore[override]
-        """A coroutine, as in grpc.aio; ttrpc has no response headers."""
+        """A coroutine, as in grpc.aio; otherwise as :meth:`ServicerContext.send_initial_metadata`."""
+        ServicerContext.send_initial_metadata(self, initial_metadata)
 
     async def write(self, message: Any) -> None:  # type: ignore[override]
         """Send one response message of a response-streaming call; waits while

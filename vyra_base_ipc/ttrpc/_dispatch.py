@@ -232,8 +232,10 @@ class Call:
     async def _write_async(self, message: Any) -> None:
         if self.finished:
             raise asyncio.CancelledError()
-        if self.context._abort is not None:  # it caught its abort: nothing goes after it, as on gRPC
-            raise self.context._aborted()
+        context = self.context
+        if context._abort is not None:  # it caught its abort: nothing goes after it, as on gRPC
+            raise context._aborted()
+        context._headers_sent = True
         credit = self.credit
         if credit is not None and credit.credit <= 0:
             await credit.wait()  # the client has not taken what it got
@@ -308,10 +310,12 @@ class Call:
             return code, details, b''
 
     def _write_thread(self, message: Any) -> None:
-        if self.context._end is not None:
+        context = self.context
+        if context._end is not None:
             raise _CallEnded()
-        if self.context._abort is not None:  # as in _write_async
-            raise self.context._aborted()
+        if context._abort is not None:  # as in _write_async
+            raise context._aborted()
+        context._headers_sent = True
         credit = self.credit
         if credit is not None:
             while not credit.wait_blocking(0.1):  # the client has not taken what it got
