@@ -21,11 +21,13 @@ STREAMS = ['MisbehaveStream', 'MisbehaveStreamSync']
 #: set_compression fails depends on whether grpc's loop has sent the first
 #: message yet: those cases run on the fast lane only.
 GRPC_DEF_STREAM_RACES = {('grpc', 'MisbehaveStreamSync', how) for how in (
-    'abort-with-number', 'yield-after-abort', 'compression-after-first', 'initial-metadata-after-first')}
+    'abort-with-number', 'abort-with-status', 'yield-after-abort', 'compression-after-first',
+    'initial-metadata-after-first')}
 EXPECTED = {
     'set-code-then-raise': (grpc.StatusCode.NOT_FOUND, "Unexpected <class 'ValueError'>: after set_code"),
     'abort-with-number': (grpc.StatusCode.NOT_FOUND, 'aborted with 5'),
     'set-code-number': (grpc.StatusCode.NOT_FOUND, 'set to 5'),
+    'abort-with-status': (grpc.StatusCode.NOT_FOUND, 'aborted with a status'),
     'yield-after-abort': (grpc.StatusCode.NOT_FOUND, 'stop'),
     # What gRPC refuses once the response headers went (with the first
     # message): the fast lane, which has none to send, refuses it too.
@@ -45,7 +47,8 @@ def cases(methods: list[str], hows: list[str]) -> list[Any]:
 
 
 @pytest.mark.parametrize('lane, method, how',
-                         cases(UNARY, ['set-code-then-raise', 'abort-with-number', 'set-code-number']))
+                         cases(UNARY, ['set-code-then-raise', 'abort-with-number', 'set-code-number',
+                                       'abort-with-status']))
 def test_a_unary_handler_gets_the_status_grpc_aio_gives(server: ServerProcess, echo: Any,
                                                         lane: str, method: str, how: str) -> None:
     with SyncIPCHandler(server.socket_path, echo.grpc.StatusServiceStub, lane=lane) as ipc:

@@ -2,7 +2,7 @@
 
 grpc.aio gives ``def`` handlers (run in its thread pool) a context without
 ``is_active()``, ``cancelled()``, ``done()``, ``add_done_callback()``,
-``code()`` or ``details()``: calling one failed the call (AttributeError,
+``code()``, ``details()`` or ``abort_with_status()``: calling one failed the call (AttributeError,
 UNKNOWN), though the same servicer has them on the fast lane. This wrapper
 adds them, built on what grpc.aio's context has: ``time_remaining()``, and
 ``add_callback`` (whose callbacks grpc.aio runs only for a call that ended
@@ -59,8 +59,9 @@ class SyncContext:
         self._context.abort(code, details, trailing_metadata)
 
     def abort_with_status(self, status: grpc.Status) -> None:
-        self._code, self._details = status.code, status.details
-        self._context.abort_with_status(status)
+        """:meth:`abort` with a :class:`grpc.Status` (grpc.aio's ``def``
+        context has no such method; the fast lane's and grpc's own have)."""
+        self.abort(status.code, status.details, getattr(status, 'trailing_metadata', ()))
 
     def code(self) -> Any:
         return self._code

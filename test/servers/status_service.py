@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import collections
 from typing import Any, AsyncIterator, Iterator
 
 import grpc
 from vyra_ipc_test import echo_pb2, echo_pb2_grpc
 
 _NOT_FOUND = 5  # grpc.StatusCode.NOT_FOUND as a number, as grpc.aio takes it
+
+
+class _Status(collections.namedtuple('_Status', ('code', 'details', 'trailing_metadata')), grpc.Status):
+    """A :class:`grpc.Status` (an abstract class: grpc_status makes them from rich errors)."""
 
 
 def _misbehave(how: str, context: Any) -> Any:
@@ -21,6 +26,8 @@ def _misbehave(how: str, context: Any) -> Any:
         context.set_code(_NOT_FOUND)
         context.set_details('set to 5')
         return None
+    if how == 'abort-with-status':
+        return context.abort_with_status(_Status(grpc.StatusCode.NOT_FOUND, 'aborted with a status', ()))
     if how == 'compression-after-first':
         context.set_compression(grpc.Compression.Gzip)
         return None
