@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import pytest
 
 from conftest import ServerProcess, wait_for
-from ttrpc_peer import DATA, REMOTE_OPEN, REQUEST, RESPONSE, Peer, frame_bytes, request_envelope
+from ttrpc_peer import DATA, REMOTE_CLOSED, REMOTE_OPEN, REQUEST, RESPONSE, Peer, frame_bytes, request_envelope
 from vyra_base_ipc import (
     IPCError,
     IPCHandler,
@@ -314,6 +314,54 @@ def test_a_peer_that_does_not_read_its_answers_is_closed_at_the_queue_limit(
         with SyncIPCHandler(server.socket_path, echo.Stub, lane='ttrpc', max_message_bytes=one_mib) as ipc:
             assert ipc.call_method('Echo', echo.pb.EchoRequest(text='served')).text == 'served'
     assert rss_kb(server.pid) - before < 64 * 1024  # not 10 answers' worth per peer, and no growth
+    assert server.running()
+
+
+def test_new_calls_of_a_peer_that_does_not_read_wait_and_are_all_answered_once_it_reads(
+        server: ServerProcess, echo) -> None:
+    """Once a stream's answers fill the socket, the server keeps the peer's
+    new calls until it reads again (and stops reading at the first): then it
+    answers every one of them, none lost, and finishes the stream."""
+    fast_lane = default_ttrpc_socket_path(server.socket_path)
+    watch = echo.pb.WatchRequest(tag='fill', count=300, size=16 * 1024)  # 4.8 MB: more than the socket holds
+    reports = SyncIPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane='grpc')
+    sent_before = [-1]
+
+    def stalled() -> bool:  # the Watch handler sent nothing more since the last look
+        sent = reports.call_method('Report', echo.pb.WatchRequest(tag='fill')).sent
+        stalled, sent_before[0] = sent == sent_before[0], sent
+        return stalled and sent < 300
+    with reports, Peer.connect(fast_lane) as peer:
+        peer.request(1, 'vyra.ipc.test.WatchService', 'Watch', watch.SerializeToString(), timeout_nano=int(60e9))
+        wait_for(stalled, 30, 'the Watch stream to fill the socket')
+        sent, rest = [], b''
+        peer.sock.setblocking(False)
+        for stream_id in range(3, 2 * 50_000, 2):  # until the socket takes no more
+            frame = frame_bytes(stream_id, REQUEST, 0, request_envelope(
+                ECHO, 'Echo', echo.pb.EchoRequest(text=str(stream_id)).SerializeToString(),
+                timeout_nano=int(60e9)))
+            try:
+                taken = peer.sock.send(frame)
+            except BlockingIOError:
+                break
+            sent.append(stream_id)
+            if taken < len(frame):
+                rest = frame[taken:]
+                break
+        peer.sock.settimeout(20)
+        if rest:  # the rest of a frame, sent once the server reads again
+            threading.Thread(target=peer.sock.sendall, args=(rest,), daemon=True).start()
+        answers: dict[int, str] = {}
+        watched = 0
+        while len(answers) < len(sent) or watched < 300:
+            got = peer.read_frame()
+            if got.stream_id == 1:
+                watched += got.type == DATA and not got.flags & REMOTE_CLOSED
+            else:
+                response = ttrpc_pb2.Response.FromString(got.data)
+                assert response.status.code == 0, response.status
+                answers[got.stream_id] = echo.pb.EchoReply.FromString(response.payload).text
+        assert answers == {stream_id: str(stream_id) for stream_id in sent}
     assert server.running()
 
 
