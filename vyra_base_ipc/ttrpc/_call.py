@@ -32,7 +32,7 @@ from ..exceptions import (
     error_from_status,
 )
 from . import _hello
-from ._errors import SenderFailed, idle_error, lost, timeout_error, undecodable
+from ._errors import SenderFailed, deadline_passed, idle_error, lost, timeout_error, undecodable
 from ._flow import ReceiveWindow, SendCredit, message_cost, validate_stream_window
 from ._frames import (
     FLAG_NO_DATA,
@@ -363,10 +363,8 @@ class ClientStream:
     def timed_out(self, deadline: Deadline | None, method: Method, idle_timeout: float | None) -> IPCError:
         """The error of a wait for the next item that ended: its idle timeout,
         unless its deadline passed (then the call is :attr:`expired`)."""
-        if idle_timeout is not None and (deadline is None or not deadline.expired()):
-            return idle_error(method, idle_timeout)
-        self.expired = True
-        return timeout_error(method)
+        self.expired = deadline_passed(deadline, idle_timeout)
+        return timeout_error(method) if self.expired else idle_error(method, idle_timeout)  # type: ignore[arg-type]
 
     def taken(self, item: Item) -> int:
         """Count an item the caller took; the window increment to grant now, or 0."""

@@ -18,7 +18,7 @@ from ..exceptions import (
 )
 
 __all__ = ['UNDECODABLE', 'NothingSent', 'SenderFailed', 'closed', 'connect_error', 'idle_error', 'lost',
-           'not_accepted', 'timeout_error', 'undecodable', 'wait_error']
+           'deadline_passed', 'not_accepted', 'timeout_error', 'undecodable', 'wait_error']
 
 
 def timeout_error(method: Method) -> IPCTimeoutError:
@@ -30,12 +30,18 @@ def idle_error(method: Method, idle_timeout: float) -> IPCTimeoutError:
                            f'no message within the idle timeout of {idle_timeout:g} s', method=method.path)
 
 
+def deadline_passed(deadline: Deadline | None, idle_timeout: float | None) -> bool:
+    """Whether a wait that ended at its :func:`wait_deadline` ended for the
+    deadline (else for the idle timeout)."""
+    return idle_timeout is None or (deadline is not None and deadline.expired())
+
+
 def wait_error(method: Method, deadline: Deadline | None, idle_timeout: float | None) -> IPCTimeoutError:
     """The error of a wait that ended at its :func:`wait_deadline`: the idle
     timeout's, unless the deadline passed."""
-    if idle_timeout is not None and (deadline is None or not deadline.expired()):
-        return idle_error(method, idle_timeout)
-    return timeout_error(method)
+    if deadline_passed(deadline, idle_timeout):
+        return timeout_error(method)
+    return idle_error(method, idle_timeout)  # type: ignore[arg-type]  # (not None: deadline_passed)
 
 
 #: grpc's words (its blocking channel's) for an answer that does not parse

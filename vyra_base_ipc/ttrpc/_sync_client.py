@@ -467,8 +467,7 @@ class SyncConnection:
         :raises IPCTimeoutError: the deadline passed, or no item came within
             ``idle_timeout`` seconds.
         """
-        wait_until = deadline if idle_timeout is None else (
-            deadline.earlier(idle_timeout) if deadline is not None else Deadline.after(idle_timeout))
+        wait_until = wait_deadline(deadline, idle_timeout)
         with self._state_lock:
             while True:
                 if stream.items:
