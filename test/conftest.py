@@ -37,6 +37,20 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None
         time.sleep(0.01)
 
 
+def unchanged(count: Callable[[], int], spacing: float = 0.2) -> Callable[[], bool]:
+    """A condition for :func:`wait_for`: ``count()`` gave the same number as
+    at the last check, at least ``spacing`` s before (a producer that stalled)."""
+    last = [-1, 0.0]
+
+    def check() -> bool:
+        now = time.monotonic()
+        if now - last[1] < spacing:
+            return False
+        before, last[:] = last[0], [count(), now]
+        return before == last[0]
+    return check
+
+
 async def until(condition: Callable[[], object], timeout: float, what: str) -> None:
     """:func:`wait_for` for coroutines: polls without blocking the event loop."""
     deadline = time.monotonic() + timeout

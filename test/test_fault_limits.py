@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import ServerProcess, wait_for
+from conftest import ServerProcess, unchanged, wait_for
 from ttrpc_peer import DATA, REMOTE_CLOSED, REMOTE_OPEN, REQUEST, RESPONSE, Peer, frame_bytes, request_envelope
 from vyra_base_ipc import (
     IPCError,
@@ -325,12 +325,7 @@ def test_new_calls_of_a_peer_that_does_not_read_wait_and_are_all_answered_once_i
     fast_lane = default_ttrpc_socket_path(server.socket_path)
     watch = echo.pb.WatchRequest(tag='fill', count=300, size=16 * 1024)  # 4.8 MB: more than the socket holds
     reports = SyncIPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane='grpc')
-    sent_before = [-1]
-
-    def stalled() -> bool:  # the Watch handler sent nothing more since the last look
-        sent = reports.call_method('Report', echo.pb.WatchRequest(tag='fill')).sent
-        stalled, sent_before[0] = sent == sent_before[0], sent
-        return stalled and sent < 300
+    stalled = unchanged(lambda: reports.call_method('Report', echo.pb.WatchRequest(tag='fill')).sent)
     with reports, Peer.connect(fast_lane) as peer:
         peer.request(1, 'vyra.ipc.test.WatchService', 'Watch', watch.SerializeToString(), timeout_nano=int(60e9))
         wait_for(stalled, 30, 'the Watch stream to fill the socket')

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import LANES, ServerProcess, until, wait_for
+from conftest import LANES, ServerProcess, unchanged, until, wait_for
 from vyra_base_ipc import IPCHandler, IPCTimeoutError, IPCUnavailableError, MessageTooLargeError, SyncIPCHandler
 
 #: How an async generator handler ends when its client leaves: cancelled while
@@ -56,15 +56,7 @@ class Reports:
     def stalled(self, tag: str) -> Callable[[], bool]:
         """A condition: the handler of ``tag`` sent nothing more since the
         last check, at least 0.2 s ago."""
-        last = [-1, 0.0]
-
-        def check() -> bool:
-            now = time.monotonic()
-            if now - last[1] < 0.2:
-                return False
-            sent, last[:] = last[0], [self(tag).sent, now]
-            return sent == last[0]
-        return check
+        return unchanged(lambda: self(tag).sent)
 
 
 @pytest.fixture
