@@ -232,27 +232,14 @@ def test_a_fast_lane_cancel_ends_the_call_deadline_exceeded_when_it_says_the_dea
         assert (answer.stream_id, echo.pb.EchoReply.FromString(answer.payload).text) == (5, 'on')
 
 
-QUIRK = '/vyra.ipc.test.QuirkService/Quirk'
-QUIRK_SYNC = '/vyra.ipc.test.QuirkService/QuirkSync'
-QUIRK_STREAM = '/vyra.ipc.test.QuirkService/QuirkStream'
+STATUS = '/vyra.ipc.test.StatusService/'
 
 
-@pytest.fixture(scope='session')
-def quirk(test_protos_dir: Path) -> Any:
-    """``vyra_ipc_test.quirk_pb2`` and ``quirk_pb2_grpc`` as one namespace."""
-    from vyra_ipc_test import quirk_pb2, quirk_pb2_grpc
-
-    class Quirk:
-        pb = quirk_pb2
-        Stub = quirk_pb2_grpc.QuirkServiceStub
-    return Quirk
-
-
-def quirk_failure(observed: Observed, quirk: Any, lane: str, method: str, how: str) -> IPCRemoteError:
-    """The error a QuirkService call doing ``how`` fails with."""
-    request = quirk.pb.QuirkRequest(how=how)
-    with observed.client(quirk.Stub, lane) as client, pytest.raises(IPCRemoteError) as failed:
-        if method == 'QuirkStream':
+def status_failure(observed: Observed, echo: Any, lane: str, method: str, how: str) -> IPCRemoteError:
+    """The error a StatusService call doing ``how`` fails with."""
+    request = echo.pb.MisbehaveRequest(how=how)
+    with observed.client(echo.grpc.StatusServiceStub, lane) as client, pytest.raises(IPCRemoteError) as failed:
+        if method.startswith('MisbehaveStream'):
             list(client.stream_method(method, request))
         else:
             client.call_method(method, request)
@@ -269,68 +256,70 @@ def assert_observed_as_sent(observed: Observed, method: str, lane: str, sent: IP
     assert (stats.calls, stats.in_flight, dict(stats.errors)) == (calls, 0, {sent.code.name: calls})
 
 
-@pytest.mark.parametrize('method', ['Quirk', 'QuirkSync', 'QuirkStream'])
-def test_an_abort_with_an_int_code_is_observed_as_that_status(observed: Observed, quirk: Any,
+@pytest.mark.parametrize('method', ['Misbehave', 'MisbehaveSync', 'MisbehaveStream'])
+def test_an_abort_with_an_int_code_is_observed_as_that_status(observed: Observed, echo: Any,
                                                               method: str) -> None:
     # grpc.aio takes abort(5, ...) and sends NOT_FOUND. Before, the gRPC lane's
     # observation failed on the int (logged): call_ended never ran and the
     # call stayed in flight in the stats, one more with each such call.
-    failures = [quirk_failure(observed, quirk, 'grpc', method, 'abort-int') for _ in range(2)]
+    failures = [status_failure(observed, echo, 'grpc', method, 'abort-with-number') for _ in range(2)]
     assert [(error.code, error.details) for error in failures] == [(grpc.StatusCode.NOT_FOUND,
                                                                     'aborted with 5')] * 2
-    assert_observed_as_sent(observed, f'/vyra.ipc.test.QuirkService/{method}', 'grpc', failures[0], 2)
+    assert_observed_as_sent(observed, STATUS + method, 'grpc', failures[0], 2)
 
 
-@pytest.mark.parametrize('method', ['Quirk', 'QuirkSync', 'QuirkStream'])
-def test_a_handler_that_sets_a_code_and_raises_is_observed_with_that_code(observed: Observed, quirk: Any,
+@pytest.mark.parametrize('method', ['Misbehave', 'MisbehaveSync', 'MisbehaveStream'])
+def test_a_handler_that_sets_a_code_and_raises_is_observed_with_that_code(observed: Observed, echo: Any,
                                                                          method: str) -> None:
     # grpc sends the code set, with the exception as details; the gRPC lane's
     # observation said UNKNOWN. (The fast lane is the subject of another change.)
-    failed = quirk_failure(observed, quirk, 'grpc', method, 'set-code-raise')
-    assert failed.code is grpc.StatusCode.NOT_FOUND and 'raised after set_code' in failed.details
-    assert_observed_as_sent(observed, f'/vyra.ipc.test.QuirkService/{method}', 'grpc', failed)
+    failed = status_failure(observed, echo, 'grpc', method, 'set-code-then-raise')
+    assert (failed.code, failed.details) == (grpc.StatusCode.NOT_FOUND,
+                                             "Unexpected <class 'ValueError'>: after set_code")
+    assert_observed_as_sent(observed, STATUS + method, 'grpc', failed)
 
 
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
-@pytest.mark.parametrize('method', ['Quirk', 'QuirkSync', 'QuirkStream'])
+@pytest.mark.parametrize('method', ['Misbehave', 'MisbehaveSync', 'MisbehaveStream'])
 def test_an_answer_that_does_not_serialize_is_observed_as_the_unknown_the_client_gets(
-        observed: Observed, quirk: Any, lane: str, method: str) -> None:
+        observed: Observed, echo: Any, lane: str, method: str) -> None:
     # The handler returns (yields) None: the client gets UNKNOWN. The gRPC
     # lane's observation ended when the handler returned, before the answer
     # failed to serialize, and said OK.
-    failed = quirk_failure(observed, quirk, lane, method, 'return-none')
+    failed = status_failure(observed, echo, lane, method, 'return-none')
     assert failed.code is grpc.StatusCode.UNKNOWN and "<class 'TypeError'>" in failed.details
-    assert_observed_as_sent(observed, f'/vyra.ipc.test.QuirkService/{method}', lane, failed)
+    assert_observed_as_sent(observed, STATUS + method, lane, failed)
 
 
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
 def test_a_stream_that_catches_its_abort_and_goes_on_is_observed_with_the_abort(
-        observed: Observed, quirk: Any, lane: str) -> None:
+        observed: Observed, echo: Any, lane: str) -> None:
     # grpc.aio closes such a stream and sends the abort's status; the gRPC
     # lane's observation took the close for a cancellation (CANCELLED).
-    failed = quirk_failure(observed, quirk, lane, 'QuirkStream', 'catch-abort')
-    assert (failed.code, failed.details) == (grpc.StatusCode.NOT_FOUND, 'aborted, then went on')
-    assert_observed_as_sent(observed, QUIRK_STREAM, lane, failed)
+    failed = status_failure(observed, echo, lane, 'MisbehaveStream', 'yield-after-abort')
+    assert (failed.code, failed.details) == (grpc.StatusCode.NOT_FOUND, 'stop')
+    assert_observed_as_sent(observed, STATUS + 'MisbehaveStream', lane, failed)
 
 
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
 def test_a_def_handler_has_is_active_cancelled_done_and_add_done_callback_on_both_lanes(
-        observed: Observed, quirk: Any, lane: str) -> None:
+        observed: Observed, echo: Any, lane: str) -> None:
     # grpc.aio's context for def handlers has none of them: calling one was
     # an AttributeError, the call UNKNOWN, on the gRPC lane only.
-    with observed.client(quirk.Stub, lane) as client:
-        reply = client.call_method('QuirkSync', quirk.pb.QuirkRequest(how='context', tag=f'{lane} ok'))
+    with observed.client(echo.grpc.StatusServiceStub, lane) as client:
+        reply = client.call_method('MisbehaveSync', echo.pb.MisbehaveRequest(how='context', tag=f'{lane} ok'))
         assert json.loads(reply.text) == {'is_active': True, 'cancelled': False, 'done': False}
         with pytest.raises(IPCTimeoutError):  # the handler works on while is_active()
-            client.call_method('QuirkSync', quirk.pb.QuirkRequest(how='wait-cancel', tag=lane), timeout=0.5)
+            client.call_method('MisbehaveSync', echo.pb.MisbehaveRequest(how='wait-cancel', tag=lane),
+                               timeout=0.5)
 
     def seen(tag: str) -> list[dict[str, Any]]:
-        return [entry for entry in observed.entries() if entry['event'] == 'quirk' and entry['tag'] == tag]
+        return [entry for entry in observed.entries() if entry['event'] == 'seen' and entry['tag'] == tag]
     wait_for(lambda: seen(f'{lane} ok') and seen(lane), 10, 'the done callback, and the handler stopping')
-    assert seen(f'{lane} ok') == [{'event': 'quirk', 'tag': f'{lane} ok', 'done_callback': True}]
-    assert seen(lane) == [{'event': 'quirk', 'tag': lane, 'is_active': False, 'cancelled': True, 'done': True}]
+    assert seen(f'{lane} ok') == [{'event': 'seen', 'tag': f'{lane} ok', 'done_callback': True}]
+    assert seen(lane) == [{'event': 'seen', 'tag': lane, 'is_active': False, 'cancelled': True, 'done': True}]
     # It answered after its deadline: observed as the client saw it, not OK.
-    assert observed.ended(QUIRK_SYNC, lane, 2)[1]['code'] == 'DEADLINE_EXCEEDED'
+    assert observed.ended(STATUS + 'MisbehaveSync', lane, 2)[1]['code'] == 'DEADLINE_EXCEEDED'
 
 
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
@@ -342,7 +331,7 @@ def test_server_info_names_the_module_process_and_services(observed: Observed, l
     assert info.socket_path == str(observed.server.socket_path)
     assert info.ttrpc_socket_path == str(observed.server.ttrpc_path)
     assert list(info.services) == ['vyra.ipc.test.EchoService', 'vyra.ipc.ModuleService',
-                                   'vyra.ipc.test.QuirkService']
+                                   'vyra.ipc.test.StatusService']
     assert info.start_time > 0
 
 

@@ -1,9 +1,12 @@
-"""StatusService: handlers that use their context as grpc.aio lets them (see echo.proto)."""
+"""StatusService: handlers that use their context as grpc.aio lets them, and
+end their calls in unusual ways (see echo.proto)."""
 
 from __future__ import annotations
 
 import collections
-from typing import Any, AsyncIterator, Iterator
+import json
+import time
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import grpc
 from vyra_ipc_test import echo_pb2, echo_pb2_grpc
@@ -36,20 +39,48 @@ def _misbehave(how: str, context: Any) -> Any:
     raise AssertionError(f'no such how: {how!r}')
 
 
+def _seen(context: Any) -> dict[str, bool]:
+    return {'is_active': context.is_active(), 'cancelled': context.cancelled(), 'done': context.done()}
+
+
 class StatusService(echo_pb2_grpc.StatusServiceServicer):
-    async def Misbehave(self, request: echo_pb2.MisbehaveRequest, context: Any) -> echo_pb2.EchoReply:
+    """The handlers; ``journal`` (if given) takes what "context" and
+    "wait-cancel" see, one dict each."""
+
+    def __init__(self, journal: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self._journal = journal
+
+    async def Misbehave(self, request: echo_pb2.MisbehaveRequest, context: Any) -> echo_pb2.EchoReply | None:
+        if request.how == 'return-none':
+            return None
         aborting = _misbehave(request.how, context)
         if aborting is not None:
             await aborting
         return echo_pb2.EchoReply()
 
-    def MisbehaveSync(self, request: echo_pb2.MisbehaveRequest, context: Any) -> echo_pb2.EchoReply:
+    def MisbehaveSync(self, request: echo_pb2.MisbehaveRequest, context: Any) -> echo_pb2.EchoReply | None:
+        if request.how == 'return-none':
+            return None
+        if request.how == 'context' and self._journal is not None:
+            journal = self._journal
+            context.add_done_callback(lambda _: journal({'event': 'seen', 'tag': request.tag,
+                                                         'done_callback': True}))
+            return echo_pb2.EchoReply(text=json.dumps(_seen(context)))
+        if request.how == 'wait-cancel' and self._journal is not None:
+            ending = time.monotonic() + 60  # (as a def handler that works on until its call ends would)
+            while context.is_active() and time.monotonic() < ending:
+                time.sleep(0.01)
+            self._journal({'event': 'seen', 'tag': request.tag, **_seen(context)})
+            return echo_pb2.EchoReply(text='too late')
         _misbehave(request.how, context)
         return echo_pb2.EchoReply()
 
     async def MisbehaveStream(self, request: echo_pb2.MisbehaveRequest,
-                              context: Any) -> AsyncIterator[echo_pb2.EchoReply]:
+                              context: Any) -> AsyncIterator[echo_pb2.EchoReply | None]:
         yield echo_pb2.EchoReply(text='first')
+        if request.how == 'return-none':
+            yield None
+            return
         if request.how == 'yield-after-abort':
             try:
                 await context.abort(grpc.StatusCode.NOT_FOUND, 'stop')
@@ -61,8 +92,11 @@ class StatusService(echo_pb2_grpc.StatusServiceServicer):
             await aborting
 
     def MisbehaveStreamSync(self, request: echo_pb2.MisbehaveRequest,
-                            context: Any) -> Iterator[echo_pb2.EchoReply]:
+                            context: Any) -> Iterator[echo_pb2.EchoReply | None]:
         yield echo_pb2.EchoReply(text='first')
+        if request.how == 'return-none':
+            yield None
+            return
         if request.how == 'yield-after-abort':
             try:
                 context.abort(grpc.StatusCode.NOT_FOUND, 'stop')
