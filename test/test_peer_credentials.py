@@ -14,6 +14,7 @@ import subprocess
 import threading
 from typing import Callable, Iterator
 
+import grpc
 import pytest
 
 from conftest import NOBODY, OTHER_UID, ServerProcess, wait_for
@@ -226,6 +227,99 @@ def test_a_call_waiting_for_its_server_never_connects_to_a_squatter_that_binds_m
     assert isinstance(outcome, UntrustedServerError), repr(outcome)
     assert f'belongs to uid {OTHER_UID}' in str(outcome)
     assert squatter.connections() == []
+
+
+@pytest.mark.parametrize('handler', [SyncIPCHandler, IPCHandler])
+def test_a_channel_never_reconnects_to_a_squatter_bound_where_its_server_was(
+        start_server, shared_dir: Path, squatter_on, echo, handler: type) -> None:
+    """The window the check before every call left: grpc reconnects by
+    itself (after a connection broke, while a call waits for the server), to
+    what is at the path by then. Here the window is made as wide as it gets:
+    after a call, the server stops (its socket file goes), another user binds
+    the path, and the channel is used as grpc's own reconnect would use it,
+    without the check. Before, that reached the squatter."""
+    server = start_server(shared_dir / 'v_ipc.sock', '--no-ttrpc')
+    ipc = handler(server.socket_path, echo.Stub, lane='grpc')
+
+    def raw_call() -> object:
+        """A call on the client's channel, past the client's check."""
+        return ipc._grpc_lane(False)._channel.unary_unary(
+            '/vyra.ipc.test.EchoService/Echo', request_serializer=echo.pb.EchoRequest.SerializeToString,
+            response_deserializer=echo.pb.EchoReply.FromString)(echo.pb.EchoRequest(text='secret'), timeout=2)
+
+    def stopped() -> None:
+        assert server.stop() == 0 and not server.socket_path.exists()
+        squatters.append(squatter_on(server.socket_path))
+
+    async def in_async() -> None:
+        try:
+            assert (await ipc.call_method('Echo', echo.pb.EchoRequest(text='hi'))).text == 'hi'
+            stopped()
+            await raw_call()  # type: ignore[misc]
+        finally:
+            await ipc.disconnect()
+
+    squatters: list[Squatter] = []
+    with pytest.raises(grpc.RpcError) as failed:
+        if handler is SyncIPCHandler:
+            try:
+                assert ipc.call_method('Echo', echo.pb.EchoRequest(text='hi')).text == 'hi'
+                stopped()
+                raw_call()
+            finally:
+                ipc.disconnect()
+        else:
+            asyncio.run(in_async())
+    assert failed.value.code() is grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    assert squatters[0].connections() == []
+
+
+@pytest.mark.parametrize('handler', [SyncIPCHandler, IPCHandler])
+def test_a_waiting_call_reaches_the_server_that_replaces_a_dead_ones_socket(
+        start_server, socket_dir: Path, echo, handler: type) -> None:
+    """A channel pinned to a socket whose server died (SIGKILL: its file
+    stays, nobody listens) follows the socket a new server puts in its
+    place: a call that waits for its server, made before the new one
+    started, reaches it (grpc, left to wait, would wait for the dead one)."""
+    path = socket_dir / 'p_ipc.sock'
+    first = start_server(path, '--no-ttrpc')
+    first_done, killed, waiting = threading.Event(), threading.Event(), threading.Event()
+
+    class Waiting(ClientInterceptor):
+        def call_started(self, call: ClientCall) -> None:
+            if first_done.is_set():
+                waiting.set()
+    ipc = handler(path, echo.Stub, lane='grpc', wait_for_ready=True, timeout=30, interceptors=[Waiting()])
+
+    def calls() -> list[str]:
+        if handler is SyncIPCHandler:
+            try:
+                texts = [ipc.call_method('Echo', echo.pb.EchoRequest(text='first')).text]
+                first_done.set()
+                assert killed.wait(30)
+                return texts + [ipc.call_method('Echo', echo.pb.EchoRequest(text='second')).text]
+            finally:
+                ipc.disconnect()
+
+        async def in_async() -> list[str]:
+            try:
+                texts = [(await ipc.call_method('Echo', echo.pb.EchoRequest(text='first'))).text]
+                first_done.set()
+                assert await asyncio.get_running_loop().run_in_executor(None, killed.wait, 30)
+                return texts + [(await ipc.call_method('Echo', echo.pb.EchoRequest(text='second'))).text]
+            finally:
+                await ipc.disconnect()
+        return asyncio.run(in_async())
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        outcome = pool.submit(calls)
+        assert first_done.wait(30)
+        first.kill()
+        assert path.exists()  # (left by the dead server)
+        killed.set()
+        assert waiting.wait(30)
+        start_server(path, '--no-ttrpc')
+        assert outcome.result(timeout=60) == ['first', 'second']
 
 
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])

@@ -41,6 +41,7 @@ from ._options import (
 )
 from ._payload import SharedMemoryOptions, usable_options
 from ._peer import trusted_server_uids
+from ._pinned_channel import PinnedChannel
 from ._pool import Disconnected, Pool
 from ._shared_buffer import SharedBuffer, check_buffers, inline_size
 from ._socket_file import is_listening
@@ -463,15 +464,16 @@ class ClientBase:
             if key is None:
                 ensure_usable_after_fork()
                 with self._keys_lock:
-                    key = self._grpc_key = self._grpc_key or self._grpc_pool.acquire((self._target,
-                                                                                      self._options))
+                    key = self._grpc_key = self._grpc_key or self._grpc_pool.acquire(
+                        (self._target, self._options, self._trusted))
             channel = self._grpc_pool.made_once(key[1], self._new_channel, os.fspath(self.socket_path))
-            lane = self._grpc[wait] = self._grpc_lane_type(channel, self.socket_path, wait, self._trusted)
+            lane = self._grpc[wait] = self._grpc_lane_type(channel, self.socket_path, wait)
         return lane
 
-    def _new_channel(self) -> Any:
+    def _new_channel(self) -> PinnedChannel:
         note_grpc_used()
-        return self._channel_factory(self._target, options=self._options)
+        return PinnedChannel.open(self._channel_factory, os.fspath(self.socket_path), self._trusted,
+                                  self._options)
 
     def _forget_connections(self) -> None:
         self._fast_key = self._fast = self._grpc_key = None

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2
 
 from ._deadline import Deadline
 from ._methods import Method, MethodKind
-from ._peer import check_server_socket
+from ._pinned_channel import PinnedChannel
 from ._request_stream import SEND_FAILED, AioRequestSender, RequestStream
 from ._shared_buffer import ReceivedBuffers, SharedBuffer, inline_request
 from ._socket_file import is_listening
@@ -138,27 +138,27 @@ class _GrpcLaneBase:
     #: The lane's name, as ``lane=`` takes it.
     lane = 'grpc'
 
-    def __init__(self, channel: Any, socket_path: Any, wait_for_ready: bool,
-                 trusted: frozenset[int]) -> None:
-        self._channel = channel
+    def __init__(self, pinned: PinnedChannel, socket_path: Any, wait_for_ready: bool) -> None:
+        self._pinned = pinned
+        self._channel = pinned.channel
+        self._pin = pinned.pin
         self.socket_path = socket_path
         self.wait_for_ready = wait_for_ready
-        self._trusted = trusted
         self._path = os.fspath(socket_path)
         self._callables: dict[str, Any] = {}
         self.is_closed = False
 
     def _callable(self, method: Method) -> Any:
         """The channel's callable for ``method``, once the socket is checked
-        to be there and a trusted server's (before every call: grpc
-        reconnects by itself, to whatever is at the path then).
+        to be there and a trusted server's, and the channel pinned to it
+        (before every call: see :mod:`vyra_base_ipc._pinned_channel`).
 
         :raises UntrustedServerError: it is not a trusted server's.
         :raises IPCUnavailableError: there is no socket file: grpc, left to
             wait, would connect to whatever appears at the path (a call that
             waits for its server waits for the file first, see :meth:`there`).
         """
-        if not check_server_socket(self._path, self._trusted):
+        if not self._pin.check():
             raise self._socket_missing(method.path)
         call = self._callables.get(method.path)
         if call is None:
@@ -171,19 +171,24 @@ class _GrpcLaneBase:
         return socket_missing(self.socket_path, method)
 
     def there(self) -> '_GrpcLaneBase':
-        """This lane, if its socket file exists (what a call that waits for
-        its server waits for, outside grpc, see :meth:`_callable`).
+        """This lane, once a trusted server listens on its socket file (what
+        a call that waits for its server waits for, outside grpc, which would
+        wait for the socket it is pinned to, see :meth:`_callable`; a
+        connected channel has one).
 
-        :raises IPCUnavailableError: it does not.
+        :raises IPCUnavailableError: it does not (:class:`UntrustedServerError`:
+            the socket file is not a trusted server's).
         """
-        if not os.path.exists(self._path):
+        if not self._pin.check():
             raise self._socket_missing()
+        if not self._pinned.is_ready() and not self._pin.listening():
+            raise nobody_listening(self.socket_path)
         return self
 
     def _translate(self, error: grpc.RpcError, method: Method, request: Any = None) -> BaseException:
         if isinstance(request, RequestStream) and request.error is not None:
             return request.error  # the caller's request stream failed: grpc only says UNKNOWN or cancelled
-        code, details = error.code(), error.details() or ''
+        code, details = error.code(), self._details(error)
         if code is grpc.StatusCode.UNAVAILABLE:
             unreachable = self._unreachable(details, method.path)
             if unreachable is not None:
@@ -205,6 +210,11 @@ class _GrpcLaneBase:
                 details = ("the server's answer carries more metadata or status details than this client "
                            f'takes (max_message_bytes and 64 KiB, as the fast lane): {details}')
         return error_from_status(code, details, method=method.path)
+
+    def _details(self, error: grpc.RpcError) -> str:
+        """``error``'s details, naming the socket file where grpc names the
+        descriptor the channel is pinned to."""
+        return re.sub(re.escape(self._pin.address) + r'(?!\d)', lambda _: self._path, error.details() or '')
 
     def _closed_under(self, error: BaseException, method: Method, request: Any = None) -> BaseException:
         """What to raise for ``error`` from a call: the exception of the
@@ -258,7 +268,7 @@ class _GrpcLaneBase:
         if code is grpc.StatusCode.UNAVAILABLE:
             if not os.path.exists(self.socket_path):
                 return self._socket_missing()
-            details = error.details() or ''
+            details = self._details(error)
             return self._unreachable(details) or IPCUnavailableError(
                 code, f'no server answers on {self._path!r}: {details}')
         return None

@@ -33,7 +33,7 @@ import grpc
 from .exceptions import UntrustedServerError
 
 __all__ = ['PeerCredentials', 'PeerRule', 'check_server_connection', 'check_server_socket', 'foreign_link',
-           'peer_credentials', 'socket_peer', 'trusted_server_uids']
+           'peer_credentials', 'socket_peer', 'trusted_server_uids', 'untrusted']
 
 _UCRED = struct.Struct('3i')
 
@@ -79,8 +79,9 @@ def trusted_server_uids(server_uid: int | None) -> frozenset[int]:
     return frozenset({server_uid})
 
 
-def _untrusted(what: str, path: str, found: int, trusted: frozenset[int],
+def untrusted(what: str, path: str, found: int, trusted: frozenset[int],
                why: str = '') -> UntrustedServerError:
+    """The error for ``what`` at ``path``, owned by uid ``found``, not one of ``trusted``."""
     expected = ' or '.join(str(uid) for uid in sorted(trusted))
     return UntrustedServerError(
         grpc.StatusCode.UNAVAILABLE,
@@ -95,7 +96,7 @@ def check_server_connection(sock: socket.socket, path: str, trusted: frozenset[i
     """
     peer = socket_peer(sock)
     if peer.uid not in trusted:
-        raise _untrusted('the process serving', path, peer.uid, trusted, f' (pid {peer.pid})')
+        raise untrusted('the process serving', path, peer.uid, trusted, f' (pid {peer.pid})')
     _check_links(path, trusted)
 
 
@@ -120,12 +121,13 @@ def _check_links(path: str, trusted: frozenset[int]) -> None:
     found = foreign_link(Path(path), trusted | {0})
     if found is not None:
         link, owner = found
-        raise _untrusted('the symbolic link', str(link), owner, trusted | {0}, f' on the way to {path!r}')
+        raise untrusted('the symbolic link', str(link), owner, trusted | {0}, f' on the way to {path!r}')
 
 
-def check_server_socket(path: str, trusted: frozenset[int]) -> bool:
+def check_server_socket(path: str, trusted: frozenset[int]) -> os.stat_result | None:
     """Refuse a gRPC-lane socket that an untrusted user owns or could have
-    replaced; whether it is there (a missing one is the caller's to refuse).
+    replaced; its status if it is there, ``None`` if not (a missing one is
+    the caller's to refuse).
 
     :raises UntrustedServerError: the socket file or its directory is owned
         by an untrusted user, or the directory is writable by others and not
@@ -136,17 +138,17 @@ def check_server_socket(path: str, trusted: frozenset[int]) -> bool:
         info = os.stat(path)
         directory = os.stat(Path(path).parent)
     except OSError:
-        return False
+        return None
     if info.st_uid not in trusted:
-        raise _untrusted('the socket file', path, info.st_uid, trusted)
+        raise untrusted('the socket file', path, info.st_uid, trusted)
     if directory.st_uid not in trusted | {0}:
-        raise _untrusted('the directory of socket', path, directory.st_uid, trusted | {0})
+        raise untrusted('the directory of socket', path, directory.st_uid, trusted | {0})
     if directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not directory.st_mode & stat.S_ISVTX:
         raise UntrustedServerError(
             grpc.StatusCode.UNAVAILABLE,
             f'the directory of socket {path!r} (mode {stat.S_IMODE(directory.st_mode):04o}) lets '
             'other users replace the socket: not trusted; nothing was sent')
-    return True
+    return info
 
 
 @dataclass(frozen=True)

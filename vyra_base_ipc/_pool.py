@@ -22,6 +22,7 @@ from typing import Any, Callable, Generic, Hashable, TypeVar
 
 import grpc
 
+from ._pinned_channel import PinnedChannel
 from .exceptions import IPCUnavailableError
 
 __all__ = ['Disconnected', 'Entry', 'Pool', 'aio_pool', 'aio_ttrpc_pool', 'release_aio', 'release_elsewhere',
@@ -171,9 +172,9 @@ def _disconnected(target: str) -> Disconnected:
 
 
 #: grpc.aio channels, per event loop.
-aio_pool: Pool[Any] = Pool(asyncio.get_running_loop, asyncio.Lock)
+aio_pool: Pool[PinnedChannel] = Pool(asyncio.get_running_loop, asyncio.Lock)
 #: Blocking grpc channels, per process.
-sync_pool: Pool[Any] = Pool(os.getpid, threading.Lock)
+sync_pool: Pool[PinnedChannel] = Pool(os.getpid, threading.Lock)
 #: Fast-lane AsyncConnections, per event loop.
 aio_ttrpc_pool: Pool[Any] = Pool(asyncio.get_running_loop, asyncio.Lock, operator.methodcaller('abort'))
 #: Fast-lane SyncConnections, per process.
@@ -190,7 +191,7 @@ async def release_aio(fast_key: Any, grpc_key: Any) -> None:
     if grpc_key is not None:
         channel = aio_pool.release(grpc_key[0])
         if channel is not None:
-            await channel.close()
+            await channel.aclose()
 
 
 def release_elsewhere(fast_key: Any, grpc_key: Any, loop: asyncio.AbstractEventLoop) -> None:
@@ -207,7 +208,7 @@ def release_elsewhere(fast_key: Any, grpc_key: Any, loop: asyncio.AbstractEventL
                 loop.call_soon_threadsafe(connection.abort)
                 connection = None
             if channel is not None:
-                asyncio.run_coroutine_threadsafe(channel.close(), loop)
+                asyncio.run_coroutine_threadsafe(channel.aclose(), loop)
         except RuntimeError:  # it closed meanwhile
             pass
     if connection is not None:

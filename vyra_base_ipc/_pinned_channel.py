@@ -1,0 +1,146 @@
+"""A gRPC channel that connects only to the socket file its client checked.
+
+grpc connects by path, and again by path whenever a connection broke or a
+call waits for the server (``wait_for_ready``, its reconnect backoff): to
+whatever is at the path by then. The client checks the socket file before
+every call (:func:`~vyra_base_ipc._peer.check_server_socket`), but in a
+directory all may write, like ``/tmp``, another user could bind a socket at
+the path between that check and grpc's connect, once the trusted server
+removed its own (a restart).
+
+So the channel's target is ``unix:/proc/self/fd/N`` instead, ``N`` an
+``O_PATH`` descriptor of the socket file the check found trusted: the kernel
+resolves it to that inode, so grpc reaches the server that bound it or
+nobody (a socket another user bound at the path since is another inode).
+When a trusted server's socket takes the path's place (a restart), the
+check before the next call points ``N`` at the new inode (``dup2``: one
+atomic step for grpc's threads, which may be connecting through ``N`` at
+that moment). A call that waits for its server waits here, outside grpc,
+until the path's socket listens (see :meth:`PinnedSocket.listening`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+import threading
+from typing import Any, Callable, Sequence
+import weakref
+
+import grpc
+
+from ._peer import check_server_socket, untrusted
+from ._socket_file import is_listening
+
+__all__ = ['PinnedChannel', 'PinnedSocket']
+
+# Where the descriptors can be named. Without /proc (a rare container), the
+# channel connects by path, and the window above stays open.
+_FD_DIR = '/proc/self/fd'
+
+
+class PinnedSocket:
+    """The socket file at ``path`` as a descriptor pinned to a checked inode.
+
+    Until :meth:`check` found a trusted socket file it is pinned to ``/``,
+    which no connect reaches. Thread-safe; :meth:`close` is idempotent and
+    runs at the latest when the channel it was made for is collected.
+
+    :param path: the socket file.
+    :param trusted: the uids whose socket files are trusted.
+    """
+
+    def __init__(self, path: str, trusted: frozenset[int]) -> None:
+        self.path = path
+        self._trusted = trusted
+        self._lock = threading.Lock()
+        self._pinned: tuple[int, int] | None = None
+        self._fd: int | None = os.open('/', os.O_PATH | os.O_CLOEXEC) if os.path.isdir(_FD_DIR) else None
+        #: What grpc connects to: the descriptor's name, or the path itself.
+        self.address = path if self._fd is None else f'{_FD_DIR}/{self._fd}'
+
+    def check(self) -> bool:
+        """Check the socket file (as :func:`check_server_socket` does) and
+        pin the descriptor to it if it is not already; whether it is there.
+
+        :raises UntrustedServerError: it, its directory or a link on the way
+            to it is not a trusted user's.
+        """
+        found = check_server_socket(self.path, self._trusted)
+        if found is None or self._fd is None or (found.st_dev, found.st_ino) == self._pinned:
+            return found is not None
+        try:
+            fd = os.open(self.path, os.O_PATH | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False  # (removed since)
+        try:
+            # The inode the descriptor holds is checked, not the path again:
+            # another socket may have taken the path since the stat above.
+            opened = os.fstat(fd)
+            if opened.st_uid not in self._trusted:
+                raise untrusted('the socket file', self.path, opened.st_uid, self._trusted)
+            with self._lock:
+                if self._fd is not None:
+                    os.dup2(fd, self._fd)
+                    self._pinned = (opened.st_dev, opened.st_ino)
+        finally:
+            os.close(fd)
+        return True
+
+    def listening(self) -> bool:
+        """Whether a server listens on the pinned socket (a socket file left
+        by a server that died never listens again: a call that waits for
+        its server then waits for the next one's file, see :meth:`check`)."""
+        return is_listening(Path(self.address))
+
+    def close(self) -> None:
+        """Let go of the descriptor (its number may then name anything: only
+        after the channel using it is closed or unreachable)."""
+        with self._lock:
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+@dataclasses.dataclass(frozen=True)
+class PinnedChannel:
+    """A gRPC channel (``grpc`` or ``grpc.aio``) and the socket it is pinned to."""
+
+    channel: Any
+    pin: PinnedSocket
+
+    @classmethod
+    def open(cls, factory: Callable[..., Any], path: str, trusted: frozenset[int],
+             options: Sequence[tuple[str, Any]]) -> PinnedChannel:
+        """A channel made by ``factory`` (``grpc.insecure_channel`` or its
+        ``grpc.aio`` twin), pinned to ``path``'s socket file as checked for ``trusted``."""
+        pin = PinnedSocket(path, trusted)
+        # Channels to one address share grpc's connections (its global
+        # subchannel pool): a descriptor number used again by another pin
+        # must not find this channel's connection.
+        channel = factory(f'unix:{pin.address}', options=[*options, ('grpc.use_local_subchannel_pool', 1)])
+        weakref.finalize(channel, pin.close)  # (a channel left to the garbage collector, see _pool)
+        return cls(channel, pin)
+
+    def is_ready(self) -> bool:
+        """Whether the channel is connected (READY): to a live server, so a
+        call that waits for its server need not check that one listens."""
+        get_state = getattr(self.channel, 'get_state', None)  # (grpc.aio)
+        if get_state is not None:
+            return bool(get_state(False) is grpc.ChannelConnectivity.READY)
+        # A blocking channel tells only subscribe()'s thread, which polls the
+        # core's state (a number, the enum's first value); not there (another
+        # grpc): not known to be ready.
+        check = getattr(getattr(self.channel, '_channel', None), 'check_connectivity_state', None)
+        return check is not None and check(False) == grpc.ChannelConnectivity.READY.value[0]
+
+    def close(self) -> None:
+        """Close a blocking channel, then its descriptor."""
+        self.channel.close()
+        self.pin.close()
+
+    async def aclose(self) -> None:
+        """Close a grpc.aio channel, then its descriptor."""
+        await self.channel.close()
+        self.pin.close()
