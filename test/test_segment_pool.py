@@ -26,6 +26,7 @@ from conftest import LONG, ServerProcess, StartServer, until, wait_for
 from ttrpc_peer import REQUEST, RESPONSE, SHARED, Peer, PeerServer, frame_bytes, response_envelope
 from vyra_base_ipc import (
     IPCHandler,
+    IPCRemoteError,
     SharedBuffer,
     SharedMemoryOptions,
     SyncIPCHandler,
@@ -178,6 +179,41 @@ def test_every_lend_comes_back_and_a_closed_connection_leaves_no_segment_in_use(
     # The server got back the answers' segments: it holds none in use either.
     wait_for(lambda: (lambda pool: pool.bytes == pool.free_bytes)(server_pool(pool_server)), 10,
              'the server to hold no segment in use')
+
+
+def test_a_message_or_buffer_refused_over_a_limit_gives_its_lend_back_on_both_ends(
+        echo: Any, start_server: StartServer, socket_dir: Path, own_pool: SegmentPool) -> None:
+    # A lend refused before anything mapped it has no view whose end gives it
+    # back: the sender's segment stayed lent (out of its pool) for as long as
+    # the connection lived, one more per refused call, up to a quarter of the pool.
+    server = start_server(socket_dir / 'l.sock', '--shared-memory-threshold', str(THRESHOLD),
+                          '--max-message-bytes', str(2 * MiB), '--shared-memory-max-bytes', str(MiB))
+    methods = stub_methods(echo.Stub)
+    # Requests the server refuses: a message over its max_message_bytes, a buffer over its max_bytes.
+    with SyncConnection.connect(server.ttrpc_path, shared_memory=OPTIONS, max_message_bytes=64 * MiB) as big:
+        for _ in range(3):
+            with pytest.raises(IPCRemoteError, match='larger than max'):
+                big.call(methods['Echo'], echo.pb.EchoRequest(payload=bytes(3 * MiB)), timeout=LONG)
+        with SharedBuffer.allocate(2 * MiB) as buffer:
+            with pytest.raises(IPCRemoteError, match='more than the limit'):
+                big.call(methods['Inspect'], echo.pb.InspectRequest(data=buffer.ref), buffers=[buffer],
+                         timeout=LONG)
+        settle_lends(big, echo)
+        assert own_pool.total_bytes == own_pool.free_bytes
+    # Answers this client refuses: a streamed message over its max_message_bytes, a buffer over its max_bytes.
+    small = SharedMemoryOptions(threshold=THRESHOLD, max_bytes=128 * KiB)
+    with SyncConnection.connect(server.ttrpc_path, shared_memory=small, max_message_bytes=MiB) as client:
+        with pytest.raises(IPCRemoteError, match='larger than max'):
+            list(client.stream(stub_methods(echo.grpc.WatchServiceStub)['Watch'],
+                               echo.pb.WatchRequest(count=1, size=3 * MiB // 2), timeout=LONG))
+        with SharedBuffer.copy_from(bytes(256 * KiB)) as buffer:
+            with pytest.raises(IPCRemoteError, match='more than the limit'):
+                client.call(methods['Mirror'], echo.pb.MirrorRequest(data=buffer.ref, copy=True),
+                            buffers=[buffer], timeout=LONG, return_buffers=True)
+        # (Given back with the next request: the blocking client sends RELEASE frames with its calls.)
+        settle_lends(client, echo)
+        wait_for(lambda: (lambda pool: pool.bytes == pool.free_bytes)(server_pool(server)), 10,
+                 'the server to hold no segment lent to the connected client')
 
 
 # == what a receiver can do with a lent segment ==================================================

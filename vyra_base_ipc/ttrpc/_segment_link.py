@@ -366,6 +366,13 @@ class SegmentLink:
         lent._release = self._return
         return memoryview(lent).cast('B')[:length].toreadonly()
 
+    def decline(self, lend_ids: Iterable[int]) -> None:
+        """Give back lends of the peer that this end refused without mapping
+        them (a message or buffer over a limit, or failing the checks): they
+        leave with the next RELEASE frame, as a view's last reference would."""
+        for lend_id in lend_ids:
+            self._return(lend_id)
+
     def _lent_back(self, key: tuple[int, int], length: int, what: str) -> Segment | None:
         """This end's segment of that inode if the peer holds a lend of it
         (a buffer coming back: read it through this end's own mapping), with

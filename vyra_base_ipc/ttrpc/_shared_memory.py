@@ -221,6 +221,7 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
     count = position + len(entries)
     fds = take_fds(count) if count else []
     made = 0  # buffers made: fds[position:position + made] are theirs now
+    viewed = 0  # lends (the message's first) whose views now hold them: given back when those go
     try:
         if len(entries) > MAX_BUFFERS_PER_MESSAGE:  # (their descriptors are closed below)
             raise SharedMemoryError(f'{what}: {len(entries)} shared buffers; at most '
@@ -232,6 +233,7 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
                                     f'{message_limit})')
             payload = _map(fds[0], payload_size, manifest.payload_lend, manifest.payload_segment, link,
                            what, True)
+            viewed = 1
         else:
             payload = manifest.payload
         if not entries:
@@ -247,7 +249,17 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
             view = _map(fd, size, lend, entry.segment, link, name, False)
             buffers[handle] = SharedBuffer(fd, size, handle, view=view, managed=True, lent=bool(lend))
             made += 1
+            viewed += 1
         return payload, ReceivedBuffers(buffers)
+    except (TooLargeError, SharedMemoryError):
+        if link is not None:
+            # Refused before a view held them: give back the lends of the
+            # message and buffers not mapped, else the sender's segments stay
+            # lent (and out of its pool) for as long as the connection lives.
+            lends = ([manifest.payload_lend] if payload_size else []) + [
+                entry.lend for entry in entries[:MAX_BUFFERS_PER_MESSAGE]]
+            link.decline(lend for lend in lends[viewed:] if lend)
+        raise
     finally:
         # The message's descriptor, and those of the buffers not made (something failed).
         unclaimed = fds[:position] + fds[position + made:]
