@@ -611,6 +611,26 @@ def test_a_buffer_that_is_not_c_contiguous_is_refused_naming_its_layout(layout: 
         assert buffer.size == data.nbytes
 
 
+def test_numpy_sizes_and_empty_arrays_of_any_shape_make_buffers() -> None:
+    # A robot's arrays: a size from numpy.prod() is a numpy.int64, and a
+    # point cloud with no points is an empty 2-D array; both were refused
+    # (TypeError 'not int64'; memoryview.cast()'s 'zeros in shape').
+    shape = (480, 640, 3)
+    with SharedBuffer.allocate(numpy.prod(shape)) as frame:
+        assert frame.size == 480 * 640 * 3 and type(frame.size) is int
+        assert numpy.frombuffer(frame.view(), numpy.uint8).reshape(shape).shape == shape
+    for cloud in (numpy.zeros((0, 3), numpy.float32), numpy.zeros((4, 0))):
+        with SharedBuffer.copy_from(cloud) as buffer:
+            assert buffer.size == 0 and buffer.read() == b''
+    points = numpy.arange(12, dtype=numpy.float32).reshape(4, 3)
+    with SharedBuffer.copy_from(points) as buffer:
+        assert buffer.read() == points.tobytes()
+    for size, error in ((numpy.float64(3), TypeError), (3.0, TypeError), (True, TypeError),
+                        (numpy.int32(-1), ValueError)):
+        with pytest.raises(error, match='size must be'):
+            SharedBuffer.allocate(size)
+
+
 @pytest.mark.parametrize('kind', CLIENT_KINDS)
 def test_every_client_passes_shared_buffers_without_a_copy(
         kind: str, echo: Any, shm_server: ServerProcess) -> None:

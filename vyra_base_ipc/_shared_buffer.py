@@ -18,7 +18,9 @@ returns a view of those: the same handler code works on both lanes.
 
 from __future__ import annotations
 
+import operator
 import os
+import pickle
 import random
 from typing import TYPE_CHECKING, Any, Callable, ItemsView, Iterator, KeysView, Mapping, Sequence, ValuesView
 import warnings
@@ -113,12 +115,13 @@ class SharedBuffer:
         a NumPy array straight into it, send it: no copy on the way. Its
         bytes are not zeroed (a reused segment holds what it held before).
 
-        :raises TypeError, ValueError: ``size`` is not a non-negative int.
+        :raises TypeError, ValueError: ``size`` is not a non-negative int (a NumPy integer will do).
         :raises SharedMemoryError: shared memory is unavailable here (or
             pooled segments are: Linux before 5.1).
         """
-        if isinstance(size, bool) or not isinstance(size, int):
+        if isinstance(size, bool) or not hasattr(type(size), '__index__'):
             raise TypeError(f'size must be an int, not {type(size).__name__}')
+        size = operator.index(size)  # (numpy.prod(image.shape) is a numpy.int64)
         if size < 0:
             raise ValueError(f'size must be >= 0, not {size}')
         reason = shared_memory_unavailable() or pool_unavailable()
@@ -153,6 +156,7 @@ class SharedBuffer:
             layout = 'a Fortran-ordered' if view.f_contiguous else 'a strided'
             raise ValueError(f'SharedBuffer.copy_from() needs a C-contiguous buffer, not {layout} one '
                              '(for NumPy: numpy.ascontiguousarray())')
+        view = pickle.PickleBuffer(view).raw()  # its bytes, whatever its shape (cast() refuses an empty 2-D)
         reason = shared_memory_unavailable()
         if reason is not None:
             raise SharedMemoryError(f'shared memory is not available: {reason}')
