@@ -747,6 +747,27 @@ def test_a_full_pool_never_waits_and_never_grows_past_its_bound() -> None:
     pool.close()
 
 
+def test_a_segment_that_can_never_fit_leaves_the_free_segments_in_the_pool() -> None:
+    # A robot with a small pool and an occasional message above it: each one
+    # dropped every free segment first, only to find no room all the same.
+    pool = SegmentPool(max_bytes=4 * MiB, max_free_bytes=4 * MiB, max_segments=3)
+    held = [pool.acquire(MiB) for _ in range(3)]
+    for segment in held[:2]:
+        assert segment is not None
+        segment.unuse()
+    assert pool.free_bytes == 2 * size_class(MiB) and pool.segments == 3
+    assert pool.acquire(8 * MiB) is None  # above max_bytes, whatever is free
+    assert pool.acquire(3 * MiB + MiB // 2) is None  # within max_bytes, but not beside the one in use
+    assert pool.free_bytes == 2 * size_class(MiB) and pool.stats['dropped'] == 0
+    assert pool.stats['exhausted'] == 2
+    reused = pool.acquire(MiB)  # the free ones are still there to be reused
+    assert reused is not None and pool.stats['reused'] == 1
+    for segment in (reused, held[2]):
+        assert segment is not None
+        segment.unuse()
+    pool.close()
+
+
 def test_a_pool_holds_no_more_segments_than_its_bound_however_small_they_are() -> None:
     # Each segment holds two descriptors: a bound in bytes alone let small
     # segments take a process past its open-file limit.

@@ -357,9 +357,12 @@ class SegmentPool:
                 self.stats['reused'] += 1
             else:
                 segment = None
-                while (self._bytes + capacity > self.max_bytes or self._segments >= self.max_segments) \
-                        and self._free_bytes:
-                    dropped.append(self._take_oldest())
+                # Free segments make room only if enough can: one that never
+                # fits beside those in use must not empty the pool for nothing.
+                in_use = self._segments - sum(map(len, self._free.values()))
+                if self._bytes - self._free_bytes + capacity <= self.max_bytes and in_use < self.max_segments:
+                    while self._bytes + capacity > self.max_bytes or self._segments >= self.max_segments:
+                        dropped.append(self._take_oldest())
                 if self._closed or self._bytes + capacity > self.max_bytes or \
                         self._segments >= self.max_segments:
                     self.stats['exhausted'] += 1
