@@ -775,9 +775,14 @@ def test_bad_buffers_are_refused_before_anything_is_sent(kind: str, echo: Any, s
     closed = SharedBuffer.copy_from(b'gone')
     closed.close()
     with SharedBuffer.copy_from(b'data') as buffer:
-        cases: list[tuple[str, Any, list[Any], type[Exception], str]] = [
+        cases: list[tuple[str, Any, Any, type[Exception], str]] = [
             ('Inspect', echo.pb.InspectRequest(data=closed.ref), [closed], ValueError, 'closed'),
             ('Inspect', echo.pb.InspectRequest(), [b'data'], TypeError, 'SharedBuffer'),
+            # One buffer not in a list, and a generator: "object of type 'SharedBuffer' has no len()".
+            ('Inspect', echo.pb.InspectRequest(data=buffer.ref), buffer, TypeError,
+             'buffers must be a list of SharedBuffers, not SharedBuffer'),
+            ('Inspect', echo.pb.InspectRequest(data=buffer.ref), (item for item in [buffer]), TypeError,
+             'buffers must be a list of SharedBuffers, not generator'),
             ('Collect', iter([echo.pb.EchoRequest()]), [buffer], TypeError, 'streams its requests'),
         ]
         kind, _, lane = kind.partition('-')

@@ -441,12 +441,14 @@ def check_buffers(path: str, request_streaming: bool, buffers: Sequence[SharedBu
     """Check the buffers of a message of method ``path``.
 
     :raises TypeError: the method streams (buffers travel only with single
-        messages), or an item is not a :class:`SharedBuffer`.
+        messages), ``buffers`` is no list, or an item is not a :class:`SharedBuffer`.
     :raises ValueError: a buffer is closed, or more than
         :data:`~vyra_base_ipc._payload.MAX_BUFFERS_PER_MESSAGE` of them.
     """
     if request_streaming:
         raise TypeError(f'{path} streams its requests: buffers= needs a unary request')
+    if not hasattr(buffers, '__len__'):  # one SharedBuffer (not in a list), a generator
+        raise TypeError(f'{path}: buffers must be a list of SharedBuffers, not {type(buffers).__name__}')
     if len(buffers) > MAX_BUFFERS_PER_MESSAGE:
         raise ValueError(f'{path}: {len(buffers)} buffers in one call; at most '
                          f'{MAX_BUFFERS_PER_MESSAGE} (put more data into fewer SharedBuffers)')
@@ -542,7 +544,6 @@ def _prefixed(old_size: int, grows: int) -> int:
 
 #: The tag of SharedBufferRef.inline_data (length-delimited).
 _INLINE_TAG = _varint_bytes(SharedBufferRef.DESCRIPTOR.fields_by_name['inline_data'].number << 3 | 2)
-
 
 #: SharedBufferRef's full name (types are told apart by it: a message may
 #: come from another descriptor pool).
