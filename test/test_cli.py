@@ -464,6 +464,33 @@ def test_stats_shows_the_calls_just_made(fresh: ServerProcess) -> None:
     assert {line.split()[0] for line in lines[1:4]} == {'LANE', 'grpc', 'ttrpc'} and fits(text), text
 
 
+# -- output to a reader that left, interrupts -----------------------------------------
+
+
+def to_a_closed_pipe(*args: str) -> subprocess.CompletedProcess[str]:
+    """``cli(...)`` with its stdout a pipe whose reader has gone (``| head -1``
+    once head has left), buffered as Python buffers a pipe by default."""
+    env = {key: value for key, value in os.environ.items() if key != 'PYTHONUNBUFFERED'}
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        return subprocess.run([sys.executable, '-m', 'vyra_base_ipc', *args], stdout=writer, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, env=env, text=True, timeout=60)
+    finally:
+        os.close(writer)
+
+
+@pytest.mark.parametrize('verb', [('describe',), ('call', EXECUTE, PING), ('health',), ('ping', '-c', '3'),
+                                  ('stats',), ('call', 'vyra.ipc.test.EchoService/Count', 'count: 3')])
+def test_a_reader_that_left_gets_no_traceback(demo: ServerProcess, verb: tuple[str, ...]) -> None:
+    # Written at exit, the buffered output met the closed pipe where no handler
+    # saw it: "Exception ignored ... BrokenPipeError" and exit status 120.
+    result = to_a_closed_pipe(verb[0], str(demo.socket_path), *verb[1:])
+    assert (result.returncode, result.stderr) == (1, ''), result
+    listed = to_a_closed_pipe('list', str(demo.socket_path.parent))
+    assert (listed.returncode, listed.stderr) == (1, ''), listed
+
+
 # -- ros2 ipc -------------------------------------------------------------------------
 
 

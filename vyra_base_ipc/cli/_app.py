@@ -41,7 +41,12 @@ def run(verb: Verb, args: argparse.Namespace, prog: str, out: TextIO | None = No
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     try:
-        return verb.run(args, out)
+        status = verb.run(args, out)
+        # What is still buffered (stdout to a pipe) is written here, not at
+        # exit, where a reader that left would give a BrokenPipeError no
+        # handler sees: "Exception ignored ..." and exit status 120.
+        out.flush()
+        return status
     except UsageError as error:
         print(f'{prog}: error: {_one_line(str(error))}', file=err)
         return EXIT_USAGE
