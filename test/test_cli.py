@@ -263,6 +263,26 @@ def test_a_bad_request_is_named_and_exits_2(demo: ServerProcess, request_text: s
     assert line.startswith('vyra-ipc: error: ') and message in line, line
 
 
+def test_a_request_that_is_not_utf8_or_has_no_stdin_names_where_it_came_from(demo: ServerProcess,
+                                                                           tmp_path: Path) -> None:
+    path, latin1 = str(demo.socket_path), 'command: p\xe9ng\n'.encode('latin-1')
+    request = tmp_path / 'latin1.yaml'
+    request.write_bytes(latin1)
+    assert fails(2, 'call', path, EXECUTE, f'@{request}') == \
+        f'vyra-ipc: error: the request from {request} is not UTF-8 text: byte 0xe9 at offset 10'
+    piped = subprocess.run([sys.executable, '-m', 'vyra_base_ipc', 'call', path, EXECUTE, '-'], input=latin1,
+                           capture_output=True, timeout=60)
+    assert (piped.returncode, piped.stderr.decode()) == \
+        (2, 'vyra-ipc: error: the request from stdin is not UTF-8 text: byte 0xe9 at offset 10\n')
+    # Started with its stdin closed, '-' has nothing to read (it was an AttributeError's traceback).
+    closed = subprocess.run(['sh', '-c', 'exec "$0" "$@" <&-', sys.executable, '-m', 'vyra_base_ipc', 'call', path,
+                             EXECUTE, '-'], capture_output=True, text=True, timeout=60)
+    assert (closed.returncode, closed.stderr) == \
+        (2, "vyra-ipc: error: '-' reads the request from stdin, but there is no stdin (it is closed)\n")
+    assert fails(2, 'call', path, EXECUTE, '@') == \
+        'vyra-ipc: error: @FILE reads the request from a file: give its name after the @'
+
+
 def test_unknown_methods_bad_options_and_failed_calls_say_so(demo: ServerProcess, tmp_path: Path) -> None:
     path = str(demo.socket_path)
     assert fails(2, 'call', path, 'vyra.ipc.ModuleService/Execute', '{}').endswith(

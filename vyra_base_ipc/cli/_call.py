@@ -32,18 +32,31 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _request_text(argument: str) -> str:
-    """The request as given: inline, ``-`` (stdin) or ``@FILE``.
+    """The request as given: inline, ``-`` (stdin) or ``@FILE``, as text.
 
-    :raises UsageError: the file cannot be read, naming it and why.
+    :raises UsageError: the file cannot be read, there is no stdin (closed),
+        or the bytes are not UTF-8 text; naming where the request came from.
     """
     if argument == '-':
-        return sys.stdin.read()
-    if argument.startswith('@'):
+        if sys.stdin is None:  # (started with its stdin closed)
+            raise UsageError("'-' reads the request from stdin, but there is no stdin (it is closed)")
+        data, source = sys.stdin.buffer.read(), 'stdin'
+    elif argument.startswith('@'):
+        name = argument[1:]
+        if not name:
+            raise UsageError('@FILE reads the request from a file: give its name after the @')
         try:
-            return Path(argument[1:]).read_text()
+            data, source = Path(name).read_bytes(), name
         except OSError as error:
-            raise UsageError(f'cannot read the request from {argument[1:]}: {error.strerror}') from None
-    return argument
+            raise UsageError(f'cannot read the request from {name}: {error.strerror}') from None
+    else:
+        # Bytes of the command line that are not UTF-8 came as lone surrogates.
+        data, source = argument.encode('utf-8', 'surrogateescape'), 'the command line'
+    try:
+        return data.decode()
+    except UnicodeDecodeError as error:
+        raise UsageError(f'the request from {source} is not UTF-8 text: byte {data[error.start]:#04x} '
+                         f'at offset {error.start}') from None
 
 
 def _run(args: argparse.Namespace, out: TextIO) -> int:
