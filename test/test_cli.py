@@ -304,6 +304,20 @@ def test_unknown_methods_bad_options_and_failed_calls_say_so(demo: ServerProcess
         cli('ping', path, '--timeout', '1e10').stderr
 
 
+def test_a_service_without_its_method_or_a_method_without_its_service_says_what_to_give(
+        demo: ServerProcess) -> None:
+    # Both were "the server has no service 'vyra.ipc'" (or ''): the name split at its last dot.
+    path = str(demo.socket_path)
+    assert fails(2, 'call', path, 'vyra.ipc.ModuleService', PING) == (
+        'vyra-ipc: error: vyra.ipc.ModuleService is a service; give SERVICE/METHOD, one of: '
+        'vyra.ipc.ModuleService/Initialize, vyra.ipc.ModuleService/ExecuteCommand, vyra.ipc.ModuleService/GetData')
+    assert fails(2, 'call', path, 'ExecuteCommand', PING) == \
+        "vyra-ipc: error: 'ExecuteCommand' names no service; give SERVICE/METHOD: " + EXECUTE
+    assert fails(2, 'call', path, 'Nope', PING).startswith(
+        "vyra-ipc: error: 'Nope' names no service; give SERVICE/METHOD; the server has: grpc.health.v1.Health, ")
+    assert json.loads(ok('call', path, EXECUTE.replace('/', '.'), PING))['result'] == 'pong'
+
+
 def test_a_missing_or_stale_server_is_named(socket_dir: Path) -> None:
     missing = socket_dir / 'gone_ipc.sock'
     assert fails(1, 'call', str(missing), EXECUTE, PING) == \

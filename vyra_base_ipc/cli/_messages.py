@@ -60,9 +60,20 @@ class Reflection:
     def method(self, path: str) -> MethodDescriptor:
         """The method ``Service/Method`` (or ``Service.Method``, with or without a leading ``/``).
 
-        :raises LookupError: no such service or method, saying which ones there are.
+        :raises LookupError: no such service or method, saying which ones there are;
+            a service without a method, or a method without its service, saying
+            what to give instead.
         """
-        service_name, _, method_name = path.strip('/').replace('/', '.').rpartition('.')
+        name = path.strip('/')
+        if name in self.services():
+            raise LookupError(f'{name} is a service; give SERVICE/METHOD, one of: '
+                              f'{", ".join(f"{name}/{m.name}" for m in self.service(name).methods)}')
+        service_name, _, method_name = name.replace('/', '.').rpartition('.')
+        if not service_name:
+            owners = [f'{owner}/{method_name}' for owner in self.services()
+                      if method_name in self.service(owner).methods_by_name]
+            raise LookupError(f'{path!r} names no service; give SERVICE/METHOD' + (
+                f': {" or ".join(owners)}' if owners else f'; the server has: {", ".join(self.services())}'))
         service = self.service(service_name)
         method = service.methods_by_name.get(method_name)
         if method is None:
