@@ -246,9 +246,15 @@ def test_call_sends_the_metadata_given_on_either_lane(start_server: StartServer,
     for lane in ('grpc', 'ttrpc'):
         answer = json.loads(ok('call', str(server.socket_path), 'vyra.ipc.test.EchoService/Echo',
                                '{"text": "metadata"}', '--metadata', 'X-Trace=abc', '-m', 'tenant=a=b',
-                               '--lane', lane))
+                               '-m', 'token-bin=aGVsbG8=', '-m', 'raw-bin=_-8', '--lane', lane))
         received = json.loads(answer['text'])
         assert ['x-trace', 'abc'] in received and ['tenant', 'a=b'] in received, (lane, received)
+        # A -bin value is base64 (either alphabet, padding optional), as grpcurl takes it; the
+        # server saw the bytes (in hex here), not the text given.
+        assert ['token-bin', b'hello'.hex()] in received and ['raw-bin', 'ffef'] in received, (lane, received)
+    assert fails(2, 'call', str(server.socket_path), 'vyra.ipc.test.EchoService/Echo', '{}', '-m', 'k-bin=no!') == \
+        """vyra-ipc: error: --metadata: the value of 'k-bin' (a key ending in "-bin" carries bytes) must be """ \
+        "base64, not 'no!'"
 
 
 @pytest.mark.parametrize('request_text, message', [

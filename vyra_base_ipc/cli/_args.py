@@ -9,6 +9,8 @@ non-OK status, no server, NOT_SERVING), 2 the command itself is wrong
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 from dataclasses import dataclass
 from typing import Callable, Sequence, TextIO
 
@@ -102,21 +104,38 @@ def message_bytes(text: str) -> int:
             f'must be a number of bytes from 1 to 2147483647, not {text!r}') from None
 
 
-def parse_metadata(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
+def parse_metadata(items: Sequence[str]) -> tuple[tuple[str, str | bytes], ...]:
     """``--metadata key=value`` items as call metadata (keys lower-cased, as
-    gRPC requires).
+    gRPC requires). The value of a key ending in ``-bin`` is base64 (standard
+    or URL-safe alphabet, padded or not), as grpcurl takes it: binary
+    metadata is bytes, which a command line cannot carry as they are.
 
-    :raises UsageError: an item without ``=``, or a key or value gRPC does
-        not allow (:func:`~vyra_base_ipc.ttrpc._messages.checked_metadata`).
+    :raises UsageError: an item without ``=``, a ``-bin`` value that is not
+        base64, or a key or value gRPC does not allow
+        (:func:`~vyra_base_ipc.ttrpc._messages.checked_metadata`).
     """
-    pairs = []
+    pairs: list[tuple[str, str | bytes]] = []
     for item in items:
         key, separator, value = item.partition('=')
-        if not separator or not key.strip():
+        key = key.strip().lower()
+        if not separator or not key:
             raise UsageError(f'--metadata takes KEY=VALUE, not {item!r}')
-        pairs.append((key.strip().lower(), value))
+        pairs.append((key, _base64(key, value) if key.endswith('-bin') else value))
     try:
         checked_metadata(pairs)
     except ValueError as error:
         raise UsageError(f'--metadata: {error}') from None
     return tuple(pairs)
+
+
+def _base64(key: str, value: str) -> bytes:
+    """The bytes of a ``-bin`` key's base64 ``value``.
+
+    :raises UsageError: ``value`` is not base64, naming the key.
+    """
+    text = value.strip().replace('-', '+').replace('_', '/')  # (the URL-safe alphabet)
+    try:
+        return base64.b64decode(text + '=' * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise UsageError(f'--metadata: the value of {key!r} (a key ending in "-bin" carries bytes) must be '
+                         f'base64, not {value!r}') from None

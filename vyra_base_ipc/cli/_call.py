@@ -24,7 +24,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSON or YAML (default {}); '-' reads it from stdin, @FILE from a file; "
                              'a list of requests for methods that stream them')
     parser.add_argument('--metadata', '-m', action='append', default=[], metavar='KEY=VALUE',
-                        help='call metadata (repeatable)')
+                        help='call metadata (repeatable); a key ending in -bin takes its value in base64')
     parser.add_argument('--max-message-bytes', type=message_bytes, default=DEFAULT_MAX_MESSAGE_BYTES,
                         metavar='N', help='largest message sent or accepted (default 16 MiB, as servers '
                                           "have it; a server's max_message_bytes parameter may allow more)")
