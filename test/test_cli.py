@@ -504,6 +504,21 @@ def test_stats_shows_the_calls_just_made(fresh: ServerProcess) -> None:
     assert {line.split()[0] for line in lines[1:4]} == {'LANE', 'grpc', 'ttrpc'} and fits(text), text
 
 
+# -- help -----------------------------------------------------------------------------
+
+
+def test_every_help_fits_80_columns_and_explains_only_what_its_verb_takes() -> None:
+    from vyra_base_ipc.cli import VERBS
+
+    env = {**os.environ, 'COLUMNS': '80'}
+    for verb in ('', *VERBS):
+        text = ok(*filter(None, [verb, '--help']), env=env)
+        assert fits(text), text  # the verbs' descriptions were given raw, up to 128 columns
+        assert ('TARGET' in text) is (verb != 'list'), text  # list takes DIRs, not a TARGET
+        assert 'Exit status: 0 done, 1 the call or the server failed, 2 the command is wrong.' in \
+            ' '.join(text.split()), text
+
+
 # -- output to a reader that left, interrupts -----------------------------------------
 
 

@@ -26,10 +26,10 @@ def build_parser(prog: str = 'vyra-ipc') -> argparse.ArgumentParser:
         epilog=TARGET_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(title='commands', metavar='COMMAND')
     for verb in VERBS.values():
-        sub = verbs.add_parser(verb.name, help=verb.summary, description=verb.summary, epilog=TARGET_HELP,
+        sub = verbs.add_parser(verb.name, help=verb.summary,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.set_defaults(verb=verb)
-        verb.add_arguments(sub)
+        verb.describe(sub)
     return parser
 
 

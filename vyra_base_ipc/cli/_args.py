@@ -12,16 +12,25 @@ import argparse
 import base64
 import binascii
 from dataclasses import dataclass
+import textwrap
 from typing import Callable, Sequence, TextIO
 
 from .._options import DEFAULT_TIMEOUT, MAX_SECONDS, validate_max_message_bytes
 from ..ttrpc._messages import checked_metadata
 
-__all__ = ['EXIT_FAILED', 'EXIT_OK', 'EXIT_USAGE', 'TARGET_HELP', 'UsageError', 'Verb', 'add_json',
-           'add_lane', 'add_target', 'add_timeout', 'parse_metadata', 'positive_seconds', 'seconds']
+__all__ = ['EXIT_FAILED', 'EXIT_HELP', 'EXIT_OK', 'EXIT_USAGE', 'HELP_WIDTH', 'TARGET_HELP', 'UsageError',
+           'Verb', 'add_json', 'add_lane', 'add_target', 'add_timeout', 'parse_metadata', 'positive_seconds',
+           'seconds']
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
+#: Columns of help text: argparse's (80 less 2), which a description given
+#: raw (RawDescriptionHelpFormatter, for the epilog's lines) must keep to itself.
+HELP_WIDTH = 78
+
+#: The end of ``--help`` of a verb without TARGET, and of ``vyra-ipc``'s own.
+EXIT_HELP = 'Exit status: 0 done, 1 the call or the server failed, 2 the command is wrong.'
+#: The end of ``--help`` of a verb with TARGET.
 TARGET_HELP = """TARGET is a module name (its socket as the clients resolve it: VYRA_IPC_SOCKET,
 else /tmp/<module>_ipc.sock) or a socket path. Exit status: 0 done, 1 the call
 or the server failed, 2 the command is wrong."""
@@ -38,6 +47,15 @@ class Verb:
     add_arguments: Callable[[argparse.ArgumentParser], None]
     #: Runs the verb, writing its output to the stream; returns the exit status.
     run: Callable[[argparse.Namespace, TextIO], int]
+    #: The end of its ``--help``: what TARGET is (for the verbs that take one) and the exit status.
+    epilog: str = TARGET_HELP
+
+    def describe(self, parser: argparse.ArgumentParser) -> None:
+        """Give the verb's (sub)parser its description (the summary, wrapped to
+        80 columns as argparse wraps the rest), its epilog and its arguments."""
+        parser.description = textwrap.fill(self.summary, HELP_WIDTH)
+        parser.epilog = self.epilog
+        self.add_arguments(parser)
 
 
 class UsageError(Exception):

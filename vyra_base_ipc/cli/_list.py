@@ -9,7 +9,7 @@ from pathlib import Path
 import textwrap
 from typing import Iterator, TextIO
 
-from ._args import EXIT_OK, Verb, add_json
+from ._args import EXIT_HELP, EXIT_OK, Verb, add_json
 from ._discovery import DEFAULT_DIRECTORY, PROBE_TIMEOUT, ServerEntry, discover
 from ._output import WIDTH, table, wrapped
 
@@ -57,4 +57,4 @@ def lines(entries: list[ServerEntry]) -> Iterator[str]:
 
 
 VERB = Verb('list', f'the IPC servers whose sockets are in DIR (default {DEFAULT_DIRECTORY}), probed '
-                    f'within {PROBE_TIMEOUT:g} s', _add_arguments, _run)
+                    f'within {PROBE_TIMEOUT:g} s', _add_arguments, _run, EXIT_HELP)

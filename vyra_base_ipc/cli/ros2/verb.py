@@ -10,7 +10,6 @@ from typing import Any
 from ros2cli.verb import VerbExtension as _Ros2VerbExtension
 
 from .._app import VERBS, run
-from .._args import TARGET_HELP
 
 
 class VerbExtension(_Ros2VerbExtension):
@@ -21,10 +20,9 @@ class VerbExtension(_Ros2VerbExtension):
     VERB = ''
 
     def add_arguments(self, parser: argparse.ArgumentParser, cli_name: str) -> None:
-        """The arguments of the ``vyra-ipc`` verb."""
+        """The arguments, description and epilog of the ``vyra-ipc`` verb."""
         self._prog = cli_name
-        parser.epilog = TARGET_HELP
-        VERBS[self.VERB].add_arguments(parser)
+        VERBS[self.VERB].describe(parser)
 
     def main(self, *, args: Any) -> int:
         """Run the verb; errors become one line on stderr and the exit status."""
