@@ -239,6 +239,19 @@ def test_call_streams_one_document_per_message_and_reads_stdin_and_files(demo: S
     assert [document['text'] for document in chat] == ['X', 'Y']
 
 
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_a_stream_past_its_timeout_says_how_to_go_without_one(demo: ServerProcess, lane: str) -> None:
+    result = cli('call', str(demo.socket_path), 'vyra.ipc.test.WatchService/Watch', 'interval: 0.2',
+                 '--timeout', '1', '--lane', lane)
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result
+    # It named the client's API (stream_method(..., timeout=None)), not the option of this command.
+    assert result.stderr.startswith('vyra-ipc: DEADLINE_EXCEEDED: the stream from ') and result.stderr.endswith(
+        "did not end within the call's timeout of 1 s (Deadline Exceeded; --timeout 0: a stream without one)\n"), \
+        result.stderr
+    events = documents(result.stdout)  # those that came before, as they came
+    assert [event['index'] for event in events] == list(range(len(events)))
+
+
 def test_call_sends_the_metadata_given_on_either_lane(start_server: StartServer, socket_dir: Path) -> None:
     # The probing server answers Echo('metadata') with the metadata it received.
     server = start_server(socket_dir / 'probe_ipc.sock', str(socket_dir / 'other.sock'),

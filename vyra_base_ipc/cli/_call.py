@@ -10,11 +10,18 @@ import sys
 from typing import TextIO
 
 from .._options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT
+from ..exceptions import IPCTimeoutError
 from ._args import EXIT_OK, UsageError, Verb, add_lane, add_target, message_bytes, parse_metadata
 from ._messages import parse_request, stub_class, to_json
 from ._targets import client, reflection, resolve_target
 
 __all__ = ['VERB']
+
+
+#: How the client's DEADLINE_EXCEEDED of a stream says how to do without a deadline
+#: (vyra_base_ipc._deadline.Deadline.explain), and how this command says it.
+_API_HINT = 'stream_method(..., timeout=None): a stream without one'
+_CLI_HINT = '--timeout 0: a stream without one'
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,9 +88,14 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
                          f'{method.name} answers once')
     with client(path, stub, args.lane, timeout, args.max_message_bytes) as handler:
         if method.server_streaming:
-            for response in handler.stream_method(method.name, request, timeout=args.timeout or None,
-                                                  metadata=metadata):
-                print(to_json(response), file=out, flush=True)
+            try:
+                for response in handler.stream_method(method.name, request, timeout=args.timeout or None,
+                                                      metadata=metadata):
+                    print(to_json(response), file=out, flush=True)
+            except IPCTimeoutError as error:
+                # The client's hint names its API; here the knob is --timeout.
+                raise IPCTimeoutError(error.code, error.details.replace(_API_HINT, _CLI_HINT),
+                                      method=error.method) from None
         else:
             print(to_json(handler.call_method(method.name, request, metadata=metadata)), file=out)
     return EXIT_OK
