@@ -276,10 +276,18 @@ def test_call_sends_the_metadata_given_on_either_lane(start_server: StartServer,
     ('{"comand": "ping"}', 'has no field named "comand"'),
     ('{"command": 5}', 'the request is not a vyra.ipc.CommandRequest: Failed to parse command field'),
     ('[1, 2]', 'the request must be an object of vyra.ipc.CommandRequest fields, not [1, 2]'),
+    # A key given twice: json and PyYAML kept the last one, and the call went out with it.
+    ('{"command": "ping", "command": "stop"}', "the request gives the key 'command' twice"),
+    ('command: ping\nparameters: {a: b, a: c}', "the request gives the key 'a' (line 2, column 20) twice"),
 ])
 def test_a_bad_request_is_named_and_exits_2(demo: ServerProcess, request_text: str, message: str) -> None:
     line = fails(2, 'call', str(demo.socket_path), EXECUTE, request_text)
     assert line.startswith('vyra-ipc: error: ') and message in line, line
+
+
+def test_a_yaml_merge_key_may_be_overridden(demo: ServerProcess) -> None:
+    answer = ok('call', str(demo.socket_path), EXECUTE, '<<: {command: stop}\ncommand: ping')
+    assert json.loads(answer)['result'] == 'pong'
 
 
 def test_a_request_that_is_not_utf8_or_has_no_stdin_names_where_it_came_from(demo: ServerProcess,

@@ -4,7 +4,7 @@ generated-stub look-alike for the clients, and JSON (or YAML) both ways."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Hashable
 
 from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor import Descriptor, MethodDescriptor, ServiceDescriptor
@@ -140,17 +140,53 @@ def parse_request(text: str, method: MethodDescriptor) -> Message | list[Message
 
 
 def _load(text: str) -> Any:
+    """The value of JSON or YAML ``text``; a key given twice in one object is
+    refused (json and PyYAML would keep the last, silently; protobuf's own
+    JSON parser refuses it too)."""
     if not text.strip():
         return {}
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as error:
+        raise ValueError(f'the request gives {error} twice') from None
     except ValueError as json_error:
         try:
-            return yaml.safe_load(text)
+            return yaml.load(text, Loader=_UniqueKeyLoader)
+        except _DuplicateKey as error:
+            raise ValueError(f'the request gives {error} twice') from None
         except yaml.YAMLError as yaml_error:
             if text.lstrip().startswith(('{', '[', '"')):
                 raise ValueError(f'the request is not valid JSON: {json_error}') from None
             raise ValueError(f'the request is neither JSON nor YAML: {_yaml_problem(yaml_error)}') from None
+
+
+class _DuplicateKey(Exception):
+    """A key given twice in one object of the request (its text: the key, and where in YAML)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise _DuplicateKey(f'the key {key!r}')
+    return dict(pairs)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == 'tag:yaml.org,2002:merge':
+                continue  # '<<': keys merged in are overridden by design
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, Hashable):  # (PyYAML itself refuses the others)
+                if key in seen:
+                    mark = key_node.start_mark
+                    raise _DuplicateKey(f'the key {key!r} (line {mark.line + 1}, column {mark.column + 1})')
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
