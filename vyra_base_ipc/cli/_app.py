@@ -61,7 +61,10 @@ def run(verb: Verb, args: argparse.Namespace, prog: str, out: TextIO | None = No
         print(f'{prog}: error: {_one_line(str(error))}', file=err)
         return EXIT_USAGE
     except OSError as error:
-        print(f'{prog}: {_one_line(str(error))}', file=err)
+        # Its words without the '[Errno N] ' that str() puts before them.
+        text = (str(error) if error.strerror is None else error.strerror if error.filename is None
+                else f'{error.filename}: {error.strerror}')
+        print(f'{prog}: {_one_line(text)}', file=err)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
