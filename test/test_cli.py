@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 import pty
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +30,7 @@ import grpc
 from grpc_reflection.v1alpha import reflection_pb2
 import pytest
 
-from conftest import ServerProcess, StartServer, make_stale_socket
+from conftest import ServerProcess, StartServer, make_stale_socket, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 EXECUTE = 'vyra.ipc.ModuleService/ExecuteCommand'
@@ -566,6 +567,30 @@ def test_a_reader_that_left_gets_no_traceback(demo: ServerProcess, verb: tuple[s
     assert (result.returncode, result.stderr) == (1, ''), result
     listed = to_a_closed_pipe('list', str(demo.socket_path.parent))
     assert (listed.returncode, listed.stderr) == (1, ''), listed
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+@pytest.mark.parametrize('method, timeout', [('Watch', '0'), ('Hold', '60')])
+def test_ctrl_c_during_a_stream_or_a_waiting_call_exits_130_without_a_traceback(
+        demo: ServerProcess, lane: str, method: str, timeout: str) -> None:
+    path, tag = str(demo.socket_path), f'interrupted-{method}-{lane}'
+    # Watch streams one event per 0.2 s without end; Hold answers never.
+    process = subprocess.Popen([sys.executable, '-m', 'vyra_base_ipc', 'call', path,
+                                f'vyra.ipc.test.WatchService/{method}', f'{{tag: {tag}, interval: 0.2}}'
+                                if method == 'Watch' else f'tag: {tag}', '--timeout', timeout, '--lane', lane],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        report = f'tag: {tag}'
+        wait_for(lambda: json.loads(ok('call', path, 'vyra.ipc.test.WatchService/Report', report))['started'],
+                 30, f'the server to run {method}')
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert (process.returncode, err) == (130, ''), (out, err)
+    assert ok('health', path).startswith('server: SERVING')
 
 
 # -- ros2 ipc -------------------------------------------------------------------------
