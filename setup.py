@@ -28,7 +28,8 @@ setup(
     name=package_name,
     version='0.1.0',
     packages=find_namespace_packages(
-        include=['vyra_base_ipc', 'vyra_base_ipc.*', 'vyra_base', 'vyra_base.*', 'vyra_base_ipc_build']),
+        include=['vyra_base_ipc', 'vyra_base_ipc.*', 'vyra_base', 'vyra_base.*', 'vyra_base_ipc_build',
+                 'vyra_base_ipc_server']),
     package_data={package_name: ['py.typed']},
     data_files=[
         ('share/ament_index/resource_index/packages', [f'resource/{package_name}']),
@@ -65,7 +66,7 @@ setup(
     cmdclass=proto_cmdclass('protos', ship_vyra_protos=True),
     entry_points={
         'console_scripts': [
-            'ipc_server = vyra_base_ipc.node:main',
+            'ipc_server = vyra_base_ipc_server:main',
             'vyra-ipc = vyra_base_ipc.cli:main',
             'demo_module_node = vyra_base_ipc.demo.module_node:main',
             'demo_backend = vyra_base_ipc.demo.backend:main',

@@ -94,11 +94,11 @@ def ipc_server_command() -> list[str]:
         from ament_index_python.packages import get_package_prefix
         prefix = Path(get_package_prefix('vyra_base_ipc')).resolve()
     except (ImportError, LookupError, OSError):
-        return python_command('vyra_base_ipc.node')
+        return python_command('vyra_base_ipc_server')
     script = prefix / 'lib' / 'vyra_base_ipc' / 'ipc_server'
     if script.is_file() and Path(vyra_base_ipc.__file__).resolve().is_relative_to(prefix):
         return [str(script)]
-    return python_command('vyra_base_ipc.node')
+    return python_command('vyra_base_ipc_server')
 
 
 IPC_SERVER = ipc_server_command()

@@ -237,7 +237,7 @@ def test_config_matches_any_node_name_and_namespace(config: Path) -> None:
 
 
 def test_the_ipc_server_script_runs_the_node_module() -> None:
-    assert console_scripts()['ipc_server'] == 'vyra_base_ipc.node:main'
+    assert console_scripts()['ipc_server'] == 'vyra_base_ipc_server:main'
 
 
 # -- launch_testing, where launch_ros exists ----------------------------------------

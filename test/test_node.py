@@ -221,6 +221,55 @@ def test_signals_while_it_exits_never_kill_it(start_process, socket_dir: Path) -
     assert not socket_path.exists()
 
 
+#: Run before the ipc_server entry point: the first ``import grpc`` (this package's
+#: first heavy import) writes the file $IMPORT_MARK and waits for $IMPORT_RELEASE.
+_HOLD_IMPORT = """
+import os, sys, time
+class Hold:
+    def find_spec(self, name, path=None, target=None):
+        if name == 'grpc':
+            sys.meta_path.remove(self)
+            open(os.environ['IMPORT_MARK'], 'w').close()
+            while not os.path.exists(os.environ['IMPORT_RELEASE']):
+                time.sleep(0.01)
+sys.meta_path.insert(0, Hold())
+"""
+
+
+def signal_pending(pid: int, signum: int) -> bool:
+    """Whether ``signum`` sent to process ``pid`` waits to be delivered (no
+    thread has run its handler yet)."""
+    fields = dict(line.split(':', 1) for line in Path(f'/proc/{pid}/status').read_text().splitlines())
+    return bool(int(fields['ShdPnd'], 16) & 1 << (signum - 1))
+
+
+@pytest.mark.parametrize('stop_signal', [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=['SIGINT', 'SIGTERM', 'SIGHUP'])
+def test_a_signal_while_it_still_imports_ends_it_quietly_with_0(
+        start_process, ros_environ: dict[str, str], tmp_path: Path, socket_dir: Path,
+        stop_signal: signal.Signals) -> None:
+    # Found: SIGINT there printed a KeyboardInterrupt traceback, SIGTERM and
+    # SIGHUP killed it; once it serves, each ends it with 0.
+    mark, release = tmp_path / 'importing', tmp_path / 'release'
+    env = {**ros_environ, 'IMPORT_MARK': str(mark), 'IMPORT_RELEASE': str(release)}
+    entry = IPC_SERVER[-1] if IPC_SERVER[:2] == [sys.executable, '-c'] else \
+        'import sys; from vyra_base_ipc_server import main; sys.exit(main())'
+    socket_path = socket_dir / 'early.sock'
+    server = start_process([sys.executable, '-c', _HOLD_IMPORT + entry, '--ros-args',
+                            '-p', 'module_name:=early', '-p', f'socket_path:={socket_path}'], env)
+    wait_for(lambda: mark.exists() or not server.running(), 30, 'the import of grpc')
+    assert server.running(), server.log()
+    server.signal(stop_signal)
+    # Delivered (its handler ran) before the import goes on: no race with the rest.
+    wait_for(lambda: not server.running() or not signal_pending(server.pid, stop_signal), 30,
+             'the signal to be delivered')
+    release.touch()
+    assert server.wait(timeout=30) == 0, server.log()
+    assert 'Traceback' not in server.log(), server.log()
+    assert f'{stop_signal.name} received while starting: exiting' in server.log()
+    assert ' serving ' not in server.log() and not socket_path.exists()
+
+
 @pytest.mark.asyncio
 async def test_call_shorter_than_grace_completes_during_shutdown(slow_call, echo) -> None:
     async with slow_call(10.0, 'Sleep', echo.pb.SleepRequest(seconds=1.0)) as (server, call):

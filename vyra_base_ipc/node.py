@@ -41,6 +41,8 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 
+from vyra_base_ipc_server import STOP_SIGNALS
+
 from ._allocator import keep_freed_memory
 from ._diagnostics import IPCDiagnostics
 from ._handler_threads import busy_handler_threads
@@ -415,7 +417,7 @@ def spin_until_shutdown(executor: Executor, *, poll: float = _SPIN_POLL,
         executor.spin_once(timeout_sec=poll)
 
 
-def main(args: Sequence[str] | None = None) -> int:
+def main(args: Sequence[str] | None = None, *, received: list[str] | None = None) -> int:
     """Run ``ipc_server`` until SIGINT, SIGTERM, SIGHUP or ROS shutdown.
 
     Then stops the server within the grace period, removes its socket and
@@ -427,12 +429,21 @@ def main(args: Sequence[str] | None = None) -> int:
 
     A process's entry point: it installs SIGINT/SIGTERM/SIGHUP handlers for
     the rest of the process's life, instead of rclpy's.
+
+    :param received: the list into which the caller's own handlers noted the
+        stop signals that came before this ran (the ``ipc_server`` entry
+        point, :mod:`vyra_base_ipc_server`, takes them while this package
+        imports); with any in it, returns 0 at once. It goes on filling up.
     """
     # Like rcutils' console format, with wall-clock time for the shutdown steps.
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format='[%(levelname)s] [%(created).6f] [%(name)s]: %(message)s')
-    stop_signals = _StopSignals()
+    stop_signals = _StopSignals([] if received is None else received)
     stop_signals.install()
+    if stop_signals.received:
+        _logger.info('%s received while starting: exiting', ', '.join(stop_signals.received))
+        stop_signals.ignore()
+        return 0
     # A process of its own: its open-file limit fits what peers may make the
     # server hold (the soft limit is often 1,024), as far as the hard one allows.
     before = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -501,10 +512,12 @@ class _StopSignals:
     arrive; these stay in place until :meth:`ignore`.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    SIGNALS = STOP_SIGNALS
 
-    def __init__(self) -> None:
-        self.received: list[str] = []
+    def __init__(self, received: list[str]) -> None:
+        #: Names of the signals noted, oldest first (the list given, shared
+        #: with the handlers this one replaces).
+        self.received = received
 
     def install(self) -> None:
         for signum in self.SIGNALS:

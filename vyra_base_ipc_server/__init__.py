@@ -1,0 +1,49 @@
+"""The ``ipc_server`` executable's entry point (console script
+``ipc_server = vyra_base_ipc_server:main``).
+
+It is a package of its own, importing nothing of :mod:`vyra_base_ipc`,
+so that it runs before that package's imports (gRPC, rclpy: most of a
+second): from its first line on SIGINT, SIGTERM and SIGHUP are noted instead
+of raising ``KeyboardInterrupt`` (a traceback) or killing the process, and
+one that arrives while the rest still imports ends ``ipc_server`` quietly
+with status 0, as it does once the server runs. Only the interpreter's own
+start-up, before this runs, is left to Python's default handlers.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Sequence
+
+__all__ = ['STOP_SIGNALS', 'main']
+
+#: The signals that stop ``ipc_server``.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """Take the stop signals, import :mod:`vyra_base_ipc.node` and run its
+    :func:`~vyra_base_ipc.node.main`, which exits at once with 0 if one came
+    while importing."""
+    received: list[str] = []
+
+    def note(signum: int, frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, note)
+    from vyra_base_ipc import node
+
+    return node.main(args, received=received)
+
+
+
+def __getattr__(name: str) -> object:
+    """The node's parameter table (``DECLARED_PARAMETERS``, ``PARAMETERS`` of
+    :mod:`vyra_base_ipc.node`), for tools that look for it in the module a
+    console script names; imported only when asked for."""
+    if name in ('DECLARED_PARAMETERS', 'PARAMETERS'):
+        from vyra_base_ipc import node
+
+        return getattr(node, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
