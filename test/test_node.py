@@ -316,8 +316,8 @@ BAD_PARAMETERS = {
         lambda d: 'grace_period:=-1.0', 'grace_period', 'finite number of seconds >= 0'),
     'grace period beyond every clock': (
         lambda d: 'grace_period:=1e10', 'grace_period', 'and at most 1e+09, not 10000000000.0'),
-    'integer grace period': (
-        lambda d: 'grace_period:=2', 'grace_period', 'must be of type DOUBLE'),
+    'grace period not a number': (
+        lambda d: 'grace_period:=soon', 'grace_period', 'must be of type DOUBLE'),
     'zero max message bytes': (
         lambda d: 'max_message_bytes:=0', 'max_message_bytes', 'between 1 and'),
     'fast lane switch not a bool': (
@@ -483,6 +483,53 @@ def test_every_parameter_has_a_value_for_ros2_param_dump(context: Context, spin,
         caller.destroy_node()
     server.signal(signal.SIGTERM)
     assert server.wait(timeout=30) == 0, server.log()
+
+
+def test_the_double_parameters_take_integers_and_stay_doubles(context: Context, spin, start_process,
+                                                              socket_dir: Path) -> None:
+    """Found: rclpy refuses an integer for a DOUBLE parameter, so
+    ``-p grace_period:=2`` stopped ipc_server (exit 2) and ``ros2 param set
+    /ipc_server grace_period 3`` was refused. Asked through a real parameter
+    client, as ``ros2 param`` asks."""
+    from rcl_interfaces.msg import ParameterType
+    from rclpy.parameter_client import AsyncParameterClient
+
+    name = f'ipc_{uuid.uuid4().hex[:8]}'
+    socket_path = socket_dir / 'ints.sock'
+    server = start_process(ros_args('module_name:=ints', f'socket_path:={socket_path}', 'grace_period:=2',
+                                    'diagnostics_period:=1', extra=('-r', f'__node:={name}')))
+    server.wait_listening(socket_path)
+    caller = Node('caller', context=context)
+    try:
+        spinner = spin(caller)
+        client = AsyncParameterClient(caller, f'/{name}')
+        assert client.wait_for_services(timeout_sec=20), f'/{name} parameter services did not appear'
+
+        def answer(future: Any) -> Any:
+            wait_for(future.done, 20, 'an answer')
+            return future.result()
+
+        values = answer(client.get_parameters(['grace_period', 'diagnostics_period'])).values
+        assert [(v.type, v.double_value) for v in values] == [(ParameterType.PARAMETER_DOUBLE, 2.0),
+                                                              (ParameterType.PARAMETER_DOUBLE, 1.0)]
+        results = answer(client.set_parameters([Parameter('grace_period', value=3),
+                                                Parameter('grace_period', value=-1),
+                                                Parameter('diagnostics_period', value=5)])).results
+        assert results[0].successful, results[0].reason
+        assert not results[1].successful and 'grace_period must be a finite number of seconds >= 0' \
+            in results[1].reason and 'not -1.0' in results[1].reason
+        assert not results[2].successful and 'read-only' in results[2].reason
+        (value,) = answer(client.get_parameters(['grace_period'])).values
+        assert (value.type, value.double_value) == (ParameterType.PARAMETER_DOUBLE, 3.0)
+        descriptors = answer(client.describe_parameters(['grace_period', 'diagnostics_period'])).descriptors
+        assert [d.type for d in descriptors] == [ParameterType.PARAMETER_DOUBLE] * 2
+        assert not any(d.dynamic_typing for d in descriptors)
+        spinner.stop()
+    finally:
+        caller.destroy_node()
+    server.signal(signal.SIGTERM)
+    assert server.wait(timeout=30) == 0, server.log()
+    assert f'stopping IPC server on {socket_path} (grace 3 s)' in server.log(), server.log()
 
 
 def test_malformed_ros_argument_fails_with_quoting_hint(start_process) -> None:

@@ -177,15 +177,28 @@ def declare_ipc_parameters(node: Node, *, module_name: str = '',
     ``environ`` (default: ``os.environ``), then the ``module_name`` argument
     (a default in code), then ``''`` (:func:`read_ipc_config` then refuses it).
 
+    A DOUBLE parameter takes an integer too, as a number of seconds written
+    ``2`` rather than ``2.0``: an override (``-p grace_period:=2``) and a later
+    set (``ros2 param set /ipc_server grace_period 2``) are made the double
+    ``2.0`` before rclpy checks the type, which rclpy would refuse. The
+    parameter stays a DOUBLE for ``ros2 param describe`` and ``get``.
+
     :raises ParameterError: an override has the wrong type; the remaining
         parameters are still declared.
     """
     defaults = {'module_name': _module_name_from_environment(environ) or module_name}
     first_error: ParameterError | None = None
+    doubles: set[str] = set()
     for spec in PARAMETERS:
         if node.has_parameter(spec.name):
             continue
         default = defaults.get(spec.name, spec.default)
+        if spec.type is Parameter.Type.DOUBLE:
+            doubles.add(spec.name)
+            given = _integer_override(node, spec.name)
+            if given is not None:
+                node.declare_parameter(spec.name, float(given), spec.descriptor(), ignore_override=True)
+                continue
         try:
             node.declare_parameter(spec.name, default, spec.descriptor())
         except InvalidParameterTypeException as error:
@@ -193,8 +206,31 @@ def declare_ipc_parameters(node: Node, *, module_name: str = '',
                 first_error = ParameterError(spec.name, _type_reason(spec, error))
             # Declare it with its default so that the node is complete anyway.
             node.declare_parameter(spec.name, default, spec.descriptor(), ignore_override=True)
+    if doubles:
+        node.add_pre_set_parameters_callback(lambda parameters: _integers_as_doubles(parameters, doubles))
     if first_error is not None:
         raise first_error
+
+
+def _integer_override(node: Node, name: str) -> int | None:
+    """The integer ``node`` was given for parameter ``name`` (``-p``, a
+    parameter file, a launch file), else ``None``."""
+    # rclpy applies overrides only inside declare_parameter() and has no public
+    # accessor for them; without this attribute an integer is refused as before.
+    overrides = getattr(node, '_parameter_overrides', None)
+    given = overrides.get(name) if isinstance(overrides, dict) else None
+    if isinstance(given, Parameter) and given.type_ is Parameter.Type.INTEGER:
+        value = given.value
+        return value if isinstance(value, int) else None
+    return None
+
+
+def _integers_as_doubles(parameters: list[Parameter[Any]], doubles: set[str]) -> list[Parameter[Any]]:
+    """``parameters`` with each INTEGER value for one of ``doubles`` made that
+    number as a DOUBLE (an rclpy pre-set callback, run before the type check)."""
+    return [Parameter(parameter.name, Parameter.Type.DOUBLE, float(parameter.value))
+            if parameter.name in doubles and parameter.type_ is Parameter.Type.INTEGER else parameter
+            for parameter in parameters]
 
 
 def _type_reason(spec: ParameterSpec, error: InvalidParameterTypeException) -> str:
@@ -202,7 +238,6 @@ def _type_reason(spec: ParameterSpec, error: InvalidParameterTypeException) -> s
     detail = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
     detail = detail.removesuffix(f': {spec.name}')
     hint = {
-        Parameter.Type.DOUBLE: ' (write 2.0, not 2)',
         Parameter.Type.STRING_ARRAY: " (write ['package.module:ClassName'])",
     }.get(spec.type, '')
     return f'must be of type {spec.type.name}{hint}; {detail}'
