@@ -4,6 +4,7 @@ a real module node that hosts its server, read by a real subscriber."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 import signal
 import sys
@@ -20,7 +21,7 @@ from ros_env import IPC_SERVER
 from vyra_base_ipc import IPCRemoteError, SyncIPCHandler
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc import module_service_pb2_grpc as module_grpc
-from vyra_base_ipc.node import IPCServerHost
+from vyra_base_ipc.node import EXIT_SERVER_FAILED, IPCServerHost
 
 pytestmark = [pytest.mark.ros]
 
@@ -133,6 +134,28 @@ def test_ipc_server_says_error_on_diagnostics_as_a_signal_stops_it(
     wait_for(lambda: monitor.found('ipc_server: IPC server', lambda s: s.level == DiagnosticStatus.ERROR, since),
              10, 'the last status: ERROR')
     assert monitor.found('ipc_server: IPC server', lambda s: True, since)[-1].message == 'not serving'
+
+
+def test_ipc_server_whose_event_loop_ended_says_error_not_ok(
+        start_process: Callable[..., ChildProcess], monitor: Monitor, socket_dir: Path,
+        ros_environ: dict[str, str], test_protos_dir: Path) -> None:
+    """Found: a server whose loop ended still counted as serving: the status
+    published as ipc_server exited was OK "serving"."""
+    socket_path = socket_dir / 'arm_ipc.sock'
+    env = {**ros_environ, 'PYTHONPATH': os.pathsep.join(
+        filter(None, [str(test_protos_dir), str(SERVERS), ros_environ.get('PYTHONPATH')]))}
+    server = start_process([*IPC_SERVER, '--ros-args', '-p', 'module_name:=arm', '-p', f'socket_path:={socket_path}',
+                            '-p', 'diagnostics_period:=0.2', '-p', "servicers:=['exiting_server:LoopEnder']"], env)
+    server.wait_listening(socket_path)
+    monitor.wait('ipc_server: IPC server', 'OK', lambda s: s.level == DiagnosticStatus.OK)
+    with SyncIPCHandler(socket_path, module_grpc.ModuleServiceStub, timeout=10) as client:
+        client.call_method('ExecuteCommand', module_pb.CommandRequest(command='end_loop'))
+    since = monitor.mark()
+    assert server.wait(timeout=30) == EXIT_SERVER_FAILED, server.log()
+    wait_for(lambda: monitor.found('ipc_server: IPC server', lambda s: s.level == DiagnosticStatus.ERROR, since),
+             10, 'the last status: ERROR')
+    last = monitor.found('ipc_server: IPC server', lambda s: True, since)[-1]
+    assert last.level == DiagnosticStatus.ERROR and last.message == 'event loop ended: SystemExit(4)', last
 
 
 def test_a_hosting_node_reports_error_when_its_server_stops_serving(

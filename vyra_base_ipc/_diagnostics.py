@@ -5,7 +5,8 @@ One ``diagnostic_msgs/DiagnosticStatus`` per server, named like
 diagnostic_updater's (``<node>: IPC server``), published every
 ``diagnostics_period`` seconds from the node's executor:
 
-- ERROR while the server is not serving (not started, stopping, stopped);
+- ERROR while the server is not serving (not started, stopping, stopped,
+  or its event loop ended under it: message ``event loop ended: ...``);
   one last ERROR is published when the host stops it.
 - WARN when, in the last period, more than :data:`ERROR_RATE_WARN` of the
   calls ended with an error, or every handler thread was busy, or a lane
@@ -53,12 +54,15 @@ class IPCDiagnostics:
     :param node: the node that publishes (its executor runs the timer).
     :param server: the server now, or ``None``.
     :param hardware_id: the status's ``hardware_id`` (the module name).
+    :param failure: what ended the server's event loop, if anything did (the
+        server then no longer serves, whatever its own state says).
     """
 
     def __init__(self, node: Node, server: Callable[[], 'IPCServer | None'], period: float,
-                 hardware_id: str) -> None:
+                 hardware_id: str, failure: Callable[[], BaseException | None] = lambda: None) -> None:
         self._node = node
         self._server = server
+        self._failure = failure
         self._period = period
         self._hardware_id = hardware_id
         self.name = f'{node.get_name()}: IPC server'
@@ -95,9 +99,10 @@ class IPCDiagnostics:
         """The server's status now, compared with the last one published."""
         server = self._server()
         status = DiagnosticStatus(name=self.name, hardware_id=self._hardware_id)
-        if server is None or not server.is_serving:
+        failure = self._failure()
+        if server is None or not server.is_serving or failure is not None:
             status.level = DiagnosticStatus.ERROR
-            status.message = 'not serving'
+            status.message = 'not serving' if failure is None else f'event loop ended: {failure!r}'
             if server is not None:
                 status.values = [KeyValue(key='socket_path', value=str(server.socket_path))]
             return status

@@ -231,8 +231,9 @@ class IPCServerHost:
             try:
                 if config.diagnostics_period > 0:
                     try:
-                        self.diagnostics = IPCDiagnostics(self.node, lambda: self.server,
-                                                          config.diagnostics_period, config.module_name)
+                        self.diagnostics = IPCDiagnostics(
+                            self.node, lambda: self.server, config.diagnostics_period, config.module_name,
+                            failure=lambda: self.loop_thread.failure)
                     except (_RCLError, _InvalidHandle):
                         if self.node.context.ok():
                             raise
