@@ -667,6 +667,36 @@ def test_a_grace_period_change_that_the_hosting_node_refuses_changes_nothing(con
         node.destroy_node()
 
 
+@pytest.mark.parametrize('switch, parameter, value, reason', [
+    ('ttrpc_enabled', 'ttrpc_socket_path', '/tmp/' + 'y' * 120 + '.sock', 'at most 107 bytes'),
+    ('shared_memory_enabled', 'shared_memory_threshold', -1, 'must be >= 0'),
+], ids=['fast lane path', 'shared memory threshold'])
+def test_a_bad_value_is_refused_while_its_feature_is_off(context: Context, switch: str, parameter: str,
+                                                         value: Any, reason: str) -> None:
+    # Found: accepted while off, refused only once someone switched it on.
+    node = IPCServerNode(context=context, parameter_overrides=[
+        Parameter('module_name', value='off'), Parameter(switch, value=False), Parameter(parameter, value=value)])
+    try:
+        with pytest.raises(ParameterError, match=f"parameter '{parameter}': .*{reason}"):
+            read_ipc_config(node)
+    finally:
+        node.destroy_node()
+
+
+def test_with_the_fast_lane_off_its_default_path_is_not_checked(context: Context) -> None:
+    # A socket_path so long that the default fast-lane path beside it would not fit.
+    socket_path = '/tmp/' + 'z' * (107 - len('/tmp/.sock')) + '.sock'
+    node = IPCServerNode(context=context, parameter_overrides=[
+        Parameter('module_name', value='off'), Parameter('socket_path', value=socket_path),
+        Parameter('ttrpc_enabled', value=False)])
+    try:
+        config = read_ipc_config(node)
+        assert config.socket_path == Path(socket_path) and config.ttrpc_socket_path is None
+        assert config.shared_memory is None
+    finally:
+        node.destroy_node()
+
+
 def test_empty_module_name_and_socket_path_fall_back_to_environment(context: Context) -> None:
     node = IPCServerNode(context=context)
     try:

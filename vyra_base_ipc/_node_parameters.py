@@ -312,8 +312,11 @@ def read_ipc_config(node: Node, environ: Mapping[str, str] | None = None) -> IPC
         raise ParameterError('ttrpc_enabled', f'must be true or false, not {ttrpc_enabled!r}')
     if not isinstance(ttrpc_path, str):
         raise ParameterError('ttrpc_socket_path', f'must be a string, not {ttrpc_path!r}')
+    # A path given is checked with the fast lane off too: a bad value would wait
+    # for someone to switch it on. The default one (which may be too long for a
+    # long socket_path) only counts with the lane on.
     ttrpc_socket_path: Path | None = None
-    if ttrpc_enabled:
+    if ttrpc_enabled or ttrpc_path:
         try:
             ttrpc_socket_path = (validate_socket_path(ttrpc_path) if ttrpc_path
                                  else default_ttrpc_socket_path(resolved))
@@ -321,6 +324,8 @@ def read_ipc_config(node: Node, environ: Mapping[str, str] | None = None) -> IPC
             raise ParameterError('ttrpc_socket_path', str(error)) from None
         if ttrpc_socket_path == resolved:
             raise ParameterError('ttrpc_socket_path', f'must differ from socket_path ({resolved})')
+    if not ttrpc_enabled:
+        ttrpc_socket_path = None
 
     listed = values['servicers']
     if listed is None:
@@ -348,12 +353,12 @@ def read_ipc_config(node: Node, environ: Mapping[str, str] | None = None) -> IPC
     shared_enabled, threshold = values['shared_memory_enabled'], values['shared_memory_threshold']
     if not isinstance(shared_enabled, bool):
         raise ParameterError('shared_memory_enabled', f'must be true or false, not {shared_enabled!r}')
-    shared_memory: SharedMemoryOptions | None = None
-    if shared_enabled and ttrpc_socket_path is not None:
-        try:
-            shared_memory = SharedMemoryOptions(threshold=threshold)
-        except (TypeError, ValueError) as error:
-            raise ParameterError('shared_memory_threshold', str(error)) from None
+    try:  # checked with shared memory off too, as ttrpc_socket_path
+        shared_memory: SharedMemoryOptions | None = SharedMemoryOptions(threshold=threshold)
+    except (TypeError, ValueError) as error:
+        raise ParameterError('shared_memory_threshold', str(error)) from None
+    if not shared_enabled or ttrpc_socket_path is None:
+        shared_memory = None
 
     busy_poll_us = values['busy_poll_us']
     if isinstance(busy_poll_us, bool) or not isinstance(busy_poll_us, int) or \
