@@ -596,21 +596,41 @@ def test_a_loop_thread_ended_by_an_escaped_exit_says_so_and_refuses_work_instead
     loop_thread.stop(timeout=30)  # nothing to cancel: returns at once
 
 
-def test_ipc_server_exits_nonzero_when_its_event_loop_ends_under_it(
-        start_process, ros_environ, test_protos_dir, socket_dir: Path) -> None:
-    socket_path = socket_dir / 'ender.sock'
+def end_the_event_loop_of_ipc_server(start_process, ros_environ, test_protos_dir, socket_path: Path,
+                                      *also_listening: Path) -> ChildProcess:
+    """Start ipc_server serving exiting_server's LoopEnder, make its event loop
+    end (an escaped SystemExit(4)) and wait until the process exited."""
     env = dict(ros_environ)
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(test_protos_dir), str(SERVERS),
                                                       env.get('PYTHONPATH')]))
     server = start_process(ros_args('module_name:=ender', f'socket_path:={socket_path}',
                                     "servicers:=['exiting_server:LoopEnder']"), env=env)
-    server.wait_listening(socket_path)
+    server.wait_listening(socket_path, *also_listening)
     with SyncIPCHandler(socket_path, module_grpc.ModuleServiceStub, timeout=10) as client:
         answer = client.call_method('ExecuteCommand', module_pb.CommandRequest(command='end_loop'))
     assert answer.result == 'ending the loop'
+    server.wait(timeout=30)
+    return server
+
+
+def test_ipc_server_exits_nonzero_when_its_event_loop_ends_under_it(
+        start_process, ros_environ, test_protos_dir, socket_dir: Path) -> None:
+    server = end_the_event_loop_of_ipc_server(start_process, ros_environ, test_protos_dir,
+                                              socket_dir / 'ender.sock')
     # Gone with a failure status (a launch file's respawn starts it anew), saying why.
-    assert server.wait(timeout=30) == EXIT_SERVER_FAILED, server.log()
+    assert server.popen.returncode == EXIT_SERVER_FAILED, server.log()
     assert "the IPC server's event loop ended (SystemExit(4))" in server.log()
+
+
+def test_ipc_server_whose_event_loop_ended_removes_both_socket_files(
+        start_process, ros_environ, test_protos_dir, socket_dir: Path) -> None:
+    """Found: with the loop gone, stop() returned early and both socket files
+    stayed behind until the next start replaced them as stale."""
+    server = end_the_event_loop_of_ipc_server(start_process, ros_environ, test_protos_dir,
+                                              socket_dir / 'ender.sock', socket_dir / 'ender.ttrpc.sock')
+    assert server.popen.returncode == EXIT_SERVER_FAILED, server.log()
+    assert sorted(path.name for path in socket_dir.iterdir()) == [], server.log()
+    assert 'its event loop ended; removing its socket files' in server.log()
 
 
 # -- in-process: parameters ---------------------------------------------------------

@@ -260,7 +260,7 @@ class IPCServerHost:
         Blocks at most ``grace`` + 0.5 s. Idempotent; a no-op if never started.
         """
         server = self.server
-        if server is None or self._stopped or not self.loop_thread.is_running:
+        if server is None or self._stopped:
             return
         self._stopped = True
         self._stop_server(server, self._grace_period if grace is None else grace)
@@ -307,10 +307,24 @@ class IPCServerHost:
         _logger.info('stopping IPC server on %s (grace %.3g s)', server.socket_path, grace)
         try:
             self.loop_thread.run(server.stop(grace), timeout=grace + _STOP_MARGIN)
+            return
         except TimeoutError:
             _logger.warning('IPC server on %s did not stop within %.3g s', server.socket_path,
                             grace + _STOP_MARGIN)
-        except RuntimeError as error:  # the loop is already gone
+            return
+        except RuntimeError as error:
+            if self.loop_thread.is_running:  # (not the loop's end: called on the loop thread)
+                _logger.warning('IPC server on %s could not be stopped: %s', server.socket_path, error)
+                return
+        # Its loop ended (an exception escaped it): stop() cannot run, but the
+        # socket files must still go. Ended thread joined first: nothing else
+        # touches the server then.
+        _logger.warning('IPC server on %s: its event loop ended; removing its socket files without '
+                        'a graceful stop', server.socket_path)
+        self.loop_thread.stop(timeout=_STOP_MARGIN)
+        try:
+            server.abandon()
+        except RuntimeError as error:  # the loop's thread did not end in time
             _logger.warning('IPC server on %s could not be stopped: %s', server.socket_path, error)
 
     def _check_parameters(self, parameters: list[Parameter[Any]]) -> SetParametersResult:

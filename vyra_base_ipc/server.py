@@ -396,6 +396,27 @@ class IPCServer:
             self._stop_task = asyncio.ensure_future(self._shutdown(grace))
         await asyncio.shield(self._stop_task)
 
+    def abandon(self) -> None:
+        """Let go of a server whose event loop ended under it (an exception
+        escaped the loop), where :meth:`stop` can no longer run: remove both
+        socket files, each only if it is still this server's (the inode it
+        bound, never another server's), stop accepting on the fast lane, and
+        let the handler threads go. Synchronous; call it once the loop's
+        thread has ended. Idempotent. Open connections are not closed (only
+        their loop could).
+
+        :raises RuntimeError: the loop still runs: await :meth:`stop` on it.
+        """
+        if self._loop is not None and self._loop.is_running():
+            raise RuntimeError('abandon() is for a server whose event loop ended; '
+                               'its loop still runs: await stop() there')
+        self._socket.remove()
+        if self._ttrpc is not None:
+            self._ttrpc.withdraw()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._state = _State.STOPPED
+
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
         """Wait until the server has stopped.
 
