@@ -229,6 +229,31 @@ async def test_a_start_cancelled_at_any_step_leaves_nothing_behind(socket_path: 
         assert list(socket_path.parent.iterdir()) == []
 
 
+@pytest.mark.asyncio
+async def test_a_start_cancelled_again_while_it_undoes_itself_leaves_nothing_behind(socket_path: Path) -> None:
+    """Found: cancelled a second time while undoing itself (a second Ctrl-C),
+    start() left its private bind directory, with gRPC's socket in it, beside
+    the socket path, and the gRPC server unstopped."""
+    for steps in range(1, 6):
+        for more_steps in range(0, 4):
+            server = IPCServer(socket_path, servicers=[ModuleService('unit')])
+            starting = asyncio.ensure_future(server.start())
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            starting.cancel()
+            for _ in range(more_steps):
+                await asyncio.sleep(0)  # undoing goes one step further
+            starting.cancel()
+            try:
+                await starting
+            except asyncio.CancelledError:
+                pass
+            await server.stop(0)  # (waits until it is undone)
+            assert not server.is_serving, (steps, more_steps)
+            assert await server.wait_for_termination(timeout=0) is True, (steps, more_steps)
+            assert list(socket_path.parent.iterdir()) == [], (steps, more_steps)
+
+
 @pytest.mark.parametrize('kwargs, error, message', [
     ({'grace_period': '5'}, TypeError, 'grace_period must be a number of seconds, not str'),
     ({'grace_period': -1.0}, ValueError, 'grace_period must be a finite number of seconds >= 0'),

@@ -344,10 +344,12 @@ class IPCServer:
             # The gRPC socket appears last: whoever sees it finds both lanes up.
             self._socket.publish()
         except BaseException:
-            await self._abort_start(grpc_started)
+            # The files go at once; the rest in a task of its own: cancelled
+            # again (a second Ctrl-C), start() must not leave it half-done.
+            self._withdraw()
+            await asyncio.shield(asyncio.ensure_future(self._abort_start(grpc_started)))
             raise
-        finally:
-            self._started.set()  # (a stop() waiting goes on once this step is done)
+        self._started.set()  # (a stop() waiting goes on once this step is done)
         self._state = _State.SERVING
         shortfall = self.limits.descriptor_shortfall(2 if self._ttrpc is not None else 1)
         if shortfall is not None:
@@ -397,22 +399,18 @@ class IPCServer:
         await asyncio.shield(self._stop_task)
 
     def abandon(self) -> None:
-        """Let go of a server whose event loop ended under it (an exception
-        escaped the loop), where :meth:`stop` can no longer run: remove both
-        socket files, each only if it is still this server's (the inode it
-        bound, never another server's), stop accepting on the fast lane, and
-        let the handler threads go. Synchronous; call it once the loop's
-        thread has ended. Idempotent. Open connections are not closed (only
-        their loop could).
+        """Let go of a server whose event loop ended under it (an exception escaped the loop),
+        where :meth:`stop` can no longer run: remove both socket files, each only if it is still
+        this server's (the inode it bound, never another server's), stop accepting on the fast
+        lane, let the handler threads go. Synchronous, for once the loop's thread has ended;
+        idempotent. Open connections stay open (only their loop could close them).
 
         :raises RuntimeError: the loop still runs: await :meth:`stop` on it.
         """
         if self._loop is not None and self._loop.is_running():
             raise RuntimeError('abandon() is for a server whose event loop ended; '
                                'its loop still runs: await stop() there')
-        self._socket.remove()
-        if self._ttrpc is not None:
-            self._ttrpc.withdraw()
+        self._withdraw()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._state = _State.STOPPED
@@ -504,9 +502,7 @@ class IPCServer:
         removed = False
         try:
             await self._health.enter_graceful_shutdown()
-            removed = self._socket.remove()
-            if self._ttrpc is not None:
-                removed = self._ttrpc.withdraw() and removed
+            removed = self._withdraw()
             self._open_streams.end_all()
             stops = [asyncio.ensure_future(self._server.stop(grace))]
             if self._ttrpc is not None:
@@ -519,7 +515,7 @@ class IPCServer:
                                 'the grace (its peer does not read); stopped without waiting for it',
                                 self.socket_path, _CLOSE_TIME)
         finally:
-            self._socket.remove()  # (if an error came first) drops the private directory too
+            self._withdraw()  # (if an error came first)
             if self._executor is not None:
                 # Sync handlers cannot be interrupted; do not wait for them.
                 self._executor.shutdown(wait=False, cancel_futures=True)
@@ -530,20 +526,31 @@ class IPCServer:
                 _logger.info('IPC server on %s stopped%s', self.socket_path,
                              '' if removed else ' (a socket file was not ours any more)')
 
-    async def _abort_start(self, grpc_started: asyncio.Future[None] | None) -> None:
-        """Undo a start() that failed or was cancelled half-way."""
+    def _withdraw(self) -> bool:
+        """Remove both socket files (each if still ours) and the private bind directory, stop
+        accepting on the fast lane; whether both files were removed now. Idempotent."""
+        removed = self._socket.remove()
         if self._ttrpc is not None:
-            await self._ttrpc.stop(0)
-        if grpc_started is not None:
-            await asyncio.wait([grpc_started])  # (its outcome is the server's stop's business)
-        if self._server is not None:
-            await self._server.stop(None)
-        self._socket.remove()  # also drops the private bind directory
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-        self._state = _State.STOPPED
-        assert self._terminated is not None
-        self._terminated.set()
+            removed = self._ttrpc.withdraw() and removed
+        return removed
+
+    async def _abort_start(self, grpc_started: asyncio.Future[None] | None) -> None:
+        """Undo a start() that failed or was cancelled half-way; sets ``_started`` when done."""
+        try:
+            if self._ttrpc is not None:
+                await self._ttrpc.stop(0)
+            if grpc_started is not None:
+                await asyncio.wait([grpc_started])  # (its outcome is the server's stop's business)
+            if self._server is not None:
+                await self._server.stop(None)
+        finally:
+            self._withdraw()
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+            self._state = _State.STOPPED
+            assert self._terminated is not None
+            self._terminated.set()
+            self._started.set()
 
 
 @contextlib.contextmanager
