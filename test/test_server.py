@@ -4,10 +4,14 @@ file, shared with TtrpcServer: test_socket_file)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
+import shutil
 import signal
 import socket
+import subprocess
+from typing import Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -59,6 +63,36 @@ def test_stop_signal_stops_gracefully_and_removes_the_socket(server: ServerProce
     server.signal(stop_signal)
     assert server.wait() == 0
     assert list(server.socket_path.parent.iterdir()) == []
+
+
+@contextlib.contextmanager
+def immutable(directory: Path) -> Iterator[None]:
+    """``directory`` immutable (``chattr +i``): not even root may add or remove
+    its entries. Skips where the file system or the privileges do not allow it."""
+    if shutil.which('chattr') is None:
+        pytest.skip('chattr (e2fsprogs) is not installed')
+    made = subprocess.run(['chattr', '+i', str(directory)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f'cannot make a directory immutable here: {made.stderr.strip()}')
+    try:
+        yield
+    finally:
+        subprocess.run(['chattr', '-i', str(directory)], check=True)
+
+
+def test_a_stop_that_cannot_remove_its_socket_files_says_so_and_still_stops(server: ServerProcess) -> None:
+    """Found: SIGTERM to a server whose socket directory could no longer be
+    written (read-only, immutable) ended in a PermissionError traceback, and
+    the process never exited: neither lane nor the handler threads were stopped."""
+    with immutable(server.socket_path.parent):
+        server.signal(signal.SIGTERM)
+        assert server.wait(timeout=LONG) == 0, server.log()
+        assert sorted(server.socket_path.parent.iterdir()) == sorted([server.socket_path, server.ttrpc_path])
+    log = server.log()
+    for path in (server.socket_path, server.ttrpc_path):
+        assert f'could not remove the socket {path}: Operation not permitted' in log, log
+    assert 'stopped (a socket file stayed: see the warning above)' in log, log
+    assert 'Traceback' not in log, log
 
 
 def test_in_flight_call_finishes_within_grace_on_sigterm(server: ServerProcess, echo) -> None:

@@ -206,16 +206,22 @@ class SocketFile:
         self._discard_private()
 
     def remove(self) -> bool:
-        """Remove the public path if it is still this server's socket.
+        """Remove the public path if it is still this server's socket. Never
+        raises for a file it cannot remove (a read-only or immutable directory):
+        it logs a warning naming it, for a stopping server must still stop.
 
         :returns: whether a file was removed.
         """
-        self._discard_private()
-        identity, self._identity = self._identity, None
         removed = False
-        if identity is not None and self._dir_fd is not None:
-            removed = self._unlink_if(identity)
-        self._close_parent()
+        try:
+            self._discard_private()
+            identity, self._identity = self._identity, None
+            if identity is not None and self._dir_fd is not None:
+                removed = self._unlink_if(identity)
+        except OSError as error:
+            _logger.warning('could not remove the socket %s: %s', self.path, error.strerror or error)
+        finally:
+            self._close_parent()
         return removed
 
     def discard(self) -> None:
@@ -322,7 +328,8 @@ class SocketFile:
             os.unlink(_PRIVATE_SOCKET, dir_fd=fd)
         except FileNotFoundError:
             pass  # not bound yet, or gRPC unlinked it
-        os.close(fd)
+        finally:
+            os.close(fd)
         if self._dir_fd is not None:
             try:
                 os.rmdir(name, dir_fd=self._dir_fd)

@@ -524,7 +524,7 @@ class IPCServer:
             self._terminated.set()
             if self._announce:
                 _logger.info('IPC server on %s stopped%s', self.socket_path,
-                             '' if removed else ' (a socket file was not ours any more)')
+                             '' if removed else ' (a socket file stayed: see the warning above)')
 
     def _withdraw(self) -> bool:
         """Remove both socket files (each if still ours) and the private bind directory, stop
