@@ -354,6 +354,17 @@ async def test_stop_on_another_event_loop_is_refused_and_changes_nothing(socket_
         loop.stop()
 
 
+@pytest.mark.asyncio
+async def test_abandon_is_refused_while_the_loop_runs_and_changes_nothing(socket_path: Path) -> None:
+    """abandon() is for a server whose loop ended (test_node.py::
+    test_ipc_server_whose_event_loop_ended_removes_both_socket_files)."""
+    async with IPCServer(socket_path, servicers=[ModuleService('unit')]) as server:
+        with pytest.raises(RuntimeError, match='its loop still runs: await stop'):
+            server.abandon()
+        assert server.is_serving and socket_path.is_socket() and server.ttrpc_socket_path.is_socket()
+    assert list(socket_path.parent.iterdir()) == []
+
+
 def test_servicer_without_generated_base_needs_its_add_function(socket_path: Path) -> None:
     with pytest.raises(TypeError, match='does not derive from a grpcio-generated'):
         IPCServer(socket_path, servicers=[object()])

@@ -383,7 +383,8 @@ class IPCServer:
             grace = validate_grace(grace, 'grace')
         if self._loop is not None and asyncio.get_running_loop() is not self._loop:
             raise RuntimeError('stop() awaited on another event loop than the one start() ran on; '
-                               'await it there (asyncio.run_coroutine_threadsafe() from another thread)')
+                               'await it there (asyncio.run_coroutine_threadsafe() from another thread), '
+                               'or call abandon() if that loop ended')
         if self._state is _State.STARTING:
             await self._started.wait()
         if self._stop_task is None and self._state is not _State.SERVING:
