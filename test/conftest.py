@@ -129,6 +129,8 @@ def _child_env(test_protos_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(test_protos_dir), str(SERVERS),
                                                       env.get('PYTHONPATH')]))
+    # A crash (SIGSEGV in native code) leaves every thread's Python stack in the log.
+    env['PYTHONFAULTHANDLER'] = '1'
     return env
 
 

@@ -39,6 +39,8 @@ def private_ros_environ(ros_home: Path, base: dict[str, str] | None = None) -> d
     env['ROS_HOME'] = str(ros_home)
     env['ROS_LOG_DIR'] = str(ros_home / 'log')
     env['PYTHONUNBUFFERED'] = '1'
+    # A crash (SIGSEGV in rcl, say) leaves every thread's Python stack in the log.
+    env['PYTHONFAULTHANDLER'] = '1'
     return env
 
 
