@@ -158,6 +158,27 @@ def test_ipc_server_whose_event_loop_ended_says_error_not_ok(
     assert last.level == DiagnosticStatus.ERROR and last.message == 'event loop ended: SystemExit(4)', last
 
 
+def test_a_hosting_node_whose_server_loop_ended_removes_its_socket_files_at_once(
+        start_process: Callable[..., ChildProcess], monitor: Monitor, socket_dir: Path,
+        ros_environ: dict[str, str], test_protos_dir: Path) -> None:
+    """Found: a node that hosts its server lives on when the server's loop
+    ends; its socket files stayed (clients found a socket nobody answered)
+    until the node closed its host."""
+    socket_path = socket_dir / 'arm_ipc.sock'
+    env = {**ros_environ, 'PYTHONPATH': os.pathsep.join(
+        filter(None, [str(test_protos_dir), str(SERVERS), ros_environ.get('PYTHONPATH')]))}
+    node = start_process([sys.executable, str(SERVERS / 'diagnostics_host.py'), '--ros-args',
+                          '-p', 'module_name:=arm', '-p', f'socket_path:={socket_path}',
+                          '-p', 'diagnostics_period:=0.2', '-p', "servicers:=['exiting_server:LoopEnder']"], env)
+    node.wait_listening(socket_path, socket_dir / 'arm_ipc.ttrpc.sock')
+    with SyncIPCHandler(socket_path, module_grpc.ModuleServiceStub, timeout=10) as client:
+        client.call_method('ExecuteCommand', module_pb.CommandRequest(command='end_loop'))
+    wait_for(lambda: not any(socket_dir.iterdir()), 30, 'both socket files to go')
+    ended = monitor.wait('arm_node: IPC server', 'ERROR', lambda s: s.level == DiagnosticStatus.ERROR)
+    assert ended.message == 'event loop ended: SystemExit(4)'
+    assert node.running()  # the node lives on and says so
+
+
 def test_a_hosting_node_reports_error_when_its_server_stops_serving(
         start_process: Callable[..., ChildProcess], monitor: Monitor, socket_dir: Path) -> None:
     socket_path = socket_dir / 'arm_ipc.sock'

@@ -9,6 +9,7 @@ rclpy nodes in a private context.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 from pathlib import Path
@@ -594,6 +595,31 @@ def test_a_loop_thread_ended_by_an_escaped_exit_says_so_and_refuses_work_instead
     with pytest.raises(RuntimeError, match=r'not running \(it ended: SystemExit\(4\)\)'):
         loop_thread.run(anything(), timeout=None)  # would wait forever for a dead loop
     loop_thread.stop(timeout=30)  # nothing to cancel: returns at once
+
+
+def test_a_coroutine_waited_for_when_its_loop_ends_fails_instead_of_waiting_for_ever() -> None:
+    """Found: run() of a coroutine on a loop that then ended (an escaped
+    SystemExit) waited for ever (IPCServerHost.start() on server.start(), say);
+    on_failure then runs on the loop's thread."""
+    failures: list[BaseException] = []
+    loop_thread = EventLoopThread(name='ipc-test-ends-under-a-call', on_failure=failures.append)
+    loop_thread.start()
+    waiting = threading.Event()
+
+    async def never() -> None:
+        waiting.set()
+        await asyncio.Event().wait()
+
+    async def end_the_loop() -> None:
+        asyncio.get_running_loop().call_soon(sys.exit, 4)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        outcome = pool.submit(loop_thread.run, never(), None)
+        assert waiting.wait(10)
+        loop_thread.submit(end_the_loop())
+        with pytest.raises(RuntimeError, match=r"'ipc-test-ends-under-a-call' ended \(SystemExit\(4\)\) before"):
+            outcome.result(timeout=30)
+    assert [repr(failure) for failure in failures] == ['SystemExit(4)']
+    loop_thread.stop(timeout=30)
 
 
 def end_the_event_loop_of_ipc_server(start_process, ros_environ, test_protos_dir, socket_path: Path,

@@ -14,7 +14,7 @@ import asyncio
 from concurrent import futures
 import logging
 import threading
-from typing import Any, Coroutine, TypeVar
+from typing import Any, Callable, Coroutine, TypeVar
 
 from ._busy_poll import DEFAULT_BUSY_POLL
 from ._event_loop import new_event_loop
@@ -40,15 +40,25 @@ class EventLoopThread:
     :param busy_poll: seconds the loop polls before it sleeps
         (:func:`~vyra_base_ipc.new_event_loop`); may be changed
         until :meth:`start`.
+    :param on_failure: called with the :attr:`failure` on the loop's thread
+        once the loop ended under it, after every coroutine still awaited
+        through :meth:`run` or :meth:`submit` failed (a host lets go of what
+        only the loop could stop, e.g. a server's socket files); may be
+        changed until :meth:`start`.
     :ivar failure: what ended the loop before :meth:`stop`, if anything did:
         asyncio lets ``SystemExit`` and ``KeyboardInterrupt`` out of a task
         and out of the loop (logged as critical; the loop is then no longer
         running); ``None`` otherwise.
     """
 
-    def __init__(self, name: str = 'ipc-event-loop', busy_poll: float = DEFAULT_BUSY_POLL) -> None:
+    def __init__(self, name: str = 'ipc-event-loop', busy_poll: float = DEFAULT_BUSY_POLL,
+                 on_failure: Callable[[BaseException], None] | None = None) -> None:
         self.name = name
         self.busy_poll = busy_poll
+        self.on_failure = on_failure
+        # The futures of submitted coroutines not done yet: failed if the loop
+        # ends under them, else run() would wait for a dead loop for ever.
+        self._pending: set[futures.Future[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._workers: futures.ThreadPoolExecutor | None = None
@@ -109,10 +119,31 @@ class EventLoopThread:
         """
         try:
             loop = self.loop
-            return asyncio.run_coroutine_threadsafe(coroutine, loop)
+            future = asyncio.run_coroutine_threadsafe(coroutine, loop)
         except RuntimeError:
             coroutine.close()
             raise
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._done)
+        if self.failure is not None:  # (it ended between the check and the add)
+            self._fail_pending()
+        return future
+
+    def _done(self, future: futures.Future[Any]) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    def _fail_pending(self) -> None:
+        """Fail the futures of coroutines the ended loop will never finish."""
+        with self._lock:
+            pending, self._pending = self._pending, set()
+        for future in pending:
+            try:
+                future.set_exception(RuntimeError(
+                    f'event loop thread {self.name!r} ended ({self.failure!r}) before the coroutine did'))
+            except futures.InvalidStateError:  # (done or cancelled meanwhile)
+                pass
 
     def run(self, coroutine: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
         """Run ``coroutine`` on the loop and block the calling thread for its result.
@@ -200,6 +231,13 @@ class EventLoopThread:
             except RuntimeError:
                 pass
             asyncio.set_event_loop(None)
+        if self.failure is not None:
+            self._fail_pending()
+            if self.on_failure is not None:
+                try:
+                    self.on_failure(self.failure)
+                except Exception:
+                    _logger.exception('on_failure of event loop thread %s failed', self.name)
 
 
 async def _cancel_all(timeout: float) -> None:

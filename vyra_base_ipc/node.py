@@ -154,7 +154,7 @@ class IPCServerHost:
         # Taken once the change is made: another check (the hosting node's
         # own) may still refuse the whole set after this one accepted it.
         node.add_post_set_parameters_callback(self._parameters_set)
-        self.loop_thread = EventLoopThread(name=f'ipc-{node.get_name()}')
+        self.loop_thread = EventLoopThread(name=f'ipc-{node.get_name()}', on_failure=self._loop_ended)
         self.config: IPCServerConfig | None = None
         self.server: IPCServer | None = None
         #: The publisher of the server's status on /diagnostics, once started
@@ -326,6 +326,16 @@ class IPCServerHost:
             server.abandon()
         except RuntimeError as error:  # the loop's thread did not end in time
             _logger.warning('IPC server on %s could not be stopped: %s', server.socket_path, error)
+
+    def _loop_ended(self, failure: BaseException) -> None:
+        """(On the loop's thread, once the loop ended under the server) Remove
+        its socket files at once: a hosting node lives on, and clients would
+        otherwise find a socket nobody answers until close()."""
+        server = self.server
+        if server is not None:
+            _logger.warning('IPC server on %s: its event loop ended (%r); removing its socket files',
+                            server.socket_path, failure)
+            server.abandon()
 
     def _check_parameters(self, parameters: list[Parameter[Any]]) -> SetParametersResult:
         for parameter in parameters:
