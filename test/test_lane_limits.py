@@ -24,9 +24,9 @@ from vyra_base_ipc import (
     SharedBuffer,
     SharedBufferRef,
     SyncIPCHandler,
-    _shared_buffer,
+    _inline_buffers,
 )
-from vyra_base_ipc._shared_buffer import inline_buffers, inline_size
+from vyra_base_ipc._inline_buffers import inline_buffers, inline_size
 from vyra_base_ipc.introspection_pb2 import StatsRequest
 from vyra_base_ipc.introspection_pb2_grpc import IntrospectionStub
 
@@ -154,7 +154,7 @@ def test_field_shapes_are_remembered_for_a_bounded_number_of_fields(monkeypatch:
     # Sizing a request with buffers remembers what each field holds, by its
     # descriptor; message types from ever new descriptor pools must not make
     # that memory grow for ever.
-    monkeypatch.setattr(_shared_buffer, '_SHAPES_MAX', 10, raising=False)
+    monkeypatch.setattr(_inline_buffers, '_SHAPES_MAX', 10)
     with SharedBuffer.copy_from(b'abc') as buffer:
         for _ in range(8):
             Holder = _buffer_holder_class(descriptor_pool.DescriptorPool())
@@ -162,7 +162,7 @@ def test_field_shapes_are_remembered_for_a_bounded_number_of_fields(monkeypatch:
             message = Holder(one=ref.FromString(buffer.ref.SerializeToString()), note=b'n')
             message.many.add().MergeFrom(message.one)
             assert inline_size(message, [buffer]) == inline_buffers(message, [buffer]).ByteSize()
-            assert len(_shared_buffer._SHAPES) <= 10
+            assert len(_inline_buffers._SHAPES) <= 10
 
 
 @pytest.mark.parametrize('size', [1, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152])
