@@ -41,7 +41,7 @@ from .exceptions import ForkedProcessError
 
 __all__ = ['DEFAULT_FREE_BYTES', 'DEFAULT_IDLE_SECONDS', 'DEFAULT_MAX_SEGMENTS', 'DEFAULT_POOL_BYTES',
            'MIN_SEGMENT_BYTES', 'Segment', 'SegmentPool', 'own_segment', 'pool_unavailable', 'segment_pool',
-           'size_class', 'start_timer']
+           'segments_lock', 'size_class', 'start_timer']
 
 #: The pool's bound on the bytes of all its segments, free and in use.
 DEFAULT_POOL_BYTES = 1 << 30
@@ -522,6 +522,13 @@ _ids = [1]
 _pool: list[SegmentPool] = []
 _by_key: dict[tuple[int, int], Segment] = {}
 _availability: list[str | None] = []
+
+
+def segments_lock() -> Any:
+    """The lock of every segment and pool of this process (re-entrant; made
+    anew in a forked child): held by a :class:`~vyra_base_ipc.SharedBuffer`
+    to check that it is open and take a use of its memory in one step."""
+    return _lock
 
 
 def start_timer(delay: float, function: Callable[[], None], name: str) -> threading.Timer:

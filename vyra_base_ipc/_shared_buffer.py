@@ -34,7 +34,7 @@ from ._payload import (
     seal_bytes,
     shared_memory_unavailable,
 )
-from ._segment_pool import Segment, new_segment, pool_unavailable, segment_pool
+from ._segment_pool import Segment, new_segment, pool_unavailable, segment_pool, segments_lock
 
 if TYPE_CHECKING:
     from .ttrpc._segment_link import SegmentLink
@@ -70,7 +70,7 @@ class SharedBuffer:
     one buffer may be sent any number of times, to any number of calls,
     concurrently. Close it (or use ``with``) when no more calls will send
     it: its memory goes back to this process's pool once every receiver let
-    go of it too. Thread-safe.
+    go of it too. Thread-safe, close() included (see :meth:`close`).
 
     Buffers received from the other side are SharedBuffers too (see
     :class:`ReceivedBuffers`): read them with :meth:`view`, or send them on
@@ -168,14 +168,20 @@ class SharedBuffer:
     def share(self) -> 'SharedBuffer':
         """Another SharedBuffer for the same memory, with a descriptor of its own unless it
         is pooled (closed without a warning when garbage-collected): what the library keeps
-        of a buffer until it has been sent. Freezes this one (it is as good as sent)."""
-        self._sent = True
-        segment = self._segment
-        if segment is not None:
-            segment.use()
-        fd = self.dup() if segment is None else self.fileno()  # (a segment's is shared, not owned)
-        shared = SharedBuffer(fd, self._size, self._handle, view=self._view, managed=True,
-                              segment=segment, lent=self._lent)
+        of a buffer until it has been sent. Freezes this one (it is as good as sent).
+
+        :raises ValueError: the buffer is closed.
+        """
+        with segments_lock():  # (see close())
+            fd = self._open_fd()
+            self._sent = True
+            segment, view = self._segment, self._view
+            if segment is None:
+                fd = os.dup(fd)
+            else:
+                segment.use()  # the new buffer's (the descriptor is the segment's: shared, not owned)
+        shared = SharedBuffer(fd, self._size, self._handle, view=view, managed=True, segment=segment,
+                              lent=self._lent)
         shared._sent = True
         return shared
 
@@ -210,20 +216,33 @@ class SharedBuffer:
         self._sent = True
 
     def fileno(self) -> int:
-        """The memfd: this object's own, or its pooled segment's (valid until it is closed).
+        """The memfd: this object's own, or its pooled segment's (valid until it is closed:
+        where another thread may close the buffer, use :meth:`dup` instead).
 
         :raises ValueError: the buffer is closed.
         :raises ForkedProcessError: it is pooled memory of the parent, inherited through ``fork()``.
         """
-        if self._fd < 0:
-            raise ValueError('the SharedBuffer is closed')
-        if self._segment is not None and self._segment.inherited:
-            self._segment.refuse_inherited(repr(self))
-        return self._fd
+        return self._open_fd()
+
+    def _open_fd(self) -> int:
+        # The descriptor, or why there is none. Under segments_lock() for any
+        # use of it: close() cannot come between this check and the use.
+        fd = self._fd
+        if fd < 0:
+            raise ValueError(f'the SharedBuffer of {self._size} bytes (handle {self._handle:#018x}) '
+                             'is closed')
+        segment = self._segment
+        if segment is not None and segment.inherited:
+            segment.refuse_inherited(repr(self))
+        return fd
 
     def dup(self) -> int:
-        """A new descriptor of the memfd for sending; the caller owns it."""
-        return os.dup(self.fileno())
+        """A new descriptor of the memfd for sending; the caller owns it.
+
+        :raises ValueError: the buffer is closed.
+        """
+        with segments_lock():
+            return os.dup(self._open_fd())
 
     def view(self) -> memoryview:
         """A view of the contents, mapping the shared pages (no copy):
@@ -233,17 +252,36 @@ class SharedBuffer:
 
         :raises ValueError: the buffer is closed.
         """
-        fd = self.fileno()
-        segment = self._segment
-        if segment is not None:
-            return segment.user_view(self._size, not self._sent)
-        if self._view is None:
-            self._view = map_sealed(fd, self._size, repr(self), populate=False)
-        return self._view
+        with segments_lock():
+            fd = self._open_fd()
+            segment = self._segment
+            if segment is not None:
+                return segment.user_view(self._size, not self._sent)
+            if self._view is None:  # (a memfd of its own: pooled segments unavailable)
+                self._view = map_sealed(fd, self._size, repr(self), populate=False)
+            return self._view
 
     def read(self) -> bytes:
-        """A copy of the contents (without mapping them)."""
-        return os.pread(self.fileno(), self._size, 0) if self._size else b''
+        """A copy of the contents (without mapping them).
+
+        :raises ValueError: the buffer is closed.
+        """
+        with segments_lock():
+            fd = self._open_fd()
+            if not self._size:
+                return b''
+            segment = self._segment
+            if segment is None:
+                fd = os.dup(fd)  # this read's own: the buffer's may be closed meanwhile
+            else:
+                segment.use()  # the segment, and its descriptor, stay until unuse()
+        try:
+            return os.pread(fd, self._size, 0)
+        finally:
+            if segment is None:
+                os.close(fd)
+            else:
+                segment.unuse()
 
     def lend_to(self, link: SegmentLink | None, new_memfd: Callable[[int], bool] | None = None
                 ) -> tuple[int, int, int]:
@@ -258,28 +296,58 @@ class SharedBuffer:
         :raises ValueError: the buffer is closed.
         :raises SharedMemoryError: no memfd could be made for the copy, or ``new_memfd`` refused it.
         """
-        fd = self.fileno()
-        self._sent = True
-        segment = self._segment
-        if segment is None and not self._lent:
-            return os.dup(fd), 0, 0
-        if link is not None and segment is not None:
-            if link.may_lend(segment.capacity, segment_pool()):
-                segment.use()
-                return os.dup(segment.fd), link.lend(segment), segment.id
-        elif link is not None and link.may_lend():
-            return os.dup(fd), link.lend(self._view), 0  # keeps this end's lend from its owner
+        with segments_lock():  # (see close())
+            fd = self._open_fd()
+            self._sent = True
+            segment, view = self._segment, self._view
+            if segment is None and not self._lent:
+                return os.dup(fd), 0, 0
+            if segment is not None:
+                segment.use()  # this call's: the lend takes it over, or it is let go below
+            elif link is not None and link.may_lend():
+                fd = os.dup(fd)
+            else:
+                fd = -1
+        if segment is None:  # lent to this process: lent on, or copied
+            if fd >= 0:
+                assert link is not None
+                return fd, link.lend(view), 0  # keeps this end's lend from its owner
+            self._may_copy(new_memfd)
+            return seal_bytes(view, 'vyra-ipc-buffer'), 0, 0
+        if link is not None and link.may_lend(segment.capacity, segment_pool()):
+            try:
+                fd = os.dup(segment.fd)
+            except BaseException:
+                segment.unuse()
+                raise
+            return fd, link.lend(segment), segment.id
+        try:
+            self._may_copy(new_memfd)
+            return seal_bytes(segment.user_view(self._size, False), 'vyra-ipc-buffer'), 0, 0
+        finally:
+            segment.unuse()
+
+    def _may_copy(self, new_memfd: Callable[[int], bool] | None) -> None:
         if new_memfd is not None and not new_memfd(self._size):
             raise SharedMemoryError(f'{self!r}: the peer has not read the new memfds sent to it: no copy now')
-        return seal_bytes(self.view(), 'vyra-ipc-buffer'), 0, 0
 
     def close(self) -> None:
         """Close this process's descriptor and let go of its mapping;
         idempotent. Copies already sent stay valid for their receivers,
-        views for whoever still holds them."""
-        self._view = None
-        fd, self._fd = self._fd, -1
-        segment, self._segment = self._segment, None
+        views for whoever still holds them.
+
+        Another thread may close a buffer that a call is sending: close()
+        then waits only while that call takes its own hold of the memory (a
+        descriptor, or a use of the pooled segment: microseconds, never the
+        send), and that call sends the contents as they were. Whatever begins
+        after close() raises :class:`ValueError`. So the memory is not
+        handed out again while anything holds it, and a file that took the
+        number of the closed descriptor is never sent in its place."""
+        with segments_lock():
+            fd, self._fd = self._fd, -1
+            segment, self._segment = self._segment, None
+            view, self._view = self._view, None
+        del view  # (the last reference to a lend gives it back: outside the lock)
         if segment is not None:
             segment.unuse()  # (the descriptor is the segment's)
         elif fd >= 0:

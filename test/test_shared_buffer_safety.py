@@ -1,0 +1,215 @@
+"""A SharedBuffer closed by one thread while another uses it, wrong
+arguments to shared_buffer(), and views that must not be written.
+
+The races are made deterministic: the using thread is held at a known point
+(a profile hook on its own calls) while another thread closes the buffer and
+puts another file at the number of its descriptor; the using thread then
+goes on. Real memfds, pooled segments, SegmentLinks and /proc are the
+observables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+import threading
+from types import FrameType
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from conftest import LONG
+from vyra_base_ipc import SharedBuffer
+from vyra_base_ipc._payload import seal_bytes
+from vyra_base_ipc._segment_pool import SegmentPool, new_segment, segment_pool
+from vyra_base_ipc.ttrpc._segment_link import SegmentLink
+
+KiB = 1024
+#: How long the held thread lets the closing thread run: long enough for a
+#: close() that does not wait (the bug) to finish first; a close() that waits
+#: for the held thread (the fix) is still waiting when it ends, by design.
+PAUSE = 0.5
+
+DATA = bytes(range(256)) * 256  # 64 KiB, recognisable
+
+
+@contextlib.contextmanager
+def held_at(point: Callable[..., Any] | str, meanwhile: Callable[[], None]) -> Iterator[threading.Thread]:
+    """While in the block, the first time this thread calls ``point`` (a
+    builtin such as ``os.dup``, or a Python function of that name) it first
+    runs ``meanwhile`` in another thread, and goes on when that finished or
+    after :data:`PAUSE` seconds (it may be waiting for this one). The other
+    thread must have finished when the block ends."""
+    other = threading.Thread(target=meanwhile, name='closer')
+
+    def hook(frame: FrameType, event: str, arg: Any) -> None:
+        reached = (event == 'c_call' and arg is point) or \
+            (event == 'call' and isinstance(point, str) and frame.f_code.co_name == point)
+        if reached and other.ident is None:
+            other.start()
+            other.join(PAUSE)
+
+    sys.setprofile(hook)
+    try:
+        yield other
+    finally:
+        sys.setprofile(None)
+        if other.ident is not None:
+            other.join(LONG)
+    assert other.ident is not None, f'{point} was never reached'
+    assert not other.is_alive()
+
+
+def target(fd: int) -> str:
+    return os.readlink(f'/proc/self/fd/{fd}')
+
+
+def close_and_reuse(buffer: SharedBuffer) -> Callable[[], None]:
+    """Close ``buffer``, then put /dev/null at the number its descriptor had:
+    what any open() in the process may do once that number is free."""
+    number = buffer.fileno()
+
+    def run() -> None:
+        buffer.close()
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        if null != number:
+            os.dup2(null, number)
+            os.close(null)
+    return run
+
+
+def memfd_buffer() -> SharedBuffer:
+    """A buffer with a sealed memfd of its own (not pooled): as received, or
+    made where pooled segments are unavailable."""
+    return SharedBuffer(seal_bytes(DATA), len(DATA), managed=True)
+
+
+@contextlib.contextmanager
+def made(kind: str, link: SegmentLink) -> Iterator[SharedBuffer]:
+    """A buffer with a memfd of its own, or one a peer lent (a segment of the
+    'peer', mapped through ``link``), as received."""
+    if kind == 'memfd':
+        with memfd_buffer() as buffer:
+            yield buffer
+        return
+    segment = new_segment(len(DATA), fill=DATA)
+    fd = os.dup(segment.fd)
+    buffer = SharedBuffer(fd, len(DATA), view=link.receive(fd, len(DATA), 7, 0, 'a lent buffer'),
+                          managed=True, lent=True)
+    try:
+        yield buffer
+    finally:
+        buffer.close()
+        segment.destroy()
+
+
+@pytest.fixture
+def own_pool() -> Iterator[SegmentPool]:
+    """This process's pool, keeping every segment returned to it (none is dropped before the test looks)."""
+    pool = segment_pool()
+    kept = pool.max_free_bytes
+    pool.max_free_bytes = 1 << 30
+    yield pool
+    pool.max_free_bytes = kept
+
+
+def inode(fd: int) -> int:
+    return os.fstat(fd).st_ino
+
+
+def assert_not_handed_out_again(segment_inode: int) -> None:
+    """The pool does not give the segment of ``segment_inode`` to a new buffer: somebody still reads it."""
+    with SharedBuffer.allocate(len(DATA)) as again:
+        assert inode(again.fileno()) != segment_inode, 'a segment in use was handed out again'
+
+
+# == close racing with use ========================================================================
+
+@pytest.mark.parametrize('kind', ['memfd', 'lent'])
+def test_a_buffer_closed_while_it_is_lent_never_sends_the_file_that_took_its_descriptors_number(
+        kind: str) -> None:
+    link, on = SegmentLink(), SegmentLink()
+    try:
+        with made(kind, link) as buffer:
+            with held_at(os.dup, close_and_reuse(buffer)):
+                sent, _, _ = buffer.lend_to(on)
+            try:
+                assert target(sent).startswith('/memfd:'), f'sent {target(sent)} instead of the buffer'
+                assert os.pread(sent, len(DATA), 0) == DATA
+                assert buffer.closed
+            finally:
+                os.close(sent)
+    finally:
+        on.close()
+        link.close()
+
+
+def test_a_buffer_closed_while_it_is_dup_ed_or_shared_never_gives_out_another_file() -> None:
+    buffer = memfd_buffer()
+    with held_at(os.dup, close_and_reuse(buffer)):
+        mine = buffer.dup()
+    try:
+        assert target(mine).startswith('/memfd:') and os.pread(mine, 4, 0) == DATA[:4]
+    finally:
+        os.close(mine)
+    buffer = memfd_buffer()
+    with held_at(os.dup, close_and_reuse(buffer)):
+        shared = buffer.share()
+    with shared:
+        assert target(shared.fileno()).startswith('/memfd:') and shared.read() == DATA
+
+
+def test_a_buffer_closed_while_it_is_read_reads_its_own_bytes() -> None:
+    buffer = memfd_buffer()
+    with held_at(os.pread, close_and_reuse(buffer)):
+        data = buffer.read()
+    assert data == DATA
+
+
+def test_a_pooled_buffer_closed_while_it_is_lent_stays_out_of_the_pool_until_given_back(
+        own_pool: SegmentPool) -> None:
+    link = SegmentLink()
+    buffer = SharedBuffer.copy_from(DATA)
+    segment_inode = inode(buffer.fileno())
+    with held_at('may_lend', buffer.close):
+        sent, lend, _ = buffer.lend_to(link)
+    try:
+        assert lend and inode(sent) == segment_inode
+        assert_not_handed_out_again(segment_inode)
+        assert os.pread(sent, len(DATA), 0) == DATA
+    finally:
+        os.close(sent)
+        link.close()
+
+
+@pytest.mark.parametrize('use', ['view', 'share'])
+def test_a_pooled_buffer_closed_while_a_view_or_share_is_taken_stays_out_of_the_pool_while_that_lives(
+        use: str, own_pool: SegmentPool) -> None:
+    buffer = SharedBuffer.copy_from(DATA)
+    segment_inode = inode(buffer.fileno())
+    # view() and share() take one more use of the segment: held there.
+    with held_at('user_view' if use == 'view' else 'use', buffer.close):
+        taken = buffer.view() if use == 'view' else buffer.share()
+    assert buffer.closed
+    assert_not_handed_out_again(segment_inode)
+    if isinstance(taken, SharedBuffer):
+        assert taken.read() == DATA
+        taken.close()
+    else:
+        assert bytes(taken) == DATA
+        del taken
+
+
+def test_every_use_of_a_closed_buffer_raises_value_error_naming_it() -> None:
+    link = SegmentLink()
+    for buffer in (memfd_buffer(), SharedBuffer.copy_from(DATA)):
+        buffer.close()
+        uses: list[Callable[[], object]] = [buffer.view, buffer.read, buffer.dup, buffer.fileno, buffer.share,
+                                            functools.partial(buffer.lend_to, None),
+                                            functools.partial(buffer.lend_to, link)]
+        for use in uses:
+            with pytest.raises(ValueError, match='SharedBuffer .* is closed'):
+                use()
+    link.close()
