@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from conftest import LONG
-from vyra_base_ipc import SharedBuffer
+from vyra_base_ipc import SharedBuffer, received_buffer, shared_buffer
 from vyra_base_ipc._payload import seal_bytes
 from vyra_base_ipc._segment_pool import SegmentPool, new_segment, segment_pool
 from vyra_base_ipc.ttrpc._segment_link import SegmentLink
@@ -213,3 +213,16 @@ def test_every_use_of_a_closed_buffer_raises_value_error_naming_it() -> None:
             with pytest.raises(ValueError, match='SharedBuffer .* is closed'):
                 use()
     link.close()
+
+
+# == wrong arguments ==============================================================================
+
+@pytest.mark.parametrize('function', [shared_buffer, received_buffer])
+def test_shared_buffer_given_something_else_than_a_reference_raises_type_error_naming_it(
+        function: Callable[..., Any]) -> None:
+    with SharedBuffer.copy_from(DATA) as frame:
+        for wrong, named in ((b'abc', 'bytes'), (frame, 'SharedBuffer'), (None, 'NoneType'), (3, 'int')):
+            with pytest.raises(TypeError, match=f'SharedBufferRef.* not {named}'):
+                function(wrong)
+        with pytest.raises(TypeError, match='its view()'):
+            function(frame)

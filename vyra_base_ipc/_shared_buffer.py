@@ -447,15 +447,27 @@ def shared_buffer(ref: Any, source: Any = None) -> memoryview:
     :param source: in a handler, its ``context`` (the buffers of the
         request); in a client, the :class:`ReceivedBuffers` that
         ``call_method(..., return_buffers=True)`` returned with the reply.
+    :raises TypeError: ``ref`` is not a ``vyra.ipc.SharedBufferRef``.
     :raises SharedMemoryError: the buffer was not sent with the message.
     """
-    if ref.inline_data or ref.size == 0:
-        return memoryview(ref.inline_data).toreadonly()
+    inline = _inline_data(ref, 'shared_buffer')
+    if inline or ref.size == 0:
+        return memoryview(inline).toreadonly()
     buffers = source if isinstance(source, ReceivedBuffers) else getattr(source, '_buffers', None)
     return (buffers or _NONE).view(ref)
 
 
 _NONE = ReceivedBuffers()
+
+
+def _inline_data(ref: Any, function: str) -> bytes:
+    """``ref.inline_data``; a TypeError naming what ``ref`` is if it is no reference."""
+    try:
+        return ref.inline_data
+    except AttributeError:
+        hint = ' (a SharedBuffer of this process: use its view())' if isinstance(ref, SharedBuffer) else ''
+        raise TypeError(f'{function}() needs a vyra.ipc.SharedBufferRef, the field of the message that '
+                        f'names the buffer (e.g. request.image), not {type(ref).__name__}{hint}') from None
 
 
 def received_buffer(ref: Any, source: Any = None) -> SharedBuffer:
@@ -465,10 +477,12 @@ def received_buffer(ref: Any, source: Any = None) -> SharedBuffer:
     Closed by the library (when the call ends, or when collected).
 
     :param source: as for :func:`shared_buffer`.
+    :raises TypeError: ``ref`` is not a ``vyra.ipc.SharedBufferRef``.
     :raises SharedMemoryError: the buffer was not sent with the message.
     """
-    if ref.inline_data or ref.size == 0:
-        copy = SharedBuffer.copy_from(ref.inline_data)
+    inline = _inline_data(ref, 'received_buffer')
+    if inline or ref.size == 0:
+        copy = SharedBuffer.copy_from(inline)
         copy._handle = ref.handle
         copy._managed = True
         return copy
