@@ -11,6 +11,7 @@ observables.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import sys
@@ -18,12 +19,14 @@ import threading
 from types import FrameType
 from typing import Any, Callable, Iterator
 
+import numpy
 import pytest
 
 from conftest import LONG
-from vyra_base_ipc import SharedBuffer, received_buffer, shared_buffer
+from vyra_base_ipc import ReceivedBuffers, SharedBuffer, received_buffer, shared_buffer
 from vyra_base_ipc._payload import seal_bytes
 from vyra_base_ipc._segment_pool import SegmentPool, new_segment, segment_pool
+from vyra_base_ipc.ttrpc._frames import HEADER, released_ids
 from vyra_base_ipc.ttrpc._segment_link import SegmentLink
 
 KiB = 1024
@@ -226,3 +229,50 @@ def test_shared_buffer_given_something_else_than_a_reference_raises_type_error_n
                 function(wrong)
         with pytest.raises(TypeError, match='its view()'):
             function(frame)
+
+
+# == views that must not be written ===============================================================
+
+def assert_read_only_all_the_way(view: memoryview) -> None:
+    """Neither ``view`` nor the object under it gives a writable buffer: a NumPy
+    array over either is read-only (a write over a read-only mapping kills the
+    process; over the owner's segment it changes what was sent)."""
+    assert view.readonly
+    for base in (view, view.obj):
+        array = numpy.frombuffer(base, dtype=numpy.uint8)
+        assert not array.flags.writeable, f'a writable array over {type(base).__name__}'
+        with pytest.raises(TypeError, match='not writable'):
+            ctypes.c_char.from_buffer(base)
+
+
+def test_the_owners_view_of_a_sent_buffer_is_read_only_down_to_the_object_under_it(
+        own_pool: SegmentPool) -> None:
+    with SharedBuffer.allocate(len(DATA)) as buffer:
+        writable = buffer.view()
+        writable[:] = DATA
+        assert numpy.frombuffer(writable.obj, dtype=numpy.uint8).flags.writeable  # before it is sent
+        del writable
+        buffer.freeze()
+        view = buffer.view()
+        assert_read_only_all_the_way(view)
+        assert bytes(view) == DATA and len(view) == len(DATA) and view.format == 'B'
+
+
+@pytest.mark.parametrize('kind', ['memfd', 'lent'])
+def test_a_received_buffers_view_is_read_only_down_to_the_object_under_it_and_still_gives_its_lend_back(
+        kind: str) -> None:
+    link = SegmentLink()
+    try:
+        with made(kind, link) as buffer:
+            received = ReceivedBuffers({buffer.handle: buffer})
+            view = shared_buffer(buffer.ref, received)
+            assert_read_only_all_the_way(view)
+            part = numpy.frombuffer(view, dtype=numpy.uint8)[10:20]
+            assert bytes(part) == DATA[10:20]
+            del view
+        if kind == 'lent':
+            assert link.release_frame() == b''  # the array still holds the lend
+            del part
+            assert released_ids(link.release_frame()[HEADER.size:]) == (7,)
+    finally:
+        link.close()

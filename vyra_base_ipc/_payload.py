@@ -28,6 +28,7 @@ import dataclasses
 import fcntl
 import mmap
 import os
+import pickle
 import stat
 import sys
 import threading
@@ -52,6 +53,7 @@ __all__ = [
     'is_allocated',
     'close_fds',
     'map_sealed',
+    'read_only',
     'seal_bytes',
     'shared_memory_unavailable',
     'usable_options',
@@ -262,6 +264,17 @@ def map_sealed(fd: int, size: int, what: str, populate: bool = True) -> memoryvi
     except OSError as error:
         raise SharedMemoryError(f'{what}: cannot map {size} bytes: {error.strerror}') from None
     return memoryview(mapping).toreadonly()
+
+
+def read_only(view: memoryview) -> memoryview:
+    """``view`` read-only, and so is its ``.obj``: a read-only view, not the
+    object that maps the memory. That object (a ctypes array over a pooled
+    segment or a lend) exports a writable buffer: ``numpy.frombuffer(view.obj)``
+    would be a writable array over memory already sent, or over a read-only
+    mapping, where a write kills the process."""
+    # A PickleBuffer passes on the buffer of the view it wraps, whose obj is
+    # that view; the PickleBuffer itself is not kept.
+    return memoryview(pickle.PickleBuffer(view.toreadonly()))
 
 
 def close_fds(fds: Iterable[int]) -> None:

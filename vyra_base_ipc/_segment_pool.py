@@ -36,7 +36,7 @@ import time
 from typing import Any, Callable
 import weakref
 
-from ._payload import MFD_FLAGS, POOL_SEALS, SharedMemoryError
+from ._payload import MFD_FLAGS, POOL_SEALS, SharedMemoryError, read_only
 from .exceptions import ForkedProcessError
 
 __all__ = ['DEFAULT_FREE_BYTES', 'DEFAULT_IDLE_SECONDS', 'DEFAULT_MAX_SEGMENTS', 'DEFAULT_POOL_BYTES',
@@ -167,12 +167,13 @@ class Segment:
     def user_view(self, size: int, writable: bool) -> memoryview:
         """A view of the first ``size`` bytes that counts as a user of the
         segment as long as it, or anything made from it, is referenced: the
-        segment is not written by anyone else before it is gone."""
+        segment is not written by anyone else before it is gone. Read-only,
+        it is so down to its ``.obj`` (see :func:`~._payload.read_only`)."""
         self.use()
         held = _held_type(self.capacity).from_address(self._address)
         held._segment = self
         view = memoryview(held).cast('B')[:size]
-        return view if writable else view.toreadonly()
+        return view if writable else read_only(view)
 
     def destroy(self) -> None:
         """Unmap and close (it is no longer in any pool); tell the watchers."""

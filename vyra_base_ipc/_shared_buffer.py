@@ -31,6 +31,7 @@ from ._payload import (
     MAX_BUFFERS_PER_MESSAGE,
     SharedMemoryError,
     map_sealed,
+    read_only,
     seal_bytes,
     shared_memory_unavailable,
 )
@@ -77,7 +78,7 @@ class SharedBuffer:
     unchanged, without a copy.
     """
 
-    __slots__ = ('_fd', '_size', '_handle', '_view', '_managed', '_segment', '_lent', '_sent',
+    __slots__ = ('_fd', '_size', '_handle', '_view', '_public', '_managed', '_segment', '_lent', '_sent',
                  '__weakref__')
 
     def __init__(self, fd: int, size: int, handle: int | None = None, *,
@@ -100,6 +101,8 @@ class SharedBuffer:
         self._size = size
         self._handle = _handles.getrandbits(64) if handle is None else handle
         self._view = view
+        #: What view() returns of ``view``: read-only down to its .obj (made on first use).
+        self._public: memoryview | None = None
         self._managed = managed
         self._segment = segment
         self._lent = lent
@@ -247,7 +250,8 @@ class SharedBuffer:
     def view(self) -> memoryview:
         """A view of the contents, mapping the shared pages (no copy):
         writable for a buffer :meth:`allocate` d and not yet sent, read-only
-        otherwise. Valid as long as it is referenced, even after
+        otherwise (so is its ``.obj``: ``numpy.frombuffer(view.obj)`` is a
+        read-only array too). Valid as long as it is referenced, even after
         :meth:`close`: the memory is not reused while it is.
 
         :raises ValueError: the buffer is closed.
@@ -257,9 +261,12 @@ class SharedBuffer:
             segment = self._segment
             if segment is not None:
                 return segment.user_view(self._size, not self._sent)
-            if self._view is None:  # (a memfd of its own: pooled segments unavailable)
-                self._view = map_sealed(fd, self._size, repr(self), populate=False)
-            return self._view
+            public = self._public
+            if public is None:
+                if self._view is None:  # (a memfd of its own: pooled segments unavailable)
+                    self._view = map_sealed(fd, self._size, repr(self), populate=False)
+                public = self._public = read_only(self._view)
+            return public
 
     def read(self) -> bytes:
         """A copy of the contents (without mapping them).
@@ -347,7 +354,8 @@ class SharedBuffer:
             fd, self._fd = self._fd, -1
             segment, self._segment = self._segment, None
             view, self._view = self._view, None
-        del view  # (the last reference to a lend gives it back: outside the lock)
+            public, self._public = self._public, None
+        del view, public  # (the last reference to a lend gives it back: outside the lock)
         if segment is not None:
             segment.unuse()  # (the descriptor is the segment's)
         elif fd >= 0:
