@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import subprocess
 import sys
 import threading
 from types import FrameType
@@ -276,3 +277,26 @@ def test_a_received_buffers_view_is_read_only_down_to_the_object_under_it_and_st
             assert released_ids(link.release_frame()[HEADER.size:]) == (7,)
     finally:
         link.close()
+
+
+# == the end of the process =======================================================================
+
+EXITS = """
+from vyra_base_ipc import SharedBuffer
+kept = SharedBuffer.copy_from(b'x' * 100)  # left open, as a module's frame buffer would be
+closed = SharedBuffer.copy_from(b'y' * 100)
+view = closed.view()  # its segment goes back to the pool only as the interpreter ends
+closed.close()
+"""
+
+
+def test_a_process_ending_with_pooled_buffers_or_views_still_referenced_exits() -> None:
+    # Returned to the pool while the interpreter shuts down, a segment used to
+    # start the pool's idle timer: a thread that never runs then, and
+    # Thread.start() waited for it for ever.
+    try:
+        result = subprocess.run([sys.executable, '-W', 'ignore::ResourceWarning', '-c', EXITS],
+                                capture_output=True, text=True, timeout=LONG)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f'the process did not exit within {LONG} s')
+    assert (result.returncode, result.stderr) == (0, '')

@@ -31,6 +31,7 @@ import ctypes
 import fcntl
 import mmap
 import os
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -535,11 +536,15 @@ def segments_lock() -> Any:
 def start_timer(delay: float, function: Callable[[], None], name: str) -> threading.Timer:
     """A started :class:`threading.Timer` that calls ``function`` after
     ``delay`` seconds in a daemon thread named ``name`` (it never keeps the
-    process alive)."""
+    process alive); not started while the interpreter shuts down (a segment
+    given back by a buffer or view collected then): a thread started then
+    never runs, and ``start()`` would wait for it for ever (or raise, from
+    Python 3.12)."""
     timer = threading.Timer(delay, function)
     timer.name = name
     timer.daemon = True
-    timer.start()
+    if not sys.is_finalizing():
+        timer.start()
     return timer
 
 
