@@ -119,6 +119,22 @@ def test_protos_in_subdirectories_build_and_a_deleted_proto_leaves_no_code_behin
     assert (arm / 'my_arm' / 'legacy_pb2.py').is_file()
 
 
+def test_the_installed_modules_stubs_serve_mypy(tmp_path: Path) -> None:
+    # The .pyi stubs are worth something only if mypy reads them: an installed package needs py.typed.
+    workspace = tmp_path / 'ws'
+    copy_example(workspace / 'src' / 'my_arm')
+    colcon_build(workspace)
+    (tmp_path / 'app.py').write_text('from my_arm.arm_pb2 import MoveRequest\n'
+                                     "speed: str = MoveRequest(pose='ready').speed\n")
+    result = subprocess.run(
+        ['bash', '-c', f'source install/setup.bash && {sys.executable} -m mypy --no-incremental '
+                       f'--config-file /dev/null {tmp_path / "app.py"}'],
+        cwd=workspace, capture_output=True, text=True, timeout=300)
+    assert 'import-untyped' not in result.stdout, result.stdout
+    assert ('app.py:2: error: Incompatible types in assignment (expression has type "float", variable has type'
+            ' "str")') in result.stdout, result.stdout + result.stderr
+
+
 def test_a_src_layout_is_built_beside_its_modules_under_symlink_install(tmp_path: Path) -> None:
     workspace = tmp_path / 'ws'
     arm = copy_example(workspace / 'src' / 'my_arm')

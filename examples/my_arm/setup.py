@@ -12,6 +12,8 @@ setup(
     name=package_name,
     version='0.1.0',
     packages=[package_name],
+    # py.typed: mypy reads the generated .pyi stubs (and this package's hints) of the installed package.
+    package_data={package_name: ['py.typed']},
     data_files=[
         ('share/ament_index/resource_index/packages', [f'resource/{package_name}']),
         (f'share/{package_name}', ['package.xml']),
