@@ -135,6 +135,23 @@ def test_the_installed_modules_stubs_serve_mypy(tmp_path: Path) -> None:
             ' "str")') in result.stdout, result.stdout + result.stderr
 
 
+def test_a_module_copied_from_the_example_keeps_generated_code_out_of_git(tmp_path: Path) -> None:
+    # --symlink-install generates into the source tree: the module's own .gitignore must cover it.
+    workspace = tmp_path / 'ws'
+    arm = copy_example(workspace / 'src' / 'my_arm')
+    subprocess.run(['git', 'init', '-q', str(arm)], check=True, timeout=60)
+
+    def untracked() -> list[str]:
+        status = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=all'], cwd=arm, check=True,
+                                capture_output=True, text=True, timeout=60)
+        return sorted(status.stdout.splitlines())
+
+    before = untracked()
+    colcon_build(workspace, '--symlink-install')
+    assert (arm / 'my_arm' / 'arm_pb2.py').is_file()
+    assert untracked() == before
+
+
 def test_a_src_layout_is_built_beside_its_modules_under_symlink_install(tmp_path: Path) -> None:
     workspace = tmp_path / 'ws'
     arm = copy_example(workspace / 'src' / 'my_arm')
