@@ -50,6 +50,24 @@ def test_a_broken_proto_fails_the_build_naming_it(tmp_path: Path, capfd: pytest.
     assert '"strin" is not defined' in capfd.readouterr().err
 
 
+@pytest.mark.parametrize(('imported', 'hint'), [
+    ('types.proto', 'imports name a file from one of them, as in import "gripper/types.proto";'),
+    ('protos/gripper/types.proto', 'imports name a file from one of them, as in import "gripper/types.proto";'),
+    ('timestamp.proto', 'imports name a file from one of them, as in import "google/protobuf/timestamp.proto";'),
+    ('my_arm/arm.proto', "another package's protos go on the path with proto_cmdclass(include_packages=['my_arm'])"
+                         ' or include=[...]'),
+], ids=['sibling', 'from-package-root', 'well-known-type', 'other-module'])
+def test_an_import_protoc_cannot_find_is_named_with_where_it_is_or_what_to_do(
+        tmp_path: Path, imported: str, hint: str) -> None:
+    write_proto(tmp_path / 'protos' / 'gripper' / 'types.proto', 'package gripper;\nmessage Pose { string n = 1; }\n')
+    write_proto(tmp_path / 'protos' / 'gripper' / 'grip.proto', f'package gripper;\nimport "{imported}";\n')
+    with pytest.raises(RuntimeError) as error:
+        generate_protos(tmp_path / 'protos', tmp_path / 'out')
+    assert (f'\n  gripper/grip.proto: import "{imported}" is in none of the import paths ({tmp_path / "protos"}, '
+            f'{vyra_proto_path()}, ') in str(error.value)
+    assert str(error.value).endswith(hint)
+
+
 # Real builds of a copy of examples/my_arm (and of small packages made here),
 # with colcon and setuptools as module packages are built.
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import keyword
 import os
 from pathlib import Path
+import re
 import shutil
 import sys
 import tempfile
@@ -146,7 +147,9 @@ def generate_protos(proto_root: str | Path, output_dir: str | Path, *, stubs: bo
     :raises ValueError: a proto's code could not be imported (a directory
         named like a Python keyword, ...) or lands outside ``packages``; each
         such proto is named with what is wrong. Nothing is generated then.
-    :raises RuntimeError: protoc failed (its messages are on stderr).
+    :raises RuntimeError: protoc failed (its messages are on stderr); for
+        each import on none of the import paths, where a file of that
+        name is on them, or that another package's go on with ``include_packages``.
     """
     import grpc_tools  # a build requirement: grpcio-tools
     from grpc_tools import protoc
@@ -172,8 +175,39 @@ def generate_protos(proto_root: str | Path, output_dir: str | Path, *, stubs: bo
         f'--grpc_python_out={output}', *protos,
     ])
     if status != 0:
-        raise RuntimeError(f'protoc failed with status {status} on {protos} in {root}')
+        hints = _import_hints(root, protos, paths)
+        raise RuntimeError(f'protoc failed with status {status} on {protos} in {root}'
+                           + ''.join(f'\n  {hint}' for hint in hints))
     return protos
+
+
+#: ``import "x.proto";``, ``import public ...``, ``import weak ...``, at the start of a line.
+_IMPORT = re.compile(r'^\s*import\s+(?:public\s+|weak\s+)?"([^"]+)"\s*;', re.M)
+
+
+def _import_hints(root: Path, protos: Iterable[str], paths: Sequence[Path]) -> list[str]:
+    """For each import of ``protos`` that is in none of ``paths``, where it
+    is instead or how to put it on the path: protoc only says "File not found"."""
+    known: dict[str, list[str]] = {}  # file name -> its import names, over every path
+    for path in paths:
+        for name in find_protos(path) if path.is_dir() else ():
+            known.setdefault(name.rsplit('/', 1)[-1], []).append(name)
+    hints = []
+    for proto in protos:
+        for imported in _IMPORT.findall((root / proto).read_text(encoding='utf-8', errors='replace')):
+            if any((path / imported).is_file() for path in paths):
+                continue
+            where = ', '.join(map(str, paths))
+            hint = f'{proto}: import "{imported}" is in none of the import paths ({where})'
+            matches = sorted(set(known.get(imported.rsplit('/', 1)[-1], ())))
+            if matches:
+                hint += ': imports name a file from one of them, as in ' + ' or '.join(
+                    f'import "{match}";' for match in matches)
+            elif '/' in imported:
+                hint += (": another package's protos go on the path with"
+                         f" proto_cmdclass(include_packages=['{imported.split('/')[0]}']) or include=[...]")
+            hints.append(hint)
+    return hints
 
 
 def _setup_dir() -> Path:
