@@ -170,6 +170,19 @@ def test_a_module_copied_from_the_example_keeps_generated_code_out_of_git(tmp_pa
     assert untracked() == before
 
 
+def test_switching_to_symlink_install_leaves_no_generated_code_installed(tmp_path: Path) -> None:
+    # colcon undoes the earlier install with the files its --record listed: the generated ones must be there.
+    workspace = tmp_path / 'ws'
+    copy_example(workspace / 'src' / 'my_arm')
+    colcon_build(workspace)
+    site = workspace / 'install' / 'my_arm' / 'lib'
+    assert {path.name for path in site.rglob('arm_pb2*')} == {'arm_pb2.py', 'arm_pb2.pyi', 'arm_pb2_grpc.py'}
+    colcon_build(workspace, '--symlink-install')
+    assert sorted(str(path.relative_to(site)) for path in site.rglob('*_pb2*')) == []
+    assert probe(workspace, 'import my_arm.arm_pb2_grpc as g; print(g.__file__)') == str(
+        workspace / 'build' / 'my_arm' / 'my_arm' / 'arm_pb2_grpc.py')
+
+
 def test_a_src_layout_is_built_beside_its_modules_under_symlink_install(tmp_path: Path) -> None:
     workspace = tmp_path / 'ws'
     arm = copy_example(workspace / 'src' / 'my_arm')
