@@ -1,5 +1,12 @@
 """Fixtures of my_arm's tests: a ROS environment of their own, and the arm's
-node as a real process."""
+node as a real process.
+
+The tests use the built package, as its users do: `colcon test` runs
+`python -m pytest` in the source directory, which puts that directory first
+on sys.path, and there the package has no generated code (the build writes
+it into the build and install trees). So it comes off sys.path here, and the
+processes the tests start run in their temporary directory.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,15 @@ import tempfile
 
 from arm_processes import Processes, StartNode
 import pytest
+
+SOURCE = Path(__file__).resolve().parent.parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or os.curdir).resolve() != SOURCE]
+
+
+@pytest.fixture(autouse=True)
+def run_elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of the source directory: `python -m` puts the working directory first on sys.path."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture
