@@ -165,11 +165,14 @@ class _DuplicateKey(Exception):
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    for key in keys:
-        if keys.count(key) > 1:
-            raise _DuplicateKey(f'the key {key!r}')
-    return dict(pairs)
+    unique = dict(pairs)
+    if len(unique) < len(pairs):  # (a set, not a count per key: a request may have many)
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(f'the key {key!r}')
+            seen.add(key)
+    return unique
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
