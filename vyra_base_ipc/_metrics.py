@@ -67,11 +67,15 @@ class MethodMetrics:
             self.errors[code] = self.errors.get(code, 0) + 1
 
     def snapshot(self) -> MethodStats:
-        """The counters as a ``vyra.ipc.MethodStats`` message."""
+        """The counters as a ``vyra.ipc.MethodStats`` message; from any thread."""
+        # Copied first, in one step each (no bytecode runs while the
+        # interpreter copies a list or dict of ints): another thread may add
+        # a status to ``errors`` meanwhile, and iterating it then would fail.
         counts = list(self.counts)
+        errors = dict(self.errors)
         return MethodStats(
             method=self.method, lane=self.lane, calls=self.calls, in_flight=max(self.in_flight, 0),
-            errors={_STATUS_NAMES.get(code, str(code)): count for code, count in self.errors.items()},
+            errors={_STATUS_NAMES.get(code, str(code)): count for code, count in errors.items()},
             latency_counts=counts, latency_p50_seconds=quantile(counts, 0.5, self.max),
             latency_p99_seconds=quantile(counts, 0.99, self.max), latency_max_seconds=self.max)
 
@@ -122,7 +126,8 @@ class ServerMetrics:
         metrics.ended(metrics.started(), grpc.StatusCode.UNIMPLEMENTED.value[0])
 
     def snapshot(self, connections: Mapping[str, int]) -> Stats:
-        """All counters as a ``vyra.ipc.Stats`` message; methods never
+        """All counters as a ``vyra.ipc.Stats`` message, from any thread
+        (``/diagnostics`` reads it from the ROS executor's); methods never
         called are left out.
 
         :param connections: open connections per lane.
@@ -130,7 +135,8 @@ class ServerMetrics:
         return Stats(
             uptime_seconds=time.monotonic() - self._started,
             lanes=[lane.snapshot(connections.get(name, 0)) for name, lane in self.lanes.items()],
-            methods=[metrics.snapshot() for metrics in self._methods.values()
+            # (list(): copied in one step, as the loop may add a method meanwhile)
+            methods=[metrics.snapshot() for metrics in list(self._methods.values())
                      if metrics.calls or metrics.in_flight],
             latency_bounds_seconds=LATENCY_BOUNDS)
 
