@@ -5,9 +5,11 @@ refusal with PERMISSION_DENIED, the counters read over the socket through
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
+import time
 from typing import Any
 
 import grpc
@@ -23,6 +25,7 @@ from vyra_base_ipc import (
     IPCRemoteError,
     IPCServer,
     IPCTimeoutError,
+    IPCUnavailableError,
     ServerInterceptor,
     SyncIPCHandler,
     ttrpc_pb2,
@@ -477,3 +480,40 @@ def test_reserved_metadata_keys_are_a_value_error_naming_them_before_anything_is
 def test_client_interceptors_must_be_client_interceptors(socket_path: Path) -> None:
     with pytest.raises(TypeError, match='interceptors must be ClientInterceptor objects'):
         SyncIPCHandler(socket_path, interceptors=[ServerInterceptor()])  # type: ignore[list-item]
+
+
+def test_a_client_interceptor_sees_a_retried_call_once_and_the_server_each_attempt(observed: Observed,
+                                                                                  echo: Any) -> None:
+    # README: call_started and call_ended run once per call, its retries
+    # included (what the caller waits for); the server sees every attempt.
+    recorder = Recorder()
+    busy = echo.pb.FailRequest(code=grpc.StatusCode.UNAVAILABLE.value[0], details='busy')
+    with SyncIPCHandler(observed.server.socket_path, echo.Stub, lane='ttrpc', timeout=1.0,
+                        idempotent_methods=['Fail'], interceptors=[recorder]) as client:
+        with pytest.raises(IPCUnavailableError, match='busy'):
+            client.call_method('Fail', busy)
+    assert recorder.ended == [(FAIL, 'ttrpc', 'UNAVAILABLE', 'busy')]
+    attempts = observed.ended(FAIL, 'ttrpc', 2)
+    assert {entry['metadata']['x-trace'] for entry in attempts} == {'trace-42'}
+
+
+@pytest.mark.parametrize('lane', [
+    pytest.param('grpc', marks=pytest.mark.xfail(
+        strict=True, reason='grpc.aio tells a def handler nothing of a client that cancels (README)')),
+    'ttrpc'])
+def test_a_def_handler_whose_client_cancels_is_observed_cancelled(observed: Observed, echo: Any,
+                                                                 lane: str) -> None:
+    async def cancel_while_it_runs() -> None:
+        async with IPCHandler(observed.server.socket_path, echo.Stub, lane=lane, timeout=10) as client:
+            call = asyncio.ensure_future(client.call_method('InspectSync', echo.pb.InspectRequest(sleep_seconds=1)))
+            until = time.monotonic() + 10
+            while not [entry for entry in observed.entries() if entry['method'] == INSPECT_SYNC]:
+                assert time.monotonic() < until, 'the call never started on the server'
+                await asyncio.sleep(0.01)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+    asyncio.run(cancel_while_it_runs())
+    ended = observed.ended(INSPECT_SYNC, lane)[0]
+    assert ended['code'] == 'CANCELLED'
+    assert dict(observed.method_stats(INSPECT_SYNC, lane, 1).errors) == {'CANCELLED': 1}
