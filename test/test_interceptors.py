@@ -341,11 +341,17 @@ def test_server_info_names_the_module_process_and_services(observed: Observed, l
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
 def test_stats_of_a_server_without_metrics_say_so(start_server: StartServer, socket_path: Path,
                                                   tmp_path: Path, lane: str) -> None:
+    before = time.time()
     observed = start_observed(start_server, socket_path, tmp_path, '--no-metrics')
     with pytest.raises(IPCRemoteError) as refused:
         observed.stats(lane)
     assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
     assert 'metrics are off' in str(refused.value)
+    # The rest of the server's information does not depend on them (its start time was 0).
+    with observed.client(introspection_grpc.IntrospectionStub, lane) as client:
+        info = client.call_method('GetServerInfo', introspection.ServerInfoRequest())
+    assert (info.module_name, info.pid) == ('observed', observed.server.pid)
+    assert before <= info.start_time <= time.time()
 
 
 @pytest.mark.parametrize('failure', ['RuntimeError', 'SystemExit', 'KeyboardInterrupt'])

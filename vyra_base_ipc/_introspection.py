@@ -7,6 +7,7 @@ import asyncio
 from importlib import metadata
 import os
 from pathlib import Path
+import time
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -30,6 +31,8 @@ class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
 
     def __init__(self, server: 'IPCServer') -> None:
         self._server = server
+        # Made with the server, as its metrics are: the start time whether they are on or off.
+        self._start_time = time.time()
 
     async def GetServerInfo(self, request: ServerInfoRequest, context: Any) -> ServerInfo:
         server = self._server
@@ -38,7 +41,7 @@ class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
             module_name=server.module_name or '', socket_path=str(server.socket_path),
             ttrpc_socket_path=str(server.ttrpc_socket_path or ''), pid=os.getpid(), uid=os.geteuid(),
             services=server.service_names, version=_version(),
-            start_time=metrics.start_time if metrics is not None else 0.0)
+            start_time=metrics.start_time if metrics is not None else self._start_time)
 
     async def GetStats(self, request: StatsRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Stats:
         # The gRPC lane's connections are counted in a thread: reading the
