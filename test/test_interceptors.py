@@ -199,6 +199,30 @@ def test_stats_over_the_socket_count_calls_errors_latency_and_bytes(
     assert not [entry for entry in observed.stats(lane).methods if 'Introspection' in entry.method]
 
 
+def lane_bytes(stats: introspection.Stats, lane: str) -> tuple[int, int, int, int]:
+    found = {entry.lane: entry for entry in stats.lanes}[lane]
+    return (found.inline_bytes_received, found.inline_bytes_sent, found.shared_memory_bytes_received,
+            found.shared_memory_bytes_sent)
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_lane_bytes_count_the_modules_own_messages_only(observed: Observed, echo: Any, lane: str) -> None:
+    # As its calls are: the fast lane counted those of introspection (each
+    # GetStats answer grew the counters it reported), health and methods the
+    # server does not have; the gRPC lane never did.
+    before = lane_bytes(observed.stats(lane), lane)
+    with observed.client(backend_grpc.BackendServiceStub, lane) as client:
+        with pytest.raises(IPCRemoteError):
+            client.call_method('GetStatus', backend_pb.StatusRequest(), timeout=10)
+    for _ in range(3):
+        observed.stats(lane)
+    assert lane_bytes(observed.stats(lane), lane) == before
+    with observed.client(echo.Stub, lane) as client:
+        client.call_method('Echo', echo.pb.EchoRequest(text='counted'))
+    received, sent, _, _ = lane_bytes(observed.stats(lane), lane)
+    assert (received, sent) == (before[0] + 9, before[1] + 9)  # b'\n\x07counted' each way
+
+
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
 def test_a_running_call_is_in_flight(observed: Observed, echo: Any, lane: str) -> None:
     with observed.client(echo.Stub, lane) as client:

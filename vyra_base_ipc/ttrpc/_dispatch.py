@@ -366,8 +366,9 @@ class Call:
 
     def _count_sent(self, size: int, shared: bool) -> None:
         # On the event loop only: the fast lane's counters take no lock.
+        # Observed handlers' answers only, as for requests (see ServerConnection._count_received).
         lane = self.connection.server.lane_metrics
-        if lane is not None:
+        if lane is not None and self.handler.observed:
             if shared:
                 lane.shared_sent += size
             else:
@@ -421,7 +422,7 @@ class Call:
                 # Most answers: sent without outgoing(), which would return them as they are.
                 connection.send(ok_response_frame(self.stream_id, 0, payload))
                 lane = connection.server.lane_metrics
-                if lane is not None:
+                if lane is not None and self.handler.observed:  # (as in _count_sent)
                     lane.inline_sent += len(payload)
                 self._end(end, code, details)
                 return

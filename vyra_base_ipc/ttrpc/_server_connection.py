@@ -303,8 +303,9 @@ class ServerConnection(FramedConnection):
                           f'{held - self.held_buffers} streamed requests in shared memory '
                           'not read yet: no more (a quarter of max_held_buffers)')
                 return
-        self._count_received(len(payload), shared)
         if call is not None:
+            if call.handler.observed:
+                self._count_received(len(payload), shared)
             call.data(frame, payload, shared)
         elif stream_id > self.last_stream_id:
             self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT,
@@ -373,8 +374,6 @@ class ServerConnection(FramedConnection):
         if name == _hello.HELLO_METHOD and service == _hello.HELLO_SERVICE and not shared:
             self._hello(stream_id, payload, previous)
             return
-        buffered = sum(buffer.size for buffer in buffers.values()) if buffers else 0
-        self._count_received(len(payload) + buffered, bool(shared))
         if server._stopping:
             self.reject(stream_id, grpc.StatusCode.UNAVAILABLE, 'server is shutting down')
             return
@@ -416,12 +415,18 @@ class ServerConnection(FramedConnection):
         # Buffers go with a single answer, to a client that agreed; elsewhere inline.
         if self.agreement.shared_memory is not None and not handler.response_streaming:
             context._can_attach = True
+        if handler.observed:  # as on the gRPC lane: requests of the module's own services that run
+            buffered = sum(buffer.size for buffer in buffers.values()) if buffers else 0
+            self._count_received(len(payload) + buffered, bool(shared))
         call = Call(self, stream_id, handler, context)
         self.calls[stream_id] = call
         server._active += 1
         call.start(payload, frame.flags, timeout)
 
     def _count_received(self, size: int, shared: bool) -> None:
+        # Only for calls of observed handlers: health, introspection and
+        # methods the server lacks are not the module's traffic (nor are
+        # they on the gRPC lane, which counts as it deserializes).
         lane = self.server.lane_metrics
         if lane is not None:
             if shared:
