@@ -101,12 +101,15 @@ def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver, 
                 responses = behaviour(request, context)
                 if responses is not None:
                     yield from _encoded(responses, encode)
+                _in_time(context)
         wrapped = observed_sync_stream
     else:
         def observed_sync(request: Any, context: Any) -> Any:
             context = SyncContext.of(context)
             with _ending(start_sync(context), context):
-                return _answer(behaviour(request, context), context, encode)
+                response = _answer(behaviour(request, context), context, encode)
+                _in_time(context)
+                return response
         wrapped = observed_sync
     deserialize = handler.request_deserializer
     if lane is not None:
@@ -156,6 +159,27 @@ def _end(observation: Observation, status: Callable[..., tuple[int, str]], *argu
                           observation.call.method if observation.call is not None else 'a method')
         code, details = _UNKNOWN, 'the status could not be read'
     observation.end(code, details)
+
+
+def _in_time(context: SyncContext) -> None:
+    """Answer DEADLINE_EXCEEDED for a ``def`` handler that returned once its
+    deadline had passed (as one that works while ``is_active()`` does), as
+    the fast lane does.
+
+    grpc.aio would send what it returned unless its own timer had fired by
+    then: the client got OK or DEADLINE_EXCEEDED by a race, while this
+    observation could only guess.
+
+    :raises grpc.aio.AbortError: the deadline has passed (unless grpc's
+        timer ended the call meanwhile: then the status it sent was that).
+    """
+    if context.cancelled():
+        try:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, 'Deadline Exceeded')
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # (ExecuteBatchError) the call had ended, its status sent by grpc's timer:
+            pass  # the handler's answer is not sent either; _returned() tells DEADLINE_EXCEEDED
 
 
 def _left(context: Any) -> tuple[int, str]:

@@ -1,5 +1,6 @@
 """StatusService: handlers that use their context as grpc.aio lets them, and
-end their calls in unusual ways (see echo.proto)."""
+end their calls in unusual ways (see echo.proto; and "until-inactive": a def
+handler that works until is_active() says its call ended, then returns)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,14 @@ def _misbehave(how: str, context: Any) -> Any:
     raise AssertionError(f'no such how: {how!r}')
 
 
+def _work_while_active(context: Any) -> None:
+    """Work in small steps while the call runs, as a def handler should, and
+    stop as soon as it has ended (60 s at most)."""
+    ending = time.monotonic() + 60
+    while context.is_active() and time.monotonic() < ending:
+        time.sleep(0.0005)
+
+
 def _seen(context: Any) -> dict[str, bool]:
     return {'is_active': context.is_active(), 'cancelled': context.cancelled(), 'done': context.done()}
 
@@ -66,6 +75,9 @@ class StatusService(echo_pb2_grpc.StatusServiceServicer):
             context.add_done_callback(lambda _: journal({'event': 'seen', 'tag': request.tag,
                                                          'done_callback': True}))
             return echo_pb2.EchoReply(text=json.dumps(_seen(context)))
+        if request.how == 'until-inactive':
+            _work_while_active(context)
+            return echo_pb2.EchoReply(text='too late')
         if request.how == 'wait-cancel' and self._journal is not None:
             ending = time.monotonic() + 60  # (as a def handler that works on until its call ends would)
             while context.is_active() and time.monotonic() < ending:
@@ -96,6 +108,9 @@ class StatusService(echo_pb2_grpc.StatusServiceServicer):
         yield echo_pb2.EchoReply(text='first')
         if request.how == 'return-none':
             yield None
+            return
+        if request.how == 'until-inactive':
+            _work_while_active(context)
             return
         if request.how == 'yield-after-abort':
             try:

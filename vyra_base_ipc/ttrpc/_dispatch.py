@@ -356,6 +356,12 @@ class Call:
         answer = future.result()
         if answer is None:
             return
+        if self.context.cancelled():
+            # It returned once its deadline had passed (is_active() said so),
+            # before the deadline's timer ended the call: the answer is the
+            # timer's, whichever came first (the gRPC lane's too).
+            self.expire()
+            return
         code, details, payload = answer
         if payload is None:
             self._end_stream()
