@@ -21,12 +21,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+import fcntl
 import gc
 import os
 from pathlib import Path
 import signal
-import subprocess
-import sys
+import socket
+import struct
+import termios
 import threading
 import time
 from typing import Any
@@ -35,6 +37,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import pytest
 
 from conftest import LANES, LONG, ServerProcess, StartFaultServer, make_stale_socket, until, wait_for
+from http2_peer import (
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    HEADERS,
+    OPEN_WINDOWS,
+    PREFACE,
+    frame,
+    grpc_message,
+    grpc_request_headers,
+)
 from vyra_base_ipc import IPCError, IPCHandler, IPCUnavailableError, SyncIPCHandler
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc import module_service_pb2_grpc as module_grpc
@@ -401,39 +414,39 @@ def test_sigterm_under_load_drains_then_exits_cleanly(start_fault_server: StartF
     assert journal.count('cancelled', 'Sleep') == 20
 
 
-_FROZEN_WATCHER = """
-import asyncio, os, signal, sys
-import grpc
-from vyra_ipc_test import echo_pb2, echo_pb2_grpc
-async def main():
-    async with grpc.aio.insecure_channel('unix:' + sys.argv[1]) as channel:
-        call = echo_pb2_grpc.WatchServiceStub(channel).Watch(echo_pb2.WatchRequest(tag='f', size=256 * 1024))
-        for _ in range(20):
-            await call.read()
-        print('frozen', flush=True)
-        os.kill(os.getpid(), signal.SIGSTOP)
-asyncio.run(main())
-"""
+WATCH = '/vyra.ipc.test.WatchService/Watch'
 
 
 def test_sigterm_exits_when_a_grpc_client_froze_with_a_stream_it_does_not_read(
-        start_server: Callable[..., ServerProcess], socket_path: Path, child_env: dict[str, str]) -> None:
+        start_server: Callable[..., ServerProcess], socket_path: Path, echo: Any) -> None:
     # grpc.aio's stop() waits without bound, past the grace, for grpc core to
     # flush a write to a peer that does not read (a process stopped in a
     # debugger): the server never exited. Its wait is now bounded.
+    # The peer is HTTP/2 by hand, with every window open: a grpc client grows
+    # its windows as it reads, so whether the server's writes then filled the
+    # socket (the case here) or stopped at the window first (grpc's stop()
+    # then ends) was a race, which this test lost now and then.
     server = start_server(socket_path, '--grace-period', '1')
-    client = subprocess.Popen([sys.executable, '-c', _FROZEN_WATCHER, str(socket_path)], env=child_env,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert client.stdout is not None and client.stdout.readline() == 'frozen\n'
-        wait_for(lambda: Path(f'/proc/{client.pid}/stat').read_text().split()[2] == 'T', 10, 'a frozen client')
+    with socket.socket(socket.AF_UNIX) as peer:
+        peer.connect(str(socket_path))
+        request = echo.pb.WatchRequest(tag='f', size=256 * 1024).SerializeToString()
+        peer.sendall(PREFACE + OPEN_WINDOWS + frame(HEADERS, END_HEADERS, 1, grpc_request_headers(WATCH))
+                     + frame(DATA, END_STREAM, 1, grpc_message(request)))
+        received = 0
+        while received < 4 * 256 * 1024:  # (the stream runs; from here on nothing is read)
+            chunk = peer.recv(1 << 20)
+            assert chunk, 'the server closed the connection'
+            received += len(chunk)
+        wait_for(lambda: unread(peer) > 0, 10, 'answers the peer does not read')
         server.signal(signal.SIGTERM)
         wait_for(lambda: not server.running(), 30, 'the server to exit')
-        assert server.popen.returncode == 0
-        assert 'did not take the shutdown' in server.log()
-    finally:
-        client.kill()
-        client.communicate()
+    assert server.popen.returncode == 0
+    assert 'did not take the shutdown' in server.log()
+
+
+def unread(sock: socket.socket) -> int:
+    """The bytes waiting in ``sock``'s receive queue (FIONREAD)."""
+    return struct.unpack('i', fcntl.ioctl(sock, termios.FIONREAD, b'\0\0\0\0'))[0]
 
 
 @pytest.mark.parametrize('handler', ['servicer', 'command'])
