@@ -1,6 +1,7 @@
 """The arm's web frontend: a FastAPI app that calls the arm's node over IPC.
 
-    ros2 run my_arm arm_web --port 8000          # or: uvicorn my_arm.web:app --port 8000
+    ros2 run my_arm arm_web --port 8000
+    uvicorn my_arm.web:app --port 8000 --timeout-graceful-shutdown 5     # the same
 
 One :class:`~vyra_base_ipc.IPCHandler` per app, made in the lifespan and
 shared by every request (it connects on demand, so the app may start before
@@ -8,6 +9,10 @@ the arm's node, and heals when the node restarts). It finds the node's socket
 as every client does: ``VYRA_IPC_SOCKET`` if set, else the module name
 (``VYRA_MODULE_NAME``, default ``my_arm``). A failed call becomes the HTTP
 status that grpc-gateway gives its gRPC status, with the error's text.
+
+A stop (Ctrl-C, SIGTERM) lets the requests in flight end, for
+:data:`SHUTDOWN_GRACE` seconds at most, then cancels those left, which ends
+their IPC calls and streams on the node too.
 """
 
 from __future__ import annotations
@@ -48,6 +53,17 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503,
 }
 
+#: The deadline of the frontend's IPC calls, in seconds.
+CALL_TIMEOUT = 5.0
+
+#: How long a stop waits for the requests in flight before it cancels them
+#: (uvicorn's ``timeout_graceful_shutdown``): the calls' deadline, so that only
+#: endless streams (``/joints?count=0``) are cut. Without it uvicorn waits for
+#: every open response to end, and a browser watching the joints kept the
+#: frontend running, its lifespan's ``disconnect()`` not reached, for as long
+#: as it watched.
+SHUTDOWN_GRACE = CALL_TIMEOUT
+
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -58,7 +74,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     keep_freed_memory()
     # Not `async with`, which connects: the app starts even while the node is
     # down, and calls connect on demand once it is up.
-    app.state.arm = IPCHandler(module_name=module, service_stub=ArmServiceStub, timeout=5.0)
+    app.state.arm = IPCHandler(module_name=module, service_stub=ArmServiceStub, timeout=CALL_TIMEOUT)
     try:
         yield
     finally:
@@ -93,13 +109,17 @@ async def move(body: Move, request: Request) -> dict[str, object]:
 
 @app.get('/joints')
 async def joints(request: Request, count: int = 10) -> StreamingResponse:
-    """``count`` joint states as they come, one JSON line each (NDJSON).
+    """``count`` joint states as they come, one JSON line each (NDJSON); 0:
+    until the browser leaves (or the frontend stops).
 
     A client that disconnects early ends the stream on the node too: the
     response's generator is closed, and with it the IPC stream.
     """
     arm: IPCHandler = request.app.state.arm
-    states = arm.stream_method('WatchJoints', WatchRequest(count=count), response_type=JointState)
+    # No overall deadline (the call timeout would cut a watch off after 5 s, mid-body):
+    # it lives while the browser reads, and fails if the node sends nothing for that long.
+    states = arm.stream_method('WatchJoints', WatchRequest(count=count), timeout=None,
+                               idle_timeout=CALL_TIMEOUT, response_type=JointState)
     try:
         # The first state before the response starts: a stream that cannot
         # start is then an HTTP error, not a 200 with a broken body.
@@ -142,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument('--loop', default='auto', choices=('auto', 'asyncio', 'uvloop'),
                         help="the event loop (default: auto, uvicorn's choice: uvloop where installed)")
     options = parser.parse_args(argv)
-    uvicorn.run(app, host=options.host, port=options.port, uds=options.uds, loop=options.loop)
+    uvicorn.run(app, host=options.host, port=options.port, uds=options.uds, loop=options.loop,
+                timeout_graceful_shutdown=SHUTDOWN_GRACE)
 
 
 if __name__ == '__main__':

@@ -43,11 +43,13 @@ class Processes:
     def __init__(self, logs: Path) -> None:
         self._logs = logs
         self._started: list[tuple[subprocess.Popen[bytes], Path]] = []
+        self._count = 0
 
     def start(self, name: str, args: Sequence[str], env: dict[str, str], serves: Path) -> None:
         """Start ``args`` (output to ``<name>-<n>.log``); return once it
         serves ``serves``, or fail with its log if it exits first."""
-        log = self._logs / f'{name}-{len(self._started)}.log'
+        log = self._logs / f'{name}-{self._count}.log'
+        self._count += 1
         with open(log, 'wb') as output:
             process = subprocess.Popen(args, env=env, stdout=output, stderr=subprocess.STDOUT)
         self._started.append((process, log))
@@ -56,13 +58,15 @@ class Processes:
         assert process.poll() is None, log.read_text()
 
     def stop(self) -> None:
-        """SIGINT to each, which must exit 0; any left running is killed."""
+        """SIGINT to each, which must exit 0; any left running is killed.
+        Stops each once: a second call stops only those started since."""
+        started, self._started = self._started, []
         try:
-            for process, log in self._started:
+            for process, log in started:
                 process.send_signal(signal.SIGINT)
                 assert process.wait(timeout=20) == 0, log.read_text()
         finally:
-            for process, _ in self._started:
+            for process, _ in started:
                 if process.poll() is None:
                     process.kill()
                     process.wait()

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import json
 from pathlib import Path
 import sys
+import time
 
 from arm_processes import FRAME_BYTES, Processes, StartNode, wait_until
 import httpx
@@ -31,10 +32,8 @@ def start_web(ros_env: dict[str, str], socket_dir: Path, tmp_path: Path) -> Iter
 
     def start(node_socket: Path, loop: str) -> httpx.Client:
         web_socket = socket_dir / f'web-{len(clients)}.sock'
-        webs.start('web', [sys.executable, '-m', 'my_arm.web', '--uds', str(web_socket), '--loop', loop],
-                   {**ros_env, 'VYRA_IPC_SOCKET': str(node_socket)}, web_socket)
-        clients.append(httpx.Client(transport=httpx.HTTPTransport(uds=str(web_socket)),
-                                    base_url='http://my-arm', timeout=30))
+        start_web_process(webs, web_socket, node_socket, loop, ros_env)
+        clients.append(web_client(web_socket))
         return clients[-1]
 
     try:
@@ -43,6 +42,19 @@ def start_web(ros_env: dict[str, str], socket_dir: Path, tmp_path: Path) -> Iter
         for client in clients:
             client.close()
         webs.stop()
+
+
+def start_web_process(processes: Processes, web_socket: Path, node_socket: Path, loop: str,
+                      env: dict[str, str]) -> None:
+    """Start the web frontend (``python -m my_arm.web``) serving ``web_socket``, calling ``node_socket``."""
+    processes.start('web', [sys.executable, '-m', 'my_arm.web', '--uds', str(web_socket), '--loop', loop],
+                    {**env, 'VYRA_IPC_SOCKET': str(node_socket)}, web_socket)
+
+
+def web_client(web_socket: Path) -> httpx.Client:
+    """An HTTP client of the web frontend on ``web_socket``."""
+    return httpx.Client(transport=httpx.HTTPTransport(uds=str(web_socket)), base_url='http://my-arm',
+                        timeout=30)
 
 
 def stats_of(node_socket: Path, method: str) -> list[MethodStats]:
@@ -99,5 +111,40 @@ def test_a_browser_leaving_the_joint_stream_ends_it_on_the_node(arm_socket: Path
         assert [entry.in_flight for entry in stats_of(arm_socket, 'WatchJoints')] == [1]
 
     # Closing the HTTP response ends the IPC stream and its handler on the node.
+    wait_until(lambda: [entry.in_flight for entry in stats_of(arm_socket, 'WatchJoints')] == [0], 20,
+               lambda: f'WatchJoints still running: {stats_of(arm_socket, "WatchJoints")}')
+
+
+def test_an_endless_joint_stream_outlives_the_frontends_call_timeout(arm_socket: Path,
+                                                                     start_web: StartWeb) -> None:
+    from my_arm.web import CALL_TIMEOUT
+
+    web = start_web(arm_socket, 'uvloop')
+    with web.stream('GET', '/joints', params={'count': 0}) as endless:  # 0: until the caller leaves
+        lines = endless.iter_lines()
+        # It took the frontend's call timeout as its deadline: the node's stream failed
+        # DEADLINE_EXCEEDED after 5 s, and the browser got a body cut off mid-stream.
+        until = time.monotonic() + CALL_TIMEOUT * 1.5
+        sequences = [json.loads(next(lines))['sequence']]
+        while time.monotonic() < until:
+            sequences.append(json.loads(next(lines))['sequence'])
+    assert sequences == list(range(len(sequences)))
+
+
+def test_stopping_the_web_frontend_while_a_browser_watches_the_joints_ends_the_stream_and_the_process(
+        arm_socket: Path, ros_env: dict[str, str], socket_dir: Path, tmp_path: Path) -> None:
+    web_socket = socket_dir / 'web.sock'
+    webs = Processes(tmp_path)
+    try:
+        start_web_process(webs, web_socket, arm_socket, 'uvloop', ros_env)
+        with web_client(web_socket) as web, web.stream('GET', '/joints', params={'count': 0}) as endless:
+            lines = endless.iter_lines()
+            assert [json.loads(next(lines))['sequence'] for _ in range(2)] == [0, 1]
+            # SIGINT with the stream still open: the process must exit 0 (within 20 s). uvicorn waits
+            # for open responses to end, and an endless stream never did: the frontend ran on until
+            # the browser left (or a second Ctrl-C, which skipped the lifespan's disconnect).
+            webs.stop()
+    finally:
+        webs.stop()
     wait_until(lambda: [entry.in_flight for entry in stats_of(arm_socket, 'WatchJoints')] == [0], 20,
                lambda: f'WatchJoints still running: {stats_of(arm_socket, "WatchJoints")}')
