@@ -479,6 +479,22 @@ class ClientBase:
         self._fast_key = self._fast = self._grpc_key = None
         self._grpc = {}
 
+    @staticmethod
+    def _running_loop() -> asyncio.AbstractEventLoop:
+        """The running event loop of an :class:`IPCHandler`'s call.
+
+        :raises RuntimeError: none runs in this thread, saying what to use: a
+            coroutine awaited by another runner, chiefly an rclpy executor's
+            ``async def`` callback (asyncio's bare "no running event loop").
+        """
+        try:
+            return asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                'IPCHandler needs a running asyncio event loop, and none runs in this thread: await its '
+                'methods in asyncio code (asyncio.run(), uvicorn, ...). rclpy runs async def callbacks '
+                'without one: use SyncIPCHandler there') from None
+
 
 #: What _intercepted() gives without interceptors (reusable: it holds nothing).
 _NOT_INTERCEPTED: ContextManager[None] = contextlib.nullcontext()

@@ -161,7 +161,7 @@ class IPCHandler(ClientBase):
         self._loop = None
         if loop is None:
             return
-        if loop is asyncio.get_running_loop():
+        if loop is self._running_loop():
             await release_aio(fast_key, grpc_key)
         else:  # (not waited for: in a forked child, the loop's thread is the parent's)
             release_elsewhere(fast_key, grpc_key, loop)
@@ -353,7 +353,7 @@ class IPCHandler(ClientBase):
 
     def _here(self) -> None:
         """Make this handler's connections those of the running loop."""
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         if self._loop is loop:
             return
         # First use (or since disconnect()), or moved to a new loop (asyncio.run() twice): let go there.
