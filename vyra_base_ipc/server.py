@@ -411,10 +411,7 @@ class IPCServer:
         if self._loop is not None and self._loop.is_running():
             raise RuntimeError('abandon() is for a server whose event loop ended; '
                                'its loop still runs: await stop() there')
-        self._withdraw()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-        self._state = _State.STOPPED
+        self._stopped(tell=False)  # (its waiters are the dead loop's: nothing could wake them)
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
         """Wait until the server has stopped.
@@ -516,13 +513,7 @@ class IPCServer:
                                 'the grace (its peer does not read); stopped without waiting for it',
                                 self.socket_path, _CLOSE_TIME)
         finally:
-            self._withdraw()  # (if an error came first)
-            if self._executor is not None:
-                # Sync handlers cannot be interrupted; do not wait for them.
-                self._executor.shutdown(wait=False, cancel_futures=True)
-            self._state = _State.STOPPED
-            assert self._terminated is not None
-            self._terminated.set()
+            self._stopped()  # (the files: if an error came first)
             if self._announce:
                 _logger.info('IPC server on %s stopped%s', self.socket_path,
                              '' if removed else ' (a socket file stayed: see the warning above)')
@@ -545,13 +536,20 @@ class IPCServer:
             if self._server is not None:
                 await self._server.stop(None)
         finally:
-            self._withdraw()
-            if self._executor is not None:
-                self._executor.shutdown(wait=False, cancel_futures=True)
-            self._state = _State.STOPPED
+            self._stopped()
+            self._started.set()
+
+    def _stopped(self, tell: bool = True) -> None:
+        """The end of every stop path: both socket files withdrawn (each if still ours), the
+        handler threads let go (sync handlers cannot be interrupted: not waited for), the state
+        STOPPED; with ``tell``, :meth:`wait_for_termination` told."""
+        self._withdraw()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._state = _State.STOPPED
+        if tell:
             assert self._terminated is not None
             self._terminated.set()
-            self._started.set()
 
 
 @contextlib.contextmanager
