@@ -22,16 +22,8 @@ from vyra_base_ipc import IPCHandler, IPCTimeoutError, IPCUnavailableError, Mess
 #: How an async generator handler ends when its client leaves: cancelled while
 #: it awaited something, closed while it had yielded (as grpc.aio does it).
 LEFT = ('cancelled', 'closed')
-#: grpc.aio runs a def handler's generator in its thread pool and, when the
-#: client leaves, neither closes it (it waits for garbage collection) nor
-#: runs its add_callback callbacks (only a unary def handler's); such a
-#: handler has no is_active() there either. The fast lane does all three.
-GRPC_DEF_STREAMS = pytest.mark.xfail(
-    strict=True, reason='grpc.aio does not end a def stream handler whose client left (README: known limits)')
 HANDLERS = [('Watch', LEFT), ('WatchSync', 'inactive')]
-HANDLER_LANES = [pytest.param(lane, method, how,
-                              marks=GRPC_DEF_STREAMS if (lane, method) == ('grpc', 'WatchSync') else ())
-                 for lane in LANES for method, how in HANDLERS]
+HANDLER_LANES = [(lane, method, how) for lane in LANES for method, how in HANDLERS]
 tags = (f'tag-{number}' for number in itertools.count())
 
 

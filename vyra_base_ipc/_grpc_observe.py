@@ -5,9 +5,9 @@ never see how a call ended, so each handler is wrapped instead: the wrapper
 starts the call's :class:`~vyra_base_ipc._interceptors.Observation`, runs the
 handler, and ends it with the status grpc.aio will send (the code a handler
 set or aborted with, CANCELLED or DEADLINE_EXCEEDED when it was cancelled,
-UNKNOWN for an exception, or the code it set before it raised). Each handler keeps its shape (``def``,
-``async def``, generators) so that grpc.aio still runs ``def`` handlers in
-its thread pool. The wrapper serializes the responses itself, so that one
+UNKNOWN for an exception, or the code it set before it raised). Handlers
+here are ``async def`` ones (a ``def`` handler runs in a thread from one:
+:mod:`vyra_base_ipc._def_handlers`). The wrapper serializes the responses itself, so that one
 that does not serialize ends the observation as what grpc.aio sends for it
 (UNKNOWN), not as the handler's success. Message sizes are counted as
 messages are (de)serialized.
@@ -20,13 +20,12 @@ import contextlib
 import inspect
 import logging
 import time
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
 import grpc
 
 from ._interceptors import CallObserver, CallRejected, Observation
 from ._metrics import LaneMetrics, ServerMetrics
-from ._sync_context import SyncContext
 
 __all__ = ['UnknownMethods', 'observe_handlers']
 
@@ -65,13 +64,6 @@ def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver, 
             deadline = None if remaining is None else time.monotonic() + remaining
         return observer.start(metrics, path, _LANE, context, None, deadline)
 
-    def start_sync(context: Any) -> Observation:
-        try:
-            return start(context)
-        except CallRejected as rejection:
-            context.abort(rejection.code, rejection.details)  # raises
-            raise
-
     if inspect.isasyncgenfunction(behaviour):
         async def observed_stream(request: Any, context: Any) -> AsyncIterator[Any]:
             try:
@@ -85,7 +77,7 @@ def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver, 
                     async for response in responses:
                         yield encode(response)
         wrapped: Callable[..., Any] = observed_stream
-    elif inspect.iscoroutinefunction(behaviour):
+    else:
         async def observed(request: Any, context: Any) -> Any:
             try:
                 observation = start(context)
@@ -94,23 +86,6 @@ def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver, 
             with _ending(observation, context):
                 return _answer(await behaviour(request, context), context, encode)
         wrapped = observed
-    elif streaming[1]:
-        def observed_sync_stream(request: Any, context: Any) -> Iterator[Any]:
-            context = SyncContext.of(context)
-            with _ending(start_sync(context), context):
-                responses = behaviour(request, context)
-                if responses is not None:
-                    yield from _encoded(responses, encode)
-                _in_time(context)
-        wrapped = observed_sync_stream
-    else:
-        def observed_sync(request: Any, context: Any) -> Any:
-            context = SyncContext.of(context)
-            with _ending(start_sync(context), context):
-                response = _answer(behaviour(request, context), context, encode)
-                _in_time(context)
-                return response
-        wrapped = observed_sync
     deserialize = handler.request_deserializer
     if lane is not None:
         deserialize = _counting(deserialize, lane, received=True)
@@ -161,27 +136,6 @@ def _end(observation: Observation, status: Callable[..., tuple[int, str]], *argu
     observation.end(code, details)
 
 
-def _in_time(context: SyncContext) -> None:
-    """Answer DEADLINE_EXCEEDED for a ``def`` handler that returned once its
-    deadline had passed (as one that works while ``is_active()`` does), as
-    the fast lane does.
-
-    grpc.aio would send what it returned unless its own timer had fired by
-    then: the client got OK or DEADLINE_EXCEEDED by a race, while this
-    observation could only guess.
-
-    :raises grpc.aio.AbortError: the deadline has passed (unless grpc's
-        timer ended the call meanwhile: then the status it sent was that).
-    """
-    if context.cancelled():
-        try:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, 'Deadline Exceeded')
-        except grpc.aio.AbortError:
-            raise
-        except Exception:  # (ExecuteBatchError) the call had ended, its status sent by grpc's timer:
-            pass  # the handler's answer is not sent either; _returned() tells DEADLINE_EXCEEDED
-
-
 def _left(context: Any) -> tuple[int, str]:
     """The status of a call that ended before its handler: out of time, or cancelled."""
     remaining = context.time_remaining()
@@ -200,11 +154,7 @@ def _number(code: Any) -> int | None:
 
 
 def _returned(context: Any) -> tuple[int, str]:
-    """The status of a call whose handler returned: for a ``def`` handler
-    that returned after its call ended (client gone, deadline passed),
-    grpc.aio's CANCELLED or DEADLINE_EXCEEDED."""
-    if type(context) is SyncContext and context.cancelled():
-        return _left(context)
+    """The status of a call whose handler returned."""
     number = _number(context.code())
     if number is None:
         return _OK
@@ -272,17 +222,6 @@ def _answer(response: Any, context: Any, encode: Callable[[Any], Any]) -> Any:
     if _number(context.code()) is not None:
         return response
     return encode(response)
-
-
-def _encoded(responses: Iterable[Any], encode: Callable[[Any], Any]) -> Iterator[Any]:
-    """A ``def`` handler's ``responses``, serialized; closed when this is."""
-    try:
-        for response in responses:
-            yield encode(response)
-    finally:
-        close = getattr(responses, 'close', None)
-        if close is not None:
-            close()
 
 
 def _counting(convert: Callable[[Any], Any] | None, lane: LaneMetrics, received: bool

@@ -12,23 +12,21 @@ ends the server's event loop, silently, and every call after it hangs. The
 guard answers such a call UNKNOWN like any other exception, in grpc.aio's
 words, logs it, and the server serves on (the fast lane does the same).
 
-A ``def`` handler gets the context of
-:class:`~vyra_base_ipc._sync_context.SyncContext`: grpc.aio's, with what
-grpc.aio leaves out of it (``is_active()``, ``cancelled()``, ``done()``...).
-
-Each handler keeps its shape (``def``, ``async def``, generators) so that
-grpc.aio still runs ``def`` handlers in its thread pool.
+A ``def`` handler becomes an ``async def`` that runs it in the server's
+handler threads (:mod:`vyra_base_ipc._def_handlers`), told when its call
+ends, so that every guard here is one for ``async def`` handlers.
 """
 
 from __future__ import annotations
 
+from concurrent import futures
 import inspect
 import logging
-from typing import Any, AsyncIterator, Callable, Iterator, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
 import grpc
 
-from ._sync_context import SyncContext
+from ._def_handlers import in_handler_threads
 
 __all__ = ['HANDLER_EXITS', 'HANDLER_FAILURES', 'guard_handlers']
 
@@ -57,18 +55,22 @@ class _Undecodable:
         self.details = details
 
 
-def guard_handlers(service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
+def guard_handlers(service: str, handlers: Mapping[str, grpc.RpcMethodHandler], executor: futures.Executor
                    ) -> dict[str, grpc.RpcMethodHandler]:
-    """Return ``handlers`` with decoding failures answered INVALID_ARGUMENT
-    and exits (:data:`HANDLER_EXITS`) answered UNKNOWN."""
-    return {name: _guard(f'/{service}/{name}', handler) for name, handler in handlers.items()}
+    """Return ``handlers`` with decoding failures answered INVALID_ARGUMENT,
+    exits (:data:`HANDLER_EXITS`) answered UNKNOWN, and ``def`` handlers run
+    in ``executor``."""
+    return {name: _guard(f'/{service}/{name}', handler, executor) for name, handler in handlers.items()}
 
 
-def _guard(path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _guard(path: str, handler: grpc.RpcMethodHandler, executor: futures.Executor) -> grpc.RpcMethodHandler:
     deserialize = handler.request_deserializer
-    streaming = (handler.request_streaming, handler.response_streaming)
-    behaviour = _guard_exits(path, getattr(handler, _FACTORIES[streaming].__name__.replace(
-        '_rpc_method_handler', '')), handler.response_streaming)
+    streaming = (bool(handler.request_streaming), bool(handler.response_streaming))
+    behaviour = getattr(handler, _FACTORIES[streaming].__name__.replace('_rpc_method_handler', ''))
+    if not (inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
+        behaviour = in_handler_threads(behaviour, executor, request_streaming=streaming[0],
+                                       response_streaming=streaming[1])
+    behaviour = _guard_exits(path, behaviour)
     if deserialize is not None:
         behaviour = (_guard_streaming_requests if handler.request_streaming else _guard_request)(behaviour)
         deserialize = _tolerant(path, deserialize)
@@ -83,7 +85,7 @@ def _exited(path: str, error: BaseException) -> str:
     return f'Unexpected {type(error)}: {error}'
 
 
-def _guard_exits(path: str, behaviour: Callable[..., Any], response_streaming: bool) -> Callable[..., Any]:
+def _guard_exits(path: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
     if inspect.isasyncgenfunction(behaviour):
         async def guarded_stream(argument: Any, context: Any) -> AsyncIterator[Any]:
             try:
@@ -92,36 +94,13 @@ def _guard_exits(path: str, behaviour: Callable[..., Any], response_streaming: b
             except HANDLER_EXITS as error:
                 await context.abort(grpc.StatusCode.UNKNOWN, _exited(path, error))
         return guarded_stream
-    if inspect.iscoroutinefunction(behaviour):
-        async def guarded(argument: Any, context: Any) -> Any:
-            try:
-                return await behaviour(argument, context)
-            except HANDLER_EXITS as error:
-                await context.abort(grpc.StatusCode.UNKNOWN, _exited(path, error))
-        return guarded
-    # def handlers: with the context of SyncContext (is_active() and the rest).
-    if response_streaming:  # a generator, or a def returning an iterator
-        def guarded_sync_stream(argument: Any, context: Any) -> Iterator[Any]:
-            context = SyncContext.of(context)
-            try:
-                responses = behaviour(argument, context)
-                if responses is not None:
-                    yield from responses
-            except HANDLER_EXITS as error:
-                context.abort(grpc.StatusCode.UNKNOWN, _exited(path, error))
-            finally:
-                context.finished = True
-        return guarded_sync_stream
 
-    def guarded_sync(argument: Any, context: Any) -> Any:
-        context = SyncContext.of(context)
+    async def guarded(argument: Any, context: Any) -> Any:
         try:
-            return behaviour(argument, context)
+            return await behaviour(argument, context)
         except HANDLER_EXITS as error:
-            context.abort(grpc.StatusCode.UNKNOWN, _exited(path, error))
-        finally:
-            context.finished = True
-    return guarded_sync
+            await context.abort(grpc.StatusCode.UNKNOWN, _exited(path, error))
+    return guarded
 
 
 def _tolerant(path: str, deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
@@ -144,18 +123,12 @@ def _guard_request(behaviour: Callable[..., Any]) -> Callable[..., Any]:
             async for response in behaviour(request, context):
                 yield response
         return guarded_stream
-    if inspect.iscoroutinefunction(behaviour):
-        async def guarded(request: Any, context: Any) -> Any:
-            if type(request) is _Undecodable:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
-            return await behaviour(request, context)
-        return guarded
 
-    def guarded_sync(request: Any, context: Any) -> Any:
+    async def guarded(request: Any, context: Any) -> Any:
         if type(request) is _Undecodable:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
-        return behaviour(request, context)
-    return guarded_sync
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+        return await behaviour(request, context)
+    return guarded
 
 
 def _guard_streaming_requests(behaviour: Callable[..., Any]) -> Callable[..., Any]:
@@ -165,22 +138,12 @@ def _guard_streaming_requests(behaviour: Callable[..., Any]) -> Callable[..., An
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             yield request
 
-    def checked_sync(requests: Any, context: Any) -> Iterator[Any]:
-        for request in requests:
-            if type(request) is _Undecodable:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
-            yield request
-
     if inspect.isasyncgenfunction(behaviour):
         async def guarded_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
             async for response in behaviour(checked(requests, context), context):
                 yield response
         return guarded_stream
-    if inspect.iscoroutinefunction(behaviour):
-        async def guarded(requests: Any, context: Any) -> Any:
-            return await behaviour(checked(requests, context), context)
-        return guarded
 
-    def guarded_sync(requests: Any, context: Any) -> Any:
-        return behaviour(checked_sync(requests, context), context)
-    return guarded_sync
+    async def guarded(requests: Any, context: Any) -> Any:
+        return await behaviour(checked(requests, context), context)
+    return guarded

@@ -1,47 +1,74 @@
 """The context a ``def`` handler gets on the gRPC lane.
 
-grpc.aio gives ``def`` handlers (run in its thread pool) a context without
-``is_active()``, ``cancelled()``, ``done()``, ``add_done_callback()``,
-``code()``, ``details()`` or ``abort_with_status()``: calling one failed the call (AttributeError,
-UNKNOWN), though the same servicer has them on the fast lane. This wrapper
-adds them, built on what grpc.aio's context has: ``time_remaining()``, and
-``add_callback`` (whose callbacks grpc.aio runs only for a call that ended
-normally: it tells a ``def`` handler nothing of a client that left before
-the deadline). Everything else is grpc.aio's context.
+Such a handler runs in one of the server's handler threads, started by
+:mod:`vyra_base_ipc._def_handlers` from an ``async def`` that grpc.aio runs
+(not by grpc.aio, whose thread-pool handlers are told nothing of a client
+that leaves: grpc/grpc#25327). This context is grpc.aio's context of that
+call, made usable from the thread, with what the fast lane's context has:
 
-Every ``def`` handler of a registered service gets one (see
-:mod:`vyra_base_ipc._request_guard`); the observation of a call
-(:mod:`vyra_base_ipc._grpc_observe`) reads the status set on it.
+- ``abort()``, ``abort_with_status()``, ``send_initial_metadata()`` and
+  ``write()`` run on the event loop; the thread waits until they are done
+  (``abort`` then raises ``grpc.aio.AbortError``, as grpc.aio's own does).
+- ``is_active()``, ``cancelled()``, ``done()``, ``add_callback()`` and
+  ``add_done_callback()`` follow the call's end: the handler finished, the
+  client left, the deadline passed, or the server stopped.
+- ``code()`` and ``details()`` tell what the handler set.
+
+Everything else (``invocation_metadata()``, ``time_remaining()``, ``peer()``,
+``set_trailing_metadata()``...) is grpc.aio's context.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import asyncio
+from concurrent import futures
+import logging
+import threading
+from typing import Any, Callable, Coroutine, TypeVar
 
 import grpc
 
-__all__ = ['SyncContext']
+__all__ = ['CallEnded', 'SyncContext']
+
+_T = TypeVar('_T')
+_logger = logging.getLogger(__name__)
+#: How often a handler thread waiting for the loop looks whether its call ended.
+_POLL_SECONDS = 0.1
+
+
+class CallEnded(Exception):
+    """Raised in a handler thread that writes or reads after its call ended
+    (the client left, the deadline passed, the server stopped); it ends the
+    handler, and nothing is sent for it."""
 
 
 class SyncContext:
-    """A ``def`` handler's context with the status set on it, and told when
-    its call ends. Create it with :meth:`of`."""
+    """A ``def`` handler's context (see the module docstring).
 
-    __slots__ = ('_context', '_code', '_details', 'finished')
+    :param context: grpc.aio's context of the call.
+    :param loop: the event loop serving the call.
+    :param send: hands a response message to the loop and returns once it is
+        written (``write()`` and the messages a stream handler yields);
+        ``None`` for a method answering one message.
+    """
 
-    def __init__(self, context: Any) -> None:
+    def __init__(self, context: Any, loop: asyncio.AbstractEventLoop,
+                 send: Callable[[Any], None] | None = None) -> None:
         self._context = context
+        self._loop = loop
+        self._send = send
         self._code: Any = None
         self._details: str | None = None
-        #: Set once the handler has returned or raised (by its wrapper).
-        self.finished = False
-
-    @classmethod
-    def of(cls, context: Any) -> 'SyncContext':
-        """``context`` wrapped, unless it already is."""
-        return context if type(context) is cls else cls(context)
+        self._abort_error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._ended = False
+        self._left = False
+        self._callbacks: list[Callable[[], Any]] = []
+        self._done_callbacks: list[Callable[[Any], Any]] = []
 
     def __getattr__(self, name: str) -> Any:
+        if name == 'read':  # a coroutine of grpc.aio's: it would not run from here
+            raise AttributeError("a def handler's context has no read(): iterate over the request iterator")
         return getattr(self._context, name)
 
     # -- status ----------------------------------------------------------------------
@@ -54,44 +81,125 @@ class SyncContext:
         self._details = details
         self._context.set_details(details)
 
-    def abort(self, code: grpc.StatusCode, details: str = '', trailing_metadata: Any = ()) -> None:
-        self._code, self._details = code, details
-        self._context.abort(code, details, trailing_metadata)
-
-    def abort_with_status(self, status: grpc.Status) -> None:
-        """:meth:`abort` with a :class:`grpc.Status` (grpc.aio's ``def``
-        context has no such method; the fast lane's and grpc's own have)."""
-        self.abort(status.code, status.details, getattr(status, 'trailing_metadata', ()))
-
     def code(self) -> Any:
         return self._code
 
     def details(self) -> str | None:
         return self._details
 
+    def abort(self, code: grpc.StatusCode, details: str = '', trailing_metadata: Any = ()) -> None:
+        """End the call with ``code`` and ``details`` now.
+
+        :raises grpc.aio.AbortError: always, to end the handler.
+        """
+        self._code, self._details = code, details
+        try:
+            self.on_loop(self._context.abort(code, details, tuple(trailing_metadata)))
+        except grpc.aio.AbortError as error:
+            self._abort_error = error
+            raise
+
+    def abort_with_status(self, status: grpc.Status) -> None:
+        """:meth:`abort` with a :class:`grpc.Status`."""
+        self.abort(status.code, status.details, getattr(status, 'trailing_metadata', ()))
+
+    def send_initial_metadata(self, initial_metadata: Any) -> None:
+        self.on_loop(self._context.send_initial_metadata(initial_metadata))
+
+    def write(self, message: Any) -> None:
+        """Send ``message`` on a response-streaming call; returns once it is
+        written.
+
+        :raises grpc.aio.AbortError: the handler aborted this call before.
+        :raises CallEnded: the call has ended.
+        """
+        if self._send is None:
+            raise RuntimeError('write() is for methods that stream responses')
+        if self._abort_error is not None:  # nothing after an abort is sent
+            raise self._abort_error
+        self._send(message)
+
     # -- the call's end --------------------------------------------------------------
-    # grpc.aio tells a def handler's context nothing of a client that left
-    # (its add_callback callbacks run only for calls that end normally): the
-    # deadline is what there is to go by.
 
     def is_active(self) -> bool:
-        """Whether the call still runs: the handler has not finished and the
-        deadline has not passed."""
-        if self.finished:
+        """Whether the call still runs: not ended and not past its deadline."""
+        if self._ended:
             return False
         remaining = self._context.time_remaining()
         return remaining is None or remaining > 0
 
     def cancelled(self) -> bool:
-        """Whether the call's deadline has passed."""
+        """Whether the call was cancelled (client gone, server stopping) or
+        its deadline passed."""
+        if self._left:
+            return True
         remaining = self._context.time_remaining()
         return remaining is not None and remaining <= 0
 
     def done(self) -> bool:
-        """Whether the handler has finished or the deadline has passed."""
-        return self.finished or self.cancelled()
+        """Whether the call has ended, or its deadline has passed (before
+        grpc's timer ends it: a handler that saw ``is_active()`` turn False at
+        its deadline sees ``done()`` True too)."""
+        return self._ended or self.cancelled()
+
+    def add_callback(self, callback: Callable[[], Any]) -> bool:
+        """Call ``callback()`` (in the server's event loop thread) when the
+        call ends for any reason. Returns ``False`` if it has already ended."""
+        with self._lock:
+            if self._ended:
+                return False
+            self._callbacks.append(callback)
+            return True
 
     def add_done_callback(self, callback: Callable[[Any], Any]) -> None:
-        """Call ``callback(context)`` when the call ends, as grpc.aio runs
-        ``add_callback`` callbacks (only for a call that ends normally)."""
-        self._context.add_callback(lambda *unused: callback(self))
+        """Call ``callback(context)`` when the call ends (at once if it has)."""
+        with self._lock:
+            if not self._ended:
+                self._done_callbacks.append(callback)
+                return
+        self._run(callback, self)
+
+    # -- for the handler's runner ------------------------------------------------------
+
+    def finish(self, left: bool) -> None:
+        """Mark the call ended (``left``: before its handler finished) and run
+        the callbacks; only the first end counts."""
+        with self._lock:
+            if self._ended:
+                return
+            self._ended, self._left = True, left
+            callbacks, self._callbacks = self._callbacks, []
+            done_callbacks, self._done_callbacks = self._done_callbacks, []
+        for callback in callbacks:
+            self._run(callback)
+        for done_callback in done_callbacks:
+            self._run(done_callback, self)
+
+    def wait(self, future: futures.Future[_T]) -> _T:
+        """The result of ``future`` (work on the loop for this call), waited
+        for in the handler's thread.
+
+        :raises CallEnded: the call ended first (``future`` is cancelled).
+        """
+        while True:
+            try:
+                return future.result(_POLL_SECONDS)
+            except futures.TimeoutError:
+                if self._left or self._loop.is_closed():
+                    future.cancel()
+                    raise CallEnded() from None
+
+    def on_loop(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``coroutine`` on the loop and wait for its result (see :meth:`wait`)."""
+        try:
+            future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        except RuntimeError:  # the loop is closed
+            coroutine.close()
+            raise CallEnded() from None
+        return self.wait(future)
+
+    def _run(self, callback: Callable[..., Any], *args: Any) -> None:
+        try:
+            callback(*args)
+        except Exception:
+            _logger.exception('callback of a def handler raised')

@@ -472,9 +472,10 @@ class IPCServer:
         asyncio.ensure_future(self.stop())
 
     def _add_services(self, server: grpc.aio.Server) -> None:
+        assert self._executor is not None
         for registration in self._services:
-            handlers = self._open_streams.track(bound_call_duration(
-                guard_handlers(registration.name, registration.handlers), self.limits.max_call_duration))
+            handlers = self._open_streams.track(bound_call_duration(guard_handlers(
+                registration.name, registration.handlers, self._executor), self.limits.max_call_duration))
             if self._observer is not None:
                 handlers = observe_handlers(registration.name, handlers, self._observer)
             server.add_generic_rpc_handlers(

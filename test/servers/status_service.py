@@ -112,6 +112,10 @@ class StatusService(echo_pb2_grpc.StatusServiceServicer):
         if request.how == 'until-inactive':
             _work_while_active(context)
             return
+        if request.how == 'write':  # (a def handler's context.write(), between its yields)
+            context.write(echo_pb2.EchoReply(text='written'))
+            yield echo_pb2.EchoReply(text='last')
+            return
         if request.how == 'yield-after-abort':
             try:
                 context.abort(grpc.StatusCode.NOT_FOUND, 'stop')

@@ -118,7 +118,10 @@ class ServicerContext:
         return self._deadline is not None and self._end is None and time.monotonic() >= self._deadline
 
     def done(self) -> bool:
-        return self._end is not None
+        """Whether the call has ended, or its deadline has passed (before the
+        deadline's timer ends it: so that a handler that saw ``is_active()``
+        turn False at its deadline sees ``done()`` True too)."""
+        return self._end is not None or (self._deadline is not None and time.monotonic() >= self._deadline)
 
     # -- status ----------------------------------------------------------------------
 
