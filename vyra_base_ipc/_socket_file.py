@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import grp
 import logging
 import os
 from pathlib import Path
@@ -49,7 +50,7 @@ from ._peer import foreign_link
 from .address import MAX_SOCKET_PATH_BYTES
 from .exceptions import SocketInUseError, UnsafeDirectoryError
 
-__all__ = ['SocketFile', 'check_directory_chain', 'is_listening']
+__all__ = ['SocketFile', 'check_directory_chain', 'is_listening', 'socket_access']
 
 _logger = logging.getLogger(__name__)
 
@@ -406,3 +407,48 @@ class _PublishLock:
             os.unlink(self._name, dir_fd=self._dir_fd)
         finally:
             os.close(self._fd)  # closing releases the lock
+
+
+def socket_access(socket_mode: int | None, directory_mode: int | None, socket_group: str | int | None
+                  ) -> tuple[int | None, dict[str, int]]:
+    """The group id and the ``socket_mode``/``directory_mode`` a server's
+    socket files get: 0600/0700 by default, 0660/0750 with a group.
+
+    :raises TypeError, ValueError: a mode that is not one (0o000..0o777),
+        or that takes from the owner what it needs (0o600 of the socket,
+        0o700 of the directory); a group this system does not know.
+    """
+    group = _group_id(socket_group)
+    return group, {
+        'socket_mode': _mode(socket_mode, 'socket_mode', 0o600) if socket_mode is not None else (
+            0o600 if group is None else 0o660),
+        'directory_mode': _mode(directory_mode, 'directory_mode', 0o700) if directory_mode is not None
+        else (0o700 if group is None else 0o750),
+    }
+
+
+def _mode(value: object, name: str, owner: int) -> int:
+    """:raises TypeError, ValueError: unless ``value`` is a permission mode
+    (0o000..0o777) that gives the owner ``owner``'s bits."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f'{name} must be an int such as 0o660, not {type(value).__name__}')
+    if not 0 <= value <= 0o777:
+        raise ValueError(f'{name} must be between 0o000 and 0o777 (octal: 0o660, not 660), not {value}'
+                         f'{f" ({value:#o})" if value >= 0 else ""}')
+    if value & owner != owner:
+        raise ValueError(f'{name} {value:#o} leaves this process, its owner, without {owner:#o}')
+    return value
+
+
+def _group_id(group: str | int | None) -> int | None:
+    """:raises ValueError: for a group name this system does not know."""
+    if group is None or (isinstance(group, int) and not isinstance(group, bool)):
+        if group is not None and not 0 <= group < 2**32:
+            raise ValueError(f'socket_group must be a group id between 0 and {2**32 - 1}, not {group}')
+        return group
+    if not isinstance(group, str):
+        raise TypeError(f'socket_group must be a group name or id, not {type(group).__name__}')
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f'socket_group {group!r}: no such group on this system') from None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import grp
 import logging
 import signal
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -37,7 +36,7 @@ from ._options import (
 from ._payload import SharedMemoryOptions
 from ._request_guard import guard_handlers
 from ._segment_pool import segment_pool
-from ._socket_file import SocketFile
+from ._socket_file import SocketFile, socket_access
 from .address import (
     StrPath,
     default_ttrpc_socket_path,
@@ -172,13 +171,7 @@ class IPCServer:
             raise TypeError(f'shared_memory must be a SharedMemoryOptions or None, '
                             f'not {type(shared_memory).__name__}')
         self.shared_memory = shared_memory
-        group = _group_id(socket_group)
-        self._socket_options = {
-            'socket_mode': _mode(socket_mode, 'socket_mode', 0o600) if socket_mode is not None else (
-                0o600 if group is None else 0o660),
-            'directory_mode': _mode(directory_mode, 'directory_mode', 0o700) if directory_mode is not None
-            else (0o700 if group is None else 0o750),
-        }
+        group, self._socket_options = socket_access(socket_mode, directory_mode, socket_group)
         self._socket_group = group
         self._socket = SocketFile(self.socket_path, group=group, **self._socket_options)
         #: Counters of calls, errors, latency and bytes; ``None`` with ``metrics=False``.
@@ -571,29 +564,3 @@ def _logged_to_stderr() -> Iterator[None]:
         package.removeHandler(handler)
         package.setLevel(level)
 
-
-def _mode(value: object, name: str, owner: int) -> int:
-    """:raises TypeError, ValueError: unless ``value`` is a permission mode
-    (0o000..0o777) that gives the owner ``owner``'s bits."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f'{name} must be an int such as 0o660, not {type(value).__name__}')
-    if not 0 <= value <= 0o777:
-        raise ValueError(f'{name} must be between 0o000 and 0o777 (octal: 0o660, not 660), not {value}'
-                         f'{f" ({value:#o})" if value >= 0 else ""}')
-    if value & owner != owner:
-        raise ValueError(f'{name} {value:#o} leaves this process, its owner, without {owner:#o}')
-    return value
-
-
-def _group_id(group: str | int | None) -> int | None:
-    """:raises ValueError: for a group name this system does not know."""
-    if group is None or (isinstance(group, int) and not isinstance(group, bool)):
-        if group is not None and not 0 <= group < 2**32:
-            raise ValueError(f'socket_group must be a group id between 0 and {2**32 - 1}, not {group}')
-        return group
-    if not isinstance(group, str):
-        raise TypeError(f'socket_group must be a group name or id, not {type(group).__name__}')
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ValueError(f'socket_group {group!r}: no such group on this system') from None
