@@ -22,8 +22,21 @@ import operator
 import os
 import pickle
 import random
-from typing import TYPE_CHECKING, Any, Callable, ItemsView, Iterator, KeysView, Mapping, Sequence, ValuesView
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    ItemsView,
+    Iterator,
+    KeysView,
+    Mapping,
+    Sequence,
+    TypeVar,
+    ValuesView,
+)
 import warnings
+
+from google.protobuf.message import Message
 
 from . import shared_memory_pb2
 from ._inline_buffers import inline_buffers, inline_size
@@ -51,6 +64,8 @@ _handles = random.Random()
 os.register_at_fork(after_in_child=_handles.seed)
 
 SharedBufferRef = shared_memory_pb2.SharedBufferRef
+#: A response message (:func:`attach_buffers` returns the type it is given).
+_Message = TypeVar('_Message', bound=Message)
 
 
 class SharedBuffer:
@@ -199,7 +214,7 @@ class SharedBuffer:
         return self._handle
 
     @property
-    def ref(self) -> Any:
+    def ref(self) -> SharedBufferRef:
         """A new ``vyra.ipc.SharedBufferRef`` naming this buffer, to assign into a message."""
         return SharedBufferRef(handle=self._handle, size=self._size)
 
@@ -414,7 +429,7 @@ class ReceivedBuffers(Mapping[int, SharedBuffer]):
     def items(self) -> ItemsView[int, SharedBuffer]:
         return self._buffers.items()
 
-    def buffer(self, ref: Any) -> SharedBuffer:
+    def buffer(self, ref: SharedBufferRef) -> SharedBuffer:
         """The buffer ``ref`` (a ``vyra.ipc.SharedBufferRef``) names, e.g. to
         send it on.
 
@@ -427,7 +442,7 @@ class ReceivedBuffers(Mapping[int, SharedBuffer]):
                 'which was not sent with it')
         return buffer
 
-    def view(self, ref: Any) -> memoryview:
+    def view(self, ref: SharedBufferRef) -> memoryview:
         """A read-only view of the buffer ``ref`` names.
 
         :raises SharedMemoryError: as :meth:`buffer`.
@@ -443,7 +458,7 @@ class ReceivedBuffers(Mapping[int, SharedBuffer]):
         return f'<ReceivedBuffers {len(self._buffers)}>'
 
 
-def shared_buffer(ref: Any, source: Any = None) -> memoryview:
+def shared_buffer(ref: SharedBufferRef, source: Any = None) -> memoryview:
     """A read-only view of the buffer a ``vyra.ipc.SharedBufferRef`` names.
 
     On the fast lane the view maps the sender's shared memory: no copy is
@@ -478,7 +493,7 @@ def _inline_data(ref: Any, function: str) -> bytes:
                         f'names the buffer (e.g. request.image), not {type(ref).__name__}{hint}') from None
 
 
-def received_buffer(ref: Any, source: Any = None) -> SharedBuffer:
+def received_buffer(ref: SharedBufferRef, source: Any = None) -> SharedBuffer:
     """The :class:`SharedBuffer` a ``vyra.ipc.SharedBufferRef`` names, to
     send it on without a copy (e.g. with :func:`attach_buffers`). Where the
     buffer travelled inline, a new one holding a copy of ``ref.inline_data``.
@@ -498,7 +513,7 @@ def received_buffer(ref: Any, source: Any = None) -> SharedBuffer:
     return (buffers or _NONE).buffer(ref)
 
 
-def attach_buffers(context: Any, response: Any, *buffers: SharedBuffer) -> Any:
+def attach_buffers(context: Any, response: _Message, *buffers: SharedBuffer) -> _Message:
     """Answer with ``buffers`` (:class:`SharedBuffer` objects, made here or
     received): call it on the response a unary handler returns, whose
     ``SharedBufferRef`` fields name them.
@@ -514,7 +529,8 @@ def attach_buffers(context: Any, response: Any, *buffers: SharedBuffer) -> Any:
     On the fast lane, to a client that agreed on shared memory, they travel
     as descriptors (the client gets them with ``return_buffers=True``);
     otherwise their bytes are copied into the references' ``inline_data`` of
-    the returned copy of ``response``. Returns the response to send.
+    the returned copy of ``response``. Returns the response to send, a
+    message of ``response``'s class (so a handler's return type holds).
 
     :raises TypeError, ValueError: as :func:`check_buffers`, or the method
         streams its responses.

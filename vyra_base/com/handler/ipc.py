@@ -1,58 +1,15 @@
 """``vyra_base.com.handler.ipc``: the documented import path of the VYRA IPC
-handler, re-exporting :mod:`vyra_base_ipc`.
+handler, re-exporting :mod:`vyra_base_ipc` whole: every name of its ``__all__``,
+the same objects (a list of its own here fell behind: exceptions, the
+interceptors and ModuleService were missing).
 
 Shipped as a portion of the ``vyra_base`` namespace package (no
-``__init__.py`` files). Where the upstream ``vyra_base`` package is installed,
+``__init__.py`` files), with a ``py.typed`` marker of its own so that type
+checkers read it. Where the upstream ``vyra_base`` package is installed,
 its regular package takes precedence under Python's import rules; import from
 ``vyra_base_ipc`` there.
 """
 
-from vyra_base_ipc import (
-    CommandError,
-    ForkedProcessError,
-    IPCError,
-    IPCHandler,
-    IPCRemoteError,
-    IPCServer,
-    IPCTimeoutError,
-    IPCUnavailableError,
-    MessageTooLargeError,
-    ParameterError,
-    ReceivedBuffers,
-    ServiceCallTimeout,
-    ServiceUnavailable,
-    SharedBuffer,
-    SharedMemoryError,
-    SharedMemoryOptions,
-    SocketInUseError,
-    SyncIPCHandler,
-    TooLargeError,
-    attach_buffers,
-    received_buffer,
-    shared_buffer,
-)
-
-__all__ = [
-    'CommandError',
-    'ForkedProcessError',
-    'IPCError',
-    'IPCHandler',
-    'IPCRemoteError',
-    'IPCServer',
-    'IPCTimeoutError',
-    'IPCUnavailableError',
-    'MessageTooLargeError',
-    'ParameterError',
-    'ReceivedBuffers',
-    'ServiceCallTimeout',
-    'ServiceUnavailable',
-    'SharedBuffer',
-    'SharedMemoryError',
-    'SharedMemoryOptions',
-    'SocketInUseError',
-    'SyncIPCHandler',
-    'TooLargeError',
-    'attach_buffers',
-    'received_buffer',
-    'shared_buffer',
-]
+# A wildcard import is a re-export for mypy and pyright alike (and for IDE completion).
+from vyra_base_ipc import *  # noqa: F403
+from vyra_base_ipc import __all__ as __all__
