@@ -29,7 +29,9 @@ __all__ = [
     'validate_socket_path',
 ]
 
-StrPath = Union[str, 'os.PathLike[str]']
+#: A path as the functions here take it. Not a string annotation: typing.get_type_hints()
+#: evaluates those in the module using the alias, where ``os`` may not be imported.
+StrPath = Union[str, os.PathLike[str]]
 
 #: ``sizeof(sockaddr_un.sun_path)`` on Linux is 108, one byte of it the NUL.
 MAX_SOCKET_PATH_BYTES = 107

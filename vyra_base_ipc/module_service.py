@@ -62,7 +62,7 @@ __all__ = ['CommandError', 'ModuleService', 'command']
 
 CommandResult = Union[str, Awaitable[str]]
 CommandHandler = Callable[[dict[str, str]], CommandResult]
-DataItem = Union[bytes, str, Mapping[str, Any], list]
+DataItem = Union[bytes, str, Mapping[str, Any], list[Any]]
 DataProvider = Callable[[], Union[DataItem, Awaitable[DataItem]]]
 _F = TypeVar('_F', bound=Callable[..., Any])
 
