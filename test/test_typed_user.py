@@ -122,6 +122,60 @@ assert_type(generate_protos('protos', 'out'), list[str])
 """,
 }
 
+#: What vyra_base_ipc/client.py should let type checkers see, and does not yet
+#: (it is being restructured: not changed here). Each is a strict xfail.
+CLIENT_GAPS = {
+    # return_buffers=True answers (response, ReceivedBuffers): typed as Any.
+    'returned_buffers': """
+from vyra_base_ipc import IPCHandler, ReceivedBuffers, SyncIPCHandler
+
+
+async def frame(arm: IPCHandler) -> None:
+    reply, received = await arm.call_method('GetCameraFrame', FrameRequest(), response_type=CameraFrame,
+                                            return_buffers=True)
+    assert_type(reply, CameraFrame)
+    assert_type(received, ReceivedBuffers)
+
+
+def frame_blocking(arm: SyncIPCHandler) -> None:
+    reply, received = arm.call_method('GetCameraFrame', FrameRequest(), response_type=CameraFrame,
+                                      return_buffers=True)
+    assert_type(reply, CameraFrame)
+    assert_type(received, ReceivedBuffers)
+    untyped = arm.call_method('GetCameraFrame', FrameRequest(), return_buffers=True)
+    assert_type(untyped, tuple[Any, ReceivedBuffers])
+""",
+    # lane takes three values (a ValueError at run time for any other).
+    'lane_names': """
+from vyra_base_ipc import IPCHandler, SyncIPCHandler
+
+
+def lanes() -> None:
+    IPCHandler(module_name='my_arm', service_stub=ArmServiceStub, lane='fast')  # error: [arg-type]
+    SyncIPCHandler(module_name='my_arm', service_stub=ArmServiceStub, lane='tcp')  # error: [arg-type]
+""",
+    # A module's own client class keeps its type through `with`.
+    'subclassed_client': """
+from vyra_base_ipc import IPCHandler, SyncIPCHandler
+
+
+class ArmClient(IPCHandler):
+    async def move(self, pose: str) -> MoveReply:
+        return await self.call_method('Move', MoveRequest(pose=pose), response_type=MoveReply)
+
+
+class BlockingArmClient(SyncIPCHandler):
+    pass
+
+
+async def use() -> None:
+    async with ArmClient(module_name='my_arm', service_stub=ArmServiceStub) as arm:
+        assert_type(arm, ArmClient)
+    with BlockingArmClient(module_name='my_arm', service_stub=ArmServiceStub) as blocking:
+        assert_type(blocking, BlockingArmClient)
+""",
+}
+
 EXPECTED_ERROR = re.compile(r'# error: \[([a-z-]+)\]$')
 REPORT = re.compile(r'^(\w+)\.py:(\d+): error: (.*)  \[([a-z-]+)\]$', re.MULTILINE)
 
@@ -147,7 +201,7 @@ def mypy_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[se
     (installed / 'my_arm' / '__init__.py').write_text('')
     (installed / 'my_arm' / 'py.typed').write_text('')
     user = tmp_path_factory.mktemp('user')
-    for name, body in USER_FILES.items():
+    for name, body in {**USER_FILES, **CLIENT_GAPS}.items():
         (user / f'{name}.py').write_text(HEADER + body)
     (user / 'mypy.ini').write_text('[mypy]\n')
     paths = dict.fromkeys([str(installed), package_root(vyra_base_ipc), package_root(documented),
@@ -155,23 +209,37 @@ def mypy_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[se
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, paths))}
     result = subprocess.run([sys.executable, '-m', 'mypy', '--strict', '--config-file', 'mypy.ini',
                              '--python-version', '3.10', '--cache-dir', str(user / '.cache'),
-                             *(f'{name}.py' for name in USER_FILES)],
+                             *(f'{name}.py' for name in {**USER_FILES, **CLIENT_GAPS})],
                             cwd=user, env=env, capture_output=True, text=True, timeout=300)
     assert 'error: ' not in result.stderr, result.stderr
-    found: dict[str, set[tuple[int, str]]] = {name: set() for name in USER_FILES}
+    found: dict[str, set[tuple[int, str]]] = {name: set() for name in {**USER_FILES, **CLIENT_GAPS}}
     for match in REPORT.finditer(result.stdout):
         found.setdefault(match[1], set()).add((int(match[2]), match[4]))
     return {name: (lines, result.stdout) for name, lines in found.items()}
+
+
+def check_user_file(mypy_reports: dict[str, tuple[set[tuple[int, str]], str]], name: str, source: str) -> None:
+    """Mypy reported exactly the errors ``source`` marks."""
+    found, output = mypy_reports[name]
+    offset = HEADER.count('\n')
+    expected = {(line + offset, code) for line, code in expected_errors(source)}
+    assert found == expected, f'mypy --strict on {name}.py (lines count from the header):\n{output}'
 
 
 @pytest.mark.linter
 @pytest.mark.parametrize('name', USER_FILES)
 def test_mypy_strict_sees_the_types_a_user_means(mypy_reports: dict[str, tuple[set[tuple[int, str]], str]],
                                                  name: str) -> None:
-    found, output = mypy_reports[name]
-    offset = HEADER.count('\n')
-    expected = {(line + offset, code) for line, code in expected_errors(USER_FILES[name])}
-    assert found == expected, f'mypy --strict on {name}.py (lines count from the header):\n{output}'
+    check_user_file(mypy_reports, name, USER_FILES[name])
+
+
+@pytest.mark.linter
+@pytest.mark.xfail(strict=True, reason='needs vyra_base_ipc/client.py (and _client_base.py), not changed here: '
+                   'see CLIENT_GAPS')
+@pytest.mark.parametrize('name', CLIENT_GAPS)
+def test_mypy_strict_sees_the_types_of_the_clients(mypy_reports: dict[str, tuple[set[tuple[int, str]], str]],
+                                                   name: str) -> None:
+    check_user_file(mypy_reports, name, CLIENT_GAPS[name])
 
 
 def test_the_documented_import_path_re_exports_the_whole_public_api() -> None:
@@ -279,3 +347,9 @@ def test_public_signatures_name_every_generic_with_its_parameters() -> None:
     for name, parameter in IN_CLIENT.items():
         found.get(name, {}).pop(parameter, None)
     assert not {name: bare for name, bare in found.items() if bare}
+
+
+@pytest.mark.xfail(strict=True, reason='needs vyra_base_ipc/client.py: service_stub: type[Any] | None')
+def test_the_clients_name_every_generic_with_its_parameters() -> None:
+    found = bare_in_public_signatures()
+    assert not [name for name, parameter in IN_CLIENT.items() if parameter in found.get(name, {})]
