@@ -57,6 +57,11 @@ _MARKER = Path('vyra_base_ipc') / 'shared_memory.proto'
 _GENERATED_SUFFIXES = ('_pb2.py', '_pb2.pyi', '_pb2_grpc.py')
 #: The first line of every file this module places: ``{_STAMP}{distribution} from {proto}``.
 _STAMP = '# vyra_base_ipc_build generated this for '
+#: The second line: a module checked with ``mypy --strict`` from its source tree
+#: (``colcon build --symlink-install`` generates there) would get protoc's
+#: errors, which it cannot fix (``_pb2_grpc.py`` has no annotations, the ``.pyi``
+#: bare generics). The types in the files are still read.
+_NO_ERRORS = '# mypy: ignore-errors\n'
 
 
 def vyra_proto_path() -> Path:
@@ -302,7 +307,8 @@ class _Generation:
             for path in sorted(Path(scratch).rglob('*_pb2*')):
                 relative = path.relative_to(scratch)
                 proto = relative.parent / (relative.name.split('_pb2')[0] + '.proto')
-                content = f'{_stamp(self.name)}{proto.as_posix()}\n{path.read_text(encoding="utf-8")}'
+                code = path.read_text(encoding='utf-8')
+                content = f'{_stamp(self.name)}{proto.as_posix()}\n{_NO_ERRORS}{code}'
                 target = destination(relative)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if not target.is_file() or target.read_text(encoding='utf-8', errors='replace') != content:

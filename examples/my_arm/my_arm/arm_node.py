@@ -36,7 +36,7 @@ class ArmNode(Node):
 
 def main(args: Sequence[str] | None = None) -> None:
     """Run the node until SIGINT, SIGTERM or ROS shutdown."""
-    rclpy.init(args=args)
+    rclpy.init(args=None if args is None else list(args))  # (rclpy takes a list)
     executor = SingleThreadedExecutor()
     node = None
     try:

@@ -21,6 +21,7 @@ import argparse
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 import json
+import math
 import os
 from typing import Sequence
 
@@ -61,8 +62,8 @@ CALL_TIMEOUT = 5.0
 #: endless streams (``/joints?count=0``) are cut. Without it uvicorn waits for
 #: every open response to end, and a browser watching the joints kept the
 #: frontend running, its lifespan's ``disconnect()`` not reached, for as long
-#: as it watched.
-SHUTDOWN_GRACE = CALL_TIMEOUT
+#: as it watched. Whole seconds, as uvicorn takes it, rounded up.
+SHUTDOWN_GRACE = math.ceil(CALL_TIMEOUT)
 
 
 @asynccontextmanager
