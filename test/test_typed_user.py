@@ -17,6 +17,7 @@ from pathlib import Path
 import re
 import subprocess
 import sys
+import textwrap
 from types import ModuleType
 import typing
 from typing import Any, Callable, Iterator
@@ -377,3 +378,72 @@ def test_public_signatures_name_every_generic_with_its_parameters() -> None:
 def test_the_clients_name_every_generic_with_its_parameters() -> None:
     found = bare_in_public_signatures()
     assert not [name for name, parameter in IN_CLIENT.items() if parameter in found.get(name, {})]
+
+
+# -- exceptions a public function raises, and its docstring ---------------------
+
+#: In vyra_base_ipc/server.py, which this change may not touch (see the xfail below).
+IN_SERVER = {'vyra_base_ipc.IPCServer.__init__': ['TypeError', 'ValueError'],
+             'vyra_base_ipc.IPCServer.wait_for_termination': ['RuntimeError']}
+
+
+def caught(handlers: list[ast.ExceptHandler]) -> set[str]:
+    """The exception names ``except`` clauses catch (their last dotted part)."""
+    names: set[str] = set()
+    for handler in handlers:
+        for node in ast.walk(handler.type) if handler.type else ():
+            if isinstance(node, (ast.Name, ast.Attribute)):
+                names.add(node.id if isinstance(node, ast.Name) else node.attr)
+    return names
+
+
+def raised_directly(node: ast.AST, handled: frozenset[str] = frozenset()) -> Iterator[str]:
+    """The exception classes ``raise``d in ``node``'s own body (not in nested functions), but
+    for those an enclosing ``try`` of its catches."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue
+        if isinstance(child, ast.Raise) and child.exc is not None:
+            error = child.exc.func if isinstance(child.exc, ast.Call) else child.exc
+            name = error.id if isinstance(error, ast.Name) else getattr(error, 'attr', '')
+            if name[:1].isupper() and name not in handled:
+                yield name
+        if isinstance(child, ast.Try):
+            for statement in child.body:
+                yield from raised_directly(ast.Module([statement], []), handled | caught(child.handlers))
+            for part in (*child.handlers, *child.orelse, *child.finalbody):
+                yield from raised_directly(ast.Module([part], []), handled)
+        else:
+            yield from raised_directly(child, handled)
+
+
+def undocumented_raises() -> dict[str, list[str]]:
+    """Public functions and methods that raise an exception their docstring (or, for
+    ``__init__``, their class's) never names."""
+    found = {}
+    for module in PUBLIC_MODULES:
+        for name, function in public_functions(module):
+            try:
+                tree = ast.parse(textwrap.dedent(inspect.getsource(function))).body[0]
+            except OSError:  # made at run time (a dataclass's __init__): raises nothing of its own
+                continue
+            owner = getattr(module, name.split('.')[0])
+            doc = (function.__doc__ or '') + (owner.__doc__ or '' if name.endswith('.__init__') else '')
+            if missing := sorted({error for error in raised_directly(tree) if error not in doc}):
+                found[f'{module.__name__}.{name}'] = missing
+    return found
+
+
+@pytest.mark.linter
+def test_every_exception_a_public_function_raises_is_in_its_docstring() -> None:
+    found = undocumented_raises()
+    for name in IN_SERVER:
+        found.pop(name, None)
+    assert not found
+
+
+@pytest.mark.linter
+@pytest.mark.xfail(strict=True, reason='needs vyra_base_ipc/server.py: :raises: of IPCServer and wait_for_termination')
+def test_every_exception_the_server_raises_is_in_its_docstring() -> None:
+    found = undocumented_raises()
+    assert not {name: found[name] for name in IN_SERVER if name in found}

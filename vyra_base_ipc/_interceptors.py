@@ -44,7 +44,10 @@ _LEFT = (GeneratorExit, KeyboardInterrupt, asyncio.CancelledError, futures.Cance
 
 class CallRejected(Exception):
     """Raised by :meth:`ServerInterceptor.call_started` to answer the call
-    with ``code`` and ``details`` instead of running its handler."""
+    with ``code`` and ``details`` instead of running its handler.
+
+    :raises ValueError: ``code`` is not a :class:`grpc.StatusCode`, or is OK.
+    """
 
     def __init__(self, code: grpc.StatusCode, details: str = '') -> None:
         if not isinstance(code, grpc.StatusCode) or code is grpc.StatusCode.OK:

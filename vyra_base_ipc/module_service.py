@@ -103,6 +103,9 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
         the module's ``share/<module_name>/config`` where the ament index
         knows the package, else none (Initialize then says how to allow one).
     :param max_config_bytes: the largest file ``Initialize`` reads.
+    :raises TypeError, ValueError: ``module_name`` is not a module name (a str matching
+        ``^[a-z][a-z0-9_]*$``).
+    :raises ValueError: ``max_config_bytes`` is not an int >= 1.
     """
 
     def __init__(self, module_name: str = 'module', *, config_dirs: Iterable[StrPath] | None = None,
@@ -144,7 +147,11 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
         return tuple(sorted(self._commands))
 
     def register_command(self, name: str, handler: CommandHandler) -> None:
-        """Add or replace the handler of command ``name``."""
+        """Add or replace the handler of command ``name``.
+
+        :raises ValueError: ``name`` is not a non-empty str.
+        :raises TypeError: ``handler`` is not callable.
+        """
         if not isinstance(name, str) or not name:
             raise ValueError(f'command name must be a non-empty str, not {name!r}')
         if not callable(handler):
@@ -160,6 +167,8 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
         by key; keys of numbers, true/false or null as their JSON text). A value JSON cannot carry (a
         date, bytes or a set inside, a key of another type, a cycle) is
         answered INTERNAL, naming the item, where in the value and what.
+
+        :raises ValueError: ``key`` is not a non-empty str.
         """
         if not isinstance(key, str) or not key:
             raise ValueError(f'data key must be a non-empty str, not {key!r}')
