@@ -23,11 +23,14 @@ import typing
 from typing import Any, Callable, Iterator
 
 import pytest
+from rclpy.context import Context
+from rclpy.node import Node
 
 from test_build_helper import copy_example
 import vyra_base.com.handler.ipc as documented
 import vyra_base_ipc
 import vyra_base_ipc.node
+from vyra_base_ipc.node import IPCServerHost, ParameterError
 import vyra_base_ipc.ros_bridge
 import vyra_base_ipc_build
 
@@ -89,8 +92,11 @@ def mistaken(buffer: SharedBuffer, context: Any) -> None:
 """,
     # An rclpy node's callback, through the import path VYRA documents.
     'documented_path': """
+from rclpy.node import Node
+
 from vyra_base.com.handler.ipc import (IPCServer, ModuleService, SyncIPCHandler, UnsafeDirectoryError,
                                        UntrustedServerError, command, run)
+from vyra_base_ipc.node import IPCServerHost
 
 
 class ArmModule(ModuleService):
@@ -113,6 +119,11 @@ def serve() -> None:
         run(IPCServer(module_name='my_arm', servicers=[ArmModule('my_arm')]).serve())
     except UnsafeDirectoryError as error:
         assert_type(error, UnsafeDirectoryError)
+
+
+def hosted(node: Node, module_name: str | None) -> IPCServerHost:
+    # module_name as IPCServer takes it: None is "none given".
+    return IPCServerHost(node, [ArmModule('my_arm')], module_name=module_name)
 """,
     # The module package's setup.py.
     'setup_helper': """
@@ -265,6 +276,24 @@ def test_a_module_copied_from_the_example_passes_mypy_strict_with_its_generated_
     assert (arm / 'my_arm' / 'arm_pb2_grpc.py').is_file()
     result = mypy_strict(arm, '-p', 'my_arm')
     assert 'Success: no issues found in' in result.stdout, result.stdout
+
+
+@pytest.mark.ros
+@pytest.mark.parametrize('given', [None, ''])
+def test_a_host_takes_module_name_none_as_the_server_does(context: Context, given: str | None) -> None:
+    # None was rclpy's "Cannot declare a statically typed parameter with default value of type
+    # PARAMETER_NOT_SET", naming neither the parameter nor the argument.
+    node = Node('none_given', context=context)
+    try:
+        host = IPCServerHost(node, module_name=given)
+        try:
+            assert node.get_parameter('module_name').value == ''
+            with pytest.raises(ParameterError, match="parameter 'module_name': is empty on node"):
+                host.start()
+        finally:
+            host.close()
+    finally:
+        node.destroy_node()
 
 
 def test_the_documented_import_path_re_exports_the_whole_public_api() -> None:

@@ -132,11 +132,12 @@ class IPCServerHost:
         the ``servicers`` parameter (servicer objects or ``(servicer,
         add_function)`` pairs, as for :class:`IPCServer`).
     :param module_name: the module's name when neither the parameter nor the
-        environment gives one (``''``: none).
-    :raises ValueError: ``module_name`` is not a valid module name.
+        environment gives one (``None`` or ``''``: none, as for :class:`IPCServer`).
+    :raises TypeError, ValueError: ``module_name`` is not a valid module name.
     """
 
-    def __init__(self, node: Node, servicers: Iterable[Any] = (), *, module_name: str = '') -> None:
+    def __init__(self, node: Node, servicers: Iterable[Any] = (), *, module_name: str | None = None) -> None:
+        module_name = module_name or ''  # (None was rclpy's "type PARAMETER_NOT_SET", naming nothing)
         if module_name:
             validate_module_name(module_name)
         self.node = node
@@ -354,7 +355,8 @@ class IPCServerHost:
                 self._grace_period = parameter.value
 
 
-def host_ipc_server(node: Node, servicers: Iterable[Any] = (), *, module_name: str = '') -> IPCServerHost:
+def host_ipc_server(node: Node, servicers: Iterable[Any] = (), *,
+                    module_name: str | None = None) -> IPCServerHost:
     """Serve the module's IPC socket from inside ``node``'s process: declare the
     IPC server parameters on ``node``, read them, and start the server on its
     own event-loop thread (``IPCServerHost(node, servicers,
@@ -381,7 +383,7 @@ def host_ipc_server(node: Node, servicers: Iterable[Any] = (), *, module_name: s
 
     :raises ParameterError: as :meth:`IPCServerHost.start`, e.g. no module name
         (see :class:`IPCServerHost` for where it comes from).
-    :raises ValueError: ``module_name`` is not a valid module name.
+    :raises TypeError, ValueError: ``module_name`` is not a valid module name.
     """
     host = IPCServerHost(node, servicers, module_name=module_name)
     try:
