@@ -135,9 +135,8 @@ assert_type(generate_protos('protos', 'out'), list[str])
 """,
 }
 
-#: What vyra_base_ipc/client.py should let type checkers see, and does not yet
-#: (it is being restructured: not changed here). Each is a strict xfail.
-CLIENT_GAPS = {
+#: What the clients let type checkers see (each was Any, or passed, before).
+CLIENT_FILES = {
     # return_buffers=True answers (response, ReceivedBuffers): typed as Any.
     'returned_buffers': """
 from vyra_base_ipc import IPCHandler, ReceivedBuffers, SyncIPCHandler
@@ -158,14 +157,15 @@ def frame_blocking(arm: SyncIPCHandler) -> None:
     untyped = arm.call_method('GetCameraFrame', FrameRequest(), return_buffers=True)
     assert_type(untyped, tuple[Any, ReceivedBuffers])
 """,
-    # lane takes three values (a ValueError at run time for any other).
-    'lane_names': """
+    # lane is a str, not a Literal: it comes from argparse or a ROS parameter as
+    # one (my_arm's frontend), and a wrong one is a ValueError naming the three.
+    'lane_from_configuration': """
 from vyra_base_ipc import IPCHandler, SyncIPCHandler
 
 
-def lanes() -> None:
-    IPCHandler(module_name='my_arm', service_stub=ArmServiceStub, lane='fast')  # error: [arg-type]
-    SyncIPCHandler(module_name='my_arm', service_stub=ArmServiceStub, lane='tcp')  # error: [arg-type]
+def lanes(lane: str) -> None:
+    IPCHandler(module_name='my_arm', service_stub=ArmServiceStub, lane=lane)
+    SyncIPCHandler(module_name='my_arm', service_stub=ArmServiceStub, lane=lane)
 """,
     # A module's own client class keeps its type through `with`.
     'subclassed_client': """
@@ -231,7 +231,7 @@ def mypy_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[se
     (installed / 'my_arm' / '__init__.py').write_text('')
     (installed / 'my_arm' / 'py.typed').write_text('')
     user = tmp_path_factory.mktemp('user')
-    files = {**USER_FILES, **CLIENT_GAPS}
+    files = {**USER_FILES, **CLIENT_FILES}
     for name, body in files.items():
         (user / f'{name}.py').write_text(HEADER + body)
     result = mypy_strict(user, *(f'{name}.py' for name in files), installed=installed)
@@ -257,12 +257,10 @@ def test_mypy_strict_sees_the_types_a_user_means(mypy_reports: dict[str, tuple[s
 
 
 @pytest.mark.linter
-@pytest.mark.xfail(strict=True, reason='needs vyra_base_ipc/client.py (and _client_base.py), not changed here: '
-                   'see CLIENT_GAPS')
-@pytest.mark.parametrize('name', CLIENT_GAPS)
+@pytest.mark.parametrize('name', CLIENT_FILES)
 def test_mypy_strict_sees_the_types_of_the_clients(mypy_reports: dict[str, tuple[set[tuple[int, str]], str]],
                                                    name: str) -> None:
-    check_user_file(mypy_reports, name, CLIENT_GAPS[name])
+    check_user_file(mypy_reports, name, CLIENT_FILES[name])
 
 
 @pytest.mark.linter
@@ -309,10 +307,6 @@ def test_the_documented_import_path_re_exports_the_whole_public_api() -> None:
 #: function as "partially unknown"; mypy --strict says nothing of it in a
 #: library.
 BARE = (list, dict, set, frozenset, tuple, type)
-#: In vyra_base_ipc/client.py, which this change may not touch (see the xfail below).
-IN_CLIENT = {'IPCHandler.__init__': 'service_stub', 'SyncIPCHandler.__init__': 'service_stub'}
-
-
 def bare_generics(hint: Any) -> Iterator[Any]:
     """The generics in ``hint`` named without their parameters."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -397,24 +391,10 @@ def bare_in_public_signatures() -> dict[str, dict[str, list[Any]]]:
 
 
 def test_public_signatures_name_every_generic_with_its_parameters() -> None:
-    found = bare_in_public_signatures()
-    for name, parameter in IN_CLIENT.items():
-        found.get(name, {}).pop(parameter, None)
-    assert not {name: bare for name, bare in found.items() if bare}
-
-
-@pytest.mark.xfail(strict=True, reason='needs vyra_base_ipc/client.py: service_stub: type[Any] | None')
-def test_the_clients_name_every_generic_with_its_parameters() -> None:
-    found = bare_in_public_signatures()
-    assert not [name for name, parameter in IN_CLIENT.items() if parameter in found.get(name, {})]
+    assert not bare_in_public_signatures()
 
 
 # -- exceptions a public function raises, and its docstring ---------------------
-
-#: In vyra_base_ipc/server.py, which this change may not touch (see the xfail below).
-IN_SERVER = {'vyra_base_ipc.IPCServer.__init__': ['TypeError', 'ValueError'],
-             'vyra_base_ipc.IPCServer.wait_for_termination': ['RuntimeError']}
-
 
 def caught(handlers: list[ast.ExceptHandler]) -> set[str]:
     """The exception names ``except`` clauses catch (their last dotted part)."""
@@ -465,14 +445,4 @@ def undocumented_raises() -> dict[str, list[str]]:
 
 @pytest.mark.linter
 def test_every_exception_a_public_function_raises_is_in_its_docstring() -> None:
-    found = undocumented_raises()
-    for name in IN_SERVER:
-        found.pop(name, None)
-    assert not found
-
-
-@pytest.mark.linter
-@pytest.mark.xfail(strict=True, reason='needs vyra_base_ipc/server.py: :raises: of IPCServer and wait_for_termination')
-def test_every_exception_the_server_raises_is_in_its_docstring() -> None:
-    found = undocumented_raises()
-    assert not {name: found[name] for name in IN_SERVER if name in found}
+    assert not undocumented_raises()

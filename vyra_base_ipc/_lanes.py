@@ -41,12 +41,13 @@ from .exceptions import (
 from .ttrpc._errors import closed, undecodable
 from .ttrpc._messages import checked_metadata
 
-__all__ = ['LANES', 'GrpcLane', 'LaneChoice', 'ServerCameUp', 'SyncGrpcLane']
+__all__ = ['LANES', 'GrpcLane', 'LaneChoice', 'Metadata', 'ServerCameUp', 'SyncGrpcLane']
 
 _logger = logging.getLogger(__name__)
 
 _T = TypeVar('_T')
 
+#: Metadata of a call: ``(key, value)`` pairs, a value ``bytes`` for a ``-bin`` key.
 Metadata = Sequence[tuple[str, 'str | bytes']]
 
 #: The values of a client's ``lane``.

@@ -119,6 +119,8 @@ class IPCServer:
     :param metrics: count calls, errors, latency and bytes per method and
         lane (:attr:`metrics`, :meth:`stats`, and ``vyra.ipc.Introspection``
         over the socket).
+    :raises TypeError, ValueError: an argument of the wrong type or out of
+        range; the message names it.
     """
 
     def __init__(
@@ -413,6 +415,7 @@ class IPCServer:
             ``timeout`` expired first. (Unlike ``grpc.aio.Server``, whose
             result means "timed out".)
         :raises TypeError, ValueError: ``timeout`` is not a number of seconds from 0 to 1e9.
+        :raises RuntimeError: the server was never started.
         """
         if timeout is not None:
             timeout = validate_grace(timeout, 'timeout')  # (0: whether it has stopped now)
