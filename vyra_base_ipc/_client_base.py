@@ -161,7 +161,7 @@ class ClientBase:
     def __init__(
         self,
         socket_path: StrPath | None = None,
-        service_stub: type | None = None,
+        service_stub: type[Any] | None = None,
         *,
         module_name: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
@@ -198,8 +198,9 @@ class ClientBase:
         self.max_message_bytes = validate_max_message_bytes(max_message_bytes)
         self.stream_window = validate_stream_window(stream_window)
         self.busy_poll = validate_busy_poll(busy_poll)
-        self._methods = stub_methods(service_stub) if service_stub is not None else {}
-        self._stub_name = service_stub.__qualname__ if service_stub is not None else None
+        stub: type | None = service_stub  # (to mypy a type[Any] is no Hashable for lru_cache)
+        self._methods = stub_methods(stub) if stub is not None else {}
+        self._stub_name = stub.__qualname__ if stub is not None else None
         if default_method is not None and self._method(default_method).kind.response_streaming:
             raise ValueError(f'default_method {default_method!r} streams its answers: dispatch() '
                              'takes none (use stream_method())')
