@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from typing import Iterator
 
 import grpc
@@ -30,6 +31,8 @@ from vyra_base_ipc import (
     SocketInUseError,
     SyncIPCHandler,
 )
+from vyra_base_ipc import introspection_pb2 as introspection
+from vyra_base_ipc import introspection_pb2_grpc as introspection_grpc
 from vyra_base_ipc._loop_thread import EventLoopThread
 from vyra_base_ipc._socket_file import is_listening
 
@@ -224,6 +227,27 @@ async def test_stop_is_idempotent_and_wait_for_termination_reports_it(socket_pat
     assert await server.wait_for_termination(timeout=0.01) is True
     assert await server.wait_for_termination(timeout=0) is True
     assert list(socket_path.parent.iterdir()) == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('metrics', [True, False])
+async def test_start_time_and_uptime_count_from_start_not_from_construction(socket_path: Path,
+                                                                          metrics: bool) -> None:
+    # Both counted from the server's construction: a node that made its
+    # server and started it later said it had served since it was made.
+    server = IPCServer(socket_path, servicers=[ModuleService('unit')], metrics=metrics)
+    made, made_monotonic = time.time(), time.monotonic()
+    await server.start()
+    try:
+        async with IPCHandler(socket_path, introspection_grpc.IntrospectionStub, lane='grpc') as client:
+            info = await client.call_method('GetServerInfo', introspection.ServerInfoRequest())
+        assert made <= info.start_time <= time.time()
+        if metrics:
+            assert server.metrics is not None and server.metrics.start_time == info.start_time
+            stats = server.stats()
+            assert stats is not None and stats.uptime_seconds <= time.monotonic() - made_monotonic
+    finally:
+        await server.stop(0)
 
 
 @pytest.mark.asyncio

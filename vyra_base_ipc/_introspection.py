@@ -31,17 +31,22 @@ class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
 
     def __init__(self, server: 'IPCServer') -> None:
         self._server = server
-        # Made with the server, as its metrics are: the start time whether they are on or off.
+        # The start time whether metrics are on or off (see started()).
         self._start_time = time.time()
+
+    def started(self) -> None:
+        """Take now as the server's start time (and its metrics' uptime's start)."""
+        metrics = self._server.metrics
+        if metrics is not None:
+            metrics.started()
+        self._start_time = metrics.start_time if metrics is not None else time.time()
 
     async def GetServerInfo(self, request: ServerInfoRequest, context: Any) -> ServerInfo:
         server = self._server
-        metrics = server.metrics
         return ServerInfo(
             module_name=server.module_name or '', socket_path=str(server.socket_path),
             ttrpc_socket_path=str(server.ttrpc_socket_path or ''), pid=os.getpid(), uid=os.geteuid(),
-            services=server.service_names, version=_version(),
-            start_time=metrics.start_time if metrics is not None else self._start_time)
+            services=server.service_names, version=_version(), start_time=self._start_time)
 
     async def GetStats(self, request: StatsRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Stats:
         # The gRPC lane's connections are counted in a thread: reading the

@@ -106,10 +106,16 @@ class ServerMetrics:
     (``IPCServer.metrics``; over the socket: ``vyra.ipc.Introspection``)."""
 
     def __init__(self, lanes: Iterable[str]) -> None:
+        #: When the server started serving (``time.time()``); when it was made, until then.
         self.start_time = time.time()
         self._started = time.monotonic()
         self.lanes = {lane: LaneMetrics(lane) for lane in lanes}
         self._methods: dict[tuple[str, str], MethodMetrics] = {}
+
+    def started(self) -> None:
+        """Count the uptime and the start time from now: the server serves."""
+        self.start_time = time.time()
+        self._started = time.monotonic()
 
     def method(self, method: str, lane: str, threaded: bool = False) -> MethodMetrics:
         """The counters of ``method`` on ``lane``, made on first use (servers

@@ -346,6 +346,7 @@ class IPCServer:
             raise
         self._started.set()  # (a stop() waiting goes on once this step is done)
         self._state = _State.SERVING
+        self._introspection.started()
         shortfall = self.limits.descriptor_shortfall(2 if self._ttrpc is not None else 1)
         if shortfall is not None:
             _logger.warning('IPC server on %s: %s', self.socket_path, shortfall)
