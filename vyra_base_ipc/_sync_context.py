@@ -179,13 +179,14 @@ class SyncContext:
         """The result of ``future`` (work on the loop for this call), waited
         for in the handler's thread.
 
-        :raises CallEnded: the call ended first (``future`` is cancelled).
+        :raises CallEnded: the call ended first, or the server's event loop
+            stopped (``future`` is cancelled).
         """
         while True:
             try:
                 return future.result(_POLL_SECONDS)
             except futures.TimeoutError:
-                if self._left or self._loop.is_closed():
+                if self._left or not self._loop.is_running():  # (a loop that died answers nothing)
                     future.cancel()
                     raise CallEnded() from None
 
