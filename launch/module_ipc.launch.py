@@ -5,6 +5,7 @@
         module_package:=my_arm module_executable:=arm_node host_ipc:=true
     ros2 launch vyra_base_ipc module_ipc.launch.py module_name:=arm \
         module_package:=my_arm module_executable:=arm_node servicers:="['my_arm.arm_service:ArmService']"
+    ros2 launch vyra_base_ipc module_ipc.launch.py module_name:=demo params_file:=/etc/demo/params.yaml
 
 The IPC server runs as a node of its own, ``ipc_server`` (default), or inside
 the module's node (``host_ipc:=true``, for a node that calls
@@ -13,6 +14,9 @@ The node that serves IPC gets this package's ``config/ipc_server.yaml``
 (key ``/**``: any node name and namespace), ``module_name`` and, if given,
 ``servicers``; its socket comes from those parameters (by default
 ``/tmp/<module_name>_ipc.sock``). The module's node always gets ``module_name``.
+A ``params_file`` goes to every node, after ``config/ipc_server.yaml`` (its
+values win over that file's); it must not set ``module_name``, nor
+``servicers`` when the launch argument gives them.
 
 Every process is required: when one exits while the launch runs (e.g.
 ``ipc_server`` with status 2 on an unusable parameter, or the module's node
@@ -24,6 +28,7 @@ the process and its status.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from launch import LaunchContext, LaunchDescription
@@ -67,6 +72,13 @@ def generate_launch_description() -> LaunchDescription:
             description="Extra servicers of the IPC server, a YAML list of "
                         "'package.module:ClassName', e.g. \"['my_arm.arm_service:ArmService']\" "
                         '(the servicers parameter; empty: none besides ModuleService).'),
+        DeclareLaunchArgument(
+            'params_file', default_value='',
+            description='A ROS 2 parameter file (YAML) for every node of the module, e.g. '
+                        'grace_period or socket_path of the IPC server; applied after the '
+                        "package's config/ipc_server.yaml, keyed by node name (ipc_server, "
+                        '/robot1/ipc_server) or /**. It may set servicers (if the launch argument '
+                        'does not), not module_name. Empty: none.'),
         OpaqueFunction(function=_module_processes),
     ])
 
@@ -74,13 +86,16 @@ def generate_launch_description() -> LaunchDescription:
 def _module_processes(context: LaunchContext) -> list[Node]:
     """The module's node and, unless it hosts the IPC server, ``ipc_server``.
 
-    :raises ValueError: ``servicers`` is not a list of strings, or
-        ``host_ipc:=true`` names the demo node, which does not host.
+    :raises ValueError: ``servicers`` is not a list of strings,
+        ``params_file`` is not a usable parameter file, or ``host_ipc:=true``
+        names the demo node, which does not host.
     """
     host_ipc = IfCondition(LaunchConfiguration('host_ipc')).evaluate(context)
     servicers = _servicers(context.perform_substitution(LaunchConfiguration('servicers')))
     module_package = context.perform_substitution(LaunchConfiguration('module_package'))
     module_executable = context.perform_substitution(LaunchConfiguration('module_executable'))
+    params_file = _params_file(context.perform_substitution(LaunchConfiguration('params_file')), servicers)
+    user_files = [params_file] if params_file is not None else []
     if host_ipc and (module_package, module_executable) == (PACKAGE, DEMO_EXECUTABLE):
         raise ValueError(
             f'host_ipc:=true starts no ipc_server, but {DEMO_EXECUTABLE} does not host the IPC '
@@ -89,12 +104,13 @@ def _module_processes(context: LaunchContext) -> list[Node]:
     # An empty list is left out: rcl reads `servicers: []` as a parameter without
     # a value, and launch_ros refuses empty lists anyway.
     servicer_parameters = [{'servicers': servicers}] if servicers else []
-    ipc_parameters: list[Any] = [IPC_SERVER_CONFIG, {'module_name': MODULE_NAME}, *servicer_parameters]
+    ipc_parameters: list[Any] = [IPC_SERVER_CONFIG, *user_files, {'module_name': MODULE_NAME},
+                                 *servicer_parameters]
     module_node = Node(
         package=module_package,
         executable=module_executable,
         namespace=NAMESPACE,
-        parameters=ipc_parameters if host_ipc else [{'module_name': MODULE_NAME}],
+        parameters=ipc_parameters if host_ipc else [*user_files, {'module_name': MODULE_NAME}],
         on_exit=_stop_the_module,
         output='screen',
     )
@@ -128,6 +144,53 @@ def _servicers(text: str) -> list[str]:
         return value
     raise ValueError(f"launch argument servicers:={text!r} is not a list of 'package.module:ClassName'; "
                      'write it as servicers:="[\'my_arm.arm_service:ArmService\']"')
+
+
+def _params_file(text: str, servicers: list[str]) -> Path | None:
+    """The ``params_file`` launch argument as an absolute path (``~`` expanded);
+    ``None`` when empty.
+
+    The file must not set ``module_name``, nor ``servicers`` when the launch
+    argument gives them: which value a node gets would depend on how the file
+    names the node (ROS applies each key's values in the order the key first
+    appears across the files: a node's own key in this file comes after the
+    ``/**`` of config/ipc_server.yaml), so the launch argument could lose.
+
+    :raises ValueError: it names no readable file, is not YAML of ROS 2
+        parameters, or sets ``module_name`` or both ``servicers``. Checked
+        here: each node would otherwise fail alone at start.
+    """
+    if not text.strip():
+        return None
+    path = Path(text.strip()).expanduser().absolute()
+    where = f'launch argument params_file:={text!r}'
+    # is_file() first: opening a FIFO would wait for a writer.
+    if not path.is_file():
+        reason = 'is not a file' if path.exists() else 'does not exist'
+        raise ValueError(f'{where}: {path} {reason}')
+    try:
+        content = yaml.safe_load(path.read_bytes())
+    except OSError as error:
+        raise ValueError(f'{where}: cannot read {path}: {error.strerror or error}') from None
+    except yaml.YAMLError as error:
+        raise ValueError(f'{where}: {path} is not YAML: {error}') from None
+    sections: list[Any] = []
+    pending = [content]
+    while pending:
+        value = pending.pop()
+        if not isinstance(value, dict):
+            raise ValueError(f'{where}: {path} is not a ROS 2 parameter file '
+                             '(<node name or /**>: {ros__parameters: {<name>: <value>}})')
+        for key, inner in value.items():
+            (sections if key == 'ros__parameters' else pending).append(inner)
+    given = {name for section in sections if isinstance(section, dict) for name in section}
+    if 'module_name' in given:
+        raise ValueError(f'{where}: {path} sets module_name: give it only as the launch argument '
+                         'module_name:=<name>')
+    if 'servicers' in given and servicers:
+        raise ValueError(f'{where}: {path} sets servicers, and so does the launch argument '
+                         'servicers: give them in one place')
+    return path
 
 
 def _stop_the_module(event: ProcessExited, context: LaunchContext) -> list[Shutdown] | None:

@@ -322,6 +322,11 @@ def config_problems(launch_file: LaunchFile, root: Path = REPO) -> list[str]:
 IPC_SERVER_CONFIG = ShareFile(PACKAGE, 'config/ipc_server.yaml')
 
 
+#: Functions of a launch file that return a parameter file the user names at
+#: launch time (a launch argument): its contents cannot be checked here.
+USER_PARAMETER_FILES = frozenset({'_params_file'})
+
+
 def hosting_parameters() -> frozenset[str]:
     """What ``host_ipc_server``/``IPCServerHost`` declare on a module's node."""
     return importlib.import_module(f'{PACKAGE}.node').DECLARED_PARAMETERS
@@ -349,6 +354,8 @@ def parameter_problems(launch_file: LaunchFile, root: Path = REPO) -> list[str]:
                         continue  # config_problems() reports it
                     content = yaml.safe_load((root / item.relative).read_text())
                     names = {name for section in content.values() for name in section['ros__parameters']}
+                elif isinstance(item, Computed) and item.function in USER_PARAMETER_FILES:
+                    continue
                 else:
                     problems.append(f'{where}: cannot check parameters item {item!r}')
                     continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 import re
 import subprocess
@@ -88,7 +89,7 @@ def module_ipc() -> LaunchFile:
 def test_module_ipc_arguments_and_defaults(module_ipc: LaunchFile) -> None:
     assert module_ipc.arguments == {
         'module_name': None, 'namespace': '', 'module_package': PACKAGE,
-        'module_executable': 'demo_module_node', 'host_ipc': 'false', 'servicers': ''}
+        'module_executable': 'demo_module_node', 'host_ipc': 'false', 'servicers': '', 'params_file': ''}
 
 
 def test_the_ipc_server_config_goes_to_ipc_server_or_to_the_hosting_module_node(
@@ -98,9 +99,17 @@ def test_the_ipc_server_config_goes_to_ipc_server_or_to_the_hosting_module_node(
     ipc_server = by_executable['ipc_server'].parameter_lists()
     assert ipc_server and all(IPC_SERVER_CONFIG in parameters for parameters in ipc_server)
     module_node = by_executable['demo_module_node'].parameter_lists()
+    user_file = Computed('_params_file')
     # Separate server: module_name only; hosting (with or without servicers): the server's parameters.
+    # With a params_file: the same, the user's file after the package's config and before module_name.
     assert [{'module_name': Argument('module_name')}] in module_node
-    assert sum(IPC_SERVER_CONFIG in parameters for parameters in module_node) == 2
+    assert [user_file, {'module_name': Argument('module_name')}] in module_node
+    assert sum(IPC_SERVER_CONFIG in parameters for parameters in module_node) == 4
+    for parameters in ipc_server + module_node:
+        if user_file in parameters:
+            assert parameters.index(user_file) == parameters.index({'module_name': Argument('module_name')}) - 1
+            assert IPC_SERVER_CONFIG not in parameters or parameters.index(IPC_SERVER_CONFIG) == 0
+    assert sum(user_file in parameters for parameters in ipc_server) == 2
     # servicers is given only when the argument names some (an empty list has no value in ROS).
     for parameters in ipc_server + module_node:
         for item in parameters:
@@ -117,6 +126,69 @@ def test_servicers_argument_parsing(module_ipc: LaunchFile) -> None:
     for wrong in ('{a: b}', '[1, 2]', '[a, [b]]', '~', '[unclosed'):
         with pytest.raises(ValueError, match=r'is not a list of .*servicers:="\[\'my_arm'):
             parse(wrong)
+
+
+def test_params_file_argument_parsing(module_ipc: LaunchFile, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    parse = module_ipc.pure_function('_params_file', {'Path': Path, 'yaml': yaml, 'Any': Any})
+    params = tmp_path / 'params.yaml'
+    params.write_text('/**:\n  ros__parameters:\n    grace_period: 2.5\n'
+                      'robot1:\n  ipc_server:\n    ros__parameters:\n      servicers: [a.b:C]\n')
+    assert parse('', []) is None and parse('  ', ['a.b:C']) is None
+    assert parse(str(params), []) == params
+    monkeypatch.chdir(tmp_path)
+    assert parse('params.yaml', []) == params  # absolute: the nodes may run elsewhere
+    monkeypatch.setenv('HOME', str(tmp_path))
+    assert parse('~/params.yaml', []) == params
+    with pytest.raises(ValueError, match=r'params\.yaml sets servicers, and so does the launch argument'):
+        parse('params.yaml', ['x.y:Z'])
+    with pytest.raises(ValueError, match=rf"params_file:='nope.yaml': {tmp_path}/nope.yaml does not exist"):
+        parse('nope.yaml', [])
+    with pytest.raises(ValueError, match=rf'params_file:=.*: {tmp_path} is not a file'):
+        parse(str(tmp_path), [])
+    fifo = tmp_path / 'fifo'
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match='is not a file'):  # and does not wait for a writer
+        parse(str(fifo), [])
+    wrong = tmp_path / 'wrong.yaml'
+    for content, message in [
+            ('/**:\n  ros__parameters:\n    module_name: x\n', 'sets module_name: give it only as the launch'),
+            ('a:\n  b:\n    ros__parameters:\n      module_name: x\n', 'sets module_name'),
+            ('/**: [1\n', 'is not YAML'), ('', 'is not a ROS 2 parameter file'),
+            ('- 1\n', 'is not a ROS 2 parameter file'), ('ipc_server: 3\n', 'is not a ROS 2 parameter file')]:
+        wrong.write_text(content)
+        with pytest.raises(ValueError, match=message):
+            parse(str(wrong), [])
+    if os.geteuid() != 0:  # root reads any file
+        params.chmod(0)
+        with pytest.raises(ValueError, match='cannot read .*: Permission denied'):
+            parse(str(params), [])
+
+
+def test_checks_accept_only_the_launch_files_own_user_parameter_file(tmp_path: Path) -> None:
+    path = tmp_path / 'user.launch.py'
+    path.write_text("""
+from launch_ros.actions import Node
+
+
+def generate_launch_description():
+    return [Node(package='vyra_base_ipc', executable='ipc_server', on_exit=_stop,
+                 parameters=[_params_file(), _other_file(), {'module_name': 'x'}])]
+
+
+def _params_file():
+    return None
+
+
+def _other_file():
+    return None
+
+
+def _stop(event, context):
+    return None
+""")
+    assert parameter_problems(LaunchFile(path)) == [
+        "user.launch.py:6 (ipc_server): cannot check parameters item Computed(function='_other_file')"]
 
 
 BROKEN_LAUNCH = """
@@ -277,6 +349,8 @@ MODULE_IPC_RUNS = {
     'ipc_server_with_servicers': {
         'servicers': "['vyra_base_ipc.demo.backend_service:BackendService']"},
     'hosted_by_my_arm': {'module_package': 'my_arm', 'module_executable': 'arm_node', 'host_ipc': 'true'},
+    # The file (written by the test) moves the socket: the launch test checks the sockets there.
+    'ipc_server_with_params_file': {'params_file': 'PARAMS_FILE'},
 }
 
 #: What `ros2 launch FILE ARGS` does (ros2launch.api.launch_a_launch_file),
@@ -304,15 +378,22 @@ def test_module_ipc_runs_under_launch_testing(run: str, ros_environ: dict[str, s
     if 'module_package' in arguments and not _has_package(arguments['module_package']):
         pytest.skip(f"{arguments['module_package']} is not built in this workspace")
     module = f'launch{uuid.uuid4().hex[:10]}'
+    socket = Path(f'/tmp/{module}_ipc.sock')
+    if arguments.get('params_file') == 'PARAMS_FILE':
+        socket = Path(f'/tmp/{module}_from_params_file.sock')
+        params_file = tmp_path / 'params.yaml'
+        params_file.write_text(f'/**:\n  ros__parameters:\n    socket_path: {socket}\n')
+        arguments = dict(arguments, params_file=str(params_file))
     env = dict(ros_environ, VYRA_LAUNCH_FILE=str(_installed_launch_file('module_ipc.launch.py')),
-               VYRA_LAUNCH_MODULE=module, VYRA_LAUNCH_ARGUMENTS=json.dumps(arguments))
+               VYRA_LAUNCH_MODULE=module, VYRA_LAUNCH_ARGUMENTS=json.dumps(arguments),
+               VYRA_LAUNCH_SOCKET=str(socket))
     result = subprocess.run(
         [sys.executable, '-c', 'import sys; from launch_testing.launch_test import main; sys.exit(main())',
          str(LAUNCH_TEST), '--junit-xml', str(tmp_path / 'launch_test.xml')],
         env=env, capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert not Path(f'/tmp/{module}_ipc.sock').exists()
-    assert not Path(f'/tmp/{module}_ipc.ttrpc.sock').exists()
+    assert not socket.exists()
+    assert not socket.with_suffix('.ttrpc.sock').exists()
 
 
 @pytest.mark.ros

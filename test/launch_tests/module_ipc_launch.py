@@ -4,7 +4,9 @@ test/test_launch.py with ``launch_test`` where launch_ros is installed.
 Environment: VYRA_LAUNCH_FILE (the launch file), VYRA_LAUNCH_MODULE (the
 module_name launch argument; the sockets are /tmp/<module>_ipc.sock and, for
 the fast lane, /tmp/<module>_ipc.ttrpc.sock), VYRA_LAUNCH_ARGUMENTS (optional:
-a JSON object of further launch arguments, e.g. host_ipc and servicers).
+a JSON object of further launch arguments, e.g. host_ipc, servicers and
+params_file), VYRA_LAUNCH_SOCKET (optional: the gRPC socket when the
+arguments move it, the fast lane's beside it).
 Not collected by pytest itself (the file name does not start with test_).
 """
 
@@ -30,8 +32,8 @@ from vyra_base_ipc._socket_file import is_listening
 
 MODULE = os.environ['VYRA_LAUNCH_MODULE']
 ARGUMENTS = json.loads(os.environ.get('VYRA_LAUNCH_ARGUMENTS', '{}'))
-SOCKET = Path(f'/tmp/{MODULE}_ipc.sock')
-TTRPC_SOCKET = Path(f'/tmp/{MODULE}_ipc.ttrpc.sock')
+SOCKET = Path(os.environ.get('VYRA_LAUNCH_SOCKET', f'/tmp/{MODULE}_ipc.sock'))
+TTRPC_SOCKET = SOCKET.with_suffix('.ttrpc.sock')
 LANES = ('grpc', 'ttrpc')
 
 
