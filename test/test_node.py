@@ -539,6 +539,20 @@ def test_malformed_ros_argument_fails_with_quoting_hint(start_process) -> None:
     assert 'need YAML quotes' in server.log()
 
 
+@pytest.mark.parametrize('content', [None, '/**:\n  ros__parameters:\n    grace_period: [1\n'],
+                         ids=['missing', 'broken'])
+def test_unusable_params_file_fails_without_the_quoting_hint(start_process, tmp_path: Path,
+                                                             content: str | None) -> None:
+    params = tmp_path / 'params.yaml'
+    if content is not None:
+        params.write_text(content)
+    server = start_process([*IPC_SERVER, '--ros-args', '--params-file', str(params), '-p', 'module_name:=m'])
+    assert server.wait(timeout=30) == EXIT_BAD_PARAMETER, server.log()
+    assert f"cannot parse the ROS arguments (failed to initialize rcl: Couldn't parse params file: " \
+           f"'--params-file {params}'" in server.log(), server.log()
+    assert 'quotes' not in server.log(), server.log()
+
+
 # -- the event-loop thread ----------------------------------------------------------
 
 

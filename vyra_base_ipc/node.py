@@ -483,9 +483,11 @@ def main(args: Sequence[str] | None = None, *, received: list[str] | None = None
         # /diagnostics while ROS still runs, and only then ROS shuts down.
         rclpy.init(args=None if args is None else list(args), signal_handler_options=SignalHandlerOptions.NO)
     except _RCLError as error:
-        # rcl rejects malformed -p values before any node exists.
-        _logger.error('cannot parse the ROS arguments (%s); values containing ":" need YAML '
-                      'quotes, e.g. -p "servicers:=[\'package.module:ClassName\']"', error)
+        # rcl rejects malformed -p values, and parameter files it cannot read or
+        # parse, before any node exists; quoting helps only the former.
+        hint = '' if 'params file' in str(error) else \
+            '; values containing ":" need YAML quotes, e.g. -p "servicers:=[\'package.module:ClassName\']"'
+        _logger.error('cannot parse the ROS arguments (%s)%s', error, hint)
         return EXIT_BAD_PARAMETER
     if stop_signals.received:  # during start-up: no node to make
         rclpy.try_shutdown()
