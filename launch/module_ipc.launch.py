@@ -7,9 +7,12 @@
         module_package:=my_arm module_executable:=arm_node servicers:="['my_arm.arm_service:ArmService']"
     ros2 launch vyra_base_ipc module_ipc.launch.py module_name:=demo params_file:=/etc/demo/params.yaml
 
-The IPC server runs as a node of its own, ``ipc_server`` (default), or inside
-the module's node (``host_ipc:=true``, for a node that calls
-``vyra_base_ipc.node.host_ipc_server``; then no ``ipc_server`` is started).
+The IPC server runs as a node of its own, the executable ``ipc_server`` as
+node ``<module_name>_ipc_server`` (default; named after the module so that
+modules launched side by side in one namespace do not share a node name, nor
+their status name on /diagnostics), or inside the module's node
+(``host_ipc:=true``, for a node that calls ``vyra_base_ipc.node.host_ipc_server``;
+then no ``ipc_server`` is started).
 The node that serves IPC gets this package's ``config/ipc_server.yaml``
 (key ``/**``: any node name and namespace), ``module_name`` and, if given,
 ``servicers``; its socket comes from those parameters (by default
@@ -39,6 +42,8 @@ from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 import yaml
+
+from vyra_base_ipc.address import validate_module_name
 
 PACKAGE = 'vyra_base_ipc'
 DEMO_EXECUTABLE = 'demo_module_node'
@@ -76,9 +81,9 @@ def generate_launch_description() -> LaunchDescription:
             'params_file', default_value='',
             description='A ROS 2 parameter file (YAML) for every node of the module, e.g. '
                         'grace_period or socket_path of the IPC server; applied after the '
-                        "package's config/ipc_server.yaml, keyed by node name (ipc_server, "
-                        '/robot1/ipc_server) or /**. It may set servicers (if the launch argument '
-                        'does not), not module_name. Empty: none.'),
+                        "package's config/ipc_server.yaml, keyed by node name "
+                        '(<module_name>_ipc_server, /robot1/<module_name>_ipc_server) or /**. It may '
+                        'set servicers (if the launch argument does not), not module_name. Empty: none.'),
         OpaqueFunction(function=_module_processes),
     ])
 
@@ -86,10 +91,13 @@ def generate_launch_description() -> LaunchDescription:
 def _module_processes(context: LaunchContext) -> list[Node]:
     """The module's node and, unless it hosts the IPC server, ``ipc_server``.
 
-    :raises ValueError: ``servicers`` is not a list of strings,
-        ``params_file`` is not a usable parameter file, or ``host_ipc:=true``
-        names the demo node, which does not host.
+    :raises ValueError: ``module_name`` is not a module name, ``servicers``
+        is not a list of strings, ``params_file`` is not a usable parameter
+        file, or ``host_ipc:=true`` names the demo node, which does not host.
     """
+    # Checked before anything starts: it names the ipc_server node, and a name
+    # ROS refuses (a-b) would fail there with launch's "Invalid node name".
+    _module_name(context.perform_substitution(MODULE_NAME))
     host_ipc = IfCondition(LaunchConfiguration('host_ipc')).evaluate(context)
     servicers = _servicers(context.perform_substitution(LaunchConfiguration('servicers')))
     module_package = context.perform_substitution(LaunchConfiguration('module_package'))
@@ -119,12 +127,24 @@ def _module_processes(context: LaunchContext) -> list[Node]:
     ipc_server = Node(
         package=PACKAGE,
         executable='ipc_server',
+        name=[MODULE_NAME, '_ipc_server'],
         namespace=NAMESPACE,
         parameters=ipc_parameters,
         on_exit=_stop_the_module,
         output='screen',
     )
     return [module_node, ipc_server]
+
+
+def _module_name(text: str) -> str:
+    """The ``module_name`` launch argument, checked.
+
+    :raises ValueError: it does not match ``^[a-z][a-z0-9_]*$``.
+    """
+    try:
+        return validate_module_name(text)
+    except ValueError as error:
+        raise ValueError(f'launch argument module_name:={text!r}: {error}') from None
 
 
 def _servicers(text: str) -> list[str]:

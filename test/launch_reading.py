@@ -158,6 +158,8 @@ class LaunchNode:
     line: int
     package: Any = None
     executable: Any = None
+    #: The node name given (``None``: the one in the executable's code).
+    name: Any = None
     parameters: Any = field(default_factory=list)
     on_exit: Any = None
 
@@ -213,7 +215,7 @@ class LaunchFile:
             elif name == 'Node':
                 launch_node = LaunchNode(line=node.lineno)
                 for keyword in node.keywords:
-                    if keyword.arg in ('package', 'executable', 'parameters', 'on_exit'):
+                    if keyword.arg in ('package', 'executable', 'name', 'parameters', 'on_exit'):
                         setattr(launch_node, keyword.arg, self.value(keyword.value))
                 self.nodes.append(launch_node)
             elif name == 'PathJoinSubstitution':

@@ -117,6 +117,23 @@ def test_the_ipc_server_config_goes_to_ipc_server_or_to_the_hosting_module_node(
                 assert item == {'servicers': Computed('_servicers')}
 
 
+def test_module_ipc_names_the_ipc_server_node_after_the_module(module_ipc: LaunchFile) -> None:
+    # Modules launched side by side in one namespace: no two nodes called /ipc_server.
+    by_executable = {module_ipc.resolve(node.executable): node for node in module_ipc.nodes}
+    assert by_executable['ipc_server'].name == [Argument('module_name'), '_ipc_server']
+    assert by_executable['demo_module_node'].name is None  # the module's node keeps its own name
+
+
+def test_module_name_argument_is_checked_before_anything_starts(module_ipc: LaunchFile) -> None:
+    from vyra_base_ipc.address import validate_module_name
+
+    check = module_ipc.pure_function('_module_name', {'validate_module_name': validate_module_name})
+    assert check('arm_2') == 'arm_2'
+    for wrong in ('a-b', 'Not_Valid', '', '2arm'):
+        with pytest.raises(ValueError, match=re.escape(f'launch argument module_name:={wrong!r}: invalid module name')):
+            check(wrong)
+
+
 def test_servicers_argument_parsing(module_ipc: LaunchFile) -> None:
     parse = module_ipc.pure_function('_servicers', {'yaml': yaml, 'Any': Any})
     assert parse('') == [] and parse('  ') == [] and parse('[]') == []
@@ -399,10 +416,10 @@ def test_module_ipc_runs_under_launch_testing(run: str, ros_environ: dict[str, s
 @pytest.mark.ros
 @pytest.mark.skipif(_launch_testing_missing() is not None, reason=str(_launch_testing_missing()))
 def test_module_ipc_ends_with_1_when_ipc_server_fails_at_start(ros_environ: dict[str, str]) -> None:
-    # An invalid module name: ipc_server exits 2 at start, the demo node would run on.
+    # A servicer that does not import: ipc_server exits 2 at start, the demo node would run on.
     result = subprocess.run(
         [sys.executable, '-c', ROS2_LAUNCH, str(_installed_launch_file('module_ipc.launch.py')),
-         'module_name:=Not_Valid'],
+         f'module_name:=launch{uuid.uuid4().hex[:10]}', "servicers:=['no_such_package.module:Servicer']"],
         env=ros_environ, capture_output=True, text=True, timeout=60)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output

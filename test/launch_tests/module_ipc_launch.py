@@ -56,6 +56,7 @@ class TestModuleIPC(unittest.TestCase):
         proc_output.assertWaitFor(f"IPC server of module '{MODULE}'", timeout=30)
         if ARGUMENTS.get('host_ipc') != 'true':
             proc_output.assertWaitFor('offers /callable', timeout=30)
+            proc_output.assertWaitFor(f'(node /{MODULE}_ipc_server)', timeout=30)
 
     def test_ipc_server_answers_on_both_sockets_from_parameters(self) -> None:
         deadline = time.monotonic() + 30
