@@ -14,6 +14,7 @@ from pathlib import Path
 import re
 import signal
 import sys
+import threading
 from typing import Any, Callable
 
 import pytest
@@ -199,3 +200,98 @@ def test_invalid_default_in_code_is_refused_at_once(context: Context) -> None:
         assert not node.has_parameter('module_name'), 'nothing is declared before the check'
     finally:
         node.destroy_node()
+
+
+#: Appended to the README node: GetStatus takes 3 s (well within the 5 s grace
+#: period) and says when it started; the stop steps are logged.
+SLOW_STATUS = """
+import logging as _logging
+from pathlib import Path as _Path
+import time as _time
+
+_logging.basicConfig(level=_logging.INFO)
+
+
+def _slow_status(self, request, context):
+    _Path({started!r}).touch()
+    _time.sleep(3)
+    return StatusResponse(status='running', uptime_seconds=1.0)
+
+
+Backend.GetStatus = _slow_status
+"""
+
+
+def test_a_second_sigint_while_stopping_does_not_cut_the_grace_period_short(
+        start_process, ros_environ: dict[str, str], sockets: tuple[Path, Path], tmp_path: Path) -> None:
+    # A terminal's Ctrl-C under ros2 launch: SIGINT from the terminal, then again from launch.
+    from vyra_base_ipc import backend_service_pb2 as backend_pb
+    from vyra_base_ipc import backend_service_pb2_grpc as backend_grpc
+
+    script = node_script(tmp_path)
+    started = tmp_path / 'call_started'
+    code = script.read_text()
+    script.write_text(code.replace('\n\nif __name__', SLOW_STATUS.format(started=str(started)) + '\n\nif __name__'))
+    node = start_node(start_process, ros_environ, sockets, script)
+    wait_started(node, sockets)
+    answers: list[Any] = []
+
+    def call() -> None:
+        with SyncIPCHandler(sockets[0], backend_grpc.BackendServiceStub, timeout=30.0) as ipc:
+            try:
+                answers.append(ipc.call_method('GetStatus', backend_pb.StatusRequest()))
+            except Exception as error:  # the assertion below shows it
+                answers.append(error)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    wait_for(started.exists, 30, 'the call in flight')
+    node.signal(signal.SIGINT)
+    wait_for(lambda: 'stopping IPC server on' in node.log(), 30, 'the stop to begin')
+    node.signal(signal.SIGINT)
+    caller.join(timeout=60)
+    assert not caller.is_alive()
+    assert [getattr(answer, 'status', answer) for answer in answers] == ['running'], node.log()
+    assert node.wait(timeout=30) == 0, node.log()
+    assert 'Traceback' not in node.log() and 'KeyboardInterrupt' not in node.log(), node.log()
+    assert not sockets[0].exists() and not sockets[1].exists(), node.log()
+
+
+#: A node whose destroy_node() takes 2 s (after it says so), run by run_node.
+SLOW_STOP_NODE = """
+import sys
+import time
+from pathlib import Path
+
+from rclpy.node import Node
+
+from vyra_base_ipc.node import run_node
+
+
+class SlowStop(Node):
+    def __init__(self):
+        super().__init__('slow_stop')
+        self.get_logger().info('spinning')
+
+    def destroy_node(self):
+        Path(sys.argv[1]).touch()
+        time.sleep(2)
+        print('destroyed', flush=True)
+        super().destroy_node()
+
+
+sys.exit(run_node(SlowStop, sys.argv[2:]))
+"""
+
+
+def test_run_node_stops_once_whatever_signals_arrive_meanwhile(start_process, tmp_path: Path) -> None:
+    # demo_module_node's and my_arm's main(): SIGINT, then SIGINT and SIGTERM while the node is destroyed.
+    stopping = tmp_path / 'stopping'
+    node = start_process([sys.executable, '-c', SLOW_STOP_NODE, str(stopping), '--ros-args', '-r', '__ns:=/t'])
+    wait_for(lambda: 'spinning' in node.log() or not node.running(), 30, 'the node to spin')
+    node.signal(signal.SIGINT)
+    wait_for(stopping.exists, 30, 'destroy_node()')
+    node.signal(signal.SIGINT)
+    node.signal(signal.SIGTERM)
+    assert node.wait(timeout=30) == 0, node.log()
+    assert 'destroyed' in node.log() and 'Traceback' not in node.log(), node.log()

@@ -28,7 +28,6 @@ from concurrent.futures import thread as futures_thread
 import logging
 import os
 import resource
-import signal
 import sys
 import threading
 from typing import Any, Callable, Iterable, Sequence
@@ -40,8 +39,6 @@ from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
-
-from vyra_base_ipc_server import STOP_SIGNALS
 
 from ._allocator import keep_freed_memory
 from ._diagnostics import IPCDiagnostics
@@ -59,6 +56,7 @@ from ._node_parameters import (
     read_ipc_config,
 )
 from ._options import DEFAULT_GRACE_PERIOD, MAX_SECONDS
+from ._stop_signals import StopSignals
 from .address import validate_module_name
 from .exceptions import ParameterError
 from .module_service import ModuleService
@@ -75,11 +73,14 @@ __all__ = [
     'PARAMETERS',
     'ParameterError',
     'ParameterSpec',
+    'StopSignals',
     'declare_ipc_parameters',
     'host_ipc_server',
     'load_servicer',
     'main',
     'read_ipc_config',
+    'run_node',
+    'shutdown_node',
     'spin_until_shutdown',
 ]
 
@@ -432,7 +433,8 @@ def spin_until_shutdown(executor: Executor, *, poll: float = _SPIN_POLL,
                         alive: Callable[[], bool] | None = None) -> None:
     """Run ``executor`` until its context shuts down (SIGINT/SIGTERM under
     rclpy's signal handlers, or ``rclpy.shutdown()``), or ``alive()`` is
-    false (checked as often); returns within ``poll`` seconds of either.
+    false (checked as often; ``alive=stop.running`` of a :class:`StopSignals`);
+    returns within ``poll`` seconds of either.
 
     ``executor.spin()`` can miss it: rclpy wakes executors before it shuts the
     context down, and an executor that wakes in between goes back to waiting,
@@ -442,6 +444,46 @@ def spin_until_shutdown(executor: Executor, *, poll: float = _SPIN_POLL,
     context = executor.context
     while context.ok() and (alive is None or alive()):
         executor.spin_once(timeout_sec=poll)
+
+
+def shutdown_node(executor: Executor | None, node: Node | None) -> None:
+    """The end of a node's ``main()``, for the ``finally`` after
+    :func:`spin_until_shutdown`: the executor stops, ``node`` (if made) is
+    destroyed (a hosting node's ``destroy_node()`` stops its IPC server within
+    the grace period), then ROS shuts down. Either may be ``None``."""
+    if executor is not None:
+        executor.shutdown(timeout_sec=0)
+    if node is not None:
+        node.destroy_node()
+    rclpy.try_shutdown()
+
+
+def run_node(make_node: Callable[[], Node], args: Sequence[str] | None = None) -> int:
+    """A node's whole ``main()``: under :class:`StopSignals` (no rclpy signal
+    handlers), ``rclpy.init(args)``, ``make_node()`` spun until SIGINT,
+    SIGTERM, SIGHUP or ROS shutdown, then :func:`shutdown_node`. For a node
+    that starts its IPC server in ``__init__`` (:func:`host_ipc_server`).
+
+    :returns: 0, or :data:`EXIT_BAD_PARAMETER` after logging a
+        :class:`ParameterError` from ``make_node()``.
+    """
+    with StopSignals() as stop:
+        rclpy.init(args=None if args is None else list(args), signal_handler_options=SignalHandlerOptions.NO)
+        executor: SingleThreadedExecutor | None = None
+        node: Node | None = None
+        try:
+            executor = SingleThreadedExecutor()
+            node = make_node()
+            executor.add_node(node)
+            spin_until_shutdown(executor, alive=stop.running)
+        except ParameterError as error:
+            _logger.error('%s', error)
+            return EXIT_BAD_PARAMETER
+        except ExternalShutdownException:
+            pass
+        finally:
+            shutdown_node(executor, node)
+    return 0
 
 
 def main(args: Sequence[str] | None = None, *, received: list[str] | None = None) -> int:
@@ -465,7 +507,7 @@ def main(args: Sequence[str] | None = None, *, received: list[str] | None = None
     # Like rcutils' console format, with wall-clock time for the shutdown steps.
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format='[%(levelname)s] [%(created).6f] [%(name)s]: %(message)s')
-    stop_signals = _StopSignals([] if received is None else received)
+    stop_signals = StopSignals(received)
     stop_signals.install()
     if stop_signals.received:
         _logger.info('%s received while starting: exiting', ', '.join(stop_signals.received))
@@ -501,7 +543,7 @@ def main(args: Sequence[str] | None = None, *, received: list[str] | None = None
         executor.add_node(node)
         node.start()
         loop_thread = node.host.loop_thread
-        spin_until_shutdown(executor, alive=lambda: loop_thread.failure is None and not stop_signals.received)
+        spin_until_shutdown(executor, alive=lambda: loop_thread.failure is None and stop_signals.running())
         if loop_thread.failure is not None:
             # Exit, so that a launch file's respawn (or the supervisor) starts it anew.
             node.get_logger().fatal(f"the IPC server's event loop ended ({loop_thread.failure!r}): exiting")
@@ -519,50 +561,12 @@ def main(args: Sequence[str] | None = None, *, received: list[str] | None = None
             raise
         # SIGINT/SIGTERM arrived while the node was being created.
     finally:
-        if executor is not None:
-            executor.shutdown(timeout_sec=0)
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+        shutdown_node(executor, node)
         _logger.info('ipc_server stopped')
     # A late signal must not kill the exiting process.
     stop_signals.ignore()
     _exit_now_if_handlers_remain(status)
     return status
-
-
-class _StopSignals:
-    """Python-level SIGINT/SIGTERM/SIGHUP handlers, in place of rclpy's.
-
-    A signal is noted; spinning ends on it (:func:`main`), the server stops
-    and ROS shuts down after it, in that order. Replacing Python's default
-    handlers (KeyboardInterrupt for SIGINT, death for SIGTERM and SIGHUP)
-    means a signal never interrupts the shutdown path half-way, however many
-    arrive; these stay in place until :meth:`ignore`.
-    """
-
-    SIGNALS = STOP_SIGNALS
-
-    def __init__(self, received: list[str]) -> None:
-        #: Names of the signals noted, oldest first (the list given, shared
-        #: with the handlers this one replaces).
-        self.received = received
-
-    def install(self) -> None:
-        for signum in self.SIGNALS:
-            signal.signal(signum, self._handle)
-
-    def ignore(self) -> None:
-        """Ignore the stop signals from now on: the interpreter, as it exits,
-        puts back the default handler (death) in place of a Python one, and
-        a second SIGTERM then would kill a process that stopped cleanly."""
-        for signum in self.SIGNALS:
-            signal.signal(signum, signal.SIG_IGN)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        name = signal.Signals(signum).name
-        _logger.info('%s received: %s', name, 'already stopping' if self.received else 'stopping')
-        self.received.append(name)
 
 
 def _exit_now_if_handlers_remain(status: int) -> None:

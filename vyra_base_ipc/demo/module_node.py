@@ -9,17 +9,12 @@ import threading
 from typing import Any, Sequence
 
 from rcl_interfaces.msg import ParameterDescriptor
-import rclpy
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
-from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.node import Node
 from std_srvs.srv import Trigger
 
-from vyra_base_ipc.node import spin_until_shutdown
+from vyra_base_ipc.node import run_node
 
 __all__ = ['DECLARED_PARAMETERS', 'DemoModuleNode', 'main']
-
-RCLError = rclpy_implementation.RCLError
 
 #: The parameters this node declares (checked against the launch files).
 DECLARED_PARAMETERS = frozenset({'module_name'})
@@ -49,30 +44,11 @@ class DemoModuleNode(Node):
 
 
 def main(args: Sequence[str] | None = None) -> int:
-    """The ``demo_module_node`` command: spin the node until shutdown; exit
-    status 0."""
-    rclpy.init(args=None if args is None else list(args))
-    node: DemoModuleNode | None = None
-    executor: SingleThreadedExecutor | None = None
-    try:
-        # Made first: a signal arriving from here on only ends spin().
-        executor = SingleThreadedExecutor()
-        node = DemoModuleNode()
-        executor.add_node(node)
-        spin_until_shutdown(executor)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except RCLError:
-        if rclpy.ok():
-            raise
-        # SIGINT/SIGTERM arrived while the node was being created.
-    finally:
-        if executor is not None:
-            executor.shutdown(timeout_sec=0)
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    """The ``demo_module_node`` command: spin the node until SIGINT, SIGTERM
+    or ROS shutdown; exit status 0. The signals only end the spin
+    (:func:`~vyra_base_ipc.node.run_node`): a second one, as a terminal's
+    Ctrl-C sends under ``ros2 launch``, cannot interrupt the shutdown."""
+    return run_node(DemoModuleNode, args)
 
 
 if __name__ == '__main__':

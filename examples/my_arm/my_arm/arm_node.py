@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import rclpy
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 
-from vyra_base_ipc.node import IPCServerHost, spin_until_shutdown
+from vyra_base_ipc.node import IPCServerHost, run_node
 
 from .arm_service import ArmService
 
@@ -34,23 +32,12 @@ class ArmNode(Node):
         super().destroy_node()
 
 
-def main(args: Sequence[str] | None = None) -> None:
-    """Run the node until SIGINT, SIGTERM or ROS shutdown."""
-    rclpy.init(args=None if args is None else list(args))  # (rclpy takes a list)
-    executor = SingleThreadedExecutor()
-    node = None
-    try:
-        node = ArmNode()
-        executor.add_node(node)
-        spin_until_shutdown(executor)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        executor.shutdown(timeout_sec=0)
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+def main(args: Sequence[str] | None = None) -> int:
+    """Run the node until SIGINT, SIGTERM or ROS shutdown. The signals only end
+    the spin (run_node): a second one (a terminal's Ctrl-C under ros2 launch)
+    cannot cut the IPC server's stop short."""
+    return run_node(ArmNode, args)
 
 
 if __name__ == '__main__':
-    main()
+    raise SystemExit(main())
