@@ -77,7 +77,7 @@ def test_frame_at_the_limit_is_read(peer: Peer) -> None:
     peer.send(1, REQUEST, 0, envelope)
     assert peer.answer()[:4] == (
         1, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
-        f'Received message larger than max ({payload_size} vs. {MAX_MESSAGE})', b'')
+        f'SERVER: Received message larger than max ({payload_size} vs. {MAX_MESSAGE})', b'')
     assert_pong(peer, 3)
 
 

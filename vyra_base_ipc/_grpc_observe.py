@@ -26,6 +26,7 @@ import grpc
 
 from ._interceptors import CallObserver, CallRejected, Observation
 from ._metrics import LaneMetrics, ServerMetrics
+from ._request_guard import unexpected_details
 
 __all__ = ['UnknownMethods', 'observe_handlers']
 
@@ -176,7 +177,7 @@ def _failure(context: Any, error: BaseException) -> tuple[int, str]:
             return number, context.details() or ''
     if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
         return _left(context)
-    return number or _UNKNOWN, f'Unexpected {type(error)}: {error}'
+    return number or _UNKNOWN, unexpected_details(error)
 
 
 class _Encoded:

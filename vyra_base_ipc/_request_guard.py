@@ -19,16 +19,17 @@ ends, so that every guard here is one for ``async def`` handlers.
 
 from __future__ import annotations
 
+import asyncio
 from concurrent import futures
 import inspect
 import logging
-from typing import Any, AsyncIterator, Callable, Mapping
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
 import grpc
 
 from ._def_handlers import in_handler_threads
 
-__all__ = ['HANDLER_EXITS', 'HANDLER_FAILURES', 'guard_handlers']
+__all__ = ['HANDLER_EXITS', 'HANDLER_FAILURES', 'guard_handlers', 'unexpected_details']
 
 #: What a handler may raise that asyncio does not keep inside its task.
 HANDLER_EXITS = (SystemExit, KeyboardInterrupt)
@@ -68,8 +69,8 @@ def _guard(path: str, handler: grpc.RpcMethodHandler, executor: futures.Executor
     streaming = (bool(handler.request_streaming), bool(handler.response_streaming))
     behaviour = getattr(handler, _FACTORIES[streaming].__name__.replace('_rpc_method_handler', ''))
     if not (inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
-        behaviour = in_handler_threads(behaviour, executor, request_streaming=streaming[0],
-                                       response_streaming=streaming[1])
+        behaviour = in_handler_threads(_guard_own_cancel(path, behaviour, streaming[1]), executor,
+                                       request_streaming=streaming[0], response_streaming=streaming[1])
     behaviour = _guard_exits(path, behaviour)
     if deserialize is not None:
         behaviour = (_guard_streaming_requests if handler.request_streaming else _guard_request)(behaviour)
@@ -78,11 +79,99 @@ def _guard(path: str, handler: grpc.RpcMethodHandler, executor: futures.Executor
                                  response_serializer=handler.response_serializer)
 
 
+def unexpected_details(error: BaseException) -> str:
+    """The details grpc.aio gives a call whose handler raised ``error``:
+    ``Unexpected <class '...'>: `` and its ``str()``; for an exception whose
+    ``str()`` raises, words saying so (grpc.aio then sent no status at all,
+    and its caller waited for the deadline)."""
+    try:
+        words = str(error)
+    except Exception as failure:
+        words = f'<str() of the exception raised {type(failure).__name__}>'
+    return f'Unexpected {type(error)}: {words}'
+
+
 def _exited(path: str, error: BaseException) -> str:
     """Log a handler's exit; the details grpc.aio gives an exception."""
     _logger.error('Unexpected [%s] raised by servicer method [%s]', type(error).__name__, path,
                   exc_info=error)
-    return f'Unexpected {type(error)}: {error}'
+    return unexpected_details(error)
+
+
+def _failed_code(context: Any) -> Any:
+    """The status of a call whose handler raised: the code it set before
+    (a ``grpc.StatusCode`` or its number), else UNKNOWN, as grpc.aio takes it."""
+    code = context.code()
+    if code is None or code == 0 or code is grpc.StatusCode.OK:
+        return grpc.StatusCode.UNKNOWN
+    return code
+
+
+def _unanswered(error: Exception, context: Any) -> bool:
+    """Whether grpc.aio would not answer a handler's ``error`` as it answers
+    an exception (UNKNOWN, or the code set before, with its words): one whose
+    ``str()`` raises, which it answers with nothing; an ``AbortError`` the
+    handler raised itself, not through ``abort()`` (no code set), which it
+    answers "Unexpected <class 'AssertionError'>: Abort error has been replaced!"."""
+    if isinstance(error, grpc.aio.AbortError) and context.code() is None:
+        return True
+    try:
+        str(error)
+    except Exception:
+        return True
+    return False
+
+
+def _cancelled_from_outside() -> bool:
+    """Whether the running task is being cancelled (grpc.aio ending the
+    call), not a handler raising ``CancelledError`` of its own (an inner
+    task's, say), which grpc.aio would take for the call's end and answer
+    with nothing. Python 3.10 cannot tell: then it is taken as the call's end."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, 'cancelling', None)
+    return cancelling is None or cancelling() > 0
+
+
+async def _answer(path: str, context: Any, error: BaseException) -> None:
+    """Answer what a handler raised, if grpc.aio would not answer it as an
+    exception (the call's own end passes: the caller re-raises it): an exit
+    (:data:`HANDLER_EXITS`) UNKNOWN, a ``CancelledError`` of the handler's
+    own CANCELLED (as the fast lane answers it), and what
+    :func:`_unanswered` tells.
+
+    :raises grpc.aio.AbortError: it answered.
+    """
+    if isinstance(error, HANDLER_EXITS):
+        await context.abort(grpc.StatusCode.UNKNOWN, _exited(path, error))
+    elif isinstance(error, asyncio.CancelledError):
+        if not _cancelled_from_outside():
+            await context.abort(grpc.StatusCode.CANCELLED, 'Cancelled')
+    elif isinstance(error, Exception) and _unanswered(error, context):
+        await context.abort(_failed_code(context), _exited(path, error))
+
+
+def _guard_own_cancel(path: str, behaviour: Callable[..., Any], response_streaming: bool
+                      ) -> Callable[..., Any]:
+    """A ``def`` handler (in its thread) whose own ``CancelledError`` (an
+    inner future's, say) fails its call as any exception does, UNKNOWN or the
+    code set before, as on the fast lane: handed to the loop as it is, it
+    would pass for the call's end."""
+    if response_streaming:
+        def guarded_stream(argument: Any, context: Any) -> Iterator[Any]:
+            try:
+                responses = behaviour(argument, context)
+                if responses is not None:
+                    yield from responses
+            except asyncio.CancelledError as error:
+                context.abort(_failed_code(context), _exited(path, error))
+        return guarded_stream
+
+    def guarded(argument: Any, context: Any) -> Any:
+        try:
+            return behaviour(argument, context)
+        except asyncio.CancelledError as error:
+            context.abort(_failed_code(context), _exited(path, error))
+    return guarded
 
 
 def _guard_exits(path: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
@@ -91,15 +180,17 @@ def _guard_exits(path: str, behaviour: Callable[..., Any]) -> Callable[..., Any]
             try:
                 async for response in behaviour(argument, context):
                     yield response
-            except HANDLER_EXITS as error:
-                await context.abort(grpc.StatusCode.UNKNOWN, _exited(path, error))
+            except BaseException as error:
+                await _answer(path, context, error)
+                raise
         return guarded_stream
 
     async def guarded(argument: Any, context: Any) -> Any:
         try:
             return await behaviour(argument, context)
-        except HANDLER_EXITS as error:
-            await context.abort(grpc.StatusCode.UNKNOWN, _exited(path, error))
+        except BaseException as error:
+            await _answer(path, context, error)
+            raise
     return guarded
 
 

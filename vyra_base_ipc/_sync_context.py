@@ -88,11 +88,17 @@ class SyncContext:
         return self._details
 
     def abort(self, code: grpc.StatusCode, details: str = '', trailing_metadata: Any = ()) -> None:
-        """End the call with ``code`` and ``details`` now.
+        """End the call with ``code`` and ``details`` now (without details of
+        its own: those set before, as grpc sends). OK is taken for UNKNOWN, as
+        grpc's synchronous server and the fast lane take it (grpc.aio sent no
+        answer at all).
 
         :raises grpc.aio.AbortError: always, to end the handler.
         """
-        self._code, self._details = code, details
+        if code is grpc.StatusCode.OK or (type(code) is int and code == 0):
+            _logger.error('abort() called with StatusCode.OK; answering UNKNOWN')
+            code = grpc.StatusCode.UNKNOWN
+        self._code, self._details = code, details or self._details
         try:
             self.on_loop(self._context.abort(code, details, tuple(trailing_metadata)))
         except grpc.aio.AbortError as error:

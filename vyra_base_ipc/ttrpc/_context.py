@@ -179,6 +179,8 @@ class ServicerContext:
             # gRPC's synchronous server does the same; grpc.aio would hang.
             _logger.error('abort() called with StatusCode.OK in %s; answering UNKNOWN', self._method)
             code = grpc.StatusCode.UNKNOWN
+        if not details and self._details:
+            details = self._details  # as grpc.aio: an abort without details sends those set before
         if self._abort is None:
             self._abort = (code, details)
             self._code, self._details = code, details
@@ -290,6 +292,10 @@ class AsyncServicerContext(ServicerContext):
     async def abort_with_status(self, status: grpc.Status) -> None:  # type: ignore[override]
         raise self._abort_status(status.code, status.details,
                                  getattr(status, 'trailing_metadata', ()))
+
+    def details(self) -> str:
+        """The details set, ``''`` before any, as grpc.aio's context says it."""
+        return self._details or ''
 
     async def send_initial_metadata(self, initial_metadata: Any) -> None:  # type: ignore[override]
         """A coroutine, as in grpc.aio; otherwise as :meth:`ServicerContext.send_initial_metadata`."""

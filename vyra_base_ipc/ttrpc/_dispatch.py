@@ -41,6 +41,8 @@ _DATA = int(MessageType.DATA)
 _OK = 0
 _CANCELLED = int(grpc.StatusCode.CANCELLED.value[0])
 _SHUTTING_DOWN = 'server is shutting down'
+#: What fails a ``def`` handler's call, with the status error_status() gives it.
+_SYNC_FAILURES = (*HANDLER_FAILURES, asyncio.CancelledError)
 
 # Answer of a call: (status code number, details, payload); payload None
 # ends a response stream with a bare close instead of a Response frame.
@@ -305,7 +307,7 @@ class Call:
             return self._answer_for(handler.function(argument, context))
         except _CallEnded:
             return None
-        except HANDLER_FAILURES as error:
+        except _SYNC_FAILURES as error:  # (a def handler's CancelledError is its own, not the call's end)
             code, details = error_status(context, error, handler.path)
             return code, details, b''
 
@@ -404,7 +406,7 @@ class Call:
         limit = self.connection.server.max_message_bytes
         if size > limit:
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f'Sent message larger than max ({size} vs. {limit})')
+                               f'SERVER: Sent message larger than max ({size} vs. {limit})')
 
     def answer(self, code: int, details: str, payload: bytes = b'', end: _End = _End.FINISHED) -> None:
         """End the call with a Response frame (status and, if OK, payload)."""
@@ -546,7 +548,8 @@ class Call:
             server = self.connection.server
             if len(payload) > server.max_message_bytes:
                 self.fail(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f'Received message larger than max ({len(payload)} vs. {server.max_message_bytes})')
+                          f'SERVER: Received message larger than max ({len(payload)} vs. '
+                          f'{server.max_message_bytes})')
                 return
             requests.feed(payload, shared)
             overrun = requests.overrun(len(payload), self.connection.request_backlog_bytes)

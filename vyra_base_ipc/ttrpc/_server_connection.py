@@ -388,7 +388,8 @@ class ServerConnection(FramedConnection):
             return
         if len(payload) > server.max_message_bytes:
             self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f'Received message larger than max ({len(payload)} vs. {server.max_message_bytes})')
+                        f'SERVER: Received message larger than max ({len(payload)} vs. '
+                        f'{server.max_message_bytes})')
             return
         timeout_nano = request.timeout_nano
         if timeout_nano < 0:  # containerd's server treats it as expired too
