@@ -1,0 +1,317 @@
+"""Lane parity: one servicer, served on both lanes, behaves alike to its
+callers on either lane and with either client.
+
+A differential check. Each case calls a ParityService handler
+(test/servers/parity_server.py, a real IPCServer process) four ways: on the
+gRPC lane and on the fast lane, each with ``SyncIPCHandler`` and with
+``IPCHandler``. What the caller observes (the messages it received, then the
+exception's class, status code and details, the socket path in them made
+alike) must be the same all four ways; where it is written down here, it
+must also be what grpc.aio does (the reference for the gRPC lane), and
+answer at once: no case may leave its caller waiting for the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import grpc
+import pytest
+
+from conftest import ServerProcess, StartServer
+from vyra_base_ipc import IPCError, IPCHandler, SyncIPCHandler
+
+#: The server's message size limit: small, so that messages at it are cheap.
+LIMIT = 64 * 1024
+#: Each call's timeout: far more than any case takes, so that one that waits
+#: for it (a call nobody answers) stands out as IPCTimeoutError.
+TIMEOUT = 10.0
+WAYS = [(lane, client) for lane in ('grpc', 'ttrpc') for client in ('sync', 'async')]
+UNARY = ['Unary', 'UnarySync', 'ClientStream', 'ClientStreamSync']
+STREAMS = ['ServerStream', 'ServerStreamSync', 'Bidi', 'BidiSync']
+ASYNC = {'Unary', 'ClientStream', 'ServerStream', 'Bidi'}
+CODES = [code for code in grpc.StatusCode if code is not grpc.StatusCode.OK]
+#: Ways of ending that abort (the handler, or the gRPC lane's guard for it):
+#: a def stream handler's abort once it yielded leaves its gRPC-lane caller
+#: waiting, now and then, for the deadline (grpc/grpc#28989, README: known
+#: limits). A ServerStreamSync handler then aborts before it yields;
+#: BidiSync, which answers each request first, is left out.
+ABORTS = {'abort', 'abort-status', 'details-then-abort', 'raise-unprintable', 'raise-abort-error',
+          'raise-cancelled'}
+
+
+def _count(method: str, how: str) -> int:
+    return 0 if method == 'ServerStreamSync' and how in ABORTS else 2
+
+
+def _cases(methods: list[str], hows: Any) -> list[Any]:
+    return [pytest.param(method, how, id=f'{method}-{how}') for method in methods for how in hows
+            if not (method == 'BidiSync' and how in ABORTS)]
+
+
+@pytest.fixture(scope='module')
+def parity(start_module_server: StartServer, module_socket_dir: Path) -> Iterator[ServerProcess]:
+    """The parity server on both lanes; at the end it must exit cleanly."""
+    server = start_module_server(module_socket_dir / 'parity.sock', '--max-message-bytes', str(LIMIT),
+                                 script='parity_server.py', wait=False).wait_serving(ttrpc=True)
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+@pytest.fixture(scope='module')
+def pb(test_protos_dir: Path) -> Any:
+    from vyra_ipc_test import parity_pb2, parity_pb2_grpc
+
+    class Parity:
+        messages = parity_pb2
+        Stub = parity_pb2_grpc.ParityServiceStub
+    return Parity
+
+
+Observed = tuple[Any, ...]
+
+
+def observe(server: ServerProcess, stub: type, lane: str, client: str, method: str, request: Callable[[], Any],
+            streaming: bool, options: dict[str, Any], call: dict[str, Any]) -> Observed:
+    """What a caller on ``lane`` with a ``client`` handler observes of one
+    call: the messages received (serialized), then the exception's class,
+    code and details (or None); the lane's socket path in them is ``<socket>``."""
+    received: list[bytes] = []
+    options = {'lane': lane, 'timeout': TIMEOUT, **options}
+
+    def failed(error: IPCError) -> Observed:
+        details = error.details.replace(str(server.ttrpc_path), '<socket>').replace(
+            str(server.socket_path), '<socket>')
+        return tuple(received), type(error).__name__, error.code, details
+
+    if client == 'sync':
+        with SyncIPCHandler(server.socket_path, stub, **options) as handler:
+            try:
+                if streaming:
+                    for reply in handler.stream_method(method, request(), **call):
+                        received.append(reply.SerializeToString(deterministic=True))
+                else:
+                    reply = handler.call_method(method, request(), **call)
+                    received.append(reply.SerializeToString(deterministic=True))
+            except IPCError as error:
+                return failed(error)
+        return tuple(received), None
+
+    async def run() -> Observed:
+        async with IPCHandler(server.socket_path, stub, **options) as handler:
+            try:
+                if streaming:
+                    async for reply in handler.stream_method(method, request(), **call):
+                        received.append(reply.SerializeToString(deterministic=True))
+                else:
+                    reply = await handler.call_method(method, request(), **call)
+                    received.append(reply.SerializeToString(deterministic=True))
+            except IPCError as error:
+                return failed(error)
+        return tuple(received), None
+    return asyncio.run(run())
+
+
+def compare(server: ServerProcess, pb: Any, method: str, *, options: dict[str, Any] | None = None,
+            call: dict[str, Any] | None = None, request: Any = None, **fields: Any) -> Observed:
+    """Call ``method`` with ``request`` (else a ParityRequest of ``fields``)
+    all four ways; assert that each way observes the same; return that
+    (with the received messages parsed)."""
+    message = request if request is not None else pb.messages.ParityRequest(**fields)
+    request_streaming = method.startswith(('ClientStream', 'Bidi'))
+    streaming = method in STREAMS
+
+    def requests() -> Any:  # (a request stream: the message, then an empty one)
+        return iter([message, pb.messages.ParityRequest()]) if request_streaming else message
+    seen = {way: observe(server, pb.Stub, *way, method, requests, streaming, options or {}, call or {})
+            for way in WAYS}
+    reference = seen[WAYS[0]]
+    assert {way: what for way, what in seen.items() if what != reference} == {}, \
+        f'{WAYS[0]} observed {reference}'
+    return tuple(pb.messages.ParityReply.FromString(data) for data in reference[0]), *reference[1:]
+
+
+def status(seen: Observed) -> tuple[Any, ...]:
+    """The code and details of what a call ended with."""
+    return seen[2:]
+
+
+@pytest.mark.parametrize('code', CODES, ids=[code.name for code in CODES])
+@pytest.mark.parametrize('method', ['Unary', 'UnarySync'])
+def test_abort_with_every_code(parity: ServerProcess, pb: Any, method: str, code: grpc.StatusCode) -> None:
+    seen = compare(parity, pb, method, how='abort', code=code.value[0], details=f'details of {code.name}')
+    assert status(seen) == (code, f'details of {code.name}')
+
+
+DETAILS = {'empty': '', 'unicode': 'ünïcödé ✓ 日本語 🤖', 'long': 'x' * 5000,
+           'control characters': 'line\nbreak\ttab\r\x00', 'percent signs': '%41 100%% %zz'}
+
+
+@pytest.mark.parametrize('details', DETAILS.values(), ids=DETAILS.keys())
+@pytest.mark.parametrize('method, how', _cases(UNARY + STREAMS, ['abort']))
+def test_abort_details_arrive_as_given(parity: ServerProcess, pb: Any, method: str, how: str, details: str) -> None:
+    seen = compare(parity, pb, method, how=how, code=5, details=details, count=_count(method, how))
+    assert status(seen) == (grpc.StatusCode.NOT_FOUND, details)
+
+
+#: What each way of ending gives, as grpc.aio gives it (None: an answer);
+#: the request asks for code 9 (FAILED_PRECONDITION) and details 'why'.
+HOWS: dict[str, Any] = {
+    'reply': None,
+    'abort': (grpc.StatusCode.FAILED_PRECONDITION, 'why'),
+    'abort-status': (grpc.StatusCode.FAILED_PRECONDITION, 'why'),
+    'set': (grpc.StatusCode.FAILED_PRECONDITION, 'why'),
+    'set-none': (grpc.StatusCode.FAILED_PRECONDITION, 'why'),
+    'set-code-only': (grpc.StatusCode.FAILED_PRECONDITION, ''),
+    'set-details-only': None,
+    # grpc.aio: an abort without details sends those set before.
+    'details-then-abort': (grpc.StatusCode.FAILED_PRECONDITION, 'why'),
+    'raise-value': (grpc.StatusCode.UNKNOWN, "Unexpected <class 'ValueError'>: why"),
+    'raise-key': (grpc.StatusCode.UNKNOWN, "Unexpected <class 'KeyError'>: 'why'"),
+    'raise-rpc-error': (grpc.StatusCode.UNKNOWN, "Unexpected <class '__main__.PlainRpcError'>: why"),
+    # A downstream call's error: its code is not the call's (grpc.aio's too).
+    'raise-relayed-rpc-error': (grpc.StatusCode.UNKNOWN, "Unexpected <class '__main__.RelayedRpcError'>: why"),
+    'raise-timeout': (grpc.StatusCode.UNKNOWN, "Unexpected <class 'TimeoutError'>: why"),
+    # An AbortError of its own, not from abort(): grpc.aio said
+    # "Unexpected <class 'AssertionError'>: Abort error has been replaced!".
+    'raise-abort-error': (grpc.StatusCode.UNKNOWN, "Unexpected <class 'grpc._cython.cygrpc.AbortError'>: why"),
+    # grpc.aio sent nothing for these two: its caller waited for the deadline.
+    'raise-unprintable': (grpc.StatusCode.UNKNOWN,
+                          "Unexpected <class '__main__.Unprintable'>: <str() of the exception raised RuntimeError>"),
+    'raise-cancelled': 'see test_a_handler_raising_cancelled_error_is_answered',
+    # Another message serializes as the response as protobuf serializes any
+    # message, on both lanes as in grpc: the caller parses its bytes.
+    'return-wrong-type': None,
+    'return-str': 'UNKNOWN, in the words of protobuf',
+    'return-none': 'UNKNOWN, in the words of protobuf',
+}
+
+
+
+@pytest.mark.parametrize('method, how', _cases(UNARY + STREAMS, HOWS))
+def test_each_way_of_ending_a_call_is_seen_alike(parity: ServerProcess, pb: Any, method: str, how: str) -> None:
+    count = _count(method, how)
+    seen = compare(parity, pb, method, how=how, code=9, details='why', count=count)
+    replies, expected = seen[0], HOWS[how]
+    if method in STREAMS:  # the messages before the end came, whatever the end
+        assert [reply.text for reply in replies[:count]] == ['item 0', 'item 1'][:count]
+        if how == 'set-none':  # (a stream yields the None: it does not serialize)
+            expected = 'UNKNOWN, in the words of protobuf, with the code set'
+            assert seen[2] is grpc.StatusCode.FAILED_PRECONDITION and seen[3].startswith('Unexpected <class')
+    if expected is None:
+        assert seen[1] is None
+    elif isinstance(expected, tuple):
+        assert status(seen) == expected
+    elif how.startswith('return-'):
+        assert seen[2] is grpc.StatusCode.UNKNOWN and seen[3].startswith('Unexpected <class')
+
+
+@pytest.mark.parametrize('method, how', _cases(UNARY + STREAMS, ['raise-cancelled']))
+def test_a_handler_raising_cancelled_error_is_answered(parity: ServerProcess, pb: Any, method: str,
+                                                       how: str) -> None:
+    # Its own CancelledError (an inner task's, say), not the call's end:
+    # grpc.aio took it for that and answered nothing. An async def handler's
+    # call is CANCELLED, as one cancelled in the server; a def handler's
+    # UNKNOWN, as for any exception.
+    seen = compare(parity, pb, method, how=how, details='why', count=_count(method, how))
+    assert status(seen) == ((grpc.StatusCode.CANCELLED, 'Cancelled') if method in ASYNC else
+                            (grpc.StatusCode.UNKNOWN, "Unexpected <class 'asyncio.exceptions.CancelledError'>: why"))
+
+
+@pytest.mark.parametrize('method', ['Unary', 'UnarySync', 'ServerStream', 'ServerStreamSync'])
+def test_what_a_handler_sees_of_its_call(parity: ServerProcess, pb: Any, method: str) -> None:
+    seen = compare(parity, pb, method, how='context', call={'metadata': [('x-a', 'b'), ('x-b-bin', b'\0\1')]})
+    assert json.loads(seen[0][-1].text) == {
+        'time_remaining': True, 'peer': 'unix:', 'metadata': [['x-a', 'b'], ['x-b-bin', '0001']],
+        'code': None, 'details': '' if method in ASYNC else None, 'cancelled': False, 'done': False}
+
+
+def test_a_request_with_unknown_fields_reaches_the_handler_with_them(parity: ServerProcess, pb: Any) -> None:
+    plus = pb.messages.ParityRequestPlus(how='echo', extra='from a newer .proto')
+    request = pb.messages.ParityRequest.FromString(plus.SerializeToString())
+    for method in ('Unary', 'UnarySync'):
+        seen = compare(parity, pb, method, request=request)
+        assert pb.messages.ParityRequestPlus.FromString(seen[0][0].payload) == plus
+
+
+def _reply_size(pb: Any, payload: int, index: int) -> int:
+    return pb.messages.ParityReply(text='done', payload=b'p' * payload, index=index).ByteSize()
+
+
+@pytest.mark.parametrize('method', UNARY + STREAMS)
+def test_an_answer_at_the_size_limit_goes_and_one_byte_over_is_resource_exhausted(
+        parity: ServerProcess, pb: Any, method: str) -> None:
+    index = 2 if method.startswith('Bidi') else 0  # (a Bidi handler's last reply counts the requests)
+    at_limit = next(size for size in range(LIMIT - 16, LIMIT) if _reply_size(pb, size, index) == LIMIT)
+    roomy = {'max_message_bytes': 4 * LIMIT}  # clients that would take more: the server's limit counts
+    seen = compare(parity, pb, method, options=roomy, how='reply', size=at_limit)
+    assert seen[0][-1].ByteSize() == LIMIT
+    seen = compare(parity, pb, method, options=roomy, how='reply', size=at_limit + 1)
+    assert status(seen) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f'SERVER: Sent message larger than max ({LIMIT + 1} vs. {LIMIT})')
+
+
+@pytest.mark.parametrize('method', UNARY + STREAMS)
+def test_a_request_at_the_size_limit_goes_and_one_byte_over_is_resource_exhausted(
+        parity: ServerProcess, pb: Any, method: str) -> None:
+    def request(payload: int) -> Any:
+        return pb.messages.ParityRequest(how='reply', payload=b'x' * payload)
+    at_limit = next(size for size in range(LIMIT - 16, LIMIT) if request(size).ByteSize() == LIMIT)
+    roomy = {'max_message_bytes': 4 * LIMIT}
+    seen = compare(parity, pb, method, options=roomy, request=request(at_limit))
+    assert seen[1] is None
+    seen = compare(parity, pb, method, options=roomy, request=request(at_limit + 1))
+    assert status(seen) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f'SERVER: Received message larger than max ({LIMIT + 1} vs. {LIMIT})')
+
+
+@pytest.mark.parametrize('method', UNARY + STREAMS)
+def test_a_call_whose_deadline_has_passed_when_made_times_out(parity: ServerProcess, pb: Any, method: str) -> None:
+    seen = compare(parity, pb, method, call={'timeout': 1e-9}, how='reply')
+    assert seen[1:3] == ('IPCTimeoutError', grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@pytest.mark.parametrize('code', [42, -1])
+@pytest.mark.parametrize('how', ['abort', 'set', 'set-none', 'set-code-only'])
+@pytest.mark.parametrize('method', ['Unary', 'UnarySync'])
+def test_a_code_no_status_has_is_unknown(parity: ServerProcess, pb: Any, method: str, how: str, code: int) -> None:
+    seen = compare(parity, pb, method, how=how, code=code, details='odd')
+    assert seen[2] is grpc.StatusCode.UNKNOWN
+
+
+GRPC_AIO_ABORT_OK = pytest.mark.xfail(strict=True, reason=(
+    "grpc.aio answers an async def handler's abort(OK) with nothing: its gRPC-lane caller waits for the "
+    "deadline (the fast lane answers UNKNOWN); not fixable without wrapping grpc.aio's context"))
+
+
+@pytest.mark.parametrize('method', ['UnarySync', 'ServerStreamSync', pytest.param('Unary', marks=GRPC_AIO_ABORT_OK),
+                                    pytest.param('ServerStream', marks=GRPC_AIO_ABORT_OK)])
+def test_abort_with_ok_is_unknown(parity: ServerProcess, pb: Any, method: str) -> None:
+    # As grpc's own synchronous server answers it; grpc.aio sent nothing.
+    seen = compare(parity, pb, method, call={'timeout': 2.0}, how='abort', code=0, details='not ok')
+    assert status(seen) == (grpc.StatusCode.UNKNOWN, 'not ok')
+
+
+def test_an_async_stream_written_with_context_write(parity: ServerProcess, pb: Any) -> None:
+    seen = compare(parity, pb, 'ServerStream', how='write', count=2)
+    assert [reply.text for reply in seen[0]] == ['item 0', 'item 1'] and seen[1] is None
+
+
+#: The methods of grpc's contexts that the fast lane's have and grpc.aio's
+#: have not (README: "Two lanes"): a servicer for both lanes leaves them be.
+FAST_LANE_ONLY = {'Unary': {'add_callback', 'is_active'}, 'UnarySync': {'trailing_metadata', 'write'}}
+#: ...and what grpc.aio's async context has that the fast lane's has not.
+GRPC_ONLY = {'Unary': {'read'}, 'UnarySync': set()}
+
+
+@pytest.mark.parametrize('method', ['Unary', 'UnarySync'])
+def test_the_contexts_differ_only_as_documented(parity: ServerProcess, pb: Any, method: str) -> None:
+    api = {}
+    for lane in ('grpc', 'ttrpc'):
+        seen = observe(parity, pb.Stub, lane, 'sync', method, lambda: pb.messages.ParityRequest(how='context-api'),
+                       False, {}, {})
+        api[lane] = set(pb.messages.ParityReply.FromString(seen[0][0]).text.split())
+    assert (api['ttrpc'] - api['grpc'], api['grpc'] - api['ttrpc']) == (FAST_LANE_ONLY[method], GRPC_ONLY[method])
