@@ -23,21 +23,17 @@ WORKERS = 2
 #: Streams left, one after the other: more than there are worker threads.
 LEFT_STREAMS = 3 * WORKERS
 
-GRPC_DEF_STREAM_HOLDS_ITS_THREAD = pytest.mark.xfail(
-    strict=True, reason='grpc.aio runs a def stream handler through an asyncio.Queue(maxsize=1) that nobody '
-    'reads once the client left: its worker thread waits in Queue.put for ever (fix: _grpc_streams.py '
-    'runs def stream handlers itself, given the executor by IPCServer._add_services in server.py)')
 
-
-@pytest.mark.parametrize('lane', [pytest.param(lane, marks=GRPC_DEF_STREAM_HOLDS_ITS_THREAD if lane == 'grpc'
-                                               else ()) for lane in LANES])
+@pytest.mark.parametrize('lane', LANES)
 def test_def_stream_handlers_whose_clients_left_give_their_worker_threads_back(
         start_server: Callable[..., ServerProcess], socket_path: Path, echo: Any, lane: str) -> None:
     """Each stream left holds a worker thread only until its handler ends:
     more streams are left than there are threads, each starts, each handler
     ends, and a def call is answered on both lanes after them (the threads
     are shared: before, two left gRPC-lane streams stopped every def
-    handler of the server, fast lane included, for good)."""
+    handler of the server, fast lane included, for good: grpc.aio ran a def
+    stream handler through an asyncio.Queue(maxsize=1) that nobody read once
+    the client left, its thread waiting in Queue.put for ever)."""
     server = start_server(socket_path, '--max-workers', str(WORKERS))
     reports = SyncIPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane='ttrpc', timeout=10)
     try:
