@@ -29,7 +29,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from std_srvs.srv import Trigger
 
-from conftest import SERVERS, ChildProcess, wait_for
+from conftest import SERVERS, STOP_SLACK, ChildProcess, wait_for
 from ros_env import IPC_SERVER
 from vyra_base_ipc import IPCError, IPCHandler, ModuleService, ServerLimits, SyncIPCHandler, command
 from vyra_base_ipc import module_service_pb2 as module_pb
@@ -182,8 +182,8 @@ async def test_signal_during_inflight_call_exits_0_within_grace(
     grace = 1.0
     async with slow_call(grace, 'Sleep', echo.pb.SleepRequest(seconds=60)) as (server, call):
         server.signal(stop_signal)
-        # The promise: gone within grace + 1 s, whatever the call does.
-        status = await asyncio.to_thread(server.wait, grace + 1.0)
+        # The promise: gone within grace + 1 s, whatever the call does (the 60 s call not waited for).
+        status = await asyncio.to_thread(server.wait, grace + 1.0 + STOP_SLACK)
         with pytest.raises(IPCError):
             await call
     assert status == 0, server.log()
@@ -198,7 +198,7 @@ async def test_more_signals_during_shutdown_do_not_cut_it_short(slow_call, echo)
                                 'the shutdown to begin')
         server.signal(signal.SIGINT)
         server.signal(signal.SIGTERM)
-        status = await asyncio.to_thread(server.wait, grace + 1.0)
+        status = await asyncio.to_thread(server.wait, grace + 1.0 + STOP_SLACK)
         with pytest.raises(IPCError):
             await call
     assert status == 0, server.log()
@@ -285,7 +285,7 @@ async def test_blocked_handler_thread_does_not_hold_up_exit(slow_call, echo) -> 
     grace = 1.0
     async with slow_call(grace, 'EchoSync', echo.pb.EchoRequest(text='60')) as (server, call):
         server.signal(signal.SIGTERM)
-        status = await asyncio.to_thread(server.wait, grace + 1.0)
+        status = await asyncio.to_thread(server.wait, grace + 1.0 + STOP_SLACK)
         with pytest.raises(IPCError):
             await call
     assert status == 0, server.log()

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import LANES, ServerProcess, unchanged, until, wait_for
+from conftest import LANES, STOP_SLACK, ServerProcess, unchanged, until, wait_for
 from vyra_base_ipc import IPCHandler, IPCTimeoutError, IPCUnavailableError, MessageTooLargeError, SyncIPCHandler
 
 #: How an async generator handler ends when its client leaves: cancelled while
@@ -623,7 +623,7 @@ async def test_sigterm_with_50_open_watches_ends_them_at_once_and_exits(
                              20, 'the 50 watches to flow')
             reports.client.disconnect()
             server.signal(signal.SIGTERM)
-            code = await asyncio.to_thread(server.wait, grace + 1)  # raises if it takes longer
+            code = await asyncio.to_thread(server.wait, grace + 1 + STOP_SLACK)  # raises if it takes longer
             await asyncio.wait_for(asyncio.gather(*watches), 10)
     finally:
         reports.client.disconnect()
