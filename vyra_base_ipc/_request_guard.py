@@ -10,7 +10,11 @@ grpc.aio catches only ``Exception`` from a handler: a ``SystemExit`` (a
 ``sys.exit()`` in a command) or ``KeyboardInterrupt`` leaves its task and
 ends the server's event loop, silently, and every call after it hangs. The
 guard answers such a call UNKNOWN like any other exception, in grpc.aio's
-words, logs it, and the server serves on (the fast lane does the same).
+words, logs it, and the server serves on (the fast lane does the same). So it
+answers what grpc.aio would answer with nothing, its caller waiting for the
+deadline: a handler's own ``CancelledError`` (CANCELLED; UNKNOWN from a
+``def`` handler), an exception whose ``str()`` raises, an ``AbortError``
+raised by hand (see :func:`_answer`).
 
 A ``def`` handler becomes an ``async def`` that runs it in the server's
 handler threads (:mod:`vyra_base_ipc._def_handlers`), told when its call
