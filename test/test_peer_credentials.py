@@ -44,6 +44,9 @@ def as_user(uid: int, gid: int, script: str, *args: str, groups: str = '') -> li
 SQUATTER = r"""
 import os, select, socket, sys
 path = sys.argv[1]
+if sys.argv[2:] == ['later']:  # up first, bound when told: binding then takes no process start
+    print('started', flush=True)
+    sys.stdin.readline()
 listener = socket.socket(socket.AF_UNIX)
 listener.bind(path)
 os.chmod(path, 0o777)
@@ -75,12 +78,21 @@ while True:
 class Squatter:
     """Another user's process listening on a socket path."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, later: bool = False) -> None:
+        """Bound and listening on ``path`` at once, or (``later``) once :meth:`bind` says so."""
         self.path = path
-        self.popen = subprocess.Popen(as_user(OTHER_UID, OTHER_UID, SQUATTER, str(path)),
+        self.popen = subprocess.Popen(as_user(OTHER_UID, OTHER_UID, SQUATTER, str(path), *(['later'] * later)),
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                       env={'PATH': '/usr/bin:/bin'})
-        assert self.popen.stdout is not None and self.popen.stdout.readline().strip() == 'ready'
+        assert self.popen.stdout is not None
+        assert self.popen.stdout.readline().strip() == ('started' if later else 'ready')
+
+    def bind(self) -> None:
+        """Bind and listen now (a squatter made ``later``)."""
+        assert self.popen.stdin is not None and self.popen.stdout is not None
+        self.popen.stdin.write('bind\n')
+        self.popen.stdin.flush()
+        assert self.popen.stdout.readline().strip() == 'ready'
 
     def connections(self) -> list[str]:
         """Stop it; one line per connection it accepted, with what it received."""
@@ -111,13 +123,13 @@ def shared_dir(socket_dir: Path) -> Path:
 
 
 @pytest.fixture
-def squatter_on(shared_dir: Path) -> Iterator[Callable[[Path], Squatter]]:
+def squatter_on(shared_dir: Path) -> Iterator[Callable[..., Squatter]]:
     """Factory: a :class:`Squatter` on a path (killed at teardown)."""
     needs_second_uid()
     started: list[Squatter] = []
 
-    def start(path: Path) -> Squatter:
-        started.append(Squatter(path))
+    def start(path: Path, later: bool = False) -> Squatter:
+        started.append(Squatter(path, later))
         return started[-1]
     yield start
     for squatter in started:
@@ -201,7 +213,10 @@ def test_a_call_waiting_for_its_server_never_connects_to_a_squatter_that_binds_m
     class Started(ClientInterceptor):
         def call_started(self, call: ClientCall) -> None:
             started.set()
-    ipc = handler(path, echo.Stub, lane=lane, wait_for_ready=True, timeout=20, interceptors=[Started()])
+    # It waits until its deadline (the squatter's socket never becomes a trusted server's):
+    # 5 s, the squatter's process started before, so that binding is all it does meanwhile.
+    squatter = squatter_on(path, later=True)
+    ipc = handler(path, echo.Stub, lane=lane, wait_for_ready=True, timeout=5, interceptors=[Started()])
 
     def call() -> object:
         try:
@@ -222,7 +237,7 @@ def test_a_call_waiting_for_its_server_never_connects_to_a_squatter_that_binds_m
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(call)
         assert started.wait(10)
-        squatter = squatter_on(path)
+        squatter.bind()
         outcome = waiting.result(timeout=30)
     assert isinstance(outcome, UntrustedServerError), repr(outcome)
     assert f'belongs to uid {OTHER_UID}' in str(outcome)
