@@ -14,6 +14,7 @@ import asyncio
 from concurrent import futures
 import logging
 import threading
+import time
 from typing import Any, Callable, Coroutine, TypeVar
 
 from ._busy_poll import DEFAULT_BUSY_POLL
@@ -145,10 +146,14 @@ class EventLoopThread:
             except futures.InvalidStateError:  # (done or cancelled meanwhile)
                 pass
 
-    def run(self, coroutine: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
+    def run(self, coroutine: Coroutine[Any, Any, _T], timeout: float | None = None, *,
+            interruptible: bool = True) -> _T:
         """Run ``coroutine`` on the loop and block the calling thread for its result.
 
         :param timeout: seconds to wait; on expiry the coroutine is cancelled.
+        :param interruptible: whether a ``KeyboardInterrupt`` while waiting
+            cancels the coroutine and is raised; if not, it is logged and the
+            wait goes on (a stop that a second Ctrl-C must not cut short).
         :raises TimeoutError: the coroutine did not finish within ``timeout``.
         :raises RuntimeError: if called on the loop's own thread (it would
             wait for itself forever) or the loop is not running.
@@ -158,15 +163,22 @@ class EventLoopThread:
             coroutine.close()
             raise RuntimeError('EventLoopThread.run() called on its own loop thread: await instead')
         future = self.submit(coroutine)
-        try:
-            return future.result(timeout)
-        except futures.TimeoutError:
-            future.cancel()
-            raise TimeoutError(f'coroutine on {self.name!r} did not finish within {timeout} s') from None
-        except BaseException:
-            # KeyboardInterrupt while waiting: do not leave the coroutine behind.
-            future.cancel()
-            raise
+        until = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return future.result(None if until is None else max(0.0, until - time.monotonic()))
+            except futures.TimeoutError:
+                future.cancel()
+                raise TimeoutError(f'coroutine on {self.name!r} did not finish within {timeout} s') from None
+            except KeyboardInterrupt:
+                if interruptible:
+                    future.cancel()  # do not leave the coroutine behind
+                    raise
+                _logger.info('KeyboardInterrupt while waiting for %s on %r: waiting on',
+                             getattr(coroutine, '__qualname__', 'a coroutine'), self.name)
+            except BaseException:
+                future.cancel()
+                raise
 
     def stop(self, timeout: float = 5.0) -> None:
         """Cancel what still runs on the loop, stop it, join the thread, close it.

@@ -307,8 +307,8 @@ class IPCServerHost:
         # shutting ROS down on another thread, and rcl's logger then crashed
         # a hosting node (SIGSEGV seen in CI).
         _logger.info('stopping IPC server on %s (grace %.3g s)', server.socket_path, grace)
-        try:
-            self.loop_thread.run(server.stop(grace), timeout=grace + _STOP_MARGIN)
+        try:  # (a second Ctrl-C, under rclpy's signal handlers a KeyboardInterrupt, waited through)
+            self.loop_thread.run(server.stop(grace), timeout=grace + _STOP_MARGIN, interruptible=False)
             return
         except TimeoutError:
             _logger.warning('IPC server on %s did not stop within %.3g s', server.socket_path,
