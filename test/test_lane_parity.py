@@ -282,13 +282,7 @@ def test_a_code_no_status_has_is_unknown(parity: ServerProcess, pb: Any, method:
     assert seen[2] is grpc.StatusCode.UNKNOWN
 
 
-GRPC_AIO_ABORT_OK = pytest.mark.xfail(strict=True, reason=(
-    "grpc.aio answers an async def handler's abort(OK) with nothing: its gRPC-lane caller waits for the "
-    "deadline (the fast lane answers UNKNOWN); not fixable without wrapping grpc.aio's context"))
-
-
-@pytest.mark.parametrize('method', ['UnarySync', 'ServerStreamSync', pytest.param('Unary', marks=GRPC_AIO_ABORT_OK),
-                                    pytest.param('ServerStream', marks=GRPC_AIO_ABORT_OK)])
+@pytest.mark.parametrize('method', ['UnarySync', 'ServerStreamSync', 'Unary', 'ServerStream'])
 def test_abort_with_ok_is_unknown(parity: ServerProcess, pb: Any, method: str) -> None:
     # As grpc's own synchronous server answers it; grpc.aio sent nothing.
     seen = compare(parity, pb, method, call={'timeout': 2.0}, how='abort', code=0, details='not ok')

@@ -154,6 +154,30 @@ async def _answer(path: str, context: Any, error: BaseException) -> None:
         await context.abort(_failed_code(context), _exited(path, error))
 
 
+class _AsyncContext:
+    """grpc.aio's context of an ``async def`` handler, but that ``abort()``
+    with OK aborts UNKNOWN, as grpc's synchronous server and the fast lane
+    answer it: grpc.aio answered nothing, its caller waiting for the deadline
+    (for a watch without one, for ever)."""
+
+    __slots__ = ('_context',)
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def abort(self, code: grpc.StatusCode, details: str = '', trailing_metadata: Any = ()) -> None:
+        if code is grpc.StatusCode.OK or (type(code) is int and code == 0):
+            _logger.error('abort() called with StatusCode.OK; answering UNKNOWN')
+            code = grpc.StatusCode.UNKNOWN
+        await self._context.abort(code, details, trailing_metadata)
+
+    async def abort_with_status(self, status: grpc.Status) -> None:
+        await self.abort(status.code, status.details, status.trailing_metadata)
+
+
 def _guard_own_cancel(path: str, behaviour: Callable[..., Any], response_streaming: bool
                       ) -> Callable[..., Any]:
     """A ``def`` handler (in its thread) whose own ``CancelledError`` (an
@@ -182,7 +206,7 @@ def _guard_exits(path: str, behaviour: Callable[..., Any]) -> Callable[..., Any]
     if inspect.isasyncgenfunction(behaviour):
         async def guarded_stream(argument: Any, context: Any) -> AsyncIterator[Any]:
             try:
-                async for response in behaviour(argument, context):
+                async for response in behaviour(argument, _AsyncContext(context)):
                     yield response
             except BaseException as error:
                 await _answer(path, context, error)
@@ -191,7 +215,7 @@ def _guard_exits(path: str, behaviour: Callable[..., Any]) -> Callable[..., Any]
 
     async def guarded(argument: Any, context: Any) -> Any:
         try:
-            return await behaviour(argument, context)
+            return await behaviour(argument, _AsyncContext(context))
         except BaseException as error:
             await _answer(path, context, error)
             raise
