@@ -221,6 +221,27 @@ def test_a_handler_raising_cancelled_error_is_answered(parity: ServerProcess, pb
                             (grpc.StatusCode.UNKNOWN, "Unexpected <class 'asyncio.exceptions.CancelledError'>: why"))
 
 
+#: What a def handler may raise that is no Exception, or none an asyncio future
+#: takes: the gRPC lane's caller waited for its deadline (grpc.aio answers no
+#: BaseException but the exits; a StopIteration left the call's future pending).
+OTHER_RAISES = {'raise-stop-iteration': 'StopIteration', 'raise-generator-exit': 'GeneratorExit',
+                'raise-base-exception': 'BaseException', 'raise-system-exit': 'SystemExit',
+                'raise-keyboard-interrupt': 'KeyboardInterrupt'}
+
+
+@pytest.mark.parametrize('method, how', _cases(['UnarySync', 'ClientStreamSync', 'ServerStreamSync', 'BidiSync'],
+                                               OTHER_RAISES))
+def test_whatever_a_def_handler_raises_is_answered_as_an_exception(parity: ServerProcess, pb: Any, method: str,
+                                                                   how: str) -> None:
+    seen = compare(parity, pb, method, how=how, details='why', count=2)
+    if method in STREAMS:  # (after the messages it yielded)
+        assert [reply.text for reply in seen[0]] == ['item 0', 'item 1']
+    words = f"<class '{OTHER_RAISES[how]}'>: why"
+    if how == 'raise-stop-iteration' and method in STREAMS:  # a generator's is a RuntimeError
+        words = "<class 'RuntimeError'>: generator raised StopIteration"
+    assert status(seen) == (grpc.StatusCode.UNKNOWN, f'Unexpected {words}')
+
+
 @pytest.mark.parametrize('method', ['Unary', 'UnarySync', 'ServerStream', 'ServerStreamSync'])
 def test_what_a_handler_sees_of_its_call(parity: ServerProcess, pb: Any, method: str) -> None:
     seen = compare(parity, pb, method, how='context', call={'metadata': [('x-a', 'b'), ('x-b-bin', b'\0\1')]})

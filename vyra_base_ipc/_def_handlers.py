@@ -22,6 +22,9 @@ the handler in the server's
 - A handler that returns once its deadline has passed (one that works while
   ``is_active()`` holds) is answered DEADLINE_EXCEEDED, not with what it
   returned, whichever of it and grpc's timer came first, as on the fast lane.
+- What a handler raises goes to the loop, which answers it, if it is an
+  ``Exception`` other than ``StopIteration``; anything else is answered from
+  its thread (see :func:`_handed_over`).
 """
 
 from __future__ import annotations
@@ -40,23 +43,28 @@ _SHUTTING_DOWN = 'server is shutting down'
 _END = object()
 
 
-def in_handler_threads(behaviour: Callable[..., Any], executor: futures.Executor, *,
+#: Answers, in a handler's thread, what its handler raised that is not handed
+#: over to the loop (see :func:`_handed_over`): it aborts the call.
+Fail = Callable[[BaseException, SyncContext], None]
+
+
+def in_handler_threads(behaviour: Callable[..., Any], executor: futures.Executor, fail: Fail, *,
                        request_streaming: bool, response_streaming: bool) -> Callable[..., Any]:
     """``behaviour``, a ``def`` handler, as an ``async def`` (an async
     generator for a method streaming responses) that runs it in ``executor``
     (see the module docstring)."""
     if response_streaming:
-        return _streaming(behaviour, executor, request_streaming)
-    return _unary(behaviour, executor, request_streaming)
+        return _streaming(behaviour, executor, fail, request_streaming)
+    return _unary(behaviour, executor, fail, request_streaming)
 
 
-def _unary(behaviour: Callable[..., Any], executor: futures.Executor,
+def _unary(behaviour: Callable[..., Any], executor: futures.Executor, fail: Fail,
            request_streaming: bool) -> Callable[..., Any]:
     async def in_thread(argument: Any, context: Any) -> Any:
         sync_context = SyncContext(context, asyncio.get_running_loop())
         if request_streaming:
             argument = _Requests(argument, sync_context)
-        done = await _started(executor, context, _run, behaviour, argument, sync_context)
+        done = await _started(executor, context, _run, behaviour, argument, sync_context, fail)
         try:
             response = await done
         except asyncio.CancelledError:
@@ -69,7 +77,7 @@ def _unary(behaviour: Callable[..., Any], executor: futures.Executor,
     return in_thread
 
 
-def _streaming(behaviour: Callable[..., Any], executor: futures.Executor,
+def _streaming(behaviour: Callable[..., Any], executor: futures.Executor, fail: Fail,
                request_streaming: bool) -> Callable[..., Any]:
     async def in_thread(argument: Any, context: Any) -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
@@ -91,7 +99,7 @@ def _streaming(behaviour: Callable[..., Any], executor: futures.Executor,
         sync_context = SyncContext(context, loop, send)
         if request_streaming:
             argument = _Requests(argument, sync_context)
-        done = await _started(executor, context, _run_stream, behaviour, argument, sync_context)
+        done = await _started(executor, context, _run_stream, behaviour, argument, sync_context, fail)
         done.add_done_callback(ended)
         try:
             while True:
@@ -124,14 +132,41 @@ async def _started(executor: futures.Executor, context: Any, function: Callable[
         raise error
 
 
-def _run(behaviour: Callable[..., Any], argument: Any, context: SyncContext) -> Any:
+def _handed_over(error: BaseException) -> bool:
+    """Whether ``error``, raised by a handler, goes to the loop as it is (to
+    be answered there): an ``Exception``, but not ``StopIteration``, which no
+    asyncio future takes (the call was left unanswered, its future pending
+    for ever). Anything else is answered in the handler's thread: an exit; a
+    ``CancelledError`` or ``GeneratorExit`` of its own, which would pass for
+    the call's end; another ``BaseException``, which grpc.aio answers with
+    nothing (the caller waited for its deadline)."""
+    return isinstance(error, Exception) and not isinstance(error, StopIteration)
+
+
+def _answer(fail: Fail, error: BaseException, context: SyncContext) -> None:
+    """``fail(error, context)`` unless the call has ended.
+
+    :raises grpc.aio.AbortError: (``fail``'s) the call is answered.
+    """
+    try:
+        fail(error, context)
+    except CallEnded:
+        pass
+
+
+def _run(behaviour: Callable[..., Any], argument: Any, context: SyncContext, fail: Fail) -> Any:
     try:
         return behaviour(argument, context)
     except CallEnded:
         return None
+    except BaseException as error:
+        if _handed_over(error):
+            raise
+        _answer(fail, error, context)
+        return None
 
 
-def _run_stream(behaviour: Callable[..., Any], argument: Any, context: SyncContext) -> None:
+def _run_stream(behaviour: Callable[..., Any], argument: Any, context: SyncContext, fail: Fail) -> None:
     try:
         responses = behaviour(argument, context)
         if responses is None:  # it wrote with context.write()
@@ -145,6 +180,10 @@ def _run_stream(behaviour: Callable[..., Any], argument: Any, context: SyncConte
                 close()
     except CallEnded:
         pass
+    except BaseException as error:
+        if _handed_over(error):
+            raise
+        _answer(fail, error, context)
 
 
 async def _in_time(context: Any) -> None:

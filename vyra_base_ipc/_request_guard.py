@@ -27,7 +27,7 @@ import asyncio
 from concurrent import futures
 import inspect
 import logging
-from typing import Any, AsyncIterator, Callable, Iterator, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
 import grpc
 
@@ -73,7 +73,7 @@ def _guard(path: str, handler: grpc.RpcMethodHandler, executor: futures.Executor
     streaming = (bool(handler.request_streaming), bool(handler.response_streaming))
     behaviour = getattr(handler, _FACTORIES[streaming].__name__.replace('_rpc_method_handler', ''))
     if not (inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
-        behaviour = in_handler_threads(_guard_own_cancel(path, behaviour, streaming[1]), executor,
+        behaviour = in_handler_threads(behaviour, executor, _failing(path),
                                        request_streaming=streaming[0], response_streaming=streaming[1])
     behaviour = _guard_exits(path, behaviour)
     if deserialize is not None:
@@ -178,28 +178,15 @@ class _AsyncContext:
         await self.abort(status.code, status.details, status.trailing_metadata)
 
 
-def _guard_own_cancel(path: str, behaviour: Callable[..., Any], response_streaming: bool
-                      ) -> Callable[..., Any]:
-    """A ``def`` handler (in its thread) whose own ``CancelledError`` (an
-    inner future's, say) fails its call as any exception does, UNKNOWN or the
-    code set before, as on the fast lane: handed to the loop as it is, it
-    would pass for the call's end."""
-    if response_streaming:
-        def guarded_stream(argument: Any, context: Any) -> Iterator[Any]:
-            try:
-                responses = behaviour(argument, context)
-                if responses is not None:
-                    yield from responses
-            except asyncio.CancelledError as error:
-                context.abort(_failed_code(context), _exited(path, error))
-        return guarded_stream
-
-    def guarded(argument: Any, context: Any) -> Any:
-        try:
-            return behaviour(argument, context)
-        except asyncio.CancelledError as error:
-            context.abort(_failed_code(context), _exited(path, error))
-    return guarded
+def _failing(path: str) -> Callable[[BaseException, Any], None]:
+    """How the thread of a ``def`` handler of ``path`` answers what its
+    handler raised that is not handed over to the loop (an exit, a
+    ``CancelledError`` of its own, ``StopIteration``...: see
+    :func:`~vyra_base_ipc._def_handlers._handed_over`): as any exception,
+    UNKNOWN or the code set before, as on the fast lane."""
+    def fail(error: BaseException, context: Any) -> None:
+        context.abort(_failed_code(context), _exited(path, error))
+    return fail
 
 
 def _guard_exits(path: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:

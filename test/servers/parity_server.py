@@ -78,6 +78,12 @@ RAISES: dict[str, Any] = {
     'abort-error': lambda details: grpc.aio.AbortError(details),
     'timeout': lambda details: TimeoutError(details),
     'cancelled': lambda details: asyncio.CancelledError(details),
+    # No Exception, or none an asyncio future takes (test_lane_parity: def handlers only).
+    'stop-iteration': lambda details: StopIteration(details),
+    'generator-exit': lambda details: GeneratorExit(details),
+    'base-exception': lambda details: BaseException(details),
+    'system-exit': lambda details: SystemExit(details),
+    'keyboard-interrupt': lambda details: KeyboardInterrupt(details),
 }
 
 
