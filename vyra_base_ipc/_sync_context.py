@@ -94,6 +94,7 @@ class SyncContext:
         answer at all).
 
         :raises grpc.aio.AbortError: always, to end the handler.
+        :raises CallEnded: instead, once the call has ended (nothing is sent).
         """
         if code is grpc.StatusCode.OK or (type(code) is int and code == 0):
             _logger.error('abort() called with StatusCode.OK; answering UNKNOWN')
@@ -110,6 +111,10 @@ class SyncContext:
         self.abort(status.code, status.details, getattr(status, 'trailing_metadata', ()))
 
     def send_initial_metadata(self, initial_metadata: Any) -> None:
+        """Send ``initial_metadata`` now; returns once it is sent.
+
+        :raises CallEnded: the call has ended.
+        """
         self.on_loop(self._context.send_initial_metadata(initial_metadata))
 
     def write(self, message: Any) -> None:
@@ -197,13 +202,30 @@ class SyncContext:
                     raise CallEnded() from None
 
     def on_loop(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
-        """Run ``coroutine`` on the loop and wait for its result (see :meth:`wait`)."""
+        """Run ``coroutine`` (work on grpc.aio's context) on the loop and wait
+        for its result (see :meth:`wait`); not once the call has ended: grpc
+        never completes an operation started on a call it has ended, and it
+        kept that operation's future for ever (one per such abort or
+        initial metadata of a handler whose client had left).
+
+        :raises CallEnded: the call has ended (before it ran, too).
+        """
+        guarded = self._unless_ended(coroutine)
         try:
-            future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+            future = asyncio.run_coroutine_threadsafe(guarded, self._loop)
         except RuntimeError:  # the loop is closed
+            guarded.close()
             coroutine.close()
             raise CallEnded() from None
         return self.wait(future)
+
+    async def _unless_ended(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        # On the loop, where the call's end is marked: the check and the start
+        # of grpc's operation are one step of it.
+        if self._ended:
+            coroutine.close()
+            raise CallEnded()
+        return await coroutine
 
     def _run(self, callback: Callable[..., Any], *args: Any) -> None:
         try:

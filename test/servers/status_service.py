@@ -1,6 +1,8 @@
 """StatusService: handlers that use their context as grpc.aio lets them, and
 end their calls in unusual ways (see echo.proto; and "until-inactive": a def
-handler that works until is_active() says its call ended, then returns)."""
+handler that works until is_active() says its call ended, then returns;
+"abort-after-end", "metadata-after-end": one that then aborts or sends
+initial metadata, and journals what that raised)."""
 
 from __future__ import annotations
 
@@ -48,6 +50,25 @@ def _work_while_active(context: Any) -> None:
         time.sleep(0.0005)
 
 
+def _after_end(how: str, context: Any) -> str:
+    """Wait until the call has ended (60 s at most), then abort it
+    ("abort-after-end") or send initial metadata ("metadata-after-end"):
+    the name of the exception that raised, '' if none."""
+    _work_while_active(context)
+    try:
+        if how == 'abort-after-end':
+            context.abort(grpc.StatusCode.NOT_FOUND, 'after the end')
+        else:
+            context.send_initial_metadata((('x-late', 'yes'),))
+    except Exception as error:
+        return type(error).__name__
+    return ''
+
+
+#: Hows of def handlers that act once their call ended (see :func:`_after_end`); journaled.
+AFTER_END = ('abort-after-end', 'metadata-after-end')
+
+
 def _seen(context: Any) -> dict[str, bool]:
     return {'is_active': context.is_active(), 'cancelled': context.cancelled(), 'done': context.done()}
 
@@ -77,6 +98,9 @@ class StatusService(echo_pb2_grpc.StatusServiceServicer):
             return echo_pb2.EchoReply(text=json.dumps(_seen(context)))
         if request.how == 'until-inactive':
             _work_while_active(context)
+            return echo_pb2.EchoReply(text='too late')
+        if request.how in AFTER_END and self._journal is not None:
+            self._journal({'event': request.how, 'tag': request.tag, 'raised': _after_end(request.how, context)})
             return echo_pb2.EchoReply(text='too late')
         if request.how == 'wait-cancel' and self._journal is not None:
             ending = time.monotonic() + 60  # (as a def handler that works on until its call ends would)
@@ -111,6 +135,9 @@ class StatusService(echo_pb2_grpc.StatusServiceServicer):
             return
         if request.how == 'until-inactive':
             _work_while_active(context)
+            return
+        if request.how in AFTER_END and self._journal is not None:
+            self._journal({'event': request.how, 'tag': request.tag, 'raised': _after_end(request.how, context)})
             return
         if request.how == 'write':  # (a def handler's context.write(), between its yields)
             context.write(echo_pb2.EchoReply(text='written'))

@@ -1,0 +1,89 @@
+"""The gRPC lane's runner of def handlers (vyra_base_ipc/_def_handlers.py,
+_sync_context.py) where a call ends under a handler: a real server process
+(test/servers/def_server.py) that reports its pending asyncio futures and busy
+handler threads, and real grpc clients that leave."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import json
+from pathlib import Path
+import signal
+from typing import Any, Iterator
+
+import grpc
+import pytest
+
+from conftest import ServerProcess, StartServer, wait_for
+
+#: Calls per case: each left something behind before the fix.
+CALLS = 4
+
+
+@dataclass
+class DefServer:
+    """A def_server.py process and its journal."""
+
+    process: ServerProcess
+    journal: Path
+
+    def stats(self) -> dict[str, Any]:
+        """What the server reports on SIGUSR1 (see def_server.py)."""
+        path = Path(f'{self.process.socket_path}.stats')
+        path.unlink(missing_ok=True)
+        self.process.signal(signal.SIGUSR1)
+        wait_for(path.exists, 10, "the server's stats")
+        return json.loads(path.read_text())
+
+    def raised(self, how: str) -> dict[str, str]:
+        """What the StatusService handlers of ``how`` journaled, by tag: the
+        exception their act after the call's end raised."""
+        if not self.journal.exists():
+            return {}
+        lines = self.journal.read_text().split('\n')[:-1]  # (a line being written is not one yet)
+        return {entry['tag']: entry['raised'] for entry in map(json.loads, lines) if entry['event'] == how}
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(f'unix:{self.process.socket_path}')
+
+
+def start_def_server(start: StartServer, directory: Path, name: str, *args: str) -> DefServer:
+    journal = directory / f'{name}.jsonl'
+    return DefServer(start(directory / f'{name}.sock', str(journal), *args, script='def_server.py'), journal)
+
+
+@pytest.fixture(scope='module')
+def shared(start_module_server: StartServer, module_socket_dir: Path) -> Iterator[DefServer]:
+    """One def_server for the module's tests that measure from a baseline of their own."""
+    server = start_def_server(start_module_server, module_socket_dir, 'shared')
+    yield server
+    assert server.process.stop() == 0, server.process.log()
+
+
+@pytest.mark.parametrize('method', ['MisbehaveSync', 'MisbehaveStreamSync'])
+@pytest.mark.parametrize('how', ['abort-after-end', 'metadata-after-end'])
+def test_a_def_handler_that_aborts_or_sends_metadata_after_its_client_left_is_told_and_leaves_nothing(
+        shared: DefServer, echo: Any, method: str, how: str) -> None:
+    # grpc never completes an operation started on a call it has ended: each
+    # such abort or send_initial_metadata left a future pending in the server
+    # for ever (and the handler got grpc's ExecuteBatchError, or AbortError).
+    with shared.channel() as channel:
+        stub = echo.grpc.StatusServiceStub(channel)
+        echo.Stub(channel).EchoSync(echo.pb.EchoRequest(text='warm up'), timeout=10)
+        baseline = shared.stats()['pending_futures']
+        tags = [f'{method}-{how}-{number}' for number in range(CALLS)]
+        for tag in tags:
+            request = echo.pb.MisbehaveRequest(how=how, tag=tag)
+            if method == 'MisbehaveSync':
+                call = stub.MisbehaveSync.future(request)
+                wait_for(lambda: shared.stats()['busy'], 10, 'the handler to run')
+            else:
+                call = stub.MisbehaveStreamSync(request)
+                assert next(call).text == 'first'
+            call.cancel()
+            wait_for(lambda tag=tag: tag in shared.raised(how), 10, 'the handler to act after its call ended')
+        wait_for(lambda: shared.stats()['pending_futures'] <= baseline, 10,
+                 f'the pending futures of the server back to {baseline}')
+        raised = shared.raised(how)
+        assert [raised[tag] for tag in tags] == ['CallEnded'] * CALLS
+
