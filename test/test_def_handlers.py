@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import grpc
 import pytest
 
-from conftest import ServerProcess, StartServer, wait_for
+from conftest import ServerProcess, StartServer, unchanged, wait_for
 
 #: Calls per case: each left something behind before the fix.
 CALLS = 4
@@ -87,3 +87,23 @@ def test_a_def_handler_that_aborts_or_sends_metadata_after_its_client_left_is_to
         raised = shared.raised(how)
         assert [raised[tag] for tag in tags] == ['CallEnded'] * CALLS
 
+
+def test_a_def_stream_whose_client_stopped_reading_then_left_gives_its_thread_back_at_once(
+        start_server: StartServer, socket_dir: Path, echo: Any) -> None:
+    # Its thread waited for its message to be written; it found out that the
+    # call had ended only at its next look (every 0.1 s, here every 60 s).
+    server = start_def_server(start_server, socket_dir, 'one', '--max-workers', '1', '--poll-seconds', '60')
+    with server.channel() as channel:
+        watch = echo.grpc.WatchServiceStub(channel)
+        stream = watch.WatchSync(echo.pb.WatchRequest(tag='stalled', size=256 * 1024))
+        next(stream)
+
+        def report() -> Any:
+            return watch.Report(echo.pb.WatchRequest(tag='stalled'), timeout=10)
+        wait_for(unchanged(lambda: report().sent), 30, 'the handler to wait for the client to read')
+        stream.cancel()
+        wait_for(lambda: report().ended, 10, 'the handler to end')
+        assert (report().how, report().callback_ran) == ('inactive', True)
+        # The one handler thread serves the next call.
+        assert echo.Stub(channel).EchoSync(echo.pb.EchoRequest(text='next'), timeout=10).text == 'next'
+        assert server.stats()['busy'] == []

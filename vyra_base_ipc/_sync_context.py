@@ -63,6 +63,7 @@ class SyncContext:
         self._lock = threading.Lock()
         self._ended = False
         self._left = False
+        self._waiting: futures.Future[Any] | None = None  # what the handler's thread waits for
         self._callbacks: list[Callable[[], Any]] = []
         self._done_callbacks: list[Callable[[Any], Any]] = []
 
@@ -181,6 +182,11 @@ class SyncContext:
             self._ended, self._left = True, left
             callbacks, self._callbacks = self._callbacks, []
             done_callbacks, self._done_callbacks = self._done_callbacks, []
+        waiting = self._waiting
+        if left and waiting is not None:
+            # Its thread goes on now (CallEnded), not at its next look: a
+            # stream's message the client never took is never written.
+            waiting.cancel()
         for callback in callbacks:
             self._run(callback)
         for done_callback in done_callbacks:
@@ -188,18 +194,27 @@ class SyncContext:
 
     def wait(self, future: futures.Future[_T]) -> _T:
         """The result of ``future`` (work on the loop for this call), waited
-        for in the handler's thread.
+        for in the handler's thread; :meth:`finish` cancels it when the call
+        ends first.
 
         :raises CallEnded: the call ended first, or the server's event loop
             stopped (``future`` is cancelled).
         """
-        while True:
-            try:
-                return future.result(_POLL_SECONDS)
-            except futures.TimeoutError:
-                if self._left or not self._loop.is_running():  # (a loop that died answers nothing)
-                    future.cancel()
+        self._waiting = future
+        try:
+            if self._left:  # (it ended before finish() could see the future)
+                future.cancel()
+            while True:
+                try:
+                    return future.result(_POLL_SECONDS)
+                except futures.CancelledError:
                     raise CallEnded() from None
+                except futures.TimeoutError:
+                    if self._left or not self._loop.is_running():  # (a loop that died answers nothing)
+                        future.cancel()
+                        raise CallEnded() from None
+        finally:
+            self._waiting = None
 
     def on_loop(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
         """Run ``coroutine`` (work on grpc.aio's context) on the loop and wait
