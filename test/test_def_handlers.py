@@ -35,13 +35,12 @@ class DefServer:
         wait_for(path.exists, 10, "the server's stats")
         return json.loads(path.read_text())
 
-    def raised(self, how: str) -> dict[str, str]:
-        """What the StatusService handlers of ``how`` journaled, by tag: the
-        exception their act after the call's end raised."""
+    def journaled(self, event: str) -> dict[str, dict[str, Any]]:
+        """What StatusService's handlers journaled as ``event``, by tag."""
         if not self.journal.exists():
             return {}
         lines = self.journal.read_text().split('\n')[:-1]  # (a line being written is not one yet)
-        return {entry['tag']: entry['raised'] for entry in map(json.loads, lines) if entry['event'] == how}
+        return {entry['tag']: entry for entry in map(json.loads, lines) if entry['event'] == event}
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(f'unix:{self.process.socket_path}')
@@ -76,16 +75,16 @@ def test_a_def_handler_that_aborts_or_sends_metadata_after_its_client_left_is_to
             request = echo.pb.MisbehaveRequest(how=how, tag=tag)
             if method == 'MisbehaveSync':
                 call = stub.MisbehaveSync.future(request)
-                wait_for(lambda: shared.stats()['busy'], 10, 'the handler to run')
             else:
                 call = stub.MisbehaveStreamSync(request)
-                assert next(call).text == 'first'
+            # (A stream's handler whose call ends while it writes "first" is ended there.)
+            wait_for(lambda tag=tag: tag in shared.journaled('waiting'), 10, 'the handler to wait for the end')
             call.cancel()
-            wait_for(lambda tag=tag: tag in shared.raised(how), 10, 'the handler to act after its call ended')
+            wait_for(lambda tag=tag: tag in shared.journaled(how), 10, 'the handler to act after its call ended')
         wait_for(lambda: shared.stats()['pending_futures'] <= baseline, 10,
                  f'the pending futures of the server back to {baseline}')
-        raised = shared.raised(how)
-        assert [raised[tag] for tag in tags] == ['CallEnded'] * CALLS
+        acted = shared.journaled(how)
+        assert [acted[tag]['raised'] for tag in tags] == ['CallEnded'] * CALLS
 
 
 def test_a_def_stream_whose_client_stopped_reading_then_left_gives_its_thread_back_at_once(

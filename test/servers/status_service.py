@@ -65,7 +65,8 @@ def _after_end(how: str, context: Any) -> str:
     return ''
 
 
-#: Hows of def handlers that act once their call ended (see :func:`_after_end`); journaled.
+#: Hows of def handlers that act once their call ended (see :func:`_after_end`);
+#: journaled ("waiting" when they start to wait for the end, then the how).
 AFTER_END = ('abort-after-end', 'metadata-after-end')
 
 
@@ -100,6 +101,7 @@ class StatusService(echo_pb2_grpc.StatusServiceServicer):
             _work_while_active(context)
             return echo_pb2.EchoReply(text='too late')
         if request.how in AFTER_END and self._journal is not None:
+            self._journal({'event': 'waiting', 'tag': request.tag})
             self._journal({'event': request.how, 'tag': request.tag, 'raised': _after_end(request.how, context)})
             return echo_pb2.EchoReply(text='too late')
         if request.how == 'wait-cancel' and self._journal is not None:
@@ -137,6 +139,7 @@ class StatusService(echo_pb2_grpc.StatusServiceServicer):
             _work_while_active(context)
             return
         if request.how in AFTER_END and self._journal is not None:
+            self._journal({'event': 'waiting', 'tag': request.tag})
             self._journal({'event': request.how, 'tag': request.tag, 'raised': _after_end(request.how, context)})
             return
         if request.how == 'write':  # (a def handler's context.write(), between its yields)
