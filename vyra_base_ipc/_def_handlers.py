@@ -155,6 +155,8 @@ def _answer(fail: Fail, error: BaseException, context: SyncContext) -> None:
 
 
 def _run(behaviour: Callable[..., Any], argument: Any, context: SyncContext, fail: Fail) -> Any:
+    """(In the handler's thread) ``behaviour(argument, context)``; ``None``
+    once the call ended, or after answering what is not handed over."""
     try:
         return behaviour(argument, context)
     except CallEnded:
@@ -167,7 +169,8 @@ def _run(behaviour: Callable[..., Any], argument: Any, context: SyncContext, fai
 
 
 def _run_stream(behaviour: Callable[..., Any], argument: Any, context: SyncContext, fail: Fail) -> None:
-    try:
+    """:func:`_run` of a response-streaming handler, each message written."""
+    def write_all(argument: Any, context: SyncContext) -> None:
         responses = behaviour(argument, context)
         if responses is None:  # it wrote with context.write()
             return
@@ -178,12 +181,7 @@ def _run_stream(behaviour: Callable[..., Any], argument: Any, context: SyncConte
             close = getattr(responses, 'close', None)
             if close is not None:  # a generator left early: its finally blocks run now
                 close()
-    except CallEnded:
-        pass
-    except BaseException as error:
-        if _handed_over(error):
-            raise
-        _answer(fail, error, context)
+    _run(write_all, argument, context, fail)
 
 
 async def _in_time(context: Any) -> None:

@@ -32,6 +32,7 @@ from typing import Any, AsyncIterator, Callable, Mapping
 import grpc
 
 from ._def_handlers import in_handler_threads
+from ._sync_context import abort_code
 
 __all__ = ['HANDLER_EXITS', 'HANDLER_FAILURES', 'guard_handlers', 'unexpected_details']
 
@@ -169,10 +170,7 @@ class _AsyncContext:
         return getattr(self._context, name)
 
     async def abort(self, code: grpc.StatusCode, details: str = '', trailing_metadata: Any = ()) -> None:
-        if code is grpc.StatusCode.OK or (type(code) is int and code == 0):
-            _logger.error('abort() called with StatusCode.OK; answering UNKNOWN')
-            code = grpc.StatusCode.UNKNOWN
-        await self._context.abort(code, details, trailing_metadata)
+        await self._context.abort(abort_code(code), details, trailing_metadata)
 
     async def abort_with_status(self, status: grpc.Status) -> None:
         await self.abort(status.code, status.details, status.trailing_metadata)

@@ -28,12 +28,22 @@ from typing import Any, Callable, Coroutine, TypeVar
 
 import grpc
 
-__all__ = ['CallEnded', 'SyncContext']
+__all__ = ['CallEnded', 'SyncContext', 'abort_code']
 
 _T = TypeVar('_T')
 _logger = logging.getLogger(__name__)
 #: How often a handler thread waiting for the loop looks whether its call ended.
 _POLL_SECONDS = 0.1
+
+
+def abort_code(code: Any) -> Any:
+    """The code an ``abort(code)`` sends: OK is taken for UNKNOWN (logged),
+    as grpc's synchronous server and the fast lane take it; grpc.aio answered
+    nothing, its caller waiting for the deadline."""
+    if code is grpc.StatusCode.OK or (type(code) is int and code == 0):
+        _logger.error('abort() called with StatusCode.OK; answering UNKNOWN')
+        return grpc.StatusCode.UNKNOWN
+    return code
 
 
 class CallEnded(Exception):
@@ -97,9 +107,7 @@ class SyncContext:
         :raises grpc.aio.AbortError: always, to end the handler.
         :raises CallEnded: instead, once the call has ended (nothing is sent).
         """
-        if code is grpc.StatusCode.OK or (type(code) is int and code == 0):
-            _logger.error('abort() called with StatusCode.OK; answering UNKNOWN')
-            code = grpc.StatusCode.UNKNOWN
+        code = abort_code(code)
         self._code, self._details = code, details or self._details
         try:
             self.on_loop(self._context.abort(code, details, tuple(trailing_metadata)))
