@@ -24,17 +24,15 @@ seconds (see :mod:`vyra_base_ipc._diagnostics`).
 
 from __future__ import annotations
 
-from concurrent.futures import thread as futures_thread
 import logging
-import os
 import resource
 import sys
 import threading
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from rcl_interfaces.msg import SetParametersResult
 import rclpy
-from rclpy.executors import Executor, ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -42,7 +40,6 @@ from rclpy.signals import SignalHandlerOptions
 
 from ._allocator import keep_freed_memory
 from ._diagnostics import IPCDiagnostics
-from ._handler_threads import busy_handler_threads
 from ._limits import ServerLimits, raise_descriptor_limit
 from ._loop_thread import EventLoopThread
 from ._node_parameters import (
@@ -54,6 +51,14 @@ from ._node_parameters import (
     load_servicer,
     parameter_value,
     read_ipc_config,
+)
+from ._node_run import (
+    EXIT_BAD_PARAMETER,
+    EXIT_SERVER_FAILED,
+    exit_now_if_handlers_remain,
+    run_node,
+    shutdown_node,
+    spin_until_shutdown,
 )
 from ._options import DEFAULT_GRACE_PERIOD, MAX_SECONDS
 from ._stop_signals import StopSignals
@@ -88,12 +93,6 @@ _logger = logging.getLogger(__name__)
 
 _RCLError = rclpy_implementation.RCLError
 _InvalidHandle = rclpy_implementation.InvalidHandle
-
-#: Exit status of ``ipc_server`` when a parameter is unusable.
-EXIT_BAD_PARAMETER = 2
-#: Exit status of ``ipc_server`` when its server's event loop ended under it
-#: (something let ``SystemExit`` or ``KeyboardInterrupt`` out of a task).
-EXIT_SERVER_FAILED = 1
 
 #: How long stopping may take beyond the grace period (cancelled handlers
 #: unwinding, the loop thread ending) before the host gives up waiting.
@@ -425,67 +424,6 @@ class IPCServerNode(Node):
         super().destroy_node()
 
 
-#: Longest a spin_once() waits before the shutdown check comes round again.
-_SPIN_POLL = 0.25
-
-
-def spin_until_shutdown(executor: Executor, *, poll: float = _SPIN_POLL,
-                        alive: Callable[[], bool] | None = None) -> None:
-    """Run ``executor`` until its context shuts down (SIGINT/SIGTERM under
-    rclpy's signal handlers, or ``rclpy.shutdown()``), or ``alive()`` is
-    false (checked as often; ``alive=stop.running`` of a :class:`StopSignals`);
-    returns within ``poll`` seconds of either.
-
-    ``executor.spin()`` can miss it: rclpy wakes executors before it shuts the
-    context down, and an executor that wakes in between goes back to waiting,
-    with nothing left to wake it (seen here on a loaded machine: a SIGINT
-    unanswered until the next signal).
-    """
-    context = executor.context
-    while context.ok() and (alive is None or alive()):
-        executor.spin_once(timeout_sec=poll)
-
-
-def shutdown_node(executor: Executor | None, node: Node | None) -> None:
-    """The end of a node's ``main()``, for the ``finally`` after
-    :func:`spin_until_shutdown`: the executor stops, ``node`` (if made) is
-    destroyed (a hosting node's ``destroy_node()`` stops its IPC server within
-    the grace period), then ROS shuts down. Either may be ``None``."""
-    if executor is not None:
-        executor.shutdown(timeout_sec=0)
-    if node is not None:
-        node.destroy_node()
-    rclpy.try_shutdown()
-
-
-def run_node(make_node: Callable[[], Node], args: Sequence[str] | None = None) -> int:
-    """A node's whole ``main()``: under :class:`StopSignals` (no rclpy signal
-    handlers), ``rclpy.init(args)``, ``make_node()`` spun until SIGINT,
-    SIGTERM, SIGHUP or ROS shutdown, then :func:`shutdown_node`. For a node
-    that starts its IPC server in ``__init__`` (:func:`host_ipc_server`).
-
-    :returns: 0, or :data:`EXIT_BAD_PARAMETER` after logging a
-        :class:`ParameterError` from ``make_node()``.
-    """
-    with StopSignals() as stop:
-        rclpy.init(args=None if args is None else list(args), signal_handler_options=SignalHandlerOptions.NO)
-        executor: SingleThreadedExecutor | None = None
-        node: Node | None = None
-        try:
-            executor = SingleThreadedExecutor()
-            node = make_node()
-            executor.add_node(node)
-            spin_until_shutdown(executor, alive=stop.running)
-        except ParameterError as error:
-            _logger.error('%s', error)
-            return EXIT_BAD_PARAMETER
-        except ExternalShutdownException:
-            pass
-        finally:
-            shutdown_node(executor, node)
-    return 0
-
-
 def main(args: Sequence[str] | None = None, *, received: list[str] | None = None) -> int:
     """Run ``ipc_server`` until SIGINT, SIGTERM, SIGHUP or ROS shutdown.
 
@@ -565,33 +503,8 @@ def main(args: Sequence[str] | None = None, *, received: list[str] | None = None
         _logger.info('ipc_server stopped')
     # A late signal must not kill the exiting process.
     stop_signals.ignore()
-    _exit_now_if_handlers_remain(status)
+    exit_now_if_handlers_remain(status)
     return status
-
-
-def _exit_now_if_handlers_remain(status: int) -> None:
-    """Exit at once if a blocking handler still runs past the grace period.
-
-    Interpreter exit would join those threads, i.e. wait for handlers that
-    were already given up on, while ipc_server promises to be gone within the
-    grace period.
-    """
-    main_thread = threading.main_thread()
-    # Pool workers of concurrent.futures are joined at exit even when they
-    # are daemon threads; the pool module keeps the set it will join. The
-    # server's own handler threads are not joined, but they are reported.
-    pool_workers = set(getattr(futures_thread, '_threads_queues', {}))
-    remaining = sorted({thread.name for thread in threading.enumerate()
-                        if thread is not main_thread and thread.is_alive()
-                        and (not thread.daemon or thread in pool_workers)} | set(busy_handler_threads()))
-    if not remaining:
-        return
-    _logger.warning('exiting without waiting for %d handler thread(s) still running: %s',
-                    len(remaining), ', '.join(remaining))
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
 
 
 if __name__ == '__main__':
