@@ -90,6 +90,32 @@ def mistaken(buffer: SharedBuffer, context: Any) -> None:
     shared_buffer(buffer, context)  # error: [arg-type]
     received_buffer(buffer, context)  # error: [arg-type]
 """,
+    # Handlers typed with grpc's own context classes, as the README says: the
+    # subset both lanes provide type-checks, what grpc.aio's lacks does not.
+    'typed_contexts': """
+import grpc
+import grpc.aio
+
+
+class Arm(ArmServiceServicer):
+    async def Move(self, request: MoveRequest, context: grpc.aio.ServicerContext[MoveRequest, MoveReply]
+                   ) -> MoveReply:
+        if context.time_remaining() is None or context.cancelled():
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, 'give the call a deadline')
+        context.set_details(str(dict(context.invocation_metadata() or ())))
+        return MoveReply(reached=True, pose=request.pose)
+
+    def InspectImage(self, request: ImageRequest, context: grpc.ServicerContext) -> ImageStats:
+        if not context.is_active():
+            context.abort(grpc.StatusCode.CANCELLED, 'the caller left')
+        context.add_callback(lambda: None)
+        return ImageStats(size=len(context.peer()))
+
+
+async def not_on_the_grpc_lane(context: grpc.aio.ServicerContext[MoveRequest, MoveReply]) -> None:
+    context.is_active()  # error: [attr-defined]
+    context.add_callback(lambda: None)  # error: [attr-defined]
+""",
     # An rclpy node's callback, through the import path VYRA documents.
     'documented_path': """
 from rclpy.node import Node
