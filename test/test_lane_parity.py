@@ -22,7 +22,8 @@ import grpc
 import pytest
 
 from conftest import ServerProcess, StartServer
-from vyra_base_ipc import IPCError, IPCHandler, SyncIPCHandler
+from vyra_base_ipc import IPCError, IPCHandler, SharedMemoryOptions, SyncIPCHandler
+from vyra_base_ipc.ttrpc._messages import ENVELOPE_ALLOWANCE
 
 #: The server's message size limit: small, so that messages at it are cheap.
 LIMIT = 64 * 1024
@@ -57,6 +58,17 @@ def parity(start_module_server: StartServer, module_socket_dir: Path) -> Iterato
     """The parity server on both lanes; at the end it must exit cleanly."""
     server = start_module_server(module_socket_dir / 'parity.sock', '--max-message-bytes', str(LIMIT),
                                  script='parity_server.py', wait=False).wait_serving(ttrpc=True)
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+@pytest.fixture(scope='module')
+def roomy(start_module_server: StartServer, module_socket_dir: Path) -> Iterator[ServerProcess]:
+    """The parity server with room for answers over a client's frame limit
+    (4 * LIMIT), sending those of over 1 KiB in shared memory on the fast lane."""
+    server = start_module_server(module_socket_dir / 'roomy.sock', '--max-message-bytes', str(4 * LIMIT),
+                                 '--shared-memory-threshold', str(1024), script='parity_server.py',
+                                 wait=False).wait_serving(ttrpc=True)
     yield server
     assert server.stop() == 0, server.log()
 
@@ -275,18 +287,64 @@ def test_an_answer_at_the_size_limit_goes_and_one_byte_over_is_resource_exhauste
                             f'SERVER: Sent message larger than max ({LIMIT + 1} vs. {LIMIT})')
 
 
+#: How a request travels to the server on the fast lane (the gRPC lane
+#: carries each inline): the client's shared_memory.
+REQUEST_ROUTES = {'inline': None, 'shared memory': SharedMemoryOptions(threshold=1024)}
+
+
+def _request_of(pb: Any, size: int) -> Any:
+    """A request of ``size`` bytes (``size`` of at least 20)."""
+    return next(request for payload in range(size - 16, size)
+                if (request := pb.messages.ParityRequest(how='reply', payload=b'x' * payload)).ByteSize() == size)
+
+
 @pytest.mark.parametrize('method', UNARY + STREAMS)
+@pytest.mark.parametrize('route', REQUEST_ROUTES)
 def test_a_request_at_the_size_limit_goes_and_one_byte_over_is_resource_exhausted(
-        parity: ServerProcess, pb: Any, method: str) -> None:
-    def request(payload: int) -> Any:
-        return pb.messages.ParityRequest(how='reply', payload=b'x' * payload)
-    at_limit = next(size for size in range(LIMIT - 16, LIMIT) if request(size).ByteSize() == LIMIT)
-    roomy = {'max_message_bytes': 4 * LIMIT}
-    seen = compare(parity, pb, method, options=roomy, request=request(at_limit))
+        parity: ServerProcess, pb: Any, route: str, method: str) -> None:
+    roomy = {'max_message_bytes': 4 * LIMIT, 'shared_memory': REQUEST_ROUTES[route]}
+    seen = compare(parity, pb, method, options=roomy, request=_request_of(pb, LIMIT))
     assert seen[1] is None
-    seen = compare(parity, pb, method, options=roomy, request=request(at_limit + 1))
+    seen = compare(parity, pb, method, options=roomy, request=_request_of(pb, LIMIT + 1))
     assert status(seen) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f'SERVER: Received message larger than max ({LIMIT + 1} vs. {LIMIT})')
+
+
+@pytest.mark.parametrize('method', ['ClientStream', 'ClientStreamSync', 'Bidi', 'BidiSync'])
+def test_a_streamed_request_over_the_servers_frame_limit_is_resource_exhausted_alike(
+        parity: ServerProcess, pb: Any, method: str) -> None:
+    # Its frame is skipped unread on the fast lane; a streamed message's frame
+    # is the message. (A first request's frame holds more than the message:
+    # refused in containerd's words, "message length ... exceed maximum ...".)
+    size = LIMIT + ENVELOPE_ALLOWANCE + 100
+    seen = compare(parity, pb, method, options={'max_message_bytes': 8 * LIMIT, 'shared_memory': None},
+                   request=_request_of(pb, size))
+    assert status(seen) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f'SERVER: Received message larger than max ({size} vs. {LIMIT})')
+
+
+#: The client's max_message_bytes in the cases of answers over it.
+CLIENT_LIMIT = 8 * 1024
+#: How an answer over the client's limit reaches it on the fast lane (the
+#: gRPC lane carries each inline): (the client's shared_memory, payload bytes
+#: past CLIENT_LIMIT). A frame over the client's frame limit is skipped unread.
+ANSWER_ROUTES = {'inline': (None, 100), 'frame over the limit': (None, ENVELOPE_ALLOWANCE + 100),
+                 'shared memory': (SharedMemoryOptions(), 100)}
+
+
+@pytest.mark.parametrize('method', UNARY + STREAMS)
+@pytest.mark.parametrize('route', ANSWER_ROUTES)
+def test_an_answer_over_the_clients_limit_is_resource_exhausted_in_grpcs_words(
+        roomy: ServerProcess, pb: Any, route: str, method: str) -> None:
+    shared_memory, past = ANSWER_ROUTES[route]
+    index = 2 if method.startswith('Bidi') else 0  # (a Bidi handler's last reply counts the requests)
+    options = {'max_message_bytes': CLIENT_LIMIT, 'shared_memory': shared_memory}
+    seen = compare(roomy, pb, method, options=options, how='reply', size=CLIENT_LIMIT + past)
+    size = _reply_size(pb, CLIENT_LIMIT + past, index)
+    # grpc core's words, as its channel gives them (the stream it removed).
+    assert status(seen) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f'Stream removed (CLIENT: Received message larger than max ({size} vs. {CLIENT_LIMIT}))')
+    assert [reply.text for reply in seen[0]] == (['item 0', 'item 1'] if index else [])
 
 
 @pytest.mark.parametrize('method', UNARY + STREAMS)

@@ -2,7 +2,7 @@
 ParityService (parity.proto) and EchoService, served by one IPCServer on its
 gRPC socket and its fast lane.
 
-Usage: parity_server.py SOCKET_PATH [--max-message-bytes N]
+Usage: parity_server.py SOCKET_PATH [--max-message-bytes N] [--shared-memory-threshold N]
 
 Each ParityService handler does what its request's ``how`` says once it has
 sent ``count`` messages (response streams) or taken every request (request
@@ -40,7 +40,7 @@ from echo_server import EchoService
 import grpc
 from vyra_ipc_test import parity_pb2, parity_pb2_grpc
 
-from vyra_base_ipc import IPCServer, run
+from vyra_base_ipc import IPCServer, SharedMemoryOptions, run
 
 
 class _Status(collections.namedtuple('_Status', ('code', 'details', 'trailing_metadata')), grpc.Status):
@@ -238,9 +238,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument('socket_path')
     parser.add_argument('--max-message-bytes', type=int, default=None)
+    parser.add_argument('--shared-memory-threshold', type=int, default=None,
+                        help='answers of more bytes go in shared memory on the fast lane')
     options = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    kwargs = {} if options.max_message_bytes is None else {'max_message_bytes': options.max_message_bytes}
+    kwargs: dict[str, Any] = {}
+    if options.max_message_bytes is not None:
+        kwargs['max_message_bytes'] = options.max_message_bytes
+    if options.shared_memory_threshold is not None:
+        kwargs['shared_memory'] = SharedMemoryOptions(threshold=options.shared_memory_threshold)
     server = IPCServer(options.socket_path, servicers=[ParityService(), EchoService()], grace_period=1.0,
                        **kwargs)
     run(server.serve())

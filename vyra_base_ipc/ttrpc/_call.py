@@ -32,7 +32,15 @@ from ..exceptions import (
     error_from_status,
 )
 from . import _hello
-from ._errors import SenderFailed, deadline_passed, idle_error, lost, timeout_error, undecodable
+from ._errors import (
+    SenderFailed,
+    deadline_passed,
+    idle_error,
+    lost,
+    received_too_large,
+    timeout_error,
+    undecodable,
+)
 from ._flow import ReceiveWindow, SendCredit, message_cost, validate_stream_window
 from ._frames import (
     FLAG_NO_DATA,
@@ -55,6 +63,7 @@ from ._messages import (
     decode_response,
     metadata_to_wire,
     ok_payload,
+    ok_payload_size,
     request_parts,
     request_prefix,
 )
@@ -262,7 +271,11 @@ class Outcome:
         frame = self._frame(item)
         if frame.type == _DATA:
             ended = bool(frame.flags & FLAG_REMOTE_CLOSED)
-            return ended, None if frame.flags & FLAG_NO_DATA else frame.data
+            if frame.flags & FLAG_NO_DATA:
+                return ended, None
+            if len(frame.data) > self.limit:  # (within the frame limit, which leaves room for envelopes)
+                raise self._too_large(len(frame.data))
+            return ended, frame.data
         if frame.type == _RESPONSE:
             # A stream may end with an OK response; only a non-empty payload
             # in it is a last message (an empty one is the bare end).
@@ -289,8 +302,9 @@ class Outcome:
     def _frame(self, item: Item) -> Frame:
         if isinstance(item, IPCError):
             raise item.error if isinstance(item, SenderFailed) else item
-        if isinstance(item, OversizedFrame):
-            raise self._too_large(item.length)
+        if isinstance(item, OversizedFrame):  # skipped unread: a response's message sized as an OK one's
+            size = ok_payload_size(item.length) if item.type == _RESPONSE else None
+            raise self._too_large(item.length if size is None else size)
         return item
 
     def _response(self, frame: Frame) -> bytes | memoryview:
@@ -311,8 +325,7 @@ class Outcome:
 
     def _too_large(self, size: int) -> IPCError:
         return error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 f'Received message larger than max ({size} vs. {self.limit})',
-                                 method=self.method.path)
+                                 received_too_large(size, self.limit, server=False), method=self.method.path)
 
 
 def unary_response(method: Method, limit: int, item: Item, return_buffers: bool = False) -> Any:
@@ -566,7 +579,8 @@ def _resolve_shared(frame: Frame, take_fds: Callable[[int], list[int]], message_
     else:
         raise ValueError(f'shared memory on a frame of type {frame.type}')
     try:
-        payload, buffers = unpack(manifest, take_fds, message_limit, buffer_limit, 'the response', segments)
+        payload, buffers = unpack(manifest, take_fds, message_limit, buffer_limit, 'the response', segments,
+                                  server=False)
     except TooLargeError as error:
         return error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
     except SharedMemoryError as error:

@@ -22,6 +22,7 @@ from .._payload import SharedMemoryError, close_fds
 from .._request_guard import HANDLER_FAILURES
 from ._context import ServicerContext, _End
 from ._eager import run_eagerly
+from ._errors import received_too_large
 from ._flow import ReceiveWindow, SendCredit, message_cost
 from ._frames import FLAG_NO_DATA, FLAG_REMOTE_CLOSED, FLAG_REMOTE_OPEN, Frame, MessageType, encode_frame
 from ._messages import encode_response, ok_response_frame
@@ -548,8 +549,7 @@ class Call:
             server = self.connection.server
             if len(payload) > server.max_message_bytes:
                 self.fail(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f'SERVER: Received message larger than max ({len(payload)} vs. '
-                          f'{server.max_message_bytes})')
+                          received_too_large(len(payload), server.max_message_bytes, server=True))
                 return
             requests.feed(payload, shared)
             overrun = requests.overrun(len(payload), self.connection.request_backlog_bytes)

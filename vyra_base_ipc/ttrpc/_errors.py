@@ -18,7 +18,8 @@ from ..exceptions import (
 )
 
 __all__ = ['UNDECODABLE', 'NothingSent', 'SenderFailed', 'closed', 'connect_error', 'idle_error', 'lost',
-           'deadline_passed', 'not_accepted', 'timeout_error', 'undecodable', 'wait_error']
+           'deadline_passed', 'not_accepted', 'received_too_large', 'timeout_error', 'undecodable',
+           'wait_error']
 
 
 def timeout_error(method: Method) -> IPCTimeoutError:
@@ -54,6 +55,14 @@ def undecodable(method: Method, why: object = None) -> IPCRemoteError:
     """INTERNAL, in grpc's words (:data:`UNDECODABLE`), with ``why`` if known."""
     return IPCRemoteError(grpc.StatusCode.INTERNAL, UNDECODABLE if why is None else f'{UNDECODABLE} ({why})',
                           method=method.path)
+
+
+def received_too_large(size: int, limit: int, *, server: bool) -> str:
+    """The words of grpc core for a received message of ``size`` bytes over
+    max_message_bytes (``limit``): a server's refusal of a request, or a
+    client's of an answer (its channel removes the call's stream, and says so)."""
+    words = f'Received message larger than max ({size} vs. {limit})'
+    return f'SERVER: {words}' if server else f'Stream removed (CLIENT: {words})'
 
 
 def connect_error(path: str, error: OSError) -> IPCUnavailableError:

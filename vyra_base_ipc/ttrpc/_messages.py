@@ -270,6 +270,17 @@ def ok_response_frame(stream_id: int, flags: int, payload: bytes) -> bytes:
                      _OK_PAYLOAD, length, payload))
 
 
+def ok_payload_size(length: int) -> int | None:
+    """The size of the payload a ``Response`` of ``length`` bytes carries if
+    :func:`encode_ok_response` encoded it (as containerd's servers do too);
+    ``None`` if no payload gives that length. For a frame skipped unread."""
+    for digits in range(1, 11):
+        size = length - len(_OK_PAYLOAD) - digits
+        if size >= 0 and len(varint(size)) == digits:
+            return size
+    return None
+
+
 def ok_payload(data: bytes) -> bytes | None:
     """The payload of a ``Response`` encoded as :func:`encode_ok_response`
     encodes an OK answer of less than 16 KiB; ``None`` for anything else

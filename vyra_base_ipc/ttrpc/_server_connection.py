@@ -22,6 +22,7 @@ from . import _hello
 from ._connection import FramedConnection
 from ._context import AsyncServicerContext, ServicerContext
 from ._dispatch import Call
+from ._errors import received_too_large
 from ._frames import (
     FLAG_DEADLINE_EXCEEDED,
     FLAG_SHARED_MEMORY,
@@ -252,6 +253,10 @@ class ServerConnection(FramedConnection):
             details = oversized_message(item.length, item.limit)
             call = self.calls.get(item.stream_id)
             if call is not None:
+                if item.type == _DATA and not item.flags & FLAG_SHARED_MEMORY:
+                    # A streamed message, the frame's whole data: its size is known unread,
+                    # and told in grpc's words (a request's frame holds more than its message).
+                    details = received_too_large(item.length, self.server.max_message_bytes, server=True)
                 call.fail(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
             else:
                 self.reject(item.stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED, details)
@@ -388,8 +393,7 @@ class ServerConnection(FramedConnection):
             return
         if len(payload) > server.max_message_bytes:
             self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f'SERVER: Received message larger than max ({len(payload)} vs. '
-                        f'{server.max_message_bytes})')
+                        received_too_large(len(payload), server.max_message_bytes, server=True))
             return
         timeout_nano = request.timeout_nano
         if timeout_nano < 0:  # containerd's server treats it as expired too
@@ -444,7 +448,7 @@ class ServerConnection(FramedConnection):
         assert options is not None
         try:
             return unpack(bytes(manifest), self.decoder.take_fds, self.server.max_message_bytes,
-                          options.max_bytes, what, self.agreement.segments)
+                          options.max_bytes, what, self.agreement.segments, server=True)
         except ValueError as error:  # fewer descriptors than announced
             self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT, f'{what}: {error}')
             self.violation(str(error))

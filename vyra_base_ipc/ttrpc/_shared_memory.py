@@ -30,6 +30,7 @@ from .._payload import (
 )
 from .._segment_pool import segment_pool, size_class
 from .._shared_buffer import ReceivedBuffers, SharedBuffer
+from ._errors import received_too_large
 from ._frames import FLAG_SHARED_MEMORY
 from ._hello import Agreement
 from ._segment_link import SegmentLink
@@ -187,7 +188,8 @@ def _lend_payload(payload: bytes, link: SegmentLink | None, fds: list[int],
 
 
 def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int, buffer_limit: int,
-           what: str, link: SegmentLink | None = None) -> tuple[bytes | memoryview, ReceivedBuffers | None]:
+           what: str, link: SegmentLink | None = None, *, server: bool
+           ) -> tuple[bytes | memoryview, ReceivedBuffers | None]:
     """Resolve a received manifest: the message payload (a read-only view of
     shared memory, or bytes) and the explicit buffers (``None`` if none).
 
@@ -202,7 +204,9 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
     :param message_limit: largest message accepted, in bytes.
     :param buffer_limit: largest explicit buffer accepted, in bytes.
     :param what: names the message in errors, e.g. ``'the request of /pkg.Service/Method'``.
-    :raises TooLargeError: the message or a buffer is over its limit.
+    :param server: whether this end is the server (a message's refusal says ``SERVER:``, else ``CLIENT:``).
+    :raises TooLargeError: the message or a buffer is over its limit (for the
+        message, in grpc's words for a message it received inline).
     :raises ValueError: malformed manifest, or fewer descriptors than it
         announces: which descriptors are the frame's is unknown.
     :raises SharedMemoryError: a lend without agreement,
@@ -229,8 +233,7 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
         payload: bytes | memoryview
         if payload_size:
             if payload_size > message_limit:
-                raise TooLargeError(f'Received message larger than max ({payload_size} vs. '
-                                    f'{message_limit})')
+                raise TooLargeError(received_too_large(payload_size, message_limit, server=server))
             payload = _map(fds[0], payload_size, manifest.payload_lend, manifest.payload_segment, link,
                            what, True)
             viewed = 1
