@@ -2,8 +2,9 @@
 killed with SIGKILL, a timeout (which one, how long), a method the server
 lacks (which services it has) and a command parameter the request lacks
 (INVALID_ARGUMENT, naming it), an answer that does not parse as the
-response type (INTERNAL). Real servers in real processes, both lanes, both
-clients; size limits are in test_lane_limits.py."""
+response type (INTERNAL), a shared buffer over an end's max_bytes (which
+end). Real servers in real processes, both lanes, both clients; size limits
+of messages are in test_lane_limits.py and test_lane_parity.py."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from vyra_base_ipc import (
     IPCRemoteError,
     IPCTimeoutError,
     IPCUnavailableError,
+    SharedBuffer,
+    SharedMemoryOptions,
     SyncIPCHandler,
 )
 from vyra_base_ipc import (
@@ -283,3 +286,33 @@ def test_a_missing_command_parameter_is_invalid_argument_naming_it(
         # A KeyError of the handler's own is its bug, not the caller's mistake.
         code, result = run('broken', x='1')
         assert code == grpc.StatusCode.INTERNAL.value[0] and "KeyError('calibration')" in result
+
+
+# -- a shared buffer over an end's limit (the fast lane's own: the gRPC lane carries buffers inline) ---
+
+KiB = 1024
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_a_shared_buffer_over_max_bytes_says_which_end_refused_it(
+        start_server: StartServer, socket_path: Path, echo: Any, kind: str) -> None:
+    # As grpc's words for a message over a limit: "SERVER:" or "CLIENT:".
+    # Before, both ends said the same, and the client's own refusal read like the server's.
+    server = start_server(socket_path, '--shared-memory-threshold', str(KiB),
+                          '--shared-memory-max-bytes', str(64 * KiB)).wait_serving(ttrpc=True)
+    cases = [  # (the method, the buffer's size, the end that refuses it, its max_bytes, what it names)
+        ('Inspect', 128 * KiB, 'SERVER', 64 * KiB, 'the request of /vyra.ipc.test.EchoService/Inspect'),
+        ('Mirror', 32 * KiB, 'CLIENT', 16 * KiB, 'the response'),
+    ]
+    for method, size, end, max_bytes, what in cases:
+        with SharedBuffer.copy_from(bytes(size)) as buffer:
+            request = getattr(echo.pb, f'{method}Request')(data=buffer.ref)
+            if method == 'Mirror':
+                request.copy = True  # (answered with a buffer of its own)
+            error = call_through(kind, server.socket_path, echo.Stub, method, request, buffers=[buffer],
+                                 lane='ttrpc', timeout=10.0,
+                                 shared_memory=SharedMemoryOptions(threshold=KiB, max_bytes=max_bytes))
+        assert isinstance(error, IPCRemoteError) and error.code is grpc.StatusCode.RESOURCE_EXHAUSTED, repr(error)
+        assert error.details.startswith(f'{end}: {what}, shared buffer 0 (0x'), error.details
+        assert error.details.endswith(f'): {size} bytes is more than the limit of {max_bytes} '
+                                      '(SharedMemoryOptions.max_bytes)'), error.details

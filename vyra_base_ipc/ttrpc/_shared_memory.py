@@ -204,7 +204,7 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
     :param message_limit: largest message accepted, in bytes.
     :param buffer_limit: largest explicit buffer accepted, in bytes.
     :param what: names the message in errors, e.g. ``'the request of /pkg.Service/Method'``.
-    :param server: whether this end is the server (a message's refusal says ``SERVER:``, else ``CLIENT:``).
+    :param server: whether this end is the server (its errors say ``SERVER:``, else ``CLIENT:``).
     :raises TooLargeError: the message or a buffer is over its limit (for the
         message, in grpc's words for a message it received inline).
     :raises ValueError: malformed manifest, or fewer descriptors than it
@@ -246,8 +246,8 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
             handle, size, lend = entry.handle, entry.size, entry.lend
             name = f'{what}, shared buffer {made} ({handle:#018x})'
             if size > buffer_limit:
-                raise TooLargeError(f'{name}: {size} bytes is more than the limit of '
-                                    f'{buffer_limit} (SharedMemoryOptions.max_bytes)')
+                raise TooLargeError(f'{"SERVER" if server else "CLIENT"}: {name}: {size} bytes is more than '
+                                    f'the limit of {buffer_limit} (SharedMemoryOptions.max_bytes)')
             fd = fds[position + made]
             view = _map(fd, size, lend, entry.segment, link, name, False)
             buffers[handle] = SharedBuffer(fd, size, handle, view=view, managed=True, lent=bool(lend))
