@@ -164,14 +164,23 @@ FORGET_BIT = 1 << 63
 
 def encode_release(ids: Sequence[int]) -> bytes:
     """A RELEASE frame giving back the segments lent under ``ids``."""
+    if len(ids) == 1:  # the usual frame: a call's one lend
+        return _RELEASE_ONE + _ID.pack(ids[0])
     return HEADER.pack(8 * len(ids), 0, MessageType.RELEASE, 0) + struct.pack(f'>{len(ids)}Q', *ids)
 
 
 def released_ids(data: bytes) -> tuple[int, ...] | None:
     """The lend ids a RELEASE frame's data names; ``None`` if malformed."""
+    if len(data) == 8:
+        return _ID.unpack(data)
     if len(data) % 8:
         return None
     return struct.unpack(f'>{len(data) // 8}Q', data)
+
+
+_ID = struct.Struct('>Q')
+#: The header of a RELEASE frame of one id.
+_RELEASE_ONE = HEADER.pack(8, 0, MessageType.RELEASE, 0)
 
 
 def encode_cancel(stream_id: int, expired: bool = False) -> bytes:

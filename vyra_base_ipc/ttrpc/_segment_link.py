@@ -131,7 +131,8 @@ def _view_type(capacity: int) -> Any:
     # One type per size class (a bounded set: capacities are checked to be one).
     view_type = _VIEW_TYPES.get(capacity)
     if view_type is None:
-        view_type = _VIEW_TYPES[capacity] = type('LentSegment', (_Lent, ctypes.c_char * capacity), {})
+        view_type = _VIEW_TYPES[capacity] = type('LentSegment', (_Lent, ctypes.c_char * capacity),
+                                                 {'__slots__': ('_mapping', '_release', '_lend')})
     return view_type
 
 
@@ -178,7 +179,14 @@ class SegmentLink:
         #: meanwhile do not wake the loop, the connection sends
         #: :meth:`release_frame` with those answers.
         self.held = False
-        self.stats = {'lent': 0, 'released': 0, 'mapped': 0, 'reused': 0, 'returned': 0}
+        # The counters of stats (plain attributes: counted on every lend).
+        self._released = self._mapped = self._reused = self._returned = 0
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The counters (see the class), now."""
+        return {'lent': self._next_lend - 1, 'released': self._released, 'mapped': self._mapped,
+                'reused': self._reused, 'returned': self._returned}
 
     # -- this end's segments, lent --------------------------------------------------------
 
@@ -222,27 +230,31 @@ class SegmentLink:
         RELEASE). The caller holds a view until the frame is written, so the
         peer reads this lend before the RELEASE of its own.
         """
-        if isinstance(backing, memoryview) and self._is_from_peer(backing):
+        if backing.__class__ is memoryview and self._is_from_peer(backing):
             backing = _NOT_HELD
         with self._lock:
             if not self._closed:
                 lend_id = self._next_lend
-                self._next_lend += 1
+                self._next_lend = lend_id + 1
                 self._lent[lend_id] = backing
-                self.stats['lent'] += 1
-                if isinstance(backing, Segment):
-                    self._lent_bytes += backing.capacity
-                    self._lent_segments[backing.id] = self._lent_segments.get(backing.id, 0) + 1
-                    if backing.id not in self._watched:
-                        self._watched.add(backing.id)
-                        backing.watch(self)
+                if backing.__class__ is Segment:
+                    segment = backing
+                    segment_id = segment.id
+                    self._lent_bytes += segment.capacity
+                    lent_segments = self._lent_segments
+                    lent_segments[segment_id] = lent_segments.get(segment_id, 0) + 1
+                    if segment_id not in self._watched:
+                        self._watched.add(segment_id)
+                        segment.watch(self)
                 return lend_id
         _give_back(backing)
         return 0
 
     def _is_from_peer(self, view: memoryview) -> bool:
         # A view made by receive() on this link: its lend's release is ours.
-        return getattr(view.obj, '_release', None) == self._return
+        # (Compared by the bound method's instance: no bound method is made.)
+        release = getattr(view.obj, '_release', None)
+        return getattr(release, '__self__', None) is self
 
     def forget(self, segment_id: int) -> None:
         """One of this end's segments is gone: the peer may unmap it (sent
@@ -269,8 +281,10 @@ class SegmentLink:
         ids = released_ids(data)
         if ids is None:
             return f'malformed RELEASE frame ({len(data)} bytes)'
-        lend_ids = [lend_id for lend_id in ids if not lend_id & FORGET_BIT]
-        if len(lend_ids) != len(ids):
+        lend_ids = ids
+        # (FORGET_BIT is an id's top bit: the largest id tells if any has it.)
+        if ids and max(ids) >= FORGET_BIT:
+            lend_ids = tuple(lend_id for lend_id in ids if not lend_id & FORGET_BIT)
             with self._lock:
                 for segment_id in ids:
                     if segment_id & FORGET_BIT:
@@ -282,20 +296,25 @@ class SegmentLink:
         return None
 
     def _give_back(self, lend_ids: Iterable[int]) -> list[int]:
-        backings, unknown = [], []
+        backings: list[object] = []
+        unknown: list[int] = []
         with self._lock:
+            lent, lent_segments = self._lent, self._lent_segments
             for lend_id in lend_ids:
-                backing = self._lent.pop(lend_id, None)
+                backing = lent.pop(lend_id, None)
                 if backing is None:
                     unknown.append(lend_id)
                     continue
                 backings.append(backing)
-                if isinstance(backing, Segment):
-                    self._lent_bytes -= backing.capacity
-                    count = self._lent_segments.pop(backing.id) - 1
+                if backing.__class__ is Segment:
+                    segment = backing
+                    self._lent_bytes -= segment.capacity
+                    count = lent_segments.pop(segment.id) - 1
                     if count:
-                        self._lent_segments[backing.id] = count
-            self.stats['released'] += len(backings)
+                        lent_segments[segment.id] = count
+            self._released += len(backings)
+        # Outside the lock: a segment back in its pool may be destroyed, and
+        # a view of another link's lend let go of gives that lend back.
         for backing in backings:
             _give_back(backing)
         return unknown
@@ -320,10 +339,11 @@ class SegmentLink:
         mapping = None
         if segment_id:
             with self._lock:
-                mapping = self._mappings.get(segment_id)
+                mappings = self._mappings
+                mapping = mappings.get(segment_id)
                 if mapping is not None and mapping.key == key:
-                    self._mappings.move_to_end(segment_id)
-                    self.stats['reused'] += 1
+                    mappings.move_to_end(segment_id)
+                    self._reused += 1
                 else:
                     mapping = None
         own = None if mapping is not None else self._lent_back(key, length, what)
@@ -333,7 +353,7 @@ class SegmentLink:
             # the request's buffer): read it through the owner's mapping,
             # which lives as long as the lend that holds it.
             address, capacity, holder = own.address, own.capacity, own
-            self.stats['reused'] += 1
+            self._reused += 1
         elif mapping is None:
             checked = check_sealed(fd, what, lent=True)
             capacity = checked.st_size
@@ -348,7 +368,7 @@ class SegmentLink:
             mapping = _Mapping(fd, capacity, key, what, is_allocated(checked))
             dropped: list[_Mapping] = []
             with self._lock:
-                self.stats['mapped'] += 1
+                self._mapped += 1
                 if segment_id and not self._closed:
                     self._mappings[segment_id] = mapping
                     self._evict(now, dropped)
@@ -360,7 +380,7 @@ class SegmentLink:
             address, capacity, holder = mapping.address, mapping.capacity, mapping
         if length > capacity:
             raise SharedMemoryError(f'{what}: {length} bytes announced in a segment of {capacity}')
-        lent = _view_type(capacity).from_address(address)
+        lent = (_VIEW_TYPES.get(capacity) or _view_type(capacity)).from_address(address)
         lent._mapping = holder
         lent._lend = lend_id
         lent._release = self._return
@@ -430,17 +450,16 @@ class SegmentLink:
     def _return(self, lend_id: int) -> None:
         # From a view's last reference, in any thread, maybe inside the
         # garbage collector: no lock, only a queue and a wakeup.
-        self.stats['returned'] += 1
+        self._returned += 1
         self._queue(lend_id)
 
     def _queue(self, entry: int) -> None:
         if self._closed:
             return  # the peer is gone: nobody to tell
         self._releases.append(entry)
-        wake = self._wake
-        if wake is not None and not self._scheduled and not self.held:
+        if self._wake is not None and not self._scheduled and not self.held:
             self._scheduled = True
-            wake()
+            self._wake()
 
     def release_frame(self) -> bytes:
         """The RELEASE frames of the lends given back and the segments
@@ -452,8 +471,9 @@ class SegmentLink:
         try:
             # As many as are queued now (those queued meanwhile woke the
             # loop, or wait for the next frame): no IndexError to end the loop.
+            take = releases.popleft
             for _ in range(len(releases)):
-                lend_ids.append(releases.popleft())
+                lend_ids.append(take())
         except IndexError:  # cleared meanwhile: the connection closed
             pass
         if not lend_ids or self._closed:

@@ -241,10 +241,16 @@ class ServerConnection(FramedConnection):
         self._frames_seen += 1
         if self.write_paused and self._defer(item):
             return
-        if item.type == _REQUEST and item.stream_id & 1 and not item.flags & FLAG_SHARED_MEMORY \
-                and item.__class__ is Frame:
-            # Where the tests below lead a plain request (most frames), in one.
+        if item.type == _REQUEST and item.stream_id & 1 and item.__class__ is Frame and (
+                not item.flags & FLAG_SHARED_MEMORY or self.agreement.shared_memory is not None):
+            # Where the tests below lead a request (most frames), in one.
             self._request(item)
+            return
+        if item.type == _RELEASE and item.__class__ is Frame and self.agreement.segments is not None:
+            # The next most: the lends of a call with shared memory given back.
+            reason = self.agreement.segments.released(item.data)
+            if reason is not None:
+                self.violation(reason)
             return
         if item.__class__ is OversizedFrame:
             if (item.length, item.stream_id) == _HTTP2_PREFACE and self._frames_seen == 1:
@@ -263,11 +269,7 @@ class ServerConnection(FramedConnection):
             return
         frame: Frame = item  # type: ignore[assignment]
         stream_id = frame.stream_id
-        if frame.type == _RELEASE and self.agreement.segments is not None:
-            reason = self.agreement.segments.released(frame.data)
-            if reason is not None:
-                self.violation(reason)
-        elif (frame.flags & FLAG_SHARED_MEMORY and (frame.type == _REQUEST or frame.type == _DATA)
+        if (frame.flags & FLAG_SHARED_MEMORY and (frame.type == _REQUEST or frame.type == _DATA)
                 and (self.agreement.shared_memory is None or not stream_id & 1)):
             # Its descriptors cannot be accounted for: the connection is out of step.
             self.violation(f'shared-memory flag on a frame of stream {stream_id} without agreement')

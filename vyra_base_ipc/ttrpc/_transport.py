@@ -114,16 +114,19 @@ def received_fds(ancillary: Sequence[tuple[int, int, bytes]]) -> list[int]:
     """The descriptors in ``recvmsg()`` ancillary data (the caller owns them)."""
     fds: list[int] = []
     for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            numbers = array.array('i')
-            numbers.frombytes(data[:len(data) - len(data) % numbers.itemsize])
-            fds.extend(numbers)
+        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+            fds.extend(array.array('i', data[:len(data) - len(data) % _FD_SIZE]))
     return fds
 
 
 def rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
     """``sendmsg()`` ancillary data passing ``fds``."""
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', fds).tobytes())] if fds else []
+    return [(_SOL_SOCKET, _SCM_RIGHTS, array.array('i', fds).tobytes())] if fds else []
+
+
+_SOL_SOCKET, _SCM_RIGHTS = socket.SOL_SOCKET, socket.SCM_RIGHTS
+#: The bytes of a descriptor in ancillary data (a C int).
+_FD_SIZE = array.array('i').itemsize
 
 
 class UnixTransport(asyncio.Transport):
