@@ -365,11 +365,12 @@ class SharedBuffer:
         after close() raises :class:`ValueError`. So the memory is not
         handed out again while anything holds it, and a file that took the
         number of the closed descriptor is never sent in its place."""
+        if self._fd < 0:
+            return  # closed already (never opened again): its memory was let go of then
         with segments_lock():
-            fd, self._fd = self._fd, -1
-            segment, self._segment = self._segment, None
-            view, self._view = self._view, None
-            public, self._public = self._public, None
+            fd, segment, view, public = self._fd, self._segment, self._view, self._public
+            self._fd = -1
+            self._segment = self._view = self._public = None
         del view, public  # (the last reference to a lend gives it back: outside the lock)
         if segment is not None:
             segment.unuse()  # (the descriptor is the segment's)
@@ -400,10 +401,20 @@ class ReceivedBuffers(Mapping[int, SharedBuffer]):
     views taken from them stay valid as long as they are referenced.
     """
 
-    __slots__ = ('_buffers',)
+    __slots__ = ('_buffers', '_nbytes')
 
     def __init__(self, buffers: Mapping[int, SharedBuffer] = {}) -> None:
         self._buffers = dict(buffers)
+        #: Bytes of all the buffers.
+        self._nbytes = sum(buffer.size for buffer in self._buffers.values())
+
+    @classmethod
+    def _adopt(cls, buffers: dict[int, SharedBuffer], nbytes: int) -> 'ReceivedBuffers':
+        # The library's own: ``buffers`` (not copied), of ``nbytes`` bytes in all.
+        received = cls.__new__(cls)
+        received._buffers = buffers
+        received._nbytes = nbytes
+        return received
 
     def __getitem__(self, handle: int) -> SharedBuffer:
         return self._buffers[handle]

@@ -31,6 +31,7 @@ from ._shared_memory import goes_inline, outgoing
 from ._status import StatusError, error_status, number, status_after_return, unexpected
 
 if TYPE_CHECKING:
+    from .._shared_buffer import SharedBuffer
     from ._server_connection import ServerConnection
 
 __all__ = ['Call', 'Handler']
@@ -414,42 +415,50 @@ class Call:
         if self.finished:
             return
         connection = self.connection
-        if not connection.holding and code == _OK and not goes_inline(
-                len(payload), connection.agreement, self.context._reply_buffers):
-            # In shared memory, outside a read (a def handler, or one that
-            # awaited): held until _end() gave back the request's lends, so
-            # that their RELEASE leaves in the same write (see hold()).
-            connection.hold()
-            try:
-                self.answer(code, details, payload, end)
-            finally:
-                connection.flush_held()
-            return
-        self.finished = True  # the answer goes out before _end() may close the connection
         if code == _OK:
-            if goes_inline(len(payload), connection.agreement, self.context._reply_buffers):
+            replies = self.context._reply_buffers
+            if goes_inline(len(payload), connection.agreement, replies):
                 # Most answers: sent without outgoing(), which would return them as they are.
+                self.finished = True  # the answer goes out before _end() may close the connection
                 connection.send(ok_response_frame(self.stream_id, 0, payload))
                 lane = connection.server.lane_metrics
                 if lane is not None and self.handler.observed:  # (as in _count_sent)
                     lane.inline_sent += len(payload)
                 self._end(end, code, details)
-                return
-            try:
-                data, fds, flags = outgoing(payload, connection.agreement,
-                                            self.context._reply_buffers)
-            except SharedMemoryError as error:
-                code, details, payload = (number(grpc.StatusCode.RESOURCE_EXHAUSTED),
-                                          f'cannot pass the shared buffers of the answer: {error}', b'')
+            elif connection.holding:
+                self._answer_shared(payload, replies, end)
             else:
-                connection.send(ok_response_frame(self.stream_id, flags, data), fds)
-                replies = self.context._reply_buffers
-                self._count_sent(len(payload) + (sum(buffer.size for buffer in replies) if replies else 0),
-                                 bool(fds))
-        if code != _OK:
-            connection.send(encode_frame(self.stream_id, _RESPONSE, 0,
-                                         encode_response(code, details, payload)))
+                # In shared memory, outside a read (a def handler, or one that
+                # awaited): held until _end() gave back the request's lends, so
+                # that their RELEASE leaves in the same write (see hold()).
+                connection.hold()
+                try:
+                    self._answer_shared(payload, replies, end)
+                finally:
+                    connection.flush_held()
+            return
+        self.finished = True
+        connection.send(encode_frame(self.stream_id, _RESPONSE, 0, encode_response(code, details, payload)))
         self._end(end, code, details)
+
+    def _answer_shared(self, payload: bytes, replies: tuple[SharedBuffer, ...], end: _End) -> None:
+        """(:meth:`answer`, OK) Send ``payload`` and the ``replies`` buffers in shared memory."""
+        self.finished = True  # the answer goes out before _end() may close the connection
+        connection = self.connection
+        try:
+            data, fds, flags = outgoing(payload, connection.agreement, replies)
+        except SharedMemoryError as error:
+            code = number(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            details = f'cannot pass the shared buffers of the answer: {error}'
+            connection.send(encode_frame(self.stream_id, _RESPONSE, 0, encode_response(code, details, b'')))
+            self._end(end, code, details)
+            return
+        connection.send(ok_response_frame(self.stream_id, flags, data), fds)
+        size = len(payload)
+        for buffer in replies:
+            size += buffer.size
+        self._count_sent(size, bool(fds))
+        self._end(end)
 
     def _end_stream(self) -> None:
         if self.finished:

@@ -413,7 +413,7 @@ class ServerConnection(FramedConnection):
         # (All positional: a class called with keywords makes a dict for its __init__.)
         context = context_class(deadline, metadata, handler.path, 'unix:', self.peer)
         if buffers is not None:
-            refusal = self._hold_buffers(len(buffers))
+            refusal = self._hold_buffers(len(buffers._buffers))
             if refusal is not None:
                 buffers.close()
                 self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
@@ -423,7 +423,7 @@ class ServerConnection(FramedConnection):
         if self.agreement.shared_memory is not None and not handler.response_streaming:
             context._can_attach = True
         if handler.observed:  # as on the gRPC lane: requests of the module's own services that run
-            buffered = sum(buffer.size for buffer in buffers.values()) if buffers else 0
+            buffered = 0 if buffers is None else buffers._nbytes
             self._count_received(len(payload) + buffered, bool(shared))
         call = Call(self, stream_id, handler, context)
         self.calls[stream_id] = call
@@ -523,8 +523,9 @@ class ServerConnection(FramedConnection):
             self.server._call_ended()
             buffers = call.context._buffers
             if buffers is not None:  # (their descriptors are closed: see Call._end)
-                self.held_buffers -= len(buffers)
-                self.server.held_buffers -= len(buffers)
+                count = len(buffers._buffers)
+                self.held_buffers -= count
+                self.server.held_buffers -= count
         if self.server._stopping and not self.calls:
             self.close()
 

@@ -220,28 +220,31 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
         raise ValueError(f'{what}: malformed shared-memory manifest: {error}') from None
     # Each field read once: every read of a message field makes a new object.
     entries = manifest.buffers
+    entry_count = len(entries)
     payload_size = manifest.payload_size
     position = 1 if payload_size else 0  # fds[position:] are the buffers'
-    count = position + len(entries)
+    count = position + entry_count
     fds = take_fds(count) if count else []
     made = 0  # buffers made: fds[position:position + made] are theirs now
     viewed = 0  # lends (the message's first) whose views now hold them: given back when those go
     try:
-        if len(entries) > MAX_BUFFERS_PER_MESSAGE:  # (their descriptors are closed below)
-            raise SharedMemoryError(f'{what}: {len(entries)} shared buffers; at most '
+        if entry_count > MAX_BUFFERS_PER_MESSAGE:  # (their descriptors are closed below)
+            raise SharedMemoryError(f'{what}: {entry_count} shared buffers; at most '
                                     f'{MAX_BUFFERS_PER_MESSAGE} travel with a message')
         payload: bytes | memoryview
         if payload_size:
             if payload_size > message_limit:
                 raise TooLargeError(received_too_large(payload_size, message_limit, server=server))
-            payload = _map(fds[0], payload_size, manifest.payload_lend, manifest.payload_segment, link,
-                           what, True)
+            lend = manifest.payload_lend
+            payload = (link.receive(fds[0], payload_size, lend, manifest.payload_segment, what)
+                       if lend and link is not None else _map(fds[0], payload_size, lend, link, what, True))
             viewed = 1
         else:
             payload = manifest.payload
-        if not entries:
+        if not entry_count:
             return payload, None
         buffers: dict[int, SharedBuffer] = {}
+        nbytes = 0
         for entry in entries:
             handle, size, lend = entry.handle, entry.size, entry.lend
             name = f'{what}, shared buffer {made} ({handle:#018x})'
@@ -249,11 +252,15 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
                 raise TooLargeError(f'{"SERVER" if server else "CLIENT"}: {name}: {size} bytes is more than '
                                     f'the limit of {buffer_limit} (SharedMemoryOptions.max_bytes)')
             fd = fds[position + made]
-            view = _map(fd, size, lend, entry.segment, link, name, False)
+            view = (link.receive(fd, size, lend, entry.segment, name) if lend and link is not None
+                    else _map(fd, size, lend, link, name))
             buffers[handle] = SharedBuffer(fd, size, handle, view=view, managed=True, lent=bool(lend))
             made += 1
             viewed += 1
-        return payload, ReceivedBuffers(buffers)
+            nbytes += size
+        if len(buffers) < made:  # a handle twice: the last buffer of it counts
+            nbytes = sum(buffer.size for buffer in buffers.values())
+        return payload, ReceivedBuffers._adopt(buffers, nbytes)
     except (TooLargeError, SharedMemoryError):
         if link is not None:
             # Refused before a view held them: give back the lends of the
@@ -265,15 +272,14 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
         raise
     finally:
         # The message's descriptor, and those of the buffers not made (something failed).
-        unclaimed = fds[:position] + fds[position + made:]
-        if unclaimed:
-            close_fds(unclaimed)
+        if position or made < entry_count:
+            close_fds(fds[:position] + fds[position + made:])
 
 
-def _map(fd: int, size: int, lend: int, segment_id: int, link: SegmentLink | None, what: str,
-         populate: bool) -> memoryview:
+def _map(fd: int, size: int, lend: int, link: SegmentLink | None, what: str, populate: bool = False
+         ) -> memoryview:
+    # What is not a lend on this connection's link: a new sealed memfd, or refused.
     if not lend:
         return map_sealed(fd, size, what, populate)
-    if link is None:
-        raise SharedMemoryError(f'{what}: a lent segment on a connection that did not agree on them')
-    return link.receive(fd, size, lend, segment_id, what)
+    assert link is None
+    raise SharedMemoryError(f'{what}: a lent segment on a connection that did not agree on them')
