@@ -47,11 +47,8 @@ def inline_size(message: Any, buffers: Sequence[SharedBuffer]) -> int:
 
 
 def _varint_bytes(value: int) -> int:
-    count = 1
-    while value >= 0x80:
-        value >>= 7
-        count += 1
-    return count
+    # 7 bits a byte, at least one byte (for 0).
+    return (value.bit_length() + 6) // 7 or 1
 
 
 def _growth(message: Any, sizes: dict[int, int]) -> int:
