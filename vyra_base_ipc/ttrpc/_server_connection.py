@@ -413,7 +413,7 @@ class ServerConnection(FramedConnection):
         # (All positional: a class called with keywords makes a dict for its __init__.)
         context = context_class(deadline, metadata, handler.path, 'unix:', self.peer)
         if buffers is not None:
-            refusal = self._hold_buffers(len(buffers._buffers))
+            refusal = self._hold_buffers(len(buffers))
             if refusal is not None:
                 buffers.close()
                 self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
@@ -523,7 +523,7 @@ class ServerConnection(FramedConnection):
             self.server._call_ended()
             buffers = call.context._buffers
             if buffers is not None:  # (their descriptors are closed: see Call._end)
-                count = len(buffers._buffers)
+                count = len(buffers)
                 self.held_buffers -= count
                 self.server.held_buffers -= count
         if self.server._stopping and not self.calls:
