@@ -9,6 +9,10 @@ run through a wrapper that, once :meth:`OpenStreams.end_all` was called,
 closes the handler's generator (cancelling it if it is waiting for
 something) and aborts the call with that status. ``def`` stream handlers
 run in grpc's thread pool, out of reach: they get the grace period.
+
+:class:`CallTasks` keeps the task of every call on the lane, so that the
+server's stop can wait until grpc.aio's tasks of the calls it cancelled have
+ended (see there).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any, AsyncGenerator, AsyncIterator, Callable, Mapping
 
 import grpc
 
-__all__ = ['OpenStreams']
+__all__ = ['CallTasks', 'OpenStreams']
 
 _SHUTTING_DOWN = 'server is shutting down'
 
@@ -85,3 +89,45 @@ class OpenStreams:
                 await responses.aclose()
             await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
         return tracked
+
+
+class CallTasks(grpc.aio.ServerInterceptor):
+    """The task of each call in flight on the gRPC lane (every method, the
+    tools' too), so that a stop can wait until they have ended.
+
+    grpc.aio runs each call in a task of its own (``HandleExceptions[...]``),
+    awaited by another of its tasks (``rpc_task``), which logs ERROR
+    "Exception not handled by _handle_exceptions" with a traceback when it is
+    cancelled while it awaits. ``stop()`` of grpc.aio returns once grpc core
+    cancelled the calls still running at the end of the grace, before their
+    tasks have run that cancellation: the end of the event loop right after
+    (``asyncio.run()``, a node's loop thread) then cancelled grpc's waiting
+    task of each such call, and every stop with a call in flight logged that.
+    Made a grpc.aio interceptor, this sees each call in its own task, before
+    its handler is chosen. Event-loop thread only.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await continuation(handler_call_details)
+
+    async def ended(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds until the task of every call has
+        ended; how many have not (a handler that goes on when cancelled).
+
+        grpc's task awaiting a call's task is woken by its end before this
+        one (its callback was added before, or this wait's wake-up is
+        scheduled by a callback of the same end): once this returns, it has
+        taken the end and finished.
+        """
+        tasks = set(self._tasks)
+        if tasks and timeout > 0:
+            _, tasks = await asyncio.wait(tasks, timeout=timeout)
+        return len(tasks)

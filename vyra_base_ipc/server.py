@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from ._call_duration import bound_call_duration
 from ._fork_safety import ensure_usable_after_fork, note_grpc_used
 from ._grpc_observe import UnknownMethods, observe_handlers
-from ._grpc_streams import OpenStreams
+from ._grpc_streams import CallTasks, OpenStreams
 from ._handler_threads import HandlerThreads
 from ._health import HealthServicer
 from ._interceptors import CallObserver, ServerInterceptor
@@ -187,6 +187,7 @@ class IPCServer:
         self._announce = True
         self._ttrpc: TtrpcServer | None = None
         self._open_streams = OpenStreams()
+        self._call_tasks = CallTasks()
         self._services: list[ServiceRegistration] = []
         self._state = _State.NEW
         self._server: grpc.aio.Server | None = None
@@ -313,6 +314,7 @@ class IPCServer:
                 migration_thread_pool=self._executor,
                 options=(*server_options(self.max_message_bytes), *self.limits.grpc_options()),
                 maximum_concurrent_rpcs=self._maximum_concurrent_rpcs,
+                interceptors=(self._call_tasks,),
             )
             self._add_services(self._server)
             self._bound_path = self._socket.private_bind_path()
@@ -366,9 +368,12 @@ class IPCServer:
         (their ``async def`` handlers cancelled). Other calls in flight get
         ``grace`` seconds (default :attr:`grace_period`), then they are
         cancelled and the connections closed. Returns when all of that is
-        done, or 1 s after the grace at the latest: a connection whose peer
-        does not read (a process stopped in a debugger) is not waited for
-        (logged as a warning). A server still starting is stopped once it started.
+        done and the cancelled handlers have ended (the end of the event loop
+        right after then cuts none short, and grpc.aio logs no error), or 1 s
+        after the grace at the latest: a connection whose peer does not read
+        (a process stopped in a debugger) is not waited for, nor a handler
+        that goes on when cancelled (logged as warnings). A server still
+        starting is stopped once it started.
 
         :raises RuntimeError: awaited on another event loop than :meth:`start`'s
             (nothing is changed then).
@@ -496,6 +501,8 @@ class IPCServer:
         """The one stop path (see :meth:`stop`)."""
         assert self._server is not None and self._health is not None
         removed = False
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace + _CLOSE_TIME
         try:
             await self._health.enter_graceful_shutdown()
             removed = self._withdraw()
@@ -510,6 +517,10 @@ class IPCServer:
                 _logger.warning('IPC server on %s: a connection did not take the shutdown %g s after '
                                 'the grace (its peer does not read); stopped without waiting for it',
                                 self.socket_path, _CLOSE_TIME)
+            # grpc's tasks of the calls it cancelled end before the loop may (see CallTasks).
+            if stops[0].done() and (left := await self._call_tasks.ended(until - loop.time())):
+                _logger.warning('IPC server on %s: %d call(s) went on when cancelled at the stop',
+                                self.socket_path, left)
         finally:
             self._stopped()  # (the files: if an error came first)
             if self._announce:
