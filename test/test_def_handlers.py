@@ -15,6 +15,9 @@ import grpc
 import pytest
 
 from conftest import ServerProcess, StartServer, unchanged, wait_for
+from vyra_base_ipc import SyncIPCHandler
+from vyra_base_ipc import introspection_pb2 as introspection
+from vyra_base_ipc import introspection_pb2_grpc as introspection_grpc
 
 #: Calls per case: each left something behind before the fix.
 CALLS = 4
@@ -106,3 +109,32 @@ def test_a_def_stream_whose_client_stopped_reading_then_left_gives_its_thread_ba
         # The one handler thread serves the next call.
         assert echo.Stub(channel).EchoSync(echo.pb.EchoRequest(text='next'), timeout=10).text == 'next'
         assert server.stats()['busy'] == []
+
+
+def test_a_def_handler_aborting_as_grpc_ends_its_call_at_the_deadline_is_told_call_ended(
+        start_server: StartServer, socket_dir: Path, echo: Any) -> None:
+    # deadline_server.py holds its event loop until the handler's abort,
+    # started once the deadline has passed, is queued there: the abort runs
+    # before grpc's end of the call reaches the loop. The handler got grpc's
+    # ExecuteBatchError (grpc core had ended the call) or AbortError (not yet),
+    # and the call was observed as its abort's NOT_FOUND.
+    journal = socket_dir / 'deadline.jsonl'
+    server = DefServer(start_server(socket_dir / 'deadline.sock', str(journal), script='deadline_server.py'), journal)
+    tags = [f'deadline-{number}' for number in range(CALLS)]
+    with server.channel() as channel:
+        stub = echo.grpc.StatusServiceStub(channel)
+        for tag in tags:
+            with pytest.raises(grpc.RpcError) as ended:
+                stub.MisbehaveSync(echo.pb.MisbehaveRequest(tag=tag), timeout=0.2)
+            assert ended.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def observed() -> introspection.MethodStats:
+        with SyncIPCHandler(server.process.socket_path, introspection_grpc.IntrospectionStub, lane='grpc',
+                            timeout=10) as client:
+            stats = client.call_method('GetStats', introspection.StatsRequest())
+        return next(entry for entry in stats.methods if entry.method.endswith('/MisbehaveSync'))
+    wait_for(lambda: observed().calls == CALLS, 30, 'every call to end on the server')
+    assert {tag: entry['raised'] for tag, entry in server.journaled('aborted').items()} == \
+        dict.fromkeys(tags, 'CallEnded')
+    assert dict(observed().errors) == {'DEADLINE_EXCEEDED': CALLS}
+    assert 'ERROR' not in server.process.log(), server.process.log()

@@ -105,7 +105,8 @@ class SyncContext:
         answer at all).
 
         :raises grpc.aio.AbortError: always, to end the handler.
-        :raises CallEnded: instead, once the call has ended (nothing is sent).
+        :raises CallEnded: instead, once the call has ended or its deadline
+            has passed (nothing is sent: the client's status is grpc's).
         """
         code = abort_code(code)
         self._code, self._details = code, details or self._details
@@ -122,7 +123,7 @@ class SyncContext:
     def send_initial_metadata(self, initial_metadata: Any) -> None:
         """Send ``initial_metadata`` now; returns once it is sent.
 
-        :raises CallEnded: the call has ended.
+        :raises CallEnded: the call has ended, or its deadline has passed.
         """
         self.on_loop(self._context.send_initial_metadata(initial_metadata))
 
@@ -226,12 +227,15 @@ class SyncContext:
 
     def on_loop(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
         """Run ``coroutine`` (work on grpc.aio's context) on the loop and wait
-        for its result (see :meth:`wait`); not once the call has ended: grpc
-        never completes an operation started on a call it has ended, and it
-        kept that operation's future for ever (one per such abort or
-        initial metadata of a handler whose client had left).
+        for its result (see :meth:`wait`); not once the call has ended, nor
+        once its deadline has passed: grpc never completes an operation
+        started on a call it has ended, and it kept that operation's future
+        for ever (one per such abort or initial metadata of a handler whose
+        client had left); one started as grpc core ended the call at its
+        deadline, before the loop knew, raised grpc's ``ExecuteBatchError``.
 
-        :raises CallEnded: the call has ended (before it ran, too).
+        :raises CallEnded: the call has ended, or its deadline has passed
+            (before it ran, too).
         """
         guarded = self._unless_ended(coroutine)
         try:
@@ -244,11 +248,16 @@ class SyncContext:
 
     async def _unless_ended(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
         # On the loop, where the call's end is marked: the check and the start
-        # of grpc's operation are one step of it.
-        if self._ended:
+        # of grpc's operation are one step of it. Past its deadline the call
+        # has ended too: grpc core ends it then, and its word of that reaches
+        # the loop after whatever is queued there already (this, say).
+        if self._ended or self._context.time_remaining() == 0:
             coroutine.close()
             raise CallEnded()
-        return await coroutine
+        try:
+            return await coroutine
+        except grpc.aio.InternalError:  # (ExecuteBatchError) grpc core had ended the call all the same
+            raise CallEnded() from None
 
     def _run(self, callback: Callable[..., Any], *args: Any) -> None:
         try:
