@@ -79,13 +79,16 @@ def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver, 
                         yield encode(response)
         wrapped: Callable[..., Any] = observed_stream
     else:
+        writes = handler.response_streaming  # (a coroutine that writes with context.write(): it returns None)
+
         async def observed(request: Any, context: Any) -> Any:
             try:
                 observation = start(context)
             except CallRejected as rejection:
                 await context.abort(rejection.code, rejection.details)
             with _ending(observation, context):
-                return _answer(await behaviour(request, context), context, encode)
+                response = await behaviour(request, context)
+                return response if writes else _answer(response, context, encode)
         wrapped = observed
     deserialize = handler.request_deserializer
     if lane is not None:
