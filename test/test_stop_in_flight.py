@@ -20,7 +20,7 @@ import asyncio
 import json
 from pathlib import Path
 import signal
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
 import grpc
 import pytest
@@ -45,7 +45,7 @@ EXPECTED = {
 }
 
 #: A lane's calls by name, how to read a call's status from what it raised, and how to close the client.
-Calls = tuple[dict[str, Awaitable[Any]], Callable[[BaseException], tuple[str, str]], Callable[[], Awaitable[Any]]]
+Calls = tuple[Mapping[str, Awaitable[Any]], Callable[[BaseException], tuple[str, str]], Callable[[], Awaitable[Any]]]
 
 
 def in_flight(server: ServerProcess, lane: str, method: str) -> int:

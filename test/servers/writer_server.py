@@ -18,7 +18,7 @@ from vyra_base_ipc import IPCServer, run
 
 
 class WritingWatchService(WatchService):
-    async def Watch(self, request: echo_pb2.WatchRequest, context: Any) -> None:  # type: ignore[override]
+    async def Watch(self, request: echo_pb2.WatchRequest, context: Any) -> None:
         for index in range(request.count):
             await context.write(echo_pb2.WatchEvent(index=index))
 
