@@ -97,14 +97,17 @@ class CallTasks(grpc.aio.ServerInterceptor):
 
     grpc.aio runs each call in a task of its own (``HandleExceptions[...]``),
     awaited by another of its tasks (``rpc_task``), which logs ERROR
-    "Exception not handled by _handle_exceptions" with a traceback when it is
-    cancelled while it awaits. ``stop()`` of grpc.aio returns once grpc core
-    cancelled the calls still running at the end of the grace, before their
-    tasks have run that cancellation: the end of the event loop right after
-    (``asyncio.run()``, a node's loop thread) then cancelled grpc's waiting
-    task of each such call, and every stop with a call in flight logged that.
-    Made a grpc.aio interceptor, this sees each call in its own task, before
-    its handler is chosen. Event-loop thread only.
+    "Exception not handled by _handle_exceptions" with a traceback when a
+    ``CancelledError`` reaches it there. grpc.aio's ``stop()`` returns once
+    grpc core cancelled the calls still running at the end of the grace,
+    before their tasks have run that cancellation. The end of the event loop
+    right after (``asyncio.run()``, a node's loop thread) then cancelled what
+    was left: a handler's cleanup was cut short, and an ``rpc_task`` whose
+    call's task had just ended, not yet woken by that end, took the
+    cancellation at its await and logged it (seen at stops with calls in
+    flight that came without a deadline). Made a grpc.aio interceptor, this
+    sees each call in its own task, before its handler is chosen. Event-loop
+    thread only.
     """
 
     def __init__(self) -> None:
