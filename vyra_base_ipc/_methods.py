@@ -180,9 +180,14 @@ def record_servicer(servicer: Any, add_to_server: Callable[[Any, Any], None] | N
 
     :param add_to_server: the generated ``add_*Servicer_to_server`` function;
         found from the servicer's generated base class when omitted.
-    :raises TypeError: if no add function is given or can be found, or it
-        registers nothing.
+    :raises TypeError: if ``servicer`` is a class (an instance serves), no
+        add function is given or can be found, or it registers nothing.
     """
+    if isinstance(servicer, type):
+        # Else the search below looks at `type` and says the class derives from
+        # no generated servicer, which it may well do.
+        raise TypeError(f'servicers take instances, not the class {servicer.__qualname__}: '
+                        f'pass {servicer.__qualname__}()')
     if add_to_server is None:
         add_to_server = find_add_function(type(servicer))
     elif not callable(add_to_server):
