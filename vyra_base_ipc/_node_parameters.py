@@ -20,6 +20,7 @@ from rclpy.parameter import Parameter
 
 from ._allocator import DEFAULT_KEEP_FREED_MEMORY
 from ._busy_poll import DEFAULT_BUSY_POLL
+from ._methods import find_add_function
 from ._options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, MAX_SECONDS, validate_max_message_bytes
 from ._payload import DEFAULT_SHARED_MEMORY_THRESHOLD, SharedMemoryOptions
 from .address import (
@@ -390,7 +391,8 @@ def load_servicer(spec: str) -> Any:
     """Import ``package.module:ClassName`` and return ``ClassName()``.
 
     :raises ParameterError: (parameter ``servicers``) the module cannot be
-        imported, has no such attribute, or creating the instance fails.
+        imported, has no such attribute, it is a class that is no servicer
+        (said before it is created), or creating the instance fails.
     """
     if not _SERVICER_SPEC.match(spec):
         raise ParameterError('servicers', f'{spec!r} is not of the form package.module:ClassName')
@@ -404,6 +406,17 @@ def load_servicer(spec: str) -> Any:
         raise ParameterError('servicers', f'module {module_name!r} has no attribute {class_name!r}')
     if not callable(factory):
         raise ParameterError('servicers', f'{spec!r} is not a class')
+    if isinstance(factory, type):
+        # Checked before the class is created: another class (a node, a
+        # message) would run its constructor in this process for nothing, and
+        # a node hosting an IPC server would host one for each of these specs.
+        try:
+            find_add_function(factory)
+        except TypeError:
+            raise ParameterError('servicers', f'{spec!r} is not a servicer: {class_name} derives from no '
+                                              'grpcio-generated *Servicer class; name the class that '
+                                              'implements your service (class X(<Service>Servicer))'
+                                 ) from None
     try:
         return factory()
     except Exception as error:
