@@ -136,6 +136,32 @@ def _name_problems(proto: str, packages: Collection[str] | None) -> list[str]:
     return problems
 
 
+#: ``package a.b;`` at the start of a line: a proto's package.
+_PACKAGE = re.compile(r'^\s*package\s+([A-Za-z_][\w.]*)\s*;', re.M)
+
+
+def _proto_package(path: Path) -> str | None:
+    """The package ``path`` declares, if any."""
+    found = _PACKAGE.search(path.read_text(encoding='utf-8', errors='replace'))
+    return found.group(1) if found else None
+
+
+def _package_problems(root: Path, proto: str, vyra: Path) -> list[str]:
+    """That ``proto`` declares a package of vyra_base_ipc's own protos (under
+    ``vyra``), if it does. Its names would share protobuf's descriptor pool
+    with ours: a process importing both fails with "duplicate symbol" on
+    whichever comes second, or once a later vyra_base_ipc adds the same name."""
+    package = _proto_package(root / proto)
+    owners = sorted(name for name in find_protos(vyra) if _proto_package(vyra / name) == package)
+    if package is None or not owners:
+        return []
+    own = proto.split('/')[0] if '/' in proto else 'my_module'
+    return [f"its package {package} is vyra_base_ipc's own ({', '.join(owners)}): its messages and"
+            " services would share names with those in protobuf's descriptor pool, and a process"
+            ' importing both fails ("duplicate symbol"); declare a package of your own module,'
+            f' such as `package {own};`']
+
+
 def generate_protos(proto_root: str | Path, output_dir: str | Path, *, stubs: bool = True,
                     include: Iterable[str | Path] = (), packages: Collection[str] | None = None) -> list[str]:
     """Compile every ``.proto`` under ``proto_root`` into ``output_dir``:
@@ -163,15 +189,17 @@ def generate_protos(proto_root: str | Path, output_dir: str | Path, *, stubs: bo
     protos = find_protos(root)
     if not protos:
         raise FileNotFoundError(f'no .proto file under {root}')
+    vyra = vyra_proto_path()
+    ours = vyra.resolve() == root  # vyra_base_ipc building its own protos
     problems = [f'{root / proto}: {problem}'
-                for proto in protos for problem in _name_problems(proto, packages)]
+                for proto in protos for problem in [*_name_problems(proto, packages),
+                                                    *([] if ours else _package_problems(root, proto, vyra))]]
     if problems:
         raise ValueError('cannot build these protos:\n  ' + '\n  '.join(problems))
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     paths = [root, *map(Path, include)]
-    vyra = vyra_proto_path()
-    if vyra.resolve() != root:
+    if not ours:
         paths.append(vyra)
     paths.append(Path(grpc_tools.__file__).parent / '_proto')
     status = protoc.main([
