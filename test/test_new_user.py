@@ -1,0 +1,83 @@
+"""Mistakes a developer new to the package makes while building a module of
+their own, each answered by an error that says what is wrong and what to do
+(found by following the README from scratch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ros_env import IPC_SERVER
+from test_build_helper import build_package
+from vyra_base_ipc import IPCServer
+from vyra_base_ipc._node_run import EXIT_BAD_PARAMETER
+from vyra_base_ipc.backend_service_pb2_grpc import BackendServiceServicer, add_BackendServiceServicer_to_server
+
+
+@pytest.mark.parametrize('servicer', [BackendServiceServicer,
+                                      (BackendServiceServicer, add_BackendServiceServicer_to_server)],
+                         ids=['class', 'class-with-add-function'])
+def test_a_servicer_class_given_instead_of_an_instance_is_named(socket_dir: Path, servicer: object) -> None:
+    # It said: "type does not derive from a grpcio-generated *Servicer class; pass its
+    # add_*Servicer_to_server function explicitly", of a class that does derive from one.
+    with pytest.raises(TypeError) as refused:
+        IPCServer(socket_path=socket_dir / 'class.sock', servicers=[servicer])
+    assert str(refused.value) == ('servicers take instances, not the class BackendServiceServicer: '
+                                  'pass BackendServiceServicer()')
+
+
+#: A module of the developer's own with a class that is no servicer, whose
+#: constructor leaves a mark (as a node's would start one).
+NOT_A_SERVICER = """
+from pathlib import Path
+
+class GripperNode:
+    def __init__(self):
+        Path(__file__).with_name('created').write_text('the class was created')
+"""
+
+
+@pytest.mark.ros
+@pytest.mark.parametrize(('spec', 'class_name'), [('gripper_node:GripperNode', 'GripperNode'),
+                                                  ('vyra_base_ipc.backend_service_pb2:StatusRequest', 'StatusRequest')],
+                         ids=['a-node-class', 'a-message-class'])
+def test_a_servicers_parameter_naming_a_class_that_is_no_servicer_says_so_without_creating_it(
+        start_process, socket_dir: Path, tmp_path: Path, ros_environ: dict[str, str],
+        spec: str, class_name: str) -> None:
+    # It created the class first: a node class hosting an IPC server in its __init__ then
+    # hosted one per node it made (the -p applies to every node), on and on, and outlived SIGTERM.
+    # A class it could create was refused with "pass its add_*Servicer_to_server function
+    # explicitly", which a ROS parameter cannot do.
+    (tmp_path / 'gripper_node.py').write_text(NOT_A_SERVICER)
+    env = {**ros_environ, 'PYTHONPATH': f'{tmp_path}:{ros_environ.get("PYTHONPATH", "")}'}
+    socket_path = socket_dir / 'gripper.sock'
+    server = start_process([*IPC_SERVER, '--ros-args', '-p', 'module_name:=gripper',
+                            '-p', f'socket_path:={socket_path}', '-p', f"servicers:=['{spec}']"], env)
+    assert server.wait(timeout=60) == EXIT_BAD_PARAMETER, server.log()
+    errors = [line for line in server.log().splitlines() if 'ERROR' in line]
+    assert any(f"parameter 'servicers': '{spec}' is not a servicer: {class_name} derives from no "
+               'grpcio-generated *Servicer class; name the class that implements your service' in line
+               for line in errors), server.log()
+    assert not (tmp_path / 'created').exists()
+    assert not socket_path.exists()
+
+
+def test_a_proto_declaring_the_package_of_ours_fails_the_build_naming_it(tmp_path: Path) -> None:
+    # It built; the module's code and ours then could not be imported into one process
+    # ("duplicate symbol 'vyra.ipc.StatusRequest'", raised by whichever came second).
+    result = build_package(tmp_path, {'gadget/status.proto': 'package vyra.ipc;\n'
+                                                             'message StatusRequest { int32 level = 1; }\n'})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert (f'error: gadget: cannot build these protos:\n  {tmp_path / "protos" / "gadget" / "status.proto"}: '
+            "its package vyra.ipc is vyra_base_ipc's own (vyra_base_ipc/backend_service.proto, ") in result.stderr
+    assert 'declare a package of your own module, such as `package gadget;`' in result.stderr
+    assert not list((tmp_path / 'build').rglob('*_pb2*'))
+
+
+def test_a_proto_in_a_package_below_ours_still_builds(tmp_path: Path) -> None:
+    # As this package's own test and bench protos do (vyra.ipc.test, vyra.ipc.bench).
+    result = build_package(tmp_path, {'gadget/extra.proto': 'package vyra.ipc.extra;\n'
+                                                            'message StatusRequest { int32 level = 1; }\n'})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [path.name for path in (tmp_path / 'build').rglob('extra_pb2.py')] == ['extra_pb2.py']
