@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ServerProcess
 from ros_env import IPC_SERVER
 from test_build_helper import build_package
+from test_cli import EXECUTE, fails
 from vyra_base_ipc import IPCServer
 from vyra_base_ipc._node_run import EXIT_BAD_PARAMETER
 from vyra_base_ipc.backend_service_pb2_grpc import BackendServiceServicer, add_BackendServiceServicer_to_server
@@ -81,3 +83,11 @@ def test_a_proto_in_a_package_below_ours_still_builds(tmp_path: Path) -> None:
                                                             'message StatusRequest { int32 level = 1; }\n'})
     assert result.returncode == 0, result.stdout + result.stderr
     assert [path.name for path in (tmp_path / 'build').rglob('extra_pb2.py')] == ['extra_pb2.py']
+
+
+def test_a_yaml_request_without_a_space_after_a_colon_is_named_with_the_rule(server: ServerProcess) -> None:
+    # YAML reads `command:ping` as the string 'command:ping'; it said only that the request must be an object.
+    line = fails(2, 'call', str(server.socket_path), EXECUTE, 'command:ping')
+    assert line == ('vyra-ipc: error: the request must be an object of vyra.ipc.CommandRequest fields, '
+                    'not "command:ping" (YAML reads command:… as text: a key needs a space after its colon, '
+                    'command: …)')

@@ -4,6 +4,7 @@ generated-stub look-alike for the clients, and JSON (or YAML) both ways."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Hashable
 
 from google.protobuf import descriptor_pool, json_format, message_factory
@@ -198,10 +199,18 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return f'{problem} (line {mark.line + 1}, column {mark.column + 1})' if mark is not None else problem
 
 
+#: ``key:value``, which YAML reads as a string.
+_UNSPACED_KEY = re.compile(r'(?<![\w:])([A-Za-z_]\w*):(?=[^\s:/])')
+
+
 def _message(value: Any, message_type: type[Message], what: str) -> Message:
     if not isinstance(value, dict):
+        # `count:2` is one string to YAML: its mappings need a space after the colon.
+        unspaced = _UNSPACED_KEY.search(value) if isinstance(value, str) else None
+        hint = (f' (YAML reads {unspaced.group(0)}… as text: a key needs a space after its colon,'
+                f' {unspaced.group(1)}: …)' if unspaced else '')
         raise ValueError(f'{what} must be an object of {message_type.DESCRIPTOR.full_name} fields, '
-                         f'not {json.dumps(value, default=str)}')
+                         f'not {json.dumps(value, default=str)}{hint}')
     try:
         return json_format.ParseDict(value, message_type())
     except (json_format.ParseError, TypeError) as error:
