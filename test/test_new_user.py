@@ -4,17 +4,22 @@ their own, each answered by an error that says what is wrong and what to do
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+import uuid
 
 import pytest
 
-from conftest import ServerProcess
+from conftest import ServerProcess, StartServer
 from ros_env import IPC_SERVER
 from test_build_helper import build_package
 from test_cli import EXECUTE, fails
-from vyra_base_ipc import IPCServer
+from vyra_base_ipc import IPCHandler, IPCServer, IPCUnavailableError, SyncIPCHandler
 from vyra_base_ipc._node_run import EXIT_BAD_PARAMETER
+from vyra_base_ipc.address import default_socket_path
 from vyra_base_ipc.backend_service_pb2_grpc import BackendServiceServicer, add_BackendServiceServicer_to_server
+from vyra_base_ipc.module_service_pb2 import CommandRequest
+from vyra_base_ipc.module_service_pb2_grpc import ModuleServiceStub
 
 
 @pytest.mark.parametrize('servicer', [BackendServiceServicer,
@@ -91,3 +96,22 @@ def test_a_yaml_request_without_a_space_after_a_colon_is_named_with_the_rule(ser
     assert line == ('vyra-ipc: error: the request must be an object of vyra.ipc.CommandRequest fields, '
                     'not "command:ping" (YAML reads command:… as text: a key needs a space after its colon, '
                     'command: …)')
+
+
+@pytest.mark.parametrize('handler', ['SyncIPCHandler', 'IPCHandler'])
+def test_a_module_name_given_where_the_socket_path_goes_is_named_with_what_to_pass(
+        start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handler: str) -> None:
+    # socket_path comes first: IPCHandler('gripper', Stub) looked for ./gripper and said only that it does not exist.
+    module = f'newuser_{uuid.uuid4().hex[:12]}'
+    start_server(default_socket_path(module), wait=False).wait_serving(ttrpc=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(IPCUnavailableError) as refused:
+        if handler == 'SyncIPCHandler':
+            SyncIPCHandler(module, ModuleServiceStub, lane='grpc').call_method('ExecuteCommand', CommandRequest())
+        else:
+            asyncio.run(IPCHandler(module, ModuleServiceStub, lane='grpc').call_method('ExecuteCommand',
+                                                                                        CommandRequest()))
+    assert str(refused.value) == (
+        f"/vyra.ipc.ModuleService/ExecuteCommand: UNAVAILABLE: socket '{tmp_path / module}' does not exist (is the "
+        f"IPC server running?); '{module}' is a module name (its socket: '/tmp/{module}_ipc.sock'): pass "
+        f"module_name='{module}', not a socket path")

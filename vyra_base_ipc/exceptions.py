@@ -149,10 +149,20 @@ def error_from_status(code: grpc.StatusCode, details: str, *, method: str | None
 # The texts of a server out of reach, the same on both lanes.
 
 def socket_missing(path: os.PathLike[str] | str, method: str | None = None) -> IPCUnavailableError:
-    """The error of a call or connect that found no socket file at ``path``."""
-    return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE,
-                               f'socket {os.fspath(path)!r} does not exist (is the IPC server running?)',
-                               method=method)
+    """The error of a call or connect that found no socket file at ``path``;
+    when ``path`` is a module's name (given as the socket path, which comes
+    first: ``IPCHandler('arm', ...)``) and that module's socket is there, says so."""
+    from .address import default_socket_path
+
+    name = os.path.basename(os.fspath(path))
+    try:
+        meant: str | None = os.fspath(default_socket_path(name))
+    except ValueError:  # not a module name
+        meant = None
+    hint = (f'; {name!r} is a module name (its socket: {meant!r}): pass module_name={name!r}, not a '
+            'socket path' if meant is not None and meant != os.fspath(path) and os.path.exists(meant) else '')
+    missing = f'socket {os.fspath(path)!r} does not exist (is the IPC server running?)'
+    return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, missing + hint, method=method)
 
 
 def nobody_listening(path: os.PathLike[str] | str, method: str | None = None) -> IPCUnavailableError:
