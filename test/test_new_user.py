@@ -105,13 +105,18 @@ def test_a_module_name_given_where_the_socket_path_goes_is_named_with_what_to_pa
     module = f'newuser_{uuid.uuid4().hex[:12]}'
     start_server(default_socket_path(module), wait=False).wait_serving(ttrpc=True)
     monkeypatch.chdir(tmp_path)
+
+    async def call_async() -> None:
+        async with IPCHandler(module, ModuleServiceStub, lane='grpc') as ipc:
+            await ipc.call_method('ExecuteCommand', CommandRequest())
+
     with pytest.raises(IPCUnavailableError) as refused:
         if handler == 'SyncIPCHandler':
-            SyncIPCHandler(module, ModuleServiceStub, lane='grpc').call_method('ExecuteCommand', CommandRequest())
+            with SyncIPCHandler(module, ModuleServiceStub, lane='grpc') as ipc:
+                ipc.call_method('ExecuteCommand', CommandRequest())
         else:
-            asyncio.run(IPCHandler(module, ModuleServiceStub, lane='grpc').call_method('ExecuteCommand',
-                                                                                        CommandRequest()))
+            asyncio.run(call_async())
+    # (Raised by the with statement's connect(), before any method.)
     assert str(refused.value) == (
-        f"/vyra.ipc.ModuleService/ExecuteCommand: UNAVAILABLE: socket '{tmp_path / module}' does not exist (is the "
-        f"IPC server running?); '{module}' is a module name (its socket: '/tmp/{module}_ipc.sock'): pass "
-        f"module_name='{module}', not a socket path")
+        f"UNAVAILABLE: socket '{tmp_path / module}' does not exist (is the IPC server running?); '{module}' is a "
+        f"module name (its socket: '/tmp/{module}_ipc.sock'): pass module_name='{module}', not a socket path")
