@@ -194,11 +194,13 @@ HOWS: dict[str, Any] = {
     'raise-unprintable': (grpc.StatusCode.UNKNOWN,
                           "Unexpected <class '__main__.Unprintable'>: <str() of the exception raised RuntimeError>"),
     'raise-cancelled': 'see test_a_handler_raising_cancelled_error_is_answered',
-    # Another message serializes as the response as protobuf serializes any
-    # message, on both lanes as in grpc: the caller parses its bytes.
-    'return-wrong-type': None,
-    'return-str': 'UNKNOWN, in the words of protobuf',
-    'return-none': 'UNKNOWN, in the words of protobuf',
+    # What is not the method's response is refused, naming it: protobuf
+    # serializes a message of another type as any (grpc sends it, and its
+    # caller reads the bytes as the response), and says of the rest only
+    # that a descriptor does not apply.
+    'return-wrong-type': 'vyra.ipc.test.ParityRequest',
+    'return-str': 'a str',
+    'return-none': 'None',
 }
 
 
@@ -218,7 +220,12 @@ def test_each_way_of_ending_a_call_is_seen_alike(parity: ServerProcess, pb: Any,
     elif isinstance(expected, tuple):
         assert status(seen) == expected
     elif how.startswith('return-'):
-        assert seen[2] is grpc.StatusCode.UNKNOWN and seen[3].startswith('Unexpected <class')
+        answered = f"{'yielded' if method in STREAMS else 'returned'} {expected}"
+        hint = {'return-none': ' (a stream handler yields its responses)' if method in STREAMS else
+                ' (did it forget to return its response?)'}.get(how, '')
+        assert status(seen) == (grpc.StatusCode.UNKNOWN, "Unexpected <class 'TypeError'>: the handler of "
+                                f'/vyra.ipc.test.ParityService/{method} {answered}, not a '
+                                f'vyra.ipc.test.ParityReply{hint}')
 
 
 @pytest.mark.parametrize('method, how', _cases(UNARY + STREAMS, ['raise-cancelled']))

@@ -25,6 +25,7 @@ __all__ = [
     'find_add_function',
     'record_servicer',
     'request_type_error',
+    'stream_returned',
     'stub_methods',
 ]
 
@@ -92,14 +93,70 @@ def _request_type(path: str, response_deserializer: Any) -> str | None:
     """The request message's full name, looked up in the descriptor pool of
     the response class (a generated stub passes ``Response.FromString``,
     bound to it; its request serializer is the base class's)."""
-    descriptor = getattr(getattr(response_deserializer, '__self__', None), 'DESCRIPTOR', None)
+    method = _method_descriptor(path, response_deserializer)
+    return None if method is None else str(method.input_type.full_name)
+
+
+def _method_descriptor(path: str, deserializer: Any) -> Any:
+    """The descriptor of the method at ``path``, from the descriptor pool of
+    the class ``deserializer`` is bound to (``Message.FromString``); ``None``
+    where there is none."""
+    descriptor = getattr(getattr(deserializer, '__self__', None), 'DESCRIPTOR', None)
     if descriptor is None:
         return None
     try:
-        method = descriptor.file.pool.FindMethodByName(path.strip('/').replace('/', '.'))
+        return descriptor.file.pool.FindMethodByName(path.strip('/').replace('/', '.'))
     except (KeyError, AttributeError):
         return None
-    return str(method.input_type.full_name)
+
+
+def _checked_answers(path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """``handler`` with a response serializer that refuses what is not the
+    method's response message (``handler`` as it is where its types are not
+    known): protobuf's ``SerializeToString`` of one generated class
+    serializes a message of any other, whose bytes the caller would then
+    read as the response (fields silently wrong or lost), and of ``None``
+    says only that a descriptor does not apply. The ``TypeError`` raised
+    names the method, what the handler answered and what it must answer;
+    both lanes fail the call UNKNOWN with it, as for any answer that does
+    not serialize."""
+    method = _method_descriptor(path, handler.request_deserializer)
+    serialize = handler.response_serializer
+    if method is None or serialize is None:
+        return handler
+    expected = str(method.output_type.full_name)
+    streams = handler.response_streaming
+
+    def serialize_checked(response: Any) -> bytes:
+        if getattr(getattr(response, 'DESCRIPTOR', None), 'full_name', None) != expected:
+            raise TypeError(_wrong_answer(path, expected, response, streams))
+        return serialize(response)
+    kind = f'{"stream" if handler.request_streaming else "unary"}_{"stream" if streams else "unary"}'
+    factory = getattr(grpc, f'{kind}_rpc_method_handler')
+    return factory(getattr(handler, kind), request_deserializer=handler.request_deserializer,
+                   response_serializer=serialize_checked)
+
+
+def stream_returned(path: str, value: Any) -> TypeError:
+    """The error of an ``async def`` response-stream handler that returned
+    ``value`` (not ``None``): it is not sent, and the stream would end OK
+    with nothing in it, as grpc.aio ends it."""
+    return TypeError(f'the handler of {path} returned {_given(value)}: a response-stream handler yields '
+                     'its responses (or writes them with context.write()); what it returns is not sent')
+
+
+def _given(value: Any) -> str:
+    return getattr(getattr(value, 'DESCRIPTOR', None), 'full_name', None) or (
+        'None' if value is None else f'a {type(value).__qualname__}')
+
+
+def _wrong_answer(path: str, expected: str, response: Any, streams: bool) -> str:
+    given = _given(response)
+    what = f'the handler of {path} {"yielded" if streams else "returned"} {given}, not a {expected}'
+    if response is None:
+        return what + (' (a stream handler yields its responses)' if streams else
+                       ' (did it forget to return its response?)')
+    return what
 
 
 class _RecordingChannel:
@@ -197,7 +254,8 @@ def record_servicer(servicer: Any, add_to_server: Callable[[Any, Any], None] | N
     add_to_server(servicer, recorder)
     if not recorder.services:
         raise TypeError(f'{add_to_server.__qualname__} registered no service for {servicer!r}')
-    return [ServiceRegistration(name, handlers, add_to_server, servicer)
+    return [ServiceRegistration(name, {method: _checked_answers(f'/{name}/{method}', handler)
+                                       for method, handler in handlers.items()}, add_to_server, servicer)
             for name, handlers in recorder.services.items()]
 
 

@@ -32,6 +32,7 @@ from typing import Any, AsyncIterator, Callable, Mapping
 import grpc
 
 from ._def_handlers import in_handler_threads
+from ._methods import stream_returned
 from ._sync_context import abort_code
 
 __all__ = ['HANDLER_EXITS', 'HANDLER_FAILURES', 'guard_handlers', 'unexpected_details']
@@ -76,7 +77,7 @@ def _guard(path: str, handler: grpc.RpcMethodHandler, executor: futures.Executor
     if not (inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)):
         behaviour = in_handler_threads(behaviour, executor, _failing(path),
                                        request_streaming=streaming[0], response_streaming=streaming[1])
-    behaviour = _guard_exits(path, behaviour)
+    behaviour = _guard_exits(path, behaviour, streaming[1])
     if deserialize is not None:
         behaviour = (_guard_streaming_requests if handler.request_streaming else _guard_request)(behaviour)
         deserialize = _tolerant(path, deserialize)
@@ -187,7 +188,7 @@ def _failing(path: str) -> Callable[[BaseException, Any], None]:
     return fail
 
 
-def _guard_exits(path: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+def _guard_exits(path: str, behaviour: Callable[..., Any], streams: bool) -> Callable[..., Any]:
     if inspect.isasyncgenfunction(behaviour):
         async def guarded_stream(argument: Any, context: Any) -> AsyncIterator[Any]:
             try:
@@ -200,7 +201,10 @@ def _guard_exits(path: str, behaviour: Callable[..., Any]) -> Callable[..., Any]
 
     async def guarded(argument: Any, context: Any) -> Any:
         try:
-            return await behaviour(argument, _AsyncContext(context))
+            result = await behaviour(argument, _AsyncContext(context))
+            if streams and result is not None:  # (grpc.aio drops it: the stream ends OK, empty)
+                raise stream_returned(path, result)
+            return result
         except BaseException as error:
             await _answer(path, context, error)
             raise

@@ -1,6 +1,8 @@
 """A real server process for test_writer_streams.py: WatchService whose
 ``Watch`` is a coroutine that writes its events with ``await
-context.write()`` (not an async generator), on both lanes, with metrics.
+context.write()`` (not an async generator), on both lanes, with metrics;
+with ``tag='return'`` it returns its last event instead of writing it (a
+mistake).
 
 Usage: writer_server.py SOCKET_PATH
 """
@@ -18,9 +20,12 @@ from vyra_base_ipc import IPCServer, run
 
 
 class WritingWatchService(WatchService):
-    async def Watch(self, request: echo_pb2.WatchRequest, context: Any) -> None:
+    async def Watch(self, request: echo_pb2.WatchRequest, context: Any) -> Any:
         for index in range(request.count):
+            if request.tag == 'return' and index == request.count - 1:
+                return echo_pb2.WatchEvent(index=index)
             await context.write(echo_pb2.WatchEvent(index=index))
+        return None
 
 
 def main() -> None:

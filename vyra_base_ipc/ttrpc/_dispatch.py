@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Union
 import grpc
 
 from .._interceptors import CallRejected, Observation
-from .._methods import MethodKind
+from .._methods import MethodKind, stream_returned
 from .._metrics import MethodMetrics
 from .._payload import SharedMemoryError, close_fds
 from .._request_guard import HANDLER_FAILURES
@@ -231,7 +231,9 @@ class Call:
                 if close is not None:
                     await close()
         elif inspect.isawaitable(result):
-            await result  # a handler that sends with context.write()
+            returned = await result  # a handler that sends with context.write()
+            if returned is not None:
+                raise stream_returned(self.handler.path, returned)
 
     async def _write_async(self, message: Any) -> None:
         if self.finished:
