@@ -472,6 +472,7 @@ def open_fds() -> int:
 
 @pytest.mark.parametrize('handlers', ['one', 'one per run'])
 @pytest.mark.parametrize('lane', ['ttrpc', 'grpc'])
+@pytest.mark.filterwarnings(r'ignore:unclosed IPCHandler of:ResourceWarning')  # (what it does on purpose)
 def test_asyncio_run_again_and_again_without_disconnect_leaves_no_connection_behind(
         server: ServerProcess, echo, lane: str, handlers: str) -> None:
     # A closed loop's connections can no longer be closed by it: the next

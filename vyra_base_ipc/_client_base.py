@@ -30,6 +30,7 @@ from ._deadline import Deadline
 from ._fork_safety import ensure_usable_after_fork, note_grpc_used
 from ._interceptors import ClientCall, ClientInterceptor, intercepted_call
 from ._lanes import LaneChoice, ServerCameUp
+from ._lifetime import Held
 from ._methods import Method, MethodKind, request_type_error, stub_methods
 from ._options import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -153,7 +154,8 @@ class ClientBase:
     """What both clients share: configuration, method look-up, deadlines,
     the retry rule and the lane choice."""
 
-    # Each face's own: the pool of its gRPC channels, how one is made, the lane over it.
+    # Each face's own: the pools of its connections, how a gRPC channel is made, the lane over it.
+    _fast_pool: ClassVar[Pool[Any]]
     _grpc_pool: ClassVar[Pool[Any]]
     _channel_factory: ClassVar[Callable[..., Any]]
     _grpc_lane_type: ClassVar[type[Any]]
@@ -220,11 +222,16 @@ class ClientBase:
         # parent may have held it at fork() time, for good in the child.
         self._keys_lock = threading.Lock()
         # The connections of the current owner (event loop or process):
-        # pool keys, and the lanes made from them.
-        self._fast_key: Any = None
+        # pool keys (held apart, for the finalizer that gives them back if
+        # the handler is collected without disconnect()), and the lanes made from them.
+        self._held = Held(self, self._fast_pool, self._grpc_pool, os.fspath(self.socket_path))
         self._fast: Any = None
-        self._grpc_key: Any = None
         self._grpc: dict[bool, Any] = {}
+
+    @property
+    def _fast_key(self) -> Any:
+        """The pool key of the fast-lane connection (``None`` while none is held)."""
+        return self._held.fast_key
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -461,11 +468,12 @@ class ClientBase:
         """The gRPC lane over this owner's shared channel (made on first use)."""
         lane = self._grpc.get(wait)
         if lane is None:
-            key = self._grpc_key  # (read once: disconnect() in another thread may drop it)
+            held = self._held
+            key = held.grpc_key  # (read once: disconnect() in another thread may drop it)
             if key is None:
                 ensure_usable_after_fork()
                 with self._keys_lock:
-                    key = self._grpc_key = self._grpc_key or self._grpc_pool.acquire(
+                    key = held.grpc_key = held.grpc_key or self._grpc_pool.acquire(
                         (self._target, self._options, self._trusted))
             channel = self._grpc_pool.made_once(key[1], self._new_channel, os.fspath(self.socket_path))
             lane = self._grpc[wait] = self._grpc_lane_type(channel, self.socket_path, wait)
@@ -477,7 +485,7 @@ class ClientBase:
                                   self._options)
 
     def _forget_connections(self) -> None:
-        self._fast_key = self._fast = self._grpc_key = None
+        self._held.fast_key = self._fast = self._held.grpc_key = None
         self._grpc = {}
 
     @staticmethod

@@ -9,16 +9,24 @@ asyncio pools are keyed by the running loop. A loop that closed (the end of
 when the next loop comes. Keys include the process id, so that a forked
 child never uses or closes its parent's connections (see
 :mod:`vyra_base_ipc._fork_safety`).
+
+A handler that the garbage collector finds without ``disconnect()`` lets go
+through :meth:`Pool.release_dropped` (see :mod:`vyra_base_ipc._lifetime`):
+from a finalizer, which may run in any thread at any moment, also in one
+holding the pool's lock, so it never waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
+import logging
 import operator
 import os
 import threading
-from typing import Any, Callable, Generic, Hashable, TypeVar
+from typing import Any, Callable, Generic, Hashable, Iterator, TypeVar
 
 import grpc
 
@@ -29,6 +37,8 @@ __all__ = ['Disconnected', 'Entry', 'Pool', 'aio_pool', 'aio_ttrpc_pool', 'relea
            'sync_pool', 'sync_ttrpc_pool']
 
 _T = TypeVar('_T')
+
+_logger = logging.getLogger(__name__)
 
 
 class Disconnected(IPCUnavailableError):
@@ -59,14 +69,21 @@ class Pool(Generic[_T]):
     :param make_lock: the lock of an entry (``asyncio.Lock`` or ``threading.Lock``).
     :param discard: closes a connection of a loop that closed, without it
         (``None``: left to the garbage collector).
+    :param close_unused: closes a connection whose last user was collected
+        (:meth:`release_dropped`), given its owner; from any thread, without waiting.
     """
 
     def __init__(self, owner: Callable[[], Hashable], make_lock: Callable[[], Any],
-                 discard: Callable[[_T], None] | None = None) -> None:
+                 discard: Callable[[_T], None] | None = None, *,
+                 close_unused: Callable[[_T, Any], None]) -> None:
         self._owner = owner
         self._make_lock = make_lock
         self._discard = discard
+        self._close_unused = close_unused
         self._lock = threading.Lock()
+        # What release_dropped() could not release at once (the lock was
+        # held): (key, owner), released by whoever lets go of the lock next.
+        self._dropped: collections.deque[tuple[tuple[int, Hashable], object]] = collections.deque()
         self._entries: dict[Hashable, dict[tuple[int, Hashable], Entry[_T]]] = {}
         # The event loops entries are filed under (by id: a loop is not
         # hashable by value), held until their entries go.
@@ -83,7 +100,7 @@ class Pool(Generic[_T]):
         owner = self._owner()
         filed = self._filed(owner)
         mine = (os.getpid(), key)
-        with self._lock:
+        with self._locked():
             entries = self._entries.get(filed)
             if entries is None:
                 entries = self._entries[filed] = {}
@@ -102,7 +119,7 @@ class Pool(Generic[_T]):
 
         :raises Disconnected: the entry was released (its handler disconnected).
         """
-        with self._lock:
+        with self._locked():
             if entry.released:
                 raise _disconnected(target)
             if entry.connection is None:
@@ -116,7 +133,7 @@ class Pool(Generic[_T]):
 
         :raises Disconnected: the entry was released.
         """
-        with self._lock:
+        with self._locked():
             if not entry.released:
                 entry.connection = connection
                 return connection
@@ -130,21 +147,71 @@ class Pool(Generic[_T]):
         of a parent process)."""
         if key[0] != os.getpid():
             return None  # a parent's: not even dropped here (freeing grpc's objects can hang a child)
-        filed = self._filed(self._owner() if owner is None else owner)
-        with self._lock:
-            entries = self._entries.get(filed, {})
-            entry = entries.get(key)
-            if entry is None:
-                return None
-            entry.users -= 1
-            if entry.users > 0:
-                return None
-            entry.released = True
-            del entries[key]
-            if not entries:
-                self._entries.pop(filed, None)
-                self._loops.pop(filed, None)
+        owner = self._owner() if owner is None else owner
+        with self._locked():
+            return self._released(key, owner)
+
+    def release_dropped(self, key: tuple[int, Hashable], owner: object) -> None:
+        """As :meth:`release`, for a handler the garbage collector found
+        without ``disconnect()``: from its finalizer, in any thread, at any
+        moment, never waiting. If the pool's lock is held (maybe by the very
+        thread the collector interrupted) whoever holds it releases the key
+        as it lets go. A connection that so lost its last user is closed by
+        ``close_unused``, without waiting for anything either."""
+        if key[0] == os.getpid():  # (a parent's: as release())
+            self._dropped.append((key, owner))
+            self._release_dropped()
+
+    def _released(self, key: tuple[int, Hashable], owner: object) -> _T | None:
+        """(lock held) :meth:`release`'s work."""
+        filed = self._filed(owner)
+        entries = self._entries.get(filed, {})
+        entry = entries.get(key)
+        if entry is None:
+            return None
+        entry.users -= 1
+        if entry.users > 0:
+            return None
+        entry.released = True
+        del entries[key]
+        if not entries:
+            self._entries.pop(filed, None)
+            self._loops.pop(filed, None)
         return entry.connection
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The pool's lock, held for the block; then the releases of dropped
+        handlers that found it held are done (their finalizers did not wait)."""
+        try:
+            with self._lock:
+                yield
+        finally:
+            if self._dropped:
+                self._release_dropped()
+
+    def _release_dropped(self) -> None:
+        """Release the keys of dropped handlers if the lock is free; close
+        the connections that lost their last user (outside the lock). The
+        lock is let go before the queue is looked at again: a key queued
+        while it was held is released here, or by whoever took it since."""
+        while self._dropped and self._lock.acquire(blocking=False):
+            unused = []
+            try:
+                while self._dropped:
+                    key, owner = self._dropped.popleft()
+                    if key[0] != os.getpid():
+                        continue  # (queued by the parent before a fork: as release())
+                    connection = self._released(key, owner)
+                    if connection is not None:
+                        unused.append((connection, owner))
+            finally:
+                self._lock.release()
+            for connection, owner in unused:
+                try:
+                    self._close_unused(connection, owner)
+                except Exception:  # (a finalizer's work: nobody to tell but the log)
+                    _logger.debug('closing the connection of a collected handler failed', exc_info=True)
 
     def _discard_closed_loops(self) -> None:
         """(lock held) Forget the entries of event loops that closed, closing
@@ -160,7 +227,7 @@ class Pool(Generic[_T]):
     def open_connections(self) -> int:
         """How many connections the current owner holds open (for leak checks)."""
         mine = os.getpid()
-        with self._lock:
+        with self._locked():
             entries = self._entries.get(self._filed(self._owner()), {})
             return sum(1 for (pid, _), entry in entries.items() if pid == mine
                        and entry.connection is not None and not getattr(entry.connection, 'is_closed', False))
@@ -171,14 +238,55 @@ def _disconnected(target: str) -> Disconnected:
                         'disconnected while the call connected')
 
 
+def _close_now(connection: Any, owner: object) -> None:
+    """``close_unused`` of the blocking pools: in the thread at hand."""
+    connection.close()
+
+
+def _close_on(connection: Any, loop: asyncio.AbstractEventLoop) -> None:
+    """Close ``connection`` of ``loop``, which nobody uses any more, from
+    any thread, without waiting (``close_unused`` of the asyncio pools): by
+    ``loop`` if it runs (in whichever thread), else at once (a fast-lane
+    socket; a gRPC channel is left to the garbage collector: closing it
+    needs its loop)."""
+    if loop.is_running():
+        try:
+            loop.call_soon_threadsafe(_close_here, connection)
+            return
+        except RuntimeError:  # it closed meanwhile
+            pass
+    if not isinstance(connection, PinnedChannel):
+        connection.abort()
+
+
+def _close_here(connection: Any) -> None:
+    """(a callback of the connection's loop) Close an asyncio connection
+    nobody uses: a fast-lane connection at once; a grpc.aio channel as far as
+    its ``close()`` goes without waiting, which is to its end when no call is
+    in flight (none is: its last user is gone). Not in a task: a loop that
+    stops for good right after (the end of ``run_until_complete()``, then
+    ``close()``) would destroy the task pending, and asyncio log it."""
+    if not isinstance(connection, PinnedChannel):
+        connection.abort()
+        return
+    closing = connection.aclose()
+    try:
+        closing.send(None)
+    except StopIteration:
+        return
+    closing.close()  # (it waits for something: the channel is left to the garbage collector)
+
+
 #: grpc.aio channels, per event loop.
-aio_pool: Pool[PinnedChannel] = Pool(asyncio.get_running_loop, asyncio.Lock)
+aio_pool: Pool[PinnedChannel] = Pool(asyncio.get_running_loop, asyncio.Lock, close_unused=_close_on)
 #: Blocking grpc channels, per process.
-sync_pool: Pool[PinnedChannel] = Pool(os.getpid, threading.Lock)
+sync_pool: Pool[PinnedChannel] = Pool(os.getpid, threading.Lock, close_unused=_close_now)
 #: Fast-lane AsyncConnections, per event loop.
-aio_ttrpc_pool: Pool[Any] = Pool(asyncio.get_running_loop, asyncio.Lock, operator.methodcaller('abort'))
+aio_ttrpc_pool: Pool[Any] = Pool(asyncio.get_running_loop, asyncio.Lock, operator.methodcaller('abort'),
+                                 close_unused=_close_on)
 #: Fast-lane SyncConnections, per process.
-sync_ttrpc_pool: Pool[Any] = Pool(os.getpid, threading.Lock, operator.methodcaller('close'))
+sync_ttrpc_pool: Pool[Any] = Pool(os.getpid, threading.Lock, operator.methodcaller('close'),
+                                  close_unused=_close_now)
 
 
 async def release_aio(fast_key: Any, grpc_key: Any) -> None:
@@ -197,19 +305,8 @@ async def release_aio(fast_key: Any, grpc_key: Any) -> None:
 def release_elsewhere(fast_key: Any, grpc_key: Any, loop: asyncio.AbstractEventLoop) -> None:
     """Let go of an asyncio handler's keys on ``loop``, which is not the
     running one, without waiting for it: the connections it was the last
-    user of are closed by ``loop`` if it runs (in another thread), else at
-    once (a fast-lane socket; a gRPC channel is left to the garbage
-    collector: closing it needs its loop)."""
-    connection = aio_ttrpc_pool.release(fast_key[0], loop) if fast_key is not None else None
-    channel = aio_pool.release(grpc_key[0], loop) if grpc_key is not None else None
-    if loop.is_running():
-        try:
-            if connection is not None:
-                loop.call_soon_threadsafe(connection.abort)
-                connection = None
-            if channel is not None:
-                asyncio.run_coroutine_threadsafe(channel.aclose(), loop)
-        except RuntimeError:  # it closed meanwhile
-            pass
-    if connection is not None:
-        connection.abort()
+    user of are closed as :func:`_close_on` says."""
+    for pool, key in ((aio_ttrpc_pool, fast_key), (aio_pool, grpc_key)):
+        connection = pool.release(key[0], loop) if key is not None else None
+        if connection is not None:
+            _close_on(connection, loop)

@@ -60,6 +60,7 @@ class SyncIPCHandler(ClientBase):
     a thread waiting for a fast-lane answer polls the socket before it sleeps.
     """
 
+    _fast_pool = sync_ttrpc_pool
     _grpc_pool = sync_pool
     _channel_factory = staticmethod(grpc.insecure_channel)
     _grpc_lane_type = SyncGrpcLane
@@ -103,7 +104,7 @@ class SyncIPCHandler(ClientBase):
         later call connects again. Idempotent."""
         self._connected = False
         with self._keys_lock if self._pid == os.getpid() else contextlib.nullcontext():  # (see _keys_lock)
-            fast_key, grpc_key, pid = self._fast_key, self._grpc_key, self._pid
+            fast_key, grpc_key, pid = self._held.fast_key, self._held.grpc_key, self._pid
             self._pid = 0
             self._forget_connections()
         if pid == os.getpid():  # (a forked child's keys are its parent's)
@@ -260,10 +261,11 @@ class SyncIPCHandler(ClientBase):
 
     def _fast_connection(self, deadline: Deadline | None, wait: bool) -> SyncConnection:
         """As :meth:`~vyra_base_ipc.IPCHandler._fast_connection`, blocking."""
-        key = self._fast_key  # (read once: disconnect() in another thread may drop it)
+        held = self._held
+        key = held.fast_key  # (read once: disconnect() in another thread may drop it)
         if key is None:
             with self._keys_lock:
-                key = self._fast_key = self._fast_key or sync_ttrpc_pool.acquire(self._fast_key_args())
+                key = held.fast_key = held.fast_key or sync_ttrpc_pool.acquire(self._fast_key_args())
         entry = key[1]
 
         def connected() -> SyncConnection:  # (entry lock held: one connect for all waiting)

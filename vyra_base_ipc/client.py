@@ -106,6 +106,7 @@ class IPCHandler(ClientBase):
         polling"); a quick answer then costs no wakeup. 0 turns it off.
     """
 
+    _fast_pool = aio_ttrpc_pool
     _grpc_pool = aio_pool
     _channel_factory = staticmethod(grpc.aio.insecure_channel)
     _grpc_lane_type = GrpcLane
@@ -126,7 +127,6 @@ class IPCHandler(ClientBase):
             idempotent_methods=idempotent_methods, lane=lane, ttrpc_socket_path=ttrpc_socket_path,
             max_message_bytes=max_message_bytes, shared_memory=shared_memory, stream_window=stream_window,
             server_uid=server_uid, interceptors=interceptors, busy_poll=busy_poll)
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def connect(self, timeout: float | None = None) -> None:
         """Open (or share) a connection and make sure a server answers: the
@@ -154,9 +154,10 @@ class IPCHandler(ClientBase):
         """Release the connections (closed when their last user lets go); a
         later call connects again. Idempotent."""
         self._connected = False
-        fast_key, grpc_key, loop = self._fast_key, self._grpc_key, self._loop
+        held = self._held
+        fast_key, grpc_key, loop = held.fast_key, held.grpc_key, held.loop
         self._forget_connections()
-        self._loop = None
+        held.loop = None
         if loop is None:
             return
         if loop is self._running_loop():
@@ -366,21 +367,23 @@ class IPCHandler(ClientBase):
     def _here(self) -> None:
         """Make this handler's connections those of the running loop."""
         loop = self._running_loop()
-        if self._loop is loop:
+        held = self._held
+        if held.loop is loop:
             return
         # First use (or since disconnect()), or moved to a new loop (asyncio.run() twice): let go there.
-        if self._loop is not None:
-            release_elsewhere(self._fast_key, self._grpc_key, self._loop)
-        self._loop = loop
-        self._connected = True
+        if held.loop is not None:
+            release_elsewhere(held.fast_key, held.grpc_key, held.loop)
         self._forget_connections()
+        held.loop = loop
+        self._connected = True
 
     async def _fast_connection(self, deadline: Deadline | None, wait: bool) -> AsyncConnection:
         """The fast lane's shared connection, (re)connected if needed; raises
         :class:`IPCUnavailableError` if its socket did not answer (in time)."""
-        if self._fast_key is None:
-            self._fast_key = aio_ttrpc_pool.acquire(self._fast_key_args())
-        entry = self._fast_key[1]
+        held = self._held
+        if held.fast_key is None:
+            held.fast_key = aio_ttrpc_pool.acquire(self._fast_key_args())
+        entry = held.fast_key[1]
 
         async def connected() -> AsyncConnection:  # (entry lock held: one connect for all waiting)
             connection = entry.connection
