@@ -72,7 +72,8 @@ class IPCHandler(ClientBase):
     deadline: ``timeout`` per call, else the handler's ``timeout`` (default 5 s); only a stream may go without
     (``stream_method(..., timeout=None)``). Handlers of the same socket in the same event loop share one
     connection per lane. A handler may be used from several event loops in turn (each gets its own
-    connections), but from one loop at a time.
+    connections), but from one loop at a time. One collected without :meth:`disconnect` gives its
+    connections back (closed with their last user, by its loop) and warns with a ``ResourceWarning``.
 
     :param socket_path: the server's (gRPC) socket; resolved as described in
         :mod:`vyra_base_ipc.address` when omitted.
