@@ -82,6 +82,25 @@ async def test_an_async_handler_collected_without_disconnect_closes_its_connecti
 
 
 @pytest.mark.parametrize('lane', LANES)
+def test_an_async_handler_collected_on_uvloop_closes_its_connection(server: ServerProcess, peers: Peers, echo,
+                                                                    lane: str) -> None:
+    uvloop = pytest.importorskip('uvloop')
+
+    async def main() -> None:
+        ipc = IPCHandler(server.socket_path, echo.Stub, lane=lane)
+        assert (await ipc.call_method('Echo', echo.pb.EchoRequest(text='uv'))).text == 'uv'
+        await until(lambda: peers(lane) == 1, LONG, 'the server to count the connection')
+        del ipc
+        gc.collect()
+        await until(peers.closed(lane), LONG, "the server to see the dropped handler's connection close")
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize('lane', LANES)
 def test_an_async_handler_collected_in_another_thread_is_closed_by_its_loop(
         server: ServerProcess, peers: Peers, echo, lane: str) -> None:
     """The loop runs in a thread of its own; the handler is collected in
