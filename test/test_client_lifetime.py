@@ -6,6 +6,7 @@ for SyncIPCHandler; connections that live handlers share stay open."""
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 import gc
 from pathlib import Path
 import subprocess
@@ -188,6 +189,25 @@ def test_a_sync_handler_collected_while_its_thread_holds_the_pool_lock_does_not_
     # The next use of the pool releases what the finalizer could not.
     wait_for(lambda: sync_ttrpc_pool.open_connections() == 0 and peers('ttrpc') == 0, LONG,
              "the dropped handler's connection to close")
+
+
+@pytest.mark.parametrize('lane', LANES)
+def test_sync_handlers_made_and_dropped_by_many_threads_leave_no_connection(
+        server: ServerProcess, peers: Peers, echo, lane: str) -> None:
+    """Eight threads (an rclpy MultiThreadedExecutor's callbacks) each make
+    a handler per call and drop it, collecting now and then: connections
+    are shared, closed and made again under them; none is left open."""
+    def calls(index: int) -> None:
+        for round_ in range(30):
+            ipc = SyncIPCHandler(server.socket_path, echo.Stub, lane=lane)
+            assert ipc.call_method('Echo', echo.pb.EchoRequest(text=f'{index}.{round_}')).text == f'{index}.{round_}'
+            if round_ % 5 == index % 5:
+                gc.collect()
+    with ThreadPoolExecutor(8) as threads:
+        list(threads.map(calls, range(8)))
+    gc.collect()
+    wait_for(lambda: (sync_ttrpc_pool if lane == 'ttrpc' else sync_pool).open_connections() == 0
+             and peers(lane) == 0, LONG, 'every connection to close')
 
 
 # -- the warning -------------------------------------------------------------------------
