@@ -8,17 +8,23 @@ import asyncio
 from pathlib import Path
 import uuid
 
+import grpc
 import pytest
 
 from conftest import ServerProcess, StartServer
 from ros_env import IPC_SERVER
 from test_build_helper import build_package
 from test_cli import EXECUTE, fails
-from vyra_base_ipc import IPCHandler, IPCServer, IPCUnavailableError, SyncIPCHandler
+from vyra_base_ipc import IPCHandler, IPCRemoteError, IPCServer, IPCUnavailableError, SyncIPCHandler
 from vyra_base_ipc._node_run import EXIT_BAD_PARAMETER
 from vyra_base_ipc.address import default_socket_path
-from vyra_base_ipc.backend_service_pb2_grpc import BackendServiceServicer, add_BackendServiceServicer_to_server
-from vyra_base_ipc.module_service_pb2 import CommandRequest
+from vyra_base_ipc.backend_service_pb2 import StatusRequest, StatusResponse
+from vyra_base_ipc.backend_service_pb2_grpc import (
+    BackendServiceServicer,
+    BackendServiceStub,
+    add_BackendServiceServicer_to_server,
+)
+from vyra_base_ipc.module_service_pb2 import CommandRequest, DataRequest, DataResponse
 from vyra_base_ipc.module_service_pb2_grpc import ModuleServiceStub
 
 
@@ -120,3 +126,47 @@ def test_a_module_name_given_where_the_socket_path_goes_is_named_with_what_to_pa
     assert str(refused.value) == (
         f"UNAVAILABLE: socket '{tmp_path / module}' does not exist (is the IPC server running?); '{module}' is a "
         f"module name (its socket: '/tmp/{module}_ipc.sock'): pass module_name='{module}', not a socket path")
+
+
+class _CallsItself(BackendServiceServicer):
+    """A module whose handlers call the module's own server with SyncIPCHandler."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+
+    def _status(self) -> str:
+        with SyncIPCHandler(self.socket_path, BackendServiceStub, timeout=5) as itself:
+            return str(itself.call_method('GetStatus', StatusRequest(), timeout=5).status)
+
+    async def ProcessData(self, request: DataRequest, context: object) -> DataResponse:
+        return DataResponse(result=self._status().encode())  # on the server's event loop: never answered
+
+    def GetStatus(self, request: StatusRequest, context: object) -> StatusResponse:
+        return StatusResponse(status='up')
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_a_blocking_client_called_on_the_loop_of_the_server_it_calls_fails_at_once(
+        socket_dir: Path, lane: str) -> None:
+    # It waited for the loop it held until its deadline (5 s), and then said only that
+    # nothing answered; the outer call timed out too.
+    path = socket_dir / 'itself.sock'
+
+    async def main() -> None:
+        async with IPCServer(socket_path=path, servicers=[_CallsItself(path)]) as server:
+            async with IPCHandler(path, BackendServiceStub, lane=lane, timeout=30) as client:
+                with pytest.raises(IPCRemoteError) as failed:
+                    await client.call_method('ProcessData', DataRequest())
+                assert failed.value.code is grpc.StatusCode.UNKNOWN
+                assert failed.value.details == (
+                    f"Unexpected <class 'RuntimeError'>: SyncIPCHandler called on the event loop of the IPC "
+                    f'server it calls ({path}): the call would wait for that loop, which waits for the call, '
+                    'until its deadline. In an async def handler, await an IPCHandler call instead')
+                # From a thread (a def handler, an executor) it is an ordinary call.
+                status = await asyncio.get_running_loop().run_in_executor(None, _CallsItself(path)._status)
+                assert status == 'up'
+        assert server.socket_path == path
+        # Once the server stopped, the loop no longer serves that socket: the call is tried, and fails as any.
+        with pytest.raises(IPCUnavailableError):
+            _CallsItself(path)._status()
+    asyncio.run(main())

@@ -33,6 +33,7 @@ from ._options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT
 from ._payload import SharedMemoryOptions
 from ._pool import sync_pool, sync_ttrpc_pool
 from ._request_stream import RequestStream
+from ._served_loops import refuse_own_loop
 from ._shared_buffer import ReceivedBuffers, SharedBuffer
 from .address import StrPath
 from .exceptions import IPCError, IPCRemoteError, IPCUnavailableError
@@ -88,7 +89,9 @@ class SyncIPCHandler(ClientBase):
         :meth:`~vyra_base_ipc.IPCHandler.connect`.
 
         :raises IPCUnavailableError: no server could be reached in time.
+        :raises RuntimeError: called on the event loop of the server it calls.
         """
+        refuse_own_loop(self.socket_path, type(self).__name__)
         deadline = self._deadline(DEFAULT if timeout is None else timeout)
         self._connected = True
         try:
@@ -146,7 +149,12 @@ class SyncIPCHandler(ClientBase):
         """Call a unary-response method; block for at most the deadline.
 
         Parameters, retries and errors as :meth:`~vyra_base_ipc.IPCHandler.call_method`.
+
+        :raises RuntimeError: called on the event loop of the server it calls
+            (from an ``async def`` handler of that server: await an
+            :class:`~vyra_base_ipc.IPCHandler` there), which could never answer.
         """
+        refuse_own_loop(self.socket_path, type(self).__name__)
         info = self._method(method, response_streaming=False, request=request, response_type=response_type)
         self._check_size(info, request, buffers)
         deadline = self._deadline(DEFAULT if timeout is None else timeout, parent, info)
@@ -189,7 +197,10 @@ class SyncIPCHandler(ClientBase):
 
         Deadline, ``idle_timeout``, leaving early, ``response_type`` and
         errors as :meth:`~vyra_base_ipc.IPCHandler.stream_method`.
+
+        :raises RuntimeError: as :meth:`call_method`.
         """
+        refuse_own_loop(self.socket_path, type(self).__name__)
         info = self._method(method, response_streaming=True, request=request, response_type=response_type)
         deadline = self._deadline(timeout, parent, info)
         idle_timeout = self._idle_timeout(idle_timeout)

@@ -36,6 +36,7 @@ from ._options import (
 from ._payload import SharedMemoryOptions
 from ._request_guard import guard_handlers
 from ._segment_pool import segment_pool
+from ._served_loops import not_serving, serving
 from ._socket_file import SocketFile, socket_access
 from .address import (
     StrPath,
@@ -348,6 +349,7 @@ class IPCServer:
             raise
         self._started.set()  # (a stop() waiting goes on once this step is done)
         self._state = _State.SERVING
+        serving(self._loop, self.socket_path)
         self._introspection.started()
         shortfall = self.limits.descriptor_shortfall(2 if self._ttrpc is not None else 1)
         if shortfall is not None:
@@ -555,6 +557,8 @@ class IPCServer:
         self._withdraw()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._loop is not None:
+            not_serving(self._loop, self.socket_path)
         self._state = _State.STOPPED
         if tell:
             assert self._terminated is not None
