@@ -104,27 +104,31 @@ def test_a_yaml_request_without_a_space_after_a_colon_is_named_with_the_rule(ser
                     'command: …)')
 
 
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
 @pytest.mark.parametrize('handler', ['SyncIPCHandler', 'IPCHandler'])
 def test_a_module_name_given_where_the_socket_path_goes_is_named_with_what_to_pass(
-        start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handler: str) -> None:
+        start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handler: str, lane: str
+) -> None:
     # socket_path comes first: IPCHandler('gripper', Stub) looked for ./gripper and said only that it does not exist.
     module = f'newuser_{uuid.uuid4().hex[:12]}'
     start_server(default_socket_path(module), wait=False).wait_serving(ttrpc=True)
     monkeypatch.chdir(tmp_path)
 
     async def call_async() -> None:
-        async with IPCHandler(module, ModuleServiceStub, lane='grpc') as ipc:
+        async with IPCHandler(module, ModuleServiceStub, lane=lane) as ipc:
             await ipc.call_method('ExecuteCommand', CommandRequest())
 
     with pytest.raises(IPCUnavailableError) as refused:
         if handler == 'SyncIPCHandler':
-            with SyncIPCHandler(module, ModuleServiceStub, lane='grpc') as ipc:
+            with SyncIPCHandler(module, ModuleServiceStub, lane=lane) as ipc:
                 ipc.call_method('ExecuteCommand', CommandRequest())
         else:
             asyncio.run(call_async())
     # (Raised by the with statement's connect(), before any method.)
+    # (The fast lane names its own socket, beside the path given.)
+    missing = tmp_path / (module if lane == 'grpc' else f'{module}.ttrpc.sock')
     assert str(refused.value) == (
-        f"UNAVAILABLE: socket '{tmp_path / module}' does not exist (is the IPC server running?); '{module}' is a "
+        f"UNAVAILABLE: socket '{missing}' does not exist (is the IPC server running?); '{module}' is a "
         f"module name (its socket: '/tmp/{module}_ipc.sock'): pass module_name='{module}', not a socket path")
 
 

@@ -155,6 +155,8 @@ def socket_missing(path: os.PathLike[str] | str, method: str | None = None) -> I
     from .address import default_socket_path
 
     name = os.path.basename(os.fspath(path))
+    # (The fast lane's socket beside such a path: 'arm' -> 'arm.ttrpc.sock'.)
+    name = name[:-len('.ttrpc.sock')] if name.endswith('.ttrpc.sock') else name
     try:
         meant: str | None = os.fspath(default_socket_path(name))
     except ValueError:  # not a module name
