@@ -110,6 +110,22 @@ def _method_descriptor(path: str, deserializer: Any) -> Any:
         return None
 
 
+def _import_service_file(code: Any) -> None:
+    """Import the ``_pb2`` module beside the ``_pb2_grpc`` module that
+    defines ``code`` (a stub class, an add function), if there is one: a
+    ``_pb2_grpc`` module imports the modules of its messages only, so the
+    file declaring a service whose messages all come from other files
+    (``google.protobuf.Empty``, another package) is otherwise not in the
+    descriptor pool, and its methods' types not known
+    (:func:`_method_descriptor`)."""
+    module = getattr(code, '__module__', None)
+    if isinstance(module, str) and module.endswith('_pb2_grpc'):
+        try:
+            importlib.import_module(module.removesuffix('_grpc'))
+        except ImportError:
+            pass  # (a module of another layout: its types stay unknown, as before)
+
+
 def _checked_answers(path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """``handler`` with a response serializer that refuses what is not the
     method's response message (``handler`` as it is where its types are not
@@ -122,8 +138,8 @@ def _checked_answers(path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMetho
     not serialize."""
     method = _method_descriptor(path, handler.request_deserializer)
     serialize = handler.response_serializer
-    if method is None or serialize is None:
-        return handler
+    if method is None or serialize is None or getattr(serialize, '__name__', None) != 'SerializeToString':
+        return handler  # (none, or a serializer of the add function's own: it says what it takes)
     expected = str(method.output_type.full_name)
     streams = handler.response_streaming
 
@@ -189,6 +205,7 @@ def stub_methods(stub_class: type[Any]) -> Mapping[str, Method]:
     """
     if not isinstance(stub_class, type):
         raise TypeError(f'service_stub must be a generated *Stub class, not {stub_class!r}')
+    _import_service_file(stub_class)
     recorder = _RecordingChannel()
     try:
         stub_class(recorder)
@@ -250,6 +267,7 @@ def record_servicer(servicer: Any, add_to_server: Callable[[Any, Any], None] | N
     elif not callable(add_to_server):
         raise TypeError(f'the add function given with {type(servicer).__name__} must be the generated '
                         f'add_<Service>Servicer_to_server, not {type(add_to_server).__name__}')
+    _import_service_file(add_to_server)
     recorder = _RecordingServer()
     add_to_server(servicer, recorder)
     if not recorder.services:
