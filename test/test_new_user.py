@@ -174,3 +174,20 @@ def test_a_blocking_client_called_on_the_loop_of_the_server_it_calls_fails_at_on
         with pytest.raises(IPCUnavailableError):
             _CallsItself(path)._status()
     asyncio.run(main())
+
+
+def test_a_blocking_client_naming_its_own_server_through_a_symlink_fails_at_once(socket_dir: Path) -> None:
+    # The socket's directory named through a symbolic link (as /var/run for /run): it waited for its deadline.
+    (socket_dir / 'real').mkdir()
+    (socket_dir / 'link').symlink_to(socket_dir / 'real')
+    path, linked = socket_dir / 'real' / 'itself.sock', socket_dir / 'link' / 'itself.sock'
+
+    async def main() -> None:
+        async with IPCServer(socket_path=path, servicers=[_CallsItself(linked)]):
+            async with IPCHandler(path, BackendServiceStub, timeout=30) as client:
+                with pytest.raises(IPCRemoteError) as failed:
+                    await client.call_method('ProcessData', DataRequest())
+                assert failed.value.details.startswith(
+                    f"Unexpected <class 'RuntimeError'>: SyncIPCHandler called on the event loop of the IPC "
+                    f'server it calls ({linked})')
+    asyncio.run(main())

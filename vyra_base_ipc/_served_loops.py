@@ -12,6 +12,7 @@ holds the loop for its whole length, which the README warns of.
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 import threading
 import weakref
@@ -19,14 +20,16 @@ import weakref
 __all__ = ['not_serving', 'refuse_own_loop', 'serving']
 
 _lock = threading.Lock()
-#: The (resolved) socket paths each loop serves (held weakly: a loop that is gone serves nothing).
-_served: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[Path]] = weakref.WeakKeyDictionary()
+#: The (resolved) socket paths each loop serves, each with its real path (symbolic links followed), held
+#: weakly: a loop that is gone serves nothing.
+_served: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Path, str]] = weakref.WeakKeyDictionary()
 
 
 def serving(loop: asyncio.AbstractEventLoop, path: Path) -> None:
     """``loop`` serves the socket ``path`` from now on."""
+    real = os.path.realpath(path)
     with _lock:
-        _served.setdefault(loop, set()).add(path)
+        _served.setdefault(loop, {})[path] = real
 
 
 def not_serving(loop: asyncio.AbstractEventLoop, path: Path) -> None:
@@ -34,7 +37,7 @@ def not_serving(loop: asyncio.AbstractEventLoop, path: Path) -> None:
     with _lock:
         paths = _served.get(loop)
         if paths is not None:
-            paths.discard(path)
+            paths.pop(path, None)
             if not paths:
                 del _served[loop]
 
@@ -49,8 +52,9 @@ def refuse_own_loop(path: Path, client: str) -> None:
     if loop is None:
         return
     with _lock:
-        served = path in _served.get(loop, ())
-    if served:
+        paths = dict(_served.get(loop, {}))
+    # (The real path only on a loop that serves another: a client may name the socket through a symlink.)
+    if path in paths or paths and os.path.realpath(path) in paths.values():
         raise RuntimeError(f'{client} called on the event loop of the IPC server it calls ({path}): the '
                            'call would wait for that loop, which waits for the call, until its deadline. '
                            'In an async def handler, await an IPCHandler call instead')
