@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -37,6 +38,7 @@ from conftest import ChildProcess, ServerProcess
 from ros_env import IPC_SERVER
 import vyra_base_ipc
 from vyra_base_ipc import DEFAULT_BUSY_POLL, IPCHandler, SyncIPCHandler
+from vyra_base_ipc import _busy_poll as busy_poll
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc import module_service_pb2_grpc as module_grpc
 from vyra_base_ipc._busy_poll import MAX_BACKOFF_WAITS, BusyPoll, await_polling, poll_for, validate_busy_poll
@@ -807,6 +809,9 @@ def test_awaiting_with_polling_yields_the_cpu_at_every_pass(monkeypatch) -> None
         sched_yield()
 
     monkeypatch.setattr(os, 'sched_yield', counting_yield)
+    # The polling's clock stands still: its window must not run out before the
+    # 20th pass, which on a loaded machine (each yield lets others run) it did.
+    monkeypatch.setattr(busy_poll, 'time', types.SimpleNamespace(perf_counter=lambda: 0.0))
 
     async def main(loop: asyncio.AbstractEventLoop, selector: RecordingSelector) -> tuple[str, int]:
         future: asyncio.Future[str] = loop.create_future()
