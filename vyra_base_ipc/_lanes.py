@@ -28,6 +28,7 @@ from ._pinned_channel import PinnedChannel
 from ._request_stream import SEND_FAILED, AioRequestSender, RequestStream
 from ._shared_buffer import ReceivedBuffers, SharedBuffer, inline_request
 from ._socket_file import is_listening
+from ._status_details import status_details
 from .exceptions import (
     IPCTimeoutError,
     IPCUnavailableError,
@@ -210,7 +211,7 @@ class _GrpcLaneBase:
             if _METADATA_TOO_LARGE in details:
                 details = ("the server's answer carries more metadata or status details than this client "
                            f'takes (max_message_bytes and 64 KiB, as the fast lane): {details}')
-        return error_from_status(code, details, method=method.path)
+        return error_from_status(code, details, method=method.path, status_details=_rich(error, method))
 
     def _details(self, error: grpc.RpcError) -> str:
         """``error``'s details, naming the socket file where grpc names the
@@ -324,6 +325,17 @@ class _GrpcLaneBase:
 
     def close(self) -> None:
         self.is_closed = True
+
+
+def _rich(error: grpc.RpcError, method: Method) -> tuple[Any, ...]:
+    """The ``google.rpc.Status`` details the server sent with ``error``
+    (its ``grpc-status-details-bin`` trailer); none if it is not one (logged)."""
+    trailers = getattr(error, 'trailing_metadata', None)
+    try:
+        return status_details(trailers() if trailers is not None else ())
+    except ValueError as problem:
+        _logger.warning('%s: %s; the error has no status details', method.path, problem)
+        return ()
 
 
 def _remaining(deadline: Deadline | None, method: Method | None) -> float | None:

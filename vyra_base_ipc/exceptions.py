@@ -29,7 +29,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from typing import Sequence
 
+from google.protobuf import any_pb2
 import grpc
 
 __all__ = [
@@ -61,12 +63,20 @@ class IPCError(Exception):
     :ivar code: the gRPC status code of the failure.
     :ivar details: the status details, as sent by the server or the transport.
     :ivar method: the full method path (``/package.Service/Method``), if known.
+    :ivar status_details: the error details of gRPC's richer error model: the
+        ``details`` of the ``google.rpc.Status`` the server's handler ended the
+        call with (``context.abort_with_status(rpc_status.to_status(...))``),
+        packed :class:`google.protobuf.any_pb2.Any` messages such as a
+        ``google.rpc.BadRequest``; empty when it sent none. Read one with
+        ``detail.Is(BadRequest.DESCRIPTOR)`` and ``detail.Unpack(message)``.
     """
 
-    def __init__(self, code: grpc.StatusCode, details: str, *, method: str | None = None) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, *, method: str | None = None,
+                 status_details: Sequence[any_pb2.Any] = ()) -> None:
         self.code = code
         self.details = details
         self.method = method
+        self.status_details = tuple(status_details)
         where = f'{method}: ' if method else ''
         super().__init__(f'{where}{code.name}: {details}')
 
@@ -75,7 +85,7 @@ class IPCError(Exception):
         (a broken connection fails every call on it with one error)."""
         if self.method is not None:
             return self
-        return type(self)(self.code, self.details, method=method)
+        return type(self)(self.code, self.details, method=method, status_details=self.status_details)
 
 
 class IPCUnavailableError(IPCError):
@@ -137,13 +147,15 @@ class MessageTooLargeError(IPCError):
         return MessageTooLargeError(self.size, self.limit, method=method, buffers=self.buffers)
 
 
-def error_from_status(code: grpc.StatusCode, details: str, *, method: str | None = None) -> IPCError:
-    """Return the :class:`IPCError` subclass instance for a non-OK status."""
+def error_from_status(code: grpc.StatusCode, details: str, *, method: str | None = None,
+                      status_details: Sequence[any_pb2.Any] = ()) -> IPCError:
+    """Return the :class:`IPCError` subclass instance for a non-OK status
+    (``status_details``: see :attr:`IPCError.status_details`)."""
     if code is grpc.StatusCode.UNAVAILABLE:
-        return IPCUnavailableError(code, details, method=method)
+        return IPCUnavailableError(code, details, method=method, status_details=status_details)
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return IPCTimeoutError(code, details, method=method)
-    return IPCRemoteError(code, details, method=method)
+        return IPCTimeoutError(code, details, method=method, status_details=status_details)
+    return IPCRemoteError(code, details, method=method, status_details=status_details)
 
 
 # The texts of a server out of reach, the same on both lanes.

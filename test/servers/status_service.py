@@ -12,6 +12,8 @@ import time
 from typing import Any, AsyncIterator, Callable, Iterator
 
 import grpc
+from grpc_status import rpc_status
+from rich_status import RICH_MESSAGE, STATUS_DETAILS_KEY, rich_status
 from vyra_ipc_test import echo_pb2, echo_pb2_grpc
 
 _NOT_FOUND = 5  # grpc.StatusCode.NOT_FOUND as a number, as grpc.aio takes it
@@ -34,6 +36,16 @@ def _misbehave(how: str, context: Any) -> Any:
         return None
     if how == 'abort-with-status':
         return context.abort_with_status(_Status(grpc.StatusCode.NOT_FOUND, 'aborted with a status', ()))
+    if how == 'abort-with-rich-status':
+        return context.abort_with_status(rpc_status.to_status(rich_status()))
+    if how == 'trailer-rich-status':
+        context.set_trailing_metadata(((STATUS_DETAILS_KEY, rich_status().SerializeToString()),))
+        context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+        context.set_details(RICH_MESSAGE)
+        return None
+    if how == 'abort-with-bad-status-details':
+        return context.abort(grpc.StatusCode.INVALID_ARGUMENT, 'bad status details',
+                             ((STATUS_DETAILS_KEY, b'\xff not a google.rpc.Status'),))
     if how == 'compression-after-first':
         context.set_compression(grpc.Compression.Gzip)
         return None

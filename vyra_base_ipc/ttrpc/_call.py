@@ -313,12 +313,13 @@ class Outcome:
         payload = ok_payload(frame.data)
         if payload is None:
             try:
-                code, message, payload = decode_response(frame.data)
+                code, message, payload, details = decode_response(frame.data)
             except DecodeError as error:
                 raise error_from_status(grpc.StatusCode.INTERNAL, f'malformed response from server: {error}',
                                         method=self.method.path) from None
             if code:
-                raise error_from_status(code_of(code), message, method=self.method.path)
+                raise error_from_status(code_of(code), message, method=self.method.path,
+                                        status_details=details)
         if len(payload) > self.limit:
             raise self._too_large(len(payload))
         return payload
@@ -569,7 +570,7 @@ def _resolve_shared(frame: Frame, take_fds: Callable[[int], list[int]], message_
     """
     if frame.type == _RESPONSE:
         try:
-            code, message, manifest = decode_response(frame.data)
+            code, message, manifest, _ = decode_response(frame.data)
         except DecodeError as error:
             raise ValueError(f'malformed response in shared memory from server: {error}') from None
         if code:

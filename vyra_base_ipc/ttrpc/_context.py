@@ -9,7 +9,9 @@ context.abort(...)``, as in grpc.aio); ``def`` handlers get
 :class:`grpc.aio.AbortError` from ``abort``, the exception grpc.aio raises.
 
 ttrpc has no response headers or trailers: initial and trailing metadata set
-by a handler are accepted and kept, but not sent.
+by a handler are accepted and kept, but not sent; but for a
+``google.rpc.Status`` in ``grpc-status-details-bin`` (gRPC's richer error
+model), whose ``details`` go in the ``Response``'s status.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Callable
 import grpc
 
 from .._peer import PeerCredentials
+from .._status_details import status_details
 from ._messages import code_of
 
 __all__ = ['AsyncServicerContext', 'ServicerContext']
@@ -141,11 +144,24 @@ class ServicerContext:
         return self._details
 
     def set_trailing_metadata(self, trailing_metadata: Any) -> None:
-        """Kept for :meth:`trailing_metadata`; ttrpc has no trailers to send it in."""
+        """Kept for :meth:`trailing_metadata`; ttrpc has no trailers to send it
+        in. A ``google.rpc.Status`` in ``grpc-status-details-bin`` goes with a
+        non-OK status the handler ends the call with, as its details."""
         self._trailing_metadata = tuple(trailing_metadata or ())
 
     def trailing_metadata(self) -> tuple[Any, ...]:
         return self._trailing_metadata
+
+    def _status_details(self) -> tuple[Any, ...]:
+        """The details of the ``google.rpc.Status`` in the trailing metadata
+        (none if there is none, or if it does not parse: logged)."""
+        if not self._trailing_metadata:
+            return ()
+        try:
+            return status_details(self._trailing_metadata)
+        except ValueError as error:
+            _logger.warning('%s: %s; its call ends without status details', self._method, error)
+            return ()
 
     def send_initial_metadata(self, initial_metadata: Any) -> None:
         """Accepted for compatibility (ttrpc has no response headers), once

@@ -440,7 +440,10 @@ class Call:
                     connection.flush_held()
             return
         self.finished = True
-        connection.send(encode_frame(self.stream_id, _RESPONSE, 0, encode_response(code, details, payload)))
+        # The handler's google.rpc.Status details, with the status it ended its call with.
+        rich = self.context._status_details() if end is _End.FINISHED else ()
+        response = encode_response(code, details, payload, rich)
+        connection.send(encode_frame(self.stream_id, _RESPONSE, 0, response))
         self._end(end, code, details)
 
     def _answer_shared(self, payload: bytes, replies: tuple[SharedBuffer, ...], end: _End) -> None:

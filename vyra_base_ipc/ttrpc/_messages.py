@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import grpc
 
@@ -223,10 +223,12 @@ def encode_request(service: str, method: str, payload: bytes, timeout_nano: int 
     return b''.join(request_parts(request_prefix(service, method), payload, timeout_nano, metadata))
 
 
-def encode_response(code: int, message: str = '', payload: bytes = b'') -> bytes:
+def encode_response(code: int, message: str = '', payload: bytes = b'', details: Sequence[Any] = ()) -> bytes:
     """Serialize a ``Response``. The status is always present (even when OK):
-    older ttrpc clients treat a missing status as an error."""
-    return Response(status=Status(code=code, message=message), payload=payload).SerializeToString()
+    older ttrpc clients treat a missing status as an error. ``details``: the
+    status's ``google.protobuf.Any`` details (gRPC's richer error model)."""
+    return Response(status=Status(code=code, message=message, details=details),
+                    payload=payload).SerializeToString()
 
 
 # A Response with an empty OK status (field 1, length 0) and the payload as
@@ -344,11 +346,12 @@ def _varint_at(data: bytes, position: int) -> tuple[int, int]:
     return 0, -1
 
 
-def decode_response(data: bytes) -> tuple[int, str, bytes]:
-    """Parse a ``Response`` into (status code number, message, payload).
+def decode_response(data: bytes) -> tuple[int, str, bytes, Sequence[Any]]:
+    """Parse a ``Response`` into (status code number, message, payload,
+    the status's ``google.protobuf.Any`` details).
 
     :raises google.protobuf.message.DecodeError: not a ``Response``.
     """
     response = Response.FromString(data)
     status = response.status
-    return status.code, status.message, response.payload
+    return status.code, status.message, response.payload, status.details

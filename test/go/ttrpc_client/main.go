@@ -7,13 +7,16 @@
 //	exec COMMAND [KEY=VALUE...]   vyra.ipc.ModuleService/ExecuteCommand
 //	unknown                       a method the server does not have
 //	sleep SECONDS TIMEOUT         vyra.ipc.test.EchoService/Sleep with a deadline
+//	misbehave HOW                 vyra.ipc.test.StatusService/Misbehave
 //
 // Prints one JSON object per call on stdout: the response fields, or the
-// error's gRPC status code and message.
+// error's gRPC status code, message and status details (type URL and
+// base64 value of each).
 package main
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -65,12 +68,38 @@ func (m *SleepReply) Reset()         { *m = SleepReply{} }
 func (m *SleepReply) String() string { return fmt.Sprintf("%+v", *m) }
 func (*SleepReply) ProtoMessage()    {}
 
+type MisbehaveRequest struct {
+	How string `protobuf:"bytes,1,opt,name=how,proto3"`
+}
+
+func (m *MisbehaveRequest) Reset()         { *m = MisbehaveRequest{} }
+func (m *MisbehaveRequest) String() string { return fmt.Sprintf("%+v", *m) }
+func (*MisbehaveRequest) ProtoMessage()    {}
+
+type EchoReply struct {
+	Text string `protobuf:"bytes,1,opt,name=text,proto3"`
+}
+
+func (m *EchoReply) Reset()         { *m = EchoReply{} }
+func (m *EchoReply) String() string { return fmt.Sprintf("%+v", *m) }
+func (*EchoReply) ProtoMessage()    {}
+
 func report(value interface{}, err error) {
 	out := map[string]interface{}{}
 	if err != nil {
 		st, _ := status.FromError(err)
 		out["error_code"] = int(st.Code())
 		out["error_message"] = st.Message()
+		if details := st.Proto().GetDetails(); len(details) > 0 {
+			listed := []map[string]string{}
+			for _, detail := range details {
+				listed = append(listed, map[string]string{
+					"type_url": detail.GetTypeUrl(),
+					"value":    base64.StdEncoding.EncodeToString(detail.GetValue()),
+				})
+			}
+			out["error_details"] = listed
+		}
 	} else {
 		out["response"] = value
 	}
@@ -80,7 +109,7 @@ func report(value interface{}, err error) {
 
 func main() {
 	if len(os.Args) < 3 {
-		fmt.Fprintln(os.Stderr, "usage: ttrpc_client SOCKET exec|unknown|sleep ...")
+		fmt.Fprintln(os.Stderr, "usage: ttrpc_client SOCKET exec|unknown|sleep|misbehave ...")
 		os.Exit(2)
 	}
 	conn, err := net.Dial("unix", os.Args[1])
@@ -130,6 +159,12 @@ func main() {
 		defer cancel()
 		var reply SleepReply
 		err := client.Call(ctx, "vyra.ipc.test.EchoService", "Sleep", &SleepRequest{Seconds: seconds}, &reply)
+		report(reply, err)
+	case "misbehave":
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		var reply EchoReply
+		err := client.Call(ctx, "vyra.ipc.test.StatusService", "Misbehave", &MisbehaveRequest{How: args[1]}, &reply)
 		report(reply, err)
 	default:
 		fmt.Fprintln(os.Stderr, "unknown call", args[0])

@@ -1,0 +1,142 @@
+"""gRPC's richer error model on both lanes: a handler ends its call with a
+``google.rpc.Status`` (``abort_with_status(rpc_status.to_status(...))``, or
+its ``grpc-status-details-bin`` trailer and a code), and every client reads
+its details: ours as ``IPCError.status_details``, a plain grpc channel with
+``rpc_status.from_call``, containerd's Go client from the fast lane's
+``Response.status`` (StatusService in test/servers/status_service.py)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from pathlib import Path
+import subprocess
+from typing import Any
+
+from google.rpc import error_details_pb2
+import grpc
+from grpc_status import rpc_status
+import pytest
+
+from conftest import LANES, ServerProcess, StartServer
+from servers.rich_status import RICH_MESSAGE, rich_status
+from vyra_base_ipc import IPCError, IPCHandler, IPCRemoteError, SyncIPCHandler
+
+UNARY = ('Misbehave', 'MisbehaveSync')
+STREAMS = ('MisbehaveStream', 'MisbehaveStreamSync')
+RICH_HOWS = ('abort-with-rich-status', 'trailer-rich-status')
+
+
+@pytest.fixture(scope='module')
+def server(start_module_server: StartServer, module_socket_dir: Path) -> ServerProcess:
+    """One echo server (both lanes) for the tests of this module."""
+    return start_module_server(module_socket_dir / 'e.sock').wait_serving(ttrpc=True)
+
+
+def call(ipc: SyncIPCHandler, echo: Any, method: str, how: str) -> tuple[list[str], IPCError]:
+    """Call ``method`` doing ``how``: the stream's messages before its error, and the error."""
+    received: list[str] = []
+    with pytest.raises(IPCError) as raised:
+        if method in STREAMS:
+            for reply in ipc.stream_method(method, echo.pb.MisbehaveRequest(how=how)):
+                received.append(reply.text)
+        else:
+            ipc.call_method(method, echo.pb.MisbehaveRequest(how=how))
+    return received, raised.value
+
+
+async def call_async(ipc: IPCHandler, echo: Any, method: str, how: str) -> tuple[list[str], IPCError]:
+    """:func:`call` with the asyncio client."""
+    received: list[str] = []
+    with pytest.raises(IPCError) as raised:
+        if method in STREAMS:
+            async for reply in ipc.stream_method(method, echo.pb.MisbehaveRequest(how=how)):
+                received.append(reply.text)
+        else:
+            await ipc.call_method(method, echo.pb.MisbehaveRequest(how=how))
+    return received, raised.value
+
+
+def assert_rich(received: list[str], error: IPCError, method: str) -> None:
+    """``error`` is the rich status of status_service.rich_status(), whole."""
+    assert type(error) is IPCRemoteError, error
+    assert (error.code, error.details) == (grpc.StatusCode.INVALID_ARGUMENT, RICH_MESSAGE)
+    assert list(error.status_details) == list(rich_status().details)
+    bad_request, error_info = error_details_pb2.BadRequest(), error_details_pb2.ErrorInfo()
+    assert error.status_details[0].Unpack(bad_request) and error.status_details[1].Unpack(error_info)
+    assert [(v.field, v.description) for v in bad_request.field_violations] == [('how', 'asked to fail')]
+    assert (error_info.reason, dict(error_info.metadata)) == ('ASKED', {'k': 'ü'})
+    assert received == (['first'] if method in STREAMS else [])
+
+
+@pytest.mark.parametrize('lane', LANES)
+@pytest.mark.parametrize('method', UNARY + STREAMS)
+@pytest.mark.parametrize('how', RICH_HOWS)
+def test_the_blocking_client_gets_the_status_details_a_handler_ended_its_call_with(
+        server: ServerProcess, echo: Any, lane: str, method: str, how: str) -> None:
+    with SyncIPCHandler(server.socket_path, echo.grpc.StatusServiceStub, lane=lane) as ipc:
+        assert_rich(*call(ipc, echo, method, how), method)
+        assert ipc.lane_in_use == lane
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('lane', LANES)
+@pytest.mark.parametrize('method', UNARY + STREAMS)
+@pytest.mark.parametrize('how', RICH_HOWS)
+async def test_the_asyncio_client_gets_the_status_details_a_handler_ended_its_call_with(
+        server: ServerProcess, echo: Any, lane: str, method: str, how: str) -> None:
+    async with IPCHandler(server.socket_path, echo.grpc.StatusServiceStub, lane=lane) as ipc:
+        assert_rich(*await call_async(ipc, echo, method, how), method)
+        assert ipc.lane_in_use == lane
+
+
+@pytest.mark.parametrize('method', UNARY + STREAMS)
+@pytest.mark.parametrize('how', RICH_HOWS)
+def test_a_plain_grpc_channel_reads_the_same_status_with_rpc_status(
+        server: ServerProcess, echo: Any, method: str, how: str) -> None:
+    # The reference: grpc's own client and grpc_status, against the server's gRPC lane.
+    with grpc.insecure_channel(f'unix:{server.socket_path}') as channel:
+        stub = echo.grpc.StatusServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as raised:
+            answer = getattr(stub, method)(echo.pb.MisbehaveRequest(how=how), timeout=30)
+            if method in STREAMS:
+                list(answer)
+    status = rpc_status.from_call(raised.value)
+    assert status == rich_status()
+
+
+@pytest.mark.parametrize('lane', LANES)
+@pytest.mark.parametrize('method', UNARY + STREAMS)
+def test_a_status_details_trailer_that_is_no_status_leaves_the_call_its_code_and_words(
+        server: ServerProcess, echo: Any, lane: str, method: str, caplog: pytest.LogCaptureFixture) -> None:
+    with SyncIPCHandler(server.socket_path, echo.grpc.StatusServiceStub, lane=lane) as ipc:
+        with caplog.at_level(logging.WARNING, logger='vyra_base_ipc'):
+            _, error = call(ipc, echo, method, 'abort-with-bad-status-details')
+        assert_rich(*call(ipc, echo, 'Misbehave', 'abort-with-rich-status'), 'Misbehave')  # (served on)
+    assert (type(error), error.code, error.details, error.status_details) == (
+        IPCRemoteError, grpc.StatusCode.INVALID_ARGUMENT, 'bad status details', ())
+    # grpc sends the trailer as it is: the gRPC lane's client says it could not read it; the
+    # fast lane's server, which reads it to carry its details, says so in its log.
+    said = (caplog.text if lane == 'grpc' else server.log())
+    assert f'/vyra.ipc.test.StatusService/{method}: grpc-status-details-bin is not a google.rpc.Status' in said
+
+
+@pytest.mark.parametrize('how', RICH_HOWS)
+def test_containerds_go_client_reads_the_fast_lanes_status_details(
+        go_client: Path, server: ServerProcess, how: str) -> None:
+    result = subprocess.run([str(go_client), str(server.ttrpc_path), 'misbehave', how], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, f'Go client failed:\n{result.stdout}\n{result.stderr}'
+    answer = json.loads(result.stdout)
+    assert (answer['error_code'], answer['error_message']) == (grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                                               RICH_MESSAGE)
+    assert answer['error_details'] == [
+        {'type_url': detail.type_url, 'value': base64.b64encode(detail.value).decode()}
+        for detail in rich_status().details]
+
+
+def test_an_error_named_for_its_method_keeps_its_status_details() -> None:
+    error = IPCRemoteError(grpc.StatusCode.INVALID_ARGUMENT, 'x', status_details=rich_status().details)
+    named = error.for_method('/vyra.ipc.test.StatusService/Misbehave')
+    assert (named.method, named.status_details) == ('/vyra.ipc.test.StatusService/Misbehave', error.status_details)

@@ -1,0 +1,43 @@
+"""gRPC's richer error model on both lanes.
+
+A handler that ends its call with a ``google.rpc.Status`` (grpc's idiom:
+``context.abort_with_status(rpc_status.to_status(status))``) puts it, as
+grpc does, in the ``grpc-status-details-bin`` trailing metadata. The gRPC
+lane sends that trailer; the fast lane, which has no trailers, carries the
+status's ``details`` in its own ``Response.status``, which is wire-compatible
+with ``google.rpc.Status`` (containerd's Go clients read them there too).
+Clients of both lanes give them as :attr:`IPCError.status_details`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
+
+from . import ttrpc_pb2
+
+__all__ = ['STATUS_DETAILS_KEY', 'status_details']
+
+#: The trailing-metadata key of a serialized ``google.rpc.Status``
+#: (``grpc_status.rpc_status``'s ``GRPC_DETAILS_METADATA_KEY``).
+STATUS_DETAILS_KEY = 'grpc-status-details-bin'
+
+
+def status_details(metadata: Iterable[tuple[str, Any]] | None) -> tuple[any_pb2.Any, ...]:
+    """The ``details`` of the ``google.rpc.Status`` in ``metadata``'s
+    ``grpc-status-details-bin`` entry; empty without one.
+
+    :raises ValueError: the entry's value is not a serialized ``google.rpc.Status``.
+    """
+    for key, value in metadata or ():
+        if key == STATUS_DETAILS_KEY:
+            if not isinstance(value, (bytes, bytearray, memoryview)):
+                raise ValueError(f'{STATUS_DETAILS_KEY} is a {type(value).__name__}, not the bytes '
+                                 'of a google.rpc.Status')
+            try:
+                return tuple(ttrpc_pb2.Status.FromString(bytes(value)).details)
+            except DecodeError as error:
+                raise ValueError(f'{STATUS_DETAILS_KEY} is not a google.rpc.Status: {error}') from None
+    return ()
