@@ -12,6 +12,8 @@ from pathlib import Path
 import time
 from typing import Any
 
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2
 import grpc
 import pytest
 
@@ -118,6 +120,37 @@ def test_an_interceptor_refuses_a_call_with_permission_denied_and_its_handler_ne
     assert served['code'] == 'OK'
     stats = observed.method_stats(EXECUTE, lane, 2)
     assert dict(stats.errors) == {'PERMISSION_DENIED': 1}
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_an_interceptor_refuses_a_call_with_the_status_details_it_gives(observed: Observed, lane: str) -> None:
+    count = module_pb.CommandRequest(command='count')
+    with observed.client(module_grpc.ModuleServiceStub, lane) as client:
+        with pytest.raises(IPCRemoteError) as refused:
+            client.call_method('ExecuteCommand', count, metadata=(('x-deny', 'with-error-info'),))
+    assert (refused.value.code, refused.value.details) == (grpc.StatusCode.PERMISSION_DENIED,
+                                                           'denied: with-error-info')
+    info = error_details_pb2.ErrorInfo()
+    assert len(refused.value.status_details) == 1 and refused.value.status_details[0].Unpack(info)
+    assert (info.reason, info.domain, dict(info.metadata)) == ('DENIED', 'vyra.ipc.test', {'by': 'gatekeeper'})
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_a_client_interceptor_refuses_a_call_with_the_status_details_it_gives(
+        observed: Observed, echo: Any, lane: str) -> None:
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason='OFF_HERE', domain='vyra.ipc.test'))
+
+    class Refusing(ClientInterceptor):
+        def call_started(self, call: ClientCall) -> None:
+            raise CallRejected(grpc.StatusCode.FAILED_PRECONDITION, 'off here', status_details=[info])
+
+    with SyncIPCHandler(observed.server.socket_path, echo.Stub, lane=lane, timeout=10,
+                        interceptors=[Refusing()]) as client:
+        with pytest.raises(IPCRemoteError) as refused:
+            client.call_method('Echo', echo.pb.EchoRequest(text='a'))
+    assert (refused.value.code, refused.value.details, refused.value.status_details) == (
+        grpc.StatusCode.FAILED_PRECONDITION, 'off here', (info,))
 
 
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])

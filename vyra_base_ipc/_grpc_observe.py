@@ -70,7 +70,7 @@ def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver, 
             try:
                 observation = start(context)
             except CallRejected as rejection:
-                await context.abort(rejection.code, rejection.details)
+                await context.abort(rejection.code, rejection.details, rejection.trailing_metadata())
             with _ending(observation, context):
                 # Closed here when this wrapper is (grpc.aio closes a stream
                 # handler left while it had yielded), as if it were the handler.
@@ -85,7 +85,7 @@ def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver, 
             try:
                 observation = start(context)
             except CallRejected as rejection:
-                await context.abort(rejection.code, rejection.details)
+                await context.abort(rejection.code, rejection.details, rejection.trailing_metadata())
             with _ending(observation, context):
                 response = await behaviour(request, context)
                 return response if writes else _answer(response, context, encode)

@@ -25,11 +25,13 @@ import logging
 import time
 from typing import Any, Iterator, Sequence, Union
 
+from google.protobuf import any_pb2
 import grpc
 
 from ._metrics import MethodMetrics, ServerMetrics
 from ._peer import PeerCredentials
 from ._request_guard import HANDLER_FAILURES
+from ._status_details import status_trailer
 from .exceptions import IPCError, error_from_status
 
 __all__ = ['CallObserver', 'CallRejected', 'ClientCall', 'ClientInterceptor', 'Observation', 'ServerCall',
@@ -44,17 +46,30 @@ _LEFT = (GeneratorExit, KeyboardInterrupt, asyncio.CancelledError, futures.Cance
 
 class CallRejected(Exception):
     """Raised by :meth:`ServerInterceptor.call_started` to answer the call
-    with ``code`` and ``details`` instead of running its handler.
+    with ``code`` and ``details`` instead of running its handler (and by
+    :meth:`ClientInterceptor.call_started` to fail it at once).
+
+    ``status_details``: ``google.protobuf.any_pb2.Any`` messages (a
+    ``google.rpc.ErrorInfo``, say) that go with the status as the details of
+    a ``google.rpc.Status``, as a handler's ``abort_with_status()`` sends
+    them; the caller reads them as :attr:`IPCError.status_details`.
 
     :raises ValueError: ``code`` is not a :class:`grpc.StatusCode`, or is OK.
     """
 
-    def __init__(self, code: grpc.StatusCode, details: str = '') -> None:
+    def __init__(self, code: grpc.StatusCode, details: str = '', *,
+                 status_details: Sequence[any_pb2.Any] = ()) -> None:
         if not isinstance(code, grpc.StatusCode) or code is grpc.StatusCode.OK:
             raise ValueError(f'CallRejected needs a grpc.StatusCode other than OK, not {code!r}')
         super().__init__(f'{code.name}: {details}')
         self.code = code
         self.details = details
+        self.status_details = tuple(status_details)
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        """The ``grpc-status-details-bin`` trailer of the rejection's
+        ``google.rpc.Status``; empty without ``status_details``."""
+        return status_trailer(self.code, self.details, self.status_details)
 
 
 @dataclass(frozen=True)
@@ -240,7 +255,8 @@ def intercepted_call(interceptors: Sequence[ClientInterceptor], call: ClientCall
             interceptor.call_started(call)
         except CallRejected as rejection:
             _client_ended(interceptors, call, rejection.code, rejection.details)
-            raise error_from_status(rejection.code, rejection.details, method=call.method) from None
+            raise error_from_status(rejection.code, rejection.details, method=call.method,
+                                    status_details=rejection.status_details) from None
         except Exception:
             _logger.exception('client interceptor %r failed in call_started of %s', interceptor, call.method)
     try:

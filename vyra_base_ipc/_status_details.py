@@ -11,14 +11,15 @@ Clients of both lanes give them as :attr:`IPCError.status_details`.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
+import grpc
 
 from . import ttrpc_pb2
 
-__all__ = ['STATUS_DETAILS_KEY', 'status_details']
+__all__ = ['STATUS_DETAILS_KEY', 'status_details', 'status_trailer']
 
 #: The trailing-metadata key of a serialized ``google.rpc.Status``
 #: (``grpc_status.rpc_status``'s ``GRPC_DETAILS_METADATA_KEY``).
@@ -41,3 +42,13 @@ def status_details(metadata: Iterable[tuple[str, Any]] | None) -> tuple[any_pb2.
             except DecodeError as error:
                 raise ValueError(f'{STATUS_DETAILS_KEY} is not a google.rpc.Status: {error}') from None
     return ()
+
+
+def status_trailer(code: grpc.StatusCode, message: str, details: Sequence[any_pb2.Any]
+                   ) -> tuple[tuple[str, bytes], ...]:
+    """The ``grpc-status-details-bin`` trailer of a ``google.rpc.Status`` of
+    ``code``, ``message`` and ``details``; empty without ``details``."""
+    if not details:
+        return ()
+    status = ttrpc_pb2.Status(code=code.value[0], message=message, details=details)
+    return ((STATUS_DETAILS_KEY, status.SerializeToString()),)

@@ -17,10 +17,19 @@ import sys
 import threading
 
 from echo_server import EchoService
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2
 import grpc
 from status_service import StatusService
 
 from vyra_base_ipc import CallRejected, IPCServer, ModuleService, ServerCall, ServerInterceptor, run
+
+
+def denied_info() -> any_pb2.Any:
+    """The ``google.rpc.ErrorInfo`` the Gatekeeper refuses ``x-deny: with-error-info`` with."""
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason='DENIED', domain='vyra.ipc.test', metadata={'by': 'gatekeeper'}))
+    return detail
 
 
 class Gatekeeper(ServerInterceptor):
@@ -44,6 +53,9 @@ class Gatekeeper(ServerInterceptor):
     def call_started(self, call: ServerCall) -> None:
         self.write({'event': 'started', **self._call(call)})
         reason = dict(call.metadata).get('x-deny')
+        if reason == 'with-error-info':  # with the ErrorInfo of gRPC's richer error model
+            raise CallRejected(grpc.StatusCode.PERMISSION_DENIED, f'denied: {reason}',
+                               status_details=[denied_info()])
         if reason is not None:
             raise CallRejected(grpc.StatusCode.PERMISSION_DENIED, f'denied: {reason}')
 

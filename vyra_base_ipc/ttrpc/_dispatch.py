@@ -151,6 +151,7 @@ class Call:
                     handler.metrics, handler.path, 'ttrpc', self.context, connection.peer,
                     self.context._deadline)
             except CallRejected as rejection:  # counted already
+                self.context.set_trailing_metadata(rejection.trailing_metadata())  # (its status details)
                 self.answer(number(rejection.code), rejection.details)
                 return
         expires = None if timeout is None else loop.time() + timeout
