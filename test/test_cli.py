@@ -25,12 +25,13 @@ import sys
 import time
 from typing import Any, Iterator
 
-from google.protobuf import descriptor_pb2
+from google.protobuf import any_pb2, descriptor_pb2
 import grpc
 from grpc_reflection.v1alpha import reflection_pb2
 import pytest
 
 from conftest import ServerProcess, StartServer, make_stale_socket, wait_for
+from vyra_base_ipc.cli._messages import detail_json
 
 REPO = Path(__file__).resolve().parent.parent
 EXECUTE = 'vyra.ipc.ModuleService/ExecuteCommand'
@@ -310,6 +311,30 @@ def test_a_request_that_is_not_utf8_or_has_no_stdin_names_where_it_came_from(dem
         (2, "vyra-ipc: error: '-' reads the request from stdin, but there is no stdin (it is closed)\n")
     assert fails(2, 'call', path, EXECUTE, '@') == \
         'vyra-ipc: error: @FILE reads the request from a file: give its name after the @'
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_a_failed_call_shows_the_status_details_the_server_sent_one_line_each(demo: ServerProcess, lane: str) -> None:
+    # As grpcurl shows them: the google.rpc types known here, as JSON with their "@type".
+    result = cli('call', str(demo.socket_path), 'vyra.ipc.test.StatusService/Misbehave',
+                 '{"how": "abort-with-rich-status"}', '--lane', lane)
+    assert (result.returncode, result.stdout) == (1, '')
+    code, *details = result.stderr.splitlines()
+    assert code == 'vyra-ipc: INVALID_ARGUMENT: rich status'
+    assert [json.loads(line.removeprefix('vyra-ipc: detail: ')) for line in details] == [
+        {'@type': 'type.googleapis.com/google.rpc.BadRequest',
+         'field_violations': [{'field': 'how', 'description': 'asked to fail'}]},
+        {'@type': 'type.googleapis.com/google.rpc.ErrorInfo', 'reason': 'ASKED', 'domain': 'vyra.ipc.test',
+         'metadata': {'k': 'ü'}}]
+    assert all(line.startswith('vyra-ipc: detail: {') for line in details), details
+
+
+def test_a_status_detail_of_a_type_unknown_here_shows_its_type_and_bytes() -> None:
+    unknown = any_pb2.Any(type_url='type.googleapis.com/my_arm.JointFault', value=b'\x08\x03')
+    assert json.loads(detail_json(unknown)) == {'@type': 'type.googleapis.com/my_arm.JointFault', 'value': 'CAM='}
+    garbled = any_pb2.Any(type_url='type.googleapis.com/google.rpc.ErrorInfo', value=b'\xff\xff')
+    assert json.loads(detail_json(garbled)) == {'@type': 'type.googleapis.com/google.rpc.ErrorInfo',
+                                                'value': base64.b64encode(b'\xff\xff').decode()}
 
 
 def test_unknown_methods_bad_options_and_failed_calls_say_so(demo: ServerProcess, tmp_path: Path) -> None:

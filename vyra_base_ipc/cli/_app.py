@@ -11,6 +11,7 @@ from typing import Sequence, TextIO
 from ..exceptions import IPCError
 from . import _call, _describe, _health, _list, _ping, _stats
 from ._args import EXIT_FAILED, EXIT_USAGE, TARGET_HELP, UsageError, Verb
+from ._messages import detail_json
 
 __all__ = ['VERBS', 'build_parser', 'main', 'run']
 
@@ -35,9 +36,10 @@ def build_parser(prog: str = 'vyra-ipc') -> argparse.ArgumentParser:
 
 def run(verb: Verb, args: argparse.Namespace, prog: str, out: TextIO | None = None,
         err: TextIO | None = None) -> int:
-    """Run ``verb``; an error becomes one line on ``err`` (``prog: ...``)
-    and the exit status: 1 the call or the server failed, 2 the command is
-    wrong, 130 interrupted."""
+    """Run ``verb``; an error becomes one line on ``err`` (``prog: ...``),
+    and a line per status detail the server sent with it (gRPC's richer
+    error model, as JSON), and the exit status: 1 the call or the server
+    failed, 2 the command is wrong, 130 interrupted."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     try:
@@ -52,6 +54,8 @@ def run(verb: Verb, args: argparse.Namespace, prog: str, out: TextIO | None = No
         return EXIT_USAGE
     except IPCError as error:
         print(f'{prog}: {error.code.name}: {_one_line(error.details)}', file=err)
+        for detail in error.status_details:
+            print(f'{prog}: detail: {detail_json(detail)}', file=err)
         return EXIT_FAILED
     except BrokenPipeError:
         # The reader left (`| head`): no traceback, and none at exit either.

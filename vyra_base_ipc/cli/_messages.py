@@ -3,11 +3,13 @@ generated-stub look-alike for the clients, and JSON (or YAML) both ways."""
 
 from __future__ import annotations
 
+import base64
+import importlib
 import json
 import re
 from typing import Any, Hashable
 
-from google.protobuf import descriptor_pool, json_format, message_factory
+from google.protobuf import any_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor import Descriptor, MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 import grpc
@@ -17,7 +19,8 @@ import yaml
 from .._methods import MethodKind
 from ..exceptions import IPCError
 
-__all__ = ['SHAPES', 'Reflection', 'kind_of', 'message_class', 'parse_request', 'stub_class', 'to_json']
+__all__ = ['SHAPES', 'Reflection', 'detail_json', 'kind_of', 'message_class', 'parse_request', 'stub_class',
+           'to_json']
 
 #: The call shape of each kind of method, as ``describe`` names it.
 SHAPES = {
@@ -222,3 +225,19 @@ def to_json(message: Message) -> str:
     included, keys sorted (the same order for every message of a stream)."""
     return json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2, sort_keys=True,
                                      always_print_fields_with_no_presence=True)
+
+
+def detail_json(detail: any_pb2.Any) -> str:
+    """A status detail (a packed ``Any``) as one line of JSON, as grpcurl shows
+    it: ``{"@type": ..., fields}`` where its type is known here (the
+    ``google.rpc`` error details, if googleapis-common-protos is installed),
+    else ``{"@type": ..., "value": <base64>}``."""
+    try:  # (registers the google.rpc details' types; the package does not depend on them)
+        importlib.import_module('google.rpc.error_details_pb2')
+    except ImportError:
+        pass
+    try:
+        shown = json_format.MessageToDict(detail, preserving_proto_field_name=True)
+    except (TypeError, KeyError, json_format.Error, DecodeError):  # unknown type, or bytes that do not parse
+        shown = {'@type': detail.type_url, 'value': base64.b64encode(detail.value).decode()}
+    return json.dumps(shown, ensure_ascii=False, sort_keys=True)
