@@ -61,6 +61,7 @@ from ._node_run import (
     spin_until_shutdown,
 )
 from ._options import DEFAULT_GRACE_PERIOD, MAX_SECONDS
+from ._ros_logging import logging_through_node
 from ._stop_signals import StopSignals
 from .address import validate_module_name
 from .exceptions import ParameterError
@@ -479,13 +480,18 @@ def main(args: Sequence[str] | None = None, *, received: list[str] | None = None
         executor = SingleThreadedExecutor()
         node = IPCServerNode()
         executor.add_node(node)
-        node.start()
-        loop_thread = node.host.loop_thread
-        spin_until_shutdown(executor, alive=lambda: loop_thread.failure is None and stop_signals.running())
-        if loop_thread.failure is not None:
-            # Exit, so that a launch file's respawn (or the supervisor) starts it anew.
-            node.get_logger().fatal(f"the IPC server's event loop ended ({loop_thread.failure!r}): exiting")
-            status = EXIT_SERVER_FAILED
+        # Logging on the console in ROS's format, on /rosout and at the node's
+        # --log-level while ROS runs; through logging to stderr as it stops.
+        with logging_through_node(node):
+            node.start()
+            loop_thread = node.host.loop_thread
+            spin_until_shutdown(executor,
+                                alive=lambda: loop_thread.failure is None and stop_signals.running())
+            if loop_thread.failure is not None:
+                # Exit, so that a launch file's respawn (or the supervisor) starts it anew.
+                node.get_logger().fatal(
+                    f"the IPC server's event loop ended ({loop_thread.failure!r}): exiting")
+                status = EXIT_SERVER_FAILED
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except ParameterError as error:

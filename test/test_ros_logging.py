@@ -1,0 +1,101 @@
+"""What the ``ipc_server`` process logs goes where a ROS 2 node's messages go:
+on /rosout (rqt_console, bags) as children of the node's logger, with the
+place in the code that logged, once on the console, and at the level
+``--ros-args --log-level`` gives the node. Read by a real /rosout subscriber."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+import threading
+from typing import Any, Callable
+
+import pytest
+from rcl_interfaces.msg import Log
+from rclpy.context import Context
+from rclpy.node import Node
+from rclpy.qos import qos_profile_rosout_default
+
+from conftest import SERVERS, ChildProcess, wait_for
+from ros_env import IPC_SERVER
+from vyra_base_ipc import IPCRemoteError, SyncIPCHandler
+
+pytestmark = [pytest.mark.ros]
+
+#: Where the fast lane logs a handler's exception, as a child of the node's logger.
+STATUS = 'ipc_server.vyra_base_ipc.ttrpc._status'
+FAILED = 'Unexpected [SystemExit] raised by servicer method [/vyra.ipc.test.EchoService/Echo]'
+
+
+class Rosout:
+    """Subscribes to /rosout in the test process (as rqt_console does: its
+    history too); keeps every message."""
+
+    def __init__(self, context: Context, spin: Callable[..., Any]) -> None:
+        self.node = Node('rosout_reader', context=context)
+        self.lock = threading.Lock()
+        self.messages: list[Log] = []
+        self.node.create_subscription(Log, '/rosout', self._received, qos_profile_rosout_default)
+        spin(self.node)
+
+    def _received(self, message: Log) -> None:
+        with self.lock:
+            self.messages.append(message)
+
+    def found(self, condition: Callable[[Log], bool]) -> list[Log]:
+        with self.lock:
+            return [message for message in self.messages if condition(message)]
+
+    def wait(self, what: str, condition: Callable[[Log], bool]) -> Log:
+        """The first message that meets ``condition`` (30 s at most)."""
+        wait_for(lambda: self.found(condition), 30, f'a message on /rosout: {what}')
+        return self.found(condition)[0]
+
+
+@pytest.fixture
+def rosout(context: Context, spin: Callable[..., Any]) -> Rosout:
+    return Rosout(context, spin)
+
+
+def start_ipc_server(start_process: Callable[..., ChildProcess], socket_path: Path, environ: dict[str, str],
+                     protos: Path, *ros_args: str) -> ChildProcess:
+    """``ipc_server`` serving the test's EchoService whose handlers leave by
+    ``sys.exit()`` when asked (test/servers/exiting_server.py)."""
+    env = {**environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(protos), str(SERVERS),
+                                                                   environ.get('PYTHONPATH')]))}
+    server = start_process([*IPC_SERVER, '--ros-args', '-p', 'module_name:=arm', '-p', f'socket_path:={socket_path}',
+                            '-p', "servicers:=['exiting_server:ExitingEchoService']", *ros_args], env)
+    server.wait_listening(socket_path)
+    return server
+
+
+def test_what_ipc_server_logs_is_on_rosout_under_its_node_with_its_place_and_once_on_the_console(
+        start_process: Callable[..., ChildProcess], rosout: Rosout, socket_dir: Path,
+        ros_environ: dict[str, str], test_protos_dir: Path, echo: Any) -> None:
+    socket_path = socket_dir / 'arm_ipc.sock'
+    server = start_ipc_server(start_process, socket_path, ros_environ, test_protos_dir)
+    rosout.wait('the node says it serves', lambda m: m.name == 'ipc_server' and str(socket_path) in m.msg)
+    with SyncIPCHandler(socket_path, echo.Stub, timeout=10, lane='ttrpc') as client:
+        with pytest.raises(IPCRemoteError):
+            client.call_method('Echo', echo.pb.EchoRequest(text='exit'))
+    failed = rosout.wait('the handler that raised', lambda m: FAILED in m.msg)
+    assert (failed.name, failed.level, Path(failed.file).name, failed.function) == (
+        STATUS, Log.ERROR, '_status.py', 'unexpected'), failed
+    assert 'Traceback (most recent call last)' in failed.msg and 'SystemExit: 3' in failed.msg
+    # The console has it once, in ROS's format (not once more through Python's own handler).
+    wait_for(lambda: FAILED in server.log(), 10, 'the failure on the console')
+    assert server.log().count(FAILED) == 1, server.log()
+    assert '[ERROR] [' in server.log() and f'[{STATUS}]: {FAILED}' in server.log()
+    # At the node's level, INFO: none of the package's debug messages.
+    assert not rosout.found(lambda m: m.level == Log.DEBUG and m.name.startswith('ipc_server.vyra_base_ipc'))
+    assert server.stop() == 0, server.log()
+
+
+def test_the_nodes_log_level_lets_the_packages_debug_messages_through(
+        start_process: Callable[..., ChildProcess], rosout: Rosout, socket_dir: Path,
+        ros_environ: dict[str, str], test_protos_dir: Path) -> None:
+    socket_path = socket_dir / 'arm_ipc.sock'
+    start_ipc_server(start_process, socket_path, ros_environ, test_protos_dir, '--log-level', 'ipc_server:=debug')
+    fast_lane = rosout.wait('the fast lane says it serves (DEBUG)',
+                            lambda m: m.name == 'ipc_server.vyra_base_ipc.ttrpc._server' and 'serving' in m.msg)
+    assert fast_lane.level == Log.DEBUG, fast_lane

@@ -1,0 +1,108 @@
+"""Python :mod:`logging` through a ROS 2 node's logger, for the ``ipc_server``
+process: what this package (and anything else in the process) logs shows on
+the console in ROS's format, on ``/rosout`` (rqt_console, bags), and obeys
+``--ros-args --log-level``, as a node's own messages do.
+
+Each record goes to rcutils under ``<node's logger>.<record's logger>``
+(``ipc_server.vyra_base_ipc.server``), a child of the node's logger (so the
+node's level applies to it, and it is published on the node's ``/rosout``
+publisher), with the record's own file, function and line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
+
+from rclpy.impl.implementation_singleton import rclpy_implementation
+from rclpy.impl.rcutils_logger import RcutilsLogger
+from rclpy.node import Node
+
+__all__ = ['logging_through_node']
+
+_rclpy = rclpy_implementation
+
+
+def _severity(level: int) -> int:
+    """The rcutils severity of a :mod:`logging` level (the same numbers:
+    DEBUG 10 ... FATAL 50; levels between go down to the one below)."""
+    if level >= logging.CRITICAL:
+        return logging.CRITICAL
+    return max(logging.DEBUG, level - level % 10)
+
+
+class _ThroughNode(logging.Handler):
+    """Hands each record to rcutils as a message of the node's child logger
+    named after the record's logger; once :meth:`close` ran, to ``fallback``
+    (the handlers that were there before)."""
+
+    def __init__(self, node: Node, fallback: list[logging.Handler]) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter('%(message)s'))  # (the traceback, if any, follows it)
+        self._node_logger: RcutilsLogger = node.get_logger()
+        self._fallback = fallback
+        # The children made so far: each keeps its /rosout registration while it lives.
+        self._children: dict[str, RcutilsLogger] | None = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Runs under this handler's lock (Handler.handle), as close() does.
+        children = self._children
+        if children is None:
+            for handler in self._fallback:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+            return
+        try:
+            child = children.get(record.name)
+            if child is None:
+                child = children[record.name] = (self._node_logger if record.name == 'root'
+                                                  else self._node_logger.get_child(record.name))
+            severity = _severity(record.levelno)
+            if child.is_enabled_for(severity):
+                _rclpy.rclpy_logging_rcutils_log(severity, child.name, self.format(record), record.funcName,
+                                                 record.pathname, record.lineno)
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        """From now on, records go to the handlers that were there before;
+        the node's child loggers let go of their /rosout registrations.
+        Waits for a record being handed to rcutils on another thread."""
+        self.acquire()
+        try:
+            self._children = None  # (their registrations end as they are collected)
+        finally:
+            self.release()
+        super().close()
+
+
+@contextlib.contextmanager
+def logging_through_node(node: Node) -> Iterator[None]:
+    """While the block runs, the root logger's records go through ``node``'s
+    logger (see the module), at the level the node's logger has (so that
+    ``--log-level debug`` lets this package's debug messages through);
+    afterwards, to the root's handlers and level as they were.
+
+    Leave the block before ROS shuts down or the node is destroyed, on the
+    same thread: records of other threads then no longer reach rcl (rcl's
+    logger crashed a process logging on one thread while ROS shut down on
+    another).
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    # Without handlers, logging prints warnings and worse through its last resort: so do we.
+    fallback = handlers if handlers or logging.lastResort is None else [logging.lastResort]
+    through = _ThroughNode(node, fallback)
+    for handler in handlers:
+        root.removeHandler(handler)
+    root.addHandler(through)
+    root.setLevel(int(node.get_logger().get_effective_level()))
+    try:
+        yield
+    finally:
+        through.close()
+        root.removeHandler(through)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
