@@ -29,7 +29,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Sequence
+from typing import Any, Sequence
 
 from google.protobuf import any_pb2
 import grpc
@@ -86,6 +86,11 @@ class IPCError(Exception):
         if self.method is not None:
             return self
         return type(self)(self.code, self.details, method=method, status_details=self.status_details)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled (a process pool's worker raising it, copy.copy) with its
+        # attributes: the default remakes it from its message alone.
+        return _restored, (type(self), self.args, self.__dict__)
 
 
 class IPCUnavailableError(IPCError):
@@ -145,6 +150,14 @@ class MessageTooLargeError(IPCError):
         if self.method is not None:
             return self
         return MessageTooLargeError(self.size, self.limit, method=method, buffers=self.buffers)
+
+
+def _restored(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
+    """An exception of ``cls`` as it was pickled: its ``args`` and attributes,
+    without ``__init__``, whose parameters are not its ``args``."""
+    error = cls.__new__(cls, *args)
+    error.__dict__.update(state)
+    return error
 
 
 def error_from_status(code: grpc.StatusCode, details: str, *, method: str | None = None,
@@ -233,6 +246,9 @@ class SocketInUseError(OSError):
             'another server is listening on this socket path; refusing to take it over',
             os.fspath(path))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.filename,)  # (OSError's would pass all three of its args)
+
 
 class UnsafeDirectoryError(PermissionError):
     """Raised by :meth:`IPCServer.start` when the socket's directory, or one
@@ -260,6 +276,9 @@ class ParameterError(ValueError):
         self.parameter = parameter
         self.reason = reason
         super().__init__(f"parameter '{parameter}': {reason}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _restored, (type(self), self.args, self.__dict__)  # (as IPCError's)
 
 
 # -- shared memory -------------------------------------------------------------------
