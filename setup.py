@@ -29,7 +29,7 @@ setup(
     version='0.1.0',
     packages=find_namespace_packages(
         include=['vyra_base_ipc', 'vyra_base_ipc.*', 'vyra_base', 'vyra_base.*', 'vyra_base_ipc_build',
-                 'vyra_base_ipc_server']),
+                 'vyra_base_ipc_server', 'vyra_base_ipc_cli']),
     # py.typed: mypy reads the types of each package users import (for the
     # vyra_base namespace portion, in its own directory, as PEP 561 asks).
     package_data={package_name: ['py.typed'], 'vyra_base.com.handler': ['py.typed'],
@@ -70,7 +70,7 @@ setup(
     entry_points={
         'console_scripts': [
             'ipc_server = vyra_base_ipc_server:main',
-            'vyra-ipc = vyra_base_ipc.cli:main',
+            'vyra-ipc = vyra_base_ipc_cli:main',
             'demo_module_node = vyra_base_ipc.demo.module_node:main',
             'demo_backend = vyra_base_ipc.demo.backend:main',
             'demo_frontend = vyra_base_ipc.demo.frontend:main',

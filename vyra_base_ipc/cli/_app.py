@@ -10,7 +10,7 @@ from typing import Sequence, TextIO
 
 from ..exceptions import IPCError
 from . import _call, _describe, _health, _list, _ping, _stats
-from ._args import EXIT_FAILED, EXIT_USAGE, TARGET_HELP, UsageError, Verb
+from ._args import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, TARGET_HELP, UsageError, Verb
 from ._messages import detail_json
 
 __all__ = ['VERBS', 'build_parser', 'main', 'run']
@@ -71,7 +71,7 @@ def run(verb: Verb, args: argparse.Namespace, prog: str, out: TextIO | None = No
         print(f'{prog}: {_one_line(text)}', file=err)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _one_line(message: str) -> str:
@@ -79,11 +79,15 @@ def _one_line(message: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``vyra-ipc``'s entry point: parse ``argv`` (default ``sys.argv``), run the verb."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    verb: Verb | None = getattr(args, 'verb', None)
-    if verb is None:
-        parser.print_help()
-        return EXIT_USAGE
+    """``vyra-ipc``'s entry point: parse ``argv`` (default ``sys.argv``), run the
+    verb. Ctrl-C at any point of it gives exit status 130, without a traceback."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        verb: Verb | None = getattr(args, 'verb', None)
+        if verb is None:
+            parser.print_help()
+            return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     return run(verb, args, parser.prog)

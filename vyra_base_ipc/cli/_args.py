@@ -18,11 +18,14 @@ from typing import Callable, Sequence, TextIO
 from .._options import DEFAULT_TIMEOUT, MAX_SECONDS, validate_max_message_bytes
 from ..ttrpc._messages import checked_metadata
 
-__all__ = ['EXIT_FAILED', 'EXIT_HELP', 'EXIT_OK', 'EXIT_USAGE', 'HELP_WIDTH', 'TARGET_HELP', 'UsageError',
-           'Verb', 'add_json', 'add_lane', 'add_target', 'add_timeout', 'parse_metadata', 'positive_seconds',
-           'seconds']
+__all__ = ['EXIT_FAILED', 'EXIT_HELP', 'EXIT_INTERRUPTED', 'EXIT_OK', 'EXIT_USAGE', 'HELP_WIDTH',
+           'TARGET_HELP', 'UsageError', 'Verb', 'add_json', 'add_lane', 'add_target', 'add_timeout',
+           'parse_metadata', 'positive_seconds', 'seconds']
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: Ctrl-C: 128 + SIGINT, as shells report it (also in vyra_base_ipc_cli, which imports nothing of this
+#: package before its SIGINT handler is in place).
+EXIT_INTERRUPTED = 130
 
 #: Columns of help text: argparse's (80 less 2), which a description given
 #: raw (RawDescriptionHelpFormatter, for the epilog's lines) must keep to itself.
