@@ -32,6 +32,7 @@ from vyra_base_ipc.ttrpc._messages import (
     metadata_to_wire,
     ok_payload,
     ok_response_frame,
+    request_payload_size,
 )
 
 CANCEL, WINDOW_UPDATE = int(MessageType.CANCEL), int(MessageType.WINDOW_UPDATE)
@@ -118,6 +119,31 @@ def test_oversized_frame_is_reported_at_once_and_skipped_without_buffering() -> 
     assert decoder.feed(b'y' * 89) == []
     assert decoder.feed(b'y' + encode_frame(9, 2, 0, b'ok')) == [Frame(9, 2, 0, b'ok')]
     assert not decoder.mid_frame
+
+
+@pytest.mark.parametrize('piece', [1, 3, 10, 200], ids=lambda piece: f'{piece}-byte reads')
+def test_an_oversized_request_frame_comes_with_its_head_once_that_is_in_however_it_is_read(piece: int) -> None:
+    # The head shows the size of the message inside (request_payload_size)
+    # alike at every read boundary; other frames are reported at their header.
+    decoder = FrameDecoder(16)
+    decoder.request_head = 8
+    envelope = encode_request('s', 'm', b'p' * 20)
+    wire = encode_frame(7, 1, 0, envelope) + encode_frame(9, 3, 0, b'x' * 30) + encode_frame(11, 2, 0, b'ok')
+    items: list[Any] = []
+    for start in range(0, len(wire), piece):
+        items += decoder.feed(wire[start:start + piece])
+    assert items == [OversizedFrame(7, 1, 0, len(envelope), 16, envelope[:8]),
+                     OversizedFrame(9, 3, 0, 30, 16), Frame(11, 2, 0, b'ok')]
+    assert request_payload_size(items[0].head) == 20 and not decoder.mid_frame
+
+
+def test_the_message_size_is_read_only_where_the_head_holds_it() -> None:
+    envelope = encode_request('svc', 'method', b'p' * 300, 10**9)
+    # 'svc' and 'method' take 13 bytes, the payload's tag one, its length two.
+    assert [request_payload_size(envelope[:end]) for end in (5, 13, 14, 15, 16, len(envelope))] == \
+        [None, None, None, None, 300, 300]
+    assert request_payload_size(encode_request('svc', 'method', b'')) is None  # (no payload field)
+    assert request_payload_size(b'\x0d\x00\x00\x00\x00\x1a\x05') is None  # a 32-bit field: not a Request
 
 
 def test_frame_at_the_limit_is_accepted() -> None:

@@ -67,6 +67,17 @@ def test_oversized_frame_is_rejected_like_containerd_and_the_connection_stays_us
     assert_pong(peer, 3)
 
 
+def test_a_plain_peers_request_over_the_frame_limit_is_refused_in_containerds_words(peer: Peer) -> None:
+    # Only a client that agreed a Hello (this package's) has the head of such a
+    # frame read for its message's size, and grpc's words (test_lane_parity.py).
+    envelope = request_envelope(ECHO, 'Echo', b'x' * (FRAME_LIMIT + 1))
+    peer.send(1, REQUEST, 0, envelope)
+    assert peer.answer()[:4] == (
+        1, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+        f'message length {len(envelope)} exceed maximum message size of {FRAME_LIMIT}', b'')
+    assert_pong(peer, 3)
+
+
 def test_frame_at_the_limit_is_read(peer: Peer) -> None:
     # Exactly FRAME_LIMIT bytes of data: accepted as a frame (the payload then
     # exceeds the message limit, which is a separate, gRPC-like check).

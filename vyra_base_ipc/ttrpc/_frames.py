@@ -118,13 +118,19 @@ class Frame(NamedTuple):
 
 class OversizedFrame(NamedTuple):
     """A frame whose declared length exceeded the limit. Its data is skipped
-    (the connection stays in sync); the receiver answers on ``stream_id``."""
+    (the connection stays in sync); the receiver answers on ``stream_id``.
+
+    :ivar head: for a REQUEST frame, when the decoder keeps heads
+        (:attr:`FrameDecoder.request_head`): its first bytes, up to that
+        many; else empty.
+    """
 
     stream_id: int
     type: int
     flags: int
     length: int
     limit: int
+    head: bytes = b''
 
 
 def oversized_message(length: int, limit: int) -> str:
@@ -202,15 +208,29 @@ class FrameDecoder:
     following ``length`` bytes are discarded as they arrive, without being
     buffered, so a peer cannot make the receiver allocate beyond the limit.
 
+    The one exception: while :attr:`request_head` is set, an oversized
+    REQUEST frame yields its :class:`OversizedFrame` once that many of its
+    first bytes have arrived, with them (``head``), so that the receiver can
+    tell the size of the message inside without the rest.
+
     :param max_length: the largest frame data accepted.
     """
 
-    __slots__ = ('max_length', '_buffer', '_skip', '_fds', 'fds_taken')
+    __slots__ = ('max_length', 'request_head', '_buffer', '_skip', '_fds', 'fds_taken', '_oversized', '_head',
+                 '_head_missing')
 
     def __init__(self, max_length: int = DEFAULT_MAX_DATA_LENGTH) -> None:
         self.max_length = max_length
+        #: Bytes of an oversized REQUEST frame's start kept for its
+        #: :class:`OversizedFrame` (0: none; it is yielded at its header).
+        self.request_head = 0
         self._buffer = bytearray()
         self._skip = 0
+        # The oversized REQUEST frame whose head is still arriving, the head
+        # so far, and how many of its bytes are still to come.
+        self._oversized: OversizedFrame | None = None
+        self._head = bytearray()
+        self._head_missing = 0
         self._fds: list[int] = []
         #: Descriptors frames have taken so far (a peer whose descriptors
         #: wait unclaimed makes no progress here).
@@ -266,13 +286,15 @@ class FrameDecoder:
             length, stream_id, message_type, flags = HEADER.unpack_from(data)
             if length == len(data) - HEADER_SIZE and length <= self.max_length:
                 return [_new_frame(Frame, (stream_id, message_type, flags, bytes(data[HEADER_SIZE:]), None))]
+        frames: list[Union[Frame, OversizedFrame]] = []
         if self._skip:
             skipped = min(self._skip, len(data))
+            if self._head_missing:
+                self._take_head(data[:min(skipped, self._head_missing)], frames)
             self._skip -= skipped
             data = data[skipped:]
             if not data:
-                return []
-        frames: list[Union[Frame, OversizedFrame]] = []
+                return frames
         whole: memoryview | None = None
         if buffer:
             buffer += data
@@ -288,9 +310,14 @@ class FrameDecoder:
         while end - position >= HEADER_SIZE:
             length, stream_id, message_type, flags = unpack(view, position)
             if length > self.max_length:
-                frames.append(OversizedFrame(stream_id, message_type, flags, length, self.max_length))
+                oversized = OversizedFrame(stream_id, message_type, flags, length, self.max_length)
                 position += HEADER_SIZE
                 skipped = min(length, end - position)
+                if message_type == MessageType.REQUEST and self.request_head:
+                    self._oversized, self._head_missing = oversized, min(length, self.request_head)
+                    self._take_head(view[position:position + min(skipped, self._head_missing)], frames)
+                else:
+                    frames.append(oversized)
                 position += skipped
                 self._skip = length - skipped
                 if self._skip:
@@ -308,3 +335,13 @@ class FrameDecoder:
         elif position < end and not self._skip:
             buffer += view[position:]
         return frames
+
+    def _take_head(self, data: bytes | memoryview, frames: list[Union[Frame, OversizedFrame]]) -> None:
+        """Keep ``data``, the next bytes of the head still missing (no more
+        than are missing); once it is whole, add its frame to ``frames``."""
+        self._head += data
+        self._head_missing -= len(data)
+        if not self._head_missing:
+            frames.append(self._oversized._replace(head=bytes(self._head)))  # type: ignore[union-attr]
+            self._oversized = None
+            self._head.clear()

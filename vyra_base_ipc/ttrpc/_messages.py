@@ -37,6 +37,7 @@ __all__ = [
     'ok_response_frame',
     'request_parts',
     'request_prefix',
+    'request_payload_size',
     'varint',
 ]
 
@@ -332,6 +333,31 @@ def has_more_fields(data: bytes, most: int) -> bool:
         if position < 0:
             return False
     return False
+
+
+def request_payload_size(head: bytes) -> int | None:
+    """The size of the message in a ``Request`` whose serialization starts
+    with ``head``, read from its payload field's length; ``None`` if ``head``
+    ends before that length (or holds what a ``Request`` cannot).
+
+    For a request frame skipped unread: the clients of this package write the
+    fields in order, so the payload's length follows the service and method
+    names, within the frame's first bytes (protobuf would take the last of
+    several payload fields; these clients write one).
+    """
+    position, end = 0, len(head)
+    while position < end:
+        key, position = _varint_at(head, position)
+        if position < 0 or key & 7 not in (0, 2):  # (Request has only varint and length-delimited fields)
+            return None
+        value, position = _varint_at(head, position)
+        if position < 0:
+            return None
+        if key == 0x1A:  # field 3 (payload), length-delimited
+            return value
+        if key & 7 == 2:
+            position += value
+    return None
 
 
 def _varint_at(data: bytes, position: int) -> tuple[int, int]:

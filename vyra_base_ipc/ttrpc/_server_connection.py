@@ -40,6 +40,7 @@ from ._messages import (
     encode_response,
     has_more_fields,
     metadata_from_wire,
+    request_payload_size,
 )
 from ._shared_memory import MemfdGate, unpack
 from ._status import number
@@ -64,6 +65,9 @@ _ENTRY_BYTES = 32
 #: The start of HTTP/2's connection preface ("PRI * HTTP/2.0") read as a
 #: ttrpc header: the length and stream id of a frame of 1.3 GB.
 _HTTP2_PREFACE = (int.from_bytes(b'PRI ', 'big'), int.from_bytes(b'* HT', 'big'))
+#: The first bytes of an oversized request frame read from a client that
+#: agreed a Hello: its service and method names and its message's length.
+_REQUEST_HEAD = 4096
 
 
 class ServerConnection(FramedConnection):
@@ -257,6 +261,12 @@ class ServerConnection(FramedConnection):
                 self.violation('an HTTP/2 (gRPC) client on the fast-lane socket: give it the gRPC socket')
                 return
             details = oversized_message(item.length, item.limit)
+            shared = item.flags & FLAG_SHARED_MEMORY
+            size = request_payload_size(item.head) if item.head and not shared else None
+            if size is not None and size > self.server.max_message_bytes:
+                # A request of one of our clients: its message's size is known,
+                # and told in grpc's words, as on the gRPC lane.
+                details = received_too_large(size, self.server.max_message_bytes, server=True)
             call = self.calls.get(item.stream_id)
             if call is not None:
                 if item.type == _DATA and not item.flags & FLAG_SHARED_MEMORY:
@@ -477,6 +487,9 @@ class ServerConnection(FramedConnection):
             self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT, f'malformed Hello: {error}')
             return
         self.accepts_fds = self.agreement.shared_memory is not None
+        # A plain ttrpc peer's oversized request is refused at its header, in
+        # containerd's words; ours, once the head with the message's size is in, in grpc's.
+        self.decoder.request_head = _REQUEST_HEAD
         if self.agreement.segments is not None:  # RELEASE frames leave from the loop
             self.agreement.segments.attach(self.loop, self.send)
         self.send(encode_frame(stream_id, _RESPONSE, 0, encode_ok_response(answer)))
