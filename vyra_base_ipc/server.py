@@ -406,14 +406,20 @@ class IPCServer:
         """Let go of a server whose event loop ended under it (an exception escaped the loop),
         where :meth:`stop` can no longer run: remove both socket files, each only if it is still
         this server's (the inode it bound, never another server's), stop accepting on the fast
-        lane, let the handler threads go. Synchronous, for once the loop's thread has ended;
-        idempotent. Open connections stay open (only their loop could close them).
+        lane and close its open connections (their clients' calls fail UNAVAILABLE at once), let
+        the handler threads go. Synchronous, for once the loop's thread has ended; idempotent.
+        The gRPC lane's connections stay open until the process ends: grpc.aio stops its server
+        only by coroutines on the dead loop, and grpc core owns their sockets. A connected
+        client's next call there fails UNAVAILABLE all the same (it finds the socket file gone);
+        a call in flight waits for its deadline.
 
         :raises RuntimeError: the loop still runs: await :meth:`stop` on it.
         """
         if self._loop is not None and self._loop.is_running():
             raise RuntimeError('abandon() is for a server whose event loop ended; '
                                'its loop still runs: await stop() there')
+        if self._ttrpc is not None:
+            self._ttrpc.abandon()
         self._stopped(tell=False)  # (its waiters are the dead loop's: nothing could wake them)
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:

@@ -105,6 +105,20 @@ class FramedConnection(asyncio.Protocol):
         self._pending.clear()
         self.lost(exc)
 
+    def drop(self) -> None:
+        """For a connection whose loop no longer runs (it may be closed):
+        close its socket and the descriptors this end holds (received and not
+        claimed by a frame, or waiting to be sent), at once and from any
+        thread. Nothing of the loop runs: its calls stay as the loop left
+        them, and :meth:`lost` is not called. Idempotent."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.drop()
+        close_fds(self.decoder.take_fds())
+        close_fds(self._pending_fds)
+        self._pending_fds = []
+        self._pending.clear()
+
     def fds_received(self, fds: list[int]) -> None:
         """Descriptors passed with the bytes that follow; queued until their
         frames take them."""

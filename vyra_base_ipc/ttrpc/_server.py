@@ -274,6 +274,20 @@ class TtrpcServer:
             self._withdrawn = self._socket.remove()
         return self._withdrawn
 
+    def abandon(self) -> None:
+        """For a server whose event loop no longer runs (an exception ended
+        it; the loop may be closed), from any thread: :meth:`withdraw`, and
+        close every connection's socket at once (see
+        :meth:`~._connection.FramedConnection.drop`), so that its client's
+        calls fail UNAVAILABLE now instead of waiting for their deadlines on
+        a socket nobody reads. Idempotent."""
+        self.withdraw()
+        for connection in list(self._connections):
+            connection.drop()
+        self._connections.clear()
+        self._shutdown_executor()
+        self._state = _State.STOPPED
+
     async def __aenter__(self) -> 'TtrpcServer':
         await self.start()
         return self

@@ -354,6 +354,18 @@ class UnixTransport(asyncio.Transport):
         """Close at once, dropping what was not sent yet."""
         self._lose(None)
 
+    def drop(self) -> None:
+        """Close the socket at once, from any thread, for a transport whose
+        loop no longer runs (it may be closed): its peer sees the connection
+        end now rather than when the loop is collected. The protocol is not
+        told (its ``connection_lost`` would work with the dead loop); what was
+        not sent is dropped, with the descriptors it would have passed.
+        Idempotent."""
+        if self._lost:
+            return
+        self._let_go()
+        self._sock.close()
+
     def _fatal(self, error: BaseException) -> None:
         if not isinstance(error, (ConnectionError, BrokenPipeError)):
             _logger.debug('fast-lane socket error: %s', error)
@@ -362,18 +374,22 @@ class UnixTransport(asyncio.Transport):
     def _lose(self, error: BaseException | None) -> None:
         if self._lost:
             return
-        self._lost = True
-        self._closing = True
-        self._loop.remove_reader(self._fileno)
-        self._loop.remove_writer(self._fileno)
-        for _, fds in self._buffer:
-            close_fds(fds)
-        self._buffer.clear()
-        self._buffered = 0
+        self._let_go()
         try:
             self._protocol.connection_lost(error)
         finally:
             self._sock.close()
+
+    def _let_go(self) -> None:
+        """Lost: the socket off the loop, what was not sent dropped with its descriptors."""
+        self._lost = self._closing = True
+        if not self._loop.is_closed():  # (drop(): a closed loop has no registrations left)
+            self._loop.remove_reader(self._fileno)
+            self._loop.remove_writer(self._fileno)
+        for _, fds in self._buffer:
+            close_fds(fds)
+        self._buffer.clear()
+        self._buffered = 0
 
 
 def unread_in_socket(fileno: int) -> int:
