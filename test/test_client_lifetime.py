@@ -127,6 +127,47 @@ def test_an_async_handler_collected_in_another_thread_is_closed_by_its_loop(
         loop.close()
 
 
+def test_a_fast_lane_connection_whose_queued_close_its_loop_drops_unrun_is_closed_then(
+        server: ServerProcess, peers: Peers, echo) -> None:
+    """The handler is collected in the main thread while its loop runs a
+    callback, which then stops the loop: the close queued on the loop
+    meanwhile never runs, and the loop closes. Found: the socket stayed open
+    until the garbage collector found the connection (here: never, it is off)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    busy, go_on = threading.Event(), threading.Event()
+
+    def hold_then_stop() -> None:
+        # What is queued while this runs waits for the loop's next pass, which never comes.
+        busy.set()
+        go_on.wait(LONG)
+        loop.stop()
+
+    try:
+        ipc = IPCHandler(server.socket_path, echo.Stub, lane='ttrpc')
+        call = ipc.call_method('Echo', echo.pb.EchoRequest(text='there'))
+        assert asyncio.run_coroutine_threadsafe(call, loop).result(LONG).text == 'there'
+        wait_for(lambda: peers('ttrpc') == 1, LONG, 'the server to count the connection')
+        loop.call_soon_threadsafe(hold_then_stop)
+        assert busy.wait(LONG)
+        del ipc, call
+        gc.collect()  # the handler's finalizer queues the close on the loop, which is running
+        gc.disable()
+        go_on.set()
+        thread.join(LONG)
+        assert not thread.is_alive() and not loop.is_running()
+        loop.close()  # drops the close it never ran
+        wait_for(peers.closed('ttrpc'), LONG, "the server to see the dropped handler's connection close")
+    finally:
+        gc.enable()
+        go_on.set()
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(LONG)
+            loop.close()
+
+
 @pytest.mark.parametrize('lane', LANES)
 def test_a_live_sync_handler_keeps_the_connection_a_dropped_one_shared(
         server: ServerProcess, peers: Peers, echo, lane: str) -> None:

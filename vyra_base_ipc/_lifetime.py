@@ -8,7 +8,7 @@ would otherwise keep its connection (per server) open for ever after the
 last handler is gone, the server counting it as a peer. With the last user
 of a pooled connection collected, the connection is closed: for an
 :class:`~vyra_base_ipc.IPCHandler` on its event loop (or at once if that
-loop no longer runs), for a :class:`~vyra_base_ipc.SyncIPCHandler` in the
+loop no longer runs, or closes before it ran the close), for a :class:`~vyra_base_ipc.SyncIPCHandler` in the
 thread that collected it (see :meth:`~vyra_base_ipc._pool.Pool.release_dropped`).
 Connections that live handlers share stay open. As asyncio and sockets do,
 a connected handler collected so warns: a :class:`ResourceWarning`, which

@@ -248,15 +248,49 @@ def _close_on(connection: Any, loop: asyncio.AbstractEventLoop) -> None:
     any thread, without waiting (``close_unused`` of the asyncio pools): by
     ``loop`` if it runs (in whichever thread), else at once (a fast-lane
     socket; a gRPC channel is left to the garbage collector: closing it
-    needs its loop)."""
+    needs its loop). A close queued on a loop that closes before it runs it
+    is done as the loop lets go of it (see :class:`_QueuedClose`)."""
     if loop.is_running():
+        queued = _QueuedClose(connection)
         try:
-            loop.call_soon_threadsafe(_close_here, connection)
+            loop.call_soon_threadsafe(queued)
             return
         except RuntimeError:  # it closed meanwhile
-            pass
+            queued.connection = None
+    _close_stopped(connection)
+
+
+def _close_stopped(connection: Any) -> None:
+    """Close an asyncio connection nobody uses, whose loop does not run
+    (also once it closed): a fast-lane connection at once; a grpc.aio channel
+    is left to the garbage collector (closing it needs its loop)."""
     if not isinstance(connection, PinnedChannel):
         connection.abort()
+
+
+class _QueuedClose:
+    """The close of ``connection`` queued on its loop by :func:`_close_on`.
+    A loop that closes first drops it unrun (``close()`` clears what is
+    queued), and a loop left stopped does so once collected: the connection
+    is then closed as it lets go (:func:`_close_stopped`), not when the
+    garbage collector finds the connection, whose socket stayed open till then."""
+
+    __slots__ = ('connection',)
+
+    def __init__(self, connection: Any) -> None:
+        self.connection: Any = connection
+
+    def __call__(self) -> None:
+        connection, self.connection = self.connection, None
+        _close_here(connection)
+
+    def __del__(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            try:
+                _close_stopped(connection)
+            except Exception:  # (a finalizer's work: nobody to tell but the log)
+                _logger.debug('closing the connection of a collected handler failed', exc_info=True)
 
 
 def _close_here(connection: Any) -> None:
