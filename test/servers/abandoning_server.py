@@ -1,0 +1,55 @@
+"""A server on an :class:`EventLoopThread` that abandons itself once its loop
+ended (``IPCServer.abandon()``), as a node hosting its server does, for
+test_abandon.py. Its ModuleService answers ``ping``; ``end_loop`` lets
+``sys.exit()`` out of a callback on the loop, which ends it; ``hold``
+touches HELD_PATH and never answers. Once abandoned it prints "abandoned"
+and lives on (its connections must not close by its exit) until SIGTERM.
+
+A process of its own: grpc.aio's state of a server whose loop died stays
+with the process (later event loops of a test process were kept alive).
+
+Usage: abandoning_server.py SOCKET_PATH HELD_PATH
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+import signal
+import sys
+import threading
+
+from exiting_server import LoopEnder
+
+from vyra_base_ipc import IPCServer
+from vyra_base_ipc._loop_thread import EventLoopThread
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    socket_path, held = sys.argv[1], Path(sys.argv[2])
+
+    async def hold(parameters: dict[str, str]) -> str:
+        held.touch()
+        await asyncio.Event().wait()
+        return 'never'
+
+    service = LoopEnder()
+    service.register_command('hold', hold)
+    server = IPCServer(socket_path, servicers=[service])
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+
+    def abandon(failure: BaseException) -> None:
+        server.abandon()
+        print('abandoned', flush=True)
+
+    loop = EventLoopThread('abandoned-server', on_failure=abandon)
+    loop.start()
+    loop.run(server.start(), timeout=30)
+    done.wait()
+
+
+if __name__ == '__main__':
+    main()
