@@ -1,4 +1,5 @@
-"""What the ``ipc_server`` process logs goes where a ROS 2 node's messages go:
+"""What the ``ipc_server`` process (and a node's ``main()`` made with
+``run_node``) logs goes where a ROS 2 node's messages go:
 on /rosout (rqt_console, bags) as children of the node's logger, with the
 place in the code that logged, once on the console, and at the level
 ``--ros-args --log-level`` gives the node. Read by a real /rosout subscriber."""
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+import sys
 import threading
 from typing import Any, Callable
 
@@ -99,3 +101,54 @@ def test_the_nodes_log_level_lets_the_packages_debug_messages_through(
     fast_lane = rosout.wait('the fast lane says it serves (DEBUG)',
                             lambda m: m.name == 'ipc_server.vyra_base_ipc.ttrpc._server' and 'serving' in m.msg)
     assert fast_lane.level == Log.DEBUG, fast_lane
+
+
+#: A module's node that hosts its IPC server, its main() made by run_node
+#: (as examples/my_arm's), serving the EchoService of exiting_server.py.
+HOSTING_NODE = """
+import logging
+import sys
+
+from exiting_server import ExitingEchoService
+from rclpy.node import Node
+
+from vyra_base_ipc.node import host_ipc_server, run_node
+
+
+class ArmNode(Node):
+    def __init__(self):
+        super().__init__('arm_node')
+        self.host = host_ipc_server(self, [ExitingEchoService()], module_name='arm')
+        self.timer = self.create_timer(0.01, self.spinning)
+
+    def spinning(self):
+        self.timer.cancel()
+        logging.getLogger('my_arm').info('spinning')
+
+    def destroy_node(self):
+        self.host.close()
+        super().destroy_node()
+
+
+sys.exit(run_node(ArmNode, sys.argv[1:]))
+"""
+
+
+def test_a_node_run_by_run_node_logs_on_rosout_under_its_own_name(
+        start_process: Callable[..., ChildProcess], rosout: Rosout, socket_dir: Path,
+        ros_environ: dict[str, str], test_protos_dir: Path, echo: Any) -> None:
+    socket_path = socket_dir / 'arm_ipc.sock'
+    env = {**ros_environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(test_protos_dir), str(SERVERS),
+                                                                       ros_environ.get('PYTHONPATH')]))}
+    node = start_process([sys.executable, '-c', HOSTING_NODE, '--ros-args', '-p', f'socket_path:={socket_path}'],
+                         env)
+    # The module's own Python logging, once it spins (run_node forwards from then on).
+    spinning = rosout.wait('the node spins', lambda m: m.msg == 'spinning')
+    assert (spinning.name, spinning.level, spinning.function) == ('arm_node.my_arm', Log.INFO, 'spinning')
+    with SyncIPCHandler(socket_path, echo.Stub, timeout=10, lane='ttrpc') as client:
+        with pytest.raises(IPCRemoteError):
+            client.call_method('Echo', echo.pb.EchoRequest(text='exit'))
+    failed = rosout.wait('the handler that raised', lambda m: FAILED in m.msg)
+    assert (failed.name, failed.level) == ('arm_node.vyra_base_ipc.ttrpc._status', Log.ERROR), failed
+    assert node.stop() == 0, node.log()
+    assert node.log().count(FAILED) == 1, node.log()

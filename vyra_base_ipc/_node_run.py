@@ -19,6 +19,7 @@ from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
 from ._handler_threads import busy_handler_threads
+from ._ros_logging import logging_through_node
 from ._stop_signals import StopSignals
 from .exceptions import ParameterError
 
@@ -77,6 +78,8 @@ def run_node(make_node: Callable[[], Node], args: Sequence[str] | None = None) -
     handlers), ``rclpy.init(args)``, ``make_node()`` spun until SIGINT,
     SIGTERM, SIGHUP or ROS shutdown, then :func:`shutdown_node`. For a node
     that starts its IPC server in ``__init__`` (:func:`host_ipc_server`).
+    While it spins, the process's Python logging goes through the node's
+    logger (console, ``/rosout``, its log level), as ``ipc_server``'s does.
 
     :returns: 0, or :data:`EXIT_BAD_PARAMETER` after logging a
         :class:`ParameterError` from ``make_node()``.
@@ -89,7 +92,8 @@ def run_node(make_node: Callable[[], Node], args: Sequence[str] | None = None) -
             executor = SingleThreadedExecutor()
             node = make_node()
             executor.add_node(node)
-            spin_until_shutdown(executor, alive=stop.running)
+            with logging_through_node(node):  # (see ipc_server's main())
+                spin_until_shutdown(executor, alive=stop.running)
         except ParameterError as error:
             _logger.error('%s', error)
             return EXIT_BAD_PARAMETER
