@@ -122,6 +122,42 @@ def test_a_status_details_trailer_that_is_no_status_leaves_the_call_its_code_and
     assert f'/vyra.ipc.test.StatusService/{method}: grpc-status-details-bin is not a google.rpc.Status' in said
 
 
+#: Hows that set the rich trailer but end the call with another status, and that status.
+OTHER_STATUS = {'trailer-rich-status-then-raise': (grpc.StatusCode.UNKNOWN,
+                                                   "Unexpected <class 'ValueError'>: after the rich trailer"),
+                'trailer-rich-status-then-abort': (grpc.StatusCode.NOT_FOUND, 'another status')}
+
+
+@pytest.mark.parametrize('lane', LANES)
+@pytest.mark.parametrize('method', UNARY + STREAMS)
+@pytest.mark.parametrize('how', OTHER_STATUS)
+def test_a_status_trailer_the_call_did_not_end_with_gives_no_status_details(
+        server: ServerProcess, echo: Any, lane: str, method: str, how: str, caplog: pytest.LogCaptureFixture) -> None:
+    # A handler that set the trailer and then raised, or aborted with another
+    # status: its details are not those of the call's status, which grpc's
+    # reader (rpc_status.from_call) refuses. Neither lane's client gives them.
+    with SyncIPCHandler(server.socket_path, echo.grpc.StatusServiceStub, lane=lane) as ipc:
+        with caplog.at_level(logging.WARNING, logger='vyra_base_ipc'):
+            received, error = call(ipc, echo, method, how)
+    assert (error.code, error.details, error.status_details) == (*OTHER_STATUS[how], ())
+    assert received == (['first'] if method in STREAMS else [])
+    said = (caplog.text if lane == 'grpc' else server.log())
+    assert f'/vyra.ipc.test.StatusService/{method}: grpc-status-details-bin holds a google.rpc.Status of code 3' \
+        in said
+
+
+@pytest.mark.parametrize('how', OTHER_STATUS)
+def test_a_plain_grpc_channel_refuses_a_status_trailer_the_call_did_not_end_with(
+        server: ServerProcess, echo: Any, how: str) -> None:
+    # The reference for the test above.
+    with grpc.insecure_channel(f'unix:{server.socket_path}') as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            echo.grpc.StatusServiceStub(channel).Misbehave(echo.pb.MisbehaveRequest(how=how), timeout=30)
+    assert (raised.value.code(), raised.value.details()) == OTHER_STATUS[how]
+    with pytest.raises(ValueError, match="doesn't match status"):
+        rpc_status.from_call(raised.value)
+
+
 @pytest.mark.parametrize('how', RICH_HOWS)
 def test_containerds_go_client_reads_the_fast_lanes_status_details(
         go_client: Path, server: ServerProcess, how: str) -> None:

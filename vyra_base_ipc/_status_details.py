@@ -26,11 +26,19 @@ __all__ = ['STATUS_DETAILS_KEY', 'status_details', 'status_trailer']
 STATUS_DETAILS_KEY = 'grpc-status-details-bin'
 
 
-def status_details(metadata: Iterable[tuple[str, Any]] | None) -> tuple[any_pb2.Any, ...]:
+def status_details(metadata: Iterable[tuple[str, Any]] | None, code: grpc.StatusCode,
+                   message: str) -> tuple[any_pb2.Any, ...]:
     """The ``details`` of the ``google.rpc.Status`` in ``metadata``'s
-    ``grpc-status-details-bin`` entry; empty without one.
+    ``grpc-status-details-bin`` entry, for a call that ended with ``code``
+    and ``message``; empty without one.
 
-    :raises ValueError: the entry's value is not a serialized ``google.rpc.Status``.
+    That status must be the call's: its code and message those the call
+    ended with, as ``grpc_status.rpc_status.from_call`` requires (a handler
+    that set the trailer and then raised, or aborted with another status,
+    did not end its call with that one).
+
+    :raises ValueError: the entry's value is not a serialized
+        ``google.rpc.Status``, or not one of ``code`` and ``message``.
     """
     for key, value in metadata or ():
         if key == STATUS_DETAILS_KEY:
@@ -38,9 +46,14 @@ def status_details(metadata: Iterable[tuple[str, Any]] | None) -> tuple[any_pb2.
                 raise ValueError(f'{STATUS_DETAILS_KEY} is a {type(value).__name__}, not the bytes '
                                  'of a google.rpc.Status')
             try:
-                return tuple(ttrpc_pb2.Status.FromString(bytes(value)).details)
+                status = ttrpc_pb2.Status.FromString(bytes(value))
             except DecodeError as error:
                 raise ValueError(f'{STATUS_DETAILS_KEY} is not a google.rpc.Status: {error}') from None
+            if (status.code, status.message) != (code.value[0], message):
+                raise ValueError(f'{STATUS_DETAILS_KEY} holds a google.rpc.Status of code {status.code} and '
+                                 f'message {status.message!r}, not the status the call ended with, '
+                                 f'{code.name} ({code.value[0]}) and {message!r}')
+            return tuple(status.details)
     return ()
 
 

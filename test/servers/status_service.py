@@ -43,6 +43,12 @@ def _misbehave(how: str, context: Any) -> Any:
         context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
         context.set_details(RICH_MESSAGE)
         return None
+    if how == 'trailer-rich-status-then-raise':  # (the call ends UNKNOWN: not the trailer's status)
+        context.set_trailing_metadata(((STATUS_DETAILS_KEY, rich_status().SerializeToString()),))
+        raise ValueError('after the rich trailer')
+    if how == 'trailer-rich-status-then-abort':  # (the call ends NOT_FOUND: not the trailer's status)
+        context.set_trailing_metadata(((STATUS_DETAILS_KEY, rich_status().SerializeToString()),))
+        return context.abort(grpc.StatusCode.NOT_FOUND, 'another status')
     if how == 'abort-with-bad-status-details':
         return context.abort(grpc.StatusCode.INVALID_ARGUMENT, 'bad status details',
                              ((STATUS_DETAILS_KEY, b'\xff not a google.rpc.Status'),))

@@ -152,13 +152,15 @@ class ServicerContext:
     def trailing_metadata(self) -> tuple[Any, ...]:
         return self._trailing_metadata
 
-    def _status_details(self) -> tuple[Any, ...]:
-        """The details of the ``google.rpc.Status`` in the trailing metadata
-        (none if there is none, or if it does not parse: logged)."""
+    def _status_details(self, code: int, details: str) -> tuple[Any, ...]:
+        """The details of the ``google.rpc.Status`` in the trailing metadata,
+        for the call ending with status ``code`` (its number) and ``details``;
+        none if there is none, if it does not parse, or if it is a status
+        other than that one (logged: a plain grpc client would not take it)."""
         if not self._trailing_metadata:
             return ()
         try:
-            return status_details(self._trailing_metadata)
+            return status_details(self._trailing_metadata, code_of(code), details)
         except ValueError as error:
             _logger.warning('%s: %s; its call ends without status details', self._method, error)
             return ()

@@ -442,7 +442,7 @@ class Call:
             return
         self.finished = True
         # The handler's google.rpc.Status details, with the status it ended its call with.
-        rich = self.context._status_details() if end is _End.FINISHED else ()
+        rich = self.context._status_details(code, details) if end is _End.FINISHED else ()
         response = encode_response(code, details, payload, rich)
         connection.send(encode_frame(self.stream_id, _RESPONSE, 0, response))
         self._end(end, code, details)
