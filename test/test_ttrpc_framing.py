@@ -134,16 +134,25 @@ def test_an_oversized_request_frame_comes_with_its_head_once_that_is_in_however_
         items += decoder.feed(wire[start:start + piece])
     assert items == [OversizedFrame(7, 1, 0, len(envelope), 16, envelope[:8]),
                      OversizedFrame(9, 3, 0, 30, 16), Frame(11, 2, 0, b'ok')]
-    assert request_payload_size(items[0].head) == 20 and not decoder.mid_frame
+    assert request_payload_size(items[0].head, items[0].length) == 20 and not decoder.mid_frame
 
 
 def test_the_message_size_is_read_only_where_the_head_holds_it() -> None:
     envelope = encode_request('svc', 'method', b'p' * 300, 10**9)
     # 'svc' and 'method' take 13 bytes, the payload's tag one, its length two.
-    assert [request_payload_size(envelope[:end]) for end in (5, 13, 14, 15, 16, len(envelope))] == \
+    assert [request_payload_size(envelope[:end], len(envelope)) for end in (5, 13, 14, 15, 16, len(envelope))] == \
         [None, None, None, None, 300, 300]
-    assert request_payload_size(encode_request('svc', 'method', b'')) is None  # (no payload field)
-    assert request_payload_size(b'\x0d\x00\x00\x00\x00\x1a\x05') is None  # a 32-bit field: not a Request
+    assert request_payload_size(encode_request('svc', 'method', b''), 13) is None  # (no payload field)
+    assert request_payload_size(b'\x0d\x00\x00\x00\x00\x1a\x05', 12) is None  # a 32-bit field: not a Request
+
+
+def test_a_message_size_the_request_cannot_hold_is_not_taken() -> None:
+    # A peer's head may claim any payload length (a varint up to 2**64 - 1):
+    # only one that fits in the rest of the frame is the message's size.
+    envelope = encode_request('svc', 'method', b'p' * 300)
+    assert request_payload_size(envelope[:20], len(envelope)) == 300
+    assert request_payload_size(envelope[:20], len(envelope) - 1) is None
+    assert request_payload_size(b'\x1a' + b'\xff' * 9 + b'\x01', 5000) is None
 
 
 def test_frame_at_the_limit_is_accepted() -> None:

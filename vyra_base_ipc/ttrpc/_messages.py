@@ -335,10 +335,12 @@ def has_more_fields(data: bytes, most: int) -> bool:
     return False
 
 
-def request_payload_size(head: bytes) -> int | None:
-    """The size of the message in a ``Request`` whose serialization starts
-    with ``head``, read from its payload field's length; ``None`` if ``head``
-    ends before that length (or holds what a ``Request`` cannot).
+def request_payload_size(head: bytes, length: int) -> int | None:
+    """The size of the message in a ``Request`` of ``length`` bytes whose
+    serialization starts with ``head``, read from its payload field's length;
+    ``None`` if ``head`` ends before that length, or holds what a ``Request``
+    cannot (a payload longer than the rest of the ``length`` bytes, say: a
+    peer's size that cannot be true is not reported as the message's).
 
     For a request frame skipped unread: the clients of this package write the
     fields in order, so the payload's length follows the service and method
@@ -354,7 +356,7 @@ def request_payload_size(head: bytes) -> int | None:
         if position < 0:
             return None
         if key == 0x1A:  # field 3 (payload), length-delimited
-            return value
+            return value if value <= length - position else None
         if key & 7 == 2:
             position += value
     return None

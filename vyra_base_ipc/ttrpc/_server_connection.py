@@ -262,7 +262,7 @@ class ServerConnection(FramedConnection):
                 return
             details = oversized_message(item.length, item.limit)
             shared = item.flags & FLAG_SHARED_MEMORY
-            size = request_payload_size(item.head) if item.head and not shared else None
+            size = request_payload_size(item.head, item.length) if item.head and not shared else None
             if size is not None and size > self.server.max_message_bytes:
                 # A request of one of our clients: its message's size is known,
                 # and told in grpc's words, as on the gRPC lane.
