@@ -158,6 +158,23 @@ def test_a_plain_grpc_channel_refuses_a_status_trailer_the_call_did_not_end_with
         rpc_status.from_call(raised.value)
 
 
+@pytest.mark.parametrize('lane', LANES)
+@pytest.mark.parametrize('method', UNARY + STREAMS)
+@pytest.mark.parametrize('how, key', [('trailer-str-status-details', 'grpc-status-details-bin'),
+                                      ('abort-with-str-binary-trailer', 'x-note-bin')])
+def test_a_str_under_a_binary_trailer_key_fails_the_handler_at_once_on_both_lanes(
+        server: ServerProcess, echo: Any, lane: str, method: str, how: str, key: str) -> None:
+    # grpc.aio could then send no status at all: the call waited for its
+    # deadline on the gRPC lane (for ever without one); the fast lane answered.
+    with SyncIPCHandler(server.socket_path, echo.grpc.StatusServiceStub, lane=lane, timeout=60) as ipc:
+        received, error = call(ipc, echo, method, how)
+        assert_rich(*call(ipc, echo, 'Misbehave', 'abort-with-rich-status'), 'Misbehave')  # (served on)
+    assert (error.code, error.details, error.status_details) == (
+        grpc.StatusCode.UNKNOWN, f"Unexpected <class 'TypeError'>: Binary metadata key=\"{key}\" expected bytes, "
+        "got <class 'str'>", ())
+    assert received == (['first'] if method in STREAMS else [])
+
+
 @pytest.mark.parametrize('how', RICH_HOWS)
 def test_containerds_go_client_reads_the_fast_lanes_status_details(
         go_client: Path, server: ServerProcess, how: str) -> None:

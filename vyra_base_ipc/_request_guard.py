@@ -33,6 +33,7 @@ import grpc
 
 from ._def_handlers import in_handler_threads
 from ._methods import stream_returned
+from ._status_details import checked_trailer
 from ._sync_context import abort_code
 
 __all__ = ['HANDLER_EXITS', 'HANDLER_FAILURES', 'guard_handlers', 'unexpected_details']
@@ -171,7 +172,12 @@ class _AsyncContext:
         return getattr(self._context, name)
 
     async def abort(self, code: grpc.StatusCode, details: str = '', trailing_metadata: Any = ()) -> None:
-        await self._context.abort(abort_code(code), details, trailing_metadata)
+        await self._context.abort(abort_code(code), details, checked_trailer(trailing_metadata))
+
+    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
+        """grpc.aio's, but that a ``str`` under a ``-bin`` key raises
+        ``TypeError`` here (:func:`~._status_details.checked_trailer`)."""
+        self._context.set_trailing_metadata(checked_trailer(trailing_metadata))
 
     async def abort_with_status(self, status: grpc.Status) -> None:
         await self.abort(status.code, status.details, status.trailing_metadata)

@@ -19,7 +19,7 @@ import grpc
 
 from . import ttrpc_pb2
 
-__all__ = ['STATUS_DETAILS_KEY', 'status_details', 'status_trailer']
+__all__ = ['STATUS_DETAILS_KEY', 'checked_trailer', 'status_details', 'status_trailer']
 
 #: The trailing-metadata key of a serialized ``google.rpc.Status``
 #: (``grpc_status.rpc_status``'s ``GRPC_DETAILS_METADATA_KEY``).
@@ -65,3 +65,22 @@ def status_trailer(code: grpc.StatusCode, message: str, details: Sequence[any_pb
         return ()
     status = ttrpc_pb2.Status(code=code.value[0], message=message, details=details)
     return ((STATUS_DETAILS_KEY, status.SerializeToString()),)
+
+
+def checked_trailer(trailing_metadata: Any) -> tuple[Any, ...]:
+    """A handler's ``trailing_metadata`` (for ``set_trailing_metadata()`` and
+    ``abort()`` on both lanes) as a tuple, its binary values checked as grpc
+    checks them only once it sends the status: on the gRPC lane a ``str``
+    under a ``-bin`` key (``grpc-status-details-bin`` too) made grpc.aio fail
+    to send any status, its caller waiting for the deadline (for ever without
+    one), where the fast lane answered. Checked here, the handler fails there
+    and then, UNKNOWN on both lanes, in grpc's words.
+
+    :raises TypeError: a ``-bin`` key's value is not bytes.
+    """
+    items = tuple(trailing_metadata or ())
+    for item in items:
+        if (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)
+                and item[0].endswith('-bin') and not isinstance(item[1], bytes)):
+            raise TypeError(f'Binary metadata key="{item[0]}" expected bytes, got {type(item[1])}')
+    return items

@@ -14,8 +14,9 @@ call, made usable from the thread, with what the fast lane's context has:
   client left, the deadline passed, or the server stopped.
 - ``code()`` and ``details()`` tell what the handler set.
 
-Everything else (``invocation_metadata()``, ``time_remaining()``, ``peer()``,
-``set_trailing_metadata()``...) is grpc.aio's context.
+Everything else (``invocation_metadata()``, ``time_remaining()``, ``peer()``...)
+is grpc.aio's context; ``set_trailing_metadata()`` too, its binary values
+checked first (see :func:`~._status_details.checked_trailer`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import threading
 from typing import Any, Callable, Coroutine, TypeVar
 
 import grpc
+
+from ._status_details import checked_trailer
 
 __all__ = ['CallEnded', 'SyncContext', 'abort_code']
 
@@ -108,13 +111,18 @@ class SyncContext:
         :raises CallEnded: instead, once the call has ended or its deadline
             has passed (nothing is sent: the client's status is grpc's).
         """
-        code = abort_code(code)
+        code, trailing_metadata = abort_code(code), checked_trailer(trailing_metadata)
         self._code, self._details = code, details or self._details
         try:
-            self.on_loop(self._context.abort(code, details, tuple(trailing_metadata)))
+            self.on_loop(self._context.abort(code, details, trailing_metadata))
         except grpc.aio.AbortError as error:
             self._abort_error = error
             raise
+
+    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
+        """grpc.aio's, but that a ``str`` under a ``-bin`` key raises
+        ``TypeError`` here (:func:`~._status_details.checked_trailer`)."""
+        self._context.set_trailing_metadata(checked_trailer(trailing_metadata))
 
     def abort_with_status(self, status: grpc.Status) -> None:
         """:meth:`abort` with a :class:`grpc.Status`."""

@@ -49,6 +49,12 @@ def _misbehave(how: str, context: Any) -> Any:
     if how == 'trailer-rich-status-then-abort':  # (the call ends NOT_FOUND: not the trailer's status)
         context.set_trailing_metadata(((STATUS_DETAILS_KEY, rich_status().SerializeToString()),))
         return context.abort(grpc.StatusCode.NOT_FOUND, 'another status')
+    if how == 'trailer-str-status-details':  # (a str where grpc takes only bytes)
+        context.set_trailing_metadata(((STATUS_DETAILS_KEY, RICH_MESSAGE),))
+        context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+        return None
+    if how == 'abort-with-str-binary-trailer':
+        return context.abort(grpc.StatusCode.NOT_FOUND, 'str trailer', (('x-note-bin', 'text'),))
     if how == 'abort-with-bad-status-details':
         return context.abort(grpc.StatusCode.INVALID_ARGUMENT, 'bad status details',
                              ((STATUS_DETAILS_KEY, b'\xff not a google.rpc.Status'),))

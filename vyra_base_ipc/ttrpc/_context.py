@@ -25,7 +25,7 @@ from typing import Any, Callable
 import grpc
 
 from .._peer import PeerCredentials
-from .._status_details import status_details
+from .._status_details import checked_trailer, status_details
 from ._messages import code_of
 
 __all__ = ['AsyncServicerContext', 'ServicerContext']
@@ -146,8 +146,11 @@ class ServicerContext:
     def set_trailing_metadata(self, trailing_metadata: Any) -> None:
         """Kept for :meth:`trailing_metadata`; ttrpc has no trailers to send it
         in. A ``google.rpc.Status`` in ``grpc-status-details-bin`` goes with a
-        non-OK status the handler ends the call with, as its details."""
-        self._trailing_metadata = tuple(trailing_metadata or ())
+        non-OK status the handler ends the call with, as its details.
+
+        :raises TypeError: a ``str`` under a ``-bin`` key, as on the gRPC lane
+            (:func:`~vyra_base_ipc._status_details.checked_trailer`)."""
+        self._trailing_metadata = checked_trailer(trailing_metadata)
 
     def trailing_metadata(self) -> tuple[Any, ...]:
         return self._trailing_metadata
@@ -199,6 +202,7 @@ class ServicerContext:
             code = grpc.StatusCode.UNKNOWN
         if not details and self._details:
             details = self._details  # as grpc.aio: an abort without details sends those set before
+        trailing_metadata = checked_trailer(trailing_metadata)  # (before the abort counts: as the gRPC lane)
         if self._abort is None:
             self._abort = (code, details)
             self._code, self._details = code, details
