@@ -135,6 +135,30 @@ def test_an_interceptor_refuses_a_call_with_the_status_details_it_gives(observed
     assert (info.reason, info.domain, dict(info.metadata)) == ('DENIED', 'vyra.ipc.test', {'by': 'gatekeeper'})
 
 
+def test_a_refusal_with_status_details_that_are_no_any_messages_is_a_type_error_where_it_is_made() -> None:
+    with pytest.raises(TypeError, match=r'must be google.protobuf.any_pb2.Any messages, not ErrorInfo \(pack it'):
+        CallRejected(grpc.StatusCode.PERMISSION_DENIED, 'x', status_details=[error_details_pb2.ErrorInfo()])
+    with pytest.raises(TypeError, match='must be a sequence of google.protobuf.any_pb2.Any, not ErrorInfo'):
+        CallRejected(grpc.StatusCode.PERMISSION_DENIED, 'x',
+                     status_details=error_details_pb2.ErrorInfo())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_an_interceptor_refusing_with_unpacked_status_details_is_a_broken_one_on_both_lanes(
+        observed: Observed, echo: Any, lane: str) -> None:
+    # Its TypeError is that of any interceptor's bug: logged, and the call goes
+    # on. (The fast lane had answered such a refusal never: its caller waited
+    # for the deadline, and the call stayed in flight for the metrics.)
+    with observed.client(echo.Stub, lane) as client:
+        answer = client.call_method('Echo', echo.pb.EchoRequest(text='a'),
+                                    metadata=(('x-deny', 'with-unpacked-error-info'),))
+        assert answer.text == 'a'
+        assert client.call_method('Echo', echo.pb.EchoRequest(text='b')).text == 'b'
+    assert [entry['code'] for entry in observed.ended(ECHO, lane, 2)] == ['OK', 'OK']
+    wait_for(lambda: 'must be google.protobuf.any_pb2.Any messages, not ErrorInfo' in observed.server.log(), 10,
+             'the TypeError in the log')
+
+
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
 def test_a_client_interceptor_refuses_a_call_with_the_status_details_it_gives(
         observed: Observed, echo: Any, lane: str) -> None:

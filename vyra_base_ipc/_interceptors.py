@@ -23,7 +23,7 @@ import contextlib
 from dataclasses import dataclass, field
 import logging
 import time
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterable, Iterator, Sequence, Union
 
 from google.protobuf import any_pb2
 import grpc
@@ -55,16 +55,28 @@ class CallRejected(Exception):
     them; the caller reads them as :attr:`IPCError.status_details`.
 
     :raises ValueError: ``code`` is not a :class:`grpc.StatusCode`, or is OK.
+    :raises TypeError: ``status_details`` holds what is not an ``Any`` (an
+        ``ErrorInfo`` itself, say: pack it with ``Any.Pack``). Raised here, in
+        the interceptor, as any bug of its (the fast lane had left such a
+        refusal unanswered, its caller waiting for the deadline).
     """
 
     def __init__(self, code: grpc.StatusCode, details: str = '', *,
                  status_details: Sequence[any_pb2.Any] = ()) -> None:
         if not isinstance(code, grpc.StatusCode) or code is grpc.StatusCode.OK:
             raise ValueError(f'CallRejected needs a grpc.StatusCode other than OK, not {code!r}')
+        if isinstance(status_details, (str, bytes)) or not isinstance(status_details, Iterable):
+            raise TypeError('CallRejected status_details must be a sequence of google.protobuf.any_pb2.Any, '
+                            f'not {type(status_details).__name__}')
+        status_details = tuple(status_details)
+        for detail in status_details:
+            if not isinstance(detail, any_pb2.Any):
+                raise TypeError('CallRejected status_details must be google.protobuf.any_pb2.Any messages, '
+                                f'not {type(detail).__name__} (pack it: detail = Any(); detail.Pack(...))')
         super().__init__(f'{code.name}: {details}')
         self.code = code
         self.details = details
-        self.status_details = tuple(status_details)
+        self.status_details = status_details
 
     def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
         """The ``grpc-status-details-bin`` trailer of the rejection's
