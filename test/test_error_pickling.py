@@ -60,6 +60,30 @@ def test_an_exception_pickled_or_copied_is_the_same_error(sample: BaseException,
         assert (again.errno, again.strerror, again.filename) == (sample.errno, sample.strerror, sample.filename)
 
 
+class JointError(exceptions.IPCRemoteError):
+    """An error a user makes of the package's, with attributes in slots."""
+
+    __slots__ = ('joint', '__limit')
+
+    def __init__(self, joint: int, limit: float) -> None:
+        super().__init__(grpc.StatusCode.OUT_OF_RANGE, f'joint {joint} beyond {limit}', status_details=[DETAIL])
+        self.joint = joint
+        self.__limit = limit
+
+    @property
+    def limit(self) -> float:
+        return self.__limit
+
+
+@pytest.mark.parametrize('how', ['pickle', 'copy', 'deepcopy'])
+def test_a_users_subclass_with_slots_keeps_them(how: str) -> None:
+    sample = JointError(3, 1.5)
+    again = {'pickle': lambda error: pickle.loads(pickle.dumps(error)),
+             'copy': copy.copy, 'deepcopy': copy.deepcopy}[how](sample)
+    assert (type(again), str(again), vars(again)) == (JointError, str(sample), vars(sample))
+    assert (again.joint, again.limit, again.status_details) == (3, 1.5, (DETAIL,))
+
+
 @pytest.fixture(scope='module')
 def server(start_module_server: StartServer, module_socket_dir: Path) -> ServerProcess:
     """One echo server (both lanes) for the tests of this module."""

@@ -90,7 +90,7 @@ class IPCError(Exception):
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled (a process pool's worker raising it, copy.copy) with its
         # attributes: the default remakes it from its message alone.
-        return _restored, (type(self), self.args, self.__dict__)
+        return _restored, (type(self), self.args, _state(self))
 
 
 class IPCUnavailableError(IPCError):
@@ -152,11 +152,26 @@ class MessageTooLargeError(IPCError):
         return MessageTooLargeError(self.size, self.limit, method=method, buffers=self.buffers)
 
 
+def _state(error: BaseException) -> dict[str, Any]:
+    """``error``'s attributes: those of its ``__dict__``, and those a subclass
+    keeps in ``__slots__`` (which ``__dict__`` does not hold)."""
+    state = dict(error.__dict__)
+    for cls in type(error).__mro__:
+        slots = cls.__dict__.get('__slots__', ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name.startswith('__') and not name.endswith('__'):
+                name = f'_{cls.__name__.lstrip("_")}{name}'  # (a private slot's mangled name)
+            if name not in ('__dict__', '__weakref__') and hasattr(error, name):
+                state.setdefault(name, getattr(error, name))
+    return state
+
+
 def _restored(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> BaseException:
-    """An exception of ``cls`` as it was pickled: its ``args`` and attributes,
-    without ``__init__``, whose parameters are not its ``args``."""
+    """An exception of ``cls`` as it was pickled: its ``args`` and attributes
+    (see :func:`_state`), without ``__init__``, whose parameters are not its ``args``."""
     error = cls.__new__(cls, *args)
-    error.__dict__.update(state)
+    for name, value in state.items():
+        object.__setattr__(error, name, value)
     return error
 
 
@@ -278,7 +293,7 @@ class ParameterError(ValueError):
         super().__init__(f"parameter '{parameter}': {reason}")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _restored, (type(self), self.args, self.__dict__)  # (as IPCError's)
+        return _restored, (type(self), self.args, _state(self))  # (as IPCError's)
 
 
 # -- shared memory -------------------------------------------------------------------
