@@ -135,28 +135,34 @@ def test_an_interceptor_refuses_a_call_with_the_status_details_it_gives(observed
     assert (info.reason, info.domain, dict(info.metadata)) == ('DENIED', 'vyra.ipc.test', {'by': 'gatekeeper'})
 
 
-def test_a_refusal_with_status_details_that_are_no_any_messages_is_a_type_error_where_it_is_made() -> None:
-    with pytest.raises(TypeError, match=r'must be google.protobuf.any_pb2.Any messages, not ErrorInfo \(pack it'):
-        CallRejected(grpc.StatusCode.PERMISSION_DENIED, 'x', status_details=[error_details_pb2.ErrorInfo()])
-    with pytest.raises(TypeError, match='must be a sequence of google.protobuf.any_pb2.Any, not ErrorInfo'):
-        CallRejected(grpc.StatusCode.PERMISSION_DENIED, 'x',
-                     status_details=error_details_pb2.ErrorInfo())  # type: ignore[arg-type]
+def test_a_refusal_packs_its_status_details_and_takes_nothing_but_messages() -> None:
+    info = error_details_pb2.ErrorInfo(reason='DENIED')
+    packed = any_pb2.Any()
+    packed.Pack(info)
+    assert CallRejected(grpc.StatusCode.PERMISSION_DENIED, 'x', status_details=[info, packed]).status_details == (
+        packed, packed)
+    with pytest.raises(TypeError, match='must be protobuf messages, not dict'):
+        CallRejected(grpc.StatusCode.PERMISSION_DENIED, 'x', status_details=[{'reason': 'DENIED'}])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match='must be a sequence of protobuf messages, not ErrorInfo'):
+        CallRejected(grpc.StatusCode.PERMISSION_DENIED, 'x', status_details=info)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
-def test_an_interceptor_refusing_with_unpacked_status_details_is_a_broken_one_on_both_lanes(
+def test_an_interceptor_refusing_with_a_message_not_packed_in_an_any_refuses_with_it_packed(
         observed: Observed, echo: Any, lane: str) -> None:
-    # Its TypeError is that of any interceptor's bug: logged, and the call goes
-    # on. (The fast lane had answered such a refusal never: its caller waited
-    # for the deadline, and the call stayed in flight for the metrics.)
+    # (The fast lane had answered such a refusal never: its caller waited for
+    # the deadline, and the call stayed in flight for the metrics; a TypeError
+    # instead would have let the refused call through, as any broken interceptor's.)
     with observed.client(echo.Stub, lane) as client:
-        answer = client.call_method('Echo', echo.pb.EchoRequest(text='a'),
-                                    metadata=(('x-deny', 'with-unpacked-error-info'),))
-        assert answer.text == 'a'
+        with pytest.raises(IPCRemoteError) as refused:
+            client.call_method('Echo', echo.pb.EchoRequest(text='a'),
+                               metadata=(('x-deny', 'with-unpacked-error-info'),))
         assert client.call_method('Echo', echo.pb.EchoRequest(text='b')).text == 'b'
-    assert [entry['code'] for entry in observed.ended(ECHO, lane, 2)] == ['OK', 'OK']
-    wait_for(lambda: 'must be google.protobuf.any_pb2.Any messages, not ErrorInfo' in observed.server.log(), 10,
-             'the TypeError in the log')
+    info = error_details_pb2.ErrorInfo()
+    assert refused.value.code is grpc.StatusCode.PERMISSION_DENIED
+    assert len(refused.value.status_details) == 1 and refused.value.status_details[0].Unpack(info)
+    assert info.reason == 'DENIED'
+    assert [entry['code'] for entry in observed.ended(ECHO, lane, 2)] == ['PERMISSION_DENIED', 'OK']
 
 
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])

@@ -26,6 +26,7 @@ import time
 from typing import Any, Iterable, Iterator, Sequence, Union
 
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 import grpc
 
 from ._metrics import MethodMetrics, ServerMetrics
@@ -49,39 +50,50 @@ class CallRejected(Exception):
     with ``code`` and ``details`` instead of running its handler (and by
     :meth:`ClientInterceptor.call_started` to fail it at once).
 
-    ``status_details``: ``google.protobuf.any_pb2.Any`` messages (a
-    ``google.rpc.ErrorInfo``, say) that go with the status as the details of
-    a ``google.rpc.Status``, as a handler's ``abort_with_status()`` sends
-    them; the caller reads them as :attr:`IPCError.status_details`.
+    ``status_details``: messages (a ``google.rpc.ErrorInfo``, say) that go
+    with the status as the details of a ``google.rpc.Status``, as a handler's
+    ``abort_with_status()`` sends them; each is packed in an
+    ``google.protobuf.any_pb2.Any`` unless it is one. The caller reads them
+    as :attr:`IPCError.status_details`.
 
     :raises ValueError: ``code`` is not a :class:`grpc.StatusCode`, or is OK.
-    :raises TypeError: ``status_details`` holds what is not an ``Any`` (an
-        ``ErrorInfo`` itself, say: pack it with ``Any.Pack``). Raised here, in
-        the interceptor, as any bug of its (the fast lane had left such a
-        refusal unanswered, its caller waiting for the deadline).
+    :raises TypeError: ``status_details`` is not a sequence of protobuf
+        messages. Raised here, in the interceptor, as any bug of its (an
+        interceptor that raises so is logged and the call goes on: its
+        refusal was never made).
     """
 
     def __init__(self, code: grpc.StatusCode, details: str = '', *,
-                 status_details: Sequence[any_pb2.Any] = ()) -> None:
+                 status_details: Sequence[Message] = ()) -> None:
         if not isinstance(code, grpc.StatusCode) or code is grpc.StatusCode.OK:
             raise ValueError(f'CallRejected needs a grpc.StatusCode other than OK, not {code!r}')
-        if isinstance(status_details, (str, bytes)) or not isinstance(status_details, Iterable):
-            raise TypeError('CallRejected status_details must be a sequence of google.protobuf.any_pb2.Any, '
+        if isinstance(status_details, (str, bytes, Message)) or not isinstance(status_details, Iterable):
+            raise TypeError('CallRejected status_details must be a sequence of protobuf messages, '
                             f'not {type(status_details).__name__}')
-        status_details = tuple(status_details)
-        for detail in status_details:
-            if not isinstance(detail, any_pb2.Any):
-                raise TypeError('CallRejected status_details must be google.protobuf.any_pb2.Any messages, '
-                                f'not {type(detail).__name__} (pack it: detail = Any(); detail.Pack(...))')
         super().__init__(f'{code.name}: {details}')
         self.code = code
         self.details = details
-        self.status_details = status_details
+        #: The details as they go: each an ``Any``.
+        self.status_details = tuple(_packed(detail) for detail in status_details)
 
     def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
         """The ``grpc-status-details-bin`` trailer of the rejection's
         ``google.rpc.Status``; empty without ``status_details``."""
         return status_trailer(self.code, self.details, self.status_details)
+
+
+def _packed(detail: Message) -> any_pb2.Any:
+    """``detail`` in an ``Any`` (itself if it is one).
+
+    :raises TypeError: it is not a protobuf message.
+    """
+    if isinstance(detail, any_pb2.Any):
+        return detail
+    if not isinstance(detail, Message):
+        raise TypeError(f'CallRejected status_details must be protobuf messages, not {type(detail).__name__}')
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    return packed
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ class Gatekeeper(ServerInterceptor):
         if reason == 'with-error-info':  # with the ErrorInfo of gRPC's richer error model
             raise CallRejected(grpc.StatusCode.PERMISSION_DENIED, f'denied: {reason}',
                                status_details=[denied_info()])
-        if reason == 'with-unpacked-error-info':  # (a bug: an ErrorInfo, not an Any packing it)
+        if reason == 'with-unpacked-error-info':  # (an ErrorInfo itself: CallRejected packs it)
             raise CallRejected(grpc.StatusCode.PERMISSION_DENIED, f'denied: {reason}',
                                status_details=[error_details_pb2.ErrorInfo(reason='DENIED')])
         if reason is not None:
