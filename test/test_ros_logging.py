@@ -103,6 +103,21 @@ def test_the_nodes_log_level_lets_the_packages_debug_messages_through(
     assert fast_lane.level == Log.DEBUG, fast_lane
 
 
+def test_the_nodes_log_level_holds_for_what_it_logs_as_it_stops(
+        start_process: Callable[..., ChildProcess], socket_dir: Path, ros_environ: dict[str, str],
+        test_protos_dir: Path) -> None:
+    # What it logs once it begins to stop goes to stderr alone; at the node's level still
+    # (before: the INFO lines of the stop came with --log-level error too).
+    socket_path = socket_dir / 'arm_ipc.sock'
+    quiet = start_ipc_server(start_process, socket_path, ros_environ, test_protos_dir, '--log-level',
+                             'ipc_server:=error')
+    assert quiet.stop() == 0, quiet.log()
+    assert 'stopping IPC server on' not in quiet.log() and 'ipc_server stopped' not in quiet.log(), quiet.log()
+    told = start_ipc_server(start_process, socket_path, ros_environ, test_protos_dir)
+    assert told.stop() == 0, told.log()
+    assert 'stopping IPC server on' in told.log() and 'ipc_server stopped' in told.log(), told.log()
+
+
 #: A module's node that hosts its IPC server, its main() made by run_node
 #: (as examples/my_arm's), serving the EchoService of exiting_server.py.
 HOSTING_NODE = """

@@ -80,9 +80,11 @@ class _ThroughNode(logging.Handler):
 @contextlib.contextmanager
 def logging_through_node(node: Node) -> Iterator[None]:
     """While the block runs, the root logger's records go through ``node``'s
-    logger (see the module), at the level the node's logger has (so that
-    ``--log-level debug`` lets this package's debug messages through);
-    afterwards, to the root's handlers and level as they were.
+    logger (see the module); afterwards, to the root's handlers as they
+    were. The root logger takes the level the node's logger has, and keeps
+    it afterwards: ``--log-level debug`` lets this package's debug messages
+    through, and ``--log-level error`` keeps what is logged as the node
+    stops to errors too.
 
     Leave the block before ROS shuts down or the node is destroyed, on the
     same thread: records of other threads then no longer reach rcl (rcl's
@@ -90,7 +92,7 @@ def logging_through_node(node: Node) -> Iterator[None]:
     another).
     """
     root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    handlers = list(root.handlers)
     # Without handlers, logging prints warnings and worse through its last resort: so do we.
     fallback = handlers if handlers or logging.lastResort is None else [logging.lastResort]
     through = _ThroughNode(node, fallback)
@@ -105,4 +107,3 @@ def logging_through_node(node: Node) -> Iterator[None]:
         root.removeHandler(through)
         for handler in handlers:
             root.addHandler(handler)
-        root.setLevel(level)
