@@ -175,6 +175,49 @@ def test_a_str_under_a_binary_trailer_key_fails_the_handler_at_once_on_both_lane
     assert received == (['first'] if method in STREAMS else [])
 
 
+#: What a handler's set_trailing_metadata() of a trailer gRPC does not send raises, by how.
+BAD_TRAILER_ERRORS = {
+    'trailer-upper-key': "ValueError'>: trailing metadata key 'X-Note': gRPC allows only 0-9, a-z, \"_\", \"-\" "
+                         'and "." in a key',
+    'trailer-space-in-key': "ValueError'>: trailing metadata key 'x note': gRPC allows only 0-9, a-z, \"_\", "
+                            '"-" and "." in a key',
+    'trailer-non-ascii-value': "ValueError'>: trailing metadata value of 'x-note' must be printable ASCII (a key "
+                               "ending in \"-bin\" carries any bytes), not 'caf\u00e9'",
+    'trailer-newline-in-value': "ValueError'>: trailing metadata value of 'x-note' must be printable ASCII (a key "
+                                "ending in \"-bin\" carries any bytes), not 'two\\nlines'",
+    'trailer-int-value': "TypeError'>: Invalid trailing metadata type, expected Tuple[Tuple[str, Union[str, "
+                         "bytes]]...]: (('x-note', 5),)",
+    'trailer-not-a-pair': "TypeError'>: Invalid trailing metadata type, expected Tuple[Tuple[str, Union[str, "
+                          "bytes]]...]: (('x-note',),)",
+}
+
+
+@pytest.mark.parametrize('lane', LANES)
+@pytest.mark.parametrize('method', UNARY + STREAMS)
+@pytest.mark.parametrize('how', list(BAD_TRAILER_ERRORS))
+def test_a_trailer_grpc_does_not_send_fails_the_handler_where_it_is_set_on_both_lanes(
+        server: ServerProcess, echo: Any, lane: str, method: str, how: str) -> None:
+    # grpc.aio ended the call INTERNAL "Invalid metadata" once the handler had
+    # answered (a key or value it does not allow), and the fast lane answered
+    # OK: a servicer tested on the fast lane failed where the gRPC lane took over.
+    with SyncIPCHandler(server.socket_path, echo.grpc.StatusServiceStub, lane=lane, timeout=60) as ipc:
+        received, error = call(ipc, echo, method, how)
+    assert (error.code, error.details) == (grpc.StatusCode.UNKNOWN, f"Unexpected <class '{BAD_TRAILER_ERRORS[how]}")
+    assert received == (['first'] if method in STREAMS else [])
+
+
+@pytest.mark.parametrize('lane', LANES)
+@pytest.mark.parametrize('method', UNARY + STREAMS)
+def test_trailers_grpc_sends_leave_the_call_ok_on_both_lanes(
+        server: ServerProcess, echo: Any, lane: str, method: str) -> None:
+    with SyncIPCHandler(server.socket_path, echo.grpc.StatusServiceStub, lane=lane, timeout=60) as ipc:
+        request = echo.pb.MisbehaveRequest(how='good-trailers')
+        if method in STREAMS:
+            assert [reply.text for reply in ipc.stream_method(method, request)] == ['first']
+        else:
+            assert ipc.call_method(method, request) == echo.pb.EchoReply()
+
+
 @pytest.mark.parametrize('how', RICH_HOWS)
 def test_containerds_go_client_reads_the_fast_lanes_status_details(
         go_client: Path, server: ServerProcess, how: str) -> None:

@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 import grpc
 
 from . import ttrpc_pb2
+from ._metadata import KEY, TEXT
 
 __all__ = ['STATUS_DETAILS_KEY', 'checked_trailer', 'status_details', 'status_trailer']
 
@@ -69,18 +70,36 @@ def status_trailer(code: grpc.StatusCode, message: str, details: Sequence[any_pb
 
 def checked_trailer(trailing_metadata: Any) -> tuple[Any, ...]:
     """A handler's ``trailing_metadata`` (for ``set_trailing_metadata()`` and
-    ``abort()`` on both lanes) as a tuple, its binary values checked as grpc
-    checks them only once it sends the status: on the gRPC lane a ``str``
-    under a ``-bin`` key (``grpc-status-details-bin`` too) made grpc.aio fail
-    to send any status, its caller waiting for the deadline (for ever without
-    one), where the fast lane answered. Checked here, the handler fails there
-    and then, UNKNOWN on both lanes, in grpc's words.
+    ``abort()`` on both lanes) as a tuple, checked as grpc checks it, but at
+    once: the handler fails there and then, UNKNOWN on both lanes, saying
+    what is wrong. grpc.aio checks most of it only once it sends the status:
+    a ``str`` under a ``-bin`` key made it send no status at all (its caller
+    waiting for the deadline, for ever without one), a key or value it does
+    not allow ended the call INTERNAL "Invalid metadata", whatever the
+    handler answered; and the fast lane, which sends no trailers, answered
+    as if all were well.
 
-    :raises TypeError: a ``-bin`` key's value is not bytes.
+    :raises TypeError: not ``(key, value)`` pairs of a ``str`` and a ``str``
+        or ``bytes`` (grpc's words), or a ``-bin`` key's value not bytes.
+    :raises ValueError: a key of other characters than 0-9, a-z, ``_``,
+        ``-`` and ``.``, or a value not printable ASCII under a key that does
+        not end in ``-bin``; the message names the key.
     """
     items = tuple(trailing_metadata or ())
     for item in items:
-        if (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)
-                and item[0].endswith('-bin') and not isinstance(item[1], bytes)):
-            raise TypeError(f'Binary metadata key="{item[0]}" expected bytes, got {type(item[1])}')
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], (str, bytes))):
+            raise TypeError('Invalid trailing metadata type, expected '
+                            f'Tuple[Tuple[str, Union[str, bytes]]...]: {trailing_metadata!r}')
+        key, value = item
+        if key.endswith('-bin'):
+            if not isinstance(value, bytes):
+                raise TypeError(f'Binary metadata key="{key}" expected bytes, got {type(value)}')
+            continue
+        if not KEY.match(key):
+            raise ValueError(f'trailing metadata key {key!r}: gRPC allows only 0-9, a-z, "_", "-" and "." '
+                             'in a key')
+        if not TEXT.match(value if isinstance(value, str) else value.decode('latin-1')):
+            raise ValueError(f'trailing metadata value of {key!r} must be printable ASCII (a key ending in '
+                             f'"-bin" carries any bytes), not {value!r}')
     return items

@@ -23,6 +23,18 @@ class _Status(collections.namedtuple('_Status', ('code', 'details', 'trailing_me
     """A :class:`grpc.Status` (an abstract class: grpc_status makes them from rich errors)."""
 
 
+#: Trailers gRPC does not send, by how ("trailer-..."): grpc.aio ended such
+#: a call INTERNAL "Invalid metadata", or raised TypeError in the handler.
+BAD_TRAILERS: dict[str, Any] = {
+    'trailer-upper-key': (('X-Note', 'a note'),),
+    'trailer-space-in-key': (('x note', 'a note'),),
+    'trailer-non-ascii-value': (('x-note', 'caf\u00e9'),),
+    'trailer-newline-in-value': (('x-note', 'two\nlines'),),
+    'trailer-int-value': (('x-note', 5),),
+    'trailer-not-a-pair': (('x-note',),),
+}
+
+
 def _misbehave(how: str, context: Any) -> Any:
     """Do what ``how`` says; an awaitable for an async context's abort."""
     if how == 'set-code-then-raise':
@@ -52,6 +64,12 @@ def _misbehave(how: str, context: Any) -> Any:
     if how == 'trailer-str-status-details':  # (a str where grpc takes only bytes)
         context.set_trailing_metadata(((STATUS_DETAILS_KEY, RICH_MESSAGE),))
         context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+        return None
+    if how in BAD_TRAILERS:  # (each a trailer gRPC does not send; the handler then answers OK)
+        context.set_trailing_metadata(BAD_TRAILERS[how])
+        return None
+    if how == 'good-trailers':
+        context.set_trailing_metadata((('x-note', 'a note'), ('x-note-bin', b'\x00\xff'), ('x-raw', b'ab')))
         return None
     if how == 'abort-with-str-binary-trailer':
         return context.abort(grpc.StatusCode.NOT_FOUND, 'str trailer', (('x-note-bin', 'text'),))

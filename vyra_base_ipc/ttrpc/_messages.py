@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from typing import Any, Iterable, Sequence
 
 import grpc
 
 from .. import ttrpc_pb2
+from .._metadata import KEY, TEXT
 from ._frames import HEADER, MessageType
 
 __all__ = [
@@ -61,10 +61,6 @@ def code_of(number: int) -> grpc.StatusCode:
     return _CODES.get(number, grpc.StatusCode.UNKNOWN)
 
 
-# What gRPC allows in a metadata key, and in a value of a key not ending in "-bin".
-_KEY = re.compile(r'[0-9a-z_.-]+\Z')
-_TEXT = re.compile(r'[\x20-\x7e]*\Z')
-
 # Keys gRPC keeps for itself: those of its protocol ("grpc-": status,
 # timeout, encodings, tracing; the rest reserved for its future use), HTTP/2's
 # pseudo-headers (":path") and the headers its transport sets. A client
@@ -100,7 +96,7 @@ def checked_metadata(metadata: Metadata) -> list[tuple[str, str | bytes]]:
         if key.startswith(_RESERVED_PREFIXES) or key in _RESERVED_KEYS:
             raise ValueError(f'metadata key {key!r} is reserved: gRPC keeps keys beginning with "grpc-" or '
                              '":", and content-type, te, user-agent and host for itself')
-        if not _KEY.match(key):
+        if not KEY.match(key):
             raise ValueError(f'metadata key {key!r}: gRPC allows only 0-9, a-z, "_", "-" and "." in a key')
         if key.endswith('-bin'):
             if isinstance(value, str):
@@ -112,7 +108,7 @@ def checked_metadata(metadata: Metadata) -> list[tuple[str, str | bytes]]:
             raise TypeError(
                 f'metadata value of {key!r} must be a str (only keys ending in "-bin" carry bytes), '
                 f'not {type(value).__name__}')
-        elif not _TEXT.match(value):
+        elif not TEXT.match(value):
             raise ValueError(f'metadata value of {key!r} must be printable ASCII (a key ending in "-bin" '
                              f'carries any bytes), not {value!r}')
         items.append((key, value))
