@@ -1,7 +1,8 @@
 """Python :mod:`logging` through a ROS 2 node's logger, for the ``ipc_server``
-process: what this package (and anything else in the process) logs shows on
-the console in ROS's format, on ``/rosout`` (rqt_console, bags), and obeys
-``--ros-args --log-level``, as a node's own messages do.
+process and nodes run by ``run_node``: what this package (and anything else
+in the process) logs shows on the console in ROS's format, on ``/rosout``
+(rqt_console, bags), and obeys ``--ros-args --log-level``, as a node's own
+messages do.
 
 Each record goes to rcutils under ``<node's logger>.<record's logger>``
 (``ipc_server.vyra_base_ipc.server``), a child of the node's logger (so the
