@@ -2,8 +2,9 @@
 ended (``IPCServer.abandon()``), as a node hosting its server does, for
 test_abandon.py. Its ModuleService answers ``ping``; ``end_loop`` lets
 ``sys.exit()`` out of a callback on the loop, which ends it; ``hold``
-touches HELD_PATH and never answers. Once abandoned it prints "abandoned"
-and lives on (its connections must not close by its exit) until SIGTERM.
+touches HELD_PATH and never answers. Once abandoned it prints the line
+``ABANDONED`` and lives on (its connections must not close by its exit)
+until SIGTERM.
 
 A process of its own: grpc.aio's state of a server whose loop died stays
 with the process (later event loops of a test process were kept alive).
@@ -25,6 +26,10 @@ from exiting_server import LoopEnder
 from vyra_base_ipc import IPCServer
 from vyra_base_ipc._loop_thread import EventLoopThread
 
+#: The line printed once abandon() has returned (the loop thread's own log
+#: line of its end, which names the thread, comes before it).
+ABANDONED = 'ABANDONED'
+
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
@@ -43,9 +48,9 @@ def main() -> None:
 
     def abandon(failure: BaseException) -> None:
         server.abandon()
-        print('abandoned', flush=True)
+        print(ABANDONED, flush=True)
 
-    loop = EventLoopThread('abandoned-server', on_failure=abandon)
+    loop = EventLoopThread('server-loop', on_failure=abandon)
     loop.start()
     loop.run(server.start(), timeout=30)
     done.wait()
