@@ -54,12 +54,20 @@ def console_script(name: str) -> str:
     return f'import sys; from {module} import {function}; sys.exit({function}())'
 
 
-def release(fifo: Path) -> None:
-    """Let a process held in its import go on (nothing happens if none waits there)."""
-    try:
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-    except OSError as error:  # ENXIO: no reader (the process has ended)
-        assert error.errno == errno.ENXIO, error
+def release(fifo: Path, process: subprocess.Popen[str]) -> None:
+    """Let ``process``, held in its import, go on, once it reads the fifo
+    (nothing happens once it has ended)."""
+    def opened() -> bool:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            return True
+        except OSError as error:
+            # ENXIO: no reader yet. The process makes its mark before it opens
+            # the fifo: under load it may not be there yet (then it would wait
+            # for ever for a writer that already came), or it has ended.
+            assert error.errno == errno.ENXIO, error
+            return process.poll() is not None
+    wait_for(opened, 60, 'the held import to wait at its gate')
 
 
 @contextlib.contextmanager
@@ -83,7 +91,6 @@ def held_cli(tmp_path: Path, ignore_sigint: bool = False) -> Iterator[tuple[subp
         assert process.poll() is None, process.communicate()
         yield process, fifo
     finally:
-        release(fifo)
         if process.poll() is None:
             process.kill()
         process.communicate()
@@ -101,7 +108,7 @@ def test_ctrl_c_while_it_imports_exits_130_at_once_without_a_traceback(tmp_path:
 
 def test_without_ctrl_c_the_held_import_goes_on_and_the_verb_runs(tmp_path: Path) -> None:
     with held_cli(tmp_path) as (process, fifo):
-        release(fifo)
+        release(fifo, process)
         out, err = process.communicate(timeout=60)
     assert (process.returncode, err) == (0, ''), out
     assert out.startswith('no IPC server sockets in ')
@@ -113,6 +120,6 @@ def test_a_sigint_ignored_from_the_start_stays_ignored_while_it_imports(tmp_path
     # when it is sent, so there is nothing to wait for before letting it go.
     with held_cli(tmp_path, ignore_sigint=True) as (process, fifo):
         process.send_signal(signal.SIGINT)
-        release(fifo)
+        release(fifo, process)
         out, err = process.communicate(timeout=60)
     assert (process.returncode, err) == (0, ''), out
