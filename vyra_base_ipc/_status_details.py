@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 import grpc
 
 from . import ttrpc_pb2
-from ._metadata import KEY, TEXT
+from ._metadata import check_key, check_text
 
 __all__ = ['STATUS_DETAILS_KEY', 'checked_trailer', 'status_details', 'status_trailer']
 
@@ -96,10 +96,6 @@ def checked_trailer(trailing_metadata: Any) -> tuple[Any, ...]:
             if not isinstance(value, bytes):
                 raise TypeError(f'Binary metadata key="{key}" expected bytes, got {type(value)}')
             continue
-        if not KEY.match(key):
-            raise ValueError(f'trailing metadata key {key!r}: gRPC allows only 0-9, a-z, "_", "-" and "." '
-                             'in a key')
-        if not TEXT.match(value if isinstance(value, str) else value.decode('latin-1')):
-            raise ValueError(f'trailing metadata value of {key!r} must be printable ASCII (a key ending in '
-                             f'"-bin" carries any bytes), not {value!r}')
+        check_key(key, 'trailing metadata')
+        check_text(key, value if isinstance(value, str) else value.decode('latin-1'), 'trailing metadata')
     return items

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 import grpc
 
 from .. import ttrpc_pb2
-from .._metadata import KEY, TEXT
+from .._metadata import check_key, check_text
 from ._frames import HEADER, MessageType
 
 __all__ = [
@@ -96,8 +96,7 @@ def checked_metadata(metadata: Metadata) -> list[tuple[str, str | bytes]]:
         if key.startswith(_RESERVED_PREFIXES) or key in _RESERVED_KEYS:
             raise ValueError(f'metadata key {key!r} is reserved: gRPC keeps keys beginning with "grpc-" or '
                              '":", and content-type, te, user-agent and host for itself')
-        if not KEY.match(key):
-            raise ValueError(f'metadata key {key!r}: gRPC allows only 0-9, a-z, "_", "-" and "." in a key')
+        check_key(key)
         if key.endswith('-bin'):
             if isinstance(value, str):
                 value = value.encode()
@@ -108,9 +107,8 @@ def checked_metadata(metadata: Metadata) -> list[tuple[str, str | bytes]]:
             raise TypeError(
                 f'metadata value of {key!r} must be a str (only keys ending in "-bin" carry bytes), '
                 f'not {type(value).__name__}')
-        elif not TEXT.match(value):
-            raise ValueError(f'metadata value of {key!r} must be printable ASCII (a key ending in "-bin" '
-                             f'carries any bytes), not {value!r}')
+        else:
+            check_text(key, value)
         items.append((key, value))
     return items
 
