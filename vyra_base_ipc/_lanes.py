@@ -329,14 +329,10 @@ class _GrpcLaneBase:
 
 def _rich(error: grpc.RpcError, method: Method) -> tuple[Any, ...]:
     """The ``google.rpc.Status`` details the server sent with ``error``
-    (its ``grpc-status-details-bin`` trailer); none if it is not one, or not
-    one of the status the call ended with (logged; as rpc_status.from_call)."""
+    (its ``grpc-status-details-bin`` trailer; see :func:`status_details`)."""
     trailers = getattr(error, 'trailing_metadata', None)
-    try:
-        return status_details(trailers() if trailers is not None else (), error.code(), error.details() or '')
-    except ValueError as problem:
-        _logger.warning('%s: %s; the error has no status details', method.path, problem)
-        return ()
+    return status_details(trailers() if trailers is not None else (), error.code(), error.details() or '',
+                          method.path)
 
 
 def _remaining(deadline: Deadline | None, method: Method | None) -> float | None:

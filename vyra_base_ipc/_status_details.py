@@ -11,6 +11,7 @@ Clients of both lanes give them as :attr:`IPCError.status_details`.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable, Sequence
 
 from google.protobuf import any_pb2
@@ -26,21 +27,32 @@ __all__ = ['STATUS_DETAILS_KEY', 'checked_trailer', 'status_details', 'status_tr
 #: (``grpc_status.rpc_status``'s ``GRPC_DETAILS_METADATA_KEY``).
 STATUS_DETAILS_KEY = 'grpc-status-details-bin'
 
+_logger = logging.getLogger(__name__)
 
-def status_details(metadata: Iterable[tuple[str, Any]] | None, code: grpc.StatusCode,
-                   message: str) -> tuple[any_pb2.Any, ...]:
+
+def status_details(metadata: Iterable[tuple[str, Any]] | None, code: grpc.StatusCode, message: str,
+                   method: str) -> tuple[any_pb2.Any, ...]:
     """The ``details`` of the ``google.rpc.Status`` in ``metadata``'s
-    ``grpc-status-details-bin`` entry, for a call that ended with ``code``
-    and ``message``; empty without one.
+    ``grpc-status-details-bin`` entry, for a call of ``method`` that ended
+    with ``code`` and ``message``; empty without one.
 
     That status must be the call's: its code and message those the call
     ended with, as ``grpc_status.rpc_status.from_call`` requires (a handler
     that set the trailer and then raised, or aborted with another status,
-    did not end its call with that one).
-
-    :raises ValueError: the entry's value is not a serialized
-        ``google.rpc.Status``, or not one of ``code`` and ``message``.
+    did not end its call with that one). An entry that is not a serialized
+    ``google.rpc.Status``, or not that one, gives none, with a warning
+    naming ``method``.
     """
+    try:
+        return _details(metadata, code, message)
+    except ValueError as problem:
+        _logger.warning('%s: %s; the call ends without status details', method, problem)
+        return ()
+
+
+def _details(metadata: Iterable[tuple[str, Any]] | None, code: grpc.StatusCode,
+             message: str) -> tuple[any_pb2.Any, ...]:
+    """(:func:`status_details`) :raises ValueError: what is wrong with the entry."""
     for key, value in metadata or ():
         if key == STATUS_DETAILS_KEY:
             if not isinstance(value, (bytes, bytearray, memoryview)):

@@ -157,16 +157,11 @@ class ServicerContext:
 
     def _status_details(self, code: int, details: str) -> tuple[Any, ...]:
         """The details of the ``google.rpc.Status`` in the trailing metadata,
-        for the call ending with status ``code`` (its number) and ``details``;
-        none if there is none, if it does not parse, or if it is a status
-        other than that one (logged: a plain grpc client would not take it)."""
+        for the call ending with status ``code`` (its number) and ``details``
+        (see :func:`~vyra_base_ipc._status_details.status_details`)."""
         if not self._trailing_metadata:
             return ()
-        try:
-            return status_details(self._trailing_metadata, code_of(code), details)
-        except ValueError as error:
-            _logger.warning('%s: %s; its call ends without status details', self._method, error)
-            return ()
+        return status_details(self._trailing_metadata, code_of(code), details, self._method)
 
     def send_initial_metadata(self, initial_metadata: Any) -> None:
         """Accepted for compatibility (ttrpc has no response headers), once
@@ -207,7 +202,7 @@ class ServicerContext:
             self._abort = (code, details)
             self._code, self._details = code, details
             if trailing_metadata:
-                self.set_trailing_metadata(trailing_metadata)
+                self._trailing_metadata = trailing_metadata
         return self._aborted()
 
     def _aborted(self) -> grpc.aio.AbortError:
