@@ -232,15 +232,19 @@ def package_root(module: ModuleType) -> str:
 
 
 def mypy_strict(directory: Path, *targets: str, installed: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """``mypy --strict`` on ``targets`` from ``directory``, as a user runs it: nothing configured, this
-    package as installed (with ``installed``, where the module's code is, on PYTHONPATH). A
-    ``my_arm`` installed in this environment is left off the path: the one under test is used."""
-    (directory / 'mypy.ini').write_text('[mypy]\n')
+    """``mypy --strict`` on ``targets`` from ``directory``, as a user runs it: configured only by the
+    directory's ``pyproject.toml`` if it has one (the example module's), this package as installed
+    (with ``installed``, where the module's code is, on PYTHONPATH). A ``my_arm`` installed in this
+    environment is left off the path: the one under test is used."""
+    config = directory / 'pyproject.toml'
+    if not config.is_file():
+        config = directory / 'mypy.ini'
+        config.write_text('[mypy]\n')
     ours = [package_root(vyra_base_ipc), package_root(documented), package_root(vyra_base_ipc_build)]
     others = [path for path in os.environ.get('PYTHONPATH', '').split(os.pathsep)
               if path and not (Path(path) / 'my_arm').is_dir()]
     paths = list(dict.fromkeys([*([str(installed)] if installed else []), *ours, *others]))
-    result = subprocess.run([sys.executable, '-m', 'mypy', '--strict', '--config-file', 'mypy.ini',
+    result = subprocess.run([sys.executable, '-m', 'mypy', '--strict', '--config-file', config.name,
                              '--python-version', '3.10', '--cache-dir', str(directory / '.mypy_cache'), *targets],
                             cwd=directory, env={**os.environ, 'PYTHONPATH': os.pathsep.join(paths)},
                             capture_output=True, text=True, timeout=300)

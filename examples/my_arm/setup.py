@@ -21,8 +21,9 @@ setup(
         # protos/**/*.proto -> share/my_arm/protos/**: for other modules' protos to import (and in the sdist).
         *proto_data_files(package_name),
     ],
-    # vyra_base_ipc: the IPC runtime and the generated code's protobuf and grpcio (pip has no package.xml).
-    install_requires=['setuptools', 'vyra_base_ipc', 'fastapi', 'uvicorn', 'uvloop'],
+    # vyra_base_ipc: the IPC runtime and the generated code's protobuf and grpcio (pip has no package.xml);
+    # grpcio-status: the google.rpc.Status of Move's error (gRPC's richer error model).
+    install_requires=['setuptools', 'vyra_base_ipc', 'grpcio-status', 'fastapi', 'uvicorn', 'uvloop'],
     # colcon test runs pytest for packages that name it here.
     extras_require={'test': ['pytest', 'pytest-timeout', 'httpx']},
     zip_safe=False,

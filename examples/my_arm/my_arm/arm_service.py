@@ -6,8 +6,11 @@ import asyncio
 from typing import AsyncIterator
 import zlib
 
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 import grpc
 import grpc.aio
+from grpc_status import rpc_status
 
 from vyra_base_ipc import shared_buffer
 
@@ -37,10 +40,18 @@ class ArmService(ArmServiceServicer):
 
     async def Move(self, request: MoveRequest,
                    context: grpc.aio.ServicerContext[MoveRequest, MoveReply]) -> MoveReply:
-        """Go to a known pose; INVALID_ARGUMENT names the known ones."""
+        """Go to a known pose; INVALID_ARGUMENT names the known ones, in its
+        text and in a ``google.rpc.BadRequest`` detail (gRPC's richer error
+        model: a client reads it from ``IPCError.status_details``)."""
         if request.pose not in POSES:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f'unknown pose {request.pose!r}; known: {", ".join(sorted(POSES))}')
+            known = ', '.join(sorted(POSES))
+            violation = error_details_pb2.BadRequest.FieldViolation(
+                field='pose', description=f'{request.pose!r} is not one of: {known}')
+            detail = any_pb2.Any()
+            detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+            await context.abort_with_status(rpc_status.to_status(status_pb2.Status(
+                code=code_pb2.INVALID_ARGUMENT, message=f'unknown pose {request.pose!r}; known: {known}',
+                details=[detail])))
         self.positions = POSES[request.pose]
         return MoveReply(reached=True, pose=request.pose)
 

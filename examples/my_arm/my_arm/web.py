@@ -7,8 +7,10 @@ One :class:`~vyra_base_ipc.IPCHandler` per app, made in the lifespan and
 shared by every request (it connects on demand, so the app may start before
 the arm's node, and heals when the node restarts). It finds the node's socket
 as every client does: ``VYRA_IPC_SOCKET`` if set, else the module name
-(``VYRA_MODULE_NAME``, default ``my_arm``). A failed call becomes the HTTP
-status that grpc-gateway gives its gRPC status, with the error's text.
+(``VYRA_MODULE_NAME``, default ``my_arm``). A failed call becomes what
+grpc-gateway makes of a gRPC status: its HTTP status, and a body of the
+``google.rpc.Status`` as JSON (``code``, ``message``: the error's text,
+``details``: its status details).
 
 A stop (Ctrl-C, SIGTERM) lets the requests in flight end, for
 :data:`SHUTDOWN_GRACE` seconds at most, then cancels those left, which ends
@@ -18,6 +20,7 @@ their IPC calls and streams on the node too.
 from __future__ import annotations
 
 import argparse
+import base64
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 import json
@@ -27,6 +30,9 @@ from typing import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from google.protobuf import any_pb2, json_format
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2  # noqa: F401  (registers BadRequest, ErrorInfo, ... for _detail)
 import grpc
 from pydantic import BaseModel
 import uvicorn
@@ -87,9 +93,21 @@ app = FastAPI(title='my_arm', lifespan=lifespan)
 
 @app.exception_handler(IPCError)
 async def ipc_error(request: Request, error: IPCError) -> JSONResponse:
-    """A failed call: its HTTP status and its text (which names the method and the cause)."""
-    return JSONResponse({'error': str(error), 'code': error.code.name},
-                        status_code=HTTP_STATUS.get(error.code, 500))
+    """A failed call as grpc-gateway answers it: the HTTP status of its gRPC
+    status, and that status as JSON: ``code`` (its number), ``message`` (the
+    error's text, which names the method and the cause) and ``details``."""
+    body = {'code': error.code.value[0], 'message': str(error),
+            'details': [_detail(detail) for detail in error.status_details]}
+    return JSONResponse(body, status_code=HTTP_STATUS.get(error.code, 500))
+
+
+def _detail(detail: any_pb2.Any) -> dict[str, object]:
+    """A status detail in protobuf's JSON for ``Any``: ``{"@type": ..., fields}``;
+    ``{"@type": ..., "value": <base64>}`` for a type this process does not know."""
+    try:
+        return json_format.MessageToDict(detail)
+    except (TypeError, KeyError, json_format.Error, DecodeError):  # a type unknown here, or bad bytes
+        return {'@type': detail.type_url, 'value': base64.b64encode(detail.value).decode()}
 
 
 class Move(BaseModel):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from arm_processes import FRAME_BYTES
+from google.rpc import error_details_pb2
 import grpc
 from my_arm import arm_pb2
 from my_arm.arm_pb2 import FrameRequest, MoveRequest
@@ -35,11 +36,18 @@ def test_the_frontend_moves_watches_and_fetches_on_either_lane(arm_socket: Path,
     assert lines[5] == {'image': 256 * 4096, 'intact': True}
 
 
-def test_an_unknown_pose_is_invalid_argument_naming_the_known_ones(arm_socket: Path) -> None:
-    with SyncIPCHandler(arm_socket, ArmServiceStub) as arm, pytest.raises(IPCRemoteError) as refused:
+@pytest.mark.parametrize('lane', ['ttrpc', 'grpc'])
+def test_an_unknown_pose_is_invalid_argument_naming_the_known_ones_with_a_bad_request_detail(
+        arm_socket: Path, lane: str) -> None:
+    with SyncIPCHandler(arm_socket, ArmServiceStub, lane=lane) as arm, \
+            pytest.raises(IPCRemoteError) as refused:
         arm.call_method('Move', MoveRequest(pose='dance'))
     assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT
     assert "unknown pose 'dance'; known: home, ready, stow" in str(refused.value)
+    bad_request = error_details_pb2.BadRequest()
+    assert [detail.Unpack(bad_request) for detail in refused.value.status_details] == [True]
+    assert [(violation.field, violation.description) for violation in bad_request.field_violations] == [
+        ('pose', "'dance' is not one of: home, ready, stow")]
 
 
 def test_the_camera_frame_travels_as_shared_memory_on_the_fast_lane(arm_socket: Path) -> None:

@@ -80,13 +80,17 @@ def test_the_web_frontend_moves_streams_and_fetches(arm_socket: Path, start_web:
                                                                                              'ttrpc')
 
 
-def test_a_refused_call_is_the_http_status_of_its_grpc_status_with_its_text(
+def test_a_refused_call_is_the_http_status_and_json_status_that_grpc_gateway_gives_it(
         arm_socket: Path, start_web: StartWeb) -> None:
     web = start_web(arm_socket, 'uvloop')
     refused = web.post('/move', json={'pose': 'dance'})
     assert refused.status_code == 400, refused.text
-    assert refused.json()['code'] == 'INVALID_ARGUMENT'
-    assert "unknown pose 'dance'; known: home, ready, stow" in refused.json()['error']
+    body = refused.json()
+    assert body['code'] == 3  # INVALID_ARGUMENT
+    assert "unknown pose 'dance'; known: home, ready, stow" in body['message']
+    violation = {'field': 'pose', 'description': "'dance' is not one of: home, ready, stow"}
+    assert body['details'] == [{'@type': 'type.googleapis.com/google.rpc.BadRequest',
+                                'fieldViolations': [violation]}]
 
 
 def test_a_web_frontend_started_before_the_node_answers_503_then_heals(
@@ -95,7 +99,8 @@ def test_a_web_frontend_started_before_the_node_answers_503_then_heals(
     web = start_web(node_socket, 'uvloop')
     early = web.post('/move', json={'pose': 'home'})
     assert early.status_code == 503, early.text
-    assert early.json()['code'] == 'UNAVAILABLE' and str(node_socket) in early.json()['error']
+    assert early.json()['code'] == 14 and str(node_socket) in early.json()['message']  # UNAVAILABLE
+    assert early.json()['details'] == []
 
     start_arm_node(node_socket)
     moved = web.post('/move', json={'pose': 'home'})
