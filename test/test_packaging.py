@@ -104,3 +104,22 @@ def test_colcon_build_generates_importable_code(tmp_path: Path, symlink: bool) -
     else:
         assert out[0].startswith(str(workspace / 'install'))
     assert (workspace / 'install' / 'vyra_base_ipc' / 'share' / 'vyra_base_ipc' / 'protos').is_dir()
+
+
+def test_the_set_up_refuses_a_venv_of_another_python_than_the_one_asked_for(tmp_path: Path) -> None:
+    """``PYTHON=python3.12 tools/test.sh`` on a checkout whose ``.venv`` has another Python says so
+    and stops before installing anything, instead of testing on the wrong version."""
+    (tmp_path / 'tools').mkdir()
+    shutil.copy2(SOURCE / 'tools' / 'bootstrap.sh', tmp_path / 'tools' / 'bootstrap.sh')
+    (tmp_path / '.venv' / 'bin').mkdir(parents=True)
+    (tmp_path / '.venv' / 'bin' / 'python').symlink_to(sys.executable)
+    other = tmp_path / 'python3.99'  # an interpreter of a version this machine has no .venv for
+    other.write_text('#!/bin/sh\necho 3.99\n')
+    other.chmod(0o755)
+    result = subprocess.run(['bash', '-c', 'source tools/bootstrap.sh'], cwd=tmp_path,
+                            env={**os.environ, 'PYTHON': str(other)}, capture_output=True, text=True, timeout=60)
+    ours = '%d.%d' % sys.version_info[:2]
+    assert (result.returncode, result.stdout) == (2, ''), result.stderr
+    assert result.stderr == (f'error: .venv has Python {ours}, PYTHON={other} is 3.99: '
+                             'remove .venv, build and install first\n')
+    assert not (tmp_path / '.venv' / 'COLCON_IGNORE').exists()

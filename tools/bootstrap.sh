@@ -6,8 +6,16 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
+# PYTHON: the interpreter .venv is made with (default python3), e.g.
+# PYTHON=python3.12 tools/test.sh in a fresh clone to test on ROS 2 Kilted's
+# Python. A .venv of another Python version is refused, not used instead.
+python_version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])'; }
 if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+  "${PYTHON:-python3}" -m venv .venv
+elif [ -n "${PYTHON:-}" ] && [ "$(python_version "$PYTHON")" != "$(python_version .venv/bin/python)" ]; then
+  echo "error: .venv has Python $(python_version .venv/bin/python), PYTHON=$PYTHON is" \
+       "$(python_version "$PYTHON"): remove .venv, build and install first" >&2
+  exit 2
 fi
 # colcon must not crawl the virtual environment.
 touch .venv/COLCON_IGNORE
