@@ -84,10 +84,14 @@ def new_event_loop(busy_poll: float = DEFAULT_BUSY_POLL) -> asyncio.AbstractEven
     :raises TypeError, ValueError: ``busy_poll`` is not a number of seconds
         from 0 to 0.01.
     """
+    loop = _polling_loop(busy_poll)
+    return asyncio.new_event_loop() if loop is None else loop
+
+
+def _polling_loop(busy_poll: float) -> asyncio.AbstractEventLoop | None:
+    """A loop that polls for up to ``busy_poll`` seconds; ``None`` where it would not poll."""
     policy = BusyPoll(busy_poll)
-    if not policy.enabled:
-        return asyncio.new_event_loop()
-    return asyncio.SelectorEventLoop(BusyPollSelector(policy))
+    return asyncio.SelectorEventLoop(BusyPollSelector(policy)) if policy.enabled else None
 
 
 def run(main: Coroutine[Any, Any, _T], *, busy_poll: float = DEFAULT_BUSY_POLL,
@@ -113,19 +117,22 @@ def run(main: Coroutine[Any, Any, _T], *, busy_poll: float = DEFAULT_BUSY_POLL,
 
 
 class _LoopFactoryPolicy(asyncio.DefaultEventLoopPolicy):
-    def __init__(self, busy_poll: float) -> None:
+    def __init__(self, busy_poll: float, previous: asyncio.AbstractEventLoopPolicy) -> None:
         super().__init__()
         self._busy_poll = busy_poll
+        self._previous = previous
 
     def new_event_loop(self) -> asyncio.AbstractEventLoop:
-        return new_event_loop(self._busy_poll)
+        loop = _polling_loop(self._busy_poll)
+        # Not asyncio.new_event_loop(), which asks this policy again (for ever).
+        return self._previous.new_event_loop() if loop is None else loop
 
 
 def _run_through_policy(main: Coroutine[Any, Any, _T], busy_poll: float, debug: bool | None) -> _T:
     # Python 3.10 has no asyncio.Runner; its asyncio.run() takes the loop
     # from the policy, which is ours for just this call.
     previous = asyncio.get_event_loop_policy()
-    asyncio.set_event_loop_policy(_LoopFactoryPolicy(busy_poll))
+    asyncio.set_event_loop_policy(_LoopFactoryPolicy(busy_poll, previous))
     try:
         return asyncio.run(main, **({} if debug is None else {'debug': debug}))
     finally:
