@@ -65,7 +65,7 @@ setup(
     maintainer_email='dev@vyra.invalid',
     description='gRPC over Unix domain sockets inside a VYRA module',
     license='Apache-2.0',
-    python_requires='>=3.10',
+    python_requires='>=3.11',
     cmdclass=proto_cmdclass('protos', ship_vyra_protos=True),
     entry_points={
         'console_scripts': [

@@ -9,16 +9,12 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tomllib
 import zipfile
 
 import pytest
 
 from vyra_base_ipc_build import generate_protos, vyra_proto_path
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # (tomllib is new in 3.11; tomli is the same parser, installed for 3.10 by requirements.txt)
-    import tomli as tomllib
 
 
 def test_a_proto_importing_ours_compiles_to_importable_code_with_stubs(tmp_path: Path) -> None:

@@ -123,3 +123,28 @@ def test_the_set_up_refuses_a_venv_of_another_python_than_the_one_asked_for(tmp_
     assert result.stderr == (f'error: .venv has Python {ours}, PYTHON={other} is 3.99: '
                              'remove .venv, build and install first\n')
     assert not (tmp_path / '.venv' / 'COLCON_IGNORE').exists()
+
+
+def older_pythons() -> list[Path]:
+    """Interpreters older than 3.11 installed beside this one (pyenv's versions, say), oldest first."""
+    found = []
+    for python in Path(sys.base_prefix).parent.glob('3.*/bin/python3'):
+        version = tuple(int(part) for part in python.parent.parent.name.split('.')[:2])
+        if (3, 6) <= version < (3, 11):
+            found.append((version, python))
+    return [python for _, python in sorted(found)]
+
+
+@pytest.mark.skipif(not older_pythons(), reason='no Python older than 3.11 is installed beside this one')
+def test_an_older_python_is_told_at_import_which_python_the_package_needs() -> None:
+    """A colcon build ignores ``python_requires``: on Python 3.10 (ROS 2
+    Humble's) the import itself says what is wrong, not an AttributeError in the middle of a call."""
+    older = older_pythons()[-1]  # the newest of them: 3.10 where it is there
+    result = subprocess.run([str(older), '-c', 'import vyra_base_ipc'], capture_output=True, text=True,
+                            env={**os.environ, 'PYTHONPATH': str(Path(vyra_base_ipc.__file__).parent.parent)},
+                            timeout=60)
+    version = subprocess.run([str(older), '-c', 'import platform; print(platform.python_version())'],
+                             capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f'ImportError: vyra_base_ipc needs Python 3.11 or newer; this is Python {version}')

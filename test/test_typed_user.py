@@ -245,7 +245,7 @@ def mypy_strict(directory: Path, *targets: str, installed: Path | None = None) -
               if path and not (Path(path) / 'my_arm').is_dir()]
     paths = list(dict.fromkeys([*([str(installed)] if installed else []), *ours, *others]))
     result = subprocess.run([sys.executable, '-m', 'mypy', '--strict', '--config-file', config.name,
-                             '--python-version', '3.10', '--cache-dir', str(directory / '.mypy_cache'), *targets],
+                             '--python-version', '3.11', '--cache-dir', str(directory / '.mypy_cache'), *targets],
                             cwd=directory, env={**os.environ, 'PYTHONPATH': os.pathsep.join(paths)},
                             capture_output=True, text=True, timeout=300)
     assert 'error: ' not in result.stderr, result.stderr

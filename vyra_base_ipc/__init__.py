@@ -15,6 +15,11 @@ Public surface::
     from vyra_base_ipc import ServerInterceptor, ClientInterceptor, CallRejected  # see calls, refuse some
 """
 
+import sys as _sys
+
+if _sys.version_info < (3, 11):  # (colcon installs it without looking at setup.py's python_requires)
+    raise ImportError(f'vyra_base_ipc needs Python 3.11 or newer; this is Python {_sys.version.split()[0]}')
+
 from ._allocator import DEFAULT_KEEP_FREED_MEMORY, keep_freed_memory
 from ._busy_poll import DEFAULT_BUSY_POLL
 from ._event_loop import new_event_loop, run

@@ -7,7 +7,7 @@ and the demo run on it. Use it for a server of your own the way uvloop is
 used::
 
     vyra_base_ipc.run(server.serve())                        # like asyncio.run()
-    asyncio.Runner(loop_factory=vyra_base_ipc.new_event_loop)  # or any loop_factory (3.11+)
+    asyncio.Runner(loop_factory=vyra_base_ipc.new_event_loop)  # or any loop_factory
 
 A loop created elsewhere (``asyncio.run()``, uvicorn, ...) serves exactly the
 same, only without polling. The synchronous client polls by itself; an
@@ -21,7 +21,6 @@ import asyncio
 import functools
 import select
 import selectors
-import sys
 from typing import Any, Coroutine, TypeVar
 
 from ._busy_poll import DEFAULT_BUSY_POLL, BusyPoll, validate_busy_poll
@@ -84,14 +83,10 @@ def new_event_loop(busy_poll: float = DEFAULT_BUSY_POLL) -> asyncio.AbstractEven
     :raises TypeError, ValueError: ``busy_poll`` is not a number of seconds
         from 0 to 0.01.
     """
-    loop = _polling_loop(busy_poll)
-    return asyncio.new_event_loop() if loop is None else loop
-
-
-def _polling_loop(busy_poll: float) -> asyncio.AbstractEventLoop | None:
-    """A loop that polls for up to ``busy_poll`` seconds; ``None`` where it would not poll."""
     policy = BusyPoll(busy_poll)
-    return asyncio.SelectorEventLoop(BusyPollSelector(policy)) if policy.enabled else None
+    if not policy.enabled:
+        return asyncio.new_event_loop()
+    return asyncio.SelectorEventLoop(BusyPollSelector(policy))
 
 
 def run(main: Coroutine[Any, Any, _T], *, busy_poll: float = DEFAULT_BUSY_POLL,
@@ -109,31 +104,6 @@ def run(main: Coroutine[Any, Any, _T], *, busy_poll: float = DEFAULT_BUSY_POLL,
     except (TypeError, ValueError):
         main.close()  # never started: no "never awaited" warning
         raise
-    if sys.version_info < (3, 11):
-        return _run_through_policy(main, busy_poll, debug)
     loop_factory = functools.partial(new_event_loop, busy_poll)
     with asyncio.Runner(debug=debug, loop_factory=loop_factory) as runner:
         return runner.run(main)
-
-
-class _LoopFactoryPolicy(asyncio.DefaultEventLoopPolicy):
-    def __init__(self, busy_poll: float, previous: asyncio.AbstractEventLoopPolicy) -> None:
-        super().__init__()
-        self._busy_poll = busy_poll
-        self._previous = previous
-
-    def new_event_loop(self) -> asyncio.AbstractEventLoop:
-        loop = _polling_loop(self._busy_poll)
-        # Not asyncio.new_event_loop(), which asks this policy again (for ever).
-        return self._previous.new_event_loop() if loop is None else loop
-
-
-def _run_through_policy(main: Coroutine[Any, Any, _T], busy_poll: float, debug: bool | None) -> _T:
-    # Python 3.10 has no asyncio.Runner; its asyncio.run() takes the loop
-    # from the policy, which is ours for just this call.
-    previous = asyncio.get_event_loop_policy()
-    asyncio.set_event_loop_policy(_LoopFactoryPolicy(busy_poll, previous))
-    try:
-        return asyncio.run(main, **({} if debug is None else {'debug': debug}))
-    finally:
-        asyncio.set_event_loop_policy(previous)

@@ -78,8 +78,7 @@ class OpenStreams:
                     except asyncio.CancelledError:
                         if not self.stopping:
                             raise
-                        if hasattr(task, 'uncancel'):  # Python 3.11+
-                            task.uncancel()  # ours: the call goes on to be aborted
+                        task.uncancel()  # ours: the call goes on to be aborted
                         break
                     finally:
                         streams[task] = False

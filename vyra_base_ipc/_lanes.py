@@ -14,7 +14,6 @@ import asyncio
 import logging
 import os
 import re
-import sys
 import threading
 import time
 from typing import Any, AsyncGenerator, Awaitable, Iterator, Sequence, TypeVar
@@ -231,7 +230,7 @@ class _GrpcLaneBase:
             closed_here = _CLOSED.search(str(error)) is not None
         else:
             task = asyncio.current_task()
-            closed_here = task is not None and getattr(task, 'cancelling', lambda: 1)() == 0  # (3.11+)
+            closed_here = task is not None and task.cancelling() == 0
         return closed(self._path).for_method(method.path) if closed_here else error
 
     def _unreachable(self, details: str, method: str | None = None) -> IPCUnavailableError | None:
@@ -449,10 +448,8 @@ async def _server_status(error: grpc.RpcError, sender: AioRequestSender | None,
 
 
 async def _within(awaitable: Awaitable[_T], seconds: float) -> _T:
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(seconds):  # no task per message, unlike wait_for
-            return await awaitable
-    return await asyncio.wait_for(awaitable, seconds)
+    async with asyncio.timeout(seconds):  # no task per message, unlike wait_for
+        return await awaitable
 
 
 def _idle_error(method: Method, idle_timeout: float) -> IPCTimeoutError:

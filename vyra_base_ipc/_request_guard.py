@@ -133,10 +133,9 @@ def _cancelled_from_outside() -> bool:
     """Whether the running task is being cancelled (grpc.aio ending the
     call), not a handler raising ``CancelledError`` of its own (an inner
     task's, say), which grpc.aio would take for the call's end and answer
-    with nothing. Python 3.10 cannot tell: then it is taken as the call's end."""
+    with nothing."""
     task = asyncio.current_task()
-    cancelling = getattr(task, 'cancelling', None)
-    return cancelling is None or cancelling() > 0
+    return task is None or task.cancelling() > 0
 
 
 async def _answer(path: str, context: Any, error: BaseException) -> None:

@@ -99,7 +99,7 @@ class ServiceCaller:
             raise ValueError(f'max_in_flight must be at least 1, not {max_in_flight}')
         self.client = client
         self.max_in_flight = max_in_flight
-        # Bound to the loop of its first use (Python >= 3.10).
+        # Bound to the loop of its first use.
         self._slots = asyncio.Semaphore(max_in_flight)
 
     async def call(self, request: Any, timeout: float) -> Any:

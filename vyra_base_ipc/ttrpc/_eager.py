@@ -56,11 +56,7 @@ def _start(coroutine: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop,
         raise
     except BaseException as error:
         return _done(loop, error=error)
-    if sys.version_info >= (3, 11):
-        return loop.create_task(_Continued(coroutine, yielded), context=context)
-    # Python 3.10: a task runs in a copy of the context current when it is
-    # made, which here is the one the first step ran in.
-    return context.run(loop.create_task, _Continued(coroutine, yielded))
+    return loop.create_task(_Continued(coroutine, yielded), context=context)
 
 
 def _done(loop: asyncio.AbstractEventLoop, result: Any = None,
