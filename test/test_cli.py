@@ -567,6 +567,16 @@ def test_every_help_fits_80_columns_and_explains_only_what_its_verb_takes() -> N
             ' '.join(text.split()), text
 
 
+def test_version_names_this_package_and_what_a_bug_report_needs_with_it() -> None:
+    from importlib import metadata
+    import platform
+
+    from google import protobuf
+
+    assert ok('--version') == (f'vyra-ipc {metadata.version("vyra_base_ipc")} (grpcio {grpc.__version__}, '
+                               f'protobuf {protobuf.__version__}, Python {platform.python_version()})\n')
+
+
 # -- output to a reader that left, interrupts -----------------------------------------
 
 

@@ -46,7 +46,7 @@ class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
         return ServerInfo(
             module_name=server.module_name or '', socket_path=str(server.socket_path),
             ttrpc_socket_path=str(server.ttrpc_socket_path or ''), pid=os.getpid(), uid=os.geteuid(),
-            services=server.service_names, version=_version(), start_time=self._start_time)
+            services=server.service_names, version=package_version(), start_time=self._start_time)
 
     async def GetStats(self, request: StatsRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Stats:
         # The gRPC lane's connections are counted in a thread: reading the
@@ -86,7 +86,8 @@ def unix_connections(bound_path: Path) -> int:
     return count
 
 
-def _version() -> str:
+def package_version() -> str:
+    """This package's version as installed (``''`` when it is imported from a tree not installed)."""
     try:
         return metadata.version('vyra_base_ipc')
     except metadata.PackageNotFoundError:

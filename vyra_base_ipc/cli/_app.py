@@ -4,10 +4,13 @@ with its errors turned into one line and an exit status."""
 from __future__ import annotations
 
 import argparse
+from importlib import metadata
 import os
+import platform
 import sys
 from typing import Sequence, TextIO
 
+from .._introspection import package_version
 from ..exceptions import IPCError
 from . import _call, _describe, _health, _list, _ping, _stats
 from ._args import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, TARGET_HELP, UsageError, Verb
@@ -25,6 +28,8 @@ def build_parser(prog: str = 'vyra-ipc') -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description='See and poke the IPC servers of VYRA modules on this machine.',
         epilog=TARGET_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--version', action=_Version,
+                        help="show this package's version, and grpcio's, protobuf's and Python's, and exit")
     verbs = parser.add_subparsers(title='commands', metavar='COMMAND')
     for verb in VERBS.values():
         sub = verbs.add_parser(verb.name, help=verb.summary,
@@ -32,6 +37,30 @@ def build_parser(prog: str = 'vyra-ipc') -> argparse.ArgumentParser:
         sub.set_defaults(verb=verb)
         verb.describe(sub)
     return parser
+
+
+def version_line(prog: str) -> str:
+    """``vyra-ipc 0.1.0 (grpcio 1.85.1, protobuf 6.33.1, Python 3.11.7)``: what a bug report needs."""
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return 'not installed'
+    return (f'{prog} {package_version() or "(vyra_base_ipc not installed)"} (grpcio {installed("grpcio")}, '
+            f'protobuf {installed("protobuf")}, Python {platform.python_version()})')
+
+
+class _Version(argparse.Action):
+    """argparse's ``version`` action, the line made only when asked for (it reads package metadata)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:  # noqa: A002 (argparse passes help=)
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        print(version_line(parser.prog))  # (on stdout, as argparse's own version action)
+        parser.exit()
 
 
 def run(verb: Verb, args: argparse.Namespace, prog: str, out: TextIO | None = None,
