@@ -58,6 +58,8 @@ _logger = logging.getLogger(__name__)
 #: path (the lock is held for microseconds; this bounds a stuck holder).
 _LOCK_TIMEOUT = 5.0
 _PRIVATE_SOCKET = 's'
+#: Where this process's descriptors have names (not in every container).
+_FD_DIR = '/proc/self/fd'
 
 
 def is_listening(path: Path) -> bool:
@@ -186,11 +188,16 @@ class SocketFile:
             if not stat.S_ISSOCK(os.fstat(bound).st_mode):
                 raise FileExistsError(errno.EEXIST, 'the private bind name is not the bound socket',
                                       str(self.path))
-            # Through the descriptor: the inode that was bound, whatever its name.
-            inode = f'/proc/self/fd/{bound}'
+            # Through the descriptor: the inode that was bound, whatever its
+            # name. Without /proc (a rare container), by its name in the
+            # private directory, where only this user makes or renames files.
+            if os.path.isdir(_FD_DIR):
+                inode, where = f'{_FD_DIR}/{bound}', None
+            else:
+                inode, where = _PRIVATE_SOCKET, private_fd
             if self.group is not None:  # group first: chown() may clear set-id bits
-                os.chown(inode, -1, self.group)
-            os.chmod(inode, self.socket_mode)
+                os.chown(inode, -1, self.group, dir_fd=where)
+            os.chmod(inode, self.socket_mode, dir_fd=where)
         finally:
             os.close(bound)
         name = self.path.name
