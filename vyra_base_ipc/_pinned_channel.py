@@ -31,13 +31,9 @@ import weakref
 import grpc
 
 from ._peer import check_server_socket, untrusted
-from ._socket_file import is_listening
+from ._socket_file import FD_DIR, is_listening
 
 __all__ = ['PinnedChannel', 'PinnedSocket']
-
-# Where the descriptors can be named. Without /proc (a rare container), the
-# channel connects by path, and the window above stays open.
-_FD_DIR = '/proc/self/fd'
 
 
 class PinnedSocket:
@@ -56,9 +52,11 @@ class PinnedSocket:
         self._trusted = trusted
         self._lock = threading.Lock()
         self._pinned: tuple[int, int] | None = None
-        self._fd: int | None = os.open('/', os.O_PATH | os.O_CLOEXEC) if os.path.isdir(_FD_DIR) else None
+        # Without FD_DIR (no /proc: a rare container) grpc connects by path,
+        # and the window above stays open.
+        self._fd: int | None = os.open('/', os.O_PATH | os.O_CLOEXEC) if os.path.isdir(FD_DIR) else None
         #: What grpc connects to: the descriptor's name, or the path itself.
-        self.address = path if self._fd is None else f'{_FD_DIR}/{self._fd}'
+        self.address = path if self._fd is None else f'{FD_DIR}/{self._fd}'
 
     def check(self) -> bool:
         """Check the socket file (as :func:`check_server_socket` does) and

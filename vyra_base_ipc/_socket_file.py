@@ -50,7 +50,7 @@ from ._peer import foreign_link
 from .address import MAX_SOCKET_PATH_BYTES
 from .exceptions import SocketInUseError, UnsafeDirectoryError
 
-__all__ = ['SocketFile', 'check_directory_chain', 'is_listening', 'socket_access']
+__all__ = ['FD_DIR', 'SocketFile', 'check_directory_chain', 'is_listening', 'socket_access']
 
 _logger = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ _logger = logging.getLogger(__name__)
 #: path (the lock is held for microseconds; this bounds a stuck holder).
 _LOCK_TIMEOUT = 5.0
 _PRIVATE_SOCKET = 's'
-#: Where this process's descriptors have names (not in every container).
-_FD_DIR = '/proc/self/fd'
+#: Where this process's descriptors have names (no /proc in every container).
+FD_DIR = '/proc/self/fd'
 
 
 def is_listening(path: Path) -> bool:
@@ -191,8 +191,8 @@ class SocketFile:
             # Through the descriptor: the inode that was bound, whatever its
             # name. Without /proc (a rare container), by its name in the
             # private directory, where only this user makes or renames files.
-            if os.path.isdir(_FD_DIR):
-                inode, where = f'{_FD_DIR}/{bound}', None
+            if os.path.isdir(FD_DIR):
+                inode, where = f'{FD_DIR}/{bound}', None
             else:
                 inode, where = _PRIVATE_SOCKET, private_fd
             if self.group is not None:  # group first: chown() may clear set-id bits

@@ -40,7 +40,7 @@ def build_parser(prog: str = 'vyra-ipc') -> argparse.ArgumentParser:
 
 
 def version_line(prog: str) -> str:
-    """``vyra-ipc 0.1.0 (grpcio 1.85.1, protobuf 6.33.1, Python 3.11.7)``: what a bug report needs."""
+    """``vyra-ipc 0.1.0 (grpcio 1.85.1, protobuf 7.36.2, Python 3.11.7)``: what a bug report needs."""
     def installed(name: str) -> str:
         try:
             return metadata.version(name)
