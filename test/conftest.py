@@ -251,8 +251,8 @@ def _server_spawner(base_env: dict[str, str], logs: Path) -> Iterator[StartServe
 
     def start(socket_path: Path, *args: str, wait: bool = True, script: str = 'echo_server.py',
               umask: int | None = None, env: dict[str, str] | None = None,
-              ttrpc_path: Path | None = None) -> ServerProcess:
-        server = spawner.start([sys.executable, str(SERVERS / script), str(socket_path), *args],
+              ttrpc_path: Path | None = None, wrapper: Sequence[str] = ()) -> ServerProcess:
+        server = spawner.start([*wrapper, sys.executable, str(SERVERS / script), str(socket_path), *args],
                                {**base_env, **(env or {})}, umask=umask, kind=ServerProcess,
                                socket_path=socket_path, ttrpc_path=ttrpc_path)
         return server.wait_serving() if wait else server
@@ -264,10 +264,12 @@ def _server_spawner(base_env: dict[str, str], logs: Path) -> Iterator[StartServe
 @pytest.fixture
 def start_server(socket_dir: Path, child_env: dict[str, str], tmp_path: Path) -> Iterator[StartServer]:
     """Factory: ``start_server(path, *args, wait=True, script=..., umask=..., env=...,
-    ttrpc_path=...)`` runs test/servers/echo_server.py (or ``script``) as a real
-    process with ``path`` and ``args`` as its arguments and (with ``wait``)
-    returns once its gRPC socket listens. ``ttrpc_path``: where its fast lane
-    is when not beside the gRPC socket (``ServerProcess.ttrpc_path``).
+    ttrpc_path=..., wrapper=...)`` runs test/servers/echo_server.py (or ``script``)
+    as a real process with ``path`` and ``args`` as its arguments and (with
+    ``wait``) returns once its gRPC socket listens. ``ttrpc_path``: where its
+    fast lane is when not beside the gRPC socket (``ServerProcess.ttrpc_path``).
+    ``wrapper``: a command that runs the server's command line as its own
+    (``unshare ...``) and keeps its pid.
 
     Every server still running at teardown gets SIGTERM, then SIGKILL (before
     ``socket_dir`` goes).

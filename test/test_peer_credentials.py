@@ -452,6 +452,38 @@ def test_members_of_the_socket_group_are_allowed_peers(start_server, open_dir: P
     assert health_check_as(OTHER_UID, OTHER_UID, fast_lane) == 'PermissionError'
 
 
+def test_a_member_of_the_socket_group_among_hundreds_of_groups_is_allowed(start_server, open_dir: Path) -> None:
+    needs_second_uid()
+    server = start_server(open_dir / 'm_ipc.sock', '--socket-group', 'nogroup')
+    fast_lane = open_dir / 'm_ipc.ttrpc.sock'
+    fast_lane.chmod(0o666)  # so that the server's own check decides, not the file's mode
+    # More than the 256 groups Python's getsockopt() can read (the socket group last).
+    many = ','.join(str(gid) for gid in range(60_000, 60_300))
+    assert health_check_as(OTHER_UID, OTHER_UID, fast_lane, groups=f'{many},{NOBODY}') == 'answered'
+    assert health_check_as(OTHER_UID, OTHER_UID, fast_lane, groups=many) == 'closed'
+    wait_for(lambda: f'uid {OTHER_UID} gid {OTHER_UID} is not an allowed peer' in server.log(), 20,
+             'the refusal in the server log')
+
+
+def test_a_server_without_proc_knows_the_socket_groups_members_by_their_supplementary_groups(
+        start_server, open_dir: Path) -> None:
+    # The groups the peer had when it connected come from the kernel with the
+    # connection (SO_PEERGROUPS), not from /proc/<pid>: no process can stand
+    # in for the peer by taking its pid, and a server without /proc knows them.
+    needs_second_uid()
+    if shutil.which('unshare') is None:
+        pytest.skip('unshare (util-linux) is not installed')
+    # A mount namespace of its own (private: the machine's /proc is untouched), /proc emptied.
+    hide_proc = ['unshare', '-m', 'sh', '-c', 'mount -t tmpfs none /proc && exec "$@"', 'sh']
+    server = start_server(open_dir / 'p_ipc.sock', '--socket-group', 'nogroup', wait=False,
+                          wrapper=hide_proc).wait_serving(ttrpc=True)
+    assert os.listdir(f'/proc/{server.pid}/root/proc') == []  # what the server sees there
+    fast_lane = open_dir / 'p_ipc.ttrpc.sock'
+    assert health_check_as(OTHER_UID, OTHER_UID, fast_lane, groups=str(NOBODY)) == 'answered'
+    assert health_check_as(OTHER_UID, NOBODY, fast_lane) == 'answered'
+    assert health_check_as(OTHER_UID, OTHER_UID, fast_lane) == 'PermissionError'
+
+
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
 def test_handlers_see_who_called_on_the_fast_lane(server: ServerProcess, echo, lane: str) -> None:
     with SyncIPCHandler(server.socket_path, echo.Stub, lane=lane) as ipc:
@@ -459,5 +491,6 @@ def test_handlers_see_who_called_on_the_fast_lane(server: ServerProcess, echo, l
     if lane == 'ttrpc':
         assert reply.has_peer
         assert (reply.peer_pid, reply.peer_uid, reply.peer_gid) == (os.getpid(), os.geteuid(), os.getegid())
+        assert set(reply.peer_groups) == set(os.getgroups())
     else:
         assert not reply.has_peer  # grpc.aio does not tell (grpc/grpc#28755)

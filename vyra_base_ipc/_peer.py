@@ -15,12 +15,18 @@ remove our file, only create one where none is).
 Servers: each fast-lane connection's peer must be a user allowed to connect
 (its own uid, root, and members of the socket group when one is set), as
 containerd's ttrpc checks; the socket file's mode says the same, so this
-holds even where the file's mode was loosened by hand.
+holds even where the file's mode was loosened by hand. Membership counts the
+groups the peer had when it connected, as the kernel keeps them with the
+connection (``SO_PEERGROUPS``), not those of whatever process has its pid
+by the time the server looks.
 """
 
 from __future__ import annotations
 
+from array import array
+import ctypes
 from dataclasses import dataclass
+import errno
 import os
 from pathlib import Path
 import socket
@@ -36,28 +42,53 @@ __all__ = ['PeerCredentials', 'PeerRule', 'check_server_connection', 'check_serv
            'peer_credentials', 'socket_peer', 'trusted_server_uids', 'untrusted']
 
 _UCRED = struct.Struct('3i')
+#: Linux's ``SO_PEERGROUPS`` (4.13 and later; the generic number, which
+#: x86 and ARM use). Python's socket module does not name it.
+_SO_PEERGROUPS = 59
+#: What Python's getsockopt() reads at most (1024 bytes): 256 groups. A peer
+#: in more is read with ctypes, into room for the kernel's NGROUPS_MAX.
+_GROUPS_BYTES = 1024
+_NGROUPS_MAX = 65536
 
 
 @dataclass(frozen=True)
 class PeerCredentials:
     """The process at the other end of a Unix socket when it connected
-    (or accepted): its pid, effective uid and effective gid."""
+    (or accepted): its pid, effective uid, effective gid and supplementary
+    groups."""
 
     pid: int
     uid: int
     gid: int
+    groups: frozenset[int] = frozenset()
 
 
 def socket_peer(sock: socket.socket) -> PeerCredentials:
-    """The ``SO_PEERCRED`` of a connected Unix socket."""
+    """The ``SO_PEERCRED`` and ``SO_PEERGROUPS`` of a connected Unix socket:
+    what the peer was when it connected (a server: when it listened),
+    whatever it did since. No groups where the kernel does not tell them
+    (before Linux 4.13): a rule needing them then refuses."""
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    return PeerCredentials(pid, uid, gid)
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, _GROUPS_BYTES)
+    except OSError as error:
+        raw = _many_peer_groups(sock.fileno()) if error.errno == errno.ERANGE else b''
+    return PeerCredentials(pid, uid, gid, frozenset(array('I', raw)))
+
+
+def _many_peer_groups(fd: int) -> bytes:
+    """``SO_PEERGROUPS`` of a peer in more groups than Python's getsockopt() reads."""
+    size = ctypes.c_uint32(_NGROUPS_MAX * 4)
+    groups = ctypes.create_string_buffer(size.value)
+    if ctypes.CDLL(None).getsockopt(fd, socket.SOL_SOCKET, _SO_PEERGROUPS, groups, ctypes.byref(size)) != 0:
+        return b''  # (cannot fail where the smaller read said ERANGE)
+    return groups.raw[:size.value]
 
 
 def peer_credentials(context: Any) -> PeerCredentials | None:
-    """Who made the call a handler serves: pid, uid and gid of the client
-    process, on the fast lane; ``None`` on the gRPC lane, whose runtime does
-    not tell (grpc/grpc#28755).
+    """Who made the call a handler serves: pid, uid, gid and groups of the
+    client process when it connected, on the fast lane; ``None`` on the gRPC
+    lane, whose runtime does not tell (grpc/grpc#28755).
 
     :param context: the handler's ``context`` argument.
     """
@@ -171,22 +202,10 @@ class PeerRule:
         """Why ``peer`` may not connect; ``None`` if it may."""
         if peer.uid in self.uids:
             return None
-        if self.group is not None and (peer.gid == self.group or self.group in _groups_of(peer.pid)):
+        if self.group is not None and (peer.gid == self.group or self.group in peer.groups):
             return None
         allowed = ', '.join(str(uid) for uid in sorted(self.uids))
         group = '' if self.group is None else f' or a member of group {self.group}'
         return (f'pid {peer.pid} uid {peer.uid} gid {peer.gid} is not an allowed peer '
                 f'(uid {allowed}{group})')
 
-
-def _groups_of(pid: int) -> frozenset[int]:
-    """The supplementary groups of process ``pid`` (SO_PEERCRED has only its
-    effective gid); empty if it is gone."""
-    try:
-        with open(f'/proc/{pid}/status') as status:
-            for line in status:
-                if line.startswith('Groups:'):
-                    return frozenset(int(group) for group in line.split()[1:])
-    except OSError:
-        pass
-    return frozenset()
