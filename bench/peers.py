@@ -6,7 +6,9 @@ Two parts, each one client process (``python -m bench.peers SPEC``) holding
 one client of every variant:
 
 ``small``  64 B round trips: the floor, ``SyncIPCHandler`` and ``IPCHandler``
-           (stock asyncio loop) on the fast lane, pyzmq REQ/REP over
+           (stock asyncio loop) on the fast lane, a minimal Python ttrpc
+           (:mod:`bench.minimal_ttrpc`: client and server, and its clients
+           against ``IPCServer``), pyzmq REQ/REP over
            ``ipc://``, iceoryx2 request-response waiting on events and
            spinning, eclipse-zenoh get/queryable over a unix socket.
 ``large``  echo of 1, 10 and 100 MiB: the floor, the fast lane's transparent
@@ -103,6 +105,13 @@ def _candidates(part: str) -> list[tuple[Transport, Callable[[], str | None]]]:
                        'ttrpc', asynchronous=True, loop='uvloop',
                        options=fast.client_options() if not fast.unavailable() else {}),
              lambda: fast.unavailable() or module('uvloop')()),
+            # For reference: the protocol's Python floor, and this package's server under it.
+            (Transport('ttrpc-minimal', 'minimal Python ttrpc client and server (blocking, no features)',
+                       'ttrpc-minimal', 'ttrpc-minimal', 'uds', 'ttrpc'), always),
+            (Transport('ttrpc-minimal-ipc', 'minimal Python ttrpc client (blocking) to IPCServer',
+                       'ttrpc-minimal', 'ipc', 'uds', 'ttrpc'), fast.unavailable),
+            (Transport('ttrpc-minimal-aio-ipc', "minimal Python ttrpc client (asyncio's loop) to IPCServer",
+                       'ttrpc-minimal-aio', 'ipc', 'uds', 'ttrpc', asynchronous=True), fast.unavailable),
             (Transport('zmq-req-rep', 'pyzmq REQ/REP over ipc://', 'zmq', 'zmq', 'ipc'), module('zmq')),
             (Transport('iceoryx2-event', 'iceoryx2 request-response, waiting on events', 'iceoryx2',
                        'iceoryx2-event', 'shm'), module('iceoryx2')),

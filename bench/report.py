@@ -13,12 +13,12 @@ from typing import Any, Iterable, TextIO
 
 from .busypoll import LABELS
 from .payloads import size_label
-from .report_peers import peer_checks, peer_markdown, print_peers
+from .report_peers import peer_checks, peer_markdown, peer_references, print_peers
 from .stats import ROW_COLUMNS
 from .streaming import LABELS as STREAM_LABELS
 
 __all__ = ['CONCURRENCY_TARGET', 'FAST_LANE_CONCURRENCY_TARGET', 'REFERENCE_TRANSPORT',
-           'TRIGGER_TRANSPORT', 'concurrency_check', 'fast_lane_checks', 'peer_checks',
+           'TRIGGER_TRANSPORT', 'concurrency_check', 'fast_lane_checks', 'peer_checks', 'peer_references',
            'shared_memory_checks', 'machine', 'markdown_summary', 'print_report',
            'write_json']
 

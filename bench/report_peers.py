@@ -8,7 +8,7 @@ from typing import Any, TextIO
 from .payloads import size_label
 from .peers import FLOOR
 
-__all__ = ['PEER_TARGETS', 'peer_checks', 'peer_markdown', 'print_peers']
+__all__ = ['PEER_TARGETS', 'REFERENCES', 'peer_checks', 'peer_markdown', 'peer_references', 'print_peers']
 
 _M = 1024 * 1024
 #: Issue 18's targets: (what, part, payload, transport, reference, what is
@@ -43,6 +43,22 @@ PEER_TARGETS: tuple[tuple[str, str, int, str, str, str, float], ...] = (
      'ipc-sync-shared-buffer', 'zenoh-shm', 'p50', 1.0),
 )
 
+#: Ratios of a minimal Python ttrpc (:mod:`bench.minimal_ttrpc`), for
+#: reference beside the targets: what a client or server of no features
+#: reaches on the same machine in the same run. (what, part, payload,
+#: transport, reference, what is compared)
+REFERENCES: tuple[tuple[str, str, int, str, str, str], ...] = (
+    ('minimal Python ttrpc client and server, 64 B, x the floor', 'small', 64, 'ttrpc-minimal', FLOOR,
+     'p50'),
+    ('minimal Python ttrpc client to IPCServer, 64 B, x the floor', 'small', 64, 'ttrpc-minimal-ipc',
+     FLOOR, 'p50'),
+    ('SyncIPCHandler, 64 B, x the minimal client to IPCServer (what our client adds)', 'small', 64,
+     'ipc-sync-ttrpc', 'ttrpc-minimal-ipc', 'p50'),
+    ('minimal asyncio ttrpc client to IPCServer, 64 B, x pyzmq', 'small', 64, 'ttrpc-minimal-aio-ipc',
+     'zmq-req-rep', 'p50'),
+    ("minimal Python ttrpc client and server, 64 B, CPU per call (both sides) x pyzmq's", 'small', 64,
+     'ttrpc-minimal', 'zmq-req-rep', 'cpu'),
+)
 
 def _value(row: dict[str, Any], measure: str) -> float:
     if measure == 'cpu':
@@ -50,21 +66,34 @@ def _value(row: dict[str, Any], measure: str) -> float:
     return float(row['p50_us'])
 
 
+def _ratio(peers: dict[str, Any], part: str, size: int, transport: str, reference: str,
+           measure: str) -> float | None:
+    """``transport``'s p50 or CPU per call over ``reference``'s; ``None`` without both rows."""
+    rows = {row['transport']: row for row in peers.get(part, {}).get('rows', [])
+            if row['payload_bytes'] == size}
+    if transport not in rows or reference not in rows or not _value(rows[reference], measure):
+        return None
+    return round(_value(rows[transport], measure) / _value(rows[reference], measure), 3)
+
+
 def peer_checks(peers: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target of :data:`PEER_TARGETS` whose two rows this run has:
     ``{check, ratio, target, met}``."""
     checks = []
     for text, part, size, transport, reference, measure, target in PEER_TARGETS:
-        rows = {row['transport']: row for row in peers.get(part, {}).get('rows', [])
-                if row['payload_bytes'] == size}
-        if transport not in rows or reference not in rows or not _value(rows[reference], measure):
+        ratio = _ratio(peers, part, size, transport, reference, measure)
+        if ratio is None:
             continue
-        ratio = round(_value(rows[transport], measure) / _value(rows[reference], measure), 3)
         # "Faster than" (a p50 target of 1.0) is strict; "at most" is not.
         met = ratio < target if (measure, target) == ('p50', 1.0) else ratio <= target
         checks.append({'check': text, 'ratio': ratio, 'target': target, 'met': met})
     return checks
 
+
+def peer_references(peers: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each ratio of :data:`REFERENCES` whose two rows this run has: ``{reference, ratio}``."""
+    found = ((text, _ratio(peers, *where)) for text, *where in REFERENCES)
+    return [{'reference': text, 'ratio': ratio} for text, ratio in found if ratio is not None]
 
 def _time(us: float) -> str:
     return f'{us / 1e3:,.2f} ms' if us >= 1000 else f'{us:,.1f} µs'
@@ -101,6 +130,13 @@ def _check_lines(results: dict[str, Any]) -> list[str]:
             for check in results.get('peer_checks', [])]
 
 
+def _reference_lines(results: dict[str, Any]) -> list[str]:
+    return [f"{entry['reference']}: {entry['ratio']:.2f}×" for entry in results.get('peer_references', [])]
+
+
+_REFERENCES_TITLE = 'For reference, a minimal Python ttrpc (bench/minimal_ttrpc.py: no features), this run:'
+
+
 def print_peers(results: dict[str, Any], table: Any, out: TextIO) -> None:
     """The peers' tables and target checks; ``table(headers, lines, out)``
     prints an aligned table."""
@@ -114,6 +150,11 @@ def print_peers(results: dict[str, Any], table: Any, out: TextIO) -> None:
     if checks:
         print('\nIssue 18 targets, this run:', file=out)
         for line in checks:
+            print(f'  {line}', file=out)
+    references = _reference_lines(results)
+    if references:
+        print(f'\n{_REFERENCES_TITLE}', file=out)
+        for line in references:
             print(f'  {line}', file=out)
 
 
@@ -131,4 +172,8 @@ def peer_markdown(results: dict[str, Any]) -> list[str]:
     if checks:
         lines += ['', 'Issue 18 targets, this run:', '']
         lines += [f'- {line}' for line in checks]
+    references = _reference_lines(results)
+    if references:
+        lines += ['', _REFERENCES_TITLE, '']
+        lines += [f'- {line}' for line in references]
     return lines

@@ -44,6 +44,7 @@ from .report import (
     machine,
     markdown_summary,
     peer_checks,
+    peer_references,
     print_report,
     shared_memory_checks,
     write_json,
@@ -172,6 +173,8 @@ def _start_servers(servers: Servers, workdir: Path, needed: set[str], pin: bool)
         servers.start('socket', 'socket', str(sockets / 'echo.sock'), pin=pin)
     if 'socket-stream' in needed:
         servers.start('socket-stream', 'socket-stream', str(sockets / 'stream.sock'), pin=pin)
+    if 'ttrpc-minimal' in needed:
+        servers.start('ttrpc-minimal', 'ttrpc-minimal', str(sockets / 'ttrpc-minimal.sock'), pin=pin)
     if 'grpc' in needed:
         servers.start('grpc', 'grpc', str(sockets / 'grpc.sock'), pin=pin)
     if 'ipc' in needed:
@@ -194,6 +197,7 @@ def _start_servers(servers: Servers, workdir: Path, needed: set[str], pin: bool)
         'tcp': ready.get('grpc', {}).get('tcp'),
         'ipc': ready.get('ipc', {}).get('path'),
         'socket-stream': ready.get('socket-stream', {}).get('path'),
+        'ttrpc-minimal': ready.get('ttrpc-minimal', {}).get('path'),
         **{name: ready.get(name, {}).get('path') for name in [*OVERHEAD_SERVERS, *BUSY_POLL_SERVERS]},
         'ros': ROS_SERVICE,
         # iceoryx2: {service, root, prefix, mode}; the others: their path.
@@ -451,6 +455,7 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
         'concurrency': checks,
         'peers': peers,
         'peer_checks': peer_checks(peers),
+        'peer_references': peer_references(peers),
         'skipped': skipped,
     }
     write_json(results, out / 'results.json')

@@ -4,6 +4,7 @@ Each runs as its own process::
 
     python -m bench.servers socket PATH
     python -m bench.servers socket-stream PATH
+    python -m bench.servers ttrpc-minimal PATH   # bench.minimal_ttrpc: the protocol's Python floor
     python -m bench.servers grpc PATH          # also listens on 127.0.0.1:<free port>
     python -m bench.servers ipc PATH [JSON IPCServer options, busy_poll, keep_freed_memory]
     python -m bench.servers rclpy SERVICE_NAME
@@ -278,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     from .peer_servers import PEER_SERVERS
 
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] not in ('socket', 'socket-stream', 'grpc', 'ipc', 'rclpy', *PEER_SERVERS) \
+    if not args or args[0] not in ('socket', 'socket-stream', 'ttrpc-minimal', 'grpc', 'ipc', 'rclpy',
+                                   *PEER_SERVERS) \
             or len(args) < 2:
         sys.exit(__doc__)
     kind, where = args[0], args[1]
@@ -287,9 +289,14 @@ def main(argv: list[str] | None = None) -> None:
         if len(args) != 1 + count:
             sys.exit(f'{kind} takes {count} arguments, not {len(args) - 1}')
         serve(*args[1:])
-    elif kind in ('socket', 'socket-stream'):
+    elif kind in ('socket', 'socket-stream', 'ttrpc-minimal'):
+        from .minimal_ttrpc import serve_connection
+
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        (serve_socket if kind == 'socket' else serve_socket_stream)(where)
+        if kind == 'ttrpc-minimal':
+            _serve_threads(where, serve_connection)
+        else:
+            (serve_socket if kind == 'socket' else serve_socket_stream)(where)
     elif kind == 'grpc':
         asyncio.run(serve_grpc(where))
     elif kind == 'ipc':

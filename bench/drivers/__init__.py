@@ -40,6 +40,8 @@ DRIVERS: dict[str, tuple[str, str]] = {
     'zmq': ('zmq_req', 'ZmqDriver'),
     'iceoryx2': ('iceoryx2_rr', 'Iceoryx2Driver'),
     'zenoh': ('zenoh_get', 'ZenohDriver'),
+    'ttrpc-minimal': ('ttrpc_minimal', 'MinimalTtrpcDriver'),
+    'ttrpc-minimal-aio': ('ttrpc_minimal', 'MinimalTtrpcAioDriver'),
 }
 
 

@@ -1,0 +1,92 @@
+"""A minimal ttrpc in Python, for reference: what the protocol costs in Python
+with none of this package's work around it.
+
+The server (``python -m bench.servers ttrpc-minimal PATH``) takes a thread
+per connection, reads each request frame with blocking calls, parses the
+envelope and the ``Blob``, answers with the ``Blob`` serialized again in an
+OK response, and checks nothing else (no deadlines, metadata, limits, peers,
+shared memory or flow control). The clients (:mod:`bench.drivers.ttrpc_minimal`)
+build the envelope, send it and parse the answer in the fewest steps, one
+call at a time; the server they call is this one or :class:`IPCServer`'s
+fast lane, which serves containerd's clients as they are.
+
+The rows they make (``python -m bench --sections peers``) split a call's cost:
+``minimal → minimal`` is the Python floor of the protocol, ``minimal →
+IPCServer`` adds this package's server, ``SyncIPCHandler → IPCServer`` its
+client too.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+__all__ = ['HEADER', 'REQUEST', 'RESPONSE', 'decode_reply', 'encode_request', 'serve_connection']
+
+#: ``>IIBB``: data length, stream id, message type, flags.
+HEADER = struct.Struct('>IIBB')
+REQUEST, RESPONSE = 1, 2
+#: What every request calls: the benchmark's echo.
+SERVICE, METHOD = 'vyra.ipc.bench.BenchService', 'Echo'
+
+
+def _modules() -> tuple[Any, Any]:
+    from vyra_base_ipc import ttrpc_pb2
+    from vyra_bench import bench_pb2
+    return ttrpc_pb2, bench_pb2
+
+
+def encode_request(stream_id: int, payload: bytes) -> bytes:
+    """The frame of an ``Echo`` request carrying ``payload`` in its ``Blob``."""
+    ttrpc_pb2, bench_pb2 = _modules()
+    data = ttrpc_pb2.Request(service=SERVICE, method=METHOD,
+                             payload=bench_pb2.Blob(data=payload).SerializeToString()).SerializeToString()
+    return HEADER.pack(len(data), stream_id, REQUEST, 0) + data
+
+
+def decode_reply(data: bytes | memoryview) -> bytes:
+    """The echoed bytes of a response frame's data.
+
+    :raises RuntimeError: the response is not OK.
+    """
+    ttrpc_pb2, bench_pb2 = _modules()
+    response = ttrpc_pb2.Response.FromString(data)
+    if response.status.code:
+        raise RuntimeError(f'Echo failed: {response.status.code} {response.status.message}')
+    data_out: bytes = bench_pb2.Blob.FromString(response.payload).data
+    return data_out
+
+
+def _receive(conn: socket.socket, view: memoryview) -> bool:
+    """Fill ``view``; ``False`` if the peer closed first."""
+    received = 0
+    while received < len(view):
+        count = conn.recv_into(view[received:])
+        if not count:
+            return False
+        received += count
+    return True
+
+
+def serve_connection(conn: socket.socket) -> None:
+    """Answer the requests of one connection until its peer closes it."""
+    ttrpc_pb2, bench_pb2 = _modules()
+    header = memoryview(bytearray(HEADER.size))
+    with conn:
+        while _receive(conn, header):
+            length, stream_id, _, _ = HEADER.unpack(header)
+            data = memoryview(bytearray(length))
+            if not _receive(conn, data):
+                return
+            request = ttrpc_pb2.Request.FromString(data)
+            if (request.service, request.method) == (SERVICE, METHOD):
+                answer = bench_pb2.Blob.FromString(request.payload).SerializeToString()
+                response = ttrpc_pb2.Response(payload=answer)
+            else:
+                response = ttrpc_pb2.Response()
+                response.status.code = 12  # UNIMPLEMENTED
+                response.status.message = f'{request.service}/{request.method}'
+            body = response.SerializeToString()
+            conn.sendall(HEADER.pack(len(body), stream_id, RESPONSE, 0) + body)
+
