@@ -103,7 +103,7 @@ class ServerCall:
     :ivar method: full method path, ``/vyra.ipc.ModuleService/ExecuteCommand``.
     :ivar lane: ``"grpc"`` or ``"ttrpc"`` (the fast lane).
     :ivar metadata: the client's metadata as ``(key, value)`` pairs.
-    :ivar peer: the client process (pid, uid, gid) on the fast lane;
+    :ivar peer: the client process (pid, uid, gid, groups) on the fast lane;
         ``None`` on the gRPC lane, whose runtime does not tell.
     :ivar deadline: ``time.monotonic()`` value at which the call expires,
         ``None`` without a deadline.
