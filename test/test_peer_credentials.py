@@ -18,10 +18,19 @@ import grpc
 import pytest
 
 from conftest import NOBODY, OTHER_UID, ServerProcess, wait_for
-from vyra_base_ipc import ClientCall, ClientInterceptor, IPCHandler, SyncIPCHandler, UntrustedServerError
+from vyra_base_ipc import (
+    ClientCall,
+    ClientInterceptor,
+    IPCHandler,
+    IPCTimeoutError,
+    SyncIPCHandler,
+    UntrustedServerError,
+)
 
 pytestmark = pytest.mark.fault
 
+#: A user and group id above 2**31 (valid: uid_t and gid_t are unsigned 32-bit).
+HIGH_ID = 3_000_000_000
 
 
 def needs_second_uid() -> None:
@@ -78,10 +87,11 @@ while True:
 class Squatter:
     """Another user's process listening on a socket path."""
 
-    def __init__(self, path: Path, later: bool = False) -> None:
-        """Bound and listening on ``path`` at once, or (``later``) once :meth:`bind` says so."""
+    def __init__(self, path: Path, later: bool = False, uid: int = OTHER_UID) -> None:
+        """Bound and listening on ``path`` at once, or (``later``) once :meth:`bind` says so;
+        run as ``uid`` (its group too)."""
         self.path = path
-        self.popen = subprocess.Popen(as_user(OTHER_UID, OTHER_UID, SQUATTER, str(path), *(['later'] * later)),
+        self.popen = subprocess.Popen(as_user(uid, uid, SQUATTER, str(path), *(['later'] * later)),
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                       env={'PATH': '/usr/bin:/bin'})
         assert self.popen.stdout is not None
@@ -128,8 +138,8 @@ def squatter_on(shared_dir: Path) -> Iterator[Callable[..., Squatter]]:
     needs_second_uid()
     started: list[Squatter] = []
 
-    def start(path: Path, later: bool = False) -> Squatter:
-        started.append(Squatter(path, later))
+    def start(path: Path, later: bool = False, uid: int = OTHER_UID) -> Squatter:
+        started.append(Squatter(path, later, uid))
         return started[-1]
     yield start
     for squatter in started:
@@ -386,6 +396,18 @@ def test_server_uid_names_the_one_user_trusted(server: ServerProcess, echo, lane
         assert ipc.call_method('Echo', echo.pb.EchoRequest(text='x')).text == 'x'
 
 
+def test_server_uid_names_a_user_above_2_to_the_31(shared_dir: Path, squatter_on, echo) -> None:
+    # uid_t is unsigned: a uid from 2**31 up is a user like any other, not a
+    # negative number that matches no one (decoded as one, it was refused).
+    fast_lane = squatter_on(shared_dir / 'h_ipc.ttrpc.sock', uid=HIGH_ID)
+    ipc = SyncIPCHandler(shared_dir / 'h_ipc.sock', echo.Stub, lane='ttrpc', server_uid=HIGH_ID)
+    with pytest.raises(IPCTimeoutError):  # trusted, sent the call; this "server" never answers
+        ipc.call_method('Echo', echo.pb.EchoRequest(text='x'), timeout=1)
+    ipc.disconnect()
+    received = fast_lane.connections()
+    assert received and all(line != 'connection: 0 bytes' for line in received)
+
+
 def test_server_uid_is_checked(socket_path: Path, echo) -> None:
     with pytest.raises(ValueError, match='server_uid must be a uid from 0 to 4294967295, not -1'):
         SyncIPCHandler(socket_path, echo.Stub, server_uid=-1)
@@ -449,6 +471,16 @@ def test_members_of_the_socket_group_are_allowed_peers(start_server, open_dir: P
     # Primary group, and a supplementary one (SO_PEERCRED carries only the first).
     assert health_check_as(OTHER_UID, NOBODY, fast_lane) == 'answered'
     assert health_check_as(OTHER_UID, OTHER_UID, fast_lane, groups=str(NOBODY)) == 'answered'
+    assert health_check_as(OTHER_UID, OTHER_UID, fast_lane) == 'PermissionError'
+
+
+def test_a_member_of_a_socket_group_above_2_to_the_31_is_allowed(start_server, open_dir: Path) -> None:
+    # gid_t is unsigned: by its primary group as by a supplementary one.
+    needs_second_uid()
+    start_server(open_dir / 'b_ipc.sock', '--socket-group', str(HIGH_ID))
+    fast_lane = open_dir / 'b_ipc.ttrpc.sock'
+    assert health_check_as(OTHER_UID, HIGH_ID, fast_lane) == 'answered'
+    assert health_check_as(OTHER_UID, OTHER_UID, fast_lane, groups=str(HIGH_ID)) == 'answered'
     assert health_check_as(OTHER_UID, OTHER_UID, fast_lane) == 'PermissionError'
 
 

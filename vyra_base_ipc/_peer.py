@@ -41,7 +41,8 @@ from .exceptions import UntrustedServerError
 __all__ = ['PeerCredentials', 'PeerRule', 'check_server_connection', 'check_server_socket', 'foreign_link',
            'peer_credentials', 'socket_peer', 'trusted_server_uids', 'untrusted']
 
-_UCRED = struct.Struct('3i')
+#: struct ucred: pid_t (signed), uid_t and gid_t (unsigned: ids from 2**31 up are users too).
+_UCRED = struct.Struct('iII')
 #: Linux's ``SO_PEERGROUPS`` (4.13 and later; the generic number, which
 #: x86 and ARM use). Python's socket module does not name it.
 _SO_PEERGROUPS = 59

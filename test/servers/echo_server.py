@@ -144,7 +144,8 @@ def main() -> None:
     parser.add_argument('--grace-period', type=float, default=2.0)
     parser.add_argument('--max-workers', type=int, default=None)
     parser.add_argument('--maximum-concurrent-rpcs', type=int, default=None)
-    parser.add_argument('--socket-group', default=None)
+    parser.add_argument('--socket-group', default=None,
+                        type=lambda group: int(group) if group.isdigit() else group)  # a name or a gid
     parser.add_argument('--ttrpc-socket-path', default=None)
     parser.add_argument('--no-ttrpc', dest='ttrpc', action='store_false')
     parser.add_argument('--shared-memory-threshold', type=int, default=None)
