@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes.util
 import os
 from pathlib import Path
 import shutil
@@ -514,6 +515,43 @@ def test_a_server_without_proc_knows_the_socket_groups_members_by_their_suppleme
     assert health_check_as(OTHER_UID, OTHER_UID, fast_lane, groups=str(NOBODY)) == 'answered'
     assert health_check_as(OTHER_UID, NOBODY, fast_lane) == 'answered'
     assert health_check_as(OTHER_UID, OTHER_UID, fast_lane) == 'PermissionError'
+
+
+#: Runs argv[1:] where getsockopt(SO_PEERGROUPS) fails with ENOPROTOOPT, as on
+#: a kernel before 4.13 (a seccomp filter, kept across exec).
+NO_PEERGROUPS = r"""
+import ctypes, errno, os, sys
+class Compare(ctypes.Structure):  # struct scmp_arg_cmp
+    _fields_ = [('arg', ctypes.c_uint), ('op', ctypes.c_int), ('a', ctypes.c_uint64), ('b', ctypes.c_uint64)]
+lib = ctypes.CDLL('libseccomp.so.2')
+lib.seccomp_init.restype = ctypes.c_void_p
+lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+                                       ctypes.POINTER(Compare)]
+lib.seccomp_load.argtypes = [ctypes.c_void_p]
+context = lib.seccomp_init(ctypes.c_uint32(0x7fff0000))  # SCMP_ACT_ALLOW
+optname_is_peergroups = (Compare * 1)(Compare(2, 4, 59, 0))  # argument 2 (optname) == 59 (SCMP_CMP_EQ)
+assert lib.seccomp_rule_add_array(context, 0x00050000 | errno.ENOPROTOOPT,  # SCMP_ACT_ERRNO
+                                  lib.seccomp_syscall_resolve_name(b'getsockopt'), 1, optname_is_peergroups) == 0
+assert lib.seccomp_load(context) == 0
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def test_a_server_whose_kernel_does_not_tell_the_peers_groups_says_so_when_it_refuses(
+        start_server, open_dir: Path) -> None:
+    needs_second_uid()
+    if ctypes.util.find_library('seccomp') is None:
+        pytest.skip('libseccomp is not installed')
+    server = start_server(open_dir / 's_ipc.sock', '--socket-group', 'nogroup',
+                          wrapper=['/usr/bin/python3', '-c', NO_PEERGROUPS])
+    fast_lane = open_dir / 's_ipc.ttrpc.sock'
+    assert health_check_as(OTHER_UID, NOBODY, fast_lane) == 'answered'  # by SO_PEERCRED's gid
+    # A member only through a supplementary group cannot be told from a non-member:
+    # refused, and the log says why rather than that it is no member.
+    assert health_check_as(OTHER_UID, OTHER_UID, fast_lane, groups=str(NOBODY)) == 'closed'
+    wait_for(lambda: f'uid {OTHER_UID} gid {OTHER_UID} is not an allowed peer' in server.log(), 20,
+             'the refusal in the server log')
+    assert 'the kernel did not tell its supplementary groups (SO_PEERGROUPS' in server.log()
 
 
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])

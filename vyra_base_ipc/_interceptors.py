@@ -104,7 +104,8 @@ class ServerCall:
     :ivar lane: ``"grpc"`` or ``"ttrpc"`` (the fast lane).
     :ivar metadata: the client's metadata as ``(key, value)`` pairs.
     :ivar peer: the client process (pid, uid, gid, groups) on the fast lane;
-        ``None`` on the gRPC lane, whose runtime does not tell.
+        ``None`` on the gRPC lane, whose runtime does not tell (its groups
+        ``None`` where the kernel does not tell them).
     :ivar deadline: ``time.monotonic()`` value at which the call expires,
         ``None`` without a deadline.
     :ivar context: the handler's servicer context.

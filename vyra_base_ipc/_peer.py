@@ -56,33 +56,35 @@ _NGROUPS_MAX = 65536
 class PeerCredentials:
     """The process at the other end of a Unix socket when it connected
     (or accepted): its pid, effective uid, effective gid and supplementary
-    groups."""
+    groups (``None`` where the kernel did not tell them)."""
 
     pid: int
     uid: int
     gid: int
-    groups: frozenset[int] = frozenset()
+    groups: frozenset[int] | None = frozenset()
 
 
 def socket_peer(sock: socket.socket) -> PeerCredentials:
     """The ``SO_PEERCRED`` and ``SO_PEERGROUPS`` of a connected Unix socket:
     what the peer was when it connected (a server: when it listened),
-    whatever it did since. No groups where the kernel does not tell them
-    (before Linux 4.13): a rule needing them then refuses."""
+    whatever it did since. Groups ``None`` where the kernel does not tell
+    them (before Linux 4.13, or a sandbox that refuses the option): a rule
+    needing them then refuses, and says why."""
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    raw: bytes | None
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, _GROUPS_BYTES)
     except OSError as error:
-        raw = _many_peer_groups(sock.fileno()) if error.errno == errno.ERANGE else b''
-    return PeerCredentials(pid, uid, gid, frozenset(array('I', raw)))
+        raw = _many_peer_groups(sock.fileno()) if error.errno == errno.ERANGE else None
+    return PeerCredentials(pid, uid, gid, None if raw is None else frozenset(array('I', raw)))
 
 
-def _many_peer_groups(fd: int) -> bytes:
+def _many_peer_groups(fd: int) -> bytes | None:
     """``SO_PEERGROUPS`` of a peer in more groups than Python's getsockopt() reads."""
     size = ctypes.c_uint32(_NGROUPS_MAX * 4)
     groups = ctypes.create_string_buffer(size.value)
     if ctypes.CDLL(None).getsockopt(fd, socket.SOL_SOCKET, _SO_PEERGROUPS, groups, ctypes.byref(size)) != 0:
-        return b''  # (cannot fail where the smaller read said ERANGE)
+        return None  # (cannot fail where the smaller read said ERANGE)
     return groups.raw[:size.value]
 
 
@@ -203,10 +205,12 @@ class PeerRule:
         """Why ``peer`` may not connect; ``None`` if it may."""
         if peer.uid in self.uids:
             return None
-        if self.group is not None and (peer.gid == self.group or self.group in peer.groups):
+        if self.group is not None and (peer.gid == self.group or self.group in (peer.groups or ())):
             return None
         allowed = ', '.join(str(uid) for uid in sorted(self.uids))
         group = '' if self.group is None else f' or a member of group {self.group}'
+        unknown = '' if self.group is None or peer.groups is not None else (
+            '; the kernel did not tell its supplementary groups (SO_PEERGROUPS, Linux 4.13)')
         return (f'pid {peer.pid} uid {peer.uid} gid {peer.gid} is not an allowed peer '
-                f'(uid {allowed}{group})')
+                f'(uid {allowed}{group}){unknown}')
 

@@ -121,7 +121,7 @@ def inspect(request: echo_pb2.InspectRequest, context) -> echo_pb2.InspectReply:
     if peer is not None:
         reply.has_peer = True
         reply.peer_pid, reply.peer_uid, reply.peer_gid = peer.pid, peer.uid, peer.gid
-        reply.peer_groups.extend(sorted(peer.groups))
+        reply.peer_groups.extend(sorted(peer.groups or ()))
     if not request.HasField('data'):
         return reply
     view = shared_buffer(request.data, context)  # raises if the buffer did not come with the call
