@@ -133,6 +133,7 @@ from vyra_base_ipc.node import host_ipc_server, run_node
 class ArmNode(Node):
     def __init__(self):
         super().__init__('arm_node')
+        logging.getLogger('my_arm').info('being made')
         self.host = host_ipc_server(self, [ExitingEchoService()], module_name='arm')
         self.timer = self.create_timer(0.01, self.spinning)
 
@@ -157,9 +158,12 @@ def test_a_node_run_by_run_node_logs_on_rosout_under_its_own_name(
                                                                        ros_environ.get('PYTHONPATH')]))}
     node = start_process([sys.executable, '-c', HOSTING_NODE, '--ros-args', '-p', f'socket_path:={socket_path}'],
                          env)
-    # The module's own Python logging, once it spins (run_node forwards from then on).
+    # The module's own Python logging, once it spins (run_node forwards from then on)...
     spinning = rosout.wait('the node spins', lambda m: m.msg == 'spinning')
     assert (spinning.name, spinning.level, spinning.function) == ('arm_node.my_arm', Log.INFO, 'spinning')
+    # ...and, passed on once the node existed, what it logged while it was being made.
+    made = rosout.wait('the node being made', lambda m: m.msg == 'being made')
+    assert (made.name, made.level, made.function) == ('arm_node.my_arm', Log.INFO, '__init__')
     with SyncIPCHandler(socket_path, echo.Stub, timeout=10, lane='ttrpc') as client:
         with pytest.raises(IPCRemoteError):
             client.call_method('Echo', echo.pb.EchoRequest(text='exit'))
@@ -167,3 +171,35 @@ def test_a_node_run_by_run_node_logs_on_rosout_under_its_own_name(
     assert (failed.name, failed.level) == ('arm_node.vyra_base_ipc.ttrpc._status', Log.ERROR), failed
     assert node.stop() == 0, node.log()
     assert node.log().count(FAILED) == 1, node.log()
+
+
+#: A node whose making logs, then fails on a parameter.
+FAILING_NODE = """
+import logging
+import sys
+
+from rclpy.node import Node
+
+from vyra_base_ipc.exceptions import ParameterError
+from vyra_base_ipc.node import run_node
+
+
+class ArmNode(Node):
+    def __init__(self):
+        super().__init__('arm_node')
+        logging.getLogger('my_arm').info('quiet: below the level logging had')
+        logging.getLogger('my_arm').warning('loud: about to fail')
+        raise ParameterError('speed', 'must be positive')
+
+
+sys.exit(run_node(ArmNode, sys.argv[1:]))
+"""
+
+
+def test_what_a_node_logged_before_it_failed_to_be_made_goes_where_logging_would_have_put_it(
+        start_process: Callable[..., ChildProcess]) -> None:
+    node = start_process([sys.executable, '-c', FAILING_NODE])
+    assert node.wait() == 2, node.log()  # EXIT_BAD_PARAMETER
+    log = node.log()
+    assert 'loud: about to fail' in log and 'quiet' not in log, log
+    assert log.index('loud: about to fail') < log.index("parameter 'speed': must be positive"), log

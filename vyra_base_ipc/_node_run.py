@@ -19,7 +19,7 @@ from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
 from ._handler_threads import busy_handler_threads
-from ._ros_logging import logging_through_node
+from ._ros_logging import held_records, logging_through_node
 from ._stop_signals import StopSignals
 from .exceptions import ParameterError
 
@@ -79,7 +79,8 @@ def run_node(make_node: Callable[[], Node], args: Sequence[str] | None = None) -
     SIGTERM, SIGHUP or ROS shutdown, then :func:`shutdown_node`. For a node
     that starts its IPC server in ``__init__`` (:func:`host_ipc_server`).
     While it spins, the process's Python logging goes through the node's
-    logger (console, ``/rosout``, its log level), as ``ipc_server``'s does.
+    logger (console, ``/rosout``, its log level), as ``ipc_server``'s does;
+    so does what was logged while ``make_node()`` ran, once the node exists.
 
     :returns: 0, or :data:`EXIT_BAD_PARAMETER` after logging a
         :class:`ParameterError` from ``make_node()``.
@@ -90,9 +91,14 @@ def run_node(make_node: Callable[[], Node], args: Sequence[str] | None = None) -
         node: Node | None = None
         try:
             executor = SingleThreadedExecutor()
-            node = make_node()
-            executor.add_node(node)
-            with logging_through_node(node):  # (see ipc_server's main())
+            # Kept until the node can pass them on (its IPC server's start, say).
+            with held_records() as held:
+                node = make_node()
+            with logging_through_node(node, held.records):  # (see ipc_server's main())
+                if held.dropped:
+                    _logger.warning('%d more records logged while the node was made are not shown',
+                                    held.dropped)
+                executor.add_node(node)
                 spin_until_shutdown(executor, alive=stop.running)
         except ParameterError as error:
             _logger.error('%s', error)

@@ -7,20 +7,22 @@ messages do.
 Each record goes to rcutils under ``<node's logger>.<record's logger>``
 (``ipc_server.vyra_base_ipc.server``), a child of the node's logger (so the
 node's level applies to it, and it is published on the node's ``/rosout``
-publisher), with the record's own file, function and line.
+publisher), with the record's own file, function and line. What is logged
+while the node is being made (:func:`held_records`: a node that starts its
+IPC server in ``__init__``) goes the same way once it exists.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.impl.rcutils_logger import RcutilsLogger
 from rclpy.node import Node
 
-__all__ = ['logging_through_node']
+__all__ = ['HeldRecords', 'held_records', 'logging_through_node']
 
 _rclpy = rclpy_implementation
 
@@ -78,8 +80,64 @@ class _ThroughNode(logging.Handler):
         super().close()
 
 
+class HeldRecords(logging.Handler):
+    """Keeps the records it is handed (the first :attr:`LIMIT`; the rest are
+    counted in :attr:`dropped`)."""
+
+    #: Records kept at most: a node's start logs a few.
+    LIMIT = 1000
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < self.LIMIT:
+            self.records.append(record)
+        else:
+            self.dropped += 1
+
+
 @contextlib.contextmanager
-def logging_through_node(node: Node) -> Iterator[None]:
+def held_records() -> Iterator[HeldRecords]:
+    """While the block runs, the root logger's records are kept, at every
+    level, instead of handled (the node that will pass them on to ROS is
+    being made; its level is not known yet). Hand them to
+    :func:`logging_through_node` afterwards. If the block raises, they go to
+    the root's handlers as they would have gone, at the levels set before.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    held = HeldRecords()
+    for handler in handlers:
+        root.removeHandler(handler)
+    root.addHandler(held)
+    root.setLevel(logging.DEBUG)
+    restored = False
+
+    def restore() -> None:
+        nonlocal restored
+        if not restored:
+            restored = True
+            root.removeHandler(held)
+            root.setLevel(level)
+            for handler in handlers:
+                root.addHandler(handler)
+    try:
+        yield held
+    except BaseException:
+        restore()
+        for record in held.records:  # those their loggers let through before
+            if logging.getLogger(record.name).isEnabledFor(record.levelno):
+                root.handle(record)
+        raise
+    finally:
+        restore()
+
+
+@contextlib.contextmanager
+def logging_through_node(node: Node, held: Sequence[logging.LogRecord] = ()) -> Iterator[None]:
     """While the block runs, the root logger's records go through ``node``'s
     logger (see the module); afterwards, to the root's handlers as they
     were. The root logger takes the level the node's logger has, and keeps
@@ -91,6 +149,9 @@ def logging_through_node(node: Node) -> Iterator[None]:
     same thread: records of other threads then no longer reach rcl (rcl's
     logger crashed a process logging on one thread while ROS shut down on
     another).
+
+    :param held: records logged before (:func:`held_records`), passed on
+        first, at the node's level.
     """
     root = logging.getLogger()
     handlers = list(root.handlers)
@@ -101,6 +162,8 @@ def logging_through_node(node: Node) -> Iterator[None]:
         root.removeHandler(handler)
     root.addHandler(through)
     root.setLevel(int(node.get_logger().get_effective_level()))
+    for record in held:
+        through.handle(record)
     try:
         yield
     finally:
