@@ -18,9 +18,12 @@ client too.
 
 from __future__ import annotations
 
+import functools
 import socket
 import struct
 from typing import Any
+
+from .framing import recv_exact
 
 __all__ = ['HEADER', 'REQUEST', 'RESPONSE', 'decode_reply', 'encode_request', 'serve_connection']
 
@@ -31,6 +34,7 @@ REQUEST, RESPONSE = 1, 2
 SERVICE, METHOD = 'vyra.ipc.bench.BenchService', 'Echo'
 
 
+@functools.cache  # (imported once, not on every call)
 def _modules() -> tuple[Any, Any]:
     from vyra_base_ipc import ttrpc_pb2
     from vyra_bench import bench_pb2
@@ -58,26 +62,15 @@ def decode_reply(data: bytes | memoryview) -> bytes:
     return data_out
 
 
-def _receive(conn: socket.socket, view: memoryview) -> bool:
-    """Fill ``view``; ``False`` if the peer closed first."""
-    received = 0
-    while received < len(view):
-        count = conn.recv_into(view[received:])
-        if not count:
-            return False
-        received += count
-    return True
-
-
 def serve_connection(conn: socket.socket) -> None:
     """Answer the requests of one connection until its peer closes it."""
     ttrpc_pb2, bench_pb2 = _modules()
     header = memoryview(bytearray(HEADER.size))
     with conn:
-        while _receive(conn, header):
+        while recv_exact(conn, header):
             length, stream_id, _, _ = HEADER.unpack(header)
             data = memoryview(bytearray(length))
-            if not _receive(conn, data):
+            if not recv_exact(conn, data):
                 return
             request = ttrpc_pb2.Request.FromString(data)
             if (request.service, request.method) == (SERVICE, METHOD):
