@@ -465,24 +465,20 @@ def test_the_fast_lane_refuses_a_peer_the_socket_mode_was_loosened_for(start_ser
     assert health_check_as(os.getuid(), os.getgid(), fast_lane) == 'answered'
 
 
-def test_members_of_the_socket_group_are_allowed_peers(start_server, open_dir: Path) -> None:
-    needs_second_uid()
-    start_server(open_dir / 'g_ipc.sock', '--socket-group', 'nogroup')
-    fast_lane = open_dir / 'g_ipc.ttrpc.sock'
-    # Primary group, and a supplementary one (SO_PEERCRED carries only the first).
-    assert health_check_as(OTHER_UID, NOBODY, fast_lane) == 'answered'
-    assert health_check_as(OTHER_UID, OTHER_UID, fast_lane, groups=str(NOBODY)) == 'answered'
+def assert_only_members_get_in(fast_lane: Path, group: int) -> None:
+    """Members of ``group`` by their primary group and by a supplementary one
+    (SO_PEERCRED carries only the first) answered; another user not let in."""
+    assert health_check_as(OTHER_UID, group, fast_lane) == 'answered'
+    assert health_check_as(OTHER_UID, OTHER_UID, fast_lane, groups=str(group)) == 'answered'
     assert health_check_as(OTHER_UID, OTHER_UID, fast_lane) == 'PermissionError'
 
 
-def test_a_member_of_a_socket_group_above_2_to_the_31_is_allowed(start_server, open_dir: Path) -> None:
-    # gid_t is unsigned: by its primary group as by a supplementary one.
+# gid_t is unsigned: a group from 2**31 up is a group like any other.
+@pytest.mark.parametrize('group', [NOBODY, HIGH_ID], ids=['nogroup', 'above-2-to-the-31'])
+def test_members_of_the_socket_group_are_allowed_peers(start_server, open_dir: Path, group: int) -> None:
     needs_second_uid()
-    start_server(open_dir / 'b_ipc.sock', '--socket-group', str(HIGH_ID))
-    fast_lane = open_dir / 'b_ipc.ttrpc.sock'
-    assert health_check_as(OTHER_UID, HIGH_ID, fast_lane) == 'answered'
-    assert health_check_as(OTHER_UID, OTHER_UID, fast_lane, groups=str(HIGH_ID)) == 'answered'
-    assert health_check_as(OTHER_UID, OTHER_UID, fast_lane) == 'PermissionError'
+    start_server(open_dir / 'g_ipc.sock', '--socket-group', str(group))
+    assert_only_members_get_in(open_dir / 'g_ipc.ttrpc.sock', group)
 
 
 def test_a_member_of_the_socket_group_among_hundreds_of_groups_is_allowed(start_server, open_dir: Path) -> None:
@@ -511,10 +507,7 @@ def test_a_server_without_proc_knows_the_socket_groups_members_by_their_suppleme
     server = start_server(open_dir / 'p_ipc.sock', '--socket-group', 'nogroup', wait=False,
                           wrapper=hide_proc).wait_serving(ttrpc=True)
     assert os.listdir(f'/proc/{server.pid}/root/proc') == []  # what the server sees there
-    fast_lane = open_dir / 'p_ipc.ttrpc.sock'
-    assert health_check_as(OTHER_UID, OTHER_UID, fast_lane, groups=str(NOBODY)) == 'answered'
-    assert health_check_as(OTHER_UID, NOBODY, fast_lane) == 'answered'
-    assert health_check_as(OTHER_UID, OTHER_UID, fast_lane) == 'PermissionError'
+    assert_only_members_get_in(open_dir / 'p_ipc.ttrpc.sock', NOBODY)
 
 
 #: Runs argv[1:] where getsockopt(SO_PEERGROUPS) fails with ENOPROTOOPT, as on
