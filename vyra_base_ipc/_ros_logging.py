@@ -114,26 +114,20 @@ def held_records() -> Iterator[HeldRecords]:
         root.removeHandler(handler)
     root.addHandler(held)
     root.setLevel(logging.DEBUG)
-    restored = False
-
-    def restore() -> None:
-        nonlocal restored
-        if not restored:
-            restored = True
-            root.removeHandler(held)
-            root.setLevel(level)
-            for handler in handlers:
-                root.addHandler(handler)
+    failed = False
     try:
         yield held
     except BaseException:
-        restore()
-        for record in held.records:  # those their loggers let through before
-            if logging.getLogger(record.name).isEnabledFor(record.levelno):
-                root.handle(record)
+        failed = True
         raise
     finally:
-        restore()
+        root.removeHandler(held)
+        root.setLevel(level)
+        for handler in handlers:
+            root.addHandler(handler)
+        for record in held.records if failed else ():  # those their loggers let through before
+            if logging.getLogger(record.name).isEnabledFor(record.levelno):
+                root.handle(record)
 
 
 @contextlib.contextmanager
