@@ -23,7 +23,11 @@ process opts in by calling it.
 from __future__ import annotations
 
 import ctypes
+import functools
 import platform
+from typing import Any
+
+from ._libc import function
 
 __all__ = ['DEFAULT_KEEP_FREED_MEMORY', 'keep_freed_memory']
 
@@ -34,6 +38,12 @@ _LIMIT = 2**31 - 1
 # <malloc.h>
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+
+
+@functools.cache
+def _mallopt() -> Any:
+    """The C library's ``mallopt`` (looked up once, on the first call; only glibc has it)."""
+    return function('mallopt', ctypes.c_int, ctypes.c_int, ctypes.c_int)
 
 
 def keep_freed_memory(limit: int = DEFAULT_KEEP_FREED_MEMORY) -> bool:
@@ -53,8 +63,7 @@ def keep_freed_memory(limit: int = DEFAULT_KEEP_FREED_MEMORY) -> bool:
         raise ValueError(f'keep_freed_memory limit must be from 1 to {_LIMIT} bytes, not {limit}')
     if platform.libc_ver()[0] != 'glibc':
         return False
-    mallopt = ctypes.CDLL(None).mallopt
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt = _mallopt()
     # Trim threshold first: with mappings off and the default threshold,
     # a freed large block would go straight back to the kernel.
     settings = (('M_TRIM_THRESHOLD', _M_TRIM_THRESHOLD, limit), ('M_MMAP_MAX', _M_MMAP_MAX, 0))

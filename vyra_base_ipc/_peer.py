@@ -36,6 +36,7 @@ from typing import Any
 
 import grpc
 
+from ._libc import function
 from .exceptions import UntrustedServerError
 
 __all__ = ['PeerCredentials', 'PeerRule', 'check_server_connection', 'check_server_socket', 'foreign_link',
@@ -50,6 +51,8 @@ _SO_PEERGROUPS = 59
 #: in more is read with ctypes, into room for the kernel's NGROUPS_MAX.
 _GROUPS_BYTES = 1024
 _NGROUPS_MAX = 65536
+_getsockopt = function('getsockopt', ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                       ctypes.POINTER(ctypes.c_uint32))
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ def _many_peer_groups(fd: int) -> bytes | None:
     """``SO_PEERGROUPS`` of a peer in more groups than Python's getsockopt() reads."""
     size = ctypes.c_uint32(_NGROUPS_MAX * 4)
     groups = ctypes.create_string_buffer(size.value)
-    if ctypes.CDLL(None).getsockopt(fd, socket.SOL_SOCKET, _SO_PEERGROUPS, groups, ctypes.byref(size)) != 0:
+    if _getsockopt(fd, socket.SOL_SOCKET, _SO_PEERGROUPS, groups, ctypes.byref(size)) != 0:
         return None  # (cannot fail where the smaller read said ERANGE)
     return groups.raw[:size.value]
 

@@ -44,6 +44,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable
 
+from .._libc import function
 from .._payload import SharedMemoryError, check_sealed, is_allocated
 from .._segment_pool import Segment, SegmentPool, own_segment, size_class, start_timer
 from ._frames import FORGET_BIT, encode_release, released_ids
@@ -70,12 +71,9 @@ LEND_SHARE = 4
 #: lends of this end's segments are bounded by LEND_SHARE first).
 MAX_LENDS = 4096
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_mmap = _libc.mmap
-_mmap.restype = ctypes.c_void_p
-_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_munmap = _libc.munmap
-_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_mmap = function('mmap', ctypes.c_void_p,
+                 ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_munmap = function('munmap', ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _POPULATE = mmap.MAP_SHARED | getattr(mmap, 'MAP_POPULATE', 0)
 
