@@ -8,10 +8,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ctypes.util
+import json
 import os
 from pathlib import Path
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 from typing import Callable, Iterator
 
@@ -510,10 +513,11 @@ def test_a_server_without_proc_knows_the_socket_groups_members_by_their_suppleme
     assert_only_members_get_in(open_dir / 'p_ipc.ttrpc.sock', NOBODY)
 
 
-#: Runs argv[1:] where getsockopt(SO_PEERGROUPS) fails with ENOPROTOOPT, as on
-#: a kernel before 4.13 (a seccomp filter, kept across exec).
+#: Runs argv[2:] where getsockopt(SO_PEERGROUPS) fails with ENOPROTOOPT (argv[1] 'refuse'), as on
+#: a kernel before 4.13, or kills the process that asks (argv[1] 'kill'): a seccomp filter, kept across exec.
 NO_PEERGROUPS = r"""
 import ctypes, errno, os, sys
+action = {'refuse': 0x00050000 | errno.ENOPROTOOPT, 'kill': 0x80000000}[sys.argv[1]]  # SCMP_ACT_ERRNO, _KILL_PROCESS
 class Compare(ctypes.Structure):  # struct scmp_arg_cmp
     _fields_ = [('arg', ctypes.c_uint), ('op', ctypes.c_int), ('a', ctypes.c_uint64), ('b', ctypes.c_uint64)]
 lib = ctypes.CDLL('libseccomp.so.2')
@@ -523,20 +527,24 @@ lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.
 lib.seccomp_load.argtypes = [ctypes.c_void_p]
 context = lib.seccomp_init(ctypes.c_uint32(0x7fff0000))  # SCMP_ACT_ALLOW
 optname_is_peergroups = (Compare * 1)(Compare(2, 4, 59, 0))  # argument 2 (optname) == 59 (SCMP_CMP_EQ)
-assert lib.seccomp_rule_add_array(context, 0x00050000 | errno.ENOPROTOOPT,  # SCMP_ACT_ERRNO
-                                  lib.seccomp_syscall_resolve_name(b'getsockopt'), 1, optname_is_peergroups) == 0
+assert lib.seccomp_rule_add_array(context, action, lib.seccomp_syscall_resolve_name(b'getsockopt'), 1,
+                                  optname_is_peergroups) == 0
 assert lib.seccomp_load(context) == 0
-os.execv(sys.argv[1], sys.argv[1:])
+os.execv(sys.argv[2], sys.argv[2:])
 """
+
+
+def needs_seccomp() -> None:
+    if ctypes.util.find_library('seccomp') is None:
+        pytest.skip('libseccomp is not installed')
 
 
 def test_a_server_whose_kernel_does_not_tell_the_peers_groups_says_so_when_it_refuses(
         start_server, open_dir: Path) -> None:
     needs_second_uid()
-    if ctypes.util.find_library('seccomp') is None:
-        pytest.skip('libseccomp is not installed')
+    needs_seccomp()
     server = start_server(open_dir / 's_ipc.sock', '--socket-group', 'nogroup',
-                          wrapper=['/usr/bin/python3', '-c', NO_PEERGROUPS])
+                          wrapper=['/usr/bin/python3', '-c', NO_PEERGROUPS, 'refuse'])
     fast_lane = open_dir / 's_ipc.ttrpc.sock'
     assert health_check_as(OTHER_UID, NOBODY, fast_lane) == 'answered'  # by SO_PEERCRED's gid
     # A member only through a supplementary group cannot be told from a non-member:
@@ -545,6 +553,47 @@ def test_a_server_whose_kernel_does_not_tell_the_peers_groups_says_so_when_it_re
     wait_for(lambda: f'uid {OTHER_UID} gid {OTHER_UID} is not an allowed peer' in server.log(), 20,
              'the refusal in the server log')
     assert 'the kernel did not tell its supplementary groups (SO_PEERGROUPS' in server.log()
+
+
+#: Calls Echo on the fast lane of the server at argv[1] with the blocking
+#: (argv[2] 'sync') or the asyncio client ('async'); prints the answer.
+FAST_LANE_CLIENT = r"""
+import asyncio, sys
+from vyra_base_ipc import IPCHandler, SyncIPCHandler
+from vyra_ipc_test.echo_pb2 import EchoRequest
+from vyra_ipc_test.echo_pb2_grpc import EchoServiceStub
+path, kind = sys.argv[1:]
+if kind == 'sync':
+    with SyncIPCHandler(path, EchoServiceStub, lane='ttrpc') as ipc:
+        print(ipc.call_method('Echo', EchoRequest(text=kind)).text)
+else:
+    async def call():
+        async with IPCHandler(path, EchoServiceStub, lane='ttrpc') as ipc:
+            print((await ipc.call_method('Echo', EchoRequest(text=kind))).text)
+    asyncio.run(call())
+"""
+
+
+def test_clients_check_their_servers_uid_without_reading_its_groups(start_server, socket_dir: Path,
+                                                                     child_env: dict[str, str]) -> None:
+    """A client checks only its server's uid (the CLI's list only its pid):
+    it does not ask the kernel for the server's groups, one getsockopt() per
+    connection for nothing. Shown in processes that die if they ask."""
+    needs_seccomp()
+    server = start_server(socket_dir / 'c_ipc.sock').wait_serving(ttrpc=True)
+
+    def run_where_asking_kills(*command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(['/usr/bin/python3', '-c', NO_PEERGROUPS, 'kill', *command], env=child_env,
+                              capture_output=True, text=True, timeout=60)
+    # The filter bites: a process that asks is killed (SIGSYS).
+    asks = 'import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.getsockopt(1, 59, 1024)'
+    assert run_where_asking_kills(sys.executable, '-c', asks, str(server.ttrpc_path)).returncode == -signal.SIGSYS
+    for kind in ('sync', 'async'):
+        called = run_where_asking_kills(sys.executable, '-c', FAST_LANE_CLIENT, str(server.socket_path), kind)
+        assert (called.returncode, called.stdout) == (0, f'{kind}\n'), (kind, called)
+    listed = run_where_asking_kills(sys.executable, '-m', 'vyra_base_ipc', 'list', str(socket_dir), '--json')
+    assert listed.returncode == 0, listed
+    assert [entry['pid'] for entry in json.loads(listed.stdout)] == [server.pid], listed.stdout
 
 
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])

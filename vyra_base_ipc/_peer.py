@@ -59,7 +59,8 @@ _getsockopt = function('getsockopt', ctypes.c_int, ctypes.c_int, ctypes.c_int, c
 class PeerCredentials:
     """The process at the other end of a Unix socket when it connected
     (or accepted): its pid, effective uid, effective gid and supplementary
-    groups (``None`` where the kernel did not tell them)."""
+    groups (``None`` where they were not read, or the kernel did not tell
+    them: see :func:`socket_peer`)."""
 
     pid: int
     uid: int
@@ -67,13 +68,21 @@ class PeerCredentials:
     groups: frozenset[int] | None = frozenset()
 
 
-def socket_peer(sock: socket.socket) -> PeerCredentials:
-    """The ``SO_PEERCRED`` and ``SO_PEERGROUPS`` of a connected Unix socket:
-    what the peer was when it connected (a server: when it listened),
-    whatever it did since. Groups ``None`` where the kernel does not tell
-    them (before Linux 4.13, or a sandbox that refuses the option): a rule
-    needing them then refuses, and says why."""
+def socket_peer(sock: socket.socket, *, groups: bool) -> PeerCredentials:
+    """The ``SO_PEERCRED`` and (with ``groups``) ``SO_PEERGROUPS`` of a
+    connected Unix socket: what the peer was when it connected (a server:
+    when it listened), whatever it did since.
+
+    :param groups: read the peer's supplementary groups, one more system
+        call (two for a peer in more than 256 groups); a caller that checks
+        the uid or pid alone (a client checking its server) leaves them
+        ``None``. They are ``None`` too where the kernel does not tell them
+        (before Linux 4.13, or a sandbox that refuses the option): a rule
+        needing them then refuses, and says why.
+    """
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    if not groups:
+        return PeerCredentials(pid, uid, gid, None)
     raw: bytes | None
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, _GROUPS_BYTES)
@@ -131,7 +140,7 @@ def check_server_connection(sock: socket.socket, path: str, trusted: frozenset[i
 
     :raises UntrustedServerError: the peer's uid is not in ``trusted``.
     """
-    peer = socket_peer(sock)
+    peer = socket_peer(sock, groups=False)
     if peer.uid not in trusted:
         raise untrusted('the process serving', path, peer.uid, trusted, f' (pid {peer.pid})')
     _check_links(path, trusted)

@@ -143,7 +143,7 @@ def _peer_pid(path: Path) -> int | str:
             if error.errno == errno.EAGAIN or isinstance(error, TimeoutError):
                 return 'no answer'  # its backlog is full
             return 'unreachable'
-        return socket_peer(probe).pid
+        return socket_peer(probe, groups=False).pid
 
 
 def _unhealthy(error: grpc.RpcError) -> tuple[str, str]:

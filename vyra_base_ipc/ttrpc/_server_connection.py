@@ -110,7 +110,7 @@ class ServerConnection(FramedConnection):
         super().connection_made(transport)
         server = self.server
         server._connections.add(self)
-        self.peer = socket_peer(transport.get_extra_info('socket'))
+        self.peer = socket_peer(transport.get_extra_info('socket'), groups=True)  # (the peer rule's)
         refusal = server.peer_rule.refusal(self.peer)
         if refusal is None and len(server._connections) > server.limits.max_connections:
             refusal = f'{server.limits.max_connections} connections are open already (max_connections)'
