@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+import re
 import sys
 import threading
 from typing import Any, Callable
@@ -21,6 +22,7 @@ from rclpy.qos import qos_profile_rosout_default
 from conftest import SERVERS, ChildProcess, wait_for
 from ros_env import IPC_SERVER
 from vyra_base_ipc import IPCRemoteError, SyncIPCHandler
+from vyra_base_ipc._ros_logging import HeldRecords
 
 pytestmark = [pytest.mark.ros]
 
@@ -203,3 +205,47 @@ def test_what_a_node_logged_before_it_failed_to_be_made_goes_where_logging_would
     log = node.log()
     assert 'loud: about to fail' in log and 'quiet' not in log, log
     assert log.index('loud: about to fail') < log.index("parameter 'speed': must be positive"), log
+
+
+#: A node whose making logs argv[1] warnings "made N", then (argv[2] 'fail') fails on a parameter.
+LOUD_NODE = """
+import logging
+import sys
+
+from rclpy.node import Node
+
+from vyra_base_ipc.exceptions import ParameterError
+from vyra_base_ipc.node import run_node
+
+
+class ArmNode(Node):
+    def __init__(self):
+        super().__init__('arm_node')
+        for number in range(int(sys.argv[1])):
+            logging.getLogger('my_arm').warning('made %d', number)
+        if sys.argv[2] == 'fail':
+            raise ParameterError('speed', 'must be positive')
+
+
+sys.exit(run_node(ArmNode, []))
+"""
+
+
+@pytest.mark.parametrize('made', ['made', 'failed'])
+def test_a_node_that_logs_more_than_is_held_while_it_is_made_shows_the_first_and_counts_the_rest(
+        start_process: Callable[..., ChildProcess], made: str) -> None:
+    # What is logged while the node is made is held until it exists (or failed); past the bound,
+    # the first records are shown, then how many more there were, whether the node was made or not.
+    shown = [f'made {number}' for number in range(HeldRecords.LIMIT)]
+    told = '5 more records logged while the node was made are not shown'
+    node = start_process([sys.executable, '-c', LOUD_NODE, str(HeldRecords.LIMIT + 5),
+                          'fail' if made == 'failed' else 'ok'])
+    if made == 'failed':
+        assert node.wait() == 2, node.log()  # EXIT_BAD_PARAMETER
+    else:
+        wait_for(lambda: told in node.log(), 30, 'the count of the records not shown')
+        assert node.stop() == 0, node.log()
+    log = node.log()
+    assert re.findall(r'made \d+$', log, re.MULTILINE) == shown, log[-2000:]
+    assert told in log, log[-2000:]
+    assert log.index(told) > log.index(f'{shown[-1]}\n'), log[-2000:]

@@ -94,10 +94,7 @@ def run_node(make_node: Callable[[], Node], args: Sequence[str] | None = None) -
             # Kept until the node can pass them on (its IPC server's start, say).
             with held_records() as held:
                 node = make_node()
-            with logging_through_node(node, held.records):  # (see ipc_server's main())
-                if held.dropped:
-                    _logger.warning('%d more records logged while the node was made are not shown',
-                                    held.dropped)
+            with logging_through_node(node, held):  # (see ipc_server's main())
                 executor.add_node(node)
                 spin_until_shutdown(executor, alive=stop.running)
         except ParameterError as error:

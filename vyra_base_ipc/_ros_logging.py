@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator, Sequence
+from typing import Iterator
 
 from rclpy.impl.implementation_singleton import rclpy_implementation
 from rclpy.impl.rcutils_logger import RcutilsLogger
@@ -25,6 +25,7 @@ from rclpy.node import Node
 __all__ = ['HeldRecords', 'held_records', 'logging_through_node']
 
 _rclpy = rclpy_implementation
+_logger = logging.getLogger(__name__)
 
 
 def _severity(level: int) -> int:
@@ -82,7 +83,7 @@ class _ThroughNode(logging.Handler):
 
 class HeldRecords(logging.Handler):
     """Keeps the records it is handed (the first :attr:`LIMIT`; the rest are
-    counted in :attr:`dropped`)."""
+    counted in :attr:`dropped`, and :meth:`report_dropped` says how many)."""
 
     #: Records kept at most: a node's start logs a few.
     LIMIT = 1000
@@ -98,6 +99,13 @@ class HeldRecords(logging.Handler):
         else:
             self.dropped += 1
 
+    def report_dropped(self) -> None:
+        """Log how many records were dropped (a WARNING, after the kept ones
+        were passed on), if any were."""
+        if self.dropped:
+            _logger.warning('%d more records logged while the node was made are not shown (the first %d are)',
+                            self.dropped, self.LIMIT)
+
 
 @contextlib.contextmanager
 def held_records() -> Iterator[HeldRecords]:
@@ -105,7 +113,8 @@ def held_records() -> Iterator[HeldRecords]:
     level, instead of handled (the node that will pass them on to ROS is
     being made; its level is not known yet). Hand them to
     :func:`logging_through_node` afterwards. If the block raises, they go to
-    the root's handlers as they would have gone, at the levels set before.
+    the root's handlers as they would have gone, at the levels set before;
+    so does the count of those not kept (:meth:`HeldRecords.report_dropped`).
     """
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
@@ -125,13 +134,15 @@ def held_records() -> Iterator[HeldRecords]:
         root.setLevel(level)
         for handler in handlers:
             root.addHandler(handler)
-        for record in held.records if failed else ():  # those their loggers let through before
-            if logging.getLogger(record.name).isEnabledFor(record.levelno):
-                root.handle(record)
+        if failed:
+            for record in held.records:  # those their loggers let through before
+                if logging.getLogger(record.name).isEnabledFor(record.levelno):
+                    root.handle(record)
+            held.report_dropped()
 
 
 @contextlib.contextmanager
-def logging_through_node(node: Node, held: Sequence[logging.LogRecord] = ()) -> Iterator[None]:
+def logging_through_node(node: Node, held: HeldRecords | None = None) -> Iterator[None]:
     """While the block runs, the root logger's records go through ``node``'s
     logger (see the module); afterwards, to the root's handlers as they
     were. The root logger takes the level the node's logger has, and keeps
@@ -145,7 +156,7 @@ def logging_through_node(node: Node, held: Sequence[logging.LogRecord] = ()) -> 
     another).
 
     :param held: records logged before (:func:`held_records`), passed on
-        first, at the node's level.
+        first, at the node's level, with the count of those not kept.
     """
     root = logging.getLogger()
     handlers = list(root.handlers)
@@ -156,8 +167,10 @@ def logging_through_node(node: Node, held: Sequence[logging.LogRecord] = ()) -> 
         root.removeHandler(handler)
     root.addHandler(through)
     root.setLevel(int(node.get_logger().get_effective_level()))
-    for record in held:
-        through.handle(record)
+    if held is not None:
+        for record in held.records:
+            through.handle(record)
+        held.report_dropped()
     try:
         yield
     finally:
