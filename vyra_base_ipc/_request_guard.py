@@ -34,7 +34,7 @@ import grpc
 from ._def_handlers import in_handler_threads
 from ._methods import stream_returned
 from ._status_details import checked_trailer
-from ._sync_context import abort_code
+from ._sync_context import CheckedTrailer, abort_code
 
 __all__ = ['HANDLER_EXITS', 'HANDLER_FAILURES', 'guard_handlers', 'unexpected_details']
 
@@ -156,11 +156,12 @@ async def _answer(path: str, context: Any, error: BaseException) -> None:
         await context.abort(_failed_code(context), _exited(path, error))
 
 
-class _AsyncContext:
+class _AsyncContext(CheckedTrailer):
     """grpc.aio's context of an ``async def`` handler, but that ``abort()``
     with OK aborts UNKNOWN, as grpc's synchronous server and the fast lane
     answer it: grpc.aio answered nothing, its caller waiting for the deadline
-    (for a watch without one, for ever)."""
+    (for a watch without one, for ever); and that ``set_trailing_metadata()``
+    checks the trailer first (:class:`~._sync_context.CheckedTrailer`)."""
 
     __slots__ = ('_context',)
 
@@ -172,11 +173,6 @@ class _AsyncContext:
 
     async def abort(self, code: grpc.StatusCode, details: str = '', trailing_metadata: Any = ()) -> None:
         await self._context.abort(abort_code(code), details, checked_trailer(trailing_metadata))
-
-    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
-        """grpc.aio's, but that a ``str`` under a ``-bin`` key raises
-        ``TypeError`` here (:func:`~._status_details.checked_trailer`)."""
-        self._context.set_trailing_metadata(checked_trailer(trailing_metadata))
 
     async def abort_with_status(self, status: grpc.Status) -> None:
         await self.abort(status.code, status.details, status.trailing_metadata)

@@ -31,7 +31,7 @@ import grpc
 
 from ._status_details import checked_trailer
 
-__all__ = ['CallEnded', 'SyncContext', 'abort_code']
+__all__ = ['CallEnded', 'CheckedTrailer', 'SyncContext', 'abort_code']
 
 _T = TypeVar('_T')
 _logger = logging.getLogger(__name__)
@@ -55,7 +55,21 @@ class CallEnded(Exception):
     handler, and nothing is sent for it."""
 
 
-class SyncContext:
+class CheckedTrailer:
+    """Base of the contexts that stand in for grpc.aio's (``_context``), a
+    ``def`` handler's and an ``async def`` one's: ``set_trailing_metadata()``
+    checks the trailer first."""
+
+    __slots__ = ()
+    _context: Any
+
+    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
+        """grpc.aio's, but that a ``str`` under a ``-bin`` key raises
+        ``TypeError`` here (:func:`~._status_details.checked_trailer`)."""
+        self._context.set_trailing_metadata(checked_trailer(trailing_metadata))
+
+
+class SyncContext(CheckedTrailer):
     """A ``def`` handler's context (see the module docstring).
 
     :param context: grpc.aio's context of the call.
@@ -118,11 +132,6 @@ class SyncContext:
         except grpc.aio.AbortError as error:
             self._abort_error = error
             raise
-
-    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
-        """grpc.aio's, but that a ``str`` under a ``-bin`` key raises
-        ``TypeError`` here (:func:`~._status_details.checked_trailer`)."""
-        self._context.set_trailing_metadata(checked_trailer(trailing_metadata))
 
     def abort_with_status(self, status: grpc.Status) -> None:
         """:meth:`abort` with a :class:`grpc.Status`."""
