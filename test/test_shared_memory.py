@@ -770,6 +770,49 @@ async def test_answer_buffers_nobody_asked_for_or_kept_leave_nothing_behind(
     settles(server.pid, server_before, 'the server after 200 answers with buffers')
 
 
+#: Descriptors each mmap of a received memfd keeps: before Python 3.13 mmap
+#: always holds a copy of the descriptor it maps; from 3.13 the library maps
+#: without one (``trackfd=False``). .ci/other-pythons runs this on 3.13.
+MMAP_COPIES = 0 if sys.version_info >= (3, 13) else 1
+
+
+def test_views_of_received_buffers_kept_after_closing_them_hold_their_mappings_but_no_descriptor(
+        echo: Any, start_server: StartServer, socket_path: Path) -> None:
+    # A server without a pool answers with buffers in sealed memfds of their
+    # own, which this end maps on receipt (map_sealed): one mapping each, and
+    # the buffer's memfd until it is closed. A copy held by the mapping would
+    # cost a process one open file per view kept.
+    server = start_server(socket_path, '--shared-memory-threshold', str(THRESHOLD), '--pool-bytes', '0')
+    method = stub_methods(echo.Stub)['Mirror']
+    data = os.urandom(64 * 1024)
+    calls = 4
+    with SyncConnection.connect(server.ttrpc_path, shared_memory=OPTIONS) as connection, \
+            SharedBuffer.copy_from(data) as buffer:
+        connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=LONG)
+        gc.collect()
+        before = usage('self')
+        views, received = [], []
+        for _ in range(calls):
+            reply, buffers = connection.call(method, echo.pb.MirrorRequest(data=buffer.ref, copy=True),
+                                             buffers=[buffer], timeout=LONG, return_buffers=True)
+            # Sealed against all writes: a memfd of its own, not a pooled segment (mapped without mmap).
+            assert [fcntl.fcntl(held.fileno(), F_GET_SEALS) & ALL_SEALS for held in buffers.values()] == [
+                ALL_SEALS]
+            views.append(shared_buffer(reply.data, buffers))
+            received.append(buffers)
+        held = usage('self')
+        assert (held.memfds - before.memfds, held.mappings - before.mappings) == (
+            calls * (1 + MMAP_COPIES), calls)
+        for buffers in received:
+            buffers.close()
+        closed = usage('self')
+        assert (closed.memfds - before.memfds, closed.mappings - before.mappings) == (calls * MMAP_COPIES, calls)
+        assert all(bytes(view) == data for view in views)  # still mapped
+        del views, received, reply, buffers
+        gc.collect()
+        assert usage('self') == before
+
+
 @pytest.mark.parametrize('kind', CLIENT_KINDS + ['IPCHandler-grpc', 'SyncIPCHandler-grpc'])
 def test_bad_buffers_are_refused_before_anything_is_sent(kind: str, echo: Any, shm_server: ServerProcess) -> None:
     closed = SharedBuffer.copy_from(b'gone')
