@@ -49,6 +49,7 @@ __all__ = [
     'SharedMemoryError',
     'SharedMemoryOptions',
     'TooLargeError',
+    'UNTRACKED',
     'check_sealed',
     'is_allocated',
     'close_fds',
@@ -86,9 +87,11 @@ POOL_SEALS = _F_SEAL_SEAL | _F_SEAL_SHRINK | _F_SEAL_GROW | _F_SEAL_FUTURE_WRITE
 MFD_FLAGS = getattr(os, 'MFD_CLOEXEC', 1) | getattr(os, 'MFD_ALLOW_SEALING', 2)
 # Map every page at once: one system call instead of a page fault per 4 KiB.
 _MAP_POPULATE = mmap.MAP_SHARED | getattr(mmap, 'MAP_POPULATE', 0)
-# Before Python 3.13 every mmap keeps a duplicate of its descriptor open, so
-# each live view of received memory costs the receiver one descriptor.
-_UNTRACKED: dict[str, bool] = {'trackfd': False} if sys.version_info >= (3, 13) else {}
+#: Keyword arguments of ``mmap.mmap`` for a mapping that keeps no copy of
+#: its descriptor (Python 3.13's ``trackfd=False``; before 3.13 every mmap
+#: keeps one open, so each live mapping costs its process one descriptor).
+#: Such a mapping cannot be resized or asked its file's size.
+UNTRACKED: dict[str, bool] = {'trackfd': False} if sys.version_info >= (3, 13) else {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +263,7 @@ def map_sealed(fd: int, size: int, what: str, populate: bool = True) -> memoryvi
         return memoryview(b'')
     flags = _MAP_POPULATE if populate and is_allocated(status) else mmap.MAP_SHARED
     try:
-        mapping = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ, **_UNTRACKED)
+        mapping = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ, **UNTRACKED)
     except OSError as error:
         raise SharedMemoryError(f'{what}: cannot map {size} bytes: {error.strerror}') from None
     return memoryview(mapping).toreadonly()

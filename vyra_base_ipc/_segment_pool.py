@@ -37,7 +37,7 @@ import time
 from typing import Any, Callable
 import weakref
 
-from ._payload import MFD_FLAGS, POOL_SEALS, SharedMemoryError, read_only
+from ._payload import MFD_FLAGS, POOL_SEALS, UNTRACKED, SharedMemoryError, read_only
 from .exceptions import ForkedProcessError
 
 __all__ = ['DEFAULT_FREE_BYTES', 'DEFAULT_IDLE_SECONDS', 'DEFAULT_MAX_SEGMENTS', 'DEFAULT_POOL_BYTES',
@@ -247,7 +247,7 @@ def new_segment(size: int, pool: 'SegmentPool | None' = None, fill: Any = None) 
         os.ftruncate(fd, capacity)
         # Writable and shared, populated: every page is allocated now, not
         # faulted in while a message is written.
-        mapping = mmap.mmap(fd, capacity, flags=_POPULATE)
+        mapping = mmap.mmap(fd, capacity, flags=_POPULATE, **UNTRACKED)
         try:
             fcntl.fcntl(fd, _F_ADD_SEALS, POOL_SEALS)
         except BaseException:
