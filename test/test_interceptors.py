@@ -29,6 +29,7 @@ from vyra_base_ipc import (
     IPCServer,
     IPCTimeoutError,
     IPCUnavailableError,
+    ServerCall,
     ServerInterceptor,
     SyncIPCHandler,
     ttrpc_pb2,
@@ -507,6 +508,41 @@ def test_interceptors_must_be_server_interceptors(socket_path: Path) -> None:
     with pytest.raises(TypeError, match='interceptors must be ServerInterceptor objects'):
         IPCServer(socket_path, interceptors=[print])  # type: ignore[list-item]
     IPCServer(socket_path, interceptors=[ServerInterceptor()])
+
+
+class AsyncGate(ServerInterceptor):
+    """Refuses every call, written with ``async def`` hooks."""
+
+    async def call_started(self, call: ServerCall) -> None:  # type: ignore[override]
+        raise CallRejected(grpc.StatusCode.PERMISSION_DENIED, 'nobody')
+
+
+class AsyncEnded(ServerInterceptor):
+    async def call_ended(self, call: ServerCall, code: grpc.StatusCode, details: str,  # type: ignore[override]
+                         duration: float) -> None:
+        pass
+
+
+class AsyncClientGate(ClientInterceptor):
+    async def call_started(self, call: ClientCall) -> None:  # type: ignore[override]
+        raise CallRejected(grpc.StatusCode.PERMISSION_DENIED, 'nobody')
+
+
+@pytest.mark.parametrize('interceptor, hook', [(AsyncGate(), 'AsyncGate.call_started'),
+                                               (AsyncEnded(), 'AsyncEnded.call_ended')])
+def test_an_async_def_server_hook_is_refused_naming_it(socket_path: Path, interceptor: ServerInterceptor,
+                                                       hook: str) -> None:
+    # Found: hooks are called, never awaited, so an async def call_started
+    # only made a coroutine: its refusal never happened and every call was
+    # served (on both lanes), with nothing but Python's "never awaited" warning.
+    with pytest.raises(TypeError, match=f'{hook} is an async def: .* make it a def'):
+        IPCServer(socket_path, interceptors=[ServerInterceptor(), interceptor])
+
+
+@pytest.mark.parametrize('client', [SyncIPCHandler, IPCHandler])
+def test_an_async_def_client_hook_is_refused_naming_it(socket_path: Path, client: type) -> None:
+    with pytest.raises(TypeError, match='AsyncClientGate.call_started is an async def: .* make it a def'):
+        client(socket_path, interceptors=[AsyncClientGate()])
 
 
 

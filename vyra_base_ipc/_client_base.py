@@ -28,7 +28,7 @@ import grpc
 from ._busy_poll import DEFAULT_BUSY_POLL, validate_busy_poll
 from ._deadline import Deadline
 from ._fork_safety import ensure_usable_after_fork, note_grpc_used
-from ._interceptors import ClientCall, ClientInterceptor, intercepted_call
+from ._interceptors import ClientCall, ClientInterceptor, checked_interceptors, intercepted_call
 from ._lanes import LaneChoice, ServerCameUp
 from ._lifetime import Held
 from ._methods import Method, MethodKind, request_type_error, stub_methods
@@ -180,12 +180,7 @@ class ClientBase:
         busy_poll: float = DEFAULT_BUSY_POLL,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path, module_name=module_name)
-        if interceptors is None:
-            raise TypeError('interceptors must be a sequence of ClientInterceptor objects, not None')
-        self.interceptors = tuple(interceptors)
-        for interceptor in self.interceptors:
-            if not isinstance(interceptor, ClientInterceptor):
-                raise TypeError(f'interceptors must be ClientInterceptor objects, not {interceptor!r}')
+        self.interceptors = checked_interceptors(interceptors, ClientInterceptor)
         self.server_uid = server_uid
         self._trusted = trusted_server_uids(server_uid)
         self.shared_memory = usable_options(shared_memory)

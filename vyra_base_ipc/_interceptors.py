@@ -21,9 +21,10 @@ import asyncio
 from concurrent import futures
 import contextlib
 from dataclasses import dataclass, field
+import inspect
 import logging
 import time
-from typing import Any, Iterable, Iterator, Sequence, Union
+from typing import Any, Iterable, Iterator, Sequence, TypeVar, Union
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
@@ -36,7 +37,7 @@ from ._status_details import status_trailer
 from .exceptions import IPCError, error_from_status
 
 __all__ = ['CallObserver', 'CallRejected', 'ClientCall', 'ClientInterceptor', 'Observation', 'ServerCall',
-           'ServerInterceptor', 'intercepted_call']
+           'ServerInterceptor', 'checked_interceptors', 'intercepted_call']
 
 _logger = logging.getLogger(__name__)
 
@@ -263,6 +264,37 @@ class ClientInterceptor:
     def call_ended(self, call: ClientCall, code: grpc.StatusCode, details: str, duration: float) -> None:
         """Called once the call has ended (for a stream: the caller stopped
         iterating): its status and how long it took, in seconds."""
+
+
+_Interceptor = TypeVar('_Interceptor', ServerInterceptor, ClientInterceptor)
+
+
+def checked_interceptors(interceptors: Iterable[_Interceptor] | None, kind: type[_Interceptor]
+                         ) -> tuple[_Interceptor, ...]:
+    """``interceptors`` as a tuple, each checked to be a ``kind`` whose hooks
+    are plain functions.
+
+    Hooks are called and never awaited: an ``async def`` hook would only make
+    a coroutine that never runs, so a refusal it raises would let every call
+    through (Python's "never awaited" warning aside). Refused here, at once.
+
+    :raises TypeError: ``None``, an object that is not a ``kind``, or an
+        ``async def`` hook (named).
+    """
+    if interceptors is None:
+        raise TypeError(f'interceptors must be a sequence of {kind.__name__} objects, not None')
+    checked = tuple(interceptors)
+    for interceptor in checked:
+        if not isinstance(interceptor, kind):
+            raise TypeError(f'interceptors must be {kind.__name__} objects, not {interceptor!r}')
+        for hook in ('call_started', 'call_ended'):
+            function = getattr(interceptor, hook)
+            if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
+                raise TypeError(
+                    f'{type(interceptor).__qualname__}.{hook} is an async def: interceptor hooks are called, '
+                    'never awaited (they run on the event loop or in a handler thread and must not block), '
+                    'so it would never run; make it a def')
+    return checked
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from ._grpc_observe import UnknownMethods, observe_handlers
 from ._grpc_streams import CallTasks, OpenStreams
 from ._handler_threads import HandlerThreads
 from ._health import HealthServicer
-from ._interceptors import CallObserver, ServerInterceptor
+from ._interceptors import CallObserver, ServerInterceptor, checked_interceptors
 from ._introspection import SERVICE_NAME as INTROSPECTION_SERVICE
 from ._introspection import IntrospectionServicer, unix_connections
 from ._limits import ServerLimits
@@ -147,12 +147,7 @@ class IPCServer:
         self.socket_path = resolve_socket_path(socket_path, module_name=module_name)
         #: The module name given, if any.
         self.module_name = module_name
-        if interceptors is None:
-            raise TypeError('interceptors must be a sequence of ServerInterceptor objects, not None')
-        interceptors = tuple(interceptors)
-        for interceptor in interceptors:
-            if not isinstance(interceptor, ServerInterceptor):
-                raise TypeError(f'interceptors must be ServerInterceptor objects, not {interceptor!r}')
+        interceptors = checked_interceptors(interceptors, ServerInterceptor)
         if not isinstance(limits, ServerLimits):
             raise TypeError(f'limits must be a ServerLimits, not {type(limits).__name__}')
         self.limits = limits
