@@ -504,6 +504,25 @@ def test_a_broken_interceptor_is_logged_and_calls_go_on(start_server: StartServe
     assert 'bug in call_started' in observed.server.log()
 
 
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_an_interceptor_after_one_that_refused_a_call_sees_neither_its_start_nor_its_end(
+        start_server: StartServer, socket_path: Path, tmp_path: Path, echo: Any, lane: str) -> None:
+    # Found: every interceptor's call_ended ran for a refused call, also those
+    # after the refusing one, whose call_started never ran: an interceptor
+    # pairing them (calls in flight, spans) went wrong, to -1 and below.
+    observed = start_observed(start_server, socket_path, tmp_path, '--refusing-interceptor')
+    with observed.client(echo.Stub, lane) as client:
+        with pytest.raises(IPCRemoteError, match='refused first') as refused:
+            client.call_method('Echo', echo.pb.EchoRequest(text='no'), metadata=(('x-refuse', 'yes'),))
+        assert refused.value.code is grpc.StatusCode.PERMISSION_DENIED
+        assert client.call_method('Echo', echo.pb.EchoRequest(text='yes')).text == 'yes'
+    observed.ended(ECHO, lane)  # the served call's end: the refused one's came before it, if at all
+    assert [(entry['event'], 'x-refuse' in entry['metadata']) for entry in observed.entries()] == [
+        ('started', False), ('ended', False)]
+    # The metrics count every call, the refused one too.
+    assert dict(observed.method_stats(ECHO, lane, 2).errors) == {'PERMISSION_DENIED': 1}
+
+
 def test_interceptors_must_be_server_interceptors(socket_path: Path) -> None:
     with pytest.raises(TypeError, match='interceptors must be ServerInterceptor objects'):
         IPCServer(socket_path, interceptors=[print])  # type: ignore[list-item]
@@ -657,6 +676,18 @@ def test_reserved_metadata_keys_are_a_value_error_naming_them_before_anything_is
 def test_client_interceptors_must_be_client_interceptors(socket_path: Path) -> None:
     with pytest.raises(TypeError, match='interceptors must be ClientInterceptor objects'):
         SyncIPCHandler(socket_path, interceptors=[ServerInterceptor()])  # type: ignore[list-item]
+
+
+def test_a_client_interceptor_after_one_that_refused_a_call_sees_neither_its_start_nor_its_end(
+        observed: Observed, echo: Any) -> None:
+    first, second = Recorder(refused='Echo'), Recorder()
+    with SyncIPCHandler(observed.server.socket_path, echo.Stub, lane='ttrpc', timeout=10,
+                        interceptors=[first, second]) as client:
+        with pytest.raises(IPCRemoteError, match='Echo is off here'):
+            client.call_method('Echo', echo.pb.EchoRequest(text='never sent'))
+        client.call_method('EchoSync', echo.pb.EchoRequest(text='sent'))
+    assert first.ended == [(ECHO, None, 'FAILED_PRECONDITION', 'Echo is off here'), (ECHO_SYNC, 'ttrpc', 'OK', '')]
+    assert second.ended == [(ECHO_SYNC, 'ttrpc', 'OK', '')]
 
 
 def test_a_client_interceptor_sees_a_retried_call_once_and_the_server_each_attempt(observed: Observed,

@@ -145,7 +145,7 @@ class ServerInterceptor:
 class Observation:
     """One call between its start and its end (see :meth:`CallObserver.start`)."""
 
-    __slots__ = ('observer', 'metrics', 'started', 'call')
+    __slots__ = ('observer', 'metrics', 'started', 'call', 'interceptors')
 
     def __init__(self, observer: 'CallObserver', metrics: MethodMetrics | None, call: ServerCall | None
                  ) -> None:
@@ -153,6 +153,9 @@ class Observation:
         self.metrics = metrics
         self.call = call
         self.started = 0.0
+        #: The interceptors whose call_started saw the call: they, and only
+        #: they, see it end (one that refused it stops the others seeing it).
+        self.interceptors = observer.interceptors
 
     def end(self, code: int, details: str) -> None:
         """The call ended with status number ``code``."""
@@ -165,7 +168,7 @@ class Observation:
                 with lock:
                     metrics.ended(self.started, code)
         if self.call is not None:
-            self.observer.ended(self.call, code, details, self.started)
+            _server_ended(self.interceptors, self.call, code, details, self.started)
 
 
 class CallObserver:
@@ -204,24 +207,28 @@ class CallObserver:
         else:
             observation.started = time.perf_counter()
         if call is not None:
-            for interceptor in self.interceptors:
+            for index, interceptor in enumerate(self.interceptors):
                 try:
                     interceptor.call_started(call)
                 except CallRejected as rejection:
+                    # As in a chain of grpc interceptors: those after it never see the call.
+                    observation.interceptors = self.interceptors[:index + 1]
                     observation.end(rejection.code.value[0], rejection.details)
                     raise
                 except HANDLER_FAILURES:  # (an exit too: it would end the server's event loop)
                     _logger.exception('interceptor %r failed in call_started of %s', interceptor, method)
         return observation
 
-    def ended(self, call: ServerCall, code: int, details: str, started: float) -> None:
-        duration = time.perf_counter() - started
-        status = _STATUS_CODES.get(code, grpc.StatusCode.UNKNOWN)
-        for interceptor in self.interceptors:
-            try:
-                interceptor.call_ended(call, status, details, duration)
-            except HANDLER_FAILURES:
-                _logger.exception('interceptor %r failed in call_ended of %s', interceptor, call.method)
+
+def _server_ended(interceptors: Sequence[ServerInterceptor], call: ServerCall, code: int, details: str,
+                  started: float) -> None:
+    duration = time.perf_counter() - started
+    status = _STATUS_CODES.get(code, grpc.StatusCode.UNKNOWN)
+    for interceptor in interceptors:
+        try:
+            interceptor.call_ended(call, status, details, duration)
+        except HANDLER_FAILURES:
+            _logger.exception('interceptor %r failed in call_ended of %s', interceptor, call.method)
 
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -307,11 +314,12 @@ def intercepted_call(interceptors: Sequence[ClientInterceptor], call: ClientCall
     :raises IPCError: an interceptor refused the call (with its status).
     """
     call.started = time.perf_counter()
-    for interceptor in interceptors:
+    for index, interceptor in enumerate(interceptors):
         try:
             interceptor.call_started(call)
         except CallRejected as rejection:
-            _client_ended(interceptors, call, rejection.code, rejection.details)
+            # Those after it never saw the call start: they do not see it end.
+            _client_ended(interceptors[:index + 1], call, rejection.code, rejection.details)
             raise error_from_status(rejection.code, rejection.details, method=call.method,
                                     status_details=rejection.status_details) from None
         except Exception:

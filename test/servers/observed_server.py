@@ -5,6 +5,7 @@ sees to a journal (one JSON line per started and per ended call, and what
 StatusService's "context" and "wait-cancel" handlers see).
 
 Usage: observed_server.py SOCKET_PATH JOURNAL [--no-metrics] [--broken-interceptor]
+       [--refusing-interceptor]
 """
 
 from __future__ import annotations
@@ -81,18 +82,29 @@ class Broken(ServerInterceptor):
         raise self.failure('bug in call_ended')
 
 
+class Refuser(ServerInterceptor):
+    """Refuses calls with ``x-refuse`` metadata, before the Gatekeeper sees them."""
+
+    def call_started(self, call: ServerCall) -> None:
+        if 'x-refuse' in dict(call.metadata):
+            raise CallRejected(grpc.StatusCode.PERMISSION_DENIED, 'refused first')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument('socket_path')
     parser.add_argument('journal')
     parser.add_argument('--no-metrics', dest='metrics', action='store_false')
     parser.add_argument('--broken-interceptor', choices=['RuntimeError', 'SystemExit', 'KeyboardInterrupt'])
+    parser.add_argument('--refusing-interceptor', action='store_true')
     options = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     gatekeeper = Gatekeeper(options.journal)
     interceptors: list[ServerInterceptor] = [gatekeeper]
     if options.broken_interceptor:
         interceptors.insert(0, Broken(getattr(builtins, options.broken_interceptor)))
+    if options.refusing_interceptor:
+        interceptors.insert(0, Refuser())
     module = ModuleService('observed')
     counted = []
     # A command with a side effect, read back with "count": proof that a
