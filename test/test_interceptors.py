@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 from pathlib import Path
+import signal
 import time
 from typing import Any
 
@@ -17,7 +18,7 @@ from google.rpc import error_details_pb2
 import grpc
 import pytest
 
-from conftest import LANES, ServerProcess, StartServer, call_through, wait_for
+from conftest import LANES, ServerProcess, StartServer, call_through, until, wait_for
 from http2_peer import CLIENT_SETTINGS, PREFACE, RawConnection, grpc_call, grpc_message
 from ttrpc_peer import Peer
 from vyra_base_ipc import (
@@ -459,6 +460,27 @@ def test_a_def_handler_returning_as_its_deadline_passes_is_deadline_exceeded_for
     ended = observed.ended(STATUS + method, lane, calls)
     assert [(entry['code'], entry['details']) for entry in ended] == [expired] * calls
     assert dict(observed.method_stats(STATUS + method, lane, calls).errors) == {'DEADLINE_EXCEEDED': calls}
+
+
+@pytest.mark.parametrize('lane', LANES)
+def test_a_call_the_stop_cancels_after_the_grace_is_observed_as_the_unavailable_its_client_gets(
+        observed: Observed, echo: Any, lane: str) -> None:
+    # Found: on the gRPC lane such a call ended CANCELLED for interceptors and
+    # metrics, while grpc.aio answered its client UNAVAILABLE (the fast lane did).
+    async def call_through_the_stop() -> IPCUnavailableError:
+        async with IPCHandler(observed.server.socket_path, echo.Stub, lane=lane, timeout=30) as client:
+            call = asyncio.ensure_future(client.call_method('Sleep', echo.pb.SleepRequest(seconds=25)))
+            await until(lambda: [entry for entry in observed.entries() if entry['method'] == SLEEP], 10,
+                        'the call to start on the server')
+            observed.server.signal(signal.SIGTERM)  # (its grace: 1 s)
+            with pytest.raises(IPCUnavailableError) as stopped:
+                await call
+            return stopped.value
+    sent = asyncio.run(call_through_the_stop())
+    assert observed.server.wait() == 0
+    ended = observed.ended(SLEEP, lane)[0]
+    assert (sent.code.name, sent.details) == ('UNAVAILABLE', 'Cancelling all calls')
+    assert (ended['code'], ended['details']) == (sent.code.name, sent.details)
 
 
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])

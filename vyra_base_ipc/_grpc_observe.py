@@ -125,7 +125,7 @@ def _ending(observation: Observation, context: Any) -> Iterator[None]:
     try:
         yield
     except BaseException as error:
-        _end(observation, _failure, context, error)
+        _end(observation, _failure, context, error, observation.observer)
         raise
     _end(observation, _returned, context)
 
@@ -140,12 +140,20 @@ def _end(observation: Observation, status: Callable[..., tuple[int, str]], *argu
     observation.end(code, details)
 
 
-def _left(context: Any) -> tuple[int, str]:
-    """The status of a call that ended before its handler: out of time, or cancelled."""
+def _left(context: Any, observer: CallObserver) -> tuple[int, str]:
+    """The status of a call that ended before its handler: out of time,
+    cancelled by its client, or by the server's stop once its grace ran out."""
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
         return grpc.StatusCode.DEADLINE_EXCEEDED.value[0], 'Deadline Exceeded'
+    cancels_all_at = observer.cancels_all_at
+    if cancels_all_at is not None and time.monotonic() >= cancels_all_at:
+        return _CANCELLED_BY_STOP
     return grpc.StatusCode.CANCELLED.value[0], 'Cancelled'
+
+
+#: What grpc.aio's stop answers the calls still running after the grace.
+_CANCELLED_BY_STOP = (grpc.StatusCode.UNAVAILABLE.value[0], 'Cancelling all calls')
 
 
 def _number(code: Any) -> int | None:
@@ -169,7 +177,7 @@ def _returned(context: Any) -> tuple[int, str]:
 _ENDINGS = (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit)
 
 
-def _failure(context: Any, error: BaseException) -> tuple[int, str]:
+def _failure(context: Any, error: BaseException, observer: CallObserver) -> tuple[int, str]:
     """The status grpc.aio sends for a handler that raised ``error``: an
     exception goes with the code the handler set, if it set one."""
     number = _number(context.code())
@@ -179,7 +187,7 @@ def _failure(context: Any, error: BaseException) -> tuple[int, str]:
         if number is not None:
             return number, context.details() or ''
     if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
-        return _left(context)
+        return _left(context, observer)
     return number or _UNKNOWN, unexpected_details(error)
 
 

@@ -178,6 +178,11 @@ class CallObserver:
     def __init__(self, metrics: ServerMetrics | None, interceptors: Sequence[ServerInterceptor]) -> None:
         self.metrics = metrics
         self.interceptors = tuple(interceptors)
+        #: ``time.monotonic()`` from which a stopping server cancels the
+        #: calls still running (its grace over), ``None`` while it serves:
+        #: grpc.aio answers those UNAVAILABLE, and the gRPC lane's wrapper
+        #: sees only its handler cancelled.
+        self.cancels_all_at: float | None = None
 
     def method_metrics(self, method: str, lane: str) -> MethodMetrics | None:
         """The counters a call of ``method`` on ``lane`` updates, if metrics are on."""

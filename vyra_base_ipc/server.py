@@ -7,6 +7,7 @@ import contextlib
 import enum
 import logging
 import signal
+import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import grpc
@@ -510,6 +511,8 @@ class IPCServer:
             await self._health.enter_graceful_shutdown()
             removed = self._withdraw()
             self._open_streams.end_all()
+            if self._observer is not None:
+                self._observer.cancels_all_at = time.monotonic() + grace
             stops = [asyncio.ensure_future(self._server.stop(grace))]
             if self._ttrpc is not None:
                 stops.append(asyncio.ensure_future(self._ttrpc.stop(grace)))
