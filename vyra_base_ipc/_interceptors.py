@@ -109,7 +109,10 @@ class ServerCall:
         ``None`` where the kernel does not tell them).
     :ivar deadline: ``time.monotonic()`` value at which the call expires,
         ``None`` without a deadline.
-    :ivar context: the handler's servicer context.
+    :ivar context: the handler's servicer context, to read. A hook refuses a
+        call by raising :class:`CallRejected`, never with ``context.abort()``:
+        a coroutine for ``async def`` handlers and on the gRPC lane, which a
+        hook cannot await (the call would go on as if nothing happened).
     """
 
     method: str
