@@ -12,6 +12,7 @@ import threading
 from typing import Any, Callable
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+import grpc
 import pytest
 from rclpy.context import Context
 from rclpy.node import Node
@@ -19,6 +20,8 @@ from rclpy.node import Node
 from conftest import SERVERS, ChildProcess, wait_for
 from ros_env import IPC_SERVER
 from vyra_base_ipc import IPCRemoteError, SyncIPCHandler
+from vyra_base_ipc import backend_service_pb2 as backend_pb
+from vyra_base_ipc import backend_service_pb2_grpc as backend_grpc
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc import module_service_pb2_grpc as module_grpc
 from vyra_base_ipc.node import EXIT_SERVER_FAILED, IPCServerHost
@@ -98,8 +101,9 @@ def test_ipc_server_publishes_ok_with_its_lanes_calls_and_latency(
         assert values(busy)['handler threads busy'].startswith('0/')
 
 
-def test_many_failed_calls_turn_the_status_to_warn(
+def test_many_calls_failing_in_the_server_turn_the_status_to_warn(
         start_process: Callable[..., ChildProcess], monitor: Monitor, socket_dir: Path) -> None:
+    """A method the server does not have answers UNIMPLEMENTED: a server error."""
     socket_path = socket_dir / 'arm_ipc.sock'
     start_ipc_server(start_process, socket_path)
     monitor.wait('ipc_server: IPC server', 'OK', lambda s: s.level == DiagnosticStatus.OK)
@@ -108,17 +112,43 @@ def test_many_failed_calls_turn_the_status_to_warn(
     def warn(status: DiagnosticStatus) -> bool:
         return status.level == DiagnosticStatus.WARN
 
-    with SyncIPCHandler(socket_path, module_grpc.ModuleServiceStub, timeout=10) as client:
+    with SyncIPCHandler(socket_path, backend_grpc.BackendServiceStub, timeout=10) as client:
         def fail_until_warned() -> bool:
             # Failing calls keep coming until a period full of them is reported.
             for _ in range(5):
-                with pytest.raises(IPCRemoteError):
-                    client.call_method('GetData', module_pb.DataRequest(key='no such key'))
+                with pytest.raises(IPCRemoteError) as failed:
+                    client.call_method('GetStatus', backend_pb.StatusRequest())
+                assert failed.value.code == grpc.StatusCode.UNIMPLEMENTED
             return bool(monitor.found('ipc_server: IPC server', warn, since))
         wait_for(fail_until_warned, 30, 'a WARN status on /diagnostics')
     warned = monitor.found('ipc_server: IPC server', warn, since)[0]
-    assert 'calls failed' in warned.message
+    assert 'calls failed in the server' in warned.message
     assert float(values(warned)['errors/s']) > 0
+
+
+def test_answers_that_are_the_callers_errors_leave_the_status_ok(
+        start_process: Callable[..., ChildProcess], monitor: Monitor, socket_dir: Path) -> None:
+    """NOT_FOUND for a key nobody registered (as CANCELLED for a caller that
+    left) answers the caller: counted in errors/s, no sign of trouble in the server."""
+    socket_path = socket_dir / 'arm_ipc.sock'
+    start_ipc_server(start_process, socket_path)
+    monitor.wait('ipc_server: IPC server', 'OK', lambda s: s.level == DiagnosticStatus.OK)
+    since = monitor.mark()
+
+    def with_errors(status: DiagnosticStatus) -> bool:
+        return float(values(status).get('errors/s', '0')) > 0
+
+    with SyncIPCHandler(socket_path, module_grpc.ModuleServiceStub, timeout=10) as client:
+        def fail_until_counted() -> bool:
+            for _ in range(5):
+                with pytest.raises(IPCRemoteError) as failed:
+                    client.call_method('GetData', module_pb.DataRequest(key='no such key'))
+                assert failed.value.code == grpc.StatusCode.NOT_FOUND
+            return bool(monitor.found('ipc_server: IPC server', with_errors, since))
+        wait_for(fail_until_counted, 30, 'a period with errors on /diagnostics')
+    counted = monitor.found('ipc_server: IPC server', with_errors, since)
+    assert all(status.level == DiagnosticStatus.OK for status in counted), [s.message for s in counted]
+    assert all(status.message == 'serving' for status in counted)
 
 
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])

@@ -9,13 +9,14 @@ diagnostic_updater's (``<node>: IPC server``), published every
   or its event loop ended under it: message ``event loop ended: ...``);
   one last ERROR is published when the host stops it.
 - WARN when, in the last period, more than :data:`ERROR_RATE_WARN` of the
-  calls ended with an error, or every handler thread was busy, or a lane
-  held more than :data:`CONNECTIONS_WARN` of its ``max_connections``.
+  calls ended with a server error (:data:`SERVER_ERRORS`), or every handler
+  thread was busy, or a lane held more than :data:`CONNECTIONS_WARN` of its
+  ``max_connections``.
 - OK otherwise.
 
 Its values say which lanes serve where, the connections per lane, calls per
-second, errors per second and the p50/p99 latency of the last period, and
-the calls in flight.
+second, errors per second (every status but OK) and the p50/p99 latency of
+the last period, and the calls in flight.
 """
 
 from __future__ import annotations
@@ -34,10 +35,17 @@ from .introspection_pb2 import Stats
 if TYPE_CHECKING:
     from .server import IPCServer
 
-__all__ = ['CONNECTIONS_WARN', 'ERROR_RATE_WARN', 'IPCDiagnostics']
+__all__ = ['CONNECTIONS_WARN', 'ERROR_RATE_WARN', 'IPCDiagnostics', 'SERVER_ERRORS']
 
-#: Share of a period's calls that may fail before the status turns WARN.
+#: Share of a period's calls that may end with a server error before the status turns WARN.
 ERROR_RATE_WARN = 0.1
+#: The statuses that are the server's errors, as OpenTelemetry's conventions
+#: for gRPC servers count them. The others answer the caller (NOT_FOUND,
+#: INVALID_ARGUMENT, PERMISSION_DENIED, ...) or come from it (CANCELLED: a
+#: caller that left, a browser leaving a stream): many of them are no sign
+#: of trouble in the server.
+SERVER_ERRORS = frozenset({'UNKNOWN', 'DEADLINE_EXCEEDED', 'UNIMPLEMENTED', 'INTERNAL', 'UNAVAILABLE',
+                           'DATA_LOSS'})
 #: Share of ``max_connections`` a lane may hold before the status turns WARN.
 CONNECTIONS_WARN = 0.9
 
@@ -111,7 +119,7 @@ class IPCDiagnostics:
                   'ttrpc_socket_path': str(server.ttrpc_socket_path or 'off')}
         warnings = []
         if stats is not None:
-            calls, errors, counts = _since(stats, self._last)
+            calls, errors, server_errors, counts = _since(stats, self._last)
             elapsed = stats.uptime_seconds - (self._last.uptime_seconds if self._last else 0.0)
             self._last = stats
             for lane in stats.lanes:
@@ -123,8 +131,8 @@ class IPCDiagnostics:
             values['p50 ms'] = f'{quantile(counts, 0.5) * 1e3:.3f}'
             values['p99 ms'] = f'{quantile(counts, 0.99) * 1e3:.3f}'
             values['in flight'] = str(sum(method.in_flight for method in stats.methods))
-            if calls and errors > ERROR_RATE_WARN * calls:
-                warnings.append(f'{errors} of {calls} calls failed')
+            if calls and server_errors > ERROR_RATE_WARN * calls:
+                warnings.append(f'{server_errors} of {calls} calls failed in the server')
         busy, threads = server.handler_threads
         values['handler threads busy'] = f'{busy}/{threads}'
         if threads and busy >= threads:
@@ -135,15 +143,21 @@ class IPCDiagnostics:
         return status
 
 
-def _since(stats: Stats, last: Stats | None) -> tuple[int, int, list[int]]:
-    """Calls, failed calls and latency bucket counts of ``stats`` beyond ``last``."""
+def _since(stats: Stats, last: Stats | None) -> tuple[int, int, int, list[int]]:
+    """Calls, calls that ended with any error, those that ended with a
+    server error (:data:`SERVER_ERRORS`), and latency bucket counts of
+    ``stats`` beyond ``last``."""
     before = {(method.method, method.lane): method for method in last.methods} if last else {}
-    calls = errors = 0
+    calls = errors = server_errors = 0
     counts = [0] * (len(LATENCY_BOUNDS) + 1)
     for method in stats.methods:
         previous = before.get((method.method, method.lane))
         calls += method.calls - (previous.calls if previous else 0)
-        errors += sum(method.errors.values()) - (sum(previous.errors.values()) if previous else 0)
+        for name, count in method.errors.items():
+            count -= previous.errors.get(name, 0) if previous else 0
+            errors += count
+            if name in SERVER_ERRORS:
+                server_errors += count
         for index, count in enumerate(method.latency_counts):
             counts[index] += count - (previous.latency_counts[index] if previous else 0)
-    return calls, errors, counts
+    return calls, errors, server_errors, counts
