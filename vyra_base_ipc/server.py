@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from ._call_duration import bound_call_duration
 from ._fork_safety import ensure_usable_after_fork, note_grpc_used
 from ._grpc_observe import UnknownMethods, observe_handlers
+from ._grpc_sockets import end_connections
 from ._grpc_streams import CallTasks, OpenStreams
 from ._handler_threads import HandlerThreads
 from ._health import HealthServicer
@@ -401,13 +402,13 @@ class IPCServer:
     def abandon(self) -> None:
         """Let go of a server whose event loop ended under it (an exception escaped the loop),
         where :meth:`stop` can no longer run: remove both socket files, each only if it is still
-        this server's (the inode it bound, never another server's), stop accepting on the fast
-        lane and close its open connections (their clients' calls fail UNAVAILABLE at once), let
-        the handler threads go. Synchronous, for once the loop's thread has ended; idempotent.
-        The gRPC lane's connections stay open until the process ends: grpc.aio stops its server
-        only by coroutines on the dead loop, and grpc core owns their sockets. A connected
-        client's next call there fails UNAVAILABLE all the same (it finds the socket file gone);
-        a call in flight waits for its deadline.
+        this server's (the inode it bound, never another server's), stop accepting on both lanes
+        and end every connection (their clients' calls, in flight or next, fail UNAVAILABLE at
+        once), let the handler threads go. Synchronous, for once the loop's thread has ended;
+        idempotent. The gRPC lane's sockets are grpc core's (grpc.aio stops its server only by
+        coroutines on the dead loop): they are shut down, not closed, and grpc core closes them;
+        its listener is left open where grpc core polls with poll() instead of epoll, and without
+        ``/proc`` descriptors from 65536 up are not inspected (both logged; see :mod:`._grpc_sockets`).
 
         :raises RuntimeError: the loop still runs: await :meth:`stop` on it.
         """
@@ -417,6 +418,11 @@ class IPCServer:
         if self._ttrpc is not None:
             self._ttrpc.abandon()
         self._stopped(tell=False)  # (its waiters are the dead loop's: nothing could wake them)
+        if self._bound_path is not None:  # (after the files: no client finds the path meanwhile)
+            ended, self._bound_path = end_connections(self._bound_path), None
+            if ended:
+                _logger.info('IPC server on %s abandoned: %d gRPC-lane connection(s) ended',
+                             self.socket_path, ended)
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
         """Wait until the server has stopped.
