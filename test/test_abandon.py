@@ -310,3 +310,31 @@ def test_end_connections_shuts_down_what_is_bound_at_the_path_and_closes_nothing
             accepted.close()
             for sock in others:
                 sock.close()
+
+
+def test_end_connections_leaves_the_blocking_mode_of_the_other_sockets_of_the_process_alone(
+        socket_dir: Path) -> None:
+    # Found: each socket of the process was inspected through a socket object
+    # made on a duplicate of its descriptor; with socket.setdefaulttimeout()
+    # set, making one sets O_NONBLOCK, which the duplicate shares with the
+    # original: a blocking socket of another part of the process (a thread
+    # in recv(), DDS's) turned non-blocking, its next recv() failing EAGAIN.
+    path = socket_dir / 'lane.sock'
+    with socket.socket(socket.AF_UNIX) as listener, socket.socket(socket.AF_UNIX) as peer:
+        listener.bind(str(path))
+        listener.listen()
+        peer.connect(str(path))
+        accepted, _ = listener.accept()
+        others = socket.socketpair()
+        blocking = (listener, accepted, *others)  # (the lane's own too: grpc core's are made non-blocking)
+        before = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(LONG)
+        try:
+            assert all(sock.gettimeout() is None for sock in blocking)
+            assert end_connections(path) == 1
+            assert [os.get_blocking(sock.fileno()) for sock in blocking] == [True] * len(blocking)
+        finally:
+            socket.setdefaulttimeout(before)
+            accepted.close()
+            for sock in others:
+                sock.close()

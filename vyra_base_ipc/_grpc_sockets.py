@@ -132,13 +132,18 @@ def _sockets_at(path: str, *, listening: bool) -> Iterator[socket.socket]:
                             '(of %s): %s; a call in flight on one may wait for its deadline', path,
                             error.strerror)
             return
-        try:
-            found = socket.socket(fileno=duplicate)
-        except OSError:  # (not a socket any more: the number was reused meanwhile)
-            os.close(duplicate)
-            continue
+        # Family and type given, with SOCK_NONBLOCK: made from a descriptor
+        # alone, under socket.setdefaulttimeout(), Python would set O_NONBLOCK
+        # on it, which the duplicate shares with the original (another part of
+        # the process's blocking socket). Family and type are read from it.
+        found = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0, duplicate)
         with found:
-            if (found.family == socket.AF_UNIX and found.type == socket.SOCK_STREAM
+            try:
+                kind = (found.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN),
+                        found.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE))
+            except OSError:  # (not a socket any more: the number was reused meanwhile)
+                continue
+            if (kind == (socket.AF_UNIX, socket.SOCK_STREAM)
                     and found.getsockname() == path
                     and bool(found.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)) == listening):
                 yield found
