@@ -6,6 +6,7 @@ refusal with PERMISSION_DENIED, the counters read over the socket through
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 from pathlib import Path
@@ -584,6 +585,52 @@ def test_an_async_def_server_hook_is_refused_naming_it(socket_path: Path, interc
 def test_an_async_def_client_hook_is_refused_naming_it(socket_path: Path, client: type) -> None:
     with pytest.raises(TypeError, match='AsyncClientGate.call_started is an async def: .* make it a def'):
         client(socket_path, interceptors=[AsyncClientGate()])
+
+
+class AsyncCallable:
+    """A hook as a callable object whose ``__call__`` is an ``async def``."""
+
+    async def __call__(self, *arguments: Any) -> None:
+        raise CallRejected(grpc.StatusCode.PERMISSION_DENIED, 'nobody')
+
+
+async def async_refusal(*arguments: Any) -> None:
+    raise CallRejected(grpc.StatusCode.PERMISSION_DENIED, 'nobody')
+
+
+class HookedGate(ServerInterceptor):
+    """A ServerInterceptor whose ``call_started`` is the hook given."""
+
+    def __init__(self, hook: Any) -> None:
+        self.call_started = hook  # type: ignore[method-assign]
+
+
+class StaticGate(ServerInterceptor):
+    call_started = staticmethod(async_refusal)  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize('interceptor', [
+    HookedGate(AsyncCallable()), HookedGate(functools.partial(AsyncCallable())),
+    HookedGate(functools.partial(async_refusal, 'bound')), StaticGate()],
+    ids=['async __call__', 'partial of an async __call__', 'partial of an async def', 'staticmethod'])
+def test_a_server_hook_that_makes_a_coroutine_however_written_is_refused(
+        socket_path: Path, interceptor: ServerInterceptor) -> None:
+    # Found: a callable object with an async def __call__ (and a partial of
+    # one) passed the check, inspect seeing no coroutine function in it: its
+    # refusal, never awaited, let every call through.
+    name = type(interceptor).__qualname__
+    with pytest.raises(TypeError, match=f'{name}.call_started is an async def: .* make it a def'):
+        IPCServer(socket_path, interceptors=[interceptor])
+
+
+class CallableClientGate(ClientInterceptor):
+    call_started = AsyncCallable()  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize('client', [SyncIPCHandler, IPCHandler])
+def test_a_client_hook_with_an_async_call_is_refused(socket_path: Path, client: type) -> None:
+    with pytest.raises(TypeError, match='CallableClientGate.call_started is an async def: .* make it a def'):
+        client(socket_path, interceptors=[CallableClientGate()])
 
 
 

@@ -21,6 +21,7 @@ import asyncio
 from concurrent import futures
 import contextlib
 from dataclasses import dataclass, field
+import functools
 import inspect
 import logging
 import time
@@ -303,13 +304,22 @@ def checked_interceptors(interceptors: Iterable[_Interceptor] | None, kind: type
         if not isinstance(interceptor, kind):
             raise TypeError(f'interceptors must be {kind.__name__} objects, not {interceptor!r}')
         for hook in ('call_started', 'call_ended'):
-            function = getattr(interceptor, hook)
-            if inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function):
+            if _is_async(getattr(interceptor, hook)):
                 raise TypeError(
                     f'{type(interceptor).__qualname__}.{hook} is an async def: interceptor hooks are called, '
                     'never awaited (they run on the event loop or in a handler thread and must not block), '
                     'so it would never run; make it a def')
     return checked
+
+
+def _is_async(hook: Any) -> bool:
+    """Whether calling ``hook`` makes a coroutine or an async generator: an
+    ``async def`` function or method, a :func:`functools.partial` of one, or
+    an object whose ``__call__`` is one."""
+    while isinstance(hook, functools.partial):
+        hook = hook.func  # (inspect unwraps partials of functions, not of callable objects)
+    return any(inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function)
+               for function in (hook, type(hook).__call__ if callable(hook) else None))
 
 
 @contextlib.contextmanager
