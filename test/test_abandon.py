@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
@@ -338,3 +340,37 @@ def test_end_connections_leaves_the_blocking_mode_of_the_other_sockets_of_the_pr
             accepted.close()
             for sock in others:
                 sock.close()
+
+
+#: A process, in a mount namespace of its own, that holds a descriptor of a
+#: FUSE file system that never answers (mounted with mount(2) on /dev/fuse,
+#: which nobody reads), and a connection accepted from a listener at argv[1];
+#: then ends it with end_connections() and prints how many it ended.
+HUNG_FUSE = """
+import ctypes, os, socket, sys, tempfile
+from vyra_base_ipc._grpc_sockets import end_connections
+libc = ctypes.CDLL(None, use_errno=True)
+mount_point, fuse = tempfile.mkdtemp(), os.open('/dev/fuse', os.O_RDWR)
+options = f'fd={fuse},rootmode=40000,user_id=0,group_id=0'.encode()
+if libc.mount(b'none', mount_point.encode(), b'fuse', 0, options) != 0:
+    sys.exit('cannot mount: ' + os.strerror(ctypes.get_errno()))
+hung = os.open(mount_point, os.O_PATH)
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(sys.argv[1])
+listener.listen()
+peer = socket.socket(socket.AF_UNIX)
+peer.connect(sys.argv[1])
+accepted, _ = listener.accept()
+print('ended', end_connections(sys.argv[1]))
+"""
+
+
+def test_end_connections_asks_no_file_system_about_the_descriptors_it_passes_over(socket_dir: Path) -> None:
+    # Found: each descriptor of the process was fstat()ed to find the sockets;
+    # fstat() of a file on a FUSE (or network) mount that does not answer
+    # waits for it: abandon() hung for ever. /proc's links say which are sockets.
+    if os.geteuid() != 0 or shutil.which('unshare') is None or not os.path.exists('/dev/fuse'):
+        pytest.skip('needs root, unshare (util-linux) and /dev/fuse to mount a FUSE file system')
+    result = subprocess.run(['unshare', '-m', sys.executable, '-c', HUNG_FUSE, str(socket_dir / 'lane.sock')],
+                            capture_output=True, text=True, timeout=LONG)
+    assert (result.returncode, result.stdout) == (0, 'ended 1\n'), result.stderr

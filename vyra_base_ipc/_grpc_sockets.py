@@ -30,7 +30,7 @@ import resource
 import socket
 import stat
 import sys
-from typing import Iterable, Iterator
+from typing import Iterator
 
 from ._socket_file import FD_DIR
 
@@ -120,10 +120,8 @@ def _sockets_at(path: str, *, listening: bool) -> Iterator[socket.socket]:
     not), as a socket object on a duplicate of its descriptor, closed when the
     caller takes the next one. Stops with a warning if descriptors cannot be
     duplicated (EMFILE: the process is at its open-file limit)."""
-    for fd in _descriptors():
+    for fd in _socket_descriptors():
         try:
-            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-                continue
             duplicate = os.dup(fd)
         except OSError as error:
             if error.errno == errno.EBADF:  # closed since it was listed
@@ -149,13 +147,31 @@ def _sockets_at(path: str, *, listening: bool) -> Iterator[socket.socket]:
                 yield found
 
 
-def _descriptors() -> Iterable[int]:
-    """This process's descriptor numbers: listed where FD_DIR exists, else
-    every number below the open-file limit, at most :data:`SCAN_LIMIT`."""
+def _socket_descriptors() -> Iterator[int]:
+    """The numbers of this process's descriptors that are sockets (each may
+    be closed or reused by the time it is used). Where FD_DIR exists, those
+    listed there whose link says ``socket:``: it asks no file system, where
+    ``fstat()`` of a file on a network or FUSE mount that does not answer
+    waits for it (for ever). Else, by ``fstat()``, among the numbers below
+    the open-file limit, at most :data:`SCAN_LIMIT`."""
     try:
-        return [int(name) for name in os.listdir(FD_DIR)]
-    except OSError:
-        return range(min(_open_file_limit(), SCAN_LIMIT))
+        names = os.listdir(FD_DIR)
+    except OSError:  # (no /proc; or EMFILE: none could be duplicated anyway)
+        for fd in range(min(_open_file_limit(), SCAN_LIMIT)):
+            try:
+                mode = os.fstat(fd).st_mode
+            except OSError:  # EBADF: none open under that number
+                continue
+            if stat.S_ISSOCK(mode):
+                yield fd
+        return
+    for name in names:
+        try:
+            link = os.readlink(f'{FD_DIR}/{name}')
+        except OSError:  # ENOENT: closed since it was listed
+            continue
+        if link.startswith('socket:'):
+            yield int(name)
 
 
 def _open_file_limit() -> int:
@@ -164,7 +180,7 @@ def _open_file_limit() -> int:
 
 
 def _warn_unless_all_inspected(path: str) -> None:
-    """Say so where :func:`_descriptors` leaves numbers out."""
+    """Say so where :func:`_socket_descriptors` leaves numbers out."""
     if not os.path.isdir(FD_DIR) and _open_file_limit() > SCAN_LIMIT:
         _logger.warning("%s cannot be read: descriptors from %d up (the open-file limit is %d) are not "
                         "inspected for the gRPC lane's connections (of %s); a call in flight on one of "
