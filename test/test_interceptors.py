@@ -266,6 +266,42 @@ def test_stats_over_the_socket_count_calls_errors_latency_and_bytes(
     assert not [entry for entry in observed.stats(lane).methods if 'Introspection' in entry.method]
 
 
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_calls_refused_at_maximum_concurrent_rpcs_are_counted(
+        start_server: StartServer, socket_path: Path, tmp_path: Path, echo: Any, lane: str) -> None:
+    # grpc.aio refused them itself, and the fast lane before its metrics: a
+    # server shedding load showed nothing in its stats but fewer calls.
+    observed = start_observed(start_server, socket_path, tmp_path, '--maximum-concurrent-rpcs', '1')
+    other = 'grpc' if lane == 'ttrpc' else 'ttrpc'  # (the limit is per lane: read the stats there)
+    with observed.client(echo.Stub, lane) as client:
+        held = client.stream_method('Count', echo.pb.CountRequest(count=1_000_000))
+        next(held)  # its handler runs: the one call the lane takes
+        for text in ('a', 'b', 'c'):
+            with pytest.raises(IPCRemoteError) as refused:
+                client.call_method('Echo', echo.pb.EchoRequest(text=text), timeout=10)
+            assert (refused.value.code, refused.value.details) == (
+                grpc.StatusCode.RESOURCE_EXHAUSTED, 'Concurrent RPC limit exceeded!')
+        for shape, call in (('a response stream', lambda: list(client.stream_method(
+                                'Count', echo.pb.CountRequest(count=2), timeout=10))),
+                            ('a request stream', lambda: client.call_method(
+                                'Collect', iter([echo.pb.EchoRequest(text='x')]), timeout=10))):
+            with pytest.raises(IPCRemoteError) as refused:
+                call()
+            assert (refused.value.code, refused.value.details) == (
+                grpc.StatusCode.RESOURCE_EXHAUSTED, 'Concurrent RPC limit exceeded!'), shape
+        stats = observed.stats(other)
+        held.close()
+    assert {entry.lane: entry.calls_refused for entry in stats.lanes} == {lane: 5, other: 0}
+    echo_stats = [entry for entry in stats.methods if entry.method == ECHO and entry.lane == lane]
+    assert [(entry.calls, entry.in_flight, dict(entry.errors)) for entry in echo_stats] == [
+        (3, 0, {'RESOURCE_EXHAUSTED': 3})]
+    # Only a limit's refusals count: not a refusal of the module's own (an interceptor's, a handler's).
+    with observed.client(echo.Stub, lane) as client:
+        with pytest.raises(IPCRemoteError):
+            client.call_method('Fail', echo.pb.FailRequest(code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]))
+    assert {entry.lane: entry.calls_refused for entry in observed.stats(other).lanes}[lane] == 5
+
+
 def lane_bytes(stats: introspection.Stats, lane: str) -> tuple[int, int, int, int]:
     found = {entry.lane: entry for entry in stats.lanes}[lane]
     return (found.inline_bytes_received, found.inline_bytes_sent, found.shared_memory_bytes_received,

@@ -12,7 +12,8 @@ run in grpc's thread pool, out of reach: they get the grace period.
 
 :class:`CallTasks` keeps the task of every call on the lane, so that the
 server's stop can wait until grpc.aio's tasks of the calls it cancelled have
-ended (see there).
+ended (see there), and refuses the calls beyond ``maximum_concurrent_rpcs``
+as grpc.aio would, where the server's metrics can count them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import inspect
 from typing import Any, AsyncGenerator, AsyncIterator, Callable, Mapping
 
 import grpc
+
+from ._limits import CONCURRENT_RPC_LIMIT_EXCEEDED
 
 __all__ = ['CallTasks', 'OpenStreams']
 
@@ -107,18 +110,37 @@ class CallTasks(grpc.aio.ServerInterceptor):
     flight that came without a deadline). Made a grpc.aio interceptor, this
     sees each call in its own task, before its handler is chosen. Event-loop
     thread only.
+
+    With a ``limit``, a call that comes while that many are in flight (of
+    every method, the tools' too) is answered RESOURCE_EXHAUSTED "Concurrent
+    RPC limit exceeded!" without running its handler, as grpc.aio's own
+    ``maximum_concurrent_rpcs`` does, and reported to ``refused`` with its
+    method's path (grpc.aio's refusals are seen by nobody).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None, refused: Callable[[str], None] | None = None) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Those of the calls let through: what the limit counts.
+        self._admitted: set[asyncio.Task[Any]] = set()
+        self._limit = limit
+        self._refused = refused
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
         task = asyncio.current_task()
+        refuse = self._limit is not None and len(self._admitted) >= self._limit
         if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return await continuation(handler_call_details)
+            if not refuse:
+                self._admitted.add(task)
+                task.add_done_callback(self._admitted.discard)
+        handler = await continuation(handler_call_details)
+        if not refuse:
+            return handler
+        if self._refused is not None:
+            self._refused(handler_call_details.method)
+        return _refusal(handler)
 
     async def ended(self, timeout: float) -> int:
         """Wait up to ``timeout`` seconds until the task of every call has
@@ -133,3 +155,17 @@ class CallTasks(grpc.aio.ServerInterceptor):
         if tasks and timeout > 0:
             _, tasks = await asyncio.wait(tasks, timeout=timeout)
         return len(tasks)
+
+
+async def _refuse(request: Any, context: Any) -> None:
+    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, CONCURRENT_RPC_LIMIT_EXCEEDED)
+
+
+def _refusal(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
+    """A handler of ``handler``'s shape (any, for none) that refuses the
+    call, its request not deserialized."""
+    if handler is None:
+        return grpc.stream_stream_rpc_method_handler(_refuse)
+    kind = f'{"stream" if handler.request_streaming else "unary"}_' \
+           f'{"stream" if handler.response_streaming else "unary"}'
+    return getattr(grpc, f'{kind}_rpc_method_handler')(_refuse)

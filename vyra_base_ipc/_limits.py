@@ -16,7 +16,11 @@ import resource
 from ._options import MAX_SECONDS
 from ._segment_pool import segment_pool
 
-__all__ = ['ServerLimits', 'raise_descriptor_limit']
+__all__ = ['CONCURRENT_RPC_LIMIT_EXCEEDED', 'ServerLimits', 'raise_descriptor_limit']
+
+#: What a call beyond ``maximum_concurrent_rpcs`` is answered with on both
+#: lanes (RESOURCE_EXHAUSTED), in grpc.aio's words.
+CONCURRENT_RPC_LIMIT_EXCEEDED = 'Concurrent RPC limit exceeded!'
 
 #: What the headers gRPC sends with every call take as grpc core counts them
 #: (``:path``, ``:authority``, ``content-type``, ``te``, ``grpc-timeout``,

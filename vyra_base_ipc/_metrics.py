@@ -27,6 +27,7 @@ __all__ = ['LATENCY_BOUNDS', 'UNKNOWN_METHOD', 'LaneMetrics', 'MethodMetrics', '
 LATENCY_BOUNDS: tuple[float, ...] = tuple(10e-6 * 2 ** i for i in range(22))
 
 _STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+_RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 
 #: What calls of methods the server does not have are counted as, per lane
 #: (a peer probing, or built against another version of the protos).
@@ -81,9 +82,11 @@ class MethodMetrics:
 
 
 class LaneMetrics:
-    """Message bytes one lane carried, inline and as shared memory."""
+    """Message bytes one lane carried, inline and as shared memory, and the
+    calls it refused at the server's limits."""
 
-    __slots__ = ('lane', 'inline_received', 'inline_sent', 'shared_received', 'shared_sent', 'lock')
+    __slots__ = ('lane', 'inline_received', 'inline_sent', 'shared_received', 'shared_sent', 'refused',
+                 'lock')
 
     def __init__(self, lane: str) -> None:
         self.lane = lane
@@ -91,6 +94,9 @@ class LaneMetrics:
         self.inline_sent = 0
         self.shared_received = 0
         self.shared_sent = 0
+        #: Calls refused before a handler at the server's limits (on the event loop only).
+        self.refused = 0
+        #: Held around the byte counts (worker threads count the gRPC lane's).
         self.lock = threading.Lock()
 
     def snapshot(self, connections: int) -> LaneStats:
@@ -98,7 +104,7 @@ class LaneMetrics:
         return LaneStats(lane=self.lane, connections=connections,
                          inline_bytes_received=self.inline_received, inline_bytes_sent=self.inline_sent,
                          shared_memory_bytes_received=self.shared_received,
-                         shared_memory_bytes_sent=self.shared_sent)
+                         shared_memory_bytes_sent=self.shared_sent, calls_refused=self.refused)
 
 
 class ServerMetrics:
@@ -130,6 +136,23 @@ class ServerMetrics:
         UNIMPLEMENTED) under :data:`UNKNOWN_METHOD`. On the event loop only."""
         metrics = self.method(UNKNOWN_METHOD, lane)
         metrics.ended(metrics.started(), grpc.StatusCode.UNIMPLEMENTED.value[0])
+
+    def refused(self, method: str | None, lane: str) -> None:
+        """Count a call ``lane`` refused at one of the server's limits
+        (``maximum_concurrent_rpcs``, the fast lane's ``max_concurrent_streams``)
+        before a handler ran: in the lane's ``calls_refused`` and, for a
+        method of the server's own services (``method``: its path, ``None``
+        if unread), as a call of it that ended RESOURCE_EXHAUSTED. Other
+        paths make no counters: a peer names them. On the event loop only."""
+        self.lanes[lane].refused += 1
+        metrics = self._methods.get((method, lane)) if method is not None else None
+        if metrics is None:
+            return
+        if metrics.lock is None:
+            metrics.ended(metrics.started(), _RESOURCE_EXHAUSTED)
+            return
+        with metrics.lock:  # (worker threads update it too)
+            metrics.ended(metrics.started(), _RESOURCE_EXHAUSTED)
 
     def snapshot(self, connections: Mapping[str, int]) -> Stats:
         """All counters as a ``vyra.ipc.Stats`` message, from any thread

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import signal
 import time
@@ -97,7 +98,8 @@ class IPCServer:
     :param max_message_bytes: largest message sent or accepted (both ways).
     :param max_workers: threads for ``def`` handlers.
     :param maximum_concurrent_rpcs: calls above this many in flight (per
-        lane) are rejected at once with RESOURCE_EXHAUSTED; ``None`` for no limit.
+        lane) are rejected at once with RESOURCE_EXHAUSTED, and counted in
+        :attr:`metrics`; ``None`` for no limit.
     :param grace_period: default grace of :meth:`stop`, in seconds.
     :param ttrpc: whether to serve the fast lane too.
     :param ttrpc_socket_path: the fast lane's socket; by default beside
@@ -185,7 +187,8 @@ class IPCServer:
         self._announce = True
         self._ttrpc: TtrpcServer | None = None
         self._open_streams = OpenStreams()
-        self._call_tasks = CallTasks()
+        self._call_tasks = CallTasks(self._maximum_concurrent_rpcs, None if self.metrics is None
+                                     else functools.partial(self.metrics.refused, lane='grpc'))
         self._services: list[ServiceRegistration] = []
         self._state = _State.NEW
         self._server: grpc.aio.Server | None = None
@@ -311,8 +314,7 @@ class IPCServer:
             self._server = grpc.aio.server(
                 migration_thread_pool=self._executor,
                 options=(*server_options(self.max_message_bytes), *self.limits.grpc_options()),
-                maximum_concurrent_rpcs=self._maximum_concurrent_rpcs,
-                interceptors=(self._call_tasks,),
+                interceptors=(self._call_tasks,),  # (which keeps maximum_concurrent_rpcs, counted)
             )
             self._add_services(self._server)
             self._bound_path = self._socket.private_bind_path()

@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument('--no-metrics', dest='metrics', action='store_false')
     parser.add_argument('--broken-interceptor', choices=['RuntimeError', 'SystemExit', 'KeyboardInterrupt'])
     parser.add_argument('--refusing-interceptor', action='store_true')
+    parser.add_argument('--maximum-concurrent-rpcs', type=int, default=None)
     options = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     gatekeeper = Gatekeeper(options.journal)
@@ -112,7 +113,8 @@ def main() -> None:
     module.register_command('count', lambda parameters: str(len(counted.append(1) or counted)))
     server = IPCServer(options.socket_path, module_name='observed',
                        servicers=[EchoService(), module, StatusService(journal=gatekeeper.write)],
-                       interceptors=interceptors, metrics=options.metrics, grace_period=1.0)
+                       interceptors=interceptors, metrics=options.metrics, grace_period=1.0,
+                       maximum_concurrent_rpcs=options.maximum_concurrent_rpcs)
     run(server.serve())
 
 

@@ -1,6 +1,7 @@
 """``vyra-ipc stats TARGET``: the server's metrics (``vyra.ipc.Introspection/
-GetStats``): per lane connections and bytes, the shared-memory segment pool,
-per method and lane calls, calls running, errors by status and latency."""
+GetStats``): per lane connections, bytes and calls refused at the server's
+limits, the shared-memory segment pool, per method and lane calls, calls
+running, errors by status and latency."""
 
 from __future__ import annotations
 
@@ -39,11 +40,11 @@ def lines(stats: Stats) -> Iterator[str]:
     """The metrics as text: a table of lanes, then one of methods (each
     method on a line of its own, its lanes below it)."""
     yield f'up {uptime(stats.uptime_seconds)}'
-    lanes = [('LANE', 'CONNECTIONS', 'IN', 'OUT', 'SHM IN', 'SHM OUT')]
+    lanes = [('LANE', 'CONNECTIONS', 'IN', 'OUT', 'SHM IN', 'SHM OUT', 'REFUSED')]
     lanes += [(lane.lane, str(lane.connections), size(lane.inline_bytes_received),
                size(lane.inline_bytes_sent), size(lane.shared_memory_bytes_received),
-               size(lane.shared_memory_bytes_sent)) for lane in stats.lanes]
-    yield from table(lanes, right=range(1, 6))
+               size(lane.shared_memory_bytes_sent), str(lane.calls_refused)) for lane in stats.lanes]
+    yield from table(lanes, right=range(1, 7))
     pool = stats.segment_pool
     if pool.created:
         yield (f'segment pool {size(pool.bytes)} ({size(pool.free_bytes)} free): made {pool.created}, '

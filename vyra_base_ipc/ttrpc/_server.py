@@ -192,6 +192,12 @@ class TtrpcServer:
             self._refused = 0
             self._refusal_logged_at = now
 
+    def count_refused(self, method: str | None) -> None:
+        """Count a call refused at a limit before its handler (see
+        :meth:`ServerMetrics.refused`), if metrics are on."""
+        if self.observer is not None and self.observer.metrics is not None:
+            self.observer.metrics.refused(method, 'ttrpc')
+
     @property
     def connection_count(self) -> int:
         """Connections open now."""

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf.message import DecodeError
 import grpc
 
+from .._limits import CONCURRENT_RPC_LIMIT_EXCEEDED
 from .._payload import SharedMemoryError, TooLargeError
 from .._peer import PeerCredentials, socket_peer
 from .._shared_buffer import ReceivedBuffers
@@ -344,6 +345,7 @@ class ServerConnection(FramedConnection):
             self._refuse(frame, grpc.StatusCode.RESOURCE_EXHAUSTED,
                          f'{limits.max_concurrent_streams} calls are in flight on this connection '
                          'already (max_concurrent_streams)')
+            server.count_refused(None)  # (unread: counted for the lane only)
             return
         data = frame.data
         if len(data) > ENVELOPE_ALLOWANCE:
@@ -401,7 +403,8 @@ class ServerConnection(FramedConnection):
             self.reject(stream_id, grpc.StatusCode.UNIMPLEMENTED, 'Method not found!')
             return
         if server.maximum_concurrent_rpcs is not None and server._active >= server.maximum_concurrent_rpcs:
-            self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED, 'Concurrent RPC limit exceeded!')
+            self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED, CONCURRENT_RPC_LIMIT_EXCEEDED)
+            server.count_refused(handler.path)
             return
         if len(payload) > server.max_message_bytes:
             self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
