@@ -339,6 +339,12 @@ BAD_PARAMETERS = {
         lambda d: 'keep_freed_memory_mb:=-1', 'keep_freed_memory_mb', 'from 0 to 2047 (0: off), not -1'),
     'freed memory to keep beyond what malloc takes': (
         lambda d: 'keep_freed_memory_mb:=2048', 'keep_freed_memory_mb', 'from 0 to 2047 (0: off), not 2048'),
+    'negative concurrency limit': (
+        lambda d: 'maximum_concurrent_rpcs:=-1', 'maximum_concurrent_rpcs',
+        'must be an integer from 0 (no limit) to 2147483647, not -1'),
+    'concurrency limit beyond an int32': (
+        lambda d: 'maximum_concurrent_rpcs:=2147483648', 'maximum_concurrent_rpcs',
+        'to 2147483647, not 2147483648'),
     'negative diagnostics period': (
         lambda d: 'diagnostics_period:=-1.0', 'diagnostics_period', 'from 0.01 to 3600, not -1.0'),
     'diagnostics every nanosecond': (  # (an idle node published on a core of its own)

@@ -135,6 +135,11 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         'Largest message the server sends or accepts, in bytes (1 to 2147483647). Clients '
         'must allow at least as much.'),
     ParameterSpec(
+        'maximum_concurrent_rpcs', Parameter.Type.INTEGER, 0,
+        'Calls in flight per lane beyond which a new call is refused at once with '
+        'RESOURCE_EXHAUSTED, counted in the metrics and turning /diagnostics WARN (0 to '
+        '2147483647; 0: no limit).'),
+    ParameterSpec(
         'diagnostics_period', Parameter.Type.DOUBLE, DEFAULT_DIAGNOSTICS_PERIOD,
         'Seconds between the IPC server status messages on /diagnostics '
         '(diagnostic_msgs/DiagnosticArray, as rqt_robot_monitor shows them): OK while serving, '
@@ -165,6 +170,8 @@ class IPCServerConfig:
     diagnostics_period: float = DEFAULT_DIAGNOSTICS_PERIOD
     #: Bytes of freed memory the process keeps (keep_freed_memory); 0: malloc left alone.
     keep_freed_memory: int = DEFAULT_KEEP_FREED_MEMORY
+    #: Calls in flight per lane beyond which calls are refused; None: no limit.
+    maximum_concurrent_rpcs: int | None = None
 
 
 def declare_ipc_parameters(node: Node, *, module_name: str = '',
@@ -372,6 +379,12 @@ def read_ipc_config(node: Node, environ: Mapping[str, str] | None = None) -> IPC
         raise ParameterError('keep_freed_memory_mb',
                              f'must be an integer from 0 to 2047 (0: off), not {keep_freed_memory_mb!r}')
 
+    maximum_concurrent_rpcs = values['maximum_concurrent_rpcs']
+    if isinstance(maximum_concurrent_rpcs, bool) or not isinstance(maximum_concurrent_rpcs, int) or \
+            not 0 <= maximum_concurrent_rpcs <= 2**31 - 1:
+        raise ParameterError('maximum_concurrent_rpcs', 'must be an integer from 0 (no limit) to 2147483647, '
+                                                        f'not {maximum_concurrent_rpcs!r}')
+
     diagnostics_period = values['diagnostics_period']
     # (A shorter period has an idle node publish /diagnostics on a core of its own.)
     if not isinstance(diagnostics_period, float) or \
@@ -384,7 +397,8 @@ def read_ipc_config(node: Node, environ: Mapping[str, str] | None = None) -> IPC
                            grace_period=grace_period, max_message_bytes=max_message_bytes,
                            shared_memory=shared_memory, busy_poll=busy_poll_us / 1e6,
                            diagnostics_period=diagnostics_period,
-                           keep_freed_memory=keep_freed_memory_mb << 20)
+                           keep_freed_memory=keep_freed_memory_mb << 20,
+                           maximum_concurrent_rpcs=maximum_concurrent_rpcs or None)
 
 
 def load_servicer(spec: str) -> Any:

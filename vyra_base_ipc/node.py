@@ -204,7 +204,8 @@ class IPCServerHost:
                                    max_message_bytes=config.max_message_bytes,
                                    ttrpc=config.ttrpc_socket_path is not None,
                                    ttrpc_socket_path=config.ttrpc_socket_path,
-                                   shared_memory=config.shared_memory)
+                                   shared_memory=config.shared_memory,
+                                   maximum_concurrent_rpcs=config.maximum_concurrent_rpcs)
             except (TypeError, ValueError) as error:
                 raise ParameterError('servicers', str(error)) from None
             # The host says when it serves and stops, through its node, once.
