@@ -19,7 +19,7 @@ from rclpy.node import Node
 
 from conftest import SERVERS, ChildProcess, wait_for
 from ros_env import IPC_SERVER
-from vyra_base_ipc import IPCRemoteError, SyncIPCHandler
+from vyra_base_ipc import IPCError, IPCRemoteError, SyncIPCHandler
 from vyra_base_ipc import backend_service_pb2 as backend_pb
 from vyra_base_ipc import backend_service_pb2_grpc as backend_grpc
 from vyra_base_ipc import module_service_pb2 as module_pb
@@ -149,6 +149,53 @@ def test_answers_that_are_the_callers_errors_leave_the_status_ok(
     counted = monitor.found('ipc_server: IPC server', with_errors, since)
     assert all(status.level == DiagnosticStatus.OK for status in counted), [s.message for s in counted]
     assert all(status.message == 'serving' for status in counted)
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_calls_refused_at_maximum_concurrent_rpcs_turn_the_status_to_warn(
+        start_process: Callable[..., ChildProcess], monitor: Monitor, socket_dir: Path,
+        ros_environ: dict[str, str], test_protos_dir: Path, echo: Any, lane: str) -> None:
+    """A server shedding load says so: before, its refusals were counted
+    nowhere, and the status stayed OK "serving" with fewer calls/s."""
+    socket_path = socket_dir / 'arm_ipc.sock'
+    env = {**ros_environ, 'PYTHONPATH': os.pathsep.join(
+        filter(None, [str(test_protos_dir), str(SERVERS), ros_environ.get('PYTHONPATH')]))}
+    server = start_process([*IPC_SERVER, '--ros-args', '-p', 'module_name:=arm', '-p', f'socket_path:={socket_path}',
+                            '-p', 'diagnostics_period:=0.2', '-p', 'maximum_concurrent_rpcs:=1',
+                            '-p', 'grace_period:=0.5', '-p', "servicers:=['slow_servicer:SlowEchoService']"], env)
+    server.wait_listening(socket_path)
+    monitor.wait('ipc_server: IPC server', 'OK', lambda s: s.level == DiagnosticStatus.OK)
+    since = monitor.mark()
+
+    def warn(status: DiagnosticStatus) -> bool:
+        return status.level == DiagnosticStatus.WARN
+
+    with SyncIPCHandler(socket_path, echo.Stub, timeout=60, lane=lane) as client:
+        outcome: list[BaseException] = []
+
+        def hold() -> None:  # the one call the lane takes, until the server stops
+            try:
+                client.call_method('Sleep', echo.pb.SleepRequest(seconds=60), timeout=30)
+            except IPCError as error:
+                outcome.append(error)
+        held = threading.Thread(target=hold, daemon=True)
+        held.start()
+        calls = Path(f'{socket_path}.calls')
+        wait_for(lambda: calls.exists() and 'Sleep' in calls.read_text().split(), 20, 'Sleep in flight')
+
+        def refused_until_warned() -> bool:
+            for _ in range(3):
+                with pytest.raises(IPCRemoteError) as refused:
+                    client.call_method('Echo', echo.pb.EchoRequest(text='shed'), timeout=10)
+                assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            return bool(monitor.found('ipc_server: IPC server', warn, since))
+        wait_for(refused_until_warned, 30, 'a WARN status on /diagnostics')
+        warned = monitor.found('ipc_server: IPC server', warn, since)[0]
+        assert 'calls refused at maximum_concurrent_rpcs or max_concurrent_streams' in warned.message
+        server.signal(signal.SIGTERM)  # (ends the held call)
+        assert server.wait(timeout=30) == 0, server.log()
+        held.join(timeout=30)
+        assert not held.is_alive() and outcome, outcome
 
 
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])

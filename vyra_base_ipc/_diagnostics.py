@@ -9,9 +9,11 @@ diagnostic_updater's (``<node>: IPC server``), published every
   or its event loop ended under it: message ``event loop ended: ...``);
   one last ERROR is published when the host stops it.
 - WARN when, in the last period, more than :data:`ERROR_RATE_WARN` of the
-  calls ended with a server error (:data:`SERVER_ERRORS`), or every handler
-  thread was busy, or a lane held more than :data:`CONNECTIONS_WARN` of its
-  ``max_connections``.
+  calls ended with a server error (:data:`SERVER_ERRORS`), or calls were
+  refused at the server's limits (``maximum_concurrent_rpcs``, the fast
+  lane's ``max_concurrent_streams``: the server sheds load), or every
+  handler thread was busy, or a lane held more than :data:`CONNECTIONS_WARN`
+  of its ``max_connections``.
 - OK otherwise.
 
 Its values say which lanes serve where, the connections per lane, calls per
@@ -120,6 +122,8 @@ class IPCDiagnostics:
         warnings = []
         if stats is not None:
             calls, errors, server_errors, counts = _since(stats, self._last)
+            refused = sum(lane.calls_refused for lane in stats.lanes) - (
+                sum(lane.calls_refused for lane in self._last.lanes) if self._last else 0)
             elapsed = stats.uptime_seconds - (self._last.uptime_seconds if self._last else 0.0)
             self._last = stats
             for lane in stats.lanes:
@@ -133,6 +137,9 @@ class IPCDiagnostics:
             values['in flight'] = str(sum(method.in_flight for method in stats.methods))
             if calls and server_errors > ERROR_RATE_WARN * calls:
                 warnings.append(f'{server_errors} of {calls} calls failed in the server')
+            if refused:
+                warnings.append(f'{refused} calls refused at maximum_concurrent_rpcs or '
+                                'max_concurrent_streams')
         busy, threads = server.handler_threads
         values['handler threads busy'] = f'{busy}/{threads}'
         if threads and busy >= threads:
