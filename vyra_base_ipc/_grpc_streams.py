@@ -128,11 +128,12 @@ class CallTasks(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
         task = asyncio.current_task()
-        refuse = self._limit is not None and len(self._admitted) >= self._limit
+        limit = self._limit
+        refuse = limit is not None and len(self._admitted) >= limit
         if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-            if not refuse:
+            if limit is not None and not refuse:
                 self._admitted.add(task)
                 task.add_done_callback(self._admitted.discard)
         handler = await continuation(handler_call_details)
