@@ -99,6 +99,7 @@ def test_ipc_server_publishes_ok_with_its_lanes_calls_and_latency(
         assert int(values(busy)['ttrpc connections']) >= 1
         assert float(values(busy)['p99 ms']) >= float(values(busy)['p50 ms']) > 0
         assert values(busy)['handler threads busy'].startswith('0/')
+        assert values(busy)['refused/s'] == '0.0'
 
 
 def test_many_calls_failing_in_the_server_turn_the_status_to_warn(
@@ -198,6 +199,7 @@ def test_calls_refused_at_maximum_concurrent_rpcs_turn_the_status_to_warn(
         wait_for(refused_until_warned, 30, 'a WARN status on /diagnostics')
         warned = monitor.found('ipc_server: IPC server', warn, since)[0]
         assert 'calls refused at maximum_concurrent_rpcs or max_concurrent_streams' in warned.message
+        assert float(values(warned)['refused/s']) > 0
         server.signal(signal.SIGTERM)  # (ends the held call)
         assert server.wait(timeout=30) == 0, server.log()
         held.join(timeout=30)

@@ -17,8 +17,8 @@ diagnostic_updater's (``<node>: IPC server``), published every
 - OK otherwise.
 
 Its values say which lanes serve where, the connections per lane, calls per
-second, errors per second (every status but OK) and the p50/p99 latency of
-the last period, and the calls in flight.
+second, errors per second (every status but OK), calls refused per second
+and the p50/p99 latency of the last period, and the calls in flight.
 """
 
 from __future__ import annotations
@@ -132,6 +132,7 @@ class IPCDiagnostics:
                     warnings.append(f'{lane.lane} lane near max_connections')
             values['calls/s'] = f'{calls / elapsed:.1f}' if elapsed > 0 else '0'
             values['errors/s'] = f'{errors / elapsed:.1f}' if elapsed > 0 else '0'
+            values['refused/s'] = f'{refused / elapsed:.1f}' if elapsed > 0 else '0'
             values['p50 ms'] = f'{quantile(counts, 0.5) * 1e3:.3f}'
             values['p99 ms'] = f'{quantile(counts, 0.99) * 1e3:.3f}'
             values['in flight'] = str(sum(method.in_flight for method in stats.methods))
