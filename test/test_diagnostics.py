@@ -72,6 +72,21 @@ def values(status: DiagnosticStatus) -> dict[str, str]:
     return {item.key: item.value for item in status.values}
 
 
+def fail_until(monitor: Monitor, since: int, condition: Callable[[DiagnosticStatus], bool], what: str,
+               call: Callable[[], object], code: grpc.StatusCode) -> DiagnosticStatus:
+    """Make calls that fail with ``code`` (``call()``), five at a time, until
+    ``ipc_server`` publishes a status meeting ``condition`` (received since
+    ``since``: the calls keep coming until a period with them is reported); that status."""
+    def failing() -> bool:
+        for _ in range(5):
+            with pytest.raises(IPCRemoteError) as failed:
+                call()
+            assert failed.value.code == code
+        return bool(monitor.found('ipc_server: IPC server', condition, since))
+    wait_for(failing, 30, f'{what} on /diagnostics')
+    return monitor.found('ipc_server: IPC server', condition, since)[0]
+
+
 def start_ipc_server(start_process: Callable[..., ChildProcess], socket_path: Path, *parameters: str
                      ) -> ChildProcess:
     args = [*IPC_SERVER, '--ros-args', '-p', 'module_name:=arm', '-p', f'socket_path:={socket_path}',
@@ -114,15 +129,9 @@ def test_many_calls_failing_in_the_server_turn_the_status_to_warn(
         return status.level == DiagnosticStatus.WARN
 
     with SyncIPCHandler(socket_path, backend_grpc.BackendServiceStub, timeout=10) as client:
-        def fail_until_warned() -> bool:
-            # Failing calls keep coming until a period full of them is reported.
-            for _ in range(5):
-                with pytest.raises(IPCRemoteError) as failed:
-                    client.call_method('GetStatus', backend_pb.StatusRequest())
-                assert failed.value.code == grpc.StatusCode.UNIMPLEMENTED
-            return bool(monitor.found('ipc_server: IPC server', warn, since))
-        wait_for(fail_until_warned, 30, 'a WARN status on /diagnostics')
-    warned = monitor.found('ipc_server: IPC server', warn, since)[0]
+        warned = fail_until(monitor, since, warn, 'a WARN status',
+                            lambda: client.call_method('GetStatus', backend_pb.StatusRequest()),
+                            grpc.StatusCode.UNIMPLEMENTED)
     assert 'calls failed in the server' in warned.message
     assert float(values(warned)['errors/s']) > 0
 
@@ -140,13 +149,9 @@ def test_answers_that_are_the_callers_errors_leave_the_status_ok(
         return float(values(status).get('errors/s', '0')) > 0
 
     with SyncIPCHandler(socket_path, module_grpc.ModuleServiceStub, timeout=10) as client:
-        def fail_until_counted() -> bool:
-            for _ in range(5):
-                with pytest.raises(IPCRemoteError) as failed:
-                    client.call_method('GetData', module_pb.DataRequest(key='no such key'))
-                assert failed.value.code == grpc.StatusCode.NOT_FOUND
-            return bool(monitor.found('ipc_server: IPC server', with_errors, since))
-        wait_for(fail_until_counted, 30, 'a period with errors on /diagnostics')
+        fail_until(monitor, since, with_errors, 'a period with errors',
+                   lambda: client.call_method('GetData', module_pb.DataRequest(key='no such key')),
+                   grpc.StatusCode.NOT_FOUND)
     counted = monitor.found('ipc_server: IPC server', with_errors, since)
     assert all(status.level == DiagnosticStatus.OK for status in counted), [s.message for s in counted]
     assert all(status.message == 'serving' for status in counted)
@@ -190,14 +195,9 @@ def test_calls_refused_at_maximum_concurrent_rpcs_turn_the_status_to_warn(
         calls = Path(f'{socket_path}.calls')
         wait_for(lambda: calls.exists() and 'Sleep' in calls.read_text().split(), 20, 'Sleep in flight')
 
-        def refused_until_warned() -> bool:
-            for _ in range(3):
-                with pytest.raises(IPCRemoteError) as refused:
-                    client.call_method('Echo', echo.pb.EchoRequest(text='shed'), timeout=10)
-                assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            return bool(monitor.found('ipc_server: IPC server', warn, since))
-        wait_for(refused_until_warned, 30, 'a WARN status on /diagnostics')
-        warned = monitor.found('ipc_server: IPC server', warn, since)[0]
+        warned = fail_until(monitor, since, warn, 'a WARN status',
+                            lambda: client.call_method('Echo', echo.pb.EchoRequest(text='shed'), timeout=10),
+                            grpc.StatusCode.RESOURCE_EXHAUSTED)
         assert 'calls refused at maximum_concurrent_rpcs or max_concurrent_streams' in warned.message
         assert float(values(warned)['refused/s']) > 0
         server.signal(signal.SIGTERM)  # (ends the held call)
