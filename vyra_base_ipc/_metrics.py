@@ -67,6 +67,15 @@ class MethodMetrics:
         if code:
             self.errors[code] = self.errors.get(code, 0) + 1
 
+    def answered_at_once(self, code: int) -> None:
+        """Count a call answered ``code`` as it came, without a handler (under
+        :attr:`lock` where worker threads update these counters too)."""
+        if self.lock is None:
+            self.ended(self.started(), code)
+            return
+        with self.lock:
+            self.ended(self.started(), code)
+
     def snapshot(self) -> MethodStats:
         """The counters as a ``vyra.ipc.MethodStats`` message; from any thread."""
         # Copied first, in one step each (no bytecode runs while the
@@ -134,8 +143,7 @@ class ServerMetrics:
     def unknown_method(self, lane: str) -> None:
         """Count a call of a method the server does not have (answered
         UNIMPLEMENTED) under :data:`UNKNOWN_METHOD`. On the event loop only."""
-        metrics = self.method(UNKNOWN_METHOD, lane)
-        metrics.ended(metrics.started(), grpc.StatusCode.UNIMPLEMENTED.value[0])
+        self.method(UNKNOWN_METHOD, lane).answered_at_once(grpc.StatusCode.UNIMPLEMENTED.value[0])
 
     def refused(self, method: str | None, lane: str) -> None:
         """Count a call ``lane`` refused at one of the server's limits
@@ -146,13 +154,8 @@ class ServerMetrics:
         paths make no counters: a peer names them. On the event loop only."""
         self.lanes[lane].refused += 1
         metrics = self._methods.get((method, lane)) if method is not None else None
-        if metrics is None:
-            return
-        if metrics.lock is None:
-            metrics.ended(metrics.started(), _RESOURCE_EXHAUSTED)
-            return
-        with metrics.lock:  # (worker threads update it too)
-            metrics.ended(metrics.started(), _RESOURCE_EXHAUSTED)
+        if metrics is not None:
+            metrics.answered_at_once(_RESOURCE_EXHAUSTED)
 
     def snapshot(self, connections: Mapping[str, int]) -> Stats:
         """All counters as a ``vyra.ipc.Stats`` message, from any thread
