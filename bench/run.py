@@ -62,7 +62,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / 'results'
 #: explicit zero-copy buffers, busy polling on and off, server streams, the peers.
 SECTIONS = ('rows', 'overhead', 'cold-start', 'zero-copy', 'busy-poll', 'streaming', 'peers')
 #: glibc's names for what vyra_base_ipc.keep_freed_memory() sets with mallopt().
-KEEP_FREED_MEMORY_ENV = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(1 << 30)}  # its default limit
+KEEP_FREED_MEMORY_ENV = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(1 << 30),  # its default limit
+                         'MALLOC_ARENA_MAX': '1'}
 #: Calls in flight for the asynchronous clients.
 CONCURRENCY = (1, 8, 64)
 

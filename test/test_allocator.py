@@ -68,3 +68,41 @@ def test_unusable_limit_is_refused_naming_it(limit: object, error: type[Exceptio
     with pytest.raises(error, match='keep_freed_memory limit'):
         keep_freed_memory(limit)  # type: ignore[arg-type]
 
+
+
+#: As CHILD, in a thread started after keep_freed_memory(), with blocks
+#: larger than the 64 MiB heap of a thread's own arena.
+THREAD_CHILD = """
+import json, resource, threading
+from vyra_base_ipc import keep_freed_memory
+
+SIZE = 96 << 20
+applied = keep_freed_memory()
+counted = {}
+
+def rounds():
+    def faults():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(10):
+            block = bytearray(SIZE)
+            block[::4096] = b'x' * (SIZE // 4096)
+            del block
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    faults()  # the heap grows once
+    counted['after'] = faults()
+
+thread = threading.Thread(target=rounds)
+thread.start()
+thread.join()
+print(json.dumps({'applied': applied, **counted}))
+"""
+
+
+def test_threads_started_after_it_reuse_freed_memory_of_blocks_above_an_arena_heap() -> None:
+    """A 100 MiB message read in a ``def`` handler's thread or an rclpy
+    executor's reuses freed memory too, not only one in the main thread."""
+    done = subprocess.run([sys.executable, '-c', THREAD_CHILD], capture_output=True, text=True,
+                          timeout=120, check=True)
+    faults = json.loads(done.stdout)
+    assert faults['applied'] is True
+    assert faults['after'] < 10 * (96 << 20) // 4096 // 20, faults

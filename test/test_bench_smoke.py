@@ -294,8 +294,8 @@ def test_keep_freed_memory_option_sets_what_keep_freed_memory_sets() -> None:
     completed = subprocess.run(
         [sys.executable, '-c', 'import json; from bench.run import KEEP_FREED_MEMORY_ENV as E; print(json.dumps(E))'],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=True)
-    # glibc reads the two settings keep_freed_memory() makes from these variables at start.
-    assert json.loads(completed.stdout) == {'MALLOC_MMAP_MAX_': '0',
+    # glibc reads the three settings keep_freed_memory() makes from these variables at start.
+    assert json.loads(completed.stdout) == {'MALLOC_MMAP_MAX_': '0', 'MALLOC_ARENA_MAX': '1',
                                             'MALLOC_TRIM_THRESHOLD_': str(DEFAULT_KEEP_FREED_MEMORY)}
 
 

@@ -1,5 +1,6 @@
 """Keeping freed memory for the next large message: glibc's malloc set as
-ROS 2's real-time guide sets it (``M_MMAP_MAX`` 0, a trim threshold).
+ROS 2's real-time guide sets it (``M_MMAP_MAX`` 0, a trim threshold), with
+one arena for every thread.
 
 Protobuf's Python runtime serializes into, and parses out of, memory of its
 own only, so every large message a process sends or receives is a few fresh
@@ -13,6 +14,19 @@ more than copying the bytes. :func:`keep_freed_memory` makes malloc serve
 every block from its heap and keep up to ``limit`` bytes of freed memory
 there, so that the next message of a size reuses pages that are already
 mapped.
+
+That holds for the main thread's heap. glibc gives every other thread that
+allocates an arena of its own (up to eight per CPU, then shared), heaps of
+at most 64 MiB each, and a block larger than that made in such a thread
+gets a new mapping whatever ``M_MMAP_MAX`` says, unmapped when it is freed. So a
+100 MiB message parsed or read in a ``def`` handler's thread, or in an rclpy
+executor's, would fault in its pages on every call. ``M_ARENA_MAX`` 1 makes
+the threads started after :func:`keep_freed_memory` share the main arena
+(its lock costs little where most allocations hold the GIL anyway). A
+thread that had an arena of its own before keeps it, and later threads may
+be given one of those: a process with threads already running (rclpy's,
+DDS's) gets the same from its start with ``MALLOC_ARENA_MAX=1`` in its
+environment.
 
 It is process-wide and stays in force: the process's resident memory stays
 near its peak (at most ``limit`` above what it uses). The ``ipc_server``
@@ -38,6 +52,7 @@ _LIMIT = 2**31 - 1
 # <malloc.h>
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
 
 
 @functools.cache
@@ -48,7 +63,8 @@ def _mallopt() -> Any:
 
 def keep_freed_memory(limit: int = DEFAULT_KEEP_FREED_MEMORY) -> bool:
     """Make this process's malloc keep up to ``limit`` bytes of freed memory
-    for reuse, and serve large blocks from its heap instead of new mappings.
+    for reuse, and serve large blocks from its heap instead of new mappings,
+    for the threads started after it too (see the module docstring).
 
     Returns ``True`` when applied; ``False`` where the C library is not glibc
     (nothing is changed there). Calling it again sets the new ``limit``.
@@ -66,7 +82,8 @@ def keep_freed_memory(limit: int = DEFAULT_KEEP_FREED_MEMORY) -> bool:
     mallopt = _mallopt()
     # Trim threshold first: with mappings off and the default threshold,
     # a freed large block would go straight back to the kernel.
-    settings = (('M_TRIM_THRESHOLD', _M_TRIM_THRESHOLD, limit), ('M_MMAP_MAX', _M_MMAP_MAX, 0))
+    settings = (('M_TRIM_THRESHOLD', _M_TRIM_THRESHOLD, limit), ('M_MMAP_MAX', _M_MMAP_MAX, 0),
+                ('M_ARENA_MAX', _M_ARENA_MAX, 1))
     for name, option, value in settings:
         if mallopt(option, value) != 1:
             raise OSError(f'glibc refused mallopt({name}, {value})')
