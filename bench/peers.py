@@ -141,6 +141,10 @@ def _candidates(part: str) -> list[tuple[Transport, Callable[[], str | None]]]:
                    'zenoh', 'uds'), module('zenoh')),
         (Transport('zenoh-shm', 'eclipse-zenoh, explicit shared-memory provider (alloc, write, get)',
                    'zenoh', 'zenoh', 'uds', options={'shm': True}), module('zenoh')),
+        # For reference: what the transparent path cannot go below.
+        (Transport('protobuf-alone',
+                   "protobuf's own work for an echo, payload not sent (bench/protobuf_alone.py)",
+                   'protobuf-alone', 'protobuf-alone', 'uds'), always),
     ]
 
 

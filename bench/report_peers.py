@@ -43,10 +43,13 @@ PEER_TARGETS: tuple[tuple[str, str, int, str, str, str, float], ...] = (
      'ipc-sync-shared-buffer', 'zenoh-shm', 'p50', 1.0),
 )
 
-#: Ratios of a minimal Python ttrpc (:mod:`bench.minimal_ttrpc`), for
-#: reference beside the targets: what a client or server of no features
-#: reaches on the same machine in the same run. (what, part, payload,
-#: transport, reference, what is compared)
+#: The sizes of the references to protobuf's own work: those of the targets.
+_LARGE_SIZES = (('10 MiB', 10 * _M), ('100 MiB', 100 * _M))
+#: Ratios for reference beside the targets, in the same run on the same
+#: machine: what a minimal Python ttrpc (:mod:`bench.minimal_ttrpc`), a
+#: client or server of no features, reaches; and protobuf's own work for an
+#: echo (:mod:`bench.protobuf_alone`), which the transparent path cannot go
+#: below. (what, part, payload, transport, reference, what is compared)
 REFERENCES: tuple[tuple[str, str, int, str, str, str], ...] = (
     ('minimal Python ttrpc client and server, 64 B, x the floor', 'small', 64, 'ttrpc-minimal', FLOOR,
      'p50'),
@@ -58,6 +61,10 @@ REFERENCES: tuple[tuple[str, str, int, str, str, str], ...] = (
      'zmq-req-rep', 'p50'),
     ("minimal Python ttrpc client and server, 64 B, CPU per call (both sides) x pyzmq's", 'small', 64,
      'ttrpc-minimal', 'zmq-req-rep', 'cpu'),
+    *((f"protobuf's own work for an echo, {label}, x the floor", 'large', size, 'protobuf-alone', FLOOR,
+       'p50') for label, size in _LARGE_SIZES),
+    *((f"transparent shared memory, {label}, x protobuf's own work (what the rest adds)", 'large', size,
+       'ipc-sync-shm', 'protobuf-alone', 'p50') for label, size in _LARGE_SIZES),
 )
 
 def _value(row: dict[str, Any], measure: str) -> float:
@@ -134,7 +141,8 @@ def _reference_lines(results: dict[str, Any]) -> list[str]:
     return [f"{entry['reference']}: {entry['ratio']:.2f}×" for entry in results.get('peer_references', [])]
 
 
-_REFERENCES_TITLE = 'For reference, a minimal Python ttrpc (bench/minimal_ttrpc.py: no features), this run:'
+_REFERENCES_TITLE = ('For reference, a minimal Python ttrpc (bench/minimal_ttrpc.py: no features) and '
+                     'protobuf alone (bench/protobuf_alone.py), this run:')
 
 
 def print_peers(results: dict[str, Any], table: Any, out: TextIO) -> None:

@@ -176,6 +176,8 @@ def _start_servers(servers: Servers, workdir: Path, needed: set[str], pin: bool)
         servers.start('socket-stream', 'socket-stream', str(sockets / 'stream.sock'), pin=pin)
     if 'ttrpc-minimal' in needed:
         servers.start('ttrpc-minimal', 'ttrpc-minimal', str(sockets / 'ttrpc-minimal.sock'), pin=pin)
+    if 'protobuf-alone' in needed:
+        servers.start('protobuf-alone', 'protobuf-alone', str(sockets / 'protobuf-alone.sock'), pin=pin)
     if 'grpc' in needed:
         servers.start('grpc', 'grpc', str(sockets / 'grpc.sock'), pin=pin)
     if 'ipc' in needed:
@@ -199,6 +201,7 @@ def _start_servers(servers: Servers, workdir: Path, needed: set[str], pin: bool)
         'ipc': ready.get('ipc', {}).get('path'),
         'socket-stream': ready.get('socket-stream', {}).get('path'),
         'ttrpc-minimal': ready.get('ttrpc-minimal', {}).get('path'),
+        'protobuf-alone': ready.get('protobuf-alone', {}).get('path'),
         **{name: ready.get(name, {}).get('path') for name in [*OVERHEAD_SERVERS, *BUSY_POLL_SERVERS]},
         'ros': ROS_SERVICE,
         # iceoryx2: {service, root, prefix, mode}; the others: their path.

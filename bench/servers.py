@@ -5,6 +5,7 @@ Each runs as its own process::
     python -m bench.servers socket PATH
     python -m bench.servers socket-stream PATH
     python -m bench.servers ttrpc-minimal PATH   # bench.minimal_ttrpc: the protocol's Python floor
+    python -m bench.servers protobuf-alone PATH  # bench.protobuf_alone: protobuf's own work for an echo
     python -m bench.servers grpc PATH          # also listens on 127.0.0.1:<free port>
     python -m bench.servers ipc PATH [JSON IPCServer options, busy_poll, keep_freed_memory]
     python -m bench.servers rclpy SERVICE_NAME
@@ -279,8 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     from .peer_servers import PEER_SERVERS
 
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] not in ('socket', 'socket-stream', 'ttrpc-minimal', 'grpc', 'ipc', 'rclpy',
-                                   *PEER_SERVERS) \
+    if not args or args[0] not in ('socket', 'socket-stream', 'ttrpc-minimal', 'protobuf-alone', 'grpc',
+                                   'ipc', 'rclpy', *PEER_SERVERS) \
             or len(args) < 2:
         sys.exit(__doc__)
     kind, where = args[0], args[1]
@@ -289,12 +290,17 @@ def main(argv: list[str] | None = None) -> None:
         if len(args) != 1 + count:
             sys.exit(f'{kind} takes {count} arguments, not {len(args) - 1}')
         serve(*args[1:])
-    elif kind in ('socket', 'socket-stream', 'ttrpc-minimal'):
-        from .minimal_ttrpc import serve_connection
+    elif kind in ('socket', 'socket-stream', 'ttrpc-minimal', 'protobuf-alone'):
+        from . import minimal_ttrpc, protobuf_alone
 
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         if kind == 'ttrpc-minimal':
-            _serve_threads(where, serve_connection)
+            _serve_threads(where, minimal_ttrpc.serve_connection)
+        elif kind == 'protobuf-alone':
+            from vyra_base_ipc import keep_freed_memory
+
+            keep_freed_memory()  # (see bench.protobuf_alone: the fairest case)
+            _serve_threads(where, protobuf_alone.serve_connection)
         else:
             (serve_socket if kind == 'socket' else serve_socket_stream)(where)
     elif kind == 'grpc':

@@ -206,7 +206,7 @@ PEER_SMALL = {'socket-uds': None, 'ipc-sync-ttrpc': None, 'ipc-aio-ttrpc': None,
 PEER_LARGE = {'socket-uds': None, 'ipc-sync-shm': None, 'ipc-sync-shared-buffer': None,
               'ipc-sync-shared-buffer-copy': None,
               'zmq-zero-copy': 'zmq', 'iceoryx2-slice': 'iceoryx2', 'zenoh-bytes': 'zenoh',
-              'zenoh-shm': 'zenoh'}
+              'zenoh-shm': 'zenoh', 'protobuf-alone': None}
 
 
 def _installed(module: str | None) -> bool:

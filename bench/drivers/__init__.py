@@ -42,6 +42,7 @@ DRIVERS: dict[str, tuple[str, str]] = {
     'zenoh': ('zenoh_get', 'ZenohDriver'),
     'ttrpc-minimal': ('ttrpc_minimal', 'MinimalTtrpcDriver'),
     'ttrpc-minimal-aio': ('ttrpc_minimal', 'MinimalTtrpcAioDriver'),
+    'protobuf-alone': ('protobuf_alone', 'ProtobufAloneDriver'),
 }
 
 
