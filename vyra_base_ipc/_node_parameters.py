@@ -119,7 +119,8 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         'MiB of freed memory this process keeps for reuse instead of giving it back to the '
         'kernel, with large blocks served from the heap (vyra_base_ipc.keep_freed_memory; '
         "glibc's mallopt, as ROS 2's real-time guide does): large messages then stop paying "
-        'page faults for fresh memory on every call (0 to 2047; 0: leave malloc as it is).'),
+        'page faults for fresh memory on every call (0 to 2047; 0: leave malloc as it is; '
+        'ipc_server gives its threads one malloc arena either way).'),
     ParameterSpec(
         'servicers', Parameter.Type.STRING_ARRAY, [],
         'Extra gRPC servicers as package.module:ClassName, imported and created with no '
