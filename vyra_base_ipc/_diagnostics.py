@@ -23,6 +23,7 @@ and the p50/p99 latency of the last period, and the calls in flight.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Callable
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -121,25 +122,22 @@ class IPCDiagnostics:
                   'ttrpc_socket_path': str(server.ttrpc_socket_path or 'off')}
         warnings = []
         if stats is not None:
-            calls, errors, server_errors, counts = _since(stats, self._last)
-            refused = sum(lane.calls_refused for lane in stats.lanes) - (
-                sum(lane.calls_refused for lane in self._last.lanes) if self._last else 0)
-            elapsed = stats.uptime_seconds - (self._last.uptime_seconds if self._last else 0.0)
+            period = _Period.between(self._last, stats)
             self._last = stats
             for lane in stats.lanes:
                 values[f'{lane.lane} connections'] = str(lane.connections)
                 if lane.connections > CONNECTIONS_WARN * server.limits.max_connections:
                     warnings.append(f'{lane.lane} lane near max_connections')
-            values['calls/s'] = f'{calls / elapsed:.1f}' if elapsed > 0 else '0'
-            values['errors/s'] = f'{errors / elapsed:.1f}' if elapsed > 0 else '0'
-            values['refused/s'] = f'{refused / elapsed:.1f}' if elapsed > 0 else '0'
-            values['p50 ms'] = f'{quantile(counts, 0.5) * 1e3:.3f}'
-            values['p99 ms'] = f'{quantile(counts, 0.99) * 1e3:.3f}'
+            values['calls/s'] = period.per_second(period.calls)
+            values['errors/s'] = period.per_second(period.errors)
+            values['refused/s'] = period.per_second(period.refused)
+            values['p50 ms'] = f'{quantile(period.latency_counts, 0.5) * 1e3:.3f}'
+            values['p99 ms'] = f'{quantile(period.latency_counts, 0.99) * 1e3:.3f}'
             values['in flight'] = str(sum(method.in_flight for method in stats.methods))
-            if calls and server_errors > ERROR_RATE_WARN * calls:
-                warnings.append(f'{server_errors} of {calls} calls failed in the server')
-            if refused:
-                warnings.append(f'{refused} calls refused at maximum_concurrent_rpcs or '
+            if period.calls and period.server_errors > ERROR_RATE_WARN * period.calls:
+                warnings.append(f'{period.server_errors} of {period.calls} calls failed in the server')
+            if period.refused:
+                warnings.append(f'{period.refused} calls refused at maximum_concurrent_rpcs or '
                                 'max_concurrent_streams')
         busy, threads = server.handler_threads
         values['handler threads busy'] = f'{busy}/{threads}'
@@ -151,21 +149,42 @@ class IPCDiagnostics:
         return status
 
 
-def _since(stats: Stats, last: Stats | None) -> tuple[int, int, int, list[int]]:
-    """Calls, calls that ended with any error, those that ended with a
-    server error (:data:`SERVER_ERRORS`), and latency bucket counts of
-    ``stats`` beyond ``last``."""
-    before = {(method.method, method.lane): method for method in last.methods} if last else {}
-    calls = errors = server_errors = 0
-    counts = [0] * (len(LATENCY_BOUNDS) + 1)
-    for method in stats.methods:
-        previous = before.get((method.method, method.lane))
-        calls += method.calls - (previous.calls if previous else 0)
-        for name, count in method.errors.items():
-            count -= previous.errors.get(name, 0) if previous else 0
-            errors += count
-            if name in SERVER_ERRORS:
-                server_errors += count
-        for index, count in enumerate(method.latency_counts):
-            counts[index] += count - (previous.latency_counts[index] if previous else 0)
-    return calls, errors, server_errors, counts
+@dataclasses.dataclass(frozen=True)
+class _Period:
+    """What the server's counters say of the time between two :class:`Stats`."""
+
+    seconds: float
+    calls: int
+    #: Calls that ended with any error.
+    errors: int
+    #: Calls that ended with a server error (:data:`SERVER_ERRORS`).
+    server_errors: int
+    #: Calls refused at the server's limits.
+    refused: int
+    #: Calls per latency bucket (:data:`~._metrics.LATENCY_BOUNDS`).
+    latency_counts: list[int]
+
+    @classmethod
+    def between(cls, last: Stats | None, stats: Stats) -> _Period:
+        """The period from ``last`` (``None``: the server's start) to ``stats``."""
+        before = {(method.method, method.lane): method for method in last.methods} if last else {}
+        calls = errors = server_errors = 0
+        counts = [0] * (len(LATENCY_BOUNDS) + 1)
+        for method in stats.methods:
+            previous = before.get((method.method, method.lane))
+            calls += method.calls - (previous.calls if previous else 0)
+            for name, count in method.errors.items():
+                count -= previous.errors.get(name, 0) if previous else 0
+                errors += count
+                if name in SERVER_ERRORS:
+                    server_errors += count
+            for index, count in enumerate(method.latency_counts):
+                counts[index] += count - (previous.latency_counts[index] if previous else 0)
+        refused = sum(lane.calls_refused for lane in stats.lanes) - (
+            sum(lane.calls_refused for lane in last.lanes) if last else 0)
+        seconds = stats.uptime_seconds - (last.uptime_seconds if last else 0.0)
+        return cls(seconds, calls, errors, server_errors, refused, counts)
+
+    def per_second(self, count: int) -> str:
+        """``count`` over the period, per second, as /diagnostics shows it."""
+        return f'{count / self.seconds:.1f}' if self.seconds > 0 else '0'
