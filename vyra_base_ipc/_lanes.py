@@ -77,6 +77,10 @@ _METADATA_TOO_LARGE = 'received metadata size exceeds'
 # ...and of a channel this process closed (disconnect()) under a call, or
 # before it ('Channel closed!', 'Cannot invoke RPC on closed channel!').
 _CLOSED = re.compile(r'[Cc]hannel closed|closed channel')
+#: grpc core's whole details of a call its server cancelled as it shut down,
+#: having taken it in but not yet to a handler (a plain grpc.aio server does
+#: it too; a call a handler ran ends "Cancelling all calls" at the grace's end).
+_CANCELLED_AT_SHUTDOWN = 'CANCELLED'
 
 
 class ServerCameUp(IPCUnavailableError):
@@ -196,6 +200,12 @@ class _GrpcLaneBase:
                 return unreachable
         elif code is grpc.StatusCode.CANCELLED and _CLOSED.search(details):
             return closed(self._path).for_method(method.path)
+        elif code is grpc.StatusCode.CANCELLED and details == _CANCELLED_AT_SHUTDOWN and self._pin.replaced():
+            # Its server withdrew its socket file as it shut down: UNAVAILABLE,
+            # as the fast lane refuses such a call (not retried unless idempotent).
+            return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE,
+                                       f'the server on {self._path!r} shut down as the call came in '
+                                       '(grpc core cancelled it)', method=method.path)
         elif code is grpc.StatusCode.INTERNAL and details == SEND_FAILED:
             # (a write failed and no status of the server's came: see AioRequestSender)
             get_state = getattr(self._channel, 'get_state', None)

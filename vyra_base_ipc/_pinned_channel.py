@@ -86,6 +86,18 @@ class PinnedSocket:
             os.close(fd)
         return True
 
+    def replaced(self) -> bool:
+        """Whether the socket file the descriptor was pinned to is no longer
+        at its path (removed, or another file there now); without a pinned
+        descriptor, whether no file is there."""
+        try:
+            found = os.stat(self.path)
+        except OSError:
+            return True
+        with self._lock:
+            pinned = self._pinned
+        return False if pinned is None else (found.st_dev, found.st_ino) != pinned
+
     def listening(self) -> bool:
         """Whether a server listens on the pinned socket (a socket file left
         by a server that died never listens again: a call that waits for
