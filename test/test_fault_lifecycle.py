@@ -357,6 +357,49 @@ def test_server_down_ten_seconds_is_reachable_within_one_second_of_its_restart(
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize('face', ['async', 'sync'])
+def test_a_client_that_waited_for_its_server_takes_the_fast_lane_once_it_is_up(
+        start_fault_server: StartFaultServer, socket_path: Path, tmp_path: Path, echo, face: str) -> None:
+    """A client started with its server (``ros2 launch``) waits for it on the
+    gRPC lane, the fast lane tried once. Before: its calls then stayed on the
+    gRPC lane until a second after that try, though the server publishes its
+    gRPC socket last, once both lanes are up."""
+    gate = tmp_path / 'go'
+    start_fault_server(socket_path, '--start-gate', str(gate), wait=False)
+    wait_for(lambda: any(tmp_path.glob('go.*.waiting')), 60, 'the server to wait at its start gate')
+    request = echo.pb.EchoRequest(text='first')
+
+    def fast_lane_tried(client: IPCHandler | SyncIPCHandler) -> bool:
+        return client._choice._fast_retry_at > 0  # (it found no fast lane and took the gRPC lane's wait)
+
+    if face == 'sync':
+        client = SyncIPCHandler(socket_path, echo.Stub, timeout=LONG, wait_for_ready=True)
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                connected = pool.submit(client.connect)
+                wait_for(lambda: fast_lane_tried(client), LONG, 'the fast lane to be tried')
+                gate.touch()
+                connected.result(LONG)
+            assert client.call_method('Echo', request).text == 'first'
+            assert client.lane_in_use == 'ttrpc'
+        finally:
+            client.disconnect()
+        return
+
+    async def scenario() -> None:
+        client = IPCHandler(socket_path, echo.Stub, timeout=LONG, wait_for_ready=True)
+        try:
+            connected = asyncio.ensure_future(client.connect())
+            await until(lambda: fast_lane_tried(client), LONG, 'the fast lane to be tried')
+            gate.touch()
+            await connected
+            assert (await client.call_method('Echo', request)).text == 'first'
+            assert client.lane_in_use == 'ttrpc'
+        finally:
+            await client.disconnect()
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize('first', ['call', 'stream'])
 @pytest.mark.parametrize('lane', ['auto', *LANES])
 def test_a_server_restarted_while_its_clients_idle_answers_their_next_call(

@@ -437,10 +437,15 @@ class ClientBase:
     def _idle_timeout(idle_timeout: float | None) -> float | None:
         return None if idle_timeout is None else validate_timeout(idle_timeout, 'idle_timeout')
 
-    def _waited_grpc_lane(self) -> Any:
+    def _waited_grpc_lane(self, retry: Retry) -> Any:
         """The gRPC lane for a call that waits for its server, once its socket
-        file is there (waited for as :meth:`_socket_retry` says)."""
-        return self._choice.took('grpc', self._grpc_lane(True).there())
+        file is there (waited for as ``retry``, :meth:`_socket_retry`, says);
+        a server that came up meanwhile is called on the fast lane from the
+        next call on."""
+        lane = self._grpc_lane(True).there()
+        if retry.attempts:
+            self._choice.server_came_up()
+        return self._choice.took('grpc', lane)
 
     def _socket_retry(self, deadline: Deadline | None) -> Retry:
         """How a call that waits for its server waits for the gRPC socket

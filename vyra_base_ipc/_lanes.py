@@ -131,6 +131,12 @@ class LaneChoice:
             _logger.warning('%s; using the gRPC lane', error.details)
         self._fast_retry_at = time.monotonic() + FAST_LANE_RETRY_INTERVAL
 
+    def server_came_up(self) -> None:
+        """A call that waited on the gRPC lane saw its server come up: try the
+        fast lane at once again (IPCServer publishes its gRPC socket last,
+        once both lanes are up)."""
+        self._fast_retry_at = 0.0
+
     def took(self, lane: str, connection: _T) -> _T:
         """Record that a call takes ``lane`` (``connection``)."""
         self.in_use = lane

@@ -256,7 +256,8 @@ class SyncIPCHandler(ClientBase):
             except IPCUnavailableError as error:
                 self._choice.fast_unavailable(error)
         if wait:
-            return retrying_sync(self._waited_grpc_lane, self._socket_retry(deadline), NO_LOCK)
+            retry = self._socket_retry(deadline)
+            return retrying_sync(lambda: self._waited_grpc_lane(retry), retry, NO_LOCK)
         return self._choice.took('grpc', self._grpc_lane(wait))
 
     def _here(self) -> None:

@@ -35,6 +35,7 @@ from ._client_base import (
     SERVER_INFO_REQUEST,
     ClientBase,
     Default,
+    Retry,
     ServerContext,
     retrying,
 )
@@ -359,11 +360,12 @@ class IPCHandler(ClientBase):
             except IPCUnavailableError as error:
                 self._choice.fast_unavailable(error)
         if fast is None and wait:
-            return await retrying(self._waited, self._socket_retry(deadline), NO_LOCK)
+            retry = self._socket_retry(deadline)
+            return await retrying(lambda: self._waited(retry), retry, NO_LOCK)
         return fast or self._choice.took('grpc', self._grpc_lane(wait))
 
-    async def _waited(self) -> GrpcLane:
-        return self._waited_grpc_lane()
+    async def _waited(self, retry: Retry) -> GrpcLane:
+        return self._waited_grpc_lane(retry)
 
     def _here(self) -> None:
         """Make this handler's connections those of the running loop."""
