@@ -94,7 +94,8 @@ class ServerCameUp(IPCUnavailableError):
 class LaneChoice:
     """Which lane a client's calls take: the fast lane when ``lane`` is
     ``'ttrpc'``, or ``'auto'`` and its socket answered (or was last tried
-    more than a second ago); gRPC otherwise.
+    more than a second ago, or a call that waited saw the server come up
+    since); gRPC otherwise.
 
     :param lane: one of :data:`LANES`.
     :raises ValueError: ``lane`` is not one of them.
