@@ -43,7 +43,7 @@ from typing import Any
 
 from ._libc import function
 
-__all__ = ['DEFAULT_KEEP_FREED_MEMORY', 'keep_freed_memory']
+__all__ = ['DEFAULT_KEEP_FREED_MEMORY', 'keep_freed_memory', 'one_malloc_arena']
 
 #: Bytes of freed memory kept by default: a few 100 MiB messages' worth.
 DEFAULT_KEEP_FREED_MEMORY = 1 << 30
@@ -88,3 +88,18 @@ def keep_freed_memory(limit: int = DEFAULT_KEEP_FREED_MEMORY) -> bool:
         if mallopt(option, value) != 1:
             raise OSError(f'glibc refused mallopt({name}, {value})')
     return True
+
+
+def one_malloc_arena() -> bool:
+    """Make the threads started from now on allocate from glibc's main arena
+    (``M_ARENA_MAX`` 1, as :func:`keep_freed_memory` sets it, see the module
+    docstring); ``False`` where the C library is not glibc (nothing is
+    changed there).
+
+    For a process that applies :func:`keep_freed_memory` only once threads
+    run: ``ipc_server`` calls it first thing, before importing rclpy, which
+    starts threads.
+    """
+    if platform.libc_ver()[0] != 'glibc':
+        return False
+    return bool(_mallopt()(_M_ARENA_MAX, 1) == 1)

@@ -9,42 +9,21 @@ one that arrives while the rest still imports ends ``ipc_server`` quietly
 with status 0, as it does once the server runs. Only the interpreter's own
 start-up, before this runs, is left to Python's default handlers.
 
-It also gives the process one malloc arena before those imports start
-threads (:func:`one_malloc_arena`).
+Then, before rclpy's import starts threads, it gives the process one malloc
+arena (:func:`vyra_base_ipc._allocator.one_malloc_arena`), so that the
+node's ``keep_freed_memory_mb`` covers its event loop, which runs in a
+thread of its own (importing :mod:`vyra_base_ipc` itself starts none).
 """
 
 from __future__ import annotations
 
-import ctypes
 import signal
 from typing import Sequence
 
-__all__ = ['STOP_SIGNALS', 'main', 'one_malloc_arena']
+__all__ = ['STOP_SIGNALS', 'main']
 
 #: The signals that stop ``ipc_server``.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-#: <malloc.h>
-_M_ARENA_MAX = -8
-
-
-def one_malloc_arena() -> bool:
-    """Make every thread started from now on allocate from glibc's main
-    arena (``mallopt(M_ARENA_MAX, 1)``); ``False`` where the C library has no
-    such setting (nothing changes there).
-
-    So that the node's ``keep_freed_memory_mb`` covers its event loop, which
-    runs in a thread of its own: glibc gives other threads arenas of their
-    own, heaps of at most 64 MiB, and a larger block made in one (a 100 MiB
-    message) is a new mapping whose pages fault in anew on every call. A
-    thread that already has an arena keeps it, and later ones may be handed
-    it, so this comes first: importing rclpy starts threads.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(_M_ARENA_MAX, 1) == 1)
 
 
 def main(args: Sequence[str] | None = None) -> int:
@@ -58,6 +37,8 @@ def main(args: Sequence[str] | None = None) -> int:
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, note)
+    from vyra_base_ipc._allocator import one_malloc_arena
+
     one_malloc_arena()
     from vyra_base_ipc import node
 
