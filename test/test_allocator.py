@@ -16,13 +16,15 @@ import pytest
 
 from vyra_base_ipc import DEFAULT_KEEP_FREED_MEMORY, keep_freed_memory
 
-#: Allocates, writes and frees a large block ten times, before and after
-#: keep_freed_memory(limit); prints the page faults of each round.
+#: Allocates, writes and frees a block of SIZE bytes ten times, before and
+#: after keep_freed_memory(LIMIT), the latter in the main thread or in a
+#: thread started after it (WHERE); prints the page faults of each round.
 CHILD = """
-import json, resource, sys
+import json, resource, sys, threading
 from vyra_base_ipc import keep_freed_memory
 
-SIZE = 32 << 20
+LIMIT, SIZE, WHERE = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+counted = {}
 
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -32,19 +34,32 @@ def faults():
         del block
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-before = faults()
-applied = keep_freed_memory(int(sys.argv[1]))
-faults()  # the heap grows once
-print(json.dumps({'applied': applied, 'before': before, 'after': faults()}))
+def kept():
+    faults()  # the heap grows once
+    counted['after'] = faults()
+
+counted['before'] = faults()
+counted['applied'] = keep_freed_memory(LIMIT)
+if WHERE == 'thread':
+    thread = threading.Thread(target=kept)
+    thread.start()
+    thread.join()
+else:
+    kept()
+print(json.dumps(counted))
 """
 
-#: Faults of one round when every block is fresh memory: 10 blocks of 8,192 pages.
-FRESH_ROUND = 10 * (32 << 20) // 4096
+#: The block of the main thread's rounds, and the faults of one round when
+#: every block is fresh memory: 10 blocks of 8,192 pages.
+SIZE = 32 << 20
+FRESH_ROUND = 10 * SIZE // 4096
+#: A block larger than the 64 MiB heap of a thread's own arena.
+ABOVE_ARENA_HEAP = 96 << 20
 
 
-def faults_in_child(limit: int) -> dict[str, int]:
-    done = subprocess.run([sys.executable, '-c', CHILD, str(limit)], capture_output=True, text=True,
-                          timeout=120, check=True)
+def faults_in_child(limit: int, size: int = SIZE, where: str = 'main') -> dict[str, int]:
+    done = subprocess.run([sys.executable, '-c', CHILD, str(limit), str(size), where], capture_output=True,
+                          text=True, timeout=120, check=True)
     return json.loads(done.stdout)
 
 
@@ -69,40 +84,9 @@ def test_unusable_limit_is_refused_naming_it(limit: object, error: type[Exceptio
         keep_freed_memory(limit)  # type: ignore[arg-type]
 
 
-
-#: As CHILD, in a thread started after keep_freed_memory(), with blocks
-#: larger than the 64 MiB heap of a thread's own arena.
-THREAD_CHILD = """
-import json, resource, threading
-from vyra_base_ipc import keep_freed_memory
-
-SIZE = 96 << 20
-applied = keep_freed_memory()
-counted = {}
-
-def rounds():
-    def faults():
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(10):
-            block = bytearray(SIZE)
-            block[::4096] = b'x' * (SIZE // 4096)
-            del block
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    faults()  # the heap grows once
-    counted['after'] = faults()
-
-thread = threading.Thread(target=rounds)
-thread.start()
-thread.join()
-print(json.dumps({'applied': applied, **counted}))
-"""
-
-
 def test_threads_started_after_it_reuse_freed_memory_of_blocks_above_an_arena_heap() -> None:
     """A 100 MiB message read in a ``def`` handler's thread or an rclpy
     executor's reuses freed memory too, not only one in the main thread."""
-    done = subprocess.run([sys.executable, '-c', THREAD_CHILD], capture_output=True, text=True,
-                          timeout=120, check=True)
-    faults = json.loads(done.stdout)
+    faults = faults_in_child(DEFAULT_KEEP_FREED_MEMORY, ABOVE_ARENA_HEAP, 'thread')
     assert faults['applied'] is True
-    assert faults['after'] < 10 * (96 << 20) // 4096 // 20, faults
+    assert faults['after'] < 10 * ABOVE_ARENA_HEAP // 4096 // 20, faults
