@@ -125,10 +125,16 @@ def socket_path(socket_dir: Path) -> Path:
     return socket_dir / 'test_ipc.sock'
 
 
+def with_test_servers(env: dict[str, str], test_protos_dir: Path) -> dict[str, str]:
+    """``env`` with the test protos and test/servers importable: the servers'
+    own modules, and the servicers an ipc_server loads by its ``servicers``
+    parameter."""
+    return {**env, 'PYTHONPATH': os.pathsep.join(filter(None, [str(test_protos_dir), str(SERVERS),
+                                                                env.get('PYTHONPATH')]))}
+
+
 def _child_env(test_protos_dir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(test_protos_dir), str(SERVERS),
-                                                      env.get('PYTHONPATH')]))
+    env = with_test_servers(dict(os.environ), test_protos_dir)
     # A crash (SIGSEGV in native code) leaves every thread's Python stack in the log.
     env['PYTHONFAULTHANDLER'] = '1'
     return env

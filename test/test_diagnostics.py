@@ -4,7 +4,6 @@ a real module node that hosts its server, read by a real subscriber."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 import signal
 import sys
@@ -17,7 +16,7 @@ import pytest
 from rclpy.context import Context
 from rclpy.node import Node
 
-from conftest import SERVERS, ChildProcess, wait_for
+from conftest import SERVERS, ChildProcess, wait_for, with_test_servers
 from ros_env import IPC_SERVER
 from vyra_base_ipc import IPCError, IPCRemoteError, SyncIPCHandler
 from vyra_base_ipc import backend_service_pb2 as backend_pb
@@ -164,8 +163,7 @@ def test_calls_refused_at_maximum_concurrent_rpcs_turn_the_status_to_warn(
     """A server shedding load says so: before, its refusals were counted
     nowhere, and the status stayed OK "serving" with fewer calls/s."""
     socket_path = socket_dir / 'arm_ipc.sock'
-    env = {**ros_environ, 'PYTHONPATH': os.pathsep.join(
-        filter(None, [str(test_protos_dir), str(SERVERS), ros_environ.get('PYTHONPATH')]))}
+    env = with_test_servers(ros_environ, test_protos_dir)
     server = start_process([*IPC_SERVER, '--ros-args', '-p', 'module_name:=arm', '-p', f'socket_path:={socket_path}',
                             '-p', 'diagnostics_period:=0.2', '-p', 'maximum_concurrent_rpcs:=1',
                             '-p', 'grace_period:=0.5', '-p', "servicers:=['slow_servicer:SlowEchoService']"], env)
@@ -227,8 +225,7 @@ def test_ipc_server_whose_event_loop_ended_says_error_not_ok(
     """Found: a server whose loop ended still counted as serving: the status
     published as ipc_server exited was OK "serving"."""
     socket_path = socket_dir / 'arm_ipc.sock'
-    env = {**ros_environ, 'PYTHONPATH': os.pathsep.join(
-        filter(None, [str(test_protos_dir), str(SERVERS), ros_environ.get('PYTHONPATH')]))}
+    env = with_test_servers(ros_environ, test_protos_dir)
     server = start_process([*IPC_SERVER, '--ros-args', '-p', 'module_name:=arm', '-p', f'socket_path:={socket_path}',
                             '-p', 'diagnostics_period:=0.2', '-p', "servicers:=['exiting_server:LoopEnder']"], env)
     server.wait_listening(socket_path)
@@ -250,8 +247,7 @@ def test_a_hosting_node_whose_server_loop_ended_removes_its_socket_files_at_once
     ends; its socket files stayed (clients found a socket nobody answered)
     until the node closed its host."""
     socket_path = socket_dir / 'arm_ipc.sock'
-    env = {**ros_environ, 'PYTHONPATH': os.pathsep.join(
-        filter(None, [str(test_protos_dir), str(SERVERS), ros_environ.get('PYTHONPATH')]))}
+    env = with_test_servers(ros_environ, test_protos_dir)
     node = start_process([sys.executable, str(SERVERS / 'diagnostics_host.py'), '--ros-args',
                           '-p', 'module_name:=arm', '-p', f'socket_path:={socket_path}',
                           '-p', 'diagnostics_period:=0.2', '-p', "servicers:=['exiting_server:LoopEnder']"], env)

@@ -29,7 +29,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from std_srvs.srv import Trigger
 
-from conftest import SERVERS, STOP_SLACK, ChildProcess, wait_for
+from conftest import STOP_SLACK, ChildProcess, wait_for, with_test_servers
 from ros_env import IPC_SERVER
 from vyra_base_ipc import IPCError, IPCHandler, ModuleService, ServerLimits, SyncIPCHandler, command
 from vyra_base_ipc import module_service_pb2 as module_pb
@@ -141,12 +141,10 @@ async def test_namespaced_node_gets_wildcard_parameters(start_process, socket_di
 
 def slow_server(start_process: Callable[..., ChildProcess], ros_environ: dict[str, str],
                 test_protos_dir: Path, socket_path: Path, grace: float) -> ChildProcess:
-    env = dict(ros_environ)
-    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(test_protos_dir), str(SERVERS),
-                                                      env.get('PYTHONPATH')]))
     server = start_process(ros_args('module_name:=slow', f'socket_path:={socket_path}',
                                     f'grace_period:={grace!r}',
-                                    "servicers:=['slow_servicer:SlowEchoService']"), env=env)
+                                    "servicers:=['slow_servicer:SlowEchoService']"),
+                           env=with_test_servers(ros_environ, test_protos_dir))
     server.wait_listening(socket_path)
     return server
 
@@ -399,14 +397,11 @@ def test_ipc_server_node_reuses_freed_memory_for_messages_above_an_arena_heap(
     own: with freed memory kept (the default), a message larger than a thread
     arena's heap reuses the server's freed memory instead of faulting in
     fresh pages on every call. The kernel counts the faults; nothing is timed."""
-    env = dict(ros_environ)
-    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(test_protos_dir), str(SERVERS),
-                                                      env.get('PYTHONPATH')]))
     socket_path = socket_dir / 'large.sock'
     limit = 2 * ABOVE_ARENA_HEAP
     server = start_process(ros_args('module_name:=large', f'socket_path:={socket_path}',
                                     f'max_message_bytes:={limit}', "servicers:=['echo_server:EchoService']"),
-                           env=env)
+                           env=with_test_servers(ros_environ, test_protos_dir))
     server.wait_listening(socket_path)
     request = echo.pb.EchoRequest(payload=os.urandom(ABOVE_ARENA_HEAP))
     with SyncIPCHandler(socket_path, echo.Stub, timeout=60.0, max_message_bytes=limit) as ipc:
@@ -687,11 +682,9 @@ def end_the_event_loop_of_ipc_server(start_process, ros_environ, test_protos_dir
                                       *also_listening: Path) -> ChildProcess:
     """Start ipc_server serving exiting_server's LoopEnder, make its event loop
     end (an escaped SystemExit(4)) and wait until the process exited."""
-    env = dict(ros_environ)
-    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(test_protos_dir), str(SERVERS),
-                                                      env.get('PYTHONPATH')]))
     server = start_process(ros_args('module_name:=ender', f'socket_path:={socket_path}',
-                                    "servicers:=['exiting_server:LoopEnder']"), env=env)
+                                    "servicers:=['exiting_server:LoopEnder']"),
+                           env=with_test_servers(ros_environ, test_protos_dir))
     server.wait_listening(socket_path, *also_listening)
     with SyncIPCHandler(socket_path, module_grpc.ModuleServiceStub, timeout=10) as client:
         answer = client.call_method('ExecuteCommand', module_pb.CommandRequest(command='end_loop'))

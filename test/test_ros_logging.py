@@ -19,7 +19,7 @@ from rclpy.context import Context
 from rclpy.node import Node
 from rclpy.qos import qos_profile_rosout_default
 
-from conftest import SERVERS, ChildProcess, wait_for
+from conftest import SERVERS, ChildProcess, wait_for, with_test_servers
 from ros_env import IPC_SERVER
 from vyra_base_ipc import IPCRemoteError, SyncIPCHandler
 from vyra_base_ipc._ros_logging import HeldRecords
@@ -156,8 +156,7 @@ def test_a_node_run_by_run_node_logs_on_rosout_under_its_own_name(
         start_process: Callable[..., ChildProcess], rosout: Rosout, socket_dir: Path,
         ros_environ: dict[str, str], test_protos_dir: Path, echo: Any) -> None:
     socket_path = socket_dir / 'arm_ipc.sock'
-    env = {**ros_environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(test_protos_dir), str(SERVERS),
-                                                                       ros_environ.get('PYTHONPATH')]))}
+    env = with_test_servers(ros_environ, test_protos_dir)
     node = start_process([sys.executable, '-c', HOSTING_NODE, '--ros-args', '-p', f'socket_path:={socket_path}'],
                          env)
     # The module's own Python logging, once it spins (run_node forwards from then on)...
