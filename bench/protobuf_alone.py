@@ -51,7 +51,7 @@ def echo_steps(blob_type: Any, request: Any) -> bytes:
     serialize again, parse, read ``data``."""
     received = blob_type.FromString(memoryview(request.SerializeToString()))
     answer = blob_type.FromString(memoryview(received.SerializeToString()))
-    return bytes(answer.data)
+    return answer.data
 
 
 def serve_connection(conn: socket.socket) -> None:
