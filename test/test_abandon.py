@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from concurrent import futures
 import contextlib
+import errno
 import os
 from pathlib import Path
 import shutil
@@ -374,3 +375,38 @@ def test_end_connections_asks_no_file_system_about_the_descriptors_it_passes_ove
     result = subprocess.run(['unshare', '-m', sys.executable, '-c', HUNG_FUSE, str(socket_dir / 'lane.sock')],
                             capture_output=True, text=True, timeout=LONG)
     assert (result.returncode, result.stdout) == (0, 'ended 1\n'), result.stderr
+
+
+#: A process with a connection accepted from a listener at argv[1] that uses
+#: up its open-file limit, then ends the connection with end_connections()
+#: and prints how many it ended.
+AT_THE_FILE_LIMIT = """
+import logging, os, resource, socket, sys
+from vyra_base_ipc._grpc_sockets import end_connections
+logging.basicConfig(format='%(levelname)s %(message)s')
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(sys.argv[1])
+listener.listen()
+peer = socket.socket(socket.AF_UNIX)
+peer.connect(sys.argv[1])
+accepted, _ = listener.accept()
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+spare = []
+try:
+    while True:
+        spare.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+print('ended', end_connections(sys.argv[1]))
+"""
+
+
+def test_end_connections_at_the_open_file_limit_says_so_once(socket_dir: Path) -> None:
+    # Found: the listener's scan and the connections' each logged that the
+    # descriptors could not be inspected: two warnings for one failure.
+    result = subprocess.run([sys.executable, '-c', AT_THE_FILE_LIMIT, str(socket_dir / 'lane.sock')],
+                            capture_output=True, text=True, timeout=LONG)
+    assert (result.returncode, result.stdout) == (0, 'ended 0\n'), result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith('WARNING')]
+    assert len(warnings) == 1, result.stderr
+    assert 'lane.sock' in warnings[0] and os.strerror(errno.EMFILE) in warnings[0], warnings

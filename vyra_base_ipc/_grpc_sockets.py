@@ -73,7 +73,7 @@ def end_connections(bound_path: Path) -> int:
         for connection in _sockets_at(path, listening=False):
             connection.shutdown(socket.SHUT_RDWR)
             ended += 1
-    except OSError as error:  # (none seen: Linux shuts a Unix socket down again, or one whose peer left)
+    except OSError as error:  # EMFILE from _sockets_at() (shutdown() fails on none: seen on Linux)
         _logger.warning("could not end the gRPC lane's connections (of %s): %s; a call in flight on one "
                         'may wait for its deadline', path, error.strerror or error)
     return ended
@@ -118,18 +118,18 @@ def _drain(listener: socket.socket) -> int:
 def _sockets_at(path: str, *, listening: bool) -> Iterator[socket.socket]:
     """Each Unix stream socket of this process bound at ``path`` (listening or
     not), as a socket object on a duplicate of its descriptor, closed when the
-    caller takes the next one. Stops with a warning if descriptors cannot be
-    duplicated (EMFILE: the process is at its open-file limit)."""
+    caller takes the next one.
+
+    :raises OSError: a descriptor cannot be duplicated (EMFILE: the process
+        is at its open-file limit).
+    """
     for fd in _socket_descriptors():
         try:
             duplicate = os.dup(fd)
         except OSError as error:
             if error.errno == errno.EBADF:  # closed since it was listed
                 continue
-            _logger.warning("could not inspect this process's descriptors for the gRPC lane's connections "
-                            '(of %s): %s; a call in flight on one may wait for its deadline', path,
-                            error.strerror)
-            return
+            raise
         # Family and type given, with SOCK_NONBLOCK: made from a descriptor
         # alone, under socket.setdefaulttimeout(), Python would set O_NONBLOCK
         # on it, which the duplicate shares with the original (another part of
