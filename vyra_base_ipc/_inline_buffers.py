@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from google.protobuf import message_factory
 
 from . import shared_memory_pb2
+from ._descriptors import is_repeated
 
 if TYPE_CHECKING:
     from ._shared_buffer import SharedBuffer
@@ -122,17 +123,11 @@ def _shape(field: Any) -> int:
         elif message_type.GetOptions().map_entry:
             shape = _SCALAR if message_type.fields_by_name['value'].message_type is None else _MAP
         else:
-            shape = _REPEATED if _is_repeated(field) else _SINGLE
+            shape = _REPEATED if is_repeated(field) else _SINGLE
         if len(_SHAPES) >= _SHAPES_MAX:
             _SHAPES.clear()  # (each is found again when next met)
         _SHAPES[field] = shape
     return shape
-
-
-def _is_repeated(field: Any) -> bool:
-    # protobuf 7 dropped FieldDescriptor.label for is_repeated.
-    repeated = getattr(field, 'is_repeated', None)
-    return bool(repeated) if repeated is not None else field.label == field.LABEL_REPEATED
 
 
 def _fill_inline(message: Any, by_handle: dict[int, SharedBuffer]) -> None:
