@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import platform
 from typing import Any
 
 from ._libc import function
 
-__all__ = ['DEFAULT_KEEP_FREED_MEMORY', 'keep_freed_memory', 'one_malloc_arena']
+__all__ = ['DEFAULT_KEEP_FREED_MEMORY', 'keep_freed_memory', 'keeps_freed_memory', 'one_malloc_arena']
 
 #: Bytes of freed memory kept by default: a few 100 MiB messages' worth.
 DEFAULT_KEEP_FREED_MEMORY = 1 << 30
@@ -53,6 +54,8 @@ _LIMIT = 2**31 - 1
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
+#: Whether :func:`keep_freed_memory` was applied in this process.
+_kept = False
 
 
 @functools.cache
@@ -87,7 +90,27 @@ def keep_freed_memory(limit: int = DEFAULT_KEEP_FREED_MEMORY) -> bool:
     for name, option, value in settings:
         if mallopt(option, value) != 1:
             raise OSError(f'glibc refused mallopt({name}, {value})')
+    global _kept
+    _kept = True
     return True
+
+
+def keeps_freed_memory() -> bool:
+    """Whether this process's malloc keeps freed memory for large blocks:
+    :func:`keep_freed_memory` was applied in it, or its environment set glibc
+    so from the start (``MALLOC_MMAP_MAX_=0`` and ``MALLOC_TRIM_THRESHOLD_``
+    of 32 MiB or more)."""
+    return _kept or _kept_by_environment()
+
+
+@functools.cache
+def _kept_by_environment() -> bool:
+    # (glibc read them once, as the process started: so is this.)
+    try:
+        trim = int(os.environ.get('MALLOC_TRIM_THRESHOLD_', '0'))
+    except ValueError:
+        return False
+    return os.environ.get('MALLOC_MMAP_MAX_') == '0' and trim >= 32 << 20
 
 
 def one_malloc_arena() -> bool:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 import grpc
 
 __all__ = [
+    'CheckedSerializer',
     'Method',
     'MethodKind',
     'ServiceRegistration',
@@ -128,29 +129,47 @@ def _import_service_file(code: Any) -> None:
 
 def _checked_answers(path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """``handler`` with a response serializer that refuses what is not the
-    method's response message (``handler`` as it is where its types are not
-    known): protobuf's ``SerializeToString`` of one generated class
-    serializes a message of any other, whose bytes the caller would then
-    read as the response (fields silently wrong or lost), and of ``None``
-    says only that a descriptor does not apply. The ``TypeError`` raised
-    names the method, what the handler answered and what it must answer;
-    both lanes fail the call UNKNOWN with it, as for any answer that does
-    not serialize."""
+    method's response message (:class:`CheckedSerializer`; ``handler`` as it
+    is where its types are not known)."""
     method = _method_descriptor(path, handler.request_deserializer)
     serialize = handler.response_serializer
     if method is None or serialize is None or getattr(serialize, '__name__', None) != 'SerializeToString':
         return handler  # (none, or a serializer of the add function's own: it says what it takes)
     expected = str(method.output_type.full_name)
-    streams = handler.response_streaming
-
-    def serialize_checked(response: Any) -> bytes:
-        if getattr(getattr(response, 'DESCRIPTOR', None), 'full_name', None) != expected:
-            raise TypeError(_wrong_answer(path, expected, response, streams))
-        return serialize(response)
-    kind = f'{"stream" if handler.request_streaming else "unary"}_{"stream" if streams else "unary"}'
+    checked = CheckedSerializer(path, expected, handler.response_streaming, serialize)
+    kind = f'{"stream" if handler.request_streaming else "unary"}_{"stream" if checked.streams else "unary"}'
     factory = getattr(grpc, f'{kind}_rpc_method_handler')
     return factory(getattr(handler, kind), request_deserializer=handler.request_deserializer,
-                   response_serializer=serialize_checked)
+                   response_serializer=checked)
+
+
+class CheckedSerializer:
+    """protobuf's ``SerializeToString`` for the response messages of one
+    method, refusing any other: it serializes a message of any class, whose
+    bytes the caller would then read as the response (fields silently wrong
+    or lost), and of ``None`` says only that a descriptor does not apply.
+    The ``TypeError`` raised names the method, what the handler answered and
+    what it must answer; both lanes fail the call UNKNOWN with it, as for any
+    answer that does not serialize."""
+
+    __slots__ = ('path', 'expected', 'streams', 'serialize')
+
+    def __init__(self, path: str, expected: str, streams: bool, serialize: Callable[[Any], bytes]) -> None:
+        self.path = path
+        #: The response message's full name.
+        self.expected = expected
+        self.streams = streams
+        #: protobuf's serializer, unchecked.
+        self.serialize = serialize
+
+    def check(self, response: Any) -> None:
+        """Raise ``TypeError`` unless ``response`` is the method's response message."""
+        if getattr(getattr(response, 'DESCRIPTOR', None), 'full_name', None) != self.expected:
+            raise TypeError(_wrong_answer(self.path, self.expected, response, self.streams))
+
+    def __call__(self, response: Any) -> bytes:
+        self.check(response)
+        return self.serialize(response)
 
 
 def stream_returned(path: str, value: Any) -> TypeError:

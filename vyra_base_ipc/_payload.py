@@ -45,6 +45,7 @@ __all__ = [
     'MAX_BUFFERS_PER_MESSAGE',
     'MAX_FDS_PER_MESSAGE',
     'MFD_FLAGS',
+    'Pieces',
     'POOL_SEALS',
     'SharedMemoryError',
     'SharedMemoryOptions',
@@ -53,11 +54,13 @@ __all__ = [
     'check_sealed',
     'is_allocated',
     'close_fds',
+    'copy_payload',
     'map_sealed',
     'read_only',
     'seal_bytes',
     'shared_memory_unavailable',
     'usable_options',
+    'write_payload',
 ]
 
 #: Messages larger than this many bytes travel in shared memory (fast lane,
@@ -178,13 +181,60 @@ def _probe() -> str | None:
     return None
 
 
+class Pieces:
+    """A serialized message as buffers that follow one another (``len()``
+    bytes in all), written where it goes without being joined first (see
+    :mod:`vyra_base_ipc.ttrpc._pieces`)."""
+
+    __slots__ = ('parts', 'size')
+
+    def __init__(self, parts: list[bytes], size: int) -> None:
+        self.parts = parts
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b''.join(self.parts)
+
+    def write_into(self, view: memoryview) -> None:
+        """Write the message at the start of ``view`` (``len()`` bytes or more)."""
+        offset = 0
+        for part in self.parts:
+            end = offset + len(part)
+            view[offset:end] = part
+            offset = end
+
+
+def copy_payload(view: memoryview, data: Any) -> None:
+    """Write ``data`` (any buffer, or :class:`Pieces`) at the start of ``view``."""
+    if isinstance(data, Pieces):
+        data.write_into(view)
+    else:
+        source = memoryview(data).cast('B')
+        view[:len(source)] = source
+
+
+def write_payload(fd: int, data: Any) -> None:
+    """Write ``data`` (any buffer, or :class:`Pieces`) whole to ``fd``.
+
+    :raises OSError: as ``os.write()``.
+    """
+    for part in data.parts if isinstance(data, Pieces) else (data,):
+        view = memoryview(part).cast('B')
+        written = 0
+        while written < len(view):
+            written += os.write(fd, view[written:])
+
+
 def seal_bytes(data: Any, name: str = 'vyra-ipc') -> int:
-    """Return a new memfd holding a copy of ``data`` (any buffer), sealed
-    against writes, shrinking and growing. The caller owns the descriptor.
+    """Return a new memfd holding a copy of ``data`` (any buffer, or
+    :class:`Pieces`), sealed against writes, shrinking and growing. The
+    caller owns the descriptor.
 
     :raises SharedMemoryError: the memfd cannot be created or filled.
     """
-    view = memoryview(data).cast('B')
     try:
         fd = os.memfd_create(name, MFD_FLAGS)
     except OSError as error:
@@ -192,15 +242,12 @@ def seal_bytes(data: Any, name: str = 'vyra-ipc') -> int:
     try:
         # write() fills the memfd's pages in the kernel: no mapping (which
         # would block the write seal) and no page faults in this process.
-        written = 0
-        size = len(view)
-        while written < size:
-            written += os.write(fd, view[written:])
+        write_payload(fd, data)
         fcntl.fcntl(fd, _F_ADD_SEALS, _SEALS)
     except OSError as error:
         os.close(fd)
-        raise SharedMemoryError(f'cannot fill {len(view)} bytes of shared memory: '
-                                f'{error.strerror}') from None
+        size = len(data) if isinstance(data, Pieces) else memoryview(data).nbytes
+        raise SharedMemoryError(f'cannot fill {size} bytes of shared memory: {error.strerror}') from None
     except BaseException:
         os.close(fd)
         raise

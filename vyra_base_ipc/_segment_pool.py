@@ -37,7 +37,15 @@ import time
 from typing import Any, Callable
 import weakref
 
-from ._payload import MFD_FLAGS, POOL_SEALS, UNTRACKED, SharedMemoryError, read_only
+from ._payload import (
+    MFD_FLAGS,
+    POOL_SEALS,
+    UNTRACKED,
+    SharedMemoryError,
+    copy_payload,
+    read_only,
+    write_payload,
+)
 from .exceptions import ForkedProcessError
 
 __all__ = ['DEFAULT_FREE_BYTES', 'DEFAULT_IDLE_SECONDS', 'DEFAULT_MAX_SEGMENTS', 'DEFAULT_POOL_BYTES',
@@ -224,8 +232,8 @@ def _held_type(capacity: int) -> Any:
 
 def new_segment(size: int, pool: 'SegmentPool | None' = None, fill: Any = None) -> Segment:
     """A segment of ``size_class(size)`` bytes, every page faulted in,
-    sealed; not in any pool's accounts. With ``fill`` (a buffer of ``size``
-    bytes) it starts with those bytes.
+    sealed; not in any pool's accounts. With ``fill`` (``size`` bytes: a
+    buffer, or ``Pieces``) it starts with those bytes.
 
     :raises SharedMemoryError: it cannot be made (no memory, no descriptors,
         a kernel before 5.1).
@@ -240,10 +248,7 @@ def new_segment(size: int, pool: 'SegmentPool | None' = None, fill: Any = None) 
             # write() lets the kernel allocate pages it fills whole without
             # zeroing them first: a quarter faster than faulting in zeroed
             # pages and copying over them.
-            view = memoryview(fill).cast('B')
-            written = 0
-            while written < len(view):
-                written += os.write(fd, view[written:])
+            write_payload(fd, fill)
         os.ftruncate(fd, capacity)
         # Writable and shared, populated: every page is allocated now, not
         # faulted in while a message is written.
@@ -339,8 +344,8 @@ class SegmentPool:
     def acquire(self, size: int, fill: Any = None) -> Segment | None:
         """A segment of at least ``size`` bytes with one user (the caller),
         free or new; ``None`` if the pool has no room for one (the caller
-        falls back to a new memfd). With ``fill`` (a buffer of ``size``
-        bytes), the segment holds those bytes (counted as written).
+        falls back to a new memfd). With ``fill`` (``size`` bytes: a buffer,
+        or ``Pieces``), the segment holds those bytes (counted as written).
 
         :raises SharedMemoryError: a new segment cannot be made.
         """
@@ -376,7 +381,7 @@ class SegmentPool:
         if segment is not None:
             if fill is not None:
                 try:
-                    segment.view[:size] = memoryview(fill).cast('B')
+                    copy_payload(segment.view, fill)
                 except BaseException:
                     segment.unuse()
                     raise

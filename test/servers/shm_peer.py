@@ -17,6 +17,12 @@ Usage: shm_peer.py SOCKET_PATH MODE [ARGS...]
     ``SharedBuffer.copy_from`` raised.
 ``serve-without-memfd [ECHO_SERVER_ARGS...]``
     Deletes ``os.memfd_create``, then runs echo_server.py on ``SOCKET_PATH``.
+``faults SIZE [keep]`` (SOCKET_PATH: the gRPC lane's, as for SyncIPCHandler)
+    A client that echoes SIZE bytes on the fast lane (shared memory above
+    the default threshold), with glibc's malloc as it is or after
+    ``keep_freed_memory()`` (``keep``): five calls, then ten more, whose page
+    faults per call it prints, and whether the last answer was byte-exact,
+    as one JSON object.
 """
 
 from __future__ import annotations
@@ -106,6 +112,29 @@ def serve_without_memfd(path: str, args: list[str]) -> None:
     echo_server.main()
 
 
+def faults(path: str, size: int, keep: bool) -> None:
+    import resource
+
+    from vyra_ipc_test import echo_pb2_grpc
+
+    from vyra_base_ipc import SyncIPCHandler, keep_freed_memory
+
+    echo_pb2, _ = _echo_methods()
+    if keep:
+        keep_freed_memory()
+    request = echo_pb2.EchoRequest(payload=os.urandom(size))
+    with SyncIPCHandler(path, echo_pb2_grpc.EchoServiceStub, lane='ttrpc', timeout=60) as handler:
+        for _ in range(5):  # (the heap grows to what a call needs)
+            handler.call_method('Echo', request)
+        exact = True
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(10):
+            exact &= len(handler.call_method('Echo', request).payload) == size  # (read, as a caller would)
+        per_call = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
+        exact &= handler.call_method('Echo', request).payload == request.payload
+    print(json.dumps({'faults': per_call, 'exact': exact}), flush=True)
+
+
 def main() -> None:
     path, mode, *args = sys.argv[1:]
     if mode == 'loop':
@@ -114,6 +143,8 @@ def main() -> None:
         no_memfd_client(path)
     elif mode == 'serve-without-memfd':
         serve_without_memfd(path, args)
+    elif mode == 'faults':
+        faults(path, int(args[0]), args[1:] == ['keep'])
     else:
         sys.exit(f'shm_peer.py: unknown mode {mode!r}')
 

@@ -21,7 +21,14 @@ import grpc
 from .._deadline import Deadline
 from .._methods import Method, MethodKind
 from .._options import DEFAULT_TIMEOUT, validate_max_message_bytes, validate_timeout
-from .._payload import SharedMemoryError, SharedMemoryOptions, TooLargeError, close_fds, usable_options
+from .._payload import (
+    Pieces,
+    SharedMemoryError,
+    SharedMemoryOptions,
+    TooLargeError,
+    close_fds,
+    usable_options,
+)
 from .._peer import trusted_server_uids
 from .._shared_buffer import ReceivedBuffers, SharedBuffer, check_buffers, inline_request
 from ..address import StrPath, validate_socket_path
@@ -67,8 +74,9 @@ from ._messages import (
     request_parts,
     request_prefix,
 )
+from ._pieces import serialized
 from ._segment_link import SegmentLink
-from ._shared_memory import MemfdGate, goes_inline, outgoing, unpack
+from ._shared_memory import MemfdGate, goes_inline, joined, outgoing, unpack
 
 __all__ = ['ClientCore', 'ClientStream', 'Item', 'Outcome', 'Prepared', 'unary_response']
 
@@ -97,7 +105,7 @@ class Prepared:
     __slots__ = ('method', 'deadline', 'flags', 'fds', 'lends', 'segments', '_parts', '_size')
 
     def __init__(self, method: Method, deadline: Deadline | None, metadata: Metadata | None,
-                 payload: bytes, agreement: _hello.Agreement = _hello.PLAIN,
+                 payload: bytes | Pieces, agreement: _hello.Agreement = _hello.PLAIN,
                  buffers: Sequence[SharedBuffer] = ()) -> None:
         self.method = method
         self.deadline = deadline
@@ -106,9 +114,10 @@ class Prepared:
         if goes_inline(len(payload), agreement, buffers):  # the one place that decides
             frame_flags = 0  # as outgoing() would say: not asked, to save a call
             self.fds: list[int] = []
+            data = joined(payload)  # (Pieces go into shared memory: they are above the threshold)
         else:
             try:
-                payload, self.fds, frame_flags = outgoing(payload, agreement, buffers, self.lends)
+                data, self.fds, frame_flags = outgoing(payload, agreement, buffers, self.lends)
             except SharedMemoryError as error:
                 raise error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error),
                                         method=method.path) from None
@@ -118,7 +127,7 @@ class Prepared:
                                     else FLAG_REMOTE_CLOSED if kind.response_streaming else 0)
         # The header's place is kept first: frame() joins it and the
         # envelope in one go (one copy of the payload).
-        parts = request_parts(_request_prefix(method.path), payload,
+        parts = request_parts(_request_prefix(method.path), data,
                               0 if deadline is None else deadline.timeout_nano(),
                               metadata_to_wire(metadata) if metadata else ())
         self._size = sum(map(len, parts))
@@ -157,13 +166,14 @@ def prepare(method: Method, request: Any, deadline: Deadline | None, metadata: M
             request = inline_request(method.path, False, request, buffers)
         else:
             check_buffers(method.path, False, buffers)
-    return Prepared(method, deadline, metadata, serialize(method, request, limit), agreement, buffers)
+    payload = serialize(method, request, limit, agreement)
+    return Prepared(method, deadline, metadata, payload, agreement, buffers)
 
 
 def data_frame(stream_id: int, method: Method, message: Any, limit: int,
                agreement: _hello.Agreement) -> tuple[bytes, list[int], int]:
     """A streamed request message as a data frame: (frame, descriptors, cost against the window)."""
-    payload = serialize(method, message, limit)
+    payload = serialize(method, message, limit, agreement)
     data, fds, flags = outgoing(payload, agreement)
     return encode_frame(stream_id, _DATA, flags, data), fds, message_cost(len(payload))
 
@@ -187,13 +197,14 @@ def _request_prefix(path: str) -> bytes:
     return prefix
 
 
-def serialize(method: Method, message: Any, limit: int) -> bytes:
-    """A request message's bytes.
+def serialize(method: Method, message: Any, limit: int, agreement: _hello.Agreement = _hello.PLAIN
+              ) -> bytes | Pieces:
+    """A request message's bytes, or its :mod:`._pieces` on a connection with ``agreement``.
 
     :raises MessageTooLargeError: larger than ``limit``; nothing was sent.
     """
-    serialize = method.request_serializer
-    payload = serialize(message) if serialize is not None else message
+    serializer = method.request_serializer
+    payload = message if serializer is None else serialized(serializer, message, agreement.shared_memory)
     if len(payload) > limit:
         raise MessageTooLargeError(len(payload), limit, method=method.path)
     return payload

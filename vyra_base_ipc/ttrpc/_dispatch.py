@@ -18,7 +18,7 @@ import grpc
 from .._interceptors import CallRejected, Observation
 from .._methods import MethodKind, stream_returned
 from .._metrics import MethodMetrics
-from .._payload import SharedMemoryError, close_fds
+from .._payload import Pieces, SharedMemoryError, close_fds
 from .._request_guard import HANDLER_FAILURES
 from ._context import ServicerContext, _End
 from ._eager import run_eagerly
@@ -26,8 +26,9 @@ from ._errors import received_too_large
 from ._flow import ReceiveWindow, SendCredit, message_cost
 from ._frames import FLAG_NO_DATA, FLAG_REMOTE_CLOSED, FLAG_REMOTE_OPEN, Frame, MessageType, encode_frame
 from ._messages import encode_response, ok_response_frame
+from ._pieces import serialized
 from ._requests import AsyncRequests, SyncRequests
-from ._shared_memory import goes_inline, outgoing
+from ._shared_memory import goes_inline, joined, outgoing
 from ._status import StatusError, error_status, number, status_after_return, unexpected
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ _SYNC_FAILURES = (*HANDLER_FAILURES, asyncio.CancelledError)
 
 # Answer of a call: (status code number, details, payload); payload None
 # ends a response stream with a bare close instead of a Response frame.
-_Answer = tuple[int, str, Union[bytes, None]]
+_Answer = tuple[int, str, Union[bytes, Pieces, None]]
 
 
 class _CallEnded(Exception):
@@ -248,7 +249,7 @@ class Call:
             await credit.wait()  # the client has not taken what it got
             if self.finished:
                 raise asyncio.CancelledError()
-        payload = self.handler.serialize(message)
+        payload = serialized(self.handler.serialize, message, self.connection.agreement.shared_memory)
         self._check_size(len(payload))
         connection = self.connection
         frame, fds = self._data_frame(payload)
@@ -328,7 +329,7 @@ class Call:
             while not credit.wait_blocking(0.1):  # the client has not taken what it got
                 if self.context._end is not None:
                     raise _CallEnded()
-        payload = self.handler.serialize(message)
+        payload = serialized(self.handler.serialize, message, self.connection.agreement.shared_memory)
         self._check_size(len(payload))
         connection = self.connection
         frame, fds = self._data_frame(payload)
@@ -387,19 +388,19 @@ class Call:
             else:
                 lane.inline_sent += size
 
-    def _data_frame(self, payload: bytes) -> tuple[bytes, list[int]]:
+    def _data_frame(self, payload: bytes | Pieces) -> tuple[bytes, list[int]]:
         """A streamed answer as a data frame, and the descriptors to pass with it."""
         data, fds, flags = outgoing(payload, self.connection.agreement)
         return encode_frame(self.stream_id, _DATA, flags, data), fds
 
-    def _answer_for(self, result: Any) -> tuple[int, str, bytes]:
+    def _answer_for(self, result: Any) -> tuple[int, str, bytes | Pieces]:
         context = self.context
         if context._abort is not None or context._code is not None:  # (most handlers set neither)
             status = status_after_return(context)
             if status is not None:
                 return status[0], status[1], b''
         try:
-            payload = self.handler.serialize(result)
+            payload = serialized(self.handler.serialize, result, self.connection.agreement.shared_memory)
             if len(payload) > self.connection.server.max_message_bytes:  # (tested before the call)
                 self._check_size(len(payload))
         except Exception as error:
@@ -413,7 +414,8 @@ class Call:
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f'SERVER: Sent message larger than max ({size} vs. {limit})')
 
-    def answer(self, code: int, details: str, payload: bytes = b'', end: _End = _End.FINISHED) -> None:
+    def answer(self, code: int, details: str, payload: bytes | Pieces = b'', end: _End = _End.FINISHED
+               ) -> None:
         """End the call with a Response frame (status and, if OK, payload)."""
         if self.finished:
             return
@@ -423,7 +425,7 @@ class Call:
             if goes_inline(len(payload), connection.agreement, replies):
                 # Most answers: sent without outgoing(), which would return them as they are.
                 self.finished = True  # the answer goes out before _end() may close the connection
-                connection.send(ok_response_frame(self.stream_id, 0, payload))
+                connection.send(ok_response_frame(self.stream_id, 0, joined(payload)))
                 lane = connection.server.lane_metrics
                 if lane is not None and self.handler.observed:  # (as in _count_sent)
                     lane.inline_sent += len(payload)
@@ -443,11 +445,11 @@ class Call:
         self.finished = True
         # The handler's google.rpc.Status details, with the status it ended its call with.
         rich = self.context._status_details(code, details) if end is _End.FINISHED else ()
-        response = encode_response(code, details, payload, rich)
+        response = encode_response(code, details, joined(payload), rich)
         connection.send(encode_frame(self.stream_id, _RESPONSE, 0, response))
         self._end(end, code, details)
 
-    def _answer_shared(self, payload: bytes, replies: tuple[SharedBuffer, ...], end: _End) -> None:
+    def _answer_shared(self, payload: bytes | Pieces, replies: tuple[SharedBuffer, ...], end: _End) -> None:
         """(:meth:`answer`, OK) Send ``payload`` and the ``replies`` buffers in shared memory."""
         self.finished = True  # the answer goes out before _end() may close the connection
         connection = self.connection

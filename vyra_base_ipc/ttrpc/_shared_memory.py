@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 from .. import ttrpc_pb2
 from .._payload import (
     MAX_BUFFERS_PER_MESSAGE,
+    Pieces,
     SharedMemoryError,
     TooLargeError,
     close_fds,
@@ -35,7 +36,7 @@ from ._frames import FLAG_SHARED_MEMORY
 from ._hello import Agreement
 from ._segment_link import SegmentLink
 
-__all__ = ['MemfdGate', 'goes_inline', 'outgoing', 'pack', 'unpack']
+__all__ = ['MemfdGate', 'goes_inline', 'joined', 'outgoing', 'pack', 'unpack']
 
 _logger = logging.getLogger(__name__)
 
@@ -76,10 +77,11 @@ def goes_inline(size: int, agreement: Agreement, buffers: Sequence[SharedBuffer]
     return options is None or (size <= options.threshold and not buffers)
 
 
-def outgoing(payload: bytes, agreement: Agreement, buffers: Sequence[SharedBuffer] = (),
+def outgoing(payload: bytes | Pieces, agreement: Agreement, buffers: Sequence[SharedBuffer] = (),
              lends: list[int] | None = None) -> tuple[bytes, list[int], int]:
-    """How a message goes out on a connection with ``agreement``: ``(frame
-    data, descriptors to pass, flags)``.
+    """How a message (serialized, or in :class:`Pieces`) goes out on a
+    connection with ``agreement``: ``(frame data, descriptors to pass,
+    flags)``.
 
     Inline unless the connection agreed on shared memory and the message is
     above its threshold or has ``buffers``. A large message for which no
@@ -92,7 +94,7 @@ def outgoing(payload: bytes, agreement: Agreement, buffers: Sequence[SharedBuffe
     :raises SharedMemoryError: ``buffers`` could not be passed.
     """
     if goes_inline(len(payload), agreement, buffers):
-        return payload, [], 0
+        return joined(payload), [], 0
     options = agreement.shared_memory
     assert options is not None  # else it went inline
     try:
@@ -101,14 +103,14 @@ def outgoing(payload: bytes, agreement: Agreement, buffers: Sequence[SharedBuffe
         if buffers:
             raise
         _logger.warning('sending %d bytes inline: %s', len(payload), error)
-        return payload, [], 0
+        return joined(payload), [], 0
     if packed is None:  # no new memfd for it now
-        return payload, [], 0
+        return joined(payload), [], 0
     manifest, fds = packed
     return manifest, fds, FLAG_SHARED_MEMORY
 
 
-def pack(payload: bytes, threshold: int, buffers: Sequence[SharedBuffer] = (),
+def pack(payload: bytes | Pieces, threshold: int, buffers: Sequence[SharedBuffer] = (),
          link: SegmentLink | None = None, lends: list[int] | None = None,
          new_memfd: Callable[[int], bool] | None = None) -> tuple[bytes, list[int]] | None:
     """The manifest and descriptors that replace ``payload`` in a frame, or
@@ -142,7 +144,7 @@ def pack(payload: bytes, threshold: int, buffers: Sequence[SharedBuffer] = (),
         elif not buffers:
             return None
         else:
-            manifest.payload = payload
+            manifest.payload = joined(payload)
         for buffer in buffers:
             fd, lend, segment_id = buffer.lend_to(link, new_memfd)
             fds.append(fd)
@@ -159,7 +161,7 @@ def pack(payload: bytes, threshold: int, buffers: Sequence[SharedBuffer] = (),
     return manifest.SerializeToString(), fds
 
 
-def _lend_payload(payload: bytes, link: SegmentLink | None, fds: list[int],
+def _lend_payload(payload: bytes | Pieces, link: SegmentLink | None, fds: list[int],
                   new_memfd: Callable[[int], bool] | None) -> tuple[int, int] | None:
     """Put a message into shared memory, its descriptor into ``fds``: a
     pooled segment lent on ``link`` (return the lend id and the segment's),
@@ -169,7 +171,8 @@ def _lend_payload(payload: bytes, link: SegmentLink | None, fds: list[int],
     pool = segment_pool()
     if link is not None and link.may_lend(size_class(len(payload)), pool):
         try:
-            # The one copy: protobuf's Python runtime serializes only into bytes.
+            # The one copy (of a message in Pieces, of its large bytes fields
+            # as read out of it): protobuf's Python runtime serializes only into bytes.
             segment = pool.acquire(len(payload), payload)
         except SharedMemoryError as error:
             _logger.debug('no pooled segment: %s', error)
@@ -185,6 +188,11 @@ def _lend_payload(payload: bytes, link: SegmentLink | None, fds: list[int],
         raise
     assert link is not None
     return link.lend(segment), segment.id
+
+
+def joined(payload: bytes | Pieces) -> bytes:
+    """A payload's bytes (:class:`Pieces` joined, anything else as it is)."""
+    return bytes(payload) if isinstance(payload, Pieces) else payload
 
 
 def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int, buffer_limit: int,
