@@ -186,6 +186,11 @@ results = {
         request, serialize(own, request, 1 << 30, Agreement(shared_memory=options))),
     'server': outcome(reply, serialized(checked, reply, options)),
 }
+class Custom:  # a message class of the caller's own, with a serializer by protobuf's name
+    def SerializeToString(self):
+        return b'own:custom'
+
+results["a class of the caller's own"] = outcome(Custom(), serialized(Custom.SerializeToString, Custom(), options))
 try:
     serialized(checked, request, options)
     results['server, the wrong type'] = 'serialized'
@@ -209,7 +214,8 @@ def test_both_ends_serialize_large_messages_in_pieces_where_malloc_keeps_freed_m
     assert outcomes.pop('server, the wrong type') == ('the handler of /vyra.ipc.test.EchoService/Echo returned '
                                                       'vyra.ipc.test.EchoRequest, not a vyra.ipc.test.EchoReply')
     assert outcomes == {'client, no shared memory': ['bytes', True],
-                        "client, a serializer of the caller's own": ['bytes', None]}
+                        "client, a serializer of the caller's own": ['bytes', None],
+                        "a class of the caller's own": ['bytes', None]}
 
 
 #: Prints keeps_freed_memory() after keep_freed_memory() (argv[1] 'call'), or as the environment left it.

@@ -119,7 +119,8 @@ def pieces(message: Any) -> Pieces | None:
     except KeyError:
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
-        plan = _PLANS[cls] = _plan(cls.DESCRIPTOR, frozenset())
+        descriptor = getattr(cls, 'DESCRIPTOR', None)  # (None: a class of the caller's own)
+        plan = _PLANS[cls] = None if descriptor is None else _plan(descriptor, frozenset())
     if plan is None:
         return None
     total, found = _probe(message, plan)
