@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from . import introspection_pb2_grpc
+from ._grpc_sockets import count_connections
 from .introspection_pb2 import ServerInfo, ServerInfoRequest, Stats, StatsRequest
 
 if TYPE_CHECKING:
@@ -63,7 +64,8 @@ class IntrospectionServicer(introspection_pb2_grpc.IntrospectionServicer):
 def unix_connections(bound_path: Path) -> int:
     """Connections open to the Unix socket bound at ``bound_path``, counted
     in ``/proc/net/unix`` (accepted sockets carry their listener's path);
-    0 where that file cannot be read.
+    where that cannot be read (no ``/proc``), among this process's
+    descriptors (:func:`~vyra_base_ipc._grpc_sockets.count_connections`).
 
     The table lists every Unix socket of the network namespace (on a busy
     machine tens of thousands; 8,000 lines take the kernel 7 ms to write):
@@ -74,7 +76,7 @@ def unix_connections(bound_path: Path) -> int:
         with open('/proc/net/unix', 'rb') as table:
             data = table.read()
     except OSError:
-        return 0
+        return count_connections(bound_path)
     ending = b' ' + os.fsencode(bound_path) + b'\n'
     count = 0
     found = data.find(ending)

@@ -2,8 +2,9 @@
 IPCServer with a socket group, called by IPCHandler and SyncIPCHandler on both
 lanes (a 2 MiB request too: shared memory on the fast lane), then stopped.
 Prints what it saw as one JSON line: whether ``/proc/self/fd`` exists, each
-socket file's mode, group and type, the replies, and what is left in the
-socket's directory after the stop.
+socket file's mode, group and type, the replies, the gRPC-lane connections
+the server counted while one client was connected there, and what is left in
+the socket's directory after the stop.
 
 Usage: proc_less.py SOCKET_PATH GROUP
 """
@@ -44,6 +45,8 @@ async def main(path: str, group: str) -> dict[str, Any]:
         for lane in ('grpc', 'ttrpc'):
             async with IPCHandler(path, ModuleServiceStub, lane=lane, timeout=10) as module:
                 reply = await module.call_method('ExecuteCommand', PING)
+                if lane == 'grpc':
+                    grpc_connections = await asyncio.to_thread(server.count_grpc_connections)
                 large = await module.call_method('ExecuteCommand', pb.CommandRequest(
                     command='ping', parameters={'pad': 'x' * (2 << 20)}))
                 replies += [reply.result, large.result, str(module.lane_in_use)]
@@ -51,6 +54,7 @@ async def main(path: str, group: str) -> dict[str, Any]:
     finally:
         await server.stop()
     return {'proc': os.path.isdir('/proc/self/fd'), 'files': files, 'replies': replies,
+            'grpc_connections': grpc_connections,
             'left': sorted(os.listdir(os.path.dirname(path)))}
 
 
