@@ -114,7 +114,7 @@ class Prepared:
         if goes_inline(len(payload), agreement, buffers):  # the one place that decides
             frame_flags = 0  # as outgoing() would say: not asked, to save a call
             self.fds: list[int] = []
-            data = joined(payload)  # (Pieces go into shared memory: they are above the threshold)
+            data = joined(payload)  # (a message in pieces joined: one copy, as protobuf would make)
         else:
             try:
                 data, self.fds, frame_flags = outgoing(payload, agreement, buffers, self.lends)
