@@ -25,7 +25,7 @@ from conftest import LONG, ServerProcess, StartServer, unchanged, wait_for
 from vyra_base_ipc import IPCHandler, SyncIPCHandler
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc import module_service_pb2_grpc as module_grpc
-from vyra_base_ipc._grpc_sockets import end_connections
+from vyra_base_ipc._grpc_sockets import count_connections, end_connections
 from vyra_base_ipc.exceptions import IPCError
 
 PING = module_pb.CommandRequest(command='ping')
@@ -349,7 +349,7 @@ def test_end_connections_leaves_the_blocking_mode_of_the_other_sockets_of_the_pr
 #: then ends it with end_connections() and prints how many it ended.
 HUNG_FUSE = """
 import ctypes, os, socket, sys, tempfile
-from vyra_base_ipc._grpc_sockets import end_connections
+from vyra_base_ipc._grpc_sockets import count_connections, end_connections
 libc = ctypes.CDLL(None, use_errno=True)
 mount_point, fuse = tempfile.mkdtemp(), os.open('/dev/fuse', os.O_RDWR)
 options = f'fd={fuse},rootmode=40000,user_id=0,group_id=0'.encode()
@@ -382,7 +382,7 @@ def test_end_connections_asks_no_file_system_about_the_descriptors_it_passes_ove
 #: and prints how many it ended.
 AT_THE_FILE_LIMIT = """
 import logging, os, resource, socket, sys
-from vyra_base_ipc._grpc_sockets import end_connections
+from vyra_base_ipc._grpc_sockets import count_connections, end_connections
 logging.basicConfig(format='%(levelname)s %(message)s')
 listener = socket.socket(socket.AF_UNIX)
 listener.bind(sys.argv[1])
@@ -410,3 +410,20 @@ def test_end_connections_at_the_open_file_limit_says_so_once(socket_dir: Path) -
     warnings = [line for line in result.stderr.splitlines() if line.startswith('WARNING')]
     assert len(warnings) == 1, result.stderr
     assert 'lane.sock' in warnings[0] and os.strerror(errno.EMFILE) in warnings[0], warnings
+
+
+def test_count_connections_counts_each_accepted_socket_once(socket_dir: Path) -> None:
+    # What GetStats reports where /proc is not mounted: a socket held under
+    # two descriptors (dup(), as a library may) is one connection.
+    path = socket_dir / 'lane.sock'
+    with socket.socket(socket.AF_UNIX) as listener, socket.socket(socket.AF_UNIX) as peer:
+        listener.bind(str(path))
+        listener.listen()
+        peer.connect(str(path))
+        accepted, _ = listener.accept()
+        duplicate = os.dup(accepted.fileno())
+        try:
+            assert count_connections(path) == 1
+        finally:
+            os.close(duplicate)
+            accepted.close()

@@ -83,9 +83,11 @@ def count_connections(bound_path: Path) -> int:
     """This process's connections accepted from the socket bound at
     ``bound_path``, found among its descriptors as :func:`end_connections`
     finds them (``/proc/self/fd``, else ``fstat()`` of each number: a tenth
-    of a second, off the event loop); 0 at the open-file limit."""
+    of a second, off the event loop), each socket once however many
+    descriptors it has; 0 at the open-file limit."""
     try:
-        return sum(1 for _ in _sockets_at(os.fspath(bound_path), listening=False))
+        return len({os.fstat(found.fileno()).st_ino
+                    for found in _sockets_at(os.fspath(bound_path), listening=False)})
     except OSError:  # EMFILE: none can be inspected
         return 0
 
