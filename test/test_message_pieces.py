@@ -1,8 +1,9 @@
 """Large messages serialized in pieces (:mod:`vyra_base_ipc.ttrpc._pieces`):
 every field shape parses back as the same message, what pieces could
-change is serialized whole, and both ends of the fast lane use them for
-messages that go into shared memory. Real protobuf classes (the test
-protos); the transport's part is in test_shared_memory.py."""
+change is serialized whole, both ends of the fast lane use them in a
+process that keeps freed memory (and only there), and a client faults in
+no fresh memory per call either way. Real protobuf classes (the test
+protos); the transport's paths with pieces run in .ci/kept-memory."""
 
 from __future__ import annotations
 
@@ -28,11 +29,11 @@ UNKNOWN = bytes((0x98, 0x06, 0x01))
 
 @pytest.fixture(scope='module')
 def pb(test_protos_dir: Any) -> SimpleNamespace:
-    from vyra_ipc_test import echo_pb2, pieces_legacy_pb2, pieces_pb2
+    from vyra_ipc_test import pieces_legacy_pb2, pieces_pb2
 
     return SimpleNamespace(**{name: getattr(module, name) for module in (pieces_pb2, pieces_legacy_pb2)
                               for name in module.DESCRIPTOR.message_types_by_name},
-                           tag=pieces_legacy_pb2.tag, echo=echo_pb2)
+                           tag=pieces_legacy_pb2.tag)
 
 
 def large(seed: int, size: int = 2 * MIN_PIECE) -> bytes:
