@@ -343,25 +343,32 @@ def test_end_connections_leaves_the_blocking_mode_of_the_other_sockets_of_the_pr
                 sock.close()
 
 
-#: A process, in a mount namespace of its own, that holds a descriptor of a
-#: FUSE file system that never answers (mounted with mount(2) on /dev/fuse,
-#: which nobody reads), and a connection accepted from a listener at argv[1];
-#: then ends it with end_connections() and prints how many it ended.
-HUNG_FUSE = """
-import ctypes, os, socket, sys, tempfile
-from vyra_base_ipc._grpc_sockets import count_connections, end_connections
-libc = ctypes.CDLL(None, use_errno=True)
-mount_point, fuse = tempfile.mkdtemp(), os.open('/dev/fuse', os.O_RDWR)
-options = f'fd={fuse},rootmode=40000,user_id=0,group_id=0'.encode()
-if libc.mount(b'none', mount_point.encode(), b'fuse', 0, options) != 0:
-    sys.exit('cannot mount: ' + os.strerror(ctypes.get_errno()))
-hung = os.open(mount_point, os.O_PATH)
+#: A child script's lines that accept a connection from a listener at argv[1]
+#: (``listener``, ``peer``, ``accepted``), for the scripts below.
+ACCEPTED = """
 listener = socket.socket(socket.AF_UNIX)
 listener.bind(sys.argv[1])
 listener.listen()
 peer = socket.socket(socket.AF_UNIX)
 peer.connect(sys.argv[1])
 accepted, _ = listener.accept()
+"""
+
+
+#: A process, in a mount namespace of its own, that holds a descriptor of a
+#: FUSE file system that never answers (mounted with mount(2) on /dev/fuse,
+#: which nobody reads), and a connection accepted from a listener at argv[1];
+#: then ends it with end_connections() and prints how many it ended.
+HUNG_FUSE = """
+import ctypes, os, socket, sys, tempfile
+from vyra_base_ipc._grpc_sockets import end_connections
+libc = ctypes.CDLL(None, use_errno=True)
+mount_point, fuse = tempfile.mkdtemp(), os.open('/dev/fuse', os.O_RDWR)
+options = f'fd={fuse},rootmode=40000,user_id=0,group_id=0'.encode()
+if libc.mount(b'none', mount_point.encode(), b'fuse', 0, options) != 0:
+    sys.exit('cannot mount: ' + os.strerror(ctypes.get_errno()))
+hung = os.open(mount_point, os.O_PATH)
+""" + ACCEPTED + """
 print('ended', end_connections(sys.argv[1]))
 """
 
@@ -382,14 +389,9 @@ def test_end_connections_asks_no_file_system_about_the_descriptors_it_passes_ove
 #: and prints how many it ended.
 AT_THE_FILE_LIMIT = """
 import logging, os, resource, socket, sys
-from vyra_base_ipc._grpc_sockets import count_connections, end_connections
+from vyra_base_ipc._grpc_sockets import end_connections
 logging.basicConfig(format='%(levelname)s %(message)s')
-listener = socket.socket(socket.AF_UNIX)
-listener.bind(sys.argv[1])
-listener.listen()
-peer = socket.socket(socket.AF_UNIX)
-peer.connect(sys.argv[1])
-accepted, _ = listener.accept()
+""" + ACCEPTED + """
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 spare = []
 try:
