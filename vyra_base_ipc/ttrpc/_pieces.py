@@ -144,7 +144,7 @@ def _plan(descriptor: Descriptor, outer: frozenset[Descriptor]) -> _Plan | None:
         if is_required(field):
             return None  # (protobuf refuses to serialize it unset: the rest alone would pass)
         message_type = field.message_type
-        key = varint(field.number << 3 | 2)  # length-delimited
+        key = varint(field.number << 3 | 2)  # (length-delimited: a bytes field's, a submessage's)
         if is_repeated(field):
             is_map = message_type is not None and message_type.GetOptions().map_entry
             rest.append((field.name, _MERGE if is_map else _EXTEND))
@@ -195,14 +195,14 @@ def _build(message: Any, plan: _Plan, found: list[_Found], parts: list[bytes]) -
     rest = type(message)()
     for name, how in plan.rest:
         _copy(message, rest, name, how)
-    apart: list[tuple[bytes, Any]] = []  # (key, a value, or the pieces of a submessage)
+    apart: list[tuple[bytes, list[bytes], int]] = []  # key, pieces (a value, or a submessage's), size
     count = len(plan.values)
     for (name, _, key), value in zip(plan.values, found[:count], strict=True):
         if value is None:
             continue
         assert isinstance(value, bytes)
         if len(value) >= MIN_PIECE:
-            apart.append((key, value))
+            apart.append((key, [value], len(value)))
         else:
             setattr(rest, name, value)
     for (name, key, inner), entry in zip(plan.nested, found[count:], strict=True):
@@ -215,23 +215,17 @@ def _build(message: Any, plan: _Plan, found: list[_Found], parts: list[bytes]) -
             inner_size = _build(submessage, inner, inner_found, inner_parts)
             if inner_size is None:
                 return None
-            apart.append((key, (inner_parts, inner_size)))
+            apart.append((key, inner_parts, inner_size))
         else:
             getattr(rest, name).CopyFrom(submessage)
     head = rest.SerializeToString()
     parts.append(head)
     size = len(head)
-    for key, value in apart:
-        if isinstance(value, bytes):
-            prefix = key + varint(len(value))
-            parts += (prefix, value)
-            size += len(prefix) + len(value)
-        else:
-            inner_parts, inner_size = value
-            prefix = key + varint(inner_size)
-            parts.append(prefix)
-            parts += inner_parts
-            size += len(prefix) + inner_size
+    for key, pieces_apart, length in apart:
+        prefix = key + varint(length)
+        parts.append(prefix)
+        parts += pieces_apart
+        size += len(prefix) + length
     return size
 
 
