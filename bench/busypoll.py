@@ -2,9 +2,9 @@
 polling off and on, on the server's event loop and in the client, side by
 side, with the CPU time each side spends per call.
 
-Two servers of the section's own: ``busy-poll-on`` (the default loop, polling
-for :data:`~vyra_base_ipc.DEFAULT_BUSY_POLL`) and ``busy-poll-off``
-(``busy_poll=0``, a plain asyncio loop). Variants of each client mode, calls
+Servers of the section's own: ``busy-poll-on`` (the default loop, polling
+for :data:`~vyra_base_ipc.DEFAULT_BUSY_POLL`), ``busy-poll-off``
+(``busy_poll=0``, a plain asyncio loop) and ``busy-poll-100us``. Variants of each client mode, calls
 interleaved in blocks as in :mod:`bench.overhead`:
 
 ``sync``   ``SyncIPCHandler``: ``off`` (neither polls), ``server`` (only the
@@ -13,6 +13,11 @@ interleaved in blocks as in :mod:`bench.overhead`:
            ``both`` (the defaults: the waiting call keeps the loop awake).
 ``async-polling-loop``  ``IPCHandler`` on :func:`vyra_base_ipc.new_event_loop`
            (its own process): ``both``.
+``sync-buffer``  ``SyncIPCHandler`` calling ``Mirror`` with a 64 B
+           ``SharedBuffer`` (allocated, written, sent, answered with itself,
+           its view read, closed): ``off``, ``100us`` (both poll, for 100 µs:
+           a third server, ``busy-poll-100us``), ``both`` (the defaults). What
+           the default window covers that a narrower one did not.
 
 CPU per call is the process time (user + system, all threads) each side used
 over the variant's blocks, divided by its calls; the server's is asked with
@@ -26,6 +31,7 @@ Child: ``python -m bench.busypoll SPEC`` with ``{"mode", "addresses",
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import json
 import sys
@@ -39,7 +45,8 @@ from .tally import Tally
 __all__ = ['BUSY_POLL_SERVERS', 'LABELS', 'MODES', 'main', 'measure_busy_poll']
 
 #: The section's servers: name -> ``busy_poll`` of their event loop (None: the default).
-BUSY_POLL_SERVERS: dict[str, float | None] = {'busy-poll-on': None, 'busy-poll-off': 0.0}
+BUSY_POLL_SERVERS: dict[str, float | None] = {'busy-poll-on': None, 'busy-poll-off': 0.0,
+                                               'busy-poll-100us': 100e-6}
 #: Client modes -> variant -> (server, client busy_poll: None for the default).
 MODES: dict[str, dict[str, tuple[str, float | None]]] = {
     'sync': {'off': ('busy-poll-off', 0.0), 'server': ('busy-poll-on', 0.0),
@@ -47,6 +54,8 @@ MODES: dict[str, dict[str, tuple[str, float | None]]] = {
     'async': {'off': ('busy-poll-off', 0.0), 'server': ('busy-poll-on', 0.0),
               'both': ('busy-poll-on', None)},
     'async-polling-loop': {'both': ('busy-poll-on', None)},
+    'sync-buffer': {'off': ('busy-poll-off', 0.0), '100us': ('busy-poll-100us', 100e-6),
+                    'both': ('busy-poll-on', None)},
 }
 #: What each ``mode/variant`` is, for the tables.
 LABELS = {
@@ -57,8 +66,12 @@ LABELS = {
     'async/server': "IPCHandler on asyncio's loop, only the server polls",
     'async/both': "IPCHandler on asyncio's loop, both poll (the defaults)",
     'async-polling-loop/both': 'IPCHandler on vyra_base_ipc.new_event_loop(), both poll',
+    'sync-buffer/off': 'SyncIPCHandler, 64 B SharedBuffer (Mirror), nobody polls',
+    'sync-buffer/100us': 'SyncIPCHandler, 64 B SharedBuffer (Mirror), both poll for 100 µs',
+    'sync-buffer/both': 'SyncIPCHandler, 64 B SharedBuffer (Mirror), both poll (the defaults)',
 }
 _PAYLOAD = 64
+_PAYLOAD_BYTES = make_payload(_PAYLOAD)
 _TIMEOUT = 30.0
 _IDLE_SECONDS = 0.5
 
@@ -70,40 +83,65 @@ def _handlers(mode: str, addresses: dict[str, Any], options: dict[str, Any]) -> 
     handlers = {}
     for variant, (server, busy_poll) in MODES[mode].items():
         extra = {} if busy_poll is None else {'busy_poll': busy_poll}
-        handler_type = SyncIPCHandler if mode == 'sync' else IPCHandler
+        handler_type = SyncIPCHandler if mode.startswith('sync') else IPCHandler
         handlers[variant] = handler_type(addresses[server], bench_pb2_grpc.BenchServiceStub,
                                          timeout=_TIMEOUT, **options, **extra)
     return handlers
 
 
-def _measure_sync(handlers: dict[str, Any], rounds: int, block: int, warmup: int) -> dict[str, Any]:
+def _cpu_time(handler: Any) -> float:
     from vyra_bench import bench_pb2
 
-    request = bench_pb2.Blob(data=make_payload(_PAYLOAD))
+    return handler.call_method('CpuTime', bench_pb2.Blob()).seconds
+
+
+def _echo(handler: Any) -> int:
+    from vyra_bench import bench_pb2
+
+    return len(handler.call_method('Echo', bench_pb2.Blob(data=_PAYLOAD_BYTES)).data)
+
+
+def _mirror(handler: Any) -> int:
+    from vyra_base_ipc import SharedBuffer, shared_buffer
+    from vyra_bench import bench_pb2
+
+    with SharedBuffer.allocate(_PAYLOAD) as buffer:
+        buffer.view()[:] = _PAYLOAD_BYTES
+        reply, received = handler.call_method('Mirror', bench_pb2.BufferRequest(data=buffer.ref),
+                                              buffers=[buffer], return_buffers=True)
+        return len(shared_buffer(reply.data, received))
+
+
+def _measure_sync(handlers: dict[str, Any], rounds: int, block: int, warmup: int,
+                  call_once: Callable[[Any], int] = _echo, idle: bool = True) -> dict[str, Any]:
+    from vyra_bench import bench_pb2
+
     for handler in handlers.values():
         handler.connect()
         for _ in range(warmup):
-            handler.call_method('Echo', request)
+            call_once(handler)
     tallies = {variant: Tally(_PAYLOAD) for variant in handlers}
     gc.collect()
     for round_index in range(rounds):
         for variant in round_order(list(handlers), round_index):
-            call, tally = handlers[variant].call_method, tallies[variant]
-            record = tally.latencies.append
+            handler, tally = handlers[variant], tallies[variant]
+            call, record = handler.call_method, tally.latencies.append
             tally.open_block(call('CpuTime', bench_pb2.Blob()).seconds)
             for _ in range(block):
                 start = time.perf_counter_ns()
-                if len(call('Echo', request).data) != _PAYLOAD:
+                if call_once(handler) != _PAYLOAD:
                     raise RuntimeError(f'{variant}: short reply')
                 record(time.perf_counter_ns() - start)
             tally.close_block(call('CpuTime', bench_pb2.Blob()).seconds)
-    # One handler per server: how much CPU each uses while nobody calls.
-    by_server = {MODES['sync'][variant][0]: handler for variant, handler in handlers.items()}
-    idle = _idle_cpu({server: lambda h=handler: h.call_method('CpuTime', bench_pb2.Blob()).seconds
-                      for server, handler in by_server.items()})
+    result: dict[str, Any] = {'variants': {variant: tally.report() for variant, tally in tallies.items()}}
+    if idle:
+        # One handler per server: how much CPU each uses while nobody calls.
+        by_server = {MODES['sync'][variant][0]: handler for variant, handler in handlers.items()}
+        result['idle'] = _idle_cpu({server: functools.partial(_cpu_time, handler)
+                                    for server, handler in by_server.items()})
     for handler in handlers.values():
         handler.disconnect()
-    return {'variants': {variant: tally.report() for variant, tally in tallies.items()}, 'idle': idle}
+    return result
 
 
 async def _measure_async(handlers: dict[str, Any], rounds: int, block: int,
@@ -152,6 +190,8 @@ def measure_busy_poll(spec: dict[str, Any]) -> dict[str, Any]:
     args = (handlers, spec['rounds'], spec['block'], spec['warmup'])
     if mode == 'sync':
         result = _measure_sync(*args)
+    elif mode == 'sync-buffer':
+        result = _measure_sync(*args, call_once=_mirror, idle=False)
     elif mode == 'async':
         result = asyncio.run(_measure_async(*args))
     else:

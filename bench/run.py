@@ -257,10 +257,14 @@ def _busy_poll_available() -> bool:
 
 def _measure_busy_poll(env: BenchEnvironment, addresses: dict[str, Any], mode: Mode,
                        pin: bool) -> dict[str, Any]:
-    fast_lane = next(lane for lane in LANES if lane.name == 'ttrpc')
+    lanes = {lane.name: lane for lane in LANES}
     results = {}
     for client_mode in BUSY_POLL_MODES:
-        spec = {'mode': client_mode, 'addresses': addresses, 'client_options': fast_lane.client_options(),
+        # Buffers need shared memory (the clients' default); the rest, the framing alone.
+        lane = lanes['shm' if client_mode == 'sync-buffer' else 'ttrpc']
+        if lane.unavailable():
+            continue
+        spec = {'mode': client_mode, 'addresses': addresses, 'client_options': lane.client_options(),
                 'rounds': mode.busy_poll_rounds, 'block': mode.busy_poll_block,
                 'warmup': mode.busy_poll_block}
         results[client_mode] = run_child(env, 'bench.busypoll', [json.dumps(spec)],

@@ -36,7 +36,7 @@ COLD_START = {'socket-uds', 'grpc-aio-uds', 'ipc-sync-grpc', 'ipc-aio-grpc', 'ip
 OVERHEAD_VARIANTS = {'stub/grpc', 'stub/ipc', 'stub+deadline/ipc', 'handler/ipc'}
 #: Busy polling off and on, by client mode (issue 6: what polling buys and costs).
 BUSY_POLL_VARIANTS = {'sync': {'off', 'server', 'both'}, 'async': {'off', 'server', 'both'},
-                      'async-polling-loop': {'both'}}
+                      'async-polling-loop': {'both'}, 'sync-buffer': {'off', '100us', 'both'}}
 
 
 @pytest.fixture(scope='module')
@@ -168,6 +168,7 @@ def test_busy_poll_section_shows_latency_and_cpu_of_both_sides(smoke_run) -> Non
     assert 'Busy polling, fast lane' in stdout
     markdown = (out / 'results.md').read_text()
     assert 'SyncIPCHandler, both poll (the defaults)' in markdown
+    assert 'SharedBuffer (Mirror), both poll for 100 µs' in markdown
     assert 'Idle servers' in markdown
 
 
