@@ -183,7 +183,7 @@ def test_invalid_window_is_refused_naming_busy_poll(value: object, error: type[E
 def test_window_limits_are_accepted_as_float_seconds() -> None:
     assert validate_busy_poll(0) == 0.0 and isinstance(validate_busy_poll(0), float)
     assert validate_busy_poll(0.01) == 0.01
-    assert validate_busy_poll(DEFAULT_BUSY_POLL) == 100e-6
+    assert validate_busy_poll(DEFAULT_BUSY_POLL) == 200e-6
 
 
 def test_poll_for_returns_the_first_result_without_waiting_out_the_window() -> None:

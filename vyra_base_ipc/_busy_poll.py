@@ -25,6 +25,16 @@ Measured on a 2-CPU virtual machine (``python -m bench --sections busy-poll``):
 with both sides polling a 64 B call takes ~30 us instead of ~100 us, and
 *less* CPU per call on each side, because waking a sleeping process costs more
 than the polling does.
+
+The window is KVM's default ``halt_poll_ns``, 200 us. A plain call needs far
+less; a call with an explicit SharedBuffer keeps each side busy for about
+80 us (lends, mappings, the RELEASE), and often longer. With a 100 us window
+a third of the client's polls found nothing there, each miss made the next
+waits sleep at once, and nine waits in ten slept: a 64 B SharedBuffer
+answered with itself took 300-350 us a call (p50), as with no polling at
+all. With 200 us, 2,984 polls of 3,000 found the answer, and a call takes
+185-210 us, for 10-20 % more CPU time per call on each side (the benchmark's
+busy-poll section).
 """
 
 from __future__ import annotations
@@ -38,8 +48,8 @@ __all__ = ['DEFAULT_BUSY_POLL', 'MAX_BACKOFF_WAITS', 'BusyPoll', 'await_polling'
            'validate_busy_poll']
 
 #: How long a wait polls before it sleeps, in seconds. Covers a local
-#: round trip through a Python peer, with room to spare.
-DEFAULT_BUSY_POLL = 100e-6
+#: round trip through a Python peer, one carrying SharedBuffers included.
+DEFAULT_BUSY_POLL = 200e-6
 #: Largest number of waits that sleep at once after polls found nothing.
 MAX_BACKOFF_WAITS = 64
 #: Longest window accepted: beyond this, polling costs more than any wakeup.
