@@ -86,14 +86,12 @@ class BusyPoll:
     :raises TypeError, ValueError: as :func:`validate_busy_poll`.
     """
 
-    __slots__ = ('seconds', 'polling', '_backoff', '_skip')
+    __slots__ = ('seconds', '_backoff', '_skip')
 
     def __init__(self, seconds: float = DEFAULT_BUSY_POLL) -> None:
         seconds = validate_busy_poll(seconds)
         #: The window; 0.0 when polling is off.
         self.seconds = seconds if _machine_cpus() > 1 else 0.0
-        #: Whether a waiter of :func:`await_polling` is polling now.
-        self.polling = False
         self._backoff = 0  # waits to sleep after the next fruitless poll
         self._skip = 0  # waits left that sleep at once
 
@@ -176,6 +174,11 @@ def poll_for(attempt: Callable[[], _T | None], seconds: float) -> _T | None:
         os.sched_yield()
 
 
+#: The event loops a waiter of :func:`await_polling` polls now (each for as
+#: long as that waiter polls: no loop is kept).
+_polled: set[asyncio.AbstractEventLoop] = set()
+
+
 async def await_polling(policy: BusyPoll, future: asyncio.Future[_T]) -> _T:
     """Await ``future`` as ``policy`` says, keeping the event loop awake
     while polling pays.
@@ -189,14 +192,17 @@ async def await_polling(policy: BusyPoll, future: asyncio.Future[_T]) -> _T:
     so a peer sharing this CPU answers at once. Then, or when the policy
     says sleep at once, it simply awaits ``future``.
 
-    One waiter of ``policy`` polls at a time; the others simply await:
-    the poller's passes read their answers too, and each more poller would
-    only add a ``sched_yield`` and a task step to every pass (with 8 calls
-    in flight on one connection, about a fifth fewer calls a second).
+    One waiter polls an event loop at a time, whatever its connection; the
+    others simply await: the poller's passes read their answers too, and
+    each more poller would only add a ``sched_yield`` and a task step to
+    every pass (with 8 calls in flight on one connection, about a fifth
+    fewer calls a second).
     """
     if not future.done():
-        if not policy.seconds or policy.polling:
-            # Off (as in BusyPoll.wait, no clock readings), or polled for already.
+        if not policy.seconds:  # off: as in BusyPoll.wait, no clock readings
+            return await future
+        loop = future.get_loop()
+        if loop in _polled:
             return await future
         window = policy.window()
         if not window:
@@ -206,7 +212,7 @@ async def await_polling(policy: BusyPoll, future: asyncio.Future[_T]) -> _T:
             finally:
                 policy.slept(time.perf_counter() - started)
         deadline = time.perf_counter() + window
-        policy.polling = True
+        _polled.add(loop)
         try:
             while not future.done():
                 if time.perf_counter() >= deadline:
@@ -219,5 +225,5 @@ async def await_polling(policy: BusyPoll, future: asyncio.Future[_T]) -> _T:
             else:
                 policy.found()
         finally:
-            policy.polling = False
+            _polled.discard(loop)
     return await future
