@@ -2,9 +2,10 @@
 polling off and on, on the server's event loop and in the client, side by
 side, with the CPU time each side spends per call.
 
-Servers of the section's own: ``busy-poll-on`` (the default loop, polling
-for :data:`~vyra_base_ipc.DEFAULT_BUSY_POLL`), ``busy-poll-off``
-(``busy_poll=0``, a plain asyncio loop) and ``busy-poll-100us``. Variants of each client mode, calls
+Three servers of the section's own: ``busy-poll-on`` (the default loop,
+polling for :data:`~vyra_base_ipc.DEFAULT_BUSY_POLL`), ``busy-poll-off``
+(``busy_poll=0``, a plain asyncio loop) and ``busy-poll-100us`` (polling for
+100 µs, the window before the default). Variants of each client mode, calls
 interleaved in blocks as in :mod:`bench.overhead`:
 
 ``sync``   ``SyncIPCHandler``: ``off`` (neither polls), ``server`` (only the
@@ -15,9 +16,9 @@ interleaved in blocks as in :mod:`bench.overhead`:
            (its own process): ``both``.
 ``sync-buffer``  ``SyncIPCHandler`` calling ``Mirror`` with a 64 B
            ``SharedBuffer`` (allocated, written, sent, answered with itself,
-           its view read, closed): ``off``, ``100us`` (both poll, for 100 µs:
-           a third server, ``busy-poll-100us``), ``both`` (the defaults). What
-           the default window covers that a narrower one did not.
+           its view read, closed): ``off``, ``100us`` (both poll for 100 µs),
+           ``both`` (the defaults). What the default window covers that a
+           narrower one did not.
 
 CPU per call is the process time (user + system, all threads) each side used
 over the variant's blocks, divided by its calls; the server's is asked with
