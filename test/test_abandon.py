@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import grpc
 import pytest
@@ -315,6 +315,19 @@ def test_end_connections_shuts_down_what_is_bound_at_the_path_and_closes_nothing
                 sock.close()
 
 
+@contextlib.contextmanager
+def accepted_at(path: Path) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A listener bound at ``path`` and the socket it accepted from a peer
+    connected to it; all three closed after."""
+    with socket.socket(socket.AF_UNIX) as listener, socket.socket(socket.AF_UNIX) as peer:
+        listener.bind(str(path))
+        listener.listen()
+        peer.connect(str(path))
+        accepted, _ = listener.accept()
+        with accepted:
+            yield listener, accepted
+
+
 def test_end_connections_leaves_the_blocking_mode_of_the_other_sockets_of_the_process_alone(
         socket_dir: Path) -> None:
     # Found: each socket of the process was inspected through a socket object
@@ -323,11 +336,7 @@ def test_end_connections_leaves_the_blocking_mode_of_the_other_sockets_of_the_pr
     # original: a blocking socket of another part of the process (a thread
     # in recv(), DDS's) turned non-blocking, its next recv() failing EAGAIN.
     path = socket_dir / 'lane.sock'
-    with socket.socket(socket.AF_UNIX) as listener, socket.socket(socket.AF_UNIX) as peer:
-        listener.bind(str(path))
-        listener.listen()
-        peer.connect(str(path))
-        accepted, _ = listener.accept()
+    with accepted_at(path) as (listener, accepted):
         others = socket.socketpair()
         blocking = (listener, accepted, *others)  # (the lane's own too: grpc core's are made non-blocking)
         before = socket.getdefaulttimeout()
@@ -338,7 +347,6 @@ def test_end_connections_leaves_the_blocking_mode_of_the_other_sockets_of_the_pr
             assert [os.get_blocking(sock.fileno()) for sock in blocking] == [True] * len(blocking)
         finally:
             socket.setdefaulttimeout(before)
-            accepted.close()
             for sock in others:
                 sock.close()
 
@@ -418,14 +426,9 @@ def test_count_connections_counts_each_accepted_socket_once(socket_dir: Path) ->
     # What GetStats reports where /proc is not mounted: a socket held under
     # two descriptors (dup(), as a library may) is one connection.
     path = socket_dir / 'lane.sock'
-    with socket.socket(socket.AF_UNIX) as listener, socket.socket(socket.AF_UNIX) as peer:
-        listener.bind(str(path))
-        listener.listen()
-        peer.connect(str(path))
-        accepted, _ = listener.accept()
+    with accepted_at(path) as (_, accepted):
         duplicate = os.dup(accepted.fileno())
         try:
             assert count_connections(path) == 1
         finally:
             os.close(duplicate)
-            accepted.close()
