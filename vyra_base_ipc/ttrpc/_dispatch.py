@@ -249,7 +249,7 @@ class Call:
             await credit.wait()  # the client has not taken what it got
             if self.finished:
                 raise asyncio.CancelledError()
-        payload = serialized(self.handler.serialize, message, self.connection.agreement.shared_memory)
+        payload = self._serialized(message)
         self._check_size(len(payload))
         connection = self.connection
         frame, fds = self._data_frame(payload)
@@ -329,7 +329,7 @@ class Call:
             while not credit.wait_blocking(0.1):  # the client has not taken what it got
                 if self.context._end is not None:
                     raise _CallEnded()
-        payload = serialized(self.handler.serialize, message, self.connection.agreement.shared_memory)
+        payload = self._serialized(message)
         self._check_size(len(payload))
         connection = self.connection
         frame, fds = self._data_frame(payload)
@@ -388,6 +388,10 @@ class Call:
             else:
                 lane.inline_sent += size
 
+    def _serialized(self, message: Any) -> bytes | Pieces:
+        """An answer message serialized as this connection takes it (:func:`serialized`)."""
+        return serialized(self.handler.serialize, message, self.connection.agreement.shared_memory)
+
     def _data_frame(self, payload: bytes | Pieces) -> tuple[bytes, list[int]]:
         """A streamed answer as a data frame, and the descriptors to pass with it."""
         data, fds, flags = outgoing(payload, self.connection.agreement)
@@ -400,7 +404,7 @@ class Call:
             if status is not None:
                 return status[0], status[1], b''
         try:
-            payload = serialized(self.handler.serialize, result, self.connection.agreement.shared_memory)
+            payload = self._serialized(result)
             if len(payload) > self.connection.server.max_message_bytes:  # (tested before the call)
                 self._check_size(len(payload))
         except Exception as error:
