@@ -66,7 +66,7 @@ PARTS = ('small', 'large')
 #: Servers of the peers: name -> server kind in :mod:`bench.servers`.
 PEER_SERVERS = {'zmq': 'zmq', 'iceoryx2-event': 'iceoryx2', 'iceoryx2-spin': 'iceoryx2', 'zenoh': 'zenoh'}
 #: Pause after a block before the server's CPU time is read (see _measure_size):
-#: longer than any server here polls (this package's servers: 100 µs).
+#: longer than any server here polls (this package's servers: 200 µs by default).
 _SETTLE = 0.002
 #: Import name -> what to install (bench/requirements.txt).
 _PACKAGES = {'zmq': 'pyzmq', 'iceoryx2': 'iceoryx2', 'zenoh': 'eclipse-zenoh', 'uvloop': 'uvloop'}
