@@ -249,14 +249,10 @@ class Call:
             await credit.wait()  # the client has not taken what it got
             if self.finished:
                 raise asyncio.CancelledError()
-        payload = self._serialized(message)
-        self._check_size(len(payload))
+        frame, fds, size = self._data_frame(message)
         connection = self.connection
-        frame, fds = self._data_frame(payload)
         connection.send(frame, fds)
-        self._count_sent(len(payload), bool(fds))
-        if credit is not None:
-            credit.spend(message_cost(len(payload)))
+        self._count_sent(size, bool(fds))
         if connection.write_paused:
             await connection.drain()
         else:
@@ -329,14 +325,10 @@ class Call:
             while not credit.wait_blocking(0.1):  # the client has not taken what it got
                 if self.context._end is not None:
                     raise _CallEnded()
-        payload = self._serialized(message)
-        self._check_size(len(payload))
+        frame, fds, size = self._data_frame(message)
         connection = self.connection
-        frame, fds = self._data_frame(payload)
-        if credit is not None:
-            credit.spend(message_cost(len(payload)))
         try:
-            connection.loop.call_soon_threadsafe(self._send_from_thread, frame, fds, len(payload))
+            connection.loop.call_soon_threadsafe(self._send_from_thread, frame, fds, size)
         except RuntimeError:  # the loop is closed
             close_fds(fds)
             raise _CallEnded() from None
@@ -392,10 +384,17 @@ class Call:
         """An answer message serialized as this connection takes it (:func:`serialized`)."""
         return serialized(self.handler.serialize, message, self.connection.agreement.shared_memory)
 
-    def _data_frame(self, payload: bytes | Pieces) -> tuple[bytes, list[int]]:
-        """A streamed answer as a data frame, and the descriptors to pass with it."""
+    def _data_frame(self, message: Any) -> tuple[bytes, list[int], int]:
+        """A streamed answer as a data frame, the descriptors to pass with it
+        and its serialized size, its cost spent from the stream's credit.
+        :raises StatusError: RESOURCE_EXHAUSTED, over max_message_bytes."""
+        payload = self._serialized(message)
+        size = len(payload)
+        self._check_size(size)
         data, fds, flags = outgoing(payload, self.connection.agreement)
-        return encode_frame(self.stream_id, _DATA, flags, data), fds
+        if self.credit is not None:
+            self.credit.spend(message_cost(size))
+        return encode_frame(self.stream_id, _DATA, flags, data), fds, size
 
     def _answer_for(self, result: Any) -> tuple[int, str, bytes | Pieces]:
         context = self.context
