@@ -21,12 +21,14 @@ import itertools
 import os
 from pathlib import Path
 import random
+import re
 import socket
 import struct
 import time
 
 from google.protobuf.message import DecodeError
 import grpc
+from grpc_health.v1 import health_pb2
 import pytest
 
 from conftest import LONG, ServerProcess, wait_for
@@ -36,6 +38,7 @@ from http2_peer import (
     END_STREAM,
     HEADERS,
     PREFACE,
+    RST_STREAM,
     RawConnection,
     frame,
     grpc_call,
@@ -61,6 +64,8 @@ def server_fds(server: ServerProcess) -> int:
 # -- HTTP/2 and gRPC by hand: test/http2_peer.py ---------------------------------------------
 
 ECHO = '/vyra.ipc.test.EchoService/Echo'
+#: HTTP/2's error code CANCEL (RFC 9113, section 7).
+CANCEL = 0x8
 EXECUTE_COMMAND = '/vyra.ipc.ModuleService/ExecuteCommand'
 
 
@@ -154,13 +159,10 @@ def invalid_protobuf(rng: random.Random, message_type: type) -> bytes:
 
 def grpc_framing_defect(rng: random.Random, body: bytes) -> tuple[bytes, tuple[tuple[bytes, bytes], ...]]:
     """A gRPC message whose envelope is wrong around an already invalid body,
-    and the extra headers that go with it.
-
-    (A request stream that ends in the middle of a message is not among
-    them: the server leaves such a call open; see
-    :func:`test_unary_call_without_a_complete_request_is_answered_and_frees_its_slot`.)
-    """
-    choice = rng.randrange(3)
+    and the extra headers that go with it."""
+    choice = rng.randrange(4)
+    if choice == 3:  # the request stream ends in the middle of the message
+        return grpc_message(body, length=len(body) + 1 + rng.randrange(64)), ()
     if choice == 0:  # compressed, but no grpc-encoding
         return grpc_message(body, compressed=True), ()
     if choice == 1:  # "gzip" that is not gzip
@@ -316,24 +318,24 @@ def test_invalid_protobuf_is_answered_invalid_argument_naming_the_message_type(
         assert message_type.DESCRIPTOR.full_name in result.grpc_message, (body, result)
 
 
-def send_unary_calls_without_a_complete_request(connection: RawConnection, echo) -> None:
+def send_unary_calls_without_a_complete_request(connection: RawConnection, method: str, body: bytes) -> None:
     """Calls 1 (headers and END_STREAM, no message) and 3 (a message one byte
     short), neither with a grpc-timeout header: no deadline ends them."""
-    body = echo.pb.EchoRequest(text='cut short').SerializeToString()
-    no_message = frame(HEADERS, END_HEADERS | END_STREAM, 1, grpc_request_headers(ECHO))
-    cut_short = grpc_call(3, ECHO, grpc_message(body, length=len(body) + 1))
+    no_message = frame(HEADERS, END_HEADERS | END_STREAM, 1, grpc_request_headers(method))
+    cut_short = grpc_call(3, method, grpc_message(body, length=len(body) + 1))
     connection.send(PREFACE + CLIENT_SETTINGS + no_message + cut_short)
 
 
 def test_unary_calls_without_a_complete_request_hold_no_slot_of_maximum_concurrent_rpcs(
         start_fault_server, socket_path: Path, echo) -> None:
     # Before: grpc.aio's own limit counted them while they stayed open
-    # (grpc.aio never answers them: below), and with two of them a
+    # (grpc.aio answered them with nothing), and with two of them a
     # connection held every slot of maximum_concurrent_rpcs=2 for as long as
     # it lived: every new call on the gRPC lane got RESOURCE_EXHAUSTED.
     _, journal = start_fault_server(socket_path, '--maximum-concurrent-rpcs', '2')
     with RawConnection(socket_path, timeout=10) as connection:
-        send_unary_calls_without_a_complete_request(connection, echo)
+        send_unary_calls_without_a_complete_request(
+            connection, ECHO, echo.pb.EchoRequest(text='cut short').SerializeToString())
         # A complete call after them on the connection: once it is answered
         # (served, or refused while their tasks still ran), the server has them.
         connection.send(grpc_call(5, ECHO, grpc_message(echo.pb.EchoRequest(text='after').SerializeToString())))
@@ -351,17 +353,78 @@ def test_unary_calls_without_a_complete_request_hold_no_slot_of_maximum_concurre
     assert texts in ({'x'}, {'after', 'x'}), texts
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'grpc.aio (_handle_unary_unary_rpc) sends no status at all when the request stream of a '
-    'unary method ends without a complete message (it takes that for a cancellation): the call '
-    'stays open until the client deadline (none without grpc-timeout) or until the connection closes'))
-def test_unary_call_without_a_complete_request_is_answered(start_fault_server, socket_path: Path, echo) -> None:
-    start_fault_server(socket_path)
+#: Methods that take one request, by handler shape: the server script, the
+#: method, a request of it.
+ONE_REQUEST_METHODS = {
+    'async def': ('echo_server.py', ECHO, lambda pb: pb.EchoRequest(text='cut short')),
+    'def': ('echo_server.py', '/vyra.ipc.test.EchoService/EchoSync', lambda pb: pb.EchoRequest(text='cut short')),
+    'async generator': ('echo_server.py', '/vyra.ipc.test.EchoService/Count', lambda pb: pb.CountRequest(count=2)),
+    'coroutine writing a stream': ('writer_server.py', '/vyra.ipc.test.WatchService/Watch',
+                                   lambda pb: pb.WatchRequest(count=2)),
+    'a tool (health)': ('echo_server.py', '/grpc.health.v1.Health/Check',
+                        lambda pb: health_pb2.HealthCheckRequest(service='')),
+}
+
+
+@pytest.mark.parametrize('shape', ONE_REQUEST_METHODS)
+def test_a_call_of_a_method_taking_one_request_that_never_sends_it_whole_is_answered_unimplemented(
+        start_server, socket_path: Path, echo, shape: str) -> None:
+    # Before: grpc.aio (_handle_unary_unary_rpc, _handle_unary_stream_rpc)
+    # sent no status at all when the request stream of such a method ended
+    # without a complete message (it took that for a cancellation): the call
+    # stayed open until the client's deadline (none without grpc-timeout) or
+    # the connection's end.
+    script, path, request = ONE_REQUEST_METHODS[shape]
+    body = request(echo.pb).SerializeToString()
+    server = start_server(socket_path, script=script)
     with RawConnection(socket_path, timeout=10) as connection:
-        send_unary_calls_without_a_complete_request(connection, echo)
+        send_unary_calls_without_a_complete_request(connection, path, body)
         results = connection.results({1, 3})  # waits up to the socket timeout for answers
+        # The connection serves on: the same call, complete.
+        connection.send(grpc_call(5, path, grpc_message(body)))
+        after = connection.results({5})[5]
     for result in results.values():
-        assert result.ended and result.grpc_status not in (None, 0), results
+        assert result.ended and result.grpc_status == grpc.StatusCode.UNIMPLEMENTED.value[0], results
+        assert result.grpc_message == f'"{path}" requires exactly one request message.', results
+    assert after.ended and after.grpc_status == 0, after
+    assert 'ERROR' not in server.log(), server.log()
+
+
+def test_a_unary_call_that_never_sends_its_request_whole_reaches_no_handler(
+        start_fault_server, socket_path: Path, echo) -> None:
+    _, journal = start_fault_server(socket_path)
+    with RawConnection(socket_path, timeout=10) as connection:
+        send_unary_calls_without_a_complete_request(
+            connection, ECHO, echo.pb.EchoRequest(text='cut short').SerializeToString())
+        assert all(result.ended for result in connection.results({1, 3}).values())
+        connection.send(grpc_call(5, ECHO, grpc_message(echo.pb.EchoRequest(text='after').SerializeToString())))
+        assert connection.results({5})[5].grpc_status == 0
+    assert [(event, echo.pb.EchoRequest.FromString(data).text) for event, _, data in journal.events()] == [
+        ('begin', 'after')]
+
+
+def test_unary_calls_cancelled_before_their_request_are_let_go_without_an_error(
+        start_fault_server, socket_path: Path, echo) -> None:
+    # Reading the request of a method that takes one (above) must still take
+    # a call its client cancels before sending it (RST_STREAM CANCEL) for
+    # what it is, with nothing logged, as grpc.aio did: 100 of them, each
+    # cancelled once a complete call after it was answered (so that its
+    # handler is most likely waiting for the request by then).
+    server, journal = start_fault_server(socket_path)
+    body = grpc_message(echo.pb.EchoRequest(text='served').SerializeToString())
+    with RawConnection(socket_path, timeout=10) as connection:
+        connection.send(PREFACE + CLIENT_SETTINGS)
+        for number in range(100):
+            cancelled, served = 4 * number + 1, 4 * number + 3
+            connection.send(frame(HEADERS, END_HEADERS, cancelled, grpc_request_headers(ECHO))
+                            + grpc_call(served, ECHO, body))
+            assert connection.results({served})[served].grpc_status == 0
+            connection.send(frame(RST_STREAM, 0, cancelled, struct.pack('>I', CANCEL)))
+        connection.send(grpc_call(401, ECHO, body))
+        assert connection.results({401})[401].grpc_status == 0
+    assert journal.count('begin', 'Echo') == 101
+    assert server.stop() == 0
+    assert not re.search(r'ERROR|WARNING|Traceback|Exception', server.log()), server.log()
 
 
 # -- guarantee 6: oversized messages -------------------------------------------------------

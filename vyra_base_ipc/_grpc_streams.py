@@ -25,6 +25,7 @@ from typing import Any, AsyncGenerator, AsyncIterator, Callable, Mapping
 import grpc
 
 from ._limits import CONCURRENT_RPC_LIMIT_EXCEEDED
+from ._request_guard import reading_one_request
 
 __all__ = ['CallTasks', 'OpenStreams']
 
@@ -116,6 +117,11 @@ class CallTasks(grpc.aio.ServerInterceptor):
     RPC limit exceeded!" without running its handler, as grpc.aio's own
     ``maximum_concurrent_rpcs`` does, and reported to ``refused`` with its
     method's path (grpc.aio's refusals are seen by nobody).
+
+    Every method that takes one request reads it itself
+    (:func:`~vyra_base_ipc._request_guard.reading_one_request`), so a call
+    that never sends it whole is answered: here, where every handler passes
+    last, no other wrapper sees the change.
     """
 
     def __init__(self, limit: int | None = None, refused: Callable[[str], None] | None = None) -> None:
@@ -124,6 +130,9 @@ class CallTasks(grpc.aio.ServerInterceptor):
         self._admitted: set[asyncio.Task[Any]] = set()
         self._limit = limit
         self._refused = refused
+        # Each method's handler as reading_one_request() made it, by the
+        # handler grpc has for it: one entry per method.
+        self._reading: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -137,6 +146,9 @@ class CallTasks(grpc.aio.ServerInterceptor):
                 self._admitted.add(task)
                 task.add_done_callback(self._admitted.discard)
         handler = await continuation(handler_call_details)
+        if handler is not None:
+            handler = self._reading.get(handler) or self._reading.setdefault(
+                handler, reading_one_request(handler_call_details.method, handler))
         if not refuse:
             return handler
         if self._refused is not None:

@@ -19,6 +19,14 @@ raised by hand (see :func:`_answer`).
 A ``def`` handler becomes an ``async def`` that runs it in the server's
 handler threads (:mod:`vyra_base_ipc._def_handlers`), told when its call
 ends, so that every guard here is one for ``async def`` handlers.
+
+grpc.aio sends no status at all for a unary call whose request stream ends
+without a complete message (it takes that for a cancellation): the call
+stays open until its deadline, or without one until the connection closes.
+:func:`reading_one_request` has such methods read their request themselves
+and answer that call UNIMPLEMENTED, gRPC's code for a request cardinality
+violation (``doc/statuscodes.md``), in the words of grpc's synchronous
+server.
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ from ._methods import stream_returned
 from ._status_details import checked_trailer
 from ._sync_context import CheckedTrailer, abort_code
 
-__all__ = ['HANDLER_EXITS', 'HANDLER_FAILURES', 'guard_handlers', 'unexpected_details']
+__all__ = ['HANDLER_EXITS', 'HANDLER_FAILURES', 'guard_handlers', 'reading_one_request',
+           'unexpected_details']
 
 #: What a handler may raise that asyncio does not keep inside its task.
 HANDLER_EXITS = (SystemExit, KeyboardInterrupt)
@@ -84,6 +93,54 @@ def _guard(path: str, handler: grpc.RpcMethodHandler, executor: futures.Executor
         deserialize = _tolerant(path, deserialize)
     return _FACTORIES[streaming](behaviour, request_deserializer=deserialize,
                                  response_serializer=handler.response_serializer)
+
+
+def reading_one_request(path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """``handler`` of the method ``path``, if it takes one request and is
+    ``async def``, as one that takes the request stream and reads its first
+    message itself: a call whose stream ends without one is answered
+    UNIMPLEMENTED '"``path``" requires exactly one request message.', as
+    grpc's synchronous server answers it, where grpc.aio answered nothing. The
+    method's clients see no difference; a message after the first is not
+    read, as grpc.aio does not read it. Any other ``handler`` is returned as
+    it is."""
+    if handler.request_streaming:
+        return handler
+    factory = grpc.stream_stream_rpc_method_handler if handler.response_streaming \
+        else grpc.stream_unary_rpc_method_handler
+    behaviour = handler.unary_stream if handler.response_streaming else handler.unary_unary
+    reading: Callable[..., Any]
+    if inspect.isasyncgenfunction(behaviour):
+        async def reading_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
+            request = await context.read()
+            if request is grpc.aio.EOF:
+                await _no_request(path, context)
+            responses = behaviour(request, context)
+            try:
+                async for response in responses:
+                    yield response
+            finally:
+                await responses.aclose()
+        reading = reading_stream
+    elif inspect.iscoroutinefunction(behaviour):  # a unary answer, or a stream it writes
+        async def reading_call(requests: Any, context: Any) -> Any:
+            request = await context.read()
+            if request is grpc.aio.EOF:
+                await _no_request(path, context)
+            return await behaviour(request, context)
+        reading = reading_call
+    else:
+        return handler
+    return factory(reading, request_deserializer=handler.request_deserializer,
+                   response_serializer=handler.response_serializer)
+
+
+async def _no_request(path: str, context: Any) -> None:
+    """Answer a call of ``path`` whose request stream ended without a message.
+
+    :raises grpc.aio.AbortError: always.
+    """
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, f'"{path}" requires exactly one request message.')
 
 
 def unexpected_details(error: BaseException) -> str:
