@@ -25,6 +25,7 @@ UNAVAILABLE, TIMEOUT = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 
 #: One of each exception the package raises, made as the package makes it.
 SAMPLES: list[BaseException] = [
+    exceptions.CallRejected(grpc.StatusCode.PERMISSION_DENIED, 'not you', status_details=[DETAIL]),
     exceptions.CommandError('no such joint', grpc.StatusCode.NOT_FOUND),
     exceptions.ForkedProcessError('forked'),
     exceptions.IPCError(grpc.StatusCode.INTERNAL, 'broken', method='/my_arm.Arm/Move', status_details=[DETAIL]),

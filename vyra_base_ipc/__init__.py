@@ -23,7 +23,7 @@ if _sys.version_info < (3, 11):  # (colcon installs it without looking at setup.
 from ._allocator import DEFAULT_KEEP_FREED_MEMORY, keep_freed_memory
 from ._busy_poll import DEFAULT_BUSY_POLL
 from ._event_loop import new_event_loop, run
-from ._interceptors import CallRejected, ClientCall, ClientInterceptor, ServerCall, ServerInterceptor
+from ._interceptors import ClientCall, ClientInterceptor, ServerCall, ServerInterceptor
 from ._limits import ServerLimits
 from ._options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT
 from ._payload import SharedMemoryOptions
@@ -40,6 +40,7 @@ from ._shared_buffer import (
 from .address import MAX_SOCKET_PATH_BYTES, default_socket_path, resolve_socket_path
 from .client import IPCHandler, SyncIPCHandler
 from .exceptions import (
+    CallRejected,
     CommandError,
     ForkedProcessError,
     IPCError,

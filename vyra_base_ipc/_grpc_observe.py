@@ -24,9 +24,10 @@ from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
 import grpc
 
-from ._interceptors import CallObserver, CallRejected, Observation
+from ._interceptors import CallObserver, Observation
 from ._metrics import LaneMetrics, ServerMetrics
 from ._request_guard import unexpected_details
+from .exceptions import CallRejected
 
 __all__ = ['UnknownMethods', 'observe_handlers']
 

@@ -27,17 +27,14 @@ import logging
 import time
 from typing import Any, Iterable, Iterator, Sequence, TypeVar, Union
 
-from google.protobuf import any_pb2
-from google.protobuf.message import Message
 import grpc
 
 from ._metrics import MethodMetrics, ServerMetrics
 from ._peer import PeerCredentials
 from ._request_guard import HANDLER_FAILURES
-from ._status_details import status_trailer
-from .exceptions import IPCError, error_from_status
+from .exceptions import CallRejected, IPCError, error_from_status
 
-__all__ = ['CallObserver', 'CallRejected', 'ClientCall', 'ClientInterceptor', 'Observation', 'ServerCall',
+__all__ = ['CallObserver', 'ClientCall', 'ClientInterceptor', 'Observation', 'ServerCall',
            'ServerInterceptor', 'checked_interceptors', 'intercepted_call']
 
 _logger = logging.getLogger(__name__)
@@ -45,57 +42,6 @@ _logger = logging.getLogger(__name__)
 #: How a call ends when its caller leaves it: the task cancelled, the
 #: stream closed early, Ctrl-C.
 _LEFT = (GeneratorExit, KeyboardInterrupt, asyncio.CancelledError, futures.CancelledError)
-
-
-class CallRejected(Exception):
-    """Raised by :meth:`ServerInterceptor.call_started` to answer the call
-    with ``code`` and ``details`` instead of running its handler (and by
-    :meth:`ClientInterceptor.call_started` to fail it at once).
-
-    ``status_details``: messages (a ``google.rpc.ErrorInfo``, say) that go
-    with the status as the details of a ``google.rpc.Status``, as a handler's
-    ``abort_with_status()`` sends them; each is packed in an
-    ``google.protobuf.any_pb2.Any`` unless it is one. The caller reads them
-    as :attr:`IPCError.status_details`.
-
-    :raises ValueError: ``code`` is not a :class:`grpc.StatusCode`, or is OK.
-    :raises TypeError: ``status_details`` is not a sequence of protobuf
-        messages. Raised here, in the interceptor, as any bug of its (an
-        interceptor that raises so is logged and the call goes on: its
-        refusal was never made).
-    """
-
-    def __init__(self, code: grpc.StatusCode, details: str = '', *,
-                 status_details: Sequence[Message] = ()) -> None:
-        if not isinstance(code, grpc.StatusCode) or code is grpc.StatusCode.OK:
-            raise ValueError(f'CallRejected needs a grpc.StatusCode other than OK, not {code!r}')
-        if isinstance(status_details, (str, bytes, Message)) or not isinstance(status_details, Iterable):
-            raise TypeError('CallRejected status_details must be a sequence of protobuf messages, '
-                            f'not {type(status_details).__name__}')
-        super().__init__(f'{code.name}: {details}')
-        self.code = code
-        self.details = details
-        #: The details as they go: each an ``Any``.
-        self.status_details = tuple(_packed(detail) for detail in status_details)
-
-    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
-        """The ``grpc-status-details-bin`` trailer of the rejection's
-        ``google.rpc.Status``; empty without ``status_details``."""
-        return status_trailer(self.code, self.details, self.status_details)
-
-
-def _packed(detail: Message) -> any_pb2.Any:
-    """``detail`` in an ``Any`` (itself if it is one).
-
-    :raises TypeError: it is not a protobuf message.
-    """
-    if isinstance(detail, any_pb2.Any):
-        return detail
-    if not isinstance(detail, Message):
-        raise TypeError(f'CallRejected status_details must be protobuf messages, not {type(detail).__name__}')
-    packed = any_pb2.Any()
-    packed.Pack(detail)
-    return packed
 
 
 @dataclass(frozen=True)

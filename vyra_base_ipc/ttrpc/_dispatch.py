@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Any, Callable, Union
 
 import grpc
 
-from .._interceptors import CallRejected, Observation
+from .._interceptors import Observation
 from .._methods import MethodKind, stream_returned
 from .._metrics import MethodMetrics
 from .._payload import Pieces, SharedMemoryError, close_fds
 from .._request_guard import HANDLER_FAILURES
+from .._sync_context import CallEnded
+from ..exceptions import CallRejected
 from ._context import ServicerContext, _End
 from ._eager import run_eagerly
 from ._errors import received_too_large
@@ -50,11 +52,6 @@ _SYNC_FAILURES = (*HANDLER_FAILURES, asyncio.CancelledError)
 # Answer of a call: (status code number, details, payload); payload None
 # ends a response stream with a bare close instead of a Response frame.
 _Answer = tuple[int, str, Union[bytes, Pieces, None]]
-
-
-class _CallEnded(Exception):
-    """Raised inside a ``def`` handler's thread when it writes to a call that
-    has already ended (deadline, cancellation); stops the handler's generator."""
 
 
 class Handler:
@@ -307,7 +304,7 @@ class Call:
                 status = status_after_return(context)
                 return (status[0], status[1], b'') if status else (_OK, '', None)
             return self._answer_for(handler.function(argument, context))
-        except _CallEnded:
+        except CallEnded:
             return None
         except _SYNC_FAILURES as error:  # (a def handler's CancelledError is its own, not the call's end)
             code, details = error_status(context, error, handler.path)
@@ -316,7 +313,7 @@ class Call:
     def _write_thread(self, message: Any) -> None:
         context = self.context
         if context._end is not None:
-            raise _CallEnded()
+            raise CallEnded()
         if context._abort is not None:  # as in _write_async
             raise context._aborted()
         context._headers_sent = True
@@ -324,17 +321,17 @@ class Call:
         if credit is not None:
             while not credit.wait_blocking(0.1):  # the client has not taken what it got
                 if self.context._end is not None:
-                    raise _CallEnded()
+                    raise CallEnded()
         frame, fds, size = self._data_frame(message)
         connection = self.connection
         try:
             connection.loop.call_soon_threadsafe(self._send_from_thread, frame, fds, size)
         except RuntimeError:  # the loop is closed
             close_fds(fds)
-            raise _CallEnded() from None
+            raise CallEnded() from None
         while not connection.writable.wait(0.1):
             if self.context._end is not None:
-                raise _CallEnded()
+                raise CallEnded()
 
     def _send_from_thread(self, frame: bytes, fds: list[int], size: int) -> None:
         if self.finished:
