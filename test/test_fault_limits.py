@@ -475,7 +475,9 @@ async def test_a_rapid_reset_burst_leaves_other_clients_served(server: ServerPro
 async def test_a_grpc_call_without_deadline_ends_after_max_call_duration(start_server, socket_dir: Path,
                                                                          echo) -> None:
     """The same bound on the gRPC lane, for another peer's call (a bare grpc.aio
-    stub sends no deadline unless told); a call with a deadline is its own."""
+    stub sends no deadline unless told), an ``async def`` handler's and a
+    ``def`` handler's (told that its call ended: it works while it is active,
+    60 s at most); a call with a deadline is its own."""
     import grpc
 
     server = limited(start_server, socket_dir / 'g.sock', max_call_duration=1.0)
@@ -484,6 +486,11 @@ async def test_a_grpc_call_without_deadline_ends_after_max_call_duration(start_s
         stub = echo.Stub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await stub.Sleep(echo.pb.SleepRequest(seconds=60))
+        assert error.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert '(max_call_duration)' in (error.value.details() or '')
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await asyncio.wait_for(echo.grpc.StatusServiceStub(channel).MisbehaveSync(
+                echo.pb.MisbehaveRequest(how='until-inactive')), 30)
         assert error.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         assert '(max_call_duration)' in (error.value.details() or '')
         reply = await stub.Sleep(echo.pb.SleepRequest(seconds=1.5), timeout=30)

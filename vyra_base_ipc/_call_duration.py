@@ -4,11 +4,11 @@ do on the fast lane.
 
 grpc.aio has no server-side bound of its own: a peer that sends no deadline
 (this package's clients always send one, but for watch streams) could hold a
-handler for ever. ``async def`` handlers of methods with one response are
-cancelled at the bound and the call ends DEADLINE_EXCEEDED. Streams of
-responses are left alone (a watch lives as long as its client), and so are
-``def`` handlers: they run in threads nothing can interrupt, exactly as when
-a client's own deadline passes.
+handler for ever. Handlers of methods with one response are cancelled at
+the bound and the call ends DEADLINE_EXCEEDED; a ``def`` handler is one too
+by then (:mod:`vyra_base_ipc._request_guard` runs it from an ``async def``),
+and is told that its call ended, as when a client's own deadline passes.
+Streams of responses are left alone (a watch lives as long as its client).
 """
 
 from __future__ import annotations

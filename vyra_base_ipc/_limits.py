@@ -56,9 +56,9 @@ class ServerLimits:
     :param max_call_duration: seconds a call that came without a deadline
         may run, unless it streams responses (a watch: it lives as long as
         the client stays); it then ends DEADLINE_EXCEEDED. This package's
-        clients always send a deadline but for such streams. On the gRPC
-        lane ``def`` handlers are not bounded (their thread cannot be
-        interrupted, as when a client's deadline passes).
+        clients always send a deadline but for such streams. A ``def``
+        handler is told (``is_active()`` turns False), as when a client's
+        deadline passes: its thread cannot be interrupted.
     :param max_queued_bytes: bytes of answers waiting for one fast-lane peer
         that does not read them; beyond it that connection is closed. Never
         less than two messages of the server's ``max_message_bytes``.
