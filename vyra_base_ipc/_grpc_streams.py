@@ -7,8 +7,9 @@ response streams at once with UNAVAILABLE ("server is shutting down");
 here the gRPC lane's ``async def`` generator handlers do the same: each is
 run through a wrapper that, once :meth:`OpenStreams.end_all` was called,
 closes the handler's generator (cancelling it if it is waiting for
-something) and aborts the call with that status. ``def`` stream handlers
-run in grpc's thread pool, out of reach: they get the grace period.
+something) and aborts the call with that status. A ``def`` stream handler
+is one of them by then (:mod:`vyra_base_ipc._request_guard` runs it from an
+async generator), and is told that its call ended.
 
 :class:`CallTasks` keeps the task of every call on the lane, so that the
 server's stop can wait until grpc.aio's tasks of the calls it cancelled have
