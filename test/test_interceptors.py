@@ -217,6 +217,8 @@ def test_an_interceptor_sees_method_lane_metadata_peer_deadline_status_and_durat
     assert slept['code'] in (('DEADLINE_EXCEEDED',) if lane == 'ttrpc' else ('DEADLINE_EXCEEDED', 'CANCELLED'))
     started = [entry for entry in observed.entries() if entry['event'] == 'started' and entry['lane'] == lane]
     assert {entry['method'] for entry in started} >= {ECHO, ECHO_SYNC, FAIL, INSPECT_SYNC, SLEEP}
+    # Both hooks run on the server's event loop (its main thread here), def handlers' calls too.
+    assert {entry['thread'] for entry in observed.entries() if entry['lane'] == lane} == {'MainThread'}
 
 
 @pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])

@@ -77,8 +77,9 @@ class ServerCall:
 
 class ServerInterceptor:
     """Override either hook; both run for every call of the server's own
-    services on both lanes, from the event loop or a handler's worker
-    thread, so they must be thread-safe and must not block.
+    services on both lanes, on the server's event loop (``def`` handlers'
+    calls too), so they must not block: a hook that waits holds up every
+    call of the server.
 
     Exceptions other than :class:`CallRejected` are logged and ignored:
     a broken interceptor does not fail calls.
@@ -111,12 +112,7 @@ class Observation:
         """The call ended with status number ``code``."""
         metrics = self.metrics
         if metrics is not None:
-            lock = metrics.lock
-            if lock is None:
-                metrics.ended(self.started, code)
-            else:
-                with lock:
-                    metrics.ended(self.started, code)
+            metrics.ended(self.started, code)
         if self.call is not None:
             _server_ended(self.interceptors, self.call, code, details, self.started)
 
@@ -138,7 +134,7 @@ class CallObserver:
         """The counters a call of ``method`` on ``lane`` updates, if metrics are on."""
         if self.metrics is None:
             return None
-        return self.metrics.method(method, lane, threaded=lane == 'grpc')
+        return self.metrics.method(method, lane)
 
     def start(self, metrics: MethodMetrics | None, method: str, lane: str, context: Any,
               peer: PeerCredentials | None, deadline: float | None) -> Observation:
@@ -153,12 +149,7 @@ class CallObserver:
                               context)
         observation = Observation(self, metrics, call)
         if metrics is not None:
-            lock = metrics.lock
-            if lock is None:
-                observation.started = metrics.started()
-            else:
-                with lock:
-                    observation.started = metrics.started()
+            observation.started = metrics.started()
         else:
             observation.started = time.perf_counter()
         if call is not None:
@@ -253,8 +244,8 @@ def checked_interceptors(interceptors: Iterable[_Interceptor] | None, kind: type
             if _is_async(getattr(interceptor, hook)):
                 raise TypeError(
                     f'{type(interceptor).__qualname__}.{hook} is an async def: interceptor hooks are called, '
-                    'never awaited (they run on the event loop or in a handler thread and must not block), '
-                    'so it would never run; make it a def')
+                    "never awaited (they run on the server's event loop or in the caller's thread or task, "
+                    'and must not block), so it would never run; make it a def')
     return checked
 
 

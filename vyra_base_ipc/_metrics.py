@@ -3,17 +3,17 @@ by status, calls in flight and a latency histogram; per lane, message bytes
 inline and through shared memory.
 
 Counting is on the hot path of every call, so it is a handful of integer
-updates and one ``bisect`` per call, with no lock where a single thread
-updates: the fast lane does all of its counting on the server's event loop.
-Counters that ``def`` handlers of the gRPC lane update from worker threads
-take a lock (``+=`` on an attribute is not atomic across threads).
-A snapshot is the ``vyra.ipc.Stats`` message of ``introspection.proto``.
+updates and one ``bisect`` per call, with no lock: both lanes count on the
+server's event loop only (the gRPC lane's ``def`` handlers too: they are run
+from ``async def`` wrappers, and their messages are sent from the loop).
+A snapshot, taken from any thread, copies in one step each what the loop
+may change meanwhile. It is the ``vyra.ipc.Stats`` message of
+``introspection.proto``.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-import threading
 import time
 from typing import Iterable, Mapping
 
@@ -37,9 +37,9 @@ UNKNOWN_METHOD = '(unknown method)'
 class MethodMetrics:
     """The counters of one method on one lane."""
 
-    __slots__ = ('method', 'lane', 'calls', 'in_flight', 'errors', 'counts', 'max', 'lock')
+    __slots__ = ('method', 'lane', 'calls', 'in_flight', 'errors', 'counts', 'max')
 
-    def __init__(self, method: str, lane: str, threaded: bool = False) -> None:
+    def __init__(self, method: str, lane: str) -> None:
         self.method = method
         self.lane = lane
         self.calls = 0
@@ -48,8 +48,6 @@ class MethodMetrics:
         self.errors: dict[int, int] = {}
         self.counts = [0] * (len(LATENCY_BOUNDS) + 1)
         self.max = 0.0
-        #: Held around updates when worker threads make them.
-        self.lock: threading.Lock | None = threading.Lock() if threaded else None
 
     def started(self) -> float:
         """Count a call as in flight; returns its start time for :meth:`ended`."""
@@ -68,13 +66,8 @@ class MethodMetrics:
             self.errors[code] = self.errors.get(code, 0) + 1
 
     def answered_at_once(self, code: int) -> None:
-        """Count a call answered ``code`` as it came, without a handler (under
-        :attr:`lock` where worker threads update these counters too)."""
-        if self.lock is None:
-            self.ended(self.started(), code)
-            return
-        with self.lock:
-            self.ended(self.started(), code)
+        """Count a call answered ``code`` as it came, without a handler."""
+        self.ended(self.started(), code)
 
     def snapshot(self) -> MethodStats:
         """The counters as a ``vyra.ipc.MethodStats`` message; from any thread."""
@@ -94,8 +87,7 @@ class LaneMetrics:
     """Message bytes one lane carried, inline and as shared memory, and the
     calls it refused at the server's limits."""
 
-    __slots__ = ('lane', 'inline_received', 'inline_sent', 'shared_received', 'shared_sent', 'refused',
-                 'lock')
+    __slots__ = ('lane', 'inline_received', 'inline_sent', 'shared_received', 'shared_sent', 'refused')
 
     def __init__(self, lane: str) -> None:
         self.lane = lane
@@ -103,10 +95,8 @@ class LaneMetrics:
         self.inline_sent = 0
         self.shared_received = 0
         self.shared_sent = 0
-        #: Calls refused before a handler at the server's limits (on the event loop only).
+        #: Calls refused before a handler at the server's limits.
         self.refused = 0
-        #: Held around the byte counts (worker threads count the gRPC lane's).
-        self.lock = threading.Lock()
 
     def snapshot(self, connections: int) -> LaneStats:
         """The counters as a ``vyra.ipc.LaneStats`` message."""
@@ -132,12 +122,12 @@ class ServerMetrics:
         self.start_time = time.time()
         self._started = time.monotonic()
 
-    def method(self, method: str, lane: str, threaded: bool = False) -> MethodMetrics:
+    def method(self, method: str, lane: str) -> MethodMetrics:
         """The counters of ``method`` on ``lane``, made on first use (servers
         make them when they register handlers, so calls only look them up)."""
         metrics = self._methods.get((method, lane))
         if metrics is None:
-            metrics = self._methods[(method, lane)] = MethodMetrics(method, lane, threaded)
+            metrics = self._methods[(method, lane)] = MethodMetrics(method, lane)
         return metrics
 
     def unknown_method(self, lane: str) -> None:

@@ -49,7 +49,7 @@ class Gatekeeper(ServerInterceptor):
         return {'method': call.method, 'service': call.service, 'lane': call.lane,
                 'metadata': {key: value for key, value in call.metadata if isinstance(value, str)},
                 'peer_pid': call.peer.pid if call.peer else None,
-                'has_deadline': call.deadline is not None}
+                'has_deadline': call.deadline is not None, 'thread': threading.current_thread().name}
 
     def call_started(self, call: ServerCall) -> None:
         self.write({'event': 'started', **self._call(call)})

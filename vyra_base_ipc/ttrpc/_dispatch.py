@@ -80,7 +80,7 @@ class Handler:
         self.observed = False
         self.metrics: MethodMetrics | None = None
         #: Whether the server observes its calls only to count them in
-        #: ``metrics`` (no interceptors, no lock): the calls then do that
+        #: ``metrics`` (no interceptors): the calls then do that
         #: without an :class:`Observation` (set by the server).
         self.counted_only = False
 

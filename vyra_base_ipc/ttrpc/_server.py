@@ -150,8 +150,7 @@ class TtrpcServer:
                     method.observed = True
                     method.metrics = observer.method_metrics(method.path, 'ttrpc')
                     metrics = method.metrics
-                    method.counted_only = (not observer.interceptors and metrics is not None
-                                           and metrics.lock is None)
+                    method.counted_only = not observer.interceptors and metrics is not None
                 self._handlers[(registration.name, name)] = method
         self._socket = SocketFile(self.socket_path, socket_mode=socket_mode,
                                   directory_mode=directory_mode, group=socket_group)
