@@ -8,7 +8,7 @@ creation (``MAP_POPULATE``), then sealed against shrinking, growing and any
 before the seal, stays writable; nobody the descriptor is passed to can map
 it writable, write() to it, or make it smaller. The owner writes a message
 or a :class:`~vyra_base_ipc.SharedBuffer` into it and lends it to the
-receivers (:mod:`vyra_base_ipc._segment_link`); once every user let go, it
+receivers (:mod:`vyra_base_ipc.ttrpc._segment_link`); once every user let go, it
 goes back to the process's :class:`SegmentPool`, and is written again.
 
 The pool is one per process (a buffer can go to any connection), bounded in

@@ -537,14 +537,15 @@ def attach_buffers(context: Any, response: _Message, *buffers: SharedBuffer) -> 
     The answer keeps descriptors of its own: the buffers may be closed once
     this returns.
 
-    On the fast lane, to a client that agreed on shared memory, they travel
-    as descriptors (the client gets them with ``return_buffers=True``);
-    otherwise their bytes are copied into the references' ``inline_data`` of
-    the returned copy of ``response``. Returns the response to send, a
-    message of ``response``'s class (so a handler's return type holds).
+    On the fast lane, to a client that agreed on shared memory, the single
+    answer of a method that does not stream its responses takes them as
+    descriptors (the client gets them with ``return_buffers=True``);
+    otherwise (the gRPC lane, a streamed message) their bytes are copied
+    into the references' ``inline_data`` of the returned copy of
+    ``response``. Returns the response to send, a message of ``response``'s
+    class (so a handler's return type holds).
 
-    :raises TypeError, ValueError: as :func:`check_buffers`, or the method
-        streams its responses.
+    :raises TypeError, ValueError: as :func:`check_buffers`.
     """
     check_buffers(getattr(context, '_method', 'this method'), False, buffers)
     attach = getattr(context, '_attach_buffers', None)

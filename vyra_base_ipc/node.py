@@ -16,7 +16,7 @@ Parameters (declared with a description, checked and documented in
 ``module_name``, ``socket_path``, ``ttrpc_enabled``, ``ttrpc_socket_path``,
 ``shared_memory_enabled``, ``shared_memory_threshold``, ``busy_poll_us``,
 ``keep_freed_memory_mb``, ``servicers``, ``grace_period``, ``max_message_bytes``,
-``diagnostics_period``.
+``maximum_concurrent_rpcs``, ``diagnostics_period``.
 
 The server's status goes to ``/diagnostics`` every ``diagnostics_period``
 seconds (see :mod:`vyra_base_ipc._diagnostics`).

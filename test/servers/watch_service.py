@@ -39,7 +39,7 @@ class WatchService(echo_pb2_grpc.WatchServiceServicer):
 
         def callback(*_: Any) -> None:
             record.callback_ran = True
-        if hasattr(context, 'add_callback'):  # def handlers (grpc.ServicerContext)
+        if hasattr(context, 'add_callback'):  # the fast lane's contexts, and def handlers' on the gRPC lane
             context.add_callback(callback)
         else:  # async def handlers on the gRPC lane (grpc.aio.ServicerContext)
             context.add_done_callback(callback)
@@ -70,19 +70,16 @@ class WatchService(echo_pb2_grpc.WatchServiceServicer):
     def WatchSync(self, request: echo_pb2.WatchRequest, context: Any) -> Iterator[echo_pb2.WatchEvent]:
         record = self._begin(request.tag, context)
         payload = b'w' * request.size
-        # grpc.aio gives def handlers no is_active(): there the generator
-        # learns of the end when it is closed at a yield.
-        is_active = getattr(context, 'is_active', lambda: True)
         try:
             index = 0
-            while (not request.count or index < request.count) and is_active():
+            while (not request.count or index < request.count) and context.is_active():
                 yield echo_pb2.WatchEvent(index=index, payload=payload, sent_at=time.monotonic())
                 record.sent = index = index + 1
                 if request.interval:
                     time.sleep(request.interval)
-            while request.hold and is_active():
+            while request.hold and context.is_active():
                 time.sleep(0.01)
-            record.how = 'finished' if is_active() else 'inactive'
+            record.how = 'finished' if context.is_active() else 'inactive'
         except GeneratorExit:
             record.how = 'inactive'  # a write to the ended call stopped the generator
             raise
