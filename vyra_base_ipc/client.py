@@ -113,6 +113,8 @@ class IPCHandler(ClientBase):
     _channel_factory = staticmethod(grpc.aio.insecure_channel)
     _grpc_lane_type = GrpcLane
 
+    # Restated (as in SyncIPCHandler), not inherited: a misspelt keyword's TypeError
+    # then names this class, not ClientBase (test_typed_client).
     def __init__(self, socket_path: StrPath | None = None, service_stub: type[Any] | None = None, *,
                  module_name: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                  default_method: str | None = None, wait_for_ready: bool = False,
