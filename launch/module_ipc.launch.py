@@ -4,7 +4,7 @@
     ros2 launch vyra_base_ipc module_ipc.launch.py module_name:=arm namespace:=/robot1 \
         module_package:=my_arm module_executable:=arm_node host_ipc:=true
     ros2 launch vyra_base_ipc module_ipc.launch.py module_name:=arm \
-        module_package:=my_arm module_executable:=arm_node servicers:="['my_arm.arm_service:ArmService']"
+        servicers:="['my_arm.arm_service:ArmService']"
     ros2 launch vyra_base_ipc module_ipc.launch.py module_name:=demo params_file:=/etc/demo/params.yaml
 
 The IPC server runs as a node of its own, the executable ``ipc_server`` as

@@ -122,6 +122,20 @@ async def test_package_config_file_with_module_name_from_command_line(start_proc
         server.stop()
 
 
+def test_the_shipped_config_sets_each_parameter_to_its_default() -> None:
+    # It lacked keep_freed_memory_mb, so a reader of it did not learn of that
+    # parameter. module_name comes from the launch or the command line; servicers
+    # is shown in a comment (an empty list in YAML is no string array to rclpy).
+    import yaml
+
+    from vyra_base_ipc._node_parameters import PARAMETERS
+
+    config = Path(__file__).resolve().parent.parent / 'config' / 'ipc_server.yaml'
+    values = yaml.safe_load(config.read_text())['/**']['ros__parameters']
+    assert values == {spec.name: spec.default for spec in PARAMETERS
+                      if spec.name not in ('module_name', 'servicers')}
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize('remap', [['-r', '__ns:=/robot1'],
                                    ['-r', '__ns:=/robot1', '-r', '__node:=arm_ipc']])
