@@ -6,7 +6,7 @@ Two parts, each one client process (``python -m bench.peers SPEC``) holding
 one client of every variant:
 
 ``small``  64 B round trips: the floor, ``SyncIPCHandler`` and ``IPCHandler``
-           (stock asyncio loop) on the fast lane, a minimal Python ttrpc
+           (stock asyncio loop, and uvloop) on the fast lane, a minimal Python ttrpc
            (:mod:`bench.minimal_ttrpc`: client and server, and its clients
            against ``IPCServer``), pyzmq REQ/REP over
            ``ipc://``, iceoryx2 request-response waiting on events and

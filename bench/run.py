@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
     speed.add_argument('--quick', action='store_true', help='fewer calls: one to two minutes')
     speed.add_argument('--smoke', action='store_true', help='a few calls per row: seconds')
     parser.add_argument('--out', type=Path, default=DEFAULT_OUT,
-                        help='directory for results.json and latency.png (default: %(default)s)')
+                        help='directory for results.json, results.md and latency.png (default: %(default)s)')
     parser.add_argument('--only', default='',
                         help='comma-separated transport keys to measure')
     parser.add_argument('--sections', default=','.join(SECTIONS),

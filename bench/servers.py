@@ -19,7 +19,7 @@ Every server echoes: the reply carries the request's bytes, with as little
 handler work as the framework allows (gRPC handlers return the request
 message itself; the ROS 2 handler copies one string reference). The gRPC
 servers also stream (``Stream``, ``Watch``); ``socket-stream`` is the plain
-socket's stream: for each 12-byte request (count, size, unused) it sends
+socket's stream: for each 16-byte request (count, size, 8 unused bytes) it sends
 ``count`` frames of ``size`` bytes.
 """
 

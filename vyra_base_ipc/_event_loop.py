@@ -9,10 +9,11 @@ used::
     vyra_base_ipc.run(server.serve())                        # like asyncio.run()
     asyncio.Runner(loop_factory=vyra_base_ipc.new_event_loop)  # or any loop_factory
 
-A loop created elsewhere (``asyncio.run()``, uvicorn, ...) serves exactly the
-same, only without polling. The synchronous client polls by itself; an
-:class:`~vyra_base_ipc.IPCHandler` polls only when it runs on a loop from
-:func:`new_event_loop` too.
+A server on a loop created elsewhere (``asyncio.run()``, uvicorn, ...)
+serves exactly the same, only without polling. The clients poll by
+themselves, on any loop: :class:`~vyra_base_ipc.SyncIPCHandler` in the
+calling thread, :class:`~vyra_base_ipc.IPCHandler` on the caller's loop
+(:func:`vyra_base_ipc._busy_poll.await_polling`).
 """
 
 from __future__ import annotations

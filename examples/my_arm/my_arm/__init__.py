@@ -5,4 +5,5 @@
 - :mod:`my_arm.arm_service`: the servicer.
 - :mod:`my_arm.arm_node`: the module's ROS 2 node, hosting the IPC server.
 - :mod:`my_arm.frontend`: a frontend process that calls it.
+- :mod:`my_arm.web`: a web frontend (FastAPI) that calls it.
 """
