@@ -7,14 +7,16 @@ descriptor 'SerializeToString' ... 'NoneType' object" after its messages."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+import signal
 from typing import Any
 
 import grpc
 import pytest
 
-from conftest import StartServer
-from vyra_base_ipc import IPCRemoteError, SyncIPCHandler
+from conftest import StartServer, until
+from vyra_base_ipc import IPCHandler, IPCRemoteError, IPCUnavailableError, SyncIPCHandler
 from vyra_base_ipc import introspection_pb2 as introspection
 from vyra_base_ipc import introspection_pb2_grpc as introspection_grpc
 
@@ -52,3 +54,38 @@ def test_a_stream_handler_that_returns_a_message_fails_unknown_saying_it_is_not_
         'returned vyra.ipc.test.WatchEvent: a response-stream handler yields its responses (or writes them '
         'with context.write()); what it returns is not sent')
     assert 'the handler of /vyra.ipc.test.WatchService/Watch returned' in server.log()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('interval', [0.02, 1e-6], ids=['mostly waiting', 'mostly writing'])
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+async def test_sigterm_ends_open_written_streams_at_once_as_shutting_down(
+        start_server: StartServer, socket_path: Path, echo: Any, lane: str, interval: float) -> None:
+    # Before: on the gRPC lane only async generator handlers were ended at
+    # once; a coroutine writing with context.write() got the grace period,
+    # then was cut off (CANCELLED after the grace, not told why). The stop
+    # finds each handler waiting for its next event, or inside a write.
+    grace = 30.0
+    server = start_server(socket_path, str(grace), script='writer_server.py', wait=False).wait_serving(ttrpc=True)
+    outcomes: list[BaseException | None] = []
+    received = [0] * 10
+
+    async def follow(ipc: IPCHandler, index: int) -> None:
+        try:
+            async for _ in ipc.stream_method('Watch', echo.pb.WatchRequest(count=0, interval=interval), timeout=None):
+                received[index] += 1
+            outcomes.append(None)
+        except BaseException as error:  # noqa: B036 - recorded and asserted below
+            outcomes.append(error)
+    async with IPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane) as ipc:
+        watches = [asyncio.ensure_future(follow(ipc, index)) for index in range(10)]
+        await until(lambda: all(received), 20, 'the 10 written streams to flow')
+        server.signal(signal.SIGTERM)
+        code = await asyncio.to_thread(server.wait, grace / 2)  # (raises if it waits for the grace)
+        await asyncio.wait_for(asyncio.gather(*watches), 10)
+    assert code == 0, server.log()
+    assert len(outcomes) == 10
+    for outcome in outcomes:
+        assert isinstance(outcome, IPCUnavailableError), outcome
+        assert outcome.details == 'server is shutting down', outcome
+    assert 'ERROR' not in server.log(), server.log()

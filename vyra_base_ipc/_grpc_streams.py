@@ -4,10 +4,11 @@ grpc.aio keeps a stream open for the whole grace period of ``stop(grace)``
 and then cancels it, so one watch stream makes every shutdown wait the full
 grace, and its client learns only then, with CANCELLED. The fast lane ends
 response streams at once with UNAVAILABLE ("server is shutting down");
-here the gRPC lane's ``async def`` generator handlers do the same: each is
+here the gRPC lane's ``async def`` stream handlers do the same: each is
 run through a wrapper that, once :meth:`OpenStreams.end_all` was called,
-closes the handler's generator (cancelling it if it is waiting for
-something) and aborts the call with that status. A ``def`` stream handler
+closes the handler's generator, or cancels a handler that writes with
+``context.write()`` (either where it waits for something of its own, never
+inside grpc's code), and aborts the call with that status. A ``def`` stream handler
 is one of them by then (:mod:`vyra_base_ipc._request_guard` runs it from an
 async generator), and is told that its call ended.
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from typing import Any, AsyncGenerator, AsyncIterator, Callable, Mapping
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 
 import grpc
 
@@ -60,10 +61,14 @@ class OpenStreams:
             return handler
         kind = 'stream_stream' if handler.request_streaming else 'unary_stream'
         behaviour = getattr(handler, kind)
-        if not inspect.isasyncgenfunction(behaviour):
+        if inspect.isasyncgenfunction(behaviour):
+            wrapped: Callable[..., Any] = self._wrap(behaviour)
+        elif inspect.iscoroutinefunction(behaviour):  # it writes with context.write()
+            wrapped = self._wrap_writer(behaviour)
+        else:
             return handler
         factory = getattr(grpc, f'{kind}_rpc_method_handler')
-        return factory(self._wrap(behaviour), request_deserializer=handler.request_deserializer,
+        return factory(wrapped, request_deserializer=handler.request_deserializer,
                        response_serializer=handler.response_serializer)
 
     def _wrap(self, behaviour: Callable[..., AsyncGenerator[Any, None]]) -> Callable[..., AsyncIterator[Any]]:
@@ -93,6 +98,71 @@ class OpenStreams:
                 await responses.aclose()
             await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
         return tracked
+
+    def _wrap_writer(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        streams = self._streams
+
+        async def tracked(request: Any, context: Any) -> Any:
+            task = asyncio.current_task()
+            assert task is not None
+            if not self.stopping:
+                streams[task] = True
+                try:
+                    return await behaviour(request, _Writing(context, self, task))
+                except asyncio.CancelledError:
+                    if not self.stopping:
+                        raise
+                    if task.cancelling():
+                        task.uncancel()  # ours: the call goes on to be aborted
+                finally:
+                    streams.pop(task, None)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
+        return tracked
+
+
+class _Writing:
+    """The context of a stream handler that writes with ``context.write()``:
+    while grpc's own code runs for it (a write, an abort, initial metadata),
+    :meth:`OpenStreams.end_all` does not cancel it; a write that ends once
+    the server is stopping cancels it there."""
+
+    __slots__ = ('_context', '_open', '_task')
+
+    def __init__(self, context: Any, open_streams: OpenStreams, task: asyncio.Task[Any]) -> None:
+        self._context = context
+        self._open = open_streams
+        self._task = task
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def _in_grpc(self, step: Awaitable[Any]) -> Any:
+        streams = self._open._streams
+        task = self._task
+        streams[task] = False
+        try:
+            return await step
+        finally:
+            if task in streams:
+                streams[task] = True
+
+    async def write(self, message: Any) -> None:
+        await self._in_grpc(self._context.write(message))
+        if self._open.stopping:
+            # As end_all() would have, had the handler not been inside the
+            # write: a cancellation of the task (a CancelledError raised
+            # here would be the handler's own, answered CANCELLED).
+            self._task.cancel()
+            await asyncio.sleep(0)
+
+    async def abort(self, *arguments: Any, **keywords: Any) -> None:
+        await self._in_grpc(self._context.abort(*arguments, **keywords))
+
+    async def abort_with_status(self, status: grpc.Status) -> None:
+        await self._in_grpc(self._context.abort_with_status(status))
+
+    async def send_initial_metadata(self, initial_metadata: Any) -> None:
+        await self._in_grpc(self._context.send_initial_metadata(initial_metadata))
 
 
 class CallTasks(grpc.aio.ServerInterceptor):
