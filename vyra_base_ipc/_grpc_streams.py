@@ -8,9 +8,9 @@ here the gRPC lane's ``async def`` stream handlers do the same: each is
 run through a wrapper that, once :meth:`OpenStreams.end_all` was called,
 closes the handler's generator, or cancels a handler that writes with
 ``context.write()`` (either where it waits for something of its own, never
-inside grpc's code), and aborts the call with that status. A ``def`` stream handler
-is one of them by then (:mod:`vyra_base_ipc._request_guard` runs it from an
-async generator), and is told that its call ended.
+inside grpc's code), and aborts the call with that status. A ``def``
+stream handler is one of them by then (:mod:`vyra_base_ipc._request_guard`
+runs it from an async generator), and is told that its call ended.
 
 :class:`CallTasks` keeps the task of every call on the lane, so that the
 server's stop can wait until grpc.aio's tasks of the calls it cancelled have
