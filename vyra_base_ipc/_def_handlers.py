@@ -14,7 +14,7 @@ the handler in the server's
 - When grpc.aio cancels the call (the client left, the deadline passed, the
   server stopped), the context ends at once: ``is_active()`` turns False,
   the callbacks run, and the handler's next message written or request read
-  raises :class:`~vyra_base_ipc._sync_context.CallEnded`, which closes a
+  raises :class:`~vyra_base_ipc._handler_threads.CallEnded`, which closes a
   generator handler. A handler that had not started yet never runs.
 - A streaming handler's messages go to the loop one at a time: its thread
   goes on once grpc.aio has written the message, so an abort, initial
@@ -35,7 +35,8 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 import grpc
 
-from ._sync_context import CallEnded, SyncContext
+from ._handler_threads import CallEnded
+from ._sync_context import SyncContext
 
 __all__ = ['in_handler_threads']
 

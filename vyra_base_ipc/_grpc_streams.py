@@ -122,7 +122,8 @@ class OpenStreams:
 
 class _Writing:
     """The context of a stream handler that writes with ``context.write()``:
-    while grpc's own code runs for it (a write, an abort, initial metadata),
+    while grpc's own code runs for it (a write, an abort, initial metadata;
+    the request guard's context turns ``abort_with_status()`` into ``abort()``),
     :meth:`OpenStreams.end_all` does not cancel it; a write that ends once
     the server is stopping cancels it there."""
 
@@ -157,9 +158,6 @@ class _Writing:
 
     async def abort(self, *arguments: Any, **keywords: Any) -> None:
         await self._in_grpc(self._context.abort(*arguments, **keywords))
-
-    async def abort_with_status(self, status: grpc.Status) -> None:
-        await self._in_grpc(self._context.abort_with_status(status))
 
     async def send_initial_metadata(self, initial_metadata: Any) -> None:
         await self._in_grpc(self._context.send_initial_metadata(initial_metadata))

@@ -17,7 +17,13 @@ import queue
 import threading
 from typing import Any, Callable, TypeVar
 
-__all__ = ['HandlerThreads', 'busy_handler_threads']
+__all__ = ['CallEnded', 'HandlerThreads', 'busy_handler_threads']
+
+class CallEnded(Exception):
+    """Raised in a handler thread that writes or reads after its call ended
+    (the client left, the deadline passed, the server stopped), on either
+    lane; it ends the handler, and nothing is sent for it."""
+
 
 # Threads of every pool running a handler now (for the exit report).
 _busy: set[threading.Thread] = set()

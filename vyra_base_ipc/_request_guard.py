@@ -110,6 +110,7 @@ def reading_one_request(path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMe
         else grpc.stream_unary_rpc_method_handler
     behaviour = handler.unary_stream if handler.response_streaming else handler.unary_unary
     reading: Callable[..., Any]
+    # The read is spelled out in both: a helper coroutine would add a frame to every call.
     if inspect.isasyncgenfunction(behaviour):
         async def reading_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
             request = await context.read()

@@ -29,9 +29,10 @@ from typing import Any, Callable, Coroutine, TypeVar
 
 import grpc
 
+from ._handler_threads import CallEnded
 from ._status_details import checked_trailer
 
-__all__ = ['CallEnded', 'CheckedTrailer', 'SyncContext', 'abort_code']
+__all__ = ['CheckedTrailer', 'SyncContext', 'abort_code']
 
 _T = TypeVar('_T')
 _logger = logging.getLogger(__name__)
@@ -47,12 +48,6 @@ def abort_code(code: Any) -> Any:
         _logger.error('abort() called with StatusCode.OK; answering UNKNOWN')
         return grpc.StatusCode.UNKNOWN
     return code
-
-
-class CallEnded(Exception):
-    """Raised in a handler thread that writes or reads after its call ended
-    (the client left, the deadline passed, the server stopped); it ends the
-    handler, and nothing is sent for it."""
 
 
 class CheckedTrailer:

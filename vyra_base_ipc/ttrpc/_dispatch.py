@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, Callable, Union
 
 import grpc
 
+from .._handler_threads import CallEnded
 from .._interceptors import Observation
 from .._methods import MethodKind, stream_returned
 from .._metrics import MethodMetrics
 from .._payload import Pieces, SharedMemoryError, close_fds
 from .._request_guard import HANDLER_FAILURES
-from .._sync_context import CallEnded
 from ..exceptions import CallRejected
 from ._context import ServicerContext, _End
 from ._eager import run_eagerly
@@ -384,7 +384,9 @@ class Call:
     def _data_frame(self, message: Any) -> tuple[bytes, list[int], int]:
         """A streamed answer as a data frame, the descriptors to pass with it
         and its serialized size, its cost spent from the stream's credit.
-        :raises StatusError: RESOURCE_EXHAUSTED, over max_message_bytes."""
+
+        :raises StatusError: RESOURCE_EXHAUSTED, over max_message_bytes.
+        """
         payload = self._serialized(message)
         size = len(payload)
         self._check_size(size)
