@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 import subprocess
 import sys
+import time
 
 import pytest
 import rclpy
@@ -137,3 +138,34 @@ def test_callable_without_a_ros_server_is_unavailable(context: Context, socket_d
     assert '/callable is not available' in unavailable.result
     assert bad_timeout.status_code == 3  # INVALID_ARGUMENT
     assert '"module": "lonely"' in status.result
+
+
+def test_a_child_that_does_not_stop_shows_where_it_hangs_before_it_is_killed(
+        monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # Seen once in CI: demo_module_node did not exit within 10 s of SIGTERM
+    # and was killed, telling nothing of where it was.
+    from vyra_base_ipc.demo import __main__ as demo
+
+    monkeypatch.setattr(demo, 'STOP_TIMEOUT', 0.5)
+    ready = tmp_path / 'ready'
+    script = ('import pathlib, signal, sys, time\n'
+              'signal.signal(signal.SIGTERM, signal.SIG_IGN)\n'
+              'def stuck_here():\n'
+              f'    pathlib.Path({str(ready)!r}).touch()\n'
+              '    time.sleep(60)\n'
+              'stuck_here()\n')
+    child = demo.Child('stuck', [sys.executable, '-c', script], demo.demo_environment(tmp_path, 0))
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert time.monotonic() < deadline and child.running(), 'the child did not start'
+            time.sleep(0.01)
+        assert child.stop() is None
+    finally:
+        child.popen.kill()
+        child.wait(10)
+        assert child.popen.stdout is not None
+        child.popen.stdout.close()
+    output = capfd.readouterr().out
+    assert 'stuck did not exit within 0.5 s of SIGTERM; SIGABRT' in output, output
+    assert '[stuck]' in output and 'stuck_here' in output, output

@@ -46,6 +46,8 @@ SERVICERS = ('vyra_base_ipc.demo.callable_service:DemoModuleService',
 #: How long a node may take to exit after SIGTERM (grace period 5 s + 1 s,
 #: plus start-up slack on a loaded machine).
 STOP_TIMEOUT = 10.0
+#: Seconds a child that did not stop gets to print its stacks after SIGABRT.
+STACKS_TIMEOUT = 5.0
 
 
 def find_config(name: str) -> Path:
@@ -75,6 +77,9 @@ def demo_environment(ros_home: Path, domain_id: int) -> dict[str, str]:
     env['ROS_DOMAIN_ID'] = str(domain_id)
     env['ROS_HOME'] = str(ros_home)
     env['PYTHONUNBUFFERED'] = '1'
+    # A child that does not stop in time is sent SIGABRT: faulthandler then
+    # prints where each of its threads was (Child.stop).
+    env['PYTHONFAULTHANDLER'] = '1'
     # The parameters decide the socket, not leftovers in the environment.
     env.pop('VYRA_IPC_SOCKET', None)
     return env
@@ -123,14 +128,23 @@ class Child:
             self.popen.send_signal(signal.SIGTERM)
 
     def stop(self) -> int | None:
-        """SIGTERM, then wait; SIGKILL if it does not exit in time. The exit
-        code, or ``None`` if it had to be killed."""
+        """SIGTERM, then wait; if it does not exit in time, SIGABRT (with
+        ``PYTHONFAULTHANDLER`` set, as :func:`demo_environment` sets it, the
+        child prints the Python stack of each of its threads: where it hung),
+        then SIGKILL. The exit code, or ``None`` if it had to be stopped so."""
         self.terminate()
         try:
             return self.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
+            print(f'{self.name} did not exit within {STOP_TIMEOUT:g} s of SIGTERM; '
+                  'SIGABRT: its threads follow', flush=True)
+            self.popen.send_signal(signal.SIGABRT)
+            try:
+                self.popen.wait(timeout=STACKS_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+            self._printer.join(timeout=2)
             return None
 
 
