@@ -160,6 +160,16 @@ def test_slow_event_after_a_sleep_keeps_the_backoff() -> None:
     assert skips_before_polling(policy) == 3
 
 
+@needs_two_cpus
+@pytest.mark.parametrize('timeout', [1e-3, 0.0], ids=['cut short', 'passed'])
+def test_wait_cut_short_by_its_timeout_backs_off_unless_it_had_no_time(timeout: float) -> None:
+    policy = BusyPoll(WIDEST)
+    assert policy.wait(lambda: None, lambda seconds: None, timeout) is None
+    # Polling until a timeout within the window found nothing: a miss, as any
+    # fruitless poll; a timeout already passed left no time to poll at all.
+    assert skips_before_polling(policy) == (1 if timeout else 0)
+
+
 def test_zero_window_never_polls() -> None:
     policy = BusyPoll(0)
     assert not policy.enabled and policy.seconds == 0.0
@@ -288,10 +298,10 @@ def test_select_with_nothing_ready_returns_nothing_and_backs_off(make_selector) 
 
 
 @needs_two_cpus
-def test_select_until_a_timer_due_within_the_window_counts_no_miss(make_selector) -> None:
+def test_select_until_a_timer_due_within_the_window_polls_until_then_and_counts_a_miss(make_selector) -> None:
     selector = make_selector(WIDEST)
     assert selector.select(0.001) == []  # a loop timer due in 1 ms: poll until then only
-    assert selector.busy_poll.window() == WIDEST
+    assert skips_before_polling(selector.busy_poll) == 1
 
 
 @needs_two_cpus
@@ -389,6 +399,23 @@ def test_loop_timers_fire_in_order(polling_loop: asyncio.AbstractEventLoop) -> N
     polling_loop.call_soon(fired.append, 'soon')
     polling_loop.run_until_complete(asyncio.wait_for(done, 30))
     assert fired == ['soon', '50 us', '0.5 ms', '5 ms', '20 ms']
+
+
+@needs_two_cpus
+@pytest.mark.parametrize('window, period', [(DEFAULT_BUSY_POLL, 100e-6), (WIDEST, 0.005)],
+                         ids=['default', 'widest'])
+def test_loop_whose_timers_come_within_the_window_does_not_keep_polling(window: float, period: float) -> None:
+    # No socket ever has anything: each select() is cut short by the next
+    # timer, which a poll found nothing before. Polling through every one of
+    # them kept the CPU busy all the time (~100 %).
+    async def main() -> tuple[float, float]:
+        cpu, wall = own_cpu_seconds(), time.monotonic()
+        while time.monotonic() - wall < 1.0:
+            await asyncio.sleep(period)
+        return own_cpu_seconds() - cpu, time.monotonic() - wall
+
+    cpu, wall = run(main(), busy_poll=window)
+    assert cpu < IDLE_CPU_SHARE * wall, f'the loop used {cpu:.3f} s of CPU in {wall:.3f} s'
 
 
 @needs_two_cpus

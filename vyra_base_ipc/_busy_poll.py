@@ -131,7 +131,9 @@ class BusyPoll:
         that ends sooner; if nothing came, returns ``sleep(seconds)``, which
         must block until the event or until those seconds (what is left of
         ``timeout``; ``None``: no limit) have passed, and return something
-        false if nothing came. Never takes much longer than ``timeout``.
+        false if nothing came. Never takes much longer than ``timeout``. A
+        poll that found nothing backs off (:meth:`missed`), also one that
+        ``timeout`` cut short (not one that ``timeout`` left no time at all).
         """
         if not self.seconds:
             # Polling off: nothing to learn (a disabled policy never backs
@@ -145,12 +147,16 @@ class BusyPoll:
                 self.slept(time.perf_counter() - started)
             return result
         seconds = window if timeout is None else min(timeout, window)
-        cut_short = seconds < window
         polled = poll_for(attempt, seconds)
         if polled is not None:
             self.found()
             return polled
-        if not cut_short:  # a wait ended by its timeout says nothing of the next
+        # A miss also when the timeout cut the poll short: an event loop whose
+        # timers come less than a window apart (a task sleeping 100 us at a
+        # time) would otherwise poll through every one of them, at 100 % CPU
+        # with no event ever coming. (Not a wait whose timeout had passed: it
+        # did not poll.)
+        if seconds > 0:
             self.missed()
         if timeout is not None:
             timeout = max(0.0, timeout - (time.perf_counter() - started))
