@@ -22,7 +22,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import LONG, ServerProcess, StartServer, until, wait_for
+from conftest import LONG, NOBODY, OTHER_UID, ServerProcess, StartServer, until, wait_for
+from test_peer_credentials import as_user, needs_second_uid
 from ttrpc_peer import REQUEST, RESPONSE, SHARED, Peer, PeerServer, frame_bytes, response_envelope
 from vyra_base_ipc import (
     IPCHandler,
@@ -561,6 +562,80 @@ def test_a_forged_lent_segment_is_refused_and_the_connection_serves_on(
     finally:
         os.close(fd)
         peer.close()
+
+
+#: A peer of another user (run with the system interpreter as that user):
+#: agrees on pooled segments, asks for a large echo (the request's hex on
+#: stdin), keeps the answer's descriptor and gives back a pooled lend of it;
+#: once told (a line on stdin), says whether the descriptor holds the secret.
+KEEPER_OF_ANOTHER_USER = r"""
+import array, fcntl, os, socket, struct, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.connect(sys.argv[1])
+buffered, fds = b'', []
+def frame(stream_id, kind, data):
+    return struct.pack('>IIBB', len(data), stream_id, kind, 0) + data
+def read():
+    global buffered
+    while True:
+        if len(buffered) >= 10:
+            length, _, kind, _ = struct.unpack('>IIBB', buffered[:10])
+            if len(buffered) >= 10 + length:
+                buffered = buffered[10 + length:]
+                return kind
+        data, ancillary, _, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(64))
+        for _, _, raw in ancillary:
+            fds.extend(array.array('i', raw[:len(raw) - len(raw) % 4]))
+        if not data:
+            sys.exit('closed')
+        buffered += data
+sock.sendall(frame(1, 1, bytes.fromhex(sys.argv[2])))
+read()
+sock.sendall(frame(3, 1, bytes.fromhex(sys.stdin.readline())))
+while read() != 2:
+    pass
+seals = fcntl.fcntl(fds[0], fcntl.F_GET_SEALS)
+if seals & 0x0010:  # F_SEAL_FUTURE_WRITE: a pooled segment, lend 1: given back, the descriptor kept
+    sock.sendall(frame(0, 0x12, (1).to_bytes(8, 'big')))
+print(seals, flush=True)
+sys.stdin.readline()
+print(b'SECRET' in os.pread(fds[0], 1 << 20, 0), flush=True)
+"""
+
+
+def test_a_peer_of_another_user_never_reads_what_the_server_sends_its_own_user_later(
+        echo: Any, start_server: StartServer, open_dir: Path) -> None:
+    # A member of the socket group (another uid) kept the descriptor of an
+    # answer's pooled segment and gave the lend back; the server reused the
+    # segment for its own user's next answer, which that peer could read.
+    # Such a peer gets each answer in a new memfd sealed against writes.
+    needs_second_uid()
+    server = start_server(open_dir / 'u.sock', '--shared-memory-threshold', str(THRESHOLD),
+                          '--socket-group', str(NOBODY))
+    hello = ttrpc_pb2.Request(service=HELLO[0], method=HELLO[1], payload=ttrpc_pb2.Hello(
+        shared_memory=True, segment_pool=True).SerializeToString()).SerializeToString()
+    size = 100 * KiB
+    request = ttrpc_pb2.Request(service='vyra.ipc.test.EchoService', method='Echo', payload=echo.pb.EchoRequest(
+        payload=bytes(size)).SerializeToString()).SerializeToString()
+    peer = subprocess.Popen(as_user(OTHER_UID, NOBODY, KEEPER_OF_ANOTHER_USER, str(server.ttrpc_path), hello.hex()),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={'PATH': '/usr/bin:/bin'})
+    try:
+        assert peer.stdin is not None and peer.stdout is not None
+        peer.stdin.write(request.hex() + '\n')
+        peer.stdin.flush()
+        seals = int(peer.stdout.readline())
+        secret = (b'SECRET' * size)[:size]  # the same size class as the other peer's answer
+        with SyncIPCHandler(server.socket_path, echo.Stub, lane='ttrpc', shared_memory=OPTIONS,
+                            timeout=LONG) as handler:
+            for _ in range(3):
+                assert handler.call_method('Echo', echo.pb.EchoRequest(payload=secret)).payload == secret
+        peer.stdin.write('\n')
+        peer.stdin.flush()
+        assert peer.stdout.readline().strip() == 'False'
+        assert seals & SEAL_WRITE  # a new memfd of its own
+    finally:
+        peer.kill()
+        peer.communicate(timeout=LONG)
 
 
 def test_a_client_that_never_gives_back_what_it_is_lent_gets_copies_once_it_holds_too_many_lends(

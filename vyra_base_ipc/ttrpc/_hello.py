@@ -77,9 +77,11 @@ def _link(shared_memory: SharedMemoryOptions | None, hello: ttrpc_pb2.Hello) -> 
 
 
 def accept(request: bytes | memoryview, shared_memory: SharedMemoryOptions | None,
-           stream_window: int, new_memfd: Callable[[int], bool] | None = None) -> tuple[Agreement, bytes]:
+           stream_window: int, new_memfd: Callable[[int], bool] | None = None,
+           pooled: bool = True) -> tuple[Agreement, bytes]:
     """The server's side: what it agrees to for a client's Hello, and its
-    answer. ``new_memfd`` becomes :attr:`Agreement.new_memfd`.
+    answer. ``new_memfd`` becomes :attr:`Agreement.new_memfd`; without
+    ``pooled``, pooled segments are declined whatever the client offers.
 
     :raises google.protobuf.message.DecodeError: the request is not a Hello.
     """
@@ -90,7 +92,7 @@ def accept(request: bytes | memoryview, shared_memory: SharedMemoryOptions | Non
         cancel=hello.cancel,
         send_window=hello.stream_window,
         receive_window=stream_window if hello.stream_window else 0,
-        segments=_link(shared, hello),
+        segments=_link(shared, hello) if pooled else None,
         new_memfd=new_memfd)
     answer = ttrpc_pb2.Hello(shared_memory=agreement.shared_memory is not None, cancel=agreement.cancel,
                              stream_window=agreement.receive_window,

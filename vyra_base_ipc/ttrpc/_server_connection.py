@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -483,9 +484,16 @@ class ServerConnection(FramedConnection):
                         f'Hello must be the first request of a connection (stream {previous} came first)')
             return
         server = self.server
+        # Pooled segments only with a peer of the server's own user or root:
+        # a peer keeps the mapping (or descriptor) of a segment lent to it,
+        # and the pool writes that segment again for anyone, so a socket
+        # group's member would read what the server sends others. Another
+        # user's peer gets new memfds, never written again.
+        peer = self.peer
+        pooled = peer is None or peer.uid in (0, os.geteuid())
         try:
             self.agreement, answer = _hello.accept(payload, server.shared_memory, server.stream_window,
-                                                   self._memfd_gate)
+                                                   self._memfd_gate, pooled)
         except DecodeError as error:
             self.reject(stream_id, grpc.StatusCode.INVALID_ARGUMENT, f'malformed Hello: {error}')
             return
