@@ -300,3 +300,34 @@ def test_a_process_ending_with_pooled_buffers_or_views_still_referenced_exits() 
     except subprocess.TimeoutExpired:
         pytest.fail(f'the process did not exit within {LONG} s')
     assert (result.returncode, result.stderr) == (0, '')
+
+
+CYCLES = """
+import gc, os
+from vyra_base_ipc import SharedBuffer
+from vyra_base_ipc._payload import seal_bytes
+
+class Node:
+    pass
+
+for round in range(20):
+    sent = SharedBuffer.copy_from(b'x' * 100)  # pooled, frozen
+    received = SharedBuffer(seal_bytes(b'y' * 100), 100, managed=True)  # as a received one
+    views = [sent.view(), received.view()]
+    node = Node()  # a cycle made after the views (a traceback, a task): collected by the GC alone
+    node.cycle, node.views = node, views
+    sent.close()
+    received.close()
+    del node, views, sent, received
+    gc.collect()
+print('collected')
+"""
+
+
+def test_read_only_views_caught_in_a_reference_cycle_are_collected_without_killing_the_process() -> None:
+    # A read-only view's object is a read-only memoryview holding an export;
+    # before Python 3.13 the garbage collector clearing that memoryview first
+    # dropped its buffer anyway, and freeing it later killed the process
+    # (SIGSEGV) in whatever thread collected.
+    result = subprocess.run([sys.executable, '-c', CYCLES], capture_output=True, text=True, timeout=LONG)
+    assert (result.returncode, result.stdout.strip(), result.stderr) == (0, 'collected', '')

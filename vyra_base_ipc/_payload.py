@@ -24,6 +24,7 @@ announced size, so what it mapped cannot change or shrink under it (no
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import fcntl
 import mmap
@@ -324,7 +325,27 @@ def read_only(view: memoryview) -> memoryview:
     mapping, where a write kills the process."""
     # A PickleBuffer passes on the buffer of the view it wraps, whose obj is
     # that view; the PickleBuffer itself is not kept.
-    return memoryview(pickle.PickleBuffer(view.toreadonly()))
+    inner = view.toreadonly()
+    public = memoryview(pickle.PickleBuffer(inner))
+    if _retrack is not None:
+        # Before Python 3.13 the garbage collector, clearing a memoryview that
+        # holds an export (inner: the buffer of public's), drops its buffer
+        # anyway, and freeing it afterwards dereferences NULL: the process
+        # dies once a reference cycle (a traceback, a task) that holds public
+        # is collected with inner cleared first. The collector clears in the
+        # order objects were tracked: tracked again, inner comes after the
+        # buffer that holds its export, which lets go of it first.
+        _untrack(inner)
+        _retrack(inner)
+    return public
+
+
+_untrack: Any = None
+_retrack: Any = None
+if sys.version_info < (3, 13):  # (3.13 clears a memoryview only once nothing holds an export of it)
+    _untrack, _retrack = ctypes.pythonapi.PyObject_GC_UnTrack, ctypes.pythonapi.PyObject_GC_Track
+    for _function in (_untrack, _retrack):
+        _function.argtypes, _function.restype = [ctypes.py_object], None
 
 
 def close_fds(fds: Iterable[int]) -> None:
