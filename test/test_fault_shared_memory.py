@@ -159,6 +159,46 @@ def test_a_lent_segment_with_holes_is_not_populated_by_the_server(echo: Any, ser
         os.close(fd)
 
 
+def mapped_kib(pid: int, name: str) -> list[int]:
+    """The resident KiB of each mapping of process ``pid`` of a memfd called ``name``."""
+    sizes, current = [], False
+    with open(f'/proc/{pid}/smaps') as smaps:
+        for line in smaps:
+            if '-' in line.split(' ', 1)[0]:  # a mapping's first line: its range, ..., its path
+                current = line.rstrip().endswith((f'/memfd:{name} (deleted)', f'/memfd:{name}'))
+            elif current and line.startswith('Rss:'):
+                sizes.append(int(line.split()[1]))
+    return sizes
+
+
+def test_a_lent_buffer_is_not_populated_by_the_server_before_its_handler_reads_it(
+        echo: Any, server: ServerProcess) -> None:
+    # Populating a buffer's mapping costs the server's event loop the page
+    # tables of all of it (a GiB: a tenth of a second), whether the handler
+    # reads it or not; a peer lending one memfd of its own again and again,
+    # 31 to a request, each under a new segment id, blocked the server's
+    # loop for two seconds a request.
+    size = 16 * MiB
+    fd = os.memfd_create('peer-buffer', os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.write(fd, bytes(size))  # every page allocated: no holes
+        fcntl.fcntl(fd, F_ADD_SEALS, SEAL_SHRINK | SEAL_GROW | SEAL_FUTURE_WRITE)  # as a pooled segment
+        with Peer.connect(server.ttrpc_path) as peer:
+            peer.request(1, *HELLO, POOLED_HELLO)
+            peer.answer(1)
+            peer.send_raw(frame_bytes(3, REQUEST, SHARED, mirror_request(echo, [(1, size, 1)])), [fd])
+            while (frame := peer.read_frame(3)).type != 2:  # RESPONSE (RELEASE frames are stream 0)
+                pass
+            for received in frame.fds:
+                os.close(received)
+            assert ttrpc_pb2.Response.FromString(frame.data).status.code == 0
+            # Mirror answered with the buffer without reading it: the server
+            # keeps its mapping for the next lend, with no page of it mapped.
+            assert mapped_kib(server.pid, 'peer-buffer') == [0]
+    finally:
+        os.close(fd)
+
+
 def test_a_release_frame_naming_more_ids_than_one_frame_carries_closes_that_connection(
         echo: Any, server: ServerProcess) -> None:
     # Such a frame does not come from this package (it splits at 8,192 ids),

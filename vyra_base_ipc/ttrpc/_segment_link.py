@@ -319,13 +319,20 @@ class SegmentLink:
 
     # -- the peer's segments, lent to this end --------------------------------------------
 
-    def receive(self, fd: int, length: int, lend_id: int, segment_id: int, what: str) -> memoryview:
+    def receive(self, fd: int, length: int, lend_id: int, segment_id: int, what: str,
+                populate: bool = False) -> memoryview:
         """A read-only view of the first ``length`` bytes of a segment the
         peer lent under ``lend_id`` (``fd`` is not closed here). The lend is
         given back when the view and everything made from it are gone.
 
         :param segment_id: the peer's id of its segment, to keep it mapped
             for later lends; 0 to map it for this lend only.
+        :param populate: map every page of a new mapping now (a message,
+            about to be parsed whole), unless the segment has holes; a
+            buffer's pages are mapped as they are first read: populating a
+            GiB takes a tenth of a second of the receiver's time, which a
+            peer lending the same memory again and again under new segment
+            ids would cost it for nothing.
         :raises SharedMemoryError: the descriptor is not a sealed segment of
             the size class of ``length`` bytes, or cannot be mapped.
         """
@@ -361,9 +368,9 @@ class SegmentLink:
             if capacity != size_class(length):
                 raise SharedMemoryError(f'{what}: a pooled segment of {capacity} bytes for {length} '
                                         f'announced (its size class is {size_class(length)})')
-            # Populated (a pool's segments are faulted in whole), unless it has
-            # holes: their pages would be allocated here (see is_allocated).
-            mapping = _Mapping(fd, capacity, key, what, is_allocated(checked))
+            # Populated if asked (a pool's segments are faulted in whole), unless
+            # it has holes: their pages would be allocated here (see is_allocated).
+            mapping = _Mapping(fd, capacity, key, what, populate and is_allocated(checked))
             dropped: list[_Mapping] = []
             with self._lock:
                 self._mapped += 1

@@ -244,7 +244,7 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
             if payload_size > message_limit:
                 raise TooLargeError(received_too_large(payload_size, message_limit, server=server))
             lend = manifest.payload_lend
-            payload = (link.receive(fds[0], payload_size, lend, manifest.payload_segment, what)
+            payload = (link.receive(fds[0], payload_size, lend, manifest.payload_segment, what, True)
                        if lend and link is not None else _map(fds[0], payload_size, lend, link, what, True))
             viewed = 1
         else:
