@@ -56,13 +56,14 @@ from vyra_base_ipc import (
     IPCServer,
     ReceivedBuffers,
     SharedBuffer,
+    SharedMemoryError,
     SharedMemoryOptions,
     SyncIPCHandler,
     shared_buffer,
     ttrpc_pb2,
 )
 from vyra_base_ipc._methods import stub_methods
-from vyra_base_ipc._segment_pool import segment_pool
+from vyra_base_ipc._segment_pool import segment_pool, size_class
 from vyra_base_ipc.exceptions import IPCRemoteError, IPCTimeoutError, IPCUnavailableError
 from vyra_base_ipc.introspection_pb2 import StatsRequest
 from vyra_base_ipc.introspection_pb2_grpc import IntrospectionStub
@@ -629,6 +630,16 @@ def test_numpy_sizes_and_empty_arrays_of_any_shape_make_buffers() -> None:
                         (numpy.int32(-1), ValueError)):
         with pytest.raises(error, match='size must be'):
             SharedBuffer.allocate(size)
+
+
+def test_a_buffer_too_large_for_any_memory_is_refused_naming_its_size() -> None:
+    # Past 2**63 bytes ftruncate() cannot even be asked: that was an
+    # OverflowError about a C long, naming neither the buffer nor its size.
+    before = len(os.listdir('/proc/self/fd'))
+    for size in (1 << 50, (1 << 63) - 1, 1 << 64):
+        with pytest.raises(SharedMemoryError, match=f'shared-memory segment of {size_class(size)} bytes'):
+            SharedBuffer.allocate(size)
+    assert len(os.listdir('/proc/self/fd')) == before
 
 
 @pytest.mark.parametrize('kind', CLIENT_KINDS)

@@ -258,10 +258,10 @@ def new_segment(size: int, pool: 'SegmentPool | None' = None, fill: Any = None) 
         except BaseException:
             mapping.close()
             raise
-    except OSError as error:
+    except (OSError, OverflowError) as error:  # (OverflowError: past what ftruncate() takes)
         os.close(fd)
-        raise SharedMemoryError(f'cannot make a shared-memory segment of {capacity} bytes: '
-                                f'{error.strerror}') from None
+        why = error.strerror if isinstance(error, OSError) else 'larger than a file can be'
+        raise SharedMemoryError(f'cannot make a shared-memory segment of {capacity} bytes: {why}') from None
     except BaseException:
         os.close(fd)
         raise

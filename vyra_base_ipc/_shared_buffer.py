@@ -134,7 +134,8 @@ class SharedBuffer:
 
         :raises TypeError, ValueError: ``size`` is not a non-negative int (a NumPy integer will do).
         :raises SharedMemoryError: shared memory is unavailable here (or
-            pooled segments are: Linux before 5.1).
+            pooled segments are: Linux before 5.1), or no segment of ``size``
+            bytes can be made (the message names the size).
         """
         if isinstance(size, bool) or not hasattr(type(size), '__index__'):
             raise TypeError(f'size must be an int, not {type(size).__name__}')
