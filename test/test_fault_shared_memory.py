@@ -310,6 +310,41 @@ def test_shared_buffers_held_by_calls_are_bounded_per_connection_and_come_back_a
         os.close(fd)
 
 
+def test_def_calls_waiting_for_a_worker_with_requests_in_shared_memory_count_as_held_buffers(
+        start_server: StartServer, socket_dir: Path, echo: Any) -> None:
+    # Such a request waits in the handler threads' queue with its mapping
+    # (before Python 3.13 a descriptor too): a peer sending one memfd again
+    # and again while the threads were busy made the server hold one of
+    # each per call of every connection, far past max_held_buffers.
+    server = start_server(socket_dir / 'q.sock', '--max-workers', '1',
+                          '--limits', json.dumps({'max_held_buffers': 8}))
+    body = echo.pb.EchoRequest(text='queued', payload=bytes(2 * THRESHOLD)).SerializeToString()
+    fd = os.memfd_create('request', os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(fd, body)
+    fcntl.fcntl(fd, F_ADD_SEALS, SEAL_SHRINK | SEAL_GROW | SEAL_WRITE)
+    manifest = ttrpc_pb2.SharedMemoryManifest(payload_size=len(body)).SerializeToString()
+    envelope = ttrpc_pb2.Request(service=ECHO_SERVICE, method='EchoSync', payload=manifest,
+                                 timeout_nano=int(LONG * 1e9)).SerializeToString()
+    try:
+        with Peer.connect(server.ttrpc_path) as peer:
+            peer.request(1, *HELLO, ttrpc_pb2.Hello(shared_memory=True).SerializeToString())
+            peer.answer(1)
+            # The one handler thread sleeps: the calls after it wait in its queue.
+            peer.request(3, ECHO_SERVICE, 'InspectSync', echo.pb.InspectRequest(sleep_seconds=3).SerializeToString(),
+                         timeout_nano=int(LONG * 1e9))
+            for stream_id in (5, 7, 9):
+                peer.send_raw(frame_bytes(stream_id, REQUEST, SHARED, envelope), [fd])
+            refused = peer.answer(9)  # before the sleeping handler returns
+            assert refused.code == 8  # RESOURCE_EXHAUSTED
+            assert 'for this connection: 1 more would pass its limit (8, a quarter' in refused.message
+            for stream_id in (3, 5, 7):  # the others are served once the thread is free
+                assert peer.answer(stream_id).code == 0
+            peer.send_raw(frame_bytes(11, REQUEST, SHARED, envelope), [fd])  # held no more
+            assert echo.pb.EchoReply.FromString(peer.answer(11).payload).text == 'queued'
+    finally:
+        os.close(fd)
+
+
 def test_descriptors_no_frame_claims_close_their_connection_after_the_frame_timeout(
         start_server: StartServer, socket_dir: Path, echo: Any) -> None:
     # They came with a frame that does not claim them; the peer goes on

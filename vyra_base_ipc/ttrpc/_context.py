@@ -71,6 +71,9 @@ class ServicerContext:
         # Explicit shared buffers sent with the request, and those the handler
         # answers with (see vyra_base_ipc._shared_buffer); set by the server.
         self._buffers: Any = None
+        # What the call counts against max_held_buffers (its buffers, and a
+        # request in shared memory waiting for a handler thread); set by the server.
+        self._held = 0
         self._can_attach = False
         self._reply_buffers: tuple[Any, ...] = ()
         self._lock = threading.Lock()

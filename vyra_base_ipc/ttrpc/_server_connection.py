@@ -426,12 +426,21 @@ class ServerConnection(FramedConnection):
         context_class = AsyncServicerContext if handler.is_async else ServicerContext
         # (All positional: a class called with keywords makes a dict for its __init__.)
         context = context_class(deadline, metadata, handler.path, 'unix:', self.peer)
-        if buffers is not None:
-            refusal = self._hold_buffers(len(buffers))
+        # A def handler's request in shared memory waits for a handler thread
+        # with its mapping (and, before Python 3.13, a descriptor): it counts
+        # as a held buffer, as a streamed request does, or a peer queueing
+        # calls while the threads are busy would make the server hold one
+        # for each stream of each connection.
+        waits = payload.__class__ is memoryview and not handler.is_async and not handler.request_streaming
+        held = waits + (0 if buffers is None else len(buffers))
+        if held:
+            refusal = self._hold_buffers(held)
             if refusal is not None:
-                buffers.close()
+                if buffers is not None:
+                    buffers.close()
                 self.reject(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
                 return
+            context._held = held
             context._buffers = buffers
         # Buffers go with a single answer, to a client that agreed; elsewhere inline.
         if self.agreement.shared_memory is not None and not handler.response_streaming:
@@ -545,11 +554,10 @@ class ServerConnection(FramedConnection):
     def call_ended(self, call: Call) -> None:
         if self.calls.pop(call.stream_id, None) is not None:
             self.server._call_ended()
-            buffers = call.context._buffers
-            if buffers is not None:  # (their descriptors are closed: see Call._end)
-                count = len(buffers)
-                self.held_buffers -= count
-                self.server.held_buffers -= count
+            held = call.context._held
+            if held:  # (the buffers' descriptors are closed: see Call._end)
+                self.held_buffers -= held
+                self.server.held_buffers -= held
         if self.server._stopping and not self.calls:
             self.close()
 
