@@ -345,6 +345,37 @@ def test_def_calls_waiting_for_a_worker_with_requests_in_shared_memory_count_as_
         os.close(fd)
 
 
+def test_def_calls_that_end_before_a_worker_takes_them_let_go_of_their_requests_shared_memory(
+        start_server: StartServer, socket_dir: Path, echo: Any) -> None:
+    # Ended (its deadline, its client's CANCEL) while it waited for a handler
+    # thread, a call's request stayed mapped in that thread's queue until a
+    # thread was free, no longer counted as held: calls with short deadlines
+    # made the server hold a mapping (and a descriptor) each, without bound.
+    server = start_server(socket_dir / 'e.sock', '--max-workers', '1',
+                          '--limits', json.dumps({'max_held_buffers': 8}))
+    body = echo.pb.EchoRequest(text='late', payload=bytes(2 * THRESHOLD)).SerializeToString()
+    fd = os.memfd_create('late-request', os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(fd, body)
+    fcntl.fcntl(fd, F_ADD_SEALS, SEAL_SHRINK | SEAL_GROW | SEAL_WRITE)
+    manifest = ttrpc_pb2.SharedMemoryManifest(payload_size=len(body)).SerializeToString()
+    envelope = ttrpc_pb2.Request(service=ECHO_SERVICE, method='EchoSync', payload=manifest,
+                                 timeout_nano=int(0.1e9)).SerializeToString()
+    try:
+        with Peer.connect(server.ttrpc_path) as peer:
+            peer.request(1, *HELLO, ttrpc_pb2.Hello(shared_memory=True).SerializeToString())
+            peer.answer(1)
+            # The one handler thread sleeps far past the calls' deadlines.
+            peer.request(3, ECHO_SERVICE, 'InspectSync', echo.pb.InspectRequest(sleep_seconds=5).SerializeToString(),
+                         timeout_nano=int(LONG * 1e9))
+            for stream_id in (5, 7, 9, 11):
+                peer.send_raw(frame_bytes(stream_id, REQUEST, SHARED, envelope), [fd])
+                assert peer.answer(stream_id).code == 4  # DEADLINE_EXCEEDED, while the thread sleeps
+            assert mapped_kib(server.pid, 'late-request') == []
+            assert peer.answer(3).code == 0
+    finally:
+        os.close(fd)
+
+
 def test_descriptors_no_frame_claims_close_their_connection_after_the_frame_timeout(
         start_server: StartServer, socket_dir: Path, echo: Any) -> None:
     # They came with a frame that does not claim them; the peer goes on

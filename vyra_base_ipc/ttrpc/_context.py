@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import grpc
 
+from .._handler_threads import CallEnded
 from .._peer import PeerCredentials
 from .._status_details import checked_trailer, status_details
 from ._messages import code_of
@@ -71,6 +72,9 @@ class ServicerContext:
         # Explicit shared buffers sent with the request, and those the handler
         # answers with (see vyra_base_ipc._shared_buffer); set by the server.
         self._buffers: Any = None
+        # The request of a def handler's call, until its thread takes it (a
+        # view of shared memory, maybe: let go of as the call ends).
+        self._request: bytes | memoryview | None = None
         # What the call counts against max_held_buffers (its buffers, and a
         # request in shared memory waiting for a handler thread); set by the server.
         self._held = 0
@@ -270,6 +274,9 @@ class ServicerContext:
             if self._end is not None:
                 return
             self._end = end
+            # A request no thread took yet waited with its mapping (and, before
+            # Python 3.13, a descriptor), no longer counted as held: let go of it.
+            self._request = None
             callbacks, self._callbacks = self._callbacks, None
             done_callbacks, self._done_callbacks = self._done_callbacks, None
         if callbacks:
@@ -284,6 +291,17 @@ class ServicerContext:
             callback(*args)
         except Exception:
             _logger.exception('callback of %s raised', self._method)
+
+    def _take_request(self) -> bytes | memoryview:
+        """The request a def handler's thread deserializes (once).
+
+        :raises CallEnded: the call ended before (its request was let go of then).
+        """
+        with self._lock:
+            request, self._request = self._request, None
+        if request is None:
+            raise CallEnded()
+        return request
 
     def _attach_buffers(self, buffers: tuple[Any, ...]) -> bool:
         """Send ``buffers`` with the answer (see :func:`vyra_base_ipc.attach_buffers`);

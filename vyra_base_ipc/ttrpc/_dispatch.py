@@ -181,8 +181,9 @@ class Call:
             except grpc.aio.AbortError as error:
                 self.answer(*error_status(self.context, error, handler.path))
                 return
-        else:
-            argument = payload  # deserialized in the handler's thread
+        else:  # deserialized in the handler's thread, which takes it from the context
+            argument = None
+            self.context._request = payload  # (let go of if the call ends first: see _take_request())
         if handler.is_async:
             # Started at once: a handler that does not suspend answers inside
             # data_received, without a trip through the event loop.
@@ -294,7 +295,7 @@ class Call:
         handler = self.handler
         try:
             if not handler.request_streaming:
-                argument = handler.decode(argument, context)
+                argument = handler.decode(context._take_request(), context)
             if self.response_streaming:
                 context._writer = self._write_thread
                 result = handler.function(argument, context)
