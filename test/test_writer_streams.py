@@ -89,3 +89,35 @@ async def test_sigterm_ends_open_written_streams_at_once_as_shutting_down(
         assert isinstance(outcome, IPCUnavailableError), outcome
         assert outcome.details == 'server is shutting down', outcome
     assert 'ERROR' not in server.log(), server.log()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('method', ['Watch', 'Converse'], ids=['written', 'yielded'])
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+async def test_a_stream_whose_handler_swallows_the_stops_cancellation_still_ends_shutting_down(
+        start_server: StartServer, socket_path: Path, echo: Any, lane: str, method: str) -> None:
+    # Before: on the gRPC lane the handler's return after the stop's
+    # cancellation ended the stream OK, as if it were complete; grpc.aio
+    # and the fast lane end it UNAVAILABLE.
+    server = start_server(socket_path, '30', script='writer_server.py', wait=False).wait_serving(ttrpc=True)
+    received = 0
+    request = echo.pb.WatchRequest(tag='swallow', interval=0.01)
+
+    async def requests() -> Any:
+        yield request
+        await asyncio.Event().wait()  # (the request stream stays open)
+
+    async def follow(ipc: IPCHandler) -> None:
+        nonlocal received
+        responses = ipc.stream_method(method, request if method == 'Watch' else requests(), timeout=None)
+        async for _ in responses:
+            received += 1
+    async with IPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane) as ipc:
+        watch = asyncio.ensure_future(follow(ipc))
+        await until(lambda: received or watch.done(), 20, 'the stream to flow')
+        server.signal(signal.SIGTERM)
+        with pytest.raises(IPCUnavailableError) as ended:
+            await asyncio.wait_for(watch, 20)
+    assert ended.value.details == 'server is shutting down'
+    assert server.wait(20) == 0, server.log()
+    assert 'ERROR' not in server.log(), server.log()

@@ -84,7 +84,9 @@ class OpenStreams:
                     try:
                         response = await responses.__anext__()
                     except StopAsyncIteration:
-                        return
+                        if not _swallowed_end(self, task):
+                            return
+                        break
                     except asyncio.CancelledError:
                         if not self.stopping:
                             raise
@@ -108,7 +110,9 @@ class OpenStreams:
             if not self.stopping:
                 streams[task] = True
                 try:
-                    return await behaviour(request, _Writing(context, self, task))
+                    result = await behaviour(request, _Writing(context, self, task))
+                    if not _swallowed_end(self, task):
+                        return result
                 except asyncio.CancelledError:
                     if not self.stopping:
                         raise
@@ -118,6 +122,17 @@ class OpenStreams:
                     streams.pop(task, None)
             await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
         return tracked
+
+
+def _swallowed_end(open_streams: OpenStreams, task: asyncio.Task[Any]) -> bool:
+    """Whether a stream handler that just finished had caught the
+    cancellation :meth:`OpenStreams.end_all` sent it (taken back here): its
+    call is aborted as if it had not, not ended OK as if complete (grpc.aio
+    would answer it when the grace ends, the fast lane at once)."""
+    if not (open_streams.stopping and task.cancelling()):
+        return False
+    task.uncancel()
+    return True
 
 
 class _Writing:
