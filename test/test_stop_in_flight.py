@@ -145,5 +145,39 @@ def test_a_stop_with_calls_in_flight_logs_no_error_and_leaves_no_task(
     assert 'stopped' in log  # (the whole log: the stop was logged)
     left = json.loads(report.read_text())
     # grpc's per-call tasks had ended before the loop could cancel them, the cleanup of a
-    # cancelled handler too (the end of the loop cut it short); no handler thread works on.
-    assert left == {'grpc_tasks': [], 'cleaned': [60.0], 'busy': []}, log
+    # cancelled handler too (the end of the loop cut it short); the def handlers, told that their
+    # calls ended, had returned when the stop did (the process's exit cut their cleanup short).
+    assert left == {'grpc_tasks': [], 'cleaned': [60.0], 'busy_at_stop': [], 'busy': []}, log
+
+
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_a_stop_waits_within_the_grace_for_def_handlers_told_that_their_calls_ended(
+        start_server: StartServer, socket_path: Path, tmp_path: Path, echo: Any, lane: str) -> None:
+    # Before: the stop ended a def stream handler's call at once, told it so,
+    # and returned without waiting for its thread: the process exited with the
+    # handler's cleanup half done (its threads are daemon threads). It now
+    # waits for them as long as for cancelled async handlers (grace + 1 s).
+    report = tmp_path / 'report.json'
+    server = start_server(socket_path, str(report), '--grace', '30', script='stop_server.py',
+                          wait=False).wait_serving(ttrpc=True)
+
+    async def watch_then_stop() -> BaseException:
+        async with IPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane) as ipc:
+            flowing = asyncio.Event()
+
+            async def watch() -> None:
+                request = echo.pb.WatchRequest(tag='slow-cleanup', count=1, hold=True)
+                async for _ in ipc.stream_method('WatchSync', request, timeout=None):
+                    flowing.set()
+            watching = asyncio.ensure_future(watch())
+            await asyncio.wait_for(flowing.wait(), 20)
+            server.signal(signal.SIGTERM)
+            with pytest.raises(IPCError) as ended:
+                await asyncio.wait_for(watching, 20)
+            return ended.value
+    ended = asyncio.run(watch_then_stop())
+    assert server.wait() == 0, server.log()
+    assert getattr(ended, 'details', None) == 'server is shutting down', ended
+    left = json.loads(report.read_text())
+    assert left['busy_at_stop'] == [], server.log()
+    assert 'ERROR' not in server.log(), server.log()

@@ -11,10 +11,12 @@ ThreadPoolExecutor's workers would keep a process that embeds the server
 
 from __future__ import annotations
 
+import asyncio
 from concurrent import futures
 import os
 import queue
 import threading
+import time
 from typing import Any, Callable, TypeVar
 
 __all__ = ['CallEnded', 'HandlerThreads', 'busy_handler_threads']
@@ -37,6 +39,7 @@ def busy_handler_threads() -> list[str]:
         return sorted(thread.name for thread in _busy)
 
 _T = TypeVar('_T')
+_IDLE_POLL_SECONDS = 0.01
 _WorkItem = tuple[futures.Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
 
@@ -66,6 +69,14 @@ class HandlerThreads(futures.Executor):
         """Threads of this pool running a handler now."""
         with _busy_lock:
             return sum(1 for thread in self._threads if thread in _busy)
+
+    async def wait_idle(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds until no thread of this pool runs a
+        handler (looking every 10 ms); how many still do."""
+        until = time.monotonic() + timeout
+        while (busy := self.busy) and time.monotonic() < until:
+            await asyncio.sleep(_IDLE_POLL_SECONDS)
+        return busy
 
     def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> futures.Future[_T]:
         """Run ``fn(*args, **kwargs)`` in one of the threads.

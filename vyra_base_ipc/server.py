@@ -369,11 +369,11 @@ class IPCServer:
         (their ``async def`` handlers cancelled). Other calls in flight get
         ``grace`` seconds (default :attr:`grace_period`), then they are
         cancelled and the connections closed. Returns when all of that is
-        done and the cancelled handlers have ended (the end of the event loop
-        right after then cuts none short, and grpc.aio logs no error), or 1 s
-        after the grace at the latest: a connection whose peer does not read
-        (a process stopped in a debugger) is not waited for, nor a handler
-        that goes on when cancelled (logged as warnings). A server still
+        done and the cancelled handlers have ended (``def`` ones too: the end
+        of the loop or process right after cuts none short, and grpc.aio logs
+        no error), or 1 s after the grace at the latest: a connection whose
+        peer does not read (a process stopped in a debugger) is not waited
+        for, nor a handler that goes on when cancelled (logged as warnings). A server still
         starting is stopped once it started.
 
         :raises RuntimeError: awaited on another event loop than :meth:`start`'s
@@ -511,7 +511,7 @@ class IPCServer:
 
     async def _shutdown(self, grace: float) -> None:
         """The one stop path (see :meth:`stop`)."""
-        assert self._server is not None and self._health is not None
+        assert self._server is not None and self._health is not None and self._executor is not None
         removed = False
         loop = asyncio.get_running_loop()
         until = loop.time() + grace + _CLOSE_TIME
@@ -531,9 +531,12 @@ class IPCServer:
                 _logger.warning('IPC server on %s: a connection did not take the shutdown %g s after '
                                 'the grace (its peer does not read); stopped without waiting for it',
                                 self.socket_path, _CLOSE_TIME)
-            # grpc's tasks of the calls it cancelled end before the loop may (see CallTasks).
+            # grpc's tasks of cancelled calls (see CallTasks), def handlers told so: done before the exit.
             if stops[0].done() and (left := await self._call_tasks.ended(until - loop.time())):
                 _logger.warning('IPC server on %s: %d call(s) went on when cancelled at the stop',
+                                self.socket_path, left)
+            if left := await self._executor.wait_idle(until - loop.time()):
+                _logger.warning('IPC server on %s: %d def handler(s) still ran at the end of the stop',
                                 self.socket_path, left)
         finally:
             self._stopped()  # (the files: if an error came first)

@@ -1,7 +1,8 @@
 """A real server process for test_stop_in_flight.py: stopped by SIGTERM with
 calls in flight, it reports what was left of them. EchoService (whose
 ``Inspect`` cleans up when cancelled, see :class:`CleaningEchoService`),
-WatchService and StatusService on both lanes.
+WatchService (whose ``WatchSync`` may clean up after its call, see
+:class:`CleaningWatchService`) and StatusService on both lanes.
 
 Usage: stop_server.py SOCKET_PATH REPORT [--grace S] [--loop-thread]
 
@@ -14,9 +15,10 @@ stopped (which cancels what is left).
 Once the server has stopped, before the loop ends, it writes REPORT (JSON):
 ``grpc_tasks``, the names of grpc.aio's per-call tasks still pending
 (coroutines ``_schedule_rpc_coro`` and ``_handle_exceptions``), and
-``cleaned``, the cleanups of ``Inspect`` calls that ran to their end; then,
-once the handler threads are idle (10 s at most), ``busy``, the handler
-threads still running a handler.
+``cleaned``, the cleanups of ``Inspect`` calls that ran to their end,
+``busy_at_stop``, the handler threads running a handler when the stop
+returned; then, once the handler threads are idle (10 s at most), ``busy``,
+the handler threads still running a handler.
 """
 
 from __future__ import annotations
@@ -64,6 +66,23 @@ class CleaningEchoService(EchoService):
         return await super().Inspect(request, context)
 
 
+class CleaningWatchService(WatchService):
+    """WatchService whose ``WatchSync`` with the tag ``slow-cleanup`` works
+    on for ``_SYNC_CLEANUP_SECONDS`` in its thread once its call ended (as a
+    ``def`` handler closing a device or flushing a file would)."""
+
+    def WatchSync(self, request: Any, context: Any) -> Any:
+        try:
+            yield from super().WatchSync(request, context)
+        finally:
+            if request.tag == 'slow-cleanup':
+                time.sleep(_SYNC_CLEANUP_SECONDS)
+
+
+#: Far more than a stop whose only call is a stream takes, far less than its grace.
+_SYNC_CLEANUP_SECONDS = 0.5
+
+
 def grpc_tasks() -> list[str]:
     """(On the loop) grpc.aio's per-call tasks not done."""
     return sorted(task.get_name() for task in asyncio.all_tasks()
@@ -71,10 +90,12 @@ def grpc_tasks() -> list[str]:
 
 
 def write_report(path: str, tasks: list[str]) -> None:
+    busy_at_stop = busy_handler_threads()
     until = time.monotonic() + 10
     while busy_handler_threads() and time.monotonic() < until:
         time.sleep(0.01)
-    report: dict[str, Any] = {'grpc_tasks': tasks, 'cleaned': CLEANED, 'busy': busy_handler_threads()}
+    report: dict[str, Any] = {'grpc_tasks': tasks, 'cleaned': CLEANED, 'busy_at_stop': busy_at_stop,
+                              'busy': busy_handler_threads()}
     Path(path).write_text(json.dumps(report), encoding='utf-8')  # (read once the process has exited)
 
 
@@ -87,7 +108,7 @@ def main() -> None:
     options = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     server = IPCServer(options.socket_path, grace_period=options.grace,
-                       servicers=[CleaningEchoService(), WatchService(), StatusService()])
+                       servicers=[CleaningEchoService(), CleaningWatchService(), StatusService()])
     if not options.loop_thread:
         async def serve() -> None:
             await server.serve()
