@@ -555,3 +555,26 @@ async def test_twenty_thousand_streams_on_one_grpc_connection_leave_the_server_b
             call.cancel()
         await channel.close()
     assert server.running()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('method', ['Misbehave', 'MisbehaveSync'])
+async def test_a_handlers_own_timeout_error_on_a_grpc_call_without_deadline_is_answered_as_an_exception(
+        start_server, socket_dir: Path, echo, method: str) -> None:
+    """Before: the bound took any TimeoutError for its own, and answered a
+    handler's at once DEADLINE_EXCEEDED 'the call came without a deadline
+    and ran for 3600 s (max_call_duration)', unlogged; grpc.aio (and a call
+    with a deadline) answers UNKNOWN with the exception's words."""
+    import grpc
+
+    server = start_server(socket_dir / 't.sock')
+    channel = grpc.aio.insecure_channel(f'unix:{server.socket_path}')
+    try:
+        call = getattr(echo.grpc.StatusServiceStub(channel), method)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await asyncio.wait_for(call(echo.pb.MisbehaveRequest(how='raise-timeout')), 30)
+        assert (error.value.code(), error.value.details()) == (
+            grpc.StatusCode.UNKNOWN, "Unexpected <class 'TimeoutError'>: a timeout of its own")
+    finally:
+        await channel.close()
+    assert 'Unexpected [TimeoutError] raised by servicer method' in server.log()

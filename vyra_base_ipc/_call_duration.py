@@ -44,10 +44,26 @@ def _bounded(behaviour: Callable[..., Any], seconds: float) -> Callable[..., Any
     async def bounded(request: Any, context: Any) -> Any:
         if context.time_remaining() is not None:
             return await behaviour(request, context)
+        # The call's own task is cancelled at the bound, told so by a flag: a
+        # TimeoutError the handler raises (asyncio.timeout(), a socket's) is
+        # its own, answered as any exception (asyncio.wait_for() took it for
+        # the bound's and answered it DEADLINE_EXCEEDED at once).
+        task = asyncio.current_task()
+        assert task is not None
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+        timer = asyncio.get_running_loop().call_later(seconds, expire)
         try:
-            return await asyncio.wait_for(behaviour(request, context), seconds)
-        except asyncio.TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f'the call came without a deadline and ran for {seconds:g} s '
-                                '(max_call_duration)')
+            return await behaviour(request, context)
+        except asyncio.CancelledError:
+            if not expired or task.uncancel() > 0:  # (not only ours: grpc.aio ends the call)
+                raise
+        finally:
+            timer.cancel()
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f'the call came without a deadline and ran for {seconds:g} s (max_call_duration)')
     return bounded

@@ -2,10 +2,13 @@
 end their calls in unusual ways (see echo.proto; and "until-inactive": a def
 handler that works until is_active() says its call ended, then returns;
 "abort-after-end", "metadata-after-end": one that then aborts or sends
-initial metadata, and journals what that raised)."""
+initial metadata, and journals what that raised; "raise-timeout": one that
+raises a TimeoutError of its own; "swallow-cancel": an async def one that
+waits until cancelled, then answers all the same)."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import time
@@ -37,6 +40,8 @@ BAD_TRAILERS: dict[str, Any] = {
 
 def _misbehave(how: str, context: Any) -> Any:
     """Do what ``how`` says; an awaitable for an async context's abort."""
+    if how == 'raise-timeout':  # (the handler's own, as asyncio.timeout() or a socket raises it)
+        raise TimeoutError('a timeout of its own')
     if how == 'set-code-then-raise':
         context.set_code(grpc.StatusCode.NOT_FOUND)
         raise ValueError('after set_code')
@@ -126,6 +131,11 @@ class StatusService(echo_pb2_grpc.StatusServiceServicer):
     async def Misbehave(self, request: echo_pb2.MisbehaveRequest, context: Any) -> echo_pb2.EchoReply | None:
         if request.how == 'return-none':
             return None
+        if request.how == 'swallow-cancel':  # (works until cancelled, then answers all the same)
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                return echo_pb2.EchoReply(text='too late')
         aborting = _misbehave(request.how, context)
         if aborting is not None:
             await aborting
