@@ -578,3 +578,23 @@ async def test_a_handlers_own_timeout_error_on_a_grpc_call_without_deadline_is_a
     finally:
         await channel.close()
     assert 'Unexpected [TimeoutError] raised by servicer method' in server.log()
+
+
+@pytest.mark.asyncio
+async def test_a_handler_that_answers_after_its_cancellation_at_max_call_duration_still_ends_deadline_exceeded(
+        start_server, socket_dir: Path, echo) -> None:
+    """Before: an async def handler that caught the bound's cancellation and
+    answered ended its call OK, with that answer, as if the bound had not
+    passed; the fast lane, and grpc at a deadline, end it DEADLINE_EXCEEDED."""
+    import grpc
+
+    server = limited(start_server, socket_dir / 's.sock', max_call_duration=1.0)
+    channel = grpc.aio.insecure_channel(f'unix:{server.socket_path}')
+    try:
+        stub = echo.grpc.StatusServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await asyncio.wait_for(stub.Misbehave(echo.pb.MisbehaveRequest(how='swallow-cancel')), 30)
+        assert error.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert '(max_call_duration)' in (error.value.details() or '')
+    finally:
+        await channel.close()

@@ -58,7 +58,10 @@ def _bounded(behaviour: Callable[..., Any], seconds: float) -> Callable[..., Any
             task.cancel()
         timer = asyncio.get_running_loop().call_later(seconds, expire)
         try:
-            return await behaviour(request, context)
+            response = await behaviour(request, context)
+            if not expired:
+                return response
+            task.uncancel()  # (the handler caught it and answered all the same: too late, as at a deadline)
         except asyncio.CancelledError:
             if not expired or task.uncancel() > 0:  # (not only ours: grpc.aio ends the call)
                 raise
