@@ -598,3 +598,27 @@ async def test_a_handler_that_answers_after_its_cancellation_at_max_call_duratio
         assert '(max_call_duration)' in (error.value.details() or '')
     finally:
         await channel.close()
+
+
+@pytest.mark.parametrize('method', ['Echo', 'EchoSync'])
+def test_a_grpc_call_without_deadline_whose_request_never_comes_whole_ends_after_max_call_duration(
+        start_server, socket_dir: Path, echo, method: str) -> None:
+    """Before: the request of a method taking one was read before the bound
+    began, without one: a peer that sent the call's headers and none or part
+    of its message, and kept the stream open, held the call (and a slot of
+    maximum_concurrent_rpcs) for as long as its connection lived."""
+    import http2_peer as h2
+
+    server = limited(start_server, socket_dir / 'r.sock', max_call_duration=1.0)
+    path = f'/{ECHO}/{method}'
+    message = h2.grpc_message(echo.pb.EchoRequest(text='never whole').SerializeToString())
+    with h2.RawConnection(server.socket_path, timeout=30) as connection:
+        connection.send(h2.PREFACE + h2.CLIENT_SETTINGS
+                        + h2.frame(h2.HEADERS, h2.END_HEADERS, 1, h2.grpc_request_headers(path))
+                        + h2.frame(h2.HEADERS, h2.END_HEADERS, 3, h2.grpc_request_headers(path))
+                        + h2.frame(h2.DATA, 0, 3, message[:-1]))
+        results = connection.results({1, 3})
+    for result in results.values():
+        assert result.ended and result.grpc_status == 4, results  # DEADLINE_EXCEEDED
+        assert result.grpc_message.endswith('(max_call_duration)'), results
+    assert 'ERROR' not in server.log(), server.log()

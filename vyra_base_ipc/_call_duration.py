@@ -19,7 +19,13 @@ from typing import Any, Callable, Mapping
 
 import grpc
 
-__all__ = ['bound_call_duration']
+__all__ = ['bound_call_duration', 'exceeded_details']
+
+
+def exceeded_details(seconds: float) -> str:
+    """The details of a call ended at the bound of ``seconds``."""
+    return f'the call came without a deadline and ran for {seconds:g} s (max_call_duration)'
+
 
 
 def bound_call_duration(handlers: Mapping[str, grpc.RpcMethodHandler], seconds: float
@@ -67,6 +73,5 @@ def _bounded(behaviour: Callable[..., Any], seconds: float) -> Callable[..., Any
                 raise
         finally:
             timer.cancel()
-        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                            f'the call came without a deadline and ran for {seconds:g} s (max_call_duration)')
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, exceeded_details(seconds))
     return bounded

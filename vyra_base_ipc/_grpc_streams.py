@@ -205,15 +205,19 @@ class CallTasks(grpc.aio.ServerInterceptor):
     Every method that takes one request reads it itself
     (:func:`~vyra_base_ipc._request_guard.reading_one_request`), so a call
     that never sends it whole is answered: here, where every handler passes
-    last, no other wrapper sees the change.
+    last, no other wrapper sees the change; with ``max_call_duration``, one
+    without a deadline that does not send it whole in that time ends
+    DEADLINE_EXCEEDED.
     """
 
-    def __init__(self, limit: int | None = None, refused: Callable[[str], None] | None = None) -> None:
+    def __init__(self, limit: int | None = None, refused: Callable[[str], None] | None = None,
+                 max_call_duration: float | None = None) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
         # Those of the calls let through: what the limit counts.
         self._admitted: set[asyncio.Task[Any]] = set()
         self._limit = limit
         self._refused = refused
+        self._max_call_duration = max_call_duration
         # Each method's handler as reading_one_request() made it, by the
         # handler grpc has for it: one entry per method.
         self._reading: dict[grpc.RpcMethodHandler, grpc.RpcMethodHandler] = {}
@@ -232,7 +236,7 @@ class CallTasks(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is not None:
             handler = self._reading.get(handler) or self._reading.setdefault(
-                handler, reading_one_request(handler_call_details.method, handler))
+                handler, reading_one_request(handler_call_details.method, handler, self._max_call_duration))
         if not refuse:
             return handler
         if self._refused is not None:

@@ -39,6 +39,7 @@ from typing import Any, AsyncIterator, Callable, Mapping
 
 import grpc
 
+from ._call_duration import exceeded_details
 from ._def_handlers import in_handler_threads
 from ._methods import stream_returned
 from ._status_details import checked_trailer
@@ -95,7 +96,8 @@ def _guard(path: str, handler: grpc.RpcMethodHandler, executor: futures.Executor
                                  response_serializer=handler.response_serializer)
 
 
-def reading_one_request(path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def reading_one_request(path: str, handler: grpc.RpcMethodHandler, max_call_duration: float | None = None
+                        ) -> grpc.RpcMethodHandler:
     """``handler`` of the method ``path``, if it takes one request and is
     ``async def``, as one that takes the request stream and reads its first
     message itself: a call whose stream ends without one is answered
@@ -103,9 +105,17 @@ def reading_one_request(path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMe
     grpc's synchronous server answers it, where grpc.aio answered nothing. The
     method's clients see no difference; a message after the first is not
     read, as grpc.aio does not read it. Any other ``handler`` is returned as
-    it is."""
+    it is.
+
+    With ``max_call_duration``, a call of a method with one response that
+    came without a deadline and whose request does not arrive whole within
+    that many seconds (a peer that sends none, or part of one, and keeps the
+    stream open) ends DEADLINE_EXCEEDED, as its handler would be ended
+    (:mod:`~vyra_base_ipc._call_duration`, whose bound starts once the
+    request is read)."""
     if handler.request_streaming:
         return handler
+    bound = None if handler.response_streaming else max_call_duration
     factory = grpc.stream_stream_rpc_method_handler if handler.response_streaming \
         else grpc.stream_unary_rpc_method_handler
     behaviour = handler.unary_stream if handler.response_streaming else handler.unary_unary
@@ -125,7 +135,10 @@ def reading_one_request(path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMe
         reading = reading_stream
     elif inspect.iscoroutinefunction(behaviour):  # a unary answer, or a stream it writes
         async def reading_call(requests: Any, context: Any) -> Any:
-            request = await context.read()
+            if bound is None or context.time_remaining() is not None:
+                request = await context.read()
+            else:
+                request = await _read_within(context, bound)
             if request is grpc.aio.EOF:
                 await _no_request(path, context)
             return await behaviour(request, context)
@@ -134,6 +147,17 @@ def reading_one_request(path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMe
         return handler
     return factory(reading, request_deserializer=handler.request_deserializer,
                    response_serializer=handler.response_serializer)
+
+
+async def _read_within(context: Any, seconds: float) -> Any:
+    """``context.read()``; the call aborted DEADLINE_EXCEEDED if that takes ``seconds``.
+
+    :raises grpc.aio.AbortError: it did.
+    """
+    try:
+        return await asyncio.wait_for(context.read(), seconds)
+    except asyncio.TimeoutError:
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, exceeded_details(seconds))
 
 
 async def _no_request(path: str, context: Any) -> None:

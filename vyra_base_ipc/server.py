@@ -187,8 +187,8 @@ class IPCServer:
         self._announce = True
         self._ttrpc: TtrpcServer | None = None
         self._open_streams = OpenStreams()
-        self._call_tasks = CallTasks(self._maximum_concurrent_rpcs, None if self.metrics is None
-                                     else functools.partial(self.metrics.refused, lane='grpc'))
+        refused = None if self.metrics is None else functools.partial(self.metrics.refused, lane='grpc')
+        self._call_tasks = CallTasks(self._maximum_concurrent_rpcs, refused, limits.max_call_duration)
         self._services: list[ServiceRegistration] = []
         self._state = _State.NEW
         self._server: grpc.aio.Server | None = None
