@@ -27,7 +27,6 @@ def exceeded_details(seconds: float) -> str:
     return f'the call came without a deadline and ran for {seconds:g} s (max_call_duration)'
 
 
-
 def bound_call_duration(handlers: Mapping[str, grpc.RpcMethodHandler], seconds: float
                         ) -> dict[str, grpc.RpcMethodHandler]:
     """``handlers``, those of ``async def`` one-response methods bounded to
