@@ -74,6 +74,8 @@ class HandlerThreads(futures.Executor):
         """Wait up to ``timeout`` seconds until no thread of this pool runs a
         handler (looking every 10 ms); how many still do."""
         until = time.monotonic() + timeout
+        # Polled: the threads tell the loop nothing it could await, and this
+        # runs once, at a stop, within its bound.
         while (busy := self.busy) and time.monotonic() < until:
             await asyncio.sleep(_IDLE_POLL_SECONDS)
         return busy

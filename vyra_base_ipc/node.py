@@ -95,9 +95,10 @@ _logger = logging.getLogger(__name__)
 _RCLError = rclpy_implementation.RCLError
 _InvalidHandle = rclpy_implementation.InvalidHandle
 
-#: How long stopping may take beyond the grace period (cancelled handlers
-#: unwinding, the loop thread ending) before the host gives up waiting.
-_STOP_MARGIN = 0.5
+#: How long stopping may take beyond the grace period before the host gives
+#: up waiting: IPCServer.stop() itself waits up to 1 s past the grace for
+#: cancelled handlers (``def`` ones too) and connections, then the loop thread ends.
+_STOP_MARGIN = 1.5
 
 # -- hosting ------------------------------------------------------------------------
 
@@ -260,7 +261,7 @@ class IPCServerHost:
         """Stop the server: health NOT_SERVING, ``grace`` seconds (default: the
         ``grace_period`` parameter) for in-flight calls, socket file removed.
 
-        Blocks at most ``grace`` + 0.5 s. Idempotent; a no-op if never started.
+        Blocks at most ``grace`` + 1.5 s. Idempotent; a no-op if never started.
         """
         server = self.server
         if server is None or self._stopped:

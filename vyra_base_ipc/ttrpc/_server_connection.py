@@ -497,9 +497,10 @@ class ServerConnection(FramedConnection):
         # a peer keeps the mapping (or descriptor) of a segment lent to it,
         # and the pool writes that segment again for anyone, so a socket
         # group's member would read what the server sends others. Another
-        # user's peer gets new memfds, never written again.
+        # user's peer gets new memfds, never written again (as does one whose
+        # credentials are unknown, which a connected Unix socket always tells).
         peer = self.peer
-        pooled = peer is None or peer.uid in (0, os.geteuid())
+        pooled = peer is not None and peer.uid in (0, os.geteuid())
         try:
             self.agreement, answer = _hello.accept(payload, server.shared_memory, server.stream_window,
                                                    self._memfd_gate, pooled)
