@@ -642,6 +642,37 @@ def test_a_buffer_too_large_for_any_memory_is_refused_naming_its_size() -> None:
     assert len(os.listdir('/proc/self/fd')) == before
 
 
+#: A child that says what allocating a buffer of ``argv[1]`` bytes did. Its
+#: address space is limited to that size, so the buffer can never be mapped
+#: whole there: without the check, its mmap() fails (a different error)
+#: rather than the OOM killer coming, which kills any process on a machine
+#: out of memory (a test run's too: seen), not only the one allocating.
+_ALLOCATING_CHILD = """
+import resource, sys
+from vyra_base_ipc import SharedBuffer, SharedMemoryError
+size = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (size, size))
+try:
+    SharedBuffer.allocate(size)
+except SharedMemoryError as error:
+    print(error)
+else:
+    print('allocated')
+"""
+
+
+def test_a_buffer_larger_than_the_memory_available_is_refused_not_left_to_the_oom_killer() -> None:
+    # Its memfd and mapping were made without complaint; faulting in its
+    # pages brought in the OOM killer.
+    meminfo = dict(line.split(':', 1) for line in Path('/proc/meminfo').read_text().splitlines())
+    size = sum(int(meminfo[name].split()[0]) * 1024 for name in ('MemTotal', 'SwapTotal')) + (1 << 30)
+    child = subprocess.run([sys.executable, '-c', _ALLOCATING_CHILD, str(size)],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, f'exit {child.returncode}: {child.stdout}{child.stderr}'
+    assert f'shared-memory segment of {size_class(size)} bytes: only ' in child.stdout, child.stdout
+    assert 'bytes of memory are available (MemAvailable and SwapFree)' in child.stdout, child.stdout
+
+
 @pytest.mark.parametrize('kind', CLIENT_KINDS)
 def test_every_client_passes_shared_buffers_without_a_copy(
         kind: str, echo: Any, shm_server: ServerProcess) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import fcntl
+import functools
 import mmap
 import os
 import pickle
@@ -58,6 +59,7 @@ __all__ = [
     'copy_payload',
     'map_sealed',
     'read_only',
+    'require_memory',
     'seal_bytes',
     'shared_memory_unavailable',
     'usable_options',
@@ -288,6 +290,41 @@ def is_allocated(status: os.stat_result) -> bool:
     would allocate its pages in the receiver, on the receiver's time (a sender
     may ``ftruncate`` a memfd to a gigabyte and write nothing)."""
     return status.st_blocks * 512 >= status.st_size
+
+
+def require_memory(size: int) -> None:
+    """Check that a new segment of ``size`` bytes, every page allocated at
+    once, can be had now, as far as the kernel tells.
+
+    Called before a segment is made: where its pages are more than the memory
+    available (``MemAvailable`` and ``SwapFree`` of ``/proc/meminfo``; the
+    machine's memory where that cannot be read), allocating them does not
+    fail but brings in the OOM killer, which may kill any process of the
+    machine. Sizes below a 64th of the machine's memory are not looked at (a
+    read of ``/proc/meminfo`` each). A container's memory limit is not
+    looked at either: beyond it the container's largest process is killed,
+    as for any allocation of memory it touches (``bytearray(size)`` too).
+
+    :raises SharedMemoryError: it cannot, naming ``size`` and the memory available.
+    """
+    total = _machine_memory()
+    if size < total >> 6:
+        return
+    try:
+        with open('/proc/meminfo', 'rb') as meminfo:
+            fields = dict(line.split(b':', 1) for line in meminfo)
+        available = (int(fields[b'MemAvailable'].split()[0]) + int(fields[b'SwapFree'].split()[0])) * 1024
+        where = 'available (MemAvailable and SwapFree)'
+    except (OSError, KeyError, ValueError):
+        available, where = total, "in this machine's memory"
+    if size > available:
+        raise SharedMemoryError(f'cannot make a shared-memory segment of {size} bytes: only {available} '
+                                f'bytes of memory are {where}')
+
+
+@functools.cache
+def _machine_memory() -> int:
+    return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
 
 
 def map_sealed(fd: int, size: int, what: str, populate: bool = True) -> memoryview:

@@ -44,6 +44,7 @@ from ._payload import (
     SharedMemoryError,
     copy_payload,
     read_only,
+    require_memory,
     write_payload,
 )
 from .exceptions import ForkedProcessError
@@ -235,19 +236,19 @@ def new_segment(size: int, pool: 'SegmentPool | None' = None, fill: Any = None) 
     sealed; not in any pool's accounts. With ``fill`` (``size`` bytes: a
     buffer, or ``Pieces``) it starts with those bytes.
 
-    :raises SharedMemoryError: it cannot be made (no memory, no descriptors,
-        a kernel before 5.1).
+    :raises SharedMemoryError: it cannot be made (not that much memory
+        available: :func:`require_memory`; no descriptors, a kernel before 5.1).
     """
     capacity = size_class(size)
+    require_memory(capacity)  # (else the OOM killer comes, for any process)
     try:
         fd = os.memfd_create('vyra-ipc-segment', MFD_FLAGS)
     except OSError as error:
         raise SharedMemoryError(f'cannot create shared memory: {error.strerror}') from None
     try:
         if fill is not None:
-            # write() lets the kernel allocate pages it fills whole without
-            # zeroing them first: a quarter faster than faulting in zeroed
-            # pages and copying over them.
+            # write() lets the kernel allocate pages it fills whole without zeroing
+            # them first: a quarter faster than faulting in zeroed pages and copying.
             write_payload(fd, fill)
         os.ftruncate(fd, capacity)
         # Writable and shared, populated: every page is allocated now, not
