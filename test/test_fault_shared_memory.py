@@ -9,11 +9,12 @@ own memfds are the observables.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -310,6 +311,32 @@ def test_shared_buffers_held_by_calls_are_bounded_per_connection_and_come_back_a
         os.close(fd)
 
 
+@contextlib.contextmanager
+def one_busy_worker(server: ServerProcess, echo: Any, name: str, deadline: float, sleep: float
+                    ) -> Iterator[tuple[Peer, Callable[[int], None]]]:
+    """A peer (shared memory agreed) of ``server`` (one handler thread),
+    whose stream 3 keeps that thread asleep for ``sleep`` seconds, and a
+    function sending on a stream an ``EchoSync`` call with ``deadline``
+    whose request (text ``name``) is in a sealed memfd called ``name``: such
+    calls wait in the thread's queue."""
+    body = echo.pb.EchoRequest(text=name, payload=bytes(2 * THRESHOLD)).SerializeToString()
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(fd, body)
+    fcntl.fcntl(fd, F_ADD_SEALS, SEAL_SHRINK | SEAL_GROW | SEAL_WRITE)
+    manifest = ttrpc_pb2.SharedMemoryManifest(payload_size=len(body)).SerializeToString()
+    envelope = ttrpc_pb2.Request(service=ECHO_SERVICE, method='EchoSync', payload=manifest,
+                                 timeout_nano=int(deadline * 1e9)).SerializeToString()
+    try:
+        with Peer.connect(server.ttrpc_path) as peer:
+            peer.request(1, *HELLO, ttrpc_pb2.Hello(shared_memory=True).SerializeToString())
+            peer.answer(1)
+            asleep = echo.pb.InspectRequest(sleep_seconds=sleep).SerializeToString()
+            peer.request(3, ECHO_SERVICE, 'InspectSync', asleep, timeout_nano=int(LONG * 1e9))
+            yield peer, lambda stream_id: peer.send_raw(frame_bytes(stream_id, REQUEST, SHARED, envelope), [fd])
+    finally:
+        os.close(fd)
+
+
 def test_def_calls_waiting_for_a_worker_with_requests_in_shared_memory_count_as_held_buffers(
         start_server: StartServer, socket_dir: Path, echo: Any) -> None:
     # Such a request waits in the handler threads' queue with its mapping
@@ -318,31 +345,16 @@ def test_def_calls_waiting_for_a_worker_with_requests_in_shared_memory_count_as_
     # each per call of every connection, far past max_held_buffers.
     server = start_server(socket_dir / 'q.sock', '--max-workers', '1',
                           '--limits', json.dumps({'max_held_buffers': 8}))
-    body = echo.pb.EchoRequest(text='queued', payload=bytes(2 * THRESHOLD)).SerializeToString()
-    fd = os.memfd_create('request', os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.write(fd, body)
-    fcntl.fcntl(fd, F_ADD_SEALS, SEAL_SHRINK | SEAL_GROW | SEAL_WRITE)
-    manifest = ttrpc_pb2.SharedMemoryManifest(payload_size=len(body)).SerializeToString()
-    envelope = ttrpc_pb2.Request(service=ECHO_SERVICE, method='EchoSync', payload=manifest,
-                                 timeout_nano=int(LONG * 1e9)).SerializeToString()
-    try:
-        with Peer.connect(server.ttrpc_path) as peer:
-            peer.request(1, *HELLO, ttrpc_pb2.Hello(shared_memory=True).SerializeToString())
-            peer.answer(1)
-            # The one handler thread sleeps: the calls after it wait in its queue.
-            peer.request(3, ECHO_SERVICE, 'InspectSync', echo.pb.InspectRequest(sleep_seconds=3).SerializeToString(),
-                         timeout_nano=int(LONG * 1e9))
-            for stream_id in (5, 7, 9):
-                peer.send_raw(frame_bytes(stream_id, REQUEST, SHARED, envelope), [fd])
-            refused = peer.answer(9)  # before the sleeping handler returns
-            assert refused.code == 8  # RESOURCE_EXHAUSTED
-            assert 'for this connection: 1 more would pass its limit (8, a quarter' in refused.message
-            for stream_id in (3, 5, 7):  # the others are served once the thread is free
-                assert peer.answer(stream_id).code == 0
-            peer.send_raw(frame_bytes(11, REQUEST, SHARED, envelope), [fd])  # held no more
-            assert echo.pb.EchoReply.FromString(peer.answer(11).payload).text == 'queued'
-    finally:
-        os.close(fd)
+    with one_busy_worker(server, echo, 'queued', LONG, sleep=3) as (peer, call):
+        for stream_id in (5, 7, 9):
+            call(stream_id)
+        refused = peer.answer(9)  # before the sleeping handler returns
+        assert refused.code == 8  # RESOURCE_EXHAUSTED
+        assert 'for this connection: 1 more would pass its limit (8, a quarter' in refused.message
+        for stream_id in (3, 5, 7):  # the others are served once the thread is free
+            assert peer.answer(stream_id).code == 0
+        call(11)  # held no more
+        assert echo.pb.EchoReply.FromString(peer.answer(11).payload).text == 'queued'
 
 
 def test_def_calls_that_end_before_a_worker_takes_them_let_go_of_their_requests_shared_memory(
@@ -353,27 +365,13 @@ def test_def_calls_that_end_before_a_worker_takes_them_let_go_of_their_requests_
     # made the server hold a mapping (and a descriptor) each, without bound.
     server = start_server(socket_dir / 'e.sock', '--max-workers', '1',
                           '--limits', json.dumps({'max_held_buffers': 8}))
-    body = echo.pb.EchoRequest(text='late', payload=bytes(2 * THRESHOLD)).SerializeToString()
-    fd = os.memfd_create('late-request', os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.write(fd, body)
-    fcntl.fcntl(fd, F_ADD_SEALS, SEAL_SHRINK | SEAL_GROW | SEAL_WRITE)
-    manifest = ttrpc_pb2.SharedMemoryManifest(payload_size=len(body)).SerializeToString()
-    envelope = ttrpc_pb2.Request(service=ECHO_SERVICE, method='EchoSync', payload=manifest,
-                                 timeout_nano=int(0.1e9)).SerializeToString()
-    try:
-        with Peer.connect(server.ttrpc_path) as peer:
-            peer.request(1, *HELLO, ttrpc_pb2.Hello(shared_memory=True).SerializeToString())
-            peer.answer(1)
-            # The one handler thread sleeps far past the calls' deadlines.
-            peer.request(3, ECHO_SERVICE, 'InspectSync', echo.pb.InspectRequest(sleep_seconds=5).SerializeToString(),
-                         timeout_nano=int(LONG * 1e9))
-            for stream_id in (5, 7, 9, 11):
-                peer.send_raw(frame_bytes(stream_id, REQUEST, SHARED, envelope), [fd])
-                assert peer.answer(stream_id).code == 4  # DEADLINE_EXCEEDED, while the thread sleeps
-            assert mapped_kib(server.pid, 'late-request') == []
-            assert peer.answer(3).code == 0
-    finally:
-        os.close(fd)
+    # The one handler thread sleeps far past the calls' deadlines.
+    with one_busy_worker(server, echo, 'late-request', 0.1, sleep=5) as (peer, call):
+        for stream_id in (5, 7, 9, 11):
+            call(stream_id)
+            assert peer.answer(stream_id).code == 4  # DEADLINE_EXCEEDED, while the thread sleeps
+        assert mapped_kib(server.pid, 'late-request') == []
+        assert peer.answer(3).code == 0
 
 
 def test_descriptors_no_frame_claims_close_their_connection_after_the_frame_timeout(
