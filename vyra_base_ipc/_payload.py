@@ -27,7 +27,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import fcntl
-import functools
 import mmap
 import os
 import pickle
@@ -37,6 +36,7 @@ import threading
 from typing import Any, Iterable
 import warnings
 
+from ._memory_available import memory_headroom, memory_limit
 from .exceptions import SharedMemoryError, TooLargeError
 
 # SharedMemoryError and TooLargeError are defined in .exceptions, importable
@@ -297,34 +297,22 @@ def require_memory(size: int) -> None:
     once, can be had now, as far as the kernel tells.
 
     Called before a segment is made: where its pages are more than the memory
-    available (``MemAvailable`` and ``SwapFree`` of ``/proc/meminfo``; the
-    machine's memory where that cannot be read), allocating them does not
-    fail but brings in the OOM killer, which may kill any process of the
-    machine. Sizes below a 64th of the machine's memory are not looked at (a
-    read of ``/proc/meminfo`` each). A container's memory limit is not
-    looked at either: beyond it the container's largest process is killed,
-    as for any allocation of memory it touches (``bytearray(size)`` too).
+    this process may still have (the machine's ``MemAvailable`` and
+    ``SwapFree``, and what is left under its container's memory limit: see
+    :mod:`vyra_base_ipc._memory_available`), allocating them does not fail but
+    brings in the OOM killer, which may kill any process of the machine or
+    the container's largest. Sizes below a 64th of the most memory this
+    process could have are not looked at (a few files are read each time).
 
-    :raises SharedMemoryError: it cannot, naming ``size`` and the memory available.
+    :raises SharedMemoryError: it cannot, naming ``size``, the memory left
+        and what limits it.
     """
-    total = _machine_memory()
-    if size < total >> 6:
+    if size < memory_limit() >> 6:
         return
-    try:
-        with open('/proc/meminfo', 'rb') as meminfo:
-            fields = dict(line.split(b':', 1) for line in meminfo)
-        available = (int(fields[b'MemAvailable'].split()[0]) + int(fields[b'SwapFree'].split()[0])) * 1024
-        where = 'available (MemAvailable and SwapFree)'
-    except (OSError, KeyError, ValueError):
-        available, where = total, "in this machine's memory"
-    if size > available:
-        raise SharedMemoryError(f'cannot make a shared-memory segment of {size} bytes: only {available} '
-                                f'bytes of memory are {where}')
-
-
-@functools.cache
-def _machine_memory() -> int:
-    return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    left, what = memory_headroom()
+    if size > left:
+        raise SharedMemoryError(f'cannot make a shared-memory segment of {size} bytes: only {left} '
+                                f'bytes of memory are {what}')
 
 
 def map_sealed(fd: int, size: int, what: str, populate: bool = True) -> memoryview:
