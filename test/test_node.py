@@ -29,7 +29,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from std_srvs.srv import Trigger
 
-from conftest import STOP_SLACK, ChildProcess, wait_for, with_test_servers
+from conftest import SERVERS, STOP_SLACK, ChildProcess, wait_for, with_test_servers
 from ros_env import IPC_SERVER
 from vyra_base_ipc import IPCError, IPCHandler, ModuleService, ServerLimits, SyncIPCHandler, command
 from vyra_base_ipc import module_service_pb2 as module_pb
@@ -779,6 +779,94 @@ def test_a_grace_period_change_that_the_hosting_node_refuses_changes_nothing(con
     finally:
         host.close()
         node.destroy_node()
+
+
+def limit_speed(parameters: list[Parameter[Any]]) -> list[Parameter[Any]]:
+    """A hosting node's own pre-set callback, as rclpy's demos write one."""
+    return [Parameter('speed', value=min(parameter.value, 10.0)) if parameter.name == 'speed' else parameter
+            for parameter in parameters]
+
+
+@pytest.mark.parametrize('order', ['own-first', 'host-first'])
+def test_a_hosting_nodes_own_pre_set_callback_keeps_working_beside_the_host(context: Context,
+                                                                           order: str) -> None:
+    """Found: rclpy sets what all pre-set callbacks return joined, so the
+    host's conversion of integers beside the node's own callback set each
+    parameter twice: the limited speed was set back to 99 (host-first), and
+    an integer grace_period was refused as no DOUBLE (both orders)."""
+    node = Node('arm', context=context)
+    node.declare_parameter('speed', 1.0)
+    if order == 'own-first':
+        node.add_pre_set_parameters_callback(limit_speed)
+    host = IPCServerHost(node, module_name='arm')
+    if order == 'host-first':
+        node.add_pre_set_parameters_callback(limit_speed)
+    try:
+        (result,) = node.set_parameters([Parameter('speed', value=99.0)])
+        assert result.successful and node.get_parameter('speed').value == 10.0
+        (result,) = node.set_parameters([Parameter('grace_period', value=2)])
+        assert result.successful, result.reason
+        assert node.get_parameter('grace_period').value == host.grace_period == 2.0
+        result = node.set_parameters_atomically([Parameter('grace_period', value=3), Parameter('speed', value=50.0)])
+        assert result.successful, result.reason
+        assert (node.get_parameter('grace_period').value, node.get_parameter('speed').value) == (3.0, 10.0)
+        assert host.grace_period == 3.0
+    finally:
+        host.close()
+        node.destroy_node()
+
+
+def test_a_second_declaration_on_one_node_converts_integers_once(context: Context) -> None:
+    node = Node('arm', context=context)
+    first = IPCServerHost(node, module_name='arm')
+    second = IPCServerHost(node, module_name='arm')
+    seen: list[list[Parameter[Any]]] = []
+    node.add_pre_set_parameters_callback(lambda parameters: seen.append(parameters) or parameters)
+    try:
+        (result,) = node.set_parameters([Parameter('grace_period', value=4)])
+        assert result.successful, result.reason
+        assert [[(p.name, p.type_, p.value) for p in parameters] for parameters in seen] == \
+            [[('grace_period', Parameter.Type.DOUBLE, 4.0)]]
+        assert first.grace_period == second.grace_period == 4.0
+    finally:
+        first.close()
+        second.close()
+        node.destroy_node()
+
+
+@pytest.mark.parametrize('order', ['own-first', 'host-first'])
+def test_parameters_set_over_ros_on_a_hosting_node_with_its_own_pre_set_callback(
+        context: Context, spin, start_process, ros_environ: dict[str, str], socket_dir: Path,
+        order: str) -> None:
+    """The same, on a real hosting node, set as ``ros2 param set`` sets them."""
+    from rclpy.parameter_client import AsyncParameterClient
+
+    socket_path = socket_dir / 'limited.sock'
+    namespace = f'/t{uuid.uuid4().hex[:8]}'
+    node = start_process([sys.executable, str(SERVERS / 'limiting_host.py'), order, '--ros-args',
+                          '-r', f'__ns:={namespace}', '-p', f'socket_path:={socket_path}'])
+    node.wait_listening(socket_path)
+    caller = Node('caller', context=context)
+    try:
+        spinner = spin(caller)
+        client = AsyncParameterClient(caller, f'{namespace}/arm_node')
+        assert client.wait_for_services(timeout_sec=20), f'{namespace}/arm_node parameter services did not appear'
+
+        def answer(future: Any) -> Any:
+            wait_for(future.done, 20, 'an answer')
+            return future.result()
+
+        results = answer(client.set_parameters([Parameter('speed', value=99.0),
+                                                Parameter('grace_period', value=2)])).results
+        assert [(r.successful, r.reason) for r in results] == [(True, '')] * 2
+        values = answer(client.get_parameters(['speed', 'grace_period'])).values
+        assert [v.double_value for v in values] == [10.0, 2.0]
+        spinner.stop()
+    finally:
+        caller.destroy_node()
+    node.signal(signal.SIGTERM)
+    assert node.wait(timeout=30) == 0, node.log()
+    assert not socket_path.exists()
 
 
 @pytest.mark.parametrize('switch, parameter, value, reason', [

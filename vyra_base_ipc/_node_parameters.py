@@ -11,7 +11,7 @@ import importlib
 import os
 from pathlib import Path
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.exceptions import InvalidParameterTypeException, ParameterUninitializedException
@@ -190,7 +190,10 @@ def declare_ipc_parameters(node: Node, *, module_name: str = '',
     ``2`` rather than ``2.0``: an override (``-p grace_period:=2``) and a later
     set (``ros2 param set /ipc_server grace_period 2``) are made the double
     ``2.0`` before rclpy checks the type, which rclpy would refuse. The
-    parameter stays a DOUBLE for ``ros2 param describe`` and ``get``.
+    parameter stays a DOUBLE for ``ros2 param describe`` and ``get``. A set is
+    converted before the node's own pre-set callbacks run, which see and
+    return the double; none is added beside them (see
+    :func:`_convert_integers_before_pre_set_callbacks`).
 
     :raises ParameterError: an override has the wrong type; the remaining
         parameters are still declared.
@@ -216,9 +219,51 @@ def declare_ipc_parameters(node: Node, *, module_name: str = '',
             # Declare it with its default so that the node is complete anyway.
             node.declare_parameter(spec.name, default, spec.descriptor(), ignore_override=True)
     if doubles:
-        node.add_pre_set_parameters_callback(lambda parameters: _integers_as_doubles(parameters, doubles))
+        _convert_integers_before_pre_set_callbacks(node, doubles)
     if first_error is not None:
         raise first_error
+
+
+class _IntegersAsDoubles:
+    """``node._call_pre_set_parameters_callback`` of a node with IPC server
+    parameters: the parameters being set, their integers for :attr:`doubles`
+    made doubles, go through the node's own pre-set callbacks (the method it
+    replaces), whose result is converted the same way."""
+
+    def __init__(self, call: Callable[[list[Parameter[Any]]], list[Parameter[Any]] | None],
+                 doubles: set[str]) -> None:
+        self.call = call
+        self.doubles = doubles
+
+    def __call__(self, parameters: list[Parameter[Any]]) -> list[Parameter[Any]] | None:
+        converted = _integers_as_doubles(parameters, self.doubles)
+        modified = self.call(converted)
+        if modified is not None:
+            return _integers_as_doubles(modified, self.doubles)
+        # (None: no pre-set callbacks, rclpy sets the list it has; else the converted one.)
+        return converted if any(a is not b for a, b in zip(converted, parameters, strict=True)) else None
+
+
+def _convert_integers_before_pre_set_callbacks(node: Node, doubles: set[str]) -> None:
+    """Have every set of ``node``'s parameters take integers for ``doubles``.
+
+    Not with ``node.add_pre_set_parameters_callback``: rclpy hands each
+    pre-set callback the list being set and sets what they return *joined*
+    (rclpy ``Node._call_pre_set_parameters_callback``), so beside a callback
+    of the hosting node's own, each parameter was set twice: the integer
+    its callback returned was refused as no DOUBLE, and what its callback
+    changed (a speed limited to 10) was set back to the value asked for
+    whenever ours came later. So the conversion runs before the node's own
+    callbacks, in the one method that calls them all. Should rclpy lose that
+    method, a callback of our own is added as before.
+    """
+    current = getattr(node, '_call_pre_set_parameters_callback', None)
+    if isinstance(current, _IntegersAsDoubles):  # (declared on this node before: one conversion)
+        current.doubles |= doubles
+    elif callable(current):
+        node._call_pre_set_parameters_callback = _IntegersAsDoubles(current, set(doubles))  # type: ignore[method-assign,assignment]
+    else:
+        node.add_pre_set_parameters_callback(lambda parameters: _integers_as_doubles(parameters, doubles))
 
 
 def _integer_override(node: Node, name: str) -> int | None:
