@@ -204,6 +204,36 @@ def test_calls_refused_at_maximum_concurrent_rpcs_turn_the_status_to_warn(
         assert not held.is_alive() and outcome, outcome
 
 
+def test_an_event_loop_held_by_a_handler_turns_the_status_to_error_until_it_runs_again(
+        start_process: Callable[..., ChildProcess], monitor: Monitor, socket_dir: Path,
+        ros_environ: dict[str, str], test_protos_dir: Path, echo: Any) -> None:
+    """Found: an ``async def`` handler blocking the loop for 6 s left the status
+    OK "serving" throughout, while every other call on either lane timed out."""
+    socket_path = socket_dir / 'arm_ipc.sock'
+    env = with_test_servers(ros_environ, test_protos_dir)
+    server = start_process([*IPC_SERVER, '--ros-args', '-p', 'module_name:=arm', '-p', f'socket_path:={socket_path}',
+                            '-p', 'diagnostics_period:=0.2', '-p', "servicers:=['loop_blocker:LoopBlocker']"], env)
+    server.wait_listening(socket_path)
+    ok = monitor.wait('ipc_server: IPC server', 'OK', lambda s: s.level == DiagnosticStatus.OK)
+    assert float(values(ok)['event loop delay ms']) < 1000
+    since = monitor.mark()
+    with SyncIPCHandler(socket_path, echo.Stub, timeout=30) as client:
+        blocked = threading.Thread(target=client.call_method, args=('Sleep', echo.pb.SleepRequest(seconds=4)),
+                                   daemon=True)
+        blocked.start()
+        stalled = monitor.wait('ipc_server: IPC server', 'ERROR',
+                               lambda s: s.level == DiagnosticStatus.ERROR, timeout=10)
+        assert stalled.message.startswith('event loop not responding for '), stalled.message
+        assert values(stalled)['in flight'] == '1'
+        blocked.join(timeout=30)
+        assert not blocked.is_alive()
+        monitor.wait('ipc_server: IPC server', 'OK again', lambda s: s.level == DiagnosticStatus.OK, timeout=10)
+        assert client.call_method('Echo', echo.pb.EchoRequest(text='after')).text == 'after'
+    before = monitor.found('ipc_server: IPC server', lambda s: True, since)
+    first_error = next(i for i, s in enumerate(before) if s.level == DiagnosticStatus.ERROR)
+    assert all(s.level == DiagnosticStatus.OK for s in before[:first_error])
+
+
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 def test_ipc_server_says_error_on_diagnostics_as_a_signal_stops_it(
         start_process: Callable[..., ChildProcess], monitor: Monitor, socket_dir: Path, signum: int) -> None:

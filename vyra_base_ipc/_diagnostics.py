@@ -7,7 +7,11 @@ diagnostic_updater's (``<node>: IPC server``), published every
 
 - ERROR while the server is not serving (not started, stopping, stopped,
   or its event loop ended under it: message ``event loop ended: ...``);
-  one last ERROR is published when the host stops it.
+  one last ERROR is published when the host stops it. ERROR too while its
+  event loop has not come round for more than :data:`LOOP_STALL_ERROR`
+  seconds (message ``event loop not responding for ...``): something holds
+  it (a blocking call in an ``async def`` handler), and no call on either
+  lane is answered meanwhile.
 - WARN when, in the last period, more than :data:`ERROR_RATE_WARN` of the
   calls ended with a server error (:data:`SERVER_ERRORS`), or calls were
   refused at the server's limits (``maximum_concurrent_rpcs``, the fast
@@ -18,12 +22,17 @@ diagnostic_updater's (``<node>: IPC server``), published every
 
 Its values say which lanes serve where, the connections per lane, calls per
 second, errors per second (every status but OK), calls refused per second
-and the p50/p99 latency of the last period, and the calls in flight.
+and the p50/p99 latency of the last period, the calls in flight, and how
+long the event loop took to run a callback handed to it from the publishing
+thread (``event loop delay ms``, the last one answered).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import threading
+import time
 from typing import TYPE_CHECKING, Callable
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -38,7 +47,7 @@ from .introspection_pb2 import Stats
 if TYPE_CHECKING:
     from .server import IPCServer
 
-__all__ = ['CONNECTIONS_WARN', 'ERROR_RATE_WARN', 'IPCDiagnostics', 'SERVER_ERRORS']
+__all__ = ['CONNECTIONS_WARN', 'ERROR_RATE_WARN', 'IPCDiagnostics', 'LOOP_STALL_ERROR', 'SERVER_ERRORS']
 
 #: Share of a period's calls that may end with a server error before the status turns WARN.
 ERROR_RATE_WARN = 0.1
@@ -51,6 +60,11 @@ SERVER_ERRORS = frozenset({'UNKNOWN', 'DEADLINE_EXCEEDED', 'UNIMPLEMENTED', 'INT
                            'DATA_LOSS'})
 #: Share of ``max_connections`` a lane may hold before the status turns WARN.
 CONNECTIONS_WARN = 0.9
+#: Seconds the server's event loop may leave a callback handed to it
+#: unanswered before the status turns ERROR: no call is answered meanwhile.
+#: (It answers within a millisecond even under load; a garbage collection
+#: of a large heap takes some tens.)
+LOOP_STALL_ERROR = 1.0
 
 _TOPIC = '/diagnostics'
 #: Longest the last status waits for the monitors to have it, as the publisher goes.
@@ -67,13 +81,23 @@ class IPCDiagnostics:
     :param hardware_id: the status's ``hardware_id`` (the module name).
     :param failure: what ended the server's event loop, if anything did (the
         server then no longer serves, whatever its own state says).
+    :param loop: the server's event loop while it runs, else ``None``: each
+        status hands it a callback, and one left unanswered for more than
+        :data:`LOOP_STALL_ERROR` seconds makes the status ERROR.
     """
 
     def __init__(self, node: Node, server: Callable[[], 'IPCServer | None'], period: float,
-                 hardware_id: str, failure: Callable[[], BaseException | None] = lambda: None) -> None:
+                 hardware_id: str, failure: Callable[[], BaseException | None] = lambda: None,
+                 loop: Callable[[], asyncio.AbstractEventLoop | None] = lambda: None) -> None:
         self._node = node
         self._server = server
         self._failure = failure
+        self._loop = loop
+        self._probe_lock = threading.Lock()
+        #: When the callback handed to the loop and not run yet was handed over.
+        self._probe_sent: float | None = None
+        #: Seconds the last callback that ran waited for the loop.
+        self._loop_delay: float | None = None
         self._period = period
         self._hardware_id = hardware_id
         self.name = f'{node.get_name()}: IPC server'
@@ -117,6 +141,7 @@ class IPCDiagnostics:
             if server is not None:
                 status.values = [KeyValue(key='socket_path', value=str(server.socket_path))]
             return status
+        stalled = self._loop_stalled()
         stats = server.stats()
         values = {'socket_path': str(server.socket_path),
                   'ttrpc_socket_path': str(server.ttrpc_socket_path or 'off')}
@@ -141,12 +166,49 @@ class IPCDiagnostics:
                                 'max_concurrent_streams')
         busy, threads = server.handler_threads
         values['handler threads busy'] = f'{busy}/{threads}'
+        if self._loop_delay is not None:
+            values['event loop delay ms'] = f'{self._loop_delay * 1e3:.3f}'
         if threads and busy >= threads:
             warnings.append('every handler thread is busy')
         status.values = [KeyValue(key=key, value=value) for key, value in values.items()]
+        if stalled is not None:
+            status.level = DiagnosticStatus.ERROR
+            status.message = (f'event loop not responding for {stalled:.1f} s: no call is answered '
+                              '(a blocking call in an async def handler?)')
+            return status
         status.level = DiagnosticStatus.WARN if warnings else DiagnosticStatus.OK
         status.message = '; '.join(warnings) if warnings else 'serving'
         return status
+
+
+    def _loop_stalled(self) -> float | None:
+        """Seconds the callback handed to the server's loop has waited, if
+        more than :data:`LOOP_STALL_ERROR`; else ``None``, after handing it a
+        new one if the last one ran."""
+        loop = self._loop()
+        if loop is None:
+            return None
+        now = time.monotonic()
+        with self._probe_lock:
+            sent = self._probe_sent
+            if sent is not None:
+                waited = now - sent
+                return waited if waited > LOOP_STALL_ERROR else None
+            self._probe_sent = now
+        try:
+            loop.call_soon_threadsafe(self._probe_ran, now)
+        except RuntimeError:  # the loop closed meanwhile: the server's state says so
+            with self._probe_lock:
+                self._probe_sent = None
+        return None
+
+    def _probe_ran(self, sent: float) -> None:
+        """(On the server's loop) The callback handed over at ``sent`` ran."""
+        ran = time.monotonic()
+        with self._probe_lock:
+            if self._probe_sent == sent:
+                self._probe_sent = None
+                self._loop_delay = ran - sent
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ seconds (see :mod:`vyra_base_ipc._diagnostics`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import resource
 import sys
@@ -237,7 +238,7 @@ class IPCServerHost:
                     try:
                         self.diagnostics = IPCDiagnostics(
                             self.node, lambda: self.server, config.diagnostics_period, config.module_name,
-                            failure=lambda: self.loop_thread.failure)
+                            failure=lambda: self.loop_thread.failure, loop=self._running_loop)
                     except (_RCLError, _InvalidHandle):
                         if self.node.context.ok():
                             raise
@@ -330,6 +331,13 @@ class IPCServerHost:
             server.abandon()
         except RuntimeError as error:  # the loop's thread did not end in time
             _logger.warning('IPC server on %s could not be stopped: %s', server.socket_path, error)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The server's event loop while it runs, else ``None``."""
+        try:
+            return self.loop_thread.loop
+        except RuntimeError:
+            return None
 
     def _loop_ended(self, failure: BaseException) -> None:
         """(On the loop's thread, once the loop ended under the server) Remove
