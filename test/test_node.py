@@ -1164,6 +1164,56 @@ async def test_ros_service_call_times_out_when_server_does_not_answer(context: C
         server.destroy_node()
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize('timeout, error, message', [
+    (float('nan'), ValueError, 'timeout must be a number of seconds, not nan'),
+    (None, TypeError, 'timeout must be a number of seconds, not NoneType'),
+    ('1', TypeError, 'timeout must be a number of seconds, not str'),
+], ids=['nan', 'none', 'text'])
+async def test_a_ros_service_call_without_a_number_of_seconds_is_refused_at_once(
+        context: Context, timeout: Any, error: type[Exception], message: str) -> None:
+    """Found: with a NaN timeout (``float(parameters['timeout'])`` of a
+    caller's 'nan') a call to a service that is not there polled for it
+    without pause, a core busy for as long as the caller waited."""
+    node = Node('bridge_caller', context=context)
+    try:
+        client = node.create_client(Trigger, 'nobody_serves_this')
+        started = time.process_time()
+        for call in (lambda: call_service(client, Trigger.Request(), timeout),
+                     lambda: ServiceCaller(client).call(Trigger.Request(), timeout)):
+            with pytest.raises(error, match=f'^{message}$'):
+                await asyncio.wait_for(call(), 5)
+        assert time.process_time() - started < 1
+    finally:
+        node.destroy_node()
+
+
+@pytest.mark.parametrize('max_in_flight, error', [(1.5, TypeError), (True, TypeError), (0, ValueError)])
+def test_service_caller_takes_a_whole_number_of_calls_in_flight(context: Context, max_in_flight: Any,
+                                                               error: type[Exception]) -> None:
+    # Found: 1.5 was taken, and let two calls in flight.
+    node = Node('bridge_caller', context=context)
+    try:
+        with pytest.raises(error, match='max_in_flight must be'):
+            ServiceCaller(node.create_client(Trigger, 'callable'), max_in_flight=max_in_flight)
+    finally:
+        node.destroy_node()
+
+
+@pytest.mark.asyncio
+async def test_a_ros_service_call_without_a_time_limit_is_answered(context: Context, spin, bridge_host) -> None:
+    node, _ = bridge_host
+    server = CallableNode(context)
+    spinner = spin(server)
+    try:
+        client = node.create_client(Trigger, 'callable')
+        response = await asyncio.wait_for(ServiceCaller(client).call(Trigger.Request(), float('inf')), 20)
+        assert response.success
+    finally:
+        spinner.stop()
+        server.destroy_node()
+
+
 def test_host_reuses_module_name_the_node_declared_itself(context: Context, socket_dir: Path) -> None:
     node = Node('own_params', context=context, parameter_overrides=[
         Parameter('socket_path', value=str(socket_dir / 'own.sock'))])

@@ -17,6 +17,8 @@ number of requests in flight below that depth and queues the rest.
 from __future__ import annotations
 
 import asyncio
+import math
+from numbers import Real
 from typing import Any
 
 import grpc
@@ -40,14 +42,18 @@ async def call_service(client: Client[Any, Any], request: Any, timeout: float, *
     response to arrive. Many calls may be in flight at once.
 
     :param timeout: seconds for the whole call, including waiting for the
-        service to appear when ``wait_for_service`` is true.
+        service to appear when ``wait_for_service`` is true (0 or less: no
+        time to wait; ``math.inf``: no limit).
     :param wait_for_service: poll for the service server within the deadline
         instead of sending a request nobody may receive.
     :raises ServiceUnavailable: no server appeared within ``timeout``.
     :raises ServiceCallTimeout: no response within ``timeout``; the request is
         withdrawn (a late response is dropped).
+    :raises TypeError, ValueError: ``timeout`` is not a number of seconds
+        (``None``, NaN), before anything is sent.
     :raises Exception: what the rclpy future reports, if it fails.
     """
+    timeout = _seconds(timeout)
     loop = asyncio.get_running_loop()
     give_up = loop.time() + timeout
     if wait_for_service:
@@ -87,6 +93,7 @@ class ServiceCaller:
     :param client: the rclpy client; its node must be spun on another thread.
     :param max_in_flight: default: the client's QoS history depth (10 for the
         default service QoS), which the server's depth should match.
+    :raises TypeError: ``max_in_flight`` is not an int.
     :raises ValueError: ``max_in_flight`` below 1.
     """
 
@@ -95,6 +102,8 @@ class ServiceCaller:
             profile = client.qos_profile
             keep_last = profile.history != HistoryPolicy.KEEP_ALL and profile.depth > 0
             max_in_flight = profile.depth if keep_last else 10
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int):
+            raise TypeError(f'max_in_flight must be an int, not {type(max_in_flight).__name__}')
         if max_in_flight < 1:
             raise ValueError(f'max_in_flight must be at least 1, not {max_in_flight}')
         self.client = client
@@ -105,8 +114,10 @@ class ServiceCaller:
     async def call(self, request: Any, timeout: float) -> Any:
         """:func:`call_service`, the wait for a free slot included in ``timeout``.
 
-        :raises ServiceUnavailable, ServiceCallTimeout: as :func:`call_service`.
+        :raises ServiceUnavailable, ServiceCallTimeout, TypeError, ValueError:
+            as :func:`call_service`.
         """
+        timeout = _seconds(timeout)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + timeout
         try:
@@ -120,6 +131,21 @@ class ServiceCaller:
             return await call_service(self.client, request, max(0.0, give_up - loop.time()))
         finally:
             self._slots.release()
+
+
+def _seconds(timeout: object) -> float:
+    """``timeout`` as a float, checked: a NaN waited for ever, polling for the
+    service without pause (``loop.time() >= now + nan`` is never true).
+
+    :raises TypeError: not a real number (``None``, a ``bool``, a string).
+    :raises ValueError: NaN.
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, Real):
+        raise TypeError(f'timeout must be a number of seconds, not {type(timeout).__name__}')
+    seconds = float(timeout)
+    if math.isnan(seconds):
+        raise ValueError('timeout must be a number of seconds, not nan')
+    return seconds
 
 
 def _transfer(ros_future: RosFuture[Any], answer: asyncio.Future[Any]) -> None:
