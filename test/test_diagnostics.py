@@ -8,6 +8,7 @@ from pathlib import Path
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
@@ -249,6 +250,38 @@ def test_ipc_server_says_error_on_diagnostics_as_a_signal_stops_it(
     assert monitor.found('ipc_server: IPC server', lambda s: True, since)[-1].message == 'not serving'
 
 
+def test_ipc_server_says_error_as_soon_as_it_begins_to_stop_not_after_the_grace_period(
+        start_process: Callable[..., ChildProcess], monitor: Monitor, socket_dir: Path,
+        ros_environ: dict[str, str], test_protos_dir: Path, echo: Any) -> None:
+    """Found: with a call in flight, the last status for the whole grace
+    period was OK "serving" (the executor stops spinning first, and with it
+    the timer), while the socket was gone and new calls were refused."""
+    socket_path = socket_dir / 'arm_ipc.sock'
+    env = with_test_servers(ros_environ, test_protos_dir)
+    server = start_process([*IPC_SERVER, '--ros-args', '-p', 'module_name:=arm', '-p', f'socket_path:={socket_path}',
+                            '-p', 'diagnostics_period:=0.2', '-p', 'grace_period:=3.0',
+                            '-p', "servicers:=['slow_servicer:SlowEchoService']"], env)
+    server.wait_listening(socket_path)
+    monitor.wait('ipc_server: IPC server', 'OK', lambda s: s.level == DiagnosticStatus.OK)
+    with SyncIPCHandler(socket_path, echo.Stub, timeout=30) as client:
+        held = threading.Thread(target=lambda: pytest.raises(IPCError, client.call_method, 'Sleep',
+                                                             echo.pb.SleepRequest(seconds=30)), daemon=True)
+        held.start()
+        calls = Path(f'{socket_path}.calls')
+        wait_for(lambda: calls.exists() and 'Sleep' in calls.read_text().split(), 20, 'Sleep in flight')
+        since = monitor.mark()
+        signalled = time.monotonic()
+        server.signal(signal.SIGTERM)
+        stopping = monitor.wait('ipc_server: IPC server', 'ERROR', lambda s: s.level == DiagnosticStatus.ERROR)
+        assert time.monotonic() - signalled < 2.5  # within the grace period
+        assert stopping.message == 'stopping: calls in flight get 3 s, new calls are refused'
+        assert server.wait(timeout=30) == 0, server.log()
+        held.join(timeout=30)
+    statuses = monitor.found('ipc_server: IPC server', lambda s: True, since)
+    assert [s.message for s in statuses if s.level != DiagnosticStatus.OK] == [stopping.message, 'not serving']
+    assert statuses[-1].message == 'not serving'
+
+
 def test_ipc_server_whose_event_loop_ended_says_error_not_ok(
         start_process: Callable[..., ChildProcess], monitor: Monitor, socket_dir: Path,
         ros_environ: dict[str, str], test_protos_dir: Path) -> None:
@@ -299,8 +332,8 @@ def test_a_hosting_node_reports_error_when_its_server_stops_serving(
     node.wait_listening(socket_path)
     monitor.wait('arm_node: IPC server', 'OK', lambda s: s.level == DiagnosticStatus.OK)
     node.signal(signal.SIGUSR1)
-    stopped = monitor.wait('arm_node: IPC server', 'ERROR', lambda s: s.level == DiagnosticStatus.ERROR)
-    assert stopped.message == 'not serving'
+    stopped = monitor.wait('arm_node: IPC server', 'ERROR "not serving"',
+                           lambda s: s.level == DiagnosticStatus.ERROR and s.message == 'not serving')
     assert values(stopped)['socket_path'] == str(socket_path)
     assert 'IPC server stopped on request' in node.log()
     assert node.running()  # the node lives on and keeps saying so

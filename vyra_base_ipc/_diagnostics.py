@@ -7,7 +7,9 @@ diagnostic_updater's (``<node>: IPC server``), published every
 
 - ERROR while the server is not serving (not started, stopping, stopped,
   or its event loop ended under it: message ``event loop ended: ...``);
-  one last ERROR is published when the host stops it. ERROR too while its
+  published at once when the host begins to stop it (message ``stopping:
+  ...``, while calls in flight get the grace period and nothing is published
+  by a node whose executor stopped), and once more when it stopped. ERROR too while its
   event loop has not come round for more than :data:`LOOP_STALL_ERROR`
   seconds (message ``event loop not responding for ...``): something holds
   it (a blocking call in an ``async def`` handler), and no call on either
@@ -98,6 +100,8 @@ class IPCDiagnostics:
         self._probe_sent: float | None = None
         #: Seconds the last callback that ran waited for the loop.
         self._loop_delay: float | None = None
+        #: The grace period of a stop under way (:meth:`stopping`).
+        self._stopping: float | None = None
         self._period = period
         self._hardware_id = hardware_id
         self.name = f'{node.get_name()}: IPC server'
@@ -111,10 +115,26 @@ class IPCDiagnostics:
         array.header.stamp = self._node.get_clock().now().to_msg()
         self._publisher.publish(array)
 
+    def stopping(self, grace: float | None) -> None:
+        """The host begins to stop the server, giving calls in flight
+        ``grace`` seconds (``None``: the stop is over): from now on the status
+        is ERROR ``stopping: ...``, published at once (the node's executor may
+        have stopped already, and with it the timer, for the whole grace
+        period), unless ROS shut down or :meth:`close` ran."""
+        self._stopping = grace
+        if grace is None or self._timer is None:
+            return
+        try:
+            if self._node.context.ok():
+                self.publish()
+        except _InvalidHandle:  # destroyed with the node or the context meanwhile
+            pass
+
     def close(self) -> None:
         """Publish one last status (ERROR once the server stopped) and stop
         publishing. After ``rclpy.shutdown()`` or the node's destruction,
         when the timer and publisher are gone already, only forgets them."""
+        self._stopping = None
         timer, self._timer = self._timer, None
         if timer is None:
             return
@@ -135,9 +155,15 @@ class IPCDiagnostics:
         server = self._server()
         status = DiagnosticStatus(name=self.name, hardware_id=self._hardware_id)
         failure = self._failure()
-        if server is None or not server.is_serving or failure is not None:
+        stopping = self._stopping
+        if server is None or not server.is_serving or failure is not None or stopping is not None:
             status.level = DiagnosticStatus.ERROR
-            status.message = 'not serving' if failure is None else f'event loop ended: {failure!r}'
+            if failure is not None:
+                status.message = f'event loop ended: {failure!r}'
+            elif stopping is not None and server is not None:
+                status.message = f'stopping: calls in flight get {stopping:g} s, new calls are refused'
+            else:
+                status.message = 'not serving'
             if server is not None:
                 status.values = [KeyValue(key='socket_path', value=str(server.socket_path))]
             return status

@@ -268,7 +268,15 @@ class IPCServerHost:
         if server is None or self._stopped:
             return
         self._stopped = True
-        self._stop_server(server, self._grace_period if grace is None else grace)
+        grace = self._grace_period if grace is None else grace
+        diagnostics = self.diagnostics
+        if diagnostics is not None:  # (ERROR at once: the grace period may be long)
+            diagnostics.stopping(grace)
+        try:
+            self._stop_server(server, grace)
+        finally:
+            if diagnostics is not None:
+                diagnostics.stopping(None)
         _logger.info('IPC server on %s stopped', server.socket_path)
 
     def close(self, grace: float | None = None) -> None:
