@@ -327,6 +327,10 @@ BAD_PARAMETERS = {
         lambda d: f'socket_path:=/tmp/{"x" * 120}.sock', 'socket_path', 'at most 107 bytes'),
     'negative grace period': (
         lambda d: 'grace_period:=-1.0', 'grace_period', 'finite number of seconds >= 0'),
+    'socket path beginning with ~': (  # (found: a directory named ~ was made in the working directory)
+        lambda d: 'socket_path:=~/arm.sock', 'socket_path', 'begins with "~", which ROS does not expand'),
+    'fast lane path beginning with ~': (
+        lambda d: 'ttrpc_socket_path:=~/arm.ttrpc.sock', 'ttrpc_socket_path', 'give the whole path, such as'),
     'grace period beyond every clock': (
         lambda d: 'grace_period:=1e10', 'grace_period', 'and at most 1e+09, not 10000000000.0'),
     'grace period not a number': (

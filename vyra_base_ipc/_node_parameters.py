@@ -90,7 +90,8 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
         "node gives in code (host_ipc_server(node, module_name='<name>'))."),
     ParameterSpec(
         'socket_path', Parameter.Type.STRING, '',
-        'Unix socket to serve on (at most 107 bytes; relative paths are made absolute). '
+        'Unix socket to serve on (at most 107 bytes; relative paths are made absolute against the '
+        'working directory; a leading ~ is refused, as ROS does not expand it). '
         'Empty: VYRA_IPC_SOCKET if set, else derived from module_name.'),
     ParameterSpec(
         'ttrpc_enabled', Parameter.Type.BOOL, True,
@@ -353,6 +354,7 @@ def read_ipc_config(node: Node, environ: Mapping[str, str] | None = None) -> IPC
     socket_path = values['socket_path']
     if not isinstance(socket_path, str):
         raise ParameterError('socket_path', f'must be a string, not {socket_path!r}')
+    _refuse_tilde('socket_path', socket_path)
     try:
         if socket_path:
             resolved = validate_socket_path(socket_path)
@@ -366,6 +368,7 @@ def read_ipc_config(node: Node, environ: Mapping[str, str] | None = None) -> IPC
         raise ParameterError('ttrpc_enabled', f'must be true or false, not {ttrpc_enabled!r}')
     if not isinstance(ttrpc_path, str):
         raise ParameterError('ttrpc_socket_path', f'must be a string, not {ttrpc_path!r}')
+    _refuse_tilde('ttrpc_socket_path', ttrpc_path)
     # A path given is checked with the fast lane off too: a bad value would wait
     # for someone to switch it on. The default one (which may be too long for a
     # long socket_path) only counts with the lane on.
@@ -445,6 +448,22 @@ def read_ipc_config(node: Node, environ: Mapping[str, str] | None = None) -> IPC
                            diagnostics_period=diagnostics_period,
                            keep_freed_memory=keep_freed_memory_mb << 20,
                            maximum_concurrent_rpcs=maximum_concurrent_rpcs or None)
+
+
+def _refuse_tilde(name: str, path: str) -> None:
+    """Refuse a socket path parameter that begins with ``~``.
+
+    ROS passes parameters on unexpanded (``-p socket_path:=~/arm.sock`` in a
+    launch file, ``socket_path: ~/arm.sock`` in a parameter file): as a
+    relative path it named a directory called ``~`` in the node's working
+    directory, made there, and the socket in it.
+
+    :raises ParameterError: it does, with the path meant.
+    """
+    if path.startswith('~'):
+        raise ParameterError(name, f'{path!r} begins with "~", which ROS does not expand (it would name a '
+                                   f'directory "~" in {os.getcwd()}): give the whole path, such as '
+                                   f'{os.path.expanduser(path)!r}')
 
 
 def load_servicer(spec: str) -> Any:
