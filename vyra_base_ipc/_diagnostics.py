@@ -8,12 +8,12 @@ diagnostic_updater's (``<node>: IPC server``), published every
 - ERROR while the server is not serving (not started, stopping, stopped,
   or its event loop ended under it: message ``event loop ended: ...``);
   published at once when the host begins to stop it (message ``stopping:
-  ...``, while calls in flight get the grace period and nothing is published
-  by a node whose executor stopped), and once more when it stopped. ERROR too while its
-  event loop has not come round for more than :data:`LOOP_STALL_ERROR`
-  seconds (message ``event loop not responding for ...``): something holds
-  it (a blocking call in an ``async def`` handler), and no call on either
-  lane is answered meanwhile.
+  ...``, while calls in flight get the grace period and nothing is
+  published by a node whose executor stopped), and once more when it
+  stopped. ERROR too while its event loop has not come round for more than
+  :data:`LOOP_STALL_ERROR` seconds (message ``event loop not responding
+  for ...``): something holds it (a blocking call in an ``async def``
+  handler), and no call on either lane is answered meanwhile.
 - WARN when, in the last period, more than :data:`ERROR_RATE_WARN` of the
   calls ended with a server error (:data:`SERVER_ERRORS`), or calls were
   refused at the server's limits (``maximum_concurrent_rpcs``, the fast
@@ -205,7 +205,6 @@ class IPCDiagnostics:
         status.level = DiagnosticStatus.WARN if warnings else DiagnosticStatus.OK
         status.message = '; '.join(warnings) if warnings else 'serving'
         return status
-
 
     def _loop_stalled(self) -> float | None:
         """Seconds the callback handed to the server's loop has waited, if
