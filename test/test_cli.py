@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import base64
 from concurrent import futures
+import contextlib
 import importlib
 import json
 import os
@@ -431,29 +432,40 @@ def _descriptor_of(kind: str) -> bytes:
     return file.SerializeToString()
 
 
-@pytest.fixture(params=['garbage', 'missing-dependency'])
-def misdescribed(request: pytest.FixtureRequest, socket_dir: Path) -> Iterator[tuple[Path, str]]:
-    """A gRPC server (in this process) whose reflection lists service x.Y,
-    then describes it with a file that does not parse, or that needs a file
-    it never sends; with the error protobuf then raises."""
+@contextlib.contextmanager
+def describing(path: Path, services: list[str], file: bytes) -> Iterator[Path]:
+    """A gRPC server (in this process) on ``path`` whose reflection lists
+    ``services`` and answers every other question with ``file`` (a
+    serialized FileDescriptorProto, made by hand: anything a server may send)."""
     def reflect(requests: Any, context: Any) -> Iterator[Any]:
         for asked in requests:
             answer = reflection_pb2.ServerReflectionResponse(original_request=asked)
             if asked.HasField('list_services'):
-                answer.list_services_response.service.add(name='x.Y')
+                for name in services:
+                    answer.list_services_response.service.add(name=name)
             else:
-                answer.file_descriptor_response.file_descriptor_proto.append(_descriptor_of(request.param))
+                answer.file_descriptor_response.file_descriptor_proto.append(file)
             yield answer
     server = grpc.server(futures.ThreadPoolExecutor(2))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         'grpc.reflection.v1alpha.ServerReflection', {'ServerReflectionInfo': grpc.stream_stream_rpc_method_handler(
             reflect, reflection_pb2.ServerReflectionRequest.FromString,
             reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
-    path = socket_dir / 'broken_ipc.sock'
     server.add_insecure_port(f'unix:{path}')
     server.start()
-    yield path, 'DecodeError' if request.param == 'garbage' else 'TypeError'
-    server.stop(None)
+    try:
+        yield path
+    finally:
+        server.stop(None)
+
+
+@pytest.fixture(params=['garbage', 'missing-dependency'])
+def misdescribed(request: pytest.FixtureRequest, socket_dir: Path) -> Iterator[tuple[Path, str]]:
+    """A server whose reflection lists service x.Y, then describes it with a
+    file that does not parse, or that needs a file it never sends; with the
+    error protobuf then raises."""
+    with describing(socket_dir / 'broken_ipc.sock', ['x.Y'], _descriptor_of(request.param)) as path:
+        yield path, 'DecodeError' if request.param == 'garbage' else 'TypeError'
 
 
 def test_a_server_describing_itself_with_unusable_descriptors_is_named_without_a_traceback(
@@ -463,6 +475,22 @@ def test_a_server_describing_itself_with_unusable_descriptors_is_named_without_a
         line = fails(1, verb[0], str(path), *verb[1:], '--timeout', '10')
         assert line.startswith('vyra-ipc: INTERNAL: the server described x.Y with descriptors that cannot be '
                                f'used (server reflection): {error}: '), line
+
+
+def test_describe_shows_a_service_without_methods(socket_dir: Path) -> None:
+    # `service Empty {}` is valid .proto; describing it was "error: max() arg is an empty sequence".
+    file = descriptor_pb2.FileDescriptorProto(name='x.proto', package='x', syntax='proto3')
+    file.message_type.add(name='R')
+    file.service.add(name='Empty')
+    file.service.add(name='Y').method.add(name='M', input_type='.x.R', output_type='.x.R')
+    with describing(socket_dir / 'empty_ipc.sock', ['x.Empty', 'x.Y'], file.SerializeToString()) as path:
+        assert ok('describe', str(path), 'x.Empty', '--timeout', '10') == '// x.proto\nservice x.Empty {\n}\n'
+        text = ok('describe', str(path), '--timeout', '10')
+        assert 'service x.Empty {\n}' in text and 'rpc M(R) returns (R);' in text, text
+        assert fails(2, 'call', str(path), 'x.Empty/M', '--timeout', '10') == \
+            "vyra-ipc: error: x.Empty has no method 'M'; it has none"
+        assert fails(2, 'call', str(path), 'x.Empty', '--timeout', '10') == \
+            'vyra-ipc: error: x.Empty is a service; give SERVICE/METHOD (it has no methods)'
 
 
 # -- health, ping, stats --------------------------------------------------------------

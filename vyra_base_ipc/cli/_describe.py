@@ -95,7 +95,10 @@ def _as_text(services: list[ServiceDescriptor], methods: list[MethodDescriptor],
 
 def _rpc_lines(methods: list[MethodDescriptor], indent: str) -> Iterator[str]:
     """``rpc`` lines with their call shapes as aligned comments beside them,
-    or above them where that would be wider than the terminal."""
+    or above them where that would be wider than the terminal; none for a
+    service without methods (``service Empty {}`` is valid .proto)."""
+    if not methods:
+        return
     texts = []
     for method in methods:
         package = method.containing_service.file.package

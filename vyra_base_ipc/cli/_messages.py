@@ -70,8 +70,9 @@ class Reflection:
         """
         name = path.strip('/')
         if name in self.services():
-            raise LookupError(f'{name} is a service; give SERVICE/METHOD, one of: '
-                              f'{", ".join(f"{name}/{m.name}" for m in self.service(name).methods)}')
+            methods = [f'{name}/{method.name}' for method in self.service(name).methods]
+            raise LookupError(f'{name} is a service; give SERVICE/METHOD' + (
+                f', one of: {", ".join(methods)}' if methods else ' (it has no methods)'))
         service_name, _, method_name = name.replace('/', '.').rpartition('.')
         if not service_name:
             owners = [f'{owner}/{method_name}' for owner in self.services()
@@ -81,8 +82,8 @@ class Reflection:
         service = self.service(service_name)
         method = service.methods_by_name.get(method_name)
         if method is None:
-            raise LookupError(f'{service_name} has no method {method_name!r}; it has: '
-                              f'{", ".join(m.name for m in service.methods)}')
+            raise LookupError(f'{service_name} has no method {method_name!r}; it has' + (
+                f': {", ".join(m.name for m in service.methods)}' if service.methods else ' none'))
         return method
 
     def message(self, name: str) -> Descriptor | None:
