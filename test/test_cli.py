@@ -493,6 +493,27 @@ def test_describe_shows_a_service_without_methods(socket_dir: Path) -> None:
             'vyra-ipc: error: x.Empty is a service; give SERVICE/METHOD (it has no methods)'
 
 
+def test_types_nested_deeper_than_pythons_stack_are_described_or_refused_without_a_traceback(
+        socket_dir: Path) -> None:
+    # x.M0 holds an x.M1, ..., x.M2999: describing walked them recursively (RecursionError's
+    # traceback), and so does protobuf building their classes for a call.
+    file = descriptor_pb2.FileDescriptorProto(name='x.proto', package='x', syntax='proto3')
+    depth = 3000
+    for index in range(depth):
+        message = file.message_type.add(name=f'M{index}')
+        if index + 1 < depth:
+            message.field.add(name='next', number=1, type=11, label=1, type_name=f'.x.M{index + 1}')
+    file.service.add(name='Y').method.add(name='M', input_type='.x.M0', output_type='.x.M0')
+    with describing(socket_dir / 'deep_ipc.sock', ['x.Y'], file.SerializeToString()) as path:
+        text = ok('describe', str(path), 'x.Y/M', '--timeout', '20')
+        assert text.count('message x.M') == depth and text.rstrip().endswith('message x.M2999 {\n}'), text[-300:]
+        described = json.loads(ok('describe', str(path), 'x.Y/M', '--json', '--timeout', '20'))
+        assert [entry['name'] for entry in described['types']] == [f'x.M{index}' for index in range(depth)]
+        line = fails(1, 'call', str(path), 'x.Y/M', '{}', '--timeout', '20')
+        assert line.startswith('vyra-ipc: INTERNAL: the server described x.M0 with descriptors that cannot be '
+                               'used (server reflection): RecursionError: '), line
+
+
 # -- health, ping, stats --------------------------------------------------------------
 
 

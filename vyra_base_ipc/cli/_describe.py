@@ -84,9 +84,7 @@ def _as_text(services: list[ServiceDescriptor], methods: list[MethodDescriptor],
     for method in methods:
         service = method.containing_service
         blocks.append([f'// {service.full_name}  ({service.file.name})', *_rpc_lines([method], '')])
-    seen: set[str] = set()
-    for message in messages:
-        blocks.extend(_type_blocks(message, seen))
+    blocks.extend(_type_block(type_) for type_ in _types_of(messages))
     for index, block in enumerate(blocks):
         if index:
             yield ''
@@ -118,17 +116,32 @@ def _rpc_lines(methods: list[MethodDescriptor], indent: str) -> Iterator[str]:
         yield text
 
 
-def _type_blocks(message: Descriptor, seen: set[str]) -> Iterator[list[str]]:
-    """``message`` in .proto syntax, then the messages and enums it uses,
-    each once."""
-    if message.full_name in seen:
-        return
-    seen.add(message.full_name)
-    package = message.file.package
-    lines = [f'message {message.full_name} {{']
-    used: list[Descriptor | EnumDescriptor] = []
+def _types_of(messages: list[Descriptor]) -> Iterator[Descriptor | EnumDescriptor]:
+    """``messages``, then the messages and enums their fields use, depth
+    first, each once. Walked with a stack of its own, not recursively: a
+    server may describe a chain of types deeper than Python's recursion limit."""
+    seen: set[str] = set()
+    stack: list[Iterator[Descriptor | EnumDescriptor]] = [iter(messages)]
+    while stack:
+        type_ = next(stack[-1], None)
+        if type_ is None:
+            stack.pop()
+        elif type_.full_name not in seen:
+            seen.add(type_.full_name)
+            yield type_
+            if isinstance(type_, Descriptor):
+                stack.append(iter([used for field in type_.fields for used in _types_used(field)]))
+
+
+def _type_block(type_: Descriptor | EnumDescriptor) -> list[str]:
+    """A message or enum in .proto syntax."""
+    if isinstance(type_, EnumDescriptor):
+        return [f'enum {type_.full_name} {{',
+                *(f'  {value.name} = {value.number};' for value in type_.values), '}']
+    package = type_.file.package
+    lines = [f'message {type_.full_name} {{']
     oneofs_shown: set[str] = set()
-    for field in message.fields:
+    for field in type_.fields:
         oneof = field.containing_oneof
         if oneof is not None and oneof.name != f'_{field.name}':  # a real oneof, not proto3 optional
             if oneof.name not in oneofs_shown:
@@ -140,16 +153,7 @@ def _type_blocks(message: Descriptor, seen: set[str]) -> Iterator[list[str]]:
         else:
             optional = 'optional ' if oneof is not None else ''
             lines.append(f'  {optional}{_field_type(field, package)} {field.name} = {field.number};')
-        used.extend(_types_used(field))
-    yield [*lines, '}']
-    for type_ in used:
-        if isinstance(type_, EnumDescriptor):
-            if type_.full_name not in seen:
-                seen.add(type_.full_name)
-                yield [f'enum {type_.full_name} {{',
-                       *(f'  {value.name} = {value.number};' for value in type_.values), '}']
-        else:
-            yield from _type_blocks(type_, seen)
+    return [*lines, '}']
 
 
 def _types_used(field: FieldDescriptor) -> list[Descriptor | EnumDescriptor]:
@@ -185,16 +189,12 @@ def _relative(full_name: str, package: str) -> str:
 
 def _as_json(services: list[ServiceDescriptor], methods: list[MethodDescriptor],
              messages: list[Descriptor]) -> dict[str, Any]:
-    seen: set[str] = set()
-    types: list[dict[str, Any]] = []
-    for message in messages:
-        _message_json(message, seen, types)
     return {
         'services': [{'name': service.full_name, 'file': service.file.name,
                       'methods': [_method_json(method) for method in service.methods]}
                      for service in services],
         'methods': [_method_json(method) for method in methods],
-        'types': types,
+        'types': [_type_json(type_) for type_ in _types_of(messages)],
     }
 
 
@@ -205,23 +205,14 @@ def _method_json(method: MethodDescriptor) -> dict[str, Any]:
             'response': method.output_type.full_name}
 
 
-def _message_json(message: Descriptor, seen: set[str], types: list[dict[str, Any]]) -> None:
-    if message.full_name in seen:
-        return
-    seen.add(message.full_name)
-    types.append({'name': message.full_name, 'kind': 'message',
-                  'fields': [{'name': field.name, 'number': field.number, 'type': _field_type(field, ''),
-                              'oneof': field.containing_oneof.name if field.containing_oneof else None}
-                             for field in message.fields]})
-    for field in message.fields:
-        for type_ in _types_used(field):
-            if isinstance(type_, EnumDescriptor):
-                if type_.full_name not in seen:
-                    seen.add(type_.full_name)
-                    types.append({'name': type_.full_name, 'kind': 'enum',
-                                  'values': {value.name: value.number for value in type_.values}})
-            else:
-                _message_json(type_, seen, types)
+def _type_json(type_: Descriptor | EnumDescriptor) -> dict[str, Any]:
+    if isinstance(type_, EnumDescriptor):
+        return {'name': type_.full_name, 'kind': 'enum',
+                'values': {value.name: value.number for value in type_.values}}
+    return {'name': type_.full_name, 'kind': 'message',
+            'fields': [{'name': field.name, 'number': field.number, 'type': _field_type(field, ''),
+                        'oneof': field.containing_oneof.name if field.containing_oneof else None}
+                       for field in type_.fields]}
 
 
 VERB = Verb('describe', 'services and methods of a server with their call shapes, or one method or '

@@ -104,8 +104,15 @@ def _unusable(name: str, error: Exception) -> IPCError:
 
 
 def message_class(descriptor: Descriptor) -> type[Message]:
-    """The message class of a reflected message type."""
-    return message_factory.GetMessageClass(descriptor)
+    """The message class of a reflected message type.
+
+    :raises IPCError: (INTERNAL) protobuf cannot build it: a chain of message
+        types deeper than Python's recursion limit, which protobuf walks recursively.
+    """
+    try:
+        return message_factory.GetMessageClass(descriptor)
+    except RecursionError as error:
+        raise _unusable(descriptor.full_name, error) from None
 
 
 def kind_of(method: MethodDescriptor) -> MethodKind:
