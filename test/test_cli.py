@@ -283,6 +283,9 @@ def test_call_sends_the_metadata_given_on_either_lane(start_server: StartServer,
     # A key given twice: json and PyYAML kept the last one, and the call went out with it.
     ('{"command": "ping", "command": "stop"}', "the request gives the key 'command' twice"),
     ('command: ping\nparameters: {a: b, a: c}', "the request gives the key 'a' (line 2, column 20) twice"),
+    # Nested deeper than Python's recursion limit: json's and PyYAML's RecursionError was a traceback.
+    ('[' * 50000, 'the request is nested too deeply to read'),
+    ('- ' * 5000 + 'x', 'the request is nested too deeply to read'),
 ])
 def test_a_bad_request_is_named_and_exits_2(demo: ServerProcess, request_text: str, message: str) -> None:
     line = fails(2, 'call', str(demo.socket_path), EXECUTE, request_text)

@@ -154,22 +154,31 @@ def parse_request(text: str, method: MethodDescriptor) -> Message | list[Message
 def _load(text: str) -> Any:
     """The value of JSON or YAML ``text``; a key given twice in one object is
     refused (json and PyYAML would keep the last, silently; protobuf's own
-    JSON parser refuses it too)."""
+    JSON parser refuses it too), and so is text nested deeper than their
+    parsers' recursion can go."""
     if not text.strip():
         return {}
     try:
         return json.loads(text, object_pairs_hook=_unique_keys)
     except _DuplicateKey as error:
         raise ValueError(f'the request gives {error} twice') from None
+    except RecursionError:
+        raise ValueError(_TOO_DEEP) from None
     except ValueError as json_error:
         try:
             return yaml.load(text, Loader=_UniqueKeyLoader)
         except _DuplicateKey as error:
             raise ValueError(f'the request gives {error} twice') from None
+        except RecursionError:
+            raise ValueError(_TOO_DEEP) from None
         except yaml.YAMLError as yaml_error:
             if text.lstrip().startswith(('{', '[', '"')):
                 raise ValueError(f'the request is not valid JSON: {json_error}') from None
             raise ValueError(f'the request is neither JSON nor YAML: {_yaml_problem(yaml_error)}') from None
+
+
+_TOO_DEEP = ("the request is nested too deeply to read (lists or objects within each other, beyond "
+             "Python's recursion limit)")
 
 
 class _DuplicateKey(Exception):
