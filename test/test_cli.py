@@ -292,6 +292,17 @@ def test_a_bad_request_is_named_and_exits_2(demo: ServerProcess, request_text: s
     assert line.startswith('vyra-ipc: error: ') and message in line, line
 
 
+def test_a_request_that_is_no_object_is_shown_only_in_part(demo: ServerProcess) -> None:
+    # 1 KB of YAML aliases is a list of a million strings: the error showed all of it (megabytes
+    # on one line; with a few aliases more, gigabytes of memory and no end).
+    aliases = ['- &a0 [x, x, x, x, x, x, x, x, x, x]']
+    aliases += [f'- &a{level} [{", ".join([f"*a{level - 1}"] * 10)}]' for level in range(1, 6)]
+    line = fails(2, 'call', str(demo.socket_path), EXECUTE, '\n'.join(aliases))
+    assert line.startswith('vyra-ipc: error: the request must be an object of vyra.ipc.CommandRequest fields, '
+                           'not [["x", "x", "x"'), line[:300]
+    assert len(line) < 400 and line.endswith('…'), len(line)
+
+
 def test_a_yaml_merge_key_may_be_overridden(demo: ServerProcess) -> None:
     answer = ok('call', str(demo.socket_path), EXECUTE, '<<: {command: stop}\ncommand: ping')
     assert json.loads(answer)['result'] == 'pong'

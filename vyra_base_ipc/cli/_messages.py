@@ -230,11 +230,30 @@ def _message(value: Any, message_type: type[Message], what: str) -> Message:
         hint = (f' (YAML reads {unspaced.group(0)}… as text: a key needs a space after its colon,'
                 f' {unspaced.group(1)}: …)' if unspaced else '')
         raise ValueError(f'{what} must be an object of {message_type.DESCRIPTOR.full_name} fields, '
-                         f'not {json.dumps(value, default=str)}{hint}')
+                         f'not {_start_of(value)}{hint}')
     try:
         return json_format.ParseDict(value, message_type())
     except (json_format.ParseError, TypeError) as error:
         raise ValueError(f'{what} is not a {message_type.DESCRIPTOR.full_name}: {error}') from None
+
+
+def _start_of(value: Any, limit: int = 200) -> str:
+    """The first ``limit`` characters of ``value`` as JSON, ``…`` after them
+    where there is more. Encoded piece by piece and no further: a few YAML
+    aliases make a value of billions of items, whose whole text would never
+    end; an alias may also make a list that holds itself, or one too deep to encode."""
+    text = ''
+    try:
+        for piece in json.JSONEncoder(default=str).iterencode(value):
+            text += piece
+            if len(text) > limit:
+                break
+        else:
+            return text
+    except (RecursionError, ValueError):  # (ValueError: "Circular reference detected")
+        pass
+    return text[:limit] + '…'
+
 
 
 def to_json(message: Message) -> str:
