@@ -217,6 +217,16 @@ def test_call_prints_the_answer_as_json_on_either_lane(demo: ServerProcess, lane
     assert seen['has_peer'] is (lane == 'ttrpc')
 
 
+@pytest.mark.parametrize('lane', ['grpc', 'ttrpc'])
+def test_a_buffer_answered_in_shared_memory_is_shown_with_its_bytes(demo: ServerProcess, lane: str) -> None:
+    # Mirror copies the buffer into one of its own: on the fast lane it comes as shared memory,
+    # which the JSON showed as an empty inline_data (the bytes lost), on the gRPC lane inline.
+    payload = os.urandom(3000)
+    request = json.dumps({'data': {'inline_data': base64.b64encode(payload).decode()}, 'copy': True})
+    answer = json.loads(ok('call', str(demo.socket_path), 'vyra.ipc.test.EchoService/Mirror', request, '--lane', lane))
+    assert (base64.b64decode(answer['data']['inline_data']), answer['data']['size']) == (payload, '3000')
+
+
 def test_with_the_fast_lane_off_a_fast_lane_call_fails_and_says_why(start_server: StartServer,
                                                                      socket_path: Path) -> None:
     server = start_server(socket_path, '--no-ttrpc')

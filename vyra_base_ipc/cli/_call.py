@@ -12,7 +12,7 @@ from typing import TextIO
 from .._options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT
 from ..exceptions import IPCTimeoutError
 from ._args import EXIT_OK, UsageError, Verb, add_lane, add_target, message_bytes, parse_metadata
-from ._messages import parse_request, stub_class, to_json
+from ._messages import inline_buffers, parse_request, stub_class, to_json
 from ._targets import client, reflection, resolve_target
 
 __all__ = ['VERB']
@@ -97,7 +97,15 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
                 raise IPCTimeoutError(error.code, error.details.replace(_API_HINT, _CLI_HINT),
                                       method=error.method) from None
         else:
-            print(to_json(handler.call_method(method.name, request, metadata=metadata)), file=out)
+            # On the fast lane a buffer in the answer may come as shared memory: its bytes are
+            # shown as the gRPC lane would send them, inline.
+            answer, buffers = handler.call_method(method.name, request, metadata=metadata,
+                                                  return_buffers=True)
+            try:
+                inline_buffers(answer, buffers)
+            finally:
+                buffers.close()
+            print(to_json(answer), file=out)
     return EXIT_OK
 
 

@@ -17,10 +17,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 import yaml
 
 from .._methods import MethodKind
-from ..exceptions import IPCError
+from .._shared_buffer import ReceivedBuffers
+from ..exceptions import IPCError, SharedMemoryError
 
-__all__ = ['SHAPES', 'Reflection', 'detail_json', 'kind_of', 'message_class', 'parse_request', 'stub_class',
-           'to_json']
+__all__ = ['SHAPES', 'Reflection', 'detail_json', 'inline_buffers', 'kind_of', 'message_class',
+           'parse_request', 'stub_class', 'to_json']
 
 #: The call shape of each kind of method, as ``describe`` names it.
 SHAPES = {
@@ -254,6 +255,39 @@ def _start_of(value: Any, limit: int = 200) -> str:
         pass
     return text[:limit] + '…'
 
+
+
+#: The message naming a buffer that travels beside a call (vyra_base_ipc/shared_memory.proto).
+_BUFFER_REF = 'vyra.ipc.SharedBufferRef'
+
+
+def inline_buffers(message: Message, buffers: ReceivedBuffers) -> None:
+    """Copy the bytes of each ``vyra.ipc.SharedBufferRef`` in ``message``
+    (at any depth) that came as shared memory, one of ``buffers`` (the fast
+    lane's), into its ``inline_data``: where JSON shows them, as the gRPC
+    lane sends them. A reference to no buffer sent is left as it came."""
+    if not len(buffers):
+        return
+    stack = [message]
+    while stack:  # (not recursive: a message is as deep as the server's types are)
+        current: Any = stack.pop()
+        if current.DESCRIPTOR.full_name == _BUFFER_REF:
+            if not current.inline_data and current.handle in buffers:
+                try:
+                    current.inline_data = buffers.view(current).tobytes()
+                except SharedMemoryError:  # another size than the buffer's
+                    pass
+            continue
+        for field, value in current.ListFields():
+            if field.message_type is None:
+                continue
+            if field.message_type.GetOptions().map_entry:
+                if field.message_type.fields_by_name['value'].message_type is not None:
+                    stack.extend(value.values())
+            elif field.is_repeated:
+                stack.extend(value)
+            else:
+                stack.append(value)
 
 
 def to_json(message: Message) -> str:
