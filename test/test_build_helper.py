@@ -50,6 +50,26 @@ def test_a_broken_proto_fails_the_build_naming_it(tmp_path: Path, capfd: pytest.
     assert '"strin" is not defined' in capfd.readouterr().err
 
 
+@pytest.mark.parametrize(('proto', 'generated', 'line'), [
+    ('service Arm { rpc None(Empty) returns (Empty); }\nmessage Empty {}\n', 'arm_pb2_grpc.py',
+     'self.None = channel.unary_unary('),
+    ('enum Grip { GRIP_UNSPECIFIED = 0; None = 1; }\n', 'arm_pb2.pyi', 'None: _ClassVar[Grip]'),
+], ids=['rpc-None', 'enum-value-None'])
+def test_a_proto_whose_code_python_cannot_parse_fails_naming_the_line_and_leaves_no_code(
+        tmp_path: Path, proto: str, generated: str, line: str) -> None:
+    # protoc writes names Python reserves as they are: the build passed, and importing the
+    # module (or type-checking with its stub) failed with a SyntaxError.
+    (tmp_path / 'protos' / 'arm').mkdir(parents=True)
+    (tmp_path / 'protos' / 'arm' / 'arm.proto').write_text(f'syntax = "proto3";\npackage arm;\n{proto}')
+    with pytest.raises(ValueError) as raised:
+        generate_protos(tmp_path / 'protos', tmp_path / 'out')
+    message = str(raised.value)
+    assert message.startswith(f'cannot build these protos:\n  {tmp_path / "protos" / "arm" / "arm.proto"}: '
+                              f'its code arm/{generated} is no valid Python, line '), message
+    assert line in message and 'reserves' in message, message
+    assert not list((tmp_path / 'out').rglob('*_pb2*'))
+
+
 @pytest.mark.parametrize(('imported', 'hint'), [
     ('types.proto', 'imports name a file from one of them, as in import "gripper/types.proto";'),
     ('protos/gripper/types.proto', 'imports name a file from one of them, as in import "gripper/types.proto";'),

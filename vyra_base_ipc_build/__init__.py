@@ -33,6 +33,7 @@ its own generated code exists. Add ``<build_depend>vyra_base_ipc</build_depend>`
 
 from __future__ import annotations
 
+import ast
 import keyword
 import os
 from pathlib import Path
@@ -176,8 +177,10 @@ def generate_protos(proto_root: str | Path, output_dir: str | Path, *, stubs: bo
     :returns: the compiled files, relative to ``proto_root``.
     :raises FileNotFoundError: ``proto_root`` has no ``.proto`` file.
     :raises ValueError: a proto's code could not be imported (a directory
-        named like a Python keyword, ...) or lands outside ``packages``; each
-        such proto is named with what is wrong. Nothing is generated then.
+        named like a Python keyword, ..., or protoc wrote code that is no
+        valid Python: an rpc or enum value named ``None``, ...) or lands
+        outside ``packages``; each such proto is named with what is wrong
+        (and the line of code). Nothing is generated then.
     :raises RuntimeError: protoc failed (its messages are on stderr); for
         each import on none of the import paths, where a file of that
         name is on them, or that another package's go on with ``include_packages``.
@@ -211,7 +214,41 @@ def generate_protos(proto_root: str | Path, output_dir: str | Path, *, stubs: bo
         hints = _import_hints(root, protos, paths)
         raise RuntimeError(f'protoc failed with status {status} on {protos} in {root}'
                            + ''.join(f'\n  {hint}' for hint in hints))
+    unparsable = [f'{root / proto}: {problem}'
+                  for proto in protos for problem in _syntax_problems(proto, output)]
+    if unparsable:
+        for proto in protos:  # (nothing generated, as for the problems found before protoc)
+            for path in _generated_files(proto, output):
+                path.unlink(missing_ok=True)
+        raise ValueError('cannot build these protos:\n  ' + '\n  '.join(unparsable))
     return protos
+
+
+def _generated_files(proto: str, output: Path) -> list[Path]:
+    """Where protoc writes the code of ``proto`` in ``output`` (``a/x.proto``:
+    ``a/x_pb2.py``, ``a/x_pb2.pyi``, ``a/x_pb2_grpc.py``)."""
+    *package, module = _module_of(proto)
+    return [output.joinpath(*package, module.removesuffix('_pb2') + suffix) for suffix in _GENERATED_SUFFIXES]
+
+
+def _syntax_problems(proto: str, output: Path) -> list[str]:
+    """Where the code protoc made of ``proto`` in ``output`` is no valid
+    Python. protoc writes the names of a .proto as they are: an rpc named
+    ``None`` gives ``self.None = ...`` in ``_pb2_grpc.py``, an enum value
+    ``None`` a stub line ``None: ...`` in ``_pb2.pyi`` (not even
+    ``# mypy: ignore-errors`` gets past a syntax error). The build would pass
+    and importing or type-checking fail."""
+    problems = []
+    for path in _generated_files(proto, output):
+        if not path.is_file():
+            continue
+        try:
+            ast.parse(path.read_text(encoding='utf-8'), str(path))
+        except SyntaxError as error:
+            problems.append(f'its code {path.relative_to(output).as_posix()} is no valid Python, line '
+                            f'{error.lineno}: {(error.text or "").strip()} (a name that Python reserves, such'
+                            ' as None, True, False or a keyword: rename it in the .proto)')
+    return problems
 
 
 #: ``import "x.proto";``, ``import public ...``, ``import weak ...``, at the start of a line.
