@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 from google.protobuf import any_pb2, descriptor_pb2
 import grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 import pytest
 
@@ -449,6 +450,11 @@ def _descriptor_of(kind: str) -> bytes:
     """What a broken server sends as the file of service x.Y."""
     if kind == 'garbage':
         return b'\xff\xff\xff not a FileDescriptorProto'
+    if kind == 'depends-on-itself':  # upb's pool recursed on it until the C stack overflowed: SIGSEGV
+        file = descriptor_pb2.FileDescriptorProto(name='broken.proto', package='x', dependency=['broken.proto'])
+        file.message_type.add(name='Request')
+        file.service.add(name='Y').method.add(name='M', input_type='.x.Request', output_type='.x.Request')
+        return file.SerializeToString()
     file = descriptor_pb2.FileDescriptorProto(name='broken.proto', package='x', dependency=['missing.proto'])
     file.message_type.add(name='Request').field.add(name='part', number=1, type=11, label=1,
                                                     type_name='.elsewhere.Missing')
@@ -457,14 +463,20 @@ def _descriptor_of(kind: str) -> bytes:
 
 
 @contextlib.contextmanager
-def describing(path: Path, services: list[str], file: bytes) -> Iterator[Path]:
-    """A gRPC server (in this process) on ``path`` whose reflection lists
-    ``services`` and answers every other question with ``file`` (a
-    serialized FileDescriptorProto, made by hand: anything a server may send)."""
+def describing(path: Path, services: list[str], file: bytes, answers: str = 'files') -> Iterator[Path]:
+    """A gRPC server (in this process) on ``path``, serving, whose reflection
+    lists ``services`` and answers every other question with ``file`` (a
+    serialized FileDescriptorProto, made by hand: anything a server may send);
+    with ``answers`` 'error' every question with error 13 instead, with
+    'nothing' none (its stream ends)."""
     def reflect(requests: Any, context: Any) -> Iterator[Any]:
         for asked in requests:
             answer = reflection_pb2.ServerReflectionResponse(original_request=asked)
-            if asked.HasField('list_services'):
+            if answers == 'nothing':
+                return
+            if answers == 'error':
+                answer.error_response.error_code, answer.error_response.error_message = 13, 'broken'
+            elif asked.HasField('list_services'):
                 for name in services:
                     answer.list_services_response.service.add(name=name)
             else:
@@ -475,6 +487,7 @@ def describing(path: Path, services: list[str], file: bytes) -> Iterator[Path]:
         'grpc.reflection.v1alpha.ServerReflection', {'ServerReflectionInfo': grpc.stream_stream_rpc_method_handler(
             reflect, reflection_pb2.ServerReflectionRequest.FromString,
             reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     server.add_insecure_port(f'unix:{path}')
     server.start()
     try:
@@ -483,13 +496,14 @@ def describing(path: Path, services: list[str], file: bytes) -> Iterator[Path]:
         server.stop(None)
 
 
-@pytest.fixture(params=['garbage', 'missing-dependency'])
+@pytest.fixture(params=['garbage', 'missing-dependency', 'depends-on-itself'])
 def misdescribed(request: pytest.FixtureRequest, socket_dir: Path) -> Iterator[tuple[Path, str]]:
     """A server whose reflection lists service x.Y, then describes it with a
     file that does not parse, or that needs a file it never sends; with the
     error protobuf then raises."""
     with describing(socket_dir / 'broken_ipc.sock', ['x.Y'], _descriptor_of(request.param)) as path:
-        yield path, 'DecodeError' if request.param == 'garbage' else 'TypeError'
+        yield path, {'garbage': 'DecodeError', 'missing-dependency': 'TypeError',
+                     'depends-on-itself': 'TypeError: its files depend on themselves'}[request.param]
 
 
 def test_a_server_describing_itself_with_unusable_descriptors_is_named_without_a_traceback(
@@ -499,6 +513,22 @@ def test_a_server_describing_itself_with_unusable_descriptors_is_named_without_a
         line = fails(1, verb[0], str(path), *verb[1:], '--timeout', '10')
         assert line.startswith('vyra-ipc: INTERNAL: the server described x.Y with descriptors that cannot be '
                                f'used (server reflection): {error}: '), line
+
+
+@pytest.mark.parametrize(('answers', 'details'), [
+    ('error', 'it answered with error 13: broken'),
+    ('nothing', 'the server ended the reflection stream without an answer to the question asked'),
+])
+def test_a_server_whose_reflection_answers_an_error_or_nothing_is_named_and_listed(
+        socket_dir: Path, answers: str, details: str) -> None:
+    # grpcio-reflection asserts both away: an AssertionError's or StopIteration's traceback, for
+    # `list` too (one such server among those of a directory, and none was listed).
+    with describing(socket_dir / 'odd_ipc.sock', ['x.Y'], b'', answers) as path:
+        for verb in (('describe',), ('call', 'x.Y/M', '{}')):
+            assert fails(1, verb[0], str(path), *verb[1:], '--timeout', '10') == \
+                f"vyra-ipc: INTERNAL: server reflection of '{path}': {details}"
+        [entry] = json.loads(ok('list', str(socket_dir), '--json'))
+        assert (entry['module'], entry['state'], entry['services']) == ('odd', 'serving', [])
 
 
 def test_describe_shows_a_service_without_methods(socket_dir: Path) -> None:

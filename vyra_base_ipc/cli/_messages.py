@@ -11,9 +11,12 @@ from typing import Any, Hashable
 
 from google.protobuf import any_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor import Descriptor, MethodDescriptor, ServiceDescriptor
+from google.protobuf.descriptor_pb2 import FileDescriptorProto
 from google.protobuf.message import DecodeError, Message
 import grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from grpc_reflection.v1alpha.reflection_pb2 import ServerReflectionRequest, ServerReflectionResponse
+from grpc_reflection.v1alpha.reflection_pb2_grpc import ServerReflectionStub
 import yaml
 
 from .._methods import MethodKind
@@ -40,7 +43,7 @@ class Reflection:
     hostile server: protobuf raises DecodeError or TypeError)."""
 
     def __init__(self, channel: grpc.Channel) -> None:
-        self._database = ProtoReflectionDescriptorDatabase(channel)
+        self._database = _Database(channel)
         self.pool = descriptor_pool.DescriptorPool(self._database)
         self._services: list[str] | None = None
 
@@ -95,6 +98,82 @@ class Reflection:
             return None
         except (DecodeError, TypeError) as error:
             raise _unusable(name, error) from None
+
+
+class _Database(ProtoReflectionDescriptorDatabase):
+    """grpcio-reflection's descriptor database, kept to what a server that
+    answers reflection wrongly can do: fail its lookups in one line.
+
+    grpcio-reflection asserts that an error answer is NOT_FOUND and that
+    every question gets an answer (AssertionError, StopIteration: a
+    traceback, and ``list`` fails for every server); here such answers fail
+    as a call does (:class:`_Unanswered`, a ``grpc.RpcError``). And a file
+    that depends on itself, directly or through others, is refused
+    (TypeError) before protobuf sees it: upb's pool loads the files a file
+    depends on recursively, so a cycle overflows the C stack (SIGSEGV).
+    """
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        super().__init__(channel)
+        self._reflection: Any = ServerReflectionStub(channel)  # (typeshed's stub has no methods)
+        self._acyclic: set[str] = set()  # files whose dependencies were checked
+
+    def _do_one_request(self, request: ServerReflectionRequest, key: Any) -> ServerReflectionResponse:
+        answer = next(self._reflection.ServerReflectionInfo(iter([request])), None)
+        if answer is None:
+            raise _Unanswered(grpc.StatusCode.INTERNAL, 'the server ended the reflection stream without '
+                                                        'an answer to the question asked')
+        if answer.WhichOneof('message_response') == 'error_response':
+            error = answer.error_response
+            if error.error_code == grpc.StatusCode.NOT_FOUND.value[0]:
+                raise KeyError(key)  # (as grpcio-reflection: the pool takes it as "no such symbol")
+            code = next((code for code in grpc.StatusCode if code.value[0] == error.error_code),
+                        grpc.StatusCode.UNKNOWN)
+            raise _Unanswered(code, f'it answered with error {error.error_code}: {error.error_message}')
+        return answer
+
+    def FindFileByName(self, name: str) -> FileDescriptorProto:
+        return self._checked(super().FindFileByName(name))
+
+    def FindFileContainingSymbol(self, symbol: str) -> FileDescriptorProto:
+        return self._checked(super().FindFileContainingSymbol(symbol))
+
+    def _checked(self, file: FileDescriptorProto) -> FileDescriptorProto:
+        """``file``, after checking that no file it depends on (at any depth) depends on itself.
+
+        :raises TypeError: a cycle, naming its files.
+        """
+        stack = [(file.name, iter(file.dependency))]
+        while stack:
+            dependency = next(stack[-1][1], None)
+            if dependency is None:
+                self._acyclic.add(stack.pop()[0])
+                continue
+            if dependency in self._acyclic:
+                continue
+            names = [name for name, _ in stack]
+            if dependency in names:
+                cycle = [*names[names.index(dependency):], dependency]
+                raise TypeError(f'its files depend on themselves: {" -> ".join(cycle)}')
+            try:
+                stack.append((dependency, iter(super().FindFileByName(dependency).dependency)))
+            except KeyError:
+                continue  # no such file: the pool names it
+        return file
+
+
+class _Unanswered(grpc.RpcError):
+    """A question to server reflection answered with an error, or not at all: as a call that failed."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
 
 
 def _unusable(name: str, error: Exception) -> IPCError:
