@@ -531,6 +531,19 @@ def test_a_server_whose_reflection_answers_an_error_or_nothing_is_named_and_list
         assert (entry['module'], entry['state'], entry['services']) == ('odd', 'serving', [])
 
 
+def test_a_service_listed_but_not_described_by_reflection_is_named(socket_dir: Path) -> None:
+    # As a gRPC server lists a service whose descriptors its reflection does not have (one
+    # served by a generic handler): describe ended in KeyError's traceback, call in exit status 2.
+    file = descriptor_pb2.FileDescriptorProto(name='x.proto', package='x', syntax='proto3')
+    file.message_type.add(name='R')
+    file.service.add(name='Y').method.add(name='M', input_type='.x.R', output_type='.x.R')
+    with describing(socket_dir / 'gone_ipc.sock', ['x.Gone', 'x.Y'], file.SerializeToString()) as path:
+        for verb in (('describe',), ('describe', 'x.Gone'), ('call', 'x.Gone/M', '{}')):
+            assert fails(1, verb[0], str(path), *verb[1:], '--timeout', '10') == \
+                'vyra-ipc: INTERNAL: the server lists the service x.Gone, but its reflection does not describe it'
+        assert 'rpc M(R) returns (R);' in ok('describe', str(path), 'x.Y', '--timeout', '10')
+
+
 def test_describe_shows_a_service_without_methods(socket_dir: Path) -> None:
     # `service Empty {}` is valid .proto; describing it was "error: max() arg is an empty sequence".
     file = descriptor_pb2.FileDescriptorProto(name='x.proto', package='x', syntax='proto3')

@@ -57,6 +57,7 @@ class Reflection:
         """The service ``name``, one of :meth:`services`.
 
         :raises LookupError: the server has no such service, saying which it has.
+        :raises IPCError: (INTERNAL) the server lists it, but does not describe it.
         """
         if name not in self.services():
             raise LookupError(f'the server has no service {name!r}; it has: {", ".join(self.services())}')
@@ -64,6 +65,9 @@ class Reflection:
             return self.pool.FindServiceByName(name)
         except (DecodeError, TypeError) as error:
             raise _unusable(name, error) from None
+        except KeyError:  # (listed, as a service of a generic handler may be, but in no file)
+            details = f'the server lists the service {name}, but its reflection does not describe it'
+            raise IPCError(grpc.StatusCode.INTERNAL, details) from None
 
     def method(self, path: str) -> MethodDescriptor:
         """The method ``Service/Method`` (or ``Service.Method``, with or without a leading ``/``).
