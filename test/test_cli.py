@@ -18,11 +18,14 @@ import json
 import os
 from pathlib import Path
 import pty
+import re
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Iterator
 
@@ -261,7 +264,7 @@ def test_a_stream_past_its_timeout_says_how_to_go_without_one(demo: ServerProces
     assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result
     # It named the client's API (stream_method(..., timeout=None)), not the option of this command.
     assert result.stderr.startswith('vyra-ipc: DEADLINE_EXCEEDED: the stream from ') and result.stderr.endswith(
-        "did not end within the call's timeout of 1 s (Deadline Exceeded; --timeout 0: a stream without one)\n"), \
+        'did not end within --timeout 1 s (Deadline Exceeded; --timeout 0: a stream without one)\n'), \
         result.stderr
     events = documents(result.stdout)  # those that came before, as they came
     assert [event['index'] for event in events] == list(range(len(events)))
@@ -463,14 +466,18 @@ def _descriptor_of(kind: str) -> bytes:
 
 
 @contextlib.contextmanager
-def describing(path: Path, services: list[str], file: bytes, answers: str = 'files') -> Iterator[Path]:
+def describing(path: Path, services: list[str], file: bytes, answers: str = 'files', delay: float = 0.0,
+               methods: dict[str, Any] | None = None) -> Iterator[Path]:
     """A gRPC server (in this process) on ``path``, serving, whose reflection
     lists ``services`` and answers every other question with ``file`` (a
     serialized FileDescriptorProto, made by hand: anything a server may send);
     with ``answers`` 'error' every question with error 13 instead, with
-    'nothing' none (its stream ends)."""
+    'nothing' none (its stream ends). Each answer waits ``delay`` seconds
+    first. ``methods`` serves service x.Y's methods: name -> handler of
+    serialized requests, returning serialized answers."""
     def reflect(requests: Any, context: Any) -> Iterator[Any]:
         for asked in requests:
+            time.sleep(delay)  # (a slow server, where a test asks for one)
             answer = reflection_pb2.ServerReflectionResponse(original_request=asked)
             if answers == 'nothing':
                 return
@@ -487,6 +494,9 @@ def describing(path: Path, services: list[str], file: bytes, answers: str = 'fil
         'grpc.reflection.v1alpha.ServerReflection', {'ServerReflectionInfo': grpc.stream_stream_rpc_method_handler(
             reflect, reflection_pb2.ServerReflectionRequest.FromString,
             reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
+    if methods:
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler('x.Y', {
+            name: grpc.unary_unary_rpc_method_handler(handler) for name, handler in methods.items()}),))
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     server.add_insecure_port(f'unix:{path}')
     server.start()
@@ -542,6 +552,34 @@ def test_a_service_listed_but_not_described_by_reflection_is_named(socket_dir: P
             assert fails(1, verb[0], str(path), *verb[1:], '--timeout', '10') == \
                 'vyra-ipc: INTERNAL: the server lists the service x.Gone, but its reflection does not describe it'
         assert 'rpc M(R) returns (R);' in ok('describe', str(path), 'x.Y', '--timeout', '10')
+
+
+def test_one_timeout_covers_the_call_and_the_reading_of_reflection_before_it(socket_dir: Path) -> None:
+    # Found: reading the reflection had --timeout, then the call a fresh --timeout: a
+    # command took up to twice as long as it said. The handler reports the deadline it got.
+    file = descriptor_pb2.FileDescriptorProto(name='x.proto', package='x', syntax='proto3')
+    file.message_type.add(name='Left').field.add(name='seconds', number=1, type=1, label=1)  # double
+    service = file.service.add(name='Y')
+    for name in ('M', 'Never'):
+        service.method.add(name=name, input_type='.x.Left', output_type='.x.Left')
+    delay = 1.0
+
+    def left(request: bytes, context: Any) -> bytes:
+        return b'\x09' + struct.pack('<d', context.time_remaining())
+
+    def never(request: bytes, context: Any) -> bytes:
+        ended = threading.Event()
+        context.add_callback(ended.set)  # the call ended: its deadline passed
+        ended.wait(60)
+        return b''
+    with describing(socket_dir / 'slow_ipc.sock', ['x.Y'], file.SerializeToString(), delay=delay,
+                    methods={'M': left, 'Never': never}) as path:
+        answer = json.loads(ok('call', str(path), 'x.Y/M', '{}', '--timeout', '30', '--lane', 'grpc'))
+        # At least one answer of the reflection took its delay out of the 30 s.
+        assert 0 < answer['seconds'] <= 30 - delay, answer
+        line = fails(1, 'call', str(path), 'x.Y/Never', '{}', '--timeout', '3', '--lane', 'grpc')
+        assert re.fullmatch(r"vyra-ipc: DEADLINE_EXCEEDED: no answer from '.*' within --timeout 3 s, of which "
+                            r"reading the server's reflection took \d+\.\d\d s \(Deadline Exceeded\)", line), line
 
 
 def test_describe_shows_a_service_without_methods(socket_dir: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 import sys
+import time
 from typing import TextIO
 
 from .._options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT
@@ -22,6 +23,10 @@ __all__ = ['VERB']
 #: (vyra_base_ipc._deadline.Deadline.explain), and how this command says it.
 _API_HINT = 'stream_method(..., timeout=None): a stream without one'
 _CLI_HINT = '--timeout 0: a stream without one'
+#: Least time a call is given, in seconds, when reading the reflection took all of --timeout.
+_LEAST = 1e-3
+#: Share of --timeout that reading the reflection took from the call, from which a timeout says so.
+_NAMED_SHARE = 0.1
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +76,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     metadata = parse_metadata(args.metadata)
     path = resolve_target(args.target)
     timeout = args.timeout or DEFAULT_TIMEOUT  # 0: a streamed answer without deadline
+    started = time.monotonic()
     # Message types come from the server's reflection (on its gRPC lane);
     # the call itself travels on the lane asked for.
     with reflection(path, timeout) as server:
@@ -86,26 +92,36 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     if args.timeout == 0 and not method.server_streaming:
         raise UsageError(f'--timeout 0 (no deadline) is only for methods that stream their answers; '
                          f'{method.name} answers once')
-    with client(path, stub, args.lane, timeout, args.max_message_bytes) as handler:
-        if method.server_streaming:
-            try:
-                for response in handler.stream_method(method.name, request, timeout=args.timeout or None,
+    # One --timeout for the whole command: the call gets what reading the
+    # reflection left of it (at least a millisecond, to fail as a call does).
+    spent = time.monotonic() - started
+    left = max(timeout - spent, _LEAST)
+    with client(path, stub, args.lane, left, args.max_message_bytes) as handler:
+        try:
+            if method.server_streaming:
+                stream_timeout = left if args.timeout else None  # --timeout 0: none
+                for response in handler.stream_method(method.name, request, timeout=stream_timeout,
                                                       metadata=metadata):
                     print(to_json(response), file=out, flush=True)
-            except IPCTimeoutError as error:
-                # The client's hint names its API; here the knob is --timeout.
-                raise IPCTimeoutError(error.code, error.details.replace(_API_HINT, _CLI_HINT),
-                                      method=error.method) from None
-        else:
-            # On the fast lane a buffer in the answer may come as shared memory: its bytes are
-            # shown as the gRPC lane would send them, inline.
-            answer, buffers = handler.call_method(method.name, request, metadata=metadata,
-                                                  return_buffers=True)
-            try:
-                inline_buffers(answer, buffers)
-            finally:
-                buffers.close()
-            print(to_json(answer), file=out)
+            else:
+                # On the fast lane a buffer in the answer may come as shared memory: its bytes are
+                # shown as the gRPC lane would send them, inline.
+                answer, buffers = handler.call_method(method.name, request, metadata=metadata,
+                                                      return_buffers=True)
+                try:
+                    inline_buffers(answer, buffers)
+                finally:
+                    buffers.close()
+                print(to_json(answer), file=out)
+        except IPCTimeoutError as error:
+            # The client names its API and the timeout it was given; here the knob is --timeout,
+            # part of which went on reading the reflection.
+            given = f'--timeout {args.timeout:g} s'
+            if spent >= _NAMED_SHARE * timeout:
+                given += f", of which reading the server's reflection took {spent:.2f} s"
+            details = error.details.replace(_API_HINT, _CLI_HINT).replace(
+                f"the call's timeout of {left:g} s", given)
+            raise IPCTimeoutError(error.code, details, method=error.method) from None
     return EXIT_OK
 
 
