@@ -37,7 +37,7 @@ from typing import Any
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 import pytest
 
-from conftest import LANES, LONG, ServerProcess, StartFaultServer, make_stale_socket, until, wait_for
+from conftest import LANES, LONG, Journal, ServerProcess, StartFaultServer, make_stale_socket, until, wait_for
 from http2_peer import (
     DATA,
     END_HEADERS,
@@ -432,6 +432,54 @@ def test_a_server_restarted_while_its_clients_idle_answers_their_next_call(
     finally:
         loop.run_until_complete(aclient.disconnect())
         loop.close()
+
+
+@pytest.mark.parametrize('kind', ['sync', 'async'])
+def test_fast_lane_clients_of_a_draining_server_reach_the_server_started_in_its_place(
+        start_fault_server: StartFaultServer, socket_path: Path, echo, kind: str) -> None:
+    # A stopping server withdraws its socket files at once, so that a new one
+    # may start on the path while it drains, and refuses new calls on its open
+    # connections. Its clients must then go to the new server, as the gRPC
+    # lane's do (HTTP/2 GOAWAY): not keep the old connection, refused for the
+    # whole grace period, while a call of theirs is in flight on it.
+    first, first_journal = start_fault_server(socket_path, '--grace-period', str(LONG))
+    request = echo.pb.EchoRequest
+    options: dict[str, Any] = {'timeout': LONG, 'lane': 'ttrpc', 'idempotent_methods': ['Echo']}
+
+    def replace_first() -> Journal:
+        wait_for(lambda: first_journal.count('begin', 'Sleep') == 1, LONG, 'the Sleep call on the first server')
+        first.signal(signal.SIGTERM)
+        wait_for(lambda: not first.socket_path.exists() and not first.ttrpc_path.exists(), LONG,
+                 'the first server to withdraw its socket files')
+        second, journal = start_fault_server(socket_path)
+        second.wait_serving(ttrpc=True)
+        return journal
+
+    if kind == 'sync':
+        with ThreadPoolExecutor(1) as pool, SyncIPCHandler(socket_path, echo.Stub, **options) as client:
+            sleeping = pool.submit(client.call_method, 'Sleep', echo.pb.SleepRequest(seconds=LONG))
+            second_journal = replace_first()
+            # Idempotent: retried after the refusal, on a new connection.
+            assert client.call_method('Echo', request(text='retried'), timeout=10).text == 'retried'
+            assert client.call_method('EchoSync', request(text='next')).text == 'next'
+            assert not sleeping.done()  # the old connection's call goes on
+            first.kill()
+            assert isinstance(sleeping.exception(LONG), IPCUnavailableError)
+    else:
+        async def scenario() -> Journal:
+            async with IPCHandler(socket_path, echo.Stub, **options) as client:
+                sleeping = asyncio.ensure_future(client.call_method('Sleep', echo.pb.SleepRequest(seconds=LONG)))
+                journal = await asyncio.to_thread(replace_first)
+                assert (await client.call_method('Echo', request(text='retried'), timeout=10)).text == 'retried'
+                assert (await client.call_method('EchoSync', request(text='next'))).text == 'next'
+                assert not sleeping.done()
+                first.kill()
+                with pytest.raises(IPCUnavailableError):
+                    await asyncio.wait_for(sleeping, LONG)
+                return journal
+        second_journal = asyncio.run(scenario())
+    assert second_journal.count('begin', 'Echo') == 1
+    assert first_journal.count('begin', 'Echo') == 0
 
 
 # -- 8: shutdown during load ---------------------------------------------------------------

@@ -56,7 +56,7 @@ from .address import (
 from .exceptions import IPCError, IPCRemoteError, IPCTimeoutError, IPCUnavailableError, MessageTooLargeError
 from .introspection_pb2 import ServerInfo, ServerInfoRequest
 from .ttrpc import DEFAULT_STREAM_WINDOW
-from .ttrpc._errors import NothingSent
+from .ttrpc._errors import NothingSent, refused_for_good
 from .ttrpc._flow import validate_stream_window
 
 __all__ = [
@@ -417,6 +417,15 @@ class ClientBase:
         """
         retry = retry or self._retry(method, deadline)
         return retry, retry.pause_after(error)
+
+    @staticmethod
+    def _heed(lane: Any, error: IPCUnavailableError) -> None:
+        """After ``error`` of a call on ``lane``: a fast-lane connection whose
+        server said it is shutting down is retired (it takes no new calls),
+        so that the next attempt or call connects anew, to the server that
+        may serve the path already (as a gRPC channel does after GOAWAY)."""
+        if lane is not None and lane.lane == 'ttrpc' and refused_for_good(error):
+            lane.retire()
 
     def _connect_retry(self, deadline: Deadline | None, wait: bool) -> Retry:
         """A fast-lane server that is not there yet is tried again quickly at

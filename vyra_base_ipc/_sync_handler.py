@@ -174,6 +174,7 @@ class SyncIPCHandler(ClientBase):
                                      metadata=metadata if call is None else call.metadata,
                                      buffers=buffers, return_buffers=return_buffers)
                 except IPCUnavailableError as error:
+                    self._heed(lane, error)
                     retry, pause = self._retry_after(retry, info, deadline, error)
                 except IPCRemoteError as error:
                     raise self._explain_remote(error, info, [lane] if lane else [], deadline) from None
@@ -218,6 +219,9 @@ class SyncIPCHandler(ClientBase):
                 except NothingSent:
                     if again:
                         raise
+                except IPCUnavailableError as error:
+                    self._heed(lane, error)
+                    raise
                 except IPCRemoteError as error:
                     raise self._explain_remote(error, info, [lane], deadline) from None
 
@@ -286,7 +290,7 @@ class SyncIPCHandler(ClientBase):
             connection = entry.connection
             if connection is None or connection.is_closed:
                 if connection is not None:
-                    connection.close()
+                    connection.retire()  # (a retired one's calls in flight go on)
                 connection = sync_ttrpc_pool.kept(entry, SyncConnection.connect(**self._connect_options()))
             return connection
         self._fast = retrying_sync(connected, self._connect_retry(deadline, wait), entry.lock)

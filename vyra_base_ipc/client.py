@@ -257,6 +257,7 @@ class IPCHandler(ClientBase):
                                            metadata=metadata if call is None else call.metadata,
                                            buffers=buffers, return_buffers=return_buffers)
                 except IPCUnavailableError as error:
+                    self._heed(lane, error)
                     retry, pause = self._retry_after(retry, info, deadline, error)
                 except IPCRemoteError as error:
                     raise await self._explain_remote(error, info, [lane] if lane else [], deadline) from None
@@ -313,6 +314,9 @@ class IPCHandler(ClientBase):
                 except NothingSent:
                     if again:
                         raise
+                except IPCUnavailableError as error:
+                    self._heed(lane, error)
+                    raise
                 except IPCRemoteError as error:
                     raise await self._explain_remote(error, info, [lane], deadline) from None
 
@@ -394,7 +398,7 @@ class IPCHandler(ClientBase):
             connection = entry.connection
             if connection is None or connection.is_closed:
                 if connection is not None:
-                    await connection.close()
+                    connection.retire()  # (a retired one's calls in flight go on)
                 made = await AsyncConnection.connect(**self._connect_options())
                 connection = aio_ttrpc_pool.kept(entry, made)
             return connection

@@ -114,6 +114,8 @@ class _ClientProtocol(FramedConnection):
         self.accepts_fds = shared_memory is not None
         #: Why the connection is unusable (closed, lost), else None.
         self.error: IPCUnavailableError | None = None
+        #: Closed with its last call in flight (see AsyncConnection.retire()).
+        self.retired = False
         self.deadlines: DeadlineQueue[_Unary] = DeadlineQueue(self.loop, _ended, _expire)
 
     def in_flight(self) -> int:
@@ -165,10 +167,23 @@ class _ClientProtocol(FramedConnection):
         return stream_id
 
     def finish(self, stream_id: int) -> None:
-        """The caller is done with a call: tell the server if it may still be at work."""
+        """The caller is done with a call: tell the server if it may still be at work;
+        close a retired connection with its last call."""
         cancel = self.core.finish(stream_id)
         if cancel is not None and self.error is None:
             super().send(cancel)
+        if self.retired and not self.core.streams:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close the connection at once (see :meth:`AsyncConnection.abort`)."""
+        if self.error is None:
+            self.error = closed(self.core.path)
+        if self.transport is not None and not self.transport.is_closing():
+            # At once, dropping what was not sent: it is for calls that fail
+            # now anyway, and a server that stopped reading would keep it,
+            # and the socket, for ever.
+            self.transport.abort()
 
 
 class AsyncConnection:
@@ -300,9 +315,16 @@ class AsyncConnection:
 
     @property
     def is_closed(self) -> bool:
-        """Whether the connection was closed, broke or used up its stream
-        ids; calls would fail (those in flight go on in the last case)."""
+        """Whether the connection was closed, broke, was retired or used up
+        its stream ids; calls would fail (those in flight go on in the last two cases)."""
         return self._protocol.error is not None or self._protocol.core.exhausted
+
+    def retire(self) -> None:
+        """Take no new calls (:attr:`is_closed` turns true); close once those in flight have ended."""
+        protocol = self._protocol
+        protocol.core.exhausted = protocol.retired = True
+        if not protocol.core.streams:
+            protocol.abort()
 
     async def close(self) -> None:
         """Close the connection; calls in flight fail with
@@ -313,14 +335,7 @@ class AsyncConnection:
         """Close the connection at once, as :meth:`close` does, from code
         that cannot await: in its loop's thread, or while its loop does not
         run (also once it closed)."""
-        protocol = self._protocol
-        if protocol.error is None:
-            protocol.error = closed(self.socket_path)
-        if not self._transport.is_closing():
-            # At once, dropping what was not sent: it is for calls that fail
-            # now anyway, and a server that stopped reading would keep it,
-            # and the socket, for ever.
-            self._transport.abort()
+        self._protocol.abort()
 
     async def __aenter__(self) -> 'AsyncConnection':
         return self

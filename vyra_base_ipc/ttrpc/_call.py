@@ -432,8 +432,8 @@ class ClientCore:
         self.agreement = _hello.PLAIN
         self.streams: dict[int, Target] = {}
         self.next_id = 1
-        #: Whether every stream id of the connection is used: a new call
-        #: needs a new connection (as an HTTP/2 client's after GOAWAY).
+        #: Whether a new call needs a new connection (its ids are used up, or
+        #: it was retired: as an HTTP/2 client's after GOAWAY).
         self.exhausted = False
         #: The Hello's target while nobody has settled its answer.
         self.hello: Target = None

@@ -18,8 +18,8 @@ from ..exceptions import (
 )
 
 __all__ = ['UNDECODABLE', 'NothingSent', 'SenderFailed', 'closed', 'connect_error', 'idle_error', 'lost',
-           'deadline_passed', 'not_accepted', 'received_too_large', 'timeout_error', 'undecodable',
-           'wait_error']
+           'deadline_passed', 'not_accepted', 'received_too_large', 'refused_for_good', 'timeout_error',
+           'undecodable', 'wait_error']
 
 
 def timeout_error(method: Method) -> IPCTimeoutError:
@@ -94,6 +94,18 @@ def lost(path: str, reason: object) -> IPCUnavailableError:
     if reason in _PEER_GONE:
         return connection_lost(path, reason)
     return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, f'connection to {path!r} lost: {reason}')
+
+
+#: A vyra_base_ipc server's answer to a call on an open connection as it
+#: stops (it withdrew its socket files: a new server may serve the path already).
+_SHUTTING_DOWN = 'server is shutting down'
+
+
+def refused_for_good(error: IPCError) -> bool:
+    """Whether ``error`` says that the connection's server takes no new
+    calls: it is shutting down. New calls need a new connection then (as an
+    HTTP/2 client's after GOAWAY, which grpc's channels heed)."""
+    return error.code is grpc.StatusCode.UNAVAILABLE and error.details == _SHUTTING_DOWN
 
 
 def closed(path: str) -> IPCUnavailableError:

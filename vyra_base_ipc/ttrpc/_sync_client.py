@@ -108,6 +108,7 @@ class SyncConnection:
         # (state lock) Control frames waiting for the send lock.
         self._control: list[bytes] = []
         self._reading = False
+        self._retired = False  # (closed with its last call in flight: see retire())
         self._error: IPCUnavailableError | None = None
         self._hello_lock = threading.Lock()
         self._io = BlockingSocket(sock, busy_poll)
@@ -156,9 +157,15 @@ class SyncConnection:
 
     @property
     def is_closed(self) -> bool:
-        """Whether the connection was closed, broke, used up its stream ids
-        (calls in flight go on), or belongs to the parent of this (forked) process."""
+        """Whether the connection was closed, broke, was retired or used up its stream
+        ids (calls in flight go on), or belongs to the parent of this (forked) process."""
         return self._error is not None or self._pid != this_process.pid or self._core.exhausted
+
+    def retire(self) -> None:
+        """Take no new calls (:attr:`is_closed` turns true); close once those in flight have ended."""
+        self._core.exhausted = self._retired = True
+        if not self._core.streams:
+            self.close()
 
     def close(self) -> None:
         """Close the connection; calls in flight fail with
@@ -174,8 +181,7 @@ class SyncConnection:
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
         sock = getattr(self, '_sock', None)
         if sock is not None and sock.fileno() >= 0 and getattr(self, '_pid', None) == this_process.pid:
-            _warn(f'unclosed ttrpc SyncConnection to {self.socket_path!r}', ResourceWarning,
-                  source=self)
+            _warn(f'unclosed ttrpc SyncConnection to {self.socket_path!r}', ResourceWarning, source=self)
             getattr(self, '_io', sock).close()  # (the socket alone if __init__ failed)
 
     # -- calls ------------------------------------------------------------------------
@@ -324,12 +330,13 @@ class SyncConnection:
         if stream.sender:  # it may wait for room in the socket, holding the send lock
             with self._state_lock:  # (not closed meanwhile)
                 self._io.wake()
-        if stream_id not in self._core.streams:  # forgotten at its last frame (no lock needed)
-            return
-        with self._state_lock:
-            cancel = self._core.finish(stream_id)
-        if cancel is not None:
-            self._send_control(cancel)
+        if stream_id in self._core.streams:  # (else forgotten at its last frame; no lock needed)
+            with self._state_lock:
+                cancel = self._core.finish(stream_id)
+            if cancel is not None:
+                self._send_control(cancel)
+        if self._retired and not self._core.streams:
+            self.close()  # its last call ended
 
     # -- sending ----------------------------------------------------------------------
 
