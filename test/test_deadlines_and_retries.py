@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+import time
 
 import grpc
 import pytest
@@ -14,6 +15,8 @@ from conftest import until, wait_for
 from vyra_base_ipc import IPCHandler, IPCTimeoutError, IPCUnavailableError, SyncIPCHandler
 from vyra_base_ipc import module_service_pb2 as pb
 from vyra_base_ipc import module_service_pb2_grpc as pb_grpc
+from vyra_base_ipc._client_base import LAST_ATTEMPT, Retry
+from vyra_base_ipc._deadline import Deadline
 
 pytestmark = pytest.mark.fault
 
@@ -194,3 +197,18 @@ def test_a_call_that_does_not_wait_for_its_server_fails_at_once_while_another_wa
         await a.disconnect()
         await b.disconnect()
     asyncio.run(scenario())
+
+
+def test_a_call_waiting_for_its_server_tries_again_until_just_before_its_deadline() -> None:
+    # The pauses between attempts grow to 0.5 s; the last one is cut short,
+    # so that the last attempt comes just before the deadline (a server that
+    # comes up in the last half second is reached), not given up a whole
+    # pause early, with up to half a second left.
+    error = IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, 'no server')
+    deadline = Deadline.after(1.0)
+    retry = Retry(True, deadline, 0.05)
+    with pytest.raises(IPCUnavailableError) as gave_up:
+        for _ in range(100):  # (bounded: 1 s of pauses, not 100)
+            time.sleep(retry.pause_after(error))
+    assert gave_up.value is error
+    assert deadline.remaining() <= LAST_ATTEMPT  # (a late wake-up only leaves less)

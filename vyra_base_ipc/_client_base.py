@@ -61,6 +61,7 @@ from .ttrpc._flow import validate_stream_window
 
 __all__ = [
     'DEFAULT',
+    'LAST_ATTEMPT',
     'NO_LOCK',
     'SERVER_INFO',
     'SERVER_INFO_REQUEST',
@@ -112,12 +113,17 @@ SERVER_INFO = Method(name='GetServerInfo', path='/vyra.ipc.Introspection/GetServ
 SERVER_INFO_REQUEST = ServerInfoRequest()
 
 
+#: The time left to the last attempt of a call that waits for its server
+#: (or retries): at most this much before its deadline.
+LAST_ATTEMPT = 0.1
+
+
 class Retry:
     """When to try again after UNAVAILABLE, and after what pause: growing
-    from ``first`` to 0.5 s, only while ``allowed``, never past ``until``;
-    and once, at once, whatever ``allowed``, after :class:`NothingSent` (a
-    fast-lane connection found broken by the call's first write, or
-    :class:`ServerCameUp`)."""
+    from ``first`` to 0.5 s, only while ``allowed``, the last one cut short
+    to end :data:`LAST_ATTEMPT` before ``until``; and once, at once, whatever
+    ``allowed``, after :class:`NothingSent` (a fast-lane connection found
+    broken by the call's first write, or :class:`ServerCameUp`)."""
 
     __slots__ = ('allowed', 'until', 'attempts', 'resent', '_pause')
 
@@ -142,12 +148,18 @@ class Retry:
             if isinstance(error, ServerCameUp):
                 self.attempts = 1
             return 0.0
-        pause = self._pause
-        if not self.allowed or self.until is None or pause >= self.until.remaining():
+        if not self.allowed or self.until is None:
             raise error
+        # Not given up a whole pause early (up to 0.5 s: a server that came
+        # up meanwhile would be missed), nor tried when the attempt would have
+        # no time left (the caller gets this error, not a timeout of its own).
+        left = self.until.remaining() - LAST_ATTEMPT
+        if left <= 0:
+            raise error
+        pause = self._pause
         self._pause = min(pause * 2, 0.5)
         self.attempts += 1
-        return pause
+        return min(pause, left)
 
 
 class ClientBase:
