@@ -27,7 +27,7 @@ import grpc
 
 from ._busy_poll import DEFAULT_BUSY_POLL, validate_busy_poll
 from ._deadline import Deadline
-from ._fork_safety import ensure_usable_after_fork, note_grpc_used
+from ._fork_safety import ensure_usable_after_fork, locks_anew_after_fork, note_grpc_used
 from ._interceptors import ClientCall, ClientInterceptor, checked_interceptors, intercepted_call
 from ._lanes import LaneChoice, ServerCameUp
 from ._lifetime import Held
@@ -225,15 +225,20 @@ class ClientBase:
         # Guards taking pool keys: a SyncIPCHandler's first calls may come
         # from several threads at once (each would take a key of its own),
         # and disconnect() must not drop a key a call just took, unreleased.
-        # A forked child's disconnect() goes without it: a thread of the
-        # parent may have held it at fork() time, for good in the child.
+        # A forked child gets a new one, and its disconnect() goes without it:
+        # a thread of the parent may have held it at fork() time, for good in the child.
         self._keys_lock = threading.Lock()
+        locks_anew_after_fork(self)
         # The connections of the current owner (event loop or process):
         # pool keys (held apart, for the finalizer that gives them back if
         # the handler is collected without disconnect()), and the lanes made from them.
         self._held = Held(self, self._fast_pool, self._grpc_pool, os.fspath(self.socket_path))
         self._fast: Any = None
         self._grpc: dict[bool, Any] = {}
+
+    def _locks_anew(self) -> None:
+        """(in a forked child) See ``_keys_lock``."""
+        self._keys_lock = threading.Lock()
 
     @property
     def _fast_key(self) -> Any:

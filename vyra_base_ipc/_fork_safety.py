@@ -11,11 +11,14 @@ this package gets a clear error instead of a channel or a server.
 from __future__ import annotations
 
 import os
+from typing import Any
+import weakref
 
 from .exceptions import ForkedProcessError
 
 # ForkedProcessError is defined in .exceptions, importable from here too.
-__all__ = ['ForkedProcessError', 'ensure_usable_after_fork', 'note_grpc_used', 'this_process']
+__all__ = ['ForkedProcessError', 'ensure_usable_after_fork', 'locks_anew_after_fork', 'note_grpc_used',
+           'this_process']
 
 _used = False
 _inherited = False
@@ -53,10 +56,27 @@ class _ThisProcess:
 this_process = _ThisProcess()
 
 
+#: What a forked child gives new locks (see locks_anew_after_fork()), by id:
+#: a handler class may be unhashable (``__eq__`` without ``__hash__``).
+_lock_holders: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+
+
+def locks_anew_after_fork(holder: Any) -> None:
+    """Have a forked child call ``holder._locks_anew()``, while no other
+    thread runs there yet: a lock that a thread of the parent held at
+    ``fork()`` time stays held in the child, where that thread does not
+    exist, and the child's first use of it would hang for ever. For the
+    locks a child takes when it uses what it inherited (the client
+    handlers' and the connection pools'), never the parent's connections."""
+    _lock_holders[id(holder)] = holder
+
+
 def _after_fork_in_child() -> None:
     global _inherited
     _inherited = _inherited or _used
     this_process.pid = os.getpid()
+    for holder in list(_lock_holders.values()):
+        holder._locks_anew()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -30,6 +30,7 @@ from typing import Any, Callable, Generic, Hashable, Iterator, TypeVar
 
 import grpc
 
+from ._fork_safety import locks_anew_after_fork
 from ._pinned_channel import PinnedChannel
 from .exceptions import IPCUnavailableError
 
@@ -81,6 +82,7 @@ class Pool(Generic[_T]):
         self._discard = discard
         self._close_unused = close_unused
         self._lock = threading.Lock()
+        locks_anew_after_fork(self)
         # What release_dropped() could not release at once (the lock was
         # held): (key, owner), released by whoever lets go of the lock next.
         self._dropped: collections.deque[tuple[tuple[int, Hashable], object]] = collections.deque()
@@ -88,6 +90,10 @@ class Pool(Generic[_T]):
         # The event loops entries are filed under (by id: a loop is not
         # hashable by value), held until their entries go.
         self._loops: dict[Hashable, asyncio.AbstractEventLoop] = {}
+
+    def _locks_anew(self) -> None:
+        """(in a forked child) A thread of the parent may have held the lock."""
+        self._lock = threading.Lock()
 
     @staticmethod
     def _filed(owner: object) -> Hashable:
