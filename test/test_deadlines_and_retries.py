@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+import signal
 import time
 
 import grpc
 import pytest
 
-from conftest import until, wait_for
+from conftest import LONG, until, wait_for
 from vyra_base_ipc import IPCHandler, IPCTimeoutError, IPCUnavailableError, SyncIPCHandler
 from vyra_base_ipc import module_service_pb2 as pb
 from vyra_base_ipc import module_service_pb2_grpc as pb_grpc
@@ -212,3 +213,37 @@ def test_a_call_waiting_for_its_server_tries_again_until_just_before_its_deadlin
             time.sleep(retry.pause_after(error))
     assert gave_up.value is error
     assert deadline.remaining() <= LAST_ATTEMPT  # (a late wake-up only leaves less)
+
+
+@pytest.mark.parametrize('client', ['sync', 'async'])
+def test_a_grpc_lane_call_whose_request_a_stopped_server_does_not_read_ends_at_its_deadline(
+        start_server, socket_path: Path, echo, client: str) -> None:
+    # grpc core keeps a call whose request it is still writing (flow control:
+    # the server does not read, stopped or its event loop stuck) past its
+    # deadline, until the server reads again: for ever, for a server that
+    # never does. Its cancel() ends it at once.
+    server = start_server(socket_path, '--max-message-bytes', str(4 << 20))
+    large = echo.pb.EchoRequest(text='large', payload=bytes(1 << 20))
+    options = {'lane': 'grpc', 'timeout': 1.0, 'max_message_bytes': 4 << 20}
+    with ThreadPoolExecutor(1) as pool:
+        if client == 'sync':
+            handler = SyncIPCHandler(socket_path, echo.Stub, **options)
+            handler.call_method('Echo', echo.pb.EchoRequest(text='up'))
+            server.signal(signal.SIGSTOP)
+            call = pool.submit(handler.call_method, 'Echo', large)
+        else:
+            async def scenario() -> None:
+                async with IPCHandler(socket_path, echo.Stub, **options) as ipc:
+                    await ipc.call_method('Echo', echo.pb.EchoRequest(text='up'))
+                    server.signal(signal.SIGSTOP)
+                    await ipc.call_method('Echo', large)
+            call = pool.submit(asyncio.run, scenario())
+        try:
+            failed = call.exception(LONG)
+        finally:
+            server.signal(signal.SIGCONT)
+    assert isinstance(failed, IPCTimeoutError)
+    assert "within the call's timeout of 1 s" in str(failed)
+    if client == 'sync':
+        assert handler.call_method('Echo', echo.pb.EchoRequest(text='again')).text == 'again'
+        handler.disconnect()

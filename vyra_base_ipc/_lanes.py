@@ -14,7 +14,6 @@ import asyncio
 import logging
 import os
 import re
-import threading
 import time
 from typing import Any, AsyncGenerator, Awaitable, Iterator, Sequence, TypeVar
 
@@ -22,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from ._deadline import Deadline
+from ._idle_watch import IdleWatch
 from ._methods import Method, MethodKind
 from ._pinned_channel import PinnedChannel
 from ._request_stream import SEND_FAILED, AioRequestSender, RequestStream
@@ -38,7 +38,7 @@ from .exceptions import (
     nobody_listening,
     socket_missing,
 )
-from .ttrpc._errors import closed, undecodable
+from .ttrpc._errors import closed, timeout_error, undecodable
 from .ttrpc._messages import checked_metadata
 
 __all__ = ['LANES', 'GrpcLane', 'LaneChoice', 'Metadata', 'ServerCameUp', 'SyncGrpcLane']
@@ -77,6 +77,11 @@ _METADATA_TOO_LARGE = 'received metadata size exceeds'
 # ...and of a channel this process closed (disconnect()) under a call, or
 # before it ('Channel closed!', 'Cannot invoke RPC on closed channel!').
 _CLOSED = re.compile(r'[Cc]hannel closed|closed channel')
+#: How long past its deadline a gRPC-lane call is cancelled if grpc core has
+#: not ended it: core keeps a call whose request it is still writing (flow
+#: control: the server does not read, stopped or its event loop stuck) until
+#: the server reads again, for ever if it never does; cancel() ends it at once.
+_OVERDUE = 0.25
 #: grpc core's whole details of a call its server cancelled as it shut down,
 #: having taken it in but not yet to a handler (a plain grpc.aio server does
 #: it too; a call a handler ran ends "Cancelling all calls" at the grace's end).
@@ -390,7 +395,12 @@ class GrpcLane(_GrpcLaneBase):
                 None if streaming else request, timeout=_remaining(timeout, method),
                 metadata=metadata and checked_metadata(metadata), wait_for_ready=self.wait_for_ready)
             sender = AioRequestSender(call, request) if streaming else None
-            response = await call
+            overdue = None if timeout is None else _cancel_overdue(call, timeout)
+            try:
+                response = await call
+            finally:
+                if overdue is not None:
+                    overdue.cancel()
             if response is None:
                 # An answer that did not parse as the response type (a stub of
                 # another version): grpc.aio logs the error and gives None as if
@@ -400,6 +410,9 @@ class GrpcLane(_GrpcLaneBase):
         except grpc.RpcError as error:
             raise self._translate(await _server_status(error, sender, timeout), method, request) from None
         except (asyncio.CancelledError, ValueError) as error:
+            if isinstance(error, asyncio.CancelledError) and timeout is not None and timeout.expired() \
+                    and _not_cancelled():
+                raise timeout_error(method) from None  # (cancelled overdue: see _OVERDUE)
             raise self._closed_under(error, method, request) from None
         finally:
             if sender is not None:
@@ -464,6 +477,18 @@ async def _server_status(error: grpc.RpcError, sender: AioRequestSender | None,
     return grpc.aio.AioRpcError(status[0], grpc.aio.Metadata(), grpc.aio.Metadata(), status[1])
 
 
+def _cancel_overdue(call: Any, deadline: Deadline) -> asyncio.TimerHandle:
+    """Cancel the grpc.aio ``call`` if it still runs :data:`_OVERDUE` past ``deadline``."""
+    loop = asyncio.get_running_loop()
+    return loop.call_at(loop.time() + deadline.remaining() + _OVERDUE, call.cancel)
+
+
+def _not_cancelled() -> bool:
+    """Whether nobody cancelled the running task (a CancelledError is then the call's own)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
 async def _within(awaitable: Awaitable[_T], seconds: float) -> _T:
     async with asyncio.timeout(seconds):  # no task per message, unlike wait_for
         return await awaitable
@@ -493,9 +518,15 @@ class SyncGrpcLane(_GrpcLaneBase):
         """As :meth:`GrpcLane.call`, blocking."""
         request = self._request(method, request, buffers)  # (an iterator: lists welcome)
         try:
-            response = self._callable(method)(
-                request, timeout=_remaining(timeout, method),
-                metadata=metadata and checked_metadata(metadata), wait_for_ready=self.wait_for_ready)
+            remaining = _remaining(timeout, method)
+            call = self._callable(method).future(
+                request, timeout=remaining, metadata=metadata and checked_metadata(metadata),
+                wait_for_ready=self.wait_for_ready)
+            try:
+                response = call.result(None if remaining is None else remaining + _OVERDUE)
+            except grpc.FutureTimeoutError:
+                call.cancel()  # (see _OVERDUE)
+                raise timeout_error(method) from None
         except grpc.RpcError as error:
             raise self._translate(error, method, request) from None
         except ValueError as error:
@@ -508,7 +539,7 @@ class SyncGrpcLane(_GrpcLaneBase):
         request = self._request(method, request)
         call = self._open_stream(method, request, timeout, metadata, self.wait_for_ready)
         may_restart = not self.wait_for_ready
-        watch = None if idle_timeout is None else _IdleWatch(call, idle_timeout)
+        watch = None if idle_timeout is None else IdleWatch(call, idle_timeout)
         try:
             while True:
                 if watch is not None:
@@ -522,7 +553,7 @@ class SyncGrpcLane(_GrpcLaneBase):
                     may_restart = False
                     if watch is not None:
                         watch.stop()
-                        watch = _IdleWatch(call, idle_timeout)  # type: ignore[arg-type]
+                        watch = IdleWatch(call, idle_timeout)  # type: ignore[arg-type]
                     continue
                 if watch is not None:
                     watch.message()
@@ -538,50 +569,3 @@ class SyncGrpcLane(_GrpcLaneBase):
                 watch.stop()
             call.cancel()
 
-
-class _IdleWatch:
-    """Cancels a blocking gRPC stream when its caller waited ``seconds``
-    for a message (grpc's iterator has no timeout of its own); the time
-    the caller spends on a message does not count. One thread per stream."""
-
-    def __init__(self, call: Any, seconds: float) -> None:
-        self._call = call
-        self._seconds = seconds
-        self._changed = threading.Condition(threading.Lock())
-        self._waits = 0  # the caller's waits for a message so far
-        self._waiting = self._stopped = False
-        self.expired = False
-        threading.Thread(target=self._run, name='ipc-idle-watch', daemon=True).start()
-
-    def waiting(self) -> None:
-        """The caller begins to wait for the next message."""
-        with self._changed:
-            self._waits += 1
-            self._waiting = True
-            self._changed.notify()
-
-    def message(self) -> None:
-        """The caller got its message."""
-        with self._changed:
-            self._waiting = False
-            self._changed.notify()
-
-    def stop(self) -> None:
-        with self._changed:
-            self._stopped = True
-            self._changed.notify()
-
-    def _run(self) -> None:
-        with self._changed:
-            while not self._stopped:
-                if not self._waiting:
-                    self._changed.wait()
-                    continue
-                wait, ends = self._waits, time.monotonic() + self._seconds
-                while not self._stopped and self._waiting and self._waits == wait:
-                    remaining = ends - time.monotonic()
-                    if remaining <= 0:
-                        self.expired = True
-                        self._call.cancel()
-                        return
-                    self._changed.wait(remaining)
