@@ -18,6 +18,7 @@ from vyra_base_ipc import module_service_pb2 as pb
 from vyra_base_ipc import module_service_pb2_grpc as pb_grpc
 from vyra_base_ipc._client_base import LAST_ATTEMPT, Retry
 from vyra_base_ipc._deadline import Deadline
+from vyra_base_ipc._lanes import _BLOCKING_MOST
 
 pytestmark = pytest.mark.fault
 
@@ -215,15 +216,19 @@ def test_a_call_waiting_for_its_server_tries_again_until_just_before_its_deadlin
     assert deadline.remaining() <= LAST_ATTEMPT  # (a late wake-up only leaves less)
 
 
+@pytest.mark.parametrize('size', [1 << 20, _BLOCKING_MOST - 64], ids=['1 MiB', 'largest blocking'])
 @pytest.mark.parametrize('client', ['sync', 'async'])
 def test_a_grpc_lane_call_whose_request_a_stopped_server_does_not_read_ends_at_its_deadline(
-        start_server, socket_path: Path, echo, client: str) -> None:
+        start_server, socket_path: Path, echo, client: str, size: int) -> None:
     # grpc core keeps a call whose request it is still writing (flow control:
     # the server does not read, stopped or its event loop stuck) past its
     # deadline, until the server reads again: for ever, for a server that
-    # never does. Its cancel() ends it at once.
+    # never does. Its cancel() ends it at once. The blocking handler sends
+    # requests up to _BLOCKING_MOST on grpc's blocking path, which cannot
+    # cancel: core ends those at their deadline (measured; this checks it).
     server = start_server(socket_path, '--max-message-bytes', str(4 << 20))
-    large = echo.pb.EchoRequest(text='large', payload=bytes(1 << 20))
+    large = echo.pb.EchoRequest(text='large', payload=bytes(size))
+    assert size < (1 << 20) or large.ByteSize() > _BLOCKING_MOST
     options = {'lane': 'grpc', 'timeout': 1.0, 'max_message_bytes': 4 << 20}
     with ThreadPoolExecutor(1) as pool:
         if client == 'sync':
