@@ -434,17 +434,20 @@ def test_a_server_restarted_while_its_clients_idle_answers_their_next_call(
         loop.close()
 
 
+@pytest.mark.parametrize('first_call', ['call', 'stream'])
 @pytest.mark.parametrize('kind', ['sync', 'async'])
 def test_fast_lane_clients_of_a_draining_server_reach_the_server_started_in_its_place(
-        start_fault_server: StartFaultServer, socket_path: Path, echo, kind: str) -> None:
+        start_fault_server: StartFaultServer, socket_path: Path, echo, kind: str, first_call: str) -> None:
     # A stopping server withdraws its socket files at once, so that a new one
     # may start on the path while it drains, and refuses new calls on its open
     # connections. Its clients must then go to the new server, as the gRPC
     # lane's do (HTTP/2 GOAWAY): not keep the old connection, refused for the
-    # whole grace period, while a call of theirs is in flight on it.
+    # whole grace period, while a call of theirs is in flight on it. A call the
+    # old server refused unstarted goes to the new one at once, idempotent or
+    # not (as grpc retries one above a GOAWAY's last stream id).
     first, first_journal = start_fault_server(socket_path, '--grace-period', str(LONG))
-    request = echo.pb.EchoRequest
-    options: dict[str, Any] = {'timeout': LONG, 'lane': 'ttrpc', 'idempotent_methods': ['Echo']}
+    request, count = echo.pb.EchoRequest, echo.pb.CountRequest(count=2)
+    options: dict[str, Any] = {'timeout': LONG, 'lane': 'ttrpc'}
 
     def replace_first() -> Journal:
         wait_for(lambda: first_journal.count('begin', 'Sleep') == 1, LONG, 'the Sleep call on the first server')
@@ -459,7 +462,9 @@ def test_fast_lane_clients_of_a_draining_server_reach_the_server_started_in_its_
         with ThreadPoolExecutor(1) as pool, SyncIPCHandler(socket_path, echo.Stub, **options) as client:
             sleeping = pool.submit(client.call_method, 'Sleep', echo.pb.SleepRequest(seconds=LONG))
             second_journal = replace_first()
-            # Idempotent: retried after the refusal, on a new connection.
+            # Refused unstarted by the first server, sent again to the second one.
+            if first_call == 'stream':
+                assert [reply.text for reply in client.stream_method('Count', count)] == ['item 0', 'item 1']
             assert client.call_method('Echo', request(text='retried'), timeout=10).text == 'retried'
             assert client.call_method('EchoSync', request(text='next')).text == 'next'
             assert not sleeping.done()  # the old connection's call goes on
@@ -470,6 +475,9 @@ def test_fast_lane_clients_of_a_draining_server_reach_the_server_started_in_its_
             async with IPCHandler(socket_path, echo.Stub, **options) as client:
                 sleeping = asyncio.ensure_future(client.call_method('Sleep', echo.pb.SleepRequest(seconds=LONG)))
                 journal = await asyncio.to_thread(replace_first)
+                if first_call == 'stream':
+                    assert [reply.text async for reply in client.stream_method('Count', count)] == [
+                        'item 0', 'item 1']
                 assert (await client.call_method('Echo', request(text='retried'), timeout=10)).text == 'retried'
                 assert (await client.call_method('EchoSync', request(text='next'))).text == 'next'
                 assert not sleeping.done()

@@ -56,7 +56,7 @@ from .address import (
 from .exceptions import IPCError, IPCRemoteError, IPCTimeoutError, IPCUnavailableError, MessageTooLargeError
 from .introspection_pb2 import ServerInfo, ServerInfoRequest
 from .ttrpc import DEFAULT_STREAM_WINDOW
-from .ttrpc._errors import NothingSent, refused_for_good
+from .ttrpc._errors import NothingSent, not_started, refused_for_good
 from .ttrpc._flow import validate_stream_window
 
 __all__ = [
@@ -111,10 +111,7 @@ SERVER_INFO = Method(name='GetServerInfo', path='/vyra.ipc.Introspection/GetServ
                      kind=MethodKind.UNARY_UNARY, request_serializer=ServerInfoRequest.SerializeToString,
                      response_deserializer=ServerInfo.FromString)
 SERVER_INFO_REQUEST = ServerInfoRequest()
-
-
-#: The time left to the last attempt of a call that waits for its server
-#: (or retries): at most this much before its deadline.
+#: A call that waits for its server (or retries) makes its last attempt at most this long before its deadline.
 LAST_ATTEMPT = 0.1
 
 
@@ -150,9 +147,8 @@ class Retry:
             return 0.0
         if not self.allowed or self.until is None:
             raise error
-        # Not given up a whole pause early (up to 0.5 s: a server that came
-        # up meanwhile would be missed), nor tried when the attempt would have
-        # no time left (the caller gets this error, not a timeout of its own).
+        # Not given up a whole pause (up to 0.5 s) early, missing a server come up
+        # meanwhile; not tried without time left (the caller gets this error).
         left = self.until.remaining() - LAST_ATTEMPT
         if left <= 0:
             raise error
@@ -436,13 +432,19 @@ class ClientBase:
         return retry, retry.pause_after(error)
 
     @staticmethod
-    def _heed(lane: Any, error: IPCUnavailableError) -> None:
-        """After ``error`` of a call on ``lane``: a fast-lane connection whose
-        server said it is shutting down is retired (it takes no new calls),
-        so that the next attempt or call connects anew, to the server that
-        may serve the path already (as a gRPC channel does after GOAWAY)."""
-        if lane is not None and lane.lane == 'ttrpc' and refused_for_good(error):
-            lane.retire()
+    def _heed(lane: Any, error: IPCUnavailableError, method: Method) -> IPCUnavailableError:
+        """After ``error`` of a call of ``method`` on ``lane``: a fast-lane
+        connection whose server is shutting down is retired (no new calls), so
+        that the next attempt connects anew, maybe to a server started in its
+        place (as a gRPC channel after GOAWAY). Returns :class:`NothingSent` (go
+        again once, at once) for a call the server refused before any handler
+        saw it, unless its requests are a stream, some maybe taken; else ``error``."""
+        if lane is None or lane.lane != 'ttrpc' or not refused_for_good(error):
+            return error
+        lane.retire()
+        if not_started(error) and not method.kind.request_streaming:
+            return NothingSent(error.code, error.details, method=error.method)
+        return error
 
     def _connect_retry(self, deadline: Deadline | None, wait: bool) -> Retry:
         """A fast-lane server that is not there yet is tried again quickly at

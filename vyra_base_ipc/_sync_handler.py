@@ -174,8 +174,7 @@ class SyncIPCHandler(ClientBase):
                                      metadata=metadata if call is None else call.metadata,
                                      buffers=buffers, return_buffers=return_buffers)
                 except IPCUnavailableError as error:
-                    self._heed(lane, error)
-                    retry, pause = self._retry_after(retry, info, deadline, error)
+                    retry, pause = self._retry_after(retry, info, deadline, self._heed(lane, error, info))
                 except IPCRemoteError as error:
                     raise self._explain_remote(error, info, [lane] if lane else [], deadline) from None
                 time.sleep(pause)
@@ -220,8 +219,9 @@ class SyncIPCHandler(ClientBase):
                     if again:
                         raise
                 except IPCUnavailableError as error:
-                    self._heed(lane, error)
-                    raise
+                    error = self._heed(lane, error, info)
+                    if again or not isinstance(error, NothingSent):
+                        raise error from None
                 except IPCRemoteError as error:
                     raise self._explain_remote(error, info, [lane], deadline) from None
 

@@ -24,7 +24,7 @@ from .._request_guard import HANDLER_FAILURES
 from ..exceptions import CallRejected
 from ._context import ServicerContext, _End
 from ._eager import run_eagerly
-from ._errors import received_too_large
+from ._errors import NOT_STARTED, SHUTTING_DOWN, received_too_large
 from ._flow import ReceiveWindow, SendCredit, message_cost
 from ._frames import FLAG_NO_DATA, FLAG_REMOTE_CLOSED, FLAG_REMOTE_OPEN, Frame, MessageType, encode_frame
 from ._messages import encode_response, ok_response_frame
@@ -45,7 +45,6 @@ _RESPONSE = int(MessageType.RESPONSE)
 _DATA = int(MessageType.DATA)
 _OK = 0
 _CANCELLED = int(grpc.StatusCode.CANCELLED.value[0])
-_SHUTTING_DOWN = 'server is shutting down'
 #: What fails a ``def`` handler's call, with the status error_status() gives it.
 _SYNC_FAILURES = (*HANDLER_FAILURES, asyncio.CancelledError)
 
@@ -196,8 +195,8 @@ class Call:
         else:
             try:
                 future = loop.run_in_executor(connection.server._executor, self._run_sync, argument)
-            except RuntimeError:  # executor shut down: the server is stopping
-                self.answer(number(grpc.StatusCode.UNAVAILABLE), _SHUTTING_DOWN)
+            except RuntimeError:  # executor shut down: the server is stopping, the handler never ran
+                self.answer(number(grpc.StatusCode.UNAVAILABLE), NOT_STARTED)
                 return
             self.task = future
             future.add_done_callback(self._sync_done)
@@ -345,7 +344,7 @@ class Call:
         if self.finished:
             return
         if future.cancelled():
-            self.answer(number(grpc.StatusCode.UNAVAILABLE), _SHUTTING_DOWN)
+            self.answer(number(grpc.StatusCode.UNAVAILABLE), SHUTTING_DOWN)
             return
         error = future.exception()
         if error is not None:
@@ -524,7 +523,7 @@ class Call:
         self.answer(number(code), details, end=end)
         self._cancel_task()
 
-    def shut_down(self, details: str = _SHUTTING_DOWN) -> None:
+    def shut_down(self, details: str = SHUTTING_DOWN) -> None:
         """The server stops: end the call with UNAVAILABLE, cancelling its handler."""
         self.fail(grpc.StatusCode.UNAVAILABLE, details, _End.CANCELLED)
 

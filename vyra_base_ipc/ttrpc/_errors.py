@@ -17,9 +17,9 @@ from ..exceptions import (
     socket_missing,
 )
 
-__all__ = ['UNDECODABLE', 'NothingSent', 'SenderFailed', 'closed', 'connect_error', 'idle_error', 'lost',
-           'deadline_passed', 'not_accepted', 'received_too_large', 'refused_for_good', 'timeout_error',
-           'undecodable', 'wait_error']
+__all__ = ['NOT_STARTED', 'SHUTTING_DOWN', 'UNDECODABLE', 'NothingSent', 'SenderFailed', 'closed',
+           'connect_error', 'idle_error', 'lost', 'deadline_passed', 'not_accepted', 'not_started',
+           'received_too_large', 'refused_for_good', 'timeout_error', 'undecodable', 'wait_error']
 
 
 def timeout_error(method: Method) -> IPCTimeoutError:
@@ -96,16 +96,26 @@ def lost(path: str, reason: object) -> IPCUnavailableError:
     return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, f'connection to {path!r} lost: {reason}')
 
 
-#: A vyra_base_ipc server's answer to a call on an open connection as it
-#: stops (it withdrew its socket files: a new server may serve the path already).
-_SHUTTING_DOWN = 'server is shutting down'
+#: A vyra_base_ipc server's answer to a call it ends as it stops.
+SHUTTING_DOWN = 'server is shutting down'
+#: Its answer to a call on an open connection that it refused as it stops,
+#: before any handler saw it (it withdrew its socket files: a new server may
+#: serve the path already). As an HTTP/2 stream above a GOAWAY's last stream
+#: id, which grpc retries transparently, such a call may go again anywhere.
+NOT_STARTED = f'{SHUTTING_DOWN}: the call was not started'
 
 
 def refused_for_good(error: IPCError) -> bool:
     """Whether ``error`` says that the connection's server takes no new
     calls: it is shutting down. New calls need a new connection then (as an
     HTTP/2 client's after GOAWAY, which grpc's channels heed)."""
-    return error.code is grpc.StatusCode.UNAVAILABLE and error.details == _SHUTTING_DOWN
+    return error.code is grpc.StatusCode.UNAVAILABLE and error.details in (SHUTTING_DOWN, NOT_STARTED)
+
+
+def not_started(error: IPCError) -> bool:
+    """Whether ``error`` is a stopping server's refusal of a call that no
+    handler saw (:data:`NOT_STARTED`)."""
+    return error.code is grpc.StatusCode.UNAVAILABLE and error.details == NOT_STARTED
 
 
 def closed(path: str) -> IPCUnavailableError:

@@ -24,7 +24,7 @@ from . import _hello
 from ._connection import FramedConnection
 from ._context import AsyncServicerContext, ServicerContext
 from ._dispatch import Call
-from ._errors import received_too_large
+from ._errors import NOT_STARTED, received_too_large
 from ._frames import (
     FLAG_DEADLINE_EXCEEDED,
     FLAG_SHARED_MEMORY,
@@ -395,7 +395,7 @@ class ServerConnection(FramedConnection):
             self._hello(stream_id, payload, previous)
             return
         if server._stopping:
-            self.reject(stream_id, grpc.StatusCode.UNAVAILABLE, 'server is shutting down')
+            self.reject(stream_id, grpc.StatusCode.UNAVAILABLE, NOT_STARTED)  # (may go elsewhere)
             return
         handler = server._handlers.get((service, name))
         if handler is None:
