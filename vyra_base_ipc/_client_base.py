@@ -585,7 +585,6 @@ async def retrying(attempt: Callable[[], Awaitable[_T]], retry: Retry,
         await asyncio.sleep(pause)
 
 
-
 def retrying_sync(attempt: Callable[[], _T], retry: Retry,
                   lock: contextlib.AbstractContextManager[Any]) -> _T:
     """As :func:`retrying`, blocking."""

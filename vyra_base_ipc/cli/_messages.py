@@ -339,7 +339,6 @@ def _start_of(value: Any, limit: int = 200) -> str:
     return text[:limit] + '…'
 
 
-
 #: The message naming a buffer that travels beside a call (vyra_base_ipc/shared_memory.proto).
 _BUFFER_REF = 'vyra.ipc.SharedBufferRef'
 

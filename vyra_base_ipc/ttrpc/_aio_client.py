@@ -52,7 +52,6 @@ __all__ = ['AsyncConnection']
 _T = TypeVar('_T')
 
 
-
 class _AsyncStream(ClientStream):
     """Items received for one call, with a waiter for the next."""
 

@@ -56,7 +56,6 @@ __all__ = ['TtrpcServer']
 _logger = logging.getLogger(__name__)
 
 
-
 class _State(enum.Enum):
     NEW = 'new'
     SERVING = 'serving'
