@@ -252,3 +252,40 @@ def test_a_grpc_lane_call_whose_request_a_stopped_server_does_not_read_ends_at_i
     if client == 'sync':
         assert handler.call_method('Echo', echo.pb.EchoRequest(text='again')).text == 'again'
         handler.disconnect()
+
+
+@pytest.mark.parametrize('client', ['sync', 'async'])
+def test_a_grpc_lane_stream_whose_request_a_stopped_server_does_not_read_ends_at_its_deadline(
+        start_server, socket_path: Path, echo, client: str) -> None:
+    # As for a call (above), for a response stream: the blocking iterator, and
+    # grpc.aio's first read, waited for the request to be written, until
+    # SIGCONT. The request is a CountRequest with a field of 1 MiB its server
+    # does not know (kept and sent as it is).
+    server = start_server(socket_path, '--max-message-bytes', str(4 << 20))
+    large = echo.pb.CountRequest(count=2)
+    large.MergeFromString(b'\x7a\x80\x80\x40' + bytes(1 << 20))  # field 15, length 1 MiB
+    assert large.ByteSize() > _BLOCKING_MOST
+    options = {'lane': 'grpc', 'timeout': 1.0, 'max_message_bytes': 4 << 20}
+    with ThreadPoolExecutor(1) as pool:
+        if client == 'sync':
+            handler = SyncIPCHandler(socket_path, echo.Stub, **options)
+            assert len(list(handler.stream_method('Count', echo.pb.CountRequest(count=2)))) == 2
+            server.signal(signal.SIGSTOP)
+            stream = pool.submit(lambda: list(handler.stream_method('Count', large)))
+        else:
+            async def scenario() -> None:
+                async with IPCHandler(socket_path, echo.Stub, **options) as ipc:
+                    small = echo.pb.CountRequest(count=2)
+                    assert len([reply async for reply in ipc.stream_method('Count', small)]) == 2
+                    server.signal(signal.SIGSTOP)
+                    [reply async for reply in ipc.stream_method('Count', large)]
+            stream = pool.submit(asyncio.run, scenario())
+        try:
+            failed = stream.exception(LONG)
+        finally:
+            server.signal(signal.SIGCONT)
+    assert isinstance(failed, IPCTimeoutError), failed
+    assert "within the call's timeout of 1 s" in str(failed), failed
+    if client == 'sync':
+        assert [reply.text for reply in handler.stream_method('Count', large)] == ['item 0', 'item 1']
+        handler.disconnect()

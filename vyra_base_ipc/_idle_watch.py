@@ -1,5 +1,6 @@
-"""A watch on a blocking gRPC stream's idle time: :class:`IdleWatch`
-(:class:`~vyra_base_ipc._lanes.SyncGrpcLane`'s ``idle_timeout``)."""
+"""Watches that cancel a blocking gRPC call grpc would not end itself (for
+:class:`~vyra_base_ipc._lanes.SyncGrpcLane`): :class:`IdleWatch`, a
+stream's ``idle_timeout``; :class:`OverdueWatch`, a call past its deadline."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import threading
 import time
 from typing import Any
 
-__all__ = ['IdleWatch']
+__all__ = ['IdleWatch', 'OverdueWatch']
 
 
 class IdleWatch:
@@ -56,3 +57,24 @@ class IdleWatch:
                         self._call.cancel()
                         return
                     self._changed.wait(remaining)
+
+
+class OverdueWatch:
+    """Cancels a blocking gRPC call still running ``seconds`` from now (its
+    deadline and a margin): grpc core keeps one whose request it is still
+    writing past its deadline while the server does not read. One timer
+    thread per call; :attr:`expired` tells that it cancelled the call."""
+
+    def __init__(self, call: Any, seconds: float) -> None:
+        self.expired = False
+        self._timer = threading.Timer(seconds, self._expire, (call,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self, call: Any) -> None:
+        self.expired = True
+        call.cancel()
+
+    def stop(self) -> None:
+        """The call ended: nothing to cancel."""
+        self._timer.cancel()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import re
 import time
@@ -21,7 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from ._deadline import Deadline
-from ._idle_watch import IdleWatch
+from ._idle_watch import IdleWatch, OverdueWatch
 from ._methods import Method, MethodKind
 from ._pinned_channel import PinnedChannel
 from ._request_stream import SEND_FAILED, AioRequestSender, RequestStream
@@ -77,17 +78,15 @@ _METADATA_TOO_LARGE = 'received metadata size exceeds'
 # ...and of a channel this process closed (disconnect()) under a call, or
 # before it ('Channel closed!', 'Cannot invoke RPC on closed channel!').
 _CLOSED = re.compile(r'[Cc]hannel closed|closed channel')
-#: How long past its deadline a gRPC-lane call is cancelled if grpc core has
-#: not ended it: core keeps a call whose request it is still writing (flow
-#: control: the server does not read, stopped or its event loop stuck) until
-#: the server reads again, for ever if it never does; cancel() ends it at once.
+#: How long past its deadline a gRPC-lane call is cancelled if grpc core has not
+#: ended it: core keeps a call whose request it is still writing (the server does
+#: not read: stopped, or its loop stuck) until the server reads, maybe never.
 _OVERDUE = 0.25
-#: Largest request (serialized) a blocking call sends on grpc's own blocking
-#: path, about twice as fast as through the call's future (whose end the
-#: channel's thread hands over). Measured with grpcio 1.85 on this lane: core
-#: ended calls at their deadline while their server did not read, whatever the
-#: number in flight (40 requests of 4 KiB, 8 of 64 KiB, 4 of 200 KB), unless
-#: one request was over about 250 KB; larger ones go through the future.
+#: Largest request (serialized) a blocking call or stream goes without a watch
+#: for _OVERDUE (a future or a timer thread: about twice a call's time). With
+#: grpcio 1.85 core ended calls at their deadline while the server did not read,
+#: however many in flight (40 of 4 KiB, 8 of 64 KiB, 4 of 200 KB), unless one
+#: request was over about 250 KB.
 _BLOCKING_MOST = 64 * 1024
 #: grpc core's whole details of a call its server cancelled as it shut down,
 #: having taken it in but not yet to a handler (a plain grpc.aio server does
@@ -437,12 +436,19 @@ class GrpcLane(_GrpcLaneBase):
                                  self.wait_for_ready)
         sender = AioRequestSender(call, request) if streaming else None
         may_restart = not self.wait_for_ready
+        # grpc.aio's first read waits for the request to be written, past the
+        # deadline (see _OVERDUE): bounded, for a request that may not be.
+        overdue = timeout is not None and not streaming and request.ByteSize() > _BLOCKING_MOST
         try:
             while True:
+                bound = idle_timeout
+                if overdue:
+                    bound = min(bound or math.inf, timeout.remaining() + _OVERDUE)  # type: ignore[union-attr]
                 try:
-                    response = await (call.read() if idle_timeout is None
-                                      else _within(call.read(), idle_timeout))
+                    response = await (call.read() if bound is None else _within(call.read(), bound))
                 except asyncio.TimeoutError:
+                    if overdue and timeout.expired():  # type: ignore[union-attr]
+                        raise timeout_error(method) from None
                     raise _idle_error(method, idle_timeout) from None  # type: ignore[arg-type]
                 except grpc.RpcError as error:
                     call = self._started_again(error, method, call, request, timeout, metadata, may_restart)
@@ -452,7 +458,7 @@ class GrpcLane(_GrpcLaneBase):
                     return
                 if response is None:  # a message that did not parse: as in call()
                     raise undecodable(method)  # (leaving cancels the call)
-                may_restart = False
+                may_restart = overdue = False  # (an answer: the request was written)
                 yield response
                 _remaining(timeout, method)  # (grpc may give what came in time to a read after the deadline)
         except grpc.RpcError as error:
@@ -553,6 +559,9 @@ class SyncGrpcLane(_GrpcLaneBase):
         call = self._open_stream(method, request, timeout, metadata, self.wait_for_ready)
         may_restart = not self.wait_for_ready
         watch = None if idle_timeout is None else IdleWatch(call, idle_timeout)
+        # As for call(): only a request grpc may not have written whole by its deadline.
+        overdue = None if timeout is None or method.kind.request_streaming or \
+            request.ByteSize() <= _BLOCKING_MOST else OverdueWatch(call, timeout.remaining() + _OVERDUE)
         try:
             while True:
                 if watch is not None:
@@ -567,6 +576,9 @@ class SyncGrpcLane(_GrpcLaneBase):
                     if watch is not None:
                         watch.stop()
                         watch = IdleWatch(call, idle_timeout)  # type: ignore[arg-type]
+                    if overdue is not None:
+                        overdue.stop()
+                        overdue = OverdueWatch(call, timeout.remaining() + _OVERDUE)  # type: ignore[union-attr]
                     continue
                 if watch is not None:
                     watch.message()
@@ -576,9 +588,13 @@ class SyncGrpcLane(_GrpcLaneBase):
         except grpc.RpcError as error:
             if watch is not None and watch.expired:
                 raise _idle_error(method, idle_timeout) from None  # type: ignore[arg-type]
+            if overdue is not None and overdue.expired:
+                raise timeout_error(method) from None  # (see _OVERDUE)
             raise self._translate(error, method, request) from None
         finally:
             if watch is not None:
                 watch.stop()
+            if overdue is not None:
+                overdue.stop()
             call.cancel()
 
