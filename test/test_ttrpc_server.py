@@ -152,6 +152,46 @@ async def test_def_handlers_of_every_shape_answer_as_on_grpc(socket_dir: Path, d
 
 
 @pytest.mark.asyncio
+async def test_a_def_handler_reading_the_request_stream_of_a_client_that_left_is_ended_not_given_its_end(
+        socket_dir: Path, echo: Any) -> None:
+    # Found: a client that cancelled its call mid-stream ended a def
+    # handler's iteration as its half-close does, so a handler that commits
+    # what it read at the end committed part of an upload. Its next read now
+    # raises CallEnded, as on the gRPC lane, which ends it; nothing is sent.
+    from vyra_base_ipc import IPCHandler, IPCServer
+
+    first_read = asyncio.Event()
+    outcome: futures.Future[str] = futures.Future()
+    loop = asyncio.get_running_loop()
+
+    class Uploads(echo.grpc.EchoServiceServicer):
+        def Collect(self, request_iterator: Any, context: Any) -> Any:
+            texts = []
+            try:
+                for request in request_iterator:
+                    texts.append(request.text)
+                    loop.call_soon_threadsafe(first_read.set)
+            except BaseException as error:
+                outcome.set_result(type(error).__name__)
+                raise
+            outcome.set_result(f'the end of the stream, after {texts}')
+            return echo.pb.EchoReply(text=','.join(texts))
+
+    async def upload() -> Any:
+        yield echo.pb.EchoRequest(text='part 1')
+        await asyncio.Event().wait()  # the rest never comes: the caller leaves
+
+    async with IPCServer(socket_dir / 'u.sock', servicers=[Uploads()]) as server, \
+            IPCHandler(server.socket_path, echo.Stub, lane='ttrpc', timeout=30) as client:
+        call = asyncio.ensure_future(client.call_method('Collect', upload()))
+        await asyncio.wait_for(first_read.wait(), 30)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert await asyncio.wrap_future(outcome) == 'CallEnded'
+
+
+@pytest.mark.asyncio
 async def test_long_response_stream_arrives_whole(socket_dir: Path, servicer: Any, def_servicer: Any,
                                                   echo: Any) -> None:
     count = stub_methods(echo.Stub)['Count']

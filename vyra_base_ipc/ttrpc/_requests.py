@@ -10,6 +10,7 @@ import queue
 import threading
 from typing import Any, Callable, Iterator
 
+from .._handler_threads import CallEnded
 from ._flow import ReceiveWindow
 
 __all__ = ['AsyncRequests', 'Requests', 'SyncRequests']
@@ -137,6 +138,8 @@ class AsyncRequests(Requests):
 
 
 _END = object()
+#: What a def handler reads once its call ended: CallEnded, not the end of the stream.
+_ENDED = object()
 
 
 class SyncRequests(Requests):
@@ -161,24 +164,30 @@ class SyncRequests(Requests):
 
     def cancel(self) -> None:
         """The call ended: drop what the handler did not read (it may hold
-        shared memory), and stop."""
+        shared memory); its next read raises
+        :class:`~vyra_base_ipc._handler_threads.CallEnded`, as on the gRPC
+        lane. Not the end of the stream: a client that left mid-stream did
+        not send all it meant to (a handler that commits at the end would
+        commit part of an upload)."""
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not _END:
+            if item is not _END and item is not _ENDED:
                 with self._lock:
                     self.pending_bytes -= len(item)
-        self.close()
+        self._queue.put(_ENDED)
 
     def __iter__(self) -> Iterator[Any]:
         return self
 
     def __next__(self) -> Any:
         item = self._queue.get()
-        if item is _END:
-            self._queue.put(_END)  # later next() calls end too
+        if item is _END or item is _ENDED:
+            self._queue.put(item)  # later next() calls end too
+            if item is _ENDED:
+                raise CallEnded()
             raise StopIteration
         with self._lock:
             self.pending_bytes -= len(item)
