@@ -172,6 +172,9 @@ def test_a_node_run_by_run_node_logs_on_rosout_under_its_own_name(
     assert (failed.name, failed.level) == ('arm_node.vyra_base_ipc.ttrpc._status', Log.ERROR), failed
     assert node.stop() == 0, node.log()
     assert node.log().count(FAILED) == 1, node.log()
+    # What it logged as it stopped, after it spun, went to stderr (nobody configured logging):
+    # before, to logging's last resort, which shows warnings alone.
+    assert f'IPC server on {socket_path} stopped' in node.log(), node.log()
 
 
 #: A node whose making logs, then fails on a parameter.

@@ -26,6 +26,7 @@ from .exceptions import ParameterError
 __all__ = [
     'EXIT_BAD_PARAMETER',
     'EXIT_SERVER_FAILED',
+    'STOP_LOG_FORMAT',
     'exit_now_if_handlers_remain',
     'run_node',
     'shutdown_node',
@@ -39,6 +40,9 @@ EXIT_BAD_PARAMETER = 2
 #: Exit status of ``ipc_server`` when its server's event loop ended under it
 #: (something let ``SystemExit`` or ``KeyboardInterrupt`` out of a task).
 EXIT_SERVER_FAILED = 1
+#: How a node's process logs on stderr once it stops spinning (see run_node):
+#: like rcutils' console format, with wall-clock time for the shutdown steps.
+STOP_LOG_FORMAT = '[%(levelname)s] [%(created).6f] [%(name)s]: %(message)s'
 
 #: Longest a spin_once() waits before the shutdown check comes round again.
 _SPIN_POLL = 0.25
@@ -81,6 +85,8 @@ def run_node(make_node: Callable[[], Node], args: Sequence[str] | None = None) -
     While it spins, the process's Python logging goes through the node's
     logger (console, ``/rosout``, its log level), as ``ipc_server``'s does;
     so does what was logged while ``make_node()`` ran, once the node exists.
+    As it stops, to the handlers the process had, or to stderr (as
+    ``ipc_server``'s) if it had none, at the node's level.
 
     :returns: 0, or :data:`EXIT_BAD_PARAMETER` after logging a
         :class:`ParameterError` from ``make_node()``.
@@ -94,6 +100,11 @@ def run_node(make_node: Callable[[], Node], args: Sequence[str] | None = None) -
             # Kept until the node can pass them on (its IPC server's start, say).
             with held_records() as held:
                 node = make_node()
+            if not logging.getLogger().handlers:
+                # Nobody configured logging in this process, whose main() this is: what it
+                # logs as it stops (after it spun: the IPC server's stop) goes to stderr, as
+                # ipc_server's does, at the node's level; else warnings alone would show.
+                logging.basicConfig(stream=sys.stderr, format=STOP_LOG_FORMAT)
             with logging_through_node(node, held):  # (see ipc_server's main())
                 executor.add_node(node)
                 spin_until_shutdown(executor, alive=stop.running)

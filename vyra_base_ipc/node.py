@@ -56,6 +56,7 @@ from ._node_parameters import (
 from ._node_run import (
     EXIT_BAD_PARAMETER,
     EXIT_SERVER_FAILED,
+    STOP_LOG_FORMAT,
     exit_now_if_handlers_remain,
     run_node,
     shutdown_node,
@@ -461,9 +462,7 @@ def main(args: Sequence[str] | None = None, *, received: list[str] | None = None
         point, :mod:`vyra_base_ipc_server`, takes them while this package
         imports); with any in it, returns 0 at once. It goes on filling up.
     """
-    # Like rcutils' console format, with wall-clock time for the shutdown steps.
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format='[%(levelname)s] [%(created).6f] [%(name)s]: %(message)s')
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=STOP_LOG_FORMAT)
     stop_signals = StopSignals(received)
     stop_signals.install()
     if stop_signals.received:
