@@ -28,6 +28,7 @@ from ttrpc_peer import (
     request_envelope,
 )
 from vyra_base_ipc import module_service_pb2 as module_pb
+from vyra_base_ipc import ttrpc_pb2
 from vyra_base_ipc._methods import stub_methods
 from vyra_base_ipc.module_service_pb2_grpc import ModuleServiceStub
 from vyra_base_ipc.ttrpc import SyncConnection
@@ -170,6 +171,26 @@ def test_request_payload_is_the_first_message_of_a_client_stream(peer: Peer, ech
     stream_id, code, _, payload = peer.answer()[:4]
     assert (stream_id, code) == (1, 0)
     assert echo.pb.EchoReply.FromString(payload).text == 'a,b,'
+
+
+@pytest.mark.parametrize('method', ['Collect', 'ChatSync'])
+def test_a_message_after_the_end_of_a_request_stream_ends_the_call_with_invalid_argument(
+        peer: Peer, echo: Any, method: str) -> None:
+    # The client ended its stream: a handler must not read messages it sent
+    # after that (containerd's server refuses them with INVALID_ARGUMENT).
+    # One write: the server reads all three frames before the handler runs.
+    peer.send_raw(frame_bytes(1, REQUEST, REMOTE_OPEN, request_envelope(ECHO, method, timeout_nano=int(30e9)))
+                  + frame_bytes(1, DATA, 0, echo.pb.EchoRequest(text='a').SerializeToString())
+                  + frame_bytes(1, DATA, REMOTE_CLOSED, echo.pb.EchoRequest(text='b').SerializeToString())
+                  + frame_bytes(1, DATA, 0, echo.pb.EchoRequest(text='late').SerializeToString()))
+    frame = peer.read_frame(1)
+    while frame.type == DATA and not frame.flags & REMOTE_CLOSED:  # ChatSync's answers to 'a' and 'b'
+        frame = peer.read_frame(1)
+    assert frame.type == RESPONSE  # not the bare close of a stream that ended well
+    status = ttrpc_pb2.Response.FromString(frame.data).status
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], status
+    assert 'after the end of its request stream' in status.message
+    assert_pong(peer, 3)
 
 
 def test_server_stream_ends_with_a_bare_close(peer: Peer, echo: Any) -> None:

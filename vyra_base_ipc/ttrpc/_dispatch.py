@@ -29,7 +29,7 @@ from ._flow import ReceiveWindow, SendCredit, message_cost
 from ._frames import FLAG_NO_DATA, FLAG_REMOTE_CLOSED, FLAG_REMOTE_OPEN, Frame, MessageType, encode_frame
 from ._messages import encode_response, ok_response_frame
 from ._pieces import serialized
-from ._requests import AsyncRequests, SyncRequests
+from ._requests import AFTER_END, AsyncRequests, SyncRequests
 from ._shared_memory import goes_inline, joined, outgoing
 from ._status import StatusError, error_status, number, status_after_return, unexpected
 
@@ -563,6 +563,9 @@ class Call:
                       f'{self.handler.path} takes no streamed requests: data frame not allowed')
             return
         if not frame.flags & FLAG_NO_DATA:
+            if requests.ended:  # the handler must not read it: refused, as by containerd's server
+                self.fail(grpc.StatusCode.INVALID_ARGUMENT, f'{self.handler.path}: {AFTER_END}')
+                return
             # Each streamed message is held to the limit a single request has
             # (the frame limit leaves room for a request's envelope).
             server = self.connection.server

@@ -13,7 +13,12 @@ from typing import Any, Callable, Iterator
 from .._handler_threads import CallEnded
 from ._flow import ReceiveWindow
 
-__all__ = ['AsyncRequests', 'Requests', 'SyncRequests']
+__all__ = ['AFTER_END', 'AsyncRequests', 'Requests', 'SyncRequests']
+
+#: Why a call ends INVALID_ARGUMENT when a message of its request stream comes
+#: after the client ended that stream (REMOTE_CLOSED, or a request without
+#: REMOTE_OPEN). A repeated bare close is harmless and ignored.
+AFTER_END = 'data frame after the end of its request stream'
 
 
 class Requests:
@@ -21,7 +26,7 @@ class Requests:
     loop, read by the handler; grants the client more as the handler reads
     (flow control, when agreed)."""
 
-    __slots__ = ('_deserialize', 'window', '_grant', 'pending_bytes', 'shared_fed', 'shared_taken')
+    __slots__ = ('_deserialize', 'window', '_grant', 'pending_bytes', 'shared_fed', 'shared_taken', 'ended')
 
     def __init__(self, deserialize: Callable[[bytes | memoryview], Any], window: ReceiveWindow | None,
                  grant: Callable[[int], None]) -> None:
@@ -34,6 +39,8 @@ class Requests:
         # handler): each holds a mapping while it waits (see shared_pending()).
         self.shared_fed = 0
         self.shared_taken = 0
+        #: Set by :meth:`close`: the client ended the stream (nothing may be fed after).
+        self.ended = False
 
     def shared_pending(self) -> int:
         """Messages in shared memory the handler has not taken yet."""
@@ -105,6 +112,7 @@ class AsyncRequests(Requests):
 
     def close(self) -> None:
         """The client sent its last message: the handler reads what is queued, then stops."""
+        self.ended = True
         self._closed = True
         self._wake()
 
@@ -160,6 +168,7 @@ class SyncRequests(Requests):
 
     def close(self) -> None:
         """The client sent its last message: the handler reads what is queued, then stops."""
+        self.ended = True
         self._queue.put(_END)
 
     def cancel(self) -> None:
