@@ -140,6 +140,11 @@ def metadata_from_wire(items: Iterable[ttrpc_pb2.KeyValue]) -> tuple[tuple[str, 
     its future use: no handler may rely on one.) ``user-agent`` and ``host``
     are kept, as a gRPC server keeps them (its ``user-agent`` is the one the
     peer's grpc library sends).
+
+    :raises ValueError: a key gRPC does not allow (upper-case, empty, other
+        characters than 0-9, a-z, ``_``, ``-`` and ``.``), in grpc's words:
+        the call fails INTERNAL, as grpc fails it (this package's clients
+        never send one).
     """
     result: list[tuple[str, str | bytes]] = []
     for item in items:
@@ -147,6 +152,10 @@ def metadata_from_wire(items: Iterable[ttrpc_pb2.KeyValue]) -> tuple[tuple[str, 
         lowered = key.lower()
         if lowered.startswith(_RESERVED_PREFIXES) or lowered in _TRANSPORT_KEYS:
             continue
+        try:
+            check_key(key)
+        except ValueError:
+            raise ValueError(f'Illegal header key: {key}') from None
         if key.endswith('-bin'):
             try:
                 result.append((key, base64.b64decode(item.value, validate=True)))

@@ -366,6 +366,7 @@ class ServerConnection(FramedConnection):
             return
         # Each field read from the message once: every read makes a new object.
         wire_metadata = request.metadata
+        metadata: tuple[tuple[str, str | bytes], ...] = ()
         if wire_metadata:
             # Counted as gRPC counts it (HPACK's entry size): 32 bytes per
             # entry beyond its key and value, so that empty entries are not
@@ -379,6 +380,11 @@ class ServerConnection(FramedConnection):
                              f'request metadata of {len(wire_metadata)} entries, {size} bytes or more '
                              f'(keys, values and {_ENTRY_BYTES} bytes an entry) exceeds the limit of '
                              f'{limits.max_metadata_bytes} (max_metadata_bytes)')
+                return
+            try:
+                metadata = metadata_from_wire(wire_metadata)
+            except ValueError as error:  # a key grpc calls illegal: grpc fails the call INTERNAL
+                self._refuse(frame, grpc.StatusCode.INTERNAL, str(error))
                 return
         service, name = request.service, request.method
         payload: bytes | memoryview = request.payload
@@ -422,7 +428,6 @@ class ServerConnection(FramedConnection):
             # clients send one but for watch streams): ended all the same
             # after max_call_duration, though its handler sees no deadline.
             timeout = limits.max_call_duration
-        metadata = metadata_from_wire(wire_metadata) if wire_metadata else ()
         context_class = AsyncServicerContext if handler.is_async else ServicerContext
         # (All positional: a class called with keywords makes a dict for its __init__.)
         context = context_class(deadline, metadata, handler.path, 'unix:', self.peer)
