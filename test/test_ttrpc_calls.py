@@ -240,6 +240,41 @@ async def test_async_client_deadline(lanes: ServerProcess, echo: Any) -> None:
     assert 0 < reply.time_remaining <= 30
 
 
+@pytest.mark.asyncio
+async def test_calls_that_time_out_waiting_for_a_stopped_server_to_read_leave_nothing_behind(
+        lanes: ServerProcess, echo: Any) -> None:
+    """New calls wait while the server does not read (its socket is full);
+    each that times out there used to leave its waiter with the connection
+    until the server read again: for ever for a server that never does."""
+    method = stub_methods(echo.Stub)['Echo']
+    async with await AsyncConnection.connect(lanes.ttrpc_path) as connection:
+        assert (await connection.call(method, echo.pb.EchoRequest(text='up'), timeout=10)).text == 'up'
+        protocol = connection._protocol
+        filling: list[asyncio.Task[Any]] = []
+        lanes.signal(signal.SIGSTOP)
+        try:
+            for _ in range(2000):  # inline requests until the socket takes no more
+                if protocol.write_paused:
+                    break
+                filling.append(asyncio.ensure_future(connection.call(
+                    method, echo.pb.EchoRequest(text='fill', payload=bytes(30_000)), timeout=60)))
+                await asyncio.sleep(0)
+            assert protocol.write_paused
+            await asyncio.sleep(0)  # (the last filling calls reach their wait)
+            waiting = len(protocol._drain_waiters)
+            for _ in range(3):
+                failed = await asyncio.gather(*(connection.call(method, echo.pb.EchoRequest(text='late'),
+                                                                timeout=0.05) for _ in range(100)),
+                                              return_exceptions=True)
+                assert all(isinstance(error, IPCTimeoutError) for error in failed), failed
+                assert len(protocol._drain_waiters) == waiting
+        finally:
+            lanes.signal(signal.SIGCONT)
+        answers = await asyncio.gather(*filling)
+        assert {answer.text for answer in answers} == {'fill'}
+        assert (await connection.call(method, echo.pb.EchoRequest(text='again'), timeout=10)).text == 'again'
+
+
 async def _never_ending(echo: Any) -> Any:
     yield echo.pb.EchoRequest(text='one')
     await asyncio.Event().wait()

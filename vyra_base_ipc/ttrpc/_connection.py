@@ -60,7 +60,8 @@ class FramedConnection(asyncio.Protocol):
         #: Bytes of written frames the peer may leave unread before the
         #: connection is closed (None: no limit, the client's case).
         self.queue_limit: int | None = None
-        self._drain_waiters: list[asyncio.Future[None]] = []
+        # (A dict as an ordered set: a waiter cancelled leaves at once.)
+        self._drain_waiters: dict[asyncio.Future[None], None] = {}
         # Frames held back to leave in one write (see send()), and the
         # descriptors that go with them.
         self._pending: list[bytes] = []
@@ -204,14 +205,19 @@ class FramedConnection(asyncio.Protocol):
 
     async def drain(self) -> None:
         """Wait until the peer has read enough of what was written (or the
-        connection is gone)."""
+        connection is gone). A wait cancelled leaves nothing behind."""
         if self.write_paused and not self.closed:
             waiter = self.loop.create_future()
-            self._drain_waiters.append(waiter)
-            await waiter
+            self._drain_waiters[waiter] = None
+            try:
+                await waiter
+            finally:
+                # Calls that time out while a peer reads nothing would
+                # otherwise pile up their waiters until it reads again.
+                self._drain_waiters.pop(waiter, None)
 
     def _wake_drainers(self) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
+        waiters, self._drain_waiters = self._drain_waiters, {}
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
