@@ -275,6 +275,24 @@ async def test_calls_that_time_out_waiting_for_a_stopped_server_to_read_leave_no
         assert (await connection.call(method, echo.pb.EchoRequest(text='again'), timeout=10)).text == 'again'
 
 
+@pytest.mark.asyncio
+async def test_a_call_cancelled_as_the_hello_is_answered_is_cancelled(lanes: ServerProcess, echo: Any) -> None:
+    """The first call of a connection waits for the answer to its Hello: a
+    task cancelled in the pass of the loop that answer arrives in went on
+    with its call (Python 3.11's wait_for() gave the answer, not the cancel)."""
+    method = stub_methods(echo.Stub)['Sleep']
+    async with await AsyncConnection.connect(lanes.ttrpc_path) as connection:
+        call = asyncio.ensure_future(connection.call(method, echo.pb.SleepRequest(seconds=30), timeout=60))
+        await asyncio.sleep(0)  # (it waits for the Hello's answer)
+        hello = connection._protocol.core.hello
+        assert hello is not None and not hello.done()
+        hello.add_done_callback(lambda _: call.cancel())
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(call, 10)
+        reply = await connection.call(method, echo.pb.SleepRequest(seconds=0), timeout=10)
+        assert reply.was_active and connection.cancels  # (the next call settled the Hello)
+
+
 async def _never_ending(echo: Any) -> Any:
     yield echo.pb.EchoRequest(text='one')
     await asyncio.Event().wait()

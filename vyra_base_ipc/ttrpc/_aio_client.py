@@ -518,12 +518,24 @@ async def _within(awaitable: Awaitable[_T], method: Method, deadline: Deadline |
     """What ``awaitable`` gives, awaited until ``deadline`` (or a stream's
     ``idle_timeout``, if that comes first).
 
+    A task cancelled meanwhile is cancelled, also when ``awaitable`` is done
+    in the same pass of the loop (Python 3.11's ``asyncio.wait_for()`` then
+    returned its result: the cancelled call went on, its request sent).
+
     :raises IPCTimeoutError: the deadline (or idle timeout) passed first (``method``'s).
     """
     wait = wait_deadline(deadline, idle_timeout)
+    if wait is None:
+        return await awaitable
+    seconds = max(wait.remaining(), 0)
     try:
-        return await asyncio.wait_for(awaitable, None if wait is None else max(wait.remaining(), 0))
-    except asyncio.TimeoutError:
+        if asyncio.current_task() is None:
+            # Outside a task (a handler this package's server runs eagerly):
+            # asyncio.timeout() needs one, and there is no task to cancel.
+            return await asyncio.wait_for(awaitable, seconds)
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    except TimeoutError:
         raise wait_error(method, deadline, idle_timeout) from None
 
 
