@@ -318,6 +318,32 @@ def test_invalid_protobuf_is_answered_invalid_argument_naming_the_message_type(
         assert message_type.DESCRIPTOR.full_name in result.grpc_message, (body, result)
 
 
+#: A method of each tool every server serves, and its request message.
+TOOLS = {
+    '/grpc.health.v1.Health/Check': 'grpc.health.v1.HealthCheckRequest',
+    '/grpc.health.v1.Health/Watch': 'grpc.health.v1.HealthCheckRequest',
+    '/vyra.ipc.Introspection/GetStats': 'vyra.ipc.StatsRequest',
+    '/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo': 'grpc.reflection.v1alpha.ServerReflectionRequest',
+}
+
+
+def test_a_request_to_a_tool_that_does_not_decode_is_invalid_argument_and_logs_nothing(
+        server: ServerProcess) -> None:
+    # Before: the tools were served as grpc.aio serves any servicer, UNKNOWN
+    # "Unexpected <class 'DecodeError'>" with an ERROR and its traceback in
+    # the server's log for each such request (any peer could fill the log),
+    # where the fast lane answered INVALID_ARGUMENT as for a module's own service.
+    with RawConnection(server.socket_path) as connection:
+        connection.send(PREFACE + CLIENT_SETTINGS + b''.join(
+            grpc_call(2 * number + 1, method, grpc_message(b'\xff\xff')) for number, method in enumerate(TOOLS)))
+        results = connection.results({2 * number + 1 for number in range(len(TOOLS))})
+    for number, (method, message_type) in enumerate(TOOLS.items()):
+        result = results[2 * number + 1]
+        assert result.grpc_status == grpc.StatusCode.INVALID_ARGUMENT.value[0], (method, result)
+        assert result.grpc_message.startswith(f'{method}: the request is not a valid {message_type}'), result
+    assert 'DecodeError' not in server.log(), server.log()
+
+
 def send_unary_calls_without_a_complete_request(connection: RawConnection, method: str, body: bytes) -> None:
     """Calls 1 (headers and END_STREAM, no message) and 3 (a message one byte
     short), neither with a grpc-timeout header: no deadline ends them."""

@@ -7,15 +7,17 @@ import asyncio
 import contextlib
 import os
 from pathlib import Path
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
@@ -154,6 +156,31 @@ def test_a_health_watch_ends_at_once_on_sigterm_after_not_serving(start_server, 
         details = ended.value.details()
         assert details == 'server is shutting down' or details.startswith('Stream removed'), details
     assert server.wait() == 0
+
+
+def test_a_reflection_stream_held_open_ends_at_once_on_sigterm(start_server, socket_path: Path) -> None:
+    # grpc's reflection servicer kept its stream open through the whole grace
+    # (then UNAVAILABLE "Cancelling all calls"), and the stop with it: a tool
+    # that holds one open (a GUI client, the CLI's session) made every stop of
+    # the server wait its grace. Now it ends as every other response stream does.
+    server = start_server(socket_path, '--grace-period', '30')
+    requests: queue.Queue[Any] = queue.Queue()
+    with grpc.insecure_channel(f'unix:{socket_path}') as channel:
+        stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter(requests.get, None), timeout=60)
+        requests.put(reflection_pb2.ServerReflectionRequest(list_services=''))
+        listed = {service.name for service in next(stream).list_services_response.service}
+        assert 'vyra.ipc.test.EchoService' in listed
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError) as ended:
+            next(stream)
+        requests.put(None)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        details = ended.value.details()  # (or the process was gone first: see the test above)
+        assert details == 'server is shutting down' or details.startswith('Stream removed'), details
+    assert server.wait() == 0
+    assert time.monotonic() - started < 10, 'the stop waited for the grace'
 
 
 @pytest.mark.asyncio

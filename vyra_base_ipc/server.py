@@ -12,8 +12,7 @@ import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 
 from ._call_duration import bound_call_duration
 from ._fork_safety import ensure_usable_after_fork, note_grpc_used
@@ -23,7 +22,6 @@ from ._grpc_streams import CallTasks, OpenStreams
 from ._handler_threads import HandlerThreads
 from ._health import HealthServicer
 from ._interceptors import CallObserver, ServerInterceptor, checked_interceptors
-from ._introspection import SERVICE_NAME as INTROSPECTION_SERVICE
 from ._introspection import IntrospectionServicer, unix_connections
 from ._limits import ServerLimits
 from ._methods import ServiceRegistration, record_servicer
@@ -41,6 +39,7 @@ from ._request_guard import guard_handlers
 from ._segment_pool import segment_pool
 from ._served_loops import not_serving, serving
 from ._socket_file import SocketFile, socket_access
+from ._tools import grpc_tool_handlers, tool_registrations
 from .address import (
     StrPath,
     default_ttrpc_socket_path,
@@ -49,7 +48,6 @@ from .address import (
     validate_socket_path,
 )
 from .introspection_pb2 import Stats
-from .introspection_pb2_grpc import add_IntrospectionServicer_to_server
 from .module_service import ModuleService
 from .ttrpc import TtrpcServer
 
@@ -328,8 +326,8 @@ class IPCServer:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             if self.ttrpc_socket_path is not None:
                 # Health too, so that a client on either lane sees NOT_SERVING first.
-                tools = [*record_servicer(self._health, health_pb2_grpc.add_HealthServicer_to_server),
-                         *record_servicer(self._introspection, add_IntrospectionServicer_to_server)]
+                assert self._health is not None
+                tools = tool_registrations(self._health, self._introspection)
                 self._ttrpc = TtrpcServer(
                     self.ttrpc_socket_path, [*self._services, *tools],
                     observer=self._observer, observed_services=self.service_names,
@@ -487,20 +485,19 @@ class IPCServer:
 
     def _add_services(self, server: grpc.aio.Server) -> None:
         assert self._executor is not None
+        served: list[tuple[str, dict[str, grpc.RpcMethodHandler]]] = []
         for registration in self._services:
             handlers = self._open_streams.track(bound_call_duration(guard_handlers(
                 registration.name, registration.handlers, self._executor), self.limits.max_call_duration))
             if self._observer is not None:
                 handlers = observe_handlers(registration.name, handlers, self._observer)
-            server.add_generic_rpc_handlers(
-                (grpc.method_handlers_generic_handler(registration.name, handlers),))
-            server.add_registered_method_handlers(registration.name, handlers)
+            served.append((registration.name, handlers))
         self._health = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        add_IntrospectionServicer_to_server(self._introspection, server)
-        reflection.enable_server_reflection(
-            (*self.service_names, health.SERVICE_NAME, INTROSPECTION_SERVICE, reflection.SERVICE_NAME),
-            server)
+        served += grpc_tool_handlers(self._health, self._introspection, self.service_names, self._executor,
+                                     self._open_streams)
+        for name, handlers in served:
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+            server.add_registered_method_handlers(name, handlers)
         if self.metrics is not None:  # the last handler: what none of the others has
             server.add_generic_rpc_handlers((UnknownMethods(self.metrics),))
 
