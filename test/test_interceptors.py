@@ -876,3 +876,42 @@ def test_a_def_handler_whose_client_cancels_is_told_at_once_and_observed_cancell
     ended = observed.ended(STATUS + 'MisbehaveSync', lane)[0]
     assert ended['code'] == 'CANCELLED'
     assert dict(observed.method_stats(STATUS + 'MisbehaveSync', lane, 1).errors) == {'CANCELLED': 1}
+
+
+@pytest.mark.parametrize('lane', LANES)
+@pytest.mark.parametrize('ending', ['deadline', 'cancel'])
+@pytest.mark.parametrize('method', ['Misbehave', 'MisbehaveStream'])
+def test_a_handler_that_catches_its_calls_end_and_returns_is_observed_with_what_its_client_got(
+        observed: Observed, echo: Any, lane: str, ending: str, method: str) -> None:
+    # An async def handler that catches the cancellation of its call (its
+    # deadline passed, its client left) and returns: the gRPC lane observed
+    # it OK, though its client got DEADLINE_EXCEEDED or CANCELLED (the fast
+    # lane observed what its client got).
+    request = echo.pb.MisbehaveRequest(how='swallow-cancel')
+
+    async def call() -> None:
+        async with IPCHandler(observed.server.socket_path, echo.grpc.StatusServiceStub, lane=lane) as client:
+            if method == 'Misbehave':
+                made = client.call_method(method, request, timeout=0.5 if ending == 'deadline' else 30)
+            else:
+                made = _drain(client.stream_method(method, request, timeout=0.5 if ending == 'deadline' else 30))
+            running = asyncio.ensure_future(made)
+            if ending == 'deadline':
+                with pytest.raises(IPCTimeoutError):
+                    await running
+                return
+            await until(lambda: any(entry['event'] == 'started' and entry['method'] == STATUS + method
+                                    for entry in observed.entries()), 10, 'the call to start on the server')
+            await asyncio.sleep(0.1)  # (a stream's first message on its way)
+            running.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+    asyncio.run(call())
+    code = 'DEADLINE_EXCEEDED' if ending == 'deadline' else 'CANCELLED'
+    assert observed.ended(STATUS + method, lane)[0]['code'] == code
+    assert dict(observed.method_stats(STATUS + method, lane, 1).errors) == {code: 1}
+
+
+async def _drain(stream: Any) -> None:
+    async for _ in stream:
+        pass

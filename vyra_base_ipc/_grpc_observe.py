@@ -128,7 +128,7 @@ def _ending(observation: Observation, context: Any) -> Iterator[None]:
     except BaseException as error:
         _end(observation, _failure, context, error, observation.observer)
         raise
-    _end(observation, _returned, context)
+    _end(observation, _returned, context, observation.observer)
 
 
 def _end(observation: Observation, status: Callable[..., tuple[int, str]], *arguments: Any) -> None:
@@ -166,8 +166,16 @@ def _number(code: Any) -> int | None:
     return number or None
 
 
-def _returned(context: Any) -> tuple[int, str]:
-    """The status of a call whose handler returned."""
+def _returned(context: Any, observer: CallObserver) -> tuple[int, str]:
+    """The status of a call whose handler returned: the code it set, if
+    any; but that of a call grpc.aio ended (its client left, its deadline
+    passed, the stop's grace ran out) whose handler caught the cancellation
+    and returned, for its client got that (it was observed OK, where the
+    fast lane observes what its client got). The wrappers inside take back
+    the cancellations of their own (at ``max_call_duration``, at a stop)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        return _left(context, observer)
     number = _number(context.code())
     if number is None:
         return _OK

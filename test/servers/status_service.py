@@ -4,7 +4,7 @@ handler that works until is_active() says its call ended, then returns;
 "abort-after-end", "metadata-after-end": one that then aborts or sends
 initial metadata, and journals what that raised; "raise-timeout": one that
 raises a TimeoutError of its own; "swallow-cancel": an async def one that
-waits until cancelled, then answers all the same)."""
+waits until cancelled, then answers all the same, or ends its stream)."""
 
 from __future__ import annotations
 
@@ -171,6 +171,11 @@ class StatusService(echo_pb2_grpc.StatusServiceServicer):
         if request.how == 'return-none':
             yield None
             return
+        if request.how == 'swallow-cancel':  # (a watch that ends quietly when cancelled)
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                return
         if request.how == 'yield-after-abort':
             try:
                 await context.abort(grpc.StatusCode.NOT_FOUND, 'stop')
