@@ -72,8 +72,7 @@ _PROBE_REQUEST = health_pb2.HealthCheckRequest()
 # connection that broke under a call.
 _CLIENT_TOO_LARGE = re.compile(r'CLIENT: Sent message larger than max \((\d+) vs\. (\d+)\)')
 _CONNECTION_BROKE = ('Socket closed', 'Connection reset by peer', 'Broken pipe')
-# ...and its refusal of an answer whose metadata (a status's details too)
-# exceeds the channel's bound (see _options._response_metadata_limits).
+# ...and its refusal of metadata over a bound: the server's of the request's, or the channel's of an answer's.
 _METADATA_TOO_LARGE = 'received metadata size exceeds'
 # ...and of a channel this process closed (disconnect()) under a call, or
 # before it ('Channel closed!', 'Cannot invoke RPC on closed channel!').
@@ -82,10 +81,9 @@ _CLOSED = re.compile(r'[Cc]hannel closed|closed channel')
 #: ended it: core keeps a call whose request it is still writing (the server does
 #: not read: stopped, or its loop stuck) until the server reads, maybe never.
 _OVERDUE = 0.25
-#: Largest request (serialized) a blocking call or stream goes without a watch
-#: for _OVERDUE (a future or a timer thread: about twice a call's time). With
-#: grpcio 1.85 core ended calls at their deadline while the server did not read,
-#: however many in flight (40 of 4 KiB, 8 of 64 KiB, 4 of 200 KB), unless one
+#: Largest request (serialized) a call or stream goes without a watch for _OVERDUE (a future or a
+#: timer thread: about twice a call's time). With grpcio 1.85 core ended calls at their deadline while
+#: the server did not read, however many in flight (40 of 4 KiB, 8 of 64 KiB, 4 of 200 KB), unless one
 #: request was over about 250 KB.
 _BLOCKING_MOST = 64 * 1024
 #: grpc core's whole details of a call its server cancelled as it shut down,
@@ -235,9 +233,11 @@ class _GrpcLaneBase:
             too_large = _CLIENT_TOO_LARGE.match(details)
             if too_large is not None:
                 return MessageTooLargeError(int(too_large[1]), int(too_large[2]), method=method.path)
-            if _METADATA_TOO_LARGE in details:
-                details = ("the server's answer carries more metadata or status details than this client "
-                           f'takes (max_message_bytes and 64 KiB, as the fast lane): {details}')
+            if _METADATA_TOO_LARGE in details:  # the call's own headers listed: the server refused them
+                details = (f"the server refused the call's metadata, over its max_metadata_bytes: {details}"
+                           if ' :path:' in details else "the server's answer carries more metadata or "
+                           'status details than this client takes (max_message_bytes and 64 KiB, as the '
+                           f'fast lane): {details}')
         return error_from_status(code, details, method=method.path, status_details=_rich(error, method))
 
     def _details(self, error: grpc.RpcError) -> str:
