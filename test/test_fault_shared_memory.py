@@ -142,14 +142,7 @@ def test_a_lent_segment_with_holes_is_not_populated_by_the_server(echo: Any, ser
     fd = memfd(size, SEAL_SHRINK | SEAL_GROW | SEAL_FUTURE_WRITE)  # as a pooled segment
     try:
         with Peer.connect(server.ttrpc_path) as peer:
-            peer.request(1, *HELLO, POOLED_HELLO)
-            peer.answer(1)
-            peer.send_raw(frame_bytes(3, REQUEST, SHARED, mirror_request(echo, [(1, size, 1)])), [fd])
-            while (frame := peer.read_frame(3)).type != 2:  # RESPONSE (RELEASE frames are stream 0)
-                pass
-            for received in frame.fds:
-                os.close(received)
-            reply = ttrpc_pb2.Response.FromString(frame.data)
+            reply = mirror_lent(peer, echo, fd, size)
             assert reply.status.code == 0
             assert ttrpc_pb2.SharedMemoryManifest.FromString(reply.payload).buffers[0].size == size
         # Mirror answered with the buffer without reading it: none of its
@@ -159,6 +152,19 @@ def test_a_lent_segment_with_holes_is_not_populated_by_the_server(echo: Any, ser
     finally:
         os.close(fd)
 
+
+def mirror_lent(peer: Peer, echo: Any, fd: int, size: int) -> Any:
+    """The answer (a ttrpc Response) to a Mirror of a buffer of ``size``
+    bytes that ``peer`` lends as a pooled segment (``fd``), after agreeing
+    on pooled segments; the descriptors of the answer are closed."""
+    peer.request(1, *HELLO, POOLED_HELLO)
+    peer.answer(1)
+    peer.send_raw(frame_bytes(3, REQUEST, SHARED, mirror_request(echo, [(1, size, 1)])), [fd])
+    while (frame := peer.read_frame(3)).type != 2:  # RESPONSE (RELEASE frames are stream 0)
+        pass
+    for received in frame.fds:
+        os.close(received)
+    return ttrpc_pb2.Response.FromString(frame.data)
 
 def mapped_kib(pid: int, name: str) -> list[int]:
     """The resident KiB of each mapping of process ``pid`` of a memfd called ``name``."""
@@ -185,14 +191,7 @@ def test_a_lent_buffer_is_not_populated_by_the_server_before_its_handler_reads_i
         os.write(fd, bytes(size))  # every page allocated: no holes
         fcntl.fcntl(fd, F_ADD_SEALS, SEAL_SHRINK | SEAL_GROW | SEAL_FUTURE_WRITE)  # as a pooled segment
         with Peer.connect(server.ttrpc_path) as peer:
-            peer.request(1, *HELLO, POOLED_HELLO)
-            peer.answer(1)
-            peer.send_raw(frame_bytes(3, REQUEST, SHARED, mirror_request(echo, [(1, size, 1)])), [fd])
-            while (frame := peer.read_frame(3)).type != 2:  # RESPONSE (RELEASE frames are stream 0)
-                pass
-            for received in frame.fds:
-                os.close(received)
-            assert ttrpc_pb2.Response.FromString(frame.data).status.code == 0
+            assert mirror_lent(peer, echo, fd, size).status.code == 0
             # Mirror answered with the buffer without reading it: the server
             # keeps its mapping for the next lend, with no page of it mapped.
             assert mapped_kib(server.pid, 'peer-buffer') == [0]

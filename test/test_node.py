@@ -546,6 +546,31 @@ def test_every_parameter_has_a_value_for_ros2_param_dump(context: Context, spin,
     assert server.wait(timeout=30) == 0, server.log()
 
 
+
+@contextlib.contextmanager
+def parameters_of(node_name: str, context: Context, spin: Callable[..., Any]
+                  ) -> Iterator[tuple[Any, Callable[[Any], Any]]]:
+    """``(client, answer)``: an AsyncParameterClient of ``node_name`` on a
+    caller node spun meanwhile, as ``ros2 param`` asks, and ``answer(future)``,
+    its result once it came (within 20 s)."""
+    from rclpy.parameter_client import AsyncParameterClient
+
+    caller = Node('caller', context=context)
+    try:
+        spinner = spin(caller)
+        try:
+            client = AsyncParameterClient(caller, node_name)
+            assert client.wait_for_services(timeout_sec=20), f'{node_name} parameter services did not appear'
+
+            def answer(future: Any) -> Any:
+                wait_for(future.done, 20, 'an answer')
+                return future.result()
+            yield client, answer
+        finally:
+            spinner.stop()
+    finally:
+        caller.destroy_node()
+
 def test_the_double_parameters_take_integers_and_stay_doubles(context: Context, spin, start_process,
                                                               socket_dir: Path) -> None:
     """Found: rclpy refuses an integer for a DOUBLE parameter, so
@@ -553,23 +578,13 @@ def test_the_double_parameters_take_integers_and_stay_doubles(context: Context, 
     /ipc_server grace_period 3`` was refused. Asked through a real parameter
     client, as ``ros2 param`` asks."""
     from rcl_interfaces.msg import ParameterType
-    from rclpy.parameter_client import AsyncParameterClient
 
     name = f'ipc_{uuid.uuid4().hex[:8]}'
     socket_path = socket_dir / 'ints.sock'
     server = start_process(ros_args('module_name:=ints', f'socket_path:={socket_path}', 'grace_period:=2',
                                     'diagnostics_period:=1', extra=('-r', f'__node:={name}')))
     server.wait_listening(socket_path)
-    caller = Node('caller', context=context)
-    try:
-        spinner = spin(caller)
-        client = AsyncParameterClient(caller, f'/{name}')
-        assert client.wait_for_services(timeout_sec=20), f'/{name} parameter services did not appear'
-
-        def answer(future: Any) -> Any:
-            wait_for(future.done, 20, 'an answer')
-            return future.result()
-
+    with parameters_of(f'/{name}', context, spin) as (client, answer):
         values = answer(client.get_parameters(['grace_period', 'diagnostics_period'])).values
         assert [(v.type, v.double_value) for v in values] == [(ParameterType.PARAMETER_DOUBLE, 2.0),
                                                               (ParameterType.PARAMETER_DOUBLE, 1.0)]
@@ -585,9 +600,6 @@ def test_the_double_parameters_take_integers_and_stay_doubles(context: Context, 
         descriptors = answer(client.describe_parameters(['grace_period', 'diagnostics_period'])).descriptors
         assert [d.type for d in descriptors] == [ParameterType.PARAMETER_DOUBLE] * 2
         assert not any(d.dynamic_typing for d in descriptors)
-        spinner.stop()
-    finally:
-        caller.destroy_node()
     server.signal(signal.SIGTERM)
     assert server.wait(timeout=30) == 0, server.log()
     assert f'stopping IPC server on {socket_path} (grace 3 s)' in server.log(), server.log()
@@ -843,31 +855,17 @@ def test_parameters_set_over_ros_on_a_hosting_node_with_its_own_pre_set_callback
         context: Context, spin, start_process, ros_environ: dict[str, str], socket_dir: Path,
         order: str) -> None:
     """The same, on a real hosting node, set as ``ros2 param set`` sets them."""
-    from rclpy.parameter_client import AsyncParameterClient
-
     socket_path = socket_dir / 'limited.sock'
     namespace = f'/t{uuid.uuid4().hex[:8]}'
     node = start_process([sys.executable, str(SERVERS / 'limiting_host.py'), order, '--ros-args',
                           '-r', f'__ns:={namespace}', '-p', f'socket_path:={socket_path}'])
     node.wait_listening(socket_path)
-    caller = Node('caller', context=context)
-    try:
-        spinner = spin(caller)
-        client = AsyncParameterClient(caller, f'{namespace}/arm_node')
-        assert client.wait_for_services(timeout_sec=20), f'{namespace}/arm_node parameter services did not appear'
-
-        def answer(future: Any) -> Any:
-            wait_for(future.done, 20, 'an answer')
-            return future.result()
-
+    with parameters_of(f'{namespace}/arm_node', context, spin) as (client, answer):
         results = answer(client.set_parameters([Parameter('speed', value=99.0),
                                                 Parameter('grace_period', value=2)])).results
         assert [(r.successful, r.reason) for r in results] == [(True, '')] * 2
         values = answer(client.get_parameters(['speed', 'grace_period'])).values
         assert [v.double_value for v in values] == [10.0, 2.0]
-        spinner.stop()
-    finally:
-        caller.destroy_node()
     node.signal(signal.SIGTERM)
     assert node.wait(timeout=30) == 0, node.log()
     assert not socket_path.exists()
