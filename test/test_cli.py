@@ -562,7 +562,7 @@ def test_one_timeout_covers_the_call_and_the_reading_of_reflection_before_it(soc
     service = file.service.add(name='Y')
     for name in ('M', 'Never'):
         service.method.add(name=name, input_type='.x.Left', output_type='.x.Left')
-    delay = 1.0
+    delay = 0.5
 
     def left(request: bytes, context: Any) -> bytes:
         return b'\x09' + struct.pack('<d', context.time_remaining())
@@ -577,8 +577,8 @@ def test_one_timeout_covers_the_call_and_the_reading_of_reflection_before_it(soc
         answer = json.loads(ok('call', str(path), 'x.Y/M', '{}', '--timeout', '30', '--lane', 'grpc'))
         # At least one answer of the reflection took its delay out of the 30 s.
         assert 0 < answer['seconds'] <= 30 - delay, answer
-        line = fails(1, 'call', str(path), 'x.Y/Never', '{}', '--timeout', '3', '--lane', 'grpc')
-        assert re.fullmatch(r"vyra-ipc: DEADLINE_EXCEEDED: no answer from '.*' within --timeout 3 s, of which "
+        line = fails(1, 'call', str(path), 'x.Y/Never', '{}', '--timeout', '2', '--lane', 'grpc')
+        assert re.fullmatch(r"vyra-ipc: DEADLINE_EXCEEDED: no answer from '.*' within --timeout 2 s, of which "
                             r"reading the server's reflection took \d+\.\d\d s \(Deadline Exceeded\)", line), line
 
 

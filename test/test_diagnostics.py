@@ -8,7 +8,6 @@ from pathlib import Path
 import signal
 import sys
 import threading
-import time
 from typing import Any, Callable
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
@@ -219,7 +218,7 @@ def test_an_event_loop_held_by_a_handler_turns_the_status_to_error_until_it_runs
     assert float(values(ok)['event loop delay ms']) >= 0  # a callback ran on the loop
     since = monitor.mark()
     with SyncIPCHandler(socket_path, echo.Stub, timeout=30) as client:
-        blocked = threading.Thread(target=client.call_method, args=('Sleep', echo.pb.SleepRequest(seconds=4)),
+        blocked = threading.Thread(target=client.call_method, args=('Sleep', echo.pb.SleepRequest(seconds=2.5)),
                                    daemon=True)
         blocked.start()
         stalled = monitor.wait('ipc_server: IPC server', 'ERROR',
@@ -259,7 +258,7 @@ def test_ipc_server_says_error_as_soon_as_it_begins_to_stop_not_after_the_grace_
     socket_path = socket_dir / 'arm_ipc.sock'
     env = with_test_servers(ros_environ, test_protos_dir)
     server = start_process([*IPC_SERVER, '--ros-args', '-p', 'module_name:=arm', '-p', f'socket_path:={socket_path}',
-                            '-p', 'diagnostics_period:=0.2', '-p', 'grace_period:=3.0',
+                            '-p', 'diagnostics_period:=0.2', '-p', 'grace_period:=2.0',
                             '-p', "servicers:=['slow_servicer:SlowEchoService']"], env)
     server.wait_listening(socket_path)
     monitor.wait('ipc_server: IPC server', 'OK', lambda s: s.level == DiagnosticStatus.OK)
@@ -270,11 +269,10 @@ def test_ipc_server_says_error_as_soon_as_it_begins_to_stop_not_after_the_grace_
         calls = Path(f'{socket_path}.calls')
         wait_for(lambda: calls.exists() and 'Sleep' in calls.read_text().split(), 20, 'Sleep in flight')
         since = monitor.mark()
-        signalled = time.monotonic()
         server.signal(signal.SIGTERM)
         stopping = monitor.wait('ipc_server: IPC server', 'ERROR', lambda s: s.level == DiagnosticStatus.ERROR)
-        assert time.monotonic() - signalled < 2.5  # within the grace period
-        assert stopping.message == 'stopping: calls in flight get 3 s, new calls are refused'
+        assert held.is_alive()  # within the grace period: the call it gives time to is still in flight
+        assert stopping.message == 'stopping: calls in flight get 2 s, new calls are refused'
         assert server.wait(timeout=30) == 0, server.log()
         held.join(timeout=30)
     statuses = monitor.found('ipc_server: IPC server', lambda s: True, since)

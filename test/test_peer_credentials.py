@@ -228,9 +228,9 @@ def test_a_call_waiting_for_its_server_never_connects_to_a_squatter_that_binds_m
         def call_started(self, call: ClientCall) -> None:
             started.set()
     # It waits until its deadline (the squatter's socket never becomes a trusted server's):
-    # 5 s, the squatter's process started before, so that binding is all it does meanwhile.
+    # 3 s, the squatter's process started before, so that binding is all it does meanwhile.
     squatter = squatter_on(path, later=True)
-    ipc = handler(path, echo.Stub, lane=lane, wait_for_ready=True, timeout=5, interceptors=[Started()])
+    ipc = handler(path, echo.Stub, lane=lane, wait_for_ready=True, timeout=3, interceptors=[Started()])
 
     def call() -> object:
         try:

@@ -1144,7 +1144,7 @@ async def test_thousands_of_mixed_calls_leave_no_descriptor_or_mapping_behind(
                 counts['failed'] += 1
             elif shape == 7:
                 with pytest.raises(IPCTimeoutError):
-                    await connection.call(methods['Inspect'], slow, timeout=0.05)
+                    await connection.call(methods['Inspect'], slow, timeout=0.02)
                 counts['expired'] += 1
             else:  # cancelled once sent: the answer comes in shared memory, to nobody
                 request = explicit if shape == 8 else echo.pb.InspectRequest(payload=payload, sleep_seconds=0.02)
@@ -1168,7 +1168,7 @@ async def test_thousands_of_mixed_calls_leave_no_descriptor_or_mapping_behind(
                     sync_counts['failed'] += 1
                 else:
                     with pytest.raises(IPCTimeoutError):
-                        connection.call(methods['Inspect'], slow, timeout=0.05)
+                        connection.call(methods['Inspect'], slow, timeout=0.02)
                     sync_counts['expired'] += 1
 
         sync_connection = SyncConnection.connect(path, shared_memory=OPTIONS)

@@ -323,10 +323,10 @@ def test_a_greedy_stream_does_not_hold_up_calls_on_other_connections(
 @pytest.mark.parametrize('lane', LANES)
 def test_a_slow_consumer_keeps_the_servers_memory_flat_and_gets_every_message(
         server: ServerProcess, echo: Any, reports: Reports, lane: str) -> None:
-    """100,000 messages of 1 KiB (100 MiB in all) to a consumer that stops
+    """25,000 messages of 4 KiB (100 MiB in all) to a consumer that stops
     ten times: the server holds back instead of buffering what is not read."""
     tag = next(tags)
-    count, size = 100_000, 1024
+    count, size = 25_000, 4096
     baseline = reports('nothing').rss_bytes
     peak = 0
     with SyncIPCHandler(server.socket_path, echo.grpc.WatchServiceStub, lane=lane, timeout=300) as ipc:
