@@ -506,6 +506,33 @@ def describing(path: Path, services: list[str], file: bytes, answers: str = 'fil
         server.stop(None)
 
 
+def test_names_and_messages_from_servers_and_socket_files_are_shown_escaped(socket_dir: Path) -> None:
+    # Found: a socket file's name, the services and files a server named, and its error
+    # messages were written raw: an escape sequence in one retitled, cleared or recoloured
+    # the terminal of whoever ran vyra-ipc, and a bidi override reordered what followed.
+    evil = '\x1b]0;owned\x07\x1b[2J\u202e'
+    shown = '\\u001b]0;owned\\u0007\\u001b[2J\\u202e'
+    file = descriptor_pb2.FileDescriptorProto(name=f'x{evil}.proto', package='x', syntax='proto3')
+    file.message_type.add(name='R')
+    file.service.add(name='Y').method.add(name='M', input_type='.x.R', output_type='.x.R')
+
+    def refuse(request: bytes, context: Any) -> bytes:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, f'no {evil} way')
+    with describing(socket_dir / f'e{evil}_ipc.sock', ['x.Y', f'y{evil}'], file.SerializeToString(),
+                    methods={'M': refuse}) as path:
+        listed = ok('list', str(socket_dir))
+        described = ok('describe', str(path), 'x.Y', '--timeout', '10')
+        refused = fails(1, 'call', str(path), 'x.Y/M', '{}', '--timeout', '10', '--lane', 'grpc')
+        as_json = json.loads(ok('list', str(socket_dir), '--json'))
+    for text in (listed, described, refused):
+        assert not set(text) & {'\x1b', '\x07', '\u202e'}, repr(text)
+    assert f'e{shown}_ipc.sock' in listed and f'y{shown}' in listed, listed
+    assert f'// x{shown}.proto' in described, described
+    assert refused == f'vyra-ipc: FAILED_PRECONDITION: no {shown} way', refused
+    # In JSON the escapes are JSON's: the names read back as they are.
+    assert as_json[0]['socket_path'] == str(path) and f'y{evil}' in as_json[0]['services'], as_json
+
+
 @pytest.fixture(params=['garbage', 'missing-dependency', 'depends-on-itself'])
 def misdescribed(request: pytest.FixtureRequest, socket_dir: Path) -> Iterator[tuple[Path, str]]:
     """A server whose reflection lists service x.Y, then describes it with a

@@ -8,13 +8,14 @@ from importlib import metadata
 import os
 import platform
 import sys
-from typing import Sequence, TextIO
+from typing import Sequence, TextIO, cast
 
 from .._introspection import package_version
 from ..exceptions import IPCError
 from . import _call, _describe, _health, _list, _ping, _stats
 from ._args import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, TARGET_HELP, UsageError, Verb
 from ._messages import detail_json
+from ._output import EscapingStream
 
 __all__ = ['VERBS', 'build_parser', 'main', 'run']
 
@@ -69,8 +70,10 @@ def run(verb: Verb, args: argparse.Namespace, prog: str, out: TextIO | None = No
     and a line per status detail the server sent with it (gRPC's richer
     error model, as JSON), and the exit status: 1 the call or the server
     failed, 2 the command is wrong, 130 interrupted."""
-    out = sys.stdout if out is None else out
-    err = sys.stderr if err is None else err
+    # What servers and socket files of other users named is shown, never acted on.
+    # (A TextIO in what it does, though not by its base class.)
+    out = cast(TextIO, EscapingStream(sys.stdout if out is None else out))
+    err = cast(TextIO, EscapingStream(sys.stderr if err is None else err))
     try:
         status = verb.run(args, out)
         # What is still buffered (stdout to a pipe) is written here, not at

@@ -1,16 +1,60 @@
 """Text for a terminal of 80 columns: aligned tables, wrapped lists,
-durations and sizes, a latency histogram and a progress bar."""
+durations and sizes, a latency histogram and a progress bar; and a stream
+that shows control characters escaped."""
 
 from __future__ import annotations
 
 import bisect
+import io
+import re
 from typing import Iterable, Iterator, Sequence, TextIO
 
-__all__ = ['WIDTH', 'Progress', 'duration', 'histogram', 'histogram_lines', 'size', 'table', 'uptime',
-           'wrapped']
+__all__ = ['WIDTH', 'EscapingStream', 'Progress', 'duration', 'histogram', 'histogram_lines', 'printable',
+           'size', 'table', 'uptime', 'wrapped']
 
 #: Columns the human output is made for.
 WIDTH = 80
+
+#: What a terminal would act on instead of showing: C0 controls but tab and
+#: newline, DEL, C1 controls (U+009B is a CSI to some terminals), and the
+#: bidirectional and zero-width format characters that reorder or hide text.
+_CONTROLS = re.compile(r'[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]')
+
+
+def printable(text: str) -> str:
+    r"""``text`` with each control character (see ``_CONTROLS``) written as
+    ``\uXXXX``: as a terminal shows it, and the same string again inside
+    a JSON string."""
+    return _CONTROLS.sub(lambda found: f'\\u{ord(found[0]):04x}', text)
+
+
+class EscapingStream(io.TextIOBase):
+    """Writes to ``stream`` what it is given through :func:`printable`.
+
+    Names and messages ``vyra-ipc`` shows come from servers and socket files
+    of other users: an escape sequence in one must not recolour, retitle or
+    rewrite the terminal, or hide what follows it."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        #: The stream beneath, for what this program draws itself (a progress bar's carriage returns).
+        self.raw = stream
+
+    def write(self, text: str) -> int:
+        self.raw.write(printable(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def isatty(self) -> bool:
+        return self.raw.isatty()
+
+    def writable(self) -> bool:
+        return True
 
 
 def table(rows: Sequence[Sequence[str]], right: Iterable[int] = ()) -> Iterator[str]:

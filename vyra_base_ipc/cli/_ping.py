@@ -13,7 +13,7 @@ from typing import TextIO
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ._args import EXIT_OK, UsageError, Verb, add_json, add_lane, add_target
-from ._output import Progress, duration, histogram, histogram_lines
+from ._output import EscapingStream, Progress, duration, histogram, histogram_lines
 from ._targets import client, resolve_target
 
 __all__ = ['LONG_RUN', 'VERB']
@@ -38,7 +38,9 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     request = health_pb2.HealthCheckRequest()
     times = []
     tty = out.isatty() and not args.json and args.count >= LONG_RUN
-    progress = Progress(args.count, out if tty else None, 'ping ')
+    # The bar's carriage returns are this program's own: they go to the stream beneath.
+    drawn_on = out.raw if isinstance(out, EscapingStream) else out
+    progress = Progress(args.count, drawn_on if tty else None, 'ping ')
     with client(path, health_pb2_grpc.HealthStub, args.lane, args.timeout) as handler:
         handler.call_method('Check', request)  # connected and the lane chosen before timing
         try:
