@@ -140,6 +140,48 @@ def test_list_does_not_wait_for_a_server_that_never_answers(silent: Path) -> Non
     assert (entry['state'], entry['pid'], entry['detail']) == ('no answer', os.getpid(), 'within 1 s')
 
 
+@contextlib.contextmanager
+def answering(path: Path, greeting: bytes, then_close: bool) -> Iterator[Path]:
+    """A socket whose server answers every connection with ``greeting`` (another protocol than
+    gRPC's), then closes it or keeps it open."""
+    kept: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve(listening: socket.socket) -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listening.accept()
+            except TimeoutError:
+                continue
+            with contextlib.suppress(OSError):
+                connection.sendall(greeting)
+            connection.close() if then_close else kept.append(connection)
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(path))
+        listening.listen(64)
+        listening.settimeout(0.1)
+        server = threading.Thread(target=serve, args=(listening,))
+        server.start()
+        try:
+            yield path
+        finally:
+            stop.set()
+            server.join(10)
+            for connection in kept:
+                connection.close()
+
+
+def test_list_names_a_socket_that_answers_in_another_protocol(socket_dir: Path) -> None:
+    # Found: a socket whose server answered at once, but not in HTTP/2, was listed as
+    # "no answer: within 1 s", as if it had said nothing.
+    with answering(socket_dir / 'web_ipc.sock', b'HTTP/1.1 400 Bad Request\r\n\r\n', then_close=True), \
+            answering(socket_dir / 'ssh_ipc.sock', b'SSH-2.0-OpenSSH_9.2\r\n', then_close=False):
+        listed = {entry['module']: entry for entry in json.loads(ok('list', str(socket_dir), '--json'))}
+    for module in ('web', 'ssh'):
+        assert (listed[module]['state'], listed[module]['pid']) == ('not gRPC', os.getpid()), listed
+        assert listed[module]['detail'].startswith('it answered in another protocol than HTTP/2: '), listed
+
+
 def test_list_of_a_directory_it_cannot_read_says_which(socket_dir: Path) -> None:
     assert fails(1, 'list', str(socket_dir / 'nope')) == \
         f'vyra-ipc: cannot list {socket_dir / "nope"}: No such file or directory'  # (no '[Errno 2] ')

@@ -46,7 +46,8 @@ class ServerEntry:
     ttrpc_socket_path: str | None
     #: ``serving``, ``not serving`` (grpc.health.v1), ``stale`` (nobody
     #: listens), ``no answer`` (within PROBE_TIMEOUT), ``refused`` (no
-    #: permission to connect), ``not vyra`` (no health service), ``unreachable``.
+    #: permission to connect), ``not vyra`` (no health service), ``not gRPC``
+    #: (it answers in another protocol), ``unreachable``.
     state: str
     #: Owner of the socket file.
     uid: int
@@ -148,11 +149,16 @@ def _peer_pid(path: Path) -> int | str:
 
 def _unhealthy(error: grpc.RpcError) -> tuple[str, str]:
     """State and detail of a listening socket whose health check failed."""
-    code = error.code()
+    code, details = error.code(), error.details() or ''
+    if 'Failed parsing HTTP/2' in details:
+        # grpc-core's words for a first frame that is no SETTINGS frame: it answered,
+        # in another protocol. (Its "Did not receive HTTP/2 settings" is silence.)
+        parsing = details[details.index('Failed parsing HTTP/2'):]
+        return 'not gRPC', f'it answered in another protocol than HTTP/2: {parsing}'
     if code is grpc.StatusCode.DEADLINE_EXCEEDED or (
-            code is grpc.StatusCode.UNAVAILABLE and 'SETTINGS' in (error.details() or '')):
+            code is grpc.StatusCode.UNAVAILABLE and 'SETTINGS' in details):
         # Connected, but no gRPC answer (not even HTTP/2 settings) in time.
         return 'no answer', f'within {PROBE_TIMEOUT:g} s'
     if code is grpc.StatusCode.UNIMPLEMENTED:
         return 'not vyra', 'a gRPC server without grpc.health.v1'
-    return 'unreachable', f'{code.name}: {error.details()}'
+    return 'unreachable', f'{code.name}: {details}'
