@@ -449,6 +449,26 @@ async def test_registered_data_items(socket_path: Path) -> None:
         assert await get('joints') == (b'[1, 2]', 'application/json')
 
 
+@pytest.mark.asyncio
+async def test_one_servicer_on_two_servers_serves_on_when_the_other_stops(socket_path: Path) -> None:
+    """As grpc allows: one servicer on two servers. Its def commands ran in the
+    threads of the server started last, shut down when that one stopped: the
+    other answered its def commands and data items "cannot schedule new futures
+    after shutdown"."""
+    service = ModuleService('twice')
+    service.register_command('echo', lambda parameters: parameters['text'])
+    service.register_data('text', lambda: 'plain')
+    first = IPCServer(socket_path, servicers=[service])
+    second = IPCServer(socket_path.with_name('second.sock'), servicers=[service])
+    async with first, second:
+        await second.stop()
+        async with IPCHandler(first.socket_path, pb_grpc.ModuleServiceStub, timeout=10) as ipc:
+            answer = await ipc.call_method('ExecuteCommand',
+                                           pb.CommandRequest(command='echo', parameters={'text': 'hi'}))
+            data = await ipc.call_method('GetData', pb.DataRequest(key='text'))
+    assert (answer.status_code, answer.result, data.result) == (0, 'hi', b'plain')
+
+
 @pytest.mark.parametrize('call, error', [
     (lambda s: s.register_command('', lambda p: ''), ValueError),
     (lambda s: s.register_command('x', 'not callable'), TypeError),

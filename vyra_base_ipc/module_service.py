@@ -95,7 +95,9 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
     commands and data providers run in the server's threads for ``def``
     handlers (its ``max_workers``, counted in its diagnostics, never joined
     at exit), or with :func:`asyncio.to_thread` outside an
-    :class:`~vyra_base_ipc.IPCServer`.
+    :class:`~vyra_base_ipc.IPCServer`. One servicer may be served by several
+    servers at once: it uses the threads of the last started of those still
+    serving, and a server that stops leaves it serving on the others.
 
     :param module_name: reported by ``status``.
     :param config_dirs: the directories ``Initialize`` may read from (a
@@ -121,7 +123,8 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
         self.config: dict[str, Any] = {}
         self.config_path: Path | None = None
         self._started = time.monotonic()
-        self._handler_threads: Executor | None = None
+        # Given by the IPCServers serving it, the last started last.
+        self._handler_threads: list[Executor] = []
         self._commands: dict[str, CommandHandler] = {}
         self._data: dict[str, DataProvider] = {
             'status': self._status_item,  # (async: on the loop, never waiting for a thread)
@@ -136,8 +139,18 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
     def use_handler_threads(self, executor: Executor) -> None:
         """Run ``def`` commands and data providers in ``executor`` (an
         :class:`~vyra_base_ipc.IPCServer` serving this servicer gives its own
-        as it starts)."""
-        self._handler_threads = executor
+        as it starts, and takes it back with :meth:`stop_using_handler_threads`
+        as it stops). Given several (one servicer served by several servers),
+        the last one given that was not taken back is used."""
+        self._handler_threads.append(executor)
+
+    def stop_using_handler_threads(self, executor: Executor) -> None:
+        """Take back ``executor`` (given by :meth:`use_handler_threads`; one
+        not given is ignored): another one given is used, or without one
+        :func:`asyncio.to_thread`. A server that stops shuts its threads down,
+        and the servicer may still serve on another server."""
+        if executor in self._handler_threads:
+            self._handler_threads.remove(executor)
 
     # -- registries -----------------------------------------------------------------
 
@@ -229,7 +242,7 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
                 status_code=_status_code(grpc.StatusCode.NOT_FOUND),
                 result=f'unknown command {_shown(request.command)}; available: {", ".join(self.commands)}')
         try:
-            result = await _run(self._handler_threads, handler, _Parameters(request.parameters))
+            result = await _run(self._threads(), handler, _Parameters(request.parameters))
         except MissingParameter as error:
             return pb.CommandResponse(status_code=_status_code(grpc.StatusCode.INVALID_ARGUMENT),
                                       result=f'{request.command}: {error.args[0]}')
@@ -255,7 +268,7 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
                 f'no data item {_shown(request.key)}; available: {", ".join(sorted(self._data))}')
-        value = await _run(self._handler_threads, provider)
+        value = await _run(self._threads(), provider)
         if isinstance(value, bytes):
             return pb.DataResponse(key=request.key, result=value, content_type='application/octet-stream')
         if isinstance(value, str):
@@ -268,6 +281,10 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
             _logger.error('GetData: %s', message)
             await context.abort(grpc.StatusCode.INTERNAL, message)
         return pb.DataResponse(key=request.key, result=text.encode(), content_type='application/json')
+
+    def _threads(self) -> Executor | None:
+        threads = self._handler_threads
+        return threads[-1] if threads else None
 
     async def _status_item(self) -> dict[str, Any]:
         return self._status_object()

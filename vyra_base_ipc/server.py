@@ -568,6 +568,9 @@ class IPCServer:
         STOPPED; with ``tell``, :meth:`wait_for_termination` told."""
         self._withdraw()
         if self._executor is not None:
+            for registration in self._services:  # (it may serve on another server still)
+                if isinstance(registration.servicer, ModuleService):
+                    registration.servicer.stop_using_handler_threads(self._executor)
             self._executor.shutdown(wait=False, cancel_futures=True)
         if self._loop is not None:
             not_serving(self._loop, self.socket_path)
