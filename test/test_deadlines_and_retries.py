@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import signal
 import time
+from typing import Any
 
 import grpc
 import pytest
@@ -17,8 +18,9 @@ from vyra_base_ipc import IPCHandler, IPCTimeoutError, IPCUnavailableError, Sync
 from vyra_base_ipc import module_service_pb2 as pb
 from vyra_base_ipc import module_service_pb2_grpc as pb_grpc
 from vyra_base_ipc._client_base import LAST_ATTEMPT, Retry
-from vyra_base_ipc._deadline import Deadline
+from vyra_base_ipc._deadline import Deadline, within
 from vyra_base_ipc._lanes import _BLOCKING_MOST
+from vyra_base_ipc.ttrpc._eager import start_task
 
 pytestmark = pytest.mark.fault
 
@@ -289,3 +291,55 @@ def test_a_grpc_lane_stream_whose_request_a_stopped_server_does_not_read_ends_at
     if client == 'sync':
         assert [reply.text for reply in handler.stream_method('Count', large)] == ['item 0', 'item 1']
         handler.disconnect()
+
+
+# -- within(): every wait with a timeout --------------------------------------------------
+
+async def _waiting(coroutine: Any, in_task: bool) -> asyncio.Future[Any]:
+    """``coroutine`` run as a task, or started outside one, in a callback of
+    the loop (as the fast lane starts a handler in data_received), and
+    continued by a task once it suspends."""
+    if in_task:
+        return asyncio.ensure_future(coroutine)
+    loop = asyncio.get_running_loop()
+    started: list[asyncio.Future[Any]] = []
+    loop.call_soon(lambda: started.append(start_task(coroutine, loop)))
+    while not started:
+        await asyncio.sleep(0)
+    return started[0]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('in_task', [True, False], ids=['task', 'started outside a task'])
+async def test_a_wait_cancelled_as_what_it_waits_for_completes_is_cancelled(in_task: bool) -> None:
+    """Python 3.11's asyncio.wait_for() returned the result instead: a
+    request read as its handler was cancelled went on to the handler."""
+    for passes_before in range(3):
+        arrived = asyncio.get_running_loop().create_future()
+        waiting = await _waiting(within(arrived, 60), in_task)
+        for _ in range(passes_before):
+            await asyncio.sleep(0)
+        arrived.set_result('request')
+        assert waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('in_task', [True, False], ids=['task', 'started outside a task'])
+async def test_within_gives_the_result_or_times_out_cancelling_what_it_waited_for(in_task: bool) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    ready.set_result('now')
+    assert await (await _waiting(within(ready, 0), in_task)) == 'now'
+    assert await (await _waiting(within(asyncio.sleep(0, 'soon'), None), in_task)) == 'soon'
+    never = loop.create_future()
+    with pytest.raises(TimeoutError):
+        await (await _waiting(within(never, 0.001), in_task))
+    assert never.cancelled()
+    # A cancel of the waiting task that comes with the timeout is a cancel, not a timeout.
+    never = loop.create_future()
+    waiting = await _waiting(within(never, 0), in_task)
+    assert waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting

@@ -257,6 +257,29 @@ async def test_stop_is_idempotent_and_wait_for_termination_reports_it(socket_pat
 
 
 @pytest.mark.asyncio
+async def test_a_wait_for_termination_cancelled_as_the_server_stops_is_cancelled(socket_path: Path) -> None:
+    """Two tasks wait for the end, and the first to see it cancels the other:
+    with a timeout, that one returned True, its cancel lost (Python 3.11's
+    asyncio.wait_for() gave the result of what completed in that pass)."""
+    server = IPCServer(socket_path, ttrpc=False)
+    await server.start()
+    waiting: list[asyncio.Task[bool]] = []
+
+    async def first_to_see_it() -> bool:
+        await server.wait_for_termination()
+        return waiting[0].cancel()
+
+    first = asyncio.ensure_future(first_to_see_it())
+    await asyncio.sleep(0)  # (it waits first, so it wakes first)
+    waiting.append(asyncio.ensure_future(server.wait_for_termination(60)))
+    await asyncio.sleep(0)
+    await server.stop(0)
+    assert await first  # (the other had not ended)
+    with pytest.raises(asyncio.CancelledError):
+        await waiting[0]
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize('metrics', [True, False])
 async def test_start_time_and_uptime_count_from_start_not_from_construction(socket_path: Path,
                                                                           metrics: bool) -> None:

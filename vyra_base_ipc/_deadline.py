@@ -9,12 +9,15 @@ blocking socket, the event loop's clock for a timer.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any, Union
+from typing import Any, Awaitable, TypeVar, Union
 
 from ._options import validate_timeout
 
-__all__ = ['Deadline', 'Timeout', 'deadline_of', 'wait_deadline']
+__all__ = ['Deadline', 'Timeout', 'deadline_of', 'wait_deadline', 'within']
+
+_T = TypeVar('_T')
 
 _MAX_INT64 = 2**63 - 1
 # A timer may fire this much before the instant it was set for (asyncio
@@ -109,3 +112,47 @@ def deadline_of(timeout: Timeout) -> Deadline | None:
     if timeout is None or isinstance(timeout, Deadline):
         return timeout
     return Deadline.after(timeout)
+
+
+async def within(awaitable: Awaitable[_T], seconds: float | None) -> _T:
+    """What ``awaitable`` gives, awaited for at most ``seconds`` (0 or less:
+    what it gives without waiting; ``None``: no limit).
+
+    Every wait with a timeout in this package uses it, not
+    :func:`asyncio.wait_for`: in Python 3.11 that lost a cancel of the
+    waiting task that came in the pass of the loop ``awaitable`` completed
+    in, or in the pass or two after. It returned the result, and the task
+    went on as if never cancelled (a handler ran for a call its client had
+    cancelled; a ROS request went out for a caller cancelled). Here a task
+    cancelled before it resumes is cancelled, and no task is made for
+    ``awaitable`` (none per message of a stream).
+
+    :raises TimeoutError: ``seconds`` passed first; ``awaitable`` was cancelled.
+    """
+    if seconds is None:
+        return await awaitable
+    if asyncio.current_task() is not None:
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    # Outside a task (the first step of a handler the fast lane runs eagerly,
+    # in Python 3.11), where asyncio.timeout() cannot work: ``awaitable`` in
+    # a task of its own, cancelled at the timeout. The task that resumes this
+    # coroutine cancels it when cancelled itself, and awaiting it directly
+    # (not through wait_for) that cancel is never lost.
+    waited = asyncio.ensure_future(awaitable)
+    expired: list[bool] = []
+
+    def expire() -> None:
+        if not waited.done():
+            expired.append(waited.cancel())
+
+    timer = asyncio.get_running_loop().call_later(seconds, expire)
+    try:
+        return await waited
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if expired and (task is None or not task.cancelling()):
+            raise TimeoutError from None
+        raise
+    finally:
+        timer.cancel()

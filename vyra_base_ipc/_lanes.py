@@ -16,12 +16,12 @@ import math
 import os
 import re
 import time
-from typing import Any, AsyncGenerator, Awaitable, Iterator, Sequence, TypeVar
+from typing import Any, AsyncGenerator, Iterator, Sequence, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2
 
-from ._deadline import Deadline
+from ._deadline import Deadline, within
 from ._idle_watch import IdleWatch, OverdueWatch
 from ._methods import Method, MethodKind
 from ._pinned_channel import PinnedChannel
@@ -445,7 +445,7 @@ class GrpcLane(_GrpcLaneBase):
                 if overdue:
                     bound = min(bound or math.inf, timeout.remaining() + _OVERDUE)  # type: ignore[union-attr]
                 try:
-                    response = await (call.read() if bound is None else _within(call.read(), bound))
+                    response = await (call.read() if bound is None else within(call.read(), bound))
                 except asyncio.TimeoutError:
                     if overdue and timeout.expired():  # type: ignore[union-attr]
                         raise timeout_error(method) from None
@@ -500,11 +500,6 @@ def _not_cancelled() -> bool:
     """Whether nobody cancelled the running task (a CancelledError is then the call's own)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() == 0
-
-
-async def _within(awaitable: Awaitable[_T], seconds: float) -> _T:
-    async with asyncio.timeout(seconds):  # no task per message, unlike wait_for
-        return await awaitable
 
 
 def _idle_error(method: Method, idle_timeout: float) -> IPCTimeoutError:

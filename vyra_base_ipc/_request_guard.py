@@ -40,6 +40,7 @@ from typing import Any, AsyncIterator, Callable, Mapping
 import grpc
 
 from ._call_duration import exceeded_details
+from ._deadline import within
 from ._def_handlers import in_handler_threads
 from ._methods import stream_returned
 from ._status_details import checked_trailer
@@ -155,8 +156,8 @@ async def _read_within(context: Any, seconds: float) -> Any:
     :raises grpc.aio.AbortError: it did.
     """
     try:
-        return await asyncio.wait_for(context.read(), seconds)
-    except asyncio.TimeoutError:
+        return await within(context.read(), seconds)
+    except TimeoutError:
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, exceeded_details(seconds))
 
 

@@ -17,6 +17,7 @@ from typing import Any, Awaitable, TypeVar
 
 import grpc
 
+from ._deadline import within
 from ._methods import Method, request_type_error
 
 __all__ = ['SEND_FAILED', 'AioRequestSender', 'RequestStream']
@@ -148,8 +149,8 @@ class AioRequestSender:
         waited for up to ``wait`` seconds; ``None`` if none came."""
         if self._status is None:
             try:
-                await asyncio.wait_for(self._arrived.wait(), wait)
-            except asyncio.TimeoutError:
+                await within(self._arrived.wait(), wait)
+            except TimeoutError:
                 pass
         return self._status
 

@@ -52,6 +52,7 @@ import yaml
 
 from . import module_service_pb2 as pb
 from . import module_service_pb2_grpc as pb_grpc
+from ._deadline import within
 from ._json_text import NotJSON, json_text
 from ._request_guard import HANDLER_FAILURES
 from .address import StrPath, validate_module_name
@@ -218,9 +219,9 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
             # reading), then read in a thread that cannot hold the call up.
             path, file = _open_config(request.config_path, self.config_dirs, self.max_config_bytes)
             try:
-                text = await asyncio.wait_for(asyncio.to_thread(_read_config, file, path,
-                                                                self.max_config_bytes), _READ_TIMEOUT)
-            except asyncio.TimeoutError:
+                text = await within(asyncio.to_thread(_read_config, file, path, self.max_config_bytes),
+                                    _READ_TIMEOUT)
+            except TimeoutError:
                 raise ValueError(f'config file {str(path)!r} could not be read within '
                                  f'{_READ_TIMEOUT:g} s') from None
             config = _parse_config(path, text)

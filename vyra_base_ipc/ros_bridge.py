@@ -26,6 +26,7 @@ from rclpy.client import Client
 from rclpy.qos import HistoryPolicy
 from rclpy.task import Future as RosFuture
 
+from ._deadline import within
 from .exceptions import ServiceCallTimeout, ServiceUnavailable
 
 # ServiceCallTimeout and ServiceUnavailable are defined in .exceptions,
@@ -75,8 +76,8 @@ async def call_service(client: Client[Any, Any], request: Any, timeout: float, *
     ros_future = client.call_async(request)
     ros_future.add_done_callback(deliver)
     try:
-        return await asyncio.wait_for(answer, max(0.0, give_up - loop.time()))
-    except asyncio.TimeoutError:
+        return await within(answer, give_up - loop.time())
+    except TimeoutError:
         raise ServiceCallTimeout(
             grpc.StatusCode.DEADLINE_EXCEEDED,
             f'ROS 2 service {client.service_name} did not answer within {timeout:g} s') from None
@@ -121,8 +122,8 @@ class ServiceCaller:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + timeout
         try:
-            await asyncio.wait_for(self._slots.acquire(), timeout)
-        except asyncio.TimeoutError:
+            await within(self._slots.acquire(), timeout)
+        except TimeoutError:
             raise ServiceCallTimeout(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f'ROS 2 service {self.client.service_name}: {self.max_in_flight} calls in flight, '

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from ._call_duration import bound_call_duration
+from ._deadline import within
 from ._fork_safety import ensure_usable_after_fork, note_grpc_used
 from ._grpc_observe import UnknownMethods, observe_handlers
 from ._grpc_sockets import end_connections
@@ -438,12 +439,10 @@ class IPCServer:
         if self._terminated is None:
             raise RuntimeError('wait_for_termination() before start()')
         if self._terminated.is_set():
-            return True  # (asyncio.wait_for() with no time left gives up even on that)
-        try:
-            await asyncio.wait_for(self._terminated.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+            return True
+        with contextlib.suppress(TimeoutError):
+            return await within(self._terminated.wait(), timeout)  # (Event.wait() gives True)
+        return False
 
     async def serve(self, *, stop_signals: Iterable[signal.Signals] = (signal.SIGINT, signal.SIGTERM)
                     ) -> None:

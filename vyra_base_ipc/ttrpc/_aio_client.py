@@ -8,7 +8,7 @@ from typing import Any, AsyncGenerator, Awaitable, Callable, Sequence, TypeVar
 import warnings
 
 from .._busy_poll import DEFAULT_BUSY_POLL, BusyPoll, await_polling
-from .._deadline import Deadline, Timeout, deadline_of, wait_deadline
+from .._deadline import Deadline, Timeout, deadline_of, wait_deadline, within
 from .._methods import Method
 from .._options import DEFAULT_MAX_MESSAGE_BYTES
 from .._payload import SharedMemoryOptions, close_fds
@@ -519,22 +519,17 @@ async def _within(awaitable: Awaitable[_T], method: Method, deadline: Deadline |
     ``idle_timeout``, if that comes first).
 
     A task cancelled meanwhile is cancelled, also when ``awaitable`` is done
-    in the same pass of the loop (Python 3.11's ``asyncio.wait_for()`` then
-    returned its result: the cancelled call went on, its request sent).
+    in the same pass of the loop (see :func:`~vyra_base_ipc._deadline.within`:
+    Python 3.11's ``asyncio.wait_for()`` returned its result, and the
+    cancelled call went on, its request sent).
 
     :raises IPCTimeoutError: the deadline (or idle timeout) passed first (``method``'s).
     """
     wait = wait_deadline(deadline, idle_timeout)
     if wait is None:
         return await awaitable
-    seconds = max(wait.remaining(), 0)
     try:
-        if asyncio.current_task() is None:
-            # Outside a task (a handler this package's server runs eagerly):
-            # asyncio.timeout() needs one, and there is no task to cancel.
-            return await asyncio.wait_for(awaitable, seconds)
-        async with asyncio.timeout(seconds):
-            return await awaitable
+        return await within(awaitable, max(wait.remaining(), 0))
     except TimeoutError:
         raise wait_error(method, deadline, idle_timeout) from None
 

@@ -35,6 +35,7 @@ import socket
 import time
 from typing import Any, Callable, Iterable
 
+from .._deadline import within
 from .._handler_threads import HandlerThreads
 from .._interceptors import CallObserver
 from .._limits import ServerLimits
@@ -324,8 +325,8 @@ class TtrpcServer:
                 self._idle.clear()
                 if self._active:
                     try:
-                        await asyncio.wait_for(self._idle.wait(), grace)
-                    except asyncio.TimeoutError:
+                        await within(self._idle.wait(), grace)
+                    except TimeoutError:
                         _logger.info('ttrpc server on %s: %d calls still running after %g s; '
                                      'cancelling them', self.socket_path, self._active, grace)
             tasks: list[asyncio.Future[Any]] = []
