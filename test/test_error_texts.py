@@ -13,6 +13,8 @@ import signal
 from typing import Any, Callable
 
 import grpc
+from grpc_reflection.v1alpha import reflection_pb2
+from grpc_reflection.v1alpha.reflection_pb2_grpc import ServerReflectionStub
 import pytest
 
 from conftest import LANES, ServerProcess, StartServer, call_through, make_stale_socket
@@ -215,6 +217,21 @@ def test_unimplemented_says_which_services_the_server_has(echo_server: ServerPro
         assert error.details == (f'{where} has no service my_arm.ArmService; it serves {services} '
                                  '(the wrong socket, or a server without this service?)')
 
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_reflection_asked_on_the_fast_lane_is_said_to_be_on_the_grpc_lane_only(echo_server: ServerProcess,
+                                                                              kind: str) -> None:
+    # The fast lane serves no reflection: it said "serves ...ServerReflection but has no
+    # method ServerReflectionInfo (is it built from another version of the .proto?)".
+    asked = [reflection_pb2.ServerReflectionRequest(list_services='')]
+    path = echo_server.socket_path
+    error = stream(kind, path, ServerReflectionStub, 'ServerReflectionInfo', asked, lane='auto')
+    assert isinstance(error, IPCRemoteError) and error.code is grpc.StatusCode.UNIMPLEMENTED, repr(error)
+    assert error.details == (f'the server on {str(path)!r} serves grpc.reflection.v1alpha.ServerReflection '
+                             "on its gRPC lane only: call it with lane='grpc'")
+    (answer,) = stream(kind, path, ServerReflectionStub, 'ServerReflectionInfo', asked, lane='grpc')
+    assert 'vyra.ipc.test.EchoService' in [service.name for service in answer.list_services_response.service]
 
 # -- an answer that does not parse as the response type ----------------------------------------
 

@@ -102,9 +102,10 @@ _NO_REQUEST: Any = object()
 # lane alike); a handler that raises NotImplementedError says otherwise.
 _METHOD_NOT_FOUND = 'Method not found!'
 
-#: The server's own services, besides the ones it was given (ServerInfo lists those).
-_BUILT_IN_SERVICES = frozenset({'grpc.health.v1.Health', 'vyra.ipc.Introspection',
-                                'grpc.reflection.v1alpha.ServerReflection'})
+#: The server's own services, besides the ones it was given (ServerInfo lists those);
+#: reflection only on the gRPC lane, where grpcurl and other tools ask for it.
+_REFLECTION = 'grpc.reflection.v1alpha.ServerReflection'
+_BUILT_IN_SERVICES = frozenset({'grpc.health.v1.Health', 'vyra.ipc.Introspection', _REFLECTION})
 
 #: Asked after UNIMPLEMENTED, to say which services the server does have.
 SERVER_INFO = Method(name='GetServerInfo', path='/vyra.ipc.Introspection/GetServerInfo',
@@ -389,15 +390,17 @@ class ClientBase:
     def _is_missing_method(error: IPCRemoteError) -> bool:
         return error.code is grpc.StatusCode.UNIMPLEMENTED and error.details == _METHOD_NOT_FOUND
 
-    def _unimplemented(self, error: IPCRemoteError, method: Method, info: Any) -> IPCError:
-        """The UNIMPLEMENTED ``error`` of ``method``, saying which services the
-        server has (``info``: its ServerInfo, or None if it did not say)."""
+    def _unimplemented(self, error: IPCRemoteError, method: Method, info: Any, lane: str) -> IPCError:
+        """The UNIMPLEMENTED ``error`` of ``method`` on ``lane``, saying which services
+        the server has (``info``: its ServerInfo, or None if it did not say)."""
         if info is None:
             return error
         services = tuple(info.services)
         service = method.path.lstrip('/').rpartition('/')[0]
         where = f'the server on {str(self.socket_path)!r}'
-        if service in services or service in _BUILT_IN_SERVICES:
+        if service == _REFLECTION and lane == 'ttrpc':
+            details = f"{where} serves {service} on its gRPC lane only: call it with lane='grpc'"
+        elif service in services or service in _BUILT_IN_SERVICES:
             details = (f'{where} serves {service} but has no method {method.name} '
                        '(is it built from another version of the .proto?)')
         else:

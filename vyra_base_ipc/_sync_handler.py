@@ -246,7 +246,7 @@ class SyncIPCHandler(ClientBase):
             info = None if until is None else used[0].call(SERVER_INFO, SERVER_INFO_REQUEST, timeout=until)
         except IPCError:
             info = None
-        return self._unimplemented(error, method, info)
+        return self._unimplemented(error, method, info, used[0].lane)
 
     # -- lanes ------------------------------------------------------------------------
 

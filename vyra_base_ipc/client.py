@@ -347,7 +347,7 @@ class IPCHandler(ClientBase):
                                                                   timeout=until)
         except IPCError:
             info = None  # a server that does not say: the error as it was
-        return self._unimplemented(error, method, info)
+        return self._unimplemented(error, method, info, used[0].lane)
 
     # -- lanes ------------------------------------------------------------------------
 
