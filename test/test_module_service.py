@@ -10,6 +10,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -428,6 +429,40 @@ async def test_failing_on_initialize_keeps_the_old_config(socket_path: Path, tmp
     assert not exited.success and exited.message == 'on_initialize failed: SystemExit(5)'
     assert arm.config == {'a': 1} and arm.applied == {'a': 1}
 
+
+
+class DefInitModule(ModuleService):
+    """A module whose on_initialize is a plain def, as its commands may be."""
+
+    def __init__(self, config_dir: Path) -> None:
+        super().__init__('arm', config_dirs=[config_dir])
+        self.ran_in: list[str] = []
+
+    def on_initialize(self, config: dict) -> None:  # (a def where the base class has an async def)
+        self.ran_in.append(threading.current_thread().name)
+        if 'fail' in config:
+            raise ValueError('refused')
+
+
+@pytest.mark.asyncio
+async def test_a_def_on_initialize_runs_in_a_worker_thread_and_its_config_is_kept(socket_path: Path,
+                                                                                 tmp_path: Path) -> None:
+    # It was awaited: it ran and applied the configuration, then Initialize answered
+    # "on_initialize failed: TypeError(\"object NoneType can't be used in 'await' expression\")"
+    # and kept the old one.
+    good, bad = tmp_path / 'good.yaml', tmp_path / 'bad.yaml'
+    good.write_text('a: 1\n')
+    bad.write_text('fail: true\n')
+    arm = DefInitModule(tmp_path)
+    async with IPCServer(socket_path, servicers=[arm]), \
+            IPCHandler(socket_path, pb_grpc.ModuleServiceStub) as ipc:
+        loaded = await ipc.call_method('Initialize', pb.InitRequest(config_path=str(good)))
+        refused = await ipc.call_method('Initialize', pb.InitRequest(config_path=str(bad)))
+    assert loaded.success, loaded.message
+    assert not refused.success and refused.message == 'refused'
+    assert arm.config == {'a': 1}
+    # Both ran, neither on the server's event loop (this test's thread).
+    assert len(arm.ran_in) == 2 and threading.current_thread().name not in arm.ran_in
 
 @pytest.mark.asyncio
 async def test_registered_data_items(socket_path: Path) -> None:

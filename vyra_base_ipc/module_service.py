@@ -203,7 +203,9 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
 
     async def on_initialize(self, config: dict[str, Any]) -> None:
         """Called after ``Initialize`` loaded a configuration; override to apply
-        it. Raising reports failure in ``InitResponse`` (the old config stays)."""
+        it, with an ``async def`` (run on the event loop) or a ``def`` (run in a
+        worker thread, as commands are). Raising reports failure in
+        ``InitResponse`` (the old config stays)."""
 
     # -- RPC handlers ---------------------------------------------------------------
 
@@ -225,7 +227,7 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
                 raise ValueError(f'config file {str(path)!r} could not be read within '
                                  f'{_READ_TIMEOUT:g} s') from None
             config = _parse_config(path, text)
-            await self.on_initialize(config)
+            await _run(self._handler_threads, self.on_initialize, config)  # (a def one too, as commands)
         except (OSError, ValueError) as error:
             return pb.InitResponse(success=False, message=str(error))
         except HANDLER_FAILURES as error:  # a user hook must not crash the call
