@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import os
 from pathlib import Path
 import resource
@@ -1231,6 +1232,29 @@ def test_host_reuses_module_name_the_node_declared_itself(context: Context, sock
     assert not (socket_dir / 'own.sock').exists()
     assert not host.loop_thread.is_running
 
+
+
+def test_a_module_service_the_servicers_parameter_makes_takes_the_modules_name(context: Context,
+                                                                               socket_dir: Path) -> None:
+    # Made with no arguments, it said "module" in its status and allowed Initialize only
+    # share/module/config: the module's own configuration was refused.
+    from ament_index_python.packages import get_package_share_directory
+
+    config = Path(get_package_share_directory('vyra_base_ipc')) / 'config' / 'ipc_server.yaml'
+    node = Node('named_by_its_host', context=context, parameter_overrides=[
+        Parameter('module_name', value='vyra_base_ipc'),  # (a package installed with a config directory)
+        Parameter('socket_path', value=str(socket_dir / 'named.sock')),
+        Parameter('servicers', value=['vyra_base_ipc.module_service:ModuleService'])])
+    host = host_ipc_server(node)
+    try:
+        with SyncIPCHandler(socket_dir / 'named.sock', module_grpc.ModuleServiceStub) as ipc:
+            status = ipc.call_method('ExecuteCommand', module_pb.CommandRequest(command='status'))
+            loaded = ipc.call_method('Initialize', module_pb.InitRequest(config_path=str(config)))
+    finally:
+        host.close()
+        node.destroy_node()
+    assert json.loads(status.result)['module'] == 'vyra_base_ipc'
+    assert loaded.success, loaded.message
 
 def test_host_start_failure_leaves_nothing_running(context: Context, socket_dir: Path) -> None:
     node = Node('failing', context=context, parameter_overrides=[

@@ -100,7 +100,9 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
     servers at once: it uses the threads of the last started of those still
     serving, and a server that stops leaves it serving on the others.
 
-    :param module_name: reported by ``status``.
+    :param module_name: reported by ``status``. ``None``: ``'module'``, until
+        a hosting node attaches it (:meth:`attach_ipc_host`; the ``servicers``
+        parameter makes its classes without arguments): then the node's.
     :param config_dirs: the directories ``Initialize`` may read from (a
         file's real path, symlinks resolved, must lie inside one); ``None``:
         the module's ``share/<module_name>/config`` where the ament index
@@ -111,12 +113,14 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
     :raises ValueError: ``max_config_bytes`` is not an int >= 1.
     """
 
-    def __init__(self, module_name: str = 'module', *, config_dirs: Iterable[StrPath] | None = None,
+    def __init__(self, module_name: str | None = None, *, config_dirs: Iterable[StrPath] | None = None,
                  max_config_bytes: int = DEFAULT_MAX_CONFIG_BYTES) -> None:
-        self.module_name = validate_module_name(module_name)
-        self.config_dirs = tuple(Path(os.path.realpath(directory)) for directory in (
+        self.module_name = validate_module_name('module' if module_name is None else module_name)
+        #: What a hosting node may still set: the module name and the default config_dirs.
+        self._unnamed, self._default_dirs = module_name is None, config_dirs is None
+        self.config_dirs = _real_paths(
             _default_config_dirs(self.module_name) if config_dirs is None
-            else ([config_dirs] if isinstance(config_dirs, (str, os.PathLike)) else config_dirs)))
+            else ([config_dirs] if isinstance(config_dirs, (str, os.PathLike)) else config_dirs))
         if isinstance(max_config_bytes, bool) or not isinstance(max_config_bytes, int) \
                 or max_config_bytes < 1:
             raise ValueError(f'max_config_bytes must be an int >= 1, not {max_config_bytes!r}')
@@ -136,6 +140,15 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
                 name = getattr(value, _COMMAND_ATTRIBUTE, None)
                 if name is not None:
                     self._commands[name] = getattr(self, attribute)
+
+    def attach_ipc_host(self, host: Any) -> None:
+        """Called by :class:`~vyra_base_ipc.node.IPCServerHost` before it serves:
+        a service made without a module name takes the host's, with (unless
+        ``config_dirs`` were given) that module's configuration directory."""
+        if self._unnamed:
+            self.module_name, self._unnamed = host.config.module_name, False
+            if self._default_dirs:
+                self.config_dirs = _real_paths(_default_config_dirs(self.module_name))
 
     def use_handler_threads(self, executor: Executor) -> None:
         """Run ``def`` commands and data providers in ``executor`` (an
@@ -353,6 +366,11 @@ async def _run(threads: Executor | None, function: Callable[..., Any], *args: An
     if inspect.isawaitable(result):
         result = await result
     return result
+
+
+def _real_paths(directories: Iterable[StrPath]) -> tuple[Path, ...]:
+    """``directories`` with their symlinks resolved, as Initialize compares them."""
+    return tuple(Path(os.path.realpath(directory)) for directory in directories)
 
 
 def _default_config_dirs(module_name: str) -> list[Path]:
