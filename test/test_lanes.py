@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import os
 from pathlib import Path
 import re
 import signal
@@ -19,6 +20,7 @@ import pytest
 
 from conftest import ServerProcess
 from vyra_base_ipc import (
+    MAX_SOCKET_PATH_BYTES,
     IPCError,
     IPCHandler,
     IPCRemoteError,
@@ -42,6 +44,26 @@ async def test_auto_falls_back_to_grpc_without_a_fast_lane(start_server, socket_
         assert (await client.call_method('Echo', echo.pb.EchoRequest(text='slow'))).text == 'slow'
         assert client.lane_in_use == 'grpc'
 
+
+
+@pytest.mark.asyncio
+async def test_a_path_too_long_for_a_fast_lane_beside_it_is_served_to_grpc_and_auto_clients(
+        start_server, socket_dir: Path, echo) -> None:
+    # IPCServer(ttrpc=False) serves a path of 102 to 107 bytes, but both clients refused it
+    # with a ValueError about the fast lane's socket beside it, lane='grpc' too.
+    path = socket_dir / ('x' * (MAX_SOCKET_PATH_BYTES - len(f'{socket_dir}/.sock')) + '.sock')
+    assert len(os.fsencode(path)) == MAX_SOCKET_PATH_BYTES
+    start_server(path, '--no-ttrpc', ttrpc_path=socket_dir / 'none.sock')  # (a path the fixture may name)
+    for lane in ('grpc', 'auto'):
+        with SyncIPCHandler(path, echo.Stub, lane=lane) as client:
+            assert client.call_method('Echo', echo.pb.EchoRequest(text=lane)).text == lane
+            assert client.lane_in_use == 'grpc'
+        async with IPCHandler(path, echo.Stub, lane=lane) as handler:
+            assert (await handler.call_method('Echo', echo.pb.EchoRequest(text=lane))).text == lane
+            assert handler.lane_in_use == 'grpc'
+    # Only a client that must take the fast lane is refused, saying why.
+    with pytest.raises(ValueError, match='at most 101 bytes'):
+        SyncIPCHandler(path, echo.Stub, lane='ttrpc')
 
 def test_forced_fast_lane_without_one_is_unavailable_naming_its_socket(start_server, socket_path: Path,
                                                                        echo) -> None:

@@ -48,10 +48,9 @@ from ._shared_buffer import SharedBuffer, check_buffers, inline_size
 from ._socket_file import is_listening
 from .address import (
     StrPath,
-    default_ttrpc_socket_path,
+    client_ttrpc_socket_path,
     grpc_target,
     resolve_socket_path,
-    validate_socket_path,
 )
 from .exceptions import IPCError, IPCRemoteError, IPCTimeoutError, IPCUnavailableError, MessageTooLargeError
 from .introspection_pb2 import ServerInfo, ServerInfoRequest
@@ -195,8 +194,9 @@ class ClientBase:
         self.shared_memory = usable_options(shared_memory)
         self._choice = LaneChoice(lane)
         self.lane = lane
-        self.ttrpc_socket_path = (default_ttrpc_socket_path(self.socket_path) if ttrpc_socket_path is None
-                                  else validate_socket_path(ttrpc_socket_path))
+        self.ttrpc_socket_path, fast = client_ttrpc_socket_path(self.socket_path, ttrpc_socket_path, lane)
+        if not fast:  # (no server's fast lane can listen there)
+            self._choice = LaneChoice('grpc')
         if self.ttrpc_socket_path == self.socket_path:  # (as IPCServer refuses it)
             raise ValueError(f'ttrpc_socket_path must differ from socket_path ({self.socket_path})')
         self.timeout = validate_timeout(timeout)

@@ -21,6 +21,7 @@ __all__ = [
     'SOCKET_ENV',
     'MODULE_NAME_ENVS',
     'StrPath',
+    'client_ttrpc_socket_path',
     'default_socket_path',
     'default_ttrpc_socket_path',
     'grpc_target',
@@ -69,8 +70,7 @@ def default_ttrpc_socket_path(grpc_socket_path: StrPath) -> Path:
         (the message names both paths and the longest gRPC path that fits).
     """
     path = validate_socket_path(grpc_socket_path)
-    stem = path.name[:-len('.sock')] if path.name.endswith('.sock') else path.name
-    ttrpc_path = path.with_name(f'{stem}.ttrpc.sock')
+    ttrpc_path = _beside(path)
     size = len(os.fsencode(ttrpc_path))
     if size > MAX_SOCKET_PATH_BYTES:
         longest = MAX_SOCKET_PATH_BYTES - (size - len(os.fsencode(path)))
@@ -79,6 +79,33 @@ def default_ttrpc_socket_path(grpc_socket_path: StrPath) -> Path:
             f'Unix sockets allow at most {MAX_SOCKET_PATH_BYTES} bytes: choose a socket path of at most '
             f"{longest} bytes, or name the fast lane's socket (ttrpc_socket_path)")
     return ttrpc_path
+
+
+def _beside(path: Path) -> Path:
+    """The fast lane's socket beside ``path``, however long."""
+    stem = path.name[:-len('.sock')] if path.name.endswith('.sock') else path.name
+    return path.with_name(f'{stem}.ttrpc.sock')
+
+
+def client_ttrpc_socket_path(socket_path: Path, given: StrPath | None, lane: str) -> tuple[Path, bool]:
+    """A client's fast-lane socket (``given``, else the one beside
+    ``socket_path``) and whether a server can listen there. Beside a
+    ``socket_path`` of more than 101 bytes it would be too long for a Unix
+    socket, so no server's fast lane is there (``IPCServer(ttrpc=False)``
+    serves such a path): only ``lane='ttrpc'`` is refused, the other lanes
+    take the gRPC lane.
+
+    :raises TypeError, ValueError: ``given`` is no socket path, or (with
+        ``lane='ttrpc'``) the one beside ``socket_path`` would be too long.
+    """
+    if given is not None:
+        return validate_socket_path(given), True
+    try:
+        return default_ttrpc_socket_path(socket_path), True
+    except ValueError:
+        if lane == 'ttrpc':
+            raise
+        return _beside(socket_path), False
 
 
 def validate_socket_path(socket_path: object) -> Path:
