@@ -222,6 +222,21 @@ def test_initialize_takes_keys_of_mixed_types_and_get_data_sends_them_as_json_te
     assert json.loads(data.result) == {'joints': {'1': 'a', 'b': 'c'}, 'true': 2, 'null': 3, '0.5': 4}
 
 
+
+@pytest.mark.parametrize('content, keys', [
+    (b'joints: {1: a, true: b}\n', 'the keys 1 and true'),
+    (b'0: a\nfalse: b\n', 'the keys 0 and false'),
+    (b'limits:\n  1: a\n  1.0: b\n', 'the keys 1 and 1.0'),
+], ids=['int-bool', 'top-level', 'int-float'])
+def test_initialize_refuses_two_keys_a_python_dict_takes_for_one(module: SyncIPCHandler, tmp_path: Path,
+                                                                  content: bytes, keys: str) -> None:
+    # Keys of their own in YAML and as JSON text ("1", "true"), one in a dict: the
+    # configuration loaded with one key holding the other's value, the first value lost.
+    assert initialize(module, _write(tmp_path / 'good.yaml', b'speed: 1\n')).success
+    answer = initialize(module, _write(tmp_path / 'clash.yaml', content))
+    assert not answer.success and keys in answer.message, answer.message
+    assert json.loads(module.call_method('GetData', pb.DataRequest(key='config')).result) == {'speed': 1}
+
 @pytest.mark.parametrize('lane', LANES)
 def test_a_data_provider_returning_what_json_cannot_carry_is_internal_naming_key_and_type(
         start_server, socket_path: Path, lane: str) -> None:

@@ -17,7 +17,8 @@
   make the server read other files for it, or hang it on a FIFO or device.
   ``GetData('config')`` sends the configuration as JSON, so a configuration
   JSON cannot carry (a YAML date or timestamp, ``!!binary``, ``!!set``, keys
-  that are one as JSON text, such as ``1`` and ``'1'``) is refused, naming
+  that are one as JSON text, such as ``1`` and ``'1'``, or to Python, such as
+  ``1`` and ``true``) is refused, naming
   where it is and what; keys of numbers, true/false or null become their
   JSON text (``{1: a, b: c}`` is ``{"1": "a", "b": "c"}``).
 - ``GetData`` returns a registered data item (built in: ``status``,
@@ -439,6 +440,30 @@ def _read_config(fd: int, path: Path, limit: int) -> str:
         raise ValueError(f'config file {str(path)!r} is not UTF-8 text: {error}') from None
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing two keys of one mapping that a dict takes
+    for one (``1`` and ``true``, ``0`` and ``false``, ``1`` and ``1.0``):
+    keys of their own in YAML and as JSON text, of which the dict kept the
+    first key with the last value, the other lost without a word. A key
+    written twice stays YAML's duplicate, the last value taken."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        mapping = super().construct_mapping(node, deep=deep)
+        seen: dict[Any, tuple[Any, yaml.Node]] = {}
+        for key_node, _ in node.value:  # (constructed above: the same objects again)
+            key = self.construct_object(key_node, deep=deep)
+            first, first_node = seen.setdefault(key, (key, key_node))
+            if type(first) is not type(key):
+                raise _KeysAsOne(f'the keys {first_node.value} and {key_node.value} (line '
+                                 f'{key_node.start_mark.line + 1}), which Python takes for one: quote them '
+                                 'to keep both, as text')
+        return mapping
+
+
+class _KeysAsOne(ValueError):
+    """Two keys of a configuration's mapping that Python takes for one."""
+
+
 def _parse_config(path: Path, text: str) -> dict[str, Any]:
     """The YAML or JSON mapping in ``text``.
 
@@ -446,7 +471,10 @@ def _parse_config(path: Path, text: str) -> dict[str, Any]:
         (naming the path, and where in the mapping).
     """
     try:
-        config = json.loads(text) if path.suffix == '.json' else yaml.safe_load(text)
+        # (_ConfigLoader is yaml.safe_load's SafeLoader, with one more check)
+        config = json.loads(text) if path.suffix == '.json' else yaml.load(text, _ConfigLoader)
+    except _KeysAsOne as error:
+        raise ValueError(f'config file {str(path)!r} has {error}') from None
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         kind = 'JSON' if path.suffix == '.json' else 'YAML'
         raise ValueError(f'config file {str(path)!r} is not valid {kind}: {error}') from None
