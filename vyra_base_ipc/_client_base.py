@@ -46,12 +46,7 @@ from ._pinned_channel import PinnedChannel
 from ._pool import Disconnected, Pool
 from ._shared_buffer import SharedBuffer, check_buffers, inline_size
 from ._socket_file import is_listening
-from .address import (
-    StrPath,
-    client_ttrpc_socket_path,
-    grpc_target,
-    resolve_socket_path,
-)
+from .address import StrPath, _client_ttrpc_socket_path, grpc_target, resolve_socket_path
 from .exceptions import IPCError, IPCRemoteError, IPCTimeoutError, IPCUnavailableError, MessageTooLargeError
 from .introspection_pb2 import ServerInfo, ServerInfoRequest
 from .ttrpc import DEFAULT_STREAM_WINDOW
@@ -194,7 +189,7 @@ class ClientBase:
         self.shared_memory = usable_options(shared_memory)
         self._choice = LaneChoice(lane)
         self.lane = lane
-        self.ttrpc_socket_path, fast = client_ttrpc_socket_path(self.socket_path, ttrpc_socket_path, lane)
+        self.ttrpc_socket_path, fast = _client_ttrpc_socket_path(self.socket_path, ttrpc_socket_path, lane)
         if not fast:  # (no server's fast lane can listen there)
             self._choice = LaneChoice('grpc')
         if self.ttrpc_socket_path == self.socket_path:  # (as IPCServer refuses it)

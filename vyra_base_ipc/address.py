@@ -21,7 +21,6 @@ __all__ = [
     'SOCKET_ENV',
     'MODULE_NAME_ENVS',
     'StrPath',
-    'client_ttrpc_socket_path',
     'default_socket_path',
     'default_ttrpc_socket_path',
     'grpc_target',
@@ -87,7 +86,7 @@ def _beside(path: Path) -> Path:
     return path.with_name(f'{stem}.ttrpc.sock')
 
 
-def client_ttrpc_socket_path(socket_path: Path, given: StrPath | None, lane: str) -> tuple[Path, bool]:
+def _client_ttrpc_socket_path(socket_path: Path, given: StrPath | None, lane: str) -> tuple[Path, bool]:
     """A client's fast-lane socket (``given``, else the one beside
     ``socket_path``) and whether a server can listen there. Beside a
     ``socket_path`` of more than 101 bytes it would be too long for a Unix

@@ -241,7 +241,7 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
                 raise ValueError(f'config file {str(path)!r} could not be read within '
                                  f'{_READ_TIMEOUT:g} s') from None
             config = _parse_config(path, text)
-            await _run(self._handler_threads, self.on_initialize, config)  # (a def one too, as commands)
+            await _run(self._threads(), self.on_initialize, config)  # (a def one too, as commands)
         except (OSError, ValueError) as error:
             return pb.InitResponse(success=False, message=str(error))
         except HANDLER_FAILURES as error:  # a user hook must not crash the call
