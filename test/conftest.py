@@ -238,7 +238,12 @@ class Spawner:
         with open(log, 'wb') as log_file:
             popen = subprocess.Popen(list(command), env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                      preexec_fn=None if umask is None else (lambda: os.umask(umask)))
-        process = kind(popen, log, **attributes)
+        try:
+            process = kind(popen, log, **attributes)
+        except BaseException:  # (e.g. no fast-lane path fits beside the socket path): no orphan left
+            popen.kill()
+            popen.wait()
+            raise
         self.started.append(process)
         return process
 

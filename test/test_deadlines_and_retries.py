@@ -293,6 +293,20 @@ def test_a_grpc_lane_stream_whose_request_a_stopped_server_does_not_read_ends_at
         handler.disconnect()
 
 
+def test_connect_to_a_stopped_server_on_the_grpc_lane_says_the_timeout_it_was_given(
+        start_server, socket_path: Path, echo) -> None:
+    # Found: "no server answered on '...' within 0.999919 s" for connect(timeout=1): the
+    # time left when the probe began, printed whole.
+    server = start_server(socket_path)
+    server.signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(IPCUnavailableError) as error:
+            SyncIPCHandler(socket_path, echo.Stub, lane='grpc').connect(timeout=0.5)
+    finally:
+        server.signal(signal.SIGCONT)
+    assert str(error.value.details).endswith(' within 0.5 s'), error.value
+
+
 # -- within(): every wait with a timeout --------------------------------------------------
 
 async def _waiting(coroutine: Any, in_task: bool) -> asyncio.Future[Any]:

@@ -287,13 +287,14 @@ class _GrpcLaneBase:
             return connection_lost(self.socket_path, details, method)
         return None
 
-    def _probe_failed(self, error: grpc.RpcError, timeout: float) -> IPCUnavailableError | None:
+    def _probe_failed(self, error: grpc.RpcError, deadline: Deadline) -> IPCUnavailableError | None:
         """The error to raise for a failed probe; None if the server answered."""
         code = error.code()
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-            return IPCUnavailableError(
-                grpc.StatusCode.UNAVAILABLE,
-                f'no server answered on {str(self.socket_path)!r} within {timeout:g} s')
+            # The timeout the caller gave (not what was left of it when the probe began).
+            when = 'in time' if deadline.timeout is None else f'within {deadline.timeout:g} s'
+            return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE,
+                                       f'no server answered on {str(self.socket_path)!r} {when}')
         if code is grpc.StatusCode.UNAVAILABLE:
             if not os.path.exists(self.socket_path):
                 return self._socket_missing()
@@ -384,7 +385,7 @@ class GrpcLane(_GrpcLaneBase):
         try:
             await self._callable(_PROBE)(_PROBE_REQUEST, timeout=timeout, wait_for_ready=wait)
         except grpc.RpcError as error:
-            failure = self._probe_failed(error, timeout or 0.0)
+            failure = self._probe_failed(error, deadline)
             if failure is not None:
                 raise failure from None
 
@@ -516,7 +517,7 @@ class SyncGrpcLane(_GrpcLaneBase):
         try:
             self._callable(_PROBE)(_PROBE_REQUEST, timeout=timeout, wait_for_ready=wait)
         except grpc.RpcError as error:
-            failure = self._probe_failed(error, timeout or 0.0)
+            failure = self._probe_failed(error, deadline)
             if failure is not None:
                 raise failure from None
 
