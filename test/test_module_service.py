@@ -237,6 +237,7 @@ def test_initialize_refuses_two_keys_a_python_dict_takes_for_one(module: SyncIPC
     assert not answer.success and keys in answer.message, answer.message
     assert json.loads(module.call_method('GetData', pb.DataRequest(key='config')).result) == {'speed': 1}
 
+
 @pytest.mark.parametrize('lane', LANES)
 def test_a_data_provider_returning_what_json_cannot_carry_is_internal_naming_key_and_type(
         start_server, socket_path: Path, lane: str) -> None:
@@ -252,6 +253,11 @@ def test_a_data_provider_returning_what_json_cannot_carry_is_internal_naming_key
                                        'carry: joints[0].since is a datetime.date (2024-01-01)')
         mixed = client.call_method('GetData', pb.DataRequest(key='by_number'))
         assert json.loads(mixed.result) == {'1': 'a', 'b': 'c'}
+        # A provider that raises: UNKNOWN, as gRPC ends any handler that raised (README).
+        with pytest.raises(IPCRemoteError) as error:
+            client.call_method('GetData', pb.DataRequest(key='offline'))
+        assert (error.value.code, error.value.details) == (
+            grpc.StatusCode.UNKNOWN, "Unexpected <class 'RuntimeError'>: sensor offline")
         assert execute(client, 'ping').result == 'pong'
         assert client.lane_in_use == lane
 

@@ -32,9 +32,13 @@ class ArmModule(ModuleService):
         super().__init__(module_name)
         self.register_data('calibration', lambda: {'joints': [{'since': datetime.date(2024, 1, 1)}]})
         self.register_data('by_number', lambda: {1: 'a', 'b': 'c'})
+        self.register_data('offline', self.offline)
         self.gate_waiting = threading.Event()
         self.gate_opened = threading.Event()
         self.register_data('gate', self.gate)
+
+    def offline(self) -> str:
+        raise RuntimeError('sensor offline')
 
     def gate(self) -> str:
         """Data item ``gate``: blocks, as a provider in slow I/O would, until ``open_gate``."""
