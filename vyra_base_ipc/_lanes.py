@@ -36,6 +36,7 @@ from .exceptions import (
     UntrustedServerError,
     connection_lost,
     error_from_status,
+    no_answer,
     nobody_listening,
     socket_missing,
 )
@@ -292,9 +293,7 @@ class _GrpcLaneBase:
         code = error.code()
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             # The timeout the caller gave (not what was left of it when the probe began).
-            when = 'in time' if deadline.timeout is None else f'within {deadline.timeout:g} s'
-            return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE,
-                                       f'no server answered on {str(self.socket_path)!r} {when}')
+            return no_answer(self.socket_path, deadline.timeout)
         if code is grpc.StatusCode.UNAVAILABLE:
             if not os.path.exists(self.socket_path):
                 return self._socket_missing()

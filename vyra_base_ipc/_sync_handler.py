@@ -98,8 +98,7 @@ class SyncIPCHandler(ClientBase):
         self._connected = True
         try:
             lane = self._lane(deadline, self.wait_for_ready)
-            if isinstance(lane, SyncGrpcLane):
-                lane.probe(deadline)  # type: ignore[arg-type]
+            lane.probe(deadline)  # type: ignore[arg-type]
         except BaseException:
             self.disconnect()
             raise

@@ -134,7 +134,9 @@ class IPCHandler(ClientBase):
 
     async def connect(self, timeout: float | None = None) -> None:
         """Open (or share) a connection and make sure a server answers: the
-        fast lane's connect, or one ``grpc.health.v1.Health/Check`` round trip.
+        answer to the fast lane's Hello, or one ``grpc.health.v1.Health/Check``
+        round trip (a socket accepts connections while its server is stopped
+        or its event loop held).
 
         Optional (calls connect on demand): an early check that the server
         is there. Idempotent. Fails at once if nobody serves the socket; with
@@ -148,8 +150,7 @@ class IPCHandler(ClientBase):
         self._connected = True
         try:
             lane = await self._lane(deadline, self.wait_for_ready)
-            if isinstance(lane, GrpcLane):
-                await lane.probe(deadline)  # type: ignore[arg-type]
+            await lane.probe(deadline)  # type: ignore[arg-type]
         except BaseException:
             await self.disconnect()
             raise

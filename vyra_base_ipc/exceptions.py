@@ -231,6 +231,13 @@ def nobody_listening(path: os.PathLike[str] | str, method: str | None = None) ->
         '(the server went away, or has not started yet)', method=method)
 
 
+def no_answer(path: os.PathLike[str] | str, timeout: float | None) -> IPCUnavailableError:
+    """The error of a connect whose server, listening at ``path``, did not
+    answer within ``timeout`` seconds (stopped, or its event loop held)."""
+    when = 'in time' if timeout is None else f'within {timeout:g} s'
+    return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, f'no server answered on {str(path)!r} {when}')
+
+
 def connection_lost(path: os.PathLike[str] | str, reason: object, method: str | None = None
                     ) -> IPCUnavailableError:
     """The error of calls on a connection to ``path`` that broke."""

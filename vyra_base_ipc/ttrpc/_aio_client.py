@@ -16,8 +16,9 @@ from .._peer import check_server_connection
 from .._request_stream import RequestStream
 from .._shared_buffer import SharedBuffer
 from ..address import StrPath
-from ..exceptions import IPCError, IPCUnavailableError
+from ..exceptions import IPCError, IPCTimeoutError, IPCUnavailableError, no_answer
 from ._call import (
+    HELLO,
     ClientCore,
     ClientStream,
     Item,
@@ -299,6 +300,20 @@ class AsyncConnection:
         if asyncio.get_running_loop() is not protocol.loop:
             raise RuntimeError('this AsyncConnection belongs to another event loop; open one per loop')
         return protocol
+
+    async def probe(self, deadline: Deadline) -> None:
+        """Make sure the server answers: wait for the answer to the
+        connection's Hello (no wait once a call had it). A socket accepts
+        connections while its server is stopped or its event loop held.
+
+        :raises IPCUnavailableError: no answer within ``deadline``.
+        """
+        protocol = self._protocol
+        if protocol.core.hello is not None:
+            try:
+                await self._settle_hello(protocol, HELLO, deadline)
+            except IPCTimeoutError:
+                raise no_answer(self.socket_path, deadline.timeout) from None
 
     async def _settle_hello(self, protocol: _ClientProtocol, method: Method,
                             deadline: Deadline | None, idle_timeout: float | None = None) -> None:

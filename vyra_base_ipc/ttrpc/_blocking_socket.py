@@ -1,4 +1,5 @@
-"""Blocking reads and writes on the blocking client's socket, each within a deadline."""
+"""Blocking reads and writes on the blocking client's socket, each within a
+deadline; and the stream of one call, whose thread sleeps while another reads."""
 
 from __future__ import annotations
 
@@ -7,16 +8,18 @@ import os
 import select
 import socket
 import struct
+import threading
 from typing import Any, Callable
 
 from .._busy_poll import BusyPoll
 from .._deadline import Deadline
 from .._peer import check_server_connection
+from ._call import ClientStream
 from ._errors import connect_error, not_accepted
 from ._transport import MAX_FDS_PER_READ, buffered_recvmsg, enlarge_send_buffer, rights
 
-__all__ = ['FRAME_END_TIMEOUT', 'BlockingSocket', 'Received', 'SendTimeout', 'SocketTimeout', 'Unsent',
-           'connect_socket']
+__all__ = ['FRAME_END_TIMEOUT', 'BlockingSocket', 'Received', 'SendTimeout', 'SocketTimeout', 'SyncStream',
+           'Unsent', 'connect_socket']
 
 #: How long the rest of a frame already partly sent may take once its sender
 #: has no deadline of its own (a control frame; a request stream whose caller
@@ -57,6 +60,23 @@ def connect_socket(path: str, timeout: float, trusted: frozenset[int]) -> socket
         sock.close()
         raise
     return sock
+
+
+class SyncStream(ClientStream):
+    """Items received for one call; its waiter sleeps on ``condition``
+    (made the first time it has to wait: a lone caller never does).
+    ``abandoned`` once its caller left; ``sender`` if it has a request stream."""
+
+    __slots__ = ('condition', 'waiting', 'abandoned', 'sender')
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.condition: threading.Condition | None = None
+        self.waiting = self.abandoned = self.sender = False
+
+    def wake(self) -> None:  # (state lock held)
+        if self.waiting:
+            self.condition.notify()  # type: ignore[union-attr]
 
 
 class SocketTimeout(Exception):

@@ -19,18 +19,19 @@ from .._payload import SharedMemoryOptions, close_fds
 from .._request_stream import RequestStream
 from .._shared_buffer import SharedBuffer
 from ..address import StrPath
-from ..exceptions import IPCError, IPCUnavailableError
+from ..exceptions import IPCError, IPCTimeoutError, IPCUnavailableError, no_answer
 from ._blocking_socket import (
     FRAME_END_TIMEOUT,
     BlockingSocket,
     SendTimeout,
     SocketTimeout,
+    SyncStream,
     Unsent,
     connect_socket,
 )
 from ._call import (
+    HELLO,
     ClientCore,
-    ClientStream,
     Item,
     Outcome,
     Prepared,
@@ -49,23 +50,6 @@ from ._messages import ENVELOPE_ALLOWANCE, Metadata
 from ._transport import MSG_CTRUNC, received_fds, unread_in_socket
 
 __all__ = ['SyncConnection']
-
-
-class _SyncStream(ClientStream):
-    """Items received for one call; its waiter sleeps on ``condition``
-    (made the first time it has to wait: a lone caller never does).
-    ``abandoned`` once its caller left; ``sender`` if it has a request stream."""
-
-    __slots__ = ('condition', 'waiting', 'abandoned', 'sender')
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.condition: threading.Condition | None = None
-        self.waiting = self.abandoned = self.sender = False
-
-    def wake(self) -> None:  # (state lock held)
-        if self.waiting:
-            self.condition.notify()  # type: ignore[union-attr]
 
 
 class SyncConnection:
@@ -104,7 +88,7 @@ class SyncConnection:
         self._send_lock, self._state_lock = threading.Lock(), threading.RLock()
         # (state lock) The calls, the agreement, the routing of frames.
         self._core = ClientCore(socket_path, max_message_bytes, self._decoder, shared_memory,
-                                stream_window, _SyncStream.push, lambda: unread_in_socket(sock.fileno()))
+                                stream_window, SyncStream.push, lambda: unread_in_socket(sock.fileno()))
         # (state lock) Control frames waiting for the send lock.
         self._control: list[bytes] = []
         self._reading = False
@@ -137,7 +121,7 @@ class SyncConnection:
         connection = cls(path, connect_socket(path, timeout, trusted), limit, shared, window, busy_poll)
         # Sent now, settled by the first call (see AsyncConnection.connect).
         core = connection._core
-        core.hello = _SyncStream()
+        core.hello = SyncStream()
         try:
             connection._open(core.hello, core.hello_request(), None)
         except BaseException:
@@ -204,7 +188,7 @@ class SyncConnection:
                 self._begin(method, False, deadline)  # (else it has nothing to do: 2 calls less)
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
                                self._core.agreement, buffers)
-            stream = _SyncStream()
+            stream = SyncStream()
             stream_id = self._open(stream, prepared, request)
             try:
                 item = self._next(stream, deadline, method)
@@ -236,7 +220,7 @@ class SyncConnection:
             outcome = Outcome(method, self.max_message_bytes)
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
                                self._core.agreement)
-            stream = _SyncStream()
+            stream = SyncStream()
             stream_id = self._open(stream, prepared, request)
             try:
                 while True:
@@ -262,6 +246,13 @@ class SyncConnection:
             # One error object fails every call of a broken connection: name this call.
             raise error.for_method(method.path) from None
 
+    def probe(self, deadline: Deadline) -> None:
+        """As :meth:`AsyncConnection.probe <vyra_base_ipc.ttrpc.AsyncConnection.probe>`, blocking."""
+        try:
+            self._begin(HELLO, False, deadline)
+        except IPCTimeoutError:
+            raise no_answer(self.socket_path, deadline.timeout) from None
+
     def _begin(self, method: Method, response_streaming: bool, deadline: Deadline | None,
                idle_timeout: float | None = None) -> None:
         """Checks every call starts with; the first call of the connection
@@ -282,7 +273,7 @@ class SyncConnection:
         finally:
             self._hello_lock.release()
 
-    def _open(self, stream: _SyncStream, prepared: Prepared, request: Any) -> int:
+    def _open(self, stream: SyncStream, prepared: Prepared, request: Any) -> int:
         """Send the request of a new call; start its request stream's sender."""
         method = prepared.method
         try:
@@ -317,7 +308,7 @@ class SyncConnection:
                              name=f'ttrpc-send-{stream_id}', daemon=True).start()
         return stream_id
 
-    def _finish(self, stream_id: int, stream: _SyncStream) -> None:
+    def _finish(self, stream_id: int, stream: SyncStream) -> None:
         """The caller is done with a call: tell the server if it may still be at work."""
         stream.abandoned = True
         if self._state_lock._is_owned():  # type: ignore[attr-defined]  # (as threading.Condition asks it)
@@ -395,7 +386,7 @@ class SyncConnection:
         return True
 
     def _send_locked(self, data: bytes, deadline: Deadline | None, method: Method | None,
-                     fds: list[int], stream: _SyncStream | None = None) -> None:
+                     fds: list[int], stream: SyncStream | None = None) -> None:
         """Write all of ``data`` within the call's deadline (send lock held),
         passing ``fds`` (closed here, whatever happens) with its first byte:
         a control frame (no ``method``), a message of ``stream``'s request
@@ -423,7 +414,7 @@ class SyncConnection:
             if fds:
                 close_fds(fds)
 
-    def _send_requests(self, stream_id: int, stream: _SyncStream, prepared: Prepared, requests: Any) -> None:
+    def _send_requests(self, stream_id: int, stream: SyncStream, prepared: Prepared, requests: Any) -> None:
         method = prepared.method
         deadline = prepared.deadline
         shared = self._core.agreement
@@ -450,7 +441,7 @@ class SyncConnection:
                     self._send_frame(close_send_frame(stream_id), [], deadline, method, stream)
 
     def _send_frame(self, frame: bytes, fds: list[int], deadline: Deadline | None, method: Method,
-                    stream: _SyncStream) -> None:
+                    stream: SyncStream) -> None:
         try:
             self._acquire_send(deadline, method)
         except BaseException:
@@ -466,7 +457,7 @@ class SyncConnection:
 
     # -- receiving --------------------------------------------------------------------
 
-    def _next(self, stream: _SyncStream, deadline: Deadline | None, method: Method,
+    def _next(self, stream: SyncStream, deadline: Deadline | None, method: Method,
               idle_timeout: float | None = None) -> Item:
         """The next item of ``stream``: wait for another thread to read it,
         or read the socket ourselves while nobody else does.
@@ -527,7 +518,7 @@ class SyncConnection:
                 other.condition.notify()
                 return
 
-    def _read(self, deadline: Deadline | None, stream: _SyncStream) -> Item | None:
+    def _read(self, deadline: Deadline | None, stream: SyncStream) -> Item | None:
         """Read once (as the reading thread) and hand out what arrived; an
         item of the reader's own ``stream`` is returned, the reading turn
         given up in the lock hold that routed it (one lock, not three).
