@@ -182,3 +182,28 @@ def test_inline_size_is_the_size_of_the_inlined_message(size: int) -> None:
         assert inline_size(message, []) == message.ByteSize()
 
 
+
+
+def test_the_limit_check_skips_its_walk_only_where_no_message_of_that_size_could_pass_the_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The check bounds what inlining adds from the message's size alone; the
+    # bound must hold for a buffer named many times, at any depth, in a map.
+    Holder = _buffer_holder_class()
+    with SharedBuffer.copy_from(os.urandom(1000)) as buffer, SharedBuffer.copy_from(b'x') as tiny, \
+            SharedBuffer(os.dup(buffer.fileno()), 1000, handle=0) as nameless:
+        for buffers in ([buffer], [tiny, buffer], [nameless]):
+            for times in (1, 2, 200):
+                message = Holder(many=[buffers[-1].ref] * times)
+                message.inner.inner.one.CopyFrom(buffers[-1].ref)
+                message.by_name['a'].CopyFrom(buffers[0].ref)
+                exact = inline_size(message, buffers)
+                for limit in (exact - 1, exact, exact + 1):
+                    expected = exact if exact > limit else None
+                    assert _inline_buffers.inline_size_over(message, buffers, limit) == expected, (times, limit)
+
+    def walked(*_: Any) -> int:
+        raise AssertionError('walked the fields of a request that fits whatever they hold')
+
+    monkeypatch.setattr(_inline_buffers, '_growth', walked)
+    with SharedBuffer.copy_from(os.urandom(64)) as buffer:
+        assert _inline_buffers.inline_size_over(Holder(one=buffer.ref), [buffer], 16 * MiB) is None

@@ -28,6 +28,7 @@ import grpc
 from ._busy_poll import DEFAULT_BUSY_POLL, validate_busy_poll
 from ._deadline import Deadline
 from ._fork_safety import ensure_usable_after_fork, locks_anew_after_fork, note_grpc_used
+from ._inline_buffers import inline_size_over
 from ._interceptors import ClientCall, ClientInterceptor, checked_interceptors, intercepted_call
 from ._lanes import LaneChoice, ServerCameUp
 from ._lifetime import Held
@@ -44,7 +45,7 @@ from ._payload import SharedMemoryOptions, usable_options
 from ._peer import trusted_server_uids
 from ._pinned_channel import PinnedChannel
 from ._pool import Disconnected, Pool
-from ._shared_buffer import SharedBuffer, check_buffers, inline_size
+from ._shared_buffer import SharedBuffer, check_buffers
 from ._socket_file import is_listening
 from .address import StrPath, _client_ttrpc_socket_path, grpc_target, resolve_socket_path
 from .exceptions import IPCError, IPCRemoteError, IPCTimeoutError, IPCUnavailableError, MessageTooLargeError
@@ -354,8 +355,8 @@ class ClientBase:
         if not buffers:
             return
         check_buffers(method.path, method.kind.request_streaming, buffers)
-        size = inline_size(request, buffers)
-        if size > self.max_message_bytes:
+        size = inline_size_over(request, buffers, self.max_message_bytes)
+        if size is not None:
             raise MessageTooLargeError(size, self.max_message_bytes, method=method.path, buffers=len(buffers))
 
     def _explained(self, method: Method, deadline: Deadline | None) -> ContextManager[None]:

@@ -18,7 +18,7 @@ from ._descriptors import is_repeated
 if TYPE_CHECKING:
     from ._shared_buffer import SharedBuffer
 
-__all__ = ['inline_buffers', 'inline_size']
+__all__ = ['inline_buffers', 'inline_size', 'inline_size_over']
 
 _REF = shared_memory_pb2.SharedBufferRef
 
@@ -45,6 +45,35 @@ def inline_size(message: Any, buffers: Sequence[SharedBuffer]) -> int:
     on either lane."""
     sizes = {buffer.handle: buffer.size for buffer in buffers}
     return message.ByteSize() + _growth(message, sizes)
+
+
+def inline_size_over(message: Any, buffers: Sequence[SharedBuffer], limit: int) -> int | None:
+    """:func:`inline_size` ``(message, buffers)`` if it is over ``limit``,
+    else ``None``; without the walk over ``message``'s fields when a bound
+    shows that it fits (:func:`_growth_bound`): the usual request with a
+    buffer is far below any limit, and the walk cost more than the rest of
+    the check."""
+    size = message.ByteSize()
+    if size + _growth_bound(size, buffers) <= limit:
+        return None
+    size += _growth(message, {buffer.handle: buffer.size for buffer in buffers})
+    return size if size > limit else None
+
+
+def _growth_bound(size: int, buffers: Sequence[SharedBuffer]) -> int:
+    """At least :func:`_growth` of any message of ``size`` bytes, whatever
+    fields refer to ``buffers``, and however often. Inlining adds to each
+    reference to a buffer its bytes, their tag and their length (10 bytes at
+    most); a reference takes 2 bytes of the message at least (its tag and
+    length), 4 if the buffer's handle is not 0 (then written, tag and
+    value). Each submessage (a reference, what holds one, a map entry)
+    takes 2 bytes at least, and its length prefix grows by 9 at most."""
+    most = 0
+    for buffer in buffers:
+        # References to this buffer, at most size // per_reference of them.
+        per_reference = 4 if buffer.handle else 2
+        most = max(most, size * (_INLINE_TAG + 10 + buffer.size) // per_reference)
+    return most + 9 * (size // 2)
 
 
 def _varint_bytes(value: int) -> int:
