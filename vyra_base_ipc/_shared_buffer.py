@@ -306,8 +306,8 @@ class SharedBuffer:
             else:
                 segment.unuse()
 
-    def lend_to(self, link: SegmentLink | None, new_memfd: Callable[[int], bool] | None = None
-                ) -> tuple[int, int, int]:
+    def lend_to(self, link: SegmentLink | None, new_memfd: Callable[[int], bool] | None = None,
+                hand_over: bool = False) -> tuple[int, int, int]:
         """How this buffer goes with a message: ``(descriptor, lend id,
         segment id)`` (zeros where it is not lent, or not from this
         process's pool). Freezes it. Pooled memory is lent on ``link`` (the
@@ -316,6 +316,10 @@ class SharedBuffer:
         peer holds all the lends it may (:meth:`SegmentLink.may_lend`), a new
         sealed memfd holds a copy if ``new_memfd(size)`` allows. The caller owns it.
 
+        :param hand_over: the buffer is not sent again (a :meth:`share` the
+            library keeps for one answer): a memfd of its own goes as it is,
+            not a copy of its descriptor (the buffer then holds none; its
+            view stays until it is closed).
         :raises ValueError: the buffer is closed.
         :raises SharedMemoryError: no memfd could be made for the copy, or ``new_memfd`` refused it.
         """
@@ -323,12 +327,15 @@ class SharedBuffer:
             fd = self._open_fd()
             self._sent = True
             segment, view = self._segment, self._view
-            if segment is None and not self._lent:
-                return os.dup(fd), 0, 0
-            if segment is not None:
+            if segment is None and (not self._lent or (link is not None and link.may_lend())):
+                if not hand_over:
+                    fd = os.dup(fd)
+                else:
+                    self._fd = -1  # (a system call less, and one less to close it)
+                if not self._lent:
+                    return fd, 0, 0
+            elif segment is not None:
                 segment.use()  # this call's: the lend takes it over, or it is let go below
-            elif link is not None and link.may_lend():
-                fd = os.dup(fd)
             else:
                 fd = -1
         if segment is None:  # lent to this process: lent on, or copied
@@ -366,7 +373,7 @@ class SharedBuffer:
         after close() raises :class:`ValueError`. So the memory is not
         handed out again while anything holds it, and a file that took the
         number of the closed descriptor is never sent in its place."""
-        if self._fd < 0:
+        if self._fd < 0 and self._view is None:
             return  # closed already (never opened again): its memory was let go of then
         with segments_lock():
             fd, segment, view, public = self._fd, self._segment, self._view, self._public

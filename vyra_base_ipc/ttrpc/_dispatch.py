@@ -456,7 +456,7 @@ class Call:
         self.finished = True  # the answer goes out before _end() may close the connection
         connection = self.connection
         try:
-            data, fds, flags = outgoing(payload, connection.agreement, replies)
+            data, fds, flags = outgoing(payload, connection.agreement, replies, hand_over=True)
         except SharedMemoryError as error:
             code = number(grpc.StatusCode.RESOURCE_EXHAUSTED)
             details = f'cannot pass the shared buffers of the answer: {error}'

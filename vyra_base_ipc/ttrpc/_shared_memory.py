@@ -78,7 +78,7 @@ def goes_inline(size: int, agreement: Agreement, buffers: Sequence[SharedBuffer]
 
 
 def outgoing(payload: bytes | Pieces, agreement: Agreement, buffers: Sequence[SharedBuffer] = (),
-             lends: list[int] | None = None) -> tuple[bytes, list[int], int]:
+             lends: list[int] | None = None, hand_over: bool = False) -> tuple[bytes, list[int], int]:
     """How a message (serialized, or in :class:`Pieces`) goes out on a
     connection with ``agreement``: ``(frame data, descriptors to pass,
     flags)``.
@@ -91,6 +91,7 @@ def outgoing(payload: bytes | Pieces, agreement: Agreement, buffers: Sequence[Sh
     :param lends: receives the ids of the lends made (for
         :meth:`~vyra_base_ipc.ttrpc._segment_link.SegmentLink.cancel` if the
         frame is never sent).
+    :param hand_over: ``buffers`` are not sent again (see :meth:`SharedBuffer.lend_to`).
     :raises SharedMemoryError: ``buffers`` could not be passed.
     """
     if goes_inline(len(payload), agreement, buffers):
@@ -98,7 +99,8 @@ def outgoing(payload: bytes | Pieces, agreement: Agreement, buffers: Sequence[Sh
     options = agreement.shared_memory
     assert options is not None  # else it went inline
     try:
-        packed = pack(payload, options.threshold, buffers, agreement.segments, lends, agreement.new_memfd)
+        packed = pack(payload, options.threshold, buffers, agreement.segments, lends, agreement.new_memfd,
+                      hand_over)
     except SharedMemoryError as error:
         if buffers:
             raise
@@ -112,7 +114,8 @@ def outgoing(payload: bytes | Pieces, agreement: Agreement, buffers: Sequence[Sh
 
 def pack(payload: bytes | Pieces, threshold: int, buffers: Sequence[SharedBuffer] = (),
          link: SegmentLink | None = None, lends: list[int] | None = None,
-         new_memfd: Callable[[int], bool] | None = None) -> tuple[bytes, list[int]] | None:
+         new_memfd: Callable[[int], bool] | None = None, hand_over: bool = False
+         ) -> tuple[bytes, list[int]] | None:
     """The manifest and descriptors that replace ``payload`` in a frame, or
     ``None`` if it goes inline as it is (not above ``threshold``, or no new
     memfd for it, and no buffers).
@@ -122,7 +125,7 @@ def pack(payload: bytes | Pieces, threshold: int, buffers: Sequence[SharedBuffer
     without, or when the pool is exhausted, it is written into a new memfd
     sealed against writes, if ``new_memfd(size)`` allows (else it stays in
     the frame). The caller owns the returned descriptors (passes them with
-    the frame, then closes them).
+    the frame, then closes them); ``hand_over`` as for :func:`outgoing`.
 
     :raises SharedMemoryError: shared memory could not be created.
     """
@@ -146,7 +149,7 @@ def pack(payload: bytes | Pieces, threshold: int, buffers: Sequence[SharedBuffer
         else:
             manifest.payload = joined(payload)
         for buffer in buffers:
-            fd, lend, segment_id = buffer.lend_to(link, new_memfd)
+            fd, lend, segment_id = buffer.lend_to(link, new_memfd, hand_over)
             fds.append(fd)
             if lend:
                 made.append(lend)
