@@ -196,6 +196,7 @@ def test_the_limit_check_skips_its_walk_only_where_no_message_of_that_size_could
                 message = Holder(many=[buffers[-1].ref] * times)
                 message.inner.inner.one.CopyFrom(buffers[-1].ref)
                 message.by_name['a'].CopyFrom(buffers[0].ref)
+                message.by_name[''].CopyFrom(buffers[-1].ref)  # (an entry of the fewest bytes)
                 exact = inline_size(message, buffers)
                 for limit in (exact - 1, exact, exact + 1):
                     expected = exact if exact > limit else None
