@@ -466,6 +466,38 @@ def test_one_handler_works_across_two_event_loops(server: ServerProcess, echo) -
     assert asyncio.run(second()) == 'two'
 
 
+@pytest.mark.parametrize('lane', ['ttrpc', 'grpc'])
+def test_a_handler_called_from_a_second_loop_while_its_loop_runs_is_refused_and_its_loop_keeps_it(
+        server: ServerProcess, echo, lane: str) -> None:
+    # A handler made at a web app's import, awaited in its routes (uvicorn's loop) and in a def route
+    # with asyncio.run() (a worker thread's loop): the move closed the running loop's connection
+    # under its calls, which failed UNAVAILABLE "connection ... was closed" (or with futures of
+    # another loop), and the worker's calls as the handler moved back, at random.
+    ipc = IPCHandler(server.socket_path, echo.Stub, lane=lane)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def on_its_loop(text: str) -> str:
+        call = ipc.call_method('Echo', echo.pb.EchoRequest(text=text))
+        return asyncio.run_coroutine_threadsafe(call, loop).result(LONG).text
+    try:
+        assert on_its_loop('first') == 'first'
+        connection = ipc._fast if lane == 'ttrpc' else dict(ipc._grpc)
+        with pytest.raises(RuntimeError, match='in use on another event loop, which still runs'):
+            asyncio.run(ipc.call_method('Echo', echo.pb.EchoRequest(text='elsewhere')))
+        assert on_its_loop('still') == 'still'
+        assert (ipc._fast if lane == 'ttrpc' else dict(ipc._grpc)) == connection  # not closed and made anew
+        asyncio.run_coroutine_threadsafe(ipc.disconnect(), loop).result(LONG)
+        # Let go on its loop, it moves: one loop at a time.
+        assert asyncio.run(ipc.call_method('Echo', echo.pb.EchoRequest(text='moved'))).text == 'moved'
+        asyncio.run(ipc.disconnect())
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(LONG)
+        loop.close()
+
+
 def open_fds() -> int:
     return len(os.listdir('/proc/self/fd'))
 

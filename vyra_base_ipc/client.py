@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from typing import Any, AsyncGenerator, Iterable, Literal, Sequence, TypeVar, overload
 
 import grpc
@@ -40,6 +41,7 @@ from ._client_base import (
     retrying,
 )
 from ._deadline import Deadline
+from ._fork_safety import this_process
 from ._interceptors import ClientInterceptor
 from ._lanes import LANES, GrpcLane, Metadata
 from ._options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT
@@ -73,8 +75,10 @@ class IPCHandler(ClientBase):
     deadline: ``timeout`` per call, else the handler's ``timeout`` (default 5 s); only a stream may go without
     (``stream_method(..., timeout=None)``). Handlers of the same socket in the same event loop share one
     connection per lane. A handler may be used from several event loops in turn (each gets its own
-    connections), but from one loop at a time. One collected without :meth:`disconnect` gives its
-    connections back (closed with their last user, by its loop) and warns with a ``ResourceWarning``.
+    connections), but from one loop at a time: a call on another loop while the loop whose connections
+    it holds still runs (in another thread) raises ``RuntimeError``. One collected without
+    :meth:`disconnect` gives its connections back (closed with their last user, by its loop) and warns
+    with a ``ResourceWarning``.
 
     :param socket_path: the server's (gRPC) socket; resolved as described in
         :mod:`vyra_base_ipc.address` when omitted.
@@ -382,10 +386,25 @@ class IPCHandler(ClientBase):
             return
         # First use (or since disconnect()), or moved to a new loop (asyncio.run() twice): let go there.
         if held.loop is not None:
+            if held.loop.is_running() and self._holds_here():
+                # Moving would close that loop's connections under its calls: they failed UNAVAILABLE
+                # "connection ... was closed" (a web frontend's 503, as if the server were down), or
+                # with futures of the wrong loop, and this loop's calls likewise when it moved back.
+                raise RuntimeError(
+                    f'this IPCHandler of {os.fspath(self.socket_path)!r} is in use on another event loop, '
+                    'which still runs (in another thread): a handler serves one loop at a time. Make one '
+                    'IPCHandler per loop (those of a socket share its connection), call it on its own '
+                    'loop, use SyncIPCHandler in threads, or await disconnect() on its loop before moving it')
             release_elsewhere(held.fast_key, held.grpc_key, held.loop)
         self._forget_connections()
         held.loop = loop
         self._connected = True
+
+    def _holds_here(self) -> bool:
+        """Whether this handler holds connections of this process (a forked
+        child's keys are its parent's: the child may move freely)."""
+        return any(key is not None and key[0][0] == this_process.pid
+                   for key in (self._held.fast_key, self._held.grpc_key))
 
     async def _fast_connection(self, deadline: Deadline | None, wait: bool) -> AsyncConnection:
         """The fast lane's shared connection, (re)connected if needed; raises
