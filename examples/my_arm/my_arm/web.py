@@ -26,9 +26,9 @@ from contextlib import aclosing, asynccontextmanager
 import json
 import math
 import os
-from typing import Sequence
+from typing import Annotated, Sequence
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.protobuf import any_pb2, json_format
 from google.protobuf.message import DecodeError
@@ -59,6 +59,9 @@ HTTP_STATUS = {
     grpc.StatusCode.UNIMPLEMENTED: 501,
     grpc.StatusCode.UNAVAILABLE: 503,
 }
+
+#: The largest value of a proto ``uint32`` (protobuf raises ``ValueError`` beyond it).
+UINT32_MAX = 2**32 - 1
 
 #: The deadline of the frontend's IPC calls, in seconds.
 CALL_TIMEOUT = 5.0
@@ -101,6 +104,18 @@ async def ipc_error(request: Request, error: IPCError) -> JSONResponse:
     return JSONResponse(body, status_code=HTTP_STATUS.get(error.code, 500))
 
 
+class BadRequest(ValueError):
+    """A request the method's message cannot hold: answered as grpc-gateway
+    answers a body it cannot make the message of, INVALID_ARGUMENT (400)."""
+
+
+@app.exception_handler(BadRequest)
+async def bad_request(request: Request, error: BadRequest) -> JSONResponse:
+    """A :class:`BadRequest` as grpc-gateway answers it: 400, ``code`` 3."""
+    body = {'code': grpc.StatusCode.INVALID_ARGUMENT.value[0], 'message': str(error), 'details': []}
+    return JSONResponse(body, status_code=400)
+
+
 def _detail(detail: any_pb2.Any) -> dict[str, object]:
     """A status detail in protobuf's JSON for ``Any``: ``{"@type": ..., fields}``;
     ``{"@type": ..., "value": <base64>}`` for a type this process does not know."""
@@ -121,15 +136,22 @@ class Move(BaseModel):
 async def move(body: Move, request: Request) -> dict[str, object]:
     """Move the arm to a named pose and say whether it got there."""
     arm: IPCHandler = request.app.state.arm
-    reply = await arm.call_method('Move', MoveRequest(pose=body.pose, speed=body.speed),
-                                  response_type=MoveReply)
+    try:
+        move_request = MoveRequest(pose=body.pose, speed=body.speed)
+    except ValueError as error:
+        # JSON allows a lone surrogate ("\ud800"), protobuf's strings (UTF-8) do not: it was a 500, and
+        # FastAPI's own 422 could not be sent (it echoes the input, which no UTF-8 encodes).
+        raise BadRequest(f'pose: {error}') from None
+    reply = await arm.call_method('Move', move_request, response_type=MoveReply)
     return {'pose': reply.pose, 'reached': reply.reached}
 
 
 @app.get('/joints')
-async def joints(request: Request, count: int = 10) -> StreamingResponse:
+async def joints(request: Request,
+                 count: Annotated[int, Query(ge=0, le=UINT32_MAX)] = 10) -> StreamingResponse:
     """``count`` joint states as they come, one JSON line each (NDJSON); 0:
-    until the browser leaves (or the frontend stops).
+    until the browser leaves (or the frontend stops). A count the request's
+    ``uint32`` cannot hold is refused (422), as one that is no number.
 
     A client that disconnects early ends the stream on the node too: the
     response's generator is closed, and with it the IPC stream.

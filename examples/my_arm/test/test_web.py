@@ -92,6 +92,17 @@ def test_a_refused_call_is_the_http_status_and_json_status_that_grpc_gateway_giv
     assert body['details'] == [{'@type': 'type.googleapis.com/google.rpc.BadRequest',
                                 'fieldViolations': [violation]}]
 
+    # What the request message cannot hold is the browser's error: a count as FastAPI answers one that is
+    # no number, a pose as grpc-gateway answers a body it cannot parse (before: 500 with a traceback
+    # logged, protobuf's ValueError; for a count of 2**32 a reset connection).
+    for count in (-1, 2**32):
+        assert web.get('/joints', params={'count': count}).status_code == 422, count
+    # JSON allows a lone surrogate; UTF-8, and so protobuf's strings, do not.
+    lone = web.post('/move', content=b'{"pose": "\\ud800"}', headers={'content-type': 'application/json'})
+    assert lone.status_code == 400, lone.text
+    assert lone.json()['code'] == 3 and 'surrogates not allowed' in lone.json()['message']
+    assert web.post('/move', json={'pose': 'home'}).status_code == 200
+
 
 def test_a_web_frontend_started_before_the_node_answers_503_then_heals(
         start_arm_node: StartNode, start_web: StartWeb, socket_dir: Path) -> None:
