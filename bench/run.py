@@ -342,7 +342,8 @@ def _package_root() -> Path:
 
 def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
         package_root: Path | None = None, sections: tuple[str, ...] = SECTIONS,
-        pin: bool = False, keep_freed_memory: bool = False, one_cpu: bool = False) -> dict[str, Any]:
+        pin: bool = False, keep_freed_memory: bool = False, one_cpu: bool = False,
+        domain_id: int | None = None) -> dict[str, Any]:
     """Measure everything ``mode`` asks for; write ``results.json``,
     ``results.md`` (and ``latency.png``) into ``out``; return the results.
 
@@ -358,6 +359,7 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
     :param keep_freed_memory: every process of the run (servers, clients,
         peers) with glibc's malloc set as :func:`vyra_base_ipc.keep_freed_memory`
         sets it, through the environment variables glibc reads at start.
+    :param domain_id: the run's ROS domain (see :class:`~bench.processes.BenchEnvironment`).
     :raises ValueError: for unknown transport keys or sections.
     """
     if pin and one_cpu:
@@ -381,7 +383,7 @@ def run(mode: Mode, out: Path, only: set[str] | None = None, chart: bool = True,
     zenoh_before = shared_memory_files()
     peers: dict[str, Any] = {}
     try:
-        env = BenchEnvironment(workdir, compile_bench_protos(workdir / 'protos'),
+        env = BenchEnvironment(workdir, compile_bench_protos(workdir / 'protos'), domain_id,
                                package_root=package_root, one_cpu=one_cpu)
         if keep_freed_memory:
             env.env.update(KEEP_FREED_MEMORY_ENV)
@@ -503,6 +505,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--keep-freed-memory', action='store_true',
                         help='run every process with malloc set as vyra_base_ipc.keep_freed_memory() '
                              'sets it (large blocks from the heap, freed memory kept)')
+    parser.add_argument('--domain-id', type=int, default=None,
+                        help="the run's ROS_DOMAIN_ID (default: a random one of 150..230)")
     parser.add_argument('--package-root', type=Path, default=None,
                         help='import vyra_base_ipc from this directory (to measure a changed copy)')
     options = parser.parse_args(argv)
@@ -513,7 +517,7 @@ def main(argv: list[str] | None = None) -> None:
         results = run(mode, options.out.resolve(), only, chart=not options.no_chart,
                       package_root=options.package_root.resolve() if options.package_root else None,
                       sections=sections, pin=options.pin, keep_freed_memory=options.keep_freed_memory,
-                      one_cpu=options.one_cpu)
+                      one_cpu=options.one_cpu, domain_id=options.domain_id)
     except ValueError as error:
         parser.error(str(error))
     print_report(results)

@@ -26,6 +26,18 @@ REPO = Path(__file__).resolve().parent.parent
 _IPC_ENVS = ('VYRA_IPC_SOCKET', 'VYRA_MODULE_NAME', 'MODULE_NAME')
 
 
+def private_domain_id() -> int:
+    """A ``ROS_DOMAIN_ID`` for one test: random in 100..232 (clear of the
+    usual 0 and of small IDs other setups pick; 232 is the highest whose
+    ports still fit in 16 bits), within this pytest-xdist worker's own share
+    of them, so that tests running at once in two workers never share one."""
+    worker = os.environ.get('PYTEST_XDIST_WORKER', 'gw0')
+    count = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+    index = int(worker.removeprefix('gw')) if worker.removeprefix('gw').isdigit() else 0
+    share = 133 // max(1, count)
+    return 100 + share * (index % max(1, count)) + random.randrange(share)
+
+
 def private_ros_environ(ros_home: Path, base: dict[str, str] | None = None) -> dict[str, str]:
     """An environment for ROS 2 processes that keeps DDS on this machine."""
     env = dict(os.environ if base is None else base)
@@ -33,9 +45,7 @@ def private_ros_environ(ros_home: Path, base: dict[str, str] | None = None) -> d
         env.pop(name, None)
     env['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
     env.pop('ROS_STATIC_PEERS', None)
-    # 100..232: clear of the usual 0 and of small IDs other setups pick;
-    # 232 is the highest ID whose ports still fit in 16 bits.
-    env['ROS_DOMAIN_ID'] = str(random.randint(100, 232))
+    env['ROS_DOMAIN_ID'] = str(private_domain_id())
     env['ROS_HOME'] = str(ros_home)
     env['ROS_LOG_DIR'] = str(ros_home / 'log')
     env['PYTHONUNBUFFERED'] = '1'

@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from ros_env import private_domain_id
+
 REPO = Path(__file__).resolve().parent.parent
 
 #: Rows every run must have (issue 5): the floor, bare grpcio over UDS and
@@ -50,7 +52,7 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, str
     # Only for `bench` itself: vyra_base_ipc is the one given as --package-root.
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [env.get('PYTHONPATH'), str(REPO)]))
     chart = importlib.util.find_spec('matplotlib') is not None
-    command = [sys.executable, '-m', 'bench', '--smoke', '--out', str(out),
+    command = [sys.executable, '-m', 'bench', '--smoke', '--out', str(out), '--domain-id', str(private_domain_id()),
                '--package-root', str(Path(vyra_base_ipc.__file__).resolve().parent.parent)]
     if not chart:
         command.append('--no-chart')

@@ -24,8 +24,10 @@ pytestmark = [pytest.mark.ros]
 
 
 def run_demo(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, '-m', 'vyra_base_ipc.demo', *args], env=env,
-                          capture_output=True, text=True, timeout=120)
+    # In the test's own domain (ros_environ's), not one the demo picks at random: another test
+    # running at the same time (pytest-xdist) has a domain of its own too.
+    return subprocess.run([sys.executable, '-m', 'vyra_base_ipc.demo', '--domain-id', env['ROS_DOMAIN_ID'], *args],
+                          env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_demo_brings_up_module_and_stops_it_cleanly(ros_environ: dict[str, str],

@@ -36,7 +36,11 @@ def ros_env(tmp_path: Path) -> dict[str, str]:
     """DDS stays on this machine, in a domain of its own."""
     env = {name: value for name, value in os.environ.items()
            if name not in ('VYRA_IPC_SOCKET', 'VYRA_MODULE_NAME', 'MODULE_NAME', 'ROS_STATIC_PEERS')}
-    env.update(ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST', ROS_DOMAIN_ID=str(random.randint(100, 232)),
+    # 100..232, a share of its own for each pytest-xdist worker: tests running at once never meet.
+    worker = int(os.environ.get('PYTEST_XDIST_WORKER', 'gw0').removeprefix('gw') or 0)
+    share = 133 // int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+    domain = 100 + share * worker + random.randrange(share)
+    env.update(ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST', ROS_DOMAIN_ID=str(domain),
                ROS_HOME=str(tmp_path / 'ros'), ROS_LOG_DIR=str(tmp_path / 'ros' / 'log'))
     return env
 
