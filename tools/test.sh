@@ -21,23 +21,29 @@ fi
 # One pytest-xdist worker per CPU, a test file to each at a time (most tests
 # wait on real processes and deadlines, not on a CPU: the run takes half the
 # time); arguments given after these win ("-n 0": one process).
-pytest_args=(-n auto --dist loadfile "$@")
-run_tests() {
+# colcon takes --pytest-args values that look like options for its own
+# unless they begin with a space (it strips it).
+pytest_args=()
+for arg in -n auto --dist loadfile "$@"; do
+  pytest_args+=(" $arg")
+done
+run_tests() {  # (its arguments: pytest's)
   # PYTHONSAFEPATH: pytest runs in the source folder; import the installed tree.
   PYTHONSAFEPATH=1 colcon test --base-paths "$ROOT" "$ROOT/examples" --build-base build --install-base install \
     --return-code-on-test-failure --event-handlers console_direct+ \
-    --pytest-args "${pytest_args[@]}" "$@"
+    --pytest-args "$@"
 }
 
 status=0
 if [ "$(id -u)" = 0 ] && unshare -n true 2>/dev/null; then
   export -f run_tests
   export ROOT
-  unshare -n bash -c 'ip link set lo up && run_tests' || status=$?
+  # (An array does not pass through the environment: the arguments go as the shell's.)
+  unshare -n bash -c 'ip link set lo up && run_tests "$@"' bash "${pytest_args[@]}" || status=$?
 else
   echo "note: not root or no unshare: tests run in the host network namespace" \
        "(DDS is still limited to localhost by the test fixtures)" >&2
-  run_tests || status=$?
+  run_tests "${pytest_args[@]}" || status=$?
 fi
 # The test runner's own summary lines: the example module's, then this
 # package's, last.
