@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+import contextlib
 from pathlib import Path
 import signal
 import time
@@ -321,6 +322,24 @@ def test_connect_to_a_stopped_server_fails_on_every_lane_naming_the_timeout_it_w
         assert details == f"no server answered on '{path}' within 0.3 s", (lane, details)
     with SyncIPCHandler(socket_path, echo.Stub) as client:  # (answers again)
         assert client.call_method('Echo', echo.pb.EchoRequest(text='up')).text == 'up'
+
+
+@pytest.mark.asyncio
+async def test_a_fast_lane_call_whose_deadline_passed_before_it_was_sent_is_never_answered(
+        start_server, socket_path: Path, echo) -> None:
+    # Found (a parity test failed now and then in CI): 79 of 3000 IPCHandler calls with a
+    # deadline of 1 ns were answered. The request went out, and a quick server's answer was
+    # read (busy polling) before the event loop ran the timer of the deadline. grpc starts no
+    # such call; nor does the fast lane now.
+    start_server(socket_path)
+    async with IPCHandler(socket_path, echo.Stub, lane='ttrpc') as ipc:
+        answered = 0
+        for _ in range(300):
+            with contextlib.suppress(IPCTimeoutError):
+                await ipc.call_method('Echo', echo.pb.EchoRequest(text='late'), timeout=1e-9)
+                answered += 1
+        assert (await ipc.call_method('Echo', echo.pb.EchoRequest(text='on time'))).text == 'on time'
+    assert answered == 0
 
 
 # -- within(): every wait with a timeout --------------------------------------------------

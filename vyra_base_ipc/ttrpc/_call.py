@@ -32,12 +32,7 @@ from .._payload import (
 from .._peer import trusted_server_uids
 from .._shared_buffer import ReceivedBuffers, SharedBuffer, check_buffers, inline_request
 from ..address import StrPath, validate_socket_path
-from ..exceptions import (
-    IPCError,
-    IPCUnavailableError,
-    MessageTooLargeError,
-    error_from_status,
-)
+from ..exceptions import IPCError, IPCUnavailableError, MessageTooLargeError, error_from_status
 from . import _hello
 from ._errors import (
     SenderFailed,
@@ -107,6 +102,10 @@ class Prepared:
     def __init__(self, method: Method, deadline: Deadline | None, metadata: Metadata | None,
                  payload: bytes | Pieces, agreement: _hello.Agreement = _hello.PLAIN,
                  buffers: Sequence[SharedBuffer] = ()) -> None:
+        if deadline is not None and deadline.expired():
+            # Nothing is sent (grpc does not start such a call either): a quick server could
+            # otherwise answer before the client's timer for the deadline ran.
+            raise timeout_error(method)
         self.method = method
         self.deadline = deadline
         self.lends: list[int] = []
