@@ -474,14 +474,10 @@ def test_a_handler_called_from_a_second_loop_while_its_loop_runs_is_refused_and_
     # under its calls, which failed UNAVAILABLE "connection ... was closed" (or with futures of
     # another loop), and the worker's calls as the handler moved back, at random.
     ipc = IPCHandler(server.socket_path, echo.Stub, lane=lane)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    def on_its_loop(text: str) -> str:
-        call = ipc.call_method('Echo', echo.pb.EchoRequest(text=text))
-        return asyncio.run_coroutine_threadsafe(call, loop).result(LONG).text
-    try:
+    with loop_in_a_thread() as loop:
+        def on_its_loop(text: str) -> str:
+            call = ipc.call_method('Echo', echo.pb.EchoRequest(text=text))
+            return asyncio.run_coroutine_threadsafe(call, loop).result(LONG).text
         assert on_its_loop('first') == 'first'
         connection = ipc._fast if lane == 'ttrpc' else dict(ipc._grpc)
         with pytest.raises(RuntimeError, match='in use on another event loop, which still runs'):
@@ -492,6 +488,16 @@ def test_a_handler_called_from_a_second_loop_while_its_loop_runs_is_refused_and_
         # Let go on its loop, it moves: one loop at a time.
         assert asyncio.run(ipc.call_method('Echo', echo.pb.EchoRequest(text='moved'))).text == 'moved'
         asyncio.run(ipc.disconnect())
+
+
+@contextlib.contextmanager
+def loop_in_a_thread() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop running in a thread of its own (as a web server's does), stopped and closed after."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield loop
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(LONG)
@@ -553,41 +559,36 @@ def test_disconnect_in_a_forked_child_returns_and_leaves_the_parents_connections
     # The parent's loop runs in a thread, which the child does not have:
     # disconnect() must not wait for that loop (before: it waited for ever).
     ipc = IPCHandler(server.socket_path, echo.Stub, lane=lane)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        call = ipc.call_method('Echo', echo.pb.EchoRequest(text='parent'))
-        assert asyncio.run_coroutine_threadsafe(call, loop).result(LONG).text == 'parent'
-        pid = os.fork()
-        if pid == 0:  # the child: exits 0 once disconnect() returned
-            code = 1
-            try:
-                asyncio.run(ipc.disconnect())
-                code = 0
-            finally:
-                os._exit(code)
-        statuses: list[int] = []
-
-        def exited() -> bool:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                statuses.append(status)
-            return bool(done)
+    with loop_in_a_thread() as loop:
         try:
-            wait_for(exited, 20, 'the forked child to return from disconnect()')
+            call = ipc.call_method('Echo', echo.pb.EchoRequest(text='parent'))
+            assert asyncio.run_coroutine_threadsafe(call, loop).result(LONG).text == 'parent'
+            pid = os.fork()
+            if pid == 0:  # the child: exits 0 once disconnect() returned
+                code = 1
+                try:
+                    asyncio.run(ipc.disconnect())
+                    code = 0
+                finally:
+                    os._exit(code)
+            statuses: list[int] = []
+
+            def exited() -> bool:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    statuses.append(status)
+                return bool(done)
+            try:
+                wait_for(exited, 20, 'the forked child to return from disconnect()')
+            finally:
+                if not statuses:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(statuses[0]) == 0
+            call = ipc.call_method('Echo', echo.pb.EchoRequest(text='still'))
+            assert asyncio.run_coroutine_threadsafe(call, loop).result(LONG).text == 'still'
         finally:
-            if not statuses:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(statuses[0]) == 0
-        call = ipc.call_method('Echo', echo.pb.EchoRequest(text='still'))
-        assert asyncio.run_coroutine_threadsafe(call, loop).result(LONG).text == 'still'
-    finally:
-        asyncio.run_coroutine_threadsafe(ipc.disconnect(), loop).result(LONG)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(LONG)
-        loop.close()
+            asyncio.run_coroutine_threadsafe(ipc.disconnect(), loop).result(LONG)
 
 
 @pytest.mark.parametrize('lane, pool', [('grpc', sync_pool.open_connections),
