@@ -124,8 +124,9 @@ async def within(awaitable: Awaitable[_T], seconds: float | None) -> _T:
     in, or in the pass or two after. It returned the result, and the task
     went on as if never cancelled (a handler ran for a call its client had
     cancelled; a ROS request went out for a caller cancelled). Here a task
-    cancelled before it resumes is cancelled, and no task is made for
-    ``awaitable`` (none per message of a stream).
+    cancelled before it resumes is cancelled. Inside a task no task is made
+    for ``awaitable`` (none per message of a stream); outside one it gets
+    a task of its own.
 
     :raises TimeoutError: ``seconds`` passed first; ``awaitable`` was cancelled.
     """
