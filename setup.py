@@ -71,7 +71,7 @@ setup(
         'console_scripts': [
             'ipc_server = vyra_base_ipc_server:main',
             'vyra-ipc = vyra_base_ipc_cli:main',
-            'demo_module_node = vyra_base_ipc.demo.module_node:main',
+            'demo_module_node = vyra_base_ipc_server.demo_module_node:main',
             'demo_backend = vyra_base_ipc.demo.backend:main',
             'demo_frontend = vyra_base_ipc.demo.frontend:main',
         ],

@@ -31,7 +31,8 @@ from rclpy.parameter import Parameter
 from std_srvs.srv import Trigger
 
 from conftest import SERVERS, STOP_SLACK, ChildProcess, wait_for, with_test_servers
-from ros_env import IPC_SERVER
+from launch_reading import console_scripts
+from ros_env import IPC_SERVER, python_command
 from vyra_base_ipc import IPCError, IPCHandler, ModuleService, ServerLimits, SyncIPCHandler, command
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc import module_service_pb2_grpc as module_grpc
@@ -282,6 +283,30 @@ def test_a_signal_while_it_still_imports_ends_it_quietly_with_0(
     assert 'Traceback' not in server.log(), server.log()
     assert f'{stop_signal.name} received while starting: exiting' in server.log()
     assert ' serving ' not in server.log() and not socket_path.exists()
+
+
+@pytest.mark.parametrize('stop_signal', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
+def test_a_signal_while_the_demo_module_node_still_imports_ends_it_quietly_with_0(
+        start_process, ros_environ: dict[str, str], tmp_path: Path, stop_signal: signal.Signals) -> None:
+    # module_ipc.launch.py SIGINTs the module's node when ipc_server fails at start,
+    # maybe while the node still imports. Found on a real Kilted launch stack (1 of 6
+    # launches with a servicer that does not import): a KeyboardInterrupt traceback
+    # and "process has died [..., exit code -2]" for a node that did nothing wrong.
+    module, _, function = console_scripts()['demo_module_node'].partition(':')
+    mark, release = tmp_path / 'importing', tmp_path / 'release'
+    env = {**ros_environ, 'IMPORT_MARK': str(mark), 'IMPORT_RELEASE': str(release)}
+    node = start_process([sys.executable, '-c', _HOLD_IMPORT + python_command(module, function)[-1],
+                          '--ros-args', '-p', 'module_name:=early'], env)
+    wait_for(lambda: mark.exists() or not node.running(), 30, 'the import of grpc')
+    assert node.running(), node.log()
+    node.signal(stop_signal)
+    wait_for(lambda: not node.running() or not signal_pending(node.pid, stop_signal), 30,
+             'the signal to be delivered')
+    release.touch()
+    assert node.wait(timeout=30) == 0, node.log()
+    assert 'Traceback' not in node.log(), node.log()
+    assert f'{stop_signal.name} received while starting: exiting' in node.log()
+    assert 'offers' not in node.log()
 
 
 @pytest.mark.asyncio

@@ -77,7 +77,8 @@ def shutdown_node(executor: Executor | None, node: Node | None) -> None:
     rclpy.try_shutdown()
 
 
-def run_node(make_node: Callable[[], Node], args: Sequence[str] | None = None) -> int:
+def run_node(make_node: Callable[[], Node], args: Sequence[str] | None = None, *,
+             received: list[str] | None = None) -> int:
     """A node's whole ``main()``: under :class:`StopSignals` (no rclpy signal
     handlers), ``rclpy.init(args)``, ``make_node()`` spun until SIGINT,
     SIGTERM, SIGHUP or ROS shutdown, then :func:`shutdown_node`. For a node
@@ -88,10 +89,19 @@ def run_node(make_node: Callable[[], Node], args: Sequence[str] | None = None) -
     As it stops, to the handlers the process had, or to stderr (as
     ``ipc_server``'s) if it had none, at the node's level.
 
+    :param received: the list into which the caller's own handlers noted
+        stop signals before this (an entry point that takes them before it
+        imports rclpy, as ``vyra_base_ipc_server``'s): if one came, it returns
+        0 at once, without starting ROS.
     :returns: 0, or :data:`EXIT_BAD_PARAMETER` after logging a
         :class:`ParameterError` from ``make_node()``.
     """
-    with StopSignals() as stop:
+    with StopSignals(received) as stop:
+        if stop.received:
+            if not logging.getLogger().handlers:  # nobody configured logging: say it, as ipc_server does
+                logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=STOP_LOG_FORMAT)
+            _logger.info('%s received while starting: exiting', ', '.join(stop.received))
+            return 0
         rclpy.init(args=None if args is None else list(args), signal_handler_options=SignalHandlerOptions.NO)
         executor: SingleThreadedExecutor | None = None
         node: Node | None = None

@@ -8,6 +8,8 @@ of raising ``KeyboardInterrupt`` (a traceback) or killing the process, and
 one that arrives while the rest still imports ends ``ipc_server`` quietly
 with status 0, as it does once the server runs. Only the interpreter's own
 start-up, before this runs, is left to Python's default handlers.
+:mod:`vyra_base_ipc_server.demo_module_node` does the same for the demo
+module's node, which ``module_ipc.launch.py`` starts beside ``ipc_server``.
 
 Then, before rclpy's import starts threads, it gives the process one malloc
 arena (:func:`vyra_base_ipc._allocator.one_malloc_arena`), so that the
@@ -20,16 +22,17 @@ from __future__ import annotations
 import signal
 from typing import Sequence
 
-__all__ = ['STOP_SIGNALS', 'main']
+__all__ = ['STOP_SIGNALS', 'main', 'note_stop_signals']
 
 #: The signals that stop ``ipc_server``.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def main(args: Sequence[str] | None = None) -> int:
-    """Take the stop signals, give the process one malloc arena, import
-    :mod:`vyra_base_ipc.node` and run its :func:`~vyra_base_ipc.node.main`,
-    which exits at once with 0 if a stop signal came while importing."""
+def note_stop_signals() -> list[str]:
+    """Note SIGINT, SIGTERM and SIGHUP from now on, instead of dying or
+    raising ``KeyboardInterrupt``; the list returned gets the names of those
+    that arrive, for :class:`vyra_base_ipc.node.StopSignals` to take over.
+    The first thing an entry point does, before any heavy import."""
     received: list[str] = []
 
     def note(signum: int, frame: object) -> None:
@@ -37,6 +40,14 @@ def main(args: Sequence[str] | None = None) -> int:
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, note)
+    return received
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """Take the stop signals, give the process one malloc arena, import
+    :mod:`vyra_base_ipc.node` and run its :func:`~vyra_base_ipc.node.main`,
+    which exits at once with 0 if a stop signal came while importing."""
+    received = note_stop_signals()
     from vyra_base_ipc._allocator import one_malloc_arena
 
     one_malloc_arena()

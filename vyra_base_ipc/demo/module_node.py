@@ -43,12 +43,16 @@ class DemoModuleNode(Node):
         return response
 
 
-def main(args: Sequence[str] | None = None) -> int:
+def main(args: Sequence[str] | None = None, *, received: list[str] | None = None) -> int:
     """The ``demo_module_node`` command: spin the node until SIGINT, SIGTERM
     or ROS shutdown; exit status 0. The signals only end the spin
     (:func:`~vyra_base_ipc.node.run_node`): a second one, as a terminal's
-    Ctrl-C sends under ``ros2 launch``, cannot interrupt the shutdown."""
-    return run_node(DemoModuleNode, args)
+    Ctrl-C sends under ``ros2 launch``, cannot interrupt the shutdown.
+
+    :param received: the list into which the console script's entry point
+        (:mod:`vyra_base_ipc_server.demo_module_node`) noted stop signals
+        while this module imported: if one came, it exits 0 at once."""
+    return run_node(DemoModuleNode, args, received=received)
 
 
 if __name__ == '__main__':
