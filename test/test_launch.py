@@ -16,6 +16,7 @@ import subprocess
 import sys
 from typing import Any
 import uuid
+from xml.etree import ElementTree
 
 import pytest
 import yaml
@@ -28,6 +29,7 @@ from launch_reading import (
     LaunchFile,
     config_problems,
     console_scripts,
+    declared_parameters,
     executable_problems,
     is_installed,
     parameter_problems,
@@ -327,6 +329,111 @@ def test_config_matches_any_node_name_and_namespace(config: Path) -> None:
 
 def test_the_ipc_server_script_runs_the_node_module() -> None:
     assert console_scripts()['ipc_server'] == 'vyra_base_ipc_server:main'
+
+
+# -- the README's XML and YAML launch files ------------------------------------------
+
+#: How a frontend names an installed file: $(find-pkg-share <package>)/<path>.
+_SHARE_FILE = re.compile(r'\$\(find-pkg-share ([\w-]+)\)/(.+)')
+
+
+def _readme_frontend_files() -> dict[str, str]:
+    """The README's XML and YAML launch files (the code blocks that include module_ipc.launch.py)."""
+    blocks = re.findall(r'```(xml|yaml)\n(.*?)```', (REPO / 'README.md').read_text(), re.S)
+    return {language: text for language, text in blocks if 'module_ipc.launch.py' in text}
+
+
+def _frontend_actions(language: str, text: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The includes (``file``, ``arg``: {name: value}) and nodes (``pkg``,
+    ``exec``, ``param``: [{name or from}]) of an XML or YAML launch file, in
+    one shape: the tags and attributes launch_xml and launch_yaml read."""
+    includes: list[dict[str, Any]] = []
+    nodes: list[dict[str, Any]] = []
+    if language == 'xml':
+        root = ElementTree.fromstring(text)
+        assert root.tag == 'launch'
+        for element in root:
+            children = [dict(child.attrib, tag=child.tag) for child in element]
+            if element.tag == 'include':
+                includes.append({'file': element.get('file'),
+                                 'arg': {child['name']: child.get('value') for child in children}})
+            elif element.tag == 'node':
+                nodes.append(dict(element.attrib, param=[c for c in children if c['tag'] == 'param']))
+    else:
+        for entry in yaml.safe_load(text)['launch']:
+            if 'include' in entry:
+                include = entry['include']
+                includes.append({'file': include['file'],
+                                 'arg': {arg['name']: arg.get('value') for arg in include.get('arg', [])}})
+            elif 'node' in entry:
+                nodes.append(dict(entry['node'], param=entry['node'].get('param', [])))
+    return includes, nodes
+
+
+def _share_file_problems(where: str, path: str | None) -> list[str]:
+    match = _SHARE_FILE.fullmatch(path or '')
+    if match is None:
+        return [f'{where}: {path!r} is not $(find-pkg-share {PACKAGE})/<file>']
+    package, relative = match.groups()
+    if package != PACKAGE or not (REPO / relative).is_file() or not is_installed(relative):
+        return [f'{where}: {path} is not a file {PACKAGE} installs']
+    return []
+
+
+def frontend_problems(language: str, text: str, module_ipc: LaunchFile) -> list[str]:
+    """What in an XML or YAML launch file names something this package does
+    not have: an included file, a launch argument of module_ipc.launch.py (and
+    its required ones), an executable, a parameter of that executable, a
+    parameter file."""
+    includes, nodes = _frontend_actions(language, text)
+    problems = [] if includes and nodes else [f'{language}: expected an include and a node']
+    for include in includes:
+        problems += _share_file_problems(f'{language} include', include['file'])
+        if not str(include['file']).endswith('/launch/module_ipc.launch.py'):
+            continue
+        for name in include['arg']:
+            if name not in module_ipc.arguments:
+                problems.append(f'{language} include: module_ipc.launch.py has no argument {name!r}')
+        for name, default in module_ipc.arguments.items():
+            if default is None and name not in include['arg']:
+                problems.append(f'{language} include: the required argument {name!r} is missing')
+    for node in nodes:
+        executable = node.get('exec')
+        if node.get('pkg') != PACKAGE or executable not in console_scripts():
+            problems.append(f'{language} node: {node.get("pkg")}/{executable} is not an executable of {PACKAGE}')
+            continue
+        declared = declared_parameters(executable)
+        for param in node['param']:
+            if 'from' in param:
+                problems += _share_file_problems(f'{language} node param', param['from'])
+            elif param.get('name') not in declared:
+                problems.append(f'{language} node: {executable} declares no parameter {param.get("name")!r}')
+    return problems
+
+
+def test_readme_xml_and_yaml_launch_files_name_what_exists(module_ipc: LaunchFile) -> None:
+    files = _readme_frontend_files()
+    assert sorted(files) == ['xml', 'yaml']
+    for language, text in files.items():
+        assert frontend_problems(language, text, module_ipc) == []
+
+
+def test_frontend_checks_catch_what_does_not_exist(module_ipc: LaunchFile) -> None:
+    text = _readme_frontend_files()['xml']
+    for wrong, expected in [
+            ('name="module_name" value="arm"', "the required argument 'module_name' is missing"),
+            ('name="namespace"', "module_ipc.launch.py has no argument 'name_space'"),
+            ('name="grace_period"', "ipc_server declares no parameter 'grace_periods'"),
+            ('exec="ipc_server"', 'vyra_base_ipc/ipc_srv is not an executable'),
+            ('config/ipc_server.yaml', 'config/ipc.yaml is not a file vyra_base_ipc installs')]:
+        assert wrong in text
+        broken = text.replace(wrong, {
+            'name="module_name" value="arm"': 'name="module" value="arm"',
+            'name="namespace"': 'name="name_space"',
+            'name="grace_period"': 'name="grace_periods"',
+            'exec="ipc_server"': 'exec="ipc_srv"',
+            'config/ipc_server.yaml': 'config/ipc.yaml'}[wrong])
+        assert any(expected in problem for problem in frontend_problems('xml', broken, module_ipc)), expected
 
 
 # -- launch_testing, where launch_ros exists ----------------------------------------
