@@ -6,6 +6,7 @@
     ros2 launch vyra_base_ipc module_ipc.launch.py module_name:=arm \
         servicers:="['my_arm.arm_service:ArmService']"
     ros2 launch vyra_base_ipc module_ipc.launch.py module_name:=demo params_file:=/etc/demo/params.yaml
+    ros2 launch vyra_base_ipc module_ipc.launch.py module_name:=demo use_sim_time:=true
 
 The IPC server runs as a node of its own, the executable ``ipc_server`` as
 node ``<module_name>_ipc_server`` (default; named after the module so that
@@ -17,9 +18,11 @@ The node that serves IPC gets this package's ``config/ipc_server.yaml``
 (key ``/**``: any node name and namespace), ``module_name`` and, if given,
 ``servicers``; its socket comes from those parameters (by default
 ``/tmp/<module_name>_ipc.sock``). The module's node always gets ``module_name``.
+``use_sim_time:=true`` or ``false`` sets that parameter on every node (empty,
+the default: as the parameter files say; ROS's default is false).
 A ``params_file`` goes to every node, after ``config/ipc_server.yaml`` (its
 values win over that file's); it must not set ``module_name``, nor
-``servicers`` when the launch argument gives them.
+``servicers`` or ``use_sim_time`` when the launch argument gives them.
 
 Every process is required: when one exits while the launch runs (e.g.
 ``ipc_server`` with status 2 on an unusable parameter, or the module's node
@@ -78,12 +81,18 @@ def generate_launch_description() -> LaunchDescription:
                         "'package.module:ClassName', e.g. \"['my_arm.arm_service:ArmService']\" "
                         '(the servicers parameter; empty: none besides ModuleService).'),
         DeclareLaunchArgument(
+            'use_sim_time', default_value='', choices=['', 'true', 'false'],
+            description='true: every node of the module takes its time from /clock (the '
+                        'use_sim_time parameter); false: from the system clock; empty: as the '
+                        'parameter files say (else false).'),
+        DeclareLaunchArgument(
             'params_file', default_value='',
             description='A ROS 2 parameter file (YAML) for every node of the module, e.g. '
                         'grace_period or socket_path of the IPC server; applied after the '
                         "package's config/ipc_server.yaml, keyed by node name "
                         '(<module_name>_ipc_server, /robot1/<module_name>_ipc_server) or /**. It may '
-                        'set servicers (if the launch argument does not), not module_name. Empty: none.'),
+                        'set servicers and use_sim_time (if the launch arguments do not), not '
+                        'module_name. Empty: none.'),
         OpaqueFunction(function=_module_processes),
     ])
 
@@ -102,7 +111,9 @@ def _module_processes(context: LaunchContext) -> list[Node]:
     servicers = _servicers(context.perform_substitution(LaunchConfiguration('servicers')))
     module_package = context.perform_substitution(LaunchConfiguration('module_package'))
     module_executable = context.perform_substitution(LaunchConfiguration('module_executable'))
-    params_file = _params_file(context.perform_substitution(LaunchConfiguration('params_file')), servicers)
+    sim_time = _use_sim_time(context.perform_substitution(LaunchConfiguration('use_sim_time')))
+    params_file = _params_file(context.perform_substitution(LaunchConfiguration('params_file')), servicers,
+                               sim_time is not None)
     user_files = [params_file] if params_file is not None else []
     if host_ipc and (module_package, module_executable) == (PACKAGE, DEMO_EXECUTABLE):
         raise ValueError(
@@ -112,13 +123,16 @@ def _module_processes(context: LaunchContext) -> list[Node]:
     # An empty list is left out: rcl reads `servicers: []` as a parameter without
     # a value, and launch_ros refuses empty lists anyway.
     servicer_parameters = [{'servicers': servicers}] if servicers else []
+    # Only when given: as a default of false it would override a params_file's.
+    sim_time_parameters = [{'use_sim_time': sim_time}] if sim_time is not None else []
     ipc_parameters: list[Any] = [IPC_SERVER_CONFIG, *user_files, {'module_name': MODULE_NAME},
-                                 *servicer_parameters]
+                                 *servicer_parameters, *sim_time_parameters]
     module_node = Node(
         package=module_package,
         executable=module_executable,
         namespace=NAMESPACE,
-        parameters=ipc_parameters if host_ipc else [*user_files, {'module_name': MODULE_NAME}],
+        parameters=(ipc_parameters if host_ipc
+                    else [*user_files, {'module_name': MODULE_NAME}, *sim_time_parameters]),
         on_exit=_stop_the_module,
         output='screen',
     )
@@ -166,18 +180,26 @@ def _servicers(text: str) -> list[str]:
                      'write it as servicers:="[\'my_arm.arm_service:ArmService\']"')
 
 
-def _params_file(text: str, servicers: list[str]) -> Path | None:
+def _use_sim_time(text: str) -> bool | None:
+    """The ``use_sim_time`` launch argument: ``True``, ``False``, or ``None``
+    (empty: the node gets none from the launch file). ``choices`` has checked it."""
+    return None if not text else text == 'true'
+
+
+def _params_file(text: str, servicers: list[str], sim_time: bool = False) -> Path | None:
     """The ``params_file`` launch argument as an absolute path (``~`` expanded);
     ``None`` when empty.
 
-    The file must not set ``module_name``, nor ``servicers`` when the launch
-    argument gives them: which value a node gets would depend on how the file
+    The file must not set ``module_name``, nor ``servicers`` or
+    ``use_sim_time`` when a launch argument gives them (``servicers`` not
+    empty, ``sim_time`` true): which value a node gets would depend on how the file
     names the node (ROS applies each key's values in the order the key first
     appears across the files: a node's own key in this file comes after the
     ``/**`` of config/ipc_server.yaml), so the launch argument could lose.
 
     :raises ValueError: it names no readable file, is not YAML of ROS 2
-        parameters, or sets ``module_name`` or both ``servicers``. Checked
+        parameters, or sets ``module_name``, or ``servicers`` or
+        ``use_sim_time`` that a launch argument gives too. Checked
         here: each node would otherwise fail alone at start.
     """
     if not text.strip():
@@ -207,9 +229,10 @@ def _params_file(text: str, servicers: list[str]) -> Path | None:
     if 'module_name' in given:
         raise ValueError(f'{where}: {path} sets module_name: give it only as the launch argument '
                          'module_name:=<name>')
-    if 'servicers' in given and servicers:
-        raise ValueError(f'{where}: {path} sets servicers, and so does the launch argument '
-                         'servicers: give them in one place')
+    for name, too in (('servicers', bool(servicers)), ('use_sim_time', sim_time)):
+        if name in given and too:
+            raise ValueError(f'{where}: {path} sets {name}, and so does the launch argument '
+                             f'{name}: give it in one place')
     return path
 
 

@@ -98,6 +98,10 @@ def is_installed(relative: str) -> bool:
                for destination, pattern in installed_data_files())
 
 
+#: What rclpy declares on every node.
+NODE_PARAMETERS = frozenset({'use_sim_time'})
+
+
 def declared_parameters(executable: str) -> frozenset[str]:
     """The parameter table of the module behind a console script."""
     module_name = console_scripts()[executable].partition(':')[0]
@@ -202,6 +206,8 @@ class LaunchFile:
                     and node.value is not None:
                 self.variables.setdefault(node.target.id, []).append(node.value)
         self.arguments: dict[str, str | None] = {}
+        #: The ``choices`` of the arguments that have them.
+        self.choices: dict[str, list[str]] = {}
         self.nodes: list[LaunchNode] = []
         self.share_files: list[ShareFile] = []
         for node in ast.walk(tree):
@@ -212,6 +218,9 @@ class LaunchFile:
                 default = next((k.value for k in node.keywords if k.arg == 'default_value'), None)
                 self.arguments[self.value(node.args[0])] = (
                     None if default is None else self.value(default))
+                choices = next((k.value for k in node.keywords if k.arg == 'choices'), None)
+                if choices is not None:
+                    self.choices[self.value(node.args[0])] = self.value(choices)
             elif name == 'Node':
                 launch_node = LaunchNode(line=node.lineno)
                 for keyword in node.keywords:
@@ -345,7 +354,7 @@ def parameter_problems(launch_file: LaunchFile, root: Path = REPO) -> list[str]:
             continue  # executable_problems() reports it
         where = f'{launch_file.path.name}:{node.line} ({executable})'
         for parameters in node.parameter_lists():
-            declared = declared_parameters(executable)
+            declared = declared_parameters(executable) | NODE_PARAMETERS
             if IPC_SERVER_CONFIG in parameters:
                 declared |= hosting_parameters()
             for item in parameters:

@@ -91,7 +91,8 @@ def module_ipc() -> LaunchFile:
 def test_module_ipc_arguments_and_defaults(module_ipc: LaunchFile) -> None:
     assert module_ipc.arguments == {
         'module_name': None, 'namespace': '', 'module_package': PACKAGE,
-        'module_executable': 'demo_module_node', 'host_ipc': 'false', 'servicers': '', 'params_file': ''}
+        'module_executable': 'demo_module_node', 'host_ipc': 'false', 'servicers': '', 'use_sim_time': '',
+        'params_file': ''}
 
 
 def test_the_ipc_server_config_goes_to_ipc_server_or_to_the_hosting_module_node(
@@ -106,17 +107,34 @@ def test_the_ipc_server_config_goes_to_ipc_server_or_to_the_hosting_module_node(
     # With a params_file: the same, the user's file after the package's config and before module_name.
     assert [{'module_name': Argument('module_name')}] in module_node
     assert [user_file, {'module_name': Argument('module_name')}] in module_node
-    assert sum(IPC_SERVER_CONFIG in parameters for parameters in module_node) == 4
+    # (hosting: with or without a params_file, servicers and use_sim_time)
+    assert sum(IPC_SERVER_CONFIG in parameters for parameters in module_node) == 8
     for parameters in ipc_server + module_node:
         if user_file in parameters:
             assert parameters.index(user_file) == parameters.index({'module_name': Argument('module_name')}) - 1
             assert IPC_SERVER_CONFIG not in parameters or parameters.index(IPC_SERVER_CONFIG) == 0
-    assert sum(user_file in parameters for parameters in ipc_server) == 2
+    assert sum(user_file in parameters for parameters in ipc_server) == 4
     # servicers is given only when the argument names some (an empty list has no value in ROS).
     for parameters in ipc_server + module_node:
         for item in parameters:
             if isinstance(item, dict) and 'servicers' in item:
                 assert item == {'servicers': Computed('_servicers')}
+
+
+def test_use_sim_time_goes_to_every_node_only_when_given_and_after_the_files(module_ipc: LaunchFile) -> None:
+    """use_sim_time:=true reaches both nodes; left empty, nothing overrides
+    what a params_file says (a default of false would)."""
+    sim_time = {'use_sim_time': Computed('_use_sim_time')}
+    for node in module_ipc.nodes:
+        lists = node.parameter_lists()
+        assert any(sim_time in parameters for parameters in lists), node.executable
+        assert any(sim_time not in parameters for parameters in lists), node.executable
+        for parameters in lists:
+            if sim_time in parameters:
+                assert parameters[-1] == sim_time  # after every file: it wins
+    parse = module_ipc.pure_function('_use_sim_time', {})
+    assert parse('true') is True and parse('false') is False and parse('') is None
+    assert module_ipc.choices['use_sim_time'] == ['', 'true', 'false']
 
 
 def test_module_ipc_names_the_ipc_server_node_after_the_module(module_ipc: LaunchFile) -> None:
@@ -161,6 +179,12 @@ def test_params_file_argument_parsing(module_ipc: LaunchFile, tmp_path: Path,
     assert parse('~/params.yaml', []) == params
     with pytest.raises(ValueError, match=r'params\.yaml sets servicers, and so does the launch argument'):
         parse('params.yaml', ['x.y:Z'])
+    assert parse('params.yaml', [], True) == params  # it sets no use_sim_time
+    params.write_text('/**:\n  ros__parameters:\n    use_sim_time: true\n')
+    assert parse('params.yaml', [], False) == params
+    with pytest.raises(ValueError, match=r'params\.yaml sets use_sim_time, and so does the launch argument '
+                                         r'use_sim_time: give it in one place'):
+        parse('params.yaml', [], True)
     with pytest.raises(ValueError, match=rf"params_file:='nope.yaml': {tmp_path}/nope.yaml does not exist"):
         parse('nope.yaml', [])
     with pytest.raises(ValueError, match=rf'params_file:=.*: {tmp_path} is not a file'):
