@@ -474,8 +474,9 @@ class ClientCore:
             agreement = self.agreement
             if agreement.send_window and method.kind.request_streaming:
                 target.credit = SendCredit(agreement.send_window)
-            if agreement.receive_window and method.kind.response_streaming:
-                target.window = ReceiveWindow(agreement.receive_window, self.message_limit)
+            if method.kind.response_streaming:  # (bounded also where the server did not agree)
+                target.window = ReceiveWindow(agreement.receive_window, self.message_limit,
+                                              self.stream_window)
         return stream_id
 
     def finish(self, stream_id: int) -> bytes | None:
@@ -560,10 +561,8 @@ class ClientCore:
         window.overrun = True
         if target.credit is not None:
             target.credit.close()
-        self.deliver(target, error_from_status(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f'the server sent {window.unconsumed()} bytes of stream {stream_id} that were not read: '
-            f'more than the window and one message it may send ({window.limit})'))
+        self.deliver(target, error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                               window.overrun_reason(stream_id)))
 
 
 def _resolve_shared(frame: Frame, take_fds: Callable[[int], list[int]], message_limit: int,

@@ -25,6 +25,7 @@ __all__ = [
     'MESSAGE_OVERHEAD',
     'ReceiveWindow',
     'SendCredit',
+    'UNCONTROLLED_WINDOWS',
     'message_cost',
     'validate_stream_window',
 ]
@@ -36,6 +37,12 @@ DEFAULT_STREAM_WINDOW = 1 << 20
 #: costs its receiver while it waits to be consumed.
 MESSAGE_OVERHEAD = 64
 _MIN_WINDOW = 1 << 10
+#: Windows of streamed messages a receiver holds unconsumed per stream from a
+#: sender that did not agree to flow control (a plain ttrpc server), and one
+#: message: 64 MiB by default. Unbounded, a server streaming to a caller that
+#: does not read made the asyncio client hold all it sent (390 MB of a 384 MB
+#: flood, measured).
+UNCONTROLLED_WINDOWS = 64
 
 
 def validate_stream_window(value: object, name: str = 'stream_window') -> int:
@@ -117,17 +124,30 @@ class ReceiveWindow:
     One thread calls :meth:`received` (the one reading the connection), one
     :meth:`taken` (the stream's consumer); each writes its own count.
 
+    A sender that did not agree to flow control (a plain ttrpc server:
+    ``window`` 0) is granted nothing, and held to a larger bound, as the
+    receiver has no way to slow it down: a stream it sends faster than its
+    consumer takes fails once past it, instead of the receiver holding all
+    it sends.
+
     :param message_limit: the largest message the receiver accepts: a
         sender with credit left may send one such message.
+    :param offered: the window the receiver offered (the unit of the bound
+        without flow control).
     """
 
-    __slots__ = ('_threshold', '_taken', 'limit', 'overrun', '_received', '_consumed')
+    __slots__ = ('agreed', '_threshold', '_taken', 'limit', 'overrun', '_received', '_consumed')
 
-    def __init__(self, window: int, message_limit: int) -> None:
-        self._threshold = max(window // 2, 1)
+    def __init__(self, window: int, message_limit: int, offered: int = DEFAULT_STREAM_WINDOW) -> None:
+        #: Whether the sender agreed to flow control (``window`` is not 0).
+        self.agreed = window > 0
+        # Without it nothing is granted (the sender would not know a
+        # WINDOW_UPDATE): only the bound below holds.
+        self._threshold = max(window // 2, 1) if window else 1 << 62
         self._taken = 0
-        #: What may arrive unconsumed: the window and one message.
-        self.limit = window + message_cost(message_limit)
+        #: What may arrive unconsumed: the window and one message (without
+        #: flow control, :data:`UNCONTROLLED_WINDOWS` of the window offered).
+        self.limit = (window or UNCONTROLLED_WINDOWS * offered) + message_cost(message_limit)
         #: Set by the receiver once the sender went past :attr:`limit`.
         self.overrun = False
         self._received = 0
@@ -139,6 +159,13 @@ class ReceiveWindow:
         (what a sender that waits for credit can have sent)."""
         self._received += size + MESSAGE_OVERHEAD
         return self._received - self._consumed > self.limit
+
+    def overrun_reason(self, stream_id: int) -> str:
+        """Why the stream fails once its sender went past :attr:`limit`."""
+        bound = ('the window and one message it may send' if self.agreed
+                 else 'a stream without flow control may hold')
+        return (f'the server sent {self.unconsumed()} bytes of stream {stream_id} that were not read: '
+                f'more than {bound} ({self.limit})')
 
     def unconsumed(self) -> int:
         """Bytes (as counted against the window) that arrived and were not taken."""

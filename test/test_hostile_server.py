@@ -1,0 +1,116 @@
+"""The fast-lane clients against a hostile or broken server: a raw peer on a
+real socket that answers what no correct server would. The client must raise
+a clear :class:`~vyra_base_ipc.IPCError`, hold no more than its bounds, and
+stay usable where the connection is still in step."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+import threading
+from typing import Any, Callable, Iterator
+
+import grpc
+import pytest
+
+from ttrpc_peer import DATA, RESPONSE, Peer, PeerServer, frame_bytes
+from vyra_base_ipc import ttrpc_pb2
+from vyra_base_ipc._methods import Method, MethodKind
+from vyra_base_ipc.exceptions import IPCRemoteError
+from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
+
+Script = Callable[[Peer], None]
+
+#: Raw methods (bytes in, bytes out): what the server answers is the test's whole point.
+UNARY = Method(name='Echo', path='/hostile.Test/Echo', kind=MethodKind.UNARY_UNARY,
+               request_serializer=None, response_deserializer=None)
+STREAM = Method(name='Count', path='/hostile.Test/Count', kind=MethodKind.UNARY_STREAM,
+                request_serializer=None, response_deserializer=None)
+
+# A window of 4 KiB and messages of at most 4 KiB: the bounds are small enough to flood quickly.
+SMALL: dict[str, Any] = {'shared_memory': None, 'stream_window': 4096, 'max_message_bytes': 4096, 'busy_poll': 0}
+
+
+@pytest.fixture
+def hostile(socket_dir: Path) -> Iterator[Callable[[Script], Path]]:
+    """``hostile(script)``: a 'server' running ``script`` on each connection it accepts."""
+    servers: list[PeerServer] = []
+
+    def start(script: Script) -> Path:
+        servers.append(PeerServer(socket_dir / f'hostile{len(servers)}.sock', script))
+        return servers[-1].path
+    yield start
+    for server in servers:
+        server.close()
+
+
+def decline_flow_control(peer: Peer, how: str) -> None:
+    """Answer the client's Hello without flow control: as a plain ttrpc
+    server does (unknown method), or as one of this package's that grants no window."""
+    assert peer.read_frame().stream_id == 1
+    if how == 'plain ttrpc':
+        peer.respond(1, code=grpc.StatusCode.UNIMPLEMENTED.value[0], message='Method not found!')
+    else:
+        peer.respond(1, ttrpc_pb2.Hello(cancel=True, stream_window=0).SerializeToString())
+
+
+def until_closed(peer: Peer) -> None:
+    """Read (and drop) what the client sends until it closes the connection."""
+    try:
+        while True:
+            peer.read_frame()
+    except ConnectionError:
+        pass
+
+
+# == flow control =================================================================================
+
+@pytest.mark.parametrize('how', ['plain ttrpc', 'no window granted'])
+@pytest.mark.parametrize('client', ['sync', 'async'])
+def test_a_server_without_flow_control_cannot_make_a_stream_nobody_reads_hold_more_than_its_bound(
+        client: str, how: str, hostile: Callable[[Script], Path]) -> None:
+    # 2,000 messages of 1,000 bytes (2 MB) to a stream whose caller took one
+    # and waits, then the answer of a unary call on the same connection: once
+    # the caller has that answer, the client has read the whole flood. It
+    # held it all (the asyncio client 390 MB of a 384 MB flood, measured);
+    # a stream without flow control now holds 64 windows and one message at
+    # most, then fails RESOURCE_EXHAUSTED (and drops the rest).
+    flooded = threading.Event()
+
+    def script(peer: Peer) -> None:
+        decline_flow_control(peer, how)
+        stream_id = peer.read_frame().stream_id
+        message = frame_bytes(stream_id, DATA, 0, bytes(1000))
+        peer.send(stream_id, DATA, 0, b'first')
+        unary = peer.read_frame()
+        peer.send_raw(message * 2000)
+        peer.send(stream_id, RESPONSE, 0, ttrpc_pb2.Response(status=ttrpc_pb2.Status()).SerializeToString())
+        peer.respond(unary.stream_id, b'after the flood')
+        flooded.set()
+        until_closed(peer)
+
+    path = hostile(script)
+    received = 0
+    limit = 64 * 4096 + 4096 + 64
+    with pytest.raises(IPCRemoteError) as raised:
+        if client == 'sync':
+            with SyncConnection.connect(path, **SMALL) as connection:
+                stream = connection.stream(STREAM, b'', timeout=20)
+                assert next(stream) == b'first'
+                assert connection.call(UNARY, b'', timeout=20) == b'after the flood'
+                for _ in stream:
+                    received += 1
+        else:
+            async def iterate() -> None:
+                nonlocal received
+                async with await AsyncConnection.connect(path, **SMALL) as connection:
+                    stream = connection.stream(STREAM, b'', timeout=20)
+                    assert await stream.__anext__() == b'first'
+                    assert await connection.call(UNARY, b'', timeout=20) == b'after the flood'
+                    async for _ in stream:
+                        received += 1
+            asyncio.run(iterate())
+    assert flooded.is_set()
+    assert raised.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f'more than a stream without flow control may hold ({limit})' in raised.value.details
+    assert 0 < received <= limit // 1064
