@@ -13,10 +13,10 @@ from typing import Any, Callable, Iterator
 import grpc
 import pytest
 
-from ttrpc_peer import DATA, RESPONSE, Peer, PeerServer, frame_bytes
+from ttrpc_peer import DATA, REQUEST, RESPONSE, Peer, PeerServer, frame_bytes, response_envelope
 from vyra_base_ipc import ttrpc_pb2
 from vyra_base_ipc._methods import Method, MethodKind
-from vyra_base_ipc.exceptions import IPCRemoteError
+from vyra_base_ipc.exceptions import IPCRemoteError, IPCUnavailableError
 from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
 
 Script = Callable[[Peer], None]
@@ -59,6 +59,17 @@ def until_closed(peer: Peer) -> None:
     try:
         while True:
             peer.read_frame()
+    except ConnectionError:
+        pass
+
+
+def answer_every_call(peer: Peer) -> None:
+    """Answer every call ``b'fine'`` until the client closes the connection."""
+    try:
+        while True:
+            frame = peer.read_frame()
+            if frame.type == REQUEST:
+                peer.respond(frame.stream_id, b'fine')
     except ConnectionError:
         pass
 
@@ -114,3 +125,56 @@ def test_a_server_without_flow_control_cannot_make_a_stream_nobody_reads_hold_mo
     assert raised.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert f'more than a stream without flow control may hold ({limit})' in raised.value.details
     assert 0 < received <= limit // 1064
+
+
+# == frames out of step ===========================================================================
+
+GARBAGE: dict[str, bytes] = {
+    # An HTTP server on the socket: its first bytes read as a header of 1.2 GB
+    # on stream 0x2f312e31, and the client skipped every byte after them.
+    'another protocol': b'HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n',
+    'an answer on a stream never opened': frame_bytes(1001, RESPONSE, 0, response_envelope(b'stray')),
+    'an answer on an even stream': frame_bytes(4, RESPONSE, 0, response_envelope(b'stray')),
+    'an oversized frame on a stream never opened': frame_bytes(7777, DATA, 0, length=1 << 30),
+}
+
+
+@pytest.mark.parametrize('garbage', list(GARBAGE))
+@pytest.mark.parametrize('client', ['sync', 'async'])
+def test_a_server_out_of_step_loses_its_connection_at_once_and_a_new_one_works(
+        client: str, garbage: str, hostile: Callable[[Script], Path]) -> None:
+    # Every later answer of the connection was skipped or ignored: each call
+    # waited for its deadline, and the connection still counted as open, so
+    # the handlers never made a new one.
+    connections = 0
+
+    def script(peer: Peer) -> None:
+        nonlocal connections
+        connections += 1
+        decline_flow_control(peer, 'plain ttrpc')
+        if connections == 1:
+            peer.read_frame()
+            peer.send_raw(GARBAGE[garbage])
+        answer_every_call(peer)
+
+    path = hostile(script)
+    if client == 'sync':
+        with SyncConnection.connect(path, **SMALL) as connection:
+            with pytest.raises(IPCUnavailableError) as raised:
+                connection.call(UNARY, b'', timeout=5)
+            assert connection.is_closed
+        with SyncConnection.connect(path, **SMALL) as connection:
+            assert connection.call(UNARY, b'', timeout=5) == b'fine'
+    else:
+        async def call() -> IPCUnavailableError:
+            async with await AsyncConnection.connect(path, **SMALL) as connection:
+                with pytest.raises(IPCUnavailableError) as raised:
+                    await connection.call(UNARY, b'', timeout=5)
+                assert connection.is_closed
+            async with await AsyncConnection.connect(path, **SMALL) as connection:
+                assert await connection.call(UNARY, b'', timeout=5) == b'fine'
+            return raised.value
+        error = asyncio.run(call())
+    details = raised.value.details if client == 'sync' else error.details
+    assert 'lost: the server is out of step: a frame' in details
+    assert 'on a stream this client never opened' in details

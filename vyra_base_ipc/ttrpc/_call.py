@@ -25,7 +25,6 @@ from .._payload import (
     Pieces,
     SharedMemoryError,
     SharedMemoryOptions,
-    TooLargeError,
     close_fds,
     usable_options,
 )
@@ -70,8 +69,7 @@ from ._messages import (
     request_prefix,
 )
 from ._pieces import serialized
-from ._segment_link import SegmentLink
-from ._shared_memory import MemfdGate, goes_inline, joined, outgoing, unpack
+from ._shared_memory import MemfdGate, goes_inline, joined, outgoing, resolve_shared
 
 __all__ = ['ClientCore', 'ClientStream', 'Item', 'Outcome', 'Prepared', 'unary_response']
 
@@ -519,6 +517,11 @@ class ClientCore:
         it needs no CANCEL."""
         streams = self.streams
         stream_id = item.stream_id
+        if stream_id >= self.next_id or (not stream_id & 1 and stream_id):
+            # (No server opens streams: ids are the client's, odd, and only increase.) A frame
+            # the server could not have sent in step: the bytes that follow are no frames either.
+            return (f'the server is out of step: a frame of type {item.type} on a stream this client '
+                    f'never opened ({stream_id})')
         routed: Item = item
         if item.__class__ is Frame:
             frame: Frame = item
@@ -526,7 +529,7 @@ class ClientCore:
                 if self.offered is None:
                     return 'shared memory from a server that was not offered it'
                 try:
-                    routed = _resolve_shared(frame, self.decoder.take_fds, self.message_limit,
+                    routed = resolve_shared(frame, self.decoder.take_fds, self.message_limit,
                                              self.offered.max_bytes, self.agreement.segments)
                 except ValueError as error:
                     return str(error)
@@ -564,35 +567,3 @@ class ClientCore:
         self.deliver(target, error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                                window.overrun_reason(stream_id)))
 
-
-def _resolve_shared(frame: Frame, take_fds: Callable[[int], list[int]], message_limit: int,
-                    buffer_limit: int, segments: SegmentLink | None) -> Item:
-    """A frame flagged :data:`FLAG_SHARED_MEMORY` with its message fetched
-    from shared memory (as a read-only view), or the error to give its call.
-    Must run as frames arrive, in order: it takes the frame's descriptors.
-
-    :raises ValueError: the descriptors the frame came with cannot be
-        counted (an error or another frame type flagged as shared memory, a
-        malformed envelope or manifest), or fewer arrived than it announced:
-        left queued, they would go to the next frame's call, so the
-        connection is out of step and must close.
-    """
-    if frame.type == _RESPONSE:
-        try:
-            code, message, manifest, _ = decode_response(frame.data)
-        except DecodeError as error:
-            raise ValueError(f'malformed response in shared memory from server: {error}') from None
-        if code:
-            raise ValueError(f'shared memory on an error response (status {code}: {message})')
-    elif frame.type == _DATA:
-        manifest = frame.data
-    else:
-        raise ValueError(f'shared memory on a frame of type {frame.type}')
-    try:
-        payload, buffers = unpack(manifest, take_fds, message_limit, buffer_limit, 'the response', segments,
-                                  server=False)
-    except TooLargeError as error:
-        return error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
-    except SharedMemoryError as error:
-        return error_from_status(grpc.StatusCode.INTERNAL, str(error))
-    return Frame(frame.stream_id, frame.type, frame.flags, payload, buffers)  # type: ignore[arg-type]

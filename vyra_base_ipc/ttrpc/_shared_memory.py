@@ -19,6 +19,9 @@ import logging
 import os
 from typing import Callable, Sequence
 
+from google.protobuf.message import DecodeError
+import grpc
+
 from .. import ttrpc_pb2
 from .._payload import (
     MAX_BUFFERS_PER_MESSAGE,
@@ -31,12 +34,14 @@ from .._payload import (
 )
 from .._segment_pool import segment_pool, size_class
 from .._shared_buffer import ReceivedBuffers, SharedBuffer
+from ..exceptions import IPCError, error_from_status
 from ._errors import received_too_large
-from ._frames import FLAG_SHARED_MEMORY
+from ._frames import FLAG_SHARED_MEMORY, Frame, MessageType
 from ._hello import Agreement
+from ._messages import decode_response
 from ._segment_link import SegmentLink
 
-__all__ = ['MemfdGate', 'goes_inline', 'joined', 'outgoing', 'pack', 'unpack']
+__all__ = ['MemfdGate', 'goes_inline', 'joined', 'outgoing', 'pack', 'resolve_shared', 'unpack']
 
 _logger = logging.getLogger(__name__)
 
@@ -294,3 +299,37 @@ def _map(fd: int, size: int, lend: int, link: SegmentLink | None, what: str, pop
         return map_sealed(fd, size, what, populate)
     assert link is None
     raise SharedMemoryError(f'{what}: a lent segment on a connection that did not agree on them')
+
+
+def resolve_shared(frame: Frame, take_fds: Callable[[int], list[int]], message_limit: int,
+                   buffer_limit: int, segments: SegmentLink | None) -> Frame | IPCError:
+    """A frame a client received flagged :data:`FLAG_SHARED_MEMORY` with its
+    message fetched from shared memory (as a read-only view), or the error to
+    give its call.
+    Must run as frames arrive, in order: it takes the frame's descriptors.
+
+    :raises ValueError: the descriptors the frame came with cannot be
+        counted (an error or another frame type flagged as shared memory, a
+        malformed envelope or manifest), or fewer arrived than it announced:
+        left queued, they would go to the next frame's call, so the
+        connection is out of step and must close.
+    """
+    if frame.type == MessageType.RESPONSE:
+        try:
+            code, message, manifest, _ = decode_response(frame.data)
+        except DecodeError as error:
+            raise ValueError(f'malformed response in shared memory from server: {error}') from None
+        if code:
+            raise ValueError(f'shared memory on an error response (status {code}: {message})')
+    elif frame.type == MessageType.DATA:
+        manifest = frame.data
+    else:
+        raise ValueError(f'shared memory on a frame of type {frame.type}')
+    try:
+        payload, buffers = unpack(manifest, take_fds, message_limit, buffer_limit, 'the response', segments,
+                                  server=False)
+    except TooLargeError as error:
+        return error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+    except SharedMemoryError as error:
+        return error_from_status(grpc.StatusCode.INTERNAL, str(error))
+    return Frame(frame.stream_id, frame.type, frame.flags, payload, buffers)  # type: ignore[arg-type]
