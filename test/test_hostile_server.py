@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 import grpc
 import pytest
 
-from ttrpc_peer import DATA, REQUEST, RESPONSE, Peer, PeerServer, frame_bytes, response_envelope
+from ttrpc_peer import DATA, REMOTE_CLOSED, REQUEST, RESPONSE, Peer, PeerServer, frame_bytes, response_envelope
 from vyra_base_ipc import ttrpc_pb2
 from vyra_base_ipc._methods import Method, MethodKind
 from vyra_base_ipc.exceptions import IPCRemoteError, IPCUnavailableError
@@ -178,3 +178,36 @@ def test_a_server_out_of_step_loses_its_connection_at_once_and_a_new_one_works(
     details = raised.value.details if client == 'sync' else error.details
     assert 'lost: the server is out of step: a frame' in details
     assert 'on a stream this client never opened' in details
+
+
+@pytest.mark.parametrize('client', ['sync', 'async'])
+def test_frames_of_types_a_client_does_not_know_are_ignored_as_the_protocol_says(
+        client: str, hostile: Callable[[Script], Path]) -> None:
+    # A later extension's frames (or a CANCEL, which only clients send) on a call's stream
+    # failed the call INTERNAL ("protocol error: got a frame of type 85"); servers ignore them.
+    def script(peer: Peer) -> None:
+        decline_flow_control(peer, 'plain ttrpc')
+        for _ in range(2):
+            frame = peer.read_frame()
+            for kind in (0x55, 0x10, 0xff):
+                peer.send(frame.stream_id, kind, 0, b'not for you')
+            if frame.type == REQUEST and frame.flags & REMOTE_CLOSED:  # the stream
+                peer.send(frame.stream_id, DATA, 0, b'one')
+                peer.send(frame.stream_id, 0x55, 0, b'not for you')
+                peer.send(frame.stream_id, DATA, REMOTE_CLOSED, b'two')
+            else:
+                peer.respond(frame.stream_id, b'fine')
+        until_closed(peer)
+
+    path = hostile(script)
+    if client == 'sync':
+        with SyncConnection.connect(path, **SMALL) as connection:
+            assert connection.call(UNARY, b'', timeout=5) == b'fine'
+            assert list(connection.stream(STREAM, b'', timeout=5)) == [b'one', b'two']
+    else:
+        async def call() -> None:
+            async with await AsyncConnection.connect(path, **SMALL) as connection:
+                assert await connection.call(UNARY, b'', timeout=5) == b'fine'
+                assert [message async for message in connection.stream(STREAM, b'', timeout=5)] == [b'one', b'two']
+        asyncio.run(call())
+

@@ -541,6 +541,8 @@ class ClientCore:
                 if isinstance(target, ClientStream) and target.credit is not None:
                     target.credit.grant(window_increment(frame))
                 return None
+            elif not _REQUEST <= frame.type <= _DATA:
+                return None  # unknown here (a later extension's, a CANCEL): ignored, as MessageType says
             if frame.type == _RESPONSE or (frame.type == _DATA and frame.flags & FLAG_REMOTE_CLOSED):
                 target = streams.pop(stream_id, None)
                 if isinstance(target, ClientStream) and target.credit is not None:
