@@ -6,6 +6,7 @@ stay usable where the connection is still in step."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 import threading
 from typing import Any, Callable, Iterator
@@ -13,8 +14,17 @@ from typing import Any, Callable, Iterator
 import grpc
 import pytest
 
-from ttrpc_peer import DATA, REMOTE_CLOSED, REQUEST, RESPONSE, Peer, PeerServer, frame_bytes, response_envelope
-from vyra_base_ipc import ttrpc_pb2
+from ttrpc_peer import (
+    DATA,
+    REMOTE_CLOSED,
+    REQUEST,
+    RESPONSE,
+    Peer,
+    PeerServer,
+    frame_bytes,
+    response_envelope,
+)
+from vyra_base_ipc import SharedMemoryOptions, ttrpc_pb2
 from vyra_base_ipc._methods import Method, MethodKind
 from vyra_base_ipc.exceptions import IPCRemoteError, IPCUnavailableError
 from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
@@ -210,4 +220,47 @@ def test_frames_of_types_a_client_does_not_know_are_ignored_as_the_protocol_says
                 assert await connection.call(UNARY, b'', timeout=5) == b'fine'
                 assert [message async for message in connection.stream(STREAM, b'', timeout=5)] == [b'one', b'two']
         asyncio.run(call())
+
+
+# == descriptors ==================================================================================
+
+FD_ABUSE: dict[str, tuple[bool, int, str]] = {
+    # (shared memory offered, descriptors passed in one sendmsg, what the error says)
+    'more than a read takes': (True, 40, 'file descriptors the peer passed were cut off (MSG_CTRUNC)'),
+    'without shared memory offered': (False, 1, 'file descriptors from a peer that did not agree on shared memory'),
+}
+
+
+@pytest.mark.parametrize('abuse', list(FD_ABUSE))
+@pytest.mark.parametrize('client', ['sync', 'async'])
+def test_descriptors_a_server_may_not_pass_lose_the_connection_naming_why(
+        client: str, abuse: str, hostile: Callable[[Script], Path]) -> None:
+    # The blocking client said "the server passed file descriptors that no frame claims"
+    # whatever was wrong.
+    offered, count, words = FD_ABUSE[abuse]
+
+    def script(peer: Peer) -> None:
+        assert peer.read_frame().stream_id == 1
+        peer.respond(1, ttrpc_pb2.Hello(shared_memory=offered, cancel=True).SerializeToString())
+        peer.read_frame()
+        fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(count)]
+        try:
+            peer.send(0, 0x55, 0, b'', fds=fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        until_closed(peer)
+
+    path = hostile(script)
+    options = {**SMALL, 'shared_memory': SharedMemoryOptions() if offered else None}
+    with pytest.raises(IPCUnavailableError) as raised:
+        if client == 'sync':
+            with SyncConnection.connect(path, **options) as connection:
+                connection.call(UNARY, b'', timeout=5)
+        else:
+            async def call() -> None:
+                async with await AsyncConnection.connect(path, **options) as connection:
+                    await connection.call(UNARY, b'', timeout=5)
+            asyncio.run(call())
+    assert words in raised.value.details
 

@@ -47,7 +47,7 @@ from ._errors import NothingSent, SenderFailed, closed, lost, timeout_error, wai
 from ._flow import DEFAULT_STREAM_WINDOW
 from ._frames import FLAG_SHARED_MEMORY, MAX_QUEUED_FDS, Frame, FrameDecoder, encode_window_update
 from ._messages import ENVELOPE_ALLOWANCE, Metadata
-from ._transport import MSG_CTRUNC, received_fds, unread_in_socket
+from ._transport import CUT_OFF_FDS, MSG_CTRUNC, received_fds, unread_in_socket
 
 __all__ = ['SyncConnection']
 
@@ -536,12 +536,15 @@ class SyncConnection:
         if received is None:
             return None
         data, ancillary, flags, _ = received
-        if ancillary:
+        if ancillary or flags & MSG_CTRUNC:  # (no ancillary data at all if none fitted)
             decoder.add_fds(received_fds(ancillary))
-            if (flags & MSG_CTRUNC or self._core.offered is None
-                    or decoder.queued_fds > MAX_QUEUED_FDS):
-                self._broken(lost(self.socket_path, 'the server passed file descriptors that no '
-                                  'frame claims'))
+            why = (CUT_OFF_FDS if flags & MSG_CTRUNC
+                   else 'file descriptors from a peer that did not agree on shared memory'
+                   if self._core.offered is None
+                   else f'more than {MAX_QUEUED_FDS} file descriptors not claimed by any frame'
+                   if decoder.queued_fds > MAX_QUEUED_FDS else None)
+            if why is not None:
+                self._broken(lost(self.socket_path, why))
                 return None
         if not data:
             self._broken(lost(self.socket_path, 'closed by the server'))

@@ -32,8 +32,8 @@ from typing import Any, Callable, Sequence
 
 from .._payload import MAX_FDS_PER_MESSAGE, close_fds
 
-__all__ = ['MSG_CTRUNC', 'SEND_BUFFER_BYTES', 'UnixTransport', 'accept_connections', 'buffered_recvmsg',
-           'enlarge_send_buffer']
+__all__ = ['CUT_OFF_FDS', 'MSG_CTRUNC', 'SEND_BUFFER_BYTES', 'UnixTransport', 'accept_connections',
+           'buffered_recvmsg', 'enlarge_send_buffer']
 
 _logger = logging.getLogger(__name__)
 
@@ -62,6 +62,11 @@ _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 #: default where it is 208 KiB too. 2 MiB holds the whole frame of a message
 #: up to 1 MiB, the largest that travels inline while shared memory is on.
 SEND_BUFFER_BYTES = 1 << 20
+
+
+#: Why a connection closes whose peer's descriptors were cut off in a read.
+CUT_OFF_FDS = (f'file descriptors the peer passed were cut off (MSG_CTRUNC): more than {MAX_FDS_PER_READ} '
+               'at once, or none free here (RLIMIT_NOFILE)')
 
 
 def enlarge_send_buffer(sock: socket.socket) -> None:
@@ -181,8 +186,7 @@ class UnixTransport(asyncio.Transport):
             return
         if flags & MSG_CTRUNC:  # (with no ancillary data at all if none fitted)
             close_fds(received_fds(ancillary))
-            cut = ConnectionError(f'file descriptors the peer passed were cut off (MSG_CTRUNC): more '
-                                  f'than {MAX_FDS_PER_READ} at once, or none free here (RLIMIT_NOFILE)')
+            cut = ConnectionError(CUT_OFF_FDS)
             _logger.warning('fast-lane connection closed: %s', cut)
             self._fatal(cut)
             return
