@@ -6,6 +6,7 @@ stay usable where the connection is still in step."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 from pathlib import Path
 import threading
@@ -19,6 +20,7 @@ from ttrpc_peer import (
     REMOTE_CLOSED,
     REQUEST,
     RESPONSE,
+    SHARED,
     Peer,
     PeerServer,
     frame_bytes,
@@ -30,6 +32,8 @@ from vyra_base_ipc.exceptions import IPCRemoteError, IPCUnavailableError
 from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
 
 Script = Callable[[Peer], None]
+
+F_ADD_SEALS, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 1033, 0x0002, 0x0004, 0x0008
 
 #: Raw methods (bytes in, bytes out): what the server answers is the test's whole point.
 UNARY = Method(name='Echo', path='/hostile.Test/Echo', kind=MethodKind.UNARY_UNARY,
@@ -264,3 +268,71 @@ def test_descriptors_a_server_may_not_pass_lose_the_connection_naming_why(
             asyncio.run(call())
     assert words in raised.value.details
 
+
+def sealed_memfd(data: bytes) -> int:
+    """A memfd holding ``data``, sealed against shrinking, growing and writing (as a sender seals it)."""
+    fd = os.memfd_create('hostile', os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(fd, data)
+    fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE)
+    return fd
+
+
+def open_fds() -> int:
+    return len(os.listdir('/proc/self/fd'))
+
+
+@pytest.mark.parametrize('client', ['sync', 'async'])
+def test_shared_buffers_on_streamed_messages_are_refused_without_holding_their_descriptors(
+        client: str, hostile: Callable[[Script], Path]) -> None:
+    # No peer sends a streamed message with buffers (attach_buffers copies them inline there),
+    # but the clients took them: 20 messages of 31 one-byte buffers to a stream whose caller
+    # did not read made the client hold 620 descriptors and mappings (a flood of them, its
+    # whole RLIMIT_NOFILE: 18,610 of 20,000 for 300 messages, measured).
+    manifest = ttrpc_pb2.SharedMemoryManifest()
+    for handle in range(1, 32):
+        manifest.buffers.add(handle=handle, size=1)
+
+    def script(peer: Peer) -> None:
+        assert peer.read_frame().stream_id == 1
+        peer.respond(1, ttrpc_pb2.Hello(shared_memory=True, cancel=True, stream_window=1 << 20).SerializeToString())
+        stream_id = peer.read_frame().stream_id
+        peer.send(stream_id, DATA, 0, b'first')
+        unary = peer.read_frame()
+        for _ in range(20):
+            fds = [sealed_memfd(b'x') for _ in range(31)]
+            try:
+                peer.send(stream_id, DATA, SHARED, manifest.SerializeToString(), fds=fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        peer.respond(unary.stream_id, b'after them')
+        until_closed(peer)
+
+    path = hostile(script)
+    options = {**SMALL, 'shared_memory': SharedMemoryOptions()}
+    held = 0
+    with pytest.raises(IPCRemoteError) as raised:
+        if client == 'sync':
+            with SyncConnection.connect(path, **options) as connection:
+                stream = connection.stream(STREAM, b'', timeout=10)
+                assert next(stream) == b'first'
+                before = open_fds()
+                assert connection.call(UNARY, b'', timeout=10) == b'after them'
+                held = open_fds() - before
+                assert held < 31, f'{held} descriptors held for messages not read'
+                list(stream)
+        else:
+            async def iterate() -> None:
+                nonlocal held
+                async with await AsyncConnection.connect(path, **options) as connection:
+                    stream = connection.stream(STREAM, b'', timeout=10)
+                    assert await stream.__anext__() == b'first'
+                    before = open_fds()
+                    assert await connection.call(UNARY, b'', timeout=10) == b'after them'
+                    held = open_fds() - before
+                    assert held < 31, f'{held} descriptors held for messages not read'
+                    async for _ in stream:
+                        pass
+            asyncio.run(iterate())
+    assert raised.value.code is grpc.StatusCode.INTERNAL
+    assert '31 shared buffers with a streamed message' in raised.value.details

@@ -550,10 +550,14 @@ class ClientCore:
             else:
                 target = streams.get(stream_id)
                 window = target.window if isinstance(target, ClientStream) else None
-                if window is not None and routed.__class__ is Frame and window.received(len(routed.data)):
-                    if not window.overrun:
+                if window is not None:
+                    if window.overrun:
+                        return None  # dropped: the call failed, the caller's finish() cancels it
+                    if routed.__class__ is not Frame:  # refused (shared memory): the call ends with it,
+                        window.overrun = True  # and what follows is dropped, not queued behind it
+                    elif window.received(len(routed.data)):
                         self._overrun(stream_id, target, window)
-                    return None  # dropped: the caller's finish() cancels the call
+                        return None
         else:
             target = streams.get(stream_id)
         if target is not None:  # else: a call that ended, or a stray frame

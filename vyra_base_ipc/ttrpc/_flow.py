@@ -148,7 +148,8 @@ class ReceiveWindow:
         #: What may arrive unconsumed: the window and one message (without
         #: flow control, :data:`UNCONTROLLED_WINDOWS` of the window offered).
         self.limit = (window or UNCONTROLLED_WINDOWS * offered) + message_cost(message_limit)
-        #: Set by the receiver once the sender went past :attr:`limit`.
+        #: Set by the receiver once the sender went past :attr:`limit` (or
+        #: the stream failed otherwise): what arrives after is dropped.
         self.overrun = False
         self._received = 0
         self._consumed = 0

@@ -204,7 +204,7 @@ def joined(payload: bytes | Pieces) -> bytes:
 
 
 def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int, buffer_limit: int,
-           what: str, link: SegmentLink | None = None, *, server: bool
+           what: str, link: SegmentLink | None = None, *, server: bool, streamed: bool = False
            ) -> tuple[bytes | memoryview, ReceivedBuffers | None]:
     """Resolve a received manifest: the message payload (a read-only view of
     shared memory, or bytes) and the explicit buffers (``None`` if none).
@@ -221,6 +221,9 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
     :param buffer_limit: largest explicit buffer accepted, in bytes.
     :param what: names the message in errors, e.g. ``'the request of /pkg.Service/Method'``.
     :param server: whether this end is the server (its errors say ``SERVER:``, else ``CLIENT:``).
+    :param streamed: the message is one of a stream, which carries no buffers
+        (:func:`~vyra_base_ipc.attach_buffers` copies them inline there):
+        buffers are refused, before anything is mapped.
     :raises TooLargeError: the message or a buffer is over its limit (for the
         message, in grpc's words for a message it received inline).
     :raises ValueError: malformed manifest, or fewer descriptors than it
@@ -247,6 +250,11 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
         if entry_count > MAX_BUFFERS_PER_MESSAGE:  # (their descriptors are closed below)
             raise SharedMemoryError(f'{what}: {entry_count} shared buffers; at most '
                                     f'{MAX_BUFFERS_PER_MESSAGE} travel with a message')
+        if entry_count and streamed:
+            # Unbounded otherwise: a stream's window counts its messages, not their buffers, and
+            # each buffer holds a descriptor and a mapping until the caller takes its message.
+            raise SharedMemoryError(f'{what}: {entry_count} shared buffers with a streamed message '
+                                    '(only the message of a unary call carries buffers)')
         payload: bytes | memoryview
         if payload_size:
             if payload_size > message_limit:
@@ -327,7 +335,7 @@ def resolve_shared(frame: Frame, take_fds: Callable[[int], list[int]], message_l
         raise ValueError(f'shared memory on a frame of type {frame.type}')
     try:
         payload, buffers = unpack(manifest, take_fds, message_limit, buffer_limit, 'the response', segments,
-                                  server=False)
+                                  server=False, streamed=frame.type == MessageType.DATA)
     except TooLargeError as error:
         return error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
     except SharedMemoryError as error:
