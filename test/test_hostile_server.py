@@ -17,6 +17,7 @@ import pytest
 
 from ttrpc_peer import (
     DATA,
+    NO_DATA,
     REMOTE_CLOSED,
     REQUEST,
     RESPONSE,
@@ -336,3 +337,59 @@ def test_shared_buffers_on_streamed_messages_are_refused_without_holding_their_d
             asyncio.run(iterate())
     assert raised.value.code is grpc.StatusCode.INTERNAL
     assert '31 shared buffers with a streamed message' in raised.value.details
+
+
+def mappings() -> int:
+    with open('/proc/self/maps') as maps:
+        return sum(1 for _ in maps)
+
+
+@pytest.mark.parametrize('client', ['sync', 'async'])
+def test_small_streamed_messages_in_shared_memory_are_copied_out_not_kept_mapped(
+        client: str, hostile: Callable[[Script], Path]) -> None:
+    # A window counts a message at its size (and 64 bytes), not at the page and the mapping a
+    # message in shared memory costs: 2,000 one-byte messages each in a memfd of its own, well
+    # within a 1 MiB window, made the client hold 2,000 mappings (one stream of them 20,000, a
+    # third of vm.max_map_count, past which nothing in the process can map memory).
+    manifest = ttrpc_pb2.SharedMemoryManifest(payload_size=1).SerializeToString()
+    count = 2000
+
+    def script(peer: Peer) -> None:
+        assert peer.read_frame().stream_id == 1
+        peer.respond(1, ttrpc_pb2.Hello(shared_memory=True, cancel=True, stream_window=1 << 20).SerializeToString())
+        stream_id = peer.read_frame().stream_id
+        peer.send(stream_id, DATA, 0, b'first')
+        unary = peer.read_frame()
+        for index in range(count):
+            fd = sealed_memfd(bytes([index % 256]))
+            try:
+                peer.send(stream_id, DATA, SHARED, manifest, fds=[fd])
+            finally:
+                os.close(fd)
+        peer.send(stream_id, DATA, REMOTE_CLOSED | NO_DATA)
+        peer.respond(unary.stream_id, b'after them')
+        until_closed(peer)
+
+    path = hostile(script)
+    options = {**SMALL, 'shared_memory': SharedMemoryOptions(), 'stream_window': 1 << 20}
+    expected = [bytes([index % 256]) for index in range(count)]
+    if client == 'sync':
+        with SyncConnection.connect(path, **options) as connection:
+            stream = connection.stream(STREAM, b'', timeout=10)
+            assert next(stream) == b'first'
+            before = mappings()
+            assert connection.call(UNARY, b'', timeout=10) == b'after them'
+            held = mappings() - before
+            assert held < 100, f'{held} mappings held for messages not read'
+            assert [bytes(message) for message in stream] == expected
+    else:
+        async def iterate() -> None:
+            async with await AsyncConnection.connect(path, **options) as connection:
+                stream = connection.stream(STREAM, b'', timeout=10)
+                assert await stream.__anext__() == b'first'
+                before = mappings()
+                assert await connection.call(UNARY, b'', timeout=10) == b'after them'
+                held = mappings() - before
+                assert held < 100, f'{held} mappings held for messages not read'
+                assert [bytes(message) async for message in stream] == expected
+        asyncio.run(iterate())

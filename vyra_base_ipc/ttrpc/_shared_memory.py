@@ -41,9 +41,20 @@ from ._hello import Agreement
 from ._messages import decode_response
 from ._segment_link import SegmentLink
 
-__all__ = ['MemfdGate', 'goes_inline', 'joined', 'outgoing', 'pack', 'resolve_shared', 'unpack']
+__all__ = ['STREAMED_COPY_BELOW', 'MemfdGate', 'goes_inline', 'joined', 'outgoing', 'pack', 'resolve_shared',
+           'unpack']
 
 _logger = logging.getLogger(__name__)
+
+#: A streamed message in shared memory smaller than this is copied out as it
+#: arrives, its mapping and lend let go at once: a stream's window counts a
+#: message at its size, not at the page and the mapping it takes, and a server
+#: sending one-byte messages each in a memfd of its own made one stream hold
+#: 20,000 mappings, a third of ``vm.max_map_count`` (65,530), past which no
+#: memory can be mapped in the process. Above it a stream holds at most its
+#: window and one message over this many bytes of mappings (272 by default);
+#: below it a copy costs less than a mapping.
+STREAMED_COPY_BELOW = 64 * 1024
 
 Manifest = ttrpc_pb2.SharedMemoryManifest
 
@@ -223,7 +234,8 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
     :param server: whether this end is the server (its errors say ``SERVER:``, else ``CLIENT:``).
     :param streamed: the message is one of a stream, which carries no buffers
         (:func:`~vyra_base_ipc.attach_buffers` copies them inline there):
-        buffers are refused, before anything is mapped.
+        buffers are refused, before anything is mapped; and a message of less
+        than :data:`STREAMED_COPY_BELOW` bytes is copied out of its mapping.
     :raises TooLargeError: the message or a buffer is over its limit (for the
         message, in grpc's words for a message it received inline).
     :raises ValueError: malformed manifest, or fewer descriptors than it
@@ -263,6 +275,8 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
             payload = (link.receive(fds[0], payload_size, lend, manifest.payload_segment, what, True)
                        if lend and link is not None else _map(fds[0], payload_size, lend, link, what, True))
             viewed = 1
+            if streamed and payload_size < STREAMED_COPY_BELOW:
+                payload = bytes(payload)  # (the view gone: unmapped, its lend given back)
         else:
             payload = manifest.payload
         if not entry_count:
