@@ -179,14 +179,14 @@ class _GrpcLaneBase:
         :raises IPCUnavailableError: there is no socket file: grpc, left to
             wait, would connect to whatever appears at the path (a call that
             waits for its server waits for the file first, see :meth:`there`).
+        :raises ValueError: a blocking channel was closed (by disconnect()).
         """
         if not self._pin.check():
             raise self._socket_missing(method.path)
         call = self._callables.get(method.path)
         if call is None:
-            call = self._callables[method.path] = getattr(self._channel, method.kind.value)(
-                method.path, request_serializer=method.request_serializer,
-                response_deserializer=method.response_deserializer, _registered_method=True)
+            call = self._callables[method.path] = self._pinned.multi_callable(
+                method.kind.value, method.path, method.request_serializer, method.response_deserializer)
         return call
 
     def _socket_missing(self, method: str | None = None) -> IPCUnavailableError:
@@ -515,6 +515,8 @@ class SyncGrpcLane(_GrpcLaneBase):
         timeout, wait = self._check_probe(deadline)
         try:
             self._callable(_PROBE)(_PROBE_REQUEST, timeout=timeout, wait_for_ready=wait)
+        except ValueError:  # (disconnect() in another thread closed the channel)
+            raise closed(self._path) from None
         except grpc.RpcError as error:
             failure = self._probe_failed(error, deadline)
             if failure is not None:

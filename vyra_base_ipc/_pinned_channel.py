@@ -119,6 +119,13 @@ class PinnedChannel:
 
     channel: Any
     pin: PinnedSocket
+    # Held while a blocking channel closes or makes a method's callable, which
+    # grpc (1.85) does with a handle from the channel's core: on a channel
+    # closed before or meanwhile (disconnect() in another thread), the
+    # process died of SIGSEGV (test_client_stress.py). A grpc.aio channel
+    # makes one after its close, and its call then fails.
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
+    _closed: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False, compare=False)
 
     @classmethod
     def open(cls, factory: Callable[..., Any], path: str, trusted: frozenset[int],
@@ -145,9 +152,27 @@ class PinnedChannel:
         check = getattr(getattr(self.channel, '_channel', None), 'check_connectivity_state', None)
         return check is not None and check(False) == grpc.ChannelConnectivity.READY.value[0]
 
+    def multi_callable(self, kind: str, method: str, request_serializer: Callable[[Any], bytes] | None,
+                       response_deserializer: Callable[[bytes], Any] | None) -> Any:
+        """The channel's callable of ``method``, a registered method of ``kind``
+        (``'unary_unary'``, ``'unary_stream'``, ...); thread-safe.
+
+        :raises ValueError: a blocking channel was closed (grpc's words for a
+            call on a closed channel).
+        """
+        with self._lock:
+            if self._closed.is_set():
+                raise ValueError('Cannot invoke RPC on closed channel!')
+            return getattr(self.channel, kind)(method, request_serializer=request_serializer,
+                                               response_deserializer=response_deserializer,
+                                               _registered_method=True)
+
     def close(self) -> None:
-        """Close a blocking channel, then its descriptor."""
-        self.channel.close()
+        """Close a blocking channel, then its descriptor. Waits for a callable
+        being made (:meth:`multi_callable`) to be made."""
+        with self._lock:
+            self._closed.set()
+            self.channel.close()
         self.pin.close()
 
     async def aclose(self) -> None:
