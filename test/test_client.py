@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 import signal
 import threading
-from typing import Iterator
+from typing import Any, Callable, Iterator
 import warnings
 
 import grpc
@@ -337,6 +337,52 @@ def test_a_sync_handler_made_before_its_server_works_once_the_server_is_up(
     assert ipc.is_connected
     ipc.disconnect()
     assert sync_pool.open_connections() == sync_ttrpc_pool.open_connections() == 0
+
+
+def _collected_or_refused(reply: Callable[[], Any]) -> str:
+    """The text of a Collect call's answer, or 'not started again' if it failed so."""
+    try:
+        return reply().text
+    except IPCUnavailableError as error:
+        if 'not started again' in str(error):
+            return 'not started again'
+        raise
+
+
+def test_a_request_stream_call_made_as_the_server_comes_back_loses_none_of_its_requests(
+        start_server, socket_path: Path, echo) -> None:
+    # Found: the call answered 'b,c' (and so with IPCHandler, below). grpc's
+    # channel, still waiting out its reconnect backoff, failed the call after
+    # grpc had read the first request, and the call went again (ServerCameUp)
+    # with what was left of the stream.
+    ipc = SyncIPCHandler(socket_path, echo.Stub, lane='grpc')
+    server = start_server(socket_path)
+    assert ipc.call_method('Echo', echo.pb.EchoRequest(text='up')).text == 'up'
+    server.kill()
+    with pytest.raises(IPCUnavailableError):
+        ipc.call_method('Echo', echo.pb.EchoRequest(text='down'))  # the channel waits out its backoff from here
+    start_server(socket_path)
+    requests = iter([echo.pb.EchoRequest(text=text) for text in 'abc'])
+    assert _collected_or_refused(lambda: ipc.call_method('Collect', requests)) in ('a,b,c', 'not started again')
+    assert ipc.call_method('Echo', echo.pb.EchoRequest(text='up again')).text == 'up again'
+    ipc.disconnect()
+
+
+@pytest.mark.asyncio
+async def test_an_async_request_stream_call_made_as_the_server_comes_back_loses_none_of_its_requests(
+        start_server, socket_path: Path, echo) -> None:
+    ipc = IPCHandler(socket_path, echo.Stub, lane='grpc')
+    server = start_server(socket_path)
+    assert (await ipc.call_method('Echo', echo.pb.EchoRequest(text='up'))).text == 'up'
+    server.kill()
+    with pytest.raises(IPCUnavailableError):
+        await ipc.call_method('Echo', echo.pb.EchoRequest(text='down'))
+    start_server(socket_path)
+    call = asyncio.ensure_future(ipc.call_method('Collect', iter([echo.pb.EchoRequest(text=t) for t in 'abc'])))
+    await asyncio.wait([call])
+    assert _collected_or_refused(call.result) in ('a,b,c', 'not started again')
+    assert (await ipc.call_method('Echo', echo.pb.EchoRequest(text='up again'))).text == 'up again'
+    await ipc.disconnect()
 
 
 @pytest.mark.asyncio

@@ -25,7 +25,7 @@ from ._deadline import Deadline, within
 from ._idle_watch import IdleWatch, OverdueWatch
 from ._methods import Method, MethodKind
 from ._pinned_channel import PinnedChannel
-from ._request_stream import SEND_FAILED, AioRequestSender, RequestStream
+from ._request_stream import SEND_FAILED, AioRequestSender, RequestStream, server_status
 from ._shared_buffer import ReceivedBuffers, SharedBuffer, inline_request
 from ._socket_file import is_listening
 from ._status_details import status_details
@@ -213,6 +213,12 @@ class _GrpcLaneBase:
         code, details = error.code(), self._details(error)
         if code is grpc.StatusCode.UNAVAILABLE:
             unreachable = self._unreachable(details, method.path)
+            if isinstance(unreachable, ServerCameUp) and method.kind.request_streaming:
+                # Not gone again as ServerCameUp: grpc may have read requests (the rest went: 'b,c' of 'abc').
+                return IPCUnavailableError(code, f'the server on {self._path!r} came up while the channel '
+                                           'waited to connect again; the call is not started again, as some '
+                                           f'of its request stream may have been read ({details})',
+                                           method=method.path)
             if unreachable is not None:
                 return unreachable
         elif code is grpc.StatusCode.CANCELLED and _CLOSED.search(details):
@@ -414,7 +420,7 @@ class GrpcLane(_GrpcLaneBase):
                 # call INTERNAL instead, as the fast lane does: so does this lane.
                 raise undecodable(method)
         except grpc.RpcError as error:
-            raise self._translate(await _server_status(error, sender, timeout), method, request) from None
+            raise self._translate(await server_status(error, sender, timeout), method, request) from None
         except (asyncio.CancelledError, ValueError) as error:
             if isinstance(error, asyncio.CancelledError) and timeout is not None and timeout.expired() \
                     and _not_cancelled():
@@ -462,32 +468,13 @@ class GrpcLane(_GrpcLaneBase):
                 yield response
                 _remaining(timeout, method)  # (grpc may give what came in time to a read after the deadline)
         except grpc.RpcError as error:
-            raise self._translate(await _server_status(error, sender, timeout), method, request) from None
+            raise self._translate(await server_status(error, sender, timeout), method, request) from None
         except asyncio.CancelledError as error:
             raise self._closed_under(error, method, request) from None
         finally:
             call.cancel()
             if sender is not None:
                 sender.stop()
-
-
-#: How long a call whose request message could not be written waits for the
-#: server's status at most (grpc core gives it as the call ends, at once).
-_STATUS_WAIT = 5.0
-
-
-async def _server_status(error: grpc.RpcError, sender: AioRequestSender | None,
-                         deadline: Deadline | None) -> grpc.RpcError:
-    """``error``; but for grpc.aio's INTERNAL :data:`SEND_FAILED` (a request
-    message could not be written) the status the server ended the call
-    with, if it gives one (see :class:`AioRequestSender`)."""
-    if sender is None or error.code() is not grpc.StatusCode.INTERNAL or error.details() != SEND_FAILED:
-        return error
-    wait = _STATUS_WAIT if deadline is None else max(0.0, min(_STATUS_WAIT, deadline.remaining()))
-    status = await sender.server_status(wait)
-    if status is None:
-        return error
-    return grpc.aio.AioRpcError(status[0], grpc.aio.Metadata(), grpc.aio.Metadata(), status[1])
 
 
 def _cancel_overdue(call: Any, deadline: Deadline) -> asyncio.TimerHandle:

@@ -17,10 +17,10 @@ from typing import Any, Awaitable, TypeVar
 
 import grpc
 
-from ._deadline import within
+from ._deadline import Deadline, within
 from ._methods import Method, request_type_error
 
-__all__ = ['SEND_FAILED', 'AioRequestSender', 'RequestStream']
+__all__ = ['SEND_FAILED', 'AioRequestSender', 'RequestStream', 'server_status']
 
 _T = TypeVar('_T')
 
@@ -167,3 +167,22 @@ def _at_once(awaitable: Awaitable[_T]) -> _T | None:
         return done.value
     steps.close()
     return None
+
+
+#: How long a call whose request message could not be written waits for the
+#: server's status at most (grpc core gives it as the call ends, at once).
+_STATUS_WAIT = 5.0
+
+
+async def server_status(error: grpc.RpcError, sender: AioRequestSender | None,
+                        deadline: Deadline | None) -> grpc.RpcError:
+    """``error``; but for grpc.aio's INTERNAL :data:`SEND_FAILED` (a request
+    message could not be written) the status the server ended the call
+    with, if it gives one (see :class:`AioRequestSender`)."""
+    if sender is None or error.code() is not grpc.StatusCode.INTERNAL or error.details() != SEND_FAILED:
+        return error
+    wait = _STATUS_WAIT if deadline is None else max(0.0, min(_STATUS_WAIT, deadline.remaining()))
+    status = await sender.server_status(wait)
+    if status is None:
+        return error
+    return grpc.aio.AioRpcError(status[0], grpc.aio.Metadata(), grpc.aio.Metadata(), status[1])
