@@ -6,11 +6,19 @@ Bounded: each test makes a few hundred calls against one server process."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+from concurrent.futures import ThreadPoolExecutor
 import json
+import random
 import subprocess
 import sys
+from typing import Any
+
+import pytest
 
 from conftest import LONG, ServerProcess
+from vyra_base_ipc import IPCError, IPCHandler, SyncIPCHandler
 
 #: A process whose four threads call Echo on one SyncIPCHandler (lane argv[2],
 #: server argv[1]) while its main thread disconnects that handler 300 times;
@@ -65,3 +73,139 @@ def test_sync_calls_racing_disconnect_on_the_grpc_lane_answer_or_fail_as_closed(
     report = json.loads(result.stdout)
     assert set(report['outcomes']) <= {'answered', 'closed'} and report['wrong'] == [], report
     assert report['last'] == 'last'  # (and the handler still works)
+
+
+# -- cross-talk under cancellation ------------------------------------------------------
+
+#: Calls per test, and how many run at once.
+CALLS, AT_ONCE = 600, 60
+
+
+class Tally:
+    """What the calls of a run ended with; ``wrong``: answers or stream
+    messages that were not their own call's (must stay empty)."""
+
+    def __init__(self) -> None:
+        self.wrong: list[tuple[str, object]] = []
+        self.ended: collections.Counter[str] = collections.Counter()
+
+    def check(self, expected: object, got: object) -> None:
+        if got != expected:
+            self.wrong.append((str(expected), got))
+
+    def failed(self, error: BaseException) -> None:
+        """A call's failure: documented (an IPCError) or not (kept as wrong)."""
+        if isinstance(error, IPCError):
+            self.ended[type(error).__name__] += 1
+        else:
+            self.wrong.append(('an IPCError', repr(error)))
+
+
+async def _one_async_call(ipc: IPCHandler, echo: Any, token: str, kind: int, tally: Tally) -> None:
+    if kind == 0:
+        reply = await ipc.call_method('Echo', echo.pb.EchoRequest(text=token), timeout=10)
+        tally.check(token, reply.text)
+    elif kind == 1:  # a tiny deadline: answered or timed out
+        reply = await ipc.call_method('EchoSync', echo.pb.EchoRequest(text=token), timeout=0.002)
+        tally.check(token, reply.text)
+    elif kind == 2:  # a bidirectional stream, left after its third answer
+        texts = [f'{token}-{index}' for index in range(6)]
+        stream = ipc.stream_method('Chat', iter(echo.pb.EchoRequest(text=text) for text in texts), timeout=10)
+        index = 0
+        async for reply in stream:
+            tally.check(texts[index].upper(), reply.text)
+            index += 1
+            if index == 3:
+                break
+        await stream.aclose()
+    elif kind == 3:  # a response stream read to its end
+        stream = ipc.stream_method('Count', echo.pb.CountRequest(count=int(token.rpartition('.')[2]) % 9 + 1),
+                                   timeout=10)
+        tally.check(list(range(int(token.rpartition('.')[2]) % 9 + 1)), [reply.index async for reply in stream])
+    else:  # a client stream
+        texts = [f'{token}-{index}' for index in range(4)]
+        reply = await ipc.call_method('Collect', iter(echo.pb.EchoRequest(text=text) for text in texts), timeout=10)
+        tally.check(','.join(texts), reply.text)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('lane', ['auto', 'grpc', 'ttrpc'])
+async def test_concurrent_async_calls_cancelled_at_random_points_get_only_their_own_answers(
+        server: ServerProcess, echo: Any, lane: str) -> None:
+    """Calls, streams left early and client streams from 60 tasks at once on
+    one handler, a third of them cancelled after a random number of loop
+    passes (before sending, while sending, waiting or reading): every answer
+    and stream message is its own call's, every failure an IPCError, and the
+    handler serves on."""
+    rng = random.Random(7)  # the same mix and cancel points every run
+    tally = Tally()
+    async with IPCHandler(server.socket_path, echo.Stub, lane=lane) as ipc:
+        async def one(index: int) -> None:
+            call = asyncio.ensure_future(_one_async_call(ipc, echo, f'{lane}.{index}', index % 5, tally))
+            cancel_after = rng.randrange(12) if rng.random() < 0.33 else None
+            for _ in range(cancel_after or 0):
+                await asyncio.sleep(0)
+            if cancel_after is not None:
+                call.cancel()
+            try:
+                await call
+            except asyncio.CancelledError:
+                if cancel_after is None:
+                    tally.wrong.append(('not cancelled', index))
+                tally.ended['cancelled'] += 1
+            except Exception as error:
+                tally.failed(error)
+            else:
+                tally.ended['answered'] += 1
+        for first in range(0, CALLS, AT_ONCE):
+            await asyncio.wait_for(asyncio.gather(*(one(index) for index in range(first, first + AT_ONCE))), LONG)
+        assert (await ipc.call_method('Echo', echo.pb.EchoRequest(text='after'))).text == 'after'
+    assert tally.wrong == [], tally.wrong[:10]
+    assert tally.ended['answered'] > 0 and tally.ended['cancelled'] > 0, tally.ended
+
+
+def _one_sync_call(ipc: SyncIPCHandler, echo: Any, token: str, kind: int, tally: Tally) -> None:
+    try:
+        if kind == 0:
+            tally.check(token, ipc.call_method('Echo', echo.pb.EchoRequest(text=token), timeout=10).text)
+        elif kind == 1:  # a tiny deadline: answered or timed out
+            tally.check(token, ipc.call_method('EchoSync', echo.pb.EchoRequest(text=token), timeout=0.002).text)
+        elif kind == 2:  # a bidirectional stream, left after its third answer
+            texts = [f'{token}-{index}' for index in range(6)]
+            stream = ipc.stream_method('Chat', iter(echo.pb.EchoRequest(text=text) for text in texts), timeout=10)
+            for index, reply in enumerate(stream):
+                tally.check(texts[index].upper(), reply.text)
+                if index == 2:
+                    break
+            stream.close()
+        elif kind == 3:  # a response stream with a deadline that may pass while it is read
+            stream = ipc.stream_method('Count', echo.pb.CountRequest(count=20), timeout=0.005)
+            tally.check(list(range(20)), [reply.index for reply in stream])
+        else:  # a client stream
+            texts = [f'{token}-{index}' for index in range(4)]
+            reply = ipc.call_method('Collect', iter(echo.pb.EchoRequest(text=text) for text in texts), timeout=10)
+            tally.check(','.join(texts), reply.text)
+    except Exception as error:
+        tally.failed(error)
+    else:
+        tally.ended['answered'] += 1
+
+
+@pytest.mark.parametrize('lane', ['auto', 'grpc', 'ttrpc'])
+def test_concurrent_sync_calls_with_tiny_deadlines_get_only_their_own_answers(
+        server: ServerProcess, echo: Any, lane: str) -> None:
+    """One SyncIPCHandler shared by 16 threads (readers hand answers to each
+    other on the fast lane), with deadlines that pass mid-call and streams
+    left early: every answer and stream message is its own call's, every
+    failure an IPCError, and the handler serves on."""
+    tally = Tally()
+    ipc = SyncIPCHandler(server.socket_path, echo.Stub, lane=lane)
+    try:
+        with ThreadPoolExecutor(16) as threads:
+            list(threads.map(lambda index: _one_sync_call(ipc, echo, f'{lane}.{index}', index % 5, tally),
+                             range(CALLS), timeout=LONG))
+        assert ipc.call_method('Echo', echo.pb.EchoRequest(text='after')).text == 'after'
+    finally:
+        ipc.disconnect()
+    assert tally.wrong == [], tally.wrong[:10]
+    assert tally.ended['answered'] > 0, tally.ended
