@@ -13,6 +13,7 @@ UNKNOWN or cancelled, as if the server or the connection had.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Awaitable, TypeVar
 
 import grpc
@@ -95,6 +96,25 @@ class RequestStream:
             raise wrong
         self._index += 1
         return message
+
+
+def _not_the_callers(record: logging.LogRecord) -> bool:
+    """Whether grpc's log ``record`` is of anything but an exception a
+    :class:`RequestStream` raised: the lane raises that one to the caller
+    (:attr:`RequestStream.error`), so grpc's ERROR of it, "Exception
+    iterating requests!" with its traceback, only said it twice."""
+    error = record.exc_info[1] if record.exc_info else None
+    trace = None if error is None else error.__traceback__
+    while trace is not None:
+        if trace.tb_frame.f_code is _NEXT:
+            return False
+        trace = trace.tb_next
+    return True
+
+
+_NEXT = RequestStream.__next__.__code__
+# The blocking channel's request thread logs what the iterator raised (grpc.aio's is not used).
+logging.getLogger('grpc._channel').addFilter(_not_the_callers)
 
 
 class AioRequestSender:
