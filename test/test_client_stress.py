@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from conftest import LONG, ServerProcess
-from vyra_base_ipc import IPCError, IPCHandler, SyncIPCHandler
+from vyra_base_ipc import IPCError, IPCHandler, IPCUnavailableError, SyncIPCHandler
 
 #: A process whose four threads call Echo on one SyncIPCHandler (lane argv[2],
 #: server argv[1]) while its main thread disconnects that handler 300 times;
@@ -209,3 +209,27 @@ def test_concurrent_sync_calls_with_tiny_deadlines_get_only_their_own_answers(
         ipc.disconnect()
     assert tally.wrong == [], tally.wrong[:10]
     assert tally.ended['answered'] > 0, tally.ended
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize('shape', ['call', 'stream'])
+async def test_an_async_grpc_lane_call_on_a_channel_disconnect_closed_fails_as_closed(
+        server: ServerProcess, echo: Any, shape: str) -> None:
+    # Found in a stress run (200 tasks, disconnect() among them): a response
+    # stream whose first attempt failed as the server came back is started
+    # again on the lane it had (see GrpcLane.stream); disconnect() by another
+    # task had closed its channel meanwhile, and grpc.aio's UsageError
+    # "Channel is closed." reached the caller. Here the lane is taken, as a
+    # call does, then closed under it.
+    ipc = IPCHandler(server.socket_path, echo.Stub, lane='grpc')
+    lane = await ipc._lane(None, False)  # what a call holds between its attempts
+    await ipc.disconnect()
+    info = ipc._method('Count' if shape == 'stream' else 'Echo', response_streaming=shape == 'stream')
+    with pytest.raises(IPCUnavailableError, match='was closed'):
+        if shape == 'stream':
+            async for _ in lane.stream(info, echo.pb.CountRequest(count=1), timeout=None):
+                pass
+        else:
+            await lane.call(info, echo.pb.EchoRequest(text='closed'), timeout=None)
+    assert (await ipc.call_method('Echo', echo.pb.EchoRequest(text='again'))).text == 'again'
+    await ipc.disconnect()

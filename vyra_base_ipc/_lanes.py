@@ -76,8 +76,11 @@ _CONNECTION_BROKE = ('Socket closed', 'Connection reset by peer', 'Broken pipe')
 # ...and its refusal of metadata over a bound: the server's of the request's, or the channel's of an answer's.
 _METADATA_TOO_LARGE = 'received metadata size exceeds'
 # ...and of a channel this process closed (disconnect()) under a call, or
-# before it ('Channel closed!', 'Cannot invoke RPC on closed channel!').
-_CLOSED = re.compile(r'[Cc]hannel closed|closed channel')
+# before it ('Channel closed!', 'Cannot invoke RPC on closed channel!'; grpc.aio's
+# UsageError 'Channel is closed.').
+_CLOSED = re.compile(r'[Cc]hannel (is )?closed|closed channel')
+#: What grpc raises for a call on a channel closed before it: blocking, grpc.aio.
+_CLOSED_BEFORE = (ValueError, grpc.aio.UsageError)
 #: How long past its deadline a gRPC-lane call is cancelled if grpc core has not
 #: ended it: core keeps a call whose request it is still writing (the server does
 #: not read: stopped, or its loop stuck) until the server reads, maybe never.
@@ -257,11 +260,11 @@ class _GrpcLaneBase:
         caller's request stream, if it raised one (grpc.aio then cancels the
         call); the fast lane's "was closed" if this process closed the
         channel under the call (grpc.aio cancels it, though nobody cancelled
-        the caller's task) or before it (grpc raises ValueError); else
-        ``error`` itself."""
+        the caller's task) or before it (grpc raises ValueError, grpc.aio
+        UsageError); else ``error`` itself."""
         if isinstance(request, RequestStream) and request.error is not None:
             return request.error
-        if isinstance(error, ValueError):
+        if isinstance(error, _CLOSED_BEFORE):
             closed_here = _CLOSED.search(str(error)) is not None
         else:
             task = asyncio.current_task()
@@ -315,7 +318,7 @@ class _GrpcLaneBase:
             return self._callable(method)(request, timeout=_remaining(timeout, method),
                                           metadata=metadata and checked_metadata(metadata),
                                           wait_for_ready=wait)
-        except ValueError as error:  # (a channel closed meanwhile, also when opened again)
+        except _CLOSED_BEFORE as error:  # (a channel closed meanwhile, also when opened again)
             raise self._closed_under(error, method) from None
 
     def _started_again(self, error: grpc.RpcError, method: Method, call: Any, request: Any,
@@ -389,6 +392,8 @@ class GrpcLane(_GrpcLaneBase):
         timeout, wait = self._check_probe(deadline)
         try:
             await self._callable(_PROBE)(_PROBE_REQUEST, timeout=timeout, wait_for_ready=wait)
+        except grpc.aio.UsageError:  # (disconnect() in another task closed the channel)
+            raise closed(self._path) from None
         except grpc.RpcError as error:
             failure = self._probe_failed(error, deadline)
             if failure is not None:
@@ -421,7 +426,7 @@ class GrpcLane(_GrpcLaneBase):
                 raise undecodable(method)
         except grpc.RpcError as error:
             raise self._translate(await server_status(error, sender, timeout), method, request) from None
-        except (asyncio.CancelledError, ValueError) as error:
+        except (asyncio.CancelledError, *_CLOSED_BEFORE) as error:
             if isinstance(error, asyncio.CancelledError) and timeout is not None and timeout.expired() \
                     and _not_cancelled():
                 raise timeout_error(method) from None  # (cancelled overdue: see _OVERDUE)
