@@ -9,6 +9,7 @@ descriptors are free.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 import resource
 
@@ -97,3 +98,32 @@ def test_a_server_whose_open_file_limit_is_below_its_limits_says_so_at_start(
         assert 'lower those ServerLimits' in warned[0]
     else:
         assert warned == [], warned
+
+
+@pytest.mark.asyncio
+async def test_the_open_file_limit_warning_is_written_before_the_socket_appears(socket_dir: Path) -> None:
+    """Whoever sees the socket (a test, a supervisor reading the log) finds
+    the warning said: before, it came after the socket, and a test reading
+    the log as the socket appeared missed it on a busy machine."""
+    from vyra_base_ipc import IPCServer
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        pytest.skip('no open-file limit to fall short of')
+    path = socket_dir / 'early.sock'
+    socket_there: list[bool] = []
+
+    class Witness(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if '(RLIMIT_NOFILE)' in record.getMessage():
+                socket_there.append(path.exists())
+
+    witness = Witness()
+    logging.getLogger('vyra_base_ipc').addHandler(witness)
+    try:
+        server = IPCServer(path, limits=ServerLimits(max_connections=soft))  # 2 lanes: twice what it may open
+        await server.start()
+        await server.stop(0)
+    finally:
+        logging.getLogger('vyra_base_ipc').removeHandler(witness)
+    assert socket_there == [False]

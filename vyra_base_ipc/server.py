@@ -337,6 +337,10 @@ class IPCServer:
                     executor=self._executor, maximum_concurrent_rpcs=self._maximum_concurrent_rpcs,
                     shared_memory=self.shared_memory, limits=self.limits, **self._socket_options)
                 await self._ttrpc.start()
+            # Said before the socket appears, so that whoever sees it can find it said.
+            shortfall = self.limits.descriptor_shortfall(2 if self._ttrpc is not None else 1)
+            if shortfall is not None:
+                _logger.warning('IPC server on %s: %s', self.socket_path, shortfall)
             # The gRPC socket appears last: whoever sees it finds both lanes up.
             self._socket.publish()
         except BaseException:
@@ -349,9 +353,6 @@ class IPCServer:
         self._state = _State.SERVING
         serving(self._loop, self.socket_path)
         self._introspection.started()
-        shortfall = self.limits.descriptor_shortfall(2 if self._ttrpc is not None else 1)
-        if shortfall is not None:
-            _logger.warning('IPC server on %s: %s', self.socket_path, shortfall)
         if self._announce:
             _logger.info('IPC server serving %s on %s%s', ', '.join(self.service_names) or 'no services',
                          self.socket_path,
