@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 import grpc
 
 from ._interceptors import CallObserver, Observation
+from ._log_limit import log_limited
 from ._metrics import LaneMetrics, ServerMetrics
 from ._request_guard import unexpected_details
 from .exceptions import CallRejected
@@ -135,8 +136,9 @@ def _end(observation: Observation, status: Callable[..., tuple[int, str]], *argu
     try:
         code, details = status(*arguments)
     except Exception:
-        _logger.exception('could not tell how a call of %s ended; counted as UNKNOWN',
-                          observation.call.method if observation.call is not None else 'a method')
+        log_limited(_logger, logging.ERROR, 'status unread',  # (at most one in 10 s)
+                    'could not tell how a call of %s ended; counted as UNKNOWN',
+                    observation.call.method if observation.call is not None else 'a method', exc_info=True)
         code, details = _UNKNOWN, 'the status could not be read'
     observation.end(code, details)
 

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator, Sequence, TypeVar, Union
 
 import grpc
 
+from ._log_limit import log_limited
 from ._metrics import MethodMetrics, ServerMetrics
 from ._peer import PeerCredentials
 from ._request_guard import HANDLER_FAILURES
@@ -162,7 +163,7 @@ class CallObserver:
                     observation.end(rejection.code.value[0], rejection.details)
                     raise
                 except HANDLER_FAILURES:  # (an exit too: it would end the server's event loop)
-                    _logger.exception('interceptor %r failed in call_started of %s', interceptor, method)
+                    _failed(interceptor, 'call_started', method)
         return observation
 
 
@@ -174,10 +175,20 @@ def _server_ended(interceptors: Sequence[ServerInterceptor], call: ServerCall, c
         try:
             interceptor.call_ended(call, status, details, duration)
         except HANDLER_FAILURES:
-            _logger.exception('interceptor %r failed in call_ended of %s', interceptor, call.method)
+            _failed(interceptor, 'call_ended', call.method)
 
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _failed(interceptor: object, hook: str, method: str, side: str = '') -> None:
+    """Log that ``interceptor``'s ``hook`` raised (in an ``except``): the first
+    of an interceptor's hook with its traceback, then at most one every 10 s
+    (:func:`~._log_limit.log_limited`): a hook that fails on what calls carry
+    fails at their rate."""
+    log_limited(_logger, logging.ERROR, ('interceptor failed', type(interceptor), hook, side),
+                '%sinterceptor %r failed in %s of %s', side, interceptor, hook, method, exc_info=True,
+                stacklevel=2)
 
 
 # -- clients ------------------------------------------------------------------------
@@ -278,7 +289,7 @@ def intercepted_call(interceptors: Sequence[ClientInterceptor], call: ClientCall
             raise error_from_status(rejection.code, rejection.details, method=call.method,
                                     status_details=rejection.status_details) from None
         except Exception:
-            _logger.exception('client interceptor %r failed in call_started of %s', interceptor, call.method)
+            _failed(interceptor, 'call_started', call.method, 'client ')
     try:
         yield call
     except IPCError as error:
@@ -300,5 +311,5 @@ def _client_ended(interceptors: Sequence[ClientInterceptor], call: ClientCall, c
         try:
             interceptor.call_ended(call, code, details, duration)
         except Exception:
-            _logger.exception('client interceptor %r failed in call_ended of %s', interceptor, call.method)
+            _failed(interceptor, 'call_ended', call.method, 'client ')
 

@@ -42,6 +42,7 @@ import grpc
 from ._call_duration import exceeded_details
 from ._deadline import within
 from ._def_handlers import in_handler_threads
+from ._log_limit import log_limited
 from ._methods import stream_returned
 from ._status_details import checked_trailer
 from ._sync_context import CheckedTrailer, abort_code
@@ -182,10 +183,21 @@ def unexpected_details(error: BaseException) -> str:
 
 
 def _exited(path: str, error: BaseException) -> str:
-    """Log a handler's exit; the details grpc.aio gives an exception."""
-    _logger.error('Unexpected [%s] raised by servicer method [%s]', type(error).__name__, path,
-                  exc_info=error)
+    """Log a handler's exception (limited: :func:`~._log_limit.log_limited`);
+    the details grpc.aio gives it."""
+    log_unexpected(_logger, path, error)
     return unexpected_details(error)
+
+
+def log_unexpected(logger: logging.Logger, path: str, error: BaseException) -> None:
+    """Log, in grpc.aio's words, that the handler of ``path`` raised
+    ``error``: the first of a kind (method and exception type) with its
+    traceback, then at most one a kind every 10 s, with how many were not
+    (a peer chooses how often a handler fails on its input)."""
+    kind = type(error)
+    log_limited(logger, logging.ERROR, ('servicer raised', path, kind.__module__, kind.__qualname__),
+                'Unexpected [%s] raised by servicer method [%s]', kind.__name__, path, exc_info=error,
+                stacklevel=2)  # (the place: where the exception was caught)
 
 
 def _failed_code(context: Any) -> Any:
@@ -235,8 +247,19 @@ async def _answer(path: str, context: Any, error: BaseException) -> None:
     elif isinstance(error, asyncio.CancelledError):
         if not _cancelled_from_outside():
             await context.abort(grpc.StatusCode.CANCELLED, 'Cancelled')
-    elif isinstance(error, Exception) and _unanswered(error, context):
-        await context.abort(_failed_code(context), _exited(path, error))
+    elif isinstance(error, Exception) and (not isinstance(error, grpc.aio.BaseError)
+                                           or _unanswered(error, context)):
+        # Answered here as grpc.aio answers it, for the log: grpc.aio logs
+        # every one, at the rate a peer makes a handler fail (150 calls, 150
+        # tracebacks); _exited() limits them. grpc.aio's own errors (an abort,
+        # a write after the client left, the server's stop) are left to it.
+        details = _exited(path, error)
+        try:
+            await context.abort(_failed_code(context), details)
+        except grpc.aio.AbortError:
+            raise
+        except grpc.aio.BaseError:
+            return  # (the call had ended: grpc.aio takes the error as before)
 
 
 class _AsyncContext(CheckedTrailer):

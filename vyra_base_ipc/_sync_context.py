@@ -30,6 +30,7 @@ from typing import Any, Callable, Coroutine, TypeVar
 import grpc
 
 from ._handler_threads import CallEnded
+from ._log_limit import log_limited
 from ._status_details import checked_trailer
 
 __all__ = ['CheckedTrailer', 'SyncContext', 'abort_code']
@@ -45,7 +46,8 @@ def abort_code(code: Any) -> Any:
     as grpc's synchronous server and the fast lane take it; grpc.aio answered
     nothing, its caller waiting for the deadline."""
     if code is grpc.StatusCode.OK or (type(code) is int and code == 0):
-        _logger.error('abort() called with StatusCode.OK; answering UNKNOWN')
+        log_limited(_logger, logging.ERROR, 'abort with OK',  # (at most one in 10 s)
+                    'abort() called with StatusCode.OK; answering UNKNOWN')
         return grpc.StatusCode.UNKNOWN
     return code
 
@@ -275,4 +277,5 @@ class SyncContext(CheckedTrailer):
         try:
             callback(*args)
         except Exception:
-            _logger.exception('callback of a def handler raised')
+            log_limited(_logger, logging.ERROR, 'def callback raised',  # (at most one in 10 s)
+                        'callback of a def handler raised', exc_info=True)

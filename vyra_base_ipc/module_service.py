@@ -55,6 +55,7 @@ from . import module_service_pb2 as pb
 from . import module_service_pb2_grpc as pb_grpc
 from ._deadline import within
 from ._json_text import NotJSON, json_text
+from ._log_limit import log_limited
 from ._request_guard import HANDLER_FAILURES
 from .address import StrPath, validate_module_name
 from .exceptions import CommandError
@@ -295,7 +296,7 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
         except NotJSON as error:  # the server's bug: its log says so too
             message = (f'the provider of data item {_shown(request.key)} returned what JSON cannot carry: '
                        f'{error}')
-            _logger.error('GetData: %s', message)
+            log_limited(_logger, logging.ERROR, ('GetData', request.key), 'GetData: %s', message)
             await context.abort(grpc.StatusCode.INTERNAL, message)
         return pb.DataResponse(key=request.key, result=text.encode(), content_type='application/json')
 

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import grpc
 
 from .._handler_threads import CallEnded
+from .._log_limit import log_limited
 from .._peer import PeerCredentials
 from .._status_details import checked_trailer, status_details
 from ._messages import code_of
@@ -200,7 +201,8 @@ class ServicerContext:
             raise TypeError(f'abort() needs a grpc.StatusCode or its number, not {code!r}')
         if code is grpc.StatusCode.OK:
             # gRPC's synchronous server does the same; grpc.aio would hang.
-            _logger.error('abort() called with StatusCode.OK in %s; answering UNKNOWN', self._method)
+            log_limited(_logger, logging.ERROR, ('abort with OK', self._method),  # (one in 10 s a method)
+                        'abort() called with StatusCode.OK in %s; answering UNKNOWN', self._method)
             code = grpc.StatusCode.UNKNOWN
         if not details and self._details:
             details = self._details  # as grpc.aio: an abort without details sends those set before
@@ -290,7 +292,8 @@ class ServicerContext:
         try:
             callback(*args)
         except Exception:
-            _logger.exception('callback of %s raised', self._method)
+            log_limited(_logger, logging.ERROR, ('callback raised', self._method),  # (one in 10 s a method)
+                        'callback of %s raised', self._method, exc_info=True)
 
     def _take_request(self) -> bytes | memoryview:
         """The request a def handler's thread deserializes (once).

@@ -39,6 +39,7 @@ from .._deadline import within
 from .._handler_threads import HandlerThreads
 from .._interceptors import CallObserver
 from .._limits import ServerLimits
+from .._log_limit import flush_held
 from .._methods import ServiceRegistration
 from .._options import DEFAULT_GRACE_PERIOD, DEFAULT_MAX_MESSAGE_BYTES, validate_max_message_bytes
 from .._payload import SharedMemoryOptions, usable_options
@@ -345,6 +346,7 @@ class TtrpcServer:
             self._deadlines.close()
             self._shutdown_executor()
             self._state = _State.STOPPED
+            flush_held()  # (the counts of records held back from its log, before it ends)
         _logger.debug('ttrpc server on %s stopped%s', self.socket_path,
                      '' if removed else ' (socket file was not ours any more)')
 

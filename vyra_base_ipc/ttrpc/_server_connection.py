@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 import grpc
 
 from .._limits import CONCURRENT_RPC_LIMIT_EXCEEDED
+from .._log_limit import log_limited
 from .._payload import SharedMemoryError, TooLargeError
 from .._peer import PeerCredentials, socket_peer
 from .._shared_buffer import ReceivedBuffers
@@ -170,7 +171,8 @@ class ServerConnection(FramedConnection):
             self._time_unclaimed_fds()  # the descriptors they took, or those still waiting
 
     def violation(self, reason: str) -> None:
-        _logger.warning('ttrpc connection closed: %s', reason)
+        # (one a peer may cause at will, by connecting again: limited)
+        log_limited(_logger, logging.WARNING, 'ttrpc violation', 'ttrpc connection closed: %s', reason)
         super().violation(reason)
 
     def data_received(self, data: bytes) -> None:

@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 import grpc
 
 from .. import ttrpc_pb2
+from .._log_limit import log_limited
 from .._payload import (
     MAX_BUFFERS_PER_MESSAGE,
     Pieces,
@@ -120,7 +121,8 @@ def outgoing(payload: bytes | Pieces, agreement: Agreement, buffers: Sequence[Sh
     except SharedMemoryError as error:
         if buffers:
             raise
-        _logger.warning('sending %d bytes inline: %s', len(payload), error)
+        log_limited(_logger, logging.WARNING, 'sending inline',  # (at most one in 10 s)
+                    'sending %d bytes inline: %s', len(payload), error)
         return joined(payload), [], 0
     if packed is None:  # no new memfd for it now
         return joined(payload), [], 0

@@ -7,7 +7,7 @@ import logging
 
 import grpc
 
-from .._request_guard import unexpected_details
+from .._request_guard import log_unexpected, unexpected_details
 from ._context import ServicerContext
 
 __all__ = ['StatusError', 'error_status', 'number', 'status_after_return', 'unexpected']
@@ -31,8 +31,7 @@ class StatusError(Exception):
 
 def unexpected(error: BaseException, path: str) -> tuple[int, str]:
     """UNKNOWN for an exception of the handler of ``path`` (logged), in grpc.aio's words."""
-    _logger.error('Unexpected [%s] raised by servicer method [%s]', type(error).__name__, path,
-                  exc_info=error)
+    log_unexpected(_logger, path, error)
     return number(grpc.StatusCode.UNKNOWN), unexpected_details(error)
 
 

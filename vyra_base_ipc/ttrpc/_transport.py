@@ -30,6 +30,7 @@ import termios
 import threading
 from typing import Any, Callable, Sequence
 
+from .._log_limit import log_limited
 from .._payload import MAX_FDS_PER_MESSAGE, close_fds
 
 __all__ = ['CUT_OFF_FDS', 'MSG_CTRUNC', 'SEND_BUFFER_BYTES', 'UnixTransport', 'accept_connections',
@@ -187,7 +188,8 @@ class UnixTransport(asyncio.Transport):
         if flags & MSG_CTRUNC:  # (with no ancillary data at all if none fitted)
             close_fds(received_fds(ancillary))
             cut = ConnectionError(CUT_OFF_FDS)
-            _logger.warning('fast-lane connection closed: %s', cut)
+            # (a peer may cause it at will, by connecting again: limited)
+            log_limited(_logger, logging.WARNING, 'descriptors cut', 'fast-lane connection closed: %s', cut)
             self._fatal(cut)
             return
         if ancillary:
