@@ -14,11 +14,15 @@ from pathlib import Path
 import re
 from typing import Any
 
+import grpc
 import pytest
 
-from conftest import ServerProcess, StartServer, start_lanes, until
-from ttrpc_peer import Peer
+from conftest import ServerProcess, StartServer, start_lanes, until, wait_for
+from ttrpc_peer import DATA, REMOTE_OPEN, REQUEST, Peer, frame_bytes, request_envelope
 from vyra_base_ipc import IPCRemoteError, SyncIPCHandler
+from vyra_base_ipc._metrics import UNKNOWN_METHOD
+from vyra_base_ipc.introspection_pb2 import StatsRequest
+from vyra_base_ipc.introspection_pb2_grpc import IntrospectionStub
 
 #: The first bytes of an HTTP/2 client: a protocol violation on the fast lane.
 HTTP2_PREFACE = b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'
@@ -76,6 +80,65 @@ def test_a_handler_raising_on_every_call_is_logged_once_then_counted(start_serve
         assert len(logged) <= 3, logged[:5]
         assert told(logged) == 150, logged
     assert len(lines_with(server, 'Traceback')) <= 6
+
+
+
+def test_calls_of_many_made_up_methods_grow_no_table(start_server: StartServer, socket_path: Path) -> None:
+    """20,000 distinct unknown methods on the fast lane and 300 on the gRPC
+    lane (each answered UNIMPLEMENTED) are counted under one
+    ``(unknown method)`` a lane, and log nothing (a guard: so it was)."""
+    server = start_server(socket_path)
+    server.wait_serving(ttrpc=True)
+    with Peer.connect(server.ttrpc_path) as peer:
+        stream_id = 1
+        for batch in range(20):
+            for index in range(1000):
+                peer.request(stream_id, f'made.up{batch}.Service', f'Method{index}')
+                stream_id += 2
+            assert {peer.answer().code for _ in range(1000)} == {grpc.StatusCode.UNIMPLEMENTED.value[0]}
+    with grpc.insecure_channel(f'unix:{socket_path}') as channel:
+        for index in range(300):
+            with pytest.raises(grpc.RpcError) as raised:
+                channel.unary_unary(f'/made.up.Service{index}/Method')(b'', timeout=10)
+            assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with SyncIPCHandler(socket_path, IntrospectionStub, lane='ttrpc') as introspection:
+        methods = introspection.call_method('GetStats', StatsRequest()).methods
+    assert {(entry.method, entry.lane): entry.calls for entry in methods
+            if entry.method == UNKNOWN_METHOD} == {(UNKNOWN_METHOD, 'ttrpc'): 20000, (UNKNOWN_METHOD, 'grpc'): 300}
+    assert not [entry.method for entry in methods if 'made.up' in entry.method]
+    assert server.stop() == 0
+    assert not lines_with(server, 'made.up')
+
+
+
+def test_calls_of_connections_lost_mid_call_leave_nothing_in_flight(start_server: StartServer, socket_path: Path,
+                                                                    echo: Any) -> None:
+    """50 connections, each closed with 30 calls started (unary, async and
+    def streams): the server's count of calls in flight and of connections
+    comes back to the introspection call alone (a guard: so it was)."""
+    server = start_server(socket_path)
+    server.wait_serving(ttrpc=True)
+    sleep = echo.pb.SleepRequest(seconds=30).SerializeToString()
+    message = echo.pb.EchoRequest(text='x').SerializeToString()
+    service = 'vyra.ipc.test.EchoService'
+    for _ in range(50):
+        peer = Peer.connect(server.ttrpc_path)
+        frames = b''
+        for stream_id in range(1, 60, 6):
+            frames += frame_bytes(stream_id, REQUEST, 0, request_envelope(service, 'Sleep', sleep))
+            for offset, method in ((2, 'Chat'), (4, 'ChatSync')):
+                frames += frame_bytes(stream_id + offset, REQUEST, REMOTE_OPEN, request_envelope(service, method))
+                frames += frame_bytes(stream_id + offset, DATA, 0, message)
+        peer.send_raw(frames)
+        peer.read_frame()  # a stream's first answer: the calls are running
+        peer.close()
+
+    def settled() -> bool:
+        with SyncIPCHandler(socket_path, IntrospectionStub, lane='ttrpc') as introspection:
+            stats = introspection.call_method('GetStats', StatsRequest())
+        in_flight = sum(entry.in_flight for entry in stats.methods if entry.method != UNKNOWN_METHOD)
+        return in_flight == 0 and {lane.lane: lane.connections for lane in stats.lanes}['ttrpc'] == 1
+    wait_for(settled, 20, 'no calls of the lost connections in flight')
 
 
 # -- the limit itself, in this process -------------------------------------------------------
