@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from conftest import ServerProcess, StartServer, start_lanes, until, wait_for
-from ttrpc_peer import DATA, REMOTE_OPEN, REQUEST, Peer, frame_bytes, request_envelope
+from ttrpc_peer import DATA, REMOTE_OPEN, REQUEST, SHARED, Peer, frame_bytes, request_envelope
 from vyra_base_ipc import IPCRemoteError, SyncIPCHandler
 from vyra_base_ipc._metrics import UNKNOWN_METHOD
 from vyra_base_ipc.introspection_pb2 import StatsRequest
@@ -42,13 +42,18 @@ def told(lines: list[str]) -> int:
 def test_connections_closed_for_bad_frames_are_logged_once_then_counted(start_server: StartServer,
                                                                         socket_path: Path, echo: Any) -> None:
     """2,000 connections, each closed for a protocol violation, log the
-    first violation and no more than a summary line; the server serves on."""
+    first violation and no more than a summary line; a violation of another
+    kind meanwhile is logged at once; the server serves on."""
     server = start_server(socket_path)
     server.wait_serving(ttrpc=True)
     for _ in range(2000):
         with Peer.connect(server.ttrpc_path) as peer:
             peer.send_raw(HTTP2_PREFACE)
             assert peer.frames_until_closed() == []  # closed once the violation was logged
+    with Peer.connect(server.ttrpc_path) as peer:  # another violation: its first is shown at once
+        peer.send(1, REQUEST, SHARED, request_envelope('vyra.ipc.test.EchoService', 'Echo'))
+        assert peer.frames_until_closed() == []
+    assert lines_with(server, 'ttrpc connection closed: shared-memory flag on a frame of stream 1')
     with SyncIPCHandler(socket_path=socket_path, service_stub=echo.Stub,
                         lane='ttrpc') as client:
         assert client.call_method('Echo', echo.pb.EchoRequest(text='still here')).text == 'still here'

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
 __all__ = ['ServerConnection']
 
 _logger = logging.getLogger(__name__)
+#: The numbers in a violation's reason (sizes, stream ids): one kind for the log whatever they are.
+_NUMBERS = re.compile(r'\d+')
 #: What grpc core says of the calls it cancels as a server's grace ends.
 _GRACE_ENDED = 'Cancelling all calls'
 
@@ -171,8 +174,10 @@ class ServerConnection(FramedConnection):
             self._time_unclaimed_fds()  # the descriptors they took, or those still waiting
 
     def violation(self, reason: str) -> None:
-        # (one a peer may cause at will, by connecting again: limited)
-        log_limited(_logger, logging.WARNING, 'ttrpc violation', 'ttrpc connection closed: %s', reason)
+        # One a peer may cause at will, by connecting again: limited, by
+        # reason (its numbers aside), so that the first of each is shown.
+        log_limited(_logger, logging.WARNING, ('ttrpc violation', _NUMBERS.sub('#', reason)),
+                    'ttrpc connection closed: %s', reason)
         super().violation(reason)
 
     def data_received(self, data: bytes) -> None:
