@@ -94,6 +94,17 @@ def _short_dir() -> Iterator[Path]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_log_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts with no kind of peer-caused log record seen: the
+    limit (vyra_base_ipc._log_limit) is per process, so what an earlier test
+    in this process logged would otherwise hide for 10 s what this one
+    looks for in its log."""
+    from vyra_base_ipc import _log_limit
+
+    monkeypatch.setattr(_log_limit, '_kinds', {})
+
+
 @pytest.fixture
 def socket_dir() -> Iterator[Path]:
     """A fresh directory with a short path (socket paths are limited to 107 bytes)."""
