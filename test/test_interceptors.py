@@ -878,6 +878,10 @@ def test_a_def_handler_whose_client_cancels_is_told_at_once_and_observed_cancell
     assert dict(observed.method_stats(STATUS + 'MisbehaveSync', lane, 1).errors) == {'CANCELLED': 1}
 
 
+#: A deadline that grpc-timeout rounds up by more than the way back takes.
+DEADLINE = 1.0
+
+
 @pytest.mark.parametrize('lane', LANES)
 @pytest.mark.parametrize('ending', ['deadline', 'cancel'])
 @pytest.mark.parametrize('method', ['Misbehave', 'MisbehaveStream'])
@@ -886,15 +890,18 @@ def test_a_handler_that_catches_its_calls_end_and_returns_is_observed_with_what_
     # An async def handler that catches the cancellation of its call (its
     # deadline passed, its client left) and returns: the gRPC lane observed
     # it OK, though its client got DEADLINE_EXCEEDED or CANCELLED (the fast
-    # lane observed what its client got).
+    # lane observed what its client got). With a 1 s deadline grpc-timeout
+    # rounds the server's copy up (to about 1.009 s): the client's cancellation
+    # came first, and the gRPC lane observed CANCELLED.
     request = echo.pb.MisbehaveRequest(how='swallow-cancel')
 
     async def call() -> None:
         async with IPCHandler(observed.server.socket_path, echo.grpc.StatusServiceStub, lane=lane) as client:
             if method == 'Misbehave':
-                made = client.call_method(method, request, timeout=0.5 if ending == 'deadline' else 30)
+                made = client.call_method(method, request, timeout=DEADLINE if ending == 'deadline' else 30)
             else:
-                made = _drain(client.stream_method(method, request, timeout=0.5 if ending == 'deadline' else 30))
+                made = _drain(client.stream_method(method, request,
+                                                   timeout=DEADLINE if ending == 'deadline' else 30))
             running = asyncio.ensure_future(made)
             if ending == 'deadline':
                 with pytest.raises(IPCTimeoutError):

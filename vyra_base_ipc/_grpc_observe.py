@@ -127,9 +127,9 @@ def _ending(observation: Observation, context: Any) -> Iterator[None]:
     try:
         yield
     except BaseException as error:
-        _end(observation, _failure, context, error, observation.observer)
+        _end(observation, _failure, context, error, observation)
         raise
-    _end(observation, _returned, context, observation.observer)
+    _end(observation, _returned, context, observation)
 
 
 def _end(observation: Observation, status: Callable[..., tuple[int, str]], *arguments: Any) -> None:
@@ -143,13 +143,28 @@ def _end(observation: Observation, status: Callable[..., tuple[int, str]], *argu
     observation.end(code, details)
 
 
-def _left(context: Any, observer: CallObserver) -> tuple[int, str]:
+#: How much later than its client's the server's copy of a deadline may pass,
+#: as a share of the timeout: grpc-timeout rounds it up (a 1 s or 3 s timeout
+#: arrived 6-9 ms longer), so a client's cancellation at its own deadline
+#: reached the server that much before the server's copy passed...
+_ROUNDING = 0.01
+#: ...and on top of it (time_remaining() reads the wall clock; a 0.5 s one was
+#: cancelled up to 2.1 ms before it passed, on a loaded machine).
+_SLACK = 0.005
+
+
+def _left(context: Any, observation: Observation) -> tuple[int, str]:
     """The status of a call that ended before its handler: out of time,
-    cancelled by its client, or by the server's stop once its grace ran out."""
+    cancelled by its client, or by the server's stop once its grace ran out.
+    A call cancelled within the rounding of its deadline (see :data:`_ROUNDING`)
+    is taken as out of time: its client's deadline passed (grpc sends no
+    reason with a cancellation)."""
     remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
-        return grpc.StatusCode.DEADLINE_EXCEEDED.value[0], 'Deadline Exceeded'
-    cancels_all_at = observer.cancels_all_at
+    if remaining is not None:
+        timeout = time.perf_counter() - observation.started + remaining
+        if remaining <= _ROUNDING * timeout + _SLACK:
+            return grpc.StatusCode.DEADLINE_EXCEEDED.value[0], 'Deadline Exceeded'
+    cancels_all_at = observation.observer.cancels_all_at
     if cancels_all_at is not None and time.monotonic() >= cancels_all_at:
         return _CANCELLED_BY_STOP
     return grpc.StatusCode.CANCELLED.value[0], 'Cancelled'
@@ -168,7 +183,7 @@ def _number(code: Any) -> int | None:
     return number or None
 
 
-def _returned(context: Any, observer: CallObserver) -> tuple[int, str]:
+def _returned(context: Any, observation: Observation) -> tuple[int, str]:
     """The status of a call whose handler returned: the code it set, if
     any; but that of a call grpc.aio ended (its client left, its deadline
     passed, the stop's grace ran out) whose handler caught the cancellation
@@ -177,7 +192,7 @@ def _returned(context: Any, observer: CallObserver) -> tuple[int, str]:
     the cancellations of their own (at ``max_call_duration``, at a stop)."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
-        return _left(context, observer)
+        return _left(context, observation)
     number = _number(context.code())
     if number is None:
         return _OK
@@ -188,7 +203,7 @@ def _returned(context: Any, observer: CallObserver) -> tuple[int, str]:
 _ENDINGS = (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit)
 
 
-def _failure(context: Any, error: BaseException, observer: CallObserver) -> tuple[int, str]:
+def _failure(context: Any, error: BaseException, observation: Observation) -> tuple[int, str]:
     """The status grpc.aio sends for a handler that raised ``error``: an
     exception goes with the code the handler set, if it set one."""
     number = _number(context.code())
@@ -198,7 +213,7 @@ def _failure(context: Any, error: BaseException, observer: CallObserver) -> tupl
         if number is not None:
             return number, context.details() or ''
     if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
-        return _left(context, observer)
+        return _left(context, observation)
     return number or _UNKNOWN, unexpected_details(error)
 
 
