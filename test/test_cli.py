@@ -155,6 +155,14 @@ def answering(path: Path, greeting: bytes, then_close: bool) -> Iterator[Path]:
                 continue
             with contextlib.suppress(OSError):
                 connection.sendall(greeting)
+                if then_close:
+                    # As an HTTP server ends a connection it answered 400: its side first, reading
+                    # on until the client goes. A close() at once made the client's next write fail
+                    # (EPIPE) before it read the answer, now and then: 'unreachable'.
+                    connection.shutdown(socket.SHUT_WR)
+                    connection.settimeout(5)
+                    while connection.recv(65536):
+                        pass
             connection.close() if then_close else kept.append(connection)
     with socket.socket(socket.AF_UNIX) as listening:
         listening.bind(str(path))
