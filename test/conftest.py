@@ -248,7 +248,11 @@ class Spawner:
         log = self.logs / f'{self.name}-{len(self.started)}.log'
         with open(log, 'wb') as log_file:
             popen = subprocess.Popen(list(command), env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                     preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+                                     # (Popen's umask, not a preexec_fn, which ran Python and gRPC's
+                                     # fork handlers in a child forked while gRPC's threads ran: it
+                                     # aborted now and then, "epoll_wait error: Bad file descriptor".
+                                     # With umask, Python may vfork: no handlers, no Python there.)
+                                     umask=-1 if umask is None else umask)
         try:
             process = kind(popen, log, **attributes)
         except BaseException:  # (e.g. no fast-lane path fits beside the socket path): no orphan left
