@@ -252,7 +252,7 @@ def test_peers_section_prints_ratios_to_the_floor_and_leaves_no_shared_memory(sm
     assert all(check['ratio'] > 0 for check in checks.values())
     # Beside them, the minimal Python ttrpc's ratios (those of pyzmq only where it is installed).
     references = {entry['reference']: entry['ratio'] for entry in results['peer_references']}
-    assert len(references) == (5 if _installed('zmq') else 3) and all(ratio > 0 for ratio in references.values())
+    assert len(references) == (6 if _installed('zmq') else 4) and all(ratio > 0 for ratio in references.values())
     assert 'For reference, a minimal Python ttrpc' in stdout
     prefix = results['peers']['cleanup']['iceoryx2_prefix']
     assert not list(Path('/dev/shm').glob(f'{prefix}*'))
