@@ -88,6 +88,29 @@ def test_a_handler_raising_on_every_call_is_logged_once_then_counted(start_serve
 
 
 
+def test_a_grpc_only_server_tells_the_held_records_when_it_stops(start_server: StartServer, socket_path: Path,
+                                                                  echo: Any) -> None:
+    """A server without the fast lane (``ttrpc=False``), 50 calls whose
+    handler raises, stopped at once: its log tells all 50, the last of them
+    with how many were held back (it ended on the first of the flood: only
+    the fast lane's stop told what was held)."""
+    server = start_server(socket_path, '--no-ttrpc')
+    with grpc.insecure_channel(f'unix:{socket_path}') as channel:
+        misbehave = echo.grpc.StatusServiceStub(channel).Misbehave
+        for _ in range(50):
+            with pytest.raises(grpc.RpcError) as raised:
+                misbehave(echo.pb.MisbehaveRequest(how='raise-timeout'), timeout=10)
+            assert raised.value.code() == grpc.StatusCode.UNKNOWN
+    assert server.stop() == 0
+    raised_lines = lines_with(server, 'Unexpected [TimeoutError] raised by servicer method '
+                                      '[/vyra.ipc.test.StatusService/Misbehave]')
+    assert told(raised_lines) == 50, raised_lines
+    assert '[48 more like this in the last' in raised_lines[-1], raised_lines  # (the last, and 48 before it)
+    lines = server.log().splitlines()
+    assert lines[lines.index(raised_lines[-1]) + 1:] == [f'INFO:vyra_base_ipc.server:IPC server on {socket_path} '
+                                                          'stopped'], lines[-5:]
+
+
 def test_calls_of_many_made_up_methods_grow_no_table(start_server: StartServer, socket_path: Path) -> None:
     """20,000 distinct unknown methods on the fast lane and 300 on the gRPC
     lane (each answered UNIMPLEMENTED) are counted under one

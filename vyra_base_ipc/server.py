@@ -9,7 +9,7 @@ import functools
 import logging
 import signal
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -25,6 +25,7 @@ from ._health import HealthServicer
 from ._interceptors import CallObserver, ServerInterceptor, checked_interceptors
 from ._introspection import IntrospectionServicer, unix_connections
 from ._limits import ServerLimits
+from ._log_limit import flush_held
 from ._methods import ServiceRegistration, record_servicer
 from ._metrics import ServerMetrics
 from ._options import (
@@ -39,6 +40,7 @@ from ._payload import SharedMemoryOptions
 from ._request_guard import guard_handlers
 from ._segment_pool import segment_pool
 from ._served_loops import not_serving, serving
+from ._server_log import logged_to_stderr
 from ._socket_file import SocketFile, socket_access
 from ._tools import grpc_tool_handlers, tool_registrations
 from .address import (
@@ -460,7 +462,7 @@ class IPCServer:
             loop.add_signal_handler(stop_signal, self._on_signal, stop_signal)
             installed.append(stop_signal)
         try:
-            with _logged_to_stderr():
+            with logged_to_stderr():
                 try:
                     await self.start()
                     await self.wait_for_termination()
@@ -565,7 +567,8 @@ class IPCServer:
     def _stopped(self, tell: bool = True) -> None:
         """The end of every stop path: both socket files withdrawn (each if still ours), the
         handler threads let go (sync handlers cannot be interrupted: not waited for), the state
-        STOPPED; with ``tell``, :meth:`wait_for_termination` told."""
+        STOPPED, the log records held back told (:func:`~._log_limit.flush_held`); with ``tell``,
+        :meth:`wait_for_termination` told."""
         self._withdraw()
         if self._executor is not None:
             for registration in self._services:  # (it may serve on another server still)
@@ -575,26 +578,8 @@ class IPCServer:
         if self._loop is not None:
             not_serving(self._loop, self.socket_path)
         self._state = _State.STOPPED
+        flush_held()  # (what its log held back, told before it ends: both lanes' records)
         if tell:
             assert self._terminated is not None
             self._terminated.set()
-
-
-@contextlib.contextmanager
-def _logged_to_stderr() -> Iterator[None]:
-    """INFO lines of this package to stderr, unless logging is configured."""
-    package = logging.getLogger(__name__.rpartition('.')[0])
-    if package.hasHandlers() or logging.getLogger().level != logging.WARNING:
-        yield  # the process configured logging: its choice
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter('[%(levelname)s] [%(asctime)s] [%(name)s]: %(message)s'))
-    level = package.level
-    package.addHandler(handler)
-    package.setLevel(min(level or logging.INFO, logging.INFO))
-    try:
-        yield
-    finally:
-        package.removeHandler(handler)
-        package.setLevel(level)
 
