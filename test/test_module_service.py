@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
+import logging
 import os
 from pathlib import Path
 import shutil
@@ -504,6 +506,38 @@ async def test_registered_data_items(socket_path: Path) -> None:
         assert await get('text') == (b'plain', 'text/plain')
         assert await get('joints') == (b'[1, 2]', 'application/json')
 
+
+
+@pytest.mark.asyncio
+async def test_failing_data_items_of_many_keys_are_one_kind_of_log_record(socket_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Audit: the log limit's kind of a provider's failure was the key a caller
+    asks for, ``('GetData', key)``: 276 keys filled the limit's table of kinds
+    (256), and every other kind of record then shared one limit, its first
+    held back. Now one kind: the first failure logged, naming its key, the
+    others told by number when the server stops; the table grows by one."""
+    from vyra_base_ipc import _log_limit
+
+    keys = [f'item{index}' for index in range(_log_limit.MAX_KINDS + 20)]
+    service = ModuleService('many')
+    for key in keys:
+        service.register_data(key, lambda: {'since': datetime.date(2024, 1, 1)})
+    kinds = len(_log_limit._kinds)
+    async with IPCServer(socket_path, servicers=[service]), \
+            IPCHandler(socket_path, pb_grpc.ModuleServiceStub, timeout=10) as ipc:
+        for key in keys:
+            with pytest.raises(IPCRemoteError) as error:
+                await ipc.call_method('GetData', pb.DataRequest(key=key))
+            assert error.value.code is grpc.StatusCode.INTERNAL
+        assert len(_log_limit._kinds) <= kinds + 1
+        # Another kind of record, afterwards: its first is logged at once.
+        assert _log_limit.log_limited(logging.getLogger('test_module_service'), logging.ERROR, 'another kind',
+                                      'another kind')
+    failed = [record.getMessage() for record in caplog.records if record.name == 'vyra_base_ipc.module_service']
+    assert len(failed) == 2, failed
+    assert failed[0].startswith("GetData: the provider of data item 'item0' returned what JSON cannot carry"), failed
+    assert failed[1].startswith(f"GetData: the provider of data item '{keys[-1]}' returned"), failed
+    assert f'[{len(keys) - 2} more like this in the last' in failed[1], failed
 
 @pytest.mark.asyncio
 async def test_one_servicer_on_two_servers_serves_on_when_the_other_stops(socket_path: Path) -> None:

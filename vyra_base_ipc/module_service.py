@@ -296,7 +296,9 @@ class ModuleService(pb_grpc.ModuleServiceServicer):
         except NotJSON as error:  # the server's bug: its log says so too
             message = (f'the provider of data item {_shown(request.key)} returned what JSON cannot carry: '
                        f'{error}')
-            log_limited(_logger, logging.ERROR, ('GetData', request.key), 'GetData: %s', message)
+            # One kind, not one a key: a caller chooses the key, and one kind a key filled the limit's
+            # table (276 keys: every other kind then shared one limit). The message names the key.
+            log_limited(_logger, logging.ERROR, 'GetData', 'GetData: %s', message)
             await context.abort(grpc.StatusCode.INTERNAL, message)
         return pb.DataResponse(key=request.key, result=text.encode(), content_type='application/json')
 
