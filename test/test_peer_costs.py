@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from conftest import ServerProcess, StartServer, start_lanes, until, wait_for
+import http2_peer as h2
 from ttrpc_peer import DATA, REMOTE_OPEN, REQUEST, SHARED, Peer, frame_bytes, request_envelope
 from vyra_base_ipc import IPCRemoteError, SyncIPCHandler
 from vyra_base_ipc._metrics import UNKNOWN_METHOD
@@ -109,6 +110,61 @@ def test_a_grpc_only_server_tells_the_held_records_when_it_stops(start_server: S
     lines = server.log().splitlines()
     assert lines[lines.index(raised_lines[-1]) + 1:] == [f'INFO:vyra_base_ipc.server:IPC server on {socket_path} '
                                                           'stopped'], lines[-5:]
+
+
+#: HTTP/2's error code CANCEL (RFC 9113, 7), as RST_STREAM's payload.
+CANCEL = (8).to_bytes(4, 'big')
+#: grpc.aio's ERROR when a message of a call could not be sent, with grpc's traceback.
+SEND_FAILED = 'ExecuteBatchError raised in core by servicer method [/vyra.ipc.test.WatchService/Watch]'
+
+
+def test_clients_leaving_streams_mid_write_are_logged_once_then_counted(start_server: StartServer,
+                                                                        socket_path: Path, echo: Any) -> None:
+    """20 connections, each opening 10 streams whose messages (100 kB) wait
+    for the client's flow-control window, then leaving them all (h2.RST_STREAM
+    CANCEL, as a grpc client cancels): grpc.aio logged "ExecuteBatchError
+    raised in core by servicer method" and its traceback for most (184 of
+    200), at a peer's rate. Now the first, then at most a summary line."""
+    server = start_server(socket_path, '--no-ttrpc')
+    watch = h2.grpc_message(echo.pb.WatchRequest(tag='leaver', size=100_000).SerializeToString())
+    after = h2.grpc_message(echo.pb.EchoRequest(text='after').SerializeToString())
+    streams = range(1, 21, 2)
+    for _ in range(20):
+        with h2.RawConnection(socket_path) as connection:
+            connection.send(h2.PREFACE + h2.CLIENT_SETTINGS
+                            + b''.join(h2.grpc_call(stream, '/vyra.ipc.test.WatchService/Watch', watch)
+                                       for stream in streams))
+            started: set[int] = set()
+            for kind, _, stream, _ in connection.frames():  # each handler has sent (some of) its first message
+                started |= {stream} if kind in (h2.HEADERS, h2.DATA) else set()
+                if started >= set(streams):
+                    break
+            connection.send(b''.join(h2.frame(h2.RST_STREAM, 0, stream, CANCEL) for stream in streams))
+            # A call after the leaves, answered (in the connection's window, which the streams took up):
+            # the server has taken the leaves in.
+            connection.send(h2.frame(h2.WINDOW_UPDATE, 0, 0, (1 << 20).to_bytes(4, 'big'))
+                            + h2.grpc_call(101, '/vyra.ipc.test.EchoService/Echo', after))
+            assert connection.results({101})[101].grpc_status == 0
+    assert server.stop() == 0
+    failed = lines_with(server, SEND_FAILED)
+    assert told(failed) >= 10, failed  # (a guard: the leaves made grpc log it, as they did)
+    assert len(failed) <= 2, failed[:5]
+    assert failed[0] == f'ERROR:grpc._cython.cygrpc:{SEND_FAILED}: grpc could not send on the call (its client had ' \
+                        'left it, or a message was larger than max_message_bytes)', failed
+    assert len(lines_with(server, 'Traceback')) <= 1
+
+
+def test_grpcs_other_error_records_are_left_as_they_are(caplog: pytest.LogCaptureFixture) -> None:
+    """Only grpc's record of a message it could not send is limited."""
+    import vyra_base_ipc  # noqa: F401  (its filter on grpc's logger)
+
+    grpc_logger = logging.getLogger('grpc._cython.cygrpc')
+    for _ in range(3):
+        grpc_logger.error('Unexpected [ValueError] raised by servicer method [/a.B/C]')
+        grpc_logger.error(SEND_FAILED)
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages[1].startswith(f'{SEND_FAILED}: grpc could not send'), messages
+    assert messages[:1] + messages[2:] == ['Unexpected [ValueError] raised by servicer method [/a.B/C]'] * 3
 
 
 def test_calls_of_many_made_up_methods_grow_no_table(start_server: StartServer, socket_path: Path) -> None:

@@ -1,7 +1,20 @@
 """What an :class:`~vyra_base_ipc.IPCServer`'s process logs besides the
 server's own lines: this package's INFO lines on stderr while
 :meth:`~vyra_base_ipc.IPCServer.serve` runs in a process that configured no
-logging."""
+logging, and grpc.aio's ERROR of a message it could not send, limited.
+
+grpc.aio logs "ExecuteBatchError raised in core by servicer method [...]",
+with a traceback of its own code, when a send of a call fails before it has
+seen the call end: a client that left a stream while the server wrote (184
+of 200 streams left with RST_STREAM CANCEL, as a grpc client cancels,
+logged it; grpc logs nothing when it sees the end first), and a message
+larger than ``max_message_bytes`` (whose client gets RESOURCE_EXHAUSTED;
+this ERROR is all the server's log says of that bug). The record cannot
+tell which, so it is not dropped: it goes through
+:func:`~._log_limit.log_limited`, one kind for every method (a peer names
+the method of a call no handler has), the first at once with grpc's
+traceback, the others counted.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +22,31 @@ import contextlib
 import logging
 from typing import Iterator
 
+from ._log_limit import log_limited
+
 __all__ = ['logged_to_stderr']
+
+#: grpc.aio's words (grpc/_cython/_cygrpc/aio/server.pyx.pxi, ``_handle_exceptions``).
+_SEND_FAILED = 'ExecuteBatchError raised in core by servicer method'
+_GRPC_LOGGER = logging.getLogger('grpc._cython.cygrpc')
+#: What it means, after grpc's words.
+_WHY = ('grpc could not send on the call (its client had left it, or a message was larger than '
+        'max_message_bytes)')
+
+
+def _limit_send_failed(record: logging.LogRecord) -> bool:
+    """Pass every record of grpc's logger but its :data:`_SEND_FAILED` ones,
+    which are logged again through :func:`~._log_limit.log_limited`, saying
+    what they mean (as ``'%s: %s'``: those, and the summaries of the held
+    ones, then pass here)."""
+    if not (isinstance(record.msg, str) and record.msg.startswith(_SEND_FAILED)):
+        return True
+    log_limited(_GRPC_LOGGER, record.levelno, 'grpc send failed', '%s: %s', record.getMessage(), _WHY,
+                exc_info=record.exc_info)
+    return False
+
+
+_GRPC_LOGGER.addFilter(_limit_send_failed)
 
 
 @contextlib.contextmanager
