@@ -69,7 +69,8 @@ from ._messages import (
     request_prefix,
 )
 from ._pieces import serialized
-from ._shared_memory import MemfdGate, goes_inline, joined, outgoing, resolve_shared
+from ._received import resolve_shared
+from ._shared_memory import MemfdGate, goes_inline, joined, outgoing
 
 __all__ = ['ClientCore', 'ClientStream', 'Item', 'Outcome', 'Prepared', 'unary_response']
 

@@ -19,9 +19,6 @@ import logging
 import os
 from typing import Callable, Sequence
 
-from google.protobuf.message import DecodeError
-import grpc
-
 from .. import ttrpc_pb2
 from .._log_limit import log_limited
 from .._payload import (
@@ -35,27 +32,14 @@ from .._payload import (
 )
 from .._segment_pool import segment_pool, size_class
 from .._shared_buffer import ReceivedBuffers, SharedBuffer
-from ..exceptions import IPCError, error_from_status
 from ._errors import received_too_large
-from ._frames import FLAG_SHARED_MEMORY, Frame, MessageType
+from ._frames import FLAG_SHARED_MEMORY
 from ._hello import Agreement
-from ._messages import decode_response
 from ._segment_link import SegmentLink
 
-__all__ = ['STREAMED_COPY_BELOW', 'MemfdGate', 'goes_inline', 'joined', 'outgoing', 'pack', 'resolve_shared',
-           'unpack']
+__all__ = ['MemfdGate', 'goes_inline', 'joined', 'outgoing', 'pack', 'unpack']
 
 _logger = logging.getLogger(__name__)
-
-#: A streamed message in shared memory smaller than this is copied out as it
-#: arrives, its mapping and lend let go at once: a stream's window counts a
-#: message at its size, not at the page and the mapping it takes, and a server
-#: sending one-byte messages each in a memfd of its own made one stream hold
-#: 20,000 mappings, a third of ``vm.max_map_count`` (65,530), past which no
-#: memory can be mapped in the process. Above it a stream holds at most its
-#: window and one message over this many bytes of mappings (272 by default);
-#: below it a copy costs less than a mapping.
-STREAMED_COPY_BELOW = 64 * 1024
 
 Manifest = ttrpc_pb2.SharedMemoryManifest
 
@@ -236,8 +220,7 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
     :param server: whether this end is the server (its errors say ``SERVER:``, else ``CLIENT:``).
     :param streamed: the message is one of a stream, which carries no buffers
         (:func:`~vyra_base_ipc.attach_buffers` copies them inline there):
-        buffers are refused, before anything is mapped; and a message of less
-        than :data:`STREAMED_COPY_BELOW` bytes is copied out of its mapping.
+        buffers are refused, before anything is mapped.
     :raises TooLargeError: the message or a buffer is over its limit (for the
         message, in grpc's words for a message it received inline).
     :raises ValueError: malformed manifest, or fewer descriptors than it
@@ -277,8 +260,6 @@ def unpack(data: bytes, take_fds: Callable[[int], list[int]], message_limit: int
             payload = (link.receive(fds[0], payload_size, lend, manifest.payload_segment, what, True)
                        if lend and link is not None else _map(fds[0], payload_size, lend, link, what, True))
             viewed = 1
-            if streamed and payload_size < STREAMED_COPY_BELOW:
-                payload = bytes(payload)  # (the view gone: unmapped, its lend given back)
         else:
             payload = manifest.payload
         if not entry_count:
@@ -323,37 +304,3 @@ def _map(fd: int, size: int, lend: int, link: SegmentLink | None, what: str, pop
         return map_sealed(fd, size, what, populate)
     assert link is None
     raise SharedMemoryError(f'{what}: a lent segment on a connection that did not agree on them')
-
-
-def resolve_shared(frame: Frame, take_fds: Callable[[int], list[int]], message_limit: int,
-                   buffer_limit: int, segments: SegmentLink | None) -> Frame | IPCError:
-    """A frame a client received flagged :data:`FLAG_SHARED_MEMORY` with its
-    message fetched from shared memory (as a read-only view), or the error to
-    give its call.
-    Must run as frames arrive, in order: it takes the frame's descriptors.
-
-    :raises ValueError: the descriptors the frame came with cannot be
-        counted (an error or another frame type flagged as shared memory, a
-        malformed envelope or manifest), or fewer arrived than it announced:
-        left queued, they would go to the next frame's call, so the
-        connection is out of step and must close.
-    """
-    if frame.type == MessageType.RESPONSE:
-        try:
-            code, message, manifest, _ = decode_response(frame.data)
-        except DecodeError as error:
-            raise ValueError(f'malformed response in shared memory from server: {error}') from None
-        if code:
-            raise ValueError(f'shared memory on an error response (status {code}: {message})')
-    elif frame.type == MessageType.DATA:
-        manifest = frame.data
-    else:
-        raise ValueError(f'shared memory on a frame of type {frame.type}')
-    try:
-        payload, buffers = unpack(manifest, take_fds, message_limit, buffer_limit, 'the response', segments,
-                                  server=False, streamed=frame.type == MessageType.DATA)
-    except TooLargeError as error:
-        return error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
-    except SharedMemoryError as error:
-        return error_from_status(grpc.StatusCode.INTERNAL, str(error))
-    return Frame(frame.stream_id, frame.type, frame.flags, payload, buffers)  # type: ignore[arg-type]
