@@ -393,3 +393,139 @@ def test_small_streamed_messages_in_shared_memory_are_copied_out_not_kept_mapped
                 assert held < 100, f'{held} mappings held for messages not read'
                 assert [bytes(message) async for message in stream] == expected
         asyncio.run(iterate())
+
+
+def sparse_memfd(size: int) -> int:
+    """A sealed memfd of ``size`` bytes, all a hole: a message that costs its sender nothing."""
+    fd = os.memfd_create('hostile', os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE)
+    return fd
+
+
+def next_request(peer: Peer) -> Any:
+    """The next request frame (the client's CANCEL, WINDOW_UPDATE and RELEASE frames before it skipped)."""
+    while True:
+        frame = peer.read_frame()
+        if frame.type == REQUEST:
+            return frame
+
+
+#: The bound on mappings a connection's unread messages hold, lowered for the tests (2,048 by default).
+HELD_BOUND = 50
+
+
+@pytest.mark.parametrize('size', [100 * 1024, 2 << 20], ids=['100 KiB', '2 MiB'])
+@pytest.mark.parametrize('client', ['sync', 'async'])
+def test_unread_streams_of_a_connection_hold_no_more_mappings_than_its_bound(
+        client: str, size: int, hostile: Callable[[Script], Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stream holds at most its window of messages over 64 KiB, each a mapping (272 by default),
+    # but a server could fill ~240 streams of one connection that nobody reads and take the
+    # process to vm.max_map_count (65,530), past which nothing in it can map memory. Past the
+    # connection's bound a message under 1 MiB is copied out (its mapping let go); a larger one
+    # fails its stream RESOURCE_EXHAUSTED, and the connection's other calls go on.
+    from vyra_base_ipc.ttrpc import _received
+    monkeypatch.setattr(_received, 'MAX_HELD_MAPPINGS', HELD_BOUND, raising=False)  # (absent before the bound)
+    manifest = ttrpc_pb2.SharedMemoryManifest(payload_size=size).SerializeToString()
+    copied = size < 1 << 20
+    within, past = 45, 100  # messages to the first stream (within the bound), to the second (past it)
+
+    def message(index: int) -> bytes:
+        return bytes([index % 256]) * size
+
+    def send_messages(peer: Peer, stream_id: int, count: int) -> None:
+        for index in range(count):
+            fd = sealed_memfd(message(index)) if copied else sparse_memfd(size)
+            try:
+                peer.send(stream_id, DATA, SHARED, manifest, fds=[fd])
+            finally:
+                os.close(fd)
+        peer.send(stream_id, DATA, REMOTE_CLOSED | NO_DATA)
+
+    def script(peer: Peer) -> None:
+        assert peer.read_frame().stream_id == 1
+        peer.respond(1, ttrpc_pb2.Hello(shared_memory=True, cancel=True, stream_window=1 << 30).SerializeToString())
+        first, second = next_request(peer).stream_id, None
+        peer.send(first, DATA, 0, b'first')
+        second = next_request(peer).stream_id
+        peer.send(second, DATA, 0, b'first')
+        unary = next_request(peer)
+        send_messages(peer, first, within)
+        send_messages(peer, second, past)
+        peer.respond(unary.stream_id, b'after them')
+        third = next_request(peer).stream_id  # once the first two were read (or left)
+        peer.send(third, DATA, 0, b'first')
+        unary = next_request(peer)
+        send_messages(peer, third, within)  # all before the client reads them: counted unread
+        peer.respond(unary.stream_id, b'after them')
+        until_closed(peer)
+
+    path = hostile(script)
+    options = {**SMALL, 'shared_memory': SharedMemoryOptions(), 'stream_window': 1 << 30,
+               'max_message_bytes': 4 << 20}
+
+    def check(messages: list[bytes], count: int = within) -> None:  # (one of 2 MiB is a hole: only sized)
+        assert [len(each) for each in messages] == [size] * count
+        if copied:
+            assert [bytes(each) for each in messages] == [message(index) for index in range(count)]
+
+    def check_second(messages: list[bytes], error: IPCRemoteError | None) -> None:
+        if copied:  # copied out past the bound: all of them
+            assert error is None
+            assert [bytes(each) for each in messages] == [message(index) for index in range(past)]
+        else:  # those within the bound, then the stream fails
+            assert len(messages) == HELD_BOUND - within
+            assert error is not None and error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert f'past its limit of {HELD_BOUND} mappings' in error.details
+
+    if client == 'sync':
+        with SyncConnection.connect(path, **options) as connection:
+            first = connection.stream(STREAM, b'', timeout=20)
+            assert next(first) == b'first'
+            second = connection.stream(STREAM, b'', timeout=20)
+            assert next(second) == b'first'
+            before = mappings()
+            assert connection.call(UNARY, b'', timeout=20) == b'after them'
+            held = mappings() - before
+            assert held <= HELD_BOUND + 20, f'{held} mappings held for messages not read'
+            check([next(first) for _ in range(5)], 5)
+            first.close()  # the 40 messages it did not read let go
+            received: list[bytes] = []
+            try:
+                received.extend(second)
+                failure = None
+            except IPCRemoteError as error:
+                failure = error
+            check_second(received, failure)
+            del received
+            third = connection.stream(STREAM, b'', timeout=20)
+            assert next(third) == b'first'
+            assert connection.call(UNARY, b'', timeout=20) == b'after them'
+            check(list(third))  # those read or left no longer count
+    else:
+        async def iterate() -> None:
+            async with await AsyncConnection.connect(path, **options) as connection:
+                first = connection.stream(STREAM, b'', timeout=20)
+                assert await first.__anext__() == b'first'
+                second = connection.stream(STREAM, b'', timeout=20)
+                assert await second.__anext__() == b'first'
+                before = mappings()
+                assert await connection.call(UNARY, b'', timeout=20) == b'after them'
+                held = mappings() - before
+                assert held <= HELD_BOUND + 20, f'{held} mappings held for messages not read'
+                check([await first.__anext__() for _ in range(5)], 5)
+                await first.aclose()  # the 40 messages it did not read let go
+                received: list[bytes] = []
+                try:
+                    async for each in second:
+                        received.append(each)
+                    failure = None
+                except IPCRemoteError as error:
+                    failure = error
+                check_second(received, failure)
+                del received
+                third = connection.stream(STREAM, b'', timeout=20)
+                assert await third.__anext__() == b'first'
+                assert await connection.call(UNARY, b'', timeout=20) == b'after them'
+                check([each async for each in third])  # those read or left no longer count
+        asyncio.run(iterate())

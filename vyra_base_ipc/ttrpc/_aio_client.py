@@ -83,7 +83,7 @@ class _AsyncStream(ClientStream):
                 self.waiter = None
                 if timer is not None:
                     timer.cancel()
-        return self.items.popleft()
+        return self.pop()
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
@@ -166,10 +166,10 @@ class _ClientProtocol(FramedConnection):
             raise NothingSent(self.error.code, self.error.details)
         return stream_id
 
-    def finish(self, stream_id: int) -> None:
-        """The caller is done with a call: tell the server if it may still be at work;
-        close a retired connection with its last call."""
-        cancel = self.core.finish(stream_id)
+    def finish(self, stream_id: int, stream: _AsyncStream | None = None) -> None:
+        """The caller is done with a call (``stream``'s items unread let go): tell the server if
+        it may still be at work; close a retired connection with its last call."""
+        cancel = self.core.finish(stream_id, stream)
         if cancel is not None and self.error is None:
             super().send(cancel)
         if self.retired and not self.core.streams:
@@ -486,7 +486,7 @@ class AsyncConnection:
                     if ended:
                         return
             finally:
-                protocol.finish(stream_id)
+                protocol.finish(stream_id, stream)
                 if sender is not None:
                     sender.cancel()
         except IPCError as error:

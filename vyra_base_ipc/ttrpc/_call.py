@@ -69,7 +69,7 @@ from ._messages import (
     request_prefix,
 )
 from ._pieces import serialized
-from ._received import resolve_shared
+from ._received import HeldMappings, mappings_of, resolve_shared
 from ._shared_memory import MemfdGate, goes_inline, joined, outgoing
 
 __all__ = ['ClientCore', 'ClientStream', 'Item', 'Outcome', 'Prepared', 'unary_response']
@@ -366,7 +366,7 @@ class ClientStream:
     flow-controlled connection the credit for its request stream and the
     window it grants for its response stream. Subclasses wake the waiter."""
 
-    __slots__ = ('items', 'credit', 'window', 'expired')
+    __slots__ = ('items', 'credit', 'window', 'expired', 'held', 'holder')
 
     def __init__(self) -> None:
         self.items: collections.deque[Item] = collections.deque()
@@ -374,6 +374,9 @@ class ClientStream:
         self.window: ReceiveWindow | None = None
         #: The caller leaves because the call's deadline passed.
         self.expired = False
+        #: Mappings its items hold, counted in ``holder`` (the connection's) until taken.
+        self.held = 0
+        self.holder: HeldMappings | None = None
 
     def push(self, item: Item) -> None:
         """Add an item (from the thread that read it) and wake the waiter."""
@@ -382,6 +385,16 @@ class ClientStream:
 
     def wake(self) -> None:
         raise NotImplementedError
+
+    def pop(self) -> Item:
+        """Take the next item (in the owner's serialization, as items arrive)."""
+        item = self.items.popleft()
+        if self.held:
+            count = mappings_of(item)
+            if count:
+                self.held -= count
+                self.holder.let_go(count)  # type: ignore[union-attr]  # (set with held)
+        return item
 
     def timed_out(self, deadline: Deadline | None, method: Method, idle_timeout: float | None) -> IPCError:
         """The error of a wait for the next item that ended: its idle timeout,
@@ -417,7 +430,7 @@ class ClientCore:
     """
 
     __slots__ = ('path', 'message_limit', 'decoder', 'offered', 'stream_window', 'agreement',
-                 'streams', 'next_id', 'exhausted', 'hello', 'deliver', 'memfd_gate')
+                 'streams', 'next_id', 'exhausted', 'hello', 'deliver', 'memfd_gate', 'held')
 
     def __init__(self, path: str, message_limit: int, decoder: FrameDecoder,
                  shared_memory: SharedMemoryOptions | None, stream_window: int,
@@ -438,6 +451,8 @@ class ClientCore:
         self.deliver = deliver
         # Requests in new memfds: two messages of them unread at most (see MemfdGate).
         self.memfd_gate = MemfdGate(2 * message_limit, unread)
+        #: Mappings held by messages its response streams' callers did not read yet.
+        self.held = HeldMappings()
 
     def hello_request(self) -> Prepared:
         """The Hello, sent first on the connection (its answer settles the agreement)."""
@@ -478,9 +493,10 @@ class ClientCore:
                                               self.stream_window)
         return stream_id
 
-    def finish(self, stream_id: int) -> bytes | None:
-        """Forget a call; the CANCEL frame to send if the server may still be
-        working on it (its last frame has not arrived), else ``None``. If the
+    def finish(self, stream_id: int, stream: ClientStream | None = None) -> bytes | None:
+        """Forget a call (what ``stream`` did not read goes with it); the
+        CANCEL frame to send if the server may still be working on it (its
+        last frame has not arrived), else ``None``. If the
         caller leaves because the deadline passed (the target is ``expired``)
         the CANCEL says so, and the server ends the call DEADLINE_EXCEEDED:
         its own copy of the deadline, started as the request arrived, may
@@ -488,6 +504,10 @@ class ClientCore:
         target = self.streams.pop(stream_id, None)
         if isinstance(target, ClientStream) and target.credit is not None:
             target.credit.close()
+        if stream is not None and stream.held:  # (its mappings let go now, not when it is collected)
+            self.held.let_go(stream.held)
+            stream.held = 0
+            stream.items.clear()
         if target is None or not self.agreement.cancel:
             return None
         return encode_cancel(stream_id, target.expired)
@@ -562,6 +582,8 @@ class ClientCore:
         else:
             target = streams.get(stream_id)
         if target is not None:  # else: a call that ended, or a stray frame
+            if routed is not item and isinstance(routed, Frame):  # resolved from shared memory
+                routed = self.held.hold(target, routed)
             self.deliver(target, routed)
         return None
 

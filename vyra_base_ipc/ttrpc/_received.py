@@ -4,24 +4,27 @@ Both clients route frames through :class:`~vyra_base_ipc.ttrpc._call.ClientCore`
 a frame flagged :data:`~vyra_base_ipc.ttrpc._frames.FLAG_SHARED_MEMORY` is
 resolved here as it arrives: its message fetched from shared memory
 (:func:`~vyra_base_ipc.ttrpc._shared_memory.unpack`), or the error its call
-gets instead; a small streamed message copied out of its mapping.
+gets instead; a small streamed message copied out of its mapping. What a
+connection's response streams hold unread in shared memory is bounded
+(:class:`HeldMappings`).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from google.protobuf.message import DecodeError
 import grpc
 
 from .._payload import SharedMemoryError, TooLargeError
 from ..exceptions import IPCError, error_from_status
-from ._frames import Frame, MessageType
+from ._frames import FLAG_SHARED_MEMORY, Frame, MessageType
 from ._messages import decode_response
 from ._segment_link import SegmentLink
 from ._shared_memory import unpack
 
-__all__ = ['STREAMED_COPY_BELOW', 'resolve_shared']
+__all__ = ['COPIED_PAST_THE_BOUND_BELOW', 'MAX_HELD_MAPPINGS', 'STREAMED_COPY_BELOW', 'HeldMappings',
+           'mappings_of', 'resolve_shared']
 
 #: A streamed message in shared memory smaller than this is copied out as it
 #: arrives, its mapping and lend let go at once: a stream's window counts a
@@ -32,6 +35,17 @@ __all__ = ['STREAMED_COPY_BELOW', 'resolve_shared']
 #: window and one message over this many bytes of mappings (272 by default);
 #: below it a copy costs less than a mapping.
 STREAMED_COPY_BELOW = 64 * 1024
+#: The mappings that messages in shared memory (each one, and one a buffer)
+#: may hold on one connection while their response streams' callers have
+#: not read them. A stream's window bounds its own (272 by default, see
+#: above), but a server filling some 240 streams nobody reads would take
+#: the process to ``vm.max_map_count`` (65,530); this is a thirty-second of it.
+MAX_HELD_MAPPINGS = 2048
+#: Past :data:`MAX_HELD_MAPPINGS`, a message (without buffers) under this
+#: many bytes is copied out of its mapping: it then costs memory as a message
+#: received inline does, within its stream's window; a larger one fails its
+#: stream (copying a gigabyte a server sent as a hole would allocate it here).
+COPIED_PAST_THE_BOUND_BELOW = 1 << 20
 
 
 def resolve_shared(frame: Frame, take_fds: Callable[[int], list[int]], message_limit: int,
@@ -70,3 +84,62 @@ def resolve_shared(frame: Frame, take_fds: Callable[[int], list[int]], message_l
     if streamed and len(payload) < STREAMED_COPY_BELOW and payload.__class__ is memoryview:
         payload = bytes(payload)  # (the view gone: unmapped, its lend given back)
     return Frame(frame.stream_id, frame.type, frame.flags, payload, buffers)  # type: ignore[arg-type]
+
+
+def mappings_of(item: Any) -> int:
+    """The mappings a received item holds: its message's if that is a view of
+    shared memory, and one a buffer that came with it."""
+    if item.__class__ is not Frame or not item.flags & FLAG_SHARED_MEMORY:
+        return 0
+    return (item.data.__class__ is not bytes) + (0 if item.buffers is None else len(item.buffers))
+
+
+class HeldMappings:
+    """The mappings a connection's response streams hold in messages their
+    callers have not read (:func:`mappings_of` each). The owner serializes
+    access, as for :class:`~vyra_base_ipc.ttrpc._call.ClientCore`: it counts
+    a message in with :meth:`hold` as it arrives, out with :meth:`let_go` as
+    its caller takes it or leaves its stream."""
+
+    __slots__ = ('count',)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def hold(self, stream: Any, frame: Frame) -> Frame | IPCError:
+        """``frame``, received in shared memory for ``stream`` (a
+        :class:`~vyra_base_ipc.ttrpc._call.ClientStream`, or a unary call's
+        target), as its caller is to get it. A response stream's message is
+        counted (in ``stream.held`` too) if it stays within
+        :data:`MAX_HELD_MAPPINGS`; past it, a message without buffers under
+        :data:`COPIED_PAST_THE_BOUND_BELOW` bytes is copied out (not
+        counted), else the stream fails with the RESOURCE_EXHAUSTED error
+        returned (the frame let go, what follows dropped as for an overrun
+        window). A unary call's answer is not counted: its caller takes it at once."""
+        window: Any = getattr(stream, 'window', None)
+        count = 0 if window is None else mappings_of(frame)
+        if not count:
+            return frame
+        if self.count + count <= MAX_HELD_MAPPINGS:
+            self.count += count
+            stream.held += count
+            stream.holder = self
+            return frame
+        data, buffers = frame.data, frame.buffers
+        if buffers is None and len(data) < COPIED_PAST_THE_BOUND_BELOW:
+            return Frame(frame.stream_id, frame.type, frame.flags, bytes(data))
+        if buffers is not None:
+            buffers.close()
+        window.overrun = True
+        if stream.credit is not None:
+            stream.credit.close()
+        what = f'{len(data)} bytes' + (f' and {len(buffers)} shared buffers' if buffers is not None else '')
+        return error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f'CLIENT: the response ({what} in shared memory) would take the mappings '
+                                 'held by messages not yet read on this connection past its limit of '
+                                 f'{MAX_HELD_MAPPINGS} mappings ({self.count} held; messages under '
+                                 f'{COPIED_PAST_THE_BOUND_BELOW} bytes are copied out past it)')
+
+    def let_go(self, count: int) -> None:
+        """Messages holding ``count`` mappings were taken, or left unread with their stream."""
+        self.count -= count

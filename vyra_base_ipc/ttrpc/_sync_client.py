@@ -321,9 +321,9 @@ class SyncConnection:
         if stream.sender:  # it may wait for room in the socket, holding the send lock
             with self._state_lock:  # (not closed meanwhile)
                 self._io.wake()
-        if stream_id in self._core.streams:  # (else forgotten at its last frame; no lock needed)
+        if stream_id in self._core.streams or stream.held:  # (else forgotten, none held: no lock needed)
             with self._state_lock:
-                cancel = self._core.finish(stream_id)
+                cancel = self._core.finish(stream_id, stream)
             if cancel is not None:
                 self._send_control(cancel)
         if self._retired and not self._core.streams:
@@ -469,7 +469,7 @@ class SyncConnection:
         with self._state_lock:
             while True:
                 if stream.items:
-                    item = stream.items.popleft()
+                    item = stream.pop()
                     if not self._reading:
                         self._wake_a_waiter()
                     return item
@@ -498,7 +498,7 @@ class SyncConnection:
                     return handed_over
                 with self._state_lock:
                     if stream.items:
-                        return stream.items.popleft()
+                        return stream.pop()
                     if self._error is not None:
                         raise self._error
         except SocketTimeout:
@@ -559,7 +559,7 @@ class SyncConnection:
                 self._reading = False
                 if self._core.streams:  # (a lone call has gone from them: no call to make)
                     self._wake_a_waiter()
-                return stream.items.popleft()
+                return stream.pop()
         if reason is not None:
             self._broken(lost(self.socket_path, reason))
         return None
