@@ -31,6 +31,7 @@ from vyra_base_ipc.exceptions import (
 from vyra_base_ipc.module_service_pb2_grpc import ModuleServiceStub
 from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
 from vyra_base_ipc.ttrpc._blocking_socket import BlockingSocket
+from vyra_base_ipc.ttrpc._errors import NothingSent
 from vyra_base_ipc.ttrpc._transport import SEND_BUFFER_BYTES
 
 EXECUTE = stub_methods(ModuleServiceStub)['ExecuteCommand']
@@ -548,3 +549,72 @@ def test_a_full_listen_backlog_is_unavailable_at_once_not_an_untrusted_server(
         for waiting in queued:
             waiting.close()
         listener.close()
+
+
+# -- retired connections ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('client', ['sync', 'async'])
+def test_a_call_that_took_a_connection_before_it_was_retired_and_closed_is_to_go_again(
+        client: str, lanes: ServerProcess) -> None:
+    # The handlers retire a connection whose server shuts down (no new calls; closed once none
+    # is in flight), from the call that heard it; another call that had taken the connection
+    # just before found it closed with nothing of it sent, and failed UNAVAILABLE for good
+    # instead of going again over a new connection (NothingSent).
+    async def calls() -> None:
+        async with await AsyncConnection.connect(lanes.ttrpc_path) as connection:
+            assert (await connection.call(EXECUTE, PING, timeout=10)).result == 'pong'
+            connection.retire()  # nothing in flight: closed at once
+            assert connection.is_closed
+            await connection.call(EXECUTE, PING, timeout=10)
+
+    with pytest.raises(IPCUnavailableError) as raised:
+        if client == 'sync':
+            with SyncConnection.connect(lanes.ttrpc_path) as connection:
+                assert connection.call(EXECUTE, PING, timeout=10).result == 'pong'
+                connection.retire()
+                assert connection.is_closed
+                connection.call(EXECUTE, PING, timeout=10)
+        else:
+            asyncio.run(calls())
+    assert isinstance(raised.value, NothingSent), repr(raised.value)
+    assert 'was closed' in raised.value.details
+
+
+def test_a_blocking_call_cannot_start_between_retire_finding_no_call_and_closing(
+        lanes: ServerProcess, echo: Any) -> None:
+    # retire() looked for calls in flight and closed without the state lock: a call of another
+    # thread could start in between, send its request (the server ran it) and fail "was closed",
+    # not to go again since it was sent. Driven here at that very moment, from another thread.
+    slow = stub_methods(echo.Stub)['Echo']
+    outcome: list[object] = []
+    with SyncConnection.connect(lanes.ttrpc_path) as connection:
+        assert connection.call(EXECUTE, PING, timeout=10).result == 'pong'
+
+        def call() -> None:
+            try:
+                outcome.append(connection.call(slow, echo.pb.EchoRequest(text='sleep:retired:1'), timeout=10))
+            except IPCUnavailableError as error:
+                outcome.append(error)
+        caller = threading.Thread(target=call)
+        close = connection.close
+
+        def closing() -> None:  # retire() found no call in flight and closes: a call starts now
+            connection.close = close  # type: ignore[method-assign]
+            lock_free: list[bool] = []
+
+            def probe() -> None:  # (from another thread: the retiring one may hold the lock)
+                if connection._state_lock.acquire(blocking=False):
+                    connection._state_lock.release()
+                    lock_free.append(True)
+            prober = threading.Thread(target=probe)
+            prober.start()
+            prober.join(10)
+            caller.start()
+            if lock_free:  # nothing keeps the call out: it sends its request before the close
+                wait_for(lambda: connection._core.streams and not connection._send_lock.locked(), 10,
+                         'the call to send its request')
+            close()
+        connection.close = closing  # type: ignore[method-assign]
+        connection.retire()
+        caller.join(20)
+    assert len(outcome) == 1 and isinstance(outcome[0], NothingSent), outcome

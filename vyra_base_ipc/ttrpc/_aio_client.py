@@ -155,11 +155,12 @@ class _ClientProtocol(FramedConnection):
         allocation and write.
 
         :raises NothingSent: the connection broke in this write (a socket
-            write that fails writes nothing, and queued frames wait for it).
+            write that fails writes nothing, and queued frames wait for it),
+            or was retired and closed before (the caller took it before).
         """
         if self.error is not None:
             prepared.discard()
-            raise self.error
+            raise NothingSent(self.error.code, self.error.details) if self.retired else self.error
         stream_id = self.core.register(target, prepared)
         self.send(prepared.frame(stream_id), prepared.take_fds())
         if self.error is not None:
@@ -334,7 +335,9 @@ class AsyncConnection:
         return self._protocol.error is not None or self._protocol.core.exhausted
 
     def retire(self) -> None:
-        """Take no new calls (:attr:`is_closed` turns true); close once those in flight have ended."""
+        """Take no new calls (:attr:`is_closed` turns true); close once those in flight have ended.
+        A call that took the connection before and finds it closed raises :class:`NothingSent`.
+        In the loop's thread, as every call (each registers in one step with its send)."""
         protocol = self._protocol
         protocol.core.exhausted = protocol.retired = True
         if not protocol.core.streams:

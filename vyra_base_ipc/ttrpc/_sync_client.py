@@ -146,10 +146,12 @@ class SyncConnection:
         return self._error is not None or self._pid != this_process.pid or self._core.exhausted
 
     def retire(self) -> None:
-        """Take no new calls (:attr:`is_closed` turns true); close once those in flight have ended."""
-        self._core.exhausted = self._retired = True
-        if not self._core.streams:
-            self.close()
+        """Take no new calls (:attr:`is_closed` turns true); close once those in flight have ended.
+        A call that took the connection before and finds it closed raises :class:`NothingSent`."""
+        with self._state_lock:  # (calls start under it: one is in flight, or finds the connection closed)
+            self._core.exhausted = self._retired = True
+            if not self._core.streams:
+                self.close()
 
     def close(self) -> None:
         """Close the connection; calls in flight fail with
@@ -290,8 +292,8 @@ class SyncConnection:
         try:
             with self._state_lock:
                 if self._error is not None:
-                    prepared.discard()
-                    raise self._error
+                    prepared.discard()  # (and a retired connection's call may go again: see retire())
+                    raise NothingSent(self._error.code, self._error.details) if self._retired else self._error
                 stream_id = self._core.register(stream, prepared)
             try:
                 # The server's segments this end let go of leave with the request.
@@ -326,8 +328,10 @@ class SyncConnection:
                 cancel = self._core.finish(stream_id, stream)
             if cancel is not None:
                 self._send_control(cancel)
-        if self._retired and not self._core.streams:
-            self.close()  # its last call ended
+        if self._retired:
+            with self._state_lock:  # (as in retire())
+                if not self._core.streams:
+                    self.close()  # its last call ended
 
     # -- sending ----------------------------------------------------------------------
 
