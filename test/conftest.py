@@ -7,6 +7,7 @@ test/ttrpc_peer.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 from pathlib import Path
@@ -485,3 +486,83 @@ def call_through(kind: str, path: Path, stub: type, method: str, request: Any, *
         finally:
             await handler.disconnect()
     return asyncio.run(run())
+
+
+# -- one scenario, both kinds of client -----------------------------------------------
+
+#: The kinds of client: blocking, and asyncio.
+CLIENT_KINDS = ('sync', 'async')
+
+_END = object()
+
+
+async def _awaited(awaitable: Any) -> Any:
+    """``awaitable``'s result (``asyncio.Runner.run`` takes coroutines only)."""
+    return await awaitable
+
+
+async def _next_or_end(stream: Any) -> Any:
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return _END
+
+
+class Blocking:
+    """The blocking face of an asyncio client (an ``AsyncConnection``, an
+    ``IPCHandler``), so that one scenario drives either kind of client.
+
+    A method's coroutine runs to its end on ``runner``'s event loop; an async
+    iterator it returns (a stream) iterates as an iterator, each message
+    taken on that loop; any other attribute is the client's own. The loop
+    runs only while a step waits, as it does for one coroutine between its
+    awaits, and it is the client's loop throughout. As a context
+    manager, it enters and leaves the client's ``async with``.
+    """
+
+    def __init__(self, client: Any, runner: asyncio.Runner) -> None:
+        self._client = client
+        self._runner = runner
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._client, name)
+        if not callable(value):
+            return value
+
+        def blocking(*args: Any, **kwargs: Any) -> Any:
+            result = value(*args, **kwargs)
+            if hasattr(result, '__await__'):
+                return self._runner.run(_awaited(result))
+            if hasattr(result, '__anext__'):
+                return self._iterate(result)
+            return result
+        return blocking
+
+    def _iterate(self, stream: Any) -> Iterator[Any]:
+        while (message := self._runner.run(_next_or_end(stream))) is not _END:
+            yield message
+
+    def __enter__(self) -> Blocking:
+        self._runner.run(_awaited(self._client.__aenter__()))
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._runner.run(_awaited(self._client.__aexit__(*exc_info)))
+
+
+@contextlib.contextmanager
+def fast_lane_connection(kind: str, path: Path, **options: Any) -> Iterator[Any]:
+    """A connection to the fast lane on ``path`` of ``kind`` (``'sync'``: a
+    ``SyncConnection``; ``'async'``: an ``AsyncConnection`` on an event loop
+    of its own, behind :class:`Blocking`), made with ``options``, closed on
+    leaving. The same blocking steps drive either: ``call()`` returns the
+    answer, ``stream()`` is an iterator."""
+    from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
+
+    if kind == 'sync':
+        with SyncConnection.connect(path, **options) as connection:
+            yield connection
+        return
+    with asyncio.Runner() as runner:
+        with Blocking(runner.run(_awaited(AsyncConnection.connect(path, **options))), runner) as connection:
+            yield connection

@@ -5,7 +5,6 @@ stay usable where the connection is still in step."""
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import os
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Callable, Iterator
 import grpc
 import pytest
 
+from conftest import CLIENT_KINDS, fast_lane_connection
 from ttrpc_peer import (
     DATA,
     NO_DATA,
@@ -30,7 +30,6 @@ from ttrpc_peer import (
 from vyra_base_ipc import SharedMemoryOptions, ttrpc_pb2
 from vyra_base_ipc._methods import Method, MethodKind
 from vyra_base_ipc.exceptions import IPCRemoteError, IPCUnavailableError
-from vyra_base_ipc.ttrpc import AsyncConnection, SyncConnection
 
 Script = Callable[[Peer], None]
 
@@ -92,7 +91,7 @@ def answer_every_call(peer: Peer) -> None:
 # == flow control =================================================================================
 
 @pytest.mark.parametrize('how', ['plain ttrpc', 'no window granted'])
-@pytest.mark.parametrize('client', ['sync', 'async'])
+@pytest.mark.parametrize('client', CLIENT_KINDS)
 def test_a_server_without_flow_control_cannot_make_a_stream_nobody_reads_hold_more_than_its_bound(
         client: str, how: str, hostile: Callable[[Script], Path]) -> None:
     # 2,000 messages of 1,000 bytes (2 MB) to a stream whose caller took one
@@ -119,23 +118,12 @@ def test_a_server_without_flow_control_cannot_make_a_stream_nobody_reads_hold_mo
     received = 0
     limit = 64 * 4096 + 4096 + 64
     with pytest.raises(IPCRemoteError) as raised:
-        if client == 'sync':
-            with SyncConnection.connect(path, **SMALL) as connection:
-                stream = connection.stream(STREAM, b'', timeout=20)
-                assert next(stream) == b'first'
-                assert connection.call(UNARY, b'', timeout=20) == b'after the flood'
-                for _ in stream:
-                    received += 1
-        else:
-            async def iterate() -> None:
-                nonlocal received
-                async with await AsyncConnection.connect(path, **SMALL) as connection:
-                    stream = connection.stream(STREAM, b'', timeout=20)
-                    assert await stream.__anext__() == b'first'
-                    assert await connection.call(UNARY, b'', timeout=20) == b'after the flood'
-                    async for _ in stream:
-                        received += 1
-            asyncio.run(iterate())
+        with fast_lane_connection(client, path, **SMALL) as connection:
+            stream = connection.stream(STREAM, b'', timeout=20)
+            assert next(stream) == b'first'
+            assert connection.call(UNARY, b'', timeout=20) == b'after the flood'
+            for _ in stream:
+                received += 1
     assert flooded.is_set()
     assert raised.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert f'more than a stream without flow control may hold ({limit})' in raised.value.details
@@ -155,7 +143,7 @@ GARBAGE: dict[str, bytes] = {
 
 
 @pytest.mark.parametrize('garbage', list(GARBAGE))
-@pytest.mark.parametrize('client', ['sync', 'async'])
+@pytest.mark.parametrize('client', CLIENT_KINDS)
 def test_a_server_out_of_step_loses_its_connection_at_once_and_a_new_one_works(
         client: str, garbage: str, hostile: Callable[[Script], Path]) -> None:
     # Every later answer of the connection was skipped or ignored: each call
@@ -173,29 +161,17 @@ def test_a_server_out_of_step_loses_its_connection_at_once_and_a_new_one_works(
         answer_every_call(peer)
 
     path = hostile(script)
-    if client == 'sync':
-        with SyncConnection.connect(path, **SMALL) as connection:
-            with pytest.raises(IPCUnavailableError) as raised:
-                connection.call(UNARY, b'', timeout=5)
-            assert connection.is_closed
-        with SyncConnection.connect(path, **SMALL) as connection:
-            assert connection.call(UNARY, b'', timeout=5) == b'fine'
-    else:
-        async def call() -> IPCUnavailableError:
-            async with await AsyncConnection.connect(path, **SMALL) as connection:
-                with pytest.raises(IPCUnavailableError) as raised:
-                    await connection.call(UNARY, b'', timeout=5)
-                assert connection.is_closed
-            async with await AsyncConnection.connect(path, **SMALL) as connection:
-                assert await connection.call(UNARY, b'', timeout=5) == b'fine'
-            return raised.value
-        error = asyncio.run(call())
-    details = raised.value.details if client == 'sync' else error.details
-    assert 'lost: the server is out of step: a frame' in details
-    assert 'on a stream this client never opened' in details
+    with fast_lane_connection(client, path, **SMALL) as connection:
+        with pytest.raises(IPCUnavailableError) as raised:
+            connection.call(UNARY, b'', timeout=5)
+        assert connection.is_closed
+    with fast_lane_connection(client, path, **SMALL) as connection:
+        assert connection.call(UNARY, b'', timeout=5) == b'fine'
+    assert 'lost: the server is out of step: a frame' in raised.value.details
+    assert 'on a stream this client never opened' in raised.value.details
 
 
-@pytest.mark.parametrize('client', ['sync', 'async'])
+@pytest.mark.parametrize('client', CLIENT_KINDS)
 def test_frames_of_types_a_client_does_not_know_are_ignored_as_the_protocol_says(
         client: str, hostile: Callable[[Script], Path]) -> None:
     # A later extension's frames (or a CANCEL, which only clients send) on a call's stream
@@ -215,16 +191,9 @@ def test_frames_of_types_a_client_does_not_know_are_ignored_as_the_protocol_says
         until_closed(peer)
 
     path = hostile(script)
-    if client == 'sync':
-        with SyncConnection.connect(path, **SMALL) as connection:
-            assert connection.call(UNARY, b'', timeout=5) == b'fine'
-            assert list(connection.stream(STREAM, b'', timeout=5)) == [b'one', b'two']
-    else:
-        async def call() -> None:
-            async with await AsyncConnection.connect(path, **SMALL) as connection:
-                assert await connection.call(UNARY, b'', timeout=5) == b'fine'
-                assert [message async for message in connection.stream(STREAM, b'', timeout=5)] == [b'one', b'two']
-        asyncio.run(call())
+    with fast_lane_connection(client, path, **SMALL) as connection:
+        assert connection.call(UNARY, b'', timeout=5) == b'fine'
+        assert list(connection.stream(STREAM, b'', timeout=5)) == [b'one', b'two']
 
 
 # == descriptors ==================================================================================
@@ -237,7 +206,7 @@ FD_ABUSE: dict[str, tuple[bool, int, str]] = {
 
 
 @pytest.mark.parametrize('abuse', list(FD_ABUSE))
-@pytest.mark.parametrize('client', ['sync', 'async'])
+@pytest.mark.parametrize('client', CLIENT_KINDS)
 def test_descriptors_a_server_may_not_pass_lose_the_connection_naming_why(
         client: str, abuse: str, hostile: Callable[[Script], Path]) -> None:
     # The blocking client said "the server passed file descriptors that no frame claims"
@@ -259,14 +228,8 @@ def test_descriptors_a_server_may_not_pass_lose_the_connection_naming_why(
     path = hostile(script)
     options = {**SMALL, 'shared_memory': SharedMemoryOptions() if offered else None}
     with pytest.raises(IPCUnavailableError) as raised:
-        if client == 'sync':
-            with SyncConnection.connect(path, **options) as connection:
-                connection.call(UNARY, b'', timeout=5)
-        else:
-            async def call() -> None:
-                async with await AsyncConnection.connect(path, **options) as connection:
-                    await connection.call(UNARY, b'', timeout=5)
-            asyncio.run(call())
+        with fast_lane_connection(client, path, **options) as connection:
+            connection.call(UNARY, b'', timeout=5)
     assert words in raised.value.details
 
 
@@ -282,7 +245,7 @@ def open_fds() -> int:
     return len(os.listdir('/proc/self/fd'))
 
 
-@pytest.mark.parametrize('client', ['sync', 'async'])
+@pytest.mark.parametrize('client', CLIENT_KINDS)
 def test_shared_buffers_on_streamed_messages_are_refused_without_holding_their_descriptors(
         client: str, hostile: Callable[[Script], Path]) -> None:
     # No peer sends a streamed message with buffers (attach_buffers copies them inline there),
@@ -311,30 +274,15 @@ def test_shared_buffers_on_streamed_messages_are_refused_without_holding_their_d
 
     path = hostile(script)
     options = {**SMALL, 'shared_memory': SharedMemoryOptions()}
-    held = 0
     with pytest.raises(IPCRemoteError) as raised:
-        if client == 'sync':
-            with SyncConnection.connect(path, **options) as connection:
-                stream = connection.stream(STREAM, b'', timeout=10)
-                assert next(stream) == b'first'
-                before = open_fds()
-                assert connection.call(UNARY, b'', timeout=10) == b'after them'
-                held = open_fds() - before
-                assert held < 31, f'{held} descriptors held for messages not read'
-                list(stream)
-        else:
-            async def iterate() -> None:
-                nonlocal held
-                async with await AsyncConnection.connect(path, **options) as connection:
-                    stream = connection.stream(STREAM, b'', timeout=10)
-                    assert await stream.__anext__() == b'first'
-                    before = open_fds()
-                    assert await connection.call(UNARY, b'', timeout=10) == b'after them'
-                    held = open_fds() - before
-                    assert held < 31, f'{held} descriptors held for messages not read'
-                    async for _ in stream:
-                        pass
-            asyncio.run(iterate())
+        with fast_lane_connection(client, path, **options) as connection:
+            stream = connection.stream(STREAM, b'', timeout=10)
+            assert next(stream) == b'first'
+            before = open_fds()
+            assert connection.call(UNARY, b'', timeout=10) == b'after them'
+            held = open_fds() - before
+            assert held < 31, f'{held} descriptors held for messages not read'
+            list(stream)
     assert raised.value.code is grpc.StatusCode.INTERNAL
     assert '31 shared buffers with a streamed message' in raised.value.details
 
@@ -344,7 +292,7 @@ def mappings() -> int:
         return sum(1 for _ in maps)
 
 
-@pytest.mark.parametrize('client', ['sync', 'async'])
+@pytest.mark.parametrize('client', CLIENT_KINDS)
 def test_small_streamed_messages_in_shared_memory_are_copied_out_not_kept_mapped(
         client: str, hostile: Callable[[Script], Path]) -> None:
     # A window counts a message at its size (and 64 bytes), not at the page and the mapping a
@@ -373,26 +321,14 @@ def test_small_streamed_messages_in_shared_memory_are_copied_out_not_kept_mapped
     path = hostile(script)
     options = {**SMALL, 'shared_memory': SharedMemoryOptions(), 'stream_window': 1 << 20}
     expected = [bytes([index % 256]) for index in range(count)]
-    if client == 'sync':
-        with SyncConnection.connect(path, **options) as connection:
-            stream = connection.stream(STREAM, b'', timeout=10)
-            assert next(stream) == b'first'
-            before = mappings()
-            assert connection.call(UNARY, b'', timeout=10) == b'after them'
-            held = mappings() - before
-            assert held < 100, f'{held} mappings held for messages not read'
-            assert [bytes(message) for message in stream] == expected
-    else:
-        async def iterate() -> None:
-            async with await AsyncConnection.connect(path, **options) as connection:
-                stream = connection.stream(STREAM, b'', timeout=10)
-                assert await stream.__anext__() == b'first'
-                before = mappings()
-                assert await connection.call(UNARY, b'', timeout=10) == b'after them'
-                held = mappings() - before
-                assert held < 100, f'{held} mappings held for messages not read'
-                assert [bytes(message) async for message in stream] == expected
-        asyncio.run(iterate())
+    with fast_lane_connection(client, path, **options) as connection:
+        stream = connection.stream(STREAM, b'', timeout=10)
+        assert next(stream) == b'first'
+        before = mappings()
+        assert connection.call(UNARY, b'', timeout=10) == b'after them'
+        held = mappings() - before
+        assert held < 100, f'{held} mappings held for messages not read'
+        assert [bytes(message) for message in stream] == expected
 
 
 def sparse_memfd(size: int) -> int:
@@ -416,7 +352,7 @@ HELD_BOUND = 50
 
 
 @pytest.mark.parametrize('size', [100 * 1024, 2 << 20], ids=['100 KiB', '2 MiB'])
-@pytest.mark.parametrize('client', ['sync', 'async'])
+@pytest.mark.parametrize('client', CLIENT_KINDS)
 def test_unread_streams_of_a_connection_hold_no_more_mappings_than_its_bound(
         client: str, size: int, hostile: Callable[[Script], Path], monkeypatch: pytest.MonkeyPatch) -> None:
     # A stream holds at most its window of messages over 64 KiB, each a mapping (272 by default),
@@ -478,54 +414,26 @@ def test_unread_streams_of_a_connection_hold_no_more_mappings_than_its_bound(
             assert error is not None and error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
             assert f'past its limit of {HELD_BOUND} mappings' in error.details
 
-    if client == 'sync':
-        with SyncConnection.connect(path, **options) as connection:
-            first = connection.stream(STREAM, b'', timeout=20)
-            assert next(first) == b'first'
-            second = connection.stream(STREAM, b'', timeout=20)
-            assert next(second) == b'first'
-            before = mappings()
-            assert connection.call(UNARY, b'', timeout=20) == b'after them'
-            held = mappings() - before
-            assert held <= HELD_BOUND + 20, f'{held} mappings held for messages not read'
-            check([next(first) for _ in range(5)], 5)
-            first.close()  # the 40 messages it did not read let go
-            received: list[bytes] = []
-            try:
-                received.extend(second)
-                failure = None
-            except IPCRemoteError as error:
-                failure = error
-            check_second(received, failure)
-            del received
-            third = connection.stream(STREAM, b'', timeout=20)
-            assert next(third) == b'first'
-            assert connection.call(UNARY, b'', timeout=20) == b'after them'
-            check(list(third))  # those read or left no longer count
-    else:
-        async def iterate() -> None:
-            async with await AsyncConnection.connect(path, **options) as connection:
-                first = connection.stream(STREAM, b'', timeout=20)
-                assert await first.__anext__() == b'first'
-                second = connection.stream(STREAM, b'', timeout=20)
-                assert await second.__anext__() == b'first'
-                before = mappings()
-                assert await connection.call(UNARY, b'', timeout=20) == b'after them'
-                held = mappings() - before
-                assert held <= HELD_BOUND + 20, f'{held} mappings held for messages not read'
-                check([await first.__anext__() for _ in range(5)], 5)
-                await first.aclose()  # the 40 messages it did not read let go
-                received: list[bytes] = []
-                try:
-                    async for each in second:
-                        received.append(each)
-                    failure = None
-                except IPCRemoteError as error:
-                    failure = error
-                check_second(received, failure)
-                del received
-                third = connection.stream(STREAM, b'', timeout=20)
-                assert await third.__anext__() == b'first'
-                assert await connection.call(UNARY, b'', timeout=20) == b'after them'
-                check([each async for each in third])  # those read or left no longer count
-        asyncio.run(iterate())
+    with fast_lane_connection(client, path, **options) as connection:
+        first = connection.stream(STREAM, b'', timeout=20)
+        assert next(first) == b'first'
+        second = connection.stream(STREAM, b'', timeout=20)
+        assert next(second) == b'first'
+        before = mappings()
+        assert connection.call(UNARY, b'', timeout=20) == b'after them'
+        held = mappings() - before
+        assert held <= HELD_BOUND + 20, f'{held} mappings held for messages not read'
+        check([next(first) for _ in range(5)], 5)
+        first.close()  # the 40 messages it did not read let go
+        received: list[bytes] = []
+        try:
+            received.extend(second)
+            failure = None
+        except IPCRemoteError as error:
+            failure = error
+        check_second(received, failure)
+        del received
+        third = connection.stream(STREAM, b'', timeout=20)
+        assert next(third) == b'first'
+        assert connection.call(UNARY, b'', timeout=20) == b'after them'
+        check(list(third))  # those read or left no longer count
