@@ -113,7 +113,9 @@ class PinnedSocket:
             os.close(fd)
 
 
-@dataclasses.dataclass(frozen=True)
+# Not frozen: close() sets _closed. Equal only to itself, as the channel it
+# holds is (nothing compares or hashes these by value).
+@dataclasses.dataclass(eq=False)
 class PinnedChannel:
     """A gRPC channel (``grpc`` or ``grpc.aio``) and the socket it is pinned to."""
 
@@ -124,8 +126,9 @@ class PinnedChannel:
     # closed before or meanwhile (disconnect() in another thread), the
     # process died of SIGSEGV (test_client_stress.py). A grpc.aio channel
     # makes one after its close, and its call then fails.
-    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
-    _closed: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False, compare=False)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, init=False, repr=False)
+    #: Whether close() closed the blocking channel; read and written under _lock only.
+    _closed: bool = dataclasses.field(default=False, init=False, repr=False)
 
     @classmethod
     def open(cls, factory: Callable[..., Any], path: str, trusted: frozenset[int],
@@ -161,7 +164,7 @@ class PinnedChannel:
             call on a closed channel).
         """
         with self._lock:
-            if self._closed.is_set():
+            if self._closed:
                 raise ValueError('Cannot invoke RPC on closed channel!')
             return getattr(self.channel, kind)(method, request_serializer=request_serializer,
                                                response_deserializer=response_deserializer,
@@ -171,7 +174,7 @@ class PinnedChannel:
         """Close a blocking channel, then its descriptor. Waits for a callable
         being made (:meth:`multi_callable`) to be made."""
         with self._lock:
-            self._closed.set()
+            self._closed = True
             self.channel.close()
         self.pin.close()
 
