@@ -77,6 +77,30 @@ def until_closed(peer: Peer) -> None:
         pass
 
 
+def flood_a_waiting_stream(peer: Peer, flood: Callable[[Peer, int], None], answer: bytes) -> None:
+    """After the Hello: send the client's stream its first message, then, once
+    the client's unary call came, ``flood(peer, stream_id)`` the stream and
+    answer the call ``answer``: a client that has the answer has read the flood."""
+    stream_id = peer.read_frame().stream_id
+    peer.send(stream_id, DATA, 0, b'first')
+    unary = peer.read_frame()
+    flood(peer, stream_id)
+    peer.respond(unary.stream_id, answer)
+    until_closed(peer)
+
+
+def read_one_then_call(connection: Any, answer: bytes, timeout: float,
+                       measure: Callable[[], int] = lambda: 0) -> tuple[Iterator[Any], int]:
+    """The client's side of :func:`flood_a_waiting_stream`: open the stream,
+    take its first message, make the unary call (answered ``answer``); the
+    stream, and how much ``measure()`` grew while the call waited."""
+    stream = connection.stream(STREAM, b'', timeout=timeout)
+    assert next(stream) == b'first'
+    before = measure()
+    assert connection.call(UNARY, b'', timeout=timeout) == answer
+    return stream, measure() - before
+
+
 def answer_every_call(peer: Peer) -> None:
     """Answer every call ``b'fine'`` until the client closes the connection."""
     try:
@@ -102,26 +126,21 @@ def test_a_server_without_flow_control_cannot_make_a_stream_nobody_reads_hold_mo
     # most, then fails RESOURCE_EXHAUSTED (and drops the rest).
     flooded = threading.Event()
 
+    def flood(peer: Peer, stream_id: int) -> None:
+        peer.send_raw(frame_bytes(stream_id, DATA, 0, bytes(1000)) * 2000)
+        peer.send(stream_id, RESPONSE, 0, ttrpc_pb2.Response(status=ttrpc_pb2.Status()).SerializeToString())
+        flooded.set()
+
     def script(peer: Peer) -> None:
         decline_flow_control(peer, how)
-        stream_id = peer.read_frame().stream_id
-        message = frame_bytes(stream_id, DATA, 0, bytes(1000))
-        peer.send(stream_id, DATA, 0, b'first')
-        unary = peer.read_frame()
-        peer.send_raw(message * 2000)
-        peer.send(stream_id, RESPONSE, 0, ttrpc_pb2.Response(status=ttrpc_pb2.Status()).SerializeToString())
-        peer.respond(unary.stream_id, b'after the flood')
-        flooded.set()
-        until_closed(peer)
+        flood_a_waiting_stream(peer, flood, b'after the flood')
 
     path = hostile(script)
     received = 0
     limit = 64 * 4096 + 4096 + 64
     with pytest.raises(IPCRemoteError) as raised:
         with fast_lane_connection(client, path, **SMALL) as connection:
-            stream = connection.stream(STREAM, b'', timeout=20)
-            assert next(stream) == b'first'
-            assert connection.call(UNARY, b'', timeout=20) == b'after the flood'
+            stream, _ = read_one_then_call(connection, b'after the flood', timeout=20)
             for _ in stream:
                 received += 1
     assert flooded.is_set()
@@ -241,6 +260,12 @@ def sealed_memfd(data: bytes) -> int:
     return fd
 
 
+def agree_shared_memory(peer: Peer) -> None:
+    """Answer the client's Hello: shared memory, and a window of 1 MiB."""
+    assert peer.read_frame().stream_id == 1
+    peer.respond(1, ttrpc_pb2.Hello(shared_memory=True, cancel=True, stream_window=1 << 20).SerializeToString())
+
+
 def open_fds() -> int:
     return len(os.listdir('/proc/self/fd'))
 
@@ -256,12 +281,7 @@ def test_shared_buffers_on_streamed_messages_are_refused_without_holding_their_d
     for handle in range(1, 32):
         manifest.buffers.add(handle=handle, size=1)
 
-    def script(peer: Peer) -> None:
-        assert peer.read_frame().stream_id == 1
-        peer.respond(1, ttrpc_pb2.Hello(shared_memory=True, cancel=True, stream_window=1 << 20).SerializeToString())
-        stream_id = peer.read_frame().stream_id
-        peer.send(stream_id, DATA, 0, b'first')
-        unary = peer.read_frame()
+    def flood(peer: Peer, stream_id: int) -> None:
         for _ in range(20):
             fds = [sealed_memfd(b'x') for _ in range(31)]
             try:
@@ -269,18 +289,16 @@ def test_shared_buffers_on_streamed_messages_are_refused_without_holding_their_d
             finally:
                 for fd in fds:
                     os.close(fd)
-        peer.respond(unary.stream_id, b'after them')
-        until_closed(peer)
+
+    def script(peer: Peer) -> None:
+        agree_shared_memory(peer)
+        flood_a_waiting_stream(peer, flood, b'after them')
 
     path = hostile(script)
     options = {**SMALL, 'shared_memory': SharedMemoryOptions()}
     with pytest.raises(IPCRemoteError) as raised:
         with fast_lane_connection(client, path, **options) as connection:
-            stream = connection.stream(STREAM, b'', timeout=10)
-            assert next(stream) == b'first'
-            before = open_fds()
-            assert connection.call(UNARY, b'', timeout=10) == b'after them'
-            held = open_fds() - before
+            stream, held = read_one_then_call(connection, b'after them', timeout=10, measure=open_fds)
             assert held < 31, f'{held} descriptors held for messages not read'
             list(stream)
     assert raised.value.code is grpc.StatusCode.INTERNAL
@@ -302,12 +320,7 @@ def test_small_streamed_messages_in_shared_memory_are_copied_out_not_kept_mapped
     manifest = ttrpc_pb2.SharedMemoryManifest(payload_size=1).SerializeToString()
     count = 2000
 
-    def script(peer: Peer) -> None:
-        assert peer.read_frame().stream_id == 1
-        peer.respond(1, ttrpc_pb2.Hello(shared_memory=True, cancel=True, stream_window=1 << 20).SerializeToString())
-        stream_id = peer.read_frame().stream_id
-        peer.send(stream_id, DATA, 0, b'first')
-        unary = peer.read_frame()
+    def flood(peer: Peer, stream_id: int) -> None:
         for index in range(count):
             fd = sealed_memfd(bytes([index % 256]))
             try:
@@ -315,18 +328,16 @@ def test_small_streamed_messages_in_shared_memory_are_copied_out_not_kept_mapped
             finally:
                 os.close(fd)
         peer.send(stream_id, DATA, REMOTE_CLOSED | NO_DATA)
-        peer.respond(unary.stream_id, b'after them')
-        until_closed(peer)
+
+    def script(peer: Peer) -> None:
+        agree_shared_memory(peer)
+        flood_a_waiting_stream(peer, flood, b'after them')
 
     path = hostile(script)
     options = {**SMALL, 'shared_memory': SharedMemoryOptions(), 'stream_window': 1 << 20}
     expected = [bytes([index % 256]) for index in range(count)]
     with fast_lane_connection(client, path, **options) as connection:
-        stream = connection.stream(STREAM, b'', timeout=10)
-        assert next(stream) == b'first'
-        before = mappings()
-        assert connection.call(UNARY, b'', timeout=10) == b'after them'
-        held = mappings() - before
+        stream, held = read_one_then_call(connection, b'after them', timeout=10, measure=mappings)
         assert held < 100, f'{held} mappings held for messages not read'
         assert [bytes(message) for message in stream] == expected
 
