@@ -453,17 +453,13 @@ def make_stale_socket(path: Path) -> None:
 
 def call_through(kind: str, path: Path, stub: type, method: str, request: Any, *,
                  whole_stream: bool = False, **options: Any) -> Any:
-    """One call through a new handler of ``kind`` (``'sync'``: a
-    SyncIPCHandler, ``'async'``: an IPCHandler in ``asyncio.run``), without
-    connect() first: the call connects. Its answer (with ``whole_stream``:
-    the list of a response stream's replies), or the exception it raised.
-    ``options`` go to the handler, but ``timeout``, ``buffers``, ``parent``
-    and ``metadata`` to the call."""
+    """One call through a new handler of ``kind`` (:func:`handler_of`),
+    without connect() first: the call connects. Its answer (with
+    ``whole_stream``: the list of a response stream's replies), or the
+    exception it raised. ``options`` go to the handler, but ``timeout``,
+    ``buffers``, ``parent`` and ``metadata`` to the call."""
     per_call = {key: options.pop(key) for key in ('timeout', 'buffers', 'parent', 'metadata') if key in options}
-    if kind == 'sync':
-        from vyra_base_ipc import SyncIPCHandler
-
-        handler = SyncIPCHandler(path, stub, **options)
+    with handler_of(kind, path, stub, **options) as handler:
         try:
             if whole_stream:
                 return list(handler.stream_method(method, request, **per_call))
@@ -472,20 +468,6 @@ def call_through(kind: str, path: Path, stub: type, method: str, request: Any, *
             return error
         finally:
             handler.disconnect()
-
-    async def run() -> Any:
-        from vyra_base_ipc import IPCHandler
-
-        handler = IPCHandler(path, stub, **options)
-        try:
-            if whole_stream:
-                return [reply async for reply in handler.stream_method(method, request, **per_call)]
-            return await handler.call_method(method, request, **per_call)
-        except Exception as error:
-            return error
-        finally:
-            await handler.disconnect()
-    return asyncio.run(run())
 
 
 # -- one scenario, both kinds of client -----------------------------------------------
@@ -566,3 +548,20 @@ def fast_lane_connection(kind: str, path: Path, **options: Any) -> Iterator[Any]
     with asyncio.Runner() as runner:
         with Blocking(runner.run(_awaited(AsyncConnection.connect(path, **options))), runner) as connection:
             yield connection
+
+
+@contextlib.contextmanager
+def handler_of(kind: str, path: Path, stub: type, **options: Any) -> Iterator[Any]:
+    """A new handler of ``kind`` for ``path`` and ``stub``, made with
+    ``options`` and not connected (its ``with`` connects): ``'sync'``, a
+    ``SyncIPCHandler``; ``'async'``, an ``IPCHandler`` on an event loop of its
+    own (closed on leaving), behind :class:`Blocking`. The same blocking steps
+    drive either: ``call_method()`` returns the answer, ``stream_method()``
+    is an iterator."""
+    from vyra_base_ipc import IPCHandler, SyncIPCHandler
+
+    if kind == 'sync':
+        yield SyncIPCHandler(path, stub, **options)
+        return
+    with asyncio.Runner() as runner:
+        yield Blocking(IPCHandler(path, stub, **options), runner)
