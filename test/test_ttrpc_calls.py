@@ -18,9 +18,17 @@ import warnings
 import grpc
 import pytest
 
-from conftest import ServerProcess, StartServer, make_stale_socket, start_lanes, wait_for
+from conftest import (
+    CLIENT_KINDS,
+    ServerProcess,
+    StartServer,
+    fast_lane_connection,
+    handler_of,
+    make_stale_socket,
+    start_lanes,
+    wait_for,
+)
 from ttrpc_peer import Peer
-from vyra_base_ipc import IPCHandler, SyncIPCHandler
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc._methods import stub_methods
 from vyra_base_ipc.exceptions import (
@@ -458,62 +466,44 @@ def test_async_connection_is_bound_to_its_event_loop(lanes: ServerProcess) -> No
 LAST_STREAM_ID = 2**32 - 1
 
 
-@pytest.mark.parametrize('client', ['sync', 'async'])
+def core_of(connection: Any) -> Any:
+    """The framed core of a fast-lane connection of either kind (the asyncio
+    one's is its protocol's), which numbers its streams."""
+    protocol = getattr(connection, '_protocol', None)
+    return connection._core if protocol is None else protocol.core
+
+
+@pytest.mark.parametrize('client', CLIENT_KINDS)
 def test_a_connection_that_used_up_its_stream_ids_says_so_and_counts_as_closed(
         client: str, lanes: ServerProcess, echo: Any) -> None:
     # Ids only increase and are 32 bits: a client's 2**31 calls (25 days at
     # a thousand a second), then the connection must be replaced.
     echo_method = stub_methods(echo.Stub)['Echo']
-
-    async def calls() -> None:
-        async with await AsyncConnection.connect(lanes.ttrpc_path) as connection:
-            await connection.call(echo_method, echo.pb.EchoRequest(text='hello'), timeout=10)
-            connection._protocol.core.next_id = LAST_STREAM_ID - 2
-            assert [(await connection.call(echo_method, echo.pb.EchoRequest(text=text), timeout=10)).text
+    with pytest.raises(IPCUnavailableError) as raised:
+        with fast_lane_connection(client, lanes.ttrpc_path) as connection:
+            connection.call(echo_method, echo.pb.EchoRequest(text='hello'), timeout=10)
+            core_of(connection).next_id = LAST_STREAM_ID - 2
+            assert [connection.call(echo_method, echo.pb.EchoRequest(text=text), timeout=10).text
                     for text in ('last but one', 'last')] == ['last but one', 'last']
             assert connection.is_closed
-            await connection.call(echo_method, echo.pb.EchoRequest(), timeout=10)
-
-    with pytest.raises(IPCUnavailableError) as raised:
-        if client == 'sync':
-            with SyncConnection.connect(lanes.ttrpc_path) as connection:
-                connection.call(echo_method, echo.pb.EchoRequest(text='hello'), timeout=10)
-                connection._core.next_id = LAST_STREAM_ID - 2
-                assert [connection.call(echo_method, echo.pb.EchoRequest(text=text), timeout=10).text
-                        for text in ('last but one', 'last')] == ['last but one', 'last']
-                assert connection.is_closed
-                connection.call(echo_method, echo.pb.EchoRequest(), timeout=10)
-        else:
-            asyncio.run(calls())
+            connection.call(echo_method, echo.pb.EchoRequest(), timeout=10)
     assert f'its stream ids are used up ({LAST_STREAM_ID}): open a new connection' in str(raised.value)
 
 
-@pytest.mark.parametrize('client', ['sync', 'async'])
+@pytest.mark.parametrize('client', CLIENT_KINDS)
 def test_handlers_open_a_new_connection_once_the_old_one_used_up_its_stream_ids(
         client: str, lanes: ServerProcess, echo: Any) -> None:
     options: dict[str, Any] = {'ttrpc_socket_path': lanes.ttrpc_path, 'lane': 'ttrpc', 'timeout': 10}
-    if client == 'sync':
-        with SyncIPCHandler(lanes.socket_path, echo.Stub, **options) as ipc:
-            ipc.call_method('Echo', echo.pb.EchoRequest(text='first'))
-            used = ipc._fast
-            used._core.next_id = LAST_STREAM_ID
-            texts = [ipc.call_method('Echo', echo.pb.EchoRequest(text=text)).text for text in ('last', 'next')]
-            assert ipc._fast is not used and used.is_closed
-    else:
-        async def calls() -> list[str]:
-            async with IPCHandler(lanes.socket_path, echo.Stub, **options) as ipc:
-                await ipc.call_method('Echo', echo.pb.EchoRequest(text='first'))
-                used = ipc._fast
-                used._protocol.core.next_id = LAST_STREAM_ID
-                texts = [(await ipc.call_method('Echo', echo.pb.EchoRequest(text=text))).text
-                         for text in ('last', 'next')]
-                assert ipc._fast is not used and used.is_closed
-                return texts
-        texts = asyncio.run(calls())
+    with handler_of(client, lanes.socket_path, echo.Stub, **options) as handler, handler as ipc:
+        ipc.call_method('Echo', echo.pb.EchoRequest(text='first'))
+        used = ipc._fast
+        core_of(used).next_id = LAST_STREAM_ID
+        texts = [ipc.call_method('Echo', echo.pb.EchoRequest(text=text)).text for text in ('last', 'next')]
+        assert ipc._fast is not used and used.is_closed
     assert texts == ['last', 'next']
 
 
-@pytest.mark.parametrize('client', ['sync', 'async'])
+@pytest.mark.parametrize('client', CLIENT_KINDS)
 def test_a_full_listen_backlog_is_unavailable_at_once_not_an_untrusted_server(
         client: str, socket_dir: Path) -> None:
     # asyncio's sock_connect() took a Unix socket's EAGAIN for a connect in
@@ -535,14 +525,9 @@ def test_a_full_listen_backlog_is_unavailable_at_once_not_an_untrusted_server(
                 break
             assert len(queued) < 64, 'the backlog never filled'
 
-        async def connect() -> None:
-            await AsyncConnection.connect(path)
-
         with pytest.raises(IPCUnavailableError) as raised:
-            if client == 'sync':
-                SyncConnection.connect(path)
-            else:
-                asyncio.run(connect())
+            with fast_lane_connection(client, path):
+                pass
         assert type(raised.value) is IPCUnavailableError  # not UntrustedServerError
         assert f'{str(path)!r} takes no connection now: its listen backlog is full' in str(raised.value)
     finally:
