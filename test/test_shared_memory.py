@@ -48,7 +48,7 @@ import grpc
 import numpy
 import pytest
 
-from conftest import LONG, SERVERS, ServerProcess, StartServer, until, wait_for
+from conftest import LONG, SERVERS, ServerProcess, StartServer, fast_lane_connection, until, wait_for
 from servers.mappings import mapping_of
 from ttrpc_peer import REQUEST, RESPONSE, SHARED, Answer, Peer, PeerServer, frame_bytes, response_envelope
 from vyra_base_ipc import (
@@ -1090,14 +1090,8 @@ def test_a_server_passing_a_descriptor_with_an_error_loses_the_connection_not_th
     recorder = RecordingServer(socket_dir / 'f.sock', forge=lambda _: (SHARED, error, [stale_memfd()]))
     try:
         with pytest.raises(IPCUnavailableError) as raised:
-            if client == 'sync':
-                with SyncConnection.connect(recorder.path, shared_memory=OPTIONS) as connection:
-                    connection.call(echo_method, echo.pb.EchoRequest(text='first'), timeout=LONG)
-            else:
-                async def call() -> None:
-                    async with await AsyncConnection.connect(recorder.path, shared_memory=OPTIONS) as connection:
-                        await connection.call(echo_method, echo.pb.EchoRequest(text='first'), timeout=LONG)
-                asyncio.run(call())
+            with fast_lane_connection(client, recorder.path, shared_memory=OPTIONS) as connection:
+                connection.call(echo_method, echo.pb.EchoRequest(text='first'), timeout=LONG)
         assert 'shared memory on an error response (status 9: refused)' in str(raised.value)
     finally:
         recorder.close()
