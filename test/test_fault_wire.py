@@ -31,7 +31,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 import pytest
 
-from conftest import LONG, ServerProcess, wait_for
+from conftest import LONG, ServerProcess, handler_of, wait_for
 from http2_peer import (
     CLIENT_SETTINGS,
     END_HEADERS,
@@ -483,26 +483,14 @@ def call_in_turn(kind: str, path: Path, echo, method: str, requests: list,
                  **handler_kwargs: object) -> list[object]:
     """Make the calls one after another over one handler (one channel) of
     ``kind``; each outcome is the reply or the :class:`IPCError`."""
-    if kind == 'sync':
-        outcomes: list[object] = []
-        with SyncIPCHandler(path, echo.Stub, timeout=LONG, **handler_kwargs) as client:
-            for request in requests:
-                try:
-                    outcomes.append(client.call_method(method, request))
-                except IPCError as error:
-                    outcomes.append(error)
-        return outcomes
-
-    async def calls() -> list[object]:
-        outcomes: list[object] = []
-        async with IPCHandler(path, echo.Stub, timeout=LONG, **handler_kwargs) as client:
-            for request in requests:
-                try:
-                    outcomes.append(await client.call_method(method, request))
-                except IPCError as error:
-                    outcomes.append(error)
-        return outcomes
-    return asyncio.run(calls())
+    outcomes: list[object] = []
+    with handler_of(kind, path, echo.Stub, timeout=LONG, **handler_kwargs) as handler, handler as client:
+        for request in requests:
+            try:
+                outcomes.append(client.call_method(method, request))
+            except IPCError as error:
+                outcomes.append(error)
+    return outcomes
 
 
 def assert_resource_exhausted(outcome: object, size: int, refused_by: type = IPCRemoteError) -> None:
