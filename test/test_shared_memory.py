@@ -48,11 +48,19 @@ import grpc
 import numpy
 import pytest
 
-from conftest import LONG, SERVERS, ServerProcess, StartServer, fast_lane_connection, until, wait_for
+from conftest import (
+    LONG,
+    SERVERS,
+    ServerProcess,
+    StartServer,
+    fast_lane_connection,
+    handler_of,
+    until,
+    wait_for,
+)
 from servers.mappings import mapping_of
 from ttrpc_peer import REQUEST, RESPONSE, SHARED, Answer, Peer, PeerServer, frame_bytes, response_envelope
 from vyra_base_ipc import (
-    IPCHandler,
     IPCServer,
     ReceivedBuffers,
     SharedBuffer,
@@ -87,6 +95,8 @@ ALL_SEALS = SEAL_SEAL | SEAL_SHRINK | SEAL_GROW | SEAL_WRITE
 BUFFER_MAPPING = '/memfd:vyra-ipc-segment (deleted)'
 
 CLIENT_KINDS = ['AsyncConnection', 'SyncConnection', 'IPCHandler', 'SyncIPCHandler']
+#: Each of CLIENT_KINDS as a kind of conftest's drivers.
+ASYNC_OR_SYNC = {'AsyncConnection': 'async', 'SyncConnection': 'sync', 'IPCHandler': 'async', 'SyncIPCHandler': 'sync'}
 
 
 # -- what a process holds -----------------------------------------------------------------------
@@ -346,48 +356,18 @@ def exchange(kind: str, echo: Any, server: ServerProcess, method: str, request: 
     """Make one call through a new client of ``kind`` (after a small warm-up
     call, so that connecting is not measured). With ``return_buffers`` the
     exchange's reply is ``(reply, ReceivedBuffers)``."""
-    path = server.ttrpc_path
     methods = stub_methods(echo.Stub)
     warm_up = echo.pb.EchoRequest(text='warm-up')
-
-    # Results of the coroutines go here, not into their return values: as
-    # asyncio.run() ends, signal.getsignal() formats the repr of its SIGINT
-    # handler, which holds the main task and so its result (the text of a
-    # 100 MiB message: seconds).
-    outcome: list[Exchange] = []
-    if kind == 'AsyncConnection':
-        async def run() -> None:
-            async with await AsyncConnection.connect(path, max_message_bytes=LARGE_LIMIT,
-                                                     shared_memory=shared_memory) as connection:
-                await connection.call(methods['Echo'], warm_up, timeout=LONG)
-                meter = Meter(server)
-                reply = await connection.call(methods[method], request, buffers=buffers, timeout=LONG,
-                                              return_buffers=return_buffers)
-                outcome.append(Exchange(reply, *meter.read(), connection.shared_memory, 'ttrpc'))
-        asyncio.run(run())
-        return outcome[0]
-    if kind == 'SyncConnection':
-        with SyncConnection.connect(path, max_message_bytes=LARGE_LIMIT,
-                                    shared_memory=shared_memory) as connection:
+    limits: dict[str, Any] = {'max_message_bytes': LARGE_LIMIT, 'shared_memory': shared_memory}
+    if kind.endswith('Connection'):
+        with fast_lane_connection(ASYNC_OR_SYNC[kind], server.ttrpc_path, **limits) as connection:
             connection.call(methods['Echo'], warm_up, timeout=LONG)
             meter = Meter(server)
             reply = connection.call(methods[method], request, buffers=buffers, timeout=LONG,
                                     return_buffers=return_buffers)
             return Exchange(reply, *meter.read(), connection.shared_memory, 'ttrpc')
-    if kind == 'IPCHandler':
-        async def run_handler() -> None:
-            async with IPCHandler(server.socket_path, echo.Stub, max_message_bytes=LARGE_LIMIT,
-                                  shared_memory=shared_memory, lane=lane, timeout=LONG) as ipc:
-                await ipc.call_method('Echo', warm_up)
-                meter = Meter(server)
-                reply = await ipc.call_method(method, request, buffers=buffers,
-                                              return_buffers=return_buffers)
-                outcome.append(Exchange(reply, *meter.read(), None, ipc.lane_in_use or ''))
-        asyncio.run(run_handler())
-        return outcome[0]
-    assert kind == 'SyncIPCHandler'
-    with SyncIPCHandler(server.socket_path, echo.Stub, max_message_bytes=LARGE_LIMIT,
-                        shared_memory=shared_memory, lane=lane, timeout=LONG) as ipc:
+    with handler_of(ASYNC_OR_SYNC[kind], server.socket_path, echo.Stub, lane=lane, timeout=LONG,
+                    **limits) as handler, handler as ipc:
         ipc.call_method('Echo', warm_up)
         meter = Meter(server)
         reply = ipc.call_method(method, request, buffers=buffers, return_buffers=return_buffers)
@@ -459,28 +439,16 @@ def test_client_sends_above_the_threshold_in_sealed_shared_memory_and_at_it_inli
     requests = [sized(echo.pb.EchoRequest, size) for size in sizes]
     echo_method = stub_methods(echo.Stub)['Echo']
 
-    async def run_async() -> None:
-        if kind == 'AsyncConnection':
-            async with await AsyncConnection.connect(server.path, shared_memory=OPTIONS) as connection:
-                for request in requests:
-                    assert (await connection.call(echo_method, request, timeout=LONG)).payload == request.payload
-                assert connection.shared_memory == OPTIONS
-        else:
-            async with IPCHandler(socket_dir / 'r.sock', echo.Stub, lane='ttrpc', shared_memory=OPTIONS,
-                                  ttrpc_socket_path=server.path, timeout=LONG) as ipc:
-                for request in requests:
-                    assert (await ipc.call_method('Echo', request)).payload == request.payload
     try:
-        if kind in ('AsyncConnection', 'IPCHandler'):
-            asyncio.run(run_async())
-        elif kind == 'SyncConnection':
-            with SyncConnection.connect(server.path, shared_memory=OPTIONS) as connection:
+        if kind.endswith('Connection'):
+            with fast_lane_connection(ASYNC_OR_SYNC[kind], server.path, shared_memory=OPTIONS) as connection:
                 for request in requests:
                     assert connection.call(echo_method, request, timeout=LONG).payload == request.payload
                 assert connection.shared_memory == OPTIONS
         else:
-            with SyncIPCHandler(socket_dir / 'r.sock', echo.Stub, lane='ttrpc', shared_memory=OPTIONS,
-                                ttrpc_socket_path=server.path, timeout=LONG) as ipc:
+            with handler_of(ASYNC_OR_SYNC[kind], socket_dir / 'r.sock', echo.Stub, lane='ttrpc',
+                            shared_memory=OPTIONS, ttrpc_socket_path=server.path, timeout=LONG) as handler, \
+                    handler as ipc:
                 for request in requests:
                     assert ipc.call_method('Echo', request).payload == request.payload
     finally:
