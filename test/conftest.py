@@ -505,13 +505,14 @@ class Blocking:
 
     A method's coroutine runs to its end on ``runner``'s event loop (one
     task a step); an async iterator it returns (a stream) iterates as an
-    iterator, each message taken on that loop; any other attribute is the
-    client's own. The loop runs only while a step runs, and it is the
-    client's loop throughout; but unlike one coroutine, it polls its sockets
-    once more as a step starts and ends (``asyncio.Runner.run``), as an
-    ``await asyncio.sleep(0)`` would: not for a scenario in which that poll
-    could decide the outcome (what arrived just after an answer). As a
-    context manager, it enters and leaves the client's ``async with``.
+    iterator, each message taken on that loop, and is closed on that loop
+    when left (``aclose()``); any other attribute is the client's own. The
+    loop runs only while a step runs, and it is the client's loop
+    throughout; but unlike one coroutine, it polls its sockets once more as
+    a step starts and ends (``asyncio.Runner.run``), as an ``await
+    asyncio.sleep(0)`` would: not for a scenario in which that poll could
+    decide the outcome (what arrived just after an answer). As a context
+    manager, it enters and leaves the client's ``async with``.
     """
 
     def __init__(self, client: Any, runner: asyncio.Runner) -> None:
@@ -533,8 +534,15 @@ class Blocking:
         return blocking
 
     def _iterate(self, stream: Any) -> Iterator[Any]:
-        while (message := run_on(self._runner, _next_or_end(stream))) is not _END:
-            yield message
+        try:
+            while (message := run_on(self._runner, _next_or_end(stream))) is not _END:
+                yield message
+        finally:
+            # Left early (break, close(), dropped): closed now, on its loop,
+            # as contextlib.aclosing() closes it, not whenever the loop runs
+            # next (it may run to close the connection first).
+            if hasattr(stream, 'aclose') and not self._runner.get_loop().is_running():
+                run_on(self._runner, stream.aclose())
 
     def __enter__(self) -> Blocking:
         run_on(self._runner, self._client.__aenter__())
