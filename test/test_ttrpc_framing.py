@@ -3,7 +3,6 @@ scripted ttrpc peer on a real socket (answers no real server would give)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any, Callable, Iterator
 import grpc
 import pytest
 
-from conftest import wait_for
+from conftest import CLIENT_KINDS, fast_lane_connection, wait_for
 from ttrpc_peer import DATA, REMOTE_CLOSED, RESPONSE, Peer, PeerServer, frame_bytes
 from ttrpc_peer import Frame as WireFrame
 from vyra_base_ipc import ttrpc_pb2
@@ -289,7 +288,7 @@ async def test_malformed_answer_is_internal(scripted: Callable[[Script], Path], 
     assert raised.value.code is grpc.StatusCode.INTERNAL
 
 
-@pytest.mark.parametrize('client', ['sync', 'async'])
+@pytest.mark.parametrize('client', CLIENT_KINDS)
 def test_an_answer_that_does_not_parse_as_the_response_type_is_internal(
         scripted: Callable[[Script], Path], echo: Any, client: str) -> None:
     # A stub built from another version of the .proto: protobuf's
@@ -297,16 +296,9 @@ def test_an_answer_that_does_not_parse_as_the_response_type_is_internal(
     def script(peer: Peer) -> None:
         peer.respond(peer.read_frame().stream_id, b'\x0a\x02\xff\xfe')  # text = bytes that are not UTF-8
     method = stub_methods(echo.Stub)['Echo']
-
-    async def call_async() -> None:
-        async with await AsyncConnection.connect(scripted(script), shared_memory=None) as connection:
-            await connection.call(method, echo.pb.EchoRequest(), timeout=10)
     with pytest.raises(IPCRemoteError) as raised:
-        if client == 'async':
-            asyncio.run(call_async())
-        else:
-            with SyncConnection.connect(scripted(script), shared_memory=None) as connection:
-                connection.call(method, echo.pb.EchoRequest(), timeout=10)
+        with fast_lane_connection(client, scripted(script), shared_memory=None) as connection:
+            connection.call(method, echo.pb.EchoRequest(), timeout=10)
     assert raised.value.code is grpc.StatusCode.INTERNAL
     assert raised.value.details.startswith('Exception deserializing response!'), raised.value.details
 
@@ -393,7 +385,7 @@ async def test_async_client_gives_up_at_its_deadline_when_no_answer_comes(
         done.set()
 
 
-@pytest.mark.parametrize('client', ['sync', 'async'])
+@pytest.mark.parametrize('client', CLIENT_KINDS)
 @pytest.mark.parametrize('leaves, deadline_flag', [
     ('call-at-its-deadline', 0x01), ('client-stream-at-its-deadline', 0x01), ('stream-at-its-deadline', 0x01),
     ('stream-at-its-idle-timeout', 0), ('stream-left-early', 0)])
@@ -419,37 +411,24 @@ def test_a_client_cancel_says_whether_it_left_because_the_deadline_passed(
                        'client-stream-at-its-deadline': (methods['Collect'], [echo.pb.EchoRequest()])
                        }.get(leaves, (methods['Count'], echo.pb.CountRequest()))
     timeout, idle = (30, 0.1) if leaves == 'stream-at-its-idle-timeout' else (0.2, None)
-
-    async def leave_async() -> None:
-        async with await AsyncConnection.connect(peers.path, shared_memory=None) as connection:
-            if method.kind.response_streaming:
-                responses = connection.stream(method, request, timeout=timeout, idle_timeout=idle)
-                async with contextlib.aclosing(responses):  # (left before the connection closes)
-                    async for _ in responses:
-                        break
-            else:
-                await connection.call(method, request, timeout=timeout)
-
     try:
         with contextlib.ExitStack() as expected:
             if leaves != 'stream-left-early':
                 expected.enter_context(pytest.raises(IPCTimeoutError))
-            if client == 'async':
-                asyncio.run(leave_async())
-            else:
-                with SyncConnection.connect(peers.path, shared_memory=None) as connection:
-                    if method.kind.response_streaming:
-                        for _ in connection.stream(method, request, timeout=timeout, idle_timeout=idle):
-                            break
-                    else:
-                        connection.call(method, request, timeout=timeout)
+            with fast_lane_connection(client, peers.path, shared_memory=None) as connection:
+                if method.kind.response_streaming:
+                    # (left before the connection closes: Blocking closes a stream left on its loop)
+                    for _ in connection.stream(method, request, timeout=timeout, idle_timeout=idle):
+                        break
+                else:
+                    connection.call(method, request, timeout=timeout)
         wait_for(lambda: cancels, 10, 'the CANCEL read')
         assert (cancels[0].stream_id, cancels[0].flags) == (3, deadline_flag)
     finally:
         peers.close()
 
 
-@pytest.mark.parametrize('client', ['sync', 'async'])
+@pytest.mark.parametrize('client', CLIENT_KINDS)
 def test_an_idle_timeout_bounds_the_wait_for_the_answer_to_the_hello_too(
         client: str, socket_dir: Path, echo: Any) -> None:
     # A stream without a deadline is the first call of its connection, to a
@@ -465,19 +444,11 @@ def test_an_idle_timeout_bounds_the_wait_for_the_answer_to_the_hello_too(
     method = stub_methods(echo.Stub)['Count']
     failures: list[BaseException] = []
 
-    async def stream_async() -> None:
-        async with await AsyncConnection.connect(peers.path, shared_memory=None) as connection:
-            async for _ in connection.stream(method, echo.pb.CountRequest(), timeout=None, idle_timeout=0.2):
-                pass
-
     def stream() -> None:
         try:
-            if client == 'async':
-                asyncio.run(stream_async())
-            else:
-                with SyncConnection.connect(peers.path, shared_memory=None) as connection:
-                    for _ in connection.stream(method, echo.pb.CountRequest(), timeout=None, idle_timeout=0.2):
-                        pass
+            with fast_lane_connection(client, peers.path, shared_memory=None) as connection:
+                for _ in connection.stream(method, echo.pb.CountRequest(), timeout=None, idle_timeout=0.2):
+                    pass
         except BaseException as error:
             failures.append(error)
     caller = threading.Thread(target=stream, daemon=True)
@@ -519,7 +490,7 @@ async def test_async_client_holds_calls_back_while_the_server_does_not_read_and_
         done.set()
 
 
-@pytest.mark.parametrize('client', ['sync', 'async'])
+@pytest.mark.parametrize('client', CLIENT_KINDS)
 def test_a_server_sending_past_the_window_fails_that_stream_and_it_is_cancelled(
         client: str, socket_dir: Path, echo: Any) -> None:
     # 40 messages of 1 KiB in one write against a window of 4 KiB and
@@ -544,17 +515,9 @@ def test_a_server_sending_past_the_window_fails_that_stream_and_it_is_cancelled(
     received = 0
     try:
         with pytest.raises(IPCRemoteError) as raised:
-            if client == 'sync':
-                with SyncConnection.connect(server.path, **options) as connection:
-                    for _ in connection.stream(count, echo.pb.CountRequest(), timeout=10):
-                        received += 1
-            else:
-                async def iterate() -> None:
-                    nonlocal received
-                    async with await AsyncConnection.connect(server.path, **options) as connection:
-                        async for _ in connection.stream(count, echo.pb.CountRequest(), timeout=10):
-                            received += 1
-                asyncio.run(iterate())
+            with fast_lane_connection(client, server.path, **options) as connection:
+                for _ in connection.stream(count, echo.pb.CountRequest(), timeout=10):
+                    received += 1
         assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert 'more than the window and one message it may send (8256)' in raised.value.details
         assert 0 < received < 9  # a message counts its 1,005 bytes and 64: 7 of them
@@ -563,7 +526,7 @@ def test_a_server_sending_past_the_window_fails_that_stream_and_it_is_cancelled(
         server.close()
 
 
-@pytest.mark.parametrize('client', ['sync', 'async'])
+@pytest.mark.parametrize('client', CLIENT_KINDS)
 def test_a_client_sends_no_more_new_memfds_to_a_server_that_does_not_read_than_two_messages_worth(
         client: str, socket_dir: Path, echo: Any) -> None:
     # A request in a new memfd (no pooled segment agreed) travels in a frame
@@ -586,18 +549,10 @@ def test_a_client_sends_no_more_new_memfds_to_a_server_that_does_not_read_than_t
     options: dict[str, Any] = {'shared_memory': SharedMemoryOptions(threshold=4096),
                                'max_message_bytes': 2 << 20, 'busy_poll': 0}
     try:
-        if client == 'sync':
-            with SyncConnection.connect(server.path, **options) as connection:
-                for _ in range(10):
-                    with pytest.raises(IPCError):
-                        connection.call(echo_method, request, timeout=0.05)
-        else:
-            async def calls() -> None:
-                async with await AsyncConnection.connect(server.path, **options) as connection:
-                    for _ in range(10):
-                        with pytest.raises(IPCError):
-                            await connection.call(echo_method, request, timeout=0.05)
-            asyncio.run(calls())
+        with fast_lane_connection(client, server.path, **options) as connection:
+            for _ in range(10):
+                with pytest.raises(IPCError):
+                    connection.call(echo_method, request, timeout=0.05)
         done.set()
         server.close()
         memfds = sum(len(frame.fds) for frame in arrived)
