@@ -351,8 +351,9 @@ async def test_async_client_sends_streams_by_the_protocol(scripted: Callable[[Sc
     assert seen[2].data == b'' and seen[3].data == b''  # an empty message, then a bare close
 
 
-def test_sync_client_gives_up_at_its_deadline_when_no_answer_comes(
-        scripted: Callable[[Script], Path], echo: Any) -> None:
+@pytest.mark.parametrize('client', CLIENT_KINDS)
+def test_a_client_gives_up_at_its_deadline_when_no_answer_comes(
+        client: str, scripted: Callable[[Script], Path], echo: Any) -> None:
     from vyra_base_ipc.exceptions import IPCTimeoutError
     done = threading.Event()
 
@@ -360,27 +361,10 @@ def test_sync_client_gives_up_at_its_deadline_when_no_answer_comes(
         peer.read_frame()
         done.wait(30)  # never answers
     try:
-        with SyncConnection.connect(scripted(script), shared_memory=None) as connection:
+        with fast_lane_connection(client, scripted(script), shared_memory=None) as connection:
             with pytest.raises(IPCTimeoutError):
                 connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=0.2)
             assert not connection.is_closed  # a late answer would simply be dropped
-    finally:
-        done.set()
-
-
-@pytest.mark.asyncio
-async def test_async_client_gives_up_at_its_deadline_when_no_answer_comes(
-        scripted: Callable[[Script], Path], echo: Any) -> None:
-    from vyra_base_ipc.exceptions import IPCTimeoutError
-    done = threading.Event()
-
-    def script(peer: Peer) -> None:
-        peer.read_frame()
-        done.wait(30)
-    try:
-        async with await AsyncConnection.connect(scripted(script), shared_memory=None) as connection:
-            with pytest.raises(IPCTimeoutError):
-                await connection.call(stub_methods(echo.Stub)['Echo'], echo.pb.EchoRequest(), timeout=0.2)
     finally:
         done.set()
 
