@@ -258,6 +258,29 @@ def signal_pending(pid: int, signum: int) -> bool:
     return bool(int(fields['ShdPnd'], 16) & 1 << (signum - 1))
 
 
+def stopped_while_importing(start_process: Callable[..., Any], env: dict[str, str], tmp_path: Path, entry: str,
+                            ros_args: list[str], stop_signal: signal.Signals) -> str:
+    """Run the Python code ``entry`` with ``--ros-args *ros_args``, hold its
+    import of grpc (_HOLD_IMPORT) until ``stop_signal`` sent meanwhile was
+    delivered, then let it go on. It must exit 0, with no traceback, saying
+    it exited on the signal while starting; its log."""
+    mark, release = tmp_path / 'importing', tmp_path / 'release'
+    env = {**env, 'IMPORT_MARK': str(mark), 'IMPORT_RELEASE': str(release)}
+    process = start_process([sys.executable, '-c', _HOLD_IMPORT + entry, '--ros-args', *ros_args], env)
+    wait_for(lambda: mark.exists() or not process.running(), 30, 'the import of grpc')
+    assert process.running(), process.log()
+    process.signal(stop_signal)
+    # Delivered (its handler ran) before the import goes on: no race with the rest.
+    wait_for(lambda: not process.running() or not signal_pending(process.pid, stop_signal), 30,
+             'the signal to be delivered')
+    release.touch()
+    assert process.wait(timeout=30) == 0, process.log()
+    log = process.log()
+    assert 'Traceback' not in log, log
+    assert f'{stop_signal.name} received while starting: exiting' in log
+    return log
+
+
 @pytest.mark.parametrize('stop_signal', [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
                          ids=['SIGINT', 'SIGTERM', 'SIGHUP'])
 def test_a_signal_while_it_still_imports_ends_it_quietly_with_0(
@@ -265,24 +288,12 @@ def test_a_signal_while_it_still_imports_ends_it_quietly_with_0(
         stop_signal: signal.Signals) -> None:
     # Found: SIGINT there printed a KeyboardInterrupt traceback, SIGTERM and
     # SIGHUP killed it; once it serves, each ends it with 0.
-    mark, release = tmp_path / 'importing', tmp_path / 'release'
-    env = {**ros_environ, 'IMPORT_MARK': str(mark), 'IMPORT_RELEASE': str(release)}
     entry = IPC_SERVER[-1] if IPC_SERVER[:2] == [sys.executable, '-c'] else \
         'import sys; from vyra_base_ipc_server import main; sys.exit(main())'
     socket_path = socket_dir / 'early.sock'
-    server = start_process([sys.executable, '-c', _HOLD_IMPORT + entry, '--ros-args',
-                            '-p', 'module_name:=early', '-p', f'socket_path:={socket_path}'], env)
-    wait_for(lambda: mark.exists() or not server.running(), 30, 'the import of grpc')
-    assert server.running(), server.log()
-    server.signal(stop_signal)
-    # Delivered (its handler ran) before the import goes on: no race with the rest.
-    wait_for(lambda: not server.running() or not signal_pending(server.pid, stop_signal), 30,
-             'the signal to be delivered')
-    release.touch()
-    assert server.wait(timeout=30) == 0, server.log()
-    assert 'Traceback' not in server.log(), server.log()
-    assert f'{stop_signal.name} received while starting: exiting' in server.log()
-    assert ' serving ' not in server.log() and not socket_path.exists()
+    log = stopped_while_importing(start_process, ros_environ, tmp_path, entry,
+                                  ['-p', 'module_name:=early', '-p', f'socket_path:={socket_path}'], stop_signal)
+    assert ' serving ' not in log and not socket_path.exists()
 
 
 @pytest.mark.parametrize('stop_signal', [signal.SIGINT, signal.SIGTERM], ids=['SIGINT', 'SIGTERM'])
@@ -293,20 +304,9 @@ def test_a_signal_while_the_demo_module_node_still_imports_ends_it_quietly_with_
     # launches with a servicer that does not import): a KeyboardInterrupt traceback
     # and "process has died [..., exit code -2]" for a node that did nothing wrong.
     module, _, function = console_scripts()['demo_module_node'].partition(':')
-    mark, release = tmp_path / 'importing', tmp_path / 'release'
-    env = {**ros_environ, 'IMPORT_MARK': str(mark), 'IMPORT_RELEASE': str(release)}
-    node = start_process([sys.executable, '-c', _HOLD_IMPORT + python_command(module, function)[-1],
-                          '--ros-args', '-p', 'module_name:=early'], env)
-    wait_for(lambda: mark.exists() or not node.running(), 30, 'the import of grpc')
-    assert node.running(), node.log()
-    node.signal(stop_signal)
-    wait_for(lambda: not node.running() or not signal_pending(node.pid, stop_signal), 30,
-             'the signal to be delivered')
-    release.touch()
-    assert node.wait(timeout=30) == 0, node.log()
-    assert 'Traceback' not in node.log(), node.log()
-    assert f'{stop_signal.name} received while starting: exiting' in node.log()
-    assert 'offers' not in node.log()
+    log = stopped_while_importing(start_process, ros_environ, tmp_path, python_command(module, function)[-1],
+                                  ['-p', 'module_name:=early'], stop_signal)
+    assert 'offers' not in log
 
 
 @pytest.mark.asyncio
