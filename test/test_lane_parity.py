@@ -13,7 +13,6 @@ answer at once: no case may leave its caller waiting for the deadline.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -21,8 +20,8 @@ from typing import Any, Callable, Iterator
 import grpc
 import pytest
 
-from conftest import ServerProcess, StartServer
-from vyra_base_ipc import IPCError, IPCHandler, SharedMemoryOptions, SyncIPCHandler
+from conftest import ServerProcess, StartServer, handler_of
+from vyra_base_ipc import IPCError, SharedMemoryOptions
 from vyra_base_ipc.ttrpc._messages import ENVELOPE_ALLOWANCE
 
 #: The server's message size limit: small, so that messages at it are cheap.
@@ -92,32 +91,17 @@ def observe(server: ServerProcess, stub: type, lane: str, client: str, method: s
             str(server.socket_path), '<socket>')
         return tuple(received), type(error).__name__, error.code, details
 
-    if client == 'sync':
-        with SyncIPCHandler(server.socket_path, stub, **options) as handler:
-            try:
-                if streaming:
-                    for reply in handler.stream_method(method, request(), **call):
-                        received.append(reply.SerializeToString(deterministic=True))
-                else:
-                    reply = handler.call_method(method, request(), **call)
+    with handler_of(client, server.socket_path, stub, **options) as made, made as handler:
+        try:
+            if streaming:
+                for reply in handler.stream_method(method, request(), **call):
                     received.append(reply.SerializeToString(deterministic=True))
-            except IPCError as error:
-                return failed(error)
-        return tuple(received), None
-
-    async def run() -> Observed:
-        async with IPCHandler(server.socket_path, stub, **options) as handler:
-            try:
-                if streaming:
-                    async for reply in handler.stream_method(method, request(), **call):
-                        received.append(reply.SerializeToString(deterministic=True))
-                else:
-                    reply = await handler.call_method(method, request(), **call)
-                    received.append(reply.SerializeToString(deterministic=True))
-            except IPCError as error:
-                return failed(error)
-        return tuple(received), None
-    return asyncio.run(run())
+            else:
+                reply = handler.call_method(method, request(), **call)
+                received.append(reply.SerializeToString(deterministic=True))
+        except IPCError as error:
+            return failed(error)
+    return tuple(received), None
 
 
 def compare(server: ServerProcess, pb: Any, method: str, *, options: dict[str, Any] | None = None,
