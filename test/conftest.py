@@ -540,9 +540,17 @@ class Blocking:
         finally:
             # Left early (break, close(), dropped): closed now, on its loop,
             # as contextlib.aclosing() closes it, not whenever the loop runs
-            # next (it may run to close the connection first).
-            if hasattr(stream, 'aclose') and not self._runner.get_loop().is_running():
+            # next (it may run to close the connection first). Dropped after
+            # the runner closed: the runner closed it (shutdown_asyncgens).
+            if hasattr(stream, 'aclose') and self._runner_idle():
                 run_on(self._runner, stream.aclose())
+
+    def _runner_idle(self) -> bool:
+        """Whether the runner is open and its loop not running."""
+        try:
+            return not self._runner.get_loop().is_running()
+        except RuntimeError:  # (closed)
+            return False
 
     def __enter__(self) -> Blocking:
         run_on(self._runner, self._client.__aenter__())
