@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import LONG, NOBODY, OTHER_UID, ServerProcess, StartServer, until, wait_for
+from conftest import LONG, NOBODY, OTHER_UID, ServerProcess, StartServer, handler_of, until, wait_for
 from test_peer_credentials import as_user, needs_second_uid
 from ttrpc_peer import REQUEST, RESPONSE, SHARED, Peer, PeerServer, frame_bytes, response_envelope
 from vyra_base_ipc import (
@@ -153,14 +153,8 @@ def test_a_client_reading_a_long_stream_gives_each_large_message_back_as_it_read
     request = echo.pb.WatchRequest(count=count, size=size)
     options = {'lane': 'ttrpc', 'shared_memory': OPTIONS, 'timeout': LONG}
     before = server_pool(pool_server)
-    if kind == 'sync':
-        with SyncIPCHandler(pool_server.socket_path, echo.grpc.WatchServiceStub, **options) as handler:
-            sizes = [len(event.payload) for event in handler.stream_method('Watch', request)]
-    else:
-        async def read() -> list[int]:
-            async with IPCHandler(pool_server.socket_path, echo.grpc.WatchServiceStub, **options) as handler:
-                return [len(event.payload) async for event in handler.stream_method('Watch', request)]
-        sizes = asyncio.run(read())
+    with handler_of(kind, pool_server.socket_path, echo.grpc.WatchServiceStub, **options) as made, made as handler:
+        sizes = [len(event.payload) for event in handler.stream_method('Watch', request)]
     assert sizes == [size] * count
     after = server_pool(pool_server)
     # A stream window's worth of segments, each used again and again.
