@@ -538,29 +538,19 @@ def test_a_full_listen_backlog_is_unavailable_at_once_not_an_untrusted_server(
 
 # -- retired connections ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize('client', ['sync', 'async'])
+@pytest.mark.parametrize('client', CLIENT_KINDS)
 def test_a_call_that_took_a_connection_before_it_was_retired_and_closed_is_to_go_again(
         client: str, lanes: ServerProcess) -> None:
     # The handlers retire a connection whose server shuts down (no new calls; closed once none
     # is in flight), from the call that heard it; another call that had taken the connection
     # just before found it closed with nothing of it sent, and failed UNAVAILABLE for good
     # instead of going again over a new connection (NothingSent).
-    async def calls() -> None:
-        async with await AsyncConnection.connect(lanes.ttrpc_path) as connection:
-            assert (await connection.call(EXECUTE, PING, timeout=10)).result == 'pong'
+    with pytest.raises(IPCUnavailableError) as raised:
+        with fast_lane_connection(client, lanes.ttrpc_path) as connection:
+            assert connection.call(EXECUTE, PING, timeout=10).result == 'pong'
             connection.retire()  # nothing in flight: closed at once
             assert connection.is_closed
-            await connection.call(EXECUTE, PING, timeout=10)
-
-    with pytest.raises(IPCUnavailableError) as raised:
-        if client == 'sync':
-            with SyncConnection.connect(lanes.ttrpc_path) as connection:
-                assert connection.call(EXECUTE, PING, timeout=10).result == 'pong'
-                connection.retire()
-                assert connection.is_closed
-                connection.call(EXECUTE, PING, timeout=10)
-        else:
-            asyncio.run(calls())
+            connection.call(EXECUTE, PING, timeout=10)
     assert isinstance(raised.value, NothingSent), repr(raised.value)
     assert 'was closed' in raised.value.details
 
