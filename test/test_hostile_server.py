@@ -9,7 +9,7 @@ import fcntl
 import os
 from pathlib import Path
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import grpc
 import pytest
@@ -252,12 +252,29 @@ def test_descriptors_a_server_may_not_pass_lose_the_connection_naming_why(
     assert words in raised.value.details
 
 
-def sealed_memfd(data: bytes) -> int:
-    """A memfd holding ``data``, sealed against shrinking, growing and writing (as a sender seals it)."""
+def sealed_memfd(data: bytes = b'', hole: int = 0) -> int:
+    """A memfd holding ``data``, or ``hole`` bytes all a hole (a message that costs its sender
+    nothing), sealed against shrinking, growing and writing (as a sender seals it)."""
     fd = os.memfd_create('hostile', os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.write(fd, data)
+    if hole:
+        os.ftruncate(fd, hole)
+    else:
+        os.write(fd, data)
     fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE)
     return fd
+
+
+def send_in_shared_memory(peer: Peer, stream_id: int, size: int, contents: Iterable[bytes | None]) -> None:
+    """Send each of ``contents`` on ``stream_id`` as a message of ``size`` bytes in a sealed
+    memfd of its own (``None``: all a hole), then end the stream."""
+    manifest = ttrpc_pb2.SharedMemoryManifest(payload_size=size).SerializeToString()
+    for data in contents:
+        fd = sealed_memfd(hole=size) if data is None else sealed_memfd(data)
+        try:
+            peer.send(stream_id, DATA, SHARED, manifest, fds=[fd])
+        finally:
+            os.close(fd)
+    peer.send(stream_id, DATA, REMOTE_CLOSED | NO_DATA)
 
 
 def agree_shared_memory(peer: Peer) -> None:
@@ -317,17 +334,10 @@ def test_small_streamed_messages_in_shared_memory_are_copied_out_not_kept_mapped
     # message in shared memory costs: 2,000 one-byte messages each in a memfd of its own, well
     # within a 1 MiB window, made the client hold 2,000 mappings (one stream of them 20,000, a
     # third of vm.max_map_count, past which nothing in the process can map memory).
-    manifest = ttrpc_pb2.SharedMemoryManifest(payload_size=1).SerializeToString()
     count = 2000
 
     def flood(peer: Peer, stream_id: int) -> None:
-        for index in range(count):
-            fd = sealed_memfd(bytes([index % 256]))
-            try:
-                peer.send(stream_id, DATA, SHARED, manifest, fds=[fd])
-            finally:
-                os.close(fd)
-        peer.send(stream_id, DATA, REMOTE_CLOSED | NO_DATA)
+        send_in_shared_memory(peer, stream_id, 1, (bytes([index % 256]) for index in range(count)))
 
     def script(peer: Peer) -> None:
         agree_shared_memory(peer)
@@ -340,14 +350,6 @@ def test_small_streamed_messages_in_shared_memory_are_copied_out_not_kept_mapped
         stream, held = read_one_then_call(connection, b'after them', timeout=10, measure=mappings)
         assert held < 100, f'{held} mappings held for messages not read'
         assert [bytes(message) for message in stream] == expected
-
-
-def sparse_memfd(size: int) -> int:
-    """A sealed memfd of ``size`` bytes, all a hole: a message that costs its sender nothing."""
-    fd = os.memfd_create('hostile', os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, size)
-    fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE)
-    return fd
 
 
 def next_request(peer: Peer) -> Any:
@@ -373,7 +375,6 @@ def test_unread_streams_of_a_connection_hold_no_more_mappings_than_its_bound(
     # fails its stream RESOURCE_EXHAUSTED, and the connection's other calls go on.
     from vyra_base_ipc.ttrpc import _received
     monkeypatch.setattr(_received, 'MAX_HELD_MAPPINGS', HELD_BOUND, raising=False)  # (absent before the bound)
-    manifest = ttrpc_pb2.SharedMemoryManifest(payload_size=size).SerializeToString()
     copied = size < 1 << 20
     within, past = 45, 100  # messages to the first stream (within the bound), to the second (past it)
 
@@ -381,13 +382,7 @@ def test_unread_streams_of_a_connection_hold_no_more_mappings_than_its_bound(
         return bytes([index % 256]) * size
 
     def send_messages(peer: Peer, stream_id: int, count: int) -> None:
-        for index in range(count):
-            fd = sealed_memfd(message(index)) if copied else sparse_memfd(size)
-            try:
-                peer.send(stream_id, DATA, SHARED, manifest, fds=[fd])
-            finally:
-                os.close(fd)
-        peer.send(stream_id, DATA, REMOTE_CLOSED | NO_DATA)
+        send_in_shared_memory(peer, stream_id, size, (message(index) if copied else None for index in range(count)))
 
     def script(peer: Peer) -> None:
         assert peer.read_frame().stream_id == 1
