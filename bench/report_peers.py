@@ -55,7 +55,8 @@ REFERENCES: tuple[tuple[str, str, int, str, str, str], ...] = (
      'p50'),
     ('minimal Python ttrpc client to IPCServer, 64 B, x the floor', 'small', 64, 'ttrpc-minimal-ipc',
      FLOOR, 'p50'),
-    ('minimal Python ttrpc client to IPCServer, 64 B, x to the minimal server (what our server adds)',
+    ('minimal Python ttrpc client to IPCServer, 64 B, x the same client to its minimal server '
+     '(what our server adds)',
      'small', 64, 'ttrpc-minimal-ipc', 'ttrpc-minimal', 'p50'),
     ('SyncIPCHandler, 64 B, x the minimal client to IPCServer (what our client adds)', 'small', 64,
      'ipc-sync-ttrpc', 'ttrpc-minimal-ipc', 'p50'),
