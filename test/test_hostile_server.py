@@ -443,3 +443,54 @@ def test_unread_streams_of_a_connection_hold_no_more_mappings_than_its_bound(
         assert next(third) == b'first'
         assert connection.call(UNARY, b'', timeout=20) == b'after them'
         check(list(third))  # those read or left no longer count
+
+
+def test_a_blocking_stream_left_as_another_thread_reads_its_last_message_keeps_no_count(
+        hostile: Callable[[Script], Path]) -> None:
+    # SyncConnection's caller leaving a stream looked, without the state lock, whether the stream
+    # was still routed or held mappings. Its last message (DATA ending the stream, in shared
+    # memory) is forgotten by the core and counted in one lock hold of the thread reading for
+    # another call: a look between the two saw neither, and the count (1 here) stayed with the
+    # connection for good; enough such leaves would make it copy or refuse every message in
+    # shared memory. Driven here at that very moment: the reader counts once the caller left.
+    from vyra_base_ipc.ttrpc._received import HeldMappings
+    size = 100 * 1024  # (over STREAMED_COPY_BELOW: kept mapped, counted)
+
+    def script(peer: Peer) -> None:
+        agree_shared_memory(peer)
+        stream_id = peer.read_frame().stream_id
+        peer.send(stream_id, DATA, 0, b'first')
+        unary = next_request(peer)
+        manifest = ttrpc_pb2.SharedMemoryManifest(payload_size=size).SerializeToString()
+        fd = sealed_memfd(b'L' * size)
+        try:
+            peer.send(stream_id, DATA, SHARED | REMOTE_CLOSED, manifest, fds=[fd])
+        finally:
+            os.close(fd)
+        peer.respond(unary.stream_id, b'after it')
+        until_closed(peer)
+
+    reading, left = threading.Event(), threading.Event()
+
+    class LeftWhileCounting(HeldMappings):
+        def hold(self, stream: Any, frame: Any) -> Any:
+            if frame.flags & REMOTE_CLOSED:  # (the reader holds the state lock: the caller leaves now)
+                reading.set()
+                left.wait(2)  # (after the fix the caller's leave waits for this lock: not left by then)
+            return super().hold(stream, frame)
+
+    path = hostile(script)
+    options = {**SMALL, 'shared_memory': SharedMemoryOptions(), 'stream_window': 1 << 20, 'max_message_bytes': size}
+    with fast_lane_connection('sync', path, **options) as connection:
+        connection._core.held = LeftWhileCounting()
+        stream = connection.stream(STREAM, b'', timeout=10)
+        assert next(stream) == b'first'
+        answers: list[bytes] = []
+        reader = threading.Thread(target=lambda: answers.append(connection.call(UNARY, b'', timeout=10)))
+        reader.start()
+        assert reading.wait(10), 'the last message never came'
+        stream.close()
+        left.set()
+        reader.join(10)
+        assert answers == [b'after it']
+        assert connection._core.held.count == 0, f'{connection._core.held.count} mappings counted, none held'

@@ -99,7 +99,11 @@ class HeldMappings:
     callers have not read (:func:`mappings_of` each). The owner serializes
     access, as for :class:`~vyra_base_ipc.ttrpc._call.ClientCore`: it counts
     a message in with :meth:`hold` as it arrives, out with :meth:`let_go` as
-    its caller takes it or leaves its stream."""
+    its caller takes it or leaves its stream. A caller leaving a response
+    stream looks under the owner's serialization whether it holds any: a
+    reader forgets the stream and counts its last message in one step, and
+    a blocking caller that looked without the lock between the two saw
+    neither, its count kept by the connection for good (driven, measured)."""
 
     __slots__ = ('count',)
 

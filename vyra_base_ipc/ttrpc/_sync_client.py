@@ -323,7 +323,7 @@ class SyncConnection:
         if stream.sender:  # it may wait for room in the socket, holding the send lock
             with self._state_lock:  # (not closed meanwhile)
                 self._io.wake()
-        if stream_id in self._core.streams or stream.held:  # (else forgotten, none held: no lock needed)
+        if stream_id in self._core.streams or stream.window is not None:  # (see HeldMappings)
             with self._state_lock:
                 cancel = self._core.finish(stream_id, stream)
             if cancel is not None:
