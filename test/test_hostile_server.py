@@ -5,6 +5,7 @@ stay usable where the connection is still in step."""
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 from pathlib import Path
@@ -30,6 +31,8 @@ from ttrpc_peer import (
 from vyra_base_ipc import SharedMemoryOptions, ttrpc_pb2
 from vyra_base_ipc._methods import Method, MethodKind
 from vyra_base_ipc.exceptions import IPCRemoteError, IPCUnavailableError
+from vyra_base_ipc.ttrpc import AsyncConnection
+from vyra_base_ipc.ttrpc._errors import NothingSent
 
 Script = Callable[[Peer], None]
 
@@ -494,3 +497,45 @@ def test_a_blocking_stream_left_as_another_thread_reads_its_last_message_keeps_n
         reader.join(10)
         assert answers == [b'after it']
         assert connection._core.held.count == 0, f'{connection._core.held.count} mappings counted, none held'
+
+
+def test_an_asyncio_call_waiting_to_write_on_a_connection_retired_and_lost_is_to_go_again(
+        hostile: Callable[[Script], Path]) -> None:
+    # A call waits before it sends while the server does not read what the connection wrote
+    # (drain). The connection is retired meanwhile (its server stopping; a call in flight keeps
+    # it open) and then lost: nothing of the waiting call was sent, so it is to go again over a
+    # new connection (NothingSent), as the blocking client's call waiting for the send lock
+    # does; it failed UNAVAILABLE for good, "lost: Connection reset by peer".
+    let_go = threading.Event()
+
+    def script(peer: Peer) -> None:
+        assert peer.read_frame().stream_id == 1
+        peer.respond(1, ttrpc_pb2.Hello(cancel=True, stream_window=4096).SerializeToString())
+        peer.respond(next_request(peer).stream_id, b'fine')
+        let_go.wait(20)  # reading nothing more, then gone
+
+    path = hostile(script)
+
+    async def scenario() -> list[Any]:
+        connection = await AsyncConnection.connect(path, shared_memory=None, max_message_bytes=32 << 20, busy_poll=0)
+        try:
+            assert await connection.call(UNARY, b'', timeout=10) == b'fine'
+            # (more than the socket takes: the client sets its send buffer to wmem_max, 4 MiB here)
+            unread = asyncio.ensure_future(connection.call(UNARY, b'x' * (16 << 20), timeout=10))
+            for _ in range(1000):  # (the loop writes what the socket takes, then pauses: a few turns)
+                if connection._protocol.write_paused:
+                    break
+                await asyncio.sleep(0.01)
+            assert connection._protocol.write_paused, 'the server read 16 MiB it was not to read'
+            waiting = asyncio.ensure_future(connection.call(UNARY, b'', timeout=10))
+            await asyncio.sleep(0)  # (it waits to write now)
+            connection.retire()  # the unread call in flight: kept open for it
+            assert connection._protocol.error is None
+            let_go.set()
+            return await asyncio.gather(unread, waiting, return_exceptions=True)
+        finally:
+            await connection.close()
+
+    unread, waiting = asyncio.run(scenario())
+    assert isinstance(unread, IPCUnavailableError) and not isinstance(unread, NothingSent), repr(unread)
+    assert isinstance(waiting, NothingSent), repr(waiting)

@@ -137,10 +137,16 @@ class _ClientProtocol(FramedConnection):
         self.core.fail_all(self.error)
         self.deadlines.close()
 
-    async def drain(self) -> None:
+    async def drain(self, opening: bool = False) -> None:
+        """Wait until the server has read enough (:meth:`FramedConnection.drain`).
+
+        :raises IPCUnavailableError: the connection is gone; :class:`NothingSent` if it
+            was retired and a call waits here before ``opening`` (nothing of it sent, as in
+            :meth:`open`). A request stream's later messages wait here too: theirs is the error.
+        """
         await super().drain()
         if self.error is not None:
-            raise self.error
+            raise NothingSent(self.error.code, self.error.details) if opening and self.retired else self.error
 
     def send(self, frame: bytes, fds: Sequence[int] = ()) -> None:
         """:raises IPCUnavailableError: the connection is closed or lost."""
@@ -399,7 +405,7 @@ class AsyncConnection:
             if protocol.core.hello is not None:
                 await self._settle_hello(protocol, method, deadline)
             if protocol.write_paused:  # the server does not read: new calls wait, not queue
-                await _within(protocol.drain(), method, deadline)
+                await _within(protocol.drain(opening=True), method, deadline)
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
                                protocol.core.agreement, buffers)
             loop = protocol.loop
@@ -456,7 +462,7 @@ class AsyncConnection:
             if protocol.core.hello is not None:
                 await self._settle_hello(protocol, method, deadline, idle_timeout)
             if protocol.write_paused:  # the server does not read: new calls wait, not queue
-                await _within(protocol.drain(), method, deadline, idle_timeout)
+                await _within(protocol.drain(opening=True), method, deadline, idle_timeout)
             outcome = Outcome(method, self.max_message_bytes)
             loop = protocol.loop
             prepared = prepare(method, request, deadline, metadata, self.max_message_bytes,
