@@ -103,7 +103,7 @@ class HeldMappings:
     stream looks under the owner's serialization whether it holds any: a
     reader forgets the stream and counts its last message in one step, and
     a blocking caller that looked without the lock between the two saw
-    neither, its count kept by the connection for good (driven, measured)."""
+    neither, its count kept by the connection for good (test_hostile_server.py)."""
 
     __slots__ = ('count',)
 
