@@ -528,7 +528,11 @@ def test_an_asyncio_call_waiting_to_write_on_a_connection_retired_and_lost_is_to
                 await asyncio.sleep(0.01)
             assert connection._protocol.write_paused, 'the server read 16 MiB it was not to read'
             waiting = asyncio.ensure_future(connection.call(UNARY, b'', timeout=10))
-            await asyncio.sleep(0)  # (it waits to write now)
+            for _ in range(1000):
+                if connection._protocol._drain_waiters:  # (it waits to write now)
+                    break
+                await asyncio.sleep(0.01)
+            assert connection._protocol._drain_waiters, 'the second call did not wait to write'
             connection.retire()  # the unread call in flight: kept open for it
             assert connection._protocol.error is None
             let_go.set()
