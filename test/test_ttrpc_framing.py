@@ -570,17 +570,23 @@ def test_a_blocking_stream_left_while_its_sender_waits_for_the_server_to_read_fr
             data_frames.append(len(frame.data))
         peer.respond(frame.stream_id, reply)
 
+    # One message is more than the socket holds (a send buffer of 2 MiB, and at most 1 MiB a read
+    # the peer took with each of its frames): the sender is always blocked inside its first frame.
+    # With messages of 256 KiB, how much the peer's reads took decided where the socket filled up,
+    # and now and then it filled up just as a frame ended: the sender then left with nothing begun
+    # and the connection in step, as it should, but not the case this test is about.
     def requests() -> Iterator[Any]:
         while True:
-            yield echo.pb.EchoRequest(payload=bytes(256 * 1024))
+            yield echo.pb.EchoRequest(payload=bytes(8 << 20))
 
     def senders() -> list[threading.Thread]:
         return [thread for thread in threading.enumerate() if thread.name.startswith('ttrpc-send-')]
     methods = stub_methods(echo.Stub)
     try:
-        with SyncConnection.connect(scripted(script), shared_memory=None, busy_poll=0) as connection:
+        with SyncConnection.connect(scripted(script), shared_memory=None, busy_poll=0,
+                                    max_message_bytes=16 << 20) as connection:
             with pytest.raises(IPCTimeoutError, match='idle timeout'):
-                for _ in connection.stream(methods['Chat'], requests(), idle_timeout=0.3):
+                for _ in connection.stream(methods['Chat'], requests(), idle_timeout=1):  # (the sender began)
                     pass
             left.set()
             sender = senders()
