@@ -33,7 +33,7 @@ setup(
     # py.typed: mypy reads the types of each package users import (for the
     # vyra_base namespace portion, in its own directory, as PEP 561 asks).
     package_data={package_name: ['py.typed'], 'vyra_base.com.handler': ['py.typed'],
-                  'vyra_base_ipc_build': ['py.typed']},
+                  'vyra_base_ipc_build': ['py.typed'], 'vyra_base_ipc_server': ['py.typed']},
     data_files=[
         ('share/ament_index/resource_index/packages', [f'resource/{package_name}']),
         (f'share/{package_name}', ['package.xml']),

@@ -74,6 +74,8 @@ def test_wheel_has_code_protos_and_resource_marker(tmp_path: Path) -> None:
     assert 'vyra_base_ipc_build/protos/vyra_base_ipc/shared_memory.proto' in names
     # The ipc_server entry point, outside vyra_base_ipc (see vyra_base_ipc_server).
     assert 'vyra_base_ipc_server/__init__.py' in names
+    # Module packages import its note_stop_signals() (examples/my_arm's arm_node): typed for mypy.
+    assert 'vyra_base_ipc_server/py.typed' in names
     assert 'vyra_base_ipc_cli/__init__.py' in names  # vyra-ipc's, for the same reason
     data = '.data/data/share/'
     assert any(n.endswith(data + 'vyra_base_ipc/protos/vyra_base_ipc/module_service.proto') for n in names)
