@@ -9,7 +9,10 @@ one that arrives while the rest still imports ends ``ipc_server`` quietly
 with status 0, as it does once the server runs. Only the interpreter's own
 start-up, before this runs, is left to Python's default handlers.
 :mod:`vyra_base_ipc_server.demo_module_node` does the same for the demo
-module's node, which ``module_ipc.launch.py`` starts beside ``ipc_server``.
+module's node, which ``module_ipc.launch.py`` starts beside ``ipc_server``,
+and so can a module package's own node with :func:`note_stop_signals` and
+``run_node(..., received=...)`` (``examples/my_arm``'s ``arm_node``): this
+package is typed (``py.typed``) for them.
 
 Then, before rclpy's import starts threads, it gives the process one malloc
 arena (:func:`vyra_base_ipc._allocator.one_malloc_arena`), so that the

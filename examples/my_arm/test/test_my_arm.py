@@ -3,12 +3,14 @@ and its frontend (a real process), on both lanes."""
 
 from __future__ import annotations
 
+from importlib.metadata import distribution
 import json
 from pathlib import Path
+import signal
 import subprocess
 import sys
 
-from arm_processes import FRAME_BYTES
+from arm_processes import FRAME_BYTES, wait_until
 from google.rpc import error_details_pb2
 import grpc
 from my_arm import arm_pb2
@@ -75,3 +77,63 @@ def test_a_node_without_a_module_name_exits_with_the_error_that_says_how_to_set_
     assert 'module_name:=<name>' in node.stderr
     # The failed start leaves nothing half-done behind for destroy_node().
     assert 'Traceback' not in node.stderr, node.stderr
+
+
+#: Run before the node's entry point: its first ``import grpc`` writes the file
+#: $IMPORT_MARK and waits for $IMPORT_RELEASE, so that a signal surely comes while
+#: it still imports (rclpy's and gRPC's imports take most of a second).
+HOLD_IMPORT = """
+import os, sys, time
+class Hold:
+    def find_spec(self, name, path=None, target=None):
+        if name == 'grpc':
+            sys.meta_path.remove(self)
+            open(os.environ['IMPORT_MARK'], 'w').close()
+            while not os.path.exists(os.environ['IMPORT_RELEASE']):
+                time.sleep(0.01)
+sys.meta_path.insert(0, Hold())
+"""
+
+
+def signal_pending(pid: int, signum: int) -> bool:
+    """Whether ``signum`` sent to process ``pid`` waits to be delivered (no thread ran its handler yet)."""
+    fields = dict(line.split(':', 1) for line in Path(f'/proc/{pid}/status').read_text().splitlines())
+    return bool(int(fields['ShdPnd'], 16) & 1 << (signum - 1))
+
+
+@pytest.mark.parametrize('stop_signal', [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=['SIGINT', 'SIGTERM', 'SIGHUP'])
+def test_a_stop_signal_while_the_node_still_imports_ends_it_quietly_with_0(
+        ros_env: dict[str, str], tmp_path: Path, socket_dir: Path, stop_signal: signal.Signals) -> None:
+    # Found: Ctrl-C in the first ~0.4 s of `ros2 run my_arm arm_node` printed a KeyboardInterrupt
+    # traceback and exit status -2; SIGTERM and SIGHUP killed it (-15, -1). A launch stops it so too:
+    # module_ipc.launch.py SIGINTs the module's node when ipc_server fails at start beside it.
+    # What the console script (ros2 run's executable) runs, as installed.
+    (script,) = [entry for entry in distribution('my_arm').entry_points
+                 if entry.group == 'console_scripts' and entry.name == 'arm_node']
+    run_script = f'import sys; from {script.module} import {script.attr}; sys.exit({script.attr}())'
+    mark, release, log = tmp_path / 'importing', tmp_path / 'release', tmp_path / 'arm_node.log'
+    socket_path = socket_dir / 'early.sock'
+    with open(log, 'wb') as output:
+        node = subprocess.Popen([sys.executable, '-c', HOLD_IMPORT + run_script, '--ros-args',
+                                 '-p', 'module_name:=early', '-p', f'socket_path:={socket_path}'],
+                                env={**ros_env, 'IMPORT_MARK': str(mark), 'IMPORT_RELEASE': str(release)},
+                                stdout=output, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: mark.exists() or node.poll() is not None, 30,
+                   lambda: f'no import of grpc:\n{log.read_text()}')
+        assert node.poll() is None, log.read_text()
+        node.send_signal(stop_signal)
+        # Delivered (its handler ran, or it died) before the import goes on: no race with the rest.
+        wait_until(lambda: node.poll() is not None or not signal_pending(node.pid, stop_signal), 30,
+                   lambda: f'{stop_signal.name} not delivered:\n{log.read_text()}')
+        release.touch()
+        assert node.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait()
+    text = log.read_text()
+    assert 'Traceback' not in text, text
+    assert f'{stop_signal.name} received while starting: exiting' in text, text
+    assert 'serving' not in text and not socket_path.exists(), text
