@@ -11,6 +11,7 @@ import base64
 import json
 import logging
 from pathlib import Path
+import re
 import subprocess
 from typing import Any
 
@@ -26,6 +27,15 @@ from vyra_base_ipc import IPCError, IPCHandler, IPCRemoteError, SyncIPCHandler
 UNARY = ('Misbehave', 'MisbehaveSync')
 STREAMS = ('MisbehaveStream', 'MisbehaveStreamSync')
 RICH_HOWS = ('abort-with-rich-status', 'trailer-rich-status')
+
+
+@pytest.fixture(autouse=True)
+def fresh_log_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's log limits with no kind seen: the gRPC lane's warnings
+    are this client's, limited (a test's first of a kind is logged at once)."""
+    from vyra_base_ipc import _log_limit
+
+    monkeypatch.setattr(_log_limit, '_kinds', {})
 
 
 @pytest.fixture(scope='module')
@@ -236,3 +246,39 @@ def test_an_error_named_for_its_method_keeps_its_status_details() -> None:
     error = IPCRemoteError(grpc.StatusCode.INVALID_ARGUMENT, 'x', status_details=rich_status().details)
     named = error.for_method('/vyra.ipc.test.StatusService/Misbehave')
     assert (named.method, named.status_details) == ('/vyra.ipc.test.StatusService/Misbehave', error.status_details)
+
+
+def told(lines: list[str]) -> int:
+    """How many records ``lines`` stand for: each, and the ``[N more like
+    this in the last S s]`` it says were held back."""
+    return sum(1 + int(match.group(1)) if (match := re.search(r'\[(\d+) more like this in the last', line))
+               else 1 for line in lines)
+
+
+@pytest.mark.parametrize('lane', LANES)
+def test_a_handler_sending_a_bad_status_trailer_on_every_call_is_logged_once_then_counted(
+        start_server: StartServer, socket_path: Path, echo: Any, lane: str, caplog: pytest.LogCaptureFixture) -> None:
+    """200 calls of a handler whose grpc-status-details-bin is no
+    google.rpc.Status: one warning and at most a summary telling all 200 (the
+    log had one a call, at the caller's rate), and another method's at once.
+    The fast lane's server says it (and tells what it held when it stops), the
+    gRPC lane's client (which tells it with the next of its kind once 10 s
+    are over: here at once, as a stopping server does)."""
+    from vyra_base_ipc._log_limit import flush_held
+
+    server = start_server(socket_path).wait_serving(ttrpc=True)
+    with SyncIPCHandler(socket_path, echo.grpc.StatusServiceStub, lane=lane) as ipc:
+        with caplog.at_level(logging.WARNING, logger='vyra_base_ipc'):
+            for _ in range(200):
+                _, error = call(ipc, echo, 'Misbehave', 'abort-with-bad-status-details')
+                assert (error.code, error.status_details) == (grpc.StatusCode.INVALID_ARGUMENT, ())
+            _, error = call(ipc, echo, 'MisbehaveSync', 'abort-with-bad-status-details')  # another method
+            assert (error.code, error.status_details) == (grpc.StatusCode.INVALID_ARGUMENT, ())
+            flush_held()
+    assert server.stop() == 0
+    said = (caplog.text if lane == 'grpc' else server.log()).splitlines()
+    problem = 'grpc-status-details-bin is not a google.rpc.Status'
+    flooded = [line for line in said if f'/vyra.ipc.test.StatusService/Misbehave: {problem}' in line]
+    assert len(flooded) <= 2 and told(flooded) == 200, flooded[:5]
+    assert '[198 more like this in the last' in flooded[-1], flooded
+    assert len([line for line in said if f'/vyra.ipc.test.StatusService/MisbehaveSync: {problem}' in line]) == 1

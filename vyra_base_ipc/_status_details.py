@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 import grpc
 
 from . import ttrpc_pb2
+from ._log_limit import log_limited
 from ._metadata import check_key, check_text
 
 __all__ = ['STATUS_DETAILS_KEY', 'checked_trailer', 'status_details', 'status_trailer']
@@ -41,31 +42,44 @@ def status_details(metadata: Iterable[tuple[str, Any]] | None, code: grpc.Status
     that set the trailer and then raised, or aborted with another status,
     did not end its call with that one). An entry that is not a serialized
     ``google.rpc.Status``, or not that one, gives none, with a warning
-    naming ``method``.
+    naming ``method`` (:func:`~._log_limit.log_limited`, one kind a method
+    and problem: a handler with that bug, called in a loop, logged a line a
+    call, in the fast lane's server and the gRPC lane's client alike).
     """
     try:
         return _details(metadata, code, message)
-    except ValueError as problem:
-        _logger.warning('%s: %s; the call ends without status details', method, problem)
+    except _Unread as problem:
+        log_limited(_logger, logging.WARNING, ('status details unread', method, problem.kind),
+                    '%s: %s; the call ends without status details', method, problem)
         return ()
+
+
+class _Unread(ValueError):
+    """(:func:`_details`) What is wrong with a status trailer; its
+    :attr:`kind` is one of a few, whatever the peer's bytes."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def _details(metadata: Iterable[tuple[str, Any]] | None, code: grpc.StatusCode,
              message: str) -> tuple[any_pb2.Any, ...]:
-    """(:func:`status_details`) :raises ValueError: what is wrong with the entry."""
+    """(:func:`status_details`) :raises _Unread: what is wrong with the entry."""
     for key, value in metadata or ():
         if key == STATUS_DETAILS_KEY:
             if not isinstance(value, (bytes, bytearray, memoryview)):
-                raise ValueError(f'{STATUS_DETAILS_KEY} is a {type(value).__name__}, not the bytes '
-                                 'of a google.rpc.Status')
+                raise _Unread('not bytes', f'{STATUS_DETAILS_KEY} is a {type(value).__name__}, not the '
+                              'bytes of a google.rpc.Status')
             try:
                 status = ttrpc_pb2.Status.FromString(bytes(value))
             except DecodeError as error:
-                raise ValueError(f'{STATUS_DETAILS_KEY} is not a google.rpc.Status: {error}') from None
+                raise _Unread('no status',
+                              f'{STATUS_DETAILS_KEY} is not a google.rpc.Status: {error}') from None
             if (status.code, status.message) != (code.value[0], message):
-                raise ValueError(f'{STATUS_DETAILS_KEY} holds a google.rpc.Status of code {status.code} and '
-                                 f'message {status.message!r}, not the status the call ended with, '
-                                 f'{code.name} ({code.value[0]}) and {message!r}')
+                raise _Unread('another status', f'{STATUS_DETAILS_KEY} holds a google.rpc.Status of code '
+                              f'{status.code} and message {status.message!r}, not the status the call ended '
+                              f'with, {code.name} ({code.value[0]}) and {message!r}')
             return tuple(status.details)
     return ()
 
