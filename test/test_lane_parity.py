@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+import re
 from typing import Any, Callable, Iterator
 
 import grpc
 import pytest
 
 from conftest import ServerProcess, StartServer, handler_of
-from vyra_base_ipc import IPCError, SharedMemoryOptions
+from vyra_base_ipc import IPCError, IPCRemoteError, SharedMemoryOptions, SyncIPCHandler
 from vyra_base_ipc.ttrpc._messages import ENVELOPE_ALLOWANCE
 
 #: The server's message size limit: small, so that messages at it are cheap.
@@ -266,8 +267,68 @@ def test_an_answer_at_the_size_limit_goes_and_one_byte_over_is_resource_exhauste
     seen = compare(parity, pb, method, options=roomy, how='reply', size=at_limit)
     assert seen[0][-1].ByteSize() == LIMIT
     seen = compare(parity, pb, method, options=roomy, how='reply', size=at_limit + 1)
-    assert status(seen) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f'SERVER: Sent message larger than max ({LIMIT + 1} vs. {LIMIT})')
+    assert status(seen) == (grpc.StatusCode.RESOURCE_EXHAUSTED, sent_too_large(method, LIMIT + 1))
+
+
+def sent_too_large(method: str, size: int) -> str:
+    """What a client is told of an answer of ``method`` of ``size`` bytes,
+    over the server's LIMIT: grpc core's words, then what they mean."""
+    return (f'SERVER: Sent message larger than max ({size} vs. {LIMIT}): an answer of '
+            f"/vyra.ipc.test.ParityService/{method} over the server's max_message_bytes")
+
+
+#: The answers over the server's limit of the test below: (method, request fields).
+OVER_LIMIT = [*[(method, {}) for method in UNARY + STREAMS], ('ServerStream', {'how': 'write', 'count': 1})]
+
+
+@pytest.mark.parametrize('metrics', [True, False], ids=['metrics', 'no-metrics'])
+def test_answers_over_the_servers_limit_are_logged_once_a_method_then_counted(
+        start_server: StartServer, socket_dir: Path, pb: Any, metrics: bool) -> None:
+    """20 calls each way (both lanes) of every shape of handler (and one
+    that writes with ``context.write()``) answering 1 byte over the server's
+    max_message_bytes: each caller gets RESOURCE_EXHAUSTED naming the method,
+    the size and the limit; the server's log one line a method naming them,
+    then at most a summary telling the others. (The gRPC lane logged only
+    grpc's ERROR "ExecuteBatchError raised in core" with its traceback,
+    which does not say why; the fast lane nothing.) With metrics or without
+    (the gRPC lane's handlers were wrapped only to observe calls)."""
+    server = start_server(socket_dir / 'over.sock', '--max-message-bytes', str(LIMIT), *([] if metrics else
+                          ['--no-metrics']), script='parity_server.py', wait=False).wait_serving(ttrpc=True)
+    calls: dict[str, int] = {}
+    for method, fields in OVER_LIMIT:
+        index = 2 if method.startswith('Bidi') else 0  # (a Bidi handler's last reply counts the requests)
+        payload = next(size for size in range(LIMIT - 16, LIMIT + 1) if _reply_size(pb, size, index) == LIMIT + 1)
+        if fields:  # (the written item: 'item 0', index 0)
+            payload = next(size for size in range(LIMIT - 16, LIMIT + 1) if pb.messages.ParityReply(
+                text='item 0', payload=b'p' * size).ByteSize() == LIMIT + 1)
+        request = pb.messages.ParityRequest(**{'how': 'reply', **fields}, size=payload)
+        for lane in ('grpc', 'ttrpc'):
+            with SyncIPCHandler(server.socket_path, pb.Stub, lane=lane, max_message_bytes=4 * LIMIT) as client:
+                for _ in range(20):
+                    calls[method] = calls.get(method, 0) + 1
+                    with pytest.raises(IPCRemoteError) as raised:
+                        if method in STREAMS:
+                            requests = iter([request, pb.messages.ParityRequest()]) \
+                                if method.startswith('Bidi') else request
+                            list(client.stream_method(method, requests))
+                        else:
+                            client.call_method(method, iter([request]) if method.startswith('Client') else request)
+                    assert (raised.value.code, raised.value.details) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                                         sent_too_large(method, LIMIT + 1))
+    assert server.stop() == 0
+    log = server.log().splitlines()
+    for method, count in calls.items():
+        logged = [line for line in log if f'/vyra.ipc.test.ParityService/{method}: an answer of {LIMIT + 1} '
+                  f'bytes is over max_message_bytes ({LIMIT}); the call ends RESOURCE_EXHAUSTED' in line]
+        assert len(logged) <= 2 and told(logged) == count, (method, logged[:5])
+    assert not [line for line in log if 'ExecuteBatchError' in line or 'Traceback' in line], log
+
+
+def told(lines: list[str]) -> int:
+    """How many records ``lines`` stand for: each, and the ``[N more like
+    this in the last S s]`` it says were held back."""
+    return sum(1 + int(match.group(1)) if (match := re.search(r'\[(\d+) more like this in the last', line))
+               else 1 for line in lines)
 
 
 #: How a request travels to the server on the fast lane (the gRPC lane

@@ -9,8 +9,12 @@ UNKNOWN for an exception, or the code it set before it raised). Handlers
 here are ``async def`` ones (a ``def`` handler runs in a thread from one:
 :mod:`vyra_base_ipc._def_handlers`). The wrapper serializes the responses itself, so that one
 that does not serialize ends the observation as what grpc.aio sends for it
-(UNKNOWN), not as the handler's success. Message sizes are counted as
-messages are (de)serialized.
+(UNKNOWN), not as the handler's success, and so that one over the server's
+``max_message_bytes`` ends its call RESOURCE_EXHAUSTED saying so
+(:mod:`vyra_base_ipc._answer_size`) at the cost of a ``len()``, not a second
+serialization: grpc.aio's serializer then passes those bytes on. A server
+without metrics and interceptors has the wrappers too, for that check, with
+nothing observed. Message sizes are counted as messages are (de)serialized.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
 import grpc
 
+from ._answer_size import answer_too_large
 from ._interceptors import CallObserver, Observation
 from ._log_limit import log_limited
 from ._metrics import LaneMetrics, ServerMetrics
@@ -44,23 +49,31 @@ _UNKNOWN = grpc.StatusCode.UNKNOWN.value[0]
 _logger = logging.getLogger(__name__)
 
 
-def observe_handlers(service: str, handlers: Mapping[str, grpc.RpcMethodHandler], observer: CallObserver
+def observe_handlers(service: str, handlers: Mapping[str, grpc.RpcMethodHandler],
+                     observer: CallObserver | None, max_message_bytes: int
                      ) -> dict[str, grpc.RpcMethodHandler]:
-    """``handlers`` of ``service`` with every call seen by ``observer``."""
-    lane = observer.metrics.lanes.get(_LANE) if observer.metrics is not None else None
-    return {name: _observe(f'/{service}/{name}', handler, observer, lane)
+    """``handlers`` of ``service`` with every call seen by ``observer``
+    (if any), and every answer over ``max_message_bytes`` ended
+    RESOURCE_EXHAUSTED (:func:`~._answer_size.answer_too_large`)."""
+    metrics = observer.metrics if observer is not None else None
+    lane = metrics.lanes.get(_LANE) if metrics is not None else None
+    return {name: _observe(f'/{service}/{name}', handler, observer, lane, max_message_bytes)
             for name, handler in handlers.items()}
 
 
-def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver, lane: LaneMetrics | None
-             ) -> grpc.RpcMethodHandler:
+def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver | None,
+             lane: LaneMetrics | None, limit: int) -> grpc.RpcMethodHandler:
     streaming = (bool(handler.request_streaming), bool(handler.response_streaming))
     factory = _FACTORIES[streaming]
     behaviour = getattr(handler, factory.__name__.replace('_rpc_method_handler', ''))
-    metrics = observer.method_metrics(path, _LANE)
+    metrics = observer.method_metrics(path, _LANE) if observer is not None else None
     encode, serialize = _serializers(handler.response_serializer, lane)
+    ending: Callable[[Any, Any], contextlib.AbstractContextManager[None]] = \
+        _ending if observer is not None else _unobserved
 
-    def start(context: Any) -> Observation:
+    def start(context: Any) -> Observation | None:
+        if observer is None:
+            return None
         deadline = None
         if observer.interceptors:
             remaining = context.time_remaining()
@@ -73,12 +86,17 @@ def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver, 
                 observation = start(context)
             except CallRejected as rejection:
                 await context.abort(rejection.code, rejection.details, rejection.trailing_metadata())
-            with _ending(observation, context):
+            with ending(observation, context):
                 # Closed here when this wrapper is (grpc.aio closes a stream
                 # handler left while it had yielded), as if it were the handler.
-                async with contextlib.aclosing(behaviour(request, context)) as responses:
+                # (Its context's write() checked too: a generator may write as well.)
+                sized = _SizedWrites(context, encode, path, limit)
+                async with contextlib.aclosing(behaviour(request, sized)) as responses:
                     async for response in responses:
-                        yield encode(response)
+                        encoded = encode(response)
+                        if _size(encoded) > limit:
+                            await _too_large(context, path, encoded, limit)
+                        yield encoded
         wrapped: Callable[..., Any] = observed_stream
     else:
         writes = handler.response_streaming  # (a coroutine that writes with context.write(): it returns None)
@@ -88,9 +106,16 @@ def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver, 
                 observation = start(context)
             except CallRejected as rejection:
                 await context.abort(rejection.code, rejection.details, rejection.trailing_metadata())
-            with _ending(observation, context):
+            with ending(observation, context):
+                if writes:
+                    return await behaviour(request, _SizedWrites(context, encode, path, limit))
                 response = await behaviour(request, context)
-                return response if writes else _answer(response, context, encode)
+                if _number(context.code()) is not None:
+                    return response  # (grpc.aio drops it: the handler set a code other than OK, or aborted)
+                encoded = encode(response)
+                if _size(encoded) > limit:
+                    await _too_large(context, path, encoded, limit)
+                return encoded
         wrapped = observed
     deserialize = handler.request_deserializer
     if lane is not None:
@@ -114,6 +139,15 @@ class UnknownMethods(grpc.GenericRpcHandler):
     async def _answer(self, requests: Any, context: Any) -> None:
         self._metrics.unknown_method(_LANE)
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, 'Method not found!')
+
+
+#: (:func:`_unobserved`) Reentrant: one for every call.
+_NOTHING = contextlib.nullcontext()
+
+
+def _unobserved(observation: Observation | None, context: Any) -> contextlib.nullcontext[None]:
+    """:func:`_ending` of a server that observes nothing."""
+    return _NOTHING
 
 
 @contextlib.contextmanager
@@ -254,12 +288,41 @@ def _unchanged(message: Any) -> Any:
     return message
 
 
-def _answer(response: Any, context: Any, encode: Callable[[Any], Any]) -> Any:
-    """A unary handler's ``response``, serialized unless grpc.aio drops it
-    (the handler set a code other than OK, or aborted)."""
-    if _number(context.code()) is not None:
-        return response
-    return encode(response)
+def _size(encoded: Any) -> int:
+    """The size of an answer as ``encode`` gave it: its bytes (of the
+    serializer, or the handler's own for a method without one)."""
+    data = encoded.data if type(encoded) is _Encoded else encoded
+    return len(data) if isinstance(data, (bytes, bytearray)) else 0
+
+
+async def _too_large(context: Any, path: str, encoded: Any, limit: int) -> None:
+    """End the call RESOURCE_EXHAUSTED: its answer ``encoded`` is over
+    ``limit`` (grpc core would fail the send, logging an ERROR that does
+    not say why; see :mod:`vyra_base_ipc._answer_size`)."""
+    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, answer_too_large(path, _size(encoded), limit))
+
+
+class _SizedWrites:
+    """The context of a stream handler, for its ``context.write()``s: each
+    message serialized here, so that one over the limit ends the call as a
+    yielded one does; all else is grpc.aio's context."""
+
+    __slots__ = ('_context', '_encode', '_path', '_limit')
+
+    def __init__(self, context: Any, encode: Callable[[Any], Any], path: str, limit: int) -> None:
+        self._context = context
+        self._encode = encode
+        self._path = path
+        self._limit = limit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def write(self, message: Any) -> None:
+        encoded = self._encode(message)
+        if _size(encoded) > self._limit:
+            await _too_large(self._context, self._path, encoded, self._limit)
+        await self._context.write(encoded)
 
 
 def _counting(convert: Callable[[Any], Any] | None, lane: LaneMetrics, received: bool

@@ -9,8 +9,9 @@ seen the call end: a client that left a stream while the server wrote (184
 of 200 streams left with RST_STREAM CANCEL, as a grpc client cancels,
 logged it; grpc logs nothing when it sees the end first), and a message
 larger than ``max_message_bytes`` (whose client gets RESOURCE_EXHAUSTED;
-this ERROR is all the server's log says of that bug). The record cannot
-tell which, so it is not dropped: it goes through
+the module's services' answers are checked before, and said so, by
+:mod:`~vyra_base_ipc._answer_size`: this ERROR is all the server's log
+says of a tool's). The record cannot tell which, so it is not dropped: it goes through
 :func:`~._log_limit.log_limited`, one kind for every method (a peer names
 the method of a call no handler has), the first at once with grpc's
 traceback, the others counted.

@@ -491,8 +491,8 @@ class IPCServer:
         for registration in self._services:
             handlers = self._open_streams.track(bound_call_duration(guard_handlers(
                 registration.name, registration.handlers, self._executor), self.limits.max_call_duration))
-            if self._observer is not None:
-                handlers = observe_handlers(registration.name, handlers, self._observer)
+            # (always: it also ends an answer over max_message_bytes RESOURCE_EXHAUSTED, saying so)
+            handlers = observe_handlers(registration.name, handlers, self._observer, self.max_message_bytes)
             served.append((registration.name, handlers))
         self._health = HealthServicer()
         served += grpc_tool_handlers(self._health, self._introspection, self.service_names, self._executor,

@@ -2,7 +2,7 @@
 ParityService (parity.proto) and EchoService, served by one IPCServer on its
 gRPC socket and its fast lane.
 
-Usage: parity_server.py SOCKET_PATH [--max-message-bytes N] [--shared-memory-threshold N]
+Usage: parity_server.py SOCKET_PATH [--max-message-bytes N] [--shared-memory-threshold N] [--no-metrics]
 
 Each ParityService handler does what its request's ``how`` says once it has
 sent ``count`` messages (response streams) or taken every request (request
@@ -20,7 +20,8 @@ answers each request first):
 - ``raise-...``: raise (see :data:`RAISES`);
 - ``return-none``, ``return-wrong-type`` (a ParityRequest), ``return-str``:
   answer that (a stream yields it);
-- ``write``: a stream sends its message with ``context.write()`` instead;
+- ``write``: a stream sends its ``count`` messages (each with ``size`` bytes
+  of payload) with ``context.write()`` instead, and ends;
 - ``details-then-abort``: ``set_details(details)``, then ``abort(code)``;
 - ``context``: answer what the context tells, as JSON in ``text``;
   ``context-api``: which methods of grpc's two contexts it has.
@@ -150,8 +151,8 @@ def _end(request: parity_pb2.ParityRequest, context: Any, count: int) -> tuple[A
     raise AssertionError(f'no such how: {how!r}')
 
 
-def _item(index: int) -> parity_pb2.ParityReply:
-    return parity_pb2.ParityReply(text=f'item {index}', index=index)
+def _item(index: int, size: int = 0) -> parity_pb2.ParityReply:
+    return parity_pb2.ParityReply(text=f'item {index}', index=index, payload=b'p' * size)
 
 
 class ParityService(parity_pb2_grpc.ParityServiceServicer):
@@ -167,7 +168,7 @@ class ParityService(parity_pb2_grpc.ParityServiceServicer):
     async def ServerStream(self, request: Any, context: Any) -> AsyncIterator[Any]:
         for index in range(request.count):
             if request.how == 'write':
-                await context.write(_item(index))
+                await context.write(_item(index, request.size))
             else:
                 yield _item(index)
         if request.how != 'write':
@@ -177,7 +178,7 @@ class ParityService(parity_pb2_grpc.ParityServiceServicer):
     def ServerStreamSync(self, request: Any, context: Any) -> Iterator[Any]:
         for index in range(request.count):
             if request.how == 'write':
-                context.write(_item(index))
+                context.write(_item(index, request.size))
             else:
                 yield _item(index)
         if request.how != 'write':
@@ -240,6 +241,7 @@ def main() -> None:
     parser.add_argument('--max-message-bytes', type=int, default=None)
     parser.add_argument('--shared-memory-threshold', type=int, default=None,
                         help='answers of more bytes go in shared memory on the fast lane')
+    parser.add_argument('--no-metrics', dest='metrics', action='store_false')
     options = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     kwargs: dict[str, Any] = {}
@@ -248,7 +250,7 @@ def main() -> None:
     if options.shared_memory_threshold is not None:
         kwargs['shared_memory'] = SharedMemoryOptions(threshold=options.shared_memory_threshold)
     server = IPCServer(options.socket_path, servicers=[ParityService(), EchoService()], grace_period=1.0,
-                       **kwargs)
+                       metrics=options.metrics, **kwargs)
     run(server.serve())
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Union
 
 import grpc
 
+from .._answer_size import answer_too_large
 from .._handler_threads import CallEnded
 from .._interceptors import Observation
 from .._methods import MethodKind, stream_returned
@@ -411,10 +412,9 @@ class Call:
         return _OK, '', payload
 
     def _check_size(self, size: int) -> None:
-        limit = self.connection.server.max_message_bytes
-        if size > limit:
-            raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f'SERVER: Sent message larger than max ({size} vs. {limit})')
+        if size > (limit := self.connection.server.max_message_bytes):  # (said, and logged limited)
+            raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, answer_too_large(self.handler.path, size,
+                                                                                   limit))
 
     def answer(self, code: int, details: str, payload: bytes | Pieces = b'', end: _End = _End.FINISHED
                ) -> None:
