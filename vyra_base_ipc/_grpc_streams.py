@@ -243,6 +243,10 @@ class CallTasks(grpc.aio.ServerInterceptor):
             self._refused(handler_call_details.method)
         return _refusal(handler)
 
+    def __contains__(self, task: object) -> bool:
+        """Whether ``task`` is that of a call of this server in flight."""
+        return task in self._tasks
+
     async def ended(self, timeout: float) -> int:
         """Wait up to ``timeout`` seconds until the task of every call has
         ended; how many have not (a handler that goes on when cancelled).

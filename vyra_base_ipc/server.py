@@ -40,7 +40,7 @@ from ._payload import SharedMemoryOptions
 from ._request_guard import guard_handlers
 from ._segment_pool import segment_pool
 from ._served_loops import not_serving, serving
-from ._server_log import logged_to_stderr
+from ._server_log import logged_to_stderr, serving_calls
 from ._socket_file import SocketFile, socket_access
 from ._tools import grpc_tool_handlers, tool_registrations
 from .address import (
@@ -317,6 +317,7 @@ class IPCServer:
                 options=(*server_options(self.max_message_bytes), *self.limits.grpc_options()),
                 interceptors=(self._call_tasks,),  # (which keeps maximum_concurrent_rpcs, counted)
             )
+            serving_calls(self._call_tasks, True)  # (grpc's records of their failed sends: limited)
             self._add_services(self._server)
             self._bound_path = self._socket.private_bind_path()
             bound = self._server.add_insecure_port(grpc_target(self._bound_path))
@@ -579,6 +580,7 @@ class IPCServer:
             not_serving(self._loop, self.socket_path)
         self._state = _State.STOPPED
         flush_held()  # (what its log held back, told before it ends: both lanes' records)
+        serving_calls(self._call_tasks, False)
         if tell:
             assert self._terminated is not None
             self._terminated.set()
