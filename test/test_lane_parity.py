@@ -278,14 +278,15 @@ def sent_too_large(method: str, size: int) -> str:
 
 
 #: The answers over the server's limit of the test below: (method, request fields).
-OVER_LIMIT = [*[(method, {}) for method in UNARY + STREAMS], ('ServerStream', {'how': 'write', 'count': 1})]
+OVER_LIMIT = [*[(method, {}) for method in UNARY + STREAMS],
+              *[(method, {'how': 'write', 'count': 1}) for method in ('ServerStream', 'ServerStreamSync')]]
 
 
 @pytest.mark.parametrize('metrics', [True, False], ids=['metrics', 'no-metrics'])
 def test_answers_over_the_servers_limit_are_logged_once_a_method_then_counted(
         start_server: StartServer, socket_dir: Path, pb: Any, metrics: bool) -> None:
-    """20 calls each way (both lanes) of every shape of handler (and one
-    that writes with ``context.write()``) answering 1 byte over the server's
+    """20 calls each way (both lanes) of every shape of handler (and two
+    that write with ``context.write()``) answering 1 byte over the server's
     max_message_bytes: each caller gets RESOURCE_EXHAUSTED naming the method,
     the size and the limit; the server's log one line a method naming them,
     then at most a summary telling the others. (The gRPC lane logged only
