@@ -10,14 +10,21 @@ build the envelope, send it and parse the answer in the fewest steps, one
 call at a time; the server they call is this one or :class:`IPCServer`'s
 fast lane, which serves containerd's clients as they are.
 
+The same server on an event loop (``python -m bench.servers
+ttrpc-minimal-aio PATH``: :class:`ServerProtocol`) runs on the busy-polling
+loop :class:`IPCServer` runs on in the benchmark, and answers each request in
+the ``data_received`` that brought it, as :class:`IPCServer` answers a
+handler that does not wait.
+
 The rows they make (``python -m bench --sections peers``) split a call's cost:
 ``minimal → minimal`` is the Python floor of the protocol, ``minimal →
-IPCServer`` adds this package's server, ``SyncIPCHandler → IPCServer`` its
-client too.
+minimal on the event loop`` adds asyncio, ``minimal → IPCServer`` this
+package's server, ``SyncIPCHandler → IPCServer`` its client too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import socket
 import struct
@@ -25,7 +32,8 @@ from typing import Any
 
 from .framing import recv_exact
 
-__all__ = ['HEADER', 'REQUEST', 'RESPONSE', 'decode_reply', 'encode_request', 'serve_connection']
+__all__ = ['HEADER', 'REQUEST', 'RESPONSE', 'ServerProtocol', 'answer', 'decode_reply', 'encode_request',
+           'serve_connection']
 
 #: ``>IIBB``: data length, stream id, message type, flags.
 HEADER = struct.Struct('>IIBB')
@@ -62,9 +70,22 @@ def decode_reply(data: bytes | memoryview) -> bytes:
     return data_out
 
 
+def answer(data: bytes | memoryview, stream_id: int) -> bytes:
+    """The response frame to the request frame's ``data`` on ``stream_id``."""
+    ttrpc_pb2, bench_pb2 = _modules()
+    request = ttrpc_pb2.Request.FromString(data)
+    if (request.service, request.method) == (SERVICE, METHOD):
+        response = ttrpc_pb2.Response(payload=bench_pb2.Blob.FromString(request.payload).SerializeToString())
+    else:
+        response = ttrpc_pb2.Response()
+        response.status.code = 12  # UNIMPLEMENTED
+        response.status.message = f'{request.service}/{request.method}'
+    body = response.SerializeToString()
+    return HEADER.pack(len(body), stream_id, RESPONSE, 0) + body
+
+
 def serve_connection(conn: socket.socket) -> None:
     """Answer the requests of one connection until its peer closes it."""
-    ttrpc_pb2, bench_pb2 = _modules()
     header = memoryview(bytearray(HEADER.size))
     with conn:
         while recv_exact(conn, header):
@@ -72,14 +93,32 @@ def serve_connection(conn: socket.socket) -> None:
             data = memoryview(bytearray(length))
             if not recv_exact(conn, data):
                 return
-            request = ttrpc_pb2.Request.FromString(data)
-            if (request.service, request.method) == (SERVICE, METHOD):
-                answer = bench_pb2.Blob.FromString(request.payload).SerializeToString()
-                response = ttrpc_pb2.Response(payload=answer)
-            else:
-                response = ttrpc_pb2.Response()
-                response.status.code = 12  # UNIMPLEMENTED
-                response.status.message = f'{request.service}/{request.method}'
-            body = response.SerializeToString()
-            conn.sendall(HEADER.pack(len(body), stream_id, RESPONSE, 0) + body)
+            conn.sendall(answer(data, stream_id))
 
+
+class ServerProtocol(asyncio.Protocol):
+    """The minimal server on an event loop: cuts the frames out of what
+    arrives and answers each at once, in the same turn of the loop."""
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._buffer = b''
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep ``transport``, to answer on."""
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        """Answer every whole request frame in what came so far; keep the rest."""
+        buffer = self._buffer + data if self._buffer else data
+        start = 0
+        while len(buffer) - start >= HEADER.size:
+            length, stream_id, _, _ = HEADER.unpack_from(buffer, start)
+            end = start + HEADER.size + length
+            if len(buffer) < end:
+                break
+            assert self._transport is not None
+            self._transport.write(answer(memoryview(buffer)[start + HEADER.size:end], stream_id))
+            start = end
+        self._buffer = buffer[start:]

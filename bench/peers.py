@@ -108,6 +108,9 @@ def _candidates(part: str) -> list[tuple[Transport, Callable[[], str | None]]]:
             # For reference: the protocol's Python floor, and this package's server under it.
             (Transport('ttrpc-minimal', 'minimal Python ttrpc client and server (blocking, no features)',
                        'ttrpc-minimal', 'ttrpc-minimal', 'uds', 'ttrpc'), always),
+            (Transport('ttrpc-minimal-aio-server',
+                       "minimal Python ttrpc client (blocking) to the minimal server on IPCServer's loop",
+                       'ttrpc-minimal', 'ttrpc-minimal-aio', 'uds', 'ttrpc'), always),
             (Transport('ttrpc-minimal-ipc', 'minimal Python ttrpc client (blocking) to IPCServer',
                        'ttrpc-minimal', 'ipc', 'uds', 'ttrpc'), fast.unavailable),
             (Transport('ttrpc-minimal-aio-ipc', "minimal Python ttrpc client (asyncio's loop) to IPCServer",

@@ -58,6 +58,11 @@ REFERENCES: tuple[tuple[str, str, int, str, str, str], ...] = (
     ('minimal Python ttrpc client to IPCServer, 64 B, x the same client to its minimal server '
      '(what our server adds)',
      'small', 64, 'ttrpc-minimal-ipc', 'ttrpc-minimal', 'p50'),
+    ('minimal server on the event loop, 64 B, x the same server in threads (what asyncio adds)', 'small',
+     64, 'ttrpc-minimal-aio-server', 'ttrpc-minimal', 'p50'),
+    ('minimal Python ttrpc client to IPCServer, 64 B, x the same client to the minimal server on the same '
+     'event loop (what our server adds to asyncio)',
+     'small', 64, 'ttrpc-minimal-ipc', 'ttrpc-minimal-aio-server', 'p50'),
     ('SyncIPCHandler, 64 B, x the minimal client to IPCServer (what our client adds)', 'small', 64,
      'ipc-sync-ttrpc', 'ttrpc-minimal-ipc', 'p50'),
     ('minimal asyncio ttrpc client to IPCServer, 64 B, x pyzmq', 'small', 64, 'ttrpc-minimal-aio-ipc',

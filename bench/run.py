@@ -174,8 +174,9 @@ def _start_servers(servers: Servers, workdir: Path, needed: set[str], pin: bool)
         servers.start('socket', 'socket', str(sockets / 'echo.sock'), pin=pin)
     if 'socket-stream' in needed:
         servers.start('socket-stream', 'socket-stream', str(sockets / 'stream.sock'), pin=pin)
-    if 'ttrpc-minimal' in needed:
-        servers.start('ttrpc-minimal', 'ttrpc-minimal', str(sockets / 'ttrpc-minimal.sock'), pin=pin)
+    for minimal in ('ttrpc-minimal', 'ttrpc-minimal-aio'):
+        if minimal in needed:
+            servers.start(minimal, minimal, str(sockets / f'{minimal}.sock'), pin=pin)
     if 'protobuf-alone' in needed:
         servers.start('protobuf-alone', 'protobuf-alone', str(sockets / 'protobuf-alone.sock'), pin=pin)
     if 'grpc' in needed:
@@ -201,6 +202,7 @@ def _start_servers(servers: Servers, workdir: Path, needed: set[str], pin: bool)
         'ipc': ready.get('ipc', {}).get('path'),
         'socket-stream': ready.get('socket-stream', {}).get('path'),
         'ttrpc-minimal': ready.get('ttrpc-minimal', {}).get('path'),
+        'ttrpc-minimal-aio': ready.get('ttrpc-minimal-aio', {}).get('path'),
         'protobuf-alone': ready.get('protobuf-alone', {}).get('path'),
         **{name: ready.get(name, {}).get('path') for name in [*OVERHEAD_SERVERS, *BUSY_POLL_SERVERS]},
         'ros': ROS_SERVICE,

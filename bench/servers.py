@@ -5,6 +5,7 @@ Each runs as its own process::
     python -m bench.servers socket PATH
     python -m bench.servers socket-stream PATH
     python -m bench.servers ttrpc-minimal PATH   # bench.minimal_ttrpc: the protocol's Python floor
+    python -m bench.servers ttrpc-minimal-aio PATH   # the same on the event loop IPCServer runs on
     python -m bench.servers protobuf-alone PATH  # bench.protobuf_alone: protobuf's own work for an echo
     python -m bench.servers grpc PATH          # also listens on 127.0.0.1:<free port>
     python -m bench.servers ipc PATH [JSON IPCServer options, busy_poll, keep_freed_memory]
@@ -211,6 +212,17 @@ async def serve_ipc(path: str, options: dict[str, Any], keeps_freed_memory: bool
         await server.stop()
 
 
+async def serve_minimal_aio(path: str) -> None:
+    """The minimal ttrpc server on the running event loop
+    (:class:`bench.minimal_ttrpc.ServerProtocol`) until stdin closes."""
+    from .minimal_ttrpc import ServerProtocol
+
+    server = await asyncio.get_running_loop().create_unix_server(ServerProtocol, path)
+    async with server:
+        _ready(path=path)
+        await _wait_stop()
+
+
 async def _wait_stop() -> None:
     """Return on SIGTERM/SIGINT or when standard input closes."""
     loop = asyncio.get_running_loop()
@@ -280,8 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     from .peer_servers import PEER_SERVERS
 
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] not in ('socket', 'socket-stream', 'ttrpc-minimal', 'protobuf-alone', 'grpc',
-                                   'ipc', 'rclpy', *PEER_SERVERS) \
+    if not args or args[0] not in ('socket', 'socket-stream', 'ttrpc-minimal', 'ttrpc-minimal-aio',
+                                   'protobuf-alone', 'grpc', 'ipc', 'rclpy', *PEER_SERVERS) \
             or len(args) < 2:
         sys.exit(__doc__)
     kind, where = args[0], args[1]
@@ -303,6 +315,12 @@ def main(argv: list[str] | None = None) -> None:
             _serve_threads(where, protobuf_alone.serve_connection)
         else:
             (serve_socket if kind == 'socket' else serve_socket_stream)(where)
+    elif kind == 'ttrpc-minimal-aio':
+        from vyra_base_ipc import DEFAULT_BUSY_POLL, run
+
+        # The loop (and busy polling) of the ipc server below, as the
+        # ipc_server node runs it: what is left between the two is our server.
+        run(serve_minimal_aio(where), busy_poll=DEFAULT_BUSY_POLL)
     elif kind == 'grpc':
         asyncio.run(serve_grpc(where))
     elif kind == 'ipc':

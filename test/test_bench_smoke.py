@@ -203,7 +203,8 @@ def test_streaming_section_compares_lanes_with_grpc_aio_and_a_socket_and_times_l
 #: a peer only where its package is installed (bench/requirements.txt), else
 #: skipped with the reason. Import name of each peer's package.
 PEER_SMALL = {'socket-uds': None, 'ipc-sync-ttrpc': None, 'ipc-aio-ttrpc': None, 'ipc-aio-uvloop': 'uvloop',
-              'ttrpc-minimal': None, 'ttrpc-minimal-ipc': None, 'ttrpc-minimal-aio-ipc': None,
+              'ttrpc-minimal': None, 'ttrpc-minimal-aio-server': None, 'ttrpc-minimal-ipc': None,
+              'ttrpc-minimal-aio-ipc': None,
               'zmq-req-rep': 'zmq', 'iceoryx2-event': 'iceoryx2', 'iceoryx2-spin': 'iceoryx2',
               'zenoh-get': 'zenoh'}
 PEER_LARGE = {'socket-uds': None, 'ipc-sync-shm': None, 'ipc-sync-shared-buffer': None,
@@ -252,7 +253,7 @@ def test_peers_section_prints_ratios_to_the_floor_and_leaves_no_shared_memory(sm
     assert all(check['ratio'] > 0 for check in checks.values())
     # Beside them, the minimal Python ttrpc's ratios (those of pyzmq only where it is installed).
     references = {entry['reference']: entry['ratio'] for entry in results['peer_references']}
-    assert len(references) == (6 if _installed('zmq') else 4) and all(ratio > 0 for ratio in references.values())
+    assert len(references) == (8 if _installed('zmq') else 6) and all(ratio > 0 for ratio in references.values())
     assert 'For reference, a minimal Python ttrpc' in stdout
     prefix = results['peers']['cleanup']['iceoryx2_prefix']
     assert not list(Path('/dev/shm').glob(f'{prefix}*'))
