@@ -51,7 +51,7 @@ from .address import StrPath, _client_ttrpc_socket_path, grpc_target, resolve_so
 from .exceptions import IPCError, IPCRemoteError, IPCTimeoutError, IPCUnavailableError, MessageTooLargeError
 from .introspection_pb2 import ServerInfo, ServerInfoRequest
 from .ttrpc import DEFAULT_STREAM_WINDOW
-from .ttrpc._errors import NothingSent, not_started, refused_for_good
+from .ttrpc._errors import NothingSent, not_started, refused_for_good, unsent
 from .ttrpc._flow import validate_stream_window
 
 __all__ = [
@@ -442,7 +442,7 @@ class ClientBase:
             return error
         lane.retire()
         if not_started(error) and not method.kind.request_streaming:
-            return NothingSent(error.code, error.details, method=error.method)
+            return unsent(error)
         return error
 
     def _connect_retry(self, deadline: Deadline | None, wait: bool) -> Retry:

@@ -33,16 +33,7 @@ from ._call import (
 )
 from ._connection import FramedConnection
 from ._deadlines import DeadlineQueue
-from ._errors import (
-    NothingSent,
-    SenderFailed,
-    closed,
-    connect_error,
-    idle_error,
-    lost,
-    timeout_error,
-    wait_error,
-)
+from ._errors import SenderFailed, closed, connect_error, idle_error, lost, timeout_error, unsent, wait_error
 from ._flow import DEFAULT_STREAM_WINDOW
 from ._frames import Frame, OversizedFrame
 from ._messages import ENVELOPE_ALLOWANCE, Metadata
@@ -146,7 +137,7 @@ class _ClientProtocol(FramedConnection):
         """
         await super().drain()
         if self.error is not None:
-            raise NothingSent(self.error.code, self.error.details) if opening and self.retired else self.error
+            raise unsent(self.error, opening and self.retired)
 
     def send(self, frame: bytes, fds: Sequence[int] = ()) -> None:
         """:raises IPCUnavailableError: the connection is closed or lost."""
@@ -166,11 +157,11 @@ class _ClientProtocol(FramedConnection):
         """
         if self.error is not None:
             prepared.discard()
-            raise NothingSent(self.error.code, self.error.details) if self.retired else self.error
+            raise unsent(self.error, self.retired)
         stream_id = self.core.register(target, prepared)
         self.send(prepared.frame(stream_id), prepared.take_fds())
         if self.error is not None:
-            raise NothingSent(self.error.code, self.error.details)
+            raise unsent(self.error)
         return stream_id
 
     def finish(self, stream_id: int, stream: _AsyncStream | None = None) -> None:

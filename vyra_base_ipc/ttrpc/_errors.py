@@ -19,7 +19,7 @@ from ..exceptions import (
 
 __all__ = ['NOT_STARTED', 'SHUTTING_DOWN', 'UNDECODABLE', 'NothingSent', 'SenderFailed', 'closed',
            'connect_error', 'idle_error', 'lost', 'deadline_passed', 'not_accepted', 'not_started',
-           'received_too_large', 'refused_for_good', 'timeout_error', 'undecodable', 'wait_error']
+           'received_too_large', 'refused_for_good', 'timeout_error', 'undecodable', 'unsent', 'wait_error']
 
 
 def timeout_error(method: Method) -> IPCTimeoutError:
@@ -126,6 +126,16 @@ class NothingSent(IPCUnavailableError):
     """A call found its connection broken before any of its request left:
     the server never saw it, so it may go again over a new connection,
     whatever the method (the handlers send it again once, at once)."""
+
+
+def unsent(error: IPCUnavailableError, again: bool = True) -> IPCUnavailableError:
+    """The error of a call that met ``error`` before any of its request left:
+    ``error``'s code, details and method as :class:`NothingSent` if ``again``
+    (the call may go again), else ``error`` itself. A call goes again whose
+    connection broke in its own write, or was retired and closed after the
+    call took it, or whose stopping server refused it before any handler saw
+    it; one that found its connection broken otherwise fails with the error."""
+    return NothingSent(error.code, error.details, method=error.method) if again else error
 
 
 class SenderFailed(IPCError):

@@ -43,7 +43,7 @@ from ._call import (
     prepare,
     unary_response,
 )
-from ._errors import NothingSent, SenderFailed, closed, lost, timeout_error, wait_error
+from ._errors import SenderFailed, closed, lost, timeout_error, unsent, wait_error
 from ._flow import DEFAULT_STREAM_WINDOW
 from ._frames import FLAG_SHARED_MEMORY, MAX_QUEUED_FDS, Frame, FrameDecoder, encode_window_update
 from ._messages import ENVELOPE_ALLOWANCE, Metadata
@@ -293,7 +293,7 @@ class SyncConnection:
             with self._state_lock:
                 if self._error is not None:
                     prepared.discard()  # (and a retired connection's call may go again: see retire())
-                    raise NothingSent(self._error.code, self._error.details) if self._retired else self._error
+                    raise unsent(self._error, self._retired)
                 stream_id = self._core.register(stream, prepared)
             try:
                 # The server's segments this end let go of leave with the request.
@@ -412,7 +412,7 @@ class SyncConnection:
             self._broken(lost(self.socket_path, error))
             failure = self._error or closed(self.socket_path)  # the first: 'was closed' if closed here
             if isinstance(error, Unsent) and method is not None and stream is None:
-                raise NothingSent(failure.code, failure.details) from None
+                raise unsent(failure) from None
             raise failure from None
         finally:
             if fds:
