@@ -15,7 +15,7 @@ import threading
 from typing import Sequence, Union
 
 from .._payload import close_fds
-from ._frames import MAX_BATCH_FDS, MAX_QUEUED_FDS, Frame, FrameDecoder, OversizedFrame, encode_window_update
+from ._frames import MAX_BATCH_FDS, Frame, FrameDecoder, OversizedFrame, encode_window_update
 from ._hello import PLAIN, Agreement
 from ._transport import UnixTransport
 
@@ -123,11 +123,9 @@ class FramedConnection(asyncio.Protocol):
     def fds_received(self, fds: list[int]) -> None:
         """Descriptors passed with the bytes that follow; queued until their
         frames take them."""
-        self.decoder.add_fds(fds)
-        if not self.accepts_fds:
-            self.violation('file descriptors from a peer that did not agree on shared memory')
-        elif self.decoder.queued_fds > MAX_QUEUED_FDS:
-            self.violation(f'more than {MAX_QUEUED_FDS} file descriptors not claimed by any frame')
+        why = self.decoder.add_fds(fds, self.accepts_fds)
+        if why is not None:
+            self.violation(why)
 
     def unread_by_peer(self) -> int:
         """Bytes written that the peer has not read yet (1 before the

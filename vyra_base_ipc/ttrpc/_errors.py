@@ -18,8 +18,9 @@ from ..exceptions import (
 )
 
 __all__ = ['NOT_STARTED', 'SHUTTING_DOWN', 'UNDECODABLE', 'NothingSent', 'SenderFailed', 'closed',
-           'connect_error', 'idle_error', 'lost', 'deadline_passed', 'not_accepted', 'not_started',
-           'received_too_large', 'refused_for_good', 'timeout_error', 'undecodable', 'unsent', 'wait_error']
+           'connect_error', 'forked_error', 'idle_error', 'lost', 'deadline_passed', 'not_accepted',
+           'not_started', 'received_too_large', 'refused_for_good', 'timeout_error', 'undecodable', 'unsent',
+           'wait_error']
 
 
 def timeout_error(method: Method) -> IPCTimeoutError:
@@ -120,6 +121,12 @@ def not_started(error: IPCError) -> bool:
 
 def closed(path: str) -> IPCUnavailableError:
     return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, f'connection to {path!r} was closed')
+
+
+def forked_error() -> IPCUnavailableError:
+    """A call on a blocking connection in a forked child of its process."""
+    return IPCUnavailableError(grpc.StatusCode.UNAVAILABLE, 'this ttrpc connection belongs to the parent '
+                               'process; open a new one after fork()')
 
 
 class NothingSent(IPCUnavailableError):

@@ -271,11 +271,18 @@ class FrameDecoder:
         self.fds_taken += count
         return fds
 
-    def add_fds(self, fds: Sequence[int]) -> None:
+    def add_fds(self, fds: Sequence[int], accepted: bool = True) -> str | None:
         """Queue descriptors that arrived (ahead of the bytes of their
-        frames) for :meth:`take_fds`. The caller must close the connection
-        once :attr:`queued_fds` exceeds :data:`MAX_QUEUED_FDS`."""
+        frames) for :meth:`take_fds`. Return why the connection must close
+        (in both clients' and the server's words), else ``None``: its peer
+        was not to pass any (not ``accepted``: shared memory not agreed), or
+        more than :data:`MAX_QUEUED_FDS` wait unclaimed."""
         self._fds.extend(fds)
+        if not accepted:
+            return 'file descriptors from a peer that did not agree on shared memory'
+        if len(self._fds) > MAX_QUEUED_FDS:
+            return f'more than {MAX_QUEUED_FDS} file descriptors not claimed by any frame'
+        return None
 
     def feed(self, data: bytes) -> list[Union[Frame, OversizedFrame]]:
         """Add received bytes; return the frames they complete, in order

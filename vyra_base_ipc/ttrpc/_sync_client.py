@@ -8,8 +8,6 @@ import threading
 from typing import Any, Callable, Iterator, Sequence
 import warnings
 
-import grpc
-
 from .._busy_poll import DEFAULT_BUSY_POLL, validate_busy_poll
 from .._deadline import Deadline, Timeout, deadline_of, wait_deadline
 from .._fork_safety import this_process
@@ -43,9 +41,9 @@ from ._call import (
     prepare,
     unary_response,
 )
-from ._errors import SenderFailed, closed, lost, timeout_error, unsent, wait_error
+from ._errors import SenderFailed, closed, forked_error, lost, timeout_error, unsent, wait_error
 from ._flow import DEFAULT_STREAM_WINDOW
-from ._frames import FLAG_SHARED_MEMORY, MAX_QUEUED_FDS, Frame, FrameDecoder, encode_window_update
+from ._frames import FLAG_SHARED_MEMORY, Frame, FrameDecoder, encode_window_update
 from ._messages import ENVELOPE_ALLOWANCE, Metadata
 from ._transport import CUT_OFF_FDS, MSG_CTRUNC, received_fds, unread_in_socket
 
@@ -282,9 +280,7 @@ class SyncConnection:
             if self._pid != this_process.pid:
                 # Checked before taking any lock: a lock held at fork() time by
                 # another thread of the parent is never released in the child.
-                raise IPCUnavailableError(grpc.StatusCode.UNAVAILABLE,
-                                          'this ttrpc connection belongs to the parent process; '
-                                          'open a new one after fork()')
+                raise forked_error()
             self._acquire_send(prepared.deadline, method)
         except BaseException:
             prepared.discard()
@@ -541,14 +537,9 @@ class SyncConnection:
             return None
         data, ancillary, flags, _ = received
         if ancillary or flags & MSG_CTRUNC:  # (no ancillary data at all if none fitted)
-            decoder.add_fds(received_fds(ancillary))
-            why = (CUT_OFF_FDS if flags & MSG_CTRUNC
-                   else 'file descriptors from a peer that did not agree on shared memory'
-                   if self._core.offered is None
-                   else f'more than {MAX_QUEUED_FDS} file descriptors not claimed by any frame'
-                   if decoder.queued_fds > MAX_QUEUED_FDS else None)
-            if why is not None:
-                self._broken(lost(self.socket_path, why))
+            why = decoder.add_fds(received_fds(ancillary), self._core.offered is not None)
+            if why is not None or flags & MSG_CTRUNC:
+                self._broken(lost(self.socket_path, CUT_OFF_FDS if flags & MSG_CTRUNC else why))
                 return None
         if not data:
             self._broken(lost(self.socket_path, 'closed by the server'))
