@@ -61,7 +61,8 @@ class _AsyncStream(ClientStream):
             waiter.set_result(None)
 
     async def next(self, until: float | None = None) -> Item | None:
-        """The next item; ``None`` if none came by ``until`` (``loop.time()``)."""
+        """The next item (its mappings, if :attr:`held`, the caller's to let go:
+        :meth:`HeldMappings.taken`); ``None`` if none came by ``until`` (``loop.time()``)."""
         while not self.items:
             if until is not None and self.loop.time() >= until:
                 return None
@@ -74,7 +75,7 @@ class _AsyncStream(ClientStream):
                 self.waiter = None
                 if timer is not None:
                     timer.cancel()
-        return self.pop()
+        return self.items.popleft()
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
@@ -476,6 +477,8 @@ class AsyncConnection:
                         stream.expired = until is not None and loop.time() >= until
                         raise (timeout_error(method) if stream.expired
                                else idle_error(method, idle_timeout))  # type: ignore[arg-type]
+                    if stream.held:
+                        protocol.core.held.taken(stream, item)
                     ended, payload = outcome.streamed(item)
                     if not ended:
                         increment = stream.taken(item)

@@ -69,7 +69,7 @@ from ._messages import (
     request_prefix,
 )
 from ._pieces import serialized
-from ._received import HeldMappings, mappings_of, resolve_shared
+from ._received import HeldMappings, resolve_shared
 from ._shared_memory import MemfdGate, goes_inline, joined, outgoing
 
 __all__ = ['ClientCore', 'ClientStream', 'Item', 'Outcome', 'Prepared', 'unary_response']
@@ -366,7 +366,7 @@ class ClientStream:
     flow-controlled connection the credit for its request stream and the
     window it grants for its response stream. Subclasses wake the waiter."""
 
-    __slots__ = ('items', 'credit', 'window', 'expired', 'held', 'holder')
+    __slots__ = ('items', 'credit', 'window', 'expired', 'held')
 
     def __init__(self) -> None:
         self.items: collections.deque[Item] = collections.deque()
@@ -374,9 +374,9 @@ class ClientStream:
         self.window: ReceiveWindow | None = None
         #: The caller leaves because the call's deadline passed.
         self.expired = False
-        #: Mappings its items hold, counted in ``holder`` (the connection's) until taken.
+        #: Mappings its items hold, counted in its connection's
+        #: :class:`~._received.HeldMappings` until taken (:meth:`HeldMappings.taken`).
         self.held = 0
-        self.holder: HeldMappings | None = None
 
     def push(self, item: Item) -> None:
         """Add an item (from the thread that read it) and wake the waiter."""
@@ -385,16 +385,6 @@ class ClientStream:
 
     def wake(self) -> None:
         raise NotImplementedError
-
-    def pop(self) -> Item:
-        """Take the next item (in the owner's serialization, as items arrive)."""
-        item = self.items.popleft()
-        if self.held:
-            count = mappings_of(item)
-            if count:
-                self.held -= count
-                self.holder.let_go(count)  # type: ignore[union-attr]  # (set with held)
-        return item
 
     def timed_out(self, deadline: Deadline | None, method: Method, idle_timeout: float | None) -> IPCError:
         """The error of a wait for the next item that ended: its idle timeout,

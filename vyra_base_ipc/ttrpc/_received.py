@@ -98,12 +98,13 @@ class HeldMappings:
     """The mappings a connection's response streams hold in messages their
     callers have not read (:func:`mappings_of` each). The owner serializes
     access, as for :class:`~vyra_base_ipc.ttrpc._call.ClientCore`: it counts
-    a message in with :meth:`hold` as it arrives, out with :meth:`let_go` as
-    its caller takes it or leaves its stream. A caller leaving a response
-    stream looks under the owner's serialization whether it holds any: a
-    reader forgets the stream and counts its last message in one step, and
-    a blocking caller that looked without the lock between the two saw
-    neither, its count kept by the connection for good (test_hostile_server.py)."""
+    a message in with :meth:`hold` as it arrives, out with :meth:`taken` as
+    its caller takes it (the owner, which took it off the stream, tells), or
+    with :meth:`let_go` as its caller leaves its stream. A caller leaving a
+    response stream looks under the owner's serialization whether it holds
+    any: a reader forgets the stream and counts its last message in one
+    step, and a blocking caller that looked without the lock between the two
+    saw neither, its count kept by the connection for good (test_hostile_server.py)."""
 
     __slots__ = ('count',)
 
@@ -127,7 +128,6 @@ class HeldMappings:
         if self.count + count <= MAX_HELD_MAPPINGS:
             self.count += count
             stream.held += count
-            stream.holder = self
             return frame
         data, buffers = frame.data, frame.buffers
         if buffers is None and len(data) < COPIED_PAST_THE_BOUND_BELOW:
@@ -144,6 +144,14 @@ class HeldMappings:
                                  f'{MAX_HELD_MAPPINGS} mappings ({self.count} held; messages under '
                                  f'{COPIED_PAST_THE_BOUND_BELOW} bytes are copied out past it)')
 
+    def taken(self, stream: Any, item: Any) -> None:
+        """The caller of ``stream``, which holds mappings (``stream.held``),
+        took ``item`` from it: the mappings ``item`` holds no longer count."""
+        count = mappings_of(item)
+        if count:
+            stream.held -= count
+            self.count -= count
+
     def let_go(self, count: int) -> None:
-        """Messages holding ``count`` mappings were taken, or left unread with their stream."""
+        """Messages holding ``count`` mappings were left unread with their stream."""
         self.count -= count

@@ -469,7 +469,7 @@ class SyncConnection:
         with self._state_lock:
             while True:
                 if stream.items:
-                    item = stream.pop()
+                    item = self._take(stream)
                     if not self._reading:
                         self._wake_a_waiter()
                     return item
@@ -498,7 +498,7 @@ class SyncConnection:
                     return handed_over
                 with self._state_lock:
                     if stream.items:
-                        return stream.pop()
+                        return self._take(stream)
                     if self._error is not None:
                         raise self._error
         except SocketTimeout:
@@ -510,6 +510,13 @@ class SyncConnection:
                     self._wake_a_waiter()
                     if self._error is not None:
                         self._close_socket()  # deferred by _broken() while we were reading
+
+    def _take(self, stream: SyncStream) -> Item:
+        # (state lock held) The next item for the caller; the mappings it held no longer count.
+        item = stream.items.popleft()
+        if stream.held:
+            self._core.held.taken(stream, item)
+        return item
 
     def _wake_a_waiter(self) -> None:
         # (state lock held) Someone must read for the threads still waiting.
@@ -554,7 +561,7 @@ class SyncConnection:
                 self._reading = False
                 if self._core.streams:  # (a lone call has gone from them: no call to make)
                     self._wake_a_waiter()
-                return stream.pop()
+                return self._take(stream)
         if reason is not None:
             self._broken(lost(self.socket_path, reason))
         return None
