@@ -572,8 +572,8 @@ class ClientCore:
         else:
             target = streams.get(stream_id)
         if target is not None:  # else: a call that ended, or a stray frame
-            if routed is not item and isinstance(routed, Frame):  # resolved from shared memory
-                routed = self.held.hold(target, routed)
+            if routed is not item and isinstance(routed, Frame) and isinstance(target, ClientStream):
+                routed = self.held.hold(target, routed)  # (resolved from shared memory: maybe counted)
             self.deliver(target, routed)
         return None
 

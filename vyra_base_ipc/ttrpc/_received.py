@@ -11,7 +11,7 @@ connection's response streams hold unread in shared memory is bounded
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from google.protobuf.message import DecodeError
 import grpc
@@ -22,6 +22,9 @@ from ._frames import FLAG_SHARED_MEMORY, Frame, MessageType
 from ._messages import decode_response
 from ._segment_link import SegmentLink
 from ._shared_memory import unpack
+
+if TYPE_CHECKING:  # (_call.py routes frames through this module)
+    from ._call import ClientStream, Item
 
 __all__ = ['COPIED_PAST_THE_BOUND_BELOW', 'MAX_HELD_MAPPINGS', 'STREAMED_COPY_BELOW', 'HeldMappings',
            'mappings_of', 'resolve_shared']
@@ -111,18 +114,21 @@ class HeldMappings:
     def __init__(self) -> None:
         self.count = 0
 
-    def hold(self, stream: Any, frame: Frame) -> Frame | IPCError:
-        """``frame``, received in shared memory for ``stream`` (a
-        :class:`~vyra_base_ipc.ttrpc._call.ClientStream`, or a unary call's
-        target), as its caller is to get it. A response stream's message is
-        counted (in ``stream.held`` too) if it stays within
-        :data:`MAX_HELD_MAPPINGS`; past it, a message without buffers under
+    def hold(self, stream: ClientStream, frame: Frame) -> Frame | IPCError:
+        """``frame``, received in shared memory for ``stream``, as its caller
+        is to get it. A response stream's message is counted (in
+        ``stream.held`` too) if it stays within :data:`MAX_HELD_MAPPINGS`;
+        past it, a message without buffers under
         :data:`COPIED_PAST_THE_BOUND_BELOW` bytes is copied out (not
         counted), else the stream fails with the RESOURCE_EXHAUSTED error
         returned (the frame let go, what follows dropped as for an overrun
-        window). A unary call's answer is not counted: its caller takes it at once."""
-        window: Any = getattr(stream, 'window', None)
-        count = 0 if window is None else mappings_of(frame)
+        window). A unary-response call's answer (its stream has no window)
+        is not counted: its caller takes it at once (the asyncio client's
+        unary call has no stream, and its answer does not come here)."""
+        window = stream.window
+        if window is None:
+            return frame
+        count = mappings_of(frame)
         if not count:
             return frame
         if self.count + count <= MAX_HELD_MAPPINGS:
@@ -144,7 +150,7 @@ class HeldMappings:
                                  f'{MAX_HELD_MAPPINGS} mappings ({self.count} held; messages under '
                                  f'{COPIED_PAST_THE_BOUND_BELOW} bytes are copied out past it)')
 
-    def taken(self, stream: Any, item: Any) -> None:
+    def taken(self, stream: ClientStream, item: Item) -> None:
         """The caller of ``stream``, which holds mappings (``stream.held``),
         took ``item`` from it: the mappings ``item`` holds no longer count."""
         count = mappings_of(item)
