@@ -267,9 +267,10 @@ def sealed_memfd(data: bytes = b'', hole: int = 0) -> int:
     return fd
 
 
-def send_in_shared_memory(peer: Peer, stream_id: int, size: int, contents: Iterable[bytes | None]) -> None:
+def send_in_shared_memory(peer: Peer, stream_id: int, size: int, contents: Iterable[bytes | None],
+                          end: bool = True) -> None:
     """Send each of ``contents`` on ``stream_id`` as a message of ``size`` bytes in a sealed
-    memfd of its own (``None``: all a hole), then end the stream."""
+    memfd of its own (``None``: all a hole), then (``end``) end the stream."""
     manifest = ttrpc_pb2.SharedMemoryManifest(payload_size=size).SerializeToString()
     for data in contents:
         fd = sealed_memfd(hole=size) if data is None else sealed_memfd(data)
@@ -277,7 +278,8 @@ def send_in_shared_memory(peer: Peer, stream_id: int, size: int, contents: Itera
             peer.send(stream_id, DATA, SHARED, manifest, fds=[fd])
         finally:
             os.close(fd)
-    peer.send(stream_id, DATA, REMOTE_CLOSED | NO_DATA)
+    if end:
+        peer.send(stream_id, DATA, REMOTE_CLOSED | NO_DATA)
 
 
 def agree_shared_memory(peer: Peer) -> None:
@@ -446,6 +448,41 @@ def test_unread_streams_of_a_connection_hold_no_more_mappings_than_its_bound(
         assert next(third) == b'first'
         assert connection.call(UNARY, b'', timeout=20) == b'after them'
         check(list(third))  # those read or left no longer count
+
+
+#: Messages of 100 KiB (over STREAMED_COPY_BELOW: kept mapped, counted) flooding a stream nobody reads.
+KEPT_SIZE, KEPT_COUNT = 100 * 1024, 10
+
+
+def flood_kept(peer: Peer, stream_id: int, end: bool = True) -> None:
+    send_in_shared_memory(peer, stream_id, KEPT_SIZE, (b'K' * KEPT_SIZE for _ in range(KEPT_COUNT)), end)
+
+
+@pytest.mark.parametrize('client', CLIENT_KINDS)
+def test_a_lost_connections_stream_gives_what_it_had_received_then_the_error(
+        client: str, hostile: Callable[[Script], Path]) -> None:
+    # A connection lost gives its streams an error after the messages they had received. The
+    # asyncio client's stream failed UNAVAILABLE before them, once half its window was taken
+    # after the loss (the fifth here): it sent the WINDOW_UPDATE due, and a send on a connection
+    # gone raises. The blocking client sends none then, as neither sends a CANCEL.
+
+    def script(peer: Peer) -> None:
+        agree_shared_memory(peer)
+        stream_id = peer.read_frame().stream_id
+        peer.send(stream_id, DATA, 0, b'first')
+        unary = next_request(peer)
+        flood_kept(peer, stream_id, end=False)
+        peer.respond(unary.stream_id, b'after them')
+        # (gone, the stream not ended: PeerServer closes the connection)
+
+    path = hostile(script)
+    options = {**SMALL, 'shared_memory': SharedMemoryOptions(), 'stream_window': 1 << 20, 'max_message_bytes': 1 << 20}
+    with fast_lane_connection(client, path, **options) as connection:
+        stream, _ = read_one_then_call(connection, b'after them', timeout=10)
+        received = [bytes(next(stream)) for _ in range(KEPT_COUNT)]
+        assert received == [b'K' * KEPT_SIZE] * KEPT_COUNT
+        with pytest.raises(IPCUnavailableError):
+            next(stream)
 
 
 def test_a_blocking_stream_left_as_another_thread_reads_its_last_message_keeps_no_count(

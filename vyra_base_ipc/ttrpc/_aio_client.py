@@ -482,8 +482,8 @@ class AsyncConnection:
                     ended, payload = outcome.streamed(item)
                     if not ended:
                         increment = stream.taken(item)
-                        if increment:
-                            protocol.send_window_update(stream_id, increment)
+                        if increment and protocol.error is None:  # (none to a connection gone: what
+                            protocol.send_window_update(stream_id, increment)  # came is still read)
                     if payload is not None:
                         yield deserialize(method, payload)
                     if ended:
