@@ -6,6 +6,7 @@ stay usable where the connection is still in step."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 from pathlib import Path
@@ -367,21 +368,34 @@ def next_request(peer: Peer) -> Any:
 
 #: The bound on mappings a connection's unread messages hold, lowered for the tests (2,048 by default).
 HELD_BOUND = 50
+#: The bound on those of the whole process, lowered likewise (16,384 by default): two connections,
+#: each within its own bound, pass it together.
+PROCESS_HELD_BOUND = 60
 
 
 @pytest.mark.parametrize('size', [100 * 1024, 2 << 20], ids=['100 KiB', '2 MiB'])
+@pytest.mark.parametrize('scope', ['connection', 'process'])
 @pytest.mark.parametrize('client', CLIENT_KINDS)
-def test_unread_streams_of_a_connection_hold_no_more_mappings_than_its_bound(
-        client: str, size: int, hostile: Callable[[Script], Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unread_streams_hold_no_more_mappings_than_the_bound_of_their_connection_and_process(
+        client: str, scope: str, size: int, hostile: Callable[[Script], Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # A stream holds at most its window of messages over 64 KiB, each a mapping (272 by default),
     # but a server could fill ~240 streams of one connection that nobody reads and take the
-    # process to vm.max_map_count (65,530), past which nothing in it can map memory. Past the
-    # connection's bound a message under 1 MiB is copied out (its mapping let go); a larger one
-    # fails its stream RESOURCE_EXHAUSTED, and the connection's other calls go on.
+    # process to vm.max_map_count (65,530), past which nothing in it can map memory; so could
+    # some 32 connections (to many servers, or many to one) each within its bound. Past the
+    # connection's bound, or the process's, a message under 1 MiB is copied out (its mapping let
+    # go); a larger one fails its stream RESOURCE_EXHAUSTED, and the connection's other calls go
+    # on. The streams read or left, the process's count is back to 0.
     from vyra_base_ipc.ttrpc import _received
-    monkeypatch.setattr(_received, 'MAX_HELD_MAPPINGS', HELD_BOUND, raising=False)  # (absent before the bound)
+    monkeypatch.setattr(_received, 'MAX_HELD_MAPPINGS', HELD_BOUND)
+    bound = HELD_BOUND
+    if scope == 'process':
+        monkeypatch.setattr(_received, 'MAX_PROCESS_HELD_MAPPINGS', PROCESS_HELD_BOUND)
+        bound = PROCESS_HELD_BOUND
     copied = size < 1 << 20
-    within, past = 45, 100  # messages to the first stream (within the bound), to the second (past it)
+    # Messages to the first stream (within the bounds), to the second (past one of them: on the
+    # first one's connection past its bound, or on another connection within its own).
+    within, past = 45, 100 if scope == 'connection' else 45
 
     def message(index: int) -> bytes:
         return bytes([index % 256]) * size
@@ -389,25 +403,32 @@ def test_unread_streams_of_a_connection_hold_no_more_mappings_than_its_bound(
     def send_messages(peer: Peer, stream_id: int, count: int) -> None:
         send_in_shared_memory(peer, stream_id, size, (message(index) if copied else None for index in range(count)))
 
-    def script(peer: Peer) -> None:
-        assert peer.read_frame().stream_id == 1
-        peer.respond(1, ttrpc_pb2.Hello(shared_memory=True, cancel=True, stream_window=1 << 30).SerializeToString())
-        first, second = next_request(peer).stream_id, None
-        peer.send(first, DATA, 0, b'first')
-        second = next_request(peer).stream_id
-        peer.send(second, DATA, 0, b'first')
-        unary = next_request(peer)
-        send_messages(peer, first, within)
-        send_messages(peer, second, past)
-        peer.respond(unary.stream_id, b'after them')
-        third = next_request(peer).stream_id  # once the first two were read (or left)
-        peer.send(third, DATA, 0, b'first')
-        unary = next_request(peer)
-        send_messages(peer, third, within)  # all before the client reads them: counted unread
-        peer.respond(unary.stream_id, b'after them')
-        until_closed(peer)
+    def serve(counts: list[int], third: bool) -> Script:
+        """A connection's script: a stream for each of ``counts``, then a unary call; the
+        streams their counts of messages, the call its answer; then (``third``) once more."""
+        def script(peer: Peer) -> None:
+            assert peer.read_frame().stream_id == 1
+            peer.respond(1, ttrpc_pb2.Hello(shared_memory=True, cancel=True,
+                                            stream_window=1 << 30).SerializeToString())
+            streams = []
+            for _ in counts:
+                streams.append(next_request(peer).stream_id)
+                peer.send(streams[-1], DATA, 0, b'first')
+            unary = next_request(peer)
+            for stream_id, count in zip(streams, counts, strict=True):
+                send_messages(peer, stream_id, count)
+            peer.respond(unary.stream_id, b'after them')
+            if third:  # once the first two were read (or left)
+                stream_id = next_request(peer).stream_id
+                peer.send(stream_id, DATA, 0, b'first')
+                unary = next_request(peer)
+                send_messages(peer, stream_id, within)  # all before the client reads them: counted unread
+                peer.respond(unary.stream_id, b'after them')
+            until_closed(peer)
+        return script
 
-    path = hostile(script)
+    paths = ([hostile(serve([within, past], True))] if scope == 'connection'
+             else [hostile(serve([within], True)), hostile(serve([past], False))])
     options = {**SMALL, 'shared_memory': SharedMemoryOptions(), 'stream_window': 1 << 30,
                'max_message_bytes': 4 << 20}
 
@@ -421,19 +442,23 @@ def test_unread_streams_of_a_connection_hold_no_more_mappings_than_its_bound(
             assert error is None
             assert [bytes(each) for each in messages] == [message(index) for index in range(past)]
         else:  # those within the bound, then the stream fails
-            assert len(messages) == HELD_BOUND - within
+            assert len(messages) == bound - within
             assert error is not None and error.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert f'past its limit of {HELD_BOUND} mappings' in error.details
+            assert f'past its limit of {bound} mappings' in error.details
 
-    with fast_lane_connection(client, path, **options) as connection:
-        first = connection.stream(STREAM, b'', timeout=20)
+    with contextlib.ExitStack() as connections:
+        connected = [connections.enter_context(fast_lane_connection(client, path, **options)) for path in paths]
+        one, two = connected[0], connected[-1]
+        first = one.stream(STREAM, b'', timeout=20)
         assert next(first) == b'first'
-        second = connection.stream(STREAM, b'', timeout=20)
+        second = two.stream(STREAM, b'', timeout=20)
         assert next(second) == b'first'
         before = mappings()
-        assert connection.call(UNARY, b'', timeout=20) == b'after them'
+        assert one.call(UNARY, b'', timeout=20) == b'after them'
+        if two is not one:
+            assert two.call(UNARY, b'', timeout=20) == b'after them'
         held = mappings() - before
-        assert held <= HELD_BOUND + 20, f'{held} mappings held for messages not read'
+        assert held <= bound + 20, f'{held} mappings held for messages not read'
         check([next(first) for _ in range(5)], 5)
         first.close()  # the 40 messages it did not read let go
         received: list[bytes] = []
@@ -444,10 +469,12 @@ def test_unread_streams_of_a_connection_hold_no_more_mappings_than_its_bound(
             failure = error
         check_second(received, failure)
         del received
-        third = connection.stream(STREAM, b'', timeout=20)
+        assert _received.held_in_process.count == 0, 'mappings counted for streams read or left'
+        third = one.stream(STREAM, b'', timeout=20)
         assert next(third) == b'first'
-        assert connection.call(UNARY, b'', timeout=20) == b'after them'
+        assert one.call(UNARY, b'', timeout=20) == b'after them'
         check(list(third))  # those read or left no longer count
+        assert _received.held_in_process.count == 0, 'mappings counted for streams read or left'
 
 
 #: Messages of 100 KiB (over STREAMED_COPY_BELOW: kept mapped, counted) flooding a stream nobody reads.
@@ -464,7 +491,9 @@ def test_a_lost_connections_stream_gives_what_it_had_received_then_the_error(
     # A connection lost gives its streams an error after the messages they had received. The
     # asyncio client's stream failed UNAVAILABLE before them, once half its window was taken
     # after the loss (the fifth here): it sent the WINDOW_UPDATE due, and a send on a connection
-    # gone raises. The blocking client sends none then, as neither sends a CANCEL.
+    # gone raises. The blocking client sends none then, as neither sends a CANCEL. Those
+    # messages stay mapped, and counted in the process, until the caller takes them.
+    from vyra_base_ipc.ttrpc._received import held_in_process
 
     def script(peer: Peer) -> None:
         agree_shared_memory(peer)
@@ -479,10 +508,45 @@ def test_a_lost_connections_stream_gives_what_it_had_received_then_the_error(
     options = {**SMALL, 'shared_memory': SharedMemoryOptions(), 'stream_window': 1 << 20, 'max_message_bytes': 1 << 20}
     with fast_lane_connection(client, path, **options) as connection:
         stream, _ = read_one_then_call(connection, b'after them', timeout=10)
+        assert held_in_process.count == KEPT_COUNT
         received = [bytes(next(stream)) for _ in range(KEPT_COUNT)]
         assert received == [b'K' * KEPT_SIZE] * KEPT_COUNT
+        assert held_in_process.count == 0, f'{held_in_process.count} mappings counted, none held'
         with pytest.raises(IPCUnavailableError):
             next(stream)
+
+
+def test_an_asyncio_connection_collected_with_a_stream_nobody_left_gives_back_its_count(
+        hostile: Callable[[Script], Path]) -> None:
+    # A stream's finally lets go of what it holds. One whose loop was closed without closing
+    # its async generators (loop.close() without shutdown_asyncgens(), as code running a loop
+    # per task may) never runs it: its messages go with it, but the process's count kept
+    # them for good, each such stream nearer the bound past which every message in shared
+    # memory is copied or refused. The connection collected gives its count back.
+    import gc
+
+    from vyra_base_ipc.ttrpc._received import held_in_process
+
+    def script(peer: Peer) -> None:
+        agree_shared_memory(peer)
+        flood_a_waiting_stream(peer, flood_kept, b'after them')
+
+    path = hostile(script)
+    loop = asyncio.new_event_loop()
+    connection = loop.run_until_complete(AsyncConnection.connect(
+        path, shared_memory=SharedMemoryOptions(), stream_window=1 << 20, busy_poll=0))
+    stream = connection.stream(STREAM, b'', timeout=10)
+
+    async def first(iterator: Any) -> Any:  # (iterated in the loop first: the loop's to finalize, as usual)
+        return await iterator.__anext__()
+    assert loop.run_until_complete(first(stream)) == b'first'
+    assert loop.run_until_complete(connection.call(UNARY, b'', timeout=10)) == b'after them'
+    assert held_in_process.count == KEPT_COUNT
+    loop.run_until_complete(connection.close())
+    loop.close()  # the stream not closed: its finally never runs
+    del stream, connection
+    gc.collect()
+    assert held_in_process.count == 0, f'{held_in_process.count} mappings counted, none held'
 
 
 def test_a_blocking_stream_left_as_another_thread_reads_its_last_message_keeps_no_count(

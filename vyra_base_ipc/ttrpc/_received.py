@@ -4,18 +4,20 @@ Both clients route frames through :class:`~vyra_base_ipc.ttrpc._call.ClientCore`
 a frame flagged :data:`~vyra_base_ipc.ttrpc._frames.FLAG_SHARED_MEMORY` is
 resolved here as it arrives: its message fetched from shared memory
 (:func:`~vyra_base_ipc.ttrpc._shared_memory.unpack`), or the error its call
-gets instead; a small streamed message copied out of its mapping. What a
-connection's response streams hold unread in shared memory is bounded
-(:class:`HeldMappings`).
+gets instead; a small streamed message copied out of its mapping. What
+response streams hold unread in shared memory is bounded, per connection
+and per process (:class:`HeldMappings`).
 """
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 from google.protobuf.message import DecodeError
 import grpc
 
+from .._fork_safety import locks_anew_after_fork
 from .._payload import SharedMemoryError, TooLargeError
 from ..exceptions import IPCError, error_from_status
 from ._frames import FLAG_SHARED_MEMORY, Frame, MessageType
@@ -26,8 +28,8 @@ from ._shared_memory import unpack
 if TYPE_CHECKING:  # (_call.py routes frames through this module)
     from ._call import ClientStream, Item
 
-__all__ = ['COPIED_PAST_THE_BOUND_BELOW', 'MAX_HELD_MAPPINGS', 'STREAMED_COPY_BELOW', 'HeldMappings',
-           'mappings_of', 'resolve_shared']
+__all__ = ['COPIED_PAST_THE_BOUND_BELOW', 'MAX_HELD_MAPPINGS', 'MAX_PROCESS_HELD_MAPPINGS',
+           'STREAMED_COPY_BELOW', 'HeldMappings', 'held_in_process', 'mappings_of', 'resolve_shared']
 
 #: A streamed message in shared memory smaller than this is copied out as it
 #: arrives, its mapping and lend let go at once: a stream's window counts a
@@ -44,10 +46,22 @@ STREAMED_COPY_BELOW = 64 * 1024
 #: above), but a server filling some 240 streams nobody reads would take
 #: the process to ``vm.max_map_count`` (65,530); this is a thirty-second of it.
 MAX_HELD_MAPPINGS = 2048
-#: Past :data:`MAX_HELD_MAPPINGS`, a message (without buffers) under this
-#: many bytes is copied out of its mapping: it then costs memory as a message
-#: received inline does, within its stream's window; a larger one fails its
-#: stream (copying a gigabyte a server sent as a hole would allocate it here).
+#: The mappings such messages may hold in this process, on all its
+#: connections together. One process may hold connections to many servers
+#: (or many to one), and some 32 at their bound above would reach
+#: ``vm.max_map_count``. A quarter of its default (65,530), eight
+#: connections at their bound: the other three quarters stay for what else
+#: maps memory (malloc's large blocks, thread stacks, extension modules,
+#: this package's own segments). Fixed rather than a quarter of
+#: ``/proc/sys/vm/max_map_count``: nothing to read at import or where
+#: ``/proc`` is not mounted, and a host that raised the limit (as databases
+#: ask) gives messages nobody reads no more room.
+MAX_PROCESS_HELD_MAPPINGS = 16384
+#: Past :data:`MAX_HELD_MAPPINGS` or :data:`MAX_PROCESS_HELD_MAPPINGS`, a
+#: message (without buffers) under this many bytes is copied out of its
+#: mapping: it then costs memory as a message received inline does, within
+#: its stream's window; a larger one fails its stream (copying a gigabyte a
+#: server sent as a hole would allocate it here).
 COPIED_PAST_THE_BOUND_BELOW = 1 << 20
 
 
@@ -97,28 +111,77 @@ def mappings_of(item: Any) -> int:
     return (item.data.__class__ is not bytes) + (0 if item.buffers is None else len(item.buffers))
 
 
-class HeldMappings:
-    """The mappings a connection's response streams hold in messages their
-    callers have not read (:func:`mappings_of` each). The owner serializes
-    access, as for :class:`~vyra_base_ipc.ttrpc._call.ClientCore`: it counts
-    a message in with :meth:`hold` as it arrives, out with :meth:`taken` as
-    its caller takes it (the owner, which took it off the stream, tells), or
-    with :meth:`let_go` as its caller leaves its stream. A caller leaving a
-    response stream looks under the owner's serialization whether it holds
-    any: a reader forgets the stream and counts its last message in one
-    step, and a blocking caller that looked without the lock between the two
-    saw neither, its count kept by the connection for good (test_hostile_server.py)."""
+class _ProcessHeld:
+    """The mappings every connection's :class:`HeldMappings` counts, in
+    sum: :data:`held_in_process`. Under a lock of its own: blocking
+    connections count from whichever thread reads for them, asyncio ones
+    from their own loops' threads."""
 
-    __slots__ = ('count',)
+    __slots__ = ('count', '_lock', '__weakref__')
 
     def __init__(self) -> None:
         self.count = 0
+        self._lock = threading.Lock()
+        locks_anew_after_fork(self)  # (the count goes on: a child keeps the parent's mappings)
+
+    def _locks_anew(self) -> None:
+        self._lock = threading.Lock()
+
+    def take(self, count: int) -> bool:
+        """Count ``count`` more if that stays within :data:`MAX_PROCESS_HELD_MAPPINGS`."""
+        with self._lock:
+            if self.count + count > MAX_PROCESS_HELD_MAPPINGS:
+                return False
+            self.count += count
+            return True
+
+    def let_go(self, count: int) -> None:
+        with self._lock:
+            self.count -= count
+
+
+#: The mappings messages of response streams hold unread in this process.
+held_in_process = _ProcessHeld()
+
+
+class HeldMappings:
+    """The mappings a connection's response streams hold in messages their
+    callers have not read (:func:`mappings_of` each), also counted in
+    :data:`held_in_process`. The owner serializes access, as for
+    :class:`~vyra_base_ipc.ttrpc._call.ClientCore`: it counts a message in
+    with :meth:`hold` as it arrives, out with :meth:`taken` as its caller
+    takes it (the owner, which took it off the stream, tells), or with
+    :meth:`let_go` as its caller leaves its stream (a connection closed or
+    lost gives its calls an error after what they had received: they take
+    it, or leave). A caller leaving a response stream looks under the
+    owner's serialization whether it holds any: a reader forgets the stream
+    and counts its last message in one step, and a blocking caller that
+    looked without the lock between the two saw neither, its count kept by
+    the connection for good (test_hostile_server.py)."""
+
+    __slots__ = ('count', 'gone')
+
+    def __init__(self) -> None:
+        self.count = 0
+        #: Collected (:meth:`__del__`): what it counts is no longer in the process's count.
+        self.gone = False
+
+    def __del__(self) -> None:
+        # Collected with its connection: the messages it still counts went
+        # with their streams, which nobody took nor left (an async generator
+        # whose loop closed without closing it runs no finally); the
+        # process's count lets go of them too. A stream's finally run in the
+        # same collection, later, lets go of nothing more (gone).
+        self.gone = True
+        if self.count:
+            held_in_process.let_go(self.count)
 
     def hold(self, stream: ClientStream, frame: Frame) -> Frame | IPCError:
         """``frame``, received in shared memory for ``stream``, as its caller
         is to get it. A response stream's message is counted (in
-        ``stream.held`` too) if it stays within :data:`MAX_HELD_MAPPINGS`;
-        past it, a message without buffers under
+        ``stream.held`` and :data:`held_in_process` too) if it stays within
+        :data:`MAX_HELD_MAPPINGS` and :data:`MAX_PROCESS_HELD_MAPPINGS`; past
+        either, a message without buffers under
         :data:`COPIED_PAST_THE_BOUND_BELOW` bytes is copied out (not
         counted), else the stream fails with the RESOURCE_EXHAUSTED error
         returned (the frame let go, what follows dropped as for an overrun
@@ -131,7 +194,8 @@ class HeldMappings:
         count = mappings_of(frame)
         if not count:
             return frame
-        if self.count + count <= MAX_HELD_MAPPINGS:
+        within = self.count + count <= MAX_HELD_MAPPINGS
+        if within and held_in_process.take(count):
             self.count += count
             stream.held += count
             return frame
@@ -144,11 +208,13 @@ class HeldMappings:
         if stream.credit is not None:
             stream.credit.close()
         what = f'{len(data)} bytes' + (f' and {len(buffers)} shared buffers' if buffers is not None else '')
+        where, limit, held = (('on this connection', MAX_HELD_MAPPINGS, self.count) if not within
+                              else ('in this process', MAX_PROCESS_HELD_MAPPINGS, held_in_process.count))
         return error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  f'CLIENT: the response ({what} in shared memory) would take the mappings '
-                                 'held by messages not yet read on this connection past its limit of '
-                                 f'{MAX_HELD_MAPPINGS} mappings ({self.count} held; messages under '
-                                 f'{COPIED_PAST_THE_BOUND_BELOW} bytes are copied out past it)')
+                                 f'held by messages not yet read {where} past its limit of {limit} mappings '
+                                 f'({held} held; messages under {COPIED_PAST_THE_BOUND_BELOW} bytes are '
+                                 'copied out past it)')
 
     def taken(self, stream: ClientStream, item: Item) -> None:
         """The caller of ``stream``, which holds mappings (``stream.held``),
@@ -156,8 +222,10 @@ class HeldMappings:
         count = mappings_of(item)
         if count:
             stream.held -= count
-            self.count -= count
+            self.let_go(count)
 
     def let_go(self, count: int) -> None:
-        """Messages holding ``count`` mappings were left unread with their stream."""
+        """Messages holding ``count`` mappings were taken, or left unread with their stream."""
         self.count -= count
+        if not self.gone:
+            held_in_process.let_go(count)
