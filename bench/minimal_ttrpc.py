@@ -10,16 +10,19 @@ build the envelope, send it and parse the answer in the fewest steps, one
 call at a time; the server they call is this one or :class:`IPCServer`'s
 fast lane, which serves containerd's clients as they are.
 
-The same server on an event loop (``python -m bench.servers
-ttrpc-minimal-aio PATH``: :class:`ServerProtocol`) runs on the busy-polling
-loop :class:`IPCServer` runs on in the benchmark, and answers each request in
-the ``data_received`` that brought it, as :class:`IPCServer` answers a
-handler that does not wait.
+The same server on asyncio's loop (``python -m bench.servers
+ttrpc-minimal-aio PATH``: :class:`ServerProtocol`) answers each request in the
+``data_received`` that brought it, as :class:`IPCServer` answers a handler
+that does not wait.
 
 The rows they make (``python -m bench --sections peers``) split a call's cost:
 ``minimal → minimal`` is the Python floor of the protocol, ``minimal →
-minimal on the event loop`` adds asyncio, ``minimal → IPCServer`` this
-package's server, ``SyncIPCHandler → IPCServer`` its client too.
+IPCServer`` adds this package's server, ``SyncIPCHandler → IPCServer`` its
+client too. The server's share is split by CPU time per call (a polling
+loop's time depends on its client's, so neither server polls there): the
+minimal server on asyncio's loop against the same in threads (what asyncio
+costs), and :class:`IPCServer` with ``busy_poll=0`` against the former (what
+its code costs).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Each runs as its own process::
     python -m bench.servers socket PATH
     python -m bench.servers socket-stream PATH
     python -m bench.servers ttrpc-minimal PATH   # bench.minimal_ttrpc: the protocol's Python floor
-    python -m bench.servers ttrpc-minimal-aio PATH   # the same on the event loop IPCServer runs on
+    python -m bench.servers ttrpc-minimal-aio PATH   # the same on asyncio's loop
     python -m bench.servers protobuf-alone PATH  # bench.protobuf_alone: protobuf's own work for an echo
     python -m bench.servers grpc PATH          # also listens on 127.0.0.1:<free port>
     python -m bench.servers ipc PATH [JSON IPCServer options, busy_poll, keep_freed_memory]
@@ -316,11 +316,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             (serve_socket if kind == 'socket' else serve_socket_stream)(where)
     elif kind == 'ttrpc-minimal-aio':
-        from vyra_base_ipc import DEFAULT_BUSY_POLL, run
-
-        # The loop (and busy polling) of the ipc server below, as the
-        # ipc_server node runs it: what is left between the two is our server.
-        run(serve_minimal_aio(where), busy_poll=DEFAULT_BUSY_POLL)
+        # asyncio's own loop, which does not poll: its CPU time per call is
+        # its work, as that of an ipc server with busy_poll 0 (a polling
+        # loop spins between calls, and its time depends on the client's).
+        asyncio.run(serve_minimal_aio(where))
     elif kind == 'grpc':
         asyncio.run(serve_grpc(where))
     elif kind == 'ipc':

@@ -204,7 +204,7 @@ def test_streaming_section_compares_lanes_with_grpc_aio_and_a_socket_and_times_l
 #: skipped with the reason. Import name of each peer's package.
 PEER_SMALL = {'socket-uds': None, 'ipc-sync-ttrpc': None, 'ipc-aio-ttrpc': None, 'ipc-aio-uvloop': 'uvloop',
               'ttrpc-minimal': None, 'ttrpc-minimal-aio-server': None, 'ttrpc-minimal-ipc': None,
-              'ttrpc-minimal-aio-ipc': None,
+              'ttrpc-minimal-ipc-sleeping': None, 'ttrpc-minimal-aio-ipc': None,
               'zmq-req-rep': 'zmq', 'iceoryx2-event': 'iceoryx2', 'iceoryx2-spin': 'iceoryx2',
               'zenoh-get': 'zenoh'}
 PEER_LARGE = {'socket-uds': None, 'ipc-sync-shm': None, 'ipc-sync-shared-buffer': None,

@@ -3,8 +3,9 @@ call at a time, the envelope built and parsed in the fewest steps, nothing
 checked, no deadline (as the floor's client: the benchmark's child has a
 time limit of its own). Blocking (``ttrpc-minimal``) and on asyncio's loop
 (``ttrpc-minimal-aio``: a protocol that resolves one future per answer).
-They call the server named by the transport: ``ttrpc-minimal``, or ``ipc``
-(:class:`IPCServer`'s fast lane)."""
+They call the server named by the transport: ``ttrpc-minimal``,
+``ttrpc-minimal-aio``, or an :class:`IPCServer`'s fast lane (``ipc``, or
+``busy-poll-off``: one whose loop does not poll)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,18 @@ from .socket_echo import SocketDriver
 
 __all__ = ['MinimalTtrpcAioDriver', 'MinimalTtrpcDriver']
 
+#: The servers that are :class:`IPCServer`\ s: ``ipc``, and the one of the
+#: busy-poll section that does not poll (whose CPU per call is its work).
+IPC_SERVERS = ('ipc', 'busy-poll-off')
+
+
 def _address(addresses: dict[str, Any], transport: dict[str, Any]) -> str:
-    if transport['server'] == 'ipc':
+    server = transport['server']
+    if server in IPC_SERVERS:
         from vyra_base_ipc.address import default_ttrpc_socket_path
 
-        return str(default_ttrpc_socket_path(addresses['ipc']))
-    return str(addresses[transport['server']])
+        return str(default_ttrpc_socket_path(addresses[server]))
+    return str(addresses[server])
 
 
 class MinimalTtrpcDriver(SocketDriver):
