@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 import re
 import subprocess
+import sys
 from typing import Any
 
 from google.rpc import error_details_pb2
@@ -282,3 +283,33 @@ def test_a_handler_sending_a_bad_status_trailer_on_every_call_is_logged_once_the
     assert len(flooded) <= 2 and told(flooded) == 200, flooded[:5]
     assert '[198 more like this in the last' in flooded[-1], flooded
     assert len([line for line in said if f'/vyra.ipc.test.StatusService/MisbehaveSync: {problem}' in line]) == 1
+
+
+#: A client process that calls Misbehave (its status trailer is no google.rpc.Status) ``argv[3]``
+#: times on the gRPC lane, where our client warns of it, then exits without telling anything more.
+CLIENT_THEN_EXIT = """
+import logging, sys
+sys.path.insert(0, sys.argv[2])
+logging.basicConfig(level=logging.WARNING, format='%(message)s')
+from vyra_ipc_test import echo_pb2, echo_pb2_grpc
+from vyra_base_ipc import IPCError, SyncIPCHandler
+with SyncIPCHandler(sys.argv[1], echo_pb2_grpc.StatusServiceStub, lane='grpc') as ipc:
+    for _ in range(int(sys.argv[3])):
+        try:
+            ipc.call_method('Misbehave', echo_pb2.MisbehaveRequest(how='abort-with-bad-status-details'))
+        except IPCError:
+            pass
+print('called')
+"""
+
+
+def test_a_client_exiting_tells_the_warnings_it_held_back(server: ServerProcess, test_protos_dir: Path) -> None:
+    # Found: our gRPC-lane client tells held warnings with the next of their kind once 10 s are
+    # over, or from its loop's timer; a process exiting before either told only the first of 20.
+    result = subprocess.run([sys.executable, '-c', CLIENT_THEN_EXIT, str(server.socket_path),
+                             str(test_protos_dir), '20'], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == 'called\n', result.stderr
+    problem = '/vyra.ipc.test.StatusService/Misbehave: grpc-status-details-bin is not a google.rpc.Status'
+    said = [line for line in result.stderr.splitlines() if problem in line]
+    assert told(said) == 20, said
+    assert len(said) == 2 and '[18 more like this in the last' in said[-1], said

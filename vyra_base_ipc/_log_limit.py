@@ -15,7 +15,9 @@ them is logged with how many were not (``... [41 more like this in the last
 10 s]``): from the event loop, when the thread that held it runs one, else
 with the next record of that kind. A stopping server logs what is held at
 once (:func:`flush_held`), so that its log does not end on the first of a
-flood. Kinds are a few per call site (a method and an exception type at
+flood; so does a process as it exits (``atexit``: a client's records, such
+as our gRPC-lane client's warnings of status details it cannot read, have
+no server stopping to tell them). Kinds are a few per call site (a method and an exception type at
 most); past :data:`MAX_KINDS` of them at once (those quiet for a period are
 forgotten), new kinds share one limit.
 """
@@ -23,6 +25,7 @@ forgotten), new kinds share one limit.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import threading
 import time
@@ -145,3 +148,9 @@ def flush_held() -> None:
         kinds = [kind for kind, state in _kinds.items() if state.last is not None]
     for kind in kinds:
         _flush(kind, now=True)
+
+
+# Run before logging's own exit handler (registered when logging was first
+# imported, so later in atexit's last-in-first-out order): its handlers are
+# still open.
+atexit.register(flush_held)
