@@ -602,14 +602,31 @@ def test_numpy_sizes_and_empty_arrays_of_any_shape_make_buffers() -> None:
             SharedBuffer.allocate(size)
 
 
+def memfds_open() -> set[tuple[int, int]]:
+    """The memfds this process holds, each as its (device, inode): one not in an earlier set is new.
+
+    Not a count of descriptors: what earlier tests of the process left to be closed may be closed
+    meanwhile, by the collector or another thread (CI saw 17 descriptors become 15).
+    """
+    found = set()
+    for name in os.listdir('/proc/self/fd'):
+        try:
+            if os.readlink(f'/proc/self/fd/{name}').startswith('/memfd:'):
+                status = os.stat(f'/proc/self/fd/{name}')
+                found.add((status.st_dev, status.st_ino))
+        except OSError:  # closed since it was listed
+            pass
+    return found
+
+
 def test_a_buffer_too_large_for_any_memory_is_refused_naming_its_size() -> None:
     # Past 2**63 bytes ftruncate() cannot even be asked: that was an
     # OverflowError about a C long, naming neither the buffer nor its size.
-    before = len(os.listdir('/proc/self/fd'))
+    before = memfds_open()
     for size in (1 << 50, (1 << 63) - 1, 1 << 64):
         with pytest.raises(SharedMemoryError, match=f'shared-memory segment of {size_class(size)} bytes'):
             SharedBuffer.allocate(size)
-    assert len(os.listdir('/proc/self/fd')) == before
+    assert not memfds_open() - before, 'a memfd of a buffer refused is still open'
 
 
 #: A child that says what allocating a buffer of ``argv[1]`` bytes did. Its

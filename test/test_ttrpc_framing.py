@@ -447,6 +447,17 @@ def test_an_idle_timeout_bounds_the_wait_for_the_answer_to_the_hello_too(
         peers.close()
 
 
+def fd_links() -> set[str]:
+    """What this process's descriptors are (``socket:[inode]``, a path ...)."""
+    links = set()
+    for name in os.listdir('/proc/self/fd'):
+        try:
+            links.add(os.readlink(f'/proc/self/fd/{name}'))
+        except OSError:  # closed since it was listed
+            pass
+    return links
+
+
 @pytest.mark.asyncio
 async def test_async_client_holds_calls_back_while_the_server_does_not_read_and_closes_at_once(
         scripted: Callable[[Script], Path], echo: Any) -> None:
@@ -467,9 +478,10 @@ async def test_async_client_holds_calls_back_while_the_server_does_not_read_and_
                 await connection.call(method, echo.pb.EchoRequest(payload=bytes(size)), timeout=0.05)
         # What the transport holds: under its high-water mark and one request.
         assert connection._transport.get_write_buffer_size() <= 64 * 1024 + size + 1024
-        fds_open = len(os.listdir('/proc/self/fd'))
+        # (Its socket by its inode, not a count of descriptors: other tests' may close meanwhile.)
+        its_socket = os.readlink(f'/proc/self/fd/{connection._transport._sock.fileno()}')
         await connection.close()
-        assert len(os.listdir('/proc/self/fd')) == fds_open - 1  # its socket is closed
+        assert its_socket not in fd_links(), 'its socket is still open'
     finally:
         done.set()
 
