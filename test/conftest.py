@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import os
 from pathlib import Path
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -104,6 +106,25 @@ def _fresh_log_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     from vyra_base_ipc import _log_limit
 
     monkeypatch.setattr(_log_limit, '_kinds', {})
+
+
+def drop_leftovers() -> None:
+    """Let go now of what earlier tests of this process left to be let go of later, so that nothing of theirs moves
+    this process's descriptors, mappings, segments or threads while a test counts them: their garbage (the collector
+    would close what it holds mid-test), every free segment of the shared-memory pool, idle or not (the pool's timer
+    thread 'vyra-ipc-segment-trim' drops one ~10 s after it came back, and the pool's next use under a lower
+    ``max_free_bytes`` at once: each holds two descriptors and a mapping before Python 3.13), with the timer that
+    waits for them, and timer threads cancelled but not yet ended. The pool keeps its settings."""
+    from vyra_base_ipc import configure_shared_memory_pool
+    from vyra_base_ipc._segment_pool import segment_pool
+
+    gc.collect()
+    kept = segment_pool().max_free_bytes
+    configure_shared_memory_pool(max_free_bytes=0)  # (applied at once: every free segment goes, and its timer)
+    configure_shared_memory_pool(max_free_bytes=kept)
+    for thread in threading.enumerate():
+        if isinstance(thread, threading.Timer) and thread.finished.is_set():
+            thread.join(LONG)
 
 
 @pytest.fixture

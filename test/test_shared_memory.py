@@ -53,6 +53,7 @@ from conftest import (
     SERVERS,
     ServerProcess,
     StartServer,
+    drop_leftovers,
     fast_lane_connection,
     handler_of,
     until,
@@ -67,6 +68,7 @@ from vyra_base_ipc import (
     SharedMemoryError,
     SharedMemoryOptions,
     SyncIPCHandler,
+    configure_shared_memory_pool,
     shared_buffer,
     ttrpc_pb2,
 )
@@ -184,12 +186,14 @@ def inspect_in_flight(server: ServerProcess) -> int:
 
 @pytest.fixture(autouse=True, scope='module')
 def no_free_segments() -> Iterator[None]:
-    """This process keeps no free pooled segment during these tests."""
-    pool = segment_pool()
-    kept, pool.max_free_bytes = pool.max_free_bytes, 0
-    pool.trim()
+    """This process keeps no free pooled segment during these tests (each goes once given back), nor any an
+    earlier test of the process left: the pool's idle timer, or its next use here, would drop that one while a
+    test counts descriptors and mappings (``trim()`` drops only those idle for 10 s already)."""
+    kept = segment_pool().max_free_bytes
+    drop_leftovers()
+    configure_shared_memory_pool(max_free_bytes=0)
     yield
-    pool.max_free_bytes = kept
+    configure_shared_memory_pool(max_free_bytes=kept)
 
 
 class Meter:
