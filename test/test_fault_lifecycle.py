@@ -38,7 +38,17 @@ from typing import Any
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 import pytest
 
-from conftest import LANES, LONG, Journal, ServerProcess, StartFaultServer, make_stale_socket, until, wait_for
+from conftest import (
+    LANES,
+    LONG,
+    Journal,
+    ServerProcess,
+    StartFaultServer,
+    drop_leftovers,
+    make_stale_socket,
+    until,
+    wait_for,
+)
 from http2_peer import (
     DATA,
     END_HEADERS,
@@ -66,7 +76,9 @@ def open_fds() -> int:
 @pytest.fixture
 def client_baseline(server_for_warmup: ServerProcess, echo) -> Iterator[tuple[int, int]]:
     """Threads and fds of this process once gRPC's process-wide state exists
-    (one sync and one async round trip), so that what a test adds shows."""
+    (one sync and one async round trip), so that what a test adds shows, and
+    nothing earlier tests left is still to go: the shared-memory pool's timer
+    thread and its free segments ending mid-test hid a thread and two fds leaked."""
     with SyncIPCHandler(server_for_warmup.socket_path, echo.Stub, timeout=LONG) as client:
         client.call_method('Echo', echo.pb.EchoRequest())
 
@@ -74,6 +86,7 @@ def client_baseline(server_for_warmup: ServerProcess, echo) -> Iterator[tuple[in
         async with IPCHandler(server_for_warmup.socket_path, echo.Stub, timeout=LONG) as client:
             await client.call_method('Echo', echo.pb.EchoRequest())
     asyncio.run(warm_up())
+    drop_leftovers()
     yield threading.active_count(), open_fds()
 
 
