@@ -713,25 +713,27 @@ def test_free_segments_are_dropped_when_idle_and_beyond_the_free_bytes_kept() ->
     assert pool.total_bytes == 0 and pool.acquire(MiB) is None
 
 
-def trimmers() -> list[threading.Thread]:
-    return [thread for thread in threading.enumerate() if thread.name == 'vyra-ipc-segment-trim']
+def trimmers(pool: SegmentPool) -> list[threading.Thread]:
+    """The idle-timer threads of ``pool``: those of other pools (the process's, other tests') are new threads each
+    time they fire while free segments wait, and would come and go under a count of them all."""
+    return [thread for thread in threading.enumerate() if thread.name == 'vyra-ipc-segment-trim'
+            and getattr(getattr(thread, 'function', None), '__self__', None) is pool]
 
 
 def test_an_idle_pool_gives_its_free_segments_back_without_being_used_again() -> None:
     # A process that stopped sending large messages: nothing calls the pool
     # any more, yet its free segments (mapped, with their descriptors) go.
-    others = set(trimmers())  # of pools made by other tests
     pool = SegmentPool(idle_seconds=0.2)
     held = [pool.acquire(MiB), pool.acquire(3 * MiB)]
     assert all(segment is not None for segment in held)
     for segment in held:
         segment.unuse()  # type: ignore[union-attr]
     assert pool.free_bytes == size_class(MiB) + size_class(3 * MiB)
-    assert len(set(trimmers()) - others) == 1  # one timer, only while free segments wait
+    assert len(trimmers(pool)) == 1  # one timer, only while free segments wait
     wait_for(lambda: all(segment.fd == -1 for segment in held),  # type: ignore[union-attr]
              LONG, 'the idle pool to close its free segments')
     assert pool.stats['dropped'] == 2 and pool.total_bytes == 0
-    wait_for(lambda: not set(trimmers()) - others, LONG, 'the idle timer to end with nothing left to wait for')
+    wait_for(lambda: not trimmers(pool), LONG, 'the idle timer to end with nothing left to wait for')
     # Used again, it keeps what is busy and times out what is not.
     busy, idle = pool.acquire(MiB), pool.acquire(MiB)
     assert busy is not None and idle is not None
@@ -740,7 +742,7 @@ def test_an_idle_pool_gives_its_free_segments_back_without_being_used_again() ->
     assert pool.total_bytes == size_class(MiB) and pool.free_bytes == 0 and busy.fd != -1
     busy.unuse()
     pool.close()
-    wait_for(lambda: not set(trimmers()) - others, LONG, 'a closed pool to leave no timer')
+    wait_for(lambda: not trimmers(pool), LONG, 'a closed pool to leave no timer')
     assert pool.total_bytes == 0
 
 
