@@ -592,7 +592,11 @@ def test_a_blocking_stream_left_while_its_sender_waits_for_the_server_to_read_fr
             yield echo.pb.EchoRequest(payload=bytes(8 << 20))
 
     def senders() -> list[threading.Thread]:
-        return [thread for thread in threading.enumerate() if thread.name.startswith('ttrpc-send-')]
+        """The request-stream senders started since the test began (one an earlier test left, blocked in
+        its caller's iterator, would stay for good)."""
+        return [thread for thread in threading.enumerate() if thread.name.startswith('ttrpc-send-')
+                and thread not in earlier]
+    earlier = set(threading.enumerate())
     methods = stub_methods(echo.Stub)
     try:
         with SyncConnection.connect(scripted(script), shared_memory=None, busy_poll=0,
