@@ -160,24 +160,27 @@ async def _answer_too_large(request: bytes, context: grpc.aio.ServicerContext) -
 
 @pytest.mark.asyncio
 async def test_grpcs_send_failed_records_of_another_grpc_server_in_the_process_are_left_as_they_are(
-        socket_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+        socket_dir: Path, caplog: pytest.LogCaptureFixture, echo: Any) -> None:
     """An IPCServer and a plain grpc.aio server in one process and event
-    loop, 5 calls each whose answer grpc cannot send (over their
-    max_message_bytes: a reflection answer on ours, whose tools are left to
-    grpc): grpc's 5 records of the plain server are left as grpc logged them
-    (our filter on grpc's logger limited them all: the first rewritten, the
-    others held), ours limited as before."""
-    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
+    loop, 5 calls each that grpc cannot send (the plain server's answer is
+    over its max_message_bytes; ours sends initial metadata whose key grpc
+    refuses): grpc's 5 records of the plain server are left as grpc
+    logged them (our filter on grpc's logger limited them all: the first
+    rewritten, the others held), ours limited as before."""
     from vyra_base_ipc import IPCServer
     from vyra_base_ipc._log_limit import flush_held
+
+    class BadMetadata(echo.grpc.EchoServiceServicer):
+        async def Echo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.send_initial_metadata((('not a header', 'x'),))  # (no spaces in a key: grpc refuses)
+            return echo.pb.EchoReply()
 
     plain = grpc.aio.server(options=[('grpc.max_send_message_length', 1024)])
     plain.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         'plain.Service', {'Big': grpc.unary_unary_rpc_method_handler(_answer_too_large)}),))
     plain.add_insecure_port(f'unix:{socket_dir / "plain.sock"}')
     await plain.start()
-    ours = IPCServer(socket_dir / 'ours.sock', max_message_bytes=256, ttrpc=False)
+    ours = IPCServer(socket_dir / 'ours.sock', servicers=[BadMetadata()], ttrpc=False)
     try:
         with caplog.at_level(logging.ERROR, logger='grpc._cython.cygrpc'):
             await ours.start()
@@ -187,13 +190,10 @@ async def test_grpcs_send_failed_records_of_another_grpc_server_in_the_process_a
                         await channel.unary_unary('/plain.Service/Big')(b'', timeout=10)
                     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             async with grpc.aio.insecure_channel(f'unix:{socket_dir / "ours.sock"}') as channel:
-                reflect = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo
                 for _ in range(5):
                     with pytest.raises(grpc.aio.AioRpcError) as raised:
-                        async for _answer in reflect(iter([reflection_pb2.ServerReflectionRequest(
-                                file_containing_symbol='grpc.health.v1.Health')]), timeout=10):
-                            pass
-                    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                        await echo.Stub(channel).Echo(echo.pb.EchoRequest(), timeout=10)
+                    assert raised.value.code() == grpc.StatusCode.INTERNAL, raised.value
     finally:
         await ours.stop(0)
         await plain.stop(0)
@@ -201,7 +201,7 @@ async def test_grpcs_send_failed_records_of_another_grpc_server_in_the_process_a
     failed = [record.getMessage() for record in caplog.records if 'ExecuteBatchError' in record.getMessage()]
     theirs = [message for message in failed if '[/plain.Service/Big]' in message]
     assert theirs == ['ExecuteBatchError raised in core by servicer method [/plain.Service/Big]'] * 5, failed
-    mine = [message for message in failed if 'ServerReflectionInfo]' in message]
+    mine = [message for message in failed if '[/vyra.ipc.test.EchoService/Echo]' in message]
     assert len(mine) <= 2 and told(mine) == 5, failed
     assert mine[0].endswith(': grpc could not send on the call (its client had left it, or a message was larger '
                             'than max_message_bytes)'), mine
