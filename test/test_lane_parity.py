@@ -23,6 +23,7 @@ import pytest
 
 from conftest import ServerProcess, StartServer, handler_of
 from vyra_base_ipc import IPCError, IPCRemoteError, SharedMemoryOptions, SyncIPCHandler
+from vyra_base_ipc.introspection_pb2 import StatsRequest
 from vyra_base_ipc.ttrpc._messages import ENVELOPE_ALLOWANCE
 
 #: The server's message size limit: small, so that messages at it are cheap.
@@ -330,6 +331,68 @@ def told(lines: list[str]) -> int:
     this in the last S s]`` it says were held back."""
     return sum(1 + int(match.group(1)) if (match := re.search(r'\[(\d+) more like this in the last', line))
                else 1 for line in lines)
+
+
+#: The server's limit of the test below: below every answer of introspection
+#: and reflection, above health's (2 bytes).
+TOOLS_LIMIT = 64
+
+
+def test_the_tools_answers_over_the_servers_limit_are_resource_exhausted_alike(
+        start_server: StartServer, socket_dir: Path, pb: Any) -> None:
+    """The tools every server serves beside the module's services answering
+    over its max_message_bytes (introspection on both lanes, reflection on
+    the gRPC lane, where it is served) end RESOURCE_EXHAUSTED naming the
+    method and the sizes, as a module's own answers do, and the server's
+    log says so, without grpc's ERROR "ExecuteBatchError raised in core";
+    health's answers under the limit go, and the server serves on. Before,
+    the gRPC lane left them to grpc core: "SERVER: Sent message larger than
+    max (N vs. M)" alone, and that ERROR with its traceback in the log."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from vyra_base_ipc.introspection_pb2 import ServerInfoRequest
+    from vyra_base_ipc.introspection_pb2_grpc import IntrospectionStub
+
+    server = start_server(socket_dir / 'tools.sock', '--max-message-bytes', str(TOOLS_LIMIT),
+                          script='parity_server.py', wait=False).wait_serving(ttrpc=True)
+
+    def sent_too_large_of(path: str, details: str) -> int:
+        """The size ``details`` says an answer of ``path`` had, over the limit."""
+        match = re.fullmatch(rf'SERVER: Sent message larger than max \((\d+) vs\. {TOOLS_LIMIT}\): an answer of '
+                             rf"{re.escape(path)} over the server's max_message_bytes", details)
+        assert match is not None, details
+        return int(match.group(1))
+
+    sizes = set()
+    for lane in ('grpc', 'ttrpc'):
+        with SyncIPCHandler(server.socket_path, IntrospectionStub, lane=lane) as introspection:
+            for method, request in (('GetServerInfo', ServerInfoRequest()), ('GetStats', StatsRequest())):
+                with pytest.raises(IPCRemoteError) as raised:
+                    introspection.call_method(method, request)
+                assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, (lane, method, raised.value)
+                size = sent_too_large_of(f'/vyra.ipc.Introspection/{method}', raised.value.details)
+                assert size > TOOLS_LIMIT
+                if method == 'GetServerInfo':
+                    sizes.add(size)
+    assert len(sizes) == 1, sizes  # (the same answer on both lanes)
+    with grpc.insecure_channel(f'unix:{server.socket_path}') as channel:
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo
+        with pytest.raises(grpc.RpcError) as failed:
+            list(reflect(iter([reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol='grpc.health.v1.Health')]), timeout=10))
+        assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, failed.value
+        sent_too_large_of('/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo', failed.value.details())
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    assert server.stop() == 0
+    log = server.log().splitlines()
+    for path in ('/vyra.ipc.Introspection/GetServerInfo', '/vyra.ipc.Introspection/GetStats',
+                 '/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo'):
+        assert [line for line in log if re.search(rf'{re.escape(path)}: an answer of \d+ bytes is over '
+                                                  rf'max_message_bytes \({TOOLS_LIMIT}\)', line)], (path, log)
+    assert not [line for line in log if 'ExecuteBatchError' in line or 'Traceback' in line], log
 
 
 #: How a request travels to the server on the fast lane (the gRPC lane

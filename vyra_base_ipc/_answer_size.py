@@ -8,9 +8,10 @@ and the setting they are about. Before, the gRPC lane left it to grpc core:
 its client got those words alone, and the server's log only grpc.aio's ERROR
 "ExecuteBatchError raised in core by servicer method [...]" with a traceback
 of grpc's own code, which a client leaving mid-write logs too; the fast lane
-logged nothing. Now each lane checks the size of the bytes it sends anyway
-(the gRPC lane's handler wrappers serialize the answers themselves:
-:mod:`vyra_base_ipc._grpc_observe`) and logs it once a method every 10 s
+logged nothing. Now each lane checks the size of the bytes it sends anyway,
+for the module's methods and the tools' alike (the gRPC lane's handler
+wrappers serialize the answers themselves: :mod:`vyra_base_ipc._grpc_observe`,
+:mod:`vyra_base_ipc._tools`) and logs it once a method every 10 s
 (:func:`~._log_limit.log_limited`: the size is chosen by what a peer asks).
 """
 

@@ -7,11 +7,11 @@ grpc.aio logs "ExecuteBatchError raised in core by servicer method [...]",
 with a traceback of its own code, when a send of a call fails before it has
 seen the call end: a client that left a stream while the server wrote (184
 of 200 streams left with RST_STREAM CANCEL, as a grpc client cancels,
-logged it; grpc logs nothing when it sees the end first), and a message
-larger than ``max_message_bytes`` (whose client gets RESOURCE_EXHAUSTED;
-the module's services' answers are checked before, and said so, by
-:mod:`~vyra_base_ipc._answer_size`: this ERROR is all the server's log
-says of a tool's). The record cannot tell which, so it is not dropped: it goes through
+logged it; grpc logs nothing when it sees the end first), and what grpc
+refuses to send, such as a metadata key with a space in it. (A message
+larger than ``max_message_bytes`` logged it too; every answer, the tools'
+included, is checked before, and said so, by
+:mod:`~vyra_base_ipc._answer_size`.) The record cannot tell which, so it is not dropped: it goes through
 :func:`~._log_limit.log_limited`, one kind for every method (a peer names
 the method of a call no handler has), the first at once with grpc's
 traceback, the others counted.
@@ -45,8 +45,8 @@ __all__ = ['logged_to_stderr', 'serving_calls']
 _SEND_FAILED = 'ExecuteBatchError raised in core by servicer method'
 _GRPC_LOGGER = logging.getLogger('grpc._cython.cygrpc')
 #: What it means, after grpc's words.
-_WHY = ('grpc could not send on the call (its client had left it, or a message was larger than '
-        'max_message_bytes)')
+_WHY = ('grpc could not send on the call (its client had left it, or grpc refused what the handler '
+        'gave it to send, such as metadata)')
 
 
 #: The call tasks of each running IPCServer's gRPC lane; replaced, never

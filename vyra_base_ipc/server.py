@@ -497,7 +497,7 @@ class IPCServer:
             served.append((registration.name, handlers))
         self._health = HealthServicer()
         served += grpc_tool_handlers(self._health, self._introspection, self.service_names, self._executor,
-                                     self._open_streams)
+                                     self._open_streams, self.max_message_bytes)
         for name, handlers in served:
             server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
             server.add_registered_method_handlers(name, handlers)
