@@ -75,8 +75,8 @@ def _observe(path: str, handler: grpc.RpcMethodHandler, observer: CallObserver |
         deserialize = _counting(deserialize, lane, received=True)
     if observer is None:
         # Nothing observed: the answers checked, nothing else done. (A wrapper
-        # that started and ended an observation of nothing cost 1.1-1.8 us a
-        # unary call in-process, this one 0.7-0.8 us.)
+        # that also started and ended an observation of nothing cost 0.8-0.9 us
+        # a unary call in-process, this one 0.5-0.55 us, the serializing aside.)
         if yields:
             async def answered_stream(request: Any, context: Any) -> AsyncIterator[Any]:
                 sized = _SizedWrites(context, answers)
