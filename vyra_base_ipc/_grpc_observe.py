@@ -12,9 +12,12 @@ that does not serialize ends the observation as what grpc.aio sends for it
 (UNKNOWN), not as the handler's success, and so that one over the server's
 ``max_message_bytes`` ends its call RESOURCE_EXHAUSTED saying so
 (:mod:`vyra_base_ipc._answer_size`) at the cost of a ``len()``, not a second
-serialization: grpc.aio's serializer then passes those bytes on. A server
-without metrics and interceptors has the wrappers too, for that check, with
-nothing observed. Message sizes are counted as messages are (de)serialized.
+serialization: grpc.aio's serializer then passes those bytes on. Every kind
+of answer (a response, a yielded message, a ``context.write()``) goes
+through one :class:`_Answers` of its method. Where nothing is observed (a
+server without metrics and interceptors, and the tools of every server:
+:mod:`vyra_base_ipc._tools`) the wrappers only check the answers. Message
+sizes are counted as messages are (de)serialized.
 """
 
 from __future__ import annotations
