@@ -1,4 +1,5 @@
-"""Ending the gRPC lane's connections of a server whose event loop ended.
+"""Ending the gRPC lane's connections of a server whose event loop ended;
+waiting until its clients have read what it sent them (:func:`read_by_peers`).
 
 grpc.aio stops a server only by coroutines on the loop it started on; once
 that loop is dead, grpc core keeps the listening socket and every accepted
@@ -20,6 +21,7 @@ then inspected and shut down as what it is now, never as what it was.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -29,18 +31,26 @@ from pathlib import Path
 import resource
 import socket
 import stat
+import struct
 import sys
+import termios
 from typing import Iterator
 
 from ._socket_file import FD_DIR
 
-__all__ = ['count_connections', 'end_connections']
+__all__ = ['count_connections', 'end_connections', 'read_by_peers']
 
 _logger = logging.getLogger(__name__)
 
 #: Without FD_DIR, the descriptors below this number are inspected (fstat()
 #: each: a tenth of a second); grpc core's sockets take the lowest free numbers.
 SCAN_LIMIT = 65536
+#: How often :func:`read_by_peers` looks (each look: a readlink() and a few
+#: system calls per descriptor of the process).
+_READ_POLL = 0.002
+#: SIOCOUTQ (Linux's number, termios's TIOCOUTQ): of a Unix stream socket, the
+#: bytes sent that its peer has not read yet (they stay charged to the sender).
+_SIOCOUTQ = termios.TIOCOUTQ
 #: The variable by which grpc core's poller is chosen (grpc's doc/environment_variables.md).
 _POLL_STRATEGY = 'GRPC_POLL_STRATEGY'
 
@@ -90,6 +100,34 @@ def count_connections(bound_path: Path) -> int:
                     for found in _sockets_at(os.fspath(bound_path), listening=False)})
     except OSError:  # EMFILE: none can be inspected
         return 0
+
+
+async def read_by_peers(bound_path: Path, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds until the peer of every connection of
+    this process accepted at ``bound_path`` has read all that was sent to it
+    (:data:`_SIOCOUTQ` of each is 0), looking every :data:`_READ_POLL` s;
+    whether they had. Counts the bytes in the sockets, not those grpc core
+    has yet to write."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + timeout
+    while _unread_by_peers(os.fspath(bound_path)):
+        if loop.time() >= until:
+            return False
+        await asyncio.sleep(_READ_POLL)
+    return True
+
+
+def _unread_by_peers(path: str) -> int:
+    """The bytes this process's connections accepted at ``path`` have sent
+    that their peers have not read (0 where they cannot be inspected)."""
+    unread = 0
+    try:
+        for connection in _sockets_at(path, listening=False):
+            with contextlib.suppress(OSError):
+                unread += struct.unpack('i', fcntl.ioctl(connection.fileno(), _SIOCOUTQ, b'\0' * 4))[0]
+    except OSError:  # EMFILE: none can be inspected
+        return 0
+    return unread
 
 
 def _edge_triggered_poller() -> bool:

@@ -42,6 +42,9 @@ class OpenStreams:
         # generator right now (only there may it be cancelled: elsewhere it
         # is in grpc's own code, which would answer CANCELLED).
         self._streams: dict[asyncio.Task[Any], bool] = {}
+        # The task of every tracked stream's call, until it has ended (its
+        # status sent): what ended() waits for.
+        self._calls: set[asyncio.Task[Any]] = set()
         self.stopping = False
 
     def track(self, handlers: Mapping[str, grpc.RpcMethodHandler]) -> dict[str, grpc.RpcMethodHandler]:
@@ -55,6 +58,25 @@ class OpenStreams:
         for task, inside in list(self._streams.items()):
             if inside:
                 task.cancel()
+
+    async def ended(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds until the call of every response
+        stream in flight has ended (after :meth:`end_all`: its handler ended,
+        its status sent); how many have not (a handler inside a write to a
+        peer that does not read, one that goes on when cancelled)."""
+        calls = set(self._calls)
+        if calls and timeout > 0:
+            _, calls = await asyncio.wait(calls, timeout=timeout)
+        return len(calls)
+
+    def _call(self) -> asyncio.Task[Any]:
+        """The task of the stream call running now, kept in ``_calls`` until it ends."""
+        task = asyncio.current_task()
+        assert task is not None
+        if task not in self._calls:
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+        return task
 
     def _tracked(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if not handler.response_streaming:
@@ -75,8 +97,7 @@ class OpenStreams:
         streams = self._streams
 
         async def tracked(request: Any, context: Any) -> AsyncIterator[Any]:
-            task = asyncio.current_task()
-            assert task is not None
+            task = self._call()
             responses = behaviour(request, context)
             try:
                 while not self.stopping:
@@ -105,8 +126,7 @@ class OpenStreams:
         streams = self._streams
 
         async def tracked(request: Any, context: Any) -> Any:
-            task = asyncio.current_task()
-            assert task is not None
+            task = self._call()
             if not self.stopping:
                 streams[task] = True
                 try:

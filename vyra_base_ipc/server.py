@@ -18,7 +18,7 @@ from ._call_duration import bound_call_duration
 from ._deadline import within
 from ._fork_safety import ensure_usable_after_fork, note_grpc_used
 from ._grpc_observe import UnknownMethods, observe_handlers
-from ._grpc_sockets import end_connections
+from ._grpc_sockets import end_connections, read_by_peers
 from ._grpc_streams import CallTasks, OpenStreams
 from ._handler_threads import HandlerThreads
 from ._health import HealthServicer
@@ -62,6 +62,10 @@ _logger = logging.getLogger(__name__)
 #: grpc.aio's stop() waits without bound for grpc core to flush a write to a
 #: peer that does not read (a process stopped in a debugger).
 _CLOSE_TIME = 1.0
+#: How long, at most (and at most the grace), a stop waits for the gRPC lane's
+#: clients to read the ends of the streams it ended before grpc.aio's stop()
+#: (see _shutdown).
+_DELIVER_TIME = 1.0
 
 
 class _State(enum.Enum):
@@ -367,9 +371,10 @@ class IPCServer:
         In this order, at once: health turns NOT_SERVING, both socket files
         are removed (if they are still this server's: new clients find no
         server, and a new one may start on the path while this one drains),
-        new calls on open connections are refused with UNAVAILABLE, and
         response streams end with UNAVAILABLE "server is shutting down"
-        (their ``async def`` handlers cancelled). Other calls in flight get
+        (their ``async def`` handlers cancelled), and new calls on open
+        connections are refused with UNAVAILABLE (on the gRPC lane once its
+        clients have read those ends: within 1 s and the grace). Other calls in flight get
         ``grace`` seconds (default :attr:`grace_period`), then they are
         cancelled and the connections closed. Returns when all of that is
         done and the cancelled handlers have ended (``def`` ones too: the end
@@ -521,10 +526,18 @@ class IPCServer:
             self._open_streams.end_all()
             if self._observer is not None:
                 self._observer.cancels_all_at = time.monotonic() + grace
-            stops = [asyncio.ensure_future(self._server.stop(grace))]
-            if self._ttrpc is not None:
-                stops.append(asyncio.ensure_future(self._ttrpc.stop(grace)))
-            done, self._left_stopping = await asyncio.wait(stops, timeout=grace + _CLOSE_TIME)
+            stops = [] if self._ttrpc is None else [asyncio.ensure_future(self._ttrpc.stop(grace))]
+            # grpc core shuts a connection down once its last call ended after grpc.aio's stop() (the
+            # process exits soon after), read by its client or not: a grpc client behind in reading
+            # that then writes (a WINDOW_UPDATE as it takes a message) gets EPIPE and drops what it did
+            # not read, its streams end UNAVAILABLE "Stream removed (sendmsg: Broken pipe)". So the
+            # ended streams' calls end first, and their clients read them, then grpc's stop (GOAWAY).
+            delivered = loop.time() + min(grace, _DELIVER_TIME)
+            if not await self._open_streams.ended(delivered - loop.time()) and self._bound_path:
+                await read_by_peers(self._bound_path, delivered - loop.time())
+            left = max(0.0, until - _CLOSE_TIME - loop.time())  # (of the grace: the bound stays)
+            stops.insert(0, asyncio.ensure_future(self._server.stop(left)))
+            done, self._left_stopping = await asyncio.wait(stops, timeout=until - loop.time())
             for stopped in done:
                 stopped.result()
             if self._left_stopping:
