@@ -97,8 +97,9 @@ def test_one_sync_handler_serves_concurrent_service_and_timer_callbacks(
                 pass
 
     frontend, caller = Frontend(), Node('caller', context=context)
+    executor: MultiThreadedExecutor | None = None
     try:
-        spin_threads(frontend, caller)
+        executor = spin_threads(frontend, caller)
         assert all(answer.success for answer in answers(requests(caller, 'echo', 10)))
 
         # The shared handler does not serialize its callers: HELD callbacks wait in the server at once,
@@ -113,6 +114,10 @@ def test_one_sync_handler_serves_concurrent_service_and_timer_callbacks(
         assert set(frontend.ticks) == {'tick'}
         assert all(answer.success for answer in answers(requests(caller, 'echo', 10)))
     finally:
+        # The callbacks end first: a tick after the disconnect below would connect again, and the
+        # handler, collected connected, warned "unclosed SyncIPCHandler" in whatever test ran then.
+        if executor is not None:
+            executor.shutdown(timeout_sec=10)
         frontend.ipc.disconnect()
         caller.destroy_node()
         frontend.destroy_node()
