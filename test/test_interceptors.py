@@ -521,9 +521,11 @@ def test_a_def_handler_returning_as_its_deadline_passes_is_deadline_exceeded_for
                                           (b'grpc-timeout', b'50m')))
                 answer = connection.results({stream})[stream]
                 answers.append((answer.grpc_status, answer.grpc_message, answer.data))
-        # (The stream's handler yields a first message before it works.)
+        assert [answer[:2] for answer in answers] == [(grpc.StatusCode.DEADLINE_EXCEEDED.value[0], expired[1])] * calls
+        # The stream's handler yields a first message before it works: sent whole, or not at all where the
+        # deadline came before a thread took the handler (1 call in 20 in a CI run under load).
         sent = grpc_message(echo.pb.EchoReply(text='first').SerializeToString()) if 'Stream' in method else b''
-        assert answers == [(grpc.StatusCode.DEADLINE_EXCEEDED.value[0], expired[1], sent)] * calls
+        assert {answer[2] for answer in answers} <= {sent, b''}, answers
     else:
         with observed.client(echo.grpc.StatusServiceStub, lane) as client:
             for _ in range(calls):
