@@ -60,7 +60,10 @@ from http2_peer import (
     grpc_message,
     grpc_request_headers,
 )
+from ttrpc_peer import Peer
 from vyra_base_ipc import IPCError, IPCHandler, IPCUnavailableError, SyncIPCHandler
+from vyra_base_ipc import introspection_pb2 as introspection
+from vyra_base_ipc import introspection_pb2_grpc as introspection_grpc
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc import module_service_pb2_grpc as module_grpc
 from vyra_base_ipc._pool import aio_pool, aio_ttrpc_pool, sync_pool
@@ -323,6 +326,71 @@ def test_calls_that_meet_a_sigterm_end_answered_or_unavailable_on_both_lanes(
     # Those the gRPC lane says met the shutdown "as the call came in" never reached their handler.
     began = {data for event, method, data in journal.events() if (event, method) == ('begin', 'Echo')}
     assert not any(data in began for data, error in failures if 'as the call came in' in error.details), failures
+
+
+EXECUTE = '/vyra.ipc.ModuleService/ExecuteCommand'
+
+
+def in_flight(server: ServerProcess, lane: str, method: str) -> int:
+    """The server's calls of ``method`` in flight on ``lane``, by its GetStats."""
+    with SyncIPCHandler(server.socket_path, introspection_grpc.IntrospectionStub, lane=lane, timeout=LONG) as client:
+        stats = client.call_method('GetStats', introspection.StatsRequest())
+    return sum(entry.in_flight for entry in stats.methods if entry.method == method and entry.lane == lane)
+
+
+#: An answer far larger than a socket takes at once (~200 KiB): most of it still waits to be written
+#: when its call ends.
+BIG_ANSWER = 4 * 1024 * 1024
+
+
+@pytest.mark.parametrize('face', ['async', 'sync'])
+@pytest.mark.parametrize('lane', LANES)
+def test_a_large_answer_finished_in_the_grace_reaches_its_client_whole(
+        start_server: Callable[..., ServerProcess], socket_path: Path, lane: str, face: str) -> None:
+    """A call whose handler answers 4 MiB once the stop has begun gets it
+    whole, on both lanes (inline on the fast lane: no shared memory). Before,
+    the fast lane's stop closed its connections one turn of the loop after
+    their last calls ended, dropping what was not yet in the socket: the
+    client saw "connection ... lost: closed by the server"."""
+    server = start_server(socket_path, '--no-shared-memory', '--grace-period', str(LONG))
+    request = module_pb.CommandRequest(command='repeat-at-stop', parameters={'text': 'x', 'times': str(BIG_ANSWER)})
+
+    def call() -> Any:
+        if face == 'sync':
+            with SyncIPCHandler(socket_path, module_grpc.ModuleServiceStub, timeout=LONG, lane=lane) as client:
+                return client.call_method('ExecuteCommand', request)
+
+        async def scenario() -> Any:
+            async with IPCHandler(socket_path, module_grpc.ModuleServiceStub, timeout=LONG, lane=lane) as client:
+                return await client.call_method('ExecuteCommand', request)
+        return asyncio.run(scenario())
+    with ThreadPoolExecutor(1) as caller:
+        answer = caller.submit(call)
+        # (The handler answers once the stop has begun; a call not yet begun would be refused.)
+        wait_for(lambda: in_flight(server, lane, EXECUTE) == 1, LONG, 'the call in flight on the server')
+        server.signal(signal.SIGTERM)
+        response = answer.result(LONG)
+    assert (response.status_code, len(response.result)) == (0, BIG_ANSWER)
+    assert response.result == 'x' * BIG_ANSWER
+    assert server.wait() == 0, server.log()
+
+
+def test_a_fast_lane_client_that_does_not_read_its_large_answer_holds_the_stop_no_longer_than_its_bound(
+        start_server: Callable[..., ServerProcess], socket_path: Path) -> None:
+    """The stop waits for a fast-lane client to read the answers written to
+    it, not for ever: one that reads nothing (a plain ttrpc peer, its answer
+    inline) has its connection closed without them once the grace and the
+    stop's second past it are over, and the server exits, saying so."""
+    server = start_server(socket_path, '--no-shared-memory', '--grace-period', '0.5')
+    request = module_pb.CommandRequest(command='repeat-at-stop', parameters={'text': 'x', 'times': str(BIG_ANSWER)})
+    with Peer.connect(server.ttrpc_path) as peer:
+        peer.request(1, 'vyra.ipc.ModuleService', 'ExecuteCommand', request.SerializeToString())
+        wait_for(lambda: in_flight(server, 'ttrpc', EXECUTE) == 1, LONG, 'the call in flight on the server')
+        server.signal(signal.SIGTERM)
+        wait_for(lambda: not server.running(), LONG, 'the server to exit')  # (nothing read meanwhile)
+    assert server.popen.returncode == 0
+    log = server.log()
+    assert 'had not read their answers' in log or 'did not take the shutdown' in log, log
 
 
 # -- 3: restart --------------------------------------------------------------------------

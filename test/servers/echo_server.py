@@ -182,6 +182,12 @@ def main() -> None:
     module = ModuleService('test_module', config_dirs=options.config_dir)
     # For clients that know only ModuleService (the Go client): an answer of any size.
     module.register_command('repeat', lambda parameters: parameters['text'] * int(parameters.get('times', '1')))
+    # An answer of any size once the server's stop has begun (its first step removes the socket file).
+    async def repeat_at_stop(parameters: dict[str, str]) -> str:
+        while os.path.exists(options.socket_path):
+            await asyncio.sleep(0.01)
+        return parameters['text'] * int(parameters.get('times', '1'))
+    module.register_command('repeat-at-stop', repeat_at_stop)
     # A def command that blocks (for I/O that never returns).
     module.register_command('block', lambda parameters: time.sleep(float(parameters['seconds'])) or 'woke')
     server = IPCServer(

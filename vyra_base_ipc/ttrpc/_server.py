@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent import futures
+import contextlib
 import enum
 import logging
 import math
@@ -56,6 +57,11 @@ from ._transport import accept_connections
 __all__ = ['TtrpcServer']
 
 _logger = logging.getLogger(__name__)
+
+#: How long past the grace, at most, a stop waits for its clients to read the
+#: answers written to them before it closes their connections without them
+#: (IPCServer's bound of a stop: a peer that does not read holds it no longer).
+_CLOSE_TIME = 1.0
 
 
 class _State(enum.Enum):
@@ -179,6 +185,8 @@ class TtrpcServer:
         self._active = 0
         self._idle: asyncio.Event | None = None
         self._stop_task: asyncio.Future[None] | None = None
+        # (stopping) Done once every connection is gone (see connection_gone).
+        self._gone: asyncio.Future[None] | None = None
         self._deadlines: DeadlineQueue[Any]
 
     def refused(self, reason: str) -> None:
@@ -256,8 +264,11 @@ class TtrpcServer:
         cancelled; other calls in flight get ``grace`` seconds (default
         :attr:`grace_period`), then async handlers are cancelled and every
         connection is closed (their clients see UNAVAILABLE). ``def``
-        handlers cannot be interrupted: their answers are dropped. Returns
-        when all of that is done.
+        handlers cannot be interrupted: their answers are dropped. A
+        connection closes once its client has read what was written to it
+        (answers of calls that ended in the grace too), or 1 s after the
+        grace (then without it, with a warning). Returns when all of that
+        is done.
         """
         if self._stop_task is None:
             if self._state is not _State.SERVING:
@@ -303,6 +314,12 @@ class TtrpcServer:
 
     # -- internals ------------------------------------------------------------------
 
+    def connection_gone(self, connection: ServerConnection) -> None:
+        """(From :meth:`ServerConnection.lost`) ``connection`` is closed."""
+        self._connections.discard(connection)
+        if not self._connections and self._gone is not None and not self._gone.done():
+            self._gone.set_result(None)
+
     def _call_ended(self) -> None:
         self._active -= 1
         # Only a stopping server waits for idleness (it clears the event first).
@@ -310,7 +327,8 @@ class TtrpcServer:
             self._idle.set()
 
     async def _shutdown(self, grace: float) -> None:
-        assert self._stop_accepting is not None and self._idle is not None
+        assert self._stop_accepting is not None and self._idle is not None and self._loop is not None
+        closed_by = self._loop.time() + grace + _CLOSE_TIME
         self._state = _State.STOPPING
         self._stopping = True
         removed = self.withdraw()
@@ -335,13 +353,23 @@ class TtrpcServer:
                 tasks.extend(connection.cancel_calls())
                 connection.close()
             if tasks:
-                await asyncio.wait(tasks, timeout=1.0)
+                await asyncio.wait(tasks, timeout=min(1.0, max(0.0, closed_by - self._loop.time())))
+            # A connection closes once what was written to it is in its socket: the answers of the
+            # calls that ended last may not be yet (a few MiB inline: the socket takes ~200 KiB at a
+            # time). Dropping them at the next turn, as the stop did, lost a 2-8 MiB answer finished
+            # in the grace every time (the client saw its connection closed). They go out first;
+            # only a client that does not read them by the deadline loses them.
             if self._connections:
-                await asyncio.sleep(0)  # let closed transports report connection_lost
-            for connection in list(self._connections):
+                self._gone = self._loop.create_future()
+                with contextlib.suppress(TimeoutError):
+                    await within(self._gone, closed_by - self._loop.time())
+            if unread := [connection for connection in self._connections if connection.transport is not None]:
+                _logger.warning('ttrpc server on %s: %d client(s) had not read their answers %g s after '
+                                'the grace; closed without them', self.socket_path, len(unread), _CLOSE_TIME)
+            for connection in unread:
                 # Still writing to a client that does not read: drop what is left.
-                if connection.transport is not None:
-                    connection.transport.abort()
+                assert connection.transport is not None
+                connection.transport.abort()
         finally:
             self._deadlines.close()
             self._shutdown_executor()

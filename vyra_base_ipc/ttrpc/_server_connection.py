@@ -132,7 +132,7 @@ class ServerConnection(FramedConnection):
             call.cancel()
         if self.agreement.segments is not None:
             self.agreement.segments.close()  # every lend of this end comes back
-        self.server._connections.discard(self)
+        self.server.connection_gone(self)
         self.server._partial_bytes -= self._partial
         self._partial = 0
         for timer in (self._frame_timer, self._fds_timer):
