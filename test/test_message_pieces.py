@@ -258,3 +258,24 @@ def test_a_client_echoing_large_messages_faults_in_no_fresh_memory_per_call(
     measured = json.loads(result.stdout)
     assert measured['exact'] is True
     assert measured['faults'] < size // 4096 // 4, measured  # a quarter of the message's pages
+
+
+def test_a_message_goes_inline_as_its_bytes_pieces_joined_only_at_most_the_threshold_without_buffers() -> None:
+    """``inline()``, what the fast lane's answers and requests test first:
+    their bytes (pieces joined) when they travel inline, ``None`` when
+    shared memory carries them."""
+    from vyra_base_ipc._payload import SharedMemoryOptions
+    from vyra_base_ipc.ttrpc._hello import PLAIN, Agreement
+    from vyra_base_ipc.ttrpc._shared_memory import inline
+
+    shared = Agreement(shared_memory=SharedMemoryOptions(threshold=MIN_PIECE))
+    small, big = b'x' * MIN_PIECE, large(1)
+    split = Pieces([big[:MIN_PIECE], big[MIN_PIECE:]], len(big))
+    buffer: Any = object()  # (only whether there are any counts)
+    assert inline(big, PLAIN) is big
+    assert inline(split, PLAIN) == big
+    assert inline(small, shared) is small
+    assert inline(big, shared) is None
+    assert inline(split, shared) is None
+    assert inline(small, shared, (buffer,)) is None
+    assert inline(b'', PLAIN, (buffer,)) == b''  # nothing agreed: everything inline (buffers refused elsewhere)

@@ -70,7 +70,7 @@ from ._messages import (
 )
 from ._pieces import serialized
 from ._received import HeldMappings, resolve_shared
-from ._shared_memory import MemfdGate, goes_inline, joined, outgoing
+from ._shared_memory import MemfdGate, inline, outgoing
 
 __all__ = ['ClientCore', 'ClientStream', 'Item', 'Outcome', 'Prepared', 'unary_response']
 
@@ -109,10 +109,11 @@ class Prepared:
         self.deadline = deadline
         self.lends: list[int] = []
         self.segments = agreement.segments
-        if goes_inline(len(payload), agreement, buffers):  # the one place that decides
+        # (A message in pieces joined: one copy, as protobuf would make.)
+        data = inline(payload, agreement, buffers)  # the one place that decides
+        if data is not None:
             frame_flags = 0  # as outgoing() would say: not asked, to save a call
             self.fds: list[int] = []
-            data = joined(payload)  # (a message in pieces joined: one copy, as protobuf would make)
         else:
             try:
                 data, self.fds, frame_flags = outgoing(payload, agreement, buffers, self.lends)

@@ -31,7 +31,7 @@ from ._frames import FLAG_NO_DATA, FLAG_REMOTE_CLOSED, FLAG_REMOTE_OPEN, Frame, 
 from ._messages import encode_response, ok_response_frame
 from ._pieces import serialized
 from ._requests import AFTER_END, AsyncRequests, SyncRequests
-from ._shared_memory import goes_inline, joined, outgoing
+from ._shared_memory import inline, joined, outgoing
 from ._status import StatusError, error_status, number, status_after_return, unexpected
 
 if TYPE_CHECKING:
@@ -424,13 +424,13 @@ class Call:
         connection = self.connection
         if code == _OK:
             replies = self.context._reply_buffers
-            if goes_inline(len(payload), connection.agreement, replies):
+            if (data := inline(payload, connection.agreement, replies)) is not None:
                 # Most answers: sent without outgoing(), which would return them as they are.
                 self.finished = True  # the answer goes out before _end() may close the connection
-                connection.send(ok_response_frame(self.stream_id, 0, joined(payload)))
+                connection.send(ok_response_frame(self.stream_id, 0, data))
                 lane = connection.server.lane_metrics
                 if lane is not None and self.handler.observed:  # (as in _count_sent)
-                    lane.inline_sent += len(payload)
+                    lane.inline_sent += len(data)
                 self._end(end, code, details)
             elif connection.holding:
                 self._answer_shared(payload, replies, end)
