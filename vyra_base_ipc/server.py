@@ -53,15 +53,12 @@ from .address import (
 from .introspection_pb2 import Stats
 from .module_service import ModuleService
 from .ttrpc import TtrpcServer
+from .ttrpc._server import CLOSE_TIME
 
 __all__ = ['IPCServer']
 
 _logger = logging.getLogger(__name__)
 
-#: How long after the grace the lanes may take to close their connections:
-#: grpc.aio's stop() waits without bound for grpc core to flush a write to a
-#: peer that does not read (a process stopped in a debugger).
-_CLOSE_TIME = 1.0
 #: How long, at most (and at most the grace), a stop waits for the gRPC lane's
 #: clients to read the ends of the streams it ended before grpc.aio's stop()
 #: (see _shutdown).
@@ -519,7 +516,7 @@ class IPCServer:
         assert self._server is not None and self._health is not None and self._executor is not None
         removed = False
         loop = asyncio.get_running_loop()
-        until = loop.time() + grace + _CLOSE_TIME
+        until = loop.time() + grace + CLOSE_TIME
         try:
             await self._health.enter_graceful_shutdown()
             removed = self._withdraw()
@@ -535,7 +532,7 @@ class IPCServer:
             delivered = loop.time() + min(grace, _DELIVER_TIME)
             if not await self._open_streams.ended(delivered - loop.time()) and self._bound_path:
                 await read_by_peers(self._bound_path, delivered - loop.time())
-            left = max(0.0, until - _CLOSE_TIME - loop.time())  # (of the grace: the bound stays)
+            left = max(0.0, until - CLOSE_TIME - loop.time())  # (of the grace: the bound stays)
             stops.insert(0, asyncio.ensure_future(self._server.stop(left)))
             done, self._left_stopping = await asyncio.wait(stops, timeout=until - loop.time())
             for stopped in done:
@@ -543,7 +540,7 @@ class IPCServer:
             if self._left_stopping:
                 _logger.warning('IPC server on %s: a connection did not take the shutdown %g s after '
                                 'the grace (its peer does not read); stopped without waiting for it',
-                                self.socket_path, _CLOSE_TIME)
+                                self.socket_path, CLOSE_TIME)
             # grpc's tasks of cancelled calls (see CallTasks), def handlers told so: done before the exit.
             if stops[0].done() and (left := await self._call_tasks.ended(until - loop.time())):
                 _logger.warning('IPC server on %s: %d call(s) went on when cancelled at the stop',

@@ -54,14 +54,16 @@ from ._messages import ENVELOPE_ALLOWANCE
 from ._server_connection import ServerConnection
 from ._transport import accept_connections
 
-__all__ = ['TtrpcServer']
+__all__ = ['CLOSE_TIME', 'TtrpcServer']
 
 _logger = logging.getLogger(__name__)
 
-#: How long past the grace, at most, a stop waits for its clients to read the
-#: answers written to them before it closes their connections without them
-#: (IPCServer's bound of a stop: a peer that does not read holds it no longer).
-_CLOSE_TIME = 1.0
+#: How long past the grace, at most, a stop of either lane waits for its
+#: connections to close: here for the clients to read the answers written to
+#: them, on the gRPC lane for grpc core to flush a write (grpc.aio's stop()
+#: waits for that without bound). IPCServer's bound of a stop: a peer that
+#: does not read (a process stopped in a debugger) holds it no longer.
+CLOSE_TIME = 1.0
 
 
 class _State(enum.Enum):
@@ -328,7 +330,7 @@ class TtrpcServer:
 
     async def _shutdown(self, grace: float) -> None:
         assert self._stop_accepting is not None and self._idle is not None and self._loop is not None
-        closed_by = self._loop.time() + grace + _CLOSE_TIME
+        closed_by = self._loop.time() + grace + CLOSE_TIME
         self._state = _State.STOPPING
         self._stopping = True
         removed = self.withdraw()
@@ -365,7 +367,7 @@ class TtrpcServer:
                     await within(self._gone, closed_by - self._loop.time())
             if unread := [connection for connection in self._connections if connection.transport is not None]:
                 _logger.warning('ttrpc server on %s: %d client(s) had not read their answers %g s after '
-                                'the grace; closed without them', self.socket_path, len(unread), _CLOSE_TIME)
+                                'the grace; closed without them', self.socket_path, len(unread), CLOSE_TIME)
             for connection in unread:
                 # Still writing to a client that does not read: drop what is left.
                 assert connection.transport is not None
