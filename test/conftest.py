@@ -427,6 +427,17 @@ LONG = 30.0
 STOP_SLACK = 10.0
 
 
+def in_flight(server: ServerProcess, lane: str, method: str) -> int:
+    """The server's calls of ``method`` (its full path) in flight on ``lane``, by its GetStats asked on that lane."""
+    from vyra_base_ipc import SyncIPCHandler
+    from vyra_base_ipc import introspection_pb2 as introspection
+    from vyra_base_ipc import introspection_pb2_grpc as introspection_grpc
+
+    with SyncIPCHandler(server.socket_path, introspection_grpc.IntrospectionStub, lane=lane, timeout=LONG) as client:
+        stats = client.call_method('GetStats', introspection.StatsRequest())
+    return sum(entry.in_flight for entry in stats.methods if entry.method == method and entry.lane == lane)
+
+
 class Journal:
     """The requests a fault_server's handlers saw, one ``event method hex`` line each."""
 

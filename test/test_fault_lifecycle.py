@@ -45,6 +45,7 @@ from conftest import (
     ServerProcess,
     StartFaultServer,
     drop_leftovers,
+    in_flight,
     make_stale_socket,
     until,
     wait_for,
@@ -62,8 +63,6 @@ from http2_peer import (
 )
 from ttrpc_peer import Peer
 from vyra_base_ipc import IPCError, IPCHandler, IPCUnavailableError, SyncIPCHandler
-from vyra_base_ipc import introspection_pb2 as introspection
-from vyra_base_ipc import introspection_pb2_grpc as introspection_grpc
 from vyra_base_ipc import module_service_pb2 as module_pb
 from vyra_base_ipc import module_service_pb2_grpc as module_grpc
 from vyra_base_ipc._pool import aio_pool, aio_ttrpc_pool, sync_pool
@@ -329,13 +328,6 @@ def test_calls_that_meet_a_sigterm_end_answered_or_unavailable_on_both_lanes(
 
 
 EXECUTE = '/vyra.ipc.ModuleService/ExecuteCommand'
-
-
-def in_flight(server: ServerProcess, lane: str, method: str) -> int:
-    """The server's calls of ``method`` in flight on ``lane``, by its GetStats."""
-    with SyncIPCHandler(server.socket_path, introspection_grpc.IntrospectionStub, lane=lane, timeout=LONG) as client:
-        stats = client.call_method('GetStats', introspection.StatsRequest())
-    return sum(entry.in_flight for entry in stats.methods if entry.method == method and entry.lane == lane)
 
 
 #: An answer far larger than a socket takes at once (~200 KiB): most of it still waits to be written

@@ -15,13 +15,12 @@ from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from std_srvs.srv import Trigger
 
-from conftest import ServerProcess, wait_for
+from conftest import ServerProcess, in_flight, wait_for
 from vyra_base_ipc import IPCError, IPCHandler, IPCUnavailableError, SyncIPCHandler
-from vyra_base_ipc.introspection_pb2 import StatsRequest
-from vyra_base_ipc.introspection_pb2_grpc import IntrospectionStub
 
 #: Callbacks that block in an IPC call at once (below rclpy's service queue depth of 10).
 HELD = 4
+SLEEP = '/vyra.ipc.test.EchoService/Sleep'
 
 
 @pytest.fixture
@@ -43,12 +42,6 @@ def spin_threads(context: Context) -> Iterator[Callable[..., MultiThreadedExecut
         executor.shutdown(timeout_sec=10)
         thread.join(timeout=10)
         assert not thread.is_alive()
-
-
-def in_flight(server: ServerProcess, method: str) -> int:
-    with SyncIPCHandler(server.socket_path, IntrospectionStub, lane='ttrpc') as introspection:
-        stats = introspection.call_method('GetStats', StatsRequest())
-    return sum(entry.in_flight for entry in stats.methods if entry.method.endswith(f'/{method}'))
 
 
 def requests(caller: Node, name: str, count: int) -> list[Any]:
@@ -105,7 +98,7 @@ def test_one_sync_handler_serves_concurrent_service_and_timer_callbacks(
         # The shared handler does not serialize its callers: HELD callbacks wait in the server at once,
         # and disconnect() from another thread fails each of them as closed.
         held = requests(caller, 'hold', HELD)
-        wait_for(lambda: in_flight(server, 'Sleep') == HELD, 30, f'{HELD} Sleep calls in the server')
+        wait_for(lambda: in_flight(server, lane, SLEEP) == HELD, 30, f'{HELD} Sleep calls in the server')
         frontend.ipc.disconnect()
         assert [answer.message for answer in answers(held)] == [IPCUnavailableError.__name__] * HELD
 

@@ -25,10 +25,8 @@ from typing import Any, Awaitable, Callable, Mapping
 import grpc
 import pytest
 
-from conftest import ServerProcess, StartServer, wait_for
-from vyra_base_ipc import IPCError, IPCHandler, SyncIPCHandler
-from vyra_base_ipc import introspection_pb2 as introspection
-from vyra_base_ipc import introspection_pb2_grpc as introspection_grpc
+from conftest import ServerProcess, StartServer, in_flight, wait_for
+from vyra_base_ipc import IPCError, IPCHandler
 
 SLEEP = '/vyra.ipc.test.EchoService/Sleep'
 CLEANUP = '/vyra.ipc.test.EchoService/Inspect'
@@ -46,12 +44,6 @@ EXPECTED = {
 
 #: A lane's calls by name, how to read a call's status from what it raised, and how to close the client.
 Calls = tuple[Mapping[str, Awaitable[Any]], Callable[[BaseException], tuple[str, str]], Callable[[], Awaitable[Any]]]
-
-
-def in_flight(server: ServerProcess, lane: str, method: str) -> int:
-    with SyncIPCHandler(server.socket_path, introspection_grpc.IntrospectionStub, lane=lane, timeout=10) as client:
-        stats = client.call_method('GetStats', introspection.StatsRequest())
-    return sum(entry.in_flight for entry in stats.methods if entry.method == method and entry.lane == lane)
 
 
 async def grpc_calls(server: ServerProcess, echo: Any, first: dict[str, asyncio.Event]) -> Calls:
