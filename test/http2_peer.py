@@ -152,6 +152,14 @@ class StreamResult:
         return next((unquote(value) for name, value in self.headers if name == 'grpc-message'), '')
 
 
+def take_frame(data: bytes) -> tuple[tuple[int, int, int, bytes], bytes] | None:
+    """The frame at the start of ``data`` (type, flags, stream, payload) and
+    what follows it, or ``None`` if ``data`` does not hold a whole one."""
+    if len(data) < 9 or len(data) < 9 + (length := int.from_bytes(data[:3], 'big')):
+        return None
+    return (data[3], data[4], int.from_bytes(data[5:9], 'big') & 0x7fffffff, data[9:9 + length]), data[9 + length:]
+
+
 class RawConnection:
     """One HTTP/2 connection to the server over a plain Unix socket."""
 
@@ -178,13 +186,8 @@ class RawConnection:
     def frames(self) -> Iterator[tuple[int, int, int, bytes]]:
         """Frames until the server closes the connection; acknowledges SETTINGS and PING."""
         while True:
-            while len(self._buffer) >= 9:
-                length = int.from_bytes(self._buffer[:3], 'big')
-                if len(self._buffer) < 9 + length:
-                    break
-                kind, flags = self._buffer[3], self._buffer[4]
-                stream = int.from_bytes(self._buffer[5:9], 'big') & 0x7fffffff
-                payload, self._buffer = self._buffer[9:9 + length], self._buffer[9 + length:]
+            while (taken := take_frame(self._buffer)) is not None:
+                (kind, flags, stream, payload), self._buffer = taken
                 if kind == SETTINGS and not flags & ACK:
                     self.send(frame(SETTINGS, ACK, 0, b''))
                 elif kind == PING and not flags & ACK:

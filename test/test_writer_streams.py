@@ -39,6 +39,7 @@ from http2_peer import (
     grpc_message,
     grpc_request_headers,
     hpack_decode,
+    take_frame,
 )
 from vyra_base_ipc import IPCHandler, IPCRemoteError, IPCUnavailableError, SyncIPCHandler
 from vyra_base_ipc import introspection_pb2 as introspection
@@ -239,12 +240,11 @@ class _GrpcLikePeer:
 
 
 def _frames(data: bytes) -> tuple[list[tuple[int, int, int, bytes]], bytes]:
-    """The complete frames at the start of ``data`` (kind, flags, stream, payload), and the rest."""
+    """The whole frames at the start of ``data`` (kind, flags, stream, payload), and the rest."""
     frames = []
-    while len(data) >= 9 and len(data) >= 9 + int.from_bytes(data[:3], 'big'):
-        length = int.from_bytes(data[:3], 'big')
-        frames.append((data[3], data[4], int.from_bytes(data[5:9], 'big') & 0x7fffffff, data[9:9 + length]))
-        data = data[9 + length:]
+    while (taken := take_frame(data)) is not None:
+        item, data = taken
+        frames.append(item)
     return frames, data
 
 
